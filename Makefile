@@ -1,0 +1,37 @@
+# pushsync developer commands. Every target installs what it needs into .venv on first use.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: install lint typecheck test bench demo soak clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+lint: install
+	$(VENV)/bin/ruff check sync tests bench
+	$(VENV)/bin/ruff format --check sync tests bench
+
+typecheck: install
+	$(VENV)/bin/mypy
+
+test: install
+	$(PY) -m pytest -q
+
+demo: install
+	$(VENV)/bin/pushsync demo
+
+bench: install
+	@for script in bench/bench_*.py; do echo "== $$script"; $(PY) $$script || exit 1; done
+
+soak: install
+	$(PY) -m pytest -q -m soak --soak-long tests/test_soak.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache build *.egg-info

@@ -1,0 +1,41 @@
+"""pushsync: keep push-notification platforms in step with CRM exports.
+
+The public surface is deliberately small and pinned by ``tests/test_public_api.py``.
+"""
+
+from sync.errors import (
+    BadInputError,
+    BadJobError,
+    ExitCode,
+    FatalPlatformError,
+    PlatformError,
+    PushSyncError,
+    RejectedBatchError,
+    RetryableError,
+    SecretError,
+    StateError,
+)
+from sync.records import Batch, BatchResult, BatchStatus, Operation, Phase, RejectedRow, RowRef
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BadInputError",
+    "BadJobError",
+    "Batch",
+    "BatchResult",
+    "BatchStatus",
+    "ExitCode",
+    "FatalPlatformError",
+    "Operation",
+    "Phase",
+    "PlatformError",
+    "PushSyncError",
+    "RejectedBatchError",
+    "RejectedRow",
+    "RetryableError",
+    "RowRef",
+    "SecretError",
+    "StateError",
+    "__version__",
+]

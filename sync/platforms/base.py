@@ -1,0 +1,39 @@
+"""Protocols every platform connector implements."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
+
+from sync.records import Batch
+
+__all__ = ["PlatformClient", "SendOutcome"]
+
+
+@dataclass(frozen=True, slots=True)
+class SendOutcome:
+    """A successful answer: the HTTP status, how long it took and the platform's response body (parsed)."""
+
+    http_status: int
+    latency: float
+    body: object = None
+
+
+@runtime_checkable
+class PlatformClient(Protocol):
+    """Sends batches to one platform.
+
+    ``send`` returns a :class:`SendOutcome` on success and otherwise raises exactly one of
+    :class:`sync.errors.FatalPlatformError` (abort the run), :class:`sync.errors.RetryableError` (back off and
+    retry) or :class:`sync.errors.RejectedBatchError` (record; split to isolate bad records).
+    """
+
+    platform: str
+
+    async def send(self, batch: Batch) -> SendOutcome: ...
+
+    def split(self, batch: Batch) -> tuple[Batch, Batch] | None:
+        """Halve a batch by its external IDs, or None when it cannot be split further (one ID)."""
+        ...
+
+    async def aclose(self) -> None: ...

@@ -1,0 +1,133 @@
+"""Typed, frozen records passed between pipeline stages: operations, batches and their results.
+
+These are the contracts between the planner (which makes :class:`Batch` objects), the dispatcher (which sends
+them through a :class:`sync.platforms.base.PlatformClient`) and the ledger (which records :class:`BatchResult`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from enum import IntEnum, StrEnum
+from typing import Any
+
+__all__ = [
+    "Batch",
+    "BatchResult",
+    "BatchStatus",
+    "Operation",
+    "Phase",
+    "RejectedId",
+    "RejectedRow",
+    "RowRef",
+]
+
+
+class Operation(StrEnum):
+    """What a batch does to the users it names. Values are stable: they are stored in the ledger."""
+
+    TAG = "tag"
+    UNTAG = "untag"
+    SET_ATTRIBUTES = "set_attributes"
+    UNSET_ATTRIBUTES = "unset_attributes"
+    PUSH_ATTRIBUTES = "push_attributes"
+    PULL_ATTRIBUTES = "pull_attributes"
+    SET_CATEGORIES = "set_categories"
+    ENABLE_PUSH = "enable_push"
+    DISABLE_PUSH = "disable_push"
+    ENABLE_EMAIL = "enable_email"
+    DISABLE_EMAIL = "disable_email"
+    ENABLE_SMS = "enable_sms"
+    DISABLE_SMS = "disable_sms"
+    UPDATE_EMAIL = "update_email"
+    UPDATE_MSISDN = "update_msisdn"
+    FIRE_EVENTS = "fire_events"
+    DELETE_USERS = "delete_users"
+
+
+class Phase(IntEnum):
+    """Send order. Every batch of a phase completes before the next phase starts.
+
+    Opt-outs go first, so a user who opted out never receives a message triggered by another change of the same
+    run; deletions go last, so nothing re-creates a user after it was deleted.
+    """
+
+    OPT_OUT = 0
+    CHANGES = 1
+    DELETIONS = 2
+
+
+@dataclass(frozen=True, slots=True)
+class RowRef:
+    """Where a value came from in the user's own files: path and 1-based data row number (header excluded)."""
+
+    path: str
+    row: int
+
+
+@dataclass(frozen=True, slots=True)
+class Batch:
+    """One request to a platform, ready to serialise.
+
+    ``batch_id`` is stable: the same input always gives the same batches with the same IDs (a content hash), which
+    resume and the ledger depend on. ``body`` is the JSON-ready request body. ``ext_ids`` are the unique external
+    IDs the request touches (at most the platform's limit). ``origins`` maps an external ID to the input row that
+    produced its value, so failures can be explained in terms of the user's rows (may be empty).
+    """
+
+    batch_id: str
+    endpoint: str
+    operation: Operation
+    body: Any
+    ext_ids: tuple[str, ...]
+    phase: Phase = Phase.CHANGES
+    origins: Mapping[str, RowRef] = field(default_factory=dict)
+
+
+class BatchStatus(StrEnum):
+    """Ledger state machine of a batch: planned → sent → ok | rejected | failed."""
+
+    PLANNED = "planned"
+    SENT = "sent"
+    OK = "ok"
+    REJECTED = "rejected"
+    FAILED = "failed"
+
+
+@dataclass(frozen=True, slots=True)
+class RejectedId:
+    """An external ID the platform refused, with the platform's code and message."""
+
+    ext_id: str
+    code: int | str | None
+    message: str
+    origin: RowRef | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class BatchResult:
+    """The final outcome of one batch (after retries and splitting)."""
+
+    batch_id: str
+    endpoint: str
+    operation: Operation
+    status: BatchStatus
+    attempts: int
+    http_status: int | None = None
+    code: int | str | None = None
+    message: str = ""
+    ok_ids: int = 0
+    rejected: Sequence[RejectedId] = ()
+    started_at: float = 0.0
+    finished_at: float = 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class RejectedRow:
+    """An input row refused by validation before anything was sent."""
+
+    path: str
+    row: int
+    column: str | None
+    reason: str
+    ext_id: str | None = None
