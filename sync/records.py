@@ -12,6 +12,8 @@ from enum import IntEnum, StrEnum
 from typing import Any
 
 __all__ = [
+    "Attempt",
+    "AttemptOutcome",
     "Batch",
     "BatchResult",
     "BatchStatus",
@@ -43,6 +45,8 @@ class Operation(StrEnum):
     UPDATE_MSISDN = "update_msisdn"
     FIRE_EVENTS = "fire_events"
     DELETE_USERS = "delete_users"
+    SEND_PUSH = "send_push"
+    """One push notification to one user (Forms On Fire "POST Push API")."""
 
 
 class Phase(IntEnum):
@@ -131,3 +135,37 @@ class RejectedRow:
     column: str | None
     reason: str
     ext_id: str | None = None
+
+
+class AttemptOutcome(StrEnum):
+    """How one HTTP attempt ended. Values are stable: they are stored in the ledger's ``attempts`` table."""
+
+    OK = "ok"
+    RATE_LIMITED = "rate_limited"
+    """429: the endpoint's budget pauses; the attempt is retried."""
+    RETRYABLE = "retryable"
+    """5xx, time-out or dropped connection: retried with backoff."""
+    REJECTED = "rejected"
+    """400 and other 4xx: the content was refused (the batch is split to isolate the refused IDs)."""
+    FATAL = "fatal"
+    """401/403 and the like: the run aborts."""
+
+
+@dataclass(frozen=True, slots=True)
+class Attempt:
+    """One HTTP request the dispatcher made for a (sub-)batch: what the run report's charts and the metrics
+    are built from. ``attempt`` counts from 1 within the (sub-)batch; above 1 it is a retry. ``latency`` is in
+    seconds; ``http_status`` is None when no answer came (time-out, dropped connection)."""
+
+    batch_id: str
+    endpoint: str
+    attempt: int
+    n_ids: int
+    latency: float
+    outcome: AttemptOutcome
+    http_status: int | None = None
+    message: str = ""
+
+    @property
+    def retry(self) -> bool:
+        return self.attempt > 1

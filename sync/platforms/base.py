@@ -17,6 +17,8 @@ class SendOutcome:
     http_status: int
     latency: float
     body: object = None
+    remaining: int | None = None
+    """The server's ``X-RateLimit-Remaining``, when it sent one (rate budgets pause at 0)."""
 
 
 @runtime_checkable

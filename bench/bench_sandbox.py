@@ -1,0 +1,167 @@
+"""Benchmark of the Netmera sandbox: tagUsers throughput (1000 extIds per request) and the memory of its state.
+
+Throughput: the sandbox runs in its own process (``python -m sync sandbox netmera``, one event loop = one core,
+stats on, as always); the load comes from this process over keep-alive connections with a minimal raw-socket
+HTTP/1.1 client, so the client costs far less than the server and the server's core is what is measured.
+Every request tags 1000 distinct extIds (new users are created on first sight, as in a real first sync).
+
+Memory: builds N users two ways in this process and measures the RSS growth, extrapolated linearly to 10M:
+users as tagUsers creates them (extId + one tag), and full users (one tag, one device, a 2-key profile on half).
+
+    .venv/bin/python bench/bench_sandbox.py                  # 15 s of load, 1M users for memory (≈1 min)
+    .venv/bin/python bench/bench_sandbox.py --seconds 30 --users 10000000
+
+Exits 1 when throughput is below ``--target`` requests per second (3,000).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import gc
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+
+REPO = Path(__file__).resolve().parent.parent
+KEY = "bench-netmera-key-0123456789"
+
+
+def build_requests(host: str, port: int, count: int, ids_per_request: int) -> list[bytes]:
+    """Pre-encoded HTTP/1.1 tagUsers requests, each with its own 1000 extIds (a few hundred, reused in a loop)."""
+    out = []
+    for i in range(count):
+        ids = [f"user-{i * ids_per_request + j:09d}" for j in range(ids_per_request)]
+        body = json.dumps({"tag": f"tag{i % 10}", "extIds": ids}).encode()
+        head = (
+            f"POST /rest/3.0/tagUsers HTTP/1.1\r\nHost: {host}:{port}\r\nX-netmera-api-key: {KEY}\r\n"
+            f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+        ).encode()
+        out.append(head + body)
+    return out
+
+
+async def _worker(
+    host: str, port: int, requests: list[bytes], offset: int, deadline: float, counts: dict[str, int]
+) -> None:
+    reader, writer = await asyncio.open_connection(host, port)
+    i = offset
+    try:
+        while time.perf_counter() < deadline:
+            writer.write(requests[i % len(requests)])
+            i += 1
+            header = await reader.readuntil(b"\r\n\r\n")
+            status = int(header[9:12])
+            length = 0
+            for line in header.split(b"\r\n"):
+                if line[:15].lower() == b"content-length:":
+                    length = int(line[15:])
+            if length:
+                await reader.readexactly(length)
+            counts[str(status)] = counts.get(str(status), 0) + 1
+    finally:
+        writer.close()
+        await writer.wait_closed()
+
+
+async def load(
+    host: str, port: int, seconds: float, connections: int, ids: int
+) -> tuple[dict[str, int], float]:
+    requests = build_requests(host, port, 400, ids)
+    warm: dict[str, int] = {}
+    await asyncio.gather(
+        *(_worker(host, port, requests, c * 7, time.perf_counter() + 1.0, warm) for c in range(4))
+    )
+    counts: dict[str, int] = {}
+    start = time.perf_counter()
+    deadline = start + seconds
+    await asyncio.gather(
+        *(_worker(host, port, requests, c * 13, deadline, counts) for c in range(connections))
+    )  # bounded: one task per connection
+    return counts, time.perf_counter() - start
+
+
+def throughput(args: argparse.Namespace) -> tuple[float, dict[str, int], float]:
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "sync", "sandbox", "netmera", "--port", "0", "--api-key", KEY],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert proc.stdout is not None
+        url = proc.stdout.readline().strip()
+        port = int(url.split(":")[2].split("/")[0])
+        server = psutil.Process(proc.pid)
+        server.cpu_percent(None)
+        counts, elapsed = asyncio.run(load("127.0.0.1", port, args.seconds, args.connections, args.ids))
+        cpu = server.cpu_percent(None)
+        return sum(counts.values()) / elapsed, counts, cpu
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
+def memory(users: int) -> tuple[float, float]:
+    """Bytes per user: (tagged users as tagUsers creates them, full users with device + profile + tag)."""
+    from sync.platforms.sandboxes.netmera_state import NetmeraState
+
+    process = psutil.Process()
+    gc.collect()
+    rss0 = process.memory_info().rss
+    tagged = NetmeraState()
+    for start in range(0, users, 1000):
+        tagged.tag("seeded", {f"user-{i:09d}" for i in range(start, min(users, start + 1000))})
+    gc.collect()
+    rss1 = process.memory_info().rss
+    full = NetmeraState()
+    full.add_synthetic(users, 1, prefix="u", tag="seeded")
+    for i in range(0, users, 2):
+        full.user(f"u{i}").profile = {"age": i % 90, "city": "Istanbul"}
+    gc.collect()
+    rss2 = process.memory_info().rss
+    return (rss1 - rss0) / users, (rss2 - rss1) / users
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--seconds", type=float, default=15.0)
+    parser.add_argument("--connections", type=int, default=16)
+    parser.add_argument("--ids", type=int, default=1000)
+    parser.add_argument("--users", type=int, default=1_000_000, help="users seeded for the memory figure")
+    parser.add_argument("--target", type=float, default=3000.0)
+    args = parser.parse_args()
+
+    print(f"machine: {platform.machine()} {os.cpu_count()} cores, Python {platform.python_version()}")
+    rate, counts, cpu = throughput(args)
+    ok = counts.get("200", 0) == sum(counts.values())
+    print(
+        f"tagUsers: {rate:,.0f} req/s, {rate * args.ids:,.0f} IDs/s ({args.ids} IDs/request, "
+        f"{args.connections} connections, {args.seconds:.0f} s, sandbox CPU {cpu:.0f}%, statuses {counts})"
+    )
+    if cpu > 0:
+        # On a shared machine the sandbox may not get its whole core; this is what one full core would serve.
+        print(f"tagUsers per CPU-second of the sandbox: {rate / (cpu / 100):,.0f} req")
+    tagged, full = memory(args.users)
+    for label, per_user in (("tagged users (as tagUsers creates them)", tagged), ("full users", full)):
+        print(
+            f"memory, {label}: {per_user:,.0f} bytes/user on {args.users:,} users "
+            f"→ {per_user * 10_000_000 / 2**30:.2f} GiB for 10M users"
+        )
+    if rate < args.target or not ok:
+        print(f"FAIL: below the target of {args.target:,.0f} req/s or errors", file=sys.stderr)
+        return 1
+    print(f"OK: target {args.target:,.0f} req/s met")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,189 @@
+"""``pushsync validate JOB`` and ``pushsync plan JOB``: check a job and show what a run would send, sending nothing."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any, TextIO
+
+from sync.config import Job, load_job
+from sync.errors import BadJobError, ExitCode
+from sync.planning import ASSUMED_LATENCY, Plan, PlanSummary, build_plan
+from sync.reading import check_sources
+
+__all__ = ["register"]
+
+_REJECTS_SHOWN = 10
+
+
+def register(subparsers: Any) -> None:
+    """Add the ``validate`` and ``plan`` subcommands."""
+    validate = subparsers.add_parser(
+        "validate",
+        help="check a job file (and the headers of its input files); report every problem",
+        description="Check a job file against the schema and its input files' headers. Reports every problem.",
+    )
+    validate.add_argument("job", type=Path, help="the job file (YAML)")
+    validate.add_argument("--output", choices=["text", "json"], default="text")
+    validate.add_argument(
+        "--no-files", action="store_true", help="check the job file only, not its input files"
+    )
+    validate.set_defaults(func=_validate)
+
+    plan = subparsers.add_parser(
+        "plan",
+        help="validate the input and show the requests a run would send (sends nothing)",
+        description="Read and validate every input row and show the requests per endpoint, the rejected rows, "
+        "an estimate of the run's duration and a sample payload per endpoint. Sends nothing.",
+    )
+    plan.add_argument("job", type=Path, help="the job file (YAML)")
+    plan.add_argument("--output", choices=["text", "json"], default="text")
+    plan.add_argument(
+        "--rejects", type=Path, default=None, help="rejects CSV (default <workdir>/rejects.csv)"
+    )
+    plan.add_argument(
+        "--latency",
+        type=float,
+        default=ASSUMED_LATENCY,
+        help=f"seconds per request assumed by the duration estimate (default {ASSUMED_LATENCY})",
+    )
+    plan.set_defaults(func=_plan)
+
+
+def _problems_json(path: str, problems: list[dict[str, str]]) -> str:
+    return json.dumps({"job": path, "valid": not problems, "problems": problems}, indent=2)
+
+
+def _validate(args: argparse.Namespace) -> int:
+    out: TextIO = sys.stdout
+    try:
+        job = load_job(args.job)
+    except BadJobError as exc:
+        problems = [{"location": p.location, "message": p.message} for p in exc.problems]
+        if args.output == "json":
+            print(_problems_json(str(args.job), problems), file=out)
+        else:
+            _print_problems(str(args.job), exc.problems, out)
+        return int(ExitCode.BAD_JOB_OR_INPUT)
+    file_problems = [] if args.no_files else check_sources(job)
+    if args.output == "json":
+        print(
+            _problems_json(
+                str(args.job), [{"location": p.location, "message": p.message} for p in file_problems]
+            )
+        )
+        return int(ExitCode.BAD_JOB_OR_INPUT if file_problems else ExitCode.OK)
+    if file_problems:
+        _print_problems(str(args.job), file_problems, out)
+        return int(ExitCode.BAD_JOB_OR_INPUT)
+    print(
+        f"{args.job}: OK — job {job.name!r}, {len(job.sources)} source(s), platform {job.destination.platform}",
+        file=out,
+    )
+    _secret_note(job, out)
+    return int(ExitCode.OK)
+
+
+def _print_problems(path: str, problems: Any, out: TextIO) -> None:
+    problems = list(problems)
+    print(f"{path}: {len(problems)} problem(s):", file=out)
+    for p in problems:
+        print(f"  - {p}", file=out)
+
+
+def _secret_note(job: Job, out: TextIO) -> None:
+    # Only names are printed, never values: the CLI may look at the environment, the job may not.
+    dest = job.destination
+    if dest.secret_env and not os.environ.get(dest.secret_env) and not dest.secret_file:
+        print(
+            f"note: environment variable {dest.secret_env} is not set; `pushsync run` will need it", file=out
+        )
+    if (
+        dest.secret_file
+        and not Path(dest.secret_file).is_file()
+        and not (dest.secret_env and os.environ.get(dest.secret_env))
+    ):
+        print(f"note: secret file {dest.secret_file} does not exist; `pushsync run` will need it", file=out)
+
+
+def _plan(args: argparse.Namespace) -> int:
+    job = load_job(args.job)
+    with build_plan(job, rejects_path=args.rejects) as plan:
+        summary = plan.summary(assumed_latency=args.latency)
+        if args.output == "json":
+            doc = summary.to_json()
+            doc["rejected_sample"] = _rejects_sample(plan)
+            print(json.dumps(doc, indent=2, ensure_ascii=False))
+        else:
+            _print_plan(job, plan, summary, sys.stdout)
+    return int(ExitCode.OK)
+
+
+def _rejects_sample(plan: Plan) -> list[dict[str, Any]]:
+    out = []
+    for i, r in enumerate(plan.rejected_rows()):
+        if i >= _REJECTS_SHOWN:
+            break
+        out.append({"file": r.path, "row": r.row, "column": r.column, "reason": r.reason, "ext_id": r.ext_id})
+    return out
+
+
+def _short(path: str) -> str:
+    try:
+        return os.path.relpath(path)
+    except ValueError:
+        return path
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 60:
+        return f"{seconds:.1f} s"
+    minutes, secs = divmod(round(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours} h {minutes:02d} min" if hours else f"{minutes} min {secs:02d} s"
+
+
+def _print_plan(job: Job, plan: Plan, summary: PlanSummary, out: TextIO) -> None:
+    print(f"Plan for job {job.name!r} -> {summary.platform} {summary.base_url} (nothing was sent)", file=out)
+    print(
+        f"Rows: {summary.rows_read} read, {summary.rows_clean} clean, {summary.rejected_count} rejected, "
+        f"{summary.duplicates_dropped} identical duplicate(s) dropped",
+        file=out,
+    )
+    print(f"Rejects file: {_short(summary.rejects_path)}", file=out)
+    for r in _rejects_sample(plan):
+        where = f"{_short(r['file'])} row {r['row']}" + (f", column {r['column']}" if r["column"] else "")
+        print(f"  {where}: {r['reason']}" + (f" (ext_id {r['ext_id']})" if r["ext_id"] else ""), file=out)
+    if summary.rejected_count > _REJECTS_SHOWN:
+        print(f"  ... and {summary.rejected_count - _REJECTS_SHOWN} more in the rejects file", file=out)
+    print(file=out)
+    header = ("Phase", "Endpoint", "Operation", "Requests", "IDs", "Est. time")
+    table = [
+        (
+            e.phase.name.lower(),
+            e.endpoint,
+            e.operation.value,
+            str(e.requests),
+            str(e.ids),
+            _duration(e.estimated_seconds),
+        )
+        for e in summary.endpoints
+    ]
+    widths = [max(len(line[i]) for line in [header, *table]) for i in range(len(header))]
+    for line in [header, *table]:
+        cells = [
+            c.ljust(w) if i < 3 else c.rjust(w) for i, (c, w) in enumerate(zip(line, widths, strict=True))
+        ]
+        print("  ".join(cells).rstrip(), file=out)
+    print(
+        f"Total: {summary.total_requests} request(s), {summary.total_ids} ID(s); estimated duration "
+        f"{_duration(summary.estimated_seconds)} (rate budgets, concurrency {job.dispatch.concurrency}, no retries)",
+        file=out,
+    )
+    if summary.samples:
+        print("\nSample payloads (first IDs of each endpoint):", file=out)
+        for endpoint, body in summary.samples.items():
+            print(f"  {endpoint}: {json.dumps(body, ensure_ascii=False)}", file=out)

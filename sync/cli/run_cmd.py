@@ -1,0 +1,200 @@
+"""``pushsync run | runs | show | ledger-export | demo``: send a job, and look at what runs did.
+
+Exit codes (documented for schedulers in docs/run.md): 0 all went through · 1 done, some rows rejected or
+failed · 2 bad job or input (nothing sent) · 3 aborted (401/403...) · 4 interrupted (SIGINT/SIGTERM, drained).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from sync.errors import ExitCode, StateError
+
+__all__ = ["register"]
+
+
+def register(subparsers: Any) -> None:
+    """Add ``run``, ``runs``, ``show``, ``ledger-export`` and ``demo``."""
+    run = subparsers.add_parser("run", help="send a job's changes to its platform and record every outcome")
+    run.add_argument("job", type=Path, help="the job file (YAML)")
+    run.add_argument("--output", choices=["text", "json"], default="text", help="summary format on stdout")
+    run.add_argument("--workdir", type=Path, help="where the ledger and rejects live (default: the job's)")
+    run.add_argument(
+        "--progress",
+        choices=["auto", "bar", "log", "none"],
+        default="auto",
+        help="a bar on a terminal, log lines otherwise (auto)",
+    )
+    run.set_defaults(func=_run)
+
+    runs = subparsers.add_parser("runs", help="list the runs recorded in a job's ledger")
+    runs.add_argument(
+        "job", type=Path, nargs="?", help="the job file (default: every ledger under .pushsync/)"
+    )
+    runs.add_argument("--workdir", type=Path, help="a job's workdir (holds ledger.sqlite)")
+    runs.add_argument("--output", choices=["text", "json"], default="text")
+    runs.set_defaults(func=_runs)
+
+    show = subparsers.add_parser("show", help="show one run: summary, batches by status, refused IDs")
+    show.add_argument("run_id", metavar="RUN")
+    show.add_argument("--job", type=Path, help="the job file whose ledger holds the run")
+    show.add_argument("--workdir", type=Path, help="a job's workdir (holds ledger.sqlite)")
+    show.add_argument("--output", choices=["text", "json"], default="text")
+    show.set_defaults(func=_show)
+
+    export = subparsers.add_parser(
+        "ledger-export", help="export a run's batches or rejects to Parquet or CSV"
+    )
+    export.add_argument("run_id", metavar="RUN")
+    export.add_argument("--table", choices=["batches", "refused-ids", "rejected-rows"], default="batches")
+    export.add_argument("--format", choices=["parquet", "csv"], default="parquet")
+    export.add_argument("-o", "--out", type=Path, required=True, help="the file to write")
+    export.add_argument("--job", type=Path, help="the job file whose ledger holds the run")
+    export.add_argument("--workdir", type=Path, help="a job's workdir (holds ledger.sqlite)")
+    export.set_defaults(func=_export)
+
+    demo = subparsers.add_parser(
+        "demo", help="generate sample data, run jobs/demo.yaml against a local sandbox"
+    )
+    demo.add_argument("--users", type=int, default=10000, help="sample users to generate (default 10000)")
+    demo.add_argument("--output", choices=["text", "json"], default="text")
+    demo.set_defaults(func=_demo)
+
+
+def _run(args: argparse.Namespace) -> int:
+    from sync.config import load_job, resolve_secret
+    from sync.runner import run_job
+
+    job = load_job(args.job)
+    api_key = resolve_secret(job.destination)
+    outcome = asyncio.run(
+        run_job(job, api_key=api_key, workdir=args.workdir, handle_signals=True, progress=args.progress)
+    )
+    if args.output == "json":
+        print(json.dumps(outcome.summary.to_json(), indent=2))
+    else:
+        print(outcome.summary.render_text())
+    return int(outcome.exit_code)
+
+
+def _ledger_paths(job: Path | None, workdir: Path | None) -> list[Path]:
+    from sync.runner import LEDGER_FILE, ledger_path_for
+
+    if workdir is not None:
+        return [workdir / LEDGER_FILE]
+    if job is not None:
+        from sync.config import load_job
+
+        return [ledger_path_for(load_job(job))]
+    return sorted(Path.cwd().glob(f".pushsync/*/{LEDGER_FILE}"))
+
+
+def _when(ts: float | None) -> str:
+    return "-" if ts is None else datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%d %H:%M:%S")
+
+
+def _runs(args: argparse.Namespace) -> int:
+    from sync.ledger import Ledger
+
+    infos = []
+    for path in _ledger_paths(args.job, args.workdir):
+        if not path.exists():
+            continue
+        with Ledger.open(path) as ledger:
+            infos.extend(ledger.runs())
+    infos.sort(key=lambda r: r.started_at, reverse=True)
+    if args.output == "json":
+        print(json.dumps([_run_json(r) for r in infos], indent=2))
+        return int(ExitCode.OK)
+    if not infos:
+        print("no runs recorded")
+        return int(ExitCode.OK)
+    print(f"{'run':<24}{'job':<16}{'started (UTC)':<21}{'status':<13}{'exit':>5}{'batches':>9}")
+    for r in infos:
+        exit_code = "-" if r.exit_code is None else str(r.exit_code)
+        print(f"{r.run_id:<24}{r.job:<16}{_when(r.started_at):<21}{r.status:<13}{exit_code:>5}{r.batches:>9}")
+    return int(ExitCode.OK)
+
+
+def _run_json(r: Any) -> dict[str, Any]:
+    return {
+        "run_id": r.run_id,
+        "job": r.job,
+        "platform": r.platform,
+        "started_at": _when(r.started_at),
+        "finished_at": _when(r.finished_at) if r.finished_at else None,
+        "status": r.status,
+        "exit_code": r.exit_code,
+        "message": r.message,
+        "batches": r.batches_by_status,
+    }
+
+
+def _find_run(args: argparse.Namespace) -> Path:
+    from sync.ledger import Ledger
+
+    for path in _ledger_paths(args.job, args.workdir):
+        if not path.exists():
+            continue
+        with Ledger.open(path) as ledger:
+            if ledger.run(args.run_id) is not None:
+                return path
+    raise StateError(f"no run {args.run_id} found (give --job JOB or --workdir DIR)")
+
+
+def _show(args: argparse.Namespace) -> int:
+    from sync.ledger import Ledger
+
+    with Ledger.open(_find_run(args)) as ledger:
+        info = ledger.run(args.run_id)
+        assert info is not None
+        refused = ledger.refused_ids(args.run_id)
+        failed = ledger.batches(args.run_id, status=None)
+        unfinished = [b for b in failed if b.status in ("failed", "sent", "planned")]
+    if args.output == "json":
+        doc = _run_json(info)
+        doc["summary"] = info.summary
+        doc["refused_ids"] = [{"batch_id": b, "ext_id": x, "code": c, "message": m} for b, x, c, m in refused]
+        print(json.dumps(doc, indent=2))
+        return int(ExitCode.OK)
+    print(f"run {info.run_id} of job {info.job} ({info.platform})")
+    print(
+        f"  started {_when(info.started_at)}, finished {_when(info.finished_at)}: {info.status}, exit {info.exit_code}"
+    )
+    if info.message:
+        print(f"  {info.message}")
+    print("  batches: " + ", ".join(f"{n} {s}" for s, n in sorted(info.batches_by_status.items())))
+    if info.summary:
+        for e in info.summary.get("endpoints", []):
+            ids = e["ids"]
+            print(
+                f"  {e['endpoint']:<24} {e['requests']:>7} requests  ok {ids['ok']}  rejected {ids['rejected']}  "
+                f"failed {ids['failed']}  429s {e['rate_limited']}  retries {e['retries']}"
+            )
+    for batch in unfinished[:20]:
+        print(f"  batch {batch.batch_id} {batch.endpoint}: {batch.status} ({batch.message or 'no answer'})")
+    if refused:
+        print(f"  {len(refused)} IDs refused by the platform:")
+        for batch_id, ext_id, code, message in refused[:20]:
+            print(f"    {ext_id}: code {code}: {message} (batch {batch_id})")
+    return int(ExitCode.OK)
+
+
+def _export(args: argparse.Namespace) -> int:
+    from sync.ledger import Ledger
+
+    with Ledger.open(_find_run(args)) as ledger:
+        rows = ledger.export(args.run_id, args.out, table=args.table, fmt=args.format)
+    print(f"wrote {rows} rows to {args.out}")
+    return int(ExitCode.OK)
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from sync.demo import run_demo
+
+    return run_demo(users=args.users, output=args.output)

@@ -1,0 +1,485 @@
+"""The dispatcher: sends a plan's batches through a platform client under per-endpoint budgets.
+
+Shape (arq/AnyIO style): one feeder fills a bounded queue from the plan — so memory stays flat however large
+the input — and a fixed set of workers in an :class:`asyncio.TaskGroup` take batches from it. Phases run in
+order: the feeder waits for every batch of a phase to be *finished* (``queue.join()``) before it feeds the
+first batch of the next (all opt-outs before any change, all changes before any deletion).
+
+Per batch: ``planned`` is recorded when it is queued, ``sent`` before the first attempt, and the final result
+the moment it is known — synchronously, before the next ``await``, so a cancellation cannot fall between an
+answer and its record. Each attempt takes a slot from the endpoint's rate budget (retries count) and a place
+under the endpoint's concurrency cap.
+
+* 429: the endpoint's budget pauses (Retry-After, guarded) for *every* task, and slows down if 429s repeat.
+* 5xx, time-outs, dropped connections: retried with exponential backoff and full jitter, up to
+  ``RetryPolicy.max_attempts`` attempts in all.
+* 400: the batch is split in halves (``client.split``), repeatedly, until the refused IDs are isolated; the
+  rest is sent and each refused ID is recorded with the platform's code and message.
+* 401/403 (:class:`FatalPlatformError`): the run stops at once — nothing new is fed or retried; requests
+  already in flight finish (within the drain time-out) and are recorded.
+* ``stop`` (an :class:`asyncio.Event`, set on SIGINT/SIGTERM): stop feeding, let in-flight batches finish
+  within ``drain_timeout``, then cancel what is left. Batches cancelled mid-request stay ``sent`` in the
+  ledger (their outcome is unknown); batches never taken stay ``planned``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from collections.abc import AsyncIterable, Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Protocol
+
+from sync.budget import Budget, BudgetClosedError, Clock, RateBudget, clock_sleep
+from sync.config import DispatchSettings
+from sync.errors import FatalPlatformError, PushSyncError, RejectedBatchError, RetryableError, StateError
+from sync.ledger import Ledger
+from sync.logs import get_logger
+from sync.platforms.base import PlatformClient
+from sync.records import Batch, BatchResult, BatchStatus, Phase, RejectedId
+
+__all__ = ["DispatchObserver", "DispatchOutcome", "DispatchReport", "Dispatcher", "EndpointStats"]
+
+_FEED_CHUNK = 64  # batches pulled from a synchronous plan per worker-thread hop
+
+
+class DispatchOutcome(StrEnum):
+    """How a dispatch ended."""
+
+    COMPLETED = "completed"
+    ABORTED = "aborted"
+    INTERRUPTED = "interrupted"
+
+
+@dataclass(slots=True)
+class EndpointStats:
+    """Counters for one endpoint, accumulated during the run (the summary reads them)."""
+
+    endpoint: str
+    requests: int = 0
+    batches: int = 0
+    ids_ok: int = 0
+    ids_rejected: int = 0
+    ids_failed: int = 0
+    rate_limited: int = 0
+    retries: int = 0
+    splits: int = 0
+    first_request: float | None = None
+    last_request: float | None = None
+    latencies: list[float] = field(default_factory=list)
+    budget_requests: int | None = None
+    budget_period: float | None = None
+    discovered_rate: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class DispatchReport:
+    """What :meth:`Dispatcher.run` hands back."""
+
+    outcome: DispatchOutcome
+    endpoints: dict[str, EndpointStats]
+    elapsed: float
+    batches_done: int
+    batches_unfinished: int
+    fatal: FatalPlatformError | None = None
+
+
+class DispatchObserver(Protocol):
+    """Told about every request and every finished batch (the progress bar implements it)."""
+
+    def on_request(self, endpoint: str) -> None: ...
+
+    def on_result(self, batch: Batch, result: BatchResult) -> None: ...
+
+
+class _Aborted(Exception):
+    """Internal: the run was aborted while this batch waited; it is recorded as failed."""
+
+
+@dataclass(slots=True)
+class _Endpoint:
+    budget: Budget
+    cap: asyncio.Semaphore
+    stats: EndpointStats
+
+
+class Dispatcher:
+    """Sends batches; see the module docstring. One instance per run."""
+
+    def __init__(
+        self,
+        client: PlatformClient,
+        settings: DispatchSettings,
+        *,
+        ledger: Ledger | None = None,
+        run_id: str = "",
+        stop: asyncio.Event | None = None,
+        observer: DispatchObserver | None = None,
+        budget_factory: Callable[[str], Budget] | None = None,
+        clock: Clock | None = None,
+        rng: random.Random | None = None,
+    ) -> None:
+        self._client = client
+        self._settings = settings
+        self._ledger = ledger
+        self._run_id = run_id
+        self._stop = stop if stop is not None else asyncio.Event()
+        self._observer = observer
+        self._budget_factory = budget_factory or self._default_budget
+        self._clock: Clock | None = clock
+        self._rng = rng or random.Random()
+        self._endpoints: dict[str, _Endpoint] = {}
+        self._fatal: FatalPlatformError | None = None
+        self._done = 0
+        self._queued = 0
+        self._log = get_logger(run=run_id, platform=client.platform)
+
+    # -- public ------------------------------------------------------------------------------------------
+
+    @property
+    def stop_event(self) -> asyncio.Event:
+        """Set it (e.g. from a signal handler) to stop feeding and drain."""
+        return self._stop
+
+    def endpoint_stats(self) -> dict[str, EndpointStats]:
+        return {name: ep.stats for name, ep in self._endpoints.items()}
+
+    async def run(self, batches: Iterable[Batch] | AsyncIterable[Batch]) -> DispatchReport:
+        """Send every batch (phases in order) and return the report; never raises for platform errors."""
+        clock = self._get_clock()
+        started = clock.time()
+        workers_n = max(1, self._settings.concurrency)
+        queue: asyncio.Queue[Batch | None] = asyncio.Queue(maxsize=max(self._settings.queue_size, workers_n))
+        try:
+            await self._run_tasks(batches, queue, workers_n)
+        except* PushSyncError as group:
+            # A failure of our own (the ledger cannot be written, a plan out of phase order) ends the run; it
+            # surfaces as itself, not wrapped in an ExceptionGroup, so the CLI can map it to an exit code.
+            raise group.exceptions[0] from None
+        if self._ledger is not None:
+            self._ledger.flush()
+        outcome = (
+            DispatchOutcome.ABORTED
+            if self._fatal is not None
+            else DispatchOutcome.INTERRUPTED
+            if self._stop.is_set()
+            else DispatchOutcome.COMPLETED
+        )
+        for name, ep in self._endpoints.items():
+            if isinstance(ep.budget, RateBudget):
+                ep.stats.budget_requests = int(ep.budget.ceiling) if ep.budget.ceiling else None
+                ep.stats.budget_period = ep.budget.period if ep.budget.ceiling else None
+                ep.stats.discovered_rate = ep.budget.rate if ep.budget.ceiling is None else None
+            self._log.debug("endpoint.done", endpoint=name, requests=ep.stats.requests)
+        return DispatchReport(
+            outcome=outcome,
+            endpoints=self.endpoint_stats(),
+            elapsed=clock.time() - started,
+            batches_done=self._done,
+            batches_unfinished=self._queued - self._done,
+            fatal=self._fatal,
+        )
+
+    async def _run_tasks(
+        self,
+        batches: Iterable[Batch] | AsyncIterable[Batch],
+        queue: asyncio.Queue[Batch | None],
+        workers_n: int,
+    ) -> None:
+        flusher: asyncio.Task[None] | None = None
+        async with asyncio.TaskGroup() as tg:
+            feeder = tg.create_task(self._feed(batches, queue, workers_n), name="feeder")
+            workers = [tg.create_task(self._worker(queue), name=f"worker-{i}") for i in range(workers_n)]
+            stop_wait = tg.create_task(self._stop.wait(), name="stop-wait")
+            if self._ledger is not None:
+                flusher = tg.create_task(self._flush_ledger(), name="ledger-flush")
+            while not self._stop.is_set():
+                running = [w for w in workers if not w.done()]
+                if not running:
+                    break
+                await asyncio.wait([stop_wait, *running], return_when=asyncio.FIRST_COMPLETED)
+            if self._stop.is_set():
+                await self._drain(feeder, workers, queue)
+            stop_wait.cancel()
+            if flusher is not None:
+                flusher.cancel()
+
+    # -- feeding and draining ----------------------------------------------------------------------------
+
+    async def _feed(
+        self,
+        batches: Iterable[Batch] | AsyncIterable[Batch],
+        queue: asyncio.Queue[Batch | None],
+        workers: int,
+    ) -> None:
+        phase: Phase | None = None
+        async for batch in _aiter(batches):
+            if self._stop.is_set():
+                return
+            if phase is not None and batch.phase < phase:
+                raise StateError(
+                    f"plan out of phase order: batch {batch.batch_id} ({batch.phase.name}) after {phase.name}"
+                )
+            if phase is not None and batch.phase != phase:
+                await queue.join()  # every batch of the previous phase is finished, not just taken
+                if self._stop.is_set():
+                    return
+            phase = batch.phase
+            if self._ledger is not None:
+                self._ledger.record_planned(self._run_id, batch)
+            self._queued += 1
+            await queue.put(batch)
+        for _ in range(workers):
+            await queue.put(None)
+
+    async def _drain(
+        self,
+        feeder: asyncio.Task[None],
+        workers: list[asyncio.Task[None]],
+        queue: asyncio.Queue[Batch | None],
+    ) -> None:
+        """Stop feeding, release idle workers, give busy ones ``drain_timeout`` seconds, cancel the rest."""
+        feeder.cancel()
+        while not queue.empty():
+            queue.get_nowait()
+            queue.task_done()
+        for _ in workers:
+            queue.put_nowait(None)
+        running = [w for w in workers if not w.done()]
+        if running:
+            _, late = await asyncio.wait(running, timeout=self._settings.drain_timeout)
+            for task in late:
+                task.cancel()
+            if late:
+                self._log.warning("drain.timeout", cancelled=len(late))
+
+    async def _flush_ledger(self) -> None:
+        assert self._ledger is not None
+        while True:
+            await asyncio.sleep(0.05)
+            self._ledger.maybe_flush()
+
+    # -- one batch ---------------------------------------------------------------------------------------
+
+    async def _worker(self, queue: asyncio.Queue[Batch | None]) -> None:
+        while True:
+            batch = await queue.get()
+            try:
+                if batch is None or self._stop.is_set():
+                    return
+                await self._process(batch)
+            finally:
+                queue.task_done()
+
+    def _endpoint(self, name: str) -> _Endpoint:
+        ep = self._endpoints.get(name)
+        if ep is None:
+            cap = self._settings.per_endpoint_concurrency.get(name, self._settings.concurrency)
+            ep = _Endpoint(self._budget_factory(name), asyncio.Semaphore(max(1, cap)), EndpointStats(name))
+            self._endpoints[name] = ep
+        return ep
+
+    def _default_budget(self, endpoint: str) -> Budget:
+        return RateBudget(
+            self._settings.budget_for(endpoint),
+            clock=self._clock,
+            max_pause=self._settings.retry.max_retry_after,
+        )
+
+    def _get_clock(self) -> Clock:
+        if self._clock is None:
+            self._clock = asyncio.get_running_loop()
+        return self._clock
+
+    async def _process(self, batch: Batch) -> None:
+        clock = self._get_clock()
+        ep = self._endpoint(batch.endpoint)
+        stats = ep.stats
+        stats.batches += 1
+        started = clock.time()
+        attempts = 0
+        ok_ids = 0
+        failed_ids = 0
+        rejected: list[RejectedId] = []
+        last_status: int | None = None
+        last_code: int | str | None = None
+        last_message = ""
+        fatal: FatalPlatformError | None = None
+        pending = [batch]  # a stack: halves of a refused batch are pushed back
+        while pending:
+            part = pending.pop()
+            try:
+                used, status = await self._send_with_retries(part, ep, first=part is batch)
+                attempts += used
+                last_status = status
+                ok_ids += len(part.ext_ids)
+            except _AttemptsError as exc:
+                attempts += exc.attempts
+                err = exc.error
+                last_status, last_code, last_message = err.status, err.code, err.message
+                if isinstance(err, RejectedBatchError):
+                    halves = self._client.split(part)
+                    if halves is not None:
+                        stats.splits += 1
+                        pending.extend(reversed(halves))
+                        continue
+                    rejected.extend(
+                        RejectedId(ext_id, err.code, err.message, part.origins.get(ext_id))
+                        for ext_id in part.ext_ids
+                    )
+                elif isinstance(err, FatalPlatformError):
+                    fatal = err
+                    failed_ids += len(part.ext_ids) + sum(len(p.ext_ids) for p in pending)
+                    pending.clear()
+                else:
+                    failed_ids += len(part.ext_ids)
+            except _Aborted:
+                failed_ids += len(part.ext_ids) + sum(len(p.ext_ids) for p in pending)
+                pending.clear()
+                last_message = "not sent: the run was aborted"
+        if failed_ids:
+            status_ = BatchStatus.FAILED
+        elif rejected:
+            status_ = BatchStatus.REJECTED
+        else:
+            status_ = BatchStatus.OK
+        result = BatchResult(
+            batch_id=batch.batch_id,
+            endpoint=batch.endpoint,
+            operation=batch.operation,
+            status=status_,
+            attempts=attempts,
+            http_status=last_status,
+            code=None if status_ is BatchStatus.OK else last_code,
+            message="" if status_ is BatchStatus.OK else last_message,
+            ok_ids=ok_ids,
+            rejected=tuple(rejected),
+            started_at=started,
+            finished_at=clock.time(),
+        )
+        # Recorded synchronously: no await between knowing the result and writing it.
+        stats.ids_ok += ok_ids
+        stats.ids_rejected += len(rejected)
+        stats.ids_failed += failed_ids
+        if self._ledger is not None:
+            self._ledger.record_result(self._run_id, result)
+        self._done += 1
+        if self._observer is not None:
+            self._observer.on_result(batch, result)
+        self._log.debug(
+            "batch.done",
+            endpoint=batch.endpoint,
+            batch=batch.batch_id,
+            status=str(status_),
+            attempts=attempts,
+        )
+        if fatal is not None and self._fatal is None:
+            self._fatal = fatal
+            self._log.error("run.abort", endpoint=batch.endpoint, status=fatal.status, error=fatal.message)
+            # Abort at once: whoever waits for a slot gives up now; requests already in flight finish.
+            for other in self._endpoints.values():
+                other.budget.close()
+            self._stop.set()
+
+    async def _send_with_retries(self, part: Batch, ep: _Endpoint, *, first: bool) -> tuple[int, int]:
+        """Send one (sub-)batch until it succeeds; returns (attempts, HTTP status) or raises _AttemptsError.
+
+        ``first``: this is the batch itself, not a half of it: its first attempt moves it to ``sent``.
+        """
+        clock = self._get_clock()
+        policy = self._settings.retry
+        stats = ep.stats
+        attempt = 0
+        while True:
+            if self._fatal is not None:
+                if attempt == 0:
+                    raise _Aborted
+                raise _AttemptsError(attempt, self._fatal)
+            async with ep.cap:
+                try:
+                    await ep.budget.acquire()
+                except BudgetClosedError:
+                    if attempt == 0:
+                        raise _Aborted from None
+                    raise _AttemptsError(attempt, self._fatal or FatalPlatformError("run aborted")) from None
+                if first and attempt == 0 and self._ledger is not None:
+                    self._ledger.record_sent(self._run_id, part.batch_id)
+                attempt += 1
+                stats.requests += 1
+                now = clock.time()
+                if stats.first_request is None:
+                    stats.first_request = now
+                stats.last_request = now
+                if self._observer is not None:
+                    self._observer.on_request(part.endpoint)
+                try:
+                    # The client has its own per-request time-out; this outer one is a guard against a client
+                    # that forgets it.
+                    async with asyncio.timeout(self._settings.request_timeout * 2 + 1):
+                        outcome = await self._client.send(part)
+                except TimeoutError as exc:
+                    error: RetryableError | RejectedBatchError | FatalPlatformError = RetryableError(
+                        f"no answer within {self._settings.request_timeout * 2 + 1:.0f} s"
+                    )
+                    error.__cause__ = exc
+                except (RetryableError, RejectedBatchError, FatalPlatformError) as exc:
+                    error = exc
+                else:
+                    stats.latencies.append(outcome.latency)
+                    ep.budget.on_success(outcome.remaining)
+                    return attempt, outcome.http_status
+                stats.latencies.append(clock.time() - now)
+            if isinstance(error, RetryableError):
+                if error.rate_limited:
+                    stats.rate_limited += 1
+                    # The pause applies to the whole endpoint: every task's next acquire() waits for it.
+                    ep.budget.on_rate_limited(error.retry_after, error.remaining)
+                if attempt >= policy.max_attempts:
+                    raise _AttemptsError(attempt, error)
+                stats.retries += 1
+                if not error.rate_limited:
+                    delay = self._rng.uniform(
+                        0, min(policy.max_delay, policy.base_delay * 2 ** (attempt - 1))
+                    )
+                    if error.retry_after is not None and 0 < error.retry_after <= policy.max_retry_after:
+                        delay = max(delay, error.retry_after)
+                    await clock_sleep(clock, delay)
+                continue
+            raise _AttemptsError(attempt, error)
+
+
+class _AttemptsError(Exception):
+    """Internal: a (sub-)batch ended in ``error`` after ``attempts`` attempts."""
+
+    def __init__(
+        self, attempts: int, error: RetryableError | RejectedBatchError | FatalPlatformError
+    ) -> None:
+        super().__init__(error.message)
+        self.attempts = attempts
+        self.error = error
+
+
+async def _aiter(batches: Iterable[Batch] | AsyncIterable[Batch]) -> AsyncIterable[Batch]:
+    """Iterate a plan without blocking the loop: a synchronous plan is advanced in a worker thread, in chunks
+    (planning is CPU work in polars, which releases the GIL; budgets' timers must keep firing meanwhile)."""
+    if isinstance(batches, AsyncIterable):
+        async for batch in batches:
+            yield batch
+        return
+    iterator = iter(batches)
+    while True:
+        chunk = await asyncio.to_thread(_take, iterator, _FEED_CHUNK)
+        for batch in chunk:
+            yield batch
+        if len(chunk) < _FEED_CHUNK:
+            return
+
+
+def _take(iterator: Iterator[Batch], n: int) -> list[Batch]:
+    out: list[Batch] = []
+    for batch in iterator:
+        out.append(batch)
+        if len(out) >= n:
+            break
+    return out

@@ -1,0 +1,420 @@
+"""The planner: from a job's input files to the exact requests a run will send.
+
+:func:`build_plan` does all the reading and validation up front, in bounded memory:
+
+1. **stage** — every source file is streamed in chunks (:mod:`sync.reading`), typed and checked
+   (:func:`sync.validation.validate_chunk`); rejected rows go to the rejects CSV, clean rows are appended to one of
+   ``K`` hash buckets (by the CRC-32 of the external ID) under a temporary directory in the job's workdir;
+2. **settle** — each bucket (which holds every row of its IDs) is loaded on its own, duplicates are resolved
+   ("last valid row wins", :func:`sync.validation.resolve_duplicates`) and the rows are written sorted in the
+   canonical order ``(crc32(ext_id), ext_id, file, row)``. These *clean frames* are the typed, per-user data
+   (``Plan.staged``) a future snapshot differ can read before any platform request is built;
+3. **batch** — :meth:`Plan.batches` streams the clean frames through the platform's batch builder
+   (:mod:`sync.platforms.netmera.requests`), phase by phase.
+
+Because the canonical order depends only on the IDs (never on chunk sizes or ``K``), the same input always gives
+the same batches with the same IDs. Memory is bounded by one chunk while staging and one bucket afterwards; ``K``
+grows with the input so a bucket stays near :data:`ROWS_PER_BUCKET` rows.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import shutil
+import tempfile
+import weakref
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TextIO
+
+import polars as pl
+import pyarrow as pa
+import pyarrow.ipc
+
+from sync.config import DispatchSettings, Job, Source
+from sync.errors import BadJobError, JobProblem
+from sync.platforms.netmera import requests as netmera
+from sync.reading import ROW, estimate_rows, expand_paths, iter_chunks
+from sync.records import Batch, Operation, Phase, RejectedRow
+from sync.validation import (
+    EXT_ID,
+    FILE,
+    KEY,
+    REJECTS_SCHEMA,
+    canonical_key,
+    clean_schema,
+    resolve_duplicates,
+    validate_chunk,
+)
+
+__all__ = [
+    "ASSUMED_LATENCY",
+    "ROWS_PER_BUCKET",
+    "EndpointSummary",
+    "Plan",
+    "PlanSummary",
+    "StagedSource",
+    "build_plan",
+    "estimate_duration",
+]
+
+ROWS_PER_BUCKET = 50_000
+"""Target rows per hash bucket: the unit of work (and of memory) after staging."""
+MAX_BUCKETS = 4096
+ASSUMED_LATENCY = 0.2
+"""Seconds per request assumed by the duration estimate when the concurrency cap, not the rate, is the limit."""
+
+_BUILDERS = {"netmera": netmera}
+"""Platform → batch builder module (``streams_for``, ``stream_batches``, ``stream_counts``, ``stream_sample``)."""
+
+
+@dataclass(frozen=True, slots=True)
+class StagedSource:
+    """A source after validation and deduplication: clean Parquet parts, in canonical order."""
+
+    source: Source
+    files: tuple[str, ...]
+    """Input files in read order; ``__file`` in the clean frames indexes this tuple."""
+    parts: tuple[Path, ...]
+    """One Parquet file per non-empty hash bucket, in bucket order; each holds every row of its IDs."""
+    rows_read: int
+    rows_clean: int
+    duplicates_dropped: int
+    """Earlier rows of an ID identical to the winning row (not reported as rejects)."""
+
+    def frames(self, columns: Sequence[str] = ()) -> Iterator[pl.DataFrame]:
+        """The clean frames (one per bucket) with ``__ext_id``, ``__file``, ``__row`` and ``columns``."""
+        wanted = list(dict.fromkeys([EXT_ID, FILE, ROW, *columns]))
+        for part in self.parts:
+            yield pl.read_parquet(part, columns=wanted)
+
+
+@dataclass(frozen=True, slots=True)
+class EndpointSummary:
+    """Requests and IDs one operation sends through one endpoint in one phase."""
+
+    phase: Phase
+    endpoint: str
+    operation: Operation
+    requests: int
+    ids: int
+    """External IDs summed over requests (an ID in two requests counts twice)."""
+    estimated_seconds: float = 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class PlanSummary:
+    """What a run of the plan will send, for people (``pushsync plan``) and scripts (``--output json``)."""
+
+    job: str
+    platform: str
+    base_url: str
+    endpoints: tuple[EndpointSummary, ...]
+    rows_read: int
+    rows_clean: int
+    rejected_count: int
+    rejects_path: str
+    duplicates_dropped: int
+    estimated_seconds: float
+    samples: Mapping[str, Any] = field(default_factory=dict)
+    """Endpoint → a request body built from its first few IDs (the shape a run sends)."""
+    sources: Mapping[str, Mapping[str, int]] = field(default_factory=dict)
+
+    @property
+    def total_requests(self) -> int:
+        return sum(e.requests for e in self.endpoints)
+
+    @property
+    def total_ids(self) -> int:
+        return sum(e.ids for e in self.endpoints)
+
+    def to_json(self) -> dict[str, Any]:
+        """A JSON-ready dict with the same content as the human output."""
+        return {
+            "job": self.job,
+            "platform": self.platform,
+            "base_url": self.base_url,
+            "rows": {
+                "read": self.rows_read,
+                "clean": self.rows_clean,
+                "rejected": self.rejected_count,
+                "duplicates_dropped": self.duplicates_dropped,
+            },
+            "rejects_path": self.rejects_path,
+            "sources": {k: dict(v) for k, v in self.sources.items()},
+            "requests": self.total_requests,
+            "ids": self.total_ids,
+            "estimated_seconds": round(self.estimated_seconds, 3),
+            "endpoints": [
+                {
+                    "phase": e.phase.name.lower(),
+                    "endpoint": e.endpoint,
+                    "operation": e.operation.value,
+                    "requests": e.requests,
+                    "ids": e.ids,
+                    "estimated_seconds": round(e.estimated_seconds, 3),
+                }
+                for e in self.endpoints
+            ],
+            "samples": dict(self.samples),
+        }
+
+
+class Plan:
+    """The validated input of a job and the batches it makes. Build with :func:`build_plan`.
+
+    Holds a temporary directory under the job's workdir; :meth:`close` (or the context manager, or garbage
+    collection) removes it.
+    """
+
+    def __init__(
+        self,
+        job: Job,
+        staged: tuple[StagedSource, ...],
+        rejects_path: Path,
+        rejected_count: int,
+        tmpdir: Path,
+    ) -> None:
+        self.job = job
+        self.staged = staged
+        self.rejects_path = rejects_path
+        self.rejected_count = rejected_count
+        self._tmpdir = tmpdir
+        self._builder = _BUILDERS[job.destination.platform]
+        self._summary: PlanSummary | None = None
+        self._finalizer = weakref.finalize(self, shutil.rmtree, tmpdir, True)
+
+    def close(self) -> None:
+        """Remove the staged data. The plan cannot make batches afterwards."""
+        self._finalizer()
+
+    def __enter__(self) -> Plan:
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.close()
+
+    def _streams(self, phase: Phase | None = None) -> Iterator[tuple[StagedSource, netmera.Stream]]:
+        phases = list(Phase) if phase is None else [phase]
+        for ph in phases:
+            for staged in self.staged:
+                for stream in self._builder.streams_for(staged.source):
+                    if stream.phase is ph:
+                        yield staged, stream
+
+    def batches(self) -> Iterator[Batch]:
+        """Every batch, by phase (opt-outs first, deletions last), in a deterministic order within a phase.
+
+        Each call starts over and yields identical batches.
+        """
+        for staged, stream in self._streams():
+            yield from self._builder.stream_batches(
+                stream, staged.frames(stream.columns), self.job.batch_size_for(stream.endpoint), staged.files
+            )
+
+    def rejected_rows(self) -> Iterator[RejectedRow]:
+        """The rows validation refused, as written to :attr:`rejects_path`."""
+        with self.rejects_path.open(newline="", encoding="utf-8") as fh:
+            for rec in csv.DictReader(fh):
+                yield RejectedRow(
+                    path=rec["file"],
+                    row=int(rec["row"]),
+                    column=rec["column"] or None,
+                    reason=rec["reason"],
+                    ext_id=rec["ext_id"] or None,
+                )
+
+    def summary(self, *, assumed_latency: float = ASSUMED_LATENCY) -> PlanSummary:
+        """Requests and IDs per phase, endpoint and operation, the duration estimate and a sample per endpoint."""
+        if self._summary is not None and assumed_latency == ASSUMED_LATENCY:
+            return self._summary
+        totals: dict[tuple[Phase, str, Operation], list[int]] = {}
+        samples: dict[str, Any] = {}
+        for staged, stream in self._streams():
+            size = self.job.batch_size_for(stream.endpoint)
+            requests, ids = self._builder.stream_counts(stream, staged.frames(stream.columns), size)
+            if not requests:
+                continue
+            acc = totals.setdefault((stream.phase, stream.endpoint, stream.operation), [0, 0])
+            acc[0] += requests
+            acc[1] += ids
+            if stream.endpoint not in samples:
+                samples[stream.endpoint] = self._builder.stream_sample(stream, staged.frames(stream.columns))
+        per_endpoint = estimate_duration(
+            {key: acc[0] for key, acc in totals.items()}, self.job.dispatch, latency=assumed_latency
+        )
+        endpoints = tuple(
+            EndpointSummary(ph, ep, op, acc[0], acc[1], per_endpoint.get((ph, ep, op), 0.0))
+            for (ph, ep, op), acc in totals.items()
+        )
+        summary = PlanSummary(
+            job=self.job.name,
+            platform=self.job.destination.platform,
+            base_url=self.job.destination.base_url,
+            endpoints=endpoints,
+            rows_read=sum(s.rows_read for s in self.staged),
+            rows_clean=sum(s.rows_clean for s in self.staged),
+            rejected_count=self.rejected_count,
+            rejects_path=str(self.rejects_path),
+            duplicates_dropped=sum(s.duplicates_dropped for s in self.staged),
+            estimated_seconds=per_endpoint.get(None, 0.0),
+            samples=samples,
+            sources={
+                s.source.name: {"files": len(s.files), "rows_read": s.rows_read, "rows_clean": s.rows_clean}
+                for s in self.staged
+            },
+        )
+        if assumed_latency == ASSUMED_LATENCY:
+            self._summary = summary
+        return summary
+
+
+def estimate_duration(
+    requests: Mapping[tuple[Phase, str, Operation], int],
+    dispatch: DispatchSettings,
+    *,
+    latency: float = ASSUMED_LATENCY,
+) -> dict[Any, float]:
+    """Seconds a run needs, from the rate budgets and the concurrency caps (no retries assumed).
+
+    Phases run one after another. Within a phase, each endpoint is held back by its own rate budget
+    (``requests × period / budget``) and by its concurrency (``requests × latency / cap``), and all endpoints
+    share the global cap. Returns the per-(phase, endpoint, operation) figure under its key and the total under
+    ``None``. Budgets are assumed per endpoint, ``"*"`` standing for each endpoint not named.
+    """
+    out: dict[Any, float] = {}
+    total = 0.0
+    concurrency = max(1, dispatch.concurrency)
+    for phase in Phase:
+        keys = [k for k in requests if k[0] is phase]
+        if not keys:
+            continue
+        per_endpoint: dict[str, int] = {}
+        for _, endpoint, _op in keys:
+            per_endpoint[endpoint] = per_endpoint.get(endpoint, 0) + requests[(phase, endpoint, _op)]
+        endpoint_time = {}
+        for endpoint, n in per_endpoint.items():
+            budget = dispatch.budget_for(endpoint)
+            cap = min(concurrency, dispatch.per_endpoint_concurrency.get(endpoint, concurrency))
+            endpoint_time[endpoint] = max(n * budget.interval if budget else 0.0, n * latency / cap)
+        for key in keys:
+            share = requests[key] / per_endpoint[key[1]]
+            out[key] = endpoint_time[key[1]] * share
+        total += max(max(endpoint_time.values()), sum(per_endpoint.values()) * latency / concurrency)
+    out[None] = total
+    return out
+
+
+# --- staging ---------------------------------------------------------------------------------------------------
+
+
+class _RejectsWriter:
+    """Appends rejected rows to the rejects CSV (file,row,column,reason,ext_id) and counts them."""
+
+    def __init__(self, fh: TextIO) -> None:
+        self._fh = fh
+        self.count = 0
+        csv.writer(fh).writerow(list(REJECTS_SCHEMA))
+
+    def frame(self, rejects: pl.DataFrame) -> None:
+        if rejects.height:
+            self._fh.write(rejects.select(list(REJECTS_SCHEMA)).write_csv(include_header=False))
+            self.count += rejects.height
+
+    def rows(self, rows: Sequence[RejectedRow]) -> None:
+        writer = csv.writer(self._fh, lineterminator="\n")
+        for r in rows:
+            writer.writerow([r.path, r.row, r.column or "", r.reason, r.ext_id or ""])
+        self.count += len(rows)
+
+
+def _bucket_bits(estimated_rows: int, rows_per_bucket: int) -> int:
+    buckets = max(1, min(MAX_BUCKETS, math.ceil(estimated_rows / max(1, rows_per_bucket))))
+    return max(0, (buckets - 1).bit_length())
+
+
+def _stage(
+    job: Job, source: Source, tmp: Path, rejects: _RejectsWriter, rows_per_bucket: int
+) -> StagedSource:
+    files = expand_paths(source)
+    names = tuple(str(p) for p in files)
+    bits = _bucket_bits(estimate_rows(source, files), rows_per_bucket)
+    schema = clean_schema(source)
+    raw_dir = tmp / f"{source.name}.raw"
+    raw_dir.mkdir()
+    # Arrow IPC streams, not Parquet: a Parquet writer keeps every row group's metadata until it closes, which
+    # for hundreds of buckets × hundreds of chunks grows with the input; a stream writer keeps nothing.
+    writers: dict[int, tuple[Any, pa.ipc.RecordBatchStreamWriter]] = {}
+    rows_read = 0
+    try:
+        for index, path in enumerate(files):
+            for chunk in iter_chunks(source, path):
+                rejects.rows(chunk.malformed)
+                rows_read += chunk.frame.height + len(chunk.malformed)
+                if chunk.frame.is_empty():
+                    continue
+                clean, bad = validate_chunk(chunk.frame, source, job.validation, index, str(path))
+                rejects.frame(bad)
+                if clean.is_empty():
+                    continue
+                clean = clean.with_columns(canonical_key(clean[EXT_ID])).select(list(schema))
+                bucket = pl.col(KEY) // (1 << (32 - bits))  # top bits: buckets are ranges of the key
+                for group, piece in (
+                    clean.with_columns(bucket.alias("__b")).partition_by("__b", as_dict=True).items()
+                ):
+                    b = int(str(group[0]))
+                    table = piece.drop("__b").to_arrow()
+                    if b not in writers:
+                        sink = pa.OSFile(str(raw_dir / f"{b:04d}.arrows"), "wb")
+                        options = pa.ipc.IpcWriteOptions(compression="lz4")
+                        writers[b] = (sink, pa.ipc.new_stream(sink, table.schema, options=options))
+                    writers[b][1].write_table(table)
+    finally:
+        for sink, writer in writers.values():
+            writer.close()
+            sink.close()
+    parts = []
+    rows_clean = dropped = 0
+    out_dir = tmp / source.name
+    out_dir.mkdir()
+    for b in sorted(writers):
+        frame = pl.read_ipc_stream(raw_dir / f"{b:04d}.arrows")
+        winners, duplicate_rejects, identical = resolve_duplicates(frame, source, names)
+        del frame
+        rejects.frame(duplicate_rejects)
+        dropped += identical
+        rows_clean += winners.height
+        out = out_dir / f"{b:04d}.parquet"
+        winners.sort([KEY, EXT_ID, FILE, ROW]).write_parquet(out, compression="zstd")
+        (raw_dir / f"{b:04d}.arrows").unlink()
+        parts.append(out)
+    raw_dir.rmdir()
+    return StagedSource(source, names, tuple(parts), rows_read, rows_clean, dropped)
+
+
+def build_plan(job: Job, *, rejects_path: Path | None = None, rows_per_bucket: int = ROWS_PER_BUCKET) -> Plan:
+    """Read, validate and deduplicate every source of ``job``, ready to make batches.
+
+    When this returns, input validation is complete: rejected rows are in ``plan.rejects_path`` (default
+    ``<workdir>/rejects.csv``). ``rows_per_bucket`` sizes the hash buckets (memory vs. number of files); it
+    never changes the batches. Raises :class:`sync.errors.BadInputError` for a file that cannot be read at all,
+    :class:`BadJobError` for a platform without a batch builder.
+    """
+    if job.destination.platform not in _BUILDERS:
+        raise BadJobError(
+            str(job.path), [JobProblem("destination.platform", "no planner for this platform yet")]
+        )
+    job.workdir.mkdir(parents=True, exist_ok=True)
+    rejects_path = rejects_path or job.workdir / "rejects.csv"
+    rejects_path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix="plan-", dir=job.workdir))
+    try:
+        with rejects_path.open("w", newline="", encoding="utf-8") as fh:
+            writer = _RejectsWriter(fh)
+            staged = tuple(_stage(job, source, tmp, writer, rows_per_bucket) for source in job.sources)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return Plan(job, staged, rejects_path, writer.count, tmp)

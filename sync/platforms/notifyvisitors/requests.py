@@ -1,0 +1,323 @@
+"""NotifyVisitors request bodies, value formats, batch IDs and batch splitting. Pure functions: no I/O.
+
+Body shapes (seed 004, ``/work/shared/platforms.md`` §2)::
+
+    user/create   {"nv": [{"userID": "u1", "user_attributes": {"email": "...", "mobile": "+9198...", ...}}]}
+    event/create  {"nv": [{"userID": "u1", "event_name": "purchase", "attributes": {...},
+                           "event_time": "2024-01-31 12:00:00"}]}
+
+A ``user/create`` request carries at most :data:`MAX_USERS_PER_REQUEST` (100) users, an ``event/create`` request
+at most :data:`MAX_EVENTS_PER_REQUEST` (1000) events. The value checks here are the ones the sandbox enforces
+(and the platform documents), so the planner can refuse a bad row before anything is sent: ``userID`` ≤ 100
+characters, attribute and event names < 50, string values < 1000, ``mobile`` in E.164, ``birth_date`` as
+YYYY-MM-DD, ``event_time`` as ``yyyy-MM-dd HH:mm:ss``, opt-in flags as ``"1"``/``"0"``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from collections.abc import Iterable, Iterator, Mapping
+from datetime import UTC, date, datetime, tzinfo
+from typing import Any
+
+from sync.platforms.notifyvisitors import (
+    DATE_ATTRIBUTES,
+    DATE_FORMAT,
+    E164_PATTERN,
+    EVENT_CREATE,
+    EVENT_TIME_FORMAT,
+    MAX_EVENTS_PER_REQUEST,
+    MAX_NAME_LENGTH,
+    MAX_STRING_LENGTH,
+    MAX_USER_ID_LENGTH,
+    MAX_USERS_PER_REQUEST,
+    OPT_IN_ATTRIBUTES,
+    USER_CREATE,
+)
+from sync.records import Batch, Operation, Phase, RowRef
+
+__all__ = [
+    "ENDPOINT_FOR",
+    "MAX_ITEMS",
+    "batch_id_for",
+    "canonical_json",
+    "check_name",
+    "check_user_id",
+    "event_create_body",
+    "event_item",
+    "format_date",
+    "format_event_time",
+    "format_mobile",
+    "iter_batches",
+    "make_batch",
+    "operation_for",
+    "opt_in_flag",
+    "split_batch",
+    "user_attributes",
+    "user_create_body",
+    "user_ids_in_body",
+    "user_item",
+]
+
+ENDPOINT_FOR: Mapping[Operation, str] = {
+    Operation.SET_ATTRIBUTES: USER_CREATE,
+    Operation.FIRE_EVENTS: EVENT_CREATE,
+}
+"""The endpoint that carries each operation pushsync sends to NotifyVisitors."""
+
+_OPERATION_FOR: Mapping[str, Operation] = {endpoint: op for op, endpoint in ENDPOINT_FOR.items()}
+
+MAX_ITEMS: Mapping[str, int] = {USER_CREATE: MAX_USERS_PER_REQUEST, EVENT_CREATE: MAX_EVENTS_PER_REQUEST}
+"""Items (users or events) per request, by endpoint."""
+
+_E164 = re.compile(E164_PATTERN)
+_MOBILE_NOISE = re.compile(r"[\s().-]")  # separators people type inside phone numbers
+_TRUE = frozenset({"1", "true", "yes", "y", "t", "on"})
+_FALSE = frozenset({"0", "false", "no", "n", "f", "off"})
+
+
+def operation_for(endpoint: str) -> Operation:
+    """The operation an endpoint carries; KeyError for endpoints pushsync does not send to."""
+    return _OPERATION_FOR[endpoint]
+
+
+# --- value formats -------------------------------------------------------------------------------------------
+
+
+def check_user_id(user_id: str) -> str:
+    """``userID`` must be a non-empty string of at most 100 characters (ValueError otherwise)."""
+    if not isinstance(user_id, str) or not user_id:
+        raise ValueError("userID must be a non-empty string")
+    if len(user_id) > MAX_USER_ID_LENGTH:
+        raise ValueError(f"userID is {len(user_id)} characters long (at most {MAX_USER_ID_LENGTH})")
+    return user_id
+
+
+def check_name(name: str, what: str = "attribute name") -> str:
+    """Attribute and event names: non-empty and fewer than 50 characters (ValueError otherwise)."""
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"{what} must be a non-empty string")
+    if len(name) > MAX_NAME_LENGTH:
+        raise ValueError(f"{what} {name[:20]!r}... is {len(name)} characters (fewer than 50 allowed)")
+    return name
+
+
+def format_mobile(value: str) -> str:
+    """A phone number in E.164 (``+919899999999``). Spaces, dots, dashes and brackets are removed and a leading
+    ``00`` becomes ``+``; anything else that is not E.164 (no country code, letters, too short or long) raises
+    ValueError — the platform refuses it and guessing a country would send to the wrong person."""
+    cleaned = _MOBILE_NOISE.sub("", str(value))
+    if cleaned.startswith("00"):
+        cleaned = "+" + cleaned[2:]
+    if not _E164.match(cleaned):
+        raise ValueError("mobile is not in E.164 (+ country code and number, 8 to 15 digits)")
+    return cleaned
+
+
+def format_date(value: date | str) -> str:
+    """A date as YYYY-MM-DD; strings must already be valid dates in that format."""
+    if isinstance(value, datetime):
+        return value.date().strftime(DATE_FORMAT)
+    if isinstance(value, date):
+        return value.strftime(DATE_FORMAT)
+    try:
+        return datetime.strptime(str(value), DATE_FORMAT).date().strftime(DATE_FORMAT)
+    except ValueError:
+        raise ValueError(f"date {str(value)[:30]!r} is not YYYY-MM-DD") from None
+
+
+def format_event_time(value: datetime | str, tz: tzinfo | None = None) -> str:
+    """``yyyy-MM-dd HH:mm:ss``. An aware datetime is first converted to ``tz`` (UTC by default) — NotifyVisitors
+    takes no offset in this field, so which zone it means is an assumption [I]; naive datetimes are sent as they
+    are. Strings must already be in the format (a ``T`` separator is accepted and replaced)."""
+    if isinstance(value, datetime):
+        if value.tzinfo is not None:
+            value = value.astimezone(tz or UTC)
+        return value.strftime(EVENT_TIME_FORMAT)
+    text = str(value).replace("T", " ", 1)
+    try:
+        return datetime.strptime(text, EVENT_TIME_FORMAT).strftime(EVENT_TIME_FORMAT)
+    except ValueError:
+        raise ValueError(f"event_time {str(value)[:30]!r} is not yyyy-MM-dd HH:mm:ss") from None
+
+
+def opt_in_flag(value: bool | int | str) -> str:
+    """An opt-in flag as NotifyVisitors takes it: ``"1"`` or ``"0"``."""
+    if isinstance(value, bool):
+        return "1" if value else "0"
+    text = str(value).strip().lower()
+    if text in _TRUE:
+        return "1"
+    if text in _FALSE:
+        return "0"
+    raise ValueError(f"opt-in flag {str(value)[:20]!r} is not a yes/no value")
+
+
+def _scalar(name: str, value: Any) -> Any:
+    if isinstance(value, float) and value.is_integer() and abs(value) < 2**53:
+        return int(value)  # 34 not 34.0
+    if isinstance(value, str) and len(value) > MAX_STRING_LENGTH:
+        raise ValueError(f"value of {name!r} is {len(value)} characters (fewer than 1000 allowed)")
+    if isinstance(value, datetime):
+        return value.strftime(EVENT_TIME_FORMAT)
+    if isinstance(value, date):
+        return value.strftime(DATE_FORMAT)
+    if value is not None and not isinstance(value, str | int | float | bool):
+        raise ValueError(f"value of {name!r} must be a string, number or boolean")
+    return value
+
+
+def user_attributes(attributes: Mapping[str, Any]) -> dict[str, Any]:
+    """Attributes in the platform's formats: ``mobile`` → E.164, ``birth_date`` → YYYY-MM-DD, opt-in flags →
+    ``"1"``/``"0"``, integral floats → integers; None values are left out (nothing to set). ValueError names
+    the first attribute that cannot be sent."""
+    out: dict[str, Any] = {}
+    for name, value in attributes.items():
+        check_name(name)
+        if value is None:
+            continue
+        if name == "mobile":
+            out[name] = format_mobile(value)
+        elif name in DATE_ATTRIBUTES:
+            out[name] = format_date(value)
+        elif name in OPT_IN_ATTRIBUTES:
+            out[name] = opt_in_flag(value)
+        else:
+            out[name] = _scalar(name, value)
+    return out
+
+
+def _event_attributes(attributes: Mapping[str, Any]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for name, value in attributes.items():
+        check_name(name)
+        if value is not None:
+            out[name] = _scalar(name, value)
+    return out
+
+
+# --- items and bodies ----------------------------------------------------------------------------------------
+
+
+def user_item(user_id: str, attributes: Mapping[str, Any]) -> dict[str, Any]:
+    """One ``user/create`` item (values formatted and checked by :func:`user_attributes`)."""
+    return {"userID": check_user_id(user_id), "user_attributes": user_attributes(attributes)}
+
+
+def event_item(
+    user_id: str,
+    event_name: str,
+    attributes: Mapping[str, Any] | None = None,
+    event_time: datetime | str | None = None,
+    *,
+    tz: tzinfo | None = None,
+) -> dict[str, Any]:
+    """One ``event/create`` item; ``event_time`` is left out when None (the platform then uses the time it
+    receives the event [I])."""
+    item: dict[str, Any] = {
+        "userID": check_user_id(user_id),
+        "event_name": check_name(event_name, "event name"),
+        "attributes": _event_attributes(attributes or {}),
+    }
+    if event_time is not None:
+        item["event_time"] = format_event_time(event_time, tz)
+    return item
+
+
+def user_create_body(items: Iterable[tuple[str, Mapping[str, Any]]]) -> dict[str, Any]:
+    """``user/create`` from ``(user_id, attributes)`` pairs."""
+    return {"nv": [user_item(user_id, attrs) for user_id, attrs in items]}
+
+
+def event_create_body(
+    items: Iterable[tuple[str, str, Mapping[str, Any], datetime | str | None]],
+) -> dict[str, Any]:
+    """``event/create`` from ``(user_id, event_name, attributes, event_time)`` tuples."""
+    return {"nv": [event_item(u, name, attrs, when) for u, name, attrs, when in items]}
+
+
+# --- identity and batches ------------------------------------------------------------------------------------
+
+
+def canonical_json(value: Any) -> bytes:
+    """JSON with sorted keys, no insignificant whitespace, UTF-8: equal values give equal bytes."""
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+
+
+def batch_id_for(endpoint: str, body: Any) -> str:
+    """A stable batch ID: 16 hex digits of sha256 over the platform, endpoint and canonical body."""
+    digest = hashlib.sha256(b"notifyvisitors\n")
+    digest.update(endpoint.encode("utf-8"))
+    digest.update(b"\n")
+    digest.update(canonical_json(body))
+    return digest.hexdigest()[:16]
+
+
+def user_ids_in_body(body: Any) -> tuple[str, ...]:
+    """The unique ``userID`` values of a body, in order of first appearance."""
+    items = body.get("nv") if isinstance(body, Mapping) else None
+    if not isinstance(items, list):
+        raise ValueError('a NotifyVisitors body is {"nv": [...]}')
+    return tuple(dict.fromkeys(str(item["userID"]) for item in items))
+
+
+def make_batch(endpoint: str, body: Any, *, origins: Mapping[str, RowRef] | None = None) -> Batch:
+    """Wrap a body in a :class:`Batch`. ValueError when it holds more items than the endpoint takes."""
+    limit = MAX_ITEMS[endpoint]
+    count = len(body["nv"])
+    if count == 0 or count > limit:
+        raise ValueError(f"{endpoint}: {count} items in one request (1 to {limit})")
+    ids = user_ids_in_body(body)
+    return Batch(
+        batch_id=batch_id_for(endpoint, body),
+        endpoint=endpoint,
+        operation=operation_for(endpoint),
+        body=body,
+        ext_ids=ids,
+        phase=Phase.CHANGES,
+        origins={x: origins[x] for x in ids if x in origins} if origins else {},
+    )
+
+
+def iter_batches(
+    endpoint: str,
+    items: Iterable[tuple[dict[str, Any], RowRef | None]],
+    batch_size: int | None = None,
+) -> Iterator[Batch]:
+    """Consecutive runs of at most ``batch_size`` items (default and ceiling: the endpoint's limit), in input
+    order. Each item comes with the row it was built from (or None); a user's origin is its last row."""
+    limit = MAX_ITEMS[endpoint]
+    size = limit if batch_size is None else batch_size
+    if not 1 <= size <= limit:
+        raise ValueError(f"{endpoint}: batch size must be 1..{limit}, got {size}")
+    chunk: list[dict[str, Any]] = []
+    origins: dict[str, RowRef] = {}
+    for item, origin in items:
+        chunk.append(item)
+        if origin is not None:
+            origins[str(item["userID"])] = origin
+        if len(chunk) == size:
+            yield make_batch(endpoint, {"nv": chunk}, origins=origins)
+            chunk, origins = [], {}
+    if chunk:
+        yield make_batch(endpoint, {"nv": chunk}, origins=origins)
+
+
+def split_batch(batch: Batch) -> tuple[Batch, Batch] | None:
+    """Halve a batch by its user IDs, keeping every item of one user in the same half (so events of one user
+    keep their order). None when the batch names a single user."""
+    ids = batch.ext_ids
+    if len(ids) < 2:
+        return None
+    first = frozenset(ids[: len(ids) // 2])
+    items = batch.body["nv"]
+    halves = (
+        {"nv": [item for item in items if str(item["userID"]) in first]},
+        {"nv": [item for item in items if str(item["userID"]) not in first]},
+    )
+    out = []
+    for body in halves:
+        out.append(make_batch(batch.endpoint, body, origins=batch.origins))
+    return out[0], out[1]

@@ -1,0 +1,602 @@
+"""A strict, stateful local emulator of the Forms On Fire "POST Push API" (see ``docs/formsonfire.md``).
+
+``POST /api/v2/push?format=json|xml`` takes one push for one user, as JSON (``Content-Type: application/json``)
+or XML (``application/xml``, ``text/xml`` — or no Content-Type at all). Checks, in order:
+
+========================================================  ======  ==================================================
+request                                                   HTTP    body (in the ``format`` asked for)
+========================================================  ======  ==================================================
+``format`` other than json/xml                            400     ``ResponseStatus.ErrorCode = InvalidFormat``
+other Content-Type                                        400     ``UnsupportedMediaType``
+body not JSON/XML; XML root without ``xmlns:i``; XML      400     ``SerializationException``
+elements not in alphabetical order; a field of the
+wrong type (bad parameters)
+wrong ``CompanyId`` or ``IntegrationKey``                 200     ``Unauthorized`` (error inside the body)
+no ``UserId``/``UserEmail``/``UserExternalId``             200     ``UserRequired``
+a user not in the known-users list (when it applies)      200     ``UserNotFound``
+accepted                                                  200     ``{"MessageId": n}``
+wrong method / unknown path                               405/404 ``MethodNotAllowed`` / ``NotFound``
+========================================================  ======  ==================================================
+
+The error body is [I] — the vendor says only that most errors come back as 200 with the error inside. The sandbox
+uses the ServiceStack convention the API's ``?format=`` parameter and XML rules point to::
+
+    {"ResponseStatus": {"ErrorCode": "UserNotFound", "Message": "...", "Errors": []}}
+    <PushResponse xmlns:i="..."><ResponseStatus><ErrorCode>UserNotFound</ErrorCode><Errors/>
+        <Message>...</Message></ResponseStatus></PushResponse>
+
+Without ``format`` the answer uses the request body's format [I]. Known users can be seeded (config ``users``,
+a seed file, or ``POST /_sandbox/users``); an unknown user is an error only when some are known, unless
+``unknown_user`` says ``error`` or ``accept``. Limits (none by default: none are documented), faults, stats and
+the ``/_sandbox/`` routes come from :mod:`._core`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import hmac
+import io
+import json
+import time
+import xml.etree.ElementTree as ET
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field, fields
+from enum import StrEnum
+from pathlib import Path
+from typing import Any
+from xml.sax.saxutils import escape
+
+import polars as pl
+from aiohttp import web
+
+from sync.platforms.formsonfire import ENDPOINT, XSI_NAMESPACE, BodyFormat, UserKey
+from sync.platforms.sandboxes._core import (
+    ApiError,
+    FaultSpec,
+    RateLimit,
+    RunningServer,
+    SandboxCore,
+    SandboxStats,
+    json_response,
+    parse_limits,
+    start_app,
+)
+
+__all__ = [
+    "API_PREFIX",
+    "FormsOnFireSandbox",
+    "FormsOnFireSandboxConfig",
+    "FormsOnFireState",
+    "KnownUser",
+    "UnknownUser",
+    "XmlOrder",
+]
+
+API_PREFIX = "/api/v2/"
+_FIELD_TYPES: Mapping[str, type] = {
+    "Body": str,
+    "CompanyId": int,
+    "ExpirySecs": int,
+    "IntegrationKey": str,
+    "Sound": bool,
+    "Title": str,
+    "UserEmail": str,
+    "UserExternalId": str,
+    "UserId": str,
+}
+_JSON_TYPES = frozenset({"application/json", "text/json"})
+_XML_TYPES = frozenset({"application/xml", "text/xml"})
+_XSI_NIL = f"{{{XSI_NAMESPACE}}}nil"
+
+# The format the answer to the current request uses; set by the outermost middleware so that errors rendered by
+# the core (404, 405, 429, faults) come back in the format the client asked for.
+_answer_format: contextvars.ContextVar[BodyFormat] = contextvars.ContextVar(
+    "fof_answer_format", default=BodyFormat.JSON
+)
+
+
+class UnknownUser(StrEnum):
+    """What a push to a user the sandbox does not know does [I]."""
+
+    AUTO = "auto"
+    """An in-body ``UserNotFound`` when any users are known (seeded); accepted when none are (default)."""
+    ERROR = "error"
+    ACCEPT = "accept"
+
+
+class XmlOrder(StrEnum):
+    """What XML elements out of alphabetical order do [I]."""
+
+    ERROR = "error"
+    """400 ``SerializationException`` (default: strict)."""
+    DROP = "drop"
+    """Ignore each element that comes after a later-sorting one, as .NET's DataContractSerializer does."""
+
+
+@dataclass(frozen=True, slots=True)
+class KnownUser:
+    """A user of the company: any of its three identifiers can target it."""
+
+    user_id: str
+    email: str | None = None
+    external_id: str | None = None
+
+    @classmethod
+    def from_mapping(cls, data: Mapping[str, Any]) -> KnownUser:
+        """``{"UserId", "UserEmail", "UserExternalId"}`` (UserId required)."""
+        if not data.get("UserId"):
+            raise ValueError("a known user needs a UserId")
+        return cls(str(data["UserId"]), data.get("UserEmail"), data.get("UserExternalId"))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"UserId": self.user_id, "UserEmail": self.email, "UserExternalId": self.external_id}
+
+
+@dataclass(frozen=True, slots=True)
+class FormsOnFireSandboxConfig:
+    """Everything a Forms On Fire sandbox can be told. Build from YAML/JSON with :meth:`from_mapping`."""
+
+    integration_key: str = "fof-sandbox-key"
+    company_id: int = 1000
+    users: tuple[KnownUser, ...] = ()
+    unknown_user: UnknownUser = UnknownUser.AUTO
+    limits: Mapping[str, RateLimit] = field(default_factory=dict)
+    """None documented; e.g. ``{"push": {"per_second": 10}}``."""
+    faults: FaultSpec = field(default_factory=FaultSpec)
+    seed: int = 0
+    xml_root: str | None = None
+    """[I] Required name of the XML root element; None accepts any."""
+    xml_order: XmlOrder = XmlOrder.ERROR
+    error_status: int = 200
+    """[I] HTTP status of errors reported inside the body (documented: most are 200)."""
+    stats_window: float = 60.0
+    seed_file: Path | None = None
+    """JSON ``{"users": [...], "pushes": [...]}`` (the shape of ``GET /_sandbox/state``) loaded at start."""
+
+    @classmethod
+    def from_mapping(cls, data: Mapping[str, Any], **overrides: Any) -> FormsOnFireSandboxConfig:
+        """Build from a parsed YAML/JSON document; unknown keys are refused (ValueError)."""
+        known = {f.name for f in fields(cls)}
+        merged = {**data, **{k: v for k, v in overrides.items() if v is not None}}
+        unknown = sorted(set(merged) - known)
+        if unknown:
+            raise ValueError(f"unknown sandbox settings {unknown}; known: {sorted(known)}")
+        kwargs: dict[str, Any] = dict(merged)
+        if "limits" in kwargs and not all(
+            isinstance(v, RateLimit) for v in (kwargs["limits"] or {}).values()
+        ):
+            kwargs["limits"] = parse_limits(kwargs["limits"] or {})
+        if isinstance(kwargs.get("faults"), Mapping):
+            kwargs["faults"] = FaultSpec.from_mapping(kwargs["faults"])
+        if "users" in kwargs:
+            kwargs["users"] = tuple(
+                u if isinstance(u, KnownUser) else KnownUser.from_mapping(u) for u in kwargs["users"] or ()
+            )
+        for name, enum in (("unknown_user", UnknownUser), ("xml_order", XmlOrder)):
+            if name in kwargs:
+                kwargs[name] = enum(kwargs[name])
+        if "company_id" in kwargs:
+            kwargs["company_id"] = int(kwargs["company_id"])
+        if kwargs.get("seed_file") is not None:
+            kwargs["seed_file"] = Path(kwargs["seed_file"])
+        return cls(**kwargs)
+
+
+# ------------------------------------------------------------------------------------------------ state
+
+
+@dataclass(frozen=True, slots=True)
+class Push:
+    """One accepted push: the user it reached (their UserId when known, else ``<Key>:<value>``) and the message."""
+
+    message_id: int
+    user: str
+    by: str
+    """The identifier field the request used (``UserId``, ``UserEmail`` or ``UserExternalId``)."""
+    title: str | None
+    body: str | None
+    sound: bool | None
+    expiry_secs: int | None
+    format: str
+    received_at: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "MessageId": self.message_id,
+            "User": self.user,
+            "By": self.by,
+            "Title": self.title,
+            "Body": self.body,
+            "Sound": self.sound,
+            "ExpirySecs": self.expiry_secs,
+            "Format": self.format,
+            "ReceivedAt": self.received_at,
+        }
+
+
+class FormsOnFireState:
+    """Known users (indexed by each identifier) and the pushes received, in order."""
+
+    __slots__ = ("_index", "pushes", "users")
+
+    def __init__(self) -> None:
+        self.users: dict[str, KnownUser] = {}
+        self._index: dict[tuple[str, str], str] = {}  # (identifier field, value) → UserId
+        self.pushes: list[Push] = []
+
+    def reset(self) -> None:
+        self.users.clear()
+        self._index.clear()
+        self.pushes.clear()
+
+    def add_users(self, users: Iterable[KnownUser]) -> None:
+        for user in users:
+            self.users[user.user_id] = user
+            self._index[(UserKey.USER_ID.value, user.user_id)] = user.user_id
+            if user.email:
+                self._index[(UserKey.USER_EMAIL.value, user.email.lower())] = user.user_id
+            if user.external_id:
+                self._index[(UserKey.USER_EXTERNAL_ID.value, user.external_id)] = user.user_id
+
+    def find(self, key: str, value: str) -> str | None:
+        """The UserId ``key = value`` names, or None (e-mail addresses compare case-insensitively [I])."""
+        return self._index.get((key, value.lower() if key == UserKey.USER_EMAIL.value else value))
+
+    def pushes_for(self, user: str) -> list[Push]:
+        return [p for p in self.pushes if p.user == user]
+
+    def load(self, data: Mapping[str, Any]) -> None:
+        self.add_users(KnownUser.from_mapping(u) for u in data.get("users") or ())
+        for item in data.get("pushes") or ():
+            self.pushes.append(
+                Push(
+                    int(item["MessageId"]),
+                    str(item["User"]),
+                    str(item["By"]),
+                    item.get("Title"),
+                    item.get("Body"),
+                    item.get("Sound"),
+                    item.get("ExpirySecs"),
+                    str(item.get("Format", "json")),
+                    float(item.get("ReceivedAt", 0.0)),
+                )
+            )
+
+    def load_file(self, path: Path) -> None:
+        self.load(json.loads(path.read_text(encoding="utf-8")))
+
+    def dump(self) -> dict[str, Any]:
+        return {
+            "users": [u.to_dict() for u in self.users.values()],
+            "pushes": [p.to_dict() for p in self.pushes],
+        }
+
+    def tables(self) -> dict[str, pl.DataFrame]:
+        """``users`` and ``pushes`` as polars frames."""
+        users = pl.DataFrame(
+            [u.to_dict() for u in self.users.values()],
+            schema={"UserId": pl.String, "UserEmail": pl.String, "UserExternalId": pl.String},
+            orient="row",
+        )
+        pushes = pl.DataFrame(
+            [p.to_dict() for p in self.pushes],
+            schema={
+                "MessageId": pl.Int64,
+                "User": pl.String,
+                "By": pl.String,
+                "Title": pl.String,
+                "Body": pl.String,
+                "Sound": pl.Boolean,
+                "ExpirySecs": pl.Int64,
+                "Format": pl.String,
+                "ReceivedAt": pl.Float64,
+            },
+            orient="row",
+        )
+        return {"users": users, "pushes": pushes}
+
+
+# ------------------------------------------------------------------------------------------- parsing
+
+
+def _bad(message: str, code: str = "SerializationException") -> ApiError:
+    return ApiError(400, code, message)
+
+
+def _local(tag: str) -> str:
+    return tag.rsplit("}", 1)[-1]
+
+
+def _typed(name: str, value: Any) -> Any:
+    expected = _FIELD_TYPES.get(name)
+    if expected is None or value is None:
+        return value
+    if type(value) is not expected:
+        raise _bad(f"{name}: expected {expected.__name__}")
+    return value
+
+
+def parse_json_body(raw: bytes) -> dict[str, Any]:
+    """A JSON push as a dict of typed fields (unknown fields are ignored, as the platform's binder does [I])."""
+    try:
+        body = json.loads(raw)
+    except ValueError:
+        raise _bad("the body is not valid JSON") from None
+    if type(body) is not dict:
+        raise _bad("the body must be a JSON object")
+    return {name: _typed(name, value) for name, value in body.items() if name in _FIELD_TYPES}
+
+
+def _xml_value(name: str, element: ET.Element) -> Any:
+    if element.get(_XSI_NIL) == "true":
+        return None
+    if len(element):
+        raise _bad(f"{name}: expected a value, not elements")
+    text = element.text or ""
+    expected = _FIELD_TYPES.get(name, str)
+    if expected is bool:
+        if text.strip() not in ("true", "false"):
+            raise _bad(f"{name}: expected true or false")
+        return text.strip() == "true"
+    if expected is int:
+        try:
+            return int(text.strip())
+        except ValueError:
+            raise _bad(f"{name}: expected an integer") from None
+    return text
+
+
+def parse_xml_body(raw: bytes, *, root_name: str | None, order: XmlOrder) -> dict[str, Any]:
+    """An XML push as a dict of typed fields: the root must declare ``xmlns:i`` and its children must come in
+    ordinal alphabetical order (``order`` says what happens otherwise)."""
+    if b"<!DOCTYPE" in raw or b"<!ENTITY" in raw:
+        raise _bad("DTDs are not accepted")
+    declared: dict[str, str] = {}
+    root: ET.Element | None = None
+    try:
+        for event, item in ET.iterparse(io.BytesIO(raw), events=("start-ns", "start")):
+            if event == "start-ns":
+                prefix, uri = item
+                if root is None:  # only declarations on the root element count
+                    declared[prefix] = uri
+            elif root is None:
+                root = item
+    except ET.ParseError as exc:
+        raise _bad(f"the body is not well-formed XML ({exc})") from None
+    if root is None:
+        raise _bad("the body is empty")
+    if declared.get("i") != XSI_NAMESPACE:
+        raise _bad(f'the root element must declare xmlns:i="{XSI_NAMESPACE}"')
+    if root_name is not None and _local(root.tag) != root_name:
+        raise _bad(f"the root element must be <{root_name}>")
+    out: dict[str, Any] = {}
+    last = ""
+    for child in root:
+        name = _local(child.tag)
+        if name <= last:
+            if order is XmlOrder.ERROR:
+                raise _bad(f"element <{name}> is out of alphabetical order (after <{last}>)")
+            continue  # DataContractSerializer skips members it no longer expects
+        last = name
+        if name in _FIELD_TYPES:
+            out[name] = _xml_value(name, child)
+    return out
+
+
+# ------------------------------------------------------------------------------------------- rendering
+
+
+def _xml_answer(payload: Mapping[str, Any]) -> bytes:
+    def element(name: str, value: Any) -> str:
+        if value is None:
+            return f'<{name} i:nil="true"/>'
+        if isinstance(value, Mapping):
+            return f"<{name}>" + "".join(element(k, value[k]) for k in sorted(value)) + f"</{name}>"
+        if isinstance(value, list):
+            return (
+                f"<{name}/>"
+                if not value
+                else f"<{name}>" + "".join(element("Error", v) for v in value) + f"</{name}>"
+            )
+        return f"<{name}>{escape(str(value))}</{name}>"
+
+    inner = "".join(element(k, payload[k]) for k in sorted(payload))
+    return f'<PushResponse xmlns:i="{XSI_NAMESPACE}">{inner}</PushResponse>'.encode()
+
+
+def render(
+    payload: Mapping[str, Any], fmt: BodyFormat, status: int = 200, headers: Mapping[str, str] | None = None
+) -> web.Response:
+    """An answer in ``fmt``."""
+    if fmt is BodyFormat.JSON:
+        return json_response(payload, status=status, headers=headers)
+    return web.Response(
+        body=_xml_answer(payload), status=status, content_type="application/xml", headers=headers
+    )
+
+
+def error_payload(code: str, message: str) -> dict[str, Any]:
+    """The [I] error body: ServiceStack's ``ResponseStatus``."""
+    return {"ResponseStatus": {"ErrorCode": code, "Message": message, "Errors": []}}
+
+
+# ------------------------------------------------------------------------------------------- the sandbox
+
+
+class FormsOnFireSandbox:
+    """The Forms On Fire emulator: ``await sandbox.start(host, port)`` returns the base URL (ending ``/api/v2/``)."""
+
+    def __init__(
+        self,
+        config: FormsOnFireSandboxConfig | None = None,
+        *,
+        clock: Callable[[], float] = time.time,
+        sleep: Callable[[float], Any] = asyncio.sleep,
+    ) -> None:
+        self.config = config or FormsOnFireSandboxConfig()
+        self.state = FormsOnFireState()
+        self.state.add_users(self.config.users)
+        if self.config.seed_file is not None:
+            self.state.load_file(self.config.seed_file)
+        self._clock = clock
+        self._key = self.config.integration_key.encode()
+        self.core = SandboxCore(
+            api_prefix=API_PREFIX,
+            authenticate=lambda _request: str(self.config.company_id),  # credentials are in the body
+            render_error=self._render_error,
+            limits=self.config.limits,
+            faults=self.config.faults,
+            seed=self.config.seed,
+            clock=clock,
+            sleep=sleep,
+            stats_window=self.config.stats_window,
+            rate_limit_error=lambda adm: ApiError(
+                429, "TooManyRequests", f"rate limit exceeded; retry in {adm.retry_after} s"
+            ),
+        )
+        self._server: RunningServer | None = None
+        self.url: str | None = None
+        self.app = self._build_app()
+
+    @property
+    def stats(self) -> SandboxStats:
+        return self.core.stats
+
+    def configure(
+        self,
+        *,
+        limits: Mapping[str, RateLimit] | None = None,
+        faults: FaultSpec | None = None,
+        seed: int | None = None,
+    ) -> None:
+        """Change rate limits, faults and/or the fault seed while running."""
+        self.core.configure(limits=limits, faults=faults, seed=seed)
+
+    async def start(self, host: str = "127.0.0.1", port: int = 0) -> str:
+        """Serve in the running event loop; returns the base URL, e.g. ``http://127.0.0.1:PORT/api/v2/``."""
+        self.core.reopen()
+        self._server = await start_app(self.app, host, port)
+        self.url = self._server.root_url + API_PREFIX
+        return self.url
+
+    @property
+    def port(self) -> int:
+        if self._server is None:
+            raise RuntimeError("the sandbox is not started")
+        return self._server.port
+
+    async def stop(self) -> None:
+        await self.core.close()
+        if self._server is not None:
+            await self._server.stop()
+            self._server = None
+
+    # -- plumbing --------------------------------------------------------------------------------------
+
+    def _build_app(self) -> web.Application:
+        app = web.Application(
+            middlewares=[_format_middleware, self.core.middleware], client_max_size=1024 * 1024
+        )
+        app.router.add_post(API_PREFIX + ENDPOINT, self._push, name=ENDPOINT)
+        self.core.add_inspection_routes(app, self.state)
+        app.router.add_post("/_sandbox/users", self._add_users)
+        return app
+
+    def _render_error(self, error: ApiError) -> web.StreamResponse:
+        code = {
+            404: "NotFound",
+            405: "MethodNotAllowed",
+            500: "InternalServerError",
+            503: "ServiceUnavailable",
+        }.get(error.status, str(error.code))
+        if isinstance(error.code, str):
+            code = error.code
+        return render(error_payload(code, error.message), _answer_format.get(), error.status, error.headers)
+
+    def _in_body(self, code: str, message: str, fmt: BodyFormat) -> web.Response:
+        return render(error_payload(code, message), fmt, self.config.error_status)
+
+    async def _add_users(self, request: web.Request) -> web.StreamResponse:
+        """``POST /_sandbox/users`` with ``[{"UserId", "UserEmail", "UserExternalId"}]``: add known users."""
+        try:
+            items = json.loads(await request.read())
+            users = [KnownUser.from_mapping(item) for item in items]
+        except (ValueError, TypeError, AttributeError) as exc:
+            return json_response({"error": f"expected a list of users: {exc}"}, status=400)
+        self.state.add_users(users)
+        return json_response({"users": len(self.state.users)})
+
+    async def _push(self, request: web.Request) -> web.StreamResponse:
+        fmt = _answer_format.get()
+        requested = request.query.get("format")
+        if requested and requested.lower() not in ("json", "xml"):
+            raise _bad("format must be json or xml", "InvalidFormat")
+        content_type = request.headers.get("Content-Type")
+        media = content_type.split(";", 1)[0].strip().lower() if content_type else None
+        raw = await request.read()
+        if media in _JSON_TYPES:
+            body = parse_json_body(raw)
+            sent_as = "json"
+        elif media is None or media in _XML_TYPES:
+            body = parse_xml_body(raw, root_name=self.config.xml_root, order=self.config.xml_order)
+            sent_as = "xml"
+        else:
+            raise _bad(
+                f"Content-Type {media!r}: use application/json or application/xml", "UnsupportedMediaType"
+            )
+
+        key = body.get("IntegrationKey")
+        if (
+            body.get("CompanyId") != self.config.company_id
+            or type(key) is not str
+            or not hmac.compare_digest(key.encode(), self._key)
+        ):
+            return self._in_body("Unauthorized", "invalid CompanyId or IntegrationKey", fmt)
+        target = next(((k.value, body[k.value]) for k in UserKey if body.get(k.value)), None)
+        if target is None:
+            return self._in_body(
+                "UserRequired", "one of UserId, UserEmail or UserExternalId is required", fmt
+            )
+        by, value = target
+        user = self.state.find(by, value)
+        if user is None:
+            policy = self.config.unknown_user
+            if policy is UnknownUser.ERROR or (policy is UnknownUser.AUTO and self.state.users):
+                return self._in_body("UserNotFound", f"no user with this {by}", fmt)
+            user = f"{by}:{value}"
+        push = Push(
+            message_id=len(self.state.pushes) + 1,
+            user=user,
+            by=by,
+            title=body.get("Title"),
+            body=body.get("Body"),
+            sound=body.get("Sound"),
+            expiry_secs=body.get("ExpirySecs"),
+            format=sent_as,
+            received_at=self._clock(),
+        )
+        self.state.pushes.append(push)
+        self.core.stats.add_applied(ENDPOINT, 1)
+        return render({"MessageId": push.message_id}, fmt)
+
+
+@web.middleware
+async def _format_middleware(
+    request: web.Request, handler: Callable[[web.Request], Any]
+) -> web.StreamResponse:
+    """Decide the answer's format before anything else, so every error (the core's too) uses it: ``format``
+    when valid (JSON when it is not: the handler then refuses the request), else the request body's format."""
+    requested = request.query.get("format")
+    if requested:
+        fmt = BodyFormat.JSON if requested.lower() not in ("json", "xml") else BodyFormat(requested.lower())
+    else:
+        content_type = request.headers.get("Content-Type", "")
+        media = content_type.split(";", 1)[0].strip().lower()
+        fmt = BodyFormat.JSON if media in _JSON_TYPES else BodyFormat.XML
+    token = _answer_format.set(fmt)
+    try:
+        response: web.StreamResponse = await handler(request)
+        return response
+    finally:
+        _answer_format.reset(token)

@@ -1,0 +1,392 @@
+"""A strict, stateful local emulator of the Meiro CDP API: login, push-notification exports and the trash
+(seed 002, ``platforms.md`` §3; see ``docs/meiro.md``).
+
+Routes under ``/api/`` (route names are the endpoint names used for limits, faults and stats)::
+
+    POST   users/login                                       login      {"email","password"} → {"token"}
+    PATCH  users/login                                       refresh    → {"token"} (valid token required)
+    GET    push_notifications/{id}/exports?limit&offset      listExports   (push_notifications/view)
+    GET    push_notifications/{id}/exports/{export_id}       getExport     (push_notifications/view)
+    DELETE push_notifications/{id}/exports/{export_id}       cancelExport  (push_notifications/edit)
+    GET    push_notifications/trash?limit&offset&searched_text  listTrash  (push_notifications/view [I])
+    PATCH  push_notifications/trash/{id}                     restoreTrash  (push_notifications/edit)
+
+Every call but ``login`` needs ``X-Access-Token`` (missing, unknown or expired → 401); a user without one of the
+endpoint's features gets 403. Error bodies are ``{"message": "..."}``. Rate limits, faults, stats and the
+``/_sandbox/`` inspection routes come from :mod:`._core`. Choices where Meiro documents nothing are marked [I]
+and are :class:`MeiroSandboxConfig` fields.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import secrets
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from aiohttp import web
+
+from sync.platforms.meiro import EDIT_FEATURE, TOKEN_TTL, VIEW_FEATURE, ExportStatus
+from sync.platforms.sandboxes._core import (
+    ApiError,
+    FaultKind,
+    FaultSpec,
+    RateLimit,
+    RunningServer,
+    SandboxCore,
+    SandboxStats,
+    json_response,
+    parse_limits,
+    start_app,
+)
+from sync.platforms.sandboxes.meiro_state import MeiroState, Progression, SandboxExport
+
+__all__ = [
+    "API_PREFIX",
+    "DEFAULT_FEATURES",
+    "MeiroSandbox",
+    "MeiroSandboxConfig",
+    "MeiroUser",
+    "Progression",
+]
+
+API_PREFIX = "/api/"
+ALL_FEATURES = frozenset({VIEW_FEATURE, EDIT_FEATURE})
+
+DEFAULT_FEATURES: Mapping[str, tuple[str, ...]] = {
+    "listExports": (VIEW_FEATURE,),
+    "getExport": (VIEW_FEATURE,),
+    "cancelExport": (EDIT_FEATURE,),
+    "listTrash": (VIEW_FEATURE,),  # [I] the seed names no feature for the trash list
+    "restoreTrash": (EDIT_FEATURE,),
+}
+"""Endpoint → the features of which a user needs one [D, except listTrash]."""
+
+EXPORT_NOT_FOUND = "Push notification export not found"
+FINISHED_NOT_CANCELABLE = "Finished export cannot be canceled"
+
+
+@dataclass(frozen=True, slots=True)
+class MeiroUser:
+    """A user who can log in, with the features (permissions) granted to them."""
+
+    email: str
+    password: str
+    features: frozenset[str] = ALL_FEATURES
+    id: int = 1
+
+    @classmethod
+    def from_mapping(cls, data: Mapping[str, Any]) -> MeiroUser:
+        features = data.get("features")
+        return cls(
+            email=str(data["email"]),
+            password=str(data["password"]),
+            features=ALL_FEATURES if features is None else frozenset(str(f) for f in features),
+            id=int(data.get("id", 1)),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class MeiroSandboxConfig:
+    """Everything a Meiro sandbox can be told; :meth:`from_mapping` builds it from YAML/JSON."""
+
+    users: tuple[MeiroUser, ...] = (MeiroUser("sandbox@meiro.local", "sandbox-password"),)
+    token_ttl: float = TOKEN_TTL
+    """Seconds a token stays valid after login or refresh [D: 8 h]."""
+    refresh_rotates: bool = True
+    """[I] PATCH users/login answers a new token (the old one stops working); False: the same token, extended."""
+    progression: Progression = Progression.POLLS
+    waiting: float = 1.0
+    """Polls (or seconds) a new export stays ``waiting`` [I]."""
+    running: float = 3.0
+    """Polls (or seconds) an export stays ``running`` [I]."""
+    features: Mapping[str, tuple[str, ...]] = field(default_factory=lambda: dict(DEFAULT_FEATURES))
+    default_limit: int = 20
+    """``limit`` when none is given [D: 20]."""
+    limits: Mapping[str, RateLimit] = field(default_factory=dict)
+    """Rate limits per endpoint name or ``"*"`` [I: Meiro documents none]; off by default."""
+    faults: FaultSpec = field(default_factory=FaultSpec)
+    seed: int = 0
+    stats_window: float = 60.0
+    seed_file: Path | None = None
+    """JSON in the shape of :meth:`MeiroState.load`, loaded at start."""
+
+    @classmethod
+    def from_mapping(cls, data: Mapping[str, Any], **overrides: Any) -> MeiroSandboxConfig:
+        """Build from a parsed YAML/JSON document; unknown keys are refused (ValueError)."""
+        known = {f.name for f in fields(cls)}
+        merged = {**data, **{k: v for k, v in overrides.items() if v is not None}}
+        unknown = sorted(set(merged) - known)
+        if unknown:
+            raise ValueError(f"unknown Meiro sandbox settings {unknown}; known: {sorted(known)}")
+        kwargs: dict[str, Any] = dict(merged)
+        if "users" in kwargs:
+            kwargs["users"] = tuple(
+                u if isinstance(u, MeiroUser) else MeiroUser.from_mapping(u) for u in kwargs["users"]
+            )
+        if "limits" in kwargs and not all(isinstance(v, RateLimit) for v in kwargs["limits"].values()):
+            kwargs["limits"] = parse_limits(kwargs["limits"])
+        if isinstance(kwargs.get("faults"), Mapping):
+            kwargs["faults"] = FaultSpec.from_mapping(kwargs["faults"])
+        if "progression" in kwargs:
+            kwargs["progression"] = Progression(kwargs["progression"])
+        if "features" in kwargs:
+            kwargs["features"] = {
+                **DEFAULT_FEATURES,
+                **{str(k): tuple(v) for k, v in dict(kwargs["features"]).items()},
+            }
+        if kwargs.get("seed_file") is not None:
+            kwargs["seed_file"] = Path(kwargs["seed_file"])
+        return cls(**kwargs)
+
+
+_USER = web.RequestKey("meiro_user", MeiroUser)  # who the token belongs to, set by _authenticate
+_TOKEN = web.RequestKey("meiro_token", str)  # the token the request came with (PATCH refresh needs it)
+
+
+@dataclass(slots=True)
+class _Token:
+    user: MeiroUser
+    expires_at: float
+
+
+class MeiroSandbox:
+    """The Meiro emulator: ``await sandbox.start(host, port)`` returns the base URL (ending ``/api/``).
+
+    ``state`` is the live :class:`MeiroState`; ``stats`` the counters; ``configure`` changes limits and faults.
+    """
+
+    def __init__(
+        self,
+        config: MeiroSandboxConfig | None = None,
+        *,
+        clock: Callable[[], float] = time.time,
+        sleep: Callable[[float], Any] = asyncio.sleep,
+    ) -> None:
+        self.config = config or MeiroSandboxConfig()
+        self._clock = clock
+        self.state = MeiroState(
+            clock,
+            progression=self.config.progression,
+            waiting=self.config.waiting,
+            running=self.config.running,
+        )
+        self._users = {u.email: u for u in self.config.users}
+        self._tokens: dict[str, _Token] = {}  # token → whose it is and until when it is valid
+        self.core = SandboxCore(
+            api_prefix=API_PREFIX,
+            authenticate=self._authenticate,
+            render_error=_render_error,
+            limits=self.config.limits,
+            faults=self.config.faults,
+            seed=self.config.seed,
+            clock=clock,
+            sleep=sleep,
+            stats_window=self.config.stats_window,
+            rate_limit_error=lambda adm: ApiError(
+                429, 429, f"Too many requests; retry in {adm.retry_after} s"
+            ),
+            fault_error=_fault_error,
+        )
+        if self.config.seed_file is not None:
+            self.state.load_file(self.config.seed_file)
+        self._server: RunningServer | None = None
+        self.url: str | None = None
+        self.app = self._build_app()
+
+    @property
+    def stats(self) -> SandboxStats:
+        return self.core.stats
+
+    def configure(
+        self,
+        *,
+        limits: Mapping[str, RateLimit] | None = None,
+        faults: FaultSpec | None = None,
+        seed: int | None = None,
+    ) -> None:
+        """Change rate limits, faults and/or the fault seed while running."""
+        self.core.configure(limits=limits, faults=faults, seed=seed)
+
+    async def start(self, host: str = "127.0.0.1", port: int = 0) -> str:
+        """Serve in the running event loop; returns the base URL, e.g. ``http://127.0.0.1:PORT/api/``."""
+        self.core.reopen()
+        self._server = await start_app(self.app, host, port)
+        self.url = self._server.root_url + API_PREFIX
+        return self.url
+
+    async def stop(self) -> None:
+        await self.core.close()
+        if self._server is not None:
+            await self._server.stop()
+            self._server = None
+
+    def revoke_tokens(self) -> None:
+        """Forget every issued token (as a server restart would): clients must log in again."""
+        self._tokens.clear()
+
+    # -- plumbing --------------------------------------------------------------------------------------
+
+    def _build_app(self) -> web.Application:
+        app = web.Application(middlewares=[self.core.middleware])
+        r = app.router
+        exports = API_PREFIX + "push_notifications/{notification_id}/exports"
+        r.add_post(API_PREFIX + "users/login", self._login, name="login")
+        r.add_patch(API_PREFIX + "users/login", self._refresh, name="refresh")
+        r.add_get(
+            API_PREFIX + "push_notifications/trash", self._list_trash, name="listTrash", allow_head=False
+        )
+        r.add_patch(
+            API_PREFIX + "push_notifications/trash/{notification_id}", self._restore, name="restoreTrash"
+        )
+        r.add_get(exports, self._list_exports, name="listExports", allow_head=False)
+        r.add_get(exports + "/{export_id}", self._get_export, name="getExport", allow_head=False)
+        r.add_delete(exports + "/{export_id}", self._cancel_export, name="cancelExport")
+        self.core.add_inspection_routes(app, self.state)
+        return app
+
+    def _authenticate(self, request: web.Request) -> str:
+        """Token check and feature check; returns the user's e-mail (the rate-limit key)."""
+        endpoint = request.match_info.route.name or ""
+        if endpoint == "login":
+            return "login"  # logins are limited together, whoever attempts them
+        token = request.headers.get("X-Access-Token")
+        if not token:
+            raise ApiError(401, None, "Missing X-Access-Token header")
+        held = self._tokens.get(token)
+        if held is None:
+            raise ApiError(401, None, "Invalid access token")
+        if self._clock() >= held.expires_at:
+            del self._tokens[token]
+            raise ApiError(401, None, "Access token expired")
+        required = self.config.features.get(endpoint, ())
+        if required and not held.user.features.intersection(required):
+            raise ApiError(403, None, f"Missing feature: one of {', '.join(required)} is required")
+        request[_USER] = held.user
+        request[_TOKEN] = token
+        return held.user.email
+
+    def _issue(self, user: MeiroUser) -> str:
+        token = secrets.token_hex(20)
+        self._tokens[token] = _Token(user, self._clock() + self.config.token_ttl)
+        return token
+
+    async def _json_object(self, request: web.Request) -> dict[str, Any]:
+        try:
+            body = json.loads(await request.read())
+        except ValueError:  # also UnicodeDecodeError
+            raise ApiError(400, None, "Invalid JSON body") from None
+        if not isinstance(body, dict):
+            raise ApiError(400, None, "The body must be a JSON object")
+        return body
+
+    async def _login(self, request: web.Request) -> web.StreamResponse:
+        body = await self._json_object(request)
+        email, password = body.get("email"), body.get("password")
+        if not isinstance(email, str) or not email or not isinstance(password, str) or not password:
+            raise ApiError(400, None, "email and password are required")
+        user = self._users.get(email)
+        if user is None or not hmac.compare_digest(password.encode(), user.password.encode()):
+            raise ApiError(401, None, "Invalid email or password")
+        return json_response({"token": self._issue(user)})
+
+    async def _refresh(self, request: web.Request) -> web.StreamResponse:
+        token = request[_TOKEN]
+        held = self._tokens[token]
+        if self.config.refresh_rotates:
+            del self._tokens[token]
+            return json_response({"token": self._issue(held.user)})
+        held.expires_at = self._clock() + self.config.token_ttl
+        return json_response({"token": token})
+
+    def _query_int(self, request: web.Request, name: str) -> int | None:
+        raw = request.query.get(name)
+        if raw is None or raw == "":
+            return None
+        try:
+            value = int(raw)
+        except ValueError:
+            raise ApiError(400, None, f"{name} must be a non-negative integer") from None
+        if value < 0:
+            raise ApiError(400, None, f"{name} must be a non-negative integer")
+        return value
+
+    def _export(self, request: web.Request) -> tuple[str, SandboxExport]:
+        notification = self.state.live(request.match_info["notification_id"])
+        raw_id = request.match_info["export_id"]
+        export = None
+        if notification is not None and raw_id.isdigit():
+            export = notification.exports.get(int(raw_id))
+        if notification is None or export is None:
+            raise ApiError(404, None, EXPORT_NOT_FOUND)
+        return notification.name, export
+
+    async def _list_exports(self, request: web.Request) -> web.StreamResponse:
+        limit = self._query_int(request, "limit")
+        offset = self._query_int(request, "offset")
+        notification = self.state.live(request.match_info["notification_id"])
+        if notification is None:
+            raise ApiError(404, None, "Push notification not found")  # [I] message
+        items = self.state.exports_newest_first(notification)
+        start = offset or 0
+        page = items[start : start + (self.config.default_limit if limit is None else limit)]
+        return json_response(
+            {
+                "push_notification_exports": [e.to_api(notification.name) for e in page],
+                "selection_settings": {
+                    "limit": self.config.default_limit if limit is None else limit,
+                    "offset": offset,
+                },
+            }
+        )
+
+    async def _get_export(self, request: web.Request) -> web.StreamResponse:
+        name, export = self._export(request)
+        self.state.poll(export)
+        return json_response({"push_notification_export": export.to_api(name)})
+
+    async def _cancel_export(self, request: web.Request) -> web.StreamResponse:
+        name, export = self._export(request)
+        self.state.cancel(export)
+        if export.status is ExportStatus.FINISHED:
+            raise ApiError(400, None, FINISHED_NOT_CANCELABLE)
+        # [I] canceling an export that already ended in error or was canceled answers it unchanged
+        self.core.stats.add_applied("cancelExport", 1)
+        return json_response({"push_notification_export": export.to_api(name)})
+
+    async def _list_trash(self, request: web.Request) -> web.StreamResponse:
+        limit = self._query_int(request, "limit")
+        offset = self._query_int(request, "offset")
+        searched = request.query.get("searched_text") or None
+        items = self.state.trash(searched)
+        size = self.config.default_limit if limit is None else limit
+        start = offset or 0
+        return json_response(
+            {
+                "trashed_push_notifications": [n.to_api() for n in items[start : start + size]],
+                "selection_settings": {"limit": size, "offset": start, "searched_text": searched},
+            }
+        )
+
+    async def _restore(self, request: web.Request) -> web.StreamResponse:
+        notification = self.state.notifications.get(request.match_info["notification_id"])
+        if notification is None or not notification.trashed:
+            raise ApiError(404, None, "Trashed push notification not found")  # [I] message
+        self.state.restore(notification)
+        self.core.stats.add_applied("restoreTrash", 1)
+        return json_response({"push_notification": notification.to_api()})
+
+
+def _render_error(error: ApiError) -> web.StreamResponse:
+    return json_response({"message": error.message}, status=error.status, headers=error.headers)
+
+
+def _fault_error(kind: FaultKind) -> ApiError:
+    if kind is FaultKind.ERROR_503:
+        return ApiError(503, None, "Service unavailable")
+    return ApiError(500, None, "Internal server error")

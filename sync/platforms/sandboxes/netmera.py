@@ -1,0 +1,224 @@
+"""A strict, stateful local emulator of the Netmera REST API 3.0 (see ``docs/sandbox.md``).
+
+Every endpoint of ``/work/shared/platforms.md`` §1 lives under ``/rest/3.0/``. Requests are validated the way
+the real API does (``X-netmera-api-key`` → 403/2010, bad JSON → 400/2009, missing field → 400/2020 naming it,
+more than 1000 unique extIds → 400) and change the in-memory :class:`~.netmera_state.NetmeraState`; read calls
+return the current state. Limits, faults, stats and ``/_sandbox/`` inspection come from :mod:`._core`.
+
+Where the vendor documents nothing ([I] in platforms.md) the behaviour is a :class:`NetmeraSandboxConfig` field.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import time
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from aiohttp import web
+
+from sync.platforms.sandboxes._core import (
+    ApiError,
+    FaultKind,
+    FaultSpec,
+    RateLimit,
+    RunningServer,
+    SandboxCore,
+    SandboxStats,
+    json_response,
+    start_app,
+)
+from sync.platforms.sandboxes.netmera_config import (
+    API_KEY_INVALID,
+    INTERNAL_ERROR,
+    INVALID_JSON,
+    LastPage,
+    NetmeraSandboxConfig,
+    UnknownExtId,
+    Validator,
+    WriteResponse,
+)
+from sync.platforms.sandboxes.netmera_handlers import API_PREFIX, NetmeraHandlers
+from sync.platforms.sandboxes.netmera_state import NetmeraState
+
+__all__ = [
+    "API_PREFIX",
+    "LastPage",
+    "NetmeraSandbox",
+    "NetmeraSandboxConfig",
+    "UnknownExtId",
+    "WriteResponse",
+]
+
+
+# ---------------------------------------------------------------------------------------------- the sandbox
+
+
+class NetmeraSandbox(NetmeraHandlers):
+    """The Netmera emulator: ``await sandbox.start(host, port)`` returns the base URL (ending ``/rest/3.0/``).
+
+    ``state`` is the live :class:`NetmeraState`; ``stats`` the :class:`SandboxStats`; ``core`` the
+    :class:`SandboxCore` (use :meth:`configure` to change limits and faults while running).
+    """
+
+    def __init__(
+        self,
+        config: NetmeraSandboxConfig | None = None,
+        *,
+        clock: Callable[[], float] = time.time,
+        sleep: Callable[[float], Any] = asyncio.sleep,
+    ) -> None:
+        self.config = config or NetmeraSandboxConfig()
+        self.state = NetmeraState(clock)
+        self._clock = clock
+        self._check = Validator(self.config)
+        self._key = self.config.api_key.encode()
+        self.core = SandboxCore(
+            api_prefix=API_PREFIX,
+            authenticate=self._authenticate,
+            render_error=_render_error,
+            limits=self.config.limits,
+            faults=self.config.faults,
+            seed=self.config.seed,
+            clock=clock,
+            sleep=sleep,
+            stats_window=self.config.stats_window,
+            fault_error=_fault_error,
+        )
+        if self.config.seed_file is not None:
+            self.state.load_file(self.config.seed_file)
+        self._server: RunningServer | None = None
+        self.url: str | None = None
+        self.app = self._build_app()
+
+    @property
+    def stats(self) -> SandboxStats:
+        return self.core.stats
+
+    @property
+    def api_key(self) -> str:
+        return self.config.api_key
+
+    def configure(
+        self,
+        *,
+        limits: Mapping[str, RateLimit] | None = None,
+        faults: FaultSpec | None = None,
+        seed: int | None = None,
+    ) -> None:
+        """Change rate limits, faults and/or the fault seed while running."""
+        self.core.configure(limits=limits, faults=faults, seed=seed)
+
+    async def start(self, host: str = "127.0.0.1", port: int = 0) -> str:
+        """Serve in the running event loop; returns the base URL, e.g. ``http://127.0.0.1:PORT/rest/3.0/``."""
+        self.core.reopen()
+        self._server = await start_app(self.app, host, port)
+        self.url = self._server.root_url + API_PREFIX
+        return self.url
+
+    @property
+    def port(self) -> int:
+        if self._server is None:
+            raise RuntimeError("the sandbox is not started")
+        return self._server.port
+
+    async def stop(self) -> None:
+        """Stop serving (hung requests are released first so this is quick)."""
+        await self.core.close()
+        if self._server is not None:
+            await self._server.stop()
+            self._server = None
+
+    # -- plumbing --------------------------------------------------------------------------------------
+
+    def _build_app(self) -> web.Application:
+        app = web.Application(middlewares=[self.core.middleware], client_max_size=self.config.max_body_bytes)
+        posts: dict[str, Callable[[Any], Any]] = {
+            "deleteUsersPermanently": self._delete_users,
+            "disablePush": self._disable_push,
+            "enablePush": self._enable_push,
+            "tagUsers": self._tag_users,
+            "untagUsers": self._untag_users,
+            "setCategoryPreferences": self._set_category_preferences,
+            "setProfileAttributes": self._set_profile,
+            "unsetProfileAttributes": self._unset_profile,
+            "pushProfileAttributes": self._push_profile,
+            "pullProfileAttributes": self._pull_profile,
+            "deleteProfileAttributes": self._delete_profile_attributes,
+            "deleteProfileAttributeValue": self._delete_profile_attribute_value,
+            "sendPushApproval": self._send_push_approval,
+            "enableMail": self._enable_mail,
+            "disableMail": self._disable_mail,
+            "updateEmail": self._update_email,
+            "enableSms": self._enable_sms,
+            "disableSms": self._disable_sms,
+            "updateMsisdn": self._update_msisdn,
+            "fireEvents": self._fire_events,
+            "sendBulkNotification": self._send_bulk_notification,
+            "sendNotification": self._send_notification,
+        }
+        for name, apply in posts.items():
+            app.router.add_post(API_PREFIX + name, self._write_handler(name, apply), name=name)
+        gets: dict[str, Callable[[web.Request], Any]] = {
+            "getCategoryPreferences": self._get_category_preferences,
+            "getProfileAttributes": self._get_profile,
+            "getDevices": self._get_devices,
+            "getDeviceTokens": self._get_device_tokens,
+            "getSegments": self._get_segments,
+            "getSegmentUsers": self._get_segment_users,
+            "getPushStats": self._get_push_stats,
+            "getPushResult": self._get_push_result,
+        }
+        for name, read in gets.items():
+            app.router.add_get(API_PREFIX + name, self._read_handler(read), name=name, allow_head=False)
+        self.core.add_inspection_routes(app, self.state)
+        return app
+
+    def _authenticate(self, request: web.Request) -> str:
+        key = request.headers.get("X-netmera-api-key")
+        if not key or not hmac.compare_digest(key.encode(), self._key):
+            raise ApiError(403, API_KEY_INVALID, "API key is invalid")
+        return key
+
+    def _write_handler(self, name: str, apply: Callable[[Any], Any]) -> Any:
+        empty = self.config.write_response is WriteResponse.EMPTY
+        check_type = self.config.require_json_content_type
+
+        async def handler(request: web.Request) -> web.StreamResponse:
+            if check_type and request.content_type != "application/json":
+                # Netmera documents the header [D]; a Java backend refuses other media types
+                raise ApiError(415, INVALID_JSON, "Content-Type must be application/json")
+            raw = await request.read()
+            try:
+                body = json.loads(raw)
+            except ValueError:  # also UnicodeDecodeError
+                raise ApiError(400, INVALID_JSON, "invalid JSON") from None
+            result = apply(body)
+            if result is not None:
+                return json_response(result)
+            if empty:
+                return web.Response(status=200)
+            return web.Response(body=b"{}", content_type="application/json")
+
+        handler.__name__ = name
+        return handler
+
+    def _read_handler(self, read: Callable[[web.Request], Any]) -> Any:
+        async def handler(request: web.Request) -> web.StreamResponse:
+            return json_response(read(request))
+
+        return handler
+
+
+def _render_error(error: ApiError) -> web.StreamResponse:
+    return json_response(
+        {"code": error.code, "error": error.message}, status=error.status, headers=error.headers
+    )
+
+
+def _fault_error(kind: FaultKind) -> ApiError:
+    if kind is FaultKind.ERROR_503:
+        return ApiError(503, INTERNAL_ERROR, "service unavailable")
+    return ApiError(500, INTERNAL_ERROR, "internal error")

@@ -1,0 +1,234 @@
+"""Configuration and request validation of the Netmera sandbox: the documented error codes, the choices made
+where Netmera documents nothing ([I] in platforms.md), and the field checks that raise the documented errors."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from enum import StrEnum
+from pathlib import Path
+from typing import Any
+
+from aiohttp import web
+
+from sync.platforms.netmera import MAX_IDS_PER_REQUEST
+from sync.platforms.sandboxes._core import ApiError, FaultSpec, RateLimit, parse_limits
+
+__all__ = [
+    "API_KEY_INVALID",
+    "EXT_ID_NOT_FOUND",
+    "INTERNAL_ERROR",
+    "INVALID_JSON",
+    "MISSING_PARAMETER",
+    "NOT_AUTHORIZED",
+    "QUOTA_EXCEEDED",
+    "SEGMENT_NOT_FOUND",
+    "LastPage",
+    "NetmeraSandboxConfig",
+    "UnknownExtId",
+    "Validator",
+    "WriteResponse",
+    "bool_query",
+    "missing",
+]
+
+# Netmera's documented error codes [D].
+INTERNAL_ERROR = 2001
+INVALID_JSON = 2009
+API_KEY_INVALID = 2010
+MISSING_PARAMETER = 2020
+NOT_AUTHORIZED = 2022
+EXT_ID_NOT_FOUND = 5016
+QUOTA_EXCEEDED = 5022
+SEGMENT_NOT_FOUND = 5042
+
+
+class UnknownExtId(StrEnum):
+    """What a write naming an extId the sandbox has never seen does [I]."""
+
+    CREATE = "create"
+    """Create the user (default: Netmera registers users on first sight — an assumption)."""
+    ERROR = "error"
+    """Refuse the whole request: 400, code 5016."""
+
+
+class WriteResponse(StrEnum):
+    """The success body of write calls, which Netmera does not document [I]."""
+
+    EMPTY_OBJECT = "empty_object"
+    """200 with ``{}`` (default)."""
+    EMPTY = "empty"
+    """200 with an empty body."""
+
+
+class LastPage(StrEnum):
+    """The next-page link on the last page of getDeviceTokens / getSegmentUsers [I]."""
+
+    OMIT = "omit"
+    """No ``nextPage`` key at all (default)."""
+    NULL = "null"
+    """``"nextPage": null``."""
+
+
+@dataclass(frozen=True, slots=True)
+class NetmeraSandboxConfig:
+    """Everything a Netmera sandbox can be told. Build from YAML/JSON with :meth:`from_mapping`."""
+
+    api_key: str = "netmera-sandbox-key"
+    limits: Mapping[str, RateLimit] = field(default_factory=dict)
+    """Per endpoint name (e.g. ``tagUsers``), or ``"*"`` for each endpoint not named. Off by default."""
+    faults: FaultSpec = field(default_factory=FaultSpec)
+    seed: int = 0
+    """Seed of the fault sequence: the same seed and requests give the same faults."""
+    unknown_ext_id: UnknownExtId = UnknownExtId.CREATE
+    write_response: WriteResponse = WriteResponse.EMPTY_OBJECT
+    last_page: LastPage = LastPage.OMIT
+    segment_next_page_field: str = "nextPage"
+    """Name of the next-page link of getSegmentUsers, assumed ``nextPage`` [I]."""
+    max_ids_per_request: int = MAX_IDS_PER_REQUEST
+    too_many_ids_code: int = QUOTA_EXCEEDED
+    """Error code of the 400 for more than ``max_ids_per_request`` unique IDs (undocumented) [I]."""
+    type_error_code: int = INVALID_JSON
+    """Error code of the 400 for a field of the wrong type; Netmera's Java backend reports a body it cannot map
+    as invalid JSON, so 2009 is assumed [I]."""
+    delete_users_enabled: bool = True
+    """deleteUsersPermanently "needs prior activation in the panel": False answers 403, code 2022."""
+    stats_window: float = 60.0
+    """Window (s) for the max-per-window stat of endpoints without a rate limit."""
+    seed_file: Path | None = None
+    """JSON or Parquet of users/devices/segments loaded at start (see :meth:`NetmeraState.load_file`)."""
+    require_json_content_type: bool = True
+    """POSTs without ``Content-Type: application/json`` get 415, code 2009 [I] (the header is documented)."""
+    max_body_bytes: int = 64 * 1024 * 1024
+    """Larger request bodies are refused with 413 (Netmera's own limit is not documented)."""
+    public_url: str | None = None
+    """Root used in ``nextPage`` links; default: the scheme and host the request came to."""
+
+    @classmethod
+    def from_mapping(cls, data: Mapping[str, Any], **overrides: Any) -> NetmeraSandboxConfig:
+        """Build from a parsed YAML/JSON document; unknown keys are refused (ValueError)."""
+        known = {f.name for f in fields(cls)}
+        merged = {**data, **{k: v for k, v in overrides.items() if v is not None}}
+        unknown = sorted(set(merged) - known)
+        if unknown:
+            raise ValueError(f"unknown sandbox settings {unknown}; known: {sorted(known)}")
+        kwargs: dict[str, Any] = dict(merged)
+        if "limits" in kwargs and not all(isinstance(v, RateLimit) for v in kwargs["limits"].values()):
+            kwargs["limits"] = parse_limits(kwargs["limits"])
+        if isinstance(kwargs.get("faults"), Mapping):
+            kwargs["faults"] = FaultSpec.from_mapping(kwargs["faults"])
+        for name, enum in (
+            ("unknown_ext_id", UnknownExtId),
+            ("write_response", WriteResponse),
+            ("last_page", LastPage),
+        ):
+            if name in kwargs:
+                kwargs[name] = enum(kwargs[name])
+        if kwargs.get("seed_file") is not None:
+            kwargs["seed_file"] = Path(kwargs["seed_file"])
+        return cls(**kwargs)
+
+
+# ------------------------------------------------------------------------------------------- validation
+
+
+def missing(name: str) -> ApiError:
+    return ApiError(400, MISSING_PARAMETER, f"missing required parameter: {name}")
+
+
+def bool_query(request: web.Request, name: str) -> bool | None:
+    raw = request.query.get(name)
+    if raw is None or raw == "":
+        return None
+    lowered = raw.lower()
+    if lowered not in ("true", "false"):
+        raise ApiError(400, INVALID_JSON, f"invalid parameter {name}: expected true or false")
+    return lowered == "true"
+
+
+class Validator:
+    """Field checks that raise the configured :class:`ApiError`."""
+
+    __slots__ = ("max_ids", "too_many_code", "type_code")
+
+    def __init__(self, config: NetmeraSandboxConfig) -> None:
+        self.max_ids = config.max_ids_per_request
+        self.too_many_code = config.too_many_ids_code
+        self.type_code = config.type_error_code
+
+    def wrong(self, name: str, expected: str) -> ApiError:
+        return ApiError(400, self.type_code, f"invalid parameter {name}: expected {expected}")
+
+    def obj(self, body: Any, name: str = "body") -> dict[str, Any]:
+        if type(body) is not dict:
+            raise self.wrong(name, "a JSON object")
+        return body
+
+    def array(self, body: Any, name: str = "body") -> list[Any]:
+        if type(body) is not list:
+            raise self.wrong(name, "a JSON array")
+        if not body:
+            raise ApiError(400, MISSING_PARAMETER, f"missing required parameter: {name} is empty")
+        return body
+
+    def string(self, obj: dict[str, Any], name: str, where: str = "") -> str:
+        value = obj.get(name)
+        if value is None:
+            raise missing(where + name)
+        if type(value) is not str:
+            raise self.wrong(where + name, "a string")
+        if not value:
+            raise missing(where + name)
+        return value
+
+    def strings(self, obj: dict[str, Any], name: str) -> list[str]:
+        value = obj.get(name)
+        if value is None:
+            raise missing(name)
+        if type(value) is not list:
+            raise self.wrong(name, "an array of strings")
+        if not value:
+            raise missing(name)
+        if set(map(type, value)) != {str}:  # C-speed check of 1000 items (``all(...)`` costs twice as much)
+            raise self.wrong(name, "an array of strings")
+        return value
+
+    def unique(self, ids: list[str], what: str = "extIds") -> set[str]:
+        unique = set(ids)
+        if len(unique) > self.max_ids:
+            raise ApiError(
+                400,
+                self.too_many_code,
+                f"at most {self.max_ids} unique {what} per request, got {len(unique)}",
+            )
+        return unique
+
+    def boolean(self, obj: dict[str, Any], name: str, where: str = "") -> bool:
+        value = obj.get(name)
+        if value is None:
+            raise missing(where + name)
+        if type(value) is not bool:
+            raise self.wrong(where + name, "true or false")
+        return value
+
+    def integer(self, obj: dict[str, Any], name: str, where: str = "") -> int:
+        value = obj.get(name)
+        if value is None:
+            raise missing(where + name)
+        if type(value) is not int:
+            raise self.wrong(where + name, "an integer")
+        return value
+
+    def query_int(self, request: web.Request, name: str, default: int | None) -> int:
+        raw = request.query.get(name)
+        if raw is None or raw == "":
+            if default is None:
+                raise missing(name)
+            return default
+        try:
+            value = int(raw)
+        except ValueError:
+            raise self.wrong(name, "an integer") from None
+        if value < 0:
+            raise self.wrong(name, "a non-negative integer")
+        return value

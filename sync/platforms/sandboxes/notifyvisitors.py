@@ -1,0 +1,456 @@
+"""A strict, stateful local emulator of the NotifyVisitors REST API v1 (see ``docs/notifyvisitors.md``).
+
+``POST /api/v1/user/create`` and ``POST /api/v1/event/create`` are validated the way seed 004 documents them
+and change an in-memory :class:`NotifyVisitorsState`. Every answer is the envelope
+``{"response": {"data": {...}, "message": "...", "status": "success"|"error"}}``:
+
+=====================================================  =========  ==============================================
+request                                                HTTP       message
+=====================================================  =========  ==============================================
+neither valid ``x-api-key`` + ``x-brand-id`` nor a     401        ``invalid auth``
+valid ``Authorization: Bearer``
+path that is not an endpoint                           404        ``invalid URL``
+wrong method                                           405        ``method not allowed``
+bad JSON, > 100 users / > 1000 events, a field that    400 [1]    ``invalid resource: <where>: <what>``
+breaks a documented rule
+over the family's rate limit                           429        ``rate limit exceeded``
+=====================================================  =========  ==============================================
+
+[1] ``errors_in_body=True`` answers these with 200 and ``status: error`` instead [I] — a client must treat both
+as a refusal. A request is all or nothing: the first bad item refuses it whole [I].
+
+Rate limits are per API family and brand (User 100/min, Event 500/min, Campaign 500/min, Reporting 50/min by
+default; ``limits={}`` turns them off), in clock-aligned minutes; every answer on a limited endpoint carries
+``X-RateLimit-Remaining``. Faults, stats and ``/_sandbox/`` inspection come from :mod:`._core`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import re
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, fields
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import polars as pl
+from aiohttp import web
+
+from sync.platforms.notifyvisitors import (
+    DATE_ATTRIBUTES,
+    DATE_FORMAT,
+    E164_PATTERN,
+    EVENT_CREATE,
+    EVENT_TIME_FORMAT,
+    FAMILY_OF,
+    MAX_EVENTS_PER_REQUEST,
+    MAX_NAME_LENGTH,
+    MAX_STRING_LENGTH,
+    MAX_USER_ID_LENGTH,
+    MAX_USERS_PER_REQUEST,
+    OPT_IN_ATTRIBUTES,
+    RATE_LIMITS_PER_MINUTE,
+    USER_CREATE,
+)
+from sync.platforms.sandboxes._core import (
+    ApiError,
+    FaultSpec,
+    RateLimit,
+    RunningServer,
+    SandboxCore,
+    SandboxStats,
+    json_response,
+    parse_limits,
+    start_app,
+)
+
+__all__ = [
+    "API_PREFIX",
+    "DEFAULT_LIMITS",
+    "NotifyVisitorsSandbox",
+    "NotifyVisitorsSandboxConfig",
+    "NotifyVisitorsState",
+    "envelope",
+]
+
+API_PREFIX = "/api/v1/"
+DEFAULT_LIMITS: Mapping[str, RateLimit] = {
+    family: RateLimit(per_minute, 60.0) for family, per_minute in RATE_LIMITS_PER_MINUTE.items()
+}
+"""The documented defaults, per API family (the limiter's group buckets)."""
+
+_E164 = re.compile(E164_PATTERN)
+_EMAIL = re.compile(r"^[^@\s]+@[^@\s]+\.[^@\s]+$")  # [I] a plausibility check, not RFC 5322
+_OPT_IN_VALUES = frozenset({"1", "0"})
+
+
+@dataclass(frozen=True, slots=True)
+class NotifyVisitorsSandboxConfig:
+    """Everything a NotifyVisitors sandbox can be told. Build from YAML/JSON with :meth:`from_mapping`."""
+
+    api_key: str = "nv-sandbox-key"
+    brand_id: str = "1000"
+    bearer_token: str | None = None
+    """Access token accepted as ``Authorization: Bearer``; None refuses bearer authentication."""
+    limits: Mapping[str, RateLimit] = field(default_factory=lambda: dict(DEFAULT_LIMITS))
+    """Per family (``user``, ``event``, ``campaign``, ``reporting``) or endpoint; ``{}`` turns limits off."""
+    faults: FaultSpec = field(default_factory=FaultSpec)
+    seed: int = 0
+    """Seed of the fault sequence: the same seed and requests give the same faults."""
+    errors_in_body: bool = False
+    """[I] Answer refusals of content with 200 + ``status: error`` instead of 400."""
+    retry_after_header: bool = False
+    """[I] Add ``Retry-After`` to 429s; NotifyVisitors documents only ``X-RateLimit-Remaining``."""
+    max_users_per_request: int = MAX_USERS_PER_REQUEST
+    max_events_per_request: int = MAX_EVENTS_PER_REQUEST
+    stats_window: float = 60.0
+    seed_file: Path | None = None
+    """JSON in the shape of ``GET /_sandbox/state`` (``users``, ``events``) loaded at start."""
+
+    @classmethod
+    def from_mapping(cls, data: Mapping[str, Any], **overrides: Any) -> NotifyVisitorsSandboxConfig:
+        """Build from a parsed YAML/JSON document; unknown keys are refused (ValueError)."""
+        known = {f.name for f in fields(cls)}
+        merged = {**data, **{k: v for k, v in overrides.items() if v is not None}}
+        unknown = sorted(set(merged) - known)
+        if unknown:
+            raise ValueError(f"unknown sandbox settings {unknown}; known: {sorted(known)}")
+        kwargs: dict[str, Any] = dict(merged)
+        if "limits" in kwargs and not all(
+            isinstance(v, RateLimit) for v in (kwargs["limits"] or {}).values()
+        ):
+            kwargs["limits"] = parse_limits(kwargs["limits"] or {})
+        if isinstance(kwargs.get("faults"), Mapping):
+            kwargs["faults"] = FaultSpec.from_mapping(kwargs["faults"])
+        if kwargs.get("seed_file") is not None:
+            kwargs["seed_file"] = Path(kwargs["seed_file"])
+        for name in ("api_key", "brand_id", "bearer_token"):
+            if kwargs.get(name) is not None:
+                kwargs[name] = str(kwargs[name])
+        return cls(**kwargs)
+
+
+def envelope(status: str, message: str, data: Any = None) -> dict[str, Any]:
+    """The NotifyVisitors answer container."""
+    return {"response": {"data": {} if data is None else data, "message": message, "status": status}}
+
+
+# ------------------------------------------------------------------------------------------------ state
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    """One event as received (``event_time`` as sent, None when absent; ``received_at`` sandbox time)."""
+
+    user_id: str
+    name: str
+    attributes: Mapping[str, Any]
+    event_time: str | None
+    received_at: float
+
+
+class NotifyVisitorsState:
+    """Users (``userID`` → attributes; given keys are overwritten, others kept) and events in arrival order."""
+
+    __slots__ = ("events", "users")
+
+    def __init__(self) -> None:
+        self.users: dict[str, dict[str, Any]] = {}
+        self.events: list[Event] = []
+
+    def reset(self) -> None:
+        self.users.clear()
+        self.events.clear()
+
+    def upsert(self, user_id: str, attributes: Mapping[str, Any]) -> None:
+        self.users.setdefault(user_id, {}).update(attributes)
+
+    def load(self, data: Mapping[str, Any]) -> None:
+        """Load ``{"users": [{"userID", "user_attributes"}], "events": [...]}`` (the dump's shape)."""
+        for item in data.get("users") or ():
+            self.upsert(str(item["userID"]), dict(item.get("user_attributes") or {}))
+        for item in data.get("events") or ():
+            self.events.append(
+                Event(
+                    str(item["userID"]),
+                    str(item["event_name"]),
+                    dict(item.get("attributes") or {}),
+                    item.get("event_time"),
+                    float(item.get("received_at", 0.0)),
+                )
+            )
+
+    def load_file(self, path: Path) -> None:
+        self.load(json.loads(path.read_text(encoding="utf-8")))
+
+    def dump(self) -> dict[str, Any]:
+        return {
+            "users": [{"userID": u, "user_attributes": dict(a)} for u, a in self.users.items()],
+            "events": [
+                {
+                    "userID": e.user_id,
+                    "event_name": e.name,
+                    "attributes": dict(e.attributes),
+                    "event_time": e.event_time,
+                    "received_at": e.received_at,
+                }
+                for e in self.events
+            ],
+        }
+
+    def tables(self) -> dict[str, pl.DataFrame]:
+        """``users`` (userID, attributes as JSON text) and ``events``."""
+        users = pl.DataFrame(
+            {
+                "userID": list(self.users),
+                "user_attributes": [json.dumps(a, sort_keys=True) for a in self.users.values()],
+            },
+            schema={"userID": pl.String, "user_attributes": pl.String},
+        )
+        events = pl.DataFrame(
+            {
+                "userID": [e.user_id for e in self.events],
+                "event_name": [e.name for e in self.events],
+                "attributes": [json.dumps(dict(e.attributes), sort_keys=True) for e in self.events],
+                "event_time": [e.event_time for e in self.events],
+                "received_at": [e.received_at for e in self.events],
+            },
+            schema={
+                "userID": pl.String,
+                "event_name": pl.String,
+                "attributes": pl.String,
+                "event_time": pl.String,
+                "received_at": pl.Float64,
+            },
+        )
+        return {"users": users, "events": events}
+
+
+# ------------------------------------------------------------------------------------------- validation
+
+
+def _invalid(where: str, what: str) -> ApiError:
+    return ApiError(400, 400, f"invalid resource: {where}: {what}")
+
+
+def _user_id(item: dict[str, Any], where: str) -> str:
+    value = item.get("userID")
+    if type(value) is not str or not value:
+        raise _invalid(f"{where}.userID", "required, a non-empty string")
+    if len(value) > MAX_USER_ID_LENGTH:
+        raise _invalid(f"{where}.userID", f"longer than {MAX_USER_ID_LENGTH} characters")
+    return value
+
+
+def _name(value: Any, where: str) -> str:
+    if type(value) is not str or not value:
+        raise _invalid(where, "required, a non-empty string")
+    if len(value) > MAX_NAME_LENGTH:
+        raise _invalid(where, "must be fewer than 50 characters")
+    return value
+
+
+def _attributes(value: Any, where: str, *, user: bool) -> dict[str, Any]:
+    if type(value) is not dict:
+        raise _invalid(where, "must be an object")
+    for name, v in value.items():
+        _name(name, f"{where} attribute name")
+        at = f"{where}.{name}"
+        if type(v) is str:
+            if len(v) > MAX_STRING_LENGTH:
+                raise _invalid(at, "string values must be fewer than 1000 characters")
+        elif v is not None and type(v) not in (int, float, bool):
+            raise _invalid(at, "must be a string, number or boolean")  # [I] no nested values
+        if not user:
+            continue
+        if name == "mobile" and (type(v) is not str or not _E164.match(v)):
+            raise _invalid(at, "must be in E.164 format (e.g. +919899999999)")
+        if name == "email" and (type(v) is not str or not _EMAIL.match(v)):
+            raise _invalid(at, "must be an e-mail address")
+        if name in DATE_ATTRIBUTES and not _parses(v, DATE_FORMAT):
+            raise _invalid(at, "must be a date as YYYY-MM-DD")
+        if name in OPT_IN_ATTRIBUTES and v not in _OPT_IN_VALUES:
+            raise _invalid(at, 'must be "1" or "0"')
+    return value
+
+
+def _parses(value: Any, fmt: str) -> bool:
+    if type(value) is not str:
+        return False
+    try:
+        return datetime.strptime(value, fmt).strftime(fmt) == value  # also refuses 2024-1-5
+    except ValueError:
+        return False
+
+
+def _items(body: Any, limit: int, what: str) -> list[dict[str, Any]]:
+    if type(body) is not dict or type(body.get("nv")) is not list:
+        raise _invalid("body", 'expected {"nv": [...]}')
+    items = body["nv"]
+    if not items:
+        raise _invalid("nv", "is empty")
+    if len(items) > limit:
+        raise _invalid("nv", f"at most {limit} {what} per request, got {len(items)}")
+    for i, item in enumerate(items):
+        if type(item) is not dict:
+            raise _invalid(f"nv[{i}]", "must be an object")
+    return items
+
+
+# ------------------------------------------------------------------------------------------- the sandbox
+
+
+class NotifyVisitorsSandbox:
+    """The NotifyVisitors emulator: ``await sandbox.start(host, port)`` returns the base URL (ending ``/api/v1/``).
+
+    ``state`` is the live :class:`NotifyVisitorsState`, ``stats`` the :class:`SandboxStats`, ``core`` the
+    :class:`SandboxCore` (use :meth:`configure` to change limits and faults while running).
+    """
+
+    def __init__(
+        self,
+        config: NotifyVisitorsSandboxConfig | None = None,
+        *,
+        clock: Callable[[], float] = time.time,
+        sleep: Callable[[float], Any] = asyncio.sleep,
+    ) -> None:
+        self.config = config or NotifyVisitorsSandboxConfig()
+        self.state = NotifyVisitorsState()
+        self._clock = clock
+        self._key = self.config.api_key.encode()
+        self._brand = self.config.brand_id.encode()
+        self._token = self.config.bearer_token.encode() if self.config.bearer_token else None
+        self.core = SandboxCore(
+            api_prefix=API_PREFIX,
+            authenticate=self._authenticate,
+            render_error=self._render_error,
+            limits=self.config.limits,
+            groups=FAMILY_OF,
+            faults=self.config.faults,
+            seed=self.config.seed,
+            clock=clock,
+            sleep=sleep,
+            stats_window=self.config.stats_window,
+            rate_limit_error=lambda _admission: ApiError(429, 429, "rate limit exceeded"),
+        )
+        if self.config.seed_file is not None:
+            self.state.load_file(self.config.seed_file)
+        self._server: RunningServer | None = None
+        self.url: str | None = None
+        self.app = self._build_app()
+
+    @property
+    def stats(self) -> SandboxStats:
+        return self.core.stats
+
+    def configure(
+        self,
+        *,
+        limits: Mapping[str, RateLimit] | None = None,
+        faults: FaultSpec | None = None,
+        seed: int | None = None,
+    ) -> None:
+        """Change rate limits, faults and/or the fault seed while running."""
+        self.core.configure(limits=limits, faults=faults, seed=seed)
+
+    async def start(self, host: str = "127.0.0.1", port: int = 0) -> str:
+        """Serve in the running event loop; returns the base URL, e.g. ``http://127.0.0.1:PORT/api/v1/``."""
+        self.core.reopen()
+        self._server = await start_app(self.app, host, port)
+        self.url = self._server.root_url + API_PREFIX
+        return self.url
+
+    @property
+    def port(self) -> int:
+        if self._server is None:
+            raise RuntimeError("the sandbox is not started")
+        return self._server.port
+
+    async def stop(self) -> None:
+        """Stop serving (hung requests are released first so this is quick)."""
+        await self.core.close()
+        if self._server is not None:
+            await self._server.stop()
+            self._server = None
+
+    # -- plumbing --------------------------------------------------------------------------------------
+
+    def _build_app(self) -> web.Application:
+        app = web.Application(middlewares=[self.core.middleware], client_max_size=16 * 1024 * 1024)
+        # Unnamed routes: aiohttp route names cannot hold "/", and the core then keys limits, faults and stats
+        # by the path under the prefix — exactly the endpoint name (``user/create``).
+        app.router.add_post(API_PREFIX + USER_CREATE, self._handler(self._user_create))
+        app.router.add_post(API_PREFIX + EVENT_CREATE, self._handler(self._event_create))
+        self.core.add_inspection_routes(app, self.state)
+        return app
+
+    def _authenticate(self, request: web.Request) -> str:
+        """Either mode identifies the brand, which is the rate-limit key."""
+        authorization = request.headers.get("Authorization", "")
+        if authorization[:7].lower() == "bearer ":
+            token = authorization[7:].strip().encode()
+            if self._token is not None and hmac.compare_digest(token, self._token):
+                return self.config.brand_id
+            raise ApiError(401, 401, "invalid auth")
+        key = request.headers.get("x-api-key", "").encode()
+        brand = request.headers.get("x-brand-id", "").encode()
+        if key and brand and hmac.compare_digest(key, self._key) and hmac.compare_digest(brand, self._brand):
+            return self.config.brand_id
+        raise ApiError(401, 401, "invalid auth")
+
+    def _render_error(self, error: ApiError) -> web.StreamResponse:
+        status = error.status
+        message = {404: "invalid URL", 405: "method not allowed"}.get(status, error.message)
+        headers = dict(error.headers)
+        if not self.config.retry_after_header:
+            headers.pop("Retry-After", None)
+        if status == 400 and self.config.errors_in_body:
+            status = 200
+        return json_response(envelope("error", message), status=status, headers=headers)
+
+    def _handler(self, apply: Callable[[Any], dict[str, Any]]) -> Any:
+        async def handler(request: web.Request) -> web.StreamResponse:
+            try:
+                body = json.loads(await request.read())
+            except ValueError:  # also UnicodeDecodeError
+                raise _invalid("body", "not valid JSON") from None
+            return json_response(envelope("success", "success", apply(body)))
+
+        return handler
+
+    def _user_create(self, body: Any) -> dict[str, Any]:
+        items = _items(body, self.config.max_users_per_request, "users")
+        checked = []
+        for i, item in enumerate(items):  # all checks first: a refused request changes nothing
+            user_id = _user_id(item, f"nv[{i}]")
+            if "user_attributes" not in item:
+                raise _invalid(f"nv[{i}].user_attributes", "required")
+            attrs = _attributes(item["user_attributes"], f"nv[{i}].user_attributes", user=True)
+            checked.append((user_id, attrs))
+        created = 0
+        for user_id, attrs in checked:
+            created += user_id not in self.state.users
+            self.state.upsert(user_id, {k: v for k, v in attrs.items() if v is not None})
+        self.core.stats.add_applied(USER_CREATE, len(checked))
+        return {"created": created, "updated": len(checked) - created}
+
+    def _event_create(self, body: Any) -> dict[str, Any]:
+        items = _items(body, self.config.max_events_per_request, "events")
+        events = []
+        now = self._clock()
+        for i, item in enumerate(items):
+            where = f"nv[{i}]"
+            user_id = _user_id(item, where)
+            name = _name(item.get("event_name"), f"{where}.event_name")
+            attrs = _attributes(item.get("attributes") or {}, f"{where}.attributes", user=False)
+            when = item.get("event_time")
+            if when is not None and not _parses(when, EVENT_TIME_FORMAT):
+                raise _invalid(f"{where}.event_time", "must be yyyy-MM-dd HH:mm:ss")
+            events.append(Event(user_id, name, attrs, when, now))
+        self.state.events.extend(events)
+        self.core.stats.add_applied(EVENT_CREATE, len(events))
+        return {"events": len(events)}

@@ -1,0 +1,303 @@
+"""Streaming readers: CSV and Parquet in bounded chunks, only the columns a job maps.
+
+Memory does not grow with file size: CSV is parsed by pyarrow's streaming reader (which also transcodes any
+encoding Python knows) one block at a time, Parquet one record batch at a time, and only the mapped columns are
+converted. Every chunk comes out as a polars frame with a ``__row`` column (1-based data row number, header
+excluded) and the mapped columns as text (or lists of text, for Parquet list columns; Parquet dates and times keep
+their temporal type). Typing and validation happen next, in :mod:`sync.validation`.
+
+Anything that makes a file unreadable as a whole — missing, not CSV, wrong encoding, truncated Parquet, a mapped
+column absent from the header — raises one :class:`BadInputError` naming the file (and column). A CSV record with
+the wrong number of fields is not fatal: it becomes a rejected row and reading goes on.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import polars as pl
+import pyarrow as pa
+import pyarrow.csv as pa_csv
+import pyarrow.parquet as pq
+
+from sync.config import FileFormat, Job, Source
+from sync.errors import BadInputError, JobProblem
+from sync.records import RejectedRow
+
+__all__ = ["ROW", "Chunk", "check_sources", "estimate_rows", "expand_paths", "iter_chunks", "read_columns"]
+
+ROW = "__row"
+"""Name of the 1-based data row number column added to every chunk."""
+
+CSV_BLOCK_BYTES = 1 << 20
+"""CSV bytes pyarrow parses per step. Small, because its reader reads ahead several blocks."""
+CHUNK_ROWS = 50_000
+"""Rows per chunk handed to validation (CSV blocks are grouped up to this; Parquet batches have this size)."""
+PARQUET_BATCH_ROWS = CHUNK_ROWS
+
+
+@dataclass(frozen=True, slots=True)
+class Chunk:
+    """A bounded slice of one input file: the mapped columns, ``__row``, and the records that could not be parsed."""
+
+    frame: pl.DataFrame
+    malformed: tuple[RejectedRow, ...] = ()
+
+
+def expand_paths(source: Source) -> list[Path]:
+    """The files a source names, globs expanded, sorted by path (so the read order — and "last row wins" — is
+    stable). Raises BadInputError when a pattern matches nothing."""
+    files: dict[str, None] = {}
+    for pattern in source.paths:
+        if glob.has_magic(pattern):
+            matches = sorted(glob.glob(pattern, recursive=True))
+            if not matches:
+                raise BadInputError(pattern, f"source {source.name!r}: no file matches this pattern")
+            files.update(dict.fromkeys(m for m in matches if os.path.isfile(m)))
+        else:
+            if not os.path.isfile(pattern):
+                raise BadInputError(pattern, f"source {source.name!r}: file not found")
+            files[pattern] = None
+    return [Path(p) for p in files]
+
+
+def _csv_read_options(source: Source, block_size: int = CSV_BLOCK_BYTES) -> pa_csv.ReadOptions:
+    return pa_csv.ReadOptions(encoding=source.encoding, block_size=block_size, use_threads=False)
+
+
+def read_columns(source: Source, path: Path) -> list[str]:
+    """The column names of a file (CSV header or Parquet schema), reading as little as possible."""
+    try:
+        if source.format is FileFormat.PARQUET:
+            return list(pq.ParquetFile(path).schema_arrow.names)
+        reader = pa_csv.open_csv(
+            path,
+            read_options=_csv_read_options(source, block_size=1 << 16),
+            parse_options=pa_csv.ParseOptions(
+                delimiter=source.delimiter, newlines_in_values=True, invalid_row_handler=lambda _row: "skip"
+            ),
+            convert_options=pa_csv.ConvertOptions(column_types={}, include_columns=[]),
+        )
+        try:
+            return list(reader.schema.names)
+        finally:
+            reader.close()
+    except (pa.ArrowException, OSError, UnicodeError) as exc:
+        raise _unreadable(source, path, exc) from exc
+
+
+def _unreadable(source: Source, path: Path, exc: BaseException) -> BadInputError:
+    text = str(exc)
+    if isinstance(exc, FileNotFoundError):
+        return BadInputError(str(path), "file not found")
+    if isinstance(exc, OSError) and not isinstance(exc, pa.ArrowException):
+        return BadInputError(str(path), f"cannot read file: {exc.strerror or text}")
+    if source.format is FileFormat.PARQUET:
+        return BadInputError(
+            str(path), f"not a readable Parquet file (truncated or corrupt?): {text.splitlines()[0]}"
+        )
+    if "UTF8" in text or "UTF-8" in text or isinstance(exc, UnicodeError):
+        return BadInputError(
+            str(path),
+            f"cannot decode the file as {source.encoding}; set the source's 'encoding' (e.g. latin-1, utf-16)",
+        )
+    if "Empty CSV file" in text:
+        return BadInputError(str(path), "the file is empty (a CSV file needs at least a header line)")
+    return BadInputError(
+        str(path), f"not a readable CSV file: {text.splitlines()[0] if text else type(exc).__name__}"
+    )
+
+
+def _check_header(source: Source, path: Path) -> list[str]:
+    names = read_columns(source, path)
+    if len(names) != len(set(names)):
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        raise BadInputError(str(path), f"duplicate column name(s) in the header: {', '.join(dupes)}")
+    missing = [c for c in source.columns() if c not in names]
+    if missing:
+        hint = ""
+        if len(names) == 1 and any(d in names[0] for d in ",;\t|" if d != source.delimiter):
+            hint = f"; is the delimiter right? (the source says {source.delimiter!r})"
+        raise BadInputError(
+            str(path),
+            f"column(s) {', '.join(map(repr, missing))} named by source {source.name!r} are not in the file "
+            f"(it has {len(names)} column(s): {', '.join(names[:12])}{', ...' if len(names) > 12 else ''}){hint}",
+            column=missing[0],
+        )
+    return names
+
+
+def _normalise(table: pa.Table | pa.RecordBatch) -> pl.DataFrame:
+    """Arrow → polars, with scalar columns as text, except dates/times (kept) and lists (as lists of text)."""
+    frame = pl.from_arrow(table)
+    assert isinstance(frame, pl.DataFrame)
+    casts = []
+    for name, dtype in frame.schema.items():
+        if dtype in (pl.Date,) or isinstance(dtype, pl.Datetime) or dtype == pl.String:
+            continue
+        if isinstance(dtype, pl.List | pl.Array):
+            casts.append(pl.col(name).cast(pl.List(pl.String)))
+        elif dtype == pl.Boolean:
+            casts.append(pl.col(name).cast(pl.String))
+        else:
+            casts.append(pl.col(name).cast(pl.String, strict=False))
+    return frame.with_columns(casts) if casts else frame
+
+
+def iter_chunks(source: Source, path: Path) -> Iterator[Chunk]:
+    """Stream one file of a source in bounded chunks, reading only the mapped columns.
+
+    Raises BadInputError (once, with the file's path) when the file cannot be read at all.
+    """
+    _check_header(source, path)
+    columns = list(source.columns())
+    if source.format is FileFormat.PARQUET:
+        yield from _parquet_chunks(source, path, columns)
+    else:
+        yield from _csv_chunks(source, path, columns)
+
+
+def _parquet_chunks(source: Source, path: Path, columns: list[str]) -> Iterator[Chunk]:
+    next_row = 1
+    try:
+        parquet = pq.ParquetFile(path)
+        for batch in parquet.iter_batches(batch_size=PARQUET_BATCH_ROWS, columns=columns):
+            frame = _normalise(batch).with_columns(
+                pl.int_range(next_row, next_row + batch.num_rows, dtype=pl.Int64).alias(ROW)
+            )
+            next_row += batch.num_rows
+            yield Chunk(frame)
+    except (pa.ArrowException, OSError) as exc:
+        raise _unreadable(source, path, exc) from exc
+
+
+def _csv_chunks(source: Source, path: Path, columns: list[str]) -> Iterator[Chunk]:
+    # Records with the wrong number of fields are skipped by pyarrow and reported here; their data row number is
+    # the physical line number minus the header (exact unless an earlier value spans several lines).
+    malformed: list[RejectedRow] = []
+    skipped: list[int] = []
+
+    def on_invalid(row: pa_csv.InvalidRow) -> str:
+        number = (row.number - 1) if row.number is not None else None
+        if number is not None:
+            skipped.append(number)
+        malformed.append(
+            RejectedRow(
+                str(path),
+                number if number is not None else 0,
+                None,
+                f"malformed CSV record: expected {row.expected_columns} fields, found {row.actual_columns}",
+            )
+        )
+        return "skip"
+
+    try:
+        reader = pa_csv.open_csv(
+            path,
+            read_options=_csv_read_options(source),
+            parse_options=pa_csv.ParseOptions(
+                delimiter=source.delimiter, newlines_in_values=True, invalid_row_handler=on_invalid
+            ),
+            convert_options=pa_csv.ConvertOptions(
+                include_columns=columns,
+                column_types={c: pa.string() for c in columns},
+                strings_can_be_null=False,
+                quoted_strings_can_be_null=False,
+            ),
+        )
+    except (pa.ArrowException, OSError, UnicodeError) as exc:
+        raise _unreadable(source, path, exc) from exc
+    next_row = 1
+    try:
+        for batch in _coalesced(reader, source, path):
+            n = batch.num_rows
+            if skipped:
+                rows, next_row = _row_numbers(next_row, n, skipped)
+                row_col = pl.Series(ROW, rows, dtype=pl.Int64)
+            else:
+                row_col = pl.int_range(next_row, next_row + n, dtype=pl.Int64, eager=True).alias(ROW)
+                next_row += n
+            chunk = Chunk(_normalise(batch).with_columns(row_col), tuple(malformed))
+            malformed.clear()
+            yield chunk
+        if malformed:
+            yield Chunk(
+                pl.DataFrame(schema={**{c: pl.String for c in columns}, ROW: pl.Int64}), tuple(malformed)
+            )
+    finally:
+        reader.close()
+
+
+def _coalesced(reader: pa_csv.CSVStreamingReader, source: Source, path: Path) -> Iterator[pa.Table]:
+    """Group pyarrow's small record batches into chunks of about CHUNK_ROWS rows.
+
+    Small CSV blocks keep pyarrow's read-ahead (and its memory pool) small; bigger chunks keep polars efficient.
+    """
+    pending: list[pa.RecordBatch] = []
+    rows = 0
+    while True:
+        try:
+            batch = reader.read_next_batch()
+        except StopIteration:
+            break
+        except (pa.ArrowException, UnicodeError) as exc:
+            raise _unreadable(source, path, exc) from exc
+        pending.append(batch)
+        rows += batch.num_rows
+        if rows >= CHUNK_ROWS:
+            yield pa.Table.from_batches(pending)
+            pending, rows = [], 0
+    if pending:
+        yield pa.Table.from_batches(pending)
+
+
+def _row_numbers(start: int, count: int, skipped: list[int]) -> tuple[list[int], int]:
+    """Data row numbers for ``count`` good records from ``start`` on, stepping over the skipped (malformed) ones."""
+    out: list[int] = []
+    taken = set(skipped)
+    row = start
+    while len(out) < count:
+        if row not in taken:
+            out.append(row)
+        row += 1
+    # Forget skipped rows we have passed: keeps the set small for files with many malformed records.
+    skipped[:] = [s for s in skipped if s >= row]
+    return out, row
+
+
+def estimate_rows(source: Source, files: list[Path]) -> int:
+    """A cheap estimate of a source's row count (Parquet metadata; CSV size / 128 bytes) to size the staging."""
+    total = 0
+    for path in files:
+        if source.format is FileFormat.PARQUET:
+            try:
+                total += pq.ParquetFile(path).metadata.num_rows
+            except (pa.ArrowException, OSError):
+                total += 0
+        else:
+            total += path.stat().st_size // 128
+    return total
+
+
+def check_sources(job: Job) -> list[JobProblem]:
+    """Problems with a job's input files: missing files, unreadable files, mapped columns absent from a header.
+
+    Cheap: reads only headers / Parquet schemas. Used by ``pushsync validate``.
+    """
+    problems = []
+    for i, source in enumerate(job.sources):
+        try:
+            files = expand_paths(source)
+        except BadInputError as exc:
+            problems.append(JobProblem(f"sources[{i}].path", str(exc)))
+            continue
+        for path in files:
+            try:
+                _check_header(source, path)
+            except BadInputError as exc:
+                problems.append(JobProblem(f"sources[{i}]", str(exc)))
+    return problems

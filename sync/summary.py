@@ -1,0 +1,242 @@
+"""The run summary: per endpoint requests, IDs ok/rejected/failed, 429s, retries, achieved rate against the
+budget and p50/p95 latency; the outcome and the exit code. Rendered as text for people and JSON for scripts."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from sync.dispatch import DispatchOutcome, DispatchReport, EndpointStats
+from sync.errors import ExitCode
+
+__all__ = ["EndpointReport", "RunSummary", "exit_code_for", "percentile", "summarise"]
+
+
+def percentile(values: Sequence[float], q: float) -> float | None:
+    """Nearest-rank percentile (``q`` in 0..100) of ``values``; None when empty."""
+    if not values:
+        return None
+    ordered = sorted(values)
+    rank = max(1, math.ceil(q / 100 * len(ordered)))
+    return ordered[rank - 1]
+
+
+@dataclass(frozen=True, slots=True)
+class EndpointReport:
+    """One endpoint's line of the summary."""
+
+    endpoint: str
+    requests: int
+    batches: int
+    ids_ok: int
+    ids_rejected: int
+    ids_failed: int
+    rate_limited: int
+    retries: int
+    splits: int
+    achieved_rate: float | None
+    """Requests per second between this endpoint's first and last request (None with fewer than two)."""
+    budget_rate: float | None
+    """The configured budget in requests per second (None: none configured)."""
+    budget: str | None
+    """The budget as configured, e.g. ``100/60s``; ``discovered 12.5/1s`` when found from 429s."""
+    p50_ms: float | None
+    p95_ms: float | None
+
+    @property
+    def utilisation(self) -> float | None:
+        if self.achieved_rate is None or not self.budget_rate:
+            return None
+        return self.achieved_rate / self.budget_rate
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "endpoint": self.endpoint,
+            "requests": self.requests,
+            "batches": self.batches,
+            "ids": {"ok": self.ids_ok, "rejected": self.ids_rejected, "failed": self.ids_failed},
+            "rate_limited": self.rate_limited,
+            "retries": self.retries,
+            "splits": self.splits,
+            "achieved_rate": _round(self.achieved_rate),
+            "budget": self.budget,
+            "budget_rate": _round(self.budget_rate),
+            "utilisation": _round(self.utilisation),
+            "latency_ms": {"p50": _round(self.p50_ms), "p95": _round(self.p95_ms)},
+        }
+
+
+def _round(value: float | None, digits: int = 3) -> float | None:
+    return None if value is None else round(value, digits)
+
+
+@dataclass(frozen=True, slots=True)
+class RunSummary:
+    """Everything ``pushsync run`` prints at the end."""
+
+    run_id: str
+    job: str
+    outcome: DispatchOutcome
+    exit_code: ExitCode
+    elapsed: float
+    endpoints: tuple[EndpointReport, ...]
+    rows_rejected: int
+    batches_done: int
+    batches_unfinished: int
+    message: str | None = None
+    ledger: str | None = None
+    rejects: str | None = None
+
+    @property
+    def requests(self) -> int:
+        return sum(e.requests for e in self.endpoints)
+
+    @property
+    def ids_ok(self) -> int:
+        return sum(e.ids_ok for e in self.endpoints)
+
+    @property
+    def ids_rejected(self) -> int:
+        return sum(e.ids_rejected for e in self.endpoints)
+
+    @property
+    def ids_failed(self) -> int:
+        return sum(e.ids_failed for e in self.endpoints)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "run_id": self.run_id,
+            "job": self.job,
+            "outcome": str(self.outcome),
+            "exit_code": int(self.exit_code),
+            "exit_status": self.exit_code.name,
+            "elapsed_seconds": round(self.elapsed, 3),
+            "message": self.message,
+            "totals": {
+                "requests": self.requests,
+                "batches_done": self.batches_done,
+                "batches_unfinished": self.batches_unfinished,
+                "ids_ok": self.ids_ok,
+                "ids_rejected": self.ids_rejected,
+                "ids_failed": self.ids_failed,
+                "rows_rejected": self.rows_rejected,
+            },
+            "endpoints": [e.to_json() for e in self.endpoints],
+            "ledger": self.ledger,
+            "rejects": self.rejects,
+        }
+
+    def render_text(self) -> str:
+        lines = [
+            f"run {self.run_id} of job {self.job}: {self.outcome} in {self.elapsed:.1f} s "
+            f"-> exit {int(self.exit_code)} ({self.exit_code.name})",
+        ]
+        if self.message:
+            lines.append(f"  {self.message}")
+        header = (
+            f"  {'endpoint':<24}{'requests':>9}{'ids ok':>10}{'rejected':>9}{'failed':>8}{'429s':>6}"
+            f"{'retries':>8}{'rate/s':>9}  {'budget':<16}{'p50 ms':>8}{'p95 ms':>8}"
+        )
+        lines.append(header)
+        for e in self.endpoints:
+            rate = "-" if e.achieved_rate is None else f"{e.achieved_rate:.2f}"
+            util = "" if e.utilisation is None else f" ({e.utilisation:.0%})"
+            lines.append(
+                f"  {e.endpoint:<24}{e.requests:>9}{e.ids_ok:>10}{e.ids_rejected:>9}{e.ids_failed:>8}"
+                f"{e.rate_limited:>6}{e.retries:>8}{rate:>9}  {(e.budget or '-') + util:<16}"
+                f"{_ms(e.p50_ms):>8}{_ms(e.p95_ms):>8}"
+            )
+        lines.append(
+            f"  total: {self.requests} requests, {self.ids_ok} IDs ok, {self.ids_rejected} rejected by the "
+            f"platform, {self.ids_failed} failed, {self.rows_rejected} input rows rejected"
+            + (f", {self.batches_unfinished} batches unfinished" if self.batches_unfinished else "")
+        )
+        if self.ledger:
+            lines.append(f"  ledger: {self.ledger}")
+        if self.rejects and self.rows_rejected:
+            lines.append(f"  rejected rows: {self.rejects}")
+        return "\n".join(lines)
+
+
+def _ms(value: float | None) -> str:
+    return "-" if value is None else f"{value:.1f}"
+
+
+def exit_code_for(outcome: DispatchOutcome, *, problems: int) -> ExitCode:
+    """Aborted → 3, interrupted → 4, completed with rejected/failed rows → 1, else 0 (see docs/run.md)."""
+    if outcome is DispatchOutcome.ABORTED:
+        return ExitCode.ABORTED
+    if outcome is DispatchOutcome.INTERRUPTED:
+        return ExitCode.INTERRUPTED
+    return ExitCode.PARTIAL if problems else ExitCode.OK
+
+
+def _endpoint_report(stats: EndpointStats) -> EndpointReport:
+    achieved = budget_rate = None
+    budget = None
+    if stats.budget_requests and stats.budget_period:
+        budget_rate = stats.budget_requests / stats.budget_period
+        budget = f"{stats.budget_requests}/{stats.budget_period:g}s"
+    if stats.requests > 1 and stats.first_request is not None and stats.last_request is not None:
+        # Each request "occupies" one budget interval, and a run shorter than a period is measured over the
+        # period: a burst of 4 requests against 40/s is 10 % of the budget, not 4 / 0.05 s.
+        span = stats.last_request - stats.first_request
+        if budget_rate:
+            span = max(span + 1 / budget_rate, stats.budget_period or 0.0)
+        achieved = stats.requests / span if span > 0 else None
+    elif stats.discovered_rate is not None:
+        budget = f"found {stats.discovered_rate:.3g}/s"
+    p50, p95 = percentile(stats.latencies, 50), percentile(stats.latencies, 95)
+    return EndpointReport(
+        endpoint=stats.endpoint,
+        requests=stats.requests,
+        batches=stats.batches,
+        ids_ok=stats.ids_ok,
+        ids_rejected=stats.ids_rejected,
+        ids_failed=stats.ids_failed,
+        rate_limited=stats.rate_limited,
+        retries=stats.retries,
+        splits=stats.splits,
+        achieved_rate=achieved,
+        budget_rate=budget_rate,
+        budget=budget,
+        p50_ms=None if p50 is None else p50 * 1000,
+        p95_ms=None if p95 is None else p95 * 1000,
+    )
+
+
+def summarise(
+    report: DispatchReport,
+    *,
+    run_id: str,
+    job: str,
+    rows_rejected: int = 0,
+    ledger: str | None = None,
+    rejects: str | None = None,
+) -> RunSummary:
+    """Turn a dispatch report into the run summary, with its exit code."""
+    endpoints = tuple(_endpoint_report(s) for s in report.endpoints.values())
+    problems = (
+        rows_rejected + sum(e.ids_rejected + e.ids_failed for e in endpoints) + report.batches_unfinished
+    )
+    message = None
+    if report.fatal is not None:
+        message = f"aborted: {report.fatal.message}"
+    elif report.outcome is DispatchOutcome.INTERRUPTED:
+        message = "interrupted: in-flight batches were drained; run again (or resume) to send the rest"
+    return RunSummary(
+        run_id=run_id,
+        job=job,
+        outcome=report.outcome,
+        exit_code=exit_code_for(report.outcome, problems=problems),
+        elapsed=report.elapsed,
+        endpoints=endpoints,
+        rows_rejected=rows_rejected,
+        batches_done=report.batches_done,
+        batches_unfinished=report.batches_unfinished,
+        message=message,
+        ledger=ledger,
+        rejects=rejects,
+    )

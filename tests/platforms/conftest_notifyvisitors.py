@@ -1,0 +1,145 @@
+"""NotifyVisitors fixtures (imported by ``tests/platforms/conftest.py``): a real local sandbox on a free port.
+
+* ``nv_sandbox_factory``  ``await factory(config=None, *, clock=None, **settings)`` → :class:`RunningNotifyVisitors`
+* ``nv_sandbox``          the default sandbox (documented rate limits on, no faults)
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import aiohttp
+import pytest
+
+from sync.config import Destination
+from sync.platforms.notifyvisitors.client import NotifyVisitorsClient
+from sync.platforms.sandboxes.notifyvisitors import NotifyVisitorsSandbox, NotifyVisitorsSandboxConfig
+
+NV_API_KEY = "nv-test-api-key-0123456789"
+NV_BRAND_ID = "4242"
+NV_TOKEN = "nv-test-bearer-token-9876543210"
+
+
+@dataclass(frozen=True, slots=True)
+class NvReply:
+    """Status, parsed JSON body (None when not JSON) and headers of one answer."""
+
+    status: int
+    body: Any
+    headers: Mapping[str, str]
+
+    @property
+    def envelope(self) -> dict[str, Any]:
+        response: dict[str, Any] = self.body["response"]
+        return response
+
+
+@dataclass(frozen=True, slots=True)
+class RunningNotifyVisitors:
+    """An in-process sandbox: ``url`` ends in ``/api/v1/``; ``post`` signs requests in either auth mode."""
+
+    url: str
+    sandbox: NotifyVisitorsSandbox
+    session: aiohttp.ClientSession
+
+    @property
+    def root_url(self) -> str:
+        return self.url.removesuffix("/api/v1/")
+
+    def auth_headers(self, mode: str = "api_key") -> dict[str, str]:
+        if mode == "bearer":
+            return {"Authorization": f"Bearer {NV_TOKEN}"}
+        if mode == "none":
+            return {}
+        return {"x-api-key": NV_API_KEY, "x-brand-id": NV_BRAND_ID}
+
+    async def request(
+        self,
+        method: str,
+        url: str,
+        *,
+        data: bytes | str | None = None,
+        headers: Mapping[str, str] | None = None,
+    ) -> NvReply:
+        async with self.session.request(method, url, data=data, headers=dict(headers or {})) as resp:
+            raw = await resp.read()
+            try:
+                parsed = json.loads(raw) if raw else None
+            except ValueError:
+                parsed = None
+            return NvReply(resp.status, parsed, resp.headers)
+
+    async def post(
+        self,
+        endpoint: str,
+        body: Any = None,
+        *,
+        auth: str = "api_key",
+        data: bytes | str | None = None,
+        headers: Mapping[str, str] | None = None,
+    ) -> NvReply:
+        sent = {"Content-Type": "application/json", **self.auth_headers(auth), **(headers or {})}
+        payload = data if data is not None else json.dumps(body)
+        return await self.request("POST", self.url + endpoint, data=payload, headers=sent)
+
+    async def inspect(self, method: str, route: str, body: Any = None) -> NvReply:
+        data = None if body is None else json.dumps(body)
+        return await self.request(method, f"{self.root_url}/_sandbox/{route}", data=data)
+
+    def destination(self, **extra: str) -> Destination:
+        """A destination aimed at this sandbox (api-key mode with the test brand unless ``extra`` says)."""
+        return Destination(
+            platform="notifyvisitors",
+            base_url=self.url,
+            verify_tls=False,
+            extra={"brand_id": NV_BRAND_ID, **extra},
+        )
+
+    def client(self, *, auth: str = "api_key", timeout: float = 5.0) -> NotifyVisitorsClient:
+        secret = NV_TOKEN if auth == "bearer" else NV_API_KEY
+        return NotifyVisitorsClient(self.destination(auth=auth), secret, timeout=timeout)
+
+
+NvFactory = Callable[..., Awaitable[RunningNotifyVisitors]]
+
+
+@pytest.fixture
+async def nv_sandbox_factory() -> AsyncIterator[NvFactory]:
+    """``await factory(config=None, *, clock=None, sleep=None, **settings)`` starts a sandbox on a free port;
+    all are stopped (and their sessions closed) at teardown."""
+    started: list[RunningNotifyVisitors] = []
+
+    async def start(
+        config: NotifyVisitorsSandboxConfig | None = None,
+        *,
+        clock: Callable[[], float] | None = None,
+        sleep: Callable[[float], Awaitable[None]] | None = None,
+        **settings: Any,
+    ) -> RunningNotifyVisitors:
+        if config is None:
+            base = {"api_key": NV_API_KEY, "brand_id": NV_BRAND_ID, "bearer_token": NV_TOKEN}
+            config = NotifyVisitorsSandboxConfig.from_mapping({**base, **settings})
+        extra: dict[str, Any] = {}
+        if clock is not None:
+            extra["clock"] = clock
+        if sleep is not None:
+            extra["sleep"] = sleep
+        sandbox = NotifyVisitorsSandbox(config, **extra)
+        url = await sandbox.start("127.0.0.1", 0)
+        running = RunningNotifyVisitors(url=url, sandbox=sandbox, session=aiohttp.ClientSession())
+        started.append(running)
+        return running
+
+    yield start
+    for running in started:
+        await running.session.close()
+        await running.sandbox.stop()
+
+
+@pytest.fixture
+async def nv_sandbox(nv_sandbox_factory: NvFactory) -> RunningNotifyVisitors:
+    """A sandbox with the default config (documented limits on)."""
+    return await nv_sandbox_factory()

@@ -1,0 +1,117 @@
+"""`pushsync validate` and `pushsync plan`, through the real command line entry point."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from sync.cli import main
+
+ROOT = Path(__file__).resolve().parent.parent
+EXAMPLE = ROOT / "jobs" / "example.yaml"
+FIXTURES = Path(__file__).resolve().parent / "fixtures"
+
+
+@pytest.fixture(autouse=True)
+def _scratch_cwd(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Jobs without a workdir key write under ./.pushsync; keep that inside the test's directory.
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("NETMERA_API_KEY", raising=False)
+
+
+def test_validate_the_example_job(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["validate", str(EXAMPLE)]) == 0
+    out = capsys.readouterr().out
+    assert "OK" in out and "'example'" in out
+    assert "NETMERA_API_KEY is not set" in out  # a note, not an error: plan and validate need no secret
+
+
+def test_validate_reports_every_problem(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(
+        "destination: {platform: netmera, base_url: x, secret: hunter2-literal}\n"
+        "sources:\n  - {name: u, path: u.csv, attributes: {a: integer}}\nextra: 1\n",
+        encoding="utf-8",
+    )
+    assert main(["validate", str(bad)]) == 2
+    out = capsys.readouterr().out
+    assert "problem(s)" in out
+    for location in (
+        "destination.secret",
+        "destination.base_url",
+        "sources[0].attributes.a",
+        "unknown key(s) 'extra'",
+    ):
+        assert location in out
+    assert "hunter2-literal" not in out
+
+    assert main(["validate", str(bad), "--output", "json"]) == 2
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["valid"] is False and len(doc["problems"]) >= 4
+    assert all(set(p) == {"location", "message"} for p in doc["problems"])
+
+
+def test_validate_checks_the_input_files(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    shutil.copytree(FIXTURES, tmp_path / "job")
+    (tmp_path / "job" / "events.csv").write_text("id,event\nu1,x\n", encoding="utf-8")
+    (tmp_path / "job" / "deletions.csv").unlink()
+    assert main(["validate", str(tmp_path / "job" / "all_ops.yaml")]) == 2
+    out = capsys.readouterr().out
+    assert "'amount', 'sku'" in out and "events.csv" in out
+    assert "deletions.csv" in out and "file not found" in out
+    assert main(["validate", "--no-files", str(tmp_path / "job" / "all_ops.yaml")]) == 0
+
+
+def test_plan_text(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["plan", str(EXAMPLE)]) == 0
+    out = capsys.readouterr().out
+    assert "nothing was sent" in out
+    assert "Rows: 24 read, 16 clean, 8 rejected" in out
+    assert "Rejects file: .pushsync/example/rejects.csv" in out
+    assert "users.csv row 4, column email: not a valid email address" in out
+    for endpoint in (
+        "tagUsers",
+        "setProfileAttributes",
+        "setCategoryPreferences",
+        "disablePush",
+        "enableMail",
+    ):
+        assert endpoint in out
+    assert "estimated duration" in out
+    assert 'tagUsers: {"tag": ' in out  # a sample payload
+    assert Path(".pushsync/example/rejects.csv").is_file()
+
+
+def test_plan_json_for_scripts(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    rejects = tmp_path / "r.csv"
+    assert main(["plan", str(EXAMPLE), "--output", "json", "--rejects", str(rejects)]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["job"] == "example" and doc["rejects_path"] == str(rejects)
+    assert doc["rows"] == {"read": 24, "clean": 16, "rejected": 8, "duplicates_dropped": 0}
+    assert doc["requests"] == sum(e["requests"] for e in doc["endpoints"])
+    assert doc["estimated_seconds"] > 0
+    assert {e["phase"] for e in doc["endpoints"]} == {"opt_out", "changes", "deletions"}
+    assert doc["endpoints"][0]["phase"] == "opt_out" and doc["endpoints"][-1]["phase"] == "deletions"
+    assert doc["samples"]["deleteUsersPermanently"] == {"extIds": ["C011", "C010"]}
+    assert len(doc["rejected_sample"]) == 8
+    assert doc["rejected_sample"][0] == {
+        "file": str(ROOT / "jobs" / "data" / "users.csv"),
+        "row": 4,
+        "column": "email",
+        "reason": "not a valid email address",
+        "ext_id": "C004",
+    }
+
+
+def test_plan_of_an_unreadable_file_is_one_clear_error(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    shutil.copytree(FIXTURES, tmp_path / "job")
+    (tmp_path / "job" / "users.csv").write_bytes("id,name\nu1,Müller\n".encode("utf-16"))
+    assert main(["plan", str(tmp_path / "job" / "all_ops.yaml")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert "users.csv" in err and "encoding" in err

@@ -1,0 +1,141 @@
+"""``pushsync run | runs | show | ledger-export`` and the exit codes, against a sandbox in its own process."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import polars as pl
+import pytest
+
+from sync.cli import main
+from sync.demo import generate_users
+
+KEY_ENV = "PUSHSYNC_CLI_TEST_KEY"
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def write_job(
+    tmp_path: Path, url: str, *, users: int = 200, budget: str = "{requests: 50, period: 0.5}"
+) -> Path:
+    generate_users(tmp_path / "data" / "users.csv", users)
+    job = tmp_path / "job.yaml"
+    job.write_text(
+        f"""
+version: 1
+name: cli
+workdir: work
+destination: {{platform: netmera, base_url: "{url}", secret: {{env: {KEY_ENV}}}}}
+defaults: {{ext_id: user_id}}
+sources:
+  - name: users
+    path: data/users.csv
+    attributes: {{name: string, city: string, score: number, plan: string}}
+    tags: {{column: segments, delimiter: "|"}}
+    opt_ins: {{email: email_opt_in}}
+dispatch:
+  batch_size: 20
+  concurrency: 4
+  drain_timeout: 5
+  budgets: {{"*": {budget}}}
+""",
+        encoding="utf-8",
+    )
+    return job
+
+
+@pytest.fixture
+def key_env(netmera_sandbox_process: Any, monkeypatch: pytest.MonkeyPatch) -> Any:
+    monkeypatch.setenv(KEY_ENV, netmera_sandbox_process.api_key)
+    return netmera_sandbox_process
+
+
+def test_run_then_runs_show_and_export(
+    key_env: Any, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    job = write_job(tmp_path, key_env.url)
+    assert main(["run", str(job), "--output", "json", "--progress", "none"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["exit_status"] == "OK" and summary["outcome"] == "completed"
+    assert summary["totals"]["ids_failed"] == 0 and summary["totals"]["ids_ok"] > 200
+    endpoint = summary["endpoints"][0]
+    assert {"requests", "ids", "rate_limited", "retries", "achieved_rate", "budget", "latency_ms"} <= set(
+        endpoint
+    )
+    run_id = summary["run_id"]
+
+    assert main(["runs", str(job)]) == 0
+    listing = capsys.readouterr().out
+    assert run_id in listing and "done" in listing
+
+    assert main(["show", run_id, "--job", str(job)]) == 0
+    shown = capsys.readouterr().out
+    assert f"run {run_id} of job cli" in shown and "ok" in shown
+
+    out = tmp_path / "batches.csv"
+    assert main(["ledger-export", run_id, "--job", str(job), "--format", "csv", "-o", str(out)]) == 0
+    frame = pl.read_csv(out)
+    assert frame.height == summary["totals"]["batches_done"]
+    assert set(frame["status"].to_list()) == {"ok"}
+    parquet = tmp_path / "batches.parquet"
+    assert main(["ledger-export", run_id, "--workdir", str(tmp_path / "work"), "-o", str(parquet)]) == 0
+    assert pl.read_parquet(parquet).height == frame.height
+
+
+def test_run_text_summary(key_env: Any, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    job = write_job(tmp_path, key_env.url, users=50)
+    assert main(["run", str(job), "--progress", "none"]) == 0
+    text = capsys.readouterr().out
+    assert "exit 0 (OK)" in text and "setProfileAttributes" in text and "p95 ms" in text
+
+
+def test_bad_job_missing_secret_and_bad_key_exit_codes(
+    key_env: Any, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("version: 1\nsources: []\n", encoding="utf-8")
+    assert main(["run", str(bad)]) == 2
+    job = write_job(tmp_path, key_env.url, users=20)
+    monkeypatch.delenv(KEY_ENV)
+    assert main(["run", str(job)]) == 2
+    assert KEY_ENV in capsys.readouterr().err
+    monkeypatch.setenv(KEY_ENV, "not-the-right-key-77")
+    assert main(["run", str(job), "--progress", "none"]) == 3
+    captured = capsys.readouterr()
+    assert "aborted" in captured.out and "403" in captured.out
+    assert "not-the-right-key-77" not in captured.out + captured.err
+
+
+def test_show_unknown_run_is_an_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["show", "nope", "--workdir", str(tmp_path)]) == 2
+    assert "no run nope" in capsys.readouterr().err
+
+
+def test_sigint_drains_prints_the_summary_and_exits_4(netmera_sandbox_process: Any, tmp_path: Path) -> None:
+    job = write_job(tmp_path, netmera_sandbox_process.url, users=400, budget="{requests: 5, period: 1}")
+    process = subprocess.Popen(
+        [sys.executable, "-m", "sync", "run", str(job), "--output", "json", "--progress", "none"],
+        cwd=REPO_ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, KEY_ENV: netmera_sandbox_process.api_key},
+    )
+    try:
+        time.sleep(2.0)  # a real process and a real signal: let it start sending
+        process.send_signal(signal.SIGINT)
+        out, err = process.communicate(timeout=20)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    assert process.returncode == 4, err
+    summary = json.loads(out)
+    assert summary["outcome"] == "interrupted" and summary["exit_status"] == "INTERRUPTED"
+    assert summary["totals"]["batches_done"] > 0 and summary["totals"]["batches_unfinished"] >= 0

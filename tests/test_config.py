@@ -1,0 +1,204 @@
+"""Job files: loading, platform defaults, path resolution and reporting every problem at once."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from sync.config import (
+    AttributeMode,
+    FileFormat,
+    Job,
+    NullAction,
+    RateBudgetSpec,
+    SourceKind,
+    TagAction,
+    ValueType,
+    load_job,
+)
+from sync.errors import BadJobError, ExitCode
+
+ROOT = Path(__file__).resolve().parent.parent
+FIXTURES = Path(__file__).resolve().parent / "fixtures"
+
+MINIMAL = """
+name: mini
+destination:
+  platform: netmera
+  base_url: http://127.0.0.1:8080/rest/3.0
+  secret: {env: NETMERA_API_KEY}
+sources:
+  - name: users
+    path: data/users.csv
+    ext_id: id
+    attributes: {name: string}
+"""
+
+
+def _write(tmp_path: Path, text: str, name: str = "job.yaml") -> Path:
+    path = tmp_path / name
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def _problems(path: Path) -> dict[str, str]:
+    with pytest.raises(BadJobError) as info:
+        load_job(path)
+    assert info.value.exit_code is ExitCode.BAD_JOB_OR_INPUT
+    return {p.location: p.message for p in info.value.problems}
+
+
+def test_example_job_loads() -> None:
+    job = load_job(ROOT / "jobs" / "example.yaml")
+    assert isinstance(job, Job)
+    assert job.name == "example"
+    assert job.path == (ROOT / "jobs" / "example.yaml").resolve()
+    assert job.destination.platform == "netmera"
+    assert job.destination.base_url == "http://127.0.0.1:8080/rest/3.0/"
+    assert job.destination.secret_env == "NETMERA_API_KEY"
+    assert [s.kind for s in job.sources] == [
+        SourceKind.USERS,
+        SourceKind.TAGS,
+        SourceKind.EVENTS,
+        SourceKind.DELETIONS,
+    ]
+    users = job.sources[0]
+    assert users.paths == (str(ROOT / "jobs" / "data" / "users.csv"),)
+    assert users.format is FileFormat.CSV
+    assert users.ext_id == "customer_id"  # from defaults
+    assert {a.column: a.type for a in users.attributes}["birth_date"] is ValueType.DATE
+    interests = next(a for a in users.attributes if a.column == "interests")
+    assert (interests.mode, interests.attribute) == (AttributeMode.PUSH, "lastVisitedCategories")
+    assert next(a for a in users.attributes if a.column == "city").on_null is NullAction.UNSET
+    assert users.tags[0].action is TagAction.TAG
+    assert users.opt_ins.categories == {"Promotions": "promo_opt_in", "News": "news_opt_in"}
+    assert "crm_note" not in users.columns()  # extra columns are not read
+    assert job.dispatch.budgets["enablePush"] == RateBudgetSpec(50, 1.0)
+    assert job.batch_size_for("tagUsers") == 1000
+
+
+def test_platform_defaults_workdir_and_relative_paths(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    sub = tmp_path / "jobs"
+    sub.mkdir()
+    job = load_job(_write(sub, MINIMAL))
+    assert job.workdir == tmp_path / ".pushsync" / "mini"
+    assert job.sources[0].paths == (str(sub / "data" / "users.csv"),)
+    assert job.dispatch.budget_for("tagUsers") == RateBudgetSpec(20, 1.0)  # Netmera default
+    assert job.batch_size_for("setProfileAttributes") == 1000
+    assert job.destination.base_url.endswith("/")
+
+    custom = load_job(
+        _write(
+            sub,
+            MINIMAL + "workdir: state\ndispatch:\n  batch_size: {'*': 500, tagUsers: 100}\n"
+            "  budgets: {tagUsers: {requests: 30, per: 1m}, enablePush: {requests: 5, period: 2}}\n",
+            "custom.yaml",
+        )
+    )
+    assert custom.workdir == sub / "state"
+    assert custom.batch_size_for("tagUsers") == 100
+    assert custom.batch_size_for("enableMail") == 500
+    assert custom.dispatch.budgets["tagUsers"] == RateBudgetSpec(30, 60.0)
+    assert custom.dispatch.budgets["enablePush"] == RateBudgetSpec(5, 2.0)
+    assert custom.dispatch.budget_for("fireEvents") == RateBudgetSpec(20, 1.0)
+
+
+def test_every_problem_is_reported_with_its_location(tmp_path: Path) -> None:
+    text = """
+destination:
+  platform: netmera
+  base_url: not-a-url
+  secret: {env: NETMERA_API_KEY}
+colour: blue
+sources:
+  - name: users
+    path: data/users.csv
+    attributes:
+      age: integer
+      likes: {type: string, mode: push}
+    opt_ins: {push: p, whatsapp: w}
+  - name: users
+    kind: tags
+    path: t.csv
+    ext_id: id
+dispatch:
+  concurrency: 0
+  batch_size: 5000
+"""
+    problems = _problems(_write(tmp_path, text))
+    assert "unknown key(s) 'colour'" in problems[""]
+    assert "destination.base_url" in problems
+    assert "sources[0].attributes.age" in problems
+    assert "sources[0].opt_ins" in problems and "whatsapp" in problems["sources[0].opt_ins"]
+    assert "dispatch.concurrency" in problems
+    assert len(problems) >= 5
+
+
+def test_semantic_problems_are_all_reported(tmp_path: Path) -> None:
+    text = """
+destination:
+  platform: netmera
+  base_url: https://restapi.netmera.com/rest/3.0/
+  secret: {file: key.txt}
+  verify_tls: false
+validation: {timezone: Mars/Olympus}
+sources:
+  - name: users
+    path: data/users.xlsx
+    attributes:
+      likes: {type: string, mode: push}
+      tags_text: {mode: pull, type: list, on_null: unset}
+  - name: users
+    kind: tags
+    path: t.csv
+    ext_id: id
+    attributes: {x: string}
+dispatch:
+  batch_size: 5000
+"""
+    problems = _problems(_write(tmp_path, text))
+    assert "destination.verify_tls" in problems
+    assert "validation.timezone" in problems
+    assert "sources[0].format" in problems
+    assert "sources[0].ext_id" in problems
+    assert "needs type 'list'" in problems["sources[0].attributes.likes"]
+    assert "on_null" in problems["sources[0].attributes.tags_text"]
+    assert "duplicate source name" in problems["sources[1].name"]
+    assert "sources[1].tag" in problems
+    assert "not used by a source of kind 'tags'" in problems["sources[1].attributes"]
+    assert "limit of 1000" in problems["dispatch.batch_size"]
+
+
+@pytest.mark.parametrize(
+    ("destination", "location"),
+    [
+        ("  secret: sk-live-0123456789abcdef\n", "destination.secret"),
+        ("  secret: {env: NETMERA_API_KEY}\n  api_key: sk-live-0123456789abcdef\n", "destination.api_key"),
+    ],
+)
+def test_a_literal_secret_is_refused_without_echoing_it(
+    tmp_path: Path, destination: str, location: str
+) -> None:
+    text = f"destination:\n  platform: netmera\n  base_url: http://127.0.0.1:8080/rest/3.0/\n{destination}"
+    text += "sources:\n  - {name: u, path: u.csv, ext_id: id, attributes: {a: string}}\n"
+    with pytest.raises(BadJobError) as info:
+        load_job(_write(tmp_path, text))
+    messages = {p.location: p.message for p in info.value.problems}
+    assert "never the secret itself" in messages[location]
+    assert "sk-live-0123456789abcdef" not in str(info.value)
+    assert len(messages) == 1  # no second, confusing schema message about the same key
+
+
+def test_unreadable_or_malformed_job_files(tmp_path: Path) -> None:
+    assert "cannot read job file" in str(_problems(tmp_path / "missing.yaml"))
+    assert any("line 2" in loc for loc in _problems(_write(tmp_path, "a: [1,\nb: {", "bad.yaml")))
+    assert "mapping" in _problems(_write(tmp_path, "- 1\n- 2\n", "list.yaml"))[""]
+
+
+def test_fixture_job_covers_every_source_kind() -> None:
+    job = load_job(FIXTURES / "all_ops.yaml")
+    assert {s.kind for s in job.sources} == set(SourceKind)

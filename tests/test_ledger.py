@@ -1,0 +1,143 @@
+"""The ledger: state machine, refused IDs, queries, exports, schema version, and write throughput."""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+from pathlib import Path
+
+import polars as pl
+import pytest
+
+from sync.errors import StateError
+from sync.ledger import SCHEMA_VERSION, Ledger, new_run_id
+from sync.records import Batch, BatchResult, BatchStatus, Operation, Phase, RejectedId, RejectedRow, RowRef
+
+
+def _batch(i: int, n_ids: int = 3) -> Batch:
+    ids = tuple(f"u{i}-{k}" for k in range(n_ids))
+    return Batch(
+        f"b{i:06d}", "tagUsers", Operation.TAG, {"tag": "t", "extIds": list(ids)}, ids, Phase.CHANGES
+    )
+
+
+def test_batches_move_through_the_state_machine_and_survive_reopening(tmp_path: Path) -> None:
+    path = tmp_path / "job" / "ledger.sqlite"
+    run_id = new_run_id()
+    with Ledger.open(path) as ledger:
+        ledger.start_run(run_id, job="demo", platform="netmera")
+        for i in range(3):
+            ledger.record_planned(run_id, _batch(i))
+        ledger.record_sent(run_id, "b000000")
+        ledger.record_sent(run_id, "b000001")
+        ledger.record_result(
+            run_id, BatchResult("b000000", "tagUsers", Operation.TAG, BatchStatus.OK, 1, 200, ok_ids=3)
+        )
+        refused = RejectedId("u1-2", 5016, "external id not found", RowRef("users.csv", 7))
+        ledger.record_result(
+            run_id,
+            BatchResult(
+                "b000001",
+                "tagUsers",
+                Operation.TAG,
+                BatchStatus.REJECTED,
+                3,
+                400,
+                5016,
+                "refused",
+                2,
+                (refused,),
+            ),
+        )
+        ledger.record_rejected_rows(run_id, [RejectedRow("users.csv", 9, "email", "not an e-mail", "u9")])
+        ledger.finish_run(run_id, status="partial", exit_code=1, summary={"requests": 2})
+
+    with Ledger.open(path) as ledger:
+        info = ledger.run(run_id)
+        assert info is not None
+        assert info.batches_by_status == {"ok": 1, "rejected": 1, "planned": 1}
+        assert (info.status, info.exit_code, info.summary) == ("partial", 1, {"requests": 2})
+        assert ledger.confirmed_ok(run_id) == {"b000000"}
+        assert ledger.refused_ids(run_id) == [("b000001", "u1-2", "5016", "external id not found")]
+        assert ledger.rejected_rows(run_id) == [RejectedRow("users.csv", 9, "email", "not an e-mail", "u9")]
+        rows = {b.batch_id: b for b in ledger.batches(run_id)}
+        assert rows["b000001"].status is BatchStatus.REJECTED
+        assert (rows["b000001"].ok_ids, rows["b000001"].rejected_ids, rows["b000001"].attempts) == (2, 1, 3)
+        assert [r.run_id for r in ledger.runs("demo")] == [run_id]
+        assert ledger.runs("other") == []
+        mode = ledger._conn.execute("PRAGMA journal_mode").fetchone()[0]
+        assert mode == "wal"
+
+
+def test_writes_are_visible_to_another_reader_while_the_run_goes_on(tmp_path: Path) -> None:
+    path = tmp_path / "ledger.sqlite"
+    ledger = Ledger.open(path, flush_every=4)
+    ledger.start_run("r1", job="j")
+    for i in range(8):
+        ledger.record_planned("r1", _batch(i))
+    reader = sqlite3.connect(path)
+    try:
+        assert reader.execute("SELECT COUNT(*) FROM batches").fetchone()[0] == 8
+        assert reader.execute("SELECT status FROM runs").fetchone()[0] == "running"
+    finally:
+        reader.close()
+        ledger.close()
+
+
+def test_export_batches_and_refused_ids_to_parquet_and_csv(tmp_path: Path) -> None:
+    with Ledger.open(tmp_path / "l.sqlite") as ledger:
+        ledger.start_run("r1", job="j")
+        for i in range(5):
+            ledger.record_planned("r1", _batch(i))
+            ledger.record_result(
+                "r1", BatchResult(f"b{i:06d}", "tagUsers", Operation.TAG, BatchStatus.OK, 1, 200)
+            )
+        ledger.flush()
+        assert ledger.export("r1", tmp_path / "b.parquet") == 5
+        assert ledger.export("r1", tmp_path / "b.csv", fmt="csv") == 5
+        assert ledger.export("r1", tmp_path / "ids.csv", table="refused-ids", fmt="csv") == 0
+        with pytest.raises(StateError, match="no run"):
+            ledger.export("nope", tmp_path / "x.csv", fmt="csv")
+    frame = pl.read_parquet(tmp_path / "b.parquet")
+    assert frame["ext_ids"].to_list()[0] == ["u0-0", "u0-1", "u0-2"]
+    assert set(frame["status"].to_list()) == {"ok"}
+    assert pl.read_csv(tmp_path / "b.csv")["ext_ids"][0] == "u0-0 u0-1 u0-2"
+
+
+def test_a_ledger_from_a_newer_version_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "l.sqlite"
+    Ledger.open(path).close()
+    conn = sqlite3.connect(path)
+    conn.execute("UPDATE schema_version SET version = ?", (SCHEMA_VERSION + 1,))
+    conn.commit()
+    conn.close()
+    with pytest.raises(StateError, match="newer"):
+        Ledger.open(path)
+
+
+def test_not_a_database_is_a_state_error(tmp_path: Path) -> None:
+    path = tmp_path / "l.sqlite"
+    path.write_bytes(b"this is not sqlite" * 100)
+    with pytest.raises(StateError, match="cannot open"):
+        Ledger.open(path)
+
+
+def test_ledger_keeps_up_with_3000_batches_per_second(tmp_path: Path) -> None:
+    batches = [_batch(i, n_ids=100) for i in range(6000)]
+    results = [
+        BatchResult(b.batch_id, b.endpoint, b.operation, BatchStatus.OK, 1, 200, ok_ids=100) for b in batches
+    ]
+    with Ledger.open(tmp_path / "l.sqlite") as ledger:
+        ledger.start_run("r1", job="j")
+        start = time.perf_counter()
+        for batch, result in zip(batches, results, strict=True):
+            ledger.record_planned("r1", batch)
+            ledger.record_sent("r1", batch.batch_id)
+            ledger.record_result("r1", result)
+            ledger.maybe_flush()
+        ledger.flush()
+        elapsed = time.perf_counter() - start
+        assert len(ledger.confirmed_ok("r1")) == 6000
+    rate = len(batches) / elapsed
+    print(f"ledger: {rate:,.0f} batches/s (planned + sent + result each)")
+    assert rate >= 3000

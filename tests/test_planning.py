@@ -1,0 +1,299 @@
+"""The planner: every operation kind, phases, batch limits, determinism, the summary and its estimate."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import zlib
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+
+import polars as pl
+import pytest
+
+from sync.config import Job, load_job
+from sync.planning import Plan, build_plan, estimate_duration
+from sync.platforms.netmera import MAX_IDS_PER_REQUEST
+from sync.platforms.netmera.requests import ENDPOINT_FOR, batch_id_for, split_batch
+from sync.records import Batch, Operation, Phase, RowRef
+
+FIXTURES = Path(__file__).resolve().parent / "fixtures"
+
+
+@pytest.fixture
+def fixture_job(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Job:
+    """The all-operations fixture job, run from a scratch directory (its workdir lands there)."""
+    monkeypatch.chdir(tmp_path)
+    return load_job(FIXTURES / "all_ops.yaml")
+
+
+@pytest.fixture
+def plan(fixture_job: Job) -> Iterator[Plan]:
+    with build_plan(fixture_job) as built:
+        yield built
+
+
+def _canonical(ids: list[str]) -> list[str]:
+    return sorted(ids, key=lambda x: (zlib.crc32(x.encode()), x))
+
+
+def _by_op(plan: Plan) -> dict[Operation, list[Batch]]:
+    out: dict[Operation, list[Batch]] = {}
+    for b in plan.batches():
+        out.setdefault(b.operation, []).append(b)
+    return out
+
+
+def test_every_operation_kind(plan: Plan) -> None:
+    ops = _by_op(plan)
+    assert set(ops) == set(ENDPOINT_FOR)
+
+    def items(op: Operation) -> list[dict[str, object]]:
+        return sorted((i for b in ops[op] for i in b.body), key=lambda i: json.dumps(i, sort_keys=True))
+
+    assert {i["extId"]: i["profile"] for i in items(Operation.SET_ATTRIBUTES)} == {
+        "u1": {"name": "Ada", "age": 36, "dateOfBirth": 624326400000, "isMember": True, "city": "Istanbul"},
+        "u2": {"name": "Alan", "age": 41.5, "dateOfBirth": 488359800000, "isMember": False},  # 10:30+03:00
+        "u3": {"name": "Grace", "city": "Ankara"},
+    }
+    assert items(Operation.UNSET_ATTRIBUTES) == [{"extId": "u2", "profile": ["city"]}]
+    assert items(Operation.PUSH_ATTRIBUTES) == [
+        {"extId": "u1", "profile": {"likes": ["books", "music"]}},
+        {"extId": "u2", "profile": {"likes": ["chess"]}},
+    ]
+    assert items(Operation.PULL_ATTRIBUTES) == [{"extId": "u2", "profile": {"likes": ["games"]}}]
+    categories = {
+        (b.phase, i["extId"], i["category"], i["enable"])
+        for b in ops[Operation.SET_CATEGORIES]
+        for i in b.body
+    }
+    assert categories == {
+        (Phase.OPT_OUT, "u1", "News", False),
+        (Phase.OPT_OUT, "u3", "Promo", False),
+        (Phase.CHANGES, "u1", "Promo", True),
+        (Phase.CHANGES, "u2", "News", True),
+    }
+    assert [b.body for b in ops[Operation.ENABLE_PUSH]] == [{"extId": "u1"}]
+    assert [b.body for b in ops[Operation.DISABLE_PUSH]] == [{"extId": "u2"}]
+    assert [b.body for b in ops[Operation.ENABLE_EMAIL]] == [{"extIds": ["u1"]}]
+    assert [b.body for b in ops[Operation.DISABLE_EMAIL]] == [{"extIds": ["u2"]}]
+    assert [b.body for b in ops[Operation.ENABLE_SMS]] == [{"extIds": ["u2"]}]
+    assert [b.body for b in ops[Operation.DISABLE_SMS]] == [{"extIds": ["u1"]}]
+    assert sorted(json.dumps(b.body) for b in ops[Operation.UPDATE_EMAIL]) == [
+        json.dumps({"extId": "u1", "email": "ada@example.com"}),
+        json.dumps({"extId": "u2", "email": "alan@example.com"}),
+    ]
+    assert sorted(b.body["msisdn"] for b in ops[Operation.UPDATE_MSISDN]) == ["+905312345601", "905312345602"]
+    tags = {(b.body["tag"], x) for b in ops[Operation.TAG] for x in b.body["extIds"]}
+    assert tags == {
+        ("gold", "u1"),
+        ("gold", "u3"),
+        ("vip", "u1"),
+        ("silver", "u2"),
+        ("beta", "u1"),
+        ("beta", "u2"),
+    }
+    untags = {(b.body["tag"], x) for b in ops[Operation.UNTAG] for x in b.body["extIds"]}
+    assert untags == {("old", "u2"), ("churn", "u3")}
+    # One request per tag and source: tagUsers is grouped by tag.
+    assert all(len({b.body["tag"]}) == 1 for b in ops[Operation.TAG])
+    events = [b.body for b in ops[Operation.FIRE_EVENTS]]
+    assert events == [
+        [
+            {"extId": "u1", "name": "purchase", "amount": 2.5, "sku": "B-2"},
+            {"extId": "u2", "name": "purchase", "amount": 10, "sku": "A-1"},
+            {"extId": "u2", "name": "refund", "amount": 10},  # events keep their file order per user
+        ]
+    ]
+    assert [b.body for b in ops[Operation.DELETE_USERS]] == [{"extIds": _canonical(["u9", "u8"])}]
+
+
+def test_phases_opt_outs_first_deletions_last(plan: Plan) -> None:
+    phases = [b.phase for b in plan.batches()]
+    assert phases == sorted(phases)
+    assert phases[0] is Phase.OPT_OUT and phases[-1] is Phase.DELETIONS
+    for b in plan.batches():
+        assert b.phase is (
+            Phase.OPT_OUT
+            if b.endpoint in {"disablePush", "disableMail", "disableSms"}
+            or (b.endpoint == "setCategoryPreferences" and not any(i["enable"] for i in b.body))
+            else Phase.DELETIONS
+            if b.endpoint == "deleteUsersPermanently"
+            else Phase.CHANGES
+        )
+
+
+def test_batches_are_consistent_and_carry_origins(plan: Plan) -> None:
+    for b in plan.batches():
+        assert b.batch_id == batch_id_for(b.endpoint, b.body)
+        assert set(b.origins) == set(b.ext_ids)
+        assert all(isinstance(r, RowRef) and r.row >= 1 for r in b.origins.values())
+    deletes = next(b for b in plan.batches() if b.operation is Operation.DELETE_USERS)
+    assert deletes.origins["u9"] == RowRef(str(FIXTURES / "deletions.csv"), 1)
+    assert deletes.origins["u8"] == RowRef(str(FIXTURES / "deletions.csv"), 2)
+    refund = next(b for b in plan.batches() if b.operation is Operation.FIRE_EVENTS)
+    assert refund.origins["u2"] == RowRef(str(FIXTURES / "events.csv"), 1)  # the user's first event row
+
+
+def test_summary_matches_the_batches(plan: Plan) -> None:
+    summary = plan.summary()
+    counted: Counter[tuple[Phase, str, Operation]] = Counter()
+    ids: Counter[tuple[Phase, str, Operation]] = Counter()
+    for b in plan.batches():
+        counted[(b.phase, b.endpoint, b.operation)] += 1
+        ids[(b.phase, b.endpoint, b.operation)] += len(b.ext_ids)
+    assert {(e.phase, e.endpoint, e.operation): e.requests for e in summary.endpoints} == dict(counted)
+    assert {(e.phase, e.endpoint, e.operation): e.ids for e in summary.endpoints} == dict(ids)
+    assert summary.total_requests == sum(counted.values())
+    assert summary.rejected_count == 0 and summary.rejects_path == str(plan.rejects_path)
+    assert set(summary.samples) == {b.endpoint for b in plan.batches()}
+    assert summary.samples["tagUsers"]["extIds"]
+    doc = summary.to_json()
+    assert json.loads(json.dumps(doc)) == doc
+    assert doc["requests"] == summary.total_requests
+    assert {e["endpoint"] for e in doc["endpoints"]} == set(summary.samples)
+    # 10 requests/s per endpoint; 2 tagUsers... the slowest endpoint of each phase sets the pace.
+    assert summary.estimated_seconds > 0
+
+
+def test_duration_estimate_from_budgets_and_concurrency(fixture_job: Job) -> None:
+    key_push = (Phase.CHANGES, "enablePush", Operation.ENABLE_PUSH)
+    key_tag = (Phase.CHANGES, "tagUsers", Operation.TAG)
+    key_off = (Phase.OPT_OUT, "disablePush", Operation.DISABLE_PUSH)
+    est = estimate_duration({key_push: 100, key_tag: 30, key_off: 20}, fixture_job.dispatch, latency=0.2)
+    # Budget 10/s each: 100 enablePush take 10 s, tagUsers 3 s in parallel; 20 disablePush 2 s before them.
+    assert est[key_push] == pytest.approx(10.0)
+    assert est[key_tag] == pytest.approx(3.0)
+    assert est[None] == pytest.approx(12.0)
+    # With a generous budget the concurrency cap (4) and the latency decide: 150 requests × 0.2 s / 4.
+    est = estimate_duration({key_push: 150}, fixture_job.dispatch, latency=0.2)
+    assert est[None] == pytest.approx(max(150 / 10, 150 * 0.2 / 4))
+
+
+def test_rejected_rows_and_rejects_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    src = tmp_path / "job"
+    shutil.copytree(FIXTURES, src)
+    with (src / "users.csv").open("a", encoding="utf-8") as fh:
+        fh.write("u4,Bad,old,,,,,,,,,,,,,,,\n,NoId,1,,,,,,,,,,,,,,,\n")
+    job = load_job(src / "all_ops.yaml")
+    rejects = tmp_path / "out" / "rejects.csv"
+    with build_plan(job, rejects_path=rejects) as built:
+        assert built.rejects_path == rejects
+        assert built.rejected_count == 2
+        rows = list(built.rejected_rows())
+        assert [(r.row, r.column, r.ext_id) for r in rows] == [(4, "age", "u4"), (5, "id", None)]
+        assert rejects.read_text(encoding="utf-8").splitlines()[0] == "file,row,column,reason,ext_id"
+        summary = built.summary()
+        assert summary.rejected_count == 2 and summary.rows_read == 5 + 3 + 3 + 2
+        assert all("u4" not in b.ext_ids for b in built.batches())
+
+
+def _users_csv(path: Path, n: int, *, tags: int = 3, shuffle: bool = False) -> Path:
+    frame = pl.DataFrame({"i": range(n)}).select(
+        pl.format("user-{}", pl.col("i")).alias("id"),
+        pl.format("name {}", pl.col("i")).alias("name"),
+        pl.format("t{}", pl.col("i") % tags).alias("tags"),
+        pl.when(pl.col("i") % 2 == 0).then(pl.lit("yes")).otherwise(pl.lit("no")).alias("mail"),
+        pl.when(pl.col("i") % 5 == 0).then(pl.lit("true")).otherwise(pl.lit("")).alias("push"),
+    )
+    if shuffle:
+        frame = frame.sample(fraction=1.0, shuffle=True, seed=7)
+    if path.suffix == ".parquet":
+        frame.write_parquet(path)
+    else:
+        frame.write_csv(path)
+    return path
+
+
+def _big_job(tmp_path: Path, data: Path, batch: int | None = None) -> Job:
+    text = f"""
+name: big
+workdir: work-{data.stem}
+destination: {{platform: netmera, base_url: "http://127.0.0.1:8080/rest/3.0/", secret: {{env: K}}}}
+sources:
+  - name: users
+    path: {data.name}
+    ext_id: id
+    attributes: {{name: string}}
+    tags: {{column: tags}}
+    opt_ins: {{email: mail, push: push}}
+"""
+    if batch:
+        text += f"dispatch: {{batch_size: {batch}}}\n"
+    path = tmp_path / f"{data.stem}.yaml"
+    path.write_text(text, encoding="utf-8")
+    return load_job(path)
+
+
+def _fingerprint(plan: Plan) -> list[tuple[str, str, tuple[str, ...]]]:
+    return [(b.batch_id, b.endpoint, b.ext_ids) for b in plan.batches()]
+
+
+def test_batches_hold_at_most_1000_unique_ids_grouped_by_tag(tmp_path: Path) -> None:
+    job = _big_job(tmp_path, _users_csv(tmp_path / "users.csv", 7000))
+    with build_plan(job) as built:
+        ops = _by_op(built)
+        sizes = [len(b.ext_ids) for b in ops[Operation.SET_ATTRIBUTES]]
+        assert sizes == [1000] * 7
+        for b in ops[Operation.TAG]:
+            assert len(b.ext_ids) <= MAX_IDS_PER_REQUEST and len(set(b.body["extIds"])) == len(
+                b.body["extIds"]
+            )
+        per_tag = Counter(b.body["tag"] for b in ops[Operation.TAG])
+        assert per_tag == {"t0": 3, "t1": 3, "t2": 3}  # 2334/2333/2333 users: ceil(n/1000) each
+        assert sum(len(b.ext_ids) for b in ops[Operation.ENABLE_EMAIL]) == 3500
+        assert len(ops[Operation.ENABLE_PUSH]) == 1400  # one user per request
+        assert all(len(b.ext_ids) == 1 for b in ops[Operation.ENABLE_PUSH])
+        assert built.summary().total_requests == sum(len(v) for v in ops.values())
+        assert len(built.staged[0].parts) == 1
+
+
+def test_custom_batch_size(tmp_path: Path) -> None:
+    job = _big_job(tmp_path, _users_csv(tmp_path / "users.csv", 2500), batch=400)
+    with build_plan(job) as built:
+        sizes = [len(b.ext_ids) for b in built.batches() if b.operation is Operation.SET_ATTRIBUTES]
+        assert sizes == [400] * 6 + [100]
+        assert built.summary().endpoints[0].requests in (math.ceil(1250 / 400), 7)
+
+
+def test_determinism_across_runs_formats_row_order_and_buckets(tmp_path: Path) -> None:
+    n = 6000
+    csv_job = _big_job(tmp_path, _users_csv(tmp_path / "a.csv", n))
+    with build_plan(csv_job) as first:
+        reference = _fingerprint(first)
+        assert _fingerprint(first) == reference  # batches() starts over
+        bodies = [b.body for b in first.batches()]
+    with build_plan(csv_job) as again:
+        assert _fingerprint(again) == reference
+    with build_plan(_big_job(tmp_path, _users_csv(tmp_path / "b.parquet", n))) as parquet:
+        assert _fingerprint(parquet) == reference
+    with build_plan(_big_job(tmp_path, _users_csv(tmp_path / "c.csv", n, shuffle=True))) as shuffled:
+        assert _fingerprint(shuffled) == reference
+        assert [b.body for b in shuffled.batches()] == bodies
+    # Many small hash buckets instead of one: same batches (the order depends on the IDs only).
+    with build_plan(csv_job, rows_per_bucket=50) as bucketed:
+        assert len(bucketed.staged[0].parts) > 8
+        assert _fingerprint(bucketed) == reference
+
+
+def test_planned_batches_split_cleanly(plan: Plan) -> None:
+    for b in plan.batches():
+        halves = split_batch(b)
+        if len(b.ext_ids) < 2:
+            assert halves is None
+            continue
+        assert halves is not None
+        assert halves[0].ext_ids + halves[1].ext_ids == b.ext_ids
+        assert all(h.phase is b.phase and h.operation is b.operation for h in halves)
+
+
+def test_close_removes_the_staging_directory(fixture_job: Job) -> None:
+    built = build_plan(fixture_job)
+    staging = built.staged[0].parts[0].parent.parent
+    assert staging.is_dir() and staging.parent == fixture_job.workdir
+    built.close()
+    assert not staging.exists()
+    assert (fixture_job.workdir / "rejects.csv").is_file()  # the rejects file stays for the user

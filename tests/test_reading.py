@@ -1,0 +1,246 @@
+"""Streaming readers and row validation: every kind of bad input, and files that cannot be read at all."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import polars as pl
+import pytest
+
+from sync.config import Job, load_job
+from sync.errors import BadInputError
+from sync.planning import build_plan
+from sync.reading import ROW, check_sources, expand_paths, iter_chunks
+from sync.records import Operation, RejectedRow
+
+JOB = """
+name: t
+workdir: work
+destination:
+  platform: netmera
+  base_url: http://127.0.0.1:8080/rest/3.0/
+  secret: {{env: NETMERA_API_KEY}}
+validation: {{max_id_length: 8, timezone: Etc/GMT-3}}
+sources:
+  - name: users
+    path: {path}
+    ext_id: id
+{extra}
+    attributes:
+      n: number
+      b: boolean
+      d: date
+      l: list
+      s: string
+    opt_ins: {{push: p}}
+    email: email
+    msisdn: phone
+"""
+HEADER = "id,n,b,d,l,s,p,email,phone,unused\n"
+
+
+def _job(
+    tmp_path: Path, rows: str | bytes, *, name: str = "users.csv", extra: str = "", header: str = HEADER
+) -> Job:
+    data = tmp_path / name
+    if isinstance(rows, bytes):
+        data.write_bytes(rows)
+    else:
+        data.write_text(header + rows, encoding="utf-8")
+    path = tmp_path / "job.yaml"
+    path.write_text(JOB.format(path=name, extra=extra), encoding="utf-8")
+    return load_job(path)
+
+
+def _plan_rejects(job: Job) -> tuple[dict[int, RejectedRow], list[dict[str, object]]]:
+    with build_plan(job) as plan:
+        rejects = {r.row: r for r in plan.rejected_rows()}
+        assert plan.rejected_count == len(rejects)
+        attrs = [b for b in plan.batches() if b.operation is Operation.SET_ATTRIBUTES]
+        items = [item for b in attrs for item in b.body]
+    return rejects, items
+
+
+def test_reads_only_the_mapped_columns_with_row_numbers(tmp_path: Path) -> None:
+    job = _job(tmp_path, "a,1,true,2020-01-01,x,s,1,a@b.co,+905312345601,zzz\nb,2,,,,,,,,\n")
+    source = job.sources[0]
+    chunks = list(iter_chunks(source, expand_paths(source)[0]))
+    frame = pl.concat([c.frame for c in chunks])
+    assert "unused" not in frame.columns
+    assert frame[ROW].to_list() == [1, 2]
+    assert set(frame.columns) == {*source.columns(), ROW}
+
+
+def test_value_formats(tmp_path: Path) -> None:
+    rows = (
+        "a,12,YES,1989-10-14,x|y,hello,1,a@b.co,+90 (531) 234-5601,\n"
+        'b,-3.5e1,off,2020-01-02T03:04:05Z,"[""p"", 2]",  padded  ,no,,,\n'
+        "c,NULL,f,2020-01-02 03:04,,,,,905312345601,\n"
+    )
+    rejects, items = _plan_rejects(_job(tmp_path, rows))
+    assert rejects == {}
+    by_id = {i["extId"]: i["profile"] for i in items}
+    # Dates without an offset are midnight in the job's zone (here UTC+3): 624315600000 is Netmera's own sample.
+    assert by_id["a"] == {"n": 12, "b": True, "d": 624315600000, "l": ["x", "y"], "s": "hello"}
+    assert by_id["b"] == {"n": -35, "b": False, "d": 1577934245000, "l": ["p", "2"], "s": "padded"}
+    assert by_id["c"] == {"b": False, "d": 1577923440000}
+
+
+@pytest.mark.parametrize(
+    ("row", "column", "reason"),
+    [
+        (",1,,,,,,,,", "id", "missing external ID"),
+        ("NULL,1,,,,,,,,", "id", "missing external ID"),
+        ("abcdefghi,1,,,,,,,,", "id", "longer than 8 characters"),
+        ("a,1x,,,,,,,,", "n", "not a number"),
+        ("a,inf,,,,,,,,", "n", "not a number"),
+        ("a,,maybe,,,,,,,", "b", "not a boolean"),
+        ("a,,,14/10/1989,,,,,,", "d", "not an ISO 8601 date"),
+        ("a,,,2020-02-30,,,,,,", "d", "not an ISO 8601 date"),
+        ('a,,,,"[1, {}]",,,,,', "l", "invalid JSON array"),
+        ("a,,,,[oops,,,,,", "l", "invalid JSON array"),
+        ("a,,,,,,2,,,", "p", "not a boolean"),
+        ("a,,,,,,,not-an-email,,", "email", "not a valid email address"),
+        ("a,,,,,,,a@b,,", "email", "not a valid email address"),
+        ("a,,,,,,,,1234567,", "phone", "not a valid MSISDN"),
+        ("a,,,,,,,,+90531234560123456,", "phone", "not a valid MSISDN"),
+        ("a,,,,,,,,phone,", "phone", "not a valid MSISDN"),
+    ],
+)
+def test_each_kind_of_bad_value_is_rejected_and_the_rest_proceed(
+    tmp_path: Path, row: str, column: str, reason: str
+) -> None:
+    rejects, items = _plan_rejects(_job(tmp_path, "ok,1,,,,,,,,\n" + row + "\nok2,2,,,,,,,,\n"))
+    assert list(rejects) == [2]
+    rejected = rejects[2]
+    assert rejected.column == column and reason in rejected.reason
+    assert rejected.path == str(tmp_path / "users.csv")
+    assert sorted(i["extId"] for i in items) == ["ok", "ok2"]
+
+
+def test_several_problems_in_one_row_are_all_named(tmp_path: Path) -> None:
+    rejects, _ = _plan_rejects(_job(tmp_path, "a,x,maybe,,,,,bad,,\n"))
+    assert rejects[1].column == "n"
+    assert (
+        rejects[1].reason
+        == "n: not a number; b: not a boolean (true/false, yes/no, 1/0); email: not a valid email address"
+    )
+
+
+def test_duplicate_ids_last_row_wins(tmp_path: Path) -> None:
+    rows = "a,1,,,,,,,,\nb,5,,,,,,,,\na,2,,,,,,,,\nb,5,,,,,,,,\na,3,,,,,,,,\n"
+    job = _job(tmp_path, rows)
+    with build_plan(job) as plan:
+        rejects = list(plan.rejected_rows())
+        summary = plan.summary()
+        items = {
+            i["extId"]: i["profile"]
+            for b in plan.batches()
+            if b.endpoint == "setProfileAttributes"
+            for i in b.body
+        }
+    assert items == {"a": {"n": 3}, "b": {"n": 5}}
+    # Conflicting earlier rows of "a" are reported; the identical duplicate of "b" is dropped quietly.
+    assert [(r.row, r.column, r.ext_id) for r in rejects] == [(1, "n", "a"), (3, "n", "a")]
+    assert all("superseded by row 5 (last row wins)" in r.reason for r in rejects)
+    assert summary.duplicates_dropped == 1
+
+
+def test_malformed_csv_record_is_rejected_and_reading_goes_on(tmp_path: Path) -> None:
+    rejects, items = _plan_rejects(_job(tmp_path, "a,1,,,,,,,,\nb,2,too,many,,,,,,,,,,\nc,3,,,,,,,,\n"))
+    assert list(rejects) == [2] and "malformed CSV record" in rejects[2].reason
+    assert {i["extId"]: i["profile"]["n"] for i in items} == {"a": 1, "c": 3}
+
+
+def test_other_encodings_with_the_encoding_option(tmp_path: Path) -> None:
+    latin = (HEADER + "a,1,,,,Müller,,,,\n").encode("latin-1")
+    job = _job(tmp_path, latin, extra="    encoding: latin-1")
+    _, items = _plan_rejects(job)
+    assert items == [{"extId": "a", "profile": {"n": 1, "s": "Müller"}}]
+
+
+@pytest.mark.parametrize(
+    ("content", "name", "message"),
+    [
+        ((HEADER + "a,1,,,,Müller,,,,\n").encode("latin-1"), "users.csv", "cannot decode the file as utf-8"),
+        (b"", "users.csv", "empty"),
+        (b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR\x00\x00", "users.csv", "cannot decode"),
+        (b"id;n;b\n1;2;3\n", "users.csv", "is the delimiter right?"),
+        (b"PAR1\x00\x00garbage", "users.parquet", "not a readable Parquet file"),
+    ],
+)
+def test_unreadable_file_gives_one_clear_error(
+    tmp_path: Path, content: bytes, name: str, message: str
+) -> None:
+    job = _job(tmp_path, content, name=name)
+    with pytest.raises(BadInputError) as info:
+        build_plan(job)
+    assert message in str(info.value)
+    assert str(tmp_path / name) in str(info.value)
+    assert "Traceback" not in str(info.value)
+    assert not list((tmp_path / "work").glob("plan-*"))  # staging cleaned up
+
+
+def test_missing_column_names_file_and_column(tmp_path: Path) -> None:
+    job = _job(tmp_path, "a,1,,,,,,\n", header="id,n,b,d,l,s,p,email\n")
+    with pytest.raises(BadInputError) as info:
+        build_plan(job)
+    assert info.value.column == "phone"
+    assert "'phone'" in str(info.value) and str(tmp_path / "users.csv") in str(info.value)
+    assert [p.location for p in check_sources(job)] == ["sources[0]"]
+
+
+def test_truncated_parquet(tmp_path: Path) -> None:
+    frame = pl.DataFrame({c: ["1"] * 1000 for c in HEADER.strip().split(",")})
+    full = tmp_path / "full.parquet"
+    frame.write_parquet(full)
+    (tmp_path / "users.parquet").write_bytes(full.read_bytes()[: full.stat().st_size // 2])
+    job = _job(tmp_path, (tmp_path / "users.parquet").read_bytes(), name="users.parquet")
+    with pytest.raises(BadInputError, match="not a readable Parquet file"):
+        build_plan(job)
+
+
+def test_typed_parquet_columns(tmp_path: Path) -> None:
+    import datetime as dt
+
+    frame = pl.DataFrame(
+        {
+            "id": ["a", "b"],
+            "n": [7, None],
+            "b": [True, False],
+            "d": [dt.date(1989, 10, 14), None],
+            "l": [["x", "y"], []],
+            "s": ["s", None],
+            "p": [None, "yes"],
+            "email": [None, None],
+            "phone": [None, 905312345601],
+        }
+    )
+    frame.write_parquet(tmp_path / "users.parquet")
+    job = _job(tmp_path, (tmp_path / "users.parquet").read_bytes(), name="users.parquet")
+    rejects, items = _plan_rejects(job)
+    assert rejects == {}
+    assert {i["extId"]: i["profile"] for i in items} == {
+        "a": {"n": 7, "b": True, "d": 624315600000, "l": ["x", "y"], "s": "s"},
+        "b": {"b": False},
+    }
+
+
+def test_globs_are_read_in_path_order(tmp_path: Path) -> None:
+    (tmp_path / "part-2.csv").write_text(HEADER + "a,2,,,,,,,,\n", encoding="utf-8")
+    (tmp_path / "part-1.csv").write_text(HEADER + "a,1,,,,,,,,\n", encoding="utf-8")
+    job = _job(tmp_path, HEADER, name="unused.csv")
+    job.path.write_text(JOB.format(path="part-*.csv", extra=""), encoding="utf-8")
+    job = load_job(job.path)
+    rejects, items = _plan_rejects(job)
+    assert items == [{"extId": "a", "profile": {"n": 2}}]
+    assert rejects[1].path == str(tmp_path / "part-1.csv")
+    assert "superseded by row 1 of " + str(tmp_path / "part-2.csv") in rejects[1].reason
+
+
+def test_missing_files_are_reported(tmp_path: Path) -> None:
+    job = _job(tmp_path, "a,1,,,,,,,,\n")
+    (tmp_path / "users.csv").unlink()
+    with pytest.raises(BadInputError, match="file not found"):
+        build_plan(job)
+    assert "file not found" in check_sources(job)[0].message

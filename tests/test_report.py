@@ -1,0 +1,281 @@
+"""The run report against a real run on the Netmera sandbox: its numbers equal the ledger's, it lists the
+refused rows, it is self-contained (strict XML parse, no external reference), it escapes what it shows and it
+never contains the secret. The headless-browser check is in ``test_report_browser``."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+import tempfile
+import xml.etree.ElementTree as ET
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from sync.config import load_job
+from sync.demo import generate_users
+from sync.ledger import Ledger
+from sync.platforms.sandboxes._core import FaultSpec, RateLimit
+from sync.platforms.sandboxes.netmera import UnknownExtId
+from sync.records import BatchStatus, RejectedRow
+from sync.report import load_report, render_html, write_report
+from sync.runner import RunOutcome, run_job
+
+KEY_ENV = "PUSHSYNC_TEST_NETMERA_KEY"
+REFUSED_ID = "U0000037"
+XHTML = "{http://www.w3.org/1999/xhtml}"
+
+
+@dataclass(frozen=True, slots=True)
+class ReportedRun:
+    outcome: RunOutcome
+    page: str
+    path: Path
+    api_key: str
+    data: Path
+
+
+def write_job(tmp_path: Path, url: str, *, users: int = 120) -> Path:
+    """A job over ``users`` generated users plus two rows validation refuses (rows users+1 and users+2)."""
+    data = tmp_path / "data" / "users.csv"
+    generate_users(data, users, seed=7)
+    with data.open("a", encoding="utf-8") as f:
+        f.write("U9000001,Bad Score,Izmir,not-a-number,false,free,,true,false\n")
+        f.write(",No Id,Izmir,3,false,free,,true,false\n")
+    job = tmp_path / "job.yaml"
+    job.write_text(
+        f"""
+version: 1
+name: nightly-crm
+workdir: work
+destination: {{platform: netmera, base_url: "{url}", secret: {{env: {KEY_ENV}}}}}
+defaults: {{ext_id: user_id}}
+sources:
+  - name: users
+    path: data/users.csv
+    attributes: {{name: string, city: string, score: number, plan: string}}
+    tags: {{column: segments, delimiter: "|"}}
+    opt_ins: {{email: email_opt_in}}
+dispatch:
+  batch_size: 40
+  concurrency: 4
+  request_timeout: 0.5
+  drain_timeout: 3
+  budgets: {{"*": {{requests: 40, period: 0.5}}}}
+  retry: {{max_attempts: 8, base_delay: 0.01, max_delay: 0.05}}
+""",
+        encoding="utf-8",
+    )
+    return job
+
+
+@pytest.fixture
+async def reported_run(netmera_sandbox_factory: Any, tmp_path: Path) -> ReportedRun:
+    """A partial run: one ID refused by the platform (split out), two rows refused by validation, some 503s
+    and — the server allowing less than the job's budget on one endpoint — some 429s."""
+    running = await netmera_sandbox_factory(
+        unknown_ext_id=UnknownExtId.ERROR,
+        limits={"setProfileAttributes": RateLimit(6, 0.5)},
+        faults=FaultSpec(error_503=0.1),
+        seed=11,
+    )
+    running.sandbox.state.ensure_users([f"U{i:07d}" for i in range(120) if f"U{i:07d}" != REFUSED_ID])
+    job = load_job(write_job(tmp_path, running.url))
+    outcome = await run_job(job, api_key=running.api_key)
+    out = write_report(outcome.ledger_path, outcome.run_id, tmp_path / "report.html")
+    return ReportedRun(outcome, out.read_text(encoding="utf-8"), out, running.api_key, tmp_path / "data" / "users.csv")
+
+
+def parse(page: str) -> ET.Element:
+    """The page is polyglot markup: a strict XML parser must accept it."""
+    return ET.fromstring(page.removeprefix("<!DOCTYPE html>\n"))
+
+
+def table_values(root: ET.Element) -> dict[str, dict[str, str]]:
+    """endpoint -> field -> data-value of the per-endpoint table (absent: shown as '-')."""
+    out: dict[str, dict[str, str]] = {}
+    for tr in root.iter(f"{XHTML}tr"):
+        endpoint = tr.get("data-endpoint")
+        if endpoint is None:
+            continue
+        out[endpoint] = {td.get("data-field", ""): td.get("data-value", "-") for td in tr if td.get("data-field")}
+    return out
+
+
+def field_text(root: ET.Element, field: str) -> str:
+    for el in root.iter():
+        if el.get("data-field") == field and el.tag != f"{XHTML}td":
+            return "".join(el.itertext())
+    raise AssertionError(f"no {field} in the page")
+
+
+def ledger_numbers(ledger_path: Path, run_id: str) -> dict[str, dict[str, int]]:
+    """Per endpoint, the figures recomputed from the ledger's public API."""
+    out: dict[str, dict[str, int]] = {}
+    with Ledger.open(ledger_path) as ledger:
+        for b in ledger.batches(run_id):
+            d = out.setdefault(
+                b.endpoint,
+                dict.fromkeys(("batches", "requests", "ids_ok", "ids_rejected", "ids_failed", "ids_unfinished"), 0),
+            )
+            d["batches"] += 1
+            d["requests"] += b.attempts
+            d["ids_ok"] += b.ok_ids
+            d["ids_rejected"] += b.rejected_ids
+            if b.status is BatchStatus.FAILED:
+                d["ids_failed"] += b.n_ids - b.ok_ids - b.rejected_ids
+            if b.status in (BatchStatus.PLANNED, BatchStatus.SENT):
+                d["ids_unfinished"] += b.n_ids
+    return out
+
+
+async def test_the_report_numbers_equal_the_ledger(reported_run: ReportedRun) -> None:
+    outcome = reported_run.outcome
+    root = parse(reported_run.page)
+    shown = table_values(root)
+    want = ledger_numbers(outcome.ledger_path, outcome.run_id)
+    assert set(shown) == {*want, "*"}
+    for endpoint, fields in want.items():
+        for name, value in fields.items():
+            assert shown[endpoint][name] == str(value), (endpoint, name)
+    for name in ("batches", "requests", "ids_ok", "ids_rejected", "ids_failed", "ids_unfinished"):
+        assert shown["*"][name] == str(sum(f[name] for f in want.values())), name
+    # ...and they are the dispatcher's own counts, as the run summary gives them.
+    for e in outcome.summary.endpoints:
+        assert shown[e.endpoint]["requests"] == str(e.requests)
+        assert shown[e.endpoint]["ids_ok"] == str(e.ids_ok)
+        assert shown[e.endpoint]["ids_rejected"] == str(e.ids_rejected)
+        assert shown[e.endpoint]["ids_failed"] == str(e.ids_failed)
+        assert shown[e.endpoint]["budget_rate"] == str(e.budget_rate)
+    assert shown["setProfileAttributes"]["ids_rejected"] == "1"
+
+
+async def test_the_header_tells_what_happened(reported_run: ReportedRun) -> None:
+    outcome = reported_run.outcome
+    root = parse(reported_run.page)
+    with Ledger.open(outcome.ledger_path) as ledger:
+        info = ledger.run(outcome.run_id)
+    assert info is not None and info.finished_at is not None
+    assert field_text(root, "job") == "nightly-crm"
+    assert field_text(root, "destination") == "netmera"
+    assert field_text(root, "run_id") == outcome.run_id
+    assert field_text(root, "status") == info.status == "partial"
+    assert field_text(root, "exit_status") == "1 PARTIAL"
+    assert field_text(root, "duration") == f"{info.finished_at - info.started_at:.1f} s"
+    cards = {el.get("data-total"): el.get("data-value") for el in root.iter() if el.get("data-total")}
+    assert cards["rows_rejected"] == "2"
+    assert cards["ids_rejected"] == str(outcome.summary.ids_rejected) != "0"
+    assert cards["ids_ok"] == str(outcome.summary.ids_ok)
+    assert cards["requests"] == str(outcome.summary.requests)
+
+
+async def test_the_refused_rows_and_top_errors_are_listed(reported_run: ReportedRun) -> None:
+    root = parse(reported_run.page)
+    rows = [
+        ["".join(td.itertext()) for td in tr]
+        for tr in root.iter(f"{XHTML}tr")
+        if tr.get("data-source") is not None
+    ]
+    validation = [r for r in rows if r[0] == "validation"]
+    data = str(reported_run.data)
+    assert [r[1:4] for r in validation] == [["-", data, "121"], ["-", data, "122"]]
+    assert "score" in validation[0][5] and validation[0][4] == "U9000001"
+    assert "external ID" in validation[1][5]
+    platform = [r for r in rows if r[0] == "platform"]
+    refused_at = {e.endpoint: e.ids_rejected for e in reported_run.outcome.summary.endpoints if e.ids_rejected}
+    assert sorted(r[1] for r in platform) == sorted(e for e, n in refused_at.items() for _ in range(n))
+    for row in platform:
+        assert row[2:5] == [data, str(int(REFUSED_ID[1:]) + 1), REFUSED_ID]
+        assert "5016" in row[5]
+    errors = [
+        (tr.get("data-kind"), "".join(tr[0].itertext()), "".join(tr[4].itertext()))
+        for tr in root.iter(f"{XHTML}tr")
+        if tr.get("data-kind")
+    ]
+    refused = [(count, message) for kind, count, message in errors if kind == "refused ID"]
+    assert sum(int(c) for c, _ in refused) == reported_run.outcome.summary.ids_rejected
+    assert all("5016" in m or "not found" in m.lower() for _, m in refused)
+
+
+async def test_the_page_is_self_contained_and_keeps_the_secret(reported_run: ReportedRun) -> None:
+    page = reported_run.page
+    assert reported_run.api_key not in page
+    # Nothing to fetch: no src/href, no CSS url() or @import, no script at all.
+    assert not re.search(r"\s(src|href)\s*=", page)
+    assert "url(" not in page and "@import" not in page and "<script" not in page
+    assert page.count("<svg") == len(parse(page).findall(f".//{{http://www.w3.org/2000/svg}}svg"))
+
+
+def test_strings_from_the_ledger_are_escaped(tmp_path: Path) -> None:
+    ledger_path = tmp_path / "ledger.sqlite"
+    with Ledger.open(ledger_path) as ledger:
+        ledger.start_run("r1", job="<script>alert('job')</script>", platform="netmera")
+        ledger.record_rejected_rows(
+            "r1", [RejectedRow("a&b.csv", 3, "email", "<img src=x onerror=alert(1)> & \"quoted\"", "<id>")]
+        )
+        ledger.finish_run("r1", status="partial", exit_code=1, message="</dd><h1>injected</h1>")
+    page = render_html(load_report(ledger_path, "r1"))
+    root = parse(page)  # would fail if any of it were unescaped markup
+    assert "<script" not in page and "<img" not in page and "<h1>injected" not in page
+    assert "&lt;script&gt;alert(&#x27;job&#x27;)&lt;/script&gt;" in page
+    assert field_text(root, "message") == "</dd><h1>injected</h1>"
+    assert "No request was made" in page or "no per-attempt records" in page
+
+
+def test_an_unknown_run_or_ledger_is_a_state_error(tmp_path: Path) -> None:
+    from sync.errors import StateError
+
+    with pytest.raises(StateError, match="no ledger"):
+        load_report(tmp_path / "missing.sqlite", "r1")
+    with Ledger.open(tmp_path / "ledger.sqlite") as ledger:
+        ledger.start_run("r1", job="j")
+    with pytest.raises(StateError, match="no run r2"):
+        load_report(tmp_path / "ledger.sqlite", "r2")
+
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+CHROMIUM_FLAGS = (
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--hide-scrollbars",
+)
+
+
+def chromium(tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    assert CHROMIUM is not None
+    profile = tempfile.mkdtemp(dir=tmp_path, prefix="chromium-")
+    return subprocess.run(
+        [CHROMIUM, *CHROMIUM_FLAGS, f"--user-data-dir={profile}", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed (CI installs it: see .ci/run)")
+def test_the_page_opens_in_headless_chromium_without_errors(reported_run: ReportedRun, tmp_path: Path) -> None:
+    url = reported_run.path.resolve().as_uri()
+    dom = chromium(tmp_path, "--enable-logging=stderr", "--v=0", "--dump-dom", url)
+    assert dom.returncode == 0, dom.stderr[-2000:]
+    # Chromium logs every console message (errors, failed loads, CSP violations) as INFO:CONSOLE lines.
+    console = [line for line in dom.stderr.splitlines() if ":CONSOLE" in line]
+    assert console == []
+    # What the browser built is the report: the same totals, one SVG per chart the page holds.
+    summary = reported_run.outcome.summary
+    assert f'data-total="requests" data-value="{summary.requests}"' in dom.stdout
+    assert f'data-total="ids_ok" data-value="{summary.ids_ok}"' in dom.stdout
+    assert dom.stdout.count("<svg") == reported_run.page.count("<svg")
+    shot = tmp_path / "report.png"
+    png = chromium(tmp_path, f"--screenshot={shot}", "--window-size=1280,2000", url)
+    assert png.returncode == 0, png.stderr[-2000:]
+    assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and shot.stat().st_size > 20_000

@@ -1,0 +1,218 @@
+"""run_job end to end against the Netmera sandbox: the platform's end state equals the input — also with
+faults and rate limits on —, a refused record is isolated by splitting, a bad key aborts, a stop drains."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+from pathlib import Path
+from typing import Any
+
+import polars as pl
+import structlog
+
+from sync.config import DispatchSettings, Job, load_job
+from sync.demo import expected_users, generate_users
+from sync.dispatch import Dispatcher, DispatchOutcome
+from sync.errors import ExitCode
+from sync.ledger import Ledger
+from sync.platforms.netmera.client import NetmeraClient
+from sync.platforms.netmera.requests import make_batch, tag_body
+from sync.platforms.sandboxes._core import FaultSpec, LatencySpec, RateLimit
+from sync.platforms.sandboxes.netmera import UnknownExtId
+from sync.records import BatchStatus, Operation
+from sync.runner import run_job
+
+KEY_ENV = "PUSHSYNC_TEST_NETMERA_KEY"
+
+
+def write_job(
+    tmp_path: Path, url: str, *, users: int = 400, batch_size: int = 50, dispatch: str = ""
+) -> tuple[Job, pl.DataFrame]:
+    frame = generate_users(tmp_path / "data" / "users.csv", users, seed=users)
+    dispatch = dispatch or (
+        "  concurrency: 6\n"
+        "  request_timeout: 0.5\n"
+        "  drain_timeout: 3\n"
+        '  budgets: {"*": {requests: 20, period: 0.5}}\n'
+        "  retry: {max_attempts: 10, base_delay: 0.01, max_delay: 0.1}\n"
+    )
+    (tmp_path / "job.yaml").write_text(
+        f"""
+version: 1
+name: t
+workdir: work
+destination: {{platform: netmera, base_url: "{url}", secret: {{env: {KEY_ENV}}}}}
+defaults: {{ext_id: user_id}}
+sources:
+  - name: users
+    path: data/users.csv
+    attributes:
+      name: string
+      city: string
+      score: number
+      vip: {{attribute: isVip, type: boolean}}
+      plan: string
+    tags: {{column: segments, delimiter: "|"}}
+    opt_ins:
+      email: email_opt_in
+      categories: {{News: news_opt_in}}
+dispatch:
+  batch_size: {batch_size}
+{dispatch}""",
+        encoding="utf-8",
+    )
+    return load_job(tmp_path / "job.yaml"), frame
+
+
+async def platform_state(running: Any) -> dict[str, dict[str, Any]]:
+    """Profiles and category preferences read back through the Netmera API; tags and e-mail opt-ins (which
+    the API cannot read) through the sandbox's inspection route."""
+    reply = await running.inspect("GET", "state", params={"format": "json"})
+    users = {u["extId"]: u for u in reply.body["users"]}
+    out: dict[str, dict[str, Any]] = {}
+    for ext_id, user in users.items():
+        profile = await running.get("getProfileAttributes", {"extId": ext_id})
+        prefs = await running.get("getCategoryPreferences", {"externalId": ext_id})
+        out[ext_id] = {
+            "tags": sorted(user.get("tags", [])),
+            "profile": profile.body["profile"],
+            "emailOptIn": user.get("emailOptIn"),
+            "categories": {c["category"]: c["enable"] for c in prefs.body["categories"]},
+        }
+    return out
+
+
+async def test_end_state_equals_input(netmera_sandbox: Any, tmp_path: Path) -> None:
+    job, frame = write_job(tmp_path, netmera_sandbox.url)
+    outcome = await run_job(job, api_key=netmera_sandbox.api_key)
+    assert outcome.exit_code is ExitCode.OK
+    assert await platform_state(netmera_sandbox) == expected_users(frame)
+    summary = outcome.summary
+    assert summary.ids_ok == sum(e.ids_ok for e in summary.endpoints) > 400
+    with Ledger.open(outcome.ledger_path) as ledger:
+        info = ledger.run(outcome.run_id)
+        assert info is not None and info.status == "done" and info.exit_code == 0
+        assert set(info.batches_by_status) == {"ok"}
+        assert len(ledger.confirmed_ok(outcome.run_id)) == summary.batches_done
+
+
+async def test_end_state_equals_input_with_faults_and_rate_limits(
+    netmera_sandbox_factory: Any, tmp_path: Path
+) -> None:
+    faults = FaultSpec(
+        error_500=0.08,
+        error_503=0.08,
+        drop=0.04,
+        hang=0.02,
+        applied_then_500=0.04,
+        slow=0.1,
+        latency=LatencySpec("uniform", 0.0, 0.05),
+        hang_seconds=5.0,
+    )
+    running = await netmera_sandbox_factory(limits={"*": RateLimit(20, 0.5)}, faults=faults, seed=3)
+    job, frame = write_job(tmp_path, running.url)
+    outcome = await run_job(job, api_key=running.api_key)
+    running.sandbox.configure(faults=FaultSpec(), limits={})  # read back without faults or limits
+    assert outcome.exit_code is ExitCode.OK, outcome.summary.render_text()
+    assert await platform_state(running) == expected_users(frame)
+    summary = outcome.summary
+    assert sum(e.retries for e in summary.endpoints) > 0  # the faults were hit and survived
+    # The budget kept every endpoint within the server's clock-aligned 20 per 0.5 s: not one 429.
+    assert sum(e.rate_limited for e in summary.endpoints) == 0
+    assert running.sandbox.stats.rate_limited() == 0
+
+
+async def test_a_refused_record_is_isolated_by_splitting(
+    netmera_sandbox_factory: Any, tmp_path: Path
+) -> None:
+    running = await netmera_sandbox_factory(unknown_ext_id=UnknownExtId.ERROR)
+    job, frame = write_job(tmp_path, running.url, users=64, batch_size=64)
+    known = [u for u in frame["user_id"].to_list() if u != "U0000037"]
+    running.sandbox.state.ensure_users(known)
+    outcome = await run_job(job, api_key=running.api_key)
+    assert outcome.exit_code is ExitCode.PARTIAL
+    per_endpoint = {e.endpoint: e for e in outcome.summary.endpoints}
+    attrs = per_endpoint["setProfileAttributes"]
+    assert (attrs.ids_ok, attrs.ids_rejected, attrs.splits) == (63, 1, 6)  # 64 → 32 → … → 1: six splits
+    state = await platform_state(running)
+    want = expected_users(frame)
+    del want["U0000037"]
+    assert {k: v for k, v in state.items() if k != "U0000037"} == want
+    with Ledger.open(outcome.ledger_path) as ledger:
+        refused = ledger.refused_ids(outcome.run_id)
+    assert {(x, code) for _, x, code, _ in refused} == {("U0000037", "5016")}
+    assert len(refused) == sum(e.ids_rejected for e in outcome.summary.endpoints)
+
+
+async def test_a_bad_key_aborts_and_the_key_never_leaks(
+    netmera_sandbox: Any, tmp_path: Path, capsys: Any
+) -> None:
+    job, _ = write_job(tmp_path, netmera_sandbox.url)
+    bad_key = "definitely-not-the-key-0042"
+    with structlog.testing.capture_logs() as logs:
+        outcome = await run_job(job, api_key=bad_key)
+    assert outcome.exit_code is ExitCode.ABORTED
+    assert "403" in (outcome.summary.message or "") and "API key" in (outcome.summary.message or "")
+    assert outcome.summary.requests <= 6  # only what was already in flight
+    assert netmera_sandbox.sandbox.state.user_count() == 0
+    with Ledger.open(outcome.ledger_path) as ledger:
+        info = ledger.run(outcome.run_id)
+        assert info is not None and info.status == "aborted" and info.exit_code == 3
+        assert "sent" not in info.batches_by_status
+    ledger_bytes = b"".join(p.read_bytes() for p in outcome.ledger_path.parent.glob("ledger.sqlite*"))
+    everything = json.dumps(outcome.summary.to_json()) + repr(logs) + outcome.summary.render_text()
+    assert bad_key not in everything and bad_key.encode() not in ledger_bytes
+
+
+async def test_stop_drains_in_flight_batches_and_records_them(
+    netmera_sandbox_factory: Any, tmp_path: Path
+) -> None:
+    running = await netmera_sandbox_factory(faults=FaultSpec(slow=1.0, latency=LatencySpec("fixed", 0.2)))
+    job, _ = write_job(
+        tmp_path,
+        running.url,
+        users=600,
+        batch_size=10,
+        dispatch='  concurrency: 4\n  drain_timeout: 3\n  budgets: {"*": {requests: 100, period: 1}}\n',
+    )
+    stop = asyncio.Event()
+    asyncio.get_running_loop().call_later(0.7, stop.set)
+    outcome = await run_job(job, api_key=running.api_key, stop=stop)
+    assert outcome.exit_code is ExitCode.INTERRUPTED
+    assert 0 < outcome.summary.batches_done < 100
+    with Ledger.open(outcome.ledger_path) as ledger:
+        info = ledger.run(outcome.run_id)
+        assert info is not None and info.status == "interrupted"
+        assert "sent" not in info.batches_by_status  # everything in flight finished and was recorded
+        ok_batches = ledger.batches(outcome.run_id, status=BatchStatus.OK)
+    assert len(ok_batches) == outcome.summary.batches_done
+    assert (
+        running.sandbox.stats.requests("setProfileAttributes")
+        + running.sandbox.stats.requests("setCategoryPreferences")
+        + running.sandbox.stats.requests("disableMail")
+        >= 1
+    )
+
+
+async def test_without_a_budget_the_limit_is_discovered_from_429s(netmera_sandbox_factory: Any) -> None:
+    running = await netmera_sandbox_factory(limits={"tagUsers": RateLimit(40, 0.5)})
+    client = NetmeraClient(_destination(running.url), running.api_key, timeout=2)
+    batches = [make_batch(Operation.TAG, tag_body(f"t{i}", [f"u{i}"])) for i in range(60)]
+    settings = DispatchSettings(concurrency=8, budgets={})
+    try:
+        report = await Dispatcher(client, settings, rng=random.Random(1)).run(batches)
+    finally:
+        await client.aclose()
+    assert report.outcome is DispatchOutcome.COMPLETED
+    stats = report.endpoints["tagUsers"]
+    assert stats.ids_ok == 60 and stats.rate_limited > 0
+    assert stats.discovered_rate is not None and stats.discovered_rate <= 80  # the server allows 80/s
+    assert len(running.sandbox.state.tags) == 60
+
+
+def _destination(url: str) -> Any:
+    from sync.config import Destination
+
+    return Destination("netmera", url)
