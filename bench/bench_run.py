@@ -65,13 +65,15 @@ dispatch:
 
 
 def sandbox_stats(root: str) -> dict[str, object]:
-    with urllib.request.urlopen(f"{root}/_sandbox/stats", timeout=30) as resp:  # noqa: S310 (local)
+    with urllib.request.urlopen(f"{root}/_sandbox/stats", timeout=30) as resp:
         stats: dict[str, object] = json.loads(resp.read())
     return stats
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--users", type=int, default=1_000_000)
     parser.add_argument("--concurrency", type=int, default=16)
     parser.add_argument("--json", action="store_true")
@@ -131,9 +133,13 @@ def main() -> int:
     if args.json:
         print(json.dumps(report, indent=2))
     else:
-        print(f"{args.users:,} users × (tags + 5 attributes), unlimited sandbox in its own process, 2 shared cores")
-        print(f"  requests {requests:,}, IDs {ids:,}; wall {wall:.1f} s = planning {wall - dispatch:.1f} s "
-              f"+ dispatch {dispatch:.1f} s")
+        print(
+            f"{args.users:,} users × (tags + 5 attributes), unlimited sandbox in its own process, 2 shared cores"
+        )
+        print(
+            f"  requests {requests:,}, IDs {ids:,}; wall {wall:.1f} s = planning {wall - dispatch:.1f} s "
+            f"+ dispatch {dispatch:.1f} s"
+        )
         print(f"  dispatch:    {requests / dispatch:,.0f} requests/s, {ids / dispatch:,.0f} IDs/s")
         print(f"  end to end:  {requests / wall:,.0f} requests/s, {ids / wall:,.0f} IDs/s")
         print(f"  p50 latency per endpoint (ms): {report['p50_ms']}")

@@ -270,7 +270,8 @@ class RateBudget:
         instead of collecting a 429 first.
         """
         now = self._get_clock().time()
-        if remaining is not None and remaining <= 0:
+        # Unaligned, the reset time is unknown and even spacing already keeps the pace: act on 429s only.
+        if remaining is not None and remaining <= 0 and (self._aligned or self._rate is None):
             until = now + self._until_window_reset(now)
             if until > self._paused_until:
                 self._paused_seconds += until - max(now, self._paused_until)
@@ -298,6 +299,11 @@ class RateBudget:
     @property
     def ceiling(self) -> float | None:
         return self._ceiling
+
+    def window_of(self, t: float) -> int:
+        """Index of the clock-aligned budget period holding clock time ``t`` (for per-window counts)."""
+        self._get_clock()
+        return self._window_bounds(t)[0]
 
     def stats(self) -> BudgetStats:
         return BudgetStats(

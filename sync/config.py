@@ -537,6 +537,28 @@ def _dispatch(raw: Mapping[str, Any], platform: str) -> tuple[DispatchSettings, 
     return settings, sizes
 
 
+def _destination(dest_raw: Mapping[str, Any], base: Path, problems: list[JobProblem]) -> Destination:
+    destination = Destination(
+        platform=dest_raw["platform"],
+        base_url=dest_raw["base_url"] if dest_raw["base_url"].endswith("/") else dest_raw["base_url"] + "/",
+        secret_env=dest_raw["secret"].get("env"),
+        secret_file=(
+            str(base / os.path.expanduser(dest_raw["secret"]["file"]))
+            if "file" in dest_raw["secret"]
+            else None
+        ),
+        verify_tls=dest_raw.get("verify_tls", True),
+        extra=dict(dest_raw.get("extra") or {}),
+    )
+    if not destination.verify_tls and not re.match(
+        r"^https?://(127\.0\.0\.1|localhost|\[::1\])[:/]", destination.base_url
+    ):
+        problems.append(
+            JobProblem("destination.verify_tls", "TLS checks may only be turned off for a local sandbox")
+        )
+    return destination
+
+
 def load_job(path: str | Path) -> Job:
     """Read, validate and freeze a job file.
 
@@ -580,32 +602,22 @@ def load_job(path: str | Path) -> Job:
         if loc == "destination" and "destination.secret" in quiet and "secret" in error.message:
             continue
         problems.append(JobProblem(loc, _schema_message(error)))
-    if problems:
-        raise BadJobError(str(job_path), problems)
+
+    # Semantic checks run on every section the schema found sound, so one pass reports every problem.
+    flagged = {p.location for p in problems}
+
+    def sound(prefix: str) -> bool:
+        return not any(f == prefix or f.startswith((prefix + ".", prefix + "[")) for f in flagged)
 
     base = job_path.resolve().parent
     name = raw.get("name") or re.sub(r"[^A-Za-z0-9_.-]", "_", job_path.stem)
-    dest_raw = raw["destination"]
-    platform = dest_raw["platform"]
-    destination = Destination(
-        platform=platform,
-        base_url=dest_raw["base_url"] if dest_raw["base_url"].endswith("/") else dest_raw["base_url"] + "/",
-        secret_env=dest_raw["secret"].get("env"),
-        secret_file=(
-            str(base / os.path.expanduser(dest_raw["secret"]["file"]))
-            if "file" in dest_raw["secret"]
-            else None
-        ),
-        verify_tls=dest_raw.get("verify_tls", True),
-        extra=dict(dest_raw.get("extra") or {}),
+    destination = (
+        _destination(raw["destination"], base, problems)
+        if "destination" in raw and sound("destination")
+        else None
     )
-    if not destination.verify_tls and not re.match(
-        r"^https?://(127\.0\.0\.1|localhost|\[::1\])[:/]", destination.base_url
-    ):
-        problems.append(
-            JobProblem("destination.verify_tls", "TLS checks may only be turned off for a local sandbox")
-        )
-    rules_raw = raw.get("validation") or {}
+    platform = destination.platform if destination else "netmera"
+    rules_raw = (raw.get("validation") or {}) if sound("validation") else {}
     rules = ValidationRules(
         max_id_length=rules_raw.get("max_id_length", 256),
         timezone=rules_raw.get("timezone", "UTC"),
@@ -615,17 +627,20 @@ def load_job(path: str | Path) -> Job:
         zoneinfo.ZoneInfo(rules.timezone)
     except (zoneinfo.ZoneInfoNotFoundError, ValueError):
         problems.append(JobProblem("validation.timezone", f"unknown time zone {rules.timezone!r}"))
-    defaults = raw.get("defaults") or {}
+    defaults = (raw.get("defaults") or {}) if sound("defaults") else {}
     sources = []
     seen: set[str] = set()
-    for i, src_raw in enumerate(raw["sources"]):
+    raw_sources: list[Any] = raw["sources"] if isinstance(raw.get("sources"), list) else []
+    for i, src_raw in enumerate(raw_sources):
+        if not sound(f"sources[{i}]"):
+            continue
         if src_raw["name"] in seen:
             problems.append(JobProblem(f"sources[{i}].name", f"duplicate source name {src_raw['name']!r}"))
         seen.add(src_raw["name"])
         source = _source(i, src_raw, defaults, base, problems)
         if source is not None:
             sources.append(source)
-    dispatch, sizes = _dispatch(raw.get("dispatch") or {}, platform)
+    dispatch, sizes = _dispatch((raw.get("dispatch") or {}) if sound("dispatch") else {}, platform)
     limit = _PLATFORM_MAX_BATCH.get(platform)
     for endpoint, size in sizes.items():
         if limit is not None and size > limit:
@@ -633,7 +648,7 @@ def load_job(path: str | Path) -> Job:
             problems.append(
                 JobProblem(where, f"{size} is above the {platform} limit of {limit} unique IDs per request")
             )
-    if problems:
+    if problems or destination is None:
         raise BadJobError(str(job_path), problems)
     workdir = base / raw["workdir"] if "workdir" in raw else Path.cwd() / ".pushsync" / name
     return Job(

@@ -170,7 +170,7 @@ def _sandbox_state(root: str) -> dict[str, Any]:
     return data
 
 
-def run_demo(*, users: int = 10000, output: str = "text", keep: bool = False) -> int:
+def run_demo(*, users: int = 10000, output: str = "text") -> int:
     """Run the demo; returns the run's exit code (or ABORTED when the end state differs from the input)."""
     data_path = REPO_ROOT / "demo-out" / "data" / "users.csv"
     frame = generate_users(data_path, users)
@@ -197,7 +197,4 @@ def run_demo(*, users: int = 10000, output: str = "text", keep: bool = False) ->
         print("verified: a sample of 20 users on the platform equals the input", flush=True)
         return int(outcome.exit_code)
     finally:
-        if keep:
-            print(f"sandbox left running (pid {process.pid}); stop it with: kill {process.pid}")
-        else:
-            stop_sandbox_process(process)
+        stop_sandbox_process(process)

@@ -26,7 +26,8 @@ from __future__ import annotations
 
 import asyncio
 import random
-from collections.abc import AsyncIterable, Callable, Iterable, Iterator
+import time
+from collections.abc import AsyncIterable, Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Protocol
@@ -37,11 +38,13 @@ from sync.errors import FatalPlatformError, PushSyncError, RejectedBatchError, R
 from sync.ledger import Ledger
 from sync.logs import get_logger
 from sync.platforms.base import PlatformClient
-from sync.records import Batch, BatchResult, BatchStatus, Phase, RejectedId
+from sync.records import Attempt, AttemptOutcome, Batch, BatchResult, BatchStatus, Phase, RejectedId
 
 __all__ = ["DispatchObserver", "DispatchOutcome", "DispatchReport", "Dispatcher", "EndpointStats"]
 
 _FEED_CHUNK = 64  # batches pulled from a synchronous plan per worker-thread hop
+LATENCY_SAMPLE = 20_000
+"""Latencies kept per endpoint (a reservoir sample: percentiles stay accurate, memory stays flat)."""
 
 
 class DispatchOutcome(StrEnum):
@@ -68,6 +71,10 @@ class EndpointStats:
     first_request: float | None = None
     last_request: float | None = None
     latencies: list[float] = field(default_factory=list)
+    """A uniform sample (reservoir) of at most LATENCY_SAMPLE request latencies, for p50/p95 in flat memory."""
+    latency_count: int = 0
+    per_window: dict[int, int] = field(default_factory=dict)
+    """Requests per clock-aligned budget period (configured budgets only): what the server's windows saw."""
     budget_requests: int | None = None
     budget_period: float | None = None
     discovered_rate: float | None = None
@@ -86,11 +93,14 @@ class DispatchReport:
 
 
 class DispatchObserver(Protocol):
-    """Told about every request and every finished batch (the progress bar implements it)."""
+    """Told about each batch taken, each HTTP attempt and each finished batch, synchronously (the progress
+    bar and :class:`sync.metrics.RunMetrics` implement it)."""
 
-    def on_request(self, endpoint: str) -> None: ...
+    def on_batch_start(self, batch: Batch) -> None: ...
 
-    def on_result(self, batch: Batch, result: BatchResult) -> None: ...
+    def on_attempt(self, attempt: Attempt) -> None: ...
+
+    def on_batch_done(self, batch: Batch, result: BatchResult) -> None: ...
 
 
 class _Aborted(Exception):
@@ -115,7 +125,7 @@ class Dispatcher:
         ledger: Ledger | None = None,
         run_id: str = "",
         stop: asyncio.Event | None = None,
-        observer: DispatchObserver | None = None,
+        observers: Sequence[DispatchObserver] = (),
         budget_factory: Callable[[str], Budget] | None = None,
         clock: Clock | None = None,
         rng: random.Random | None = None,
@@ -125,7 +135,8 @@ class Dispatcher:
         self._ledger = ledger
         self._run_id = run_id
         self._stop = stop if stop is not None else asyncio.Event()
-        self._observer = observer
+        self._force = asyncio.Event()  # set by force_stop(): the drain ends at once
+        self._observers = tuple(observers)
         self._budget_factory = budget_factory or self._default_budget
         self._clock: Clock | None = clock
         self._rng = rng or random.Random()
@@ -133,6 +144,7 @@ class Dispatcher:
         self._fatal: FatalPlatformError | None = None
         self._done = 0
         self._queued = 0
+        self._fed_all = False  # the feeder queued the plan's last batch
         self._log = get_logger(run=run_id, platform=client.platform)
 
     # -- public ------------------------------------------------------------------------------------------
@@ -141,6 +153,12 @@ class Dispatcher:
     def stop_event(self) -> asyncio.Event:
         """Set it (e.g. from a signal handler) to stop feeding and drain."""
         return self._stop
+
+    def force_stop(self) -> None:
+        """Stop now: like setting the stop event, but cancel in-flight batches instead of draining them
+        (a second Ctrl-C). Cancelled batches stay ``sent`` in the ledger."""
+        self._force.set()
+        self._stop.set()
 
     def endpoint_stats(self) -> dict[str, EndpointStats]:
         return {name: ep.stats for name, ep in self._endpoints.items()}
@@ -159,11 +177,14 @@ class Dispatcher:
             raise group.exceptions[0] from None
         if self._ledger is not None:
             self._ledger.flush()
+        finished = (
+            self._fed_all and self._done == self._queued
+        )  # a stop after the last answer changes nothing
         outcome = (
             DispatchOutcome.ABORTED
             if self._fatal is not None
             else DispatchOutcome.INTERRUPTED
-            if self._stop.is_set()
+            if self._stop.is_set() and not finished
             else DispatchOutcome.COMPLETED
         )
         for name, ep in self._endpoints.items():
@@ -230,6 +251,7 @@ class Dispatcher:
                 self._ledger.record_planned(self._run_id, batch)
             self._queued += 1
             await queue.put(batch)
+        self._fed_all = True
         for _ in range(workers):
             await queue.put(None)
 
@@ -248,11 +270,23 @@ class Dispatcher:
             queue.put_nowait(None)
         running = [w for w in workers if not w.done()]
         if running:
-            _, late = await asyncio.wait(running, timeout=self._settings.drain_timeout)
+            # Wait for the busy workers, but no longer than the drain time-out, nor past force_stop().
+            drained = asyncio.ensure_future(asyncio.wait(running))
+            forced = asyncio.ensure_future(self._force.wait())
+            try:
+                await asyncio.wait(
+                    [drained, forced],
+                    timeout=self._settings.drain_timeout,
+                    return_when=asyncio.FIRST_COMPLETED,
+                )
+            finally:
+                drained.cancel()
+                forced.cancel()
+            late = [w for w in running if not w.done()]
             for task in late:
                 task.cancel()
             if late:
-                self._log.warning("drain.timeout", cancelled=len(late))
+                self._log.warning("drain.cut_short", cancelled=len(late), forced=self._force.is_set())
 
     async def _flush_ledger(self) -> None:
         assert self._ledger is not None
@@ -298,6 +332,8 @@ class Dispatcher:
         stats = ep.stats
         stats.batches += 1
         started = clock.time()
+        for observer in self._observers:
+            observer.on_batch_start(batch)
         attempts = 0
         ok_ids = 0
         failed_ids = 0
@@ -365,8 +401,8 @@ class Dispatcher:
         if self._ledger is not None:
             self._ledger.record_result(self._run_id, result)
         self._done += 1
-        if self._observer is not None:
-            self._observer.on_result(batch, result)
+        for observer in self._observers:
+            observer.on_batch_done(batch, result)
         self._log.debug(
             "batch.done",
             endpoint=batch.endpoint,
@@ -411,8 +447,10 @@ class Dispatcher:
                 if stats.first_request is None:
                     stats.first_request = now
                 stats.last_request = now
-                if self._observer is not None:
-                    self._observer.on_request(part.endpoint)
+                if isinstance(ep.budget, RateBudget) and ep.budget.ceiling is not None:
+                    window = ep.budget.window_of(now)
+                    stats.per_window[window] = stats.per_window.get(window, 0) + 1
+                sent_at = time.time()
                 try:
                     # The client has its own per-request time-out; this outer one is a guard against a client
                     # that forgets it.
@@ -426,10 +464,36 @@ class Dispatcher:
                 except (RetryableError, RejectedBatchError, FatalPlatformError) as exc:
                     error = exc
                 else:
-                    stats.latencies.append(outcome.latency)
+                    self._sample_latency(stats, outcome.latency)
+                    self._attempt_done(
+                        Attempt(
+                            part.batch_id,
+                            part.endpoint,
+                            attempt,
+                            len(part.ext_ids),
+                            outcome.latency,
+                            AttemptOutcome.OK,
+                            outcome.http_status,
+                        ),
+                        sent_at,
+                    )
                     ep.budget.on_success(outcome.remaining)
                     return attempt, outcome.http_status
-                stats.latencies.append(clock.time() - now)
+                latency = clock.time() - now
+                self._sample_latency(stats, latency)
+                self._attempt_done(
+                    Attempt(
+                        part.batch_id,
+                        part.endpoint,
+                        attempt,
+                        len(part.ext_ids),
+                        latency,
+                        _outcome_of(error),
+                        error.status,
+                        error.message,
+                    ),
+                    sent_at,
+                )
             if isinstance(error, RetryableError):
                 if error.rate_limited:
                     stats.rate_limited += 1
@@ -447,6 +511,30 @@ class Dispatcher:
                     await clock_sleep(clock, delay)
                 continue
             raise _AttemptsError(attempt, error)
+
+    def _attempt_done(self, attempt: Attempt, sent_at: float) -> None:
+        """Record one HTTP attempt in the ledger and tell the observers (synchronously: before any await)."""
+        if self._ledger is not None:
+            self._ledger.record_attempt(self._run_id, attempt, started_at=sent_at)
+        for observer in self._observers:
+            observer.on_attempt(attempt)
+
+    def _sample_latency(self, stats: EndpointStats, latency: float) -> None:
+        stats.latency_count += 1
+        if len(stats.latencies) < LATENCY_SAMPLE:
+            stats.latencies.append(latency)
+            return
+        slot = self._rng.randrange(stats.latency_count)  # Algorithm R: keep each with probability k/n
+        if slot < LATENCY_SAMPLE:
+            stats.latencies[slot] = latency
+
+
+def _outcome_of(error: RetryableError | RejectedBatchError | FatalPlatformError) -> AttemptOutcome:
+    if isinstance(error, RetryableError):
+        return AttemptOutcome.RATE_LIMITED if error.rate_limited else AttemptOutcome.RETRYABLE
+    if isinstance(error, RejectedBatchError):
+        return AttemptOutcome.REJECTED
+    return AttemptOutcome.FATAL
 
 
 class _AttemptsError(Exception):

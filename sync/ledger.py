@@ -26,11 +26,12 @@ from pathlib import Path
 from typing import Any, Literal
 
 from sync.errors import StateError
-from sync.records import Batch, BatchResult, BatchStatus, RejectedRow
+from sync.records import Attempt, AttemptOutcome, Batch, BatchResult, BatchStatus, RejectedRow
 
-__all__ = ["SCHEMA_VERSION", "BatchRow", "Ledger", "RunInfo", "new_run_id"]
+__all__ = ["SCHEMA_VERSION", "AttemptRow", "BatchRow", "Ledger", "RunInfo", "new_run_id"]
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+"""1: runs, batches, batch_ids, rejected_rows. 2: + attempts (one row per HTTP request); 1 is upgraded in place."""
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL);
@@ -86,6 +87,19 @@ CREATE TABLE IF NOT EXISTS rejected_rows (
     ext_id      TEXT
 );
 CREATE INDEX IF NOT EXISTS rejected_rows_run ON rejected_rows (run_id);
+CREATE TABLE IF NOT EXISTS attempts (
+    run_id      TEXT NOT NULL,
+    batch_id    TEXT NOT NULL,          -- the (sub-)batch sent: a half of a split batch has its own ID
+    endpoint    TEXT NOT NULL,
+    attempt     INTEGER NOT NULL,       -- from 1 within the (sub-)batch; above 1 it is a retry
+    n_ids       INTEGER NOT NULL,
+    outcome     TEXT NOT NULL,          -- ok | rate_limited | retryable | rejected | fatal
+    http_status INTEGER,                -- NULL: no answer (time-out, dropped connection)
+    message     TEXT,
+    started_at  REAL NOT NULL,          -- Unix time the request was sent
+    latency     REAL NOT NULL           -- seconds until the answer (or the failure)
+);
+CREATE INDEX IF NOT EXISTS attempts_run ON attempts (run_id, endpoint);
 """
 
 _INSERT_PLANNED = (
@@ -101,6 +115,10 @@ _UPDATE_RESULT = (
     "rejected_ids = ?, started_at = COALESCE(started_at, ?), finished_at = ? WHERE run_id = ? AND batch_id = ?"
 )
 _INSERT_REFUSED = "INSERT INTO batch_ids (run_id, batch_id, ext_id, code, message, origin_path, origin_row) VALUES (?, ?, ?, ?, ?, ?, ?)"
+_INSERT_ATTEMPT = (
+    "INSERT INTO attempts (run_id, batch_id, endpoint, attempt, n_ids, outcome, http_status, message, started_at, "
+    "latency) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+)
 _INSERT_REJECTED_ROW = (
     "INSERT INTO rejected_rows (run_id, path, row, column_name, reason, ext_id) VALUES (?, ?, ?, ?, ?, ?)"
 )
@@ -147,6 +165,21 @@ class BatchRow:
     rejected_ids: int
 
 
+@dataclass(frozen=True, slots=True)
+class AttemptRow:
+    """One HTTP attempt as stored: the :class:`sync.records.Attempt` fields plus when it was sent (Unix time)."""
+
+    batch_id: str
+    endpoint: str
+    attempt: int
+    n_ids: int
+    latency: float
+    outcome: AttemptOutcome
+    http_status: int | None
+    message: str | None
+    started_at: float
+
+
 class Ledger:
     """A job's ledger. Open with :meth:`open`; use as a context manager or call :meth:`close`."""
 
@@ -182,6 +215,9 @@ class Ledger:
                 raise StateError(
                     f"{path}: ledger schema {row[0]} is newer than this pushsync ({SCHEMA_VERSION})"
                 )
+            elif row[0] < SCHEMA_VERSION:
+                # Every change so far only added tables (created above): record the upgrade.
+                conn.execute("UPDATE schema_version SET version = ?", (SCHEMA_VERSION,))
         except sqlite3.DatabaseError as exc:
             raise StateError(f"{path}: cannot open the ledger: {exc}") from exc
         return cls(conn, path, flush_every=flush_every, flush_interval=flush_interval)
@@ -313,6 +349,24 @@ class Ledger:
                 ),
             )
 
+    def record_attempt(self, run_id: str, attempt: Attempt, *, started_at: float) -> None:
+        """Record one HTTP attempt (``started_at``: Unix time it was sent)."""
+        self._queue(
+            _INSERT_ATTEMPT,
+            (
+                run_id,
+                attempt.batch_id,
+                attempt.endpoint,
+                attempt.attempt,
+                attempt.n_ids,
+                str(attempt.outcome),
+                attempt.http_status,
+                attempt.message or None,
+                started_at,
+                attempt.latency,
+            ),
+        )
+
     def record_rejected_rows(self, run_id: str, rows: Iterable[RejectedRow]) -> int:
         """Record rows refused by validation; returns how many."""
         n = 0
@@ -389,6 +443,28 @@ class Ledger:
         )
         return {r[0] for r in rows}
 
+    def attempts(self, run_id: str) -> list[AttemptRow]:
+        """Every HTTP attempt of ``run_id``, in the order they ended."""
+        rows = self._conn.execute(
+            "SELECT batch_id, endpoint, attempt, n_ids, latency, outcome, http_status, message, started_at "
+            "FROM attempts WHERE run_id = ? ORDER BY rowid",
+            (run_id,),
+        ).fetchall()
+        return [
+            AttemptRow(
+                batch_id=r[0],
+                endpoint=r[1],
+                attempt=r[2],
+                n_ids=r[3],
+                latency=r[4],
+                outcome=AttemptOutcome(r[5]),
+                http_status=r[6],
+                message=r[7],
+                started_at=r[8],
+            )
+            for r in rows
+        ]
+
     def refused_ids(self, run_id: str) -> list[tuple[str, str, str | None, str]]:
         """(batch_id, ext_id, code, message) of every ID the platform refused in ``run_id``."""
         rows = self._conn.execute(
@@ -408,7 +484,7 @@ class Ledger:
         run_id: str,
         out: str | Path,
         *,
-        table: Literal["batches", "refused-ids", "rejected-rows"] = "batches",
+        table: Literal["batches", "attempts", "refused-ids", "rejected-rows"] = "batches",
         fmt: Literal["parquet", "csv"] = "parquet",
     ) -> int:
         """Write one table of a run to Parquet or CSV for analysis; returns the number of rows written."""
@@ -420,6 +496,8 @@ class Ledger:
             "batches": "SELECT run_id, batch_id, endpoint, operation, phase, n_ids, ext_ids, status, attempts, "
             "http_status, code, message, ok_ids, rejected_ids, planned_at, started_at, finished_at "
             "FROM batches WHERE run_id = ? ORDER BY rowid",
+            "attempts": "SELECT run_id, batch_id, endpoint, attempt, n_ids, outcome, http_status, message, "
+            "started_at, latency FROM attempts WHERE run_id = ? ORDER BY rowid",
             "refused-ids": "SELECT run_id, batch_id, ext_id, code, message, origin_path, origin_row "
             "FROM batch_ids WHERE run_id = ? ORDER BY rowid",
             "rejected-rows": "SELECT run_id, path, row, column_name, reason, ext_id "

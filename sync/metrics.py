@@ -28,10 +28,12 @@ metrics lock internally, and the sliding window behind ``current_rate`` has its 
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -46,6 +48,7 @@ from prometheus_client import (
     write_to_textfile,
 )
 
+from sync.errors import StateError
 from sync.records import Attempt, AttemptOutcome, Batch, BatchResult, BatchStatus
 
 __all__ = [
@@ -155,6 +158,7 @@ class RunMetrics:
         job: str = "",
         platform: str = "",
         budgets: Mapping[str, float | None] | None = None,
+        budget_for: Callable[[str], float | None] | None = None,
         window: float = 10.0,
         clock: Callable[[], float] = time.monotonic,
         wall_clock: Callable[[], float] = time.time,
@@ -163,6 +167,7 @@ class RunMetrics:
         self._wall: Callable[[], float] = wall_clock  # Unix time for the *_time_seconds gauges
         self._window = _Window(window, clock)
         self._known: set[str] = set()  # endpoints whose current_rate gauge is wired to the window
+        self._budget_for = budget_for  # an endpoint's budget in requests/s, asked when it is first seen
         r = self.registry
         self.requests = Counter(
             "pushsync_requests_total",
@@ -207,12 +212,28 @@ class RunMetrics:
         self.updated = Gauge(
             "pushsync_last_update_time_seconds", "Unix time of the last attempt or result", registry=r
         )
+        self.bind(run_id=run_id, job=job, platform=platform)
+        for endpoint, rate in (budgets or {}).items():
+            self.set_budget(endpoint, rate)
+
+    def bind(
+        self,
+        *,
+        run_id: str,
+        job: str,
+        platform: str,
+        budget_for: Callable[[str], float | None] | None = None,
+    ) -> None:
+        """Say which run the series describe (the runner calls it once the run has its ID)."""
+        self.run_info.clear()
         self.run_info.labels(run_id, job, platform).set(1)
+        if budget_for is not None:
+            self._budget_for = budget_for
+            for endpoint in self._known:
+                self.set_budget(endpoint, budget_for(endpoint))
         now = self._wall()
         self.started.set(now)
         self.updated.set(now)
-        for endpoint, rate in (budgets or {}).items():
-            self.set_budget(endpoint, rate)
 
     # -- recording -------------------------------------------------------------------------------------------
 
@@ -224,6 +245,8 @@ class RunMetrics:
             # Create the children now, so a scrape shows 0 rather than no series before the first 429/retry.
             self.rate_limited.labels(endpoint)
             self.retries.labels(endpoint)
+            if self._budget_for is not None:
+                self.set_budget(endpoint, self._budget_for(endpoint))
 
     def set_budget(self, endpoint: str, rate: float | None) -> None:
         """The endpoint's budget in requests per second (None: no budget configured, the series is absent)."""
@@ -260,9 +283,46 @@ class RunMetrics:
 
     # -- exposing --------------------------------------------------------------------------------------------
 
+    @contextlib.asynccontextmanager
+    async def exporting(
+        self,
+        *,
+        port: int | None = None,
+        textfile: str | Path | None = None,
+        host: str = "0.0.0.0",
+        every: float = 10.0,
+    ) -> AsyncIterator[MetricsServer | None]:
+        """Serve ``/metrics`` on ``port`` and/or rewrite ``textfile`` every ``every`` seconds while the block runs;
+        the textfile is written once more on the way out, so it ends with the run's final figures. Yields the
+        server (None without ``port``). A port already in use raises :class:`OSError` before anything runs."""
+        server = self.serve(port, host) if port is not None else None
+        writer: asyncio.Task[None] | None = None
+        try:
+            if textfile is not None:
+                self.write_textfile(textfile)
+                writer = asyncio.create_task(self._rewrite(textfile, every), name="metrics-textfile")
+            yield server
+        finally:
+            if writer is not None:
+                writer.cancel()
+                await asyncio.wait([writer])  # waits for the writer without swallowing our own cancellation
+            if textfile is not None:
+                self.write_textfile(textfile)
+            if server is not None:
+                server.close()
+
+    async def _rewrite(self, textfile: str | Path, every: float) -> None:
+        while True:
+            await asyncio.sleep(every)
+            # A thread: the write is file I/O, and the event loop carries the run.
+            await asyncio.to_thread(self.write_textfile, textfile)
+
     def serve(self, port: int, host: str = "0.0.0.0") -> MetricsServer:
         """Serve ``/metrics`` from prometheus_client's own thread (the event loop is not involved)."""
-        server, thread = start_http_server(port, addr=host, registry=self.registry)
+        try:
+            server, thread = start_http_server(port, addr=host, registry=self.registry)
+        except OSError as exc:  # e.g. the port is taken: say so before anything is sent
+            raise StateError(f"cannot serve metrics on {host}:{port}: {exc.strerror or exc}") from exc
         return MetricsServer(host=host, port=server.server_port, server=server, thread=thread)
 
     def write_textfile(self, path: str | Path) -> None:

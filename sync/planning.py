@@ -316,7 +316,7 @@ class _RejectsWriter:
     def __init__(self, fh: TextIO) -> None:
         self._fh = fh
         self.count = 0
-        csv.writer(fh).writerow(list(REJECTS_SCHEMA))
+        csv.writer(fh, lineterminator="\n").writerow(list(REJECTS_SCHEMA))
 
     def frame(self, rejects: pl.DataFrame) -> None:
         if rejects.height:

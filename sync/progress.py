@@ -12,7 +12,7 @@ from collections.abc import Callable
 from typing import Any, TextIO
 
 from sync.logs import get_logger
-from sync.records import Batch, BatchResult
+from sync.records import Attempt, Batch, BatchResult
 
 __all__ = ["BarProgress", "LogProgress", "make_progress"]
 
@@ -47,10 +47,13 @@ class LogProgress:
         self._next = self._counts.started + every
         self._log = get_logger(**context)
 
-    def on_request(self, endpoint: str) -> None:
+    def on_batch_start(self, batch: Batch) -> None:
+        return None
+
+    def on_attempt(self, attempt: Attempt) -> None:
         self._counts.requests += 1
 
-    def on_result(self, batch: Batch, result: BatchResult) -> None:
+    def on_batch_done(self, batch: Batch, result: BatchResult) -> None:
         c = self._counts
         c.batches += 1
         c.ids += len(batch.ext_ids)
@@ -105,10 +108,13 @@ class BarProgress:
         self._started = time.monotonic()
         self._progress.start()
 
-    def on_request(self, endpoint: str) -> None:
+    def on_batch_start(self, batch: Batch) -> None:
+        return None
+
+    def on_attempt(self, attempt: Attempt) -> None:
         self._requests += 1
 
-    def on_result(self, batch: Batch, result: BatchResult) -> None:
+    def on_batch_done(self, batch: Batch, result: BatchResult) -> None:
         self._ids += len(batch.ext_ids)
         elapsed = max(time.monotonic() - self._started, 1e-9)
         self._progress.update(

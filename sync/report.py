@@ -195,7 +195,6 @@ def _load(conn: sqlite3.Connection, run_id: str, path: Path) -> RunReport:
         raise StateError(f"no run {run_id} in {path}")
     job, platform, started_at, finished_at, status, exit_code, message, summary_json = run
     budgets = _budgets(summary_json)
-    has_attempts = _has_table(conn, "attempts")
 
     per_endpoint: dict[str, dict[str, Any]] = {}
     for endpoint, batches, attempts, ok, rejected, failed, unfinished in conn.execute(
@@ -216,6 +215,12 @@ def _load(conn: sqlite3.Connection, run_id: str, path: Path) -> RunReport:
             "retries": None,
             "latencies": [],
         }
+    # Per-attempt records exist for this run — or it made no request at all. (A ledger started by an older
+    # pushsync gains the table when a newer one opens it, but its old runs have no rows there.)
+    has_attempts = _has_table(conn, "attempts") and (
+        conn.execute("SELECT 1 FROM attempts WHERE run_id = ? LIMIT 1", (run_id,)).fetchone() is not None
+        or not any(d["requests"] for d in per_endpoint.values())
+    )
     bins: list[TimeBin] = []
     latency_counts = [0] * (len(LATENCY_BUCKETS) + 1)
     bin_seconds = 1.0
@@ -654,6 +659,7 @@ def _charts(r: RunReport) -> str:
             w,
             [],
             chart_id="retries",
+            counts=True,
         )
     )
     labels = [f"≤{_ms_label(b)}" for b in LATENCY_BUCKETS] + [f">{_ms_label(LATENCY_BUCKETS[-1])}"]
@@ -665,15 +671,21 @@ def _ms_label(seconds: float) -> str:
     return f"{seconds * 1000:g} ms" if seconds < 1 else f"{seconds:g} s"
 
 
-def _ticks(vmax: float, n: int = 4) -> list[float]:
-    """Round tick values from 0 to at least ``vmax``."""
+def _ticks(vmax: float, n: int = 4, *, integer: bool = False) -> list[float]:
+    """Round tick values from 0 to at least ``vmax`` (whole steps only for counts)."""
     if vmax <= 0:
         return [0.0, 1.0]
     raw = vmax / n
     mag = 10 ** math.floor(math.log10(raw))
-    step = next(m * mag for m in (1, 2, 2.5, 5, 10) if m * mag >= raw)
+    step = next(m * mag for m in (1, 2, 2.5, 5, 10) if m * mag >= raw and (not integer or m * mag >= 1))
+    if integer and not float(step).is_integer():
+        step = math.ceil(step)
     count = math.ceil(vmax / step - 1e-9)
     return [i * step for i in range(count + 1)]
+
+
+def _tick_label(value: float) -> str:
+    return f"{value:,.0f}" if float(value).is_integer() else f"{value:,.2f}".rstrip("0")
 
 
 def _time_label(seconds: float) -> str:
@@ -708,7 +720,7 @@ def _frame(
         y = y_of(t)
         svg.append(
             f'<line x1="{_ML}" y1="{y:.1f}" x2="{_W - _MR}" y2="{y:.1f}" stroke="#e2e8f0" />'
-            f'<text x="{_ML - 6}" y="{y + 4:.1f}" font-size="11" fill="#475569" text-anchor="end">{_num(t, 2)}</text>'
+            f'<text x="{_ML - 6}" y="{y + 4:.1f}" font-size="11" fill="#475569" text-anchor="end">{_tick_label(t)}</text>'
         )
     return svg
 
@@ -720,11 +732,12 @@ def _line_chart(
     hlines: Sequence[tuple[str, float | None]],
     *,
     chart_id: str,
+    counts: bool = False,
 ) -> str:
     """Step lines, one value per time bin, with optional dashed horizontal lines (budgets)."""
     n = max(len(v) for _, _, v in series)
     vmax = max([max(v) for _, _, v in series] + [h for _, h in hlines if h])
-    y_ticks = _ticks(vmax * 1.05)
+    y_ticks = _ticks(vmax * 1.05, integer=counts)
     plot_w, plot_h = _W - _ML - _MR, _H - _MT - _MB
 
     def x_of(i: float) -> float:
@@ -771,7 +784,7 @@ def _line_chart(
 
 def _bar_chart(title: str, labels: list[str], values: list[int], chart_id: str) -> str:
     """Vertical bars with their counts on top (the latency histogram)."""
-    y_ticks = _ticks(max(values) * 1.1 if any(values) else 1)
+    y_ticks = _ticks(max(values) * 1.1 if any(values) else 1, integer=True)
     plot_w, plot_h = _W - _ML - _MR, _H - _MT - _MB
 
     def y_of(v: float) -> float:

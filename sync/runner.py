@@ -7,12 +7,13 @@ keyword arguments (``batches`` to send a different stream than the plan's, ``cli
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import signal
-from collections.abc import AsyncIterable, Callable, Iterable
+from collections.abc import AsyncIterable, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from sync.budget import Budget
 from sync.config import Job
@@ -26,6 +27,9 @@ from sync.progress import make_progress
 from sync.records import Batch
 from sync.redact import register_secret
 from sync.summary import RunSummary, summarise
+
+if TYPE_CHECKING:
+    from sync.metrics import RunMetrics
 
 __all__ = ["LEDGER_FILE", "RunOutcome", "ledger_path_for", "make_client", "run_job"]
 
@@ -71,15 +75,24 @@ async def run_job(
     stop: asyncio.Event | None = None,
     handle_signals: bool = False,
     progress: Literal["auto", "bar", "log", "none"] = "none",
-    observer: DispatchObserver | None = None,
+    observers: Sequence[DispatchObserver] = (),
     client: PlatformClient | None = None,
     budget_factory: Callable[[str], Budget] | None = None,
     batches: Callable[[Plan], Iterable[Batch] | AsyncIterable[Batch]] | None = None,
+    metrics_port: int | None = None,
+    metrics_textfile: Path | None = None,
+    plan: Plan | None = None,
+    run_id: str | None = None,
 ) -> RunOutcome:
     """Plan the job, send it, record everything in the job's ledger and return the outcome.
 
     ``progress``: ``auto`` (a bar on a terminal, log lines otherwise), ``bar``, ``log`` or ``none``.
-    ``handle_signals`` installs SIGINT/SIGTERM handlers that set ``stop`` (drain, then summary).
+    ``metrics_port`` / ``metrics_textfile``: expose the run's Prometheus metrics (:mod:`sync.metrics`) while it
+    lasts; a port that cannot be bound raises :class:`sync.errors.StateError` before anything is sent.
+    ``plan``: a plan already built for ``job`` (run_job takes it over and closes it); ``run_id``: the ID to
+    record the run under (default: a new one) — for callers that name the run before it starts.
+    ``handle_signals`` installs SIGINT/SIGTERM handlers: the first sets ``stop`` (drain, then summary), a
+    second cancels what is still in flight.
     Raises :class:`sync.errors.BadInputError`/:class:`BadJobError` before anything is sent when the input or
     the job is unusable; platform errors never escape — they end up in the outcome.
     """
@@ -88,7 +101,8 @@ async def run_job(
         job = dataclasses.replace(job, workdir=workdir)
     log = get_logger(job=job.name)
     # Reading and validating is CPU and disk work: keep the loop free (a sandbox may share it in tests).
-    plan = await asyncio.to_thread(build_plan, job)
+    if plan is None:
+        plan = await asyncio.to_thread(build_plan, job)
     own_client = client is None
     stop = stop if stop is not None else asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -96,7 +110,7 @@ async def run_job(
     try:
         ledger_path = ledger_path_for(job)
         with Ledger.open(ledger_path) as ledger:
-            run_id = new_run_id()
+            run_id = run_id or new_run_id()
             ledger.start_run(run_id, job=job.name, job_path=str(job.path), platform=job.destination.platform)
             rows_rejected = ledger.record_rejected_rows(run_id, plan.rejected_rows())
             ledger.flush()
@@ -112,10 +126,25 @@ async def run_job(
                 if progress != "none"
                 else None
             )
+            metrics = _metrics_for(job, run_id) if metrics_port is not None or metrics_textfile else None
+            watchers: list[DispatchObserver] = [*observers]
+            if bar is not None:
+                watchers.append(bar)
+            if metrics is not None:
+                watchers.append(metrics)
             sender = client if client is not None else make_client(job, api_key)
+            dispatcher = Dispatcher(
+                sender,
+                job.dispatch,
+                ledger=ledger,
+                run_id=run_id,
+                stop=stop,
+                observers=watchers,
+                budget_factory=budget_factory,
+            )
             if handle_signals:
                 for sig in (signal.SIGINT, signal.SIGTERM):
-                    loop.add_signal_handler(sig, _on_signal, stop, sig)
+                    loop.add_signal_handler(sig, _on_signal, dispatcher, sig)
                     installed.append(sig)
             log.info(
                 "run.start",
@@ -124,16 +153,12 @@ async def run_job(
                 ids=summary_of_plan.total_ids,
             )
             try:
-                dispatcher = Dispatcher(
-                    sender,
-                    job.dispatch,
-                    ledger=ledger,
-                    run_id=run_id,
-                    stop=stop,
-                    observer=observer or bar,
-                    budget_factory=budget_factory,
-                )
-                report = await dispatcher.run(batches(plan) if batches is not None else plan.batches())
+                async with (
+                    metrics.exporting(port=metrics_port, textfile=metrics_textfile)
+                    if metrics is not None
+                    else contextlib.nullcontext()
+                ):
+                    report = await dispatcher.run(batches(plan) if batches is not None else plan.batches())
             finally:
                 if bar is not None:
                     bar.close()
@@ -176,7 +201,23 @@ async def run_job(
     return RunOutcome(run_id=run_id, exit_code=summary.exit_code, summary=summary, ledger_path=ledger_path)
 
 
-def _on_signal(stop: asyncio.Event, sig: signal.Signals) -> None:
-    if not stop.is_set():
-        get_logger().warning("run.stopping", signal=sig.name, hint="draining in-flight batches")
-    stop.set()
+def _metrics_for(job: Job, run_id: str) -> RunMetrics:
+    from sync.metrics import RunMetrics  # prometheus_client only when metrics are asked for
+
+    def budget_rate(endpoint: str) -> float | None:
+        spec = job.dispatch.budget_for(endpoint)
+        return None if spec is None else spec.requests / spec.period
+
+    return RunMetrics(run_id=run_id, job=job.name, platform=job.destination.platform, budget_for=budget_rate)
+
+
+def _on_signal(dispatcher: Dispatcher, sig: signal.Signals) -> None:
+    """First SIGINT/SIGTERM: stop feeding and drain. Second: cancel what is still in flight."""
+    if not dispatcher.stop_event.is_set():
+        get_logger().warning(
+            "run.stopping", signal=sig.name, hint="draining in-flight batches; again to force"
+        )
+        dispatcher.stop_event.set()
+    else:
+        get_logger().warning("run.forced", signal=sig.name, hint="cancelling in-flight batches")
+        dispatcher.force_stop()

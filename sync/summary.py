@@ -37,13 +37,16 @@ class EndpointReport:
     retries: int
     splits: int
     achieved_rate: float | None
-    """Requests per second between this endpoint's first and last request (None with fewer than two)."""
+    """Requests per second as the server's windows saw them (mean over the busy budget periods);
+    without a configured budget, between the first and last request. None with too few requests."""
     budget_rate: float | None
     """The configured budget in requests per second (None: none configured)."""
     budget: str | None
     """The budget as configured, e.g. ``100/60s``; ``discovered 12.5/1s`` when found from 429s."""
     p50_ms: float | None
     p95_ms: float | None
+    max_per_window: int | None = None
+    """The most requests sent in one clock-aligned budget period (configured budgets only)."""
 
     @property
     def utilisation(self) -> float | None:
@@ -64,6 +67,7 @@ class EndpointReport:
             "budget": self.budget,
             "budget_rate": _round(self.budget_rate),
             "utilisation": _round(self.utilisation),
+            "max_per_window": self.max_per_window,
             "latency_ms": {"p50": _round(self.p50_ms), "p95": _round(self.p95_ms)},
         }
 
@@ -137,7 +141,7 @@ class RunSummary:
             lines.append(f"  {self.message}")
         header = (
             f"  {'endpoint':<24}{'requests':>9}{'ids ok':>10}{'rejected':>9}{'failed':>8}{'429s':>6}"
-            f"{'retries':>8}{'rate/s':>9}  {'budget':<16}{'p50 ms':>8}{'p95 ms':>8}"
+            f"{'retries':>8}{'rate/s':>9}  {'budget':<16}{'max/win':>8}{'p50 ms':>8}{'p95 ms':>8}"
         )
         lines.append(header)
         for e in self.endpoints:
@@ -146,7 +150,7 @@ class RunSummary:
             lines.append(
                 f"  {e.endpoint:<24}{e.requests:>9}{e.ids_ok:>10}{e.ids_rejected:>9}{e.ids_failed:>8}"
                 f"{e.rate_limited:>6}{e.retries:>8}{rate:>9}  {(e.budget or '-') + util:<16}"
-                f"{_ms(e.p50_ms):>8}{_ms(e.p95_ms):>8}"
+                f"{'-' if e.max_per_window is None else e.max_per_window:>8}{_ms(e.p50_ms):>8}{_ms(e.p95_ms):>8}"
             )
         lines.append(
             f"  total: {self.requests} requests, {self.ids_ok} IDs ok, {self.ids_rejected} rejected by the "
@@ -176,18 +180,28 @@ def exit_code_for(outcome: DispatchOutcome, *, problems: int) -> ExitCode:
 def _endpoint_report(stats: EndpointStats) -> EndpointReport:
     achieved = budget_rate = None
     budget = None
+    max_per_window = max(stats.per_window.values()) if stats.per_window else None
     if stats.budget_requests and stats.budget_period:
         budget_rate = stats.budget_requests / stats.budget_period
         budget = f"{stats.budget_requests}/{stats.budget_period:g}s"
-    if stats.requests > 1 and stats.first_request is not None and stats.last_request is not None:
-        # Each request "occupies" one budget interval, and a run shorter than a period is measured over the
-        # period: a burst of 4 requests against 40/s is 10 % of the budget, not 4 / 0.05 s.
-        span = stats.last_request - stats.first_request
-        if budget_rate:
-            span = max(span + 1 / budget_rate, stats.budget_period or 0.0)
-        achieved = stats.requests / span if span > 0 else None
+        if stats.per_window:
+            # The rate the server's windows saw: the mean over the windows in which this endpoint was busy,
+            # without the first and last (partial) ones — between phases an endpoint idles, which is not the
+            # budget's doing; a run inside one or two windows is measured by its busiest window.
+            busy = sorted(stats.per_window)
+            full = [stats.per_window[w] for w in busy[1:-1]]
+            per_window = sum(full) / len(full) if full else float(max_per_window or 0)
+            achieved = per_window / stats.budget_period
     elif stats.discovered_rate is not None:
         budget = f"found {stats.discovered_rate:.3g}/s"
+    if (
+        achieved is None
+        and stats.requests > 1
+        and stats.first_request is not None
+        and stats.last_request is not None
+    ):
+        span = stats.last_request - stats.first_request
+        achieved = (stats.requests - 1) / span if span > 0 else None
     p50, p95 = percentile(stats.latencies, 50), percentile(stats.latencies, 95)
     return EndpointReport(
         endpoint=stats.endpoint,
@@ -204,6 +218,7 @@ def _endpoint_report(stats: EndpointStats) -> EndpointReport:
         budget=budget,
         p50_ms=None if p50 is None else p50 * 1000,
         p95_ms=None if p95 is None else p95 * 1000,
+        max_per_window=max_per_window,
     )
 
 

@@ -67,6 +67,8 @@ _EMAIL = (
     r"(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)+$"
 )
 _MSISDN = r"^\+?[0-9]{8,15}$"
+_CONTROL = r"[\x00-\x1f\x7f-\x9f]"
+"""C0/C1 control characters: never part of a real external ID (a tab, a line break from a quoted cell, NUL)."""
 _MSISDN_SEPARATORS = r"[\s\-().]"
 
 _DTYPE: dict[ValueType, Any] = {
@@ -285,12 +287,23 @@ def validate_chunk(
         .then(pl.lit("missing external ID"))
         .when(ext.str.len_chars() > rules.max_id_length)
         .then(pl.lit(f"external ID longer than {rules.max_id_length} characters"))
+        .when(ext.str.contains(_CONTROL).fill_null(False))
+        .then(pl.lit("external ID contains a control character (tab, line break, NUL...)"))
     ).to_series()
     checks.append((source.ext_id, ext, id_err))
     out: dict[str, pl.Series] = {}
 
     def add(column: str, name: str, parsed: _Parsed) -> None:
         values, errors = parsed
+        raw_text = raw[column]
+        if raw_text.dtype == pl.String:
+            # A NUL character is binary junk (or a UTF-16 file read as UTF-8), never a value to send.
+            nul = raw_text.str.contains("\x00", literal=True).fill_null(False)
+            if nul.any():
+                values = pl.select(pl.when(nul).then(None).otherwise(values)).to_series()
+                errors = pl.select(
+                    pl.when(nul).then(pl.lit("contains a NUL character")).otherwise(errors)
+                ).to_series()
         out[name] = values
         checks.append((column, values, errors))
 

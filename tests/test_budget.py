@@ -217,3 +217,15 @@ def test_invalid_specs_are_refused() -> None:
         RateBudget(RateBudgetSpec(0, 1.0))
     with pytest.raises(ValueError, match="decrease"):
         RateBudget(RateBudgetSpec(1, 1.0), decrease=1.5)
+
+
+def test_remaining_zero_on_success_is_ignored_when_unaligned() -> None:
+    async def scenario() -> float:
+        loop = asyncio.get_running_loop()
+        budget = RateBudget(RateBudgetSpec(10, 1.0), align=False, tail=0.0)
+        await budget.acquire()
+        budget.on_success(remaining=0)
+        await budget.acquire()
+        return loop.time()
+
+    assert run_virtual(scenario()) == pytest.approx(0.1)

@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -139,3 +140,61 @@ def test_sigint_drains_prints_the_summary_and_exits_4(netmera_sandbox_process: A
     summary = json.loads(out)
     assert summary["outcome"] == "interrupted" and summary["exit_status"] == "INTERRUPTED"
     assert summary["totals"]["batches_done"] > 0 and summary["totals"]["batches_unfinished"] >= 0
+
+
+def test_a_second_sigint_cancels_the_drain(netmera_sandbox_process: Any, tmp_path: Path) -> None:
+    root = netmera_sandbox_process.root_url
+    request = urllib.request.Request(
+        f"{root}/_sandbox/config",
+        data=json.dumps({"faults": {"hang": 1.0, "hang_seconds": 60}}).encode(),
+        headers={"Content-Type": "application/json"},
+        method="POST",
+    )
+    with urllib.request.urlopen(request, timeout=5) as resp:
+        assert resp.status == 200
+    job = write_job(tmp_path, netmera_sandbox_process.url, users=100)
+    text = job.read_text(encoding="utf-8").replace(
+        "drain_timeout: 5", "drain_timeout: 60\n  request_timeout: 60"
+    )
+    job.write_text(text, encoding="utf-8")
+    process = subprocess.Popen(
+        [sys.executable, "-m", "sync", "run", str(job), "--output", "json", "--progress", "none"],
+        cwd=REPO_ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, KEY_ENV: netmera_sandbox_process.api_key},
+    )
+    try:
+        time.sleep(2.0)  # requests are now hanging on the sandbox
+        process.send_signal(signal.SIGINT)
+        time.sleep(0.5)
+        assert process.poll() is None  # draining: the hung requests may still answer
+        process.send_signal(signal.SIGINT)
+        out, err = process.communicate(timeout=10)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    assert process.returncode == 4, err
+    summary = json.loads(out)
+    assert summary["outcome"] == "interrupted" and summary["totals"]["batches_done"] == 0
+    assert "run.forced" in err
+
+
+def test_run_writes_prometheus_metrics_to_a_textfile(
+    key_env: Any, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    job = write_job(tmp_path, key_env.url, users=60)
+    prom = tmp_path / "metrics" / "pushsync.prom"
+    argv = ["run", str(job), "--output", "json", "--progress", "none", "--metrics-textfile", str(prom)]
+    assert main(argv) == 0
+    summary = json.loads(capsys.readouterr().out)
+    text = prom.read_text(encoding="utf-8")
+    sent = sum(
+        float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line.startswith("pushsync_requests_total{")
+    )
+    assert sent == summary["totals"]["requests"] > 0
+    assert f'run_id="{summary["run_id"]}"' in text

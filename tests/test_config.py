@@ -202,3 +202,21 @@ def test_unreadable_or_malformed_job_files(tmp_path: Path) -> None:
 def test_fixture_job_covers_every_source_kind() -> None:
     job = load_job(FIXTURES / "all_ops.yaml")
     assert {s.kind for s in job.sources} == set(SourceKind)
+
+
+def test_schema_and_semantic_problems_are_reported_together(tmp_path: Path) -> None:
+    text = """
+destination: {platform: netmera, base_url: "http://127.0.0.1:8080/rest/3.0/", secret: {env: K}, verify_tls: false}
+validation: {timezone: Nowhere/Atlantis}
+sources:
+  - {name: a, path: a.csv, ext_id: id, attributes: {x: integer}}
+  - {name: b, path: b.csv, ext_id: id, attributes: {y: {type: string, mode: push}}}
+dispatch: {batch_size: 2000, concurrency: -1}
+"""
+    problems = _problems(_write(tmp_path, text))
+    assert set(problems) == {
+        "sources[0].attributes.x",  # schema
+        "sources[1].attributes.y",  # semantic, in a sound source
+        "validation.timezone",  # semantic
+        "dispatch.concurrency",  # schema
+    }

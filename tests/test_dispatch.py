@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import asyncio
+import io
 import random
 from collections import defaultdict
 from collections.abc import AsyncIterator, Callable
@@ -21,8 +22,8 @@ from sync.dispatch import Dispatcher, DispatchOutcome, DispatchReport
 from sync.errors import FatalPlatformError, RejectedBatchError, RetryableError, StateError
 from sync.ledger import Ledger
 from sync.platforms.base import SendOutcome
-from sync.progress import LogProgress
-from sync.records import Batch, BatchResult, BatchStatus, Operation, Phase
+from sync.progress import BarProgress, LogProgress
+from sync.records import Attempt, AttemptOutcome, Batch, BatchResult, BatchStatus, Operation, Phase
 
 Behaviour = Callable[[Batch, int], Exception | None]
 
@@ -285,20 +286,56 @@ def test_per_endpoint_concurrency_cap_and_rate_budget() -> None:
     assert report.batches_done == 40
 
 
-def test_results_reach_the_observer() -> None:
-    seen: list[BatchResult] = []
-    requests: list[str] = []
+def test_batches_and_attempts_reach_the_observers(tmp_path: Path) -> None:
+    started: list[str] = []
+    attempts: list[Attempt] = []
+    done: list[BatchResult] = []
 
     class Observer:
-        def on_request(self, endpoint: str) -> None:
-            requests.append(endpoint)
+        def on_batch_start(self, batch: Batch) -> None:
+            started.append(batch.batch_id)
 
-        def on_result(self, batch: Batch, result: BatchResult) -> None:
-            seen.append(result)
+        def on_attempt(self, attempt: Attempt) -> None:
+            attempts.append(attempt)
 
-    run_virtual(_dispatch(MemoryPlatform(), _plan(5), _settings(), observer=Observer()))
-    assert len(seen) == 5 and requests == ["tagUsers"] * 5
-    assert all(r.status is BatchStatus.OK and r.ok_ids == 10 for r in seen)
+        def on_batch_done(self, batch: Batch, result: BatchResult) -> None:
+            done.append(result)
+
+    def flaky(batch: Batch, attempt: int) -> Exception | None:
+        if batch.ext_ids[0] == "t0-0" and attempt == 1:
+            return RetryableError("HTTP 429", status=429, retry_after=1.0)
+        if batch.ext_ids[0] == "t1-0" and attempt == 1:
+            return RetryableError("HTTP 503", status=503)
+        return None
+
+    ledger = Ledger.open(tmp_path / "l.sqlite")
+    ledger.start_run("r", job="j")
+    settings = _settings(retry=RetryPolicy(base_delay=0.01))
+    run_virtual(
+        _dispatch(
+            MemoryPlatform(behaviour=flaky),
+            _plan(3),
+            settings,
+            observers=[Observer()],
+            ledger=ledger,
+            run_id="r",
+        )
+    )
+    assert len(started) == 3 and len(done) == 3 and all(r.status is BatchStatus.OK for r in done)
+    outcomes = sorted((a.batch_id[-8:], a.attempt, str(a.outcome), a.http_status) for a in attempts)
+    assert outcomes == [
+        (":t0-0:10", 1, "rate_limited", 429),
+        (":t0-0:10", 2, "ok", 200),
+        (":t1-0:10", 1, "retryable", 503),
+        (":t1-0:10", 2, "ok", 200),
+        (":t2-0:10", 1, "ok", 200),
+    ]
+    stored = ledger.attempts("r")
+    assert sorted((a.batch_id, a.attempt, a.outcome) for a in stored) == sorted(
+        (a.batch_id, a.attempt, a.outcome) for a in attempts
+    )
+    assert all(a.started_at > 0 and a.latency == pytest.approx(0.01) for a in stored)
+    ledger.close()
 
 
 def test_a_plan_out_of_phase_order_is_refused_as_a_state_error() -> None:
@@ -313,12 +350,73 @@ def test_log_progress_reports_rate_and_eta_every_interval() -> None:
         progress = LogProgress(total_ids=100, total_requests=10, every=5.0, clock=lambda: now[0], job="j")
         for i in range(10):
             now[0] = (i + 1) * 1.0
-            progress.on_request("tagUsers")
             batch = _batch("t", tuple(f"u{i}-{k}" for k in range(10)))
-            progress.on_result(
+            progress.on_attempt(Attempt(batch.batch_id, batch.endpoint, 1, 10, 0.01, AttemptOutcome.OK, 200))
+            progress.on_batch_done(
                 batch, BatchResult(batch.batch_id, batch.endpoint, batch.operation, BatchStatus.OK, 1)
             )
     lines = [e for e in logs if e["event"] == "run.progress"]
     assert [e["ids_done"] for e in lines] == [50, 100]
     assert lines[0]["ids_per_second"] == 10.0 and lines[0]["eta_seconds"] == 5.0
     assert lines[0]["job"] == "j" and lines[0]["requests_done"] == 5
+
+
+def test_latencies_are_a_bounded_sample(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("sync.dispatch.LATENCY_SAMPLE", 5)
+    report = run_virtual(_dispatch(MemoryPlatform(latency=0.02), _plan(20), _settings()))
+    stats = report.endpoints["tagUsers"]
+    assert stats.latency_count == 20 and len(stats.latencies) == 5
+    assert all(latency == pytest.approx(0.02) for latency in stats.latencies)
+
+
+def test_bar_progress_shows_ids_requests_and_rate() -> None:
+    stream = io.StringIO()
+    bar = BarProgress(total_ids=20, total_requests=2, stream=stream)
+    for i in range(2):
+        batch = _batch("t", tuple(f"u{i}-{k}" for k in range(10)))
+        bar.on_attempt(Attempt(batch.batch_id, batch.endpoint, 1, 10, 0.01, AttemptOutcome.OK, 200))
+        bar.on_batch_done(
+            batch, BatchResult(batch.batch_id, batch.endpoint, batch.operation, BatchStatus.OK, 1)
+        )
+    bar.close()
+    text = stream.getvalue()
+    assert "20/20" in text and "2 requests" in text and "IDs/s" in text
+
+
+def test_force_stop_cuts_the_drain_short() -> None:
+    client = MemoryPlatform(latency=60.0)
+
+    async def go() -> tuple[DispatchReport, float]:
+        loop = asyncio.get_running_loop()
+        dispatcher = Dispatcher(client, _settings(concurrency=2, drain_timeout=30.0, request_timeout=100.0))
+        loop.call_later(0.5, dispatcher.stop_event.set)
+        loop.call_later(1.0, dispatcher.force_stop)
+        report = await dispatcher.run(_plan(10))
+        return report, loop.time()
+
+    report, ended = run_virtual(go())
+    assert report.outcome is DispatchOutcome.INTERRUPTED
+    assert ended == pytest.approx(1.0)
+    assert report.batches_done == 0 and report.batches_unfinished == 10  # all were queued
+
+
+def test_a_stop_after_the_last_answer_still_completes() -> None:
+    stop = asyncio.Event()
+    done: list[BatchResult] = []
+
+    class StopAtEnd:
+        def on_batch_start(self, batch: Batch) -> None:
+            return None
+
+        def on_attempt(self, attempt: Attempt) -> None:
+            return None
+
+        def on_batch_done(self, batch: Batch, result: BatchResult) -> None:
+            done.append(result)
+            if len(done) == 5:
+                stop.set()
+
+    report = run_virtual(
+        _dispatch(MemoryPlatform(), _plan(5), _settings(), stop=stop, observers=[StopAtEnd()])
+    )
+    assert report.outcome is DispatchOutcome.COMPLETED and report.batches_done == 5

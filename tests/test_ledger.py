@@ -11,7 +11,18 @@ import pytest
 
 from sync.errors import StateError
 from sync.ledger import SCHEMA_VERSION, Ledger, new_run_id
-from sync.records import Batch, BatchResult, BatchStatus, Operation, Phase, RejectedId, RejectedRow, RowRef
+from sync.records import (
+    Attempt,
+    AttemptOutcome,
+    Batch,
+    BatchResult,
+    BatchStatus,
+    Operation,
+    Phase,
+    RejectedId,
+    RejectedRow,
+    RowRef,
+)
 
 
 def _batch(i: int, n_ids: int = 3) -> Batch:
@@ -133,11 +144,46 @@ def test_ledger_keeps_up_with_3000_batches_per_second(tmp_path: Path) -> None:
         for batch, result in zip(batches, results, strict=True):
             ledger.record_planned("r1", batch)
             ledger.record_sent("r1", batch.batch_id)
+            ledger.record_attempt(
+                "r1",
+                Attempt(batch.batch_id, batch.endpoint, 1, 100, 0.01, AttemptOutcome.OK, 200),
+                started_at=1.0,
+            )
             ledger.record_result("r1", result)
             ledger.maybe_flush()
         ledger.flush()
         elapsed = time.perf_counter() - start
         assert len(ledger.confirmed_ok("r1")) == 6000
     rate = len(batches) / elapsed
-    print(f"ledger: {rate:,.0f} batches/s (planned + sent + result each)")
+    print(f"ledger: {rate:,.0f} batches/s (planned + sent + attempt + result each)")
     assert rate >= 3000
+
+
+def test_attempts_are_stored_and_exported_and_a_version_1_ledger_is_upgraded(tmp_path: Path) -> None:
+    path = tmp_path / "l.sqlite"
+    Ledger.open(path).close()
+    conn = sqlite3.connect(path)
+    conn.execute("DROP TABLE attempts")
+    conn.execute("UPDATE schema_version SET version = 1")
+    conn.commit()
+    conn.close()
+    with Ledger.open(path) as ledger:
+        ledger.start_run("r1", job="j")
+        ledger.record_attempt(
+            "r1",
+            Attempt("b1", "tagUsers", 1, 5, 0.3, AttemptOutcome.RATE_LIMITED, 429, "slow down"),
+            started_at=10.0,
+        )
+        ledger.record_attempt(
+            "r1", Attempt("b1", "tagUsers", 2, 5, 0.1, AttemptOutcome.OK, 200), started_at=11.0
+        )
+        ledger.flush()
+        rows = ledger.attempts("r1")
+        assert [(a.attempt, a.outcome, a.http_status, a.message, a.started_at) for a in rows] == [
+            (1, AttemptOutcome.RATE_LIMITED, 429, "slow down", 10.0),
+            (2, AttemptOutcome.OK, 200, None, 11.0),
+        ]
+        assert ledger.export("r1", tmp_path / "a.csv", table="attempts", fmt="csv") == 2
+        version = ledger._conn.execute("SELECT version FROM schema_version").fetchone()[0]
+    assert version == SCHEMA_VERSION == 2
+    assert pl.read_csv(tmp_path / "a.csv")["outcome"].to_list() == ["rate_limited", "ok"]

@@ -146,6 +146,12 @@ def test_duplicate_ids_last_row_wins(tmp_path: Path) -> None:
     assert summary.duplicates_dropped == 1
 
 
+def test_an_invalid_last_row_leaves_the_last_valid_row(tmp_path: Path) -> None:
+    rejects, items = _plan_rejects(_job(tmp_path, "a,1,,,,,,,,\na,oops,,,,,,,,\n"))
+    assert [(r.row, r.reason) for r in rejects.values()] == [(2, "not a number")]
+    assert items == [{"extId": "a", "profile": {"n": 1}}]
+
+
 def test_malformed_csv_record_is_rejected_and_reading_goes_on(tmp_path: Path) -> None:
     rejects, items = _plan_rejects(_job(tmp_path, "a,1,,,,,,,,\nb,2,too,many,,,,,,,,,,\nc,3,,,,,,,,\n"))
     assert list(rejects) == [2] and "malformed CSV record" in rejects[2].reason

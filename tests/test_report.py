@@ -9,23 +9,25 @@ import shutil
 import subprocess
 import tempfile
 import xml.etree.ElementTree as ET
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import pytest
+import pytest_asyncio
 
 from sync.config import load_job
 from sync.demo import generate_users
 from sync.ledger import Ledger
 from sync.platforms.sandboxes._core import FaultSpec, RateLimit
-from sync.platforms.sandboxes.netmera import UnknownExtId
-from sync.records import BatchStatus, RejectedRow
+from sync.platforms.sandboxes.netmera import NetmeraSandbox, NetmeraSandboxConfig, UnknownExtId
+from sync.records import AttemptOutcome, BatchStatus, RejectedRow
 from sync.report import load_report, render_html, write_report
 from sync.runner import RunOutcome, run_job
 
 KEY_ENV = "PUSHSYNC_TEST_NETMERA_KEY"
 REFUSED_ID = "U0000037"
+SANDBOX_TEST_KEY = "report-test-netmera-key-0123456789"
 XHTML = "{http://www.w3.org/1999/xhtml}"
 
 
@@ -72,21 +74,33 @@ dispatch:
     return job
 
 
-@pytest.fixture
-async def reported_run(netmera_sandbox_factory: Any, tmp_path: Path) -> ReportedRun:
-    """A partial run: one ID refused by the platform (split out), two rows refused by validation, some 503s
-    and — the server allowing less than the job's budget on one endpoint — some 429s."""
-    running = await netmera_sandbox_factory(
-        unknown_ext_id=UnknownExtId.ERROR,
-        limits={"setProfileAttributes": RateLimit(6, 0.5)},
-        faults=FaultSpec(error_503=0.1),
-        seed=11,
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def reported_run(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[ReportedRun]:
+    """One partial run shared by the module's tests (a run takes a couple of seconds): one ID refused by the
+    platform (split out), two rows refused by validation, some 503s and — the server allowing less than the
+    job's budget on one endpoint — some 429s."""
+    tmp_path = tmp_path_factory.mktemp("reported-run")
+    config = NetmeraSandboxConfig.from_mapping(
+        {
+            "api_key": SANDBOX_TEST_KEY,
+            "unknown_ext_id": UnknownExtId.ERROR,
+            "limits": {"setProfileAttributes": RateLimit(6, 0.5)},
+            "faults": FaultSpec(error_503=0.1),
+            "seed": 11,
+        }
     )
-    running.sandbox.state.ensure_users([f"U{i:07d}" for i in range(120) if f"U{i:07d}" != REFUSED_ID])
-    job = load_job(write_job(tmp_path, running.url))
-    outcome = await run_job(job, api_key=running.api_key)
+    sandbox = NetmeraSandbox(config)
+    url = await sandbox.start("127.0.0.1", 0)
+    try:
+        sandbox.state.ensure_users([f"U{i:07d}" for i in range(120) if f"U{i:07d}" != REFUSED_ID])
+        job = load_job(write_job(tmp_path, url))
+        outcome = await run_job(job, api_key=SANDBOX_TEST_KEY)
+    finally:
+        await sandbox.stop()
     out = write_report(outcome.ledger_path, outcome.run_id, tmp_path / "report.html")
-    return ReportedRun(outcome, out.read_text(encoding="utf-8"), out, running.api_key, tmp_path / "data" / "users.csv")
+    yield ReportedRun(
+        outcome, out.read_text(encoding="utf-8"), out, SANDBOX_TEST_KEY, tmp_path / "data" / "users.csv"
+    )
 
 
 def parse(page: str) -> ET.Element:
@@ -101,7 +115,9 @@ def table_values(root: ET.Element) -> dict[str, dict[str, str]]:
         endpoint = tr.get("data-endpoint")
         if endpoint is None:
             continue
-        out[endpoint] = {td.get("data-field", ""): td.get("data-value", "-") for td in tr if td.get("data-field")}
+        out[endpoint] = {
+            td.get("data-field", ""): td.get("data-value", "-") for td in tr if td.get("data-field")
+        }
     return out
 
 
@@ -119,7 +135,9 @@ def ledger_numbers(ledger_path: Path, run_id: str) -> dict[str, dict[str, int]]:
         for b in ledger.batches(run_id):
             d = out.setdefault(
                 b.endpoint,
-                dict.fromkeys(("batches", "requests", "ids_ok", "ids_rejected", "ids_failed", "ids_unfinished"), 0),
+                dict.fromkeys(
+                    ("batches", "requests", "ids_ok", "ids_rejected", "ids_failed", "ids_unfinished"), 0
+                ),
             )
             d["batches"] += 1
             d["requests"] += b.attempts
@@ -132,7 +150,7 @@ def ledger_numbers(ledger_path: Path, run_id: str) -> dict[str, dict[str, int]]:
     return out
 
 
-async def test_the_report_numbers_equal_the_ledger(reported_run: ReportedRun) -> None:
+def test_the_report_numbers_equal_the_ledger(reported_run: ReportedRun) -> None:
     outcome = reported_run.outcome
     root = parse(reported_run.page)
     shown = table_values(root)
@@ -153,7 +171,7 @@ async def test_the_report_numbers_equal_the_ledger(reported_run: ReportedRun) ->
     assert shown["setProfileAttributes"]["ids_rejected"] == "1"
 
 
-async def test_the_header_tells_what_happened(reported_run: ReportedRun) -> None:
+def test_the_header_tells_what_happened(reported_run: ReportedRun) -> None:
     outcome = reported_run.outcome
     root = parse(reported_run.page)
     with Ledger.open(outcome.ledger_path) as ledger:
@@ -172,7 +190,7 @@ async def test_the_header_tells_what_happened(reported_run: ReportedRun) -> None
     assert cards["requests"] == str(outcome.summary.requests)
 
 
-async def test_the_refused_rows_and_top_errors_are_listed(reported_run: ReportedRun) -> None:
+def test_the_refused_rows_and_top_errors_are_listed(reported_run: ReportedRun) -> None:
     root = parse(reported_run.page)
     rows = [
         ["".join(td.itertext()) for td in tr]
@@ -185,7 +203,9 @@ async def test_the_refused_rows_and_top_errors_are_listed(reported_run: Reported
     assert "score" in validation[0][5] and validation[0][4] == "U9000001"
     assert "external ID" in validation[1][5]
     platform = [r for r in rows if r[0] == "platform"]
-    refused_at = {e.endpoint: e.ids_rejected for e in reported_run.outcome.summary.endpoints if e.ids_rejected}
+    refused_at = {
+        e.endpoint: e.ids_rejected for e in reported_run.outcome.summary.endpoints if e.ids_rejected
+    }
     assert sorted(r[1] for r in platform) == sorted(e for e, n in refused_at.items() for _ in range(n))
     for row in platform:
         assert row[2:5] == [data, str(int(REFUSED_ID[1:]) + 1), REFUSED_ID]
@@ -200,13 +220,13 @@ async def test_the_refused_rows_and_top_errors_are_listed(reported_run: Reported
     assert all("5016" in m or "not found" in m.lower() for _, m in refused)
 
 
-async def test_the_page_is_self_contained_and_keeps_the_secret(reported_run: ReportedRun) -> None:
+def test_the_page_is_self_contained_and_keeps_the_secret(reported_run: ReportedRun) -> None:
     page = reported_run.page
     assert reported_run.api_key not in page
     # Nothing to fetch: no src/href, no CSS url() or @import, no script at all.
     assert not re.search(r"\s(src|href)\s*=", page)
     assert "url(" not in page and "@import" not in page and "<script" not in page
-    assert page.count("<svg") == len(parse(page).findall(f".//{{http://www.w3.org/2000/svg}}svg"))
+    assert page.count("<svg") == len(parse(page).findall(".//{http://www.w3.org/2000/svg}svg"))
 
 
 def test_strings_from_the_ledger_are_escaped(tmp_path: Path) -> None:
@@ -214,7 +234,7 @@ def test_strings_from_the_ledger_are_escaped(tmp_path: Path) -> None:
     with Ledger.open(ledger_path) as ledger:
         ledger.start_run("r1", job="<script>alert('job')</script>", platform="netmera")
         ledger.record_rejected_rows(
-            "r1", [RejectedRow("a&b.csv", 3, "email", "<img src=x onerror=alert(1)> & \"quoted\"", "<id>")]
+            "r1", [RejectedRow("a&b.csv", 3, "email", '<img src=x onerror=alert(1)> & "quoted"', "<id>")]
         )
         ledger.finish_run("r1", status="partial", exit_code=1, message="</dd><h1>injected</h1>")
     page = render_html(load_report(ledger_path, "r1"))
@@ -263,7 +283,9 @@ def chromium(tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
 
 
 @pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed (CI installs it: see .ci/run)")
-def test_the_page_opens_in_headless_chromium_without_errors(reported_run: ReportedRun, tmp_path: Path) -> None:
+def test_the_page_opens_in_headless_chromium_without_errors(
+    reported_run: ReportedRun, tmp_path: Path
+) -> None:
     url = reported_run.path.resolve().as_uri()
     dom = chromium(tmp_path, "--enable-logging=stderr", "--v=0", "--dump-dom", url)
     assert dom.returncode == 0, dom.stderr[-2000:]
@@ -279,3 +301,47 @@ def test_the_page_opens_in_headless_chromium_without_errors(reported_run: Report
     png = chromium(tmp_path, f"--screenshot={shot}", "--window-size=1280,2000", url)
     assert png.returncode == 0, png.stderr[-2000:]
     assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and shot.stat().st_size > 20_000
+
+
+def test_per_attempt_figures_equal_the_ledger_and_the_dispatcher(reported_run: ReportedRun) -> None:
+    outcome = reported_run.outcome
+    shown = table_values(parse(reported_run.page))
+    with Ledger.open(outcome.ledger_path) as ledger:
+        attempts = ledger.attempts(outcome.run_id)
+    for e in outcome.summary.endpoints:
+        mine = [a for a in attempts if a.endpoint == e.endpoint]
+        assert shown[e.endpoint]["requests"] == str(len(mine)) == str(e.requests)
+        limited = sum(a.outcome is AttemptOutcome.RATE_LIMITED for a in mine)
+        assert shown[e.endpoint]["rate_limited"] == str(limited) == str(e.rate_limited)
+        assert shown[e.endpoint]["retries"] == str(sum(a.attempt > 1 for a in mine)) == str(e.retries)
+    # The scenario did hit the server's limit and its 503s, so the charts have something to show.
+    assert int(shown["*"]["rate_limited"]) > 0 and int(shown["*"]["retries"]) > int(
+        shown["*"]["rate_limited"]
+    )
+
+
+def test_the_charts_draw_the_ledger_attempts(reported_run: ReportedRun) -> None:
+    root = parse(reported_run.page)
+    svg = "{http://www.w3.org/2000/svg}"
+    shown = table_values(root)
+    charts = {div.get("id"): div for div in root.iter(f"{XHTML}div") if div.get("class") == "chart"}
+    report = load_report(reported_run.outcome.ledger_path, reported_run.outcome.run_id)
+    width = report.bin_seconds
+    rate_charts = [c for name, c in charts.items() if name and name.startswith("rate-")]
+    assert len(rate_charts) == len(report.endpoints)
+    for chart in rate_charts:
+        (line,) = chart.iter(f"{svg}polyline")
+        endpoint = line.get("data-series", "")
+        # Requests per second per bin, times the bin width, adds up to the endpoint's requests.
+        assert float(line.get("data-sum", "")) * width == pytest.approx(
+            int(shown[endpoint]["requests"]), rel=1e-4
+        )
+        budget = [el for el in chart.iter(f"{svg}line") if el.get("data-line") == "budget"]
+        assert [b.get("data-value") for b in budget] == [shown[endpoint]["budget_rate"]]
+    lines = {
+        el.get("data-series"): float(el.get("data-sum", ""))
+        for el in charts["retries"].iter(f"{svg}polyline")
+    }
+    assert lines == {"429s": int(shown["*"]["rate_limited"]), "retries": int(shown["*"]["retries"])}
+    bars = [int(el.get("data-value", "")) for el in charts["latency"].iter(f"{svg}rect")]
+    assert sum(bars) == int(shown["*"]["requests"])

@@ -17,6 +17,7 @@ from sync.demo import expected_users, generate_users
 from sync.dispatch import Dispatcher, DispatchOutcome
 from sync.errors import ExitCode
 from sync.ledger import Ledger
+from sync.planning import build_plan
 from sync.platforms.netmera.client import NetmeraClient
 from sync.platforms.netmera.requests import make_batch, tag_body
 from sync.platforms.sandboxes._core import FaultSpec, LatencySpec, RateLimit
@@ -216,3 +217,12 @@ def _destination(url: str) -> Any:
     from sync.config import Destination
 
     return Destination("netmera", url)
+
+
+async def test_a_prebuilt_plan_and_a_chosen_run_id_are_used(netmera_sandbox: Any, tmp_path: Path) -> None:
+    job, frame = write_job(tmp_path, netmera_sandbox.url, users=50)
+    plan = await asyncio.to_thread(build_plan, job)
+    outcome = await run_job(job, api_key=netmera_sandbox.api_key, plan=plan, run_id="20260101T000000Z-beef")
+    assert outcome.run_id == "20260101T000000Z-beef" and outcome.exit_code is ExitCode.OK
+    assert not any(job.workdir.glob("plan-*"))  # run_job took the plan over and closed it
+    assert await platform_state(netmera_sandbox) == expected_users(frame)

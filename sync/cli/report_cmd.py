@@ -77,3 +77,158 @@ def _report(args: argparse.Namespace) -> int:
     else:
         print(f"wrote the report of run {run_id} to {out}")
     return int(ExitCode.OK)
+
+
+# -- `pushsync runs` and `pushsync show` as rich tables (called by sync.cli.run_cmd) ---------------------------
+
+_STATUS_STYLE = {"done": "green", "partial": "yellow", "aborted": "bold red", "interrupted": "magenta"}
+
+
+def _console() -> Any:
+    import sys
+
+    from rich.console import Console
+
+    # Not a terminal (a scheduler's log, a pipe): no colours, and wide enough that rows do not wrap.
+    return Console(file=sys.stdout, width=None if sys.stdout.isatty() else 160, highlight=False)
+
+
+def _when(ts: float | None) -> str:
+    from datetime import UTC, datetime
+
+    return "-" if ts is None else datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%d %H:%M:%S")
+
+
+def _took(info: Any) -> str:
+    if info.finished_at is None:
+        return "running"
+    seconds = info.finished_at - info.started_at
+    if seconds < 60:
+        return f"{seconds:.1f} s"
+    minutes, secs = divmod(round(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{secs:02d}s"
+
+
+def _status(info: Any) -> str:
+    style = _STATUS_STYLE.get(info.status, "")
+    return f"[{style}]{info.status}[/]" if style else info.status
+
+
+def print_runs(infos: list[Any]) -> None:
+    """The runs (:class:`sync.ledger.RunInfo`, newest first) as one table."""
+    from rich.markup import escape
+    from rich.table import Table
+
+    table = Table(title=None, header_style="bold", show_lines=False)
+    for name, justify in (
+        ("run", "left"),
+        ("job", "left"),
+        ("started (UTC)", "left"),
+        ("took", "right"),
+        ("status", "left"),
+        ("exit", "right"),
+        ("requests", "right"),
+        ("IDs ok", "right"),
+        ("refused", "right"),
+        ("failed", "right"),
+        ("rows rejected", "right"),
+    ):
+        table.add_column(name, justify=justify, no_wrap=name in ("run", "started (UTC)"))  # type: ignore[arg-type]
+    for r in infos:
+        totals = (r.summary or {}).get("totals", {})
+
+        def n(key: str, totals: dict[str, Any] = totals) -> str:
+            return f"{totals[key]:,}" if key in totals else "-"
+
+        table.add_row(
+            escape(r.run_id),
+            escape(r.job),
+            _when(r.started_at),
+            _took(r),
+            _status(r),
+            "-" if r.exit_code is None else str(r.exit_code),
+            n("requests"),
+            n("ids_ok"),
+            n("ids_rejected"),
+            n("ids_failed"),
+            n("rows_rejected"),
+        )
+    _console().print(table)
+
+
+def print_show(info: Any, unfinished: list[Any], refused: list[tuple[str, str, str | None, str]]) -> None:
+    """One run: what happened, per endpoint, unfinished batches and refused IDs (the first 20 of each)."""
+    from rich.markup import escape
+    from rich.table import Table
+
+    console = _console()
+    summary = info.summary or {}
+    exit_name = summary.get("exit_status") or ("-" if info.exit_code is None else "")
+    console.print(
+        f"[bold]run {escape(info.run_id)}[/] of job [bold]{escape(info.job)}[/] ({escape(info.platform or '-')}): "
+        f"{_status(info)}, exit {info.exit_code if info.exit_code is not None else '-'} {escape(exit_name)}"
+    )
+    console.print(f"  started {_when(info.started_at)} UTC, took {_took(info)}")
+    if info.message:
+        console.print(f"  {escape(info.message)}")
+    console.print("  batches: " + ", ".join(f"{n:,} {s}" for s, n in sorted(info.batches_by_status.items())))
+    endpoints = summary.get("endpoints", [])
+    if endpoints:
+        table = Table(header_style="bold")
+        for name in (
+            "endpoint",
+            "requests",
+            "IDs ok",
+            "refused",
+            "failed",
+            "429s",
+            "retries",
+            "rate/s",
+            "budget",
+        ):
+            table.add_column(name, justify="left" if name in ("endpoint", "budget") else "right")
+        table.add_column("p50 ms", justify="right")
+        table.add_column("p95 ms", justify="right")
+        for e in endpoints:
+            ids = e.get("ids", {})
+            lat = e.get("latency_ms", {})
+            table.add_row(
+                escape(e["endpoint"]),
+                f"{e.get('requests', 0):,}",
+                f"{ids.get('ok', 0):,}",
+                f"{ids.get('rejected', 0):,}",
+                f"{ids.get('failed', 0):,}",
+                f"{e.get('rate_limited', 0):,}",
+                f"{e.get('retries', 0):,}",
+                _fmt(e.get("achieved_rate")),
+                escape(e.get("budget") or "-"),
+                _fmt(lat.get("p50")),
+                _fmt(lat.get("p95")),
+            )
+        console.print(table)
+    if unfinished:
+        table = Table(title=f"{len(unfinished):,} batches not ok (first 20)", header_style="bold")
+        for name in ("batch", "endpoint", "status", "IDs", "message"):
+            table.add_column(name, justify="right" if name == "IDs" else "left")
+        for b in unfinished[:20]:
+            table.add_row(
+                escape(b.batch_id),
+                escape(b.endpoint),
+                str(b.status),
+                str(b.n_ids),
+                escape(b.message or "no answer"),
+            )
+        console.print(table)
+    if refused:
+        table = Table(title=f"{len(refused):,} IDs refused by the platform (first 20)", header_style="bold")
+        for name in ("external ID", "code", "message", "batch"):
+            table.add_column(name)
+        for batch_id, ext_id, code, message in refused[:20]:
+            table.add_row(escape(ext_id), escape(code or "-"), escape(message), escape(batch_id))
+        console.print(table)
+    console.print(f"  the full report: pushsync report {escape(info.run_id)} -o report.html")
+
+
+def _fmt(value: float | None) -> str:
+    return "-" if value is None else f"{value:,.1f}"

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from sync.errors import ExitCode, StateError
+from sync.records import BatchStatus
 
 __all__ = ["register"]
 
@@ -29,6 +30,15 @@ def register(subparsers: Any) -> None:
         choices=["auto", "bar", "log", "none"],
         default="auto",
         help="a bar on a terminal, log lines otherwise (auto)",
+    )
+    run.add_argument(
+        "--metrics-port", type=int, metavar="PORT", help="serve Prometheus /metrics while the run lasts"
+    )
+    run.add_argument(
+        "--metrics-textfile",
+        type=Path,
+        metavar="PATH",
+        help="write Prometheus metrics for node_exporter (*.prom)",
     )
     run.set_defaults(func=_run)
 
@@ -51,7 +61,9 @@ def register(subparsers: Any) -> None:
         "ledger-export", help="export a run's batches or rejects to Parquet or CSV"
     )
     export.add_argument("run_id", metavar="RUN")
-    export.add_argument("--table", choices=["batches", "refused-ids", "rejected-rows"], default="batches")
+    export.add_argument(
+        "--table", choices=["batches", "attempts", "refused-ids", "rejected-rows"], default="batches"
+    )
     export.add_argument("--format", choices=["parquet", "csv"], default="parquet")
     export.add_argument("-o", "--out", type=Path, required=True, help="the file to write")
     export.add_argument("--job", type=Path, help="the job file whose ledger holds the run")
@@ -73,7 +85,15 @@ def _run(args: argparse.Namespace) -> int:
     job = load_job(args.job)
     api_key = resolve_secret(job.destination)
     outcome = asyncio.run(
-        run_job(job, api_key=api_key, workdir=args.workdir, handle_signals=True, progress=args.progress)
+        run_job(
+            job,
+            api_key=api_key,
+            workdir=args.workdir,
+            handle_signals=True,
+            progress=args.progress,
+            metrics_port=args.metrics_port,
+            metrics_textfile=args.metrics_textfile,
+        )
     )
     if args.output == "json":
         print(json.dumps(outcome.summary.to_json(), indent=2))
@@ -154,8 +174,11 @@ def _show(args: argparse.Namespace) -> int:
         info = ledger.run(args.run_id)
         assert info is not None
         refused = ledger.refused_ids(args.run_id)
-        failed = ledger.batches(args.run_id, status=None)
-        unfinished = [b for b in failed if b.status in ("failed", "sent", "planned")]
+        unfinished = [
+            b
+            for b in ledger.batches(args.run_id)
+            if b.status in (BatchStatus.FAILED, BatchStatus.SENT, BatchStatus.PLANNED)
+        ]
     if args.output == "json":
         doc = _run_json(info)
         doc["summary"] = info.summary

@@ -45,6 +45,9 @@ def register(subparsers: Any) -> None:
         help="users/devices/segments to load (JSON, Parquet, or a dir)",
     )
     netmera.set_defaults(func=_run_netmera)
+    from sync.cli.sandbox_meiro_cmd import add_meiro  # the Meiro sandbox's options live in their own module
+
+    add_meiro(platforms)
 
 
 def _load_config(path: Path | None) -> dict[str, Any]:

@@ -7,8 +7,14 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -143,3 +149,42 @@ async def nv_sandbox_factory() -> AsyncIterator[NvFactory]:
 async def nv_sandbox(nv_sandbox_factory: NvFactory) -> RunningNotifyVisitors:
     """A sandbox with the default config (documented limits on)."""
     return await nv_sandbox_factory()
+
+
+def start_sandbox_process(
+    platform: str, *args: str, timeout: float = 20.0
+) -> tuple[subprocess.Popen[str], str]:
+    """``python -m sync sandbox <platform> --port 0 ...`` as a child process; returns it and its base URL (the
+    first stdout line starting with ``http://``). The caller stops it (SIGTERM)."""
+    process = subprocess.Popen(
+        [sys.executable, "-m", "sync", "sandbox", platform, "--port", "0", *args],
+        cwd=Path(__file__).resolve().parents[2],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    assert process.stdout is not None
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        line = process.stdout.readline()
+        if not line:
+            break
+        if line.startswith("http://"):
+            return process, line.strip()
+    process.kill()
+    process.wait()
+    raise RuntimeError(f"the {platform} sandbox did not print its URL")
+
+
+def stop_sandbox_process(process: subprocess.Popen[str]) -> int:
+    """SIGTERM and wait (SIGKILL after 5 s); returns the exit code."""
+    process.send_signal(signal.SIGTERM)
+    try:
+        code = process.wait(timeout=5)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        code = process.wait()
+    if process.stdout is not None:
+        process.stdout.close()
+    return code

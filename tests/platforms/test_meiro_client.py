@@ -273,3 +273,56 @@ async def test_a_missing_export_ends_the_wait_at_once(meiro_sandbox: Any) -> Non
             meiro_sandbox.client(), NID, 42, sleep=meiro_sandbox.clock.sleep, clock=meiro_sandbox.clock
         )
     assert meiro_sandbox.clock.slept == []
+
+
+def test_the_meiro_package_surface_is_pinned() -> None:
+    import sync.platforms.meiro as meiro
+
+    assert sorted(meiro.__all__) == [
+        "EDIT_FEATURE",
+        "Export",
+        "ExportPage",
+        "ExportStatus",
+        "MessageCounts",
+        "PLATFORM",
+        "TERMINAL_STATUSES",
+        "TOKEN_TTL",
+        "TrashPage",
+        "TrashedNotification",
+        "VIEW_FEATURE",
+    ]
+    assert all(hasattr(meiro, name) for name in meiro.__all__)
+    assert {s for s in ExportStatus if s.terminal} == {
+        ExportStatus.FINISHED,
+        ExportStatus.ERROR,
+        ExportStatus.CANCELED,
+    }
+
+
+async def test_an_export_created_while_paging_is_not_listed_twice(meiro_sandbox: Any) -> None:
+    _seed(meiro_sandbox, exports=25)
+    client = meiro_sandbox.client()
+    ids = []
+    async for export in client.iter_exports(NID, page_size=10):
+        ids.append(export.id)
+        if len(ids) == 10:  # between the first and the second page, a new export appears at the top
+            _seed(meiro_sandbox)
+    assert ids == list(range(25, 0, -1))  # the old ones, each once (the newcomer started after the listing)
+
+
+async def test_a_wait_longer_than_a_token_refreshes_it_in_time(meiro_sandbox_factory: Any) -> None:
+    running = await meiro_sandbox_factory(waiting=2, running=10)
+    _seed(running, total=10)
+    client = running.client(refresh_margin=900)
+    wait = await wait_for_export(
+        client,
+        NID,
+        1,
+        interval=3600,
+        clock=running.clock,
+        wall_clock=running.clock,
+        sleep=running.clock.sleep,
+    )
+    assert wait.outcome is WaitOutcome.FINISHED and wait.finished_at - wait.started_at == 11 * 3600
+    assert client.logins == 1 and client.refreshes == 1  # refreshed before 8 h, never refused
+    assert running.sandbox.stats.requests("getExport", 401) == 0

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from sync.platforms.netmera import MAX_IDS_PER_REQUEST
 from sync.platforms.netmera.requests import (
@@ -207,3 +209,26 @@ def test_split_down_to_single_ids_is_deterministic() -> None:
             assert halves == split_batch(b)
             pending.extend(halves)
     assert sorted(leaves) == ids
+
+
+@given(
+    items=st.lists(
+        st.tuples(
+            st.sampled_from(["a", "b", "c", "d", "e", "f"]), st.sampled_from(["S", "P", "N"]), st.booleans()
+        ),
+        min_size=1,
+        max_size=30,
+    )
+)
+def test_split_property_for_multi_item_bodies(items: list[tuple[str, str, bool]]) -> None:
+    batch = make_batch(Operation.SET_CATEGORIES, category_preferences_body(items))
+    halves = split_batch(batch)
+    if len(batch.ext_ids) == 1:
+        assert halves is None
+        return
+    assert halves is not None
+    first, second = halves
+    assert first.ext_ids + second.ext_ids == batch.ext_ids
+    assert set(first.ext_ids).isdisjoint(second.ext_ids)
+    assert len(first.body) + len(second.body) == len(batch.body)
+    assert all(h.phase is batch.phase for h in halves)

@@ -3,10 +3,18 @@ limits with X-RateLimit-Remaining, seeded faults, stats and inspection — over 
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
+import aiohttp
 import pytest
-from conftest_notifyvisitors import NV_BRAND_ID, NvFactory, RunningNotifyVisitors
+from conftest_notifyvisitors import (
+    NV_BRAND_ID,
+    NvFactory,
+    RunningNotifyVisitors,
+    start_sandbox_process,
+    stop_sandbox_process,
+)
 
 from sync.platforms.sandboxes._core import FaultSpec, RateLimit
 
@@ -320,3 +328,27 @@ async def test_seed_file_loads_users(nv_sandbox_factory: NvFactory, tmp_path: An
     path.write_text('{"users": [{"userID": "s1", "user_attributes": {"name": "Seed"}}]}', encoding="utf-8")
     running = await nv_sandbox_factory(seed_file=str(path))
     assert running.sandbox.state.users == {"s1": {"name": "Seed"}}
+
+
+async def test_cli_runs_the_sandbox_until_sigterm() -> None:
+    process, url = start_sandbox_process(
+        "notifyvisitors",
+        "--api-key",
+        "cli-key-123456",
+        "--brand-id",
+        "77",
+        "--bearer-token",
+        "cli-token-123456",
+    )
+    try:
+        assert url.endswith("/api/v1/")
+        async with aiohttp.ClientSession() as session:
+            body = json.dumps(users(1))
+            for headers in (
+                {"x-api-key": "cli-key-123456", "x-brand-id": "77"},
+                {"Authorization": "Bearer cli-token-123456"},
+            ):
+                async with session.post(url + "user/create", data=body, headers=headers) as resp:
+                    assert resp.status == 200 and resp.headers["X-RateLimit-Remaining"] in ("99", "98")
+    finally:
+        assert stop_sandbox_process(process) == 0

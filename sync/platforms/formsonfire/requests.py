@@ -19,16 +19,26 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 from xml.sax.saxutils import escape
 
+import polars as pl
+
+from sync.config import Job, Source, SourceKind
+from sync.errors import JobProblem
 from sync.platforms.formsonfire import DEFAULT_XML_ROOT, ENDPOINT, XSI_NAMESPACE, BodyFormat, UserKey
 from sync.records import Batch, Operation, Phase, RowRef
 
 __all__ = [
     "CONTENT_TYPES",
+    "MESSAGE_FIELDS",
+    "Builder",
+    "Stream",
     "batch_id_for",
+    "for_job",
+    "job_problems",
     "make_batch",
     "push_body",
     "serialise",
@@ -159,3 +169,135 @@ def split_batch(batch: Batch) -> tuple[Batch, Batch] | None:
     """A push names one user: there is nothing to split (always None; kept for the connector's protocol)."""
     del batch
     return None
+
+
+# --- from clean frames to batches (the planner's builder) ----------------------------------------------------
+
+_EXT_ID, _FILE, _ROW = "__ext_id", "__file", "__row"
+MESSAGE_FIELDS = ("Title", "Body", "Sound", "ExpirySecs")
+"""Message fields a job sets per row (an attribute of that name) or for every push (``destination.extra``)."""
+_EXTRA_KEYS = {"Title": "title", "Body": "body", "Sound": "sound", "ExpirySecs": "expiry_secs"}
+_TRUE = frozenset({"true", "1", "yes", "y", "on"})
+
+
+@dataclass(frozen=True, slots=True)
+class Stream:
+    """The pushes of one users source: the clean-frame columns it reads and the message field of each."""
+
+    columns: tuple[str, ...]
+    fields: tuple[str, ...]
+    operation: Operation = Operation.SEND_PUSH
+    phase: Phase = Phase.CHANGES
+    endpoint: str = ENDPOINT
+
+
+class Builder:
+    """Turns a Forms On Fire job's clean frames into one-push batches; made by :func:`for_job` for the planner.
+
+    Each clean row (one per user: the last row of an ID wins) is one push to the user its external ID names as
+    ``user_key``; a row's ``Title``/``Body``/``Sound``/``ExpirySecs`` columns override the job's constants.
+    """
+
+    def __init__(self, user_key: UserKey, constants: Mapping[str, Any]) -> None:
+        self._user_key = user_key
+        self._constants = dict(constants)
+
+    def streams_for(self, source: Source) -> list[Stream]:
+        if source.kind is not SourceKind.USERS:
+            raise ValueError(f"formsonfire takes users sources (one push per user), not {source.kind.value}")
+        mapped = [(a.column, a.attribute) for a in source.attributes if a.attribute in MESSAGE_FIELDS]
+        return [Stream(tuple(c for c, _ in mapped), tuple(f for _, f in mapped))]
+
+    def _body(self, stream: Stream, row: tuple[Any, ...]) -> dict[str, Any]:
+        fields = dict(self._constants)
+        for name, value in zip(stream.fields, row[3:], strict=True):
+            if value is not None:
+                fields[name] = value
+        expiry = fields.get("ExpirySecs")
+        return push_body(
+            self._user_key,
+            row[0],
+            title=fields.get("Title"),
+            body=fields.get("Body"),
+            sound=fields.get("Sound"),
+            expiry_secs=int(expiry) if expiry is not None else None,
+        )
+
+    def _rows(self, stream: Stream, frames: Iterable[pl.DataFrame]) -> Iterator[tuple[Any, ...]]:
+        for frame in frames:
+            yield from frame.select(_EXT_ID, _FILE, _ROW, *stream.columns).iter_rows()
+
+    def stream_batches(
+        self, stream: Stream, frames: Iterable[pl.DataFrame], batch_size: int, files: Sequence[str]
+    ) -> Iterator[Batch]:
+        """One batch per user row (``batch_size`` is ignored: one user per request)."""
+        del batch_size
+        for row in self._rows(stream, frames):
+            yield make_batch(self._body(stream, row), origin=RowRef(files[row[1]], row[2]))
+
+    def stream_counts(
+        self, stream: Stream, frames: Iterable[pl.DataFrame], batch_size: int
+    ) -> tuple[int, int]:
+        del stream, batch_size
+        rows = sum(frame.height for frame in frames)
+        return rows, rows
+
+    def stream_sample(self, stream: Stream, frames: Iterable[pl.DataFrame], max_ids: int = 1) -> Any | None:
+        del max_ids
+        for row in self._rows(stream, frames):
+            return self._body(stream, row)
+        return None
+
+
+def _constant(name: str, raw: str) -> Any:
+    if name == "Sound":
+        return raw.strip().lower() in _TRUE
+    if name == "ExpirySecs":
+        return int(raw)
+    return raw
+
+
+def for_job(job: Job) -> Builder:
+    """The planner's batch builder for a Forms On Fire job: ``destination.extra.user_key`` (``UserExternalId``
+    by default, or ``UserId``/``UserEmail``) and the constants ``title``, ``body``, ``sound``, ``expiry_secs``."""
+    extra = job.destination.extra
+    constants = {
+        name: _constant(name, extra[key]) for name, key in _EXTRA_KEYS.items() if extra.get(key) is not None
+    }
+    return Builder(UserKey(extra.get("user_key", UserKey.USER_EXTERNAL_ID.value)), constants)
+
+
+def job_problems(sources: Sequence[Source], extra: Mapping[str, str]) -> list[JobProblem]:
+    """What a Forms On Fire job asks for that the platform cannot do (checked when the job is loaded)."""
+    problems = []
+    try:
+        int(extra.get("company_id", ""))
+    except ValueError:
+        problems.append(JobProblem("destination.extra.company_id", "the CompanyId (an integer) is required"))
+    for key, allowed in (
+        ("body_format", [f.value for f in BodyFormat]),
+        ("response_format", [f.value for f in BodyFormat]),
+        ("user_key", [k.value for k in UserKey]),
+    ):
+        if key in extra and extra[key] not in allowed:
+            problems.append(JobProblem(f"destination.extra.{key}", f"must be one of {', '.join(allowed)}"))
+    if "expiry_secs" in extra and not extra["expiry_secs"].isdigit():
+        problems.append(JobProblem("destination.extra.expiry_secs", "must be a whole number of seconds"))
+    for i, source in enumerate(sources):
+        loc = f"sources[{i}]"
+        if source.kind is not SourceKind.USERS:
+            problems.append(JobProblem(f"{loc}.kind", "formsonfire takes users sources (one push per row)"))
+        if source.tags or source.opt_ins.columns() or source.email or source.msisdn:
+            problems.append(
+                JobProblem(
+                    loc, "formsonfire sends pushes only: map columns to Title, Body, Sound, ExpirySecs"
+                )
+            )
+        for a in source.attributes:
+            if a.attribute not in MESSAGE_FIELDS:
+                problems.append(
+                    JobProblem(
+                        f"{loc}.attributes.{a.column}", f"must map to one of {', '.join(MESSAGE_FIELDS)}"
+                    )
+                )
+    return problems

@@ -180,11 +180,17 @@ class MeiroClient:
         self._token = token
         self._token_expires = self._clock() + self._token_ttl
 
-    async def _ensure_token(self) -> str:
+    async def ensure_token(self, valid_for: float = 0.0) -> None:
+        """Make sure the token will still be valid ``valid_for`` seconds from now (plus the refresh margin):
+        refresh it now if not. A caller about to pause (the poller) calls this so the token is refreshed with
+        PATCH before it expires, rather than found expired (and replaced by a new login) after the pause."""
+        await self._ensure_token(valid_for)
+
+    async def _ensure_token(self, valid_for: float = 0.0) -> str:
         async with self._auth_lock:
             if self._token is None:
                 await self._login()
-            elif self._clock() >= self._token_expires - self._refresh_margin:
+            elif self._clock() + valid_for >= self._token_expires - self._refresh_margin:
                 if self._clock() >= self._token_expires:
                     await self._login()  # expired: a refresh would be refused
                 else:
@@ -269,12 +275,18 @@ class MeiroClient:
         )
 
     async def iter_exports(self, notification_id: str, *, page_size: int = 20) -> AsyncIterator[Export]:
-        """Every export, newest first, page by page (limit/offset) until a short page."""
+        """Every export, newest first, page by page (limit/offset) until a short page.
+
+        An export created while we page pushes the older ones one place down, so the next page would repeat
+        one: exports already yielded are skipped by ID."""
         offset = 0
+        seen: set[int] = set()
         while True:
             page = await self.list_exports(notification_id, limit=page_size, offset=offset)
             for export in page.exports:
-                yield export
+                if export.id not in seen:
+                    seen.add(export.id)
+                    yield export
             if len(page.exports) < page_size:
                 return
             offset += page_size
@@ -349,12 +361,16 @@ class MeiroClient:
     async def iter_trash(
         self, *, searched_text: str | None = None, page_size: int = 20
     ) -> AsyncIterator[TrashedNotification]:
-        """Every trashed push notification (matching ``searched_text``), page by page."""
+        """Every trashed push notification (matching ``searched_text``), page by page; repeats (the trash
+        changing while we page) are skipped by ID."""
         offset = 0
+        seen: set[str] = set()
         while True:
             page = await self.list_trash(limit=page_size, offset=offset, searched_text=searched_text)
             for item in page.items:
-                yield item
+                if item.id not in seen:
+                    seen.add(item.id)
+                    yield item
             if len(page.items) < page_size:
                 return
             offset += page_size

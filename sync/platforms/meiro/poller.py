@@ -12,18 +12,22 @@ Each wait ends in a :class:`ExportWait` record, which a :class:`WaitRecorder` st
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import json
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
+from pathlib import Path
 from typing import Any, Protocol
 
 from sync.config import RetryPolicy
-from sync.errors import RetryableError
+from sync.errors import FatalPlatformError, PlatformError, RetryableError
 from sync.platforms.meiro import Export, ExportStatus, MessageCounts
 from sync.platforms.meiro.client import MeiroClient
 from sync.platforms.retrying import Sleep, backoff_delay
+from sync.redact import redact
 
 __all__ = [
     "ExportWait",
@@ -43,6 +47,8 @@ class WaitOutcome(StrEnum):
     CANCELED = "canceled"
     TIMED_OUT = "timed_out"
     """The export was still waiting or running when the wait's time-out passed."""
+    FAILED = "failed"
+    """The wait itself failed: the export was not found, or polls kept failing (``message`` says why)."""
 
     @property
     def ok(self) -> bool:
@@ -56,7 +62,8 @@ class ExportWait:
     notification_id: str
     export_id: int
     outcome: WaitOutcome
-    status: ExportStatus
+    status: ExportStatus | None
+    """The export's last status seen (None when it was never read)."""
     message_counts: MessageCounts
     export_name: str = ""
     polls: int = 0
@@ -64,6 +71,8 @@ class ExportWait:
     started_at: float = 0.0
     finished_at: float = 0.0
     statuses_history: dict[str, str] = field(default_factory=dict)
+    message: str = ""
+    """Why a ``failed`` wait failed (redacted)."""
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -71,13 +80,14 @@ class ExportWait:
             "export_id": self.export_id,
             "export_name": self.export_name,
             "outcome": str(self.outcome),
-            "status": str(self.status),
+            "status": None if self.status is None else str(self.status),
             "message_counts": self.message_counts.to_dict(),
             "polls": self.polls,
             "retries": self.retries,
             "started_at": self.started_at,
             "finished_at": self.finished_at,
             "statuses_history": dict(self.statuses_history),
+            "message": self.message,
         }
 
 
@@ -95,6 +105,20 @@ class MemoryRecorder:
 
     def record_export_wait(self, run_id: str, wait: ExportWait) -> None:
         self.waits.append((run_id, wait))
+
+
+class JsonlRecorder:
+    """A :class:`WaitRecorder` appending one JSON line per wait to a file (written and flushed at once).
+
+    Used until the run ledger records Meiro waits itself."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def record_export_wait(self, run_id: str, wait: ExportWait) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with self.path.open("a", encoding="utf-8") as fh:
+            fh.write(json.dumps({"run_id": run_id, **wait.to_dict()}) + "\n")
 
 
 class ProgressCallback(Protocol):
@@ -163,6 +187,10 @@ async def wait_for_export(
                     wall_clock(),
                 )
             delay = interval
+            # Refresh now if the token would expire during the pause; should that fail transiently, the next
+            # poll refreshes (or logs in) and is retried as usual.
+            with contextlib.suppress(RetryableError):
+                await client.ensure_token(valid_for=delay)
         if deadline is not None and clock() + delay > deadline:
             if deadline > clock():
                 await sleep(deadline - clock())
@@ -206,4 +234,86 @@ def _result(
         started_at=started,
         finished_at=finished,
         statuses_history=dict(export.statuses_history),
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class ExportRef:
+    """An export to wait for: by its ID, or (``export_id`` None) the newest export of the notification."""
+
+    notification_id: str
+    export_id: int | None = None
+
+    def __str__(self) -> str:
+        which = "the newest export" if self.export_id is None else f"export {self.export_id}"
+        return f"{which} of push notification {self.notification_id}"
+
+
+async def wait_for_exports(
+    client: MeiroClient,
+    refs: Sequence[ExportRef],
+    *,
+    run_id: str,
+    recorder: WaitRecorder,
+    concurrency: int = 4,
+    progress_for: Callable[[ExportRef], ProgressCallback | None] = lambda ref: None,
+    **wait_options: Any,
+) -> list[ExportWait]:
+    """Wait for several exports, ``concurrency`` at a time; each wait is recorded the moment it ends.
+
+    An export that cannot be waited for (not found; polls failing ``max_attempts`` times in a row) ends as a
+    ``failed`` wait and the others go on; 401/403 abort everything (the credentials or features are wrong for
+    all of them). Returns the waits in the order of ``refs``."""
+    gate = asyncio.Semaphore(max(1, concurrency))
+    results: list[ExportWait | None] = [None] * len(refs)
+    wall_clock: Callable[[], float] = wait_options.get("wall_clock", time.time)
+
+    async def one(i: int, ref: ExportRef) -> None:
+        async with gate:
+            started = wall_clock()
+            export_id = ref.export_id if ref.export_id is not None else -1
+            try:
+                if ref.export_id is None:
+                    page = await client.list_exports(ref.notification_id, limit=1)
+                    if not page.exports:
+                        raise PlatformError(
+                            f"push notification {ref.notification_id} has no export", status=404
+                        )
+                    export_id = page.exports[0].id
+                wait = await wait_for_export(
+                    client, ref.notification_id, export_id, progress=progress_for(ref), **wait_options
+                )
+            except FatalPlatformError as exc:
+                if exc.status in (401, 403):
+                    raise
+                wait = _failed(ref, export_id, exc, started, wall_clock())
+            except PlatformError as exc:  # retries exhausted, or an answer we cannot use
+                wait = _failed(ref, export_id, exc, started, wall_clock())
+            recorder.record_export_wait(run_id, wait)
+            results[i] = wait
+
+    try:
+        async with asyncio.TaskGroup() as group:
+            for i, ref in enumerate(refs):
+                group.create_task(one(i, ref))
+    except ExceptionGroup as failed:
+        first = failed.exceptions[0]
+        if isinstance(first, PlatformError):
+            raise first from failed  # callers act on our error types, not on a group
+        raise
+    return [w for w in results if w is not None]
+
+
+def _failed(
+    ref: ExportRef, export_id: int, exc: PlatformError, started: float, finished: float
+) -> ExportWait:
+    return ExportWait(
+        notification_id=ref.notification_id,
+        export_id=export_id,
+        outcome=WaitOutcome.FAILED,
+        status=None,
+        message_counts=MessageCounts(),
+        started_at=started,
+        finished_at=finished,
+        message=redact(str(exc)),
     )

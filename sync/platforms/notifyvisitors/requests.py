@@ -18,10 +18,16 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from collections.abc import Iterable, Iterator, Mapping
+import zoneinfo
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from datetime import UTC, date, datetime, tzinfo
 from typing import Any
 
+import polars as pl
+
+from sync.config import Job, Source, SourceKind, ValueType
+from sync.errors import JobProblem
 from sync.platforms.notifyvisitors import (
     DATE_ATTRIBUTES,
     DATE_FORMAT,
@@ -40,17 +46,22 @@ from sync.records import Batch, Operation, Phase, RowRef
 
 __all__ = [
     "ENDPOINT_FOR",
+    "EVENT_TIME_ATTRIBUTE",
     "MAX_ITEMS",
+    "Builder",
+    "Stream",
     "batch_id_for",
     "canonical_json",
     "check_name",
     "check_user_id",
     "event_create_body",
     "event_item",
+    "for_job",
     "format_date",
     "format_event_time",
     "format_mobile",
     "iter_batches",
+    "job_problems",
     "make_batch",
     "operation_for",
     "opt_in_flag",
@@ -321,3 +332,185 @@ def split_batch(batch: Batch) -> tuple[Batch, Batch] | None:
     for body in halves:
         out.append(make_batch(batch.endpoint, body, origins=batch.origins))
     return out[0], out[1]
+
+
+# --- from clean frames to batches (the planner's builder) ----------------------------------------------------
+#
+# The planner hands over a source's clean frames (typed, validated, deduplicated; see sync.validation) in the
+# canonical order. A users source becomes one user/create stream (one item per user), an events source one
+# event/create stream (one item per row). Batches are consecutive runs of at most 100 users / 1000 events in
+# that order, so their content and IDs do not depend on how the input was chunked.
+
+_EXT_ID, _FILE, _ROW, _EVENT = "__ext_id", "__file", "__row", "__event"
+EVENT_TIME_ATTRIBUTE = "event_time"
+"""An events source's attribute with this name becomes the event's ``event_time`` (not an attribute)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Stream:
+    """The requests of one source: its endpoint, the clean-frame columns it reads and what each names."""
+
+    operation: Operation
+    columns: tuple[str, ...]
+    names: tuple[str, ...]
+    """The attribute name of each column after the first ``skip`` (``__event`` for events)."""
+    types: tuple[ValueType, ...]
+    skip: int = 0
+    phase: Phase = Phase.CHANGES
+
+    @property
+    def endpoint(self) -> str:
+        return ENDPOINT_FOR[self.operation]
+
+
+class Builder:
+    """Turns a NotifyVisitors job's clean frames into batches; made by :func:`for_job` for the planner.
+
+    Values are converted to the platform's formats here: opt-in booleans → ``"1"``/``"0"``, ``date`` columns →
+    ``YYYY-MM-DD`` (``birth_date``) or ``yyyy-MM-dd HH:mm:ss`` in the job's time zone, integral numbers →
+    integers, ``mobile`` → E.164. A value that cannot be converted is sent as it is, so the platform refuses
+    that user and the dispatcher records it with the platform's reason (the batch is split to isolate it).
+    """
+
+    def __init__(self, tz: tzinfo) -> None:
+        self._tz = tz
+
+    def streams_for(self, source: Source) -> list[Stream]:
+        """One stream per source: ``user/create`` for users, ``event/create`` for events."""
+        if source.kind is SourceKind.EVENTS:
+            return [
+                Stream(
+                    Operation.FIRE_EVENTS,
+                    (_EVENT, *(a.column for a in source.attributes)),
+                    tuple(a.attribute for a in source.attributes),
+                    tuple(a.type for a in source.attributes),
+                    skip=1,
+                )
+            ]
+        if source.kind is not SourceKind.USERS:
+            raise ValueError(f"notifyvisitors takes users and events sources, not {source.kind.value}")
+        mapped = [(a.column, a.attribute, a.type) for a in source.attributes]
+        for column, name in ((source.opt_ins.email, "email_opt_in"), (source.opt_ins.sms, "sms_opt_in")):
+            if column:
+                mapped.append((column, name, ValueType.BOOLEAN))
+        for column, name in ((source.email, "email"), (source.msisdn, "mobile")):
+            if column:
+                mapped.append((column, name, ValueType.STRING))
+        return [
+            Stream(
+                Operation.SET_ATTRIBUTES,
+                tuple(c for c, _, _ in mapped),
+                tuple(n for _, n, _ in mapped),
+                tuple(t for _, _, t in mapped),
+            )
+        ]
+
+    def _value(self, name: str, kind: ValueType, value: Any) -> Any:
+        if value is None:
+            return None
+        if kind is ValueType.DATE:
+            moment = datetime.fromtimestamp(value / 1000, UTC).astimezone(self._tz)
+            return moment.strftime(DATE_FORMAT if name in DATE_ATTRIBUTES else EVENT_TIME_FORMAT)
+        if kind is ValueType.BOOLEAN and name in OPT_IN_ATTRIBUTES:
+            return opt_in_flag(value)
+        if isinstance(value, list):
+            return ",".join(map(str, value))  # [I] NotifyVisitors attributes hold no arrays
+        return value
+
+    def _item(self, stream: Stream, row: tuple[Any, ...]) -> dict[str, Any]:
+        user_id = row[0]
+        values = {
+            name: self._value(name, kind, value)
+            for name, kind, value in zip(stream.names, stream.types, row[3 + stream.skip :], strict=True)
+        }
+        attrs = {k: v for k, v in values.items() if v is not None}
+        if stream.operation is Operation.SET_ATTRIBUTES:
+            try:
+                return user_item(user_id, attrs)
+            except ValueError:
+                return {"userID": user_id, "user_attributes": attrs}
+        when = attrs.pop(EVENT_TIME_ATTRIBUTE, None)
+        try:
+            return event_item(user_id, row[3], attrs, when)
+        except ValueError:
+            item = {"userID": user_id, "event_name": row[3], "attributes": attrs}
+            return item if when is None else {**item, "event_time": when}
+
+    def _rows(self, stream: Stream, frames: Iterable[pl.DataFrame]) -> Iterator[tuple[Any, ...]]:
+        for frame in frames:
+            selected = frame.select(_EXT_ID, _FILE, _ROW, *stream.columns)
+            if stream.operation is Operation.SET_ATTRIBUTES and stream.columns:
+                # A user row with nothing to set sends nothing.
+                selected = selected.filter(pl.any_horizontal(pl.col(list(stream.columns)).is_not_null()))
+            yield from selected.iter_rows()
+
+    def stream_batches(
+        self, stream: Stream, frames: Iterable[pl.DataFrame], batch_size: int, files: Sequence[str]
+    ) -> Iterator[Batch]:
+        """Batches of at most ``batch_size`` items (capped at the endpoint's limit), in canonical order."""
+        size = min(batch_size, MAX_ITEMS[stream.endpoint])
+        items = (
+            (self._item(stream, row), RowRef(files[row[1]], row[2])) for row in self._rows(stream, frames)
+        )
+        yield from iter_batches(stream.endpoint, items, size)
+
+    def stream_counts(
+        self, stream: Stream, frames: Iterable[pl.DataFrame], batch_size: int
+    ) -> tuple[int, int]:
+        """``(requests, ids)`` :meth:`stream_batches` would give (ids summed over requests, approximately for
+        events: unique users per frame)."""
+        size = min(batch_size, MAX_ITEMS[stream.endpoint])
+        items = ids = 0
+        for frame in frames:
+            selected = frame
+            if stream.operation is Operation.SET_ATTRIBUTES and stream.columns:
+                selected = frame.filter(pl.any_horizontal(pl.col(list(stream.columns)).is_not_null()))
+            items += selected.height
+            ids += selected[_EXT_ID].n_unique() if selected.height else 0
+        return -(-items // size), ids
+
+    def stream_sample(self, stream: Stream, frames: Iterable[pl.DataFrame], max_ids: int = 3) -> Any | None:
+        """A request body built from the stream's first ``max_ids`` items, or None when it is empty."""
+        items = []
+        for row in self._rows(stream, frames):
+            items.append(self._item(stream, row))
+            if len(items) >= max_ids:
+                break
+        return {"nv": items} if items else None
+
+
+def for_job(job: Job) -> Builder:
+    """The planner's batch builder for a NotifyVisitors job (dates in the job's ``validation.timezone``)."""
+    return Builder(zoneinfo.ZoneInfo(job.validation.timezone))
+
+
+def job_problems(sources: Sequence[Source], extra: Mapping[str, str]) -> list[JobProblem]:
+    """What a NotifyVisitors job asks for that the platform cannot do (checked when the job is loaded)."""
+    problems = []
+    auth = extra.get("auth", "api_key")
+    if auth not in ("api_key", "bearer"):
+        problems.append(JobProblem("destination.extra.auth", "must be api_key or bearer"))
+    elif auth == "api_key" and not extra.get("brand_id"):
+        problems.append(JobProblem("destination.extra.brand_id", "api_key authentication needs the brand ID"))
+    for i, source in enumerate(sources):
+        loc = f"sources[{i}]"
+        if source.kind not in (SourceKind.USERS, SourceKind.EVENTS):
+            problems.append(JobProblem(f"{loc}.kind", "notifyvisitors takes users and events sources"))
+        if source.tags:
+            problems.append(JobProblem(f"{loc}.tags", "notifyvisitors has no tags"))
+        if source.opt_ins.push or source.opt_ins.categories:
+            problems.append(
+                JobProblem(
+                    f"{loc}.opt_ins",
+                    "notifyvisitors takes only email and sms opt-ins (email_opt_in, sms_opt_in)",
+                )
+            )
+        for a in source.attributes:
+            where = f"{loc}.attributes.{a.column}"
+            if a.mode.value != "set" or a.on_null.value != "skip":
+                problems.append(
+                    JobProblem(where, "notifyvisitors attributes are only set (no push, pull or unset)")
+                )
+            if len(a.attribute) > MAX_NAME_LENGTH:
+                problems.append(JobProblem(where, "attribute names must be fewer than 50 characters"))
+    return problems

@@ -1,0 +1,287 @@
+"""``pushsync meiro login-check | exports | wait | cancel | trash | restore | run``: Meiro CDP push exports.
+
+Where and who: ``--base-url`` (else ``$MEIRO_BASE_URL``), the e-mail from ``--email`` (else ``$MEIRO_EMAIL``),
+the password from ``--password-file`` (else ``$MEIRO_PASSWORD``) — never from the command line. ``run JOB``
+takes all of that from a Meiro job file (:mod:`sync.platforms.meiro.job`).
+
+Exit codes: 0 done (every export waited for finished) · 1 an export ended in error, was canceled, timed out or
+could not be waited for; cancel of a finished export · 2 bad job file, missing credentials · 3 refused
+(401 bad credentials, 403 missing feature, 404 not found) or unreachable after the retries.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import sys
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from sync.errors import ExitCode, RejectedBatchError, SecretError
+
+__all__ = ["BASE_URL_ENV", "EMAIL_ENV", "PASSWORD_ENV", "register"]
+
+BASE_URL_ENV = "MEIRO_BASE_URL"
+EMAIL_ENV = "MEIRO_EMAIL"
+PASSWORD_ENV = "MEIRO_PASSWORD"
+WAITS_FILE = "meiro-waits.jsonl"
+
+
+def register(subparsers: Any) -> None:
+    """Add ``meiro`` and its subcommands."""
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--base-url", help=f"https://<instance>.meiro.io/api/ (default ${BASE_URL_ENV})")
+    common.add_argument("--email", help=f"the Meiro user's e-mail (default ${EMAIL_ENV})")
+    common.add_argument(
+        "--password-file", type=Path, help=f"file holding the password (default ${PASSWORD_ENV})"
+    )
+    common.add_argument(
+        "--request-timeout", type=float, default=30.0, help="seconds per request (default 30)"
+    )
+    common.add_argument("--output", choices=["text", "json"], default="text")
+
+    meiro = subparsers.add_parser("meiro", help="Meiro CDP: push-notification exports and the trash")
+    commands = meiro.add_subparsers(dest="meiro_command", metavar="COMMAND", required=True)
+
+    check = commands.add_parser(
+        "login-check", parents=[common], help="log in and say until when the token holds"
+    )
+    check.set_defaults(func=_sync(_login_check))
+
+    exports = commands.add_parser("exports", parents=[common], help="list a push notification's exports")
+    exports.add_argument("notification", metavar="NOTIFICATION")
+    exports.add_argument("--limit", type=int, help="exports per page (Meiro's default: 20)")
+    exports.add_argument("--offset", type=int, help="skip this many (newest first)")
+    exports.add_argument("--all", action="store_true", help="every export, page by page")
+    exports.set_defaults(func=_sync(_exports))
+
+    wait = commands.add_parser(
+        "wait", parents=[common], help="wait until an export is finished, error or canceled"
+    )
+    wait.add_argument("notification", metavar="NOTIFICATION")
+    wait.add_argument("export", type=int, metavar="EXPORT")
+    wait.add_argument("--interval", type=float, default=5.0, help="seconds between polls (default 5)")
+    wait.add_argument("--timeout", dest="max_wait", type=float, help="give up after this many seconds")
+    wait.add_argument(
+        "--workdir", type=Path, default=Path(".pushsync/meiro"), help="where waits are recorded"
+    )
+    wait.set_defaults(func=_sync(_wait))
+
+    cancel = commands.add_parser("cancel", parents=[common], help="cancel a waiting or running export")
+    cancel.add_argument("notification", metavar="NOTIFICATION")
+    cancel.add_argument("export", type=int, metavar="EXPORT")
+    cancel.set_defaults(func=_sync(_cancel))
+
+    trash = commands.add_parser("trash", parents=[common], help="list trashed push notifications")
+    trash.add_argument("--search", help="only names containing this text (searched_text)")
+    trash.add_argument("--limit", type=int)
+    trash.add_argument("--offset", type=int)
+    trash.add_argument("--all", action="store_true", help="every match, page by page")
+    trash.set_defaults(func=_sync(_trash))
+
+    restore = commands.add_parser(
+        "restore", parents=[common], help="restore a push notification from the trash"
+    )
+    restore.add_argument("notification", metavar="ID")
+    restore.set_defaults(func=_sync(_restore))
+
+    run = commands.add_parser("run", help="wait for the exports a Meiro job file lists and record them")
+    run.add_argument("job", type=Path, help="the Meiro job file (YAML), e.g. jobs/meiro.yaml")
+    run.add_argument("--output", choices=["text", "json"], default="text")
+    run.set_defaults(func=_sync(_run_job))
+
+
+def _sync(handler: Any) -> Any:
+    def run(args: argparse.Namespace) -> int:
+        return int(asyncio.run(handler(args)))
+
+    return run
+
+
+def _client(args: argparse.Namespace) -> Any:
+    from sync.platforms.meiro.client import MeiroClient, MeiroCredentials
+
+    base_url = args.base_url or os.environ.get(BASE_URL_ENV, "").strip()
+    if not base_url:
+        raise SecretError(f"give --base-url or set {BASE_URL_ENV}")
+    email = args.email or os.environ.get(EMAIL_ENV, "").strip()
+    if not email:
+        raise SecretError(f"give --email or set {EMAIL_ENV}")
+    if args.password_file is not None:
+        try:
+            password = args.password_file.read_text(encoding="utf-8").strip()
+        except OSError as exc:
+            raise SecretError(f"cannot read password file {args.password_file}: {exc.strerror}") from exc
+    else:
+        password = os.environ.get(PASSWORD_ENV, "").strip()
+    if not password:
+        raise SecretError(
+            f"give --password-file or set {PASSWORD_ENV} (the password is never a command-line argument)"
+        )
+    return MeiroClient(base_url, MeiroCredentials(email, password), timeout=args.request_timeout)
+
+
+def _print(args: argparse.Namespace, doc: Any, text: str) -> None:
+    print(json.dumps(doc, indent=2) if args.output == "json" else text)
+
+
+def _when(ts: float) -> str:
+    return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
+
+
+async def _login_check(args: argparse.Namespace) -> int:
+    async with _client(args) as client:
+        await client.login()
+        expires = client.token_expires_at
+    doc = {"logged_in": True, "token_expires_at": _when(expires)}
+    _print(
+        args, doc, f"logged in; the token holds until {_when(expires)} (refreshed automatically before then)"
+    )
+    return int(ExitCode.OK)
+
+
+def _export_line(e: Any) -> str:
+    counts = e.message_counts
+    return (
+        f"{e.id:>8}  {e.status!s:<9} {counts.sent:>9}/{counts.total:<9} {counts.excluded_invalid:>8} "
+        f"{counts.excluded_by_frequency_cap:>8}  {e.created or '-':<19}  {e.name}"
+    )
+
+
+async def _exports(args: argparse.Namespace) -> int:
+    async with _client(args) as client:
+        if args.all:
+            items = [e async for e in client.iter_exports(args.notification, page_size=args.limit or 20)]
+        else:
+            page = await client.list_exports(args.notification, limit=args.limit, offset=args.offset)
+            items = list(page.exports)
+    header = f"{'export':>8}  {'status':<9} {'sent/total':>19} {'invalid':>8} {'freq.cap':>8}  {'created':<19}  name"
+    text = "\n".join([header, *(_export_line(e) for e in items)]) if items else "no exports"
+    _print(args, [e.to_dict() for e in items], text)
+    return int(ExitCode.OK)
+
+
+class _PrintProgress:
+    """Progress of a wait on stderr: a line whenever the status or the counts change, and each retry."""
+
+    def __init__(self, label: str) -> None:
+        self._label = label
+        self._last: tuple[Any, ...] | None = None
+
+    def on_poll(self, export: Any, poll: int) -> None:
+        counts = export.message_counts
+        key = (export.status, counts.sent, counts.total)
+        if key == self._last:
+            return
+        self._last = key
+        share = f" ({100 * counts.done / counts.total:.0f} %)" if counts.total else ""
+        print(
+            f"{self._label}: {export.status}, {counts.sent} of {counts.total} sent{share}",
+            file=sys.stderr,
+            flush=True,
+        )
+
+    def on_retry(self, error: Any, delay: float) -> None:
+        print(f"{self._label}: {error} — retrying in {delay:.1f} s", file=sys.stderr, flush=True)
+
+
+def _wait_text(w: Any) -> str:
+    counts = w.message_counts
+    if w.outcome == "failed":
+        return f"export {w.export_id} of {w.notification_id}: could not be waited for: {w.message}"
+    return (
+        f"export {w.export_id} of {w.notification_id}: {w.outcome} after {w.polls} polls"
+        f"{f' and {w.retries} retries' if w.retries else ''}: {counts.sent} of {counts.total} sent, "
+        f"{counts.excluded_invalid} invalid, {counts.excluded_by_frequency_cap} over the frequency cap"
+    )
+
+
+async def _wait(args: argparse.Namespace) -> int:
+    from sync.ledger import new_run_id
+    from sync.platforms.meiro.poller import JsonlRecorder, wait_for_export
+
+    recorder = JsonlRecorder(args.workdir / WAITS_FILE)
+    run_id = new_run_id()
+    async with _client(args) as client:
+        wait = await wait_for_export(
+            client,
+            args.notification,
+            args.export,
+            interval=args.interval,
+            max_wait=args.max_wait,
+            progress=_PrintProgress(f"export {args.export}"),
+        )
+    recorder.record_export_wait(run_id, wait)
+    _print(args, {"run_id": run_id, **wait.to_dict()}, _wait_text(wait))
+    return int(ExitCode.OK if wait.outcome.ok else ExitCode.PARTIAL)
+
+
+async def _cancel(args: argparse.Namespace) -> int:
+    async with _client(args) as client:
+        try:
+            export = await client.cancel_export(args.notification, args.export)
+        except RejectedBatchError as exc:
+            if exc.code != "export_finished":
+                raise
+            print(f"pushsync: {exc.message}", file=sys.stderr)
+            return int(ExitCode.PARTIAL)
+    _print(args, export.to_dict(), f"export {export.id} of {args.notification}: {export.status}")
+    return int(ExitCode.OK)
+
+
+async def _trash(args: argparse.Namespace) -> int:
+    async with _client(args) as client:
+        if args.all:
+            items = [
+                n async for n in client.iter_trash(searched_text=args.search, page_size=args.limit or 20)
+            ]
+        else:
+            page = await client.list_trash(limit=args.limit, offset=args.offset, searched_text=args.search)
+            items = list(page.items)
+    text = "\n".join(f"{n.id}  {n.modified or '-':<20}  {n.name}" for n in items) or "the trash is empty"
+    _print(args, [n.to_dict() for n in items], text)
+    return int(ExitCode.OK)
+
+
+async def _restore(args: argparse.Namespace) -> int:
+    async with _client(args) as client:
+        restored = await client.restore(args.notification)
+    _print(args, restored.to_dict(), f"restored {restored.id} ({restored.name})")
+    return int(ExitCode.OK)
+
+
+async def _run_job(args: argparse.Namespace) -> int:
+    from sync.ledger import new_run_id
+    from sync.platforms.meiro.client import MeiroClient
+    from sync.platforms.meiro.job import load_meiro_job, resolve_credentials
+    from sync.platforms.meiro.poller import JsonlRecorder, wait_for_exports
+
+    job = load_meiro_job(args.job)
+    credentials = resolve_credentials(job)
+    recorder = JsonlRecorder(job.workdir / WAITS_FILE)
+    run_id = new_run_id()
+    client = MeiroClient(job.base_url, credentials, timeout=job.request_timeout, verify_tls=job.verify_tls)
+    async with client:
+        waits = await wait_for_exports(
+            client,
+            job.exports,
+            run_id=run_id,
+            recorder=recorder,
+            concurrency=job.concurrency,
+            progress_for=lambda ref: _PrintProgress(str(ref)),
+            interval=job.interval,
+            max_wait=job.max_wait,
+            retry=job.retry,
+        )
+    ok = all(w.outcome.ok for w in waits)
+    doc = {"run_id": run_id, "job": job.name, "ok": ok, "waits": [w.to_dict() for w in waits]}
+    lines = [
+        f"run {run_id} of {job.name}: {sum(w.outcome.ok for w in waits)} of {len(waits)} exports finished"
+    ]
+    lines += [f"  {_wait_text(w)}" for w in waits]
+    lines.append(f"  recorded in {recorder.path}")
+    _print(args, doc, "\n".join(lines))
+    return int(ExitCode.OK if ok else ExitCode.PARTIAL)

@@ -1,0 +1,169 @@
+"""``pushsync resume RUN``, ``pushsync retry RUN [--full-refresh]`` and ``pushsync state show JOB``.
+
+* ``resume RUN``: finish a run that died (kill -9, machine lost) or was interrupted. Changes mode: plan again
+  and send only the batches the ledger has not confirmed (non-idempotent batches whose outcome is unknown are
+  held). Snapshot mode: merge what the ledger confirmed into the state, then send the rest of the diff.
+* ``retry RUN``: after fixing the cause, replay the failed batches and the refused rows of a run (and the held
+  ones). ``--full-refresh`` sends everything again, ignoring ledger and state.
+* ``state show JOB``: the confirmed state of a snapshot job: users, fields held, tags, pending runs.
+
+Exit codes as for ``pushsync run`` (docs/run.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sqlite3
+from pathlib import Path
+from typing import Any
+
+from sync.errors import ExitCode, StateError
+
+__all__ = ["register"]
+
+
+def register(subparsers: Any) -> None:
+    """Add ``resume``, ``retry`` and ``state``."""
+    for name, help_text in (
+        ("resume", "finish a run that died or was interrupted: send only what the ledger has not confirmed"),
+        ("retry", "replay the failed batches and refused rows of a run (after fixing the cause)"),
+    ):
+        cmd = subparsers.add_parser(name, help=help_text, description=help_text)
+        cmd.add_argument("run_id", metavar="RUN")
+        cmd.add_argument("--job", type=Path, help="the job file (default: the one recorded with the run)")
+        cmd.add_argument("--workdir", type=Path, help="a job's workdir (holds ledger.sqlite)")
+        cmd.add_argument("--output", choices=["text", "json"], default="text")
+        cmd.add_argument("--progress", choices=["auto", "bar", "log", "none"], default="auto")
+        if name == "retry":
+            cmd.add_argument(
+                "--full-refresh",
+                action="store_true",
+                help="send everything again: ignore the ledger (changes mode) or the state (snapshot mode)",
+            )
+        cmd.add_argument(
+            "--force", action="store_true", help="snapshot mode: remove users past the removal threshold"
+        )
+        cmd.set_defaults(func=_replay, replay=name)
+
+    state = subparsers.add_parser("state", help="inspect the confirmed state of a snapshot job")
+    state_sub = state.add_subparsers(dest="state_command", metavar="SUBCOMMAND", required=True)
+    show = state_sub.add_parser("show", help="users, fields and tags held in the state; pending runs")
+    show.add_argument("job", type=Path, help="the job file (YAML)")
+    show.add_argument("--workdir", type=Path, help="override the job's workdir")
+    show.add_argument("--output", choices=["text", "json"], default="text")
+    show.set_defaults(func=_show)
+
+
+def _ledger_candidates(args: argparse.Namespace) -> list[Path]:
+    from sync.runner import LEDGER_FILE
+
+    if args.workdir is not None:
+        return [args.workdir / LEDGER_FILE]
+    return sorted(Path.cwd().glob(f".pushsync/*/{LEDGER_FILE}"))
+
+
+def _job_of_run(args: argparse.Namespace) -> Path:
+    """The job file recorded with the run (read-only look into the ledger's runs table)."""
+    for path in _ledger_candidates(args):
+        if not path.exists():
+            continue
+        conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+        try:
+            row = conn.execute("SELECT job_path FROM runs WHERE run_id = ?", (args.run_id,)).fetchone()
+        except sqlite3.DatabaseError:
+            row = None
+        finally:
+            conn.close()
+        if row and row[0]:
+            return Path(row[0])
+    raise StateError(
+        f"no run {args.run_id} found: give --job JOB (and --workdir DIR if the job's is not used)"
+    )
+
+
+def _replay(args: argparse.Namespace) -> int:
+    from sync.config import load_job, resolve_secret
+    from sync.resume import sync_job
+
+    job = load_job(args.job if args.job is not None else _job_of_run(args))
+    api_key = resolve_secret(job.destination)
+    retry = args.replay == "retry"
+    outcome = asyncio.run(
+        sync_job(
+            job,
+            api_key=api_key,
+            workdir=args.workdir,
+            resume=None if retry else args.run_id,
+            retry=args.run_id if retry else None,
+            full_refresh=bool(getattr(args, "full_refresh", False)),
+            force=args.force,
+            handle_signals=True,
+            progress=args.progress,
+        )
+    )
+    if args.output == "json":
+        print(json.dumps(outcome.to_json(), indent=2))
+    else:
+        print(outcome.render_text())
+    return int(outcome.run.exit_code)
+
+
+def _show(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    import polars as pl
+
+    from sync.config import SourceKind, load_job
+    from sync.state import TAGS, StateStore, state_schema
+
+    job = load_job(args.job)
+    if args.workdir is not None:
+        job = dataclasses.replace(job, workdir=args.workdir)
+    store = StateStore(job.workdir, job.destination)
+    settings = getattr(job, "snapshot", None)
+    doc: dict[str, Any] = {
+        "job": job.name,
+        "mode": str(getattr(job, "mode", "changes")),
+        "state_dir": str(store.directory),
+        "pending_runs": [p.name for p in store.pending()],
+        "sources": {},
+    }
+    for source in job.sources:
+        if source.kind is not SourceKind.USERS:
+            continue
+        path = store.path_for(source)
+        info: dict[str, Any] = {"path": str(path), "users": store.rows(source), "fields": {}, "tags": {}}
+        if path.is_file():
+            schema = state_schema(source, settings)
+            lazy = pl.scan_parquet(path)
+            present = set(lazy.collect_schema().names())
+            names = [n for n in schema if n in present and n not in ("__key", "__ext_id", TAGS)]
+            if names:
+                counts = lazy.select([pl.col(n).is_not_null().sum().alias(n) for n in names]).collect().row(0)
+                info["fields"] = dict(zip(names, counts, strict=True))
+            if TAGS in present:
+                top = (
+                    lazy.select(pl.col(TAGS).explode().drop_nulls())
+                    .group_by(TAGS)
+                    .len()
+                    .sort(["len", TAGS], descending=[True, False])
+                    .limit(20)
+                    .collect()
+                )
+                info["tags"] = dict(top.iter_rows())
+        doc["sources"][source.name] = info
+    if args.output == "json":
+        print(json.dumps(doc, indent=2))
+        return int(ExitCode.OK)
+    print(f"state of job {doc['job']} ({doc['mode']} mode) in {doc['state_dir']}")
+    if doc["pending_runs"]:
+        print(f"  pending (not yet merged; the next run merges them): {', '.join(doc['pending_runs'])}")
+    for name, info in doc["sources"].items():
+        print(f"  source {name}: {info['users']} users")
+        for field, n in info["fields"].items():
+            print(f"    {field:<32} {n:>10} users hold a value")
+        if info["tags"]:
+            print("    tags: " + ", ".join(f"{t} ({n})" for t, n in info["tags"].items()))
+    return int(ExitCode.OK)

@@ -1,0 +1,301 @@
+"""Writing what a platform holds to Parquet or CSV, page by page, with progress.
+
+:func:`write_pages` consumes an async stream of pages (lists of dict rows) and appends them with pyarrow's
+incremental writers (:class:`pyarrow.parquet.ParquetWriter`, :class:`pyarrow.csv.CSVWriter`), so memory holds at
+most one row group (``row_group_rows``) whatever the export's size. The file appears complete or not at all:
+rows go to ``<name>.partial`` which is renamed over the target only when the stream ended without error.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+import time
+from collections.abc import AsyncIterable, Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from enum import StrEnum
+from pathlib import Path
+from typing import Any, Protocol
+
+import pyarrow as pa
+import pyarrow.csv as pa_csv
+import pyarrow.parquet as pq
+
+from sync.errors import BadInputError
+from sync.logs import get_logger
+
+__all__ = [
+    "ExportFormat",
+    "ExportProgress",
+    "ExportResult",
+    "LogExportProgress",
+    "PageLike",
+    "RowWriter",
+    "format_for",
+    "iter_id_chunks",
+    "make_export_progress",
+    "write_pages",
+]
+
+
+class ExportFormat(StrEnum):
+    PARQUET = "parquet"
+    CSV = "csv"
+
+
+def format_for(path: Path, declared: str | None = None) -> ExportFormat:
+    """The declared format, else the one the file name says (``.csv`` → CSV, anything else → Parquet)."""
+    if declared:
+        return ExportFormat(declared)
+    return ExportFormat.CSV if path.suffix.lower() in (".csv", ".txt") else ExportFormat.PARQUET
+
+
+class PageLike(Protocol):
+    """What :func:`write_pages` reads from a page: its rows and, when known, the total to expect."""
+
+    @property
+    def rows(self) -> list[dict[str, Any]]: ...
+
+    @property
+    def total(self) -> int | None: ...
+
+
+class ExportProgress(Protocol):
+    """Told after each page is written: rows so far and the expected total (None when unknown)."""
+
+    def on_rows(self, written: int, total: int | None) -> None: ...
+
+    def close(self) -> None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class ExportResult:
+    """What an export wrote."""
+
+    path: Path
+    format: ExportFormat
+    rows: int
+    pages: int
+    seconds: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "path": str(self.path),
+            "format": str(self.format),
+            "rows": self.rows,
+            "pages": self.pages,
+            "seconds": round(self.seconds, 3),
+        }
+
+
+class RowWriter:
+    """Appends dict rows to a Parquet or CSV file with a fixed schema; rows are buffered up to one row group.
+
+    Use as a context manager: on a clean exit the partial file is renamed to ``path``; on an error it is removed.
+    """
+
+    def __init__(
+        self, path: Path, schema: pa.Schema, fmt: ExportFormat, *, row_group_rows: int = 64_000
+    ) -> None:
+        self.path = path
+        self.schema = schema
+        self.format = fmt
+        self.rows = 0
+        self._partial = path.with_name(path.name + ".partial")
+        self._row_group_rows = row_group_rows
+        self._buffer: list[pa.RecordBatch] = []  # batches not yet written, fewer than row_group_rows rows
+        self._buffered = 0
+        self._writer: pq.ParquetWriter | pa_csv.CSVWriter | None = None
+
+    def __enter__(self) -> RowWriter:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            if self.format is ExportFormat.PARQUET:
+                self._writer = pq.ParquetWriter(self._partial, self.schema, compression="zstd")
+            else:
+                self._writer = pa_csv.CSVWriter(self._partial, self.schema)
+        except OSError as exc:
+            raise BadInputError(str(self.path), f"cannot write the export: {exc.strerror or exc}") from exc
+        return self
+
+    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
+        if exc_type is None:
+            self._flush()
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+        if exc_type is None:
+            os.replace(self._partial, self.path)
+        else:
+            with contextlib.suppress(FileNotFoundError):
+                self._partial.unlink()
+
+    def write(self, rows: Sequence[Mapping[str, Any]]) -> None:
+        if not rows:
+            return
+        batch = pa.RecordBatch.from_pylist(list(rows), schema=self.schema)
+        self._buffer.append(batch)
+        self._buffered += batch.num_rows
+        self.rows += batch.num_rows
+        if self._buffered >= self._row_group_rows:
+            self._flush()
+
+    def _flush(self) -> None:
+        if not self._buffer or self._writer is None:
+            return
+        table = pa.Table.from_batches(self._buffer, schema=self.schema)
+        self._buffer, self._buffered = [], 0
+        try:
+            self._writer.write_table(table)
+        except OSError as exc:
+            raise BadInputError(str(self.path), f"cannot write the export: {exc.strerror or exc}") from exc
+
+
+async def write_pages(
+    pages: AsyncIterable[PageLike],
+    path: Path,
+    schema: pa.Schema,
+    fmt: ExportFormat,
+    *,
+    progress: ExportProgress | None = None,
+    row_group_rows: int = 64_000,
+    clock: Callable[[], float] = time.monotonic,
+) -> ExportResult:
+    """Write every page's rows to ``path``; returns what was written. The file is complete or absent."""
+    started = clock()
+    count = 0
+    total: int | None = None
+    try:
+        with RowWriter(path, schema, fmt, row_group_rows=row_group_rows) as writer:
+            async for page in pages:
+                writer.write(page.rows)
+                count += 1
+                if page.total is not None:
+                    total = page.total
+                if progress is not None:
+                    progress.on_rows(writer.rows, total)
+    finally:
+        if progress is not None:
+            progress.close()
+    return ExportResult(path, fmt, writer.rows, count, clock() - started)
+
+
+class LogExportProgress:
+    """One structlog ``export.progress`` line every ``every`` seconds, and one at the end."""
+
+    def __init__(self, what: str, *, every: float = 5.0, clock: Callable[[], float] = time.monotonic) -> None:
+        self._log = get_logger(export=what)
+        self._clock = clock
+        self._every = every
+        self._started = clock()
+        self._next = self._started + every
+        self._rows = 0
+        self._total: int | None = None
+
+    def on_rows(self, written: int, total: int | None) -> None:
+        self._rows, self._total = written, total
+        now = self._clock()
+        if now >= self._next:
+            self._next = now + self._every
+            self._log.info("export.progress", rows=written, total=total, rows_per_second=self._rate(now))
+
+    def _rate(self, now: float) -> float:
+        return round(self._rows / max(now - self._started, 1e-9), 1)
+
+    def close(self) -> None:
+        self._log.info(
+            "export.done", rows=self._rows, total=self._total, rows_per_second=self._rate(self._clock())
+        )
+
+
+class _BarExportProgress:
+    """A rich progress bar (rows, rate, ETA when the total is known)."""
+
+    def __init__(self, what: str) -> None:
+        from rich.console import Console
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        self._progress = Progress(
+            TextColumn(f"[bold]{what}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeRemainingColumn(),
+            console=Console(file=sys.stderr),
+        )
+        self._task = self._progress.add_task(what, total=None)
+        self._progress.start()
+
+    def on_rows(self, written: int, total: int | None) -> None:
+        self._progress.update(self._task, completed=written, total=total)
+
+    def close(self) -> None:
+        self._progress.stop()
+
+
+def make_export_progress(what: str, mode: str = "auto") -> ExportProgress | None:
+    """``bar`` (a rich bar on stderr), ``log`` (structlog lines), ``none``, or ``auto``: a bar on a terminal."""
+    if mode == "none":
+        return None
+    if mode == "bar" or (mode == "auto" and sys.stderr.isatty()):
+        return _BarExportProgress(what)
+    return LogExportProgress(what)
+
+
+def iter_id_chunks(path: Path, column: str | None = None, *, chunk: int = 1000) -> Iterator[list[str]]:
+    """External IDs from a file, in chunks of at most ``chunk``, blanks and repeats skipped.
+
+    ``.parquet`` and ``.csv`` files are read in record batches (never whole); ``column`` names the ID column
+    (default ``extId`` when present, else the first column). Any other file holds one ID per line."""
+    seen: set[str] = set()
+    out: list[str] = []
+
+    def take(values: Iterator[Any]) -> Iterator[list[str]]:
+        nonlocal out
+        for value in values:
+            if value is None:
+                continue
+            ext_id = str(value).strip()
+            if ext_id and ext_id not in seen:
+                seen.add(ext_id)
+                out.append(ext_id)
+                if len(out) >= chunk:
+                    yield out
+                    out = []
+
+    suffix = path.suffix.lower()
+    try:
+        if suffix in (".parquet", ".pq"):
+            source = pq.ParquetFile(path)
+            name = _id_column(source.schema_arrow.names, column, path)
+            for batch in source.iter_batches(columns=[name], batch_size=64_000):
+                yield from take(iter(batch.column(0).to_pylist()))
+        elif suffix == ".csv":
+            with pa_csv.open_csv(path) as probe:
+                names = probe.schema.names
+            name = _id_column(names, column, path)
+            options = pa_csv.ConvertOptions(include_columns=[name], column_types={name: pa.string()})
+            with pa_csv.open_csv(path, convert_options=options) as reader:
+                for batch in reader:
+                    yield from take(iter(batch.column(0).to_pylist()))
+        else:
+            with path.open(encoding="utf-8") as fh:
+                yield from take(iter(fh))
+    except (OSError, pa.ArrowInvalid, UnicodeDecodeError) as exc:
+        raise BadInputError(str(path), f"cannot read the IDs: {exc}") from exc
+    if out:
+        yield out
+
+
+def _id_column(names: Sequence[str], column: str | None, path: Path) -> str:
+    if column is not None:
+        if column not in names:
+            raise BadInputError(
+                str(path), f"no column {column!r} (columns: {', '.join(names)})", column=column
+            )
+        return column
+    if "extId" in names:
+        return "extId"
+    if not names:
+        raise BadInputError(str(path), "the file has no columns")
+    return names[0]

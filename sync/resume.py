@@ -1,0 +1,349 @@
+"""Resume and retry, on top of the ledger.
+
+Batch IDs are content hashes (:func:`sync.platforms.netmera.requests.batch_id_for`): planning the same input again
+gives the same batches with the same IDs, so "what is left of run R" is "the batches of a new plan that no run
+since R has confirmed". Two modes:
+
+* **resume** (``pushsync resume RUN``, and ``pushsync run`` after a run that did not finish): send what the ledger
+  has not confirmed — batches never sent, batches that failed, batches whose answer was lost in a crash — but
+  *not* a non-idempotent batch (``fireEvents``, ``pushProfileAttributes``) that may already have been applied
+  (recorded ``sent`` or ``failed``: its outcome is unknown); those are *held* and reported. A refused batch
+  (400) is not resent either: its refused rows need a fix first.
+* **retry** (``pushsync retry RUN``): after the user fixed the cause, replay everything resume would, plus the held
+  batches, plus the refused IDs of refused batches (each such batch cut down to its refused IDs).
+
+Snapshot jobs need neither list: their state holds only confirmed changes, so after :func:`sync.state.recover`
+merged a crashed run's confirmations, a fresh diff *is* the resume (and the retry).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any
+
+from sync.errors import StateError
+from sync.platforms.netmera.requests import batch_id_for, ext_ids_in_body
+from sync.records import Batch, BatchStatus, Operation
+
+__all__ = [
+    "NON_IDEMPOTENT",
+    "UNFINISHED_STATUSES",
+    "ReplayMode",
+    "ReplayPlan",
+    "ReplayStats",
+    "SyncOutcome",
+    "replay",
+    "replay_plan",
+    "restrict_batch",
+    "sync_job",
+    "unfinished_run",
+]
+
+NON_IDEMPOTENT: frozenset[Operation] = frozenset({Operation.FIRE_EVENTS, Operation.PUSH_ATTRIBUTES})
+"""Operations that change the platform again when repeated: an event is recorded twice, a pushed value appended
+twice. Every other operation sets a value, a tag or a flag and may be repeated safely."""
+
+UNFINISHED_STATUSES: frozenset[str] = frozenset({"running", "interrupted", "aborted"})
+"""Ledger run statuses of a run that did not get through its plan (``running`` forever means it crashed)."""
+
+_UNKNOWN = frozenset({BatchStatus.SENT.value, BatchStatus.FAILED.value})
+
+
+class ReplayMode(StrEnum):
+    RESUME = "resume"
+    RETRY = "retry"
+
+
+@dataclass(slots=True)
+class ReplayStats:
+    """What a replay did with the batches of the new plan."""
+
+    sent: int = 0
+    skipped_confirmed: int = 0
+    skipped_refused: int = 0
+    held: int = 0
+    """Non-idempotent batches with an unknown outcome, not resent (``pushsync retry`` sends them)."""
+    cut_to_refused: int = 0
+
+    def to_json(self) -> dict[str, int]:
+        return {
+            "sent": self.sent,
+            "skipped_confirmed": self.skipped_confirmed,
+            "skipped_refused": self.skipped_refused,
+            "held": self.held,
+            "cut_to_refused": self.cut_to_refused,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class ReplayPlan:
+    """What the ledger knows about a run and every later run of the same job, batch ID by batch ID."""
+
+    mode: ReplayMode
+    run_id: str
+    runs: tuple[str, ...]
+    confirmed: frozenset[str]
+    """Batch IDs some run confirmed (``ok``)."""
+    unknown: frozenset[str]
+    """Batch IDs sent (or failed after being sent) and never confirmed: the platform may have applied them."""
+    refused: Mapping[str, frozenset[str]] = field(default_factory=dict)
+    """Batch ID → the external IDs the platform refused in it (batches recorded ``rejected``)."""
+
+    def decide(self, batch: Batch, stats: ReplayStats | None = None) -> Batch | None:
+        """The batch to send in place of ``batch`` (itself, or cut down to its refused IDs), or None to skip it."""
+        stats = stats if stats is not None else ReplayStats()
+        bid = batch.batch_id
+        if bid in self.confirmed:
+            stats.skipped_confirmed += 1
+            return None
+        if bid in self.refused:
+            if self.mode is ReplayMode.RESUME:
+                stats.skipped_refused += 1
+                return None
+            cut = restrict_batch(batch, self.refused[bid])
+            if cut is None:
+                stats.skipped_confirmed += 1
+                return None
+            stats.cut_to_refused += 1
+            stats.sent += 1
+            return cut
+        if self.mode is ReplayMode.RESUME and bid in self.unknown and batch.operation in NON_IDEMPOTENT:
+            stats.held += 1
+            return None
+        stats.sent += 1
+        return batch
+
+
+def replay_plan(ledger: Any, run_id: str, mode: ReplayMode = ReplayMode.RESUME) -> ReplayPlan:
+    """Read what ``run_id`` and every later run of its job did. ``ledger``: a :class:`sync.ledger.Ledger`.
+
+    Later runs count too: resuming a run twice must not resend what the first resume confirmed, and a batch
+    confirmed by any later run holds the same content (the ID is a hash of it).
+    """
+    info = ledger.run(run_id)
+    if info is None:
+        raise StateError(f"no run {run_id} in {ledger.path}")
+    runs = [r.run_id for r in ledger.runs(info.job) if r.started_at >= info.started_at]
+    confirmed: set[str] = set()
+    unknown: set[str] = set()
+    rejected: set[str] = set()
+    for rid in runs:
+        for row in ledger.batches(rid):
+            status = str(row.status)
+            if status == BatchStatus.OK.value:
+                confirmed.add(row.batch_id)
+            elif status in _UNKNOWN:
+                unknown.add(row.batch_id)
+            elif status == BatchStatus.REJECTED.value:
+                rejected.add(row.batch_id)
+    refused: dict[str, set[str]] = {}
+    for rid in runs:
+        for batch_id, ext_id, _code, _message in ledger.refused_ids(rid):
+            if batch_id in rejected and batch_id not in confirmed:
+                refused.setdefault(batch_id, set()).add(ext_id)
+    return ReplayPlan(
+        mode=mode,
+        run_id=run_id,
+        runs=tuple(sorted(runs)),
+        confirmed=frozenset(confirmed),
+        unknown=frozenset(unknown - confirmed),
+        refused={k: frozenset(v) for k, v in refused.items()},
+    )
+
+
+def replay(batches: Iterable[Batch], plan: ReplayPlan, stats: ReplayStats | None = None) -> Iterator[Batch]:
+    """The batches of a new plan that ``plan`` says to send (see :meth:`ReplayPlan.decide`)."""
+    for batch in batches:
+        chosen = plan.decide(batch, stats)
+        if chosen is not None:
+            yield chosen
+
+
+def restrict_batch(batch: Batch, ext_ids: Iterable[str]) -> Batch | None:
+    """``batch`` cut down to the items of ``ext_ids`` (a new content-derived ID), or None if it names none."""
+    keep = frozenset(ext_ids) & frozenset(batch.ext_ids)
+    if not keep:
+        return None
+    if keep == frozenset(batch.ext_ids):
+        return batch
+    body = batch.body
+    if isinstance(body, list):
+        new_body: Any = [item for item in body if str(item["extId"]) in keep]
+    elif isinstance(body, Mapping) and "extIds" in body:
+        new_body = {**body, "extIds": [x for x in body["extIds"] if x in keep]}
+    else:  # one-user bodies name a single ID: kept whole above
+        return batch
+    ids = ext_ids_in_body(batch.endpoint, new_body)
+    return Batch(
+        batch_id=batch_id_for(batch.endpoint, new_body),
+        endpoint=batch.endpoint,
+        operation=batch.operation,
+        body=new_body,
+        ext_ids=ids,
+        phase=batch.phase,
+        origins={x: batch.origins[x] for x in ids if x in batch.origins},
+    )
+
+
+def unfinished_run(ledger: Any, job: str) -> str | None:
+    """The run a new ``pushsync run`` of ``job`` should resume: the oldest of the runs since the last finished
+    one, if the newest run did not finish (crashed, interrupted or aborted); else None."""
+    found = None
+    for info in ledger.runs(job):  # newest first
+        if info.status not in UNFINISHED_STATUSES:
+            break
+        found = info.run_id
+    return found
+
+
+# --- one sync: changes mode (auto-resume) or snapshot mode (recover, diff, send, commit) ------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class SyncOutcome:
+    """A run plus what resume/retry and the snapshot state did around it."""
+
+    run: Any
+    """The :class:`sync.runner.RunOutcome`."""
+    mode: str
+    resumed_from: str | None = None
+    replay: ReplayStats | None = None
+    diff: Any = None
+    """Snapshot mode: the :class:`sync.state.DiffCounts` of this run."""
+    committed: Any = None
+    """Snapshot mode: the :class:`sync.state.CommitReport` of this run."""
+    recovered: tuple[Any, ...] = ()
+    """Snapshot mode: commits of earlier runs that had not finished."""
+
+    def to_json(self) -> dict[str, Any]:
+        doc: dict[str, Any] = {"mode": self.mode, **self.run.summary.to_json()}
+        if self.resumed_from:
+            doc["resumed_from"] = self.resumed_from
+        if self.replay is not None:
+            doc["replay"] = self.replay.to_json()
+        if self.diff is not None:
+            doc["diff"] = self.diff.to_json()
+        if self.committed is not None:
+            doc["state"] = {
+                "batches_confirmed": self.committed.batches_confirmed,
+                "batches_unconfirmed": self.committed.batches_unconfirmed,
+                "users_updated": dict(self.committed.users_updated),
+                "users": dict(self.committed.rows),
+            }
+        if self.recovered:
+            doc["recovered_runs"] = [r.run_id for r in self.recovered]
+        return doc
+
+    def render_text(self) -> str:
+        lines = [self.run.summary.render_text()]
+        if self.resumed_from and self.replay is not None:
+            r = self.replay
+            lines.append(
+                f"resumed run {self.resumed_from}: {r.sent} batches sent, {r.skipped_confirmed} already confirmed, "
+                f"{r.skipped_refused} refused (see `pushsync retry`), {r.held} held (non-idempotent, outcome "
+                f"unknown: `pushsync retry` sends them), {r.cut_to_refused} cut to their refused rows"
+            )
+        if self.recovered:
+            lines.append("recovered unfinished run(s): " + ", ".join(r.run_id for r in self.recovered))
+        if self.diff is not None:
+            d = self.diff
+            lines.append(
+                f"snapshot: {d.users_current} users in the export, {d.users_state} in the state; {d.users_changed} "
+                f"changed ({d.users_new} new), {d.users_unchanged} unchanged, {d.users_left} left "
+                f"({d.users_removed} removed)"
+            )
+        if self.committed is not None:
+            c = self.committed
+            lines.append(
+                f"state: {sum(c.users_updated.values())} users updated from {c.batches_confirmed} confirmed "
+                f"batches; {c.batches_unconfirmed} unconfirmed batches will be sent again by the next run"
+            )
+        return "\n".join(lines)
+
+
+async def sync_job(
+    job: Any,
+    *,
+    api_key: str,
+    workdir: Any = None,
+    resume: str | None = None,
+    retry: str | None = None,
+    full_refresh: bool = False,
+    force: bool = False,
+    auto_resume: bool = True,
+    **run_kwargs: Any,
+) -> SyncOutcome:
+    """One sync of ``job`` (a :class:`sync.config.Job`), by its mode.
+
+    * changes mode: the plan is sent as given; ``resume``/``retry`` name a run to resume or retry, and without
+      them a run that did not finish is resumed automatically (``auto_resume``; ``full_refresh`` sends all).
+    * snapshot mode: crashed runs are recovered into the state, the export is diffed against it (``full_refresh``
+      ignores it; ``force`` passes the removal threshold), the delta is sent and the confirmed part committed.
+
+    ``run_kwargs`` go to :func:`sync.runner.run_job` (progress, signals, client, ...).
+    """
+    import asyncio
+    import dataclasses
+    from pathlib import Path
+
+    from sync.ledger import Ledger, new_run_id
+    from sync.planning import build_plan
+    from sync.runner import ledger_path_for, run_job
+    from sync.state import StateStore, commit, compute_diff, recover
+
+    if workdir is not None:
+        job = dataclasses.replace(job, workdir=Path(workdir))
+    origin = retry or resume
+    ledger_path = ledger_path_for(job)
+    mode = str(getattr(job, "mode", "changes"))
+    if mode != "snapshot":
+        plan_of_replay: ReplayPlan | None = None
+        with Ledger.open(ledger_path) as ledger:
+            if origin is None and auto_resume and not full_refresh:
+                origin = unfinished_run(ledger, job.name)
+            if origin is not None and not (full_refresh and retry):
+                plan_of_replay = replay_plan(ledger, origin, ReplayMode.RETRY if retry else ReplayMode.RESUME)
+        stats = ReplayStats() if plan_of_replay is not None else None
+        chosen = plan_of_replay
+
+        def batches(plan: Any) -> Iterator[Batch]:
+            assert chosen is not None
+            return replay(plan.batches(), chosen, stats)
+
+        outcome = await run_job(
+            job, api_key=api_key, batches=batches if chosen is not None else None, **run_kwargs
+        )
+        return SyncOutcome(outcome, mode, origin if chosen is not None else None, stats)
+
+    settings = job.snapshot
+    store = StateStore(job.workdir, job.destination)
+    with store.lock():
+        with Ledger.open(ledger_path) as ledger:
+            if origin is not None and ledger.run(origin) is None:
+                raise StateError(f"no run {origin} in {ledger_path}")
+            recovered = tuple(recover(store, job.sources, ledger, settings))
+        plan = await asyncio.to_thread(build_plan, job)
+        run_id = new_run_id()
+        try:
+            diff = await asyncio.to_thread(
+                compute_diff,
+                store,
+                plan.staged,
+                run_id,
+                settings,
+                full_refresh=full_refresh,
+                force=force,
+                batch_size=job.batch_sizes,
+            )
+        except BaseException:
+            plan.close()
+            raise
+        # A crash from here on leaves pending/<run_id>: the next run recovers what the ledger confirmed.
+        outcome = await run_job(
+            job, api_key=api_key, plan=plan, run_id=run_id, batches=lambda _plan: diff.batches(), **run_kwargs
+        )
+        with Ledger.open(ledger_path) as ledger:
+            committed = await asyncio.to_thread(commit, store, job.sources, diff.directory, ledger, settings)
+    return SyncOutcome(outcome, mode, origin, None, diff.counts, committed, recovered)

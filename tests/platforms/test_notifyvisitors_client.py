@@ -1,0 +1,286 @@
+"""The NotifyVisitors request builders (pure) and connector (against the real local sandbox)."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from datetime import UTC, date, datetime, timedelta, timezone
+from typing import Any
+
+import pytest
+from aiohttp import web
+from conftest_notifyvisitors import NV_API_KEY, NV_TOKEN, NvFactory, RunningNotifyVisitors
+
+from sync.config import Destination
+from sync.errors import FatalPlatformError, RejectedBatchError, RetryableError
+from sync.platforms.base import PlatformClient
+from sync.platforms.notifyvisitors import EVENT_CREATE, USER_CREATE
+from sync.platforms.notifyvisitors.client import AuthMode, NotifyVisitorsClient, envelope_of
+from sync.platforms.notifyvisitors.requests import (
+    event_item,
+    format_date,
+    format_event_time,
+    format_mobile,
+    iter_batches,
+    make_batch,
+    opt_in_flag,
+    split_batch,
+    user_attributes,
+    user_create_body,
+    user_item,
+)
+from sync.platforms.sandboxes._core import start_app
+from sync.records import Batch, Operation, RowRef
+
+# --- request builders --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("raw", "expected"),
+    [
+        ("+919899999999", "+919899999999"),
+        ("+1 (415) 555-0123", "+14155550123"),
+        ("0044 20 7946 0958", "+442079460958"),
+        ("+49.30.1234567", "+49301234567"),
+    ],
+)
+def test_format_mobile_normalises_to_e164(raw: str, expected: str) -> None:
+    assert format_mobile(raw) == expected
+
+
+@pytest.mark.parametrize(
+    "raw", ["9899999999", "+0123456789", "+12", "+1234567890123456", "+91abc99999999", ""]
+)
+def test_format_mobile_refuses_what_is_not_e164(raw: str) -> None:
+    with pytest.raises(ValueError, match=r"E\.164"):
+        format_mobile(raw)
+
+
+def test_dates_times_and_flags() -> None:
+    assert format_date(date(1990, 2, 28)) == "1990-02-28"
+    assert format_date("1990-02-28") == "1990-02-28"
+    with pytest.raises(ValueError):
+        format_date("28/02/1990")
+    ist = timezone(timedelta(hours=5, minutes=30))
+    assert format_event_time(datetime(2024, 1, 31, 17, 30, 5, tzinfo=ist)) == "2024-01-31 12:00:05"
+    assert format_event_time(datetime(2024, 1, 31, 17, 30, 5)) == "2024-01-31 17:30:05"
+    assert format_event_time("2024-01-31T17:30:05") == "2024-01-31 17:30:05"
+    with pytest.raises(ValueError):
+        format_event_time("2024-01-31 17:30")
+    assert [opt_in_flag(v) for v in (True, False, "yes", "0", 1, "TRUE")] == ["1", "0", "1", "0", "1", "1"]
+    with pytest.raises(ValueError):
+        opt_in_flag("maybe")
+
+
+def test_user_attributes_format_the_documented_fields() -> None:
+    attrs = user_attributes(
+        {
+            "email": "a@example.test",
+            "mobile": "+91 98999 99999",
+            "birth_date": date(1990, 2, 28),
+            "email_opt_in": True,
+            "sms_opt_in": "no",
+            "age": 34.0,
+            "city": None,
+        }
+    )
+    assert attrs == {
+        "email": "a@example.test",
+        "mobile": "+919899999999",
+        "birth_date": "1990-02-28",
+        "email_opt_in": "1",
+        "sms_opt_in": "0",
+        "age": 34,
+    }
+    with pytest.raises(ValueError, match="fewer than 50"):
+        user_attributes({"a" * 50: 1})
+    with pytest.raises(ValueError, match="fewer than 1000"):
+        user_attributes({"bio": "x" * 1000})
+    with pytest.raises(ValueError, match="userID"):
+        user_item("u" * 101, {})
+    with pytest.raises(ValueError, match="event name"):
+        event_item("u", "e" * 50)
+
+
+def test_iter_batches_respects_the_per_endpoint_limits() -> None:
+    users = ((user_item(f"u{i}", {"n": i}), RowRef("users.csv", i + 1)) for i in range(250))
+    batches = list(iter_batches(USER_CREATE, users))
+    assert [len(b.body["nv"]) for b in batches] == [100, 100, 50]
+    assert all(b.operation is Operation.SET_ATTRIBUTES for b in batches)
+    assert batches[0].origins["u5"] == RowRef("users.csv", 6)
+    evs = ((event_item(f"u{i % 10}", "purchase", {"i": i}, "2024-01-01 00:00:00"), None) for i in range(2500))
+    ebatches = list(iter_batches(EVENT_CREATE, evs))
+    assert [len(b.body["nv"]) for b in ebatches] == [1000, 1000, 500]
+    assert (
+        ebatches[0].ext_ids == tuple(f"u{i}" for i in range(10))
+        and ebatches[0].operation is Operation.FIRE_EVENTS
+    )
+    with pytest.raises(ValueError):
+        list(iter_batches(USER_CREATE, iter([]), batch_size=101))
+    with pytest.raises(ValueError):
+        make_batch(USER_CREATE, {"nv": [user_item(f"u{i}", {}) for i in range(101)]})
+
+
+def test_batch_ids_are_stable_and_split_keeps_a_users_items_together() -> None:
+    body = {"nv": [event_item(u, "e", {"k": i}) for i, u in enumerate("aabbcd")]}
+    batch = make_batch(EVENT_CREATE, body, origins={"a": RowRef("f", 1), "c": RowRef("f", 5)})
+    assert batch.batch_id == make_batch(EVENT_CREATE, body).batch_id
+    assert batch.ext_ids == ("a", "b", "c", "d")
+    halves = split_batch(batch)
+    assert halves is not None
+    first, second = halves
+    assert [i["userID"] for i in first.body["nv"]] == ["a", "a", "b", "b"]
+    assert [i["userID"] for i in second.body["nv"]] == ["c", "d"]
+    assert first.origins == {"a": RowRef("f", 1)} and second.origins == {"c": RowRef("f", 5)}
+    assert first.batch_id != batch.batch_id
+    single = make_batch(USER_CREATE, user_create_body([("x", {"a": 1})]))
+    assert split_batch(single) is None
+
+
+# --- the connector ------------------------------------------------------------------------------------------
+
+
+def raw_batch(endpoint: str, items: list[dict[str, Any]]) -> Batch:
+    """A batch built without the builders' checks, to send what the platform must refuse."""
+    ids = tuple(dict.fromkeys(i["userID"] for i in items))
+    return Batch(f"raw-{len(items)}", endpoint, Operation.SET_ATTRIBUTES, {"nv": items}, ids)
+
+
+def good_users(n: int) -> Batch:
+    return make_batch(USER_CREATE, user_create_body((f"u{i}", {"name": f"N{i}"}) for i in range(n)))
+
+
+async def test_client_satisfies_the_protocol_and_sends_in_both_auth_modes(
+    nv_sandbox: RunningNotifyVisitors,
+) -> None:
+    async with nv_sandbox.client() as client:
+        assert isinstance(client, PlatformClient) and client.auth is AuthMode.API_KEY
+        outcome = await client.send(good_users(3))
+    assert outcome.http_status == 200 and outcome.remaining == 99
+    assert envelope_of(outcome.body) == ("success", "success", {"created": 3, "updated": 0})
+    async with nv_sandbox.client(auth="bearer") as bearer:
+        events = make_batch(EVENT_CREATE, {"nv": [event_item("u1", "login", None, "2024-05-01 10:00:00")]})
+        assert (await bearer.send(events)).remaining == 499
+    assert len(nv_sandbox.sandbox.state.users) == 3 and nv_sandbox.sandbox.state.events[0].name == "login"
+
+
+async def test_bad_credentials_are_fatal_and_never_leak(nv_sandbox: RunningNotifyVisitors) -> None:
+    wrong_key = "wrong-api-key-abcdef"
+    client = NotifyVisitorsClient(nv_sandbox.destination(), wrong_key, timeout=5)
+    with pytest.raises(FatalPlatformError) as info:
+        await client.send(good_users(1))
+    await client.aclose()
+    assert info.value.status == 401 and "invalid auth" in str(info.value)
+    assert wrong_key not in str(info.value) and NV_API_KEY not in str(info.value)
+    with pytest.raises(ValueError, match="brand_id"):
+        NotifyVisitorsClient(Destination("notifyvisitors", nv_sandbox.url), NV_API_KEY)
+    bearer = NotifyVisitorsClient(nv_sandbox.destination(auth="bearer"), NV_TOKEN + "x", timeout=5)
+    with pytest.raises(FatalPlatformError):
+        await bearer.send(good_users(1))
+    await bearer.aclose()
+
+
+async def test_refusals_as_400_or_inside_a_200_are_rejected_batches(nv_sandbox_factory: NvFactory) -> None:
+    bad = raw_batch(USER_CREATE, [{"userID": "u1", "user_attributes": {"mobile": "12345"}}])
+    for errors_in_body, status in ((False, 400), (True, 200)):
+        running = await nv_sandbox_factory(errors_in_body=errors_in_body)
+        async with running.client() as client:
+            with pytest.raises(RejectedBatchError) as info:
+                await client.send(bad)
+        assert info.value.status == status and "mobile" in info.value.message
+
+
+async def test_splitting_isolates_the_refused_users(nv_sandbox_factory: NvFactory) -> None:
+    running = await nv_sandbox_factory(errors_in_body=True)
+    # u5's number is not E.164: the one user the platform refuses
+    items: list[dict[str, Any]] = [
+        {"userID": f"u{i}", "user_attributes": {"mobile": "555-0100" if i == 5 else "+14155550100"}}
+        for i in range(8)
+    ]
+    pending = [raw_batch(USER_CREATE, items)]
+    refused: list[str] = []
+    async with running.client() as client:
+        while pending:
+            part = pending.pop()
+            try:
+                await client.send(part)
+            except RejectedBatchError:
+                halves = client.split(part)
+                if halves is None:
+                    refused.extend(part.ext_ids)
+                else:
+                    pending.extend(halves)
+    assert refused == ["u5"]
+    assert sorted(running.sandbox.state.users) == sorted(f"u{i}" for i in range(8) if i != 5)
+
+
+async def test_429_is_retryable_with_remaining(nv_sandbox_factory: NvFactory) -> None:
+    running = await nv_sandbox_factory(limits={"user": {"requests": 1, "window": 3600}})
+    async with running.client() as client:
+        assert (await client.send(good_users(1))).remaining == 0
+        with pytest.raises(RetryableError) as info:
+            await client.send(good_users(1))
+    assert info.value.rate_limited and info.value.remaining == 0 and info.value.retry_after is None
+    with_header = await nv_sandbox_factory(
+        limits={"user": {"requests": 0, "window": 3600}}, retry_after_header=True
+    )
+    async with with_header.client() as client:
+        with pytest.raises(RetryableError) as info:
+            await client.send(good_users(1))
+    assert info.value.retry_after is not None and 0 < info.value.retry_after <= 3600
+
+
+@pytest.mark.parametrize("fault", ["error_500", "error_503", "drop"])
+async def test_faults_are_retryable(nv_sandbox_factory: NvFactory, fault: str) -> None:
+    running = await nv_sandbox_factory(limits={}, faults={fault: 1.0})
+    async with running.client() as client:
+        with pytest.raises(RetryableError) as info:
+            await client.send(good_users(1))
+    assert info.value.status == {"error_500": 500, "error_503": 503, "drop": None}[fault]
+
+
+async def test_a_hung_request_times_out_as_retryable(nv_sandbox_factory: NvFactory) -> None:
+    running = await nv_sandbox_factory(limits={}, faults={"hang": 1.0, "hang_seconds": 5})
+    async with running.client(timeout=0.3) as client:
+        with pytest.raises(RetryableError, match="no answer within"):
+            await client.send(good_users(1))
+
+
+async def test_wrong_base_url_is_fatal(nv_sandbox: RunningNotifyVisitors) -> None:
+    destination = Destination("notifyvisitors", nv_sandbox.root_url + "/api/v9/", extra={"brand_id": "4242"})
+    async with NotifyVisitorsClient(destination, NV_API_KEY, timeout=5) as client:
+        with pytest.raises(FatalPlatformError) as info:
+            await client.send(good_users(1))
+    assert info.value.status == 404
+
+
+@pytest.fixture
+async def not_an_api() -> AsyncIterator[str]:
+    """A local server that answers 200 with an HTML page (a captive proxy, a maintenance page)."""
+
+    async def page(_request: web.Request) -> web.Response:
+        return web.Response(text="<html>maintenance</html>", content_type="text/html")
+
+    app = web.Application()
+    app.router.add_post("/api/v1/user/create", page)
+    server = await start_app(app)
+    yield server.root_url + "/api/v1/"
+    await server.stop()
+
+
+async def test_a_200_without_the_envelope_is_retryable(not_an_api: str) -> None:
+    destination = Destination("notifyvisitors", not_an_api, extra={"brand_id": "1"})
+    async with NotifyVisitorsClient(destination, NV_API_KEY, timeout=5) as client:
+        with pytest.raises(RetryableError, match="without the response envelope"):
+            await client.send(good_users(1))
+
+
+def test_envelope_of() -> None:
+    assert envelope_of({"response": {"status": "Error", "message": "m", "data": {}}}) == ("error", "m", {})
+    assert envelope_of({"status": "success"}) is None
+    assert envelope_of([1]) is None
+
+
+def test_dates_in_user_attributes_are_formatted_for_datetimes_too() -> None:
+    assert user_attributes({"birth_date": datetime(1990, 2, 28, 13, 0, tzinfo=UTC)}) == {
+        "birth_date": "1990-02-28"
+    }

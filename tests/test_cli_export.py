@@ -1,0 +1,150 @@
+"""``pushsync export ...`` end to end against a Netmera sandbox (in-process; the CLI runs in a worker thread with
+its own event loop, as it would in its own process)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+from typing import Any
+
+import polars as pl
+import pytest
+
+from sync.cli import main
+from sync.platforms.sandboxes._core import FaultSpec, RateLimit
+
+
+def _job(tmp_path: Path, url: str) -> Path:
+    job = tmp_path / "audit.yaml"
+    job.write_text(
+        f"""
+version: 1
+name: audit
+destination:
+  platform: netmera
+  base_url: {url}
+  secret: {{env: AUDIT_NETMERA_KEY}}
+defaults: {{ext_id: customer_id}}
+sources:
+  - name: users
+    path: users.csv
+    attributes: {{city: string}}
+dispatch:
+  request_timeout: 5
+  retry: {{max_attempts: 10, base_delay: 0.005, max_delay: 0.05}}
+"""
+    )
+    return job
+
+
+def _files(folder: Path) -> list[Path]:
+    return list(folder.iterdir())
+
+
+async def cli(*argv: str) -> int:
+    return await asyncio.to_thread(main, list(argv))
+
+
+async def test_device_tokens_to_parquet_with_the_key_from_the_environment(
+    netmera_sandbox: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    netmera_sandbox.sandbox.state.add_synthetic(15_000, 2)
+    monkeypatch.setenv("NETMERA_API_KEY", netmera_sandbox.api_key)
+    out = tmp_path / "tokens.parquet"
+    code = await cli(
+        "export",
+        "device-tokens",
+        "--base-url",
+        netmera_sandbox.url,
+        "-o",
+        str(out),
+        "--progress",
+        "none",
+        "--output",
+        "json",
+    )
+    assert code == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["rows"] == 30_000 and summary["format"] == "parquet" and summary["pages"] == 30
+    frame = pl.read_parquet(out)
+    assert frame.columns == ["platform", "token", "deviceModel", "pushPermitted"]
+    assert frame["token"].n_unique() == 30_000
+    assert frame["token"].to_list() == list(netmera_sandbox.sandbox.state.devices)
+
+
+async def test_a_job_drives_every_export_with_faults_and_limits_on(
+    netmera_sandbox: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    state = netmera_sandbox.sandbox.state
+    members = [f"c{i}" for i in range(1_250)]
+    state.load({"segments": [{"id": 9, "name": "buyers", "members": members}]})
+    for i in range(0, 1_250, 5):
+        state.user(members[i]).profile = {"city": f"City {i}"}
+    state.add_synthetic(2_000, 1)
+    netmera_sandbox.sandbox.configure(
+        faults=FaultSpec(error_500=0.1, error_503=0.05, drop=0.02), seed=5, limits={"*": RateLimit(1000, 1.0)}
+    )
+    monkeypatch.setenv("AUDIT_NETMERA_KEY", netmera_sandbox.api_key)
+    job = str(_job(tmp_path, netmera_sandbox.url))
+    common = ("--job", job, "--progress", "none")
+
+    assert (
+        await cli("export", "device-tokens", *common, "-o", str(tmp_path / "d.csv"), "--page-size", "250")
+        == 0
+    )
+    assert pl.read_csv(tmp_path / "d.csv")["token"].n_unique() == 2_000
+
+    assert await cli("export", "segments", *common, "--os", "ios", "-o", str(tmp_path / "s.parquet")) == 0
+    assert pl.read_parquet(tmp_path / "s.parquet").to_dicts() == [
+        {"os": "IOS", "id": 9, "name": "buyers", "userCount": 1_250, "type": "PRODUCT_SEGMENT"}
+    ]
+
+    assert (
+        await cli("export", "segment-users", "9", "--os", "ANDROID", *common, "-o", str(tmp_path / "u.csv"))
+        == 0
+    )
+    assert pl.read_csv(tmp_path / "u.csv")["externalId"].to_list() == members
+
+    ids = tmp_path / "crm.csv"
+    pl.DataFrame({"customer_id": [*members[:100], "not-on-netmera"]}).write_csv(ids)
+    out = tmp_path / "p.parquet"
+    code = await cli(
+        "export",
+        "profiles",
+        "--ids",
+        str(ids),
+        "--id-column",
+        "customer_id",
+        *common,
+        "-o",
+        str(out),
+        "--format",
+        "parquet",
+    )
+    assert code == 0
+    profiles = pl.read_parquet(out)
+    assert profiles.height == 101 and profiles["extId"].to_list()[-1] == "not-on-netmera"
+    assert profiles.filter(pl.col("extId") == "c5")["profile"].to_list() == ['{"city": "City 5"}']
+    assert profiles["found"].to_list()[-1] is False
+    assert netmera_sandbox.sandbox.stats.faults() > 0
+    assert "wrote 101 profiles" in capsys.readouterr().out
+
+
+async def test_missing_or_wrong_keys_fail_clearly_and_write_nothing(
+    netmera_sandbox: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "tokens.parquet"
+    monkeypatch.delenv("NETMERA_API_KEY", raising=False)
+    assert await cli("export", "device-tokens", "--base-url", netmera_sandbox.url, "-o", str(out)) == 2
+    assert "NETMERA_API_KEY is not set" in capsys.readouterr().err
+    monkeypatch.setenv("NETMERA_API_KEY", "a-wrong-key-4567")
+    assert (
+        await cli(
+            "export", "device-tokens", "--base-url", netmera_sandbox.url, "-o", str(out), "--progress", "none"
+        )
+        == 3
+    )
+    err = capsys.readouterr().err
+    assert "HTTP 403" in err and "a-wrong-key-4567" not in err
+    assert not out.exists() and _files(tmp_path) == []  # not even a .partial file

@@ -1,0 +1,258 @@
+"""``pushsync meiro ...`` and ``pushsync sandbox meiro`` end to end against the Meiro sandbox, including the
+example job ``jobs/meiro.yaml`` with faults and rate limits on. The sandbox runs in-process; the CLI in a worker
+thread with its own event loop (as in its own process), on real time with short intervals."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import subprocess
+import sys
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from sync.cli import main
+from sync.platforms.sandboxes.meiro import MeiroSandbox, MeiroSandboxConfig, MeiroUser
+
+REPO = Path(__file__).resolve().parent.parent
+EMAIL, PASSWORD = "cli@example.test", "cli-meiro-password-42"
+WELCOME = "983d437d-eac6-423b-beb5-40a619be332f"
+TEASER = "5c1f0b52-8d4e-4a8e-9f3a-2f6f1d0c7b21"
+
+
+@pytest.fixture
+async def meiro(monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[MeiroSandbox]:
+    """The sandbox seeded like the example job expects; credentials in the environment the CLI reads."""
+    config = MeiroSandboxConfig.from_mapping(
+        {"users": [MeiroUser(EMAIL, PASSWORD)], "seed_file": REPO / "jobs" / "data" / "meiro_sandbox.json"}
+    )
+    sandbox = MeiroSandbox(config)
+    url = await sandbox.start("127.0.0.1", 0)
+    monkeypatch.setenv("MEIRO_BASE_URL", url)
+    monkeypatch.setenv("MEIRO_EMAIL", EMAIL)
+    monkeypatch.setenv("MEIRO_PASSWORD", PASSWORD)
+    yield sandbox
+    await sandbox.stop()
+
+
+async def cli(*argv: str) -> int:
+    return await asyncio.to_thread(main, list(argv))
+
+
+async def test_login_check_and_bad_credentials(
+    meiro: MeiroSandbox, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert await cli("meiro", "login-check", "--output", "json") == 0
+    assert json.loads(capsys.readouterr().out)["logged_in"] is True
+    monkeypatch.setenv("MEIRO_PASSWORD", "not-the-password-777")
+    assert await cli("meiro", "login-check") == 3
+    err = capsys.readouterr().err
+    assert "HTTP 401" in err and "e-mail and password" in err and "not-the-password-777" not in err
+    monkeypatch.delenv("MEIRO_PASSWORD")
+    assert await cli("meiro", "login-check") == 2
+    assert "MEIRO_PASSWORD" in capsys.readouterr().err
+
+
+async def test_password_file_and_exports_listing(
+    meiro: MeiroSandbox, monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.delenv("MEIRO_PASSWORD")
+    secret = tmp_path / "pw"
+    secret.write_text(PASSWORD + "\n")
+    state = meiro.state
+    for i in range(30):
+        state.add_export(TEASER, total=i, created_at=2_000_000_000 + i)
+    assert (
+        await cli("meiro", "exports", TEASER, "--all", "--password-file", str(secret), "--output", "json")
+        == 0
+    )
+    ids = [e["id"] for e in json.loads(capsys.readouterr().out)]
+    assert len(ids) == 32 == len(set(ids)) and ids[:2] == [133, 132]
+    assert (
+        await cli(
+            "meiro", "exports", TEASER, "--limit", "5", "--offset", "28", "--password-file", str(secret)
+        )
+        == 0
+    )
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split()[:2] == ["export", "status"] and len(lines) == 5  # header + the 4 oldest
+    assert await cli("meiro", "exports", "no-such-notification", "--password-file", str(secret)) == 3
+    assert "push notification no-such-notification was not found" in capsys.readouterr().err
+
+
+async def test_wait_shows_progress_records_counts_and_exits_by_outcome(
+    meiro: MeiroSandbox, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    work = tmp_path / "work"
+    code = await cli("meiro", "wait", WELCOME, "100", "--interval", "0.01", "--workdir", str(work))
+    assert code == 0
+    captured = capsys.readouterr()
+    assert "export 100: running, 0 of 1200 sent" in captured.err
+    assert "export 100: finished, 1100 of 1200 sent (100 %)" in captured.err
+    assert captured.out.strip().endswith("1100 of 1200 sent, 12 invalid, 88 over the frequency cap")
+    meiro.state.add_export(WELCOME, total=10, outcome="error")
+    assert await cli("meiro", "wait", WELCOME, "104", "--interval", "0.01", "--workdir", str(work)) == 1
+    records = [json.loads(line) for line in (work / "meiro-waits.jsonl").read_text().splitlines()]
+    assert [(r["export_id"], r["outcome"]) for r in records] == [(100, "finished"), (104, "error")]
+    assert records[0]["message_counts"] == {
+        "total": 1200,
+        "sent": 1100,
+        "excluded_invalid": 12,
+        "excluded_by_frequency_cap": 88,
+    }
+    assert (
+        await cli(
+            "meiro", "wait", WELCOME, "101", "--interval", "10", "--timeout", "0.05", "--workdir", str(work)
+        )
+        == 1
+    )
+    assert "timed_out" in capsys.readouterr().out
+
+
+async def test_cancel_and_a_finished_export_says_so(
+    meiro: MeiroSandbox, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert await cli("meiro", "cancel", WELCOME, "101") == 0
+    assert capsys.readouterr().out.strip() == f"export 101 of {WELCOME}: canceled"
+    assert await cli("meiro", "cancel", TEASER, "102") == 1
+    err = capsys.readouterr().err
+    assert f"export 102 of push notification {TEASER} is already finished; it cannot be canceled" in err
+    assert await cli("meiro", "cancel", TEASER, "999") == 3
+    assert "was not found" in capsys.readouterr().err
+
+
+async def test_trash_search_and_restore(meiro: MeiroSandbox, capsys: pytest.CaptureFixture[str]) -> None:
+    assert await cli("meiro", "trash", "--search", "winter", "--output", "json") == 0
+    found = json.loads(capsys.readouterr().out)
+    assert [n["name"] for n in found] == ["Old winter sale"]
+    assert await cli("meiro", "restore", found[0]["id"]) == 0
+    assert capsys.readouterr().out.startswith(f"restored {found[0]['id']} (Old winter sale)")
+    assert await cli("meiro", "trash", "--all") == 0
+    assert "Old summer sale" in (out := capsys.readouterr().out) and "winter" not in out
+    assert await cli("meiro", "restore", found[0]["id"]) == 3
+
+
+def _example_job(tmp_path: Path, url: str, **changes: Any) -> Path:
+    """jobs/meiro.yaml aimed at the sandbox, with its workdir in tmp_path (like ``pushsync demo`` does)."""
+    doc = yaml.safe_load((REPO / "jobs" / "meiro.yaml").read_text())
+    doc.update(base_url=url, workdir=str(tmp_path / "work"), **changes)
+    path = tmp_path / "meiro.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    return path
+
+
+async def test_the_example_job_end_to_end_with_faults_and_limits(
+    meiro: MeiroSandbox, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    meiro.configure(limits={"getExport": _limit(6, 1.0)}, faults=_faults(), seed=3)
+    job = _example_job(
+        tmp_path,
+        meiro.url or "",
+        wait={"interval": 0.02, "max_wait": 30, "concurrency": 3},
+        retry={"max_attempts": 12, "base_delay": 0.01, "max_delay": 0.05},
+    )
+    assert await cli("meiro", "run", str(job), "--output", "json") == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["ok"] is True
+    waits = {w["export_id"]: w for w in doc["waits"]}
+    assert set(waits) == {100, 101, 103}  # "latest: true" picked the teaser's newest export
+    assert all(w["outcome"] == "finished" for w in waits.values())
+    assert waits[103]["message_counts"] == {
+        "total": 5200,
+        "sent": 5160,
+        "excluded_invalid": 40,
+        "excluded_by_frequency_cap": 0,
+    }
+    stats = meiro.stats
+    assert (
+        stats.faults() > 0 and stats.rate_limited("getExport") > 0 and stats.max_in_window("getExport") <= 6
+    )
+    assert sum(w["retries"] for w in waits.values()) > 0
+    lines = (tmp_path / "work" / "meiro-waits.jsonl").read_text().splitlines()
+    assert sorted(json.loads(line)["export_id"] for line in lines) == [100, 101, 103]
+    assert {json.loads(line)["run_id"] for line in lines} == {doc["run_id"]}
+    assert PASSWORD not in "".join(lines)
+
+
+async def test_a_job_with_a_failing_export_exits_1_and_says_why(
+    meiro: MeiroSandbox, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    meiro.state.add_export(TEASER, export_id=200, outcome="error", total=8)
+    job = _example_job(
+        tmp_path,
+        meiro.url or "",
+        wait={"interval": 0.01},
+        exports=[{"notification": TEASER, "export": 200}, {"notification": TEASER, "export": 404}],
+    )
+    assert await cli("meiro", "run", str(job)) == 1
+    out = capsys.readouterr().out
+    assert "0 of 2 exports finished" in out and "export 200 of" in out and ": error after" in out
+    assert f"export 404 of push notification {TEASER} was not found" in out
+
+
+async def test_a_bad_job_file_lists_every_problem(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    job = tmp_path / "bad.yaml"
+    job.write_text(
+        "platform: meiro\nbase_url: ftp://x\ncredentials: {email: a@b.c, password: hunter2}\nexports: [{notification: n}]\nwat: 1\n"
+    )
+    assert await cli("meiro", "run", str(job)) == 2
+    err = capsys.readouterr().err
+    for where in ("wat: unknown key", "base_url:", "credentials.password:", "exports[0]: give exactly one"):
+        assert where in err
+    assert "hunter2" not in err
+
+
+def test_sandbox_meiro_runs_as_a_process_and_prints_its_url(tmp_path: Path) -> None:
+    env = {**os.environ, "MEIRO_SANDBOX_PASSWORD": "proc-password-1234", "PYTHONUNBUFFERED": "1"}
+    seed = str(REPO / "jobs" / "data" / "meiro_sandbox.json")
+    process = subprocess.Popen(
+        [sys.executable, "-m", "sync", "sandbox", "meiro", "--port", "0", "--seed-file", seed],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+        env=env,
+    )
+    try:
+        assert process.stdout is not None
+        url = process.stdout.readline().strip()
+        assert url.startswith("http://127.0.0.1:") and url.endswith("/api/")
+        env_cli = {
+            **env,
+            "MEIRO_BASE_URL": url,
+            "MEIRO_EMAIL": "sandbox@meiro.local",
+            "MEIRO_PASSWORD": "proc-password-1234",
+        }
+        done = subprocess.run(
+            [sys.executable, "-m", "sync", "meiro", "exports", WELCOME, "--output", "json"],
+            cwd=REPO,
+            env=env_cli,
+            capture_output=True,
+            text=True,
+            timeout=20,
+            check=False,
+        )
+        assert done.returncode == 0, done.stderr
+        assert [e["id"] for e in json.loads(done.stdout)] == [101, 100]
+    finally:
+        process.terminate()
+        assert process.wait(timeout=10) == 0
+        if process.stdout is not None:
+            process.stdout.close()
+
+
+def _limit(requests: int, window: float) -> Any:
+    from sync.platforms.sandboxes._core import RateLimit
+
+    return RateLimit(requests, window)
+
+
+def _faults() -> Any:
+    from sync.platforms.sandboxes._core import FaultSpec
+
+    return FaultSpec(error_500=0.15, error_503=0.1, drop=0.05)

@@ -1,0 +1,228 @@
+"""``pushsync report`` on the command line, and the scheduler examples (Airflow DAG, Kubernetes CronJob): the DAG
+parses and its bash wrapper, run for real against a sandbox, maps exit codes and pushes one JSON line; the
+manifest holds the fields operators rely on and its job file loads."""
+
+from __future__ import annotations
+
+import ast
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from sync.cli import main
+from sync.config import load_job
+from sync.ledger import Ledger
+from sync.records import RejectedRow
+
+REPO = Path(__file__).resolve().parent.parent
+DAG = REPO / "examples" / "airflow_dag.py"
+MANIFEST = REPO / "examples" / "k8s-cronjob.yaml"
+
+
+def make_ledger(path: Path) -> None:
+    """Two runs written through the ledger's public API: ``old`` (done) and ``new`` (partial)."""
+    with Ledger.open(path) as ledger:
+        ledger.start_run("old", job="nightly", platform="netmera")
+        ledger.finish_run("old", status="done", exit_code=0)
+        ledger.start_run("new", job="nightly", platform="netmera")
+        ledger.record_rejected_rows(
+            "new", [RejectedRow("users.csv", 4, "email", "not an e-mail address", "C4")]
+        )
+        ledger.finish_run("new", status="partial", exit_code=1)
+
+
+def test_report_writes_the_page_of_the_run_named(tmp_path: Path, capsys: Any) -> None:
+    ledger = tmp_path / "work" / "ledger.sqlite"
+    make_ledger(ledger)
+    out = tmp_path / "out" / "old.html"
+    assert main(["report", "old", "--ledger", str(ledger), "-o", str(out)]) == 0
+    page = out.read_text(encoding="utf-8")
+    assert 'data-field="run_id">old<' in page and 'data-field="status">done<' in page
+    assert "wrote the report of run old" in capsys.readouterr().out
+
+
+def test_report_latest_from_a_workdir_with_json_output(tmp_path: Path, capsys: Any) -> None:
+    make_ledger(tmp_path / "work" / "ledger.sqlite")
+    out = tmp_path / "latest.html"
+    assert (
+        main(["report", "latest", "--workdir", str(tmp_path / "work"), "-o", str(out), "--output", "json"])
+        == 0
+    )
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["run_id"] == "new" and Path(doc["report"]) == out.resolve()
+    page = out.read_text(encoding="utf-8")
+    assert 'data-field="status">partial<' in page and "not an e-mail address" in page
+
+
+def test_report_of_an_unknown_run_exits_2(tmp_path: Path, capsys: Any) -> None:
+    make_ledger(tmp_path / "work" / "ledger.sqlite")
+    out = tmp_path / "x.html"
+    assert main(["report", "nope", "--workdir", str(tmp_path / "work"), "-o", str(out)]) == 2
+    assert "no run nope found" in capsys.readouterr().err
+    assert not out.exists()
+
+
+# -- the Airflow example ---------------------------------------------------------------------------------------
+
+
+def dag_constants() -> dict[str, Any]:
+    """The DAG file's module-level string constants, read without importing Airflow."""
+    tree = ast.parse(DAG.read_text(encoding="utf-8"), filename=str(DAG))
+    out: dict[str, Any] = {}
+    for node in tree.body:
+        if isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name):
+            try:
+                out[node.targets[0].id] = ast.literal_eval(node.value)
+            except ValueError:
+                continue
+    return out
+
+
+def test_the_airflow_dag_parses_and_pushes_the_summary_to_xcom() -> None:
+    source = DAG.read_text(encoding="utf-8")
+    tree = ast.parse(source)
+    compile(tree, str(DAG), "exec")
+    calls = {
+        kw.value.value: call
+        for call in ast.walk(tree)
+        if isinstance(call, ast.Call) and getattr(call.func, "id", "") == "BashOperator"
+        for kw in call.keywords
+        if kw.arg == "task_id" and isinstance(kw.value, ast.Constant)
+    }
+    assert set(calls) == {"sync_users", "report"}
+    sync_kwargs = {kw.arg: kw.value for kw in calls["sync_users"].keywords}
+    assert ast.literal_eval(sync_kwargs["do_xcom_push"]) is True
+    assert ast.literal_eval(sync_kwargs["skip_on_exit_code"]) is None
+    report_kwargs = {kw.arg: kw.value for kw in calls["report"].keywords}
+    assert ast.literal_eval(report_kwargs["trigger_rule"]) == "all_done"
+    constants = dag_constants()
+    assert "--output json" in constants["SYNC_COMMAND"]
+    assert "pushsync report latest" in constants["REPORT_COMMAND"]
+
+
+def _wrapper_env(tmp_path: Path, job: Path, api_key: str) -> dict[str, str]:
+    bin_dir = Path(sys.executable).parent  # holds pushsync and python3
+    return {
+        **os.environ,
+        "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}",
+        "JOB": str(job),
+        "WORKDIR": str(tmp_path / "work"),
+        "REPORTS": str(tmp_path / "reports"),
+        "PUSHSYNC_TEST_NETMERA_KEY": api_key,
+    }
+
+
+def _write_job(tmp_path: Path, url: str, *, bad_row: bool) -> Path:
+    data = tmp_path / "data" / "users.csv"
+    data.parent.mkdir(parents=True, exist_ok=True)
+    rows = ["user_id,city,score", "U1,Izmir,3", "U2,Bursa,5"] + (["U3,Konya,not-a-number"] if bad_row else [])
+    data.write_text("\n".join(rows) + "\n", encoding="utf-8")
+    job = tmp_path / "job.yaml"
+    job.write_text(
+        f"""
+version: 1
+name: airflow-example
+destination: {{platform: netmera, base_url: "{url}", secret: {{env: PUSHSYNC_TEST_NETMERA_KEY}}}}
+defaults: {{ext_id: user_id}}
+sources:
+  - {{name: users, path: data/users.csv, attributes: {{city: string, score: number}}}}
+dispatch: {{concurrency: 2, request_timeout: 2}}
+""",
+        encoding="utf-8",
+    )
+    return job
+
+
+def run_wrapper(command: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        ["bash", "-c", command], env=env, capture_output=True, text=True, timeout=60, check=False
+    )
+
+
+def test_the_airflow_wrapper_maps_exit_codes_and_pushes_one_json_line(
+    tmp_path: Path, netmera_sandbox_process: Any
+) -> None:
+    constants = dag_constants()
+    sandbox = netmera_sandbox_process
+    # Partial (one row refused by validation): the task succeeds and XCom gets the summary saying PARTIAL.
+    env = _wrapper_env(tmp_path, _write_job(tmp_path, sandbox.url, bad_row=True), sandbox.api_key)
+    partial = run_wrapper(constants["SYNC_COMMAND"], env)
+    assert partial.returncode == 0, partial.stderr[-2000:]
+    summary = json.loads(partial.stdout.splitlines()[-1])
+    assert (summary["exit_code"], summary["exit_status"]) == (1, "PARTIAL")
+    assert summary["totals"]["rows_rejected"] == 1 and summary["totals"]["ids_ok"] >= 2
+    assert (tmp_path / "work" / "metrics" / "pushsync.prom").read_text().count("pushsync_requests_total") > 0
+    # The report task then writes the page of that run.
+    report = run_wrapper(constants["REPORT_COMMAND"].replace("{{ ds }}", "2026-11-24"), env)
+    assert report.returncode == 0, report.stderr[-2000:]
+    page = (tmp_path / "reports" / "nightly-crm-2026-11-24.html").read_text(encoding="utf-8")
+    assert f'data-field="run_id">{summary["run_id"]}<' in page
+    # A bad job (its input file is missing): the task fails with 2, and XCom still gets one JSON line.
+    (tmp_path / "data" / "users.csv").unlink()
+    bad = run_wrapper(constants["SYNC_COMMAND"], env)
+    assert bad.returncode == 2
+    assert json.loads(bad.stdout.splitlines()[-1]) == {"exit_code": 2, "exit_status": "NO_SUMMARY"}
+
+
+# -- the Kubernetes example ------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def manifests() -> dict[str, dict[str, Any]]:
+    docs = [d for d in yaml.safe_load_all(MANIFEST.read_text(encoding="utf-8")) if d]
+    return {d["kind"]: d for d in docs}
+
+
+def test_the_cronjob_runs_one_at_a_time_and_retries_only_what_a_retry_can_fix(
+    manifests: dict[str, dict[str, Any]],
+) -> None:
+    cron = manifests["CronJob"]
+    assert cron["apiVersion"] == "batch/v1"
+    assert cron["spec"]["concurrencyPolicy"] == "Forbid"
+    job = cron["spec"]["jobTemplate"]["spec"]
+    pod = job["template"]["spec"]
+    assert pod["restartPolicy"] == "Never"  # podFailurePolicy requires it
+    rules = job["podFailurePolicy"]["rules"]
+    no_retry = {code for r in rules if r["action"] == "FailJob" for code in r["onExitCodes"]["values"]}
+    assert no_retry == {1, 2, 3}  # 4 (interrupted) and crashes count against backoffLimit
+    assert job["backoffLimit"] >= 1
+    assert all(r["onExitCodes"]["containerName"] == "pushsync" for r in rules if "onExitCodes" in r)
+    (container,) = pod["containers"]
+    assert container["name"] == "pushsync"
+    args = container["args"]
+    assert args[:2] == ["run", "/etc/pushsync/job.yaml"]
+    assert args[args.index("--output") + 1] == "json"
+    port = int(args[args.index("--metrics-port") + 1])
+    assert container["ports"][0]["containerPort"] == port
+    assert job["template"]["metadata"]["annotations"]["prometheus.io/port"] == str(port)
+
+
+def test_the_cronjob_wires_the_secret_the_job_names_and_a_volume_for_the_ledger(
+    manifests: dict[str, dict[str, Any]],
+) -> None:
+    cron = manifests["CronJob"]
+    pod = cron["spec"]["jobTemplate"]["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    with tempfile.TemporaryDirectory() as tmp:
+        job_file = Path(tmp) / "job.yaml"
+        job_file.write_text(manifests["ConfigMap"]["data"]["job.yaml"], encoding="utf-8")
+        job = load_job(job_file)
+    env = {e["name"]: e for e in container["env"]}
+    assert job.destination.secret_env is not None
+    ref = env[job.destination.secret_env]["valueFrom"]["secretKeyRef"]
+    assert ref["name"] and ref["key"] and "value" not in env[job.destination.secret_env]
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
+    assert volumes[mounts["/etc/pushsync"]]["configMap"]["name"] == manifests["ConfigMap"]["metadata"]["name"]
+    work = volumes[mounts["/var/lib/pushsync"]]["persistentVolumeClaim"]["claimName"]
+    assert work == manifests["PersistentVolumeClaim"]["metadata"]["name"]
+    assert str(job.workdir).startswith("/var/lib/pushsync/")  # the ledger lives on the claim
+    # SIGTERM drains in-flight batches: the grace period must outlast the drain.
+    assert pod["terminationGracePeriodSeconds"] > job.dispatch.drain_timeout

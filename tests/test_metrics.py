@@ -1,0 +1,216 @@
+"""Run metrics: the exporter serves every documented series, values follow what the dispatcher reports, each run
+has its own registry, the textfile is what node_exporter reads, and the docs list exactly the series served."""
+
+from __future__ import annotations
+
+import re
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from sync.metrics import LATENCY_BUCKETS, SERIES, RunMetrics
+from sync.platforms.netmera.requests import make_batch, tag_body
+from sync.records import Attempt, AttemptOutcome, BatchResult, BatchStatus, Operation, RejectedId
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+class FakeClock:
+    """Monotonic seconds that move only when told to."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """(sample name, sorted labels) -> value, from the exposition text."""
+    out = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            out[(s.name, tuple(sorted(s.labels.items())))] = s.value
+    return out
+
+
+def families(text: str) -> set[str]:
+    names = set()
+    for family in text_string_to_metric_families(text):
+        # The parser strips the _total of counters; the documented names keep it.
+        names.add(family.name + "_total" if family.type == "counter" else family.name)
+    return names
+
+
+def feed(metrics: RunMetrics) -> None:
+    """Two tag batches: one through at once, one after a 503 and a 429, with one refused ID."""
+    first = make_batch(Operation.TAG, tag_body("gold", ["u1", "u2", "u3"]))
+    second = make_batch(Operation.TAG, tag_body("silver", ["u4", "u5"]))
+    ep = first.endpoint
+    metrics.on_batch_start(first)
+    metrics.on_batch_start(second)
+    metrics.on_attempt(Attempt(first.batch_id, ep, 1, 3, 0.02, AttemptOutcome.OK, 200))
+    metrics.on_batch_done(
+        first, BatchResult(first.batch_id, ep, Operation.TAG, BatchStatus.OK, 1, 200, ok_ids=3)
+    )
+    metrics.on_attempt(Attempt(second.batch_id, ep, 1, 2, 0.3, AttemptOutcome.RETRYABLE, 503, "HTTP 503"))
+    metrics.on_attempt(
+        Attempt(second.batch_id, ep, 2, 2, 0.004, AttemptOutcome.RATE_LIMITED, 429, "HTTP 429")
+    )
+    metrics.on_attempt(Attempt(second.batch_id, ep, 3, 2, 7.0, AttemptOutcome.RETRYABLE, None, "no answer"))
+    metrics.on_attempt(Attempt(second.batch_id, ep, 4, 2, 0.05, AttemptOutcome.OK, 200))
+    rejected = (RejectedId("u5", 5016, "external id not found"),)
+    metrics.on_batch_done(
+        second,
+        BatchResult(
+            second.batch_id, ep, Operation.TAG, BatchStatus.REJECTED, 5, 400, ok_ids=1, rejected=rejected
+        ),
+    )
+
+
+@pytest.fixture
+def served() -> Iterator[tuple[RunMetrics, str, FakeClock]]:
+    clock = FakeClock()
+    metrics = RunMetrics(
+        run_id="r-1", job="nightly", platform="netmera", budgets={"tagUsers": 20.0}, clock=clock
+    )
+    server = metrics.serve(0, host="127.0.0.1")
+    try:
+        yield metrics, server.url, clock
+    finally:
+        server.close()
+
+
+def scrape(url: str) -> str:
+    with urllib.request.urlopen(url, timeout=5) as resp:
+        assert resp.status == 200
+        assert resp.headers["Content-Type"].startswith("text/plain")
+        return str(resp.read().decode())
+
+
+def test_the_exporter_serves_every_documented_series(served: tuple[RunMetrics, str, FakeClock]) -> None:
+    metrics, url, _ = served
+    feed(metrics)
+    text = scrape(url)
+    assert families(text) >= set(SERIES)
+    got = samples(text)
+    ep = (("endpoint", "tagUsers"),)
+    assert got[("pushsync_requests_total", (("endpoint", "tagUsers"), ("status", "200")))] == 2
+    assert got[("pushsync_requests_total", (("endpoint", "tagUsers"), ("status", "503")))] == 1
+    assert got[("pushsync_requests_total", (("endpoint", "tagUsers"), ("status", "429")))] == 1
+    assert got[("pushsync_requests_total", (("endpoint", "tagUsers"), ("status", "none")))] == 1
+    assert got[("pushsync_ids_total", (("endpoint", "tagUsers"), ("outcome", "ok")))] == 4
+    assert got[("pushsync_ids_total", (("endpoint", "tagUsers"), ("outcome", "rejected")))] == 1
+    assert got[("pushsync_ids_total", (("endpoint", "tagUsers"), ("outcome", "failed")))] == 0
+    assert got[("pushsync_batches_total", (("endpoint", "tagUsers"), ("status", "rejected")))] == 1
+    assert got[("pushsync_rate_limited_total", ep)] == 1
+    assert got[("pushsync_retries_total", ep)] == 3
+    assert got[("pushsync_inflight_batches", ())] == 0
+    assert got[("pushsync_budget_rate", ep)] == 20.0
+    assert got[("pushsync_current_rate", ep)] == 5 / 10  # five attempts in the 10 s window
+    assert got[("pushsync_request_latency_seconds_count", ep)] == 5
+    assert got[("pushsync_request_latency_seconds_sum", ep)] == pytest.approx(7.374)
+    assert got[("pushsync_request_latency_seconds_bucket", (*ep, ("le", "0.005")))] == 1
+    assert got[("pushsync_request_latency_seconds_bucket", (*ep, ("le", "5.0")))] == 4
+    assert got[("pushsync_request_latency_seconds_bucket", (*ep, ("le", "+Inf")))] == 5
+    info = (("job", "nightly"), ("platform", "netmera"), ("run_id", "r-1"))
+    assert got[("pushsync_run_info", info)] == 1
+
+
+def test_in_flight_and_current_rate_follow_the_run(served: tuple[RunMetrics, str, FakeClock]) -> None:
+    metrics, url, clock = served
+    batch = make_batch(Operation.TAG, tag_body("gold", ["u1"]))
+    metrics.on_batch_start(batch)
+    for i in range(30):
+        clock.now += 0.1
+        metrics.on_attempt(
+            Attempt(batch.batch_id, batch.endpoint, i + 1, 1, 0.01, AttemptOutcome.RETRYABLE, 503)
+        )
+    ep = (("endpoint", "tagUsers"),)
+    got = samples(scrape(url))
+    assert got[("pushsync_inflight_batches", ())] == 1
+    assert got[("pushsync_current_rate", ep)] == pytest.approx(3.0)  # 30 attempts in the last 10 s
+    clock.now += 8.55  # the window now starts 1.55 s after the first attempt: 15 attempts are left in it
+    assert samples(scrape(url))[("pushsync_current_rate", ep)] == pytest.approx(1.5)
+    clock.now += 60
+    assert samples(scrape(url))[("pushsync_current_rate", ep)] == 0  # quiet endpoint: falls to zero
+
+
+def test_each_run_has_its_own_registry() -> None:
+    one, two = RunMetrics(run_id="a"), RunMetrics(run_id="b")
+    batch = make_batch(Operation.TAG, tag_body("gold", ["u1"]))
+    one.on_attempt(Attempt(batch.batch_id, batch.endpoint, 1, 1, 0.01, AttemptOutcome.OK, 200))
+    key = ("pushsync_requests_total", (("endpoint", "tagUsers"), ("status", "200")))
+    assert samples(_text(one))[key] == 1
+    assert key not in samples(_text(two))
+
+
+def _text(metrics: RunMetrics) -> str:
+    from prometheus_client import generate_latest
+
+    return generate_latest(metrics.registry).decode()
+
+
+def test_the_textfile_is_what_node_exporter_reads(tmp_path: Path) -> None:
+    metrics = RunMetrics(run_id="r-2", job="nightly", budgets={"tagUsers": 5.0})
+    feed(metrics)
+    path = tmp_path / "textfile" / "pushsync.prom"
+    metrics.write_textfile(path)
+    text = path.read_text()
+    assert families(text) >= set(SERIES)
+    assert samples(text) == samples(_text(metrics))
+    assert not list(path.parent.glob("*.tmp*"))  # written through a temporary file, renamed
+
+
+def test_the_docs_list_exactly_the_series_served() -> None:
+    doc = (REPO / "docs" / "operations.md").read_text(encoding="utf-8")
+    documented = set(re.findall(r"^\| `(pushsync_[a-z_]+)`", doc, flags=re.MULTILINE))
+    assert documented == set(SERIES)
+    assert all(f"{b:g}" in doc for b in LATENCY_BUCKETS[:3])  # the buckets are documented too
+
+
+async def test_exporting_serves_while_the_block_runs_and_leaves_the_final_textfile(tmp_path: Path) -> None:
+    import asyncio
+
+    metrics = RunMetrics(run_id="r-3", job="nightly", platform="netmera")
+    path = tmp_path / "pushsync.prom"
+    batch = make_batch(Operation.TAG, tag_body("gold", ["u1"]))
+    key = ("pushsync_requests_total", (("endpoint", "tagUsers"), ("status", "200")))
+    async with metrics.exporting(port=0, textfile=path, host="127.0.0.1", every=3600) as server:
+        assert server is not None
+        assert "pushsync_run_info" in path.read_text()  # written at once, before the first attempt
+        metrics.on_attempt(Attempt(batch.batch_id, batch.endpoint, 1, 1, 0.01, AttemptOutcome.OK, 200))
+        text = await asyncio.to_thread(scrape, server.url)
+        assert samples(text)[key] == 1
+        assert key not in samples(path.read_text())  # the next periodic write is an hour away
+    assert samples(path.read_text())[key] == 1  # ...but the way out writes the final figures
+    with pytest.raises(OSError):
+        await asyncio.to_thread(scrape, server.url)  # the exporter is gone
+
+
+def test_bind_names_the_run_and_asks_each_endpoint_its_budget() -> None:
+    metrics = RunMetrics()
+    batch = make_batch(Operation.TAG, tag_body("gold", ["u1"]))
+    metrics.on_batch_start(batch)
+    metrics.bind(run_id="r-4", job="j", platform="netmera", budget_for={"tagUsers": 2.5}.get)
+    got = samples(_text(metrics))
+    assert got[("pushsync_run_info", (("job", "j"), ("platform", "netmera"), ("run_id", "r-4")))] == 1
+    assert [k for k in got if k[0] == "pushsync_run_info"] == [
+        ("pushsync_run_info", (("job", "j"), ("platform", "netmera"), ("run_id", "r-4")))
+    ]
+    assert got[("pushsync_budget_rate", (("endpoint", "tagUsers"),))] == 2.5
+
+
+def test_a_taken_port_is_a_clear_error_before_anything_runs() -> None:
+    from sync.errors import ExitCode, StateError
+
+    first = RunMetrics().serve(0, host="127.0.0.1")
+    try:
+        with pytest.raises(StateError, match=f"cannot serve metrics on 127.0.0.1:{first.port}") as info:
+            RunMetrics().serve(first.port, host="127.0.0.1")
+        assert info.value.exit_code is ExitCode.BAD_JOB_OR_INPUT
+    finally:
+        first.close()

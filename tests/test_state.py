@@ -1,0 +1,401 @@
+"""The snapshot differ, the confirmed-state store and the merge of confirmed batches (sync/state.py).
+
+Inputs go through the real reader, validator and planner staging (small CSV files); confirmations go through the
+real SQLite ledger. Nothing is sent here: the end-to-end runs against the sandbox are in test_crash_resume.py.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+import polars as pl
+import pytest
+
+import sync.state as state_mod
+from sync.config import Job, load_job
+from sync.errors import StateError
+from sync.ledger import Ledger
+from sync.planning import build_plan
+from sync.records import Batch, BatchResult, BatchStatus, Operation, RejectedId
+from sync.state import (
+    DiffCounts,
+    RemovalAction,
+    RemovalThresholdError,
+    SnapshotDiff,
+    SnapshotSettings,
+    StateStore,
+    commit,
+    compute_diff,
+    recover,
+    snapshot_problems,
+)
+
+HEADER = "id,name,score,city,visits,segments,push,news,email"
+BASE = [
+    "u1,Ada,10,Paris,a|b,gold|vip,yes,no,ada@example.com",
+    "u2,Bob,20,,c,silver,no,yes,bob@example.com",
+    "u3,Cy,30,Rome,,,,,",
+]
+
+JOB = """\
+version: 1
+name: snap
+workdir: work
+destination:
+  platform: netmera
+  base_url: http://127.0.0.1:9/rest/3.0/
+  secret: {env: NETMERA_API_KEY}
+sources:
+  - name: users
+    path: users.csv
+    ext_id: id
+    attributes:
+      name: string
+      score: number
+      city: {on_null: unset}
+      visits: {type: list, mode: push}
+    tags: {column: segments}
+    opt_ins:
+      push: push
+      categories: {News: news}
+    email: email
+"""
+
+
+def write_input(tmp_path: Path, rows: Iterable[str]) -> Job:
+    (tmp_path / "job.yaml").write_text(JOB, encoding="utf-8")
+    (tmp_path / "users.csv").write_text("\n".join([HEADER, *rows]) + "\n", encoding="utf-8")
+    return load_job(tmp_path / "job.yaml")
+
+
+def diff(job: Job, run_id: str, settings: SnapshotSettings | None = None, **kwargs: Any) -> SnapshotDiff:
+    store = StateStore(job.workdir, job.destination)
+    with build_plan(job) as plan:
+        return compute_diff(store, plan.staged, run_id, settings, **kwargs)
+
+
+def bodies(d: SnapshotDiff) -> dict[str, list[Any]]:
+    out: dict[str, list[Any]] = {}
+    for batch in d.batches(record=False):
+        out.setdefault(batch.endpoint, []).append(batch.body)
+    return out
+
+
+Outcome = Callable[[Batch], tuple[BatchStatus, tuple[str, ...]]]
+
+
+def all_ok(_batch: Batch) -> tuple[BatchStatus, tuple[str, ...]]:
+    return BatchStatus.OK, ()
+
+
+def send(job: Job, d: SnapshotDiff, outcome: Outcome = all_ok) -> list[Batch]:
+    """Record every batch of ``d`` in the job's real ledger with the outcome chosen per batch (no platform)."""
+    sent = []
+    with Ledger.open(job.workdir / "ledger.sqlite") as ledger:
+        ledger.start_run(d.run_id, job=job.name)
+        for batch in d.batches():
+            status, refused = outcome(batch)
+            ledger.record_planned(d.run_id, batch)
+            ledger.record_sent(d.run_id, batch.batch_id)
+            ledger.record_result(
+                d.run_id,
+                BatchResult(
+                    batch.batch_id,
+                    batch.endpoint,
+                    batch.operation,
+                    status,
+                    attempts=1,
+                    ok_ids=len(batch.ext_ids) - len(refused),
+                    rejected=tuple(RejectedId(x, 5016, "refused") for x in refused),
+                ),
+            )
+            sent.append(batch)
+    return sent
+
+
+def commit_run(job: Job, d: SnapshotDiff, settings: SnapshotSettings | None = None) -> None:
+    store = StateStore(job.workdir, job.destination)
+    with Ledger.open(job.workdir / "ledger.sqlite") as ledger:
+        commit(store, job.sources, d.directory, ledger, settings)
+
+
+def sync_once(
+    job: Job, run_id: str, settings: SnapshotSettings | None = None, outcome: Outcome = all_ok
+) -> list[Batch]:
+    d = diff(job, run_id, settings)
+    sent = send(job, d, outcome)
+    commit_run(job, d, settings)
+    return sent
+
+
+def state_rows(job: Job) -> dict[str, dict[str, Any]]:
+    store = StateStore(job.workdir, job.destination)
+    frame = store.read(job.sources[0])
+    return {r["__ext_id"]: r for r in frame.drop("__key").to_dicts()}
+
+
+def test_first_run_sends_every_value_and_the_state_records_them(tmp_path: Path) -> None:
+    job = write_input(tmp_path, BASE)
+    d = diff(job, "r1")
+    assert d.counts.users_new == 3 and d.counts.users_changed == 3 and d.counts.users_state == 0
+    sent = bodies(d)
+    assert sorted(b["tag"] for b in sent["tagUsers"]) == ["gold", "silver", "vip"]
+    assert "unsetProfileAttributes" not in sent  # nothing was held before: nothing to unset
+    profiles = {i["extId"]: i["profile"] for i in sent["setProfileAttributes"][0]}
+    assert profiles == {
+        "u1": {"name": "Ada", "score": 10, "city": "Paris"},
+        "u2": {"name": "Bob", "score": 20},
+        "u3": {"name": "Cy", "score": 30, "city": "Rome"},
+    }
+    send(job, d)
+    commit_run(job, d)
+    rows = state_rows(job)
+    assert rows["u1"] == {
+        "__ext_id": "u1",
+        "attr:name": "Ada",
+        "attr:score": 10.0,
+        "attr:city": "Paris",
+        "push:visits": ["a", "b"],
+        "optin:push": True,
+        "category:News": False,
+        "email": "ada@example.com",
+        "tags": ["gold", "vip"],
+    }
+    assert rows["u3"]["tags"] == [] and rows["u3"]["optin:push"] is None
+    assert not d.directory.exists()  # committed: the pending delta is gone
+
+
+def test_second_run_without_changes_sends_nothing(tmp_path: Path) -> None:
+    job = write_input(tmp_path, BASE)
+    sync_once(job, "r1")
+    d = diff(job, "r2")
+    assert d.counts == DiffCounts(users_current=3, users_state=3)
+    assert list(d.batches(record=False)) == []
+    assert d.request_counts() == {}
+
+
+def test_changes_are_diffed_field_by_field(tmp_path: Path) -> None:
+    job = write_input(tmp_path, BASE)
+    sync_once(job, "r1")
+    write_input(
+        tmp_path,
+        [
+            "u1,Ada,11,,a|b|z,gold,yes,yes,ada@example.com",  # score, city emptied, visit z, vip gone, News on
+            "u2,Bob,20,,c,silver,yes,yes,bob@new.example",  # push on, new e-mail
+            "u3,Cy,30,Rome,,,,,",  # unchanged
+        ],
+    )
+    d = diff(job, "r2")
+    assert d.counts.users_changed == 2 and d.counts.users_unchanged == 1
+    sent = bodies(d)
+    assert sent["setProfileAttributes"] == [[{"extId": "u1", "profile": {"score": 11}}]]
+    assert sent["unsetProfileAttributes"] == [[{"extId": "u1", "profile": ["city"]}]]
+    assert sent["pushProfileAttributes"] == [[{"extId": "u1", "profile": {"visits": ["z"]}}]]
+    assert sent["untagUsers"] == [{"tag": "vip", "extIds": ["u1"]}]
+    assert "tagUsers" not in sent
+    assert sent["setCategoryPreferences"] == [[{"extId": "u1", "category": "News", "enable": True}]]
+    assert sent["enablePush"] == [{"extId": "u2"}]
+    assert sent["updateEmail"] == [{"extId": "u2", "email": "bob@new.example"}]
+    send(job, d)
+    commit_run(job, d)
+    assert list(diff(job, "r3").batches(record=False)) == []
+    rows = state_rows(job)
+    assert rows["u1"]["attr:city"] is None and rows["u1"]["tags"] == ["gold"]
+    assert rows["u1"]["push:visits"] == ["a", "b", "z"]
+
+
+def test_an_empty_cell_is_left_alone_unless_unset_is_configured(tmp_path: Path) -> None:
+    job = write_input(tmp_path, BASE)
+    sync_once(job, "r1")
+    write_input(tmp_path, ["u1,,10,Paris,a|b,gold|vip,yes,no,ada@example.com", *BASE[1:]])
+    assert bodies(diff(job, "r2")) == {}  # name: on_null skip
+    sent = bodies(diff(job, "r3", SnapshotSettings(unset_on_empty=True)))
+    assert sent == {"unsetProfileAttributes": [[{"extId": "u1", "profile": ["name"]}]]}
+
+
+def test_failed_and_refused_ids_keep_their_old_state_and_are_sent_again(tmp_path: Path) -> None:
+    job = write_input(tmp_path, BASE)
+
+    def outcome(batch: Batch) -> tuple[BatchStatus, tuple[str, ...]]:
+        if batch.operation is Operation.SET_ATTRIBUTES:
+            return BatchStatus.REJECTED, ("u2",)  # the platform refused u2's profile, took the others
+        if batch.operation is Operation.TAG and batch.body["tag"] == "vip":
+            return BatchStatus.FAILED, ()
+        return BatchStatus.OK, ()
+
+    sync_once(job, "r1", outcome=outcome)
+    rows = state_rows(job)
+    assert rows["u1"]["attr:name"] == "Ada" and rows["u1"]["tags"] == ["gold"]
+    assert rows["u2"]["attr:name"] is None and rows["u2"]["email"] == "bob@example.com"
+    again = bodies(diff(job, "r2"))
+    assert again == {
+        "setProfileAttributes": [[{"extId": "u2", "profile": {"name": "Bob", "score": 20}}]],
+        "tagUsers": [{"tag": "vip", "extIds": ["u1"]}],
+    }
+
+
+@pytest.mark.parametrize(
+    ("action", "expected"),
+    [
+        (RemovalAction.NONE, {}),
+        (RemovalAction.UNTAG, {"untagUsers": [{"tag": "silver", "extIds": ["u2"]}]}),
+        (RemovalAction.DELETE, {"deleteUsersPermanently": [{"extIds": ["u2"]}]}),
+    ],
+)
+def test_users_that_left_the_export_get_the_removal_action(
+    tmp_path: Path, action: RemovalAction, expected: dict[str, Any]
+) -> None:
+    settings = SnapshotSettings(removal=action, max_removal_share=0.5)
+    job = write_input(tmp_path, BASE)
+    sync_once(job, "r1", settings)
+    write_input(tmp_path, [BASE[0], BASE[2]])
+    d = diff(job, "r2", settings)
+    assert d.counts.users_left == 1
+    assert d.counts.users_removed == (0 if action is RemovalAction.NONE else 1)
+    assert bodies(d) == expected
+    send(job, d)
+    commit_run(job, d, settings)
+    rows = state_rows(job)
+    if action is RemovalAction.DELETE:
+        assert "u2" not in rows
+    else:
+        assert rows["u2"]["attr:name"] == "Bob"  # the platform still holds the profile
+        assert rows["u2"]["tags"] == ([] if action is RemovalAction.UNTAG else ["silver"])
+    assert list(diff(job, "r3", settings).batches(record=False)) == []
+
+
+def test_removals_past_the_threshold_are_refused_unless_forced(tmp_path: Path) -> None:
+    settings = SnapshotSettings(removal=RemovalAction.DELETE, max_removal_share=0.5)
+    job = write_input(tmp_path, BASE)
+    sync_once(job, "r1", settings)
+    write_input(tmp_path, [BASE[0]])  # 2 of 3 users gone: 67% > 50%
+    with pytest.raises(RemovalThresholdError, match=r"2 of 3 users .* --force"):
+        diff(job, "r2", settings)
+    store = StateStore(job.workdir, job.destination)
+    assert store.pending() == [] and not (store.pending_root / "r2").exists()
+    d = diff(job, "r3", settings, force=True)
+    assert bodies(d) == {"deleteUsersPermanently": [{"extIds": sorted(["u2", "u3"], key=_canonical)}]}
+
+
+def _canonical(ext_id: str) -> tuple[int, str]:
+    import zlib
+
+    return zlib.crc32(ext_id.encode()), ext_id
+
+
+def test_full_refresh_ignores_the_state(tmp_path: Path) -> None:
+    job = write_input(tmp_path, BASE)
+    sync_once(job, "r1")
+    d = diff(job, "r2", full_refresh=True)
+    sent = bodies(d)
+    assert sorted(b["tag"] for b in sent["tagUsers"]) == ["gold", "silver", "vip"]
+    assert sent["unsetProfileAttributes"] == [[{"extId": "u2", "profile": ["city"]}]]
+    assert d.counts.users_changed == 3
+
+
+def test_a_crashed_run_is_recovered_from_its_pending_delta(tmp_path: Path) -> None:
+    job = write_input(tmp_path, BASE)
+    d = diff(job, "r1")
+    # The run "dies" after its first two batches were confirmed: the others were never answered.
+    with Ledger.open(job.workdir / "ledger.sqlite") as ledger:
+        ledger.start_run("r1", job=job.name)
+        for i, batch in enumerate(d.batches()):
+            ledger.record_planned("r1", batch)
+            if i < 2:
+                ledger.record_result(
+                    "r1", BatchResult(batch.batch_id, batch.endpoint, batch.operation, BatchStatus.OK, 1)
+                )
+            else:
+                ledger.record_sent("r1", batch.batch_id)
+    store = StateStore(job.workdir, job.destination)
+    assert store.pending() == [d.directory]
+    with Ledger.open(job.workdir / "ledger.sqlite") as ledger:
+        reports = recover(store, job.sources, ledger)
+    assert [r.batches_confirmed for r in reports] == [2]
+    assert store.pending() == []
+    # The two confirmed batches (the opt-outs: category News off for u1, disablePush u2) are not sent again.
+    again = bodies(diff(job, "r2"))
+    assert "disablePush" not in again and len(again["setCategoryPreferences"]) == 1
+    assert again["setCategoryPreferences"][0][0]["enable"] is True
+    assert sum(len(v) for v in again.values()) == 9
+
+
+def test_many_key_ranges_give_the_same_result_as_one(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    rows = [
+        f"user{i},N{i},{i},C{i % 7},,{'gold' if i % 3 else 'silver'},{'yes' if i % 2 else 'no'},,"
+        for i in range(200)
+    ]
+    changed = [r.replace(",gold,", ",silver,") if i % 10 == 0 else r for i, r in enumerate(rows)]
+    results = []
+    for name, per_range in (("one", 150_000), ("many", 16)):
+        monkeypatch.setattr(state_mod, "ROWS_PER_RANGE", per_range)
+        (tmp_path / name).mkdir()
+        job = write_input(tmp_path / name, rows)
+        sync_once(job, "r1")
+        write_input(tmp_path / name, changed)
+        d = diff(job, "r2")
+        assert (len(d.sources[0].parts) == 1) == (name == "one")
+        results.append((state_rows(job), bodies(d), d.sources[0].bits))
+    (state_one, sent_one, bits_one), (state_many, sent_many, bits_many) = results
+    assert bits_one == 0 and bits_many == 4
+    assert state_one == state_many
+    assert sent_one == sent_many
+    assert (
+        sent_one["tagUsers"][0]["tag"] == "silver" and len(sent_one["tagUsers"][0]["extIds"]) == 13
+    )  # i % 10 == 0, i % 3 != 0
+
+
+def test_snapshot_mode_refuses_sources_it_cannot_diff(tmp_path: Path) -> None:
+    job = write_input(tmp_path, BASE)
+    assert snapshot_problems(job.sources[0]) == []
+    from dataclasses import replace
+
+    from sync.config import SourceKind, TagAction, TagColumn
+
+    assert snapshot_problems(replace(job.sources[0], kind=SourceKind.EVENTS))
+    assert snapshot_problems(replace(job.sources[0], tags=(TagColumn("x", action=TagAction.UNTAG),)))
+
+
+def test_the_state_lock_keeps_two_runs_apart(tmp_path: Path) -> None:
+    job = write_input(tmp_path, BASE)
+    store = StateStore(job.workdir, job.destination)
+    with store.lock(), pytest.raises(StateError, match="another run"), store.lock():
+        pass
+    with store.lock():  # released
+        pass
+
+
+def test_state_writes_are_atomic_and_per_destination(tmp_path: Path) -> None:
+    job = write_input(tmp_path, BASE)
+    sync_once(job, "r1")
+    store = StateStore(job.workdir, job.destination)
+    assert sorted(p.name for p in store.directory.iterdir() if p.is_file()) == [
+        ".lock",
+        "users.parquet",
+    ] or sorted(p.name for p in store.directory.iterdir() if p.is_file()) == ["users.parquet"]
+    from dataclasses import replace
+
+    other = StateStore(
+        job.workdir, replace(job.destination, base_url="https://restapi.netmera.com/rest/3.0/")
+    )
+    assert other.directory != store.directory and other.rows(job.sources[0]) == 0
+    assert store.rows(job.sources[0]) == 3
+    assert pl.read_parquet(store.path_for("users")).height == 3
+
+
+def test_preview_shows_the_diff_and_writes_nothing(tmp_path: Path) -> None:
+    from sync.state import preview
+
+    job = write_input(tmp_path, BASE)
+    sync_once(job, "r1")
+    write_input(tmp_path, ["u1,Ada,11,Paris,a|b,gold|vip,yes,no,ada@example.com", *BASE[1:]])
+    store = StateStore(job.workdir, job.destination)
+    state_before = store.read(job.sources[0])
+    with build_plan(job) as plan:
+        counts, summary = preview(store, plan)
+    assert counts.users_changed == 1 and counts.values_set == 1 and counts.users_unchanged == 2
+    assert [(e.endpoint, e.requests, e.ids) for e in summary.endpoints] == [("setProfileAttributes", 1, 1)]
+    assert summary.samples == {"setProfileAttributes": [{"extId": "u1", "profile": {"score": 11}}]}
+    assert store.pending() == [] and store.read(job.sources[0]).equals(state_before)
