@@ -11,6 +11,7 @@ import codecs
 import json
 import os
 import re
+import urllib.parse
 import zoneinfo
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -33,9 +34,12 @@ __all__ = [
     "NullAction",
     "OptIns",
     "RateBudgetSpec",
+    "RemovalAction",
     "RetryPolicy",
+    "SnapshotSettings",
     "Source",
     "SourceKind",
+    "SyncMode",
     "TagAction",
     "TagColumn",
     "ValidationRules",
@@ -132,10 +136,21 @@ PLATFORM_DEFAULTS: Mapping[str, Mapping[str, Any]] = {
     # Netmera documents no rate limit [D]; 20 requests/s per endpoint is a conservative default that still
     # moves 20,000 users/s through the 1000-ID endpoints. Jobs override per endpoint.
     "netmera": {"batch_size": 1000, "budgets": {"*": RateBudgetSpec(requests=20, period=1.0)}},
+    # NotifyVisitors' documented per-minute limits (User API 100, Event API 500); the planner caps user/create
+    # batches at 100 users and event/create at 1000 events.
+    "notifyvisitors": {
+        "batch_size": 1000,
+        "budgets": {
+            "user/create": RateBudgetSpec(requests=100, period=60.0),
+            "event/create": RateBudgetSpec(requests=500, period=60.0),
+        },
+    },
+    # Forms On Fire: one user per request; no documented limit, 10 requests/s is an assumption [I].
+    "formsonfire": {"batch_size": 1, "budgets": {"*": RateBudgetSpec(requests=10, period=1.0)}},
 }
 """Per-platform defaults applied under a job's own ``dispatch`` settings."""
 
-_PLATFORM_MAX_BATCH = {"netmera": 1000}
+_PLATFORM_MAX_BATCH = {"netmera": 1000, "notifyvisitors": 1000, "formsonfire": 1}
 
 DEFAULT_NULL_VALUES: tuple[str, ...] = ("", "NULL", "null", "NaN", "N/A", "\\N")
 """Values read as "no value" unless a source names its own ``null_values``."""
@@ -278,6 +293,35 @@ class ValidationRules:
     trim: bool = True
 
 
+class SyncMode(StrEnum):
+    """How a job's input is read: as changes to send as given, or as the full current state (docs/sync.md)."""
+
+    CHANGES = "changes"
+    SNAPSHOT = "snapshot"
+
+
+class RemovalAction(StrEnum):
+    """Snapshot mode: what happens to users in the confirmed state that are no longer in the export."""
+
+    NONE = "none"
+    """Nothing: the platform keeps them as they are (and so does the state)."""
+    UNTAG = "untag"
+    """Untag the job's managed tags they hold (``untagUsers``)."""
+    DELETE = "delete"
+    """Delete them permanently (``deleteUsersPermanently``)."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SnapshotSettings:
+    """The job's ``snapshot:`` options (used in snapshot mode)."""
+
+    removal: RemovalAction = RemovalAction.NONE
+    max_removal_share: float = 0.05
+    """Refuse the run when more than this share of the state's users would be untagged or deleted."""
+    unset_on_empty: bool = False
+    """Every ``set`` attribute whose cell became empty is unset (an attribute's own ``on_null: unset`` also)."""
+
+
 @dataclass(frozen=True, slots=True)
 class Job:
     """A loaded, validated job file. Build it with :func:`load_job`."""
@@ -291,12 +335,19 @@ class Job:
     validation: ValidationRules = field(default_factory=ValidationRules)
     batch_sizes: Mapping[str, int] = field(default_factory=dict)
     """Unique IDs per request, per endpoint; ``"*"`` for endpoints not named (platform default applied)."""
+    mode: SyncMode = SyncMode.CHANGES
+    snapshot: SnapshotSettings = field(default_factory=SnapshotSettings)
 
     def batch_size_for(self, endpoint: str) -> int:
         return self.batch_sizes.get(endpoint) or self.batch_sizes.get("*") or 1000
 
 
 _SECRET_LOOKING_KEYS = re.compile(r"(api_?key|apikey|token|password|passwd|secret_?key|key)$", re.IGNORECASE)
+_SECRET_LOOKING_EXTRA = re.compile(
+    r"(api_?key|access_?key|integration_?key|private_?key|secret(_?key)?|token|password|passwd)$",
+    re.IGNORECASE,
+)
+"""Names of ``destination.extra`` settings that would hold a secret (``user_key: UserId`` is not one)."""
 _PER = re.compile(r"^\s*([0-9]+(?:\.[0-9]+)?)\s*(ms|s|m|h)\s*$")
 _UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
 _ENDPOINTS_REQUIRING_LIST = (AttributeMode.PUSH, AttributeMode.PULL)
@@ -346,6 +397,34 @@ def _secret_problems(raw: Mapping[str, Any]) -> list[JobProblem]:
         if key != "secret" and _SECRET_LOOKING_KEYS.search(str(key)):
             problems.append(
                 JobProblem(f"destination.{key}", f"secrets may not be written in a job file: {hint}")
+            )
+    extra = dest.get("extra")
+    if isinstance(extra, Mapping):
+        for key in extra:
+            if _SECRET_LOOKING_EXTRA.search(str(key)):
+                problems.append(
+                    JobProblem(
+                        f"destination.extra.{key}", f"secrets may not be written in a job file: {hint}"
+                    )
+                )
+    base_url = dest.get("base_url")
+    if isinstance(base_url, str):
+        try:
+            parts = urllib.parse.urlsplit(base_url)
+            userinfo = "@" in parts.netloc
+        except ValueError:
+            parts, userinfo = None, False
+        # The URL is printed in plans, summaries and logs: credentials in it would leak from there.
+        if userinfo:
+            problems.append(
+                JobProblem("destination.base_url", f"credentials may not be written in the URL: {hint}")
+            )
+        elif parts is not None and (parts.query or parts.fragment):
+            problems.append(
+                JobProblem(
+                    "destination.base_url",
+                    f"a base URL takes no query string (endpoints are appended to it): {hint}",
+                )
             )
     return problems
 
@@ -559,6 +638,53 @@ def _destination(dest_raw: Mapping[str, Any], base: Path, problems: list[JobProb
     return destination
 
 
+def _platform_problems(platform: str, sources: list[Source], extra: Mapping[str, str]) -> list[JobProblem]:
+    """What the platform itself cannot do with these sources and settings (imported late: the platform layer
+    imports this module)."""
+    if platform == "notifyvisitors":
+        from sync.platforms.notifyvisitors.requests import job_problems
+    elif platform == "formsonfire":
+        from sync.platforms.formsonfire.requests import job_problems
+    else:
+        return []
+    return job_problems(sources, extra)
+
+
+def _sync_mode(
+    raw: Mapping[str, Any], sources: list[Source], problems: list[JobProblem]
+) -> tuple[SyncMode, SnapshotSettings]:
+    """``mode`` and ``snapshot``; in snapshot mode every source must be a users export without untag columns."""
+    if any(p.location == "mode" or p.location.startswith("snapshot") for p in problems):
+        return SyncMode.CHANGES, SnapshotSettings()  # the schema already reported what is wrong here
+    mode = SyncMode(raw.get("mode", "changes"))
+    snap = raw.get("snapshot") or {}
+    settings = SnapshotSettings(
+        removal=RemovalAction(snap.get("removal", "none")),
+        max_removal_share=float(snap.get("max_removal_share", 0.05)),
+        unset_on_empty=bool(snap.get("unset_on_empty", False)),
+    )
+    if mode is SyncMode.SNAPSHOT:
+        for i, source in enumerate(sources):
+            if source.kind is not SourceKind.USERS:
+                problems.append(
+                    JobProblem(
+                        f"sources[{i}].kind",
+                        f"a {source.kind.value!r} source lists changes, not the full state: snapshot mode takes "
+                        "users exports only (send it with a job in mode 'changes')",
+                    )
+                )
+            elif any(t.action is TagAction.UNTAG for t in source.tags):
+                problems.append(
+                    JobProblem(
+                        f"sources[{i}].tags",
+                        "untag columns have no meaning in snapshot mode: tags missing from the export are untagged",
+                    )
+                )
+    elif "snapshot" in raw:
+        problems.append(JobProblem("snapshot", "only used with mode: snapshot"))
+    return mode, settings
+
+
 def load_job(path: str | Path) -> Job:
     """Read, validate and freeze a job file.
 
@@ -648,6 +774,9 @@ def load_job(path: str | Path) -> Job:
             problems.append(
                 JobProblem(where, f"{size} is above the {platform} limit of {limit} unique IDs per request")
             )
+    if destination is not None and len(sources) == len(raw_sources):
+        problems += _platform_problems(platform, sources, destination.extra)
+    mode, snapshot = _sync_mode(raw, sources, problems)
     if problems or destination is None:
         raise BadJobError(str(job_path), problems)
     workdir = base / raw["workdir"] if "workdir" in raw else Path.cwd() / ".pushsync" / name
@@ -660,4 +789,6 @@ def load_job(path: str | Path) -> Job:
         sources=tuple(sources),
         validation=rules,
         batch_sizes=sizes,
+        mode=mode,
+        snapshot=snapshot,
     )

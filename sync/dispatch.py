@@ -38,10 +38,21 @@ from sync.errors import FatalPlatformError, PushSyncError, RejectedBatchError, R
 from sync.ledger import Ledger
 from sync.logs import get_logger
 from sync.platforms.base import PlatformClient
-from sync.records import Attempt, AttemptOutcome, Batch, BatchResult, BatchStatus, Phase, RejectedId
+from sync.records import (
+    Attempt,
+    AttemptOutcome,
+    Batch,
+    BatchResult,
+    BatchStatus,
+    Operation,
+    Phase,
+    RejectedId,
+)
 
 __all__ = ["DispatchObserver", "DispatchOutcome", "DispatchReport", "Dispatcher", "EndpointStats"]
 
+_NOT_IDEMPOTENT = frozenset({Operation.FIRE_EVENTS, Operation.PUSH_ATTRIBUTES})
+"""Operations whose ``sent`` record is committed before the request goes out (see sync/resume.py)."""
 _FEED_CHUNK = 64  # batches pulled from a synchronous plan per worker-thread hop
 LATENCY_SAMPLE = 20_000
 """Latencies kept per endpoint (a reservoir sample: percentiles stay accurate, memory stays flat)."""
@@ -441,6 +452,10 @@ class Dispatcher:
                     raise _AttemptsError(attempt, self._fatal or FatalPlatformError("run aborted")) from None
                 if first and attempt == 0 and self._ledger is not None:
                     self._ledger.record_sent(self._run_id, part.batch_id)
+                    if part.operation in _NOT_IDEMPOTENT:
+                        # Durable before the request leaves: a resume must know this batch may have been
+                        # applied, or it would send the events (or pushed values) a second time.
+                        self._ledger.flush()
                 attempt += 1
                 stats.requests += 1
                 now = clock.time()

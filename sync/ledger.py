@@ -23,10 +23,13 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from sync.errors import StateError
 from sync.records import Attempt, AttemptOutcome, Batch, BatchResult, BatchStatus, RejectedRow
+
+if TYPE_CHECKING:  # type only: the ledger does not import the platform layer at run time
+    from sync.platforms.meiro.poller import ExportWait
 
 __all__ = ["SCHEMA_VERSION", "AttemptRow", "BatchRow", "Ledger", "RunInfo", "new_run_id"]
 
@@ -100,6 +103,26 @@ CREATE TABLE IF NOT EXISTS attempts (
     latency     REAL NOT NULL           -- seconds until the answer (or the failure)
 );
 CREATE INDEX IF NOT EXISTS attempts_run ON attempts (run_id, endpoint);
+CREATE TABLE IF NOT EXISTS export_waits (   -- pushsync meiro wait / meiro run: one row per export waited for
+    run_id          TEXT NOT NULL,
+    platform        TEXT NOT NULL,
+    notification_id TEXT NOT NULL,
+    export_id       INTEGER NOT NULL,
+    export_name     TEXT,
+    outcome         TEXT NOT NULL,      -- finished | error | canceled | timed_out | failed
+    status          TEXT,               -- the export's last status seen (NULL: never read)
+    total           INTEGER NOT NULL,   -- message_counts
+    sent            INTEGER NOT NULL,
+    excluded_invalid INTEGER NOT NULL,
+    excluded_by_frequency_cap INTEGER NOT NULL,
+    polls           INTEGER NOT NULL,
+    retries         INTEGER NOT NULL,
+    started_at      REAL NOT NULL,
+    finished_at     REAL NOT NULL,
+    statuses_history TEXT,              -- JSON object: status -> platform timestamp
+    message         TEXT                -- why a failed wait failed
+);
+CREATE INDEX IF NOT EXISTS export_waits_run ON export_waits (run_id);
 """
 
 _INSERT_PLANNED = (
@@ -118,6 +141,11 @@ _INSERT_REFUSED = "INSERT INTO batch_ids (run_id, batch_id, ext_id, code, messag
 _INSERT_ATTEMPT = (
     "INSERT INTO attempts (run_id, batch_id, endpoint, attempt, n_ids, outcome, http_status, message, started_at, "
     "latency) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+)
+_INSERT_EXPORT_WAIT = (
+    "INSERT INTO export_waits (run_id, platform, notification_id, export_id, export_name, outcome, status, total, "
+    "sent, excluded_invalid, excluded_by_frequency_cap, polls, retries, started_at, finished_at, statuses_history, "
+    "message) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
 )
 _INSERT_REJECTED_ROW = (
     "INSERT INTO rejected_rows (run_id, path, row, column_name, reason, ext_id) VALUES (?, ?, ?, ?, ?, ?)"
@@ -366,6 +394,46 @@ class Ledger:
                 attempt.latency,
             ),
         )
+
+    def record_export_wait(self, run_id: str, wait: ExportWait, *, platform: str = "meiro") -> None:
+        """Record how a wait for a platform export ended, with its message counts, and commit at once
+        (waits are few and long: each is kept the moment it ends)."""
+        counts = wait.message_counts
+        self._queue(
+            _INSERT_EXPORT_WAIT,
+            (
+                run_id,
+                platform,
+                wait.notification_id,
+                wait.export_id,
+                wait.export_name or None,
+                str(wait.outcome),
+                None if wait.status is None else str(wait.status),
+                counts.total,
+                counts.sent,
+                counts.excluded_invalid,
+                counts.excluded_by_frequency_cap,
+                wait.polls,
+                wait.retries,
+                wait.started_at,
+                wait.finished_at,
+                json.dumps(dict(wait.statuses_history)),
+                wait.message or None,
+            ),
+        )
+        self.flush()
+
+    def export_waits(self, run_id: str | None = None) -> list[dict[str, Any]]:
+        """Recorded export waits (of one run, or all), oldest first, as JSON-ready dicts."""
+        sql = "SELECT * FROM export_waits" + (" WHERE run_id = ?" if run_id else "") + " ORDER BY rowid"
+        cur = self._conn.execute(sql, (run_id,) if run_id else ())
+        names = [d[0] for d in cur.description]
+        out = []
+        for row in cur.fetchall():
+            item = dict(zip(names, row, strict=True))
+            item["statuses_history"] = json.loads(item["statuses_history"] or "{}")
+            out.append(item)
+        return out
 
     def record_rejected_rows(self, run_id: str, rows: Iterable[RejectedRow]) -> int:
         """Record rows refused by validation; returns how many."""

@@ -13,6 +13,17 @@ from sync.redact import structlog_processor
 __all__ = ["configure_logging", "get_logger"]
 
 
+class _Stderr:
+    """Writes to whatever ``sys.stderr`` is *now*: a stream captured at configure time may be closed later
+    (test runners swap it), and a log line must never fail a run."""
+
+    def write(self, text: str) -> int:
+        return sys.stderr.write(text)
+
+    def flush(self) -> None:
+        sys.stderr.flush()
+
+
 def configure_logging(level: str = "info", *, json: bool | None = None) -> None:
     """Configure structlog once per process. ``json=None`` picks JSON when stderr is not a TTY."""
     use_json = (not sys.stderr.isatty()) if json is None else json
@@ -27,7 +38,7 @@ def configure_logging(level: str = "info", *, json: bool | None = None) -> None:
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelNamesMapping()[level.upper()]),
-        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
+        logger_factory=structlog.PrintLoggerFactory(file=_Stderr()),  # type: ignore[arg-type]
         cache_logger_on_first_use=False,
     )
 

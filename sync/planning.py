@@ -35,7 +35,9 @@ import pyarrow.ipc
 
 from sync.config import DispatchSettings, Job, Source
 from sync.errors import BadJobError, JobProblem
+from sync.platforms.formsonfire import requests as formsonfire
 from sync.platforms.netmera import requests as netmera
+from sync.platforms.notifyvisitors import requests as notifyvisitors
 from sync.reading import ROW, estimate_rows, expand_paths, iter_chunks
 from sync.records import Batch, Operation, Phase, RejectedRow
 from sync.validation import (
@@ -66,7 +68,7 @@ MAX_BUCKETS = 4096
 ASSUMED_LATENCY = 0.2
 """Seconds per request assumed by the duration estimate when the concurrency cap, not the rate, is the limit."""
 
-_BUILDERS = {"netmera": netmera}
+_BUILDERS: dict[str, Any] = {"netmera": netmera, "notifyvisitors": notifyvisitors, "formsonfire": formsonfire}
 """Platform → batch builder module (``streams_for``, ``stream_batches``, ``stream_counts``, ``stream_sample``)."""
 
 
@@ -182,7 +184,9 @@ class Plan:
         self.rejects_path = rejects_path
         self.rejected_count = rejected_count
         self._tmpdir = tmpdir
-        self._builder = _BUILDERS[job.destination.platform]
+        builder = _BUILDERS[job.destination.platform]
+        # A builder module with ``for_job`` makes a builder bound to the job's settings (time zone, constants).
+        self._builder = builder.for_job(job) if hasattr(builder, "for_job") else builder
         self._summary: PlanSummary | None = None
         self._finalizer = weakref.finalize(self, shutil.rmtree, tmpdir, True)
 

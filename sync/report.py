@@ -14,7 +14,9 @@ rows; the charts then say why they are missing.
 from __future__ import annotations
 
 import html
+import json
 import math
+import re
 import sqlite3
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -168,12 +170,13 @@ def _percentile(ordered: Sequence[float], q: float) -> float | None:
     return ordered[max(1, math.ceil(q / 100 * len(ordered))) - 1]
 
 
-def _bin_width(span: float) -> float:
-    """The smallest "round" bin width that draws ``span`` seconds in at most ``_MAX_BINS`` bins."""
+def _bin_width(span: float, at_least: float = 0.0) -> float:
+    """The smallest "round" bin width of at least ``at_least`` seconds that draws ``span`` seconds in at most
+    ``_MAX_BINS`` bins."""
     for width in (0.1, 0.2, 0.5, 1, 2, 5, 10, 15, 30, 60, 120, 300, 600, 900, 1800, 3600):
-        if span / width <= _MAX_BINS:
+        if width >= at_least and span / width <= _MAX_BINS:
             return float(width)
-    return 3600.0 * math.ceil(span / 3600 / _MAX_BINS)
+    return max(3600.0 * math.ceil(span / 3600 / _MAX_BINS), at_least)
 
 
 def load_report(ledger_path: str | Path, run_id: str) -> RunReport:
@@ -194,7 +197,7 @@ def _load(conn: sqlite3.Connection, run_id: str, path: Path) -> RunReport:
     if run is None:
         raise StateError(f"no run {run_id} in {path}")
     job, platform, started_at, finished_at, status, exit_code, message, summary_json = run
-    budgets = _budgets(summary_json)
+    budgets, longest_period = _budgets(summary_json)
 
     per_endpoint: dict[str, dict[str, Any]] = {}
     for endpoint, batches, attempts, ok, rejected, failed, unfinished in conn.execute(
@@ -226,7 +229,9 @@ def _load(conn: sqlite3.Connection, run_id: str, path: Path) -> RunReport:
     bin_seconds = 1.0
     errors: list[ErrorLine] = []
     if has_attempts:
-        bin_seconds = _read_attempts(conn, run_id, started_at, per_endpoint, bins, latency_counts, errors)
+        bin_seconds = _read_attempts(
+            conn, run_id, started_at, longest_period, per_endpoint, bins, latency_counts, errors
+        )
 
     endpoints = []
     for name, d in per_endpoint.items():
@@ -254,9 +259,7 @@ def _load(conn: sqlite3.Connection, run_id: str, path: Path) -> RunReport:
         "GROUP BY endpoint, http_status, message",
         (run_id,),
     ):
-        errors.append(
-            ErrorLine("failed batch", endpoint, _status_text(http_status), _clip(msg or "no answer"), n)
-        )
+        errors.append(ErrorLine("failed batch", endpoint, _status_text(http_status), _error_text(msg), n))
     errors.sort(key=lambda e: (-e.count, e.kind, e.endpoint, e.message))
 
     rows_rejected = conn.execute("SELECT COUNT(*) FROM rejected_rows WHERE run_id = ?", (run_id,)).fetchone()[
@@ -305,6 +308,7 @@ def _read_attempts(
     conn: sqlite3.Connection,
     run_id: str,
     run_start: float,
+    min_bin: float,
     per_endpoint: dict[str, dict[str, Any]],
     bins: list[TimeBin],
     latency_counts: list[int],
@@ -341,7 +345,7 @@ def _read_attempts(
         "SELECT MAX(started_at + latency) FROM attempts WHERE run_id = ?", (run_id,)
     ).fetchone()
     span = max((span_row[0] or run_start) - run_start, 0.0)
-    width = _bin_width(span)
+    width = _bin_width(span, min_bin)
     for endpoint, index, n, limited, retries in conn.execute(
         "SELECT endpoint, CAST(MAX(started_at - ?, 0) / ? AS INTEGER) AS bin, COUNT(*), "
         "SUM(outcome = 'rate_limited'), SUM(attempt > 1) FROM attempts WHERE run_id = ? "
@@ -349,14 +353,21 @@ def _read_attempts(
         (run_start, width, run_id),
     ):
         bins.append(TimeBin(endpoint, index, n, limited, retries))
+    grouped: dict[tuple[str, str, str, str], int] = {}
     for endpoint, http_status, outcome, msg, n in conn.execute(
-        "SELECT endpoint, http_status, outcome, message, COUNT(*) FROM attempts "
-        "WHERE run_id = ? AND outcome IN ('rate_limited', 'retryable') GROUP BY endpoint, http_status, outcome, message",
+        "SELECT endpoint, http_status, outcome, message, COUNT(*) FROM attempts WHERE run_id = ? "
+        "AND outcome IN ('rate_limited', 'retryable') GROUP BY endpoint, http_status, outcome, message",
         (run_id,),
     ):
         kind = "rate limited (429)" if outcome == "rate_limited" else "retried attempt"
-        errors.append(ErrorLine(kind, endpoint, _status_text(http_status), _clip(msg or "no answer"), n))
+        key = (kind, endpoint, _status_text(http_status), _error_text(msg))
+        grouped[key] = grouped.get(key, 0) + n
+    errors.extend(ErrorLine(*key, count=n) for key, n in grouped.items())
     return width
+
+
+def _error_text(message: str | None) -> str:
+    return _clip(_REQUEST_PREFIX.sub("", message or "") or "no answer")
 
 
 def _bucket(latency: float) -> int:
@@ -366,17 +377,24 @@ def _bucket(latency: float) -> int:
     return len(LATENCY_BUCKETS)
 
 
-def _budgets(summary_json: str | None) -> dict[str, float | None]:
-    """Per-endpoint budgets (requests per second) from the run summary the runner stored."""
-    import json
-
+def _budgets(summary_json: str | None) -> tuple[dict[str, float | None], float]:
+    """Per-endpoint budgets (requests per second) from the run summary the runner stored, and the longest
+    budget period (``40/0.5s`` → 0.5): chart bins are never shorter, or a legal burst would cross the line."""
     if not summary_json:
-        return {}
+        return {}, 0.0
     try:
         summary = json.loads(summary_json)
     except ValueError:
-        return {}
-    return {e["endpoint"]: e.get("budget_rate") for e in summary.get("endpoints", []) if "endpoint" in e}
+        return {}, 0.0
+    endpoints = [e for e in summary.get("endpoints", []) if "endpoint" in e]
+    periods = [float(m[1]) for e in endpoints if (m := _BUDGET.fullmatch(e.get("budget") or ""))]
+    return {e["endpoint"]: e.get("budget_rate") for e in endpoints}, max(periods, default=0.0)
+
+
+_BUDGET = re.compile(r"\d+/([0-9.]+)s")
+# What the client puts before a platform's answer ("POST http://host/rest/3.0/tagUsers endpoint=tagUsers
+# batch=ab12…: HTTP 503 …"): dropped so that one kind of error is counted once, not once per batch.
+_REQUEST_PREFIX = re.compile(r"^[A-Z]+ \S+(?: endpoint=\S+)?(?: batch=\S+)?: ")
 
 
 def _status_text(http_status: int | None) -> str:

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
 
+from sync.config import SyncMode
 from sync.errors import StateError
 from sync.platforms.netmera.requests import batch_id_for, ext_ids_in_body
 from sync.records import Batch, BatchStatus, Operation
@@ -117,15 +118,23 @@ class ReplayPlan:
 
 
 def replay_plan(ledger: Any, run_id: str, mode: ReplayMode = ReplayMode.RESUME) -> ReplayPlan:
-    """Read what ``run_id`` and every later run of its job did. ``ledger``: a :class:`sync.ledger.Ledger`.
+    """Read what ``run_id``, the unfinished runs just before it and every later run of its job did.
+    ``ledger``: a :class:`sync.ledger.Ledger`.
 
     Later runs count too: resuming a run twice must not resend what the first resume confirmed, and a batch
-    confirmed by any later run holds the same content (the ID is a hash of it).
+    confirmed by any later run holds the same content (the ID is a hash of it). Earlier unfinished runs count
+    because ``run_id`` may itself be a resume that skipped what they had confirmed.
     """
     info = ledger.run(run_id)
     if info is None:
         raise StateError(f"no run {run_id} in {ledger.path}")
-    runs = [r.run_id for r in ledger.runs(info.job) if r.started_at >= info.started_at]
+    ordered = sorted(ledger.runs(info.job), key=lambda r: (r.started_at, r.run_id))
+    start = next(i for i, r in enumerate(ordered) if r.run_id == run_id)
+    # A run that resumed an unfinished one skipped what that one had confirmed, so its own ledger rows are not
+    # the whole story: go back through the unfinished runs before it.
+    while start > 0 and ordered[start - 1].status in UNFINISHED_STATUSES:
+        start -= 1
+    runs = [r.run_id for r in ordered[start:]]
     confirmed: set[str] = set()
     unknown: set[str] = set()
     rejected: set[str] = set()
@@ -297,28 +306,33 @@ async def sync_job(
         job = dataclasses.replace(job, workdir=Path(workdir))
     origin = retry or resume
     ledger_path = ledger_path_for(job)
-    mode = str(getattr(job, "mode", "changes"))
-    if mode != "snapshot":
-        plan_of_replay: ReplayPlan | None = None
-        with Ledger.open(ledger_path) as ledger:
-            if origin is None and auto_resume and not full_refresh:
-                origin = unfinished_run(ledger, job.name)
-            if origin is not None and not (full_refresh and retry):
-                plan_of_replay = replay_plan(ledger, origin, ReplayMode.RETRY if retry else ReplayMode.RESUME)
-        stats = ReplayStats() if plan_of_replay is not None else None
-        chosen = plan_of_replay
+    mode = str(job.mode)
+    store = StateStore(job.workdir, job.destination)
+    if job.mode is not SyncMode.SNAPSHOT:
+        # The lock makes every run found "running" in the ledger a dead one (one run of a job at a time).
+        with store.lock():
+            plan_of_replay: ReplayPlan | None = None
+            with Ledger.open(ledger_path) as ledger:
+                if origin is None and auto_resume and not full_refresh:
+                    origin = unfinished_run(ledger, job.name)
+                if origin is not None and not (full_refresh and retry):
+                    plan_of_replay = replay_plan(
+                        ledger, origin, ReplayMode.RETRY if retry else ReplayMode.RESUME
+                    )
+                    _mark_dead(ledger, plan_of_replay.runs)
+            stats = ReplayStats() if plan_of_replay is not None else None
+            chosen = plan_of_replay
 
-        def batches(plan: Any) -> Iterator[Batch]:
-            assert chosen is not None
-            return replay(plan.batches(), chosen, stats)
+            def batches(plan: Any) -> Iterator[Batch]:
+                assert chosen is not None
+                return replay(plan.batches(), chosen, stats)
 
-        outcome = await run_job(
-            job, api_key=api_key, batches=batches if chosen is not None else None, **run_kwargs
-        )
+            outcome = await run_job(
+                job, api_key=api_key, batches=batches if chosen is not None else None, **run_kwargs
+            )
         return SyncOutcome(outcome, mode, origin if chosen is not None else None, stats)
 
     settings = job.snapshot
-    store = StateStore(job.workdir, job.destination)
     with store.lock():
         with Ledger.open(ledger_path) as ledger:
             if origin is not None and ledger.run(origin) is None:
@@ -341,9 +355,32 @@ async def sync_job(
             plan.close()
             raise
         # A crash from here on leaves pending/<run_id>: the next run recovers what the ledger confirmed.
+        counts = await asyncio.to_thread(diff.request_counts)
+        expected = (sum(r for r, _ in counts.values()), sum(i for _, i in counts.values()))
         outcome = await run_job(
-            job, api_key=api_key, plan=plan, run_id=run_id, batches=lambda _plan: diff.batches(), **run_kwargs
+            job,
+            api_key=api_key,
+            plan=plan,
+            run_id=run_id,
+            batches=lambda _plan: diff.batches(),
+            expected=expected,
+            **run_kwargs,
         )
         with Ledger.open(ledger_path) as ledger:
             committed = await asyncio.to_thread(commit, store, job.sources, diff.directory, ledger, settings)
     return SyncOutcome(outcome, mode, origin, None, diff.counts, committed, recovered)
+
+
+def _mark_dead(ledger: Any, runs: Iterable[str]) -> None:
+    """Runs still ``running`` while we hold the job's lock died: record them as interrupted (exit code 4)."""
+    from sync.errors import ExitCode
+
+    for run_id in runs:
+        info = ledger.run(run_id)
+        if info is not None and info.status == "running":
+            ledger.finish_run(
+                run_id,
+                status="interrupted",
+                exit_code=int(ExitCode.INTERRUPTED),
+                message="the run died; a later run resumes it",
+            )

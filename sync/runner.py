@@ -62,6 +62,24 @@ def make_client(job: Job, api_key: str) -> PlatformClient:
             timeout=job.dispatch.request_timeout,
             max_connections=max(job.dispatch.concurrency, 1),
         )
+    if job.destination.platform == "notifyvisitors":
+        from sync.platforms.notifyvisitors.client import NotifyVisitorsClient
+
+        return NotifyVisitorsClient(
+            job.destination,
+            api_key,
+            timeout=job.dispatch.request_timeout,
+            max_connections=max(job.dispatch.concurrency, 1),
+        )
+    if job.destination.platform == "formsonfire":
+        from sync.platforms.formsonfire.client import FormsOnFireClient
+
+        return FormsOnFireClient(
+            job.destination,
+            api_key,
+            timeout=job.dispatch.request_timeout,
+            max_connections=max(job.dispatch.concurrency, 1),
+        )
     raise BadJobError(
         str(job.path), [JobProblem("destination.platform", "no connector for this platform yet")]
     )
@@ -83,6 +101,7 @@ async def run_job(
     metrics_textfile: Path | None = None,
     plan: Plan | None = None,
     run_id: str | None = None,
+    expected: tuple[int, int] | None = None,
 ) -> RunOutcome:
     """Plan the job, send it, record everything in the job's ledger and return the outcome.
 
@@ -91,6 +110,8 @@ async def run_job(
     lasts; a port that cannot be bound raises :class:`sync.errors.StateError` before anything is sent.
     ``plan``: a plan already built for ``job`` (run_job takes it over and closes it); ``run_id``: the ID to
     record the run under (default: a new one) — for callers that name the run before it starts.
+    ``expected``: ``(requests, IDs)`` that ``batches`` will send, for the progress totals, when it sends
+    something other than the plan (a snapshot diff); default: the plan's summary.
     ``handle_signals`` installs SIGINT/SIGTERM handlers: the first sets ``stop`` (drain, then summary), a
     second cancels what is still in flight.
     Raises :class:`sync.errors.BadInputError`/:class:`BadJobError` before anything is sent when the input or
@@ -114,11 +135,14 @@ async def run_job(
             ledger.start_run(run_id, job=job.name, job_path=str(job.path), platform=job.destination.platform)
             rows_rejected = ledger.record_rejected_rows(run_id, plan.rejected_rows())
             ledger.flush()
-            summary_of_plan = plan.summary()
+            if expected is None:
+                summary_of_plan = plan.summary()
+                expected = (summary_of_plan.total_requests, summary_of_plan.total_ids)
+            total_requests, total_ids = expected
             bar = (
                 make_progress(
-                    total_ids=summary_of_plan.total_ids,
-                    total_requests=summary_of_plan.total_requests,
+                    total_ids=total_ids,
+                    total_requests=total_requests,
                     enabled={"auto": None, "bar": True, "log": False}[progress],
                     job=job.name,
                     run=run_id,
@@ -149,8 +173,8 @@ async def run_job(
             log.info(
                 "run.start",
                 run=run_id,
-                requests=summary_of_plan.total_requests,
-                ids=summary_of_plan.total_ids,
+                requests=total_requests,
+                ids=total_ids,
             )
             try:
                 async with (

@@ -42,8 +42,17 @@ from typing import IO, Any
 import polars as pl
 import pyarrow.parquet as pq
 
-from sync.config import Destination, NullAction, Source, SourceKind, TagAction, TagColumn
-from sync.errors import StateError
+from sync.config import (
+    Destination,
+    NullAction,
+    RemovalAction,
+    SnapshotSettings,
+    Source,
+    SourceKind,
+    TagAction,
+    TagColumn,
+)
+from sync.errors import ExitCode, StateError
 from sync.platforms.netmera import requests as netmera
 from sync.reading import ROW
 from sync.records import Batch, BatchStatus, Operation, Phase
@@ -93,28 +102,6 @@ ROWS_PER_RANGE = 150_000
 ROW_GROUP_ROWS = 32_768
 """Rows per Parquet row group of the state file: small, so a key range reads few rows it does not need."""
 _KEY_SPACE = 1 << 32
-
-
-class RemovalAction(StrEnum):
-    """What happens to users that were in the confirmed state but are no longer in the export."""
-
-    NONE = "none"
-    """Nothing: the platform keeps them as they are (and so does the state)."""
-    UNTAG = "untag"
-    """Untag the job's managed tags they hold (``untagUsers``)."""
-    DELETE = "delete"
-    """Delete them permanently (``deleteUsersPermanently``)."""
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class SnapshotSettings:
-    """The job's snapshot options (``snapshot:`` in the job file)."""
-
-    removal: RemovalAction = RemovalAction.NONE
-    max_removal_share: float = 0.05
-    """Refuse the run when more than this share of the state's users would be untagged or deleted."""
-    unset_on_empty: bool = False
-    """Every ``set`` attribute whose cell became empty is unset (an attribute's own ``on_null: unset`` also)."""
 
 
 class RemovalThresholdError(StateError):
@@ -1034,8 +1021,25 @@ def _merged_ranges(
 def recover(
     store: StateStore, sources: Sequence[Source], ledger: Any, settings: SnapshotSettings | None = None
 ) -> list[CommitReport]:
-    """Commit every pending run left by a crash (oldest first): what the ledger confirmed enters the state."""
-    return [commit(store, sources, d, ledger, settings) for d in store.pending()]
+    """Commit every pending run left by a crash (oldest first): what the ledger confirmed enters the state.
+
+    A recovered run still marked ``running`` in the ledger died: it is marked ``interrupted`` (exit code 4), so
+    ``pushsync runs`` does not show it as running forever.
+    """
+    reports = []
+    for directory in store.pending():
+        report = commit(store, sources, directory, ledger, settings)
+        info = ledger.run(report.run_id)
+        if info is not None and info.status == "running":
+            ledger.finish_run(
+                report.run_id,
+                status="interrupted",
+                exit_code=int(ExitCode.INTERRUPTED),
+                message=f"the run died; {report.batches_confirmed} confirmed batches were merged into the state "
+                "and the rest is sent by the next run",
+            )
+        reports.append(report)
+    return reports
 
 
 def preview(

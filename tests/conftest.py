@@ -25,6 +25,16 @@ import pytest
 
 from sync.platforms.sandboxes.netmera import NetmeraSandbox, NetmeraSandboxConfig
 
+
+@pytest.fixture(autouse=True)
+def _fresh_structlog() -> Iterator[None]:
+    """structlog's configuration is process-global: a CLI test that configures it (level, output stream) must not
+    change what the next test logs or captures."""
+    import structlog
+
+    yield
+    structlog.reset_defaults()
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SANDBOX_TEST_KEY = "test-netmera-key-0123456789"
 
@@ -216,3 +226,20 @@ def netmera_process_factory() -> Iterator[Callable[..., NetmeraProcess]]:
 def netmera_sandbox_process(netmera_process_factory: Callable[..., NetmeraProcess]) -> NetmeraProcess:
     """A Netmera sandbox in a separate process; ``.url``, ``.api_key``, ``.process`` (e.g. to kill -9 it)."""
     return netmera_process_factory()
+
+
+# --- the reliability suite's long form (tests/reliability/; `make soak`) ---------------------------------------
+# pytest_addoption must live in the root conftest: options are parsed before sub-directory conftests load.
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--soak-long",
+        action="store_true",
+        default=False,
+        help="run the reliability suite's long form (>= 100k users with every fault on; `make soak`)",
+    )
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "soak: reliability soak tests (short in CI, long with --soak-long)")

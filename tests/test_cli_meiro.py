@@ -17,6 +17,7 @@ import pytest
 import yaml
 
 from sync.cli import main
+from sync.ledger import Ledger
 from sync.platforms.sandboxes.meiro import MeiroSandbox, MeiroSandboxConfig, MeiroUser
 
 REPO = Path(__file__).resolve().parent.parent
@@ -38,6 +39,16 @@ async def meiro(monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[MeiroSandbox]:
     monkeypatch.setenv("MEIRO_PASSWORD", PASSWORD)
     yield sandbox
     await sandbox.stop()
+
+
+def _ledger_waits(workdir: Path) -> list[dict[str, Any]]:
+    with Ledger.open(workdir / "ledger.sqlite") as ledger:
+        return ledger.export_waits()
+
+
+def _ledger_runs(workdir: Path) -> list[Any]:
+    with Ledger.open(workdir / "ledger.sqlite") as ledger:
+        return ledger.runs()
 
 
 async def cli(*argv: str) -> int:
@@ -97,14 +108,19 @@ async def test_wait_shows_progress_records_counts_and_exits_by_outcome(
     assert captured.out.strip().endswith("1100 of 1200 sent, 12 invalid, 88 over the frequency cap")
     meiro.state.add_export(WELCOME, total=10, outcome="error")
     assert await cli("meiro", "wait", WELCOME, "104", "--interval", "0.01", "--workdir", str(work)) == 1
-    records = [json.loads(line) for line in (work / "meiro-waits.jsonl").read_text().splitlines()]
-    assert [(r["export_id"], r["outcome"]) for r in records] == [(100, "finished"), (104, "error")]
-    assert records[0]["message_counts"] == {
-        "total": 1200,
-        "sent": 1100,
-        "excluded_invalid": 12,
-        "excluded_by_frequency_cap": 88,
-    }
+    records = _ledger_waits(work)
+    assert [(r["export_id"], r["outcome"], r["status"]) for r in records] == [
+        (100, "finished", "finished"),
+        (104, "error", "error"),
+    ]
+    counts = {k: records[0][k] for k in ("total", "sent", "excluded_invalid", "excluded_by_frequency_cap")}
+    assert counts == {"total": 1200, "sent": 1100, "excluded_invalid": 12, "excluded_by_frequency_cap": 88}
+    assert set(records[0]["statuses_history"]) == {"waiting", "running", "finished"}
+    runs = _ledger_runs(work)  # each wait is a run of its own: exit 0 "done", exit 1 "partial"
+    assert [(r.job, r.platform, r.status, r.exit_code) for r in reversed(runs)] == [
+        ("meiro-wait", "meiro", "done", 0),
+        ("meiro-wait", "meiro", "partial", 1),
+    ]
     assert (
         await cli(
             "meiro", "wait", WELCOME, "101", "--interval", "10", "--timeout", "0.05", "--workdir", str(work)
@@ -173,10 +189,20 @@ async def test_the_example_job_end_to_end_with_faults_and_limits(
         stats.faults() > 0 and stats.rate_limited("getExport") > 0 and stats.max_in_window("getExport") <= 6
     )
     assert sum(w["retries"] for w in waits.values()) > 0
-    lines = (tmp_path / "work" / "meiro-waits.jsonl").read_text().splitlines()
-    assert sorted(json.loads(line)["export_id"] for line in lines) == [100, 101, 103]
-    assert {json.loads(line)["run_id"] for line in lines} == {doc["run_id"]}
-    assert PASSWORD not in "".join(lines)
+    records = _ledger_waits(tmp_path / "work")
+    assert sorted(r["export_id"] for r in records) == [100, 101, 103]
+    assert {r["run_id"] for r in records} == {doc["run_id"]}
+    assert {r["outcome"] for r in records} == {"finished"}
+    (run,) = _ledger_runs(tmp_path / "work")
+    assert (run.run_id, run.job, run.status, run.exit_code) == (doc["run_id"], "meiro-exports", "done", 0)
+    assert run.summary is not None and len(run.summary["waits"]) == 3
+    ledger_bytes = (tmp_path / "work" / "ledger.sqlite").read_bytes()
+    assert PASSWORD.encode() not in ledger_bytes  # nor any secret in the ledger
+    assert await cli("meiro", "waits", "--workdir", str(tmp_path / "work"), "--run", doc["run_id"]) == 0
+    listed = capsys.readouterr().out.splitlines()
+    assert len(listed) == 3 and any(
+        "export 103 of" in line and "5160 of 5200 sent" in line for line in listed
+    )
 
 
 async def test_a_job_with_a_failing_export_exits_1_and_says_why(
@@ -193,6 +219,28 @@ async def test_a_job_with_a_failing_export_exits_1_and_says_why(
     out = capsys.readouterr().out
     assert "0 of 2 exports finished" in out and "export 200 of" in out and ": error after" in out
     assert f"export 404 of push notification {TEASER} was not found" in out
+    records = sorted(
+        _ledger_waits(tmp_path / "work"), key=lambda r: r["export_id"]
+    )  # in the order they ended
+    assert [(r["export_id"], r["outcome"], r["status"]) for r in records] == [
+        (200, "error", "error"),
+        (404, "failed", None),
+    ]
+    assert "was not found" in records[1]["message"]
+    (run,) = _ledger_runs(tmp_path / "work")
+    assert (run.status, run.exit_code) == ("partial", 1)
+
+
+async def test_a_run_refused_by_meiro_is_recorded_as_aborted(
+    meiro: MeiroSandbox, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("MEIRO_PASSWORD", "wrong-password-for-the-job")
+    job = _example_job(tmp_path, meiro.url or "", wait={"interval": 0.01})
+    assert await cli("meiro", "run", str(job)) == 3
+    assert "HTTP 401" in capsys.readouterr().err
+    (run,) = _ledger_runs(tmp_path / "work")
+    assert (run.status, run.exit_code) == ("aborted", 3) and "HTTP 401" in (run.message or "")
+    assert "wrong-password-for-the-job" not in (run.message or "") and _ledger_waits(tmp_path / "work") == []
 
 
 async def test_a_bad_job_file_lists_every_problem(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import json
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+import structlog
 
 from sync.cli import main
 from tests.conftest import NetmeraProcess
@@ -29,6 +31,14 @@ def _post_config(sandbox: NetmeraProcess, doc: dict[str, Any]) -> None:
 def _stats(sandbox: NetmeraProcess) -> dict[str, Any]:
     with urllib.request.urlopen(f"{sandbox.root_url}/_sandbox/stats", timeout=10) as resp:
         return dict(json.loads(resp.read()))
+
+
+@pytest.fixture(autouse=True)
+def _reset_logging() -> Iterator[None]:
+    # main() configures structlog to print to the (captured, then closed) stderr of this test: later tests in
+    # the same process must not inherit that stream.
+    yield
+    structlog.reset_defaults()
 
 
 @pytest.fixture
@@ -59,7 +69,9 @@ def test_retry_replays_only_the_failed_batches(
     assert sandbox_users(sandbox) != expected_users(rows)  # the tags are missing
     _post_config(sandbox, {"faults": {"error_500": 0.0}})
     before = _stats(sandbox)["requests"]
-    code, out, err = run_cli(capsys, "retry", run_id, "--job", "job.yaml", "--progress", "none", "--output", "json")
+    code, out, err = run_cli(
+        capsys, "retry", run_id, "--job", "job.yaml", "--progress", "none", "--output", "json"
+    )
     assert code == 0, err
     doc = json.loads(out)
     assert doc["replay"]["skipped_confirmed"] > 0 and doc["replay"]["sent"] == doc["totals"]["requests"]
@@ -100,7 +112,16 @@ def test_retry_full_refresh_sends_everything_again(
     code, out, _ = run_cli(capsys, "run", "job.yaml", "--progress", "none", "--output", "json")
     assert json.loads(out)["totals"]["requests"] == 0
     code, out, err = run_cli(
-        capsys, "retry", first["run_id"], "--job", "job.yaml", "--full-refresh", "--progress", "none", "--output", "json"
+        capsys,
+        "retry",
+        first["run_id"],
+        "--job",
+        "job.yaml",
+        "--full-refresh",
+        "--progress",
+        "none",
+        "--output",
+        "json",
     )
     assert code == 0, err
     again = json.loads(out)
@@ -119,3 +140,70 @@ def test_resume_of_an_unknown_run_is_an_error(
     assert code == 2 and "no run 20990101T000000Z-dead" in err
     code, _, err = run_cli(capsys, "resume", "20990101T000000Z-dead")
     assert code == 2 and "give --job JOB" in err
+
+
+def test_plan_shows_the_diff_of_a_snapshot_job(
+    workspace: tuple[Path, NetmeraProcess], capsys: pytest.CaptureFixture[str]
+) -> None:
+    tmp, sandbox = workspace
+    (tmp / "job.yaml").write_text(
+        job_text(sandbox.url, "snapshot", removal="untag", share=0.5), encoding="utf-8"
+    )
+    write_users(tmp, range(300))
+    code, out, _ = run_cli(capsys, "plan", "job.yaml", "--output", "json")
+    first = json.loads(out)
+    assert code == 0 and first["mode"] == "snapshot" and first["diff"]["users_new"] == 300
+    assert run_cli(capsys, "run", "job.yaml", "--progress", "none")[0] == 0
+    write_users(tmp, range(290), churn=1)  # 3 scores changed (i % 100 == 7), 10 users left
+    before = _stats(sandbox)["requests_total"]
+    code, out, _ = run_cli(capsys, "plan", "job.yaml", "--output", "json")
+    doc = json.loads(out)
+    assert doc["diff"]["users_changed"] == 3 and doc["diff"]["values_set"] == 3
+    assert (
+        doc["diff"]["users_left"] == 10 and doc["diff"]["users_removed"] == 10 - 10 // 8
+    )  # user 288: no tags
+    assert {e["endpoint"] for e in doc["endpoints"]} == {"setProfileAttributes", "untagUsers"}
+    code, text, _ = run_cli(capsys, "plan", "job.yaml")
+    assert (
+        "Snapshot diff against the confirmed state" in text
+        and "3 changed" in text
+        and "within the threshold" in text
+    )
+    assert _stats(sandbox)["requests_total"] == before  # plan sends nothing
+    code, out, _ = run_cli(capsys, "state", "show", "job.yaml", "--output", "json")
+    assert json.loads(out)["pending_runs"] == []  # and leaves nothing behind
+
+
+def test_job_files_declare_the_mode_and_the_snapshot_options(tmp_path: Path) -> None:
+    from sync.config import RemovalAction, SyncMode, load_job
+    from sync.errors import BadJobError
+
+    (tmp_path / "job.yaml").write_text(
+        job_text("http://127.0.0.1:9/rest/3.0/", "snapshot", removal="delete", share=0.02), encoding="utf-8"
+    )
+    job = load_job(tmp_path / "job.yaml")
+    assert job.mode is SyncMode.SNAPSHOT
+    assert job.snapshot.removal is RemovalAction.DELETE and job.snapshot.max_removal_share == 0.02
+    assert (
+        load_job_text(tmp_path, job_text("http://127.0.0.1:9/rest/3.0/", "changes")).mode is SyncMode.CHANGES
+    )
+    bad = job_text("http://127.0.0.1:9/rest/3.0/", "snapshot").replace(
+        "sources:\n", "sources:\n  - {name: buys, kind: events, path: e.csv, ext_id: id, event: name}\n"
+    )
+    with pytest.raises(BadJobError) as info:
+        load_job_text(tmp_path, bad)
+    assert [p.location for p in info.value.problems] == ["sources[0].kind"]
+    assert "snapshot mode takes users exports only" in str(info.value.problems[0])
+    text = job_text("http://127.0.0.1:9/rest/3.0/", "changes") + "snapshot: {removal: untag}\n"
+    with pytest.raises(BadJobError, match="only used with mode: snapshot"):
+        load_job_text(tmp_path, text)
+    text = job_text("http://127.0.0.1:9/rest/3.0/", "snapshot", removal="purge")
+    with pytest.raises(BadJobError, match="purge"):
+        load_job_text(tmp_path, text)
+
+
+def load_job_text(tmp_path: Path, text: str) -> Any:
+    from sync.config import load_job
+
+    (tmp_path / "other.yaml").write_text(text, encoding="utf-8")
+    return load_job(tmp_path / "other.yaml")

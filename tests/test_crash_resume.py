@@ -201,7 +201,9 @@ def test_kill_9_then_resume_leaves_the_sandbox_equal_to_the_input(
     assert code == 0, (seed, out, err)
     assert sandbox_users(netmera_sandbox_process) == expected_users(rows), seed
     duplicates = sum(applied(netmera_sandbox_process).values()) - minimal_applications(rows, mode)
-    in_flight_bound = len(kills) * (2 * CONCURRENCY + 4) * BATCH
+    # Per kill: the batches in flight (at most CONCURRENCY) and those answered within the last ledger flush
+    # interval (50 ms at 150 requests/s: 8) may have been applied without the ledger knowing.
+    in_flight_bound = len(kills) * (CONCURRENCY + 8) * BATCH
     print(
         f"seed {seed}: killed after {kills} confirmed batches; {duplicates} IDs applied twice (bound {in_flight_bound})"
     )

@@ -215,6 +215,8 @@ def test_the_refused_rows_and_top_errors_are_listed(reported_run: ReportedRun) -
         for tr in root.iter(f"{XHTML}tr")
         if tr.get("data-kind")
     ]
+    # One line per kind of error, not one per batch: the request description before the answer is dropped.
+    assert all("batch=" not in m and "http://" not in m for _, _, m in errors)
     refused = [(count, message) for kind, count, message in errors if kind == "refused ID"]
     assert sum(int(c) for c, _ in refused) == reported_run.outcome.summary.ids_rejected
     assert all("5016" in m or "not found" in m.lower() for _, m in refused)
@@ -345,3 +347,21 @@ def test_the_charts_draw_the_ledger_attempts(reported_run: ReportedRun) -> None:
     assert lines == {"429s": int(shown["*"]["rate_limited"]), "retries": int(shown["*"]["retries"])}
     bars = [int(el.get("data-value", "")) for el in charts["latency"].iter(f"{svg}rect")]
     assert sum(bars) == int(shown["*"]["requests"])
+
+
+def test_retried_attempts_are_counted_once_per_kind(reported_run: ReportedRun) -> None:
+    outcome = reported_run.outcome
+    root = parse(reported_run.page)
+    shown = {
+        ("".join(tr[2].itertext()), "".join(tr[3].itertext())): int("".join(tr[0].itertext()))
+        for tr in root.iter(f"{XHTML}tr")
+        if tr.get("data-kind") == "retried attempt"
+    }
+    with Ledger.open(outcome.ledger_path) as ledger:
+        attempts = ledger.attempts(outcome.run_id)
+    want: dict[tuple[str, str], int] = {}
+    for a in attempts:
+        if a.outcome is AttemptOutcome.RETRYABLE:
+            key = (a.endpoint, f"HTTP {a.http_status}")
+            want[key] = want.get(key, 0) + 1
+    assert want and shown == want

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -164,3 +165,66 @@ def test_restrict_batch_keeps_items_origins_and_one_user_bodies() -> None:
     assert restrict_batch(batch, ["a", "b", "c"]) is batch
     one = make_batch(Operation.ENABLE_PUSH, {"extId": "a"})
     assert restrict_batch(one, ["a"]) is one
+
+
+def test_a_resume_of_a_resume_counts_the_runs_it_resumed(ledger: Ledger) -> None:
+    plan = crashed_run(ledger)  # r1 died
+    ledger.start_run("r2", job="nightly")  # r2 resumed r1: sent only plan[1] before it died too
+    record(ledger, "r2", plan[1], BatchStatus.OK)
+    ledger.flush()
+    sent = [b.batch_id for b in replay(plan, replay_plan(ledger, "r2"))]
+    assert sent == [plan[4].batch_id, plan[5].batch_id]  # plan[0] was confirmed by r1: not sent again
+
+
+EVENTS_JOB = """\
+version: 1
+name: backfill
+workdir: work
+destination:
+  platform: netmera
+  base_url: {url}
+  secret: {{env: NETMERA_API_KEY}}
+sources:
+  - name: users
+    path: users.csv
+    ext_id: id
+    tags: {{column: segments}}
+  - name: purchases
+    kind: events
+    path: events.csv
+    ext_id: id
+    event: name
+    attributes: {{amount: number}}
+dispatch:
+  retry: {{max_attempts: 1}}
+  request_timeout: 5
+"""
+
+
+async def test_resume_never_resends_an_event_whose_outcome_is_unknown(
+    tmp_path: Path, netmera_sandbox_factory: Any
+) -> None:
+    from sync.config import load_job
+    from sync.platforms.sandboxes._core import FaultSpec
+    from sync.resume import sync_job
+
+    sandbox = await netmera_sandbox_factory(
+        faults=FaultSpec(applied_then_500=1.0, endpoints=frozenset({"fireEvents"}))
+    )
+    (tmp_path / "job.yaml").write_text(EVENTS_JOB.format(url=sandbox.url), encoding="utf-8")
+    (tmp_path / "users.csv").write_text("id,segments\na,gold\nb,silver\n", encoding="utf-8")
+    (tmp_path / "events.csv").write_text("id,name,amount\na,purchase,10\nb,purchase,20\n", encoding="utf-8")
+    job = load_job(tmp_path / "job.yaml")
+    first = await sync_job(job, api_key=sandbox.api_key)
+    assert int(first.run.exit_code) == 1  # the event batch was applied, but answered 500: outcome unknown
+    assert len(sandbox.sandbox.state.events) == 2
+    sandbox.sandbox.configure(faults=FaultSpec())
+
+    resumed = await sync_job(job, api_key=sandbox.api_key, resume=first.run.run_id)
+    assert resumed.replay is not None and resumed.replay.held == 1 and resumed.replay.skipped_confirmed == 2
+    assert resumed.run.summary.requests == 0
+    assert len(sandbox.sandbox.state.events) == 2  # not sent twice
+
+    retried = await sync_job(job, api_key=sandbox.api_key, retry=first.run.run_id)
+    assert retried.replay is not None and retried.replay.sent == 1 and int(retried.run.exit_code) == 0
+    assert len(sandbox.sandbox.state.events) == 4  # the user asked for it

@@ -315,6 +315,9 @@ def test_a_crashed_run_is_recovered_from_its_pending_delta(tmp_path: Path) -> No
         reports = recover(store, job.sources, ledger)
     assert [r.batches_confirmed for r in reports] == [2]
     assert store.pending() == []
+    with Ledger.open(job.workdir / "ledger.sqlite") as ledger:
+        info = ledger.run("r1")
+        assert info is not None and info.status == "interrupted" and info.exit_code == 4
     # The two confirmed batches (the opt-outs: category News off for u1, disablePush u2) are not sent again.
     again = bodies(diff(job, "r2"))
     assert "disablePush" not in again and len(again["setCategoryPreferences"]) == 1

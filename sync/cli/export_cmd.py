@@ -29,6 +29,16 @@ _WHAT = {
 }
 
 
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1: {value}")
+    return value
+
+
 def register(subparsers: Any) -> None:
     """Add ``export`` and its four subcommands."""
     common = argparse.ArgumentParser(add_help=False)
@@ -51,7 +61,9 @@ def register(subparsers: Any) -> None:
     kinds = export.add_subparsers(dest="what", metavar="WHAT", required=True)
 
     tokens = kinds.add_parser("device-tokens", parents=[common], help="every device token (getDeviceTokens)")
-    tokens.add_argument("--page-size", type=int, default=1000, help="devices per request (default 1000)")
+    tokens.add_argument(
+        "--page-size", type=_positive, default=1000, help="devices per request (default 1000)"
+    )
     tokens.set_defaults(func=_run)
 
     segments = kinds.add_parser("segments", parents=[common], help="the segments of the panel (getSegments)")
@@ -66,7 +78,7 @@ def register(subparsers: Any) -> None:
     users.add_argument("segment_id", type=int, metavar="SEGMENT_ID")
     users.add_argument("--os", required=True, choices=["IOS", "ANDROID"], type=str.upper)
     users.add_argument(
-        "--page-size", type=int, default=1000, help="users per request, 100..1000 (default 1000)"
+        "--page-size", type=_positive, default=1000, help="users per request, 100..1000 (default 1000)"
     )
     users.set_defaults(func=_run)
 
@@ -79,7 +91,7 @@ def register(subparsers: Any) -> None:
         "--ids", type=Path, required=True, help="CSV/Parquet (a column of extIds) or one per line"
     )
     profiles.add_argument("--id-column", help="column holding the extIds (default extId, else the first)")
-    profiles.add_argument("--concurrency", type=int, default=8, help="requests in flight (default 8)")
+    profiles.add_argument("--concurrency", type=_positive, default=8, help="requests in flight (default 8)")
     profiles.set_defaults(func=_run)
 
 

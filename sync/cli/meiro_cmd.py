@@ -1,4 +1,5 @@
-"""``pushsync meiro login-check | exports | wait | cancel | trash | restore | run``: Meiro CDP push exports.
+"""``pushsync meiro login-check | exports | wait | cancel | trash | restore | run | waits``: Meiro CDP push
+exports. ``wait`` and ``run`` are ledger runs; each wait is recorded in the ledger's ``export_waits`` table.
 
 Where and who: ``--base-url`` (else ``$MEIRO_BASE_URL``), the e-mail from ``--email`` (else ``$MEIRO_EMAIL``),
 the password from ``--password-file`` (else ``$MEIRO_PASSWORD``) — never from the command line. ``run JOB``
@@ -20,14 +21,23 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from sync.errors import ExitCode, RejectedBatchError, SecretError
+from sync.errors import ExitCode, RejectedBatchError, SecretError, StateError
 
 __all__ = ["BASE_URL_ENV", "EMAIL_ENV", "PASSWORD_ENV", "register"]
 
 BASE_URL_ENV = "MEIRO_BASE_URL"
 EMAIL_ENV = "MEIRO_EMAIL"
 PASSWORD_ENV = "MEIRO_PASSWORD"
-WAITS_FILE = "meiro-waits.jsonl"
+
+
+def _count(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must not be negative: {value}")
+    return value
 
 
 def register(subparsers: Any) -> None:
@@ -53,8 +63,8 @@ def register(subparsers: Any) -> None:
 
     exports = commands.add_parser("exports", parents=[common], help="list a push notification's exports")
     exports.add_argument("notification", metavar="NOTIFICATION")
-    exports.add_argument("--limit", type=int, help="exports per page (Meiro's default: 20)")
-    exports.add_argument("--offset", type=int, help="skip this many (newest first)")
+    exports.add_argument("--limit", type=_count, help="exports per page (Meiro's default: 20)")
+    exports.add_argument("--offset", type=_count, help="skip this many (newest first)")
     exports.add_argument("--all", action="store_true", help="every export, page by page")
     exports.set_defaults(func=_sync(_exports))
 
@@ -77,8 +87,8 @@ def register(subparsers: Any) -> None:
 
     trash = commands.add_parser("trash", parents=[common], help="list trashed push notifications")
     trash.add_argument("--search", help="only names containing this text (searched_text)")
-    trash.add_argument("--limit", type=int)
-    trash.add_argument("--offset", type=int)
+    trash.add_argument("--limit", type=_count)
+    trash.add_argument("--offset", type=_count)
     trash.add_argument("--all", action="store_true", help="every match, page by page")
     trash.set_defaults(func=_sync(_trash))
 
@@ -92,6 +102,14 @@ def register(subparsers: Any) -> None:
     run.add_argument("job", type=Path, help="the Meiro job file (YAML), e.g. jobs/meiro.yaml")
     run.add_argument("--output", choices=["text", "json"], default="text")
     run.set_defaults(func=_sync(_run_job))
+
+    waits = commands.add_parser("waits", help="show the export waits recorded in a ledger")
+    where = waits.add_mutually_exclusive_group()
+    where.add_argument("--job", type=Path, help="a Meiro job file (its workdir holds the ledger)")
+    where.add_argument("--workdir", type=Path, help="the ledger's folder (default .pushsync/meiro)")
+    waits.add_argument("--run", help="only this run")
+    waits.add_argument("--output", choices=["text", "json"], default="text")
+    waits.set_defaults(func=_waits)
 
 
 def _sync(handler: Any) -> Any:
@@ -200,23 +218,51 @@ def _wait_text(w: Any) -> str:
 
 
 async def _wait(args: argparse.Namespace) -> int:
-    from sync.ledger import new_run_id
-    from sync.platforms.meiro.poller import JsonlRecorder, wait_for_export
+    from sync.ledger import Ledger, new_run_id
+    from sync.platforms.meiro.poller import wait_for_export
+    from sync.runner import LEDGER_FILE
 
-    recorder = JsonlRecorder(args.workdir / WAITS_FILE)
     run_id = new_run_id()
-    async with _client(args) as client:
-        wait = await wait_for_export(
-            client,
-            args.notification,
-            args.export,
-            interval=args.interval,
-            max_wait=args.max_wait,
-            progress=_PrintProgress(f"export {args.export}"),
-        )
-    recorder.record_export_wait(run_id, wait)
-    _print(args, {"run_id": run_id, **wait.to_dict()}, _wait_text(wait))
-    return int(ExitCode.OK if wait.outcome.ok else ExitCode.PARTIAL)
+    with Ledger.open(args.workdir / LEDGER_FILE) as ledger:
+
+        async def body() -> tuple[int, dict[str, Any], str]:
+            async with _client(args) as client:
+                wait = await wait_for_export(
+                    client,
+                    args.notification,
+                    args.export,
+                    interval=args.interval,
+                    max_wait=args.max_wait,
+                    progress=_PrintProgress(f"export {args.export}"),
+                )
+            ledger.record_export_wait(run_id, wait)
+            code = ExitCode.OK if wait.outcome.ok else ExitCode.PARTIAL
+            return code, {"run_id": run_id, **wait.to_dict()}, _wait_text(wait)
+
+        code, doc, text = await _recorded_run(ledger, run_id, "meiro-wait", None, body)
+    _print(args, doc, text)
+    return code
+
+
+async def _recorded_run(
+    ledger: Any, run_id: str, job: str, job_path: str | None, body: Any
+) -> tuple[int, Any, str]:
+    """Run ``body`` as a ledger run: started, then finished as done/partial, aborted or interrupted."""
+    from sync.errors import PushSyncError
+    from sync.redact import redact
+
+    ledger.start_run(run_id, job=job, job_path=job_path, platform="meiro")
+    try:
+        code, doc, text = await body()
+    except PushSyncError as exc:
+        ledger.finish_run(run_id, status="aborted", exit_code=int(exc.exit_code), message=redact(str(exc)))
+        raise
+    except (KeyboardInterrupt, asyncio.CancelledError):
+        ledger.finish_run(run_id, status="interrupted", exit_code=int(ExitCode.INTERRUPTED))
+        raise
+    status = "done" if code == ExitCode.OK else "partial"
+    ledger.finish_run(run_id, status=status, exit_code=int(code), summary=doc)
+    return int(code), doc, text
 
 
 async def _cancel(args: argparse.Namespace) -> int:
@@ -254,34 +300,68 @@ async def _restore(args: argparse.Namespace) -> int:
 
 
 async def _run_job(args: argparse.Namespace) -> int:
-    from sync.ledger import new_run_id
+    from sync.ledger import Ledger, new_run_id
     from sync.platforms.meiro.client import MeiroClient
     from sync.platforms.meiro.job import load_meiro_job, resolve_credentials
-    from sync.platforms.meiro.poller import JsonlRecorder, wait_for_exports
+    from sync.platforms.meiro.poller import wait_for_exports
+    from sync.runner import LEDGER_FILE
 
     job = load_meiro_job(args.job)
     credentials = resolve_credentials(job)
-    recorder = JsonlRecorder(job.workdir / WAITS_FILE)
     run_id = new_run_id()
-    client = MeiroClient(job.base_url, credentials, timeout=job.request_timeout, verify_tls=job.verify_tls)
-    async with client:
-        waits = await wait_for_exports(
-            client,
-            job.exports,
-            run_id=run_id,
-            recorder=recorder,
-            concurrency=job.concurrency,
-            progress_for=lambda ref: _PrintProgress(str(ref)),
-            interval=job.interval,
-            max_wait=job.max_wait,
-            retry=job.retry,
-        )
-    ok = all(w.outcome.ok for w in waits)
-    doc = {"run_id": run_id, "job": job.name, "ok": ok, "waits": [w.to_dict() for w in waits]}
-    lines = [
-        f"run {run_id} of {job.name}: {sum(w.outcome.ok for w in waits)} of {len(waits)} exports finished"
-    ]
-    lines += [f"  {_wait_text(w)}" for w in waits]
-    lines.append(f"  recorded in {recorder.path}")
-    _print(args, doc, "\n".join(lines))
-    return int(ExitCode.OK if ok else ExitCode.PARTIAL)
+    ledger_path = job.workdir / LEDGER_FILE
+    with Ledger.open(ledger_path) as ledger:
+
+        async def body() -> tuple[int, dict[str, Any], str]:
+            client = MeiroClient(
+                job.base_url, credentials, timeout=job.request_timeout, verify_tls=job.verify_tls
+            )
+            async with client:
+                waits = await wait_for_exports(
+                    client,
+                    job.exports,
+                    run_id=run_id,
+                    recorder=ledger,
+                    concurrency=job.concurrency,
+                    progress_for=lambda ref: _PrintProgress(str(ref)),
+                    interval=job.interval,
+                    max_wait=job.max_wait,
+                    retry=job.retry,
+                )
+            ok = all(w.outcome.ok for w in waits)
+            doc = {"run_id": run_id, "job": job.name, "ok": ok, "waits": [w.to_dict() for w in waits]}
+            lines = [
+                f"run {run_id} of {job.name}: {sum(w.outcome.ok for w in waits)} of {len(waits)} exports finished"
+            ]
+            lines += [f"  {_wait_text(w)}" for w in waits]
+            lines.append(f"  recorded in {ledger_path}")
+            return (ExitCode.OK if ok else ExitCode.PARTIAL), doc, "\n".join(lines)
+
+        code, doc, text = await _recorded_run(ledger, run_id, job.name, str(job.path), body)
+    _print(args, doc, text)
+    return code
+
+
+def _waits(args: argparse.Namespace) -> int:
+    from sync.ledger import Ledger
+    from sync.runner import LEDGER_FILE
+
+    if args.job is not None:
+        from sync.platforms.meiro.job import load_meiro_job
+
+        path = load_meiro_job(args.job).workdir / LEDGER_FILE
+    else:
+        path = (args.workdir or Path(".pushsync/meiro")) / LEDGER_FILE
+    if not path.exists():
+        raise StateError(f"no ledger at {path}")
+    with Ledger.open(path) as ledger:
+        rows = ledger.export_waits(args.run)
+    text = "\n".join(
+        f"{r['run_id']}  export {r['export_id']} of {r['notification_id']}: {r['outcome']}, "
+        f"{r['sent']} of {r['total']} sent, {r['excluded_invalid']} invalid, "
+        f"{r['excluded_by_frequency_cap']} over the frequency cap"
+        + (f" ({r['message']})" if r["message"] else "")
+        for r in rows
+    )
+    _print(args, rows, text or "no export waits recorded")
+    return int(ExitCode.OK)

@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 from typing import Any, TextIO
 
-from sync.config import Job, load_job
+from sync.config import Job, SyncMode, load_job
 from sync.errors import BadJobError, ExitCode
 from sync.planning import ASSUMED_LATENCY, Plan, PlanSummary, build_plan
 from sync.reading import check_sources
@@ -43,6 +43,9 @@ def register(subparsers: Any) -> None:
     plan.add_argument("--output", choices=["text", "json"], default="text")
     plan.add_argument(
         "--rejects", type=Path, default=None, help="rejects CSV (default <workdir>/rejects.csv)"
+    )
+    plan.add_argument(
+        "--full-refresh", action="store_true", help="snapshot mode: show the plan that ignores the state"
     )
     plan.add_argument(
         "--latency",
@@ -112,14 +115,56 @@ def _secret_note(job: Job, out: TextIO) -> None:
 def _plan(args: argparse.Namespace) -> int:
     job = load_job(args.job)
     with build_plan(job, rejects_path=args.rejects) as plan:
-        summary = plan.summary(assumed_latency=args.latency)
+        diff = None
+        if job.mode is SyncMode.SNAPSHOT:
+            # Snapshot jobs send the difference from the confirmed state: show that (docs/sync.md).
+            from sync.state import StateStore, preview
+
+            store = StateStore(job.workdir, job.destination)
+            diff, summary = preview(
+                store, plan, job.snapshot, full_refresh=args.full_refresh, assumed_latency=args.latency
+            )
+        else:
+            summary = plan.summary(assumed_latency=args.latency)
         if args.output == "json":
             doc = summary.to_json()
             doc["rejected_sample"] = _rejects_sample(plan)
+            if diff is not None:
+                doc["mode"] = "snapshot"
+                doc["diff"] = diff.to_json()
             print(json.dumps(doc, indent=2, ensure_ascii=False))
         else:
             _print_plan(job, plan, summary, sys.stdout)
+            if diff is not None:
+                _print_diff(job, diff, sys.stdout)
     return int(ExitCode.OK)
+
+
+def _print_diff(job: Job, d: Any, out: TextIO) -> None:
+    settings = job.snapshot
+    print("\nSnapshot diff against the confirmed state:", file=out)
+    print(
+        f"  users: {d.users_current} in the export, {d.users_state} in the state; {d.users_new} new, "
+        f"{d.users_changed - d.users_new} changed, {d.users_unchanged} unchanged, {d.users_left} left the export",
+        file=out,
+    )
+    print(
+        f"  fields: {d.values_set} values to set, {d.values_unset} to clear, {d.values_appended} to push/pull; "
+        f"tags: {d.tags_added} to add, {d.tags_removed} to remove; {d.opt_in_changes} opt-in changes, "
+        f"{d.contact_updates} e-mail/MSISDN updates",
+        file=out,
+    )
+    share = d.users_removed / max(d.users_state, 1)
+    verdict = (
+        "refused without --force"
+        if d.users_removed and share > settings.max_removal_share
+        else "within the threshold"
+    )
+    print(
+        f"  removal ({settings.removal.value}): {d.users_removed} users ({share:.1%} of the state; limit "
+        f"{settings.max_removal_share:.1%}: {verdict})",
+        file=out,
+    )
 
 
 def _rejects_sample(plan: Plan) -> list[dict[str, Any]]:

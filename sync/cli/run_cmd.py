@@ -40,6 +40,14 @@ def register(subparsers: Any) -> None:
         metavar="PATH",
         help="write Prometheus metrics for node_exporter (*.prom)",
     )
+    run.add_argument(
+        "--full-refresh",
+        action="store_true",
+        help="send everything: ignore the snapshot state, and do not resume an unfinished run (docs/sync.md)",
+    )
+    run.add_argument(
+        "--force", action="store_true", help="snapshot mode: remove users past the removal threshold"
+    )
     run.set_defaults(func=_run)
 
     runs = subparsers.add_parser("runs", help="list the runs recorded in a job's ledger")
@@ -80,15 +88,19 @@ def register(subparsers: Any) -> None:
 
 def _run(args: argparse.Namespace) -> int:
     from sync.config import load_job, resolve_secret
-    from sync.runner import run_job
+    from sync.resume import sync_job
 
     job = load_job(args.job)
     api_key = resolve_secret(job.destination)
+    # sync_job: snapshot jobs send only the diff from the confirmed state; a changes job whose last run did not
+    # finish resumes it (docs/sync.md).
     outcome = asyncio.run(
-        run_job(
+        sync_job(
             job,
             api_key=api_key,
             workdir=args.workdir,
+            full_refresh=args.full_refresh,
+            force=args.force,
             handle_signals=True,
             progress=args.progress,
             metrics_port=args.metrics_port,
@@ -96,10 +108,10 @@ def _run(args: argparse.Namespace) -> int:
         )
     )
     if args.output == "json":
-        print(json.dumps(outcome.summary.to_json(), indent=2))
+        print(json.dumps(outcome.to_json(), indent=2))
     else:
-        print(outcome.summary.render_text())
-    return int(outcome.exit_code)
+        print(outcome.render_text())
+    return int(outcome.run.exit_code)
 
 
 def _ledger_paths(job: Path | None, workdir: Path | None) -> list[Path]:

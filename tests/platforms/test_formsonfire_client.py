@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import xml.etree.ElementTree as ET
+from pathlib import Path
 
 import pytest
 from conftest_formsonfire import FOF_COMPANY, FOF_KEY, FofFactory, RunningFormsOnFire
 
-from sync.config import Destination
-from sync.errors import FatalPlatformError, RejectedBatchError, RetryableError
+from sync.config import Destination, Job, RateBudgetSpec, RetryPolicy, load_job
+from sync.errors import BadJobError, ExitCode, FatalPlatformError, RejectedBatchError, RetryableError
+from sync.ledger import Ledger
 from sync.platforms.base import PlatformClient
 from sync.platforms.formsonfire import XSI_NAMESPACE, BodyFormat, UserKey
 from sync.platforms.formsonfire.client import FormsOnFireClient, error_in_body
@@ -24,6 +27,7 @@ from sync.platforms.formsonfire.requests import (
     user_of,
 )
 from sync.records import Batch, Operation, RowRef
+from sync.runner import run_job
 
 # --- builders and serialisers -------------------------------------------------------------------------------
 
@@ -184,3 +188,121 @@ async def test_wrong_base_url_is_fatal(fof_sandbox: RunningFormsOnFire) -> None:
         with pytest.raises(FatalPlatformError) as info:
             await client.send(push())
     assert info.value.status == 404
+
+
+# --- the example job end to end -----------------------------------------------------------------------------
+
+EXAMPLE_JOB = Path(__file__).resolve().parents[2] / "jobs" / "formsonfire.yaml"
+
+
+def example_job(url: str, workdir: Path, **extra: str) -> Job:
+    """``jobs/formsonfire.yaml`` aimed at a sandbox, with fast retries and a budget above the sandbox's limit."""
+    job = load_job(EXAMPLE_JOB)
+    destination = dataclasses.replace(
+        job.destination,
+        base_url=url,
+        extra={**job.destination.extra, "company_id": str(FOF_COMPANY), **extra},
+    )
+    dispatch = dataclasses.replace(
+        job.dispatch,
+        request_timeout=1.0,
+        budgets={"push": RateBudgetSpec(requests=8, period=0.25)},
+        retry=RetryPolicy(max_attempts=12, base_delay=0.01, max_delay=0.05),
+    )
+    return dataclasses.replace(job, destination=destination, dispatch=dispatch, workdir=workdir)
+
+
+@pytest.mark.parametrize(
+    ("body_format", "response_format"), [("xml", "json"), ("json", "json"), ("xml", "xml")]
+)
+async def test_example_job_end_to_end_with_faults_and_limits(
+    fof_sandbox_factory: FofFactory, tmp_path: Path, body_format: str, response_format: str
+) -> None:
+    running = await fof_sandbox_factory(
+        limits={"push": {"requests": 1, "window": 0.25}},  # the job's budget allows 8: 429s must happen
+        faults={
+            "error_500": 0.2,
+            "error_503": 0.1,
+            "drop": 0.1,
+            "slow": 0.1,
+            "latency": {"low": 0.01, "high": 0.05},
+        },
+        seed=5,
+    )
+    job = example_job(
+        running.url, tmp_path / "work", body_format=body_format, response_format=response_format
+    )
+    outcome = await run_job(job, api_key=FOF_KEY)
+
+    assert outcome.exit_code is ExitCode.PARTIAL  # crm-404 is not a user of the company
+    pushes = {p.user: p for p in running.sandbox.state.pushes}
+    assert len(running.sandbox.state.pushes) == 3  # no fault here applies a push twice
+    assert {u: (p.title, p.body, p.sound, p.expiry_secs, p.format, p.by) for u, p in pushes.items()} == {
+        "api-1": (
+            "Inspection due",
+            "Your site inspection form is due today.",
+            True,
+            3600,
+            body_format,
+            "UserExternalId",
+        ),
+        "api-2": (
+            "Message from the office",
+            "Please sync your device.",
+            True,
+            86400,
+            body_format,
+            "UserExternalId",
+        ),
+        "api-3": ("Shift change", "Your shift starts at 07:00.", False, 600, body_format, "UserExternalId"),
+    }
+    stats = running.sandbox.stats.snapshot()
+    assert stats["rate_limited_total"] > 0 and sum(stats["faults"].values()) > 0
+    assert stats["max_in_window"]["push"]["max"] <= 1
+    assert (
+        outcome.summary.ids_ok == 3 and outcome.summary.ids_rejected == 1 and outcome.summary.ids_failed == 0
+    )
+    with Ledger.open(outcome.ledger_path) as ledger:
+        refused = ledger.refused_ids(outcome.run_id)
+    assert [(r[1], r[2]) for r in refused] == [("crm-404", "UserNotFound")]
+    assert FOF_KEY not in outcome.ledger_path.read_bytes().decode("latin-1")
+
+
+async def test_example_job_aborts_on_a_wrong_integration_key(
+    fof_sandbox_factory: FofFactory, tmp_path: Path
+) -> None:
+    running = await fof_sandbox_factory()
+    outcome = await run_job(example_job(running.url, tmp_path / "work"), api_key="not-the-key-123")
+    assert outcome.exit_code is ExitCode.ABORTED
+    assert running.sandbox.state.pushes == []
+
+
+def test_job_problems_are_reported_at_load(tmp_path: Path) -> None:
+    (tmp_path / "p.csv").write_text("id,t\n1,a\n", encoding="utf-8")
+    (tmp_path / "job.yaml").write_text(
+        """
+version: 1
+destination:
+  platform: formsonfire
+  base_url: "http://127.0.0.1:1/api/v2/"
+  secret: {env: X}
+  extra: {body_format: yaml, user_key: Nickname}
+defaults: {ext_id: id}
+sources:
+  - {name: p, path: p.csv, attributes: {t: {attribute: Subject}}}
+  - {name: e, kind: events, path: p.csv, event: t}
+dispatch: {batch_size: 10}
+""",
+        encoding="utf-8",
+    )
+    with pytest.raises(BadJobError) as info:
+        load_job(tmp_path / "job.yaml")
+    where = {p.location for p in info.value.problems}
+    assert where == {
+        "dispatch.batch_size",
+        "destination.extra.company_id",
+        "destination.extra.body_format",
+        "destination.extra.user_key",
+        "sources[0].attributes.t",
+        "sources[1].kind",
+    }

@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import AsyncIterator
 from datetime import UTC, date, datetime, timedelta, timezone
+from pathlib import Path
 from typing import Any
 
 import pytest
 from aiohttp import web
 from conftest_notifyvisitors import NV_API_KEY, NV_TOKEN, NvFactory, RunningNotifyVisitors
 
-from sync.config import Destination
-from sync.errors import FatalPlatformError, RejectedBatchError, RetryableError
+from sync.config import Destination, Job, RateBudgetSpec, RetryPolicy, load_job
+from sync.errors import BadJobError, ExitCode, FatalPlatformError, RejectedBatchError, RetryableError
+from sync.ledger import Ledger
 from sync.platforms.base import PlatformClient
 from sync.platforms.notifyvisitors import EVENT_CREATE, USER_CREATE
 from sync.platforms.notifyvisitors.client import AuthMode, NotifyVisitorsClient, envelope_of
@@ -30,6 +33,7 @@ from sync.platforms.notifyvisitors.requests import (
 )
 from sync.platforms.sandboxes._core import start_app
 from sync.records import Batch, Operation, RowRef
+from sync.runner import run_job
 
 # --- request builders --------------------------------------------------------------------------------------
 
@@ -284,3 +288,115 @@ def test_dates_in_user_attributes_are_formatted_for_datetimes_too() -> None:
     assert user_attributes({"birth_date": datetime(1990, 2, 28, 13, 0, tzinfo=UTC)}) == {
         "birth_date": "1990-02-28"
     }
+
+
+# --- the example job end to end -----------------------------------------------------------------------------
+
+EXAMPLE_JOB = Path(__file__).resolve().parents[2] / "jobs" / "notifyvisitors.yaml"
+
+
+def example_job(url: str, workdir: Path, **extra: str) -> Job:
+    """``jobs/notifyvisitors.yaml`` aimed at a sandbox, with fast retries and budgets that overrun the sandbox's
+    (small) limits so that 429s happen."""
+    job = load_job(EXAMPLE_JOB)
+    destination = dataclasses.replace(job.destination, base_url=url, extra={**job.destination.extra, **extra})
+    dispatch = dataclasses.replace(
+        job.dispatch,
+        request_timeout=1.0,
+        budgets={
+            "user/create": RateBudgetSpec(requests=8, period=0.25),
+            "event/create": RateBudgetSpec(requests=8, period=0.25),
+        },
+        retry=RetryPolicy(max_attempts=12, base_delay=0.01, max_delay=0.05),
+    )
+    return dataclasses.replace(
+        job, destination=destination, dispatch=dispatch, workdir=workdir, batch_sizes={"*": 2}
+    )
+
+
+@pytest.mark.parametrize("auth", ["api_key", "bearer"])
+async def test_example_job_end_to_end_with_faults_and_limits(
+    nv_sandbox_factory: NvFactory, tmp_path: Path, auth: str
+) -> None:
+    running = await nv_sandbox_factory(
+        brand_id="1000",
+        # One request per quarter second per family, while the job's budgets allow eight: 429s must happen.
+        limits={"user": {"requests": 1, "window": 0.25}, "event": {"requests": 1, "window": 0.25}},
+        faults={
+            "error_500": 0.15,
+            "drop": 0.1,
+            "applied_then_500": 0.1,
+            "slow": 0.1,
+            "latency": {"low": 0.01, "high": 0.05},
+        },
+        seed=11,
+    )
+    job = example_job(running.url, tmp_path / "work", auth=auth)
+    secret = NV_TOKEN if auth == "bearer" else NV_API_KEY
+    outcome = await run_job(job, api_key=secret)
+
+    assert outcome.exit_code is ExitCode.PARTIAL  # N005 refused by validation, N004 by the platform
+    users = running.sandbox.state.users
+    assert sorted(users) == ["N001", "N002", "N003", "N006"]
+    assert users["N002"] == {
+        "name": "Alan Turing",
+        "birth_date": "1990-06-23",
+        "gender": "M",
+        "city": "London",
+        "score": 12.5,
+        "email_opt_in": "1",
+        "sms_opt_in": "1",
+        "email": "alan@example.com",
+        "mobile": "+442079460958",
+    }
+    assert (
+        users["N003"]["score"] == 7 and users["N003"]["email_opt_in"] == "1" and "city" not in users["N003"]
+    )
+    assert "email_opt_in" not in users["N006"]
+    # Every event arrived (an applied-then-500 answer may make a retry deliver one twice: at least once).
+    seen = {
+        (e.user_id, e.name, e.event_time, tuple(sorted(e.attributes.items())))
+        for e in running.sandbox.state.events
+    }
+    assert seen == {
+        ("N001", "purchase", "2024-05-01 10:00:00", (("amount", 19.99), ("sku", "BK-1"))),
+        ("N001", "purchase", "2024-05-01 10:05:00", (("amount", 5), ("sku", "BK-2"))),
+        ("N003", "add_to_cart", "2024-05-02 08:30:00", (("amount", 120), ("sku", "TV-9"))),
+        ("N006", "signup", "2024-05-03 12:00:00", ()),
+    }
+    stats = running.sandbox.stats.snapshot()
+    assert stats["rate_limited_total"] > 0 and sum(stats["faults"].values()) > 0
+    assert all(entry["max"] <= 1 for entry in stats["max_in_window"].values())
+    assert outcome.summary.ids_rejected == 1 and outcome.summary.ids_failed == 0
+    with Ledger.open(outcome.ledger_path) as ledger:
+        refused = ledger.refused_ids(outcome.run_id)
+        rows = ledger.rejected_rows(outcome.run_id)
+    assert [(r[1], "mobile" in r[3]) for r in refused] == [("N004", True)]
+    assert [(r.ext_id, r.column) for r in rows] == [("N005", "birth_date")]
+    assert secret not in outcome.ledger_path.read_bytes().decode("latin-1")
+
+
+async def test_example_job_aborts_on_a_wrong_key(nv_sandbox_factory: NvFactory, tmp_path: Path) -> None:
+    running = await nv_sandbox_factory(brand_id="1000", limits={})
+    outcome = await run_job(example_job(running.url, tmp_path / "work"), api_key="not-the-key-123")
+    assert outcome.exit_code is ExitCode.ABORTED
+    assert running.sandbox.state.users == {}
+
+
+def test_job_problems_are_reported_at_load(tmp_path: Path) -> None:
+    (tmp_path / "u.csv").write_text("id,t\n1,a\n", encoding="utf-8")
+    (tmp_path / "job.yaml").write_text(
+        """
+version: 1
+destination: {platform: notifyvisitors, base_url: "http://127.0.0.1:1/api/v1/", secret: {env: X}}
+defaults: {ext_id: id}
+sources:
+  - {name: u, path: u.csv, tags: t, opt_ins: {push: t}}
+  - {name: d, kind: deletions, path: u.csv}
+""",
+        encoding="utf-8",
+    )
+    with pytest.raises(BadJobError) as info:
+        load_job(tmp_path / "job.yaml")
+    where = {p.location for p in info.value.problems}
+    assert where == {"destination.extra.brand_id", "sources[0].tags", "sources[0].opt_ins", "sources[1].kind"}

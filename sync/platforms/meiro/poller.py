@@ -6,20 +6,19 @@ honoured — and polling resumes after a success; ``max_attempts`` failures *in 
 last error. Fatal errors (401 after a new login, 403, 404) propagate at once. Time (``clock``, ``sleep``) and
 randomness are injectable, so tests never sleep for real.
 
-Each wait ends in a :class:`ExportWait` record, which a :class:`WaitRecorder` stores (the run ledger).
+Each wait ends in a :class:`ExportWait` record, which a :class:`WaitRecorder` stores: the run ledger
+(:meth:`sync.ledger.Ledger.record_export_wait`), or a :class:`MemoryRecorder` in tests.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import random
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
-from pathlib import Path
 from typing import Any, Protocol
 
 from sync.config import RetryPolicy
@@ -98,27 +97,13 @@ class WaitRecorder(Protocol):
 
 
 class MemoryRecorder:
-    """A :class:`WaitRecorder` that keeps waits in a list (tests; ``--no-ledger``)."""
+    """A :class:`WaitRecorder` that keeps waits in a list (tests)."""
 
     def __init__(self) -> None:
         self.waits: list[tuple[str, ExportWait]] = []
 
     def record_export_wait(self, run_id: str, wait: ExportWait) -> None:
         self.waits.append((run_id, wait))
-
-
-class JsonlRecorder:
-    """A :class:`WaitRecorder` appending one JSON line per wait to a file (written and flushed at once).
-
-    Used until the run ledger records Meiro waits itself."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-
-    def record_export_wait(self, run_id: str, wait: ExportWait) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        with self.path.open("a", encoding="utf-8") as fh:
-            fh.write(json.dumps({"run_id": run_id, **wait.to_dict()}) + "\n")
 
 
 class ProgressCallback(Protocol):

@@ -1,0 +1,352 @@
+"""The API key never leaks: not in a log line (at debug level, the most verbose), the summary, the ledger file's
+bytes, the rejects file, the run report, the ledger exports, the metrics, nor in any error message — also when
+the key is wrong. Keys come only from the environment or a file: a key written in the job file is refused, and
+the command line takes none. TLS certificates are checked unless a job aimed at a local sandbox turns it off.
+
+The runs go through the real CLI in a subprocess, against a Netmera sandbox process with faults on (so retries and
+error messages are logged) and refusing unknown users (so the ledger holds refused IDs and their messages).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import ssl
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiohttp import web
+
+from sync.cli import build_parser, main
+from sync.config import Destination, load_job, resolve_secret
+from sync.demo import start_sandbox_process, stop_sandbox_process
+from sync.errors import BadJobError, ExitCode, SecretError
+from sync.platforms.sandboxes.netmera import NetmeraSandbox, NetmeraSandboxConfig
+from sync.runner import run_job
+
+from .conftest import REPO_ROOT
+
+KEY_ENV = "PUSHSYNC_SECRETS_TEST_KEY"
+USERS = 200
+UNKNOWN = range(190, 200)
+"""Users the sandbox does not know: it refuses them (400, code 5016), so refusals reach the ledger."""
+
+_JOB = """\
+version: 1
+name: secrets
+workdir: work
+destination: {{platform: netmera, base_url: "{url}", secret: {secret}}}
+defaults: {{ext_id: user_id}}
+sources:
+  - name: users
+    path: users.csv
+    attributes: {{name: string, score: number}}
+    tags: {{column: segments, delimiter: "|"}}
+dispatch:
+  batch_size: 25
+  concurrency: 4
+  request_timeout: 1
+  drain_timeout: 5
+  budgets: {{"*": {{requests: 200, period: 1}}}}
+  retry: {{max_attempts: 10, base_delay: 0.01, max_delay: 0.05}}
+"""
+
+
+def _write_data(directory: Path) -> None:
+    lines = ["user_id,name,score,segments"]
+    for i in range(USERS):
+        score = "not-a-number" if i in (7, 70, 170) else str(i)
+        lines.append(f"U{i:04d},User {i},{score},{'gold|beta' if i % 2 else 'silver'}")
+    (directory / "users.csv").write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+
+def write_job(directory: Path, url: str, secret: str) -> Path:
+    directory.mkdir(parents=True, exist_ok=True)
+    _write_data(directory)
+    job = directory / "job.yaml"
+    job.write_text(_JOB.format(url=url, secret=secret), encoding="utf-8")
+    return job
+
+
+@pytest.fixture(scope="module")
+def api_key() -> str:
+    return "psk_live_" + secrets.token_hex(16)
+
+
+@pytest.fixture(scope="module")
+def faulty_sandbox(tmp_path_factory: pytest.TempPathFactory, api_key: str) -> Iterator[str]:
+    """A sandbox process with every fault kind on and unknown users refused; yields its base URL."""
+    directory = tmp_path_factory.mktemp("sandbox")
+    seed = directory / "seed.json"
+    known = [{"extId": f"U{i:04d}"} for i in range(USERS) if i not in UNKNOWN]
+    seed.write_text(json.dumps({"users": known}), encoding="utf-8")
+    config = {
+        "faults": {
+            "error_500": 0.05,
+            "error_503": 0.05,
+            "drop": 0.03,
+            "applied_then_500": 0.03,
+            "hang": 0.01,
+            "hang_seconds": 2,
+            "slow": 0.05,
+            "latency": {"distribution": "uniform", "low": 0.0, "high": 0.05},
+        },
+        "seed": 11,
+        "unknown_ext_id": "error",
+        "seed_file": str(seed),
+    }
+    process, url = start_sandbox_process(api_key, config, directory)
+    try:
+        yield url
+    finally:
+        stop_sandbox_process(process)
+
+
+def cli(args: list[str], cwd: Path, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "sync", "--log-level", "debug", *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=100,
+        env={**os.environ, "PYTHONPATH": str(REPO_ROOT), **env},
+    )
+
+
+def leaks(key: str, texts: list[str], root: Path, skip: set[Path]) -> list[str]:
+    """Where ``key`` appears: in any of ``texts`` or any file under ``root`` (bytes, as UTF-8 and UTF-16)."""
+    found = [f"output #{i}" for i, t in enumerate(texts) if key in t]
+    needles = [key.encode("utf-8"), key.encode("utf-16-le")]
+    for path in sorted(root.rglob("*")):
+        if path.is_file() and path not in skip:
+            data = path.read_bytes()
+            if any(n in data for n in needles):
+                found.append(str(path))
+    return found
+
+
+def everything_about_the_run(
+    job: Path, run_id: str, capsys: pytest.CaptureFixture[str]
+) -> tuple[list[str], dict[str, Any]]:
+    """Run every command that reads the ledger (show, runs, report, each export); return what they printed."""
+    outputs: list[str] = []
+    work = job.parent / "work"
+    commands = [
+        ["show", run_id, "--job", str(job)],
+        ["show", run_id, "--job", str(job), "--output", "json"],
+        ["runs", str(job), "--output", "json"],
+        ["report", run_id, "--job", str(job), "-o", str(work / "report.html")],
+    ] + [
+        [
+            "ledger-export",
+            run_id,
+            "--job",
+            str(job),
+            "--table",
+            table,
+            "--format",
+            "csv",
+            "-o",
+            str(work / f"{table}.csv"),
+        ]
+        for table in ("batches", "attempts", "refused-ids", "rejected-rows")
+    ]
+    for command in commands:
+        assert main(command) == 0, command
+        captured = capsys.readouterr()
+        outputs += [captured.out, captured.err]
+    shown = json.loads(outputs[2])
+    return outputs, shown
+
+
+@pytest.mark.parametrize("where", ["env", "file"])
+def test_a_known_key_appears_nowhere(
+    where: str, tmp_path: Path, faulty_sandbox: str, api_key: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    env: dict[str, str] = {}
+    if where == "env":
+        secret = f"{{env: {KEY_ENV}}}"
+        env[KEY_ENV] = api_key
+    else:
+        secret = "{file: secret/netmera.key}"
+        (tmp_path / "secret").mkdir()
+        (tmp_path / "secret" / "netmera.key").write_text(api_key + "\n", encoding="utf-8")
+    job = write_job(tmp_path, faulty_sandbox, secret)
+    prom = tmp_path / "work" / "metrics.prom"
+    done = cli(
+        ["run", str(job), "--output", "json", "--progress", "log", "--metrics-textfile", str(prom)],
+        tmp_path,
+        env,
+    )
+    assert done.returncode == 1, done.stderr[
+        -3000:
+    ]  # partial: rows rejected by validation and by the platform
+    assert "Traceback" not in done.stderr
+    summary = json.loads(done.stdout)
+    totals = summary["totals"]
+    # The run met everything that produces messages: retries after faults, refusals, rejected rows.
+    assert sum(e["retries"] for e in summary["endpoints"]) > 0
+    assert totals["ids_rejected"] >= len(UNKNOWN)
+    assert summary["rows_rejected"] == 3 if "rows_rejected" in summary else True
+    debug_lines = [line for line in done.stderr.splitlines() if '"level": "debug"' in line]
+    assert len(debug_lines) > 20  # debug logging really was on: one line per batch at least
+    outputs, shown = everything_about_the_run(job, summary["run_id"], capsys)
+    assert shown["refused_ids"], "the ledger holds the platform's refusals and their messages"
+    assert (tmp_path / "work" / "report.html").stat().st_size > 1000
+    assert (tmp_path / "work" / "rejects.csv").read_text(encoding="utf-8").count("\n") == 4
+    assert prom.is_file()
+    skip = {tmp_path / "secret" / "netmera.key"}
+    assert leaks(api_key, [done.stdout, done.stderr, *outputs], tmp_path, skip) == []
+
+
+def test_a_wrong_key_appears_in_no_error_message(
+    tmp_path: Path, faulty_sandbox: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    wrong = "psk_live_" + secrets.token_hex(16)
+    job = write_job(tmp_path, faulty_sandbox, f"{{env: {KEY_ENV}}}")
+    done = cli(["run", str(job), "--output", "json", "--progress", "log"], tmp_path, {KEY_ENV: wrong})
+    assert done.returncode == int(ExitCode.ABORTED), done.stderr[-3000:]
+    summary = json.loads(done.stdout)
+    assert "403" in summary["message"] and "API key" in summary["message"]
+    outputs, _ = everything_about_the_run(job, summary["run_id"], capsys)
+    assert leaks(wrong, [done.stdout, done.stderr, *outputs], tmp_path, set()) == []
+
+
+LITERAL = "psk_live_literal_0123456789abcdef"
+
+
+@pytest.mark.parametrize(
+    ("destination", "location"),
+    [
+        (f'secret: "{LITERAL}"', "destination.secret"),
+        (f'secret: {{env: {KEY_ENV}}}, api_key: "{LITERAL}"', "destination.api_key"),
+        (f'secret: {{env: {KEY_ENV}}}, extra: {{token: "{LITERAL}"}}', "destination.extra.token"),
+        (
+            f'secret: {{env: {KEY_ENV}}}, base_url: "https://u:{LITERAL}@example.com/rest/3.0/"',
+            "destination.base_url",
+        ),
+        (
+            f'secret: {{env: {KEY_ENV}}}, base_url: "https://example.com/rest/3.0/?api_key={LITERAL}"',
+            "destination.base_url",
+        ),
+    ],
+)
+def test_a_key_written_in_the_job_file_is_refused(
+    destination: str,
+    location: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    _write_data(tmp_path)
+    if "base_url" not in destination:
+        destination = 'base_url: "http://127.0.0.1:9/rest/3.0/", ' + destination
+    job = tmp_path / "job.yaml"
+    job.write_text(
+        "version: 1\n"
+        f"destination: {{platform: netmera, {destination}}}\n"
+        "sources:\n  - {name: u, path: users.csv, ext_id: user_id, attributes: {name: string}}\n",
+        encoding="utf-8",
+    )
+    with pytest.raises(BadJobError) as info:
+        load_job(job)
+    assert location in [p.location for p in info.value.problems]
+    assert LITERAL not in str(info.value)
+    monkeypatch.setenv(KEY_ENV, "the-real-key-from-the-environment")
+    for command in (["run", str(job)], ["validate", str(job)], ["plan", str(job)]):
+        assert main(command) == 2
+        captured = capsys.readouterr()
+        assert location in captured.out + captured.err
+        assert LITERAL not in captured.out + captured.err
+
+
+def test_keys_come_only_from_the_environment_or_a_file(tmp_path: Path) -> None:
+    with pytest.raises(SecretError, match="names no secret"):
+        resolve_secret(Destination("netmera", "http://127.0.0.1:9/"), environ={})
+    with pytest.raises(SecretError) as info:
+        resolve_secret(Destination("netmera", "http://127.0.0.1:9/", secret_env="NOPE"), environ={})
+    assert "NOPE" in str(info.value)
+    empty = tmp_path / "empty.key"
+    empty.write_text("\n", encoding="utf-8")
+    with pytest.raises(SecretError, match="is empty"):
+        resolve_secret(Destination("netmera", "http://127.0.0.1:9/", secret_file=str(empty)), environ={})
+    # The environment wins over the file; the file is used when the variable is unset.
+    key_file = tmp_path / "k.key"
+    key_file.write_text("from-file-1234\n", encoding="utf-8")
+    both = Destination("netmera", "http://127.0.0.1:9/", secret_env="K", secret_file=str(key_file))
+    assert resolve_secret(both, environ={"K": "from-env-1234"}) == "from-env-1234"
+    assert resolve_secret(both, environ={}) == "from-file-1234"
+    # No command takes a key on the command line, where it would land in shell history and `ps`.
+    for action in build_parser()._subparsers._group_actions[0].choices["run"]._actions:  # type: ignore[union-attr]
+        assert not any("key" in o or "secret" in o or "token" in o for o in action.option_strings)
+
+
+# --- TLS ---------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def self_signed(tmp_path: Path) -> ssl.SSLContext:
+    """A server TLS context with a freshly made self-signed certificate for 127.0.0.1 (no CA trusts it)."""
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(cert)]
+        + ["-days", "1", "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1"],
+        check=True,
+        capture_output=True,
+        timeout=60,
+    )
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(cert, key)
+    return context
+
+
+async def test_tls_certificates_are_checked_unless_a_sandbox_job_turns_it_off(
+    tmp_path: Path, self_signed: ssl.SSLContext
+) -> None:
+    key = "tls-test-key-" + secrets.token_hex(8)
+    sandbox = NetmeraSandbox(NetmeraSandboxConfig(api_key=key))
+    sandbox.core.reopen()
+    runner = web.AppRunner(sandbox.app, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0, ssl_context=self_signed)
+    await site.start()
+    port = next(a[1] for a in runner.addresses if isinstance(a, tuple))
+    url = f"https://127.0.0.1:{port}/rest/3.0/"
+    try:
+        checked = load_job(write_job(tmp_path / "checked", url, f"{{env: {KEY_ENV}}}"))
+        assert checked.destination.verify_tls is True  # the default
+        outcome = await run_job(checked, api_key=key)
+        assert outcome.exit_code is ExitCode.ABORTED
+        assert "certificate" in (outcome.summary.message or "").lower()
+        assert sandbox.stats.snapshot()["requests_total"] == 0  # nothing reached the server
+        assert key not in (outcome.summary.message or "")
+
+        unchecked_path = write_job(tmp_path / "unchecked", url, f"{{env: {KEY_ENV}}}")
+        text = unchecked_path.read_text(encoding="utf-8").replace(
+            "secret: {env:", "verify_tls: false, secret: {env:"
+        )
+        unchecked_path.write_text(text, encoding="utf-8")
+        unchecked = load_job(unchecked_path)
+        assert unchecked.destination.verify_tls is False
+        outcome = await run_job(unchecked, api_key=key)
+        assert (
+            outcome.exit_code is ExitCode.PARTIAL
+        )  # three rows rejected by validation; the rest went through
+        assert sandbox.state.user_count() == USERS
+    finally:
+        await sandbox.core.close()
+        await runner.cleanup()
+
+
+def test_tls_checks_cannot_be_turned_off_for_a_remote_platform(tmp_path: Path) -> None:
+    job = write_job(tmp_path, "https://restapi.netmera.com/rest/3.0/", f"{{env: {KEY_ENV}}}")
+    text = job.read_text(encoding="utf-8").replace("secret: {env:", "verify_tls: false, secret: {env:")
+    job.write_text(text, encoding="utf-8")
+    with pytest.raises(BadJobError) as info:
+        load_job(job)
+    assert [p.location for p in info.value.problems] == ["destination.verify_tls"]
