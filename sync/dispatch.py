@@ -51,7 +51,7 @@ from sync.records import (
 
 __all__ = ["DispatchObserver", "DispatchOutcome", "DispatchReport", "Dispatcher", "EndpointStats"]
 
-_NOT_IDEMPOTENT = frozenset({Operation.FIRE_EVENTS, Operation.PUSH_ATTRIBUTES})
+_NOT_IDEMPOTENT = frozenset({Operation.FIRE_EVENTS, Operation.PUSH_ATTRIBUTES, Operation.SEND_PUSH})
 """Operations whose ``sent`` record is committed before the request goes out (see sync/resume.py)."""
 _FEED_CHUNK = 64  # batches pulled from a synchronous plan per worker-thread hop
 LATENCY_SAMPLE = 20_000

@@ -19,7 +19,7 @@ import math
 import re
 import sqlite3
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -96,6 +96,39 @@ class TimeBin:
     requests: int
     rate_limited: int
     retries: int
+
+
+@dataclass(slots=True)
+class _Tally:
+    """One endpoint's figures while they are read (becomes an :class:`EndpointLine`)."""
+
+    batches: int = 0
+    requests: int = 0
+    ids_ok: int = 0
+    ids_rejected: int = 0
+    ids_failed: int = 0
+    ids_unfinished: int = 0
+    rate_limited: int | None = None
+    retries: int | None = None
+    latencies: list[float] = field(default_factory=list)
+
+    def line(self, endpoint: str, budget_rate: float | None) -> EndpointLine:
+        ordered = sorted(self.latencies)
+        p50, p95 = _percentile(ordered, 50), _percentile(ordered, 95)
+        return EndpointLine(
+            endpoint=endpoint,
+            batches=self.batches,
+            requests=self.requests,
+            ids_ok=self.ids_ok,
+            ids_rejected=self.ids_rejected,
+            ids_failed=self.ids_failed,
+            ids_unfinished=self.ids_unfinished,
+            rate_limited=self.rate_limited,
+            retries=self.retries,
+            budget_rate=budget_rate,
+            p50_ms=None if p50 is None else p50 * 1000,
+            p95_ms=None if p95 is None else p95 * 1000,
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -199,7 +232,7 @@ def _load(conn: sqlite3.Connection, run_id: str, path: Path) -> RunReport:
     job, platform, started_at, finished_at, status, exit_code, message, summary_json = run
     budgets, longest_period = _budgets(summary_json)
 
-    per_endpoint: dict[str, dict[str, Any]] = {}
+    per_endpoint: dict[str, _Tally] = {}
     for endpoint, batches, attempts, ok, rejected, failed, unfinished in conn.execute(
         "SELECT endpoint, COUNT(*), SUM(attempts), SUM(ok_ids), SUM(rejected_ids), "
         "SUM(CASE WHEN status = 'failed' THEN n_ids - ok_ids - rejected_ids ELSE 0 END), "
@@ -207,22 +240,19 @@ def _load(conn: sqlite3.Connection, run_id: str, path: Path) -> RunReport:
         "FROM batches WHERE run_id = ? GROUP BY endpoint ORDER BY MIN(rowid)",
         (run_id,),
     ):
-        per_endpoint[endpoint] = {
-            "batches": batches,
-            "requests": attempts or 0,
-            "ids_ok": ok or 0,
-            "ids_rejected": rejected or 0,
-            "ids_failed": failed or 0,
-            "ids_unfinished": unfinished or 0,
-            "rate_limited": None,
-            "retries": None,
-            "latencies": [],
-        }
+        per_endpoint[endpoint] = _Tally(
+            batches=batches,
+            requests=attempts or 0,
+            ids_ok=ok or 0,
+            ids_rejected=rejected or 0,
+            ids_failed=failed or 0,
+            ids_unfinished=unfinished or 0,
+        )
     # Per-attempt records exist for this run — or it made no request at all. (A ledger started by an older
     # pushsync gains the table when a newer one opens it, but its old runs have no rows there.)
     has_attempts = _has_table(conn, "attempts") and (
         conn.execute("SELECT 1 FROM attempts WHERE run_id = ? LIMIT 1", (run_id,)).fetchone() is not None
-        or not any(d["requests"] for d in per_endpoint.values())
+        or not any(t.requests for t in per_endpoint.values())
     )
     bins: list[TimeBin] = []
     latency_counts = [0] * (len(LATENCY_BUCKETS) + 1)
@@ -233,19 +263,7 @@ def _load(conn: sqlite3.Connection, run_id: str, path: Path) -> RunReport:
             conn, run_id, started_at, longest_period, per_endpoint, bins, latency_counts, errors
         )
 
-    endpoints = []
-    for name, d in per_endpoint.items():
-        lat: list[float] = sorted(d.pop("latencies"))
-        p50, p95 = _percentile(lat, 50), _percentile(lat, 95)
-        endpoints.append(
-            EndpointLine(
-                endpoint=name,
-                **d,
-                budget_rate=budgets.get(name),
-                p50_ms=None if p50 is None else p50 * 1000,
-                p95_ms=None if p95 is None else p95 * 1000,
-            )
-        )
+    endpoints = [t.line(name, budgets.get(name)) for name, t in per_endpoint.items()]
 
     for endpoint, code, msg, n in conn.execute(
         "SELECT b.endpoint, i.code, i.message, COUNT(*) FROM batch_ids i JOIN batches b "
@@ -309,7 +327,7 @@ def _read_attempts(
     run_id: str,
     run_start: float,
     min_bin: float,
-    per_endpoint: dict[str, dict[str, Any]],
+    per_endpoint: dict[str, _Tally],
     bins: list[TimeBin],
     latency_counts: list[int],
     errors: list[ErrorLine],
@@ -320,26 +338,15 @@ def _read_attempts(
         "WHERE run_id = ? GROUP BY endpoint",
         (run_id,),
     ):
-        d = per_endpoint.setdefault(
-            endpoint,
-            {
-                "batches": 0,
-                "ids_ok": 0,
-                "ids_rejected": 0,
-                "ids_failed": 0,
-                "ids_unfinished": 0,
-                "latencies": [],
-            },
-        )
-        d.update(requests=n, rate_limited=limited or 0, retries=retries or 0)
-    for d in per_endpoint.values():
-        d.setdefault("requests", 0)
-        if d["rate_limited"] is None:
-            d.update(requests=0, rate_limited=0, retries=0)  # no attempt recorded for this endpoint
+        t = per_endpoint.setdefault(endpoint, _Tally())
+        t.requests, t.rate_limited, t.retries = n, limited or 0, retries or 0
+    for t in per_endpoint.values():
+        if t.rate_limited is None:  # no attempt recorded for this endpoint
+            t.requests, t.rate_limited, t.retries = 0, 0, 0
     for endpoint, latency in conn.execute(
         "SELECT endpoint, latency FROM attempts WHERE run_id = ?", (run_id,)
     ):
-        per_endpoint[endpoint]["latencies"].append(latency)
+        per_endpoint[endpoint].latencies.append(latency)
         latency_counts[_bucket(latency)] += 1
     span_row = conn.execute(
         "SELECT MAX(started_at + latency) FROM attempts WHERE run_id = ?", (run_id,)

@@ -336,7 +336,13 @@ def diff_frames(
     st = st.rename({n: f"s:{n}" for n in schema if n not in (KEY, EXT_ID)}).with_columns(
         pl.lit(True).alias("__known")
     )
-    j = cur.join(st, on=[KEY, EXT_ID], how="full", coalesce=True).sort([KEY, EXT_ID])
+    # One lazy query: polars fuses the join with the per-field expressions. Joined on the ID alone (the key is a
+    # function of it): a one-column string join is cheaper; the key is coalesced from either side.
+    lazy = (
+        cur.lazy()
+        .join(st.lazy().rename({KEY: "__skey"}), on=EXT_ID, how="full", coalesce=True)
+        .with_columns(pl.coalesce(KEY, "__skey").alias(KEY))
+    )
     present = pl.col(FILE).is_not_null()
     known = pl.col("__known").fill_null(False)
 
@@ -369,9 +375,12 @@ def diff_frames(
     else:
         out[TAGS_ADDED] = out[TAGS_REMOVED] = pl.lit(None, pl.List(pl.String))
     out[DELETE] = leaver if settings.removal is RemovalAction.DELETE and not full_refresh else pl.lit(False)
-    j = j.with_columns([e.alias(f"d:{n}") for n, e in out.items()])
     changed_any = [pl.col(f"d:{n}").is_not_null() for n in out if n != DELETE] + [pl.col(f"d:{DELETE}")]
-    j = j.with_columns(pl.any_horizontal(changed_any).alias("__changed"))
+    j = (
+        lazy.with_columns([e.alias(f"d:{n}") for n, e in out.items()])
+        .with_columns(pl.any_horizontal(changed_any).alias("__changed"))
+        .collect()
+    )
 
     def total(expr: pl.Expr) -> pl.Expr:
         return expr.cast(pl.Int64).sum()
@@ -402,15 +411,21 @@ def diff_frames(
     sets = {TAGS_ADDED, TAGS_REMOVED} | {
         f.column for f in fields if f.kind in (FieldKind.APPEND, FieldKind.REMOVE)
     }
-    delta = j.filter(pl.col("__changed")).select(
-        pl.col(KEY),
-        pl.col(EXT_ID),
-        pl.col(FILE).fill_null(left_file).cast(pl.Int32),
-        pl.col(ROW).fill_null(0).cast(pl.Int64),
-        *[
-            (pl.col(f"d:{n}").list.sort() if n in sets else pl.col(f"d:{n}")).cast(delta_types[n]).alias(n)
-            for n in out
-        ],
+    delta = (
+        j.filter(pl.col("__changed"))
+        .sort([KEY, EXT_ID])
+        .select(
+            pl.col(KEY),
+            pl.col(EXT_ID),
+            pl.col(FILE).fill_null(left_file).cast(pl.Int32),
+            pl.col(ROW).fill_null(0).cast(pl.Int64),
+            *[
+                (pl.col(f"d:{n}").list.sort() if n in sets else pl.col(f"d:{n}"))
+                .cast(delta_types[n])
+                .alias(n)
+                for n in out
+            ],
+        )
     )
     return delta, counts
 

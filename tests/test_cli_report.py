@@ -129,6 +129,7 @@ def _write_job(tmp_path: Path, url: str, *, bad_row: bool) -> Path:
         f"""
 version: 1
 name: airflow-example
+workdir: work
 destination: {{platform: netmera, base_url: "{url}", secret: {{env: PUSHSYNC_TEST_NETMERA_KEY}}}}
 defaults: {{ext_id: user_id}}
 sources:
@@ -226,3 +227,50 @@ def test_the_cronjob_wires_the_secret_the_job_names_and_a_volume_for_the_ledger(
     assert str(job.workdir).startswith("/var/lib/pushsync/")  # the ledger lives on the claim
     # SIGTERM drains in-flight batches: the grace period must outlast the drain.
     assert pod["terminationGracePeriodSeconds"] > job.dispatch.drain_timeout
+
+
+# -- `pushsync runs` and `pushsync show` -----------------------------------------------------------------------
+
+
+def cells(text: str, first: str) -> list[str]:
+    """The cells of the table row that starts with ``first`` (rich draws columns with │)."""
+    for line in text.splitlines():
+        parts = [c.strip() for c in line.strip().strip("│┃").split("│")]
+        if parts and parts[0] == first:
+            return parts
+    raise AssertionError(f"no row {first!r} in:\n{text}")
+
+
+def test_runs_and_show_read_at_a_glance_and_as_json(
+    tmp_path: Path, netmera_sandbox_process: Any, monkeypatch: pytest.MonkeyPatch, capsys: Any
+) -> None:
+    sandbox = netmera_sandbox_process
+    job = _write_job(tmp_path, sandbox.url, bad_row=True)
+    monkeypatch.setenv("PUSHSYNC_TEST_NETMERA_KEY", sandbox.api_key)
+    assert main(["run", str(job), "--output", "json", "--progress", "none"]) == 1
+    summary = json.loads(capsys.readouterr().out)
+    run_id, totals = summary["run_id"], summary["totals"]
+
+    assert main(["runs", str(job)]) == 0
+    row = cells(capsys.readouterr().out, run_id)
+    assert row[1] == "airflow-example" and row[4] == "partial" and row[5] == "1"
+    assert row[6:11] == [
+        f"{totals[k]:,}" for k in ("requests", "ids_ok", "ids_rejected", "ids_failed", "rows_rejected")
+    ]
+    assert main(["runs", str(job), "--output", "json"]) == 0
+    (listed,) = json.loads(capsys.readouterr().out)
+    assert listed["run_id"] == run_id and listed["exit_code"] == 1
+
+    assert main(["show", run_id, "--job", str(job)]) == 0
+    shown = capsys.readouterr().out
+    assert f"run {run_id} of job airflow-example (netmera): partial, exit 1 PARTIAL" in shown
+    for e in summary["endpoints"]:
+        row = cells(shown, e["endpoint"])
+        assert row[1:4] == [f"{e['requests']:,}", f"{e['ids']['ok']:,}", f"{e['ids']['rejected']:,}"]
+    assert f"pushsync report {run_id}" in shown
+    assert main(["show", run_id, "--job", str(job), "--output", "json"]) == 0
+    assert json.loads(capsys.readouterr().out)["summary"]["totals"] == totals
+
+    out = tmp_path / "report.html"
+    assert main(["report", "latest", "--job", str(job), "-o", str(out)]) == 0
+    assert f'data-field="run_id">{run_id}<' in out.read_text(encoding="utf-8")

@@ -4,16 +4,21 @@ has its own registry, the textfile is what node_exporter reads, and the docs lis
 from __future__ import annotations
 
 import re
+import socket
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from sync.config import load_job
+from sync.demo import generate_users
 from sync.metrics import LATENCY_BUCKETS, SERIES, RunMetrics
 from sync.platforms.netmera.requests import make_batch, tag_body
-from sync.records import Attempt, AttemptOutcome, BatchResult, BatchStatus, Operation, RejectedId
+from sync.records import Attempt, AttemptOutcome, Batch, BatchResult, BatchStatus, Operation, RejectedId
+from sync.runner import run_job
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -214,3 +219,83 @@ def test_a_taken_port_is_a_clear_error_before_anything_runs() -> None:
         assert info.value.exit_code is ExitCode.BAD_JOB_OR_INPUT
     finally:
         first.close()
+
+
+class MidRunScraper:
+    """A dispatch observer that scrapes the exporter once, when the first batch finishes: mid-run."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.text = ""
+
+    def on_batch_start(self, batch: Batch) -> None:
+        return None
+
+    def on_attempt(self, attempt: Attempt) -> None:
+        return None
+
+    def on_batch_done(self, batch: Batch, result: BatchResult) -> None:
+        if not self.text:
+            self.text = scrape(self.url)  # the exporter has its own thread: the event loop may block on it
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+async def test_a_real_run_serves_and_writes_the_documented_series(
+    netmera_sandbox: Any, tmp_path: Path
+) -> None:
+    generate_users(tmp_path / "users.csv", 150, seed=3)
+    (tmp_path / "job.yaml").write_text(
+        f"""
+version: 1
+name: metered
+workdir: work
+destination: {{platform: netmera, base_url: "{netmera_sandbox.url}", secret: {{env: UNUSED_KEY}}}}
+defaults: {{ext_id: user_id}}
+sources:
+  - {{name: users, path: users.csv, attributes: {{city: string, score: number}}, tags: {{column: segments, delimiter: "|"}}}}
+dispatch:
+  batch_size: 25
+  concurrency: 3
+  budgets: {{"*": {{requests: 50, period: 0.5}}, tagUsers: {{requests: 30, period: 0.5}}}}
+""",
+        encoding="utf-8",
+    )
+    port = free_port()
+    scraper = MidRunScraper(f"http://127.0.0.1:{port}/metrics")
+    textfile = tmp_path / "textfile" / "pushsync.prom"
+    outcome = await run_job(
+        load_job(tmp_path / "job.yaml"),
+        api_key=netmera_sandbox.api_key,
+        metrics_port=port,
+        metrics_textfile=textfile,
+        observers=[scraper],
+    )
+    assert families(scraper.text) >= set(SERIES)  # every documented series, while the run lasts
+    mid = samples(scraper.text)
+    assert mid[("pushsync_inflight_batches", ())] >= 1
+    assert (
+        "pushsync_run_info",
+        (("job", "metered"), ("platform", "netmera"), ("run_id", outcome.run_id)),
+    ) in mid
+    final = samples(textfile.read_text())
+    assert families(textfile.read_text()) >= set(SERIES)
+    assert final[("pushsync_inflight_batches", ())] == 0
+    for e in outcome.summary.endpoints:
+        ep = (("endpoint", e.endpoint),)
+        requests = sum(
+            v for (name, labels), v in final.items() if name == "pushsync_requests_total" and ep[0] in labels
+        )
+        assert requests == e.requests
+        assert final[("pushsync_ids_total", (*ep, ("outcome", "ok")))] == e.ids_ok
+        assert final[("pushsync_rate_limited_total", ep)] == e.rate_limited
+        assert final[("pushsync_retries_total", ep)] == e.retries
+        assert final[("pushsync_request_latency_seconds_count", ep)] == e.requests
+        assert final[("pushsync_budget_rate", ep)] == e.budget_rate
+    assert final[("pushsync_budget_rate", (("endpoint", "tagUsers"),))] == 60.0
+    with pytest.raises(OSError):
+        scrape(scraper.url)  # the exporter stops with the run

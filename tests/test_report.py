@@ -12,6 +12,7 @@ import xml.etree.ElementTree as ET
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 import pytest_asyncio
@@ -84,7 +85,8 @@ async def reported_run(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterato
         {
             "api_key": SANDBOX_TEST_KEY,
             "unknown_ext_id": UnknownExtId.ERROR,
-            "limits": {"setProfileAttributes": RateLimit(6, 0.5)},
+            # Below the job's budget of 40 per 0.5 s: the first batches of these endpoints meet 429s.
+            "limits": {"setProfileAttributes": RateLimit(6, 0.5), "tagUsers": RateLimit(5, 0.5)},
             "faults": FaultSpec(error_503=0.1),
             "seed": 11,
         }
@@ -365,3 +367,17 @@ def test_retried_attempts_are_counted_once_per_kind(reported_run: ReportedRun) -
             key = (a.endpoint, f"HTTP {a.http_status}")
             want[key] = want.get(key, 0) + 1
     assert want and shown == want
+
+
+async def test_an_aborted_run_says_why_and_never_shows_the_key(netmera_sandbox: Any, tmp_path: Path) -> None:
+    bad_key = "wrong-key-never-shown-4242"
+    job = load_job(write_job(tmp_path, netmera_sandbox.url, users=40))
+    outcome = await run_job(job, api_key=bad_key)
+    page = render_html(load_report(outcome.ledger_path, outcome.run_id))
+    root = parse(page)
+    assert field_text(root, "status") == "aborted"
+    assert field_text(root, "exit_status") == "3 ABORTED"
+    assert "403" in field_text(root, "message")
+    assert bad_key not in page
+    fatal = [tr for tr in root.iter(f"{XHTML}tr") if tr.get("data-kind") == "failed batch"]
+    assert any("HTTP 403" in "".join(tr[3].itertext()) for tr in fatal)

@@ -146,10 +146,9 @@ def _runs(args: argparse.Namespace) -> int:
     if not infos:
         print("no runs recorded")
         return int(ExitCode.OK)
-    print(f"{'run':<24}{'job':<16}{'started (UTC)':<21}{'status':<13}{'exit':>5}{'batches':>9}")
-    for r in infos:
-        exit_code = "-" if r.exit_code is None else str(r.exit_code)
-        print(f"{r.run_id:<24}{r.job:<16}{_when(r.started_at):<21}{r.status:<13}{exit_code:>5}{r.batches:>9}")
+    from sync.cli.report_cmd import print_runs  # the rich tables live beside `pushsync report`
+
+    print_runs(infos)
     return int(ExitCode.OK)
 
 
@@ -197,26 +196,9 @@ def _show(args: argparse.Namespace) -> int:
         doc["refused_ids"] = [{"batch_id": b, "ext_id": x, "code": c, "message": m} for b, x, c, m in refused]
         print(json.dumps(doc, indent=2))
         return int(ExitCode.OK)
-    print(f"run {info.run_id} of job {info.job} ({info.platform})")
-    print(
-        f"  started {_when(info.started_at)}, finished {_when(info.finished_at)}: {info.status}, exit {info.exit_code}"
-    )
-    if info.message:
-        print(f"  {info.message}")
-    print("  batches: " + ", ".join(f"{n} {s}" for s, n in sorted(info.batches_by_status.items())))
-    if info.summary:
-        for e in info.summary.get("endpoints", []):
-            ids = e["ids"]
-            print(
-                f"  {e['endpoint']:<24} {e['requests']:>7} requests  ok {ids['ok']}  rejected {ids['rejected']}  "
-                f"failed {ids['failed']}  429s {e['rate_limited']}  retries {e['retries']}"
-            )
-    for batch in unfinished[:20]:
-        print(f"  batch {batch.batch_id} {batch.endpoint}: {batch.status} ({batch.message or 'no answer'})")
-    if refused:
-        print(f"  {len(refused)} IDs refused by the platform:")
-        for batch_id, ext_id, code, message in refused[:20]:
-            print(f"    {ext_id}: code {code}: {message} (batch {batch_id})")
+    from sync.cli.report_cmd import print_show
+
+    print_show(info, unfinished, refused)
     return int(ExitCode.OK)
 
 

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 from conftest_formsonfire import FOF_COMPANY, FOF_KEY, FofFactory, RunningFormsOnFire
+from structlog.testing import capture_logs
 
 from sync.config import Destination, Job, RateBudgetSpec, RetryPolicy, load_job
 from sync.errors import BadJobError, ExitCode, FatalPlatformError, RejectedBatchError, RetryableError
@@ -232,7 +233,9 @@ async def test_example_job_end_to_end_with_faults_and_limits(
     job = example_job(
         running.url, tmp_path / "work", body_format=body_format, response_format=response_format
     )
-    outcome = await run_job(job, api_key=FOF_KEY)
+    with capture_logs() as logs:
+        outcome = await run_job(job, api_key=FOF_KEY)
+    assert logs and FOF_KEY not in repr(logs) and FOF_KEY not in json.dumps(outcome.summary.to_json())
 
     assert outcome.exit_code is ExitCode.PARTIAL  # crm-404 is not a user of the company
     pushes = {p.user: p for p in running.sandbox.state.pushes}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 from collections.abc import AsyncIterator
 from datetime import UTC, date, datetime, timedelta, timezone
 from pathlib import Path
@@ -11,6 +12,9 @@ from typing import Any
 import pytest
 from aiohttp import web
 from conftest_notifyvisitors import NV_API_KEY, NV_TOKEN, NvFactory, RunningNotifyVisitors
+from hypothesis import given
+from hypothesis import strategies as st
+from structlog.testing import capture_logs
 
 from sync.config import Destination, Job, RateBudgetSpec, RetryPolicy, load_job
 from sync.errors import BadJobError, ExitCode, FatalPlatformError, RejectedBatchError, RetryableError
@@ -138,6 +142,25 @@ def test_batch_ids_are_stable_and_split_keeps_a_users_items_together() -> None:
     assert first.batch_id != batch.batch_id
     single = make_batch(USER_CREATE, user_create_body([("x", {"a": 1})]))
     assert split_batch(single) is None
+
+
+@given(users=st.lists(st.sampled_from("abcdefgh"), min_size=1, max_size=60))
+def test_splitting_down_to_single_users_keeps_every_item_in_order(users: list[str]) -> None:
+    items = [event_item(u, "e", {"n": i}) for i, u in enumerate(users)]
+    pending = [make_batch(EVENT_CREATE, {"nv": items})]
+    leaves = []
+    while pending:
+        batch = pending.pop()
+        halves = split_batch(batch)
+        if halves is None:
+            assert len(batch.ext_ids) == 1
+            leaves.append(batch)
+        else:
+            assert set(halves[0].ext_ids).isdisjoint(halves[1].ext_ids)
+            pending.extend(halves)
+    assert sorted(leaf.ext_ids[0] for leaf in leaves) == sorted(set(users))
+    for leaf in leaves:  # each user's events, all of them, in their original order
+        assert leaf.body["nv"] == [item for item in items if item["userID"] == leaf.ext_ids[0]]
 
 
 # --- the connector ------------------------------------------------------------------------------------------
@@ -333,7 +356,10 @@ async def test_example_job_end_to_end_with_faults_and_limits(
     )
     job = example_job(running.url, tmp_path / "work", auth=auth)
     secret = NV_TOKEN if auth == "bearer" else NV_API_KEY
-    outcome = await run_job(job, api_key=secret)
+    with capture_logs() as logs:
+        outcome = await run_job(job, api_key=secret)
+    assert logs and secret not in repr(logs)  # nor in the summary or the ledger (below)
+    assert secret not in json.dumps(outcome.summary.to_json())
 
     assert outcome.exit_code is ExitCode.PARTIAL  # N005 refused by validation, N004 by the platform
     users = running.sandbox.state.users
