@@ -1,9 +1,20 @@
 """The dispatcher: sends a plan's batches through a platform client under per-endpoint budgets.
 
-Shape (arq/AnyIO style): one feeder fills a bounded queue from the plan — so memory stays flat however large
-the input — and a fixed set of workers in an :class:`asyncio.TaskGroup` take batches from it. Phases run in
-order: the feeder waits for every batch of a phase to be *finished* (``queue.join()``) before it feeds the
-first batch of the next (all opt-outs before any change, all changes before any deletion).
+Shape (arq/AnyIO style): a feeder fills a bounded queue from the plan — so memory stays flat however large
+the input — and workers in an :class:`asyncio.TaskGroup` take batches from it. Phases run in order: every
+batch of a phase is *finished* before the first batch of the next is fed (all opt-outs before any change, all
+changes before any deletion).
+
+* A :class:`LaneSource` (a :class:`sync.planning.Plan`) is sent in **lanes**: within a phase every endpoint
+  gets its own bounded queue, fed from its own stream of batches, and its own workers (up to its concurrency
+  cap), so endpoints use their separate rate budgets at the same time and a slow endpoint's batches never
+  occupy the workers of a fast one. A phase ends when every lane has finished; then the next phase's lanes
+  start. A lane's feeder never holds more than ``queue_size`` batches that no worker has taken yet.
+* A plain (async) iterable of batches has one queue and ``concurrency`` workers; its feeder waits for the
+  queue to be finished (``queue.join()``) at each change of phase.
+
+Either way, the global cap (``DispatchSettings.concurrency``) bounds the requests in flight: a slot is taken
+*after* the endpoint's rate budget released the attempt, so tasks waiting for a slow budget hold no slot.
 
 Per batch: ``planned`` is recorded when it is queued, ``sent`` before the first attempt, and the final result
 the moment it is known — synchronously, before the next ``await``, so a cancellation cannot fall between an
@@ -27,10 +38,10 @@ from __future__ import annotations
 import asyncio
 import random
 import time
-from collections.abc import AsyncIterable, Callable, Iterable, Iterator, Sequence
+from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 from sync.budget import Budget, BudgetClosedError, Clock, RateBudget, clock_sleep
 from sync.config import DispatchSettings
@@ -49,7 +60,14 @@ from sync.records import (
     RejectedId,
 )
 
-__all__ = ["DispatchObserver", "DispatchOutcome", "DispatchReport", "Dispatcher", "EndpointStats"]
+__all__ = [
+    "DispatchObserver",
+    "DispatchOutcome",
+    "DispatchReport",
+    "Dispatcher",
+    "EndpointStats",
+    "LaneSource",
+]
 
 _NOT_IDEMPOTENT = frozenset({Operation.FIRE_EVENTS, Operation.PUSH_ATTRIBUTES, Operation.SEND_PUSH})
 """Operations whose ``sent`` record is committed before the request goes out (see sync/resume.py)."""
@@ -114,8 +132,40 @@ class DispatchObserver(Protocol):
     def on_batch_done(self, batch: Batch, result: BatchResult) -> None: ...
 
 
+@runtime_checkable
+class LaneSource(Protocol):
+    """A plan that hands its batches out per endpoint, phase by phase (:meth:`sync.planning.Plan.lanes`).
+
+    ``lanes(phase)`` returns, in a deterministic order, one ``(endpoint, batches)`` pair per endpoint with work
+    in ``phase`` (possibly none); each ``batches`` yields batches of that phase only and is read once.
+    """
+
+    def lanes(self, phase: Phase) -> Sequence[tuple[str, Iterable[Batch] | AsyncIterable[Batch]]]: ...
+
+
 class _Aborted(Exception):
     """Internal: the run was aborted while this batch waited; it is recorded as failed."""
+
+
+class _NotSent(Exception):
+    """Internal: a stop came while this batch waited for its first slot; it is not sent and stays planned."""
+
+
+@dataclass(slots=True, eq=False)
+class _Lane:
+    """One queue with its feeder and workers: an endpoint's lane in a phase, or a whole plain plan."""
+
+    name: str
+    source: Iterable[Batch] | AsyncIterable[Batch]
+    queue: asyncio.Queue[Batch | None]
+    workers: int
+    phase: Phase | None = None
+    """The lane's phase; None for a plain plan (its feeder follows the batches' phases itself)."""
+    limit: int = 0
+    """Lanes only: the most batches pulled from ``source`` that no worker has taken yet."""
+    ahead: int = 0  # batches pulled and not yet taken by a worker
+    room: asyncio.Event = field(default_factory=asyncio.Event)  # set when a worker takes a batch
+    exhausted: bool = False  # the feeder reached the end of ``source``
 
 
 @dataclass(slots=True)
@@ -156,6 +206,11 @@ class Dispatcher:
         self._done = 0
         self._queued = 0
         self._fed_all = False  # the feeder queued the plan's last batch
+        # The global cap on requests in flight, over every endpoint (lanes may have more workers than this).
+        self._in_flight = asyncio.Semaphore(max(1, settings.concurrency))
+        # One synchronous pull from the plan at a time: lanes of one plan share its readers (and a replay's
+        # counters), which are not made for several threads.
+        self._pull_lock = asyncio.Lock()
         self._log = get_logger(run=run_id, platform=client.platform)
 
     # -- public ------------------------------------------------------------------------------------------
@@ -174,18 +229,27 @@ class Dispatcher:
     def endpoint_stats(self) -> dict[str, EndpointStats]:
         return {name: ep.stats for name, ep in self._endpoints.items()}
 
-    async def run(self, batches: Iterable[Batch] | AsyncIterable[Batch]) -> DispatchReport:
-        """Send every batch (phases in order) and return the report; never raises for platform errors."""
+    async def run(self, batches: Iterable[Batch] | AsyncIterable[Batch] | LaneSource) -> DispatchReport:
+        """Send every batch (phases in order) and return the report; never raises for platform errors.
+
+        ``batches``: a :class:`LaneSource` (a plan: sent in per-endpoint lanes) or an iterable of batches in
+        phase order (sent through one queue).
+        """
         clock = self._get_clock()
         started = clock.time()
-        workers_n = max(1, self._settings.concurrency)
-        queue: asyncio.Queue[Batch | None] = asyncio.Queue(maxsize=max(self._settings.queue_size, workers_n))
         try:
-            await self._run_tasks(batches, queue, workers_n)
+            if isinstance(batches, LaneSource):
+                await self._run_phases(batches)
+            else:
+                workers_n = max(1, self._settings.concurrency)
+                queue: asyncio.Queue[Batch | None] = asyncio.Queue(
+                    maxsize=max(self._settings.queue_size, workers_n)
+                )
+                await self._run_lanes([_Lane("plan", batches, queue, workers_n)])
         except* PushSyncError as group:
             # A failure of our own (the ledger cannot be written, a plan out of phase order) ends the run; it
             # surfaces as itself, not wrapped in an ExceptionGroup, so the CLI can map it to an exit code.
-            raise group.exceptions[0] from None
+            raise _first_error(group) from None
         if self._ledger is not None:
             self._ledger.flush()
         finished = (
@@ -213,16 +277,44 @@ class Dispatcher:
             fatal=self._fatal,
         )
 
-    async def _run_tasks(
-        self,
-        batches: Iterable[Batch] | AsyncIterable[Batch],
-        queue: asyncio.Queue[Batch | None],
-        workers_n: int,
-    ) -> None:
+    async def _run_phases(self, source: LaneSource) -> None:
+        """Phase by phase: run every endpoint's lane of the phase to its end, then the next phase's."""
+        complete = True
+        for phase in Phase:
+            pairs = source.lanes(phase)
+            if not pairs:
+                continue
+            if self._stop.is_set():
+                complete = False
+                break
+            lanes = []
+            for name, batches in pairs:
+                workers_n = max(1, min(self._endpoint_cap(name), self._settings.concurrency))
+                limit = max(1, self._settings.queue_size)
+                # Room for the workers' end markers too (the drain puts them without waiting).
+                queue: asyncio.Queue[Batch | None] = asyncio.Queue(maxsize=max(limit, workers_n))
+                lanes.append(_Lane(name, batches, queue, workers_n, phase, limit))
+            self._log.debug("phase.start", phase=phase.name.lower(), lanes=[lane.name for lane in lanes])
+            await self._run_lanes(lanes)
+            complete = complete and all(lane.exhausted for lane in lanes)
+        self._fed_all = complete
+
+    async def _run_lanes(self, lanes: Sequence[_Lane]) -> None:
+        """Run the lanes' feeders and workers until every worker has finished, or drain them on a stop."""
         flusher: asyncio.Task[None] | None = None
         async with asyncio.TaskGroup() as tg:
-            feeder = tg.create_task(self._feed(batches, queue, workers_n), name="feeder")
-            workers = [tg.create_task(self._worker(queue), name=f"worker-{i}") for i in range(workers_n)]
+            feeders = [
+                tg.create_task(
+                    self._feed(lane) if lane.phase is None else self._feed_lane(lane),
+                    name=f"feeder-{lane.name}",
+                )
+                for lane in lanes
+            ]
+            workers = [
+                tg.create_task(self._worker(lane), name=f"worker-{lane.name}-{i}")
+                for lane in lanes
+                for i in range(lane.workers)
+            ]
             stop_wait = tg.create_task(self._stop.wait(), name="stop-wait")
             if self._ledger is not None:
                 flusher = tg.create_task(self._flush_ledger(), name="ledger-flush")
@@ -232,19 +324,16 @@ class Dispatcher:
                     break
                 await asyncio.wait([stop_wait, *running], return_when=asyncio.FIRST_COMPLETED)
             if self._stop.is_set():
-                await self._drain(feeder, workers, queue)
+                await self._drain(feeders, workers, lanes)
             stop_wait.cancel()
             if flusher is not None:
                 flusher.cancel()
 
     # -- feeding and draining ----------------------------------------------------------------------------
 
-    async def _feed(
-        self,
-        batches: Iterable[Batch] | AsyncIterable[Batch],
-        queue: asyncio.Queue[Batch | None],
-        workers: int,
-    ) -> None:
+    async def _feed(self, lane: _Lane) -> None:
+        """Feed a plain plan: one queue for every endpoint; wait for it to be finished at each new phase."""
+        queue, workers, batches = lane.queue, lane.workers, lane.source
         phase: Phase | None = None
         async for batch in _aiter(batches):
             if self._stop.is_set():
@@ -263,22 +352,59 @@ class Dispatcher:
             self._queued += 1
             await queue.put(batch)
         self._fed_all = True
+        lane.exhausted = True
         for _ in range(workers):
             await queue.put(None)
 
+    async def _feed_lane(self, lane: _Lane) -> None:
+        """Feed one endpoint's lane, never holding more than ``lane.limit`` batches no worker has taken."""
+        pull = _Pull(lane.source, self._pull_lock)
+        # Refill in chunks once a good part of the room is free: one thread hop per chunk, not per batch.
+        refill = max(1, min(_FEED_CHUNK, lane.limit // 2))
+        while True:
+            while lane.limit - lane.ahead < refill:
+                lane.room.clear()
+                await lane.room.wait()
+            if self._stop.is_set():
+                return
+            want = min(_FEED_CHUNK, lane.limit - lane.ahead)
+            chunk = await pull.take(want)
+            if self._stop.is_set():
+                return
+            for batch in chunk:
+                if batch.phase is not lane.phase:
+                    assert lane.phase is not None
+                    raise StateError(
+                        f"lane {lane.name} of phase {lane.phase.name} yielded batch {batch.batch_id} of phase "
+                        f"{batch.phase.name}"
+                    )
+                if self._ledger is not None:
+                    self._ledger.record_planned(self._run_id, batch)
+                self._queued += 1
+                lane.ahead += 1
+                lane.queue.put_nowait(batch)  # never full: it holds at most ``limit`` batches
+            if len(chunk) < want:
+                break
+        lane.exhausted = True
+        for _ in range(lane.workers):
+            await lane.queue.put(None)
+
     async def _drain(
         self,
-        feeder: asyncio.Task[None],
+        feeders: list[asyncio.Task[None]],
         workers: list[asyncio.Task[None]],
-        queue: asyncio.Queue[Batch | None],
+        lanes: Sequence[_Lane],
     ) -> None:
         """Stop feeding, release idle workers, give busy ones ``drain_timeout`` seconds, cancel the rest."""
-        feeder.cancel()
-        while not queue.empty():
-            queue.get_nowait()
-            queue.task_done()
-        for _ in workers:
-            queue.put_nowait(None)
+        for feeder in feeders:
+            feeder.cancel()
+        for lane in lanes:
+            queue = lane.queue
+            while not queue.empty():
+                queue.get_nowait()
+                queue.task_done()
+            for _ in range(lane.workers):
+                queue.put_nowait(None)
         running = [w for w in workers if not w.done()]
         if running:
             # Wait for the busy workers, but no longer than the drain time-out, nor past force_stop().
@@ -307,20 +433,27 @@ class Dispatcher:
 
     # -- one batch ---------------------------------------------------------------------------------------
 
-    async def _worker(self, queue: asyncio.Queue[Batch | None]) -> None:
+    async def _worker(self, lane: _Lane) -> None:
+        queue = lane.queue
         while True:
             batch = await queue.get()
             try:
                 if batch is None or self._stop.is_set():
                     return
+                if lane.limit:
+                    lane.ahead -= 1
+                    lane.room.set()
                 await self._process(batch)
             finally:
                 queue.task_done()
 
+    def _endpoint_cap(self, name: str) -> int:
+        return self._settings.per_endpoint_concurrency.get(name, self._settings.concurrency)
+
     def _endpoint(self, name: str) -> _Endpoint:
         ep = self._endpoints.get(name)
         if ep is None:
-            cap = self._settings.per_endpoint_concurrency.get(name, self._settings.concurrency)
+            cap = self._endpoint_cap(name)
             ep = _Endpoint(self._budget_factory(name), asyncio.Semaphore(max(1, cap)), EndpointStats(name))
             self._endpoints[name] = ep
         return ep
@@ -385,6 +518,12 @@ class Dispatcher:
                 failed_ids += len(part.ext_ids) + sum(len(p.ext_ids) for p in pending)
                 pending.clear()
                 last_message = "not sent: the run was aborted"
+            except _NotSent:
+                stats.batches -= (
+                    1  # never sent: it stays planned, counted as unfinished, like a batch not taken
+                )
+                self._log.debug("batch.not_sent", endpoint=batch.endpoint, batch=batch.batch_id)
+                return
         if failed_ids:
             status_ = BatchStatus.FAILED
         elif rejected:
@@ -450,65 +589,79 @@ class Dispatcher:
                     if attempt == 0:
                         raise _Aborted from None
                     raise _AttemptsError(attempt, self._fatal or FatalPlatformError("run aborted")) from None
-                if first and attempt == 0 and self._ledger is not None:
-                    self._ledger.record_sent(self._run_id, part.batch_id)
-                    if part.operation in _NOT_IDEMPOTENT:
-                        # Durable before the request leaves: a resume must know this batch may have been
-                        # applied, or it would send the events (or pushed values) a second time.
-                        self._ledger.flush()
-                attempt += 1
-                stats.requests += 1
-                now = clock.time()
-                if stats.first_request is None:
-                    stats.first_request = now
-                stats.last_request = now
-                if isinstance(ep.budget, RateBudget) and ep.budget.ceiling is not None:
-                    window = ep.budget.window_of(now)
-                    stats.per_window[window] = stats.per_window.get(window, 0) + 1
-                sent_at = time.time()
+                # The global slot is taken only once the budget released this attempt: a task waiting for a
+                # slow endpoint's budget must not hold a slot that a fast endpoint could use.
+                await self._in_flight.acquire()
                 try:
-                    # The client has its own per-request time-out; this outer one is a guard against a client
-                    # that forgets it.
-                    async with asyncio.timeout(self._settings.request_timeout * 2 + 1):
-                        outcome = await self._client.send(part)
-                except TimeoutError as exc:
-                    error: RetryableError | RejectedBatchError | FatalPlatformError = RetryableError(
-                        f"no answer within {self._settings.request_timeout * 2 + 1:.0f} s"
-                    )
-                    error.__cause__ = exc
-                except (RetryableError, RejectedBatchError, FatalPlatformError) as exc:
-                    error = exc
-                else:
-                    self._sample_latency(stats, outcome.latency)
+                    if self._fatal is not None:  # the run aborted while this attempt waited for a slot
+                        if attempt == 0:
+                            raise _Aborted
+                        raise _AttemptsError(attempt, self._fatal)
+                    if first and attempt == 0 and self._stop.is_set():
+                        # Stopping: only requests already out (and their retries) finish. With lanes, more
+                        # batches wait for a slot than requests may be in flight; none of them starts now.
+                        raise _NotSent
+                    if first and attempt == 0 and self._ledger is not None:
+                        self._ledger.record_sent(self._run_id, part.batch_id)
+                        if part.operation in _NOT_IDEMPOTENT:
+                            # Durable before the request leaves: a resume must know this batch may have been
+                            # applied, or it would send the events (or pushed values) a second time.
+                            self._ledger.flush()
+                    attempt += 1
+                    stats.requests += 1
+                    now = clock.time()
+                    if stats.first_request is None:
+                        stats.first_request = now
+                    stats.last_request = now
+                    if isinstance(ep.budget, RateBudget) and ep.budget.ceiling is not None:
+                        window = ep.budget.window_of(now)
+                        stats.per_window[window] = stats.per_window.get(window, 0) + 1
+                    sent_at = time.time()
+                    try:
+                        # The client has its own per-request time-out; this outer one is a guard against a client
+                        # that forgets it.
+                        async with asyncio.timeout(self._settings.request_timeout * 2 + 1):
+                            outcome = await self._client.send(part)
+                    except TimeoutError as exc:
+                        error: RetryableError | RejectedBatchError | FatalPlatformError = RetryableError(
+                            f"no answer within {self._settings.request_timeout * 2 + 1:.0f} s"
+                        )
+                        error.__cause__ = exc
+                    except (RetryableError, RejectedBatchError, FatalPlatformError) as exc:
+                        error = exc
+                    else:
+                        self._sample_latency(stats, outcome.latency)
+                        self._attempt_done(
+                            Attempt(
+                                part.batch_id,
+                                part.endpoint,
+                                attempt,
+                                len(part.ext_ids),
+                                outcome.latency,
+                                AttemptOutcome.OK,
+                                outcome.http_status,
+                            ),
+                            sent_at,
+                        )
+                        ep.budget.on_success(outcome.remaining)
+                        return attempt, outcome.http_status
+                    latency = clock.time() - now
+                    self._sample_latency(stats, latency)
                     self._attempt_done(
                         Attempt(
                             part.batch_id,
                             part.endpoint,
                             attempt,
                             len(part.ext_ids),
-                            outcome.latency,
-                            AttemptOutcome.OK,
-                            outcome.http_status,
+                            latency,
+                            _outcome_of(error),
+                            error.status,
+                            error.message,
                         ),
                         sent_at,
                     )
-                    ep.budget.on_success(outcome.remaining)
-                    return attempt, outcome.http_status
-                latency = clock.time() - now
-                self._sample_latency(stats, latency)
-                self._attempt_done(
-                    Attempt(
-                        part.batch_id,
-                        part.endpoint,
-                        attempt,
-                        len(part.ext_ids),
-                        latency,
-                        _outcome_of(error),
-                        error.status,
-                        error.message,
-                    ),
-                    sent_at,
-                )
+                finally:
+                    self._in_flight.release()
             if isinstance(error, RetryableError):
                 if error.rate_limited:
                     stats.rate_limited += 1
@@ -586,3 +739,39 @@ def _take(iterator: Iterator[Batch], n: int) -> list[Batch]:
         if len(out) >= n:
             break
     return out
+
+
+class _Pull:
+    """Takes batches from one lane's iterable, a few at a time: a synchronous one in a worker thread (as
+    :func:`_aiter` does), one pull at a time across the lanes (``lock``)."""
+
+    __slots__ = ("_async", "_lock", "_sync")
+
+    def __init__(self, batches: Iterable[Batch] | AsyncIterable[Batch], lock: asyncio.Lock) -> None:
+        self._async: AsyncIterator[Batch] | None = (
+            aiter(batches) if isinstance(batches, AsyncIterable) else None
+        )
+        self._sync: Iterator[Batch] | None = iter(batches) if not isinstance(batches, AsyncIterable) else None
+        self._lock = lock
+
+    async def take(self, n: int) -> list[Batch]:
+        """Up to ``n`` batches; fewer only at the end."""
+        if self._async is not None:
+            out: list[Batch] = []
+            while len(out) < n:
+                try:
+                    out.append(await anext(self._async))
+                except StopAsyncIteration:
+                    break
+            return out
+        assert self._sync is not None
+        async with self._lock:
+            return await asyncio.to_thread(_take, self._sync, n)
+
+
+def _first_error(group: BaseExceptionGroup[PushSyncError]) -> PushSyncError:
+    """The first of our own errors in a (possibly nested) exception group."""
+    first = group.exceptions[0]
+    while isinstance(first, BaseExceptionGroup):
+        first = first.exceptions[0]
+    return first

@@ -2,7 +2,8 @@
 
 One :class:`RunMetrics` per run, with its *own* :class:`prometheus_client.CollectorRegistry` (never the global
 default one: two runs in one process — or two tests — must not share counters). The dispatcher reports to it
-through the small :class:`AttemptObserver` protocol, so nothing in the dispatcher knows about Prometheus.
+through :class:`sync.dispatch.DispatchObserver` (batch taken, attempt ended, batch done), so nothing in the
+dispatcher knows about Prometheus.
 
 Series (all prefixed ``pushsync_``; documented for operators in docs/operations.md):
 
@@ -36,7 +37,6 @@ from collections import deque
 from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
 from wsgiref.simple_server import WSGIServer
 
 from prometheus_client import (
@@ -54,7 +54,6 @@ from sync.records import Attempt, AttemptOutcome, Batch, BatchResult, BatchStatu
 __all__ = [
     "LATENCY_BUCKETS",
     "SERIES",
-    "AttemptObserver",
     "MetricsServer",
     "RunMetrics",
 ]
@@ -77,22 +76,6 @@ SERIES: tuple[str, ...] = (
     "pushsync_last_update_time_seconds",
 )
 """Every metric family a run exposes (the docs' table and the tests use this list)."""
-
-
-class AttemptObserver(Protocol):
-    """What the dispatcher tells about each batch and each HTTP attempt (:class:`RunMetrics` implements it)."""
-
-    def on_batch_start(self, batch: Batch) -> None:
-        """A worker took ``batch`` (it is in flight until :meth:`on_batch_done`)."""
-        ...
-
-    def on_attempt(self, attempt: Attempt) -> None:
-        """One HTTP attempt ended (success or not)."""
-        ...
-
-    def on_batch_done(self, batch: Batch, result: BatchResult) -> None:
-        """``batch`` finished with ``result`` (recorded in the ledger just before)."""
-        ...
 
 
 class _Window:
@@ -149,7 +132,7 @@ class MetricsServer:
 
 
 class RunMetrics:
-    """The metrics of one run, in a registry of their own. Implements :class:`AttemptObserver`."""
+    """The metrics of one run, in a registry of their own. Implements :class:`sync.dispatch.DispatchObserver`."""
 
     def __init__(
         self,

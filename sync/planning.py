@@ -218,6 +218,25 @@ class Plan:
                 stream, staged.frames(stream.columns), self.job.batch_size_for(stream.endpoint), staged.files
             )
 
+    def lanes(self, phase: Phase) -> list[tuple[str, Iterator[Batch]]]:
+        """The batches of ``phase`` per endpoint, for the dispatcher's lanes (:class:`sync.dispatch.LaneSource`).
+
+        One ``(endpoint, batches)`` pair per endpoint with a stream in ``phase``, endpoints in the order they
+        first appear in :meth:`batches`; an endpoint's streams (e.g. ``tagUsers`` of several sources) are chained
+        in that order too, so each lane yields exactly the batches :meth:`batches` yields for its endpoint in
+        that phase, in the same order. The iterators are lazy (nothing is read until they are advanced).
+        """
+        by_endpoint: dict[str, list[tuple[StagedSource, netmera.Stream]]] = {}
+        for staged, stream in self._streams(phase):
+            by_endpoint.setdefault(stream.endpoint, []).append((staged, stream))
+        return [(endpoint, self._lane_batches(streams)) for endpoint, streams in by_endpoint.items()]
+
+    def _lane_batches(self, streams: list[tuple[StagedSource, netmera.Stream]]) -> Iterator[Batch]:
+        for staged, stream in streams:
+            yield from self._builder.stream_batches(
+                stream, staged.frames(stream.columns), self.job.batch_size_for(stream.endpoint), staged.files
+            )
+
     def rejected_rows(self) -> Iterator[RejectedRow]:
         """The rows validation refused, as written to :attr:`rejects_path`."""
         with self.rejects_path.open(newline="", encoding="utf-8") as fh:

@@ -309,7 +309,7 @@ def _load(conn: sqlite3.Connection, run_id: str, path: Path) -> RunReport:
         finished_at=finished_at,
         status=status,
         exit_code=exit_code,
-        message=_clip(message) if message else None,
+        message=_error_text(message) if message else None,
         endpoints=tuple(endpoints),
         rows_rejected=rows_rejected,
         ids_refused=ids_refused,
@@ -401,7 +401,7 @@ def _budgets(summary_json: str | None) -> tuple[dict[str, float | None], float]:
 _BUDGET = re.compile(r"\d+/([0-9.]+)s")
 # What the client puts before a platform's answer ("POST http://host/rest/3.0/tagUsers endpoint=tagUsers
 # batch=ab12…: HTTP 503 …"): dropped so that one kind of error is counted once, not once per batch.
-_REQUEST_PREFIX = re.compile(r"^[A-Z]+ \S+(?: endpoint=\S+)?(?: batch=\S+)?: ")
+_REQUEST_PREFIX = re.compile(r"\b(?:GET|POST|PUT|PATCH|DELETE) \S+(?: endpoint=\S+)?(?: batch=\S+)?: ")
 
 
 def _status_text(http_status: int | None) -> str:

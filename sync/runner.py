@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Literal
 
 from sync.budget import Budget
 from sync.config import Job
-from sync.dispatch import Dispatcher, DispatchObserver, DispatchOutcome
+from sync.dispatch import Dispatcher, DispatchObserver, DispatchOutcome, LaneSource
 from sync.errors import BadJobError, ExitCode, JobProblem
 from sync.ledger import Ledger, new_run_id
 from sync.logs import get_logger
@@ -96,7 +96,7 @@ async def run_job(
     observers: Sequence[DispatchObserver] = (),
     client: PlatformClient | None = None,
     budget_factory: Callable[[str], Budget] | None = None,
-    batches: Callable[[Plan], Iterable[Batch] | AsyncIterable[Batch]] | None = None,
+    batches: Callable[[Plan], Iterable[Batch] | AsyncIterable[Batch] | LaneSource] | None = None,
     metrics_port: int | None = None,
     metrics_textfile: Path | None = None,
     plan: Plan | None = None,
@@ -112,6 +112,8 @@ async def run_job(
     record the run under (default: a new one) — for callers that name the run before it starts.
     ``expected``: ``(requests, IDs)`` that ``batches`` will send, for the progress totals, when it sends
     something other than the plan (a snapshot diff); default: the plan's summary.
+    ``batches`` may return batches in phase order (one queue) or a :class:`sync.dispatch.LaneSource`
+    (per-endpoint lanes, as the plan itself is sent).
     ``handle_signals`` installs SIGINT/SIGTERM handlers: the first sets ``stop`` (drain, then summary), a
     second cancels what is still in flight.
     Raises :class:`sync.errors.BadInputError`/:class:`BadJobError` before anything is sent when the input or
@@ -182,7 +184,8 @@ async def run_job(
                     if metrics is not None
                     else contextlib.nullcontext()
                 ):
-                    report = await dispatcher.run(batches(plan) if batches is not None else plan.batches())
+                    # The plan itself is a lane source: each endpoint of a phase gets its own queue and workers.
+                    report = await dispatcher.run(batches(plan) if batches is not None else plan)
             finally:
                 if bar is not None:
                     bar.close()

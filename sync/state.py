@@ -29,6 +29,7 @@ from __future__ import annotations
 import dataclasses
 import fcntl
 import hashlib
+import io
 import json
 import os
 import shutil
@@ -438,6 +439,14 @@ _DELTA_EXTRA: dict[str, Any] = {
 }
 
 
+def _conform_delta(source: Source, delta: pl.DataFrame) -> pl.DataFrame:
+    """A pending delta read back for the job as it is now: a column the job maps since the delta was written
+    reads as "no change" (the job's mapping may change between a crash and its recovery)."""
+    wanted = {**clean_schema(source), **_DELTA_EXTRA}
+    missing = [pl.lit(None, dtype).alias(name) for name, dtype in wanted.items() if name not in delta.columns]
+    return delta.with_columns(missing) if missing else delta
+
+
 # --- the merge of confirmed changes (pure, one key range) ----------------------------------------------------------
 
 
@@ -629,7 +638,7 @@ class StateStore:
         tmp = path.with_suffix(".parquet.tmp")
         arrow_schema = pl.DataFrame(schema=schema).to_arrow().schema
         rows = 0
-        with pq.ParquetWriter(tmp, arrow_schema, compression="zstd") as writer:
+        with pq.ParquetWriter(tmp, arrow_schema, compression="zstd", use_dictionary=False) as writer:
             for frame in frames:
                 if frame.height:
                     table = _conform(frame, schema).to_arrow().cast(arrow_schema)
@@ -707,7 +716,7 @@ class SourceDelta:
             yield pl.read_parquet(self.parts[r])
 
 
-@dataclass(slots=True)
+@dataclass(frozen=True, slots=True)
 class SnapshotDiff:
     """The pending changes of one run. :meth:`batches` makes the requests; :func:`commit` merges what was
     confirmed. Lives in ``<state>/pending/<run_id>/`` until committed."""
@@ -858,28 +867,26 @@ def compute_diff(
 # --- commit: from the ledger's confirmed batches to the state --------------------------------------------------------
 
 
-def _batch_map(directory: Path, source: str) -> pl.DataFrame:
+_MAP_SCHEMA: dict[str, Any] = {
+    "s": pl.String,
+    "b": pl.String,
+    "o": pl.String,
+    "p": pl.Int64,
+    "g": pl.String,
+    "f": pl.String,
+    "l": pl.String,
+}
+
+
+def _batch_map(directory: Path) -> pl.DataFrame:
+    """The run's batch map, read columnar (a first full load may have made hundreds of thousands of batches)."""
     path = directory / "batches.jsonl"
-    rows: list[dict[str, Any]] = []
-    if path.is_file():
-        with path.open(encoding="utf-8") as fh:
-            for line in fh:
-                try:
-                    entry = json.loads(line)
-                except ValueError:
-                    break  # a line cut short by a crash: that batch was never handed to the dispatcher
-                if entry["s"] == source:
-                    rows.append(entry)
-    schema = {
-        "s": pl.String,
-        "b": pl.String,
-        "o": pl.String,
-        "p": pl.Int64,
-        "g": pl.String,
-        "f": pl.String,
-        "l": pl.String,
-    }
-    return pl.DataFrame(rows, schema=schema)
+    data = path.read_bytes() if path.is_file() else b""
+    # A line cut short by a crash never reached the dispatcher: drop it.
+    data = data[: data.rfind(b"\n") + 1]
+    if not data:
+        return pl.DataFrame(schema=_MAP_SCHEMA)
+    return pl.read_ndjson(io.BytesIO(data), schema=_MAP_SCHEMA)
 
 
 def _with_seqs(batches: pl.DataFrame, parts: Iterable[pl.DataFrame]) -> pl.DataFrame:
@@ -972,7 +979,12 @@ def commit(
     meta = json.loads((directory / "meta.json").read_text(encoding="utf-8"))
     run_id = meta["run_id"]
     ledger.flush()  # results still queued in this process count too
-    statuses = {b.batch_id: str(b.status) for b in ledger.batches(run_id)}
+    recorded = ledger.batches(run_id)
+    statuses = pl.DataFrame(
+        {"b": [r.batch_id for r in recorded], "status": [str(r.status) for r in recorded]},
+        schema={"b": pl.String, "status": pl.String},
+    ).unique("b")
+    all_batches = _batch_map(directory)
     refused_rows = ledger.refused_ids(run_id)
     refused = pl.DataFrame(
         {"batch_id": [r[0] for r in refused_rows], "ext_id": [r[1] for r in refused_rows]},
@@ -988,11 +1000,10 @@ def commit(
             continue  # the source left the job: its state is no longer managed
         bits = int(info["bits"])
         parts = {int(r): directory / name / p for r, p in info["parts"].items()}
-        batches = _batch_map(directory, name)
-        batches = batches.with_columns(
-            pl.col("b")
-            .replace_strict(statuses, default=BatchStatus.PLANNED.value, return_dtype=pl.String)
-            .alias("status")
+        batches = (
+            all_batches.filter(pl.col("s") == name)
+            .join(statuses, on="b", how="left")
+            .with_columns(pl.col("status").fill_null(BatchStatus.PLANNED.value))
         )
         good = batches.filter(pl.col("status").is_in([BatchStatus.OK.value, BatchStatus.REJECTED.value]))
         confirmed_total += good.height
@@ -1027,7 +1038,7 @@ def _merged_ranges(
         if r not in parts:
             yield state
             continue
-        delta = pl.read_parquet(parts[r])
+        delta = _conform_delta(source, pl.read_parquet(parts[r]))
         conf = _confirmations(source, delta, batches, refused)
         counter[0] += conf.select(pl.col(EXT_ID).n_unique()).item()
         yield apply_confirmed(source, state, delta, conf, settings)

@@ -311,6 +311,8 @@ def test_a_crashed_run_is_recovered_from_its_pending_delta(tmp_path: Path) -> No
                 ledger.record_sent("r1", batch.batch_id)
     store = StateStore(job.workdir, job.destination)
     assert store.pending() == [d.directory]
+    with (d.directory / "batches.jsonl").open("a", encoding="utf-8") as fh:
+        fh.write('{"s": "users", "b": "abc')  # the process died in the middle of a line
     with Ledger.open(job.workdir / "ledger.sqlite") as ledger:
         reports = recover(store, job.sources, ledger)
     assert [r.batches_confirmed for r in reports] == [2]
@@ -402,3 +404,23 @@ def test_preview_shows_the_diff_and_writes_nothing(tmp_path: Path) -> None:
     assert [(e.endpoint, e.requests, e.ids) for e in summary.endpoints] == [("setProfileAttributes", 1, 1)]
     assert summary.samples == {"setProfileAttributes": [{"extId": "u1", "profile": {"score": 11}}]}
     assert store.pending() == [] and store.read(job.sources[0]).equals(state_before)
+
+
+def test_recovery_survives_a_job_mapping_changed_since_the_crash(tmp_path: Path) -> None:
+    job = write_input(tmp_path, BASE)
+    d = diff(job, "r1")
+    send(job, d)  # everything confirmed, but the run "died" before its commit
+    changed = JOB.replace("      name: string\n", "      name: string\n      nick: string\n")
+    (tmp_path / "job.yaml").write_text(changed, encoding="utf-8")
+    (tmp_path / "users.csv").write_text(
+        "\n".join([HEADER + ",nick", *(r + ",n" for r in BASE)]) + "\n", encoding="utf-8"
+    )
+    job2 = load_job(tmp_path / "job.yaml")
+    store = StateStore(job2.workdir, job2.destination)
+    with Ledger.open(job2.workdir / "ledger.sqlite") as ledger:
+        recover(store, job2.sources, ledger)
+    rows = state_rows(job2)
+    assert rows["u1"]["attr:name"] == "Ada" and rows["u1"]["attr:nick"] is None
+    assert bodies(diff(job2, "r2")) == {
+        "setProfileAttributes": [[{"extId": x, "profile": {"nick": "n"}} for x in ("u1", "u3", "u2")]]
+    }

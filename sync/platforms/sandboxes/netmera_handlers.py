@@ -7,6 +7,7 @@ read handlers take the request and return the JSON-ready answer. Every refusal i
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable
 from typing import Any
 from urllib.parse import quote
@@ -157,7 +158,7 @@ class NetmeraHandlers:
             record = self.state.user(item["extId"])
             if record.categories is None:
                 record.categories = {}
-            record.categories[item["category"]] = item["enable"]
+            record.categories[sys.intern(item["category"])] = item["enable"]  # one copy per category name
         self._applied("setCategoryPreferences", len(items))
 
     def _get_category_preferences(self, request: web.Request) -> dict[str, Any]:
@@ -196,20 +197,14 @@ class NetmeraHandlers:
         items = self._profiles(body, "object")
         self._known([item["extId"] for item in items])
         for item in items:
-            record = self.state.user(item["extId"])
-            if record.profile is None:
-                record.profile = {}
-            record.profile.update(item["profile"])
+            self.state.user(item["extId"]).update_profile(item["profile"])
         self._applied("setProfileAttributes", len(items))
 
     def _unset_profile(self, body: Any) -> None:
         items = self._profiles(body, "keys")
         self._known([item["extId"] for item in items])
         for item in items:
-            record = self.state.user(item["extId"])
-            for key in item["profile"]:
-                if record.profile:
-                    record.profile.pop(key, None)
+            self.state.user(item["extId"]).unset_profile(item["profile"])
         self._applied("unsetProfileAttributes", len(items))
 
     def _array_op(self, body: Any, operation: str, push: bool) -> None:
@@ -225,15 +220,7 @@ class NetmeraHandlers:
                         400, self._check.type_code, f"[{i}].profile.{key}: attribute is not an array"
                     )
         for item in items:
-            record = self.state.user(item["extId"])
-            if record.profile is None:
-                record.profile = {}
-            for key, values in item["profile"].items():
-                current = record.profile.get(key)
-                if push:
-                    record.profile[key] = [*(current or ()), *values]
-                elif current is not None:
-                    record.profile[key] = [v for v in current if v not in values]
+            self.state.user(item["extId"]).change_profile_arrays(item["profile"], push=push)
         self._applied(operation, len(items))
 
     def _push_profile(self, body: Any) -> None:
@@ -253,13 +240,7 @@ class NetmeraHandlers:
             if type(profile) is not list or not all(type(k) is str for k in profile):
                 raise check.wrong(f"[{i}].profile", "an array of attribute names")
             names.update(profile)
-        touched = 0
-        for record in self.state.users.values():
-            if record is not None and record.profile:
-                for name in names:
-                    if record.profile.pop(name, None) is not None:
-                        touched += 1
-        self._applied("deleteProfileAttributes", touched)
+        self._applied("deleteProfileAttributes", self.state.delete_profile_attributes(names))
 
     def _delete_profile_attribute_value(self, body: Any) -> None:
         check = self._check
@@ -271,19 +252,8 @@ class NetmeraHandlers:
             if obj.get("value") is None:
                 raise missing(f"[{i}].value")
             pairs.append((key, obj["value"]))
-        touched = 0
-        for record in self.state.users.values():
-            if record is None or not record.profile:
-                continue
-            for key, value in pairs:
-                current = record.profile.get(key)
-                if type(current) is list and value in current:
-                    record.profile[key] = [v for v in current if v != value]
-                    touched += 1
-                elif current == value:  # [I] a scalar attribute holding the value loses the attribute
-                    del record.profile[key]
-                    touched += 1
-        self._applied("deleteProfileAttributeValue", touched)
+        # [I] a scalar attribute holding the value loses the attribute (see User.delete_profile_value)
+        self._applied("deleteProfileAttributeValue", self.state.delete_profile_value(pairs))
 
     def _get_profile(self, request: web.Request) -> dict[str, Any]:
         ext_id = request.query.get("extId")
@@ -291,7 +261,7 @@ class NetmeraHandlers:
             raise missing("extId")
         self._existing(ext_id)
         record = self.state.users.get(ext_id)
-        return {"extId": ext_id, "profile": dict(record.profile or {}) if record is not None else {}}
+        return {"extId": ext_id, "profile": (record.profile_dict() or {}) if record is not None else {}}
 
     # -- devices and segments ----------------------------------------------------------------------------
 

@@ -9,6 +9,18 @@ Built for volume (10M users in a few GB, tagUsers on 1000 IDs in well under a mi
 * tags are ``tag → set of extIds``; the tags of one user are looked up on demand.
 * devices are also indexed by token (``getDeviceTokens`` pages over them in insertion order).
 
+Per-user records are small because most fields are absent (measured by ``bench/bench_sandbox.py``):
+
+* a :class:`User` has three slots: its devices (``None``, the one :class:`Device` itself, or a tuple — no list
+  per user), its profile packed as ``(shape, *values)`` where ``shape`` is the tuple of attribute names shared by
+  every profile with the same names, and an :class:`_Extra` part for categories, e-mail, MSISDN and opt-ins,
+  created only when one of those is set;
+* a :class:`Device` keeps platform, model and ``pushPermitted`` as one shared, interned tuple.
+
+The record attributes read as before (``user.email``, ``user.devices``, ``device.platform`` …); ``user.profile``
+is a read-only view built on each read: change a profile by assigning a mapping to it or through the ``User``
+methods the handlers use.
+
 The JSON dump has the same shape the seed loader reads, so a dump can seed another sandbox.
 """
 
@@ -20,17 +32,60 @@ import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from types import MappingProxyType
+from typing import Any, Generic, TypeVar
 
 __all__ = ["Device", "Event", "NetmeraState", "Notification", "Segment", "User"]
 
 PLATFORMS = ("IOS", "ANDROID")
 
+T = TypeVar("T")
+
+_MAX_SHARED = 65_536
+"""Bound of each cache of shared tuples below: past it, new shapes and kinds are simply not shared (still correct)."""
+
+DeviceKind = tuple[str, str | None, bool]
+_KINDS: dict[DeviceKind, DeviceKind] = {}  # (platform, model, pushPermitted) → the one shared tuple
+_SHAPES: dict[tuple[str, ...], tuple[str, ...]] = {}  # profile attribute names → the one shared tuple
+_EMPTY_PROFILE: tuple[Any, ...] = ((),)  # a profile that was set and is now empty (dumped as {}, unlike None)
+
+
+def _intern(value: Any) -> Any:
+    return sys.intern(value) if type(value) is str else value
+
+
+def _device_kind(platform: str, device_model: str | None, push_permitted: bool) -> DeviceKind:
+    key = (platform, device_model, bool(push_permitted))
+    kind = _KINDS.get(key)
+    if kind is None:
+        kind = (_intern(platform), _intern(device_model), key[2])
+        if len(_KINDS) < _MAX_SHARED:
+            _KINDS[kind] = kind
+    return kind
+
+
+def _pack(profile: Mapping[str, Any]) -> tuple[Any, ...]:
+    """``(shape, *values)``: a tuple of 2 values costs 80 bytes where a 2-key dict costs 200."""
+    if not profile:
+        return _EMPTY_PROFILE
+    names = tuple(profile)
+    shape = _SHAPES.get(names)
+    if shape is None:
+        shape = tuple(_intern(name) for name in names)
+        if len(_SHAPES) < _MAX_SHARED:
+            _SHAPES[shape] = shape
+    return (shape, *profile.values())
+
+
+def _unpack(packed: tuple[Any, ...] | None) -> dict[str, Any]:
+    return {} if packed is None else dict(zip(packed[0], packed[1:], strict=True))
+
 
 class Device:
-    """One device of a user."""
+    """One device of a user. Platform, model and ``push_permitted`` live in one shared tuple (16 bytes less per
+    device than three slots); they read and write as attributes."""
 
-    __slots__ = ("device_model", "ext_id", "platform", "push_permitted", "token")
+    __slots__ = ("_kind", "ext_id", "token")
 
     def __init__(
         self,
@@ -41,34 +96,196 @@ class Device:
         push_permitted: bool = True,
     ) -> None:
         self.ext_id = ext_id
-        self.platform = platform
         self.token = token
-        self.device_model = device_model
-        self.push_permitted = push_permitted
+        self._kind: DeviceKind = _device_kind(platform, device_model, push_permitted)
+
+    @property
+    def platform(self) -> str:
+        return self._kind[0]
+
+    @platform.setter
+    def platform(self, value: str) -> None:
+        self._kind = _device_kind(value, self._kind[1], self._kind[2])
+
+    @property
+    def device_model(self) -> str | None:
+        return self._kind[1]
+
+    @device_model.setter
+    def device_model(self, value: str | None) -> None:
+        self._kind = _device_kind(self._kind[0], value, self._kind[2])
+
+    @property
+    def push_permitted(self) -> bool:
+        return self._kind[2]
+
+    @push_permitted.setter
+    def push_permitted(self, value: bool) -> None:
+        self._kind = _device_kind(self._kind[0], self._kind[1], value)
 
     def to_api(self) -> dict[str, Any]:
         """The documented item shape of getDevices / getDeviceTokens."""
-        return {
-            "platform": self.platform,
-            "token": self.token,
-            "deviceModel": self.device_model,
-            "pushPermitted": self.push_permitted,
-        }
+        platform, model, permitted = self._kind
+        return {"platform": platform, "token": self.token, "deviceModel": model, "pushPermitted": permitted}
 
 
-class User:
-    """Everything but tags about one user; fields stay None until set, to keep 10M users small."""
+class _Extra:
+    """The fields of a :class:`User` that most users never get; created on the first one set."""
 
-    __slots__ = ("categories", "devices", "email", "email_opt_in", "msisdn", "profile", "sms_opt_in")
+    __slots__ = ("categories", "email", "email_opt_in", "msisdn", "sms_opt_in")
 
     def __init__(self) -> None:
-        self.devices: list[Device] | None = None
-        self.profile: dict[str, Any] | None = None
         self.categories: dict[str, bool] | None = None  # category → enabled
         self.email: str | None = None
         self.email_opt_in: bool | None = None  # None: never set
         self.msisdn: str | None = None
         self.sms_opt_in: bool | None = None
+
+
+class _InExtra(Generic[T]):
+    """A :class:`User` attribute stored in its :class:`_Extra` part: reads None while there is none, and writing
+    None does not create one."""
+
+    __slots__ = ("_name",)
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self._name = name
+
+    def __get__(self, record: User | None, owner: type | None = None) -> T | None:
+        extra = None if record is None else record._extra
+        return None if extra is None else getattr(extra, self._name)
+
+    def __set__(self, record: User, value: T | None) -> None:
+        extra = record._extra
+        if extra is None:
+            if value is None:
+                return
+            extra = record._extra = _Extra()
+        setattr(extra, self._name, value)
+
+
+class User:
+    """Everything but tags about one user, in three slots (see the module docstring); absent fields cost nothing.
+
+    ``profile`` is a read-only view built on each read (None until a profile is set): assign a mapping to replace
+    it, or use :meth:`update_profile` and the other profile methods. ``devices`` is a new list on each read.
+    """
+
+    __slots__ = ("_devices", "_extra", "_profile")
+
+    categories: _InExtra[dict[str, bool]] = _InExtra()
+    """category → enabled (the dict itself: changes to it are kept)."""
+    email: _InExtra[str] = _InExtra()
+    email_opt_in: _InExtra[bool] = _InExtra()
+    """None: never set."""
+    msisdn: _InExtra[str] = _InExtra()
+    sms_opt_in: _InExtra[bool] = _InExtra()
+
+    def __init__(self) -> None:
+        self._devices: Device | tuple[Device, ...] | None = None  # one device is stored as itself
+        self._profile: tuple[Any, ...] | None = None  # (shape, *values); None: never set
+        self._extra: _Extra | None = None
+
+    # -- devices
+
+    def device_tuple(self) -> tuple[Device, ...]:
+        """The user's devices in registration order, without copying."""
+        devices = self._devices
+        if devices is None:
+            return ()
+        return (devices,) if isinstance(devices, Device) else devices
+
+    @property
+    def devices(self) -> list[Device]:
+        return list(self.device_tuple())
+
+    @devices.setter
+    def devices(self, devices: Iterable[Device] | None) -> None:
+        kept = tuple(devices or ())
+        self._devices = None if not kept else kept[0] if len(kept) == 1 else kept
+
+    def add_device(self, device: Device) -> None:
+        current = self._devices
+        if current is None:
+            self._devices = device
+        elif isinstance(current, Device):
+            self._devices = (current, device)
+        else:
+            self._devices = (*current, device)
+
+    # -- profile
+
+    @property
+    def profile(self) -> Mapping[str, Any] | None:
+        packed = self._profile
+        return None if packed is None else MappingProxyType(_unpack(packed))
+
+    @profile.setter
+    def profile(self, profile: Mapping[str, Any] | None) -> None:
+        self._profile = None if profile is None else _pack(profile)
+
+    def profile_dict(self) -> dict[str, Any] | None:
+        """The profile as a new dict (None until set)."""
+        packed = self._profile
+        return None if packed is None else _unpack(packed)
+
+    def update_profile(self, changes: Mapping[str, Any]) -> None:
+        """setProfileAttributes: the given attributes overwritten, the others kept (sets an empty profile too)."""
+        profile = _unpack(self._profile)
+        profile.update(changes)
+        self._profile = _pack(profile)
+
+    def unset_profile(self, names: Iterable[str]) -> None:
+        """unsetProfileAttributes: remove the attributes (a user without a profile keeps none)."""
+        if self._profile is None or self._profile is _EMPTY_PROFILE:
+            return
+        profile = _unpack(self._profile)
+        for name in names:
+            profile.pop(name, None)
+        self._profile = _pack(profile)
+
+    def change_profile_arrays(self, changes: Mapping[str, list[Any]], *, push: bool) -> None:
+        """push/pullProfileAttributes: append the values to array attributes, or remove every occurrence.
+
+        The caller has checked that every attribute named is an array or absent."""
+        profile = _unpack(self._profile)
+        for name, values in changes.items():
+            current = profile.get(name)
+            if push:
+                profile[name] = [*(current or ()), *values]
+            elif current is not None:
+                profile[name] = [v for v in current if v not in values]
+        self._profile = _pack(profile)
+
+    def delete_profile_attributes(self, names: set[str]) -> int:
+        """deleteProfileAttributes for this user; returns how many attributes holding a value were removed."""
+        packed = self._profile
+        if packed is None or names.isdisjoint(packed[0]):
+            return 0  # the common case, decided on the shared shape without building a dict
+        profile = _unpack(packed)
+        removed = sum(1 for name in names if profile.pop(name, None) is not None)
+        self._profile = _pack(profile)
+        return removed
+
+    def delete_profile_value(self, pairs: list[tuple[str, Any]]) -> int:
+        """deleteProfileAttributeValue for this user: the value leaves array attributes; a scalar attribute equal
+        to it is removed [I]. Returns how many attributes changed."""
+        packed = self._profile
+        if packed is None or not any(key in packed[0] for key, _ in pairs):
+            return 0
+        profile = _unpack(packed)
+        touched = 0
+        for key, value in pairs:
+            current = profile.get(key)
+            if type(current) is list and value in current:
+                profile[key] = [v for v in current if v != value]
+                touched += 1
+            elif current == value:
+                del profile[key]
+                touched += 1
+        if touched:
+            self._profile = _pack(profile)
+        return touched
 
 
 @dataclass(slots=True)
@@ -182,7 +399,7 @@ class NetmeraState:
             record = self.users.pop(ext_id, None)
             if record is None:
                 continue
-            for device in record.devices or ():
+            for device in record.device_tuple():
                 self.devices.pop(device.token, None)
                 self._device_list = None
             if record.email is not None:
@@ -224,25 +441,31 @@ class NetmeraState:
         old = self.devices.pop(device.token, None)
         if old is not None:
             old_user = self.users.get(old.ext_id)
-            if old_user is not None and old_user.devices:
-                old_user.devices = [d for d in old_user.devices if d.token != device.token]
+            if old_user is not None:
+                old_user.devices = [d for d in old_user.device_tuple() if d.token != device.token]
         self.devices[device.token] = device
-        record = self.user(device.ext_id)
-        if record.devices is None:
-            record.devices = [device]
-        else:
-            record.devices.append(device)
+        self.user(device.ext_id).add_device(device)
         self._device_list = None
 
     def devices_of(self, ext_id: str) -> list[Device]:
         record = self.users.get(ext_id)
-        return list(record.devices or ()) if record is not None else []
+        return record.devices if record is not None else []
 
     def device_page(self, offset: int, count: int) -> tuple[list[Device], int]:
         """Devices ``offset .. offset+count`` in registration order, and the total."""
         if self._device_list is None:
             self._device_list = list(self.devices.values())
         return self._device_list[offset : offset + count], len(self._device_list)
+
+    # -- profiles --------------------------------------------------------------------------------------
+
+    def delete_profile_attributes(self, names: set[str]) -> int:
+        """Remove the attributes from every user; returns how many attributes holding a value were removed."""
+        return sum(r.delete_profile_attributes(names) for r in self.users.values() if r is not None)
+
+    def delete_profile_value(self, pairs: list[tuple[str, Any]]) -> int:
+        """Remove each (attribute, value) from every user (see :meth:`User.delete_profile_value`)."""
+        return sum(r.delete_profile_value(pairs) for r in self.users.values() if r is not None)
 
     # -- e-mail / SMS ----------------------------------------------------------------------------------
 
@@ -322,7 +545,9 @@ class NetmeraState:
         if item.get("profile"):
             self.user(ext_id).profile = dict(item["profile"])
         if item.get("categories"):
-            self.user(ext_id).categories = {str(k): bool(v) for k, v in item["categories"].items()}
+            self.user(ext_id).categories = {
+                sys.intern(str(k)): bool(v) for k, v in item["categories"].items()
+            }
         if item.get("email") is not None:
             self.set_email(ext_id, str(item["email"]))
         if item.get("msisdn") is not None:
@@ -382,14 +607,16 @@ class NetmeraState:
         self, users: int, devices_per_user: int = 1, *, prefix: str = "u", tag: str | None = None
     ) -> None:
         """Add ``users`` generated users (``{prefix}{i}``) with ``devices_per_user`` devices each (benchmarks)."""
+        created = []  # the same string objects go into the tag: one copy of each extId, not two
         for i in range(users):
             ext_id = f"{prefix}{i}"
+            created.append(ext_id)
             self.ensure_users((ext_id,))
             for d in range(devices_per_user):
                 platform = PLATFORMS[(i + d) % 2]
                 self.add_device(Device(ext_id, platform, f"tok-{prefix}{i}-{d}", "Model X", (i + d) % 7 != 0))
         if tag is not None:
-            self.tag(tag, {f"{prefix}{i}" for i in range(users)})
+            self.tag(tag, set(created))
 
     # -- dumping ---------------------------------------------------------------------------------------
 
@@ -397,8 +624,8 @@ class NetmeraState:
         record = self.users.get(ext_id)
         out: dict[str, Any] = {"extId": ext_id, "tags": self.tags_of(ext_id)}
         if record is not None:
-            out["devices"] = [d.to_api() for d in record.devices or ()]
-            out["profile"] = dict(record.profile or {})
+            out["devices"] = [d.to_api() for d in record.device_tuple()]
+            out["profile"] = record.profile_dict() or {}
             out["categories"] = dict(record.categories or {})
             out["email"] = record.email
             out["emailOptIn"] = record.email_opt_in
@@ -421,9 +648,9 @@ class NetmeraState:
             record = self.users.get(ext_id)
             item: dict[str, Any] = {"extId": ext_id, "tags": tags.get(ext_id, [])}
             if record is not None:
-                item["devices"] = [d.to_api() for d in record.devices or ()]
+                item["devices"] = [d.to_api() for d in record.device_tuple()]
                 for key, value in (
-                    ("profile", record.profile),
+                    ("profile", record.profile_dict()),
                     ("categories", record.categories),
                     ("email", record.email),
                     ("emailOptIn", record.email_opt_in),
@@ -479,7 +706,7 @@ class NetmeraState:
                 {
                     "extId": ext_id,
                     "tags": tags.get(ext_id, []),
-                    "profile": json.dumps(r.profile or {}),
+                    "profile": json.dumps(r.profile_dict() or {}),
                     "categories": json.dumps(r.categories or {}),
                     "email": r.email,
                     "emailOptIn": r.email_opt_in,

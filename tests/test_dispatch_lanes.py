@@ -1,0 +1,465 @@
+"""Per-endpoint lanes: within a phase every endpoint has its own queue, workers and rate budget.
+
+The dispatcher tests run on the virtual-time loop against an in-memory platform; the last tests run a real job
+through ``run_job`` against the Netmera sandbox and read the overlap of the endpoints' sends from the ledger.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import random
+from collections import defaultdict
+from collections.abc import AsyncIterator, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+from vtime import run_virtual
+
+from sync.budget import Budget, RateBudget
+from sync.config import DispatchSettings, RateBudgetSpec, load_job
+from sync.dispatch import Dispatcher, DispatchOutcome, DispatchReport, LaneSource
+from sync.errors import ExitCode, FatalPlatformError
+from sync.ledger import Ledger
+from sync.planning import build_plan
+from sync.platforms.base import SendOutcome
+from sync.platforms.sandboxes.netmera_state import Device
+from sync.records import Attempt, Batch, BatchResult, BatchStatus, Operation, Phase
+from sync.runner import run_job
+
+# --- an in-memory platform with many endpoints --------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Send:
+    endpoint: str
+    phase: Phase
+    batch_id: str
+    start: float
+    end: float
+
+
+@dataclass
+class MemoryPlatform:
+    """Answers every request after ``latency`` (per endpoint if given), counting what is in flight."""
+
+    latency: float = 0.01
+    latencies: Mapping[str, float] = field(default_factory=dict)
+    fatal_on: str | None = None  # an endpoint whose requests answer 403
+    platform: str = "memory"
+    sends: list[Send] = field(default_factory=list)
+    in_flight: int = 0
+    max_in_flight: int = 0
+    in_flight_by: dict[str, int] = field(default_factory=lambda: defaultdict(int))
+    max_in_flight_by: dict[str, int] = field(default_factory=lambda: defaultdict(int))
+
+    async def send(self, batch: Batch) -> SendOutcome:
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        self.in_flight += 1
+        self.max_in_flight = max(self.max_in_flight, self.in_flight)
+        self.in_flight_by[batch.endpoint] += 1
+        self.max_in_flight_by[batch.endpoint] = max(
+            self.max_in_flight_by[batch.endpoint], self.in_flight_by[batch.endpoint]
+        )
+        try:
+            latency = self.latencies.get(batch.endpoint, self.latency)
+            await asyncio.sleep(latency)
+            self.sends.append(Send(batch.endpoint, batch.phase, batch.batch_id, start, loop.time()))
+            if batch.endpoint == self.fatal_on:
+                raise FatalPlatformError("HTTP 403: API key invalid", status=403, code=2010)
+            return SendOutcome(200, latency)
+        finally:
+            self.in_flight -= 1
+            self.in_flight_by[batch.endpoint] -= 1
+
+    def split(self, batch: Batch) -> tuple[Batch, Batch] | None:
+        return None
+
+    async def aclose(self) -> None:
+        return None
+
+    def last_end(self, endpoint: str) -> float:
+        return max(s.end for s in self.sends if s.endpoint == endpoint)
+
+
+def batches_for(endpoint: str, n: int, phase: Phase = Phase.CHANGES) -> list[Batch]:
+    out = []
+    for b in range(n):
+        ids = tuple(f"{endpoint}-{b}-{i}" for i in range(5))
+        out.append(
+            Batch(
+                f"{endpoint}:{phase.name}:{b}",
+                endpoint,
+                Operation.TAG,
+                {"tag": endpoint, "extIds": list(ids)},
+                ids,
+                phase,
+            )
+        )
+    return out
+
+
+async def _agen(batches: Iterable[Batch]) -> AsyncIterator[Batch]:
+    for batch in batches:
+        yield batch
+
+
+@dataclass
+class Lanes:
+    """A LaneSource from a table ``phase -> [(endpoint, batches)]``. Async iterables by default: virtual time
+    then moves only when every task waits for a timer (a worker thread would let it jump meanwhile)."""
+
+    table: Mapping[Phase, Sequence[tuple[str, Sequence[Batch]]]]
+    synchronous: bool = False
+    asked: list[Phase] = field(default_factory=list)
+
+    def lanes(self, phase: Phase) -> list[tuple[str, Iterable[Batch] | AsyncIterator[Batch]]]:
+        self.asked.append(phase)
+        return [
+            (name, iter(batches) if self.synchronous else _agen(batches))
+            for name, batches in self.table.get(phase, ())
+        ]
+
+    def flat(self) -> list[Batch]:
+        return [b for phase in Phase for _, batches in self.table.get(phase, ()) for b in batches]
+
+
+def settings(**kw: Any) -> DispatchSettings:
+    base: dict[str, Any] = {"concurrency": 4, "queue_size": 8, "request_timeout": 5.0, "drain_timeout": 2.0}
+    base.update(kw)
+    return DispatchSettings(**base)
+
+
+def budgets(specs: Mapping[str, RateBudgetSpec]) -> Any:
+    """Budgets whose windows start at virtual time 0 (so timings do not depend on the wall clock)."""
+
+    def make(endpoint: str) -> Budget:
+        return RateBudget(specs.get(endpoint), wall_offset=0.0)
+
+    return make
+
+
+async def dispatch(
+    client: MemoryPlatform,
+    plan: LaneSource | list[Batch],
+    dispatch_settings: DispatchSettings,
+    specs: Mapping[str, RateBudgetSpec] | None = None,
+    **kw: Any,
+) -> DispatchReport:
+    dispatcher = Dispatcher(
+        client, dispatch_settings, budget_factory=budgets(specs or {}), rng=random.Random(5), **kw
+    )
+    return await dispatcher.run(plan)
+
+
+# --- the dispatcher on virtual time ---------------------------------------------------------------------------
+
+
+def test_two_endpoints_take_the_longer_time_not_the_sum() -> None:
+    n, m = 10, 30  # budget 10 per second each; 30 batches each: about 3 s alone
+    specs = {"a": RateBudgetSpec(n, 1.0), "b": RateBudgetSpec(n, 1.0)}
+    both = {Phase.CHANGES: [("a", batches_for("a", m)), ("b", batches_for("b", m))]}
+
+    alone = run_virtual(
+        dispatch(MemoryPlatform(), Lanes({Phase.CHANGES: both[Phase.CHANGES][:1]}), settings(), specs)
+    )
+    client = MemoryPlatform()
+    lanes = run_virtual(dispatch(client, Lanes(both), settings(), specs))
+    one_queue = run_virtual(dispatch(MemoryPlatform(), Lanes(both).flat(), settings(), specs))
+
+    assert lanes.outcome is DispatchOutcome.COMPLETED and lanes.batches_done == 2 * m
+    assert {s.endpoint for s in client.sends} == {"a", "b"} and len(client.sends) == 2 * m
+    assert alone.elapsed > 2.0  # the budget, not the latency, is the limit
+    assert lanes.elapsed == pytest.approx(alone.elapsed, abs=0.1)  # the max of the two ...
+    assert one_queue.elapsed > 1.8 * alone.elapsed  # ... where one queue takes their sum
+    for name in ("a", "b"):  # and each endpoint used its whole budget: never more than n per window
+        assert max(lanes.endpoints[name].per_window.values()) == n
+
+
+def test_a_slow_endpoint_does_not_hold_back_a_fast_one() -> None:
+    specs = {"slow": RateBudgetSpec(1, 1.0), "fast": RateBudgetSpec(20, 1.0)}
+    table = {Phase.CHANGES: [("slow", batches_for("slow", 8)), ("fast", batches_for("fast", 60))]}
+    tight = settings(concurrency=2)  # one queue: the slow endpoint's batches soon occupy both workers
+
+    fast_alone = MemoryPlatform()
+    run_virtual(dispatch(fast_alone, Lanes({Phase.CHANGES: table[Phase.CHANGES][1:]}), tight, specs))
+    client = MemoryPlatform()
+    report = run_virtual(dispatch(client, Lanes(table), tight, specs))
+    shared = MemoryPlatform()
+    run_virtual(dispatch(shared, Lanes(table).flat(), tight, specs))
+
+    assert report.outcome is DispatchOutcome.COMPLETED and report.batches_done == 68
+    assert client.last_end("fast") == pytest.approx(fast_alone.last_end("fast"), abs=0.1)
+    assert client.last_end("fast") < 3.5 < client.last_end("slow")  # 60 at 20/s; 8 at 1/s
+    assert shared.last_end("fast") > client.last_end("fast") + 3  # head-of-line blocking without lanes
+    assert client.max_in_flight <= 2
+
+
+def test_phases_still_run_in_order() -> None:
+    table = {
+        Phase.OPT_OUT: [
+            ("disablePush", batches_for("disablePush", 7, Phase.OPT_OUT)),
+            ("disableMail", batches_for("disableMail", 3, Phase.OPT_OUT)),
+        ],
+        Phase.CHANGES: [("a", batches_for("a", 20)), ("b", batches_for("b", 5)), ("c", batches_for("c", 11))],
+        Phase.DELETIONS: [
+            ("deleteUsers", batches_for("deleteUsers", 4, Phase.DELETIONS)),
+            ("untag", batches_for("untag", 9, Phase.DELETIONS)),
+        ],
+    }
+    specs = {
+        "a": RateBudgetSpec(5, 1.0),
+        "disablePush": RateBudgetSpec(3, 1.0),
+        "untag": RateBudgetSpec(4, 1.0),
+    }
+    client = MemoryPlatform(latencies={"b": 0.5, "disableMail": 0.3, "deleteUsers": 0.2})
+    source = Lanes(table)
+    caps = {"b": 1, "disableMail": 1, "deleteUsers": 1}  # slow answers: leave the other lanes a slot
+    tight = settings(concurrency=3, queue_size=2, per_endpoint_concurrency=caps)
+    report = run_virtual(dispatch(client, source, tight, specs))
+    assert report.outcome is DispatchOutcome.COMPLETED and report.batches_done == 59
+    assert source.asked == list(Phase)
+    sends = defaultdict(list)
+    for s in client.sends:
+        sends[s.phase].append(s)
+    ordered = [p for p in Phase if p in table]
+    for earlier, later in itertools.pairwise(ordered):
+        assert min(s.start for s in sends[later]) >= max(s.end for s in sends[earlier])
+    for phase in ordered:  # while within a phase the endpoints overlapped
+        spans = {
+            name: (
+                min(s.start for s in sends[phase] if s.endpoint == name),
+                max(s.end for s in sends[phase] if s.endpoint == name),
+            )
+            for name, _ in table[phase]
+        }
+        assert max(start for start, _ in spans.values()) < min(end for _, end in spans.values())
+
+
+def test_the_global_concurrency_cap_is_never_exceeded() -> None:
+    table = {Phase.CHANGES: [(name, batches_for(name, 40)) for name in ("a", "b", "c", "d")]}
+    client = MemoryPlatform(latency=0.2)
+    capped = settings(concurrency=3, per_endpoint_concurrency={"a": 2, "b": 1})
+    report = run_virtual(dispatch(client, Lanes(table), capped))  # no budgets: only the caps hold it back
+    assert report.batches_done == 160
+    assert client.max_in_flight == 3  # reached, never exceeded
+    assert client.max_in_flight_by["a"] <= 2 and client.max_in_flight_by["b"] == 1
+    assert {s.endpoint for s in client.sends} == {"a", "b", "c", "d"}
+
+
+def test_each_lane_pulls_at_most_queue_size_batches_ahead() -> None:
+    queue_size = 6
+    pulled: dict[str, int] = defaultdict(int)
+    started: dict[str, int] = defaultdict(int)
+    ahead: dict[str, int] = defaultdict(int)
+
+    def counting(name: str, batches: list[Batch]) -> Iterator[Batch]:
+        for batch in batches:
+            pulled[name] += 1
+            ahead[name] = max(ahead[name], pulled[name] - started[name])
+            yield batch
+
+    class Started:
+        def on_batch_start(self, batch: Batch) -> None:
+            started[batch.endpoint] += 1
+
+        def on_attempt(self, attempt: Attempt) -> None:
+            return None
+
+        def on_batch_done(self, batch: Batch, result: BatchResult) -> None:
+            return None
+
+    class CountingLanes:
+        def lanes(self, phase: Phase) -> list[tuple[str, Iterator[Batch]]]:
+            if phase is not Phase.CHANGES:
+                return []
+            return [(name, counting(name, batches_for(name, 100))) for name in ("a", "b", "c")]
+
+    specs = {"a": RateBudgetSpec(20, 1.0), "b": RateBudgetSpec(50, 1.0)}  # "c": unthrottled
+    report = run_virtual(
+        dispatch(
+            MemoryPlatform(), CountingLanes(), settings(queue_size=queue_size), specs, observers=[Started()]
+        )
+    )
+    assert report.batches_done == 300 and dict(pulled) == {"a": 100, "b": 100, "c": 100}
+    for name in ("a", "b", "c"):
+        assert queue_size // 2 <= ahead[name] <= queue_size, (name, ahead[name])
+
+
+def test_a_stop_drains_every_lane_and_feeds_no_later_phase(tmp_path: Path) -> None:
+    table = {
+        Phase.CHANGES: [("a", batches_for("a", 50)), ("b", batches_for("b", 50))],
+        Phase.DELETIONS: [("c", batches_for("c", 5, Phase.DELETIONS))],
+    }
+    ledger = Ledger.open(tmp_path / "l.sqlite")
+    ledger.start_run("r", job="j")
+    client = MemoryPlatform(latency=0.5)
+    source = Lanes(table)
+
+    async def go() -> DispatchReport:
+        dispatcher = Dispatcher(
+            client, settings(concurrency=4), ledger=ledger, run_id="r", budget_factory=budgets({})
+        )
+        asyncio.get_running_loop().call_later(1.2, dispatcher.stop_event.set)
+        return await dispatcher.run(source)
+
+    report = run_virtual(go())
+    assert report.outcome is DispatchOutcome.INTERRUPTED
+    assert report.batches_done == 12  # 3 rounds of 4 requests in flight: the round at 1.2 s finished
+    assert {s.endpoint for s in client.sends} == {"a", "b"}
+    counts = ledger.run("r").batches_by_status  # type: ignore[union-attr]
+    assert counts["ok"] == 12 and "sent" not in counts
+    assert not any(b.endpoint == "c" for b in ledger.batches("r"))  # the next phase was never fed
+    ledger.close()
+
+
+def test_a_bad_key_on_one_lane_aborts_every_lane(tmp_path: Path) -> None:
+    table = {Phase.CHANGES: [("a", batches_for("a", 30)), ("b", batches_for("b", 30))]}
+    ledger = Ledger.open(tmp_path / "l.sqlite")
+    ledger.start_run("r", job="j")
+    client = MemoryPlatform(fatal_on="b", latencies={"a": 0.05, "b": 0.2})
+    specs = {"a": RateBudgetSpec(10, 1.0), "b": RateBudgetSpec(10, 1.0)}
+    report = run_virtual(dispatch(client, Lanes(table), settings(), specs, ledger=ledger, run_id="r"))
+    assert report.outcome is DispatchOutcome.ABORTED and report.fatal is not None
+    fatal_at = min(s.end for s in client.sends if s.endpoint == "b")
+    assert all(s.start < fatal_at for s in client.sends)  # nothing sent after the 403
+    statuses = [b.status for b in ledger.batches("r")]
+    assert BatchStatus.SENT not in statuses and BatchStatus.FAILED in statuses
+    ledger.close()
+
+
+def test_plain_iterables_still_use_one_queue() -> None:
+    """A list (what resume, snapshot diffs and most tests pass) goes through the one-queue path unchanged."""
+    client = MemoryPlatform()
+    plan = batches_for("a", 5, Phase.OPT_OUT) + batches_for("b", 5)
+    report = run_virtual(dispatch(client, plan, settings(), {"a": RateBudgetSpec(5, 1.0)}))
+    assert report.outcome is DispatchOutcome.COMPLETED and report.batches_done == 10
+    assert min(s.start for s in client.sends if s.endpoint == "b") >= client.last_end("a")
+
+
+# --- the planner's lanes ---------------------------------------------------------------------------------------
+
+
+def test_plan_lanes_yield_exactly_the_plans_batches_per_endpoint(tmp_path: Path) -> None:
+    fixtures = Path(__file__).parent / "fixtures"
+    text = (fixtures / "all_ops.yaml").read_text(encoding="utf-8")
+    (tmp_path / "job.yaml").write_text(text + f"workdir: {tmp_path / 'work'}\n", encoding="utf-8")
+    for name in ("users.csv", "tags.csv", "events.csv", "deletions.csv"):
+        (tmp_path / name).write_bytes((fixtures / name).read_bytes())
+    job = load_job(tmp_path / "job.yaml")
+    with build_plan(job) as plan:
+        everything = list(plan.batches())
+        from_lanes: list[Batch] = []
+        endpoints_seen = 0
+        for phase in Phase:
+            lanes = plan.lanes(phase)
+            names = [name for name, _ in lanes]
+            assert len(names) == len(set(names))  # one lane per endpoint
+            endpoints_seen += len(names)
+            for name, batches in lanes:
+                mine = list(batches)
+                assert all(b.endpoint == name and b.phase is phase for b in mine)
+                # The same batches, in the same order, as plan.batches() yields for this endpoint and phase.
+                assert [b.batch_id for b in mine] == [
+                    b.batch_id for b in everything if b.endpoint == name and b.phase is phase
+                ]
+                from_lanes.extend(mine)
+        assert sorted(b.batch_id for b in from_lanes) == sorted(b.batch_id for b in everything)
+        assert endpoints_seen >= 8 and {b.endpoint for b in from_lanes} == {b.endpoint for b in everything}
+        assert [b.batch_id for b in plan.batches()] == [b.batch_id for b in everything]  # batches() unchanged
+
+
+# --- end to end against the Netmera sandbox --------------------------------------------------------------------
+
+KEY_ENV = "PUSHSYNC_TEST_NETMERA_KEY"
+SEGMENTS = ("gold", "silver", "beta")
+
+
+def write_lanes_job(tmp_path: Path, url: str, users: int) -> tuple[Path, dict[str, dict[str, Any]]]:
+    """Users with attributes, tags and a push opt-in; returns the job path and what the platform must hold."""
+    lines = ["id,name,city,segments,push"]
+    expected: dict[str, dict[str, Any]] = {}
+    for i in range(users):
+        ext_id = f"u{i:04d}"
+        tags = [t for k, t in enumerate(SEGMENTS) if (i >> k) & 1]
+        push = ["true", "false", ""][i % 3]
+        lines.append(f"{ext_id},Name {i},city{i % 7},{'|'.join(tags)},{push}")
+        expected[ext_id] = {
+            "profile": {"name": f"Name {i}", "city": f"city{i % 7}"},
+            "tags": sorted(tags),
+            # Every user starts with one device whose permission is the opposite of the input's (or True).
+            "push": {"true": True, "false": False, "": True}[push],
+        }
+    (tmp_path / "users.csv").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    (tmp_path / "job.yaml").write_text(
+        f"""
+version: 1
+name: lanes
+workdir: work
+destination: {{platform: netmera, base_url: "{url}", secret: {{env: {KEY_ENV}}}}}
+defaults: {{ext_id: id}}
+sources:
+  - name: users
+    path: users.csv
+    attributes: {{name: string, city: string}}
+    tags: {{column: segments, delimiter: "|"}}
+    opt_ins: {{push: push}}
+dispatch:
+  batch_size: 10
+  concurrency: 8
+  request_timeout: 5
+  budgets: {{"*": {{requests: 20, period: 0.5}}}}
+""",
+        encoding="utf-8",
+    )
+    return tmp_path / "job.yaml", expected
+
+
+async def test_endpoints_send_at_the_same_time_and_the_end_state_equals_the_input(
+    netmera_sandbox: Any, tmp_path: Path
+) -> None:
+    job_path, expected = write_lanes_job(tmp_path, netmera_sandbox.url, users=60)
+    state = netmera_sandbox.sandbox.state
+    for i, ext_id in enumerate(expected):
+        push = ["true", "false", ""][i % 3]
+        state.add_device(Device(ext_id, "ios", f"tok-{ext_id}", "Model X", push != "true"))
+    job = load_job(job_path)
+
+    outcome = await run_job(job, api_key=netmera_sandbox.api_key)
+
+    assert outcome.exit_code is ExitCode.OK, outcome.summary.render_text()
+    got = {}
+    for ext_id in expected:
+        user = state.user_dict(ext_id)
+        got[ext_id] = {
+            "profile": dict(user["profile"]),
+            "tags": sorted(user["tags"]),
+            "push": all(d["pushPermitted"] for d in user["devices"]),
+        }
+    assert got == expected
+    with Ledger.open(outcome.ledger_path) as ledger:
+        phase_of = {b.batch_id: b.phase for b in ledger.batches(outcome.run_id)}
+        attempts = ledger.attempts(outcome.run_id)
+    spans: dict[tuple[int, str], tuple[float, float]] = {}
+    for a in attempts:
+        key = (phase_of[a.batch_id], a.endpoint)
+        lo, hi = spans.get(key, (a.started_at, a.started_at + a.latency))
+        spans[key] = (min(lo, a.started_at), max(hi, a.started_at + a.latency))
+    changes = {ep: span for (phase, ep), span in spans.items() if phase == Phase.CHANGES}
+    assert set(changes) == {"setProfileAttributes", "tagUsers", "enablePush"}
+    # Every endpoint of the phase was sending while each of the others was: their spans overlap pairwise.
+    for a_ep, (a_lo, a_hi) in changes.items():
+        for b_ep, (b_lo, b_hi) in changes.items():
+            assert a_lo < b_hi and b_lo < a_hi, (a_ep, b_ep, changes)
+    # disablePush (opt-outs) finished before any change was sent.
+    opt_out = [span for (phase, _), span in spans.items() if phase == Phase.OPT_OUT]
+    assert opt_out and max(hi for _, hi in opt_out) <= min(lo for lo, _ in changes.values()) + 0.01
+    # The run took about the longest endpoint's time, not the sum of them.
+    longest = max(hi - lo for lo, hi in changes.values())
+    total = sum(hi - lo for lo, hi in changes.values())
+    assert max(hi for _, hi in changes.values()) - min(lo for lo, _ in changes.values()) < 0.5 * (
+        longest + total
+    )
