@@ -50,12 +50,12 @@ from sync.ledger import Ledger
 from sync.logs import get_logger
 from sync.platforms.base import PlatformClient
 from sync.records import (
+    NON_IDEMPOTENT,
     Attempt,
     AttemptOutcome,
     Batch,
     BatchResult,
     BatchStatus,
-    Operation,
     Phase,
     RejectedId,
 )
@@ -69,8 +69,7 @@ __all__ = [
     "LaneSource",
 ]
 
-_NOT_IDEMPOTENT = frozenset({Operation.FIRE_EVENTS, Operation.PUSH_ATTRIBUTES, Operation.SEND_PUSH})
-"""Operations whose ``sent`` record is committed before the request goes out (see sync/resume.py)."""
+_NOT_IDEMPOTENT = NON_IDEMPOTENT  # their ``sent`` record is committed before the request goes out
 _FEED_CHUNK = 64  # batches pulled from a synchronous plan per worker-thread hop
 LATENCY_SAMPLE = 20_000
 """Latencies kept per endpoint (a reservoir sample: percentiles stay accurate, memory stays flat)."""

@@ -12,6 +12,7 @@ from enum import IntEnum, StrEnum
 from typing import Any
 
 __all__ = [
+    "NON_IDEMPOTENT",
     "Attempt",
     "AttemptOutcome",
     "Batch",
@@ -47,6 +48,14 @@ class Operation(StrEnum):
     DELETE_USERS = "delete_users"
     SEND_PUSH = "send_push"
     """One push notification to one user (Forms On Fire "POST Push API")."""
+
+
+NON_IDEMPOTENT: frozenset[Operation] = frozenset(
+    {Operation.FIRE_EVENTS, Operation.PUSH_ATTRIBUTES, Operation.SEND_PUSH}
+)
+"""Operations that change the platform again when repeated (an event recorded twice, a value appended twice, a
+push delivered twice). The dispatcher commits their ``sent`` record before the request goes out, and resume holds
+back those whose outcome is unknown. Every other operation sets a value, a tag or a flag: repeating it is safe."""
 
 
 class Phase(IntEnum):

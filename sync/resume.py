@@ -26,11 +26,12 @@ from typing import Any
 from sync.config import SyncMode
 from sync.errors import StateError
 from sync.platforms.netmera.requests import batch_id_for, ext_ids_in_body
-from sync.records import Batch, BatchStatus, Operation
+from sync.records import NON_IDEMPOTENT, Batch, BatchStatus, Phase
 
 __all__ = [
     "NON_IDEMPOTENT",
     "UNFINISHED_STATUSES",
+    "ReplayLanes",
     "ReplayMode",
     "ReplayPlan",
     "ReplayStats",
@@ -42,9 +43,7 @@ __all__ = [
     "unfinished_run",
 ]
 
-NON_IDEMPOTENT: frozenset[Operation] = frozenset({Operation.FIRE_EVENTS, Operation.PUSH_ATTRIBUTES})
-"""Operations that change the platform again when repeated: an event is recorded twice, a pushed value appended
-twice. Every other operation sets a value, a tag or a flag and may be repeated safely."""
+# NON_IDEMPOTENT (defined with the operations in sync.records) is re-exported here for resume's callers.
 
 UNFINISHED_STATUSES: frozenset[str] = frozenset({"running", "interrupted", "aborted"})
 """Ledger run statuses of a run that did not get through its plan (``running`` forever means it crashed)."""
@@ -168,6 +167,26 @@ def replay(batches: Iterable[Batch], plan: ReplayPlan, stats: ReplayStats | None
         chosen = plan.decide(batch, stats)
         if chosen is not None:
             yield chosen
+
+
+@dataclass(frozen=True, slots=True)
+class ReplayLanes:
+    """A plan's per-endpoint lanes (:meth:`sync.planning.Plan.lanes`) with :func:`replay` applied to each, so a
+    resumed run is sent like a fresh one: every endpoint of a phase at once (a :class:`sync.dispatch.LaneSource`).
+
+    ``stats`` is shared by the lanes; the dispatcher pulls from one lane at a time, so the counts add up.
+    """
+
+    plan: Any
+    """The :class:`sync.planning.Plan`."""
+    decisions: ReplayPlan
+    stats: ReplayStats | None = None
+
+    def lanes(self, phase: Phase) -> list[tuple[str, Iterator[Batch]]]:
+        return [
+            (endpoint, replay(batches, self.decisions, self.stats))
+            for endpoint, batches in self.plan.lanes(phase)
+        ]
 
 
 def restrict_batch(batch: Batch, ext_ids: Iterable[str]) -> Batch | None:
@@ -323,9 +342,9 @@ async def sync_job(
             stats = ReplayStats() if plan_of_replay is not None else None
             chosen = plan_of_replay
 
-            def batches(plan: Any) -> Iterator[Batch]:
+            def batches(plan: Any) -> ReplayLanes:
                 assert chosen is not None
-                return replay(plan.batches(), chosen, stats)
+                return ReplayLanes(plan, chosen, stats)  # per-endpoint lanes, as a fresh run is sent
 
             outcome = await run_job(
                 job, api_key=api_key, batches=batches if chosen is not None else None, **run_kwargs

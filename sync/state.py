@@ -329,10 +329,9 @@ def diff_frames(
     cur_cols = [pl.col(KEY), pl.col(EXT_ID), pl.col(FILE), pl.col(ROW)]
     cur_cols += [pl.col(f.column).alias(f"c:{f.name}") for f in fields]
     if tag_cols:
+        # A set, compared with set operations only: sorting lists row by row is slow in polars.
         tags = pl.concat_list([pl.col(c).fill_null(_empty_list()) for c in tag_cols])
-        cur_cols.append(
-            tags.alias(f"c:{TAGS}")
-        )  # a set: only compared with set operations, never sorted here
+        cur_cols.append(tags.alias(f"c:{TAGS}"))
     cur = current.select(cur_cols)
     st = st.rename({n: f"s:{n}" for n in schema if n not in (KEY, EXT_ID)}).with_columns(
         pl.lit(True).alias("__known")

@@ -27,6 +27,7 @@ from sync.planning import build_plan
 from sync.platforms.base import SendOutcome
 from sync.platforms.sandboxes.netmera_state import Device
 from sync.records import Attempt, Batch, BatchResult, BatchStatus, Operation, Phase
+from sync.resume import sync_job
 from sync.runner import run_job
 
 # --- an in-memory platform with many endpoints --------------------------------------------------------------
@@ -418,19 +419,28 @@ dispatch:
     return tmp_path / "job.yaml", expected
 
 
-async def test_endpoints_send_at_the_same_time_and_the_end_state_equals_the_input(
-    netmera_sandbox: Any, tmp_path: Path
-) -> None:
-    job_path, expected = write_lanes_job(tmp_path, netmera_sandbox.url, users=60)
-    state = netmera_sandbox.sandbox.state
-    for i, ext_id in enumerate(expected):
-        push = ["true", "false", ""][i % 3]
-        state.add_device(Device(ext_id, "ios", f"tok-{ext_id}", "Model X", push != "true"))
-    job = load_job(job_path)
+def endpoint_spans(ledger_path: Path, run_id: str) -> dict[tuple[int, str], tuple[float, float]]:
+    """(phase, endpoint) -> (first request sent, last answer), in Unix time, from the ledger's attempts."""
+    with Ledger.open(ledger_path) as ledger:
+        phase_of = {b.batch_id: b.phase for b in ledger.batches(run_id)}
+        attempts = ledger.attempts(run_id)
+    spans: dict[tuple[int, str], tuple[float, float]] = {}
+    for a in attempts:
+        key = (phase_of[a.batch_id], a.endpoint)
+        lo, hi = spans.get(key, (a.started_at, a.started_at + a.latency))
+        spans[key] = (min(lo, a.started_at), max(hi, a.started_at + a.latency))
+    return spans
 
-    outcome = await run_job(job, api_key=netmera_sandbox.api_key)
 
-    assert outcome.exit_code is ExitCode.OK, outcome.summary.render_text()
+def assert_overlapping(spans: Mapping[str, tuple[float, float]]) -> None:
+    """Every endpoint was sending while each of the others was: their spans overlap pairwise."""
+    for a_ep, (a_lo, a_hi) in spans.items():
+        for b_ep, (b_lo, b_hi) in spans.items():
+            assert a_lo < b_hi and b_lo < a_hi, (a_ep, b_ep, spans)
+
+
+def read_back(state: Any, expected: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+    """The sandbox's state of the expected users, in the shape of ``write_lanes_job``'s expectation."""
     got = {}
     for ext_id in expected:
         user = state.user_dict(ext_id)
@@ -439,21 +449,32 @@ async def test_endpoints_send_at_the_same_time_and_the_end_state_equals_the_inpu
             "tags": sorted(user["tags"]),
             "push": all(d["pushPermitted"] for d in user["devices"]),
         }
-    assert got == expected
-    with Ledger.open(outcome.ledger_path) as ledger:
-        phase_of = {b.batch_id: b.phase for b in ledger.batches(outcome.run_id)}
-        attempts = ledger.attempts(outcome.run_id)
-    spans: dict[tuple[int, str], tuple[float, float]] = {}
-    for a in attempts:
-        key = (phase_of[a.batch_id], a.endpoint)
-        lo, hi = spans.get(key, (a.started_at, a.started_at + a.latency))
-        spans[key] = (min(lo, a.started_at), max(hi, a.started_at + a.latency))
+    return got
+
+
+def add_devices(state: Any, users: int) -> None:
+    """One device per user, its push permission the opposite of the input's (True where the input is empty)."""
+    for i in range(users):
+        push = ["true", "false", ""][i % 3]
+        state.add_device(Device(f"u{i:04d}", "ios", f"tok-u{i:04d}", "Model X", push != "true"))
+
+
+async def test_endpoints_send_at_the_same_time_and_the_end_state_equals_the_input(
+    netmera_sandbox: Any, tmp_path: Path
+) -> None:
+    job_path, expected = write_lanes_job(tmp_path, netmera_sandbox.url, users=60)
+    state = netmera_sandbox.sandbox.state
+    add_devices(state, 60)
+    job = load_job(job_path)
+
+    outcome = await run_job(job, api_key=netmera_sandbox.api_key)
+
+    assert outcome.exit_code is ExitCode.OK, outcome.summary.render_text()
+    assert read_back(state, expected) == expected
+    spans = endpoint_spans(outcome.ledger_path, outcome.run_id)
     changes = {ep: span for (phase, ep), span in spans.items() if phase == Phase.CHANGES}
     assert set(changes) == {"setProfileAttributes", "tagUsers", "enablePush"}
-    # Every endpoint of the phase was sending while each of the others was: their spans overlap pairwise.
-    for a_ep, (a_lo, a_hi) in changes.items():
-        for b_ep, (b_lo, b_hi) in changes.items():
-            assert a_lo < b_hi and b_lo < a_hi, (a_ep, b_ep, changes)
+    assert_overlapping(changes)
     # disablePush (opt-outs) finished before any change was sent.
     opt_out = [span for (phase, _), span in spans.items() if phase == Phase.OPT_OUT]
     assert opt_out and max(hi for _, hi in opt_out) <= min(lo for lo, _ in changes.values()) + 0.01
@@ -463,3 +484,24 @@ async def test_endpoints_send_at_the_same_time_and_the_end_state_equals_the_inpu
     assert max(hi for _, hi in changes.values()) - min(lo for lo, _ in changes.values()) < 0.5 * (
         longest + total
     )
+
+
+async def test_a_resumed_run_is_sent_in_lanes_too(netmera_sandbox: Any, tmp_path: Path) -> None:
+    job_path, expected = write_lanes_job(tmp_path, netmera_sandbox.url, users=60)
+    state = netmera_sandbox.sandbox.state
+    add_devices(state, 60)
+    job = load_job(job_path)
+    stop = asyncio.Event()
+    asyncio.get_running_loop().call_later(0.3, stop.set)  # while the opt-outs are sent
+
+    first = await sync_job(job, api_key=netmera_sandbox.api_key, stop=stop)
+    resumed = await sync_job(job, api_key=netmera_sandbox.api_key)
+
+    assert first.run.exit_code is ExitCode.INTERRUPTED and first.run.summary.batches_done > 0
+    assert resumed.resumed_from == first.run.run_id and resumed.run.exit_code is ExitCode.OK
+    assert resumed.replay is not None
+    assert resumed.replay.skipped_confirmed == first.run.summary.batches_done
+    assert resumed.replay.sent == resumed.run.summary.batches_done > 0
+    assert read_back(state, expected) == expected
+    spans = endpoint_spans(resumed.run.ledger_path, resumed.run.run_id)
+    assert_overlapping({ep: span for (phase, ep), span in spans.items() if phase == Phase.CHANGES})

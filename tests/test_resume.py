@@ -228,3 +228,28 @@ async def test_resume_never_resends_an_event_whose_outcome_is_unknown(
     retried = await sync_job(job, api_key=sandbox.api_key, retry=first.run.run_id)
     assert retried.replay is not None and retried.replay.sent == 1 and int(retried.run.exit_code) == 0
     assert len(sandbox.sandbox.state.events) == 4  # the user asked for it
+
+
+def test_resume_holds_back_every_non_idempotent_operation_with_an_unknown_outcome(ledger: Ledger) -> None:
+    """A push (Forms On Fire) in flight at a crash is as unsafe to resend as an event: resume holds it back and
+    only `retry` sends it; an idempotent batch in the same state is simply sent again."""
+    from sync.platforms.formsonfire.requests import make_batch as push_batch
+    from sync.platforms.formsonfire.requests import push_body
+
+    push = push_batch(push_body("UserExternalId", "a", title="Hi", body="there"), origin=RowRef("p.csv", 1))
+    pushed_value = make_batch(Operation.PUSH_ATTRIBUTES, [{"extId": "b", "profile": {"seen": ["x"]}}])
+    tagged = tag("gold", "c")
+    ledger.start_run("r1", job="pushes")
+    for batch in (push, pushed_value, tagged):
+        record(ledger, "r1", batch, BatchStatus.SENT)  # all three in flight when the process died
+    ledger.flush()
+
+    stats = ReplayStats()
+    resent = list(replay([push, pushed_value, tagged], replay_plan(ledger, "r1"), stats))
+    assert [b.batch_id for b in resent] == [tagged.batch_id]
+    assert stats.held == 2
+
+    retried = list(
+        replay([push, pushed_value, tagged], replay_plan(ledger, "r1", ReplayMode.RETRY), ReplayStats())
+    )
+    assert {b.batch_id for b in retried} == {push.batch_id, pushed_value.batch_id, tagged.batch_id}

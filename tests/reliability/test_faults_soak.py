@@ -55,15 +55,17 @@ def faulty_sandbox(tmp_path: Path) -> Iterator[tuple[str, SandboxHttp]]:
         stop_sandbox_process(process)
 
 
-async def storms(http: SandboxHttp, every: float, length: float, count: list[int]) -> None:
-    """Switch the storm limit on for ``length`` seconds every ``every`` seconds, until cancelled."""
+async def storms(http: SandboxHttp, *, first: float, every: float, length: float, count: list[int]) -> None:
+    """Switch the storm limit on for ``length`` seconds, ``first`` seconds from now and then every ``every``
+    seconds, until cancelled."""
     try:
+        await asyncio.sleep(first)
         while True:
-            await asyncio.sleep(every - length)
             await asyncio.to_thread(http.configure, {"limits": STORM})
             count[0] += 1
             await asyncio.sleep(length)
             await asyncio.to_thread(http.configure, {"limits": {}})
+            await asyncio.sleep(every - length)
     finally:
         # Runs on cancellation too (shielded from it by the thread): leave the sandbox without a limit.
         await asyncio.shield(asyncio.to_thread(http.configure, {"limits": {}}))
@@ -94,7 +96,7 @@ async def test_every_fault_at_once_loses_nothing(
     job = load_job(job_path)
     storm_count = [0]
     started = time.monotonic()
-    storm_task = asyncio.create_task(storms(http, every=4.0, length=1.2, count=storm_count))
+    storm_task = asyncio.create_task(storms(http, first=1.0, every=4.0, length=1.2, count=storm_count))
     try:
         outcome = await run_job(job, api_key=SANDBOX_KEY)
     finally:

@@ -33,7 +33,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, TypeVar, overload
 
 __all__ = ["Device", "Event", "NetmeraState", "Notification", "Segment", "User"]
 
@@ -65,7 +65,7 @@ def _device_kind(platform: str, device_model: str | None, push_permitted: bool) 
 
 
 def _pack(profile: Mapping[str, Any]) -> tuple[Any, ...]:
-    """``(shape, *values)``: a tuple of 2 values costs 80 bytes where a 2-key dict costs 200."""
+    """``(shape, *values)``: 64 bytes for 2 attributes, where a 2-key dict takes 184 (``sys.getsizeof``)."""
     if not profile:
         return _EMPTY_PROFILE
     names = tuple(profile)
@@ -151,8 +151,14 @@ class _InExtra(Generic[T]):
     def __set_name__(self, owner: type, name: str) -> None:
         self._name = name
 
-    def __get__(self, record: User | None, owner: type | None = None) -> T | None:
-        extra = None if record is None else record._extra
+    @overload
+    def __get__(self, record: None, owner: type | None = None) -> _InExtra[T]: ...
+    @overload
+    def __get__(self, record: User, owner: type | None = None) -> T | None: ...
+    def __get__(self, record: User | None, owner: type | None = None) -> T | _InExtra[T] | None:
+        if record is None:
+            return self  # read on the class
+        extra = record._extra
         return None if extra is None else getattr(extra, self._name)
 
     def __set__(self, record: User, value: T | None) -> None:
