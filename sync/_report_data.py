@@ -169,9 +169,13 @@ def connect_read_only(path: Path) -> sqlite3.Connection:
         raise StateError(f"{path}: no ledger there")
     try:
         conn = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)
+    except sqlite3.DatabaseError as exc:
+        raise StateError(f"{path}: cannot read the ledger: {exc}") from exc
+    try:
         conn.execute("PRAGMA busy_timeout=5000")
         conn.execute("SELECT 1 FROM runs LIMIT 1")
     except sqlite3.DatabaseError as exc:
+        conn.close()  # an unclosed connection is a ResourceWarning, an error under our pytest settings
         raise StateError(f"{path}: cannot read the ledger: {exc}") from exc
     return conn
 

@@ -382,3 +382,19 @@ async def test_an_aborted_run_says_why_and_never_shows_the_key(netmera_sandbox: 
     assert bad_key not in page
     fatal = [tr for tr in root.iter(f"{XHTML}tr") if tr.get("data-kind") == "failed batch"]
     assert any("HTTP 403" in "".join(tr[3].itertext()) for tr in fatal)
+
+
+def test_a_file_that_is_not_a_ledger_gives_a_clear_error_and_leaks_no_connection(tmp_path: Path) -> None:
+    """Any unclosed sqlite3 connection would surface as a ResourceWarning, an error under filterwarnings=error."""
+    import gc
+
+    import pytest
+
+    from sync.errors import StateError
+    from sync.report import load_report
+
+    junk = tmp_path / "ledger.sqlite"
+    junk.write_bytes(b"this is not a database" * 100)
+    with pytest.raises(StateError, match="cannot read the ledger"):
+        load_report(junk, "r1")
+    gc.collect()
