@@ -115,3 +115,24 @@ def test_plan_of_an_unreadable_file_is_one_clear_error(
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "Traceback" not in err
     assert "users.csv" in err and "encoding" in err
+
+
+def test_plan_table_lists_endpoints_in_send_order(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Opt-outs are sent first; the table a person reads must list them first too (snapshot mode's diff included)."""
+    (tmp_path / "users.csv").write_text(
+        "id,name,seg,push,mail\nu1,Ann,a|b,1,0\nu2,Bob,b,0,1\n", encoding="utf-8"
+    )
+    job = tmp_path / "job.yaml"
+    job.write_text(
+        "version: 1\nname: order\nmode: snapshot\n"
+        "destination: {platform: netmera, base_url: 'http://127.0.0.1:9/rest/3.0/', secret: {env: NETMERA_API_KEY}}\n"
+        "sources:\n  - name: users\n    path: users.csv\n    ext_id: id\n"
+        "    attributes: {name: string}\n    tags: [{column: seg, delimiter: '|'}]\n"
+        "    opt_ins: {push: push, email: mail}\n",
+        encoding="utf-8",
+    )
+    assert main(["plan", str(job)]) == 0
+    out = capsys.readouterr().out
+    rows = [line.split()[0] for line in out.splitlines() if line.split()[:1] in (["opt_out"], ["changes"])]
+    assert rows.count("opt_out") >= 2 and "changes" in rows
+    assert rows == sorted(rows, key=lambda phase: phase != "opt_out")

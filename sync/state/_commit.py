@@ -1,0 +1,319 @@
+"""The merge of confirmed batches: the ledger's confirmed batches mapped back to per-user fields and merged into
+the state (:func:`commit`; :func:`recover` for a crashed run's pending delta). Every merge rule is idempotent."""
+
+from __future__ import annotations
+
+import io
+import json
+import shutil
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import polars as pl
+
+from sync.config import SnapshotSettings, Source
+from sync.errors import ExitCode
+from sync.platforms.netmera import requests as netmera
+from sync.records import BatchStatus, Operation, Phase
+from sync.state._delta import snapshot_streams
+from sync.state._diff import conform_delta, empty_list
+from sync.state._store import (
+    SEQ,
+    TAGS,
+    UNSET,
+    FieldKind,
+    StateStore,
+    conform,
+    flag_name,
+    OK_DELETE,
+    key_range,
+    managed_fields,
+    state_schema,
+)
+from sync.validation import EXT_ID, KEY
+
+def apply_confirmed(
+    source: Source,
+    state: pl.DataFrame | None,
+    delta: pl.DataFrame,
+    confirmations: pl.DataFrame,
+    settings: SnapshotSettings | None = None,
+) -> pl.DataFrame:
+    """The new state of one key range: ``state`` with the confirmed part of ``delta`` applied.
+
+    ``confirmations`` has one row per confirmed item: ``__ext_id``, ``op`` (an :class:`Operation` value),
+    ``phase`` (int) and ``group`` (the tag for tag/untag, else empty). A value moves into the state only when the
+    operation that carries it is confirmed for that user; everything else keeps its old state. Idempotent.
+    """
+    settings = settings or SnapshotSettings()
+    fields = managed_fields(source, settings)
+    schema = state_schema(source, settings)
+    st = conform(state, schema)
+    if delta.is_empty() or confirmations.is_empty():
+        return st
+    names = sorted(
+        {flag_name(*f.on) for f in fields} | {flag_name(*f.off) for f in fields if f.off} | {OK_DELETE}
+    )
+    op, group = pl.col("op"), pl.col("group")
+    flag = pl.format("ok:{}:{}", op, pl.col("phase").cast(pl.String))
+    conf = (
+        confirmations.with_columns(flag.alias("__flag"))
+        .group_by(EXT_ID)
+        .agg(
+            *[(pl.col("__flag") == n).any().alias(n) for n in names],
+            group.filter(op == Operation.TAG.value).alias("__conf_added"),
+            group.filter(op == Operation.UNTAG.value).alias("__conf_removed"),
+        )
+    )
+    d = delta.rename({c: f"d:{c}" for c in delta.columns if c not in (KEY, EXT_ID)}).join(
+        conf, on=EXT_ID, how="inner"
+    )
+    # Only the touched users are recomputed (list operations cost per row); the others are kept as they are.
+    untouched_rows = st.join(d.select(KEY, EXT_ID), on=[KEY, EXT_ID], how="anti")
+    j = st.join(d, on=[KEY, EXT_ID], how="right", coalesce=True)
+
+    def ok(pair: tuple[Operation, Phase]) -> pl.Expr:
+        return pl.col(flag_name(*pair)).fill_null(False)
+
+    new: list[pl.Expr] = []
+    for f in fields:
+        s, dv = pl.col(f.name), pl.col(f"d:{f.column}")
+        if f.kind is FieldKind.SET:
+            assert f.off is not None
+            unset = pl.col(f"d:{UNSET}").list.contains(pl.lit(f.attribute)).fill_null(False)
+            expr = (
+                pl.when(ok(f.on) & dv.is_not_null())
+                .then(dv)
+                .when(ok(f.off) & unset)
+                .then(pl.lit(None, f.dtype))
+                .otherwise(s)
+            )
+        elif f.kind in (FieldKind.APPEND, FieldKind.REMOVE):
+            union = pl.concat_list([s.fill_null(empty_list()), dv]).list.unique().list.sort()
+            expr = pl.when(ok(f.on) & dv.is_not_null()).then(union).otherwise(s)
+        elif f.kind in (FieldKind.FLAG, FieldKind.CATEGORY):
+            assert f.off is not None
+            expr = (
+                pl.when(ok(f.on) & (dv == True))  # noqa: E712 - a null means "no change", not False
+                .then(True)
+                .when(ok(f.off) & (dv == False))  # noqa: E712
+                .then(False)
+                .otherwise(s)
+            )
+        else:
+            expr = pl.when(ok(f.on) & dv.is_not_null()).then(dv).otherwise(s)
+        new.append(expr.cast(f.dtype).alias(f.name))
+    if TAGS in schema:
+        added = pl.col("__conf_added").fill_null(empty_list())
+        removed = pl.col("__conf_removed").fill_null(empty_list())
+        tags = pl.concat_list([pl.col(TAGS).fill_null(empty_list()), added]).list.set_difference(removed)
+        untouched = pl.col("__conf_added").is_null() & pl.col("__conf_removed").is_null()
+        new.append(pl.when(untouched).then(pl.col(TAGS)).otherwise(tags.list.sort()).alias(TAGS))
+    deleted = ok((Operation.DELETE_USERS, Phase.DELETIONS))
+    touched = j.filter(~deleted).select(pl.col(KEY), pl.col(EXT_ID), *new).select(list(schema))
+    return pl.concat([untouched_rows, touched]).sort([KEY, EXT_ID])
+
+
+
+_MAP_SCHEMA: dict[str, Any] = {
+    "s": pl.String,
+    "b": pl.String,
+    "o": pl.String,
+    "p": pl.Int64,
+    "g": pl.String,
+    "f": pl.String,
+    "l": pl.String,
+}
+
+
+def _batch_map(directory: Path) -> pl.DataFrame:
+    """The run's batch map, read columnar (a first full load may have made hundreds of thousands of batches)."""
+    path = directory / "batches.jsonl"
+    data = path.read_bytes() if path.is_file() else b""
+    # A line cut short by a crash never reached the dispatcher: drop it.
+    data = data[: data.rfind(b"\n") + 1]
+    if not data:
+        return pl.DataFrame(schema=_MAP_SCHEMA)
+    return pl.read_ndjson(io.BytesIO(data), schema=_MAP_SCHEMA)
+
+
+def _with_seqs(batches: pl.DataFrame, parts: Iterable[pl.DataFrame]) -> pl.DataFrame:
+    """Add the delta positions of each batch's first and last external ID."""
+    firsts, lasts = [], []
+    for part in parts:
+        ids = part.select(EXT_ID, SEQ)
+        firsts.append(
+            batches.select("b", "f")
+            .join(ids, left_on="f", right_on=EXT_ID)
+            .select("b", pl.col(SEQ).alias("first"))
+        )
+        lasts.append(
+            batches.select("b", "l")
+            .join(ids, left_on="l", right_on=EXT_ID)
+            .select("b", pl.col(SEQ).alias("last"))
+        )
+    schema = {"b": pl.String, "first": pl.Int64}
+    first = pl.concat(firsts) if firsts else pl.DataFrame(schema=schema)
+    last = pl.concat(lasts) if lasts else pl.DataFrame(schema={"b": pl.String, "last": pl.Int64})
+    return batches.join(first, on="b", how="inner").join(last, on="b", how="inner")
+
+
+def _confirmations(
+    source: Source, delta: pl.DataFrame, batches: pl.DataFrame, refused: pl.DataFrame
+) -> pl.DataFrame:
+    """One row per (user, operation, phase, group) of ``delta`` whose batch the platform confirmed.
+
+    ``batches``: the run's batch map with ``first``/``last`` positions and the ledger ``status``; a batch's
+    stream and group plus the positions of its first and last ID identify exactly the delta rows it carried.
+    """
+    out = []
+    seqs = delta.select(EXT_ID, SEQ)
+    for stream in snapshot_streams(source):
+        selected = stream.select(delta)
+        if selected.is_empty():
+            continue
+        rows = (
+            selected.select(EXT_ID, pl.col(netmera.GROUP).alias("group"))
+            .join(seqs, on=EXT_ID, how="left")
+            .sort(SEQ)
+        )
+        carried = (
+            batches.filter((pl.col("o") == stream.operation.value) & (pl.col("p") == int(stream.phase)))
+            .select(pl.col("g").alias("group"), "first", "last", "b", "status")
+            .sort("first")
+        )
+        if carried.is_empty():
+            continue
+        hit = rows.join_asof(
+            carried, left_on=SEQ, right_on="first", by="group", strategy="backward", check_sortedness=False
+        ).filter(pl.col("b").is_not_null() & (pl.col(SEQ) <= pl.col("last")))
+        hit = hit.filter(pl.col("status").is_in([BatchStatus.OK.value, BatchStatus.REJECTED.value]))
+        hit = hit.join(refused, left_on=["b", EXT_ID], right_on=["batch_id", "ext_id"], how="anti")
+        out.append(
+            hit.select(
+                EXT_ID,
+                pl.lit(stream.operation.value).alias("op"),
+                pl.lit(int(stream.phase), pl.Int64).alias("phase"),
+                "group",
+            )
+        )
+    schema = {EXT_ID: pl.String, "op": pl.String, "phase": pl.Int64, "group": pl.String}
+    return pl.concat(out) if out else pl.DataFrame(schema=schema)
+
+
+@dataclass(frozen=True, slots=True)
+class CommitReport:
+    """What one commit merged: per source, users whose state changed and the new row count."""
+
+    run_id: str
+    batches_confirmed: int
+    batches_unconfirmed: int
+    users_updated: Mapping[str, int]
+    rows: Mapping[str, int]
+
+
+def commit(
+    store: StateStore,
+    sources: Sequence[Source],
+    directory: Path,
+    ledger: Any,
+    settings: SnapshotSettings | None = None,
+) -> CommitReport:
+    """Merge the confirmed batches of the pending run in ``directory`` into the state, then remove the directory.
+
+    ``ledger`` is a :class:`sync.ledger.Ledger` (``batches(run_id)``, ``refused_ids(run_id)``).
+    """
+    settings = settings or SnapshotSettings()
+    meta = json.loads((directory / "meta.json").read_text(encoding="utf-8"))
+    run_id = meta["run_id"]
+    ledger.flush()  # results still queued in this process count too
+    recorded = ledger.batches(run_id)
+    statuses = pl.DataFrame(
+        {"b": [r.batch_id for r in recorded], "status": [str(r.status) for r in recorded]},
+        schema={"b": pl.String, "status": pl.String},
+    ).unique("b")
+    all_batches = _batch_map(directory)
+    refused_rows = ledger.refused_ids(run_id)
+    refused = pl.DataFrame(
+        {"batch_id": [r[0] for r in refused_rows], "ext_id": [r[1] for r in refused_rows]},
+        schema={"batch_id": pl.String, "ext_id": pl.String},
+    )
+    by_name = {s.name: s for s in sources}
+    confirmed_total = unconfirmed_total = 0
+    updated: dict[str, int] = {}
+    rows: dict[str, int] = {}
+    for name, info in meta["sources"].items():
+        source = by_name.get(name)
+        if source is None:
+            continue  # the source left the job: its state is no longer managed
+        bits = int(info["bits"])
+        parts = {int(r): directory / name / p for r, p in info["parts"].items()}
+        batches = (
+            all_batches.filter(pl.col("s") == name)
+            .join(statuses, on="b", how="left")
+            .with_columns(pl.col("status").fill_null(BatchStatus.PLANNED.value))
+        )
+        good = batches.filter(pl.col("status").is_in([BatchStatus.OK.value, BatchStatus.REJECTED.value]))
+        confirmed_total += good.height
+        unconfirmed_total += batches.height - good.height
+        if good.is_empty():
+            rows[name] = store.rows(source)
+            updated[name] = 0
+            continue
+        batches = _with_seqs(good, (pl.read_parquet(p, columns=[EXT_ID, SEQ]) for p in parts.values()))
+        counter = [0]
+        ranges = _merged_ranges(store, source, bits, parts, batches, refused, settings, counter)
+        rows[name] = store.write(source, ranges, settings)
+        updated[name] = counter[0]
+    shutil.rmtree(directory, ignore_errors=True)
+    return CommitReport(run_id, confirmed_total, unconfirmed_total, updated, rows)
+
+
+def _merged_ranges(
+    store: StateStore,
+    source: Source,
+    bits: int,
+    parts: Mapping[int, Path],
+    batches: pl.DataFrame,
+    refused: pl.DataFrame,
+    settings: SnapshotSettings,
+    counter: list[int],
+) -> Iterator[pl.DataFrame]:
+    """The new state, key range by key range (ranges without delta are copied); counts users touched."""
+    for r in range(1 << bits):
+        lo, hi = key_range(r, bits)
+        state = store.slice(source, lo, hi, settings)
+        if r not in parts:
+            yield state
+            continue
+        delta = conform_delta(source, pl.read_parquet(parts[r]))
+        conf = _confirmations(source, delta, batches, refused)
+        counter[0] += conf.select(pl.col(EXT_ID).n_unique()).item()
+        yield apply_confirmed(source, state, delta, conf, settings)
+
+
+def recover(
+    store: StateStore, sources: Sequence[Source], ledger: Any, settings: SnapshotSettings | None = None
+) -> list[CommitReport]:
+    """Commit every pending run left by a crash (oldest first): what the ledger confirmed enters the state.
+
+    A recovered run still marked ``running`` in the ledger died: it is marked ``interrupted`` (exit code 4), so
+    ``pushsync runs`` does not show it as running forever.
+    """
+    reports = []
+    for directory in store.pending():
+        report = commit(store, sources, directory, ledger, settings)
+        info = ledger.run(report.run_id)
+        if info is not None and info.status == "running":
+            ledger.finish_run(
+                report.run_id,
+                status="interrupted",
+                exit_code=int(ExitCode.INTERRUPTED),
+                message=f"the run died; {report.batches_confirmed} confirmed batches were merged into the state "
+                "and the rest is sent by the next run",
+            )
+        reports.append(report)
+    return reports
+

@@ -1,0 +1,275 @@
+"""The delta of a run: :func:`compute_diff` writes it under ``pending/<run_id>/`` before anything is sent, and
+:class:`SnapshotDiff` turns it into batches (recording each in the run's batch map before it is yielded)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any
+
+import polars as pl
+
+from sync.config import NullAction, RemovalAction, SnapshotSettings, Source, TagAction, TagColumn
+from sync.errors import StateError
+from sync.platforms.netmera import requests as netmera
+from sync.reading import ROW
+from sync.records import Batch, Operation, Phase
+from sync.state._diff import DiffCounts, diff_frames
+from sync.state._store import (
+    DELETE,
+    LEFT_FILE,
+    SEQ,
+    TAGS_ADDED,
+    TAGS_REMOVED,
+    UNSET,
+    StateStore,
+    range_bits,
+    key_range,
+    tag_columns,
+    managed_fields,
+    snapshot_problems,
+)
+from sync.validation import EXT_ID, FILE, KEY, clean_schema
+
+class RemovalThresholdError(StateError):
+    """More users would be removed than the job allows; nothing was sent. ``--force`` overrides."""
+
+
+
+def _delta_source(source: Source) -> Source:
+    """The source as the planner's stream builders should see a delta frame: values present are sent, nothing is
+    unset for being empty (unsets come from ``__unset``), tags added and removed are two tag columns."""
+    return dataclasses.replace(
+        source,
+        attributes=tuple(dataclasses.replace(a, on_null=NullAction.SKIP) for a in source.attributes),
+        tags=(TagColumn(TAGS_ADDED), TagColumn(TAGS_REMOVED, action=TagAction.UNTAG)),
+    )
+
+
+def _list_rows(frame: pl.DataFrame, column: str) -> pl.DataFrame:
+    return frame.filter(pl.col(column).list.len() > 0).select(
+        EXT_ID, FILE, ROW, pl.lit("").alias(netmera.GROUP), pl.col(column).alias(netmera.PAYLOAD)
+    )
+
+
+def _flag_rows(frame: pl.DataFrame, column: str) -> pl.DataFrame:
+    return frame.filter(pl.col(column).fill_null(False)).select(
+        EXT_ID, FILE, ROW, pl.lit("").alias(netmera.GROUP), pl.lit(None, pl.Null).alias(netmera.PAYLOAD)
+    )
+
+
+def snapshot_streams(source: Source) -> list[netmera.Stream]:
+    """The request streams a source's delta frames make: the planner's streams plus unset and delete."""
+    streams = netmera.streams_for(_delta_source(source))
+    streams.append(
+        netmera.Stream(
+            Operation.UNSET_ATTRIBUTES,
+            Phase.CHANGES,
+            (UNSET,),
+            lambda f: _list_rows(f, UNSET),
+            lambda _g, rows: netmera.unset_attributes_body(rows),
+        )
+    )
+    streams.append(
+        netmera.Stream(
+            Operation.DELETE_USERS,
+            Phase.DELETIONS,
+            (DELETE,),
+            lambda f: _flag_rows(f, DELETE),
+            lambda _g, rows: netmera.ext_ids_body([r[0] for r in rows]),
+        )
+    )
+    return streams
+
+
+
+def _by_range(
+    frames: Iterable[pl.DataFrame], bits: int, empty: pl.DataFrame
+) -> Iterator[tuple[int, pl.DataFrame]]:
+    """Re-cut frames of disjoint, increasing key ranges (the planner's buckets) into this module's ranges."""
+    it = iter(frames)
+    buf = empty
+    exhausted = False
+    for r in range(1 << bits):
+        _, hi = key_range(r, bits)
+        while not exhausted and (buf.is_empty() or buf[KEY].max() < hi):  # type: ignore[operator]
+            nxt = next(it, None)
+            if nxt is None:
+                exhausted = True
+            elif nxt.height:
+                buf = (
+                    pl.concat([buf, nxt.select(empty.columns)], how="vertical_relaxed")
+                    if buf.height
+                    else nxt.select(empty.columns)
+                )
+        yield r, buf.filter(pl.col(KEY) < hi)
+        buf = buf.filter(pl.col(KEY) >= hi)
+
+
+@dataclass(frozen=True, slots=True)
+class SourceDelta:
+    """The delta of one source: one Parquet part per key range with changes."""
+
+    source: Source
+    files: tuple[str, ...]
+    """Input files, then :data:`LEFT_FILE`; ``__file`` of a delta row indexes this."""
+    bits: int
+    parts: Mapping[int, Path]
+    counts: DiffCounts
+
+    def frames(self) -> Iterator[pl.DataFrame]:
+        for r in sorted(self.parts):
+            yield pl.read_parquet(self.parts[r])
+
+
+@dataclass(frozen=True, slots=True)
+class SnapshotDiff:
+    """The pending changes of one run. :meth:`batches` makes the requests; :func:`commit` merges what was
+    confirmed. Lives in ``<state>/pending/<run_id>/`` until committed."""
+
+    run_id: str
+    directory: Path
+    sources: tuple[SourceDelta, ...]
+    settings: SnapshotSettings
+    batch_size: Mapping[str, int] = field(default_factory=dict)
+
+    @property
+    def counts(self) -> DiffCounts:
+        total = DiffCounts()
+        for s in self.sources:
+            total = total + s.counts
+        return total
+
+    def _size(self, endpoint: str) -> int:
+        return self.batch_size.get(endpoint) or self.batch_size.get("*") or netmera.MAX_IDS_PER_REQUEST
+
+    def batches(self, *, record: bool = True) -> Iterator[Batch]:
+        """Every batch of the delta, phase by phase; each is recorded in ``batches.jsonl`` before it is yielded
+        (so a crash can never leave a sent batch that :func:`commit` cannot map back)."""
+        log: IO[str] | None = (
+            (self.directory / "batches.jsonl").open("a", encoding="utf-8") if record else None
+        )
+        try:
+            for phase in Phase:
+                for delta in self.sources:
+                    for stream in snapshot_streams(delta.source):
+                        if stream.phase is not phase:
+                            continue
+                        size = self._size(stream.endpoint)
+                        for batch in netmera.stream_batches(stream, delta.frames(), size, delta.files):
+                            if log is not None:
+                                group = batch.body.get("tag", "") if isinstance(batch.body, dict) else ""
+                                entry = {
+                                    "s": delta.source.name,
+                                    "b": batch.batch_id,
+                                    "o": stream.operation.value,
+                                    "p": int(stream.phase),
+                                    "g": group,
+                                    "f": batch.ext_ids[0],
+                                    "l": batch.ext_ids[-1],
+                                }
+                                log.write(json.dumps(entry) + "\n")
+                                log.flush()  # to the OS: survives kill -9 of this process
+                            yield batch
+        finally:
+            if log is not None:
+                log.close()
+
+    def request_counts(self) -> dict[tuple[Phase, str, Operation], tuple[int, int]]:
+        """``(requests, ids)`` per phase, endpoint and operation, without building bodies."""
+        out: dict[tuple[Phase, str, Operation], tuple[int, int]] = {}
+        for delta in self.sources:
+            for stream in snapshot_streams(delta.source):
+                requests, ids = netmera.stream_counts(stream, delta.frames(), self._size(stream.endpoint))
+                if requests:
+                    key = (stream.phase, stream.endpoint, stream.operation)
+                    old = out.get(key, (0, 0))
+                    out[key] = (old[0] + requests, old[1] + ids)
+        return out
+
+    def discard(self) -> None:
+        shutil.rmtree(self.directory, ignore_errors=True)
+
+
+def compute_diff(
+    store: StateStore,
+    staged: Sequence[Any],
+    run_id: str,
+    settings: SnapshotSettings | None = None,
+    *,
+    full_refresh: bool = False,
+    force: bool = False,
+    batch_size: Mapping[str, int] | None = None,
+) -> SnapshotDiff:
+    """Diff every staged users source (``Plan.staged``: objects with ``source``, ``files``, ``rows_clean`` and
+    ``frames(columns)``) against the confirmed state and write the delta under ``pending/<run_id>/``.
+
+    Raises :class:`RemovalThresholdError` (and keeps nothing) when a source would remove more than
+    ``max_removal_share`` of its state's users and ``force`` is not given.
+    """
+    settings = settings or SnapshotSettings()
+    directory = store.pending_root / run_id
+    directory.mkdir(parents=True, exist_ok=False)
+    meta: dict[str, Any] = {"run_id": run_id, "full_refresh": full_refresh, "sources": {}}
+    deltas: list[SourceDelta] = []
+    try:
+        for st in staged:
+            source: Source = st.source
+            problems = snapshot_problems(source)
+            if problems:
+                raise StateError(f"source {source.name!r}: {problems[0]}")
+            bits = range_bits(max(int(st.rows_clean), store.rows(source)))
+            files = (*st.files, LEFT_FILE)
+            columns = list(dict.fromkeys(f.column for f in managed_fields(source, settings)))
+            columns += [c for c in tag_columns(source) if c not in columns]
+            types = clean_schema(source)
+            empty = pl.DataFrame(
+                schema={KEY: pl.UInt32, EXT_ID: pl.String, FILE: pl.Int32, ROW: pl.Int64}
+                | {c: types[c] for c in columns}
+            )
+            part_dir = directory / source.name
+            part_dir.mkdir()
+            parts: dict[int, Path] = {}
+            counts = DiffCounts()
+            seq = 0
+            for r, current in _by_range(st.frames([KEY, *columns]), bits, empty):
+                lo, hi = key_range(r, bits)
+                state = store.slice(source, lo, hi, settings)
+                delta, c = diff_frames(
+                    source, current, state, settings, full_refresh=full_refresh, left_file=len(st.files)
+                )
+                counts = counts + c
+                if delta.height:
+                    delta = delta.with_columns(
+                        pl.int_range(seq, seq + delta.height, dtype=pl.Int64).alias(SEQ)
+                    )
+                    seq += delta.height
+                    parts[r] = part_dir / f"{r:05d}.parquet"
+                    delta.write_parquet(parts[r], compression="zstd")
+            if (
+                not force
+                and counts.users_removed
+                and counts.users_removed > settings.max_removal_share * max(counts.users_state, 1)
+            ):
+                raise RemovalThresholdError(
+                    f"source {source.name!r}: {counts.users_removed} of {counts.users_state} users in the state "
+                    f"({counts.users_removed / max(counts.users_state, 1):.1%}) left the export and would be "
+                    f"{'deleted' if settings.removal is RemovalAction.DELETE else 'untagged'}; the job allows "
+                    f"{settings.max_removal_share:.1%}. Nothing was sent. Check the export, or run with --force."
+                )
+            meta["sources"][source.name] = {
+                "bits": bits,
+                "files": list(files),
+                "parts": {str(r): p.name for r, p in parts.items()},
+            }
+            deltas.append(SourceDelta(source, files, bits, parts, counts))
+        (directory / "meta.json").write_text(json.dumps(meta), encoding="utf-8")
+    except BaseException:
+        shutil.rmtree(directory, ignore_errors=True)
+        raise
+    return SnapshotDiff(run_id, directory, tuple(deltas), settings, dict(batch_size or {}))
+

@@ -1,0 +1,72 @@
+"""The plan preview of a snapshot run (``pushsync plan``): what the diff would send, without sending or keeping it."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sync.config import SnapshotSettings
+from sync.platforms.netmera import requests as netmera
+from sync.state._delta import compute_diff, snapshot_streams
+from sync.state._diff import DiffCounts
+from sync.state._store import StateStore
+
+def preview(
+    store: StateStore,
+    plan: Any,
+    settings: SnapshotSettings | None = None,
+    *,
+    full_refresh: bool = False,
+    assumed_latency: float | None = None,
+) -> tuple[DiffCounts, Any]:
+    """What a snapshot run of ``plan`` (a :class:`sync.planning.Plan`) would send, for ``pushsync plan``:
+    the diff counts and a :class:`sync.planning.PlanSummary` of the delta's requests. Writes nothing lasting
+    (the delta goes to a temporary pending directory, removed before returning); never refuses on the removal
+    threshold (the counts show it)."""
+    import secrets
+
+    from sync.planning import ASSUMED_LATENCY, EndpointSummary, PlanSummary, estimate_duration
+
+    latency = ASSUMED_LATENCY if assumed_latency is None else assumed_latency
+    job = plan.job
+    diff = compute_diff(
+        store,
+        plan.staged,
+        f"plan-{secrets.token_hex(4)}",
+        settings,
+        full_refresh=full_refresh,
+        force=True,
+        batch_size=job.batch_sizes,
+    )
+    try:
+        counts = diff.request_counts()
+        samples: dict[str, Any] = {}
+        for delta in diff.sources:
+            for stream in snapshot_streams(delta.source):
+                if stream.endpoint not in samples:
+                    sample = netmera.stream_sample(stream, delta.frames())
+                    if sample is not None:
+                        samples[stream.endpoint] = sample
+        durations = estimate_duration({k: v[0] for k, v in counts.items()}, job.dispatch, latency=latency)
+        summary = PlanSummary(
+            job=job.name,
+            platform=job.destination.platform,
+            base_url=job.destination.base_url,
+            endpoints=tuple(
+                EndpointSummary(ph, ep, op, n, ids, durations.get((ph, ep, op), 0.0))
+                for (ph, ep, op), (n, ids) in counts.items()
+            ),
+            rows_read=sum(s.rows_read for s in plan.staged),
+            rows_clean=sum(s.rows_clean for s in plan.staged),
+            rejected_count=plan.rejected_count,
+            rejects_path=str(plan.rejects_path),
+            duplicates_dropped=sum(s.duplicates_dropped for s in plan.staged),
+            estimated_seconds=durations.get(None, 0.0),
+            samples=samples,
+            sources={
+                s.source.name: {"files": len(s.files), "rows_read": s.rows_read, "rows_clean": s.rows_clean}
+                for s in plan.staged
+            },
+        )
+        return diff.counts, summary
+    finally:
+        diff.discard()

@@ -1,0 +1,273 @@
+"""The confirmed state: what it holds for a users source (the managed fields, the schema, the key ranges) and
+where (:class:`StateStore`: one Parquet file per source, atomic rewrites, the job's lock)."""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import os
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
+from enum import StrEnum
+from pathlib import Path
+from typing import Any
+
+import polars as pl
+import pyarrow.parquet as pq
+
+from sync.config import Destination, NullAction, SnapshotSettings, Source, SourceKind, TagAction
+from sync.errors import StateError
+from sync.records import Operation, Phase
+from sync.validation import EXT_ID, KEY, clean_schema
+
+SEQ = "__seq"
+"""Position of a delta row in the run's canonical order (maps a row to the batch that carried it)."""
+TAGS = "tags"
+TAGS_ADDED = "__tags_added"
+TAGS_REMOVED = "__tags_removed"
+UNSET = "__unset"
+DELETE = "__delete"
+LEFT_FILE = "<state: user no longer in the export>"
+"""The origin named for a user that left the export (delta rows need an origin file)."""
+
+ROWS_PER_RANGE = 150_000
+"""Users (export or state, whichever is larger) per key range: the unit of work and memory of diff and commit."""
+ROW_GROUP_ROWS = 32_768
+"""Rows per Parquet row group of the state file: small, so a key range reads few rows it does not need."""
+
+class FieldKind(StrEnum):
+    """How a managed field is diffed and which operations confirm it."""
+
+    SET = "set"
+    APPEND = "push"
+    REMOVE = "pull"
+    FLAG = "flag"
+    CATEGORY = "category"
+    CONTACT = "contact"
+
+
+@dataclass(frozen=True, slots=True)
+class ManagedField:
+    """One field of the state: its column there (``name``), the clean-frame column it comes from, its type, and
+    the (operation, phase) pairs whose confirmation moves a new value (``on``) or a removal (``off``) into it."""
+
+    name: str
+    column: str
+    kind: FieldKind
+    dtype: Any
+    on: tuple[Operation, Phase]
+    off: tuple[Operation, Phase] | None = None
+    attribute: str | None = None
+    unset: bool = False
+
+
+def flag_name(op: Operation, phase: Phase) -> str:
+    return f"ok:{op.value}:{int(phase)}"
+
+
+OK_DELETE = flag_name(Operation.DELETE_USERS, Phase.DELETIONS)
+
+
+def managed_fields(source: Source, settings: SnapshotSettings | None = None) -> list[ManagedField]:
+    """The fields a users source manages, in a fixed order (tags are handled apart: see :data:`TAGS`)."""
+    settings = settings or SnapshotSettings()
+    types = clean_schema(source)
+    changes = Phase.CHANGES
+    fields: list[ManagedField] = []
+    for a in source.attributes:
+        dtype = types[a.column]
+        if a.mode.value == "set":
+            fields.append(
+                ManagedField(
+                    f"attr:{a.attribute}",
+                    a.column,
+                    FieldKind.SET,
+                    dtype,
+                    (Operation.SET_ATTRIBUTES, changes),
+                    (Operation.UNSET_ATTRIBUTES, changes),
+                    a.attribute,
+                    a.on_null is NullAction.UNSET or settings.unset_on_empty,
+                )
+            )
+        elif a.mode.value == "push":
+            on = (Operation.PUSH_ATTRIBUTES, changes)
+            fields.append(ManagedField(f"push:{a.attribute}", a.column, FieldKind.APPEND, dtype, on))
+        else:
+            on = (Operation.PULL_ATTRIBUTES, changes)
+            fields.append(ManagedField(f"pull:{a.attribute}", a.column, FieldKind.REMOVE, dtype, on))
+    opt = source.opt_ins
+    for name, column, enable, disable in (
+        ("push", opt.push, Operation.ENABLE_PUSH, Operation.DISABLE_PUSH),
+        ("email", opt.email, Operation.ENABLE_EMAIL, Operation.DISABLE_EMAIL),
+        ("sms", opt.sms, Operation.ENABLE_SMS, Operation.DISABLE_SMS),
+    ):
+        if column:
+            fields.append(
+                ManagedField(
+                    f"optin:{name}",
+                    column,
+                    FieldKind.FLAG,
+                    pl.Boolean,
+                    (enable, changes),
+                    (disable, Phase.OPT_OUT),
+                )
+            )
+    for category, column in opt.categories.items():
+        fields.append(
+            ManagedField(
+                f"category:{category}",
+                column,
+                FieldKind.CATEGORY,
+                pl.Boolean,
+                (Operation.SET_CATEGORIES, changes),
+                (Operation.SET_CATEGORIES, Phase.OPT_OUT),
+            )
+        )
+    if source.email:
+        fields.append(
+            ManagedField(
+                "email", source.email, FieldKind.CONTACT, pl.String, (Operation.UPDATE_EMAIL, changes)
+            )
+        )
+    if source.msisdn:
+        fields.append(
+            ManagedField(
+                "msisdn", source.msisdn, FieldKind.CONTACT, pl.String, (Operation.UPDATE_MSISDN, changes)
+            )
+        )
+    return fields
+
+
+def tag_columns(source: Source) -> list[str]:
+    return [t.column for t in source.tags if t.action is TagAction.TAG]
+
+
+def snapshot_problems(source: Source) -> list[str]:
+    """Why a source cannot be synced in snapshot mode (empty when it can); the job loader reports these."""
+    if source.kind is not SourceKind.USERS:
+        return [
+            f"a {source.kind.value!r} source lists changes, not the full state: use mode 'changes' for it "
+            "(a separate job), or map it into the users export"
+        ]
+    if any(t.action is TagAction.UNTAG for t in source.tags):
+        return [
+            "untag tag columns have no meaning in snapshot mode: tags missing from the export are untagged"
+        ]
+    return []
+
+
+def state_schema(source: Source, settings: SnapshotSettings | None = None) -> dict[str, Any]:
+    """Columns and types of the source's state file."""
+    schema: dict[str, Any] = {KEY: pl.UInt32, EXT_ID: pl.String}
+    for f in managed_fields(source, settings):
+        schema[f.name] = f.dtype
+    if tag_columns(source):
+        schema[TAGS] = pl.List(pl.String)
+    return schema
+
+
+def conform(frame: pl.DataFrame | None, schema: Mapping[str, Any]) -> pl.DataFrame:
+    """A state frame with exactly ``schema``: unknown columns dropped (no longer managed), new ones null, types cast
+    leniently (a value that cannot be cast reads as unknown, so it is sent again)."""
+    if frame is None:
+        return pl.DataFrame(schema=dict(schema))
+    return frame.select(
+        [
+            pl.col(name).cast(dtype, strict=False)
+            if name in frame.columns
+            else pl.lit(None, dtype).alias(name)
+            for name, dtype in schema.items()
+        ]
+    )
+
+
+def range_bits(rows: int) -> int:
+    ranges = max(1, -(-rows // ROWS_PER_RANGE))
+    return min(16, (ranges - 1).bit_length())
+
+
+def key_range(r: int, bits: int) -> tuple[int, int]:
+    shift = 32 - bits
+    return r << shift, (r + 1) << shift
+
+
+
+class StateStore:
+    """The confirmed state of one job for one destination, and the pending deltas of its runs."""
+
+    __slots__ = ("directory",)
+
+    def __init__(self, workdir: Path, destination: Destination) -> None:
+        digest = hashlib.sha256(destination.base_url.encode("utf-8")).hexdigest()[:10]
+        # Per destination: a job pointed at a sandbox must never believe what it sent there is in production.
+        self.directory: Path = Path(workdir) / "state" / f"{destination.platform}-{digest}"
+
+    def path_for(self, source: Source | str) -> Path:
+        name = source if isinstance(source, str) else source.name
+        return self.directory / f"{name}.parquet"
+
+    @property
+    def pending_root(self) -> Path:
+        return self.directory / "pending"
+
+    def pending(self) -> list[Path]:
+        """Pending run directories (deltas not yet committed), oldest first."""
+        if not self.pending_root.is_dir():
+            return []
+        return sorted(p for p in self.pending_root.iterdir() if (p / "meta.json").is_file())
+
+    def rows(self, source: Source | str) -> int:
+        path = self.path_for(source)
+        return pq.ParquetFile(path).metadata.num_rows if path.is_file() else 0
+
+    def read(self, source: Source, settings: SnapshotSettings | None = None) -> pl.DataFrame:
+        """The whole state of a source (for inspection and small jobs; runs read it by key range)."""
+        path = self.path_for(source)
+        return conform(pl.read_parquet(path) if path.is_file() else None, state_schema(source, settings))
+
+    def slice(
+        self, source: Source, lo: int, hi: int, settings: SnapshotSettings | None = None
+    ) -> pl.DataFrame:
+        """The state rows with ``lo <= __key < hi``; row-group statistics skip the rest of the file."""
+        path = self.path_for(source)
+        schema = state_schema(source, settings)
+        if not path.is_file():
+            return conform(None, schema)
+        frame = pl.scan_parquet(path).filter((pl.col(KEY) >= lo) & (pl.col(KEY) < hi)).collect()
+        return conform(frame, schema)
+
+    def write(
+        self, source: Source, frames: Iterable[pl.DataFrame], settings: SnapshotSettings | None = None
+    ) -> int:
+        """Replace a source's state with ``frames`` (in canonical order), atomically. Returns the row count."""
+        schema = state_schema(source, settings)
+        self.directory.mkdir(parents=True, exist_ok=True)
+        path = self.path_for(source)
+        tmp = path.with_suffix(".parquet.tmp")
+        arrow_schema = pl.DataFrame(schema=schema).to_arrow().schema
+        rows = 0
+        with pq.ParquetWriter(tmp, arrow_schema, compression="zstd", use_dictionary=False) as writer:
+            for frame in frames:
+                if frame.height:
+                    table = conform(frame, schema).to_arrow().cast(arrow_schema)
+                    writer.write_table(table, row_group_size=ROW_GROUP_ROWS)
+                    rows += frame.height
+        with open(tmp, "rb") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+        return rows
+
+    @contextmanager
+    def lock(self) -> Iterator[None]:
+        """Hold the job's state lock: two runs of one job at once would each believe the other's changes unsent."""
+        self.directory.mkdir(parents=True, exist_ok=True)
+        with open(self.directory / ".lock", "a+b") as fh:
+            try:
+                fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError as exc:
+                raise StateError(f"another run of this job holds {self.directory / '.lock'}") from exc
+            try:
+                yield
+            finally:
+                fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
