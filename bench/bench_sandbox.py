@@ -5,8 +5,8 @@ stats on, as always); the load comes from this process over keep-alive connectio
 HTTP/1.1 client, so the client costs far less than the server and the server's core is what is measured.
 Every request tags 1000 distinct extIds (new users are created on first sight, as in a real first sync).
 
-Memory: builds N users three ways in this process and measures the RSS growth of each, extrapolated linearly to
-10M: users as tagUsers creates them (extId + one tag); full users (one device, a 2-key profile on half, one tag)
+Memory: builds N users three ways, each in a fresh child process, and measures the RSS growth of each, extrapolated
+linearly to 10M: users as tagUsers creates them (extId + one tag); full users (one device, a 2-key profile on half, one tag)
 whose tag came over the API — tagUsers holds its own copies of the extId strings, as a real sync does; and the same
 full users with the tag from the seed (one extId string per user).
 

@@ -371,7 +371,7 @@ class Dispatcher:
             if self._stop.is_set():
                 return
             for batch in chunk:
-                if batch.phase is not lane.phase:
+                if batch.phase != lane.phase:
                     assert lane.phase is not None
                     raise StateError(
                         f"lane {lane.name} of phase {lane.phase.name} yielded batch {batch.batch_id} of phase "

@@ -21,7 +21,7 @@ from vtime import run_virtual
 from sync.budget import Budget, RateBudget
 from sync.config import DispatchSettings, RateBudgetSpec, load_job
 from sync.dispatch import Dispatcher, DispatchOutcome, DispatchReport, LaneSource
-from sync.errors import ExitCode, FatalPlatformError
+from sync.errors import ExitCode, FatalPlatformError, StateError
 from sync.ledger import Ledger
 from sync.planning import build_plan
 from sync.platforms.base import SendOutcome
@@ -332,6 +332,12 @@ def test_a_bad_key_on_one_lane_aborts_every_lane(tmp_path: Path) -> None:
     ledger.close()
 
 
+def test_a_lane_yielding_another_phase_is_refused_as_a_state_error() -> None:
+    wrong = {Phase.OPT_OUT: [("a", batches_for("a", 2, Phase.OPT_OUT) + batches_for("a", 1))]}
+    with pytest.raises(StateError, match="lane a of phase OPT_OUT yielded batch a:CHANGES:0"):
+        run_virtual(dispatch(MemoryPlatform(), Lanes(wrong), settings()))
+
+
 def test_plain_iterables_still_use_one_queue() -> None:
     """A list (what resume, snapshot diffs and most tests pass) goes through the one-queue path unchanged."""
     client = MemoryPlatform()
@@ -492,9 +498,22 @@ async def test_a_resumed_run_is_sent_in_lanes_too(netmera_sandbox: Any, tmp_path
     add_devices(state, 60)
     job = load_job(job_path)
     stop = asyncio.Event()
-    asyncio.get_running_loop().call_later(0.3, stop.set)  # while the opt-outs are sent
 
-    first = await sync_job(job, api_key=netmera_sandbox.api_key, stop=stop)
+    class StopAfterFive:  # while the opt-outs (20 requests) are sent
+        done = 0
+
+        def on_batch_start(self, batch: Batch) -> None:
+            return None
+
+        def on_attempt(self, attempt: Attempt) -> None:
+            return None
+
+        def on_batch_done(self, batch: Batch, result: BatchResult) -> None:
+            self.done += 1
+            if self.done == 5:
+                stop.set()
+
+    first = await sync_job(job, api_key=netmera_sandbox.api_key, stop=stop, observers=[StopAfterFive()])
     resumed = await sync_job(job, api_key=netmera_sandbox.api_key)
 
     assert first.run.exit_code is ExitCode.INTERRUPTED and first.run.summary.batches_done > 0

@@ -1,4 +1,4 @@
-"""The snapshot differ, the confirmed-state store and the merge of confirmed batches (sync/state.py).
+"""The snapshot differ, the confirmed-state store and the merge of confirmed batches (sync/state/).
 
 Inputs go through the real reader, validator and planner staging (small CSV files); confirmations go through the
 real SQLite ledger. Nothing is sent here: the end-to-end runs against the sandbox are in test_crash_resume.py.
@@ -13,7 +13,7 @@ from typing import Any
 import polars as pl
 import pytest
 
-import sync.state as state_mod
+import sync.state._store as state_store  # where the key-range size lives (the test shrinks it)
 from sync.config import Job, load_job
 from sync.errors import StateError
 from sync.ledger import Ledger
@@ -335,7 +335,7 @@ def test_many_key_ranges_give_the_same_result_as_one(tmp_path: Path, monkeypatch
     changed = [r.replace(",gold,", ",silver,") if i % 10 == 0 else r for i, r in enumerate(rows)]
     results = []
     for name, per_range in (("one", 150_000), ("many", 16)):
-        monkeypatch.setattr(state_mod, "ROWS_PER_RANGE", per_range)
+        monkeypatch.setattr(state_store, "ROWS_PER_RANGE", per_range)
         (tmp_path / name).mkdir()
         job = write_input(tmp_path / name, rows)
         sync_once(job, "r1")

@@ -24,7 +24,6 @@ A run goes:
    idempotent.
 """
 
-
 from sync.config import RemovalAction, SnapshotSettings
 from sync.state._commit import CommitReport, apply_confirmed, commit, recover
 from sync.state._delta import RemovalThresholdError, SnapshotDiff, SourceDelta, compute_diff, snapshot_streams
@@ -51,11 +50,14 @@ from sync.state._store import (
 __all__ = [
     "DELETE",
     "LEFT_FILE",
+    "ROWS_PER_RANGE",
+    "ROW_GROUP_ROWS",
     "SEQ",
     "TAGS",
     "TAGS_ADDED",
     "TAGS_REMOVED",
     "UNSET",
+    "CommitReport",
     "DiffCounts",
     "FieldKind",
     "ManagedField",

@@ -1,5 +1,5 @@
-"""The merge of confirmed batches: the ledger's confirmed batches mapped back to per-user fields and merged into
-the state (:func:`commit`; :func:`recover` for a crashed run's pending delta). Every merge rule is idempotent."""
+"""The merge of confirmed batches: the ledger's confirmed batches mapped back to per-user fields and merged
+into the state (:func:`commit`; :func:`recover` for a crashed run's delta). Every rule is idempotent."""
 
 from __future__ import annotations
 
@@ -20,6 +20,7 @@ from sync.records import BatchStatus, Operation, Phase
 from sync.state._delta import snapshot_streams
 from sync.state._diff import conform_delta, empty_list
 from sync.state._store import (
+    OK_DELETE,
     SEQ,
     TAGS,
     UNSET,
@@ -27,12 +28,12 @@ from sync.state._store import (
     StateStore,
     conform,
     flag_name,
-    OK_DELETE,
     key_range,
     managed_fields,
     state_schema,
 )
 from sync.validation import EXT_ID, KEY
+
 
 def apply_confirmed(
     source: Source,
@@ -114,7 +115,6 @@ def apply_confirmed(
     deleted = ok((Operation.DELETE_USERS, Phase.DELETIONS))
     touched = j.filter(~deleted).select(pl.col(KEY), pl.col(EXT_ID), *new).select(list(schema))
     return pl.concat([untouched_rows, touched]).sort([KEY, EXT_ID])
-
 
 
 _MAP_SCHEMA: dict[str, Any] = {
@@ -316,4 +316,3 @@ def recover(
             )
         reports.append(report)
     return reports
-

@@ -27,17 +27,17 @@ from sync.state._store import (
     TAGS_REMOVED,
     UNSET,
     StateStore,
-    range_bits,
     key_range,
-    tag_columns,
     managed_fields,
+    range_bits,
     snapshot_problems,
+    tag_columns,
 )
 from sync.validation import EXT_ID, FILE, KEY, clean_schema
 
+
 class RemovalThresholdError(StateError):
     """More users would be removed than the job allows; nothing was sent. ``--force`` overrides."""
-
 
 
 def _delta_source(source: Source) -> Source:
@@ -84,7 +84,6 @@ def snapshot_streams(source: Source) -> list[netmera.Stream]:
         )
     )
     return streams
-
 
 
 def _by_range(
@@ -272,4 +271,3 @@ def compute_diff(
         shutil.rmtree(directory, ignore_errors=True)
         raise
     return SnapshotDiff(run_id, directory, tuple(deltas), settings, dict(batch_size or {}))
-

@@ -18,11 +18,12 @@ from sync.state._store import (
     UNSET,
     FieldKind,
     conform,
-    tag_columns,
     managed_fields,
     state_schema,
+    tag_columns,
 )
 from sync.validation import EXT_ID, FILE, KEY, clean_schema
+
 
 @dataclass(frozen=True, slots=True)
 class DiffCounts:
@@ -58,12 +59,13 @@ class DiffCounts:
         return out
 
 
-
 def empty_list() -> pl.Expr:
+    """An empty string list (the value of a missing list, so set operations see no nulls)."""
     return pl.lit([], pl.List(pl.String))
 
 
 def none_if_empty(expr: pl.Expr) -> pl.Expr:
+    """``expr``, or null where the list is empty (null means \"nothing to send\" in a delta)."""
     return pl.when(expr.list.len() > 0).then(expr)
 
 

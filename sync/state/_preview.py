@@ -1,4 +1,4 @@
-"""The plan preview of a snapshot run (``pushsync plan``): what the diff would send, without sending or keeping it."""
+"""The plan preview of a snapshot run (``pushsync plan``): what its diff would send; nothing is kept."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from sync.platforms.netmera import requests as netmera
 from sync.state._delta import compute_diff, snapshot_streams
 from sync.state._diff import DiffCounts
 from sync.state._store import StateStore
+
 
 def preview(
     store: StateStore,

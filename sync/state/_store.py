@@ -36,6 +36,7 @@ ROWS_PER_RANGE = 150_000
 ROW_GROUP_ROWS = 32_768
 """Rows per Parquet row group of the state file: small, so a key range reads few rows it does not need."""
 
+
 class FieldKind(StrEnum):
     """How a managed field is diffed and which operations confirm it."""
 
@@ -63,6 +64,7 @@ class ManagedField:
 
 
 def flag_name(op: Operation, phase: Phase) -> str:
+    """The column that says an (operation, phase) was confirmed for a user, in the merge."""
     return f"ok:{op.value}:{int(phase)}"
 
 
@@ -140,6 +142,7 @@ def managed_fields(source: Source, settings: SnapshotSettings | None = None) -> 
 
 
 def tag_columns(source: Source) -> list[str]:
+    """The source's tag columns (their union is the user's managed tags)."""
     return [t.column for t in source.tags if t.action is TagAction.TAG]
 
 
@@ -183,14 +186,15 @@ def conform(frame: pl.DataFrame | None, schema: Mapping[str, Any]) -> pl.DataFra
 
 
 def range_bits(rows: int) -> int:
+    """Top bits of the key naming a range: about :data:`ROWS_PER_RANGE` users each, at most 2**16 ranges."""
     ranges = max(1, -(-rows // ROWS_PER_RANGE))
     return min(16, (ranges - 1).bit_length())
 
 
 def key_range(r: int, bits: int) -> tuple[int, int]:
+    """The keys ``[lo, hi)`` of range ``r`` when ``bits`` top bits name the range."""
     shift = 32 - bits
     return r << shift, (r + 1) << shift
-
 
 
 class StateStore:

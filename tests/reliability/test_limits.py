@@ -184,10 +184,11 @@ async def test_a_budget_above_the_limit_recovers_from_429s_without_loss(
 async def test_a_budget_above_the_limit_with_rate_headers_paces_itself(
     tmp_path: Path,
     limited_sandbox: tuple[str, SandboxHttp],
+    soak_long: bool,
     figures: Callable[[str, Mapping[str, Any]], None],
 ) -> None:
     url, http = limited_sandbox
-    result = await _run(tmp_path, url, http, budget=3 * LIMIT, window=_window(False), users=600)
+    result = await _run(tmp_path, url, http, budget=3 * LIMIT, window=_window(soak_long), users=600)
     figures("limits_above_budget_with_headers", result["figures"])
     outcome = result["outcome"]
     assert outcome.exit_code is ExitCode.OK, outcome.summary.render_text()

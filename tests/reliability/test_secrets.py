@@ -183,9 +183,8 @@ def test_a_known_key_appears_nowhere(
         tmp_path,
         env,
     )
-    assert done.returncode == 1, done.stderr[
-        -3000:
-    ]  # partial: rows rejected by validation and by the platform
+    # Exit 1 (partial): rows rejected by validation, IDs refused by the platform.
+    assert done.returncode == 1, done.stderr[-3000:]
     assert "Traceback" not in done.stderr
     summary = json.loads(done.stdout)
     totals = summary["totals"]
@@ -200,8 +199,17 @@ def test_a_known_key_appears_nowhere(
     assert (tmp_path / "work" / "report.html").stat().st_size > 1000
     assert (tmp_path / "work" / "rejects.csv").read_text(encoding="utf-8").count("\n") == 4
     assert prom.is_file()
+    # `retry` reads the key too, and sends the refused IDs again (refused again: the sandbox still lacks them).
+    replay = cli(
+        ["retry", summary["run_id"], "--job", str(job), "--output", "json", "--progress", "log"],
+        tmp_path,
+        env,
+    )
+    assert replay.returncode == 1 and "Traceback" not in replay.stderr, replay.stderr[-3000:]
+    assert json.loads(replay.stdout)["totals"]["ids_rejected"] >= len(UNKNOWN)
     skip = {tmp_path / "secret" / "netmera.key"}
-    assert leaks(api_key, [done.stdout, done.stderr, *outputs], tmp_path, skip) == []
+    texts = [done.stdout, done.stderr, replay.stdout, replay.stderr, *outputs]
+    assert leaks(api_key, texts, tmp_path, skip) == []
 
 
 def test_a_wrong_key_appears_in_no_error_message(

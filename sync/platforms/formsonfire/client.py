@@ -5,7 +5,7 @@ Settings come from ``destination.extra``: ``company_id`` (required), ``body_form
 job's secret is the ``IntegrationKey``. Both credentials are written into each request body here, never into a
 :class:`Batch`.
 
-Answers map onto the error tree (``sync/errors.py``) here, at the boundary. The platform answers most calls
+Transport and the common status mapping are :mod:`sync.platforms._http`'s. The platform answers most calls
 with 200 and reports errors inside the body; their shape is not documented [I]. This connector reads the
 ServiceStack-style ``ResponseStatus`` the sandbox sends (``{"ResponseStatus": {"ErrorCode", "Message"}}`` in
 JSON, ``<ResponseStatus><ErrorCode>…`` in XML) and also a top-level ``ErrorCode``/``Error``/``Success: false``:
@@ -26,30 +26,23 @@ answer                                       raised
 
 from __future__ import annotations
 
-import asyncio
 import json
-import ssl
 import xml.etree.ElementTree as ET
 from typing import Any
 
-import aiohttp
-
 from sync.config import Destination
-from sync.errors import FatalPlatformError, RejectedBatchError, RetryableError
+from sync.errors import FatalPlatformError, RejectedBatchError
+from sync.platforms._http import AnswerPolicy, ErrorBody, HttpClient, HttpSession, bounded
 from sync.platforms.base import SendOutcome
 from sync.platforms.formsonfire import DEFAULT_XML_ROOT, PLATFORM, BodyFormat
 from sync.platforms.formsonfire.requests import serialise, split_batch
-from sync.platforms.netmera.client import parse_remaining, parse_retry_after
 from sync.records import Batch
-from sync.redact import describe_request, redact, register_secret
+from sync.redact import register_secret
 
 __all__ = ["FATAL_ERROR_CODES", "FormsOnFireClient", "error_in_body"]
 
 FATAL_ERROR_CODES = frozenset({"Unauthorized", "Forbidden", "AuthenticationFailed", "InvalidIntegrationKey"})
 """In-body error codes that mean the credentials are wrong [I]: the run stops instead of refusing every push."""
-
-_FATAL_STATUSES = frozenset({401, 403, 404, 405})
-_MAX_MESSAGE = 300
 
 
 def _local(tag: str) -> str:
@@ -107,7 +100,19 @@ def _parsed(raw: bytes) -> Any:
     return raw.decode("utf-8", "replace") if text else None
 
 
-class FormsOnFireClient:
+def _read_error(raw: bytes, status: int) -> ErrorBody:
+    found = error_in_body(raw)
+    if found is None:
+        return ErrorBody(f"HTTP {status}", status)  # no code of the platform's own: the status stands in
+    return ErrorBody(bounded(found[1]), found[0], f", {found[0]}")
+
+
+_ANSWERS = AnswerPolicy(
+    _read_error, hints={401: "check the IntegrationKey", 403: "check the IntegrationKey"}
+)
+
+
+class FormsOnFireClient(HttpClient):
     """Sends one-push :class:`Batch` objects to the POST Push API (or its sandbox). Use ``async with``.
 
     ``destination.base_url`` is the API root (``https://<node>/api/v2/``); requests go to ``push?format=...``.
@@ -140,30 +145,13 @@ class FormsOnFireClient:
         self.response_format = BodyFormat(response_format or extra.get("response_format") or self.body_format)
         self._xml_root = xml_root or extra.get("xml_root") or DEFAULT_XML_ROOT
         self._key = integration_key
-        base = destination.base_url
-        self._base_url = base if base.endswith("/") else base + "/"
-        self._timeout = aiohttp.ClientTimeout(total=timeout)
-        self._timeout_seconds = timeout
-        self._verify_tls = destination.verify_tls
-        self._max_connections = max_connections
-        self._session: aiohttp.ClientSession | None = None
-
-    async def __aenter__(self) -> FormsOnFireClient:
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.aclose()
-
-    def _get_session(self) -> aiohttp.ClientSession:
-        if self._session is None or self._session.closed:
-            connector = aiohttp.TCPConnector(limit=self._max_connections, ssl=self._verify_tls)
-            self._session = aiohttp.ClientSession(connector=connector, timeout=self._timeout)
-        return self._session
-
-    async def aclose(self) -> None:
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
+        # No session headers: the credentials travel in each body, the content type differs by body format.
+        self._session = HttpSession(
+            destination.base_url,
+            timeout=timeout,
+            verify_tls=destination.verify_tls,
+            max_connections=max_connections,
+        )
 
     def split(self, batch: Batch) -> tuple[Batch, Batch] | None:
         """One user per request: never split."""
@@ -171,59 +159,28 @@ class FormsOnFireClient:
 
     async def send(self, batch: Batch) -> SendOutcome:
         """POST one push; see the module docstring for what is raised."""
-        url = self._base_url + batch.endpoint
-        what = describe_request("POST", url, endpoint=batch.endpoint, batch_id=batch.batch_id)
         payload, content_type = serialise(
             batch.body, self.body_format, self._company_id, self._key, xml_root=self._xml_root
         )
-        session = self._get_session()
-        loop = asyncio.get_running_loop()
-        started = loop.time()
-        try:
-            async with session.post(
-                url,
+        answer = _ANSWERS.check(
+            await self._session.request(
+                "POST",
+                batch.endpoint,
+                endpoint=batch.endpoint,
+                batch_id=batch.batch_id,
                 data=payload,
                 params={"format": self.response_format.value},
                 headers={"Content-Type": content_type},
-            ) as resp:
-                raw = await resp.read()
-                status = resp.status
-                headers = resp.headers
-        except TimeoutError as exc:
-            raise RetryableError(f"{what}: no answer within {self._timeout_seconds:g} s") from exc
-        except aiohttp.ClientConnectorCertificateError as exc:
-            raise FatalPlatformError(f"{what}: TLS certificate refused") from exc
-        except (aiohttp.ClientSSLError, ssl.SSLError) as exc:
-            raise FatalPlatformError(f"{what}: TLS error: {redact(str(exc))}") from exc
-        except aiohttp.InvalidURL as exc:
-            raise FatalPlatformError(f"{what}: invalid URL") from exc
-        except aiohttp.ClientError as exc:
-            raise RetryableError(f"{what}: connection failed: {type(exc).__name__}") from exc
-        latency = loop.time() - started
-        found = error_in_body(raw)
-        code, message = (found[0], redact(found[1][:_MAX_MESSAGE])) if found else (None, f"HTTP {status}")
-        if 200 <= status < 300:
-            if found is None:
-                return SendOutcome(
-                    status, latency, _parsed(raw), parse_remaining(headers.get("X-RateLimit-Remaining"))
-                )
-            if code in FATAL_ERROR_CODES:
-                raise FatalPlatformError(
-                    f"{what}: {code}: {message} (check the IntegrationKey and destination.extra.company_id)",
-                    status=status,
-                    code=code,
-                )
-            raise RejectedBatchError(message, status=status, code=code)
-        text = f"{what}: HTTP {status}" + (f", {code}" if code else "") + f": {message}"
-        if status in _FATAL_STATUSES:
-            hint = "check the IntegrationKey" if status in (401, 403) else "check destination.base_url"
-            raise FatalPlatformError(f"{text} ({hint})", status=status, code=code or status)
-        if status == 429 or status == 408 or status >= 500:
-            raise RetryableError(
-                text,
-                status=status,
-                code=code or status,
-                retry_after=parse_retry_after(headers.get("Retry-After")),
-                remaining=parse_remaining(headers.get("X-RateLimit-Remaining")),
             )
-        raise RejectedBatchError(message, status=status, code=code or status)
+        )
+        found = error_in_body(answer.raw)
+        if found is None:
+            return SendOutcome(answer.status, answer.latency, _parsed(answer.raw), answer.remaining)
+        code, message = found[0], bounded(found[1])
+        if code in FATAL_ERROR_CODES:
+            raise FatalPlatformError(
+                f"{answer.what}: {code}: {message} (check the IntegrationKey and destination.extra.company_id)",
+                status=answer.status,
+                code=code,
+            )
+        raise RejectedBatchError(message, status=answer.status, code=code)

@@ -1,0 +1,63 @@
+"""Job configuration: frozen objects validated at load time.
+
+The run-side settings (destination, rate budgets, retries, concurrency, :func:`resolve_secret`) are in
+``_settings``; the job's records (sources, mappings, validation rules, sync mode) in ``_job``; the job-file loader
+(YAML validated against the repository's ``schemas/job.schema.json``, then semantic checks) in ``_load``, one
+source's parsing in ``_sources``, per-platform defaults in ``_defaults``. Import them from here.
+Only the CLI reads environment variables: secrets are resolved by :func:`resolve_secret`, called from the CLI.
+"""
+
+from sync.config._defaults import PLATFORM_DEFAULTS
+from sync.config._job import (
+    DEFAULT_NULL_VALUES,
+    AttributeMapping,
+    AttributeMode,
+    FileFormat,
+    Job,
+    NullAction,
+    OptIns,
+    RemovalAction,
+    SnapshotSettings,
+    Source,
+    SourceKind,
+    SyncMode,
+    TagAction,
+    TagColumn,
+    ValidationRules,
+    ValueType,
+)
+from sync.config._load import SCHEMA_PATH, load_job
+from sync.config._settings import (
+    Destination,
+    DispatchSettings,
+    RateBudgetSpec,
+    RetryPolicy,
+    resolve_secret,
+)
+
+__all__ = [
+    "DEFAULT_NULL_VALUES",
+    "PLATFORM_DEFAULTS",
+    "SCHEMA_PATH",
+    "AttributeMapping",
+    "AttributeMode",
+    "Destination",
+    "DispatchSettings",
+    "FileFormat",
+    "Job",
+    "NullAction",
+    "OptIns",
+    "RateBudgetSpec",
+    "RemovalAction",
+    "RetryPolicy",
+    "SnapshotSettings",
+    "Source",
+    "SourceKind",
+    "SyncMode",
+    "TagAction",
+    "TagColumn",
+    "ValidationRules",
+    "ValueType",
+    "load_job",
+    "resolve_secret",
+]

@@ -1,0 +1,334 @@
+"""The job-file loader: YAML, validated against the JSON Schema, then the semantic checks the schema cannot
+express; every problem found is reported at once (:class:`BadJobError`)."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import urllib.parse
+import zoneinfo
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import yaml
+
+from sync.config._defaults import PLATFORM_DEFAULTS, PLATFORM_MAX_BATCH
+from sync.config._job import (
+    Job,
+    RemovalAction,
+    SnapshotSettings,
+    Source,
+    SourceKind,
+    SyncMode,
+    TagAction,
+    ValidationRules,
+)
+from sync.config._settings import Destination, DispatchSettings, RateBudgetSpec, RetryPolicy
+from sync.config._sources import parse_source
+from sync.errors import BadJobError, JobProblem
+
+# The schema lives at the repository's top-level schemas/ (one copy; found from a source checkout or an
+# editable install, which is how pushsync is installed: `make install`).
+SCHEMA_PATH = Path(__file__).resolve().parents[2] / "schemas" / "job.schema.json"
+"""The JSON Schema every job file is validated against (``schemas/job.schema.json``)."""
+
+_SECRET_LOOKING_KEYS = re.compile(r"(api_?key|apikey|token|password|passwd|secret_?key|key)$", re.IGNORECASE)
+_SECRET_LOOKING_EXTRA = re.compile(
+    r"(api_?key|access_?key|integration_?key|private_?key|secret(_?key)?|token|password|passwd)$",
+    re.IGNORECASE,
+)
+"""Names of ``destination.extra`` settings that would hold a secret (``user_key: UserId`` is not one)."""
+_PER = re.compile(r"^\s*([0-9]+(?:\.[0-9]+)?)\s*(ms|s|m|h)\s*$")
+_UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
+
+
+def _schema() -> dict[str, Any]:
+    with SCHEMA_PATH.open(encoding="utf-8") as fh:
+        loaded: dict[str, Any] = json.load(fh)
+    return loaded
+
+
+def _location(parts: Any) -> str:
+    out = ""
+    for part in parts:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out
+
+
+def _join(location: str, key: str) -> str:
+    return f"{location}.{key}" if location else key
+
+
+def _schema_message(error: jsonschema.ValidationError) -> str:
+    if error.validator == "additionalProperties":
+        schema: Any = error.schema
+        instance: Any = error.instance
+        extra = sorted(set(instance) - set(schema.get("properties", {})))
+        return f"unknown key(s) {', '.join(map(repr, extra))}"
+    if error.validator == "oneOf" and error.context:
+        # oneOf failures are noisy; the branch that got furthest explains the problem best.
+        best = max(error.context, key=lambda e: len(e.absolute_path))
+        return _schema_message(best)
+    return error.message
+
+
+def _secret_problems(raw: Mapping[str, Any]) -> list[JobProblem]:
+    """Refuse a secret written into the job file, with a message that says what to do instead."""
+    dest = raw.get("destination")
+    if not isinstance(dest, Mapping):
+        return []
+    problems = []
+    hint = "a job names where the secret lives ({env: NAME} or {file: PATH}), never the secret itself"
+    secret = dest.get("secret")
+    if secret is not None and not isinstance(secret, Mapping):
+        problems.append(JobProblem("destination.secret", f"looks like a literal secret: {hint}"))
+    for key in dest:
+        if key != "secret" and _SECRET_LOOKING_KEYS.search(str(key)):
+            problems.append(
+                JobProblem(f"destination.{key}", f"secrets may not be written in a job file: {hint}")
+            )
+    extra = dest.get("extra")
+    if isinstance(extra, Mapping):
+        for key in extra:
+            if _SECRET_LOOKING_EXTRA.search(str(key)):
+                problems.append(
+                    JobProblem(
+                        f"destination.extra.{key}", f"secrets may not be written in a job file: {hint}"
+                    )
+                )
+    base_url = dest.get("base_url")
+    if isinstance(base_url, str):
+        try:
+            parts = urllib.parse.urlsplit(base_url)
+            userinfo = "@" in parts.netloc
+        except ValueError:
+            parts, userinfo = None, False
+        # The URL is printed in plans, summaries and logs: credentials in it would leak from there.
+        if userinfo:
+            problems.append(
+                JobProblem("destination.base_url", f"credentials may not be written in the URL: {hint}")
+            )
+        elif parts is not None and (parts.query or parts.fragment):
+            problems.append(
+                JobProblem(
+                    "destination.base_url",
+                    f"a base URL takes no query string (endpoints are appended to it): {hint}",
+                )
+            )
+    return problems
+
+
+def _seconds(spec: Mapping[str, Any]) -> float:
+    if "period" in spec:
+        return float(spec["period"])
+    match = _PER.match(str(spec.get("per", "1s")))
+    assert match is not None  # the schema's pattern already checked it
+    return float(match.group(1)) * _UNIT_SECONDS[match.group(2)]
+
+
+def _dispatch(raw: Mapping[str, Any], platform: str) -> tuple[DispatchSettings, dict[str, int]]:
+    defaults = PLATFORM_DEFAULTS.get(platform, {})
+    budgets: dict[str, RateBudgetSpec] = dict(defaults.get("budgets", {}))
+    for endpoint, spec in (raw.get("budgets") or {}).items():
+        budgets[endpoint] = RateBudgetSpec(requests=int(spec["requests"]), period=_seconds(spec))
+    retry_raw = raw.get("retry") or {}
+    retry_kwargs: dict[str, Any] = {
+        k: (int(v) if k == "max_attempts" else float(v)) for k, v in retry_raw.items()
+    }
+    retry = RetryPolicy(**retry_kwargs)
+    kwargs: dict[str, Any] = {
+        k: raw[k] for k in ("concurrency", "request_timeout", "drain_timeout", "queue_size") if k in raw
+    }
+    settings = DispatchSettings(
+        **kwargs,
+        per_endpoint_concurrency=dict(raw.get("per_endpoint_concurrency") or {}),
+        budgets=budgets,
+        retry=retry,
+    )
+    sizes_raw = raw.get("batch_size", {})
+    sizes = {"*": int(defaults.get("batch_size", 1000))}
+    sizes.update(
+        {"*": sizes_raw} if isinstance(sizes_raw, int) else {k: int(v) for k, v in sizes_raw.items()}
+    )
+    return settings, sizes
+
+
+def _destination(dest_raw: Mapping[str, Any], base: Path, problems: list[JobProblem]) -> Destination:
+    destination = Destination(
+        platform=dest_raw["platform"],
+        base_url=dest_raw["base_url"] if dest_raw["base_url"].endswith("/") else dest_raw["base_url"] + "/",
+        secret_env=dest_raw["secret"].get("env"),
+        secret_file=(
+            str(base / os.path.expanduser(dest_raw["secret"]["file"]))
+            if "file" in dest_raw["secret"]
+            else None
+        ),
+        verify_tls=dest_raw.get("verify_tls", True),
+        extra=dict(dest_raw.get("extra") or {}),
+    )
+    if not destination.verify_tls and not re.match(
+        r"^https?://(127\.0\.0\.1|localhost|\[::1\])[:/]", destination.base_url
+    ):
+        problems.append(
+            JobProblem("destination.verify_tls", "TLS checks may only be turned off for a local sandbox")
+        )
+    return destination
+
+
+def _platform_problems(platform: str, sources: list[Source], extra: Mapping[str, str]) -> list[JobProblem]:
+    """What the platform itself cannot do with these sources and settings (imported late: the platform layer
+    imports this module)."""
+    if platform == "notifyvisitors":
+        from sync.platforms.notifyvisitors.requests import job_problems
+    elif platform == "formsonfire":
+        from sync.platforms.formsonfire.requests import job_problems
+    else:
+        return []
+    return job_problems(sources, extra)
+
+
+def _sync_mode(
+    raw: Mapping[str, Any], sources: list[Source], problems: list[JobProblem]
+) -> tuple[SyncMode, SnapshotSettings]:
+    """``mode`` and ``snapshot``; in snapshot mode every source must be a users export without untag columns."""
+    if any(p.location == "mode" or p.location.startswith("snapshot") for p in problems):
+        return SyncMode.CHANGES, SnapshotSettings()  # the schema already reported what is wrong here
+    mode = SyncMode(raw.get("mode", "changes"))
+    snap = raw.get("snapshot") or {}
+    settings = SnapshotSettings(
+        removal=RemovalAction(snap.get("removal", "none")),
+        max_removal_share=float(snap.get("max_removal_share", 0.05)),
+        unset_on_empty=bool(snap.get("unset_on_empty", False)),
+    )
+    if mode is SyncMode.SNAPSHOT:
+        for i, source in enumerate(sources):
+            if source.kind is not SourceKind.USERS:
+                problems.append(
+                    JobProblem(
+                        f"sources[{i}].kind",
+                        f"a {source.kind.value!r} source lists changes, not the full state: snapshot mode takes "
+                        "users exports only (send it with a job in mode 'changes')",
+                    )
+                )
+            elif any(t.action is TagAction.UNTAG for t in source.tags):
+                problems.append(
+                    JobProblem(
+                        f"sources[{i}].tags",
+                        "untag columns have no meaning in snapshot mode: tags missing from the export are untagged",
+                    )
+                )
+    elif "snapshot" in raw:
+        problems.append(JobProblem("snapshot", "only used with mode: snapshot"))
+    return mode, settings
+
+
+def load_job(path: str | Path) -> Job:
+    """Read, validate and freeze a job file.
+
+    Raises :class:`BadJobError` listing *every* problem found (schema violations and semantic checks), each with
+    its location in the file, e.g. ``sources[1].attributes.birth_date``.
+    """
+    job_path = Path(path)
+    try:
+        text = job_path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise BadJobError(str(job_path), [JobProblem("", f"cannot read job file: {exc.strerror}")]) from exc
+    except UnicodeDecodeError as exc:
+        raise BadJobError(str(job_path), [JobProblem("", "job file is not UTF-8 text")]) from exc
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or "not valid YAML"
+        raise BadJobError(str(job_path), [JobProblem(where, str(problem))]) from exc
+    if not isinstance(raw, Mapping):
+        raise BadJobError(str(job_path), [JobProblem("", "a job file is a YAML mapping (key: value)")])
+
+    problems = _secret_problems(raw)
+    quiet = {p.location for p in problems}
+    validator = jsonschema.Draft202012Validator(_schema())
+    for error in sorted(validator.iter_errors(raw), key=lambda e: [str(x) for x in e.absolute_path]):
+        loc = _location(error.absolute_path)
+        # A problem already explained by the secret check is not repeated in the schema's words.
+        if any(loc == q or loc.startswith(q + ".") for q in quiet):
+            continue
+        if error.validator == "additionalProperties":
+            schema: Any = error.schema
+            instance: Any = error.instance
+            extra = [
+                k for k in instance if k not in schema.get("properties", {}) and _join(loc, k) not in quiet
+            ]
+            if extra:
+                problems.append(JobProblem(loc, f"unknown key(s) {', '.join(map(repr, sorted(extra)))}"))
+            continue
+        if loc == "destination" and "destination.secret" in quiet and "secret" in error.message:
+            continue
+        problems.append(JobProblem(loc, _schema_message(error)))
+
+    # Semantic checks run on every section the schema found sound, so one pass reports every problem.
+    flagged = {p.location for p in problems}
+
+    def sound(prefix: str) -> bool:
+        return not any(f == prefix or f.startswith((prefix + ".", prefix + "[")) for f in flagged)
+
+    base = job_path.resolve().parent
+    name = raw.get("name") or re.sub(r"[^A-Za-z0-9_.-]", "_", job_path.stem)
+    destination = (
+        _destination(raw["destination"], base, problems)
+        if "destination" in raw and sound("destination")
+        else None
+    )
+    platform = destination.platform if destination else "netmera"
+    rules_raw = (raw.get("validation") or {}) if sound("validation") else {}
+    rules = ValidationRules(
+        max_id_length=rules_raw.get("max_id_length", 256),
+        timezone=rules_raw.get("timezone", "UTC"),
+        trim=rules_raw.get("trim", True),
+    )
+    try:
+        zoneinfo.ZoneInfo(rules.timezone)
+    except (zoneinfo.ZoneInfoNotFoundError, ValueError):
+        problems.append(JobProblem("validation.timezone", f"unknown time zone {rules.timezone!r}"))
+    defaults = (raw.get("defaults") or {}) if sound("defaults") else {}
+    sources = []
+    seen: set[str] = set()
+    raw_sources: list[Any] = raw["sources"] if isinstance(raw.get("sources"), list) else []
+    for i, src_raw in enumerate(raw_sources):
+        if not sound(f"sources[{i}]"):
+            continue
+        if src_raw["name"] in seen:
+            problems.append(JobProblem(f"sources[{i}].name", f"duplicate source name {src_raw['name']!r}"))
+        seen.add(src_raw["name"])
+        source = parse_source(i, src_raw, defaults, base, problems)
+        if source is not None:
+            sources.append(source)
+    dispatch, sizes = _dispatch((raw.get("dispatch") or {}) if sound("dispatch") else {}, platform)
+    limit = PLATFORM_MAX_BATCH.get(platform)
+    for endpoint, size in sizes.items():
+        if limit is not None and size > limit:
+            where = "dispatch.batch_size" + ("" if endpoint == "*" else f".{endpoint}")
+            problems.append(
+                JobProblem(where, f"{size} is above the {platform} limit of {limit} unique IDs per request")
+            )
+    if destination is not None and len(sources) == len(raw_sources):
+        problems += _platform_problems(platform, sources, destination.extra)
+    mode, snapshot = _sync_mode(raw, sources, problems)
+    if problems or destination is None:
+        raise BadJobError(str(job_path), problems)
+    workdir = base / raw["workdir"] if "workdir" in raw else Path.cwd() / ".pushsync" / name
+    return Job(
+        name=name,
+        path=job_path.resolve(),
+        destination=destination,
+        dispatch=dispatch,
+        workdir=workdir,
+        sources=tuple(sources),
+        validation=rules,
+        batch_sizes=sizes,
+        mode=mode,
+        snapshot=snapshot,
+    )

@@ -1,0 +1,88 @@
+"""Run-side settings: where a job sends, how hard it may push, how it retries, and where its secret lives."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from sync.errors import SecretError
+
+
+@dataclass(frozen=True, slots=True)
+class Destination:
+    """Where a job sends: the platform, its base URL and where the secret lives (never the secret itself)."""
+
+    platform: str
+    base_url: str
+    secret_env: str | None = None
+    secret_file: str | None = None
+    verify_tls: bool = True
+    """TLS certificate checks; only a job aimed at a local sandbox may turn them off."""
+    extra: Mapping[str, str] = field(default_factory=dict)
+    """Platform-specific, non-secret settings (e.g. a brand ID, a company ID)."""
+
+
+@dataclass(frozen=True, slots=True)
+class RateBudgetSpec:
+    """At most ``requests`` requests per ``period`` seconds, counting every attempt (retries included)."""
+
+    requests: int
+    period: float
+
+    @property
+    def interval(self) -> float:
+        return self.period / self.requests
+
+
+@dataclass(frozen=True, slots=True)
+class RetryPolicy:
+    """Exponential backoff with full jitter: sleep uniform(0, min(max_delay, base_delay * 2**attempt))."""
+
+    max_attempts: int = 6
+    base_delay: float = 0.5
+    max_delay: float = 30.0
+    max_retry_after: float = 300.0
+    """A server's Retry-After above this is treated as absurd and capped."""
+
+
+@dataclass(frozen=True, slots=True)
+class DispatchSettings:
+    """How hard a run may push: global and per-endpoint concurrency, time-outs, rate budgets."""
+
+    concurrency: int = 8
+    per_endpoint_concurrency: Mapping[str, int] = field(default_factory=dict)
+    request_timeout: float = 30.0
+    drain_timeout: float = 30.0
+    queue_size: int = 64
+    budgets: Mapping[str, RateBudgetSpec] = field(default_factory=dict)
+    """Per endpoint (e.g. ``tagUsers``); the key ``"*"`` applies to endpoints not named."""
+    retry: RetryPolicy = field(default_factory=RetryPolicy)
+
+    def budget_for(self, endpoint: str) -> RateBudgetSpec | None:
+        return self.budgets.get(endpoint) or self.budgets.get("*")
+
+
+def resolve_secret(destination: Destination, environ: Mapping[str, str] | None = None) -> str:
+    """Read the destination's secret from the environment variable or file the job names.
+
+    Raises :class:`SecretError` naming the variable or file — never the value.
+    """
+    env = os.environ if environ is None else environ
+    if destination.secret_env:
+        value = env.get(destination.secret_env)
+        if value:
+            return value.strip()
+        if not destination.secret_file:
+            raise SecretError(f"environment variable {destination.secret_env} is not set or empty")
+    if destination.secret_file:
+        path = Path(os.path.expanduser(destination.secret_file))
+        try:
+            value = path.read_text(encoding="utf-8").strip()
+        except OSError as exc:
+            raise SecretError(f"cannot read secret file {path}: {exc.strerror}") from exc
+        if not value:
+            raise SecretError(f"secret file {path} is empty")
+        return value
+    raise SecretError("the job names no secret (destination.secret.env or destination.secret.file)")
