@@ -13,8 +13,9 @@
         └── RejectedBatchError         400: the platform refused this batch's content: record it, split, go on
 
 Third-party exceptions (aiohttp, polars, sqlite3) are translated into these once, at the boundary
-(``raise BadInputError(...) from exc``). Messages never contain secrets: request descriptions are built
-by :func:`sync.redact.describe_request`, which redacts.
+(``raise BadInputError(...) from exc``); aiohttp's, for every connector, in :mod:`sync.platforms._http`.
+Messages never contain secrets: request descriptions are built by :func:`sync.redact.describe_request`,
+which redacts.
 """
 
 from __future__ import annotations

@@ -13,13 +13,16 @@ the wrong number of fields is not fatal: it becomes a rejected row and reading g
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import glob
 import os
 import re
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import polars as pl
 import pyarrow as pa
@@ -79,20 +82,55 @@ def read_columns(source: Source, path: Path) -> list[str]:
         header_only = _header_without_newline(source, path)
         if header_only is not None:
             return header_only
-        reader = pa_csv.open_csv(
-            path,
-            read_options=_csv_read_options(source, block_size=1 << 16),
-            parse_options=pa_csv.ParseOptions(
-                delimiter=source.delimiter, newlines_in_values=True, invalid_row_handler=lambda _row: "skip"
-            ),
-            convert_options=pa_csv.ConvertOptions(column_types={}, include_columns=[]),
-        )
+
+        def skip(_row: pa_csv.InvalidRow) -> str:
+            return "skip"
+
+        with _undecodable_rows(skip) as undecodable:
+            try:
+                reader = pa_csv.open_csv(
+                    path,
+                    read_options=_csv_read_options(source, block_size=1 << 16),
+                    parse_options=pa_csv.ParseOptions(
+                        delimiter=source.delimiter, newlines_in_values=True, invalid_row_handler=skip
+                    ),
+                    convert_options=pa_csv.ConvertOptions(column_types={}, include_columns=[]),
+                )
+            except (pa.ArrowException, UnicodeError) as exc:
+                raise _unreadable(source, path, exc, undecodable=bool(undecodable)) from exc
         try:
             return list(reader.schema.names)
         finally:
             reader.close()
     except (pa.ArrowException, OSError, UnicodeError) as exc:
         raise _unreadable(source, path, exc) from exc
+
+
+@contextlib.contextmanager
+def _undecodable_rows(handler: object) -> Iterator[list[BaseException]]:
+    """Collect the malformed records pyarrow could not hand to ``handler`` because they are not valid UTF-8.
+
+    pyarrow decodes a malformed record's text before it calls the invalid-row handler; when that fails it reports
+    the error through ``sys.unraisablehook`` (a traceback on stderr) and then fails the read with a parse error
+    quoting the raw bytes. While this is active those reports are collected instead (others pass through), so
+    the caller can raise one clear "cannot decode" error. The hook is process-wide; it only takes reports about
+    ``handler``, so a reader in another thread is not affected.
+    """
+    caught: list[BaseException] = []
+    previous = sys.unraisablehook
+
+    def hook(unraisable: Any) -> None:
+        if unraisable.object is handler and isinstance(unraisable.exc_value, UnicodeDecodeError):
+            caught.append(unraisable.exc_value)
+        else:
+            previous(unraisable)
+
+    sys.unraisablehook = hook
+    try:
+        yield caught
+    finally:
+        if sys.unraisablehook is hook:
+            sys.unraisablehook = previous
 
 
 def _header_without_newline(source: Source, path: Path) -> list[str] | None:
@@ -114,6 +152,16 @@ def _header_without_newline(source: Source, path: Path) -> list[str] | None:
     return next(csv.reader([text], delimiter=source.delimiter))
 
 
+def _blank(source: Source, path: Path) -> bool:
+    """True when the file's start decodes to nothing but whitespace (a byte-order mark at most)."""
+    try:
+        with path.open("rb") as fh:
+            head = fh.read(_HEADER_PROBE_BYTES)
+        return not head.decode(source.encoding).removeprefix("\ufeff").strip()
+    except (OSError, UnicodeError, LookupError):
+        return False
+
+
 _HEADER_PROBE_BYTES = 1 << 16
 _CONVERSION_ERROR = re.compile(
     r"In CSV column #(\d+): Row #(\d+): CSV conversion error to string: invalid UTF8"
@@ -121,16 +169,33 @@ _CONVERSION_ERROR = re.compile(
 
 
 def _unreadable(
-    source: Source, path: Path, exc: BaseException, names: list[str] | None = None
+    source: Source,
+    path: Path,
+    exc: BaseException,
+    names: list[str] | None = None,
+    *,
+    undecodable: bool = False,
 ) -> BadInputError:
     text = str(exc)
+    if undecodable:
+        found = re.search(r"Row #(\d+)", text)
+        return BadInputError(
+            str(path),
+            f"cannot decode the file as {source.encoding} (mixed encodings?); "
+            "set the source's 'encoding' (e.g. latin-1, utf-16)",
+            row=int(found.group(1)) - 1 if found else None,
+        )
+    # pyarrow quotes the raw record in parse errors: never repeat input values in a message.
+    text = re.sub(r"(Expected \d+ columns, got \d+): .*", r"\1", text)
     if isinstance(exc, FileNotFoundError):
         return BadInputError(str(path), "file not found")
     if isinstance(exc, OSError) and not isinstance(exc, pa.ArrowException):
         return BadInputError(str(path), f"cannot read file: {exc.strerror or text}")
     if source.format is FileFormat.PARQUET:
         return BadInputError(
-            str(path), f"not a readable Parquet file (truncated or corrupt?): {text.splitlines()[0]}"
+            str(path),
+            "not a readable Parquet file (truncated or corrupt?): "
+            + (text.splitlines() or [type(exc).__name__])[0],
         )
     hint = "set the source's 'encoding' (e.g. latin-1, utf-16)"
     located = _CONVERSION_ERROR.search(text)
@@ -155,6 +220,11 @@ def _unreadable(
             f"cannot decode the file as {source.encoding}; set the source's 'encoding' (e.g. latin-1, utf-16)",
         )
     if "Empty CSV file" in text:
+        if not _blank(source, path):
+            # pyarrow found no line at all in bytes that are not blank text: a gzip or zip file, say.
+            return BadInputError(
+                str(path), "not a CSV file: it holds no line of text (compressed or binary?)"
+            )
         return BadInputError(str(path), "the file is empty (a CSV file needs at least a header line)")
     return BadInputError(
         str(path), f"not a readable CSV file: {text.splitlines()[0] if text else type(exc).__name__}"
@@ -221,20 +291,58 @@ def _parquet_chunks(source: Source, path: Path, columns: list[str]) -> Iterator[
     # are the floor of memory use for Parquet input (writers' row groups are usually 100k-1M rows).
     next_row = 1
     try:
-        groups = pq.ParquetFile(path).metadata.num_row_groups
+        first = pq.ParquetFile(path)
+        id_type = first.schema_arrow.field(source.ext_id).type
+        if pa.types.is_floating(id_type) or pa.types.is_decimal(id_type):
+            # 123 stored as a double would be sent as the ID "123.0": a different user, never the right one.
+            raise BadInputError(
+                str(path),
+                f"the external-ID column holds {id_type} numbers, which would be sent as '123.0'; "
+                "write it as text or integers",
+                column=source.ext_id,
+            )
+        groups = first.metadata.num_row_groups
         for group in range(groups):
             parquet = pq.ParquetFile(path)
             for batch in parquet.iter_batches(
                 batch_size=PARQUET_BATCH_ROWS, columns=columns, row_groups=[group]
             ):
-                frame = _normalise(batch).with_columns(
+                _check_text(batch, path, next_row)
+                # Schema metadata (pandas/arrow notes) is not used, and polars panics on a damaged key.
+                frame = _normalise(batch.replace_schema_metadata(None)).with_columns(
                     pl.int_range(next_row, next_row + batch.num_rows, dtype=pl.Int64).alias(ROW)
                 )
                 next_row += batch.num_rows
                 yield Chunk(frame)
             parquet.close()
-    except (pa.ArrowException, OSError) as exc:
+    except (pa.ArrowException, OSError, UnicodeError) as exc:  # UnicodeError: damaged column names
         raise _unreadable(source, path, exc) from exc
+
+
+def _check_text(batch: pa.RecordBatch, path: Path, first_row: int) -> None:
+    """Raise BadInputError (file, row, column) for the first value of a binary column that is not UTF-8 text,
+    and ArrowInvalid for a batch whose data are corrupt.
+
+    pyarrow does not check what it decodes from Parquet pages: a damaged page can give string values that are not
+    UTF-8, on which polars panics (a Rust panic, not an exception we could translate). A full validation first
+    turns that into "not a readable Parquet file".
+    """
+    batch.validate(full=True)
+    for field in batch.schema:
+        if not (pa.types.is_binary(field.type) or pa.types.is_large_binary(field.type)):
+            continue
+        try:
+            batch.column(field.name).cast(pa.string())
+        except pa.ArrowInvalid:
+            for i, value in enumerate(batch.column(field.name).to_pylist()):
+                try:
+                    if value is not None:
+                        value.decode("utf-8")
+                except UnicodeDecodeError:
+                    raise BadInputError(
+                        str(path), "bytes that are not UTF-8 text", row=first_row + i, column=field.name
+                    ) from None
+            raise
 
 
 def _csv_chunks(source: Source, path: Path, columns: list[str], names: list[str]) -> Iterator[Chunk]:
@@ -255,6 +363,20 @@ def _csv_chunks(source: Source, path: Path, columns: list[str], names: list[str]
         malformed.append(RejectedRow(str(path), number if number is not None else 0, None, reason))
         return "skip"
 
+    with _undecodable_rows(on_invalid) as undecodable:
+        yield from _csv_read(source, path, columns, names, on_invalid, undecodable, malformed, skipped)
+
+
+def _csv_read(
+    source: Source,
+    path: Path,
+    columns: list[str],
+    names: list[str],
+    on_invalid: Any,
+    undecodable: list[BaseException],
+    malformed: list[RejectedRow],
+    skipped: list[int],
+) -> Iterator[Chunk]:
     try:
         reader = pa_csv.open_csv(
             path,
@@ -270,10 +392,10 @@ def _csv_chunks(source: Source, path: Path, columns: list[str], names: list[str]
             ),
         )
     except (pa.ArrowException, OSError, UnicodeError) as exc:
-        raise _unreadable(source, path, exc, names) from exc
+        raise _unreadable(source, path, exc, names, undecodable=bool(undecodable)) from exc
     next_row = 1
     try:
-        for batch in _coalesced(reader, source, path, names):
+        for batch in _coalesced(reader, source, path, names, undecodable):
             n = batch.num_rows
             if skipped:
                 rows, next_row = _row_numbers(next_row, n, skipped)
@@ -293,7 +415,11 @@ def _csv_chunks(source: Source, path: Path, columns: list[str], names: list[str]
 
 
 def _coalesced(
-    reader: pa_csv.CSVStreamingReader, source: Source, path: Path, names: list[str]
+    reader: pa_csv.CSVStreamingReader,
+    source: Source,
+    path: Path,
+    names: list[str],
+    undecodable: list[BaseException],
 ) -> Iterator[pa.Table]:
     """Group pyarrow's small record batches into chunks of about CHUNK_ROWS rows.
 
@@ -307,7 +433,7 @@ def _coalesced(
         except StopIteration:
             break
         except (pa.ArrowException, UnicodeError) as exc:
-            raise _unreadable(source, path, exc, names) from exc
+            raise _unreadable(source, path, exc, names, undecodable=bool(undecodable)) from exc
         pending.append(batch)
         rows += batch.num_rows
         if rows >= CHUNK_ROWS:
@@ -338,8 +464,8 @@ def estimate_rows(source: Source, files: list[Path]) -> int:
         if source.format is FileFormat.PARQUET:
             try:
                 total += pq.ParquetFile(path).metadata.num_rows
-            except (pa.ArrowException, OSError):
-                total += 0
+            except (pa.ArrowException, OSError, UnicodeError):
+                total += 0  # the reader reports the damage, with the file's name
         else:
             total += path.stat().st_size // 128
     return total

@@ -40,6 +40,7 @@ from typing import Any, Self
 
 import aiohttp
 
+from sync.config import Destination
 from sync.errors import FatalPlatformError, PlatformError, RejectedBatchError, RetryableError
 from sync.redact import describe_request, redact
 
@@ -186,6 +187,25 @@ class HttpSession:
         self._verify_tls: bool = verify_tls  # False only for a local sandbox with a self-signed certificate
         self._max_connections: int = max_connections  # pool size: the dispatcher's concurrency
         self._session: aiohttp.ClientSession | None = None  # opened lazily, inside the running loop
+
+    @classmethod
+    def for_destination(
+        cls,
+        destination: Destination,
+        *,
+        headers: Mapping[str, str] | None = None,
+        timeout: float = 30.0,
+        max_connections: int = 100,
+    ) -> Self:
+        """A session to a job's destination. Its base URL and TLS choice are read here only, so the one switch
+        that turns certificate checks off (``verify_tls: false``) is honoured in one place."""
+        return cls(
+            destination.base_url,
+            headers=headers,
+            timeout=timeout,
+            verify_tls=destination.verify_tls,
+            max_connections=max_connections,
+        )
 
     @property
     def base_url(self) -> str:

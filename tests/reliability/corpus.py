@@ -14,9 +14,11 @@ file's name and the source's read options.
 
 from __future__ import annotations
 
+import gzip
 import io
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
@@ -139,6 +141,14 @@ def _corrupt(data: bytes, start: int, length: int) -> bytes:
     return bytes(out)
 
 
+def _damaged_metadata_key() -> bytes:
+    """A good two-row file whose ``ARROW:schema`` metadata key has one byte damaged (no longer UTF-8)."""
+    data = bytearray(_good_parquet(2))
+    at = data.find(b"ARROW:schema")
+    data[at + 2] = 0xFF
+    return bytes(data)
+
+
 _GOOD_PARQUET = _good_parquet()
 _ONE = {"u1": {"name": "A", "score": 1}}
 
@@ -178,10 +188,20 @@ CASES: tuple[Case, ...] = (
         fatal=Fatal("cannot decode the file as utf-8 (mixed encodings?)", row=2, column="name"),
     ),
     Case(
+        "mixed_encodings_in_a_malformed_record",
+        _csv("u1,A,1,,\n") + b"\xac\xff,x\nu2,B,2,,\n",
+        fatal=Fatal("cannot decode the file as utf-8 (mixed encodings?)", row=2),
+    ),
+    Case(
         "latin1_declared",
         (HEADER + "u1,Müller,1,,\n").encode("latin-1"),
         read_options="    encoding: latin-1\n",
         planned={"u1": {"name": "Müller", "score": 1}},
+    ),
+    Case(
+        "gzip_compressed_csv",
+        gzip.compress(_csv("u1,A,1,,\n"), mtime=0),
+        fatal=Fatal("not a CSV file: it holds no line of text (compressed or binary?)"),
     ),
     Case("binary_junk", b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR\xff\xfe\x00", fatal=Fatal("cannot decode")),
     # --- quoting and record shape ----------------------------------------------------------------------------
@@ -213,6 +233,13 @@ CASES: tuple[Case, ...] = (
         "unterminated_quote_in_a_big_file",
         _csv('u1,"Ann,1,,\n' + "".join(f"u{i},B,{i},,\n" for i in range(2, 120_000))),
         fatal=Fatal("a record is larger than 1 MiB: a huge field, or a quote that is never closed"),
+    ),
+    Case("old_mac_line_endings", _csv("u1,A,1,,\n").replace(b"\n", b"\r"), planned=_ONE),
+    Case(
+        "truncated_last_line",
+        _csv('u1,A,1,,\nu2,"B'),
+        rejected=(Rejected(2, None, "malformed CSV record: expected 5 fields, found 2"),),
+        planned=_ONE,
     ),
     Case(
         "large_field_under_the_limit",
@@ -304,6 +331,7 @@ CASES: tuple[Case, ...] = (
     ),
     # --- empty and header-only files, headers -----------------------------------------------------------
     Case("empty_file", b"", fatal=Fatal("the file is empty")),
+    Case("byte_order_mark_only", b"\xef\xbb\xbf", fatal=Fatal("the file is empty")),
     Case("blank_lines_only", b"\n\n\n", fatal=Fatal("the file is empty")),
     Case("header_only", _csv("")),
     Case("header_only_without_a_line_break", HEADER.strip().encode("utf-8")),
@@ -343,10 +371,67 @@ CASES: tuple[Case, ...] = (
         fatal=Fatal("not a readable Parquet file (truncated or corrupt?)"),
     ),
     Case(
+        "parquet_damaged_metadata_key",
+        _damaged_metadata_key(),
+        filename="users.parquet",
+        planned={
+            "u0": {"name": "name 0", "score": 0, "vip": True},
+            "u1": {"name": "name 1", "score": 1, "vip": False},
+        },
+    ),
+    Case(
         "parquet_missing_column",
         _parquet({"id": pa.array(["u1"]), "name": pa.array(["A"])}),
         filename="users.parquet",
         fatal=Fatal("column(s) 'score', 'born', 'vip' named by source 'users'", column="score"),
+    ),
+    Case(
+        "parquet_float_ids",
+        _parquet(
+            {
+                "id": pa.array([1.0, 2.0, 12345678901.0]),
+                "name": pa.array(["a", "b", "c"]),
+                "score": pa.array([1, 2, 3]),
+                "born": pa.array([None, None, None], pa.string()),
+                "vip": pa.array([None, None, None], pa.bool_()),
+            }
+        ),
+        filename="users.parquet",
+        fatal=Fatal(
+            "the external-ID column holds double numbers, which would be sent as '123.0'", column="id"
+        ),
+    ),
+    Case(
+        "parquet_integer_ids_and_typed_columns",
+        _parquet(
+            {
+                "id": pa.array([1, 2, None]),
+                "name": pa.array([1.5, None, 7.0]),
+                "score": pa.array([Decimal("1.50"), None, Decimal("2")], pa.decimal128(5, 2)),
+                "born": pa.array([0, 86_400_000, None], pa.timestamp("ms", tz="UTC")),
+                "vip": pa.array([1, 0, None]),
+            }
+        ),
+        filename="users.parquet",
+        rejected=(Rejected(3, "id", "missing external ID"),),
+        planned={
+            "1": {"name": "1.5", "score": 1.5, "born": 0, "vip": True},
+            "2": {"born": 86_400_000, "vip": False},
+        },
+    ),
+    Case(
+        "parquet_bytes_that_are_not_text",
+        _parquet(
+            {
+                "id": pa.array(["a", "b"]),
+                "name": pa.array([b"ok", b"M\xfcller"]),  # Latin-1 bytes in a binary column
+                "score": pa.array([1, 2]),
+                "born": pa.array([None, None], pa.string()),
+                "vip": pa.array([True, False]),
+            }
+        ),
+        filename="users.parquet",
+        fatal=Fatal("bytes that are not UTF-8 text", row=2, column="name"),
     ),
     Case(
         "parquet_wrong_types",

@@ -16,6 +16,7 @@ properties:
 from __future__ import annotations
 
 import csv
+import io
 import random
 import tempfile
 from collections import Counter
@@ -29,6 +30,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from sync.config import Job, load_job
+from sync.errors import BadInputError
 from sync.planning import build_plan
 from sync.platforms.netmera.requests import MAX_IDS_PER_REQUEST, SINGLE_USER_ENDPOINTS, ext_ids_in_body
 from sync.records import Batch, Phase
@@ -36,6 +38,7 @@ from sync.records import Batch, Phase
 PROPERTY_SETTINGS = settings(
     max_examples=30,
     deadline=None,
+    database=None,  # no example database written into the repository
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
 )
 
@@ -367,3 +370,75 @@ def test_batches_do_not_depend_on_row_order_format_or_bucket_size(
             batches, _, _ = plan_of(job, rows_per_bucket=bucket)
             results.append([(b.batch_id, b.endpoint, b.body) for b in batches])
     assert results[0] == results[1] == results[2]
+
+
+_NOISE = st.one_of(
+    st.binary(max_size=40),
+    st.text(alphabet=',;"\n\r\t \x00|\\abcé1-.', max_size=40).map(lambda t: t.encode("utf-8")),
+    st.sampled_from(
+        [b"\xef\xbb\xbf", b"\xff\xfe", b"NULL", b'"', b'""', b",,,,,,,", b"\r\n", "Ş".encode("cp1254")]
+    ),
+)
+
+
+@PROPERTY_SETTINGS
+@given(
+    header=st.sampled_from(
+        [",".join(COLUMNS).encode() + b"\n", b"\xef\xbb\xbf" + ",".join(COLUMNS).encode() + b"\r\n", b""]
+    ),
+    body=st.lists(_NOISE, max_size=30).map(b"".join),
+)
+def test_any_bytes_give_rejects_or_one_clear_error_never_a_traceback(header: bytes, body: bytes) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        directory = Path(tmp)
+        data = directory / "users.csv"
+        data.write_bytes(header + body)
+        job = make_job(directory, data, 1000)
+        try:
+            batches, _, counts = plan_of(job)
+        except BadInputError as exc:
+            assert exc.path == str(data) and exc.reason
+            return
+    check_limits(batches, 1000)
+    assert counts["read"] == counts["clean"] + counts["rejected"] + counts["dropped"]
+    for b in batches:
+        for ext_id in b.ext_ids:
+            assert ext_id and not any(ord(c) < 32 or 0x7F <= ord(c) <= 0x9F for c in ext_id)
+
+
+def _parquet_bytes(n: int) -> bytes:
+    sink = io.BytesIO()
+    pl.DataFrame(
+        {c: [f"{c}{i}" if c in ("id", "name") else "" for i in range(n)] for c in COLUMNS},
+        schema={c: pl.String for c in COLUMNS},
+    ).write_parquet(sink, compression="uncompressed")
+    return sink.getvalue()
+
+
+_SMALL_PARQUET = _parquet_bytes(50)
+
+
+@PROPERTY_SETTINGS
+@given(
+    damage=st.lists(
+        st.tuples(st.integers(0, len(_SMALL_PARQUET) - 1), st.integers(0, 255)), min_size=1, max_size=6
+    )
+)
+def test_a_damaged_parquet_file_gives_rows_or_one_clear_error_never_a_crash(
+    damage: list[tuple[int, int]],
+) -> None:
+    data = bytearray(_SMALL_PARQUET)
+    for at, value in damage:
+        data[at] = value
+    with tempfile.TemporaryDirectory() as tmp:
+        directory = Path(tmp)
+        path = directory / "users.parquet"
+        path.write_bytes(bytes(data))
+        job = make_job(directory, path, 1000)
+        try:
+            batches, _, counts = plan_of(job)
+        except BadInputError as exc:  # anything else — a polars panic included — fails the test
+            assert exc.path == str(path) and exc.reason
+            return
+    check_limits(batches, 1000)
+    assert counts["read"] == counts["clean"] + counts["rejected"] + counts["dropped"]

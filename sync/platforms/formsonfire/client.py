@@ -107,9 +107,7 @@ def _read_error(raw: bytes, status: int) -> ErrorBody:
     return ErrorBody(bounded(found[1]), found[0], f", {found[0]}")
 
 
-_ANSWERS = AnswerPolicy(
-    _read_error, hints={401: "check the IntegrationKey", 403: "check the IntegrationKey"}
-)
+_ANSWERS = AnswerPolicy(_read_error, hints={401: "check the IntegrationKey", 403: "check the IntegrationKey"})
 
 
 class FormsOnFireClient(HttpClient):
@@ -146,10 +144,9 @@ class FormsOnFireClient(HttpClient):
         self._xml_root = xml_root or extra.get("xml_root") or DEFAULT_XML_ROOT
         self._key = integration_key
         # No session headers: the credentials travel in each body, the content type differs by body format.
-        self._session = HttpSession(
-            destination.base_url,
+        self._session = HttpSession.for_destination(
+            destination,
             timeout=timeout,
-            verify_tls=destination.verify_tls,
             max_connections=max_connections,
         )
 

@@ -1,7 +1,8 @@
 """The Meiro CDP connector: login, token refresh, push-notification exports and the trash.
 
-Session handling and transport-error translation are the Netmera connector's (:func:`new_session`,
-:func:`fetch`); the HTTP statuses map onto the error tree here:
+Transport and the common status mapping are :mod:`sync.platforms._http`'s; what is Meiro's own is the
+``X-Access-Token`` header and its renewal, the ``{"message"}`` error bodies, and the cases below that read a
+status in the light of the call:
 
 =====================================================  ==========================================================
 answer                                                 raised
@@ -25,13 +26,13 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Callable, Mapping
-from typing import Any
+from collections.abc import AsyncIterator, Awaitable, Callable, Hashable, Mapping, Sequence
+from dataclasses import replace
+from typing import Any, TypeVar
 from urllib.parse import quote
 
-import aiohttp
-
 from sync.errors import FatalPlatformError, RejectedBatchError, RetryableError
+from sync.platforms._http import AnswerPolicy, ErrorBody, HttpAnswer, HttpClient, HttpSession, json_error
 from sync.platforms.meiro import (
     PLATFORM,
     TOKEN_TTL,
@@ -40,12 +41,29 @@ from sync.platforms.meiro import (
     TrashedNotification,
     TrashPage,
 )
-from sync.platforms.netmera.client import HttpAnswer, error_message, fetch, new_session
-from sync.redact import describe_request, register_secret
+from sync.redact import register_secret
 
 __all__ = ["MeiroClient", "MeiroCredentials"]
 
 _TOKEN_HEADER = "X-Access-Token"
+_T = TypeVar("_T")
+
+
+def _read_error(raw: bytes, status: int) -> ErrorBody:
+    # Meiro's ``{"message"}`` carries no code worth keeping: errors say what happened in words.
+    return ErrorBody(json_error(raw, status)[1])
+
+
+_ANSWERS = AnswerPolicy(
+    _read_error,
+    hints={
+        401: "the token was refused even after a new login",
+        403: "the Meiro user lacks a feature this call needs",
+    },
+    base_url_hint="check --base-url",  # the Meiro commands take the URL as an option, not from a job file
+    rejection_names_request=True,  # one-off commands, not batches in a ledger: the message names the call
+)
+_LOGIN_ANSWERS = replace(_ANSWERS, hints={**_ANSWERS.hints, 401: "check the Meiro e-mail and password"})
 
 
 class MeiroCredentials:
@@ -64,11 +82,11 @@ class MeiroCredentials:
         return f"MeiroCredentials(email={self.email!r}, password=***)"
 
 
-class MeiroClient:
+class MeiroClient(HttpClient):
     """Talks to one Meiro instance (or its sandbox). Use ``async with`` or call :meth:`aclose`.
 
     ``base_url`` ends in ``/api/`` (``https://<instance>.meiro.io/api/``). ``clock`` is wall time in seconds
-    (injectable: token expiry is judged on it). One aiohttp session for the client's lifetime.
+    (injectable: token expiry is judged on it). One HTTP session for the client's lifetime.
     """
 
     platform = PLATFORM
@@ -84,44 +102,26 @@ class MeiroClient:
         token_ttl: float = TOKEN_TTL,
         refresh_margin: float = 900.0,
     ) -> None:
-        self._base_url = base_url if base_url.endswith("/") else base_url + "/"
+        self._session = HttpSession(
+            base_url,
+            headers={"Content-Type": "application/json", "Accept": "application/json"},
+            timeout=timeout,
+            verify_tls=verify_tls,
+        )
         self._credentials = credentials
-        self._timeout = timeout
-        self._verify_tls = verify_tls
         self._clock = clock
         self._token_ttl = token_ttl
         self._refresh_margin = min(refresh_margin, token_ttl / 2)
-        self._session: aiohttp.ClientSession | None = None
         self._token: str | None = None
         self._token_expires = 0.0  # clock time the current token stops working
         self._auth_lock = asyncio.Lock()  # one login/refresh at a time when calls run concurrently
         self.logins = 0
         self.refreshes = 0
 
-    async def __aenter__(self) -> MeiroClient:
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.aclose()
-
-    async def aclose(self) -> None:
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
-
     @property
     def token_expires_at(self) -> float:
         """Clock time the current token expires (0 before the first login)."""
         return self._token_expires
-
-    def _get_session(self) -> aiohttp.ClientSession:
-        if self._session is None or self._session.closed:
-            self._session = new_session(
-                headers={"Content-Type": "application/json", "Accept": "application/json"},
-                timeout=self._timeout,
-                verify_tls=self._verify_tls,
-            )
-        return self._session
 
     # -- authentication --------------------------------------------------------------------------------
 
@@ -131,18 +131,9 @@ class MeiroClient:
             await self._login()
 
     async def _login(self) -> None:
-        url = self._base_url + "users/login"
-        what = describe_request("POST", url, endpoint="login")
         body = {"email": self._credentials.email, "password": self._credentials.password}
-        answer = await fetch(
-            self._get_session(), "POST", url, what, timeout_seconds=self._timeout, json_body=body
-        )
-        if answer.status == 401:
-            _, message = error_message(answer.raw, answer.status)
-            raise FatalPlatformError(
-                f"{what}: HTTP 401: {message} (check the Meiro e-mail and password)", status=401
-            )
-        self._accept_token(self._checked(answer, what), what)
+        answer = await self._session.request("POST", "users/login", endpoint="login", json_body=body)
+        self._accept_token(self._checked(answer, answers=_LOGIN_ANSWERS), answer.what)
         self.logins += 1
 
     async def refresh(self) -> None:
@@ -154,20 +145,13 @@ class MeiroClient:
         if self._token is None:
             await self._login()
             return
-        url = self._base_url + "users/login"
-        what = describe_request("PATCH", url, endpoint="refresh")
-        answer = await fetch(
-            self._get_session(),
-            "PATCH",
-            url,
-            what,
-            timeout_seconds=self._timeout,
-            headers={_TOKEN_HEADER: self._token},
+        answer = await self._session.request(
+            "PATCH", "users/login", endpoint="refresh", headers={_TOKEN_HEADER: self._token}
         )
         if answer.status == 401:
             await self._login()
             return
-        self._accept_token(self._checked(answer, what), what, keep=self._token)
+        self._accept_token(self._checked(answer), answer.what, keep=self._token)
         self.refreshes += 1
 
     def _accept_token(self, body: Any, what: str, *, keep: str | None = None) -> None:
@@ -202,76 +186,61 @@ class MeiroClient:
 
     async def _call(
         self, method: str, path: str, endpoint: str, *, params: Mapping[str, str] | None = None
-    ) -> tuple[HttpAnswer, str]:
+    ) -> HttpAnswer:
         """One authenticated call; a 401 (token revoked or expired early) logs in again once."""
-        url = self._base_url + path
-        what = describe_request(method, url, endpoint=endpoint)
-        session = self._get_session()
         for attempt in (1, 2):
             token = await self._ensure_token()
-            answer = await fetch(
-                session,
-                method,
-                url,
-                what,
-                timeout_seconds=self._timeout,
-                params=params,
-                headers={_TOKEN_HEADER: token},
+            answer = await self._session.request(
+                method, path, endpoint=endpoint, params=params, headers={_TOKEN_HEADER: token}
             )
             if answer.status != 401 or attempt == 2:
-                return answer, what
+                return answer
             async with self._auth_lock:
                 if self._token == token:  # nobody has replaced it meanwhile
                     self._token = None
         raise AssertionError("unreachable")
 
-    def _checked(self, answer: HttpAnswer, what: str, *, not_found: str | None = None) -> Any:
-        """The parsed body of a 2xx; otherwise the error the status calls for (see the module docstring)."""
-        status = answer.status
-        if 200 <= status < 300:
+    @staticmethod
+    def _checked(
+        answer: HttpAnswer, *, not_found: str | None = None, answers: AnswerPolicy = _ANSWERS
+    ) -> Any:
+        """The parsed body of a 2xx; otherwise the error the status calls for (see the module docstring).
+
+        ``not_found`` names what a 404 means for this call (an export, a trashed notification) instead of
+        blaming the base URL."""
+        if answer.ok:
             return answer.json()
-        _, message = error_message(answer.raw, status)
-        text = f"{what}: HTTP {status}: {message}"
-        if status == 401:
-            raise FatalPlatformError(f"{text} (the token was refused even after a new login)", status=status)
-        if status == 403:
-            raise FatalPlatformError(
-                f"{text} (the Meiro user lacks a feature this call needs)", status=status
-            )
-        if status == 404:
-            raise FatalPlatformError(
-                f"{not_found}: {message}" if not_found else f"{text} (check --base-url)", status=404
-            )
-        if status == 405:
-            raise FatalPlatformError(f"{text} (check --base-url)", status=status)
-        if status in (408, 429) or status >= 500:
-            raise RetryableError(
-                text, status=status, retry_after=answer.retry_after, remaining=answer.remaining
-            )
-        raise RejectedBatchError(text, status=status)
+        if answer.status == 404 and not_found:
+            raise FatalPlatformError(f"{not_found}: {_read_error(answer.raw, 404).message}", status=404)
+        raise answers.error(answer)
+
+    async def _page(
+        self, path: str, endpoint: str, key: str, params: Mapping[str, str], *, not_found: str | None = None
+    ) -> tuple[list[Mapping[str, Any]], Mapping[str, Any]]:
+        """One listing page: the items under ``key`` and Meiro's ``selection_settings``."""
+        answer = await self._call("GET", path, endpoint, params=params)
+        body = self._checked(answer, not_found=not_found)
+        items = body.get(key) if isinstance(body, Mapping) else None
+        if not isinstance(items, list):
+            raise RetryableError(f"{answer.what}: the answer holds no {key} list", status=answer.status)
+        settings = body.get("selection_settings") or {}
+        return [item for item in items if isinstance(item, Mapping)], settings
 
     async def list_exports(
         self, notification_id: str, *, limit: int | None = None, offset: int | None = None
     ) -> ExportPage:
         """``GET push_notifications/{id}/exports``: newest first; Meiro's default limit is 20."""
-        params = {k: str(v) for k, v in (("limit", limit), ("offset", offset)) if v is not None}
-        answer, what = await self._call(
-            "GET",
+        items, settings = await self._page(
             f"push_notifications/{quote(notification_id, safe='')}/exports",
             "listExports",
-            params=params,
+            "push_notification_exports",
+            _params(limit=limit, offset=offset),
+            not_found=f"push notification {notification_id} was not found",
         )
-        body = self._checked(answer, what, not_found=f"push notification {notification_id} was not found")
-        items = body.get("push_notification_exports") if isinstance(body, Mapping) else None
-        if not isinstance(items, list):
-            raise RetryableError(
-                f"{what}: the answer holds no push_notification_exports list", status=answer.status
-            )
-        settings = body.get("selection_settings") or {}
         return ExportPage(
-            exports=tuple(Export.from_api(item) for item in items if isinstance(item, Mapping)),
-            limit=settings.get("limit") if isinstance(settings.get("limit"), int) else limit,
-            offset=settings.get("offset") if isinstance(settings.get("offset"), int) else offset,
+            exports=tuple(Export.from_api(item) for item in items),
+            limit=_int_setting(settings, "limit", limit),
+            offset=_int_setting(settings, "offset", offset),
         )
 
     async def iter_exports(self, notification_id: str, *, page_size: int = 20) -> AsyncIterator[Export]:
@@ -279,39 +248,32 @@ class MeiroClient:
 
         An export created while we page pushes the older ones one place down, so the next page would repeat
         one: exports already yielded are skipped by ID."""
-        offset = 0
-        seen: set[int] = set()
-        while True:
-            page = await self.list_exports(notification_id, limit=page_size, offset=offset)
-            for export in page.exports:
-                if export.id not in seen:
-                    seen.add(export.id)
-                    yield export
-            if len(page.exports) < page_size:
-                return
-            offset += page_size
+
+        async def page(offset: int) -> Sequence[Export]:
+            return (await self.list_exports(notification_id, limit=page_size, offset=offset)).exports
+
+        async for export in _unique(page, page_size, lambda export: export.id):
+            yield export
 
     def _export_path(self, notification_id: str, export_id: int) -> str:
         return f"push_notifications/{quote(notification_id, safe='')}/exports/{int(export_id)}"
 
     async def get_export(self, notification_id: str, export_id: int) -> Export:
         """``GET push_notifications/{id}/exports/{export_id}``."""
-        answer, what = await self._call("GET", self._export_path(notification_id, export_id), "getExport")
+        answer = await self._call("GET", self._export_path(notification_id, export_id), "getExport")
         body = self._checked(
-            answer, what, not_found=f"export {export_id} of push notification {notification_id} was not found"
+            answer, not_found=f"export {export_id} of push notification {notification_id} was not found"
         )
-        return self._export_of(body, what, answer.status)
+        return self._export_of(body, answer)
 
     async def cancel_export(self, notification_id: str, export_id: int) -> Export:
         """``DELETE push_notifications/{id}/exports/{export_id}``: cancel a waiting or running export.
 
         A finished export cannot be canceled: Meiro answers 400, raised as :class:`RejectedBatchError` with
         code ``"export_finished"`` and a message saying so."""
-        answer, what = await self._call(
-            "DELETE", self._export_path(notification_id, export_id), "cancelExport"
-        )
+        answer = await self._call("DELETE", self._export_path(notification_id, export_id), "cancelExport")
         if answer.status == 400:
-            _, message = error_message(answer.raw, 400)
+            message = _read_error(answer.raw, 400).message
             if "finished" in message.lower():
                 raise RejectedBatchError(
                     f"export {export_id} of push notification {notification_id} is already finished; "
@@ -320,41 +282,36 @@ class MeiroClient:
                     code="export_finished",
                 )
         body = self._checked(
-            answer, what, not_found=f"export {export_id} of push notification {notification_id} was not found"
+            answer, not_found=f"export {export_id} of push notification {notification_id} was not found"
         )
-        return self._export_of(body, what, answer.status)
+        return self._export_of(body, answer)
 
     @staticmethod
-    def _export_of(body: Any, what: str, status: int) -> Export:
+    def _export_of(body: Any, answer: HttpAnswer) -> Export:
         item = body.get("push_notification_export") if isinstance(body, Mapping) else None
         if not isinstance(item, Mapping):
-            raise RetryableError(f"{what}: the answer holds no push_notification_export", status=status)
+            raise RetryableError(
+                f"{answer.what}: the answer holds no push_notification_export", status=answer.status
+            )
         try:
             return Export.from_api(item)
         except ValueError as exc:
-            raise RetryableError(f"{what}: {exc}", status=status) from exc
+            raise RetryableError(f"{answer.what}: {exc}", status=answer.status) from exc
 
     async def list_trash(
         self, *, limit: int | None = None, offset: int | None = None, searched_text: str | None = None
     ) -> TrashPage:
         """``GET push_notifications/trash``: trashed push notifications, optionally searched by name."""
-        params = {
-            k: str(v)
-            for k, v in (("limit", limit), ("offset", offset), ("searched_text", searched_text))
-            if v is not None
-        }
-        answer, what = await self._call("GET", "push_notifications/trash", "listTrash", params=params)
-        body = self._checked(answer, what)
-        items = body.get("trashed_push_notifications") if isinstance(body, Mapping) else None
-        if not isinstance(items, list):
-            raise RetryableError(
-                f"{what}: the answer holds no trashed_push_notifications list", status=answer.status
-            )
-        settings = body.get("selection_settings") or {}
+        items, settings = await self._page(
+            "push_notifications/trash",
+            "listTrash",
+            "trashed_push_notifications",
+            _params(limit=limit, offset=offset, searched_text=searched_text),
+        )
         return TrashPage(
-            items=tuple(TrashedNotification.from_api(i) for i in items if isinstance(i, Mapping)),
-            limit=settings.get("limit") if isinstance(settings.get("limit"), int) else limit,
-            offset=settings.get("offset") if isinstance(settings.get("offset"), int) else offset,
+            items=tuple(TrashedNotification.from_api(item) for item in items),
+            limit=_int_setting(settings, "limit", limit),
+            offset=_int_setting(settings, "offset", offset),
             searched_text=settings.get("searched_text", searched_text),
         )
 
@@ -363,27 +320,51 @@ class MeiroClient:
     ) -> AsyncIterator[TrashedNotification]:
         """Every trashed push notification (matching ``searched_text``), page by page; repeats (the trash
         changing while we page) are skipped by ID."""
-        offset = 0
-        seen: set[str] = set()
-        while True:
-            page = await self.list_trash(limit=page_size, offset=offset, searched_text=searched_text)
-            for item in page.items:
-                if item.id not in seen:
-                    seen.add(item.id)
-                    yield item
-            if len(page.items) < page_size:
-                return
-            offset += page_size
+
+        async def page(offset: int) -> Sequence[TrashedNotification]:
+            return (await self.list_trash(limit=page_size, offset=offset, searched_text=searched_text)).items
+
+        async for item in _unique(page, page_size, lambda item: item.id):
+            yield item
 
     async def restore(self, notification_id: str) -> TrashedNotification:
         """``PATCH push_notifications/trash/{id}``: take a push notification out of the trash."""
-        answer, what = await self._call(
+        answer = await self._call(
             "PATCH", f"push_notifications/trash/{quote(notification_id, safe='')}", "restoreTrash"
         )
-        body = self._checked(
-            answer, what, not_found=f"push notification {notification_id} is not in the trash"
-        )
+        body = self._checked(answer, not_found=f"push notification {notification_id} is not in the trash")
         item = body.get("push_notification") if isinstance(body, Mapping) else None
         if not isinstance(item, Mapping):
-            raise RetryableError(f"{what}: the answer holds no push_notification", status=answer.status)
+            raise RetryableError(
+                f"{answer.what}: the answer holds no push_notification", status=answer.status
+            )
         return TrashedNotification.from_api(item)
+
+
+def _params(**values: object) -> dict[str, str]:
+    """Query parameters from the keyword arguments that are set."""
+    return {name: str(value) for name, value in values.items() if value is not None}
+
+
+def _int_setting(settings: Mapping[str, Any], name: str, asked: int | None) -> int | None:
+    """Meiro's echo of a paging setting when it is an int, else what we asked for."""
+    value = settings.get(name)
+    return value if isinstance(value, int) else asked
+
+
+async def _unique(
+    page: Callable[[int], Awaitable[Sequence[_T]]], page_size: int, key: Callable[[_T], Hashable]
+) -> AsyncIterator[_T]:
+    """Every item of a limit/offset listing, page by page until a short page, each ``key`` once: an item
+    added while we page pushes the others one place down, and the next page would repeat one."""
+    offset = 0
+    seen: set[Hashable] = set()
+    while True:
+        items = await page(offset)
+        for item in items:
+            if key(item) not in seen:
+                seen.add(key(item))
+                yield item
+        if len(items) < page_size:
+            return
+        offset += page_size

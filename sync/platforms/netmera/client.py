@@ -72,11 +72,10 @@ class NetmeraClient(HttpClient):
         if not api_key:
             raise ValueError("an API key is required")
         register_secret(api_key)
-        self._session = HttpSession(
-            destination.base_url,
+        self._session = HttpSession.for_destination(
+            destination,
             headers={_AUTH_HEADER: api_key, "Content-Type": "application/json"},
             timeout=timeout,
-            verify_tls=destination.verify_tls,
             max_connections=max_connections,
         )
 
@@ -103,5 +102,7 @@ class NetmeraClient(HttpClient):
         """GET a read endpoint (``getProfileAttributes``, ``getDevices``...) and return the parsed body.
 
         ``headers`` are added to the session's (e.g. ``X-netmera-os`` for the segment reads)."""
-        answer = await self._session.request("GET", endpoint, endpoint=endpoint, params=params, headers=headers)
+        answer = await self._session.request(
+            "GET", endpoint, endpoint=endpoint, params=params, headers=headers
+        )
         return _ANSWERS.check(answer).json()

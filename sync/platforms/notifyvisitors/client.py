@@ -116,11 +116,10 @@ class NotifyVisitorsClient(HttpClient):
         else:
             headers = {"Authorization": f"Bearer {secret}"}
         self.auth = mode
-        self._session = HttpSession(
-            destination.base_url,
+        self._session = HttpSession.for_destination(
+            destination,
             headers={**headers, "Content-Type": "application/json", "Accept": "application/json"},
             timeout=timeout,
-            verify_tls=destination.verify_tls,
             max_connections=max_connections,
         )
 

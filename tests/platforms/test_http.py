@@ -1,0 +1,164 @@
+"""The shared HTTP boundary (``sync.platforms._http``): transport failures against a real local server (the
+Netmera sandbox), and the common status mapping on answers built as values."""
+
+from __future__ import annotations
+
+import json
+import socket
+from typing import Any
+
+import pytest
+
+from sync.errors import FatalPlatformError, RejectedBatchError, RetryableError
+from sync.platforms._http import (
+    MAX_MESSAGE,
+    AnswerPolicy,
+    ErrorBody,
+    HttpAnswer,
+    HttpSession,
+    json_error,
+)
+from sync.platforms.sandboxes._core import FaultSpec
+from sync.redact import register_secret
+
+
+def _answer(status: int, body: Any = None, headers: dict[str, str] | None = None) -> HttpAnswer:
+    raw = b"" if body is None else body if isinstance(body, bytes) else json.dumps(body).encode()
+    return HttpAnswer("POST http://api.test/x endpoint=x", status, headers or {}, raw, 0.01)
+
+
+def _code_error(raw: bytes, status: int) -> ErrorBody:
+    code, message = json_error(raw, status)
+    return ErrorBody(message, code, f", code {code}" if code is not None else "")
+
+
+_POLICY = AnswerPolicy(_code_error, hints={401: "check the key", 403: "check its permissions"})
+
+
+async def test_one_aiohttp_session_serves_every_request_until_closed(netmera_sandbox: Any) -> None:
+    http = HttpSession(
+        netmera_sandbox.url.removesuffix("/"), headers={"X-netmera-api-key": netmera_sandbox.api_key}
+    )
+    try:
+        first = await http.request(
+            "POST", "tagUsers", endpoint="tagUsers", json_body={"tag": "A", "extIds": ["u1"]}
+        )
+        session = http._session
+        second = await http.request("GET", "getProfileAttributes", params={"extId": "u1"})
+        assert http._session is session is not None
+        assert (first.ok, second.ok) == (True, True) and first.latency > 0
+        assert first.what == f"POST {netmera_sandbox.url}tagUsers endpoint=tagUsers"
+        assert netmera_sandbox.sandbox.state.tags["A"] == {"u1"}
+        await http.aclose()
+        assert http._session is None
+        assert (await http.request("GET", "getProfileAttributes", params={"extId": "u1"})).ok
+        assert http._session is not session  # reopened after aclose
+    finally:
+        await http.aclose()
+
+
+async def test_a_hung_request_times_out_as_retryable(netmera_sandbox_factory: Any) -> None:
+    running = await netmera_sandbox_factory(faults=FaultSpec(hang=1.0, hang_seconds=5.0))
+    http = HttpSession(running.url, headers={"X-netmera-api-key": running.api_key}, timeout=0.2)
+    try:
+        with pytest.raises(RetryableError, match=r"^POST .*tagUsers: no answer within 0\.2 s$") as info:
+            await http.request("POST", "tagUsers", json_body={"tag": "A", "extIds": ["u1"]})
+    finally:
+        await http.aclose()
+    assert info.value.status is None and isinstance(info.value.__cause__, TimeoutError)
+
+
+async def test_refused_connections_are_retryable_and_bad_urls_or_tls_fatal(netmera_sandbox: Any) -> None:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    cases = [
+        (f"http://127.0.0.1:{port}/", RetryableError, "connection failed: ClientConnectorError"),
+        ("http://127.0.0.1:99999/", FatalPlatformError, "invalid URL"),
+        (netmera_sandbox.url.replace("http://", "https://"), FatalPlatformError, "TLS"),
+    ]
+    for base, error, text in cases:
+        http = HttpSession(base, timeout=2.0)
+        try:
+            with pytest.raises(error, match=text) as info:
+                await http.request("GET", "getProfileAttributes")
+        finally:
+            await http.aclose()
+        assert info.value.__cause__ is not None  # translated once, the aiohttp exception kept as the cause
+
+
+@pytest.mark.parametrize(
+    ("status", "error", "hint"),
+    [
+        (401, FatalPlatformError, "(check the key)"),
+        (403, FatalPlatformError, "(check its permissions)"),
+        (404, FatalPlatformError, "(check destination.base_url)"),
+        (405, FatalPlatformError, "(check destination.base_url)"),
+        (408, RetryableError, ""),
+        (429, RetryableError, ""),
+        (500, RetryableError, ""),
+        (503, RetryableError, ""),
+        (400, RejectedBatchError, ""),
+        (413, RejectedBatchError, ""),
+        (422, RejectedBatchError, ""),
+    ],
+)
+def test_the_common_status_mapping(status: int, error: type[Exception], hint: str) -> None:
+    found = _POLICY.error(_answer(status, {"code": 7, "error": "nope"}))
+    assert type(found) is error and found.status == status and found.code == 7
+    if error is RejectedBatchError:
+        assert found.message == "nope"  # the platform's words, for the ledger
+    else:
+        assert str(found) == f"POST http://api.test/x endpoint=x: HTTP {status}, code 7: nope" + (
+            f" {hint}" if hint else ""
+        )
+
+
+def test_retryable_answers_carry_retry_after_and_remaining_parsed_with_the_guards() -> None:
+    limited = _POLICY.error(_answer(429, None, {"Retry-After": "3", "X-RateLimit-Remaining": "-4"}))
+    assert isinstance(limited, RetryableError) and limited.rate_limited
+    assert (limited.retry_after, limited.remaining) == (3.0, 0)
+    bad = _POLICY.error(
+        _answer(503, b"<html>busy</html>", {"Retry-After": "inf", "X-RateLimit-Remaining": "x"})
+    )
+    assert isinstance(bad, RetryableError) and (bad.retry_after, bad.remaining) == (None, None)
+    assert str(bad).endswith("HTTP 503: <html>busy</html>")
+
+
+def _remaining(policy: AnswerPolicy, answer: HttpAnswer) -> int | None:
+    error = policy.error(answer)
+    assert isinstance(error, RetryableError)
+    return error.remaining
+
+
+def test_the_switches_of_a_policy() -> None:
+    exhausted = AnswerPolicy(_code_error, exhausted_on_429=True)
+    assert _remaining(_POLICY, _answer(429)) is None
+    assert _remaining(exhausted, _answer(429)) == 0  # no header: the window's budget is read as spent
+    assert _remaining(exhausted, _answer(429, None, {"X-RateLimit-Remaining": "3"})) == 3
+    assert _remaining(exhausted, _answer(503)) is None
+    named = AnswerPolicy(_code_error, base_url_hint="check --base-url", rejection_names_request=True)
+    assert (
+        named.error(_answer(400, {"message": "bad"})).message
+        == "POST http://api.test/x endpoint=x: HTTP 400: bad"
+    )
+    assert str(named.error(_answer(404))).endswith("HTTP 404: HTTP 404 (check --base-url)")
+
+
+def test_check_passes_a_2xx_through_and_raises_the_rest() -> None:
+    ok = _answer(201, {"a": 1})
+    assert _POLICY.check(ok) is ok and ok.json() == {"a": 1}
+    with pytest.raises(FatalPlatformError):
+        _POLICY.check(_answer(401))
+
+
+def test_json_error_reads_the_bodies_and_bounds_and_redacts_them() -> None:
+    secret = "s3cret-token-in-a-body"
+    register_secret(secret)
+    assert json_error(b'{"code": 2020, "error": "tag missing"}', 400) == (2020, "tag missing")
+    assert json_error(b'{"message": "no such export"}', 404) == (None, "no such export")
+    assert json_error(b'{"code": [1], "error": ""}', 400) == (None, "HTTP 400")
+    assert json_error(b"", 502) == (None, "HTTP 502")
+    code, message = json_error(("x" * 1000).encode(), 500)
+    assert code is None and message == "x" * MAX_MESSAGE
+    assert secret not in json_error(json.dumps({"error": f"bad token {secret}"}).encode(), 401)[1]
