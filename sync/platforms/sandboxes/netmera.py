@@ -14,22 +14,13 @@ import asyncio
 import hmac
 import json
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from typing import Any
 
 from aiohttp import web
 
-from sync.platforms.sandboxes._core import (
-    ApiError,
-    FaultKind,
-    FaultSpec,
-    RateLimit,
-    RunningServer,
-    SandboxCore,
-    SandboxStats,
-    json_response,
-    start_app,
-)
+from sync.platforms.sandboxes._base import PlatformSandbox
+from sync.platforms.sandboxes._core import ApiError, FaultKind, json_response
 from sync.platforms.sandboxes.netmera_config import (
     API_KEY_INVALID,
     INTERNAL_ERROR,
@@ -56,12 +47,14 @@ __all__ = [
 # ---------------------------------------------------------------------------------------------- the sandbox
 
 
-class NetmeraSandbox(NetmeraHandlers):
+class NetmeraSandbox(NetmeraHandlers, PlatformSandbox[NetmeraSandboxConfig, NetmeraState]):
     """The Netmera emulator: ``await sandbox.start(host, port)`` returns the base URL (ending ``/rest/3.0/``).
 
     ``state`` is the live :class:`NetmeraState`; ``stats`` the :class:`SandboxStats`; ``core`` the
     :class:`SandboxCore` (use :meth:`configure` to change limits and faults while running).
     """
+
+    api_prefix = API_PREFIX
 
     def __init__(
         self,
@@ -70,71 +63,26 @@ class NetmeraSandbox(NetmeraHandlers):
         clock: Callable[[], float] = time.time,
         sleep: Callable[[float], Any] = asyncio.sleep,
     ) -> None:
-        self.config = config or NetmeraSandboxConfig()
-        self.state = NetmeraState(clock)
-        self._clock = clock
-        self._check = Validator(self.config)
-        self._key = self.config.api_key.encode()
-        self.core = SandboxCore(
-            api_prefix=API_PREFIX,
-            authenticate=self._authenticate,
-            render_error=_render_error,
-            limits=self.config.limits,
-            faults=self.config.faults,
-            seed=self.config.seed,
+        config = config or NetmeraSandboxConfig()
+        self._check = Validator(config)
+        self._key = config.api_key.encode()
+        super().__init__(
+            config,
+            NetmeraState(clock),
             clock=clock,
             sleep=sleep,
-            stats_window=self.config.stats_window,
             fault_error=_fault_error,
+            client_max_size=config.max_body_bytes,
         )
-        if self.config.seed_file is not None:
-            self.state.load_file(self.config.seed_file)
-        self._server: RunningServer | None = None
-        self.url: str | None = None
-        self.app = self._build_app()
-
-    @property
-    def stats(self) -> SandboxStats:
-        return self.core.stats
 
     @property
     def api_key(self) -> str:
+        """The key requests must carry in ``X-netmera-api-key``."""
         return self.config.api_key
-
-    def configure(
-        self,
-        *,
-        limits: Mapping[str, RateLimit] | None = None,
-        faults: FaultSpec | None = None,
-        seed: int | None = None,
-    ) -> None:
-        """Change rate limits, faults and/or the fault seed while running."""
-        self.core.configure(limits=limits, faults=faults, seed=seed)
-
-    async def start(self, host: str = "127.0.0.1", port: int = 0) -> str:
-        """Serve in the running event loop; returns the base URL, e.g. ``http://127.0.0.1:PORT/rest/3.0/``."""
-        self.core.reopen()
-        self._server = await start_app(self.app, host, port)
-        self.url = self._server.root_url + API_PREFIX
-        return self.url
-
-    @property
-    def port(self) -> int:
-        if self._server is None:
-            raise RuntimeError("the sandbox is not started")
-        return self._server.port
-
-    async def stop(self) -> None:
-        """Stop serving (hung requests are released first so this is quick)."""
-        await self.core.close()
-        if self._server is not None:
-            await self._server.stop()
-            self._server = None
 
     # -- plumbing --------------------------------------------------------------------------------------
 
-    def _build_app(self) -> web.Application:
-        app = web.Application(middlewares=[self.core.middleware], client_max_size=self.config.max_body_bytes)
+    def _add_routes(self, app: web.Application) -> None:
         posts: dict[str, Callable[[Any], Any]] = {
             "deleteUsersPermanently": self._delete_users,
             "disablePush": self._disable_push,
@@ -173,14 +121,17 @@ class NetmeraSandbox(NetmeraHandlers):
         }
         for name, read in gets.items():
             app.router.add_get(API_PREFIX + name, self._read_handler(read), name=name, allow_head=False)
-        self.core.add_inspection_routes(app, self.state)
-        return app
 
     def _authenticate(self, request: web.Request) -> str:
         key = request.headers.get("X-netmera-api-key")
         if not key or not hmac.compare_digest(key.encode(), self._key):
             raise ApiError(403, API_KEY_INVALID, "API key is invalid")
         return key
+
+    def _render_error(self, error: ApiError) -> web.StreamResponse:
+        return json_response(
+            {"code": error.code, "error": error.message}, status=error.status, headers=error.headers
+        )
 
     def _write_handler(self, name: str, apply: Callable[[Any], Any]) -> Any:
         empty = self.config.write_response is WriteResponse.EMPTY
@@ -210,12 +161,6 @@ class NetmeraSandbox(NetmeraHandlers):
             return json_response(read(request))
 
         return handler
-
-
-def _render_error(error: ApiError) -> web.StreamResponse:
-    return json_response(
-        {"code": error.code, "error": error.message}, status=error.status, headers=error.headers
-    )
 
 
 def _fault_error(kind: FaultKind) -> ApiError:

@@ -4,15 +4,15 @@ where Netmera documents nothing ([I] in platforms.md), and the field checks that
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass
 from enum import StrEnum
-from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from aiohttp import web
 
 from sync.platforms.netmera import MAX_IDS_PER_REQUEST
-from sync.platforms.sandboxes._core import ApiError, FaultSpec, RateLimit, parse_limits
+from sync.platforms.sandboxes._base import SandboxSettings
+from sync.platforms.sandboxes._core import ApiError
 
 __all__ = [
     "API_KEY_INVALID",
@@ -71,15 +71,15 @@ class LastPage(StrEnum):
 
 
 @dataclass(frozen=True, slots=True)
-class NetmeraSandboxConfig:
-    """Everything a Netmera sandbox can be told. Build from YAML/JSON with :meth:`from_mapping`."""
+class NetmeraSandboxConfig(SandboxSettings):
+    """Everything a Netmera sandbox can be told. Build from YAML/JSON with :meth:`from_mapping`.
+
+    Also ``limits`` (per endpoint name, e.g. ``tagUsers``, or ``"*"``; off by default), ``faults``, ``seed``,
+    ``stats_window`` and ``seed_file`` (JSON or Parquet of users/devices/segments, see
+    :meth:`NetmeraState.load_file`) from :class:`SandboxSettings`.
+    """
 
     api_key: str = "netmera-sandbox-key"
-    limits: Mapping[str, RateLimit] = field(default_factory=dict)
-    """Per endpoint name (e.g. ``tagUsers``), or ``"*"`` for each endpoint not named. Off by default."""
-    faults: FaultSpec = field(default_factory=FaultSpec)
-    seed: int = 0
-    """Seed of the fault sequence: the same seed and requests give the same faults."""
     unknown_ext_id: UnknownExtId = UnknownExtId.CREATE
     write_response: WriteResponse = WriteResponse.EMPTY_OBJECT
     last_page: LastPage = LastPage.OMIT
@@ -93,10 +93,6 @@ class NetmeraSandboxConfig:
     as invalid JSON, so 2009 is assumed [I]."""
     delete_users_enabled: bool = True
     """deleteUsersPermanently "needs prior activation in the panel": False answers 403, code 2022."""
-    stats_window: float = 60.0
-    """Window (s) for the max-per-window stat of endpoints without a rate limit."""
-    seed_file: Path | None = None
-    """JSON or Parquet of users/devices/segments loaded at start (see :meth:`NetmeraState.load_file`)."""
     require_json_content_type: bool = True
     """POSTs without ``Content-Type: application/json`` get 415, code 2009 [I] (the header is documented)."""
     max_body_bytes: int = 64 * 1024 * 1024
@@ -104,29 +100,11 @@ class NetmeraSandboxConfig:
     public_url: str | None = None
     """Root used in ``nextPage`` links; default: the scheme and host the request came to."""
 
-    @classmethod
-    def from_mapping(cls, data: Mapping[str, Any], **overrides: Any) -> NetmeraSandboxConfig:
-        """Build from a parsed YAML/JSON document; unknown keys are refused (ValueError)."""
-        known = {f.name for f in fields(cls)}
-        merged = {**data, **{k: v for k, v in overrides.items() if v is not None}}
-        unknown = sorted(set(merged) - known)
-        if unknown:
-            raise ValueError(f"unknown sandbox settings {unknown}; known: {sorted(known)}")
-        kwargs: dict[str, Any] = dict(merged)
-        if "limits" in kwargs and not all(isinstance(v, RateLimit) for v in kwargs["limits"].values()):
-            kwargs["limits"] = parse_limits(kwargs["limits"])
-        if isinstance(kwargs.get("faults"), Mapping):
-            kwargs["faults"] = FaultSpec.from_mapping(kwargs["faults"])
-        for name, enum in (
-            ("unknown_ext_id", UnknownExtId),
-            ("write_response", WriteResponse),
-            ("last_page", LastPage),
-        ):
-            if name in kwargs:
-                kwargs[name] = enum(kwargs[name])
-        if kwargs.get("seed_file") is not None:
-            kwargs["seed_file"] = Path(kwargs["seed_file"])
-        return cls(**kwargs)
+    _enums: ClassVar[Mapping[str, type[StrEnum]]] = {
+        "unknown_ext_id": UnknownExtId,
+        "write_response": WriteResponse,
+        "last_page": LastPage,
+    }
 
 
 # ------------------------------------------------------------------------------------------- validation

@@ -32,7 +32,7 @@ import json
 import re
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -56,17 +56,8 @@ from sync.platforms.notifyvisitors import (
     RATE_LIMITS_PER_MINUTE,
     USER_CREATE,
 )
-from sync.platforms.sandboxes._core import (
-    ApiError,
-    FaultSpec,
-    RateLimit,
-    RunningServer,
-    SandboxCore,
-    SandboxStats,
-    json_response,
-    parse_limits,
-    start_app,
-)
+from sync.platforms.sandboxes._base import PlatformSandbox, SandboxSettings
+from sync.platforms.sandboxes._core import ApiError, RateLimit, json_response
 
 __all__ = [
     "API_PREFIX",
@@ -89,49 +80,31 @@ _OPT_IN_VALUES = frozenset({"1", "0"})
 
 
 @dataclass(frozen=True, slots=True)
-class NotifyVisitorsSandboxConfig:
-    """Everything a NotifyVisitors sandbox can be told. Build from YAML/JSON with :meth:`from_mapping`."""
+class NotifyVisitorsSandboxConfig(SandboxSettings):
+    """Everything a NotifyVisitors sandbox can be told. Build from YAML/JSON with :meth:`from_mapping`.
 
+    ``faults``, ``seed``, ``stats_window`` and ``seed_file`` (JSON in the shape of ``GET /_sandbox/state``:
+    ``users``, ``events``) come from :class:`SandboxSettings`.
+    """
+
+    limits: Mapping[str, RateLimit] = field(default_factory=lambda: dict(DEFAULT_LIMITS))
+    """Per family (``user``, ``event``, ``campaign``, ``reporting``) or endpoint; ``{}`` turns limits off."""
     api_key: str = "nv-sandbox-key"
     brand_id: str = "1000"
     bearer_token: str | None = None
     """Access token accepted as ``Authorization: Bearer``; None refuses bearer authentication."""
-    limits: Mapping[str, RateLimit] = field(default_factory=lambda: dict(DEFAULT_LIMITS))
-    """Per family (``user``, ``event``, ``campaign``, ``reporting``) or endpoint; ``{}`` turns limits off."""
-    faults: FaultSpec = field(default_factory=FaultSpec)
-    seed: int = 0
-    """Seed of the fault sequence: the same seed and requests give the same faults."""
     errors_in_body: bool = False
     """[I] Answer refusals of content with 200 + ``status: error`` instead of 400."""
     retry_after_header: bool = False
     """[I] Add ``Retry-After`` to 429s; NotifyVisitors documents only ``X-RateLimit-Remaining``."""
     max_users_per_request: int = MAX_USERS_PER_REQUEST
     max_events_per_request: int = MAX_EVENTS_PER_REQUEST
-    stats_window: float = 60.0
-    seed_file: Path | None = None
-    """JSON in the shape of ``GET /_sandbox/state`` (``users``, ``events``) loaded at start."""
 
     @classmethod
-    def from_mapping(cls, data: Mapping[str, Any], **overrides: Any) -> NotifyVisitorsSandboxConfig:
-        """Build from a parsed YAML/JSON document; unknown keys are refused (ValueError)."""
-        known = {f.name for f in fields(cls)}
-        merged = {**data, **{k: v for k, v in overrides.items() if v is not None}}
-        unknown = sorted(set(merged) - known)
-        if unknown:
-            raise ValueError(f"unknown sandbox settings {unknown}; known: {sorted(known)}")
-        kwargs: dict[str, Any] = dict(merged)
-        if "limits" in kwargs and not all(
-            isinstance(v, RateLimit) for v in (kwargs["limits"] or {}).values()
-        ):
-            kwargs["limits"] = parse_limits(kwargs["limits"] or {})
-        if isinstance(kwargs.get("faults"), Mapping):
-            kwargs["faults"] = FaultSpec.from_mapping(kwargs["faults"])
-        if kwargs.get("seed_file") is not None:
-            kwargs["seed_file"] = Path(kwargs["seed_file"])
-        for name in ("api_key", "brand_id", "bearer_token"):
+    def _convert(cls, kwargs: dict[str, Any]) -> None:
+        for name in ("api_key", "brand_id", "bearer_token"):  # YAML reads 1000 as a number
             if kwargs.get(name) is not None:
                 kwargs[name] = str(kwargs[name])
-        return cls(**kwargs)
 
 
 def envelope(status: str, message: str, data: Any = None) -> dict[str, Any]:
@@ -304,12 +277,14 @@ def _items(body: Any, limit: int, what: str) -> list[dict[str, Any]]:
 # ------------------------------------------------------------------------------------------- the sandbox
 
 
-class NotifyVisitorsSandbox:
+class NotifyVisitorsSandbox(PlatformSandbox[NotifyVisitorsSandboxConfig, NotifyVisitorsState]):
     """The NotifyVisitors emulator: ``await sandbox.start(host, port)`` returns the base URL (ending ``/api/v1/``).
 
     ``state`` is the live :class:`NotifyVisitorsState`, ``stats`` the :class:`SandboxStats`, ``core`` the
     :class:`SandboxCore` (use :meth:`configure` to change limits and faults while running).
     """
+
+    api_prefix = API_PREFIX
 
     def __init__(
         self,
@@ -318,75 +293,27 @@ class NotifyVisitorsSandbox:
         clock: Callable[[], float] = time.time,
         sleep: Callable[[float], Any] = asyncio.sleep,
     ) -> None:
-        self.config = config or NotifyVisitorsSandboxConfig()
-        self.state = NotifyVisitorsState()
-        self._clock = clock
-        self._key = self.config.api_key.encode()
-        self._brand = self.config.brand_id.encode()
-        self._token = self.config.bearer_token.encode() if self.config.bearer_token else None
-        self.core = SandboxCore(
-            api_prefix=API_PREFIX,
-            authenticate=self._authenticate,
-            render_error=self._render_error,
-            limits=self.config.limits,
-            groups=FAMILY_OF,
-            faults=self.config.faults,
-            seed=self.config.seed,
+        config = config or NotifyVisitorsSandboxConfig()
+        self._key = config.api_key.encode()
+        self._brand = config.brand_id.encode()
+        self._token = config.bearer_token.encode() if config.bearer_token else None
+        super().__init__(
+            config,
+            NotifyVisitorsState(),
             clock=clock,
             sleep=sleep,
-            stats_window=self.config.stats_window,
+            groups=FAMILY_OF,
             rate_limit_error=lambda _admission: ApiError(429, 429, "rate limit exceeded"),
+            client_max_size=16 * 1024 * 1024,
         )
-        if self.config.seed_file is not None:
-            self.state.load_file(self.config.seed_file)
-        self._server: RunningServer | None = None
-        self.url: str | None = None
-        self.app = self._build_app()
-
-    @property
-    def stats(self) -> SandboxStats:
-        return self.core.stats
-
-    def configure(
-        self,
-        *,
-        limits: Mapping[str, RateLimit] | None = None,
-        faults: FaultSpec | None = None,
-        seed: int | None = None,
-    ) -> None:
-        """Change rate limits, faults and/or the fault seed while running."""
-        self.core.configure(limits=limits, faults=faults, seed=seed)
-
-    async def start(self, host: str = "127.0.0.1", port: int = 0) -> str:
-        """Serve in the running event loop; returns the base URL, e.g. ``http://127.0.0.1:PORT/api/v1/``."""
-        self.core.reopen()
-        self._server = await start_app(self.app, host, port)
-        self.url = self._server.root_url + API_PREFIX
-        return self.url
-
-    @property
-    def port(self) -> int:
-        if self._server is None:
-            raise RuntimeError("the sandbox is not started")
-        return self._server.port
-
-    async def stop(self) -> None:
-        """Stop serving (hung requests are released first so this is quick)."""
-        await self.core.close()
-        if self._server is not None:
-            await self._server.stop()
-            self._server = None
 
     # -- plumbing --------------------------------------------------------------------------------------
 
-    def _build_app(self) -> web.Application:
-        app = web.Application(middlewares=[self.core.middleware], client_max_size=16 * 1024 * 1024)
+    def _add_routes(self, app: web.Application) -> None:
         # Unnamed routes: aiohttp route names cannot hold "/", and the core then keys limits, faults and stats
         # by the path under the prefix — exactly the endpoint name (``user/create``).
         app.router.add_post(API_PREFIX + USER_CREATE, self._handler(self._user_create))
         app.router.add_post(API_PREFIX + EVENT_CREATE, self._handler(self._event_create))
-        self.core.add_inspection_routes(app, self.state)
-        return app
 
     def _authenticate(self, request: web.Request) -> str:
         """Either mode identifies the brand, which is the rate-limit key."""
