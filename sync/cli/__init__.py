@@ -27,7 +27,6 @@ _COMMAND_MODULES = (
     "sync.cli.report_cmd",
     "sync.cli.platform_cmd",
     "sync.cli.sandbox_cmd",
-    "sync.cli.sandbox_more_cmd",  # sandbox notifyvisitors|formsonfire: after sandbox_cmd, which adds "sandbox"
     "sync.cli.meiro_cmd",
 )
 

@@ -7,6 +7,7 @@
 * :class:`PlatformSandbox` — builds the :class:`SandboxCore` from those settings, loads the seed file, builds
   the app (core middleware, the platform's routes, the ``/_sandbox/`` inspection routes) and serves it:
   ``start``/``stop``/``url``/``port``/``stats``/``configure``.
+* :func:`table` — a state's objects as one polars DataFrame, for ``InspectableState.tables``.
 
 A platform's sandbox subclasses both (its config class and its sandbox class keep their own names) and supplies
 ``api_prefix``, ``_authenticate``, ``_render_error`` and ``_add_routes``; see ``docs/sandbox.md``.
@@ -17,8 +18,9 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from enum import StrEnum
+from operator import attrgetter
 from pathlib import Path
-from typing import Any, ClassVar, Generic, Protocol, Self, TypeVar
+from typing import TYPE_CHECKING, Any, ClassVar, Generic, Protocol, Self, TypeVar
 
 from aiohttp import web
 from aiohttp.typedefs import Middleware
@@ -37,7 +39,10 @@ from sync.platforms.sandboxes._core import (
     start_app,
 )
 
-__all__ = ["PlatformSandbox", "SandboxSettings", "SeedableState"]
+if TYPE_CHECKING:  # polars is imported when a table is asked for: serving requests never needs it
+    import polars as pl
+
+__all__ = ["PlatformSandbox", "SandboxSettings", "SeedableState", "table"]
 
 DEFAULT_MAX_BODY = 1024 * 1024
 """aiohttp's own default request-body limit, kept for sandboxes that do not choose one."""
@@ -78,7 +83,9 @@ class SandboxSettings:
             raise ValueError(f"unknown {cls._label} settings {unknown}; known: {sorted(known)}")
         kwargs: dict[str, Any] = dict(merged)
         # ``limits: null`` means no limits; ready RateLimit objects (tests, the factories) pass through
-        if "limits" in kwargs and not all(isinstance(v, RateLimit) for v in (kwargs["limits"] or {}).values()):
+        if "limits" in kwargs and not all(
+            isinstance(v, RateLimit) for v in (kwargs["limits"] or {}).values()
+        ):
             kwargs["limits"] = parse_limits(kwargs["limits"] or {})
         if isinstance(kwargs.get("faults"), Mapping):
             kwargs["faults"] = FaultSpec.from_mapping(kwargs["faults"])
@@ -215,3 +222,20 @@ class PlatformSandbox(Generic[ConfigT, StateT]):
         if self._server is not None:
             await self._server.stop()
             self._server = None
+
+
+T = TypeVar("T")
+
+
+def table(items: Sequence[T], columns: Mapping[str, tuple[Any, str | Callable[[T], Any]]]) -> pl.DataFrame:
+    """``items`` as a polars DataFrame: a column per entry ``name: (polars dtype, attribute name or getter)``.
+
+    The dtypes make the schema explicit, so an empty state still gives the columns (and Parquet files that seed
+    a new sandbox)."""
+    import polars as pl
+
+    data = {
+        name: list(map(attrgetter(get) if isinstance(get, str) else get, items))
+        for name, (_dtype, get) in columns.items()
+    }
+    return pl.DataFrame(data, schema={name: dtype for name, (dtype, _get) in columns.items()})

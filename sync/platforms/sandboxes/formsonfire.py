@@ -41,26 +41,16 @@ import json
 import time
 import xml.etree.ElementTree as ET
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass
 from enum import StrEnum
-from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 from xml.sax.saxutils import escape
 
 from aiohttp import web
 
 from sync.platforms.formsonfire import ENDPOINT, XSI_NAMESPACE, BodyFormat, UserKey
-from sync.platforms.sandboxes._core import (
-    ApiError,
-    FaultSpec,
-    RateLimit,
-    RunningServer,
-    SandboxCore,
-    SandboxStats,
-    json_response,
-    parse_limits,
-    start_app,
-)
+from sync.platforms.sandboxes._base import PlatformSandbox, SandboxSettings
+from sync.platforms.sandboxes._core import ApiError, json_response
 from sync.platforms.sandboxes.formsonfire_state import FormsOnFireState, KnownUser, Push
 
 __all__ = [
@@ -115,53 +105,34 @@ class XmlOrder(StrEnum):
 
 
 @dataclass(frozen=True, slots=True)
-class FormsOnFireSandboxConfig:
-    """Everything a Forms On Fire sandbox can be told. Build from YAML/JSON with :meth:`from_mapping`."""
+class FormsOnFireSandboxConfig(SandboxSettings):
+    """Everything a Forms On Fire sandbox can be told. Build from YAML/JSON with :meth:`from_mapping`.
+
+    Also ``limits`` (none documented, none by default; e.g. ``{"push": {"per_second": 10}}``), ``faults``,
+    ``seed``, ``stats_window`` and ``seed_file`` (JSON ``{"users": [...], "pushes": [...]}``, the shape of
+    ``GET /_sandbox/state``) from :class:`SandboxSettings`.
+    """
 
     integration_key: str = "fof-sandbox-key"
     company_id: int = 1000
     users: tuple[KnownUser, ...] = ()
     unknown_user: UnknownUser = UnknownUser.AUTO
-    limits: Mapping[str, RateLimit] = field(default_factory=dict)
-    """None documented; e.g. ``{"push": {"per_second": 10}}``."""
-    faults: FaultSpec = field(default_factory=FaultSpec)
-    seed: int = 0
     xml_root: str | None = None
     """[I] Required name of the XML root element; None accepts any."""
     xml_order: XmlOrder = XmlOrder.ERROR
     error_status: int = 200
     """[I] HTTP status of errors reported inside the body (documented: most are 200)."""
-    stats_window: float = 60.0
-    seed_file: Path | None = None
-    """JSON ``{"users": [...], "pushes": [...]}`` (the shape of ``GET /_sandbox/state``) loaded at start."""
+
+    _enums: ClassVar[Mapping[str, type[StrEnum]]] = {"unknown_user": UnknownUser, "xml_order": XmlOrder}
 
     @classmethod
-    def from_mapping(cls, data: Mapping[str, Any], **overrides: Any) -> FormsOnFireSandboxConfig:
-        """Build from a parsed YAML/JSON document; unknown keys are refused (ValueError)."""
-        known = {f.name for f in fields(cls)}
-        merged = {**data, **{k: v for k, v in overrides.items() if v is not None}}
-        unknown = sorted(set(merged) - known)
-        if unknown:
-            raise ValueError(f"unknown sandbox settings {unknown}; known: {sorted(known)}")
-        kwargs: dict[str, Any] = dict(merged)
-        if "limits" in kwargs and not all(
-            isinstance(v, RateLimit) for v in (kwargs["limits"] or {}).values()
-        ):
-            kwargs["limits"] = parse_limits(kwargs["limits"] or {})
-        if isinstance(kwargs.get("faults"), Mapping):
-            kwargs["faults"] = FaultSpec.from_mapping(kwargs["faults"])
+    def _convert(cls, kwargs: dict[str, Any]) -> None:
         if "users" in kwargs:
             kwargs["users"] = tuple(
                 u if isinstance(u, KnownUser) else KnownUser.from_mapping(u) for u in kwargs["users"] or ()
             )
-        for name, enum in (("unknown_user", UnknownUser), ("xml_order", XmlOrder)):
-            if name in kwargs:
-                kwargs[name] = enum(kwargs[name])
         if "company_id" in kwargs:
             kwargs["company_id"] = int(kwargs["company_id"])
-        if kwargs.get("seed_file") is not None:
-            kwargs["seed_file"] = Path(kwargs["seed_file"])
-        return cls(**kwargs)
 
 
 # ------------------------------------------------------------------------------------------- parsing
@@ -291,8 +262,10 @@ def error_payload(code: str, message: str) -> dict[str, Any]:
 # ------------------------------------------------------------------------------------------- the sandbox
 
 
-class FormsOnFireSandbox:
+class FormsOnFireSandbox(PlatformSandbox[FormsOnFireSandboxConfig, FormsOnFireState]):
     """The Forms On Fire emulator: ``await sandbox.start(host, port)`` returns the base URL (ending ``/api/v2/``)."""
+
+    api_prefix = API_PREFIX
 
     def __init__(
         self,
@@ -301,74 +274,30 @@ class FormsOnFireSandbox:
         clock: Callable[[], float] = time.time,
         sleep: Callable[[float], Any] = asyncio.sleep,
     ) -> None:
-        self.config = config or FormsOnFireSandboxConfig()
-        self.state = FormsOnFireState()
-        self.state.add_users(self.config.users)
-        if self.config.seed_file is not None:
-            self.state.load_file(self.config.seed_file)
-        self._clock = clock
-        self._key = self.config.integration_key.encode()
-        self.core = SandboxCore(
-            api_prefix=API_PREFIX,
-            authenticate=lambda _request: str(self.config.company_id),  # credentials are in the body
-            render_error=self._render_error,
-            limits=self.config.limits,
-            faults=self.config.faults,
-            seed=self.config.seed,
+        config = config or FormsOnFireSandboxConfig()
+        state = FormsOnFireState()
+        state.add_users(config.users)  # before the seed file, which may add more
+        self._key = config.integration_key.encode()
+        super().__init__(
+            config,
+            state,
             clock=clock,
             sleep=sleep,
-            stats_window=self.config.stats_window,
             rate_limit_error=lambda adm: ApiError(
                 429, "TooManyRequests", f"rate limit exceeded; retry in {adm.retry_after} s"
             ),
+            # outside the core's, so the core's own refusals (404, 405, 429, faults) use the format asked for
+            middlewares=(_format_middleware,),
         )
-        self._server: RunningServer | None = None
-        self.url: str | None = None
-        self.app = self._build_app()
-
-    @property
-    def stats(self) -> SandboxStats:
-        return self.core.stats
-
-    def configure(
-        self,
-        *,
-        limits: Mapping[str, RateLimit] | None = None,
-        faults: FaultSpec | None = None,
-        seed: int | None = None,
-    ) -> None:
-        """Change rate limits, faults and/or the fault seed while running."""
-        self.core.configure(limits=limits, faults=faults, seed=seed)
-
-    async def start(self, host: str = "127.0.0.1", port: int = 0) -> str:
-        """Serve in the running event loop; returns the base URL, e.g. ``http://127.0.0.1:PORT/api/v2/``."""
-        self.core.reopen()
-        self._server = await start_app(self.app, host, port)
-        self.url = self._server.root_url + API_PREFIX
-        return self.url
-
-    @property
-    def port(self) -> int:
-        if self._server is None:
-            raise RuntimeError("the sandbox is not started")
-        return self._server.port
-
-    async def stop(self) -> None:
-        await self.core.close()
-        if self._server is not None:
-            await self._server.stop()
-            self._server = None
 
     # -- plumbing --------------------------------------------------------------------------------------
 
-    def _build_app(self) -> web.Application:
-        app = web.Application(
-            middlewares=[_format_middleware, self.core.middleware], client_max_size=1024 * 1024
-        )
+    def _add_routes(self, app: web.Application) -> None:
         app.router.add_post(API_PREFIX + ENDPOINT, self._push, name=ENDPOINT)
-        self.core.add_inspection_routes(app, self.state)
         app.router.add_post("/_sandbox/users", self._add_users)
-        return app
+
+    def _authenticate(self, request: web.Request) -> str:
+        return str(self.config.company_id)  # the credentials are in the body: the handler checks them
 
     def _render_error(self, error: ApiError) -> web.StreamResponse:
         code = {

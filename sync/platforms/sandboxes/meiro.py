@@ -25,25 +25,15 @@ import json
 import secrets
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field, fields
-from pathlib import Path
-from typing import Any
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any, ClassVar
 
 from aiohttp import web
 
 from sync.platforms.meiro import EDIT_FEATURE, TOKEN_TTL, VIEW_FEATURE, ExportStatus
-from sync.platforms.sandboxes._core import (
-    ApiError,
-    FaultKind,
-    FaultSpec,
-    RateLimit,
-    RunningServer,
-    SandboxCore,
-    SandboxStats,
-    json_response,
-    parse_limits,
-    start_app,
-)
+from sync.platforms.sandboxes._base import PlatformSandbox, SandboxSettings
+from sync.platforms.sandboxes._core import ApiError, FaultKind, json_response
 from sync.platforms.sandboxes.meiro_state import MeiroState, Progression, SandboxExport
 
 __all__ = [
@@ -92,8 +82,13 @@ class MeiroUser:
 
 
 @dataclass(frozen=True, slots=True)
-class MeiroSandboxConfig:
-    """Everything a Meiro sandbox can be told; :meth:`from_mapping` builds it from YAML/JSON."""
+class MeiroSandboxConfig(SandboxSettings):
+    """Everything a Meiro sandbox can be told; :meth:`from_mapping` builds it from YAML/JSON.
+
+    Also ``limits`` (per endpoint name or ``"*"`` [I: Meiro documents none]; off by default), ``faults``,
+    ``seed``, ``stats_window`` and ``seed_file`` (JSON in the shape of :meth:`MeiroState.load`) from
+    :class:`SandboxSettings`.
+    """
 
     users: tuple[MeiroUser, ...] = (MeiroUser("sandbox@meiro.local", "sandbox-password"),)
     token_ttl: float = TOKEN_TTL
@@ -108,41 +103,21 @@ class MeiroSandboxConfig:
     features: Mapping[str, tuple[str, ...]] = field(default_factory=lambda: dict(DEFAULT_FEATURES))
     default_limit: int = 20
     """``limit`` when none is given [D: 20]."""
-    limits: Mapping[str, RateLimit] = field(default_factory=dict)
-    """Rate limits per endpoint name or ``"*"`` [I: Meiro documents none]; off by default."""
-    faults: FaultSpec = field(default_factory=FaultSpec)
-    seed: int = 0
-    stats_window: float = 60.0
-    seed_file: Path | None = None
-    """JSON in the shape of :meth:`MeiroState.load`, loaded at start."""
+
+    _label: ClassVar[str] = "Meiro sandbox"
+    _enums: ClassVar[Mapping[str, type[StrEnum]]] = {"progression": Progression}
 
     @classmethod
-    def from_mapping(cls, data: Mapping[str, Any], **overrides: Any) -> MeiroSandboxConfig:
-        """Build from a parsed YAML/JSON document; unknown keys are refused (ValueError)."""
-        known = {f.name for f in fields(cls)}
-        merged = {**data, **{k: v for k, v in overrides.items() if v is not None}}
-        unknown = sorted(set(merged) - known)
-        if unknown:
-            raise ValueError(f"unknown Meiro sandbox settings {unknown}; known: {sorted(known)}")
-        kwargs: dict[str, Any] = dict(merged)
+    def _convert(cls, kwargs: dict[str, Any]) -> None:
         if "users" in kwargs:
             kwargs["users"] = tuple(
                 u if isinstance(u, MeiroUser) else MeiroUser.from_mapping(u) for u in kwargs["users"]
             )
-        if "limits" in kwargs and not all(isinstance(v, RateLimit) for v in kwargs["limits"].values()):
-            kwargs["limits"] = parse_limits(kwargs["limits"])
-        if isinstance(kwargs.get("faults"), Mapping):
-            kwargs["faults"] = FaultSpec.from_mapping(kwargs["faults"])
-        if "progression" in kwargs:
-            kwargs["progression"] = Progression(kwargs["progression"])
-        if "features" in kwargs:
+        if "features" in kwargs:  # the document's features change the defaults, endpoint by endpoint
             kwargs["features"] = {
                 **DEFAULT_FEATURES,
                 **{str(k): tuple(v) for k, v in dict(kwargs["features"]).items()},
             }
-        if kwargs.get("seed_file") is not None:
-            kwargs["seed_file"] = Path(kwargs["seed_file"])
-        return cls(**kwargs)
 
 
 _USER = web.RequestKey("meiro_user", MeiroUser)  # who the token belongs to, set by _authenticate
@@ -155,11 +130,13 @@ class _Token:
     expires_at: float
 
 
-class MeiroSandbox:
+class MeiroSandbox(PlatformSandbox[MeiroSandboxConfig, MeiroState]):
     """The Meiro emulator: ``await sandbox.start(host, port)`` returns the base URL (ending ``/api/``).
 
     ``state`` is the live :class:`MeiroState`; ``stats`` the counters; ``configure`` changes limits and faults.
     """
+
+    api_prefix = API_PREFIX
 
     def __init__(
         self,
@@ -168,63 +145,19 @@ class MeiroSandbox:
         clock: Callable[[], float] = time.time,
         sleep: Callable[[float], Any] = asyncio.sleep,
     ) -> None:
-        self.config = config or MeiroSandboxConfig()
-        self._clock = clock
-        self.state = MeiroState(
-            clock,
-            progression=self.config.progression,
-            waiting=self.config.waiting,
-            running=self.config.running,
-        )
-        self._users = {u.email: u for u in self.config.users}
+        config = config or MeiroSandboxConfig()
+        self._users = {u.email: u for u in config.users}
         self._tokens: dict[str, _Token] = {}  # token → whose it is and until when it is valid
-        self.core = SandboxCore(
-            api_prefix=API_PREFIX,
-            authenticate=self._authenticate,
-            render_error=_render_error,
-            limits=self.config.limits,
-            faults=self.config.faults,
-            seed=self.config.seed,
+        super().__init__(
+            config,
+            MeiroState(clock, progression=config.progression, waiting=config.waiting, running=config.running),
             clock=clock,
             sleep=sleep,
-            stats_window=self.config.stats_window,
             rate_limit_error=lambda adm: ApiError(
                 429, 429, f"Too many requests; retry in {adm.retry_after} s"
             ),
             fault_error=_fault_error,
         )
-        if self.config.seed_file is not None:
-            self.state.load_file(self.config.seed_file)
-        self._server: RunningServer | None = None
-        self.url: str | None = None
-        self.app = self._build_app()
-
-    @property
-    def stats(self) -> SandboxStats:
-        return self.core.stats
-
-    def configure(
-        self,
-        *,
-        limits: Mapping[str, RateLimit] | None = None,
-        faults: FaultSpec | None = None,
-        seed: int | None = None,
-    ) -> None:
-        """Change rate limits, faults and/or the fault seed while running."""
-        self.core.configure(limits=limits, faults=faults, seed=seed)
-
-    async def start(self, host: str = "127.0.0.1", port: int = 0) -> str:
-        """Serve in the running event loop; returns the base URL, e.g. ``http://127.0.0.1:PORT/api/``."""
-        self.core.reopen()
-        self._server = await start_app(self.app, host, port)
-        self.url = self._server.root_url + API_PREFIX
-        return self.url
-
-    async def stop(self) -> None:
-        await self.core.close()
-        if self._server is not None:
-            await self._server.stop()
-            self._server = None
 
     def revoke_tokens(self) -> None:
         """Forget every issued token (as a server restart would): clients must log in again."""
@@ -232,8 +165,7 @@ class MeiroSandbox:
 
     # -- plumbing --------------------------------------------------------------------------------------
 
-    def _build_app(self) -> web.Application:
-        app = web.Application(middlewares=[self.core.middleware])
+    def _add_routes(self, app: web.Application) -> None:
         r = app.router
         exports = API_PREFIX + "push_notifications/{notification_id}/exports"
         r.add_post(API_PREFIX + "users/login", self._login, name="login")
@@ -247,8 +179,6 @@ class MeiroSandbox:
         r.add_get(exports, self._list_exports, name="listExports", allow_head=False)
         r.add_get(exports + "/{export_id}", self._get_export, name="getExport", allow_head=False)
         r.add_delete(exports + "/{export_id}", self._cancel_export, name="cancelExport")
-        self.core.add_inspection_routes(app, self.state)
-        return app
 
     def _authenticate(self, request: web.Request) -> str:
         """Token check and feature check; returns the user's e-mail (the rate-limit key)."""
@@ -270,6 +200,9 @@ class MeiroSandbox:
         request[_USER] = held.user
         request[_TOKEN] = token
         return held.user.email
+
+    def _render_error(self, error: ApiError) -> web.StreamResponse:
+        return json_response({"message": error.message}, status=error.status, headers=error.headers)
 
     def _issue(self, user: MeiroUser) -> str:
         token = secrets.token_hex(20)
@@ -380,10 +313,6 @@ class MeiroSandbox:
         self.state.restore(notification)
         self.core.stats.add_applied("restoreTrash", 1)
         return json_response({"push_notification": notification.to_api()})
-
-
-def _render_error(error: ApiError) -> web.StreamResponse:
-    return json_response({"message": error.message}, status=error.status, headers=error.headers)
 
 
 def _fault_error(kind: FaultKind) -> ApiError:

@@ -326,33 +326,24 @@ class MeiroState:
         """``notifications`` and ``exports`` as polars DataFrames (for ``/_sandbox/state?format=parquet``)."""
         import polars as pl
 
+        from sync.platforms.sandboxes._base import table  # with polars: only dumps need it
+
         notifications = list(self.notifications.values())
         exports = [e for n in notifications for e in n.exports.values()]
         return {
-            "notifications": pl.DataFrame(
-                {
-                    "id": [n.id for n in notifications],
-                    "name": [n.name for n in notifications],
-                    "trashed": [n.trashed for n in notifications],
-                },
-                schema={"id": pl.String, "name": pl.String, "trashed": pl.Boolean},
+            "notifications": table(
+                notifications,
+                {"id": (pl.String, "id"), "name": (pl.String, "name"), "trashed": (pl.Boolean, "trashed")},
             ),
-            "exports": pl.DataFrame(
+            "exports": table(
+                exports,
                 {
-                    "notification_id": [e.notification_id for e in exports],
-                    "id": [e.id for e in exports],
-                    "status": [str(e.status) for e in exports],
-                    "polls": [e.polls for e in exports],
-                    "total": [e.total for e in exports],
-                    "sent": [e.sent for e in exports],
-                },
-                schema={
-                    "notification_id": pl.String,
-                    "id": pl.Int64,
-                    "status": pl.String,
-                    "polls": pl.Int64,
-                    "total": pl.Int64,
-                    "sent": pl.Int64,
+                    "notification_id": (pl.String, "notification_id"),
+                    "id": (pl.Int64, "id"),
+                    "status": (pl.String, lambda e: str(e.status)),
+                    "polls": (pl.Int64, "polls"),
+                    "total": (pl.Int64, "total"),
+                    "sent": (pl.Int64, "sent"),
                 },
             ),
         }

@@ -403,6 +403,8 @@ class NetmeraState:
         new sandbox (:meth:`load_file`)."""
         import polars as pl
 
+        from sync.platforms.sandboxes._base import table  # with polars: only dumps need it
+
         tags = self._tags_by_user()
         rows = []
         for ext_id in self.all_ext_ids():
@@ -432,43 +434,32 @@ class NetmeraState:
         devices = list(self.devices.values())
         return {
             "users": pl.DataFrame(rows, schema=user_schema),
-            "devices": pl.DataFrame(
+            "devices": table(
+                devices,
                 {
-                    "extId": [d.ext_id for d in devices],
-                    "platform": [d.platform for d in devices],
-                    "token": [d.token for d in devices],
-                    "deviceModel": [d.device_model for d in devices],
-                    "pushPermitted": [d.push_permitted for d in devices],
-                },
-                schema={
-                    "extId": pl.String,
-                    "platform": pl.String,
-                    "token": pl.String,
-                    "deviceModel": pl.String,
-                    "pushPermitted": pl.Boolean,
+                    "extId": (pl.String, "ext_id"),
+                    "platform": (pl.String, "platform"),
+                    "token": (pl.String, "token"),
+                    "deviceModel": (pl.String, "device_model"),
+                    "pushPermitted": (pl.Boolean, "push_permitted"),
                 },
             ),
-            "segments": pl.DataFrame(
+            "segments": table(
+                list(self.segments.values()),
                 {
-                    "id": [seg.id for seg in self.segments.values()],
-                    "name": [seg.name for seg in self.segments.values()],
-                    "type": [seg.type for seg in self.segments.values()],
-                    "members": [list(seg.members) for seg in self.segments.values()],
+                    "id": (pl.Int64, "id"),
+                    "name": (pl.String, "name"),
+                    "type": (pl.String, "type"),
+                    "members": (pl.List(pl.String), lambda seg: list(seg.members)),
                 },
-                schema={"id": pl.Int64, "name": pl.String, "type": pl.String, "members": pl.List(pl.String)},
             ),
-            "events": pl.DataFrame(
+            "events": table(
+                self.events,
                 {
-                    "extId": [e.ext_id for e in self.events],
-                    "name": [e.name for e in self.events],
-                    "attributes": [json.dumps(e.attributes) for e in self.events],
-                    "receivedAt": [_ms(e.received_at) for e in self.events],
-                },
-                schema={
-                    "extId": pl.String,
-                    "name": pl.String,
-                    "attributes": pl.String,
-                    "receivedAt": pl.Int64,
+                    "extId": (pl.String, "ext_id"),
+                    "name": (pl.String, "name"),
+                    "attributes": (pl.String, lambda e: json.dumps(e.attributes)),
+                    "receivedAt": (pl.Int64, lambda e: _ms(e.received_at)),
                 },
             ),
         }

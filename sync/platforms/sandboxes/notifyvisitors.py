@@ -56,7 +56,7 @@ from sync.platforms.notifyvisitors import (
     RATE_LIMITS_PER_MINUTE,
     USER_CREATE,
 )
-from sync.platforms.sandboxes._base import PlatformSandbox, SandboxSettings
+from sync.platforms.sandboxes._base import PlatformSandbox, SandboxSettings, table
 from sync.platforms.sandboxes._core import ApiError, RateLimit, json_response
 
 __all__ = [
@@ -184,20 +184,14 @@ class NotifyVisitorsState:
             },
             schema={"userID": pl.String, "user_attributes": pl.String},
         )
-        events = pl.DataFrame(
+        events = table(
+            self.events,
             {
-                "userID": [e.user_id for e in self.events],
-                "event_name": [e.name for e in self.events],
-                "attributes": [json.dumps(dict(e.attributes), sort_keys=True) for e in self.events],
-                "event_time": [e.event_time for e in self.events],
-                "received_at": [e.received_at for e in self.events],
-            },
-            schema={
-                "userID": pl.String,
-                "event_name": pl.String,
-                "attributes": pl.String,
-                "event_time": pl.String,
-                "received_at": pl.Float64,
+                "userID": (pl.String, "user_id"),
+                "event_name": (pl.String, "name"),
+                "attributes": (pl.String, lambda e: json.dumps(dict(e.attributes), sort_keys=True)),
+                "event_time": (pl.String, "event_time"),
+                "received_at": (pl.Float64, "received_at"),
             },
         )
         return {"users": users, "events": events}
