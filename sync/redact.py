@@ -47,7 +47,9 @@ def _redact_value(value: Any) -> Any:
     return value
 
 
-def describe_request(method: str, url: str, *, endpoint: str | None = None, batch_id: str | None = None) -> str:
+def describe_request(
+    method: str, url: str, *, endpoint: str | None = None, batch_id: str | None = None
+) -> str:
     """A human description of a request for logs and errors: method and URL without query secrets or headers."""
     parts = [method.upper(), redact(url.split("?", 1)[0])]
     if endpoint:
@@ -57,7 +59,9 @@ def describe_request(method: str, url: str, *, endpoint: str | None = None, batc
     return " ".join(parts)
 
 
-def structlog_processor(_logger: Any, _name: str, event_dict: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
+def structlog_processor(
+    _logger: Any, _name: str, event_dict: MutableMapping[str, Any]
+) -> MutableMapping[str, Any]:
     """structlog processor that masks registered secrets in every field of an event."""
     if not _secrets:
         return event_dict

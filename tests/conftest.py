@@ -35,6 +35,7 @@ def _fresh_structlog() -> Iterator[None]:
     yield
     structlog.reset_defaults()
 
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SANDBOX_TEST_KEY = "test-netmera-key-0123456789"
 

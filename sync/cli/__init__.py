@@ -37,7 +37,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Keep a push-notification platform in step with CRM exports (CSV/Parquet).",
     )
     parser.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"])
-    parser.add_argument("--log-json", action="store_true", default=None, help="JSON log lines even on a terminal")
+    parser.add_argument(
+        "--log-json", action="store_true", default=None, help="JSON log lines even on a terminal"
+    )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in _COMMAND_MODULES:
         try:

@@ -215,7 +215,9 @@ def _print_plan(job: Job, plan: Plan, summary: PlanSummary, out: TextIO) -> None
             str(e.ids),
             _duration(e.estimated_seconds),
         )
-        for e in sorted(summary.endpoints, key=lambda e: e.phase)  # send order: opt-outs first, deletions last
+        for e in sorted(
+            summary.endpoints, key=lambda e: e.phase
+        )  # send order: opt-outs first, deletions last
     ]
     widths = [max(len(line[i]) for line in [header, *table]) for i in range(len(header))]
     for line in [header, *table]:
