@@ -31,34 +31,29 @@ under the endpoint's concurrency cap.
 * ``stop`` (an :class:`asyncio.Event`, set on SIGINT/SIGTERM): stop feeding, let in-flight batches finish
   within ``drain_timeout``, then cancel what is left. Batches cancelled mid-request stay ``sent`` in the
   ledger (their outcome is unknown); batches never taken stay ``planned``.
+
+Layout: this module is the public face and holds the orchestration (phases, lanes, feeding, stop and drain).
+The sending of one batch (budgets, slots, retries, splits, its ledger records) is in :mod:`sync._sending`;
+the report records and the observer protocol are in :mod:`sync._dispatch_records`, re-exported here.
 """
 
 from __future__ import annotations
 
 import asyncio
 import random
-import time
 from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from enum import StrEnum
 from typing import Protocol, runtime_checkable
 
-from sync.budget import Budget, BudgetClosedError, Clock, RateBudget, clock_sleep
+from sync._dispatch_records import DispatchObserver, DispatchOutcome, DispatchReport, EndpointStats
+from sync._sending import BatchSender
+from sync.budget import Budget, Clock, RateBudget
 from sync.config import DispatchSettings
-from sync.errors import FatalPlatformError, PushSyncError, RejectedBatchError, RetryableError, StateError
+from sync.errors import PushSyncError, StateError
 from sync.ledger import Ledger
 from sync.logs import get_logger
 from sync.platforms.base import PlatformClient
-from sync.records import (
-    NON_IDEMPOTENT,
-    Attempt,
-    AttemptOutcome,
-    Batch,
-    BatchResult,
-    BatchStatus,
-    Phase,
-    RejectedId,
-)
+from sync.records import Batch, Phase
 
 __all__ = [
     "DispatchObserver",
@@ -69,66 +64,10 @@ __all__ = [
     "LaneSource",
 ]
 
-_NOT_IDEMPOTENT = NON_IDEMPOTENT  # their ``sent`` record is committed before the request goes out
 _FEED_CHUNK = 64  # batches pulled from a synchronous plan per worker-thread hop
 LATENCY_SAMPLE = 20_000
-"""Latencies kept per endpoint (a reservoir sample: percentiles stay accurate, memory stays flat)."""
-
-
-class DispatchOutcome(StrEnum):
-    """How a dispatch ended."""
-
-    COMPLETED = "completed"
-    ABORTED = "aborted"
-    INTERRUPTED = "interrupted"
-
-
-@dataclass(slots=True)
-class EndpointStats:
-    """Counters for one endpoint, accumulated during the run (the summary reads them)."""
-
-    endpoint: str
-    requests: int = 0
-    batches: int = 0
-    ids_ok: int = 0
-    ids_rejected: int = 0
-    ids_failed: int = 0
-    rate_limited: int = 0
-    retries: int = 0
-    splits: int = 0
-    first_request: float | None = None
-    last_request: float | None = None
-    latencies: list[float] = field(default_factory=list)
-    """A uniform sample (reservoir) of at most LATENCY_SAMPLE request latencies, for p50/p95 in flat memory."""
-    latency_count: int = 0
-    per_window: dict[int, int] = field(default_factory=dict)
-    """Requests per clock-aligned budget period (configured budgets only): what the server's windows saw."""
-    budget_requests: int | None = None
-    budget_period: float | None = None
-    discovered_rate: float | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class DispatchReport:
-    """What :meth:`Dispatcher.run` hands back."""
-
-    outcome: DispatchOutcome
-    endpoints: dict[str, EndpointStats]
-    elapsed: float
-    batches_done: int
-    batches_unfinished: int
-    fatal: FatalPlatformError | None = None
-
-
-class DispatchObserver(Protocol):
-    """Told about each batch taken, each HTTP attempt and each finished batch, synchronously (the progress
-    bar and :class:`sync.metrics.RunMetrics` implement it)."""
-
-    def on_batch_start(self, batch: Batch) -> None: ...
-
-    def on_attempt(self, attempt: Attempt) -> None: ...
-
-    def on_batch_done(self, batch: Batch, result: BatchResult) -> None: ...
+"""Latencies kept per endpoint (a reservoir sample: percentiles stay accurate, memory stays flat). Read when a
+:class:`Dispatcher` is made, so a test may lower it here."""
 
 
 @runtime_checkable
@@ -167,13 +106,6 @@ class _Lane:
     exhausted: bool = False  # the feeder reached the end of ``source``
 
 
-@dataclass(slots=True)
-class _Endpoint:
-    budget: Budget
-    cap: asyncio.Semaphore
-    stats: EndpointStats
-
-
 class Dispatcher:
     """Sends batches; see the module docstring. One instance per run."""
 
@@ -190,23 +122,27 @@ class Dispatcher:
         clock: Clock | None = None,
         rng: random.Random | None = None,
     ) -> None:
-        self._client = client
         self._settings = settings
         self._ledger = ledger
         self._run_id = run_id
         self._stop = stop if stop is not None else asyncio.Event()
         self._force = asyncio.Event()  # set by force_stop(): the drain ends at once
-        self._observers = tuple(observers)
-        self._budget_factory = budget_factory or self._default_budget
-        self._clock: Clock | None = clock
-        self._rng = rng or random.Random()
-        self._endpoints: dict[str, _Endpoint] = {}
-        self._fatal: FatalPlatformError | None = None
-        self._done = 0
+        # Sends each batch the workers take, and keeps what the run's batches share (budgets, caps, counters,
+        # the global cap on requests in flight, the first fatal error).
+        self._sender = BatchSender(
+            client,
+            settings,
+            ledger=ledger,
+            run_id=run_id,
+            stop=self._stop,
+            observers=observers,
+            budget_factory=budget_factory,
+            clock=clock,
+            rng=rng or random.Random(),
+            latency_sample=LATENCY_SAMPLE,
+        )
         self._queued = 0
         self._fed_all = False  # the feeder queued the plan's last batch
-        # The global cap on requests in flight, over every endpoint (lanes may have more workers than this).
-        self._in_flight = asyncio.Semaphore(max(1, settings.concurrency))
         # One synchronous pull from the plan at a time: lanes of one plan share its readers (and a replay's
         # counters), which are not made for several threads.
         self._pull_lock = asyncio.Lock()
@@ -226,7 +162,8 @@ class Dispatcher:
         self._stop.set()
 
     def endpoint_stats(self) -> dict[str, EndpointStats]:
-        return {name: ep.stats for name, ep in self._endpoints.items()}
+        """The counters of every endpoint a batch was taken for so far."""
+        return {name: ep.stats for name, ep in self._sender.endpoints.items()}
 
     async def run(self, batches: Iterable[Batch] | AsyncIterable[Batch] | LaneSource) -> DispatchReport:
         """Send every batch (phases in order) and return the report; never raises for platform errors.
@@ -234,7 +171,7 @@ class Dispatcher:
         ``batches``: a :class:`LaneSource` (a plan: sent in per-endpoint lanes) or an iterable of batches in
         phase order (sent through one queue).
         """
-        clock = self._get_clock()
+        clock = self._sender.clock()
         started = clock.time()
         try:
             if isinstance(batches, LaneSource):
@@ -252,16 +189,16 @@ class Dispatcher:
         if self._ledger is not None:
             self._ledger.flush()
         finished = (
-            self._fed_all and self._done == self._queued
+            self._fed_all and self._sender.done == self._queued
         )  # a stop after the last answer changes nothing
         outcome = (
             DispatchOutcome.ABORTED
-            if self._fatal is not None
+            if self._sender.fatal is not None
             else DispatchOutcome.INTERRUPTED
             if self._stop.is_set() and not finished
             else DispatchOutcome.COMPLETED
         )
-        for name, ep in self._endpoints.items():
+        for name, ep in self._sender.endpoints.items():
             if isinstance(ep.budget, RateBudget):
                 ep.stats.budget_requests = int(ep.budget.ceiling) if ep.budget.ceiling else None
                 ep.stats.budget_period = ep.budget.period if ep.budget.ceiling else None
@@ -271,9 +208,9 @@ class Dispatcher:
             outcome=outcome,
             endpoints=self.endpoint_stats(),
             elapsed=clock.time() - started,
-            batches_done=self._done,
-            batches_unfinished=self._queued - self._done,
-            fatal=self._fatal,
+            batches_done=self._sender.done,
+            batches_unfinished=self._queued - self._sender.done,
+            fatal=self._sender.fatal,
         )
 
     async def _run_phases(self, source: LaneSource) -> None:
@@ -288,7 +225,7 @@ class Dispatcher:
                 break
             lanes = []
             for name, batches in pairs:
-                workers_n = max(1, min(self._endpoint_cap(name), self._settings.concurrency))
+                workers_n = max(1, min(self._sender.endpoint_cap(name), self._settings.concurrency))
                 limit = max(1, self._settings.queue_size)
                 # Room for the workers' end markers too (the drain puts them without waiting).
                 queue: asyncio.Queue[Batch | None] = asyncio.Queue(maxsize=max(limit, workers_n))
@@ -430,7 +367,7 @@ class Dispatcher:
             await asyncio.sleep(0.05)
             self._ledger.maybe_flush()
 
-    # -- one batch ---------------------------------------------------------------------------------------
+    # -- workers -------------------------------------------------------------------------------------------
 
     async def _worker(self, lane: _Lane) -> None:
         queue = lane.queue
@@ -442,277 +379,9 @@ class Dispatcher:
                 if lane.limit:
                     lane.ahead -= 1
                     lane.room.set()
-                await self._process(batch)
+                await self._sender.process(batch)
             finally:
                 queue.task_done()
-
-    def _endpoint_cap(self, name: str) -> int:
-        return self._settings.per_endpoint_concurrency.get(name, self._settings.concurrency)
-
-    def _endpoint(self, name: str) -> _Endpoint:
-        ep = self._endpoints.get(name)
-        if ep is None:
-            cap = self._endpoint_cap(name)
-            ep = _Endpoint(self._budget_factory(name), asyncio.Semaphore(max(1, cap)), EndpointStats(name))
-            self._endpoints[name] = ep
-        return ep
-
-    def _default_budget(self, endpoint: str) -> Budget:
-        return RateBudget(
-            self._settings.budget_for(endpoint),
-            clock=self._clock,
-            max_pause=self._settings.retry.max_retry_after,
-        )
-
-    def _get_clock(self) -> Clock:
-        if self._clock is None:
-            self._clock = asyncio.get_running_loop()
-        return self._clock
-
-    async def _process(self, batch: Batch) -> None:
-        clock = self._get_clock()
-        ep = self._endpoint(batch.endpoint)
-        stats = ep.stats
-        stats.batches += 1
-        started = clock.time()
-        for observer in self._observers:
-            observer.on_batch_start(batch)
-        attempts = 0
-        ok_ids = 0
-        failed_ids = 0
-        rejected: list[RejectedId] = []
-        last_status: int | None = None
-        last_code: int | str | None = None
-        last_message = ""
-        fatal: FatalPlatformError | None = None
-        pending = [batch]  # a stack: halves of a refused batch are pushed back
-        while pending:
-            part = pending.pop()
-            try:
-                used, status = await self._send_with_retries(part, ep, first=part is batch)
-                attempts += used
-                last_status = status
-                ok_ids += len(part.ext_ids)
-            except _AttemptsError as exc:
-                attempts += exc.attempts
-                err = exc.error
-                last_status, last_code, last_message = err.status, err.code, err.message
-                if isinstance(err, RejectedBatchError):
-                    halves = self._client.split(part)
-                    if halves is not None:
-                        stats.splits += 1
-                        pending.extend(reversed(halves))
-                        continue
-                    rejected.extend(
-                        RejectedId(ext_id, err.code, err.message, part.origins.get(ext_id))
-                        for ext_id in part.ext_ids
-                    )
-                elif isinstance(err, FatalPlatformError):
-                    fatal = err
-                    failed_ids += len(part.ext_ids) + sum(len(p.ext_ids) for p in pending)
-                    pending.clear()
-                else:
-                    failed_ids += len(part.ext_ids)
-            except _Aborted:
-                failed_ids += len(part.ext_ids) + sum(len(p.ext_ids) for p in pending)
-                pending.clear()
-                last_message = "not sent: the run was aborted"
-            except _NotSent:
-                stats.batches -= (
-                    1  # never sent: it stays planned, counted as unfinished, like a batch not taken
-                )
-                self._log.debug("batch.not_sent", endpoint=batch.endpoint, batch=batch.batch_id)
-                return
-        if failed_ids:
-            status_ = BatchStatus.FAILED
-        elif rejected:
-            status_ = BatchStatus.REJECTED
-        else:
-            status_ = BatchStatus.OK
-        result = BatchResult(
-            batch_id=batch.batch_id,
-            endpoint=batch.endpoint,
-            operation=batch.operation,
-            status=status_,
-            attempts=attempts,
-            http_status=last_status,
-            code=None if status_ is BatchStatus.OK else last_code,
-            message="" if status_ is BatchStatus.OK else last_message,
-            ok_ids=ok_ids,
-            rejected=tuple(rejected),
-            started_at=started,
-            finished_at=clock.time(),
-        )
-        # Recorded synchronously: no await between knowing the result and writing it.
-        stats.ids_ok += ok_ids
-        stats.ids_rejected += len(rejected)
-        stats.ids_failed += failed_ids
-        if self._ledger is not None:
-            self._ledger.record_result(self._run_id, result)
-        self._done += 1
-        for observer in self._observers:
-            observer.on_batch_done(batch, result)
-        self._log.debug(
-            "batch.done",
-            endpoint=batch.endpoint,
-            batch=batch.batch_id,
-            status=str(status_),
-            attempts=attempts,
-        )
-        if fatal is not None and self._fatal is None:
-            self._fatal = fatal
-            self._log.error("run.abort", endpoint=batch.endpoint, status=fatal.status, error=fatal.message)
-            # Abort at once: whoever waits for a slot gives up now; requests already in flight finish.
-            for other in self._endpoints.values():
-                other.budget.close()
-            self._stop.set()
-
-    async def _send_with_retries(self, part: Batch, ep: _Endpoint, *, first: bool) -> tuple[int, int]:
-        """Send one (sub-)batch until it succeeds; returns (attempts, HTTP status) or raises _AttemptsError.
-
-        ``first``: this is the batch itself, not a half of it: its first attempt moves it to ``sent``.
-        """
-        clock = self._get_clock()
-        policy = self._settings.retry
-        stats = ep.stats
-        attempt = 0
-        while True:
-            if self._fatal is not None:
-                if attempt == 0:
-                    raise _Aborted
-                raise _AttemptsError(attempt, self._fatal)
-            async with ep.cap:
-                try:
-                    await ep.budget.acquire()
-                except BudgetClosedError:
-                    if attempt == 0:
-                        raise _Aborted from None
-                    raise _AttemptsError(attempt, self._fatal or FatalPlatformError("run aborted")) from None
-                # The global slot is taken only once the budget released this attempt: a task waiting for a
-                # slow endpoint's budget must not hold a slot that a fast endpoint could use.
-                await self._in_flight.acquire()
-                try:
-                    if self._fatal is not None:  # the run aborted while this attempt waited for a slot
-                        if attempt == 0:
-                            raise _Aborted
-                        raise _AttemptsError(attempt, self._fatal)
-                    if first and attempt == 0 and self._stop.is_set():
-                        # Stopping: only requests already out (and their retries) finish. With lanes, more
-                        # batches wait for a slot than requests may be in flight; none of them starts now.
-                        raise _NotSent
-                    if first and attempt == 0 and self._ledger is not None:
-                        self._ledger.record_sent(self._run_id, part.batch_id)
-                        if part.operation in _NOT_IDEMPOTENT:
-                            # Durable before the request leaves: a resume must know this batch may have been
-                            # applied, or it would send the events (or pushed values) a second time.
-                            self._ledger.flush()
-                    attempt += 1
-                    stats.requests += 1
-                    now = clock.time()
-                    if stats.first_request is None:
-                        stats.first_request = now
-                    stats.last_request = now
-                    if isinstance(ep.budget, RateBudget) and ep.budget.ceiling is not None:
-                        window = ep.budget.window_of(now)
-                        stats.per_window[window] = stats.per_window.get(window, 0) + 1
-                    sent_at = time.time()
-                    try:
-                        # The client has its own per-request time-out; this outer one is a guard against a client
-                        # that forgets it.
-                        async with asyncio.timeout(self._settings.request_timeout * 2 + 1):
-                            outcome = await self._client.send(part)
-                    except TimeoutError as exc:
-                        error: RetryableError | RejectedBatchError | FatalPlatformError = RetryableError(
-                            f"no answer within {self._settings.request_timeout * 2 + 1:.0f} s"
-                        )
-                        error.__cause__ = exc
-                    except (RetryableError, RejectedBatchError, FatalPlatformError) as exc:
-                        error = exc
-                    else:
-                        self._sample_latency(stats, outcome.latency)
-                        self._attempt_done(
-                            Attempt(
-                                part.batch_id,
-                                part.endpoint,
-                                attempt,
-                                len(part.ext_ids),
-                                outcome.latency,
-                                AttemptOutcome.OK,
-                                outcome.http_status,
-                            ),
-                            sent_at,
-                        )
-                        ep.budget.on_success(outcome.remaining)
-                        return attempt, outcome.http_status
-                    latency = clock.time() - now
-                    self._sample_latency(stats, latency)
-                    self._attempt_done(
-                        Attempt(
-                            part.batch_id,
-                            part.endpoint,
-                            attempt,
-                            len(part.ext_ids),
-                            latency,
-                            _outcome_of(error),
-                            error.status,
-                            error.message,
-                        ),
-                        sent_at,
-                    )
-                finally:
-                    self._in_flight.release()
-            if isinstance(error, RetryableError):
-                if error.rate_limited:
-                    stats.rate_limited += 1
-                    # The pause applies to the whole endpoint: every task's next acquire() waits for it.
-                    ep.budget.on_rate_limited(error.retry_after, error.remaining)
-                if attempt >= policy.max_attempts:
-                    raise _AttemptsError(attempt, error)
-                stats.retries += 1
-                if not error.rate_limited:
-                    delay = self._rng.uniform(
-                        0, min(policy.max_delay, policy.base_delay * 2 ** (attempt - 1))
-                    )
-                    if error.retry_after is not None and 0 < error.retry_after <= policy.max_retry_after:
-                        delay = max(delay, error.retry_after)
-                    await clock_sleep(clock, delay)
-                continue
-            raise _AttemptsError(attempt, error)
-
-    def _attempt_done(self, attempt: Attempt, sent_at: float) -> None:
-        """Record one HTTP attempt in the ledger and tell the observers (synchronously: before any await)."""
-        if self._ledger is not None:
-            self._ledger.record_attempt(self._run_id, attempt, started_at=sent_at)
-        for observer in self._observers:
-            observer.on_attempt(attempt)
-
-    def _sample_latency(self, stats: EndpointStats, latency: float) -> None:
-        stats.latency_count += 1
-        if len(stats.latencies) < LATENCY_SAMPLE:
-            stats.latencies.append(latency)
-            return
-        slot = self._rng.randrange(stats.latency_count)  # Algorithm R: keep each with probability k/n
-        if slot < LATENCY_SAMPLE:
-            stats.latencies[slot] = latency
-
-
-def _outcome_of(error: RetryableError | RejectedBatchError | FatalPlatformError) -> AttemptOutcome:
-    if isinstance(error, RetryableError):
-        return AttemptOutcome.RATE_LIMITED if error.rate_limited else AttemptOutcome.RETRYABLE
-    if isinstance(error, RejectedBatchError):
-        return AttemptOutcome.REJECTED
-    return AttemptOutcome.FATAL
-
-
-class _AttemptsError(Exception):
-    """Internal: a (sub-)batch ended in ``error`` after ``attempts`` attempts."""
-
-    def __init__(
-        self, attempts: int, error: RetryableError | RejectedBatchError | FatalPlatformError
-    ) -> None:
-        super().__init__(error.message)
-        self.attempts = attempts
-        self.error = error
 
 
 async def _aiter(batches: Iterable[Batch] | AsyncIterable[Batch]) -> AsyncIterable[Batch]:

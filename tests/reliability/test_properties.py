@@ -442,3 +442,32 @@ def test_a_damaged_parquet_file_gives_rows_or_one_clear_error_never_a_crash(
             return
     check_limits(batches, 1000)
     assert counts["read"] == counts["clean"] + counts["rejected"] + counts["dropped"]
+
+
+def test_row_numbers_stay_exact_across_blocks_with_malformed_and_multiline_records() -> None:
+    """180,000 rows (4 MiB: several reader blocks and chunks), a malformed record every 997 rows and a value
+    spanning two lines every 13: every malformed record is rejected under its own row number, every other row is
+    planned once, and each batch names the right input row for each of its IDs."""
+    n = 180_000
+    lines, malformed = [], set()
+    for i in range(n):
+        if i % 997 == 500:
+            lines.append(f"u{i},X,{i},,,,,,,extra")
+            malformed.add(i + 1)
+        elif i % 13 == 0:
+            lines.append(f'u{i},"two\nlines",{i},,,,,')
+        else:
+            lines.append(f"u{i},N,{i},,,,,")
+    with tempfile.TemporaryDirectory() as tmp:
+        directory = Path(tmp)
+        data = directory / "users.csv"
+        data.write_text(",".join(COLUMNS) + "\n" + "\n".join(lines) + "\n", encoding="utf-8")
+        with build_plan(make_job(directory, data, 1000)) as plan:
+            rejected = {r.row for r in plan.rejected_rows()}
+            origins: dict[str, int] = {}
+            for b in plan.batches():
+                for ext_id in b.ext_ids:
+                    assert ext_id not in origins
+                    origins[ext_id] = b.origins[ext_id].row
+    assert rejected == malformed
+    assert origins == {f"u{i}": i + 1 for i in range(n) if i + 1 not in malformed}

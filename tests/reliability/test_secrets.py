@@ -164,12 +164,12 @@ def everything_about_the_run(
     return outputs, shown
 
 
-@pytest.mark.parametrize("where", ["env", "file"])
+@pytest.mark.parametrize("where", ["env", "file", "env-snapshot-mode"])
 def test_a_known_key_appears_nowhere(
     where: str, tmp_path: Path, faulty_sandbox: str, api_key: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
     env: dict[str, str] = {}
-    if where == "env":
+    if where.startswith("env"):
         secret = f"{{env: {KEY_ENV}}}"
         env[KEY_ENV] = api_key
     else:
@@ -177,6 +177,8 @@ def test_a_known_key_appears_nowhere(
         (tmp_path / "secret").mkdir()
         (tmp_path / "secret" / "netmera.key").write_text(api_key + "\n", encoding="utf-8")
     job = write_job(tmp_path, faulty_sandbox, secret)
+    if where == "env-snapshot-mode":  # snapshot mode also writes the confirmed state under the workdir
+        job.write_text("mode: snapshot\n" + job.read_text(encoding="utf-8"), encoding="utf-8")
     prom = tmp_path / "work" / "metrics.prom"
     done = cli(
         ["run", str(job), "--output", "json", "--progress", "log", "--metrics-textfile", str(prom)],
@@ -361,3 +363,90 @@ def test_tls_checks_cannot_be_turned_off_for_a_remote_platform(tmp_path: Path) -
     with pytest.raises(BadJobError) as info:
         load_job(job)
     assert [p.location for p in info.value.problems] == ["destination.verify_tls"]
+
+
+# --- Forms On Fire: the key travels inside every request body ---------------------------------------------------
+
+FOF_KEY_ENV = "PUSHSYNC_SECRETS_FOF_KEY"
+_FOF_JOB = """\
+version: 1
+name: fof-secrets
+workdir: work
+destination:
+  platform: formsonfire
+  base_url: "{url}"
+  secret: {{env: {key_env}}}
+  extra: {{company_id: "1000", body_format: {fmt}, user_key: UserExternalId}}
+defaults: {{ext_id: crm_id}}
+sources:
+  - name: pushes
+    path: pushes.csv
+    attributes:
+      title: {{attribute: Title}}
+      message: {{attribute: Body}}
+dispatch:
+  concurrency: 4
+  request_timeout: 1
+  drain_timeout: 5
+  retry: {{max_attempts: 10, base_delay: 0.01, max_delay: 0.05}}
+"""
+
+
+@pytest.fixture(scope="module")
+def fof_sandbox(tmp_path_factory: pytest.TempPathFactory, api_key: str) -> Iterator[str]:
+    """A Forms On Fire sandbox process knowing users crm-0..crm-49 (others: UserNotFound), with faults on."""
+    directory = tmp_path_factory.mktemp("fof")
+    config = directory / "fof.json"
+    config.write_text(
+        json.dumps(
+            {
+                "company_id": 1000,
+                "users": [{"UserId": f"u{i}", "UserExternalId": f"crm-{i}"} for i in range(50)],
+                "faults": {"error_500": 0.05, "drop": 0.03, "applied_then_500": 0.03},
+                "seed": 5,
+            }
+        ),
+        encoding="utf-8",
+    )
+    process = subprocess.Popen(
+        [sys.executable, "-m", "sync", "sandbox", "formsonfire", "--port", "0", "--config", str(config)],
+        cwd=REPO_ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1", "FORMSONFIRE_SANDBOX_INTEGRATION_KEY": api_key},
+    )
+    assert process.stdout is not None
+    url = ""
+    for line in process.stdout:
+        if line.startswith("http://"):
+            url = line.strip()
+            break
+    try:
+        assert url, "the Forms On Fire sandbox did not start"
+        yield url
+    finally:
+        stop_sandbox_process(process)
+
+
+@pytest.mark.parametrize("fmt", ["json", "xml"])
+def test_a_key_sent_inside_request_bodies_appears_nowhere(
+    fmt: str, tmp_path: Path, fof_sandbox: str, api_key: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    lines = ["crm_id,title,message"] + [f"crm-{i},Hello {i},Message {i}" for i in range(55)]
+    (tmp_path / "pushes.csv").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    job = tmp_path / "job.yaml"
+    job.write_text(_FOF_JOB.format(url=fof_sandbox, key_env=FOF_KEY_ENV, fmt=fmt), encoding="utf-8")
+    done = cli(["run", str(job), "--output", "json", "--progress", "log"], tmp_path, {FOF_KEY_ENV: api_key})
+    # Exit 1: five users are unknown to the platform (UserNotFound); the other 50 pushes went through.
+    assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr[-3000:]
+    summary = json.loads(done.stdout)
+    assert (summary["totals"]["ids_ok"], summary["totals"]["ids_rejected"]) == (50, 5)
+    outputs, shown = everything_about_the_run(job, summary["run_id"], capsys)
+    assert len(shown["refused_ids"]) == 5
+    wrong = "fof_" + secrets.token_hex(16)
+    bad = cli(["run", str(job), "--output", "json", "--progress", "log"], tmp_path, {FOF_KEY_ENV: wrong})
+    assert bad.returncode == int(ExitCode.ABORTED), bad.stderr[-3000:]
+    texts = [done.stdout, done.stderr, bad.stdout, bad.stderr, *outputs]
+    assert leaks(api_key, texts, tmp_path, set()) == []
+    assert leaks(wrong, texts, tmp_path, set()) == []

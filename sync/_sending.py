@@ -1,0 +1,371 @@
+"""Sending one batch: rate budget and concurrency slot per attempt, retries, split-on-400, ledger records.
+
+Private: :class:`sync.dispatch.Dispatcher` (the public face) feeds the batches and runs the workers; each
+worker hands its batch to the run's :class:`BatchSender`, which owns what every attempt shares — the
+endpoints' budgets, caps and counters, the global cap on requests in flight, and the run's first fatal error.
+
+Per batch (the rules are drawn in :mod:`sync.dispatch`'s docstring): ``sent`` is recorded before the first
+attempt — durably, for operations that are not idempotent — and each attempt and the final result the moment
+they are known, synchronously, before the next ``await``. A 400 splits the batch (``client.split``) until the
+refused IDs are isolated; a 401/403 closes every budget and sets the stop event.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from sync._dispatch_records import DispatchObserver, EndpointStats, sample_latency
+from sync.budget import Budget, BudgetClosedError, Clock, RateBudget, clock_sleep
+from sync.config import DispatchSettings
+from sync.errors import FatalPlatformError, RejectedBatchError, RetryableError
+from sync.ledger import Ledger
+from sync.logs import get_logger
+from sync.platforms.base import PlatformClient
+from sync.records import (
+    NON_IDEMPOTENT,
+    Attempt,
+    AttemptOutcome,
+    Batch,
+    BatchResult,
+    BatchStatus,
+    RejectedId,
+)
+
+_NOT_IDEMPOTENT = NON_IDEMPOTENT  # their ``sent`` record is committed before the request goes out
+
+
+class _Aborted(Exception):
+    """Internal: the run was aborted while this batch waited; it is recorded as failed."""
+
+
+class _NotSent(Exception):
+    """Internal: a stop came while this batch waited for its first slot; it is not sent and stays planned."""
+
+
+@dataclass(slots=True)
+class Endpoint:
+    """What every attempt at one endpoint shares: its rate budget, its concurrency cap and its counters."""
+
+    budget: Budget
+    cap: asyncio.Semaphore
+    stats: EndpointStats
+
+
+class BatchSender:
+    """Sends batches one at a time, for every worker of one run; see the module docstring."""
+
+    def __init__(
+        self,
+        client: PlatformClient,
+        settings: DispatchSettings,
+        *,
+        ledger: Ledger | None,
+        run_id: str,
+        stop: asyncio.Event,
+        observers: Sequence[DispatchObserver],
+        budget_factory: Callable[[str], Budget] | None,
+        clock: Clock | None,
+        rng: random.Random,
+        latency_sample: int,
+    ) -> None:
+        self._client = client
+        self._settings = settings
+        self._ledger = ledger
+        self._run_id = run_id
+        self._stop = stop  # the dispatcher's: read before a first attempt, set on a fatal error
+        self._observers = tuple(observers)
+        self._budget_factory = budget_factory or self._default_budget
+        self._clock: Clock | None = clock  # None until first needed: then the running loop
+        self._rng = rng
+        self._latency_sample = latency_sample  # latencies kept per endpoint
+        self._log = get_logger(run=run_id, platform=client.platform)
+        self._endpoints: dict[str, Endpoint] = {}
+        self._fatal: FatalPlatformError | None = None
+        self._done = 0
+        # The global cap on requests in flight, over every endpoint (lanes may have more workers than this).
+        self._in_flight = asyncio.Semaphore(max(1, settings.concurrency))
+
+    @property
+    def endpoints(self) -> dict[str, Endpoint]:
+        """Every endpoint a batch was taken for, in order of first use."""
+        return self._endpoints
+
+    @property
+    def fatal(self) -> FatalPlatformError | None:
+        """The first fatal platform error (401/403), which aborted the run; None if there was none."""
+        return self._fatal
+
+    @property
+    def done(self) -> int:
+        """Batches whose final result is recorded."""
+        return self._done
+
+    def clock(self) -> Clock:
+        """The run's clock: the injected one, else the running loop's."""
+        if self._clock is None:
+            self._clock = asyncio.get_running_loop()
+        return self._clock
+
+    def endpoint_cap(self, name: str) -> int:
+        """The most requests to endpoint ``name`` in flight at once."""
+        return self._settings.per_endpoint_concurrency.get(name, self._settings.concurrency)
+
+    def _endpoint(self, name: str) -> Endpoint:
+        ep = self._endpoints.get(name)
+        if ep is None:
+            cap = self.endpoint_cap(name)
+            ep = Endpoint(self._budget_factory(name), asyncio.Semaphore(max(1, cap)), EndpointStats(name))
+            self._endpoints[name] = ep
+        return ep
+
+    def _default_budget(self, endpoint: str) -> Budget:
+        return RateBudget(
+            self._settings.budget_for(endpoint),
+            clock=self._clock,
+            max_pause=self._settings.retry.max_retry_after,
+        )
+
+    async def process(self, batch: Batch) -> None:
+        """Send ``batch`` (split on 400, retried when retryable) and record its result; never raises for
+        platform errors. A batch a stop kept from its first attempt is left ``planned``, uncounted."""
+        clock = self.clock()
+        ep = self._endpoint(batch.endpoint)
+        stats = ep.stats
+        stats.batches += 1
+        started = clock.time()
+        for observer in self._observers:
+            observer.on_batch_start(batch)
+        attempts = 0
+        ok_ids = 0
+        failed_ids = 0
+        rejected: list[RejectedId] = []
+        last_status: int | None = None
+        last_code: int | str | None = None
+        last_message = ""
+        fatal: FatalPlatformError | None = None
+        pending = [batch]  # a stack: halves of a refused batch are pushed back
+        while pending:
+            part = pending.pop()
+            try:
+                used, status = await self._send_with_retries(part, ep, first=part is batch)
+                attempts += used
+                last_status = status
+                ok_ids += len(part.ext_ids)
+            except _AttemptsError as exc:
+                attempts += exc.attempts
+                err = exc.error
+                last_status, last_code, last_message = err.status, err.code, err.message
+                if isinstance(err, RejectedBatchError):
+                    halves = self._client.split(part)
+                    if halves is not None:
+                        stats.splits += 1
+                        pending.extend(reversed(halves))
+                        continue
+                    rejected.extend(
+                        RejectedId(ext_id, err.code, err.message, part.origins.get(ext_id))
+                        for ext_id in part.ext_ids
+                    )
+                elif isinstance(err, FatalPlatformError):
+                    fatal = err
+                    failed_ids += len(part.ext_ids) + sum(len(p.ext_ids) for p in pending)
+                    pending.clear()
+                else:
+                    failed_ids += len(part.ext_ids)
+            except _Aborted:
+                failed_ids += len(part.ext_ids) + sum(len(p.ext_ids) for p in pending)
+                pending.clear()
+                last_message = "not sent: the run was aborted"
+            except _NotSent:
+                stats.batches -= (
+                    1  # never sent: it stays planned, counted as unfinished, like a batch not taken
+                )
+                self._log.debug("batch.not_sent", endpoint=batch.endpoint, batch=batch.batch_id)
+                return
+        if failed_ids:
+            status_ = BatchStatus.FAILED
+        elif rejected:
+            status_ = BatchStatus.REJECTED
+        else:
+            status_ = BatchStatus.OK
+        result = BatchResult(
+            batch_id=batch.batch_id,
+            endpoint=batch.endpoint,
+            operation=batch.operation,
+            status=status_,
+            attempts=attempts,
+            http_status=last_status,
+            code=None if status_ is BatchStatus.OK else last_code,
+            message="" if status_ is BatchStatus.OK else last_message,
+            ok_ids=ok_ids,
+            rejected=tuple(rejected),
+            started_at=started,
+            finished_at=clock.time(),
+        )
+        # Recorded synchronously: no await between knowing the result and writing it.
+        stats.ids_ok += ok_ids
+        stats.ids_rejected += len(rejected)
+        stats.ids_failed += failed_ids
+        if self._ledger is not None:
+            self._ledger.record_result(self._run_id, result)
+        self._done += 1
+        for observer in self._observers:
+            observer.on_batch_done(batch, result)
+        self._log.debug(
+            "batch.done",
+            endpoint=batch.endpoint,
+            batch=batch.batch_id,
+            status=str(status_),
+            attempts=attempts,
+        )
+        if fatal is not None and self._fatal is None:
+            self._fatal = fatal
+            self._log.error("run.abort", endpoint=batch.endpoint, status=fatal.status, error=fatal.message)
+            # Abort at once: whoever waits for a slot gives up now; requests already in flight finish.
+            for other in self._endpoints.values():
+                other.budget.close()
+            self._stop.set()
+
+    async def _send_with_retries(self, part: Batch, ep: Endpoint, *, first: bool) -> tuple[int, int]:
+        """Send one (sub-)batch until it succeeds; returns (attempts, HTTP status) or raises _AttemptsError.
+
+        ``first``: this is the batch itself, not a half of it: its first attempt moves it to ``sent``.
+        """
+        clock = self.clock()
+        policy = self._settings.retry
+        stats = ep.stats
+        attempt = 0
+        while True:
+            if self._fatal is not None:
+                if attempt == 0:
+                    raise _Aborted
+                raise _AttemptsError(attempt, self._fatal)
+            async with ep.cap:
+                try:
+                    await ep.budget.acquire()
+                except BudgetClosedError:
+                    if attempt == 0:
+                        raise _Aborted from None
+                    raise _AttemptsError(attempt, self._fatal or FatalPlatformError("run aborted")) from None
+                # The global slot is taken only once the budget released this attempt: a task waiting for a
+                # slow endpoint's budget must not hold a slot that a fast endpoint could use.
+                await self._in_flight.acquire()
+                try:
+                    if self._fatal is not None:  # the run aborted while this attempt waited for a slot
+                        if attempt == 0:
+                            raise _Aborted
+                        raise _AttemptsError(attempt, self._fatal)
+                    if first and attempt == 0 and self._stop.is_set():
+                        # Stopping: only requests already out (and their retries) finish. With lanes, more
+                        # batches wait for a slot than requests may be in flight; none of them starts now.
+                        raise _NotSent
+                    if first and attempt == 0 and self._ledger is not None:
+                        self._ledger.record_sent(self._run_id, part.batch_id)
+                        if part.operation in _NOT_IDEMPOTENT:
+                            # Durable before the request leaves: a resume must know this batch may have been
+                            # applied, or it would send the events (or pushed values) a second time.
+                            self._ledger.flush()
+                    attempt += 1
+                    stats.requests += 1
+                    now = clock.time()
+                    if stats.first_request is None:
+                        stats.first_request = now
+                    stats.last_request = now
+                    if isinstance(ep.budget, RateBudget) and ep.budget.ceiling is not None:
+                        window = ep.budget.window_of(now)
+                        stats.per_window[window] = stats.per_window.get(window, 0) + 1
+                    sent_at = time.time()
+                    try:
+                        # The client has its own per-request time-out; this outer one is a guard against a client
+                        # that forgets it.
+                        async with asyncio.timeout(self._settings.request_timeout * 2 + 1):
+                            outcome = await self._client.send(part)
+                    except TimeoutError as exc:
+                        error: RetryableError | RejectedBatchError | FatalPlatformError = RetryableError(
+                            f"no answer within {self._settings.request_timeout * 2 + 1:.0f} s"
+                        )
+                        error.__cause__ = exc
+                    except (RetryableError, RejectedBatchError, FatalPlatformError) as exc:
+                        error = exc
+                    else:
+                        self._sample_latency(stats, outcome.latency)
+                        self._attempt_done(
+                            Attempt(
+                                part.batch_id,
+                                part.endpoint,
+                                attempt,
+                                len(part.ext_ids),
+                                outcome.latency,
+                                AttemptOutcome.OK,
+                                outcome.http_status,
+                            ),
+                            sent_at,
+                        )
+                        ep.budget.on_success(outcome.remaining)
+                        return attempt, outcome.http_status
+                    latency = clock.time() - now
+                    self._sample_latency(stats, latency)
+                    self._attempt_done(
+                        Attempt(
+                            part.batch_id,
+                            part.endpoint,
+                            attempt,
+                            len(part.ext_ids),
+                            latency,
+                            _outcome_of(error),
+                            error.status,
+                            error.message,
+                        ),
+                        sent_at,
+                    )
+                finally:
+                    self._in_flight.release()
+            if isinstance(error, RetryableError):
+                if error.rate_limited:
+                    stats.rate_limited += 1
+                    # The pause applies to the whole endpoint: every task's next acquire() waits for it.
+                    ep.budget.on_rate_limited(error.retry_after, error.remaining)
+                if attempt >= policy.max_attempts:
+                    raise _AttemptsError(attempt, error)
+                stats.retries += 1
+                if not error.rate_limited:
+                    delay = self._rng.uniform(
+                        0, min(policy.max_delay, policy.base_delay * 2 ** (attempt - 1))
+                    )
+                    if error.retry_after is not None and 0 < error.retry_after <= policy.max_retry_after:
+                        delay = max(delay, error.retry_after)
+                    await clock_sleep(clock, delay)
+                continue
+            raise _AttemptsError(attempt, error)
+
+    def _attempt_done(self, attempt: Attempt, sent_at: float) -> None:
+        """Record one HTTP attempt in the ledger and tell the observers (synchronously: before any await)."""
+        if self._ledger is not None:
+            self._ledger.record_attempt(self._run_id, attempt, started_at=sent_at)
+        for observer in self._observers:
+            observer.on_attempt(attempt)
+
+    def _sample_latency(self, stats: EndpointStats, latency: float) -> None:
+        sample_latency(stats, latency, self._rng, self._latency_sample)
+
+
+def _outcome_of(error: RetryableError | RejectedBatchError | FatalPlatformError) -> AttemptOutcome:
+    if isinstance(error, RetryableError):
+        return AttemptOutcome.RATE_LIMITED if error.rate_limited else AttemptOutcome.RETRYABLE
+    if isinstance(error, RejectedBatchError):
+        return AttemptOutcome.REJECTED
+    return AttemptOutcome.FATAL
+
+
+class _AttemptsError(Exception):
+    """Internal: a (sub-)batch ended in ``error`` after ``attempts`` attempts."""
+
+    def __init__(
+        self, attempts: int, error: RetryableError | RejectedBatchError | FatalPlatformError
+    ) -> None:
+        super().__init__(error.message)
+        self.attempts = attempts
+        self.error = error
