@@ -31,7 +31,7 @@ bench: install
 	@for script in bench/bench_*.py; do echo "== $$script"; $(PY) $$script || exit 1; done
 
 soak: install
-	$(PY) -m pytest -q -m soak --soak-long tests/test_soak.py
+	$(PY) -m pytest -q -p no:cacheprovider -m soak --soak-long --timeout 3600 tests/reliability/
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache build *.egg-info
