@@ -10,18 +10,15 @@
 from __future__ import annotations
 
 import json
-import os
-import signal
 import subprocess
-import sys
-import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
+from sandbox_fixtures import REPO_ROOT as REPO_ROOT  # re-exported: test_crash_resume imports it from here
+from sandbox_fixtures import in_process_sandboxes, start_sandbox_process, stop_sandbox_process
 
 from sync.platforms.sandboxes.netmera import NetmeraSandbox, NetmeraSandboxConfig
 
@@ -36,7 +33,6 @@ def _fresh_structlog() -> Iterator[None]:
     structlog.reset_defaults()
 
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
 SANDBOX_TEST_KEY = "test-netmera-key-0123456789"
 
 
@@ -109,34 +105,15 @@ NetmeraFactory = Callable[..., Awaitable[RunningNetmera]]
 async def netmera_sandbox_factory() -> AsyncIterator[NetmeraFactory]:
     """``await factory(config=None, *, clock=..., sleep=..., **config_fields)`` starts a sandbox on a free port;
     every one started is stopped (and its client session closed) at teardown."""
-    started: list[RunningNetmera] = []
+    defaults = {"api_key": SANDBOX_TEST_KEY}
 
-    async def start(
-        config: NetmeraSandboxConfig | None = None,
-        *,
-        clock: Callable[[], float] | None = None,
-        sleep: Callable[[float], Awaitable[None]] | None = None,
-        **fields: Any,
+    def wrap(
+        url: str, config: NetmeraSandboxConfig, sandbox: NetmeraSandbox, session: aiohttp.ClientSession
     ) -> RunningNetmera:
-        if config is None:
-            config = NetmeraSandboxConfig.from_mapping({"api_key": SANDBOX_TEST_KEY, **fields})
-        extra: dict[str, Any] = {}
-        if clock is not None:
-            extra["clock"] = clock
-        if sleep is not None:
-            extra["sleep"] = sleep
-        sandbox = NetmeraSandbox(config, **extra)
-        url = await sandbox.start("127.0.0.1", 0)
-        running = RunningNetmera(
-            url=url, api_key=config.api_key, sandbox=sandbox, session=aiohttp.ClientSession()
-        )
-        started.append(running)
-        return running
+        return RunningNetmera(url=url, api_key=config.api_key, sandbox=sandbox, session=session)
 
-    yield start
-    for running in started:
-        await running.session.close()
-        await running.sandbox.stop()
+    async with in_process_sandboxes(NetmeraSandbox, NetmeraSandboxConfig, defaults, wrap) as start:
+        yield start
 
 
 @pytest.fixture
@@ -162,50 +139,8 @@ def start_netmera_process(
     *extra_args: str, api_key: str = SANDBOX_TEST_KEY, timeout: float = 20.0
 ) -> NetmeraProcess:
     """Start ``python -m sync sandbox netmera --port 0`` and wait for the line with its URL."""
-    process = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "sync",
-            "sandbox",
-            "netmera",
-            "--port",
-            "0",
-            "--api-key",
-            api_key,
-            *extra_args,
-        ],
-        cwd=REPO_ROOT,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-        text=True,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
-    )
-    assert process.stdout is not None
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        line = process.stdout.readline()  # the first lines: the key notice (if generated), then the URL
-        if not line:
-            break
-        line = line.strip()
-        if line.startswith("http://"):
-            return NetmeraProcess(url=line, api_key=api_key, process=process)
-    process.kill()
-    process.wait()
-    raise RuntimeError("the sandbox process did not print its URL")
-
-
-def stop_process(process: subprocess.Popen[str]) -> None:
-    """SIGTERM, then SIGKILL if it does not exit within 5 s."""
-    if process.poll() is None:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-    if process.stdout is not None:
-        process.stdout.close()
+    process, url = start_sandbox_process("netmera", "--api-key", api_key, *extra_args, timeout=timeout)
+    return NetmeraProcess(url=url, api_key=api_key, process=process)
 
 
 @pytest.fixture
@@ -220,7 +155,7 @@ def netmera_process_factory() -> Iterator[Callable[..., NetmeraProcess]]:
 
     yield start
     for running in started:
-        stop_process(running.process)
+        stop_sandbox_process(running.process)
 
 
 @pytest.fixture

@@ -11,6 +11,7 @@ from typing import Any
 
 import polars as pl
 import structlog
+from reliability.workload import job_yaml
 
 from sync.config import DispatchSettings, Job, load_job
 from sync.demo import expected_users, generate_users
@@ -40,29 +41,7 @@ def write_job(
         "  retry: {max_attempts: 10, base_delay: 0.01, max_delay: 0.1}\n"
     )
     (tmp_path / "job.yaml").write_text(
-        f"""
-version: 1
-name: t
-workdir: work
-destination: {{platform: netmera, base_url: "{url}", secret: {{env: {KEY_ENV}}}}}
-defaults: {{ext_id: user_id}}
-sources:
-  - name: users
-    path: data/users.csv
-    attributes:
-      name: string
-      city: string
-      score: number
-      vip: {{attribute: isVip, type: boolean}}
-      plan: string
-    tags: {{column: segments, delimiter: "|"}}
-    opt_ins:
-      email: email_opt_in
-      categories: {{News: news_opt_in}}
-dispatch:
-  batch_size: {batch_size}
-{dispatch}""",
-        encoding="utf-8",
+        job_yaml(url, name="t", key_env=KEY_ENV, batch_size=batch_size, dispatch=dispatch), encoding="utf-8"
     )
     return load_job(tmp_path / "job.yaml"), frame
 

@@ -14,6 +14,7 @@ from typing import Any
 
 import aiohttp
 import pytest
+from sandbox_fixtures import in_process_sandboxes
 
 from sync.config import Destination
 from sync.platforms.formsonfire.client import FormsOnFireClient
@@ -124,37 +125,15 @@ def credentials(**fields: Any) -> dict[str, Any]:
 async def fof_sandbox_factory() -> AsyncIterator[FofFactory]:
     """``await factory(config=None, *, clock=None, sleep=None, **settings)``; the test credentials and
     :data:`FOF_USERS` are the defaults (``users=()`` for none)."""
-    started: list[RunningFormsOnFire] = []
+    defaults = {"integration_key": FOF_KEY, "company_id": FOF_COMPANY, "users": list(FOF_USERS)}
 
-    async def start(
-        config: FormsOnFireSandboxConfig | None = None,
-        *,
-        clock: Callable[[], float] | None = None,
-        sleep: Callable[[float], Awaitable[None]] | None = None,
-        **settings: Any,
+    def wrap(
+        url: str, _config: Any, sandbox: FormsOnFireSandbox, session: aiohttp.ClientSession
     ) -> RunningFormsOnFire:
-        if config is None:
-            base: dict[str, Any] = {
-                "integration_key": FOF_KEY,
-                "company_id": FOF_COMPANY,
-                "users": list(FOF_USERS),
-            }
-            config = FormsOnFireSandboxConfig.from_mapping({**base, **settings})
-        extra: dict[str, Any] = {}
-        if clock is not None:
-            extra["clock"] = clock
-        if sleep is not None:
-            extra["sleep"] = sleep
-        sandbox = FormsOnFireSandbox(config, **extra)
-        url = await sandbox.start("127.0.0.1", 0)
-        running = RunningFormsOnFire(url=url, sandbox=sandbox, session=aiohttp.ClientSession())
-        started.append(running)
-        return running
+        return RunningFormsOnFire(url=url, sandbox=sandbox, session=session)
 
-    yield start
-    for running in started:
-        await running.session.close()
-        await running.sandbox.stop()
+    async with in_process_sandboxes(FormsOnFireSandbox, FormsOnFireSandboxConfig, defaults, wrap) as start:
+        yield start
 
 
 @pytest.fixture

@@ -17,6 +17,7 @@ from typing import Any
 
 import aiohttp
 import pytest
+from sandbox_fixtures import SandboxPool
 
 from sync.platforms.meiro.client import MeiroClient, MeiroCredentials
 from sync.platforms.sandboxes.meiro import MeiroSandbox, MeiroSandboxConfig, MeiroUser
@@ -126,6 +127,7 @@ TEST_USERS = (
 @pytest.fixture
 async def meiro_sandbox_factory() -> AsyncIterator[MeiroFactory]:
     """Start Meiro sandboxes (two test users: an analyst with every feature, a viewer without edit)."""
+    pool: SandboxPool[RunningMeiro] = SandboxPool()
     started: list[RunningMeiro] = []
 
     async def start(
@@ -135,17 +137,15 @@ async def meiro_sandbox_factory() -> AsyncIterator[MeiroFactory]:
         if config is None:
             config = MeiroSandboxConfig.from_mapping({"users": TEST_USERS, **settings})
         sandbox = MeiroSandbox(config, clock=clock, sleep=clock.sleep)
-        url = await sandbox.start("127.0.0.1", 0)
-        running = RunningMeiro(url, sandbox, clock, aiohttp.ClientSession())
+        running = await pool.serve(sandbox, lambda url, session: RunningMeiro(url, sandbox, clock, session))
         started.append(running)
         return running
 
     yield start
-    for running in started:
+    for running in started:  # the connectors close before the sessions and sandboxes under them
         for client in running.clients:
             await client.aclose()
-        await running.session.close()
-        await running.sandbox.stop()
+    await pool.aclose()
 
 
 @pytest.fixture

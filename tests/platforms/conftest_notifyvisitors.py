@@ -7,18 +7,13 @@
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
-import sys
-import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
+from sandbox_fixtures import in_process_sandboxes
 
 from sync.config import Destination
 from sync.platforms.notifyvisitors.client import NotifyVisitorsClient
@@ -116,75 +111,20 @@ NvFactory = Callable[..., Awaitable[RunningNotifyVisitors]]
 async def nv_sandbox_factory() -> AsyncIterator[NvFactory]:
     """``await factory(config=None, *, clock=None, sleep=None, **settings)`` starts a sandbox on a free port;
     all are stopped (and their sessions closed) at teardown."""
-    started: list[RunningNotifyVisitors] = []
+    defaults = {"api_key": NV_API_KEY, "brand_id": NV_BRAND_ID, "bearer_token": NV_TOKEN}
 
-    async def start(
-        config: NotifyVisitorsSandboxConfig | None = None,
-        *,
-        clock: Callable[[], float] | None = None,
-        sleep: Callable[[float], Awaitable[None]] | None = None,
-        **settings: Any,
+    def wrap(
+        url: str, _config: Any, sandbox: NotifyVisitorsSandbox, session: aiohttp.ClientSession
     ) -> RunningNotifyVisitors:
-        if config is None:
-            base = {"api_key": NV_API_KEY, "brand_id": NV_BRAND_ID, "bearer_token": NV_TOKEN}
-            config = NotifyVisitorsSandboxConfig.from_mapping({**base, **settings})
-        extra: dict[str, Any] = {}
-        if clock is not None:
-            extra["clock"] = clock
-        if sleep is not None:
-            extra["sleep"] = sleep
-        sandbox = NotifyVisitorsSandbox(config, **extra)
-        url = await sandbox.start("127.0.0.1", 0)
-        running = RunningNotifyVisitors(url=url, sandbox=sandbox, session=aiohttp.ClientSession())
-        started.append(running)
-        return running
+        return RunningNotifyVisitors(url=url, sandbox=sandbox, session=session)
 
-    yield start
-    for running in started:
-        await running.session.close()
-        await running.sandbox.stop()
+    async with in_process_sandboxes(
+        NotifyVisitorsSandbox, NotifyVisitorsSandboxConfig, defaults, wrap
+    ) as start:
+        yield start
 
 
 @pytest.fixture
 async def nv_sandbox(nv_sandbox_factory: NvFactory) -> RunningNotifyVisitors:
     """A sandbox with the default config (documented limits on)."""
     return await nv_sandbox_factory()
-
-
-def start_sandbox_process(
-    platform: str, *args: str, timeout: float = 20.0
-) -> tuple[subprocess.Popen[str], str]:
-    """``python -m sync sandbox <platform> --port 0 ...`` as a child process; returns it and its base URL (the
-    first stdout line starting with ``http://``). The caller stops it (SIGTERM)."""
-    process = subprocess.Popen(
-        [sys.executable, "-m", "sync", "sandbox", platform, "--port", "0", *args],
-        cwd=Path(__file__).resolve().parents[2],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-        text=True,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
-    )
-    assert process.stdout is not None
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        line = process.stdout.readline()
-        if not line:
-            break
-        if line.startswith("http://"):
-            return process, line.strip()
-    process.kill()
-    process.wait()
-    raise RuntimeError(f"the {platform} sandbox did not print its URL")
-
-
-def stop_sandbox_process(process: subprocess.Popen[str]) -> int:
-    """SIGTERM and wait (SIGKILL after 5 s); returns the exit code."""
-    process.send_signal(signal.SIGTERM)
-    try:
-        code = process.wait(timeout=5)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        code = process.wait()
-    if process.stdout is not None:
-        process.stdout.close()
-    return code

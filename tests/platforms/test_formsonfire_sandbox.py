@@ -8,7 +8,7 @@ from typing import Any
 import aiohttp
 import pytest
 from conftest_formsonfire import FOF_COMPANY, FOF_KEY, FofFactory, RunningFormsOnFire, credentials
-from conftest_notifyvisitors import start_sandbox_process, stop_sandbox_process
+from sandbox_fixtures import start_sandbox_process, stop_sandbox_process
 
 from sync.platforms.formsonfire import XSI_NAMESPACE
 

@@ -8,13 +8,8 @@ from typing import Any
 
 import aiohttp
 import pytest
-from conftest_notifyvisitors import (
-    NV_BRAND_ID,
-    NvFactory,
-    RunningNotifyVisitors,
-    start_sandbox_process,
-    stop_sandbox_process,
-)
+from conftest_notifyvisitors import NV_BRAND_ID, NvFactory, RunningNotifyVisitors
+from sandbox_fixtures import start_sandbox_process, stop_sandbox_process
 
 from sync.platforms.sandboxes._core import FaultSpec, RateLimit
 

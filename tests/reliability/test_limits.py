@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +48,35 @@ def limited_sandbox(tmp_path: Path, soak_long: bool) -> Iterator[tuple[str, Sand
         yield url, SandboxHttp(url.removesuffix("/rest/3.0/"))
     finally:
         stop_sandbox_process(process)
+
+
+@dataclass(frozen=True, slots=True)
+class LimitsRun:
+    """What each limits test needs: the limited sandbox, the form (CI or long) and where figures go."""
+
+    tmp_path: Path
+    url: str
+    http: SandboxHttp
+    soak_long: bool
+    figures: Callable[[str, Mapping[str, Any]], None]
+
+    async def run(self, *, budget: int, users: int, url: str | None = None) -> dict[str, Any]:
+        """Send ``users`` with ``budget`` requests per window to ``url`` (default: the sandbox itself)."""
+        window = _window(self.soak_long)
+        return await _run(
+            self.tmp_path, url or self.url, self.http, budget=budget, window=window, users=users
+        )
+
+
+@pytest.fixture
+def limits(
+    tmp_path: Path,
+    limited_sandbox: tuple[str, SandboxHttp],
+    soak_long: bool,
+    figures: Callable[[str, Mapping[str, Any]], None],
+) -> LimitsRun:
+    url, http = limited_sandbox
+    return LimitsRun(tmp_path, url, http, soak_long, figures)
 
 
 async def _run(
@@ -92,17 +122,11 @@ async def _run(
 
 
 @pytest.mark.soak
-async def test_a_budget_at_the_limit_never_gets_a_429(
-    tmp_path: Path,
-    limited_sandbox: tuple[str, SandboxHttp],
-    soak_long: bool,
-    figures: Callable[[str, Mapping[str, Any]], None],
-) -> None:
-    url, http = limited_sandbox
-    window = _window(soak_long)
-    result = await _run(tmp_path, url, http, budget=LIMIT, window=window, users=8000 if soak_long else 1500)
+async def test_a_budget_at_the_limit_never_gets_a_429(limits: LimitsRun) -> None:
+    soak_long = limits.soak_long
+    result = await limits.run(budget=LIMIT, users=8000 if soak_long else 1500)
     measured = result["figures"]
-    figures("limits_at_budget_long" if soak_long else "limits_at_budget", measured)
+    limits.figures("limits_at_budget_long" if soak_long else "limits_at_budget", measured)
     outcome, stats = result["outcome"], result["stats"]
     assert outcome.exit_code is ExitCode.OK, outcome.summary.render_text()
     assert result["comparison"].lost == 0, result["comparison"].examples
@@ -157,20 +181,12 @@ class NoRemainingHeader:
 
 
 @pytest.mark.soak
-async def test_a_budget_above_the_limit_recovers_from_429s_without_loss(
-    tmp_path: Path,
-    limited_sandbox: tuple[str, SandboxHttp],
-    soak_long: bool,
-    figures: Callable[[str, Mapping[str, Any]], None],
-) -> None:
-    url, http = limited_sandbox
-    window = _window(soak_long)
-    async with NoRemainingHeader(url) as proxy:
-        result = await _run(
-            tmp_path, proxy.url, http, budget=3 * LIMIT, window=window, users=4000 if soak_long else 600
-        )
+async def test_a_budget_above_the_limit_recovers_from_429s_without_loss(limits: LimitsRun) -> None:
+    soak_long = limits.soak_long
+    async with NoRemainingHeader(limits.url) as proxy:
+        result = await limits.run(budget=3 * LIMIT, users=4000 if soak_long else 600, url=proxy.url)
     measured = result["figures"]
-    figures("limits_above_budget_long" if soak_long else "limits_above_budget", measured)
+    limits.figures("limits_above_budget_long" if soak_long else "limits_above_budget", measured)
     outcome, stats = result["outcome"], result["stats"]
     assert (
         stats["rate_limited_total"] > 0 and measured["rate_limited_429_client"] > 0
@@ -183,15 +199,9 @@ async def test_a_budget_above_the_limit_recovers_from_429s_without_loss(
 
 
 @pytest.mark.soak
-async def test_a_budget_above_the_limit_with_rate_headers_paces_itself(
-    tmp_path: Path,
-    limited_sandbox: tuple[str, SandboxHttp],
-    soak_long: bool,
-    figures: Callable[[str, Mapping[str, Any]], None],
-) -> None:
-    url, http = limited_sandbox
-    result = await _run(tmp_path, url, http, budget=3 * LIMIT, window=_window(soak_long), users=600)
-    figures("limits_above_budget_with_headers", result["figures"])
+async def test_a_budget_above_the_limit_with_rate_headers_paces_itself(limits: LimitsRun) -> None:
+    result = await limits.run(budget=3 * LIMIT, users=600)
+    limits.figures("limits_above_budget_with_headers", result["figures"])
     outcome = result["outcome"]
     assert outcome.exit_code is ExitCode.OK, outcome.summary.render_text()
     assert result["comparison"].lost == 0 and result["comparison"].unexpected == 0

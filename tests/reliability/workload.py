@@ -15,7 +15,7 @@ import polars as pl
 
 from sync.demo import expected_users, generate_users
 
-__all__ = ["KEY_ENV", "Comparison", "compare_state", "duplicates", "write_workload"]
+__all__ = ["KEY_ENV", "Comparison", "compare_state", "duplicates", "job_yaml", "write_workload"]
 
 KEY_ENV = "PUSHSYNC_RELIABILITY_KEY"
 
@@ -43,6 +43,12 @@ dispatch:
 {dispatch}"""
 
 
+def job_yaml(url: str, *, name: str, key_env: str, batch_size: int, dispatch: str) -> str:
+    """The job sending the demo's users (``data/users.csv``) to the Netmera sandbox at ``url``, its key read from
+    ``key_env``; ``dispatch`` is the rest of the ``dispatch:`` section (YAML lines indented two spaces)."""
+    return _JOB.format(name=name, url=url, key_env=key_env, batch_size=batch_size, dispatch=dispatch)
+
+
 def write_workload(
     directory: Path,
     url: str,
@@ -59,8 +65,7 @@ def write_workload(
     frame = generate_users(directory / "data" / "users.csv", users, seed=seed)
     job = directory / "job.yaml"
     job.write_text(
-        _JOB.format(name=name, url=url, key_env=KEY_ENV, batch_size=batch_size, dispatch=dispatch),
-        encoding="utf-8",
+        job_yaml(url, name=name, key_env=KEY_ENV, batch_size=batch_size, dispatch=dispatch), encoding="utf-8"
     )
     return job, frame
 
