@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import sqlite3
-import time
 from pathlib import Path
 
 import polars as pl
@@ -133,15 +132,13 @@ def test_not_a_database_is_a_state_error(tmp_path: Path) -> None:
         Ledger.open(path)
 
 
-def test_ledger_keeps_up_with_3000_batches_per_second(tmp_path: Path) -> None:
+def test_every_write_of_a_long_run_lands_through_periodic_flushes(tmp_path: Path) -> None:
+    """The write path a run uses (planned, sent, attempt, result, maybe_flush) loses nothing over thousands of
+    batches. Its speed (3,000+ batches/s) is checked by bench/bench_ledger.py, not by a timed test."""
     batches = [_batch(i, n_ids=100) for i in range(6000)]
-    results = [
-        BatchResult(b.batch_id, b.endpoint, b.operation, BatchStatus.OK, 1, 200, ok_ids=100) for b in batches
-    ]
     with Ledger.open(tmp_path / "l.sqlite") as ledger:
         ledger.start_run("r1", job="j")
-        start = time.perf_counter()
-        for batch, result in zip(batches, results, strict=True):
+        for batch in batches:
             ledger.record_planned("r1", batch)
             ledger.record_sent("r1", batch.batch_id)
             ledger.record_attempt(
@@ -149,14 +146,15 @@ def test_ledger_keeps_up_with_3000_batches_per_second(tmp_path: Path) -> None:
                 Attempt(batch.batch_id, batch.endpoint, 1, 100, 0.01, AttemptOutcome.OK, 200),
                 started_at=1.0,
             )
-            ledger.record_result("r1", result)
+            ledger.record_result(
+                "r1",
+                BatchResult(
+                    batch.batch_id, batch.endpoint, batch.operation, BatchStatus.OK, 1, 200, ok_ids=100
+                ),
+            )
             ledger.maybe_flush()
         ledger.flush()
-        elapsed = time.perf_counter() - start
         assert len(ledger.confirmed_ok("r1")) == 6000
-    rate = len(batches) / elapsed
-    print(f"ledger: {rate:,.0f} batches/s (planned + sent + attempt + result each)")
-    assert rate >= 3000
 
 
 def test_attempts_are_stored_and_exported_and_a_version_1_ledger_is_upgraded(tmp_path: Path) -> None:
