@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import importlib
 import signal
 from collections.abc import AsyncIterable, Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -51,38 +52,30 @@ def ledger_path_for(job: Job) -> Path:
     return job.workdir.resolve() / LEDGER_FILE
 
 
+_CONNECTORS: dict[str, tuple[str, str]] = {
+    "netmera": ("sync.platforms.netmera.client", "NetmeraClient"),
+    "notifyvisitors": ("sync.platforms.notifyvisitors.client", "NotifyVisitorsClient"),
+    "formsonfire": ("sync.platforms.formsonfire.client", "FormsOnFireClient"),
+}
+"""Platform → (module, class) of its connector; imported on use so a run loads only its own platform's code."""
+
+
 def make_client(job: Job, api_key: str) -> PlatformClient:
     """The connector for the job's platform."""
-    if job.destination.platform == "netmera":
-        from sync.platforms.netmera.client import NetmeraClient
-
-        return NetmeraClient(
-            job.destination,
-            api_key,
-            timeout=job.dispatch.request_timeout,
-            max_connections=max(job.dispatch.concurrency, 1),
-        )
-    if job.destination.platform == "notifyvisitors":
-        from sync.platforms.notifyvisitors.client import NotifyVisitorsClient
-
-        return NotifyVisitorsClient(
-            job.destination,
-            api_key,
-            timeout=job.dispatch.request_timeout,
-            max_connections=max(job.dispatch.concurrency, 1),
-        )
-    if job.destination.platform == "formsonfire":
-        from sync.platforms.formsonfire.client import FormsOnFireClient
-
-        return FormsOnFireClient(
-            job.destination,
-            api_key,
-            timeout=job.dispatch.request_timeout,
-            max_connections=max(job.dispatch.concurrency, 1),
-        )
-    raise BadJobError(
-        str(job.path), [JobProblem("destination.platform", "no connector for this platform yet")]
+    try:
+        module_name, class_name = _CONNECTORS[job.destination.platform]
+    except KeyError:
+        raise BadJobError(
+            str(job.path), [JobProblem("destination.platform", "no connector for this platform yet")]
+        ) from None
+    client_class = getattr(importlib.import_module(module_name), class_name)
+    client: PlatformClient = client_class(
+        job.destination,
+        api_key,
+        timeout=job.dispatch.request_timeout,
+        max_connections=max(job.dispatch.concurrency, 1),
     )
+    return client
 
 
 async def run_job(
