@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install lint typecheck test bench demo soak clean
+.PHONY: install lint typecheck test wheel-check bench demo soak clean
 
 install: $(STAMP)
 
@@ -23,6 +23,10 @@ typecheck: install
 
 test: install
 	$(PY) -m pytest -q
+
+# Build the wheel, install it in a fresh venv, run validate/plan/run from another directory against a sandbox.
+wheel-check: install
+	.ci/wheel_check
 
 demo: install
 	$(VENV)/bin/pushsync demo

@@ -5,6 +5,10 @@
    of 40 requests per clock-aligned second per endpoint, and read its URL;
 3. run ``jobs/demo.yaml`` against it (the sandbox's key passed through the variable the job names);
 4. print the summary, check a sample of users through the API against the input, stop the sandbox.
+
+Everything it writes goes under ``demo-out/`` in the current directory (data, sandbox settings, the job's
+workdir), never next to the installed package: the job file ships inside the package (``sync/_demo/demo.yaml``,
+a link to ``jobs/demo.yaml``) and its input path and workdir are pointed at ``demo-out/`` when it is loaded.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ import sys
 import time
 import urllib.request
 from collections.abc import Mapping
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -30,10 +35,10 @@ from sync.config import Job, load_job
 from sync.errors import ExitCode, StateError
 from sync.runner import RunOutcome, make_client, run_job
 
-__all__ = ["expected_users", "generate_users", "run_demo", "start_sandbox_process"]
+__all__ = ["demo_job", "expected_users", "generate_users", "run_demo", "start_sandbox_process"]
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-DEMO_JOB = REPO_ROOT / "jobs" / "demo.yaml"
+OUT_DIR = "demo-out"
+"""Where the demo writes, relative to the current directory."""
 _CITIES = ("Istanbul", "Ankara", "Izmir", "Bursa", "Antalya", "Konya")
 _PLANS = ("free", "basic", "pro")
 _SEGMENTS = ("newsletter", "gold", "silver", "churn-risk", "beta")
@@ -100,7 +105,7 @@ def start_sandbox_process(
     config_path.write_text(json.dumps(config), encoding="utf-8")
     process = subprocess.Popen(
         [sys.executable, "-m", "sync", "sandbox", "netmera", "--port", "0", "--config", str(config_path)],
-        cwd=REPO_ROOT,
+        cwd=workdir,
         stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL,
         text=True,
@@ -170,18 +175,32 @@ def _sandbox_state(root: str) -> dict[str, Any]:
     return data
 
 
-def run_demo(*, users: int = 10000, output: str = "text") -> int:
-    """Run the demo; returns the run's exit code (or ABORTED when the end state differs from the input)."""
-    data_path = REPO_ROOT / "demo-out" / "data" / "users.csv"
+def demo_job(out: Path, base_url: str) -> Job:
+    """The packaged demo job, reading ``out/data/users.csv``, working in ``out/work`` and sending to ``base_url``."""
+    with resources.as_file(resources.files("sync").joinpath("_demo", "demo.yaml")) as path:
+        job = load_job(path)
+    data = str((out / "data" / "users.csv").resolve())
+    return dataclasses.replace(
+        job,
+        destination=dataclasses.replace(job.destination, base_url=base_url),
+        sources=tuple(dataclasses.replace(s, paths=(data,)) for s in job.sources),
+        workdir=(out / "work").resolve(),
+    )
+
+
+def run_demo(*, users: int = 10000, output: str = "text", directory: Path | None = None) -> int:
+    """Run the demo under ``directory`` (default: the current directory); returns the run's exit code (or
+    ABORTED when the end state differs from the input)."""
+    out = (directory if directory is not None else Path.cwd()) / OUT_DIR
+    data_path = out / "data" / "users.csv"
     frame = generate_users(data_path, users)
-    print(f"generated {users} users -> {data_path.relative_to(REPO_ROOT)}", flush=True)
+    print(f"generated {users} users -> {data_path}", flush=True)
     api_key = "demo-" + secrets.token_hex(12)
     limits = {"*": {"requests": 40, "window": 1.0}}
-    process, url = start_sandbox_process(api_key, {"limits": limits}, REPO_ROOT / "demo-out")
+    process, url = start_sandbox_process(api_key, {"limits": limits}, out)
     print(f"Netmera sandbox at {url} (40 requests per clock-aligned second per endpoint)", flush=True)
     try:
-        job = load_job(DEMO_JOB)
-        job = dataclasses.replace(job, destination=dataclasses.replace(job.destination, base_url=url))
+        job = demo_job(out, url)
         outcome: RunOutcome = asyncio.run(run_job(job, api_key=api_key, handle_signals=True, progress="auto"))
         print(
             json.dumps(outcome.summary.to_json(), indent=2)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import importlib.metadata
 import sys
 from collections.abc import Sequence
 
@@ -31,11 +32,22 @@ _COMMAND_MODULES = (
 )
 
 
+def _version() -> str:
+    """The installed distribution's version (one source: ``sync.__version__``, which the build reads)."""
+    try:
+        return importlib.metadata.version("pushsync")
+    except importlib.metadata.PackageNotFoundError:  # run from a source tree that was never installed
+        from sync import __version__
+
+        return __version__
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="pushsync",
         description="Keep a push-notification platform in step with CRM exports (CSV/Parquet).",
     )
+    parser.add_argument("--version", action="version", version=f"pushsync {_version()}")
     parser.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"])
     parser.add_argument(
         "--log-json", action="store_true", default=None, help="JSON log lines even on a terminal"

@@ -26,7 +26,7 @@ from sync.config._job import (
     ValidationRules,
     ValueType,
 )
-from sync.config._load import SCHEMA_PATH, load_job
+from sync.config._load import job_schema, load_job
 from sync.config._settings import (
     Destination,
     DispatchSettings,
@@ -38,7 +38,6 @@ from sync.config._settings import (
 __all__ = [
     "DEFAULT_NULL_VALUES",
     "PLATFORM_DEFAULTS",
-    "SCHEMA_PATH",
     "AttributeMapping",
     "AttributeMode",
     "Destination",
@@ -58,6 +57,7 @@ __all__ = [
     "TagColumn",
     "ValidationRules",
     "ValueType",
+    "job_schema",
     "load_job",
     "resolve_secret",
 ]

@@ -3,12 +3,14 @@ express; every problem found is reported at once (:class:`BadJobError`)."""
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
 import urllib.parse
 import zoneinfo
 from collections.abc import Mapping
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -30,10 +32,11 @@ from sync.config._settings import Destination, DispatchSettings, RateBudgetSpec,
 from sync.config._sources import parse_source
 from sync.errors import BadJobError, JobProblem
 
-# The schema lives at the repository's top-level schemas/ (one copy; found from a source checkout or an
-# editable install, which is how pushsync is installed: `make install`).
-SCHEMA_PATH = Path(__file__).resolve().parents[2] / "schemas" / "job.schema.json"
-"""The JSON Schema every job file is validated against (``schemas/job.schema.json``)."""
+SCHEMA_RESOURCE = ("schemas", "job.schema.json")
+"""Where the JSON Schema every job file is validated against lives inside the ``sync`` package.
+
+``sync/schemas`` is a symlink to the repository's top-level ``schemas/`` (the one copy); a wheel carries the
+files as package data, so the schema is found through :mod:`importlib.resources` however pushsync is installed."""
 
 _SECRET_LOOKING_KEYS = re.compile(r"(api_?key|apikey|token|password|passwd|secret_?key|key)$", re.IGNORECASE)
 _SECRET_LOOKING_EXTRA = re.compile(
@@ -45,9 +48,11 @@ _PER = re.compile(r"^\s*([0-9]+(?:\.[0-9]+)?)\s*(ms|s|m|h)\s*$")
 _UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
 
 
-def _schema() -> dict[str, Any]:
-    with SCHEMA_PATH.open(encoding="utf-8") as fh:
-        loaded: dict[str, Any] = json.load(fh)
+@functools.cache
+def job_schema() -> dict[str, Any]:
+    """The JSON Schema of a job file (``schemas/job.schema.json``), read once from the installed package."""
+    text = resources.files("sync").joinpath(*SCHEMA_RESOURCE).read_text(encoding="utf-8")
+    loaded: dict[str, Any] = json.loads(text)
     return loaded
 
 
@@ -250,7 +255,7 @@ def load_job(path: str | Path) -> Job:
 
     problems = _secret_problems(raw)
     quiet = {p.location for p in problems}
-    validator = jsonschema.Draft202012Validator(_schema())
+    validator = jsonschema.Draft202012Validator(job_schema())
     for error in sorted(validator.iter_errors(raw), key=lambda e: [str(x) for x in e.absolute_path]):
         loc = _location(error.absolute_path)
         # A problem already explained by the secret check is not repeated in the schema's words.
