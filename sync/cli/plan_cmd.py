@@ -9,6 +9,8 @@ import sys
 from pathlib import Path
 from typing import Any, TextIO
 
+import yaml
+
 from sync.config import Job, SyncMode, load_job
 from sync.errors import BadJobError, ExitCode
 from sync.planning import ASSUMED_LATENCY, Plan, PlanSummary, build_plan
@@ -60,8 +62,44 @@ def _problems_json(path: str, problems: list[dict[str, str]]) -> str:
     return json.dumps({"job": path, "valid": not problems, "problems": problems}, indent=2)
 
 
+def _is_meiro_job(path: str) -> bool:
+    """A Meiro job (``platform: meiro`` at the top, no ``destination``) watches exports instead of sending rows:
+    it has its own loader (:mod:`sync.platforms.meiro.job`). Anything unreadable goes to :func:`load_job`, which
+    explains the problem."""
+    try:
+        raw = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        return False
+    return isinstance(raw, dict) and raw.get("platform") == "meiro" and "destination" not in raw
+
+
+def _validate_meiro(args: argparse.Namespace, out: TextIO) -> int:
+    from sync.platforms.meiro.job import load_meiro_job
+
+    try:
+        job = load_meiro_job(args.job)
+    except BadJobError as exc:
+        if args.output == "json":
+            problems = [{"location": p.location, "message": p.message} for p in exc.problems]
+            print(_problems_json(str(args.job), problems), file=out)
+        else:
+            _print_problems(str(args.job), exc.problems, out)
+        return int(ExitCode.BAD_JOB_OR_INPUT)
+    if args.output == "json":
+        print(_problems_json(str(args.job), []), file=out)
+    else:
+        print(
+            f"{args.job}: OK — Meiro job {job.name!r}, {len(job.exports)} export(s) to watch "
+            "(`pushsync meiro run`)",
+            file=out,
+        )
+    return int(ExitCode.OK)
+
+
 def _validate(args: argparse.Namespace) -> int:
     out: TextIO = sys.stdout
+    if _is_meiro_job(args.job):
+        return _validate_meiro(args, out)
     try:
         job = load_job(args.job)
     except BadJobError as exc:

@@ -252,6 +252,19 @@ def load_job(path: str | Path) -> Job:
         raise BadJobError(str(job_path), [JobProblem(where, str(problem))]) from exc
     if not isinstance(raw, Mapping):
         raise BadJobError(str(job_path), [JobProblem("", "a job file is a YAML mapping (key: value)")])
+    if "platform" in raw and "destination" not in raw:
+        # A watch job (Meiro: `platform: meiro` at the top) is not a sync job: say so instead of listing every
+        # key the sync job schema does not know.
+        raise BadJobError(
+            str(job_path),
+            [
+                JobProblem(
+                    "platform",
+                    f"a {raw['platform']!r} job watches exports rather than sending rows: check it with "
+                    f"`pushsync validate`, run it with `pushsync {raw['platform']} run`",
+                )
+            ],
+        )
 
     problems = _secret_problems(raw)
     quiet = {p.location for p in problems}
