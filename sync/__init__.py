@@ -17,6 +17,10 @@ from sync.errors import (
 )
 from sync.records import Batch, BatchResult, BatchStatus, Operation, Phase, RejectedRow, RowRef
 
+# The platform registry installs itself as the catalogue sync.config.load_job checks jobs against (the
+# configuration layer imports nothing from the platforms): every import of the package gets it.
+import sync.platforms.registry  # noqa: F401  isort: skip
+
 __version__ = "0.1.0"
 
 __all__ = [

@@ -10,7 +10,7 @@
    canonical order ``(crc32(ext_id), ext_id, file, row)``. These *clean frames* are the typed, per-user data
    (``Plan.staged``) a future snapshot differ can read before any platform request is built;
 3. **batch** — :meth:`Plan.batches` streams the clean frames through the platform's batch builder
-   (:mod:`sync.platforms.netmera.requests`), phase by phase.
+   (:meth:`sync.platforms.base.Platform.builder`), phase by phase.
 
 Because the canonical order depends only on the IDs (never on chunk sizes or ``K``), the same input always gives
 the same batches with the same IDs. Memory is bounded by one chunk while staging and one bucket afterwards; ``K``
@@ -34,10 +34,8 @@ import pyarrow as pa
 import pyarrow.ipc
 
 from sync.config import DispatchSettings, Job, Source
-from sync.errors import BadJobError, JobProblem
-from sync.platforms.formsonfire import requests as formsonfire
-from sync.platforms.netmera import requests as netmera
-from sync.platforms.notifyvisitors import requests as notifyvisitors
+from sync.platforms.base import BatchBuilder, Platform, Stream
+from sync.platforms.registry import platform_for
 from sync.reading import ROW, estimate_rows, expand_paths, iter_chunks
 from sync.records import Batch, Operation, Phase, RejectedRow
 from sync.validation import (
@@ -67,9 +65,6 @@ ROWS_PER_BUCKET = 50_000
 MAX_BUCKETS = 4096
 ASSUMED_LATENCY = 0.2
 """Seconds per request assumed by the duration estimate when the concurrency cap, not the rate, is the limit."""
-
-_BUILDERS: dict[str, Any] = {"netmera": netmera, "notifyvisitors": notifyvisitors, "formsonfire": formsonfire}
-"""Platform → batch builder module (``streams_for``, ``stream_batches``, ``stream_counts``, ``stream_sample``)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -184,9 +179,9 @@ class Plan:
         self.rejects_path = rejects_path
         self.rejected_count = rejected_count
         self._tmpdir = tmpdir
-        builder = _BUILDERS[job.destination.platform]
-        # A builder module with ``for_job`` makes a builder bound to the job's settings (time zone, constants).
-        self._builder = builder.for_job(job) if hasattr(builder, "for_job") else builder
+        self.platform: Platform = platform_for(job)
+        # The builder is bound to the job's settings (time zone, message constants, ...).
+        self._builder: BatchBuilder = self.platform.builder(job)
         self._summary: PlanSummary | None = None
         self._finalizer = weakref.finalize(self, shutil.rmtree, tmpdir, True)
 
@@ -200,7 +195,7 @@ class Plan:
     def __exit__(self, *_exc: object) -> None:
         self.close()
 
-    def _streams(self, phase: Phase | None = None) -> Iterator[tuple[StagedSource, netmera.Stream]]:
+    def _streams(self, phase: Phase | None = None) -> Iterator[tuple[StagedSource, Stream]]:
         phases = list(Phase) if phase is None else [phase]
         for ph in phases:
             for staged in self.staged:
@@ -226,12 +221,12 @@ class Plan:
         in that order too, so each lane yields exactly the batches :meth:`batches` yields for its endpoint in
         that phase, in the same order. The iterators are lazy (nothing is read until they are advanced).
         """
-        by_endpoint: dict[str, list[tuple[StagedSource, netmera.Stream]]] = {}
+        by_endpoint: dict[str, list[tuple[StagedSource, Stream]]] = {}
         for staged, stream in self._streams(phase):
             by_endpoint.setdefault(stream.endpoint, []).append((staged, stream))
         return [(endpoint, self._lane_batches(streams)) for endpoint, streams in by_endpoint.items()]
 
-    def _lane_batches(self, streams: list[tuple[StagedSource, netmera.Stream]]) -> Iterator[Batch]:
+    def _lane_batches(self, streams: list[tuple[StagedSource, Stream]]) -> Iterator[Batch]:
         for staged, stream in streams:
             yield from self._builder.stream_batches(
                 stream, staged.frames(stream.columns), self.job.batch_size_for(stream.endpoint), staged.files
@@ -423,12 +418,9 @@ def build_plan(job: Job, *, rejects_path: Path | None = None, rows_per_bucket: i
     When this returns, input validation is complete: rejected rows are in ``plan.rejects_path`` (default
     ``<workdir>/rejects.csv``). ``rows_per_bucket`` sizes the hash buckets (memory vs. number of files); it
     never changes the batches. Raises :class:`sync.errors.BadInputError` for a file that cannot be read at all,
-    :class:`BadJobError` for a platform without a batch builder.
+    :class:`BadJobError` for a platform that is not registered.
     """
-    if job.destination.platform not in _BUILDERS:
-        raise BadJobError(
-            str(job.path), [JobProblem("destination.platform", "no planner for this platform yet")]
-        )
+    platform_for(job)  # an unknown platform fails here, before any reading
     job.workdir.mkdir(parents=True, exist_ok=True)
     rejects_path = rejects_path or job.workdir / "rejects.csv"
     rejects_path.parent.mkdir(parents=True, exist_ok=True)

@@ -1,6 +1,6 @@
 """Resume and retry, on top of the ledger.
 
-Batch IDs are content hashes (:func:`sync.platforms.netmera.requests.batch_id_for`): planning the same input again
+Batch IDs are content hashes (each platform's ``batch_id_for``): planning the same input again
 gives the same batches with the same IDs, so "what is left of run R" is "the batches of a new plan that no run
 since R has confirmed". Two modes:
 
@@ -25,7 +25,8 @@ from typing import Any
 
 from sync.config import SyncMode
 from sync.errors import StateError
-from sync.platforms.netmera.requests import batch_id_for, ext_ids_in_body
+from sync.platforms.base import Platform
+from sync.platforms.registry import REGISTRY
 from sync.records import NON_IDEMPOTENT, Batch, BatchStatus, Phase
 
 __all__ = [
@@ -90,6 +91,20 @@ class ReplayPlan:
     """Batch IDs sent (or failed after being sent) and never confirmed: the platform may have applied them."""
     refused: Mapping[str, frozenset[str]] = field(default_factory=dict)
     """Batch ID → the external IDs the platform refused in it (batches recorded ``rejected``)."""
+    platform: Platform | None = None
+    """The platform the runs sent to: it cuts a refused batch down to its refused IDs and names the operations
+    that must not be repeated blindly."""
+
+    def _restrict(self, batch: Batch, ext_ids: Iterable[str]) -> Batch | None:
+        if self.platform is None:
+            raise StateError(
+                f"run {self.run_id} does not record its platform: cannot cut its refused batches"
+            )
+        return self.platform.restrict(batch, ext_ids)
+
+    def _non_idempotent(self, batch: Batch) -> bool:
+        ops = self.platform.non_idempotent if self.platform is not None else NON_IDEMPOTENT
+        return batch.operation in ops
 
     def decide(self, batch: Batch, stats: ReplayStats | None = None) -> Batch | None:
         """The batch to send in place of ``batch`` (itself, or cut down to its refused IDs), or None to skip it."""
@@ -102,23 +117,25 @@ class ReplayPlan:
             if self.mode is ReplayMode.RESUME:
                 stats.skipped_refused += 1
                 return None
-            cut = restrict_batch(batch, self.refused[bid])
+            cut = self._restrict(batch, self.refused[bid])
             if cut is None:
                 stats.skipped_confirmed += 1
                 return None
             stats.cut_to_refused += 1
             stats.sent += 1
             return cut
-        if self.mode is ReplayMode.RESUME and bid in self.unknown and batch.operation in NON_IDEMPOTENT:
+        if self.mode is ReplayMode.RESUME and bid in self.unknown and self._non_idempotent(batch):
             stats.held += 1
             return None
         stats.sent += 1
         return batch
 
 
-def replay_plan(ledger: Any, run_id: str, mode: ReplayMode = ReplayMode.RESUME) -> ReplayPlan:
+def replay_plan(
+    ledger: Any, run_id: str, mode: ReplayMode = ReplayMode.RESUME, *, platform: Platform | None = None
+) -> ReplayPlan:
     """Read what ``run_id``, the unfinished runs just before it and every later run of its job did.
-    ``ledger``: a :class:`sync.ledger.Ledger`.
+    ``ledger``: a :class:`sync.ledger.Ledger`; ``platform``: the job's (default: the one the ledger recorded).
 
     Later runs count too: resuming a run twice must not resend what the first resume confirmed, and a batch
     confirmed by any later run holds the same content (the ID is a hash of it). Earlier unfinished runs count
@@ -158,6 +175,7 @@ def replay_plan(ledger: Any, run_id: str, mode: ReplayMode = ReplayMode.RESUME) 
         confirmed=frozenset(confirmed),
         unknown=frozenset(unknown - confirmed),
         refused={k: frozenset(v) for k, v in refused.items()},
+        platform=platform if platform is not None else REGISTRY.get(info.platform or ""),
     )
 
 
@@ -189,30 +207,10 @@ class ReplayLanes:
         ]
 
 
-def restrict_batch(batch: Batch, ext_ids: Iterable[str]) -> Batch | None:
-    """``batch`` cut down to the items of ``ext_ids`` (a new content-derived ID), or None if it names none."""
-    keep = frozenset(ext_ids) & frozenset(batch.ext_ids)
-    if not keep:
-        return None
-    if keep == frozenset(batch.ext_ids):
-        return batch
-    body = batch.body
-    if isinstance(body, list):
-        new_body: Any = [item for item in body if str(item["extId"]) in keep]
-    elif isinstance(body, Mapping) and "extIds" in body:
-        new_body = {**body, "extIds": [x for x in body["extIds"] if x in keep]}
-    else:  # one-user bodies name a single ID: kept whole above
-        return batch
-    ids = ext_ids_in_body(batch.endpoint, new_body)
-    return Batch(
-        batch_id=batch_id_for(batch.endpoint, new_body),
-        endpoint=batch.endpoint,
-        operation=batch.operation,
-        body=new_body,
-        ext_ids=ids,
-        phase=batch.phase,
-        origins={x: batch.origins[x] for x in ids if x in batch.origins},
-    )
+def restrict_batch(batch: Batch, ext_ids: Iterable[str], platform: Platform) -> Batch | None:
+    """``batch`` cut down to the items of ``ext_ids`` (a new content-derived ID), or None if it names none; the
+    cutting is the platform's (:meth:`sync.platforms.base.Platform.restrict`)."""
+    return platform.restrict(batch, ext_ids)
 
 
 def unfinished_run(ledger: Any, job: str) -> str | None:

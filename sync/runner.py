@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import importlib
 import signal
 from collections.abc import AsyncIterable, Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -19,11 +18,12 @@ from typing import TYPE_CHECKING, Literal
 from sync.budget import Budget
 from sync.config import Job
 from sync.dispatch import Dispatcher, DispatchObserver, DispatchOutcome, LaneSource
-from sync.errors import BadJobError, ExitCode, JobProblem
+from sync.errors import ExitCode
 from sync.ledger import Ledger, new_run_id
 from sync.logs import get_logger
 from sync.planning import Plan, build_plan
 from sync.platforms.base import PlatformClient
+from sync.platforms.registry import platform_for
 from sync.progress import make_progress
 from sync.records import Batch
 from sync.redact import register_secret
@@ -52,30 +52,9 @@ def ledger_path_for(job: Job) -> Path:
     return job.workdir.resolve() / LEDGER_FILE
 
 
-_CONNECTORS: dict[str, tuple[str, str]] = {
-    "netmera": ("sync.platforms.netmera.client", "NetmeraClient"),
-    "notifyvisitors": ("sync.platforms.notifyvisitors.client", "NotifyVisitorsClient"),
-    "formsonfire": ("sync.platforms.formsonfire.client", "FormsOnFireClient"),
-}
-"""Platform → (module, class) of its connector; imported on use so a run loads only its own platform's code."""
-
-
 def make_client(job: Job, api_key: str) -> PlatformClient:
-    """The connector for the job's platform."""
-    try:
-        module_name, class_name = _CONNECTORS[job.destination.platform]
-    except KeyError:
-        raise BadJobError(
-            str(job.path), [JobProblem("destination.platform", "no connector for this platform yet")]
-        ) from None
-    client_class = getattr(importlib.import_module(module_name), class_name)
-    client: PlatformClient = client_class(
-        job.destination,
-        api_key,
-        timeout=job.dispatch.request_timeout,
-        max_connections=max(job.dispatch.concurrency, 1),
-    )
-    return client
+    """The connector for the job's platform (:meth:`sync.platforms.base.Platform.client`)."""
+    return platform_for(job).client(job, api_key)
 
 
 async def run_job(

@@ -9,6 +9,7 @@ import pytest
 
 from sync.errors import StateError
 from sync.ledger import Ledger
+from sync.platforms.netmera.platform import NETMERA
 from sync.platforms.netmera.requests import batch_id_for, make_batch
 from sync.records import Batch, BatchResult, BatchStatus, Operation, RejectedId, RowRef
 from sync.resume import (
@@ -79,7 +80,7 @@ def crashed_run(ledger: Ledger) -> list[Batch]:
         event("b"),
         tag("new", "d"),
     ]
-    ledger.start_run("r1", job="nightly")
+    ledger.start_run("r1", job="nightly", platform="netmera")
     record(ledger, "r1", plan[0], BatchStatus.OK)
     record(ledger, "r1", plan[1], BatchStatus.SENT)  # in flight when the process died
     record(ledger, "r1", plan[2], BatchStatus.REJECTED, refused=("b",))
@@ -158,13 +159,13 @@ def test_replay_of_an_unknown_run_is_refused(ledger: Ledger) -> None:
 
 def test_restrict_batch_keeps_items_origins_and_one_user_bodies() -> None:
     batch = tag("gold", "a", "b", "c")
-    cut = restrict_batch(batch, ["c", "a", "zz"])
+    cut = restrict_batch(batch, ["c", "a", "zz"], NETMERA)
     assert cut is not None and cut.body == {"tag": "gold", "extIds": ["a", "c"]}
     assert cut.origins == {"a": RowRef("in.csv", 1), "c": RowRef("in.csv", 3)}
-    assert restrict_batch(batch, ["zz"]) is None
-    assert restrict_batch(batch, ["a", "b", "c"]) is batch
+    assert restrict_batch(batch, ["zz"], NETMERA) is None
+    assert restrict_batch(batch, ["a", "b", "c"], NETMERA) is batch
     one = make_batch(Operation.ENABLE_PUSH, {"extId": "a"})
-    assert restrict_batch(one, ["a"]) is one
+    assert restrict_batch(one, ["a"], NETMERA) is one
 
 
 def test_a_resume_of_a_resume_counts_the_runs_it_resumed(ledger: Ledger) -> None:

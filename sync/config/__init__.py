@@ -3,11 +3,12 @@
 The run-side settings (destination, rate budgets, retries, concurrency, :func:`resolve_secret`) are in
 ``_settings``; the job's records (sources, mappings, validation rules, sync mode) in ``_job``; the job-file loader
 (YAML validated against the repository's ``schemas/job.schema.json``, then semantic checks) in ``_load``, one
-source's parsing in ``_sources``, per-platform defaults in ``_defaults``. Import them from here.
+source's parsing in ``_sources``; what the loader asks of a platform (limits, defaults, job checks) in
+``_platforms`` — the configuration knows no platform: the platform registry (:mod:`sync.platforms.registry`)
+answers. Import them from here.
 Only the CLI reads environment variables: secrets are resolved by :func:`resolve_secret`, called from the CLI.
 """
 
-from sync.config._defaults import PLATFORM_DEFAULTS
 from sync.config._job import (
     DEFAULT_NULL_VALUES,
     AttributeMapping,
@@ -27,6 +28,13 @@ from sync.config._job import (
     ValueType,
 )
 from sync.config._load import job_schema, load_job
+from sync.config._platforms import (
+    PlatformCatalog,
+    PlatformLimits,
+    PlatformRules,
+    installed_platforms,
+    use_platforms,
+)
 from sync.config._settings import (
     Destination,
     DispatchSettings,
@@ -37,7 +45,6 @@ from sync.config._settings import (
 
 __all__ = [
     "DEFAULT_NULL_VALUES",
-    "PLATFORM_DEFAULTS",
     "AttributeMapping",
     "AttributeMode",
     "Destination",
@@ -46,6 +53,9 @@ __all__ = [
     "Job",
     "NullAction",
     "OptIns",
+    "PlatformCatalog",
+    "PlatformLimits",
+    "PlatformRules",
     "RateBudgetSpec",
     "RemovalAction",
     "RetryPolicy",
@@ -57,7 +67,9 @@ __all__ = [
     "TagColumn",
     "ValidationRules",
     "ValueType",
+    "installed_platforms",
     "job_schema",
     "load_job",
     "resolve_secret",
+    "use_platforms",
 ]

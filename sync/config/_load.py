@@ -17,7 +17,6 @@ from typing import Any
 import jsonschema
 import yaml
 
-from sync.config._defaults import PLATFORM_DEFAULTS, PLATFORM_MAX_BATCH
 from sync.config._job import (
     Job,
     RemovalAction,
@@ -28,6 +27,7 @@ from sync.config._job import (
     TagAction,
     ValidationRules,
 )
+from sync.config._platforms import PlatformCatalog, PlatformLimits, PlatformRules, installed_platforms
 from sync.config._settings import Destination, DispatchSettings, RateBudgetSpec, RetryPolicy
 from sync.config._sources import parse_source
 from sync.errors import BadJobError, JobProblem
@@ -134,9 +134,10 @@ def _seconds(spec: Mapping[str, Any]) -> float:
     return float(match.group(1)) * _UNIT_SECONDS[match.group(2)]
 
 
-def _dispatch(raw: Mapping[str, Any], platform: str) -> tuple[DispatchSettings, dict[str, int]]:
-    defaults = PLATFORM_DEFAULTS.get(platform, {})
-    budgets: dict[str, RateBudgetSpec] = dict(defaults.get("budgets", {}))
+def _dispatch(
+    raw: Mapping[str, Any], limits: PlatformLimits | None
+) -> tuple[DispatchSettings, dict[str, int]]:
+    budgets: dict[str, RateBudgetSpec] = dict(limits.default_budgets) if limits is not None else {}
     for endpoint, spec in (raw.get("budgets") or {}).items():
         budgets[endpoint] = RateBudgetSpec(requests=int(spec["requests"]), period=_seconds(spec))
     retry_raw = raw.get("retry") or {}
@@ -154,7 +155,7 @@ def _dispatch(raw: Mapping[str, Any], platform: str) -> tuple[DispatchSettings, 
         retry=retry,
     )
     sizes_raw = raw.get("batch_size", {})
-    sizes = {"*": int(defaults.get("batch_size", 1000))}
+    sizes = {"*": limits.default_batch_size if limits is not None else 1000}
     sizes.update(
         {"*": sizes_raw} if isinstance(sizes_raw, int) else {k: int(v) for k, v in sizes_raw.items()}
     )
@@ -183,20 +184,8 @@ def _destination(dest_raw: Mapping[str, Any], base: Path, problems: list[JobProb
     return destination
 
 
-def _platform_problems(platform: str, sources: list[Source], extra: Mapping[str, str]) -> list[JobProblem]:
-    """What the platform itself cannot do with these sources and settings (imported late: the platform layer
-    imports this module)."""
-    if platform == "notifyvisitors":
-        from sync.platforms.notifyvisitors.requests import job_problems
-    elif platform == "formsonfire":
-        from sync.platforms.formsonfire.requests import job_problems
-    else:
-        return []
-    return job_problems(sources, extra)
-
-
 def _sync_mode(
-    raw: Mapping[str, Any], sources: list[Source], problems: list[JobProblem]
+    raw: Mapping[str, Any], sources: list[Source], problems: list[JobProblem], rules: PlatformRules | None
 ) -> tuple[SyncMode, SnapshotSettings]:
     """``mode`` and ``snapshot``; in snapshot mode every source must be a users export without untag columns."""
     if any(p.location == "mode" or p.location.startswith("snapshot") for p in problems):
@@ -208,7 +197,15 @@ def _sync_mode(
         max_removal_share=float(snap.get("max_removal_share", 0.05)),
         unset_on_empty=bool(snap.get("unset_on_empty", False)),
     )
-    if mode is SyncMode.SNAPSHOT:
+    if mode is SyncMode.SNAPSHOT and rules is not None and not rules.snapshot_mode:
+        problems.append(
+            JobProblem(
+                "mode",
+                f"snapshot mode is not available for {rules.name}: its endpoints cannot be diffed and committed "
+                "field by field; use mode 'changes' (every row is sent as given)",
+            )
+        )
+    elif mode is SyncMode.SNAPSHOT:
         for i, source in enumerate(sources):
             if source.kind is not SourceKind.USERS:
                 problems.append(
@@ -230,12 +227,15 @@ def _sync_mode(
     return mode, settings
 
 
-def load_job(path: str | Path) -> Job:
+def load_job(path: str | Path, *, platforms: PlatformCatalog | None = None) -> Job:
     """Read, validate and freeze a job file.
 
-    Raises :class:`BadJobError` listing *every* problem found (schema violations and semantic checks), each with
-    its location in the file, e.g. ``sources[1].attributes.birth_date``.
+    ``platforms``: the platforms the job may name and whose checks it must pass (default: the registry,
+    :mod:`sync.platforms.registry`). Raises :class:`BadJobError` listing *every* problem found (schema
+    violations, semantic and platform checks), each with its location in the file, e.g.
+    ``sources[1].attributes.birth_date``.
     """
+    catalog = platforms if platforms is not None else installed_platforms()
     job_path = Path(path)
     try:
         text = job_path.read_text(encoding="utf-8")
@@ -300,7 +300,16 @@ def load_job(path: str | Path) -> Job:
         if "destination" in raw and sound("destination")
         else None
     )
-    platform = destination.platform if destination else "netmera"
+    platform_rules: PlatformRules | None = None
+    if destination is not None:
+        platform_rules = catalog.get(destination.platform)
+        if platform_rules is None:
+            problems.append(
+                JobProblem(
+                    "destination.platform",
+                    f"unknown platform {destination.platform!r} (one of: {', '.join(catalog.names())})",
+                )
+            )
     rules_raw = (raw.get("validation") or {}) if sound("validation") else {}
     rules = ValidationRules(
         max_id_length=rules_raw.get("max_id_length", 256),
@@ -324,17 +333,20 @@ def load_job(path: str | Path) -> Job:
         source = parse_source(i, src_raw, defaults, base, problems)
         if source is not None:
             sources.append(source)
-    dispatch, sizes = _dispatch((raw.get("dispatch") or {}) if sound("dispatch") else {}, platform)
-    limit = PLATFORM_MAX_BATCH.get(platform)
+    limits = platform_rules.limits if platform_rules is not None else None
+    dispatch, sizes = _dispatch((raw.get("dispatch") or {}) if sound("dispatch") else {}, limits)
     for endpoint, size in sizes.items():
-        if limit is not None and size > limit:
+        if platform_rules is not None and limits is not None and size > limits.max_batch:
             where = "dispatch.batch_size" + ("" if endpoint == "*" else f".{endpoint}")
             problems.append(
-                JobProblem(where, f"{size} is above the {platform} limit of {limit} unique IDs per request")
+                JobProblem(
+                    where,
+                    f"{size} is above the {platform_rules.name} limit of {limits.max_batch} unique IDs per request",
+                )
             )
-    if destination is not None and len(sources) == len(raw_sources):
-        problems += _platform_problems(platform, sources, destination.extra)
-    mode, snapshot = _sync_mode(raw, sources, problems)
+    if platform_rules is not None and destination is not None and len(sources) == len(raw_sources):
+        problems += platform_rules.job_problems(sources, destination.extra)
+    mode, snapshot = _sync_mode(raw, sources, problems, platform_rules)
     if problems or destination is None:
         raise BadJobError(str(job_path), problems)
     workdir = base / raw["workdir"] if "workdir" in raw else Path.cwd() / ".pushsync" / name

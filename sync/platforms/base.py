@@ -1,13 +1,39 @@
-"""Protocols every platform connector implements."""
+"""The platform seam: :class:`Platform` (one object per platform, found through :class:`Registry`), the
+:class:`BatchBuilder` it makes for a job, and the :class:`PlatformClient` that sends its batches.
+
+Everything the rest of pushsync knows about a platform goes through these three protocols; nothing outside a
+platform's own package says ``if platform == "netmera"``. Adding a platform is one package under
+``sync/platforms/`` with an object satisfying :class:`Platform`, plus one entry in :mod:`sync.platforms.registry`
+(a test registers a fake one on a private :class:`Registry` and runs plan, run, resume and retry with it).
+
+The data path through the seam::
+
+    clean frames (polars, one hash bucket of rows)          -- sync.planning
+        └─ BatchBuilder.stream_batches(stream, frames, …)   -- the platform's builder: frames in, Batch out
+              └─ PlatformClient.send(batch)                 -- the platform's client: one request per batch
+                    └─ SendOutcome | FatalPlatformError | RetryableError | RejectedBatchError
+
+A builder sees whole polars frames, never single rows, so it may build request bodies as columns (``struct
+.json_encode``, ``concat_str``) and hand the dispatcher a :class:`sync.records.Batch` whose ``body`` is already
+the encoded request ``bytes``; a client sends a ``bytes`` body as it is. Today's builders return JSON-ready
+objects that the client encodes; the columnar data plane (issue 13) changes the builders, not this protocol.
+"""
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
-from sync.records import Batch
+from sync.config import Job, PlatformLimits, Source
+from sync.errors import JobProblem
+from sync.records import Batch, Operation, Phase
 
-__all__ = ["PlatformClient", "SendOutcome"]
+if TYPE_CHECKING:
+    import polars as pl
+
+__all__ = ["BatchBuilder", "Platform", "PlatformClient", "Registry", "SendOutcome", "Stream"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -39,3 +65,123 @@ class PlatformClient(Protocol):
         ...
 
     async def aclose(self) -> None: ...
+
+
+class Stream(Protocol):
+    """The requests of one operation from one source, as a builder describes them to the planner."""
+
+    @property
+    def operation(self) -> Operation: ...
+
+    @property
+    def phase(self) -> Phase: ...
+
+    @property
+    def endpoint(self) -> str: ...
+
+    @property
+    def columns(self) -> tuple[str, ...]:
+        """The clean-frame columns the stream reads (besides ``__ext_id``, ``__file``, ``__row``)."""
+        ...
+
+
+class BatchBuilder(Protocol):
+    """Turns a job's clean frames into batches: made per job by :meth:`Platform.builder`.
+
+    Frames arrive in the planner's canonical order, each holding every row of its IDs; the same frames must
+    always give the same batches with the same content-derived IDs (resume depends on it).
+    """
+
+    def streams_for(self, source: Source) -> Sequence[Stream]:
+        """The streams of one source, in send order within a phase."""
+        ...
+
+    def stream_batches(
+        self, stream: Any, frames: Iterable[pl.DataFrame], batch_size: int, files: Sequence[str]
+    ) -> Iterator[Batch]:
+        """The batches of ``stream``: at most ``batch_size`` IDs each; ``files`` resolves ``__file``."""
+        ...
+
+    def stream_counts(self, stream: Any, frames: Iterable[pl.DataFrame], batch_size: int) -> tuple[int, int]:
+        """``(requests, ids)`` :meth:`stream_batches` would give, for the plan's summary."""
+        ...
+
+    def stream_sample(self, stream: Any, frames: Iterable[pl.DataFrame]) -> Any | None:
+        """A request body from the stream's first few IDs (shown by ``pushsync plan``), or None when empty."""
+        ...
+
+
+class Platform(Protocol):
+    """One platform: everything pushsync needs to know about it, in one object.
+
+    * ``name``, ``limits`` (largest batch, one-user endpoints, default budgets and budget groups),
+      ``snapshot_mode`` and :meth:`job_problems` — what the job loader checks (:class:`sync.config.PlatformRules`);
+    * :meth:`builder` — frames in, batches out, bound to one job's settings;
+    * :meth:`client` — the connector that sends them (aiohttp stays inside the platform's package);
+    * :meth:`restrict` — a batch cut down to some of its IDs (``pushsync retry`` resends only the refused ones;
+      the client's ``split`` halves a refused batch to isolate them in the first place);
+    * ``non_idempotent`` — operations that change the platform again when repeated (resume holds them back);
+    * ``sandbox`` — the dotted name of its local emulator's module (named, never imported: the emulators depend on
+      the platform layer, not the other way round).
+    """
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def limits(self) -> PlatformLimits: ...
+
+    @property
+    def snapshot_mode(self) -> bool: ...
+
+    @property
+    def non_idempotent(self) -> frozenset[Operation]: ...
+
+    @property
+    def sandbox(self) -> str | None: ...
+
+    def job_problems(self, sources: Sequence[Source], extra: Mapping[str, str]) -> list[JobProblem]: ...
+
+    def builder(self, job: Job) -> BatchBuilder: ...
+
+    def client(self, job: Job, api_key: str) -> PlatformClient: ...
+
+    def restrict(self, batch: Batch, ext_ids: Iterable[str]) -> Batch | None:
+        """``batch`` cut down to the items naming ``ext_ids`` (with a new content-derived ID), ``batch`` itself
+        when it names no other ID, None when it names none of them."""
+        ...
+
+
+class Registry:
+    """The platforms a job may name, by name: the one place that lists them (:mod:`sync.platforms.registry`)."""
+
+    __slots__ = ("_platforms",)
+
+    def __init__(self, platforms: Iterable[Platform] = ()) -> None:
+        self._platforms: dict[str, Platform] = {}  # name → platform, in registration order
+        for platform in platforms:
+            self.register(platform)
+
+    def register(self, platform: Platform) -> None:
+        """Add ``platform``; a second platform of the same name is a programming error."""
+        if platform.name in self._platforms:
+            raise ValueError(f"platform {platform.name!r} is already registered")
+        self._platforms[platform.name] = platform
+
+    def get(self, name: str) -> Platform | None:
+        return self._platforms.get(name)
+
+    def __getitem__(self, name: str) -> Platform:
+        return self._platforms[name]
+
+    def names(self) -> tuple[str, ...]:
+        return tuple(self._platforms)
+
+    @contextlib.contextmanager
+    def registered(self, platform: Platform) -> Iterator[Platform]:
+        """``platform`` registered for the duration of a ``with`` block (a test's fake platform)."""
+        self.register(platform)
+        try:
+            yield platform
+        finally:
+            del self._platforms[platform.name]

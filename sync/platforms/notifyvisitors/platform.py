@@ -1,0 +1,80 @@
+"""NotifyVisitors as a :class:`sync.platforms.base.Platform`: limits, defaults, builder, client, batch restriction.
+
+The request shapes and job checks are in :mod:`.requests` (this object delegates to them); the connector is
+:mod:`.client`, imported when a client is asked for.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+
+from sync.config import Job, PlatformLimits, RateBudgetSpec, Source
+from sync.errors import JobProblem
+from sync.platforms.base import BatchBuilder, PlatformClient
+from sync.platforms.notifyvisitors import (
+    EVENT_CREATE,
+    FAMILY_OF,
+    MAX_EVENTS_PER_REQUEST,
+    PLATFORM,
+    RATE_LIMITS_PER_MINUTE,
+    USER_CREATE,
+)
+from sync.platforms.notifyvisitors import requests as nv
+from sync.records import Batch, Operation
+
+__all__ = ["NOTIFYVISITORS", "NotifyVisitorsPlatform"]
+
+
+class NotifyVisitorsPlatform:
+    """NotifyVisitors REST API v1 (seed 004): ``user/create`` and ``event/create``.
+
+    No snapshot mode: ``user/create`` only sets attributes (nothing can be unset, untagged or removed), so a
+    diff against a confirmed state could not send what left the export; jobs send changes.
+    """
+
+    name = PLATFORM
+    limits = PlatformLimits(
+        max_batch=MAX_EVENTS_PER_REQUEST,  # user/create batches are capped at 100 users by the builder
+        default_batch_size=MAX_EVENTS_PER_REQUEST,
+        # The documented per-minute limits of the User API (100) and the Event API (500).
+        default_budgets={
+            USER_CREATE: RateBudgetSpec(requests=RATE_LIMITS_PER_MINUTE[FAMILY_OF[USER_CREATE]], period=60.0),
+            EVENT_CREATE: RateBudgetSpec(
+                requests=RATE_LIMITS_PER_MINUTE[FAMILY_OF[EVENT_CREATE]], period=60.0
+            ),
+        },
+        budget_groups=FAMILY_OF,
+    )
+    snapshot_mode = False
+    non_idempotent = frozenset({Operation.FIRE_EVENTS})
+    sandbox = "sync.platforms.sandboxes.notifyvisitors"
+
+    def job_problems(self, sources: Sequence[Source], extra: Mapping[str, str]) -> list[JobProblem]:
+        return nv.job_problems(sources, extra)
+
+    def builder(self, job: Job) -> BatchBuilder:
+        return nv.for_job(job)
+
+    def client(self, job: Job, api_key: str) -> PlatformClient:
+        from sync.platforms.notifyvisitors.client import NotifyVisitorsClient
+
+        return NotifyVisitorsClient(
+            job.destination,
+            api_key,
+            timeout=job.dispatch.request_timeout,
+            max_connections=max(job.dispatch.concurrency, 1),
+        )
+
+    def restrict(self, batch: Batch, ext_ids: Iterable[str]) -> Batch | None:
+        keep = frozenset(ext_ids) & frozenset(batch.ext_ids)
+        if not keep:
+            return None
+        if keep == frozenset(batch.ext_ids):
+            return batch
+        # Every item of a kept user stays, in order (events of one user keep their order).
+        body = {"nv": [item for item in batch.body["nv"] if str(item["userID"]) in keep]}
+        return nv.make_batch(batch.endpoint, body, origins=batch.origins)
+
+
+NOTIFYVISITORS = NotifyVisitorsPlatform()
+"""The registered NotifyVisitors platform."""
