@@ -34,7 +34,7 @@ from sync.budget import RateBudget  # noqa: E402
 from sync.config import load_job  # noqa: E402
 from sync.demo import start_sandbox_process, stop_sandbox_process  # noqa: E402
 from sync.logs import configure_logging  # noqa: E402
-from sync.runner import run_job  # noqa: E402
+from sync.run import run_job  # noqa: E402
 
 
 def write_job(path: Path, data: Path, workdir: Path, concurrency: int) -> Path:

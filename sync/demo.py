@@ -33,7 +33,7 @@ import polars as pl
 
 from sync.config import Job, load_job
 from sync.errors import ExitCode, StateError
-from sync.runner import RunOutcome, make_client, run_job
+from sync.run import RunOutcome, make_client, run_job
 
 __all__ = ["demo_job", "expected_users", "generate_users", "run_demo", "start_sandbox_process"]
 

@@ -232,7 +232,7 @@ class SyncOutcome:
     """A run plus what resume/retry and the snapshot state did around it."""
 
     run: Any
-    """The :class:`sync.runner.RunOutcome`."""
+    """The :class:`sync.run.RunOutcome`."""
     mode: str
     resumed_from: str | None = None
     replay: ReplayStats | None = None
@@ -308,7 +308,7 @@ async def sync_job(
     * snapshot mode: crashed runs are recovered into the state, the export is diffed against it (``full_refresh``
       ignores it; ``force`` passes the removal threshold), the delta is sent and the confirmed part committed.
 
-    ``run_kwargs`` go to :func:`sync.runner.run_job` (progress, signals, client, ...).
+    ``run_kwargs`` go to :func:`sync.run.run_job` (progress, signals, client, ...).
     """
     import asyncio
     import dataclasses
@@ -316,7 +316,7 @@ async def sync_job(
 
     from sync.ledger import Ledger, new_run_id
     from sync.planning import build_plan
-    from sync.runner import ledger_path_for, run_job
+    from sync.run import ledger_path_for, run_job
     from sync.state import StateStore, commit, compute_diff, recover
 
     if workdir is not None:

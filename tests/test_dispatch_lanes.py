@@ -28,7 +28,7 @@ from sync.platforms.base import SendOutcome
 from sync.platforms.sandboxes.netmera_state import Device
 from sync.records import Attempt, Batch, BatchResult, BatchStatus, Operation, Phase
 from sync.resume import sync_job
-from sync.runner import run_job
+from sync.run import run_job
 
 # --- an in-memory platform with many endpoints --------------------------------------------------------------
 

@@ -18,7 +18,7 @@ from sync.demo import generate_users
 from sync.metrics import LATENCY_BUCKETS, SERIES, RunMetrics
 from sync.platforms.netmera.requests import make_batch, tag_body
 from sync.records import Attempt, AttemptOutcome, Batch, BatchResult, BatchStatus, Operation, RejectedId
-from sync.runner import run_job
+from sync.run import run_job
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -24,7 +24,7 @@ from sync.platforms.sandboxes._core import FaultSpec, RateLimit
 from sync.platforms.sandboxes.netmera import NetmeraSandbox, NetmeraSandboxConfig, UnknownExtId
 from sync.records import AttemptOutcome, BatchStatus, RejectedRow
 from sync.report import load_report, render_html, write_report
-from sync.runner import RunOutcome, run_job
+from sync.run import RunOutcome, run_job
 
 KEY_ENV = "PUSHSYNC_TEST_NETMERA_KEY"
 REFUSED_ID = "U0000037"

@@ -24,7 +24,7 @@ from sync.platforms.netmera.requests import make_batch, tag_body
 from sync.platforms.sandboxes._core import FaultSpec, LatencySpec, RateLimit
 from sync.platforms.sandboxes.netmera import UnknownExtId
 from sync.records import BatchStatus, Operation
-from sync.runner import run_job
+from sync.run import run_job
 
 KEY_ENV = "PUSHSYNC_TEST_NETMERA_KEY"
 

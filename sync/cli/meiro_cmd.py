@@ -220,7 +220,7 @@ def _wait_text(w: Any) -> str:
 async def _wait(args: argparse.Namespace) -> int:
     from sync.ledger import Ledger, new_run_id
     from sync.platforms.meiro.poller import wait_for_export
-    from sync.runner import LEDGER_FILE
+    from sync.run import LEDGER_FILE
 
     run_id = new_run_id()
     with Ledger.open(args.workdir / LEDGER_FILE) as ledger:
@@ -304,7 +304,7 @@ async def _run_job(args: argparse.Namespace) -> int:
     from sync.platforms.meiro.client import MeiroClient
     from sync.platforms.meiro.job import load_meiro_job, resolve_credentials
     from sync.platforms.meiro.poller import wait_for_exports
-    from sync.runner import LEDGER_FILE
+    from sync.run import LEDGER_FILE
 
     job = load_meiro_job(args.job)
     credentials = resolve_credentials(job)
@@ -344,7 +344,7 @@ async def _run_job(args: argparse.Namespace) -> int:
 
 def _waits(args: argparse.Namespace) -> int:
     from sync.ledger import Ledger
-    from sync.runner import LEDGER_FILE
+    from sync.run import LEDGER_FILE
 
     if args.job is not None:
         from sync.platforms.meiro.job import load_meiro_job

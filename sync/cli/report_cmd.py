@@ -33,7 +33,7 @@ def register(subparsers: Any) -> None:
 
 
 def _candidates(args: argparse.Namespace) -> list[Path]:
-    from sync.runner import LEDGER_FILE, ledger_path_for
+    from sync.run import LEDGER_FILE, ledger_path_for
 
     if args.ledger is not None:
         return [args.ledger]

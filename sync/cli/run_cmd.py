@@ -115,7 +115,7 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _ledger_paths(job: Path | None, workdir: Path | None) -> list[Path]:
-    from sync.runner import LEDGER_FILE, ledger_path_for
+    from sync.run import LEDGER_FILE, ledger_path_for
 
     if workdir is not None:
         return [workdir / LEDGER_FILE]

@@ -57,7 +57,7 @@ def register(subparsers: Any) -> None:
 
 
 def _ledger_candidates(args: argparse.Namespace) -> list[Path]:
-    from sync.runner import LEDGER_FILE
+    from sync.run import LEDGER_FILE
 
     if args.workdir is not None:
         return [args.workdir / LEDGER_FILE]

@@ -28,7 +28,7 @@ from sync.platforms.formsonfire.requests import (
     user_of,
 )
 from sync.records import Batch, Operation, RowRef
-from sync.runner import run_job
+from sync.run import run_job
 
 # --- builders and serialisers -------------------------------------------------------------------------------
 

@@ -37,7 +37,7 @@ from sync.platforms.notifyvisitors.requests import (
 )
 from sync.platforms.sandboxes._core import start_app
 from sync.records import Batch, Operation, RowRef
-from sync.runner import run_job
+from sync.run import run_job
 
 # --- request builders --------------------------------------------------------------------------------------
 

@@ -22,7 +22,7 @@ import pytest
 from sync.config import load_job
 from sync.demo import start_sandbox_process, stop_sandbox_process
 from sync.errors import ExitCode
-from sync.runner import run_job
+from sync.run import run_job
 
 from .conftest import SandboxHttp
 from .workload import compare_state, duplicates, write_workload

@@ -24,7 +24,7 @@ from aiohttp import web
 from sync.config import load_job
 from sync.demo import start_sandbox_process, stop_sandbox_process
 from sync.errors import ExitCode
-from sync.runner import run_job
+from sync.run import run_job
 
 from .conftest import SandboxHttp
 from .workload import compare_state, write_workload

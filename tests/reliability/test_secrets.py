@@ -27,7 +27,7 @@ from sync.config import Destination, load_job, resolve_secret
 from sync.demo import start_sandbox_process, stop_sandbox_process
 from sync.errors import BadJobError, ExitCode, SecretError
 from sync.platforms.sandboxes.netmera import NetmeraSandbox, NetmeraSandboxConfig
-from sync.runner import run_job
+from sync.run import run_job
 
 from .conftest import REPO_ROOT
 

@@ -1,0 +1,104 @@
+"""The package's import graph: no cycles, and the layers point one way (docs/layout.md).
+
+Every ``import`` statement counts, including those inside functions: a late import hides a cycle from Python,
+not from the design.
+"""
+
+from __future__ import annotations
+
+import ast
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent / "sync"
+
+
+def _module_name(path: Path) -> str:
+    parts = path.relative_to(ROOT.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+MODULES: dict[str, Path] = {_module_name(p): p for p in ROOT.rglob("*.py")}
+
+
+def _imports(name: str, path: Path) -> Iterator[str]:
+    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Import):
+            targets = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                anchor = package.split(".")[: len(package.split(".")) - node.level + 1]
+                base = ".".join([*anchor, base] if base else anchor)
+            # `from pkg import mod` imports the module pkg.mod; `from mod import name` imports mod.
+            targets = [f"{base}.{a.name}" if f"{base}.{a.name}" in MODULES else base for a in node.names]
+        else:
+            continue
+        for target in targets:
+            while target and target not in MODULES:
+                target = target.rpartition(".")[0]
+            if target and target != name:
+                yield target
+
+
+GRAPH: dict[str, set[str]] = {name: set(_imports(name, path)) for name, path in MODULES.items()}
+
+
+def _cycle() -> list[str] | None:
+    """A cycle of the graph, ignoring edges to the root package ``sync`` (whose ``__init__`` is the public face
+    and loads the platform registry; nothing below it imports it for structure)."""
+    state: dict[str, int] = {}
+    stack: list[str] = []
+
+    def visit(node: str) -> list[str] | None:
+        state[node] = 1
+        stack.append(node)
+        for nxt in sorted(GRAPH[node] - {"sync"}):
+            if state.get(nxt) == 1:
+                return [*stack[stack.index(nxt) :], nxt]
+            if nxt not in state and (found := visit(nxt)):
+                return found
+        stack.pop()
+        state[node] = 2
+        return None
+
+    for node in sorted(GRAPH):
+        if node not in state and (found := visit(node)):
+            return found
+    return None
+
+
+def test_the_graph_is_read() -> None:
+    assert (
+        "sync.platforms.netmera.requests" in GRAPH["sync.planning"]
+        or "sync.platforms.registry" in (GRAPH["sync.planning"])
+    )
+    assert "sync.config" in GRAPH["sync.platforms.base"]
+
+
+def test_no_import_cycle() -> None:
+    assert _cycle() is None, " → ".join(_cycle() or [])
+
+
+def _importers_of(prefix: str) -> dict[str, set[str]]:
+    return {
+        m: {t for t in targets if t == prefix or t.startswith(prefix + ".")} for m, targets in GRAPH.items()
+    }
+
+
+@pytest.mark.parametrize("module", sorted(m for m in MODULES if m.startswith("sync.config")))
+def test_configuration_imports_no_platform(module: str) -> None:
+    assert not {t for t in GRAPH[module] if t.startswith("sync.platforms")}
+
+
+def test_only_the_cli_and_the_sandboxes_import_the_sandboxes() -> None:
+    sandboxes = next(m for m in MODULES if m.endswith(".sandboxes"))
+    offenders = {
+        m
+        for m, targets in _importers_of(sandboxes).items()
+        if targets and not m.startswith((sandboxes, "sync.cli", "sync.demo"))
+    }
+    assert not offenders
