@@ -1,4 +1,4 @@
-"""End to end: ``run_job`` for N users × (tags + 5 attributes) against an unlimited Netmera sandbox.
+"""End to end: ``sync.run.run`` for N users × (tags + 5 attributes) against an unlimited Netmera sandbox.
 
 The sandbox runs in its own process (``python -m sync sandbox netmera --port 0``, no limits, no faults); this
 process plans the job (polars), dispatches it (aiohttp, one session, unthrottled budgets) and records every
@@ -34,7 +34,7 @@ from sync.budget import RateBudget  # noqa: E402
 from sync.config import load_job  # noqa: E402
 from sync.demo import start_sandbox_process, stop_sandbox_process  # noqa: E402
 from sync.logs import configure_logging  # noqa: E402
-from sync.run import run_job  # noqa: E402
+from sync.run import RunOptions, run  # noqa: E402
 
 
 def write_job(path: Path, data: Path, workdir: Path, concurrency: int) -> Path:
@@ -96,7 +96,10 @@ def main() -> int:
         job = dataclasses.replace(job, destination=dataclasses.replace(job.destination, base_url=url))
         started = time.perf_counter()
         outcome = asyncio.run(
-            run_job(job, api_key=key, budget_factory=lambda _endpoint: RateBudget(None), progress="none")
+            run(
+                job,
+                RunOptions(api_key=key, budget_factory=lambda _endpoint: RateBudget(None), progress="none"),
+            )
         )
         wall = time.perf_counter() - started
         stats = sandbox_stats(url.removesuffix("/rest/3.0/"))

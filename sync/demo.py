@@ -33,7 +33,7 @@ import polars as pl
 
 from sync.config import Job, load_job
 from sync.errors import ExitCode, StateError
-from sync.run import RunOutcome, make_client, run_job
+from sync.run import RunOptions, RunOutcome, make_client, run
 
 __all__ = ["demo_job", "expected_users", "generate_users", "run_demo", "start_sandbox_process"]
 
@@ -201,7 +201,8 @@ def run_demo(*, users: int = 10000, output: str = "text", directory: Path | None
     print(f"Netmera sandbox at {url} (40 requests per clock-aligned second per endpoint)", flush=True)
     try:
         job = demo_job(out, url)
-        outcome: RunOutcome = asyncio.run(run_job(job, api_key=api_key, handle_signals=True, progress="auto"))
+        options = RunOptions(api_key=api_key, handle_signals=True, progress="auto", auto_resume=False)
+        outcome: RunOutcome = asyncio.run(run(job, options))
         print(
             json.dumps(outcome.summary.to_json(), indent=2)
             if output == "json"

@@ -13,7 +13,8 @@ since R has confirmed". Two modes:
   batches, plus the refused IDs of refused batches (each such batch cut down to its refused IDs).
 
 Snapshot jobs need neither list: their state holds only confirmed changes, so after :func:`sync.state.recover`
-merged a crashed run's confirmations, a fresh diff *is* the resume (and the retry).
+merged a crashed run's confirmations, a fresh diff *is* the resume (and the retry). The orchestrator
+(:func:`sync.run.run`) chooses between these batch sources.
 """
 
 from __future__ import annotations
@@ -23,7 +24,6 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
 
-from sync.config import SyncMode
 from sync.errors import StateError
 from sync.platforms.base import Platform
 from sync.platforms.registry import REGISTRY
@@ -36,11 +36,9 @@ __all__ = [
     "ReplayMode",
     "ReplayPlan",
     "ReplayStats",
-    "SyncOutcome",
     "replay",
     "replay_plan",
     "restrict_batch",
-    "sync_job",
     "unfinished_run",
 ]
 
@@ -222,182 +220,3 @@ def unfinished_run(ledger: Any, job: str) -> str | None:
             break
         found = info.run_id
     return found
-
-
-# --- one sync: changes mode (auto-resume) or snapshot mode (recover, diff, send, commit) ------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class SyncOutcome:
-    """A run plus what resume/retry and the snapshot state did around it."""
-
-    run: Any
-    """The :class:`sync.run.RunOutcome`."""
-    mode: str
-    resumed_from: str | None = None
-    replay: ReplayStats | None = None
-    diff: Any = None
-    """Snapshot mode: the :class:`sync.state.DiffCounts` of this run."""
-    committed: Any = None
-    """Snapshot mode: the :class:`sync.state.CommitReport` of this run."""
-    recovered: tuple[Any, ...] = ()
-    """Snapshot mode: commits of earlier runs that had not finished."""
-
-    def to_json(self) -> dict[str, Any]:
-        doc: dict[str, Any] = {"mode": self.mode, **self.run.summary.to_json()}
-        if self.resumed_from:
-            doc["resumed_from"] = self.resumed_from
-        if self.replay is not None:
-            doc["replay"] = self.replay.to_json()
-        if self.diff is not None:
-            doc["diff"] = self.diff.to_json()
-        if self.committed is not None:
-            doc["state"] = {
-                "batches_confirmed": self.committed.batches_confirmed,
-                "batches_unconfirmed": self.committed.batches_unconfirmed,
-                "users_updated": dict(self.committed.users_updated),
-                "users": dict(self.committed.rows),
-            }
-        if self.recovered:
-            doc["recovered_runs"] = [r.run_id for r in self.recovered]
-        return doc
-
-    def render_text(self) -> str:
-        lines = [self.run.summary.render_text()]
-        if self.resumed_from and self.replay is not None:
-            r = self.replay
-            lines.append(
-                f"resumed run {self.resumed_from}: {r.sent} batches sent, {r.skipped_confirmed} already confirmed, "
-                f"{r.skipped_refused} refused (see `pushsync retry`), {r.held} held (non-idempotent, outcome "
-                f"unknown: `pushsync retry` sends them), {r.cut_to_refused} cut to their refused rows"
-            )
-        if self.recovered:
-            lines.append("recovered unfinished run(s): " + ", ".join(r.run_id for r in self.recovered))
-        if self.diff is not None:
-            d = self.diff
-            lines.append(
-                f"snapshot: {d.users_current} users in the export, {d.users_state} in the state; {d.users_changed} "
-                f"changed ({d.users_new} new), {d.users_unchanged} unchanged, {d.users_left} left "
-                f"({d.users_removed} removed)"
-            )
-        if self.committed is not None:
-            c = self.committed
-            lines.append(
-                f"state: {sum(c.users_updated.values())} users updated from {c.batches_confirmed} confirmed "
-                f"batches; {c.batches_unconfirmed} unconfirmed batches will be sent again by the next run"
-            )
-        return "\n".join(lines)
-
-
-async def sync_job(
-    job: Any,
-    *,
-    api_key: str,
-    workdir: Any = None,
-    resume: str | None = None,
-    retry: str | None = None,
-    full_refresh: bool = False,
-    force: bool = False,
-    auto_resume: bool = True,
-    **run_kwargs: Any,
-) -> SyncOutcome:
-    """One sync of ``job`` (a :class:`sync.config.Job`), by its mode.
-
-    * changes mode: the plan is sent as given; ``resume``/``retry`` name a run to resume or retry, and without
-      them a run that did not finish is resumed automatically (``auto_resume``; ``full_refresh`` sends all).
-    * snapshot mode: crashed runs are recovered into the state, the export is diffed against it (``full_refresh``
-      ignores it; ``force`` passes the removal threshold), the delta is sent and the confirmed part committed.
-
-    ``run_kwargs`` go to :func:`sync.run.run_job` (progress, signals, client, ...).
-    """
-    import asyncio
-    import dataclasses
-    from pathlib import Path
-
-    from sync.ledger import Ledger, new_run_id
-    from sync.planning import build_plan
-    from sync.run import ledger_path_for, run_job
-    from sync.state import StateStore, commit, compute_diff, recover
-
-    if workdir is not None:
-        job = dataclasses.replace(job, workdir=Path(workdir))
-    origin = retry or resume
-    ledger_path = ledger_path_for(job)
-    mode = str(job.mode)
-    store = StateStore(job.workdir, job.destination)
-    if job.mode is not SyncMode.SNAPSHOT:
-        # The lock makes every run found "running" in the ledger a dead one (one run of a job at a time).
-        with store.lock():
-            plan_of_replay: ReplayPlan | None = None
-            with Ledger.open(ledger_path) as ledger:
-                if origin is None and auto_resume and not full_refresh:
-                    origin = unfinished_run(ledger, job.name)
-                if origin is not None and not (full_refresh and retry):
-                    plan_of_replay = replay_plan(
-                        ledger, origin, ReplayMode.RETRY if retry else ReplayMode.RESUME
-                    )
-                    _mark_dead(ledger, plan_of_replay.runs)
-            stats = ReplayStats() if plan_of_replay is not None else None
-            chosen = plan_of_replay
-
-            def batches(plan: Any) -> ReplayLanes:
-                assert chosen is not None
-                return ReplayLanes(plan, chosen, stats)  # per-endpoint lanes, as a fresh run is sent
-
-            outcome = await run_job(
-                job, api_key=api_key, batches=batches if chosen is not None else None, **run_kwargs
-            )
-        return SyncOutcome(outcome, mode, origin if chosen is not None else None, stats)
-
-    settings = job.snapshot
-    with store.lock():
-        with Ledger.open(ledger_path) as ledger:
-            if origin is not None and ledger.run(origin) is None:
-                raise StateError(f"no run {origin} in {ledger_path}")
-            recovered = tuple(recover(store, job.sources, ledger, settings))
-        plan = await asyncio.to_thread(build_plan, job)
-        run_id = new_run_id()
-        try:
-            diff = await asyncio.to_thread(
-                compute_diff,
-                store,
-                plan.staged,
-                run_id,
-                settings,
-                full_refresh=full_refresh,
-                force=force,
-                batch_size=job.batch_sizes,
-            )
-        except BaseException:
-            plan.close()
-            raise
-        # A crash from here on leaves pending/<run_id>: the next run recovers what the ledger confirmed.
-        counts = await asyncio.to_thread(diff.request_counts)
-        expected = (sum(r for r, _ in counts.values()), sum(i for _, i in counts.values()))
-        outcome = await run_job(
-            job,
-            api_key=api_key,
-            plan=plan,
-            run_id=run_id,
-            batches=lambda _plan: diff.batches(),
-            expected=expected,
-            **run_kwargs,
-        )
-        with Ledger.open(ledger_path) as ledger:
-            committed = await asyncio.to_thread(commit, store, job.sources, diff.directory, ledger, settings)
-    return SyncOutcome(outcome, mode, origin, None, diff.counts, committed, recovered)
-
-
-def _mark_dead(ledger: Any, runs: Iterable[str]) -> None:
-    """Runs still ``running`` while we hold the job's lock died: record them as interrupted (exit code 4)."""
-    from sync.errors import ExitCode
-
-    for run_id in runs:
-        info = ledger.run(run_id)
-        if info is not None and info.status == "running":
-            ledger.finish_run(
-                run_id,
-                status="interrupted",
-                exit_code=int(ExitCode.INTERRUPTED),
-                message="the run died; a later run resumes it",
-            )

@@ -1,7 +1,14 @@
-"""One run of a job: plan → dispatcher → ledger → summary. Used by ``pushsync run``, the demo and the tests.
+"""One run of a job, whatever its mode: the orchestrator behind ``pushsync run``, ``resume``, ``retry``, the demo
+and the tests.
 
-:func:`run_job` is the one entry point; later commands (resume, retry, snapshot sync) extend it through its
-keyword arguments (``batches`` to send a different stream than the plan's, ``client`` to reuse a connector).
+:func:`run` takes the job and a :class:`RunOptions` value and does, in order:
+
+1. **lock** the job's state directory (one run of a job at a time) and open the ledger — once for the run;
+2. **choose the batch source** by mode: the plan itself (changes mode), the plan filtered by what the ledger
+   confirmed (resume/retry, :mod:`sync.resume`), or the diff from the confirmed state (snapshot mode,
+   :mod:`sync.state`, after recovering what crashed runs confirmed);
+3. **dispatch** it (:class:`sync.dispatch.Dispatcher`), every result recorded in the ledger as it comes;
+4. **record** the run's summary and, in snapshot mode, **commit** the confirmed part into the state.
 """
 
 from __future__ import annotations
@@ -11,14 +18,14 @@ import contextlib
 import dataclasses
 import signal
 from collections.abc import AsyncIterable, Callable, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from sync.budget import Budget
-from sync.config import Job
+from sync.config import Job, SyncMode
 from sync.dispatch import Dispatcher, DispatchObserver, DispatchOutcome, LaneSource
-from sync.errors import ExitCode
+from sync.errors import ExitCode, StateError
 from sync.ledger import Ledger, new_run_id
 from sync.logs import get_logger
 from sync.planning import Plan, build_plan
@@ -27,24 +34,120 @@ from sync.platforms.registry import platform_for
 from sync.progress import make_progress
 from sync.records import Batch
 from sync.redact import register_secret
+from sync.resume import ReplayLanes, ReplayMode, ReplayPlan, ReplayStats, replay_plan, unfinished_run
+from sync.state import CommitReport, DiffCounts, SnapshotDiff, StateStore, commit, compute_diff, recover
 from sync.summary import RunSummary, summarise
 
 if TYPE_CHECKING:
     from sync.metrics import RunMetrics
 
-__all__ = ["LEDGER_FILE", "RunOutcome", "ledger_path_for", "make_client", "run_job"]
+__all__ = ["LEDGER_FILE", "RunOptions", "RunOutcome", "ledger_path_for", "make_client", "run"]
 
 LEDGER_FILE = "ledger.sqlite"
+
+Progress = Literal["auto", "bar", "log", "none"]
+BatchSource = Iterable[Batch] | AsyncIterable[Batch] | LaneSource
+"""What the dispatcher sends: batches in phase order (one queue) or per-endpoint lanes (the plan, a replay)."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RunOptions:
+    """How to run a job, beyond the job file itself (httpx's ``Limits``/``Timeout`` spirit: one small frozen value
+    instead of keyword arguments passed through layers).
+
+    Which batches: ``resume``/``retry`` name a run to resume or retry (changes mode); without them a changes
+    job whose last run did not finish resumes it (``auto_resume``); ``full_refresh`` sends everything (changes)
+    or ignores the confirmed state (snapshot); ``force`` passes snapshot mode's removal threshold.
+    How it shows: ``progress`` (``auto``: a bar on a terminal, log lines otherwise), Prometheus metrics on
+    ``metrics_port`` / in ``metrics_textfile`` while the run lasts (a port that cannot be bound raises
+    :class:`sync.errors.StateError` before anything is sent). ``handle_signals``: the first SIGINT/SIGTERM drains
+    and writes the summary, a second cancels what is in flight. ``stop``: an event that does the same as the
+    first signal. ``client``, ``budget_factory``, ``observers``: seams for embedding and tests.
+    """
+
+    api_key: str = field(repr=False)
+    """The platform's key (from :func:`sync.config.resolve_secret`); never printed."""
+    workdir: Path | None = None
+    """Overrides the job's workdir (state, ledger, rejects)."""
+    run_id: str | None = None
+    resume: str | None = None
+    retry: str | None = None
+    auto_resume: bool = True
+    full_refresh: bool = False
+    force: bool = False
+    progress: Progress = "none"
+    handle_signals: bool = False
+    metrics_port: int | None = None
+    metrics_textfile: Path | None = None
+    stop: asyncio.Event | None = None
+    client: PlatformClient | None = None
+    budget_factory: Callable[[str], Budget] | None = None
+    observers: Sequence[DispatchObserver] = ()
 
 
 @dataclass(frozen=True, slots=True)
 class RunOutcome:
-    """How a run ended: its ID, the exit code for schedulers, the summary and where the ledger is."""
+    """How a run ended: its ID, the exit code for schedulers, the summary, where the ledger is, and what resume,
+    retry or the snapshot state did around it."""
 
     run_id: str
     exit_code: ExitCode
     summary: RunSummary
     ledger_path: Path
+    mode: str = SyncMode.CHANGES.value
+    resumed_from: str | None = None
+    replay: ReplayStats | None = None
+    diff: DiffCounts | None = None
+    """Snapshot mode: what the diff found."""
+    committed: CommitReport | None = None
+    """Snapshot mode: what entered the state."""
+    recovered: tuple[CommitReport, ...] = ()
+    """Snapshot mode: commits of earlier runs that had not finished."""
+
+    def to_json(self) -> dict[str, Any]:
+        doc: dict[str, Any] = {"mode": self.mode, **self.summary.to_json()}
+        if self.resumed_from:
+            doc["resumed_from"] = self.resumed_from
+        if self.replay is not None:
+            doc["replay"] = self.replay.to_json()
+        if self.diff is not None:
+            doc["diff"] = self.diff.to_json()
+        if self.committed is not None:
+            doc["state"] = {
+                "batches_confirmed": self.committed.batches_confirmed,
+                "batches_unconfirmed": self.committed.batches_unconfirmed,
+                "users_updated": dict(self.committed.users_updated),
+                "users": dict(self.committed.rows),
+            }
+        if self.recovered:
+            doc["recovered_runs"] = [r.run_id for r in self.recovered]
+        return doc
+
+    def render_text(self) -> str:
+        lines = [self.summary.render_text()]
+        if self.resumed_from and self.replay is not None:
+            r = self.replay
+            lines.append(
+                f"resumed run {self.resumed_from}: {r.sent} batches sent, {r.skipped_confirmed} already confirmed, "
+                f"{r.skipped_refused} refused (see `pushsync retry`), {r.held} held (non-idempotent, outcome "
+                f"unknown: `pushsync retry` sends them), {r.cut_to_refused} cut to their refused rows"
+            )
+        if self.recovered:
+            lines.append("recovered unfinished run(s): " + ", ".join(r.run_id for r in self.recovered))
+        if self.diff is not None:
+            d = self.diff
+            lines.append(
+                f"snapshot: {d.users_current} users in the export, {d.users_state} in the state; {d.users_changed} "
+                f"changed ({d.users_new} new), {d.users_unchanged} unchanged, {d.users_left} left "
+                f"({d.users_removed} removed)"
+            )
+        if self.committed is not None:
+            c = self.committed
+            lines.append(
+                f"state: {sum(c.users_updated.values())} users updated from {c.batches_confirmed} confirmed "
+                f"batches; {c.batches_unconfirmed} unconfirmed batches will be sent again by the next run"
+            )
+        return "\n".join(lines)
 
 
 def ledger_path_for(job: Job) -> Path:
@@ -57,147 +160,200 @@ def make_client(job: Job, api_key: str) -> PlatformClient:
     return platform_for(job).client(job, api_key)
 
 
-async def run_job(
+async def run(job: Job, options: RunOptions) -> RunOutcome:
+    """Run ``job`` once, by its mode, and return the outcome (see the module docstring for the steps).
+
+    Raises :class:`sync.errors.BadInputError`/:class:`BadJobError` before anything is sent when the input or the
+    job is unusable, :class:`sync.errors.StateError` when the state or the named run cannot be used; platform
+    errors never escape — they end up in the outcome.
+    """
+    register_secret(options.api_key)
+    if options.workdir is not None:
+        job = dataclasses.replace(job, workdir=Path(options.workdir))
+    platform_for(job)  # an unknown platform fails before the workdir is touched
+    store = StateStore(job.workdir, job.destination)
+    # The lock makes every run found "running" in the ledger a dead one (one run of a job at a time).
+    with store.lock(), Ledger.open(ledger_path_for(job)) as ledger:
+        if job.mode is SyncMode.SNAPSHOT:
+            return await _run_snapshot(job, options, store, ledger)
+        return await _run_changes(job, options, ledger)
+
+
+async def _run_changes(job: Job, options: RunOptions, ledger: Ledger) -> RunOutcome:
+    origin = options.retry or options.resume
+    if origin is None and options.auto_resume and not options.full_refresh:
+        origin = unfinished_run(ledger, job.name)
+    decisions: ReplayPlan | None = None
+    if origin is not None and not (options.full_refresh and options.retry):
+        mode = ReplayMode.RETRY if options.retry else ReplayMode.RESUME
+        decisions = replay_plan(ledger, origin, mode, platform=platform_for(job))
+        _mark_dead(ledger, decisions.runs)
+    plan = await asyncio.to_thread(build_plan, job)
+    stats = ReplayStats() if decisions is not None else None
+    # A replay is sent like a fresh run: per-endpoint lanes, each filtered by what the ledger says.
+    source: BatchSource = plan if decisions is None else ReplayLanes(plan, decisions, stats)
+    outcome = await _dispatch(job, options, ledger, plan, source, run_id=options.run_id or new_run_id())
+    return dataclasses.replace(outcome, resumed_from=origin if decisions is not None else None, replay=stats)
+
+
+async def _run_snapshot(job: Job, options: RunOptions, store: StateStore, ledger: Ledger) -> RunOutcome:
+    origin = options.retry or options.resume
+    if origin is not None and ledger.run(origin) is None:
+        raise StateError(f"no run {origin} in {ledger.path}")
+    # Snapshot jobs need no replay list: the state holds only confirmed changes, so once the crashed runs'
+    # confirmations are merged, a fresh diff *is* the resume (and the retry).
+    recovered = tuple(recover(store, job.sources, ledger, job.snapshot))
+    plan = await asyncio.to_thread(build_plan, job)
+    run_id = options.run_id or new_run_id()
+    try:
+        diff: SnapshotDiff = await asyncio.to_thread(
+            compute_diff,
+            store,
+            plan.staged,
+            run_id,
+            job.snapshot,
+            full_refresh=options.full_refresh,
+            force=options.force,
+            batch_size=job.batch_sizes,
+        )
+    except BaseException:
+        plan.close()
+        raise
+    # A crash from here on leaves pending/<run_id>: the next run recovers what the ledger confirmed.
+    counts = await asyncio.to_thread(diff.request_counts)
+    expected = (sum(r for r, _ in counts.values()), sum(i for _, i in counts.values()))
+    outcome = await _dispatch(job, options, ledger, plan, diff.batches(), run_id=run_id, expected=expected)
+    committed = await asyncio.to_thread(commit, store, job.sources, diff.directory, ledger, job.snapshot)
+    return dataclasses.replace(
+        outcome,
+        mode=SyncMode.SNAPSHOT.value,
+        resumed_from=origin,
+        diff=diff.counts,
+        committed=committed,
+        recovered=recovered,
+    )
+
+
+async def _dispatch(
     job: Job,
+    options: RunOptions,
+    ledger: Ledger,
+    plan: Plan,
+    source: BatchSource,
     *,
-    api_key: str,
-    workdir: Path | None = None,
-    stop: asyncio.Event | None = None,
-    handle_signals: bool = False,
-    progress: Literal["auto", "bar", "log", "none"] = "none",
-    observers: Sequence[DispatchObserver] = (),
-    client: PlatformClient | None = None,
-    budget_factory: Callable[[str], Budget] | None = None,
-    batches: Callable[[Plan], Iterable[Batch] | AsyncIterable[Batch] | LaneSource] | None = None,
-    metrics_port: int | None = None,
-    metrics_textfile: Path | None = None,
-    plan: Plan | None = None,
-    run_id: str | None = None,
+    run_id: str,
     expected: tuple[int, int] | None = None,
 ) -> RunOutcome:
-    """Plan the job, send it, record everything in the job's ledger and return the outcome.
+    """Send ``source`` (taking ``plan`` over: it is closed at the end), record the run in ``ledger``.
 
-    ``progress``: ``auto`` (a bar on a terminal, log lines otherwise), ``bar``, ``log`` or ``none``.
-    ``metrics_port`` / ``metrics_textfile``: expose the run's Prometheus metrics (:mod:`sync.metrics`) while it
-    lasts; a port that cannot be bound raises :class:`sync.errors.StateError` before anything is sent.
-    ``plan``: a plan already built for ``job`` (run_job takes it over and closes it); ``run_id``: the ID to
-    record the run under (default: a new one) — for callers that name the run before it starts.
-    ``expected``: ``(requests, IDs)`` that ``batches`` will send, for the progress totals, when it sends
-    something other than the plan (a snapshot diff); default: the plan's summary.
-    ``batches`` may return batches in phase order (one queue) or a :class:`sync.dispatch.LaneSource`
-    (per-endpoint lanes, as the plan itself is sent).
-    ``handle_signals`` installs SIGINT/SIGTERM handlers: the first sets ``stop`` (drain, then summary), a
-    second cancels what is still in flight.
-    Raises :class:`sync.errors.BadInputError`/:class:`BadJobError` before anything is sent when the input or
-    the job is unusable; platform errors never escape — they end up in the outcome.
-    """
-    register_secret(api_key)
-    if workdir is not None:
-        job = dataclasses.replace(job, workdir=workdir)
+    ``expected``: ``(requests, IDs)`` for the progress totals when ``source`` is not the plan itself."""
     log = get_logger(job=job.name)
-    # Reading and validating is CPU and disk work: keep the loop free (a sandbox may share it in tests).
-    if plan is None:
-        plan = await asyncio.to_thread(build_plan, job)
-    own_client = client is None
-    stop = stop if stop is not None else asyncio.Event()
+    stop = options.stop if options.stop is not None else asyncio.Event()
     loop = asyncio.get_running_loop()
     installed: list[signal.Signals] = []
+    ledger_path = ledger_path_for(job)
     try:
-        ledger_path = ledger_path_for(job)
-        with Ledger.open(ledger_path) as ledger:
-            run_id = run_id or new_run_id()
-            ledger.start_run(run_id, job=job.name, job_path=str(job.path), platform=job.destination.platform)
-            rows_rejected = ledger.record_rejected_rows(run_id, plan.rejected_rows())
-            ledger.flush()
-            if expected is None:
-                summary_of_plan = plan.summary()
-                expected = (summary_of_plan.total_requests, summary_of_plan.total_ids)
-            total_requests, total_ids = expected
-            bar = (
-                make_progress(
-                    total_ids=total_ids,
-                    total_requests=total_requests,
-                    enabled={"auto": None, "bar": True, "log": False}[progress],
-                    job=job.name,
-                    run=run_id,
-                )
-                if progress != "none"
-                else None
-            )
-            metrics = _metrics_for(job, run_id) if metrics_port is not None or metrics_textfile else None
-            watchers: list[DispatchObserver] = [*observers]
-            if bar is not None:
-                watchers.append(bar)
-            if metrics is not None:
-                watchers.append(metrics)
-            sender = client if client is not None else make_client(job, api_key)
-            dispatcher = Dispatcher(
-                sender,
-                job.dispatch,
-                ledger=ledger,
-                run_id=run_id,
-                stop=stop,
-                observers=watchers,
-                budget_factory=budget_factory,
-            )
-            if handle_signals:
-                for sig in (signal.SIGINT, signal.SIGTERM):
-                    loop.add_signal_handler(sig, _on_signal, dispatcher, sig)
-                    installed.append(sig)
-            log.info(
-                "run.start",
-                run=run_id,
-                requests=total_requests,
-                ids=total_ids,
-            )
-            try:
-                async with (
-                    metrics.exporting(port=metrics_port, textfile=metrics_textfile)
-                    if metrics is not None
-                    else contextlib.nullcontext()
-                ):
-                    # The plan itself is a lane source: each endpoint of a phase gets its own queue and workers.
-                    report = await dispatcher.run(batches(plan) if batches is not None else plan)
-            finally:
-                if bar is not None:
-                    bar.close()
-                if own_client:
-                    await sender.aclose()
-            summary = summarise(
-                report,
-                run_id=run_id,
+        ledger.start_run(run_id, job=job.name, job_path=str(job.path), platform=job.destination.platform)
+        rows_rejected = ledger.record_rejected_rows(run_id, plan.rejected_rows())
+        ledger.flush()
+        if expected is None:
+            summary_of_plan = plan.summary()
+            expected = (summary_of_plan.total_requests, summary_of_plan.total_ids)
+        total_requests, total_ids = expected
+        bar = (
+            make_progress(
+                total_ids=total_ids,
+                total_requests=total_requests,
+                enabled={"auto": None, "bar": True, "log": False}[options.progress],
                 job=job.name,
-                rows_rejected=rows_rejected,
-                ledger=str(ledger_path),
-                rejects=str(plan.rejects_path.resolve()),
-            )
-            status = {
-                DispatchOutcome.ABORTED: "aborted",
-                DispatchOutcome.INTERRUPTED: "interrupted",
-            }.get(report.outcome, "done" if summary.exit_code is ExitCode.OK else "partial")
-            ledger.finish_run(
-                run_id,
-                status=status,
-                exit_code=int(summary.exit_code),
-                message=summary.message,
-                summary=summary.to_json(),
-            )
-            log.info(
-                "run.end",
                 run=run_id,
-                outcome=str(report.outcome),
-                exit_code=int(summary.exit_code),
-                requests=summary.requests,
-                ids_ok=summary.ids_ok,
-                ids_rejected=summary.ids_rejected,
-                ids_failed=summary.ids_failed,
-                seconds=round(report.elapsed, 3),
             )
+            if options.progress != "none"
+            else None
+        )
+        wants_metrics = options.metrics_port is not None or options.metrics_textfile is not None
+        metrics = _metrics_for(job, run_id) if wants_metrics else None
+        watchers: list[DispatchObserver] = [*options.observers]
+        if bar is not None:
+            watchers.append(bar)
+        if metrics is not None:
+            watchers.append(metrics)
+        own_client = options.client is None
+        sender = options.client if options.client is not None else make_client(job, options.api_key)
+        dispatcher = Dispatcher(
+            sender,
+            job.dispatch,
+            ledger=ledger,
+            run_id=run_id,
+            stop=stop,
+            observers=watchers,
+            budget_factory=options.budget_factory,
+        )
+        if options.handle_signals:
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                loop.add_signal_handler(sig, _on_signal, dispatcher, sig)
+                installed.append(sig)
+        log.info("run.start", run=run_id, requests=total_requests, ids=total_ids)
+        try:
+            async with (
+                metrics.exporting(port=options.metrics_port, textfile=options.metrics_textfile)
+                if metrics is not None
+                else contextlib.nullcontext()
+            ):
+                report = await dispatcher.run(source)
+        finally:
+            if bar is not None:
+                bar.close()
+            if own_client:
+                await sender.aclose()
+        summary = summarise(
+            report,
+            run_id=run_id,
+            job=job.name,
+            rows_rejected=rows_rejected,
+            ledger=str(ledger_path),
+            rejects=str(plan.rejects_path.resolve()),
+        )
+        status = {
+            DispatchOutcome.ABORTED: "aborted",
+            DispatchOutcome.INTERRUPTED: "interrupted",
+        }.get(report.outcome, "done" if summary.exit_code is ExitCode.OK else "partial")
+        ledger.finish_run(
+            run_id,
+            status=status,
+            exit_code=int(summary.exit_code),
+            message=summary.message,
+            summary=summary.to_json(),
+        )
+        log.info(
+            "run.end",
+            run=run_id,
+            outcome=str(report.outcome),
+            exit_code=int(summary.exit_code),
+            requests=summary.requests,
+            ids_ok=summary.ids_ok,
+            ids_rejected=summary.ids_rejected,
+            ids_failed=summary.ids_failed,
+            seconds=round(report.elapsed, 3),
+        )
     finally:
         for sig in installed:
             loop.remove_signal_handler(sig)
         plan.close()
     return RunOutcome(run_id=run_id, exit_code=summary.exit_code, summary=summary, ledger_path=ledger_path)
+
+
+def _mark_dead(ledger: Ledger, runs: Iterable[str]) -> None:
+    """Runs still ``running`` while we hold the job's lock died: record them as interrupted (exit code 4)."""
+    for run_id in runs:
+        info = ledger.run(run_id)
+        if info is not None and info.status == "running":
+            ledger.finish_run(
+                run_id,
+                status="interrupted",
+                exit_code=int(ExitCode.INTERRUPTED),
+                message="the run died; a later run resumes it",
+            )
 
 
 def _metrics_for(job: Job, run_id: str) -> RunMetrics:

@@ -1,7 +1,7 @@
 """Per-endpoint lanes: within a phase every endpoint has its own queue, workers and rate budget.
 
 The dispatcher tests run on the virtual-time loop against an in-memory platform; the last tests run a real job
-through ``run_job`` against the Netmera sandbox and read the overlap of the endpoints' sends from the ledger.
+through ``sync.run.run`` against the Netmera sandbox and read the overlap of the endpoints' sends from the ledger.
 """
 
 from __future__ import annotations
@@ -27,8 +27,7 @@ from sync.planning import build_plan
 from sync.platforms.base import SendOutcome
 from sync.platforms.sandboxes.netmera_state import Device
 from sync.records import Attempt, Batch, BatchResult, BatchStatus, Operation, Phase
-from sync.resume import sync_job
-from sync.run import run_job
+from sync.run import RunOptions, run
 
 # --- an in-memory platform with many endpoints --------------------------------------------------------------
 
@@ -473,7 +472,7 @@ async def test_endpoints_send_at_the_same_time_and_the_end_state_equals_the_inpu
     add_devices(state, 60)
     job = load_job(job_path)
 
-    outcome = await run_job(job, api_key=netmera_sandbox.api_key)
+    outcome = await run(job, RunOptions(api_key=netmera_sandbox.api_key))
 
     assert outcome.exit_code is ExitCode.OK, outcome.summary.render_text()
     assert read_back(state, expected) == expected
@@ -513,14 +512,16 @@ async def test_a_resumed_run_is_sent_in_lanes_too(netmera_sandbox: Any, tmp_path
             if self.done == 5:
                 stop.set()
 
-    first = await sync_job(job, api_key=netmera_sandbox.api_key, stop=stop, observers=[StopAfterFive()])
-    resumed = await sync_job(job, api_key=netmera_sandbox.api_key)
+    first = await run(
+        job, RunOptions(api_key=netmera_sandbox.api_key, stop=stop, observers=[StopAfterFive()])
+    )
+    resumed = await run(job, RunOptions(api_key=netmera_sandbox.api_key))
 
-    assert first.run.exit_code is ExitCode.INTERRUPTED and first.run.summary.batches_done > 0
-    assert resumed.resumed_from == first.run.run_id and resumed.run.exit_code is ExitCode.OK
+    assert first.exit_code is ExitCode.INTERRUPTED and first.summary.batches_done > 0
+    assert resumed.resumed_from == first.run_id and resumed.exit_code is ExitCode.OK
     assert resumed.replay is not None
-    assert resumed.replay.skipped_confirmed == first.run.summary.batches_done
-    assert resumed.replay.sent == resumed.run.summary.batches_done > 0
+    assert resumed.replay.skipped_confirmed == first.summary.batches_done
+    assert resumed.replay.sent == resumed.summary.batches_done > 0
     assert read_back(state, expected) == expected
-    spans = endpoint_spans(resumed.run.ledger_path, resumed.run.run_id)
+    spans = endpoint_spans(resumed.ledger_path, resumed.run_id)
     assert_overlapping({ep: span for (phase, ep), span in spans.items() if phase == Phase.CHANGES})

@@ -18,7 +18,7 @@ from sync.demo import generate_users
 from sync.metrics import LATENCY_BUCKETS, SERIES, RunMetrics
 from sync.platforms.netmera.requests import make_batch, tag_body
 from sync.records import Attempt, AttemptOutcome, Batch, BatchResult, BatchStatus, Operation, RejectedId
-from sync.run import run_job
+from sync.run import RunOptions, run
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -268,12 +268,11 @@ dispatch:
     port = free_port()
     scraper = MidRunScraper(f"http://127.0.0.1:{port}/metrics")
     textfile = tmp_path / "textfile" / "pushsync.prom"
-    outcome = await run_job(
+    outcome = await run(
         load_job(tmp_path / "job.yaml"),
-        api_key=netmera_sandbox.api_key,
-        metrics_port=port,
-        metrics_textfile=textfile,
-        observers=[scraper],
+        RunOptions(
+            api_key=netmera_sandbox.api_key, metrics_port=port, metrics_textfile=textfile, observers=[scraper]
+        ),
     )
     assert families(scraper.text) >= set(SERIES)  # every documented series, while the run lasts
     mid = samples(scraper.text)

@@ -24,7 +24,7 @@ from sync.platforms.sandboxes._core import FaultSpec, RateLimit
 from sync.platforms.sandboxes.netmera import NetmeraSandbox, NetmeraSandboxConfig, UnknownExtId
 from sync.records import AttemptOutcome, BatchStatus, RejectedRow
 from sync.report import load_report, render_html, write_report
-from sync.run import RunOutcome, run_job
+from sync.run import RunOptions, RunOutcome, run
 
 KEY_ENV = "PUSHSYNC_TEST_NETMERA_KEY"
 REFUSED_ID = "U0000037"
@@ -96,7 +96,7 @@ async def reported_run(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterato
     try:
         sandbox.state.ensure_users([f"U{i:07d}" for i in range(120) if f"U{i:07d}" != REFUSED_ID])
         job = load_job(write_job(tmp_path, url))
-        outcome = await run_job(job, api_key=SANDBOX_TEST_KEY)
+        outcome = await run(job, RunOptions(api_key=SANDBOX_TEST_KEY))
     finally:
         await sandbox.stop()
     out = write_report(outcome.ledger_path, outcome.run_id, tmp_path / "report.html")
@@ -372,7 +372,7 @@ def test_retried_attempts_are_counted_once_per_kind(reported_run: ReportedRun) -
 async def test_an_aborted_run_says_why_and_never_shows_the_key(netmera_sandbox: Any, tmp_path: Path) -> None:
     bad_key = "wrong-key-never-shown-4242"
     job = load_job(write_job(tmp_path, netmera_sandbox.url, users=40))
-    outcome = await run_job(job, api_key=bad_key)
+    outcome = await run(job, RunOptions(api_key=bad_key))
     page = render_html(load_report(outcome.ledger_path, outcome.run_id))
     root = parse(page)
     assert field_text(root, "status") == "aborted"

@@ -207,7 +207,7 @@ async def test_resume_never_resends_an_event_whose_outcome_is_unknown(
 ) -> None:
     from sync.config import load_job
     from sync.platforms.sandboxes._core import FaultSpec
-    from sync.resume import sync_job
+    from sync.run import RunOptions, run
 
     sandbox = await netmera_sandbox_factory(
         faults=FaultSpec(applied_then_500=1.0, endpoints=frozenset({"fireEvents"}))
@@ -216,18 +216,18 @@ async def test_resume_never_resends_an_event_whose_outcome_is_unknown(
     (tmp_path / "users.csv").write_text("id,segments\na,gold\nb,silver\n", encoding="utf-8")
     (tmp_path / "events.csv").write_text("id,name,amount\na,purchase,10\nb,purchase,20\n", encoding="utf-8")
     job = load_job(tmp_path / "job.yaml")
-    first = await sync_job(job, api_key=sandbox.api_key)
-    assert int(first.run.exit_code) == 1  # the event batch was applied, but answered 500: outcome unknown
+    first = await run(job, RunOptions(api_key=sandbox.api_key))
+    assert int(first.exit_code) == 1  # the event batch was applied, but answered 500: outcome unknown
     assert len(sandbox.sandbox.state.events) == 2
     sandbox.sandbox.configure(faults=FaultSpec())
 
-    resumed = await sync_job(job, api_key=sandbox.api_key, resume=first.run.run_id)
+    resumed = await run(job, RunOptions(api_key=sandbox.api_key, resume=first.run_id))
     assert resumed.replay is not None and resumed.replay.held == 1 and resumed.replay.skipped_confirmed == 2
-    assert resumed.run.summary.requests == 0
+    assert resumed.summary.requests == 0
     assert len(sandbox.sandbox.state.events) == 2  # not sent twice
 
-    retried = await sync_job(job, api_key=sandbox.api_key, retry=first.run.run_id)
-    assert retried.replay is not None and retried.replay.sent == 1 and int(retried.run.exit_code) == 0
+    retried = await run(job, RunOptions(api_key=sandbox.api_key, retry=first.run_id))
+    assert retried.replay is not None and retried.replay.sent == 1 and int(retried.exit_code) == 0
     assert len(sandbox.sandbox.state.events) == 4  # the user asked for it
 
 

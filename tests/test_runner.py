@@ -1,4 +1,4 @@
-"""run_job end to end against the Netmera sandbox: the platform's end state equals the input — also with
+"""sync.run.run end to end against the Netmera sandbox: the platform's end state equals the input — also with
 faults and rate limits on —, a refused record is isolated by splitting, a bad key aborts, a stop drains."""
 
 from __future__ import annotations
@@ -18,13 +18,12 @@ from sync.demo import expected_users, generate_users
 from sync.dispatch import Dispatcher, DispatchOutcome
 from sync.errors import ExitCode
 from sync.ledger import Ledger
-from sync.planning import build_plan
 from sync.platforms.netmera.client import NetmeraClient
 from sync.platforms.netmera.requests import make_batch, tag_body
 from sync.platforms.sandboxes._core import FaultSpec, LatencySpec, RateLimit
 from sync.platforms.sandboxes.netmera import UnknownExtId
 from sync.records import BatchStatus, Operation
-from sync.run import run_job
+from sync.run import RunOptions, run
 
 KEY_ENV = "PUSHSYNC_TEST_NETMERA_KEY"
 
@@ -66,7 +65,7 @@ async def platform_state(running: Any) -> dict[str, dict[str, Any]]:
 
 async def test_end_state_equals_input(netmera_sandbox: Any, tmp_path: Path) -> None:
     job, frame = write_job(tmp_path, netmera_sandbox.url)
-    outcome = await run_job(job, api_key=netmera_sandbox.api_key)
+    outcome = await run(job, RunOptions(api_key=netmera_sandbox.api_key))
     assert outcome.exit_code is ExitCode.OK
     assert await platform_state(netmera_sandbox) == expected_users(frame)
     summary = outcome.summary
@@ -93,7 +92,7 @@ async def test_end_state_equals_input_with_faults_and_rate_limits(
     )
     running = await netmera_sandbox_factory(limits={"*": RateLimit(20, 0.5)}, faults=faults, seed=3)
     job, frame = write_job(tmp_path, running.url)
-    outcome = await run_job(job, api_key=running.api_key)
+    outcome = await run(job, RunOptions(api_key=running.api_key))
     running.sandbox.configure(faults=FaultSpec(), limits={})  # read back without faults or limits
     assert outcome.exit_code is ExitCode.OK, outcome.summary.render_text()
     assert await platform_state(running) == expected_users(frame)
@@ -111,7 +110,7 @@ async def test_a_refused_record_is_isolated_by_splitting(
     job, frame = write_job(tmp_path, running.url, users=64, batch_size=64)
     known = [u for u in frame["user_id"].to_list() if u != "U0000037"]
     running.sandbox.state.ensure_users(known)
-    outcome = await run_job(job, api_key=running.api_key)
+    outcome = await run(job, RunOptions(api_key=running.api_key))
     assert outcome.exit_code is ExitCode.PARTIAL
     per_endpoint = {e.endpoint: e for e in outcome.summary.endpoints}
     attrs = per_endpoint["setProfileAttributes"]
@@ -132,7 +131,7 @@ async def test_a_bad_key_aborts_and_the_key_never_leaks(
     job, _ = write_job(tmp_path, netmera_sandbox.url)
     bad_key = "definitely-not-the-key-0042"
     with structlog.testing.capture_logs() as logs:
-        outcome = await run_job(job, api_key=bad_key)
+        outcome = await run(job, RunOptions(api_key=bad_key))
     assert outcome.exit_code is ExitCode.ABORTED
     assert "403" in (outcome.summary.message or "") and "API key" in (outcome.summary.message or "")
     assert outcome.summary.requests <= 6  # only what was already in flight
@@ -159,7 +158,7 @@ async def test_stop_drains_in_flight_batches_and_records_them(
     )
     stop = asyncio.Event()
     asyncio.get_running_loop().call_later(0.7, stop.set)
-    outcome = await run_job(job, api_key=running.api_key, stop=stop)
+    outcome = await run(job, RunOptions(api_key=running.api_key, stop=stop))
     assert outcome.exit_code is ExitCode.INTERRUPTED
     assert 0 < outcome.summary.batches_done < 100
     with Ledger.open(outcome.ledger_path) as ledger:
@@ -200,10 +199,11 @@ def _destination(url: str) -> Any:
     return Destination("netmera", url)
 
 
-async def test_a_prebuilt_plan_and_a_chosen_run_id_are_used(netmera_sandbox: Any, tmp_path: Path) -> None:
+async def test_a_chosen_run_id_is_used_and_the_plan_is_cleaned_up(
+    netmera_sandbox: Any, tmp_path: Path
+) -> None:
     job, frame = write_job(tmp_path, netmera_sandbox.url, users=50)
-    plan = await asyncio.to_thread(build_plan, job)
-    outcome = await run_job(job, api_key=netmera_sandbox.api_key, plan=plan, run_id="20260101T000000Z-beef")
+    outcome = await run(job, RunOptions(api_key=netmera_sandbox.api_key, run_id="20260101T000000Z-beef"))
     assert outcome.run_id == "20260101T000000Z-beef" and outcome.exit_code is ExitCode.OK
-    assert not any(job.workdir.glob("plan-*"))  # run_job took the plan over and closed it
+    assert not any(job.workdir.glob("plan-*"))  # the run closed its plan
     assert await platform_state(netmera_sandbox) == expected_users(frame)

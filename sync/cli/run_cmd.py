@@ -88,30 +88,27 @@ def register(subparsers: Any) -> None:
 
 def _run(args: argparse.Namespace) -> int:
     from sync.config import load_job, resolve_secret
-    from sync.resume import sync_job
+    from sync.run import RunOptions, run
 
     job = load_job(args.job)
-    api_key = resolve_secret(job.destination)
-    # sync_job: snapshot jobs send only the diff from the confirmed state; a changes job whose last run did not
-    # finish resumes it (docs/sync.md).
-    outcome = asyncio.run(
-        sync_job(
-            job,
-            api_key=api_key,
-            workdir=args.workdir,
-            full_refresh=args.full_refresh,
-            force=args.force,
-            handle_signals=True,
-            progress=args.progress,
-            metrics_port=args.metrics_port,
-            metrics_textfile=args.metrics_textfile,
-        )
+    # Snapshot jobs send only the diff from the confirmed state; a changes job whose last run did not finish
+    # resumes it (docs/sync.md).
+    options = RunOptions(
+        api_key=resolve_secret(job.destination),
+        workdir=args.workdir,
+        full_refresh=args.full_refresh,
+        force=args.force,
+        handle_signals=True,
+        progress=args.progress,
+        metrics_port=args.metrics_port,
+        metrics_textfile=args.metrics_textfile,
     )
+    outcome = asyncio.run(run(job, options))
     if args.output == "json":
         print(json.dumps(outcome.to_json(), indent=2))
     else:
         print(outcome.render_text())
-    return int(outcome.run.exit_code)
+    return int(outcome.exit_code)
 
 
 def _ledger_paths(job: Path | None, workdir: Path | None) -> list[Path]:

@@ -85,29 +85,26 @@ def _job_of_run(args: argparse.Namespace) -> Path:
 
 def _replay(args: argparse.Namespace) -> int:
     from sync.config import load_job, resolve_secret
-    from sync.resume import sync_job
+    from sync.run import RunOptions, run
 
     job = load_job(args.job if args.job is not None else _job_of_run(args))
-    api_key = resolve_secret(job.destination)
     retry = args.replay == "retry"
-    outcome = asyncio.run(
-        sync_job(
-            job,
-            api_key=api_key,
-            workdir=args.workdir,
-            resume=None if retry else args.run_id,
-            retry=args.run_id if retry else None,
-            full_refresh=bool(getattr(args, "full_refresh", False)),
-            force=args.force,
-            handle_signals=True,
-            progress=args.progress,
-        )
+    options = RunOptions(
+        api_key=resolve_secret(job.destination),
+        workdir=args.workdir,
+        resume=None if retry else args.run_id,
+        retry=args.run_id if retry else None,
+        full_refresh=bool(getattr(args, "full_refresh", False)),
+        force=args.force,
+        handle_signals=True,
+        progress=args.progress,
     )
+    outcome = asyncio.run(run(job, options))
     if args.output == "json":
         print(json.dumps(outcome.to_json(), indent=2))
     else:
         print(outcome.render_text())
-    return int(outcome.run.exit_code)
+    return int(outcome.exit_code)
 
 
 def _show(args: argparse.Namespace) -> int:

@@ -28,7 +28,7 @@ from sync.platforms.formsonfire.requests import (
     user_of,
 )
 from sync.records import Batch, Operation, RowRef
-from sync.run import run_job
+from sync.run import RunOptions, run
 
 # --- builders and serialisers -------------------------------------------------------------------------------
 
@@ -234,7 +234,7 @@ async def test_example_job_end_to_end_with_faults_and_limits(
         running.url, tmp_path / "work", body_format=body_format, response_format=response_format
     )
     with capture_logs() as logs:
-        outcome = await run_job(job, api_key=FOF_KEY)
+        outcome = await run(job, RunOptions(api_key=FOF_KEY))
     assert logs and FOF_KEY not in repr(logs) and FOF_KEY not in json.dumps(outcome.summary.to_json())
 
     assert outcome.exit_code is ExitCode.PARTIAL  # crm-404 is not a user of the company
@@ -275,7 +275,7 @@ async def test_example_job_aborts_on_a_wrong_integration_key(
     fof_sandbox_factory: FofFactory, tmp_path: Path
 ) -> None:
     running = await fof_sandbox_factory()
-    outcome = await run_job(example_job(running.url, tmp_path / "work"), api_key="not-the-key-123")
+    outcome = await run(example_job(running.url, tmp_path / "work"), RunOptions(api_key="not-the-key-123"))
     assert outcome.exit_code is ExitCode.ABORTED
     assert running.sandbox.state.pushes == []
 

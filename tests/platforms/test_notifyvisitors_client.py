@@ -37,7 +37,7 @@ from sync.platforms.notifyvisitors.requests import (
 )
 from sync.platforms.sandboxes._core import start_app
 from sync.records import Batch, Operation, RowRef
-from sync.run import run_job
+from sync.run import RunOptions, run
 
 # --- request builders --------------------------------------------------------------------------------------
 
@@ -357,7 +357,7 @@ async def test_example_job_end_to_end_with_faults_and_limits(
     job = example_job(running.url, tmp_path / "work", auth=auth)
     secret = NV_TOKEN if auth == "bearer" else NV_API_KEY
     with capture_logs() as logs:
-        outcome = await run_job(job, api_key=secret)
+        outcome = await run(job, RunOptions(api_key=secret))
     assert logs and secret not in repr(logs)  # nor in the summary or the ledger (below)
     assert secret not in json.dumps(outcome.summary.to_json())
 
@@ -404,7 +404,7 @@ async def test_example_job_end_to_end_with_faults_and_limits(
 
 async def test_example_job_aborts_on_a_wrong_key(nv_sandbox_factory: NvFactory, tmp_path: Path) -> None:
     running = await nv_sandbox_factory(brand_id="1000", limits={})
-    outcome = await run_job(example_job(running.url, tmp_path / "work"), api_key="not-the-key-123")
+    outcome = await run(example_job(running.url, tmp_path / "work"), RunOptions(api_key="not-the-key-123"))
     assert outcome.exit_code is ExitCode.ABORTED
     assert running.sandbox.state.users == {}
 

@@ -22,7 +22,7 @@ import pytest
 from sync.config import load_job
 from sync.demo import start_sandbox_process, stop_sandbox_process
 from sync.errors import ExitCode
-from sync.run import run_job
+from sync.run import RunOptions, run
 
 from .conftest import SandboxHttp
 from .workload import compare_state, duplicates, write_workload
@@ -98,7 +98,7 @@ async def test_every_fault_at_once_loses_nothing(
     started = time.monotonic()
     storm_task = asyncio.create_task(storms(http, first=1.0, every=4.0, length=1.2, count=storm_count))
     try:
-        outcome = await run_job(job, api_key=SANDBOX_KEY)
+        outcome = await run(job, RunOptions(api_key=SANDBOX_KEY))
     finally:
         storm_task.cancel()
         with contextlib.suppress(asyncio.CancelledError):

@@ -24,7 +24,7 @@ from aiohttp import web
 from sync.config import load_job
 from sync.demo import start_sandbox_process, stop_sandbox_process
 from sync.errors import ExitCode
-from sync.run import run_job
+from sync.run import RunOptions, run
 
 from .conftest import SandboxHttp
 from .workload import compare_state, write_workload
@@ -95,7 +95,7 @@ async def _run(
             "  retry: {max_attempts: 30, base_delay: 0.02, max_delay: 0.5}\n"
         ),
     )
-    outcome = await run_job(load_job(job_path), api_key=SANDBOX_KEY)
+    outcome = await run(load_job(job_path), RunOptions(api_key=SANDBOX_KEY))
     stats = await asyncio.to_thread(http.stats)
     comparison = compare_state(await asyncio.to_thread(http.state), frame)
     busiest = max(stats["requests"], key=lambda e: stats["requests"][e].get("200", 0))

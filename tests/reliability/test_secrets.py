@@ -27,7 +27,7 @@ from sync.config import Destination, load_job, resolve_secret
 from sync.demo import start_sandbox_process, stop_sandbox_process
 from sync.errors import BadJobError, ExitCode, SecretError
 from sync.platforms.sandboxes.netmera import NetmeraSandbox, NetmeraSandboxConfig
-from sync.run import run_job
+from sync.run import RunOptions, run
 
 from .conftest import REPO_ROOT
 
@@ -333,7 +333,7 @@ async def test_tls_certificates_are_checked_unless_a_sandbox_job_turns_it_off(
     try:
         checked = load_job(write_job(tmp_path / "checked", url, f"{{env: {KEY_ENV}}}"))
         assert checked.destination.verify_tls is True  # the default
-        outcome = await run_job(checked, api_key=key)
+        outcome = await run(checked, RunOptions(api_key=key))
         assert outcome.exit_code is ExitCode.ABORTED
         assert "certificate" in (outcome.summary.message or "").lower()
         assert sandbox.stats.snapshot()["requests_total"] == 0  # nothing reached the server
@@ -346,7 +346,7 @@ async def test_tls_certificates_are_checked_unless_a_sandbox_job_turns_it_off(
         unchecked_path.write_text(text, encoding="utf-8")
         unchecked = load_job(unchecked_path)
         assert unchecked.destination.verify_tls is False
-        outcome = await run_job(unchecked, api_key=key)
+        outcome = await run(unchecked, RunOptions(api_key=key))
         assert (
             outcome.exit_code is ExitCode.PARTIAL
         )  # three rows rejected by validation; the rest went through
