@@ -92,7 +92,8 @@ class _Tracker:
 
 
 class LogProgress:
-    """One structlog ``run.progress`` line every ``every`` seconds (and none for short runs)."""
+    """A structlog ``run.progress`` line when the first batch is answered (the log then shows when sending
+    really began), and one every ``every`` seconds after that."""
 
     def __init__(
         self,
@@ -106,7 +107,7 @@ class LogProgress:
     ) -> None:
         self._t = _Tracker(total_ids, total_requests, clock, window)
         self._every = every
-        self._next = self._t.started + every
+        self._next = self._t.started  # the first answered batch logs at once
         self._log = get_logger(**context)
 
     def on_batch_start(self, batch: Batch) -> None:

@@ -47,6 +47,7 @@ def test_the_eta_follows_requests_not_ids() -> None:
     lines = [e for e in logs if e["event"] == "run.progress"]
     etas = [e["eta_seconds"] for e in lines]
     assert etas == [float(20 - n) for n in range(1, 21)]  # one request a second, 20 planned: exact
+    assert lines[0]["batches_done"] == 1  # the first answer is logged at once: when sending really began
     assert lines[0]["phase"] == "opt-outs" and lines[-1]["phase"] == "changes"
     assert lines[-1]["requests_per_second"] == 1.0
 
