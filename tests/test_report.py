@@ -4,6 +4,7 @@ never contains the secret. The headless-browser check is in ``test_report_browse
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 import subprocess
@@ -398,3 +399,36 @@ def test_a_file_that_is_not_a_ledger_gives_a_clear_error_and_leaks_no_connection
     with pytest.raises(StateError, match="cannot read the ledger"):
         load_report(junk, "r1")
     gc.collect()
+
+
+# -- `pushsync trace ID` ----------------------------------------------------------------------------------------
+
+
+def test_trace_tells_the_story_of_one_id(
+    reported_run: ReportedRun, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from sync.cli import main
+
+    workdir = reported_run.outcome.ledger_path.parent
+    assert main(["trace", REFUSED_ID, "--workdir", str(workdir), "--output", "json"]) == 0
+    story = json.loads(capsys.readouterr().out)
+    assert {e["run_id"] for e in story} == {reported_run.outcome.run_id}
+    refused = [e for e in story if e["kind"] == "refused"]
+    # refused by every endpoint that carried it (attributes, tags...), each naming its input row
+    assert len(refused) == reported_run.outcome.summary.ids_rejected >= 1
+    assert all(e["path"].endswith("users.csv") and e["row"] == 38 for e in refused)  # U0000037: row 38
+    batches = [e for e in story if e["kind"] == "batch"]
+    assert batches and all(e["endpoint"] for e in batches)
+    assert any(e["status"] in ("rejected", "ok") for e in batches)
+
+    # a row validation refused: the file, row and reason
+    assert main(["trace", "U9000001", "--workdir", str(workdir), "--output", "json"]) == 0
+    (rejected,) = json.loads(capsys.readouterr().out)
+    assert rejected["kind"] == "rejected row" and rejected["row"] == 121 and "score" in rejected["detail"]
+
+    # an ID that went through, as a table; and one never seen
+    assert main(["trace", "U0000003", "--workdir", str(workdir)]) == 0
+    table = capsys.readouterr().out
+    assert "ok" in table and reported_run.outcome.run_id in table
+    assert main(["trace", "nobody", "--workdir", str(workdir)]) == 0
+    assert "no record of ID 'nobody'" in capsys.readouterr().out

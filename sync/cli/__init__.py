@@ -25,6 +25,7 @@ _COMMAND_MODULES = (
     "sync.cli.state_cmd",
     "sync.cli.export_cmd",
     "sync.cli.report_cmd",
+    "sync.cli.trace_cmd",
     "sync.cli.platform_cmd",
     "sync.cli.sandbox_cmd",
     "sync.cli.meiro_cmd",
