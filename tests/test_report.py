@@ -341,8 +341,13 @@ def test_the_charts_draw_the_ledger_attempts(reported_run: ReportedRun) -> None:
         assert float(line.get("data-sum", "")) * width == pytest.approx(
             int(shown[endpoint]["requests"]), rel=1e-4
         )
-        budget = [el for el in chart.iter(f"{svg}line") if el.get("data-line") == "budget"]
+        # the budget: a dashed line on the chart's own scale, or named under the title when far above it
+        budget = [el for el in chart.iter() if el.get("data-line") == "budget"]
         assert [b.get("data-value") for b in budget] == [shown[endpoint]["budget_rate"]]
+        # each endpoint on its own scale: its busiest bin reaches at least a third of the plot's height (y grows
+        # downwards from the top margin, 28, to the axis, 176), however small its traffic beside the others
+        highest = min(float(point.split(",")[1]) for point in line.get("points", "").split())
+        assert highest <= 176 - 148 / 3
     lines = {
         el.get("data-series"): float(el.get("data-sum", ""))
         for el in charts["retries"].iter(f"{svg}polyline")
@@ -432,3 +437,48 @@ def test_trace_tells_the_story_of_one_id(
     assert "ok" in table and reported_run.outcome.run_id in table
     assert main(["trace", "nobody", "--workdir", str(workdir)]) == 0
     assert "no record of ID 'nobody'" in capsys.readouterr().out
+
+
+def test_ids_per_second_and_the_trend_of_the_jobs_runs(reported_run: ReportedRun, tmp_path: Path) -> None:
+    root = parse(reported_run.page)
+    shown = table_values(root)
+    report = load_report(reported_run.outcome.ledger_path, reported_run.outcome.run_id)
+    for e in report.endpoints:
+        assert e.ids_per_second is not None and e.ids_per_second > 0
+        assert float(shown[e.endpoint]["ids_per_second"]) == pytest.approx(e.ids_per_second)
+    assert float(shown["*"]["ids_per_second"]) == pytest.approx(report.ids_per_second)
+    cards = {div.get("data-total"): div.get("data-value") for div in root.iter(f"{XHTML}div")}
+    assert float(cards["ids_per_second"]) == pytest.approx(report.ids_per_second)
+    # the first run of its job: no trend yet, and the page says so
+    assert len(report.history) == 1 and "first run of this job" in reported_run.page
+
+
+def test_the_trend_lists_the_jobs_last_runs_with_this_one_highlighted(tmp_path: Path) -> None:
+    from sync.ledger import Ledger
+
+    path = tmp_path / "ledger.sqlite"
+    with Ledger.open(path) as ledger:
+        for i, (status, code, requests) in enumerate([("done", 0, 10), ("partial", 1, 12), ("done", 0, 9)]):
+            run_id = f"r{i}"
+            ledger.start_run(run_id, job="nightly", job_path="j.yaml", platform="netmera")
+            ledger.finish_run(
+                run_id,
+                status=status,
+                exit_code=code,
+                message=None,
+                summary={
+                    "totals": {"requests": requests, "ids_ok": 100, "ids_rejected": code, "rows_rejected": 0}
+                },
+            )
+        ledger.start_run("other", job="another-job", job_path="o.yaml", platform="netmera")
+    report = load_report(path, "r1")
+    assert [h.run_id for h in report.history] == ["r1", "r0"]  # this run and the ones before it, of this job
+    assert [h.requests for h in report.history] == [12, 10]
+    page = parse(render_html(report))
+    rows = {tr.get("data-run"): tr for tr in page.iter(f"{XHTML}tr") if tr.get("data-run")}
+    assert set(rows) == {"r0", "r1"} and rows["r1"].get("class") == "this"
+    assert [
+        int(r.get("data-value", ""))
+        for r in page.iter("{http://www.w3.org/2000/svg}rect")
+        if r.get("data-bucket")
+    ][-2:] == [round(h.seconds or 0) for h in reversed(report.history)]
