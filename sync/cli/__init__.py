@@ -20,6 +20,7 @@ __all__ = ["build_parser", "main"]
 # Subcommand modules, in the order their commands appear in --help. A module listed here that does not exist
 # yet is skipped, so the CLI works while parts of it are being built.
 _COMMAND_MODULES = (
+    "sync.cli.init_cmd",
     "sync.cli.plan_cmd",
     "sync.cli.run_cmd",
     "sync.cli.state_cmd",
