@@ -221,7 +221,7 @@ class _PrintProgress:
 def _wait_text(w: Any) -> str:
     counts = w.message_counts
     if not w.has_export:
-        return f"no export of {w.notification_id} to wait for: {w.message}"
+        return f"no export: {w.message}"
     if w.outcome == "failed":
         return f"export {w.export_id} of {w.notification_id}: could not be waited for: {w.message}"
     return (
@@ -395,7 +395,7 @@ def _waits(args: argparse.Namespace) -> int:
     for r in rows:
         if r["export_id"] == NO_EXPORT:  # the ledger's column is NOT NULL: the marker stands for "none"
             r["export_id"] = None
-            lines.append(f"{r['run_id']}  no export of {r['notification_id']} to wait for: {r['message']}")
+            lines.append(f"{r['run_id']}  no export: {r['message']}")
             continue
         lines.append(
             f"{r['run_id']}  export {r['export_id']} of {r['notification_id']}: {r['outcome']}, "
