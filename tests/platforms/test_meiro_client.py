@@ -476,9 +476,9 @@ async def test_a_latest_entry_without_exports_is_recorded_as_no_export(meiro_san
 async def test_the_newest_export_is_looked_up_with_the_retry_policy(meiro_sandbox: Any) -> None:
     _seed(meiro_sandbox, exports=2, total=10)
     client = meiro_sandbox.client()
-    await client.list_exports(NID)  # uses up the window: the lookup below is answered 429 first
+    await client.login()
     meiro_sandbox.sandbox.configure(limits={"listExports": RateLimit(1, 60)})
-    await client.list_exports(NID)
+    await client.list_exports(NID)  # uses up the window: the lookup below is answered 429 first
     seen = Seen()
     (wait,) = await wait_for_exports(
         client,

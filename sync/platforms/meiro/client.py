@@ -22,6 +22,9 @@ other 4xx                                              :class:`RejectedBatchErro
 The token (valid 8 h [D]) is refreshed with ``PATCH users/login`` once less than ``refresh_margin`` of its life
 is left, judged on an injectable clock; a refresh refused with 401 falls back to a new login. Neither the
 password nor any token ever appears in a message (both are registered with :mod:`sync.redact`).
+
+Listings (:meth:`MeiroClient.iter_exports`, :meth:`MeiroClient.iter_trash`) page until an empty page: Meiro names
+no largest ``limit``, so a short page may be a capped one rather than the last.
 """
 
 from __future__ import annotations

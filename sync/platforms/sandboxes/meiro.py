@@ -7,12 +7,13 @@ Routes under ``/api/`` (route names are the endpoint names used for limits, faul
     PATCH  users/login                                       refresh    → {"token"} (valid token required)
     GET    push_notifications/{id}/exports?limit&offset      listExports   (push_notifications/view)
     GET    push_notifications/{id}/exports/{export_id}       getExport     (push_notifications/view)
-    DELETE push_notifications/{id}/exports/{export_id}       cancelExport  (push_notifications/edit)
+    DELETE push_notifications/{id}/exports/{export_id}       cancelExport  (push_notifications/edit; 400 once ended)
     GET    push_notifications/trash?limit&offset&searched_text  listTrash  (push_notifications/view [I])
     PATCH  push_notifications/trash/{id}                     restoreTrash  (push_notifications/edit)
 
 Every call but ``login`` needs ``X-Access-Token`` (missing, unknown or expired → 401); a user without one of the
-endpoint's features gets 403. Error bodies are ``{"message": "..."}``. Rate limits, faults, stats and the
+endpoint's features gets 403. Error bodies are ``{"message": "..."}``. ``max_limit`` caps page sizes and
+``cancel_delay`` makes a cancel take effect later, as a server may that the document leaves room for. Rate limits, faults, stats and the
 ``/_sandbox/`` inspection routes come from :mod:`._core`. Choices where Meiro documents nothing are marked [I]
 and are :class:`MeiroSandboxConfig` fields.
 """
