@@ -59,7 +59,7 @@ class RunOptions:
     job whose last run did not finish resumes it (``auto_resume``); ``full_refresh`` sends everything (changes)
     or ignores the confirmed state (snapshot); ``force`` passes snapshot mode's removal threshold.
     How it shows: ``progress`` (``auto``: a bar on a terminal, log lines otherwise), Prometheus metrics on
-    ``metrics_port`` / in ``metrics_textfile`` while the run lasts (a port that cannot be bound raises
+    ``metrics_port`` / in ``metrics_textfile`` while the run lasts (and to ``metrics_pushgateway`` at its end) (a port that cannot be bound raises
     :class:`sync.errors.StateError` before anything is sent). ``handle_signals``: the first SIGINT/SIGTERM drains
     and writes the summary, a second cancels what is in flight. ``stop``: an event that does the same as the
     first signal. ``client``, ``budget_factory``, ``observers``: seams for embedding and tests.
@@ -79,6 +79,8 @@ class RunOptions:
     handle_signals: bool = False
     metrics_port: int | None = None
     metrics_textfile: Path | None = None
+    metrics_pushgateway: str | None = None
+    """Push the run's metrics to this Prometheus Pushgateway URL when it ends (sync.metrics)."""
     stop: asyncio.Event | None = None
     client: PlatformClient | None = None
     budget_factory: Callable[[str], Budget] | None = None
@@ -271,7 +273,11 @@ async def _dispatch(
             if options.progress != "none"
             else None
         )
-        wants_metrics = options.metrics_port is not None or options.metrics_textfile is not None
+        wants_metrics = (
+            options.metrics_port is not None
+            or options.metrics_textfile is not None
+            or options.metrics_pushgateway is not None
+        )
         metrics = _metrics_for(job, run_id) if wants_metrics else None
         watchers: list[DispatchObserver] = [*options.observers]
         if bar is not None:
@@ -296,7 +302,11 @@ async def _dispatch(
         log.info("run.start", run=run_id, requests=total_requests, ids=total_ids)
         try:
             async with (
-                metrics.exporting(port=options.metrics_port, textfile=options.metrics_textfile)
+                metrics.exporting(
+                    port=options.metrics_port,
+                    textfile=options.metrics_textfile,
+                    pushgateway=options.metrics_pushgateway,
+                )
                 if metrics is not None
                 else contextlib.nullcontext()
             ):
@@ -318,6 +328,8 @@ async def _dispatch(
             DispatchOutcome.ABORTED: "aborted",
             DispatchOutcome.INTERRUPTED: "interrupted",
         }.get(report.outcome, "done" if summary.exit_code is ExitCode.OK else "partial")
+        if metrics is not None:
+            await metrics.finish(int(summary.exit_code))
         ledger.finish_run(
             run_id,
             status=status,
