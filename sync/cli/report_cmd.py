@@ -34,9 +34,9 @@ def register(subparsers: Any) -> None:
 
 def _locate(args: argparse.Namespace) -> tuple[Path, str]:
     """(ledger, run ID) for the arguments; ``latest`` is the most recently started run in those ledgers."""
-    from sync.cli.run_cmd import _ledger_paths, find_run
+    from sync.cli._ledgers import find_run, ledger_paths
 
-    return find_run(args.run_id, _ledger_paths(args.job, args.workdir, args.ledger))
+    return find_run(args.run_id, ledger_paths(args.job, args.workdir, args.ledger))
 
 
 def _report(args: argparse.Namespace) -> int:

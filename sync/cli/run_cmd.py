@@ -13,7 +13,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from sync.errors import ExitCode, StateError
+from sync.errors import ExitCode
 from sync.records import BatchStatus
 
 __all__ = ["register"]
@@ -122,46 +122,6 @@ def _run(args: argparse.Namespace) -> int:
     return int(outcome.exit_code)
 
 
-def _ledger_paths(job: Path | None, workdir: Path | None, ledger: Path | None = None) -> list[Path]:
-    """The ledgers to look in: the one named, the job's, or — with neither — every job workdir under the current
-    directory (``.pushsync/*`` here, and beside job files one folder down, e.g. ``jobs/.pushsync/*``: the
-    default workdir sits next to its job file)."""
-    from sync.run import LEDGER_FILE, ledger_path_for
-
-    if ledger is not None:
-        return [ledger]
-    if workdir is not None:
-        return [workdir / LEDGER_FILE]
-    if job is not None:
-        from sync.config import load_job
-
-        return [ledger_path_for(load_job(job))]
-    cwd = Path.cwd()
-    found = {*cwd.glob(f".pushsync/*/{LEDGER_FILE}"), *cwd.glob(f"*/.pushsync/*/{LEDGER_FILE}")}
-    return sorted(found)
-
-
-def find_run(run_id: str, paths: list[Path]) -> tuple[Path, str]:
-    """(ledger, run ID) of ``run_id`` among the ledgers ``paths``; ``latest`` is the most recently started run."""
-    from sync.ledger import Ledger
-
-    best: tuple[float, Path, str] | None = None
-    for path in paths:
-        if not path.exists():
-            continue
-        with Ledger.open(path) as ledger:
-            if run_id == "latest":
-                runs = ledger.runs()
-                if runs and (best is None or runs[0].started_at > best[0]):
-                    best = (runs[0].started_at, path, runs[0].run_id)
-            elif ledger.run(run_id) is not None:
-                return path, run_id
-    if best is not None:
-        return best[1], best[2]
-    what = "no run recorded" if run_id == "latest" else f"no run {run_id} found"
-    raise StateError(f"{what} (give --job JOB or --workdir DIR)")
-
-
 def _when(ts: float | None) -> str:
     return "-" if ts is None else datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%d %H:%M:%S")
 
@@ -170,7 +130,9 @@ def _runs(args: argparse.Namespace) -> int:
     from sync.ledger import Ledger
 
     infos = []
-    for path in _ledger_paths(args.job, args.workdir):
+    from sync.cli._ledgers import ledger_paths
+
+    for path in ledger_paths(args.job, args.workdir):
         if not path.exists():
             continue
         with Ledger.open(path) as ledger:
@@ -203,7 +165,9 @@ def _run_json(r: Any) -> dict[str, Any]:
 
 
 def _find_run(args: argparse.Namespace) -> tuple[Path, str]:
-    return find_run(args.run_id, _ledger_paths(args.job, args.workdir))
+    from sync.cli._ledgers import find_run, ledger_paths
+
+    return find_run(args.run_id, ledger_paths(args.job, args.workdir))
 
 
 def _show(args: argparse.Namespace) -> int:

@@ -57,9 +57,9 @@ def register(subparsers: Any) -> None:
 
 
 def _ledger_candidates(args: argparse.Namespace) -> list[Path]:
-    from sync.cli.run_cmd import _ledger_paths
+    from sync.cli._ledgers import ledger_paths
 
-    return _ledger_paths(None, args.workdir)
+    return ledger_paths(None, args.workdir)
 
 
 def _job_of_run(args: argparse.Namespace) -> Path:

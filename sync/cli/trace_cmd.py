@@ -27,11 +27,11 @@ def register(subparsers: Any) -> None:
 
 
 def _trace(args: argparse.Namespace) -> int:
-    from sync.cli.run_cmd import _ledger_paths
+    from sync.cli._ledgers import ledger_paths
     from sync.trace import trace_id
 
     entries = []
-    for path in _ledger_paths(args.job, args.workdir):
+    for path in ledger_paths(args.job, args.workdir):
         if path.exists():
             entries.extend(trace_id(path, args.ext_id))
     entries.sort(key=lambda e: -e.run_started_at)
