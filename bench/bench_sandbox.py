@@ -118,7 +118,7 @@ def throughput(args: argparse.Namespace) -> tuple[float, dict[str, int], float]:
 
 def build_and_measure(kind: str, users: int) -> float:
     """Build ``users`` users of one ``kind`` in this process; the RSS growth per user, in bytes."""
-    from sync.platforms.sandboxes.netmera_state import NetmeraState
+    from sync.sandboxes.netmera_state import NetmeraState
 
     def tag_over_api(state: NetmeraState, prefix: str) -> None:
         # as tagUsers does: 1000 new extId strings per request, added by one set.update

@@ -20,7 +20,7 @@ import pytest
 from sandbox_fixtures import REPO_ROOT as REPO_ROOT  # re-exported: test_crash_resume imports it from here
 from sandbox_fixtures import in_process_sandboxes, start_sandbox_process, stop_sandbox_process
 
-from sync.platforms.sandboxes.netmera import NetmeraSandbox, NetmeraSandboxConfig
+from sync.sandboxes.netmera import NetmeraSandbox, NetmeraSandboxConfig
 
 
 @pytest.fixture(autouse=True)

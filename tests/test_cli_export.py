@@ -12,7 +12,7 @@ import polars as pl
 import pytest
 
 from sync.cli import main
-from sync.platforms.sandboxes._core import FaultSpec, RateLimit
+from sync.sandboxes._core import FaultSpec, RateLimit
 
 
 def _job(tmp_path: Path, url: str) -> Path:

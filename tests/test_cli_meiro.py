@@ -19,7 +19,7 @@ import yaml
 
 from sync.cli import main
 from sync.ledger import Ledger
-from sync.platforms.sandboxes.meiro import MeiroSandbox, MeiroSandboxConfig, MeiroUser
+from sync.sandboxes.meiro import MeiroSandbox, MeiroSandboxConfig, MeiroUser
 
 REPO = Path(__file__).resolve().parent.parent
 EMAIL, PASSWORD = "cli@example.test", "cli-meiro-password-42"
@@ -317,13 +317,13 @@ def test_sandbox_meiro_runs_as_a_process_and_prints_its_url(tmp_path: Path) -> N
 
 
 def _limit(requests: int, window: float) -> Any:
-    from sync.platforms.sandboxes._core import RateLimit
+    from sync.sandboxes._core import RateLimit
 
     return RateLimit(requests, window)
 
 
 def _faults() -> Any:
-    from sync.platforms.sandboxes._core import FaultSpec
+    from sync.sandboxes._core import FaultSpec
 
     return FaultSpec(error_500=0.15, error_503=0.1, drop=0.05)
 

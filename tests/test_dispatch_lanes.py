@@ -25,9 +25,9 @@ from sync.errors import ExitCode, FatalPlatformError, StateError
 from sync.ledger import Ledger
 from sync.planning import build_plan
 from sync.platforms.base import SendOutcome
-from sync.platforms.sandboxes.netmera_state import Device
 from sync.records import Attempt, Batch, BatchResult, BatchStatus, Operation, Phase
 from sync.run import RunOptions, run
+from sync.sandboxes.netmera_state import Device
 
 # --- an in-memory platform with many endpoints --------------------------------------------------------------
 

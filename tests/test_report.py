@@ -21,11 +21,11 @@ import pytest_asyncio
 from sync.config import load_job
 from sync.demo import generate_users
 from sync.ledger import Ledger
-from sync.platforms.sandboxes._core import FaultSpec, RateLimit
-from sync.platforms.sandboxes.netmera import NetmeraSandbox, NetmeraSandboxConfig, UnknownExtId
 from sync.records import AttemptOutcome, BatchStatus, RejectedRow
 from sync.report import load_report, render_html, write_report
 from sync.run import RunOptions, RunOutcome, run
+from sync.sandboxes._core import FaultSpec, RateLimit
+from sync.sandboxes.netmera import NetmeraSandbox, NetmeraSandboxConfig, UnknownExtId
 
 KEY_ENV = "PUSHSYNC_TEST_NETMERA_KEY"
 REFUSED_ID = "U0000037"

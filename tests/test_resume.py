@@ -206,8 +206,8 @@ async def test_resume_never_resends_an_event_whose_outcome_is_unknown(
     tmp_path: Path, netmera_sandbox_factory: Any
 ) -> None:
     from sync.config import load_job
-    from sync.platforms.sandboxes._core import FaultSpec
     from sync.run import RunOptions, run
+    from sync.sandboxes._core import FaultSpec
 
     sandbox = await netmera_sandbox_factory(
         faults=FaultSpec(applied_then_500=1.0, endpoints=frozenset({"fireEvents"}))

@@ -20,10 +20,10 @@ from sync.errors import ExitCode
 from sync.ledger import Ledger
 from sync.platforms.netmera.client import NetmeraClient
 from sync.platforms.netmera.requests import make_batch, tag_body
-from sync.platforms.sandboxes._core import FaultSpec, LatencySpec, RateLimit
-from sync.platforms.sandboxes.netmera import UnknownExtId
 from sync.records import BatchStatus, Operation
 from sync.run import RunOptions, run
+from sync.sandboxes._core import FaultSpec, LatencySpec, RateLimit
+from sync.sandboxes.netmera import UnknownExtId
 
 KEY_ENV = "PUSHSYNC_TEST_NETMERA_KEY"
 

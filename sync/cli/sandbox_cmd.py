@@ -27,7 +27,7 @@ import yaml
 from sync.errors import BadJobError, JobProblem
 
 if TYPE_CHECKING:  # the sandboxes (and aiohttp) are imported only when one is run
-    from sync.platforms.sandboxes._base import PlatformSandbox
+    from sync.sandboxes._base import PlatformSandbox
 
 __all__ = [
     "API_KEY_ENV",
@@ -86,7 +86,7 @@ class SandboxCommand:
 
 
 def _netmera(args: argparse.Namespace, data: dict[str, Any], creds: dict[str, str]) -> Built:
-    from sync.platforms.sandboxes.netmera import NetmeraSandbox, NetmeraSandboxConfig
+    from sync.sandboxes.netmera import NetmeraSandbox, NetmeraSandboxConfig
 
     config = NetmeraSandboxConfig.from_mapping(data, **creds, seed_file=args.seed_file)
     return NetmeraSandbox(config), []
@@ -99,7 +99,7 @@ def _meiro_options(parser: argparse.ArgumentParser) -> None:
 
 
 def _meiro(args: argparse.Namespace, data: dict[str, Any], _creds: dict[str, str]) -> Built:
-    from sync.platforms.sandboxes.meiro import MeiroSandbox, MeiroSandboxConfig, MeiroUser
+    from sync.sandboxes.meiro import MeiroSandbox, MeiroSandboxConfig, MeiroUser
 
     # Unless the config lists its users, there is one: --email, with $MEIRO_SANDBOX_PASSWORD or a generated one.
     notes = []
@@ -123,7 +123,7 @@ def _nv_options(parser: argparse.ArgumentParser) -> None:
 
 
 def _notifyvisitors(args: argparse.Namespace, data: dict[str, Any], creds: dict[str, str]) -> Built:
-    from sync.platforms.sandboxes.notifyvisitors import NotifyVisitorsSandbox, NotifyVisitorsSandboxConfig
+    from sync.sandboxes.notifyvisitors import NotifyVisitorsSandbox, NotifyVisitorsSandboxConfig
 
     if args.no_limits:
         data = {**data, "limits": {}}
@@ -138,7 +138,7 @@ def _fof_options(parser: argparse.ArgumentParser) -> None:
 
 
 def _formsonfire(args: argparse.Namespace, data: dict[str, Any], creds: dict[str, str]) -> Built:
-    from sync.platforms.sandboxes.formsonfire import FormsOnFireSandbox, FormsOnFireSandboxConfig
+    from sync.sandboxes.formsonfire import FormsOnFireSandbox, FormsOnFireSandboxConfig
 
     config = FormsOnFireSandboxConfig.from_mapping(
         data, **creds, company_id=args.company_id, seed_file=args.seed_file

@@ -18,7 +18,7 @@ from sandbox_fixtures import in_process_sandboxes
 
 from sync.config import Destination
 from sync.platforms.formsonfire.client import FormsOnFireClient
-from sync.platforms.sandboxes.formsonfire import FormsOnFireSandbox, FormsOnFireSandboxConfig
+from sync.sandboxes.formsonfire import FormsOnFireSandbox, FormsOnFireSandboxConfig
 
 FOF_KEY = "fof-test-integration-key-0123456789"
 FOF_COMPANY = 777

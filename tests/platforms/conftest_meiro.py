@@ -20,7 +20,7 @@ import pytest
 from sandbox_fixtures import SandboxPool
 
 from sync.platforms.meiro.client import MeiroClient, MeiroCredentials
-from sync.platforms.sandboxes.meiro import MeiroSandbox, MeiroSandboxConfig, MeiroUser
+from sync.sandboxes.meiro import MeiroSandbox, MeiroSandboxConfig, MeiroUser
 
 MEIRO_EMAIL = "analyst@example.test"
 MEIRO_PASSWORD = "meiro-test-password-0123"

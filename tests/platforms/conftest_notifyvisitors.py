@@ -17,7 +17,7 @@ from sandbox_fixtures import in_process_sandboxes
 
 from sync.config import Destination
 from sync.platforms.notifyvisitors.client import NotifyVisitorsClient
-from sync.platforms.sandboxes.notifyvisitors import NotifyVisitorsSandbox, NotifyVisitorsSandboxConfig
+from sync.sandboxes.notifyvisitors import NotifyVisitorsSandbox, NotifyVisitorsSandboxConfig
 
 NV_API_KEY = "nv-test-api-key-0123456789"
 NV_BRAND_ID = "4242"

@@ -18,8 +18,8 @@ from sync.platforms._http import (
     HttpSession,
     json_error,
 )
-from sync.platforms.sandboxes._core import FaultSpec
 from sync.redact import register_secret
+from sync.sandboxes._core import FaultSpec
 
 
 def _answer(status: int, body: Any = None, headers: dict[str, str] | None = None) -> HttpAnswer:

@@ -20,8 +20,8 @@ from sync.platforms.meiro.poller import (
     wait_for_export,
     wait_for_exports,
 )
-from sync.platforms.sandboxes._core import FaultSpec, RateLimit
 from sync.redact import redact
+from sync.sandboxes._core import FaultSpec, RateLimit
 
 NID = "983d437d-eac6-423b-beb5-40a619be332f"
 

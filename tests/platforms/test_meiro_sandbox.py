@@ -10,8 +10,8 @@ import aiohttp
 import pytest
 from conftest_meiro import EPOCH, MEIRO_EMAIL, MEIRO_PASSWORD, VIEWER_EMAIL, VIEWER_PASSWORD, FakeClock
 
-from sync.platforms.sandboxes._core import FaultSpec, RateLimit
-from sync.platforms.sandboxes.meiro import MeiroSandboxConfig
+from sync.sandboxes._core import FaultSpec, RateLimit
+from sync.sandboxes.meiro import MeiroSandboxConfig
 
 NID = "983d437d-eac6-423b-beb5-40a619be332f"
 

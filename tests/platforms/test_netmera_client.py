@@ -14,8 +14,8 @@ from sync.errors import FatalPlatformError, RejectedBatchError, RetryableError
 from sync.platforms.base import PlatformClient
 from sync.platforms.netmera.client import NetmeraClient, parse_remaining, parse_retry_after
 from sync.platforms.netmera.requests import make_batch, set_attributes_body, tag_body
-from sync.platforms.sandboxes._core import FaultSpec, RateLimit
 from sync.records import Batch, Operation
+from sync.sandboxes._core import FaultSpec, RateLimit
 
 
 def _client(url: str, key: str, **kw: Any) -> NetmeraClient:

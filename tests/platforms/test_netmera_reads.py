@@ -19,7 +19,7 @@ from sync.platforms.netmera.reads import (
     segment_pages,
     segment_user_pages,
 )
-from sync.platforms.sandboxes._core import FaultSpec, RateLimit
+from sync.sandboxes._core import FaultSpec, RateLimit
 
 FAULTS = FaultSpec(error_500=0.08, error_503=0.04, drop=0.03, applied_then_500=0.02)
 

@@ -7,8 +7,8 @@ from typing import Any
 import aiohttp
 import pytest
 
-from sync.platforms.sandboxes import _core, netmera
-from sync.platforms.sandboxes._core import FaultSpec
+from sync.sandboxes import _core, netmera
+from sync.sandboxes._core import FaultSpec
 
 
 def test_core_public_names_are_pinned() -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from sync.platforms.sandboxes.netmera_state import Device
+from sync.sandboxes.netmera_state import Device
 
 SEED_USERS = {
     "users": [

@@ -8,7 +8,7 @@ from typing import Any
 import aiohttp
 import pytest
 
-from sync.platforms.sandboxes._core import FaultInjector, FaultKind, FaultSpec, LatencySpec
+from sync.sandboxes._core import FaultInjector, FaultKind, FaultSpec, LatencySpec
 
 BODY = {"tag": "T", "extIds": ["a", "b"]}
 

@@ -7,7 +7,7 @@ from typing import Any
 
 import polars as pl
 
-from sync.platforms.sandboxes.netmera import NetmeraSandbox, NetmeraSandboxConfig
+from sync.sandboxes.netmera import NetmeraSandbox, NetmeraSandboxConfig
 
 
 async def test_stats_route(netmera_sandbox_factory: Any) -> None:

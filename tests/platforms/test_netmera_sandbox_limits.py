@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from sync.platforms.sandboxes._core import FixedWindowLimiter, RateLimit, parse_limits
+from sync.sandboxes._core import FixedWindowLimiter, RateLimit, parse_limits
 
 
 class FakeClock:

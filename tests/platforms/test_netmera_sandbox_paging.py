@@ -7,7 +7,7 @@ from typing import Any
 
 import polars as pl
 
-from sync.platforms.sandboxes.netmera import NetmeraSandboxConfig
+from sync.sandboxes.netmera import NetmeraSandboxConfig
 
 DEVICES = 120_000
 

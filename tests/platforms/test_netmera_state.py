@@ -7,7 +7,7 @@ import tracemalloc
 
 import pytest
 
-from sync.platforms.sandboxes.netmera_state import Device, NetmeraState, User
+from sync.sandboxes.netmera_state import Device, NetmeraState, User
 
 
 def test_profile_reads_as_a_read_only_mapping_in_key_order() -> None:

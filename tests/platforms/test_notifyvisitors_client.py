@@ -35,9 +35,9 @@ from sync.platforms.notifyvisitors.requests import (
     user_create_body,
     user_item,
 )
-from sync.platforms.sandboxes._core import start_app
 from sync.records import Batch, Operation, RowRef
 from sync.run import RunOptions, run
+from sync.sandboxes._core import start_app
 
 # --- request builders --------------------------------------------------------------------------------------
 

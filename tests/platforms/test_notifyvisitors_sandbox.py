@@ -11,7 +11,7 @@ import pytest
 from conftest_notifyvisitors import NV_BRAND_ID, NvFactory, RunningNotifyVisitors
 from sandbox_fixtures import start_sandbox_process, stop_sandbox_process
 
-from sync.platforms.sandboxes._core import FaultSpec, RateLimit
+from sync.sandboxes._core import FaultSpec, RateLimit
 
 
 class FakeClock:

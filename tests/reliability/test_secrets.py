@@ -26,8 +26,8 @@ from sync.cli import build_parser, main
 from sync.config import Destination, load_job, resolve_secret
 from sync.demo import start_sandbox_process, stop_sandbox_process
 from sync.errors import BadJobError, ExitCode, SecretError
-from sync.platforms.sandboxes.netmera import NetmeraSandbox, NetmeraSandboxConfig
 from sync.run import RunOptions, run
+from sync.sandboxes.netmera import NetmeraSandbox, NetmeraSandboxConfig
 
 from .conftest import REPO_ROOT
 

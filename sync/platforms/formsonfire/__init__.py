@@ -1,6 +1,6 @@
 """Forms On Fire "POST Push API" (and its white-label brands): push bodies and their JSON/XML serialisation
 (:mod:`.requests`, no I/O) and the aiohttp connector (:mod:`.client`). The emulator is
-:mod:`sync.platforms.sandboxes.formsonfire`.
+:mod:`sync.sandboxes.formsonfire`.
 
 Facts from seed 003 (``/work/shared/platforms.md`` §4): ``POST /api/v2/push?format=json|xml``, one user per
 request, body JSON or XML by Content-Type (none → XML), XML root declaring ``xmlns:i``, XML elements in

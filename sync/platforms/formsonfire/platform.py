@@ -34,7 +34,7 @@ class FormsOnFirePlatform:
     )
     snapshot_mode = False
     non_idempotent = frozenset({Operation.SEND_PUSH})
-    sandbox = "sync.platforms.sandboxes.formsonfire"
+    sandbox = "sync.sandboxes.formsonfire"
 
     def job_problems(self, sources: Sequence[Source], extra: Mapping[str, str]) -> list[JobProblem]:
         return fof.job_problems(sources, extra)

@@ -1,7 +1,7 @@
 """Meiro CDP: push-notification exports and the push-notification trash (seed 002, ``platforms.md`` §3).
 
 Records shared by the connector (:mod:`.client`), the poller (:mod:`.poller`), the job file (:mod:`.job`) and
-the emulator (:mod:`sync.platforms.sandboxes.meiro`); no I/O here. The API answers are parsed once, at the
+the emulator (:mod:`sync.sandboxes.meiro`); no I/O here. The API answers are parsed once, at the
 boundary, into these frozen records.
 """
 

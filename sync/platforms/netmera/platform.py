@@ -33,7 +33,7 @@ class NetmeraPlatform:
     )
     snapshot_mode = True
     non_idempotent = frozenset({Operation.FIRE_EVENTS, Operation.PUSH_ATTRIBUTES})
-    sandbox = "sync.platforms.sandboxes.netmera"
+    sandbox = "sync.sandboxes.netmera"
 
     def job_problems(self, sources: Sequence[Source], extra: Mapping[str, str]) -> list[JobProblem]:
         del sources, extra  # every source kind and mapping the loader accepts has a Netmera endpoint

@@ -1,5 +1,5 @@
 """NotifyVisitors REST API v1: request shapes, limits and value formats (:mod:`.requests`, no I/O) and the aiohttp
-connector (:mod:`.client`). The emulator is :mod:`sync.platforms.sandboxes.notifyvisitors`.
+connector (:mod:`.client`). The emulator is :mod:`sync.sandboxes.notifyvisitors`.
 
 Facts from seed 004 (``/work/shared/platforms.md`` §2); everything here is [D] unless marked otherwise.
 """

@@ -47,7 +47,7 @@ class NotifyVisitorsPlatform:
     )
     snapshot_mode = False
     non_idempotent = frozenset({Operation.FIRE_EVENTS})
-    sandbox = "sync.platforms.sandboxes.notifyvisitors"
+    sandbox = "sync.sandboxes.notifyvisitors"
 
     def job_problems(self, sources: Sequence[Source], extra: Mapping[str, str]) -> list[JobProblem]:
         return nv.job_problems(sources, extra)

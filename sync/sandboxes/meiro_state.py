@@ -353,7 +353,7 @@ class MeiroState:
         """``notifications`` and ``exports`` as polars DataFrames (for ``/_sandbox/state?format=parquet``)."""
         import polars as pl
 
-        from sync.platforms.sandboxes._base import table  # with polars: only dumps need it
+        from sync.sandboxes._base import table  # with polars: only dumps need it
 
         notifications = list(self.notifications.values())
         exports = [e for n in notifications for e in n.exports.values()]

@@ -11,8 +11,8 @@ from typing import Any, ClassVar
 from aiohttp import web
 
 from sync.platforms.netmera import MAX_IDS_PER_REQUEST
-from sync.platforms.sandboxes._base import SandboxSettings
-from sync.platforms.sandboxes._core import ApiError
+from sync.sandboxes._base import SandboxSettings
+from sync.sandboxes._core import ApiError
 
 __all__ = [
     "API_KEY_INVALID",

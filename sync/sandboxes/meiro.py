@@ -33,9 +33,9 @@ from typing import Any, ClassVar
 from aiohttp import web
 
 from sync.platforms.meiro import EDIT_FEATURE, TOKEN_TTL, VIEW_FEATURE, ExportStatus
-from sync.platforms.sandboxes._base import PlatformSandbox, SandboxSettings
-from sync.platforms.sandboxes._core import ApiError, FaultKind, json_response
-from sync.platforms.sandboxes.meiro_state import MeiroState, Progression, SandboxExport
+from sync.sandboxes._base import PlatformSandbox, SandboxSettings
+from sync.sandboxes._core import ApiError, FaultKind, json_response
+from sync.sandboxes.meiro_state import MeiroState, Progression, SandboxExport
 
 __all__ = [
     "API_PREFIX",

@@ -19,9 +19,9 @@ from typing import Any
 
 from aiohttp import web
 
-from sync.platforms.sandboxes._base import PlatformSandbox
-from sync.platforms.sandboxes._core import ApiError, FaultKind, json_response
-from sync.platforms.sandboxes.netmera_config import (
+from sync.sandboxes._base import PlatformSandbox
+from sync.sandboxes._core import ApiError, FaultKind, json_response
+from sync.sandboxes.netmera_config import (
     API_KEY_INVALID,
     INTERNAL_ERROR,
     INVALID_JSON,
@@ -31,8 +31,8 @@ from sync.platforms.sandboxes.netmera_config import (
     Validator,
     WriteResponse,
 )
-from sync.platforms.sandboxes.netmera_handlers import API_PREFIX, NetmeraHandlers
-from sync.platforms.sandboxes.netmera_state import NetmeraState
+from sync.sandboxes.netmera_handlers import API_PREFIX, NetmeraHandlers
+from sync.sandboxes.netmera_state import NetmeraState
 
 __all__ = [
     "API_PREFIX",

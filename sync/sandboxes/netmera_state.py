@@ -22,7 +22,7 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-from sync.platforms.sandboxes.netmera_records import PLATFORMS, Device, Event, Notification, Segment, User
+from sync.sandboxes.netmera_records import PLATFORMS, Device, Event, Notification, Segment, User
 
 __all__ = ["Device", "Event", "NetmeraState", "Notification", "Segment", "User"]
 
@@ -403,7 +403,7 @@ class NetmeraState:
         new sandbox (:meth:`load_file`)."""
         import polars as pl
 
-        from sync.platforms.sandboxes._base import table  # with polars: only dumps need it
+        from sync.sandboxes._base import table  # with polars: only dumps need it
 
         tags = self._tags_by_user()
         rows = []

@@ -49,9 +49,9 @@ from xml.sax.saxutils import escape
 from aiohttp import web
 
 from sync.platforms.formsonfire import ENDPOINT, XSI_NAMESPACE, BodyFormat, UserKey
-from sync.platforms.sandboxes._base import PlatformSandbox, SandboxSettings
-from sync.platforms.sandboxes._core import ApiError, json_response
-from sync.platforms.sandboxes.formsonfire_state import FormsOnFireState, KnownUser, Push
+from sync.sandboxes._base import PlatformSandbox, SandboxSettings
+from sync.sandboxes._core import ApiError, json_response
+from sync.sandboxes.formsonfire_state import FormsOnFireState, KnownUser, Push
 
 __all__ = [
     "API_PREFIX",

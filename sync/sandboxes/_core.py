@@ -45,21 +45,21 @@ from typing import Any, Protocol
 from aiohttp import web
 from aiohttp.typedefs import Middleware
 
-from sync.platforms.sandboxes._faults import (
+from sync.sandboxes._faults import (
     FaultDecision,
     FaultInjector,
     FaultKind,
     FaultSpec,
     LatencySpec,
 )
-from sync.platforms.sandboxes._limits import (
+from sync.sandboxes._limits import (
     Admission,
     Clock,
     FixedWindowLimiter,
     RateLimit,
     parse_limits,
 )
-from sync.platforms.sandboxes._stats import SandboxStats
+from sync.sandboxes._stats import SandboxStats
 
 __all__ = [
     "Admission",

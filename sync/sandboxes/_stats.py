@@ -9,8 +9,8 @@ import math
 import time
 from typing import Any
 
-from sync.platforms.sandboxes._faults import FaultKind
-from sync.platforms.sandboxes._limits import Clock
+from sync.sandboxes._faults import FaultKind
+from sync.sandboxes._limits import Clock
 
 __all__ = ["SandboxStats"]
 

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Generic, Protocol, Self, TypeVa
 from aiohttp import web
 from aiohttp.typedefs import Middleware
 
-from sync.platforms.sandboxes._core import (
+from sync.sandboxes._core import (
     Admission,
     ApiError,
     FaultKind,

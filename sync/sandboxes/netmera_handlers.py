@@ -14,8 +14,8 @@ from urllib.parse import quote
 
 from aiohttp import web
 
-from sync.platforms.sandboxes._core import ApiError, SandboxCore
-from sync.platforms.sandboxes.netmera_config import (
+from sync.sandboxes._core import ApiError, SandboxCore
+from sync.sandboxes.netmera_config import (
     EXT_ID_NOT_FOUND,
     MISSING_PARAMETER,
     NOT_AUTHORIZED,
@@ -27,7 +27,7 @@ from sync.platforms.sandboxes.netmera_config import (
     bool_query,
     missing,
 )
-from sync.platforms.sandboxes.netmera_state import PLATFORMS, Event, NetmeraState
+from sync.sandboxes.netmera_state import PLATFORMS, Event, NetmeraState
 
 __all__ = ["API_PREFIX", "NetmeraHandlers"]
 

@@ -56,8 +56,8 @@ from sync.platforms.notifyvisitors import (
     RATE_LIMITS_PER_MINUTE,
     USER_CREATE,
 )
-from sync.platforms.sandboxes._base import PlatformSandbox, SandboxSettings, table
-from sync.platforms.sandboxes._core import ApiError, RateLimit, json_response
+from sync.sandboxes._base import PlatformSandbox, SandboxSettings, table
+from sync.sandboxes._core import ApiError, RateLimit, json_response
 
 __all__ = [
     "API_PREFIX",
