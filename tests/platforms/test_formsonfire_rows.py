@@ -20,6 +20,7 @@ from sync.config import Job, load_job
 from sync.errors import BadJobError, ExitCode, FatalPlatformError
 from sync.ledger import Ledger
 from sync.planning import build_plan
+from sync.platforms.formsonfire.client import FormsOnFireClient
 from sync.platforms.formsonfire.requests import make_batch, push_body, to_xml
 from sync.runner import run_job
 
@@ -131,7 +132,12 @@ async def test_characters_xml_cannot_carry_are_rejected_rows_in_xml_mode_only(
     fof_sandbox_factory: FofFactory, tmp_path: Path, body_format: str
 ) -> None:
     running = await fof_sandbox_factory(users=(), unknown_user="accept")
-    rows = [row("crm-1"), row("crm-2", title="bell\x07"), row("crm-3", message="nul-ish\x1b[0m"), row("crm-4")]
+    rows = [
+        row("crm-1"),
+        row("crm-2", title="bell\x07"),
+        row("crm-3", message="nul-ish\x1b[0m"),
+        row("crm-4"),
+    ]
     job = write_job(tmp_path, running.url, rows, body_format=body_format)
     outcome = await run_job(job, api_key=FOF_KEY)
     with Ledger.open(outcome.ledger_path) as ledger:
@@ -181,7 +187,9 @@ async def test_a_wrong_key_stops_the_run_whatever_its_error_code(
     fof_sandbox_factory: FofFactory, tmp_path: Path
 ) -> None:
     # The credential error's code is not documented: this platform calls it something the client does not know.
-    running = await fof_sandbox_factory(users=(), unknown_user="accept", auth_error_code="CredentialsRejected")
+    running = await fof_sandbox_factory(
+        users=(), unknown_user="accept", auth_error_code="CredentialsRejected"
+    )
     rows = [row(f"crm-{i}") for i in range(60)]
     outcome = await run_job(write_job(tmp_path, running.url, rows), api_key="not-the-key-123")
     assert outcome.exit_code is ExitCode.ABORTED
@@ -192,18 +200,20 @@ async def test_a_wrong_key_stops_the_run_whatever_its_error_code(
 
 
 async def test_the_fatal_codes_and_the_threshold_are_settings(fof_sandbox_factory: FofFactory) -> None:
-    running = await fof_sandbox_factory(users=(), unknown_user="accept", auth_error_code="CredentialsRejected")
+    running = await fof_sandbox_factory(
+        users=(), unknown_user="accept", auth_error_code="CredentialsRejected"
+    )
     push = make_batch(push_body("UserExternalId", "crm-1", title="Hi"))
     listed = running.destination(fatal_error_codes="CredentialsRejected, Other", fatal_after="0")
-    from sync.platforms.formsonfire.client import FormsOnFireClient
-
     async with FormsOnFireClient(listed, "wrong-key-1234", timeout=5) as client:
         with pytest.raises(FatalPlatformError) as info:
             await client.send(push)  # the first answer: the code is listed
     assert info.value.code == "CredentialsRejected" and "wrong-key-1234" not in info.value.message
 
 
-async def test_refusals_of_single_users_do_not_stop_the_run(fof_sandbox_factory: FofFactory, tmp_path: Path) -> None:
+async def test_refusals_of_single_users_do_not_stop_the_run(
+    fof_sandbox_factory: FofFactory, tmp_path: Path
+) -> None:
     # The first rows name users the company does not have, then one it has: different refusals, or a success
     # before the threshold, keep the run going.
     running = await fof_sandbox_factory(unknown_user="error")

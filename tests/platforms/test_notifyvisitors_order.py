@@ -83,7 +83,9 @@ async def test_a_refused_event_costs_only_itself_and_names_its_own_row(
     for u in range(1, 6):
         for k in range(3):
             bad = (u, k) in ((2, 1), (4, 2))
-            rows.append((f"u{u}", "purchase", u * 10 + k, long_sku if bad else f"sku-{k}", "2024-05-01 10:00:00"))
+            rows.append(
+                (f"u{u}", "purchase", u * 10 + k, long_sku if bad else f"sku-{k}", "2024-05-01 10:00:00")
+            )
     job = write_job(tmp_path, running.url, None, events_csv(rows))
     outcome = await run_job(job, api_key=NV_API_KEY)
 
