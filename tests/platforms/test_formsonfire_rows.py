@@ -14,7 +14,7 @@ from typing import Any
 
 import polars as pl
 import pytest
-from conftest_formsonfire import FOF_COMPANY, FOF_KEY, FofFactory
+from conftest_formsonfire import FOF_COMPANY, FOF_KEY, FofFactory, RunningFormsOnFire, credentials
 
 from sync.config import Job, load_job
 from sync.errors import BadJobError, ExitCode, FatalPlatformError
@@ -117,6 +117,20 @@ async def test_xml_bodies_carry_the_text_exactly(fof_sandbox_factory: FofFactory
     got = {p.user.removeprefix("UserExternalId:"): (p.title, p.body) for p in running.sandbox.state.pushes}
     assert got == {user: (text, text + "!") for user, text in texts.items()}
     assert all(p.format == "xml" for p in running.sandbox.state.pushes)
+
+
+@pytest.mark.parametrize("expiry", [1.5, 2**31, -(2**31) - 1])
+async def test_the_sandbox_refuses_an_expiry_that_is_not_a_32_bit_integer(
+    fof_sandbox: RunningFormsOnFire, expiry: float
+) -> None:
+    reply = await fof_sandbox.push(credentials(UserExternalId="crm-1", ExpirySecs=expiry))
+    assert (reply.status, reply.error_code) == (400, "SerializationException")
+    xml = f'<PushRequest xmlns:i="http://www.w3.org/2001/XMLSchema-instance"><CompanyId>{FOF_COMPANY}</CompanyId>'
+    xml += f"<ExpirySecs>{expiry}</ExpirySecs><IntegrationKey>{FOF_KEY}</IntegrationKey>"
+    xml += "<UserExternalId>crm-1</UserExternalId></PushRequest>"
+    reply = await fof_sandbox.push(xml, content_type="application/xml", format="json")
+    assert (reply.status, reply.error_code) == (400, "SerializationException")
+    assert fof_sandbox.sandbox.state.pushes == []
 
 
 def test_xml_serialisation_round_trips_and_refuses_what_xml_cannot_carry() -> None:

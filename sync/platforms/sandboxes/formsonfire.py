@@ -10,7 +10,7 @@ request                                                   HTTP    body (in the `
 other Content-Type                                        400     ``UnsupportedMediaType``
 body not JSON/XML; XML root without ``xmlns:i``; XML      400     ``SerializationException``
 elements not in alphabetical order; a field of the
-wrong type (bad parameters)
+wrong type, an Integer outside 32 bits (bad parameters)
 wrong ``CompanyId`` or ``IntegrationKey``                 200     ``Unauthorized`` (``auth_error_code``)
 no ``UserId``/``UserEmail``/``UserExternalId``             200     ``UserRequired``
 a user not in the known-users list (when it applies)      200     ``UserNotFound``
@@ -149,12 +149,18 @@ def _local(tag: str) -> str:
     return tag.rsplit("}", 1)[-1]
 
 
+_INT32 = range(-(2**31), 2**31)
+"""The document's Integer fields are .NET ``int``: a value outside it does not deserialise [I]."""
+
+
 def _typed(name: str, value: Any) -> Any:
     expected = _FIELD_TYPES.get(name)
     if expected is None or value is None:
         return value
     if type(value) is not expected:
         raise _bad(f"{name}: expected {expected.__name__}")
+    if expected is int and value not in _INT32:
+        raise _bad(f"{name}: out of range for an Integer")
     return value
 
 
@@ -182,7 +188,7 @@ def _xml_value(name: str, element: ET.Element) -> Any:
         return text.strip() == "true"
     if expected is int:
         try:
-            return int(text.strip())
+            return _typed(name, int(text.strip()))
         except ValueError:
             raise _bad(f"{name}: expected an integer") from None
     return text
