@@ -16,8 +16,9 @@ changes before any deletion).
   queue to be finished (``queue.join()``) at each change of phase.
 
 A batch naming a predecessor (``Batch.after``: one user's events continued from an earlier request) is sent
-only once that predecessor has finished, when this run sends it. Either way, the global cap (``DispatchSettings.concurrency``) bounds the requests in flight: a slot is taken
-*after* the endpoint's rate budget released the attempt, so tasks waiting for a slow budget hold no slot.
+only once that predecessor has finished, when this run sends it. Either way, the global cap
+(``DispatchSettings.concurrency``) bounds the requests in flight: a slot is taken *after* the endpoint's rate
+budget released the attempt, so tasks waiting for a slow budget hold no slot.
 
 Per batch: ``planned`` is recorded when it is queued, ``sent`` before the first attempt, and the final result
 the moment it is known — synchronously, before the next ``await``, so a cancellation cannot fall between an

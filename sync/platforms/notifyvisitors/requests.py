@@ -562,6 +562,10 @@ class Builder:
         }
         attrs = {k: v for k, v in values.items() if v is not None}
         if stream.operation is Operation.SET_ATTRIBUTES:
+            if isinstance(attrs.get(EVENT_TIME_ATTRIBUTE), datetime):  # only events have an event_time
+                attrs[EVENT_TIME_ATTRIBUTE] = (
+                    attrs[EVENT_TIME_ATTRIBUTE].astimezone(self._tz).strftime(EVENT_TIME_FORMAT)
+                )
             try:
                 return user_item(user_id, attrs)
             except ValueError:
