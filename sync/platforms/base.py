@@ -45,6 +45,9 @@ class SendOutcome:
     body: object = None
     remaining: int | None = None
     """The server's ``X-RateLimit-Remaining``, when it sent one (rate budgets pause at 0)."""
+    reset_after: float | None = None
+    """Seconds until the platform's own rate window resets, when the connector knows it and ``remaining`` is
+    0: the budget pauses that long instead of until its own (maybe shorter) period ends."""
 
 
 @runtime_checkable
@@ -90,6 +93,10 @@ class BatchBuilder(Protocol):
 
     Frames arrive in the planner's canonical order, each holding every row of its IDs; the same frames must
     always give the same batches with the same content-derived IDs (resume depends on it).
+
+    Two optional hooks the planner uses when a builder has them: ``check_rows(source, clean, file_name) ->
+    (clean, rejects)`` refuses rows valid in general that this platform cannot take (rejected rows at plan time,
+    not refused requests later), and a stream's ``rank`` orders its lane within a phase (lower first).
     """
 
     def streams_for(self, source: Source) -> Sequence[Stream]:

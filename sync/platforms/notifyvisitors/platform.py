@@ -20,7 +20,7 @@ from sync.platforms.notifyvisitors import (
     USER_CREATE,
 )
 from sync.platforms.notifyvisitors import requests as nv
-from sync.records import Batch, Operation
+from sync.records import Batch, Operation, RowRef
 
 __all__ = ["NOTIFYVISITORS", "NotifyVisitorsPlatform"]
 
@@ -71,9 +71,21 @@ class NotifyVisitorsPlatform:
             return None
         if keep == frozenset(batch.ext_ids):
             return batch
-        # Every item of a kept user stays, in order (events of one user keep their order).
-        body = {"nv": [item for item in batch.body["nv"] if str(item["userID"]) in keep]}
-        return nv.make_batch(batch.endpoint, body, origins=batch.origins)
+        # Every item of a kept user stays, in order (events of one user keep their order), with its own row, and
+        # the batch keeps its place behind its predecessor, as the platform's split_batch does.
+        items = batch.body["nv"]
+        origins = batch.origins
+        if isinstance(origins, nv.ItemOrigins):
+            rows: Sequence[RowRef | None] = origins.rows
+        else:
+            rows = [origins.get(str(item["userID"])) for item in items]
+        kept = [i for i, item in enumerate(items) if str(item["userID"]) in keep]
+        return nv.make_batch(
+            batch.endpoint,
+            {"nv": [items[i] for i in kept]},
+            rows=[rows[i] for i in kept],
+            after=batch.after,
+        )
 
 
 NOTIFYVISITORS = NotifyVisitorsPlatform()
