@@ -8,6 +8,8 @@ status in the light of the call:
 answer                                                 raised
 =====================================================  ==========================================================
 2xx                                                    (parsed into :mod:`sync.platforms.meiro` records)
+2xx with a body that is not JSON (a proxy's page)      :class:`RetryableError`
+3xx (never followed: the password would go along)      :class:`FatalPlatformError`
 401 on login                                           :class:`FatalPlatformError` "check MEIRO_EMAIL/password"
 401 on a call                                          log in again once, repeat the call; then fatal
 403                                                    :class:`FatalPlatformError` naming the missing feature
@@ -209,7 +211,7 @@ class MeiroClient(HttpClient):
         ``not_found`` names what a 404 means for this call (an export, a trashed notification) instead of
         blaming the base URL."""
         if answer.ok:
-            return answer.json()
+            return answer.expect_json()
         if answer.status == 404 and not_found:
             raise FatalPlatformError(f"{not_found}: {_read_error(answer.raw, 404).message}", status=404)
         raise answers.error(answer)
