@@ -83,7 +83,7 @@ def expanded_size(doc: Any, limit: int = MAX_VALUES) -> int:
 def load_yaml(text: str) -> Any:
     """Parse a job file's text. Raises ``yaml.YAMLError`` (a duplicate key is a ``ConstructorError`` with its
     line) and :class:`TooLargeError` when aliases expand it past :data:`MAX_VALUES` values."""
-    doc = yaml.load(text, Loader=_JobLoader)  # noqa: S506 — a SafeLoader subclass: plain data only
+    doc = yaml.load(text, Loader=_JobLoader)  # a SafeLoader subclass: plain data only
     if expanded_size(doc) > MAX_VALUES:
         raise TooLargeError(
             f"the file expands to more than {MAX_VALUES:,} values through YAML aliases (or an alias that "
