@@ -123,7 +123,7 @@ def _secret_schema_message(error: jsonschema.ValidationError) -> str:
     return f"invalid {unshown}; {_SECRET_HINT}"
 
 
-def _secret_problems(raw: Mapping[str, Any]) -> list[JobProblem]:
+def _secret_problems(raw: Mapping[str, Any], base: Path) -> list[JobProblem]:
     """Refuse a secret written into the job file, with a message that says what to do instead."""
     dest = raw.get("destination")
     if not isinstance(dest, Mapping):
@@ -138,14 +138,17 @@ def _secret_problems(raw: Mapping[str, Any]) -> list[JobProblem]:
         # "variable not set" or "file not found" message after it: refused here, and never repeated.
         for field in ("env", "file"):
             value = secret.get(field)
-            if isinstance(value, str) and looks_like_a_key(value):
-                what = "the name of an environment variable" if field == "env" else "a file's path"
-                problems.append(
-                    JobProblem(
-                        f"destination.secret.{field}",
-                        f"looks like a key, not {what} (the value is not shown); {hint}",
-                    )
+            if not isinstance(value, str) or not looks_like_a_key(value):
+                continue
+            if field == "file" and (base / os.path.expanduser(value)).exists():
+                continue  # a file that is there is a file, whatever its name looks like
+            what = "the name of an environment variable" if field == "env" else "a file's path"
+            problems.append(
+                JobProblem(
+                    f"destination.secret.{field}",
+                    f"looks like a key, not {what} (the value is not shown); {hint}",
                 )
+            )
     for key in dest:
         if key != "secret" and _SECRET_LOOKING_KEYS.search(str(key)):
             problems.append(
@@ -325,7 +328,8 @@ def load_job(path: str | Path) -> Job:
     if not isinstance(raw, Mapping):
         raise BadJobError(str(job_path), [JobProblem("", "a job file is a YAML mapping (key: value)")])
 
-    problems = _secret_problems(raw)
+    base = job_path.resolve().parent
+    problems = _secret_problems(raw, base)
     quiet = {p.location for p in problems}
     validator = jsonschema.Draft202012Validator(_schema())
     for error in sorted(validator.iter_errors(raw), key=lambda e: [str(x) for x in e.absolute_path]):
@@ -355,7 +359,6 @@ def load_job(path: str | Path) -> Job:
     def sound(prefix: str) -> bool:
         return not any(f == prefix or f.startswith((prefix + ".", prefix + "[")) for f in flagged)
 
-    base = job_path.resolve().parent
     name = raw.get("name") or re.sub(r"[^A-Za-z0-9_.-]", "_", job_path.stem)
     destination = (
         _destination(raw["destination"], base, problems)

@@ -344,7 +344,6 @@ PASTED = "psk_live_4f9c2e7a1b3d5f6e8a0c2b4d"
         (f'{{env: ["{PASTED}"]}}', "destination.secret.env"),
         (f'{{env: {KEY_ENV}, "{PASTED}": 1}}', "destination.secret"),
         (f'{{file: "{PASTED}"}}', "destination.secret.file"),
-        (f'{{file: ""}}, extra: {{x: "{PASTED}"}}', "destination.secret.file"),
     ],
 )
 def test_a_key_pasted_into_the_secret_is_refused_without_being_repeated(
@@ -372,6 +371,8 @@ def test_a_key_pasted_into_the_secret_is_refused_without_being_repeated(
 
 def test_a_real_variable_name_and_file_path_are_still_accepted(tmp_path: Path) -> None:
     (tmp_path / "users.csv").write_text("user_id,name\nU1,a\n", encoding="utf-8")
+    (tmp_path / "vault").mkdir()
+    (tmp_path / "vault" / "4f9c2e7a1b3d5f6e8a0c2b4d.key").write_text("k" * 20, encoding="utf-8")
     job = tmp_path / "job.yaml"
     for secret in (
         "{env: NETMERA_API_KEY}",
@@ -379,6 +380,7 @@ def test_a_real_variable_name_and_file_path_are_still_accepted(tmp_path: Path) -
         "{env: PUSHSYNC_NETMERA_API_KEY_2024}",
         "{file: secrets/netmera.key}",
         "{file: /run/secrets/netmera_api_key}",
+        "{file: vault/4f9c2e7a1b3d5f6e8a0c2b4d.key}",  # a hash-like name, but the file is there
     ):
         job.write_text(_job_text(secret), encoding="utf-8")
         load_job(job)
@@ -608,14 +610,19 @@ async def test_a_200_that_is_not_json_is_retried_then_failed(
     assert files_holding_pieces(key, tmp_path) == []
 
 
-async def test_a_forms_on_fire_200_in_the_wrong_format_is_retried(serve: Serve) -> None:
+@pytest.mark.parametrize(
+    ("fmt", "page"),
+    [("json", _PAGE), ("xml", _PAGE), ("xml", "<html><body><p>Sign in</p></body></html>")],
+    ids=["json-page", "xml-page", "xml-well-formed-html"],
+)
+async def test_a_forms_on_fire_200_in_the_wrong_format_is_retried(fmt: str, page: str, serve: Serve) -> None:
     seen = Seen()
-    root = await serve(recording(seen, lambda _r: web.Response(text=_PAGE, content_type="text/html")))
-    destination = Destination("formsonfire", root + "/api/v2/", extra={"company_id": "1"})
+    root = await serve(recording(seen, lambda _r: web.Response(text=page, content_type="text/html")))
+    destination = Destination("formsonfire", root + "/api/v2/", extra={"company_id": "1", "body_format": fmt})
     async with FormsOnFireClient(destination, new_key(), timeout=5) as client:
-        with pytest.raises(RetryableError, match="not JSON") as info:
+        with pytest.raises(RetryableError, match=f"not {fmt.upper()}") as info:
             await client.send(fof_batch(push_body("UserExternalId", "crm-1", title="Hi")))
-    assert "<p>" not in str(info.value)
+    assert "<p>" not in str(info.value) and "text/html" in str(info.value)
 
 
 async def test_an_empty_200_is_still_a_netmera_success(serve: Serve) -> None:
