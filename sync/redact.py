@@ -21,9 +21,8 @@ nothing about it, and masking them would mangle ordinary text."""
 _MASK = "***"
 _lock = threading.Lock()
 _secrets: set[str] = set()  # every secret value resolved in this process; never logged
-_pieces: frozenset[str] = (
-    frozenset()
-)  # every PIECE-character run of a registered secret (replaced, not mutated)
+# Every PIECE-character run of a registered secret; replaced whole under the lock, so readers need none.
+_pieces: frozenset[str] = frozenset()
 
 
 def register_secret(value: str) -> None:
