@@ -101,6 +101,14 @@ def _schema_message(error: jsonschema.ValidationError) -> str:
     if error.validator == "type":
         # Said without quoting the value: it may be large (aliases) or hold what belongs elsewhere.
         return f"must be {_expected(error)}, not {_kind(error.instance)}"
+    if isinstance(error.instance, str) and looks_like_a_key(error.instance):
+        # A key pasted into the wrong place (base_url, platform...) is not repeated either.
+        allowed: Any = error.validator_value
+        expected = {
+            "pattern": f"must match {allowed}",
+            "enum": f"must be one of {', '.join(map(repr, allowed))}" if isinstance(allowed, list) else "",
+        }.get(str(error.validator)) or "invalid"
+        return f"{expected} (the value is not shown: it has the shape of a key)"
     message = error.message
     return message if len(message) <= _MAX_SCHEMA_MESSAGE else message[: _MAX_SCHEMA_MESSAGE - 1] + "…"
 

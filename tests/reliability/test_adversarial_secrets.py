@@ -386,18 +386,31 @@ def test_a_real_variable_name_and_file_path_are_still_accepted(tmp_path: Path) -
         load_job(job)
 
 
-def test_no_schema_message_echoes_a_value_that_may_be_a_secret(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("destination", "location"),
+    [
+        (f'"{PASTED}"', "destination"),
+        (f'{{platform: netmera, base_url: "{PASTED}", secret: {{env: K}}}}', "destination.base_url"),
+        (
+            f'{{platform: "{PASTED}", base_url: "https://a.example/", secret: {{env: K}}}}',
+            "destination.platform",
+        ),
+    ],
+)
+def test_no_schema_message_echoes_a_value_that_may_be_a_secret(
+    destination: str, location: str, tmp_path: Path
+) -> None:
     (tmp_path / "users.csv").write_text("user_id,name\nU1,a\n", encoding="utf-8")
     job = tmp_path / "job.yaml"
     job.write_text(
         "version: 1\n"
-        f'destination: "{PASTED}"\n'
+        f"destination: {destination}\n"
         "sources:\n  - {name: u, path: users.csv, ext_id: user_id, attributes: {name: string}}\n",
         encoding="utf-8",
     )
     with pytest.raises(BadJobError) as info:
         load_job(job)
-    assert [p.location for p in info.value.problems] == ["destination"]
+    assert [p.location for p in info.value.problems] == [location]
     assert leaked_pieces(PASTED, str(info.value)) == []
 
 
