@@ -320,6 +320,24 @@ async def test_a_key_echoed_by_the_platform_leaves_no_piece_in_ledger_or_exports
     assert files_holding_pieces(key, tmp_path) == []
 
 
+async def test_a_meiro_answer_quoting_the_password_is_masked_and_bounded(serve: Serve) -> None:
+    password = new_key("meiro-pw-")
+
+    async def meiro(request: web.Request) -> web.StreamResponse:
+        body = await request.read()
+        if request.path.endswith("/users/login"):
+            return web.json_response({"token": "tok-" + secrets.token_hex(12)})
+        # An export whose status is not one Meiro documents, quoting the password (as a broken proxy might).
+        echoed = json.loads(body or b"{}").get("password", password)
+        return web.json_response({"push_notification_export": {"id": 1, "status": "y" * 290 + echoed}})
+
+    root = await serve(meiro)
+    async with MeiroClient(root + "/api/", MeiroCredentials("a@example.test", password), timeout=5) as client:
+        with pytest.raises(RetryableError) as info:
+            await client.get_export("n1", 1)
+    assert leaked_pieces(password, str(info.value)) == [] and len(str(info.value)) < 500
+
+
 # --- item 6: a key pasted into the job file is refused without being repeated -----------------------------------
 
 

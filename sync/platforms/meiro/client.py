@@ -34,7 +34,15 @@ from typing import Any, TypeVar
 from urllib.parse import quote
 
 from sync.errors import FatalPlatformError, RejectedBatchError, RetryableError
-from sync.platforms._http import AnswerPolicy, ErrorBody, HttpAnswer, HttpClient, HttpSession, json_error
+from sync.platforms._http import (
+    AnswerPolicy,
+    ErrorBody,
+    HttpAnswer,
+    HttpClient,
+    HttpSession,
+    bounded,
+    json_error,
+)
 from sync.platforms.meiro import (
     PLATFORM,
     TOKEN_TTL,
@@ -298,7 +306,8 @@ class MeiroClient(HttpClient):
         try:
             return Export.from_api(item)
         except ValueError as exc:
-            raise RetryableError(f"{answer.what}: {exc}", status=answer.status) from exc
+            # The reason quotes what the server sent (an unknown status...): bounded and masked like any message.
+            raise RetryableError(f"{answer.what}: {bounded(str(exc))}", status=answer.status) from exc
 
     async def list_trash(
         self, *, limit: int | None = None, offset: int | None = None, searched_text: str | None = None
