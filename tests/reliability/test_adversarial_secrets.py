@@ -203,6 +203,27 @@ async def test_no_connector_sends_credentials_through_a_redirect(
     assert key not in message
 
 
+async def test_a_meiro_token_does_not_follow_a_redirect_after_login(serve: Serve) -> None:
+    """The login is answered; the next call (with ``X-Access-Token``) is redirected elsewhere."""
+    token = "tok-" + secrets.token_hex(16)
+    elsewhere = Seen()
+    target = await serve(recording(elsewhere, _api_like))
+
+    async def meiro(request: web.Request) -> web.StreamResponse:
+        await request.read()
+        if request.path.endswith("/users/login"):
+            return web.json_response({"token": token})
+        return web.Response(status=307, headers={"Location": target + request.path_qs})
+
+    root = await serve(meiro)
+    async with MeiroClient(
+        root + "/api/", MeiroCredentials("a@example.test", new_key()), timeout=5
+    ) as client:
+        with pytest.raises(FatalPlatformError, match="HTTP 307 redirect"):
+            await client.get_export("n1", 1)
+    assert elsewhere.requests == [] and token not in json.dumps(elsewhere.requests, default=str)
+
+
 async def test_a_redirect_within_the_same_origin_is_not_followed_either(serve: Serve) -> None:
     """Same host and port, another path: still not followed (a 301/302 turns a POST into a bodiless GET)."""
     key = new_key()
