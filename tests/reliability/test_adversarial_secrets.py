@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import secrets
 import socket
 import stat
@@ -606,7 +605,6 @@ def key_file(tmp_path: Path) -> Iterator[tuple[Path, str]]:
     yield path, key
 
 
-@pytest.mark.skipif(os.name != "posix", reason="POSIX permission bits")
 def test_a_key_file_everyone_can_read_is_warned_about(key_file: tuple[Path, str]) -> None:
     path, key = key_file
     destination = Destination("netmera", "http://x/", secret_file=str(path))
