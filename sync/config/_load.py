@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import Any
 
 import jsonschema
-import yaml
 
 from sync.config._defaults import PLATFORM_DEFAULTS, PLATFORM_MAX_BATCH
 from sync.config._job import (
@@ -28,7 +27,7 @@ from sync.config._job import (
 )
 from sync.config._settings import Destination, DispatchSettings, RateBudgetSpec, RetryPolicy
 from sync.config._sources import parse_source
-from sync.config._yaml import TooLargeError, load_yaml, looks_like_a_key
+from sync.config._yaml import looks_like_a_key, read_job_yaml
 from sync.errors import BadJobError, JobProblem
 
 # The schema lives at the repository's top-level schemas/ (one copy; found from a source checkout or an
@@ -318,21 +317,7 @@ def load_job(path: str | Path) -> Job:
     its location in the file, e.g. ``sources[1].attributes.birth_date``.
     """
     job_path = Path(path)
-    try:
-        text = job_path.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise BadJobError(str(job_path), [JobProblem("", f"cannot read job file: {exc.strerror}")]) from exc
-    except UnicodeDecodeError as exc:
-        raise BadJobError(str(job_path), [JobProblem("", "job file is not UTF-8 text")]) from exc
-    try:
-        raw = load_yaml(text)
-    except TooLargeError as exc:
-        raise BadJobError(str(job_path), [JobProblem("", str(exc))]) from exc
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f"line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
-        problem = getattr(exc, "problem", None) or "not valid YAML"
-        raise BadJobError(str(job_path), [JobProblem(where, str(problem))]) from exc
+    raw = read_job_yaml(job_path)
     if not isinstance(raw, Mapping):
         raise BadJobError(str(job_path), [JobProblem("", "a job file is a YAML mapping (key: value)")])
 
@@ -412,7 +397,9 @@ def load_job(path: str | Path) -> Job:
     mode, snapshot = _sync_mode(raw, sources, problems)
     if problems or destination is None:
         raise BadJobError(str(job_path), problems)
-    workdir = base / raw["workdir"] if "workdir" in raw else Path.cwd() / ".pushsync" / name
+    # Beside the job file, like its input paths: a cron job started from another directory finds its ledger and
+    # snapshot state again (a default under the current directory made it re-send everything).
+    workdir = base / raw["workdir"] if "workdir" in raw else base / ".pushsync" / name
     return Job(
         name=name,
         path=job_path.resolve(),

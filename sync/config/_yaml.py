@@ -11,12 +11,15 @@ from __future__ import annotations
 
 import re
 from collections.abc import Hashable, Mapping
+from pathlib import Path
 from typing import Any
 
 import yaml
 from yaml.constructor import ConstructorError
 
-__all__ = ["MAX_VALUES", "TooLargeError", "expanded_size", "load_yaml", "looks_like_a_key"]
+from sync.errors import BadJobError, JobProblem
+
+__all__ = ["MAX_VALUES", "TooLargeError", "expanded_size", "load_yaml", "looks_like_a_key", "read_job_yaml"]
 
 MAX_VALUES = 100_000
 """Most values (mappings, lists, scalars, keys included) a job file may expand to; a real one holds hundreds."""
@@ -90,3 +93,24 @@ def load_yaml(text: str) -> Any:
             "contains itself); a job file is small: write it without such aliases"
         )
     return doc
+
+
+def read_job_yaml(path: Path) -> Any:
+    """Read and parse a job file (any kind: sync or Meiro); every failure is one :class:`BadJobError` problem
+    with the line and column where they apply — PyYAML's problem only, never its quote of the offending line,
+    which may hold a value that belongs nowhere near a message."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise BadJobError(str(path), [JobProblem("", f"cannot read job file: {exc.strerror}")]) from exc
+    except UnicodeDecodeError as exc:
+        raise BadJobError(str(path), [JobProblem("", "job file is not UTF-8 text")]) from exc
+    try:
+        return load_yaml(text)
+    except TooLargeError as exc:
+        raise BadJobError(str(path), [JobProblem("", str(exc))]) from exc
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or "not valid YAML"
+        raise BadJobError(str(path), [JobProblem(where, str(problem))]) from exc

@@ -44,6 +44,7 @@ from sync.platforms.formsonfire.client import FormsOnFireClient
 from sync.platforms.formsonfire.requests import make_batch as fof_batch
 from sync.platforms.formsonfire.requests import push_body
 from sync.platforms.meiro.client import MeiroClient, MeiroCredentials
+from sync.platforms.meiro.job import load_meiro_job
 from sync.platforms.netmera.client import NetmeraClient
 from sync.platforms.notifyvisitors.client import NotifyVisitorsClient
 from sync.platforms.sandboxes._core import start_app
@@ -490,6 +491,49 @@ def test_duplicate_secret_keys_name_the_key_but_not_the_values(tmp_path: Path) -
     assert "duplicate key 'env'" in str(info.value) and leaked_pieces(PASTED, str(info.value)) == []
 
 
+_MEIRO_JOB = """\
+version: 1
+platform: meiro
+base_url: http://127.0.0.1:9/api/
+credentials: {{email_env: MEIRO_EMAIL, password: {password}}}
+exports:
+  - {{notification: n1, export: 1}}
+"""
+
+
+@pytest.mark.parametrize(
+    ("text", "location", "said"),
+    [
+        (
+            _MEIRO_JOB.format(password=f'{{env: "{PASTED}"}}'),
+            "credentials.password.env",
+            "looks like a password",
+        ),
+        (
+            _MEIRO_JOB.format(password=f'{{file: "{PASTED}"}}'),
+            "credentials.password.file",
+            "looks like a password",
+        ),
+        (_MEIRO_JOB.format(password="{env: P}") + "platform: meiro\n", "line 7", "duplicate key 'platform'"),
+        (
+            _MEIRO_JOB.format(password=f'{{env: P, env: "{PASTED}"}}'),
+            "line 4",
+            "duplicate key 'env'",
+        ),
+    ],
+    ids=["pasted-env", "pasted-file", "duplicate-top-level-key", "duplicate-secret-key"],
+)
+def test_a_meiro_job_file_is_read_the_same_way(text: str, location: str, said: str, tmp_path: Path) -> None:
+    job = tmp_path / "meiro.yaml"
+    job.write_text(text, encoding="utf-8")
+    with pytest.raises(BadJobError) as info:
+        load_meiro_job(job)
+    assert any(p.location.startswith(location) and said in p.message for p in info.value.problems), str(
+        info.value
+    )
+    assert leaked_pieces(PASTED, str(info.value)) == []
+
+
 def _alias_bomb(levels: int) -> str:
     lines = ['a0: &a0 ["lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol"]']
     for i in range(1, levels + 1):
@@ -510,6 +554,14 @@ def test_an_alias_bomb_is_refused_at_once_without_echoing_it(
     assert "alias" in captured.out + captured.err
     assert len(captured.out) + len(captured.err) < 2000  # was 34 MB at 7 levels
     assert elapsed < 10  # was a hang at 9 levels (generous: the machine is shared)
+
+
+def test_a_meiro_job_alias_bomb_is_refused_the_same_way(tmp_path: Path) -> None:
+    job = tmp_path / "meiro.yaml"
+    job.write_text(_alias_bomb(9).replace("destination:", "exports:"), encoding="utf-8")
+    with pytest.raises(BadJobError, match="aliases") as info:
+        load_meiro_job(job)
+    assert len(str(info.value)) < 500
 
 
 def test_ordinary_anchors_and_aliases_still_work(tmp_path: Path) -> None:
