@@ -13,13 +13,17 @@ the wrong number of fields is not fatal: it becomes a rejected row and reading g
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import csv
+import gc
 import glob
 import os
 import re
 import sys
-from collections.abc import Iterator
+import threading
+import weakref
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -70,6 +74,48 @@ def expand_paths(source: Source) -> list[Path]:
     return [Path(p) for p in files]
 
 
+_Handler = Callable[[pa_csv.InvalidRow], str]
+
+_held_by_arrow: set[weakref.ref[_Handler]] = set()
+"""Weak references to the invalid-row handlers pyarrow CSV readers still hold (guarded by ``_released``)."""
+_released = threading.Condition()
+_RELEASE_WAIT_SECONDS = 10.0
+
+
+def _handed_to_arrow(handler: _Handler) -> _Handler:
+    """Track a Python callable about to be handed to a pyarrow CSV reader; returns it.
+
+    Why: pyarrow's streaming CSV reader reads ahead on Arrow's IO threads, and a read-ahead still pending keeps the
+    C++ reader — and this Python callable inside it — alive after we have closed it. When that read-ahead ends
+    while the interpreter is finalising, releasing the callable needs the GIL, which makes the IO thread exit from
+    inside a C++ destructor: the process aborts ("terminate called without an active exception", exit 134) at
+    random, even after a clean ``pushsync validate``. :func:`_wait_for_arrow` (run at exit, before finalisation)
+    waits until every tracked callable has been released, i.e. until no reader is left on Arrow's threads.
+    (A plain weak reference, not ``weakref.finalize``: finalizers stop firing once interpreter shutdown begins.)
+    """
+    with _released:
+        _held_by_arrow.add(weakref.ref(handler, _release_one))
+    return handler
+
+
+def _release_one(ref: weakref.ref[_Handler]) -> None:
+    with _released:
+        _held_by_arrow.discard(ref)
+        _released.notify_all()
+
+
+def _wait_for_arrow(timeout: float = _RELEASE_WAIT_SECONDS) -> bool:
+    """Wait until pyarrow has released every tracked handler; True when none is left."""
+    if _held_by_arrow:
+        # A reader may be kept only by a reference cycle (an exception's traceback): free it first.
+        gc.collect()
+    with _released:
+        return _released.wait_for(lambda: not _held_by_arrow, timeout)
+
+
+atexit.register(_wait_for_arrow)
+
+
 def _csv_read_options(source: Source, block_size: int = CSV_BLOCK_BYTES) -> pa_csv.ReadOptions:
     return pa_csv.ReadOptions(encoding=source.encoding, block_size=block_size, use_threads=False)
 
@@ -92,7 +138,9 @@ def read_columns(source: Source, path: Path) -> list[str]:
                     path,
                     read_options=_csv_read_options(source, block_size=1 << 16),
                     parse_options=pa_csv.ParseOptions(
-                        delimiter=source.delimiter, newlines_in_values=True, invalid_row_handler=skip
+                        delimiter=source.delimiter,
+                        newlines_in_values=True,
+                        invalid_row_handler=_handed_to_arrow(skip),
                     ),
                     convert_options=pa_csv.ConvertOptions(column_types={}, include_columns=[]),
                 )
@@ -382,7 +430,9 @@ def _csv_read(
             path,
             read_options=_csv_read_options(source),
             parse_options=pa_csv.ParseOptions(
-                delimiter=source.delimiter, newlines_in_values=True, invalid_row_handler=on_invalid
+                delimiter=source.delimiter,
+                newlines_in_values=True,
+                invalid_row_handler=_handed_to_arrow(on_invalid),
             ),
             convert_options=pa_csv.ConvertOptions(
                 include_columns=columns,
