@@ -23,7 +23,7 @@ import re
 import sys
 import threading
 import weakref
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,6 +33,7 @@ import pyarrow as pa
 import pyarrow.csv as pa_csv
 import pyarrow.parquet as pq
 
+from sync._column_types import type_problems
 from sync.config import FileFormat, Job, Source
 from sync.errors import BadInputError, JobProblem
 from sync.records import RejectedRow
@@ -57,21 +58,93 @@ class Chunk:
     malformed: tuple[RejectedRow, ...] = ()
 
 
-def expand_paths(source: Source) -> list[Path]:
+def expand_paths(
+    source: Source, *, workdir: Path | None = None, exclude: Sequence[Path] = ()
+) -> list[Path]:
     """The files a source names, globs expanded, sorted by path (so the read order — and "last row wins" — is
-    stable). Raises BadInputError when a pattern matches nothing."""
+    stable).
+
+    Each real file is read once, whatever links point to it (the first path in sorted order names it), and a
+    ``**`` walk enters each real directory once, so a symbolic link looping back to a parent adds nothing.
+    pushsync's own files — anything under ``workdir`` (ledger, state, staging, rejects) and the ``exclude``
+    paths (a rejects file written elsewhere) — are never input, even when a glob matches them. Raises
+    BadInputError when a pattern matches no file (directories and pushsync's own files do not count), or when a
+    path named without a glob is missing, not a file, or one of pushsync's own files.
+    """
+    own_dirs = [os.path.realpath(workdir)] if workdir is not None else []
+    own_files = {os.path.realpath(p) for p in exclude}
+
+    def own(path: str) -> bool:
+        real = os.path.realpath(path)
+        return real in own_files or any(real == d or real.startswith(d + os.sep) for d in own_dirs)
+
     files: dict[str, None] = {}
+    seen: set[tuple[int, int]] = set()
+
+    def add(path: str) -> None:
+        st = os.stat(path)
+        if (st.st_dev, st.st_ino) not in seen:
+            seen.add((st.st_dev, st.st_ino))
+            files[path] = None
+
     for pattern in source.paths:
         if glob.has_magic(pattern):
-            matches = sorted(glob.glob(pattern, recursive=True))
+            matches = _glob_once(pattern)
             if not matches:
                 raise BadInputError(pattern, f"source {source.name!r}: no file matches this pattern")
-            files.update(dict.fromkeys(m for m in matches if os.path.isfile(m)))
+            regular = [m for m in matches if os.path.isfile(m)]
+            inputs = [m for m in regular if not own(m)]
+            if not inputs:
+                why = (
+                    "it matches only pushsync's own working files (under the workdir)"
+                    if regular
+                    else "it matches only directories"
+                )
+                raise BadInputError(pattern, f"source {source.name!r}: no file matches this pattern ({why})")
+            for m in inputs:
+                add(m)
         else:
-            if not os.path.isfile(pattern):
+            if not os.path.exists(pattern):
                 raise BadInputError(pattern, f"source {source.name!r}: file not found")
-            files[pattern] = None
+            if not os.path.isfile(pattern):
+                raise BadInputError(pattern, f"source {source.name!r}: not a file (a directory? use a glob)")
+            if own(pattern):
+                raise BadInputError(
+                    pattern, f"source {source.name!r}: this is one of pushsync's own working files, not input"
+                )
+            add(pattern)
     return [Path(p) for p in files]
+
+
+def _glob_once(pattern: str) -> list[str]:
+    """``glob.glob(pattern, recursive=True)``, sorted, except that ``**`` enters each real directory once.
+
+    Python's ``**`` follows symbolic links to directories without remembering where it has been: a link back to
+    a parent is walked until the path is too long for the system (40 levels on Linux: the same file 41 times),
+    and two such links make the walk exponential. Links to other directories are still followed, once.
+    """
+    if pattern.endswith(os.sep + "**"):
+        pattern += os.sep + "*"  # "dir/**" names every file below dir (directories are dropped anyway)
+    head, sep, rest = pattern.partition(os.sep + "**" + os.sep)
+    if not sep:
+        return sorted(glob.glob(pattern, recursive=True))
+    out: set[str] = set()
+    for base in glob.glob(head) if glob.has_magic(head) else [head]:
+        visited: set[tuple[int, int]] = set()
+        for directory, subdirs, _files in os.walk(base, followlinks=True):
+            try:
+                st = os.stat(directory)
+            except OSError:
+                subdirs.clear()
+                continue
+            if (st.st_dev, st.st_ino) in visited:
+                subdirs.clear()
+                continue
+            visited.add((st.st_dev, st.st_ino))
+            # Like glob's "**": hidden directories are not entered.
+            subdirs[:] = sorted(d for d in subdirs if not d.startswith("."))
+            out.update(_glob_once(os.path.join(glob.escape(directory), rest)))
+    return sorted(out)
 
 
 _Handler = Callable[[pa_csv.InvalidRow], str]
@@ -281,6 +354,8 @@ def _unreadable(
 
 def _check_header(source: Source, path: Path) -> list[str]:
     names = read_columns(source, path)
+    if source.format is FileFormat.PARQUET:
+        _check_parquet_types(source, path)
     if any("\x00" in n for n in names):
         # A UTF-16 file without a byte-order mark decodes as "UTF-8" with a NUL after every character.
         raise BadInputError(
@@ -301,6 +376,20 @@ def _check_header(source: Source, path: Path) -> list[str]:
             column=missing[0],
         )
     return names
+
+
+def _check_parquet_types(source: Source, path: Path) -> None:
+    """Refuse (file, column) a mapped Parquet column whose type its mapping cannot send (:mod:`sync._column_types`)."""
+    try:
+        schema = pq.ParquetFile(path).schema_arrow
+    except (pa.ArrowException, OSError, UnicodeError) as exc:
+        raise _unreadable(source, path, exc) from exc
+    problems = type_problems(source, schema)
+    if problems:
+        column, message = problems[0]
+        if len(problems) > 1:
+            message += f" (also column(s) {', '.join(repr(c) for c, _ in problems[1:])})"
+        raise BadInputError(str(path), message, column=column)
 
 
 def _normalise(table: pa.Table | pa.RecordBatch) -> pl.DataFrame:
@@ -339,17 +428,8 @@ def _parquet_chunks(source: Source, path: Path, columns: list[str]) -> Iterator[
     # are the floor of memory use for Parquet input (writers' row groups are usually 100k-1M rows).
     next_row = 1
     try:
-        first = pq.ParquetFile(path)
-        id_type = first.schema_arrow.field(source.ext_id).type
-        if pa.types.is_floating(id_type) or pa.types.is_decimal(id_type):
-            # 123 stored as a double would be sent as the ID "123.0": a different user, never the right one.
-            raise BadInputError(
-                str(path),
-                f"the external-ID column holds {id_type} numbers, which would be sent as '123.0'; "
-                "write it as text or integers",
-                column=source.ext_id,
-            )
-        groups = first.metadata.num_row_groups
+        # Column types were checked with the header (_check_parquet_types): every mapped column can be sent.
+        groups = pq.ParquetFile(path).metadata.num_row_groups
         for group in range(groups):
             parquet = pq.ParquetFile(path)
             for batch in parquet.iter_batches(
@@ -529,7 +609,7 @@ def check_sources(job: Job) -> list[JobProblem]:
     problems = []
     for i, source in enumerate(job.sources):
         try:
-            files = expand_paths(source)
+            files = expand_paths(source, workdir=job.workdir)
         except BadInputError as exc:
             problems.append(JobProblem(f"sources[{i}].path", str(exc)))
             continue
