@@ -88,7 +88,7 @@ _NAME = frozenset({Kind.TEXT, Kind.INTEGER}) | _ALWAYS
 """Tag names, event names, e-mail addresses and MSISDNs."""
 
 _WHY: dict[Kind, str] = {
-    Kind.STRUCT: "a struct would be sent as its field values in braces, e.g. '{\"Ann\",\"Lee\"}'",
+    Kind.STRUCT: 'a struct would be sent as its field values in braces, e.g. \'{"Ann","Lee"}\'',
     Kind.MAP: "a map has no single value to send",
     Kind.NESTED_LIST: "only lists of text, numbers or booleans can be sent",
     Kind.DATE: "a date would be sent as a count of days",

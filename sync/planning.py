@@ -484,4 +484,3 @@ def _write_error(where: Path | str, exc: OSError) -> StateError:
         errno.EPERM: "point 'workdir' (or --workdir) at a directory you may write to",
     }.get(exc.errno or 0, "check the workdir")
     return StateError(f"cannot write the job's working files ({where}): {reason}; {hint}. Nothing was sent.")
-

@@ -58,9 +58,7 @@ class Chunk:
     malformed: tuple[RejectedRow, ...] = ()
 
 
-def expand_paths(
-    source: Source, *, workdir: Path | None = None, exclude: Sequence[Path] = ()
-) -> list[Path]:
+def expand_paths(source: Source, *, workdir: Path | None = None, exclude: Sequence[Path] = ()) -> list[Path]:
     """The files a source names, globs expanded, sorted by path (so the read order — and "last row wins" — is
     stable).
 
