@@ -7,7 +7,8 @@ excluded) and the mapped columns as text (or lists of text, for Parquet list col
 their temporal type). Typing and validation happen next, in :mod:`sync.validation`.
 
 Anything that makes a file unreadable as a whole — missing, not CSV, wrong encoding, truncated Parquet, a mapped
-column absent from the header — raises one :class:`BadInputError` naming the file (and column). A CSV record with
+column absent from the header, a Parquet column whose type its mapping cannot send (:mod:`sync._column_types`) —
+raises one :class:`BadInputError` naming the file (and column). A CSV record with
 the wrong number of fields is not fatal: it becomes a rejected row and reading goes on.
 """
 
