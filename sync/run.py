@@ -28,7 +28,7 @@ from sync.dispatch import Dispatcher, DispatchObserver, DispatchOutcome, LaneSou
 from sync.errors import ExitCode, StateError
 from sync.ledger import Ledger, new_run_id
 from sync.logs import get_logger
-from sync.planning import Plan, build_plan
+from sync.planning import Plan, build_plan, check_workdir
 from sync.platforms.base import PlatformClient
 from sync.platforms.registry import platform_for
 from sync.progress import make_progress
@@ -173,6 +173,7 @@ async def run(job: Job, options: RunOptions) -> RunOutcome:
     if options.workdir is not None:
         job = dataclasses.replace(job, workdir=Path(options.workdir))
     platform_for(job)  # an unknown platform fails before the workdir is touched
+    check_workdir(job.workdir)  # a read-only or full workdir: one clear error before the lock, ledger, plan
     store = StateStore(job.workdir, job.destination)
     # The lock makes every run found "running" in the ledger a dead one (one run of a job at a time).
     with store.lock(), Ledger.open(ledger_path_for(job)) as ledger:
