@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import math
 import random
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import AsyncIterator, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,8 +19,8 @@ from typing import Any
 import pytest
 from vtime import run_virtual
 
-from sync.budget import Budget, RateBudget
-from sync.config import DispatchSettings, RateBudgetSpec, load_job
+from sync.budget import Budget, BudgetPool, RateBudget
+from sync.config import BudgetGroupSpec, DispatchSettings, RateBudgetSpec, load_job
 from sync.dispatch import Dispatcher, DispatchOutcome, DispatchReport, LaneSource
 from sync.errors import ExitCode, FatalPlatformError, StateError
 from sync.ledger import Ledger
@@ -524,3 +525,28 @@ async def test_a_resumed_run_is_sent_in_lanes_too(netmera_sandbox: Any, tmp_path
     assert read_back(state, expected) == expected
     spans = endpoint_spans(resumed.run.ledger_path, resumed.run.run_id)
     assert_overlapping({ep: span for (phase, ep), span in spans.items() if phase == Phase.CHANGES})
+
+
+def test_lanes_share_a_budget_group_window_by_window() -> None:
+    group = BudgetGroupSpec("account", RateBudgetSpec(10, 1.0, margin=0.05), ("*",))
+    plan = Lanes({Phase.CHANGES: [(name, batches_for(name, 20)) for name in ("a", "b", "c")]})
+    client = MemoryPlatform(latency=0.01)
+
+    async def go() -> DispatchReport:
+        pool = BudgetPool({}, (group,), wall_offset=0.0)
+        return await Dispatcher(client, settings(), budget_factory=pool.budget).run(plan)
+
+    report = run_virtual(go())
+    assert report.batches_done == 60
+    per_window = Counter(math.floor(s.start) for s in client.sends)
+    assert max(per_window.values()) == 10 and len(per_window) == 6  # 10 a window, all endpoints together
+    for name in ("a", "b", "c"):  # round robin: each lane moves in every window
+        assert len({math.floor(s.start) for s in client.sends if s.endpoint == name}) == 6
+
+
+def test_the_job_settings_groups_are_used_by_default() -> None:
+    group = BudgetGroupSpec("account", RateBudgetSpec(10, 1.0, margin=0.05), ("*",))
+    plan = Lanes({Phase.CHANGES: [(name, batches_for(name, 10)) for name in ("a", "b", "c")]})
+    report = run_virtual(Dispatcher(MemoryPlatform(), settings(budget_groups=(group,))).run(plan))
+    assert report.batches_done == 30
+    assert report.elapsed >= 2.0  # 30 at 10 per window: unthrottled, it would take 0.08 s
