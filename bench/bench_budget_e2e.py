@@ -200,9 +200,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     url = f"http://127.0.0.1:{port}/rest/3.0/"
     cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else [0]
     worker_cpu, server_cpu = cores[-1], cores[0]
+    serve_argv = ["--serve", str(port), "--limit", args.limit, "--requests", str(args.requests)]
     server = subprocess.Popen(
-        [sys.executable, __file__, "--serve", str(port), "--limit", args.limit, "--requests", str(args.requests)]
-        + ["--jitter", str(args.jitter)],
+        [sys.executable, __file__, *serve_argv, "--jitter", str(args.jitter)],
         stdout=subprocess.PIPE,
         text=True,
         preexec_fn=_pin(server_cpu) if len(cores) > 1 else None,
@@ -212,9 +212,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         assert server.stdout is not None
         server.stdout.readline()  # "ready"
         if not args.no_hog:
-            hog = subprocess.Popen(
-                [sys.executable, "-c", "while True: pass"], preexec_fn=_pin(worker_cpu)
-            )
+            hog = subprocess.Popen([sys.executable, "-c", "while True: pass"], preexec_fn=_pin(worker_cpu))
         with tempfile.TemporaryDirectory() as tmp:
             job = Path(tmp) / "job.yaml"
             _write_job(job, cache, url, args.limit, args.requests, Path(tmp) / "work")
@@ -262,9 +260,14 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     figures = run(args)
     print(json.dumps({"limit": args.limit, "jitter": args.jitter, "hog": not args.no_hog, **figures}))
-    ok = figures["429s"] == 0 and figures["sending_use"] >= 0.97 and figures["max_per_window"] <= args.requests
+    ok = (
+        figures["429s"] == 0 and figures["sending_use"] >= 0.97 and figures["max_per_window"] <= args.requests
+    )
     if figures["command_use"] < 0.95:
-        print(f"MISS: whole command at {figures['command_use']:.1%} of the budget (target 95 %)", file=sys.stderr)
+        print(
+            f"MISS: whole command at {figures['command_use']:.1%} of the budget (target 95 %)",
+            file=sys.stderr,
+        )
         ok = False
     if not ok:
         print("MISS: see the figures above", file=sys.stderr)

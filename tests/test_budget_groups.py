@@ -207,3 +207,13 @@ def test_the_duration_estimate_accounts_for_groups() -> None:
     )
     assert estimate_duration(requests, per_endpoint, latency=0.01)[None] == pytest.approx(5.0)
     assert estimate_duration(requests, grouped, latency=0.01)[None] == pytest.approx(15.0)
+
+
+def test_an_endpoints_most_rate_is_the_lowest_of_its_budget_and_groups() -> None:
+    settings = DispatchSettings(
+        budgets={"*": RateBudgetSpec(20, 1.0)},
+        budget_groups=(BudgetGroupSpec("users", RateBudgetSpec(600, 60.0), ("tagUsers",)),),
+    )
+    assert settings.max_rate("tagUsers") == 10.0
+    assert settings.max_rate("fireEvents") == 20.0
+    assert DispatchSettings().max_rate("tagUsers") is None

@@ -89,6 +89,12 @@ class DispatchSettings:
         """The budget groups an attempt at ``endpoint`` takes a slot from."""
         return tuple(g for g in self.budget_groups if g.holds(endpoint))
 
+    def max_rate(self, endpoint: str) -> float | None:
+        """The most requests per second ``endpoint`` may send: its own budget's or a group's, the lowest (None:
+        no budget limits it)."""
+        specs = [s for s in (self.budget_for(endpoint), *(g.budget for g in self.groups_for(endpoint))) if s]
+        return min((s.requests / s.period for s in specs), default=None)
+
 
 def resolve_secret(destination: Destination, environ: Mapping[str, str] | None = None) -> str:
     """Read the destination's secret from the environment variable or file the job names.
