@@ -22,7 +22,7 @@ Figures, from the server's own records:
 Exits 1 on a miss.
 
     .venv/bin/python bench/bench_budget_e2e.py [--limit endpoint|account] [--jitter 0.05] [--users 100000]
-        [--no-hog] [--requests 20]
+        [--batch-size 1000] [--no-hog] [--requests 20]
 
 Each run takes about 15-30 s (the account case sends ~330 requests at 20/s).
 """
@@ -113,7 +113,7 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _write_job(path: Path, data: Path, url: str, limit: str, n: int, workdir: Path) -> None:
+def _write_job(path: Path, data: Path, url: str, limit: str, n: int, workdir: Path, batch_size: int) -> None:
     budgets = (
         f'  budgets: {{"*": {{requests: {n}, per: 1s}}}}'
         if limit == "endpoint"
@@ -142,6 +142,7 @@ def _write_job(path: Path, data: Path, url: str, limit: str, n: int, workdir: Pa
                 "    tags: [{column: segments, delimiter: '|'}]",
                 "dispatch:",
                 "  concurrency: 8",
+                f"  batch_size: {batch_size}",
                 "  drain_timeout: 5",
                 budgets,
                 "",
@@ -215,7 +216,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             hog = subprocess.Popen([sys.executable, "-c", "while True: pass"], preexec_fn=_pin(worker_cpu))
         with tempfile.TemporaryDirectory() as tmp:
             job = Path(tmp) / "job.yaml"
-            _write_job(job, cache, url, args.limit, args.requests, Path(tmp) / "work")
+            _write_job(job, cache, url, args.limit, args.requests, Path(tmp) / "work", args.batch_size)
             started = time.time()
             result = subprocess.run(
                 [sys.executable, "-m", "sync", "run", str(job), "--output", "json", "--progress", "none"],
@@ -252,6 +253,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--requests", type=int, default=20, help="the server's limit per 1 s window")
     parser.add_argument("--jitter", type=float, default=0.05, help="seconds, each way")
     parser.add_argument("--users", type=int, default=100_000)
+    parser.add_argument(
+        "--batch-size",
+        type=int,
+        default=1000,
+        help="IDs per request (smaller: cheaper batches, more requests)",
+    )
     parser.add_argument("--no-hog", action="store_true", help="no CPU-bound process on the worker's core")
     parser.add_argument("--serve", type=int, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -259,7 +266,8 @@ def main(argv: list[str] | None = None) -> int:
         serve(args.serve, args.limit, args.requests, 1.0, args.jitter, seed=7)
         return 0
     figures = run(args)
-    print(json.dumps({"limit": args.limit, "jitter": args.jitter, "hog": not args.no_hog, **figures}))
+    head = {"limit": args.limit, "jitter": args.jitter, "hog": not args.no_hog, "users": args.users}
+    print(json.dumps({**head, "batch_size": args.batch_size, **figures}))
     ok = (
         figures["429s"] == 0 and figures["sending_use"] >= 0.97 and figures["max_per_window"] <= args.requests
     )
