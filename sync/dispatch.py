@@ -299,8 +299,9 @@ class Dispatcher:
     # -- feeding and draining ----------------------------------------------------------------------------
 
     async def _feed(self, lane: _Lane) -> None:
-        """Send the lane's batches into its channel, then close it. The lane never holds more batches that no
-        worker has taken than its channel's bound: pulls are sized to the room that is free."""
+        """Send the lane's batches into its channel, then close it. An endpoint's lane never holds more batches
+        that no worker has taken than its channel's bound (pulls are sized to the room that is free); a plain
+        plan from a synchronous iterable holds one pulled chunk besides."""
         channel = lane.channel
         # Refill in chunks once a good part of the room is free: one thread hop per chunk, not per batch.
         refill = max(1, min(_FEED_CHUNK, channel.statistics().max_buffered // 2))
@@ -321,6 +322,8 @@ class Dispatcher:
                         f"{lane.phase.name}"
                     )
                 await channel.wait_room(1)
+                if self._stop.is_set():
+                    return
                 if self._ledger is not None:
                     self._ledger.record_planned(self._run_id, batch)
                 self._queued += 1
