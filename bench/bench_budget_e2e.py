@@ -22,7 +22,7 @@ Figures, from the server's own records:
 Exits 1 on a miss.
 
     .venv/bin/python bench/bench_budget_e2e.py [--limit endpoint|account] [--jitter 0.05] [--users 100000]
-        [--batch-size 1000] [--no-hog] [--requests 20]
+        [--batch-size 1000] [--concurrency 16] [--no-hog] [--requests 20]
 
 Each run takes about 15-30 s (the account case sends ~330 requests at 20/s).
 """
@@ -113,7 +113,9 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _write_job(path: Path, data: Path, url: str, limit: str, n: int, workdir: Path, batch_size: int) -> None:
+def _write_job(
+    path: Path, data: Path, url: str, limit: str, n: int, workdir: Path, args: argparse.Namespace
+) -> None:
     budgets = (
         f'  budgets: {{"*": {{requests: {n}, per: 1s}}}}'
         if limit == "endpoint"
@@ -141,8 +143,8 @@ def _write_job(path: Path, data: Path, url: str, limit: str, n: int, workdir: Pa
                 "      city: {on_null: unset}",
                 "    tags: [{column: segments, delimiter: '|'}]",
                 "dispatch:",
-                "  concurrency: 8",
-                f"  batch_size: {batch_size}",
+                f"  concurrency: {args.concurrency}",
+                f"  batch_size: {args.batch_size}",
                 "  drain_timeout: 5",
                 budgets,
                 "",
@@ -216,7 +218,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             hog = subprocess.Popen([sys.executable, "-c", "while True: pass"], preexec_fn=_pin(worker_cpu))
         with tempfile.TemporaryDirectory() as tmp:
             job = Path(tmp) / "job.yaml"
-            _write_job(job, cache, url, args.limit, args.requests, Path(tmp) / "work", args.batch_size)
+            _write_job(job, cache, url, args.limit, args.requests, Path(tmp) / "work", args)
             started = time.time()
             result = subprocess.run(
                 [sys.executable, "-m", "sync", "run", str(job), "--output", "json", "--progress", "none"],
@@ -258,6 +260,12 @@ def main(argv: list[str] | None = None) -> int:
         type=int,
         default=1000,
         help="IDs per request (smaller: cheaper batches, more requests)",
+    )
+    parser.add_argument(
+        "--concurrency",
+        type=int,
+        default=16,
+        help="requests in flight (3 endpoints x 20/s x up to 0.3 s of latency under load need about 16)",
     )
     parser.add_argument("--no-hog", action="store_true", help="no CPU-bound process on the worker's core")
     parser.add_argument("--serve", type=int, default=None, help=argparse.SUPPRESS)
