@@ -35,6 +35,7 @@ import json
 import math
 import os
 import random
+import resource
 import subprocess
 import sys
 import tempfile
@@ -220,6 +221,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             job = Path(tmp) / "job.yaml"
             _write_job(job, cache, url, args.limit, args.requests, Path(tmp) / "work", args)
             started = time.time()
+            cpu_before = resource.getrusage(resource.RUSAGE_CHILDREN)
             result = subprocess.run(
                 [sys.executable, "-m", "sync", "run", str(job), "--output", "json", "--progress", "none"],
                 cwd=ROOT,
@@ -230,6 +232,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 timeout=300,
             )
             wall = time.time() - started
+            cpu_after = resource.getrusage(resource.RUSAGE_CHILDREN)
+            worker_cpu_s = (cpu_after.ru_utime - cpu_before.ru_utime) + (
+                cpu_after.ru_stime - cpu_before.ru_stime
+            )
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/_stats", timeout=10) as resp:
             log = json.loads(resp.read())
     finally:
@@ -244,6 +250,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     figures = _figures(log, args.limit, args.requests, 1.0, wall)
     figures["first_request_after_s"] = round(min(a for a, *_ in log) - started, 2) if log else None
     summary = json.loads(result.stdout)
+    # CPU the run got: with a hog on its core it gets about half of it; near wall / 2, the run was CPU-bound.
+    figures["worker_cpu_s"] = round(worker_cpu_s, 2)
     figures["exit_code"] = result.returncode
     figures["ids_failed"] = summary.get("totals", {}).get("ids_failed")
     return figures
