@@ -347,7 +347,8 @@ class EndpointBudget:
 
 class BudgetPool:
     """Every rate budget of one run: per endpoint (``budgets``, ``"*"`` for endpoints not named) and budget
-    groups shared by several endpoints, released by one scheduler (see the module docstring)."""
+    groups shared by several endpoints, released by one scheduler (see the module docstring). Made inside the
+    running loop unless a ``clock`` is given."""
 
     __slots__ = ("_budgets", "_endpoints", "_group_specs", "_groups", "_max_pause", "_sched", "_wall_offset")
 
