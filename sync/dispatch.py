@@ -1,4 +1,4 @@
-"""The dispatcher: sends a plan's batches through a platform client under per-endpoint budgets.
+"""The dispatcher: sends a plan's batches through a platform client under rate budgets (per endpoint, and groups).
 
 Shape (arq/AnyIO style): a feeder fills a bounded channel from the plan — so memory stays flat however large
 the input — and workers in an :class:`asyncio.TaskGroup` take batches from it. Phases run in order: every
@@ -28,7 +28,8 @@ the moment it is known — synchronously, before the next ``await``, so a cancel
 answer and its record. Each attempt takes a slot from the endpoint's rate budget (retries count) and a place
 under the endpoint's concurrency cap.
 
-* 429: the endpoint's budget pauses (Retry-After, guarded) for *every* task, and slows down if 429s repeat.
+* 429: the endpoint's budget and every budget group holding it pause (Retry-After, guarded) for *every* task;
+  the rate is lowered only when 429s are more than a share of a window's answers (:mod:`sync.budget`).
 * 5xx, time-outs, dropped connections: retried with exponential backoff and full jitter, up to
   ``RetryPolicy.max_attempts`` attempts in all.
 * 400: the batch is split in halves (``client.split``), repeatedly, until the refused IDs are isolated; the
