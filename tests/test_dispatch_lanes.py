@@ -550,3 +550,19 @@ def test_the_job_settings_groups_are_used_by_default() -> None:
     report = run_virtual(Dispatcher(MemoryPlatform(), settings(budget_groups=(group,))).run(plan))
     assert report.batches_done == 30
     assert report.elapsed >= 2.0  # 30 at 10 per window: unthrottled, it would take 0.08 s
+
+
+def test_the_dispatcher_feeds_answer_times_to_the_learned_margin() -> None:
+    plan = Lanes({Phase.CHANGES: [("a", batches_for("a", 60))]})
+
+    async def go() -> tuple[float, float]:
+        pool = BudgetPool({"*": RateBudgetSpec(50, 1.0)}, wall_offset=0.0)
+        meter = pool.budget("a").meter
+        assert meter is not None
+        before = meter.margin
+        await Dispatcher(MemoryPlatform(latency=0.03), settings(), budget_factory=pool.budget).run(plan)
+        return before, meter.margin
+
+    before, after = run_virtual(go())
+    assert before == pytest.approx(0.2)  # min(0.2 T, 1 s) until answers come
+    assert after == pytest.approx(0.035)  # release to answer (30 ms) + 5 ms
