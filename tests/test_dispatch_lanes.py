@@ -566,3 +566,23 @@ def test_the_dispatcher_feeds_answer_times_to_the_learned_margin() -> None:
     before, after = run_virtual(go())
     assert before == pytest.approx(0.2)  # min(0.2 T, 1 s) until answers come
     assert after == pytest.approx(0.035)  # release to answer (30 ms) + 5 ms
+
+
+async def test_a_snapshot_run_is_sent_in_lanes_with_opt_outs_first(
+    netmera_sandbox: Any, tmp_path: Path
+) -> None:
+    job_path, expected = write_lanes_job(tmp_path, netmera_sandbox.url, users=60)
+    job_path.write_text(job_path.read_text(encoding="utf-8") + "mode: snapshot\n", encoding="utf-8")
+    state = netmera_sandbox.sandbox.state
+    add_devices(state, 60)
+
+    outcome = await sync_job(load_job(job_path), api_key=netmera_sandbox.api_key)
+
+    assert outcome.run.exit_code is ExitCode.OK, outcome.run.summary.render_text()
+    assert read_back(state, expected) == expected
+    spans = endpoint_spans(outcome.run.ledger_path, outcome.run.run_id)
+    changes = {ep: span for (phase, ep), span in spans.items() if phase == Phase.CHANGES}
+    assert {"setProfileAttributes", "tagUsers", "enablePush"} <= set(changes)
+    assert_overlapping(changes)
+    opt_out = [span for (phase, _), span in spans.items() if phase == Phase.OPT_OUT]
+    assert opt_out and max(hi for _, hi in opt_out) <= min(lo for lo, _ in changes.values()) + 0.01
