@@ -314,12 +314,19 @@ class RateMeter:
         self._changed()
         return pause
 
-    def on_success(self, remaining: int | None = None) -> None:
+    def on_success(self, remaining: int | None = None, reset_after: float | None = None) -> None:
         """A request went through. ``remaining`` is the server's ``X-RateLimit-Remaining``: at 0 the budget
-        waits for the window reset instead of collecting a 429 first (aligned, or discovering)."""
+        waits for the window reset instead of collecting a 429 first — ``reset_after`` seconds when the
+        connector knows when the *platform's* window resets (capped at ``max_pause``), else (aligned, or
+        discovering) until this budget's own window ends."""
         now = self._now()
         changed = False
-        if remaining is not None and remaining <= 0 and (self._aligned or self._rate is None):
+        exhausted = remaining is not None and remaining <= 0
+        if exhausted and reset_after is not None and reset_after > 0 and math.isfinite(reset_after):
+            # The platform's window may be longer than ours (100 per minute against a budget per second):
+            # nothing more goes through until it resets, so sending on our own period only collects 429s.
+            changed = self._pause_until(now, now + min(reset_after, self._max_pause))
+        elif exhausted and (self._aligned or self._rate is None):
             changed = self._pause_until(now, now + self._until_window_reset(now))
         if self._rate is not None:
             changed = self._count_answer(now, limited=False) or changed

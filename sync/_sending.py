@@ -312,7 +312,7 @@ class BatchSender:
                             ),
                             sent_at,
                         )
-                        ep.budget.on_success(outcome.remaining)
+                        ep.budget.on_success(outcome.remaining, outcome.reset_after)
                         return attempt, outcome.http_status
                     latency = clock.time() - now
                     if error.status is not None:  # an answer (a time-out or a dropped connection is none)

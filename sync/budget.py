@@ -87,7 +87,7 @@ class Budget(Protocol):
 
     def on_rate_limited(self, retry_after: float | None, remaining: int | None) -> float: ...
 
-    def on_success(self, remaining: int | None = None) -> None: ...
+    def on_success(self, remaining: int | None = None, reset_after: float | None = None) -> None: ...
 
     def observe(self, latency: float) -> None: ...
 
@@ -334,10 +334,10 @@ class EndpointBudget:
         pauses = [m.on_rate_limited(retry_after, remaining) for m in self._lane.meters]
         return max(pauses, default=0.0)
 
-    def on_success(self, remaining: int | None = None) -> None:
+    def on_success(self, remaining: int | None = None, reset_after: float | None = None) -> None:
         """A request went through (see :meth:`RateMeter.on_success`), for each meter."""
         for m in self._lane.meters:
-            m.on_success(remaining)
+            m.on_success(remaining, reset_after)
 
     def observe(self, latency: float) -> None:
         """A release-to-answer time, for each meter's learned margin."""

@@ -9,7 +9,9 @@ changes before any deletion).
   gets its own bounded queue, fed from its own stream of batches, and its own workers (up to its concurrency
   cap), so endpoints use their separate rate budgets at the same time and a slow endpoint's batches never
   occupy the workers of a fast one. A phase ends when every lane has finished; then the next phase's lanes
-  start. A lane's feeder never holds more than ``queue_size`` batches that no worker has taken yet.
+  start. A lane's feeder never holds more than ``queue_size`` batches that no worker has taken yet. A source
+  may rank its lanes within a phase (``lane_rank(phase, endpoint)``, e.g. NotifyVisitors' profiles before
+  events): lanes of a lower rank finish before those of the next rank start.
 * A plain (async) iterable of batches (in phase order) is sent phase by phase through one lane with
   ``concurrency`` workers: at each change of phase the lane's channel is closed, its workers finish, and the
   next phase's lane starts.
@@ -20,8 +22,10 @@ and closes every channel, so idle workers end at once; busy ones get ``drain_tim
 ``asyncio.timeout`` scope, which ``force_stop`` cuts short) before they are cancelled. Pulls from a
 synchronous plan run in one worker thread (one at a time: lanes of one plan share its readers), in chunks.
 
-Either way, the global cap (``DispatchSettings.concurrency``) bounds the requests in flight: a slot is taken
-*after* the endpoint's rate budget released the attempt, so tasks waiting for a slow budget hold no slot.
+A batch naming a predecessor (``Batch.after``: one user's events continued from an earlier request) is sent
+only once that predecessor has finished, when this run sends it. Either way, the global cap
+(``DispatchSettings.concurrency``) bounds the requests in flight: a slot is taken *after* the endpoint's rate
+budget released the attempt, so tasks waiting for a slow budget hold no slot.
 
 Per batch: ``planned`` is recorded when it is queued, ``sent`` before the first attempt, and the final result
 the moment it is known — synchronously, before the next ``await``, so a cancellation cannot fall between an
@@ -85,7 +89,9 @@ class LaneSource(Protocol):
     """A plan that hands its batches out per endpoint, phase by phase (:meth:`sync.planning.Plan.lanes`).
 
     ``lanes(phase)`` returns, in a deterministic order, one ``(endpoint, batches)`` pair per endpoint with work
-    in ``phase`` (possibly none); each ``batches`` yields batches of that phase only and is read once.
+    in ``phase`` (possibly none); each ``batches`` yields batches of that phase only and is read once. It may
+    also have ``lane_rank(phase, endpoint) -> int``: lanes of a lower rank then finish before higher ranks
+    start (optional, so a source without ranks sends every lane of a phase at once).
     """
 
     def lanes(self, phase: Phase) -> Sequence[tuple[str, Iterable[Batch] | AsyncIterable[Batch]]]: ...
@@ -148,6 +154,8 @@ class Dispatcher:
         )
         self._queued = 0
         self._fed_all = False  # the feeders queued the plan's last batch
+        # Batches queued and not yet finished → the event a follower (``Batch.after``) waits on, once one does.
+        self._open: dict[str, asyncio.Event | None] = {}
         self._log = get_logger(run=run_id, platform=client.platform)
 
     # -- public ------------------------------------------------------------------------------------------
@@ -223,23 +231,27 @@ class Dispatcher:
         )
 
     async def _run_phases(self, source: LaneSource, executor: ThreadPoolExecutor) -> None:
-        """Phase by phase: run every endpoint's lane of the phase to its end, then the next phase's."""
+        """Phase by phase: run every endpoint's lane of the phase to its end, then the next phase's. Within a
+        phase, lanes of a lower rank (``source.lane_rank``, when the source has one) finish first."""
         complete = True
         for phase in Phase:
             pairs = source.lanes(phase)
             if not pairs:
                 continue
-            if self._stop.is_set():
-                complete = False
+            for step in _ranked(source, phase, pairs):
+                if self._stop.is_set():
+                    complete = False
+                    break
+                lanes = []
+                for name, batches in step:
+                    workers_n = max(1, min(self._sender.endpoint_cap(name), self._settings.concurrency))
+                    channel: Channel[Batch] = Channel(max(1, self._settings.queue_size))
+                    lanes.append(_Lane(name, _Pull(batches, executor), channel, workers_n, phase))
+                self._log.debug("phase.start", phase=phase.name.lower(), lanes=[lane.name for lane in lanes])
+                await self._run_lanes(lanes)
+                complete = complete and all(lane.exhausted for lane in lanes)
+            if not complete:
                 break
-            lanes = []
-            for name, batches in pairs:
-                workers_n = max(1, min(self._sender.endpoint_cap(name), self._settings.concurrency))
-                channel: Channel[Batch] = Channel(max(1, self._settings.queue_size))
-                lanes.append(_Lane(name, _Pull(batches, executor), channel, workers_n, phase))
-            self._log.debug("phase.start", phase=phase.name.lower(), lanes=[lane.name for lane in lanes])
-            await self._run_lanes(lanes)
-            complete = complete and all(lane.exhausted for lane in lanes)
         self._fed_all = complete
 
     async def _run_plain(self, pull: _Pull) -> None:
@@ -328,6 +340,7 @@ class Dispatcher:
                 if self._ledger is not None:
                     self._ledger.record_planned(self._run_id, batch)
                 self._queued += 1
+                self._open[batch.batch_id] = None
                 channel.send_nowait(batch)
             if not lane.more:
                 break
@@ -378,9 +391,34 @@ class Dispatcher:
 
     async def _worker(self, channel: Channel[Batch]) -> None:
         async for batch in channel:
-            if self._stop.is_set():
-                return
-            await self._sender.process(batch)
+            try:
+                if self._stop.is_set():
+                    return
+                if batch.after is not None and batch.after in self._open:
+                    # Its predecessor was queued earlier (so a worker already took it): wait for its end, so
+                    # e.g. one user's events reach the platform in file order across requests.
+                    done = self._open[batch.after] or asyncio.Event()
+                    self._open[batch.after] = done
+                    await done.wait()
+                await self._sender.process(batch)
+            finally:
+                finished = self._open.pop(batch.batch_id, None)
+                if finished is not None:
+                    finished.set()
+
+
+def _ranked(
+    source: LaneSource, phase: Phase, pairs: Sequence[tuple[str, Iterable[Batch] | AsyncIterable[Batch]]]
+) -> list[list[tuple[str, Iterable[Batch] | AsyncIterable[Batch]]]]:
+    """A phase's lanes grouped by rank, lowest first: each group runs to its end before the next starts. A
+    source without ``lane_rank(phase, endpoint)`` has one group (every lane at once)."""
+    rank_of: Callable[[Phase, str], int] | None = getattr(source, "lane_rank", None)
+    if rank_of is None:
+        return [list(pairs)]
+    ranks: dict[int, list[tuple[str, Iterable[Batch] | AsyncIterable[Batch]]]] = {}
+    for name, batches in pairs:
+        ranks.setdefault(rank_of(phase, name), []).append((name, batches))
+    return [ranks[rank] for rank in sorted(ranks)]
 
 
 def _take(iterator: Iterator[Batch], n: int) -> list[Batch]:
