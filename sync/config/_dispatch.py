@@ -28,7 +28,13 @@ def _spec(raw: Mapping[str, Any], where: str, problems: list[JobProblem]) -> Rat
     period = float(raw["period"]) if "period" in raw else _duration(raw.get("per", "1s"))
     margin = _duration(raw["margin"]) if "margin" in raw else None
     if period <= 0:
-        problems.append(JobProblem(where, "the period must be above zero (e.g. per: 1s)"))
+        given = f"per: {raw['per']}" if "per" in raw else f"period: {raw['period']}"
+        problems.append(
+            JobProblem(
+                f"{where}.per" if "per" in raw else f"{where}.period",
+                f"a budget's period must be longer than 0 ({given}); e.g. per: 1s",
+            )
+        )
         return None
     if margin is not None and margin >= period:
         problems.append(

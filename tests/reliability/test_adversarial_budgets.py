@@ -67,10 +67,13 @@ CASES = {
         "budget_groups: {account: {requests: 20, per: 1s, endpoints: []}}",
         {"dispatch.budget_groups.account.endpoints"},
     ),
-    "a budget period of zero": ("budgets: {tagUsers: {requests: 5, per: 0s}}", {"dispatch.budgets.tagUsers"}),
+    "a budget period of zero": (
+        "budgets: {tagUsers: {requests: 5, per: 0s}}",
+        {"dispatch.budgets.tagUsers.per"},
+    ),
     "a group period of zero": (
         'budget_groups: {account: {requests: 5, per: 0ms, endpoints: ["*"]}}',
-        {"dispatch.budget_groups.account"},
+        {"dispatch.budget_groups.account.per"},
     ),
     "a margin as long as the period": (
         "budgets: {tagUsers: {requests: 5, per: 1s, margin: 1s}}",
@@ -81,6 +84,7 @@ CASES = {
         "budget_groups: {g: {requests: 1, per: 1s, endpoints: []}}",
         {
             "dispatch.budgets.nope",
+            "dispatch.budgets.nope.per",
             "dispatch.batch_size.nope2",
             "dispatch.budget_groups.g.endpoints",
         },
