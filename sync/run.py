@@ -225,7 +225,8 @@ async def _run_snapshot(job: Job, options: RunOptions, store: StateStore, ledger
     # A crash from here on leaves pending/<run_id>: the next run recovers what the ledger confirmed.
     counts = await asyncio.to_thread(diff.request_counts)
     expected = (sum(r for r, _ in counts.values()), sum(i for _, i in counts.values()))
-    outcome = await _dispatch(job, options, ledger, plan, diff.batches(), run_id=run_id, expected=expected)
+    # The diff is sent like a changes run: per-endpoint lanes, phase by phase.
+    outcome = await _dispatch(job, options, ledger, plan, diff, run_id=run_id, expected=expected)
     committed = await asyncio.to_thread(commit, store, job.sources, diff.directory, ledger, job.snapshot)
     return dataclasses.replace(
         outcome,
@@ -372,11 +373,9 @@ def _mark_dead(ledger: Ledger, runs: Iterable[str]) -> None:
 def _metrics_for(job: Job, run_id: str) -> RunMetrics:
     from sync.metrics import RunMetrics  # prometheus_client only when metrics are asked for
 
-    def budget_rate(endpoint: str) -> float | None:
-        spec = job.dispatch.budget_for(endpoint)
-        return None if spec is None else spec.requests / spec.period
-
-    return RunMetrics(run_id=run_id, job=job.name, platform=job.destination.platform, budget_for=budget_rate)
+    return RunMetrics(
+        run_id=run_id, job=job.name, platform=job.destination.platform, budget_for=job.dispatch.max_rate
+    )
 
 
 def _on_signal(dispatcher: Dispatcher, sig: signal.Signals) -> None:

@@ -37,6 +37,7 @@ from sync.config._platforms import (
     use_platforms,
 )
 from sync.config._settings import (
+    BudgetGroupSpec,
     Destination,
     DispatchSettings,
     RateBudgetSpec,
@@ -49,6 +50,7 @@ __all__ = [
     "DEFAULT_NULL_VALUES",
     "AttributeMapping",
     "AttributeMode",
+    "BudgetGroupSpec",
     "Destination",
     "DispatchSettings",
     "FileFormat",

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from sync.config._job import Source
-from sync.config._settings import RateBudgetSpec
+from sync.config._settings import BudgetGroupSpec, RateBudgetSpec
 from sync.errors import JobProblem
 
 __all__ = ["PlatformCatalog", "PlatformLimits", "PlatformRules", "installed_platforms", "use_platforms"]
@@ -27,12 +27,16 @@ class PlatformLimits:
     max_batch: int
     """Unique IDs one request may name at most; the loader refuses a larger ``batch_size``."""
     default_batch_size: int
+    endpoints: tuple[str, ...] = ()
+    """Every endpoint the connector sends to: the names a job may use under ``dispatch`` (besides ``"*"``);
+    empty: any name."""
     single_user_endpoints: frozenset[str] = frozenset()
     """Endpoints that take one user per request whatever the batch size."""
     default_budgets: Mapping[str, RateBudgetSpec] = field(default_factory=dict)
     """Rate budget per endpoint (``"*"``: every endpoint not named)."""
-    budget_groups: Mapping[str, str] = field(default_factory=dict)
-    """Endpoint → the platform's rate-limit family it shares a limit with (e.g. NotifyVisitors' ``user`` API)."""
+    default_budget_groups: tuple[BudgetGroupSpec, ...] = ()
+    """Limits the platform counts over several endpoints together (NotifyVisitors' per-family limits); a job's
+    group of the same name replaces one."""
 
 
 class PlatformRules(Protocol):

@@ -28,6 +28,7 @@ class FormsOnFirePlatform:
     limits = PlatformLimits(
         max_batch=1,
         default_batch_size=1,
+        endpoints=(ENDPOINT,),
         single_user_endpoints=frozenset({ENDPOINT}),
         # No documented limit; 10 requests/s is an assumption [I].
         default_budgets={"*": RateBudgetSpec(requests=10, period=1.0)},

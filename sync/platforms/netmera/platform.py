@@ -26,9 +26,11 @@ class NetmeraPlatform:
     limits = PlatformLimits(
         max_batch=MAX_IDS_PER_REQUEST,
         default_batch_size=MAX_IDS_PER_REQUEST,
+        endpoints=tuple(netmera.ENDPOINT_FOR.values()),
         single_user_endpoints=netmera.SINGLE_USER_ENDPOINTS,
         # Netmera documents no rate limit [D]; 20 requests/s per endpoint is a conservative default that still
-        # moves 20,000 users/s through the 1000-ID endpoints. Jobs override per endpoint.
+        # moves 20,000 users/s through the 1000-ID endpoints. Jobs override per endpoint, or add an account-wide
+        # group when their server counts the whole API key.
         default_budgets={"*": RateBudgetSpec(requests=20, period=1.0)},
     )
     snapshot_mode = True

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
 
-from sync.config import Job, PlatformLimits, RateBudgetSpec, Source
+from sync.config import BudgetGroupSpec, Job, PlatformLimits, RateBudgetSpec, Source
 from sync.errors import JobProblem
 from sync.platforms.base import BatchBuilder, PlatformClient
 from sync.platforms.notifyvisitors import (
@@ -36,14 +36,17 @@ class NotifyVisitorsPlatform:
     limits = PlatformLimits(
         max_batch=MAX_EVENTS_PER_REQUEST,  # user/create batches are capped at 100 users by the builder
         default_batch_size=MAX_EVENTS_PER_REQUEST,
-        # The documented per-minute limits of the User API (100) and the Event API (500).
-        default_budgets={
-            USER_CREATE: RateBudgetSpec(requests=RATE_LIMITS_PER_MINUTE[FAMILY_OF[USER_CREATE]], period=60.0),
-            EVENT_CREATE: RateBudgetSpec(
-                requests=RATE_LIMITS_PER_MINUTE[FAMILY_OF[EVENT_CREATE]], period=60.0
-            ),
-        },
-        budget_groups=FAMILY_OF,
+        endpoints=(USER_CREATE, EVENT_CREATE),
+        # NotifyVisitors documents its limits per API family (User API 100/min, Event API 500/min), shared by
+        # every endpoint of the family: budget groups.
+        default_budget_groups=tuple(
+            BudgetGroupSpec(
+                family,
+                RateBudgetSpec(requests=RATE_LIMITS_PER_MINUTE[family], period=60.0),
+                tuple(endpoint for endpoint, f in FAMILY_OF.items() if f == family),
+            )
+            for family in dict.fromkeys(FAMILY_OF.values())
+        ),
     )
     snapshot_mode = False
     non_idempotent = frozenset({Operation.FIRE_EVENTS})
