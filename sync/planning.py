@@ -20,11 +20,12 @@ grows with the input so a bucket stays near :data:`ROWS_PER_BUCKET` rows.
 from __future__ import annotations
 
 import csv
+import functools
 import math
 import shutil
 import tempfile
 import weakref
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
@@ -38,7 +39,7 @@ from sync.errors import BadJobError, JobProblem
 from sync.platforms.formsonfire import requests as formsonfire
 from sync.platforms.netmera import requests as netmera
 from sync.platforms.notifyvisitors import requests as notifyvisitors
-from sync.reading import ROW, estimate_rows, expand_paths, iter_chunks
+from sync.reading import ROW, Chunk, estimate_rows, expand_paths, iter_chunks
 from sync.records import Batch, Operation, Phase, RejectedRow
 from sync.validation import (
     EXT_ID,
@@ -361,9 +362,20 @@ def _bucket_bits(estimated_rows: int, rows_per_bucket: int) -> int:
 def _stage(
     job: Job, source: Source, tmp: Path, rejects: _RejectsWriter, rows_per_bucket: int
 ) -> StagedSource:
-    files = expand_paths(source)
-    names = tuple(str(p) for p in files)
-    bits = _bucket_bits(estimate_rows(source, files), rows_per_bucket)
+    inputs: list[tuple[str, Callable[[], Iterator[Chunk]]]]
+    if source.sql is not None:
+        # A database source is one input, named by its label (database and table, never the password).
+        from sync.reading_sql import SqlReader
+
+        reader = SqlReader(source)
+        inputs = [(reader.label, reader.chunks)]
+        estimated = reader.estimate_rows()
+    else:
+        files = expand_paths(source)
+        inputs = [(str(p), functools.partial(iter_chunks, source, p)) for p in files]
+        estimated = estimate_rows(source, files)
+    names = tuple(name for name, _ in inputs)
+    bits = _bucket_bits(estimated, rows_per_bucket)
     schema = clean_schema(source)
     raw_dir = tmp / f"{source.name}.raw"
     raw_dir.mkdir()
@@ -372,13 +384,13 @@ def _stage(
     writers: dict[int, tuple[Any, pa.ipc.RecordBatchStreamWriter]] = {}
     rows_read = 0
     try:
-        for index, path in enumerate(files):
-            for chunk in iter_chunks(source, path):
+        for index, (name, read) in enumerate(inputs):
+            for chunk in read():
                 rejects.rows(chunk.malformed)
                 rows_read += chunk.frame.height + len(chunk.malformed)
                 if chunk.frame.is_empty():
                     continue
-                clean, bad = validate_chunk(chunk.frame, source, job.validation, index, str(path))
+                clean, bad = validate_chunk(chunk.frame, source, job.validation, index, name)
                 rejects.frame(bad)
                 if clean.is_empty():
                     continue

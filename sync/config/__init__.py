@@ -34,6 +34,7 @@ from sync.config._settings import (
     RetryPolicy,
     resolve_secret,
 )
+from sync.config._sql import DatabaseKind, DatabaseRef, SqlInput, database_kind
 
 __all__ = [
     "DEFAULT_NULL_VALUES",
@@ -41,6 +42,8 @@ __all__ = [
     "SCHEMA_PATH",
     "AttributeMapping",
     "AttributeMode",
+    "DatabaseKind",
+    "DatabaseRef",
     "Destination",
     "DispatchSettings",
     "FileFormat",
@@ -53,11 +56,13 @@ __all__ = [
     "SnapshotSettings",
     "Source",
     "SourceKind",
+    "SqlInput",
     "SyncMode",
     "TagAction",
     "TagColumn",
     "ValidationRules",
     "ValueType",
+    "database_kind",
     "load_job",
     "resolve_secret",
 ]

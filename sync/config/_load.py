@@ -28,6 +28,7 @@ from sync.config._job import (
 )
 from sync.config._settings import Destination, DispatchSettings, RateBudgetSpec, RetryPolicy
 from sync.config._sources import parse_source
+from sync.config._sql import database_secret_problems
 from sync.errors import BadJobError, JobProblem
 
 # The schema lives at the repository's top-level schemas/ (one copy; found from a source checkout or an
@@ -248,7 +249,7 @@ def load_job(path: str | Path) -> Job:
     if not isinstance(raw, Mapping):
         raise BadJobError(str(job_path), [JobProblem("", "a job file is a YAML mapping (key: value)")])
 
-    problems = _secret_problems(raw)
+    problems = _secret_problems(raw) + database_secret_problems(raw)
     quiet = {p.location for p in problems}
     validator = jsonschema.Draft202012Validator(_schema())
     for error in sorted(validator.iter_errors(raw), key=lambda e: [str(x) for x in e.absolute_path]):
