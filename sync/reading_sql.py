@@ -204,7 +204,7 @@ def _roles(source: Source) -> list[tuple[str, str]]:
 
 
 def _type_class(t: pa.DataType) -> str:
-    if isinstance(t, pa.ExtensionType):
+    if isinstance(t, pa.BaseExtensionType):
         name = getattr(t, "extension_name", "")
         if name in ("arrow.uuid", "arrow.json") or pa.types.is_string(t.storage_type):
             # PostgreSQL's numeric comes as text in an "opaque" extension: a decimal, not free text.
@@ -254,7 +254,7 @@ def _arrow_ready(array: pa.Array) -> pa.Array:
     if isinstance(array, pa.ChunkedArray):
         array = array.combine_chunks()
     t = array.type
-    if isinstance(t, pa.ExtensionType):
+    if isinstance(t, pa.BaseExtensionType):
         storage = array.storage
         if getattr(t, "extension_name", "") == "arrow.uuid" or pa.types.is_fixed_size_binary(storage.type):
             hexed = pl.from_arrow(storage).bin.encode("hex")  # type: ignore[union-attr]
@@ -371,19 +371,23 @@ class SqlReader:
             rows = 0
             next_row = 1
             for batch in driver.batches(self.statement, CHUNK_ROWS):
-                if not batch.num_rows:
-                    continue
                 index = {name: i for i, name in enumerate(batch.schema.names)}
-                pending.append(
-                    pa.RecordBatch.from_arrays(
-                        [_arrow_ready(batch.column(index[c])) for c in wanted], names=wanted
+                # PostgreSQL's batches are sized in bytes: narrow rows make batches of 100k+ rows. Validation
+                # works (and holds memory) per chunk, so cut them to the chunk size (slices copy nothing).
+                start = 0
+                while start < batch.num_rows:
+                    piece = batch.slice(start, CHUNK_ROWS - rows)
+                    start += piece.num_rows
+                    pending.append(
+                        pa.RecordBatch.from_arrays(
+                            [_arrow_ready(piece.column(index[c])) for c in wanted], names=wanted
+                        )
                     )
-                )
-                rows += batch.num_rows
-                if rows >= CHUNK_ROWS:
-                    yield self._chunk(pending, next_row)
-                    next_row += rows
-                    pending, rows = [], 0
+                    rows += piece.num_rows
+                    if rows >= CHUNK_ROWS:
+                        yield self._chunk(pending, next_row)
+                        next_row += rows
+                        pending, rows = [], 0
             if pending:
                 yield self._chunk(pending, next_row)
         finally:
