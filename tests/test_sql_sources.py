@@ -7,7 +7,10 @@ from __future__ import annotations
 import asyncio
 import csv
 import json
+import os
 import sqlite3
+import subprocess
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -251,6 +254,7 @@ def test_a_big_result_streams_in_bounded_chunks_numbered_by_position(
 def test_rejected_rows_name_the_source_its_position_and_id_never_the_password(
     postgres_url: str,
     postgres_server: PostgresServer,
+    netmera_sandbox_process: Any,
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
     capsys: Any,
@@ -261,7 +265,7 @@ def test_rejected_rows_name_the_source_its_position_and_id_never_the_password(
         "vip, plan, segments, email_opt_in, news_opt_in FROM crm.users ORDER BY user_id"
     )
     monkeypatch.setenv(URL_ENV, postgres_url)
-    job_path = write_job(tmp_path, "http://127.0.0.1:9/rest/3.0/", what=f'query: "{query}"')
+    job_path = write_job(tmp_path, netmera_sandbox_process.url, what=f'query: "{query}"')
     assert main(["plan", str(job_path)]) == ExitCode.OK
     out = capsys.readouterr().out
     label = f"users (postgresql://pushsync@127.0.0.1:{postgres_server.port}/{postgres_url.rsplit('/', 1)[1]}, query on crm.users)"
@@ -274,6 +278,22 @@ def test_rejected_rows_name_the_source_its_position_and_id_never_the_password(
     assert doc["sources"]["users"]["database"] == label
     for text in (out, rejects, json.dumps(doc)):
         assert postgres_server.password not in text
+
+    # A run, logging at debug level: the password is in no line printed and no byte of the workdir (ledger,
+    # rejects, state) — the label with the row is in the ledger.
+    done = subprocess.run(
+        [sys.executable, "-m", "sync", "--log-level", "debug", "--log-json", "run", str(job_path)],
+        env={**os.environ, KEY_ENV: netmera_sandbox_process.api_key},
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode == ExitCode.PARTIAL, done.stderr  # one row rejected, the rest sent
+    assert '"event": "run.start"' in done.stderr or "run.start" in done.stderr
+    assert postgres_server.password not in done.stdout + done.stderr
+    stored = b"".join(p.read_bytes() for p in (tmp_path / "work").rglob("*") if p.is_file())
+    assert label.encode() in stored and postgres_server.password.encode() not in stored
 
 
 def test_validate_checks_the_columns_without_reading_a_row(
@@ -548,3 +568,42 @@ def test_postgres_and_duckdb_types_arrive_as_the_values_they_hold(
     with build_plan(load_job(path)) as plan:
         row = next(plan.staged[0].frames(list(columns)[1:])).drop("__file", ROW).row(0, named=True)
     assert row == {**expected, "u": "calm"}
+
+
+def test_a_database_source_is_checked_for_every_problem_at_once(tmp_path: Path) -> None:
+    text = """\
+version: 1
+destination: {platform: netmera, base_url: "http://127.0.0.1:9/rest/3.0/", secret: {env: K}}
+sources:
+  - {name: a, database: "duckdb:///x.duckdb", ext_id: id, attributes: {n: string}}
+  - {name: b, database: "duckdb:///x.duckdb", query: "SELECT 1", table: t, ext_id: id, attributes: {n: string}}
+  - {name: c, database: "duckdb:///x.duckdb", table: "t; DROP TABLE t", ext_id: id, attributes: {n: string}}
+  - {name: d, database: "mysql://db/crm", query: " ; ", ext_id: id, attributes: {n: string}}
+  - {name: e, database: "sqlite:///x.db", path: x.csv, delimiter: ";", table: t, ext_id: id, attributes: {n: string}}
+  - {name: f, query: "SELECT 1", ext_id: id, attributes: {n: string}}
+"""
+    (tmp_path / "job.yaml").write_text(text, encoding="utf-8")
+    with pytest.raises(BadJobError) as caught:
+        load_job(tmp_path / "job.yaml")
+    assert sorted(str(p) for p in caught.value.problems) == sorted(
+        [
+            "sources[0]: a database source gives exactly one of 'query' or 'table'",
+            "sources[1]: a database source gives exactly one of 'query' or 'table'",
+            "sources[2].table: not a table name: give table, schema.table or catalog.schema.table "
+            '(quote a part that needs it: "My Table"); use query: for anything else',
+            "sources[3].database: not a database URL: use postgresql://..., duckdb:///path/file.duckdb or "
+            "sqlite:///path/file.db",
+            "sources[3].query: the query is empty",
+            "sources[4].path: not used by a source that reads a database",
+            "sources[4].delimiter: not used by a source that reads a database",
+            "sources[5].database: a source with a query or table names its database",
+        ]
+    )
+    ok = (
+        text.split("  - {name: a")[0]
+        + '  - {name: a, database: "sqlite:///x.db", table: \'crm."My Users"\', ext_id: id, attributes: {n: string}}\n'
+    )
+    (tmp_path / "job.yaml").write_text(ok, encoding="utf-8")
+    source = load_job(tmp_path / "job.yaml").sources[0]
+    assert source.sql is not None and source.sql.table == 'crm."My Users"' and source.paths == ()
+    assert source.null_values == ("",)  # SQL NULL and empty text; 'N/A' in a database column is a value
