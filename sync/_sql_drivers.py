@@ -18,7 +18,7 @@ import contextlib
 import json
 import re
 import sqlite3
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NoReturn, Protocol
@@ -67,7 +67,7 @@ class Driver(Protocol):
         """About how many rows the statement gives (sizes the planner's hash buckets)."""
         ...
 
-    def batches(self, statement: str, rows: int) -> Iterator[pa.RecordBatch]:
+    def batches(self, statement: str, rows: int) -> Generator[pa.RecordBatch, None, None]:
         """The result, streamed in record batches (of about ``rows`` rows where the driver counts rows)."""
         ...
 
@@ -169,7 +169,7 @@ class PostgresDriver:
         except (ValueError, KeyError, IndexError, TypeError):
             return 0
 
-    def batches(self, statement: str, rows: int) -> Iterator[pa.RecordBatch]:
+    def batches(self, statement: str, rows: int) -> Generator[pa.RecordBatch, None, None]:
         read = 0
         try:
             with self._conn.cursor() as cur:
@@ -236,7 +236,7 @@ class DuckdbDriver:
             self._fail(f"the database refused the query: {_duck_detail(exc)}", exc)
         return int(row[0]) if row else 0
 
-    def batches(self, statement: str, rows: int) -> Iterator[pa.RecordBatch]:
+    def batches(self, statement: str, rows: int) -> Generator[pa.RecordBatch, None, None]:
         read = 0
         try:
             reader = self._conn.sql(statement).to_arrow_reader(rows)
@@ -292,7 +292,7 @@ class SqliteDriver:
             self._fail(f"the database refused the query: {exc}", exc)
         return int(row[0]) if row else 0
 
-    def batches(self, statement: str, rows: int) -> Iterator[pa.RecordBatch]:
+    def batches(self, statement: str, rows: int) -> Generator[pa.RecordBatch, None, None]:
         read = 0
         try:
             cur = self._conn.execute(statement)

@@ -22,10 +22,12 @@ from __future__ import annotations
 
 import os
 import re
+import threading
 import urllib.parse
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from queue import Queue
 
 import polars as pl
 import pyarrow as pa
@@ -273,6 +275,56 @@ def _arrow_ready(array: pa.Array) -> pa.Array:
 
 # --- the reader ------------------------------------------------------------------------------------------------
 
+READ_AHEAD = 2
+"""Record batches fetched ahead of the one being validated (each at most a driver batch: ~8 MB for PostgreSQL)."""
+
+_END = object()
+
+
+def _read_ahead(batches: Generator[pa.RecordBatch, None, None]) -> Iterator[pa.RecordBatch]:
+    """``batches``, fetched by a thread up to :data:`READ_AHEAD` batches ahead of the consumer.
+
+    The database (and the driver's decoding, which releases the GIL) then works while the previous chunk is
+    validated, instead of waiting on a full socket. The queue is bounded, so memory stays bounded; the generator
+    is consumed, and closed, in the thread only (a driver is used from one thread at a time). When the consumer
+    stops early it drains the queue until the thread, which stops after its current batch, says it is done.
+    """
+    queue: Queue[object] = Queue(maxsize=READ_AHEAD)
+    stop = threading.Event()
+
+    def pump() -> None:
+        try:
+            for batch in batches:
+                queue.put(batch)
+                if stop.is_set():
+                    break
+            last: object = _END
+        except BaseException as exc:  # handed to the consumer, which raises it in its own thread
+            last = exc
+        finally:
+            batches.close()
+        queue.put(last)
+
+    thread = threading.Thread(target=pump, name="pushsync-sql-read-ahead", daemon=True)
+    thread.start()
+    finished = False
+    try:
+        while True:
+            item = queue.get()
+            if item is _END:
+                finished = True
+                return
+            if isinstance(item, BaseException):
+                finished = True
+                raise item
+            yield item
+    finally:
+        if not finished:
+            stop.set()
+            while not (item is _END or isinstance(item, BaseException)):
+                item = queue.get()
+        thread.join()
+
 
 class SqlReader:
     """Reads one database source. Building it resolves the URL (no connection yet); each method opens its own
@@ -370,7 +422,7 @@ class SqlReader:
             pending: list[pa.RecordBatch] = []
             rows = 0
             next_row = 1
-            for batch in driver.batches(self.statement, CHUNK_ROWS):
+            for batch in _read_ahead(driver.batches(self.statement, CHUNK_ROWS)):
                 index = {name: i for i, name in enumerate(batch.schema.names)}
                 # PostgreSQL's batches are sized in bytes: narrow rows make batches of 100k+ rows. Validation
                 # works (and holds memory) per chunk, so cut them to the chunk size (slices copy nothing).

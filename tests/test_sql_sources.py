@@ -12,6 +12,8 @@ import sqlite3
 import subprocess
 import sys
 import tempfile
+import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -249,6 +251,19 @@ def test_a_big_result_streams_in_bounded_chunks_numbered_by_position(
     rows = pl.concat([c.frame.select(ROW, "user_id") for c in chunks])
     assert rows[ROW].to_list() == list(range(1, 130001))
     assert rows["user_id"][:3].to_list() == ["U1", "U2", "U3"]
+
+    # A reader left after its first chunk stops its read-ahead thread and closes its session.
+    reading = SqlReader(job.sources[0]).chunks()
+    assert next(reading).frame.height == CHUNK_ROWS
+    sessions = "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'pushsync'"
+    assert postgres_server.sql(postgres_server.admin_url(), sessions).strip() == "1"
+    reading.close()
+    assert not [t for t in threading.enumerate() if t.name == "pushsync-sql-read-ahead"]
+    # The server removes a closed session from pg_stat_activity when its backend process has exited: wait for it.
+    deadline = time.monotonic() + 10
+    while postgres_server.sql(postgres_server.admin_url(), sessions).strip() != "0":
+        assert time.monotonic() < deadline, "the reader's session is still open"
+        time.sleep(0.05)
 
 
 def test_rejected_rows_name_the_source_its_position_and_id_never_the_password(
