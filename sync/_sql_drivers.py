@@ -18,6 +18,7 @@ import contextlib
 import json
 import re
 import sqlite3
+import tempfile
 from collections.abc import Callable, Generator
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +30,7 @@ from sync.errors import BadInputError
 from sync.redact import redact
 
 __all__ = [
+    "DUCKDB_MEMORY_LIMIT",
     "PG_BATCH_BYTES",
     "Column",
     "Driver",
@@ -41,6 +43,9 @@ __all__ = [
 
 PG_BATCH_BYTES = 8 << 20
 """Bytes of COPY data the PostgreSQL driver decodes into one record batch."""
+
+DUCKDB_MEMORY_LIMIT = "128MB"
+"""What DuckDB may hold while it runs a source's query; a sort or join larger than this spills to disk."""
 
 Scrub = Callable[[str], str]
 """Removes the URL and its password from a driver's message."""
@@ -214,9 +219,18 @@ class DuckdbDriver:
         self._fail = fail
         if not path.is_file():
             fail(f"database file not found: {path}")
+        # DuckDB may use 80 % of the machine's memory by default (a query with ORDER BY over a big table holds all
+        # of it): cap it, and let it spill to a folder of ours (beside a read-only file it may not write).
+        self._spill = tempfile.TemporaryDirectory(prefix="pushsync-duckdb-")
+        config: dict[str, str | bool | int | float | list[str]] = {
+            "memory_limit": DUCKDB_MEMORY_LIMIT,
+            "temp_directory": self._spill.name,
+        }
         try:
-            self._conn = duckdb.connect(str(path), read_only=True)
+            self._conn = duckdb.connect(str(path), read_only=True, config=config)
+            self._conn.execute("SET enable_progress_bar = false")  # it would draw on the user's terminal
         except self._errors as exc:
+            self._spill.cleanup()
             fail(f"cannot open the DuckDB database {path}: {_duck_detail(exc)}", exc)
 
     def schema(self, statement: str) -> list[Column]:
@@ -252,6 +266,7 @@ class DuckdbDriver:
 
     def close(self) -> None:
         self._conn.close()
+        self._spill.cleanup()
 
 
 # --- SQLite ----------------------------------------------------------------------------------------------------
