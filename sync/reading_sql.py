@@ -20,6 +20,7 @@ column, a column whose type cannot hold what it is mapped to, a connection lost 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import threading
@@ -281,7 +282,7 @@ READ_AHEAD = 2
 _END = object()
 
 
-def _read_ahead(batches: Generator[pa.RecordBatch, None, None]) -> Iterator[pa.RecordBatch]:
+def _read_ahead(batches: Generator[pa.RecordBatch, None, None]) -> Generator[pa.RecordBatch, None, None]:
     """``batches``, fetched by a thread up to :data:`READ_AHEAD` batches ahead of the consumer.
 
     The database (and the driver's decoding, which releases the GIL) then works while the previous chunk is
@@ -308,6 +309,7 @@ def _read_ahead(batches: Generator[pa.RecordBatch, None, None]) -> Iterator[pa.R
     thread = threading.Thread(target=pump, name="pushsync-sql-read-ahead", daemon=True)
     thread.start()
     finished = False
+    item: object = None
     try:
         while True:
             item = queue.get()
@@ -405,7 +407,7 @@ class SqlReader:
                 self._fail(problem, column=name)
 
     def estimate_rows(self) -> int:
-        """About how many rows the source gives (PostgreSQL's planner estimate; DuckDB and SQLite count)."""
+        """How many rows the source gives (a count(*) of the query), to size the planner's hash buckets."""
         driver = self._open()
         try:
             return driver.estimate_rows(self.statement)
@@ -422,26 +424,28 @@ class SqlReader:
             pending: list[pa.RecordBatch] = []
             rows = 0
             next_row = 1
-            for batch in _read_ahead(driver.batches(self.statement, CHUNK_ROWS)):
-                index = {name: i for i, name in enumerate(batch.schema.names)}
-                # PostgreSQL's batches are sized in bytes: narrow rows make batches of 100k+ rows. Validation
-                # works (and holds memory) per chunk, so cut them to the chunk size (slices copy nothing).
-                start = 0
-                while start < batch.num_rows:
-                    piece = batch.slice(start, CHUNK_ROWS - rows)
-                    start += piece.num_rows
-                    pending.append(
-                        pa.RecordBatch.from_arrays(
-                            [_arrow_ready(piece.column(index[c])) for c in wanted], names=wanted
+            # Closed here, not left to the garbage collector: its thread must end before the driver closes.
+            with contextlib.closing(_read_ahead(driver.batches(self.statement, CHUNK_ROWS))) as ahead:
+                for batch in ahead:
+                    index = {name: i for i, name in enumerate(batch.schema.names)}
+                    # PostgreSQL's batches are sized in bytes: narrow rows make batches of 100k+ rows. Validation
+                    # works (and holds memory) per chunk, so cut them to the chunk size (slices copy nothing).
+                    start = 0
+                    while start < batch.num_rows:
+                        piece = batch.slice(start, CHUNK_ROWS - rows)
+                        start += piece.num_rows
+                        pending.append(
+                            pa.RecordBatch.from_arrays(
+                                [_arrow_ready(piece.column(index[c])) for c in wanted], names=wanted
+                            )
                         )
-                    )
-                    rows += piece.num_rows
-                    if rows >= CHUNK_ROWS:
-                        yield self._chunk(pending, next_row)
-                        next_row += rows
-                        pending, rows = [], 0
-            if pending:
-                yield self._chunk(pending, next_row)
+                        rows += piece.num_rows
+                        if rows >= CHUNK_ROWS:
+                            yield self._chunk(pending, next_row)
+                            next_row += rows
+                            pending, rows = [], 0
+                if pending:
+                    yield self._chunk(pending, next_row)
         finally:
             driver.close()
 
