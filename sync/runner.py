@@ -92,6 +92,7 @@ async def run_job(
     batches: Callable[[Plan], Iterable[Batch] | AsyncIterable[Batch] | LaneSource] | None = None,
     metrics_port: int | None = None,
     metrics_textfile: Path | None = None,
+    metrics_pushgateway: str | None = None,
     plan: Plan | None = None,
     run_id: str | None = None,
     expected: tuple[int, int] | None = None,
@@ -99,8 +100,8 @@ async def run_job(
     """Plan the job, send it, record everything in the job's ledger and return the outcome.
 
     ``progress``: ``auto`` (a bar on a terminal, log lines otherwise), ``bar``, ``log`` or ``none``.
-    ``metrics_port`` / ``metrics_textfile``: expose the run's Prometheus metrics (:mod:`sync.metrics`) while it
-    lasts; a port that cannot be bound raises :class:`sync.errors.StateError` before anything is sent.
+    ``metrics_port`` / ``metrics_textfile`` / ``metrics_pushgateway``: expose the run's Prometheus metrics
+    (:mod:`sync.metrics`) while it lasts; a port that cannot be bound raises :class:`sync.errors.StateError` before anything is sent.
     ``plan``: a plan already built for ``job`` (run_job takes it over and closes it); ``run_id``: the ID to
     record the run under (default: a new one) — for callers that name the run before it starts.
     ``expected``: ``(requests, IDs)`` that ``batches`` will send, for the progress totals, when it sends
@@ -145,7 +146,11 @@ async def run_job(
                 if progress != "none"
                 else None
             )
-            metrics = _metrics_for(job, run_id) if metrics_port is not None or metrics_textfile else None
+            metrics = (
+                _metrics_for(job, run_id)
+                if metrics_port is not None or metrics_textfile or metrics_pushgateway
+                else None
+            )
             watchers: list[DispatchObserver] = [*observers]
             if bar is not None:
                 watchers.append(bar)
@@ -173,7 +178,9 @@ async def run_job(
             )
             try:
                 async with (
-                    metrics.exporting(port=metrics_port, textfile=metrics_textfile)
+                    metrics.exporting(
+                        port=metrics_port, textfile=metrics_textfile, pushgateway=metrics_pushgateway
+                    )
                     if metrics is not None
                     else contextlib.nullcontext()
                 ):
@@ -196,6 +203,8 @@ async def run_job(
                 DispatchOutcome.ABORTED: "aborted",
                 DispatchOutcome.INTERRUPTED: "interrupted",
             }.get(report.outcome, "done" if summary.exit_code is ExitCode.OK else "partial")
+            if metrics is not None:
+                await metrics.finish(int(summary.exit_code))
             ledger.finish_run(
                 run_id,
                 status=status,
