@@ -407,9 +407,13 @@ class SqlReader:
                 self._fail(problem, column=name)
 
     def estimate_rows(self) -> int:
-        """How many rows the source gives (a count(*) of the query), to size the planner's hash buckets."""
+        """How many rows the source gives (a count(*) of the query), to size the planner's hash buckets.
+
+        Checks the query and its columns first (as :meth:`check`): the database's message for the query itself
+        is clearer than for the count wrapped around it, and a wrong column is found before a long count."""
         driver = self._open()
         try:
+            self._check_columns(driver.schema(self.statement))
             return driver.estimate_rows(self.statement)
         finally:
             driver.close()

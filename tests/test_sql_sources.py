@@ -396,10 +396,13 @@ async def test_bad_postgres_input_ends_in_one_clear_error_and_nothing_is_sent(
     elif case == "float id":
         what = f"query: SELECT {all_columns.replace('user_id', '1.5::float8 AS user_id')} FROM crm.users"
     elif case == "dropped mid-stream":
-        # The server ends the session itself after sending part of the result: a connection lost mid-stream.
+        # The server ends the session itself after sending part of the result: a connection lost mid-stream
+        # (while the rows are copied out, not while the planner counts them first).
         what = (
             "query: SELECT 'U' || g AS user_id, repeat('x', 200) AS name, 'c' AS city, g AS score, true AS vip, "
-            "CASE WHEN g = 150000 THEN pg_terminate_backend(pg_backend_pid())::text ELSE 'p' END AS plan, "
+            "CASE WHEN g = 150000 AND left(current_query(), 20) NOT LIKE '%count%' "
+            "THEN pg_terminate_backend(pg_backend_pid())::text "
+            "ELSE 'p' END AS plan, "
             "ARRAY['a'] AS segments, true AS email_opt_in, true AS news_opt_in FROM generate_series(1, 200000) g"
         )
     elif case == "unparseable url":
