@@ -63,6 +63,9 @@ class Column:
 class Driver(Protocol):
     """An open connection to one database (see the module docstring)."""
 
+    remote: bool
+    """The database runs in another process (a server): worth reading ahead while a chunk is validated."""
+
     def schema(self, statement: str) -> list[Column]:
         """The result's columns, without reading its rows."""
         ...
@@ -117,6 +120,8 @@ def _pg_detail(exc: BaseException) -> str:
 
 class PostgresDriver:
     """PostgreSQL through ADBC (see the module docstring)."""
+
+    remote = True
 
     def __init__(self, url: str, fail: Failure, *, origin: str) -> None:
         try:
@@ -207,6 +212,8 @@ def _duck_detail(exc: BaseException) -> str:
 class DuckdbDriver:
     """A DuckDB file, opened read-only (see the module docstring)."""
 
+    remote = False
+
     def __init__(self, path: Path, fail: Failure) -> None:
         try:
             import duckdb
@@ -222,6 +229,9 @@ class DuckdbDriver:
         config: dict[str, str | bool | int | float | list[str]] = {
             "memory_limit": DUCKDB_MEMORY_LIMIT,
             "temp_directory": self._spill.name,
+            # One scanning thread keeps up with validation (the planner is the slower stage) and leaves the other
+            # cores to polars; each extra thread also keeps its own malloc arena.
+            "threads": 1,
         }
         try:
             self._conn = duckdb.connect(str(path), read_only=True, config=config)
@@ -276,6 +286,8 @@ class SqliteDriver:
     Each batch's column becomes text (integers as digits, reals as Python prints them, text as is); a BLOB, or a
     real where the external ID is read (it would be sent as '123.0'), stops the read with the row and column.
     """
+
+    remote = False
 
     def __init__(self, path: Path, fail: Failure, *, id_column: str) -> None:
         self._fail = fail

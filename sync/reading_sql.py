@@ -285,8 +285,8 @@ _END = object()
 def _read_ahead(batches: Generator[pa.RecordBatch, None, None]) -> Generator[pa.RecordBatch, None, None]:
     """``batches``, fetched by a thread up to :data:`READ_AHEAD` batches ahead of the consumer.
 
-    The database (and the driver's decoding, which releases the GIL) then works while the previous chunk is
-    validated, instead of waiting on a full socket. The queue is bounded, so memory stays bounded; the generator
+    The database server (and the driver's decoding, which releases the GIL) then works while the previous chunk
+    is validated, instead of waiting on a full socket. The queue is bounded, so memory stays bounded; the generator
     is consumed, and closed, in the thread only (a driver is used from one thread at a time). When the consumer
     stops early it drains the queue until the thread, which stops after its current batch, says it is done.
     """
@@ -428,8 +428,11 @@ class SqlReader:
             pending: list[pa.RecordBatch] = []
             rows = 0
             next_row = 1
-            # Closed here, not left to the garbage collector: its thread must end before the driver closes.
-            with contextlib.closing(_read_ahead(driver.batches(self.statement, CHUNK_ROWS))) as ahead:
+            batches = driver.batches(self.statement, CHUNK_ROWS)
+            # A server works on while we validate only when asked for more: read ahead from it. An in-process
+            # engine (DuckDB, SQLite) would only compete with validation for the same cores, and hold more memory.
+            # Closed here, not left to the garbage collector: a read-ahead thread must end before the driver closes.
+            with contextlib.closing(_read_ahead(batches) if driver.remote else batches) as ahead:
                 for batch in ahead:
                     index = {name: i for i, name in enumerate(batch.schema.names)}
                     # PostgreSQL's batches are sized in bytes: narrow rows make batches of 100k+ rows. Validation
