@@ -416,7 +416,7 @@ def _stage(
                 if check_rows is not None and not clean.is_empty():
                     # Values valid in general that this platform cannot take (a negative expiry, a character
                     # XML cannot carry): rejected rows now, not a refused request (or a crash) later.
-                    clean, bad = check_rows(source, clean, str(path))
+                    clean, bad = check_rows(source, clean, name)
                     rejects.frame(bad)
                 if clean.is_empty():
                     continue
