@@ -74,6 +74,7 @@ if kind == "postgresql":
 else:
     import duckdb
     con = duckdb.connect(target, read_only=True)
+    con.execute("SET enable_progress_bar = false")
     for batch in con.sql(statement).to_arrow_reader(50_000):
         rows += batch.num_rows
 print(rows, time.monotonic() - t0)
@@ -180,7 +181,7 @@ def bench_one(
     os.environ.update(env)
     statement = SqlReader(load_job(job).sources[0]).statement
     alone, _, alone_mb = measured([sys.executable, "-c", _DRIVER_ALONE, kind, target, statement], out, env)
-    read, driver_seconds = alone.split()
+    read, driver_seconds = alone.split()[-2:]
     assert int(read) == rows, (read, rows)
     stdout, plan_seconds, plan_mb = measured(
         [sys.executable, "-m", "sync", "plan", str(job), "--output", "json"], out, env

@@ -43,8 +43,10 @@ __all__ = [
 PG_BATCH_BYTES = 8 << 20
 """Bytes of COPY data the PostgreSQL driver decodes into one record batch."""
 
-DUCKDB_MEMORY_LIMIT = "128MB"
-"""What DuckDB may hold while it runs a source's query; a sort or join larger than this spills to disk."""
+DUCKDB_MEMORY_LIMIT = "64MB"
+"""What DuckDB may hold while it runs a source's query; a sort or join larger than this spills to disk. Its
+buffer pool also caches the table's blocks up to this: measured on a 10M-row table, RSS of a scan flat at 246 MB
+with 64 MB, 305 MB with 128 MB; an ORDER BY over the 10M rows still runs (spilling) at 255 MB."""
 
 Scrub = Callable[[str], str]
 """Removes the URL and its password from a driver's message."""

@@ -91,7 +91,9 @@ def _resolve(source: Source) -> _Target:
             )
         except SecretError as exc:
             raise SecretError(f"source {source.name!r}: the database URL: {exc}") from None
-    secrets = _secrets_of(url)
+    # A URL written in the job holds no password (the loader refuses one) and is no secret; one from the
+    # environment or a file may hold credentials in any form: mask all of it, and its password on its own.
+    secrets = () if ref.url else _secrets_of(url)
     for secret in secrets:
         register_secret(secret)
     kind = database_kind(url)
