@@ -20,8 +20,10 @@ grows with the input so a bucket stays near :data:`ROWS_PER_BUCKET` rows.
 from __future__ import annotations
 
 import csv
+import errno
 import functools
 import math
+import os
 import shutil
 import tempfile
 import weakref
@@ -35,7 +37,7 @@ import pyarrow as pa
 import pyarrow.ipc
 
 from sync.config import DispatchSettings, Job, Source
-from sync.errors import BadJobError, JobProblem
+from sync.errors import BadJobError, JobProblem, StateError
 from sync.platforms.formsonfire import requests as formsonfire
 from sync.platforms.netmera import requests as netmera
 from sync.platforms.notifyvisitors import requests as notifyvisitors
@@ -60,6 +62,7 @@ __all__ = [
     "PlanSummary",
     "StagedSource",
     "build_plan",
+    "check_workdir",
     "estimate_duration",
 ]
 
@@ -380,7 +383,13 @@ def _bucket_bits(estimated_rows: int, rows_per_bucket: int) -> int:
 
 
 def _stage(
-    job: Job, source: Source, tmp: Path, rejects: _RejectsWriter, rows_per_bucket: int, builder: Any = None
+    job: Job,
+    source: Source,
+    tmp: Path,
+    rejects: _RejectsWriter,
+    rejects_path: Path,
+    rows_per_bucket: int,
+    builder: Any = None,
 ) -> StagedSource:
     inputs: list[tuple[str, Callable[[], Iterator[Chunk]]]]
     if source.sql is not None:
@@ -391,7 +400,7 @@ def _stage(
         inputs = [(reader.label, reader.chunks)]
         estimated = reader.estimate_rows()
     else:
-        files = expand_paths(source)
+        files = expand_paths(source, workdir=job.workdir, exclude=[rejects_path])
         inputs = [(str(p), functools.partial(iter_chunks, source, p)) for p in files]
         estimated = estimate_rows(source, files)
     names = tuple(name for name, _ in inputs)
@@ -467,18 +476,57 @@ def build_plan(job: Job, *, rejects_path: Path | None = None, rows_per_bucket: i
         raise BadJobError(
             str(job.path), [JobProblem("destination.platform", "no planner for this platform yet")]
         )
-    job.workdir.mkdir(parents=True, exist_ok=True)
+    check_workdir(job.workdir)
     rejects_path = rejects_path or job.workdir / "rejects.csv"
-    rejects_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix="plan-", dir=job.workdir))
+    tmp: Path | None = None
     try:
+        rejects_path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix="plan-", dir=job.workdir))
         with rejects_path.open("w", newline="", encoding="utf-8") as fh:
             writer = _RejectsWriter(fh)
             builder = _builder_for(job)
             staged = tuple(
-                _stage(job, source, tmp, writer, rows_per_bucket, builder) for source in job.sources
+                _stage(job, source, tmp, writer, rejects_path, rows_per_bucket, builder)
+                for source in job.sources
             )
+    except OSError as exc:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+        # Input files are read through sync.reading, which turns their errors into BadInputError: an OSError
+        # here comes from writing the staging data or the rejects file.
+        raise _write_error(exc.filename or job.workdir, exc) from exc
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
         raise
+    assert tmp is not None
     return Plan(job, staged, rejects_path, writer.count, tmp)
+
+
+def check_workdir(workdir: Path) -> None:
+    """Make sure the job's workdir exists and takes a file, or raise one clear :class:`StateError`.
+
+    Run before anything else writes there (state lock, ledger, staging), so a read-only or missing mount stops the
+    run with one line naming the directory — before anything is sent — instead of a traceback from whichever
+    write came first.
+    """
+    try:
+        workdir.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=workdir) as probe:
+            probe.write(b"pushsync")
+            probe.flush()
+            os.fsync(probe.fileno())
+    except OSError as exc:
+        raise _write_error(workdir, exc) from exc
+
+
+def _write_error(where: Path | str, exc: OSError) -> StateError:
+    reason = exc.strerror or type(exc).__name__
+    hint = {
+        errno.ENOSPC: "free some space (or point 'workdir' at a larger disk)",
+        errno.EDQUOT: "free some space (or point 'workdir' at a larger disk)",
+        errno.EROFS: "point 'workdir' (or --workdir) at a writable directory",
+        errno.EACCES: "point 'workdir' (or --workdir) at a directory you may write to",
+        errno.EPERM: "point 'workdir' (or --workdir) at a directory you may write to",
+    }.get(exc.errno or 0, "check the workdir")
+    return StateError(f"cannot write the job's working files ({where}): {reason}; {hint}. Nothing was sent.")

@@ -321,12 +321,13 @@ async def sync_job(
     from pathlib import Path
 
     from sync.ledger import Ledger, new_run_id
-    from sync.planning import build_plan
+    from sync.planning import build_plan, check_workdir
     from sync.runner import ledger_path_for, run_job
     from sync.state import StateStore, commit, compute_diff, recover
 
     if workdir is not None:
         job = dataclasses.replace(job, workdir=Path(workdir))
+    check_workdir(job.workdir)  # a read-only or full workdir: one clear error before the lock, ledger, plan
     origin = retry or resume
     ledger_path = ledger_path_for(job)
     mode = str(job.mode)

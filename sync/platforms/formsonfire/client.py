@@ -14,6 +14,7 @@ JSON, ``<ResponseStatus><ErrorCode>…`` in XML) and also a top-level ``ErrorCod
 answer                                       raised
 ===========================================  =====================================================================
 200 with no error in the body                (returns :class:`SendOutcome`; the body parsed when possible)
+200, body not in the format asked (a page)   :class:`RetryableError` — not the platform's answer; empty is fine
 200, error code in :data:`FATAL_ERROR_CODES`  :class:`FatalPlatformError` — wrong IntegrationKey or CompanyId:
 (or ``extra.fatal_error_codes``)              every other push would be refused the same way
 the first ``fatal_after`` answers (default    :class:`FatalPlatformError` — the credential error's code is not
@@ -23,6 +24,7 @@ before any push was accepted                  where every push fails alike is st
                                              push is recorded as refused (one user: nothing to split)
 400                                          :class:`RejectedBatchError` (bad parameters)
 401, 403, 404, 405                           :class:`FatalPlatformError` (credentials, or a wrong base URL)
+3xx (never followed: the key is in a body)   :class:`FatalPlatformError`
 408, 429, 5xx, time-outs, dropped connection  :class:`RetryableError`
 ===========================================  =====================================================================
 """
@@ -34,7 +36,7 @@ import xml.etree.ElementTree as ET
 from typing import Any
 
 from sync.config import Destination
-from sync.errors import FatalPlatformError, RejectedBatchError
+from sync.errors import FatalPlatformError, RejectedBatchError, RetryableError
 from sync.platforms._http import AnswerPolicy, ErrorBody, HttpClient, HttpSession, bounded
 from sync.platforms.base import SendOutcome
 from sync.platforms.formsonfire import DEFAULT_XML_ROOT, PLATFORM, BodyFormat
@@ -104,6 +106,24 @@ def _parsed(raw: bytes) -> Any:
         except ValueError:
             return None
     return raw.decode("utf-8", "replace") if text else None
+
+
+def _in_format(raw: bytes, fmt: BodyFormat) -> bool:
+    """Whether a success body is empty or well-formed in the format asked for (``?format=``), and not a page."""
+    text = raw.strip()
+    if not text:
+        return True  # success bodies are not documented [I]: an empty one is not a fault
+    if fmt is BodyFormat.JSON:
+        try:
+            json.loads(text)
+        except ValueError:
+            return False
+        return True
+    try:
+        root = ET.fromstring(text)
+    except ET.ParseError:
+        return False
+    return _local(root.tag).lower() != "html"
 
 
 def _read_error(raw: bytes, status: int) -> ErrorBody:
@@ -194,6 +214,14 @@ class FormsOnFireClient(HttpClient):
             raise
         found = error_in_body(answer.raw)
         if found is None:
+            if not _in_format(answer.raw, self.response_format):
+                # An HTML page from a proxy or a cut-off answer: not the platform's word, so not a success.
+                raise RetryableError(
+                    f"{answer.what}: HTTP {answer.status} with a body that is not "
+                    f"{self.response_format.value.upper()} ({answer.content_type or 'no content type'}, "
+                    f"{len(answer.raw)} bytes): a proxy's or login page, or a cut-off answer — not the API's",
+                    status=answer.status,
+                )
             self._watching = False
             return SendOutcome(answer.status, answer.latency, _parsed(answer.raw), answer.remaining)
         code, message = found[0], bounded(found[1])
