@@ -386,7 +386,7 @@ async def sync_job(
             api_key=api_key,
             plan=plan,
             run_id=run_id,
-            batches=lambda _plan: diff.batches(),
+            batches=lambda _plan: diff,  # per-endpoint lanes, phase by phase, as a changes run is sent
             expected=expected,
             **run_kwargs,
         )
