@@ -44,6 +44,7 @@ from sync.config._settings import (
     RetryPolicy,
     resolve_secret,
 )
+from sync.config._sql import DatabaseKind, DatabaseRef, SqlInput, database_kind
 from sync.config._yaml import looks_like_a_key, read_job_yaml
 
 __all__ = [
@@ -51,6 +52,8 @@ __all__ = [
     "AttributeMapping",
     "AttributeMode",
     "BudgetGroupSpec",
+    "DatabaseKind",
+    "DatabaseRef",
     "Destination",
     "DispatchSettings",
     "FileFormat",
@@ -66,11 +69,13 @@ __all__ = [
     "SnapshotSettings",
     "Source",
     "SourceKind",
+    "SqlInput",
     "SyncMode",
     "TagAction",
     "TagColumn",
     "ValidationRules",
     "ValueType",
+    "database_kind",
     "installed_platforms",
     "job_schema",
     "load_job",
