@@ -30,7 +30,7 @@ from sync.errors import BadInputError, BadJobError, ExitCode
 from sync.planning import build_plan
 from sync.reading import CHUNK_ROWS, ROW
 from sync.reading_sql import SqlReader
-from sync.resume import sync_job
+from sync.run import RunOptions, run
 
 URL_ENV = "PUSHSYNC_TEST_CRM_URL"
 KEY_ENV = "PUSHSYNC_TEST_SQL_KEY"
@@ -135,8 +135,8 @@ async def test_postgres_changes_mode_end_state_equals_the_table(
     pg_load(postgres_url, frame)
     monkeypatch.setenv(URL_ENV, postgres_url)
     job = load_job(write_job(tmp_path, netmera_sandbox.url))
-    outcome = await sync_job(job, api_key=netmera_sandbox.api_key)
-    assert outcome.run.exit_code is ExitCode.OK
+    outcome = await run(job, RunOptions(api_key=netmera_sandbox.api_key))
+    assert outcome.exit_code is ExitCode.OK
     await platform_matches(netmera_sandbox, frame)
 
 
@@ -149,8 +149,8 @@ async def test_postgres_snapshot_mode_sends_the_difference_and_ends_equal_to_the
     job = load_job(
         write_job(tmp_path, netmera_sandbox.url, mode="snapshot", what="query: SELECT * FROM crm.users")
     )
-    outcome = await sync_job(job, api_key=netmera_sandbox.api_key)
-    assert outcome.run.exit_code is ExitCode.OK
+    outcome = await run(job, RunOptions(api_key=netmera_sandbox.api_key))
+    assert outcome.exit_code is ExitCode.OK
     await platform_matches(netmera_sandbox, first)
 
     # Change some users in the table: only they are sent, and the platform ends equal to the new content.
@@ -165,14 +165,14 @@ async def test_postgres_snapshot_mode_sends_the_difference_and_ends_equal_to_the
         .alias("segments"),
     )
     pg_load(postgres_url, changed)
-    second = await sync_job(job, api_key=netmera_sandbox.api_key)
-    assert second.run.exit_code is ExitCode.OK
+    second = await run(job, RunOptions(api_key=netmera_sandbox.api_key))
+    assert second.exit_code is ExitCode.OK
     assert second.diff is not None and 0 < second.diff.users_changed < 300
     await platform_matches(netmera_sandbox, changed)
 
     before = requests_sent(netmera_sandbox)
-    third = await sync_job(job, api_key=netmera_sandbox.api_key)
-    assert third.run.exit_code is ExitCode.OK and requests_sent(netmera_sandbox) == before  # nothing changed
+    third = await run(job, RunOptions(api_key=netmera_sandbox.api_key))
+    assert third.exit_code is ExitCode.OK and requests_sent(netmera_sandbox) == before  # nothing changed
 
 
 async def test_duckdb_changes_and_snapshot_modes_end_equal_to_the_table(
@@ -183,8 +183,8 @@ async def test_duckdb_changes_and_snapshot_modes_end_equal_to_the_table(
     duck_load(database, frame)
     # A DuckDB file URL may be written in the job: relative to the job file's folder (SQLAlchemy's form).
     job = load_job(write_job(tmp_path / "changes", netmera_sandbox.url, database="duckdb:///../sales.duckdb"))
-    outcome = await sync_job(job, api_key=netmera_sandbox.api_key)
-    assert outcome.run.exit_code is ExitCode.OK
+    outcome = await run(job, RunOptions(api_key=netmera_sandbox.api_key))
+    assert outcome.exit_code is ExitCode.OK
     await platform_matches(netmera_sandbox, frame)
 
     snap = load_job(
@@ -196,13 +196,11 @@ async def test_duckdb_changes_and_snapshot_modes_end_equal_to_the_table(
             name="snap",
         )
     )
-    await sync_job(snap, api_key=netmera_sandbox.api_key)
+    await run(snap, RunOptions(api_key=netmera_sandbox.api_key))
     changed = frame.with_columns(pl.col("score") + 1)
     duck_load(database, changed)
-    second = await sync_job(snap, api_key=netmera_sandbox.api_key)
-    assert (
-        second.run.exit_code is ExitCode.OK and second.diff is not None and second.diff.users_changed == 250
-    )
+    second = await run(snap, RunOptions(api_key=netmera_sandbox.api_key))
+    assert second.exit_code is ExitCode.OK and second.diff is not None and second.diff.users_changed == 250
     await platform_matches(netmera_sandbox, changed)
 
 
@@ -223,8 +221,8 @@ async def test_sqlite_source_end_state_equals_the_table(netmera_sandbox: Any, tm
             what="query: SELECT * FROM users;",
         )
     )
-    outcome = await sync_job(job, api_key=netmera_sandbox.api_key)
-    assert outcome.run.exit_code is ExitCode.OK
+    outcome = await run(job, RunOptions(api_key=netmera_sandbox.api_key))
+    assert outcome.exit_code is ExitCode.OK
     await platform_matches(netmera_sandbox, frame)
 
 
