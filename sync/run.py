@@ -325,6 +325,8 @@ async def _dispatch(
             rows_rejected=rows_rejected,
             ledger=str(ledger_path),
             rejects=str(plan.rejects_path.resolve()),
+            thresholds=job.thresholds,
+            rows_read=sum(s.rows_read for s in plan.staged),
         )
         status = {
             DispatchOutcome.ABORTED: "aborted",

@@ -25,6 +25,7 @@ from sync.config._job import (
     SyncMode,
     TagAction,
     TagColumn,
+    Thresholds,
     ValidationRules,
     ValueType,
 )
@@ -73,6 +74,7 @@ __all__ = [
     "SyncMode",
     "TagAction",
     "TagColumn",
+    "Thresholds",
     "ValidationRules",
     "ValueType",
     "database_kind",

@@ -25,6 +25,7 @@ from sync.config._job import (
     SourceKind,
     SyncMode,
     TagAction,
+    Thresholds,
     ValidationRules,
 )
 from sync.config._platforms import PlatformCatalog, PlatformRules, installed_platforms
@@ -397,4 +398,5 @@ def load_job(path: str | Path, *, platforms: PlatformCatalog | None = None) -> J
         batch_sizes=sizes,
         mode=mode,
         snapshot=snapshot,
+        thresholds=Thresholds(**((raw.get("thresholds") or {}) if sound("thresholds") else {})),
     )
