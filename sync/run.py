@@ -21,6 +21,7 @@ from collections.abc import AsyncIterable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
+from urllib.parse import urlsplit
 
 from sync.budget import Budget
 from sync.config import Job, SyncMode
@@ -33,10 +34,10 @@ from sync.platforms.base import PlatformClient
 from sync.platforms.registry import platform_for
 from sync.progress import make_progress
 from sync.records import Batch
-from sync.redact import register_secret
+from sync.redact import redact, register_secret
 from sync.resume import ReplayLanes, ReplayMode, ReplayPlan, ReplayStats, replay_plan, unfinished_run
 from sync.state import CommitReport, DiffCounts, SnapshotDiff, StateStore, commit, compute_diff, recover
-from sync.summary import RunSummary, summarise
+from sync.summary import RunInput, RunSummary, summarise
 
 if TYPE_CHECKING:
     from sync.metrics import RunMetrics
@@ -226,7 +227,9 @@ async def _run_snapshot(job: Job, options: RunOptions, store: StateStore, ledger
     counts = await asyncio.to_thread(diff.request_counts)
     expected = (sum(r for r, _ in counts.values()), sum(i for _, i in counts.values()))
     # The diff is sent like a changes run: per-endpoint lanes, phase by phase.
-    outcome = await _dispatch(job, options, ledger, plan, diff, run_id=run_id, expected=expected)
+    outcome = await _dispatch(
+        job, options, ledger, plan, diff, run_id=run_id, expected=expected, diff_counts=diff.counts
+    )
     committed = await asyncio.to_thread(commit, store, job.sources, diff.directory, ledger, job.snapshot)
     return dataclasses.replace(
         outcome,
@@ -247,10 +250,12 @@ async def _dispatch(
     *,
     run_id: str,
     expected: tuple[int, int] | None = None,
+    diff_counts: DiffCounts | None = None,
 ) -> RunOutcome:
     """Send ``source`` (taking ``plan`` over: it is closed at the end), record the run in ``ledger``.
 
-    ``expected``: ``(requests, IDs)`` for the progress totals when ``source`` is not the plan itself."""
+    ``expected``: ``(requests, IDs)`` for the progress totals when ``source`` is not the plan itself;
+    ``diff_counts``: what a snapshot diff found, for the run summary's input section."""
     log = get_logger(job=job.name)
     stop = options.stop if options.stop is not None else asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -327,6 +332,7 @@ async def _dispatch(
             rejects=str(plan.rejects_path.resolve()),
             thresholds=job.thresholds,
             rows_read=sum(s.rows_read for s in plan.staged),
+            input_=_input_of(job, plan, rows_rejected, diff_counts),
         )
         status = {
             DispatchOutcome.ABORTED: "aborted",
@@ -357,6 +363,36 @@ async def _dispatch(
             loop.remove_signal_handler(sig)
         plan.close()
     return RunOutcome(run_id=run_id, exit_code=summary.exit_code, summary=summary, ledger_path=ledger_path)
+
+
+def _input_of(job: Job, plan: Plan, rows_rejected: int, diff: DiffCounts | None) -> RunInput:
+    """What the run read and where it sends, for the summary (and so the report)."""
+    url = urlsplit(job.destination.base_url)
+    # The host only: a path or query may carry a token on some platforms, and userinfo is a credential.
+    try:
+        port = url.port
+    except ValueError:  # a port out of range: the run has failed to connect already; name the host alone
+        port = None
+    host = redact(url.hostname or "") + (f":{port}" if port else "")
+    snapshot = None
+    if diff is not None:
+        snapshot = {
+            "new": diff.users_new,
+            "changed": diff.users_changed - diff.users_new,
+            "unchanged": diff.users_unchanged,
+            "left": diff.users_left,
+            "removed": diff.users_removed,
+        }
+    return RunInput(
+        rows_read=sum(s.rows_read for s in plan.staged),
+        rows_clean=sum(s.rows_clean for s in plan.staged),
+        rows_rejected=rows_rejected,
+        duplicates_dropped=sum(s.duplicates_dropped for s in plan.staged),
+        mode=job.mode.value,
+        platform=job.destination.platform,
+        host=host,
+        snapshot=snapshot,
+    )
 
 
 def _mark_dead(ledger: Ledger, runs: Iterable[str]) -> None:

@@ -14,6 +14,7 @@ from sync.errors import ExitCode
 
 __all__ = [
     "EndpointReport",
+    "RunInput",
     "RunSummary",
     "exit_code_for",
     "percentile",
@@ -84,6 +85,36 @@ def _round(value: float | None, digits: int = 3) -> float | None:
     return None if value is None else round(value, digits)
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RunInput:
+    """What the run read and where it sent, kept in the run summary (the ledger's ``runs.summary``) for the
+    report: rows read/clean/rejected, duplicates dropped, the sync mode, the destination (platform and the base
+    URL's host, never a path, query or key) and, in snapshot mode, what the diff found."""
+
+    rows_read: int
+    rows_clean: int
+    rows_rejected: int
+    duplicates_dropped: int
+    mode: str
+    platform: str
+    host: str
+    snapshot: dict[str, int] | None = None
+    """Snapshot mode: users new, changed (not new), unchanged, left the export, and removed (untag/delete)."""
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "rows": {
+                "read": self.rows_read,
+                "clean": self.rows_clean,
+                "rejected": self.rows_rejected,
+                "duplicates_dropped": self.duplicates_dropped,
+            },
+            "mode": self.mode,
+            "destination": {"platform": self.platform, "host": self.host},
+            "snapshot": self.snapshot,
+        }
+
+
 @dataclass(frozen=True, slots=True)
 class RunSummary:
     """Everything ``pushsync run`` prints at the end."""
@@ -103,6 +134,7 @@ class RunSummary:
     threshold: str | None = None
     """Which of the job's ``thresholds`` decided between exit 0 and 1, and why (None: none was involved)."""
     rows_read: int | None = None
+    input: RunInput | None = None
 
     @property
     def requests(self) -> int:
@@ -143,6 +175,7 @@ class RunSummary:
             "endpoints": [e.to_json() for e in self.endpoints],
             "ledger": self.ledger,
             "rejects": self.rejects,
+            "input": None if self.input is None else self.input.to_json(),
         }
 
     def render_text(self) -> str:
@@ -304,6 +337,7 @@ def summarise(
     rejects: str | None = None,
     thresholds: Thresholds | None = None,
     rows_read: int | None = None,
+    input_: RunInput | None = None,
 ) -> RunSummary:
     """Turn a dispatch report into the run summary, with its exit code.
 
@@ -351,4 +385,5 @@ def summarise(
         rejects=rejects,
         threshold=threshold,
         rows_read=rows_read,
+        input=input_,
     )
