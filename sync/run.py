@@ -23,8 +23,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 from urllib.parse import urlsplit
 
+from sync.alerts import alert_reasons, post_alert
 from sync.budget import Budget
-from sync.config import Job, SyncMode
+from sync.config import Alerts, Job, SyncMode
 from sync.dispatch import Dispatcher, DispatchObserver, DispatchOutcome, LaneSource
 from sync.errors import ExitCode, StateError
 from sync.ledger import Ledger, new_run_id
@@ -82,6 +83,8 @@ class RunOptions:
     metrics_textfile: Path | None = None
     metrics_pushgateway: str | None = None
     """Push the run's metrics to this Prometheus Pushgateway URL when it ends (sync.metrics)."""
+    alert_url: str | None = None
+    """The job's alert webhook, resolved by the caller (:func:`sync.alerts.resolve_webhook`); None: no alerts."""
     stop: asyncio.Event | None = None
     client: PlatformClient | None = None
     budget_factory: Callable[[str], Budget] | None = None
@@ -347,6 +350,8 @@ async def _dispatch(
             message=summary.message,
             summary=summary.to_json(),
         )
+        if options.alert_url is not None and job.alerts is not None:
+            await _alert(job.alerts, options.alert_url, ledger, summary)
         log.info(
             "run.end",
             run=run_id,
@@ -363,6 +368,18 @@ async def _dispatch(
             loop.remove_signal_handler(sig)
         plan.close()
     return RunOutcome(run_id=run_id, exit_code=summary.exit_code, summary=summary, ledger_path=ledger_path)
+
+
+async def _alert(alerts: Alerts, url: str, ledger: Ledger, summary: RunSummary) -> None:
+    """Post an alert if this run needs a person; the usual duration is that of the job's last successful runs."""
+    usual = [
+        r.finished_at - r.started_at
+        for r in ledger.runs(summary.job)
+        if r.run_id != summary.run_id and r.exit_code == 0 and r.finished_at is not None
+    ]
+    reasons = alert_reasons(alerts, summary, usual)
+    if reasons:
+        await post_alert(url, summary, reasons, within=alerts.timeout)
 
 
 def _input_of(job: Job, plan: Plan, rows_rejected: int, diff: DiffCounts | None) -> RunInput:

@@ -12,6 +12,7 @@ Only the CLI reads environment variables: secrets are resolved by :func:`resolve
 
 from sync.config._job import (
     DEFAULT_NULL_VALUES,
+    Alerts,
     AttributeMapping,
     AttributeMode,
     FileFormat,
@@ -50,6 +51,7 @@ from sync.config._yaml import looks_like_a_key, read_job_yaml
 
 __all__ = [
     "DEFAULT_NULL_VALUES",
+    "Alerts",
     "AttributeMapping",
     "AttributeMode",
     "BudgetGroupSpec",

@@ -184,6 +184,22 @@ class SnapshotSettings:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class Alerts:
+    """The job's ``alerts:``: where the webhook URL lives (never the URL) and when to post (docs/operations.md)."""
+
+    webhook_env: str | None = None
+    webhook_file: str | None = None
+    on_partial: bool = False
+    """Also alert on exit 1; exit 2 and above always alert."""
+    max_rejected_share: float | None = None
+    """Alert when rejected rows plus refused IDs exceed this share of rows read plus IDs sent."""
+    slower_than_usual: float = 2.0
+    """Alert when the run took more than this many times the median of the job's last successful runs."""
+    timeout: float = 5.0
+    """Seconds a post may take."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class Thresholds:
     """The job's ``thresholds:``: how many rejected rows and refused IDs a run may have and still exit 0.
 
@@ -227,6 +243,7 @@ class Job:
     mode: SyncMode = SyncMode.CHANGES
     snapshot: SnapshotSettings = field(default_factory=SnapshotSettings)
     thresholds: Thresholds = field(default_factory=Thresholds)
+    alerts: Alerts | None = None
 
     def batch_size_for(self, endpoint: str) -> int:
         return self.batch_sizes.get(endpoint) or self.batch_sizes.get("*") or 1000
