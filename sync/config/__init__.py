@@ -35,6 +35,7 @@ from sync.config._platforms import (
     PlatformCatalog,
     PlatformLimits,
     PlatformRules,
+    StarterJob,
     installed_platforms,
     use_platforms,
 )
@@ -73,6 +74,7 @@ __all__ = [
     "Source",
     "SourceKind",
     "SqlInput",
+    "StarterJob",
     "SyncMode",
     "TagAction",
     "TagColumn",
