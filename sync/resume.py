@@ -282,6 +282,17 @@ class SyncOutcome:
                 f"changed ({d.users_new} new), {d.users_unchanged} unchanged, {d.users_left} left "
                 f"({d.users_removed} removed)"
             )
+            if d.users_held:
+                lines.append(
+                    f"snapshot: {d.users_held} users missing from the clean export because their rows were "
+                    "rejected: their state is kept and they are not removed (fix the rows: rejects.csv)"
+                )
+            if d.removals_held:
+                lines.append(
+                    f"snapshot: {d.removals_held} users left the export but were not removed: a rejected row names "
+                    "no user we can trust (a malformed record), so it may be any of them. Fix the file, or run "
+                    "with --force to remove them anyway"
+                )
         if self.committed is not None:
             c = self.committed
             lines.append(
@@ -319,7 +330,7 @@ async def sync_job(
     from sync.ledger import Ledger, new_run_id
     from sync.planning import build_plan
     from sync.runner import ledger_path_for, run_job
-    from sync.state import StateStore, commit, compute_diff, recover
+    from sync.state import StateStore, commit, compute_diff, recover, rejected_users
 
     if workdir is not None:
         job = dataclasses.replace(job, workdir=Path(workdir))
@@ -369,6 +380,7 @@ async def sync_job(
                 full_refresh=full_refresh,
                 force=force,
                 batch_size=job.batch_sizes,
+                rejected=rejected_users(plan.rejects_path, plan.staged),
             )
         except BaseException:
             plan.close()

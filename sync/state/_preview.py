@@ -6,7 +6,7 @@ from typing import Any
 
 from sync.config import SnapshotSettings
 from sync.platforms.netmera import requests as netmera
-from sync.state._delta import compute_diff, snapshot_streams
+from sync.state._delta import compute_diff, rejected_users, snapshot_streams
 from sync.state._diff import DiffCounts
 from sync.state._store import StateStore
 
@@ -17,12 +17,14 @@ def preview(
     settings: SnapshotSettings | None = None,
     *,
     full_refresh: bool = False,
+    force: bool = False,
     assumed_latency: float | None = None,
 ) -> tuple[DiffCounts, Any]:
     """What a snapshot run of ``plan`` (a :class:`sync.planning.Plan`) would send, for ``pushsync plan``:
     the diff counts and a :class:`sync.planning.PlanSummary` of the delta's requests. Writes nothing lasting
     (the delta goes to a temporary pending directory, removed before returning); never refuses on the removal
-    threshold (the counts show it)."""
+    threshold (the counts show it). Users whose rows were rejected are held as a run would hold them
+    (``force``: as ``run --force`` would)."""
     import secrets
 
     from sync.planning import ASSUMED_LATENCY, EndpointSummary, PlanSummary, estimate_duration
@@ -35,8 +37,10 @@ def preview(
         f"plan-{secrets.token_hex(4)}",
         settings,
         full_refresh=full_refresh,
-        force=True,
+        force=force,
         batch_size=job.batch_sizes,
+        rejected=rejected_users(plan.rejects_path, plan.staged),
+        refuse=False,
     )
     try:
         counts = diff.request_counts()
