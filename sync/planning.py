@@ -20,7 +20,9 @@ grows with the input so a bucket stays near :data:`ROWS_PER_BUCKET` rows.
 from __future__ import annotations
 
 import csv
+import fcntl
 import math
+import os
 import shutil
 import tempfile
 import weakref
@@ -34,7 +36,7 @@ import pyarrow as pa
 import pyarrow.ipc
 
 from sync.config import DispatchSettings, Job, Source
-from sync.errors import BadJobError, JobProblem
+from sync.errors import BadJobError, JobProblem, StateError
 from sync.platforms.formsonfire import requests as formsonfire
 from sync.platforms.netmera import requests as netmera
 from sync.platforms.notifyvisitors import requests as notifyvisitors
@@ -60,6 +62,7 @@ __all__ = [
     "StagedSource",
     "build_plan",
     "estimate_duration",
+    "remove_stale_staging",
 ]
 
 ROWS_PER_BUCKET = 50_000
@@ -167,8 +170,9 @@ class PlanSummary:
 class Plan:
     """The validated input of a job and the batches it makes. Build with :func:`build_plan`.
 
-    Holds a temporary directory under the job's workdir; :meth:`close` (or the context manager, or garbage
-    collection) removes it.
+    Holds a temporary directory under the job's workdir, locked while the plan lives (``lock_fd``: an open
+    descriptor holding its lock); :meth:`close` (or the context manager, or garbage collection) removes it. One a
+    killed process left behind is removed by the next :func:`build_plan` (:func:`remove_stale_staging`).
     """
 
     def __init__(
@@ -178,6 +182,7 @@ class Plan:
         rejects_path: Path,
         rejected_count: int,
         tmpdir: Path,
+        lock_fd: int = -1,
     ) -> None:
         self.job = job
         self.staged = staged
@@ -188,7 +193,7 @@ class Plan:
         # A builder module with ``for_job`` makes a builder bound to the job's settings (time zone, constants).
         self._builder = builder.for_job(job) if hasattr(builder, "for_job") else builder
         self._summary: PlanSummary | None = None
-        self._finalizer = weakref.finalize(self, shutil.rmtree, tmpdir, True)
+        self._finalizer = weakref.finalize(self, _remove_staging, tmpdir, lock_fd)
 
     def close(self) -> None:
         """Remove the staged data. The plan cannot make batches afterwards."""
@@ -417,11 +422,77 @@ def _stage(
     return StagedSource(source, names, tuple(parts), rows_read, rows_clean, dropped)
 
 
+_STAGING_PREFIX = "plan-"
+_STAGING_LOCK = ".in-use"
+"""The file in a staging directory its plan holds an exclusive ``flock`` on while it lives — the job lock's
+mechanism (:meth:`sync.state.StateStore.lock`), per directory: ``pushsync plan`` stages without the job's lock."""
+STALE_UNLOCKED_AGE = 600.0
+"""Seconds after which a staging directory with no lock file is stale: one written by a pushsync before staging
+locks existed, or one whose process died between creating it and its lock (a fresh one may be just being made)."""
+
+
+def _new_staging(workdir: Path) -> tuple[Path, int]:
+    """A new staging directory under ``workdir`` and an open descriptor holding its lock."""
+    tmp = Path(tempfile.mkdtemp(prefix=_STAGING_PREFIX, dir=workdir))
+    try:
+        fd = os.open(tmp / _STAGING_LOCK, os.O_CREAT | os.O_RDWR, 0o600)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    fcntl.flock(fd, fcntl.LOCK_EX)  # a new directory: nobody else holds it, this never waits
+    return tmp, fd
+
+
+def _remove_staging(tmp: Path, lock_fd: int) -> None:
+    # Removed before the lock is let go: a clean-up elsewhere never sees this directory unlocked and half gone.
+    shutil.rmtree(tmp, ignore_errors=True)
+    if lock_fd >= 0:
+        os.close(lock_fd)
+
+
+def remove_stale_staging(workdir: Path, *, now: float | None = None) -> list[Path]:
+    """Remove the staging directories (``plan-*``) under ``workdir`` that no live plan holds — left by a process
+    killed with SIGKILL or by a power loss — and return them. A directory whose lock another process holds is
+    in use and is never touched; one without a lock file is removed only once :data:`STALE_UNLOCKED_AGE` old."""
+    import time
+
+    now = time.time() if now is None else now
+    removed: list[Path] = []
+    if not workdir.is_dir():
+        return removed
+    for directory in sorted(workdir.glob(f"{_STAGING_PREFIX}*")):
+        if not directory.is_dir() or directory.is_symlink():
+            continue
+        try:
+            fd = os.open(directory / _STAGING_LOCK, os.O_RDWR)
+        except FileNotFoundError:
+            try:
+                fresh = now - directory.stat().st_mtime < STALE_UNLOCKED_AGE
+            except FileNotFoundError:
+                continue  # removed meanwhile by its own plan
+            if not fresh:
+                shutil.rmtree(directory, ignore_errors=True)
+                removed.append(directory)
+            continue
+        except OSError:
+            continue
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                continue  # a live plan (this process's or another's) holds it
+            shutil.rmtree(directory, ignore_errors=True)
+            removed.append(directory)
+        finally:
+            os.close(fd)
+    return removed
+
+
 def build_plan(job: Job, *, rejects_path: Path | None = None, rows_per_bucket: int = ROWS_PER_BUCKET) -> Plan:
     """Read, validate and deduplicate every source of ``job``, ready to make batches.
 
     When this returns, input validation is complete: rejected rows are in ``plan.rejects_path`` (default
-    ``<workdir>/rejects.csv``). ``rows_per_bucket`` sizes the hash buckets (memory vs. number of files); it
+    ``<workdir>/rejects.csv``). Staging directories that killed runs left in the workdir are removed first. ``rows_per_bucket`` sizes the hash buckets (memory vs. number of files); it
     never changes the batches. Raises :class:`sync.errors.BadInputError` for a file that cannot be read at all,
     :class:`BadJobError` for a platform without a batch builder.
     """
@@ -432,12 +503,18 @@ def build_plan(job: Job, *, rejects_path: Path | None = None, rows_per_bucket: i
     job.workdir.mkdir(parents=True, exist_ok=True)
     rejects_path = rejects_path or job.workdir / "rejects.csv"
     rejects_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix="plan-", dir=job.workdir))
+    remove_stale_staging(job.workdir)
+    tmp, lock_fd = _new_staging(job.workdir)
     try:
         with rejects_path.open("w", newline="", encoding="utf-8") as fh:
             writer = _RejectsWriter(fh)
             staged = tuple(_stage(job, source, tmp, writer, rows_per_bucket) for source in job.sources)
+    except OSError as exc:
+        # The input was readable (the reader translates its own errors): the disk under the workdir is full or
+        # unwritable. Nothing was sent yet.
+        _remove_staging(tmp, lock_fd)
+        raise StateError(f"cannot write the plan's staging files under {job.workdir}: {exc}") from exc
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        _remove_staging(tmp, lock_fd)
         raise
-    return Plan(job, staged, rejects_path, writer.count, tmp)
+    return Plan(job, staged, rejects_path, writer.count, tmp, lock_fd)

@@ -14,9 +14,11 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import sqlite3
 import subprocess
 import sys
+import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -220,3 +222,165 @@ def test_an_empty_id_cell_names_no_user_and_holds_nothing(
     assert code == 1, (out, err)
     assert json.loads(out)["diff"]["users_removed"] == 1
     assert get_profile(sandbox, "user003")[0] == 400
+
+
+# --- 3. a killed run's staging directory is removed by the next one ----------------------------------------------
+
+
+def changes_job(url: str, *, batch: int = 50, budget: str = "") -> str:
+    budgets = f"  budgets: {{'*': {{requests: {budget}, per: 1s}}}}\n" if budget else ""
+    return f"""\
+version: 1
+name: adversarial-changes
+workdir: work
+destination:
+  platform: netmera
+  base_url: {url}
+  secret: {{env: NETMERA_API_KEY}}
+sources:
+  - name: users
+    path: users.csv
+    ext_id: id
+    attributes:
+      name: string
+      score: number
+    tags: {{column: segments}}
+dispatch:
+  concurrency: 2
+  batch_size: {batch}
+  request_timeout: 5
+  drain_timeout: 2
+{budgets}"""
+
+
+def write_many_users(tmp: Path, n: int) -> None:
+    lines = [f"u{i:06d},N{i},{i},{'a|b' if i % 2 else 'c'}" for i in range(n)]
+    (tmp / "users.csv").write_text("id,name,score,segments\n" + "\n".join(lines) + "\n", encoding="utf-8")
+
+
+def ok_batches(tmp: Path) -> int:
+    try:
+        return int(ledger_rows(tmp, "SELECT COUNT(*) FROM batches WHERE status = 'ok'")[0][0])
+    except sqlite3.Error:
+        return 0
+
+
+def staging_dirs(tmp: Path) -> list[Path]:
+    return sorted((tmp / "work").glob("plan-*"))
+
+
+def test_the_next_run_removes_the_staging_directory_a_killed_run_left(
+    tmp_path: Path, netmera_sandbox_process: NetmeraProcess
+) -> None:
+    sandbox = netmera_sandbox_process
+    (tmp_path / "job.yaml").write_text(changes_job(sandbox.url, budget="40"), encoding="utf-8")
+    write_many_users(tmp_path, 3000)
+    left: list[list[Path]] = []
+    for _ in range(2):
+        confirmed = ok_batches(tmp_path)
+        proc = pushsync(tmp_path, sandbox, "run", "job.yaml", "--progress", "none")
+        deadline = time.monotonic() + 60
+        while proc.poll() is None and ok_batches(tmp_path) < confirmed + 3 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert proc.poll() is None, "the run ended before it could be killed"
+        proc.send_signal(signal.SIGKILL)
+        proc.communicate(timeout=30)
+        left.append(staging_dirs(tmp_path))
+    # Each kill leaves its run's staging directory (the size of the input); the next run removes it.
+    assert len(left[0]) == 1 and len(left[1]) == 1 and left[0] != left[1], left
+    code, out, err = run(tmp_path, sandbox, "run", "job.yaml")
+    assert code == 0, (out, err)
+    assert staging_dirs(tmp_path) == []
+
+
+def test_a_staging_directory_in_use_is_never_removed(
+    tmp_path: Path, netmera_sandbox_process: NetmeraProcess
+) -> None:
+    """A plan held open by one process survives the clean-up of another (``pushsync plan`` cleans up too)."""
+    from sync.config import load_job
+    from sync.planning import build_plan
+
+    sandbox = netmera_sandbox_process
+    (tmp_path / "job.yaml").write_text(changes_job(sandbox.url), encoding="utf-8")
+    write_many_users(tmp_path, 500)
+    with build_plan(load_job(tmp_path / "job.yaml")) as live:
+        (mine,) = staging_dirs(tmp_path)
+        code, out, err = finish(pushsync(tmp_path, sandbox, "plan", "job.yaml"))
+        assert code == 0, (out, err)
+        assert mine.is_dir()
+        assert sum(len(b.ext_ids) for b in live.batches()) == 500 + 250 * 3  # profiles, tags a, b, c
+    assert staging_dirs(tmp_path) == []
+
+
+# --- 4. an error after the first request never exits 2 ------------------------------------------------------------
+
+
+def test_a_disk_that_fills_mid_run_does_not_exit_2_and_a_resume_finishes(
+    tmp_path: Path, netmera_sandbox_process: NetmeraProcess
+) -> None:
+    """The ledger's files may not grow past 1 MB (RLIMIT_FSIZE, as a full disk would stop them): the run dies
+    part-way through. Exit 2 means "nothing was sent"; requests went out, so it is 3 (aborted), and the next
+    run (with room again) finishes the job."""
+    import resource
+
+    sandbox = netmera_sandbox_process
+    (tmp_path / "job.yaml").write_text(changes_job(sandbox.url), encoding="utf-8")
+    write_many_users(tmp_path, 20000)
+
+    def small_disk() -> None:
+        signal.signal(
+            signal.SIGXFSZ, signal.SIG_IGN
+        )  # a write past the limit fails (EFBIG) like ENOSPC would
+        resource.setrlimit(resource.RLIMIT_FSIZE, (1_000_000, 1_000_000))
+
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "sync", "run", "job.yaml", "--progress", "none"],
+        cwd=tmp_path,
+        env={**os.environ, "NETMERA_API_KEY": sandbox.api_key, "PYTHONPATH": str(REPO_ROOT)},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=small_disk,
+    )
+    code, out, err = finish(proc)
+    sent = requests_total(sandbox)
+    assert sent > 0, (code, out, err)
+    assert code == 3, (code, out, err)
+    assert "Traceback" not in err and "resume" in err, err
+    code, out, err = run(tmp_path, sandbox, "run", "job.yaml")
+    assert code == 0, (out, err)
+    users = {u["extId"]: u for u in inspect(sandbox, "state?format=json")["users"]}
+    assert len(users) == 20000
+    assert users["u019999"]["profile"] == {"name": "N19999", "score": 19999}
+
+
+# --- 5. SIGTERM while the job is planned -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", ["changes", "snapshot"])
+def test_sigterm_while_planning_exits_4_with_nothing_recorded(
+    tmp_path: Path, netmera_sandbox_process: NetmeraProcess, mode: str
+) -> None:
+    sandbox = netmera_sandbox_process
+    job = changes_job(sandbox.url)
+    if mode == "snapshot":
+        job = job.replace("workdir: work\n", "workdir: work\nmode: snapshot\n")
+    (tmp_path / "job.yaml").write_text(job, encoding="utf-8")
+    write_many_users(tmp_path, 400_000)  # a few seconds of planning
+    proc = pushsync(tmp_path, sandbox, "run", "job.yaml", "--progress", "none")
+    deadline = time.monotonic() + 60
+    while not staging_dirs(tmp_path) and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.005)
+    assert proc.poll() is None, "planning ended before the signal"
+    proc.send_signal(signal.SIGTERM)
+    code, out, err = finish(proc)
+    assert code == 4, (code, out, err)
+    assert "Traceback" not in err, err
+    assert requests_total(sandbox) == 0
+    assert staging_dirs(tmp_path) == []
+    ledger = tmp_path / "work" / "ledger.sqlite"
+    assert not ledger.exists() or ledger_rows(tmp_path, "SELECT run_id FROM runs") == []
+    state = list((tmp_path / "work" / "state").glob("*/pending/*")) + list(
+        (tmp_path / "work" / "state").glob("*/*.parquet")
+    )
+    assert state == []
