@@ -24,7 +24,7 @@ from enum import StrEnum
 from typing import Any
 
 from sync.config import SyncMode
-from sync.errors import StateError
+from sync.errors import PushSyncError, RunStoppedError, StateError
 from sync.platforms.netmera.requests import batch_id_for, ext_ids_in_body
 from sync.records import NON_IDEMPOTENT, Batch, BatchStatus, Phase
 
@@ -397,8 +397,15 @@ async def sync_job(
             expected=expected,
             **run_kwargs,
         )
-        with Ledger.open(ledger_path) as ledger:
-            committed = await asyncio.to_thread(commit, store, job.sources, diff.directory, ledger, settings)
+        try:
+            with Ledger.open(ledger_path) as ledger:
+                committed = await asyncio.to_thread(commit, store, job.sources, diff.directory, ledger, settings)
+        except (PushSyncError, OSError) as exc:
+            # Requests went out: never exit 2. The delta stays pending; the next run merges what was confirmed.
+            raise RunStoppedError(
+                f"run {run_id}: its confirmed changes could not be merged into the state ({exc}); the next run "
+                "of the job merges them (nothing confirmed is sent again)"
+            ) from exc
     return SyncOutcome(outcome, mode, origin, None, diff.counts, committed, recovered)
 
 

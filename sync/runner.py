@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Literal
 from sync.budget import Budget
 from sync.config import Job
 from sync.dispatch import Dispatcher, DispatchObserver, DispatchOutcome, LaneSource
-from sync.errors import BadJobError, ExitCode, JobProblem
+from sync.errors import BadJobError, ExitCode, JobProblem, PushSyncError, RunStoppedError
 from sync.ledger import Ledger, new_run_id
 from sync.logs import get_logger
 from sync.planning import Plan, build_plan
@@ -123,6 +123,7 @@ async def run_job(
     stop = stop if stop is not None else asyncio.Event()
     loop = asyncio.get_running_loop()
     installed: list[signal.Signals] = []
+    sending = False  # True once the dispatcher may have sent a request: from then on, never exit 2
     try:
         ledger_path = ledger_path_for(job)
         with Ledger.open(ledger_path) as ledger:
@@ -178,6 +179,7 @@ async def run_job(
                     else contextlib.nullcontext()
                 ):
                     # The plan itself is a lane source: each endpoint of a phase gets its own queue and workers.
+                    sending = True
                     report = await dispatcher.run(batches(plan) if batches is not None else plan)
             finally:
                 if bar is not None:
@@ -214,6 +216,15 @@ async def run_job(
                 ids_failed=summary.ids_failed,
                 seconds=round(report.elapsed, 3),
             )
+    except (PushSyncError, OSError) as exc:
+        if sending and (not isinstance(exc, PushSyncError) or exc.exit_code is ExitCode.BAD_JOB_OR_INPUT):
+            # A full disk or an unwritable ledger after requests went out: exit 2 would tell the scheduler that
+            # nothing was sent. The ledger holds what was confirmed; the run reads "running" and is resumed.
+            raise RunStoppedError(
+                f"run {run_id} stopped after it began sending: {exc}. What the platform confirmed is in the "
+                f"ledger: fix the cause, then `pushsync resume {run_id}` (or run the job again)"
+            ) from exc
+        raise
     finally:
         for sig in installed:
             loop.remove_signal_handler(sig)
