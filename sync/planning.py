@@ -25,6 +25,7 @@ import math
 import os
 import shutil
 import tempfile
+import threading
 import weakref
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -36,7 +37,7 @@ import pyarrow as pa
 import pyarrow.ipc
 
 from sync.config import DispatchSettings, Job, Source
-from sync.errors import BadJobError, JobProblem, StateError
+from sync.errors import BadJobError, InterruptedRunError, JobProblem, StateError
 from sync.platforms.formsonfire import requests as formsonfire
 from sync.platforms.netmera import requests as netmera
 from sync.platforms.notifyvisitors import requests as notifyvisitors
@@ -363,8 +364,18 @@ def _bucket_bits(estimated_rows: int, rows_per_bucket: int) -> int:
     return max(0, (buckets - 1).bit_length())
 
 
+def _check_stop(stop: threading.Event | None) -> None:
+    if stop is not None and stop.is_set():
+        raise InterruptedRunError("interrupted while the input was read; nothing was sent or recorded")
+
+
 def _stage(
-    job: Job, source: Source, tmp: Path, rejects: _RejectsWriter, rows_per_bucket: int
+    job: Job,
+    source: Source,
+    tmp: Path,
+    rejects: _RejectsWriter,
+    rows_per_bucket: int,
+    stop: threading.Event | None = None,
 ) -> StagedSource:
     files = expand_paths(source)
     names = tuple(str(p) for p in files)
@@ -379,6 +390,7 @@ def _stage(
     try:
         for index, path in enumerate(files):
             for chunk in iter_chunks(source, path):
+                _check_stop(stop)
                 rejects.rows(chunk.malformed)
                 rows_read += chunk.frame.height + len(chunk.malformed)
                 if chunk.frame.is_empty():
@@ -408,6 +420,7 @@ def _stage(
     out_dir = tmp / source.name
     out_dir.mkdir()
     for b in sorted(writers):
+        _check_stop(stop)
         frame = pl.read_ipc_stream(raw_dir / f"{b:04d}.arrows")
         winners, duplicate_rejects, identical = resolve_duplicates(frame, source, names)
         del frame
@@ -488,13 +501,20 @@ def remove_stale_staging(workdir: Path, *, now: float | None = None) -> list[Pat
     return removed
 
 
-def build_plan(job: Job, *, rejects_path: Path | None = None, rows_per_bucket: int = ROWS_PER_BUCKET) -> Plan:
+def build_plan(
+    job: Job,
+    *,
+    rejects_path: Path | None = None,
+    rows_per_bucket: int = ROWS_PER_BUCKET,
+    stop: threading.Event | None = None,
+) -> Plan:
     """Read, validate and deduplicate every source of ``job``, ready to make batches.
 
     When this returns, input validation is complete: rejected rows are in ``plan.rejects_path`` (default
     ``<workdir>/rejects.csv``). Staging directories that killed runs left in the workdir are removed first. ``rows_per_bucket`` sizes the hash buckets (memory vs. number of files); it
     never changes the batches. Raises :class:`sync.errors.BadInputError` for a file that cannot be read at all,
-    :class:`BadJobError` for a platform without a batch builder.
+    :class:`BadJobError` for a platform without a batch builder. ``stop`` (set by a signal handler) ends the
+    reading at the next chunk with :class:`sync.errors.InterruptedRunError`; the staging files are removed.
     """
     if job.destination.platform not in _BUILDERS:
         raise BadJobError(
@@ -508,7 +528,7 @@ def build_plan(job: Job, *, rejects_path: Path | None = None, rows_per_bucket: i
     try:
         with rejects_path.open("w", newline="", encoding="utf-8") as fh:
             writer = _RejectsWriter(fh)
-            staged = tuple(_stage(job, source, tmp, writer, rows_per_bucket) for source in job.sources)
+            staged = tuple(_stage(job, source, tmp, writer, rows_per_bucket, stop) for source in job.sources)
     except OSError as exc:
         # The input was readable (the reader translates its own errors): the disk under the workdir is full or
         # unwritable. Nothing was sent yet.

@@ -24,7 +24,7 @@ from enum import StrEnum
 from typing import Any
 
 from sync.config import SyncMode
-from sync.errors import PushSyncError, RunStoppedError, StateError
+from sync.errors import InterruptedRunError, PushSyncError, RunStoppedError, StateError
 from sync.platforms.netmera.requests import batch_id_for, ext_ids_in_body
 from sync.records import NON_IDEMPOTENT, Batch, BatchStatus, Phase
 
@@ -323,17 +323,39 @@ async def sync_job(
 
     ``run_kwargs`` go to :func:`sync.runner.run_job` (progress, signals, client, ...).
     """
-    import asyncio
+    import contextlib
     import dataclasses
     from pathlib import Path
+
+    from sync.runner import StopSignals
+
+    if workdir is not None:
+        job = dataclasses.replace(job, workdir=Path(workdir))
+    # One set of SIGINT/SIGTERM handlers for the whole sync — planning, diff, sending, commit — so a signal
+    # before sending stops with nothing recorded (exit 4) instead of killing the process mid-way.
+    signals = StopSignals(run_kwargs.pop("stop", None))
+    with signals.installed() if run_kwargs.pop("handle_signals", False) else contextlib.nullcontext():
+        return await _sync_job(job, api_key, signals, retry, resume, full_refresh, force, auto_resume, run_kwargs)
+
+
+async def _sync_job(
+    job: Any,
+    api_key: str,
+    signals: Any,
+    retry: str | None,
+    resume: str | None,
+    full_refresh: bool,
+    force: bool,
+    auto_resume: bool,
+    run_kwargs: dict[str, Any],
+) -> SyncOutcome:
+    import asyncio
 
     from sync.ledger import Ledger, new_run_id
     from sync.planning import build_plan
     from sync.runner import ledger_path_for, run_job
     from sync.state import StateStore, commit, compute_diff, recover, rejected_users
 
-    if workdir is not None:
-        job = dataclasses.replace(job, workdir=Path(workdir))
     origin = retry or resume
     ledger_path = ledger_path_for(job)
     mode = str(job.mode)
@@ -358,7 +380,11 @@ async def sync_job(
                 return ReplayLanes(plan, chosen, stats)  # per-endpoint lanes, as a fresh run is sent
 
             outcome = await run_job(
-                job, api_key=api_key, batches=batches if chosen is not None else None, **run_kwargs
+                job,
+                api_key=api_key,
+                batches=batches if chosen is not None else None,
+                signals=signals,
+                **run_kwargs,
             )
         return SyncOutcome(outcome, mode, origin if chosen is not None else None, stats)
 
@@ -368,7 +394,7 @@ async def sync_job(
             if origin is not None and ledger.run(origin) is None:
                 raise StateError(f"no run {origin} in {ledger_path}")
             recovered = tuple(recover(store, job.sources, ledger, settings))
-        plan = await asyncio.to_thread(build_plan, job)
+        plan = await asyncio.to_thread(build_plan, job, stop=signals.requested)
         run_id = new_run_id()
         try:
             diff = await asyncio.to_thread(
@@ -381,6 +407,7 @@ async def sync_job(
                 force=force,
                 batch_size=job.batch_sizes,
                 rejected=rejected_users(plan.rejects_path, plan.staged),
+                stop=signals.requested,
             )
         except BaseException:
             plan.close()
@@ -388,15 +415,20 @@ async def sync_job(
         # A crash from here on leaves pending/<run_id>: the next run recovers what the ledger confirmed.
         counts = await asyncio.to_thread(diff.request_counts)
         expected = (sum(r for r, _ in counts.values()), sum(i for _, i in counts.values()))
-        outcome = await run_job(
-            job,
-            api_key=api_key,
-            plan=plan,
-            run_id=run_id,
-            batches=lambda _plan: diff.batches(),
-            expected=expected,
-            **run_kwargs,
-        )
+        try:
+            outcome = await run_job(
+                job,
+                api_key=api_key,
+                plan=plan,
+                run_id=run_id,
+                batches=lambda _plan: diff.batches(),
+                expected=expected,
+                signals=signals,
+                **run_kwargs,
+            )
+        except InterruptedRunError:
+            diff.discard()  # stopped before the run was recorded: nothing was sent, nothing to merge
+            raise
         try:
             with Ledger.open(ledger_path) as ledger:
                 committed = await asyncio.to_thread(commit, store, job.sources, diff.directory, ledger, settings)

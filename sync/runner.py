@@ -11,7 +11,8 @@ import contextlib
 import dataclasses
 import importlib
 import signal
-from collections.abc import AsyncIterable, Callable, Iterable, Sequence
+import threading
+from collections.abc import AsyncIterable, Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
@@ -19,7 +20,7 @@ from typing import TYPE_CHECKING, Literal
 from sync.budget import Budget
 from sync.config import Job
 from sync.dispatch import Dispatcher, DispatchObserver, DispatchOutcome, LaneSource
-from sync.errors import BadJobError, ExitCode, JobProblem, PushSyncError, RunStoppedError
+from sync.errors import BadJobError, ExitCode, InterruptedRunError, JobProblem, PushSyncError, RunStoppedError
 from sync.ledger import Ledger, new_run_id
 from sync.logs import get_logger
 from sync.planning import Plan, build_plan
@@ -32,7 +33,7 @@ from sync.summary import RunSummary, summarise
 if TYPE_CHECKING:
     from sync.metrics import RunMetrics
 
-__all__ = ["LEDGER_FILE", "RunOutcome", "ledger_path_for", "make_client", "run_job"]
+__all__ = ["LEDGER_FILE", "RunOutcome", "StopSignals", "ledger_path_for", "make_client", "run_job"]
 
 LEDGER_FILE = "ledger.sqlite"
 
@@ -45,6 +46,49 @@ class RunOutcome:
     exit_code: ExitCode
     summary: RunSummary
     ledger_path: Path
+
+
+class StopSignals:
+    """What SIGINT/SIGTERM do to a run, from its first step (reading the input) to its last (the state commit).
+
+    Before sending begins, the first signal stops the run at the next chunk the planner reads (or key range
+    the differ diffs): :class:`sync.errors.InterruptedRunError`, nothing recorded, exit 4. Once the dispatcher
+    runs, the first signal drains in-flight batches and a second cancels them (exit 4 either way).
+    Install with :meth:`installed` (inside the event loop)."""
+
+    __slots__ = ("dispatcher", "event", "requested")
+
+    def __init__(self, event: asyncio.Event | None = None) -> None:
+        self.event: asyncio.Event = event if event is not None else asyncio.Event()  # the dispatcher's stop
+        self.requested: threading.Event = threading.Event()  # read by the planning and diff threads
+        self.dispatcher: Dispatcher | None = None  # set while the run sends
+
+    def interrupted(self) -> bool:
+        """True once SIGINT/SIGTERM asked the run to stop."""
+        return self.requested.is_set()
+
+    def on_signal(self, sig: signal.Signals) -> None:
+        """The loop's handler for SIGINT/SIGTERM."""
+        self.requested.set()
+        if self.dispatcher is not None:
+            _on_signal(self.dispatcher, sig)
+            return
+        if not self.event.is_set():
+            get_logger().warning("run.stopping", signal=sig.name, hint="stopping before anything is sent")
+        self.event.set()
+
+    @contextlib.contextmanager
+    def installed(self) -> Iterator[StopSignals]:
+        """Handle SIGINT/SIGTERM with :meth:`on_signal` while the block runs (then the defaults again)."""
+        loop = asyncio.get_running_loop()
+        sigs = (signal.SIGINT, signal.SIGTERM)
+        for sig in sigs:
+            loop.add_signal_handler(sig, self.on_signal, sig)
+        try:
+            yield self
+        finally:
+            for sig in sigs:
+                loop.remove_signal_handler(sig)
 
 
 def ledger_path_for(job: Job) -> Path:
@@ -95,6 +139,7 @@ async def run_job(
     plan: Plan | None = None,
     run_id: str | None = None,
     expected: tuple[int, int] | None = None,
+    signals: StopSignals | None = None,
 ) -> RunOutcome:
     """Plan the job, send it, record everything in the job's ledger and return the outcome.
 
@@ -107,24 +152,66 @@ async def run_job(
     something other than the plan (a snapshot diff); default: the plan's summary.
     ``batches`` may return batches in phase order (one queue) or a :class:`sync.dispatch.LaneSource`
     (per-endpoint lanes, as the plan itself is sent).
-    ``handle_signals`` installs SIGINT/SIGTERM handlers: the first sets ``stop`` (drain, then summary), a
-    second cancels what is still in flight.
+    ``handle_signals`` installs SIGINT/SIGTERM handlers for the whole run (:class:`StopSignals`): while the
+    input is planned the first stops the run with nothing recorded (:class:`sync.errors.InterruptedRunError`);
+    once sending began, the first sets ``stop`` (drain, then summary) and a second cancels what is still in
+    flight. ``signals``: handlers a caller already installed (:func:`sync.resume.sync_job`), used instead.
     Raises :class:`sync.errors.BadInputError`/:class:`BadJobError` before anything is sent when the input or
     the job is unusable; platform errors never escape — they end up in the outcome.
     """
     register_secret(api_key)
     if workdir is not None:
         job = dataclasses.replace(job, workdir=workdir)
+    handlers = contextlib.ExitStack()  # SIGINT/SIGTERM handlers this call installs (none when given ``signals``)
+    if signals is None:
+        signals = StopSignals(stop)
+        if handle_signals:
+            handlers.enter_context(signals.installed())
+    with handlers:
+        return await _run_job(
+            job,
+            api_key,
+            signals,
+            progress=progress,
+            observers=observers,
+            client=client,
+            budget_factory=budget_factory,
+            batches=batches,
+            metrics_port=metrics_port,
+            metrics_textfile=metrics_textfile,
+            plan=plan,
+            run_id=run_id,
+            expected=expected,
+        )
+
+
+async def _run_job(
+    job: Job,
+    api_key: str,
+    signals: StopSignals,
+    *,
+    progress: Literal["auto", "bar", "log", "none"],
+    observers: Sequence[DispatchObserver],
+    client: PlatformClient | None,
+    budget_factory: Callable[[str], Budget] | None,
+    batches: Callable[[Plan], Iterable[Batch] | AsyncIterable[Batch] | LaneSource] | None,
+    metrics_port: int | None,
+    metrics_textfile: Path | None,
+    plan: Plan | None,
+    run_id: str | None,
+    expected: tuple[int, int] | None,
+) -> RunOutcome:
     log = get_logger(job=job.name)
     # Reading and validating is CPU and disk work: keep the loop free (a sandbox may share it in tests).
     if plan is None:
-        plan = await asyncio.to_thread(build_plan, job)
+        plan = await asyncio.to_thread(build_plan, job, stop=signals.requested)
     own_client = client is None
-    stop = stop if stop is not None else asyncio.Event()
-    loop = asyncio.get_running_loop()
-    installed: list[signal.Signals] = []
+    stop = signals.event
     sending = False  # True once the dispatcher may have sent a request: from then on, never exit 2
     try:
+        if signals.interrupted():
+            # Stopped after planning but before the run was recorded: leave no trace but the exit code.
+            raise InterruptedRunError("interrupted before anything was sent; nothing was recorded")
         ledger_path = ledger_path_for(job)
         with Ledger.open(ledger_path) as ledger:
             run_id = run_id or new_run_id()
@@ -162,10 +249,7 @@ async def run_job(
                 observers=watchers,
                 budget_factory=budget_factory,
             )
-            if handle_signals:
-                for sig in (signal.SIGINT, signal.SIGTERM):
-                    loop.add_signal_handler(sig, _on_signal, dispatcher, sig)
-                    installed.append(sig)
+            signals.dispatcher = dispatcher  # from here a signal drains (a first one already set ``stop``)
             log.info(
                 "run.start",
                 run=run_id,
@@ -226,8 +310,7 @@ async def run_job(
             ) from exc
         raise
     finally:
-        for sig in installed:
-            loop.remove_signal_handler(sig)
+        signals.dispatcher = None
         plan.close()
     return RunOutcome(run_id=run_id, exit_code=summary.exit_code, summary=summary, ledger_path=ledger_path)
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import shutil
+import threading
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,7 +15,7 @@ from typing import IO, Any
 import polars as pl
 
 from sync.config import NullAction, RemovalAction, SnapshotSettings, Source, TagAction, TagColumn
-from sync.errors import StateError
+from sync.errors import InterruptedRunError, StateError
 from sync.platforms.netmera import requests as netmera
 from sync.reading import ROW
 from sync.records import Batch, Operation, Phase
@@ -246,6 +247,7 @@ def compute_diff(
     batch_size: Mapping[str, int] | None = None,
     rejected: Mapping[str, RejectedUsers] | None = None,
     refuse: bool = True,
+    stop: threading.Event | None = None,
 ) -> SnapshotDiff:
     """Diff every staged users source (``Plan.staged``: objects with ``source``, ``files``, ``rows_clean`` and
     ``frames(columns)``) against the confirmed state and write the delta under ``pending/<run_id>/``.
@@ -256,7 +258,9 @@ def compute_diff(
     ``rejected`` (:func:`rejected_users`): per source, the users whose rows validation rejected. Such a user is
     not in the clean frames but did not leave the export: their state is kept and they are not removed. When a
     rejected row names no user we can trust, nobody is removed from that source this run unless ``force``.
-    ``refuse=False`` (the plan preview) never raises for the threshold: the counts show it.
+    ``refuse=False`` (the plan preview) never raises for the threshold: the counts show it. ``stop`` (set by a
+    signal handler) ends the diff at the next key range with :class:`sync.errors.InterruptedRunError`, keeping
+    nothing.
     """
     settings = settings or SnapshotSettings()
     directory = store.pending_root / run_id
@@ -285,6 +289,8 @@ def compute_diff(
             seq = 0
             held = (rejected or {}).get(source.name)
             for r, current in _by_range(st.frames([KEY, *columns]), bits, empty):
+                if stop is not None and stop.is_set():
+                    raise InterruptedRunError("interrupted while the export was diffed; nothing was sent")
                 lo, hi = key_range(r, bits)
                 state = store.slice(source, lo, hi, settings)
                 delta, c = diff_frames(
