@@ -27,7 +27,7 @@ import shutil
 import tempfile
 import threading
 import weakref
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
@@ -42,7 +42,8 @@ from sync.platforms.formsonfire import requests as formsonfire
 from sync.platforms.netmera import requests as netmera
 from sync.platforms.notifyvisitors import requests as notifyvisitors
 from sync.reading import ROW, estimate_rows, expand_paths, iter_chunks
-from sync.records import Batch, Operation, Phase, RejectedRow
+from sync.records import NON_IDEMPOTENT, Batch, Operation, Phase, RejectedRow
+from sync.row_keys import with_row_keys
 from sync.validation import (
     EXT_ID,
     FILE,
@@ -60,11 +61,15 @@ __all__ = [
     "EndpointSummary",
     "Plan",
     "PlanSummary",
+    "RowFilter",
     "StagedSource",
     "build_plan",
     "estimate_duration",
     "remove_stale_staging",
 ]
+
+RowFilter = Callable[[pl.DataFrame], pl.DataFrame]
+"""Keeps the rows of a keyed clean frame (``__ext_id``, ``__row_key``, ...) that are still to be sent."""
 
 ROWS_PER_BUCKET = 50_000
 """Target rows per hash bucket: the unit of work (and of memory) after staging."""
@@ -214,17 +219,34 @@ class Plan:
                     if stream.phase is ph:
                         yield staged, stream
 
-    def batches(self) -> Iterator[Batch]:
+    def _frames(
+        self, staged: StagedSource, stream: Any, keep_rows: RowFilter | None
+    ) -> Iterator[pl.DataFrame]:
+        """The clean frames a stream's batches are built from. A non-idempotent stream's rows carry their keys
+        (:mod:`sync.row_keys`), kept with each batch, and ``keep_rows`` (a resume's) drops those confirmed."""
+        frames = staged.frames(stream.columns)
+        if stream.operation not in NON_IDEMPOTENT:
+            yield from frames
+            return
+        for frame in frames:
+            keyed = with_row_keys(frame, stream.columns)
+            yield keep_rows(keyed) if keep_rows is not None else keyed
+
+    def batches(self, keep_rows: RowFilter | None = None) -> Iterator[Batch]:
         """Every batch, by phase (opt-outs first, deletions last), in a deterministic order within a phase.
 
-        Each call starts over and yields identical batches.
+        Each call starts over and yields identical batches. ``keep_rows`` filters the keyed rows of
+        non-idempotent streams before they are cut into batches (see :meth:`sync.resume.ReplayPlan.keep_rows`).
         """
         for staged, stream in self._streams():
             yield from self._builder.stream_batches(
-                stream, staged.frames(stream.columns), self.job.batch_size_for(stream.endpoint), staged.files
+                stream,
+                self._frames(staged, stream, keep_rows),
+                self.job.batch_size_for(stream.endpoint),
+                staged.files,
             )
 
-    def lanes(self, phase: Phase) -> list[tuple[str, Iterator[Batch]]]:
+    def lanes(self, phase: Phase, keep_rows: RowFilter | None = None) -> list[tuple[str, Iterator[Batch]]]:
         """The batches of ``phase`` per endpoint, for the dispatcher's lanes (:class:`sync.dispatch.LaneSource`).
 
         One ``(endpoint, batches)`` pair per endpoint with a stream in ``phase``, endpoints in the order they
@@ -235,12 +257,19 @@ class Plan:
         by_endpoint: dict[str, list[tuple[StagedSource, netmera.Stream]]] = {}
         for staged, stream in self._streams(phase):
             by_endpoint.setdefault(stream.endpoint, []).append((staged, stream))
-        return [(endpoint, self._lane_batches(streams)) for endpoint, streams in by_endpoint.items()]
+        return [
+            (endpoint, self._lane_batches(streams, keep_rows)) for endpoint, streams in by_endpoint.items()
+        ]
 
-    def _lane_batches(self, streams: list[tuple[StagedSource, netmera.Stream]]) -> Iterator[Batch]:
+    def _lane_batches(
+        self, streams: list[tuple[StagedSource, netmera.Stream]], keep_rows: RowFilter | None
+    ) -> Iterator[Batch]:
         for staged, stream in streams:
             yield from self._builder.stream_batches(
-                stream, staged.frames(stream.columns), self.job.batch_size_for(stream.endpoint), staged.files
+                stream,
+                self._frames(staged, stream, keep_rows),
+                self.job.batch_size_for(stream.endpoint),
+                staged.files,
             )
 
     def rejected_rows(self) -> Iterator[RejectedRow]:

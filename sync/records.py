@@ -85,7 +85,9 @@ class Batch:
     ``batch_id`` is stable: the same input always gives the same batches with the same IDs (a content hash), which
     resume and the ledger depend on. ``body`` is the JSON-ready request body. ``ext_ids`` are the unique external
     IDs the request touches (at most the platform's limit). ``origins`` maps an external ID to the input row that
-    produced its value, so failures can be explained in terms of the user's rows (may be empty).
+    produced its value, so failures can be explained in terms of the user's rows (may be empty). ``row_keys``:
+    for a non-idempotent operation planned from input rows, the stable keys of the rows it carries
+    (:mod:`sync.row_keys`, 8 bytes each), which the ledger keeps so a resume confirms rows, not batches.
     """
 
     batch_id: str
@@ -95,6 +97,7 @@ class Batch:
     ext_ids: tuple[str, ...]
     phase: Phase = Phase.CHANGES
     origins: Mapping[str, RowRef] = field(default_factory=dict)
+    row_keys: bytes = b""
 
 
 class BatchStatus(StrEnum):

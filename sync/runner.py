@@ -162,7 +162,9 @@ async def run_job(
     register_secret(api_key)
     if workdir is not None:
         job = dataclasses.replace(job, workdir=workdir)
-    handlers = contextlib.ExitStack()  # SIGINT/SIGTERM handlers this call installs (none when given ``signals``)
+    handlers = (
+        contextlib.ExitStack()
+    )  # SIGINT/SIGTERM handlers this call installs (none when given ``signals``)
     if signals is None:
         signals = StopSignals(stop)
         if handle_signals:

@@ -384,3 +384,103 @@ def test_sigterm_while_planning_exits_4_with_nothing_recorded(
         (tmp_path / "work" / "state").glob("*/*.parquet")
     )
     assert state == []
+
+
+# --- 2. a confirmed event is never sent again, however the export changed before the resume -----------------------
+
+EVENTS = 5000
+EVENT_BATCH = 100
+
+
+def events_job(url: str) -> str:
+    return f"""\
+version: 1
+name: adversarial-events
+workdir: work
+destination:
+  platform: netmera
+  base_url: {url}
+  secret: {{env: NETMERA_API_KEY}}
+sources:
+  - name: events
+    kind: events
+    path: events.csv
+    ext_id: id
+    event: event
+    attributes:
+      amount: number
+dispatch:
+  concurrency: 2
+  batch_size: {EVENT_BATCH}
+  request_timeout: 5
+  drain_timeout: 5
+  budgets: {{'*': {{requests: 10, per: 1s}}}}
+"""
+
+
+def event_lines(n: int = EVENTS) -> list[str]:
+    # Several identical events per user: the occurrence index tells them apart.
+    return [f"c{i % 1700:05d},purchase,{i % 3}" for i in range(n)]
+
+
+def write_events(tmp: Path, lines: list[str]) -> None:
+    (tmp / "events.csv").write_text("id,event,amount\n" + "\n".join(lines) + "\n", encoding="utf-8")
+
+
+def events_held(sandbox: NetmeraProcess) -> dict[tuple[str, float], int]:
+    """(user, amount) → events recorded by the sandbox."""
+    out: dict[tuple[str, float], int] = {}
+    for event in inspect(sandbox, "state?format=json")["events"]:
+        key = (event["extId"], float(event["attributes"].get("amount", -1)))
+        out[key] = out.get(key, 0) + 1
+    return out
+
+
+def expected_events(lines: list[str]) -> dict[tuple[str, float], int]:
+    out: dict[tuple[str, float], int] = {}
+    for line in lines:
+        ext_id, _event, amount = line.split(",")
+        out[(ext_id, float(amount))] = out.get((ext_id, float(amount)), 0) + 1
+    return out
+
+
+@pytest.mark.parametrize("change", ["one-event-added", "rows-reordered-and-one-removed"])
+def test_a_resume_after_the_export_changed_never_resends_a_confirmed_event(
+    tmp_path: Path, netmera_sandbox_process: NetmeraProcess, change: str
+) -> None:
+    sandbox = netmera_sandbox_process
+    (tmp_path / "job.yaml").write_text(events_job(sandbox.url), encoding="utf-8")
+    lines = event_lines()
+    write_events(tmp_path, lines)
+    proc = pushsync(tmp_path, sandbox, "run", "job.yaml", "--progress", "none")
+    deadline = time.monotonic() + 60
+    while proc.poll() is None and ok_batches(tmp_path) < 8 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGTERM)  # drain: every batch sent has a known outcome
+    code, out, err = finish(proc)
+    assert code == 4, (code, out, err)
+    (run_id,) = [r[0] for r in ledger_rows(tmp_path, "SELECT run_id FROM runs")]
+    confirmed = sum(n for (n,) in ledger_rows(tmp_path, "SELECT ok_ids FROM batches WHERE status = 'ok'"))
+    applied_before = int(inspect(sandbox, "stats")["applied"]["fireEvents"])
+    assert 0 < applied_before == sum(events_held(sandbox).values()) < EVENTS
+
+    if change == "one-event-added":
+        # A user whose rows sort first in the canonical order: every batch after it shifts by one row.
+        lines = ["a0,purchase,9", *lines]
+    else:
+        # Reordered, and one confirmed row removed: it stays sent, once (nothing is "unsent").
+        (ids,) = ledger_rows(tmp_path, "SELECT ext_ids FROM batches WHERE status = 'ok' LIMIT 1")[0]
+        removed = next(line for line in lines if line.startswith(json.loads(ids)[0] + ","))
+        lines = [line for line in lines[::-1] if line != removed]
+    write_events(tmp_path, lines)
+    code, out, err = run(tmp_path, sandbox, "resume", run_id, "--job", "job.yaml", "--output", "json")
+    assert code == 0, (out, err)
+    replay = json.loads(out)["replay"]
+    assert replay["rows_confirmed"] >= confirmed > 0, replay
+
+    held = events_held(sandbox)
+    wanted = expected_events(lines)
+    if change != "one-event-added":
+        ext_id, _event, amount = removed.split(",")
+        wanted[(ext_id, float(amount))] = wanted.get((ext_id, float(amount)), 0) + 1
+    assert held == wanted  # every event exactly once: none lost, none sent twice

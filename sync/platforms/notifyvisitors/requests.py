@@ -43,6 +43,7 @@ from sync.platforms.notifyvisitors import (
     USER_CREATE,
 )
 from sync.records import Batch, Operation, Phase, RowRef
+from sync.row_keys import ROW_KEY, pack
 
 __all__ = [
     "ENDPOINT_FOR",
@@ -274,8 +275,11 @@ def user_ids_in_body(body: Any) -> tuple[str, ...]:
     return tuple(dict.fromkeys(str(item["userID"]) for item in items))
 
 
-def make_batch(endpoint: str, body: Any, *, origins: Mapping[str, RowRef] | None = None) -> Batch:
-    """Wrap a body in a :class:`Batch`. ValueError when it holds more items than the endpoint takes."""
+def make_batch(
+    endpoint: str, body: Any, *, origins: Mapping[str, RowRef] | None = None, row_keys: bytes = b""
+) -> Batch:
+    """Wrap a body in a :class:`Batch` (``row_keys``: the packed keys of its input rows, :mod:`sync.row_keys`).
+    ValueError when it holds more items than the endpoint takes."""
     limit = MAX_ITEMS[endpoint]
     count = len(body["nv"])
     if count == 0 or count > limit:
@@ -289,6 +293,7 @@ def make_batch(endpoint: str, body: Any, *, origins: Mapping[str, RowRef] | None
         ext_ids=ids,
         phase=Phase.CHANGES,
         origins={x: origins[x] for x in ids if x in origins} if origins else {},
+        row_keys=row_keys,
     )
 
 
@@ -299,21 +304,33 @@ def iter_batches(
 ) -> Iterator[Batch]:
     """Consecutive runs of at most ``batch_size`` items (default and ceiling: the endpoint's limit), in input
     order. Each item comes with the row it was built from (or None); a user's origin is its last row."""
+    return _cut(endpoint, ((item, origin, None) for item, origin in items), batch_size)
+
+
+def _cut(
+    endpoint: str,
+    items: Iterable[tuple[dict[str, Any], RowRef | None, int | None]],
+    batch_size: int | None = None,
+) -> Iterator[Batch]:
+    """:func:`iter_batches` of items that may carry their row's key (:mod:`sync.row_keys`), kept per batch."""
     limit = MAX_ITEMS[endpoint]
     size = limit if batch_size is None else batch_size
     if not 1 <= size <= limit:
         raise ValueError(f"{endpoint}: batch size must be 1..{limit}, got {size}")
     chunk: list[dict[str, Any]] = []
     origins: dict[str, RowRef] = {}
-    for item, origin in items:
+    keys: list[int] = []
+    for item, origin, key in items:
         chunk.append(item)
+        if key is not None:
+            keys.append(key)
         if origin is not None:
             origins[str(item["userID"])] = origin
         if len(chunk) == size:
-            yield make_batch(endpoint, {"nv": chunk}, origins=origins)
-            chunk, origins = [], {}
+            yield make_batch(endpoint, {"nv": chunk}, origins=origins, row_keys=pack(keys))
+            chunk, origins, keys = [], {}, []
     if chunk:
-        yield make_batch(endpoint, {"nv": chunk}, origins=origins)
+        yield make_batch(endpoint, {"nv": chunk}, origins=origins, row_keys=pack(keys))
 
 
 def split_batch(batch: Batch) -> tuple[Batch, Batch] | None:
@@ -436,23 +453,35 @@ class Builder:
             item = {"userID": user_id, "event_name": row[3], "attributes": attrs}
             return item if when is None else {**item, "event_time": when}
 
+    def _selected(self, stream: Stream, frame: pl.DataFrame) -> pl.DataFrame:
+        keys = [ROW_KEY] if ROW_KEY in frame.columns else []
+        selected = frame.select(_EXT_ID, _FILE, _ROW, *stream.columns, *keys)
+        if stream.operation is Operation.SET_ATTRIBUTES and stream.columns:
+            # A user row with nothing to set sends nothing.
+            selected = selected.filter(pl.any_horizontal(pl.col(list(stream.columns)).is_not_null()))
+        return selected
+
     def _rows(self, stream: Stream, frames: Iterable[pl.DataFrame]) -> Iterator[tuple[Any, ...]]:
         for frame in frames:
-            selected = frame.select(_EXT_ID, _FILE, _ROW, *stream.columns)
-            if stream.operation is Operation.SET_ATTRIBUTES and stream.columns:
-                # A user row with nothing to set sends nothing.
-                selected = selected.filter(pl.any_horizontal(pl.col(list(stream.columns)).is_not_null()))
-            yield from selected.iter_rows()
+            yield from self._selected(stream, frame).drop(ROW_KEY, strict=False).iter_rows()
 
     def stream_batches(
         self, stream: Stream, frames: Iterable[pl.DataFrame], batch_size: int, files: Sequence[str]
     ) -> Iterator[Batch]:
         """Batches of at most ``batch_size`` items (capped at the endpoint's limit), in canonical order."""
         size = min(batch_size, MAX_ITEMS[stream.endpoint])
-        items = (
-            (self._item(stream, row), RowRef(files[row[1]], row[2])) for row in self._rows(stream, frames)
-        )
-        yield from iter_batches(stream.endpoint, items, size)
+
+        def items() -> Iterator[tuple[dict[str, Any], RowRef, int | None]]:
+            for frame in frames:
+                selected = self._selected(stream, frame)
+                if ROW_KEY not in selected.columns:
+                    for row in selected.iter_rows():
+                        yield self._item(stream, row), RowRef(files[row[1]], row[2]), None
+                    continue
+                for row in selected.iter_rows():
+                    yield self._item(stream, row[:-1]), RowRef(files[row[1]], row[2]), row[-1]
+
+        yield from _cut(stream.endpoint, items(), size)
 
     def stream_counts(
         self, stream: Stream, frames: Iterable[pl.DataFrame], batch_size: int
