@@ -158,15 +158,15 @@ def test_a_rejected_row_keeps_its_user_and_their_confirmed_state(
     write_users(tmp_path, lines)
     code, out, err = run(tmp_path, sandbox, "run", "job.yaml", "--output", "json")
     assert code == 1, (out, err)  # a rejected row: finished, with rows rejected
-    doc = json.loads(out)
-    assert doc["diff"]["users_held"] == 1 and doc["diff"]["users_removed"] == 0, doc["diff"]
-    assert requests_to(sandbox, "deleteUsersPermanently") == 0
-    assert requests_to(sandbox, "untagUsers") == 0
     status, body = get_profile(sandbox, "user007")
     assert status == 200 and body["profile"]["score"] == 7, (status, body)
+    assert requests_to(sandbox, "deleteUsersPermanently") == 0
+    assert requests_to(sandbox, "untagUsers") == 0
     tags = {u["extId"]: u.get("tags", []) for u in inspect(sandbox, "state?format=json")["users"]}
     assert tags["user007"] == ["gold"]
     assert state_of(tmp_path, "user007") == before  # the commit kept the old confirmed state
+    doc = json.loads(out)
+    assert doc["diff"]["users_held"] == 1 and doc["diff"]["users_removed"] == 0, doc["diff"]
 
     # Once the row is fixed nothing needs sending (its state was kept); a user truly gone is removed.
     lines[7] = user_lines()[7]
@@ -475,12 +475,11 @@ def test_a_resume_after_the_export_changed_never_resends_a_confirmed_event(
     write_events(tmp_path, lines)
     code, out, err = run(tmp_path, sandbox, "resume", run_id, "--job", "job.yaml", "--output", "json")
     assert code == 0, (out, err)
-    replay = json.loads(out)["replay"]
-    assert replay["rows_confirmed"] >= confirmed > 0, replay
-
     held = events_held(sandbox)
     wanted = expected_events(lines)
     if change != "one-event-added":
         ext_id, _event, amount = removed.split(",")
         wanted[(ext_id, float(amount))] = wanted.get((ext_id, float(amount)), 0) + 1
     assert held == wanted  # every event exactly once: none lost, none sent twice
+    replay = json.loads(out)["replay"]
+    assert replay["rows_confirmed"] >= confirmed > 0, replay
