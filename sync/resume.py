@@ -21,7 +21,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import polars as pl
 
@@ -32,6 +32,9 @@ from sync.records import NON_IDEMPOTENT, Batch, BatchStatus, Phase
 from sync.row_keys import ROW_KEY, unpack
 from sync.row_keys import SCHEME as ROW_KEY_SCHEME
 from sync.validation import EXT_ID
+
+if TYPE_CHECKING:  # the runner imports the planner and the platform layer: only when a sync runs
+    from sync.runner import StopSignals
 
 __all__ = [
     "NON_IDEMPOTENT",
@@ -453,7 +456,9 @@ async def sync_job(
     * snapshot mode: crashed runs are recovered into the state, the export is diffed against it (``full_refresh``
       ignores it; ``force`` passes the removal threshold), the delta is sent and the confirmed part committed.
 
-    ``run_kwargs`` go to :func:`sync.runner.run_job` (progress, signals, client, ...).
+    ``run_kwargs`` go to :func:`sync.runner.run_job` (progress, client, ...); ``handle_signals=True`` installs
+    SIGINT/SIGTERM handlers for the whole sync (:class:`sync.runner.StopSignals`): a signal before sending
+    stops it with nothing recorded (exit 4), one while sending drains.
     """
     import contextlib
     import dataclasses
@@ -475,7 +480,7 @@ async def sync_job(
 async def _sync_job(
     job: Any,
     api_key: str,
-    signals: Any,
+    signals: StopSignals,
     retry: str | None,
     resume: str | None,
     full_refresh: bool,
