@@ -201,6 +201,11 @@ class Plan:
         self._summary: PlanSummary | None = None
         self._finalizer = weakref.finalize(self, _remove_staging, tmpdir, lock_fd)
 
+    @property
+    def staging_dir(self) -> Path:
+        """The plan's staging directory (locked while the plan lives; removed by :meth:`close`)."""
+        return self._tmpdir
+
     def close(self) -> None:
         """Remove the staged data. The plan cannot make batches afterwards."""
         self._finalizer()

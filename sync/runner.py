@@ -162,9 +162,8 @@ async def run_job(
     register_secret(api_key)
     if workdir is not None:
         job = dataclasses.replace(job, workdir=workdir)
-    handlers = (
-        contextlib.ExitStack()
-    )  # SIGINT/SIGTERM handlers this call installs (none when given ``signals``)
+    # SIGINT/SIGTERM handlers this call installs (none when the caller gives ``signals``: it installed them).
+    handlers = contextlib.ExitStack()
     if signals is None:
         signals = StopSignals(stop)
         if handle_signals:

@@ -248,6 +248,7 @@ def compute_diff(
     rejected: Mapping[str, RejectedUsers] | None = None,
     refuse: bool = True,
     stop: threading.Event | None = None,
+    directory: Path | None = None,
 ) -> SnapshotDiff:
     """Diff every staged users source (``Plan.staged``: objects with ``source``, ``files``, ``rows_clean`` and
     ``frames(columns)``) against the confirmed state and write the delta under ``pending/<run_id>/``.
@@ -260,10 +261,11 @@ def compute_diff(
     rejected row names no user we can trust, nobody is removed from that source this run unless ``force``.
     ``refuse=False`` (the plan preview) never raises for the threshold: the counts show it. ``stop`` (set by a
     signal handler) ends the diff at the next key range with :class:`sync.errors.InterruptedRunError`, keeping
-    nothing.
+    nothing. ``directory``: where the delta goes instead of ``pending/<run_id>/`` (a preview, which no run must
+    recover).
     """
     settings = settings or SnapshotSettings()
-    directory = store.pending_root / run_id
+    directory = directory if directory is not None else store.pending_root / run_id
     directory.mkdir(parents=True, exist_ok=False)
     meta: dict[str, Any] = {"run_id": run_id, "full_refresh": full_refresh, "sources": {}}
     deltas: list[SourceDelta] = []

@@ -312,6 +312,27 @@ def test_a_staging_directory_in_use_is_never_removed(
     assert staging_dirs(tmp_path) == []
 
 
+def test_a_diff_a_killed_run_never_finished_is_removed_by_the_next_run(
+    tmp_path: Path, netmera_sandbox_process: NetmeraProcess
+) -> None:
+    """A snapshot run killed while it diffs leaves ``pending/<run>/`` without ``meta.json`` (nothing of it was
+    sent); the next run, holding the job's lock, removes it. ``pushsync plan`` keeps its preview delta inside its
+    own staging directory, so it leaves nothing in ``pending/`` either."""
+    sandbox = netmera_sandbox_process
+    (tmp_path / "job.yaml").write_text(snapshot_job(sandbox.url), encoding="utf-8")
+    write_users(tmp_path, user_lines())
+    assert run(tmp_path, sandbox, "run", "job.yaml")[0] == 0
+    (pending,) = (tmp_path / "work" / "state").glob("netmera-*")
+    dead = pending / "pending" / "20260101T000000Z-dead" / "users"
+    dead.mkdir(parents=True)
+    (dead / "00000.parquet").write_bytes(b"half a delta")
+    code, out, err = finish(pushsync(tmp_path, sandbox, "plan", "job.yaml"))
+    assert code == 0, (out, err)
+    assert [p.name for p in (pending / "pending").iterdir()] == ["20260101T000000Z-dead"]
+    assert run(tmp_path, sandbox, "run", "job.yaml")[0] == 0
+    assert list((pending / "pending").iterdir()) == []
+
+
 # --- 4. an error after the first request never exits 2 ------------------------------------------------------------
 
 
