@@ -301,12 +301,13 @@ async def _run_job(
                 ids_failed=summary.ids_failed,
                 seconds=round(report.elapsed, 3),
             )
-    except (PushSyncError, OSError) as exc:
-        if sending and (not isinstance(exc, PushSyncError) or exc.exit_code is ExitCode.BAD_JOB_OR_INPUT):
+    except Exception as exc:
+        cause = _local_failure(exc) if sending else None
+        if cause is not None:
             # A full disk or an unwritable ledger after requests went out: exit 2 would tell the scheduler that
             # nothing was sent. The ledger holds what was confirmed; the run reads "running" and is resumed.
             raise RunStoppedError(
-                f"run {run_id} stopped after it began sending: {exc}. What the platform confirmed is in the "
+                f"run {run_id} stopped after it began sending: {cause}. What the platform confirmed is in the "
                 f"ledger: fix the cause, then `pushsync resume {run_id}` (or run the job again)"
             ) from exc
         raise
@@ -314,6 +315,22 @@ async def _run_job(
         signals.dispatcher = None
         plan.close()
     return RunOutcome(run_id=run_id, exit_code=summary.exit_code, summary=summary, ledger_path=ledger_path)
+
+
+def _local_failure(exc: BaseException) -> BaseException | None:
+    """The local failure (an OS error such as a full disk, or one of ours that would exit 2) in ``exc`` — itself
+    or the first inside an exception group from the dispatcher's tasks — or None."""
+    if isinstance(exc, BaseExceptionGroup):
+        for inner in exc.exceptions:
+            found = _local_failure(inner)
+            if found is not None:
+                return found
+        return None
+    if isinstance(exc, OSError):
+        return exc
+    if isinstance(exc, PushSyncError) and exc.exit_code is ExitCode.BAD_JOB_OR_INPUT:
+        return exc
+    return None
 
 
 def _metrics_for(job: Job, run_id: str) -> RunMetrics:
