@@ -38,9 +38,21 @@ def with_row_keys(frame: pl.DataFrame, columns: Sequence[str]) -> pl.DataFrame:
     """``frame`` (a clean frame in canonical order: every row of an ID, in file and row order) with
     :data:`ROW_KEY`: the hash of ``(__ext_id, *columns)`` and of the row's occurrence among identical rows."""
     content = pl.struct([pl.col(EXT_ID), *(pl.col(c) for c in columns)]).hash(_SEED)
-    occurrence = pl.int_range(pl.len(), dtype=pl.UInt32).over(content)
-    key = pl.struct(content.alias("content"), occurrence.alias("occurrence")).hash(_SEED)
-    return frame.with_columns(key.alias(ROW_KEY))
+    # The occurrence is the position within a run of equal content hashes after a stable sort: a window
+    # (``int_range().over(content)``) gives the same numbers but is several times slower with a group per row.
+    position = pl.int_range(pl.len(), dtype=pl.UInt32)
+    starts = (pl.col("__content") != pl.col("__content").shift(1)).fill_null(True)
+    occurrence = position - pl.when(starts).then(position).forward_fill()
+    key = pl.struct(pl.col("__content"), occurrence.alias("__occurrence")).hash(_SEED)
+    return (
+        frame.with_columns(
+            content.alias("__content"), pl.int_range(pl.len(), dtype=pl.UInt32).alias("__order")
+        )
+        .sort("__content", maintain_order=True)
+        .with_columns(key.alias(ROW_KEY))
+        .sort("__order")
+        .drop("__content", "__order")
+    )
 
 
 def pack(keys: Iterable[int]) -> bytes:

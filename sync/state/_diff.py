@@ -34,6 +34,7 @@ class DiffCounts:
     users_new: int = 0
     users_changed: int = 0
     users_left: int = 0
+    """Users of the state missing from the export (not counting :attr:`users_held`)."""
     users_removed: int = 0
     """Users that left the export and get the removal action (untag or delete)."""
     users_held: int = 0
@@ -178,7 +179,7 @@ def diff_frames(
         total(known).alias("users_state"),
         total(present & ~known).alias("users_new"),
         total(present & pl.col("__changed")).alias("users_changed"),
-        total(~present).alias("users_left"),
+        total(~present & ~pl.col("__held").fill_null(False)).alias("users_left"),
         total(leaver & pl.col("__changed")).alias("users_removed"),
         total(absent_held).alias("users_held"),
         total(~present & ~pl.col("__held").fill_null(False) & pl.lit(hold_removals and removing)).alias(
