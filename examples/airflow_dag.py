@@ -1,11 +1,12 @@
-"""Example Airflow DAG: the nightly CRM → Netmera sync with pushsync (Airflow 2.6+; see docs/operations.md).
+"""Example Airflow DAG: the nightly CRM → Netmera sync with pushsync (Airflow 3; see docs/operations.md).
 
 Copy it into your DAGs folder and adapt the constants. It relies only on pushsync's exit codes and on
 ``pushsync run --output json``:
 
 * ``sync_users`` runs the job. Its bash wrapper prints the run summary as *one* JSON line last, so
   ``do_xcom_push`` puts the whole summary into XCom, and turns the exit code into the task's state:
-  0 ok and 1 partial → success (the summary says which); 2 bad job/input, 3 aborted, 4 interrupted → failed.
+  0 ok and 1 partial → success (the summary says which); 2 bad job/input, 3 aborted, 4 interrupted and
+  5 crashed (a bug: never a success) → failed.
   A retry after 2 or 3 fails at once without sending anything (2 sends nothing; 3 stops at the first 401/403);
   after 4 (the worker was stopped) it runs the job again, and batches already confirmed are not resent.
 * ``check_summary`` reads that XCom and fails the DAG run when too much was refused or failed.
@@ -19,10 +20,11 @@ import json
 from datetime import datetime, timedelta
 from typing import Any
 
-from airflow import DAG
-from airflow.decorators import task
+# Airflow 3 import paths (Airflow 2.x: `from airflow import DAG`, `from airflow.decorators import task`,
+# `from airflow.operators.bash import BashOperator`).
 from airflow.exceptions import AirflowFailException
-from airflow.operators.bash import BashOperator
+from airflow.providers.standard.operators.bash import BashOperator
+from airflow.sdk import DAG, task
 
 JOB = "/opt/pushsync/jobs/nightly-crm.yaml"  # the job file; its destination.secret.env names NETMERA_API_KEY
 WORKDIR = "/var/lib/pushsync/nightly-crm"  # ledger, plan and rejects.csv live here (keep it between runs)
@@ -45,7 +47,7 @@ fi
 case "$rc" in
     0) exit 0 ;;                                   # OK
     1) echo "partial run: see the report" >&2; exit 0 ;;   # PARTIAL: check_summary decides
-    *) exit "$rc" ;;                               # 2 BAD_JOB_OR_INPUT, 3 ABORTED, 4 INTERRUPTED
+    *) exit "$rc" ;;                               # 2 BAD_JOB_OR_INPUT, 3 ABORTED, 4 INTERRUPTED, 5 CRASHED
 esac
 """
 

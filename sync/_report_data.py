@@ -28,6 +28,7 @@ _MAX_ERRORS = 10  # rows of the "top errors" table
 _MAX_REFUSED = 50  # rows of the "first refused rows" table
 _MAX_MESSAGE = 240  # characters of one error message shown
 _MAX_BINS = 120  # time bins across a chart
+_MAX_HISTORY = 10  # runs in the trend table
 # The IDs a platform refused, each with the endpoint of its batch (``batch_ids`` does not repeat it).
 _REFUSED_IDS = (
     "FROM batch_ids i JOIN batches b ON b.run_id = i.run_id AND b.batch_id = i.batch_id WHERE i.run_id = ?"
@@ -51,6 +52,24 @@ class EndpointLine:
     budget_rate: float | None
     p50_ms: float | None
     p95_ms: float | None
+    ids_per_second: float | None = None
+    """IDs finished (ok, refused or failed) per second while the endpoint was sending (first request to last
+    answer); None without per-attempt records."""
+
+
+@dataclass(frozen=True, slots=True)
+class HistoryLine:
+    """One earlier (or this) run of the same job, for the trend table: how long, how much, how well."""
+
+    run_id: str
+    started_at: float
+    seconds: float | None
+    status: str
+    exit_code: int | None
+    requests: int | None
+    ids_ok: int | None
+    ids_refused: int | None
+    rows_rejected: int | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,10 +119,13 @@ class _Tally:
     rate_limited: int | None = None
     retries: int | None = None
     latencies: list[float] = field(default_factory=list)
+    active_seconds: float | None = None  # first request sent to last answer, from the attempts
 
     def line(self, endpoint: str, budget_rate: float | None) -> EndpointLine:
         ordered = sorted(self.latencies)
         p50, p95 = _percentile(ordered, 50), _percentile(ordered, 95)
+        done = self.ids_ok + self.ids_rejected + self.ids_failed
+        rate = done / self.active_seconds if self.active_seconds else None
         return EndpointLine(
             endpoint=endpoint,
             batches=self.batches,
@@ -117,6 +139,7 @@ class _Tally:
             budget_rate=budget_rate,
             p50_ms=None if p50 is None else p50 * 1000,
             p95_ms=None if p95 is None else p95 * 1000,
+            ids_per_second=rate,
         )
 
 
@@ -142,6 +165,8 @@ class RunReport:
     bins: tuple[TimeBin, ...]
     latency_counts: tuple[int, ...]
     """Attempts per latency bucket: ``LATENCY_BUCKETS`` upper bounds, then one bucket for anything slower."""
+    history: tuple[HistoryLine, ...] = ()
+    """This run and the job's runs before it in the same ledger, newest first (at most ``_MAX_HISTORY``)."""
 
     @property
     def duration(self) -> float | None:
@@ -161,6 +186,12 @@ class RunReport:
     def total(self, name: str) -> int:
         """Sum of one integer field of :class:`EndpointLine` over every endpoint (None counts as 0)."""
         return sum(getattr(e, name) or 0 for e in self.endpoints)
+
+    @property
+    def ids_per_second(self) -> float | None:
+        """IDs finished per second over the whole run (start to finish); None while it has no finish time."""
+        done = self.total("ids_ok") + self.total("ids_rejected") + self.total("ids_failed")
+        return done / self.duration if self.duration else None
 
 
 def connect_read_only(path: Path) -> sqlite3.Connection:
@@ -284,6 +315,7 @@ def read_run(conn: sqlite3.Connection, run_id: str, path: Path) -> RunReport:
         )
     ]
     return RunReport(
+        history=_history(conn, job, started_at),
         run_id=run_id,
         job=job,
         platform=platform,
@@ -325,6 +357,12 @@ def _read_attempts(
     for t in per_endpoint.values():
         if t.rate_limited is None:  # no attempt recorded for this endpoint
             t.requests, t.rate_limited, t.retries = 0, 0, 0
+    for endpoint, first, last in conn.execute(
+        "SELECT endpoint, MIN(started_at), MAX(started_at + latency) FROM attempts WHERE run_id = ? "
+        "GROUP BY endpoint",
+        (run_id,),
+    ):
+        per_endpoint[endpoint].active_seconds = max(last - first, 1e-3)
     for endpoint, latency in conn.execute(
         "SELECT endpoint, latency FROM attempts WHERE run_id = ?", (run_id,)
     ):
@@ -353,6 +391,34 @@ def _read_attempts(
         grouped[key] = grouped.get(key, 0) + n
     errors.extend(ErrorLine(*key, count=n) for key, n in grouped.items())
     return width
+
+
+def _history(conn: sqlite3.Connection, job: str, started_at: float) -> tuple[HistoryLine, ...]:
+    """The job's runs up to this one, newest first, with the totals their summaries recorded."""
+    lines = []
+    for run_id, started, finished, status, exit_code, summary_json in conn.execute(
+        "SELECT run_id, started_at, finished_at, status, exit_code, summary FROM runs "
+        "WHERE job = ? AND started_at <= ? ORDER BY started_at DESC LIMIT ?",
+        (job, started_at, _MAX_HISTORY),
+    ):
+        try:
+            totals = json.loads(summary_json).get("totals", {}) if summary_json else {}
+        except ValueError:
+            totals = {}
+        lines.append(
+            HistoryLine(
+                run_id=run_id,
+                started_at=started,
+                seconds=None if finished is None else finished - started,
+                status=status,
+                exit_code=exit_code,
+                requests=totals.get("requests"),
+                ids_ok=totals.get("ids_ok"),
+                ids_refused=totals.get("ids_rejected"),
+                rows_rejected=totals.get("rows_rejected"),
+            )
+        )
+    return tuple(lines)
 
 
 def _error_text(message: str | None) -> str:

@@ -34,6 +34,8 @@ th,td{border:1px solid #e2e8f0;padding:4px 8px;text-align:left;vertical-align:to
 th{background:#f1f5f9;font-weight:600}td.n,th.n{text-align:right;font-variant-numeric:tabular-nums}
 tr.total td{font-weight:600;background:#f8fafc}
 .chart{background:#fff;border:1px solid #e2e8f0;border-radius:6px;margin:8px 0;padding:4px}
+.multiples{display:grid;grid-template-columns:repeat(auto-fill,minmax(440px,1fr));gap:0 10px}
+tr.this td{background:#eff6ff}
 .chart svg{display:block;width:100%;height:auto}
 .note{color:#475569;font-size:13px}.mono{font-family:ui-monospace,monospace}
 footer{color:#64748b;font-size:12px;margin-top:32px}
@@ -92,6 +94,8 @@ def render_page(report: RunReport) -> str:
         _endpoint_table(report),
         "<h2>Requests over time</h2>",
         _charts(report),
+        "<h2>Recent runs of this job</h2>",
+        _history(report),
         "<h2>Top errors</h2>",
         _errors_table(report),
         "<h2>First refused rows</h2>",
@@ -153,6 +157,11 @@ def _cards(r: RunReport) -> str:
         f"<b>{value:,}</b><span>{_esc(label)}</span></div>"
         for key, label, value, bad in cards
     )
+    if r.ids_per_second is not None:
+        html_cards += (
+            f'<div class="card" data-total="ids_per_second" data-value="{r.ids_per_second}">'
+            f"<b>{_num(r.ids_per_second)}</b><span>IDs per second, start to finish</span></div>"
+        )
     return f'<div class="cards">{html_cards}</div>'
 
 
@@ -162,7 +171,7 @@ def _endpoint_table(r: RunReport) -> str:
     head = (
         "<tr><th>Endpoint</th><th class='n'>Batches</th><th class='n'>Requests</th><th class='n'>IDs ok</th>"
         "<th class='n'>Refused</th><th class='n'>Failed</th><th class='n'>Unfinished</th><th class='n'>429s</th>"
-        "<th class='n'>Retries</th><th class='n'>Budget req/s</th><th class='n'>p50 ms</th>"
+        "<th class='n'>Retries</th><th class='n'>Budget req/s</th><th class='n'>IDs/s</th><th class='n'>p50 ms</th>"
         "<th class='n'>p95 ms</th></tr>"
     ).replace("'", '"')
     rows = []
@@ -178,6 +187,7 @@ def _endpoint_table(r: RunReport) -> str:
             + _cell("rate_limited", e.rate_limited)
             + _cell("retries", e.retries)
             + _cell("budget_rate", e.budget_rate, digits=2)
+            + _cell("ids_per_second", e.ids_per_second)
             + _cell("p50_ms", e.p50_ms)
             + _cell("p95_ms", e.p95_ms)
             + "</tr>"
@@ -187,8 +197,43 @@ def _endpoint_table(r: RunReport) -> str:
         total.append(_cell(name, r.total(name)))
     for name in ("rate_limited", "retries"):
         total.append(_cell(name, r.total(name) if r.has_attempts else None))
-    total.append("<td></td><td></td><td></td></tr>")
+    total.append("<td></td>")
+    total.append(_cell("ids_per_second", r.ids_per_second))
+    total.append("<td></td><td></td></tr>")
     return f"<table>{head}{''.join(rows)}{''.join(total)}</table>"
+
+
+def _history(r: RunReport) -> str:
+    """The job's last runs in this ledger: a trend of duration, requests and refusals (this run highlighted)."""
+    if len(r.history) < 2:
+        return '<p class="note">This is the first run of this job in this ledger.</p>'
+    rows = []
+    for h in r.history:
+        this = ' class="this"' if h.run_id == r.run_id else ""
+        rows.append(
+            f'<tr{this} data-run="{_esc(h.run_id)}"><td class="mono">{_esc(h.run_id)}</td><td>{_esc(_when(h.started_at))}</td>'
+            f"<td>{_esc(h.status)}</td>"
+            + _cell("exit_code", h.exit_code)
+            + _cell("seconds", h.seconds)
+            + _cell("requests", h.requests)
+            + _cell("ids_ok", h.ids_ok)
+            + _cell("ids_refused", h.ids_refused)
+            + _cell("rows_rejected", h.rows_rejected)
+            + "</tr>"
+        )
+    table = (
+        '<table class="history"><tr><th>Run</th><th>Started</th><th>Status</th><th class="n">Exit</th>'
+        '<th class="n">Seconds</th><th class="n">Requests</th><th class="n">IDs ok</th><th class="n">Refused</th>'
+        f'<th class="n">Rows rejected</th></tr>{"".join(rows)}</table>'
+    )
+    oldest_first = list(reversed(r.history))
+    chart = _bar_chart(
+        "Duration of the last runs (seconds, oldest first)",
+        [_when(h.started_at)[5:16] for h in oldest_first],
+        [round(h.seconds or 0) for h in oldest_first],
+        "history",
+    )
+    return table + chart
 
 
 def _errors_table(r: RunReport) -> str:
@@ -247,8 +292,10 @@ def _charts(r: RunReport) -> str:
     n_bins = max(b.index for b in r.bins) + 1
     w = r.bin_seconds
     parts = [
-        f'<p class="note">Each point is one {_num(w)} s interval from the start of the run; dashed lines are '
-        "the configured budgets.</p>"
+        f'<p class="note">Each point is one {_num(w)} s interval from the start of the run; each endpoint has '
+        "its own scale, so a small one is as readable as a big one; dashed lines are the configured budgets "
+        "(named in the legend when far above what was sent).</p>",
+        '<div class="multiples">',
     ]
     for i, e in enumerate(r.endpoints):
         values = [0.0] * n_bins
@@ -261,13 +308,15 @@ def _charts(r: RunReport) -> str:
         budget = [("budget", e.budget_rate)] if e.budget_rate else []
         parts.append(
             _line_chart(
-                f"{e.endpoint}: requests per second",
+                f"{e.endpoint}: requests/s",
                 [(e.endpoint, colour, values)],
                 w,
                 budget,
                 chart_id=f"rate-{i}",
+                width=440,
             )
         )
+    parts.append("</div>")
     limited = [0.0] * n_bins
     retries = [0.0] * n_bins
     for b in r.bins:
@@ -322,14 +371,23 @@ def _y(value: float, y_ticks: list[float]) -> float:
     return _MT + _PLOT_H * (1 - value / y_ticks[-1])
 
 
-def _frame(title: str, chart_id: str, y_ticks: list[float], legend: list[tuple[str, str, bool]]) -> list[str]:
-    """The SVG's opening, title, legend and y grid; the caller adds the data, then :func:`_close` ends it."""
+def _frame(
+    title: str,
+    chart_id: str,
+    y_ticks: list[float],
+    legend: list[tuple[str, str, bool]],
+    width: int = _W,
+    notes: Sequence[str] = (),
+) -> list[str]:
+    """The SVG's opening, title, legend and y grid; the caller adds the data, then :func:`_close` ends it.
+    ``notes``: SVG elements put right under the title (an off-scale budget)."""
     svg = [
-        f'<div class="chart" id="{_esc(chart_id)}"><svg xmlns="http://www.w3.org/2000/svg" viewBox="0 0 {_W} {_H}" '
+        f'<div class="chart" id="{_esc(chart_id)}"><svg xmlns="http://www.w3.org/2000/svg" viewBox="0 0 {width} {_H}" '
         f'role="img" aria-label="{_esc(title)}"><title>{_esc(title)}</title>',
         f'<text x="{_ML}" y="16" font-size="13" font-weight="600" fill="#0f172a">{_esc(title)}</text>',
+        *notes,
     ]
-    x = _W - _MR
+    x = width - _MR
     for label, colour, dashed in reversed(legend):
         text_w = 7 * len(label) + 4
         x -= text_w
@@ -343,15 +401,15 @@ def _frame(title: str, chart_id: str, y_ticks: list[float], legend: list[tuple[s
     for t in y_ticks:
         y = _y(t, y_ticks)
         svg.append(
-            f'<line x1="{_ML}" y1="{y:.1f}" x2="{_W - _MR}" y2="{y:.1f}" stroke="#e2e8f0" />'
+            f'<line x1="{_ML}" y1="{y:.1f}" x2="{width - _MR}" y2="{y:.1f}" stroke="#e2e8f0" />'
             f'<text x="{_ML - 6}" y="{y + 4:.1f}" font-size="11" fill="#475569" text-anchor="end">{_tick_label(t)}</text>'
         )
     return svg
 
 
-def _close(svg: list[str]) -> str:
+def _close(svg: list[str], width: int = _W) -> str:
     """The x axis over the bars or lines already drawn, and the end of the chart :func:`_frame` began."""
-    svg.append(f'<line x1="{_ML}" y1="{_AXIS_Y}" x2="{_W - _MR}" y2="{_AXIS_Y}" stroke="#94a3b8" />')
+    svg.append(f'<line x1="{_ML}" y1="{_AXIS_Y}" x2="{width - _MR}" y2="{_AXIS_Y}" stroke="#94a3b8" />')
     svg.append("</svg></div>")
     return "".join(svg)
 
@@ -364,19 +422,34 @@ def _line_chart(
     *,
     chart_id: str,
     counts: bool = False,
+    width: int = _W,
 ) -> str:
-    """Step lines, one value per time bin, with optional dashed horizontal lines (budgets)."""
+    """Step lines, one value per time bin, with optional dashed horizontal lines (budgets).
+
+    The y scale fits the data: a budget line is drawn when it lies within twice the highest value, else it is
+    named under the title (with the same ``data-line`` attribute), so a budget far above an endpoint's traffic
+    no longer flattens that endpoint's line to the axis."""
     n = max(len(v) for _, _, v in series)
-    vmax = max([max(v) for _, _, v in series] + [h for _, h in hlines if h])
+    data_max = max(max(v) for _, _, v in series)
+    drawn = [(label, h) for label, h in hlines if h and (not data_max or h <= 2 * data_max)]
+    off_scale = [(label, h) for label, h in hlines if h and (label, h) not in drawn]
+    vmax = max([data_max] + [h for _, h in drawn if h])
     y_ticks = _ticks(vmax * 1.05, integer=counts)
+    plot_w = width - _ML - _MR
 
     def x_of(i: float) -> float:
-        return _ML + _PLOT_W * i / n
+        return _ML + plot_w * i / n
 
-    legend = [(label, colour, False) for label, colour, _ in series]
-    legend += [(f"{label} {_num(h, 2)}/s", series[0][1], True) for label, h in hlines if h]
-    svg = _frame(title, chart_id, y_ticks, legend)
-    for t in _ticks(n * bin_seconds, 6):
+    # A small multiple's title names its one series: its legend only explains the dashed budget line.
+    legend = [(label, colour, False) for label, colour, _ in series] if width >= _W else []
+    legend += [(f"{label} {_num(h, 2)}/s", series[0][1], True) for label, h in drawn if h]
+    notes = [
+        f'<text x="{_ML}" y="30" font-size="11" fill="#475569" data-line="{_esc(label)}" data-value="{h}">'
+        f"{_esc(label)} {_num(h, 2)}/s, above this scale</text>"
+        for label, h in off_scale
+    ]
+    svg = _frame(title, chart_id, y_ticks, legend, width, notes)
+    for t in _ticks(n * bin_seconds, 6 if width >= _W else 4):
         if t > n * bin_seconds:
             break
         x = x_of(t / bin_seconds)
@@ -385,11 +458,11 @@ def _line_chart(
             f'<text x="{x:.1f}" y="{_H - 14}" font-size="11" fill="#475569" text-anchor="middle">'
             f"{_esc(_time_label(t))}</text>"
         )
-    for label, h in hlines:
+    for label, h in drawn:
         if h:
             y = _y(h, y_ticks)
             svg.append(
-                f'<line x1="{_ML}" y1="{y:.1f}" x2="{_W - _MR}" y2="{y:.1f}" stroke="{series[0][1]}" '
+                f'<line x1="{_ML}" y1="{y:.1f}" x2="{width - _MR}" y2="{y:.1f}" stroke="{series[0][1]}" '
                 f'stroke-width="1.5" stroke-dasharray="5 3" data-line="{_esc(label)}" data-value="{h}">'
                 f"<title>{_esc(label)}: {_num(h, 2)} per second</title></line>"
             )
@@ -402,7 +475,7 @@ def _line_chart(
             f'<polyline fill="none" stroke="{colour}" stroke-width="2" points="{" ".join(points)}" '
             f'data-series="{_esc(label)}" data-sum="{sum(values):g}"><title>{_esc(label)}</title></polyline>'
         )
-    return _close(svg)
+    return _close(svg, width)
 
 
 def _bar_chart(title: str, labels: list[str], values: list[int], chart_id: str) -> str:

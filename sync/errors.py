@@ -57,6 +57,9 @@ class ExitCode(IntEnum):
     """The run was aborted (401/403 from the platform, or a fatal error); work in flight was recorded."""
     INTERRUPTED = 4
     """Stopped by SIGINT/SIGTERM after draining; run ``pushsync resume`` to finish."""
+    CRASHED = 5
+    """An unexpected error (a bug in pushsync or its environment): never a success, whatever a wrapper maps
+    ``1`` to. What reached the ledger before the crash stays there; ``pushsync resume`` picks it up."""
 
 
 class PushSyncError(Exception):

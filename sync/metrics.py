@@ -5,23 +5,29 @@ default one: two runs in one process — or two tests — must not share counter
 through :class:`sync.dispatch.DispatchObserver` (batch taken, attempt ended, batch done), so nothing in the
 dispatcher knows about Prometheus.
 
-Series (all prefixed ``pushsync_``; documented for operators in docs/operations.md):
+Series (all prefixed ``pushsync_``, every one labelled ``job``; documented for operators in docs/operations.md):
 
-==========================================  =========  =================================================
-``requests_total{endpoint,status}``          counter    HTTP attempts; ``status`` is the HTTP status, or
-                                                        ``none`` when no answer came (time-out, drop)
-``ids_total{endpoint,outcome}``              counter    IDs of finished batches: ok | rejected | failed
-``batches_total{endpoint,status}``           counter    finished batches: ok | rejected | failed
-``rate_limited_total{endpoint}``             counter    429 answers
-``retries_total{endpoint}``                  counter    attempts that repeat a failed attempt
-``request_latency_seconds{endpoint}``        histogram  time per attempt
-``current_rate{endpoint}``                   gauge      requests per second over the last ``window`` s
-``budget_rate{endpoint}``                    gauge      the endpoint's configured budget, requests per second
-``inflight_batches``                         gauge      batches taken by a worker and not yet finished
-``run_info{run_id,job,platform}``            gauge      always 1: which run these series describe
-``run_start_time_seconds``                   gauge      Unix time the run started
-``last_update_time_seconds``                 gauge      Unix time of the last attempt or result (staleness)
-==========================================  =========  =================================================
+============================================  =========  ===============================================
+``requests_total{endpoint,status}``            counter    HTTP attempts; ``status`` is the HTTP status, or
+                                                          ``none`` when no answer came (time-out, drop)
+``ids_total{endpoint,outcome}``                counter    IDs of finished batches: ok | rejected | failed
+``batches_total{endpoint,status}``             counter    finished batches: ok | rejected | failed
+``rate_limited_responses_total{endpoint}``     counter    429 answers
+``retries_total{endpoint}``                    counter    attempts that repeat a failed attempt
+``request_latency_seconds{endpoint}``          histogram  time per attempt
+``current_requests_per_second{endpoint}``      gauge      requests per second over the last ``window`` s
+``budget_requests_per_second{endpoint}``       gauge      the endpoint's configured budget
+``inflight_batches``                           gauge      batches taken by a worker and not yet finished
+``run_info{run_id,platform}``                  gauge      always 1: which run these series describe
+``run_start_time_seconds``                     gauge      Unix time the run started
+``last_update_time_seconds``                   gauge      Unix time of the last attempt or result (staleness)
+``exit_code``                                  gauge      the run's exit code, once it has ended
+``last_success_time_seconds``                  gauge      Unix time the job last ended with exit 0
+============================================  =========  ===============================================
+
+The ``job`` label is added at collection time (:class:`_JobLabelled`), so every series carries it whichever
+component created the series and whenever the run was bound; the ``*_created`` series prometheus_client adds
+to counters and histograms are dropped there too (a batch job's series start with the run anyway).
 
 Thread safety: the HTTP exporter scrapes from its own thread while the event loop records; prometheus_client's
 metrics lock internally, and the sliding window behind ``current_rate`` has its own lock.
@@ -44,9 +50,12 @@ from prometheus_client import (
     Counter,
     Gauge,
     Histogram,
+    pushadd_to_gateway,
     start_http_server,
     write_to_textfile,
 )
+from prometheus_client.metrics_core import Metric
+from prometheus_client.parser import text_string_to_metric_families
 
 from sync.errors import StateError
 from sync.records import Attempt, AttemptOutcome, Batch, BatchResult, BatchStatus
@@ -65,17 +74,43 @@ SERIES: tuple[str, ...] = (
     "pushsync_requests_total",
     "pushsync_ids_total",
     "pushsync_batches_total",
-    "pushsync_rate_limited_total",
+    "pushsync_rate_limited_responses_total",
     "pushsync_retries_total",
     "pushsync_request_latency_seconds",
-    "pushsync_current_rate",
-    "pushsync_budget_rate",
+    "pushsync_current_requests_per_second",
+    "pushsync_budget_requests_per_second",
     "pushsync_inflight_batches",
     "pushsync_run_info",
     "pushsync_run_start_time_seconds",
     "pushsync_last_update_time_seconds",
 )
-"""Every metric family a run exposes (the docs' table and the tests use this list)."""
+"""Every metric family a run exposes while it runs (the docs' table and the tests use this list)."""
+
+FINAL_SERIES: tuple[str, ...] = ("pushsync_exit_code", "pushsync_last_success_time_seconds")
+"""The families set when the run ends (:meth:`RunMetrics.finish`); ``last_success_time_seconds`` only after a
+successful run, or carried over from an earlier textfile / left in place at the Pushgateway."""
+
+
+class _JobLabelled:
+    """A collector that serves another registry's families with ``job`` added to every sample and without the
+    ``*_created`` samples (Prometheus' batch-job convention: every series of one job is found by ``job``)."""
+
+    def __init__(self, inner: CollectorRegistry, job: Callable[[], str]) -> None:
+        self._inner = inner  # where the metrics are created and recorded
+        self._job = job  # read at each scrape: the run may be bound after its series were created
+
+    def collect(self) -> list[Metric]:
+        job = self._job()
+        out = []
+        for family in self._inner.collect():
+            metric = Metric(family.name, family.documentation, family.type, family.unit)
+            metric.samples = [
+                s._replace(labels={"job": job, **s.labels})
+                for s in family.samples
+                if not s.name.endswith("_created")
+            ]
+            out.append(metric)
+        return out
 
 
 class _Window:
@@ -146,12 +181,20 @@ class RunMetrics:
         clock: Callable[[], float] = time.monotonic,
         wall_clock: Callable[[], float] = time.time,
     ) -> None:
+        self._job = job  # the job label of every series
+        inner = CollectorRegistry()
         self.registry = CollectorRegistry()
+        """What is exposed: ``inner``'s families with the ``job`` label (see :class:`_JobLabelled`)."""
+        self.registry.register(_JobLabelled(inner, lambda: self._job))
+        self._targets: tuple[Path | None, str | None] = (
+            None,
+            None,
+        )  # textfile, Pushgateway URL while exporting
         self._wall: Callable[[], float] = wall_clock  # Unix time for the *_time_seconds gauges
         self._window = _Window(window, clock)
         self._known: set[str] = set()  # endpoints whose current_rate gauge is wired to the window
         self._budget_for = budget_for  # an endpoint's budget in requests/s, asked when it is first seen
-        r = self.registry
+        r = inner
         self.requests = Counter(
             "pushsync_requests_total",
             "HTTP attempts by endpoint and HTTP status",
@@ -164,7 +207,9 @@ class RunMetrics:
         self.batches = Counter(
             "pushsync_batches_total", "Finished batches by status", ["endpoint", "status"], registry=r
         )
-        self.rate_limited = Counter("pushsync_rate_limited_total", "429 answers", ["endpoint"], registry=r)
+        self.rate_limited = Counter(
+            "pushsync_rate_limited_responses_total", "429 answers", ["endpoint"], registry=r
+        )
         self.retries = Counter(
             "pushsync_retries_total", "Attempts that repeat a failed attempt", ["endpoint"], registry=r
         )
@@ -176,25 +221,32 @@ class RunMetrics:
             registry=r,
         )
         self.current_rate = Gauge(
-            "pushsync_current_rate",
+            "pushsync_current_requests_per_second",
             f"Requests per second over the last {window:g} s",
             ["endpoint"],
             registry=r,
         )
         self.budget_rate = Gauge(
-            "pushsync_budget_rate", "Configured rate budget, requests per second", ["endpoint"], registry=r
+            "pushsync_budget_requests_per_second",
+            "Configured rate budget, requests per second",
+            ["endpoint"],
+            registry=r,
         )
         self.inflight = Gauge("pushsync_inflight_batches", "Batches in flight", registry=r)
         self.run_info = Gauge(
             "pushsync_run_info",
             "The run these series describe (always 1)",
-            ["run_id", "job", "platform"],
+            ["run_id", "platform"],
             registry=r,
         )
         self.started = Gauge("pushsync_run_start_time_seconds", "Unix time the run started", registry=r)
         self.updated = Gauge(
             "pushsync_last_update_time_seconds", "Unix time of the last attempt or result", registry=r
         )
+        self._final = r  # finish() adds the end-of-run gauges here, so a running job does not show them yet
+        self._exit_code: Gauge | None = None  # pushsync_exit_code, once finish() was called
+        self._last_success: Gauge | None = None  # pushsync_last_success_time_seconds, when one is known
+        self._carried_success: float | None = None  # an earlier run's last success, read from the textfile
         self.bind(run_id=run_id, job=job, platform=platform)
         for endpoint, rate in (budgets or {}).items():
             self.set_budget(endpoint, rate)
@@ -208,8 +260,9 @@ class RunMetrics:
         budget_for: Callable[[str], float | None] | None = None,
     ) -> None:
         """Say which run the series describe (the runner calls it once the run has its ID)."""
+        self._job = job
         self.run_info.clear()
-        self.run_info.labels(run_id, job, platform).set(1)
+        self.run_info.labels(run_id, platform).set(1)
         if budget_for is not None:
             self._budget_for = budget_for
             for endpoint in self._known:
@@ -272,33 +325,79 @@ class RunMetrics:
         *,
         port: int | None = None,
         textfile: str | Path | None = None,
+        pushgateway: str | None = None,
         host: str = "0.0.0.0",
         every: float = 10.0,
     ) -> AsyncIterator[MetricsServer | None]:
-        """Serve ``/metrics`` on ``port`` and/or rewrite ``textfile`` every ``every`` seconds while the block runs;
-        the textfile is written once more on the way out, so it ends with the run's final figures. Yields the
-        server (None without ``port``). A port already in use raises :class:`OSError` before anything runs."""
+        """Serve ``/metrics`` on ``port``, and/or rewrite ``textfile`` and push to ``pushgateway`` every ``every``
+        seconds while the block runs; both are written once more on the way out, so they end with the run's
+        final figures (and :meth:`finish` writes them again with the exit code). Yields the server (None
+        without ``port``). A port already in use raises :class:`StateError` before anything runs."""
         server = self.serve(port, host) if port is not None else None
+        self._targets = (None if textfile is None else Path(textfile), pushgateway)
+        # Read before the first write replaces the file: a failed run carries the last success over.
+        self._carried_success = _previous_success(self._targets[0])
         writer: asyncio.Task[None] | None = None
         try:
-            if textfile is not None:
-                self.write_textfile(textfile)
-                writer = asyncio.create_task(self._rewrite(textfile, every), name="metrics-textfile")
+            if textfile is not None or pushgateway is not None:
+                await asyncio.to_thread(self.publish)
+                writer = asyncio.create_task(self._republish(every), name="metrics-publish")
             yield server
         finally:
             if writer is not None:
                 writer.cancel()
                 await asyncio.wait([writer])  # waits for the writer without swallowing our own cancellation
-            if textfile is not None:
-                self.write_textfile(textfile)
+            # A thread: a slow Pushgateway must not hold the event loop (in-flight work may still be draining).
+            await asyncio.shield(asyncio.to_thread(self.publish))
             if server is not None:
                 server.close()
 
-    async def _rewrite(self, textfile: str | Path, every: float) -> None:
+    async def _republish(self, every: float) -> None:
         while True:
             await asyncio.sleep(every)
-            # A thread: the write is file I/O, and the event loop carries the run.
-            await asyncio.to_thread(self.write_textfile, textfile)
+            # A thread: file and network I/O, and the event loop carries the run.
+            await asyncio.to_thread(self.publish)
+
+    def publish(self) -> None:
+        """Write the textfile and push to the Pushgateway given to :meth:`exporting` (either, both or none).
+
+        A Pushgateway that cannot be reached is logged, never fatal: metrics must not fail a sync."""
+        textfile, gateway = self._targets
+        if textfile is not None:
+            self.write_textfile(textfile)
+        if gateway is not None:
+            self.push(gateway)
+
+    def push(self, gateway: str) -> None:
+        """Push to a Prometheus Pushgateway, grouped by ``job`` (POST: a family this push lacks — the last
+        success time after a failed run — keeps the value an earlier push left)."""
+        from sync.logs import get_logger
+        from sync.redact import redact
+
+        try:
+            pushadd_to_gateway(gateway, job=self._job or "pushsync", registry=self.registry, timeout=10)
+        except OSError as exc:
+            get_logger(job=self._job).warning("metrics.push_failed", error=redact(str(exc)))
+
+    async def finish(self, exit_code: int) -> None:
+        """Record how the run ended (``pushsync_exit_code``; on exit 0 also ``pushsync_last_success_time_seconds``)
+        and publish once more. Called by the runner after the run's summary is known."""
+        if self._exit_code is None:
+            self._exit_code = Gauge(
+                "pushsync_exit_code", "The run's exit code (0 ok ... 5 crashed)", registry=self._final
+            )
+        self._exit_code.set(exit_code)
+        last_success = self._wall() if exit_code == 0 else self._carried_success
+        if last_success is not None:
+            if self._last_success is None:
+                self._last_success = Gauge(
+                    "pushsync_last_success_time_seconds",
+                    "Unix time the job last ended with exit code 0",
+                    registry=self._final,
+                )
+            self._last_success.set(last_success)
+        self.updated.set(self._wall())
+        await asyncio.to_thread(self.publish)
 
     def serve(self, port: int, host: str = "0.0.0.0") -> MetricsServer:
         """Serve ``/metrics`` from prometheus_client's own thread (the event loop is not involved)."""
@@ -313,3 +412,17 @@ class RunMetrics:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         write_to_textfile(str(path), self.registry)
+
+
+def _previous_success(textfile: Path | None) -> float | None:
+    """The last success time an earlier run of the job left in its textfile: a failed run must not erase it,
+    or an alert on "no success for 2 days" would fire — or stay silent — for the wrong reason."""
+    if textfile is None or not textfile.exists():
+        return None
+    try:
+        for family in text_string_to_metric_families(textfile.read_text(encoding="utf-8")):
+            if family.name == "pushsync_last_success_time_seconds" and family.samples:
+                return float(family.samples[0].value)
+    except (OSError, ValueError):  # unreadable or not ours: no earlier success known
+        return None
+    return None

@@ -1,34 +1,99 @@
 """Run progress: a rich progress bar on a terminal, structlog lines otherwise (JSON when not a TTY).
 
-Both implement :class:`sync.dispatch.DispatchObserver`. Totals come from the plan summary, so the ETA is
-``remaining IDs / current ID rate``.
+Both implement :class:`sync.dispatch.DispatchObserver` and share one :class:`_Tracker`. The ETA is counted in
+*requests* (planned batches), not IDs: the rate budgets limit requests, and IDs per request vary by endpoint (an
+opt-out batch of 3 IDs costs as much budget as a tag batch of 1000), so an ID-based ETA jumped as the mix changed.
+The rate is the batches finished over the last ``window`` seconds, so it follows the budget the run gets now
+rather than the average since a slow start.
 """
 
 from __future__ import annotations
 
 import sys
 import time
+from collections import deque
 from collections.abc import Callable
 from typing import Any, TextIO
 
 from sync.logs import get_logger
-from sync.records import Attempt, Batch, BatchResult
+from sync.records import Attempt, AttemptOutcome, Batch, BatchResult, BatchStatus, Phase
 
 __all__ = ["BarProgress", "LogProgress", "make_progress"]
 
+_PHASE_NAMES = {Phase.OPT_OUT: "opt-outs", Phase.CHANGES: "changes", Phase.DELETIONS: "deletions"}
 
-class _Counts:
-    __slots__ = ("batches", "ids", "requests", "started")
 
-    def __init__(self, clock: Callable[[], float]) -> None:
+class _Tracker:
+    """What both progress views show: counts, the current phase and a requests-based ETA."""
+
+    __slots__ = (
+        "_clock",
+        "_recent",
+        "_window",
+        "batches",
+        "failed",
+        "ids",
+        "phase",
+        "rate_limited",
+        "rejected",
+        "requests",
+        "started",
+        "total_ids",
+        "total_requests",
+    )
+
+    def __init__(
+        self, total_ids: int, total_requests: int, clock: Callable[[], float], window: float
+    ) -> None:
+        self._clock = clock  # monotonic seconds; injectable so tests never sleep
+        self._window = window  # seconds of history behind the current rate
+        self._recent: deque[tuple[float, int]] = deque()  # (time, batches done) samples within the window
         self.started = clock()
-        self.requests = 0
-        self.batches = 0
+        self.total_ids = total_ids
+        self.total_requests = total_requests  # planned batches: one request each unless retried or split
+        self.requests = 0  # HTTP attempts, retries included
+        self.batches = 0  # planned batches finished (ok, rejected or failed)
         self.ids = 0
+        self.failed = 0  # batches that failed after every retry
+        self.rejected = 0  # IDs the platform refused
+        self.rate_limited = 0  # 429 answers
+        self.phase = ""
+
+    def attempt(self, attempt: Attempt) -> None:
+        self.requests += 1
+        if attempt.outcome is AttemptOutcome.RATE_LIMITED:
+            self.rate_limited += 1
+
+    def start(self, batch: Batch) -> None:
+        self.phase = _PHASE_NAMES.get(batch.phase, str(batch.phase))
+
+    def done(self, batch: Batch, result: BatchResult) -> float:
+        self.batches += 1
+        self.ids += len(batch.ext_ids)
+        self.rejected += len(result.rejected)
+        if result.status is BatchStatus.FAILED:
+            self.failed += 1
+        now = self._clock()
+        self._recent.append((now, self.batches))
+        while len(self._recent) > 1 and self._recent[0][0] < now - self._window:
+            self._recent.popleft()
+        return now
+
+    def rate(self, now: float) -> float:
+        """Batches (≈ requests) per second over the window; since the start while the window is not full."""
+        if len(self._recent) > 1 and now - self._recent[0][0] >= self._window / 2:
+            t0, n0 = self._recent[0]
+            return (self.batches - n0) / max(now - t0, 1e-9)
+        return self.batches / max(now - self.started, 1e-9)
+
+    def eta(self, now: float) -> float | None:
+        rate = self.rate(now)
+        return max(self.total_requests - self.batches, 0) / rate if rate > 0 else None
 
 
 class LogProgress:
-    """One structlog ``run.progress`` line every ``every`` seconds (and none for short runs)."""
+    """A structlog ``run.progress`` line when the first batch is answered (the log then shows when sending
+    really began), and one every ``every`` seconds after that."""
 
     def __init__(
         self,
@@ -36,40 +101,40 @@ class LogProgress:
         total_ids: int,
         total_requests: int,
         every: float = 10.0,
+        window: float = 30.0,
         clock: Callable[[], float] = time.monotonic,
         **context: Any,
     ) -> None:
-        self._clock = clock
-        self._counts = _Counts(clock)
-        self._total_ids = total_ids
-        self._total_requests = total_requests
+        self._t = _Tracker(total_ids, total_requests, clock, window)
         self._every = every
-        self._next = self._counts.started + every
+        self._next = self._t.started  # the first answered batch logs at once
         self._log = get_logger(**context)
 
     def on_batch_start(self, batch: Batch) -> None:
-        return None
+        self._t.start(batch)
 
     def on_attempt(self, attempt: Attempt) -> None:
-        self._counts.requests += 1
+        self._t.attempt(attempt)
 
     def on_batch_done(self, batch: Batch, result: BatchResult) -> None:
-        c = self._counts
-        c.batches += 1
-        c.ids += len(batch.ext_ids)
-        now = self._clock()
+        t = self._t
+        now = t.done(batch, result)
         if now >= self._next:
             self._next = now + self._every
-            elapsed = max(now - c.started, 1e-9)
-            rate = c.ids / elapsed
-            eta = (self._total_ids - c.ids) / rate if rate > 0 else None
+            eta = t.eta(now)
             self._log.info(
                 "run.progress",
-                ids_done=c.ids,
-                ids_total=self._total_ids,
-                requests_done=c.requests,
-                requests_planned=self._total_requests,
-                ids_per_second=round(rate, 1),
+                phase=t.phase,
+                batches_done=t.batches,
+                requests_done=t.requests,
+                requests_planned=t.total_requests,
+                ids_done=t.ids,
+                ids_total=t.total_ids,
+                ids_per_second=round(t.ids / max(now - t.started, 1e-9), 1),
+                requests_per_second=round(t.rate(now), 2),
+                ids_refused=t.rejected,
+                batches_failed=t.failed,
+                rate_limited=t.rate_limited,
                 eta_seconds=None if eta is None else round(eta, 1),
             )
 
@@ -78,54 +143,72 @@ class LogProgress:
 
 
 class BarProgress:
-    """A rich progress bar: IDs and requests done, the ID rate and the ETA."""
+    """A rich progress bar over the planned requests: the phase, IDs, 429s, refusals, failures and the ETA."""
 
-    def __init__(self, *, total_ids: int, total_requests: int, stream: TextIO | None = None) -> None:
+    def __init__(
+        self,
+        *,
+        total_ids: int,
+        total_requests: int,
+        stream: TextIO | None = None,
+        window: float = 30.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         from rich.console import Console
-        from rich.progress import (
-            BarColumn,
-            MofNCompleteColumn,
-            Progress,
-            TaskProgressColumn,
-            TextColumn,
-            TimeRemainingColumn,
-        )
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskProgressColumn, TextColumn
 
+        self._t = _Tracker(total_ids, total_requests, clock, window)
         self._progress = Progress(
-            TextColumn("[bold]{task.description}"),
+            TextColumn("[bold]{task.fields[phase]}"),
             BarColumn(),
             MofNCompleteColumn(),
+            TextColumn("requests"),
             TaskProgressColumn(),
-            TextColumn("{task.fields[requests]} requests"),
-            TextColumn("{task.fields[rate]} IDs/s"),
-            TimeRemainingColumn(),
+            TextColumn("{task.fields[ids]} IDs"),
+            TextColumn("{task.fields[problems]}"),
+            TextColumn("ETA {task.fields[eta]}"),
             console=Console(file=stream or sys.stderr),
             transient=False,
         )
-        self._task = self._progress.add_task("IDs", total=max(total_ids, 1), requests=0, rate="-")
-        self._requests = 0
-        self._ids = 0
-        self._started = time.monotonic()
+        self._task = self._progress.add_task(
+            "requests", total=max(total_requests, 1), phase="starting", ids="0", problems="", eta="-"
+        )
         self._progress.start()
 
     def on_batch_start(self, batch: Batch) -> None:
-        return None
+        self._t.start(batch)
+        self._progress.update(self._task, phase=self._t.phase)
 
     def on_attempt(self, attempt: Attempt) -> None:
-        self._requests += 1
+        self._t.attempt(attempt)
 
     def on_batch_done(self, batch: Batch, result: BatchResult) -> None:
-        self._ids += len(batch.ext_ids)
-        elapsed = max(time.monotonic() - self._started, 1e-9)
+        t = self._t
+        now = t.done(batch, result)
+        problems = [
+            f"{n:,} {what}"
+            for n, what in ((t.rate_limited, "429s"), (t.rejected, "refused"), (t.failed, "failed"))
+            if n
+        ]
         self._progress.update(
             self._task,
-            advance=len(batch.ext_ids),
-            requests=self._requests,
-            rate=f"{self._ids / elapsed:,.0f}",
+            completed=t.batches,
+            phase=t.phase,
+            ids=f"{t.ids:,}/{t.total_ids:,}",
+            problems=" · ".join(problems),
+            eta=_clock_text(t.eta(now)),
         )
 
     def close(self) -> None:
         self._progress.stop()
+
+
+def _clock_text(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    minutes, secs = divmod(round(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}:{minutes:02d}:{secs:02d}"
 
 
 def make_progress(

@@ -136,6 +136,7 @@ async def run_job(
     batches: Callable[[Plan], Iterable[Batch] | AsyncIterable[Batch] | LaneSource] | None = None,
     metrics_port: int | None = None,
     metrics_textfile: Path | None = None,
+    metrics_pushgateway: str | None = None,
     plan: Plan | None = None,
     run_id: str | None = None,
     expected: tuple[int, int] | None = None,
@@ -144,8 +145,8 @@ async def run_job(
     """Plan the job, send it, record everything in the job's ledger and return the outcome.
 
     ``progress``: ``auto`` (a bar on a terminal, log lines otherwise), ``bar``, ``log`` or ``none``.
-    ``metrics_port`` / ``metrics_textfile``: expose the run's Prometheus metrics (:mod:`sync.metrics`) while it
-    lasts; a port that cannot be bound raises :class:`sync.errors.StateError` before anything is sent.
+    ``metrics_port`` / ``metrics_textfile`` / ``metrics_pushgateway``: expose the run's Prometheus metrics
+    (:mod:`sync.metrics`) while it lasts; a port that cannot be bound raises :class:`sync.errors.StateError` before anything is sent.
     ``plan``: a plan already built for ``job`` (run_job takes it over and closes it); ``run_id``: the ID to
     record the run under (default: a new one) — for callers that name the run before it starts.
     ``expected``: ``(requests, IDs)`` that ``batches`` will send, for the progress totals, when it sends
@@ -180,6 +181,7 @@ async def run_job(
             batches=batches,
             metrics_port=metrics_port,
             metrics_textfile=metrics_textfile,
+            metrics_pushgateway=metrics_pushgateway,
             plan=plan,
             run_id=run_id,
             expected=expected,
@@ -198,6 +200,7 @@ async def _run_job(
     batches: Callable[[Plan], Iterable[Batch] | AsyncIterable[Batch] | LaneSource] | None,
     metrics_port: int | None,
     metrics_textfile: Path | None,
+    metrics_pushgateway: str | None,
     plan: Plan | None,
     run_id: str | None,
     expected: tuple[int, int] | None,
@@ -234,7 +237,11 @@ async def _run_job(
                 if progress != "none"
                 else None
             )
-            metrics = _metrics_for(job, run_id) if metrics_port is not None or metrics_textfile else None
+            metrics = (
+                _metrics_for(job, run_id)
+                if metrics_port is not None or metrics_textfile or metrics_pushgateway
+                else None
+            )
             watchers: list[DispatchObserver] = [*observers]
             if bar is not None:
                 watchers.append(bar)
@@ -259,7 +266,9 @@ async def _run_job(
             )
             try:
                 async with (
-                    metrics.exporting(port=metrics_port, textfile=metrics_textfile)
+                    metrics.exporting(
+                        port=metrics_port, textfile=metrics_textfile, pushgateway=metrics_pushgateway
+                    )
                     if metrics is not None
                     else contextlib.nullcontext()
                 ):
@@ -283,6 +292,8 @@ async def _run_job(
                 DispatchOutcome.ABORTED: "aborted",
                 DispatchOutcome.INTERRUPTED: "interrupted",
             }.get(report.outcome, "done" if summary.exit_code is ExitCode.OK else "partial")
+            if metrics is not None:
+                await metrics.finish(int(summary.exit_code))
             ledger.finish_run(
                 run_id,
                 status=status,

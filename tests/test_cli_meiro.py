@@ -7,9 +7,10 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import socket
 import subprocess
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -26,19 +27,40 @@ WELCOME = "983d437d-eac6-423b-beb5-40a619be332f"
 TEASER = "5c1f0b52-8d4e-4a8e-9f3a-2f6f1d0c7b21"
 
 
+StartMeiro = Callable[..., Awaitable[MeiroSandbox]]
+
+
 @pytest.fixture
-async def meiro(monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[MeiroSandbox]:
-    """The sandbox seeded like the example job expects; credentials in the environment the CLI reads."""
-    config = MeiroSandboxConfig.from_mapping(
-        {"users": [MeiroUser(EMAIL, PASSWORD)], "seed_file": REPO / "jobs" / "data" / "meiro_sandbox.json"}
-    )
-    sandbox = MeiroSandbox(config)
-    url = await sandbox.start("127.0.0.1", 0)
-    monkeypatch.setenv("MEIRO_BASE_URL", url)
-    monkeypatch.setenv("MEIRO_EMAIL", EMAIL)
-    monkeypatch.setenv("MEIRO_PASSWORD", PASSWORD)
-    yield sandbox
-    await sandbox.stop()
+async def meiro_factory(monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[StartMeiro]:
+    """``await start(**settings)``: the sandbox seeded like the example job expects, with more sandbox
+    settings (``max_limit``, ``cancel_delay``...); credentials in the environment the CLI reads."""
+    started: list[MeiroSandbox] = []
+
+    async def start(**settings: Any) -> MeiroSandbox:
+        config = MeiroSandboxConfig.from_mapping(
+            {
+                "users": [MeiroUser(EMAIL, PASSWORD)],
+                "seed_file": REPO / "jobs" / "data" / "meiro_sandbox.json",
+                **settings,
+            }
+        )
+        sandbox = MeiroSandbox(config)
+        started.append(sandbox)
+        url = await sandbox.start("127.0.0.1", 0)
+        monkeypatch.setenv("MEIRO_BASE_URL", url)
+        monkeypatch.setenv("MEIRO_EMAIL", EMAIL)
+        monkeypatch.setenv("MEIRO_PASSWORD", PASSWORD)
+        return sandbox
+
+    yield start
+    for sandbox in started:
+        await sandbox.stop()
+
+
+@pytest.fixture
+async def meiro(meiro_factory: StartMeiro) -> MeiroSandbox:
+    """The sandbox with its default settings."""
+    return await meiro_factory()
 
 
 def _ledger_waits(workdir: Path) -> list[dict[str, Any]]:
@@ -304,3 +326,150 @@ def _faults() -> Any:
     from sync.platforms.sandboxes._core import FaultSpec
 
     return FaultSpec(error_500=0.15, error_503=0.1, drop=0.05)
+
+
+async def test_all_pages_of_a_server_that_caps_limit(
+    meiro_factory: StartMeiro, capsys: pytest.CaptureFixture[str]
+) -> None:
+    meiro = await meiro_factory(max_limit=10)
+    for i in range(23):
+        meiro.state.add_export(TEASER, total=i, created_at=2_000_000_000 + i)
+        if i < 21:
+            meiro.state.add_notification(f"Trashed {i}", trashed=True, modified=2_000_000_000 + i)
+    assert await cli("meiro", "exports", TEASER, "--all", "--output", "json") == 0
+    ids = [e["id"] for e in json.loads(capsys.readouterr().out)]
+    assert len(ids) == 25 == len(set(ids))  # not the 10 of the first page
+    assert await cli("meiro", "trash", "--all", "--limit", "50", "--output", "json") == 0
+    names = [n["name"] for n in json.loads(capsys.readouterr().out)]
+    assert len(names) == 23 and {"Old summer sale", "Old winter sale", "Trashed 0"} <= set(names)
+    assert await cli("meiro", "exports", TEASER, "--limit", "50") == 0  # one page: say that more may follow
+    captured = capsys.readouterr()
+    assert len(captured.out.splitlines()) == 11
+    assert (
+        "Meiro serves at most 10 per page (asked for 50); use --all, or --offset, for the rest"
+        in captured.err
+    )
+
+
+async def test_a_run_against_an_unreachable_meiro_exits_3(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with socket.socket() as sock:  # a port nobody listens on
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    monkeypatch.setenv("MEIRO_EMAIL", EMAIL)
+    monkeypatch.setenv("MEIRO_PASSWORD", PASSWORD)
+    job = _example_job(
+        tmp_path,
+        f"http://127.0.0.1:{port}/api/",
+        wait={"interval": 0.01},
+        retry={"max_attempts": 2, "base_delay": 0.01, "max_delay": 0.02},
+    )
+    assert await cli("meiro", "run", str(job)) == 3
+    err = capsys.readouterr().err
+    assert "Meiro did not answer (check base_url and the network)" in err and "connection failed" in err
+    (run,) = _ledger_runs(tmp_path / "work")
+    assert (run.status, run.exit_code) == ("aborted", 3) and _ledger_waits(tmp_path / "work") == []
+
+
+async def test_cancel_of_an_export_that_ended_in_error_or_was_canceled_exits_1(
+    meiro: MeiroSandbox, capsys: pytest.CaptureFixture[str]
+) -> None:
+    meiro.state.add_export(TEASER, export_id=300, status="error")
+    assert await cli("meiro", "cancel", TEASER, "300") == 1
+    err = capsys.readouterr().err
+    assert f"export 300 of push notification {TEASER} already ended in error; it cannot be canceled" in err
+    assert "http" not in err
+    assert await cli("meiro", "cancel", WELCOME, "101") == 0
+    capsys.readouterr()
+    assert await cli("meiro", "cancel", WELCOME, "101") == 1
+    err = capsys.readouterr().err
+    assert f"export 101 of push notification {WELCOME} is already canceled; there is nothing to cancel" in err
+
+
+async def test_a_cancel_accepted_but_not_yet_effective_says_so(
+    meiro_factory: StartMeiro, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    meiro = await meiro_factory(cancel_delay=2)
+    assert await cli("meiro", "cancel", WELCOME, "100") == 0
+    assert capsys.readouterr().out.strip() == (
+        f"export 100 of {WELCOME}: cancel accepted; the export is stopping (Meiro still says waiting). "
+        f"Run `pushsync meiro wait {WELCOME} 100` to see it canceled."
+    )
+    assert await cli("meiro", "cancel", WELCOME, "101", "--output", "json") == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert (doc["id"], doc["status"], doc["cancel"]) == (101, "waiting", "stopping")
+    work = tmp_path / "work"
+    assert await cli("meiro", "wait", WELCOME, "100", "--interval", "0.01", "--workdir", str(work)) == 1
+    assert ": canceled after 2 polls" in capsys.readouterr().out
+    assert meiro.state.notifications[WELCOME].exports[100].sent == 0
+
+
+async def test_a_latest_entry_with_no_export_says_no_export(
+    meiro: MeiroSandbox, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    empty = meiro.state.add_notification("Never exported", notification_id="never-exported")
+    job = _example_job(
+        tmp_path,
+        meiro.url or "",
+        wait={"interval": 0.01},
+        exports=[{"notification": empty.id, "latest": True}, {"notification": TEASER, "export": 102}],
+    )
+    assert await cli("meiro", "run", str(job)) == 1
+    out = capsys.readouterr().out
+    assert "  no export: push notification never-exported has no export to wait for" in out
+    assert "export -1" not in out
+    assert await cli("meiro", "run", str(job), "--output", "json") == 1
+    doc = json.loads(capsys.readouterr().out)
+    none = next(w for w in doc["waits"] if w["notification_id"] == empty.id)
+    assert (none["export_id"], none["outcome"]) == (None, "failed")
+    finished = next(w for w in doc["waits"] if w["export_id"] == 102)
+    assert finished["message"] is None
+    work = str(tmp_path / "work")
+    assert await cli("meiro", "waits", "--workdir", work, "--run", doc["run_id"]) == 0
+    listed = capsys.readouterr().out
+    assert "no export: push notification never-exported has no export to wait for" in listed
+    assert "export -1" not in listed
+    assert await cli("meiro", "waits", "--workdir", work, "--run", doc["run_id"], "--output", "json") == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert sorted((r["export_id"] is None, r["message"]) for r in rows) == [
+        (False, None),
+        (True, "push notification never-exported has no export to wait for"),
+    ]
+
+
+async def test_wait_and_waits_show_the_same_record(
+    meiro: MeiroSandbox, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    work = tmp_path / "work"
+    assert await cli("meiro", "wait", TEASER, "102", "--workdir", str(work), "--output", "json") == 0
+    waited = json.loads(capsys.readouterr().out)
+    assert await cli("meiro", "waits", "--workdir", str(work), "--output", "json") == 0
+    (row,) = json.loads(capsys.readouterr().out)
+    for key in ("run_id", "notification_id", "export_id", "export_name", "outcome", "status", "message"):
+        assert waited[key] == row[key], key
+    assert waited["message"] is None
+
+
+async def test_trash_says_when_nothing_matches_and_shows_every_field(
+    meiro: MeiroSandbox, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert await cli("meiro", "trash", "--search", "spring") == 0
+    assert capsys.readouterr().out.strip() == "no trashed push notification matches 'spring'"
+    assert await cli("meiro", "trash", "--offset", "5") == 0
+    assert capsys.readouterr().out.strip() == "no trashed push notification at offset 5"
+    meiro.state.add_notification(
+        "Spring sale", trashed=True, last_activation=1_900_000_000, last_activation_by=5, modified_by=3
+    )
+    assert await cli("meiro", "trash", "--search", "spring", "--output", "json") == 0
+    (item,) = json.loads(capsys.readouterr().out)
+    assert (item["last_activation"], item["last_activation_by"], item["modified_by"]) == (
+        "2030-03-17T17:46:40Z",
+        5,
+        3,
+    )
+    assert await cli("meiro", "restore", item["id"], "--output", "json") == 0
+    restored = json.loads(capsys.readouterr().out)
+    assert restored["last_activation_by"] == 5 and set(restored) == set(item)
+    assert await cli("meiro", "trash", "--search", "spring") == 0
+    assert "no trashed push notification matches 'spring'" in capsys.readouterr().out

@@ -192,7 +192,7 @@ def test_the_cronjob_runs_one_at_a_time_and_retries_only_what_a_retry_can_fix(
     assert pod["restartPolicy"] == "Never"  # podFailurePolicy requires it
     rules = job["podFailurePolicy"]["rules"]
     no_retry = {code for r in rules if r["action"] == "FailJob" for code in r["onExitCodes"]["values"]}
-    assert no_retry == {1, 2, 3}  # 4 (interrupted) and crashes count against backoffLimit
+    assert no_retry == {1, 2, 3, 5}  # 4 (interrupted) and kills (OOM) count against backoffLimit
     assert job["backoffLimit"] >= 1
     assert all(r["onExitCodes"]["containerName"] == "pushsync" for r in rules if "onExitCodes" in r)
     (container,) = pod["containers"]
@@ -200,9 +200,22 @@ def test_the_cronjob_runs_one_at_a_time_and_retries_only_what_a_retry_can_fix(
     args = container["args"]
     assert args[:2] == ["run", "/etc/pushsync/job.yaml"]
     assert args[args.index("--output") + 1] == "json"
-    port = int(args[args.index("--metrics-port") + 1])
-    assert container["ports"][0]["containerPort"] == port
-    assert job["template"]["metadata"]["annotations"]["prometheus.io/port"] == str(port)
+    # A pod that lives as long as its run pushes its metrics: nobody would scrape it in time.
+    assert args[args.index("--metrics-pushgateway") + 1].startswith("http")
+    assert "--metrics-port" not in args and "ports" not in container
+    # The input reaches the work volume before pushsync starts, where the job reads it.
+    (fetch,) = pod["initContainers"]
+    assert {m["mountPath"] for m in fetch["volumeMounts"]} == {"/var/lib/pushsync"}
+    assert "/var/lib/pushsync/inbox/" in fetch["args"]
+
+
+def test_the_dockerfile_installs_the_wheel_and_runs_pushsync_as_non_root() -> None:
+    text = (REPO / "examples" / "Dockerfile").read_text(encoding="utf-8")
+    assert "pip wheel" in text and "pip install --no-cache-dir /wheels/*.whl" in text
+    assert 'ENTRYPOINT ["pushsync"]' in text  # exec form: SIGTERM reaches pushsync, which drains
+    assert "USER 10001" in text
+    for copied in ("pyproject.toml", "schemas", "sync"):  # what a wheel build needs, and nothing secret
+        assert any(line.startswith("COPY") and copied in line for line in text.splitlines())
 
 
 def test_the_cronjob_wires_the_secret_the_job_names_and_a_volume_for_the_ledger(

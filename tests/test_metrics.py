@@ -15,7 +15,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from sync.config import load_job
 from sync.demo import generate_users
-from sync.metrics import LATENCY_BUCKETS, SERIES, RunMetrics
+from sync.metrics import FINAL_SERIES, LATENCY_BUCKETS, SERIES, RunMetrics
 from sync.platforms.netmera.requests import make_batch, tag_body
 from sync.records import Attempt, AttemptOutcome, Batch, BatchResult, BatchStatus, Operation, RejectedId
 from sync.runner import run_job
@@ -33,12 +33,17 @@ class FakeClock:
         return self.now
 
 
-def samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
-    """(sample name, sorted labels) -> value, from the exposition text."""
+def samples(text: str, job: str | None = None) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """(sample name, sorted labels but ``job``) -> value, from the exposition text. Every sample must carry the
+    ``job`` label (``job``'s value when given), and no ``*_created`` sample may be there."""
     out = {}
     for family in text_string_to_metric_families(text):
         for s in family.samples:
-            out[(s.name, tuple(sorted(s.labels.items())))] = s.value
+            assert "job" in s.labels, f"{s.name} has no job label"
+            assert job is None or s.labels["job"] == job, (s.name, s.labels)
+            assert not s.name.endswith("_created"), s.name
+            labels = {k: v for k, v in s.labels.items() if k != "job"}
+            out[(s.name, tuple(sorted(labels.items())))] = s.value
     return out
 
 
@@ -111,17 +116,17 @@ def test_the_exporter_serves_every_documented_series(served: tuple[RunMetrics, s
     assert got[("pushsync_ids_total", (("endpoint", "tagUsers"), ("outcome", "rejected")))] == 1
     assert got[("pushsync_ids_total", (("endpoint", "tagUsers"), ("outcome", "failed")))] == 0
     assert got[("pushsync_batches_total", (("endpoint", "tagUsers"), ("status", "rejected")))] == 1
-    assert got[("pushsync_rate_limited_total", ep)] == 1
+    assert got[("pushsync_rate_limited_responses_total", ep)] == 1
     assert got[("pushsync_retries_total", ep)] == 3
     assert got[("pushsync_inflight_batches", ())] == 0
-    assert got[("pushsync_budget_rate", ep)] == 20.0
-    assert got[("pushsync_current_rate", ep)] == 5 / 10  # five attempts in the 10 s window
+    assert got[("pushsync_budget_requests_per_second", ep)] == 20.0
+    assert got[("pushsync_current_requests_per_second", ep)] == 5 / 10  # five attempts in the 10 s window
     assert got[("pushsync_request_latency_seconds_count", ep)] == 5
     assert got[("pushsync_request_latency_seconds_sum", ep)] == pytest.approx(7.374)
     assert got[("pushsync_request_latency_seconds_bucket", (*ep, ("le", "0.005")))] == 1
     assert got[("pushsync_request_latency_seconds_bucket", (*ep, ("le", "5.0")))] == 4
     assert got[("pushsync_request_latency_seconds_bucket", (*ep, ("le", "+Inf")))] == 5
-    info = (("job", "nightly"), ("platform", "netmera"), ("run_id", "r-1"))
+    info = (("platform", "netmera"), ("run_id", "r-1"))
     assert got[("pushsync_run_info", info)] == 1
 
 
@@ -137,11 +142,15 @@ def test_in_flight_and_current_rate_follow_the_run(served: tuple[RunMetrics, str
     ep = (("endpoint", "tagUsers"),)
     got = samples(scrape(url))
     assert got[("pushsync_inflight_batches", ())] == 1
-    assert got[("pushsync_current_rate", ep)] == pytest.approx(3.0)  # 30 attempts in the last 10 s
+    assert got[("pushsync_current_requests_per_second", ep)] == pytest.approx(
+        3.0
+    )  # 30 attempts in the last 10 s
     clock.now += 8.55  # the window now starts 1.55 s after the first attempt: 15 attempts are left in it
-    assert samples(scrape(url))[("pushsync_current_rate", ep)] == pytest.approx(1.5)
+    assert samples(scrape(url))[("pushsync_current_requests_per_second", ep)] == pytest.approx(1.5)
     clock.now += 60
-    assert samples(scrape(url))[("pushsync_current_rate", ep)] == 0  # quiet endpoint: falls to zero
+    assert (
+        samples(scrape(url))[("pushsync_current_requests_per_second", ep)] == 0
+    )  # quiet endpoint: falls to zero
 
 
 def test_each_run_has_its_own_registry() -> None:
@@ -173,7 +182,7 @@ def test_the_textfile_is_what_node_exporter_reads(tmp_path: Path) -> None:
 def test_the_docs_list_exactly_the_series_served() -> None:
     doc = (REPO / "docs" / "operations.md").read_text(encoding="utf-8")
     documented = set(re.findall(r"^\| `(pushsync_[a-z_]+)`", doc, flags=re.MULTILINE))
-    assert documented == set(SERIES)
+    assert documented == set(SERIES) | set(FINAL_SERIES)
     assert all(f"{b:g}" in doc for b in LATENCY_BUCKETS[:3])  # the buckets are documented too
 
 
@@ -201,12 +210,12 @@ def test_bind_names_the_run_and_asks_each_endpoint_its_budget() -> None:
     batch = make_batch(Operation.TAG, tag_body("gold", ["u1"]))
     metrics.on_batch_start(batch)
     metrics.bind(run_id="r-4", job="j", platform="netmera", budget_for={"tagUsers": 2.5}.get)
-    got = samples(_text(metrics))
-    assert got[("pushsync_run_info", (("job", "j"), ("platform", "netmera"), ("run_id", "r-4")))] == 1
+    got = samples(_text(metrics), job="j")  # series created before bind() carry the bound job too
+    assert got[("pushsync_run_info", (("platform", "netmera"), ("run_id", "r-4")))] == 1
     assert [k for k in got if k[0] == "pushsync_run_info"] == [
-        ("pushsync_run_info", (("job", "j"), ("platform", "netmera"), ("run_id", "r-4")))
+        ("pushsync_run_info", (("platform", "netmera"), ("run_id", "r-4")))
     ]
-    assert got[("pushsync_budget_rate", (("endpoint", "tagUsers"),))] == 2.5
+    assert got[("pushsync_budget_requests_per_second", (("endpoint", "tagUsers"),))] == 2.5
 
 
 def test_a_taken_port_is_a_clear_error_before_anything_runs() -> None:
@@ -278,11 +287,11 @@ dispatch:
     assert families(scraper.text) >= set(SERIES)  # every documented series, while the run lasts
     mid = samples(scraper.text)
     assert mid[("pushsync_inflight_batches", ())] >= 1
-    assert (
-        "pushsync_run_info",
-        (("job", "metered"), ("platform", "netmera"), ("run_id", outcome.run_id)),
-    ) in mid
-    final = samples(textfile.read_text())
+    assert ("pushsync_run_info", (("platform", "netmera"), ("run_id", outcome.run_id))) in mid
+    assert ("pushsync_exit_code", ()) not in mid  # set only once the run has ended
+    final = samples(textfile.read_text(), job="metered")
+    assert final[("pushsync_exit_code", ())] == int(outcome.exit_code) == 0
+    assert final[("pushsync_last_success_time_seconds", ())] >= final[("pushsync_run_start_time_seconds", ())]
     assert families(textfile.read_text()) >= set(SERIES)
     assert final[("pushsync_inflight_batches", ())] == 0
     for e in outcome.summary.endpoints:
@@ -292,10 +301,99 @@ dispatch:
         )
         assert requests == e.requests
         assert final[("pushsync_ids_total", (*ep, ("outcome", "ok")))] == e.ids_ok
-        assert final[("pushsync_rate_limited_total", ep)] == e.rate_limited
+        assert final[("pushsync_rate_limited_responses_total", ep)] == e.rate_limited
         assert final[("pushsync_retries_total", ep)] == e.retries
         assert final[("pushsync_request_latency_seconds_count", ep)] == e.requests
-        assert final[("pushsync_budget_rate", ep)] == e.budget_rate
-    assert final[("pushsync_budget_rate", (("endpoint", "tagUsers"),))] == 60.0
+        assert final[("pushsync_budget_requests_per_second", ep)] == e.budget_rate
+    assert final[("pushsync_budget_requests_per_second", (("endpoint", "tagUsers"),))] == 60.0
     with pytest.raises(OSError):
         scrape(scraper.url)  # the exporter stops with the run
+
+
+async def test_a_failed_run_keeps_the_last_success_time_of_the_textfile(tmp_path: Path) -> None:
+    """The batch-job convention: an alert on "no success for a day" reads last_success_time_seconds, so a
+    failed run records its exit code but must neither erase nor advance the last success."""
+    path = tmp_path / "pushsync.prom"
+    wall = [1_700_000_000.0]
+    ok = RunMetrics(run_id="r-ok", job="nightly", wall_clock=lambda: wall[0])
+    async with ok.exporting(textfile=path, every=3600):
+        pass
+    await ok.finish(0)
+    first = samples(path.read_text(), job="nightly")
+    assert first[("pushsync_exit_code", ())] == 0
+    assert first[("pushsync_last_success_time_seconds", ())] == 1_700_000_000.0
+
+    wall[0] += 86_400
+    failed = RunMetrics(run_id="r-bad", job="nightly", wall_clock=lambda: wall[0])
+    async with failed.exporting(textfile=path, every=3600):
+        pass
+    await failed.finish(3)
+    second = samples(path.read_text(), job="nightly")
+    assert second[("pushsync_exit_code", ())] == 3
+    assert second[("pushsync_last_success_time_seconds", ())] == 1_700_000_000.0  # carried over, not now
+    assert second[("pushsync_run_start_time_seconds", ())] == 1_700_086_400.0
+
+
+class _FakePushgateway:
+    """A Pushgateway stand-in on loopback (its own thread): records each push's method, path and body."""
+
+    def __init__(self) -> None:
+        import http.server
+        import threading
+
+        pushes = self.pushes = []  # type: list[tuple[str, str, str]]
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def _record(self) -> None:
+                body = self.rfile.read(int(self.headers.get("Content-Length") or 0)).decode()
+                pushes.append((self.command, self.path, body))
+                self.send_response(202)
+                self.end_headers()
+
+            do_POST = do_PUT = _record
+
+            def log_message(self, *args: Any) -> None:
+                return None
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+        self.thread.join(timeout=5)
+
+
+async def test_metrics_are_pushed_to_a_pushgateway_grouped_by_job(
+    netmera_sandbox: Any, tmp_path: Path
+) -> None:
+    """Short-lived pods push instead of exposing a port: during the run, and once more with the exit code."""
+    generate_users(tmp_path / "users.csv", 40, seed=5)
+    (tmp_path / "job.yaml").write_text(
+        f"""
+version: 1
+name: pushed
+destination: {{platform: netmera, base_url: "{netmera_sandbox.url}", secret: {{env: UNUSED_KEY}}}}
+defaults: {{ext_id: user_id}}
+sources:
+  - {{name: users, path: users.csv, attributes: {{city: string}}}}
+""",
+        encoding="utf-8",
+    )
+    gateway = _FakePushgateway()
+    try:
+        outcome = await run_job(
+            load_job(tmp_path / "job.yaml"), api_key=netmera_sandbox.api_key, metrics_pushgateway=gateway.url
+        )
+    finally:
+        gateway.close()
+    assert outcome.exit_code == 0
+    assert len(gateway.pushes) >= 3  # at the start, on the way out, and with the exit code
+    assert {(method, path) for method, path, _ in gateway.pushes} == {("POST", "/metrics/job/pushed")}
+    last = samples(gateway.pushes[-1][2], job="pushed")
+    assert last[("pushsync_exit_code", ())] == 0
+    assert ("pushsync_last_success_time_seconds", ()) in last
+    assert last[("pushsync_ids_total", (("endpoint", "setProfileAttributes"), ("outcome", "ok")))] == 40
+    assert samples(gateway.pushes[0][2], job="pushed").get(("pushsync_exit_code", ())) is None

@@ -4,6 +4,7 @@ never contains the secret. The headless-browser check is in ``test_report_browse
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 import subprocess
@@ -340,8 +341,13 @@ def test_the_charts_draw_the_ledger_attempts(reported_run: ReportedRun) -> None:
         assert float(line.get("data-sum", "")) * width == pytest.approx(
             int(shown[endpoint]["requests"]), rel=1e-4
         )
-        budget = [el for el in chart.iter(f"{svg}line") if el.get("data-line") == "budget"]
+        # the budget: a dashed line on the chart's own scale, or named under the title when far above it
+        budget = [el for el in chart.iter() if el.get("data-line") == "budget"]
         assert [b.get("data-value") for b in budget] == [shown[endpoint]["budget_rate"]]
+        # each endpoint on its own scale: its busiest bin reaches at least a third of the plot's height (y grows
+        # downwards from the top margin, 28, to the axis, 176), however small its traffic beside the others
+        highest = min(float(point.split(",")[1]) for point in line.get("points", "").split())
+        assert highest <= 176 - 148 / 3
     lines = {
         el.get("data-series"): float(el.get("data-sum", ""))
         for el in charts["retries"].iter(f"{svg}polyline")
@@ -398,3 +404,81 @@ def test_a_file_that_is_not_a_ledger_gives_a_clear_error_and_leaks_no_connection
     with pytest.raises(StateError, match="cannot read the ledger"):
         load_report(junk, "r1")
     gc.collect()
+
+
+# -- `pushsync trace ID` ----------------------------------------------------------------------------------------
+
+
+def test_trace_tells_the_story_of_one_id(
+    reported_run: ReportedRun, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from sync.cli import main
+
+    workdir = reported_run.outcome.ledger_path.parent
+    assert main(["trace", REFUSED_ID, "--workdir", str(workdir), "--output", "json"]) == 0
+    story = json.loads(capsys.readouterr().out)
+    assert {e["run_id"] for e in story} == {reported_run.outcome.run_id}
+    refused = [e for e in story if e["kind"] == "refused"]
+    # refused by every endpoint that carried it (attributes, tags...), each naming its input row
+    assert len(refused) == reported_run.outcome.summary.ids_rejected >= 1
+    assert all(e["path"].endswith("users.csv") and e["row"] == 38 for e in refused)  # U0000037: row 38
+    batches = [e for e in story if e["kind"] == "batch"]
+    assert batches and all(e["endpoint"] for e in batches)
+    assert any(e["status"] in ("rejected", "ok") for e in batches)
+
+    # a row validation refused: the file, row and reason
+    assert main(["trace", "U9000001", "--workdir", str(workdir), "--output", "json"]) == 0
+    (rejected,) = json.loads(capsys.readouterr().out)
+    assert rejected["kind"] == "rejected row" and rejected["row"] == 121 and "score" in rejected["detail"]
+
+    # an ID that went through, as a table; and one never seen
+    assert main(["trace", "U0000003", "--workdir", str(workdir)]) == 0
+    table = capsys.readouterr().out
+    assert "ok" in table and reported_run.outcome.run_id in table
+    assert main(["trace", "nobody", "--workdir", str(workdir)]) == 0
+    assert "no record of ID 'nobody'" in capsys.readouterr().out
+
+
+def test_ids_per_second_and_the_trend_of_the_jobs_runs(reported_run: ReportedRun, tmp_path: Path) -> None:
+    root = parse(reported_run.page)
+    shown = table_values(root)
+    report = load_report(reported_run.outcome.ledger_path, reported_run.outcome.run_id)
+    for e in report.endpoints:
+        assert e.ids_per_second is not None and e.ids_per_second > 0
+        assert float(shown[e.endpoint]["ids_per_second"]) == pytest.approx(e.ids_per_second)
+    assert float(shown["*"]["ids_per_second"]) == pytest.approx(report.ids_per_second)
+    cards = {div.get("data-total"): div.get("data-value") for div in root.iter(f"{XHTML}div")}
+    assert float(cards["ids_per_second"]) == pytest.approx(report.ids_per_second)
+    # the first run of its job: no trend yet, and the page says so
+    assert len(report.history) == 1 and "first run of this job" in reported_run.page
+
+
+def test_the_trend_lists_the_jobs_last_runs_with_this_one_highlighted(tmp_path: Path) -> None:
+    from sync.ledger import Ledger
+
+    path = tmp_path / "ledger.sqlite"
+    with Ledger.open(path) as ledger:
+        for i, (status, code, requests) in enumerate([("done", 0, 10), ("partial", 1, 12), ("done", 0, 9)]):
+            run_id = f"r{i}"
+            ledger.start_run(run_id, job="nightly", job_path="j.yaml", platform="netmera")
+            ledger.finish_run(
+                run_id,
+                status=status,
+                exit_code=code,
+                message=None,
+                summary={
+                    "totals": {"requests": requests, "ids_ok": 100, "ids_rejected": code, "rows_rejected": 0}
+                },
+            )
+        ledger.start_run("other", job="another-job", job_path="o.yaml", platform="netmera")
+    report = load_report(path, "r1")
+    assert [h.run_id for h in report.history] == ["r1", "r0"]  # this run and the ones before it, of this job
+    assert [h.requests for h in report.history] == [12, 10]
+    page = parse(render_html(report))
+    rows = {tr.get("data-run"): tr for tr in page.iter(f"{XHTML}tr") if tr.get("data-run")}
+    assert set(rows) == {"r0", "r1"} and rows["r1"].get("class") == "this"
+    assert [
+        int(r.get("data-value", ""))
+        for r in page.iter("{http://www.w3.org/2000/svg}rect")
+        if r.get("data-bucket")
+    ][-2:] == [round(h.seconds or 0) for h in reversed(report.history)]

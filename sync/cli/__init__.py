@@ -20,11 +20,13 @@ __all__ = ["build_parser", "main"]
 # Subcommand modules, in the order their commands appear in --help. A module listed here that does not exist
 # yet is skipped, so the CLI works while parts of it are being built.
 _COMMAND_MODULES = (
+    "sync.cli.init_cmd",
     "sync.cli.plan_cmd",
     "sync.cli.run_cmd",
     "sync.cli.state_cmd",
     "sync.cli.export_cmd",
     "sync.cli.report_cmd",
+    "sync.cli.trace_cmd",
     "sync.cli.platform_cmd",
     "sync.cli.sandbox_cmd",
     "sync.cli.meiro_cmd",
@@ -36,7 +38,12 @@ def build_parser() -> argparse.ArgumentParser:
         prog="pushsync",
         description="Keep a push-notification platform in step with CRM exports (CSV/Parquet).",
     )
-    parser.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"])
+    parser.add_argument(
+        "--log-level",
+        default="auto",
+        choices=["auto", "debug", "info", "warning", "error"],
+        help="auto (default): info when stderr is not a terminal (progress lines for schedulers), else warning",
+    )
     parser.add_argument(
         "--log-json", action="store_true", default=None, help="JSON log lines even on a terminal"
     )
@@ -60,7 +67,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(ExitCode.BAD_JOB_OR_INPUT)
     from sync.logs import configure_logging
 
-    configure_logging(args.log_level, json=args.log_json)
+    configure_logging(_log_level(args.log_level), json=args.log_json)
     try:
         return int(args.func(args))
     except PushSyncError as exc:
@@ -69,3 +76,39 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("pushsync: interrupted", file=sys.stderr)
         return int(ExitCode.INTERRUPTED)
+    except BrokenPipeError:
+        # The reader of our stdout went away (`pushsync show RUN | head`): that is its choice, not our failure.
+        # Point stdout at /dev/null so the interpreter's final flush does not raise again at exit.
+        _silence_stdout()
+        return int(ExitCode.OK)
+    except Exception as exc:  # a bug: never let it look like "partial" (exit 1) to a scheduler
+        import traceback
+
+        print(
+            f"pushsync: internal error: {type(exc).__name__}: {redact(str(exc))}\n"
+            "This is a bug in pushsync (or its environment), not in the job: what reached the ledger before it "
+            "stays there. Please report it with the traceback below.",
+            file=sys.stderr,
+        )
+        frames = "".join(traceback.format_exception(exc))
+        print(redact(frames), file=sys.stderr)
+        return int(ExitCode.CRASHED)
+
+
+def _log_level(level: str) -> str:
+    """``auto`` (the default): ``info`` when stderr is not a terminal, so a scheduler's log gets the run's
+    progress lines; ``warning`` on a terminal, where the progress bar shows the same."""
+    if level != "auto":
+        return level
+    return "warning" if sys.stderr.isatty() else "info"
+
+
+def _silence_stdout() -> None:
+    import os
+
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError):  # stdout already closed or not a real file: nothing left to flush
+        pass

@@ -5,9 +5,10 @@ Where and who: ``--base-url`` (else ``$MEIRO_BASE_URL``), the e-mail from ``--em
 the password from ``--password-file`` (else ``$MEIRO_PASSWORD``) — never from the command line. ``run JOB``
 takes all of that from a Meiro job file (:mod:`sync.platforms.meiro.job`).
 
-Exit codes: 0 done (every export waited for finished) · 1 an export ended in error, was canceled, timed out or
-could not be waited for; cancel of a finished export · 2 bad job file, missing credentials · 3 refused
-(401 bad credentials, 403 missing feature, 404 not found) or unreachable after the retries.
+Exit codes: 0 done (every export waited for finished; a cancel accepted) · 1 an export ended in error, was
+canceled, timed out or could not be waited for; cancel of an export that had already ended · 2 bad job file,
+missing credentials · 3 refused (401 bad credentials, 403 missing feature, 404 not found) or unreachable after
+the retries.
 """
 
 from __future__ import annotations
@@ -169,6 +170,16 @@ def _export_line(e: Any) -> str:
     )
 
 
+def _note_capped(asked: int | None, served: int | None, count: int) -> None:
+    """Say so when Meiro served a full page smaller than the one asked for: more may follow."""
+    if asked is not None and served is not None and served < asked and count >= served:
+        print(
+            f"pushsync: Meiro serves at most {served} per page (asked for {asked}); "
+            "use --all, or --offset, for the rest",
+            file=sys.stderr,
+        )
+
+
 async def _exports(args: argparse.Namespace) -> int:
     async with _client(args) as client:
         if args.all:
@@ -176,6 +187,7 @@ async def _exports(args: argparse.Namespace) -> int:
         else:
             page = await client.list_exports(args.notification, limit=args.limit, offset=args.offset)
             items = list(page.exports)
+            _note_capped(args.limit, page.limit, len(items))
     header = f"{'export':>8}  {'status':<9} {'sent/total':>19} {'invalid':>8} {'freq.cap':>8}  {'created':<19}  name"
     text = "\n".join([header, *(_export_line(e) for e in items)]) if items else "no exports"
     _print(args, [e.to_dict() for e in items], text)
@@ -208,6 +220,8 @@ class _PrintProgress:
 
 def _wait_text(w: Any) -> str:
     counts = w.message_counts
+    if not w.has_export:
+        return f"no export: {w.message}"
     if w.outcome == "failed":
         return f"export {w.export_id} of {w.notification_id}: could not be waited for: {w.message}"
     return (
@@ -266,6 +280,8 @@ async def _recorded_run(
 
 
 async def _cancel(args: argparse.Namespace) -> int:
+    from sync.platforms.meiro import ExportStatus
+
     async with _client(args) as client:
         try:
             export = await client.cancel_export(args.notification, args.export)
@@ -274,7 +290,16 @@ async def _cancel(args: argparse.Namespace) -> int:
                 raise
             print(f"pushsync: {exc.message}", file=sys.stderr)
             return int(ExitCode.PARTIAL)
-    _print(args, export.to_dict(), f"export {export.id} of {args.notification}: {export.status}")
+    what = f"export {export.id} of {args.notification}"
+    if export.status is ExportStatus.CANCELED:
+        doc, text = {**export.to_dict(), "cancel": "canceled"}, f"{what}: canceled"
+    else:  # Meiro accepted the cancel but still answers the export as it was: it stops later
+        doc = {**export.to_dict(), "cancel": "stopping"}
+        text = (
+            f"{what}: cancel accepted; the export is stopping (Meiro still says {export.status}). "
+            f"Run `pushsync meiro wait {args.notification} {export.id}` to see it canceled."
+        )
+    _print(args, doc, text)
     return int(ExitCode.OK)
 
 
@@ -287,7 +312,15 @@ async def _trash(args: argparse.Namespace) -> int:
         else:
             page = await client.list_trash(limit=args.limit, offset=args.offset, searched_text=args.search)
             items = list(page.items)
-    text = "\n".join(f"{n.id}  {n.modified or '-':<20}  {n.name}" for n in items) or "the trash is empty"
+            _note_capped(args.limit, page.limit, len(items))
+    if items:
+        text = "\n".join(f"{n.id}  {n.modified or '-':<20}  {n.name}" for n in items)
+    elif args.search:
+        text = f"no trashed push notification matches {args.search!r}"
+    elif args.offset and not args.all:
+        text = f"no trashed push notification at offset {args.offset}"
+    else:
+        text = "the trash is empty"
     _print(args, [n.to_dict() for n in items], text)
     return int(ExitCode.OK)
 
@@ -354,14 +387,21 @@ def _waits(args: argparse.Namespace) -> int:
         path = (args.workdir or Path(".pushsync/meiro")) / LEDGER_FILE
     if not path.exists():
         raise StateError(f"no ledger at {path}")
+    from sync.platforms.meiro.poller import NO_EXPORT
+
     with Ledger.open(path) as ledger:
         rows = ledger.export_waits(args.run)
-    text = "\n".join(
-        f"{r['run_id']}  export {r['export_id']} of {r['notification_id']}: {r['outcome']}, "
-        f"{r['sent']} of {r['total']} sent, {r['excluded_invalid']} invalid, "
-        f"{r['excluded_by_frequency_cap']} over the frequency cap"
-        + (f" ({r['message']})" if r["message"] else "")
-        for r in rows
-    )
-    _print(args, rows, text or "no export waits recorded")
+    lines = []
+    for r in rows:
+        if r["export_id"] == NO_EXPORT:  # the ledger's column is NOT NULL: the marker stands for "none"
+            r["export_id"] = None
+            lines.append(f"{r['run_id']}  no export: {r['message']}")
+            continue
+        lines.append(
+            f"{r['run_id']}  export {r['export_id']} of {r['notification_id']}: {r['outcome']}, "
+            f"{r['sent']} of {r['total']} sent, {r['excluded_invalid']} invalid, "
+            f"{r['excluded_by_frequency_cap']} over the frequency cap"
+            + (f" ({r['message']})" if r["message"] else "")
+        )
+    _print(args, rows, "\n".join(lines) or "no export waits recorded")
     return int(ExitCode.OK)

@@ -1,8 +1,8 @@
 """``pushsync report RUN -o report.html``: the run report, one self-contained HTML file (see docs/operations.md).
 
 ``RUN`` is a run ID or ``latest``. The ledger is found from ``--ledger PATH``, ``--job JOB`` (its workdir's
-ledger) or ``--workdir DIR``; with none of them, every ``.pushsync/*/ledger.sqlite`` under the current directory
-is searched.
+ledger) or ``--workdir DIR``; with none of them, every job workdir under the current directory (``.pushsync/*/``
+and ``*/.pushsync/*/``) is searched.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from sync.errors import ExitCode, StateError
+from sync.errors import ExitCode
 
 __all__ = ["register"]
 
@@ -32,39 +32,11 @@ def register(subparsers: Any) -> None:
     report.set_defaults(func=_report)
 
 
-def _candidates(args: argparse.Namespace) -> list[Path]:
-    from sync.runner import LEDGER_FILE, ledger_path_for
-
-    if args.ledger is not None:
-        return [args.ledger]
-    if args.workdir is not None:
-        return [args.workdir / LEDGER_FILE]
-    if args.job is not None:
-        from sync.config import load_job
-
-        return [ledger_path_for(load_job(args.job))]
-    return sorted(Path.cwd().glob(f".pushsync/*/{LEDGER_FILE}"))
-
-
 def _locate(args: argparse.Namespace) -> tuple[Path, str]:
     """(ledger, run ID) for the arguments; ``latest`` is the most recently started run in those ledgers."""
-    from sync.ledger import Ledger
+    from sync.cli.run_cmd import _ledger_paths, find_run
 
-    best: tuple[float, Path, str] | None = None
-    for path in _candidates(args):
-        if not path.exists():
-            continue
-        with Ledger.open(path) as ledger:
-            if args.run_id == "latest":
-                runs = ledger.runs()
-                if runs and (best is None or runs[0].started_at > best[0]):
-                    best = (runs[0].started_at, path, runs[0].run_id)
-            elif ledger.run(args.run_id) is not None:
-                return path, args.run_id
-    if best is not None:
-        return best[1], best[2]
-    what = "no run recorded" if args.run_id == "latest" else f"no run {args.run_id} found"
-    raise StateError(f"{what} (give --job JOB, --workdir DIR or --ledger PATH)")
+    return find_run(args.run_id, _ledger_paths(args.job, args.workdir, args.ledger))
 
 
 def _report(args: argparse.Namespace) -> int:

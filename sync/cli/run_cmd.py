@@ -41,6 +41,11 @@ def register(subparsers: Any) -> None:
         help="write Prometheus metrics for node_exporter (*.prom)",
     )
     run.add_argument(
+        "--metrics-pushgateway",
+        metavar="URL",
+        help="push Prometheus metrics to this Pushgateway during and after the run (short-lived pods, cron)",
+    )
+    run.add_argument(
         "--full-refresh",
         action="store_true",
         help="send everything: ignore the snapshot state, and do not resume an unfinished run (docs/sync.md)",
@@ -59,7 +64,7 @@ def register(subparsers: Any) -> None:
     runs.set_defaults(func=_runs)
 
     show = subparsers.add_parser("show", help="show one run: summary, batches by status, refused IDs")
-    show.add_argument("run_id", metavar="RUN")
+    show.add_argument("run_id", metavar="RUN", help="a run ID, or 'latest'")
     show.add_argument("--job", type=Path, help="the job file whose ledger holds the run")
     show.add_argument("--workdir", type=Path, help="a job's workdir (holds ledger.sqlite)")
     show.add_argument("--output", choices=["text", "json"], default="text")
@@ -68,7 +73,7 @@ def register(subparsers: Any) -> None:
     export = subparsers.add_parser(
         "ledger-export", help="export a run's batches or rejects to Parquet or CSV"
     )
-    export.add_argument("run_id", metavar="RUN")
+    export.add_argument("run_id", metavar="RUN", help="a run ID, or 'latest'")
     export.add_argument(
         "--table", choices=["batches", "attempts", "refused-ids", "rejected-rows"], default="batches"
     )
@@ -105,25 +110,59 @@ def _run(args: argparse.Namespace) -> int:
             progress=args.progress,
             metrics_port=args.metrics_port,
             metrics_textfile=args.metrics_textfile,
+            metrics_pushgateway=args.metrics_pushgateway,
         )
     )
-    if args.output == "json":
-        print(json.dumps(outcome.to_json(), indent=2))
-    else:
-        print(outcome.render_text())
+    text = json.dumps(outcome.to_json(), indent=2) if args.output == "json" else outcome.render_text()
+    try:
+        print(text, flush=True)
+    except (
+        BrokenPipeError
+    ):  # nobody reads the summary any more; the run's exit code still tells what happened
+        from sync.cli import _silence_stdout
+
+        _silence_stdout()
     return int(outcome.run.exit_code)
 
 
-def _ledger_paths(job: Path | None, workdir: Path | None) -> list[Path]:
+def _ledger_paths(job: Path | None, workdir: Path | None, ledger: Path | None = None) -> list[Path]:
+    """The ledgers to look in: the one named, the job's, or — with neither — every job workdir under the current
+    directory (``.pushsync/*`` here, and beside job files one folder down, e.g. ``jobs/.pushsync/*``: the
+    default workdir sits next to its job file)."""
     from sync.runner import LEDGER_FILE, ledger_path_for
 
+    if ledger is not None:
+        return [ledger]
     if workdir is not None:
         return [workdir / LEDGER_FILE]
     if job is not None:
         from sync.config import load_job
 
         return [ledger_path_for(load_job(job))]
-    return sorted(Path.cwd().glob(f".pushsync/*/{LEDGER_FILE}"))
+    cwd = Path.cwd()
+    found = {*cwd.glob(f".pushsync/*/{LEDGER_FILE}"), *cwd.glob(f"*/.pushsync/*/{LEDGER_FILE}")}
+    return sorted(found)
+
+
+def find_run(run_id: str, paths: list[Path]) -> tuple[Path, str]:
+    """(ledger, run ID) of ``run_id`` among the ledgers ``paths``; ``latest`` is the most recently started run."""
+    from sync.ledger import Ledger
+
+    best: tuple[float, Path, str] | None = None
+    for path in paths:
+        if not path.exists():
+            continue
+        with Ledger.open(path) as ledger:
+            if run_id == "latest":
+                runs = ledger.runs()
+                if runs and (best is None or runs[0].started_at > best[0]):
+                    best = (runs[0].started_at, path, runs[0].run_id)
+            elif ledger.run(run_id) is not None:
+                return path, run_id
+    if best is not None:
+        return best[1], best[2]
+    what = "no run recorded" if run_id == "latest" else f"no run {run_id} found"
+    raise StateError(f"{what} (give --job JOB or --workdir DIR)")
 
 
 def _when(ts: float | None) -> str:
@@ -166,28 +205,21 @@ def _run_json(r: Any) -> dict[str, Any]:
     }
 
 
-def _find_run(args: argparse.Namespace) -> Path:
-    from sync.ledger import Ledger
-
-    for path in _ledger_paths(args.job, args.workdir):
-        if not path.exists():
-            continue
-        with Ledger.open(path) as ledger:
-            if ledger.run(args.run_id) is not None:
-                return path
-    raise StateError(f"no run {args.run_id} found (give --job JOB or --workdir DIR)")
+def _find_run(args: argparse.Namespace) -> tuple[Path, str]:
+    return find_run(args.run_id, _ledger_paths(args.job, args.workdir))
 
 
 def _show(args: argparse.Namespace) -> int:
     from sync.ledger import Ledger
 
-    with Ledger.open(_find_run(args)) as ledger:
-        info = ledger.run(args.run_id)
+    path, run_id = _find_run(args)
+    with Ledger.open(path) as ledger:
+        info = ledger.run(run_id)
         assert info is not None
-        refused = ledger.refused_ids(args.run_id)
+        refused = ledger.refused_ids(run_id)
         unfinished = [
             b
-            for b in ledger.batches(args.run_id)
+            for b in ledger.batches(run_id)
             if b.status in (BatchStatus.FAILED, BatchStatus.SENT, BatchStatus.PLANNED)
         ]
     if args.output == "json":
@@ -205,8 +237,9 @@ def _show(args: argparse.Namespace) -> int:
 def _export(args: argparse.Namespace) -> int:
     from sync.ledger import Ledger
 
-    with Ledger.open(_find_run(args)) as ledger:
-        rows = ledger.export(args.run_id, args.out, table=args.table, fmt=args.format)
+    path, run_id = _find_run(args)
+    with Ledger.open(path) as ledger:
+        rows = ledger.export(run_id, args.out, table=args.table, fmt=args.format)
     print(f"wrote {rows} rows to {args.out}")
     return int(ExitCode.OK)
 

@@ -57,11 +57,9 @@ def register(subparsers: Any) -> None:
 
 
 def _ledger_candidates(args: argparse.Namespace) -> list[Path]:
-    from sync.runner import LEDGER_FILE
+    from sync.cli.run_cmd import _ledger_paths
 
-    if args.workdir is not None:
-        return [args.workdir / LEDGER_FILE]
-    return sorted(Path.cwd().glob(f".pushsync/*/{LEDGER_FILE}"))
+    return _ledger_paths(None, args.workdir)
 
 
 def _job_of_run(args: argparse.Namespace) -> Path:

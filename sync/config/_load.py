@@ -319,7 +319,9 @@ def load_job(path: str | Path) -> Job:
     mode, snapshot = _sync_mode(raw, sources, problems)
     if problems or destination is None:
         raise BadJobError(str(job_path), problems)
-    workdir = base / raw["workdir"] if "workdir" in raw else Path.cwd() / ".pushsync" / name
+    # Beside the job file, like its input paths: a cron job started from another directory finds its ledger and
+    # snapshot state again (a default under the current directory made it re-send everything).
+    workdir = base / raw["workdir"] if "workdir" in raw else base / ".pushsync" / name
     return Job(
         name=name,
         path=job_path.resolve(),

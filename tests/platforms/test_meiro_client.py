@@ -6,12 +6,20 @@ import random
 from typing import Any
 
 import pytest
-from conftest_meiro import MEIRO_PASSWORD, VIEWER_EMAIL, VIEWER_PASSWORD
+from conftest_meiro import MEIRO_PASSWORD, VIEWER_EMAIL, VIEWER_PASSWORD, FakeClock
 
 from sync.config import RetryPolicy
 from sync.errors import FatalPlatformError, RejectedBatchError, RetryableError
 from sync.platforms.meiro import Export, ExportStatus
-from sync.platforms.meiro.poller import MemoryRecorder, WaitOutcome, wait_for_export
+from sync.platforms.meiro.client import MeiroClient, MeiroCredentials
+from sync.platforms.meiro.poller import (
+    NO_EXPORT,
+    ExportRef,
+    MemoryRecorder,
+    WaitOutcome,
+    wait_for_export,
+    wait_for_exports,
+)
 from sync.platforms.sandboxes._core import FaultSpec, RateLimit
 from sync.redact import redact
 
@@ -51,7 +59,8 @@ async def test_all_exports_are_listed_page_by_page_newest_first(meiro_sandbox: A
     ids = [e.id async for e in client.iter_exports(NID, page_size=20)]
     assert ids == list(range(45, 0, -1))  # nothing duplicated or missing
     assert client.logins == 1  # one login for all those calls
-    assert meiro_sandbox.sandbox.stats.requests("listExports", 200) == 4
+    # the first page, then three of 20, 20 and 5, and the empty page that shows nothing more follows
+    assert meiro_sandbox.sandbox.stats.requests("listExports", 200) == 5
 
 
 async def test_the_token_is_refreshed_before_it_expires(meiro_sandbox: Any) -> None:
@@ -326,3 +335,212 @@ async def test_a_wait_longer_than_a_token_refreshes_it_in_time(meiro_sandbox_fac
     assert wait.outcome is WaitOutcome.FINISHED and wait.finished_at - wait.started_at == 11 * 3600
     assert client.logins == 1 and client.refreshes == 1  # refreshed before 8 h, never refused
     assert running.sandbox.stats.requests("getExport", 401) == 0
+
+
+async def test_paging_goes_on_past_the_short_pages_of_a_server_that_caps_limit(
+    meiro_sandbox_factory: Any,
+) -> None:
+    running = await meiro_sandbox_factory(max_limit=10)
+    _seed(running, exports=25)
+    for i in range(23):
+        running.clock.advance(1)
+        running.sandbox.state.add_notification(f"Trashed {i}", trashed=True)
+    client = running.client()
+    first = await client.list_exports(NID, limit=20)
+    assert len(first.exports) == 10 and first.limit == 10  # the page as served, and the cap Meiro echoed
+    ids = [e.id async for e in client.iter_exports(NID, page_size=20)]
+    assert ids == list(range(25, 0, -1))
+    trash = [n.name async for n in client.iter_trash(page_size=20)]
+    assert trash == [f"Trashed {i}" for i in range(22, -1, -1)]
+    found = [n.name async for n in client.iter_trash(searched_text="trashed 1", page_size=50)]
+    assert found == [f"Trashed {i}" for i in (19, 18, 17, 16, 15, 14, 13, 12, 11, 10, 1)]
+
+
+async def test_cancel_of_an_export_that_ended_says_how_it_ended(meiro_sandbox: Any) -> None:
+    _seed(meiro_sandbox)
+    state = meiro_sandbox.sandbox.state
+    state.add_export(NID, status="error")
+    state.add_export(NID, status="finished")
+    client = meiro_sandbox.client()
+    assert (await client.cancel_export(NID, 1)).status is ExportStatus.CANCELED
+    expected = {
+        1: f"export 1 of push notification {NID} is already canceled; there is nothing to cancel",
+        2: f"export 2 of push notification {NID} already ended in error; it cannot be canceled",
+        3: f"export 3 of push notification {NID} is already finished; it cannot be canceled",
+    }
+    for export_id, message in expected.items():
+        with pytest.raises(RejectedBatchError) as info:
+            await client.cancel_export(NID, export_id)
+        assert str(info.value).startswith(message) and "http" not in str(info.value)
+        assert (info.value.code, info.value.status) == ("export_finished", 400)
+
+
+async def test_a_cancel_that_takes_effect_later_answers_the_export_still_running(
+    meiro_sandbox_factory: Any,
+) -> None:
+    running = await meiro_sandbox_factory(cancel_delay=2, waiting=0, running=50)
+    _seed(running, total=100)
+    client = running.client()
+    assert (await client.get_export(NID, 1)).status is ExportStatus.RUNNING
+    accepted = await client.cancel_export(NID, 1)
+    assert accepted.status is ExportStatus.RUNNING  # accepted; Meiro stops it on its own time
+    wait = await wait_for_export(
+        client, NID, 1, interval=1, clock=running.clock, wall_clock=running.clock, sleep=running.clock.sleep
+    )
+    assert wait.outcome is WaitOutcome.CANCELED and wait.polls == 2
+
+
+async def test_cancel_answers_the_document_leaves_open_are_read_by_the_export_status(
+    unused_tcp_port: int,
+) -> None:
+    """A small server answering as Meiro's document allows but the sandbox does not: 200 for an export that
+    ended in error (nothing was canceled); a refusal worded otherwise for a live export (Meiro's reason
+    stands); the documented refusal when the export cannot be read back (its wording still tells)."""
+    from aiohttp import web
+
+    def export(eid: int, status: str) -> dict[str, Any]:
+        return {"id": eid, "status": status, "message_counts": {"total": 4, "sent": 2}}
+
+    async def login(request: web.Request) -> web.Response:
+        return web.json_response({"token": "lenient-token-0001"})
+
+    async def cancel(request: web.Request) -> web.Response:
+        eid = int(request.match_info["eid"])
+        if eid == 5:
+            return web.json_response({"push_notification_export": export(5, "error")})
+        if eid == 6:
+            return web.json_response({"message": "Export is locked by another user"}, status=422)
+        return web.json_response({"message": "Finished export cannot be canceled"}, status=400)
+
+    async def get(request: web.Request) -> web.Response:
+        if request.match_info["eid"] == "6":
+            return web.json_response({"push_notification_export": export(6, "running")})
+        return web.json_response({"message": "Internal server error"}, status=500)
+
+    app = web.Application()
+    app.router.add_post("/api/users/login", login)
+    app.router.add_delete("/api/push_notifications/{nid}/exports/{eid}", cancel)
+    app.router.add_get("/api/push_notifications/{nid}/exports/{eid}", get)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", unused_tcp_port).start()
+    try:
+        async with MeiroClient(
+            f"http://127.0.0.1:{unused_tcp_port}/api/", MeiroCredentials("a@b.test", "lenient-pw-1234")
+        ) as client:
+            with pytest.raises(RejectedBatchError) as ended:
+                await client.cancel_export(NID, 5)
+            assert str(ended.value) == (
+                f"export 5 of push notification {NID} already ended in error; it cannot be canceled"
+            )
+            assert (ended.value.code, ended.value.status) == ("export_finished", 200)
+            with pytest.raises(RejectedBatchError) as locked:
+                await client.cancel_export(NID, 6)
+            assert locked.value.code is None and locked.value.status == 422
+            assert str(locked.value).endswith("HTTP 422: Export is locked by another user")
+            with pytest.raises(RejectedBatchError) as finished:
+                await client.cancel_export(NID, 7)
+            assert str(finished.value).startswith(
+                f"export 7 of push notification {NID} is already finished; it cannot be canceled"
+            )
+            assert finished.value.code == "export_finished"
+    finally:
+        await runner.cleanup()
+
+
+async def test_a_latest_entry_without_exports_is_recorded_as_no_export(meiro_sandbox: Any) -> None:
+    _seed(meiro_sandbox, total=10)
+    empty = meiro_sandbox.sandbox.state.add_notification("Never exported")
+    recorder = MemoryRecorder()
+    waits = await wait_for_exports(
+        meiro_sandbox.client(),
+        [ExportRef(NID), ExportRef(empty.id)],
+        run_id="run-1",
+        recorder=recorder,
+        interval=1,
+        clock=meiro_sandbox.clock,
+        wall_clock=meiro_sandbox.clock,
+        sleep=meiro_sandbox.clock.sleep,
+    )
+    found, none = waits
+    assert found.outcome is WaitOutcome.FINISHED and found.has_export
+    assert (
+        found.to_dict()["export_id"] == 1 and found.to_dict()["message"] is None
+    )  # as the ledger reads back
+    assert none.outcome is WaitOutcome.FAILED and not none.has_export and none.export_id == NO_EXPORT
+    assert none.to_dict()["export_id"] is None
+    assert none.message == f"push notification {empty.id} has no export to wait for"
+    assert sorted(w.export_id for _, w in recorder.waits) == [NO_EXPORT, 1]  # each recorded as it ended
+
+
+async def test_the_newest_export_is_looked_up_with_the_retry_policy(meiro_sandbox: Any) -> None:
+    _seed(meiro_sandbox, exports=2, total=10)
+    client = meiro_sandbox.client()
+    await client.login()
+    meiro_sandbox.sandbox.configure(limits={"listExports": RateLimit(1, 60)})
+    await client.list_exports(NID)  # uses up the window: the lookup below is answered 429 first
+    seen = Seen()
+    (wait,) = await wait_for_exports(
+        client,
+        [ExportRef(NID)],
+        run_id="run-1",
+        recorder=MemoryRecorder(),
+        progress_for=lambda ref: seen,
+        interval=1,
+        clock=meiro_sandbox.clock,
+        wall_clock=meiro_sandbox.clock,
+        sleep=meiro_sandbox.clock.sleep,
+    )
+    assert (wait.export_id, wait.outcome) == (2, WaitOutcome.FINISHED)
+    assert [status for status, _ in seen.retries] == [429]
+
+
+async def test_an_unreachable_meiro_ends_the_run_rather_than_failing_each_export(
+    unused_tcp_port: int,
+) -> None:
+    clock = FakeClock()
+    client = MeiroClient(
+        f"http://127.0.0.1:{unused_tcp_port}/api/",
+        MeiroCredentials("a@b.test", "unreachable-pw-1"),
+        clock=clock,
+    )
+    recorder = MemoryRecorder()
+    async with client:
+        with pytest.raises(RetryableError) as info:
+            await wait_for_exports(
+                client,
+                [ExportRef(NID, 1), ExportRef(NID)],
+                run_id="run-1",
+                recorder=recorder,
+                retry=RetryPolicy(max_attempts=3, base_delay=1, max_delay=2),
+                clock=clock,
+                wall_clock=clock,
+                sleep=clock.sleep,
+                rng=random.Random(0),
+            )
+    assert str(info.value).startswith("Meiro did not answer (check base_url and the network): POST http://")
+    assert "connection failed" in str(info.value) and info.value.status is None
+    assert recorder.waits == []
+
+
+async def test_an_export_whose_polls_keep_failing_is_failed_and_the_others_go_on(
+    meiro_sandbox: Any,
+) -> None:
+    _seed(meiro_sandbox, exports=2, total=10)
+    client = meiro_sandbox.client()
+    await client.login()
+    meiro_sandbox.sandbox.configure(faults=FaultSpec(error_503=1.0, endpoints=frozenset({"getExport"})))
+    kw: dict[str, Any] = {
+        "clock": meiro_sandbox.clock,
+        "wall_clock": meiro_sandbox.clock,
+        "sleep": meiro_sandbox.clock.sleep,
+        "rng": random.Random(0),
+        "retry": RetryPolicy(max_attempts=2, base_delay=1, max_delay=2),
+    }
+    (wait,) = await wait_for_exports(client, [ExportRef(NID, 1)], run_id="r", recorder=MemoryRecorder(), **kw)
+    assert wait.outcome is WaitOutcome.FAILED and "HTTP 503" in wait.message  # answered, so not "unreachable"
+    # a deadline reached with only 503s so far: failed as well, naming the last failure
+    kw.update(max_wait=1.5, retry=RetryPolicy(max_attempts=10, base_delay=1, max_delay=2))
+    (late,) = await wait_for_exports(client, [ExportRef(NID, 2)], run_id="r", recorder=MemoryRecorder(), **kw)
+    assert late.outcome is WaitOutcome.FAILED and "no successful poll within 1.5 s" in late.message
+    assert "HTTP 503" in late.message

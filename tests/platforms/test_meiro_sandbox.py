@@ -7,6 +7,7 @@ import json
 from typing import Any
 
 import aiohttp
+import pytest
 from conftest_meiro import EPOCH, MEIRO_EMAIL, MEIRO_PASSWORD, VIEWER_EMAIL, VIEWER_PASSWORD, FakeClock
 
 from sync.platforms.sandboxes._core import FaultSpec, RateLimit
@@ -322,3 +323,80 @@ async def test_limits_and_faults_can_be_changed_while_running(meiro_sandbox: Any
     token = await meiro_sandbox.login()
     assert (await meiro_sandbox.request("GET", "push_notifications/trash", token=token)).status == 200
     assert (await meiro_sandbox.request("GET", "push_notifications/trash", token=token)).status == 429
+
+
+async def test_an_export_that_has_ended_cannot_be_canceled(meiro_sandbox: Any) -> None:
+    _seed(meiro_sandbox, exports=2)
+    meiro_sandbox.sandbox.state.add_export(NID, status="error", total=5)
+    token = await meiro_sandbox.login()
+
+    async def delete(eid: int) -> Any:
+        return await meiro_sandbox.request("DELETE", f"push_notifications/{NID}/exports/{eid}", token=token)
+
+    error = await delete(3)
+    assert (error.status, error.body) == (400, {"message": "Export with status error cannot be canceled"})
+    assert (await delete(1)).status == 200
+    twice = await delete(1)
+    assert (twice.status, twice.body) == (400, {"message": "Export with status canceled cannot be canceled"})
+    # an export seeded to fail, polled until it has: refused too, its state unchanged
+    meiro_sandbox.sandbox.state.add_export(NID, outcome="error", waiting=0, running=1, export_id=9)
+    get = await meiro_sandbox.request("GET", f"push_notifications/{NID}/exports/9", token=token)
+    assert get.body["push_notification_export"]["status"] == "error"
+    assert (await delete(9)).status == 400
+    assert meiro_sandbox.sandbox.state.notifications[NID].exports[9].status == "error"
+    assert meiro_sandbox.sandbox.stats.applied("cancelExport") == 1
+
+
+async def test_a_cancel_can_take_a_while_to_stop_the_export(meiro_sandbox_factory: Any) -> None:
+    running = await meiro_sandbox_factory(cancel_delay=2, waiting=0, running=10)
+    _seed(running, total=100)
+    token = await running.login()
+    path = f"push_notifications/{NID}/exports/1"
+    assert (await running.request("GET", path, token=token)).body["push_notification_export"]["status"] == (
+        "running"
+    )
+    accepted = await running.request("DELETE", path, token=token)
+    assert accepted.status == 200
+    assert accepted.body["push_notification_export"]["status"] == "running"  # accepted, not yet stopped
+    again = await running.request("DELETE", path, token=token)  # a second cancel while it stops: same answer
+    assert again.status == 200 and again.body["push_notification_export"]["status"] == "running"
+    seen = []
+    for _ in range(3):
+        export = (await running.request("GET", path, token=token)).body["push_notification_export"]
+        seen.append((export["status"], export["message_counts"]["sent"]))
+    assert seen == [("running", 10), ("canceled", 10), ("canceled", 10)]  # stopped: nothing more sent
+    assert "canceled" in export["stats"]["statuses_history"]
+    assert running.sandbox.stats.applied("cancelExport") == 1
+
+
+async def test_max_limit_caps_pages_and_echoes_the_cap(meiro_sandbox_factory: Any) -> None:
+    running = await meiro_sandbox_factory(max_limit=10)
+    _seed(running, exports=25)
+    state = running.sandbox.state
+    for i in range(23):
+        running.clock.advance(1)
+        state.add_notification(f"Trashed {i}", trashed=True)
+    token = await running.login()
+    asked = await running.request(
+        "GET", f"push_notifications/{NID}/exports", token=token, params={"limit": "50", "offset": "20"}
+    )
+    assert len(asked.body["push_notification_exports"]) == 5
+    assert asked.body["selection_settings"] == {"limit": 10, "offset": 20}
+    default = await running.request("GET", f"push_notifications/{NID}/exports", token=token)
+    assert len(default.body["push_notification_exports"]) == 10  # the default 20 is capped too
+    assert default.body["selection_settings"] == {"limit": 10, "offset": None}
+    trash = await running.request("GET", "push_notifications/trash", token=token, params={"limit": "100"})
+    assert len(trash.body["trashed_push_notifications"]) == 10
+    assert trash.body["selection_settings"] == {"limit": 10, "offset": 0, "searched_text": None}
+    small = await running.request("GET", "push_notifications/trash", token=token, params={"limit": "3"})
+    assert small.body["selection_settings"]["limit"] == 3  # below the cap: as asked
+
+
+@pytest.mark.parametrize(
+    "bad", [{"max_limit": 0}, {"max_limit": "10"}, {"cancel_delay": -1}, {"cancel_delay": True}]
+)
+def test_sandbox_settings_for_the_cap_and_the_cancel_delay_are_checked(bad: dict[str, Any]) -> None:
+    with pytest.raises(ValueError, match=next(iter(bad))):
+        MeiroSandboxConfig.from_mapping(bad)
+    config = MeiroSandboxConfig.from_mapping({"max_limit": 10, "cancel_delay": 1.5})
+    assert (config.max_limit, config.cancel_delay) == (10, 1.5)

@@ -55,6 +55,10 @@ def _int(value: Any) -> int:
     return int(value) if isinstance(value, int | float) and not isinstance(value, bool) else 0
 
 
+def _user_id(value: Any) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
 @dataclass(frozen=True, slots=True)
 class MessageCounts:
     """``message_counts`` of an export: messages in total, sent, and excluded (invalid, frequency cap)."""
@@ -156,6 +160,7 @@ class TrashedNotification:
     modified: str | None = None
     modified_by: int | None = None
     last_activation: str | None = None
+    last_activation_by: int | None = None
     title_template: str | None = None
     body_template: str | None = None
 
@@ -174,8 +179,9 @@ class TrashedNotification:
             id=notification_id,
             name=str(data.get("name") or ""),
             modified=text("modified"),
-            modified_by=data.get("modified_by") if isinstance(data.get("modified_by"), int) else None,
+            modified_by=_user_id(data.get("modified_by")),
             last_activation=text("last_activation"),
+            last_activation_by=_user_id(data.get("last_activation_by")),
             title_template=text("title_template"),
             body_template=text("body_template"),
         )
@@ -187,6 +193,7 @@ class TrashedNotification:
             "modified": self.modified,
             "modified_by": self.modified_by,
             "last_activation": self.last_activation,
+            "last_activation_by": self.last_activation_by,
             "title_template": self.title_template,
             "body_template": self.body_template,
         }

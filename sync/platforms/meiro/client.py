@@ -12,7 +12,9 @@ answer                                                 raised
 401 on a call                                          log in again once, repeat the call; then fatal
 403                                                    :class:`FatalPlatformError` naming the missing feature
 404 on an export / a trashed notification              :class:`FatalPlatformError` "... not found" (status 404)
-400 on cancel of a finished export                     :class:`RejectedBatchError` "export N is already finished"
+4xx on cancel of an export that has ended              :class:`RejectedBatchError` "export N is already finished"
+(or 200 answering it ``finished``/``error``)           (or "... ended in error", "... is already canceled"),
+                                                       code ``export_finished``: its status is read to say which
 other 4xx                                              :class:`RejectedBatchError` with Meiro's message
 408, 429, 5xx, time-outs, dropped connections          :class:`RetryableError` (``retry_after`` parsed)
 =====================================================  ==========================================================
@@ -20,6 +22,9 @@ other 4xx                                              :class:`RejectedBatchErro
 The token (valid 8 h [D]) is refreshed with ``PATCH users/login`` once less than ``refresh_margin`` of its life
 is left, judged on an injectable clock; a refresh refused with 401 falls back to a new login. Neither the
 password nor any token ever appears in a message (both are registered with :mod:`sync.redact`).
+
+Listings (:meth:`MeiroClient.iter_exports`, :meth:`MeiroClient.iter_trash`) page until an empty page: Meiro names
+no largest ``limit``, so a short page may be a capped one rather than the last.
 """
 
 from __future__ import annotations
@@ -31,13 +36,14 @@ from dataclasses import replace
 from typing import Any, TypeVar
 from urllib.parse import quote
 
-from sync.errors import FatalPlatformError, RejectedBatchError, RetryableError
+from sync.errors import FatalPlatformError, PlatformError, RejectedBatchError, RetryableError
 from sync.platforms._http import AnswerPolicy, ErrorBody, HttpAnswer, HttpClient, HttpSession, json_error
 from sync.platforms.meiro import (
     PLATFORM,
     TOKEN_TTL,
     Export,
     ExportPage,
+    ExportStatus,
     TrashedNotification,
     TrashPage,
 )
@@ -244,15 +250,17 @@ class MeiroClient(HttpClient):
         )
 
     async def iter_exports(self, notification_id: str, *, page_size: int = 20) -> AsyncIterator[Export]:
-        """Every export, newest first, page by page (limit/offset) until a short page.
+        """Every export, newest first, page by page (limit/offset) until an empty page.
 
-        An export created while we page pushes the older ones one place down, so the next page would repeat
-        one: exports already yielded are skipped by ID."""
+        ``page_size`` is the ``limit`` asked for; a server may serve fewer per page (Meiro names no maximum),
+        so the next offset is where the last page ended and only an empty page ends the listing. An export
+        created while we page pushes the older ones one place down, so the next page would repeat one:
+        exports already yielded are skipped by ID."""
 
         async def page(offset: int) -> Sequence[Export]:
             return (await self.list_exports(notification_id, limit=page_size, offset=offset)).exports
 
-        async for export in _unique(page, page_size, lambda export: export.id):
+        async for export in _unique(page, lambda export: export.id):
             yield export
 
     def _export_path(self, notification_id: str, export_id: int) -> str:
@@ -269,22 +277,38 @@ class MeiroClient(HttpClient):
     async def cancel_export(self, notification_id: str, export_id: int) -> Export:
         """``DELETE push_notifications/{id}/exports/{export_id}``: cancel a waiting or running export.
 
-        A finished export cannot be canceled: Meiro answers 400, raised as :class:`RejectedBatchError` with
-        code ``"export_finished"`` and a message saying so."""
+        Returns the export as Meiro answers it: ``canceled``, or still ``waiting``/``running`` when the cancel
+        was accepted but the export has not stopped yet. An export that has already ended (finished, error,
+        canceled) cannot be canceled: Meiro documents 400 for a finished one, and since a server may word (or
+        not give) the refusal otherwise, the export's status is read to say which. Raised as
+        :class:`RejectedBatchError` with code ``"export_finished"`` and a message naming the status; so is a
+        2xx that answers the export ``finished`` or ``error`` (the cancel changed nothing)."""
         answer = await self._call("DELETE", self._export_path(notification_id, export_id), "cancelExport")
-        if answer.status == 400:
-            message = _read_error(answer.raw, 400).message
-            if "finished" in message.lower():
-                raise RejectedBatchError(
-                    f"export {export_id} of push notification {notification_id} is already finished; "
-                    f"it cannot be canceled (Meiro: {message})",
-                    status=400,
-                    code="export_finished",
-                )
+        if not answer.ok and answer.status != 404:
+            refusal = _ANSWERS.error(answer)
+            if isinstance(refusal, RejectedBatchError):
+                raise await self._cancel_refused(notification_id, export_id, refusal, answer)
         body = self._checked(
             answer, not_found=f"export {export_id} of push notification {notification_id} was not found"
         )
-        return self._export_of(body, answer)
+        export = self._export_of(body, answer)
+        if export.status in (ExportStatus.FINISHED, ExportStatus.ERROR):
+            raise _already_ended(notification_id, export_id, export.status, None, answer.status)
+        return export
+
+    async def _cancel_refused(
+        self, notification_id: str, export_id: int, refusal: RejectedBatchError, answer: HttpAnswer
+    ) -> RejectedBatchError:
+        """The error for a refused cancel: "already ended" when the export has, else Meiro's own refusal."""
+        meiro_says = _read_error(answer.raw, answer.status).message
+        try:
+            status: ExportStatus | None = (await self.get_export(notification_id, export_id)).status
+        except PlatformError:
+            # The refusal stands on its own; the documented wording still tells a finished export apart.
+            status = ExportStatus.FINISHED if "finished" in meiro_says.lower() else None
+        if status is None or not status.terminal:
+            return refusal
+        return _already_ended(notification_id, export_id, status, meiro_says, answer.status)
 
     @staticmethod
     def _export_of(body: Any, answer: HttpAnswer) -> Export:
@@ -318,13 +342,13 @@ class MeiroClient(HttpClient):
     async def iter_trash(
         self, *, searched_text: str | None = None, page_size: int = 20
     ) -> AsyncIterator[TrashedNotification]:
-        """Every trashed push notification (matching ``searched_text``), page by page; repeats (the trash
-        changing while we page) are skipped by ID."""
+        """Every trashed push notification (matching ``searched_text``), page by page until an empty page
+        (as :meth:`iter_exports`); repeats (the trash changing while we page) are skipped by ID."""
 
         async def page(offset: int) -> Sequence[TrashedNotification]:
             return (await self.list_trash(limit=page_size, offset=offset, searched_text=searched_text)).items
 
-        async for item in _unique(page, page_size, lambda item: item.id):
+        async for item in _unique(page, lambda item: item.id):
             yield item
 
     async def restore(self, notification_id: str) -> TrashedNotification:
@@ -341,6 +365,21 @@ class MeiroClient(HttpClient):
         return TrashedNotification.from_api(item)
 
 
+def _already_ended(
+    notification_id: str, export_id: int, status: ExportStatus, meiro_says: str | None, http_status: int
+) -> RejectedBatchError:
+    what = f"export {export_id} of push notification {notification_id}"
+    if status is ExportStatus.CANCELED:
+        text = f"{what} is already canceled; there is nothing to cancel"
+    elif status is ExportStatus.ERROR:
+        text = f"{what} already ended in error; it cannot be canceled"
+    else:
+        text = f"{what} is already finished; it cannot be canceled"
+    if meiro_says:
+        text += f" (Meiro: {meiro_says})"
+    return RejectedBatchError(text, status=http_status, code="export_finished")
+
+
 def _params(**values: object) -> dict[str, str]:
     """Query parameters from the keyword arguments that are set."""
     return {name: str(value) for name, value in values.items() if value is not None}
@@ -353,18 +392,26 @@ def _int_setting(settings: Mapping[str, Any], name: str, asked: int | None) -> i
 
 
 async def _unique(
-    page: Callable[[int], Awaitable[Sequence[_T]]], page_size: int, key: Callable[[_T], Hashable]
+    page: Callable[[int], Awaitable[Sequence[_T]]], key: Callable[[_T], Hashable]
 ) -> AsyncIterator[_T]:
-    """Every item of a limit/offset listing, page by page until a short page, each ``key`` once: an item
-    added while we page pushes the others one place down, and the next page would repeat one."""
+    """Every item of a limit/offset listing, each ``key`` once, page by page until an empty page.
+
+    A page shorter than the ``limit`` asked for does not mean the end: Meiro names no maximum ``limit``, and
+    a server that caps it (echoing the cap in ``selection_settings``, or not at all) serves short pages all
+    along. So the next offset is where the last page ended, and it costs one more request to see the end.
+    An item added while we page pushes the others one place down, and the next page would repeat one: keys
+    already yielded are skipped. A page that brings nothing new ends the listing too (a server that ignores
+    ``offset`` would otherwise be paged forever)."""
     offset = 0
     seen: set[Hashable] = set()
     while True:
         items = await page(offset)
+        fresh = 0
         for item in items:
             if key(item) not in seen:
                 seen.add(key(item))
+                fresh += 1
                 yield item
-        if len(items) < page_size:
+        if not fresh:
             return
-        offset += page_size
+        offset += len(items)

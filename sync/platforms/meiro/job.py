@@ -210,7 +210,7 @@ def load_meiro_job(path: str | Path) -> MeiroJob:
     if problems:
         raise BadJobError(str(job_path), problems)
     base = job_path.resolve().parent
-    workdir = base / raw["workdir"] if raw.get("workdir") else Path.cwd() / ".pushsync" / str(name)
+    workdir = base / raw["workdir"] if raw.get("workdir") else base / ".pushsync" / str(name)
     return MeiroJob(
         name=str(name),
         path=job_path.resolve(),

@@ -8,6 +8,10 @@ randomness are injectable, so tests never sleep for real.
 
 Each wait ends in a :class:`ExportWait` record, which a :class:`WaitRecorder` stores: the run ledger
 (:meth:`sync.ledger.Ledger.record_export_wait`), or a :class:`MemoryRecorder` in tests.
+
+:func:`wait_for_exports` waits for several; it tells an export that cannot be waited for (recorded as
+``failed``, the others go on) from a Meiro that cannot be used at all — 401, 403, or no answer whatever after
+the retries (refused connections, time-outs) — which ends the whole run with that error.
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ import asyncio
 import contextlib
 import random
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any, Protocol
@@ -29,6 +33,7 @@ from sync.platforms.retrying import Sleep, backoff_delay
 from sync.redact import redact
 
 __all__ = [
+    "NO_EXPORT",
     "ExportWait",
     "MemoryRecorder",
     "ProgressCallback",
@@ -36,6 +41,12 @@ __all__ = [
     "WaitRecorder",
     "wait_for_export",
 ]
+
+
+NO_EXPORT = -1
+"""``export_id`` of a wait for a notification's newest export when no export could be picked (it has none,
+or the listing failed). The ledger's ``export_id`` column is NOT NULL, so the record keeps this marker; every
+reader shows it as "no export" (``null`` in JSON)."""
 
 
 class WaitOutcome(StrEnum):
@@ -73,10 +84,16 @@ class ExportWait:
     message: str = ""
     """Why a ``failed`` wait failed (redacted)."""
 
+    @property
+    def has_export(self) -> bool:
+        """Whether the wait was for a known export (not :data:`NO_EXPORT`)."""
+        return self.export_id != NO_EXPORT
+
     def to_dict(self) -> dict[str, Any]:
+        """JSON-ready, as the ledger's ``export_waits`` rows read back: absent values are ``null``."""
         return {
             "notification_id": self.notification_id,
-            "export_id": self.export_id,
+            "export_id": self.export_id if self.has_export else None,
             "export_name": self.export_name,
             "outcome": str(self.outcome),
             "status": None if self.status is None else str(self.status),
@@ -86,7 +103,7 @@ class ExportWait:
             "started_at": self.started_at,
             "finished_at": self.finished_at,
             "statuses_history": dict(self.statuses_history),
-            "message": self.message,
+            "message": self.message or None,
         }
 
 
@@ -143,10 +160,12 @@ async def wait_for_export(
     deadline = None if max_wait is None else started + max_wait
     polls = retries = failures = 0
     last: Export | None = None
+    last_error: RetryableError | None = None
     while True:
         try:
             export = await client.get_export(notification_id, export_id)
         except RetryableError as exc:
+            last_error = exc
             failures += 1
             if failures >= policy.max_attempts:
                 raise
@@ -180,9 +199,11 @@ async def wait_for_export(
             if deadline > clock():
                 await sleep(deadline - clock())
             if last is None:
+                # Only failures so far (the loop polls before it pauses): the last one says what kind.
                 raise RetryableError(
                     f"export {export_id} of push notification {notification_id}: no successful poll "
-                    f"within {max_wait:g} s"
+                    f"within {max_wait:g} s; the last failure: {last_error}",
+                    status=None if last_error is None else last_error.status,
                 )
             return _result(
                 notification_id,
@@ -246,9 +267,11 @@ async def wait_for_exports(
 ) -> list[ExportWait]:
     """Wait for several exports, ``concurrency`` at a time; each wait is recorded the moment it ends.
 
-    An export that cannot be waited for (not found; polls failing ``max_attempts`` times in a row) ends as a
-    ``failed`` wait and the others go on; 401/403 abort everything (the credentials or features are wrong for
-    all of them). Returns the waits in the order of ``refs``."""
+    An export that cannot be waited for (not found; a notification with no export for ``latest``; polls
+    answered with errors ``max_attempts`` times in a row) ends as a ``failed`` wait and the others go on.
+    401/403 abort everything (the credentials or features are wrong for all of them), and so does a Meiro that
+    gave no answer at all through the retries (refused connections, time-outs): it is unreachable for every
+    export, not failing for one. Returns the waits in the order of ``refs``."""
     gate = asyncio.Semaphore(max(1, concurrency))
     results: list[ExportWait | None] = [None] * len(refs)
     wall_clock: Callable[[], float] = wait_options.get("wall_clock", time.time)
@@ -256,23 +279,25 @@ async def wait_for_exports(
     async def one(i: int, ref: ExportRef) -> None:
         async with gate:
             started = wall_clock()
-            export_id = ref.export_id if ref.export_id is not None else -1
+            export_id = ref.export_id if ref.export_id is not None else NO_EXPORT
+            progress = progress_for(ref)
             try:
                 if ref.export_id is None:
-                    page = await client.list_exports(ref.notification_id, limit=1)
-                    if not page.exports:
-                        raise PlatformError(
-                            f"push notification {ref.notification_id} has no export", status=404
-                        )
-                    export_id = page.exports[0].id
+                    export_id = await _newest_export_id(client, ref.notification_id, progress, wait_options)
                 wait = await wait_for_export(
-                    client, ref.notification_id, export_id, progress=progress_for(ref), **wait_options
+                    client, ref.notification_id, export_id, progress=progress, **wait_options
                 )
             except FatalPlatformError as exc:
                 if exc.status in (401, 403):
                     raise
                 wait = _failed(ref, export_id, exc, started, wall_clock())
-            except PlatformError as exc:  # retries exhausted, or an answer we cannot use
+            except RetryableError as exc:
+                if exc.status is None:
+                    raise RetryableError(
+                        f"Meiro did not answer (check base_url and the network): {exc}"
+                    ) from exc
+                wait = _failed(ref, export_id, exc, started, wall_clock())
+            except PlatformError as exc:  # an answer we cannot use
                 wait = _failed(ref, export_id, exc, started, wall_clock())
             recorder.record_export_wait(run_id, wait)
             results[i] = wait
@@ -287,6 +312,32 @@ async def wait_for_exports(
             raise first from failed  # callers act on our error types, not on a group
         raise
     return [w for w in results if w is not None]
+
+
+async def _newest_export_id(
+    client: MeiroClient, notification_id: str, progress: ProgressCallback | None, options: Mapping[str, Any]
+) -> int:
+    """The ID of the notification's newest export, with the polls' retry policy (a 503 while looking it up is
+    as transient as one while polling); :class:`PlatformError` when it has no export."""
+    policy: RetryPolicy = options.get("retry") or RetryPolicy()
+    sleep: Sleep = options.get("sleep", asyncio.sleep)
+    rng: random.Random = options.get("rng") or random.Random()
+    failures = 0
+    while True:
+        try:
+            page = await client.list_exports(notification_id, limit=1)
+        except RetryableError as exc:
+            failures += 1
+            if failures >= policy.max_attempts:
+                raise
+            delay = backoff_delay(policy, failures, exc, rng)
+            if progress is not None:
+                progress.on_retry(exc, delay)
+            await sleep(delay)
+            continue
+        if not page.exports:
+            raise PlatformError(f"push notification {notification_id} has no export to wait for", status=404)
+        return page.exports[0].id
 
 
 def _failed(

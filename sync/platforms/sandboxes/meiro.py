@@ -7,12 +7,13 @@ Routes under ``/api/`` (route names are the endpoint names used for limits, faul
     PATCH  users/login                                       refresh    → {"token"} (valid token required)
     GET    push_notifications/{id}/exports?limit&offset      listExports   (push_notifications/view)
     GET    push_notifications/{id}/exports/{export_id}       getExport     (push_notifications/view)
-    DELETE push_notifications/{id}/exports/{export_id}       cancelExport  (push_notifications/edit)
+    DELETE push_notifications/{id}/exports/{export_id}       cancelExport  (push_notifications/edit; 400 once ended)
     GET    push_notifications/trash?limit&offset&searched_text  listTrash  (push_notifications/view [I])
     PATCH  push_notifications/trash/{id}                     restoreTrash  (push_notifications/edit)
 
 Every call but ``login`` needs ``X-Access-Token`` (missing, unknown or expired → 401); a user without one of the
-endpoint's features gets 403. Error bodies are ``{"message": "..."}``. Rate limits, faults, stats and the
+endpoint's features gets 403. Error bodies are ``{"message": "..."}``. ``max_limit`` caps page sizes and
+``cancel_delay`` makes a cancel take effect later, as a server may that the document leaves room for. Rate limits, faults, stats and the
 ``/_sandbox/`` inspection routes come from :mod:`._core`. Choices where Meiro documents nothing are marked [I]
 and are :class:`MeiroSandboxConfig` fields.
 """
@@ -103,6 +104,12 @@ class MeiroSandboxConfig(SandboxSettings):
     features: Mapping[str, tuple[str, ...]] = field(default_factory=lambda: dict(DEFAULT_FEATURES))
     default_limit: int = 20
     """``limit`` when none is given [D: 20]."""
+    max_limit: int | None = None
+    """[I] The largest ``limit`` served: a larger one is capped and the cap echoed in ``selection_settings``
+    (the document names no maximum, so a client must page by the echo; None: no cap)."""
+    cancel_delay: float = 0.0
+    """[I] Polls (or seconds) a canceled export keeps its status before it is ``canceled``: the DELETE then
+    answers it still ``waiting``/``running``. 0: canceled at once."""
 
     _label: ClassVar[str] = "Meiro sandbox"
     _enums: ClassVar[Mapping[str, type[StrEnum]]] = {"progression": Progression}
@@ -118,6 +125,14 @@ class MeiroSandboxConfig(SandboxSettings):
                 **DEFAULT_FEATURES,
                 **{str(k): tuple(v) for k, v in dict(kwargs["features"]).items()},
             }
+        max_limit = kwargs.get("max_limit")
+        if max_limit is not None and (
+            isinstance(max_limit, bool) or not isinstance(max_limit, int) or max_limit < 1
+        ):
+            raise ValueError(f"max_limit must be a positive integer or null, not {max_limit!r}")
+        cancel_delay = kwargs.get("cancel_delay", 0.0)
+        if isinstance(cancel_delay, bool) or not isinstance(cancel_delay, int | float) or cancel_delay < 0:
+            raise ValueError(f"cancel_delay must be a non-negative number, not {cancel_delay!r}")
 
 
 _USER = web.RequestKey("meiro_user", MeiroUser)  # who the token belongs to, set by _authenticate
@@ -150,7 +165,13 @@ class MeiroSandbox(PlatformSandbox[MeiroSandboxConfig, MeiroState]):
         self._tokens: dict[str, _Token] = {}  # token → whose it is and until when it is valid
         super().__init__(
             config,
-            MeiroState(clock, progression=config.progression, waiting=config.waiting, running=config.running),
+            MeiroState(
+                clock,
+                progression=config.progression,
+                waiting=config.waiting,
+                running=config.running,
+                cancel_delay=config.cancel_delay,
+            ),
             clock=clock,
             sleep=sleep,
             rate_limit_error=lambda adm: ApiError(
@@ -249,6 +270,12 @@ class MeiroSandbox(PlatformSandbox[MeiroSandboxConfig, MeiroState]):
             raise ApiError(400, None, f"{name} must be a non-negative integer")
         return value
 
+    def _page_size(self, limit: int | None) -> int:
+        """The ``limit`` served: the default when none is asked, capped at ``max_limit`` [I]."""
+        size = self.config.default_limit if limit is None else limit
+        cap = self.config.max_limit
+        return size if cap is None else min(size, cap)
+
     def _export(self, request: web.Request) -> tuple[str, SandboxExport]:
         notification = self.state.live(request.match_info["notification_id"])
         raw_id = request.match_info["export_id"]
@@ -266,15 +293,14 @@ class MeiroSandbox(PlatformSandbox[MeiroSandboxConfig, MeiroState]):
         if notification is None:
             raise ApiError(404, None, "Push notification not found")  # [I] message
         items = self.state.exports_newest_first(notification)
+        size = self._page_size(limit)
         start = offset or 0
-        page = items[start : start + (self.config.default_limit if limit is None else limit)]
         return json_response(
             {
-                "push_notification_exports": [e.to_api(notification.name) for e in page],
-                "selection_settings": {
-                    "limit": self.config.default_limit if limit is None else limit,
-                    "offset": offset,
-                },
+                "push_notification_exports": [
+                    e.to_api(notification.name) for e in items[start : start + size]
+                ],
+                "selection_settings": {"limit": size, "offset": offset},
             }
         )
 
@@ -285,11 +311,15 @@ class MeiroSandbox(PlatformSandbox[MeiroSandboxConfig, MeiroState]):
 
     async def _cancel_export(self, request: web.Request) -> web.StreamResponse:
         name, export = self._export(request)
-        self.state.cancel(export)
+        self.state.settle(export)
         if export.status is ExportStatus.FINISHED:
             raise ApiError(400, None, FINISHED_NOT_CANCELABLE)
-        # [I] canceling an export that already ended in error or was canceled answers it unchanged
-        self.core.stats.add_applied("cancelExport", 1)
+        if export.status.terminal:
+            # [I] the document refuses only a finished export; an export that has ended otherwise cannot be
+            # canceled either, and a strict server says so in words of its own (a client must not rely on them)
+            raise ApiError(400, None, f"Export with status {export.status} cannot be canceled")
+        if self.state.cancel(export):
+            self.core.stats.add_applied("cancelExport", 1)
         return json_response({"push_notification_export": export.to_api(name)})
 
     async def _list_trash(self, request: web.Request) -> web.StreamResponse:
@@ -297,7 +327,7 @@ class MeiroSandbox(PlatformSandbox[MeiroSandboxConfig, MeiroState]):
         offset = self._query_int(request, "offset")
         searched = request.query.get("searched_text") or None
         items = self.state.trash(searched)
-        size = self.config.default_limit if limit is None else limit
+        size = self._page_size(limit)
         start = offset or 0
         return json_response(
             {

@@ -63,17 +63,29 @@ class SandboxExport:
     polls: int = 0
     sent: int = 0
     history: dict[str, float] = field(default_factory=dict)
+    cancel_due: float | None = None
+    """A cancel was accepted but has not taken effect: the export becomes ``canceled`` once its progression
+    units (polls, or seconds since it was created) reach this."""
+
+    def units(self, now: float, progression: Progression) -> float:
+        """How far the export has come: polls of it, or seconds of the sandbox clock since it was created."""
+        return (now - self.created_at) if progression is Progression.TIME else float(self.polls)
 
     def advance(self, now: float, progression: Progression) -> None:
         """Materialise the transitions due by ``now`` (or by the poll count)."""
         if self.status.terminal:
             return
         time_based = progression is Progression.TIME
-        units = (now - self.created_at) if time_based else float(self.polls)
+        units = self.units(now, progression)
         sendable = max(0, self.total - self.excluded_invalid - self.excluded_by_frequency_cap)
 
         def stamp(offset: float) -> float:
             return self.created_at + offset if time_based else now
+
+        if self.cancel_due is not None:
+            if units >= self.cancel_due:
+                self.cancel(stamp(self.cancel_due))
+            return  # [I] a stopping export sends nothing more and moves on only to canceled
 
         if self.status is ExportStatus.WAITING and units >= self.waiting:
             self.status = ExportStatus.RUNNING
@@ -155,11 +167,13 @@ class MeiroState:
         progression: Progression = Progression.POLLS,
         waiting: float = 1.0,
         running: float = 3.0,
+        cancel_delay: float = 0.0,
     ) -> None:
         self._clock = clock
         self.progression = progression
         self.default_waiting = waiting
         self.default_running = running
+        self.cancel_delay = cancel_delay  # polls (or seconds) a canceled export takes to stop; 0: at once
         self.notifications: dict[str, SandboxNotification] = {}
         self._next_export = 1
 
@@ -254,10 +268,23 @@ class MeiroState:
         export.polls += 1
         export.advance(self._clock(), self.progression)
 
-    def cancel(self, export: SandboxExport) -> None:
+    def settle(self, export: SandboxExport) -> None:
+        """Apply the transitions due now without counting a poll (a cancel reads the export's state so)."""
         export.advance(self._clock(), self.progression)
-        if not export.status.terminal:
-            export.cancel(self._clock())
+
+    def cancel(self, export: SandboxExport) -> bool:
+        """Cancel a waiting or running export: at once, or after ``cancel_delay`` polls (or seconds) during
+        which it keeps its status. Returns whether this call changed anything (not already ended or stopping);
+        the caller refuses an export that has ended."""
+        now = self._clock()
+        export.advance(now, self.progression)
+        if export.status.terminal or export.cancel_due is not None:
+            return False
+        if self.cancel_delay <= 0:
+            export.cancel(now)
+        else:
+            export.cancel_due = export.units(now, self.progression) + self.cancel_delay
+        return True
 
     def trash(self, search: str | None) -> list[SandboxNotification]:
         """Trashed notifications, most recently modified first [I], filtered by name (case-insensitive) [I]."""

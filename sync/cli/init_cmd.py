@@ -1,0 +1,216 @@
+"""``pushsync init DATA_FILE``: write a first job file from a CSV or Parquet file's header.
+
+The columns are read with polars (the header, and a sample of rows for the types) and mapped the way a data
+engineer would start: the external ID column by its name, opt-in columns to opt-ins, e-mail and phone columns
+to the contact fields, a delimited segments/tags column to tags, and every other column to a profile attribute of
+the type its values have (number, boolean, date, string). The file is checked with the same loader as
+``pushsync validate`` before it is written, and an existing file is never overwritten without ``--force``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+from sync.errors import BadInputError, ExitCode
+
+__all__ = ["register", "suggest_job"]
+
+_SAMPLE_ROWS = 10_000
+_ID_NAMES = ("ext_id", "external_id", "externalid", "customer_id", "user_id", "userid", "customerid", "id")
+_OPT_INS = {
+    "push": ("push_opt_in", "push_optin", "push"),
+    "email": ("email_opt_in", "email_optin"),
+    "sms": ("sms_opt_in", "sms_optin"),
+}
+_EMAIL = ("email", "e_mail", "email_address", "mail")
+_PHONE = ("msisdn", "phone", "mobile", "phone_number", "mobile_number", "gsm")
+_TAGS = ("tags", "segments", "segment", "tag")
+_DEFAULT_URLS = {
+    "netmera": "https://restapi.netmera.com/rest/3.0/",
+    "notifyvisitors": "https://appn.notifyvisitors.com/brand/",
+}
+_SECRET_ENV = {"netmera": "NETMERA_API_KEY", "notifyvisitors": "NOTIFYVISITORS_API_KEY"}
+
+
+def register(subparsers: Any) -> None:
+    """Add ``init``."""
+    init = subparsers.add_parser("init", help="write a first job file from a CSV or Parquet file's header")
+    init.add_argument("data", type=Path, help="a CSV or Parquet export of users")
+    init.add_argument(
+        "-o", "--out", type=Path, default=Path("job.yaml"), help="the job file (default job.yaml)"
+    )
+    init.add_argument("--name", help="the job's name (default: the data file's name)")
+    init.add_argument("--ext-id", help="the column with the external ID (default: guessed from the names)")
+    init.add_argument("--platform", choices=sorted(_DEFAULT_URLS), default="netmera")
+    init.add_argument("--force", action="store_true", help="overwrite an existing job file")
+    init.set_defaults(func=_init)
+
+
+def _norm(name: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "_", name.strip().lower()).strip("_")
+
+
+def _read_sample(path: Path) -> Any:
+    import polars as pl
+
+    suffix = path.suffix.lower()
+    try:
+        if suffix in (".parquet", ".pq"):
+            return pl.scan_parquet(path).head(_SAMPLE_ROWS).collect()
+        separator = "\t" if suffix == ".tsv" else ","
+        return pl.read_csv(
+            path,
+            n_rows=_SAMPLE_ROWS,
+            separator=separator,
+            infer_schema_length=_SAMPLE_ROWS,
+            try_parse_dates=True,
+        )
+    except (OSError, pl.exceptions.PolarsError) as exc:
+        kind = "Parquet" if suffix in (".parquet", ".pq") else "CSV"
+        raise BadInputError(str(path), f"cannot read it as {kind}: {str(exc).splitlines()[0]}") from exc
+
+
+def _kind(dtype: Any) -> str:
+    import polars as pl
+
+    if dtype == pl.Boolean:
+        return "boolean"
+    if dtype.is_numeric():
+        return "number"
+    if dtype in (pl.Date, pl.Datetime) or isinstance(dtype, pl.Datetime):
+        return "date"
+    return "string"
+
+
+def _delimiter(values: list[str]) -> str | None:
+    """The list delimiter a text column uses, if most of its non-empty values contain the same one."""
+    filled = [v for v in values if v]
+    for candidate in ("|", ";"):
+        if filled and sum(candidate in v for v in filled) >= len(filled) / 2:
+            return candidate
+    return None
+
+
+def suggest_job(data: Path, job_path: Path, *, name: str, platform: str, ext_id: str | None) -> str:
+    """The YAML text of a first job for ``data``, to be written at ``job_path``."""
+    frame = _read_sample(data)
+    columns = list(frame.columns)
+    if not columns:
+        raise BadInputError(str(data), "no columns")
+    by_norm = {_norm(c): c for c in columns}
+    if ext_id is None:
+        ext_id = next((by_norm[n] for n in _ID_NAMES if n in by_norm), None) or next(
+            (c for c in columns if _norm(c).endswith("_id")), columns[0]
+        )
+    elif ext_id not in columns:
+        raise BadInputError(str(data), f"no column {ext_id!r} (columns: {', '.join(columns)})")
+    used = {ext_id}
+    opt_ins: dict[str, str] = {}
+    for channel, names in _OPT_INS.items():
+        col = next((by_norm[n] for n in names if n in by_norm and by_norm[n] not in used), None)
+        if col:
+            opt_ins[channel] = col
+            used.add(col)
+    email = next((by_norm[n] for n in _EMAIL if n in by_norm and by_norm[n] not in used), None)
+    phone = next((by_norm[n] for n in _PHONE if n in by_norm and by_norm[n] not in used), None)
+    used.update(c for c in (email, phone) if c)
+    tags = None
+    for n in _TAGS:
+        col = by_norm.get(n)
+        if col and col not in used and _kind(frame.schema[col]) == "string":
+            tags = (col, _delimiter(frame[col].drop_nulls().cast(str).to_list()) or "|")
+            used.add(col)
+            break
+    attributes = [(c, _kind(frame.schema[c])) for c in columns if c not in used]
+
+    # Relative to the job file, as every path in a job is; absolute only across drives.
+    try:
+        data_ref = Path(os.path.relpath(data.resolve(), job_path.resolve().parent)).as_posix()
+    except ValueError:
+        data_ref = str(data.resolve())
+    q = _quote
+    lines = [
+        f"# A first job for {data.name}, written by `pushsync init` from its header and {len(frame):,} sample rows.",
+        "# Check the mapping, then: pushsync validate "
+        + q(job_path.name)
+        + " && pushsync plan "
+        + q(job_path.name),
+        "# Reference: docs/jobs.md",
+        "version: 1",
+        f"name: {q(name)}",
+        "",
+        "destination:",
+        f"  platform: {platform}",
+        f"  base_url: {_DEFAULT_URLS[platform]}",
+        f"  secret: {{env: {_SECRET_ENV[platform]}}}        # where the API key lives - never the key itself",
+        "",
+        "sources:",
+        "  - name: users",
+        f"    path: {q(data_ref)}",
+        f"    ext_id: {q(ext_id)}",
+    ]
+    if attributes:
+        lines.append(
+            "    attributes:                       # column: type (the profile attribute has the column's name)"
+        )
+        lines += [f"      {q(c)}: {kind}" for c, kind in attributes]
+    if tags:
+        lines.append(f"    tags: [{{column: {q(tags[0])}, delimiter: {q(tags[1], force=True)}}}]")
+    if opt_ins:
+        lines.append("    opt_ins:")
+        lines += [f"      {channel}: {q(col)}" for channel, col in opt_ins.items()]
+    if email and platform == "netmera":
+        lines.append(f"    email: {q(email)}")
+    if phone and platform == "netmera":
+        lines.append(f"    msisdn: {q(phone)}")
+    lines += [
+        "",
+        "dispatch:",
+        "  concurrency: 8",
+        "  budgets:",
+        '    "*": {requests: 20, per: 1s}      # set to what your account allows',
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def _quote(value: str, *, force: bool = False) -> str:
+    """A YAML scalar: bare when safe, double-quoted (JSON string rules) otherwise."""
+    import json
+
+    if (
+        not force
+        and re.fullmatch(r"[A-Za-z_./][A-Za-z0-9_.\-/]*", value)
+        and value.lower() not in ("true", "false", "yes", "no", "on", "off", "null", "y", "n")
+    ):
+        return value
+    return json.dumps(value, ensure_ascii=False)
+
+
+def _init(args: argparse.Namespace) -> int:
+    from sync.config import load_job
+
+    if not args.data.exists():
+        raise BadInputError(str(args.data), "no such file")
+    if args.out.exists() and not args.force:
+        raise BadInputError(str(args.out), "exists; give --force to overwrite it")
+    # A job name names its workdir: letters, digits, _ . - (the schema's rule), so anything else becomes "-".
+    name = re.sub(r"[^A-Za-z0-9_.-]+", "-", args.name or args.data.stem).strip("-._")[:64] or "job"
+    text = suggest_job(args.data, args.out, name=name, platform=args.platform, ext_id=args.ext_id)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = args.out.with_name(args.out.name + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    try:
+        load_job(tmp)  # the same checks as `pushsync validate`: never leave a job file that does not load
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    tmp.replace(args.out)
+    print(
+        f"wrote {args.out}; review the mapping, then: pushsync validate {args.out} && pushsync plan {args.out}"
+    )
+    return int(ExitCode.OK)

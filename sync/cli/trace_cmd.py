@@ -1,0 +1,60 @@
+"""``pushsync trace ID``: what happened to one external ID across runs (see :mod:`sync.trace`)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import asdict
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from sync.errors import ExitCode
+
+__all__ = ["register"]
+
+
+def register(subparsers: Any) -> None:
+    """Add ``trace``."""
+    trace = subparsers.add_parser(
+        "trace", help="what happened to one external ID across runs: batches, answers, refusals, its rows"
+    )
+    trace.add_argument("ext_id", metavar="ID", help="the external ID, exactly as in the input")
+    trace.add_argument("--job", type=Path, help="the job file whose ledger to read")
+    trace.add_argument("--workdir", type=Path, help="a job's workdir (holds ledger.sqlite)")
+    trace.add_argument("--output", choices=["text", "json"], default="text")
+    trace.set_defaults(func=_trace)
+
+
+def _trace(args: argparse.Namespace) -> int:
+    from sync.cli.run_cmd import _ledger_paths
+    from sync.trace import trace_id
+
+    entries = []
+    for path in _ledger_paths(args.job, args.workdir):
+        if path.exists():
+            entries.extend(trace_id(path, args.ext_id))
+    entries.sort(key=lambda e: -e.run_started_at)
+    if args.output == "json":
+        print(json.dumps([asdict(e) for e in entries], indent=2))
+        return int(ExitCode.OK)
+    if not entries:
+        print(f"no record of ID {args.ext_id!r} in the ledgers searched (give --job JOB or --workdir DIR)")
+        return int(ExitCode.OK)
+    import sys
+
+    from rich.console import Console
+    from rich.markup import escape
+    from rich.table import Table
+
+    table = Table(title=f"ID {escape(args.ext_id)}", header_style="bold")
+    for name in ("run", "started (UTC)", "what", "endpoint", "status", "detail", "row"):
+        table.add_column(name)
+    for e in entries:
+        when = datetime.fromtimestamp(e.run_started_at, UTC).strftime("%Y-%m-%d %H:%M:%S")
+        row = f"{e.path}:{e.row}" if e.path and e.row is not None else "-"
+        table.add_row(
+            escape(e.run_id), when, e.kind, escape(e.endpoint or "-"), e.status, escape(e.detail), escape(row)
+        )
+    Console(file=sys.stdout, width=None if sys.stdout.isatty() else 200, highlight=False).print(table)
+    return int(ExitCode.OK)

@@ -1,0 +1,88 @@
+"""``pushsync init``: a first job file from a CSV or Parquet header that loads, plans and maps columns sensibly."""
+
+from __future__ import annotations
+
+from datetime import date
+from pathlib import Path
+
+import polars as pl
+import pytest
+
+from sync.cli import main
+from sync.config import load_job
+from sync.errors import ExitCode
+from sync.planning import build_plan
+
+CSV = (
+    "customer_id,first_name,score,vip,birth_date,segments,email_opt_in,push_opt_in,email,phone,Home City\n"
+    "C1,Ann,3.5,true,1990-01-02,gold|vip,true,false,a@x.io,+905551112233,İzmir\n"
+    "C2,Bob,4,false,1985-05-06,silver,false,true,b@x.io,+905551112234,Bursa\n"
+)
+
+
+def test_init_maps_a_csv_header_to_a_job_that_loads_and_plans(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (tmp_path / "exports").mkdir()
+    data = tmp_path / "exports" / "users.csv"
+    data.write_text(CSV, encoding="utf-8")
+    out = tmp_path / "jobs" / "nightly.yaml"
+    assert main(["init", str(data), "-o", str(out), "--name", "nightly crm"]) == 0
+    assert "pushsync validate" in capsys.readouterr().out
+    job = load_job(out)
+    assert job.name == "nightly-crm"  # made a valid job name (it names the workdir)
+    (source,) = job.sources
+    assert source.ext_id == "customer_id"
+    assert [Path(p).resolve() for p in source.paths] == [data.resolve()]
+    text = out.read_text(encoding="utf-8")
+    assert "path: ../exports/users.csv" in text  # relative to the job file, as job paths are
+    for line in (
+        "first_name: string",
+        "score: number",
+        "vip: boolean",
+        "birth_date: date",
+        '"Home City": string',
+    ):
+        assert line in text
+    assert 'tags: [{column: segments, delimiter: "|"}]' in text
+    assert "email: email_opt_in" in text and "push: push_opt_in" in text
+    assert "email: email" in text and "msisdn: phone" in text
+    assert "secret: {env: NETMERA_API_KEY}" in text
+    plan = build_plan(job)
+    try:
+        summary = plan.summary()
+        assert summary.rows_read == 2 and summary.rejected_count == 0
+        assert {e.endpoint for e in summary.endpoints} >= {"setProfileAttributes", "tagUsers", "enableMail"}
+    finally:
+        plan.close()
+
+
+def test_init_reads_parquet_types_and_takes_the_id_column_given(tmp_path: Path) -> None:
+    data = tmp_path / "users.parquet"
+    pl.DataFrame(
+        {"uid": ["a", "b"], "account": ["x", "y"], "spend": [1.5, 2.0], "joined": [date(2020, 1, 1), None]}
+    ).write_parquet(data)
+    out = tmp_path / "job.yaml"
+    assert main(["init", str(data), "-o", str(out), "--ext-id", "account"]) == 0
+    text = out.read_text(encoding="utf-8")
+    assert "ext_id: account" in text
+    assert "uid: string" in text and "spend: number" in text and "joined: date" in text
+    assert load_job(out).sources[0].ext_id == "account"
+
+
+def test_init_never_overwrites_and_names_a_missing_id_column(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    data = tmp_path / "users.csv"
+    data.write_text(CSV, encoding="utf-8")
+    out = tmp_path / "job.yaml"
+    out.write_text("# mine\n", encoding="utf-8")
+    assert main(["init", str(data), "-o", str(out)]) == ExitCode.BAD_JOB_OR_INPUT
+    assert "exists; give --force" in capsys.readouterr().err and out.read_text() == "# mine\n"
+    assert (
+        main(["init", str(data), "-o", str(out), "--force", "--ext-id", "nope"]) == ExitCode.BAD_JOB_OR_INPUT
+    )
+    err = capsys.readouterr().err
+    assert "no column 'nope'" in err and "customer_id" in err and out.read_text() == "# mine\n"
+    assert main(["init", str(data), "-o", str(out), "--force"]) == 0
+    assert load_job(out).sources[0].ext_id == "customer_id"
