@@ -304,7 +304,7 @@ class BatchSender:
                             ),
                             sent_at,
                         )
-                        ep.budget.on_success(outcome.remaining)
+                        ep.budget.on_success(outcome.remaining, outcome.reset_after)
                         return attempt, outcome.http_status
                     latency = clock.time() - now
                     self._sample_latency(stats, latency)

@@ -69,7 +69,7 @@ class Budget(Protocol):
 
     def on_rate_limited(self, retry_after: float | None, remaining: int | None) -> float: ...
 
-    def on_success(self, remaining: int | None = None) -> None: ...
+    def on_success(self, remaining: int | None = None, reset_after: float | None = None) -> None: ...
 
 
 async def clock_sleep(clock: Clock, delay: float) -> None:
@@ -263,15 +263,25 @@ class RateBudget:
         self._schedule()
         return pause
 
-    def on_success(self, remaining: int | None = None) -> None:
+    def on_success(self, remaining: int | None = None, reset_after: float | None = None) -> None:
         """A request went through: recover additively, one step per quiet period, up to the ceiling.
 
         ``remaining`` is the server's ``X-RateLimit-Remaining``: at 0 the endpoint waits for the window reset
-        instead of collecting a 429 first.
+        instead of collecting a 429 first — ``reset_after`` seconds when the connector knows when the
+        *platform's* window resets (capped at ``max_pause``), else until this budget's own window ends.
         """
         now = self._get_clock().time()
+        exhausted = remaining is not None and remaining <= 0
+        if exhausted and reset_after is not None and reset_after > 0 and math.isfinite(reset_after):
+            # The platform's window may be longer than ours (100 per minute against a budget per second):
+            # nothing more goes through until it resets, so sending on our own period only collects 429s.
+            until = now + min(reset_after, self._max_pause)
+            if until > self._paused_until:
+                self._paused_seconds += until - max(now, self._paused_until)
+                self._paused_until = until
+                self._schedule()
         # Unaligned, the reset time is unknown and even spacing already keeps the pace: act on 429s only.
-        if remaining is not None and remaining <= 0 and (self._aligned or self._rate is None):
+        elif exhausted and (self._aligned or self._rate is None):
             until = now + self._until_window_reset(now)
             if until > self._paused_until:
                 self._paused_seconds += until - max(now, self._paused_until)

@@ -9,12 +9,16 @@ changes before any deletion).
   gets its own bounded queue, fed from its own stream of batches, and its own workers (up to its concurrency
   cap), so endpoints use their separate rate budgets at the same time and a slow endpoint's batches never
   occupy the workers of a fast one. A phase ends when every lane has finished; then the next phase's lanes
-  start. A lane's feeder never holds more than ``queue_size`` batches that no worker has taken yet.
+  start. A lane's feeder never holds more than ``queue_size`` batches that no worker has taken yet. A source
+  may rank its lanes within a phase (``lane_rank(phase, endpoint)``, e.g. NotifyVisitors' profiles before
+  events): lanes of a lower rank finish before those of the next rank start.
 * A plain (async) iterable of batches has one queue and ``concurrency`` workers; its feeder waits for the
   queue to be finished (``queue.join()``) at each change of phase.
 
-Either way, the global cap (``DispatchSettings.concurrency``) bounds the requests in flight: a slot is taken
-*after* the endpoint's rate budget released the attempt, so tasks waiting for a slow budget hold no slot.
+A batch naming a predecessor (``Batch.after``: one user's events continued from an earlier request) is sent
+only once that predecessor has finished, when this run sends it. Either way, the global cap
+(``DispatchSettings.concurrency``) bounds the requests in flight: a slot is taken *after* the endpoint's rate
+budget released the attempt, so tasks waiting for a slow budget hold no slot.
 
 Per batch: ``planned`` is recorded when it is queued, ``sent`` before the first attempt, and the final result
 the moment it is known — synchronously, before the next ``await``, so a cancellation cannot fall between an
@@ -75,7 +79,9 @@ class LaneSource(Protocol):
     """A plan that hands its batches out per endpoint, phase by phase (:meth:`sync.planning.Plan.lanes`).
 
     ``lanes(phase)`` returns, in a deterministic order, one ``(endpoint, batches)`` pair per endpoint with work
-    in ``phase`` (possibly none); each ``batches`` yields batches of that phase only and is read once.
+    in ``phase`` (possibly none); each ``batches`` yields batches of that phase only and is read once. It may
+    also have ``lane_rank(phase, endpoint) -> int``: lanes of a lower rank then finish before higher ranks
+    start (optional, so a source without ranks sends every lane of a phase at once).
     """
 
     def lanes(self, phase: Phase) -> Sequence[tuple[str, Iterable[Batch] | AsyncIterable[Batch]]]: ...
@@ -143,6 +149,8 @@ class Dispatcher:
         )
         self._queued = 0
         self._fed_all = False  # the feeder queued the plan's last batch
+        # Batches queued and not yet finished → the event a follower (``Batch.after``) waits on, once one does.
+        self._open: dict[str, asyncio.Event | None] = {}
         # One synchronous pull from the plan at a time: lanes of one plan share its readers (and a replay's
         # counters), which are not made for several threads.
         self._pull_lock = asyncio.Lock()
@@ -214,25 +222,29 @@ class Dispatcher:
         )
 
     async def _run_phases(self, source: LaneSource) -> None:
-        """Phase by phase: run every endpoint's lane of the phase to its end, then the next phase's."""
+        """Phase by phase: run every endpoint's lane of the phase to its end, then the next phase's. Within a
+        phase, lanes of a lower rank (``source.lane_rank``, when the source has one) finish first."""
         complete = True
         for phase in Phase:
             pairs = source.lanes(phase)
             if not pairs:
                 continue
-            if self._stop.is_set():
-                complete = False
+            for step in _ranked(source, phase, pairs):
+                if self._stop.is_set():
+                    complete = False
+                    break
+                lanes = []
+                for name, batches in step:
+                    workers_n = max(1, min(self._sender.endpoint_cap(name), self._settings.concurrency))
+                    limit = max(1, self._settings.queue_size)
+                    # Room for the workers' end markers too (the drain puts them without waiting).
+                    queue: asyncio.Queue[Batch | None] = asyncio.Queue(maxsize=max(limit, workers_n))
+                    lanes.append(_Lane(name, batches, queue, workers_n, phase, limit))
+                self._log.debug("phase.start", phase=phase.name.lower(), lanes=[lane.name for lane in lanes])
+                await self._run_lanes(lanes)
+                complete = complete and all(lane.exhausted for lane in lanes)
+            if not complete:
                 break
-            lanes = []
-            for name, batches in pairs:
-                workers_n = max(1, min(self._sender.endpoint_cap(name), self._settings.concurrency))
-                limit = max(1, self._settings.queue_size)
-                # Room for the workers' end markers too (the drain puts them without waiting).
-                queue: asyncio.Queue[Batch | None] = asyncio.Queue(maxsize=max(limit, workers_n))
-                lanes.append(_Lane(name, batches, queue, workers_n, phase, limit))
-            self._log.debug("phase.start", phase=phase.name.lower(), lanes=[lane.name for lane in lanes])
-            await self._run_lanes(lanes)
-            complete = complete and all(lane.exhausted for lane in lanes)
         self._fed_all = complete
 
     async def _run_lanes(self, lanes: Sequence[_Lane]) -> None:
@@ -286,6 +298,7 @@ class Dispatcher:
             if self._ledger is not None:
                 self._ledger.record_planned(self._run_id, batch)
             self._queued += 1
+            self._open[batch.batch_id] = None
             await queue.put(batch)
         self._fed_all = True
         lane.exhausted = True
@@ -317,6 +330,7 @@ class Dispatcher:
                 if self._ledger is not None:
                     self._ledger.record_planned(self._run_id, batch)
                 self._queued += 1
+                self._open[batch.batch_id] = None
                 lane.ahead += 1
                 lane.queue.put_nowait(batch)  # never full: it holds at most ``limit`` batches
             if len(chunk) < want:
@@ -379,9 +393,33 @@ class Dispatcher:
                 if lane.limit:
                     lane.ahead -= 1
                     lane.room.set()
+                if batch.after is not None and batch.after in self._open:
+                    # Its predecessor was queued earlier (so a worker already took it): wait for its end, so
+                    # e.g. one user's events reach the platform in file order across requests.
+                    done = self._open[batch.after] or asyncio.Event()
+                    self._open[batch.after] = done
+                    await done.wait()
                 await self._sender.process(batch)
             finally:
+                if batch is not None:
+                    finished = self._open.pop(batch.batch_id, None)
+                    if finished is not None:
+                        finished.set()
                 queue.task_done()
+
+
+def _ranked(
+    source: LaneSource, phase: Phase, pairs: Sequence[tuple[str, Iterable[Batch] | AsyncIterable[Batch]]]
+) -> list[list[tuple[str, Iterable[Batch] | AsyncIterable[Batch]]]]:
+    """A phase's lanes grouped by rank, lowest first: each group runs to its end before the next starts. A
+    source without ``lane_rank(phase, endpoint)`` has one group (every lane at once)."""
+    rank_of: Callable[[Phase, str], int] | None = getattr(source, "lane_rank", None)
+    if rank_of is None:
+        return [list(pairs)]
+    ranks: dict[int, list[tuple[str, Iterable[Batch] | AsyncIterable[Batch]]]] = {}
+    for name, batches in pairs:
+        ranks.setdefault(rank_of(phase, name), []).append((name, batches))
+    return [ranks[rank] for rank in sorted(ranks)]
 
 
 async def _aiter(batches: Iterable[Batch] | AsyncIterable[Batch]) -> AsyncIterable[Batch]:

@@ -195,9 +195,7 @@ class Plan:
         self.rejects_path = rejects_path
         self.rejected_count = rejected_count
         self._tmpdir = tmpdir
-        builder = _BUILDERS[job.destination.platform]
-        # A builder module with ``for_job`` makes a builder bound to the job's settings (time zone, constants).
-        self._builder = builder.for_job(job) if hasattr(builder, "for_job") else builder
+        self._builder = _builder_for(job)
         self._summary: PlanSummary | None = None
         self._finalizer = weakref.finalize(self, _remove_staging, tmpdir, lock_fd)
 
@@ -219,10 +217,21 @@ class Plan:
     def _streams(self, phase: Phase | None = None) -> Iterator[tuple[StagedSource, netmera.Stream]]:
         phases = list(Phase) if phase is None else [phase]
         for ph in phases:
-            for staged in self.staged:
-                for stream in self._builder.streams_for(staged.source):
-                    if stream.phase is ph:
-                        yield staged, stream
+            found = [
+                (staged, stream)
+                for staged in self.staged
+                for stream in self._builder.streams_for(staged.source)
+                if stream.phase is ph
+            ]
+            # Lower ranks first (stable: sources in job order within a rank), as the dispatcher sends them.
+            yield from sorted(found, key=lambda pair: _rank(pair[1]))
+
+    def lane_rank(self, phase: Phase, endpoint: str) -> int:
+        """The rank of ``endpoint``'s lane in ``phase``: within a phase, the dispatcher finishes every lane of a
+        lower rank before starting the next rank's (a stream's ``rank``, 0 when its platform declares none;
+        an endpoint takes the lowest rank of its streams)."""
+        ranks = [_rank(stream) for _, stream in self._streams(phase) if stream.endpoint == endpoint]
+        return min(ranks, default=0)
 
     def _frames(
         self, staged: StagedSource, stream: Any, keep_rows: RowFilter | None
@@ -334,6 +343,17 @@ class Plan:
         return summary
 
 
+def _rank(stream: Any) -> int:
+    return int(getattr(stream, "rank", 0))
+
+
+def _builder_for(job: Job) -> Any:
+    """The platform's batch builder for ``job``: a builder module with ``for_job`` makes one bound to the job's
+    settings (time zone, constants); otherwise the module itself is the builder."""
+    builder = _BUILDERS[job.destination.platform]
+    return builder.for_job(job) if hasattr(builder, "for_job") else builder
+
+
 def estimate_duration(
     requests: Mapping[tuple[Phase, str, Operation], int],
     dispatch: DispatchSettings,
@@ -409,6 +429,7 @@ def _stage(
     tmp: Path,
     rejects: _RejectsWriter,
     rows_per_bucket: int,
+    builder: Any = None,
     stop: threading.Event | None = None,
 ) -> StagedSource:
     files = expand_paths(source)
@@ -421,6 +442,7 @@ def _stage(
     # for hundreds of buckets × hundreds of chunks grows with the input; a stream writer keeps nothing.
     writers: dict[int, tuple[Any, pa.ipc.RecordBatchStreamWriter]] = {}
     rows_read = 0
+    check_rows = getattr(builder, "check_rows", None)
     try:
         for index, path in enumerate(files):
             for chunk in iter_chunks(source, path):
@@ -431,6 +453,11 @@ def _stage(
                     continue
                 clean, bad = validate_chunk(chunk.frame, source, job.validation, index, str(path))
                 rejects.frame(bad)
+                if check_rows is not None and not clean.is_empty():
+                    # Values valid in general that this platform cannot take (a negative expiry, a character
+                    # XML cannot carry): rejected rows now, not a refused request (or a crash) later.
+                    clean, bad = check_rows(source, clean, str(path))
+                    rejects.frame(bad)
                 if clean.is_empty():
                     continue
                 clean = clean.with_columns(canonical_key(clean[EXT_ID])).select(list(schema))
@@ -562,7 +589,10 @@ def build_plan(
     try:
         with rejects_path.open("w", newline="", encoding="utf-8") as fh:
             writer = _RejectsWriter(fh)
-            staged = tuple(_stage(job, source, tmp, writer, rows_per_bucket, stop) for source in job.sources)
+            builder = _builder_for(job)
+            staged = tuple(
+                _stage(job, source, tmp, writer, rows_per_bucket, builder, stop) for source in job.sources
+            )
     except OSError as exc:
         # The input was readable (the reader translates its own errors): the disk under the workdir is full or
         # unwritable. Nothing was sent yet.

@@ -85,9 +85,10 @@ class Batch:
     ``batch_id`` is stable: the same input always gives the same batches with the same IDs (a content hash), which
     resume and the ledger depend on. ``body`` is the JSON-ready request body. ``ext_ids`` are the unique external
     IDs the request touches (at most the platform's limit). ``origins`` maps an external ID to the input row that
-    produced its value, so failures can be explained in terms of the user's rows (may be empty). ``row_keys``:
-    for a non-idempotent operation planned from input rows, the stable keys of the rows it carries
-    (:mod:`sync.row_keys`, 8 bytes each), which the ledger keeps so a resume confirms rows, not batches.
+    produced its value, so failures can be explained in terms of the user's rows (may be empty). ``after``
+    orders it behind another batch. ``row_keys``: for a non-idempotent operation planned from input rows, the
+    stable keys of the rows it carries (:mod:`sync.row_keys`, 8 bytes each), which the ledger keeps so a resume
+    confirms rows, not batches.
     """
 
     batch_id: str
@@ -97,6 +98,11 @@ class Batch:
     ext_ids: tuple[str, ...]
     phase: Phase = Phase.CHANGES
     origins: Mapping[str, RowRef] = field(default_factory=dict)
+    after: str | None = None
+    """The ``batch_id`` of an earlier batch of the same plan that must be finished before this one is sent
+    (its items continue that batch's per-user sequence, e.g. one user's events in file order); None when the
+    batch may go in parallel with any other. A predecessor this run does not send (a resume skipped it) is no
+    constraint."""
     row_keys: bytes = b""
 
 

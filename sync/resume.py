@@ -317,6 +317,10 @@ class ReplayLanes:
             for endpoint, batches in self.plan.lanes(phase, keep_rows=keep_rows)
         ]
 
+    def lane_rank(self, phase: Phase, endpoint: str) -> int:
+        """The plan's rank for the lane (:meth:`sync.planning.Plan.lane_rank`): a resume keeps the order."""
+        return int(self.plan.lane_rank(phase, endpoint))
+
 
 def restrict_batch(batch: Batch, ext_ids: Iterable[str]) -> Batch | None:
     """``batch`` cut down to the items of ``ext_ids`` (a new content-derived ID), or None if it names none."""

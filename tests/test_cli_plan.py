@@ -11,13 +11,15 @@ import pytest
 from sync.cli import main
 
 ROOT = Path(__file__).resolve().parent.parent
-EXAMPLE = ROOT / "jobs" / "example.yaml"
+EXAMPLE = Path("jobs") / "example.yaml"  # a copy in the test's directory (see _scratch_cwd)
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 
 
 @pytest.fixture(autouse=True)
 def _scratch_cwd(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    # Jobs without a workdir key write under ./.pushsync; keep that inside the test's directory.
+    # Jobs without a workdir key write into .pushsync/ beside the job file: plan a copy of the example jobs, so
+    # nothing is written into the source tree.
+    shutil.copytree(ROOT / "jobs", tmp_path / "jobs", ignore=shutil.ignore_patterns(".pushsync"))
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("NETMERA_API_KEY", raising=False)
 
@@ -70,7 +72,8 @@ def test_plan_text(capsys: pytest.CaptureFixture[str]) -> None:
     out = capsys.readouterr().out
     assert "nothing was sent" in out
     assert "Rows: 24 read, 16 clean, 8 rejected" in out
-    assert "Rejects file: .pushsync/example/rejects.csv" in out
+    # the workdir sits beside the job file; shown relative to the current directory, or absolute
+    assert "Rejects file: jobs/.pushsync/example/rejects.csv" in out
     assert "users.csv row 4, column email: not a valid email address" in out
     for endpoint in (
         "tagUsers",
@@ -82,7 +85,7 @@ def test_plan_text(capsys: pytest.CaptureFixture[str]) -> None:
         assert endpoint in out
     assert "estimated duration" in out
     assert 'tagUsers: {"tag": ' in out  # a sample payload
-    assert Path(".pushsync/example/rejects.csv").is_file()
+    assert Path("jobs/.pushsync/example/rejects.csv").is_file()
 
 
 def test_plan_json_for_scripts(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -98,7 +101,7 @@ def test_plan_json_for_scripts(tmp_path: Path, capsys: pytest.CaptureFixture[str
     assert doc["samples"]["deleteUsersPermanently"] == {"extIds": ["C011", "C010"]}
     assert len(doc["rejected_sample"]) == 8
     assert doc["rejected_sample"][0] == {
-        "file": str(ROOT / "jobs" / "data" / "users.csv"),
+        "file": str(Path("jobs/data/users.csv").resolve()),
         "row": 4,
         "column": "email",
         "reason": "not a valid email address",

@@ -118,10 +118,22 @@ def test_show_unknown_run_is_an_error(tmp_path: Path, capsys: pytest.CaptureFixt
     assert "no run nope" in capsys.readouterr().err
 
 
+def _read_until(process: subprocess.Popen[str], event: str) -> str:
+    """Stderr lines until the JSON log line of ``event`` (the CLI logs at info when stderr is not a terminal):
+    a signal sent then meets the run itself, not the interpreter still importing on a loaded machine."""
+    assert process.stderr is not None
+    seen = []
+    for line in process.stderr:
+        seen.append(line)
+        if f'"event": "{event}"' in line:
+            break
+    return "".join(seen)
+
+
 def test_sigint_drains_prints_the_summary_and_exits_4(netmera_sandbox_process: Any, tmp_path: Path) -> None:
     job = write_job(tmp_path, netmera_sandbox_process.url, users=400, budget="{requests: 5, period: 1}")
     process = subprocess.Popen(
-        [sys.executable, "-m", "sync", "run", str(job), "--output", "json", "--progress", "none"],
+        [sys.executable, "-m", "sync", "run", str(job), "--output", "json", "--progress", "log"],
         cwd=REPO_ROOT,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
@@ -129,9 +141,10 @@ def test_sigint_drains_prints_the_summary_and_exits_4(netmera_sandbox_process: A
         env={**os.environ, KEY_ENV: netmera_sandbox_process.api_key},
     )
     try:
-        time.sleep(2.0)  # a real process and a real signal: let it start sending
+        before = _read_until(process, "run.progress")  # logged when the first batch is answered
         process.send_signal(signal.SIGINT)
         out, err = process.communicate(timeout=20)
+        err = before + err
     finally:
         if process.poll() is None:
             process.kill()
@@ -166,12 +179,14 @@ def test_a_second_sigint_cancels_the_drain(netmera_sandbox_process: Any, tmp_pat
         env={**os.environ, KEY_ENV: netmera_sandbox_process.api_key},
     )
     try:
-        time.sleep(2.0)  # requests are now hanging on the sandbox
+        before = _read_until(process, "run.start")
+        time.sleep(1.0)  # requests are now hanging on the sandbox
         process.send_signal(signal.SIGINT)
         time.sleep(0.5)
         assert process.poll() is None  # draining: the hung requests may still answer
         process.send_signal(signal.SIGINT)
         out, err = process.communicate(timeout=10)
+        err = before + err
     finally:
         if process.poll() is None:
             process.kill()

@@ -85,7 +85,7 @@ def test_platform_defaults_workdir_and_relative_paths(
     sub = tmp_path / "jobs"
     sub.mkdir()
     job = load_job(_write(sub, MINIMAL))
-    assert job.workdir == tmp_path / ".pushsync" / "mini"
+    assert job.workdir == sub / ".pushsync" / "mini"  # beside the job file, whatever the current directory
     assert job.sources[0].paths == (str(sub / "data" / "users.csv"),)
     assert job.dispatch.budget_for("tagUsers") == RateBudgetSpec(20, 1.0)  # Netmera default
     assert job.batch_size_for("setProfileAttributes") == 1000

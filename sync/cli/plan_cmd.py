@@ -187,10 +187,13 @@ def _rejects_sample(plan: Plan) -> list[dict[str, Any]]:
 
 
 def _short(path: str) -> str:
+    """``path`` relative to the current directory when it lies below it, else absolute — never ``../..``."""
+    absolute = os.path.abspath(path)
     try:
-        return os.path.relpath(path)
-    except ValueError:
-        return path
+        relative = os.path.relpath(absolute)
+    except ValueError:  # another drive
+        return absolute
+    return absolute if relative.startswith("..") else relative
 
 
 def _duration(seconds: float) -> str:

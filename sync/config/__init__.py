@@ -3,7 +3,8 @@
 The run-side settings (destination, rate budgets, retries, concurrency, :func:`resolve_secret`) are in
 ``_settings``; the job's records (sources, mappings, validation rules, sync mode) in ``_job``; the job-file loader
 (YAML validated against the repository's ``schemas/job.schema.json``, then semantic checks) in ``_load``, one
-source's parsing in ``_sources``, per-platform defaults in ``_defaults``. Import them from here.
+source's parsing in ``_sources``, per-platform defaults in ``_defaults``, the YAML reading every job file shares
+(duplicate keys refused, alias expansion bounded) in ``_yaml``. Import them from here.
 Only the CLI reads environment variables: secrets are resolved by :func:`resolve_secret`, called from the CLI.
 """
 
@@ -34,6 +35,7 @@ from sync.config._settings import (
     RetryPolicy,
     resolve_secret,
 )
+from sync.config._yaml import looks_like_a_key, read_job_yaml
 
 __all__ = [
     "DEFAULT_NULL_VALUES",
@@ -59,5 +61,7 @@ __all__ = [
     "ValidationRules",
     "ValueType",
     "load_job",
+    "looks_like_a_key",
+    "read_job_yaml",
     "resolve_secret",
 ]

@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import Any
 
 import jsonschema
-import yaml
 
 from sync.config._defaults import PLATFORM_DEFAULTS, PLATFORM_MAX_BATCH
 from sync.config._job import (
@@ -28,6 +27,7 @@ from sync.config._job import (
 )
 from sync.config._settings import Destination, DispatchSettings, RateBudgetSpec, RetryPolicy
 from sync.config._sources import parse_source
+from sync.config._yaml import looks_like_a_key, read_job_yaml
 from sync.errors import BadJobError, JobProblem
 
 # The schema lives at the repository's top-level schemas/ (one copy; found from a source checkout or an
@@ -42,6 +42,17 @@ _SECRET_LOOKING_EXTRA = re.compile(
 )
 """Names of ``destination.extra`` settings that would hold a secret (``user_key: UserId`` is not one)."""
 _PER = re.compile(r"^\s*([0-9]+(?:\.[0-9]+)?)\s*(ms|s|m|h)\s*$")
+_MAX_SCHEMA_MESSAGE = 200  # characters: a schema message quotes the value it refuses, which may be huge
+_TYPE_NAMES = {
+    "object": "a mapping (key: value)",
+    "array": "a list",
+    "string": "a string",
+    "integer": "an integer",
+    "number": "a number",
+    "boolean": "true or false",
+    "null": "empty",
+}
+_SECRET_HINT = "a job names where the secret lives ({env: NAME} or {file: PATH}), never the secret itself"
 _UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
 
 
@@ -62,6 +73,20 @@ def _join(location: str, key: str) -> str:
     return f"{location}.{key}" if location else key
 
 
+def _kind(value: Any) -> str:
+    for name, kind in (("object", Mapping), ("array", list), ("boolean", bool), ("string", str)):
+        if isinstance(value, kind):
+            return _TYPE_NAMES[name]
+    if isinstance(value, int | float):
+        return "a number"
+    return "empty" if value is None else type(value).__name__
+
+
+def _expected(error: jsonschema.ValidationError) -> str:
+    types = error.validator_value if isinstance(error.validator_value, list) else [error.validator_value]
+    return " or ".join(_TYPE_NAMES.get(str(t), str(t)) for t in types)
+
+
 def _schema_message(error: jsonschema.ValidationError) -> str:
     if error.validator == "additionalProperties":
         schema: Any = error.schema
@@ -72,19 +97,65 @@ def _schema_message(error: jsonschema.ValidationError) -> str:
         # oneOf failures are noisy; the branch that got furthest explains the problem best.
         best = max(error.context, key=lambda e: len(e.absolute_path))
         return _schema_message(best)
-    return error.message
+    if error.validator == "type":
+        # Said without quoting the value: it may be large (aliases) or hold what belongs elsewhere.
+        return f"must be {_expected(error)}, not {_kind(error.instance)}"
+    if isinstance(error.instance, str) and looks_like_a_key(error.instance):
+        # A key pasted into the wrong place (base_url, platform...) is not repeated either.
+        allowed: Any = error.validator_value
+        expected = {
+            "pattern": f"must match {allowed}",
+            "enum": f"must be one of {', '.join(map(repr, allowed))}" if isinstance(allowed, list) else "",
+        }.get(str(error.validator)) or "invalid"
+        return f"{expected} (the value is not shown: it has the shape of a key)"
+    message = error.message
+    return message if len(message) <= _MAX_SCHEMA_MESSAGE else message[: _MAX_SCHEMA_MESSAGE - 1] + "…"
 
 
-def _secret_problems(raw: Mapping[str, Any]) -> list[JobProblem]:
+def _secret_schema_message(error: jsonschema.ValidationError) -> str:
+    """A schema problem under ``destination.secret`` said without the value (or key) refused: it may be the
+    secret itself, pasted where its variable's name or file's path belongs."""
+    unshown = "(the value is not shown: it may be the secret itself)"
+    if error.validator == "additionalProperties":
+        return f"takes only 'env' and 'file' {unshown}; {_SECRET_HINT}"
+    if error.validator == "pattern" and list(error.absolute_path)[-1:] == ["env"]:
+        return (
+            "not the name of an environment variable (letters, digits and _, not starting with a digit) "
+            f"{unshown}; {_SECRET_HINT}"
+        )
+    if error.validator == "type":
+        return f"must be {_expected(error)}, not {_kind(error.instance)}"
+    if error.validator in ("minLength", "minProperties"):
+        return f"must not be empty; {_SECRET_HINT}"
+    return f"invalid {unshown}; {_SECRET_HINT}"
+
+
+def _secret_problems(raw: Mapping[str, Any], base: Path) -> list[JobProblem]:
     """Refuse a secret written into the job file, with a message that says what to do instead."""
     dest = raw.get("destination")
     if not isinstance(dest, Mapping):
         return []
     problems = []
-    hint = "a job names where the secret lives ({env: NAME} or {file: PATH}), never the secret itself"
+    hint = _SECRET_HINT
     secret = dest.get("secret")
     if secret is not None and not isinstance(secret, Mapping):
         problems.append(JobProblem("destination.secret", f"looks like a literal secret: {hint}"))
+    elif isinstance(secret, Mapping):
+        # A key pasted where its variable's name (or its file's path) belongs would be printed by every
+        # "variable not set" or "file not found" message after it: refused here, and never repeated.
+        for field in ("env", "file"):
+            value = secret.get(field)
+            if not isinstance(value, str) or not looks_like_a_key(value):
+                continue
+            if field == "file" and (base / os.path.expanduser(value)).exists():
+                continue  # a file that is there is a file, whatever its name looks like
+            what = "the name of an environment variable" if field == "env" else "a file's path"
+            problems.append(
+                JobProblem(
+                    f"destination.secret.{field}",
+                    f"looks like a key, not {what} (the value is not shown); {hint}",
+                )
+            )
     for key in dest:
         if key != "secret" and _SECRET_LOOKING_KEYS.search(str(key)):
             problems.append(
@@ -127,6 +198,20 @@ def _seconds(spec: Mapping[str, Any]) -> float:
     match = _PER.match(str(spec.get("per", "1s")))
     assert match is not None  # the schema's pattern already checked it
     return float(match.group(1)) * _UNIT_SECONDS[match.group(2)]
+
+
+def _budget_problems(raw: Mapping[str, Any]) -> list[JobProblem]:
+    """Budgets the schema lets through but no rate can be built from: ``per`` of zero seconds."""
+    problems = []
+    for endpoint, spec in (raw.get("budgets") or {}).items():
+        if "period" not in spec and "per" in spec and _seconds(spec) <= 0:
+            problems.append(
+                JobProblem(
+                    f"dispatch.budgets.{endpoint}.per",
+                    f"a budget's period must be longer than 0 ({spec['per']!r}); e.g. per: 1s",
+                )
+            )
+    return problems
 
 
 def _dispatch(raw: Mapping[str, Any], platform: str) -> tuple[DispatchSettings, dict[str, int]]:
@@ -232,29 +317,21 @@ def load_job(path: str | Path) -> Job:
     its location in the file, e.g. ``sources[1].attributes.birth_date``.
     """
     job_path = Path(path)
-    try:
-        text = job_path.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise BadJobError(str(job_path), [JobProblem("", f"cannot read job file: {exc.strerror}")]) from exc
-    except UnicodeDecodeError as exc:
-        raise BadJobError(str(job_path), [JobProblem("", "job file is not UTF-8 text")]) from exc
-    try:
-        raw = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f"line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
-        problem = getattr(exc, "problem", None) or "not valid YAML"
-        raise BadJobError(str(job_path), [JobProblem(where, str(problem))]) from exc
+    raw = read_job_yaml(job_path)
     if not isinstance(raw, Mapping):
         raise BadJobError(str(job_path), [JobProblem("", "a job file is a YAML mapping (key: value)")])
 
-    problems = _secret_problems(raw)
+    base = job_path.resolve().parent
+    problems = _secret_problems(raw, base)
     quiet = {p.location for p in problems}
     validator = jsonschema.Draft202012Validator(_schema())
     for error in sorted(validator.iter_errors(raw), key=lambda e: [str(x) for x in e.absolute_path]):
         loc = _location(error.absolute_path)
         # A problem already explained by the secret check is not repeated in the schema's words.
         if any(loc == q or loc.startswith(q + ".") for q in quiet):
+            continue
+        if loc == "destination.secret" or loc.startswith("destination.secret."):
+            problems.append(JobProblem(loc, _secret_schema_message(error)))
             continue
         if error.validator == "additionalProperties":
             schema: Any = error.schema
@@ -275,7 +352,6 @@ def load_job(path: str | Path) -> Job:
     def sound(prefix: str) -> bool:
         return not any(f == prefix or f.startswith((prefix + ".", prefix + "[")) for f in flagged)
 
-    base = job_path.resolve().parent
     name = raw.get("name") or re.sub(r"[^A-Za-z0-9_.-]", "_", job_path.stem)
     destination = (
         _destination(raw["destination"], base, problems)
@@ -306,6 +382,8 @@ def load_job(path: str | Path) -> Job:
         source = parse_source(i, src_raw, defaults, base, problems)
         if source is not None:
             sources.append(source)
+    if sound("dispatch"):
+        problems += _budget_problems(raw.get("dispatch") or {})
     dispatch, sizes = _dispatch((raw.get("dispatch") or {}) if sound("dispatch") else {}, platform)
     limit = PLATFORM_MAX_BATCH.get(platform)
     for endpoint, size in sizes.items():

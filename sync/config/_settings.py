@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import stat
+import unicodedata
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -64,16 +66,57 @@ class DispatchSettings:
         return self.budgets.get(endpoint) or self.budgets.get("*")
 
 
+def _unusable(value: str, where: str) -> SecretError | None:
+    """The error for a secret holding a line break or another control character (never in a real key, and
+    refused by HTTP in a header), or None. Says which kind, never the value."""
+    for char in value:
+        if unicodedata.category(char) in ("Cc", "Zl", "Zp"):
+            kind = (
+                "a line break"
+                if char in "\r\n\x85\u2028\u2029"
+                else f"a control character (U+{ord(char):04X})"
+            )
+            return SecretError(
+                f"the secret in {where} holds {kind} inside it; a key is one line of printable characters: "
+                "check how it was set (the value is not shown)"
+            )
+    return None
+
+
+def _warn_if_others_can_read(path: Path) -> None:
+    """Warn (never refuse) about a secret file everyone may read: Kubernetes and Docker mount secret files 0644
+    unless told otherwise, so refusing would break those deployments; the warning says how to close it."""
+    try:
+        mode = path.stat().st_mode
+    except OSError:
+        return
+    if mode & stat.S_IROTH:
+        from sync.logs import get_logger  # imported late: configuration is loaded before logging is set up
+
+        get_logger().warning(
+            "secret.file_readable_by_others",
+            path=str(path),
+            mode=f"{stat.S_IMODE(mode):04o}",
+            hint=f"chmod 600 {path}",
+        )
+
+
 def resolve_secret(destination: Destination, environ: Mapping[str, str] | None = None) -> str:
     """Read the destination's secret from the environment variable or file the job names.
 
+    Surrounding whitespace is dropped (a key file ends with a line break); a secret with a line break or
+    another control character inside is refused. A secret file others may read is warned about.
     Raises :class:`SecretError` naming the variable or file — never the value.
     """
     env = os.environ if environ is None else environ
     if destination.secret_env:
         value = env.get(destination.secret_env)
-        if value:
-            return value.strip()
+        if value and value.strip():
+            value = value.strip()
+            error = _unusable(value, f"environment variable {destination.secret_env}")
+            if error is not None:
+                raise error
+            return value
         if not destination.secret_file:
             raise SecretError(f"environment variable {destination.secret_env} is not set or empty")
     if destination.secret_file:
@@ -82,7 +125,13 @@ def resolve_secret(destination: Destination, environ: Mapping[str, str] | None =
             value = path.read_text(encoding="utf-8").strip()
         except OSError as exc:
             raise SecretError(f"cannot read secret file {path}: {exc.strerror}") from exc
+        except UnicodeDecodeError as exc:
+            raise SecretError(f"secret file {path} is not UTF-8 text") from exc
         if not value:
             raise SecretError(f"secret file {path} is empty")
+        error = _unusable(value, f"secret file {path}")
+        if error is not None:
+            raise error
+        _warn_if_others_can_read(path)
         return value
     raise SecretError("the job names no secret (destination.secret.env or destination.secret.file)")

@@ -12,9 +12,15 @@ aiohttp stops here. Its exceptions become :mod:`sync.errors` types exactly once,
     any other ClientError                      RetryableError           refused/reset/dropped connection, truncated
                                                                         answer: transient from where we stand
 
-Every HTTP answer then comes back as an :class:`HttpAnswer`; :meth:`AnswerPolicy.error` maps a non-2xx one the
+Redirects are never followed, for every connector: a 3xx raises :class:`FatalPlatformError` naming where it
+points. Following one would send the credentials (headers, or Forms On Fire's key and Meiro's password in the
+body) to whatever address the server names, and would turn a POST into a bodiless GET that applies nothing yet
+may answer 200. The job's base URL is to be set to the address the platform names instead.
+
+Every other HTTP answer comes back as an :class:`HttpAnswer`; :meth:`AnswerPolicy.error` maps a non-2xx one the
 same way for every platform, grouped by what the caller must do next::
 
+    3xx                    FatalPlatformError     (raised by HttpSession.request itself, see above)
     401, 403, 404, 405     FatalPlatformError     credentials, permissions or a wrong base URL: no batch does better
     408, 429, 5xx          RetryableError         with ``retry_after`` (Retry-After) and ``remaining``
                                                   (X-RateLimit-Remaining), both parsed with the same guards
@@ -22,8 +28,11 @@ same way for every platform, grouped by what the caller must do next::
 
 Where platforms really differ, an :class:`AnswerPolicy` says so: how an error body reads (``read_error``), the
 advice appended to fatal messages, and two small switches. What a platform reports *inside* a 2xx (NotifyVisitors'
-envelope, Forms On Fire's ``ResponseStatus``) stays in its connector. Every message starts with the request's
-description from :func:`sync.redact.describe_request` and never includes headers, so no credential reaches it.
+envelope, Forms On Fire's ``ResponseStatus``) stays in its connector; a 2xx whose body must be JSON and is not
+(an HTML page from a proxy, a cut-off answer) is :class:`RetryableError` (:meth:`HttpAnswer.expect_json`).
+Every message starts with the request's description from :func:`sync.redact.describe_request` and never includes
+headers, so no credential reaches it; what a server says is masked with :func:`sync.redact.redact_pieces` before
+it is cut to :data:`MAX_MESSAGE` characters, so an echoed key leaves no piece behind.
 """
 
 from __future__ import annotations
@@ -33,6 +42,7 @@ import json
 import math
 import ssl
 import time
+import urllib.parse
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from email.utils import parsedate_to_datetime
@@ -42,7 +52,7 @@ import aiohttp
 
 from sync.config import Destination
 from sync.errors import FatalPlatformError, PlatformError, RejectedBatchError, RetryableError
-from sync.redact import describe_request, redact
+from sync.redact import describe_request, redact, redact_pieces
 
 __all__ = [
     "FATAL_STATUSES",
@@ -64,6 +74,10 @@ FATAL_STATUSES = frozenset({401, 403, 404, 405})
 
 MAX_MESSAGE = 300
 """Characters of a platform's error message kept: enough to read, bounded so a proxy's HTML page cannot flood."""
+
+_SCANNED = 64 * 1024
+"""Characters of a server's text masked before the message is cut: enough to hold any key whole around the
+cut, bounded so a 10 MB page costs nothing."""
 
 _DNS_CACHE_SECONDS = 300  # one session lives for a whole run: no need to resolve the API host every 10 s
 
@@ -109,8 +123,9 @@ def parse_json(raw: bytes) -> Any:
 
 
 def bounded(message: str) -> str:
-    """A platform's message made safe to show: at most :data:`MAX_MESSAGE` characters, secrets masked."""
-    return redact(message[:MAX_MESSAGE])
+    """A platform's message made safe to show: secrets (and any 8-character run of one) masked, *then* cut to
+    at most :data:`MAX_MESSAGE` characters — cutting first could leave the start of an echoed key unmasked."""
+    return redact_pieces(message[:_SCANNED])[:MAX_MESSAGE]
 
 
 def json_error(raw: bytes, status: int) -> tuple[int | str | None, str]:
@@ -125,8 +140,8 @@ def json_error(raw: bytes, status: int) -> tuple[int | str | None, str]:
         if isinstance(message, str) and message:
             return code, bounded(message)
         return code, f"HTTP {status}"
-    text = raw[:MAX_MESSAGE].decode("utf-8", "replace").strip()
-    return None, redact(text) or f"HTTP {status}"
+    text = bounded(raw[:_SCANNED].decode("utf-8", "replace").strip()).strip()
+    return None, text or f"HTTP {status}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -149,6 +164,31 @@ class HttpAnswer:
     def json(self) -> Any:
         """The body parsed as JSON, or None when empty or not JSON."""
         return parse_json(self.raw)
+
+    def expect_json(self) -> Any:
+        """The body parsed as JSON, or None when empty; a body that is not JSON raises :class:`RetryableError`.
+
+        For a 2xx from an API whose answers are JSON: an HTML page (a proxy's, a captive portal's, a login
+        page) or a cut-off answer is not the API's answer, so nothing can be told from it. Retrying is right
+        — the proxy may pass the next try, and the writes are idempotent — and bounded by the retry policy.
+        The message gives the content type and size, never the page (it may echo a header)."""
+        if not self.raw.strip():
+            return None
+        try:
+            return json.loads(self.raw)
+        except ValueError:
+            raise RetryableError(
+                f"{self.what}: HTTP {self.status} with a body that is not JSON "
+                f"({self.content_type or 'no content type'}, {len(self.raw)} bytes): a proxy's or login page, "
+                "or a cut-off answer — not the API's",
+                status=self.status,
+            ) from None
+
+    @property
+    def content_type(self) -> str:
+        """The media type of ``Content-Type`` (no parameters), bounded and masked; empty when absent."""
+        value = self.headers.get("Content-Type", "").split(";", 1)[0].strip()
+        return redact_pieces(value[:80])
 
     @property
     def remaining(self) -> int | None:
@@ -248,8 +288,16 @@ class HttpSession:
         started = loop.time()
         try:
             async with session.request(
-                method, url, json=json_body, data=data, params=params, headers=headers
+                method,
+                url,
+                json=json_body,
+                data=data,
+                params=params,
+                headers=headers,
+                allow_redirects=False,  # see the module docstring: credentials never follow a redirect
             ) as resp:
+                if 300 <= resp.status < 400:
+                    raise _redirect_error(what, url, resp.status, resp.headers.get("Location"))
                 raw = await resp.read()
                 return HttpAnswer(what, resp.status, resp.headers, raw, loop.time() - started)
         except TimeoutError as exc:
@@ -271,6 +319,24 @@ class HttpSession:
         if self._session is not None:
             await self._session.close()
             self._session = None
+
+
+def _redirect_error(what: str, url: str, status: int, location: str | None) -> FatalPlatformError:
+    """The error for a redirect: where it points (without query or fragment, masked), and what to do."""
+    if location:
+        try:
+            parts = urllib.parse.urlsplit(urllib.parse.urljoin(url, location.strip()))
+            target = redact_pieces(urllib.parse.urlunsplit((parts.scheme, parts.netloc, parts.path, "", "")))
+        except ValueError:
+            target = "an address that is not a valid URL"
+    else:
+        target = "nowhere (no Location header)"
+    return FatalPlatformError(
+        f"{what}: HTTP {status} redirect to {target[:MAX_MESSAGE]}: not followed — credentials are never sent "
+        "to another address, and a redirected write is not applied; if the platform moved, set the base URL "
+        "to the address it names",
+        status=status,
+    )
 
 
 class HttpClient:

@@ -19,6 +19,9 @@ class SendOutcome:
     body: object = None
     remaining: int | None = None
     """The server's ``X-RateLimit-Remaining``, when it sent one (rate budgets pause at 0)."""
+    reset_after: float | None = None
+    """Seconds until the platform's own rate window resets, when the connector knows it and ``remaining`` is
+    0: the budget pauses that long instead of until its own (maybe shorter) period ends."""
 
 
 @runtime_checkable

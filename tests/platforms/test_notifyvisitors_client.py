@@ -128,7 +128,7 @@ def test_iter_batches_respects_the_per_endpoint_limits() -> None:
         make_batch(USER_CREATE, {"nv": [user_item(f"u{i}", {}) for i in range(101)]})
 
 
-def test_batch_ids_are_stable_and_split_keeps_a_users_items_together() -> None:
+def test_batch_ids_are_stable_and_split_halves_the_items_in_order() -> None:
     body = {"nv": [event_item(u, "e", {"k": i}) for i, u in enumerate("aabbcd")]}
     batch = make_batch(EVENT_CREATE, body, origins={"a": RowRef("f", 1), "c": RowRef("f", 5)})
     assert batch.batch_id == make_batch(EVENT_CREATE, body).batch_id
@@ -136,31 +136,31 @@ def test_batch_ids_are_stable_and_split_keeps_a_users_items_together() -> None:
     halves = split_batch(batch)
     assert halves is not None
     first, second = halves
-    assert [i["userID"] for i in first.body["nv"]] == ["a", "a", "b", "b"]
-    assert [i["userID"] for i in second.body["nv"]] == ["c", "d"]
-    assert first.origins == {"a": RowRef("f", 1)} and second.origins == {"c": RowRef("f", 5)}
+    assert [i["userID"] for i in first.body["nv"]] == ["a", "a", "b"]
+    assert [i["userID"] for i in second.body["nv"]] == ["b", "c", "d"]
+    assert dict(first.origins) == {"a": RowRef("f", 1)} and dict(second.origins) == {"c": RowRef("f", 5)}
     assert first.batch_id != batch.batch_id
     single = make_batch(USER_CREATE, user_create_body([("x", {"a": 1})]))
     assert split_batch(single) is None
 
 
 @given(users=st.lists(st.sampled_from("abcdefgh"), min_size=1, max_size=60))
-def test_splitting_down_to_single_users_keeps_every_item_in_order(users: list[str]) -> None:
+def test_splitting_down_to_single_items_keeps_every_item_and_its_row_in_order(users: list[str]) -> None:
     items = [event_item(u, "e", {"n": i}) for i, u in enumerate(users)]
-    pending = [make_batch(EVENT_CREATE, {"nv": items})]
+    rows = [RowRef("events.csv", i + 1) for i in range(len(items))]
+    pending = [make_batch(EVENT_CREATE, {"nv": items}, rows=rows)]
     leaves = []
-    while pending:
+    while pending:  # as the dispatcher does: a stack, the first half on top
         batch = pending.pop()
         halves = split_batch(batch)
         if halves is None:
-            assert len(batch.ext_ids) == 1
+            assert len(batch.body["nv"]) == 1
             leaves.append(batch)
         else:
-            assert set(halves[0].ext_ids).isdisjoint(halves[1].ext_ids)
-            pending.extend(halves)
-    assert sorted(leaf.ext_ids[0] for leaf in leaves) == sorted(set(users))
-    for leaf in leaves:  # each user's events, all of them, in their original order
-        assert leaf.body["nv"] == [item for item in items if item["userID"] == leaf.ext_ids[0]]
+            pending.extend(reversed(halves))
+    # Every item once, in the original order, each naming its own row.
+    assert [leaf.body["nv"][0] for leaf in leaves] == items
+    assert [leaf.origins[leaf.ext_ids[0]] for leaf in leaves] == rows
 
 
 # --- the connector ------------------------------------------------------------------------------------------
@@ -243,10 +243,13 @@ async def test_splitting_isolates_the_refused_users(nv_sandbox_factory: NvFactor
 async def test_429_is_retryable_with_remaining(nv_sandbox_factory: NvFactory) -> None:
     running = await nv_sandbox_factory(limits={"user": {"requests": 1, "window": 3600}})
     async with running.client() as client:
-        assert (await client.send(good_users(1))).remaining == 0
+        first = await client.send(good_users(1))
         with pytest.raises(RetryableError) as info:
             await client.send(good_users(1))
-    assert info.value.rate_limited and info.value.remaining == 0 and info.value.retry_after is None
+    # Nothing left this minute: both say how long until the platform's minute resets (no Retry-After sent).
+    assert first.remaining == 0 and first.reset_after is not None and 0 < first.reset_after <= 61
+    assert info.value.rate_limited and info.value.remaining == 0
+    assert info.value.retry_after is not None and 0 < info.value.retry_after <= 61
     with_header = await nv_sandbox_factory(
         limits={"user": {"requests": 0, "window": 3600}}, retry_after_header=True
     )
@@ -322,6 +325,8 @@ def example_job(url: str, workdir: Path, **extra: str) -> Job:
     """``jobs/notifyvisitors.yaml`` aimed at a sandbox, with fast retries and budgets that overrun the sandbox's
     (small) limits so that 429s happen."""
     job = load_job(EXAMPLE_JOB)
+    # The sandbox below counts in quarter-second windows, not minutes: the client must know (rate_window).
+    extra = {"rate_window": "0.25", **extra}
     destination = dataclasses.replace(job.destination, base_url=url, extra={**job.destination.extra, **extra})
     dispatch = dataclasses.replace(
         job.dispatch,

@@ -14,12 +14,17 @@ JSON, ``<ResponseStatus><ErrorCode>…`` in XML) and also a top-level ``ErrorCod
 answer                                       raised
 ===========================================  =====================================================================
 200 with no error in the body                (returns :class:`SendOutcome`; the body parsed when possible)
+200, body not in the format asked (a page)   :class:`RetryableError` — not the platform's answer; empty is fine
 200, error code in :data:`FATAL_ERROR_CODES`  :class:`FatalPlatformError` — wrong IntegrationKey or CompanyId:
-                                             every other push would be refused the same way
+(or ``extra.fatal_error_codes``)              every other push would be refused the same way
+the first ``fatal_after`` answers (default    :class:`FatalPlatformError` — the credential error's code is not
+10) all refused with one and the same code,   documented, so a wrong key may come back under any code; a run
+before any push was accepted                  where every push fails alike is stopped, not spent
 200 with any other error                     :class:`RejectedBatchError` (code and message from the body): the
                                              push is recorded as refused (one user: nothing to split)
 400                                          :class:`RejectedBatchError` (bad parameters)
 401, 403, 404, 405                           :class:`FatalPlatformError` (credentials, or a wrong base URL)
+3xx (never followed: the key is in a body)   :class:`FatalPlatformError`
 408, 429, 5xx, time-outs, dropped connection  :class:`RetryableError`
 ===========================================  =====================================================================
 """
@@ -31,7 +36,7 @@ import xml.etree.ElementTree as ET
 from typing import Any
 
 from sync.config import Destination
-from sync.errors import FatalPlatformError, RejectedBatchError
+from sync.errors import FatalPlatformError, RejectedBatchError, RetryableError
 from sync.platforms._http import AnswerPolicy, ErrorBody, HttpClient, HttpSession, bounded
 from sync.platforms.base import SendOutcome
 from sync.platforms.formsonfire import DEFAULT_XML_ROOT, PLATFORM, BodyFormat
@@ -39,10 +44,13 @@ from sync.platforms.formsonfire.requests import serialise, split_batch
 from sync.records import Batch
 from sync.redact import register_secret
 
-__all__ = ["FATAL_ERROR_CODES", "FormsOnFireClient", "error_in_body"]
+__all__ = ["FATAL_AFTER", "FATAL_ERROR_CODES", "FormsOnFireClient", "error_in_body"]
 
 FATAL_ERROR_CODES = frozenset({"Unauthorized", "Forbidden", "AuthenticationFailed", "InvalidIntegrationKey"})
-"""In-body error codes that mean the credentials are wrong [I]: the run stops instead of refusing every push."""
+"""In-body error codes that mean the credentials are wrong [I]: the run stops instead of refusing every push.
+``destination.extra.fatal_error_codes`` (comma-separated) replaces this list."""
+FATAL_AFTER = 10
+"""Refusals with one and the same code, before any accepted push, that stop the run (``extra.fatal_after``)."""
 
 
 def _local(tag: str) -> str:
@@ -100,6 +108,24 @@ def _parsed(raw: bytes) -> Any:
     return raw.decode("utf-8", "replace") if text else None
 
 
+def _in_format(raw: bytes, fmt: BodyFormat) -> bool:
+    """Whether a success body is empty or well-formed in the format asked for (``?format=``), and not a page."""
+    text = raw.strip()
+    if not text:
+        return True  # success bodies are not documented [I]: an empty one is not a fault
+    if fmt is BodyFormat.JSON:
+        try:
+            json.loads(text)
+        except ValueError:
+            return False
+        return True
+    try:
+        root = ET.fromstring(text)
+    except ET.ParseError:
+        return False
+    return _local(root.tag).lower() != "html"
+
+
 def _read_error(raw: bytes, status: int) -> ErrorBody:
     found = error_in_body(raw)
     if found is None:
@@ -142,6 +168,16 @@ class FormsOnFireClient(HttpClient):
         self.body_format = BodyFormat(body_format or extra.get("body_format") or BodyFormat.JSON)
         self.response_format = BodyFormat(response_format or extra.get("response_format") or self.body_format)
         self._xml_root = xml_root or extra.get("xml_root") or DEFAULT_XML_ROOT
+        codes = extra.get("fatal_error_codes")
+        self._fatal_codes = (
+            frozenset(c.strip() for c in codes.split(",") if c.strip()) if codes else FATAL_ERROR_CODES
+        )
+        self._fatal_after = int(extra.get("fatal_after", FATAL_AFTER))
+        # Until the first accepted push: the code every refusal so far carried and how many there were. Any
+        # success, or a second code, ends the watch (the key works; refusals are about their rows).
+        self._watching = self._fatal_after > 0
+        self._first_code: str | None = None
+        self._first_refusals = 0
         self._key = integration_key
         # No session headers: the credentials travel in each body, the content type differs by body format.
         self._session = HttpSession.for_destination(
@@ -156,28 +192,65 @@ class FormsOnFireClient(HttpClient):
 
     async def send(self, batch: Batch) -> SendOutcome:
         """POST one push; see the module docstring for what is raised."""
-        payload, content_type = serialise(
-            batch.body, self.body_format, self._company_id, self._key, xml_root=self._xml_root
-        )
-        answer = _ANSWERS.check(
-            await self._session.request(
-                "POST",
-                batch.endpoint,
-                endpoint=batch.endpoint,
-                batch_id=batch.batch_id,
-                data=payload,
-                params={"format": self.response_format.value},
-                headers={"Content-Type": content_type},
+        try:
+            payload, content_type = serialise(
+                batch.body, self.body_format, self._company_id, self._key, xml_root=self._xml_root
             )
+        except ValueError as exc:  # a value XML cannot carry: the planner rejects such rows, this is a guard
+            raise RejectedBatchError(str(exc), code="NotSerialisable") from None
+        answer = await self._session.request(
+            "POST",
+            batch.endpoint,
+            endpoint=batch.endpoint,
+            batch_id=batch.batch_id,
+            data=payload,
+            params={"format": self.response_format.value},
+            headers={"Content-Type": content_type},
         )
+        try:
+            _ANSWERS.check(answer)
+        except RejectedBatchError as exc:
+            self._watch(answer.what, str(exc.code), exc.message, answer.status)
+            raise
         found = error_in_body(answer.raw)
         if found is None:
+            if not _in_format(answer.raw, self.response_format):
+                # An HTML page from a proxy or a cut-off answer: not the platform's word, so not a success.
+                raise RetryableError(
+                    f"{answer.what}: HTTP {answer.status} with a body that is not "
+                    f"{self.response_format.value.upper()} ({answer.content_type or 'no content type'}, "
+                    f"{len(answer.raw)} bytes): a proxy's or login page, or a cut-off answer — not the API's",
+                    status=answer.status,
+                )
+            self._watching = False
             return SendOutcome(answer.status, answer.latency, _parsed(answer.raw), answer.remaining)
         code, message = found[0], bounded(found[1])
-        if code in FATAL_ERROR_CODES:
+        if code in self._fatal_codes:
             raise FatalPlatformError(
                 f"{answer.what}: {code}: {message} (check the IntegrationKey and destination.extra.company_id)",
                 status=answer.status,
                 code=code,
             )
+        self._watch(answer.what, code, message, answer.status)
         raise RejectedBatchError(message, status=answer.status, code=code)
+
+    def _watch(self, what: str, code: str, message: str, status: int) -> None:
+        """Count a refusal before the first accepted push; raise FatalPlatformError once ``fatal_after`` of
+        them in a row carried the same code (a wrong key is refused alike for every user)."""
+        if not self._watching:
+            return
+        if self._first_code is None:
+            self._first_code = code
+        elif code != self._first_code:
+            self._watching = False
+            return
+        self._first_refusals += 1
+        if self._first_refusals >= self._fatal_after:
+            self._watching = False
+            raise FatalPlatformError(
+                f"{what}: the first {self._first_refusals} pushes were all refused with {code}: {message} — "
+                "this looks like a wrong IntegrationKey or destination.extra.company_id (check them; if this "
+                "code refuses single users, raise destination.extra.fatal_after or set it to 0)",
+                status=status,
+                code=code,
+            )

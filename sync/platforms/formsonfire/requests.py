@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -26,14 +27,16 @@ from xml.sax.saxutils import escape
 
 import polars as pl
 
-from sync.config import Job, Source, SourceKind
+from sync.config import Job, Source, SourceKind, ValueType
 from sync.errors import JobProblem
 from sync.platforms.formsonfire import DEFAULT_XML_ROOT, ENDPOINT, XSI_NAMESPACE, BodyFormat, UserKey
 from sync.records import Batch, Operation, Phase, RowRef
 from sync.row_keys import ROW_KEY, pack
+from sync.validation import REJECTS_SCHEMA
 
 __all__ = [
     "CONTENT_TYPES",
+    "MAX_EXPIRY_SECS",
     "MESSAGE_FIELDS",
     "Builder",
     "Stream",
@@ -47,7 +50,14 @@ __all__ = [
     "to_json",
     "to_xml",
     "user_of",
+    "xml_unsafe",
 ]
+
+MAX_EXPIRY_SECS = 2**31 - 1
+"""``ExpirySecs`` is documented as an Integer: a 32-bit signed integer on the platform's (.NET) side [I]."""
+_XML_UNSAFE = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\ud800-\udfff\ufffe\uffff]")
+_XML_UNSAFE_POLARS = "[\\x00-\\x08\\x0B\\x0C\\x0E-\\x1F\\x{FFFE}\\x{FFFF}]"
+"""The same characters for polars (a Rust regex; valid UTF-8 holds no surrogates)."""
 
 CONTENT_TYPES: Mapping[BodyFormat, str] = {
     BodyFormat.JSON: "application/json",
@@ -103,16 +113,32 @@ def to_json(body: Mapping[str, Any], company_id: int, integration_key: str) -> b
     return json.dumps(full, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
 
 
+def xml_unsafe(text: str) -> str | None:
+    """The first character of ``text`` that XML 1.0 cannot carry at all (C0 controls other than tab, line feed
+    and carriage return; U+FFFE, U+FFFF; lone surrogates), or None. No escape helps: ``&#7;`` is not
+    well-formed either, so such a value can only travel in a JSON body."""
+    found = _XML_UNSAFE.search(text)
+    return found.group() if found else None
+
+
 def _xml_text(value: Any) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"
-    return escape(str(value))
+    text = str(value)
+    bad = xml_unsafe(text)
+    if bad is not None:
+        raise ValueError(f"U+{ord(bad):04X} cannot be carried by XML 1.0: send this push as JSON")
+    # &, < and > as entities; a carriage return as a character reference, or every XML parser would read
+    # "\r\n" back as "\n" (end-of-line normalisation) and the platform would receive a different text.
+    return escape(text, {"\r": "&#13;"})
 
 
 def to_xml(
     body: Mapping[str, Any], company_id: int, integration_key: str, *, root: str = DEFAULT_XML_ROOT
 ) -> bytes:
-    """The request as XML: ``xmlns:i`` on the root, elements in ordinal alphabetical order, UTF-8."""
+    """The request as XML: ``xmlns:i`` on the root, elements in ordinal alphabetical order, UTF-8; ``&``, ``<``,
+    ``>`` and carriage returns escaped, so a parser reads back exactly the value. ValueError for a value XML 1.0
+    cannot carry (:func:`xml_unsafe`; the planner rejects such rows before)."""
     full = _with_credentials(body, company_id, integration_key)
     parts = [f'<{root} xmlns:i="{XSI_NAMESPACE}">']
     for name in sorted(full):  # ordinal order, as DataContract serialisers expect
@@ -179,10 +205,16 @@ def split_batch(batch: Batch) -> tuple[Batch, Batch] | None:
 # --- from clean frames to batches (the planner's builder) ----------------------------------------------------
 
 _EXT_ID, _FILE, _ROW = "__ext_id", "__file", "__row"
+_XML_REASON = (
+    "contains a character XML 1.0 cannot carry (a control character): use body_format: json to send it"
+)
 MESSAGE_FIELDS = ("Title", "Body", "Sound", "ExpirySecs")
 """Message fields a job sets per row (an attribute of that name) or for every push (``destination.extra``)."""
 _EXTRA_KEYS = {"Title": "title", "Body": "body", "Sound": "sound", "ExpirySecs": "expiry_secs"}
 _TRUE = frozenset({"true", "1", "yes", "y", "on"})
+_FIELD_TYPES = {"Sound": ValueType.BOOLEAN, "ExpirySecs": ValueType.NUMBER}
+"""Message fields that are not strings (the document: Sound Boolean, ExpirySecs Integer) and the column type
+that carries them: a value of another type would be sent as text and refused."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -203,9 +235,60 @@ class Builder:
     ``user_key``; a row's ``Title``/``Body``/``Sound``/``ExpirySecs`` columns override the job's constants.
     """
 
-    def __init__(self, user_key: UserKey, constants: Mapping[str, Any]) -> None:
+    def __init__(
+        self, user_key: UserKey, constants: Mapping[str, Any], body_format: BodyFormat = BodyFormat.JSON
+    ) -> None:
         self._user_key = user_key
         self._constants = dict(constants)
+        self._xml = body_format is BodyFormat.XML
+
+    def check_rows(
+        self, source: Source, clean: pl.DataFrame, file_name: str
+    ) -> tuple[pl.DataFrame, pl.DataFrame]:
+        """Split a validated chunk into the rows the platform can take and rejected rows (file, row, column,
+        reason; the planner writes them to the rejects file): ``ExpirySecs`` must be a whole number from 0 to
+        2,147,483,647 (an Integer: 1.5 is not rounded), and with XML bodies no text may hold a character XML
+        1.0 cannot carry (JSON bodies carry any)."""
+        checks: list[tuple[str, pl.Expr]] = []
+        if self._xml:
+            ids = pl.col(_EXT_ID).str.contains(_XML_UNSAFE_POLARS).fill_null(False)
+            checks.append((source.ext_id, pl.when(ids).then(pl.lit(_XML_REASON))))
+        for a in source.attributes:
+            value = pl.col(a.column)
+            if a.attribute == "ExpirySecs" and clean.schema[a.column].is_float():
+                checks.append(
+                    (
+                        a.column,
+                        pl.when(value.is_nan() | value.is_infinite() | (value != value.floor()))
+                        .then(
+                            pl.lit(
+                                "ExpirySecs must be a whole number of seconds (the platform takes an Integer)"
+                            )
+                        )
+                        .when((value < 0) | (value > MAX_EXPIRY_SECS))
+                        .then(pl.lit(f"ExpirySecs must be from 0 to {MAX_EXPIRY_SECS} seconds")),
+                    )
+                )
+            elif self._xml and clean.schema[a.column] == pl.String:
+                unsafe = value.str.contains(_XML_UNSAFE_POLARS).fill_null(False)
+                checks.append((a.column, pl.when(unsafe).then(pl.lit(_XML_REASON))))
+        if not checks:
+            return clean, pl.DataFrame(schema=REJECTS_SCHEMA)
+        found = clean.with_columns(
+            pl.coalesce(
+                [pl.when(error.is_not_null()).then(pl.lit(column)) for column, error in checks]
+            ).alias("__column"),
+            pl.coalesce([error for _, error in checks]).alias("__reason"),
+        )
+        bad = found["__reason"].is_not_null()
+        rejects = found.filter(bad).select(
+            pl.lit(file_name, pl.String).alias("file"),
+            pl.col(_ROW).cast(pl.Int64).alias("row"),
+            pl.col("__column").alias("column"),
+            pl.col("__reason").alias("reason"),
+            pl.col(_EXT_ID).alias("ext_id"),
+        )
+        return clean.filter(~bad), rejects
 
     def streams_for(self, source: Source) -> list[Stream]:
         if source.kind is not SourceKind.USERS:
@@ -281,7 +364,11 @@ def for_job(job: Job) -> Builder:
     constants = {
         name: _constant(name, extra[key]) for name, key in _EXTRA_KEYS.items() if extra.get(key) is not None
     }
-    return Builder(UserKey(extra.get("user_key", UserKey.USER_EXTERNAL_ID.value)), constants)
+    return Builder(
+        UserKey(extra.get("user_key", UserKey.USER_EXTERNAL_ID.value)),
+        constants,
+        BodyFormat(extra.get("body_format") or BodyFormat.JSON),
+    )
 
 
 def job_problems(sources: Sequence[Source], extra: Mapping[str, str]) -> list[JobProblem]:
@@ -298,8 +385,21 @@ def job_problems(sources: Sequence[Source], extra: Mapping[str, str]) -> list[Jo
     ):
         if key in extra and extra[key] not in allowed:
             problems.append(JobProblem(f"destination.extra.{key}", f"must be one of {', '.join(allowed)}"))
-    if "expiry_secs" in extra and not extra["expiry_secs"].isdigit():
-        problems.append(JobProblem("destination.extra.expiry_secs", "must be a whole number of seconds"))
+    if "expiry_secs" in extra and not (
+        extra["expiry_secs"].isdigit() and int(extra["expiry_secs"]) <= MAX_EXPIRY_SECS
+    ):
+        problems.append(
+            JobProblem(
+                "destination.extra.expiry_secs", f"must be a whole number of seconds up to {MAX_EXPIRY_SECS}"
+            )
+        )
+    if extra.get("body_format") == BodyFormat.XML.value:
+        for key in ("title", "body"):
+            if key in extra and xml_unsafe(extra[key]) is not None:
+                problems.append(JobProblem(f"destination.extra.{key}", _XML_REASON))
+    for key in ("fatal_after",):
+        if key in extra and not extra[key].isdigit():
+            problems.append(JobProblem(f"destination.extra.{key}", "must be a whole number (0 turns it off)"))
     for i, source in enumerate(sources):
         loc = f"sources[{i}]"
         if source.kind is not SourceKind.USERS:
@@ -311,10 +411,11 @@ def job_problems(sources: Sequence[Source], extra: Mapping[str, str]) -> list[Jo
                 )
             )
         for a in source.attributes:
+            where = f"{loc}.attributes.{a.column}"
             if a.attribute not in MESSAGE_FIELDS:
+                problems.append(JobProblem(where, f"must map to one of {', '.join(MESSAGE_FIELDS)}"))
+            elif a.attribute in _FIELD_TYPES and a.type is not _FIELD_TYPES[a.attribute]:
                 problems.append(
-                    JobProblem(
-                        f"{loc}.attributes.{a.column}", f"must map to one of {', '.join(MESSAGE_FIELDS)}"
-                    )
+                    JobProblem(where, f"{a.attribute} needs type: {_FIELD_TYPES[a.attribute].value}")
                 )
     return problems

@@ -8,6 +8,8 @@ status in the light of the call:
 answer                                                 raised
 =====================================================  ==========================================================
 2xx                                                    (parsed into :mod:`sync.platforms.meiro` records)
+2xx with a body that is not JSON (a proxy's page)      :class:`RetryableError`
+3xx (never followed: the password would go along)      :class:`FatalPlatformError`
 401 on login                                           :class:`FatalPlatformError` "check MEIRO_EMAIL/password"
 401 on a call                                          log in again once, repeat the call; then fatal
 403                                                    :class:`FatalPlatformError` naming the missing feature
@@ -37,7 +39,15 @@ from typing import Any, TypeVar
 from urllib.parse import quote
 
 from sync.errors import FatalPlatformError, PlatformError, RejectedBatchError, RetryableError
-from sync.platforms._http import AnswerPolicy, ErrorBody, HttpAnswer, HttpClient, HttpSession, json_error
+from sync.platforms._http import (
+    AnswerPolicy,
+    ErrorBody,
+    HttpAnswer,
+    HttpClient,
+    HttpSession,
+    bounded,
+    json_error,
+)
 from sync.platforms.meiro import (
     PLATFORM,
     TOKEN_TTL,
@@ -215,7 +225,7 @@ class MeiroClient(HttpClient):
         ``not_found`` names what a 404 means for this call (an export, a trashed notification) instead of
         blaming the base URL."""
         if answer.ok:
-            return answer.json()
+            return answer.expect_json()
         if answer.status == 404 and not_found:
             raise FatalPlatformError(f"{not_found}: {_read_error(answer.raw, 404).message}", status=404)
         raise answers.error(answer)
@@ -320,7 +330,8 @@ class MeiroClient(HttpClient):
         try:
             return Export.from_api(item)
         except ValueError as exc:
-            raise RetryableError(f"{answer.what}: {exc}", status=answer.status) from exc
+            # The reason quotes what the server sent (an unknown status...): bounded and masked like any message.
+            raise RetryableError(f"{answer.what}: {bounded(str(exc))}", status=answer.status) from exc
 
     async def list_trash(
         self, *, limit: int | None = None, offset: int | None = None, searched_text: str | None = None

@@ -31,9 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from sync.config import Destination, RetryPolicy, resolve_secret
+from sync.config import Destination, RetryPolicy, looks_like_a_key, read_job_yaml, resolve_secret
 from sync.errors import BadJobError, JobProblem, SecretError
 from sync.platforms.meiro.client import MeiroCredentials
 from sync.platforms.meiro.poller import ExportRef
@@ -56,6 +54,7 @@ _TOP = {
 }
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 _ENV = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+_PASTED = "looks like a password or key, not {what} (the value is not shown): name where the password lives"
 _LOCAL = re.compile(r"^https?://(127\.0\.0\.1|localhost|\[::1\])[:/]")
 
 
@@ -95,12 +94,7 @@ def _number(
 def load_meiro_job(path: str | Path) -> MeiroJob:
     """Read and validate a Meiro job file; raises :class:`BadJobError` listing every problem."""
     job_path = Path(path)
-    try:
-        raw = yaml.safe_load(job_path.read_text(encoding="utf-8"))
-    except OSError as exc:
-        raise BadJobError(str(job_path), [JobProblem("", f"cannot read job file: {exc.strerror}")]) from exc
-    except (yaml.YAMLError, UnicodeDecodeError) as exc:
-        raise BadJobError(str(job_path), [JobProblem("", f"not valid YAML: {exc}")]) from exc
+    raw = read_job_yaml(job_path)
     if not isinstance(raw, Mapping):
         raise BadJobError(str(job_path), [JobProblem("", "a job file is a YAML mapping (key: value)")])
     problems: list[JobProblem] = []
@@ -150,8 +144,18 @@ def load_meiro_job(path: str | Path) -> MeiroJob:
                 not isinstance(password_env, str) or not _ENV.match(password_env)
             ):
                 problems.append(JobProblem("credentials.password.env", "an environment variable name"))
+            elif isinstance(password_env, str) and looks_like_a_key(password_env):
+                # A password pasted where its variable's name belongs: "... is not set" would print it.
+                problems.append(
+                    JobProblem("credentials.password.env", _PASTED.format(what="a variable's name"))
+                )
             if password_file is not None:
                 password_file = str(job_path.resolve().parent / os.path.expanduser(str(password_file)))
+                if looks_like_a_key(str(password.get("file"))) and not Path(password_file).exists():
+                    problems.append(
+                        JobProblem("credentials.password.file", _PASTED.format(what="a file's path"))
+                    )
+                    password_file = None
 
     wait = raw.get("wait") or {}
     if not isinstance(wait, Mapping):

@@ -8,6 +8,8 @@ advice given with fatal answers. Nothing above this module sees aiohttp:
 answer                                        raised
 ============================================  =================================================================
 2xx                                           (returns :class:`SendOutcome`)
+2xx with a body that is not JSON (a page)     :class:`RetryableError` — not the API's answer; empty is fine
+3xx (never followed)                          :class:`FatalPlatformError` — credentials stay with the base URL
 401, 403; 404/405 (wrong base URL)            :class:`FatalPlatformError` — retrying cannot help any batch
 400, 413, 409, 422 and other 4xx              :class:`RejectedBatchError` with Netmera's ``code`` and ``error``
 408, 429, 5xx                                 :class:`RetryableError` (``retry_after``/``remaining`` parsed)
@@ -90,7 +92,8 @@ class NetmeraClient(HttpClient):
                 "POST", batch.endpoint, endpoint=batch.endpoint, batch_id=batch.batch_id, json_body=batch.body
             )
         )
-        return SendOutcome(answer.status, answer.latency, answer.json(), answer.remaining)
+        # Success bodies are not documented [I]: empty is fine, but a page that is not JSON is not the API's.
+        return SendOutcome(answer.status, answer.latency, answer.expect_json(), answer.remaining)
 
     async def get(
         self,
@@ -105,4 +108,4 @@ class NetmeraClient(HttpClient):
         answer = await self._session.request(
             "GET", endpoint, endpoint=endpoint, params=params, headers=headers
         )
-        return _ANSWERS.check(answer).json()
+        return _ANSWERS.check(answer).expect_json()

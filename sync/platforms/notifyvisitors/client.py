@@ -21,16 +21,26 @@ answer                                          raised
 400 and other 4xx                               :class:`RejectedBatchError` with the envelope's ``message``
 429                                             :class:`RetryableError`, ``remaining`` from
                                                 ``X-RateLimit-Remaining`` (0), ``retry_after`` from
-                                                ``Retry-After`` when sent (NotifyVisitors documents none: the
-                                                budget then pauses until the minute resets)
+                                                ``Retry-After`` when sent; NotifyVisitors documents none, so
+                                                then until the platform's minute resets (below)
 408, 5xx, time-outs, dropped connections        :class:`RetryableError`
 ==============================================  ================================================================
 
 Messages are built by :func:`sync.redact.describe_request` and never include headers.
+
+``X-RateLimit-Remaining: 0`` means "nothing more this minute": the platform counts per API family in minutes
+(seed 004: "how many more requests you can make in that minute"), whatever budget the job sets. So a success
+with 0 left carries ``reset_after`` and a 429 without ``Retry-After`` carries ``retry_after``: the seconds until
+the next wall-clock minute (``destination.extra.rate_window`` seconds, default 60) plus a margin for clock skew,
+and the endpoint's budget pauses that long instead of probing on its own (maybe much shorter) period. That the
+window is aligned to the clock minute is [I]; if it is not, the next request meets one more 429 and waits again.
 """
 
 from __future__ import annotations
 
+import math
+import time
+from collections.abc import Callable
 from enum import StrEnum
 from typing import Any
 
@@ -43,7 +53,10 @@ from sync.platforms.notifyvisitors.requests import split_batch
 from sync.records import Batch
 from sync.redact import register_secret
 
-__all__ = ["AuthMode", "NotifyVisitorsClient", "envelope_of"]
+__all__ = ["RATE_WINDOW", "AuthMode", "NotifyVisitorsClient", "envelope_of"]
+
+RATE_WINDOW = 60.0
+"""Seconds in the platform's rate-limit window: every documented limit is per minute."""
 
 
 class AuthMode(StrEnum):
@@ -103,9 +116,12 @@ class NotifyVisitorsClient(HttpClient):
         brand_id: str | None = None,
         timeout: float = 30.0,
         max_connections: int = 100,
+        wall_clock: Callable[[], float] = time.time,
     ) -> None:
         if not secret:
             raise ValueError("an API key or access token is required")
+        self._window = float(destination.extra.get("rate_window") or RATE_WINDOW)
+        self._wall_clock = wall_clock  # the platform's windows are wall-clock minutes
         register_secret(secret)
         mode = AuthMode(auth or destination.extra.get("auth") or AuthMode.API_KEY)
         brand = brand_id or destination.extra.get("brand_id")
@@ -127,13 +143,23 @@ class NotifyVisitorsClient(HttpClient):
         """Halve a batch by its user IDs (None for a single user)."""
         return split_batch(batch)
 
+    def until_window_reset(self) -> float:
+        """Seconds until the platform's current rate window ends, plus a margin for clock skew (1 s per
+        minute): what nothing-left-this-minute costs."""
+        now = self._wall_clock()
+        end = (math.floor(now / self._window) + 1) * self._window
+        return end - now + min(1.0, self._window / 60)
+
     async def send(self, batch: Batch) -> SendOutcome:
         """POST the batch's body to its endpoint; see the module docstring for what is raised."""
         answer = await self._session.request(
             "POST", batch.endpoint, endpoint=batch.endpoint, batch_id=batch.batch_id, json_body=batch.body
         )
         if not answer.ok:
-            raise _ANSWERS.error(answer)
+            error = _ANSWERS.error(answer)
+            if isinstance(error, RetryableError) and error.rate_limited and error.retry_after is None:
+                error.retry_after = self.until_window_reset()
+            raise error
         body = answer.json()
         envelope = envelope_of(body)
         if envelope is None:
@@ -145,4 +171,6 @@ class NotifyVisitorsClient(HttpClient):
             raise RejectedBatchError(
                 _message(envelope, answer.status), status=answer.status, code=envelope[0]
             )
-        return SendOutcome(answer.status, answer.latency, body, answer.remaining)
+        remaining = answer.remaining
+        reset_after = self.until_window_reset() if remaining == 0 else None
+        return SendOutcome(answer.status, answer.latency, body, remaining, reset_after)

@@ -44,12 +44,16 @@ from sync.platforms.notifyvisitors import (
 )
 from sync.records import Batch, Operation, Phase, RowRef
 from sync.row_keys import ROW_KEY, pack
+from sync.validation import REJECTS_SCHEMA
 
 __all__ = [
+    "DEFAULT_EVENT_TIME_FORMAT",
     "ENDPOINT_FOR",
     "EVENT_TIME_ATTRIBUTE",
+    "EVENT_TIME_FORMATS",
     "MAX_ITEMS",
     "Builder",
+    "ItemOrigins",
     "Stream",
     "batch_id_for",
     "canonical_json",
@@ -140,17 +144,18 @@ def format_date(value: date | str) -> str:
         raise ValueError(f"date {str(value)[:30]!r} is not YYYY-MM-DD") from None
 
 
-def format_event_time(value: datetime | str, tz: tzinfo | None = None) -> str:
-    """``yyyy-MM-dd HH:mm:ss``. An aware datetime is first converted to ``tz`` (UTC by default) — NotifyVisitors
-    takes no offset in this field, so which zone it means is an assumption [I]; naive datetimes are sent as they
-    are. Strings must already be in the format (a ``T`` separator is accepted and replaced)."""
+def format_event_time(value: datetime | str, tz: tzinfo | None = None, fmt: str = EVENT_TIME_FORMAT) -> str:
+    """An ``event_time`` without an offset, in ``fmt`` (:data:`EVENT_TIME_FORMATS`; default
+    ``yyyy-MM-dd HH:mm:ss``). An aware datetime is first converted to ``tz`` (UTC by default): NotifyVisitors
+    takes no offset in this form, so the zone is the job's choice (docs/notifyvisitors.md); naive datetimes are
+    sent as they are. Strings must already be a time in either form (``T`` or a space between the parts)."""
     if isinstance(value, datetime):
         if value.tzinfo is not None:
             value = value.astimezone(tz or UTC)
-        return value.strftime(EVENT_TIME_FORMAT)
+        return value.strftime(fmt)
     text = str(value).replace("T", " ", 1)
     try:
-        return datetime.strptime(text, EVENT_TIME_FORMAT).strftime(EVENT_TIME_FORMAT)
+        return datetime.strptime(text, EVENT_TIME_FORMAT).strftime(fmt)
     except ValueError:
         raise ValueError(f"event_time {str(value)[:30]!r} is not yyyy-MM-dd HH:mm:ss") from None
 
@@ -225,16 +230,17 @@ def event_item(
     event_time: datetime | str | None = None,
     *,
     tz: tzinfo | None = None,
+    fmt: str = EVENT_TIME_FORMAT,
 ) -> dict[str, Any]:
-    """One ``event/create`` item; ``event_time`` is left out when None (the platform then uses the time it
-    receives the event [I])."""
+    """One ``event/create`` item (``event_time`` formatted by :func:`format_event_time`). Left out when None —
+    only for callers of their own: the planner rejects an event row without a time (docs/notifyvisitors.md)."""
     item: dict[str, Any] = {
         "userID": check_user_id(user_id),
         "event_name": check_name(event_name, "event name"),
         "attributes": _event_attributes(attributes or {}),
     }
     if event_time is not None:
-        item["event_time"] = format_event_time(event_time, tz)
+        item["event_time"] = format_event_time(event_time, tz, fmt)
     return item
 
 
@@ -275,16 +281,58 @@ def user_ids_in_body(body: Any) -> tuple[str, ...]:
     return tuple(dict.fromkeys(str(item["userID"]) for item in items))
 
 
+class ItemOrigins(Mapping[str, RowRef]):
+    """The origins of a batch whose items may name a user more than once (events): the row of each item, in
+    body order (:attr:`rows`). As a mapping (``Batch.origins``) a user's row is their last item's, so once a
+    refused batch is split down to one item, the refusal names exactly the row that item came from."""
+
+    __slots__ = ("_by_user", "rows")
+
+    def __init__(self, items: Sequence[Mapping[str, Any]], rows: Sequence[RowRef | None]) -> None:
+        if len(items) != len(rows):
+            raise ValueError("one row (or None) per item")
+        self.rows: tuple[RowRef | None, ...] = tuple(rows)
+        self._by_user: dict[str, RowRef] = {
+            str(item["userID"]): row for item, row in zip(items, rows, strict=True) if row is not None
+        }
+
+    def __getitem__(self, user: str) -> RowRef:
+        return self._by_user[user]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._by_user)
+
+    def __len__(self) -> int:
+        return len(self._by_user)
+
+    def __repr__(self) -> str:
+        return f"ItemOrigins({self._by_user!r})"
+
+
 def make_batch(
-    endpoint: str, body: Any, *, origins: Mapping[str, RowRef] | None = None, row_keys: bytes = b""
+    endpoint: str,
+    body: Any,
+    *,
+    origins: Mapping[str, RowRef] | None = None,
+    rows: Sequence[RowRef | None] | None = None,
+    after: str | None = None,
+    row_keys: bytes = b"",
 ) -> Batch:
-    """Wrap a body in a :class:`Batch` (``row_keys``: the packed keys of its input rows, :mod:`sync.row_keys`).
-    ValueError when it holds more items than the endpoint takes."""
+    """Wrap a body in a :class:`Batch`. ValueError when it holds more items than the endpoint takes.
+
+    ``rows`` (one per item) gives the batch :class:`ItemOrigins`; otherwise ``origins`` maps users to rows.
+    ``after`` names the batch this one must follow (``Batch.after``); ``row_keys``: the packed keys of its
+    input rows (:mod:`sync.row_keys`)."""
     limit = MAX_ITEMS[endpoint]
     count = len(body["nv"])
     if count == 0 or count > limit:
         raise ValueError(f"{endpoint}: {count} items in one request (1 to {limit})")
     ids = user_ids_in_body(body)
+    kept: Mapping[str, RowRef]
+    if rows is not None:
+        kept = ItemOrigins(body["nv"], rows)
+    else:
+        kept = {x: origins[x] for x in ids if x in origins} if origins else {}
     return Batch(
         batch_id=batch_id_for(endpoint, body),
         endpoint=endpoint,
@@ -292,7 +340,8 @@ def make_batch(
         body=body,
         ext_ids=ids,
         phase=Phase.CHANGES,
-        origins={x: origins[x] for x in ids if x in origins} if origins else {},
+        origins=kept,
+        after=after,
         row_keys=row_keys,
     )
 
@@ -302,53 +351,94 @@ def iter_batches(
     items: Iterable[tuple[dict[str, Any], RowRef | None]],
     batch_size: int | None = None,
 ) -> Iterator[Batch]:
-    """Consecutive runs of at most ``batch_size`` items (default and ceiling: the endpoint's limit), in input
-    order. Each item comes with the row it was built from (or None); a user's origin is its last row."""
-    return _cut(endpoint, ((item, origin, None) for item, origin in items), batch_size)
+    """Batches of at most ``batch_size`` items (default and ceiling: the endpoint's limit), in input order.
+
+    Each item comes with the row it was built from (or None). A run of consecutive items of one user (the
+    planner's order keeps a user's events together, in file order) is not cut across requests unless it is
+    longer than a request holds: the batch so far is sent without it. A batch that shares a user with the
+    batch before it names that batch in ``after``, so the dispatcher sends it only once the earlier one has
+    finished and the user's events reach the platform in order."""
+    return _keyed_batches(endpoint, ((item, origin, None) for item, origin in items), batch_size)
 
 
-def _cut(
+def _keyed_batches(
     endpoint: str,
     items: Iterable[tuple[dict[str, Any], RowRef | None, int | None]],
     batch_size: int | None = None,
 ) -> Iterator[Batch]:
-    """:func:`iter_batches` of items that may carry their row's key (:mod:`sync.row_keys`), kept per batch."""
+    """:func:`iter_batches` of items that may carry their input row's key (:mod:`sync.row_keys`): each batch
+    keeps the keys of the items it holds."""
     limit = MAX_ITEMS[endpoint]
     size = limit if batch_size is None else batch_size
     if not 1 <= size <= limit:
         raise ValueError(f"{endpoint}: batch size must be 1..{limit}, got {size}")
-    chunk: list[dict[str, Any]] = []
-    origins: dict[str, RowRef] = {}
-    keys: list[int] = []
+    packer = _Packer(endpoint, size)
+    run: list[tuple[dict[str, Any], RowRef | None, int | None]] = []  # the current user's consecutive items
     for item, origin, key in items:
-        chunk.append(item)
-        if key is not None:
-            keys.append(key)
-        if origin is not None:
-            origins[str(item["userID"])] = origin
-        if len(chunk) == size:
-            yield make_batch(endpoint, {"nv": chunk}, origins=origins, row_keys=pack(keys))
-            chunk, origins, keys = [], {}, []
-    if chunk:
-        yield make_batch(endpoint, {"nv": chunk}, origins=origins, row_keys=pack(keys))
+        if run and str(item["userID"]) != str(run[0][0]["userID"]):
+            yield from packer.place(run)
+            run = []
+        run.append((item, origin, key))
+    if run:
+        yield from packer.place(run)
+    if packer.items:
+        yield packer.emit()
+
+
+class _Packer:
+    """Fills requests for :func:`iter_batches`: the batch being filled, and the last one sent."""
+
+    __slots__ = ("endpoint", "items", "keys", "previous", "rows", "size")
+
+    def __init__(self, endpoint: str, size: int) -> None:
+        self.endpoint = endpoint
+        self.size = size  # items per request
+        self.items: list[dict[str, Any]] = []  # of the batch being filled
+        self.rows: list[RowRef | None] = []  # the row of each of those items
+        self.keys: list[int] = []  # the row keys of those items (keyed input only: sync.row_keys)
+        self.previous: Batch | None = None  # the batch sent last: a batch sharing a user with it follows it
+
+    def place(self, run: list[tuple[dict[str, Any], RowRef | None, int | None]]) -> Iterator[Batch]:
+        """Add one user's run of items: whole when it fits, else after sending what is there; a run longer
+        than a request fills whole requests first (each following the one before)."""
+        if self.items and len(self.items) + len(run) > self.size:
+            yield self.emit()
+        for item, origin, key in run:
+            self.items.append(item)
+            self.rows.append(origin)
+            if key is not None:
+                self.keys.append(key)
+            if len(self.items) == self.size:
+                yield self.emit()
+
+    def emit(self) -> Batch:
+        """The batch filled so far (not empty); starts the next."""
+        previous = self.previous
+        users = {str(item["userID"]) for item in self.items}
+        after = previous.batch_id if previous is not None and not users.isdisjoint(previous.ext_ids) else None
+        batch = make_batch(
+            self.endpoint, {"nv": self.items}, rows=self.rows, after=after, row_keys=pack(self.keys)
+        )
+        self.items, self.rows, self.keys, self.previous = [], [], [], batch
+        return batch
 
 
 def split_batch(batch: Batch) -> tuple[Batch, Batch] | None:
-    """Halve a batch by its user IDs, keeping every item of one user in the same half (so events of one user
-    keep their order). None when the batch names a single user."""
-    ids = batch.ext_ids
-    if len(ids) < 2:
-        return None
-    first = frozenset(ids[: len(ids) // 2])
+    """Halve a batch by its items, in body order: refusals are isolated down to the single item (one event of a
+    user, not all of them), and the first half is sent before the second, so a user's events keep their
+    order. Each half keeps the rows of its own items. None when the batch holds a single item."""
     items = batch.body["nv"]
-    halves = (
-        {"nv": [item for item in items if str(item["userID"]) in first]},
-        {"nv": [item for item in items if str(item["userID"]) not in first]},
-    )
-    out = []
-    for body in halves:
-        out.append(make_batch(batch.endpoint, body, origins=batch.origins))
-    return out[0], out[1]
+    if len(items) < 2:
+        return None
+    middle = len(items) // 2
+    origins = batch.origins
+    if isinstance(origins, ItemOrigins):
+        rows: Sequence[RowRef | None] = origins.rows
+    else:  # one row per user: each item gets its user's
+        rows = [origins.get(str(item["userID"])) for item in items]
+    first = make_batch(batch.endpoint, {"nv": items[:middle]}, rows=rows[:middle], after=batch.after)
+    second = make_batch(batch.endpoint, {"nv": items[middle:]}, rows=rows[middle:])
+    return first, second
 
 
 # --- from clean frames to batches (the planner's builder) ----------------------------------------------------
@@ -361,6 +451,15 @@ def split_batch(batch: Batch) -> tuple[Batch, Batch] | None:
 _EXT_ID, _FILE, _ROW, _EVENT = "__ext_id", "__file", "__row", "__event"
 EVENT_TIME_ATTRIBUTE = "event_time"
 """An events source's attribute with this name becomes the event's ``event_time`` (not an attribute)."""
+EVENT_TIME_FORMATS: Mapping[str, str] = {
+    "yyyy-MM-dd HH:mm:ss": EVENT_TIME_FORMAT,
+    "yyyy-MM-ddTHH:mm:ss": "%Y-%m-%dT%H:%M:%S",
+}
+"""``destination.extra.event_time_format`` → strftime pattern. Both forms carry no offset: the vendor's pages
+show ``yyyy-MM-dd HH:mm:ss`` for events and ``yyyy-MM-ddTHH:mm:ss`` (with a ``+0000`` example) in general."""
+DEFAULT_EVENT_TIME_FORMAT = "yyyy-MM-dd HH:mm:ss"
+_TRUE_SETTING = frozenset({"true", "yes", "1", "on"})
+_FALSE_SETTING = frozenset({"false", "no", "0", "off"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -374,6 +473,8 @@ class Stream:
     types: tuple[ValueType, ...]
     skip: int = 0
     phase: Phase = Phase.CHANGES
+    rank: int = 0
+    """Within the phase, lanes of a lower rank finish first: profiles (0) before events (1) by default."""
 
     @property
     def endpoint(self) -> str:
@@ -384,16 +485,29 @@ class Builder:
     """Turns a NotifyVisitors job's clean frames into batches; made by :func:`for_job` for the planner.
 
     Values are converted to the platform's formats here: opt-in booleans → ``"1"``/``"0"``, ``date`` columns →
-    ``YYYY-MM-DD`` (``birth_date``) or ``yyyy-MM-dd HH:mm:ss`` in the job's time zone, integral numbers →
-    integers, ``mobile`` → E.164. A value that cannot be converted is sent as it is, so the platform refuses
-    that user and the dispatcher records it with the platform's reason (the batch is split to isolate it).
+    ``YYYY-MM-DD`` (``birth_date``) or ``yyyy-MM-dd HH:mm:ss`` in the job's time zone (``event_time``: in
+    ``event_time_format`` and ``event_time_zone``), integral numbers → integers, ``mobile`` → E.164. A value that
+    cannot be converted is sent as it is, so the platform refuses that item and the dispatcher records it with
+    the platform's reason (the batch is split down to the item). An event row without a time is rejected at
+    plan (:meth:`check_rows`).
     """
 
-    def __init__(self, tz: tzinfo) -> None:
+    def __init__(
+        self,
+        tz: tzinfo,
+        *,
+        event_tz: tzinfo | None = None,
+        event_time_format: str = DEFAULT_EVENT_TIME_FORMAT,
+        events_after_users: bool = True,
+    ) -> None:
         self._tz = tz
+        self._event_tz = event_tz or tz
+        self._event_fmt = EVENT_TIME_FORMATS[event_time_format]
+        self._events_rank = 1 if events_after_users else 0
 
     def streams_for(self, source: Source) -> list[Stream]:
-        """One stream per source: ``user/create`` for users, ``event/create`` for events."""
+        """One stream per source: ``user/create`` for users, ``event/create`` for events (after the profiles
+        unless the job says ``events_after_users: false``)."""
         if source.kind is SourceKind.EVENTS:
             return [
                 Stream(
@@ -402,6 +516,7 @@ class Builder:
                     tuple(a.attribute for a in source.attributes),
                     tuple(a.type for a in source.attributes),
                     skip=1,
+                    rank=self._events_rank,
                 )
             ]
         if source.kind is not SourceKind.USERS:
@@ -422,12 +537,36 @@ class Builder:
             )
         ]
 
+    def check_rows(
+        self, source: Source, clean: pl.DataFrame, file_name: str
+    ) -> tuple[pl.DataFrame, pl.DataFrame]:
+        """An event row without a time is a rejected row (file, row, column): sent without ``event_time`` the
+        platform would date it when it arrives — a retry or a resume later — not when it happened."""
+        column = next((a.column for a in source.attributes if a.attribute == EVENT_TIME_ATTRIBUTE), None)
+        if source.kind is not SourceKind.EVENTS or column is None:
+            return clean, pl.DataFrame(schema=REJECTS_SCHEMA)
+        missing = clean[column].is_null()
+        rejects = clean.filter(missing).select(
+            pl.lit(file_name, pl.String).alias("file"),
+            pl.col(_ROW).cast(pl.Int64).alias("row"),
+            pl.lit(column, pl.String).alias("column"),
+            pl.lit("event_time is missing: every event is sent with the time it happened", pl.String).alias(
+                "reason"
+            ),
+            pl.col(_EXT_ID).alias("ext_id"),
+        )
+        return clean.filter(~missing), rejects
+
     def _value(self, name: str, kind: ValueType, value: Any) -> Any:
         if value is None:
             return None
         if kind is ValueType.DATE:
-            moment = datetime.fromtimestamp(value / 1000, UTC).astimezone(self._tz)
-            return moment.strftime(DATE_FORMAT if name in DATE_ATTRIBUTES else EVENT_TIME_FORMAT)
+            moment = datetime.fromtimestamp(value / 1000, UTC)
+            if name == EVENT_TIME_ATTRIBUTE:
+                return moment  # formatted with the event's zone and format in _item
+            return moment.astimezone(self._tz).strftime(
+                DATE_FORMAT if name in DATE_ATTRIBUTES else EVENT_TIME_FORMAT
+            )
         if kind is ValueType.BOOLEAN and name in OPT_IN_ATTRIBUTES:
             return opt_in_flag(value)
         if isinstance(value, list):
@@ -442,18 +581,25 @@ class Builder:
         }
         attrs = {k: v for k, v in values.items() if v is not None}
         if stream.operation is Operation.SET_ATTRIBUTES:
+            if isinstance(attrs.get(EVENT_TIME_ATTRIBUTE), datetime):  # only events have an event_time
+                attrs[EVENT_TIME_ATTRIBUTE] = (
+                    attrs[EVENT_TIME_ATTRIBUTE].astimezone(self._tz).strftime(EVENT_TIME_FORMAT)
+                )
             try:
                 return user_item(user_id, attrs)
             except ValueError:
                 return {"userID": user_id, "user_attributes": attrs}
         when = attrs.pop(EVENT_TIME_ATTRIBUTE, None)
+        if isinstance(when, datetime):
+            when = format_event_time(when, self._event_tz, self._event_fmt)
         try:
-            return event_item(user_id, row[3], attrs, when)
+            return event_item(user_id, row[3], attrs, when, fmt=self._event_fmt)
         except ValueError:
             item = {"userID": user_id, "event_name": row[3], "attributes": attrs}
             return item if when is None else {**item, "event_time": when}
 
     def _selected(self, stream: Stream, frame: pl.DataFrame) -> pl.DataFrame:
+        # A frame of a non-idempotent stream carries its rows' keys (sync.row_keys): kept last, for the batch.
         keys = [ROW_KEY] if ROW_KEY in frame.columns else []
         selected = frame.select(_EXT_ID, _FILE, _ROW, *stream.columns, *keys)
         if stream.operation is Operation.SET_ATTRIBUTES and stream.columns:
@@ -474,29 +620,44 @@ class Builder:
         def items() -> Iterator[tuple[dict[str, Any], RowRef, int | None]]:
             for frame in frames:
                 selected = self._selected(stream, frame)
-                if ROW_KEY not in selected.columns:
-                    for row in selected.iter_rows():
-                        yield self._item(stream, row), RowRef(files[row[1]], row[2]), None
-                    continue
+                keyed = ROW_KEY in selected.columns
                 for row in selected.iter_rows():
-                    yield self._item(stream, row[:-1]), RowRef(files[row[1]], row[2]), row[-1]
+                    key = row[-1] if keyed else None
+                    values = row[:-1] if keyed else row
+                    yield self._item(stream, values), RowRef(files[row[1]], row[2]), key
 
-        yield from _cut(stream.endpoint, items(), size)
+        yield from _keyed_batches(stream.endpoint, items(), size)
 
     def stream_counts(
         self, stream: Stream, frames: Iterable[pl.DataFrame], batch_size: int
     ) -> tuple[int, int]:
-        """``(requests, ids)`` :meth:`stream_batches` would give (ids summed over requests, approximately for
-        events: unique users per frame)."""
+        """``(requests, ids)`` :meth:`stream_batches` gives: the same packing (a user's run of items is not cut
+        unless it is longer than a request), computed from each user's item count."""
         size = min(batch_size, MAX_ITEMS[stream.endpoint])
-        items = ids = 0
+        requests = ids = filled = 0
+        last: list[str] = []  # users of the batch being filled
         for frame in frames:
             selected = frame
             if stream.operation is Operation.SET_ATTRIBUTES and stream.columns:
                 selected = frame.filter(pl.any_horizontal(pl.col(list(stream.columns)).is_not_null()))
-            items += selected.height
-            ids += selected[_EXT_ID].n_unique() if selected.height else 0
-        return -(-items // size), ids
+            if not selected.height:
+                continue
+            # Runs of one user, in the frame's (canonical) order: one Python step per user, not per item.
+            runs = selected.select(pl.col(_EXT_ID).rle()).unnest(_EXT_ID)
+            for run, user in runs.iter_rows():
+                if filled and filled + run > size:
+                    requests, ids = requests + 1, ids + len(set(last))
+                    filled, last = 0, []
+                while run:
+                    take = min(run, size - filled)
+                    filled, run = filled + take, run - take
+                    last.append(user)
+                    if filled == size:
+                        requests, ids = requests + 1, ids + len(set(last))
+                        filled, last = 0, []
+        if filled:
+            requests, ids = requests + 1, ids + len(set(last))
+        return requests, ids
 
     def stream_sample(self, stream: Stream, frames: Iterable[pl.DataFrame], max_ids: int = 3) -> Any | None:
         """A request body built from the stream's first ``max_ids`` items, or None when it is empty."""
@@ -508,9 +669,28 @@ class Builder:
         return {"nv": items} if items else None
 
 
+def _setting_flag(extra: Mapping[str, str], key: str, default: bool) -> bool | None:
+    """A yes/no setting of ``destination.extra``; None when it is neither."""
+    raw = extra.get(key)
+    if raw is None:
+        return default
+    text = str(raw).strip().lower()
+    return True if text in _TRUE_SETTING else False if text in _FALSE_SETTING else None
+
+
 def for_job(job: Job) -> Builder:
-    """The planner's batch builder for a NotifyVisitors job (dates in the job's ``validation.timezone``)."""
-    return Builder(zoneinfo.ZoneInfo(job.validation.timezone))
+    """The planner's batch builder for a NotifyVisitors job: dates in the job's ``validation.timezone``;
+    ``event_time`` in ``destination.extra.event_time_zone`` (default: that same zone) and
+    ``event_time_format``; events after profiles unless ``events_after_users: false``."""
+    extra = job.destination.extra
+    tz = zoneinfo.ZoneInfo(job.validation.timezone)
+    zone = extra.get("event_time_zone")
+    return Builder(
+        tz,
+        event_tz=zoneinfo.ZoneInfo(zone) if zone else tz,
+        event_time_format=extra.get("event_time_format", DEFAULT_EVENT_TIME_FORMAT),
+        events_after_users=bool(_setting_flag(extra, "events_after_users", True)),
+    )
 
 
 def job_problems(sources: Sequence[Source], extra: Mapping[str, str]) -> list[JobProblem]:
@@ -521,6 +701,29 @@ def job_problems(sources: Sequence[Source], extra: Mapping[str, str]) -> list[Jo
         problems.append(JobProblem("destination.extra.auth", "must be api_key or bearer"))
     elif auth == "api_key" and not extra.get("brand_id"):
         problems.append(JobProblem("destination.extra.brand_id", "api_key authentication needs the brand ID"))
+    if extra.get("event_time_format", DEFAULT_EVENT_TIME_FORMAT) not in EVENT_TIME_FORMATS:
+        problems.append(
+            JobProblem(
+                "destination.extra.event_time_format", f"must be one of {', '.join(EVENT_TIME_FORMATS)}"
+            )
+        )
+    if extra.get("event_time_zone"):
+        try:
+            zoneinfo.ZoneInfo(extra["event_time_zone"])
+        except (zoneinfo.ZoneInfoNotFoundError, ValueError):
+            problems.append(
+                JobProblem("destination.extra.event_time_zone", "not a time zone name (e.g. UTC)")
+            )
+    if _setting_flag(extra, "events_after_users", True) is None:
+        problems.append(JobProblem("destination.extra.events_after_users", "must be true or false"))
+    if "rate_window" in extra:
+        try:
+            if not float(extra["rate_window"]) > 0:
+                raise ValueError
+        except ValueError:
+            problems.append(
+                JobProblem("destination.extra.rate_window", "must be a number of seconds above 0")
+            )
     for i, source in enumerate(sources):
         loc = f"sources[{i}]"
         if source.kind not in (SourceKind.USERS, SourceKind.EVENTS):
@@ -534,6 +737,19 @@ def job_problems(sources: Sequence[Source], extra: Mapping[str, str]) -> list[Jo
                     "notifyvisitors takes only email and sms opt-ins (email_opt_in, sms_opt_in)",
                 )
             )
+        if source.kind is SourceKind.EVENTS:
+            times = [a for a in source.attributes if a.attribute == EVENT_TIME_ATTRIBUTE]
+            if not times:
+                problems.append(
+                    JobProblem(
+                        f"{loc}.attributes",
+                        "map a column to event_time (type: date): every event is sent with its time",
+                    )
+                )
+            elif times[0].type is not ValueType.DATE:
+                problems.append(
+                    JobProblem(f"{loc}.attributes.{times[0].column}", "event_time needs type: date")
+                )
         for a in source.attributes:
             where = f"{loc}.attributes.{a.column}"
             if a.mode.value != "set" or a.on_null.value != "skip":

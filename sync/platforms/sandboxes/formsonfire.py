@@ -10,8 +10,8 @@ request                                                   HTTP    body (in the `
 other Content-Type                                        400     ``UnsupportedMediaType``
 body not JSON/XML; XML root without ``xmlns:i``; XML      400     ``SerializationException``
 elements not in alphabetical order; a field of the
-wrong type (bad parameters)
-wrong ``CompanyId`` or ``IntegrationKey``                 200     ``Unauthorized`` (error inside the body)
+wrong type, an Integer outside 32 bits (bad parameters)
+wrong ``CompanyId`` or ``IntegrationKey``                 200     ``Unauthorized`` (``auth_error_code``)
 no ``UserId``/``UserEmail``/``UserExternalId``             200     ``UserRequired``
 a user not in the known-users list (when it applies)      200     ``UserNotFound``
 accepted                                                  200     ``{"MessageId": n}``
@@ -122,6 +122,9 @@ class FormsOnFireSandboxConfig(SandboxSettings):
     xml_order: XmlOrder = XmlOrder.ERROR
     error_status: int = 200
     """[I] HTTP status of errors reported inside the body (documented: most are 200)."""
+    auth_error_code: str = "Unauthorized"
+    """[I] The in-body error code of a wrong ``CompanyId`` or ``IntegrationKey``: the vendor documents none, so
+    a client must not depend on it (tests set another)."""
 
     _enums: ClassVar[Mapping[str, type[StrEnum]]] = {"unknown_user": UnknownUser, "xml_order": XmlOrder}
 
@@ -146,12 +149,18 @@ def _local(tag: str) -> str:
     return tag.rsplit("}", 1)[-1]
 
 
+_INT32 = range(-(2**31), 2**31)
+"""The document's Integer fields are .NET ``int``: a value outside it does not deserialise [I]."""
+
+
 def _typed(name: str, value: Any) -> Any:
     expected = _FIELD_TYPES.get(name)
     if expected is None or value is None:
         return value
     if type(value) is not expected:
         raise _bad(f"{name}: expected {expected.__name__}")
+    if expected is int and value not in _INT32:
+        raise _bad(f"{name}: out of range for an Integer")
     return value
 
 
@@ -179,7 +188,7 @@ def _xml_value(name: str, element: ET.Element) -> Any:
         return text.strip() == "true"
     if expected is int:
         try:
-            return int(text.strip())
+            return _typed(name, int(text.strip()))
         except ValueError:
             raise _bad(f"{name}: expected an integer") from None
     return text
@@ -348,7 +357,7 @@ class FormsOnFireSandbox(PlatformSandbox[FormsOnFireSandboxConfig, FormsOnFireSt
             or type(key) is not str
             or not hmac.compare_digest(key.encode(), self._key)
         ):
-            return self._in_body("Unauthorized", "invalid CompanyId or IntegrationKey", fmt)
+            return self._in_body(self.config.auth_error_code, "invalid CompanyId or IntegrationKey", fmt)
         target = next(((k.value, body[k.value]) for k in UserKey if body.get(k.value)), None)
         if target is None:
             return self._in_body(

@@ -45,7 +45,6 @@ from sync.platforms.notifyvisitors import (
     DATE_FORMAT,
     E164_PATTERN,
     EVENT_CREATE,
-    EVENT_TIME_FORMAT,
     FAMILY_OF,
     MAX_EVENTS_PER_REQUEST,
     MAX_NAME_LENGTH,
@@ -56,6 +55,7 @@ from sync.platforms.notifyvisitors import (
     RATE_LIMITS_PER_MINUTE,
     USER_CREATE,
 )
+from sync.platforms.notifyvisitors.requests import EVENT_TIME_FORMATS
 from sync.platforms.sandboxes._base import PlatformSandbox, SandboxSettings, table
 from sync.platforms.sandboxes._core import ApiError, RateLimit, json_response
 
@@ -97,6 +97,9 @@ class NotifyVisitorsSandboxConfig(SandboxSettings):
     """[I] Answer refusals of content with 200 + ``status: error`` instead of 400."""
     retry_after_header: bool = False
     """[I] Add ``Retry-After`` to 429s; NotifyVisitors documents only ``X-RateLimit-Remaining``."""
+    event_time_format: str = "yyyy-MM-dd HH:mm:ss"
+    """The one ``event_time`` form accepted: ``yyyy-MM-dd HH:mm:ss`` (the event API's page) or
+    ``yyyy-MM-ddTHH:mm:ss`` (the general date-format note, without its offset)."""
     max_users_per_request: int = MAX_USERS_PER_REQUEST
     max_events_per_request: int = MAX_EVENTS_PER_REQUEST
 
@@ -117,13 +120,15 @@ def envelope(status: str, message: str, data: Any = None) -> dict[str, Any]:
 
 @dataclass(frozen=True, slots=True)
 class Event:
-    """One event as received (``event_time`` as sent, None when absent; ``received_at`` sandbox time)."""
+    """One event as received (``event_time`` as sent, None when absent; ``received_at`` sandbox time;
+    ``user_existed``: whether ``user/create`` had created the user before the event arrived)."""
 
     user_id: str
     name: str
     attributes: Mapping[str, Any]
     event_time: str | None
     received_at: float
+    user_existed: bool = True
 
 
 class NotifyVisitorsState:
@@ -154,6 +159,7 @@ class NotifyVisitorsState:
                     dict(item.get("attributes") or {}),
                     item.get("event_time"),
                     float(item.get("received_at", 0.0)),
+                    bool(item.get("user_existed", True)),
                 )
             )
 
@@ -170,6 +176,7 @@ class NotifyVisitorsState:
                     "attributes": dict(e.attributes),
                     "event_time": e.event_time,
                     "received_at": e.received_at,
+                    "user_existed": e.user_existed,
                 }
                 for e in self.events
             ],
@@ -192,6 +199,7 @@ class NotifyVisitorsState:
                 "attributes": (pl.String, lambda e: json.dumps(dict(e.attributes), sort_keys=True)),
                 "event_time": (pl.String, "event_time"),
                 "received_at": (pl.Float64, "received_at"),
+                "user_existed": (pl.Boolean, "user_existed"),
             },
         )
         return {"users": users, "events": events}
@@ -291,6 +299,9 @@ class NotifyVisitorsSandbox(PlatformSandbox[NotifyVisitorsSandboxConfig, NotifyV
         self._key = config.api_key.encode()
         self._brand = config.brand_id.encode()
         self._token = config.bearer_token.encode() if config.bearer_token else None
+        if config.event_time_format not in EVENT_TIME_FORMATS:
+            raise ValueError(f"event_time_format must be one of {', '.join(EVENT_TIME_FORMATS)}")
+        self._event_format = EVENT_TIME_FORMATS[config.event_time_format]
         super().__init__(
             config,
             NotifyVisitorsState(),
@@ -369,9 +380,11 @@ class NotifyVisitorsSandbox(PlatformSandbox[NotifyVisitorsSandboxConfig, NotifyV
             name = _name(item.get("event_name"), f"{where}.event_name")
             attrs = _attributes(item.get("attributes") or {}, f"{where}.attributes", user=False)
             when = item.get("event_time")
-            if when is not None and not _parses(when, EVENT_TIME_FORMAT):
-                raise _invalid(f"{where}.event_time", "must be yyyy-MM-dd HH:mm:ss")
-            events.append(Event(user_id, name, attrs, when, now))
+            if when is not None and not _parses(when, self._event_format):
+                raise _invalid(f"{where}.event_time", f"must be {self.config.event_time_format}")
+            # Whether the profile was there first: an event for a user not yet created is recorded, and this
+            # says so (a client should create users before their events).
+            events.append(Event(user_id, name, attrs, when, now, user_id in self.state.users))
         self.state.events.extend(events)
         self.core.stats.add_applied(EVENT_CREATE, len(events))
         return {"events": len(events)}

@@ -1,0 +1,116 @@
+"""A job file's YAML, read so that nothing in it is silently lost or blown up.
+
+* A key given twice in one mapping is refused (PyYAML keeps the last and drops the first without a word), naming
+  the key and both lines. Merge keys (``<<: *base``) still override what they merge, as YAML means them to.
+* Anchors and aliases are allowed, but the document they expand to is bounded: :data:`MAX_VALUES` values, counted
+  without expanding anything (a "billion laughs" file of nine levels would otherwise hang validation, and seven
+  levels print 34 MB of error messages). A document that refers to itself is refused the same way.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Hashable, Mapping
+from pathlib import Path
+from typing import Any
+
+import yaml
+from yaml.constructor import ConstructorError
+
+from sync.errors import BadJobError, JobProblem
+
+__all__ = ["MAX_VALUES", "TooLargeError", "expanded_size", "load_yaml", "looks_like_a_key", "read_job_yaml"]
+
+MAX_VALUES = 100_000
+"""Most values (mappings, lists, scalars, keys included) a job file may expand to; a real one holds hundreds."""
+
+_MERGE_TAG = "tag:yaml.org,2002:merge"
+_ALNUM_RUN = re.compile(r"[A-Za-z0-9]{16,}")
+
+
+def looks_like_a_key(text: str) -> bool:
+    """Whether ``text`` holds a run of 16+ letters and digits mixing both: the shape of a random key or token,
+    not of a name a person chose (``NETMERA_API_KEY``, ``netmera_key_prod_2``, ``secrets/netmera.key``)."""
+    return any(re.search(r"[0-9]", run) and re.search(r"[A-Za-z]", run) for run in _ALNUM_RUN.findall(text))
+
+
+class TooLargeError(ValueError):
+    """The document expands (through aliases) to more than :data:`MAX_VALUES` values."""
+
+
+class _JobLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that refuses a key given twice in one mapping."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        first_line: dict[Hashable, int] = {}
+        for key_node, _value in node.value:
+            if key_node.tag == _MERGE_TAG or not isinstance(key_node, yaml.ScalarNode):
+                continue  # merged keys may be overridden; complex keys are refused by the schema anyway
+            key = self.construct_object(key_node)
+            if not isinstance(key, Hashable):
+                continue
+            line = key_node.start_mark.line + 1
+            if key in first_line:
+                # The name of a key is shown, unless it has the shape of a key someone pasted in by mistake.
+                shown = "a key" if looks_like_a_key(str(key)) else f"key {str(key)!r}"
+                raise ConstructorError(
+                    None,
+                    None,
+                    f"duplicate {shown} (first at line {first_line[key]}): the second would silently replace "
+                    "the first; keep one",
+                    key_node.start_mark,
+                )
+            first_line[key] = line
+        constructed: dict[Any, Any] = super().construct_mapping(node, deep=deep)
+        return constructed
+
+
+def expanded_size(doc: Any, limit: int = MAX_VALUES) -> int:
+    """Values in ``doc`` as if every alias were written out, counted up to ``limit`` + 1 at most (so a
+    self-referring or exponentially aliased document costs no more than ``limit`` steps)."""
+    count = 0
+    stack = [doc]
+    while stack:
+        value = stack.pop()
+        count += 1
+        if count > limit:
+            return count
+        if isinstance(value, Mapping):
+            stack.extend(value.keys())
+            stack.extend(value.values())
+        elif isinstance(value, list):
+            stack.extend(value)
+    return count
+
+
+def load_yaml(text: str) -> Any:
+    """Parse a job file's text. Raises ``yaml.YAMLError`` (a duplicate key is a ``ConstructorError`` with its
+    line) and :class:`TooLargeError` when aliases expand it past :data:`MAX_VALUES` values."""
+    doc = yaml.load(text, Loader=_JobLoader)  # a SafeLoader subclass: plain data only
+    if expanded_size(doc) > MAX_VALUES:
+        raise TooLargeError(
+            f"the file expands to more than {MAX_VALUES:,} values through YAML aliases (or an alias that "
+            "contains itself); a job file is small: write it without such aliases"
+        )
+    return doc
+
+
+def read_job_yaml(path: Path) -> Any:
+    """Read and parse a job file (any kind: sync or Meiro); every failure is one :class:`BadJobError` problem
+    with the line and column where they apply — PyYAML's problem only, never its quote of the offending line,
+    which may hold a value that belongs nowhere near a message."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise BadJobError(str(path), [JobProblem("", f"cannot read job file: {exc.strerror}")]) from exc
+    except UnicodeDecodeError as exc:
+        raise BadJobError(str(path), [JobProblem("", "job file is not UTF-8 text")]) from exc
+    try:
+        return load_yaml(text)
+    except TooLargeError as exc:
+        raise BadJobError(str(path), [JobProblem("", str(exc))]) from exc
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or "not valid YAML"
+        raise BadJobError(str(path), [JobProblem(where, str(problem))]) from exc
