@@ -20,6 +20,7 @@ grows with the input so a bucket stays near :data:`ROWS_PER_BUCKET` rows.
 from __future__ import annotations
 
 import csv
+import errno
 import fcntl
 import math
 import os
@@ -64,6 +65,7 @@ __all__ = [
     "RowFilter",
     "StagedSource",
     "build_plan",
+    "check_workdir",
     "estimate_duration",
     "remove_stale_staging",
 ]
@@ -428,11 +430,12 @@ def _stage(
     source: Source,
     tmp: Path,
     rejects: _RejectsWriter,
+    rejects_path: Path,
     rows_per_bucket: int,
     builder: Any = None,
     stop: threading.Event | None = None,
 ) -> StagedSource:
-    files = expand_paths(source)
+    files = expand_paths(source, workdir=job.workdir, exclude=[rejects_path])
     names = tuple(str(p) for p in files)
     bits = _bucket_bits(estimate_rows(source, files), rows_per_bucket)
     schema = clean_schema(source)
@@ -572,8 +575,8 @@ def build_plan(
     """Read, validate and deduplicate every source of ``job``, ready to make batches.
 
     When this returns, input validation is complete: rejected rows are in ``plan.rejects_path`` (default
-    ``<workdir>/rejects.csv``). Staging directories that killed runs left in the workdir are removed first. ``rows_per_bucket`` sizes the hash buckets (memory vs. number of files); it
-    never changes the batches. Raises :class:`sync.errors.BadInputError` for a file that cannot be read at all,
+    ``<workdir>/rejects.csv``). Staging directories that killed runs left in the workdir are removed first.
+    ``rows_per_bucket`` sizes the hash buckets (memory vs. number of files); it never changes the batches. Raises :class:`sync.errors.BadInputError` for a file that cannot be read at all,
     :class:`BadJobError` for a platform without a batch builder. ``stop`` (set by a signal handler) ends the
     reading at the next chunk with :class:`sync.errors.InterruptedRunError`; the staging files are removed.
     """
@@ -581,24 +584,59 @@ def build_plan(
         raise BadJobError(
             str(job.path), [JobProblem("destination.platform", "no planner for this platform yet")]
         )
-    job.workdir.mkdir(parents=True, exist_ok=True)
+    check_workdir(job.workdir)
     rejects_path = rejects_path or job.workdir / "rejects.csv"
-    rejects_path.parent.mkdir(parents=True, exist_ok=True)
-    remove_stale_staging(job.workdir)
-    tmp, lock_fd = _new_staging(job.workdir)
+    staging: tuple[Path, int] | None = None  # the staging directory and the descriptor holding its lock
     try:
+        rejects_path.parent.mkdir(parents=True, exist_ok=True)
+        remove_stale_staging(job.workdir)
+        staging = _new_staging(job.workdir)
+        tmp = staging[0]
         with rejects_path.open("w", newline="", encoding="utf-8") as fh:
             writer = _RejectsWriter(fh)
             builder = _builder_for(job)
             staged = tuple(
-                _stage(job, source, tmp, writer, rows_per_bucket, builder, stop) for source in job.sources
+                _stage(job, source, tmp, writer, rejects_path, rows_per_bucket, builder, stop)
+                for source in job.sources
             )
     except OSError as exc:
-        # The input was readable (the reader translates its own errors): the disk under the workdir is full or
-        # unwritable. Nothing was sent yet.
-        _remove_staging(tmp, lock_fd)
-        raise StateError(f"cannot write the plan's staging files under {job.workdir}: {exc}") from exc
+        if staging is not None:
+            _remove_staging(*staging)
+        # Input files are read through sync.reading, which turns their errors into BadInputError: an OSError
+        # here comes from writing the staging data or the rejects file.
+        raise _write_error(exc.filename or job.workdir, exc) from exc
     except BaseException:
-        _remove_staging(tmp, lock_fd)
+        if staging is not None:
+            _remove_staging(*staging)
         raise
-    return Plan(job, staged, rejects_path, writer.count, tmp, lock_fd)
+    assert staging is not None
+    return Plan(job, staged, rejects_path, writer.count, *staging)
+
+
+def check_workdir(workdir: Path) -> None:
+    """Make sure the job's workdir exists and takes a file, or raise one clear :class:`StateError`.
+
+    Run before anything else writes there (state lock, ledger, staging), so a read-only or missing mount stops the
+    run with one line naming the directory — before anything is sent — instead of a traceback from whichever
+    write came first.
+    """
+    try:
+        workdir.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=workdir) as probe:
+            probe.write(b"pushsync")
+            probe.flush()
+            os.fsync(probe.fileno())
+    except OSError as exc:
+        raise _write_error(workdir, exc) from exc
+
+
+def _write_error(where: Path | str, exc: OSError) -> StateError:
+    reason = exc.strerror or type(exc).__name__
+    hint = {
+        errno.ENOSPC: "free some space (or point 'workdir' at a larger disk)",
+        errno.EDQUOT: "free some space (or point 'workdir' at a larger disk)",
+        errno.EROFS: "point 'workdir' (or --workdir) at a writable directory",
+        errno.EACCES: "point 'workdir' (or --workdir) at a directory you may write to",
+        errno.EPERM: "point 'workdir' (or --workdir) at a directory you may write to",
+    }.get(exc.errno or 0, "check the workdir")
+    return StateError(f"cannot write the job's working files ({where}): {reason}; {hint}. Nothing was sent.")

@@ -7,19 +7,24 @@ excluded) and the mapped columns as text (or lists of text, for Parquet list col
 their temporal type). Typing and validation happen next, in :mod:`sync.validation`.
 
 Anything that makes a file unreadable as a whole — missing, not CSV, wrong encoding, truncated Parquet, a mapped
-column absent from the header — raises one :class:`BadInputError` naming the file (and column). A CSV record with
+column absent from the header, a Parquet column whose type its mapping cannot send (:mod:`sync._column_types`) —
+raises one :class:`BadInputError` naming the file (and column). A CSV record with
 the wrong number of fields is not fatal: it becomes a rejected row and reading goes on.
 """
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import csv
+import gc
 import glob
 import os
 import re
 import sys
-from collections.abc import Iterator
+import threading
+import weakref
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,6 +34,7 @@ import pyarrow as pa
 import pyarrow.csv as pa_csv
 import pyarrow.parquet as pq
 
+from sync._column_types import type_problems
 from sync.config import FileFormat, Job, Source
 from sync.errors import BadInputError, JobProblem
 from sync.records import RejectedRow
@@ -53,21 +59,133 @@ class Chunk:
     malformed: tuple[RejectedRow, ...] = ()
 
 
-def expand_paths(source: Source) -> list[Path]:
+def expand_paths(source: Source, *, workdir: Path | None = None, exclude: Sequence[Path] = ()) -> list[Path]:
     """The files a source names, globs expanded, sorted by path (so the read order — and "last row wins" — is
-    stable). Raises BadInputError when a pattern matches nothing."""
+    stable).
+
+    Each real file is read once, whatever links point to it (the first path in sorted order names it), and a
+    ``**`` walk enters each real directory once, so a symbolic link looping back to a parent adds nothing.
+    pushsync's own files — anything under ``workdir`` (ledger, state, staging, rejects) and the ``exclude``
+    paths (a rejects file written elsewhere) — are never input, even when a glob matches them. Raises
+    BadInputError when a pattern matches no file (directories and pushsync's own files do not count), or when a
+    path named without a glob is missing, not a file, or one of pushsync's own files.
+    """
+    own_dirs = [os.path.realpath(workdir)] if workdir is not None else []
+    own_files = {os.path.realpath(p) for p in exclude}
+
+    def own(path: str) -> bool:
+        real = os.path.realpath(path)
+        return real in own_files or any(real == d or real.startswith(d + os.sep) for d in own_dirs)
+
     files: dict[str, None] = {}
+    seen: set[tuple[int, int]] = set()
+
+    def add(path: str) -> None:
+        st = os.stat(path)
+        if (st.st_dev, st.st_ino) not in seen:
+            seen.add((st.st_dev, st.st_ino))
+            files[path] = None
+
     for pattern in source.paths:
         if glob.has_magic(pattern):
-            matches = sorted(glob.glob(pattern, recursive=True))
+            matches = _glob_once(pattern)
             if not matches:
                 raise BadInputError(pattern, f"source {source.name!r}: no file matches this pattern")
-            files.update(dict.fromkeys(m for m in matches if os.path.isfile(m)))
+            regular = [m for m in matches if os.path.isfile(m)]
+            inputs = [m for m in regular if not own(m)]
+            if not inputs:
+                why = (
+                    "it matches only pushsync's own working files (under the workdir)"
+                    if regular
+                    else "it matches only directories"
+                )
+                raise BadInputError(pattern, f"source {source.name!r}: no file matches this pattern ({why})")
+            for m in inputs:
+                add(m)
         else:
-            if not os.path.isfile(pattern):
+            if not os.path.exists(pattern):
                 raise BadInputError(pattern, f"source {source.name!r}: file not found")
-            files[pattern] = None
+            if not os.path.isfile(pattern):
+                raise BadInputError(pattern, f"source {source.name!r}: not a file (a directory? use a glob)")
+            if own(pattern):
+                raise BadInputError(
+                    pattern, f"source {source.name!r}: this is one of pushsync's own working files, not input"
+                )
+            add(pattern)
     return [Path(p) for p in files]
+
+
+def _glob_once(pattern: str) -> list[str]:
+    """``glob.glob(pattern, recursive=True)``, sorted, except that ``**`` enters each real directory once.
+
+    Python's ``**`` follows symbolic links to directories without remembering where it has been: a link back to
+    a parent is walked until the path is too long for the system (40 levels on Linux: the same file 41 times),
+    and two such links make the walk exponential. Links to other directories are still followed, once.
+    """
+    if pattern.endswith(os.sep + "**"):
+        pattern += os.sep + "*"  # "dir/**" names every file below dir (directories are dropped anyway)
+    head, sep, rest = pattern.partition(os.sep + "**" + os.sep)
+    if not sep:
+        return sorted(glob.glob(pattern, recursive=True))
+    out: set[str] = set()
+    for base in glob.glob(head) if glob.has_magic(head) else [head]:
+        visited: set[tuple[int, int]] = set()
+        for directory, subdirs, _files in os.walk(base, followlinks=True):
+            try:
+                st = os.stat(directory)
+            except OSError:
+                subdirs.clear()
+                continue
+            if (st.st_dev, st.st_ino) in visited:
+                subdirs.clear()
+                continue
+            visited.add((st.st_dev, st.st_ino))
+            # Like glob's "**": hidden directories are not entered.
+            subdirs[:] = sorted(d for d in subdirs if not d.startswith("."))
+            out.update(_glob_once(os.path.join(glob.escape(directory), rest)))
+    return sorted(out)
+
+
+_Handler = Callable[[pa_csv.InvalidRow], str]
+
+_held_by_arrow: set[weakref.ref[_Handler]] = set()
+"""Weak references to the invalid-row handlers pyarrow CSV readers still hold (guarded by ``_released``)."""
+_released = threading.Condition()
+_RELEASE_WAIT_SECONDS = 10.0
+
+
+def _handed_to_arrow(handler: _Handler) -> _Handler:
+    """Track a Python callable about to be handed to a pyarrow CSV reader; returns it.
+
+    Why: pyarrow's streaming CSV reader reads ahead on Arrow's IO threads, and a read-ahead still pending keeps the
+    C++ reader — and this Python callable inside it — alive after we have closed it. When that read-ahead ends
+    while the interpreter is finalising, releasing the callable needs the GIL, which makes the IO thread exit from
+    inside a C++ destructor: the process aborts ("terminate called without an active exception", exit 134) at
+    random, even after a clean ``pushsync validate``. :func:`_wait_for_arrow` (run at exit, before finalisation)
+    waits until every tracked callable has been released, i.e. until no reader is left on Arrow's threads.
+    (A plain weak reference, not ``weakref.finalize``: finalizers stop firing once interpreter shutdown begins.)
+    """
+    with _released:
+        _held_by_arrow.add(weakref.ref(handler, _release_one))
+    return handler
+
+
+def _release_one(ref: weakref.ref[_Handler]) -> None:
+    with _released:
+        _held_by_arrow.discard(ref)
+        _released.notify_all()
+
+
+def _wait_for_arrow(timeout: float = _RELEASE_WAIT_SECONDS) -> bool:
+    """Wait until pyarrow has released every tracked handler; True when none is left."""
+    if _held_by_arrow:
+        # A reader may be kept only by a reference cycle (an exception's traceback): free it first.
+        gc.collect()
+    with _released:
+        return _released.wait_for(lambda: not _held_by_arrow, timeout)
+
+
+atexit.register(_wait_for_arrow)
 
 
 def _csv_read_options(source: Source, block_size: int = CSV_BLOCK_BYTES) -> pa_csv.ReadOptions:
@@ -92,7 +210,9 @@ def read_columns(source: Source, path: Path) -> list[str]:
                     path,
                     read_options=_csv_read_options(source, block_size=1 << 16),
                     parse_options=pa_csv.ParseOptions(
-                        delimiter=source.delimiter, newlines_in_values=True, invalid_row_handler=skip
+                        delimiter=source.delimiter,
+                        newlines_in_values=True,
+                        invalid_row_handler=_handed_to_arrow(skip),
                     ),
                     convert_options=pa_csv.ConvertOptions(column_types={}, include_columns=[]),
                 )
@@ -233,6 +353,8 @@ def _unreadable(
 
 def _check_header(source: Source, path: Path) -> list[str]:
     names = read_columns(source, path)
+    if source.format is FileFormat.PARQUET:
+        _check_parquet_types(source, path)
     if any("\x00" in n for n in names):
         # A UTF-16 file without a byte-order mark decodes as "UTF-8" with a NUL after every character.
         raise BadInputError(
@@ -253,6 +375,20 @@ def _check_header(source: Source, path: Path) -> list[str]:
             column=missing[0],
         )
     return names
+
+
+def _check_parquet_types(source: Source, path: Path) -> None:
+    """Refuse (file, column) a mapped Parquet column whose type its mapping cannot send (:mod:`sync._column_types`)."""
+    try:
+        schema = pq.ParquetFile(path).schema_arrow
+    except (pa.ArrowException, OSError, UnicodeError) as exc:
+        raise _unreadable(source, path, exc) from exc
+    problems = type_problems(source, schema)
+    if problems:
+        column, message = problems[0]
+        if len(problems) > 1:
+            message += f" (also column(s) {', '.join(repr(c) for c, _ in problems[1:])})"
+        raise BadInputError(str(path), message, column=column)
 
 
 def _normalise(table: pa.Table | pa.RecordBatch) -> pl.DataFrame:
@@ -291,17 +427,8 @@ def _parquet_chunks(source: Source, path: Path, columns: list[str]) -> Iterator[
     # are the floor of memory use for Parquet input (writers' row groups are usually 100k-1M rows).
     next_row = 1
     try:
-        first = pq.ParquetFile(path)
-        id_type = first.schema_arrow.field(source.ext_id).type
-        if pa.types.is_floating(id_type) or pa.types.is_decimal(id_type):
-            # 123 stored as a double would be sent as the ID "123.0": a different user, never the right one.
-            raise BadInputError(
-                str(path),
-                f"the external-ID column holds {id_type} numbers, which would be sent as '123.0'; "
-                "write it as text or integers",
-                column=source.ext_id,
-            )
-        groups = first.metadata.num_row_groups
+        # Column types were checked with the header (_check_parquet_types): every mapped column can be sent.
+        groups = pq.ParquetFile(path).metadata.num_row_groups
         for group in range(groups):
             parquet = pq.ParquetFile(path)
             for batch in parquet.iter_batches(
@@ -397,7 +524,9 @@ def _csv_read(
             path,
             read_options=_csv_read_options(source),
             parse_options=pa_csv.ParseOptions(
-                delimiter=source.delimiter, newlines_in_values=True, invalid_row_handler=on_invalid
+                delimiter=source.delimiter,
+                newlines_in_values=True,
+                invalid_row_handler=_handed_to_arrow(on_invalid),
             ),
             convert_options=pa_csv.ConvertOptions(
                 include_columns=columns,
@@ -494,7 +623,7 @@ def check_sources(job: Job) -> list[JobProblem]:
     problems = []
     for i, source in enumerate(job.sources):
         try:
-            files = expand_paths(source)
+            files = expand_paths(source, workdir=job.workdir)
         except BadInputError as exc:
             problems.append(JobProblem(f"sources[{i}].path", str(exc)))
             continue

@@ -495,10 +495,11 @@ async def _sync_job(
     import asyncio
 
     from sync.ledger import Ledger, new_run_id
-    from sync.planning import build_plan
+    from sync.planning import build_plan, check_workdir
     from sync.runner import ledger_path_for, run_job
     from sync.state import StateStore, commit, compute_diff, recover, rejected_users
 
+    check_workdir(job.workdir)  # a read-only or full workdir: one clear error before the lock, ledger, plan
     origin = retry or resume
     ledger_path = ledger_path_for(job)
     mode = str(job.mode)

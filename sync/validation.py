@@ -69,6 +69,9 @@ _EMAIL = (
 _MSISDN = r"^\+?[0-9]{8,15}$"
 _CONTROL = r"[\x00-\x1f\x7f-\x9f]"
 """C0/C1 control characters: never part of a real external ID (a tab, a line break from a quoted cell, NUL)."""
+_INVISIBLE = r"\p{Cf}"
+"""Unicode format characters: zero-width space/joiners, byte-order marks inside text, bidirectional controls
+(U+202A-U+202E, U+2066-U+2069), soft hyphens. Invisible, so an ID holding one looks like another user's ID."""
 _MSISDN_SEPARATORS = r"[\s\-().]"
 
 _DTYPE: dict[ValueType, Any] = {
@@ -289,6 +292,13 @@ def validate_chunk(
         .then(pl.lit(f"external ID longer than {rules.max_id_length} characters"))
         .when(ext.str.contains(_CONTROL).fill_null(False))
         .then(pl.lit("external ID contains a control character (tab, line break, NUL...)"))
+        .when(ext.str.contains(_INVISIBLE).fill_null(False))
+        .then(
+            pl.lit(
+                "external ID contains an invisible character (zero-width, byte-order mark or bidirectional "
+                "control): it would look like another ID without being equal to it"
+            )
+        )
     ).to_series()
     checks.append((source.ext_id, ext, id_err))
     out: dict[str, pl.Series] = {}

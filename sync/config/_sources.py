@@ -176,4 +176,15 @@ def parse_source(
             codecs.lookup(source.encoding)
         except LookupError:
             problems.append(JobProblem(f"{loc}.encoding", f"unknown encoding {source.encoding!r}"))
+        else:
+            try:
+                # hex, base64, zlib, rot13...: codecs Python knows that do not turn bytes into text.
+                "".encode(source.encoding)
+            except LookupError:
+                problems.append(
+                    JobProblem(
+                        f"{loc}.encoding",
+                        f"{source.encoding!r} is not a text encoding (e.g. utf-8, latin-1, cp1254, utf-16)",
+                    )
+                )
     return source if len(problems) == before else None

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import polars as pl
+import pyarrow as pa
 import pyarrow.parquet as pq
 
 from sync.config import Destination, NullAction, SnapshotSettings, Source, SourceKind, TagAction
@@ -198,6 +199,24 @@ def key_range(r: int, bits: int) -> tuple[int, int]:
     return r << shift, (r + 1) << shift
 
 
+@contextmanager
+def _damage_reported(path: Path) -> Iterator[None]:
+    """Turn a state file that cannot be read (truncated, overwritten, not Parquet) into one StateError.
+
+    The state is written atomically (a temporary file, fsync, rename), so this is damage from outside: a disk
+    error, a restore gone wrong, a hand edit. Nothing is sent on top of a state we cannot read.
+    """
+    try:
+        yield
+    # PanicException: polars panics (a BaseException) on some damaged pages instead of raising.
+    except (OSError, pa.ArrowException, pl.exceptions.PolarsError, pl.exceptions.PanicException) as exc:
+        detail = (str(exc).splitlines() or [type(exc).__name__])[0][:200]
+        raise StateError(
+            f"the snapshot state file {path} cannot be read ({detail}). Restore it from a backup, or move it "
+            "aside to start from an empty state: the next run then sends every user of the export again"
+        ) from exc
+
+
 class StateStore:
     """The confirmed state of one job for one destination, and the pending deltas of its runs."""
 
@@ -237,12 +256,19 @@ class StateStore:
 
     def rows(self, source: Source | str) -> int:
         path = self.path_for(source)
-        return pq.ParquetFile(path).metadata.num_rows if path.is_file() else 0
+        if not path.is_file():
+            return 0
+        with _damage_reported(path):
+            return int(pq.ParquetFile(path).metadata.num_rows)
 
     def read(self, source: Source, settings: SnapshotSettings | None = None) -> pl.DataFrame:
         """The whole state of a source (for inspection and small jobs; runs read it by key range)."""
         path = self.path_for(source)
-        return conform(pl.read_parquet(path) if path.is_file() else None, state_schema(source, settings))
+        if not path.is_file():
+            return conform(None, state_schema(source, settings))
+        with _damage_reported(path):
+            frame = pl.read_parquet(path)
+        return conform(frame, state_schema(source, settings))
 
     def slice(
         self, source: Source, lo: int, hi: int, settings: SnapshotSettings | None = None
@@ -252,7 +278,8 @@ class StateStore:
         schema = state_schema(source, settings)
         if not path.is_file():
             return conform(None, schema)
-        frame = pl.scan_parquet(path).filter((pl.col(KEY) >= lo) & (pl.col(KEY) < hi)).collect()
+        with _damage_reported(path):
+            frame = pl.scan_parquet(path).filter((pl.col(KEY) >= lo) & (pl.col(KEY) < hi)).collect()
         return conform(frame, schema)
 
     def write(

@@ -113,7 +113,7 @@ def _typed_parquet() -> bytes:
             "name": pa.array([12345, 7, None, 1, 42]),  # numbers in a text column
             "score": pa.array(["3.5", "abc", None, "1", "2"]),  # text in a number column
             "born": pa.array([None, None, None, None, None], pa.string()),
-            "vip": pa.array([[True], None, None, None, None], pa.list_(pa.bool_())),  # a list for one value
+            "vip": pa.array([None, None, None, None, None], pa.bool_()),
         }
     )
 
@@ -439,9 +439,26 @@ CASES: tuple[Case, ...] = (
         filename="users.parquet",
         rejected=(
             Rejected(2, "score", "not a number"),
-            Rejected(1, "vip", "a list where a single value is expected"),
             Rejected(4, "id", "missing external ID"),
         ),
-        planned={"p5": {"name": "42", "score": 2}},  # p3 is valid but has no value to set: nothing is sent
+        # p3 is valid but has no value to set: nothing is sent
+        planned={"p1": {"name": "12345", "score": 3.5}, "p5": {"name": "42", "score": 2}},
+    ),
+    Case(
+        # A typed column its mapping cannot send is refused as a whole (issue #11; docs/jobs.md "Column types").
+        "parquet_list_for_a_single_value",
+        _parquet(
+            {
+                "id": pa.array(["a"]),
+                "name": pa.array(["A"]),
+                "score": pa.array([1]),
+                "born": pa.array([None], pa.string()),
+                "vip": pa.array([[True]], pa.list_(pa.bool_())),
+            }
+        ),
+        filename="users.parquet",
+        fatal=Fatal(
+            "a list column (list<element: bool>) cannot be sent as a boolean attribute", column="vip"
+        ),
     ),
 )
