@@ -19,12 +19,13 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from sync._dispatch_records import DispatchObserver, EndpointStats, sample_latency
-from sync.budget import Budget, BudgetClosedError, Clock, RateBudget, clock_sleep
+from sync.budget import Budget, BudgetClosedError, BudgetPool, Clock, clock_sleep, meter_of
 from sync.config import DispatchSettings
 from sync.errors import FatalPlatformError, RejectedBatchError, RetryableError
 from sync.ledger import Ledger
 from sync.logs import get_logger
 from sync.platforms.base import PlatformClient
+from sync.platforms.retrying import backoff_delay
 from sync.records import (
     NON_IDEMPOTENT,
     Attempt,
@@ -78,7 +79,8 @@ class BatchSender:
         self._run_id = run_id
         self._stop = stop  # the dispatcher's: read before a first attempt, set on a fatal error
         self._observers = tuple(observers)
-        self._budget_factory = budget_factory or self._default_budget
+        self._budget_factory = budget_factory or self._pooled_budget
+        self._pool: BudgetPool | None = None  # the job's budgets and groups, made on first use
         self._clock: Clock | None = clock  # None until first needed: then the running loop
         self._rng = rng
         self._latency_sample = latency_sample  # latencies kept per endpoint
@@ -122,12 +124,15 @@ class BatchSender:
             self._endpoints[name] = ep
         return ep
 
-    def _default_budget(self, endpoint: str) -> Budget:
-        return RateBudget(
-            self._settings.budget_for(endpoint),
-            clock=self._clock,
-            max_pause=self._settings.retry.max_retry_after,
-        )
+    def _pooled_budget(self, endpoint: str) -> Budget:
+        if self._pool is None:
+            self._pool = BudgetPool.from_settings(self._settings, clock=self.clock())
+        return self._pool.budget(endpoint)
+
+    @property
+    def pool(self) -> BudgetPool | None:
+        """The job's budgets and groups (None when a ``budget_factory`` made the budgets, or none was needed)."""
+        return self._pool
 
     async def process(self, batch: Batch) -> None:
         """Send ``batch`` (split on 400, retried when retryable) and record its result; never raises for
@@ -237,6 +242,7 @@ class BatchSender:
         clock = self.clock()
         policy = self._settings.retry
         stats = ep.stats
+        meter = meter_of(ep.budget)
         attempt = 0
         while True:
             if self._fatal is not None:
@@ -250,6 +256,7 @@ class BatchSender:
                     if attempt == 0:
                         raise _Aborted from None
                     raise _AttemptsError(attempt, self._fatal or FatalPlatformError("run aborted")) from None
+                released_at = clock.time()  # the margin before a window's end must cover release to arrival
                 # The global slot is taken only once the budget released this attempt: a task waiting for a
                 # slow endpoint's budget must not hold a slot that a fast endpoint could use.
                 await self._in_flight.acquire()
@@ -274,8 +281,8 @@ class BatchSender:
                     if stats.first_request is None:
                         stats.first_request = now
                     stats.last_request = now
-                    if isinstance(ep.budget, RateBudget) and ep.budget.ceiling is not None:
-                        window = ep.budget.window_of(now)
+                    if meter is not None and meter.ceiling is not None:
+                        window = meter.window_of(now)
                         stats.per_window[window] = stats.per_window.get(window, 0) + 1
                     sent_at = time.time()
                     try:
@@ -291,6 +298,7 @@ class BatchSender:
                     except (RetryableError, RejectedBatchError, FatalPlatformError) as exc:
                         error = exc
                     else:
+                        ep.budget.observe(clock.time() - released_at)
                         self._sample_latency(stats, outcome.latency)
                         self._attempt_done(
                             Attempt(
@@ -307,6 +315,8 @@ class BatchSender:
                         ep.budget.on_success(outcome.remaining, outcome.reset_after)
                         return attempt, outcome.http_status
                     latency = clock.time() - now
+                    if error.status is not None:  # an answer (a time-out or a dropped connection is none)
+                        ep.budget.observe(clock.time() - released_at)
                     self._sample_latency(stats, latency)
                     self._attempt_done(
                         Attempt(
@@ -332,12 +342,8 @@ class BatchSender:
                     raise _AttemptsError(attempt, error)
                 stats.retries += 1
                 if not error.rate_limited:
-                    delay = self._rng.uniform(
-                        0, min(policy.max_delay, policy.base_delay * 2 ** (attempt - 1))
-                    )
-                    if error.retry_after is not None and 0 < error.retry_after <= policy.max_retry_after:
-                        delay = max(delay, error.retry_after)
-                    await clock_sleep(clock, delay)
+                    # A 429 waits in the budget (its pause holds every task of the endpoint), not here.
+                    await clock_sleep(clock, backoff_delay(policy, attempt, error, self._rng))
                 continue
             raise _AttemptsError(attempt, error)
 

@@ -1,45 +1,63 @@
-"""Per-endpoint rate budgets: ``async with budget:`` before every attempt (retries included).
+"""Rate budgets: ``await budget.acquire()`` before every attempt (retries included).
 
-Design (measured figures in ``docs/run.md`` and ``bench/bench_rate.py``):
+A run has one :class:`BudgetPool`: every endpoint's own budget (``dispatch.budgets``) and every budget group
+(``dispatch.budget_groups``, a budget shared by several endpoints — a limit per account or API key). An attempt
+at an endpoint takes a slot from its endpoint's budget *and* from every group holding the endpoint, at the same
+instant, so it is counted in the same window everywhere. Design (figures in ``docs/run.md``):
 
-* **Even spacing** (GCRA with burst 1): releases are spread over the period instead of sent as a burst at its
-  start. A leaky bucket with burst N (``aiolimiter(N, T)``) put 199 into a 100-window; asyncio-throttle alone
-  sends its N as a burst at each period's start and landed 103 in one window once jitter moved a few across.
-* **Window alignment** (the default): servers that count in clock-aligned fixed windows (each minute from
-  ``:00``) accept N per window whatever the spacing. We release at most N per window, evenly, inside the part
-  of the window from which a request still *arrives* in the same window: ``[start + lead, end - tail)``, where
-  ``tail`` covers the worst one-way latency (network jitter) plus clock skew. Every request then lands in the
-  window it was counted in — never more than N per server window — and the whole budget is used (~100 %).
-  Without alignment, the only jitter-proof guarantee is N per ``T + tail`` (utilisation ``T / (T + tail)``,
-  95 % for 50 per 1 s with 50 ms of jitter, above 99.9 % for 100 per minute); ``align=False`` selects it.
-* **A hard sliding-window cap** of N per ``T`` (``T + tail`` unaligned) over actual release times, so no
-  timer lateness or rate change can ever let N+1 out in one period. It is a deque of release times and one
-  ``loop.call_at`` wake-up, not asyncio-throttle: asyncio-throttle polls with ``sleep`` (measured: much CPU
-  with hundreds of waiters) and keeps no FIFO order among waiters.
-* **Adaptation**: a 429 pauses the whole endpoint (``Retry-After``, guarded; else until the window resets);
-  repeated 429s halve the rate (multiplicative decrease) and periods without one add back 5 % of the ceiling
-  (additive increase) up to the configured budget. With no configured budget the limit is *discovered*:
-  no throttle until the first 429, then the rate seen in the last period, times the decrease factor, AIMD on.
+* **Even spacing** (GCRA with burst 1): releases are spread over the period, never sent as a burst at its
+  start. A leaky bucket with burst N (``aiolimiter(N, T)``) put 199 into a 100-window.
+* **Window alignment** (the default): servers that count in clock-aligned fixed windows accept N per window
+  whatever the spacing. At most N are released per window, evenly, inside ``[start + lead, end - margin)``,
+  where the margin covers the time from release to arrival. Every request then lands in the window it was
+  counted in — never more than N per server window — and the whole budget is used. ``align: false`` (per
+  budget, in the job file) selects N per ``T + margin`` instead, for servers that count sliding windows.
+* **A hard sliding-window cap** of N per ``T`` over actual release times, so no timer lateness or rate change
+  can ever let N+1 out in one period.
+* **Margin learned from latency**: unless the job fixes it (``margin:``), the margin before a window's end
+  starts at ``min(0.2 T, 1 s)`` and then follows the p99 of the release-to-answer times observed, within
+  ``[10 ms, min(0.3 T, 2 s)]``: a fast network gives more of each window to sending, a slow one more margin.
+* **Adaptation that does not collapse on one 429**: every 429 pauses the budget (``Retry-After``, guarded;
+  else until the window resets) — a 429 on any endpoint of a group pauses the group. The rate is lowered by
+  30 % only after a window in which more than 10 % of the answers were 429s, and raised by 10 % after two
+  windows in a row without one, up to the configured budget (RudderStack's router does the same). With no
+  configured budget the rate is *discovered*: no throttle until the first 429, then the rate seen in the last
+  period, lowered.
+* **Fair sharing of a group: round robin** between the endpoints that have an attempt waiting. Each release
+  goes to the next waiting endpoint whose own budget allows it, so an endpoint held back by its own budget
+  leaves the group's slots to the others (no slot is wasted). Splitting in proportion to remaining work would
+  not end a phase sooner — a phase ends when the group's total is sent either way — and would need the
+  dispatcher to know the work ahead; round robin needs nothing and keeps every lane moving.
 
 Time comes from an injectable clock (by default the running loop: ``loop.time()`` and ``loop.call_at``), so
-tests run on a virtual-time loop and never sleep for real. Waiters are woken in FIFO order by one timer; there
-is no polling.
+tests run on a virtual-time loop and never sleep for real. One timer per pool wakes waiters; there is no
+polling, and releases are timed from the clock, never from how fast the loop runs.
 """
 
 from __future__ import annotations
 
 import asyncio
 import math
-import time
 from collections import deque
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
 from types import TracebackType
 from typing import Protocol
 
-from sync.config import RateBudgetSpec
+from sync._rate_meter import MIN_MARGIN, BudgetStats, RateMeter
+from sync.config import BudgetGroupSpec, DispatchSettings, RateBudgetSpec
 
-__all__ = ["Budget", "BudgetClosedError", "BudgetStats", "Clock", "RateBudget", "clock_sleep"]
+__all__ = [
+    "MIN_MARGIN",
+    "Budget",
+    "BudgetClosedError",
+    "BudgetPool",
+    "BudgetStats",
+    "Clock",
+    "EndpointBudget",
+    "RateBudget",
+    "clock_sleep",
+    "meter_of",
+]
 
 _EPS = 1e-9
 
@@ -57,11 +75,11 @@ class Clock(Protocol):
 
 
 class BudgetClosedError(Exception):
-    """Raised by :meth:`RateBudget.acquire` once the budget is closed (the run is aborting)."""
+    """Raised by ``acquire`` once the budget is closed (the run is aborting)."""
 
 
 class Budget(Protocol):
-    """What the dispatcher needs from a rate budget."""
+    """What the dispatcher needs from an endpoint's rate budget."""
 
     async def acquire(self) -> None: ...
 
@@ -70,6 +88,8 @@ class Budget(Protocol):
     def on_rate_limited(self, retry_after: float | None, remaining: int | None) -> float: ...
 
     def on_success(self, remaining: int | None = None, reset_after: float | None = None) -> None: ...
+
+    def observe(self, latency: float) -> None: ...
 
 
 async def clock_sleep(clock: Clock, delay: float) -> None:
@@ -90,103 +110,173 @@ async def clock_sleep(clock: Clock, delay: float) -> None:
         handle.cancel()
 
 
-@dataclass(frozen=True, slots=True)
-class BudgetStats:
-    """Counters for the summary: releases, 429s seen, time paused, and the current and configured rates."""
+class _Lane:
+    """The attempts waiting for one endpoint (FIFO) and the meters each of them needs."""
 
-    released: int
-    rate_limited: int
-    paused_seconds: float
-    rate: float | None
-    ceiling: float | None
-    period: float
+    __slots__ = ("closed", "meters", "name", "waiters")
+
+    def __init__(self, name: str, meters: tuple[RateMeter, ...]) -> None:
+        self.name = name
+        self.meters = meters  # the endpoint's own budget (if any) and every group holding it
+        self.waiters: deque[asyncio.Future[None]] = deque()
+        self.closed = False  # set by close(): waiters fail with BudgetClosedError
+
+    def earliest(self, now: float) -> float:
+        """Earliest time every meter allows the next release (a common fixed point of their schedules)."""
+        t = now
+        for _ in range(8):
+            nxt = max((m.earliest(now, t) for m in self.meters), default=t)
+            if nxt <= t + _EPS:
+                return t
+            t = nxt
+        return t  # not settled: the timer fires then and asks again
 
 
-class RateBudget:
-    """At most N requests per period T for one endpoint, evenly spaced, adapting to 429s.
+class _Scheduler:
+    """Releases waiting attempts of several lanes: one timer, FIFO within a lane, round robin between lanes."""
 
-    ``spec=None`` means no configured budget: unthrottled until the first 429, then discovered (AIMD).
-    ``align`` releases per clock-aligned window (see the module docstring); ``tail`` is the margin at a
-    window's end (worst one-way latency + clock skew, default ``min(0.2 T, 1 s)``); ``lead`` the margin at its
-    start (clock skew, default ``tail / 4``); ``wall_offset`` is wall-clock time minus ``clock.time()``
-    (measured at construction when None), which places the windows on the server's clock.
+    __slots__ = ("_bound", "_clock", "_lanes", "_next", "_timer", "_timer_at")
+
+    def __init__(self, clock: Clock) -> None:
+        self._clock = clock
+        self._lanes: list[_Lane] = []
+        self._bound: set[int] = set()  # ids of meters already wired to this scheduler
+        self._next = 0  # round robin: the lane index asked first at the next release
+        self._timer: _Handle | None = None  # the one pending wake-up, if any
+        self._timer_at = math.inf  # when it fires
+
+    def add(self, name: str, meters: tuple[RateMeter, ...]) -> _Lane:
+        lane = _Lane(name, meters)
+        for meter in meters:
+            if id(meter) not in self._bound:
+                self._bound.add(id(meter))
+                meter.bind(self._clock.time, self.schedule)
+        self._lanes.append(lane)
+        return lane
+
+    async def acquire(self, lane: _Lane) -> None:
+        if lane.closed:
+            raise BudgetClosedError("rate budget closed")
+        now = self._clock.time()
+        # Straight through only when nobody waits: a waiting attempt of another lane comes first (fairness).
+        if not any(other.waiters for other in self._lanes) and lane.earliest(now) <= now + _EPS:
+            for meter in lane.meters:
+                meter.release(now)
+            return
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        lane.waiters.append(fut)
+        self.schedule()
+        try:
+            await fut
+        except asyncio.CancelledError:
+            # A waiter released and cancelled in the same step has spent its slot: that errs on the safe side.
+            self.schedule()
+            raise
+
+    def close(self, lane: _Lane) -> None:
+        lane.closed = True
+        while lane.waiters:
+            fut = lane.waiters.popleft()
+            if not fut.done():
+                fut.set_exception(BudgetClosedError("rate budget closed"))
+        self.schedule()
+
+    def schedule(self) -> None:
+        """Release every waiter that is due now (round robin between lanes), and set one timer for the next."""
+        clock = self._clock
+        lanes = self._lanes
+        while True:
+            now = clock.time()
+            soonest = math.inf
+            released = False
+            for i in range(len(lanes)):
+                index = (self._next + i) % len(lanes)
+                lane = lanes[index]
+                while lane.waiters and lane.waiters[0].done():  # cancelled while waiting
+                    lane.waiters.popleft()
+                if not lane.waiters:
+                    continue
+                when = lane.earliest(now)
+                if when <= now + _EPS:
+                    for meter in lane.meters:
+                        meter.release(now)
+                    lane.waiters.popleft().set_result(None)
+                    self._next = (index + 1) % len(lanes)
+                    released = True
+                    break
+                soonest = min(soonest, when)
+            if not released:
+                break
+        if soonest == self._timer_at and self._timer is not None:
+            return  # already set for that moment
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+            self._timer_at = math.inf
+        if soonest < math.inf:
+            self._timer = clock.call_at(soonest, self._on_timer)
+            self._timer_at = soonest
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        self._timer_at = math.inf
+        self.schedule()
+
+
+class RateBudget(RateMeter):
+    """One budget on its own: at most N requests per period T, evenly spaced, adapting to 429s.
+
+    ``spec=None`` means no configured budget: unthrottled until the first 429, then discovered. ``align``
+    (default: the spec's) releases per clock-aligned window; ``tail`` fixes the margin at a window's end
+    (default: the spec's ``margin``, else learned from latencies); ``lead`` the margin at its start (default
+    ``tail / 4``); ``wall_offset`` is wall-clock time minus ``clock.time()`` (measured when None), which places
+    the windows on the server's clock. For endpoints that share budget groups, use a :class:`BudgetPool`.
     """
 
-    __slots__ = (
-        "_aligned",
-        "_anchor",
-        "_ceiling",
-        "_clock",
-        "_closed",
-        "_count",
-        "_decrease",
-        "_discover_period",
-        "_grid",
-        "_history",
-        "_last_429",
-        "_last_change",
-        "_last_release",
-        "_lead",
-        "_max_pause",
-        "_paused_seconds",
-        "_paused_until",
-        "_period",
-        "_rate",
-        "_rate_limited",
-        "_released",
-        "_tail",
-        "_timer",
-        "_waiters",
-        "_wall_offset",
-        "_window",
-    )
+    __slots__ = ("_clock", "_lane", "_sched")
 
     def __init__(
         self,
         spec: RateBudgetSpec | None,
         *,
         clock: Clock | None = None,
-        align: bool = True,
+        align: bool | None = None,
         tail: float | None = None,
         lead: float | None = None,
         wall_offset: float | None = None,
-        decrease: float = 0.5,
+        decrease: float = 0.7,
         max_pause: float = 300.0,
         discover_period: float = 1.0,
     ) -> None:
-        if spec is not None and (spec.requests < 1 or spec.period <= 0):
-            raise ValueError(f"rate budget needs requests >= 1 and period > 0, got {spec}")
-        if not 0 < decrease < 1:
-            raise ValueError("decrease must be in (0, 1)")
+        super().__init__(
+            spec,
+            align=align,
+            tail=tail,
+            lead=lead,
+            wall_offset=wall_offset,
+            decrease=decrease,
+            max_pause=max_pause,
+            discover_period=discover_period,
+        )
         self._clock: Clock | None = clock  # None: the running loop, looked up on first use
-        self._period: float = spec.period if spec else discover_period  # T, seconds
-        self._ceiling: float | None = float(spec.requests) if spec else None  # configured N; None: discover
-        self._rate: float | None = self._ceiling  # current allowed requests per period; None: unthrottled
-        self._discover_period: float = discover_period
-        self._decrease: float = decrease  # multiplicative factor applied on repeated 429s
-        self._max_pause: float = max_pause  # a Retry-After above this is absurd and capped
-        self._tail: float = min(0.2 * self._period, 1.0) if tail is None else tail  # margin before window end
-        self._lead: float = self._tail / 4 if lead is None else lead  # margin after window start
-        # Alignment only makes sense when the margins leave room to send in: otherwise fall back to spacing.
-        self._aligned: bool = align and self._period - self._tail - self._lead > 0
-        self._wall_offset: float | None = wall_offset  # wall clock minus clock.time(); None until measured
-        self._waiters: deque[asyncio.Future[None]] = deque()  # FIFO of acquirers not yet released
-        self._timer: _Handle | None = None  # the one pending wake-up, if any
-        self._history: deque[float] = deque()  # release times within the last cap period (sliding cap)
-        self._grid: float = -math.inf  # nominal time of the next evenly spaced slot (unaligned mode)
-        self._last_release: float = -math.inf  # actual time of the last release
-        self._window: int = -1  # index of the aligned window that _count refers to
-        self._count: int = 0  # releases in that window
-        self._anchor: float = -math.inf  # time of that window's first release: its slots count from here
-        self._paused_until: float = -math.inf  # no release before this (Retry-After / window reset)
-        self._last_429: float = -math.inf  # when the last 429 was reported
-        self._last_change: float = -math.inf  # last rate change (additive increase steps from here)
-        self._closed: bool = False  # set by close(): every waiter fails with BudgetClosedError
-        self._released: int = 0
-        self._rate_limited: int = 0
-        self._paused_seconds: float = 0.0
+        self._sched: _Scheduler | None = None
+        self._lane: _Lane | None = None
 
-    # -- public face -------------------------------------------------------------------------------------
+    def _lane_of(self) -> tuple[_Scheduler, _Lane]:
+        if self._sched is None or self._lane is None:
+            clock = self._clock if self._clock is not None else asyncio.get_running_loop()
+            self._sched = _Scheduler(clock)
+            self._lane = self._sched.add(self.name, (self,))
+        return self._sched, self._lane
+
+    def _now(self) -> float:
+        self._lane_of()
+        return super()._now()
+
+    def window_of(self, t: float) -> int:
+        """Index of the clock-aligned period holding clock time ``t`` (for per-window counts)."""
+        self._lane_of()
+        return super().window_of(t)
 
     async def __aenter__(self) -> None:
         await self.acquire()
@@ -201,237 +291,127 @@ class RateBudget:
 
         Raises :class:`BudgetClosedError` when the budget is (or gets) closed.
         """
-        if self._closed:
-            raise BudgetClosedError("rate budget closed")
-        clock = self._get_clock()
-        if not self._waiters and self._due(clock.time()):
-            self._release(clock.time())
-            return
-        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._waiters.append(fut)
-        self._schedule()
-        try:
-            await fut
-        except asyncio.CancelledError:
-            # A waiter released and cancelled in the same step has spent its slot: that errs on the safe side.
-            self._schedule()
-            raise
+        sched, lane = self._lane_of()
+        await sched.acquire(lane)
 
     def close(self) -> None:
         """Fail every waiter and every later acquire: nothing more may be sent (the run is aborting)."""
-        self._closed = True
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
-        while self._waiters:
-            fut = self._waiters.popleft()
-            if not fut.done():
-                fut.set_exception(BudgetClosedError("rate budget closed"))
+        sched, lane = self._lane_of()
+        sched.close(lane)
+
+    @property
+    def closed(self) -> bool:
+        """True once :meth:`close` was called."""
+        return self._lane is not None and self._lane.closed
+
+
+class EndpointBudget:
+    """One endpoint's budget in a :class:`BudgetPool`: its own meter and the groups holding it."""
+
+    __slots__ = ("_lane", "_sched", "endpoint", "groups", "meter")
+
+    def __init__(
+        self, endpoint: str, meter: RateMeter | None, groups: tuple[RateMeter, ...], sched: _Scheduler
+    ) -> None:
+        self.endpoint = endpoint
+        self.meter = meter
+        """The endpoint's own budget; None when only groups limit it."""
+        self.groups = groups
+        """The groups holding the endpoint."""
+        self._sched = sched
+        self._lane = sched.add(endpoint, (*((meter,) if meter is not None else ()), *groups))
+
+    async def acquire(self) -> None:
+        """Wait for a slot of the endpoint's budget and of every group holding it, taken at the same instant."""
+        await self._sched.acquire(self._lane)
+
+    def close(self) -> None:
+        """Fail every waiter and every later acquire (the run is aborting)."""
+        self._sched.close(self._lane)
 
     def on_rate_limited(self, retry_after: float | None, remaining: int | None = None) -> float:
-        """A 429 came back: pause the whole endpoint and, if 429s repeat, lower the rate. Returns the pause.
-
-        The pause is ``retry_after`` when it is usable (capped at ``max_pause``); when it is absent, zero or
-        negative, the endpoint waits until the rate window resets (``X-RateLimit-Remaining`` said 0, or the
-        server said nothing at all).
-        """
-        now = self._get_clock().time()
-        self._rate_limited += 1
-        if retry_after is not None and retry_after > 0 and math.isfinite(retry_after):
-            pause = min(retry_after, self._max_pause)
-        else:
-            # No usable Retry-After (absent, 0, negative): wait until the window resets.
-            pause = self._until_window_reset(now)
-        repeated = now - self._last_429 < 2 * self._period
-        self._last_429 = now
-        if self._rate is None:
-            # Discovery: the rate that just failed, a little lower, is our first estimate.
-            seen = sum(1 for t in self._history if t > now - self._discover_period)
-            self._rate = max(1.0, seen * self._decrease)
-            self._period = self._discover_period
-            self._history.clear()
-            self._last_change = now
-        elif repeated and now - self._last_change >= self._period:
-            # At most one decrease per period: the other 429s of the same burst answer requests that were
-            # already in flight before the rate changed, and carry no new information.
-            self._rate = max(1.0, self._rate * self._decrease)
-            self._last_change = now
-        until = now + pause
-        if until > self._paused_until:
-            self._paused_seconds += until - max(now, self._paused_until)
-            self._paused_until = until
-        self._schedule()
-        return pause
+        """A 429: the endpoint and every group holding it pause (the server does not say which limit it hit)."""
+        pauses = [m.on_rate_limited(retry_after, remaining) for m in self._lane.meters]
+        return max(pauses, default=0.0)
 
     def on_success(self, remaining: int | None = None, reset_after: float | None = None) -> None:
-        """A request went through: recover additively, one step per quiet period, up to the ceiling.
+        """A request went through (see :meth:`RateMeter.on_success`), for each meter."""
+        for m in self._lane.meters:
+            m.on_success(remaining, reset_after)
 
-        ``remaining`` is the server's ``X-RateLimit-Remaining``: at 0 the endpoint waits for the window reset
-        instead of collecting a 429 first — ``reset_after`` seconds when the connector knows when the
-        *platform's* window resets (capped at ``max_pause``), else until this budget's own window ends.
-        """
-        now = self._get_clock().time()
-        exhausted = remaining is not None and remaining <= 0
-        if exhausted and reset_after is not None and reset_after > 0 and math.isfinite(reset_after):
-            # The platform's window may be longer than ours (100 per minute against a budget per second):
-            # nothing more goes through until it resets, so sending on our own period only collects 429s.
-            until = now + min(reset_after, self._max_pause)
-            if until > self._paused_until:
-                self._paused_seconds += until - max(now, self._paused_until)
-                self._paused_until = until
-                self._schedule()
-        # Unaligned, the reset time is unknown and even spacing already keeps the pace: act on 429s only.
-        elif exhausted and (self._aligned or self._rate is None):
-            until = now + self._until_window_reset(now)
-            if until > self._paused_until:
-                self._paused_seconds += until - max(now, self._paused_until)
-                self._paused_until = until
-                self._schedule()
-        if self._rate is None:
-            return
-        if now - self._last_429 < self._period or now - self._last_change < self._period:
-            return
-        step = max(1.0, (self._ceiling or self._rate) * 0.05)
-        new = self._rate + step if self._ceiling is None else min(self._ceiling, self._rate + step)
-        if new != self._rate:
-            self._rate = new
-            self._last_change = now
+    def observe(self, latency: float) -> None:
+        """A release-to-answer time, for each meter's learned margin."""
+        for m in self._lane.meters:
+            m.observe(latency)
 
-    @property
-    def rate(self) -> float | None:
-        """Requests per period currently allowed (None: unthrottled, nothing discovered yet)."""
-        return self._rate
 
-    @property
-    def period(self) -> float:
-        return self._period
+class BudgetPool:
+    """Every rate budget of one run: per endpoint (``budgets``, ``"*"`` for endpoints not named) and budget
+    groups shared by several endpoints, released by one scheduler (see the module docstring). Made inside the
+    running loop unless a ``clock`` is given."""
 
-    @property
-    def ceiling(self) -> float | None:
-        return self._ceiling
+    __slots__ = ("_budgets", "_endpoints", "_group_specs", "_groups", "_max_pause", "_sched", "_wall_offset")
 
-    def window_of(self, t: float) -> int:
-        """Index of the clock-aligned budget period holding clock time ``t`` (for per-window counts)."""
-        self._get_clock()
-        return self._window_bounds(t)[0]
+    def __init__(
+        self,
+        budgets: Mapping[str, RateBudgetSpec],
+        groups: Sequence[BudgetGroupSpec] = (),
+        *,
+        clock: Clock | None = None,
+        max_pause: float = 300.0,
+        wall_offset: float | None = None,
+    ) -> None:
+        self._budgets = dict(budgets)
+        self._group_specs = tuple(groups)
+        self._max_pause = max_pause
+        self._wall_offset = wall_offset
+        self._sched = _Scheduler(clock if clock is not None else asyncio.get_running_loop())
+        self._groups: dict[str, RateMeter] = {
+            g.name: RateMeter(g.budget, name=g.name, max_pause=max_pause, wall_offset=wall_offset)
+            for g in self._group_specs
+        }
+        self._endpoints: dict[str, EndpointBudget] = {}
 
-    def stats(self) -> BudgetStats:
-        return BudgetStats(
-            released=self._released,
-            rate_limited=self._rate_limited,
-            paused_seconds=self._paused_seconds,
-            rate=self._rate,
-            ceiling=self._ceiling,
-            period=self._period,
+    @classmethod
+    def from_settings(cls, settings: DispatchSettings, *, clock: Clock | None = None) -> BudgetPool:
+        """The pool a job's ``dispatch`` settings describe."""
+        return cls(
+            settings.budgets, settings.budget_groups, clock=clock, max_pause=settings.retry.max_retry_after
         )
 
-    # -- scheduling --------------------------------------------------------------------------------------
+    def budget(self, endpoint: str) -> EndpointBudget:
+        """The endpoint's budget (made on first use)."""
+        found = self._endpoints.get(endpoint)
+        if found is None:
+            spec = self._budgets.get(endpoint) or self._budgets.get("*")
+            groups = tuple(self._groups[g.name] for g in self._group_specs if g.holds(endpoint))
+            # An endpoint limited only by groups has no budget of its own: a 429 then pauses its groups,
+            # and no rate is "discovered" for the endpoint alone.
+            meter = (
+                RateMeter(spec, name=endpoint, max_pause=self._max_pause, wall_offset=self._wall_offset)
+                if spec is not None or not groups
+                else None
+            )
+            found = EndpointBudget(endpoint, meter, groups, self._sched)
+            self._endpoints[endpoint] = found
+        return found
 
-    def _get_clock(self) -> Clock:
-        if self._clock is None:
-            self._clock = asyncio.get_running_loop()
-        if self._wall_offset is None:
-            self._wall_offset = time.time() - self._clock.time()
-        return self._clock
+    def group_stats(self) -> dict[str, BudgetStats]:
+        """Counters of every budget group."""
+        return {name: meter.stats() for name, meter in self._groups.items()}
 
-    def _n(self) -> int:
-        assert self._rate is not None
-        return max(1, int(self._rate + _EPS))
+    def close(self) -> None:
+        """Close every endpoint's budget."""
+        for budget in self._endpoints.values():
+            budget.close()
 
-    def _window_bounds(self, t: float) -> tuple[int, float]:
-        """The aligned window holding clock time ``t``: its index and start (in clock time)."""
-        off = self._wall_offset or 0.0
-        k = math.floor((t + off) / self._period + _EPS)
-        return k, k * self._period - off
 
-    def _until_window_reset(self, now: float) -> float:
-        if self._aligned or self._rate is None:
-            _, start = self._window_bounds(now)
-            return start + self._period + self._lead - now
-        return self._period + self._tail
-
-    def _earliest(self, now: float) -> float:
-        """Earliest time the next release may happen (>= now)."""
-        t = max(now, self._paused_until)
-        if self._rate is None:
-            return t
-        n = self._n()
-        cap_period = self._period if self._aligned else self._period + self._tail
-        history = self._history
-        while history and history[0] <= now - cap_period:
-            history.popleft()
-        if len(history) >= n:
-            t = max(t, history[-n] + cap_period)
-        if not self._aligned:
-            spacing = cap_period / n
-            # The grid keeps slots evenly spaced without carrying timer lateness forward; the minimum gap
-            # to the last actual release stops a late timer from being "caught up" as a burst.
-            return max(t, self._grid, self._last_release + spacing / 2)
-        usable = self._period - self._lead - self._tail
-        spacing = usable / n
-        t = max(t, self._last_release + spacing / 2)
-        for _ in range(4):  # at most a couple of hops: the next window is always free
-            k, start = self._window_bounds(t)
-            zone_start, zone_end = start + self._lead, start + self._period - self._tail
-            if k == self._window:
-                # Slots count from the window's first release (not its start), so a run that begins
-                # mid-window is evenly spaced too, and a late timer is not carried into later slots.
-                count, slot = self._count, max(t, self._anchor + self._count * spacing)
-            else:
-                count, slot = 0, max(t, zone_start)
-            if count < n and slot < zone_end:
-                return slot
-            t = max(t, start + self._period + self._lead)
-        return t
-
-    def _due(self, now: float) -> bool:
-        return self._earliest(now) <= now + _EPS
-
-    def _release(self, now: float) -> None:
-        self._released += 1
-        self._last_release = now
-        if self._rate is None:
-            # Unthrottled: remember recent releases only for discovery at the first 429.
-            self._history.append(now)
-            while self._history and self._history[0] <= now - self._discover_period:
-                self._history.popleft()
-            return
-        self._history.append(now)
-        n = self._n()
-        if self._aligned:
-            k, _ = self._window_bounds(now)
-            if k != self._window:
-                self._window, self._count, self._anchor = k, 0, now
-            self._count += 1
-        else:
-            spacing = (self._period + self._tail) / n
-            # On time (or a little late): keep the grid, so timer lateness is not carried forward.
-            # Idle before this release: the grid restarts from now.
-            base = self._grid if now - self._grid < spacing / 2 else now
-            self._grid = base + spacing
-        while len(self._history) > n:
-            self._history.popleft()
-
-    def _schedule(self) -> None:
-        """Release every waiter that is due now, and set one timer for the next."""
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
-        clock = self._get_clock()
-        while self._waiters:
-            head = self._waiters[0]
-            if head.done():  # cancelled while waiting
-                self._waiters.popleft()
-                continue
-            now = clock.time()
-            when = self._earliest(now)
-            if when > now + _EPS:
-                self._timer = clock.call_at(when, self._on_timer)
-                return
-            self._waiters.popleft()
-            self._release(now)
-            head.set_result(None)
-
-    def _on_timer(self) -> None:
-        self._timer = None
-        self._schedule()
+def meter_of(budget: Budget) -> RateMeter | None:
+    """The rate meter that limits ``budget``'s endpoint (for its window counts and rates): its own, else its
+    only group's; None if there is none."""
+    if isinstance(budget, RateMeter):
+        return budget
+    if isinstance(budget, EndpointBudget):
+        # Limited by one group only (NotifyVisitors' API families): that group's windows are the endpoint's.
+        return budget.meter if budget.meter is not None or len(budget.groups) != 1 else budget.groups[0]
+    return None

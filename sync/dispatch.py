@@ -1,6 +1,6 @@
-"""The dispatcher: sends a plan's batches through a platform client under per-endpoint budgets.
+"""The dispatcher: sends a plan's batches through a platform client under rate budgets (per endpoint, and groups).
 
-Shape (arq/AnyIO style): a feeder fills a bounded queue from the plan — so memory stays flat however large
+Shape (arq/AnyIO style): a feeder fills a bounded channel from the plan — so memory stays flat however large
 the input — and workers in an :class:`asyncio.TaskGroup` take batches from it. Phases run in order: every
 batch of a phase is *finished* before the first batch of the next is fed (all opt-outs before any change, all
 changes before any deletion).
@@ -12,8 +12,15 @@ changes before any deletion).
   start. A lane's feeder never holds more than ``queue_size`` batches that no worker has taken yet. A source
   may rank its lanes within a phase (``lane_rank(phase, endpoint)``, e.g. NotifyVisitors' profiles before
   events): lanes of a lower rank finish before those of the next rank start.
-* A plain (async) iterable of batches has one queue and ``concurrency`` workers; its feeder waits for the
-  queue to be finished (``queue.join()``) at each change of phase.
+* A plain (async) iterable of batches (in phase order) is sent phase by phase through one lane with
+  ``concurrency`` workers: at each change of phase the lane's channel is closed, its workers finish, and the
+  next phase's lane starts.
+
+A lane is a closeable bounded channel (:class:`sync._channel.Channel`): the feeder sends batches into it and
+closes it at the end of its batches; the workers' ``async for`` then ends. A stop discards what is buffered
+and closes every channel, so idle workers end at once; busy ones get ``drain_timeout`` (an
+``asyncio.timeout`` scope, which ``force_stop`` cuts short) before they are cancelled. Pulls from a
+synchronous plan run in one worker thread (one at a time: lanes of one plan share its readers), in chunks.
 
 A batch naming a predecessor (``Batch.after``: one user's events continued from an earlier request) is sent
 only once that predecessor has finished, when this run sends it. Either way, the global cap
@@ -25,7 +32,8 @@ the moment it is known — synchronously, before the next ``await``, so a cancel
 answer and its record. Each attempt takes a slot from the endpoint's rate budget (retries count) and a place
 under the endpoint's concurrency cap.
 
-* 429: the endpoint's budget pauses (Retry-After, guarded) for *every* task, and slows down if 429s repeat.
+* 429: the endpoint's budget and every budget group holding it pause (Retry-After, guarded) for *every* task;
+  the rate is lowered only when 429s are more than a share of a window's answers (:mod:`sync.budget`).
 * 5xx, time-outs, dropped connections: retried with exponential backoff and full jitter, up to
   ``RetryPolicy.max_attempts`` attempts in all.
 * 400: the batch is split in halves (``client.split``), repeatedly, until the refused IDs are isolated; the
@@ -46,12 +54,14 @@ from __future__ import annotations
 import asyncio
 import random
 from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
+from sync._channel import Channel
 from sync._dispatch_records import DispatchObserver, DispatchOutcome, DispatchReport, EndpointStats
 from sync._sending import BatchSender
-from sync.budget import Budget, Clock, RateBudget
+from sync.budget import Budget, Clock, meter_of
 from sync.config import DispatchSettings
 from sync.errors import PushSyncError, StateError
 from sync.ledger import Ledger
@@ -87,29 +97,23 @@ class LaneSource(Protocol):
     def lanes(self, phase: Phase) -> Sequence[tuple[str, Iterable[Batch] | AsyncIterable[Batch]]]: ...
 
 
-class _Aborted(Exception):
-    """Internal: the run was aborted while this batch waited; it is recorded as failed."""
-
-
-class _NotSent(Exception):
-    """Internal: a stop came while this batch waited for its first slot; it is not sent and stays planned."""
-
-
 @dataclass(slots=True, eq=False)
 class _Lane:
-    """One queue with its feeder and workers: an endpoint's lane in a phase, or a whole plain plan."""
+    """One channel with its feeder and workers: an endpoint's lane in a phase, or one phase of a plain plan."""
 
     name: str
-    source: Iterable[Batch] | AsyncIterable[Batch]
-    queue: asyncio.Queue[Batch | None]
+    pull: _Pull
+    channel: Channel[Batch]
     workers: int
-    phase: Phase | None = None
-    """The lane's phase; None for a plain plan (its feeder follows the batches' phases itself)."""
-    limit: int = 0
-    """Lanes only: the most batches pulled from ``source`` that no worker has taken yet."""
-    ahead: int = 0  # batches pulled and not yet taken by a worker
-    room: asyncio.Event = field(default_factory=asyncio.Event)  # set when a worker takes a batch
-    exhausted: bool = False  # the feeder reached the end of ``source``
+    phase: Phase
+    plain: bool = False
+    """One phase of a plain plan: a batch of a later phase ends the lane (it is kept in ``next_batch``)."""
+    exhausted: bool = False
+    """The feeder reached the end of the lane's batches."""
+    next_batch: list[Batch] = field(default_factory=list)
+    """Plain plans: batches read ahead and not sent yet (the first are this lane's, then the next phase's)."""
+    more: bool = True
+    """The source may hold batches not pulled yet (False once a pull came back short)."""
 
 
 class Dispatcher:
@@ -132,7 +136,8 @@ class Dispatcher:
         self._ledger = ledger
         self._run_id = run_id
         self._stop = stop if stop is not None else asyncio.Event()
-        self._force = asyncio.Event()  # set by force_stop(): the drain ends at once
+        self._forced = False  # set by force_stop(): the drain ends at once
+        self._drain_scope: asyncio.Timeout | None = None  # the drain's time-out, while it runs
         # Sends each batch the workers take, and keeps what the run's batches share (budgets, caps, counters,
         # the global cap on requests in flight, the first fatal error).
         self._sender = BatchSender(
@@ -148,12 +153,9 @@ class Dispatcher:
             latency_sample=LATENCY_SAMPLE,
         )
         self._queued = 0
-        self._fed_all = False  # the feeder queued the plan's last batch
+        self._fed_all = False  # the feeders queued the plan's last batch
         # Batches queued and not yet finished → the event a follower (``Batch.after``) waits on, once one does.
         self._open: dict[str, asyncio.Event | None] = {}
-        # One synchronous pull from the plan at a time: lanes of one plan share its readers (and a replay's
-        # counters), which are not made for several threads.
-        self._pull_lock = asyncio.Lock()
         self._log = get_logger(run=run_id, platform=client.platform)
 
     # -- public ------------------------------------------------------------------------------------------
@@ -166,8 +168,10 @@ class Dispatcher:
     def force_stop(self) -> None:
         """Stop now: like setting the stop event, but cancel in-flight batches instead of draining them
         (a second Ctrl-C). Cancelled batches stay ``sent`` in the ledger."""
-        self._force.set()
+        self._forced = True
         self._stop.set()
+        if self._drain_scope is not None:
+            self._drain_scope.reschedule(asyncio.get_running_loop().time())
 
     def endpoint_stats(self) -> dict[str, EndpointStats]:
         """The counters of every endpoint a batch was taken for so far."""
@@ -177,28 +181,29 @@ class Dispatcher:
         """Send every batch (phases in order) and return the report; never raises for platform errors.
 
         ``batches``: a :class:`LaneSource` (a plan: sent in per-endpoint lanes) or an iterable of batches in
-        phase order (sent through one queue).
+        phase order (sent through one lane per phase).
         """
         clock = self._sender.clock()
         started = clock.time()
+        # Pulls from a synchronous plan, one at a time: its readers (and a replay's counters) are not made for
+        # several threads. Planning is polars work, which releases the GIL; budgets' timers keep firing.
+        executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="plan-pull")
         try:
             if isinstance(batches, LaneSource):
-                await self._run_phases(batches)
+                await self._run_phases(batches, executor)
             else:
-                workers_n = max(1, self._settings.concurrency)
-                queue: asyncio.Queue[Batch | None] = asyncio.Queue(
-                    maxsize=max(self._settings.queue_size, workers_n)
-                )
-                await self._run_lanes([_Lane("plan", batches, queue, workers_n)])
+                await self._run_plain(_Pull(batches, executor))
         except* PushSyncError as group:
             # A failure of our own (the ledger cannot be written, a plan out of phase order) ends the run; it
             # surfaces as itself, not wrapped in an ExceptionGroup, so the CLI can map it to an exit code.
             raise _first_error(group) from None
+        finally:
+            # Not waited for: a pull cut short by a stop ends on its own; the loop must not block on it.
+            executor.shutdown(wait=False, cancel_futures=True)
         if self._ledger is not None:
             self._ledger.flush()
-        finished = (
-            self._fed_all and self._sender.done == self._queued
-        )  # a stop after the last answer changes nothing
+        # A stop after the last answer changes nothing.
+        finished = self._fed_all and self._sender.done == self._queued
         outcome = (
             DispatchOutcome.ABORTED
             if self._sender.fatal is not None
@@ -207,11 +212,15 @@ class Dispatcher:
             else DispatchOutcome.COMPLETED
         )
         for name, ep in self._sender.endpoints.items():
-            if isinstance(ep.budget, RateBudget):
-                ep.stats.budget_requests = int(ep.budget.ceiling) if ep.budget.ceiling else None
-                ep.stats.budget_period = ep.budget.period if ep.budget.ceiling else None
-                ep.stats.discovered_rate = ep.budget.rate if ep.budget.ceiling is None else None
+            meter = meter_of(ep.budget)
+            if meter is not None:
+                ep.stats.budget_requests = int(meter.ceiling) if meter.ceiling else None
+                ep.stats.budget_period = meter.period if meter.ceiling else None
+                ep.stats.discovered_rate = meter.rate if meter.ceiling is None else None
             self._log.debug("endpoint.done", endpoint=name, requests=ep.stats.requests)
+        if self._sender.pool is not None:
+            for name, stats in self._sender.pool.group_stats().items():
+                self._log.debug("budget_group.done", group=name, released=stats.released, rate=stats.rate)
         return DispatchReport(
             outcome=outcome,
             endpoints=self.endpoint_stats(),
@@ -221,7 +230,7 @@ class Dispatcher:
             fatal=self._sender.fatal,
         )
 
-    async def _run_phases(self, source: LaneSource) -> None:
+    async def _run_phases(self, source: LaneSource, executor: ThreadPoolExecutor) -> None:
         """Phase by phase: run every endpoint's lane of the phase to its end, then the next phase's. Within a
         phase, lanes of a lower rank (``source.lane_rank``, when the source has one) finish first."""
         complete = True
@@ -236,10 +245,8 @@ class Dispatcher:
                 lanes = []
                 for name, batches in step:
                     workers_n = max(1, min(self._sender.endpoint_cap(name), self._settings.concurrency))
-                    limit = max(1, self._settings.queue_size)
-                    # Room for the workers' end markers too (the drain puts them without waiting).
-                    queue: asyncio.Queue[Batch | None] = asyncio.Queue(maxsize=max(limit, workers_n))
-                    lanes.append(_Lane(name, batches, queue, workers_n, phase, limit))
+                    channel: Channel[Batch] = Channel(max(1, self._settings.queue_size))
+                    lanes.append(_Lane(name, _Pull(batches, executor), channel, workers_n, phase))
                 self._log.debug("phase.start", phase=phase.name.lower(), lanes=[lane.name for lane in lanes])
                 await self._run_lanes(lanes)
                 complete = complete and all(lane.exhausted for lane in lanes)
@@ -247,133 +254,132 @@ class Dispatcher:
                 break
         self._fed_all = complete
 
+    async def _run_plain(self, pull: _Pull) -> None:
+        """A plain plan: one lane per phase, each finished before the next phase's first batch is sent."""
+        workers_n = max(1, self._settings.concurrency)
+        bound = max(self._settings.queue_size, workers_n)
+        carry: list[Batch] = []
+        more = True
+        while not self._stop.is_set():
+            if not carry and more:
+                want = min(_FEED_CHUNK, bound) if pull.is_async else _FEED_CHUNK
+                carry = await pull.take(want)
+                more = len(carry) == want
+            if not carry:
+                self._fed_all = True
+                return
+            channel: Channel[Batch] = Channel(bound)
+            lane = _Lane(
+                "plan", pull, channel, workers_n, carry[0].phase, plain=True, next_batch=carry, more=more
+            )
+            await self._run_lanes([lane])
+            carry, more = lane.next_batch, lane.more
+            if not lane.exhausted:
+                return
+            if not carry and not more:
+                self._fed_all = True
+                return
+
     async def _run_lanes(self, lanes: Sequence[_Lane]) -> None:
         """Run the lanes' feeders and workers until every worker has finished, or drain them on a stop."""
-        flusher: asyncio.Task[None] | None = None
         async with asyncio.TaskGroup() as tg:
-            feeders = [
-                tg.create_task(
-                    self._feed(lane) if lane.phase is None else self._feed_lane(lane),
-                    name=f"feeder-{lane.name}",
-                )
-                for lane in lanes
-            ]
+            feeders = [tg.create_task(self._feed(lane), name=f"feeder-{lane.name}") for lane in lanes]
             workers = [
-                tg.create_task(self._worker(lane), name=f"worker-{lane.name}-{i}")
+                tg.create_task(self._worker(lane.channel), name=f"worker-{lane.name}-{i}")
                 for lane in lanes
                 for i in range(lane.workers)
             ]
             stop_wait = tg.create_task(self._stop.wait(), name="stop-wait")
-            if self._ledger is not None:
-                flusher = tg.create_task(self._flush_ledger(), name="ledger-flush")
-            while not self._stop.is_set():
-                running = [w for w in workers if not w.done()]
-                if not running:
-                    break
-                await asyncio.wait([stop_wait, *running], return_when=asyncio.FIRST_COMPLETED)
-            if self._stop.is_set():
-                await self._drain(feeders, workers, lanes)
-            stop_wait.cancel()
-            if flusher is not None:
-                flusher.cancel()
+            flusher = tg.create_task(self._flush_ledger(), name="ledger-flush") if self._ledger else None
+            try:
+                while not self._stop.is_set():
+                    running = [w for w in workers if not w.done()]
+                    if not running:
+                        break
+                    await asyncio.wait([stop_wait, *running], return_when=asyncio.FIRST_COMPLETED)
+                if self._stop.is_set():
+                    for feeder in feeders:
+                        feeder.cancel()
+                    for lane in lanes:
+                        lane.channel.discard()  # never taken: they stay planned
+                        lane.channel.close()  # idle workers end now
+                    await self._drain(workers)
+            finally:
+                stop_wait.cancel()
+                if flusher is not None:
+                    flusher.cancel()
 
     # -- feeding and draining ----------------------------------------------------------------------------
 
     async def _feed(self, lane: _Lane) -> None:
-        """Feed a plain plan: one queue for every endpoint; wait for it to be finished at each new phase."""
-        queue, workers, batches = lane.queue, lane.workers, lane.source
-        phase: Phase | None = None
-        async for batch in _aiter(batches):
-            if self._stop.is_set():
-                return
-            if phase is not None and batch.phase < phase:
-                raise StateError(
-                    f"plan out of phase order: batch {batch.batch_id} ({batch.phase.name}) after {phase.name}"
-                )
-            if phase is not None and batch.phase != phase:
-                await queue.join()  # every batch of the previous phase is finished, not just taken
-                if self._stop.is_set():
-                    return
-            phase = batch.phase
-            if self._ledger is not None:
-                self._ledger.record_planned(self._run_id, batch)
-            self._queued += 1
-            self._open[batch.batch_id] = None
-            await queue.put(batch)
-        self._fed_all = True
-        lane.exhausted = True
-        for _ in range(workers):
-            await queue.put(None)
-
-    async def _feed_lane(self, lane: _Lane) -> None:
-        """Feed one endpoint's lane, never holding more than ``lane.limit`` batches no worker has taken."""
-        pull = _Pull(lane.source, self._pull_lock)
+        """Send the lane's batches into its channel, then close it. An endpoint's lane never holds more batches
+        that no worker has taken than its channel's bound (pulls are sized to the room that is free); a plain
+        plan from a synchronous iterable holds one pulled chunk besides."""
+        channel = lane.channel
         # Refill in chunks once a good part of the room is free: one thread hop per chunk, not per batch.
-        refill = max(1, min(_FEED_CHUNK, lane.limit // 2))
+        refill = max(1, min(_FEED_CHUNK, channel.statistics().max_buffered // 2))
+        chunk, lane.next_batch = lane.next_batch, []
         while True:
-            while lane.limit - lane.ahead < refill:
-                lane.room.clear()
-                await lane.room.wait()
-            if self._stop.is_set():
-                return
-            want = min(_FEED_CHUNK, lane.limit - lane.ahead)
-            chunk = await pull.take(want)
-            if self._stop.is_set():
-                return
-            for batch in chunk:
+            for i, batch in enumerate(chunk):
                 if batch.phase != lane.phase:
-                    assert lane.phase is not None
+                    if lane.plain and batch.phase > lane.phase:
+                        lane.next_batch = chunk[i:]  # a plain plan's next phase: after this one finishes
+                        lane.exhausted = True
+                        channel.close()
+                        return
                     raise StateError(
                         f"lane {lane.name} of phase {lane.phase.name} yielded batch {batch.batch_id} of phase "
                         f"{batch.phase.name}"
+                        if not lane.plain
+                        else f"plan out of phase order: batch {batch.batch_id} ({batch.phase.name}) after "
+                        f"{lane.phase.name}"
                     )
+                await channel.wait_room(1)
+                if self._stop.is_set():
+                    return
                 if self._ledger is not None:
                     self._ledger.record_planned(self._run_id, batch)
                 self._queued += 1
                 self._open[batch.batch_id] = None
-                lane.ahead += 1
-                lane.queue.put_nowait(batch)  # never full: it holds at most ``limit`` batches
-            if len(chunk) < want:
+                channel.send_nowait(batch)
+            if not lane.more:
                 break
+            # A plain plan pulls whole chunks and hands them over as room frees (as it always did); a lane
+            # pulls no more than the room that is free, so it never holds more than its channel's bound.
+            hold = lane.plain and not lane.pull.is_async
+            if not hold:
+                await channel.wait_room(refill)
+            if self._stop.is_set():
+                return
+            want = _FEED_CHUNK if hold else min(_FEED_CHUNK, channel.free)
+            chunk = await lane.pull.take(want)
+            lane.more = len(chunk) == want
+            if self._stop.is_set():
+                return
         lane.exhausted = True
-        for _ in range(lane.workers):
-            await lane.queue.put(None)
+        channel.close()
 
-    async def _drain(
-        self,
-        feeders: list[asyncio.Task[None]],
-        workers: list[asyncio.Task[None]],
-        lanes: Sequence[_Lane],
-    ) -> None:
-        """Stop feeding, release idle workers, give busy ones ``drain_timeout`` seconds, cancel the rest."""
-        for feeder in feeders:
-            feeder.cancel()
-        for lane in lanes:
-            queue = lane.queue
-            while not queue.empty():
-                queue.get_nowait()
-                queue.task_done()
-            for _ in range(lane.workers):
-                queue.put_nowait(None)
+    async def _drain(self, workers: list[asyncio.Task[None]]) -> None:
+        """Give busy workers ``drain_timeout`` seconds (cut short by :meth:`force_stop`), then cancel the rest."""
         running = [w for w in workers if not w.done()]
-        if running:
-            # Wait for the busy workers, but no longer than the drain time-out, nor past force_stop().
-            drained = asyncio.ensure_future(asyncio.wait(running))
-            forced = asyncio.ensure_future(self._force.wait())
-            try:
-                await asyncio.wait(
-                    [drained, forced],
-                    timeout=self._settings.drain_timeout,
-                    return_when=asyncio.FIRST_COMPLETED,
-                )
-            finally:
-                drained.cancel()
-                forced.cancel()
-            late = [w for w in running if not w.done()]
-            for task in late:
-                task.cancel()
-            if late:
-                self._log.warning("drain.cut_short", cancelled=len(late), forced=self._force.is_set())
+        if not running:
+            return
+        loop = asyncio.get_running_loop()
+        try:
+            async with asyncio.timeout(self._settings.drain_timeout) as scope:
+                self._drain_scope = scope
+                if self._forced:
+                    scope.reschedule(loop.time())
+                await asyncio.wait(running)
+        except TimeoutError:
+            pass
+        finally:
+            self._drain_scope = None
+        late = [w for w in running if not w.done()]
+        for task in late:
+            task.cancel()
+        if late:
+            self._log.warning("drain.cut_short", cancelled=len(late), forced=self._forced)
 
     async def _flush_ledger(self) -> None:
         assert self._ledger is not None
@@ -383,16 +389,11 @@ class Dispatcher:
 
     # -- workers -------------------------------------------------------------------------------------------
 
-    async def _worker(self, lane: _Lane) -> None:
-        queue = lane.queue
-        while True:
-            batch = await queue.get()
+    async def _worker(self, channel: Channel[Batch]) -> None:
+        async for batch in channel:
             try:
-                if batch is None or self._stop.is_set():
+                if self._stop.is_set():
                     return
-                if lane.limit:
-                    lane.ahead -= 1
-                    lane.room.set()
                 if batch.after is not None and batch.after in self._open:
                     # Its predecessor was queued earlier (so a worker already took it): wait for its end, so
                     # e.g. one user's events reach the platform in file order across requests.
@@ -401,11 +402,9 @@ class Dispatcher:
                     await done.wait()
                 await self._sender.process(batch)
             finally:
-                if batch is not None:
-                    finished = self._open.pop(batch.batch_id, None)
-                    if finished is not None:
-                        finished.set()
-                queue.task_done()
+                finished = self._open.pop(batch.batch_id, None)
+                if finished is not None:
+                    finished.set()
 
 
 def _ranked(
@@ -422,22 +421,6 @@ def _ranked(
     return [ranks[rank] for rank in sorted(ranks)]
 
 
-async def _aiter(batches: Iterable[Batch] | AsyncIterable[Batch]) -> AsyncIterable[Batch]:
-    """Iterate a plan without blocking the loop: a synchronous plan is advanced in a worker thread, in chunks
-    (planning is CPU work in polars, which releases the GIL; budgets' timers must keep firing meanwhile)."""
-    if isinstance(batches, AsyncIterable):
-        async for batch in batches:
-            yield batch
-        return
-    iterator = iter(batches)
-    while True:
-        chunk = await asyncio.to_thread(_take, iterator, _FEED_CHUNK)
-        for batch in chunk:
-            yield batch
-        if len(chunk) < _FEED_CHUNK:
-            return
-
-
 def _take(iterator: Iterator[Batch], n: int) -> list[Batch]:
     out: list[Batch] = []
     for batch in iterator:
@@ -448,17 +431,22 @@ def _take(iterator: Iterator[Batch], n: int) -> list[Batch]:
 
 
 class _Pull:
-    """Takes batches from one lane's iterable, a few at a time: a synchronous one in a worker thread (as
-    :func:`_aiter` does), one pull at a time across the lanes (``lock``)."""
+    """Takes batches from an iterable of batches, a few at a time: a synchronous one in the run's plan-pull
+    thread (so the loop never blocks on planning), an asynchronous one directly."""
 
-    __slots__ = ("_async", "_lock", "_sync")
+    __slots__ = ("_async", "_executor", "_sync")
 
-    def __init__(self, batches: Iterable[Batch] | AsyncIterable[Batch], lock: asyncio.Lock) -> None:
+    def __init__(self, batches: Iterable[Batch] | AsyncIterable[Batch], executor: ThreadPoolExecutor) -> None:
         self._async: AsyncIterator[Batch] | None = (
             aiter(batches) if isinstance(batches, AsyncIterable) else None
         )
         self._sync: Iterator[Batch] | None = iter(batches) if not isinstance(batches, AsyncIterable) else None
-        self._lock = lock
+        self._executor = executor
+
+    @property
+    def is_async(self) -> bool:
+        """The batches come from an asynchronous iterable (no worker thread involved)."""
+        return self._async is not None
 
     async def take(self, n: int) -> list[Batch]:
         """Up to ``n`` batches; fewer only at the end."""
@@ -471,8 +459,7 @@ class _Pull:
                     break
             return out
         assert self._sync is not None
-        async with self._lock:
-            return await asyncio.to_thread(_take, self._sync, n)
+        return await asyncio.get_running_loop().run_in_executor(self._executor, _take, self._sync, n)
 
 
 def _first_error(group: BaseExceptionGroup[PushSyncError]) -> PushSyncError:

@@ -366,8 +366,9 @@ def estimate_duration(
 
     Phases run one after another. Within a phase, each endpoint is held back by its own rate budget
     (``requests × period / budget``) and by its concurrency (``requests × latency / cap``), and all endpoints
-    share the global cap. Returns the per-(phase, endpoint, operation) figure under its key and the total under
-    ``None``. Budgets are assumed per endpoint, ``"*"`` standing for each endpoint not named.
+    share the global cap; a budget group holds its endpoints together to ``their requests × period / budget``.
+    Returns the per-(phase, endpoint, operation) figure under its key and the total under ``None``. Budgets are
+    per endpoint, ``"*"`` standing for each endpoint not named.
     """
     out: dict[Any, float] = {}
     total = 0.0
@@ -384,6 +385,13 @@ def estimate_duration(
             budget = dispatch.budget_for(endpoint)
             cap = min(concurrency, dispatch.per_endpoint_concurrency.get(endpoint, concurrency))
             endpoint_time[endpoint] = max(n * budget.interval if budget else 0.0, n * latency / cap)
+        # A budget group is shared: its endpoints' requests together take ``sum × period / budget``; each of
+        # them finishes by then at the latest (the group is shared round robin).
+        for group in dispatch.budget_groups:
+            members = [e for e in per_endpoint if group.holds(e)]
+            group_time = sum(per_endpoint[e] for e in members) * group.budget.interval
+            for endpoint in members:
+                endpoint_time[endpoint] = max(endpoint_time[endpoint], group_time)
         for key in keys:
             share = requests[key] / per_endpoint[key[1]]
             out[key] = endpoint_time[key[1]] * share

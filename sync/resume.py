@@ -565,7 +565,7 @@ async def _sync_job(
                 api_key=api_key,
                 plan=plan,
                 run_id=run_id,
-                batches=lambda _plan: diff.batches(),
+                batches=lambda _plan: diff,  # per-endpoint lanes, phase by phase, as a changes run is sent
                 expected=expected,
                 signals=signals,
                 **run_kwargs,

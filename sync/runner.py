@@ -347,11 +347,9 @@ def _local_failure(exc: BaseException) -> BaseException | None:
 def _metrics_for(job: Job, run_id: str) -> RunMetrics:
     from sync.metrics import RunMetrics  # prometheus_client only when metrics are asked for
 
-    def budget_rate(endpoint: str) -> float | None:
-        spec = job.dispatch.budget_for(endpoint)
-        return None if spec is None else spec.requests / spec.period
-
-    return RunMetrics(run_id=run_id, job=job.name, platform=job.destination.platform, budget_for=budget_rate)
+    return RunMetrics(
+        run_id=run_id, job=job.name, platform=job.destination.platform, budget_for=job.dispatch.max_rate
+    )
 
 
 def _on_signal(dispatcher: Dispatcher, sig: signal.Signals) -> None:

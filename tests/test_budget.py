@@ -124,30 +124,57 @@ def test_remaining_zero_on_success_waits_for_window_reset() -> None:
     assert run_virtual(scenario()) == pytest.approx(1.01)
 
 
-def test_repeated_429s_halve_the_rate_and_quiet_periods_restore_it() -> None:
+def test_one_429_among_many_answers_does_not_lower_the_rate() -> None:
+    async def scenario() -> tuple[float | None, float]:
+        loop = asyncio.get_running_loop()
+        budget = RateBudget(RateBudgetSpec(40, 1.0), tail=0.1, lead=0.0, wall_offset=0.0)
+        for window in range(5):
+            for i in range(20):
+                await budget.acquire()
+                if window >= 1 and i == 5:
+                    pause = budget.on_rate_limited(0.05, None)  # 1 of 20 answers in each window: 5 %
+                    assert pause == pytest.approx(0.05)
+                else:
+                    budget.on_success()
+            await clock_sleep(loop, window + 1 - loop.time())
+        return budget.rate, budget.stats().paused_seconds
+
+    rate, paused = run_virtual(scenario())
+    assert rate == 40.0
+    assert paused == pytest.approx(4 * 0.05)  # every Retry-After is honoured all the same
+
+
+def test_a_window_with_many_429s_lowers_by_30_percent_and_clean_windows_raise_by_10() -> None:
     async def scenario() -> list[float | None]:
         loop = asyncio.get_running_loop()
-        budget = RateBudget(RateBudgetSpec(40, 1.0), wall_offset=0.0)
+        budget = RateBudget(RateBudgetSpec(40, 1.0), tail=0.1, lead=0.0, wall_offset=0.0)
         seen: list[float | None] = []
-        await budget.acquire()
-        budget.on_rate_limited(0.1, None)  # first 429: pause only
+
+        async def window(limited: int, answers: int = 10) -> None:
+            start = math.floor(loop.time())
+            for i in range(answers):
+                await budget.acquire()
+                if i < limited:
+                    budget.on_rate_limited(0.001, None)
+                else:
+                    budget.on_success()
+            await clock_sleep(loop, start + 1 - loop.time())
+
+        await window(limited=3)  # 30 % of the answers were 429s
+        await window(limited=0)  # the verdict on the last window comes with the first answer of this one
         seen.append(budget.rate)
-        await clock_sleep(loop, 1.0)
-        budget.on_rate_limited(0.1, None)  # repeated: x0.5
-        budget.on_rate_limited(0.1, None)  # same burst (within a period of the change): no new decrease
+        await window(limited=0)  # clean 1
+        await window(limited=0)  # clean 2: +10 %
         seen.append(budget.rate)
-        await clock_sleep(loop, 1.01)
-        budget.on_rate_limited(0.1, None)
-        seen.append(budget.rate)
-        for _ in range(30):
-            await clock_sleep(loop, 1.01)
-            budget.on_success()
+        for _ in range(12):
+            await window(limited=0)
         seen.append(budget.rate)
         return seen
 
-    first, once, twice, recovered = run_virtual(scenario())
-    assert (first, once, twice) == (40.0, 20.0, 10.0)
-    assert recovered == 40.0  # additive +2 per period, capped at the ceiling
+    lowered, raised, recovered = run_virtual(scenario())
+    assert lowered == pytest.approx(28.0)
+    assert raised == pytest.approx(30.8)
+    assert recovered == 40.0  # back to the configured budget, never above
 
 
 def test_no_budget_is_unthrottled_until_a_429_then_discovers_a_rate() -> None:
@@ -164,8 +191,8 @@ def test_no_budget_is_unthrottled_until_a_429_then_discovers_a_rate() -> None:
 
     burst, rate, times = run_virtual(scenario())
     assert burst == 0.0
-    assert rate == 30.0  # 60 seen in the last second, halved
-    assert _max_per_window(times, 1.0) <= 30
+    assert rate == 42.0  # 60 seen in the last second, lowered by 30 %
+    assert _max_per_window(times, 1.0) <= 42
 
 
 def test_cancelled_waiter_does_not_block_the_queue() -> None:

@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import math
 import random
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import AsyncIterator, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,8 +19,8 @@ from typing import Any
 import pytest
 from vtime import run_virtual
 
-from sync.budget import Budget, RateBudget
-from sync.config import DispatchSettings, RateBudgetSpec, load_job
+from sync.budget import Budget, BudgetPool, RateBudget
+from sync.config import BudgetGroupSpec, DispatchSettings, RateBudgetSpec, load_job
 from sync.dispatch import Dispatcher, DispatchOutcome, DispatchReport, LaneSource
 from sync.errors import ExitCode, FatalPlatformError, StateError
 from sync.ledger import Ledger
@@ -524,3 +525,64 @@ async def test_a_resumed_run_is_sent_in_lanes_too(netmera_sandbox: Any, tmp_path
     assert read_back(state, expected) == expected
     spans = endpoint_spans(resumed.run.ledger_path, resumed.run.run_id)
     assert_overlapping({ep: span for (phase, ep), span in spans.items() if phase == Phase.CHANGES})
+
+
+def test_lanes_share_a_budget_group_window_by_window() -> None:
+    group = BudgetGroupSpec("account", RateBudgetSpec(10, 1.0, margin=0.05), ("*",))
+    plan = Lanes({Phase.CHANGES: [(name, batches_for(name, 20)) for name in ("a", "b", "c")]})
+    client = MemoryPlatform(latency=0.01)
+
+    async def go() -> DispatchReport:
+        pool = BudgetPool({}, (group,), wall_offset=0.0)
+        return await Dispatcher(client, settings(), budget_factory=pool.budget).run(plan)
+
+    report = run_virtual(go())
+    assert report.batches_done == 60
+    per_window = Counter(math.floor(s.start) for s in client.sends)
+    assert max(per_window.values()) == 10 and len(per_window) == 6  # 10 a window, all endpoints together
+    for name in ("a", "b", "c"):  # round robin: each lane moves in every window
+        assert len({math.floor(s.start) for s in client.sends if s.endpoint == name}) == 6
+
+
+def test_the_job_settings_groups_are_used_by_default() -> None:
+    group = BudgetGroupSpec("account", RateBudgetSpec(10, 1.0, margin=0.05), ("*",))
+    plan = Lanes({Phase.CHANGES: [(name, batches_for(name, 10)) for name in ("a", "b", "c")]})
+    report = run_virtual(Dispatcher(MemoryPlatform(), settings(budget_groups=(group,))).run(plan))
+    assert report.batches_done == 30
+    assert report.elapsed >= 2.0  # 30 at 10 per window: unthrottled, it would take 0.08 s
+
+
+def test_the_dispatcher_feeds_answer_times_to_the_learned_margin() -> None:
+    plan = Lanes({Phase.CHANGES: [("a", batches_for("a", 60))]})
+
+    async def go() -> tuple[float, float]:
+        pool = BudgetPool({"*": RateBudgetSpec(50, 1.0)}, wall_offset=0.0)
+        meter = pool.budget("a").meter
+        assert meter is not None
+        before = meter.margin
+        await Dispatcher(MemoryPlatform(latency=0.03), settings(), budget_factory=pool.budget).run(plan)
+        return before, meter.margin
+
+    before, after = run_virtual(go())
+    assert before == pytest.approx(0.2)  # min(0.2 T, 1 s) until answers come
+    assert after == pytest.approx(0.035)  # release to answer (30 ms) + 5 ms
+
+
+async def test_a_snapshot_run_is_sent_in_lanes_with_opt_outs_first(
+    netmera_sandbox: Any, tmp_path: Path
+) -> None:
+    job_path, expected = write_lanes_job(tmp_path, netmera_sandbox.url, users=60)
+    job_path.write_text(job_path.read_text(encoding="utf-8") + "mode: snapshot\n", encoding="utf-8")
+    state = netmera_sandbox.sandbox.state
+    add_devices(state, 60)
+
+    outcome = await sync_job(load_job(job_path), api_key=netmera_sandbox.api_key)
+
+    assert outcome.run.exit_code is ExitCode.OK, outcome.run.summary.render_text()
+    assert read_back(state, expected) == expected
+    spans = endpoint_spans(outcome.run.ledger_path, outcome.run.run_id)
+    changes = {ep: span for (phase, ep), span in spans.items() if phase == Phase.CHANGES}
+    assert {"setProfileAttributes", "tagUsers", "enablePush"} <= set(changes)
+    assert_overlapping(changes)
+    opt_out = [span for (phase, _), span in spans.items() if phase == Phase.OPT_OUT]
+    assert opt_out and max(hi for _, hi in opt_out) <= min(lo for lo, _ in changes.values()) + 0.01

@@ -8,7 +8,7 @@ source's parsing in ``_sources``, per-platform defaults in ``_defaults``, the YA
 Only the CLI reads environment variables: secrets are resolved by :func:`resolve_secret`, called from the CLI.
 """
 
-from sync.config._defaults import PLATFORM_DEFAULTS
+from sync.config._defaults import PLATFORM_DEFAULTS, PLATFORM_ENDPOINTS
 from sync.config._job import (
     DEFAULT_NULL_VALUES,
     AttributeMapping,
@@ -29,6 +29,7 @@ from sync.config._job import (
 )
 from sync.config._load import SCHEMA_PATH, load_job
 from sync.config._settings import (
+    BudgetGroupSpec,
     Destination,
     DispatchSettings,
     RateBudgetSpec,
@@ -40,9 +41,11 @@ from sync.config._yaml import looks_like_a_key, read_job_yaml
 __all__ = [
     "DEFAULT_NULL_VALUES",
     "PLATFORM_DEFAULTS",
+    "PLATFORM_ENDPOINTS",
     "SCHEMA_PATH",
     "AttributeMapping",
     "AttributeMode",
+    "BudgetGroupSpec",
     "Destination",
     "DispatchSettings",
     "FileFormat",

@@ -14,7 +14,8 @@ from typing import Any
 
 import jsonschema
 
-from sync.config._defaults import PLATFORM_DEFAULTS, PLATFORM_MAX_BATCH
+from sync.config._defaults import PLATFORM_MAX_BATCH
+from sync.config._dispatch import parse_dispatch
 from sync.config._job import (
     Job,
     RemovalAction,
@@ -25,7 +26,7 @@ from sync.config._job import (
     TagAction,
     ValidationRules,
 )
-from sync.config._settings import Destination, DispatchSettings, RateBudgetSpec, RetryPolicy
+from sync.config._settings import Destination
 from sync.config._sources import parse_source
 from sync.config._yaml import looks_like_a_key, read_job_yaml
 from sync.errors import BadJobError, JobProblem
@@ -41,7 +42,6 @@ _SECRET_LOOKING_EXTRA = re.compile(
     re.IGNORECASE,
 )
 """Names of ``destination.extra`` settings that would hold a secret (``user_key: UserId`` is not one)."""
-_PER = re.compile(r"^\s*([0-9]+(?:\.[0-9]+)?)\s*(ms|s|m|h)\s*$")
 _MAX_SCHEMA_MESSAGE = 200  # characters: a schema message quotes the value it refuses, which may be huge
 _TYPE_NAMES = {
     "object": "a mapping (key: value)",
@@ -53,7 +53,6 @@ _TYPE_NAMES = {
     "null": "empty",
 }
 _SECRET_HINT = "a job names where the secret lives ({env: NAME} or {file: PATH}), never the secret itself"
-_UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
 
 
 def _schema() -> dict[str, Any]:
@@ -190,55 +189,6 @@ def _secret_problems(raw: Mapping[str, Any], base: Path) -> list[JobProblem]:
                 )
             )
     return problems
-
-
-def _seconds(spec: Mapping[str, Any]) -> float:
-    if "period" in spec:
-        return float(spec["period"])
-    match = _PER.match(str(spec.get("per", "1s")))
-    assert match is not None  # the schema's pattern already checked it
-    return float(match.group(1)) * _UNIT_SECONDS[match.group(2)]
-
-
-def _budget_problems(raw: Mapping[str, Any]) -> list[JobProblem]:
-    """Budgets the schema lets through but no rate can be built from: ``per`` of zero seconds."""
-    problems = []
-    for endpoint, spec in (raw.get("budgets") or {}).items():
-        if "period" not in spec and "per" in spec and _seconds(spec) <= 0:
-            problems.append(
-                JobProblem(
-                    f"dispatch.budgets.{endpoint}.per",
-                    f"a budget's period must be longer than 0 ({spec['per']!r}); e.g. per: 1s",
-                )
-            )
-    return problems
-
-
-def _dispatch(raw: Mapping[str, Any], platform: str) -> tuple[DispatchSettings, dict[str, int]]:
-    defaults = PLATFORM_DEFAULTS.get(platform, {})
-    budgets: dict[str, RateBudgetSpec] = dict(defaults.get("budgets", {}))
-    for endpoint, spec in (raw.get("budgets") or {}).items():
-        budgets[endpoint] = RateBudgetSpec(requests=int(spec["requests"]), period=_seconds(spec))
-    retry_raw = raw.get("retry") or {}
-    retry_kwargs: dict[str, Any] = {
-        k: (int(v) if k == "max_attempts" else float(v)) for k, v in retry_raw.items()
-    }
-    retry = RetryPolicy(**retry_kwargs)
-    kwargs: dict[str, Any] = {
-        k: raw[k] for k in ("concurrency", "request_timeout", "drain_timeout", "queue_size") if k in raw
-    }
-    settings = DispatchSettings(
-        **kwargs,
-        per_endpoint_concurrency=dict(raw.get("per_endpoint_concurrency") or {}),
-        budgets=budgets,
-        retry=retry,
-    )
-    sizes_raw = raw.get("batch_size", {})
-    sizes = {"*": int(defaults.get("batch_size", 1000))}
-    sizes.update(
-        {"*": sizes_raw} if isinstance(sizes_raw, int) else {k: int(v) for k, v in sizes_raw.items()}
-    )
-    return settings, sizes
 
 
 def _destination(dest_raw: Mapping[str, Any], base: Path, problems: list[JobProblem]) -> Destination:
@@ -382,9 +332,9 @@ def load_job(path: str | Path) -> Job:
         source = parse_source(i, src_raw, defaults, base, problems)
         if source is not None:
             sources.append(source)
-    if sound("dispatch"):
-        problems += _budget_problems(raw.get("dispatch") or {})
-    dispatch, sizes = _dispatch((raw.get("dispatch") or {}) if sound("dispatch") else {}, platform)
+    dispatch, sizes = parse_dispatch(
+        (raw.get("dispatch") or {}) if sound("dispatch") else {}, platform, problems
+    )
     limit = PLATFORM_MAX_BATCH.get(platform)
     for endpoint, size in sizes.items():
         if limit is not None and size > limit:

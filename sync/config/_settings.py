@@ -32,10 +32,29 @@ class RateBudgetSpec:
 
     requests: int
     period: float
+    align: bool = True
+    """Release per clock-aligned window (servers counting fixed windows); False: N per ``period + margin``."""
+    margin: float | None = None
+    """Seconds kept free before a window's end; None: learned from the latencies observed (docs/run.md)."""
 
     @property
     def interval(self) -> float:
         return self.period / self.requests
+
+
+@dataclass(frozen=True, slots=True)
+class BudgetGroupSpec:
+    """A budget shared by several endpoints (a limit per account or API key): every attempt at any of them
+    takes a slot from the group as well as from its endpoint's own budget."""
+
+    name: str
+    budget: RateBudgetSpec
+    endpoints: tuple[str, ...]
+    """Endpoint names; ``("*",)`` is every endpoint of the job."""
+
+    def holds(self, endpoint: str) -> bool:
+        """Whether an attempt at ``endpoint`` takes a slot from this group."""
+        return "*" in self.endpoints or endpoint in self.endpoints
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,9 +80,22 @@ class DispatchSettings:
     budgets: Mapping[str, RateBudgetSpec] = field(default_factory=dict)
     """Per endpoint (e.g. ``tagUsers``); the key ``"*"`` applies to endpoints not named."""
     retry: RetryPolicy = field(default_factory=RetryPolicy)
+    budget_groups: tuple[BudgetGroupSpec, ...] = ()
+    """Budgets shared by several endpoints, on top of each endpoint's own."""
 
     def budget_for(self, endpoint: str) -> RateBudgetSpec | None:
+        """The endpoint's own budget (``"*"`` when it is not named), if any."""
         return self.budgets.get(endpoint) or self.budgets.get("*")
+
+    def groups_for(self, endpoint: str) -> tuple[BudgetGroupSpec, ...]:
+        """The budget groups an attempt at ``endpoint`` takes a slot from."""
+        return tuple(g for g in self.budget_groups if g.holds(endpoint))
+
+    def max_rate(self, endpoint: str) -> float | None:
+        """The most requests per second ``endpoint`` may send: its own budget's or a group's, the lowest (None:
+        no budget limits it)."""
+        specs = [s for s in (self.budget_for(endpoint), *(g.budget for g in self.groups_for(endpoint))) if s]
+        return min((s.requests / s.period for s in specs), default=None)
 
 
 def _unusable(value: str, where: str) -> SecretError | None:

@@ -87,6 +87,21 @@ def snapshot_streams(source: Source) -> list[netmera.Stream]:
     return streams
 
 
+def _log_entry(delta: SourceDelta, stream: netmera.Stream, batch: Batch) -> str:
+    """One ``batches.jsonl`` line: what :func:`commit` needs to map a confirmed batch back to its rows."""
+    group = batch.body.get("tag", "") if isinstance(batch.body, dict) else ""
+    entry = {
+        "s": delta.source.name,
+        "b": batch.batch_id,
+        "o": stream.operation.value,
+        "p": int(stream.phase),
+        "g": group,
+        "f": batch.ext_ids[0],
+        "l": batch.ext_ids[-1],
+    }
+    return json.dumps(entry)
+
+
 def _by_range(
     frames: Iterable[pl.DataFrame], bits: int, empty: pl.DataFrame
 ) -> Iterator[tuple[int, pl.DataFrame]]:
@@ -188,6 +203,27 @@ class SnapshotDiff:
     def _size(self, endpoint: str) -> int:
         return self.batch_size.get(endpoint) or self.batch_size.get("*") or netmera.MAX_IDS_PER_REQUEST
 
+    def lanes(self, phase: Phase) -> list[tuple[str, Iterator[Batch]]]:
+        """The phase's batches per endpoint (a :class:`sync.dispatch.LaneSource`), so a snapshot run sends every
+        endpoint of a phase at once, as a changes run does; phases stay in order (opt-outs first). Each batch is
+        recorded in ``batches.jsonl`` before it is yielded, as :meth:`batches` does (each lane appends whole
+        lines through its own handle)."""
+        by_endpoint: dict[str, list[tuple[SourceDelta, netmera.Stream]]] = {}
+        for delta in self.sources:
+            for stream in snapshot_streams(delta.source):
+                if stream.phase is phase:
+                    by_endpoint.setdefault(stream.endpoint, []).append((delta, stream))
+        return [(endpoint, self._lane(pairs)) for endpoint, pairs in by_endpoint.items()]
+
+    def _lane(self, pairs: list[tuple[SourceDelta, netmera.Stream]]) -> Iterator[Batch]:
+        with (self.directory / "batches.jsonl").open("a", encoding="utf-8") as log:
+            for delta, stream in pairs:
+                size = self._size(stream.endpoint)
+                for batch in netmera.stream_batches(stream, delta.frames(), size, delta.files):
+                    log.write(_log_entry(delta, stream, batch) + "\n")
+                    log.flush()  # to the OS: survives kill -9 of this process
+                    yield batch
+
     def batches(self, *, record: bool = True) -> Iterator[Batch]:
         """Every batch of the delta, phase by phase; each is recorded in ``batches.jsonl`` before it is yielded
         (so a crash can never leave a sent batch that :func:`commit` cannot map back)."""
@@ -203,17 +239,7 @@ class SnapshotDiff:
                         size = self._size(stream.endpoint)
                         for batch in netmera.stream_batches(stream, delta.frames(), size, delta.files):
                             if log is not None:
-                                group = batch.body.get("tag", "") if isinstance(batch.body, dict) else ""
-                                entry = {
-                                    "s": delta.source.name,
-                                    "b": batch.batch_id,
-                                    "o": stream.operation.value,
-                                    "p": int(stream.phase),
-                                    "g": group,
-                                    "f": batch.ext_ids[0],
-                                    "l": batch.ext_ids[-1],
-                                }
-                                log.write(json.dumps(entry) + "\n")
+                                log.write(_log_entry(delta, stream, batch) + "\n")
                                 log.flush()  # to the OS: survives kill -9 of this process
                             yield batch
         finally:

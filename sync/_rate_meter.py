@@ -1,0 +1,396 @@
+"""One rate limit's bookkeeping: N per period, clock-aligned windows, the hard cap, pauses, adaptation, margin.
+
+Private: :mod:`sync.budget` is the public face. A :class:`RateMeter` holds no waiters and sets no timers; it
+answers two questions — "when may the next request go?" (:meth:`RateMeter.earliest`) and "one went now"
+(:meth:`RateMeter.release`) — and learns from answers (429s, ``X-RateLimit-Remaining``, latencies). The
+scheduler in :mod:`sync.budget` releases an attempt only when *every* meter it needs (its endpoint's budget and
+each budget group holding the endpoint) says it may go, and then counts it in all of them at once, so a request
+is always counted in the window it is sent in.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from sync.config import RateBudgetSpec
+
+_EPS = 1e-9
+MIN_MARGIN = 0.01
+"""Smallest learned margin before a window's end, seconds: timer lateness and a little clock skew."""
+_MARGIN_SAMPLES = (
+    200  # latencies kept for the learned margin (the newest ones: the margin follows the network)
+)
+_MARGIN_MIN_SAMPLES = 20  # below this, the default margin stays
+_MARGIN_EVERY = 10  # recompute the learned margin every this many latencies
+
+
+@dataclass(frozen=True, slots=True)
+class BudgetStats:
+    """Counters for the summary: releases, 429s seen, time paused, rates, and the margin in use."""
+
+    released: int
+    rate_limited: int
+    paused_seconds: float
+    rate: float | None
+    ceiling: float | None
+    period: float
+    margin: float = 0.0
+    """Seconds kept free before each window's end (learned from latencies unless the job fixed it)."""
+    decreases: int = 0
+    """Times the rate was lowered because too many answers of a window were 429s."""
+
+
+class RateMeter:
+    """At most N requests per period T: when the next may go, and what the answers teach. See the module doc."""
+
+    __slots__ = (
+        "_aligned",
+        "_anchor",
+        "_answers",
+        "_ceiling",
+        "_clean",
+        "_clean_windows",
+        "_count",
+        "_decrease",
+        "_decreases",
+        "_discover_period",
+        "_eval_window",
+        "_fixed_lead",
+        "_grid",
+        "_history",
+        "_increase",
+        "_last_release",
+        "_lead",
+        "_learn",
+        "_limited",
+        "_limited_share",
+        "_max_margin",
+        "_max_pause",
+        "_on_change",
+        "_paused_seconds",
+        "_paused_until",
+        "_period",
+        "_rate",
+        "_rate_limited",
+        "_released",
+        "_samples",
+        "_since_learned",
+        "_tail",
+        "_time",
+        "_wall_offset",
+        "_window",
+        "name",
+    )
+
+    def __init__(
+        self,
+        spec: RateBudgetSpec | None,
+        *,
+        name: str = "",
+        align: bool | None = None,
+        tail: float | None = None,
+        lead: float | None = None,
+        wall_offset: float | None = None,
+        decrease: float = 0.7,
+        increase: float = 0.1,
+        limited_share: float = 0.1,
+        clean_windows: int = 2,
+        max_pause: float = 300.0,
+        discover_period: float = 1.0,
+    ) -> None:
+        if spec is not None and (spec.requests < 1 or spec.period <= 0):
+            raise ValueError(f"rate budget needs requests >= 1 and period > 0, got {spec}")
+        if not 0 < decrease < 1:
+            raise ValueError("decrease must be in (0, 1)")
+        self.name = name  # the endpoint's or the group's name, for logs and stats
+        self._time: Callable[[], float] | None = None  # the clock's time(); set by bind()
+        self._on_change: list[Callable[[], None]] = []  # schedulers to wake when a pause or the rate changes
+        self._period: float = spec.period if spec else discover_period  # T, seconds
+        self._ceiling: float | None = float(spec.requests) if spec else None  # configured N; None: discover
+        self._rate: float | None = self._ceiling  # current allowed requests per period; None: unthrottled
+        self._discover_period: float = discover_period
+        self._decrease: float = decrease  # factor applied after a window with too many 429s
+        self._increase: float = increase  # share added back after ``clean_windows`` windows without a 429
+        self._limited_share: float = (
+            limited_share  # a window with more 429s than this share of answers: slow down
+        )
+        self._clean_windows: int = clean_windows
+        self._max_pause: float = max_pause  # a Retry-After above this is absurd and capped
+        margin = tail if tail is not None else (spec.margin if spec else None)
+        # No margin given: start from a safe default, then follow the latencies observed (observe()).
+        self._learn: bool = margin is None
+        self._max_margin: float = min(0.3 * self._period, 2.0)  # the learned margin stays at most this
+        self._tail: float = (
+            min(0.2 * self._period, 1.0) if margin is None else margin
+        )  # margin before window end
+        self._fixed_lead: float | None = lead  # margin after window start, if given; else tail / 4
+        self._lead: float = self._tail / 4 if lead is None else lead
+        want_aligned = align if align is not None else (spec.align if spec else True)
+        # Alignment only makes sense when the margins leave room to send in: otherwise fall back to spacing.
+        self._aligned: bool = want_aligned and self._period - self._tail - self._lead > 0
+        self._wall_offset: float | None = wall_offset  # wall clock minus clock time; None until bound
+        self._history: deque[float] = deque()  # release times within the last cap period (sliding cap)
+        self._grid: float = -math.inf  # nominal time of the next evenly spaced slot (unaligned mode)
+        self._last_release: float = -math.inf  # actual time of the last release
+        self._window: int = -1  # index of the aligned window that _count refers to
+        self._count: int = 0  # releases in that window
+        self._anchor: float = -math.inf  # time of that window's first release: its slots count from here
+        self._paused_until: float = -math.inf  # no release before this (Retry-After / window reset)
+        self._eval_window: int | None = None  # the window whose answers _answers/_limited count
+        self._answers: int = 0  # answers (2xx and 429) in that window
+        self._limited: int = 0  # 429s among them
+        self._clean: int = 0  # consecutive windows with answers and no 429
+        self._samples: deque[float] = deque(maxlen=_MARGIN_SAMPLES)  # newest release-to-answer latencies
+        self._since_learned: int = 0  # latencies observed since the margin was last recomputed
+        self._released: int = 0
+        self._rate_limited: int = 0
+        self._paused_seconds: float = 0.0
+        self._decreases: int = 0
+
+    # -- wiring --------------------------------------------------------------------------------------------
+
+    def bind(self, now: Callable[[], float], on_change: Callable[[], None] | None = None) -> None:
+        """Read time from ``now`` (a clock's ``time``); call ``on_change`` when a pause or the rate changes."""
+        self._time = now
+        if self._wall_offset is None:
+            self._wall_offset = time.time() - now()
+        if on_change is not None:
+            self._on_change.append(on_change)
+
+    def _now(self) -> float:
+        assert self._time is not None, "RateMeter.bind() first"
+        return self._time()
+
+    def _changed(self) -> None:
+        for wake in self._on_change:
+            wake()
+
+    # -- reading ---------------------------------------------------------------------------------------------
+
+    @property
+    def rate(self) -> float | None:
+        """Requests per period currently allowed (None: unthrottled, nothing discovered yet)."""
+        return self._rate
+
+    @property
+    def period(self) -> float:
+        """The period T in seconds."""
+        return self._period
+
+    @property
+    def ceiling(self) -> float | None:
+        """The configured N (None: no budget configured; the rate is discovered)."""
+        return self._ceiling
+
+    @property
+    def margin(self) -> float:
+        """Seconds kept free before a window's end (aligned mode)."""
+        return self._tail
+
+    def window_of(self, t: float) -> int:
+        """Index of the clock-aligned period holding clock time ``t`` (for per-window counts)."""
+        return self._window_bounds(t)[0]
+
+    def stats(self) -> BudgetStats:
+        """The counters so far."""
+        return BudgetStats(
+            released=self._released,
+            rate_limited=self._rate_limited,
+            paused_seconds=self._paused_seconds,
+            rate=self._rate,
+            ceiling=self._ceiling,
+            period=self._period,
+            margin=self._tail,
+            decreases=self._decreases,
+        )
+
+    # -- the schedule ----------------------------------------------------------------------------------------
+
+    def _n(self) -> int:
+        assert self._rate is not None
+        return max(1, int(self._rate + _EPS))
+
+    def _window_bounds(self, t: float) -> tuple[int, float]:
+        """The aligned window holding clock time ``t``: its index and start (in clock time)."""
+        off = self._wall_offset or 0.0
+        k = math.floor((t + off) / self._period + _EPS)
+        return k, k * self._period - off
+
+    def _until_window_reset(self, now: float) -> float:
+        if self._aligned or self._rate is None:
+            _, start = self._window_bounds(now)
+            return start + self._period + self._lead - now
+        return self._period + self._tail
+
+    def earliest(self, now: float, after: float | None = None) -> float:
+        """Earliest time (>= ``now`` and >= ``after``) at which the next release may happen.
+
+        Timed from the clock, never from how often this is asked: a loop that wakes late gets at most the slot
+        that is due, and the slots after it stay at their places (at least half a spacing apart), so lateness
+        is never paid back as a burst.
+        """
+        t = max(now, self._paused_until, after if after is not None else now)
+        if self._rate is None:
+            return t
+        n = self._n()
+        cap_period = self._period if self._aligned else self._period + self._tail
+        history = self._history
+        while history and history[0] <= now - cap_period:
+            history.popleft()
+        if len(history) >= n:
+            t = max(t, history[-n] + cap_period)
+        if not self._aligned:
+            spacing = cap_period / n
+            # The grid keeps slots evenly spaced without carrying timer lateness forward; the minimum gap
+            # to the last actual release stops a late timer from being "caught up" as a burst.
+            return max(t, self._grid, self._last_release + spacing / 2)
+        usable = self._period - self._lead - self._tail
+        spacing = usable / n
+        t = max(t, self._last_release + spacing / 2)
+        for _ in range(4):  # at most a couple of hops: the next window is always free
+            k, start = self._window_bounds(t)
+            zone_start, zone_end = start + self._lead, start + self._period - self._tail
+            if k == self._window:
+                # Slots count from the window's first release (not its start), so a run that begins
+                # mid-window is evenly spaced too, and a late timer is not carried into later slots.
+                count, slot = self._count, max(t, self._anchor + self._count * spacing)
+            else:
+                count, slot = 0, max(t, zone_start)
+            if count < n and slot < zone_end:
+                return slot
+            t = max(t, start + self._period + self._lead)
+        return t
+
+    def release(self, now: float) -> None:
+        """Count one request released at ``now``."""
+        self._released += 1
+        self._last_release = now
+        self._history.append(now)
+        if self._rate is None:
+            # Unthrottled: remember recent releases only for discovery at the first 429.
+            while self._history and self._history[0] <= now - self._discover_period:
+                self._history.popleft()
+            return
+        n = self._n()
+        if self._aligned:
+            k, _ = self._window_bounds(now)
+            if k != self._window:
+                self._window, self._count, self._anchor = k, 0, now
+            self._count += 1
+        else:
+            spacing = (self._period + self._tail) / n
+            # On time (or a little late): keep the grid, so timer lateness is not carried forward.
+            # Idle before this release: the grid restarts from now.
+            base = self._grid if now - self._grid < spacing / 2 else now
+            self._grid = base + spacing
+        while len(self._history) > n:
+            self._history.popleft()
+
+    # -- learning from answers ---------------------------------------------------------------------------
+
+    def on_rate_limited(self, retry_after: float | None, remaining: int | None = None) -> float:
+        """A 429 came back: pause (``Retry-After`` when usable, capped at ``max_pause``; else until the window
+        resets), and count it towards the window's share of 429s. Returns the pause in seconds."""
+        now = self._now()
+        self._rate_limited += 1
+        if retry_after is not None and retry_after > 0 and math.isfinite(retry_after):
+            pause = min(retry_after, self._max_pause)
+        else:
+            pause = self._until_window_reset(now)
+        if self._rate is None:
+            # Discovery: the rate that just failed, a little lower, is our first estimate.
+            seen = sum(1 for t in self._history if t > now - self._discover_period)
+            self._rate = max(1.0, seen * self._decrease)
+            self._period = self._discover_period
+            self._history.clear()
+            self._eval_window = None
+        else:
+            self._count_answer(now, limited=True)
+        self._pause_until(now, now + pause)
+        self._changed()
+        return pause
+
+    def on_success(self, remaining: int | None = None, reset_after: float | None = None) -> None:
+        """A request went through. ``remaining`` is the server's ``X-RateLimit-Remaining``: at 0 the budget
+        waits for the window reset instead of collecting a 429 first — ``reset_after`` seconds when the
+        connector knows when the *platform's* window resets (capped at ``max_pause``), else (aligned, or
+        discovering) until this budget's own window ends."""
+        now = self._now()
+        changed = False
+        exhausted = remaining is not None and remaining <= 0
+        if exhausted and reset_after is not None and reset_after > 0 and math.isfinite(reset_after):
+            # The platform's window may be longer than ours (100 per minute against a budget per second):
+            # nothing more goes through until it resets, so sending on our own period only collects 429s.
+            changed = self._pause_until(now, now + min(reset_after, self._max_pause))
+        elif exhausted and (self._aligned or self._rate is None):
+            changed = self._pause_until(now, now + self._until_window_reset(now))
+        if self._rate is not None:
+            changed = self._count_answer(now, limited=False) or changed
+        if changed:
+            self._changed()
+
+    def observe(self, latency: float) -> None:
+        """One release-to-answer time: the learned margin before a window's end follows their p99."""
+        if not self._learn or not math.isfinite(latency) or latency < 0:
+            return
+        self._samples.append(latency)
+        self._since_learned += 1
+        if len(self._samples) < _MARGIN_MIN_SAMPLES or self._since_learned < _MARGIN_EVERY:
+            return
+        self._since_learned = 0
+        ordered = sorted(self._samples)
+        p99 = ordered[min(len(ordered) - 1, math.ceil(0.99 * len(ordered)) - 1)]
+        # Release-to-answer is the round trip plus the server's time: an upper bound of release-to-arrival,
+        # which is what must fit before the window's end. A little on top for timer lateness.
+        self._tail = min(self._max_margin, max(MIN_MARGIN, p99 + 0.005))
+        if self._fixed_lead is None:
+            self._lead = self._tail / 4
+
+    def _pause_until(self, now: float, until: float) -> bool:
+        if until <= self._paused_until:
+            return False
+        self._paused_seconds += until - max(now, self._paused_until)
+        self._paused_until = until
+        return True
+
+    def _count_answer(self, now: float, *, limited: bool) -> bool:
+        """Count an answer in its window; on entering a new window, judge the last one. True if the rate
+        changed. One 429 among many answers changes nothing: only a window whose share of 429s is above
+        ``limited_share`` lowers the rate (x ``decrease``), and ``clean_windows`` windows in a row without
+        any raise it again (x (1 + ``increase``), at least one request), up to the configured budget."""
+        k = self._window_bounds(now)[0]
+        changed = False
+        if k != self._eval_window:
+            changed = self._judge_window()
+            self._eval_window, self._answers, self._limited = k, 0, 0
+        self._answers += 1
+        self._limited += limited
+        return changed
+
+    def _judge_window(self) -> bool:
+        if self._rate is None or self._answers == 0:
+            return False
+        if self._limited > self._limited_share * self._answers:
+            self._clean = 0
+            new = max(1.0, self._rate * self._decrease)
+            if new < self._rate:
+                self._decreases += 1
+            self._rate = new
+            return True
+        if self._limited:
+            self._clean = 0
+            return False
+        self._clean += 1
+        if self._clean < self._clean_windows:
+            return False
+        self._clean = 0
+        raised = max(self._rate * (1 + self._increase), self._rate + 1)
+        new = raised if self._ceiling is None else min(self._ceiling, raised)
+        if new == self._rate:
+            return False
+        self._rate = new
+        return True

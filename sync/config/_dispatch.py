@@ -1,0 +1,112 @@
+"""The job's ``dispatch`` section: rate budgets, budget groups, retries, concurrency, batch sizes — and the
+checks the schema cannot express (endpoint names the platform has, periods above zero, groups with members)."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from typing import Any
+
+from sync.config._defaults import PLATFORM_DEFAULTS, PLATFORM_ENDPOINTS
+from sync.config._settings import BudgetGroupSpec, DispatchSettings, RateBudgetSpec, RetryPolicy
+from sync.errors import JobProblem
+
+_PER = re.compile(r"^\s*([0-9]+(?:\.[0-9]+)?)\s*(ms|s|m|h)\s*$")
+_UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
+
+
+def _duration(value: Any) -> float:
+    """``"50ms"``, ``"1m"`` or a number of seconds (the schema already checked the spelling)."""
+    if isinstance(value, int | float):
+        return float(value)
+    match = _PER.match(str(value))
+    assert match is not None
+    return float(match.group(1)) * _UNIT_SECONDS[match.group(2)]
+
+
+def _spec(raw: Mapping[str, Any], where: str, problems: list[JobProblem]) -> RateBudgetSpec | None:
+    period = float(raw["period"]) if "period" in raw else _duration(raw.get("per", "1s"))
+    margin = _duration(raw["margin"]) if "margin" in raw else None
+    if period <= 0:
+        given = f"per: {raw['per']}" if "per" in raw else f"period: {raw['period']}"
+        problems.append(
+            JobProblem(
+                f"{where}.per" if "per" in raw else f"{where}.period",
+                f"a budget's period must be longer than 0 ({given}); e.g. per: 1s",
+            )
+        )
+        return None
+    if margin is not None and margin >= period:
+        problems.append(
+            JobProblem(f"{where}.margin", f"a margin of {margin:g} s leaves nothing of a {period:g} s period")
+        )
+        return None
+    return RateBudgetSpec(
+        requests=int(raw["requests"]), period=period, align=bool(raw.get("align", True)), margin=margin
+    )
+
+
+def _unknown(names: Any, where: str, platform: str, problems: list[JobProblem]) -> None:
+    known = PLATFORM_ENDPOINTS.get(platform)
+    if known is None:
+        return
+    for name in names:
+        if name != "*" and name not in known:
+            problems.append(
+                JobProblem(
+                    f"{where}.{name}",
+                    f"{platform} has no endpoint {name!r}; its endpoints: {', '.join(known)}",
+                )
+            )
+
+
+def parse_dispatch(
+    raw: Mapping[str, Any], platform: str, problems: list[JobProblem]
+) -> tuple[DispatchSettings, dict[str, int]]:
+    """Settings and batch sizes (``"*"`` for endpoints not named) from a schema-valid ``dispatch`` section,
+    over the platform's defaults; problems found are appended to ``problems``."""
+    defaults = PLATFORM_DEFAULTS.get(platform, {})
+    budgets: dict[str, RateBudgetSpec] = dict(defaults.get("budgets", {}))
+    for endpoint, spec_raw in (raw.get("budgets") or {}).items():
+        spec = _spec(spec_raw, f"dispatch.budgets.{endpoint}", problems)
+        if spec is not None:
+            budgets[endpoint] = spec
+    _unknown(raw.get("budgets") or {}, "dispatch.budgets", platform, problems)
+    groups: dict[str, BudgetGroupSpec] = {g.name: g for g in defaults.get("budget_groups", ())}
+    for name, group_raw in (raw.get("budget_groups") or {}).items():
+        where = f"dispatch.budget_groups.{name}"
+        endpoints = tuple(dict.fromkeys(group_raw["endpoints"]))
+        if not endpoints:
+            problems.append(
+                JobProblem(f"{where}.endpoints", 'a group needs endpoints (["*"] for all of them)')
+            )
+            continue
+        _unknown(endpoints, f"{where}.endpoints", platform, problems)
+        spec = _spec(group_raw, where, problems)
+        if spec is not None:
+            groups[name] = BudgetGroupSpec(name, spec, endpoints)  # replaces a platform default of that name
+    retry_raw = raw.get("retry") or {}
+    retry_kwargs: dict[str, Any] = {
+        k: (int(v) if k == "max_attempts" else float(v)) for k, v in retry_raw.items()
+    }
+    retry = RetryPolicy(**retry_kwargs)
+    kwargs: dict[str, Any] = {
+        k: raw[k] for k in ("concurrency", "request_timeout", "drain_timeout", "queue_size") if k in raw
+    }
+    per_endpoint = dict(raw.get("per_endpoint_concurrency") or {})
+    _unknown(per_endpoint, "dispatch.per_endpoint_concurrency", platform, problems)
+    settings = DispatchSettings(
+        **kwargs,
+        per_endpoint_concurrency=per_endpoint,
+        budgets=budgets,
+        retry=retry,
+        budget_groups=tuple(groups.values()),
+    )
+    sizes_raw = raw.get("batch_size", {})
+    sizes = {"*": int(defaults.get("batch_size", 1000))}
+    if isinstance(sizes_raw, int):
+        sizes["*"] = sizes_raw
+    else:
+        sizes.update({k: int(v) for k, v in sizes_raw.items()})
+        _unknown(sizes_raw, "dispatch.batch_size", platform, problems)
+    return settings, sizes

@@ -1,0 +1,219 @@
+"""Budget groups and the pool on a virtual-time loop: shared windows, fairness, pauses, learned margins, no
+burst after a late loop, and the plan's duration estimate."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import math
+from collections import Counter, defaultdict
+
+import pytest
+from vtime import VirtualTimeLoop, run_virtual
+
+from sync.budget import MIN_MARGIN, BudgetPool, RateBudget, clock_sleep
+from sync.config import BudgetGroupSpec, DispatchSettings, RateBudgetSpec
+from sync.planning import estimate_duration
+from sync.records import Operation, Phase
+
+ACCOUNT = BudgetGroupSpec("account", RateBudgetSpec(20, 1.0, margin=0.05), ("*",))
+
+
+async def _send_all(pool: BudgetPool, work: dict[str, int]) -> dict[str, list[float]]:
+    """Each endpoint's attempts, two workers per endpoint; returns release times per endpoint."""
+    loop = asyncio.get_running_loop()
+    times: dict[str, list[float]] = defaultdict(list)
+
+    async def worker(endpoint: str, n: int) -> None:
+        budget = pool.budget(endpoint)
+        for _ in range(n):
+            await budget.acquire()
+            times[endpoint].append(loop.time())
+            budget.on_success()
+
+    async with asyncio.TaskGroup() as tg:
+        for endpoint, n in work.items():
+            tg.create_task(worker(endpoint, n // 2))
+            tg.create_task(worker(endpoint, n - n // 2))
+    return times
+
+
+def _per_window(times: list[float], period: float = 1.0) -> Counter[int]:
+    return Counter(math.floor(t / period + 1e-9) for t in times)
+
+
+def test_a_group_over_three_endpoints_never_exceeds_its_budget_and_uses_all_of_it() -> None:
+    pool_budgets = {"*": RateBudgetSpec(20, 1.0, margin=0.05)}
+    work = {"tagUsers": 120, "setProfileAttributes": 120, "enableMail": 120}
+
+    async def scenario() -> dict[str, list[float]]:
+        pool = BudgetPool(pool_budgets, (ACCOUNT,), wall_offset=0.0)
+        return await _send_all(pool, work)
+
+    times = run_virtual(scenario())
+    every = sorted(itertools.chain.from_iterable(times.values()))
+    assert len(every) == 360
+    windows = _per_window(every)
+    assert max(windows.values()) == 20  # the group's budget in every window, never more
+    assert len(windows) == 18  # 360 / 20: the whole budget used, no window lost
+    # Round robin: while all three wait, each gets a third of every window.
+    for endpoint in work:
+        assert set(_per_window(times[endpoint]).values()) <= {6, 7}
+
+
+def test_an_endpoint_held_back_by_its_own_budget_leaves_group_slots_to_the_others() -> None:
+    budgets = {"slow": RateBudgetSpec(2, 1.0, margin=0.05), "*": RateBudgetSpec(100, 1.0, margin=0.05)}
+    work = {"slow": 10, "fast": 90}
+
+    async def scenario() -> dict[str, list[float]]:
+        pool = BudgetPool(budgets, (BudgetGroupSpec("g", RateBudgetSpec(20, 1.0, margin=0.05), ("*",)),))
+        return await _send_all(pool, work)
+
+    times = run_virtual(scenario())
+    assert max(_per_window(times["slow"]).values()) == 2
+    every = sorted(times["slow"] + times["fast"])
+    assert max(_per_window(every).values()) == 20
+    assert math.floor(max(every)) == 4  # 100 attempts in 5 windows: no group slot wasted on "slow"
+
+
+def test_a_group_of_named_endpoints_leaves_the_others_alone() -> None:
+    group = BudgetGroupSpec("users", RateBudgetSpec(10, 1.0, margin=0.05), ("tagUsers", "untagUsers"))
+
+    async def scenario() -> dict[str, list[float]]:
+        pool = BudgetPool({"*": RateBudgetSpec(10, 1.0, margin=0.05)}, (group,), wall_offset=0.0)
+        return await _send_all(pool, {"tagUsers": 20, "untagUsers": 20, "fireEvents": 20})
+
+    times = run_virtual(scenario())
+    assert max(_per_window(times["tagUsers"] + times["untagUsers"]).values()) == 10
+    assert max(_per_window(times["fireEvents"]).values()) == 10
+    assert math.floor(max(times["fireEvents"])) == 1  # 20 at its own 10/s: not slowed by the group
+
+
+def test_a_429_on_one_endpoint_pauses_every_endpoint_of_its_group() -> None:
+    async def scenario() -> tuple[float, float, float]:
+        loop = asyncio.get_running_loop()
+        pool = BudgetPool({}, (ACCOUNT,), wall_offset=0.0)
+        a, b = pool.budget("tagUsers"), pool.budget("enableMail")
+        await a.acquire()
+        pause = a.on_rate_limited(2.0, None)
+        await b.acquire()
+        b_at = loop.time()
+        await a.acquire()
+        return pause, b_at, loop.time()
+
+    pause, b_at, a_at = run_virtual(scenario())
+    assert pause == 2.0
+    assert b_at >= 2.0 and a_at >= 2.0
+
+
+def test_the_margin_follows_the_p99_of_observed_latencies_within_bounds() -> None:
+    async def scenario() -> list[float]:
+        budget = RateBudget(RateBudgetSpec(20, 1.0), wall_offset=0.0)
+        await budget.acquire()
+        seen = [budget.margin]  # the default before anything is observed: 0.2 T
+        for _ in range(200):
+            budget.observe(0.030)
+        seen.append(budget.margin)
+        for i in range(200):
+            budget.observe(0.090 if i % 50 == 0 else 0.020)  # 2 % slow answers: the p99 is the slow one
+        seen.append(budget.margin)
+        for _ in range(200):
+            budget.observe(5.0)  # a very slow server: the margin stops at 0.3 T
+        seen.append(budget.margin)
+        for _ in range(200):
+            budget.observe(0.0001)
+        seen.append(budget.margin)
+        return seen
+
+    default, fast, tail_heavy, slow, tiny = run_virtual(scenario())
+    assert default == pytest.approx(0.2)
+    assert fast == pytest.approx(0.035)
+    assert tail_heavy == pytest.approx(0.095)
+    assert slow == pytest.approx(0.3)
+    assert tiny == pytest.approx(MIN_MARGIN)
+
+
+def test_a_margin_set_in_the_job_is_not_learned() -> None:
+    async def scenario() -> float:
+        budget = RateBudget(RateBudgetSpec(20, 1.0, margin=0.12), wall_offset=0.0)
+        await budget.acquire()
+        for _ in range(200):
+            budget.observe(0.01)
+        return budget.margin
+
+    assert run_virtual(scenario()) == pytest.approx(0.12)
+
+
+def test_a_learned_margin_gives_more_of_each_window_to_sending() -> None:
+    async def scenario() -> float:
+        loop = asyncio.get_running_loop()
+        budget = RateBudget(RateBudgetSpec(20, 1.0), wall_offset=0.0)
+        for _ in range(40):
+            await budget.acquire()
+            budget.observe(0.02)
+        await clock_sleep(loop, math.ceil(loop.time()) - loop.time())
+        times = []
+        for _ in range(20):
+            await budget.acquire()
+            times.append(loop.time())
+        return max(times) - min(times)
+
+    spread = run_virtual(scenario())
+    # Default margins (0.2 T + 0.05 T) would leave 0.75 s to send in; the learned 25 ms leaves about 0.97 s.
+    assert spread > 0.85
+
+
+def test_a_late_loop_never_releases_a_burst_and_never_more_than_n_per_window() -> None:
+    loop = VirtualTimeLoop()
+
+    async def scenario() -> list[float]:
+        budget = RateBudget(RateBudgetSpec(20, 1.0, margin=0.05), wall_offset=0.0)
+        times: list[float] = []
+
+        async def one() -> None:
+            await budget.acquire()
+            times.append(loop.time())
+
+        # A CPU-bound neighbour: the loop is stuck for 0.3 s twice, mid-window.
+        loop.call_at(0.31, loop.advance, 0.3)
+        loop.call_at(2.47, loop.advance, 0.3)
+        async with asyncio.TaskGroup() as tg:
+            for _ in range(100):
+                tg.create_task(one())
+        return times
+
+    try:
+        times = loop.run_until_complete(scenario())
+    finally:
+        loop.close()
+    times.sort()
+    spacing = (1.0 - 0.05 - 0.0125) / 20
+    gaps = [b - a for a, b in itertools.pairwise(times)]
+    assert min(gaps) >= spacing / 2 - 1e-9  # lateness is not paid back as a burst
+    assert max(_per_window(times).values()) <= 20
+
+
+def test_the_duration_estimate_accounts_for_groups() -> None:
+    requests = {
+        (Phase.CHANGES, "tagUsers", Operation.TAG): 100,
+        (Phase.CHANGES, "setProfileAttributes", Operation.SET_ATTRIBUTES): 100,
+        (Phase.CHANGES, "enableMail", Operation.ENABLE_EMAIL): 100,
+    }
+    per_endpoint = DispatchSettings(concurrency=8, budgets={"*": RateBudgetSpec(20, 1.0)})
+    grouped = DispatchSettings(
+        concurrency=8,
+        budgets={"*": RateBudgetSpec(20, 1.0)},
+        budget_groups=(BudgetGroupSpec("account", RateBudgetSpec(20, 1.0), ("*",)),),
+    )
+    assert estimate_duration(requests, per_endpoint, latency=0.01)[None] == pytest.approx(5.0)
+    assert estimate_duration(requests, grouped, latency=0.01)[None] == pytest.approx(15.0)
+
+
+def test_an_endpoints_most_rate_is_the_lowest_of_its_budget_and_groups() -> None:
+    settings = DispatchSettings(
+        budgets={"*": RateBudgetSpec(20, 1.0)},
+        budget_groups=(BudgetGroupSpec("users", RateBudgetSpec(600, 60.0), ("tagUsers",)),),
+    )
+    assert settings.max_rate("tagUsers") == 10.0
+    assert settings.max_rate("fireEvents") == 20.0
+    assert DispatchSettings().max_rate("tagUsers") is None
