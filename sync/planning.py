@@ -22,6 +22,7 @@ from __future__ import annotations
 import csv
 import errno
 import fcntl
+import functools
 import math
 import os
 import shutil
@@ -42,7 +43,7 @@ from sync.errors import BadJobError, InterruptedRunError, JobProblem, StateError
 from sync.platforms.formsonfire import requests as formsonfire
 from sync.platforms.netmera import requests as netmera
 from sync.platforms.notifyvisitors import requests as notifyvisitors
-from sync.reading import ROW, estimate_rows, expand_paths, iter_chunks
+from sync.reading import ROW, Chunk, estimate_rows, expand_paths, iter_chunks
 from sync.records import NON_IDEMPOTENT, Batch, Operation, Phase, RejectedRow
 from sync.row_keys import with_row_keys
 from sync.validation import (
@@ -443,9 +444,20 @@ def _stage(
     builder: Any = None,
     stop: threading.Event | None = None,
 ) -> StagedSource:
-    files = expand_paths(source, workdir=job.workdir, exclude=[rejects_path])
-    names = tuple(str(p) for p in files)
-    bits = _bucket_bits(estimate_rows(source, files), rows_per_bucket)
+    inputs: list[tuple[str, Callable[[], Iterator[Chunk]]]]
+    if source.sql is not None:
+        # A database source is one input, named by its label (database and table, never the password).
+        from sync.reading_sql import SqlReader
+
+        reader = SqlReader(source)
+        inputs = [(reader.label, reader.chunks)]
+        estimated = reader.estimate_rows()
+    else:
+        files = expand_paths(source, workdir=job.workdir, exclude=[rejects_path])
+        inputs = [(str(p), functools.partial(iter_chunks, source, p)) for p in files]
+        estimated = estimate_rows(source, files)
+    names = tuple(name for name, _ in inputs)
+    bits = _bucket_bits(estimated, rows_per_bucket)
     schema = clean_schema(source)
     raw_dir = tmp / f"{source.name}.raw"
     raw_dir.mkdir()
@@ -455,19 +467,19 @@ def _stage(
     rows_read = 0
     check_rows = getattr(builder, "check_rows", None)
     try:
-        for index, path in enumerate(files):
-            for chunk in iter_chunks(source, path):
+        for index, (name, read) in enumerate(inputs):
+            for chunk in read():
                 _check_stop(stop)
                 rejects.rows(chunk.malformed)
                 rows_read += chunk.frame.height + len(chunk.malformed)
                 if chunk.frame.is_empty():
                     continue
-                clean, bad = validate_chunk(chunk.frame, source, job.validation, index, str(path))
+                clean, bad = validate_chunk(chunk.frame, source, job.validation, index, name)
                 rejects.frame(bad)
                 if check_rows is not None and not clean.is_empty():
                     # Values valid in general that this platform cannot take (a negative expiry, a character
                     # XML cannot carry): rejected rows now, not a refused request (or a crash) later.
-                    clean, bad = check_rows(source, clean, str(path))
+                    clean, bad = check_rows(source, clean, name)
                     rejects.frame(bad)
                 if clean.is_empty():
                     continue

@@ -5,6 +5,8 @@
 * ``netmera_sandbox_process``  a sandbox in a separate process (``python -m sync sandbox netmera --port 0``),
                                for tests that kill it (kill -9) or must not share the event loop
 * ``netmera_process_factory``  start such processes with extra CLI arguments (``--config``, ``--seed-file``)
+* ``postgres_server``          a throwaway PostgreSQL server for the session (tests/pg_fixture.py)
+* ``postgres_url``             the URL of a fresh database on it, owned by a password-protected role
 """
 
 from __future__ import annotations
@@ -17,6 +19,8 @@ from typing import Any
 
 import aiohttp
 import pytest
+from pg_fixture import postgres_server as postgres_server  # a throwaway PostgreSQL server (session)
+from pg_fixture import postgres_url as postgres_url  # a fresh database of the test's own on it
 from sandbox_fixtures import REPO_ROOT as REPO_ROOT  # re-exported: test_crash_resume imports it from here
 from sandbox_fixtures import in_process_sandboxes, start_sandbox_process, stop_sandbox_process
 

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from sync.config import Job, SyncMode, load_job
-from sync.errors import BadJobError, ExitCode
+from sync.errors import BadJobError, ExitCode, JobProblem
 from sync.planning import ASSUMED_LATENCY, Plan, PlanSummary, build_plan
 from sync.reading import check_sources
 
@@ -71,7 +71,7 @@ def _validate(args: argparse.Namespace) -> int:
         else:
             _print_problems(str(args.job), exc.problems, out)
         return int(ExitCode.BAD_JOB_OR_INPUT)
-    file_problems = [] if args.no_files else check_sources(job)
+    file_problems = [] if args.no_files else check_sources(job) + _database_problems(job)
     if args.output == "json":
         print(
             _problems_json(
@@ -88,6 +88,16 @@ def _validate(args: argparse.Namespace) -> int:
     )
     _secret_note(job, out)
     return int(ExitCode.OK)
+
+
+def _database_problems(job: Job) -> list[JobProblem]:
+    """The database sources' problems (connection, query, columns), reading no row; imported only when a job
+    has such a source."""
+    if all(source.sql is None for source in job.sources):
+        return []
+    from sync.reading_sql import check_sql_sources
+
+    return check_sql_sources(job)
 
 
 def _print_problems(path: str, problems: Any, out: TextIO) -> None:
@@ -128,6 +138,9 @@ def _plan(args: argparse.Namespace) -> int:
             summary = plan.summary(assumed_latency=args.latency)
         if args.output == "json":
             doc = summary.to_json()
+            for staged in plan.staged:
+                if staged.source.sql is not None:
+                    doc["sources"][staged.source.name]["database"] = staged.files[0]
             doc["rejected_sample"] = _rejects_sample(plan)
             if diff is not None:
                 doc["mode"] = "snapshot"
@@ -211,9 +224,15 @@ def _print_plan(job: Job, plan: Plan, summary: PlanSummary, out: TextIO) -> None
         f"{summary.duplicates_dropped} identical duplicate(s) dropped",
         file=out,
     )
+    for staged in plan.staged:
+        if staged.source.sql is not None:  # the database and table, never the password
+            print(f"Source {staged.files[0]}: {staged.rows_read} rows read", file=out)
     print(f"Rejects file: {_short(summary.rejects_path)}", file=out)
+    databases = {s.files[0] for s in plan.staged if s.source.sql is not None}
     for r in _rejects_sample(plan):
-        where = f"{_short(r['file'])} row {r['row']}" + (f", column {r['column']}" if r["column"] else "")
+        # A database source is named by its label, and its "row" is the position in the query's result.
+        origin = f"{r['file']} result row" if r["file"] in databases else f"{_short(r['file'])} row"
+        where = f"{origin} {r['row']}" + (f", column {r['column']}" if r["column"] else "")
         print(f"  {where}: {r['reason']}" + (f" (ext_id {r['ext_id']})" if r["ext_id"] else ""), file=out)
     if summary.rejected_count > _REJECTS_SHOWN:
         print(f"  ... and {summary.rejected_count - _REJECTS_SHOWN} more in the rejects file", file=out)

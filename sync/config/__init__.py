@@ -36,6 +36,7 @@ from sync.config._settings import (
     RetryPolicy,
     resolve_secret,
 )
+from sync.config._sql import DatabaseKind, DatabaseRef, SqlInput, database_kind
 from sync.config._yaml import looks_like_a_key, read_job_yaml
 
 __all__ = [
@@ -46,6 +47,8 @@ __all__ = [
     "AttributeMapping",
     "AttributeMode",
     "BudgetGroupSpec",
+    "DatabaseKind",
+    "DatabaseRef",
     "Destination",
     "DispatchSettings",
     "FileFormat",
@@ -58,11 +61,13 @@ __all__ = [
     "SnapshotSettings",
     "Source",
     "SourceKind",
+    "SqlInput",
     "SyncMode",
     "TagAction",
     "TagColumn",
     "ValidationRules",
     "ValueType",
+    "database_kind",
     "load_job",
     "looks_like_a_key",
     "read_job_yaml",

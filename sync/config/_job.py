@@ -8,6 +8,7 @@ from enum import StrEnum
 from pathlib import Path
 
 from sync.config._settings import Destination, DispatchSettings
+from sync.config._sql import SqlInput
 
 DEFAULT_NULL_VALUES: tuple[str, ...] = ("", "NULL", "null", "NaN", "N/A", "\\N")
 """Values read as "no value" unless a source names its own ``null_values``."""
@@ -105,7 +106,8 @@ class OptIns:
 
 @dataclass(frozen=True, slots=True)
 class Source:
-    """One input: where its files are, how to read them and how its columns map to operations."""
+    """One input: where its files (or its database query) are, how to read them and how its columns map to
+    operations."""
 
     name: str
     kind: SourceKind
@@ -129,6 +131,8 @@ class Source:
     """tags: optional column saying tag/untag (also add/remove, +/-, true/false, 1/0); empty means tag."""
     event: str | None = None
     """events: column holding the event name."""
+    sql: SqlInput | None = None
+    """A database source: the query or table it reads (then ``paths`` is empty). See :mod:`sync.reading_sql`."""
 
     def columns(self) -> tuple[str, ...]:
         """Every column the mapping reads, ext_id first, without duplicates (only these are read)."""

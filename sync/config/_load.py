@@ -28,6 +28,7 @@ from sync.config._job import (
 )
 from sync.config._settings import Destination
 from sync.config._sources import parse_source
+from sync.config._sql import database_secret_problems
 from sync.config._yaml import looks_like_a_key, read_job_yaml
 from sync.errors import BadJobError, JobProblem
 
@@ -272,7 +273,7 @@ def load_job(path: str | Path) -> Job:
         raise BadJobError(str(job_path), [JobProblem("", "a job file is a YAML mapping (key: value)")])
 
     base = job_path.resolve().parent
-    problems = _secret_problems(raw, base)
+    problems = _secret_problems(raw, base) + database_secret_problems(raw)
     quiet = {p.location for p in problems}
     validator = jsonschema.Draft202012Validator(_schema())
     for error in sorted(validator.iter_errors(raw), key=lambda e: [str(x) for x in e.absolute_path]):

@@ -21,9 +21,14 @@ from sync.config._job import (
     TagColumn,
     ValueType,
 )
+from sync.config._sql import parse_sql_input
 from sync.errors import JobProblem
 
 _ENDPOINTS_REQUIRING_LIST = (AttributeMode.PUSH, AttributeMode.PULL)
+_SQL_KEYS = frozenset({"database", "query", "table"})
+SQL_NULL_VALUES: tuple[str, ...] = ("",)
+"""A database source's default ``null_values``: SQL NULL and empty text are "no value" (as an empty CSV cell);
+text such as 'NULL' or 'N/A' stored in a column is a value unless the source lists it."""
 
 
 def _attribute(column: str, spec: Any) -> AttributeMapping:
@@ -84,8 +89,11 @@ def parse_source(
     loc = f"sources[{i}]"
     kind = SourceKind(raw.get("kind", "users"))
     before = len(problems)
-    if ("path" in raw) == ("paths" in raw):
-        problems.append(JobProblem(loc, "give exactly one of 'path' or 'paths'"))
+    sql = parse_sql_input(loc, raw, base, problems) if _SQL_KEYS & set(raw) else None
+    if not _SQL_KEYS & set(raw) and ("path" in raw) == ("paths" in raw):
+        problems.append(
+            JobProblem(loc, "give exactly one of 'path' or 'paths' (or 'database' with 'query' or 'table')")
+        )
     patterns = [raw["path"]] if "path" in raw else list(raw.get("paths", []))
     paths = tuple(str(base / os.path.expanduser(p)) for p in patterns)
     fmt = _format_for(paths, raw.get("format", defaults.get("format")))
@@ -155,7 +163,11 @@ def parse_source(
         ext_id=ext_id or "",
         delimiter=raw.get("delimiter", defaults.get("delimiter", ",")),
         encoding=raw.get("encoding", defaults.get("encoding", "utf-8")),
-        null_values=tuple(raw.get("null_values", defaults.get("null_values", DEFAULT_NULL_VALUES))),
+        null_values=tuple(
+            raw.get(
+                "null_values", defaults.get("null_values", SQL_NULL_VALUES if sql else DEFAULT_NULL_VALUES)
+            )
+        ),
         attributes=attributes,
         tags=_tag_columns(raw.get("tags")),
         opt_ins=opt_ins,
@@ -164,6 +176,7 @@ def parse_source(
         tag=raw.get("tag"),
         action=raw.get("action"),
         event=raw.get("event"),
+        sql=sql,
     )
     if kind is SourceKind.USERS and len(source.columns()) == 1:
         problems.append(

@@ -1,0 +1,481 @@
+"""Database sources: a SQL query (or a table) read in Arrow record batches, in bounded memory, into the same
+chunks as a file (:class:`sync.reading.Chunk`), so validation, duplicate resolution, the snapshot diff and the
+planner treat both alike.
+
+A source with ``database:`` names PostgreSQL (``postgresql://``), DuckDB (``duckdb:///file``) or SQLite
+(``sqlite:///file``); the drivers are in :mod:`sync._sql_drivers`. Where a file source has a file and a data row
+number, a database source has its **label** — ``users (postgresql://crm@db:5432/crm, table crm.users)``: the
+source's name, the database without its password, and the table (or the tables the query reads) — and the
+**1-based position of the row in the query's result**. Rejected rows name both, plus the external ID (the stable
+way to find the row: positions follow the query's ORDER BY, or the database's own order without one).
+
+The URL comes from the job (a URL without a password) or from where the job says it lives (``{env: NAME}``,
+``{file: PATH}``), resolved with :func:`sync.config.resolve_secret` when the source is opened. Every URL and
+password resolved is registered with :mod:`sync.redact`, and every message built here is scrubbed of both.
+
+Anything that makes the source unreadable — a wrong URL, a refused login, a syntax error, a missing table or
+column, a column whose type cannot hold what it is mapped to, a connection lost mid-stream — raises one
+:class:`BadInputError` naming the source (exit code 2; the planner reads every row before anything is sent).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import threading
+import urllib.parse
+from collections.abc import Generator, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from queue import Queue
+
+import polars as pl
+import pyarrow as pa
+
+from sync._sql_drivers import Column, Driver, DuckdbDriver, Failure, PostgresDriver, SqliteDriver
+from sync.config import (
+    DatabaseKind,
+    Destination,
+    Job,
+    Source,
+    SourceKind,
+    ValueType,
+    database_kind,
+    resolve_secret,
+)
+from sync.errors import BadInputError, JobProblem, SecretError
+from sync.reading import CHUNK_ROWS, ROW, Chunk, _normalise
+from sync.redact import register_secret
+
+__all__ = ["SqlReader", "check_sql_sources"]
+
+_CONNECT_TIMEOUT = "15"
+"""Seconds libpq waits for a PostgreSQL server that does not answer (unless the URL sets connect_timeout)."""
+
+
+@dataclass(frozen=True, slots=True)
+class _Target:
+    """A resolved database: its kind, the URL to connect with (secret), a display form without the password."""
+
+    kind: DatabaseKind
+    url: str = field(repr=False)
+    display: str
+    path: Path | None
+    origin: str
+    """Where the URL came from, for messages: ``the job file``, ``CRM_DATABASE_URL``, ``file /run/...``."""
+    secrets: tuple[str, ...] = field(repr=False, default=())
+
+
+def _origin(source: Source) -> str:
+    assert source.sql is not None
+    ref = source.sql.database
+    if ref.url:
+        return "the job file"
+    named = [f"environment variable {ref.env}" if ref.env else "", f"file {ref.file}" if ref.file else ""]
+    return " / ".join(n for n in named if n)
+
+
+def _resolve(source: Source) -> _Target:
+    assert source.sql is not None
+    ref = source.sql.database
+    origin = _origin(source)
+    label = f"{source.name} (database from {origin})"
+    if ref.url:
+        url = ref.url
+    else:
+        # The same resolver as the destination's key: same rules (env first, then file), same messages.
+        try:
+            url = resolve_secret(
+                Destination(platform="database", base_url="", secret_env=ref.env, secret_file=ref.file)
+            )
+        except SecretError as exc:
+            raise SecretError(f"source {source.name!r}: the database URL: {exc}") from None
+    # A URL written in the job holds no password (the loader refuses one) and is no secret; one from the
+    # environment or a file may hold credentials in any form: mask all of it, and its password on its own.
+    secrets = () if ref.url else _secrets_of(url)
+    for secret in secrets:
+        register_secret(secret)
+    kind = database_kind(url)
+    if kind is None:
+        raise BadInputError(
+            label,
+            "not a database URL: use postgresql://..., duckdb:///path/file.duckdb or sqlite:///path/file.db",
+        )
+    if kind is DatabaseKind.POSTGRESQL:
+        return _postgres_target(url, label, origin, secrets)
+    rest = url.split("://", 1)[1] if "://" in url else ""
+    if not rest.startswith("/") or len(rest) < 2:
+        raise BadInputError(
+            label,
+            f"write {kind.value}:///relative/path or {kind.value}:////absolute/path (as SQLAlchemy does)",
+        )
+    path = Path(os.path.expanduser(urllib.parse.unquote(rest[1:].split("?", 1)[0])))
+    if not path.is_absolute():
+        path = Path(ref.base) / path
+    return _Target(kind, url, f"{kind.value} file {path}", path, origin, secrets)
+
+
+def _secrets_of(url: str) -> tuple[str, ...]:
+    """The URL and every form of its password, to mask wherever they could be printed."""
+    out = [url]
+    try:
+        parts = urllib.parse.urlsplit(url)
+        passwords = [parts.password or ""]
+        passwords += [v for k, v in urllib.parse.parse_qsl(parts.query) if k.lower() == "password"]
+    except ValueError:
+        passwords = []
+        head = url.split("://", 1)[-1].rsplit("@", 1)
+        if len(head) == 2 and ":" in head[0]:
+            passwords.append(head[0].split(":", 1)[1])
+    for password in passwords:
+        if password:
+            out += [password, urllib.parse.unquote(password)]
+    return tuple(dict.fromkeys(out))
+
+
+def _postgres_target(url: str, label: str, origin: str, secrets: tuple[str, ...]) -> _Target:
+    try:
+        parts = urllib.parse.urlsplit(url)
+        port = parts.port
+        host = parts.hostname or ""
+    except ValueError:
+        raise BadInputError(label, f"the PostgreSQL URL from {origin} cannot be parsed") from None
+    user = urllib.parse.unquote(parts.username or "")
+    where = f"{host}:{port}" if port else host
+    display = f"postgresql://{user + '@' if user else ''}{where}{parts.path}"
+    query = urllib.parse.parse_qsl(parts.query, keep_blank_values=True)
+    names = {k for k, _ in query}
+    # Named in pg_stat_activity for the DBA; and a server that never answers fails instead of hanging.
+    query += [
+        (k, v)
+        for k, v in (("application_name", "pushsync"), ("connect_timeout", _CONNECT_TIMEOUT))
+        if k not in names
+    ]
+    scheme = "postgresql"
+    full = urllib.parse.urlunsplit((scheme, parts.netloc, parts.path, urllib.parse.urlencode(query), ""))
+    return _Target(DatabaseKind.POSTGRESQL, full, display, None, origin, (*secrets, full))
+
+
+_TABLES_IN_QUERY = re.compile(
+    r'\b(?:from|join)\s+((?:"[^"]+"|[A-Za-z_][\w$]*)(?:\.(?:"[^"]+"|[A-Za-z_][\w$]*))*)', re.I
+)
+
+
+def _quote(name: str) -> str:
+    return '"' + name.replace('"', '""') + '"'
+
+
+# --- column types ----------------------------------------------------------------------------------------------
+
+_ID, _TEXT, _NUMBER, _BOOLEAN, _DATE, _LIST = "id", "text", "number", "boolean", "date", "list"
+_ROLE_WORDS = {
+    _ID: "the external ID (text or integers)",
+    _TEXT: "a text value",
+    _NUMBER: "a number",
+    _BOOLEAN: "a boolean",
+    _DATE: "a date",
+    _LIST: "a list",
+}
+_FITS: dict[str, frozenset[str]] = {
+    _ID: frozenset({"text", "integer", "whole decimal", "null"}),
+    _TEXT: frozenset(
+        {"text", "integer", "whole decimal", "decimal", "float", "boolean", "date", "timestamp", "null"}
+    ),
+    _NUMBER: frozenset({"text", "integer", "whole decimal", "decimal", "float", "null"}),
+    _BOOLEAN: frozenset({"text", "integer", "boolean", "null"}),
+    _DATE: frozenset({"text", "date", "timestamp", "null"}),
+    _LIST: frozenset({"text", "list", "null"}),
+}
+_ATTRIBUTE_ROLE = {
+    ValueType.STRING: _TEXT,
+    ValueType.NUMBER: _NUMBER,
+    ValueType.BOOLEAN: _BOOLEAN,
+    ValueType.DATE: _DATE,
+    ValueType.LIST: _LIST,
+}
+
+
+def _roles(source: Source) -> list[tuple[str, str]]:
+    """(column, role) for every column the source maps, the external ID first."""
+    out = [(source.ext_id, _ID)]
+    out += [(a.column, _ATTRIBUTE_ROLE[a.type]) for a in source.attributes]
+    out += [(t.column, _LIST) for t in source.tags]
+    out += [(c, _BOOLEAN) for c in source.opt_ins.columns()]
+    out += [(c, _TEXT) for c in (source.email, source.msisdn, source.tag, source.event) if c]
+    if source.kind is SourceKind.TAGS and source.action:
+        out.append((source.action, _BOOLEAN))
+    return out
+
+
+def _type_class(t: pa.DataType) -> str:
+    if isinstance(t, pa.BaseExtensionType):
+        name = getattr(t, "extension_name", "")
+        if name in ("arrow.uuid", "arrow.json") or pa.types.is_string(t.storage_type):
+            # PostgreSQL's numeric comes as text in an "opaque" extension: a decimal, not free text.
+            return "decimal" if "numeric" in str(t) else "text"
+        return "other"
+    if pa.types.is_dictionary(t):
+        return _type_class(t.value_type)
+    if pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_string_view(t):
+        return "text"
+    if pa.types.is_integer(t):
+        return "integer"
+    if pa.types.is_decimal(t):
+        return "whole decimal" if t.scale == 0 else "decimal"
+    if pa.types.is_floating(t):
+        return "float"
+    if pa.types.is_boolean(t):
+        return "boolean"
+    if pa.types.is_date(t):
+        return "date"
+    if pa.types.is_timestamp(t):
+        return "timestamp"
+    if pa.types.is_null(t):
+        return "null"
+    if pa.types.is_list(t) or pa.types.is_large_list(t) or pa.types.is_fixed_size_list(t):
+        item = _type_class(t.value_type)
+        return (
+            "list" if item in ("text", "integer", "whole decimal", "decimal", "float", "boolean") else "other"
+        )
+    return "other"
+
+
+def _type_problem(column: Column, role: str) -> str | None:
+    if column.type is None:
+        return None  # SQLite: checked value by value while reading
+    found = _type_class(column.type)
+    if found in _FITS[role]:
+        return None
+    target = {_NUMBER: "DOUBLE PRECISION", _BOOLEAN: "BOOLEAN", _DATE: "TIMESTAMP"}.get(role, "TEXT")
+    return (
+        f"column {column.name!r} is {column.type_name} in the query's result, which cannot hold "
+        f"{_ROLE_WORDS[role]}; convert it in the query (e.g. CAST({column.name} AS {target}))"
+    )
+
+
+def _arrow_ready(array: pa.Array) -> pa.Array:
+    """An array polars can take: extension types as their text, dictionaries decoded, UUIDs as canonical text."""
+    if isinstance(array, pa.ChunkedArray):
+        array = array.combine_chunks()
+    t = array.type
+    if isinstance(t, pa.BaseExtensionType):
+        storage = array.storage
+        if getattr(t, "extension_name", "") == "arrow.uuid" or pa.types.is_fixed_size_binary(storage.type):
+            hexed = pl.from_arrow(storage).bin.encode("hex")  # type: ignore[union-attr]
+            text = pl.select(
+                pl.concat_str(
+                    [hexed.str.slice(a, b - a) for a, b in ((0, 8), (8, 12), (12, 16), (16, 20), (20, 32))],
+                    separator="-",
+                )
+            ).to_series()
+            return text.to_arrow()
+        return storage
+    if pa.types.is_dictionary(t):
+        return array.dictionary_decode()
+    return array
+
+
+# --- the reader ------------------------------------------------------------------------------------------------
+
+READ_AHEAD = 2
+"""Record batches fetched ahead of the one being validated (each at most a driver batch: ~8 MB for PostgreSQL)."""
+
+_END = object()
+
+
+def _read_ahead(batches: Generator[pa.RecordBatch, None, None]) -> Generator[pa.RecordBatch, None, None]:
+    """``batches``, fetched by a thread up to :data:`READ_AHEAD` batches ahead of the consumer.
+
+    The database server (and the driver's decoding, which releases the GIL) then works while the previous chunk
+    is validated, instead of waiting on a full socket. The queue is bounded, so memory stays bounded; the generator
+    is consumed, and closed, in the thread only (a driver is used from one thread at a time). When the consumer
+    stops early it drains the queue until the thread, which stops after its current batch, says it is done.
+    """
+    queue: Queue[object] = Queue(maxsize=READ_AHEAD)
+    stop = threading.Event()
+
+    def pump() -> None:
+        try:
+            for batch in batches:
+                queue.put(batch)
+                if stop.is_set():
+                    break
+            last: object = _END
+        except BaseException as exc:  # handed to the consumer, which raises it in its own thread
+            last = exc
+        finally:
+            batches.close()
+        queue.put(last)
+
+    thread = threading.Thread(target=pump, name="pushsync-sql-read-ahead", daemon=True)
+    thread.start()
+    finished = False
+    item: object = None
+    try:
+        while True:
+            item = queue.get()
+            if item is _END:
+                finished = True
+                return
+            if isinstance(item, BaseException):
+                finished = True
+                raise item
+            yield item
+    finally:
+        if not finished:
+            stop.set()
+            while not (item is _END or isinstance(item, BaseException)):
+                item = queue.get()
+        thread.join()
+
+
+class SqlReader:
+    """Reads one database source. Building it resolves the URL (no connection yet); each method opens its own
+    connection and closes it."""
+
+    def __init__(self, source: Source) -> None:
+        if source.sql is None:
+            raise ValueError(f"source {source.name!r} does not read a database")
+        self.source = source
+        self._target = _resolve(source)
+        sql = source.sql
+        if sql.table is not None:
+            columns = ", ".join(_quote(c) for c in source.columns())
+            self.statement = f"SELECT {columns} FROM {sql.table}"
+            what = f"table {sql.table}"
+        else:
+            assert sql.query is not None
+            # COPY (...) and sub-selects cannot end in a semicolon.
+            self.statement = re.sub(r"[\s;]+$", "", sql.query.strip())
+            tables = list(dict.fromkeys(m.group(1) for m in _TABLES_IN_QUERY.finditer(self.statement)))
+            what = f"query on {', '.join(tables)}" if tables else "query"
+        self.label = f"{source.name} ({self._target.display}, {what})"
+        """How rejected rows and errors name this source (never with a password)."""
+        self._fail = Failure(self.label, self._scrub)
+
+    def _scrub(self, text: str) -> str:
+        for secret in sorted(self._target.secrets, key=len, reverse=True):
+            if len(secret) >= 4 or secret == self._target.url:
+                text = text.replace(secret, "***")
+        return text
+
+    def _open(self) -> Driver:
+        target = self._target
+        if target.kind is DatabaseKind.POSTGRESQL:
+            return PostgresDriver(target.url, self._fail, origin=target.origin)
+        assert target.path is not None
+        if target.kind is DatabaseKind.DUCKDB:
+            return DuckdbDriver(target.path, self._fail)
+        return SqliteDriver(target.path, self._fail, id_column=self.source.ext_id)
+
+    def check(self) -> list[Column]:
+        """Check that the result has every mapped column, each of a type that fits its mapping, reading no row
+        (PostgreSQL's schema call, DuckDB's and SQLite's LIMIT 0). Raises BadInputError; returns the columns."""
+        driver = self._open()
+        try:
+            columns = driver.schema(self.statement)
+        finally:
+            driver.close()
+        self._check_columns(columns)
+        return columns
+
+    def _check_columns(self, columns: list[Column]) -> None:
+        names = [c.name for c in columns]
+        missing = [c for c in self.source.columns() if c not in names]
+        if missing:
+            shown = ", ".join(names[:12]) + (", ..." if len(names) > 12 else "")
+            folded = [m for m in missing if m.lower() in names]
+            hint = (
+                f"; unquoted names are folded to lower case: write AS {_quote(folded[0])} in the query"
+                if folded
+                else ""
+            )
+            self._fail(
+                f"column(s) {', '.join(map(repr, missing))} named by source {self.source.name!r} are not in the "
+                f"query's result (it has {len(names)} column(s): {shown}){hint}",
+                column=missing[0],
+            )
+        doubled = sorted({c for c in self.source.columns() if names.count(c) > 1})
+        if doubled:
+            self._fail(
+                f"the query's result has several columns named {', '.join(map(repr, doubled))}",
+                column=doubled[0],
+            )
+        by_name = {c.name: c for c in columns}
+        for name, role in _roles(self.source):
+            problem = _type_problem(by_name[name], role)
+            if problem:
+                self._fail(problem, column=name)
+
+    def estimate_rows(self) -> int:
+        """How many rows the source gives (a count(*) of the query), to size the planner's hash buckets.
+
+        Checks the query and its columns first (as :meth:`check`): the database's message for the query itself
+        is clearer than for the count wrapped around it, and a wrong column is found before a long count."""
+        driver = self._open()
+        try:
+            self._check_columns(driver.schema(self.statement))
+            return driver.estimate_rows(self.statement)
+        finally:
+            driver.close()
+
+    def chunks(self) -> Iterator[Chunk]:
+        """Stream the result in chunks of about :data:`sync.reading.CHUNK_ROWS` rows: the mapped columns (as
+        :func:`sync.reading.iter_chunks` gives them) and ``__row``, the row's 1-based position in the result."""
+        driver = self._open()
+        try:
+            self._check_columns(driver.schema(self.statement))
+            wanted = list(self.source.columns())
+            pending: list[pa.RecordBatch] = []
+            rows = 0
+            next_row = 1
+            batches = driver.batches(self.statement, CHUNK_ROWS)
+            # A server works on while we validate only when asked for more: read ahead from it. An in-process
+            # engine (DuckDB, SQLite) would only compete with validation for the same cores, and hold more memory.
+            # Closed here, not left to the garbage collector: a read-ahead thread must end before the driver closes.
+            with contextlib.closing(_read_ahead(batches) if driver.remote else batches) as ahead:
+                for batch in ahead:
+                    index = {name: i for i, name in enumerate(batch.schema.names)}
+                    # PostgreSQL's batches are sized in bytes: narrow rows make batches of 100k+ rows. Validation
+                    # works (and holds memory) per chunk, so cut them to the chunk size (slices copy nothing).
+                    start = 0
+                    while start < batch.num_rows:
+                        piece = batch.slice(start, CHUNK_ROWS - rows)
+                        start += piece.num_rows
+                        pending.append(
+                            pa.RecordBatch.from_arrays(
+                                [_arrow_ready(piece.column(index[c])) for c in wanted], names=wanted
+                            )
+                        )
+                        rows += piece.num_rows
+                        if rows >= CHUNK_ROWS:
+                            yield self._chunk(pending, next_row)
+                            next_row += rows
+                            pending, rows = [], 0
+                if pending:
+                    yield self._chunk(pending, next_row)
+        finally:
+            driver.close()
+
+    @staticmethod
+    def _chunk(batches: list[pa.RecordBatch], first_row: int) -> Chunk:
+        table = pa.Table.from_batches(batches)
+        frame = _normalise(table.replace_schema_metadata(None))
+        return Chunk(
+            frame.with_columns(pl.int_range(first_row, first_row + table.num_rows, dtype=pl.Int64).alias(ROW))
+        )
+
+
+def check_sql_sources(job: Job) -> list[JobProblem]:
+    """Problems with a job's database sources: the URL, the connection, the query and its columns' names and
+    types — reading no row. Used by ``pushsync validate``."""
+    problems = []
+    for i, source in enumerate(job.sources):
+        if source.sql is None:
+            continue
+        try:
+            SqlReader(source).check()
+        except (BadInputError, SecretError) as exc:
+            problems.append(JobProblem(f"sources[{i}]", str(exc)))
+    return problems

@@ -1,0 +1,201 @@
+"""A throwaway PostgreSQL server for the tests: one per test session, a fresh database per test.
+
+* ``postgres_server``  (session) the running server: :class:`PostgresServer`; ``new_database()`` makes a database
+                       owned by a password-protected role and returns its URL; ``sql(url, text)`` runs SQL with psql
+* ``postgres_url``     (function) a URL for a fresh database of its own: ``postgresql://pushsync:PASSWORD@127.0.0.1:PORT/db_N``
+
+The server runs from the PostgreSQL binaries on PATH or under /usr/lib/postgresql/<version>/bin, in a temporary
+directory, on a free loopback port, as the ``postgres`` user when the tests run as root (``initdb`` refuses root).
+Without PostgreSQL binaries the tests that use it are skipped — except under ``CI=true``, where they fail: CI
+installs PostgreSQL (``.ci/run``) and must run them. Import the fixtures into a conftest (tests/conftest.py does).
+"""
+
+from __future__ import annotations
+
+import glob
+import itertools
+import os
+import secrets
+import shutil
+import socket
+import subprocess
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+__all__ = ["PostgresServer", "find_postgres_bin", "postgres_server", "postgres_url"]
+
+ROLE = "pushsync"
+"""The password-protected role every test database belongs to (not a superuser)."""
+
+
+def find_postgres_bin() -> Path | None:
+    """The directory holding ``initdb``, ``pg_ctl`` and ``psql``: PATH first, then Debian's versioned folders."""
+    on_path = shutil.which("initdb")
+    if on_path and shutil.which("pg_ctl"):
+        folder = Path(on_path).resolve().parent
+        if (folder / "psql").exists():
+            return folder
+    versions = sorted(
+        glob.glob("/usr/lib/postgresql/*/bin/initdb"), key=lambda p: int(p.split("/")[4]), reverse=True
+    )
+    return Path(versions[0]).parent if versions else None
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+@dataclass
+class PostgresServer:
+    """A running throwaway server. ``admin_password`` is the ``postgres`` superuser's, ``password`` the role's."""
+
+    bin_dir: Path
+    data_dir: Path
+    port: int
+    password: str
+    admin_password: str
+    run_as: list[str]
+    _counter: Iterator[int] = field(default_factory=itertools.count)
+
+    def url(self, database: str, *, user: str = ROLE, password: str | None = None) -> str:
+        """A URL for ``database`` (as the test role unless ``user`` says otherwise)."""
+        secret = (
+            password if password is not None else (self.password if user == ROLE else self.admin_password)
+        )
+        return f"postgresql://{user}:{secret}@127.0.0.1:{self.port}/{database}"
+
+    def admin_url(self, database: str = "postgres") -> str:
+        """A superuser URL (to terminate backends, inspect pg_stat_activity...)."""
+        return self.url(database, user="postgres")
+
+    def sql(self, url: str, text: str) -> str:
+        """Run SQL (several statements allowed) with psql against ``url``; returns psql's unaligned output."""
+        done = subprocess.run(
+            [
+                str(self.bin_dir / "psql"),
+                "-X",
+                "-q",
+                "-A",
+                "-t",
+                "-v",
+                "ON_ERROR_STOP=1",
+                "-d",
+                url,
+                "-c",
+                text,
+            ],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+        if done.returncode:
+            raise RuntimeError(f"psql failed: {done.stderr.strip()}")
+        return done.stdout
+
+    def new_database(self) -> str:
+        """Create an empty database owned by the test role; returns the role's URL for it."""
+        name = f"db_{next(self._counter)}"
+        self.sql(self.admin_url(), f"CREATE DATABASE {name} OWNER {ROLE}")
+        return self.url(name)
+
+    def stop(self) -> None:
+        subprocess.run(
+            [*self.run_as, str(self.bin_dir / "pg_ctl"), "-D", str(self.data_dir), "-m", "immediate", "stop"],
+            capture_output=True,
+            timeout=60,
+            check=False,
+        )
+
+
+def start_postgres(bin_dir: Path) -> tuple[PostgresServer, Path]:
+    """Start a server in a new temporary directory; returns it and the directory (remove it after stopping)."""
+    root = Path(tempfile.mkdtemp(prefix="pushsync-pg-"))
+    run_as: list[str] = []
+    if os.geteuid() == 0:
+        # initdb and postgres refuse to run as root: run them as the postgres user, who must own the folder.
+        shutil.chown(root, "postgres")
+        run_as = ["runuser", "-u", "postgres", "--"]
+    admin_password, password = secrets.token_hex(12), secrets.token_hex(12)
+    pwfile = root / "pw"
+    pwfile.write_text(admin_password + "\n", encoding="utf-8")
+    if run_as:
+        shutil.chown(pwfile, "postgres")
+    data = root / "data"
+    subprocess.run(
+        [
+            *run_as,
+            str(bin_dir / "initdb"),
+            "-D",
+            str(data),
+            "-U",
+            "postgres",
+            "-A",
+            "scram-sha-256",
+            f"--pwfile={pwfile}",
+            "-E",
+            "UTF8",
+            "--no-locale",
+            "--no-sync",
+        ],
+        capture_output=True,
+        timeout=120,
+        check=True,
+    )
+    for _attempt in range(5):
+        port = _free_port()
+        options = f"-p {port} -k {root} -c listen_addresses=127.0.0.1 -c fsync=off -c max_connections=50"
+        started = subprocess.run(
+            [
+                *run_as,
+                str(bin_dir / "pg_ctl"),
+                "-D",
+                str(data),
+                "-o",
+                options,
+                "-l",
+                str(root / "log"),
+                "-w",
+                "start",
+            ],
+            capture_output=True,
+            timeout=120,
+            check=False,
+        )
+        if started.returncode == 0:
+            break
+    else:
+        log = (root / "log").read_text(encoding="utf-8", errors="replace") if (root / "log").exists() else ""
+        raise RuntimeError(f"PostgreSQL did not start: {log[-2000:]}")
+    server = PostgresServer(bin_dir, data, port, password, admin_password, run_as)
+    server.sql(server.admin_url(), f"CREATE ROLE {ROLE} LOGIN PASSWORD '{password}'")
+    return server, root
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> Iterator[PostgresServer]:
+    """A PostgreSQL server for the whole session (see the module docstring)."""
+    bin_dir = find_postgres_bin()
+    if bin_dir is None:
+        if os.environ.get("CI", "").lower() in ("true", "1", "yes"):
+            pytest.fail("CI is set but no PostgreSQL binaries were found (.ci/run installs them)")
+        pytest.skip("no PostgreSQL binaries (initdb) on this machine; CI installs them")
+    server, root = start_postgres(bin_dir)
+    try:
+        yield server
+    finally:
+        server.stop()
+        shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture
+def postgres_url(postgres_server: PostgresServer) -> str:
+    """The URL of a fresh, empty database of this test's own (owned by the password-protected test role)."""
+    return postgres_server.new_database()

@@ -1,0 +1,627 @@
+"""Database sources end to end: a real PostgreSQL server (tests/pg_fixture.py), real DuckDB and SQLite files, the
+Netmera sandbox. The platform's end state equals the table's content in changes and snapshot modes; every kind of
+bad input ends in one clear error and exit code 2 with nothing sent; the password never shows."""
+
+from __future__ import annotations
+
+import asyncio
+import csv
+import json
+import os
+import sqlite3
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import duckdb
+import polars as pl
+import pytest
+from pg_fixture import PostgresServer
+from reliability.workload import compare_state
+
+from sync.cli import main
+from sync.config import load_job
+from sync.demo import generate_users
+from sync.errors import BadInputError, BadJobError, ExitCode
+from sync.planning import build_plan
+from sync.reading import CHUNK_ROWS, ROW
+from sync.reading_sql import SqlReader
+from sync.resume import sync_job
+
+URL_ENV = "PUSHSYNC_TEST_CRM_URL"
+KEY_ENV = "PUSHSYNC_TEST_SQL_KEY"
+
+_JOB = """\
+version: 1
+name: {name}
+workdir: work
+mode: {mode}
+destination: {{platform: netmera, base_url: "{url}", secret: {{env: {key_env}}}}}
+sources:
+  - name: users
+    database: {database}
+    {what}
+    ext_id: user_id
+    attributes:
+      name: string
+      city: string
+      score: number
+      vip: {{attribute: isVip, type: boolean}}
+      plan: string
+    tags: {{column: segments, delimiter: "|"}}
+    opt_ins:
+      email: email_opt_in
+      categories: {{News: news_opt_in}}
+dispatch:
+  batch_size: 100
+  concurrency: 4
+  budgets: {{"*": {{requests: 1000, period: 1}}}}
+  retry: {{max_attempts: 3, base_delay: 0.01, max_delay: 0.05}}
+"""
+
+
+def write_job(
+    directory: Path,
+    sandbox_url: str,
+    *,
+    database: str = f"{{env: {URL_ENV}}}",
+    what: str = "table: crm.users",
+    mode: str = "changes",
+    name: str = "sql",
+) -> Path:
+    directory.mkdir(parents=True, exist_ok=True)
+    job = directory / "job.yaml"
+    job.write_text(
+        _JOB.format(name=name, mode=mode, url=sandbox_url, key_env=KEY_ENV, database=database, what=what),
+        encoding="utf-8",
+    )
+    return job
+
+
+def users(n: int, seed: int) -> pl.DataFrame:
+    """The demo's generated users (their expected platform state is :func:`sync.demo.expected_users`)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        return generate_users(Path(tmp) / "users.csv", n, seed=seed)
+
+
+def as_table(frame: pl.DataFrame) -> Any:
+    """The users as a database table: segments as a text array (PostgreSQL text[], DuckDB VARCHAR[])."""
+    return frame.with_columns(
+        pl.col("segments").str.split("|").list.eval(pl.element().filter(pl.element() != ""))
+    ).to_arrow()
+
+
+def pg_load(url: str, frame: pl.DataFrame, *, table: str = "users") -> None:
+    """Replace crm.<table> on the PostgreSQL database at ``url`` with ``frame`` (ADBC bulk ingest)."""
+    import adbc_driver_postgresql.dbapi as pg
+
+    with pg.connect(url, autocommit=True) as conn, conn.cursor() as cur:
+        cur.execute("CREATE SCHEMA IF NOT EXISTS crm")
+        cur.execute(f"DROP TABLE IF EXISTS crm.{table}")
+        cur.adbc_ingest(table, as_table(frame), mode="create", db_schema_name="crm")
+
+
+def duck_load(path: Path, frame: pl.DataFrame) -> None:
+    con = duckdb.connect(str(path))
+    try:
+        con.execute("CREATE SCHEMA IF NOT EXISTS crm")
+        con.register("incoming", as_table(frame))
+        con.execute("CREATE OR REPLACE TABLE crm.users AS SELECT * FROM incoming")
+    finally:
+        con.close()
+
+
+async def platform_matches(sandbox: Any, frame: pl.DataFrame) -> None:
+    dump = await sandbox.inspect("GET", "state", params={"format": "json"})
+    comparison = compare_state(dump.body, frame)
+    assert comparison.lost == 0 and comparison.unexpected == 0, comparison.examples
+
+
+def requests_sent(sandbox: Any) -> int:
+    return int(sandbox.sandbox.stats.snapshot()["requests_total"])
+
+
+# --- end to end ------------------------------------------------------------------------------------------------
+
+
+async def test_postgres_changes_mode_end_state_equals_the_table(
+    postgres_url: str, netmera_sandbox: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    frame = users(300, seed=1)
+    pg_load(postgres_url, frame)
+    monkeypatch.setenv(URL_ENV, postgres_url)
+    job = load_job(write_job(tmp_path, netmera_sandbox.url))
+    outcome = await sync_job(job, api_key=netmera_sandbox.api_key)
+    assert outcome.run.exit_code is ExitCode.OK
+    await platform_matches(netmera_sandbox, frame)
+
+
+async def test_postgres_snapshot_mode_sends_the_difference_and_ends_equal_to_the_table(
+    postgres_url: str, netmera_sandbox: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    first = users(300, seed=1)
+    pg_load(postgres_url, first)
+    monkeypatch.setenv(URL_ENV, postgres_url)
+    job = load_job(
+        write_job(tmp_path, netmera_sandbox.url, mode="snapshot", what="query: SELECT * FROM crm.users")
+    )
+    outcome = await sync_job(job, api_key=netmera_sandbox.api_key)
+    assert outcome.run.exit_code is ExitCode.OK
+    await platform_matches(netmera_sandbox, first)
+
+    # Change some users in the table: only they are sent, and the platform ends equal to the new content.
+    changed = first.with_columns(
+        pl.when(pl.int_range(pl.len()) % 10 == 0)
+        .then(pl.lit("Paris"))
+        .otherwise(pl.col("city"))
+        .alias("city"),
+        pl.when(pl.int_range(pl.len()) % 7 == 0)
+        .then(pl.lit("gold"))
+        .otherwise(pl.col("segments"))
+        .alias("segments"),
+    )
+    pg_load(postgres_url, changed)
+    second = await sync_job(job, api_key=netmera_sandbox.api_key)
+    assert second.run.exit_code is ExitCode.OK
+    assert second.diff is not None and 0 < second.diff.users_changed < 300
+    await platform_matches(netmera_sandbox, changed)
+
+    before = requests_sent(netmera_sandbox)
+    third = await sync_job(job, api_key=netmera_sandbox.api_key)
+    assert third.run.exit_code is ExitCode.OK and requests_sent(netmera_sandbox) == before  # nothing changed
+
+
+async def test_duckdb_changes_and_snapshot_modes_end_equal_to_the_table(
+    netmera_sandbox: Any, tmp_path: Path
+) -> None:
+    database = tmp_path / "sales.duckdb"
+    frame = users(250, seed=3)
+    duck_load(database, frame)
+    # A DuckDB file URL may be written in the job: relative to the job file's folder (SQLAlchemy's form).
+    job = load_job(write_job(tmp_path / "changes", netmera_sandbox.url, database="duckdb:///../sales.duckdb"))
+    outcome = await sync_job(job, api_key=netmera_sandbox.api_key)
+    assert outcome.run.exit_code is ExitCode.OK
+    await platform_matches(netmera_sandbox, frame)
+
+    snap = load_job(
+        write_job(
+            tmp_path / "snap",
+            netmera_sandbox.url,
+            database=f"duckdb:///{database}",
+            mode="snapshot",
+            name="snap",
+        )
+    )
+    await sync_job(snap, api_key=netmera_sandbox.api_key)
+    changed = frame.with_columns(pl.col("score") + 1)
+    duck_load(database, changed)
+    second = await sync_job(snap, api_key=netmera_sandbox.api_key)
+    assert (
+        second.run.exit_code is ExitCode.OK and second.diff is not None and second.diff.users_changed == 250
+    )
+    await platform_matches(netmera_sandbox, changed)
+
+
+async def test_sqlite_source_end_state_equals_the_table(netmera_sandbox: Any, tmp_path: Path) -> None:
+    frame = users(120, seed=5)
+    database = tmp_path / "crm.db"
+    with sqlite3.connect(database) as con:
+        con.execute(
+            "CREATE TABLE users (user_id TEXT, name TEXT, city TEXT, score INTEGER, vip INTEGER, plan TEXT, "
+            "segments TEXT, email_opt_in INTEGER, news_opt_in INTEGER)"
+        )
+        con.executemany("INSERT INTO users VALUES (?,?,?,?,?,?,?,?,?)", frame.rows())
+    job = load_job(
+        write_job(
+            tmp_path,
+            netmera_sandbox.url,
+            database=f"sqlite:///{database}",
+            what="query: SELECT * FROM users;",
+        )
+    )
+    outcome = await sync_job(job, api_key=netmera_sandbox.api_key)
+    assert outcome.run.exit_code is ExitCode.OK
+    await platform_matches(netmera_sandbox, frame)
+
+
+# --- reading ---------------------------------------------------------------------------------------------------
+
+
+def test_a_big_result_streams_in_bounded_chunks_numbered_by_position(
+    postgres_url: str, postgres_server: PostgresServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    postgres_server.sql(
+        postgres_url,
+        "CREATE SCHEMA crm; CREATE TABLE crm.users AS SELECT 'U' || g AS user_id, 'n' || g AS name, "
+        "'c' AS city, g AS score, g % 2 = 0 AS vip, 'p' AS plan, ARRAY['a'] AS segments, true AS email_opt_in, "
+        "false AS news_opt_in FROM generate_series(1, 130000) g",
+    )
+    monkeypatch.setenv(URL_ENV, postgres_url)
+    job = load_job(
+        write_job(
+            tmp_path, "http://127.0.0.1:9/rest/3.0/", what="query: SELECT * FROM crm.users ORDER BY score"
+        )
+    )
+    chunks = list(SqlReader(job.sources[0]).chunks())
+    assert [c.frame.height for c in chunks] == [CHUNK_ROWS, CHUNK_ROWS, 130000 - 2 * CHUNK_ROWS]
+    rows = pl.concat([c.frame.select(ROW, "user_id") for c in chunks])
+    assert rows[ROW].to_list() == list(range(1, 130001))
+    assert rows["user_id"][:3].to_list() == ["U1", "U2", "U3"]
+
+    # A reader left after its first chunk stops its read-ahead thread and closes its session.
+    reading = SqlReader(job.sources[0]).chunks()
+    assert next(reading).frame.height == CHUNK_ROWS
+    sessions = "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'pushsync'"
+    assert postgres_server.sql(postgres_server.admin_url(), sessions).strip() == "1"
+    reading.close()
+    assert not [t for t in threading.enumerate() if t.name == "pushsync-sql-read-ahead"]
+    # The server removes a closed session from pg_stat_activity when its backend process has exited: wait for it.
+    deadline = time.monotonic() + 10
+    while postgres_server.sql(postgres_server.admin_url(), sessions).strip() != "0":
+        assert time.monotonic() < deadline, "the reader's session is still open"
+        time.sleep(0.05)
+
+
+def test_rejected_rows_name_the_source_its_position_and_id_never_the_password(
+    postgres_url: str,
+    postgres_server: PostgresServer,
+    netmera_sandbox_process: Any,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: Any,
+) -> None:
+    pg_load(postgres_url, users(20, seed=9))
+    query = (
+        "SELECT user_id, name, city, CASE WHEN user_id = 'U0000004' THEN 'many' ELSE score::text END AS score, "
+        "vip, plan, segments, email_opt_in, news_opt_in FROM crm.users ORDER BY user_id"
+    )
+    monkeypatch.setenv(URL_ENV, postgres_url)
+    job_path = write_job(tmp_path, netmera_sandbox_process.url, what=f'query: "{query}"')
+    assert main(["plan", str(job_path)]) == ExitCode.OK
+    out = capsys.readouterr().out
+    label = f"users (postgresql://pushsync@127.0.0.1:{postgres_server.port}/{postgres_url.rsplit('/', 1)[1]}, query on crm.users)"
+    assert f"Source {label}: 20 rows read" in out
+    assert f"{label} result row 5, column score: not a number (ext_id U0000004)" in out
+    rejects = (tmp_path / "work" / "rejects.csv").read_text(encoding="utf-8")
+    assert list(csv.reader(rejects.splitlines()))[1:] == [[label, "5", "score", "not a number", "U0000004"]]
+    assert main(["plan", str(job_path), "--output", "json"]) == ExitCode.OK
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["sources"]["users"]["database"] == label
+    for text in (out, rejects, json.dumps(doc)):
+        assert postgres_server.password not in text
+
+    # A run, logging at debug level: the password is in no line printed and no byte of the workdir (ledger,
+    # rejects, state) — the label with the row is in the ledger.
+    done = subprocess.run(
+        [sys.executable, "-m", "sync", "--log-level", "debug", "--log-json", "run", str(job_path)],
+        env={**os.environ, KEY_ENV: netmera_sandbox_process.api_key},
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode == ExitCode.PARTIAL, done.stderr  # one row rejected, the rest sent
+    assert '"event": "run.start"' in done.stderr or "run.start" in done.stderr
+    assert postgres_server.password not in done.stdout + done.stderr
+    stored = b"".join(p.read_bytes() for p in (tmp_path / "work").rglob("*") if p.is_file())
+    assert label.encode() in stored and postgres_server.password.encode() not in stored
+
+
+def test_validate_checks_the_columns_without_reading_a_row(
+    postgres_url: str,
+    postgres_server: PostgresServer,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: Any,
+) -> None:
+    pg_load(postgres_url, users(5, seed=2))
+    # Every row fails when read (division by zero per row): validate passes because it reads none; plan does not.
+    query = (
+        "SELECT user_id, name, city, score / (length(name) - length(name)) AS score, vip, plan, segments, "
+        "email_opt_in, news_opt_in FROM crm.users"
+    )
+    monkeypatch.setenv(URL_ENV, postgres_url)
+    job_path = write_job(tmp_path, "http://127.0.0.1:9/rest/3.0/", what=f'query: "{query}"')
+    assert main(["validate", str(job_path)]) == ExitCode.OK
+    assert main(["plan", str(job_path)]) == ExitCode.BAD_JOB_OR_INPUT
+    assert "division by zero" in capsys.readouterr().err
+
+    typed = query.replace("score / (length(name) - length(name))", "now()")
+    job_path.write_text(job_path.read_text(encoding="utf-8").replace(query, typed), encoding="utf-8")
+    assert main(["validate", str(job_path)]) == ExitCode.BAD_JOB_OR_INPUT
+    out = capsys.readouterr().out
+    assert "column 'score' is timestamptz in the query's result, which cannot hold a number" in out
+
+
+# --- bad input: one clear error, exit code 2, nothing sent -------------------------------------------------------
+
+
+async def run_cli(job: Path) -> int:
+    """``pushsync run JOB`` in a thread (the CLI runs its own event loop; the sandbox serves on the test's)."""
+    return int(await asyncio.to_thread(main, ["run", str(job)]))
+
+
+@pytest.mark.parametrize(
+    ("case", "expected"),
+    [
+        ("refused port", "cannot connect to the database: connection to server at"),
+        (
+            "refused password",
+            'the database refused the login: password authentication failed for user "pushsync"',
+        ),
+        ("no such database", "does not exist"),
+        ("syntax error", 'the database refused the query: syntax error at or near "SELEKT" (SQLSTATE 42601)'),
+        ("missing table", 'relation "crm.nosuch" does not exist (SQLSTATE 42P01)'),
+        ("missing column", "column(s) 'plan' named by source 'users' are not in the query's result"),
+        ("type does not fit", "column 'score' is bytea in the query's result, which cannot hold a number"),
+        ("float id", "column 'user_id' is float8 in the query's result, which cannot hold the external ID"),
+        ("dropped mid-stream", "the database connection failed after"),
+        (
+            "unparseable url",
+            "the PostgreSQL URL from environment variable PUSHSYNC_TEST_CRM_URL cannot be parsed",
+        ),
+    ],
+)
+async def test_bad_postgres_input_ends_in_one_clear_error_and_nothing_is_sent(
+    case: str,
+    expected: str,
+    postgres_url: str,
+    postgres_server: PostgresServer,
+    netmera_sandbox: Any,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: Any,
+) -> None:
+    pg_load(postgres_url, users(50, seed=4))
+    url, what = postgres_url, "table: crm.users"
+    all_columns = "user_id, name, city, score, vip, plan, segments, email_opt_in, news_opt_in"
+    if case == "refused port":
+        url = postgres_url.replace(f":{postgres_server.port}/", ":1/")
+    elif case == "refused password":
+        url = postgres_url.replace(postgres_server.password, "not-the-password")
+    elif case == "no such database":
+        url = postgres_url.rsplit("/", 1)[0] + "/nosuch"
+    elif case == "syntax error":
+        what = "query: SELEKT * FROM crm.users"
+    elif case == "missing table":
+        what = "table: crm.nosuch"
+    elif case == "missing column":
+        what = "query: SELECT user_id, name, city, score, vip, segments, email_opt_in, news_opt_in FROM crm.users"
+    elif case == "type does not fit":
+        what = f"query: SELECT {all_columns.replace('score', 'score::text::bytea AS score')} FROM crm.users"
+    elif case == "float id":
+        what = f"query: SELECT {all_columns.replace('user_id', '1.5::float8 AS user_id')} FROM crm.users"
+    elif case == "dropped mid-stream":
+        # The server ends the session itself after sending part of the result: a connection lost mid-stream
+        # (while the rows are copied out, not while the planner counts them first).
+        what = (
+            "query: SELECT 'U' || g AS user_id, repeat('x', 200) AS name, 'c' AS city, g AS score, true AS vip, "
+            "CASE WHEN g = 150000 AND left(current_query(), 20) NOT LIKE '%count%' "
+            "THEN pg_terminate_backend(pg_backend_pid())::text "
+            "ELSE 'p' END AS plan, "
+            "ARRAY['a'] AS segments, true AS email_opt_in, true AS news_opt_in FROM generate_series(1, 200000) g"
+        )
+    elif case == "unparseable url":
+        url = postgres_url.replace("127.0.0.1", "[::1")
+    monkeypatch.setenv(URL_ENV, url)
+    monkeypatch.setenv(KEY_ENV, netmera_sandbox.api_key)
+    code = await run_cli(write_job(tmp_path, netmera_sandbox.url, what=what))
+    captured = capsys.readouterr()
+    assert code == ExitCode.BAD_JOB_OR_INPUT, captured.err
+    assert expected in captured.err
+    assert captured.err.count("pushsync: error:") == 1
+    assert postgres_server.password not in captured.err + captured.out
+    assert requests_sent(netmera_sandbox) == 0
+
+
+@pytest.mark.parametrize(
+    ("case", "expected"),
+    [
+        ("missing file", "database file not found:"),
+        ("not a duckdb file", "cannot open the DuckDB database"),
+        ("missing table", "Table with name nosuch does not exist"),
+        ("type does not fit", "column 'vip' is DATE in the query's result, which cannot hold a boolean"),
+    ],
+)
+async def test_bad_duckdb_input_ends_in_one_clear_error_and_nothing_is_sent(
+    case: str,
+    expected: str,
+    netmera_sandbox: Any,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: Any,
+) -> None:
+    database = tmp_path / "sales.duckdb"
+    duck_load(database, users(30, seed=6))
+    what = "table: crm.users"
+    if case == "missing file":
+        database = tmp_path / "elsewhere.duckdb"
+    elif case == "not a duckdb file":
+        database = tmp_path / "job.txt"
+        database.write_text("hello", encoding="utf-8")
+    elif case == "missing table":
+        what = "table: crm.nosuch"
+    elif case == "type does not fit":
+        what = "query: SELECT * REPLACE (DATE '2024-01-01' AS vip) FROM crm.users"
+    monkeypatch.setenv(KEY_ENV, netmera_sandbox.api_key)
+    code = await run_cli(
+        write_job(tmp_path, netmera_sandbox.url, database=f"duckdb:///{database}", what=what)
+    )
+    captured = capsys.readouterr()
+    assert code == ExitCode.BAD_JOB_OR_INPUT and expected in captured.err, captured.err
+    assert requests_sent(netmera_sandbox) == 0
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        (b"\x00\x01", "row 3, column 'name': a BLOB (binary) value"),
+        (12.0, "row 3, column 'user_id': the external ID is a REAL number, which would be sent as 12.0"),
+    ],
+)
+def test_a_sqlite_value_of_the_wrong_kind_stops_the_read_naming_row_and_column(
+    value: Any, expected: str, tmp_path: Path
+) -> None:
+    database = tmp_path / "crm.db"
+    with sqlite3.connect(database) as con:
+        con.execute(
+            "CREATE TABLE users (user_id, name, city, score, vip, plan, segments, email_opt_in, news_opt_in)"
+        )
+        rows = [(f"U{i}", f"n{i}", "c", i, 1, "p", "a|b", 1, 0) for i in range(5)]
+        column = 1 if isinstance(value, bytes) else 0
+        rows[2] = tuple(value if i == column else v for i, v in enumerate(rows[2]))
+        con.executemany("INSERT INTO users VALUES (?,?,?,?,?,?,?,?,?)", rows)
+    job = load_job(
+        write_job(
+            tmp_path, "http://127.0.0.1:9/rest/3.0/", database=f"sqlite:///{database}", what="table: users"
+        )
+    )
+    with pytest.raises(BadInputError) as caught:
+        build_plan(job)
+    assert expected in str(caught.value)
+    assert str(caught.value).startswith(f"users (sqlite file {database}, table users), row 3")
+
+
+# --- the URL and its password ------------------------------------------------------------------------------------
+
+
+def test_a_password_written_in_the_job_is_refused_without_repeating_it(tmp_path: Path) -> None:
+    secret = "hunter2-" + "x" * 8
+    for spec in (
+        f'"postgresql://crm:{secret}@db.example:5432/crm"',
+        f'"postgresql://crm@db.example/crm?password={secret}"',
+        f'["postgresql://crm:{secret}@db.example/crm"]',
+    ):
+        path = write_job(tmp_path, "http://127.0.0.1:9/rest/3.0/", database=spec)
+        with pytest.raises(BadJobError) as caught:
+            load_job(path)
+        assert [p.location for p in caught.value.problems] == ["sources[0].database"]
+        assert secret not in str(caught.value)
+
+
+def test_a_url_without_password_may_be_written_and_the_url_is_resolved_from_env_or_file(
+    postgres_url: str, postgres_server: PostgresServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    pg_load(postgres_url, users(10, seed=8))
+    (tmp_path / "db-url").write_text(postgres_url + "\n", encoding="utf-8")
+    job = load_job(write_job(tmp_path, "http://127.0.0.1:9/rest/3.0/", database="{file: db-url}"))
+    with build_plan(job) as plan:
+        assert plan.staged[0].rows_clean == 10
+        assert postgres_server.password not in repr(job) + plan.staged[0].files[0]
+
+    monkeypatch.delenv(URL_ENV, raising=False)
+    job = load_job(write_job(tmp_path, "http://127.0.0.1:9/rest/3.0/"))
+    with pytest.raises(
+        Exception, match=f"source 'users': the database URL: environment variable {URL_ENV} is not set"
+    ):
+        build_plan(job)
+    # A literal URL without a password passes the loader (the password would come from PGPASSWORD or ~/.pgpass).
+    literal = write_job(
+        tmp_path, "http://127.0.0.1:9/rest/3.0/", database="postgresql://crm@db.example:5432/crm"
+    )
+    assert load_job(literal).sources[0].sql is not None
+
+
+def test_postgres_and_duckdb_types_arrive_as_the_values_they_hold(
+    postgres_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """numeric, uuid, timestamptz, date, arrays, JSON, booleans, ENUMs and HUGEINTs become what the mapping says."""
+    columns = {
+        "user_id": "text",
+        "score": "number",
+        "u": "string",
+        "seen": "date",
+        "born": "date",
+        "labels": "list",
+        "doc": "string",
+        "flag": "boolean",
+    }
+    attributes = ", ".join(f"{c}: {t}" for c, t in columns.items() if c != "user_id")
+    job_text = (
+        "version: 1\nname: types\nworkdir: work\n"
+        'destination: {platform: netmera, base_url: "http://127.0.0.1:9/rest/3.0/", secret: {env: K}}\n'
+        "sources:\n  - name: users\n    database: DATABASE\n    query: QUERY\n    ext_id: user_id\n"
+        f"    attributes: {{{attributes}}}\n"
+    )
+    pg_query = (
+        '"SELECT 42::bigint AS user_id, 12.50::numeric(6,2) AS score, '
+        "'6514eb5d-aec7-44df-be9c-4bc1af819aca'::uuid AS u, '2024-03-01 12:00:00+02'::timestamptz AS seen, "
+        "'2001-02-03'::date AS born, ARRAY[1, 2] AS labels, '{\\\"a\\\": 1}'::jsonb AS doc, 1 AS flag\""
+    )
+    monkeypatch.setenv(URL_ENV, postgres_url)
+    path = tmp_path / "pg.yaml"
+    path.write_text(
+        job_text.replace("DATABASE", f"{{env: {URL_ENV}}}").replace("QUERY", pg_query), encoding="utf-8"
+    )
+    expected = {
+        "__ext_id": "42",
+        "score": 12.5,
+        "u": "6514eb5d-aec7-44df-be9c-4bc1af819aca",
+        "seen": 1709287200000,
+        "born": 981158400000,
+        "labels": ["1", "2"],
+        "doc": '{"a": 1}',
+        "flag": True,
+    }
+    with build_plan(load_job(path)) as plan:
+        row = next(plan.staged[0].frames(list(columns)[1:])).drop("__file", ROW).row(0, named=True)
+    assert row == expected
+
+    con = duckdb.connect(str(tmp_path / "types.duckdb"))
+    con.execute("CREATE TYPE mood AS ENUM ('calm', 'busy')")
+    con.close()
+    duck_query = (
+        "\"SELECT 42::HUGEINT AS user_id, 12.5::DECIMAL(6,2) AS score, 'calm'::mood AS u, "
+        "TIMESTAMPTZ '2024-03-01 12:00:00+02' AS seen, DATE '2001-02-03' AS born, [1, 2] AS labels, "
+        '\'{\\"a\\": 1}\' AS doc, true AS flag"'
+    )
+    path = tmp_path / "duck.yaml"
+    path.write_text(
+        job_text.replace("DATABASE", "duckdb:///types.duckdb").replace("QUERY", duck_query), encoding="utf-8"
+    )
+    with build_plan(load_job(path)) as plan:
+        row = next(plan.staged[0].frames(list(columns)[1:])).drop("__file", ROW).row(0, named=True)
+    assert row == {**expected, "u": "calm"}
+
+
+def test_a_database_source_is_checked_for_every_problem_at_once(tmp_path: Path) -> None:
+    text = """\
+version: 1
+destination: {platform: netmera, base_url: "http://127.0.0.1:9/rest/3.0/", secret: {env: K}}
+sources:
+  - {name: a, database: "duckdb:///x.duckdb", ext_id: id, attributes: {n: string}}
+  - {name: b, database: "duckdb:///x.duckdb", query: "SELECT 1", table: t, ext_id: id, attributes: {n: string}}
+  - {name: c, database: "duckdb:///x.duckdb", table: "t; DROP TABLE t", ext_id: id, attributes: {n: string}}
+  - {name: d, database: "mysql://db/crm", query: " ; ", ext_id: id, attributes: {n: string}}
+  - {name: e, database: "sqlite:///x.db", path: x.csv, delimiter: ";", table: t, ext_id: id, attributes: {n: string}}
+  - {name: f, query: "SELECT 1", ext_id: id, attributes: {n: string}}
+"""
+    (tmp_path / "job.yaml").write_text(text, encoding="utf-8")
+    with pytest.raises(BadJobError) as caught:
+        load_job(tmp_path / "job.yaml")
+    assert sorted(str(p) for p in caught.value.problems) == sorted(
+        [
+            "sources[0]: a database source gives exactly one of 'query' or 'table'",
+            "sources[1]: a database source gives exactly one of 'query' or 'table'",
+            "sources[2].table: not a table name: give table, schema.table or catalog.schema.table "
+            '(quote a part that needs it: "My Table"); use query: for anything else',
+            "sources[3].database: not a database URL: use postgresql://..., duckdb:///path/file.duckdb or "
+            "sqlite:///path/file.db",
+            "sources[3].query: the query is empty",
+            "sources[4].path: not used by a source that reads a database",
+            "sources[4].delimiter: not used by a source that reads a database",
+            "sources[5].database: a source with a query or table names its database",
+        ]
+    )
+    ok = (
+        text.split("  - {name: a")[0]
+        + '  - {name: a, database: "sqlite:///x.db", table: \'crm."My Users"\', ext_id: id, attributes: {n: string}}\n'
+    )
+    (tmp_path / "job.yaml").write_text(ok, encoding="utf-8")
+    source = load_job(tmp_path / "job.yaml").sources[0]
+    assert source.sql is not None and source.sql.table == 'crm."My Users"' and source.paths == ()
+    assert source.null_values == ("",)  # SQL NULL and empty text; 'N/A' in a database column is a value
