@@ -81,7 +81,11 @@ class StopSignals:
     def installed(self) -> Iterator[StopSignals]:
         """Handle SIGINT/SIGTERM with :meth:`on_signal` while the block runs (then the defaults again)."""
         loop = asyncio.get_running_loop()
-        sigs = (signal.SIGINT, signal.SIGTERM)
+        # Only the main thread receives signals (and may install handlers): a run driven from another thread
+        # (an embedding application, a test) keeps that thread's defaults.
+        sigs = (
+            (signal.SIGINT, signal.SIGTERM) if threading.current_thread() is threading.main_thread() else ()
+        )
         for sig in sigs:
             loop.add_signal_handler(sig, self.on_signal, sig)
         try:
