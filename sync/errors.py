@@ -7,6 +7,9 @@
     ├── BadInputError                  an input file cannot be read at all (path, row, column); exit 2
     ├── SecretError                    the secret named by the job is missing or unreadable; exit 2
     ├── StateError                     the ledger or sync state is unusable or refused (e.g. a safety threshold)
+    ├── RunStoppedError                a local failure (disk full...) stopped a run after sending began: fix it,
+    │                                  then resume; exit 3
+    ├── InterruptedRunError            SIGINT/SIGTERM before anything was sent (while planning); exit 4
     └── PlatformError                  something the platform answered (or failed to answer)
         ├── FatalPlatformError         401/403 and the like: abort the whole run, retrying cannot help
         ├── RetryableError             429, 5xx, time-outs, dropped connections: back off and retry
@@ -29,11 +32,13 @@ __all__ = [
     "BadJobError",
     "ExitCode",
     "FatalPlatformError",
+    "InterruptedRunError",
     "JobProblem",
     "PlatformError",
     "PushSyncError",
     "RejectedBatchError",
     "RetryableError",
+    "RunStoppedError",
     "SecretError",
     "StateError",
 ]
@@ -114,6 +119,22 @@ class StateError(PushSyncError):
     """The ledger or sync state is unusable, or refuses an action (e.g. a removal past the safety threshold)."""
 
     exit_code = ExitCode.BAD_JOB_OR_INPUT
+
+
+class RunStoppedError(PushSyncError):
+    """A local failure — a full disk, a ledger or state file that cannot be written — stopped a run after it
+    began sending. Requests may have gone out, so this is never exit 2 ("nothing was sent"): the run is
+    aborted (exit 3). Fix the cause, then ``pushsync resume RUN`` (or run the job again): the ledger and the
+    state hold what was confirmed."""
+
+    exit_code = ExitCode.ABORTED
+
+
+class InterruptedRunError(PushSyncError):
+    """SIGINT/SIGTERM arrived before anything was sent (while the job was read, planned or diffed): the run
+    stopped with nothing recorded (exit 4)."""
+
+    exit_code = ExitCode.INTERRUPTED
 
 
 class PlatformError(PushSyncError):

@@ -27,14 +27,16 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from sync.errors import StateError
 from sync.records import Attempt, AttemptOutcome, Batch, BatchResult, BatchStatus, RejectedRow
+from sync.row_keys import SCHEME as ROW_KEY_SCHEME
 
 if TYPE_CHECKING:  # type only: the ledger does not import the platform layer at run time
     from sync.platforms.meiro.poller import ExportWait
 
 __all__ = ["SCHEMA_VERSION", "AttemptRow", "BatchRow", "Ledger", "RunInfo", "new_run_id"]
 
-SCHEMA_VERSION = 2
-"""1: runs, batches, batch_ids, rejected_rows. 2: + attempts (one row per HTTP request); 1 is upgraded in place."""
+SCHEMA_VERSION = 3
+"""1: runs, batches, batch_ids, rejected_rows. 2: + attempts (one row per HTTP request). 3: + batch_rows (the
+row keys of non-idempotent batches). Older ledgers are upgraded in place (each version only added a table)."""
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL);
@@ -103,6 +105,13 @@ CREATE TABLE IF NOT EXISTS attempts (
     latency     REAL NOT NULL           -- seconds until the answer (or the failure)
 );
 CREATE INDEX IF NOT EXISTS attempts_run ON attempts (run_id, endpoint);
+CREATE TABLE IF NOT EXISTS batch_rows (     -- non-idempotent batches: the input rows they carry (sync.row_keys)
+    run_id      TEXT NOT NULL,
+    batch_id    TEXT NOT NULL,
+    scheme      TEXT NOT NULL,          -- how the keys were computed (sync.row_keys.SCHEME)
+    row_keys    BLOB NOT NULL,          -- 8-byte little-endian keys, back to back, one per row
+    PRIMARY KEY (run_id, batch_id)
+);
 CREATE TABLE IF NOT EXISTS export_waits (   -- pushsync meiro wait / meiro run: one row per export waited for
     run_id          TEXT NOT NULL,
     platform        TEXT NOT NULL,
@@ -129,6 +138,7 @@ _INSERT_PLANNED = (
     "INSERT OR IGNORE INTO batches (run_id, batch_id, endpoint, operation, phase, n_ids, ext_ids, status, planned_at)"
     " VALUES (?, ?, ?, ?, ?, ?, ?, 'planned', ?)"
 )
+_INSERT_ROW_KEYS = "INSERT OR IGNORE INTO batch_rows (run_id, batch_id, scheme, row_keys) VALUES (?, ?, ?, ?)"
 _UPDATE_SENT = (
     "UPDATE batches SET status = 'sent', started_at = COALESCE(started_at, ?) "
     "WHERE run_id = ? AND batch_id = ? AND status IN ('planned', 'sent')"
@@ -341,6 +351,11 @@ class Ledger:
             ),
         )
 
+        if batch.row_keys:
+            # Queued with the planned row, so the flush that makes a non-idempotent batch ``sent`` before its
+            # request leaves also makes the rows it carries durable.
+            self._queue(_INSERT_ROW_KEYS, (run_id, batch.batch_id, ROW_KEY_SCHEME, batch.row_keys))
+
     def record_sent(self, run_id: str, batch_id: str) -> None:
         self._queue(_UPDATE_SENT, (time.time(), run_id, batch_id))
 
@@ -532,6 +547,16 @@ class Ledger:
             )
             for r in rows
         ]
+
+    def batch_rows(self, run_ids: Sequence[str]) -> Iterator[tuple[str, str, str, str, bytes]]:
+        """``(run_id, batch_id, status, scheme, row_keys)`` of the keyed batches of ``run_ids``
+        (non-idempotent batches planned from input rows; :mod:`sync.row_keys`)."""
+        for run_id in run_ids:
+            yield from self._conn.execute(
+                "SELECT r.run_id, r.batch_id, b.status, r.scheme, r.row_keys FROM batch_rows r "
+                "JOIN batches b ON b.run_id = r.run_id AND b.batch_id = r.batch_id WHERE r.run_id = ?",
+                (run_id,),
+            )
 
     def refused_ids(self, run_id: str) -> list[tuple[str, str, str | None, str]]:
         """(batch_id, ext_id, code, message) of every ID the platform refused in ``run_id``."""

@@ -21,11 +21,13 @@ from __future__ import annotations
 
 import csv
 import errno
+import fcntl
 import functools
 import math
 import os
 import shutil
 import tempfile
+import threading
 import weakref
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -37,11 +39,12 @@ import pyarrow as pa
 import pyarrow.ipc
 
 from sync.config import DispatchSettings, Job, Source
-from sync.errors import StateError
+from sync.errors import InterruptedRunError, StateError
 from sync.platforms.base import BatchBuilder, Platform, Stream
 from sync.platforms.registry import platform_for
 from sync.reading import ROW, Chunk, estimate_rows, expand_paths, iter_chunks
 from sync.records import Batch, Operation, Phase, RejectedRow
+from sync.row_keys import with_row_keys
 from sync.validation import (
     EXT_ID,
     FILE,
@@ -59,11 +62,16 @@ __all__ = [
     "EndpointSummary",
     "Plan",
     "PlanSummary",
+    "RowFilter",
     "StagedSource",
     "build_plan",
     "check_workdir",
     "estimate_duration",
+    "remove_stale_staging",
 ]
+
+RowFilter = Callable[[pl.DataFrame], pl.DataFrame]
+"""Keeps the rows of a keyed clean frame (``__ext_id``, ``__row_key``, ...) that are still to be sent."""
 
 ROWS_PER_BUCKET = 50_000
 """Target rows per hash bucket: the unit of work (and of memory) after staging."""
@@ -167,8 +175,9 @@ class PlanSummary:
 class Plan:
     """The validated input of a job and the batches it makes. Build with :func:`build_plan`.
 
-    Holds a temporary directory under the job's workdir; :meth:`close` (or the context manager, or garbage
-    collection) removes it.
+    Holds a temporary directory under the job's workdir, locked while the plan lives (``lock_fd``: an open
+    descriptor holding its lock); :meth:`close` (or the context manager, or garbage collection) removes it. One a
+    killed process left behind is removed by the next :func:`build_plan` (:func:`remove_stale_staging`).
     """
 
     def __init__(
@@ -178,6 +187,7 @@ class Plan:
         rejects_path: Path,
         rejected_count: int,
         tmpdir: Path,
+        lock_fd: int = -1,
     ) -> None:
         self.job = job
         self.staged = staged
@@ -188,7 +198,12 @@ class Plan:
         # The builder is bound to the job's settings (time zone, message constants, ...).
         self._builder: BatchBuilder = self.platform.builder(job)
         self._summary: PlanSummary | None = None
-        self._finalizer = weakref.finalize(self, shutil.rmtree, tmpdir, True)
+        self._finalizer = weakref.finalize(self, _remove_staging, tmpdir, lock_fd)
+
+    @property
+    def staging_dir(self) -> Path:
+        """The plan's staging directory (locked while the plan lives; removed by :meth:`close`)."""
+        return self._tmpdir
 
     def close(self) -> None:
         """Remove the staged data. The plan cannot make batches afterwards."""
@@ -219,17 +234,35 @@ class Plan:
         ranks = [_rank(stream) for _, stream in self._streams(phase) if stream.endpoint == endpoint]
         return min(ranks, default=0)
 
-    def batches(self) -> Iterator[Batch]:
+    def _frames(
+        self, staged: StagedSource, stream: Any, keep_rows: RowFilter | None
+    ) -> Iterator[pl.DataFrame]:
+        """The clean frames a stream's batches are built from. A non-idempotent stream's rows carry their keys
+        (:mod:`sync.row_keys`), kept with each batch, and ``keep_rows`` (a resume's) drops those confirmed."""
+        frames = staged.frames(stream.columns)
+        # The platform names its non-idempotent operations (:attr:`sync.platforms.base.Platform.non_idempotent`).
+        if stream.operation not in self.platform.non_idempotent:
+            yield from frames
+            return
+        for frame in frames:
+            keyed = with_row_keys(frame, stream.columns)
+            yield keep_rows(keyed) if keep_rows is not None else keyed
+
+    def batches(self, keep_rows: RowFilter | None = None) -> Iterator[Batch]:
         """Every batch, by phase (opt-outs first, deletions last), in a deterministic order within a phase.
 
-        Each call starts over and yields identical batches.
+        Each call starts over and yields identical batches. ``keep_rows`` filters the keyed rows of
+        non-idempotent streams before they are cut into batches (see :meth:`sync.resume.ReplayPlan.keep_rows`).
         """
         for staged, stream in self._streams():
             yield from self._builder.stream_batches(
-                stream, staged.frames(stream.columns), self.job.batch_size_for(stream.endpoint), staged.files
+                stream,
+                self._frames(staged, stream, keep_rows),
+                self.job.batch_size_for(stream.endpoint),
+                staged.files,
             )
 
-    def lanes(self, phase: Phase) -> list[tuple[str, Iterator[Batch]]]:
+    def lanes(self, phase: Phase, keep_rows: RowFilter | None = None) -> list[tuple[str, Iterator[Batch]]]:
         """The batches of ``phase`` per endpoint, for the dispatcher's lanes (:class:`sync.dispatch.LaneSource`).
 
         One ``(endpoint, batches)`` pair per endpoint with a stream in ``phase``, endpoints in the order they
@@ -240,12 +273,19 @@ class Plan:
         by_endpoint: dict[str, list[tuple[StagedSource, Stream]]] = {}
         for staged, stream in self._streams(phase):
             by_endpoint.setdefault(stream.endpoint, []).append((staged, stream))
-        return [(endpoint, self._lane_batches(streams)) for endpoint, streams in by_endpoint.items()]
+        return [
+            (endpoint, self._lane_batches(streams, keep_rows)) for endpoint, streams in by_endpoint.items()
+        ]
 
-    def _lane_batches(self, streams: list[tuple[StagedSource, Stream]]) -> Iterator[Batch]:
+    def _lane_batches(
+        self, streams: list[tuple[StagedSource, Stream]], keep_rows: RowFilter | None
+    ) -> Iterator[Batch]:
         for staged, stream in streams:
             yield from self._builder.stream_batches(
-                stream, staged.frames(stream.columns), self.job.batch_size_for(stream.endpoint), staged.files
+                stream,
+                self._frames(staged, stream, keep_rows),
+                self.job.batch_size_for(stream.endpoint),
+                staged.files,
             )
 
     def rejected_rows(self) -> Iterator[RejectedRow]:
@@ -386,6 +426,11 @@ def _bucket_bits(estimated_rows: int, rows_per_bucket: int) -> int:
     return max(0, (buckets - 1).bit_length())
 
 
+def _check_stop(stop: threading.Event | None) -> None:
+    if stop is not None and stop.is_set():
+        raise InterruptedRunError("interrupted while the input was read; nothing was sent or recorded")
+
+
 def _stage(
     job: Job,
     source: Source,
@@ -394,6 +439,7 @@ def _stage(
     rejects_path: Path,
     rows_per_bucket: int,
     builder: Any = None,
+    stop: threading.Event | None = None,
 ) -> StagedSource:
     inputs: list[tuple[str, Callable[[], Iterator[Chunk]]]]
     if source.sql is not None:
@@ -420,6 +466,7 @@ def _stage(
     try:
         for index, (name, read) in enumerate(inputs):
             for chunk in read():
+                _check_stop(stop)
                 rejects.rows(chunk.malformed)
                 rows_read += chunk.frame.height + len(chunk.malformed)
                 if chunk.frame.is_empty():
@@ -454,6 +501,7 @@ def _stage(
     out_dir = tmp / source.name
     out_dir.mkdir()
     for b in sorted(writers):
+        _check_stop(stop)
         frame = pl.read_ipc_stream(raw_dir / f"{b:04d}.arrows")
         winners, duplicate_rejects, identical = resolve_duplicates(frame, source, names)
         del frame
@@ -468,40 +516,116 @@ def _stage(
     return StagedSource(source, names, tuple(parts), rows_read, rows_clean, dropped)
 
 
-def build_plan(job: Job, *, rejects_path: Path | None = None, rows_per_bucket: int = ROWS_PER_BUCKET) -> Plan:
+_STAGING_PREFIX = "plan-"
+_STAGING_LOCK = ".in-use"
+"""The file in a staging directory its plan holds an exclusive ``flock`` on while it lives — the job lock's
+mechanism (:meth:`sync.state.StateStore.lock`), per directory: ``pushsync plan`` stages without the job's lock."""
+STALE_UNLOCKED_AGE = 600.0
+"""Seconds after which a staging directory with no lock file is stale: one written by a pushsync before staging
+locks existed, or one whose process died between creating it and its lock (a fresh one may be just being made)."""
+
+
+def _new_staging(workdir: Path) -> tuple[Path, int]:
+    """A new staging directory under ``workdir`` and an open descriptor holding its lock."""
+    tmp = Path(tempfile.mkdtemp(prefix=_STAGING_PREFIX, dir=workdir))
+    try:
+        fd = os.open(tmp / _STAGING_LOCK, os.O_CREAT | os.O_RDWR, 0o600)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    fcntl.flock(fd, fcntl.LOCK_EX)  # a new directory: nobody else holds it, this never waits
+    return tmp, fd
+
+
+def _remove_staging(tmp: Path, lock_fd: int) -> None:
+    # Removed before the lock is let go: a clean-up elsewhere never sees this directory unlocked and half gone.
+    shutil.rmtree(tmp, ignore_errors=True)
+    if lock_fd >= 0:
+        os.close(lock_fd)
+
+
+def remove_stale_staging(workdir: Path, *, now: float | None = None) -> list[Path]:
+    """Remove the staging directories (``plan-*``) under ``workdir`` that no live plan holds — left by a process
+    killed with SIGKILL or by a power loss — and return them. A directory whose lock another process holds is
+    in use and is never touched; one without a lock file is removed only once :data:`STALE_UNLOCKED_AGE` old."""
+    import time
+
+    now = time.time() if now is None else now
+    removed: list[Path] = []
+    if not workdir.is_dir():
+        return removed
+    for directory in sorted(workdir.glob(f"{_STAGING_PREFIX}*")):
+        if not directory.is_dir() or directory.is_symlink():
+            continue
+        try:
+            fd = os.open(directory / _STAGING_LOCK, os.O_RDWR)
+        except FileNotFoundError:
+            try:
+                fresh = now - directory.stat().st_mtime < STALE_UNLOCKED_AGE
+            except FileNotFoundError:
+                continue  # removed meanwhile by its own plan
+            if not fresh:
+                shutil.rmtree(directory, ignore_errors=True)
+                removed.append(directory)
+            continue
+        except OSError:
+            continue
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                continue  # a live plan (this process's or another's) holds it
+            shutil.rmtree(directory, ignore_errors=True)
+            removed.append(directory)
+        finally:
+            os.close(fd)
+    return removed
+
+
+def build_plan(
+    job: Job,
+    *,
+    rejects_path: Path | None = None,
+    rows_per_bucket: int = ROWS_PER_BUCKET,
+    stop: threading.Event | None = None,
+) -> Plan:
     """Read, validate and deduplicate every source of ``job``, ready to make batches.
 
     When this returns, input validation is complete: rejected rows are in ``plan.rejects_path`` (default
-    ``<workdir>/rejects.csv``). ``rows_per_bucket`` sizes the hash buckets (memory vs. number of files); it
-    never changes the batches. Raises :class:`sync.errors.BadInputError` for a file that cannot be read at all,
-    :class:`BadJobError` for a platform that is not registered.
+    ``<workdir>/rejects.csv``). Staging directories that killed runs left in the workdir are removed first.
+    ``rows_per_bucket`` sizes the hash buckets (memory vs. number of files); it never changes the batches.
+    Raises :class:`sync.errors.BadInputError` for a file that cannot be read at all, :class:`BadJobError` for a
+    platform that is not registered. ``stop`` (set by a signal handler) ends the reading at the next chunk with
+    :class:`sync.errors.InterruptedRunError`; the staging files are removed.
     """
     platform_for(job)  # an unknown platform fails here, before any reading
     check_workdir(job.workdir)
     rejects_path = rejects_path or job.workdir / "rejects.csv"
-    tmp: Path | None = None
+    staging: tuple[Path, int] | None = None  # the staging directory and the descriptor holding its lock
     try:
         rejects_path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix="plan-", dir=job.workdir))
+        remove_stale_staging(job.workdir)
+        staging = _new_staging(job.workdir)
+        tmp = staging[0]
         with rejects_path.open("w", newline="", encoding="utf-8") as fh:
             writer = _RejectsWriter(fh)
             builder = _builder_for(job)
             staged = tuple(
-                _stage(job, source, tmp, writer, rejects_path, rows_per_bucket, builder)
+                _stage(job, source, tmp, writer, rejects_path, rows_per_bucket, builder, stop)
                 for source in job.sources
             )
     except OSError as exc:
-        if tmp is not None:
-            shutil.rmtree(tmp, ignore_errors=True)
+        if staging is not None:
+            _remove_staging(*staging)
         # Input files are read through sync.reading, which turns their errors into BadInputError: an OSError
         # here comes from writing the staging data or the rejects file.
         raise _write_error(exc.filename or job.workdir, exc) from exc
     except BaseException:
-        if tmp is not None:
-            shutil.rmtree(tmp, ignore_errors=True)
+        if staging is not None:
+            _remove_staging(*staging)
         raise
-    assert tmp is not None
-    return Plan(job, staged, rejects_path, writer.count, tmp)
+    assert staging is not None
+    return Plan(job, staged, rejects_path, writer.count, *staging)
 
 
 def check_workdir(workdir: Path) -> None:

@@ -477,21 +477,36 @@ def _csv_chunks(source: Source, path: Path, columns: list[str], names: list[str]
     # the physical line number minus the header (exact unless an earlier value spans several lines).
     malformed: list[RejectedRow] = []
     skipped: list[int] = []
+    id_position = names.index(source.ext_id)
 
     def on_invalid(row: pa_csv.InvalidRow) -> str:
         number = (row.number - 1) if row.number is not None else None
         if number is not None:
             skipped.append(number)
         reason = f"malformed CSV record: expected {row.expected_columns} fields, found {row.actual_columns}"
-        if row.text and ("\n" in row.text or "\r" in row.text):
+        spans_lines = bool(row.text) and ("\n" in row.text or "\r" in row.text)
+        if spans_lines:
             # A quoted value ran over line breaks: the usual cause is a quote that is never closed, which
             # swallows the lines after it into this record.
             reason += "; a quoted value spans several lines (a quote that is never closed?)"
-        malformed.append(RejectedRow(str(path), number if number is not None else 0, None, reason))
+        # A one-line record is one user's row: the value in the ID column's place names the user, so a snapshot
+        # run does not take them for a user who left the export. A record over several lines may hide any
+        # number of users: it names none (sync.state holds every removal then).
+        ext_id = None if spans_lines else _id_in_record(row.text, id_position, source.delimiter)
+        malformed.append(RejectedRow(str(path), number if number is not None else 0, None, reason, ext_id))
         return "skip"
 
     with _undecodable_rows(on_invalid) as undecodable:
         yield from _csv_read(source, path, columns, names, on_invalid, undecodable, malformed, skipped)
+
+
+def _id_in_record(text: str | None, position: int, delimiter: str) -> str | None:
+    """The (trimmed) value at the ID column's position in a malformed one-line record, or None."""
+    if not text:
+        return None
+    fields = next(csv.reader([text], delimiter=delimiter), [])
+    value = fields[position].strip() if position < len(fields) else ""
+    return value or None
 
 
 def _csv_read(

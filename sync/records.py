@@ -86,7 +86,9 @@ class Batch:
     resume and the ledger depend on. ``body`` is the JSON-ready request body. ``ext_ids`` are the unique external
     IDs the request touches (at most the platform's limit). ``origins`` maps an external ID to the input row that
     produced its value, so failures can be explained in terms of the user's rows (may be empty). ``after``
-    orders it behind another batch.
+    orders it behind another batch. ``row_keys``: for a non-idempotent operation planned from input rows, the
+    stable keys of the rows it carries (:mod:`sync.row_keys`, 8 bytes each), which the ledger keeps so a resume
+    confirms rows, not batches.
     """
 
     batch_id: str
@@ -101,6 +103,7 @@ class Batch:
     (its items continue that batch's per-user sequence, e.g. one user's events in file order); None when the
     batch may go in parallel with any other. A predecessor this run does not send (a resume skipped it) is no
     constraint."""
+    row_keys: bytes = b""
 
 
 class BatchStatus(StrEnum):

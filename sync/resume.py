@@ -24,10 +24,15 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
 
+import polars as pl
+
 from sync.errors import StateError
 from sync.platforms.base import Platform
 from sync.platforms.registry import REGISTRY
 from sync.records import NON_IDEMPOTENT, Batch, BatchStatus, Phase
+from sync.row_keys import ROW_KEY, unpack
+from sync.row_keys import SCHEME as ROW_KEY_SCHEME
+from sync.validation import EXT_ID
 
 __all__ = [
     "NON_IDEMPOTENT",
@@ -57,7 +62,7 @@ class ReplayMode(StrEnum):
 
 @dataclass(slots=True)
 class ReplayStats:
-    """What a replay did with the batches of the new plan."""
+    """What a replay did with the batches (and the non-idempotent rows) of the new plan."""
 
     sent: int = 0
     skipped_confirmed: int = 0
@@ -65,6 +70,12 @@ class ReplayStats:
     held: int = 0
     """Non-idempotent batches with an unknown outcome, not resent (``pushsync retry`` sends them)."""
     cut_to_refused: int = 0
+    rows_confirmed: int = 0
+    """Non-idempotent rows (events, pushes) a run confirmed: never sent again, whatever else changed."""
+    rows_held: int = 0
+    """Non-idempotent rows sent without a known outcome: held by resume (``pushsync retry`` sends them)."""
+    rows_refused: int = 0
+    """Non-idempotent rows the platform refused: resume leaves them (``pushsync retry`` sends them)."""
 
     def to_json(self) -> dict[str, int]:
         return {
@@ -73,7 +84,31 @@ class ReplayStats:
             "skipped_refused": self.skipped_refused,
             "held": self.held,
             "cut_to_refused": self.cut_to_refused,
+            "rows_confirmed": self.rows_confirmed,
+            "rows_held": self.rows_held,
+            "rows_refused": self.rows_refused,
         }
+
+
+# Row classes of a non-idempotent row a run recorded (lower wins when runs disagree).
+_ROW_CONFIRMED, _ROW_REJECTED, _ROW_UNKNOWN, _ROW_PLANNED = 0, 1, 2, 3
+_ROW_CLASS = {
+    BatchStatus.OK.value: _ROW_CONFIRMED,
+    BatchStatus.REJECTED.value: _ROW_REJECTED,
+    BatchStatus.SENT.value: _ROW_UNKNOWN,
+    BatchStatus.FAILED.value: _ROW_UNKNOWN,
+    BatchStatus.PLANNED.value: _ROW_PLANNED,
+}
+_ROWS_SCHEMA: dict[str, Any] = {ROW_KEY: pl.UInt64, "__batch": pl.UInt32, "__class": pl.UInt8}
+_REFUSED_SCHEMA: dict[str, Any] = {"__batch": pl.UInt32, EXT_ID: pl.String}
+
+
+def _empty_rows() -> pl.DataFrame:
+    return pl.DataFrame(schema=_ROWS_SCHEMA)
+
+
+def _empty_refused() -> pl.DataFrame:
+    return pl.DataFrame(schema=_REFUSED_SCHEMA)
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,6 +127,11 @@ class ReplayPlan:
     platform: Platform | None = None
     """The platform the runs sent to: it cuts a refused batch down to its refused IDs and names the operations
     that must not be repeated blindly."""
+    rows: pl.DataFrame = field(default_factory=_empty_rows)
+    """Non-idempotent rows the runs recorded: ``__row_key``, the batch that carried it (``__batch``, an index)
+    and the batch's outcome as a row class (confirmed, rejected, unknown, planned)."""
+    refused_rows: pl.DataFrame = field(default_factory=_empty_refused)
+    """``(__batch, __ext_id)``: the IDs refused in the rejected keyed batches."""
 
     def _restrict(self, batch: Batch, ext_ids: Iterable[str]) -> Batch | None:
         if self.platform is None:
@@ -103,6 +143,43 @@ class ReplayPlan:
     def _non_idempotent(self, batch: Batch) -> bool:
         ops = self.platform.non_idempotent if self.platform is not None else NON_IDEMPOTENT
         return batch.operation in ops
+
+    def keep_rows(self, frame: pl.DataFrame, stats: ReplayStats | None = None) -> pl.DataFrame:
+        """The rows of a keyed clean frame (a non-idempotent stream's, :mod:`sync.row_keys`) still to send.
+
+        A row a run confirmed is never sent again — also when other rows were added, removed or reordered
+        since, which changes every batch (and batch ID) around it. Resume also leaves rows sent without a known
+        outcome (held) and rows the platform refused; retry sends those. In a rejected batch, the rows of the
+        IDs not refused count as confirmed.
+        """
+        if self.rows.is_empty() or frame.is_empty():
+            return frame
+        stats = stats if stats is not None else ReplayStats()
+        indexed = frame.with_row_index("__i")
+        refused = self.refused_rows.with_columns(pl.lit(True).alias("__refused"))
+        row_class = pl.col("__class")
+        hits = (
+            indexed.select("__i", EXT_ID, ROW_KEY)
+            .join(self.rows, on=ROW_KEY, how="inner")
+            .join(refused, on=["__batch", EXT_ID], how="left")
+            .with_columns(
+                pl.when((row_class == _ROW_REJECTED) & ~pl.col("__refused").fill_null(False))
+                .then(pl.lit(_ROW_CONFIRMED, pl.UInt8))
+                .otherwise(row_class)
+                .alias("__class")
+            )
+            .group_by("__i")
+            .agg(pl.col("__class").min())
+        )
+        counts = dict(hits.group_by("__class").len().iter_rows())
+        stats.rows_confirmed += counts.get(_ROW_CONFIRMED, 0)
+        skip = {_ROW_CONFIRMED}
+        if self.mode is ReplayMode.RESUME:
+            stats.rows_refused += counts.get(_ROW_REJECTED, 0)
+            stats.rows_held += counts.get(_ROW_UNKNOWN, 0)
+            skip |= {_ROW_REJECTED, _ROW_UNKNOWN}
+        dropped = hits.filter(pl.col("__class").is_in(list(skip))).select("__i")
+        return indexed.join(dropped, on="__i", how="anti").sort("__i").drop("__i")
 
     def decide(self, batch: Batch, stats: ReplayStats | None = None) -> Batch | None:
         """The batch to send in place of ``batch`` (itself, or cut down to its refused IDs), or None to skip it."""
@@ -166,6 +243,7 @@ def replay_plan(
         for batch_id, ext_id, _code, _message in ledger.refused_ids(rid):
             if batch_id in rejected and batch_id not in confirmed:
                 refused.setdefault(batch_id, set()).add(ext_id)
+    rows, refused_rows = _recorded_rows(ledger, runs)
     return ReplayPlan(
         mode=mode,
         run_id=run_id,
@@ -174,7 +252,52 @@ def replay_plan(
         unknown=frozenset(unknown - confirmed),
         refused={k: frozenset(v) for k, v in refused.items()},
         platform=platform if platform is not None else REGISTRY.get(info.platform or ""),
+        rows=rows,
+        refused_rows=refused_rows,
     )
+
+
+def _recorded_rows(ledger: Any, runs: Iterable[str]) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """The non-idempotent rows ``runs`` recorded (:attr:`ReplayPlan.rows`) and the IDs refused in their
+    rejected batches (:attr:`ReplayPlan.refused_rows`)."""
+    runs = list(runs)
+    batch_index: dict[tuple[str, str], int] = {}
+    classes: list[int] = []
+    counts: list[int] = []
+    blobs: list[bytes] = []
+    for run, batch_id, status, scheme, blob in ledger.batch_rows(runs):
+        if scheme != ROW_KEY_SCHEME:
+            raise StateError(
+                f"run {run} recorded its events and pushes with row keys of {scheme}; this pushsync computes "
+                f"them with {ROW_KEY_SCHEME}, so it cannot tell which were confirmed. Resume with the version "
+                "that made the run, or `pushsync retry RUN --full-refresh` to send everything again"
+            )
+        batch_index[(run, batch_id)] = len(blobs)
+        classes.append(_ROW_CLASS.get(str(status), _ROW_PLANNED))
+        counts.append(len(blob) // 8)
+        blobs.append(bytes(blob))
+    if not blobs:
+        return _empty_rows(), _empty_refused()
+    per_batch = pl.DataFrame(
+        {"__batch": range(len(blobs)), "__class": classes, "__n": counts},
+        schema={"__batch": pl.UInt32, "__class": pl.UInt8, "__n": pl.UInt32},
+    )
+    rows = (
+        per_batch.select(pl.col("__batch", "__class").repeat_by("__n"))
+        .explode("__batch", "__class")
+        .with_columns(unpack(blobs))
+        .select(ROW_KEY, "__batch", "__class")
+    )
+    refused: list[tuple[int, str]] = []
+    for run in runs:
+        for batch_id, ext_id, _code, _message in ledger.refused_ids(run):
+            index = batch_index.get((run, batch_id))
+            if index is not None:
+                refused.append((index, ext_id))
+    refused_rows = (
+        pl.DataFrame(refused, schema=_REFUSED_SCHEMA, orient="row") if refused else _empty_refused()
+    )
+    return rows, refused_rows
 
 
 def replay(batches: Iterable[Batch], plan: ReplayPlan, stats: ReplayStats | None = None) -> Iterator[Batch]:
@@ -199,9 +322,12 @@ class ReplayLanes:
     stats: ReplayStats | None = None
 
     def lanes(self, phase: Phase) -> list[tuple[str, Iterator[Batch]]]:
+        def keep_rows(frame: pl.DataFrame) -> pl.DataFrame:
+            return self.decisions.keep_rows(frame, self.stats)
+
         return [
             (endpoint, replay(batches, self.decisions, self.stats))
-            for endpoint, batches in self.plan.lanes(phase)
+            for endpoint, batches in self.plan.lanes(phase, keep_rows=keep_rows)
         ]
 
     def lane_rank(self, phase: Phase, endpoint: str) -> int:

@@ -17,7 +17,8 @@ import asyncio
 import contextlib
 import dataclasses
 import signal
-from collections.abc import AsyncIterable, Callable, Iterable, Sequence
+import threading
+from collections.abc import AsyncIterable, Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -27,7 +28,7 @@ from sync.alerts import alert_reasons, post_alert
 from sync.budget import Budget
 from sync.config import Alerts, Job, SyncMode
 from sync.dispatch import Dispatcher, DispatchObserver, DispatchOutcome, LaneSource
-from sync.errors import ExitCode, StateError
+from sync.errors import ExitCode, InterruptedRunError, PushSyncError, RunStoppedError, StateError
 from sync.ledger import Ledger, new_run_id
 from sync.logs import get_logger
 from sync.planning import Plan, build_plan, check_workdir
@@ -37,13 +38,22 @@ from sync.progress import make_progress
 from sync.records import Batch
 from sync.redact import redact, register_secret
 from sync.resume import ReplayLanes, ReplayMode, ReplayPlan, ReplayStats, replay_plan, unfinished_run
-from sync.state import CommitReport, DiffCounts, SnapshotDiff, StateStore, commit, compute_diff, recover
+from sync.state import (
+    CommitReport,
+    DiffCounts,
+    SnapshotDiff,
+    StateStore,
+    commit,
+    compute_diff,
+    recover,
+    rejected_users,
+)
 from sync.summary import RunInput, RunSummary, summarise
 
 if TYPE_CHECKING:
     from sync.metrics import RunMetrics
 
-__all__ = ["LEDGER_FILE", "RunOptions", "RunOutcome", "ledger_path_for", "make_client", "run"]
+__all__ = ["LEDGER_FILE", "RunOptions", "RunOutcome", "StopSignals", "ledger_path_for", "make_client", "run"]
 
 LEDGER_FILE = "ledger.sqlite"
 
@@ -62,9 +72,11 @@ class RunOptions:
     or ignores the confirmed state (snapshot); ``force`` passes snapshot mode's removal threshold.
     How it shows: ``progress`` (``auto``: a bar on a terminal, log lines otherwise), Prometheus metrics on
     ``metrics_port`` / in ``metrics_textfile`` while the run lasts (and to ``metrics_pushgateway`` at its end) (a port that cannot be bound raises
-    :class:`sync.errors.StateError` before anything is sent). ``handle_signals``: the first SIGINT/SIGTERM drains
-    and writes the summary, a second cancels what is in flight. ``stop``: an event that does the same as the
-    first signal. ``client``, ``budget_factory``, ``observers``: seams for embedding and tests.
+    :class:`sync.errors.StateError` before anything is sent). ``handle_signals``: SIGINT/SIGTERM handlers for the
+    whole run (:class:`StopSignals`): while the input is read, planned or diffed the first stops the run with
+    nothing recorded (:class:`sync.errors.InterruptedRunError`, exit 4); once sending began, the first drains and
+    writes the summary, a second cancels what is in flight. ``stop``: an event that does the same as the first
+    signal once sending began. ``client``, ``budget_factory``, ``observers``: seams for embedding and tests.
     """
 
     api_key: str = field(repr=False)
@@ -138,6 +150,12 @@ class RunOutcome:
                 f"{r.skipped_refused} refused (see `pushsync retry`), {r.held} held (non-idempotent, outcome "
                 f"unknown: `pushsync retry` sends them), {r.cut_to_refused} cut to their refused rows"
             )
+            if r.rows_confirmed or r.rows_held or r.rows_refused:
+                lines.append(
+                    f"events and pushes: {r.rows_confirmed} rows already confirmed (not sent again), "
+                    f"{r.rows_held} held (sent, outcome unknown: `pushsync retry` sends them), {r.rows_refused} "
+                    "refused (see `pushsync retry`)"
+                )
         if self.recovered:
             lines.append("recovered unfinished run(s): " + ", ".join(r.run_id for r in self.recovered))
         if self.diff is not None:
@@ -147,6 +165,17 @@ class RunOutcome:
                 f"changed ({d.users_new} new), {d.users_unchanged} unchanged, {d.users_left} left "
                 f"({d.users_removed} removed)"
             )
+            if d.users_held:
+                lines.append(
+                    f"snapshot: {d.users_held} users missing from the clean export because their rows were "
+                    "rejected: their state is kept and they are not removed (fix the rows: rejects.csv)"
+                )
+            if d.removals_held:
+                lines.append(
+                    f"snapshot: {d.removals_held} users left the export but were not removed: a rejected row names "
+                    "no user we can trust (a malformed record), so it may be any of them. Fix the file, or run "
+                    "with --force to remove them anyway"
+                )
         if self.committed is not None:
             c = self.committed
             lines.append(
@@ -154,6 +183,53 @@ class RunOutcome:
                 f"batches; {c.batches_unconfirmed} unconfirmed batches will be sent again by the next run"
             )
         return "\n".join(lines)
+
+
+class StopSignals:
+    """What SIGINT/SIGTERM do to a run, from its first step (reading the input) to its last (the state commit).
+
+    Before sending begins, the first signal stops the run at the next chunk the planner reads (or key range
+    the differ diffs): :class:`sync.errors.InterruptedRunError`, nothing recorded, exit 4. Once the dispatcher
+    runs, the first signal drains in-flight batches and a second cancels them (exit 4 either way).
+    Install with :meth:`installed` (inside the event loop)."""
+
+    __slots__ = ("dispatcher", "event", "requested")
+
+    def __init__(self, event: asyncio.Event | None = None) -> None:
+        self.event: asyncio.Event = event if event is not None else asyncio.Event()  # the dispatcher's stop
+        self.requested: threading.Event = threading.Event()  # read by the planning and diff threads
+        self.dispatcher: Dispatcher | None = None  # set while the run sends
+
+    def interrupted(self) -> bool:
+        """True once SIGINT/SIGTERM asked the run to stop."""
+        return self.requested.is_set()
+
+    def on_signal(self, sig: signal.Signals) -> None:
+        """The loop's handler for SIGINT/SIGTERM."""
+        self.requested.set()
+        if self.dispatcher is not None:
+            _on_signal(self.dispatcher, sig)
+            return
+        if not self.event.is_set():
+            get_logger().warning("run.stopping", signal=sig.name, hint="stopping before anything is sent")
+        self.event.set()
+
+    @contextlib.contextmanager
+    def installed(self) -> Iterator[StopSignals]:
+        """Handle SIGINT/SIGTERM with :meth:`on_signal` while the block runs (then the defaults again)."""
+        loop = asyncio.get_running_loop()
+        # Only the main thread receives signals (and may install handlers): a run driven from another thread
+        # (an embedding application, a test) keeps that thread's defaults.
+        sigs = (
+            (signal.SIGINT, signal.SIGTERM) if threading.current_thread() is threading.main_thread() else ()
+        )
+        for sig in sigs:
+            loop.add_signal_handler(sig, self.on_signal, sig)
+        try:
+            yield self
+        finally:
+            for sig in sigs:
+                loop.remove_signal_handler(sig)
 
 
 def ledger_path_for(job: Job) -> Path:
@@ -177,16 +253,22 @@ async def run(job: Job, options: RunOptions) -> RunOutcome:
     if options.workdir is not None:
         job = dataclasses.replace(job, workdir=Path(options.workdir))
     platform_for(job)  # an unknown platform fails before the workdir is touched
-    check_workdir(job.workdir)  # a read-only or full workdir: one clear error before the lock, ledger, plan
-    store = StateStore(job.workdir, job.destination)
-    # The lock makes every run found "running" in the ledger a dead one (one run of a job at a time).
-    with store.lock(), Ledger.open(ledger_path_for(job)) as ledger:
-        if job.mode is SyncMode.SNAPSHOT:
-            return await _run_snapshot(job, options, store, ledger)
-        return await _run_changes(job, options, ledger)
+    # One set of SIGINT/SIGTERM handlers for the whole run — planning, diff, sending, commit — so a signal
+    # before sending stops with nothing recorded (exit 4) instead of killing the process mid-way.
+    signals = StopSignals(options.stop)
+    with signals.installed() if options.handle_signals else contextlib.nullcontext():
+        check_workdir(
+            job.workdir
+        )  # a read-only or full workdir: one clear error before the lock, ledger, plan
+        store = StateStore(job.workdir, job.destination)
+        # The lock makes every run found "running" in the ledger a dead one (one run of a job at a time).
+        with store.lock(), Ledger.open(ledger_path_for(job)) as ledger:
+            if job.mode is SyncMode.SNAPSHOT:
+                return await _run_snapshot(job, options, signals, store, ledger)
+            return await _run_changes(job, options, signals, ledger)
 
 
-async def _run_changes(job: Job, options: RunOptions, ledger: Ledger) -> RunOutcome:
+async def _run_changes(job: Job, options: RunOptions, signals: StopSignals, ledger: Ledger) -> RunOutcome:
     origin = options.retry or options.resume
     if origin is None and options.auto_resume and not options.full_refresh:
         origin = unfinished_run(ledger, job.name)
@@ -195,22 +277,26 @@ async def _run_changes(job: Job, options: RunOptions, ledger: Ledger) -> RunOutc
         mode = ReplayMode.RETRY if options.retry else ReplayMode.RESUME
         decisions = replay_plan(ledger, origin, mode, platform=platform_for(job))
         _mark_dead(ledger, decisions.runs)
-    plan = await asyncio.to_thread(build_plan, job)
+    plan = await asyncio.to_thread(build_plan, job, stop=signals.requested)
     stats = ReplayStats() if decisions is not None else None
     # A replay is sent like a fresh run: per-endpoint lanes, each filtered by what the ledger says.
     source: BatchSource = plan if decisions is None else ReplayLanes(plan, decisions, stats)
-    outcome = await _dispatch(job, options, ledger, plan, source, run_id=options.run_id or new_run_id())
+    outcome = await _dispatch(
+        job, options, signals, ledger, plan, source, run_id=options.run_id or new_run_id()
+    )
     return dataclasses.replace(outcome, resumed_from=origin if decisions is not None else None, replay=stats)
 
 
-async def _run_snapshot(job: Job, options: RunOptions, store: StateStore, ledger: Ledger) -> RunOutcome:
+async def _run_snapshot(
+    job: Job, options: RunOptions, signals: StopSignals, store: StateStore, ledger: Ledger
+) -> RunOutcome:
     origin = options.retry or options.resume
     if origin is not None and ledger.run(origin) is None:
         raise StateError(f"no run {origin} in {ledger.path}")
     # Snapshot jobs need no replay list: the state holds only confirmed changes, so once the crashed runs'
     # confirmations are merged, a fresh diff *is* the resume (and the retry).
     recovered = tuple(recover(store, job.sources, ledger, job.snapshot))
-    plan = await asyncio.to_thread(build_plan, job)
+    plan = await asyncio.to_thread(build_plan, job, stop=signals.requested)
     run_id = options.run_id or new_run_id()
     try:
         diff: SnapshotDiff = await asyncio.to_thread(
@@ -222,6 +308,8 @@ async def _run_snapshot(job: Job, options: RunOptions, store: StateStore, ledger
             full_refresh=options.full_refresh,
             force=options.force,
             batch_size=job.batch_sizes,
+            rejected=rejected_users(plan.rejects_path, plan.staged),
+            stop=signals.requested,
         )
     except BaseException:
         plan.close()
@@ -230,10 +318,29 @@ async def _run_snapshot(job: Job, options: RunOptions, store: StateStore, ledger
     counts = await asyncio.to_thread(diff.request_counts)
     expected = (sum(r for r, _ in counts.values()), sum(i for _, i in counts.values()))
     # The diff is sent like a changes run: per-endpoint lanes, phase by phase.
-    outcome = await _dispatch(
-        job, options, ledger, plan, diff, run_id=run_id, expected=expected, diff_counts=diff.counts
-    )
-    committed = await asyncio.to_thread(commit, store, job.sources, diff.directory, ledger, job.snapshot)
+    try:
+        outcome = await _dispatch(
+            job,
+            options,
+            signals,
+            ledger,
+            plan,
+            diff,
+            run_id=run_id,
+            expected=expected,
+            diff_counts=diff.counts,
+        )
+    except InterruptedRunError:
+        diff.discard()  # stopped before the run was recorded: nothing was sent, nothing to merge
+        raise
+    try:
+        committed = await asyncio.to_thread(commit, store, job.sources, diff.directory, ledger, job.snapshot)
+    except (PushSyncError, OSError) as exc:
+        # Requests went out: never exit 2. The delta stays pending; the next run merges what was confirmed.
+        raise RunStoppedError(
+            f"run {run_id}: its confirmed changes could not be merged into the state ({exc}); the next run "
+            "of the job merges them (nothing confirmed is sent again)"
+        ) from exc
     return dataclasses.replace(
         outcome,
         mode=SyncMode.SNAPSHOT.value,
@@ -247,6 +354,7 @@ async def _run_snapshot(job: Job, options: RunOptions, store: StateStore, ledger
 async def _dispatch(
     job: Job,
     options: RunOptions,
+    signals: StopSignals,
     ledger: Ledger,
     plan: Plan,
     source: BatchSource,
@@ -260,11 +368,13 @@ async def _dispatch(
     ``expected``: ``(requests, IDs)`` for the progress totals when ``source`` is not the plan itself;
     ``diff_counts``: what a snapshot diff found, for the run summary's input section."""
     log = get_logger(job=job.name)
-    stop = options.stop if options.stop is not None else asyncio.Event()
-    loop = asyncio.get_running_loop()
-    installed: list[signal.Signals] = []
+    stop = signals.event
+    sending = False  # True once the dispatcher may have sent a request: from then on, never exit 2
     ledger_path = ledger_path_for(job)
     try:
+        if signals.interrupted():
+            # Stopped after planning but before the run was recorded: leave no trace but the exit code.
+            raise InterruptedRunError("interrupted before anything was sent; nothing was recorded")
         ledger.start_run(run_id, job=job.name, job_path=str(job.path), platform=job.destination.platform)
         rows_rejected = ledger.record_rejected_rows(run_id, plan.rejected_rows())
         ledger.flush()
@@ -305,10 +415,7 @@ async def _dispatch(
             observers=watchers,
             budget_factory=options.budget_factory,
         )
-        if options.handle_signals:
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                loop.add_signal_handler(sig, _on_signal, dispatcher, sig)
-                installed.append(sig)
+        signals.dispatcher = dispatcher  # from here a signal drains (a first one already set ``stop``)
         log.info("run.start", run=run_id, requests=total_requests, ids=total_ids)
         try:
             async with (
@@ -320,6 +427,7 @@ async def _dispatch(
                 if metrics is not None
                 else contextlib.nullcontext()
             ):
+                sending = True
                 report = await dispatcher.run(source)
         finally:
             if bar is not None:
@@ -363,9 +471,18 @@ async def _dispatch(
             ids_failed=summary.ids_failed,
             seconds=round(report.elapsed, 3),
         )
+    except Exception as exc:
+        cause = _local_failure(exc) if sending else None
+        if cause is not None:
+            # A full disk or an unwritable ledger after requests went out: exit 2 would tell the scheduler that
+            # nothing was sent. The ledger holds what was confirmed; the run reads "running" and is resumed.
+            raise RunStoppedError(
+                f"run {run_id} stopped after it began sending: {cause}. What the platform confirmed is in the "
+                f"ledger: fix the cause, then `pushsync resume {run_id}` (or run the job again)"
+            ) from exc
+        raise
     finally:
-        for sig in installed:
-            loop.remove_signal_handler(sig)
+        signals.dispatcher = None
         plan.close()
     return RunOutcome(run_id=run_id, exit_code=summary.exit_code, summary=summary, ledger_path=ledger_path)
 
@@ -423,6 +540,22 @@ def _mark_dead(ledger: Ledger, runs: Iterable[str]) -> None:
                 exit_code=int(ExitCode.INTERRUPTED),
                 message="the run died; a later run resumes it",
             )
+
+
+def _local_failure(exc: BaseException) -> BaseException | None:
+    """The local failure (an OS error such as a full disk, or one of ours that would exit 2) in ``exc`` — itself
+    or the first inside an exception group from the dispatcher's tasks — or None."""
+    if isinstance(exc, BaseExceptionGroup):
+        for inner in exc.exceptions:
+            found = _local_failure(inner)
+            if found is not None:
+                return found
+        return None
+    if isinstance(exc, OSError):
+        return exc
+    if isinstance(exc, PushSyncError) and exc.exit_code is ExitCode.BAD_JOB_OR_INPUT:
+        return exc
+    return None
 
 
 def _metrics_for(job: Job, run_id: str) -> RunMetrics:

@@ -102,6 +102,9 @@ def test_resume_sends_what_was_not_confirmed_and_holds_unknown_events(ledger: Le
         "skipped_refused": 1,
         "held": 1,
         "cut_to_refused": 0,
+        "rows_confirmed": 0,
+        "rows_held": 0,
+        "rows_refused": 0,
     }
 
 
@@ -222,7 +225,10 @@ async def test_resume_never_resends_an_event_whose_outcome_is_unknown(
     sandbox.sandbox.configure(faults=FaultSpec())
 
     resumed = await run(job, RunOptions(api_key=sandbox.api_key, resume=first.run_id))
-    assert resumed.replay is not None and resumed.replay.held == 1 and resumed.replay.skipped_confirmed == 2
+    # Held row by row (the two events of the batch whose outcome is unknown), before any batch is cut.
+    assert (
+        resumed.replay is not None and resumed.replay.rows_held == 2 and resumed.replay.skipped_confirmed == 2
+    )
     assert resumed.summary.requests == 0
     assert len(sandbox.sandbox.state.events) == 2  # not sent twice
 

@@ -216,6 +216,16 @@ def _print_diff(job: Job, d: Any, out: TextIO) -> None:
         f"{settings.max_removal_share:.1%}: {verdict})",
         file=out,
     )
+    if d.users_held:
+        print(
+            f"  held: {d.users_held} users whose rows were rejected keep their state (not removed)", file=out
+        )
+    if d.removals_held:
+        print(
+            f"  held: {d.removals_held} users left the export but are not removed: a rejected row names no "
+            "user we can trust (--force removes them anyway)",
+            file=out,
+        )
 
 
 def _rejects_sample(plan: Plan) -> list[dict[str, Any]]:

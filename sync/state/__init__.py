@@ -26,7 +26,15 @@ A run goes:
 
 from sync.config import RemovalAction, SnapshotSettings
 from sync.state._commit import CommitReport, apply_confirmed, commit, recover
-from sync.state._delta import RemovalThresholdError, SnapshotDiff, SourceDelta, compute_diff, snapshot_streams
+from sync.state._delta import (
+    RejectedUsers,
+    RemovalThresholdError,
+    SnapshotDiff,
+    SourceDelta,
+    compute_diff,
+    rejected_users,
+    snapshot_streams,
+)
 from sync.state._diff import DiffCounts, diff_frames
 from sync.state._preview import preview
 from sync.state._store import (
@@ -61,6 +69,7 @@ __all__ = [
     "DiffCounts",
     "FieldKind",
     "ManagedField",
+    "RejectedUsers",
     "RemovalAction",
     "RemovalThresholdError",
     "SnapshotDiff",
@@ -74,6 +83,7 @@ __all__ = [
     "managed_fields",
     "preview",
     "recover",
+    "rejected_users",
     "snapshot_problems",
     "snapshot_streams",
     "state_schema",

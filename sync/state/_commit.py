@@ -300,9 +300,11 @@ def recover(
     """Commit every pending run left by a crash (oldest first): what the ledger confirmed enters the state.
 
     A recovered run still marked ``running`` in the ledger died: it is marked ``interrupted`` (exit code 4), so
-    ``pushsync runs`` does not show it as running forever.
+    ``pushsync runs`` does not show it as running forever. Call it holding the job's lock: a diff that a killed
+    run never finished (no ``meta.json``: nothing of it was sent) is removed first.
     """
     reports = []
+    store.remove_unfinished_diffs()
     for directory in store.pending():
         report = commit(store, sources, directory, ledger, settings)
         info = ledger.run(report.run_id)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import shutil
+import threading
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,7 +15,7 @@ from typing import IO, Any
 import polars as pl
 
 from sync.config import NullAction, RemovalAction, SnapshotSettings, Source, TagAction, TagColumn
-from sync.errors import StateError
+from sync.errors import InterruptedRunError, StateError
 from sync.platforms.netmera import requests as netmera
 from sync.reading import ROW
 from sync.records import Batch, Operation, Phase
@@ -125,6 +126,47 @@ def _by_range(
 
 
 @dataclass(frozen=True, slots=True)
+class RejectedUsers:
+    """The users a source's rejected rows name: a snapshot diff must not take them for users who left.
+
+    ``ext_ids``: the IDs of rejected rows (unique, one column ``__ext_id``); ``unidentified``: rejected rows that
+    name no ID we can trust (a malformed record spanning several lines: a quote never closed swallows the rows
+    after it). A row whose ID cell is empty names no user and counts in neither.
+    """
+
+    ext_ids: pl.DataFrame
+    unidentified: int = 0
+
+
+def rejected_users(rejects_path: Path, staged: Sequence[Any]) -> dict[str, RejectedUsers]:
+    """Per source name, the users its rejected rows name (read from the plan's rejects file: ``file, row,
+    column, reason, ext_id``; a source's rows are those of its files)."""
+    columns = {
+        "file": pl.String,
+        "row": pl.String,
+        "column": pl.String,
+        "reason": pl.String,
+        "ext_id": pl.String,
+    }
+    rejects = (
+        pl.read_csv(rejects_path, schema=columns, has_header=True)
+        if rejects_path.is_file() and rejects_path.stat().st_size
+        else pl.DataFrame(schema=columns)
+    )
+    out: dict[str, RejectedUsers] = {}
+    for st in staged:
+        source: Source = st.source
+        mine = rejects.filter(pl.col("file").is_in(list(st.files)))
+        ids = mine.filter(pl.col("ext_id").is_not_null()).select(pl.col("ext_id").alias(EXT_ID)).unique()
+        # An empty ID cell ("missing external ID") names nobody; any other row without an ID could be anyone.
+        unidentified = mine.filter(
+            pl.col("ext_id").is_null() & pl.col("column").ne_missing(pl.lit(source.ext_id))
+        ).height
+        out[source.name] = RejectedUsers(ids, unidentified)
+    return out
+
+
+@dataclass(frozen=True, slots=True)
 class SourceDelta:
     """The delta of one source: one Parquet part per key range with changes."""
 
@@ -229,15 +271,27 @@ def compute_diff(
     full_refresh: bool = False,
     force: bool = False,
     batch_size: Mapping[str, int] | None = None,
+    rejected: Mapping[str, RejectedUsers] | None = None,
+    refuse: bool = True,
+    stop: threading.Event | None = None,
+    directory: Path | None = None,
 ) -> SnapshotDiff:
     """Diff every staged users source (``Plan.staged``: objects with ``source``, ``files``, ``rows_clean`` and
     ``frames(columns)``) against the confirmed state and write the delta under ``pending/<run_id>/``.
 
     Raises :class:`RemovalThresholdError` (and keeps nothing) when a source would remove more than
     ``max_removal_share`` of its state's users and ``force`` is not given.
+
+    ``rejected`` (:func:`rejected_users`): per source, the users whose rows validation rejected. Such a user is
+    not in the clean frames but did not leave the export: their state is kept and they are not removed. When a
+    rejected row names no user we can trust, nobody is removed from that source this run unless ``force``.
+    ``refuse=False`` (the plan preview) never raises for the threshold: the counts show it. ``stop`` (set by a
+    signal handler) ends the diff at the next key range with :class:`sync.errors.InterruptedRunError`, keeping
+    nothing. ``directory``: where the delta goes instead of ``pending/<run_id>/`` (a preview, which no run must
+    recover).
     """
     settings = settings or SnapshotSettings()
-    directory = store.pending_root / run_id
+    directory = directory if directory is not None else store.pending_root / run_id
     directory.mkdir(parents=True, exist_ok=False)
     meta: dict[str, Any] = {"run_id": run_id, "full_refresh": full_refresh, "sources": {}}
     deltas: list[SourceDelta] = []
@@ -261,11 +315,21 @@ def compute_diff(
             parts: dict[int, Path] = {}
             counts = DiffCounts()
             seq = 0
+            held = (rejected or {}).get(source.name)
             for r, current in _by_range(st.frames([KEY, *columns]), bits, empty):
+                if stop is not None and stop.is_set():
+                    raise InterruptedRunError("interrupted while the export was diffed; nothing was sent")
                 lo, hi = key_range(r, bits)
                 state = store.slice(source, lo, hi, settings)
                 delta, c = diff_frames(
-                    source, current, state, settings, full_refresh=full_refresh, left_file=len(st.files)
+                    source,
+                    current,
+                    state,
+                    settings,
+                    full_refresh=full_refresh,
+                    left_file=len(st.files),
+                    held=held.ext_ids if held is not None else None,
+                    hold_removals=held is not None and held.unidentified > 0 and not force,
                 )
                 counts = counts + c
                 if delta.height:
@@ -276,7 +340,8 @@ def compute_diff(
                     parts[r] = part_dir / f"{r:05d}.parquet"
                     delta.write_parquet(parts[r], compression="zstd")
             if (
-                not force
+                refuse
+                and not force
                 and counts.users_removed
                 and counts.users_removed > settings.max_removal_share * max(counts.users_state, 1)
             ):

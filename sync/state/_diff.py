@@ -34,8 +34,13 @@ class DiffCounts:
     users_new: int = 0
     users_changed: int = 0
     users_left: int = 0
+    """Users of the state missing from the export (not counting :attr:`users_held`)."""
     users_removed: int = 0
     """Users that left the export and get the removal action (untag or delete)."""
+    users_held: int = 0
+    """Users of the state missing from the clean export because their row was rejected: state kept, not removed."""
+    removals_held: int = 0
+    """Users missing from the export not removed because a rejected row names no user (it may be any of them)."""
     values_set: int = 0
     values_unset: int = 0
     values_appended: int = 0
@@ -77,6 +82,8 @@ def diff_frames(
     *,
     full_refresh: bool = False,
     left_file: int = -1,
+    held: pl.DataFrame | None = None,
+    hold_removals: bool = False,
 ) -> tuple[pl.DataFrame, DiffCounts]:
     """Compare one key range of the export's clean frame with the same range of the confirmed state.
 
@@ -86,6 +93,9 @@ def diff_frames(
     nothing changes), plus ``__unset`` (attribute names to unset), ``__tags_added``, ``__tags_removed`` and
     ``__delete``; users that left the export carry ``__file = left_file`` — and the counts.
     ``full_refresh`` ignores the state: every current value is sent, every empty unset-attribute is unset.
+    ``held``: IDs (``__ext_id``, unique) whose rows were rejected — such a user missing from ``current`` keeps
+    the state as it is, with no removal; ``hold_removals``: no user missing from ``current`` is removed (a
+    rejected row names no user, so any of them may be in it).
     """
     settings = settings or SnapshotSettings()
     fields = managed_fields(source, settings)
@@ -109,8 +119,16 @@ def diff_frames(
         .join(st.lazy().rename({KEY: "__skey"}), on=EXT_ID, how="full", coalesce=True)
         .with_columns(pl.coalesce(KEY, "__skey").alias(KEY))
     )
+    if held is not None and held.height:
+        lazy = lazy.join(
+            held.lazy().select(EXT_ID).with_columns(pl.lit(True).alias("__held")), on=EXT_ID, how="left"
+        )
+    else:
+        lazy = lazy.with_columns(pl.lit(None, pl.Boolean).alias("__held"))
     present = pl.col(FILE).is_not_null()
     known = pl.col("__known").fill_null(False)
+    # Missing from the export because its row was rejected is not "left the export": the user keeps their state.
+    absent_held = ~present & pl.col("__held").fill_null(False)
 
     out: dict[str, pl.Expr] = {}
     unset_names: list[pl.Expr] = []
@@ -122,14 +140,14 @@ def diff_frames(
             continue
         out[f.column] = pl.when(present & c.is_not_null() & c.ne_missing(s)).then(c)
         if f.kind is FieldKind.SET and f.unset:
-            held = s.is_not_null() | pl.lit(full_refresh)
-            unset_names.append(pl.when(present & c.is_null() & held).then(pl.lit(f.attribute)))
+            in_state = s.is_not_null() | pl.lit(full_refresh)
+            unset_names.append(pl.when(present & c.is_null() & in_state).then(pl.lit(f.attribute)))
     out[UNSET] = (
         none_if_empty(pl.concat_list(unset_names).list.drop_nulls())
         if unset_names
         else pl.lit(None, pl.List(pl.String))
     )
-    leaver = ~present
+    leaver = ~present & ~pl.col("__held").fill_null(False) & pl.lit(not hold_removals)
     if tag_cols:
         ct, stt = pl.col(f"c:{TAGS}"), pl.col(f"s:{TAGS}").fill_null(empty_list())
         out[TAGS_ADDED] = pl.when(present).then(none_if_empty(ct.list.set_difference(stt)))
@@ -140,6 +158,7 @@ def diff_frames(
             out[TAGS_REMOVED] = pl.when(present).then(gone)
     else:
         out[TAGS_ADDED] = out[TAGS_REMOVED] = pl.lit(None, pl.List(pl.String))
+    removing = settings.removal is not RemovalAction.NONE and not full_refresh
     out[DELETE] = leaver if settings.removal is RemovalAction.DELETE and not full_refresh else pl.lit(False)
     changed_any = [pl.col(f"d:{n}").is_not_null() for n in out if n != DELETE] + [pl.col(f"d:{DELETE}")]
     j = (
@@ -160,8 +179,12 @@ def diff_frames(
         total(known).alias("users_state"),
         total(present & ~known).alias("users_new"),
         total(present & pl.col("__changed")).alias("users_changed"),
-        total(leaver).alias("users_left"),
+        total(~present & ~pl.col("__held").fill_null(False)).alias("users_left"),
         total(leaver & pl.col("__changed")).alias("users_removed"),
+        total(absent_held).alias("users_held"),
+        total(~present & ~pl.col("__held").fill_null(False) & pl.lit(hold_removals and removing)).alias(
+            "removals_held"
+        ),
         total(of_kind(FieldKind.SET)).alias("values_set"),
         pl.col(f"d:{UNSET}").list.len().sum().alias("values_unset"),
         total(of_kind(FieldKind.APPEND, FieldKind.REMOVE)).alias("values_appended"),

@@ -6,7 +6,7 @@ from typing import Any
 
 from sync.config import SnapshotSettings
 from sync.platforms.netmera import requests as netmera
-from sync.state._delta import compute_diff, snapshot_streams
+from sync.state._delta import compute_diff, rejected_users, snapshot_streams
 from sync.state._diff import DiffCounts
 from sync.state._store import StateStore
 
@@ -17,26 +17,34 @@ def preview(
     settings: SnapshotSettings | None = None,
     *,
     full_refresh: bool = False,
+    force: bool = False,
     assumed_latency: float | None = None,
 ) -> tuple[DiffCounts, Any]:
     """What a snapshot run of ``plan`` (a :class:`sync.planning.Plan`) would send, for ``pushsync plan``:
     the diff counts and a :class:`sync.planning.PlanSummary` of the delta's requests. Writes nothing lasting
-    (the delta goes to a temporary pending directory, removed before returning); never refuses on the removal
-    threshold (the counts show it)."""
+    (the delta goes into the plan's staging directory, removed before returning); never refuses on the removal
+    threshold (the counts show it). Users whose rows were rejected are held as a run would hold them
+    (``force``: as ``run --force`` would)."""
     import secrets
 
     from sync.planning import ASSUMED_LATENCY, EndpointSummary, PlanSummary, estimate_duration
 
     latency = ASSUMED_LATENCY if assumed_latency is None else assumed_latency
     job = plan.job
+    run_id = f"preview-{secrets.token_hex(4)}"
     diff = compute_diff(
         store,
         plan.staged,
-        f"plan-{secrets.token_hex(4)}",
+        run_id,
         settings,
         full_refresh=full_refresh,
-        force=True,
+        force=force,
         batch_size=job.batch_sizes,
+        rejected=rejected_users(plan.rejects_path, plan.staged),
+        refuse=False,
+        # In the plan's own staging directory (locked while the plan lives, removed with it or by the next plan
+        # after a kill), not in pending/: a run's recovery must never take a preview for a crashed run.
+        directory=plan.staging_dir / run_id,
     )
     try:
         counts = diff.request_counts()

@@ -6,6 +6,7 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import os
+import shutil
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -239,6 +240,19 @@ class StateStore:
         if not self.pending_root.is_dir():
             return []
         return sorted(p for p in self.pending_root.iterdir() if (p / "meta.json").is_file())
+
+    def remove_unfinished_diffs(self) -> list[Path]:
+        """Remove the pending directories of diffs that never finished — a run killed while it diffed leaves
+        one without ``meta.json``, and nothing of it was sent (batches are made only from a finished diff).
+        Only the holder of :meth:`lock` may call this: no other run of the job can be diffing then."""
+        removed: list[Path] = []
+        if not self.pending_root.is_dir():
+            return removed
+        for directory in sorted(self.pending_root.iterdir()):
+            if directory.is_dir() and not directory.is_symlink() and not (directory / "meta.json").is_file():
+                shutil.rmtree(directory, ignore_errors=True)
+                removed.append(directory)
+        return removed
 
     def rows(self, source: Source | str) -> int:
         path = self.path_for(source)

@@ -31,6 +31,7 @@ from sync.config import Job, Source, SourceKind, ValueType
 from sync.errors import JobProblem
 from sync.platforms.formsonfire import DEFAULT_XML_ROOT, ENDPOINT, XSI_NAMESPACE, BodyFormat, UserKey
 from sync.records import Batch, Operation, Phase, RowRef
+from sync.row_keys import ROW_KEY, pack
 from sync.validation import REJECTS_SCHEMA
 
 __all__ = [
@@ -175,8 +176,11 @@ def batch_id_for(body: Mapping[str, Any], salt: str = "") -> str:
     return digest.hexdigest()[:16]
 
 
-def make_batch(body: Mapping[str, Any], *, origin: RowRef | None = None, salt: str | None = None) -> Batch:
-    """Wrap one push in a :class:`Batch` (``salt`` defaults to the origin's ``path:row``)."""
+def make_batch(
+    body: Mapping[str, Any], *, origin: RowRef | None = None, salt: str | None = None, row_keys: bytes = b""
+) -> Batch:
+    """Wrap one push in a :class:`Batch` (``salt`` defaults to the origin's ``path:row``; ``row_keys``: the
+    packed key of the row it came from, :mod:`sync.row_keys`)."""
     user = user_of(body)
     if salt is None:
         salt = f"{origin.path}:{origin.row}" if origin is not None else ""
@@ -188,6 +192,7 @@ def make_batch(body: Mapping[str, Any], *, origin: RowRef | None = None, salt: s
         ext_ids=(user,),
         phase=Phase.CHANGES,
         origins={user: origin} if origin is not None else {},
+        row_keys=row_keys,
     )
 
 
@@ -310,13 +315,25 @@ class Builder:
         for frame in frames:
             yield from frame.select(_EXT_ID, _FILE, _ROW, *stream.columns).iter_rows()
 
+    def _keyed_rows(
+        self, stream: Stream, frames: Iterable[pl.DataFrame]
+    ) -> Iterator[tuple[tuple[Any, ...], bytes]]:
+        """Rows with the packed key of each (``b""`` for frames without :data:`sync.row_keys.ROW_KEY`)."""
+        for frame in frames:
+            rows = frame.select(_EXT_ID, _FILE, _ROW, *stream.columns).iter_rows()
+            if ROW_KEY not in frame.columns:
+                yield from ((row, b"") for row in rows)
+                continue
+            for row, key in zip(rows, frame[ROW_KEY], strict=True):
+                yield row, pack((key,))
+
     def stream_batches(
         self, stream: Stream, frames: Iterable[pl.DataFrame], batch_size: int, files: Sequence[str]
     ) -> Iterator[Batch]:
         """One batch per user row (``batch_size`` is ignored: one user per request)."""
         del batch_size
-        for row in self._rows(stream, frames):
-            yield make_batch(self._body(stream, row), origin=RowRef(files[row[1]], row[2]))
+        for row, key in self._keyed_rows(stream, frames):
+            yield make_batch(self._body(stream, row), origin=RowRef(files[row[1]], row[2]), row_keys=key)
 
     def stream_counts(
         self, stream: Stream, frames: Iterable[pl.DataFrame], batch_size: int

@@ -188,8 +188,10 @@ def make_batch(
     *,
     origins: Mapping[str, RowRef] | None = None,
     phase: Phase | None = None,
+    row_keys: bytes = b"",
 ) -> Batch:
-    """Wrap a body in a :class:`Batch` with its endpoint, content-derived ID, unique ext IDs and phase.
+    """Wrap a body in a :class:`Batch` with its endpoint, content-derived ID, unique ext IDs and phase
+    (``row_keys``: the packed keys of the input rows it carries, for non-idempotent operations).
 
     Raises ValueError when the body names more unique IDs than one request may carry.
     """
@@ -206,6 +208,7 @@ def make_batch(
         ext_ids=ext_ids,
         phase=phase_for(operation, body) if phase is None else phase,
         origins=dict(origins) if origins is not None else {},
+        row_keys=row_keys,
     )
 
 

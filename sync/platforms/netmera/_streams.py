@@ -38,6 +38,7 @@ from sync.platforms.netmera._shapes import (
     update_msisdn_body,
 )
 from sync.records import Batch, Operation, Phase, RowRef
+from sync.row_keys import ROW_KEY, pack
 
 GROUP = "__group"
 PAYLOAD = "__payload"
@@ -81,12 +82,15 @@ def _profile(payload: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def _rows(frame: pl.DataFrame, keep: pl.Expr, payload: pl.Expr, group: pl.Expr | None = None) -> pl.DataFrame:
+    # A frame of a non-idempotent stream carries its rows' keys (sync.row_keys): they travel to the batch.
+    keys = [pl.col(ROW_KEY)] if ROW_KEY in frame.columns else []
     return frame.filter(keep).select(
         pl.col(_EXT_ID),
         pl.col(_FILE),
         pl.col(_ROW),
         (group if group is not None else pl.lit("")).cast(pl.String).alias(GROUP),
         payload.alias(PAYLOAD),
+        *keys,
     )
 
 
@@ -316,17 +320,22 @@ def stream_batches(
     pending: dict[str, list[tuple[str, Any]]] = {}
     origins: dict[str, dict[str, RowRef]] = {}
     last_id: dict[str, str] = {}
+    keys: dict[str, list[int]] = {}  # per group: the row keys of the pending rows (keyed frames only)
 
     def emit(group: str) -> Batch:
         rows = pending.pop(group)
         body = stream.body(group, rows)
-        batch = make_batch(stream.operation, body, origins=origins.pop(group), phase=stream.phase)
+        packed = pack(keys.pop(group, ()))
+        batch = make_batch(
+            stream.operation, body, origins=origins.pop(group), phase=stream.phase, row_keys=packed
+        )
         last_id.pop(group, None)
         return batch
 
     for frame in frames:
         selected = stream.select(frame)
-        for ext_id, file_index, row, group, payload in selected.iter_rows():
+        keyed = ROW_KEY in selected.columns
+        for ext_id, file_index, row, group, payload, *key in selected.iter_rows():
             group_rows = pending.get(group)
             if group_rows is None:
                 group_rows = pending[group] = []
@@ -336,6 +345,8 @@ def stream_batches(
                 group_rows = pending[group] = []
                 origins[group] = {}
             group_rows.append((ext_id, payload))
+            if keyed:
+                keys.setdefault(group, []).append(key[0])
             origins[group].setdefault(ext_id, RowRef(files[file_index], row))
             last_id[group] = ext_id
     for group in sorted(pending):
@@ -367,7 +378,7 @@ def stream_sample(stream: Stream, frames: Iterable[pl.DataFrame], max_ids: int =
         rows: list[tuple[str, Any]] = []
         seen: list[str] = []
         limit = 1 if stream.single_user else max_ids
-        for ext_id, _f, _r, group, payload in selected.iter_rows():
+        for ext_id, _f, _r, group, payload, *_key in selected.iter_rows():
             if group != first_group:
                 continue
             if ext_id not in seen:

@@ -43,6 +43,7 @@ from sync.platforms.notifyvisitors import (
     USER_CREATE,
 )
 from sync.records import Batch, Operation, Phase, RowRef
+from sync.row_keys import ROW_KEY, pack
 from sync.validation import REJECTS_SCHEMA
 
 __all__ = [
@@ -315,11 +316,13 @@ def make_batch(
     origins: Mapping[str, RowRef] | None = None,
     rows: Sequence[RowRef | None] | None = None,
     after: str | None = None,
+    row_keys: bytes = b"",
 ) -> Batch:
     """Wrap a body in a :class:`Batch`. ValueError when it holds more items than the endpoint takes.
 
     ``rows`` (one per item) gives the batch :class:`ItemOrigins`; otherwise ``origins`` maps users to rows.
-    ``after`` names the batch this one must follow (``Batch.after``)."""
+    ``after`` names the batch this one must follow (``Batch.after``); ``row_keys``: the packed keys of its
+    input rows (:mod:`sync.row_keys`)."""
     limit = MAX_ITEMS[endpoint]
     count = len(body["nv"])
     if count == 0 or count > limit:
@@ -339,6 +342,7 @@ def make_batch(
         phase=Phase.CHANGES,
         origins=kept,
         after=after,
+        row_keys=row_keys,
     )
 
 
@@ -354,17 +358,27 @@ def iter_batches(
     longer than a request holds: the batch so far is sent without it. A batch that shares a user with the
     batch before it names that batch in ``after``, so the dispatcher sends it only once the earlier one has
     finished and the user's events reach the platform in order."""
+    return _keyed_batches(endpoint, ((item, origin, None) for item, origin in items), batch_size)
+
+
+def _keyed_batches(
+    endpoint: str,
+    items: Iterable[tuple[dict[str, Any], RowRef | None, int | None]],
+    batch_size: int | None = None,
+) -> Iterator[Batch]:
+    """:func:`iter_batches` of items that may carry their input row's key (:mod:`sync.row_keys`): each batch
+    keeps the keys of the items it holds."""
     limit = MAX_ITEMS[endpoint]
     size = limit if batch_size is None else batch_size
     if not 1 <= size <= limit:
         raise ValueError(f"{endpoint}: batch size must be 1..{limit}, got {size}")
     packer = _Packer(endpoint, size)
-    run: list[tuple[dict[str, Any], RowRef | None]] = []  # the current user's consecutive items
-    for item, origin in items:
+    run: list[tuple[dict[str, Any], RowRef | None, int | None]] = []  # the current user's consecutive items
+    for item, origin, key in items:
         if run and str(item["userID"]) != str(run[0][0]["userID"]):
             yield from packer.place(run)
             run = []
-        run.append((item, origin))
+        run.append((item, origin, key))
     if run:
         yield from packer.place(run)
     if packer.items:
@@ -374,23 +388,26 @@ def iter_batches(
 class _Packer:
     """Fills requests for :func:`iter_batches`: the batch being filled, and the last one sent."""
 
-    __slots__ = ("endpoint", "items", "previous", "rows", "size")
+    __slots__ = ("endpoint", "items", "keys", "previous", "rows", "size")
 
     def __init__(self, endpoint: str, size: int) -> None:
         self.endpoint = endpoint
         self.size = size  # items per request
         self.items: list[dict[str, Any]] = []  # of the batch being filled
         self.rows: list[RowRef | None] = []  # the row of each of those items
+        self.keys: list[int] = []  # the row keys of those items (keyed input only: sync.row_keys)
         self.previous: Batch | None = None  # the batch sent last: a batch sharing a user with it follows it
 
-    def place(self, run: list[tuple[dict[str, Any], RowRef | None]]) -> Iterator[Batch]:
+    def place(self, run: list[tuple[dict[str, Any], RowRef | None, int | None]]) -> Iterator[Batch]:
         """Add one user's run of items: whole when it fits, else after sending what is there; a run longer
         than a request fills whole requests first (each following the one before)."""
         if self.items and len(self.items) + len(run) > self.size:
             yield self.emit()
-        for item, origin in run:
+        for item, origin, key in run:
             self.items.append(item)
             self.rows.append(origin)
+            if key is not None:
+                self.keys.append(key)
             if len(self.items) == self.size:
                 yield self.emit()
 
@@ -399,8 +416,10 @@ class _Packer:
         previous = self.previous
         users = {str(item["userID"]) for item in self.items}
         after = previous.batch_id if previous is not None and not users.isdisjoint(previous.ext_ids) else None
-        batch = make_batch(self.endpoint, {"nv": self.items}, rows=self.rows, after=after)
-        self.items, self.rows, self.previous = [], [], batch
+        batch = make_batch(
+            self.endpoint, {"nv": self.items}, rows=self.rows, after=after, row_keys=pack(self.keys)
+        )
+        self.items, self.rows, self.keys, self.previous = [], [], [], batch
         return batch
 
 
@@ -579,23 +598,35 @@ class Builder:
             item = {"userID": user_id, "event_name": row[3], "attributes": attrs}
             return item if when is None else {**item, "event_time": when}
 
+    def _selected(self, stream: Stream, frame: pl.DataFrame) -> pl.DataFrame:
+        # A frame of a non-idempotent stream carries its rows' keys (sync.row_keys): kept last, for the batch.
+        keys = [ROW_KEY] if ROW_KEY in frame.columns else []
+        selected = frame.select(_EXT_ID, _FILE, _ROW, *stream.columns, *keys)
+        if stream.operation is Operation.SET_ATTRIBUTES and stream.columns:
+            # A user row with nothing to set sends nothing.
+            selected = selected.filter(pl.any_horizontal(pl.col(list(stream.columns)).is_not_null()))
+        return selected
+
     def _rows(self, stream: Stream, frames: Iterable[pl.DataFrame]) -> Iterator[tuple[Any, ...]]:
         for frame in frames:
-            selected = frame.select(_EXT_ID, _FILE, _ROW, *stream.columns)
-            if stream.operation is Operation.SET_ATTRIBUTES and stream.columns:
-                # A user row with nothing to set sends nothing.
-                selected = selected.filter(pl.any_horizontal(pl.col(list(stream.columns)).is_not_null()))
-            yield from selected.iter_rows()
+            yield from self._selected(stream, frame).drop(ROW_KEY, strict=False).iter_rows()
 
     def stream_batches(
         self, stream: Stream, frames: Iterable[pl.DataFrame], batch_size: int, files: Sequence[str]
     ) -> Iterator[Batch]:
         """Batches of at most ``batch_size`` items (capped at the endpoint's limit), in canonical order."""
         size = min(batch_size, MAX_ITEMS[stream.endpoint])
-        items = (
-            (self._item(stream, row), RowRef(files[row[1]], row[2])) for row in self._rows(stream, frames)
-        )
-        yield from iter_batches(stream.endpoint, items, size)
+
+        def items() -> Iterator[tuple[dict[str, Any], RowRef, int | None]]:
+            for frame in frames:
+                selected = self._selected(stream, frame)
+                keyed = ROW_KEY in selected.columns
+                for row in selected.iter_rows():
+                    key = row[-1] if keyed else None
+                    values = row[:-1] if keyed else row
+                    yield self._item(stream, values), RowRef(files[row[1]], row[2]), key
+
+        yield from _keyed_batches(stream.endpoint, items(), size)
 
     def stream_counts(
         self, stream: Stream, frames: Iterable[pl.DataFrame], batch_size: int

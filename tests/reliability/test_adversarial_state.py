@@ -1,0 +1,506 @@
+"""Adversarial corpus, part A (issue #11): state, resume and exit codes — nothing lost, nothing sent twice.
+
+Every case drives ``pushsync`` as a real process against a Netmera sandbox in its own process and checks what the
+sandbox holds (and what it was asked) afterwards:
+
+* a user whose row was rejected keeps their confirmed state and is never removed (snapshot mode);
+* a non-idempotent row (an event) confirmed by a run is never sent again by a resume, however the input changed;
+* the staging directory a killed run leaves behind is removed by the next run (never one a live run uses);
+* an error after the first request went out never exits 2 ("nothing was sent");
+* SIGTERM while the job is planned exits 4 with nothing half-recorded.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import polars as pl
+import pytest
+
+from tests.conftest import REPO_ROOT, NetmeraProcess
+
+# --- helpers -----------------------------------------------------------------------------------------------------
+
+
+def pushsync(
+    tmp: Path, sandbox: NetmeraProcess, *args: str, env: dict[str, str] | None = None
+) -> subprocess.Popen[str]:
+    """``python -m sync ARGS`` in ``tmp`` with the sandbox's key in ``NETMERA_API_KEY``."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "sync", *args],
+        cwd=tmp,
+        env={**os.environ, "NETMERA_API_KEY": sandbox.api_key, "PYTHONPATH": str(REPO_ROOT), **(env or {})},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def finish(proc: subprocess.Popen[str], timeout: float = 120) -> tuple[int, str, str]:
+    out, err = proc.communicate(timeout=timeout)
+    return proc.returncode, out, err
+
+
+def run(tmp: Path, sandbox: NetmeraProcess, *args: str) -> tuple[int, str, str]:
+    return finish(pushsync(tmp, sandbox, *args, "--progress", "none"))
+
+
+def inspect(sandbox: NetmeraProcess, route: str) -> Any:
+    with urllib.request.urlopen(f"{sandbox.root_url}/_sandbox/{route}", timeout=30) as resp:
+        return json.loads(resp.read())
+
+
+def get_profile(sandbox: NetmeraProcess, ext_id: str) -> tuple[int, Any]:
+    """``getProfileAttributes`` through the API, as a user would check: (HTTP status, body)."""
+    request = urllib.request.Request(
+        f"{sandbox.url}getProfileAttributes?extId={ext_id}", headers={"X-netmera-api-key": sandbox.api_key}
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=30) as resp:
+            return resp.status, json.loads(resp.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read())
+
+
+def requests_to(sandbox: NetmeraProcess, endpoint: str) -> int:
+    return sum(inspect(sandbox, "stats")["requests"].get(endpoint, {}).values())
+
+
+def requests_total(sandbox: NetmeraProcess) -> int:
+    return int(inspect(sandbox, "stats")["requests_total"])
+
+
+def ledger_rows(tmp: Path, sql: str) -> list[tuple[Any, ...]]:
+    conn = sqlite3.connect(f"file:{tmp / 'work' / 'ledger.sqlite'}?mode=ro", uri=True, timeout=5)
+    try:
+        return list(conn.execute(sql))
+    finally:
+        conn.close()
+
+
+# --- 1. a rejected row never removes its user ---------------------------------------------------------------------
+
+USERS = 100
+
+
+def snapshot_job(url: str, removal: str = "delete") -> str:
+    return f"""\
+version: 1
+name: adversarial-snapshot
+workdir: work
+mode: snapshot
+snapshot: {{removal: {removal}}}
+destination:
+  platform: netmera
+  base_url: {url}
+  secret: {{env: NETMERA_API_KEY}}
+sources:
+  - name: users
+    path: users.csv
+    ext_id: id
+    attributes:
+      name: string
+      score: number
+    tags: {{column: segments}}
+dispatch:
+  concurrency: 2
+  request_timeout: 5
+  retry: {{max_attempts: 2, base_delay: 0.01, max_delay: 0.05}}
+"""
+
+
+def user_lines(n: int = USERS) -> list[str]:
+    return [f"user{i:03d},Name{i},{i},{'gold' if i % 2 else 'silver'}" for i in range(n)]
+
+
+def write_users(tmp: Path, lines: list[str]) -> None:
+    (tmp / "users.csv").write_text("id,name,score,segments\n" + "\n".join(lines) + "\n", encoding="utf-8")
+
+
+def state_of(tmp: Path, ext_id: str) -> dict[str, Any]:
+    (path,) = (tmp / "work" / "state").glob("netmera-*/users.parquet")
+    rows = pl.read_parquet(path).filter(pl.col("__ext_id") == ext_id).to_dicts()
+    assert len(rows) == 1, rows
+    return rows[0]
+
+
+@pytest.mark.parametrize(
+    ("removal", "broken"),
+    [
+        ("delete", "user007,Name7,seven,gold"),  # a typo in a number
+        ("delete", "user007,Name7,7,gold,extra"),  # a field too many
+        ("untag", "user007,Name7,seven,gold"),
+    ],
+    ids=["delete-typo", "delete-extra-field", "untag-typo"],
+)
+def test_a_rejected_row_keeps_its_user_and_their_confirmed_state(
+    tmp_path: Path, netmera_sandbox_process: NetmeraProcess, removal: str, broken: str
+) -> None:
+    sandbox = netmera_sandbox_process
+    (tmp_path / "job.yaml").write_text(snapshot_job(sandbox.url, removal), encoding="utf-8")
+    lines = user_lines()
+    write_users(tmp_path, lines)
+    code, out, err = run(tmp_path, sandbox, "run", "job.yaml")
+    assert code == 0, (out, err)
+    before = state_of(tmp_path, "user007")
+
+    lines[7] = broken
+    write_users(tmp_path, lines)
+    code, out, err = run(tmp_path, sandbox, "run", "job.yaml", "--output", "json")
+    assert code == 1, (out, err)  # a rejected row: finished, with rows rejected
+    status, body = get_profile(sandbox, "user007")
+    assert status == 200 and body["profile"]["score"] == 7, (status, body)
+    assert requests_to(sandbox, "deleteUsersPermanently") == 0
+    assert requests_to(sandbox, "untagUsers") == 0
+    tags = {u["extId"]: u.get("tags", []) for u in inspect(sandbox, "state?format=json")["users"]}
+    assert tags["user007"] == ["gold"]
+    assert state_of(tmp_path, "user007") == before  # the commit kept the old confirmed state
+    doc = json.loads(out)
+    assert doc["diff"]["users_held"] == 1 and doc["diff"]["users_removed"] == 0, doc["diff"]
+
+    # Once the row is fixed nothing needs sending (its state was kept); a user truly gone is removed.
+    lines[7] = user_lines()[7]
+    write_users(tmp_path, lines[:-1])
+    code, out, err = run(tmp_path, sandbox, "run", "job.yaml", "--output", "json")
+    assert code == 0, (out, err)
+    doc = json.loads(out)
+    assert doc["diff"]["users_removed"] == 1 and doc["diff"]["users_held"] == 0, doc["diff"]
+    if removal == "delete":
+        assert get_profile(sandbox, f"user{USERS - 1:03d}")[0] == 400
+    assert get_profile(sandbox, "user007")[0] == 200
+
+
+def test_a_rejected_row_that_names_no_user_holds_every_removal(
+    tmp_path: Path, netmera_sandbox_process: NetmeraProcess
+) -> None:
+    """A quote never closed swallows the rows after it into one malformed record: nobody can tell which users
+    it hid, so no user is removed this run (the output says so); ``--force`` removes them anyway."""
+    sandbox = netmera_sandbox_process
+    (tmp_path / "job.yaml").write_text(snapshot_job(sandbox.url), encoding="utf-8")
+    lines = user_lines()
+    write_users(tmp_path, lines)
+    assert run(tmp_path, sandbox, "run", "job.yaml")[0] == 0
+
+    # user097's name opens a quote that is never closed: user097 to user099 vanish into one malformed record;
+    # user003 really left the export.
+    broken = [*lines[:3], *lines[4:97], 'user097,"Name97,97,gold', *lines[98:]]
+    write_users(tmp_path, broken)
+    code, out, err = run(tmp_path, sandbox, "run", "job.yaml", "--output", "json")
+    assert code == 1, (out, err)
+    doc = json.loads(out)
+    assert doc["diff"]["users_removed"] == 0 and doc["diff"]["removals_held"] == 4, doc["diff"]
+    assert requests_to(sandbox, "deleteUsersPermanently") == 0
+    for ext_id in ("user003", "user097", "user098", "user099"):
+        assert get_profile(sandbox, ext_id)[0] == 200, ext_id
+
+    code, out, err = run(tmp_path, sandbox, "run", "job.yaml", "--output", "json", "--force")
+    assert code == 1, (out, err)
+    assert json.loads(out)["diff"]["users_removed"] == 4
+    assert get_profile(sandbox, "user003")[0] == 400
+
+
+def test_an_empty_id_cell_names_no_user_and_holds_nothing(
+    tmp_path: Path, netmera_sandbox_process: NetmeraProcess
+) -> None:
+    sandbox = netmera_sandbox_process
+    (tmp_path / "job.yaml").write_text(snapshot_job(sandbox.url), encoding="utf-8")
+    lines = user_lines()
+    write_users(tmp_path, lines)
+    assert run(tmp_path, sandbox, "run", "job.yaml")[0] == 0
+    write_users(tmp_path, [*lines[:3], *lines[4:], ",Nobody,1,gold"])
+    code, out, err = run(tmp_path, sandbox, "run", "job.yaml", "--output", "json")
+    assert code == 1, (out, err)
+    assert json.loads(out)["diff"]["users_removed"] == 1
+    assert get_profile(sandbox, "user003")[0] == 400
+
+
+# --- 3. a killed run's staging directory is removed by the next one ----------------------------------------------
+
+
+def changes_job(url: str, *, batch: int = 50, budget: str = "") -> str:
+    budgets = f"  budgets: {{'*': {{requests: {budget}, per: 1s}}}}\n" if budget else ""
+    return f"""\
+version: 1
+name: adversarial-changes
+workdir: work
+destination:
+  platform: netmera
+  base_url: {url}
+  secret: {{env: NETMERA_API_KEY}}
+sources:
+  - name: users
+    path: users.csv
+    ext_id: id
+    attributes:
+      name: string
+      score: number
+    tags: {{column: segments}}
+dispatch:
+  concurrency: 2
+  batch_size: {batch}
+  request_timeout: 5
+  drain_timeout: 2
+{budgets}"""
+
+
+def write_many_users(tmp: Path, n: int) -> None:
+    lines = [f"u{i:06d},N{i},{i},{'a|b' if i % 2 else 'c'}" for i in range(n)]
+    (tmp / "users.csv").write_text("id,name,score,segments\n" + "\n".join(lines) + "\n", encoding="utf-8")
+
+
+def ok_batches(tmp: Path) -> int:
+    try:
+        return int(ledger_rows(tmp, "SELECT COUNT(*) FROM batches WHERE status = 'ok'")[0][0])
+    except sqlite3.Error:
+        return 0
+
+
+def staging_dirs(tmp: Path) -> list[Path]:
+    return sorted((tmp / "work").glob("plan-*"))
+
+
+def test_the_next_run_removes_the_staging_directory_a_killed_run_left(
+    tmp_path: Path, netmera_sandbox_process: NetmeraProcess
+) -> None:
+    sandbox = netmera_sandbox_process
+    (tmp_path / "job.yaml").write_text(changes_job(sandbox.url, budget="40"), encoding="utf-8")
+    write_many_users(tmp_path, 3000)
+    left: list[list[Path]] = []
+    for _ in range(2):
+        confirmed = ok_batches(tmp_path)
+        proc = pushsync(tmp_path, sandbox, "run", "job.yaml", "--progress", "none")
+        deadline = time.monotonic() + 60
+        while proc.poll() is None and ok_batches(tmp_path) < confirmed + 3 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert proc.poll() is None, "the run ended before it could be killed"
+        proc.send_signal(signal.SIGKILL)
+        proc.communicate(timeout=30)
+        left.append(staging_dirs(tmp_path))
+    # Each kill leaves its run's staging directory (the size of the input); the next run removes it.
+    assert len(left[0]) == 1 and len(left[1]) == 1 and left[0] != left[1], left
+    code, out, err = run(tmp_path, sandbox, "run", "job.yaml")
+    assert code == 0, (out, err)
+    assert staging_dirs(tmp_path) == []
+
+
+def test_a_staging_directory_in_use_is_never_removed(
+    tmp_path: Path, netmera_sandbox_process: NetmeraProcess
+) -> None:
+    """A plan held open by one process survives the clean-up of another (``pushsync plan`` cleans up too)."""
+    from sync.config import load_job
+    from sync.planning import build_plan
+
+    sandbox = netmera_sandbox_process
+    (tmp_path / "job.yaml").write_text(changes_job(sandbox.url), encoding="utf-8")
+    write_many_users(tmp_path, 500)
+    with build_plan(load_job(tmp_path / "job.yaml")) as live:
+        (mine,) = staging_dirs(tmp_path)
+        code, out, err = finish(pushsync(tmp_path, sandbox, "plan", "job.yaml"))
+        assert code == 0, (out, err)
+        assert mine.is_dir()
+        assert sum(len(b.ext_ids) for b in live.batches()) == 500 + 250 * 3  # profiles, tags a, b, c
+    assert staging_dirs(tmp_path) == []
+
+
+def test_a_diff_a_killed_run_never_finished_is_removed_by_the_next_run(
+    tmp_path: Path, netmera_sandbox_process: NetmeraProcess
+) -> None:
+    """A snapshot run killed while it diffs leaves ``pending/<run>/`` without ``meta.json`` (nothing of it was
+    sent); the next run, holding the job's lock, removes it. ``pushsync plan`` keeps its preview delta inside its
+    own staging directory, so it leaves nothing in ``pending/`` either."""
+    sandbox = netmera_sandbox_process
+    (tmp_path / "job.yaml").write_text(snapshot_job(sandbox.url), encoding="utf-8")
+    write_users(tmp_path, user_lines())
+    assert run(tmp_path, sandbox, "run", "job.yaml")[0] == 0
+    (pending,) = (tmp_path / "work" / "state").glob("netmera-*")
+    dead = pending / "pending" / "20260101T000000Z-dead" / "users"
+    dead.mkdir(parents=True)
+    (dead / "00000.parquet").write_bytes(b"half a delta")
+    code, out, err = finish(pushsync(tmp_path, sandbox, "plan", "job.yaml"))
+    assert code == 0, (out, err)
+    assert [p.name for p in (pending / "pending").iterdir()] == ["20260101T000000Z-dead"]
+    assert run(tmp_path, sandbox, "run", "job.yaml")[0] == 0
+    assert list((pending / "pending").iterdir()) == []
+
+
+# --- 4. an error after the first request never exits 2 ------------------------------------------------------------
+
+
+def test_a_disk_that_fills_mid_run_does_not_exit_2_and_a_resume_finishes(
+    tmp_path: Path, netmera_sandbox_process: NetmeraProcess
+) -> None:
+    """The ledger's files may not grow past 1 MB (RLIMIT_FSIZE, as a full disk would stop them): the run dies
+    part-way through. Exit 2 means "nothing was sent"; requests went out, so it is 3 (aborted), and the next
+    run (with room again) finishes the job."""
+    import resource
+
+    sandbox = netmera_sandbox_process
+    (tmp_path / "job.yaml").write_text(changes_job(sandbox.url), encoding="utf-8")
+    write_many_users(tmp_path, 20000)
+
+    def small_disk() -> None:
+        signal.signal(
+            signal.SIGXFSZ, signal.SIG_IGN
+        )  # a write past the limit fails (EFBIG) like ENOSPC would
+        resource.setrlimit(resource.RLIMIT_FSIZE, (1_000_000, 1_000_000))
+
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "sync", "run", "job.yaml", "--progress", "none"],
+        cwd=tmp_path,
+        env={**os.environ, "NETMERA_API_KEY": sandbox.api_key, "PYTHONPATH": str(REPO_ROOT)},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=small_disk,
+    )
+    code, out, err = finish(proc)
+    sent = requests_total(sandbox)
+    assert sent > 0, (code, out, err)
+    assert code == 3, (code, out, err)
+    assert "Traceback" not in err and "resume" in err, err
+    code, out, err = run(tmp_path, sandbox, "run", "job.yaml")
+    assert code == 0, (out, err)
+    users = {u["extId"]: u for u in inspect(sandbox, "state?format=json")["users"]}
+    assert len(users) == 20000
+    assert users["u019999"]["profile"] == {"name": "N19999", "score": 19999}
+
+
+# --- 5. SIGTERM while the job is planned -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", ["changes", "snapshot"])
+def test_sigterm_while_planning_exits_4_with_nothing_recorded(
+    tmp_path: Path, netmera_sandbox_process: NetmeraProcess, mode: str
+) -> None:
+    sandbox = netmera_sandbox_process
+    job = changes_job(sandbox.url)
+    if mode == "snapshot":
+        job = job.replace("workdir: work\n", "workdir: work\nmode: snapshot\n")
+    (tmp_path / "job.yaml").write_text(job, encoding="utf-8")
+    write_many_users(tmp_path, 400_000)  # a few seconds of planning
+    proc = pushsync(tmp_path, sandbox, "run", "job.yaml", "--progress", "none")
+    deadline = time.monotonic() + 60
+    while not staging_dirs(tmp_path) and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.005)
+    assert proc.poll() is None, "planning ended before the signal"
+    proc.send_signal(signal.SIGTERM)
+    code, out, err = finish(proc)
+    assert code == 4, (code, out, err)
+    assert "Traceback" not in err, err
+    assert requests_total(sandbox) == 0
+    assert staging_dirs(tmp_path) == []
+    ledger = tmp_path / "work" / "ledger.sqlite"
+    assert not ledger.exists() or ledger_rows(tmp_path, "SELECT run_id FROM runs") == []
+    state = list((tmp_path / "work" / "state").glob("*/pending/*")) + list(
+        (tmp_path / "work" / "state").glob("*/*.parquet")
+    )
+    assert state == []
+
+
+# --- 2. a confirmed event is never sent again, however the export changed before the resume -----------------------
+
+EVENTS = 5000
+EVENT_BATCH = 100
+
+
+def events_job(url: str) -> str:
+    return f"""\
+version: 1
+name: adversarial-events
+workdir: work
+destination:
+  platform: netmera
+  base_url: {url}
+  secret: {{env: NETMERA_API_KEY}}
+sources:
+  - name: events
+    kind: events
+    path: events.csv
+    ext_id: id
+    event: event
+    attributes:
+      amount: number
+dispatch:
+  concurrency: 2
+  batch_size: {EVENT_BATCH}
+  request_timeout: 5
+  drain_timeout: 5
+  budgets: {{'*': {{requests: 10, per: 1s}}}}
+"""
+
+
+def event_lines(n: int = EVENTS) -> list[str]:
+    # Several identical events per user: the occurrence index tells them apart.
+    return [f"c{i % 1700:05d},purchase,{i % 3}" for i in range(n)]
+
+
+def write_events(tmp: Path, lines: list[str]) -> None:
+    (tmp / "events.csv").write_text("id,event,amount\n" + "\n".join(lines) + "\n", encoding="utf-8")
+
+
+def events_held(sandbox: NetmeraProcess) -> dict[tuple[str, float], int]:
+    """(user, amount) → events recorded by the sandbox."""
+    out: dict[tuple[str, float], int] = {}
+    for event in inspect(sandbox, "state?format=json")["events"]:
+        key = (event["extId"], float(event["attributes"].get("amount", -1)))
+        out[key] = out.get(key, 0) + 1
+    return out
+
+
+def expected_events(lines: list[str]) -> dict[tuple[str, float], int]:
+    out: dict[tuple[str, float], int] = {}
+    for line in lines:
+        ext_id, _event, amount = line.split(",")
+        out[(ext_id, float(amount))] = out.get((ext_id, float(amount)), 0) + 1
+    return out
+
+
+@pytest.mark.parametrize("change", ["one-event-added", "rows-reordered-and-one-removed"])
+def test_a_resume_after_the_export_changed_never_resends_a_confirmed_event(
+    tmp_path: Path, netmera_sandbox_process: NetmeraProcess, change: str
+) -> None:
+    sandbox = netmera_sandbox_process
+    (tmp_path / "job.yaml").write_text(events_job(sandbox.url), encoding="utf-8")
+    lines = event_lines()
+    write_events(tmp_path, lines)
+    proc = pushsync(tmp_path, sandbox, "run", "job.yaml", "--progress", "none")
+    deadline = time.monotonic() + 60
+    while proc.poll() is None and ok_batches(tmp_path) < 8 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGTERM)  # drain: every batch sent has a known outcome
+    code, out, err = finish(proc)
+    assert code == 4, (code, out, err)
+    (run_id,) = [r[0] for r in ledger_rows(tmp_path, "SELECT run_id FROM runs")]
+    confirmed = sum(n for (n,) in ledger_rows(tmp_path, "SELECT ok_ids FROM batches WHERE status = 'ok'"))
+    applied_before = int(inspect(sandbox, "stats")["applied"]["fireEvents"])
+    assert 0 < applied_before == sum(events_held(sandbox).values()) < EVENTS
+
+    if change == "one-event-added":
+        # A user whose rows sort first in the canonical order: every batch after it shifts by one row.
+        lines = ["a0,purchase,9", *lines]
+    else:
+        # Reordered, and one confirmed row removed: it stays sent, once (nothing is "unsent").
+        (ids,) = ledger_rows(tmp_path, "SELECT ext_ids FROM batches WHERE status = 'ok' LIMIT 1")[0]
+        removed = next(line for line in lines if line.startswith(json.loads(ids)[0] + ","))
+        lines = [line for line in lines[::-1] if line != removed]
+    write_events(tmp_path, lines)
+    code, out, err = run(tmp_path, sandbox, "resume", run_id, "--job", "job.yaml", "--output", "json")
+    assert code == 0, (out, err)
+    held = events_held(sandbox)
+    wanted = expected_events(lines)
+    if change != "one-event-added":
+        ext_id, _event, amount = removed.split(",")
+        wanted[(ext_id, float(amount))] = wanted.get((ext_id, float(amount)), 0) + 1
+    assert held == wanted  # every event exactly once: none lost, none sent twice
+    replay = json.loads(out)["replay"]
+    assert replay["rows_confirmed"] >= confirmed > 0, replay
