@@ -145,9 +145,13 @@ class RunOutcome:
             )
         if self.committed is not None:
             c = self.committed
+            # The summary's "N batches unfinished" counts batches the stop left without an answer; they are
+            # part of the unconfirmed ones here, with the failed and refused: say so, with both counts.
+            unfinished = min(self.summary.batches_unfinished, c.batches_unconfirmed)
             lines.append(
                 f"state: {sum(c.users_updated.values())} users updated from {c.batches_confirmed} confirmed "
-                f"batches; {c.batches_unconfirmed} unconfirmed batches will be sent again by the next run"
+                f"batches; {c.batches_unconfirmed} batches not confirmed ({unfinished} unfinished, "
+                f"{c.batches_unconfirmed - unfinished} failed or refused): the next run sends their changes again"
             )
         return "\n".join(lines)
 
@@ -177,16 +181,30 @@ async def run(job: Job, options: RunOptions) -> RunOutcome:
     store = StateStore(job.workdir, job.destination)
     # The lock makes every run found "running" in the ledger a dead one (one run of a job at a time).
     with store.lock(), Ledger.open(ledger_path_for(job)) as ledger:
+        origin = options.retry or options.resume
+        origin_info = ledger.run(origin) if origin is not None else None
+        if origin is not None and origin_info is None:
+            raise StateError(f"no run {origin} in {ledger.path}")
+        # Resuming (or retrying) an interrupted --full-refresh finishes the full refresh: in snapshot mode the
+        # diff ignores the state again (else the rest would quietly become an ordinary diff), and the new run
+        # records the flag so that a resume of it does the same. A changes plan is every row anyway.
+        inherited = origin_info is not None and origin_info.full_refresh
         if job.mode is SyncMode.SNAPSHOT:
+            if inherited:
+                options = dataclasses.replace(options, full_refresh=True)
             return await _run_snapshot(job, options, store, ledger)
-        return await _run_changes(job, options, ledger)
+        return await _run_changes(job, options, ledger, record_full_refresh=inherited)
 
 
-async def _run_changes(job: Job, options: RunOptions, ledger: Ledger) -> RunOutcome:
+async def _run_changes(
+    job: Job, options: RunOptions, ledger: Ledger, *, record_full_refresh: bool = False
+) -> RunOutcome:
     origin = options.retry or options.resume
     if origin is None and options.auto_resume and not options.full_refresh:
         origin = unfinished_run(ledger, job.name)
     decisions: ReplayPlan | None = None
+    # A resume of a full refresh sends what the full refresh left (its plan is every row anyway); only
+    # `retry --full-refresh` asks to send everything again.
     if origin is not None and not (options.full_refresh and options.retry):
         mode = ReplayMode.RETRY if options.retry else ReplayMode.RESUME
         decisions = replay_plan(ledger, origin, mode, platform=platform_for(job))
@@ -195,14 +213,20 @@ async def _run_changes(job: Job, options: RunOptions, ledger: Ledger) -> RunOutc
     stats = ReplayStats() if decisions is not None else None
     # A replay is sent like a fresh run: per-endpoint lanes, each filtered by what the ledger says.
     source: BatchSource = plan if decisions is None else ReplayLanes(plan, decisions, stats)
-    outcome = await _dispatch(job, options, ledger, plan, source, run_id=options.run_id or new_run_id())
+    outcome = await _dispatch(
+        job,
+        options,
+        ledger,
+        plan,
+        source,
+        run_id=options.run_id or new_run_id(),
+        full_refresh=options.full_refresh or record_full_refresh,
+    )
     return dataclasses.replace(outcome, resumed_from=origin if decisions is not None else None, replay=stats)
 
 
 async def _run_snapshot(job: Job, options: RunOptions, store: StateStore, ledger: Ledger) -> RunOutcome:
     origin = options.retry or options.resume
-    if origin is not None and ledger.run(origin) is None:
-        raise StateError(f"no run {origin} in {ledger.path}")
     # Snapshot jobs need no replay list: the state holds only confirmed changes, so once the crashed runs'
     # confirmations are merged, a fresh diff *is* the resume (and the retry).
     recovered = tuple(recover(store, job.sources, ledger, job.snapshot))
@@ -226,7 +250,9 @@ async def _run_snapshot(job: Job, options: RunOptions, store: StateStore, ledger
     counts = await asyncio.to_thread(diff.request_counts)
     expected = (sum(r for r, _ in counts.values()), sum(i for _, i in counts.values()))
     # The diff is sent like a changes run: per-endpoint lanes, phase by phase.
-    outcome = await _dispatch(job, options, ledger, plan, diff, run_id=run_id, expected=expected)
+    outcome = await _dispatch(
+        job, options, ledger, plan, diff, run_id=run_id, expected=expected, full_refresh=options.full_refresh
+    )
     committed = await asyncio.to_thread(commit, store, job.sources, diff.directory, ledger, job.snapshot)
     return dataclasses.replace(
         outcome,
@@ -247,17 +273,25 @@ async def _dispatch(
     *,
     run_id: str,
     expected: tuple[int, int] | None = None,
+    full_refresh: bool = False,
 ) -> RunOutcome:
     """Send ``source`` (taking ``plan`` over: it is closed at the end), record the run in ``ledger``.
 
-    ``expected``: ``(requests, IDs)`` for the progress totals when ``source`` is not the plan itself."""
+    ``expected``: ``(requests, IDs)`` for the progress totals when ``source`` is not the plan itself;
+    ``full_refresh``: recorded with the run (a resume of it does a full refresh too)."""
     log = get_logger(job=job.name)
     stop = options.stop if options.stop is not None else asyncio.Event()
     loop = asyncio.get_running_loop()
     installed: list[signal.Signals] = []
     ledger_path = ledger_path_for(job)
     try:
-        ledger.start_run(run_id, job=job.name, job_path=str(job.path), platform=job.destination.platform)
+        ledger.start_run(
+            run_id,
+            job=job.name,
+            job_path=str(job.path),
+            platform=job.destination.platform,
+            full_refresh=full_refresh,
+        )
         rows_rejected = ledger.record_rejected_rows(run_id, plan.rejected_rows())
         ledger.flush()
         if expected is None:

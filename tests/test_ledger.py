@@ -183,5 +183,5 @@ def test_attempts_are_stored_and_exported_and_a_version_1_ledger_is_upgraded(tmp
         ]
         assert ledger.export("r1", tmp_path / "a.csv", table="attempts", fmt="csv") == 2
         version = ledger._conn.execute("SELECT version FROM schema_version").fetchone()[0]
-    assert version == SCHEMA_VERSION == 2
+    assert version == SCHEMA_VERSION == 3
     assert pl.read_csv(tmp_path / "a.csv")["outcome"].to_list() == ["rate_limited", "ok"]
