@@ -33,6 +33,11 @@ def register(subparsers: Any) -> None:
     validate.add_argument(
         "--no-files", action="store_true", help="check the job file only, not its input files"
     )
+    validate.add_argument(
+        "--check-connection",
+        action="store_true",
+        help="then check the key and base URL with one harmless request, as `pushsync doctor` does",
+    )
     validate.set_defaults(func=_validate)
 
     plan = subparsers.add_parser(
@@ -116,6 +121,10 @@ def _validate(args: argparse.Namespace) -> int:
                 str(args.job), [{"location": p.location, "message": p.message} for p in file_problems]
             )
         )
+        if not file_problems and getattr(args, "check_connection", False):
+            from sync.cli.doctor_cmd import check_connection
+
+            return check_connection(job, sys.stderr)  # stdout holds the JSON document only
         return int(ExitCode.BAD_JOB_OR_INPUT if file_problems else ExitCode.OK)
     if file_problems:
         _print_problems(str(args.job), file_problems, out)
@@ -125,6 +134,10 @@ def _validate(args: argparse.Namespace) -> int:
         file=out,
     )
     _secret_note(job, out)
+    if getattr(args, "check_connection", False):
+        from sync.cli.doctor_cmd import check_connection
+
+        return check_connection(job, out)
     return int(ExitCode.OK)
 
 
