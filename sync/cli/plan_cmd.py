@@ -60,6 +60,7 @@ def register(subparsers: Any) -> None:
         default=ASSUMED_LATENCY,
         help=f"seconds per request assumed by the duration estimate (default {ASSUMED_LATENCY})",
     )
+    add_source_selection(plan)
     plan.set_defaults(func=_plan)
 
 
@@ -173,8 +174,28 @@ def _secret_note(job: Job, out: TextIO) -> None:
         print(f"note: secret file {dest.secret_file} does not exist; `pushsync run` will need it", file=out)
 
 
+def add_source_selection(parser: Any) -> None:
+    """``--select NAME[,NAME]`` and ``--exclude NAME[,NAME]`` (repeatable), for ``plan`` and ``run``."""
+    parser.add_argument(
+        "--select",
+        action="append",
+        metavar="NAME[,NAME]",
+        help="only these sources (changes mode; unknown names are refused, listing the job's sources)",
+    )
+    parser.add_argument(
+        "--exclude", action="append", metavar="NAME[,NAME]", help="every source but these (changes mode)"
+    )
+
+
+def selected_job(args: argparse.Namespace) -> Job:
+    """The job file of ``args.job``, cut down to ``--select``/``--exclude`` (:func:`sync.config.select_sources`)."""
+    from sync.config import select_sources, split_names
+
+    return select_sources(load_job(args.job), split_names(args.select), split_names(args.exclude))
+
+
 def _plan(args: argparse.Namespace) -> int:
-    job = load_job(args.job)
+    job = selected_job(args)
     with build_plan(job, rejects_path=args.rejects) as plan:
         diff = None
         if job.mode is SyncMode.SNAPSHOT:

@@ -53,6 +53,9 @@ def register(subparsers: Any) -> None:
     run.add_argument(
         "--force", action="store_true", help="snapshot mode: remove users past the removal threshold"
     )
+    from sync.cli.plan_cmd import add_source_selection
+
+    add_source_selection(run)
     run.set_defaults(func=_run)
 
     runs = subparsers.add_parser("runs", help="list the runs recorded in a job's ledger")
@@ -92,10 +95,11 @@ def register(subparsers: Any) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from sync.config import load_job, resolve_secret
+    from sync.cli.plan_cmd import selected_job
+    from sync.config import resolve_secret
     from sync.run import RunOptions, run
 
-    job = load_job(args.job)
+    job = selected_job(args)
     # Snapshot jobs send only the diff from the confirmed state; a changes job whose last run did not finish
     # resumes it (docs/sync.md).
     options = RunOptions(

@@ -29,6 +29,7 @@ from sync.config._job import (
     ValueType,
 )
 from sync.config._load import job_schema, load_job
+from sync.config._select import select_sources, split_names
 from sync.config._platforms import (
     PlatformCatalog,
     PlatformLimits,
@@ -48,6 +49,8 @@ from sync.config._sql import DatabaseKind, DatabaseRef, SqlInput, database_kind
 from sync.config._yaml import looks_like_a_key, read_job_yaml
 
 __all__ = [
+    "select_sources",
+    "split_names",
     "DEFAULT_NULL_VALUES",
     "AttributeMapping",
     "AttributeMode",
