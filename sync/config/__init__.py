@@ -29,7 +29,6 @@ from sync.config._job import (
     ValueType,
 )
 from sync.config._load import job_schema, load_job
-from sync.config._select import select_sources, split_names
 from sync.config._platforms import (
     PlatformCatalog,
     PlatformLimits,
@@ -37,6 +36,7 @@ from sync.config._platforms import (
     installed_platforms,
     use_platforms,
 )
+from sync.config._select import select_sources, split_names
 from sync.config._settings import (
     BudgetGroupSpec,
     Destination,
@@ -49,8 +49,6 @@ from sync.config._sql import DatabaseKind, DatabaseRef, SqlInput, database_kind
 from sync.config._yaml import looks_like_a_key, read_job_yaml
 
 __all__ = [
-    "select_sources",
-    "split_names",
     "DEFAULT_NULL_VALUES",
     "AttributeMapping",
     "AttributeMode",
@@ -85,5 +83,7 @@ __all__ = [
     "looks_like_a_key",
     "read_job_yaml",
     "resolve_secret",
+    "select_sources",
+    "split_names",
     "use_platforms",
 ]
