@@ -394,6 +394,7 @@ def _stage(
     rejects_path: Path,
     rows_per_bucket: int,
     builder: Any = None,
+    limit: int | None = None,
 ) -> StagedSource:
     inputs: list[tuple[str, Callable[[], Iterator[Chunk]]]]
     if source.sql is not None:
@@ -417,9 +418,18 @@ def _stage(
     writers: dict[int, tuple[Any, pa.ipc.RecordBatchStreamWriter]] = {}
     rows_read = 0
     check_rows = getattr(builder, "check_rows", None)
+    kept = 0
     try:
         for index, (name, read) in enumerate(inputs):
-            for chunk in read():
+            if limit is not None and kept >= limit:
+                break
+            chunks = read()
+            for chunk in chunks:
+                if limit is not None and kept >= limit:
+                    close = getattr(chunks, "close", None)
+                    if close is not None:
+                        close()  # the sample is complete: stop reading this file now
+                    break
                 rejects.rows(chunk.malformed)
                 rows_read += chunk.frame.height + len(chunk.malformed)
                 if chunk.frame.is_empty():
@@ -431,6 +441,9 @@ def _stage(
                     # XML cannot carry): rejected rows now, not a refused request (or a crash) later.
                     clean, bad = check_rows(source, clean, name)
                     rejects.frame(bad)
+                if limit is not None:
+                    clean = clean.head(limit - kept)
+                    kept += clean.height
                 if clean.is_empty():
                     continue
                 clean = clean.with_columns(canonical_key(clean[EXT_ID])).select(list(schema))
@@ -468,8 +481,18 @@ def _stage(
     return StagedSource(source, names, tuple(parts), rows_read, rows_clean, dropped)
 
 
-def build_plan(job: Job, *, rejects_path: Path | None = None, rows_per_bucket: int = ROWS_PER_BUCKET) -> Plan:
+def build_plan(
+    job: Job,
+    *,
+    rejects_path: Path | None = None,
+    rows_per_bucket: int = ROWS_PER_BUCKET,
+    limit: int | None = None,
+) -> Plan:
     """Read, validate and deduplicate every source of ``job``, ready to make batches.
+
+    ``limit`` (``--limit N``, a sample run): of each source, only the first N rows that pass validation, in
+    file order (files in their sorted order); reading stops there, so rows after them are neither sent nor
+    rejected. Duplicate IDs among those N still collapse to one user.
 
     When this returns, input validation is complete: rejected rows are in ``plan.rejects_path`` (default
     ``<workdir>/rejects.csv``). ``rows_per_bucket`` sizes the hash buckets (memory vs. number of files); it
@@ -487,7 +510,7 @@ def build_plan(job: Job, *, rejects_path: Path | None = None, rows_per_bucket: i
             writer = _RejectsWriter(fh)
             builder = _builder_for(job)
             staged = tuple(
-                _stage(job, source, tmp, writer, rejects_path, rows_per_bucket, builder)
+                _stage(job, source, tmp, writer, rejects_path, rows_per_bucket, builder, limit)
                 for source in job.sources
             )
     except OSError as exc:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import functools
 import signal
 from collections.abc import AsyncIterable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -25,7 +26,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from sync.budget import Budget
 from sync.config import Job, SyncMode
 from sync.dispatch import Dispatcher, DispatchObserver, DispatchOutcome, LaneSource
-from sync.errors import ExitCode, StateError
+from sync.errors import BadJobError, ExitCode, JobProblem, StateError
 from sync.ledger import Ledger, new_run_id
 from sync.logs import get_logger
 from sync.planning import Plan, build_plan, check_workdir
@@ -75,6 +76,10 @@ class RunOptions:
     auto_resume: bool = True
     full_refresh: bool = False
     force: bool = False
+    limit: int | None = None
+    """A sample run (``--limit N``): of each source only the first N rows that pass validation
+    (:func:`sync.planning.build_plan`). Changes mode only: a snapshot run of a sample would read every other
+    user as gone."""
     progress: Progress = "none"
     handle_signals: bool = False
     metrics_port: int | None = None
@@ -174,6 +179,19 @@ async def run(job: Job, options: RunOptions) -> RunOutcome:
     errors never escape — they end up in the outcome.
     """
     register_secret(options.api_key)
+    if options.limit is not None and job.mode is SyncMode.SNAPSHOT:
+        raise BadJobError(
+            str(job.path),
+            [
+                JobProblem(
+                    "--limit",
+                    "not available in snapshot mode: the diff would read every user after the sample as removed "
+                    "from the export; try a sample with a copy of the job in changes mode",
+                )
+            ],
+        )
+    if options.limit is not None and options.limit < 1:
+        raise BadJobError(str(job.path), [JobProblem("--limit", "must be at least 1")])
     if options.workdir is not None:
         job = dataclasses.replace(job, workdir=Path(options.workdir))
     platform_for(job)  # an unknown platform fails before the workdir is touched
@@ -209,7 +227,7 @@ async def _run_changes(
         mode = ReplayMode.RETRY if options.retry else ReplayMode.RESUME
         decisions = replay_plan(ledger, origin, mode, platform=platform_for(job))
         _mark_dead(ledger, decisions.runs)
-    plan = await asyncio.to_thread(build_plan, job)
+    plan = await asyncio.to_thread(functools.partial(build_plan, job, limit=options.limit))
     stats = ReplayStats() if decisions is not None else None
     # A replay is sent like a fresh run: per-endpoint lanes, each filtered by what the ledger says.
     source: BatchSource = plan if decisions is None else ReplayLanes(plan, decisions, stats)

@@ -61,6 +61,12 @@ def register(subparsers: Any) -> None:
         help=f"seconds per request assumed by the duration estimate (default {ASSUMED_LATENCY})",
     )
     add_source_selection(plan)
+    plan.add_argument(
+        "--limit",
+        type=positive_int,
+        metavar="N",
+        help="plan a sample: of each source only the first N rows that pass validation (changes mode)",
+    )
     plan.set_defaults(func=_plan)
 
 
@@ -174,6 +180,17 @@ def _secret_note(job: Job, out: TextIO) -> None:
         print(f"note: secret file {dest.secret_file} does not exist; `pushsync run` will need it", file=out)
 
 
+def positive_int(text: str) -> int:
+    """An argparse type: an integer of at least 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError("must be at least 1")
+    return value
+
+
 def add_source_selection(parser: Any) -> None:
     """``--select NAME[,NAME]`` and ``--exclude NAME[,NAME]`` (repeatable), for ``plan`` and ``run``."""
     parser.add_argument(
@@ -196,7 +213,11 @@ def selected_job(args: argparse.Namespace) -> Job:
 
 def _plan(args: argparse.Namespace) -> int:
     job = selected_job(args)
-    with build_plan(job, rejects_path=args.rejects) as plan:
+    if args.limit is not None and job.mode is SyncMode.SNAPSHOT:
+        raise BadJobError(
+            str(job.path), [JobProblem("--limit", "not available in snapshot mode (docs/run.md)")]
+        )
+    with build_plan(job, rejects_path=args.rejects, limit=args.limit) as plan:
         diff = None
         if job.mode is SyncMode.SNAPSHOT:
             # Snapshot jobs send the difference from the confirmed state: show that (docs/sync.md).

@@ -53,9 +53,15 @@ def register(subparsers: Any) -> None:
     run.add_argument(
         "--force", action="store_true", help="snapshot mode: remove users past the removal threshold"
     )
-    from sync.cli.plan_cmd import add_source_selection
+    from sync.cli.plan_cmd import add_source_selection, positive_int
 
     add_source_selection(run)
+    run.add_argument(
+        "--limit",
+        type=positive_int,
+        metavar="N",
+        help="a sample run: of each source only the first N rows that pass validation (changes mode)",
+    )
     run.set_defaults(func=_run)
 
     runs = subparsers.add_parser("runs", help="list the runs recorded in a job's ledger")
@@ -107,6 +113,7 @@ def _run(args: argparse.Namespace) -> int:
         workdir=args.workdir,
         full_refresh=args.full_refresh,
         force=args.force,
+        limit=args.limit,
         handle_signals=True,
         progress=args.progress,
         metrics_port=args.metrics_port,
