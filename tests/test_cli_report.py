@@ -214,8 +214,14 @@ def test_the_dockerfile_installs_the_wheel_and_runs_pushsync_as_non_root() -> No
     assert "pip wheel" in text and "pip install --no-cache-dir /wheels/*.whl" in text
     assert 'ENTRYPOINT ["pushsync"]' in text  # exec form: SIGTERM reaches pushsync, which drains
     assert "USER 10001" in text
-    for copied in ("pyproject.toml", "schemas", "sync"):  # what a wheel build needs, and nothing secret
-        assert any(line.startswith("COPY") and copied in line for line in text.splitlines())
+    copies = [line.split()[1] for line in text.splitlines() if line.startswith("COPY") and "--from" not in line]
+    # what a wheel build needs, and nothing secret: the package and the files its data links point to
+    assert {"sync", "schemas", "pyproject.toml", "jobs/demo.yaml"} <= set(copies)
+    repo = Path(__file__).resolve().parent.parent
+    for link in (repo / "sync" / "schemas", repo / "sync" / "_demo" / "demo.yaml"):
+        if link.is_symlink():
+            target = link.resolve().relative_to(repo).as_posix()
+            assert any(target == c or target.startswith(c + "/") for c in copies), target
 
 
 def test_the_cronjob_wires_the_secret_the_job_names_and_a_volume_for_the_ledger(

@@ -29,11 +29,13 @@ _OPT_INS = {
 _EMAIL = ("email", "e_mail", "email_address", "mail")
 _PHONE = ("msisdn", "phone", "mobile", "phone_number", "mobile_number", "gsm")
 _TAGS = ("tags", "segments", "segment", "tag")
-_DEFAULT_URLS = {
-    "netmera": "https://restapi.netmera.com/rest/3.0/",
-    "notifyvisitors": "https://appn.notifyvisitors.com/brand/",
-}
-_SECRET_ENV = {"netmera": "NETMERA_API_KEY", "notifyvisitors": "NOTIFYVISITORS_API_KEY"}
+
+
+def _starters() -> dict[str, Any]:
+    """Platform name → its :class:`sync.config.StarterJob`, for every registered platform that offers one."""
+    from sync.platforms.registry import REGISTRY
+
+    return {name: REGISTRY[name].limits.starter for name in REGISTRY.names() if REGISTRY[name].limits.starter}
 
 
 def register(subparsers: Any) -> None:
@@ -45,7 +47,8 @@ def register(subparsers: Any) -> None:
     )
     init.add_argument("--name", help="the job's name (default: the data file's name)")
     init.add_argument("--ext-id", help="the column with the external ID (default: guessed from the names)")
-    init.add_argument("--platform", choices=sorted(_DEFAULT_URLS), default="netmera")
+    starters = _starters()
+    init.add_argument("--platform", choices=sorted(starters), default=next(iter(starters)))
     init.add_argument("--force", action="store_true", help="overwrite an existing job file")
     init.set_defaults(func=_init)
 
@@ -97,6 +100,7 @@ def _delimiter(values: list[str]) -> str | None:
 
 def suggest_job(data: Path, job_path: Path, *, name: str, platform: str, ext_id: str | None) -> str:
     """The YAML text of a first job for ``data``, to be written at ``job_path``."""
+    starter = _starters()[platform]
     frame = _read_sample(data)
     columns = list(frame.columns)
     if not columns:
@@ -145,8 +149,8 @@ def suggest_job(data: Path, job_path: Path, *, name: str, platform: str, ext_id:
         "",
         "destination:",
         f"  platform: {platform}",
-        f"  base_url: {_DEFAULT_URLS[platform]}",
-        f"  secret: {{env: {_SECRET_ENV[platform]}}}        # where the API key lives - never the key itself",
+        f"  base_url: {starter.base_url}",
+        f"  secret: {{env: {starter.secret_env}}}        # where the API key lives - never the key itself",
         "",
         "sources:",
         "  - name: users",
@@ -163,9 +167,9 @@ def suggest_job(data: Path, job_path: Path, *, name: str, platform: str, ext_id:
     if opt_ins:
         lines.append("    opt_ins:")
         lines += [f"      {channel}: {q(col)}" for channel, col in opt_ins.items()]
-    if email and platform == "netmera":
+    if email and "email" in starter.contact_fields:
         lines.append(f"    email: {q(email)}")
-    if phone and platform == "netmera":
+    if phone and "msisdn" in starter.contact_fields:
         lines.append(f"    msisdn: {q(phone)}")
     lines += [
         "",

@@ -33,6 +33,7 @@ from sync.config._platforms import (
     PlatformCatalog,
     PlatformLimits,
     PlatformRules,
+    StarterJob,
     installed_platforms,
     use_platforms,
 )
@@ -71,6 +72,7 @@ __all__ = [
     "Source",
     "SourceKind",
     "SqlInput",
+    "StarterJob",
     "SyncMode",
     "TagAction",
     "TagColumn",

@@ -37,6 +37,19 @@ class PlatformLimits:
     default_budget_groups: tuple[BudgetGroupSpec, ...] = ()
     """Limits the platform counts over several endpoints together (NotifyVisitors' per-family limits); a job's
     group of the same name replaces one."""
+    starter: StarterJob | None = None
+    """What ``pushsync init`` writes for this platform's destination (None: init does not offer it, e.g. when a
+    job needs settings no file header can suggest)."""
+
+
+@dataclass(frozen=True, slots=True)
+class StarterJob:
+    """The destination of a first job (``pushsync init``): the production URL, the conventional name of the key's
+    environment variable, and the contact fields (``email``, ``msisdn``) a users source may map."""
+
+    base_url: str
+    secret_env: str
+    contact_fields: frozenset[str] = frozenset()
 
 
 class PlatformRules(Protocol):

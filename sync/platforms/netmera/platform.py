@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
-from sync.config import Job, PlatformLimits, RateBudgetSpec, Source
+from sync.config import Job, PlatformLimits, RateBudgetSpec, Source, StarterJob
 from sync.errors import JobProblem
 from sync.platforms.base import BatchBuilder, PlatformClient
 from sync.platforms.netmera import MAX_IDS_PER_REQUEST, PLATFORM
@@ -32,6 +32,11 @@ class NetmeraPlatform:
         # moves 20,000 users/s through the 1000-ID endpoints. Jobs override per endpoint, or add an account-wide
         # group when their server counts the whole API key.
         default_budgets={"*": RateBudgetSpec(requests=20, period=1.0)},
+        starter=StarterJob(
+            base_url="https://restapi.netmera.com/rest/3.0/",
+            secret_env="NETMERA_API_KEY",
+            contact_fields=frozenset({"email", "msisdn"}),
+        ),
     )
     snapshot_mode = True
     non_idempotent = frozenset({Operation.FIRE_EVENTS, Operation.PUSH_ATTRIBUTES})
