@@ -142,3 +142,23 @@ def test_doctor_on_notifyvisitors_checks_reachability_and_says_the_key_is_not_ch
     # The same job once the server is gone: unreachable.
     assert main(["doctor", str(job)]) == 3
     assert "not usable" in capsys.readouterr().err
+
+
+def test_doctor_on_forms_on_fire_checks_reachability_and_says_the_key_is_not_checked(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from tests.sandbox_fixtures import start_sandbox_process, stop_sandbox_process
+
+    monkeypatch.setenv("FORMSONFIRE_SANDBOX_INTEGRATION_KEY", "fof-doctor-key-0123456789")
+    process, url = start_sandbox_process("formsonfire", "--company-id", "1000")
+    try:
+        text = (Path(__file__).parents[1] / "jobs" / "formsonfire.yaml").read_text(encoding="utf-8")
+        job = tmp_path / "fof.yaml"
+        job.write_text(text.replace("http://127.0.0.1:8082/api/v2/", url), encoding="utf-8")
+        monkeypatch.setenv("FORMSONFIRE_INTEGRATION_KEY", "fof-doctor-key-0123456789")
+        assert main(["doctor", str(job)]) == 0
+        captured = capsys.readouterr()
+        assert "reachable" in captured.out and "Forms On Fire has no read-only call" in captured.out
+        assert "fof-doctor-key-0123456789" not in captured.out + captured.err
+    finally:
+        stop_sandbox_process(process)
