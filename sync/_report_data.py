@@ -144,6 +144,47 @@ class _Tally:
 
 
 @dataclass(frozen=True, slots=True)
+class InputLine:
+    """What the run read and where it sent (the run summary's ``input``; absent for runs of older versions)."""
+
+    rows_read: int
+    rows_clean: int
+    rows_rejected: int
+    duplicates_dropped: int
+    mode: str
+    platform: str
+    host: str
+    snapshot: tuple[tuple[str, int], ...] | None
+    """Snapshot mode: (users new, changed, unchanged, left, removed) as (name, count) pairs."""
+
+
+_SNAPSHOT_KEYS = ("new", "changed", "unchanged", "left", "removed")
+
+
+def _input(summary_json: str | None) -> InputLine | None:
+    """The run summary's input section, or None when the run (or an older pushsync) stored none."""
+    if not summary_json:
+        return None
+    try:
+        raw = json.loads(summary_json).get("input")
+        if not isinstance(raw, dict):
+            return None
+        rows, dest, snap = raw["rows"], raw["destination"], raw.get("snapshot")
+        return InputLine(
+            rows_read=int(rows["read"]),
+            rows_clean=int(rows["clean"]),
+            rows_rejected=int(rows["rejected"]),
+            duplicates_dropped=int(rows["duplicates_dropped"]),
+            mode=str(raw["mode"]),
+            platform=str(dest["platform"]),
+            host=redact(str(dest["host"])),
+            snapshot=None if not isinstance(snap, dict) else tuple((k, int(snap[k])) for k in _SNAPSHOT_KEYS),
+        )
+    except (ValueError, KeyError, TypeError, AttributeError):
+        return None  # a damaged summary: the rest of the page still stands
+
+
+@dataclass(frozen=True, slots=True)
 class RunReport:
     """Everything the page shows, read from the ledger."""
 
@@ -167,6 +208,8 @@ class RunReport:
     """Attempts per latency bucket: ``LATENCY_BUCKETS`` upper bounds, then one bucket for anything slower."""
     history: tuple[HistoryLine, ...] = ()
     """This run and the job's runs before it in the same ledger, newest first (at most ``_MAX_HISTORY``)."""
+    input: InputLine | None = None
+    """What the run read and where it sent; None for runs whose summary holds none."""
 
     @property
     def duration(self) -> float | None:
@@ -333,6 +376,7 @@ def read_run(conn: sqlite3.Connection, run_id: str, path: Path) -> RunReport:
         bin_seconds=bin_seconds,
         bins=tuple(bins),
         latency_counts=tuple(latency_counts),
+        input=_input(summary_json),
     )
 
 

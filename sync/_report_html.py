@@ -90,6 +90,8 @@ def render_page(report: RunReport) -> str:
         f'<p class="sub" data-field="run_id">{_esc(report.run_id)}</p>',
         _header(report),
         _cards(report),
+        "<h2>Input</h2>",
+        _input(report),
         "<h2>Per endpoint</h2>",
         _endpoint_table(report),
         "<h2>Requests over time</h2>",
@@ -136,6 +138,25 @@ def _header(r: RunReport) -> str:
         for (k, v), f in zip(rows, fields, strict=False)
     )
     return f"<dl>{items}</dl>"
+
+
+def _input(r: RunReport) -> str:
+    i = r.input
+    if i is None:
+        return '<p class="note">This run\'s summary holds no input figures (a run of an older pushsync).</p>'
+    rows: list[tuple[str, str, object]] = [
+        ("rows_read", "Rows read", f"{i.rows_read:,}"),
+        ("rows_clean", "Rows clean", f"{i.rows_clean:,}"),
+        ("input_rows_rejected", "Rows rejected by validation", f"{i.rows_rejected:,}"),
+        ("duplicates_dropped", "Duplicate rows dropped", f"{i.duplicates_dropped:,}"),
+        ("mode", "Mode", i.mode),
+        ("destination_platform", "Platform", i.platform),
+        ("destination_host", "Base URL host", i.host),
+    ]
+    if i.snapshot is not None:
+        rows += [(f"snapshot_{k}", f"Users {k}", f"{v:,}") for k, v in i.snapshot]
+    items = "".join(f'<dt>{_esc(label)}</dt><dd data-field="{f}">{_esc(v)}</dd>' for f, label, v in rows)
+    return f'<dl class="input">{items}</dl>'
 
 
 def _cards(r: RunReport) -> str:

@@ -88,6 +88,9 @@ class BatchSender:
         self._endpoints: dict[str, Endpoint] = {}
         self._fatal: FatalPlatformError | None = None
         self._done = 0
+        # Requests in a row that got no answer at all (refused, DNS, reset), over every endpoint: a server that
+        # cannot be reached would otherwise burn every retry of every batch in silence.
+        self._no_answer_streak = 0
         # The global cap on requests in flight, over every endpoint (lanes may have more workers than this).
         self._in_flight = asyncio.Semaphore(max(1, settings.concurrency))
 
@@ -226,6 +229,17 @@ class BatchSender:
             status=str(status_),
             attempts=attempts,
         )
+        if status_ is BatchStatus.FAILED and attempts and fatal is None:
+            # An on-call engineer must see why IDs failed without turning on debug logs.
+            self._log.warning(
+                "batch.failed",
+                endpoint=batch.endpoint,
+                batch=batch.batch_id,
+                attempts=attempts,
+                status=last_status,
+                ids=failed_ids,
+                error=last_message,
+            )
         if fatal is not None and self._fatal is None:
             self._fatal = fatal
             self._log.error("run.abort", endpoint=batch.endpoint, status=fatal.status, error=fatal.message)
@@ -313,10 +327,12 @@ class BatchSender:
                             sent_at,
                         )
                         ep.budget.on_success(outcome.remaining, outcome.reset_after)
+                        self._no_answer_streak = 0
                         return attempt, outcome.http_status
                     latency = clock.time() - now
                     if error.status is not None:  # an answer (a time-out or a dropped connection is none)
                         ep.budget.observe(clock.time() - released_at)
+                        self._no_answer_streak = 0
                     self._sample_latency(stats, latency)
                     self._attempt_done(
                         Attempt(
@@ -333,6 +349,17 @@ class BatchSender:
                     )
                 finally:
                     self._in_flight.release()
+            if isinstance(error, RetryableError) and error.no_connection:
+                self._no_answer_streak += 1
+                limit = self._settings.abort_after_connection_failures
+                if limit and self._no_answer_streak >= limit and self._fatal is None:
+                    raise _AttemptsError(
+                        attempt,
+                        FatalPlatformError(
+                            f"the server cannot be reached: {self._no_answer_streak} requests in a row got no "
+                            f"answer (last: {error.message}); check destination.base_url and the network"
+                        ),
+                    )
             if isinstance(error, RetryableError):
                 if error.rate_limited:
                     stats.rate_limited += 1

@@ -138,7 +138,9 @@ class FatalPlatformError(PlatformError):
 class RetryableError(PlatformError):
     """A transient failure (429, 5xx, time-out, dropped connection): retry after ``retry_after`` seconds if set.
 
-    ``remaining`` is the server's ``X-RateLimit-Remaining`` when it sent one; ``rate_limited`` is True for 429s.
+    ``remaining`` is the server's ``X-RateLimit-Remaining`` when it sent one; ``rate_limited`` is True for 429s;
+    ``no_connection`` is True when the server could not be reached at all (counted towards
+    ``dispatch.abort_after_connection_failures``).
     """
 
     def __init__(
@@ -149,10 +151,13 @@ class RetryableError(PlatformError):
         code: int | str | None = None,
         retry_after: float | None = None,
         remaining: int | None = None,
+        no_connection: bool = False,
     ) -> None:
         super().__init__(message, status=status, code=code)
         self.retry_after = retry_after
         self.remaining = remaining
+        self.no_connection = no_connection
+        """No answer at all (refused, DNS, reset before an answer): a run of these aborts the run."""
 
     @property
     def rate_limited(self) -> bool:

@@ -22,9 +22,11 @@ from collections.abc import AsyncIterable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
+from urllib.parse import urlsplit
 
+from sync.alerts import alert_reasons, post_alert
 from sync.budget import Budget
-from sync.config import Job, SyncMode
+from sync.config import Alerts, Job, SyncMode
 from sync.dispatch import Dispatcher, DispatchObserver, DispatchOutcome, LaneSource
 from sync.errors import BadJobError, ExitCode, JobProblem, StateError
 from sync.ledger import Ledger, new_run_id
@@ -34,10 +36,10 @@ from sync.platforms.base import PlatformClient
 from sync.platforms.registry import platform_for
 from sync.progress import make_progress
 from sync.records import Batch
-from sync.redact import register_secret
+from sync.redact import redact, register_secret
 from sync.resume import ReplayLanes, ReplayMode, ReplayPlan, ReplayStats, replay_plan, unfinished_run
 from sync.state import CommitReport, DiffCounts, SnapshotDiff, StateStore, commit, compute_diff, recover
-from sync.summary import RunSummary, summarise
+from sync.summary import RunInput, RunSummary, summarise
 
 if TYPE_CHECKING:
     from sync.metrics import RunMetrics
@@ -86,6 +88,8 @@ class RunOptions:
     metrics_textfile: Path | None = None
     metrics_pushgateway: str | None = None
     """Push the run's metrics to this Prometheus Pushgateway URL when it ends (sync.metrics)."""
+    alert_url: str | None = None
+    """The job's alert webhook, resolved by the caller (:func:`sync.alerts.resolve_webhook`); None: no alerts."""
     stop: asyncio.Event | None = None
     client: PlatformClient | None = None
     budget_factory: Callable[[str], Budget] | None = None
@@ -269,7 +273,15 @@ async def _run_snapshot(job: Job, options: RunOptions, store: StateStore, ledger
     expected = (sum(r for r, _ in counts.values()), sum(i for _, i in counts.values()))
     # The diff is sent like a changes run: per-endpoint lanes, phase by phase.
     outcome = await _dispatch(
-        job, options, ledger, plan, diff, run_id=run_id, expected=expected, full_refresh=options.full_refresh
+        job,
+        options,
+        ledger,
+        plan,
+        diff,
+        run_id=run_id,
+        expected=expected,
+        full_refresh=options.full_refresh,
+        diff_counts=diff.counts,
     )
     committed = await asyncio.to_thread(commit, store, job.sources, diff.directory, ledger, job.snapshot)
     return dataclasses.replace(
@@ -292,11 +304,13 @@ async def _dispatch(
     run_id: str,
     expected: tuple[int, int] | None = None,
     full_refresh: bool = False,
+    diff_counts: DiffCounts | None = None,
 ) -> RunOutcome:
     """Send ``source`` (taking ``plan`` over: it is closed at the end), record the run in ``ledger``.
 
     ``expected``: ``(requests, IDs)`` for the progress totals when ``source`` is not the plan itself;
-    ``full_refresh``: recorded with the run (a resume of it does a full refresh too)."""
+    ``full_refresh``: recorded with the run (a resume of it does a full refresh too); ``diff_counts``: what a
+    snapshot diff found, for the run summary's input section."""
     log = get_logger(job=job.name)
     stop = options.stop if options.stop is not None else asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -377,6 +391,9 @@ async def _dispatch(
             rows_rejected=rows_rejected,
             ledger=str(ledger_path),
             rejects=str(plan.rejects_path.resolve()),
+            thresholds=job.thresholds,
+            rows_read=sum(s.rows_read for s in plan.staged),
+            input_=_input_of(job, plan, rows_rejected, diff_counts),
         )
         status = {
             DispatchOutcome.ABORTED: "aborted",
@@ -391,6 +408,8 @@ async def _dispatch(
             message=summary.message,
             summary=summary.to_json(),
         )
+        if options.alert_url is not None and job.alerts is not None:
+            await _alert(job.alerts, options.alert_url, ledger, summary)
         log.info(
             "run.end",
             run=run_id,
@@ -407,6 +426,48 @@ async def _dispatch(
             loop.remove_signal_handler(sig)
         plan.close()
     return RunOutcome(run_id=run_id, exit_code=summary.exit_code, summary=summary, ledger_path=ledger_path)
+
+
+async def _alert(alerts: Alerts, url: str, ledger: Ledger, summary: RunSummary) -> None:
+    """Post an alert if this run needs a person; the usual duration is that of the job's last successful runs."""
+    usual = [
+        r.finished_at - r.started_at
+        for r in ledger.runs(summary.job)
+        if r.run_id != summary.run_id and r.exit_code == 0 and r.finished_at is not None
+    ]
+    reasons = alert_reasons(alerts, summary, usual)
+    if reasons:
+        await post_alert(url, summary, reasons, within=alerts.timeout)
+
+
+def _input_of(job: Job, plan: Plan, rows_rejected: int, diff: DiffCounts | None) -> RunInput:
+    """What the run read and where it sends, for the summary (and so the report)."""
+    url = urlsplit(job.destination.base_url)
+    # The host only: a path or query may carry a token on some platforms, and userinfo is a credential.
+    try:
+        port = url.port
+    except ValueError:  # a port out of range: the run has failed to connect already; name the host alone
+        port = None
+    host = redact(url.hostname or "") + (f":{port}" if port else "")
+    snapshot = None
+    if diff is not None:
+        snapshot = {
+            "new": diff.users_new,
+            "changed": diff.users_changed - diff.users_new,
+            "unchanged": diff.users_unchanged,
+            "left": diff.users_left,
+            "removed": diff.users_removed,
+        }
+    return RunInput(
+        rows_read=sum(s.rows_read for s in plan.staged),
+        rows_clean=sum(s.rows_clean for s in plan.staged),
+        rows_rejected=rows_rejected,
+        duplicates_dropped=sum(s.duplicates_dropped for s in plan.staged),
+        mode=job.mode.value,
+        platform=job.destination.platform,
+        host=host,
+        snapshot=snapshot,
+    )
 
 
 def _mark_dead(ledger: Ledger, runs: Iterable[str]) -> None:

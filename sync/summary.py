@@ -8,10 +8,19 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from sync.config import Thresholds
 from sync.dispatch import DispatchOutcome, DispatchReport, EndpointStats
 from sync.errors import ExitCode
 
-__all__ = ["EndpointReport", "RunSummary", "exit_code_for", "percentile", "summarise"]
+__all__ = [
+    "EndpointReport",
+    "RunInput",
+    "RunSummary",
+    "exit_code_for",
+    "percentile",
+    "summarise",
+    "threshold_decision",
+]
 
 
 def percentile(values: Sequence[float], q: float) -> float | None:
@@ -76,6 +85,36 @@ def _round(value: float | None, digits: int = 3) -> float | None:
     return None if value is None else round(value, digits)
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RunInput:
+    """What the run read and where it sent, kept in the run summary (the ledger's ``runs.summary``) for the
+    report: rows read/clean/rejected, duplicates dropped, the sync mode, the destination (platform and the base
+    URL's host, never a path, query or key) and, in snapshot mode, what the diff found."""
+
+    rows_read: int
+    rows_clean: int
+    rows_rejected: int
+    duplicates_dropped: int
+    mode: str
+    platform: str
+    host: str
+    snapshot: dict[str, int] | None = None
+    """Snapshot mode: users new, changed (not new), unchanged, left the export, and removed (untag/delete)."""
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "rows": {
+                "read": self.rows_read,
+                "clean": self.rows_clean,
+                "rejected": self.rows_rejected,
+                "duplicates_dropped": self.duplicates_dropped,
+            },
+            "mode": self.mode,
+            "destination": {"platform": self.platform, "host": self.host},
+            "snapshot": self.snapshot,
+        }
+
+
 @dataclass(frozen=True, slots=True)
 class RunSummary:
     """Everything ``pushsync run`` prints at the end."""
@@ -92,6 +131,10 @@ class RunSummary:
     message: str | None = None
     ledger: str | None = None
     rejects: str | None = None
+    threshold: str | None = None
+    """Which of the job's ``thresholds`` decided between exit 0 and 1, and why (None: none was involved)."""
+    rows_read: int | None = None
+    input: RunInput | None = None
 
     @property
     def requests(self) -> int:
@@ -118,6 +161,7 @@ class RunSummary:
             "exit_status": self.exit_code.name,
             "elapsed_seconds": round(self.elapsed, 3),
             "message": self.message,
+            "threshold": self.threshold,
             "totals": {
                 "requests": self.requests,
                 "batches_done": self.batches_done,
@@ -126,10 +170,12 @@ class RunSummary:
                 "ids_rejected": self.ids_rejected,
                 "ids_failed": self.ids_failed,
                 "rows_rejected": self.rows_rejected,
+                "rows_read": self.rows_read,
             },
             "endpoints": [e.to_json() for e in self.endpoints],
             "ledger": self.ledger,
             "rejects": self.rejects,
+            "input": None if self.input is None else self.input.to_json(),
         }
 
     def render_text(self) -> str:
@@ -139,6 +185,8 @@ class RunSummary:
         ]
         if self.message:
             lines.append(f"  {self.message}")
+        if self.threshold:
+            lines.append(f"  {self.threshold}")
         header = (
             f"  {'endpoint':<24}{'requests':>9}{'ids ok':>10}{'rejected':>9}{'failed':>8}{'429s':>6}"
             f"{'retries':>8}{'rate/s':>9}  {'budget':<16}{'max/win':>8}{'p50 ms':>8}{'p95 ms':>8}"
@@ -175,6 +223,63 @@ def exit_code_for(outcome: DispatchOutcome, *, problems: int) -> ExitCode:
     if outcome is DispatchOutcome.INTERRUPTED:
         return ExitCode.INTERRUPTED
     return ExitCode.PARTIAL if problems else ExitCode.OK
+
+
+def _within(
+    count: int, of: int, limit: int | None, share: float | None, names: tuple[str, str]
+) -> str | None:
+    """Why ``count`` (out of ``of``) is over the limit or share set (None: within every one set)."""
+    if limit is not None and count > limit:
+        return f"{count} over thresholds.{names[0]} ({limit})"
+    if share is not None and count > share * of:
+        return f"{count} of {of} ({count / of if of else 1:.2%}) over thresholds.{names[1]} ({share:.2%})"
+    return None
+
+
+def threshold_decision(
+    thresholds: Thresholds, *, rows_rejected: int, rows_read: int, ids_refused: int, ids_sent: int
+) -> tuple[bool, str]:
+    """Whether the rejected rows and refused IDs of a run that otherwise went through are within the job's
+    thresholds, and a sentence saying which threshold decided. Only called with at least one threshold set and
+    at least one rejected row or refused ID; a kind with none of its thresholds set is never within."""
+    parts = []
+    ok = True
+    for count, of, limit, share, names, what in (
+        (
+            rows_rejected,
+            rows_read,
+            thresholds.max_rejected_rows,
+            thresholds.max_rejected_share,
+            ("max_rejected_rows", "max_rejected_share"),
+            "rejected rows",
+        ),
+        (
+            ids_refused,
+            ids_sent,
+            thresholds.max_refused_ids,
+            thresholds.max_refused_share,
+            ("max_refused_ids", "max_refused_share"),
+            "refused IDs",
+        ),
+    ):
+        if not count:
+            continue
+        if limit is None and share is None:
+            ok = False
+            parts.append(f"{count} {what}, and no thresholds.{names[0]} or {names[1]} is set")
+            continue
+        over = _within(count, of, limit, share, names)
+        if over is not None:
+            ok = False
+            parts.append(f"{what}: {over}")
+        else:
+            set_ = " and ".join(
+                f"thresholds.{n} ({v if isinstance(v, int) else f'{v:.2%}'})"
+                for n, v in zip(names, (limit, share), strict=True)
+                if v is not None
+            )
+            parts.append(f"{count} {what} within {set_}")
+    return ok, ("exit 0: " if ok else "exit 1: ") + "; ".join(parts)
 
 
 def _endpoint_report(stats: EndpointStats) -> EndpointReport:
@@ -230,12 +335,36 @@ def summarise(
     rows_rejected: int = 0,
     ledger: str | None = None,
     rejects: str | None = None,
+    thresholds: Thresholds | None = None,
+    rows_read: int | None = None,
+    input_: RunInput | None = None,
 ) -> RunSummary:
-    """Turn a dispatch report into the run summary, with its exit code."""
+    """Turn a dispatch report into the run summary, with its exit code.
+
+    ``thresholds``: the job's; rejected rows (of ``rows_read``) and refused IDs within them do not make a run
+    that otherwise went through partial."""
     endpoints = tuple(_endpoint_report(s) for s in report.endpoints.values())
-    problems = (
-        rows_rejected + sum(e.ids_rejected + e.ids_failed for e in endpoints) + report.batches_unfinished
-    )
+    refused = sum(e.ids_rejected for e in endpoints)
+    failed = sum(e.ids_failed for e in endpoints)
+    problems = rows_rejected + refused + failed + report.batches_unfinished
+    threshold = None
+    if (
+        thresholds is not None
+        and thresholds.any
+        and report.outcome is DispatchOutcome.COMPLETED
+        and not failed
+        and not report.batches_unfinished
+        and (rows_rejected or refused)
+    ):
+        ok, threshold = threshold_decision(
+            thresholds,
+            rows_rejected=rows_rejected,
+            rows_read=rows_read if rows_read is not None else rows_rejected,
+            ids_refused=refused,
+            ids_sent=sum(e.ids_ok for e in endpoints) + refused,
+        )
+        if ok:
+            problems = 0
     message = None
     if report.fatal is not None:
         message = f"aborted: {report.fatal.message}"
@@ -254,4 +383,7 @@ def summarise(
         message=message,
         ledger=ledger,
         rejects=rejects,
+        threshold=threshold,
+        rows_read=rows_read,
+        input=input_,
     )

@@ -141,3 +141,36 @@ def test_progress_lines_reach_a_scheduler_log_by_default(key_env: Any, tmp_path:
     events = [json.loads(line)["event"] for line in done.stderr.splitlines() if line.startswith("{")]
     assert events[0] == "run.start" and events[-1] == "run.end"
     assert "run.progress" in events  # the run takes a few seconds under its budget: at least one line
+
+
+def _closed_port() -> int:
+    """A loopback port nothing listens on: bound, then released."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def test_an_unreachable_server_aborts_with_exit_3_naming_the_url(tmp_path: Path) -> None:
+    """A closed port used to run for minutes (every retry of every batch) without a line on stderr."""
+    url = f"http://127.0.0.1:{_closed_port()}/api"
+    job = write_job(tmp_path, url, users=400)
+    job.write_text(
+        job.read_text(encoding="utf-8")
+        + "  abort_after_connection_failures: 12\n  retry: {max_attempts: 3, base_delay: 0.02, max_delay: 0.05}\n",
+        encoding="utf-8",
+    )
+    done = _cli(
+        "run", str(job), "--progress", "none", "--output", "json",
+        cwd=tmp_path, env={KEY_ENV: "sEcReT-KeY-0123456789"},
+    )  # fmt: skip
+    assert done.returncode == ExitCode.ABORTED == 3, done.stderr
+    assert f"127.0.0.1:{url.rsplit(':', 1)[1]}" in done.stderr  # host, port and path named for on-call
+    assert "cannot be reached" in done.stderr and "12 requests in a row" in done.stderr
+    assert "batch.failed" in done.stderr  # a failed batch is a warning, not a debug line
+    assert "sEcReT-KeY-0123456789" not in done.stderr + done.stdout
+    summary = json.loads(done.stdout)
+    assert summary["exit_status"] == "ABORTED" and "cannot be reached" in summary["message"]
+    # Stopped after the streak, not after every retry of every batch.
+    assert summary["totals"]["requests"] < 40

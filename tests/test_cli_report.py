@@ -214,7 +214,9 @@ def test_the_dockerfile_installs_the_wheel_and_runs_pushsync_as_non_root() -> No
     assert "pip wheel" in text and "pip install --no-cache-dir /wheels/*.whl" in text
     assert 'ENTRYPOINT ["pushsync"]' in text  # exec form: SIGTERM reaches pushsync, which drains
     assert "USER 10001" in text
-    copies = [line.split()[1] for line in text.splitlines() if line.startswith("COPY") and "--from" not in line]
+    copies = [
+        line.split()[1] for line in text.splitlines() if line.startswith("COPY") and "--from" not in line
+    ]
     # what a wheel build needs, and nothing secret: the package and the files its data links point to
     assert {"sync", "schemas", "pyproject.toml", "jobs/demo.yaml"} <= set(copies)
     repo = Path(__file__).resolve().parent.parent

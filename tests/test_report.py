@@ -21,6 +21,7 @@ import pytest_asyncio
 from sync.config import load_job
 from sync.demo import generate_users
 from sync.ledger import Ledger
+from sync.planning import build_plan
 from sync.records import AttemptOutcome, BatchStatus, RejectedRow
 from sync.report import load_report, render_html, write_report
 from sync.run import RunOptions, RunOutcome, run
@@ -482,3 +483,62 @@ def test_the_trend_lists_the_jobs_last_runs_with_this_one_highlighted(tmp_path: 
         for r in page.iter("{http://www.w3.org/2000/svg}rect")
         if r.get("data-bucket")
     ][-2:] == [round(h.seconds or 0) for h in reversed(report.history)]
+
+
+def _input_fields(root: ET.Element) -> dict[str, str]:
+    dl = next(el for el in root.iter(f"{XHTML}dl") if el.get("class") == "input")
+    return {dd.get("data-field", ""): "".join(dd.itertext()) for dd in dl.iter(f"{XHTML}dd")}
+
+
+def test_the_input_section_equals_the_plan(reported_run: ReportedRun) -> None:
+    job = load_job(reported_run.data.parent.parent / "job.yaml")
+    plan = build_plan(job)
+    try:
+        want = plan.summary()
+    finally:
+        plan.close()
+    shown = _input_fields(parse(reported_run.page))
+    assert shown["rows_read"] == f"{want.rows_read:,}" == "122"
+    assert shown["rows_clean"] == f"{want.rows_clean:,}"
+    assert shown["input_rows_rejected"] == f"{want.rejected_count:,}" == "2"
+    assert shown["duplicates_dropped"] == f"{want.duplicates_dropped:,}"
+    assert shown["mode"] == "changes" and shown["destination_platform"] == "netmera"
+    host = job.destination.base_url.split("//", 1)[1].split("/", 1)[0]
+    assert shown["destination_host"] == host  # the host only: no path, no key
+    assert not any(k.startswith("snapshot_") for k in shown)
+    # The figures come from the run summary stored in the ledger.
+    with Ledger.open(reported_run.outcome.ledger_path) as ledger:
+        info = ledger.run(reported_run.outcome.run_id)
+    assert info is not None and info.summary is not None
+    stored = info.summary["input"]
+    assert stored["rows"] == {
+        "read": want.rows_read,
+        "clean": want.rows_clean,
+        "rejected": want.rejected_count,
+        "duplicates_dropped": want.duplicates_dropped,
+    }
+
+
+async def test_a_snapshot_runs_input_shows_the_diff(netmera_sandbox: Any, tmp_path: Path) -> None:
+    path = write_job(tmp_path, netmera_sandbox.url, users=30)
+    path.write_text(path.read_text(encoding="utf-8") + "mode: snapshot\n", encoding="utf-8")
+    first = await run(load_job(path), RunOptions(api_key=netmera_sandbox.api_key))
+    data = tmp_path / "data" / "users.csv"
+    lines = data.read_text(encoding="utf-8").splitlines(keepends=True)
+    # Drop one user (left), change one user's city (changed), add one (new).
+    header, body = lines[0], lines[1:]
+    body = [line for line in body if not line.startswith("U0000003,")]
+    cols = body[0].split(",")
+    cols[2] = "Elsewhere"
+    body[0] = ",".join(cols)
+    body.append("U8000001,New Person,Izmir,3,false,free,,true,false\n")
+    data.write_text(header + "".join(body), encoding="utf-8")
+    second = await run(load_job(path), RunOptions(api_key=netmera_sandbox.api_key))
+    assert second.diff is not None
+    out = write_report(second.ledger_path, second.run_id, tmp_path / "r.html")
+    shown = _input_fields(parse(out.read_text(encoding="utf-8")))
+    d = second.diff
+    assert shown["mode"] == "snapshot"
+    assert (shown["snapshot_new"], shown["snapshot_changed"], shown["snapshot_left"]) == ("1", "1", "1")
+    assert shown["snapshot_unchanged"] == str(d.users_unchanged) and shown["snapshot_removed"] == "0"
+    assert first.diff is not None and first.diff.users_new == 30  # the first run found everyone new

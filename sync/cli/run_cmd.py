@@ -101,6 +101,7 @@ def register(subparsers: Any) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
+    from sync.alerts import resolve_webhook
     from sync.cli.plan_cmd import selected_job
     from sync.config import resolve_secret
     from sync.run import RunOptions, run
@@ -119,6 +120,8 @@ def _run(args: argparse.Namespace) -> int:
         metrics_port=args.metrics_port,
         metrics_textfile=args.metrics_textfile,
         metrics_pushgateway=args.metrics_pushgateway,
+        # Resolved before anything is sent: a job that asks for alerts and cannot post them is misconfigured.
+        alert_url=resolve_webhook(job.alerts) if job.alerts is not None else None,
     )
     outcome = asyncio.run(run(job, options))
     text = json.dumps(outcome.to_json(), indent=2) if args.output == "json" else outcome.render_text()

@@ -12,6 +12,7 @@ Only the CLI reads environment variables: secrets are resolved by :func:`resolve
 
 from sync.config._job import (
     DEFAULT_NULL_VALUES,
+    Alerts,
     AttributeMapping,
     AttributeMode,
     FileFormat,
@@ -25,6 +26,7 @@ from sync.config._job import (
     SyncMode,
     TagAction,
     TagColumn,
+    Thresholds,
     ValidationRules,
     ValueType,
 )
@@ -51,6 +53,7 @@ from sync.config._yaml import looks_like_a_key, read_job_yaml
 
 __all__ = [
     "DEFAULT_NULL_VALUES",
+    "Alerts",
     "AttributeMapping",
     "AttributeMode",
     "BudgetGroupSpec",
@@ -76,6 +79,7 @@ __all__ = [
     "SyncMode",
     "TagAction",
     "TagColumn",
+    "Thresholds",
     "ValidationRules",
     "ValueType",
     "database_kind",

@@ -95,7 +95,15 @@ def parse_dispatch(
     }
     retry = RetryPolicy(**retry_kwargs)
     kwargs: dict[str, Any] = {
-        k: raw[k] for k in ("concurrency", "request_timeout", "drain_timeout", "queue_size") if k in raw
+        k: raw[k]
+        for k in (
+            "concurrency",
+            "request_timeout",
+            "drain_timeout",
+            "queue_size",
+            "abort_after_connection_failures",
+        )
+        if k in raw
     }
     per_endpoint = dict(raw.get("per_endpoint_concurrency") or {})
     _unknown(per_endpoint, "dispatch.per_endpoint_concurrency", platform, limits, problems)

@@ -183,6 +183,50 @@ class SnapshotSettings:
     """Every ``set`` attribute whose cell became empty is unset (an attribute's own ``on_null: unset`` also)."""
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Alerts:
+    """The job's ``alerts:``: where the webhook URL lives (never the URL) and when to post (docs/operations.md)."""
+
+    webhook_env: str | None = None
+    webhook_file: str | None = None
+    on_partial: bool = False
+    """Also alert on exit 1; exit 2 and above always alert."""
+    max_rejected_share: float | None = None
+    """Alert when rejected rows plus refused IDs exceed this share of rows read plus IDs sent."""
+    slower_than_usual: float = 2.0
+    """Alert when the run took more than this many times the median of the job's last successful runs."""
+    timeout: float = 5.0
+    """Seconds a post may take."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Thresholds:
+    """The job's ``thresholds:``: how many rejected rows and refused IDs a run may have and still exit 0.
+
+    None: not set. With none set (the default) any rejected row or refused ID makes the run partial (exit 1).
+    Failed or unfinished batches are never within a threshold."""
+
+    max_rejected_rows: int | None = None
+    max_rejected_share: float | None = None
+    """Of the rows read."""
+    max_refused_ids: int | None = None
+    max_refused_share: float | None = None
+    """Of the IDs sent (ok + refused)."""
+
+    @property
+    def any(self) -> bool:
+        """Whether any threshold is set."""
+        return any(
+            v is not None
+            for v in (
+                self.max_rejected_rows,
+                self.max_rejected_share,
+                self.max_refused_ids,
+                self.max_refused_share,
+            )
+        )
+
+
 @dataclass(frozen=True, slots=True)
 class Job:
     """A loaded, validated job file. Build it with :func:`load_job`."""
@@ -198,6 +242,8 @@ class Job:
     """Unique IDs per request, per endpoint; ``"*"`` for endpoints not named (platform default applied)."""
     mode: SyncMode = SyncMode.CHANGES
     snapshot: SnapshotSettings = field(default_factory=SnapshotSettings)
+    thresholds: Thresholds = field(default_factory=Thresholds)
+    alerts: Alerts | None = None
 
     def batch_size_for(self, endpoint: str) -> int:
         return self.batch_sizes.get(endpoint) or self.batch_sizes.get("*") or 1000

@@ -19,6 +19,7 @@ import jsonschema
 from sync.config._dispatch import parse_dispatch
 from sync.config._env import interpolate_job
 from sync.config._job import (
+    Alerts,
     Job,
     RemovalAction,
     SnapshotSettings,
@@ -26,6 +27,7 @@ from sync.config._job import (
     SourceKind,
     SyncMode,
     TagAction,
+    Thresholds,
     ValidationRules,
 )
 from sync.config._platforms import PlatformCatalog, PlatformRules, installed_platforms
@@ -401,4 +403,19 @@ def load_job(path: str | Path, *, platforms: PlatformCatalog | None = None) -> J
         batch_sizes=sizes,
         mode=mode,
         snapshot=snapshot,
+        thresholds=Thresholds(**((raw.get("thresholds") or {}) if sound("thresholds") else {})),
+        alerts=_alerts(raw["alerts"], base) if "alerts" in raw else None,
+    )
+
+
+def _alerts(raw: Mapping[str, Any], base: Path) -> Alerts:
+    """The schema-valid ``alerts`` section; a webhook file is relative to the job file, like the key's."""
+    hook = raw["webhook"]
+    return Alerts(
+        webhook_env=hook.get("env"),
+        webhook_file=str(base / os.path.expanduser(hook["file"])) if "file" in hook else None,
+        on_partial=bool(raw.get("on_partial", False)),
+        max_rejected_share=raw.get("max_rejected_share"),
+        slower_than_usual=float(raw.get("slower_than_usual", 2.0)),
+        timeout=float(raw.get("timeout", 5.0)),
     )

@@ -82,6 +82,9 @@ class DispatchSettings:
     retry: RetryPolicy = field(default_factory=RetryPolicy)
     budget_groups: tuple[BudgetGroupSpec, ...] = ()
     """Budgets shared by several endpoints, on top of each endpoint's own."""
+    abort_after_connection_failures: int = 20
+    """Abort the run (exit 3) after this many requests in a row got no answer at all (refused, DNS, reset);
+    0: never. Any answer, even an error status, starts the count again."""
 
     def budget_for(self, endpoint: str) -> RateBudgetSpec | None:
         """The endpoint's own budget (``"*"`` when it is not named), if any."""

@@ -9,7 +9,9 @@ aiohttp stops here. Its exceptions become :mod:`sync.errors` types exactly once,
     ClientConnectorCertificateError            FatalPlatformError       a refused certificate refuses every batch
     ClientSSLError, ssl.SSLError               FatalPlatformError       likewise (e.g. TLS to a plain-HTTP port)
     InvalidURL                                 FatalPlatformError       the job's base URL is wrong
-    any other ClientError                      RetryableError           refused/reset/dropped connection, truncated
+    ClientConnectorError, ServerDisconnected   RetryableError,          refused, DNS, reset before an answer: no
+                                               no_connection=True       answer at all (a run of these aborts)
+    any other ClientError                      RetryableError           dropped connection, truncated
                                                                         answer: transient from where we stand
 
 Redirects are never followed, for every connector: a 3xx raises :class:`FatalPlatformError` naming where it
@@ -320,6 +322,11 @@ class HttpSession:
             raise FatalPlatformError(f"{what}: TLS error: {redact(str(exc))}") from exc
         except aiohttp.InvalidURL as exc:
             raise FatalPlatformError(f"{what}: invalid URL") from exc
+        except (aiohttp.ClientConnectorError, aiohttp.ServerDisconnectedError) as exc:
+            # No answer at all (refused, DNS, reset before a status line): counted, a run of them aborts the run.
+            raise RetryableError(
+                f"{what}: connection failed: {type(exc).__name__}", no_connection=True
+            ) from exc
         except aiohttp.ClientError as exc:
             # Refused, reset or dropped connections, and truncated answers: transient from where we stand.
             raise RetryableError(f"{what}: connection failed: {type(exc).__name__}") from exc

@@ -1,0 +1,102 @@
+"""Alerts: one Slack-compatible webhook post (``{"text": ...}``) when a run needs a person.
+
+A run alerts when it failed (exit 2 and above; exit 1 too with ``on_partial``), when rejected rows and refused IDs
+exceed ``max_rejected_share``, or when it took more than ``slower_than_usual`` times the median duration of the
+job's last successful runs in the ledger. The webhook URL is a credential (anyone holding it may post): the job
+names where it lives, the CLI resolves it, and it is registered as a secret so that no log line shows it.
+
+Posting never fails or slows the run beyond ``timeout``: any error is a ``alert.failed`` warning.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import statistics
+import urllib.request
+from collections.abc import Mapping, Sequence
+
+from sync.config import Alerts, Destination, resolve_secret
+from sync.errors import ExitCode, SecretError
+from sync.logs import get_logger
+from sync.redact import redact, register_secret
+from sync.summary import RunSummary
+
+__all__ = ["alert_reasons", "post_alert", "resolve_webhook"]
+
+_MIN_HISTORY = 3  # successful runs needed before "slower than usual" means anything
+_HISTORY = 10  # the last successful runs the median is taken over
+
+
+def resolve_webhook(alerts: Alerts, environ: Mapping[str, str] | None = None) -> str:
+    """The webhook URL from the environment variable or file the job names (registered as a secret).
+    Raises :class:`SecretError` naming the variable or file, never the value."""
+    try:
+        url = resolve_secret(
+            Destination(
+                platform="alerts", base_url="", secret_env=alerts.webhook_env, secret_file=alerts.webhook_file
+            ),
+            environ,
+        )
+    except SecretError as exc:
+        raise SecretError(f"alerts.webhook: {exc}") from None
+    register_secret(url)
+    return url
+
+
+def alert_reasons(alerts: Alerts, summary: RunSummary, usual_durations: Sequence[float]) -> list[str]:
+    """Why this run needs a person (empty: it does not). ``usual_durations``: seconds of the job's last
+    successful runs, newest first, this run excluded."""
+    reasons = []
+    code = summary.exit_code
+    if code >= ExitCode.BAD_JOB_OR_INPUT or (code is ExitCode.PARTIAL and alerts.on_partial):
+        reasons.append(
+            f"exit {int(code)} ({code.name})" + (f": {summary.message}" if summary.message else "")
+        )
+    if alerts.max_rejected_share is not None:
+        bad = summary.rows_rejected + summary.ids_rejected
+        of = (summary.rows_read or 0) + summary.ids_ok + summary.ids_rejected
+        if of and bad / of > alerts.max_rejected_share:
+            reasons.append(
+                f"{bad} rejected rows and refused IDs of {of} ({bad / of:.2%}), over "
+                f"alerts.max_rejected_share ({alerts.max_rejected_share:.2%})"
+            )
+    recent = list(usual_durations[:_HISTORY])
+    if len(recent) >= _MIN_HISTORY:
+        usual = statistics.median(recent)
+        if usual > 0 and summary.elapsed > alerts.slower_than_usual * usual:
+            reasons.append(
+                f"took {summary.elapsed:.1f} s, {summary.elapsed / usual:.1f}x the median {usual:.1f} s of the "
+                f"last {len(recent)} successful runs"
+            )
+    return reasons
+
+
+def _post(url: str, body: bytes, timeout: float) -> int:
+    request = urllib.request.Request(
+        url, data=body, headers={"Content-Type": "application/json"}, method="POST"
+    )
+    with urllib.request.urlopen(request, timeout=timeout) as resp:
+        return int(resp.status)
+
+
+async def post_alert(url: str, summary: RunSummary, reasons: Sequence[str], *, within: float) -> bool:
+    """Post ``{"text": ...}`` naming the job, the run and ``reasons``; True when the webhook took it. Never
+    raises (but for cancellation) and never waits much longer than ``within`` seconds."""
+    log = get_logger(job=summary.job, run=summary.run_id)
+    text = (
+        f"pushsync job {summary.job}, run {summary.run_id}: " + "; ".join(reasons) + f". {summary.requests} "
+        f"requests, {summary.ids_ok} IDs ok, {summary.ids_rejected} refused, {summary.ids_failed} failed, "
+        f"{summary.rows_rejected} input rows rejected, {summary.elapsed:.1f} s."
+    )
+    body = json.dumps({"text": redact(text)}).encode("utf-8")
+    try:
+        # The thread's socket honours ``within``; the outer guard keeps a stuck DNS lookup from holding the run.
+        async with asyncio.timeout(within + 1):
+            status = await asyncio.to_thread(_post, url, body, within)
+    except (OSError, TimeoutError, ValueError) as exc:
+        # The message may quote the URL (a credential): masked, as every registered secret.
+        log.warning("alert.failed", error=redact(f"{type(exc).__name__}: {exc}"))
+        return False
+    log.info("alert.sent", status=status, reasons=len(reasons))
+    return True

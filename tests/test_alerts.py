@@ -1,0 +1,148 @@
+"""Alerts: a Slack-compatible ``{"text": ...}`` post when a run fails, rejects too much or is slower than usual;
+a webhook that is down never fails the run; the URL is never written in the job nor shown in a log."""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from sync.alerts import alert_reasons
+from sync.config import Alerts, load_job
+from sync.dispatch import DispatchOutcome
+from sync.errors import BadJobError, ExitCode
+from sync.summary import RunSummary
+from tests.test_cli_ops import _cli, _closed_port
+from tests.test_cli_run import KEY_ENV, write_job
+
+HOOK_ENV = "PUSHSYNC_TEST_ALERT_HOOK"
+
+
+class _Hook(BaseHTTPRequestHandler):
+    received: list[dict[str, Any]]
+
+    def do_POST(self) -> None:
+        length = int(self.headers.get("Content-Length", "0"))
+        self.server.received.append(  # type: ignore[attr-defined]
+            {"type": self.headers.get("Content-Type"), "body": json.loads(self.rfile.read(length))}
+        )
+        self.send_response(200)
+        self.end_headers()
+        self.wfile.write(b"ok")
+
+    def log_message(self, *args: Any) -> None:  # quiet: pytest's output is for failures
+        pass
+
+
+@pytest.fixture
+def webhook() -> Iterator[tuple[str, list[dict[str, Any]]]]:
+    """A real loopback HTTP server taking webhook posts: (URL with a secret-looking path, posts received)."""
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _Hook)
+    server.received = []  # type: ignore[attr-defined]
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield (
+            f"http://127.0.0.1:{server.server_address[1]}/services/T0/B0/hookSecret0123456789",
+            server.received,
+        )  # type: ignore[attr-defined]
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=5)
+
+
+def _unreachable_job(tmp_path: Path) -> Path:
+    job = write_job(tmp_path, f"http://127.0.0.1:{_closed_port()}/api", users=100)
+    job.write_text(
+        job.read_text(encoding="utf-8")
+        + "  abort_after_connection_failures: 4\n  retry: {max_attempts: 2, base_delay: 0.01, max_delay: 0.02}\n"
+        + f"alerts: {{webhook: {{env: {HOOK_ENV}}}, timeout: 2}}\n",
+        encoding="utf-8",
+    )
+    return job
+
+
+def test_a_failed_run_posts_the_alert(tmp_path: Path, webhook: tuple[str, list[dict[str, Any]]]) -> None:
+    url, received = webhook
+    done = _cli(
+        "run", str(_unreachable_job(tmp_path)), "--progress", "none",
+        cwd=tmp_path, env={KEY_ENV: "alert-test-key-0123456789", HOOK_ENV: url},
+    )  # fmt: skip
+    assert done.returncode == ExitCode.ABORTED, done.stderr
+    assert len(received) == 1 and received[0]["type"] == "application/json"
+    text = received[0]["body"]["text"]
+    assert set(received[0]["body"]) == {"text"}
+    assert "pushsync job cli, run " in text and "exit 3 (ABORTED)" in text and "cannot be reached" in text
+    assert "alert-test-key-0123456789" not in text
+    assert "hookSecret0123456789" not in done.stderr + done.stdout  # the webhook URL is a credential
+
+
+def test_a_webhook_that_is_down_never_fails_the_run(tmp_path: Path) -> None:
+    down = f"http://127.0.0.1:{_closed_port()}/hooks/downSecret0123456789"
+    done = _cli(
+        "run", str(_unreachable_job(tmp_path)), "--progress", "none",
+        cwd=tmp_path, env={KEY_ENV: "alert-test-key-0123456789", HOOK_ENV: down},
+    )  # fmt: skip
+    assert done.returncode == ExitCode.ABORTED, done.stderr  # the run's own code, not a crash
+    assert "alert.failed" in done.stderr and "Traceback" not in done.stderr
+    assert "downSecret0123456789" not in done.stderr
+
+
+def test_a_missing_webhook_variable_is_a_bad_job_before_sending(tmp_path: Path) -> None:
+    done = _cli(
+        "run", str(_unreachable_job(tmp_path)), "--progress", "none",
+        cwd=tmp_path, env={KEY_ENV: "alert-test-key-0123456789", HOOK_ENV: ""},
+    )  # fmt: skip
+    assert done.returncode == ExitCode.BAD_JOB_OR_INPUT
+    assert f"alerts.webhook: environment variable {HOOK_ENV} is not set" in done.stderr
+
+
+def test_a_webhook_url_written_in_the_job_is_refused(tmp_path: Path) -> None:
+    job = write_job(tmp_path, "http://127.0.0.1:9/api", users=4)
+    job.write_text(
+        job.read_text(encoding="utf-8") + 'alerts: {webhook: "https://hooks.example/T0/B0/x"}\n',
+        encoding="utf-8",
+    )
+    with pytest.raises(BadJobError) as caught:
+        load_job(job)
+    assert [p.location for p in caught.value.problems] == ["alerts.webhook"]
+    assert "hooks.example" not in str(caught.value)
+
+
+def _summary(
+    code: ExitCode, *, elapsed: float = 10.0, rows_rejected: int = 0, rows_read: int = 100
+) -> RunSummary:
+    outcome = DispatchOutcome.ABORTED if code is ExitCode.ABORTED else DispatchOutcome.COMPLETED
+    return RunSummary(
+        run_id="r1",
+        job="j",
+        outcome=outcome,
+        exit_code=code,
+        elapsed=elapsed,
+        endpoints=(),
+        rows_rejected=rows_rejected,
+        batches_done=1,
+        batches_unfinished=0,
+        rows_read=rows_read,
+    )
+
+
+def test_when_a_run_alerts() -> None:
+    alerts = Alerts(webhook_env="X")
+    assert alert_reasons(alerts, _summary(ExitCode.OK), []) == []
+    assert alert_reasons(alerts, _summary(ExitCode.PARTIAL, rows_rejected=1), []) == []
+    assert alert_reasons(Alerts(on_partial=True), _summary(ExitCode.PARTIAL), []) == ["exit 1 (PARTIAL)"]
+    assert alert_reasons(alerts, _summary(ExitCode.ABORTED), []) == ["exit 3 (ABORTED)"]
+    share = alert_reasons(Alerts(max_rejected_share=0.05), _summary(ExitCode.PARTIAL, rows_rejected=6), [])
+    assert share == ["6 rejected rows and refused IDs of 100 (6.00%), over alerts.max_rejected_share (5.00%)"]
+    # Slower than usual: more than 2x the median of the last successful runs, once there are three of them.
+    assert alert_reasons(alerts, _summary(ExitCode.OK, elapsed=25.0), [10.0, 11.0]) == []
+    assert alert_reasons(alerts, _summary(ExitCode.OK, elapsed=20.0), [10.0, 9.0, 11.0]) == []
+    slow = alert_reasons(alerts, _summary(ExitCode.OK, elapsed=25.0), [10.0, 9.0, 11.0, 500.0])
+    assert slow == ["took 25.0 s, 2.4x the median 10.5 s of the last 4 successful runs"]
