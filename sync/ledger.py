@@ -34,9 +34,10 @@ if TYPE_CHECKING:  # type only: the ledger does not import the platform layer at
 
 __all__ = ["SCHEMA_VERSION", "AttemptRow", "BatchRow", "Ledger", "RunInfo", "new_run_id"]
 
-SCHEMA_VERSION = 3
-"""1: runs, batches, batch_ids, rejected_rows. 2: + attempts (one row per HTTP request). 3: + batch_rows (the
-row keys of non-idempotent batches). Older ledgers are upgraded in place (each version only added a table)."""
+SCHEMA_VERSION = 4
+"""1: runs, batches, batch_ids, rejected_rows. 2: + attempts (one row per HTTP request). 3: + runs.full_refresh
+(a resume honours the run's full refresh). 4: + batch_rows (the row keys of non-idempotent batches). Older ledgers
+are upgraded in place."""
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL);
@@ -50,7 +51,8 @@ CREATE TABLE IF NOT EXISTS runs (
     status      TEXT NOT NULL,          -- running | done | partial | aborted | interrupted
     exit_code   INTEGER,
     message     TEXT,
-    summary     TEXT                    -- the run summary as JSON
+    summary     TEXT,                   -- the run summary as JSON
+    full_refresh INTEGER NOT NULL DEFAULT 0 -- 1: started with --full-refresh (a resume of it does one too)
 );
 CREATE TABLE IF NOT EXISTS batches (
     run_id      TEXT NOT NULL REFERENCES runs(run_id),
@@ -134,6 +136,7 @@ CREATE TABLE IF NOT EXISTS export_waits (   -- pushsync meiro wait / meiro run: 
 CREATE INDEX IF NOT EXISTS export_waits_run ON export_waits (run_id);
 """
 
+_RUN_COLUMNS = "run_id, job, job_path, platform, started_at, finished_at, status, exit_code, message, summary, full_refresh"
 _INSERT_PLANNED = (
     "INSERT OR IGNORE INTO batches (run_id, batch_id, endpoint, operation, phase, n_ids, ext_ids, status, planned_at)"
     " VALUES (?, ?, ?, ?, ?, ?, ?, 'planned', ?)"
@@ -183,6 +186,8 @@ class RunInfo:
     batches: int
     batches_by_status: dict[str, int]
     summary: dict[str, Any] | None
+    full_refresh: bool = False
+    """The run was started with ``--full-refresh`` (or resumed one that was)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -254,7 +259,11 @@ class Ledger:
                     f"{path}: ledger schema {row[0]} is newer than this pushsync ({SCHEMA_VERSION})"
                 )
             elif row[0] < SCHEMA_VERSION:
-                # Every change so far only added tables (created above): record the upgrade.
+                # Versions 1 and 2 lack runs.full_refresh (a development ledger of version 3 may too: it is looked up,
+                # not assumed); the other changes only added tables (created above).
+                columns = {r[1] for r in conn.execute("PRAGMA table_info(runs)")}
+                if "full_refresh" not in columns:
+                    conn.execute("ALTER TABLE runs ADD COLUMN full_refresh INTEGER NOT NULL DEFAULT 0")
                 conn.execute("UPDATE schema_version SET version = ?", (SCHEMA_VERSION,))
         except sqlite3.DatabaseError as exc:
             raise StateError(f"{path}: cannot open the ledger: {exc}") from exc
@@ -310,12 +319,20 @@ class Ledger:
         cur.execute("COMMIT")
 
     def start_run(
-        self, run_id: str, *, job: str, job_path: str | None = None, platform: str | None = None
+        self,
+        run_id: str,
+        *,
+        job: str,
+        job_path: str | None = None,
+        platform: str | None = None,
+        full_refresh: bool = False,
     ) -> None:
-        """Record a new run (committed at once: ``pushsync runs`` shows it while it runs)."""
+        """Record a new run (committed at once: ``pushsync runs`` shows it while it runs); ``full_refresh`` is
+        kept so that resuming the run, should it not finish, does a full refresh too."""
         self._queue(
-            "INSERT INTO runs (run_id, job, job_path, platform, started_at, status) VALUES (?, ?, ?, ?, ?, 'running')",
-            (run_id, job, job_path, platform, time.time()),
+            "INSERT INTO runs (run_id, job, job_path, platform, started_at, status, full_refresh) "
+            "VALUES (?, ?, ?, ?, ?, 'running', ?)",
+            (run_id, job, job_path, platform, time.time(), int(full_refresh)),
         )
         self.flush()
 
@@ -462,16 +479,20 @@ class Ledger:
 
     def runs(self, job: str | None = None) -> list[RunInfo]:
         """Runs, newest first (optionally of one job)."""
-        sql = "SELECT * FROM runs" + (" WHERE job = ?" if job else "") + " ORDER BY started_at DESC"
+        sql = (
+            f"SELECT {_RUN_COLUMNS} FROM runs"
+            + (" WHERE job = ?" if job else "")
+            + " ORDER BY started_at DESC"
+        )
         rows = self._conn.execute(sql, (job,) if job else ()).fetchall()
         return [self._run_info(r) for r in rows]
 
     def run(self, run_id: str) -> RunInfo | None:
-        row = self._conn.execute("SELECT * FROM runs WHERE run_id = ?", (run_id,)).fetchone()
+        row = self._conn.execute(f"SELECT {_RUN_COLUMNS} FROM runs WHERE run_id = ?", (run_id,)).fetchone()
         return None if row is None else self._run_info(row)
 
     def _run_info(self, row: tuple[Any, ...]) -> RunInfo:
-        run_id, job, _path, platform, started, finished, status, exit_code, message, summary = row
+        run_id, job, _path, platform, started, finished, status, exit_code, message, summary, full = row
         counts = dict(
             self._conn.execute(
                 "SELECT status, COUNT(*) FROM batches WHERE run_id = ? GROUP BY status", (run_id,)
@@ -489,6 +510,7 @@ class Ledger:
             batches=sum(counts.values()),
             batches_by_status=counts,
             summary=json.loads(summary) if summary else None,
+            full_refresh=bool(full),
         )
 
     def batches(self, run_id: str, *, status: BatchStatus | None = None) -> list[BatchRow]:

@@ -440,6 +440,7 @@ def _stage(
     rows_per_bucket: int,
     builder: Any = None,
     stop: threading.Event | None = None,
+    limit: int | None = None,
 ) -> StagedSource:
     inputs: list[tuple[str, Callable[[], Iterator[Chunk]]]]
     if source.sql is not None:
@@ -463,10 +464,19 @@ def _stage(
     writers: dict[int, tuple[Any, pa.ipc.RecordBatchStreamWriter]] = {}
     rows_read = 0
     check_rows = getattr(builder, "check_rows", None)
+    kept = 0
     try:
         for index, (name, read) in enumerate(inputs):
-            for chunk in read():
+            if limit is not None and kept >= limit:
+                break
+            chunks = read()
+            for chunk in chunks:
                 _check_stop(stop)
+                if limit is not None and kept >= limit:
+                    close = getattr(chunks, "close", None)
+                    if close is not None:
+                        close()  # the sample is complete: stop reading this file now
+                    break
                 rejects.rows(chunk.malformed)
                 rows_read += chunk.frame.height + len(chunk.malformed)
                 if chunk.frame.is_empty():
@@ -478,6 +488,9 @@ def _stage(
                     # XML cannot carry): rejected rows now, not a refused request (or a crash) later.
                     clean, bad = check_rows(source, clean, name)
                     rejects.frame(bad)
+                if limit is not None:
+                    clean = clean.head(limit - kept)
+                    kept += clean.height
                 if clean.is_empty():
                     continue
                 clean = clean.with_columns(canonical_key(clean[EXT_ID])).select(list(schema))
@@ -588,8 +601,13 @@ def build_plan(
     rejects_path: Path | None = None,
     rows_per_bucket: int = ROWS_PER_BUCKET,
     stop: threading.Event | None = None,
+    limit: int | None = None,
 ) -> Plan:
     """Read, validate and deduplicate every source of ``job``, ready to make batches.
+
+    ``limit`` (``--limit N``, a sample run): of each source, only the first N rows that pass validation, in
+    file order (files in their sorted order); reading stops there, so rows after them are neither sent nor
+    rejected. Duplicate IDs among those N still collapse to one user.
 
     When this returns, input validation is complete: rejected rows are in ``plan.rejects_path`` (default
     ``<workdir>/rejects.csv``). Staging directories that killed runs left in the workdir are removed first.
@@ -611,7 +629,7 @@ def build_plan(
             writer = _RejectsWriter(fh)
             builder = _builder_for(job)
             staged = tuple(
-                _stage(job, source, tmp, writer, rejects_path, rows_per_bucket, builder, stop)
+                _stage(job, source, tmp, writer, rejects_path, rows_per_bucket, builder, stop, limit)
                 for source in job.sources
             )
     except OSError as exc:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import functools
 import signal
 import threading
 from collections.abc import AsyncIterable, Callable, Iterable, Iterator, Sequence
@@ -28,7 +29,15 @@ from sync.alerts import alert_reasons, post_alert
 from sync.budget import Budget
 from sync.config import Alerts, Job, SyncMode
 from sync.dispatch import Dispatcher, DispatchObserver, DispatchOutcome, LaneSource
-from sync.errors import ExitCode, InterruptedRunError, PushSyncError, RunStoppedError, StateError
+from sync.errors import (
+    BadJobError,
+    ExitCode,
+    InterruptedRunError,
+    JobProblem,
+    PushSyncError,
+    RunStoppedError,
+    StateError,
+)
 from sync.ledger import Ledger, new_run_id
 from sync.logs import get_logger
 from sync.planning import Plan, build_plan, check_workdir
@@ -89,6 +98,10 @@ class RunOptions:
     auto_resume: bool = True
     full_refresh: bool = False
     force: bool = False
+    limit: int | None = None
+    """A sample run (``--limit N``): of each source only the first N rows that pass validation
+    (:func:`sync.planning.build_plan`). Changes mode only: a snapshot run of a sample would read every other
+    user as gone."""
     progress: Progress = "none"
     handle_signals: bool = False
     metrics_port: int | None = None
@@ -178,9 +191,13 @@ class RunOutcome:
                 )
         if self.committed is not None:
             c = self.committed
+            # The summary's "N batches unfinished" counts batches the stop left without an answer; they are
+            # part of the unconfirmed ones here, with the failed and refused: say so, with both counts.
+            unfinished = min(self.summary.batches_unfinished, c.batches_unconfirmed)
             lines.append(
                 f"state: {sum(c.users_updated.values())} users updated from {c.batches_confirmed} confirmed "
-                f"batches; {c.batches_unconfirmed} unconfirmed batches will be sent again by the next run"
+                f"batches; {c.batches_unconfirmed} batches not confirmed ({unfinished} unfinished, "
+                f"{c.batches_unconfirmed - unfinished} failed or refused): the next run sends their changes again"
             )
         return "\n".join(lines)
 
@@ -250,6 +267,19 @@ async def run(job: Job, options: RunOptions) -> RunOutcome:
     errors never escape — they end up in the outcome.
     """
     register_secret(options.api_key)
+    if options.limit is not None and job.mode is SyncMode.SNAPSHOT:
+        raise BadJobError(
+            str(job.path),
+            [
+                JobProblem(
+                    "--limit",
+                    "not available in snapshot mode: the diff would read every user after the sample as removed "
+                    "from the export; try a sample with a copy of the job in changes mode",
+                )
+            ],
+        )
+    if options.limit is not None and options.limit < 1:
+        raise BadJobError(str(job.path), [JobProblem("--limit", "must be at least 1")])
     if options.workdir is not None:
         job = dataclasses.replace(job, workdir=Path(options.workdir))
     platform_for(job)  # an unknown platform fails before the workdir is touched
@@ -257,32 +287,54 @@ async def run(job: Job, options: RunOptions) -> RunOutcome:
     # before sending stops with nothing recorded (exit 4) instead of killing the process mid-way.
     signals = StopSignals(options.stop)
     with signals.installed() if options.handle_signals else contextlib.nullcontext():
-        check_workdir(
-            job.workdir
-        )  # a read-only or full workdir: one clear error before the lock, ledger, plan
+        # A read-only or full workdir: one clear error before the lock, ledger, plan.
+        check_workdir(job.workdir)
         store = StateStore(job.workdir, job.destination)
         # The lock makes every run found "running" in the ledger a dead one (one run of a job at a time).
         with store.lock(), Ledger.open(ledger_path_for(job)) as ledger:
+            origin = options.retry or options.resume
+            origin_info = ledger.run(origin) if origin is not None else None
+            if origin is not None and origin_info is None:
+                raise StateError(f"no run {origin} in {ledger.path}")
+            # Resuming (or retrying) an interrupted --full-refresh finishes the full refresh: in snapshot mode
+            # the diff ignores the state again (else the rest would quietly become an ordinary diff), and the
+            # new run records the flag so that a resume of it does the same. A changes plan is every row anyway.
+            inherited = origin_info is not None and origin_info.full_refresh
             if job.mode is SyncMode.SNAPSHOT:
+                if inherited:
+                    options = dataclasses.replace(options, full_refresh=True)
                 return await _run_snapshot(job, options, signals, store, ledger)
-            return await _run_changes(job, options, signals, ledger)
+            return await _run_changes(job, options, signals, ledger, record_full_refresh=inherited)
 
 
-async def _run_changes(job: Job, options: RunOptions, signals: StopSignals, ledger: Ledger) -> RunOutcome:
+async def _run_changes(
+    job: Job, options: RunOptions, signals: StopSignals, ledger: Ledger, *, record_full_refresh: bool = False
+) -> RunOutcome:
     origin = options.retry or options.resume
     if origin is None and options.auto_resume and not options.full_refresh:
         origin = unfinished_run(ledger, job.name)
     decisions: ReplayPlan | None = None
+    # A resume of a full refresh sends what the full refresh left (its plan is every row anyway); only
+    # `retry --full-refresh` asks to send everything again.
     if origin is not None and not (options.full_refresh and options.retry):
         mode = ReplayMode.RETRY if options.retry else ReplayMode.RESUME
         decisions = replay_plan(ledger, origin, mode, platform=platform_for(job))
         _mark_dead(ledger, decisions.runs)
-    plan = await asyncio.to_thread(build_plan, job, stop=signals.requested)
+    plan = await asyncio.to_thread(
+        functools.partial(build_plan, job, limit=options.limit, stop=signals.requested)
+    )
     stats = ReplayStats() if decisions is not None else None
     # A replay is sent like a fresh run: per-endpoint lanes, each filtered by what the ledger says.
     source: BatchSource = plan if decisions is None else ReplayLanes(plan, decisions, stats)
     outcome = await _dispatch(
-        job, options, signals, ledger, plan, source, run_id=options.run_id or new_run_id()
+        job,
+        options,
+        signals,
+        ledger,
+        plan,
+        source,
+        run_id=options.run_id or new_run_id(),
+        full_refresh=options.full_refresh or record_full_refresh,
     )
     return dataclasses.replace(outcome, resumed_from=origin if decisions is not None else None, replay=stats)
 
@@ -291,8 +343,6 @@ async def _run_snapshot(
     job: Job, options: RunOptions, signals: StopSignals, store: StateStore, ledger: Ledger
 ) -> RunOutcome:
     origin = options.retry or options.resume
-    if origin is not None and ledger.run(origin) is None:
-        raise StateError(f"no run {origin} in {ledger.path}")
     # Snapshot jobs need no replay list: the state holds only confirmed changes, so once the crashed runs'
     # confirmations are merged, a fresh diff *is* the resume (and the retry).
     recovered = tuple(recover(store, job.sources, ledger, job.snapshot))
@@ -328,6 +378,7 @@ async def _run_snapshot(
             diff,
             run_id=run_id,
             expected=expected,
+            full_refresh=options.full_refresh,
             diff_counts=diff.counts,
         )
     except InterruptedRunError:
@@ -361,12 +412,14 @@ async def _dispatch(
     *,
     run_id: str,
     expected: tuple[int, int] | None = None,
+    full_refresh: bool = False,
     diff_counts: DiffCounts | None = None,
 ) -> RunOutcome:
     """Send ``source`` (taking ``plan`` over: it is closed at the end), record the run in ``ledger``.
 
     ``expected``: ``(requests, IDs)`` for the progress totals when ``source`` is not the plan itself;
-    ``diff_counts``: what a snapshot diff found, for the run summary's input section."""
+    ``full_refresh``: recorded with the run (a resume of it does a full refresh too); ``diff_counts``: what a
+    snapshot diff found, for the run summary's input section."""
     log = get_logger(job=job.name)
     stop = signals.event
     sending = False  # True once the dispatcher may have sent a request: from then on, never exit 2
@@ -375,7 +428,13 @@ async def _dispatch(
         if signals.interrupted():
             # Stopped after planning but before the run was recorded: leave no trace but the exit code.
             raise InterruptedRunError("interrupted before anything was sent; nothing was recorded")
-        ledger.start_run(run_id, job=job.name, job_path=str(job.path), platform=job.destination.platform)
+        ledger.start_run(
+            run_id,
+            job=job.name,
+            job_path=str(job.path),
+            platform=job.destination.platform,
+            full_refresh=full_refresh,
+        )
         rows_rejected = ledger.record_rejected_rows(run_id, plan.rejected_rows())
         ledger.flush()
         if expected is None:

@@ -207,3 +207,70 @@ def load_job_text(tmp_path: Path, text: str) -> Any:
 
     (tmp_path / "other.yaml").write_text(text, encoding="utf-8")
     return load_job(tmp_path / "other.yaml")
+
+
+def test_resume_of_a_completed_run_says_there_is_nothing_to_resume(
+    workspace: tuple[Path, NetmeraProcess], capsys: pytest.CaptureFixture[str]
+) -> None:
+    tmp, sandbox = workspace
+    (tmp / "job.yaml").write_text(job_text(sandbox.url, "changes"), encoding="utf-8")
+    write_users(tmp, range(50))
+    code, out, _ = run_cli(capsys, "run", "job.yaml", "--progress", "none", "--output", "json")
+    assert code == 0
+    run_id = json.loads(out)["run_id"]
+    code, out, err = run_cli(capsys, "resume", run_id, "--job", "job.yaml", "--progress", "none")
+    assert code == 0, err
+    assert f"run {run_id} finished (done): nothing to resume" in out
+    code, out, _ = run_cli(capsys, "runs", "job.yaml", "--output", "json")
+    assert [r["run_id"] for r in json.loads(out)] == [run_id]  # no new, empty run recorded
+
+
+def test_resume_of_an_interrupted_full_refresh_finishes_the_full_refresh(
+    workspace: tuple[Path, NetmeraProcess], capsys: pytest.CaptureFixture[str]
+) -> None:
+    tmp, sandbox = workspace
+    (tmp / "job.yaml").write_text(job_text(sandbox.url, "snapshot"), encoding="utf-8")
+    rows = write_users(tmp, range(100))
+    code, out, _ = run_cli(capsys, "run", "job.yaml", "--progress", "none", "--output", "json")
+    first = json.loads(out)
+    assert code == 0 and first["totals"]["requests"] > 0
+    # The full refresh fails on every request: nothing of it is confirmed.
+    _post_config(sandbox, {"faults": {"error_500": 1.0}})
+    code, out, _ = run_cli(
+        capsys, "run", "job.yaml", "--full-refresh", "--progress", "none", "--output", "json"
+    )
+    refresh = json.loads(out)
+    assert code == 1 and refresh["totals"]["ids_ok"] == 0
+    _post_config(sandbox, {"faults": {"error_500": 0.0}})
+    code, out, err = run_cli(
+        capsys, "resume", refresh["run_id"], "--job", "job.yaml", "--progress", "none", "--output", "json"
+    )
+    assert code == 0, err
+    resumed = json.loads(out)
+    # The state already holds every user: an ordinary diff would send nothing; the full refresh sends all
+    # again (plus one unset request for the users with an empty city).
+    assert resumed["totals"]["requests"] == first["totals"]["requests"] + 1
+    assert sandbox_users(sandbox) == expected_users(rows)
+    from sync.ledger import Ledger
+
+    with Ledger.open(tmp / "work" / "ledger.sqlite") as ledger:
+        info = ledger.run(resumed["run_id"])
+    assert info is not None and info.full_refresh  # a resume of this resume finishes the full refresh too
+
+
+def test_the_state_line_says_what_its_unconfirmed_batches_are(
+    workspace: tuple[Path, NetmeraProcess], capsys: pytest.CaptureFixture[str]
+) -> None:
+    tmp, sandbox = workspace
+    (tmp / "job.yaml").write_text(job_text(sandbox.url, "snapshot"), encoding="utf-8")
+    write_users(tmp, range(100))
+    _post_config(sandbox, {"faults": {"error_500": 1.0, "endpoints": ["tagUsers"]}})
+    code, out, _ = run_cli(capsys, "run", "job.yaml", "--progress", "none")
+    assert code == 1
+    line = next(x for x in out.splitlines() if x.startswith("state: "))
+    # Every failed batch is counted as not confirmed, split into unfinished (none: the run was not stopped)
+    # and failed or refused, so that the summary's "batches unfinished" cannot seem to contradict it.
+    assert "batches unfinished" not in out
+    assert " batches not confirmed (0 unfinished, " in line and "will be sent again" not in line
+    n = int(line.split("; ")[1].split(" ")[0])
+    assert n > 0 and f"(0 unfinished, {n} failed or refused)" in line

@@ -183,5 +183,29 @@ def test_attempts_are_stored_and_exported_and_a_version_1_ledger_is_upgraded(tmp
         ]
         assert ledger.export("r1", tmp_path / "a.csv", table="attempts", fmt="csv") == 2
         version = ledger._conn.execute("SELECT version FROM schema_version").fetchone()[0]
-    assert version == SCHEMA_VERSION == 3
+    assert version == SCHEMA_VERSION == 4
     assert pl.read_csv(tmp_path / "a.csv")["outcome"].to_list() == ["rate_limited", "ok"]
+
+
+@pytest.mark.parametrize("keep", ["full_refresh", "batch_rows"])
+def test_a_version_3_ledger_is_upgraded_to_hold_row_keys_and_full_refresh(tmp_path: Path, keep: str) -> None:
+    # Version 3 had runs.full_refresh but no batch_rows; a development ledger of the row-key branch had the
+    # table but not the column. Either is upgraded: a resume reads both.
+    path = tmp_path / "l.sqlite"
+    Ledger.open(path).close()
+    conn = sqlite3.connect(path)
+    if keep == "full_refresh":
+        conn.execute("DROP TABLE batch_rows")
+    else:
+        conn.execute("ALTER TABLE runs DROP COLUMN full_refresh")
+    conn.execute("UPDATE schema_version SET version = 3")
+    conn.commit()
+    conn.close()
+    with Ledger.open(path) as ledger:
+        ledger.start_run("r1", job="j", full_refresh=True)
+        ledger.flush()
+        info = ledger.run("r1")
+        assert info is not None and info.full_refresh
+        assert list(ledger.batch_rows(["r1"])) == []
+        version = ledger._conn.execute("SELECT version FROM schema_version").fetchone()[0]
+    assert version == SCHEMA_VERSION

@@ -23,6 +23,7 @@ __all__ = ["build_parser", "main"]
 _COMMAND_MODULES = (
     "sync.cli.init_cmd",
     "sync.cli.plan_cmd",
+    "sync.cli.doctor_cmd",
     "sync.cli.run_cmd",
     "sync.cli.state_cmd",
     "sync.cli.export_cmd",

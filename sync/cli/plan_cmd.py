@@ -33,6 +33,11 @@ def register(subparsers: Any) -> None:
     validate.add_argument(
         "--no-files", action="store_true", help="check the job file only, not its input files"
     )
+    validate.add_argument(
+        "--check-connection",
+        action="store_true",
+        help="then check the key and base URL with one harmless request, as `pushsync doctor` does",
+    )
     validate.set_defaults(func=_validate)
 
     plan = subparsers.add_parser(
@@ -54,6 +59,13 @@ def register(subparsers: Any) -> None:
         type=float,
         default=ASSUMED_LATENCY,
         help=f"seconds per request assumed by the duration estimate (default {ASSUMED_LATENCY})",
+    )
+    add_source_selection(plan)
+    plan.add_argument(
+        "--limit",
+        type=positive_int,
+        metavar="N",
+        help="plan a sample: of each source only the first N rows that pass validation (changes mode)",
     )
     plan.set_defaults(func=_plan)
 
@@ -116,6 +128,10 @@ def _validate(args: argparse.Namespace) -> int:
                 str(args.job), [{"location": p.location, "message": p.message} for p in file_problems]
             )
         )
+        if not file_problems and getattr(args, "check_connection", False):
+            from sync.cli.doctor_cmd import check_connection
+
+            return check_connection(job, sys.stderr)  # stdout holds the JSON document only
         return int(ExitCode.BAD_JOB_OR_INPUT if file_problems else ExitCode.OK)
     if file_problems:
         _print_problems(str(args.job), file_problems, out)
@@ -125,6 +141,10 @@ def _validate(args: argparse.Namespace) -> int:
         file=out,
     )
     _secret_note(job, out)
+    if getattr(args, "check_connection", False):
+        from sync.cli.doctor_cmd import check_connection
+
+        return check_connection(job, out)
     return int(ExitCode.OK)
 
 
@@ -160,9 +180,44 @@ def _secret_note(job: Job, out: TextIO) -> None:
         print(f"note: secret file {dest.secret_file} does not exist; `pushsync run` will need it", file=out)
 
 
+def positive_int(text: str) -> int:
+    """An argparse type: an integer of at least 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError("must be at least 1")
+    return value
+
+
+def add_source_selection(parser: Any) -> None:
+    """``--select NAME[,NAME]`` and ``--exclude NAME[,NAME]`` (repeatable), for ``plan`` and ``run``."""
+    parser.add_argument(
+        "--select",
+        action="append",
+        metavar="NAME[,NAME]",
+        help="only these sources (changes mode; unknown names are refused, listing the job's sources)",
+    )
+    parser.add_argument(
+        "--exclude", action="append", metavar="NAME[,NAME]", help="every source but these (changes mode)"
+    )
+
+
+def selected_job(args: argparse.Namespace) -> Job:
+    """The job file of ``args.job``, cut down to ``--select``/``--exclude`` (:func:`sync.config.select_sources`)."""
+    from sync.config import select_sources, split_names
+
+    return select_sources(load_job(args.job), split_names(args.select), split_names(args.exclude))
+
+
 def _plan(args: argparse.Namespace) -> int:
-    job = load_job(args.job)
-    with build_plan(job, rejects_path=args.rejects) as plan:
+    job = selected_job(args)
+    if args.limit is not None and job.mode is SyncMode.SNAPSHOT:
+        raise BadJobError(
+            str(job.path), [JobProblem("--limit", "not available in snapshot mode (docs/run.md)")]
+        )
+    with build_plan(job, rejects_path=args.rejects, limit=args.limit) as plan:
         diff = None
         if job.mode is SyncMode.SNAPSHOT:
             # Snapshot jobs send the difference from the confirmed state: show that (docs/sync.md).

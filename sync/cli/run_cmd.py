@@ -53,6 +53,15 @@ def register(subparsers: Any) -> None:
     run.add_argument(
         "--force", action="store_true", help="snapshot mode: remove users past the removal threshold"
     )
+    from sync.cli.plan_cmd import add_source_selection, positive_int
+
+    add_source_selection(run)
+    run.add_argument(
+        "--limit",
+        type=positive_int,
+        metavar="N",
+        help="a sample run: of each source only the first N rows that pass validation (changes mode)",
+    )
     run.set_defaults(func=_run)
 
     runs = subparsers.add_parser("runs", help="list the runs recorded in a job's ledger")
@@ -93,10 +102,11 @@ def register(subparsers: Any) -> None:
 
 def _run(args: argparse.Namespace) -> int:
     from sync.alerts import resolve_webhook
-    from sync.config import load_job, resolve_secret
+    from sync.cli.plan_cmd import selected_job
+    from sync.config import resolve_secret
     from sync.run import RunOptions, run
 
-    job = load_job(args.job)
+    job = selected_job(args)
     # Snapshot jobs send only the diff from the confirmed state; a changes job whose last run did not finish
     # resumes it (docs/sync.md).
     options = RunOptions(
@@ -104,6 +114,7 @@ def _run(args: argparse.Namespace) -> int:
         workdir=args.workdir,
         full_refresh=args.full_refresh,
         force=args.force,
+        limit=args.limit,
         handle_signals=True,
         progress=args.progress,
         metrics_port=args.metrics_port,

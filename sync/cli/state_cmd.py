@@ -87,6 +87,11 @@ def _replay(args: argparse.Namespace) -> int:
 
     job = load_job(args.job if args.job is not None else _job_of_run(args))
     retry = args.replay == "retry"
+    if not retry:
+        done = _nothing_to_resume(job, args)
+        if done is not None:
+            print(done)
+            return int(ExitCode.OK)
     options = RunOptions(
         api_key=resolve_secret(job.destination),
         workdir=args.workdir,
@@ -103,6 +108,37 @@ def _replay(args: argparse.Namespace) -> int:
     else:
         print(outcome.render_text())
     return int(outcome.exit_code)
+
+
+def _nothing_to_resume(job: Any, args: argparse.Namespace) -> str | None:
+    """Why resuming the run would send nothing (it finished, and no batch of it is left unconfirmed), or None.
+
+    Without this, ``resume`` of a completed run recorded a new, empty run. Only ``done`` and ``partial`` runs
+    qualify; a ``partial`` run whose failed batches are unconfirmed is still worth resuming."""
+    import dataclasses
+
+    from sync.ledger import Ledger
+    from sync.resume import UNFINISHED_STATUSES, replay_plan
+    from sync.run import ledger_path_for
+
+    if args.workdir is not None:
+        job = dataclasses.replace(job, workdir=args.workdir)
+    path = ledger_path_for(job)
+    if not path.exists():
+        return None  # run() names the missing run
+    with Ledger.open(path) as ledger:
+        info = ledger.run(args.run_id)
+        if info is None or info.status in UNFINISHED_STATUSES:
+            return None
+        decisions = replay_plan(ledger, args.run_id)
+        if decisions.unknown:
+            return None
+    refused = (
+        f"; {len(decisions.refused)} refused batch(es) need a fix and `pushsync retry {args.run_id}`"
+        if decisions.refused
+        else ""
+    )
+    return f"run {args.run_id} finished ({info.status}): nothing to resume{refused}"
 
 
 def _show(args: argparse.Namespace) -> int:

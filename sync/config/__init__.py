@@ -39,6 +39,7 @@ from sync.config._platforms import (
     installed_platforms,
     use_platforms,
 )
+from sync.config._select import select_sources, split_names
 from sync.config._settings import (
     BudgetGroupSpec,
     Destination,
@@ -88,5 +89,7 @@ __all__ = [
     "looks_like_a_key",
     "read_job_yaml",
     "resolve_secret",
+    "select_sources",
+    "split_names",
     "use_platforms",
 ]

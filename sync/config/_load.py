@@ -17,6 +17,7 @@ from typing import Any
 import jsonschema
 
 from sync.config._dispatch import parse_dispatch
+from sync.config._env import interpolate_job
 from sync.config._job import (
     Alerts,
     Job,
@@ -292,7 +293,10 @@ def load_job(path: str | Path, *, platforms: PlatformCatalog | None = None) -> J
         )
 
     base = job_path.resolve().parent
-    problems = _secret_problems(raw, base) + database_secret_problems(raw)
+    # ${NAME} references first: every check below (the base URL's literal-credential checks included) sees
+    # the value the run will use.
+    raw, env_problems = interpolate_job(raw)
+    problems = env_problems + _secret_problems(raw, base) + database_secret_problems(raw)
     quiet = {p.location for p in problems}
     validator = jsonschema.Draft202012Validator(job_schema())
     for error in sorted(validator.iter_errors(raw), key=lambda e: [str(x) for x in e.absolute_path]):

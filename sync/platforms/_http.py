@@ -266,6 +266,16 @@ class HttpSession:
             )
         return self._session
 
+    async def reachable(self) -> int:
+        """GET the base URL itself and return the status of whatever answered: DNS, the TCP connection and TLS
+        (certificate verified) all worked. For platforms with no read-only call (``pushsync doctor``): the
+        status says nothing about the key. A redirect raises as for every request; no answer raises
+        :class:`RetryableError`."""
+        answer = await self.request("GET", "", endpoint="base URL")
+        if answer.status >= 500:
+            raise RetryableError(f"{answer.what}: HTTP {answer.status}", status=answer.status)
+        return answer.status
+
     async def request(
         self,
         method: str,

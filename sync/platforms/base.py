@@ -33,7 +33,15 @@ from sync.records import Batch, Operation, Phase
 if TYPE_CHECKING:
     import polars as pl
 
-__all__ = ["BatchBuilder", "Platform", "PlatformClient", "Registry", "SendOutcome", "Stream"]
+__all__ = [
+    "BatchBuilder",
+    "ConnectionCheck",
+    "Platform",
+    "PlatformClient",
+    "Registry",
+    "SendOutcome",
+    "Stream",
+]
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,6 +76,17 @@ class PlatformClient(Protocol):
         ...
 
     async def aclose(self) -> None: ...
+
+
+@runtime_checkable
+class ConnectionCheck(Protocol):
+    """A client that can check its key and base URL with one harmless request (``pushsync doctor``)."""
+
+    async def check(self) -> str:
+        """Send one request that changes nothing; return what was checked. Raises
+        :class:`sync.errors.FatalPlatformError` for a refused key or a wrong URL (401/403/404, a redirect) and
+        :class:`sync.errors.RetryableError` when the server is unreachable or answers 5xx."""
+        ...
 
 
 class Stream(Protocol):

@@ -186,6 +186,15 @@ class FormsOnFireClient(HttpClient):
             max_connections=max_connections,
         )
 
+    async def check(self) -> str:
+        """Forms On Fire has no read-only call (the push endpoint is its only documented call, and a write), so nothing can check the key without writing: one GET of the
+        base URL checks DNS, the connection, TLS and that no redirect answers (``pushsync doctor``)."""
+        status = await self._session.reachable()
+        return (
+            f"the base URL is reachable (HTTP {status}); Forms On Fire has no read-only call, so the key is not "
+            "checked: the first batch of a run is"
+        )
+
     def split(self, batch: Batch) -> tuple[Batch, Batch] | None:
         """One user per request: never split."""
         return split_batch(batch)

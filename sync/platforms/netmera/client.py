@@ -95,6 +95,12 @@ class NetmeraClient(HttpClient):
         # Success bodies are not documented [I]: empty is fine, but a page that is not JSON is not the API's.
         return SendOutcome(answer.status, answer.latency, answer.expect_json(), answer.remaining)
 
+    async def check(self) -> str:
+        """One harmless read (``getDeviceTokens``, one row): the key and the base URL are right when it answers
+        2xx; 401/403/404 and redirects raise :class:`sync.errors.FatalPlatformError` (``pushsync doctor``)."""
+        await self.get("getDeviceTokens", {"max": "1", "offset": "0"})
+        return "getDeviceTokens (one row, read only) answered: the key and the base URL are accepted"
+
     async def get(
         self,
         endpoint: str,

@@ -139,6 +139,15 @@ class NotifyVisitorsClient(HttpClient):
             max_connections=max_connections,
         )
 
+    async def check(self) -> str:
+        """NotifyVisitors has no read-only call (its API documents only user/create and event/create, both writes), so nothing can check the key without writing: one GET of the
+        base URL checks DNS, the connection, TLS and that no redirect answers (``pushsync doctor``)."""
+        status = await self._session.reachable()
+        return (
+            f"the base URL is reachable (HTTP {status}); NotifyVisitors has no read-only call, so the key is not "
+            "checked: the first batch of a run is"
+        )
+
     def split(self, batch: Batch) -> tuple[Batch, Batch] | None:
         """Halve a batch by its user IDs (None for a single user)."""
         return split_batch(batch)
