@@ -146,3 +146,19 @@ def test_when_a_run_alerts() -> None:
     assert alert_reasons(alerts, _summary(ExitCode.OK, elapsed=20.0), [10.0, 9.0, 11.0]) == []
     slow = alert_reasons(alerts, _summary(ExitCode.OK, elapsed=25.0), [10.0, 9.0, 11.0, 500.0])
     assert slow == ["took 25.0 s, 2.4x the median 10.5 s of the last 4 successful runs"]
+
+
+def test_a_resumed_run_alerts_like_any_other(
+    tmp_path: Path, webhook: tuple[str, list[dict[str, Any]]]
+) -> None:
+    url, received = webhook
+    job = _unreachable_job(tmp_path)
+    env = {KEY_ENV: "alert-test-key-0123456789", HOOK_ENV: url}
+    first = _cli("run", str(job), "--progress", "none", cwd=tmp_path, env=env)
+    assert first.returncode == ExitCode.ABORTED, first.stderr
+    listed = _cli("runs", str(job), "--output", "json", cwd=tmp_path, env=env)
+    run_id = json.loads(listed.stdout)[0]["run_id"]
+    resumed = _cli("resume", run_id, "--job", str(job), "--progress", "none", cwd=tmp_path, env=env)
+    assert resumed.returncode == ExitCode.ABORTED, resumed.stderr
+    assert len(received) == 2  # the first run's alert, then the resumed run's
+    assert "exit 3 (ABORTED)" in received[1]["body"]["text"]

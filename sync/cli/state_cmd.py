@@ -92,6 +92,8 @@ def _replay(args: argparse.Namespace) -> int:
         if done is not None:
             print(done)
             return int(ExitCode.OK)
+    from sync.alerts import resolve_webhook
+
     options = RunOptions(
         api_key=resolve_secret(job.destination),
         workdir=args.workdir,
@@ -101,6 +103,8 @@ def _replay(args: argparse.Namespace) -> int:
         force=args.force,
         handle_signals=True,
         progress=args.progress,
+        # A resumed or retried run alerts like any other (resolved before anything is sent, as for `run`).
+        alert_url=resolve_webhook(job.alerts) if job.alerts is not None else None,
     )
     outcome = asyncio.run(run(job, options))
     if args.output == "json":
