@@ -85,11 +85,23 @@ class SandboxCommand:
 # ---------------------------------------------------------------------------------------- the platforms
 
 
+def _netmera_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--stateless",
+        action="store_true",
+        help="check request shapes strictly but keep nothing and answer at once (for benchmarks)",
+    )
+
+
 def _netmera(args: argparse.Namespace, data: dict[str, Any], creds: dict[str, str]) -> Built:
     from sync.sandboxes.netmera import NetmeraSandbox, NetmeraSandboxConfig
 
-    config = NetmeraSandboxConfig.from_mapping(data, **creds, seed_file=args.seed_file)
-    return NetmeraSandbox(config), []
+    # None when not given: the config file's ``stateless`` then decides.
+    stateless = True if args.stateless else None
+    config = NetmeraSandboxConfig.from_mapping(data, **creds, seed_file=args.seed_file, stateless=stateless)
+    return NetmeraSandbox(config), [
+        "stateless: request shapes are checked, nothing is kept"
+    ] if config.stateless else []
 
 
 def _meiro_options(parser: argparse.ArgumentParser) -> None:
@@ -157,6 +169,7 @@ COMMANDS: tuple[SandboxCommand, ...] = (
                 "api_key", API_KEY_ENV, "api key", f"API key to accept (default: ${API_KEY_ENV}, else random)"
             ),
         ),
+        options=_netmera_options,
     ),
     SandboxCommand(
         "meiro",
