@@ -157,6 +157,9 @@ class NetmeraHandlers:
         """An array body of objects, each with ``required`` keys present; ≤ max unique extIds."""
         check = self._check
         items = check.array(body)
+        if self._items_well_formed(items, required):
+            return items
+        # Something is wrong: the item-by-item checks below name the first problem, in document order.
         for i, item in enumerate(items):
             check.obj(item, f"[{i}]")
             for name in required:
@@ -167,6 +170,22 @@ class NetmeraHandlers:
                 check.string(item, "extId", f"[{i}].")
             check.unique([item["extId"] for item in items])
         return items
+
+    def _items_well_formed(self, items: list[Any], required: tuple[str, ...]) -> bool:
+        """The checks of :meth:`_items` made column by column, with C-speed type tests (a 1000-item body costs
+        a tenth of the item-by-item loop); True when every item passes, else False and nothing is said. The
+        ID limit is checked (raised) here too when everything else passes."""
+        if set(map(type, items)) != {dict}:
+            return False
+        columns = {name: [item.get(name) for item in items] for name in required}
+        if any(None in column for column in columns.values()):
+            return False
+        ext_ids = columns.get("extId")
+        if ext_ids is not None:
+            if set(map(type, ext_ids)) != {str} or "" in ext_ids:
+                return False
+            self._check.unique(ext_ids)
+        return True
 
     def _set_category_preferences(self, body: Any) -> None:
         items = self._items(body, ("extId", "category", "enable"))
@@ -202,6 +221,8 @@ class NetmeraHandlers:
 
     def _profiles(self, body: Any, kind: str) -> list[dict[str, Any]]:
         items = self._items(body, ("extId", "profile"))
+        if kind == "object" and set(map(type, [item["profile"] for item in items])) == {dict}:
+            return items  # every profile is an object: nothing more to check, nor to name
         for i, item in enumerate(items):
             profile = item["profile"]
             if kind == "keys":
