@@ -151,6 +151,28 @@ async def dispatch(url: str, key: str, batches: list[Batch], ledger_path: Path, 
     return report, cpu, wall1 - wall0
 
 
+async def bare_loop(url: str, key: str, batches: list[Batch], concurrency: int) -> tuple[float, float]:
+    """The floor: the same bodies posted by a plain aiohttp loop (no ledger, budgets or retries); CPU, wall."""
+    import aiohttp
+
+    headers = {"X-netmera-api-key": key, "Content-Type": "application/json"}
+    queue = list(reversed(batches))
+
+    async def worker(session: aiohttp.ClientSession) -> None:
+        while queue:
+            batch = queue.pop()
+            async with session.post(url + batch.endpoint, data=batch.body) as resp:
+                await resp.read()
+                resp.raise_for_status()
+
+    connector = aiohttp.TCPConnector(limit=concurrency)
+    async with aiohttp.ClientSession(connector=connector, headers=headers) as session:
+        cpu0, wall0 = os.times(), time.perf_counter()
+        await asyncio.gather(*(worker(session) for _ in range(concurrency)))
+        cpu1, wall1 = os.times(), time.perf_counter()
+    return (cpu1.user - cpu0.user) + (cpu1.system - cpu0.system), wall1 - wall0
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -182,6 +204,7 @@ def main() -> int:
                 profiler.disable()
                 profiler.dump_stats(args.profile)
             server_cpu = process_cpu(process.pid)
+            floor_cpu, floor_wall = asyncio.run(bare_loop(url, key, batches, args.concurrency))
             stats: dict[str, object] = {}
             if args.server == "stateless":
                 root = url.removesuffix("/rest/3.0/")
@@ -202,6 +225,11 @@ def main() -> int:
     )
     print(f"  wall {wall:.2f} s, {requests / wall:,.0f} requests/s; client CPU {cpu:.2f} s")
     print(f"  client CPU per 1000-ID request: {per_request_ms:.3f} ms (target ≤ {TARGET_MS} ms)")
+    floor_ms = floor_cpu / len(batches) * 1000
+    print(
+        f"  the same bodies from a bare aiohttp loop: {floor_ms:.3f} ms per request ({floor_wall:.2f} s wall): "
+        f"pushsync's send path adds {per_request_ms - floor_ms:.3f} ms"
+    )
     print(
         f"  server ({args.server}) CPU {server_cpu:.2f} s: {server_cpu / max(requests, 1) * 1000:.3f} ms per request"
     )
