@@ -217,6 +217,10 @@ def main() -> int:
     print(
         f"  pushsync run:                  {run_wall:6.2f} s wall, {run_requests:,} requests, CPU {run_cpu:.2f} s, exit {summary.get('exit_code', 0)}"
     )
+    sending = float(summary.get("elapsed_seconds") or 0.0)
+    print(
+        f"    of which sending {sending:.2f} s; start-up, reading and planning before the first request the rest"
+    )
     print(f"  ratio pushsync / script: {ratio:.2f} (target ≤ {TARGET_RATIO})")
     print(
         f"  pushsync client CPU per request ({ids / max(run_requests, 1):,.0f} IDs on average): {cpu_ms:.2f} ms (target ≤ {TARGET_CPU_MS} ms)"
