@@ -13,8 +13,9 @@ mode) and keeping it there means results are ordered exactly as the dispatcher s
 writes as ``executemany`` over each run of one statement, so a batch costs its four rows, not four Python calls
 into SQLite.
 
-A batch's external IDs are kept as one packed blob (:func:`pack_ids`: the IDs joined by line breaks, UTF-8),
-written with the planned row: 8× cheaper than the JSON list of schema 4 and smaller, with no per-ID Python work.
+A batch's external IDs are kept as one packed blob (:func:`pack_ids`: the IDs joined by line breaks, UTF-8, LZ4),
+written with the planned row: a third of the JSON list of schema 4, in a quarter of its CPU, with no per-ID Python
+work.
 Only the IDs the platform refused get a row of their own (``batch_ids``, with the input row they came from).
 """
 
@@ -32,8 +33,6 @@ from datetime import UTC, datetime
 from operator import itemgetter
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
-
-import pyarrow as pa
 
 from sync.errors import StateError
 from sync.records import Attempt, AttemptOutcome, Batch, BatchResult, BatchStatus, RejectedRow
@@ -81,6 +80,8 @@ def pack_ids(ext_ids: Sequence[str]) -> bytes:
     raw = joined.encode("utf-8", "surrogatepass")
     if len(raw) < _COMPRESS_FROM:
         return _LINES + raw
+    import pyarrow as pa  # already loaded by polars in a run; a ledger reader that never packs does not need it
+
     return _LZ4_LINES + len(raw).to_bytes(4, "little") + pa.compress(raw, codec="lz4", asbytes=True)
 
 
@@ -93,6 +94,8 @@ def unpack_ids(packed: bytes | str | None) -> list[str]:
         return [str(x) for x in json.loads(packed)]
     tag, body = packed[:1], packed[1:]
     if tag == _LZ4_LINES:
+        import pyarrow as pa
+
         size = int.from_bytes(body[:4], "little")
         body = pa.decompress(body[4:], size, codec="lz4", asbytes=True)
         tag = _LINES

@@ -27,6 +27,7 @@ from typing import Any
 import polars as pl
 import pytest
 
+from sync.ledger import unpack_ids
 from tests.conftest import REPO_ROOT, NetmeraProcess
 
 # --- helpers -----------------------------------------------------------------------------------------------------
@@ -491,7 +492,7 @@ def test_a_resume_after_the_export_changed_never_resends_a_confirmed_event(
     else:
         # Reordered, and one confirmed row removed: it stays sent, once (nothing is "unsent").
         (ids,) = ledger_rows(tmp_path, "SELECT ext_ids FROM batches WHERE status = 'ok' LIMIT 1")[0]
-        removed = next(line for line in lines if line.startswith(json.loads(ids)[0] + ","))
+        removed = next(line for line in lines if line.startswith(unpack_ids(ids)[0] + ","))
         lines = [line for line in lines[::-1] if line != removed]
     write_events(tmp_path, lines)
     code, out, err = run(tmp_path, sandbox, "resume", run_id, "--job", "job.yaml", "--output", "json")
