@@ -34,6 +34,7 @@ import tempfile
 import time
 import urllib.request
 from pathlib import Path
+from typing import Any
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
@@ -105,13 +106,14 @@ def process_cpu(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def make_batches(n: int) -> list[Batch]:
-    """``n`` batches of 1000 IDs: one profile batch (6 attributes) for two tag batches, as in the 1M-user run, bytes bodies."""
+def make_batches(n: int, *, encoded: bool = True) -> list[Batch]:
+    """``n`` batches of 1000 IDs: one profile batch (6 attributes) for two tag batches, as in the 1M-user run.
+    Bodies are encoded bytes, or (``encoded=False``) JSON-ready objects, as builders not yet columnar make them."""
     out = []
     for b in range(n):
         ids = tuple(f"c{b:05d}{i:04d}" for i in range(IDS))
         if b % 3:
-            body = json.dumps({"extIds": list(ids), "tag": f"seg{b % 7}"}, separators=(",", ":")).encode()
+            body: Any = {"extIds": list(ids), "tag": f"seg{b % 7}"}
             endpoint, operation = "tagUsers", Operation.TAG
         else:
             items = [
@@ -128,8 +130,10 @@ def make_batches(n: int) -> list[Batch]:
                 }
                 for i, x in enumerate(ids)
             ]
-            body = json.dumps(items, separators=(",", ":")).encode()
+            body = items
             endpoint, operation = "setProfileAttributes", Operation.SET_ATTRIBUTES
+        if encoded:
+            body = json.dumps(body, separators=(",", ":")).encode()
         out.append(Batch(f"{b:016x}", endpoint, operation, body, ids, Phase.CHANGES))
     return out
 
@@ -163,7 +167,8 @@ async def bare_loop(url: str, key: str, batches: list[Batch], concurrency: int) 
     async def worker(session: aiohttp.ClientSession) -> None:
         while queue:
             batch = queue.pop()
-            async with session.post(url + batch.endpoint, data=batch.body) as resp:
+            body = batch.body if isinstance(batch.body, bytes) else json.dumps(batch.body).encode()
+            async with session.post(url + batch.endpoint, data=body) as resp:
                 await resp.read()
                 resp.raise_for_status()
 
@@ -183,6 +188,11 @@ def main() -> int:
     parser.add_argument("--concurrency", type=int, default=16)
     parser.add_argument("--profile", type=Path, help="write a cProfile of the dispatch here")
     parser.add_argument(
+        "--json-bodies",
+        action="store_true",
+        help="JSON-ready bodies (encoded by aiohttp on the loop), as builders not yet columnar hand them over",
+    )
+    parser.add_argument(
         "--server",
         choices=["stateless", "bare"],
         default="stateless",
@@ -192,7 +202,7 @@ def main() -> int:
     configure_logging("warning")
     pin(0)
     key = "bench-" + secrets.token_hex(12)
-    batches = make_batches(args.requests)
+    batches = make_batches(args.requests, encoded=not args.json_bodies)
     with tempfile.TemporaryDirectory() as tmp:
         process, url = start_server(key, Path(tmp), args.server)
         try:
@@ -222,7 +232,8 @@ def main() -> int:
     applied = sum(applied_by.values()) if isinstance(applied_by, dict) else 0
     ok = report.outcome == "completed" and ids_ok == len(batches) * IDS
     ok = ok and (args.server == "bare" or applied == ids_ok)
-    print(f"dispatch only: {requests:,} requests × {IDS} IDs (bytes bodies), ledger + progress + metrics")
+    kind = "JSON-ready bodies" if args.json_bodies else "bytes bodies"
+    print(f"dispatch only: {requests:,} requests × {IDS} IDs ({kind}), ledger + progress + metrics")
     print(
         f"  client pinned to core 0, {args.server} server to core {server_core()} (loaded machine: see README)"
     )
