@@ -275,3 +275,51 @@ def test_packed_ids_read_back_exactly(ids: list[str]) -> None:
 def test_an_unknown_packed_form_is_a_state_error() -> None:
     with pytest.raises(StateError, match="packed-IDs format"):
         unpack_ids(b"\x7fnot ours")
+
+
+def test_one_flush_of_interleaved_writes_lands_every_batch_in_its_final_state(tmp_path: Path) -> None:
+    # A flush groups the queued writes by kind (one executemany each): every batch must still end as its own
+    # writes say, the attempts keep the order they ended in, and refused IDs and the run's end land too.
+    with Ledger.open(tmp_path / "l.sqlite", flush_every=10_000, flush_interval=3600) as ledger:
+        ledger.start_run("r1", job="j")
+        for i in range(4):
+            ledger.record_planned("r1", _batch(i))
+        for i in (2, 0, 3):
+            ledger.record_sent("r1", f"b{i:06d}")
+            for attempt in (1, 2):
+                ledger.record_attempt(
+                    "r1",
+                    Attempt(f"b{i:06d}", "tagUsers", attempt, 3, 0.1, AttemptOutcome.OK, 200),
+                    started_at=float(10 * i + attempt),
+                )
+        refused = RejectedId("u0-1", 5016, "external id not found", RowRef("users.csv", 2))
+        ledger.record_result(
+            "r1",
+            BatchResult(
+                "b000000", "tagUsers", Operation.TAG, BatchStatus.REJECTED, 2, 400, 5016, "x", 2, (refused,)
+            ),
+        )
+        ledger.record_result(
+            "r1", BatchResult("b000002", "tagUsers", Operation.TAG, BatchStatus.OK, 2, 200, ok_ids=3)
+        )
+        ledger.finish_run("r1", status="interrupted", exit_code=4)
+        statuses = {b.batch_id: b.status for b in ledger.batches("r1")}
+        order = [(a.batch_id, a.attempt) for a in ledger.attempts("r1")]
+        refused_ids = ledger.refused_ids("r1")
+        info = ledger.run("r1")
+    assert statuses == {
+        "b000000": BatchStatus.REJECTED,
+        "b000001": BatchStatus.PLANNED,
+        "b000002": BatchStatus.OK,
+        "b000003": BatchStatus.SENT,
+    }
+    assert order == [
+        ("b000002", 1),
+        ("b000002", 2),
+        ("b000000", 1),
+        ("b000000", 2),
+        ("b000003", 1),
+        ("b000003", 2),
+    ]
+    assert refused_ids == [("b000000", "u0-1", "5016", "external id not found")]
+    assert info is not None and info.status == "interrupted"
