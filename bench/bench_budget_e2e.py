@@ -247,6 +247,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if result.returncode not in (0, 1):
         print(result.stderr[-3000:], file=sys.stderr)
         raise SystemExit(f"pushsync run exited {result.returncode}")
+    if args.log:
+        Path(args.log).write_text(json.dumps({"started": started, "log": log}), encoding="utf-8")
     figures = _figures(log, args.limit, args.requests, 1.0, wall)
     figures["first_request_after_s"] = round(min(a for a, *_ in log) - started, 2) if log else None
     summary = json.loads(result.stdout)
@@ -276,6 +278,7 @@ def main(argv: list[str] | None = None) -> int:
         help="requests in flight (3 endpoints x 20/s x up to 0.3 s of latency under load need about 16)",
     )
     parser.add_argument("--no-hog", action="store_true", help="no CPU-bound process on the worker's core")
+    parser.add_argument("--log", default=None, help="write the server's request log (JSON) to this file")
     parser.add_argument("--serve", type=int, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.serve is not None:

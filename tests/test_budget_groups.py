@@ -159,8 +159,10 @@ def test_a_learned_margin_gives_more_of_each_window_to_sending() -> None:
         return max(times) - min(times)
 
     spread = run_virtual(scenario())
-    # Default margins (0.2 T + 0.05 T) would leave 0.75 s to send in; the learned 25 ms leaves about 0.97 s.
-    assert spread > 0.85
+    # Default margins (0.2 T + 0.05 T) would leave 0.75 s to send in (20 slots over its first 80 %: spread
+    # 0.57 s); the learned 25 ms leaves about 0.97 s (spread up to 0.74 s; the hard cap holds the first slots
+    # where the window before, still at the default margins, had them).
+    assert spread > 0.65
 
 
 def test_a_late_loop_never_releases_a_burst_and_never_more_than_n_per_window() -> None:
@@ -187,7 +189,7 @@ def test_a_late_loop_never_releases_a_burst_and_never_more_than_n_per_window() -
     finally:
         loop.close()
     times.sort()
-    spacing = (1.0 - 0.05 - 0.0125) / 20
+    spacing = (1.0 - 0.05 - 0.0125) * 0.8 / 20  # the sending zone less its slack (sync._rate_meter._SLACK)
     gaps = [b - a for a, b in itertools.pairwise(times)]
     assert min(gaps) >= spacing / 2 - 1e-9  # lateness is not paid back as a burst
     assert max(_per_window(times).values()) <= 20
