@@ -33,7 +33,7 @@ slot released late stays late in every later window until one of them has room a
 late timer or stalled loop would eventually cost a request."""
 _CATCH_UP_GAP = 0.5
 """Least gap between two releases, as a share of the nominal spacing: slots missed (late timer, stalled loop)
-are caught up at most four times as fast as nominal — evenly, never as a burst."""
+are caught up at most twice as fast as nominal — evenly, never as a burst."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -269,7 +269,7 @@ class RateMeter:
         """Earliest time (>= ``now`` and >= ``after``) at which the next release may happen.
 
         Timed from the clock, never from how often this is asked: a loop that wakes late gets at most the slot
-        that is due, and the slots after it stay at their places (at least a quarter of a spacing apart while
+        that is due, and the slots after it stay at their places (at least half a spacing apart while
         catching up), so lateness is never paid back as a burst.
         """
         t = max(now, self._paused_until, after if after is not None else now)
