@@ -13,8 +13,8 @@ from __future__ import annotations
 import math
 import time
 from collections import deque
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 
 from sync.config import RateBudgetSpec
 
@@ -50,6 +50,12 @@ class BudgetStats:
     """Seconds kept free before each window's end (learned from latencies unless the job fixed it)."""
     decreases: int = 0
     """Times the rate was lowered because too many answers of a window were 429s."""
+    per_window: Mapping[int, int] = field(default_factory=dict)
+    """Releases per clock-aligned period (index: ``window_of``), configured budgets only."""
+    starved_windows: frozenset[int] = frozenset()
+    """Periods in which the budget had a slot free for longer than a spacing and no attempt asked for it: the
+    run had nothing to send then (planning, retries' back-off, the end of a phase), which is not the budget's
+    doing. The use over the other busy periods is the budget's own."""
 
 
 class LatencyLearner:
@@ -113,10 +119,12 @@ class RateMeter:
         "_on_change",
         "_paused_seconds",
         "_paused_until",
+        "_per_window",
         "_period",
         "_rate",
         "_rate_limited",
         "_released",
+        "_starved",
         "_tail",
         "_time",
         "_wall_offset",
@@ -186,6 +194,8 @@ class RateMeter:
         # Release-to-answer latencies: the pool's (shared by its meters) or this meter's own.
         self._learner: LatencyLearner = learner if learner is not None else LatencyLearner()
         self._released: int = 0
+        self._per_window: dict[int, int] = {}  # releases per aligned period (configured budgets only)
+        self._starved: set[int] = set()  # periods with a free slot nobody asked for (see BudgetStats)
         self._rate_limited: int = 0
         self._paused_seconds: float = 0.0
         self._decreases: int = 0
@@ -245,6 +255,8 @@ class RateMeter:
             period=self._period,
             margin=self._tail,
             decreases=self._decreases,
+            per_window=dict(self._per_window),
+            starved_windows=frozenset(self._starved),
         )
 
     # -- the schedule ----------------------------------------------------------------------------------------
@@ -306,8 +318,11 @@ class RateMeter:
         last ``_SLACK`` share, which takes up lateness (see :mod:`sync.budget`)."""
         return (self._period - self._lead - self._tail) * (1 - _SLACK) / n
 
-    def release(self, now: float) -> None:
-        """Count one request released at ``now``."""
+    def release(self, now: float, *, waited: bool = True) -> None:
+        """Count one request released at ``now``; ``waited=False``: it went straight through (nothing waited
+        for this budget), which marks the periods since its slot was free as starved when that was long ago."""
+        if not waited and self._ceiling is not None and self._rate is not None:
+            self._note_starved(now)
         self._released += 1
         self._last_release = now
         self._history.append(now)
@@ -317,6 +332,9 @@ class RateMeter:
                 self._history.popleft()
             return
         n = self._n()
+        if self._ceiling is not None:
+            w = self._window_bounds(now)[0]
+            self._per_window[w] = self._per_window.get(w, 0) + 1
         if self._aligned:
             k, start = self._window_bounds(now)
             if k != self._window:
@@ -337,6 +355,16 @@ class RateMeter:
             self._grid = base + spacing
         while len(self._history) > n:
             self._history.popleft()
+
+    def _note_starved(self, now: float) -> None:
+        if not math.isfinite(self._last_release):
+            return  # the run's first request: nothing was waited for before it
+        n = self._n()
+        spacing = self._spacing(n) if self._aligned else (self._period + self._tail) / n
+        free_since = self.earliest(self._last_release)
+        if now - free_since > spacing:
+            first, last = self._window_bounds(free_since)[0], self._window_bounds(now)[0]
+            self._starved.update(range(first, last + 1))
 
     # -- learning from answers ---------------------------------------------------------------------------
 

@@ -50,6 +50,7 @@ import asyncio
 import math
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from types import TracebackType
 from typing import Protocol
 
@@ -60,6 +61,7 @@ __all__ = [
     "MIN_MARGIN",
     "Budget",
     "BudgetClosedError",
+    "BudgetGroupStats",
     "BudgetPool",
     "BudgetStats",
     "Clock",
@@ -171,7 +173,7 @@ class _Scheduler:
         # Straight through only when nobody waits: a waiting attempt of another lane comes first (fairness).
         if not any(other.waiters for other in self._lanes) and lane.earliest(now) <= now + _EPS:
             for meter in lane.meters:
-                meter.release(now)
+                meter.release(now, waited=False)
             return
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         lane.waiters.append(fut)
@@ -315,6 +317,19 @@ class RateBudget(RateMeter):
         return self._lane is not None and self._lane.closed
 
 
+@dataclass(frozen=True, slots=True)
+class BudgetGroupStats:
+    """One budget group's counters at the end of a run, for the summary."""
+
+    name: str
+    endpoints: tuple[str, ...]
+    """The endpoints of this run that the group held (in order of first use)."""
+    requests: int
+    """The group's budget: N per ``period`` seconds."""
+    period: float
+    stats: BudgetStats
+
+
 class EndpointBudget:
     """One endpoint's budget in a :class:`BudgetPool`: its own meter and the groups holding it."""
 
@@ -450,6 +465,18 @@ class BudgetPool:
     def group_stats(self) -> dict[str, BudgetStats]:
         """Counters of every budget group."""
         return {name: meter.stats() for name, meter in self._groups.items()}
+
+    def group_report(self) -> tuple[BudgetGroupStats, ...]:
+        """Every budget group that held an endpoint of this run, with its counters."""
+        out = []
+        for spec in self._group_specs:
+            members = tuple(e for e, b in self._endpoints.items() if self._groups[spec.name] in b.groups)
+            if members:
+                stats = self._groups[spec.name].stats()
+                out.append(
+                    BudgetGroupStats(spec.name, members, spec.budget.requests, spec.budget.period, stats)
+                )
+        return tuple(out)
 
     def close(self) -> None:
         """Close every endpoint's budget."""

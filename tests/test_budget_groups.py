@@ -11,8 +11,9 @@ from collections import Counter, defaultdict
 import pytest
 from vtime import VirtualTimeLoop, run_virtual
 
-from sync.budget import MIN_MARGIN, BudgetPool, RateBudget, clock_sleep
+from sync.budget import MIN_MARGIN, BudgetPool, BudgetStats, RateBudget, clock_sleep
 from sync.config import BudgetGroupSpec, DispatchSettings, RateBudgetSpec
+from sync.dispatch import Dispatcher
 from sync.planning import estimate_duration
 from sync.records import Operation, Phase
 
@@ -219,3 +220,49 @@ def test_an_endpoints_most_rate_is_the_lowest_of_its_budget_and_groups() -> None
     assert settings.max_rate("tagUsers") == 10.0
     assert settings.max_rate("fireEvents") == 20.0
     assert DispatchSettings().max_rate("tagUsers") is None
+
+
+def test_the_run_summary_has_a_line_per_budget_group() -> None:
+    from test_dispatch_lanes import Lanes, MemoryPlatform, batches_for, settings
+
+    from sync.summary import summarise
+
+    group = BudgetGroupSpec("account", RateBudgetSpec(10, 1.0, margin=0.05), ("a", "b"))
+    plan = Lanes(
+        {Phase.CHANGES: [(name, batches_for(name, n)) for name, n in (("a", 30), ("b", 30), ("c", 5))]}
+    )
+    dispatcher = Dispatcher(MemoryPlatform(latency=0.01), settings(budget_groups=(group,)))
+    report = run_virtual(dispatcher.run(plan))
+    summary = summarise(report, run_id="r1", job="j")
+    (line,) = summary.groups
+    assert line.group == "account" and set(line.endpoints) == {"a", "b"}  # "c" is not in the group
+    assert line.requests == 60 and line.rate_limited == 0
+    assert line.budget == "10/1s" and line.max_per_window == 10
+    assert line.utilisation == pytest.approx(1.0)  # 10 in every full window
+    assert line.budget_bound_utilisation == pytest.approx(1.0)
+    data = summary.to_json()["budget_groups"][0]
+    assert data["group"] == "account" and data["requests"] == 60 and data["utilisation"] == 1.0
+    text = summary.render_text()
+    assert "budget group" in text and "account" in text and "10/1s (100%)" in text
+
+
+def test_windows_with_nothing_to_send_are_told_apart_from_the_budgets_own_use() -> None:
+    async def scenario() -> BudgetStats:
+        loop = asyncio.get_running_loop()
+        pool = BudgetPool({}, (ACCOUNT,), wall_offset=0.0)
+        budget = pool.budget("tagUsers")
+        for _ in range(60):  # three full windows
+            await budget.acquire()
+        await clock_sleep(loop, 2.5)  # the run has nothing to send (planning, a phase's tail)
+        async with asyncio.TaskGroup() as tg:
+            for _ in range(60):
+                tg.create_task(budget.acquire())
+        return pool.group_stats()["account"]
+
+    stats = run_virtual(scenario())
+    assert 3 in stats.starved_windows and 4 in stats.starved_windows  # the idle ones
+    assert not stats.starved_windows & {0, 1, 2}  # attempts waited for the budget all along
+    windows = [stats.per_window.get(k, 0) for k in range(min(stats.per_window), max(stats.per_window) + 1)]
+    assert 0 in windows  # so the mean over the sending part is below the budget...
+    budget_bound = [c for k, c in stats.per_window.items() if k not in stats.starved_windows]
+    assert max(budget_bound) == 20  # ...but the budget itself filled its windows
