@@ -5,8 +5,11 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import json
 import math
+import shutil
 from collections import Counter, defaultdict
+from pathlib import Path
 
 import pytest
 from vtime import VirtualTimeLoop, run_virtual
@@ -266,3 +269,31 @@ def test_windows_with_nothing_to_send_are_told_apart_from_the_budgets_own_use() 
     assert 0 in windows  # so the mean over the sending part is below the budget...
     budget_bound = [c for k, c in stats.per_window.items() if k not in stats.starved_windows]
     assert max(budget_bound) == 20  # ...but the budget itself filled its windows
+
+
+def test_plan_shows_each_budget_group_with_its_requests_and_least_time(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from sync.cli import main
+
+    root = Path(__file__).resolve().parent.parent
+    shutil.copytree(root / "jobs", tmp_path / "jobs", ignore=shutil.ignore_patterns(".pushsync"))
+    monkeypatch.chdir(tmp_path)
+    job = tmp_path / "jobs" / "example.yaml"
+    text = job.read_text(encoding="utf-8").replace(
+        "dispatch:\n",
+        'dispatch:\n  budget_groups:\n    users: {requests: 2, per: 1s, endpoints: ["tagUsers", "setProfileAttributes"]}\n',
+        1,
+    )
+    job.write_text(text, encoding="utf-8")
+    assert main(["plan", str(job)]) == 0
+    out = capsys.readouterr().out
+    line = next(x for x in out.splitlines() if x.startswith("Budget group users"))
+    assert "2/1s, shared by setProfileAttributes, tagUsers" in line
+    assert main(["plan", str(job), "--output", "json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    (group,) = doc["budget_groups"]
+    held = [e for e in doc["endpoints"] if e["endpoint"] in ("tagUsers", "setProfileAttributes")]
+    assert group["requests"] == sum(e["requests"] for e in held) > 0
+    assert group["estimated_seconds"] == pytest.approx(group["requests"] / 2)
+    assert doc["estimated_seconds"] >= group["estimated_seconds"]  # the run's estimate counts the group
