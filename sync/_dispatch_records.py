@@ -51,7 +51,8 @@ class EndpointStats:
     discovered_rate: float | None = None
     starved_windows: frozenset[int] = frozenset()
     """Budget periods in which the endpoint's budget had a free slot nobody asked for (the run had nothing to
-    send): see :attr:`sync.budget.BudgetStats.starved_windows`."""
+    send), or released an attempt late because the event loop was stalled: see
+    :attr:`sync.budget.BudgetStats.starved_windows` and ``stalled_windows``."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -55,7 +55,11 @@ class BudgetStats:
     starved_windows: frozenset[int] = frozenset()
     """Periods in which the budget had a slot free for longer than a spacing and no attempt asked for it: the
     run had nothing to send then (planning, retries' back-off, the end of a phase), which is not the budget's
-    doing. The use over the other busy periods is the budget's own."""
+    doing."""
+    stalled_windows: frozenset[int] = frozenset()
+    """Periods in which the event loop released a waiting attempt more than a spacing after its slot was due
+    (the loop was stalled: a CPU-bound neighbour, the interpreter held by another thread). The use over the
+    busy periods that are neither starved nor stalled is the budget's own."""
 
 
 class LatencyLearner:
@@ -124,6 +128,7 @@ class RateMeter:
         "_rate",
         "_rate_limited",
         "_released",
+        "_stalled",
         "_starved",
         "_tail",
         "_time",
@@ -196,6 +201,9 @@ class RateMeter:
         self._released: int = 0
         self._per_window: dict[int, int] = {}  # releases per aligned period (configured budgets only)
         self._starved: set[int] = set()  # periods with a free slot nobody asked for (see BudgetStats)
+        self._stalled: set[int] = (
+            set()
+        )  # periods in which a timer fired over a spacing late (see BudgetStats)
         self._rate_limited: int = 0
         self._paused_seconds: float = 0.0
         self._decreases: int = 0
@@ -257,6 +265,7 @@ class RateMeter:
             decreases=self._decreases,
             per_window=dict(self._per_window),
             starved_windows=frozenset(self._starved),
+            stalled_windows=frozenset(self._stalled),
         )
 
     # -- the schedule ----------------------------------------------------------------------------------------
@@ -313,16 +322,26 @@ class RateMeter:
             t = max(t, start + self._period + self._lead)
         return t
 
+    def _nominal_spacing(self) -> float:
+        n = self._n()
+        return self._spacing(n) if self._aligned else (self._period + self._tail) / n
+
     def _spacing(self, n: int) -> float:
         """Nominal gap between the aligned slots of one window: the N slots fill the sending zone but its
         last ``_SLACK`` share, which takes up lateness (see :mod:`sync.budget`)."""
         return (self._period - self._lead - self._tail) * (1 - _SLACK) / n
 
-    def release(self, now: float, *, waited: bool = True) -> None:
-        """Count one request released at ``now``; ``waited=False``: it went straight through (nothing waited
-        for this budget), which marks the periods since its slot was free as starved when that was long ago."""
-        if not waited and self._ceiling is not None and self._rate is not None:
-            self._note_starved(now)
+    def release(self, now: float, *, waited: bool = True, due: float | None = None) -> None:
+        """Count one request released at ``now``. ``waited=False``: it went straight through (nothing waited
+        for this budget), which marks the periods since its slot was free as starved when that was long ago;
+        ``due``: when the timer that released it was due, which marks the periods since then as stalled when
+        that was long ago."""
+        if self._ceiling is not None and self._rate is not None:
+            if not waited:
+                self._note_starved(now)
+            elif due is not None and now - due > self._nominal_spacing():
+                first, last = self._window_bounds(due)[0], self._window_bounds(now)[0]
+                self._stalled.update(range(first, last + 1))
         self._released += 1
         self._last_release = now
         self._history.append(now)
@@ -359,10 +378,8 @@ class RateMeter:
     def _note_starved(self, now: float) -> None:
         if not math.isfinite(self._last_release):
             return  # the run's first request: nothing was waited for before it
-        n = self._n()
-        spacing = self._spacing(n) if self._aligned else (self._period + self._tail) / n
         free_since = self.earliest(self._last_release)
-        if now - free_since > spacing:
+        if now - free_since > self._nominal_spacing():
             first, last = self._window_bounds(free_since)[0], self._window_bounds(now)[0]
             self._starved.update(range(first, last + 1))
 

@@ -193,8 +193,9 @@ class _Scheduler:
                 fut.set_exception(BudgetClosedError("rate budget closed"))
         self.schedule()
 
-    def schedule(self) -> None:
-        """Release every waiter that is due now (round robin between lanes), and set one timer for the next."""
+    def schedule(self, due: float | None = None) -> None:
+        """Release every waiter that is due now (round robin between lanes), and set one timer for the next.
+        ``due``: when the timer that calls this was due (its lateness is told to the meters)."""
         clock = self._clock
         lanes = self._lanes
         while True:
@@ -211,7 +212,7 @@ class _Scheduler:
                 when = lane.earliest(now)
                 if when <= now + _EPS:
                     for meter in lane.meters:
-                        meter.release(now)
+                        meter.release(now, due=due)
                     lane.waiters.popleft().set_result(None)
                     self._next = (index + 1) % len(lanes)
                     released = True
@@ -230,9 +231,10 @@ class _Scheduler:
             self._timer_at = soonest
 
     def _on_timer(self) -> None:
+        due = self._timer_at
         self._timer = None
         self._timer_at = math.inf
-        self.schedule()
+        self.schedule(due)
 
 
 class RateBudget(RateMeter):

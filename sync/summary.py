@@ -59,8 +59,9 @@ class EndpointReport:
     max_per_window: int | None = None
     """The most requests sent in one clock-aligned budget period (configured budgets only)."""
     budget_bound_rate: float | None = None
-    """Like ``achieved_rate``, over the budget periods in which an attempt always waited for the budget (not
-    those in which the run had nothing to send to this endpoint): the rate the budget itself reached."""
+    """Like ``achieved_rate``, over the budget periods in which an attempt always waited for the budget and
+    the event loop released it on time (not those in which the run had nothing to send to this endpoint, nor
+    those of a stalled loop): the rate the budget itself reached."""
 
     @property
     def utilisation(self) -> float | None:
@@ -114,8 +115,9 @@ class GroupReport:
     margin_ms: float
     """The margin kept before each window's end at the end of the run (learned unless the job fixed it)."""
     budget_bound_rate: float | None = None
-    """Like ``achieved_rate``, over the windows in which an attempt always waited for the group (not those in
-    which the run had nothing to send): the rate the budget itself reached."""
+    """Like ``achieved_rate``, over the windows in which an attempt always waited for the group and the event
+    loop released it on time (not those in which the run had nothing to send, nor those of a stalled loop):
+    the rate the budget itself reached."""
 
     @property
     def utilisation(self) -> float | None:
@@ -171,7 +173,9 @@ def _group_report(group: BudgetGroupStats) -> GroupReport:
         max_per_window=max(per_window.values()) if per_window else None,
         paused_seconds=group.stats.paused_seconds,
         margin_ms=group.stats.margin * 1000,
-        budget_bound_rate=_busy_rate(per_window, group.period, group.stats.starved_windows),
+        budget_bound_rate=_busy_rate(
+            per_window, group.period, group.stats.starved_windows | group.stats.stalled_windows
+        ),
     )
 
 

@@ -172,8 +172,9 @@ def test_a_learned_margin_gives_more_of_each_window_to_sending() -> None:
 def test_a_late_loop_never_releases_a_burst_and_never_more_than_n_per_window() -> None:
     loop = VirtualTimeLoop()
 
+    budget = RateBudget(RateBudgetSpec(20, 1.0, margin=0.05), clock=loop, wall_offset=0.0)
+
     async def scenario() -> list[float]:
-        budget = RateBudget(RateBudgetSpec(20, 1.0, margin=0.05), wall_offset=0.0)
         times: list[float] = []
 
         async def one() -> None:
@@ -197,6 +198,9 @@ def test_a_late_loop_never_releases_a_burst_and_never_more_than_n_per_window() -
     gaps = [b - a for a, b in itertools.pairwise(times)]
     assert min(gaps) >= spacing / 2 - 1e-9  # lateness is not paid back as a burst
     assert max(_per_window(times).values()) <= 20
+    # The summary can tell those windows apart from the budget's own use.
+    assert budget.stats().stalled_windows == {0, 2}
+    assert not budget.stats().starved_windows  # attempts waited all along
 
 
 def test_the_duration_estimate_accounts_for_groups() -> None:
