@@ -17,9 +17,11 @@ only. Figures per case, from the server's own records:
 * ``429s`` — must be 0; ``max/win`` — the most requests in one window for any limit (never above N);
 * ``sending`` — the binding budget's use over the sending part: the mean count per server window over the
   windows in which it was busy, without the first and last (partial), over N — must be >= 97 %;
-* ``budget-bound`` — the same over the windows in which an attempt always waited for the budget (from the run
-  summary: windows in which the run had nothing to send are left out). Not a target: when ``sending`` misses
-  and this does not, the run starved the budget (planning, a stalled event loop), not the budget itself;
+* ``budget-bound`` — the same over the windows in which an attempt always waited for the budget and the event
+  loop released it on time (from the run summary, by release windows; ``starved/stalled/n``: of the n windows
+  measured, those in which the run had nothing to send, and those in which the loop released a slot more than
+  a spacing late). Not a target: when ``sending`` misses and this does not, the run starved the budget
+  (planning, an event loop stalled by another thread holding the interpreter), not the budget itself;
 * ``command`` — the least time the binding budget allows (its requests x T / N) over the command's wall time,
   start-up included — target >= 95 %, which depends on how fast planning starts sending (not this bench's
   part): printed, and a miss fails the bench only with ``--strict-startup``.
@@ -199,17 +201,20 @@ def _figures(log: list[list[Any]], limit: str, n: int, period: float, wall: floa
     }
 
 
-def _budget_bound(summary: dict[str, Any], limit: str, binding: str) -> float | None:
-    """The binding budget's use over the windows in which an attempt always waited for it (the run summary's
-    ``budget_bound_utilisation``: the account group's, or the binding endpoint's)."""
+def _budget_bound(summary: dict[str, Any], limit: str, binding: str) -> dict[str, Any]:
+    """The binding budget's use over the windows in which an attempt always waited for it and the loop was on
+    time, and how many windows were starved or stalled (the run summary's figures: the account group's, or the
+    binding endpoint's)."""
     if limit == "account":
-        groups = summary.get("budget_groups") or []
-        return groups[0].get("budget_bound_utilisation") if groups else None
-    for endpoint in summary.get("endpoints", []):
-        if endpoint.get("endpoint") == binding:
-            value = endpoint.get("budget_bound_utilisation")
-            return None if value is None else float(value)
-    return None
+        entries = summary.get("budget_groups") or []
+    else:
+        entries = [e for e in summary.get("endpoints", []) if e.get("endpoint") == binding]
+    if not entries:
+        return {"budget_bound_use": None, "windows": None}
+    return {
+        "budget_bound_use": entries[0].get("budget_bound_utilisation"),
+        "windows": entries[0].get("windows"),
+    }
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -270,7 +275,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     figures = _figures(log, args.limit, args.requests, 1.0, wall)
     figures["first_request_after_s"] = round(min(a for a, *_ in log) - started, 2) if log else None
     summary = json.loads(result.stdout)
-    figures["budget_bound_use"] = _budget_bound(summary, args.limit, figures["binding"])
+    figures.update(_budget_bound(summary, args.limit, figures["binding"]))
     # CPU the run got: with a hog on its core it gets about half of it; near wall / 2, the run was CPU-bound.
     figures["worker_cpu_s"] = round(worker_cpu_s, 2)
     figures["exit_code"] = result.returncode
@@ -290,10 +295,12 @@ def _case_args(args: argparse.Namespace, limit: str, jitter: float) -> argparse.
 
 def _line(fig: dict[str, Any]) -> str:
     bound = fig.get("budget_bound_use")
+    w = fig.get("windows") or {}
+    starved = f"{w.get('starved', '-')}/{w.get('stalled', '-')}/{w.get('measured', '-')}"
     return (
         f"{fig['limit']:<9}{fig['jitter'] * 1000:>6.0f} ms{fig['binding_requests']:>9}{fig['429s']:>6}"
         f"{fig['max_per_window']:>8}{fig['sending_use']:>10.1%}"
-        f"{'-' if bound is None else f'{bound:.1%}':>14}{fig['command_use']:>10.1%}"
+        f"{'-' if bound is None else f'{bound:.1%}':>14}{starved:>18}{fig['command_use']:>10.1%}"
         f"{fig['first_request_after_s'] or 0:>8.1f} s{fig['command_s']:>8.1f} s"
     )
 
@@ -351,7 +358,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.json:
         print(
             f"{'case':<9}{'jitter':>9}{'requests':>9}{'429s':>6}{'max/win':>8}{'sending':>10}"
-            f"{'budget-bound':>14}{'command':>10}{'first':>10}{'wall':>10}",
+            f"{'budget-bound':>14}{'starved/stalled/n':>18}{'command':>10}{'first':>10}{'wall':>10}",
             flush=True,
         )
     misses: list[str] = []

@@ -51,8 +51,9 @@ class EndpointStats:
     discovered_rate: float | None = None
     starved_windows: frozenset[int] = frozenset()
     """Budget periods in which the endpoint's budget had a free slot nobody asked for (the run had nothing to
-    send), or released an attempt late because the event loop was stalled: see
-    :attr:`sync.budget.BudgetStats.starved_windows` and ``stalled_windows``."""
+    send): see :attr:`sync.budget.BudgetStats.starved_windows`."""
+    stalled_windows: frozenset[int] = frozenset()
+    """Budget periods in which a stalled event loop released an attempt late (``BudgetStats``)."""
 
 
 @dataclass(frozen=True, slots=True)

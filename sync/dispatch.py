@@ -218,7 +218,8 @@ class Dispatcher:
                 ep.stats.budget_period = meter.period if meter.ceiling else None
                 ep.stats.discovered_rate = meter.rate if meter.ceiling is None else None
                 budget_stats = meter.stats()
-                ep.stats.starved_windows = budget_stats.starved_windows | budget_stats.stalled_windows
+                ep.stats.starved_windows = budget_stats.starved_windows
+                ep.stats.stalled_windows = budget_stats.stalled_windows
             self._log.debug("endpoint.done", endpoint=name, requests=ep.stats.requests)
         groups = self._sender.pool.group_report() if self._sender.pool is not None else ()
         for budget_group in groups:

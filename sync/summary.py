@@ -69,6 +69,13 @@ class EndpointReport:
             return None
         return self.achieved_rate / self.budget_rate
 
+    windows: int = 0
+    """Busy budget periods other than the first and last (the ones the rates are measured over)."""
+    windows_starved: int = 0
+    """Of those, periods in which the run had nothing to send for a while (not the budget's doing)."""
+    windows_stalled: int = 0
+    """Of those, periods in which a stalled event loop released an attempt late (not the budget's doing)."""
+
     @property
     def budget_bound_utilisation(self) -> float | None:
         if self.budget_bound_rate is None or not self.budget_rate:
@@ -89,6 +96,11 @@ class EndpointReport:
             "budget_rate": _round(self.budget_rate),
             "utilisation": _round(self.utilisation),
             "budget_bound_utilisation": _round(self.budget_bound_utilisation),
+            "windows": {
+                "measured": self.windows,
+                "starved": self.windows_starved,
+                "stalled": self.windows_stalled,
+            },
             "max_per_window": self.max_per_window,
             "latency_ms": {"p50": _round(self.p50_ms), "p95": _round(self.p95_ms)},
         }
@@ -123,6 +135,13 @@ class GroupReport:
     def utilisation(self) -> float | None:
         return None if self.achieved_rate is None else self.achieved_rate / self.budget_rate
 
+    windows: int = 0
+    """Busy budget periods other than the first and last (the ones the rates are measured over)."""
+    windows_starved: int = 0
+    """Of those, periods in which the run had nothing to send for a while (not the budget's doing)."""
+    windows_stalled: int = 0
+    """Of those, periods in which a stalled event loop released an attempt late (not the budget's doing)."""
+
     @property
     def budget_bound_utilisation(self) -> float | None:
         return None if self.budget_bound_rate is None else self.budget_bound_rate / self.budget_rate
@@ -138,6 +157,11 @@ class GroupReport:
             "achieved_rate": _round(self.achieved_rate),
             "utilisation": _round(self.utilisation),
             "budget_bound_utilisation": _round(self.budget_bound_utilisation),
+            "windows": {
+                "measured": self.windows,
+                "starved": self.windows_starved,
+                "stalled": self.windows_stalled,
+            },
             "max_per_window": self.max_per_window,
             "paused_seconds": _round(self.paused_seconds),
             "margin_ms": _round(self.margin_ms, 1),
@@ -160,6 +184,12 @@ def _busy_rate(
     return float(max(per_window.values())) / period
 
 
+def _interior(per_window: Mapping[int, int], windows: frozenset[int]) -> int:
+    """How many of ``windows`` are busy windows other than the first and last."""
+    busy = sorted(per_window)[1:-1]
+    return sum(1 for w in busy if w in windows)
+
+
 def _group_report(group: BudgetGroupStats) -> GroupReport:
     per_window = group.stats.per_window
     return GroupReport(
@@ -176,6 +206,9 @@ def _group_report(group: BudgetGroupStats) -> GroupReport:
         budget_bound_rate=_busy_rate(
             per_window, group.period, group.stats.starved_windows | group.stats.stalled_windows
         ),
+        windows=max(0, len(per_window) - 2),
+        windows_starved=_interior(per_window, group.stats.starved_windows),
+        windows_stalled=_interior(per_window, group.stats.stalled_windows),
     )
 
 
@@ -408,7 +441,9 @@ def _endpoint_report(stats: EndpointStats) -> EndpointReport:
             # without the first and last (partial) ones — between phases an endpoint idles, which is not the
             # budget's doing; a run inside one or two windows is measured by its busiest window.
             achieved = _busy_rate(stats.per_window, stats.budget_period)
-            budget_bound = _busy_rate(stats.per_window, stats.budget_period, stats.starved_windows)
+            budget_bound = _busy_rate(
+                stats.per_window, stats.budget_period, stats.starved_windows | stats.stalled_windows
+            )
     elif stats.discovered_rate is not None:
         budget = f"found {stats.discovered_rate:.3g}/s"
     if (
@@ -437,6 +472,9 @@ def _endpoint_report(stats: EndpointStats) -> EndpointReport:
         p95_ms=None if p95 is None else p95 * 1000,
         max_per_window=max_per_window,
         budget_bound_rate=budget_bound,
+        windows=max(0, len(stats.per_window) - 2),
+        windows_starved=_interior(stats.per_window, stats.starved_windows),
+        windows_stalled=_interior(stats.per_window, stats.stalled_windows),
     )
 
 
