@@ -247,7 +247,9 @@ def test_the_run_summary_has_a_line_per_budget_group() -> None:
     assert line.budget == "10/1s" and line.max_per_window == 10
     assert line.utilisation == pytest.approx(1.0)  # 10 in every full window
     assert line.budget_bound_utilisation == pytest.approx(1.0)
-    assert (line.windows, line.windows_starved, line.windows_stalled) == (5, 0, 0)  # 7 windows, 5 full
+    # 60 at 10 a window: 4 or 5 full windows between the partial first and last (the windows sit on the
+    # wall clock, which the virtual loop does not move), none starved or stalled.
+    assert line.windows in (4, 5) and (line.windows_starved, line.windows_stalled) == (0, 0)
     data = summary.to_json()["budget_groups"][0]
     assert data["group"] == "account" and data["requests"] == 60 and data["utilisation"] == 1.0
     text = summary.render_text()
