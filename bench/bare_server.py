@@ -2,9 +2,9 @@
 
     .venv/bin/python bench/bare_server.py [--port 0]      # prints its base URL (…/rest/3.0/) when ready
 
-Used by ``bench/bench_dispatch.py --server bare`` to find the client's own cost with a server that can never be
-the bottleneck; the stateless Netmera sandbox (``pushsync sandbox netmera --stateless``) is the default, since it
-also checks every body's shape.
+Used by ``bench/bench_dispatch.py`` (its default server) to find the client's own cost with a server that can
+never be the bottleneck; ``--server stateless`` uses the stateless Netmera sandbox instead, which also checks
+every body's shape.
 """
 
 from __future__ import annotations
