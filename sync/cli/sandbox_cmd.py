@@ -99,9 +99,8 @@ def _netmera(args: argparse.Namespace, data: dict[str, Any], creds: dict[str, st
     # None when not given: the config file's ``stateless`` then decides.
     stateless = True if args.stateless else None
     config = NetmeraSandboxConfig.from_mapping(data, **creds, seed_file=args.seed_file, stateless=stateless)
-    return NetmeraSandbox(config), [
-        "stateless: request shapes are checked, nothing is kept"
-    ] if config.stateless else []
+    notes = ["stateless: request shapes are checked, nothing is kept"] if config.stateless else []
+    return NetmeraSandbox(config), notes
 
 
 def _meiro_options(parser: argparse.ArgumentParser) -> None:
