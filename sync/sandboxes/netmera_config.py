@@ -4,7 +4,7 @@ where Netmera documents nothing ([I] in platforms.md), and the field checks that
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any, ClassVar
 
@@ -99,6 +99,9 @@ class NetmeraSandboxConfig(SandboxSettings):
     """Larger request bodies are refused with 413 (Netmera's own limit is not documented)."""
     public_url: str | None = None
     """Root used in ``nextPage`` links; default: the scheme and host the request came to."""
+    limit_groups: Mapping[str, str] = field(default_factory=dict)
+    """Endpoint → the limit bucket it shares with others (``{"*": account}`` with ``limits: {account: ...}``:
+    one limit for the whole account, every endpoint counted together). Off by default."""
 
     _enums: ClassVar[Mapping[str, type[StrEnum]]] = {
         "unknown_ext_id": UnknownExtId,

@@ -1,0 +1,249 @@
+"""Rate budgets shared by every worker of a job: one row per budget in PostgreSQL, updated atomically.
+
+Which design: **GCRA-like state in one row per budget** (not leased reservations). Each endpoint budget and each
+budget group is a row ``(win, used, last_release, paused_until)``; an attempt locks the rows of its endpoint and
+of every group holding it (``SELECT … FOR UPDATE``, in name order, so two workers never deadlock), computes the
+earliest instant every one of them allows — the same rules as the single-process budget (:mod:`sync.budget`):
+at most N per clock-aligned window, evenly spaced inside ``[start + lead, end - margin)``, never before a pause
+ends — writes the release into each row and commits. The worker then sleeps until that instant. One transaction
+per attempt; its cost is measured by ``bench/bench_scale.py`` (a fraction of a millisecond on a local server,
+against budgets of tens or hundreds of requests per second). Leased reservations (a worker takes k slots at a
+time) would cost fewer round trips but strand slots in a worker that dies or idles, and could not keep the even
+spacing across workers; with one row, three workers at the limit release exactly what one would.
+
+Time is the database's clock (``clock_timestamp()``): every worker reads windows on the same clock, whatever
+its own machine's says, and sleeps the difference. A 429 seen by any worker sets ``paused_until`` on the
+endpoint's rows and its groups': every worker's next acquisition waits for it (Retry-After, capped; else until
+the window ends). Endpoints without a configured budget and outside every group keep a budget of their own in
+each worker (a discovered rate is per process).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import psycopg
+
+from sync.budget import Budget, BudgetClosedError, RateBudget
+from sync.config import DispatchSettings, RateBudgetSpec
+from sync.coordination._db import SCHEMA, safe_message
+from sync.errors import StateError
+from sync.logs import get_logger
+
+__all__ = ["SharedBudgets", "SharedEndpointBudget", "SharedMeter"]
+
+S = SCHEMA
+
+
+@dataclass(frozen=True, slots=True)
+class SharedMeter:
+    """One shared budget's rules: N (``requests``) per ``period`` seconds, released inside ``[start + lead,
+    end - margin)`` of each clock-aligned window (``align``), or evenly at N per ``period + margin``."""
+
+    name: str
+    requests: int
+    period: float
+    align: bool
+    margin: float
+    lead: float
+
+    @classmethod
+    def of(cls, name: str, spec: RateBudgetSpec) -> SharedMeter:
+        margin = spec.margin if spec.margin is not None else min(0.2 * spec.period, 1.0)
+        return cls(name, spec.requests, spec.period, spec.align, margin, margin / 4)
+
+    @property
+    def spacing(self) -> float:
+        """Seconds between two releases."""
+        if not self.align:
+            return (self.period + self.margin) / self.requests
+        return max(0.0, self.period - self.lead - self.margin) / self.requests
+
+    def earliest(self, t: float, win: int, used: int, last: float, paused_until: float) -> float:
+        """The earliest instant at or after ``t`` this budget allows a release, given its row."""
+        t = max(t, paused_until, last + self.spacing if last > 0 else t)
+        if not self.align:
+            return t
+        for _ in range(4):
+            w = math.floor(t / self.period)
+            start = w * self.period
+            if t < start + self.lead:
+                t = start + self.lead
+            in_window = used if w == win else 0
+            if in_window >= self.requests or t > start + self.period - self.margin:
+                t = (w + 1) * self.period + self.lead
+                continue
+            return t
+        return t
+
+    def release(self, t: float, win: int, used: int) -> tuple[int, int]:
+        """The row's (win, used) after a release at ``t``."""
+        if not self.align:
+            return win, used + 1
+        w = math.floor(t / self.period)
+        return (w, used + 1) if w == win else (w, 1)
+
+
+class SharedBudgets:
+    """The job's shared budgets, for one worker: ``budget(endpoint)`` is the dispatcher's ``budget_factory``.
+
+    ``conn``: an asynchronous connection of this worker's own (acquisitions are serialised on it); ``scope``:
+    what separates the budgets of different jobs (the job's name)."""
+
+    def __init__(self, conn: psycopg.AsyncConnection[Any], settings: DispatchSettings, scope: str) -> None:
+        self._conn = conn
+        self._settings = settings
+        self._scope = scope
+        self._lock = asyncio.Lock()
+        self._groups = {g.name: SharedMeter.of(f"group:{g.name}", g.budget) for g in settings.budget_groups}
+        self._ready: set[str] = set()
+        self._closed = asyncio.Event()
+        self._local: dict[str, RateBudget] = {}
+        self.acquisitions = 0
+        self.seconds = 0.0
+        """Time spent in acquisition transactions (the benchmark's cost per acquisition)."""
+        self._log = get_logger(job=scope)
+
+    def meters_for(self, endpoint: str) -> tuple[SharedMeter, ...]:
+        """The rows an attempt at ``endpoint`` takes a slot from: its own budget (if configured) and its groups."""
+        spec = self._settings.budgets.get(endpoint) or self._settings.budgets.get("*")
+        own = (SharedMeter.of(endpoint, spec),) if spec is not None else ()
+        groups = tuple(self._groups[g.name] for g in self._settings.budget_groups if g.holds(endpoint))
+        return tuple(sorted((*own, *groups), key=lambda m: m.name))
+
+    def budget(self, endpoint: str) -> Budget:
+        """The endpoint's budget: shared when configured (or held by a group), else a local discovered one."""
+        meters = self.meters_for(endpoint)
+        if not meters:
+            local = self._local.get(endpoint)
+            if local is None:
+                local = self._local[endpoint] = RateBudget(
+                    None, max_pause=self._settings.retry.max_retry_after
+                )
+            return local
+        return SharedEndpointBudget(self, endpoint, meters)
+
+    def close(self) -> None:
+        """Fail every waiting and later acquisition (the run is aborting)."""
+        self._closed.set()
+        for local in self._local.values():
+            local.close()
+
+    async def _ensure_rows(self, meters: tuple[SharedMeter, ...]) -> None:
+        missing = [m.name for m in meters if m.name not in self._ready]
+        if not missing:
+            return
+        async with self._conn.cursor() as cur:
+            await cur.executemany(
+                f"INSERT INTO {S}.budgets (scope, name) VALUES (%s, %s) ON CONFLICT DO NOTHING",
+                [(self._scope, name) for name in missing],
+            )
+        self._ready.update(missing)
+
+    async def acquire(self, meters: tuple[SharedMeter, ...]) -> None:
+        """Reserve the next instant every meter allows (one transaction), then sleep until it."""
+        if self._closed.is_set():
+            raise BudgetClosedError("rate budget closed")
+        started = time.perf_counter()
+        try:
+            async with self._lock:
+                await self._ensure_rows(meters)
+                async with self._conn.transaction():
+                    cur = await self._conn.execute(
+                        f"SELECT name, win, used, last_release, paused_until, "
+                        f"extract(epoch FROM clock_timestamp())::float8 FROM {S}.budgets "
+                        "WHERE scope = %s AND name = ANY(%s) ORDER BY name FOR UPDATE",
+                        (self._scope, [m.name for m in meters]),
+                    )
+                    rows = {r[0]: r for r in await cur.fetchall()}
+                    now = max(r[5] for r in rows.values())
+                    t = now
+                    for _ in range(16):  # a common fixed point of every meter's schedule
+                        nxt = max(m.earliest(t, *rows[m.name][1:5]) for m in meters)
+                        if nxt <= t + 1e-9:
+                            break
+                        t = nxt
+                    updates = []
+                    for m in meters:
+                        _name, win, used, _last, _paused, _now = rows[m.name]
+                        new_win, new_used = m.release(t, win, used)
+                        updates.append((new_win, new_used, t, self._scope, m.name))
+                    async with self._conn.cursor() as upd:
+                        await upd.executemany(
+                            f"UPDATE {S}.budgets SET win = %s, used = %s, last_release = %s, "
+                            "releases = releases + 1 WHERE scope = %s AND name = %s",
+                            updates,
+                        )
+        except psycopg.Error as exc:
+            raise StateError(
+                f"coordination database: cannot take a budget slot ({safe_message(exc)})"
+            ) from None
+        self.acquisitions += 1
+        self.seconds += time.perf_counter() - started
+        delay = t - now - (time.perf_counter() - started) / 2  # the answer came back half a round trip ago
+        if delay > 0:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(delay):
+                    await self._closed.wait()
+        if self._closed.is_set():
+            raise BudgetClosedError("rate budget closed")
+
+    async def pause(self, meters: tuple[SharedMeter, ...], seconds: float | None) -> None:
+        """A 429: every worker waits ``seconds`` (Retry-After) or, without one, until the current window ends."""
+        try:
+            async with self._lock:
+                for m in meters:
+                    if seconds is not None:
+                        until = "extract(epoch FROM clock_timestamp())::float8 + %s"
+                        value: float = seconds
+                    else:  # until the end of the window the 429 fell in
+                        until = "(floor(extract(epoch FROM clock_timestamp()) / %s) + 1) * %s"
+                        value = m.period
+                    params: tuple[Any, ...] = (value,) if seconds is not None else (value, value)
+                    await self._conn.execute(
+                        f"UPDATE {S}.budgets SET paused_until = greatest(paused_until, {until}) "
+                        "WHERE scope = %s AND name = %s",
+                        (*params, self._scope, m.name),
+                    )
+        except psycopg.Error as exc:
+            self._log.warning("budget.pause_not_shared", error=safe_message(exc))
+
+
+class SharedEndpointBudget:
+    """One endpoint's shared budget (the :class:`sync.budget.Budget` protocol)."""
+
+    def __init__(self, owner: SharedBudgets, endpoint: str, meters: tuple[SharedMeter, ...]) -> None:
+        self._owner = owner
+        self.endpoint = endpoint
+        self.meters = meters
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    async def acquire(self) -> None:
+        await self._owner.acquire(self.meters)
+
+    def close(self) -> None:
+        self._owner.close()
+
+    def on_rate_limited(self, retry_after: float | None, remaining: int | None = None) -> float:
+        """Pause every worker (written to the rows by a task: the dispatcher calls this synchronously)."""
+        cap = self._owner._settings.retry.max_retry_after
+        seconds = None if retry_after is None else min(max(retry_after, 0.0), cap)
+        task = asyncio.get_running_loop().create_task(self._owner.pause(self.meters, seconds))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return seconds if seconds is not None else max(m.period for m in self.meters)
+
+    def on_success(self, remaining: int | None = None, reset_after: float | None = None) -> None:
+        """Nothing to adapt: the shared budget keeps the configured rate."""
+
+    def observe(self, latency: float) -> None:
+        """Nothing to learn: the shared budget's margin is the configured (or default) one."""
+
+
+BudgetFactory = Callable[[str], Budget]
