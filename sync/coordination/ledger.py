@@ -153,7 +153,9 @@ class PgLedger:
         pending = self._pending
         for attempt in (1, 2):
             try:
-                with self._conn.transaction(), self._conn.cursor() as cur:
+                # Pipeline mode: every statement sent at once, one wait for the answers — a flush holds the
+                # event loop for about one round trip, however many writes it commits.
+                with self._conn.pipeline(), self._conn.transaction(), self._conn.cursor() as cur:
                     for sql, params in pending:
                         cur.execute(sql, params)
                 break

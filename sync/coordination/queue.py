@@ -164,20 +164,28 @@ class Membership:
         self.run_id = run_id
         self.worker = worker
         self.lease = lease
+        # Lanes reap and the heartbeat beats concurrently: one statement (or transaction) at a time.
+        self._lock = asyncio.Lock()
 
     async def join(self) -> None:
-        await self.conn.execute(
-            f"INSERT INTO {S}.workers (worker_id, run_id, host, pid, started_at) VALUES (%s, %s, %s, %s, %s)",
-            (self.worker, self.run_id, socket.gethostname(), os.getpid(), time.time()),
-        )
+        async with self._lock:
+            await self.conn.execute(
+                f"INSERT INTO {S}.workers (worker_id, run_id, host, pid, started_at) VALUES (%s, %s, %s, %s, %s)",
+                (self.worker, self.run_id, socket.gethostname(), os.getpid(), time.time()),
+            )
 
     async def beat(self) -> None:
-        await self.conn.execute(
-            f"UPDATE {S}.workers SET heartbeat = clock_timestamp() WHERE worker_id = %s", (self.worker,)
-        )
+        async with self._lock:
+            await self.conn.execute(
+                f"UPDATE {S}.workers SET heartbeat = clock_timestamp() WHERE worker_id = %s", (self.worker,)
+            )
 
     async def leave(self) -> None:
         """Give back the claims not sent yet, and leave (the run's other workers take those over at once)."""
+        async with self._lock:
+            await self._leave()
+
+    async def _leave(self) -> None:
         await self.conn.execute(
             f"UPDATE {S}.batches SET claimed_by = NULL WHERE run_id = %s AND claimed_by = %s AND status = 'planned'",
             (self.run_id, self.worker),
@@ -195,7 +203,7 @@ class Membership:
             f"SELECT worker_id FROM {S}.workers WHERE run_id = %s AND heartbeat < clock_timestamp() - "
             "make_interval(secs => %s)"
         )
-        async with self.conn.transaction():
+        async with self._lock, self.conn.transaction():
             cur = await self.conn.execute(
                 f"UPDATE {S}.batches SET held = TRUE, claimed_by = NULL WHERE run_id = %s AND status = 'sent' "
                 f"AND NOT held AND operation = ANY(%s) AND claimed_by IN ({dead})",
@@ -223,7 +231,7 @@ class QueueLanes:
         sync_conn: psycopg.Connection[Any],
         membership: Membership,
         *,
-        claim: int = 4,
+        claim: int = 2,
         poll: float = 0.2,
         stop: asyncio.Event | None = None,
     ) -> None:

@@ -299,9 +299,14 @@ async def _work(
     own_client = options.client is None
     sender = options.client if options.client is not None else make_client(job, options.api_key)
     source = QueueLanes(claim_conn, ledger._conn, membership, stop=signals.event)
+    # One batch per pull: the dispatcher reads an asynchronous lane until it has as many batches as its channel
+    # has room for, and a lane of the queue waits (polling) while other workers hold the last batches of its
+    # endpoint — with more room, batches this worker claimed would wait in that pull instead of being sent, and
+    # workers polling for each other's batches would never finish. Claims are the queue's bound.
+    settings = dataclasses.replace(job.dispatch, queue_size=1)
     dispatcher = Dispatcher(
         sender,
-        job.dispatch,
+        settings,
         ledger=ledger,  # type: ignore[arg-type]
         run_id=run_id,
         stop=signals.event,
@@ -322,8 +327,12 @@ async def _work(
             try:
                 report = await dispatcher.run(source)
             except Exception as exc:
+                cause = _leaf(exc)
+                get_logger(job=job.name, run=run_id).error(
+                    "worker.failed", error=f"{type(cause).__name__}: {safe_message(cause)}", exc_info=cause
+                )
                 raise RunStoppedError(
-                    f"run {run_id}: this worker stopped after it began sending: {safe_message(exc)}. What the "
+                    f"run {run_id}: this worker stopped after it began sending: {safe_message(cause)}. What the "
                     "platform confirmed is in the ledger; other workers carry on, and `pushsync run` joins the run "
                     "again once the cause is fixed"
                 ) from exc
@@ -343,6 +352,13 @@ async def _work(
         budget_ms=round(budgets.seconds * 1000, 1),
     )
     return report
+
+
+def _leaf(exc: BaseException) -> BaseException:
+    """The first exception inside (possibly nested) exception groups."""
+    while isinstance(exc, BaseExceptionGroup) and exc.exceptions:
+        exc = exc.exceptions[0]
+    return exc
 
 
 def _finish(
