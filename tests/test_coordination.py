@@ -244,3 +244,238 @@ def test_three_workers_share_one_job_and_one_budget_and_survive_a_kill_9(
         f"SELECT status, exit_code FROM pushsync.runs WHERE run_id = '{run_id}'",
     )
     assert status == [["done", "0"]]
+
+
+# --- bad conditions ---------------------------------------------------------------------------------------------
+
+
+def _cli(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, url: str, *args: str) -> tuple[int, str]:
+    from sync.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("PUSHSYNC_DATABASE_URL", url)
+    monkeypatch.setenv("NETMERA_API_KEY", "any-key-0123456789")
+    code = main(list(args))
+    return code, ""
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@pytest.mark.parametrize("problem", ["password", "unreachable", "database"])
+def test_a_database_that_cannot_be_used_is_one_clear_error_exit_2_without_the_password(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    postgres_server: PostgresServer,
+    postgres_url: str,
+    problem: str,
+) -> None:
+    (tmp_path / "job.yaml").write_text(job_text("http://127.0.0.1:9/rest/3.0/"), encoding="utf-8")
+    write_users(tmp_path, range(10))
+    secret = "Wr0ngButSecretPassw0rd"
+    url = {
+        "password": postgres_url.replace(postgres_server.password, secret),
+        "unreachable": f"postgresql://pushsync:{secret}@127.0.0.1:{_free_port()}/db",
+        "database": postgres_server.url("no_such_db", password=postgres_server.password),
+    }[problem]
+    code, _ = _cli(tmp_path, monkeypatch, url, "run", "job.yaml", "--progress", "none")
+    out, err = capsys.readouterr()
+    assert code == 2, err
+    expected = {
+        "password": "the user or password is wrong",
+        "unreachable": "the server cannot be reached",
+        "database": "the database does not exist",
+    }[problem]
+    assert expected in err and "coordination database pushsync@127.0.0.1" in err, err
+    assert err.count("\n") == 1  # one line
+    for text in (out, err):
+        assert secret not in text and postgres_server.password not in text
+
+
+def test_a_schema_from_a_newer_pushsync_is_refused_clearly(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    postgres_server: PostgresServer,
+    postgres_url: str,
+) -> None:
+    from sync.coordination import open_ledger
+
+    open_ledger(postgres_url).close()  # creates the schema
+    postgres_server.sql(postgres_url, "UPDATE pushsync.schema_version SET version = 99")
+    (tmp_path / "job.yaml").write_text(job_text("http://127.0.0.1:9/rest/3.0/"), encoding="utf-8")
+    write_users(tmp_path, range(10))
+    code, _ = _cli(tmp_path, monkeypatch, postgres_url, "run", "job.yaml", "--progress", "none")
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "pushsync schema is version 99, newer than this pushsync understands (1)" in err, err
+    code, _ = _cli(tmp_path, monkeypatch, postgres_url, "runs")
+    assert code == 2  # every command refuses it, before reading anything
+
+
+def test_snapshot_jobs_and_urls_written_into_the_job_are_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], postgres_url: str
+) -> None:
+    text = job_text("http://127.0.0.1:9/rest/3.0/")
+    (tmp_path / "snap.yaml").write_text(
+        text.replace("workdir: work\n", "workdir: work\nmode: snapshot\n"), encoding="utf-8"
+    )
+    write_users(tmp_path, range(10))
+    code, _ = _cli(tmp_path, monkeypatch, postgres_url, "run", "snap.yaml", "--progress", "none")
+    err = capsys.readouterr().err
+    assert code == 2 and "snapshot mode" in err, err
+    literal = text.replace(
+        "coordination: {lease: 2}", "coordination: {database: 'postgresql://u:Secr3tPw@h/db'}"
+    )
+    (tmp_path / "literal.yaml").write_text(literal, encoding="utf-8")
+    monkeypatch.delenv("PUSHSYNC_DATABASE_URL", raising=False)
+    from sync.cli import main
+
+    assert main(["validate", "literal.yaml"]) == 2
+    out, err = capsys.readouterr()
+    assert "coordination.database" in out + err and "Secr3tPw" not in out + err
+
+
+def test_the_job_names_where_the_url_lives(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], postgres_url: str
+) -> None:
+    from sync.config import load_job
+    from sync.coordination import resolve_database_url
+
+    text = job_text("http://127.0.0.1:9/rest/3.0/").replace(
+        "coordination: {lease: 2}", "coordination: {database: {env: JOB_DB_URL}, lease: 5}"
+    )
+    (tmp_path / "job.yaml").write_text(text, encoding="utf-8")
+    job = load_job(tmp_path / "job.yaml")
+    assert job.coordination is not None and job.coordination.lease == 5
+    assert (
+        resolve_database_url(job, None, {"JOB_DB_URL": postgres_url, "PUSHSYNC_DATABASE_URL": "x"})
+        == postgres_url
+    )
+    assert (
+        resolve_database_url(job, "postgresql://flag/db", {"JOB_DB_URL": postgres_url})
+        == "postgresql://flag/db"
+    )
+    assert resolve_database_url(None, None, {}) is None  # no URL: SQLite, as before
+    from sync.errors import SecretError
+
+    with pytest.raises(
+        SecretError, match=r"coordination\.database: environment variable JOB_DB_URL is not set"
+    ):
+        resolve_database_url(job, None, {})
+
+
+async def test_a_dead_workers_non_idempotent_sent_batch_is_held_and_its_other_claims_freed(
+    postgres_url: str,
+) -> None:
+    from sync.coordination._db import async_connect, connect
+    from sync.coordination.ledger import PgLedger
+    from sync.coordination.queue import Membership, QueueLanes, enqueue
+    from sync.records import Batch, Operation, Phase
+
+    ledger = PgLedger.open(postgres_url)
+    try:
+        ledger.start_run("r1", job="j")
+        batches = [
+            Batch("ev1", "fireEvents", Operation.FIRE_EVENTS, [{"e": 1}], ("u1",)),
+            Batch("ev2", "fireEvents", Operation.FIRE_EVENTS, [{"e": 2}], ("u2",)),
+            Batch("tag1", "tagUsers", Operation.TAG, {"tag": "t", "extIds": ["u1"]}, ("u1",)),
+        ]
+        sync_conn = connect(postgres_url)
+        assert enqueue(sync_conn, "r1", batches) == 3
+        dead_conn, live_conn = await async_connect(postgres_url), await async_connect(postgres_url)
+        dead = Membership(dead_conn, "r1", "dead-worker", lease=1)
+        live = Membership(live_conn, "r1", "live-worker", lease=1)
+        await dead.join()
+        await live.join()
+        lanes = QueueLanes(dead_conn, sync_conn, dead, claim=10)
+        claimed = [b.batch_id for b in await lanes._take(Phase.CHANGES, "fireEvents")]
+        claimed += [b.batch_id for b in await lanes._take(Phase.CHANGES, "tagUsers")]
+        assert sorted(claimed) == ["ev1", "ev2", "tag1"]
+        ledger.record_sent("r1", "ev1")  # its request may have reached the platform
+        ledger.record_sent("r1", "tag1")
+        ledger.flush()
+        assert await live.reap() == 0  # the dead worker's heartbeat is still fresh
+        sync_conn.execute(
+            "UPDATE pushsync.workers SET heartbeat = clock_timestamp() - interval '5 s' WHERE worker_id = 'dead-worker'"
+        )
+        await live.beat()
+        assert await live.reap() == 1
+        rows = sync_conn.execute(
+            "SELECT batch_id, status, held, claimed_by FROM pushsync.batches ORDER BY batch_id"
+        ).fetchall()
+        assert rows == [
+            ("ev1", "sent", True, None),
+            ("ev2", "planned", False, None),
+            ("tag1", "sent", False, None),
+        ]
+        # The live worker takes the others over; the held one is not sent again (pushsync retry sends it).
+        taken = QueueLanes(live_conn, sync_conn, live, claim=10)
+        assert [b.batch_id for b in await taken._take(Phase.CHANGES, "fireEvents")] == ["ev2"]
+        again = await taken._take(Phase.CHANGES, "tagUsers")
+        assert [(b.batch_id, b.body, b.ext_ids) for b in again] == [
+            ("tag1", {"tag": "t", "extIds": ["u1"]}, ("u1",))
+        ]
+        for conn in (dead_conn, live_conn):
+            await conn.close()
+        sync_conn.close()
+    finally:
+        ledger.close()
+
+
+def test_postgresql_restarted_mid_run_stops_the_worker_clearly_and_the_job_converges_when_run_again(
+    tmp_path: Path,
+    netmera_sandbox_process: NetmeraProcess,
+    postgres_server: PostgresServer,
+    postgres_url: str,
+) -> None:
+    sandbox = netmera_sandbox_process
+    budget = '  budgets: {"*": {requests: 10, per: 1s}}\n'
+    (tmp_path / "job.yaml").write_text(job_text(sandbox.url, budget=budget, lease=2), encoding="utf-8")
+    rows = write_users(tmp_path, range(600))
+    proc = worker(tmp_path, sandbox.api_key, postgres_url, "run", "job.yaml", "--progress", "none")
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        time.sleep(0.1)
+        try:
+            ok = int(
+                _query(
+                    postgres_server, postgres_url, "SELECT count(*) FROM pushsync.batches WHERE status = 'ok'"
+                )[0][0]
+            )
+        except RuntimeError:
+            continue
+        if ok >= 5:
+            break
+    # The server writes its log to stdout after a restart: not a pipe of ours (it would never close).
+    subprocess.run(
+        [
+            *postgres_server.run_as,
+            str(postgres_server.bin_dir / "pg_ctl"),
+            "-D",
+            str(postgres_server.data_dir),
+            "-m",
+            "fast",
+            "-w",
+            "restart",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        timeout=60,
+        check=True,
+    )
+    code, out, err = finish(proc)
+    assert code == 3, (out, err[-2000:])
+    assert "this worker stopped after it began sending" in err and "pushsync run" in err
+    assert postgres_server.password not in out + err
+    code, out, err = finish(
+        worker(tmp_path, sandbox.api_key, postgres_url, "run", "job.yaml", "--progress", "none")
+    )
+    assert code == 0, (out, err[-2000:])
+    assert sandbox_users(sandbox) == expected_users(rows)
