@@ -216,6 +216,62 @@ CREATE TABLE IF NOT EXISTS {SCHEMA}.budgets (
     releases     BIGINT NOT NULL DEFAULT 0,
     PRIMARY KEY (scope, name)
 );
+
+-- One shared-budget acquisition in one round trip (sync.coordination.budget): lock the rows of the endpoint's
+-- budget and of its groups (the caller sorts the names: no deadlock), find the earliest instant every one of
+-- them allows, record the release in each, return (that instant, the database clock).
+CREATE OR REPLACE FUNCTION {SCHEMA}.take_slot(
+    p_scope TEXT, p_names TEXT[], p_requests INTEGER[], p_periods DOUBLE PRECISION[], p_aligns BOOLEAN[],
+    p_margins DOUBLE PRECISION[], p_leads DOUBLE PRECISION[]
+) RETURNS TABLE (slot_at DOUBLE PRECISION, db_now DOUBLE PRECISION) AS $fn$
+#variable_conflict use_column
+DECLARE
+    n INTEGER := array_length(p_names, 1);
+    wins BIGINT[]; useds INTEGER[]; lasts DOUBLE PRECISION[]; pauses DOUBLE PRECISION[];
+    t DOUBLE PRECISION; nxt DOUBLE PRECISION; cand DOUBLE PRECISION; gap DOUBLE PRECISION;
+    w BIGINT; start DOUBLE PRECISION; inwin INTEGER; r RECORD;
+BEGIN
+    db_now := extract(epoch FROM clock_timestamp());
+    FOR i IN 1..n LOOP
+        SELECT b.win, b.used, b.last_release, b.paused_until INTO r FROM {SCHEMA}.budgets b
+            WHERE b.scope = p_scope AND b.name = p_names[i] FOR UPDATE;
+        wins[i] := r.win; useds[i] := r.used; lasts[i] := r.last_release; pauses[i] := r.paused_until;
+    END LOOP;
+    t := db_now;
+    FOR k IN 1..16 LOOP                                   -- a common fixed point of every budget's schedule
+        nxt := t;
+        FOR i IN 1..n LOOP
+            IF p_aligns[i] THEN
+                gap := greatest(0, p_periods[i] - p_leads[i] - p_margins[i]) / p_requests[i];
+            ELSE
+                gap := (p_periods[i] + p_margins[i]) / p_requests[i];
+            END IF;
+            cand := greatest(t, pauses[i]);
+            IF lasts[i] > 0 THEN cand := greatest(cand, lasts[i] + gap); END IF;
+            IF p_aligns[i] THEN                           -- N per clock-aligned window, inside [lead, end - margin)
+                FOR j IN 1..4 LOOP
+                    w := floor(cand / p_periods[i]);
+                    start := w * p_periods[i];
+                    IF cand < start + p_leads[i] THEN cand := start + p_leads[i]; END IF;
+                    inwin := CASE WHEN w = wins[i] THEN useds[i] ELSE 0 END;
+                    EXIT WHEN inwin < p_requests[i] AND cand <= start + p_periods[i] - p_margins[i];
+                    cand := (w + 1) * p_periods[i] + p_leads[i];
+                END LOOP;
+            END IF;
+            nxt := greatest(nxt, cand);
+        END LOOP;
+        EXIT WHEN nxt <= t + 1e-9;
+        t := nxt;
+    END LOOP;
+    FOR i IN 1..n LOOP
+        w := CASE WHEN p_aligns[i] THEN floor(t / p_periods[i])::BIGINT ELSE wins[i] END;
+        UPDATE {SCHEMA}.budgets SET used = CASE WHEN win = w THEN used + 1 ELSE 1 END, win = w, last_release = t,
+            releases = releases + 1 WHERE scope = p_scope AND name = p_names[i];
+    END LOOP;
+    slot_at := t;
+    RETURN NEXT;
+END
+$fn$ LANGUAGE plpgsql;
 """
 
 

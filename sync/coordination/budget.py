@@ -1,13 +1,13 @@
 """Rate budgets shared by every worker of a job: one row per budget in PostgreSQL, updated atomically.
 
 Which design: **GCRA-like state in one row per budget** (not leased reservations). Each endpoint budget and each
-budget group is a row ``(win, used, last_release, paused_until)``; an attempt locks the rows of its endpoint and
-of every group holding it (``SELECT … FOR UPDATE``, in name order, so two workers never deadlock), computes the
+budget group is a row ``(win, used, last_release, paused_until)``; an attempt calls the database function
+``pushsync.take_slot`` (PL/pgSQL, :mod:`sync.coordination._db`), which locks the rows of its endpoint and of
+every group holding it (``SELECT … FOR UPDATE``, in name order, so two workers never deadlock), computes the
 earliest instant every one of them allows — the same rules as the single-process budget (:mod:`sync.budget`):
 at most N per clock-aligned window, evenly spaced inside ``[start + lead, end - margin)``, never before a pause
-ends — writes the release into each row and commits. The worker then sleeps until that instant. One transaction
-per attempt; its cost is measured by ``bench/bench_scale.py`` (a fraction of a millisecond on a local server,
-against budgets of tens or hundreds of requests per second). Leased reservations (a worker takes k slots at a
+ends — writes the release into each row and commits. The worker then sleeps until that instant. One round trip
+per attempt, the rows locked only while the function runs; its cost is measured by ``bench/bench_scale.py``. Leased reservations (a worker takes k slots at a
 time) would cost fewer round trips but strand slots in a worker that dies or idles, and could not keep the even
 spacing across workers; with one row, three workers at the limit release exactly what one would.
 
@@ -22,10 +22,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import math
 import time
 from collections import deque
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -65,45 +63,6 @@ class SharedMeter:
         return cls(
             name, spec.requests, spec.period, spec.align, margin, margin / 4, learn=spec.margin is None
         )
-
-    def spacing(self, margin: float) -> float:
-        """Seconds between two releases, when a window's last ``margin`` seconds are kept free."""
-        if not self.align:
-            return (self.period + margin) / self.requests
-        return max(0.0, self.period - self.lead - margin) / self.requests
-
-    def earliest(
-        self, t: float, win: int, used: int, last: float, paused_until: float, margin: float | None = None
-    ) -> float:
-        """The earliest instant at or after ``t`` this budget allows a release, given its row (and the margin
-        this worker needs before a window's end; default: the meter's)."""
-        margin = self.margin if margin is None else margin
-        t = max(t, paused_until, last + self.spacing(margin) if last > 0 else t)
-        if not self.align:
-            return t
-        for _ in range(4):
-            w = math.floor(t / self.period)
-            start = w * self.period
-            if t < start + self.lead:
-                t = start + self.lead
-            in_window = used if w == win else 0
-            if in_window >= self.requests or t > start + self.period - margin:
-                t = (w + 1) * self.period + self.lead
-                continue
-            return t
-        return t
-
-    def release(self, t: float, win: int, used: int) -> tuple[int, int]:
-        """The row's (win, used) after a release at ``t``."""
-        if not self.align:
-            return win, used + 1
-        w = math.floor(t / self.period)
-        return (w, used + 1) if w == win else (w, 1)
-
-
-def _state(row: Any) -> tuple[int, int, float, float]:
-    """(win, used, last_release, paused_until) of a budget row as read in :meth:`SharedBudgets._reserve`."""
-    return int(row[1]), int(row[2]), float(row[3]), float(row[4])
 
 
 class SharedBudgets:
@@ -200,48 +159,38 @@ class SharedBudgets:
         self._latencies.append(latency)
 
     async def _reserve(self, meters: tuple[SharedMeter, ...]) -> tuple[float, float]:
-        """(the reserved instant, database clock minus this machine's) — one transaction."""
+        """(the reserved instant, database clock minus this machine's): one call of ``take_slot``, the
+        database function that locks the rows, finds the earliest instant every one allows and records the
+        release (one round trip; the rows are locked for microseconds)."""
         started = time.perf_counter()
         sent_at = time.time()
         try:
             async with self._lock:
                 await self._ensure_rows(meters)
-                async with self._conn.transaction():
-                    cur = await self._conn.execute(
-                        f"SELECT name, win, used, last_release, paused_until, "
-                        f"extract(epoch FROM clock_timestamp())::float8 FROM {S}.budgets "
-                        "WHERE scope = %s AND name = ANY(%s) ORDER BY name FOR UPDATE",
-                        (self._scope, [m.name for m in meters]),
-                    )
-                    rows = {r[0]: r for r in await cur.fetchall()}
-                    now = max(r[5] for r in rows.values())
-                    t = now
-                    for _ in range(16):  # a common fixed point of every meter's schedule
-                        nxt = max(m.earliest(t, *_state(rows[m.name]), margin=self.margin(m)) for m in meters)
-                        if nxt <= t + 1e-9:
-                            break
-                        t = nxt
-                    updates = []
-                    for m in meters:
-                        _name, win, used, _last, _paused, _now = rows[m.name]
-                        new_win, new_used = m.release(t, win, used)
-                        updates.append((new_win, new_used, t, self._scope, m.name))
-                    async with self._conn.cursor() as upd:
-                        await upd.executemany(
-                            f"UPDATE {S}.budgets SET win = %s, used = %s, last_release = %s, "
-                            "releases = releases + 1 WHERE scope = %s AND name = %s",
-                            updates,
-                        )
+                cur = await self._conn.execute(
+                    f"SELECT slot_at, db_now FROM {S}.take_slot(%s, %s, %s, %s, %s, %s, %s)",
+                    (
+                        self._scope,
+                        [m.name for m in meters],
+                        [m.requests for m in meters],
+                        [m.period for m in meters],
+                        [m.align for m in meters],
+                        [self.margin(m) for m in meters],
+                        [m.lead for m in meters],
+                    ),
+                )
+                row = await cur.fetchone()
         except psycopg.Error as exc:
             raise StateError(
                 f"coordination database: cannot take a budget slot ({safe_message(exc)})"
             ) from None
+        assert row is not None
         elapsed = time.perf_counter() - started
         self.acquisitions += 1
         self.seconds += elapsed
-        # The database read its clock about half-way through the first statement: close enough (a loopback or
-        # LAN round trip is well under the margins, which are tens of milliseconds at least).
-        return t, now - (sent_at + elapsed / 4)
+        # The database read its clock about half-way through the round trip: close enough (a loopback or LAN
+        # round trip is well under the margins, which are tens of milliseconds at least).
+        return float(row[0]), float(row[1]) - (sent_at + elapsed / 2)
 
     async def pause(self, meters: tuple[SharedMeter, ...], seconds: float | None) -> None:
         """A 429: every worker waits ``seconds`` (Retry-After) or, without one, until the current window ends."""
@@ -294,6 +243,3 @@ class SharedEndpointBudget:
     def observe(self, latency: float) -> None:
         """A release-to-answer time, for this worker's learned margin."""
         self._owner.observe(latency)
-
-
-BudgetFactory = Callable[[str], Budget]
