@@ -231,7 +231,7 @@ class QueueLanes:
         sync_conn: psycopg.Connection[Any],
         membership: Membership,
         *,
-        claim: int = 2,
+        claim: int = 4,
         poll: float = 0.2,
         stop: asyncio.Event | None = None,
     ) -> None:
