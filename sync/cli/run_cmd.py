@@ -65,6 +65,12 @@ def register(subparsers: Any) -> None:
     from sync.cli._ledgers import add_database_url
 
     add_database_url(run)
+    run.add_argument(
+        "--run-id",
+        metavar="ID",
+        help="the run's ID (default: a new one); with a coordination database, every worker naming the same ID "
+        "joins that run, and one started after it ended reports it instead of starting over (docs/scaling.md)",
+    )
     run.set_defaults(func=_run)
 
     runs = subparsers.add_parser("runs", help="list the runs recorded in a job's ledger")
@@ -114,6 +120,11 @@ def _run(args: argparse.Namespace) -> int:
     from sync.run import RunOptions, run
 
     job = selected_job(args)
+    url = database_url(args, job)
+    if args.run_id is not None and url is None:
+        from sync.errors import StateError
+
+        raise StateError("--run-id names a run that several workers share: it needs a coordination database")
     # Snapshot jobs send only the diff from the confirmed state; a changes job whose last run did not finish
     # resumes it (docs/sync.md).
     options = RunOptions(
@@ -129,7 +140,8 @@ def _run(args: argparse.Namespace) -> int:
         metrics_pushgateway=args.metrics_pushgateway,
         # Resolved before anything is sent: a job that asks for alerts and cannot post them is misconfigured.
         alert_url=resolve_webhook(job.alerts) if job.alerts is not None else None,
-        database_url=database_url(args, job),
+        database_url=url,
+        run_id=args.run_id,
     )
     outcome = asyncio.run(run(job, options))
     text = json.dumps(outcome.to_json(), indent=2) if args.output == "json" else outcome.render_text()

@@ -89,6 +89,21 @@ async def run_coordinated(job: Job, options: RunOptions, url: str, signals: Stop
         budget_conn = await async_connect(url)
         closers += [claim_conn, member_conn, budget_conn]
         run_id, joined = _join_or_start(ledger, job, options)
+        ended = _ended(ledger, run_id)
+        if ended is not None:
+            log.info("run.already_ended", run=run_id, status=ended)
+            recorded = _planned_info_any(ledger, run_id)
+            done = DispatchReport(
+                outcome=DispatchOutcome.COMPLETED,
+                endpoints={},
+                elapsed=0.0,
+                batches_done=0,
+                batches_unfinished=0,
+            )
+            summary = run_summary_from_ledger(job, ledger, run_id, recorded, outcome=done)
+            return RunOutcome(
+                run_id=run_id, exit_code=summary.exit_code, summary=summary, ledger_path=ledger.path
+            )
         log.info("worker.start", run=run_id, worker=worker, joined=joined)
         membership = Membership(member_conn, run_id, worker, lease)
         await membership.join()
@@ -126,6 +141,14 @@ async def run_coordinated(job: Job, options: RunOptions, url: str, signals: Stop
 def _join_or_start(ledger: PgLedger, job: Job, options: RunOptions) -> tuple[str, bool]:
     """(run ID, joined) — the job's live run, or a new one (resuming the last unfinished run, if any)."""
     conn = ledger._conn
+    if options.run_id is not None:
+        # Every worker of one deployment names the same run (e.g. the Kubernetes Job's name): a worker started
+        # again after the run ended reports it instead of starting the job over.
+        info = ledger.run(options.run_id)
+        if info is not None:
+            if info.job != job.name:
+                raise StateError(f"run {options.run_id} belongs to job {info.job}, not {job.name}")
+            return options.run_id, True
     for _ in range(5):
         row = conn.execute(
             f"SELECT run_id FROM {S}.runs WHERE job = %s AND status = 'running'", (job.name,)
@@ -196,6 +219,17 @@ async def _plan_when_leader(
             finally:
                 lead_conn.execute("SELECT pg_advisory_unlock(hashtext(%s))", (f"pushsync.plan:{run_id}",))
         await asyncio.sleep(_LEADER_POLL)
+
+
+def _ended(ledger: PgLedger, run_id: str) -> str | None:
+    """The status of ``run_id`` if it has ended (None while it runs)."""
+    info = ledger.run(run_id)
+    return None if info is None or info.status == "running" else info.status
+
+
+def _planned_info_any(ledger: PgLedger, run_id: str) -> dict[str, Any]:
+    row = ledger._execute(f"SELECT planned_info FROM {S}.runs WHERE run_id = %s", (run_id,)).fetchone()
+    return dict(json.loads(row[0])) if row and row[0] else {}
 
 
 def _planned_info(ledger: PgLedger, run_id: str) -> dict[str, Any] | None:
