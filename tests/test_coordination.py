@@ -114,7 +114,9 @@ def test_one_worker_on_postgres_sends_the_job_and_the_ledger_commands_read_it(
     # A worker started again under the run's ID after it ended (a restarted pod) reports it, sends nothing.
     before = sum(applied(sandbox).values())
     code, out, err = finish(
-        worker(tmp_path, sandbox.api_key, postgres_url, "run", "job.yaml", "--run-id", run_id, "--output", "json")
+        worker(
+            tmp_path, sandbox.api_key, postgres_url, "run", "job.yaml", "--run-id", run_id, "--output", "json"
+        )
     )
     assert code == 0, err
     assert json.loads(out)["run_id"] == run_id and sum(applied(sandbox).values()) == before
