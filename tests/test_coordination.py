@@ -488,3 +488,34 @@ def test_postgresql_restarted_mid_run_stops_the_worker_clearly_and_the_job_conve
     )
     assert code == 0, (out, err[-2000:])
     assert sandbox_users(sandbox) == expected_users(rows)
+
+
+def test_the_kubernetes_example_carries_a_valid_job(tmp_path: Path) -> None:
+    import yaml
+
+    from sync.config import load_job
+
+    docs = list(
+        yaml.safe_load_all((REPO_ROOT / "deploy" / "k8s" / "indexed-job.yaml").read_text(encoding="utf-8"))
+    )
+    config = next(d for d in docs if d and d["kind"] == "ConfigMap")
+    (tmp_path / "job.yaml").write_text(config["data"]["job.yaml"], encoding="utf-8")
+    job = load_job(tmp_path / "job.yaml")
+    assert job.coordination is not None and job.coordination.database_env == "PUSHSYNC_DATABASE_URL"
+    pod = next(d for d in docs if d and d["kind"] == "Job")["spec"]["template"]["spec"]
+    assert "--run-id" in pod["containers"][0]["args"]
+
+
+def test_without_a_coordination_database_the_driver_is_never_loaded() -> None:
+    # `pip install pushsync` without the postgres extra must run jobs as before.
+    code = (
+        "import sys\n"
+        "from sync.coordination import resolve_database_url\n"
+        "import sync.run, sync.cli._ledgers, sync.cli.run_cmd\n"
+        "assert resolve_database_url(None, None, {}) is None\n"
+        "assert 'psycopg' not in sys.modules, 'psycopg imported'\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0, done.stderr

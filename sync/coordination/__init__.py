@@ -14,7 +14,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
-from sync.coordination._db import CoordinationError, describe_url
+from sync.coordination._urls import CoordinationError, describe_url
 
 if TYPE_CHECKING:
     from sync.config import Job
@@ -43,7 +43,7 @@ def resolve_database_url(
     import os
 
     from sync.config import Destination, resolve_secret
-    from sync.coordination._db import register_url
+    from sync.coordination._urls import register_url
     from sync.errors import SecretError
 
     env = os.environ if environ is None else environ
@@ -71,6 +71,7 @@ def resolve_database_url(
 
 async def run_coordinated(job: Job, options: RunOptions, url: str, signals: StopSignals) -> RunOutcome:
     """One worker of the job's run in the coordination database (:func:`sync.coordination.runner.run_coordinated`)."""
+    _require_driver()
     from sync.coordination.runner import run_coordinated as _run
 
     return await _run(job, options, url, signals)
@@ -78,6 +79,17 @@ async def run_coordinated(job: Job, options: RunOptions, url: str, signals: Stop
 
 def open_ledger(url: str) -> PgLedger:
     """The PostgreSQL ledger at ``url`` (for ``runs``, ``show``, ``report``, ``resume``, ``retry``)."""
+    _require_driver()
     from sync.coordination.ledger import PgLedger
 
     return PgLedger.open(url)
+
+
+def _require_driver() -> None:
+    """psycopg comes with the ``postgres`` extra: say so instead of a bare ModuleNotFoundError."""
+    try:
+        import psycopg  # noqa: F401
+    except ImportError:
+        raise CoordinationError(
+            "a coordination database needs the PostgreSQL driver: pip install 'pushsync[postgres]'"
+        ) from None

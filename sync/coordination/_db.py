@@ -8,13 +8,11 @@ asynchronous — psycopg offers both with one API, one set of types and one erro
 
 from __future__ import annotations
 
-import urllib.parse
 from typing import Any
 
 import psycopg
 
-from sync.errors import StateError
-from sync.redact import redact, register_secret
+from sync.coordination._urls import CoordinationError, check_url, describe_url, register_url, safe_message
 
 __all__ = [
     "SCHEMA",
@@ -36,54 +34,6 @@ workers, budgets."""
 
 CONNECT_TIMEOUT = 10
 """Seconds a connection attempt may take before the server counts as unreachable."""
-
-
-class CoordinationError(StateError):
-    """The coordination database cannot be used (URL, login, reachability, schema). Exit 2 before anything was
-    sent; the message names the host and database, never the password."""
-
-
-def describe_url(url: str) -> str:
-    """``user@host:port/database`` of a PostgreSQL URL: what an error may name (never the password)."""
-    try:
-        parts = urllib.parse.urlsplit(url)
-        host = parts.hostname or "localhost"
-        port = f":{parts.port}" if parts.port else ""
-        user = f"{parts.username}@" if parts.username else ""
-        return f"{user}{host}{port}{parts.path or '/'}"
-    except ValueError:
-        return "(an unparsable URL)"
-
-
-def register_url(url: str) -> None:
-    """Register the URL and its password as secrets (masked wherever they would be printed or stored)."""
-    register_secret(url)
-    try:
-        parts = urllib.parse.urlsplit(url)
-        if parts.password:
-            register_secret(parts.password)
-            register_secret(urllib.parse.unquote(parts.password))
-        for key, value in urllib.parse.parse_qsl(parts.query):
-            if key.lower() == "password":
-                register_secret(value)
-    except ValueError:
-        pass
-
-
-def safe_message(exc: BaseException) -> str:
-    """The driver's message, first line, with every registered secret masked."""
-    text = str(exc).strip().splitlines()
-    return redact(text[0] if text else type(exc).__name__)
-
-
-def check_url(url: str) -> None:
-    """Refuse a URL that is not ``postgresql://`` / ``postgres://`` before trying to connect."""
-    scheme = url.split(":", 1)[0].lower() if ":" in url else ""
-    if scheme not in ("postgresql", "postgres"):
-        raise CoordinationError(
-            "the coordination database URL must start with postgresql:// (PUSHSYNC_DATABASE_URL, "
-            "--database-url or coordination.database in the job)"
-        )
 
 
 def _failure(url: str, exc: BaseException) -> CoordinationError:
