@@ -7,7 +7,7 @@ three workers sharing one budget use it fully without a 429.
    acquisition (one transaction on the budget's row). Target: claim + record ≤ 2 ms per batch.
 2. **1, 2 and 3 workers against an unlimited server**: ``pushsync run`` processes sharing one job against a
    Netmera sandbox with no limits; requests/s over the sending part (first to last request in the ledger) and
-   over the whole command.
+   over the whole command. The same job run by one process on SQLite is the baseline.
 3. **Three workers sharing one budget**: the sandbox limits the whole account to N requests per clock-aligned
    1 s window; the job's budget group says the same. Budget use = requests per busy window (first and last
    excluded) / N. Targets: ≥ 95 % and 0 × 429.
@@ -171,13 +171,12 @@ dispatch:
     return job
 
 
-def run_workers(directory: Path, db_url: str, n: int) -> tuple[float, list[int]]:
-    env = {
-        **os.environ,
-        "BENCH_SCALE_KEY": KEY,
-        "PUSHSYNC_DATABASE_URL": db_url,
-        "PYTHONPATH": str(ROOT),
-    }
+def run_workers(directory: Path, db_url: str | None, n: int) -> tuple[float, list[int]]:
+    """``n`` ``pushsync run`` processes of the job in ``directory``; without ``db_url``: one, on SQLite."""
+    env = {**os.environ, "BENCH_SCALE_KEY": KEY, "PYTHONPATH": str(ROOT)}
+    env.pop("PUSHSYNC_DATABASE_URL", None)
+    if db_url is not None:
+        env["PUSHSYNC_DATABASE_URL"] = db_url
     started = time.monotonic()
     procs = [
         subprocess.Popen(
@@ -199,11 +198,20 @@ def run_workers(directory: Path, db_url: str, n: int) -> tuple[float, list[int]]
     return time.monotonic() - started, codes
 
 
-def attempts(db_url: str) -> list[tuple[float, str]]:
+def attempts(db_url: str | None, directory: Path) -> list[tuple[float, str]]:
+    """(sent at, outcome) of every attempt, from the coordination database or the job's SQLite ledger."""
+    if db_url is None:
+        import sqlite3
+
+        conn = sqlite3.connect(directory / "work" / "ledger.sqlite")
+        try:
+            return [(float(t), str(o)) for t, o in conn.execute("SELECT started_at, outcome FROM attempts")]
+        finally:
+            conn.close()
     from sync.coordination._db import connect
 
-    with connect(db_url) as conn:
-        rows = conn.execute("SELECT started_at, outcome FROM pushsync.attempts").fetchall()
+    with connect(db_url) as pg:
+        rows = pg.execute("SELECT started_at, outcome FROM pushsync.attempts").fetchall()
     return [(float(r[0]), str(r[1])) for r in rows]
 
 
@@ -213,6 +221,7 @@ def sandbox_stats(url: str) -> dict[str, Any]:
 
 
 def scale(server: Any, base: Path, users: int, workers: int) -> dict[str, float]:
+    """``workers`` workers against an unlimited sandbox (0: one process on SQLite, the baseline)."""
     directory = base / f"unlimited-{workers}"
     directory.mkdir()
     write_data(directory, users)
@@ -223,9 +232,9 @@ def scale(server: Any, base: Path, users: int, workers: int) -> dict[str, float]
         write_job(
             directory, url, batch=100, budget='  budgets: {"*": {requests: 100000, per: 1s, align: false}}\n'
         )
-        db_url = server.new_database()
-        elapsed, codes = run_workers(directory, db_url, workers)
-        rows = attempts(db_url)
+        db_url = server.new_database() if workers else None
+        elapsed, codes = run_workers(directory, db_url, max(workers, 1))
+        rows = attempts(db_url, directory)
     finally:
         stop_sandbox_process(process)
     times = sorted(t for t, _ in rows)
@@ -251,7 +260,7 @@ def shared_budget(server: Any, base: Path, users: int, limit: int) -> dict[str, 
         write_job(directory, url, batch=100, budget=budget)
         db_url = server.new_database()
         elapsed, codes = run_workers(directory, db_url, 3)
-        rows = attempts(db_url)
+        rows = attempts(db_url, directory)
         stats = sandbox_stats(url)
     finally:
         stop_sandbox_process(process)
@@ -302,11 +311,12 @@ def main() -> int:
             f"shared-budget acquisition {cost['budget_acquire_ms']:.3f} ms; "
             f"(one SELECT 1 round trip: {cost['round_trip_ms']:.3f} ms; load average {os.getloadavg()[0]:.1f})"
         )
-        for n in (1, 2, 3):
+        for n in (0, 1, 2, 3):
             fig = scale(server, base, args.users, n)
             ok &= bool(fig["exit_codes_ok"])
+            who = "1 process on SQLite (baseline)" if n == 0 else f"{n} worker(s) on PostgreSQL"
             print(
-                f"{n} worker(s), unlimited server: {fig['requests']:.0f} requests, {fig['sending_rps']:.0f} requests/s "
+                f"{who}, unlimited server: {fig['requests']:.0f} requests, {fig['sending_rps']:.0f} requests/s "
                 f"while sending, {fig['command_rps']:.0f} requests/s over the whole command ({fig['command_s']:.1f} s)"
                 + ("" if fig["exit_codes_ok"] else " — a worker FAILED")
             )
