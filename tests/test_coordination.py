@@ -519,3 +519,29 @@ def test_without_a_coordination_database_the_driver_is_never_loaded() -> None:
         [sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True, text=True, timeout=60
     )
     assert done.returncode == 0, done.stderr
+
+
+async def test_each_worker_pushes_its_metrics_under_its_own_instance(
+    netmera_sandbox: Any, tmp_path: Path, postgres_url: str
+) -> None:
+    from sync.config import load_job
+    from sync.run import RunOptions, run
+    from tests.test_metrics import _FakePushgateway
+
+    write_users(tmp_path, range(60))
+    (tmp_path / "job.yaml").write_text(job_text(netmera_sandbox.url), encoding="utf-8")
+    gateway = _FakePushgateway()
+    try:
+        outcome = await run(
+            load_job(tmp_path / "job.yaml"),
+            RunOptions(
+                api_key=netmera_sandbox.api_key, metrics_pushgateway=gateway.url, database_url=postgres_url
+            ),
+        )
+    finally:
+        gateway.close()
+    assert outcome.exit_code == 0
+    paths = {path for _, path, _ in gateway.pushes}
+    assert len(paths) == 1
+    (path,) = paths
+    assert path.startswith("/metrics/job/scale/instance/"), path

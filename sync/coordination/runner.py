@@ -328,6 +328,7 @@ async def _work(
     )
     metrics = _metrics_for(job, run_id) if wants_metrics else None
     if metrics is not None:
+        metrics.instance = membership.worker  # one Pushgateway group per worker
         watchers.append(metrics)
     budgets = SharedBudgets(budget_conn, job.dispatch, scope=job.name)
     own_client = options.client is None
