@@ -545,3 +545,16 @@ async def test_each_worker_pushes_its_metrics_under_its_own_instance(
     assert len(paths) == 1
     (path,) = paths
     assert path.startswith("/metrics/job/scale/instance/"), path
+
+
+def test_input_that_cannot_be_planned_ends_the_run_for_every_worker(
+    tmp_path: Path, postgres_server: PostgresServer, postgres_url: str
+) -> None:
+    (tmp_path / "job.yaml").write_text(job_text("http://127.0.0.1:9/rest/3.0/"), encoding="utf-8")
+    (tmp_path / "users.csv").write_text("name,score\nAda,1\n", encoding="utf-8")  # no id column
+    procs = [worker(tmp_path, "k", postgres_url, "run", "job.yaml", "--progress", "none") for _ in range(2)]
+    results = [finish(p, timeout=60) for p in procs]
+    assert [code for code, _, _ in results] == [2, 2], results
+    assert all("id" in err for _, _, err in results)
+    rows = _query(postgres_server, postgres_url, "SELECT status, exit_code, message FROM pushsync.runs")
+    assert len(rows) == 1 and rows[0][:2] == ["aborted", "2"] and rows[0][2].startswith("not planned:"), rows

@@ -38,7 +38,15 @@ from sync.coordination.budget import SharedBudgets
 from sync.coordination.ledger import PgLedger
 from sync.coordination.queue import Membership, QueueLanes, enqueue, heartbeat, worker_id
 from sync.dispatch import Dispatcher, DispatchObserver, DispatchOutcome, DispatchReport, EndpointStats
-from sync.errors import BadJobError, ExitCode, InterruptedRunError, JobProblem, RunStoppedError, StateError
+from sync.errors import (
+    BadJobError,
+    ExitCode,
+    InterruptedRunError,
+    JobProblem,
+    PushSyncError,
+    RunStoppedError,
+    StateError,
+)
 from sync.ledger import new_run_id
 from sync.logs import get_logger
 from sync.planning import build_plan, check_workdir
@@ -210,9 +218,21 @@ async def _plan_when_leader(
                 info = _planned_info(ledger, run_id)
                 if info is None:
                     log.info("run.leader", hint="planning and queueing the run's batches")
-                    info = await asyncio.to_thread(
-                        _plan_and_enqueue, job, options, signals, ledger, lead_conn, run_id
-                    )
+                    try:
+                        info = await asyncio.to_thread(
+                            _plan_and_enqueue, job, options, signals, ledger, lead_conn, run_id
+                        )
+                    except PushSyncError as exc:
+                        if exc.exit_code is ExitCode.BAD_JOB_OR_INPUT:
+                            # The input (or the job) cannot be planned: end the run, so the other workers stop
+                            # waiting for a plan and say why, instead of each trying the same input in turn.
+                            ledger.finish_run(
+                                run_id,
+                                status="aborted",
+                                exit_code=int(exc.exit_code),
+                                message=f"not planned: {redact(str(exc))}",
+                            )
+                        raise
                     if info is None:
                         return None
                 return info
@@ -234,14 +254,17 @@ def _planned_info_any(ledger: PgLedger, run_id: str) -> dict[str, Any]:
 
 def _planned_info(ledger: PgLedger, run_id: str) -> dict[str, Any] | None:
     row = ledger._execute(
-        f"SELECT planned, planned_info, status FROM {S}.runs WHERE run_id = %s", (run_id,)
+        f"SELECT planned, planned_info, status, message FROM {S}.runs WHERE run_id = %s", (run_id,)
     ).fetchone()
     if row is None:
         raise StateError(f"run {run_id} disappeared from the coordination database")
     if row[0]:
         return dict(json.loads(row[1] or "{}"))
     if row[2] != "running":
-        raise StateError(f"run {run_id} ended ({row[2]}) before it was planned; run the job again")
+        raise StateError(
+            f"run {run_id} ended ({row[2]}) before it was planned: {row[3] or 'see pushsync show'}; fix the cause "
+            "and run the job again"
+        )
     return None
 
 
