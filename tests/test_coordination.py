@@ -111,6 +111,27 @@ def test_one_worker_on_postgres_sends_the_job_and_the_ledger_commands_read_it(
     code, out, err = finish(worker(tmp_path, sandbox.api_key, postgres_url, "report", run_id, "-o", "r.html"))
     assert code == 0, err
     assert run_id in (tmp_path / "r.html").read_text(encoding="utf-8")
+    code, out, err = finish(
+        worker(tmp_path, sandbox.api_key, postgres_url, "trace", "user00007", "--output", "json")
+    )
+    assert code == 0, err
+    traced = json.loads(out)
+    assert traced and {e["run_id"] for e in traced} == {run_id} and {e["status"] for e in traced} == {"ok"}
+    code, out, err = finish(
+        worker(
+            tmp_path,
+            sandbox.api_key,
+            postgres_url,
+            "ledger-export",
+            "latest",
+            "--format",
+            "csv",
+            "-o",
+            "b.csv",
+        )
+    )
+    assert code == 0, err
+    assert (tmp_path / "b.csv").read_text(encoding="utf-8").count("\n") == doc["totals"]["batches_done"] + 1
     # A worker started again under the run's ID after it ended (a restarted pod) reports it, sends nothing.
     before = sum(applied(sandbox).values())
     code, out, err = finish(

@@ -406,14 +406,19 @@ class PgLedger:
     def copy_to_sqlite(
         self, path: Path, *, run_ids: Sequence[str] | None = None, job: str | None = None
     ) -> Path:
-        """Write the runs of ``job`` (or ``run_ids``) with their batches, attempts and refusals into a new SQLite
-        ledger at ``path``: ``pushsync report``, ``trace`` and ``ledger-export`` read that copy."""
+        """Write the runs of ``job`` (or ``run_ids``; neither: every run) with their batches, attempts and refusals
+        into a new SQLite ledger at ``path``: ``pushsync report``, ``trace`` and ``ledger-export`` read that copy."""
         path.parent.mkdir(parents=True, exist_ok=True)
         path.unlink(missing_ok=True)
         Ledger.open(path).close()  # the SQLite schema
-        where, params = (
-            ("job = %s", (job,)) if job is not None else ("run_id = ANY(%s)", (list(run_ids or []),))
-        )
+        where: str
+        params: tuple[Any, ...]
+        if job is not None:
+            where, params = "job = %s", (job,)
+        elif run_ids is not None:
+            where, params = "run_id = ANY(%s)", (list(run_ids),)
+        else:  # every run
+            where, params = "TRUE", ()
         runs = self._execute(f"SELECT {_RUN_COLUMNS} FROM {S}.runs WHERE {where}", params).fetchall()
         ids = [r[0] for r in runs]
         conn = sqlite3.connect(path)
