@@ -81,7 +81,7 @@ async def overhead(url: str, batches: int) -> dict[str, float]:
     claim_conn, member_conn, budget_conn = [await async_connect(url) for _ in range(3)]
     member = Membership(member_conn, "bench", "bench-worker", lease=30)
     await member.join()
-    lanes = QueueLanes(claim_conn, lead, member)
+    lanes = QueueLanes(claim_conn, ledger, member)
     done = 0
     started = time.perf_counter()
     while True:

@@ -424,7 +424,7 @@ async def test_a_dead_workers_non_idempotent_sent_batch_is_held_and_its_other_cl
         live = Membership(live_conn, "r1", "live-worker", lease=1)
         await dead.join()
         await live.join()
-        lanes = QueueLanes(dead_conn, sync_conn, dead, claim=10)
+        lanes = QueueLanes(dead_conn, ledger, dead, claim=10)
         claimed = [b.batch_id for b in await lanes._take(Phase.CHANGES, "fireEvents")]
         claimed += [b.batch_id for b in await lanes._take(Phase.CHANGES, "tagUsers")]
         assert sorted(claimed) == ["ev1", "ev2", "tag1"]
@@ -446,7 +446,7 @@ async def test_a_dead_workers_non_idempotent_sent_batch_is_held_and_its_other_cl
             ("tag1", "sent", False, None),
         ]
         # The live worker takes the others over; the held one is not sent again (pushsync retry sends it).
-        taken = QueueLanes(live_conn, sync_conn, live, claim=10)
+        taken = QueueLanes(live_conn, ledger, live, claim=10)
         assert [b.batch_id for b in await taken._take(Phase.CHANGES, "fireEvents")] == ["ev2"]
         again = await taken._take(Phase.CHANGES, "tagUsers")
         assert [(b.batch_id, b.body, b.ext_ids) for b in again] == [

@@ -32,7 +32,7 @@ import os
 import socket
 import time
 from collections.abc import AsyncIterator, Iterable, Iterator, Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import psycopg
 
@@ -41,6 +41,9 @@ from sync.errors import StateError
 from sync.logs import get_logger
 from sync.records import NON_IDEMPOTENT, Batch, Operation, Phase, RowRef
 from sync.row_keys import SCHEME as ROW_KEY_SCHEME
+
+if TYPE_CHECKING:
+    from sync.coordination.ledger import PgLedger
 
 __all__ = ["Membership", "QueueLanes", "decode_batch", "encode_batch", "enqueue", "worker_id"]
 
@@ -222,13 +225,13 @@ class QueueLanes:
     """The run's queue as a :class:`sync.dispatch.LaneSource` (see the module docstring).
 
     ``conn``: this worker's asynchronous connection for claims; ``lanes(phase)`` reads which endpoints the phase
-    has (the leader finished queueing before workers start). ``poll``: seconds between looks while other workers
+    has through the ``ledger``'s connection (the leader finished queueing before workers start). ``poll``: seconds between looks while other workers
     hold the last batches of a lane."""
 
     def __init__(
         self,
         conn: psycopg.AsyncConnection[Any],
-        sync_conn: psycopg.Connection[Any],
+        ledger: PgLedger,
         membership: Membership,
         *,
         claim: int = 4,
@@ -236,7 +239,7 @@ class QueueLanes:
         stop: asyncio.Event | None = None,
     ) -> None:
         self._conn = conn
-        self._sync = sync_conn
+        self._ledger = ledger  # its connection reads the lanes (and is made again if the server restarts)
         self._member = membership
         self._claim = claim
         self._poll = poll
@@ -252,7 +255,7 @@ class QueueLanes:
         """One lane per endpoint with batches in ``phase`` (read with the synchronous connection: the dispatcher
         asks between two awaits)."""
         try:
-            rows = self._sync.execute(
+            rows = self._ledger._execute(
                 f"SELECT endpoint, min(rank) FROM {S}.batches WHERE run_id = %s AND phase = %s GROUP BY endpoint "
                 "ORDER BY endpoint",
                 (self._member.run_id, int(phase)),

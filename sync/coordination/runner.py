@@ -356,7 +356,7 @@ async def _work(
     budgets = SharedBudgets(budget_conn, job.dispatch, scope=job.name)
     own_client = options.client is None
     sender = options.client if options.client is not None else make_client(job, options.api_key)
-    source = QueueLanes(claim_conn, ledger._conn, membership, stop=signals.event)
+    source = QueueLanes(claim_conn, ledger, membership, stop=signals.event)
     # One batch per pull: the dispatcher reads an asynchronous lane until it has as many batches as its channel
     # has room for, and a lane of the queue waits (polling) while other workers hold the last batches of its
     # endpoint — with more room, batches this worker claimed would wait in that pull instead of being sent, and
