@@ -31,7 +31,7 @@ import json
 import os
 import socket
 import time
-from collections.abc import AsyncIterator, Iterable, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 import psycopg
@@ -45,7 +45,7 @@ from sync.row_keys import SCHEME as ROW_KEY_SCHEME
 if TYPE_CHECKING:
     from sync.coordination.ledger import PgLedger
 
-__all__ = ["Membership", "QueueLanes", "decode_batch", "encode_batch", "enqueue", "worker_id"]
+__all__ = ["Membership", "QueueLanes", "decode_batch", "encode_batch", "enqueue", "heartbeat", "worker_id"]
 
 S = SCHEMA
 _NON_IDEMPOTENT = sorted(str(op) for op in NON_IDEMPOTENT)
@@ -344,8 +344,3 @@ async def heartbeat(membership: Membership) -> AsyncIterator[None]:
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task
-
-
-def mapping_of(rows: Iterable[tuple[str, int]]) -> Mapping[str, int]:
-    """A ``{status: count}`` mapping from ``(status, count)`` rows."""
-    return dict(rows)

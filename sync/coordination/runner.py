@@ -129,6 +129,15 @@ async def run_coordinated(job: Job, options: RunOptions, url: str, signals: Stop
             from sync.run import _alert
 
             await _alert(job.alerts, options.alert_url, ledger, summary)  # type: ignore[arg-type]  # reads runs() only
+        held = held_batches(ledger, run_id)
+        if held:
+            log.warning(
+                "run.held",
+                run=run_id,
+                batches=held,
+                hint=f"non-idempotent batches a dead worker had sent (outcome unknown) were not sent again: "
+                f"check the platform, then `pushsync retry {run_id}` sends them",
+            )
         log.info("run.end", run=run_id, worker=worker, exit_code=int(summary.exit_code), finished_run=status)
         return RunOutcome(
             run_id=run_id,
