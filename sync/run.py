@@ -295,7 +295,15 @@ async def run(job: Job, options: RunOptions) -> RunOutcome:
             # Several workers, one run: the ledger, the queue and the budgets live in PostgreSQL.
             from sync.coordination import run_coordinated
 
-            return await run_coordinated(job, options, options.database_url, signals)
+            worker = await run_coordinated(job, options, options.database_url, signals)
+            return RunOutcome(
+                run_id=worker.run_id,
+                exit_code=worker.exit_code,
+                summary=worker.summary,
+                ledger_path=worker.ledger,
+                resumed_from=worker.resumed_from,
+                replay=worker.replay,
+            )
         # A read-only or full workdir: one clear error before the lock, ledger, plan.
         check_workdir(job.workdir)
         store = StateStore(job.workdir, job.destination)

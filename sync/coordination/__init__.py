@@ -18,8 +18,8 @@ from sync.coordination._urls import CoordinationError, describe_url
 
 if TYPE_CHECKING:
     from sync.config import Job
+    from sync.coordination._seams import WorkerOptions, WorkerOutcome, WorkerSignals
     from sync.coordination.ledger import PgLedger
-    from sync.run import RunOptions, RunOutcome, StopSignals
 
 __all__ = [
     "ENV_VAR",
@@ -69,7 +69,9 @@ def resolve_database_url(
     return url
 
 
-async def run_coordinated(job: Job, options: RunOptions, url: str, signals: StopSignals) -> RunOutcome:
+async def run_coordinated(
+    job: Job, options: WorkerOptions, url: str, signals: WorkerSignals
+) -> WorkerOutcome:
     """One worker of the job's run in the coordination database (:func:`sync.coordination.runner.run_coordinated`)."""
     _require_driver()
     from sync.coordination.runner import run_coordinated as _run

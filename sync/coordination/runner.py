@@ -34,6 +34,7 @@ import psycopg
 
 from sync.config import Job, SyncMode
 from sync.coordination._db import SCHEMA, async_connect, connect, safe_message
+from sync.coordination._seams import WorkerOptions, WorkerOutcome, WorkerSignals
 from sync.coordination.budget import SharedBudgets
 from sync.coordination.ledger import PgLedger
 from sync.coordination.queue import Membership, QueueLanes, enqueue, heartbeat, worker_id
@@ -56,7 +57,7 @@ from sync.resume import ReplayLanes, ReplayMode, ReplayStats, replay_plan, unfin
 from sync.summary import RunInput, RunSummary, summarise
 
 if TYPE_CHECKING:
-    from sync.run import RunOptions, RunOutcome, StopSignals
+    from sync.metrics import RunMetrics
 
 __all__ = ["DEFAULT_LEASE", "run_coordinated", "run_summary_from_ledger"]
 
@@ -66,12 +67,12 @@ DEFAULT_LEASE = 30.0
 _LEADER_POLL = 0.5
 
 
-async def run_coordinated(job: Job, options: RunOptions, url: str, signals: StopSignals) -> RunOutcome:
+async def run_coordinated(
+    job: Job, options: WorkerOptions, url: str, signals: WorkerSignals
+) -> WorkerOutcome:
     """Run ``job`` as one worker of its run in the coordination database at ``url`` (see the module docstring).
 
     Raises :class:`CoordinationError` (exit 2) before anything is sent when the database cannot be used."""
-    from sync.run import RunOutcome
-
     if job.mode is SyncMode.SNAPSHOT:
         raise BadJobError(
             str(job.path),
@@ -109,8 +110,8 @@ async def run_coordinated(job: Job, options: RunOptions, url: str, signals: Stop
                 batches_unfinished=0,
             )
             summary = run_summary_from_ledger(job, ledger, run_id, recorded, outcome=done)
-            return RunOutcome(
-                run_id=run_id, exit_code=summary.exit_code, summary=summary, ledger_path=ledger.path
+            return WorkerOutcome(
+                run_id=run_id, exit_code=summary.exit_code, summary=summary, ledger=ledger.path
             )
         log.info("worker.start", run=run_id, worker=worker, joined=joined)
         membership = Membership(member_conn, run_id, worker, lease)
@@ -126,9 +127,7 @@ async def run_coordinated(job: Job, options: RunOptions, url: str, signals: Stop
             await membership.leave()
         summary, status = _finish(job, options, ledger, run_id, report, planned)
         if options.alert_url is not None and job.alerts is not None and status is not None:
-            from sync.run import _alert
-
-            await _alert(job.alerts, options.alert_url, ledger, summary)  # type: ignore[arg-type]  # reads runs() only
+            await _alert(job, options.alert_url, ledger, summary)
         held = held_batches(ledger, run_id)
         if held:
             log.warning(
@@ -139,11 +138,11 @@ async def run_coordinated(job: Job, options: RunOptions, url: str, signals: Stop
                 f"check the platform, then `pushsync retry {run_id}` sends them",
             )
         log.info("run.end", run=run_id, worker=worker, exit_code=int(summary.exit_code), finished_run=status)
-        return RunOutcome(
+        return WorkerOutcome(
             run_id=run_id,
             exit_code=summary.exit_code,
             summary=summary,
-            ledger_path=ledger.path,
+            ledger=ledger.path,
             resumed_from=planned.get("origin"),
             replay=ReplayStats(**planned["replay"]) if planned.get("replay") else None,
         )
@@ -155,7 +154,7 @@ async def run_coordinated(job: Job, options: RunOptions, url: str, signals: Stop
                     await result
 
 
-def _join_or_start(ledger: PgLedger, job: Job, options: RunOptions) -> tuple[str, bool]:
+def _join_or_start(ledger: PgLedger, job: Job, options: WorkerOptions) -> tuple[str, bool]:
     """(run ID, joined) — the job's live run, or a new one (resuming the last unfinished run, if any)."""
     conn = ledger._conn
     if options.run_id is not None:
@@ -208,7 +207,7 @@ def _join_or_start(ledger: PgLedger, job: Job, options: RunOptions) -> tuple[str
 
 
 async def _plan_when_leader(
-    job: Job, options: RunOptions, signals: StopSignals, ledger: PgLedger, lead_conn: Any, run_id: str
+    job: Job, options: WorkerOptions, signals: WorkerSignals, ledger: PgLedger, lead_conn: Any, run_id: str
 ) -> dict[str, Any] | None:
     """Wait until the run is planned, planning it when this worker takes the leader's lock; the run's planned
     info (rows read, expected requests...), or None when stopped first."""
@@ -278,7 +277,7 @@ def _planned_info(ledger: PgLedger, run_id: str) -> dict[str, Any] | None:
 
 
 def _plan_and_enqueue(
-    job: Job, options: RunOptions, signals: StopSignals, ledger: PgLedger, conn: Any, run_id: str
+    job: Job, options: WorkerOptions, signals: WorkerSignals, ledger: PgLedger, conn: Any, run_id: str
 ) -> dict[str, Any] | None:
     """The leader's work (in a thread): plan (or replay), queue every batch, record the rejected rows and the
     planned info, in that order; None when a signal stopped it."""
@@ -328,8 +327,8 @@ def _plan_and_enqueue(
 
 async def _work(
     job: Job,
-    options: RunOptions,
-    signals: StopSignals,
+    options: WorkerOptions,
+    signals: WorkerSignals,
     ledger: PgLedger,
     run_id: str,
     membership: Membership,
@@ -338,8 +337,6 @@ async def _work(
     planned: dict[str, Any],
 ) -> DispatchReport:
     """Claim and send until no batch is left (or a stop); the dispatcher's report of this worker's part."""
-    from sync.run import _metrics_for, make_client
-
     watchers: list[DispatchObserver] = [*options.observers]
     bar = None
     if options.progress != "none":
@@ -364,7 +361,7 @@ async def _work(
         watchers.append(metrics)
     budgets = SharedBudgets(budget_conn, job.dispatch, scope=job.name)
     own_client = options.client is None
-    sender = options.client if options.client is not None else make_client(job, options.api_key)
+    sender = options.client if options.client is not None else platform_for(job).client(job, options.api_key)
     source = QueueLanes(claim_conn, ledger, membership, stop=signals.event)
     # One batch per pull: the dispatcher reads an asynchronous lane until it has as many batches as its channel
     # has room for, and a lane of the queue waits (polling) while other workers hold the last batches of its
@@ -421,6 +418,30 @@ async def _work(
     return report
 
 
+def _metrics_for(job: Job, run_id: str) -> RunMetrics:
+    from sync.metrics import RunMetrics  # prometheus_client only when metrics are asked for
+
+    return RunMetrics(
+        run_id=run_id, job=job.name, platform=job.destination.platform, budget_for=job.dispatch.max_rate
+    )
+
+
+async def _alert(job: Job, url: str, ledger: PgLedger, summary: RunSummary) -> None:
+    """Post an alert if the run needs a person (as :func:`sync.run.run` does; the usual duration is that of the
+    job's last successful runs)."""
+    from sync.alerts import alert_reasons, post_alert
+
+    assert job.alerts is not None
+    usual = [
+        r.finished_at - r.started_at
+        for r in ledger.runs(summary.job)
+        if r.run_id != summary.run_id and r.exit_code == 0 and r.finished_at is not None
+    ]
+    reasons = alert_reasons(job.alerts, summary, usual)
+    if reasons:
+        await post_alert(url, summary, reasons, within=job.alerts.timeout)
+
+
 def _leaf(exc: BaseException) -> BaseException:
     """The first exception inside (possibly nested) exception groups."""
     while isinstance(exc, BaseExceptionGroup) and exc.exceptions:
@@ -430,7 +451,7 @@ def _leaf(exc: BaseException) -> BaseException:
 
 def _finish(
     job: Job,
-    options: RunOptions,
+    options: WorkerOptions,
     ledger: PgLedger,
     run_id: str,
     report: DispatchReport,
