@@ -577,5 +577,11 @@ def test_input_that_cannot_be_planned_ends_the_run_for_every_worker(
     results = [finish(p, timeout=60) for p in procs]
     assert [code for code, _, _ in results] == [2, 2], results
     assert all("id" in err for _, _, err in results)
-    rows = _query(postgres_server, postgres_url, "SELECT status, exit_code, message FROM pushsync.runs")
-    assert len(rows) == 1 and rows[0][:2] == ["aborted", "2"] and rows[0][2].startswith("not planned:"), rows
+    rows = _query(
+        postgres_server,
+        postgres_url,
+        "SELECT status, exit_code, left(message, 12) = 'not planned:' FROM pushsync.runs",
+    )
+    # One run, or two when the second worker came after the first had already ended its run: never one left
+    # waiting for a plan.
+    assert rows in ([["aborted", "2", "t"]], [["aborted", "2", "t"]] * 2), rows
