@@ -241,7 +241,8 @@ class QueueLanes:
         self._conn = conn
         self._ledger = ledger  # its connection reads the lanes (and is made again if the server restarts)
         self._member = membership
-        self._claim = claim
+        self._claim_n = claim
+        self._cursor: dict[tuple[int, str], int] = {}  # lane → the last seq this worker claimed
         self._poll = poll
         self._stop = stop
         self._lock = asyncio.Lock()  # one statement at a time on the connection
@@ -286,12 +287,28 @@ class QueueLanes:
             await asyncio.sleep(self._poll)
 
     async def _take(self, phase: Phase, endpoint: str) -> list[Batch]:
+        """Claim up to ``claim`` batches of the lane, in queue order. Claims continue after the last batch this
+        worker took (a short index range, however many batches are done); only when that tail is empty does a
+        claim look from the start again, for batches another worker gave back or left behind by dying."""
         started = time.perf_counter()
+        lane = (int(phase), endpoint)
+        after = self._cursor.get(lane, -1)
+        rows = await self._claim(phase, endpoint, after)
+        if not rows and after >= 0:
+            rows = await self._claim(phase, endpoint, -1)
+        self.claim_seconds += time.perf_counter() - started
+        rows.sort(key=lambda r: r[-1])
+        if rows:
+            self._cursor[lane] = max(after, int(rows[-1][-1]))
+        self.claimed += len(rows)
+        return [decode_batch(r[:-1]) for r in rows]
+
+    async def _claim(self, phase: Phase, endpoint: str, after: int) -> list[Any]:
         run_id, worker = self._member.run_id, self._member.worker
         sql = (
             f"UPDATE {S}.batches SET claimed_by = %s WHERE run_id = %s AND batch_id IN ("
             f"SELECT b.batch_id FROM {S}.batches b WHERE b.run_id = %s AND b.phase = %s AND b.endpoint = %s "
-            "AND b.status IN ('planned', 'sent') AND NOT b.held AND b.claimed_by IS NULL "
+            "AND b.seq > %s AND b.status IN ('planned', 'sent') AND NOT b.held AND b.claimed_by IS NULL "
             f"AND (b.after_id IS NULL OR NOT EXISTS (SELECT 1 FROM {S}.batches p WHERE p.run_id = b.run_id "
             "AND p.batch_id = b.after_id AND p.status IN ('planned', 'sent') AND NOT p.held)) "
             f"ORDER BY b.seq LIMIT %s FOR UPDATE SKIP LOCKED) RETURNING {_COLUMNS}, seq"
@@ -299,15 +316,11 @@ class QueueLanes:
         try:
             async with self._lock:
                 cur = await self._conn.execute(
-                    sql, (worker, run_id, run_id, int(phase), endpoint, self._claim)
+                    sql, (worker, run_id, run_id, int(phase), endpoint, after, self._claim_n)
                 )
-                rows = await cur.fetchall()
+                return await cur.fetchall()
         except psycopg.Error as exc:
             raise StateError(f"coordination database: cannot claim batches ({safe_message(exc)})") from None
-        self.claim_seconds += time.perf_counter() - started
-        rows.sort(key=lambda r: r[-1])
-        self.claimed += len(rows)
-        return [decode_batch(r[:-1]) for r in rows]
 
     async def _others_hold(self, phase: Phase, endpoint: str) -> bool:
         """Whether batches of this lane are unfinished and not this worker's (others may finish or drop them)."""
