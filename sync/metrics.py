@@ -183,6 +183,9 @@ class RunMetrics:
         wall_clock: Callable[[], float] = time.time,
     ) -> None:
         self._job = job  # the job label of every series
+        self.instance: str | None = None
+        """Set by a worker of a coordinated run (docs/scaling.md): its pushes are grouped by ``instance`` too, so
+        the workers of one job do not overwrite each other's metrics in the Pushgateway."""
         inner = CollectorRegistry()
         self.registry = CollectorRegistry()
         """What is exposed: ``inner``'s families with the ``job`` label (see :class:`_JobLabelled`)."""
@@ -388,7 +391,13 @@ class RunMetrics:
         from sync.redact import redact
 
         try:
-            pushadd_to_gateway(gateway, job=self._job or "pushsync", registry=self.registry, timeout=10)
+            pushadd_to_gateway(
+                gateway,
+                job=self._job or "pushsync",
+                registry=self.registry,
+                timeout=10,
+                grouping_key={"instance": self.instance} if self.instance else None,
+            )
         except OSError as exc:
             get_logger(job=self._job).warning("metrics.push_failed", error=redact(str(exc)))
 

@@ -114,6 +114,9 @@ class RunOptions:
     client: PlatformClient | None = None
     budget_factory: Callable[[str], Budget] | None = None
     observers: Sequence[DispatchObserver] = ()
+    database_url: str | None = field(default=None, repr=False)
+    """A PostgreSQL URL: run as one worker of the job's run coordinated there (:mod:`sync.coordination`,
+    docs/scaling.md); None: the embedded SQLite ledger, one process. Never printed (it may hold a password)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -124,7 +127,8 @@ class RunOutcome:
     run_id: str
     exit_code: ExitCode
     summary: RunSummary
-    ledger_path: Path
+    ledger_path: Path | str
+    """The SQLite ledger's path, or ``user@host:port/db`` of a coordination database."""
     mode: str = SyncMode.CHANGES.value
     resumed_from: str | None = None
     replay: ReplayStats | None = None
@@ -287,6 +291,19 @@ async def run(job: Job, options: RunOptions) -> RunOutcome:
     # before sending stops with nothing recorded (exit 4) instead of killing the process mid-way.
     signals = StopSignals(options.stop)
     with signals.installed() if options.handle_signals else contextlib.nullcontext():
+        if options.database_url is not None:
+            # Several workers, one run: the ledger, the queue and the budgets live in PostgreSQL.
+            from sync.coordination import run_coordinated
+
+            worker = await run_coordinated(job, options, options.database_url, signals)
+            return RunOutcome(
+                run_id=worker.run_id,
+                exit_code=worker.exit_code,
+                summary=worker.summary,
+                ledger_path=worker.ledger,
+                resumed_from=worker.resumed_from,
+                replay=worker.replay,
+            )
         # A read-only or full workdir: one clear error before the lock, ledger, plan.
         check_workdir(job.workdir)
         store = StateStore(job.workdir, job.destination)

@@ -72,6 +72,7 @@ class NetmeraSandbox(NetmeraHandlers, PlatformSandbox[NetmeraSandboxConfig, Netm
             clock=clock,
             sleep=sleep,
             fault_error=_fault_error,
+            groups=config.limit_groups,
             client_max_size=config.max_body_bytes,
         )
 

@@ -4,7 +4,7 @@ where Netmera documents nothing ([I] in platforms.md), and the field checks that
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any, ClassVar
 
@@ -105,6 +105,9 @@ class NetmeraSandboxConfig(SandboxSettings):
     --stateless``). Reads answer as for an empty platform; checks that need state (unknown extIds, a profile
     attribute that is not an array, a segment that does not exist) are not made. The ``applied`` counters of
     ``/_sandbox/stats`` still count what each accepted write names."""
+    limit_groups: Mapping[str, str] = field(default_factory=dict)
+    """Endpoint → the limit bucket it shares with others (``{"*": account}`` with ``limits: {account: ...}``:
+    one limit for the whole account, every endpoint counted together). Off by default."""
 
     _enums: ClassVar[Mapping[str, type[StrEnum]]] = {
         "unknown_ext_id": UnknownExtId,
