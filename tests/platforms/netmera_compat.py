@@ -17,6 +17,7 @@ import hashlib
 import random
 from collections.abc import Iterable
 from pathlib import Path
+
 from sync.records import Batch
 
 BATCH_SIZE = 7
