@@ -1,0 +1,231 @@
+"""Cutting a stream's selected rows into batches, vectorised: Python touches each batch, never each ID.
+
+A builder selects, per clean frame, the rows a stream sends (:data:`EXT_ID`, :data:`FILE`, :data:`ROW`, a
+:data:`GROUP` — the tag of ``tagUsers``, ``""`` when the stream has none — the row's :data:`ITEM`, its JSON text
+built with :mod:`sync.platforms._encode`, and for a non-idempotent stream its :data:`sync.row_keys.ROW_KEY`), in
+the canonical order where the rows of one ID are adjacent. :func:`cut` turns those frames into :class:`Cut` runs:
+
+* per group, consecutive runs of at most ``size`` unique IDs, in row order;
+* a run still open at the end of a frame continues in the next frame (batches do not depend on how the rows were
+  split into frames);
+* a run is complete when its group's next ID arrives; complete runs come out in the order of those arriving rows,
+  the runs still open after the last frame at the end, in group order.
+
+This is exactly the row-by-row loop the builders had before the columnar data plane (issue 13), so a batch holds
+the same items — and has the same content-derived ID — as before.
+
+A :class:`Cut` carries its items already joined (``item,item,...``): the builder wraps them in the request's
+envelope and hashes the bytes. Its unique IDs come from one ``to_list`` per frame; the link from an ID to its input
+row stays in polars columns (:class:`RowOrigins`) until something asks for it (a refused ID); row keys are packed
+from the key column's buffer.
+"""
+
+from __future__ import annotations
+
+import sys
+from array import array
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+
+import polars as pl
+
+from sync.records import RowRef
+from sync.row_keys import ROW_KEY
+
+__all__ = ["EXT_ID", "FILE", "GROUP", "ITEM", "ROW", "Cut", "RowOrigins", "cut", "first_ids"]
+
+EXT_ID, FILE, ROW = "__ext_id", "__file", "__row"
+GROUP = "__group"
+"""The group of a row (a batch never mixes groups): the tag of a tag stream, ``""`` otherwise."""
+ITEM = "__item"
+"""The JSON text a row contributes to its batch's body (an array item, or an ID in an ``extIds`` list)."""
+
+_NEW, _RANK, _B, _I = "__new", "__rank", "__b", "__i"
+
+
+class RowOrigins(Mapping[str, RowRef]):
+    """A batch's external ID → the input row that produced its value (file and 1-based row), built from the
+    batch's file-index and row columns only when first read: the dispatcher asks for the origins of refused IDs
+    alone, so a batch that goes through never makes these objects."""
+
+    __slots__ = ("_files", "_ids", "_map", "_names", "_rows")
+
+    def __init__(
+        self, ext_ids: Sequence[str], files: pl.Series, rows: pl.Series, names: Sequence[str]
+    ) -> None:
+        self._ids = ext_ids  # the batch's unique IDs, in order
+        self._files = files  # per ID: the index of its input file in ``names``
+        self._rows = rows  # per ID: its row number in that file
+        self._names = names  # the source's input files
+        self._map: dict[str, RowRef] | None = None  # built on first read
+
+    def _built(self) -> dict[str, RowRef]:
+        if self._map is None:
+            names = self._names
+            self._map = {
+                x: RowRef(names[f], r)
+                for x, f, r in zip(self._ids, self._files.to_list(), self._rows.to_list(), strict=True)
+            }
+        return self._map
+
+    def __getitem__(self, ext_id: str) -> RowRef:
+        return self._built()[ext_id]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._built())
+
+    def __len__(self) -> int:
+        return len(self._built())
+
+    def __repr__(self) -> str:
+        return f"RowOrigins({len(self._ids)} IDs)"
+
+    def joined(self, other: RowOrigins) -> RowOrigins:
+        """These origins followed by ``other``'s (a run continued in the next frame)."""
+        return RowOrigins(
+            (*self._ids, *other._ids),
+            pl.concat([self._files, other._files]),
+            pl.concat([self._rows, other._rows]),
+            self._names,
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Cut:
+    """One batch's content: its group, its items' JSON texts joined with ``,``, its unique IDs in order, where
+    they came from and the packed keys of its rows (empty unless the rows carry :data:`ROW_KEY`)."""
+
+    group: str
+    items: str
+    ext_ids: tuple[str, ...]
+    origins: RowOrigins
+    row_keys: bytes = b""
+
+    def joined(self, other: Cut, *, first_only: bool) -> Cut:
+        """This run continued by ``other`` (the same group, the next frame)."""
+        items = self.items if first_only else f"{self.items},{other.items}"
+        return Cut(
+            self.group,
+            items,
+            self.ext_ids + other.ext_ids,
+            self.origins.joined(other.origins),
+            self.row_keys + other.row_keys,
+        )
+
+
+def _key_bytes(keys: pl.Series) -> bytes:
+    """A UInt64 column as 8-byte little-endian integers back to back (:func:`sync.row_keys.pack`'s form)."""
+    buffer = keys.cast(pl.UInt64).rechunk().to_arrow().buffers()[1]
+    assert buffer is not None
+    data = buffer.to_pybytes()[: 8 * len(keys)] if keys.len() else b""
+    if sys.byteorder == "big":
+        swapped = array("Q", data)
+        swapped.byteswap()
+        data = swapped.tobytes()
+    return data
+
+
+def _ranked(selected: pl.DataFrame, open_runs: Mapping[str, tuple[int, str]], size: int) -> pl.DataFrame:
+    """``selected`` sorted by group (stably: row order within a group), with each row's run number ``__b``
+    within its group (0: the run still open from earlier frames, when there is one) and ``__new`` (first row of
+    an ID)."""
+    frame = selected.with_row_index(_I)
+    groups = frame[GROUP]
+    if groups.len() and not (groups == groups[0]).all():
+        frame = frame.sort(GROUP, maintain_order=True)
+    if open_runs:
+        state = pl.DataFrame(
+            {
+                GROUP: list(open_runs),
+                "__c0": [n for n, _ in open_runs.values()],
+                "__last": [last for _, last in open_runs.values()],
+            },
+            schema={GROUP: pl.String, "__c0": pl.Int64, "__last": pl.String},
+        )
+        frame = frame.join(state, on=GROUP, how="left", maintain_order="left")
+    else:
+        frame = frame.with_columns(pl.lit(0, pl.Int64).alias("__c0"), pl.lit(None, pl.String).alias("__last"))
+    start = (pl.col(GROUP) != pl.col(GROUP).shift(1)).fill_null(True)
+    previous = pl.when(start).then(pl.col("__last")).otherwise(pl.col(EXT_ID).shift(1))
+    new = (pl.col(EXT_ID) != previous).fill_null(True)
+    frame = frame.with_columns(new.alias(_NEW), start.alias("__start"))
+    running = pl.col(_NEW).cast(pl.Int64).cum_sum()
+    # The IDs counted before this group's first row in the frame: subtracted so ranks start at 1 per group.
+    before = pl.when(pl.col("__start")).then(running - pl.col(_NEW).cast(pl.Int64)).forward_fill()
+    rank = running - before
+    run = (pl.col("__c0").fill_null(0) + rank - 1) // size
+    return frame.with_columns(run.clip(lower_bound=0).alias(_B))
+
+
+def _frame_cuts(
+    frame: pl.DataFrame, files: Sequence[str], first_only: bool
+) -> list[tuple[str, int, int, Cut]]:
+    """The runs of a ranked frame: ``(group, run number, first row index, cut)`` in group and run order."""
+    keyed = ROW_KEY in frame.columns
+    item = pl.col(ITEM).first() if first_only else pl.col(ITEM).str.join(",")
+    runs = frame.group_by([GROUP, _B], maintain_order=True).agg(
+        item.alias(ITEM),
+        pl.len().alias("__rows"),
+        pl.col(_NEW).sum().alias("__ids"),
+        pl.col(_I).min().alias(_I),
+    )
+    firsts = frame.filter(pl.col(_NEW))
+    ids: list[str] = firsts[EXT_ID].to_list()
+    id_files, id_rows = firsts[FILE], firsts[ROW]
+    keys = _key_bytes(frame[ROW_KEY]) if keyed else b""
+    out = []
+    at_id = at_row = 0
+    for group, b, items, n_rows, n_ids, first in runs.iter_rows():
+        origins = RowOrigins(
+            ids[at_id : at_id + n_ids], id_files.slice(at_id, n_ids), id_rows.slice(at_id, n_ids), files
+        )
+        packed = keys[8 * at_row : 8 * (at_row + n_rows)] if keyed else b""
+        out.append((group, b, first, Cut(group, items, tuple(ids[at_id : at_id + n_ids]), origins, packed)))
+        at_id += n_ids
+        at_row += n_rows
+    return out
+
+
+def cut(
+    frames: Iterable[pl.DataFrame], size: int, files: Sequence[str], *, first_only: bool = False
+) -> Iterator[Cut]:
+    """The runs of at most ``size`` unique IDs per group of the selected ``frames`` (see the module docstring).
+
+    ``files`` resolves :data:`FILE`. ``first_only``: a run's items are its first row's item alone (a one-user
+    request whose ID has several rows sends the first, as the row loop did).
+    """
+    if size < 1:
+        raise ValueError(f"a batch holds at least one ID (size {size})")
+    open_cuts: dict[str, Cut] = {}  # per group: the run still open, carried into the next frame
+    for selected in frames:
+        if selected.is_empty():
+            continue
+        open_runs = {g: (len(c.ext_ids), c.ext_ids[-1]) for g, c in open_cuts.items()}
+        ranked = _ranked(selected, open_runs, size)
+        done: list[tuple[int, Cut]] = []  # (index of the row that completed it, run)
+        pieces = _frame_cuts(ranked, files, first_only)
+        for k, (group, b, _first, piece) in enumerate(pieces):
+            last_of_group = k + 1 == len(pieces) or pieces[k + 1][0] != group
+            trigger = -1 if last_of_group else pieces[k + 1][2]
+            if b == 0 and group in open_cuts:
+                piece = open_cuts.pop(group).joined(piece, first_only=first_only)
+            elif group in open_cuts:
+                # The open run was full: this frame's first ID of the group completed it.
+                done.append((_first, open_cuts.pop(group)))
+            if last_of_group:
+                open_cuts[group] = piece
+            else:
+                done.append((trigger, piece))
+        done.sort(key=lambda pair: pair[0])
+        for _, piece in done:
+            yield piece
+    for group in sorted(open_cuts):
+        yield open_cuts[group]
+
+
+def first_ids(selected: pl.DataFrame, limit: int) -> pl.DataFrame:
+    """The rows of ``selected``'s first group that belong to its first ``limit`` IDs (a plan's sample)."""
+    group = selected[GROUP][0]
+    rows = selected.filter(pl.col(GROUP) == group)
+    new = (pl.col(EXT_ID) != pl.col(EXT_ID).shift(1)).fill_null(True)
+    return rows.filter(new.cast(pl.Int64).cum_sum() <= limit)
