@@ -98,7 +98,10 @@ def floating(expr: pl.Expr, *, integral_floats: bool = True) -> pl.Expr:
     ``integral_floats`` (null stays null)."""
     x = expr.cast(pl.Float64)
     text = x.cast(pl.String)
-    parts = text.str.extract_groups(_SMALL_FIXED)
+    # Only values below 1e-4 in magnitude are written differently; the fix-ups run on those alone (the others are
+    # null in ``small``, which string kernels skip) so that the common case costs one cast.
+    small = pl.when((x.abs() < 1e-4) & (x != 0)).then(text)
+    parts = small.str.extract_groups(_SMALL_FIXED)
     digits = parts.struct.field("4")
     exponent = (parts.struct.field("2").str.len_chars() + 1).cast(pl.String).str.zfill(2)
     scientific = pl.concat_str(
@@ -108,23 +111,16 @@ def floating(expr: pl.Expr, *, integral_floats: bool = True) -> pl.Expr:
         pl.lit("e-"),
         exponent,
     )
-    python = (
-        pl.when(x.is_nan())
-        .then(pl.lit("NaN"))
-        .when(x == float("inf"))
-        .then(pl.lit("Infinity"))
-        .when(x == float("-inf"))
-        .then(pl.lit("-Infinity"))
-        .when(text.str.contains(_SMALL_FIXED))
-        .then(scientific)
-        .otherwise(text.str.replace(_SHORT_EXPONENT, "e${1}0${2}"))
+    fixed = pl.coalesce(scientific, small.str.replace(_SHORT_EXPONENT, "e${1}0${2}"))
+    # polars writes NaN as Python does; the infinities differ. Each fix-up is null where it does not apply.
+    infinite = pl.when(x.is_infinite()).then(
+        pl.when(x > 0).then(pl.lit("Infinity")).otherwise(pl.lit("-Infinity"))
     )
     if not integral_floats:
-        return python
+        return pl.coalesce(infinite, fixed, text)
     whole = x.is_finite() & (x == x.floor()) & (x.abs() < MAX_EXACT_INT)
-    # Cast only the values that fit: a float beyond Int64's range must not reach the cast.
-    as_int = pl.when(whole).then(x).otherwise(pl.lit(0.0)).cast(pl.Int64).cast(pl.String)
-    return pl.when(whole).then(as_int).otherwise(python)
+    as_int = pl.when(whole).then(x).cast(pl.Int64).cast(pl.String)
+    return pl.coalesce(as_int, infinite, fixed, text)
 
 
 def or_null(expr: pl.Expr) -> pl.Expr:

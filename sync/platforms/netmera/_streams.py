@@ -61,14 +61,22 @@ class Shape(Enum):
     """The batch's one item is the body (one-user endpoints: ``{"extId":...}``)."""
 
 
-def _envelope(shape: Shape, group: str, items: str) -> str:
+def _envelope(shape: Shape, group: str) -> tuple[bytes, bytes]:
+    """What comes before and after a batch's joined items in its body."""
     if shape is Shape.ARRAY:
-        return f"[{items}]"
+        return b"[", b"]"
     if shape is Shape.IDS:
-        return f'{{"extIds":[{items}]}}'
+        return b'{"extIds":[', b"]}"
     if shape is Shape.TAG:
-        return f'{{"extIds":[{items}],"tag":{enc.key(group)}}}'
-    return items
+        return b'{"extIds":[', f'],"tag":{enc.key(group)}}}'.encode()
+    return b"", b""
+
+
+def _body(shape: Shape, group: str, items: bytes) -> bytes:
+    if shape is Shape.ONE:
+        return items
+    before, after = _envelope(shape, group)
+    return b"".join((before, items, after))
 
 
 Select = Callable[[pl.DataFrame, bool], pl.DataFrame]
@@ -190,11 +198,13 @@ def _select_tags(frame: pl.DataFrame, items: bool, columns: list[str]) -> pl.Dat
     tags = pl.concat_list([pl.col(c).fill_null(pl.lit([], pl.List(pl.String))) for c in columns]).list.unique(
         maintain_order=True
     )
+    # The ID's JSON text is made once per user, before a row per tag repeats it.
+    item = _ID_TEXT if items else pl.lit(None, pl.String)
     return (
-        frame.select(EXT_ID, FILE, ROW, tags.alias(GROUP))
+        frame.select(EXT_ID, FILE, ROW, tags.alias(GROUP), item.alias(ITEM))
         .explode(GROUP)
         .filter(pl.col(GROUP).is_not_null())
-        .with_columns((_ID_TEXT if items else pl.lit(None, pl.String)).alias(ITEM))
+        .select(EXT_ID, FILE, ROW, GROUP, ITEM)
     )
 
 
@@ -404,12 +414,14 @@ def stream_batches(
     Each body is the request's canonical JSON as ``bytes`` (sent as is); the batch ID is the first 16 hex digits
     of sha256 over the endpoint, a newline and those bytes."""
     endpoint = stream.endpoint
-    prefix = endpoint.encode("utf-8") + b"\n"
+    prefix = hashlib.sha256(endpoint.encode("utf-8") + b"\n")
     selected = (stream.select(frame, True) for frame in frames)
     for run in cut(selected, _size(stream, batch_size), files, first_only=stream.shape is Shape.ONE):
-        body = _envelope(stream.shape, run.group, run.items).encode("utf-8")
+        body = _body(stream.shape, run.group, run.items)
+        digest = prefix.copy()
+        digest.update(body)
         yield Batch(
-            batch_id=hashlib.sha256(prefix + body).hexdigest()[:16],
+            batch_id=digest.hexdigest()[:16],
             endpoint=endpoint,
             operation=stream.operation,
             body=body,
@@ -448,5 +460,5 @@ def stream_sample(stream: Stream, frames: Iterable[pl.DataFrame], max_ids: int =
             continue
         rows = first_ids(selected, 1 if stream.single_user else max_ids)
         items = rows[ITEM][0] if stream.shape is Shape.ONE else ",".join(rows[ITEM].to_list())
-        return json.loads(_envelope(stream.shape, rows[GROUP][0], items))
+        return json.loads(_body(stream.shape, rows[GROUP][0], items.encode("utf-8")))
     return None
