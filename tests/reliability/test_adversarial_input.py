@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import datetime as dt
 import io
+import json
 import os
 import shutil
 import subprocess
@@ -238,13 +239,15 @@ def test_lists_feed_tags_and_list_attributes_and_other_roles_refuse_what_does_no
     )
     mapping = "    tags: [{column: segments}]\n    opt_ins: {push: push}\n    msisdn: phone\n"
     with build_plan(load_job(_job(tmp_path, "users.parquet", mapping))) as plan:
-        sent = sorted((batch.endpoint, str(body_json(batch))) for batch in plan.batches())
+        sent = sorted(
+            (batch.endpoint, json.dumps(body_json(batch), sort_keys=True)) for batch in plan.batches()
+        )
     assert sent == [
-        ("disablePush", str({"extId": "u2"})),
-        ("enablePush", str({"extId": "u1"})),
-        ("tagUsers", str({"tag": "eu", "extIds": ["u1"]})),
-        ("tagUsers", str({"tag": "gold", "extIds": ["u1"]})),
-        ("updateMsisdn", str({"extId": "u1", "msisdn": "905551234567"})),
+        ("disablePush", json.dumps({"extId": "u2"}, sort_keys=True)),
+        ("enablePush", json.dumps({"extId": "u1"}, sort_keys=True)),
+        ("tagUsers", json.dumps({"tag": "eu", "extIds": ["u1"]}, sort_keys=True)),
+        ("tagUsers", json.dumps({"tag": "gold", "extIds": ["u1"]}, sort_keys=True)),
+        ("updateMsisdn", json.dumps({"extId": "u1", "msisdn": "905551234567"}, sort_keys=True)),
     ]
     # A date column as an opt-in, a struct as tags: refused, naming the column.
     for column, values, mapping in (
