@@ -45,7 +45,9 @@ RECORDED_DIGESTS = {
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--users", type=int, default=1_000_000)
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
@@ -90,7 +92,9 @@ def main() -> int:
     if args.json:
         print(json.dumps(report, indent=2))
     else:
-        print(f"{args.users:,} users × (tags + 5 attributes): {batches:,} batches, {ids:,} IDs, {report['body_mb']} MB")
+        print(
+            f"{args.users:,} users × (tags + 5 attributes): {batches:,} batches, {ids:,} IDs, {report['body_mb']} MB"
+        )
         print(
             f"  all bodies built in {wall:.2f} s wall, {cpu:.2f} s CPU "
             f"({report['cpu_us_per_batch']} µs CPU per batch); target ≤ {TARGET_SECONDS:.1f} s wall"

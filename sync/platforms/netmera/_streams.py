@@ -141,15 +141,24 @@ def _rows(
     )
 
 
-def _values(frame: pl.DataFrame, pairs: Sequence[tuple[str, str]]) -> dict[str, pl.Expr]:
-    """Attribute name → JSON text of its column (null where the row has no value)."""
-    return {name: enc.value(pl.col(col), frame.schema[col]) for col, name in pairs}
+def _values(frame: pl.DataFrame, pairs: Sequence[tuple[str, str]]) -> tuple[pl.DataFrame, dict[str, pl.Expr]]:
+    """``frame`` with each attribute column's JSON text (null where the row has no value) in a column of its own,
+    and attribute name → that column. One column each, so that polars encodes them in parallel (the object they
+    form is one expression, evaluated on one thread)."""
+    texts = [
+        enc.value(pl.col(col), frame.schema[col]).alias(f"__json{i}") for i, (col, _) in enumerate(pairs)
+    ]
+    members = {name: pl.col(f"__json{i}") for i, (_, name) in enumerate(pairs)}
+    return frame.with_columns(texts), members
 
 
 def _select_profile(frame: pl.DataFrame, items: bool, pairs: Sequence[tuple[str, str]]) -> pl.DataFrame:
-    columns = [c for c, _ in pairs]
-    item = enc.obj({"extId": _ID_TEXT, "profile": enc.obj(_values(frame, pairs))}) if items else None
-    return _rows(frame, pl.any_horizontal(pl.col(columns).is_not_null()), item, items)
+    keep = pl.any_horizontal(pl.col([c for c, _ in pairs]).is_not_null())
+    if not items:
+        return _rows(frame, keep, None, items)
+    encoded, members = _values(frame.filter(keep), pairs)
+    item = enc.obj({"extId": _ID_TEXT, "profile": enc.obj(members)})
+    return _rows(encoded, pl.lit(True), item, items)
 
 
 def _select_unset(frame: pl.DataFrame, items: bool, pairs: Sequence[tuple[str, str]]) -> pl.DataFrame:
@@ -215,8 +224,11 @@ def _select_tag_table(frame: pl.DataFrame, items: bool, want: bool) -> pl.DataFr
 def _select_events(frame: pl.DataFrame, items: bool, pairs: Sequence[tuple[str, str]]) -> pl.DataFrame:
     # Attributes sit beside extId and name, all keys sorted together (the loader refuses an attribute named
     # extId or name, which would overwrite the event's identity).
-    item = enc.obj({**_values(frame, pairs), "extId": _ID_TEXT, "name": enc.string(pl.col("__event"))})
-    return _rows(frame, pl.lit(True), item, items)
+    if not items:
+        return _rows(frame, pl.lit(True), None, items)
+    encoded, members = _values(frame, pairs)
+    item = enc.obj({**members, "extId": _ID_TEXT, "name": enc.string(pl.col("__event"))})
+    return _rows(encoded, pl.lit(True), item, items)
 
 
 def _select_all(frame: pl.DataFrame, items: bool) -> pl.DataFrame:
