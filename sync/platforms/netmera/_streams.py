@@ -122,7 +122,13 @@ def json_value(value: Any) -> Any:
     return value
 
 
-_ID_TEXT = enc.string(pl.col(EXT_ID))
+_ID = enc.string_text(pl.col(EXT_ID))  # never null: an ID is required in a clean frame
+_ID_TEXT = _ID.expr()
+
+
+def _item(members: Mapping[str, enc.Member], required: tuple[str, ...] = ("extId",)) -> pl.Expr:
+    """A body item: an object whose ``required`` members are always there (fewer string copies)."""
+    return enc.obj(members, required=required)
 
 
 def _rows(
@@ -157,24 +163,24 @@ def _select_profile(frame: pl.DataFrame, items: bool, pairs: Sequence[tuple[str,
     if not items:
         return _rows(frame, keep, None, items)
     encoded, members = _values(frame.filter(keep), pairs)
-    item = enc.obj({"extId": _ID_TEXT, "profile": enc.obj(members)})
+    item = _item({"extId": _ID, "profile": enc.obj_text(members)}, ("extId", "profile"))
     return _rows(encoded, pl.lit(True), item, items)
 
 
 def _select_unset(frame: pl.DataFrame, items: bool, pairs: Sequence[tuple[str, str]]) -> pl.DataFrame:
     columns = [c for c, _ in pairs]
     names = enc.array(pl.when(pl.col(c).is_null()).then(pl.lit(enc.key(name))) for c, name in pairs)
-    item = enc.obj({"extId": _ID_TEXT, "profile": names}) if items else None
+    item = _item({"extId": _ID, "profile": names}, ("extId", "profile")) if items else None
     return _rows(frame, pl.any_horizontal(pl.col(columns).is_null()), item, items)
 
 
 def _select_flag(frame: pl.DataFrame, items: bool, column: str, want: bool, one: bool) -> pl.DataFrame:
-    item = enc.obj({"extId": _ID_TEXT}) if one else _ID_TEXT
+    item = _item({"extId": _ID}) if one else _ID_TEXT
     return _rows(frame, pl.col(column) == want, item, items)
 
 
 def _select_contact(frame: pl.DataFrame, items: bool, column: str, field: str) -> pl.DataFrame:
-    item = enc.obj({"extId": _ID_TEXT, field: enc.string(pl.col(column))})
+    item = _item({"extId": _ID, field: enc.string_text(pl.col(column))}, ("extId", field))
     return _rows(frame, pl.col(column).is_not_null(), item, items)
 
 
@@ -191,8 +197,10 @@ def _select_categories(
         .sort("__i", maintain_order=True)
     )
     category = pl.col("__col").replace_strict(dict(names), return_dtype=pl.String)
-    item = enc.obj(
-        {"extId": _ID_TEXT, "category": enc.string(category), "enable": pl.lit("true" if want else "false")}
+    enable = enc.Text(("true" if want else "false",))
+    item = _item(
+        {"extId": _ID, "category": enc.string_text(category), "enable": enable},
+        ("extId", "category", "enable"),
     )
     return long.select(
         EXT_ID,
@@ -227,7 +235,7 @@ def _select_events(frame: pl.DataFrame, items: bool, pairs: Sequence[tuple[str, 
     if not items:
         return _rows(frame, pl.lit(True), None, items)
     encoded, members = _values(frame, pairs)
-    item = enc.obj({**members, "extId": _ID_TEXT, "name": enc.string(pl.col("__event"))})
+    item = _item({**members, "extId": _ID, "name": enc.string_text(pl.col("__event"))}, ("extId", "name"))
     return _rows(encoded, pl.lit(True), item, items)
 
 
@@ -368,7 +376,7 @@ def streams_for(source: Source) -> list[Stream]:
 
 
 def _select_unset_list(frame: pl.DataFrame, items: bool, column: str) -> pl.DataFrame:
-    item = enc.obj({"extId": _ID_TEXT, "profile": enc.list_array(pl.col(column), pl.String)})
+    item = _item({"extId": _ID, "profile": enc.list_array(pl.col(column), pl.String)}, ("extId", "profile"))
     return _rows(frame, pl.col(column).list.len() > 0, item, items)
 
 
