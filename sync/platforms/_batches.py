@@ -25,14 +25,16 @@ from __future__ import annotations
 import sys
 from array import array
 from collections.abc import Iterable, Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import TypeVar
 
 import polars as pl
 
 from sync.records import RowRef
 from sync.row_keys import ROW_KEY
 
-__all__ = ["EXT_ID", "FILE", "GROUP", "ITEM", "ROW", "Cut", "RowOrigins", "cut", "first_ids"]
+__all__ = ["EXT_ID", "FILE", "GROUP", "ITEM", "ROW", "Cut", "RowOrigins", "ahead", "cut", "first_ids"]
 
 EXT_ID, FILE, ROW = "__ext_id", "__file", "__row"
 GROUP = "__group"
@@ -40,7 +42,8 @@ GROUP = "__group"
 ITEM = "__item"
 """The JSON text a row contributes to its batch's body (an array item, or an ID in an ``extIds`` list)."""
 
-_NEW, _RANK, _B, _I = "__new", "__rank", "__b", "__i"
+_NEW, _B, _I = "__new", "__b", "__i"
+T = TypeVar("T")
 
 
 class RowOrigins(Mapping[str, RowRef]):
@@ -190,18 +193,39 @@ def _frame_cuts(
     return out
 
 
+_END = object()
+
+
+def ahead(items: Iterable[T]) -> Iterator[T]:
+    """``items``, each one made on a worker thread while the caller uses the one before.
+
+    For frames whose making is polars work (reading, selecting, encoding: the GIL is released) and whose use is
+    partly Python (cutting, hashing): the two overlap on a second core. At most one item is made ahead; closing
+    the iterator early waits for that one to finish. An exception raised making an item is raised here."""
+    source = iter(items)
+    with ThreadPoolExecutor(1, thread_name_prefix="pushsync-build") as pool:
+        pending = pool.submit(next, source, _END)
+        while True:
+            item = pending.result()
+            if item is _END:
+                return
+            pending = pool.submit(next, source, _END)
+            yield item  # type: ignore[misc]
+
+
 def cut(
     frames: Iterable[pl.DataFrame], size: int, files: Sequence[str], *, first_only: bool = False
 ) -> Iterator[Cut]:
     """The runs of at most ``size`` unique IDs per group of the selected ``frames`` (see the module docstring).
 
     ``files`` resolves :data:`FILE`. ``first_only``: a run's items are its first row's item alone (a one-user
-    request whose ID has several rows sends the first, as the row loop did).
+    request whose ID has several rows sends the first, as the row loop did). ``frames`` is advanced on a worker
+    thread one frame ahead (:func:`ahead`): a lazy selection encodes the next frame while this one is cut.
     """
     if size < 1:
         raise ValueError(f"a batch holds at least one ID (size {size})")
     open_cuts: dict[str, Cut] = {}  # per group: the run still open, carried into the next frame
-    for selected in frames:
+    for selected in ahead(frames):
         if selected.is_empty():
             continue
         open_runs = {g: (len(c.ext_ids), c.ext_ids[-1]) for g, c in open_cuts.items()}

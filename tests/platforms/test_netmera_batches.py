@@ -27,7 +27,7 @@ from hypothesis import strategies as st
 from sync.config import Destination, load_job
 from sync.ledger import Ledger
 from sync.planning import build_plan
-from sync.platforms._batches import EXT_ID, FILE, GROUP, ITEM, ROW, RowOrigins, cut
+from sync.platforms._batches import EXT_ID, FILE, GROUP, ITEM, ROW, RowOrigins, ahead, cut
 from sync.platforms.netmera.client import NetmeraClient
 from sync.platforms.netmera.requests import canonical_json, split_batch, stream_batches, streams_for
 from sync.platforms.registry import platform_for
@@ -288,3 +288,23 @@ def test_bodies_of_shuffled_frames_are_unchanged(tmp_path: Path) -> None:
         first = [(b.batch_id, b.body) for b in small.batches()]
     with build_plan(job, rows_per_bucket=random.Random(3).randint(500, 5000)) as large:
         assert [(b.batch_id, b.body) for b in large.batches()] == first
+
+
+def test_frames_are_made_one_ahead_in_order_errors_reach_the_caller_and_closing_early_stops() -> None:
+    made: list[int] = []
+
+    def frames(fail_at: int | None = None) -> Iterator[int]:
+        for i in range(5):
+            if i == fail_at:
+                raise ValueError("bad frame 3")
+            made.append(i)
+            yield i
+
+    assert list(ahead(frames())) == [0, 1, 2, 3, 4]
+    with pytest.raises(ValueError, match="bad frame 3"):
+        list(ahead(frames(fail_at=3)))
+    made.clear()
+    early = ahead(frames())
+    assert next(early) == 0
+    early.close()  # waits for the one frame made ahead, makes no more
+    assert made == [0, 1]
