@@ -27,7 +27,7 @@ from hypothesis import strategies as st
 from sync.config import Destination, load_job
 from sync.ledger import Ledger
 from sync.planning import build_plan
-from sync.platforms._batches import EXT_ID, FILE, GROUP, ITEM, ROW, RowOrigins, ahead, cut
+from sync.platforms._batches import EXT_ID, FILE, GROUP, ITEM, ROW, RowOrigins, _key_bytes, ahead, cut
 from sync.platforms.netmera.client import NetmeraClient
 from sync.platforms.netmera.requests import canonical_json, split_batch, stream_batches, streams_for
 from sync.platforms.registry import platform_for
@@ -308,3 +308,9 @@ def test_frames_are_made_one_ahead_in_order_errors_reach_the_caller_and_closing_
     assert next(early) == 0
     early.close()  # waits for the one frame made ahead, makes no more
     assert made == [0, 1]
+
+
+def test_row_keys_are_packed_from_the_column_buffer_whatever_its_offset() -> None:
+    keys = pl.Series([1, 2, 3, 2**64 - 1, 5], dtype=pl.UInt64)
+    for part in (keys, keys.slice(2, 3), keys.slice(1, 0), pl.concat([keys.slice(3, 2), keys.slice(0, 2)])):
+        assert _key_bytes(part) == pack(part.to_list())
