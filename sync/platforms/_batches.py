@@ -186,11 +186,10 @@ def _frame_cuts(
     out = []
     at_id = at_row = 0
     for _run, group, b, items, n_rows, n_ids, first in runs.iter_rows():
-        origins = RowOrigins(
-            ids[at_id : at_id + n_ids], id_files.slice(at_id, n_ids), id_rows.slice(at_id, n_ids), files
-        )
+        run_ids = tuple(ids[at_id : at_id + n_ids])
+        origins = RowOrigins(run_ids, id_files.slice(at_id, n_ids), id_rows.slice(at_id, n_ids), files)
         packed = keys[8 * at_row : 8 * (at_row + n_rows)] if keyed else b""
-        out.append((group, b, first, Cut(group, items, tuple(ids[at_id : at_id + n_ids]), origins, packed)))
+        out.append((group, b, first, Cut(group, items, run_ids, origins, packed)))
         at_id += n_ids
         at_row += n_rows
     return out
@@ -235,14 +234,14 @@ def cut(
         ranked = _ranked(selected, open_runs, size)
         done: list[tuple[int, Cut]] = []  # (index of the row that completed it, run)
         pieces = _frame_cuts(ranked, files, first_only)
-        for k, (group, b, _first, piece) in enumerate(pieces):
+        for k, (group, b, first_row, piece) in enumerate(pieces):
             last_of_group = k + 1 == len(pieces) or pieces[k + 1][0] != group
             trigger = -1 if last_of_group else pieces[k + 1][2]
             if b == 0 and group in open_cuts:
                 piece = open_cuts.pop(group).joined(piece, first_only=first_only)
             elif group in open_cuts:
                 # The open run was full: this frame's first ID of the group completed it.
-                done.append((_first, open_cuts.pop(group)))
+                done.append((first_row, open_cuts.pop(group)))
             if last_of_group:
                 open_cuts[group] = piece
             else:
