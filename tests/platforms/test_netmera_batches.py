@@ -314,3 +314,13 @@ def test_row_keys_are_packed_from_the_column_buffer_whatever_its_offset() -> Non
     keys = pl.Series([1, 2, 3, 2**64 - 1, 5], dtype=pl.UInt64)
     for part in (keys, keys.slice(2, 3), keys.slice(1, 0), pl.concat([keys.slice(3, 2), keys.slice(0, 2)])):
         assert _key_bytes(part) == pack(part.to_list())
+
+
+def test_the_builder_gives_the_snapshot_streams(tmp_path: Path) -> None:
+    """sync.state asks the platform's builder for the streams of a delta frame."""
+    job = load_job(compat.write_inputs(tmp_path, snapshot=True))
+    streams = platform_for(job).builder(job).snapshot_streams(job.sources[0])  # type: ignore[attr-defined]
+    endpoints = [s.endpoint for s in streams]
+    assert endpoints[-2:] == ["unsetProfileAttributes", "deleteUsersPermanently"]
+    assert {"tagUsers", "untagUsers", "setProfileAttributes"} <= set(endpoints)
+    assert "unsetProfileAttributes" not in endpoints[:-2]  # values present are set; unsets come from __unset
