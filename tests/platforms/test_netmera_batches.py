@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import random
+import secrets
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -253,7 +254,7 @@ async def test_the_client_sends_the_body_bytes_as_they_are(
     job = load_job(compat.write_inputs(tmp_path, users=30))
     with build_plan(job) as plan:
         batches = [b for b in plan.batches() if b.endpoint in ("setProfileAttributes", "tagUsers")][:5]
-    client = NetmeraClient(Destination("netmera", url), "key-" + "x" * 20)
+    client = NetmeraClient(Destination("netmera", url), "key-" + secrets.token_hex(12))
     try:
         for batch in batches:
             await client.send(batch)
