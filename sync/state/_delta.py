@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import shutil
 import threading
@@ -14,19 +13,15 @@ from typing import IO, Any
 
 import polars as pl
 
-from sync.config import NullAction, RemovalAction, SnapshotSettings, Source, TagAction, TagColumn
+from sync.config import RemovalAction, SnapshotSettings, Source
 from sync.errors import InterruptedRunError, StateError
 from sync.platforms.netmera import requests as netmera
 from sync.reading import ROW
 from sync.records import Batch, Operation, Phase
 from sync.state._diff import DiffCounts, diff_frames
 from sync.state._store import (
-    DELETE,
     LEFT_FILE,
     SEQ,
-    TAGS_ADDED,
-    TAGS_REMOVED,
-    UNSET,
     StateStore,
     key_range,
     managed_fields,
@@ -41,55 +36,14 @@ class RemovalThresholdError(StateError):
     """More users would be removed than the job allows; nothing was sent. ``--force`` overrides."""
 
 
-def _delta_source(source: Source) -> Source:
-    """The source as the planner's stream builders should see a delta frame: values present are sent, nothing is
-    unset for being empty (unsets come from ``__unset``), tags added and removed are two tag columns."""
-    return dataclasses.replace(
-        source,
-        attributes=tuple(dataclasses.replace(a, on_null=NullAction.SKIP) for a in source.attributes),
-        tags=(TagColumn(TAGS_ADDED), TagColumn(TAGS_REMOVED, action=TagAction.UNTAG)),
-    )
-
-
-def _list_rows(frame: pl.DataFrame, column: str) -> pl.DataFrame:
-    return frame.filter(pl.col(column).list.len() > 0).select(
-        EXT_ID, FILE, ROW, pl.lit("").alias(netmera.GROUP), pl.col(column).alias(netmera.PAYLOAD)
-    )
-
-
-def _flag_rows(frame: pl.DataFrame, column: str) -> pl.DataFrame:
-    return frame.filter(pl.col(column).fill_null(False)).select(
-        EXT_ID, FILE, ROW, pl.lit("").alias(netmera.GROUP), pl.lit(None, pl.Null).alias(netmera.PAYLOAD)
-    )
-
-
 def snapshot_streams(source: Source) -> list[netmera.Stream]:
-    """The request streams a source's delta frames make: the planner's streams plus unset and delete."""
-    streams = netmera.streams_for(_delta_source(source))
-    streams.append(
-        netmera.Stream(
-            Operation.UNSET_ATTRIBUTES,
-            Phase.CHANGES,
-            (UNSET,),
-            lambda f: _list_rows(f, UNSET),
-            lambda _g, rows: netmera.unset_attributes_body(rows),
-        )
-    )
-    streams.append(
-        netmera.Stream(
-            Operation.DELETE_USERS,
-            Phase.DELETIONS,
-            (DELETE,),
-            lambda f: _flag_rows(f, DELETE),
-            lambda _g, rows: netmera.ext_ids_body([r[0] for r in rows]),
-        )
-    )
-    return streams
+    """The request streams a source's delta frames make: the platform's (Netmera's builder defines them)."""
+    return netmera.snapshot_streams(source)
 
 
 def _log_entry(delta: SourceDelta, stream: netmera.Stream, batch: Batch) -> str:
     """One ``batches.jsonl`` line: what :func:`commit` needs to map a confirmed batch back to its rows."""
-    group = batch.body.get("tag", "") if isinstance(batch.body, dict) else ""
+    group = netmera.tag_of(batch)
     entry = {
         "s": delta.source.name,
         "b": batch.batch_id,
