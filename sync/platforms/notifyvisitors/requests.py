@@ -929,7 +929,7 @@ class Builder:
             # A user counts once per request holding any of their items: once per run, plus once per cut
             # inside a run.
             inside = pl.Series([s for s in starts if s > 0], dtype=pl.Int64)
-            ids += ends.len() + int((~inside.is_in(ends)).sum())
+            ids += ends.len() + int((~inside.is_in(ends.implode())).sum())
             closed = len(starts) - (1 if still_open else 0)
             requests += closed
             carried = (n - starts[-1] if starts[-1] >= 0 else carried + n) if still_open else 0
