@@ -115,9 +115,12 @@ class Cut:
 
 def _key_bytes(keys: pl.Series) -> bytes:
     """A UInt64 column as 8-byte little-endian integers back to back (:func:`sync.row_keys.pack`'s form)."""
-    buffer = keys.cast(pl.UInt64).rechunk().to_arrow().buffers()[1]
+    values = keys.cast(pl.UInt64).rechunk().to_arrow()
+    buffer = values.buffers()[1]
     assert buffer is not None
-    data = buffer.to_pybytes()[: 8 * len(keys)] if keys.len() else b""
+    # A sliced column shares its parent's buffer: its values start at the array's offset.
+    start = 8 * values.offset
+    data = buffer.to_pybytes()[start : start + 8 * len(keys)] if keys.len() else b""
     if sys.byteorder == "big":
         swapped = array("Q", data)
         swapped.byteswap()

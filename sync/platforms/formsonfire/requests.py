@@ -466,15 +466,15 @@ class Builder:
             value = pl.coalesce(texts) if texts else pl.lit(None, pl.String)
             return value, value
         json_texts = [] if constant is None else [pl.lit(enc.key(str(constant)))]
-        xml_texts = [] if constant is None else [pl.lit(_xml_text(str(constant)))]
+        # The XML text only where it is sent (a JSON job's constant may hold what XML cannot carry).
+        xml_texts = [] if constant is None or not self._xml else [pl.lit(_xml_text(str(constant)))]
         if column is not None:
             assert dtype is not None
             text = _python_str(pl.col(column), dtype)
             json_texts.insert(0, enc.string(text))
             xml_texts.insert(0, _xml.text(text))
-        if not json_texts:
-            return pl.lit(None, pl.String), pl.lit(None, pl.String)
-        return pl.coalesce(json_texts), pl.coalesce(xml_texts)
+        none = pl.lit(None, pl.String)
+        return (pl.coalesce(json_texts) if json_texts else none), (pl.coalesce(xml_texts) if xml_texts else none)
 
     def _encoded(self, stream: Stream, frame: pl.DataFrame, files: Sequence[str]) -> pl.DataFrame:
         """Per row: ``__ext_id``, ``__file``, ``__row``, the body bytes (``__xml`` or ``__json``), the bytes

@@ -529,6 +529,10 @@ _MOBILE_NOISE_POLARS = f"[{PY_WHITESPACE}().\\-]"
 """``_MOBILE_NOISE`` for polars: Python's whitespace (not Rust's) and the separators."""
 
 
+_FIRST_MS = -30_610_137_600_000  # 1000-01-02T00:00:00Z
+_LAST_MS = 2_114_380_800_000  # 2037-01-01T00:00:00Z
+
+
 def _zone_name(tz: tzinfo) -> str | None:
     """The IANA name of a time zone (polars converts by name), None when it has none."""
     key = getattr(tz, "key", None)
@@ -702,9 +706,10 @@ class Builder:
         return frame
 
     def _local_time(self, column: str, tz: tzinfo, fmt: str) -> tuple[pl.Expr, pl.Expr] | None:
-        """``(text, odd)`` of a date column (epoch milliseconds) as local time in ``tz`` and ``fmt``; odd where
-        the year has not four digits (Python writes those differently: the row goes the Python way). None when
-        ``tz`` has no IANA name polars knows."""
+        """``(text, odd)`` of a date column (epoch milliseconds) as local time in ``tz`` and ``fmt``. Odd (built
+        the Python way) outside 1000-01-02..2036-12-31 UTC: Python writes years below 1000 differently, and
+        polars' zone rules (chrono-tz) stop following a zone's daylight-saving rule after 2037, where Python's
+        zoneinfo keeps applying it. None when ``tz`` has no IANA name polars knows."""
         name = _zone_name(tz)
         if name is None:
             return None
@@ -713,7 +718,7 @@ class Builder:
             .dt.replace_time_zone("UTC")
             .dt.convert_time_zone(name)
         )
-        odd = pl.col(column).is_not_null() & ~local.dt.year().is_between(1000, 9999)
+        odd = pl.col(column).is_not_null() & ~pl.col(column).is_between(_FIRST_MS, _LAST_MS, closed="left")
         return local.dt.strftime(fmt), odd
 
     def _attribute(
