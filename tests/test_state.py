@@ -18,7 +18,7 @@ from sync.config import Job, load_job
 from sync.errors import StateError
 from sync.ledger import Ledger
 from sync.planning import build_plan
-from sync.records import Batch, BatchResult, BatchStatus, Operation, RejectedId
+from sync.records import Batch, BatchResult, BatchStatus, Operation, RejectedId, body_json
 from sync.state import (
     DiffCounts,
     RemovalAction,
@@ -79,7 +79,7 @@ def diff(job: Job, run_id: str, settings: SnapshotSettings | None = None, **kwar
 def bodies(d: SnapshotDiff) -> dict[str, list[Any]]:
     out: dict[str, list[Any]] = {}
     for batch in d.batches(record=False):
-        out.setdefault(batch.endpoint, []).append(batch.body)
+        out.setdefault(batch.endpoint, []).append(body_json(batch))
     return out
 
 
@@ -221,7 +221,7 @@ def test_failed_and_refused_ids_keep_their_old_state_and_are_sent_again(tmp_path
     def outcome(batch: Batch) -> tuple[BatchStatus, tuple[str, ...]]:
         if batch.operation is Operation.SET_ATTRIBUTES:
             return BatchStatus.REJECTED, ("u2",)  # the platform refused u2's profile, took the others
-        if batch.operation is Operation.TAG and batch.body["tag"] == "vip":
+        if batch.operation is Operation.TAG and body_json(batch)["tag"] == "vip":
             return BatchStatus.FAILED, ()
         return BatchStatus.OK, ()
 

@@ -92,18 +92,18 @@ class RowOrigins(Mapping[str, RowRef]):
 
 @dataclass(frozen=True, slots=True)
 class Cut:
-    """One batch's content: its group, its items' JSON texts joined with ``,``, its unique IDs in order, where
-    they came from and the packed keys of its rows (empty unless the rows carry :data:`ROW_KEY`)."""
+    """One batch's content: its group, its items' JSON texts joined with ``,`` (UTF-8), its unique IDs in order,
+    where they came from and the packed keys of its rows (empty unless the rows carry :data:`ROW_KEY`)."""
 
     group: str
-    items: str
+    items: bytes
     ext_ids: tuple[str, ...]
     origins: RowOrigins
     row_keys: bytes = b""
 
     def joined(self, other: Cut, *, first_only: bool) -> Cut:
         """This run continued by ``other`` (the same group, the next frame)."""
-        items = self.items if first_only else f"{self.items},{other.items}"
+        items = self.items if first_only else b",".join((self.items, other.items))
         return Cut(
             self.group,
             items,
@@ -135,19 +135,17 @@ def _ranked(selected: pl.DataFrame, open_runs: Mapping[str, tuple[int, str]], si
     frame = selected.with_row_index(_I)
     groups = frame[GROUP]
     if groups.len() and not (groups == groups[0]).all():
-        frame = frame.sort(GROUP, maintain_order=True)
-    if open_runs:
-        state = pl.DataFrame(
-            {
-                GROUP: list(open_runs),
-                "__c0": [n for n, _ in open_runs.values()],
-                "__last": [last for _, last in open_runs.values()],
-            },
-            schema={GROUP: pl.String, "__c0": pl.Int64, "__last": pl.String},
-        )
-        frame = frame.join(state, on=GROUP, how="left", maintain_order="left")
-    else:
-        frame = frame.with_columns(pl.lit(0, pl.Int64).alias("__c0"), pl.lit(None, pl.String).alias("__last"))
+        # Stable sort on the groups' integer codes (sorting the strings themselves is several times slower):
+        # rows of a group become adjacent, in frame order; the code order itself does not matter. One thread:
+        # a frame is small, and the pool's hand-offs cost more than the sort on a busy machine.
+        codes = pl.col(GROUP).cast(pl.Categorical).to_physical()
+        frame = frame.sort(codes, maintain_order=True, multithreaded=False)
+    counts = {g: n for g, (n, _) in open_runs.items()}
+    lasts = {g: last for g, (_, last) in open_runs.items()}
+    frame = frame.with_columns(
+        pl.col(GROUP).replace_strict(counts, default=0, return_dtype=pl.Int64).alias("__c0"),
+        pl.col(GROUP).replace_strict(lasts, default=None, return_dtype=pl.String).alias("__last"),
+    )
     start = (pl.col(GROUP) != pl.col(GROUP).shift(1)).fill_null(True)
     previous = pl.when(start).then(pl.col("__last")).otherwise(pl.col(EXT_ID).shift(1))
     new = (pl.col(EXT_ID) != previous).fill_null(True)
@@ -156,8 +154,11 @@ def _ranked(selected: pl.DataFrame, open_runs: Mapping[str, tuple[int, str]], si
     # The IDs counted before this group's first row in the frame: subtracted so ranks start at 1 per group.
     before = pl.when(pl.col("__start")).then(running - pl.col(_NEW).cast(pl.Int64)).forward_fill()
     rank = running - before
-    run = (pl.col("__c0").fill_null(0) + rank - 1) // size
-    return frame.with_columns(run.clip(lower_bound=0).alias(_B))
+    run = (pl.col("__c0") + rank - 1) // size
+    frame = frame.with_columns(run.clip(lower_bound=0).alias(_B))
+    # The runs are contiguous now: number them, so that aggregating groups by one integer.
+    boundary = (pl.col(_B) != pl.col(_B).shift(1)) | pl.col("__start")
+    return frame.with_columns(boundary.fill_null(True).cast(pl.UInt32).cum_sum().alias("__run"))
 
 
 def _frame_cuts(
@@ -165,8 +166,11 @@ def _frame_cuts(
 ) -> list[tuple[str, int, int, Cut]]:
     """The runs of a ranked frame: ``(group, run number, first row index, cut)`` in group and run order."""
     keyed = ROW_KEY in frame.columns
-    item = pl.col(ITEM).first() if first_only else pl.col(ITEM).str.join(",")
-    runs = frame.group_by([GROUP, _B], maintain_order=True).agg(
+    # Joined in polars and handed over as UTF-8 bytes: the body is bytes, and no Python str is made per batch.
+    item = (pl.col(ITEM).first() if first_only else pl.col(ITEM).str.join(",")).cast(pl.Binary)
+    runs = frame.group_by("__run", maintain_order=True).agg(
+        pl.col(GROUP).first(),
+        pl.col(_B).first(),
         item.alias(ITEM),
         pl.len().alias("__rows"),
         pl.col(_NEW).sum().alias("__ids"),
@@ -178,7 +182,7 @@ def _frame_cuts(
     keys = _key_bytes(frame[ROW_KEY]) if keyed else b""
     out = []
     at_id = at_row = 0
-    for group, b, items, n_rows, n_ids, first in runs.iter_rows():
+    for _run, group, b, items, n_rows, n_ids, first in runs.iter_rows():
         origins = RowOrigins(
             ids[at_id : at_id + n_ids], id_files.slice(at_id, n_ids), id_rows.slice(at_id, n_ids), files
         )

@@ -28,13 +28,16 @@ Dates, times and decimals have no JSON form in ``json.dumps`` either: :class:`Ty
 as epoch milliseconds (Int64) already.
 
 Object keys are Python strings known when the expression is built (attribute names from the job): they are
-encoded once with :func:`key`.
+encoded once with :func:`key`. Most of the time goes into copying strings, one copy per concatenation: a
+:class:`Text` keeps a value's pieces apart so that an object whose member is sure to be present (``required``: an
+ID) takes them into its own concatenation (:func:`string_text`, :func:`obj_text`).
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Mapping
+from collections.abc import Collection, Iterable, Mapping
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import polars as pl
@@ -44,6 +47,8 @@ if TYPE_CHECKING:
 
 __all__ = [
     "MAX_EXACT_INT",
+    "Member",
+    "Text",
     "array",
     "boolean",
     "floating",
@@ -51,8 +56,10 @@ __all__ = [
     "key",
     "list_array",
     "obj",
+    "obj_text",
     "or_null",
     "string",
+    "string_text",
     "value",
 ]
 
@@ -72,9 +79,55 @@ def key(name: str) -> str:
     return json.dumps(name, ensure_ascii=False)
 
 
+@dataclass(frozen=True, slots=True)
+class Text:
+    """JSON text kept as the pieces whose concatenation it is: constant strings and String expressions.
+
+    Kept apart so that an enclosing object takes the pieces of a member it knows is present into its own single
+    concatenation (one string copy per row instead of one per level: most of an encoder's time is copying).
+    ``skip_nulls``: null pieces are left out (an object's optional members); otherwise a null piece makes the
+    whole text null (a string of a null value). :meth:`expr` makes it one expression.
+    """
+
+    parts: tuple[str | pl.Expr, ...]
+    skip_nulls: bool = False
+
+    def expr(self) -> pl.Expr:
+        """The text as one String expression."""
+        merged: list[str | pl.Expr] = []
+        for part in self.parts:
+            if isinstance(part, str) and merged and isinstance(merged[-1], str):
+                merged[-1] += part
+            elif not (isinstance(part, str) and not part):
+                merged.append(part)
+        if len(merged) == 1 and not isinstance(merged[0], str):
+            return merged[0]
+        pieces = [pl.lit(p) if isinstance(p, str) else p for p in merged]
+        if not pieces:
+            return pl.lit("")
+        return pl.concat_str(pieces, ignore_nulls=self.skip_nulls)
+
+
+Member = pl.Expr | Text
+"""An object member's value: a JSON text expression, or a :class:`Text`."""
+
+
+def _expr(value: Member) -> pl.Expr:
+    return value.expr() if isinstance(value, Text) else value
+
+
+def _parts(value: Member) -> tuple[str | pl.Expr, ...]:
+    return value.parts if isinstance(value, Text) else (value,)
+
+
+def string_text(expr: pl.Expr) -> Text:
+    """:func:`string` as a :class:`Text` (null when the value is null), for an object to take in whole."""
+    return Text(('"', expr.str.replace_many(_ESCAPED, _ESCAPES), '"'))
+
+
 def string(expr: pl.Expr) -> pl.Expr:
     """A JSON string literal of each value of a String expression (null stays null)."""
-    return pl.concat_str(pl.lit('"'), expr.str.replace_many(_ESCAPED, _ESCAPES), pl.lit('"'))
+    return string_text(expr).expr()
 
 
 def boolean(expr: pl.Expr) -> pl.Expr:
@@ -98,7 +151,10 @@ def floating(expr: pl.Expr, *, integral_floats: bool = True) -> pl.Expr:
     ``integral_floats`` (null stays null)."""
     x = expr.cast(pl.Float64)
     text = x.cast(pl.String)
-    parts = text.str.extract_groups(_SMALL_FIXED)
+    # Only values below 1e-4 in magnitude are written differently; the fix-ups run on those alone (the others are
+    # null in ``small``, which string kernels skip) so that the common case costs one cast.
+    small = pl.when((x.abs() < 1e-4) & (x != 0)).then(text)
+    parts = small.str.extract_groups(_SMALL_FIXED)
     digits = parts.struct.field("4")
     exponent = (parts.struct.field("2").str.len_chars() + 1).cast(pl.String).str.zfill(2)
     scientific = pl.concat_str(
@@ -108,23 +164,16 @@ def floating(expr: pl.Expr, *, integral_floats: bool = True) -> pl.Expr:
         pl.lit("e-"),
         exponent,
     )
-    python = (
-        pl.when(x.is_nan())
-        .then(pl.lit("NaN"))
-        .when(x == float("inf"))
-        .then(pl.lit("Infinity"))
-        .when(x == float("-inf"))
-        .then(pl.lit("-Infinity"))
-        .when(text.str.contains(_SMALL_FIXED))
-        .then(scientific)
-        .otherwise(text.str.replace(_SHORT_EXPONENT, "e${1}0${2}"))
+    fixed = pl.coalesce(scientific, small.str.replace(_SHORT_EXPONENT, "e${1}0${2}"))
+    # polars writes NaN as Python does; the infinities differ. Each fix-up is null where it does not apply.
+    infinite = pl.when(x.is_infinite()).then(
+        pl.when(x > 0).then(pl.lit("Infinity")).otherwise(pl.lit("-Infinity"))
     )
     if not integral_floats:
-        return python
+        return pl.coalesce(infinite, fixed, text)
     whole = x.is_finite() & (x == x.floor()) & (x.abs() < MAX_EXACT_INT)
-    # Cast only the values that fit: a float beyond Int64's range must not reach the cast.
-    as_int = pl.when(whole).then(x).otherwise(pl.lit(0.0)).cast(pl.Int64).cast(pl.String)
-    return pl.when(whole).then(as_int).otherwise(python)
+    as_int = pl.when(whole).then(x).cast(pl.Int64).cast(pl.String)
+    return pl.coalesce(as_int, infinite, fixed, text)
 
 
 def or_null(expr: pl.Expr) -> pl.Expr:
@@ -180,16 +229,41 @@ def array(items: Iterable[pl.Expr], *, drop_nulls: bool = True) -> pl.Expr:
     return pl.concat_str(pl.lit("["), pl.concat_str(texts, separator=",", ignore_nulls=True), pl.lit("]"))
 
 
-def obj(members: Mapping[str, pl.Expr], *, drop_nulls: bool = True) -> pl.Expr:
-    """A JSON object of ``members`` (key → JSON text expression), keys in sorted order as ``sort_keys`` sorts them.
+def obj_text(
+    members: Mapping[str, Member], *, drop_nulls: bool = True, required: Collection[str] = ()
+) -> Text:
+    """:func:`obj` as a :class:`Text` (never null), for an enclosing object to take in whole."""
+    names = sorted(members)
+    if not drop_nulls:
+        members = {name: or_null(_expr(members[name])) for name in names}
+        required = names
+    anchor = next((i for i, name in enumerate(names) if name in required), None)
+    if anchor is None:
+        # No member is sure to be there: join those present with commas.
+        present = [pl.concat_str(pl.lit(key(name) + ":"), _expr(members[name])) for name in names]
+        if not present:
+            return Text(("{}",))
+        return Text(("{", pl.concat_str(present, separator=",", ignore_nulls=True), "}"), skip_nulls=True)
+    # The first member sure to be there anchors the commas: members before it end with one, members after it
+    # start with one, so any of the optional ones may be left out. A required member's pieces join the object's
+    # own (a null piece among them would be left out silently: "required" is the caller's promise).
+    parts: list[str | pl.Expr] = ["{"]
+    for i, name in enumerate(names):
+        before, after = ("," if i > anchor else ""), ("," if i < anchor else "")
+        if name in required:
+            parts += [before + key(name) + ":", *_parts(members[name]), after]
+        else:
+            value = _expr(members[name])
+            parts.append(pl.concat_str(pl.lit(before + key(name) + ":"), value, pl.lit(after)))
+    parts.append("}")
+    return Text(tuple(parts), skip_nulls=True)
+
+
+def obj(members: Mapping[str, Member], *, drop_nulls: bool = True, required: Collection[str] = ()) -> pl.Expr:
+    """A JSON object of ``members`` (key → JSON text), keys in sorted order as ``sort_keys`` sorts them.
 
     A null member is left out (``drop_nulls``, as the platforms' bodies leave out values a row does not have) or
-    written as ``null``. An object whose every member is left out is ``{}``, never null.
+    written as ``null``. An object whose every member is left out is ``{}``, never null. ``required`` names
+    members that are never null (an ID): the object is then built with fewer string copies.
     """
-    texts = []
-    for name in sorted(members):
-        text = members[name] if drop_nulls else or_null(members[name])
-        texts.append(pl.concat_str(pl.lit(key(name) + ":"), text))
-    if not texts:
-        return pl.lit("{}")
-    return pl.concat_str(pl.lit("{"), pl.concat_str(texts, separator=",", ignore_nulls=True), pl.lit("}"))
+    return obj_text(members, drop_nulls=drop_nulls, required=required).expr()

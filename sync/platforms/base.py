@@ -15,8 +15,9 @@ The data path through the seam::
 
 A builder sees whole polars frames, never single rows, so it may build request bodies as columns (``struct
 .json_encode``, ``concat_str``) and hand the dispatcher a :class:`sync.records.Batch` whose ``body`` is already
-the encoded request ``bytes``; a client sends a ``bytes`` body as it is. Today's builders return JSON-ready
-objects that the client encodes; the columnar data plane (issue 13) changes the builders, not this protocol.
+the encoded request ``bytes``; a client sends a ``bytes`` body as it is. Netmera's builder does (issue 13, with
+:mod:`sync.platforms._encode` for the JSON text and :mod:`sync.platforms._batches` for the cutting); builders not
+yet converted return JSON-ready objects that their client encodes. :func:`sync.records.body_json` reads either.
 """
 
 from __future__ import annotations
@@ -115,7 +116,9 @@ class BatchBuilder(Protocol):
 
     Two optional hooks the planner uses when a builder has them: ``check_rows(source, clean, file_name) ->
     (clean, rejects)`` refuses rows valid in general that this platform cannot take (rejected rows at plan time,
-    not refused requests later), and a stream's ``rank`` orders its lane within a phase (lower first).
+    not refused requests later), and a stream's ``rank`` orders its lane within a phase (lower first). A platform
+    with snapshot mode also gives ``snapshot_streams(source)``: the streams of the source's snapshot delta frames
+    (:mod:`sync.state`), used with ``stream_batches`` like the planner's.
     """
 
     def streams_for(self, source: Source) -> Sequence[Stream]:

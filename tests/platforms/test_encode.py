@@ -189,3 +189,39 @@ def test_known_differences_from_polars_text_are_fixed() -> None:
 def test_dtypes_json_has_no_form_for_are_refused() -> None:
     with pytest.raises(TypeError, match="no JSON form"):
         encode.value(pl.col("d"), pl.Date())
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.data())
+def test_objects_with_required_members_and_nested_texts(data: st.DataObject) -> None:
+    """``required`` members (never null) join the object's own concatenation, nested objects and strings too:
+    the text is the same as without, whichever members are left out around them."""
+    names = data.draw(st.lists(texts.filter(lambda t: t != "inner"), min_size=1, max_size=6, unique=True))
+    required = data.draw(st.sets(st.sampled_from(names)))
+    nested = data.draw(st.sampled_from([*names, None]))
+    rows = data.draw(
+        st.lists(
+            st.fixed_dictionaries(
+                {n: (texts if n in required else st.one_of(st.none(), texts)) for n in names}
+                | {"inner": st.one_of(st.none(), texts)}
+            ),
+            min_size=1,
+            max_size=8,
+        )
+    )
+    columns = {n: f"c{i}" for i, n in enumerate(names)}
+    frame = pl.DataFrame(
+        {**{c: [r[n] for r in rows] for n, c in columns.items()}, "inner": [r["inner"] for r in rows]},
+        schema={**{c: pl.String for c in columns.values()}, "inner": pl.String},
+    )
+    members: dict[str, encode.Member] = {n: encode.string_text(pl.col(c)) for n, c in columns.items()}
+    if nested is not None:  # one member is an object (always present) holding an optional string
+        members[nested] = encode.obj_text({"x": encode.string(pl.col("inner"))})
+    got = frame.select(encode.obj(members, required=required | ({nested} if nested else set()))).to_series()
+    want = []
+    for r in rows:
+        item = {n: v for n, v in r.items() if n != "inner" and v is not None}
+        if nested is not None:
+            item[nested] = {"x": r["inner"]} if r["inner"] is not None else {}
+        want.append(canonical(item).decode())
+    assert got.to_list() == want

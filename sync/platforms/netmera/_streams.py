@@ -61,14 +61,22 @@ class Shape(Enum):
     """The batch's one item is the body (one-user endpoints: ``{"extId":...}``)."""
 
 
-def _envelope(shape: Shape, group: str, items: str) -> str:
+def _envelope(shape: Shape, group: str) -> tuple[bytes, bytes]:
+    """What comes before and after a batch's joined items in its body."""
     if shape is Shape.ARRAY:
-        return f"[{items}]"
+        return b"[", b"]"
     if shape is Shape.IDS:
-        return f'{{"extIds":[{items}]}}'
+        return b'{"extIds":[', b"]}"
     if shape is Shape.TAG:
-        return f'{{"extIds":[{items}],"tag":{enc.key(group)}}}'
-    return items
+        return b'{"extIds":[', f'],"tag":{enc.key(group)}}}'.encode()
+    return b"", b""
+
+
+def _body(shape: Shape, group: str, items: bytes) -> bytes:
+    if shape is Shape.ONE:
+        return items
+    before, after = _envelope(shape, group)
+    return b"".join((before, items, after))
 
 
 Select = Callable[[pl.DataFrame, bool], pl.DataFrame]
@@ -114,7 +122,13 @@ def json_value(value: Any) -> Any:
     return value
 
 
-_ID_TEXT = enc.string(pl.col(EXT_ID))
+_ID = enc.string_text(pl.col(EXT_ID))  # never null: an ID is required in a clean frame
+_ID_TEXT = _ID.expr()
+
+
+def _item(members: Mapping[str, enc.Member], required: tuple[str, ...] = ("extId",)) -> pl.Expr:
+    """A body item: an object whose ``required`` members are always there (fewer string copies)."""
+    return enc.obj(members, required=required)
 
 
 def _rows(
@@ -133,31 +147,40 @@ def _rows(
     )
 
 
-def _values(frame: pl.DataFrame, pairs: Sequence[tuple[str, str]]) -> dict[str, pl.Expr]:
-    """Attribute name → JSON text of its column (null where the row has no value)."""
-    return {name: enc.value(pl.col(col), frame.schema[col]) for col, name in pairs}
+def _values(frame: pl.DataFrame, pairs: Sequence[tuple[str, str]]) -> tuple[pl.DataFrame, dict[str, pl.Expr]]:
+    """``frame`` with each attribute column's JSON text (null where the row has no value) in a column of its own,
+    and attribute name → that column. One column each, so that polars encodes them in parallel (the object they
+    form is one expression, evaluated on one thread)."""
+    texts = [
+        enc.value(pl.col(col), frame.schema[col]).alias(f"__json{i}") for i, (col, _) in enumerate(pairs)
+    ]
+    members = {name: pl.col(f"__json{i}") for i, (_, name) in enumerate(pairs)}
+    return frame.with_columns(texts), members
 
 
 def _select_profile(frame: pl.DataFrame, items: bool, pairs: Sequence[tuple[str, str]]) -> pl.DataFrame:
-    columns = [c for c, _ in pairs]
-    item = enc.obj({"extId": _ID_TEXT, "profile": enc.obj(_values(frame, pairs))}) if items else None
-    return _rows(frame, pl.any_horizontal(pl.col(columns).is_not_null()), item, items)
+    keep = pl.any_horizontal(pl.col([c for c, _ in pairs]).is_not_null())
+    if not items:
+        return _rows(frame, keep, None, items)
+    encoded, members = _values(frame.filter(keep), pairs)
+    item = _item({"extId": _ID, "profile": enc.obj_text(members)}, ("extId", "profile"))
+    return _rows(encoded, pl.lit(True), item, items)
 
 
 def _select_unset(frame: pl.DataFrame, items: bool, pairs: Sequence[tuple[str, str]]) -> pl.DataFrame:
     columns = [c for c, _ in pairs]
     names = enc.array(pl.when(pl.col(c).is_null()).then(pl.lit(enc.key(name))) for c, name in pairs)
-    item = enc.obj({"extId": _ID_TEXT, "profile": names}) if items else None
+    item = _item({"extId": _ID, "profile": names}, ("extId", "profile")) if items else None
     return _rows(frame, pl.any_horizontal(pl.col(columns).is_null()), item, items)
 
 
 def _select_flag(frame: pl.DataFrame, items: bool, column: str, want: bool, one: bool) -> pl.DataFrame:
-    item = enc.obj({"extId": _ID_TEXT}) if one else _ID_TEXT
+    item = _item({"extId": _ID}) if one else _ID_TEXT
     return _rows(frame, pl.col(column) == want, item, items)
 
 
 def _select_contact(frame: pl.DataFrame, items: bool, column: str, field: str) -> pl.DataFrame:
-    item = enc.obj({"extId": _ID_TEXT, field: enc.string(pl.col(column))})
+    item = _item({"extId": _ID, field: enc.string_text(pl.col(column))}, ("extId", field))
     return _rows(frame, pl.col(column).is_not_null(), item, items)
 
 
@@ -174,8 +197,10 @@ def _select_categories(
         .sort("__i", maintain_order=True)
     )
     category = pl.col("__col").replace_strict(dict(names), return_dtype=pl.String)
-    item = enc.obj(
-        {"extId": _ID_TEXT, "category": enc.string(category), "enable": pl.lit("true" if want else "false")}
+    enable = enc.Text(("true" if want else "false",))
+    item = _item(
+        {"extId": _ID, "category": enc.string_text(category), "enable": enable},
+        ("extId", "category", "enable"),
     )
     return long.select(
         EXT_ID,
@@ -190,11 +215,13 @@ def _select_tags(frame: pl.DataFrame, items: bool, columns: list[str]) -> pl.Dat
     tags = pl.concat_list([pl.col(c).fill_null(pl.lit([], pl.List(pl.String))) for c in columns]).list.unique(
         maintain_order=True
     )
+    # The ID's JSON text is made once per user, before a row per tag repeats it.
+    item = _ID_TEXT if items else pl.lit(None, pl.String)
     return (
-        frame.select(EXT_ID, FILE, ROW, tags.alias(GROUP))
+        frame.select(EXT_ID, FILE, ROW, tags.alias(GROUP), item.alias(ITEM))
         .explode(GROUP)
         .filter(pl.col(GROUP).is_not_null())
-        .with_columns((_ID_TEXT if items else pl.lit(None, pl.String)).alias(ITEM))
+        .select(EXT_ID, FILE, ROW, GROUP, ITEM)
     )
 
 
@@ -205,8 +232,11 @@ def _select_tag_table(frame: pl.DataFrame, items: bool, want: bool) -> pl.DataFr
 def _select_events(frame: pl.DataFrame, items: bool, pairs: Sequence[tuple[str, str]]) -> pl.DataFrame:
     # Attributes sit beside extId and name, all keys sorted together (the loader refuses an attribute named
     # extId or name, which would overwrite the event's identity).
-    item = enc.obj({**_values(frame, pairs), "extId": _ID_TEXT, "name": enc.string(pl.col("__event"))})
-    return _rows(frame, pl.lit(True), item, items)
+    if not items:
+        return _rows(frame, pl.lit(True), None, items)
+    encoded, members = _values(frame, pairs)
+    item = _item({**members, "extId": _ID, "name": enc.string_text(pl.col("__event"))}, ("extId", "name"))
+    return _rows(encoded, pl.lit(True), item, items)
 
 
 def _select_all(frame: pl.DataFrame, items: bool) -> pl.DataFrame:
@@ -346,7 +376,7 @@ def streams_for(source: Source) -> list[Stream]:
 
 
 def _select_unset_list(frame: pl.DataFrame, items: bool, column: str) -> pl.DataFrame:
-    item = enc.obj({"extId": _ID_TEXT, "profile": enc.list_array(pl.col(column), pl.String)})
+    item = _item({"extId": _ID, "profile": enc.list_array(pl.col(column), pl.String)}, ("extId", "profile"))
     return _rows(frame, pl.col(column).list.len() > 0, item, items)
 
 
@@ -404,12 +434,14 @@ def stream_batches(
     Each body is the request's canonical JSON as ``bytes`` (sent as is); the batch ID is the first 16 hex digits
     of sha256 over the endpoint, a newline and those bytes."""
     endpoint = stream.endpoint
-    prefix = endpoint.encode("utf-8") + b"\n"
+    prefix = hashlib.sha256(endpoint.encode("utf-8") + b"\n")
     selected = (stream.select(frame, True) for frame in frames)
     for run in cut(selected, _size(stream, batch_size), files, first_only=stream.shape is Shape.ONE):
-        body = _envelope(stream.shape, run.group, run.items).encode("utf-8")
+        body = _body(stream.shape, run.group, run.items)
+        digest = prefix.copy()
+        digest.update(body)
         yield Batch(
-            batch_id=hashlib.sha256(prefix + body).hexdigest()[:16],
+            batch_id=digest.hexdigest()[:16],
             endpoint=endpoint,
             operation=stream.operation,
             body=body,
@@ -448,5 +480,5 @@ def stream_sample(stream: Stream, frames: Iterable[pl.DataFrame], max_ids: int =
             continue
         rows = first_ids(selected, 1 if stream.single_user else max_ids)
         items = rows[ITEM][0] if stream.shape is Shape.ONE else ",".join(rows[ITEM].to_list())
-        return json.loads(_envelope(stream.shape, rows[GROUP][0], items))
+        return json.loads(_body(stream.shape, rows[GROUP][0], items.encode("utf-8")))
     return None
