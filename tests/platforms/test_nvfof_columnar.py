@@ -260,7 +260,7 @@ def test_notifyvisitors_user_items_equal_the_python_items(rows: list[tuple[Any, 
     builder = nv.Builder(ZoneInfo(zone) if zone != "UTC" else UTC)
     (stream,) = builder.streams_for(_nv_user_source())
     columns = ["__ext_id", "name", "score", "born", "seen", "member", "likes", "phone", "opt", "flag"]
-    schema = {
+    schema: dict[str, Any] = {
         "__ext_id": pl.String,
         "name": pl.String,
         "score": pl.Float64,

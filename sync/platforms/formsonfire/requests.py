@@ -474,7 +474,9 @@ class Builder:
             json_texts.insert(0, enc.string(text))
             xml_texts.insert(0, _xml.text(text))
         none = pl.lit(None, pl.String)
-        return (pl.coalesce(json_texts) if json_texts else none), (pl.coalesce(xml_texts) if xml_texts else none)
+        return (pl.coalesce(json_texts) if json_texts else none), (
+            pl.coalesce(xml_texts) if xml_texts else none
+        )
 
     def _encoded(self, stream: Stream, frame: pl.DataFrame, files: Sequence[str]) -> pl.DataFrame:
         """Per row: ``__ext_id``, ``__file``, ``__row``, the body bytes (``__xml`` or ``__json``), the bytes
