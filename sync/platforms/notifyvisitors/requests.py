@@ -15,6 +15,7 @@ YYYY-MM-DD, ``event_time`` as ``yyyy-MM-dd HH:mm:ss``, opt-in flags as ``"1"``/`
 
 from __future__ import annotations
 
+import bisect
 import hashlib
 import json
 import re
@@ -296,6 +297,9 @@ def user_ids_in_body(body: Any) -> tuple[str, ...]:
     return tuple(dict.fromkeys(str(item["userID"]) for item in items))
 
 
+_EXT_USER, _EXT_FILE, _EXT_ROW = "__ext_id", "__file", "__row"
+
+
 class ItemOrigins(Mapping[str, RowRef]):
     """The origins of a batch whose items may name a user more than once (events): the row of each item, in
     body order (:attr:`rows`). As a mapping (``Batch.origins``) a user's row is their last item's, so once a
@@ -309,38 +313,41 @@ class ItemOrigins(Mapping[str, RowRef]):
     def __init__(self, items: Sequence[Mapping[str, Any]], rows: Sequence[RowRef | None]) -> None:
         if len(items) != len(rows):
             raise ValueError("one row (or None) per item")
-        self._columns: tuple[list[pl.Series], list[pl.Series], list[pl.Series], Sequence[str]] | None = None
+        self._columns: tuple[Sequence[tuple[pl.DataFrame, int, int]], Sequence[str]] | None = None
         self._rows: tuple[RowRef | None, ...] | None = tuple(rows)
         self._by_user: dict[str, RowRef] | None = {
             str(item["userID"]): row for item, row in zip(items, rows, strict=True) if row is not None
         }
 
     @classmethod
-    def of_columns(
-        cls, users: list[pl.Series], files: list[pl.Series], rows: list[pl.Series], names: Sequence[str]
-    ) -> ItemOrigins:
-        """Lazy origins: per item (in pieces, concatenated), its user, the index of its file in ``names`` and
-        its row number."""
+    def of_columns(cls, spans: Sequence[tuple[pl.DataFrame, int, int]], names: Sequence[str]) -> ItemOrigins:
+        """Lazy origins: the items are the rows ``first..end`` of each frame (``__ext_id``, ``__file``: the
+        index of the item's file in ``names``, ``__row``), in order."""
         self = cls.__new__(cls)
-        self._columns, self._rows, self._by_user = (users, files, rows, names), None, None
+        self._columns, self._rows, self._by_user = (spans, names), None, None
         return self
+
+    def _frame(self) -> pl.DataFrame:
+        assert self._columns is not None
+        spans = self._columns[0]
+        return pl.concat([frame.slice(first, end - first) for frame, first, end in spans])
 
     @property
     def rows(self) -> tuple[RowRef | None, ...]:
         """The input row of each item, in body order."""
         if self._rows is None:
             assert self._columns is not None
-            _, files, rows, names = self._columns
+            names = self._columns[1]
+            frame = self._frame()
             self._rows = tuple(
                 RowRef(names[f], r)
-                for f, r in zip(pl.concat(files).to_list(), pl.concat(rows).to_list(), strict=True)
+                for f, r in zip(frame[_EXT_FILE].to_list(), frame[_EXT_ROW].to_list(), strict=True)
             )
         return self._rows
 
     def _users(self) -> dict[str, RowRef]:
         if self._by_user is None:
-            assert self._columns is not None
-            users = pl.concat(self._columns[0]).to_list()
+            users = self._frame()[_EXT_USER].to_list()
             self._by_user = {user: row for user, row in zip(users, self.rows, strict=True) if row is not None}
         return self._by_user
 
@@ -439,19 +446,31 @@ def cut_points(ends: pl.Series, n: int, size: int, carried: int) -> tuple[list[i
     ``carried`` items of a batch left open by earlier frames come first (positions ``-carried..-1``; a frame
     starts with a new user). Returns the start of each request (the first ``-carried`` when that batch is
     continued) and whether the last one is still open (fewer than ``size`` items: the next frame may add to
-    it). Python steps once per request: a binary search finds the last run that still fits."""
-    candidates = pl.concat([pl.Series([0], dtype=pl.Int64), ends]) if carried else ends
-    starts: list[int] = []
+    it). Python steps once per request: a binary search (over the column's buffer, no Python object per run)
+    finds the last run that still fits."""
+    if len(ends) == n:  # one item per user (profiles): requests are plain chunks
+        starts = list(range(-carried, n, size))
+        return starts, n - starts[-1] < size
+    view = _int64_view(ends)
+    starts = []
     start = -carried
     while True:
-        i = int(candidates.search_sorted(start + size, side="right")) - 1
-        end = int(candidates[i]) if i >= 0 else start
+        i = bisect.bisect_right(view, start + size) - 1
+        end = view[i] if i >= 0 else 0  # 0: where the frame (a new user) starts
         if end <= start:
             end = start + size  # one user's run longer than a request: cut inside it
         starts.append(start)
         if end >= n:
             return starts, end - start < size
         start = end
+
+
+def _int64_view(values: pl.Series) -> memoryview:
+    """An Int64 column's values as a read-only sequence of Python ints made on access (its Arrow buffer)."""
+    arrow = values.cast(pl.Int64).rechunk().to_arrow()
+    buffer = arrow.buffers()[1]
+    assert buffer is not None
+    return memoryview(buffer).cast("q")[arrow.offset : arrow.offset + len(values)]
 
 
 def _run_ends(users: pl.Series) -> pl.Series:
@@ -524,7 +543,7 @@ class Stream:
         return ENDPOINT_FOR[self.operation]
 
 
-_ITEM, _ODD, _B, _NEW = "__item", "__odd", "__b", "__new"
+_ITEM, _BAD, _ODD, _B, _NEW = "__item", "__bad", "__odd", "__b", "__new"
 _MOBILE_NOISE_POLARS = f"[{PY_WHITESPACE}().\\-]"
 """``_MOBILE_NOISE`` for polars: Python's whitespace (not Rust's) and the separators."""
 
@@ -557,14 +576,12 @@ class _Attribute:
 @dataclass(frozen=True, slots=True)
 class _Piece:
     """The content of one request in the making: its items' JSON texts (UTF-8, joined with ``,`` in pieces),
-    its users in order, the user, file index and row of each item and its row keys (in pieces, one per frame
-    it spans) and its item count."""
+    its users in order, where its items are (``(frame of __ext_id, __file, __row; first; end)`` per frame it
+    spans: sliced only when its origins are read), its row keys and its item count."""
 
     texts: list[bytes]
     users: list[str]
-    ids: list[pl.Series]
-    files: list[pl.Series]
-    rows: list[pl.Series]
+    spans: list[tuple[pl.DataFrame, int, int]]
     keys: list[bytes]
     count: int
 
@@ -574,9 +591,7 @@ class _Piece:
         return _Piece(
             self.texts + other.texts,
             self.users + (other.users[1:] if same else other.users),
-            self.ids + other.ids,
-            self.files + other.files,
-            self.rows + other.rows,
+            self.spans + other.spans,
             self.keys + other.keys,
             self.count + other.count,
         )
@@ -819,10 +834,17 @@ class Builder:
             pl.col(_EXT_ID),
             pl.col(_FILE),
             pl.col(_ROW),
-            pl.when(bad.fill_null(False)).then(fallback).otherwise(good).alias(_ITEM),
+            good.alias(_ITEM),
+            bad.fill_null(False).alias(_BAD),
             odd.fill_null(False).alias(_ODD),
             *keys,
         )
+        bad_rows = items[_BAD]
+        if bad_rows.any():
+            # Items sent as they are (the platform refuses them): built for those rows alone.
+            at = bad_rows.arg_true()
+            fallbacks = selected[at].select(fallback).to_series()
+            items = items.with_columns(items[_ITEM].scatter(at, fallbacks))
         odd_rows = items[_ODD]
         if odd_rows.any():
             # The Python way, for the rows that need it alone (their items replace the columns' ones).
@@ -830,7 +852,7 @@ class Builder:
             rows = selected[at].select(_EXT_ID, _FILE, _ROW, *stream.columns).iter_rows()
             texts = [canonical_json(self._item(stream, row)).decode("utf-8") for row in rows]
             items = items.with_columns(items[_ITEM].scatter(at, texts))
-        return items.drop(_ODD)
+        return items.drop(_BAD, _ODD)
 
     def _cuts(
         self, stream: Stream, frames: Iterable[pl.DataFrame], size: int, files: Sequence[str]
@@ -865,6 +887,7 @@ class Builder:
             )
             users: list[str] = numbered.filter(pl.col(_NEW))[_EXT_ID].to_list()
             keys = _key_bytes(items[ROW_KEY]) if ROW_KEY in items.columns else b""
+            where = items.select(_EXT_ID, _FILE, _ROW)
             at_id = 0
             pieces = list(runs.iter_rows())
             for k, (_, text, n_ids) in enumerate(pieces):
@@ -872,9 +895,7 @@ class Builder:
                 piece = _Piece(
                     [text],
                     users[at_id : at_id + n_ids],
-                    [ids.slice(begin, end - begin)],
-                    [items[_FILE].slice(begin, end - begin)],
-                    [items[_ROW].slice(begin, end - begin)],
+                    [(where, begin, end)],
                     [keys[8 * begin : 8 * end]],
                     end - begin,
                 )
@@ -911,7 +932,7 @@ class Builder:
                 body=body,
                 ext_ids=tuple(piece.users),
                 phase=stream.phase,
-                origins=ItemOrigins.of_columns(piece.ids, piece.files, piece.rows, files),
+                origins=ItemOrigins.of_columns(piece.spans, files),
                 after=after,
                 row_keys=b"".join(piece.keys),
             )
