@@ -426,3 +426,17 @@ def test_restrict_keeps_the_kept_items_rows_and_row_keys() -> None:
         nv.make_batch(USER_CREATE, {"nv": [nv.user_item("a", {})]}).body
         == b'{"nv":[{"userID":"a","user_attributes":{}}]}'
     )
+
+
+def test_the_whitespace_and_noise_sets_are_pythons() -> None:
+    """Polars' regex ``\\s`` is not Python's: the sets written out for the columns equal Python's, character
+    for character (every code point but the surrogates)."""
+    import re
+
+    from sync.platforms._text import PY_WHITESPACE
+
+    chars = [chr(c) for c in range(0x110000) if not 0xD800 <= c <= 0xDFFF]
+    found = pl.Series(chars).str.contains(f"^[{PY_WHITESPACE}]$")
+    assert [c for c, hit in zip(chars, found, strict=True) if hit] == [c for c in chars if c.isspace()]
+    noise = re.compile(r"[\s().-]")
+    assert sorted(nv._MOBILE_NOISE_CHARS) == [c for c in chars if noise.fullmatch(c)]

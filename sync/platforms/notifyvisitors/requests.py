@@ -31,7 +31,6 @@ from sync.config import Job, Source, SourceKind, ValueType
 from sync.errors import JobProblem
 from sync.platforms import _encode as enc
 from sync.platforms._batches import _key_bytes
-from sync.platforms._text import PY_WHITESPACE
 from sync.platforms.notifyvisitors import (
     DATE_ATTRIBUTES,
     DATE_FORMAT,
@@ -544,8 +543,14 @@ class Stream:
 
 
 _ITEM, _BAD, _ODD, _B, _NEW = "__item", "__bad", "__odd", "__b", "__new"
-_MOBILE_NOISE_POLARS = f"[{PY_WHITESPACE}().\\-]"
-"""``_MOBILE_NOISE`` for polars: Python's whitespace (not Rust's) and the separators."""
+_MOBILE_NOISE_CHARS = [
+    *"\t\n\x0b\x0c\r\x1c\x1d\x1e\x1f \x85\xa0\u1680",
+    *(chr(c) for c in range(0x2000, 0x200B)),
+    *"\u2028\u2029\u202f\u205f\u3000().-",
+]
+_NO_NOISE = [""] * len(_MOBILE_NOISE_CHARS)
+"""``_MOBILE_NOISE`` as characters (removed with one Aho-Corasick pass, twice as fast as the regex): Python's
+whitespace (:data:`sync.platforms._text.PY_WHITESPACE`; Rust's ``\\s`` differs) and the separators."""
 
 
 _FIRST_MS = -30_610_137_600_000  # 1000-01-02T00:00:00Z
@@ -763,7 +768,7 @@ class Builder:
         if users and name == "mobile":
             if dtype != pl.String:
                 return _Attribute(None, None, none, present)
-            cleaned = value.str.replace_all(_MOBILE_NOISE_POLARS, "")
+            cleaned = value.str.replace_many(_MOBILE_NOISE_CHARS, _NO_NOISE)
             cleaned = (
                 pl.when(cleaned.str.starts_with("00"))
                 .then(pl.concat_str(pl.lit("+"), cleaned.str.slice(2)))
