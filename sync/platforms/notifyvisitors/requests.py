@@ -822,18 +822,22 @@ class Builder:
             else:
                 formatted[name], as_is[name] = attribute.formatted, attribute.as_is
             bad, odd = bad | attribute.bad, odd | attribute.odd
-        uid = enc.string(user_id)
+        # userID and the attributes' object are never null: required members, built with fewer string copies.
+        uid = enc.string_text(user_id)
+        required: tuple[str, ...]
         if stream.operation is Operation.SET_ATTRIBUTES:
-            good = enc.obj({"userID": uid, "user_attributes": enc.obj(formatted)})
-            fallback = enc.obj({"userID": uid, "user_attributes": enc.obj(as_is)})
+            required = ("userID", "user_attributes")
+            good = enc.obj({"userID": uid, "user_attributes": enc.obj_text(formatted)}, required=required)
+            fallback = enc.obj({"userID": uid, "user_attributes": enc.obj_text(as_is)}, required=required)
         else:
             event = pl.col(_EVENT)
             bad = bad | ~event.str.len_chars().is_between(1, MAX_NAME_LENGTH).fill_null(False)
-            head = {"userID": uid, "event_name": enc.or_null(enc.string(event))}
+            head: dict[str, enc.Member] = {"userID": uid, "event_name": enc.or_null(enc.string(event))}
             if when is not None:
                 head["event_time"] = when
-            good = enc.obj({**head, "attributes": enc.obj(formatted)})
-            fallback = enc.obj({**head, "attributes": enc.obj(as_is)})
+            required = ("userID", "event_name", "attributes")
+            good = enc.obj({**head, "attributes": enc.obj_text(formatted)}, required=required)
+            fallback = enc.obj({**head, "attributes": enc.obj_text(as_is)}, required=required)
         keys = [pl.col(ROW_KEY)] if ROW_KEY in selected.columns else []
         items = selected.select(
             pl.col(_EXT_ID),
