@@ -440,3 +440,38 @@ def test_the_whitespace_and_noise_sets_are_pythons() -> None:
     assert [c for c, hit in zip(chars, found, strict=True) if hit] == [c for c in chars if c.isspace()]
     noise = re.compile(r"[\s().-]")
     assert sorted(nv._MOBILE_NOISE_CHARS) == [c for c in chars if noise.fullmatch(c)]
+
+
+def test_samples_are_the_first_bodies_as_objects() -> None:
+    builder = fof.Builder(UserKey.USER_EXTERNAL_ID, {"Title": "Hi"}, BodyFormat.XML)
+    (stream,) = builder.streams_for(_push_source())
+    frame = pl.DataFrame(
+        {"__ext_id": ["u2"], "__file": [1], "__row": [9], "title": [None], "message": ["a\rb"]},
+        schema_overrides={"__file": pl.Int32, "__row": pl.Int64, "title": pl.String},
+    ).with_columns(pl.lit(None, pl.Boolean).alias("sound"), pl.lit(5.0).alias("expiry"))
+    assert builder.stream_sample(stream, [frame]) == {
+        "UserExternalId": "u2",
+        "Title": "Hi",
+        "Body": "a\rb",
+        "ExpirySecs": 5,
+    }
+    users = nv.Builder(UTC)
+    (profiles,) = users.streams_for(_nv_user_source())
+    rows = pl.DataFrame(
+        {"__ext_id": ["a", "b", "c", "d"], "__file": [0, 0, 1, 1], "__row": [1, 2, 3, 4]},
+        schema_overrides={"__file": pl.Int32},
+    ).with_columns(
+        *(pl.lit(None, pl.String).alias(c) for c in ("name", "phone", "flag")),
+        *(pl.lit(None, pl.Int64).alias(c) for c in ("born", "seen")),
+        pl.lit(None, pl.Float64).alias("score"),
+        pl.lit(None, pl.Boolean).alias("opt"),
+        pl.lit(None, pl.List(pl.String)).alias("likes"),
+        pl.Series("member", [None, True, False, True]),
+    )
+    assert users.stream_sample(profiles, [rows.head(2), rows.tail(2)]) == {
+        "nv": [
+            {"userID": "b", "user_attributes": {"member": True}},
+            {"userID": "c", "user_attributes": {"member": False}},
+            {"userID": "d", "user_attributes": {"member": True}},
+        ]
+    }

@@ -550,7 +550,7 @@ class Builder:
         for frame in frames:
             if frame.is_empty():
                 continue
-            first = frame.head(1)
+            first = frame.head(1).with_columns(pl.lit(0, pl.Int32).alias(_FILE))  # the path is not shown
             hashed = self._encoded(stream, first, [""])[_HASHED][0]
             return json.loads(hashed[: hashed.rindex(b"\n")])
         return None

@@ -974,7 +974,8 @@ class Builder:
         """A request body built from the stream's first ``max_ids`` items, or None when it is empty."""
         items: list[Any] = []
         for frame in frames:
-            texts = self._items(stream, frame)[_ITEM].head(max_ids - len(items)).to_list()
+            first = self._selected(stream, frame).head(max_ids - len(items))
+            texts = self._items(stream, first)[_ITEM].to_list()
             items += [json.loads(text) for text in texts]
             if len(items) >= max_ids:
                 break
