@@ -611,6 +611,11 @@ class Builder:
     cannot be converted is sent as it is, so the platform refuses that item and the dispatcher records it with
     the platform's reason (the batch is split down to the item). An event row without a time is rejected at
     plan (:meth:`check_rows`).
+
+    Items are built as columns (:meth:`_items`, polars expressions; the bodies are their canonical JSON joined,
+    as ``bytes``), requests cut with one Python step per request (:func:`cut_points`). :meth:`_item` is the
+    row-by-row reference, used for the rows the columns leave to it (text dates and flags parsed leniently,
+    dates outside 1000..2036) and by the property tests that hold the two equal.
     """
 
     def __init__(
