@@ -25,14 +25,16 @@ from __future__ import annotations
 import sys
 from array import array
 from collections.abc import Iterable, Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import TypeVar
 
 import polars as pl
 
 from sync.records import RowRef
 from sync.row_keys import ROW_KEY
 
-__all__ = ["EXT_ID", "FILE", "GROUP", "ITEM", "ROW", "Cut", "RowOrigins", "cut", "first_ids"]
+__all__ = ["EXT_ID", "FILE", "GROUP", "ITEM", "ROW", "Cut", "RowOrigins", "ahead", "cut", "first_ids"]
 
 EXT_ID, FILE, ROW = "__ext_id", "__file", "__row"
 GROUP = "__group"
@@ -40,7 +42,8 @@ GROUP = "__group"
 ITEM = "__item"
 """The JSON text a row contributes to its batch's body (an array item, or an ID in an ``extIds`` list)."""
 
-_NEW, _RANK, _B, _I = "__new", "__rank", "__b", "__i"
+_NEW, _B, _I = "__new", "__b", "__i"
+T = TypeVar("T")
 
 
 class RowOrigins(Mapping[str, RowRef]):
@@ -115,12 +118,12 @@ class Cut:
 
 def _key_bytes(keys: pl.Series) -> bytes:
     """A UInt64 column as 8-byte little-endian integers back to back (:func:`sync.row_keys.pack`'s form)."""
+    if not keys.len():
+        return b""
     values = keys.cast(pl.UInt64).rechunk().to_arrow()
     buffer = values.buffers()[1]
-    assert buffer is not None
-    # A sliced column shares its parent's buffer: its values start at the array's offset.
-    start = 8 * values.offset
-    data = buffer.to_pybytes()[start : start + 8 * len(keys)] if keys.len() else b""
+    assert buffer is not None and values.null_count == 0
+    data = buffer.to_pybytes()[8 * values.offset : 8 * (values.offset + len(values))]
     if sys.byteorder == "big":
         swapped = array("Q", data)
         swapped.byteswap()
@@ -183,14 +186,33 @@ def _frame_cuts(
     out = []
     at_id = at_row = 0
     for _run, group, b, items, n_rows, n_ids, first in runs.iter_rows():
-        origins = RowOrigins(
-            ids[at_id : at_id + n_ids], id_files.slice(at_id, n_ids), id_rows.slice(at_id, n_ids), files
-        )
+        run_ids = tuple(ids[at_id : at_id + n_ids])
+        origins = RowOrigins(run_ids, id_files.slice(at_id, n_ids), id_rows.slice(at_id, n_ids), files)
         packed = keys[8 * at_row : 8 * (at_row + n_rows)] if keyed else b""
-        out.append((group, b, first, Cut(group, items, tuple(ids[at_id : at_id + n_ids]), origins, packed)))
+        out.append((group, b, first, Cut(group, items, run_ids, origins, packed)))
         at_id += n_ids
         at_row += n_rows
     return out
+
+
+_END = object()
+
+
+def ahead(items: Iterable[T]) -> Iterator[T]:
+    """``items``, each one made on a worker thread while the caller uses the one before.
+
+    For frames whose making is polars work (reading, selecting, encoding: the GIL is released) and whose use is
+    partly Python (cutting, hashing): the two overlap on a second core. At most one item is made ahead; closing
+    the iterator early waits for that one to finish. An exception raised making an item is raised here."""
+    source = iter(items)
+    with ThreadPoolExecutor(1, thread_name_prefix="pushsync-build") as pool:
+        pending = pool.submit(next, source, _END)
+        while True:
+            item = pending.result()
+            if item is _END:
+                return
+            pending = pool.submit(next, source, _END)
+            yield item  # type: ignore[misc]
 
 
 def cut(
@@ -199,26 +221,27 @@ def cut(
     """The runs of at most ``size`` unique IDs per group of the selected ``frames`` (see the module docstring).
 
     ``files`` resolves :data:`FILE`. ``first_only``: a run's items are its first row's item alone (a one-user
-    request whose ID has several rows sends the first, as the row loop did).
+    request whose ID has several rows sends the first, as the row loop did). ``frames`` is advanced on a worker
+    thread one frame ahead (:func:`ahead`): a lazy selection encodes the next frame while this one is cut.
     """
     if size < 1:
         raise ValueError(f"a batch holds at least one ID (size {size})")
     open_cuts: dict[str, Cut] = {}  # per group: the run still open, carried into the next frame
-    for selected in frames:
+    for selected in ahead(frames):
         if selected.is_empty():
             continue
         open_runs = {g: (len(c.ext_ids), c.ext_ids[-1]) for g, c in open_cuts.items()}
         ranked = _ranked(selected, open_runs, size)
         done: list[tuple[int, Cut]] = []  # (index of the row that completed it, run)
         pieces = _frame_cuts(ranked, files, first_only)
-        for k, (group, b, _first, piece) in enumerate(pieces):
+        for k, (group, b, first_row, piece) in enumerate(pieces):
             last_of_group = k + 1 == len(pieces) or pieces[k + 1][0] != group
             trigger = -1 if last_of_group else pieces[k + 1][2]
             if b == 0 and group in open_cuts:
                 piece = open_cuts.pop(group).joined(piece, first_only=first_only)
             elif group in open_cuts:
                 # The open run was full: this frame's first ID of the group completed it.
-                done.append((_first, open_cuts.pop(group)))
+                done.append((first_row, open_cuts.pop(group)))
             if last_of_group:
                 open_cuts[group] = piece
             else:

@@ -71,14 +71,14 @@ def expected(series: pl.Series, *, normalise: bool = True) -> list[bytes | None]
     return [None if v is None else canonical(normalised(v) if normalise else v) for v in series.to_list()]
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=200, deadline=None)
 @given(st.lists(st.one_of(st.none(), texts), max_size=30))
 def test_strings(values: list[str | None]) -> None:
     series = pl.Series(values, dtype=pl.String)
     assert encoded(series) == expected(series)
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=200, deadline=None)
 @given(st.lists(st.one_of(st.none(), floats), max_size=30))
 def test_floats_normalised_and_plain(values: list[float | None]) -> None:
     series = pl.Series(values, dtype=pl.Float64)
@@ -127,7 +127,7 @@ def test_lists(strings: list[Any], numbers: list[Any], nested: list[Any]) -> Non
         assert encoded(series) == expected(series)
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=100, deadline=None)
 @given(st.data())
 def test_structs_sort_their_keys(data: st.DataObject) -> None:
     names = data.draw(st.lists(texts, min_size=1, max_size=5, unique=True))
@@ -191,7 +191,7 @@ def test_dtypes_json_has_no_form_for_are_refused() -> None:
         encode.value(pl.col("d"), pl.Date())
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=100, deadline=None)
 @given(st.data())
 def test_objects_with_required_members_and_nested_texts(data: st.DataObject) -> None:
     """``required`` members (never null) join the object's own concatenation, nested objects and strings too:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import random
+import secrets
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -27,7 +28,7 @@ from hypothesis import strategies as st
 from sync.config import Destination, load_job
 from sync.ledger import Ledger
 from sync.planning import build_plan
-from sync.platforms._batches import EXT_ID, FILE, GROUP, ITEM, ROW, RowOrigins, cut
+from sync.platforms._batches import EXT_ID, FILE, GROUP, ITEM, ROW, RowOrigins, _key_bytes, ahead, cut
 from sync.platforms.netmera.client import NetmeraClient
 from sync.platforms.netmera.requests import canonical_json, split_batch, stream_batches, streams_for
 from sync.platforms.registry import platform_for
@@ -253,7 +254,7 @@ async def test_the_client_sends_the_body_bytes_as_they_are(
     job = load_job(compat.write_inputs(tmp_path, users=30))
     with build_plan(job) as plan:
         batches = [b for b in plan.batches() if b.endpoint in ("setProfileAttributes", "tagUsers")][:5]
-    client = NetmeraClient(Destination("netmera", url), "key-" + "x" * 20)
+    client = NetmeraClient(Destination("netmera", url), "key-" + secrets.token_hex(12))
     try:
         for batch in batches:
             await client.send(batch)
@@ -288,3 +289,39 @@ def test_bodies_of_shuffled_frames_are_unchanged(tmp_path: Path) -> None:
         first = [(b.batch_id, b.body) for b in small.batches()]
     with build_plan(job, rows_per_bucket=random.Random(3).randint(500, 5000)) as large:
         assert [(b.batch_id, b.body) for b in large.batches()] == first
+
+
+def test_frames_are_made_one_ahead_in_order_errors_reach_the_caller_and_closing_early_stops() -> None:
+    made: list[int] = []
+
+    def frames(fail_at: int | None = None) -> Iterator[int]:
+        for i in range(5):
+            if i == fail_at:
+                raise ValueError("bad frame 3")
+            made.append(i)
+            yield i
+
+    assert list(ahead(frames())) == [0, 1, 2, 3, 4]
+    with pytest.raises(ValueError, match="bad frame 3"):
+        list(ahead(frames(fail_at=3)))
+    made.clear()
+    early = ahead(frames())
+    assert next(early) == 0
+    early.close()  # waits for the one frame made ahead, makes no more
+    assert made == [0, 1]
+
+
+def test_row_keys_are_packed_from_the_column_buffer_whatever_its_offset() -> None:
+    keys = pl.Series([1, 2, 3, 2**64 - 1, 5], dtype=pl.UInt64)
+    for part in (keys, keys.slice(2, 3), keys.slice(1, 0), pl.concat([keys.slice(3, 2), keys.slice(0, 2)])):
+        assert _key_bytes(part) == pack(part.to_list())
+
+
+def test_the_builder_gives_the_snapshot_streams(tmp_path: Path) -> None:
+    """sync.state asks the platform's builder for the streams of a delta frame."""
+    job = load_job(compat.write_inputs(tmp_path, snapshot=True))
+    streams = platform_for(job).builder(job).snapshot_streams(job.sources[0])  # type: ignore[attr-defined]
+    endpoints = [s.endpoint for s in streams]
+    assert endpoints[-2:] == ["unsetProfileAttributes", "deleteUsersPermanently"]
+    assert {"tagUsers", "untagUsers", "setProfileAttributes"} <= set(endpoints)
+    assert "unsetProfileAttributes" not in endpoints[:-2]  # values present are set; unsets come from __unset
