@@ -86,10 +86,11 @@ class Batch:
 
     ``batch_id`` is stable: the same input always gives the same batches with the same IDs (a content hash), which
     resume and the ledger depend on. ``body`` is the request body: the encoded ``bytes`` a columnar builder made
-    (canonical JSON for Netmera; sent as they are, never encoded again, and hashed for ``batch_id``), or a
-    JSON-ready object from a builder not yet converted (NotifyVisitors, Forms On Fire), which its client encodes;
-    code that needs the body as an object on a cold path (a plan's sample, a split, a trace, a test) reads it with
-    :func:`body_json`. ``ext_ids`` are the unique external IDs the request touches (at most the platform's limit).
+    (canonical JSON for Netmera and NotifyVisitors, sent as they are, never encoded again, and hashed for
+    ``batch_id``; for Forms On Fire the push in the job's body format, JSON or XML elements, which its client
+    sends with the credentials spliced in), or a JSON-ready object (a platform's own test double), which its
+    client encodes; code that needs a JSON body as an object on a cold path (a plan's sample, a split, a trace, a
+    test) reads it with :func:`body_json` (Forms On Fire's XML with ``push_of``). ``ext_ids`` are the unique external IDs the request touches (at most the platform's limit).
     ``origins`` maps an external ID to the input row that produced its value, so failures can be explained in
     terms of the user's rows (may be empty; a columnar builder's is lazy — built from the batch's row columns on
     first read, which only refused IDs cause). ``after``
