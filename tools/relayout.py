@@ -187,41 +187,58 @@ def rewrite(root: Path, dry_run: bool, problems: list[str]) -> list[Path]:
 
 
 def _public_face(root: Path, folder: str) -> dict[str, list[str]]:
-    """module → the public names code outside ``folder`` imports from it (the folder's public face)."""
+    """module → the public names the rest of sync/ imports from it (the folder's public face; what only the
+    tests or benchmarks use stays out, to keep the face small)."""
     prefix = f"sync.{folder}."
     face: dict[str, set[str]] = {}
-    for tree in ("sync", "tests", "bench", "examples"):
-        for path in sorted((root / tree).rglob("*.py")) if (root / tree).is_dir() else []:
-            if path.parent == root / "sync" / folder:
+    for path in sorted((root / "sync").rglob("*.py")):
+        if path.parent == root / "sync" / folder:
+            continue
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if not (isinstance(node, ast.ImportFrom) and node.level == 0 and node.module):
                 continue
-            for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
-                if not (isinstance(node, ast.ImportFrom) and node.level == 0 and node.module):
-                    continue
-                module = node.module.removeprefix(prefix)
-                if node.module.startswith(prefix) and not module.startswith("_") and "." not in module:
-                    face.setdefault(module, set()).update(
-                        a.name for a in node.names if not a.name.startswith("_") and a.name != "*"
-                    )
+            module = node.module.removeprefix(prefix)
+            if node.module.startswith(prefix) and not module.startswith("_") and "." not in module:
+                face.setdefault(module, set()).update(
+                    a.name for a in node.names if not a.name.startswith("_") and a.name != "*"
+                )
     order = LAYOUT[folder][1]
     return {m: sorted(face[m]) for m in order if face.get(m)}
 
 
 def write_inits(root: Path, dry_run: bool) -> list[str]:
+    """Each folder's ``__init__.py``: its docstring and its face. The face is lazy (PEP 562 ``__getattr__``,
+    with the imports under ``TYPE_CHECKING`` for mypy): importing one module of a folder must not import the
+    whole folder, or the stages' one-way imports would turn into cycles through the ``__init__`` files."""
     written = []
     for folder, (doc, modules) in LAYOUT.items():
         if not (root / "sync" / folder).is_dir() and not dry_run:
             continue
         face = _public_face(root, folder) if not dry_run else {}
         lines = [f'"""{doc}', ""]
-        lines.append("Modules: " + ", ".join(f"``{m}``" for m in modules) + '."""')
-        lines.append("")
-        names: list[str] = []
-        for module, imported in face.items():
-            lines.append(f"from sync.{folder}.{module} import {', '.join(imported)}")
-            names += imported
-        if names:
+        lines.append("Modules: " + ", ".join(f"``{m}``" for m in modules) + ". The names below are the stage's")
+        lines.append("public face, imported on first use; code inside sync/ imports the modules themselves.")
+        lines.append('"""')
+        lines += ["", "import importlib", "from typing import TYPE_CHECKING", ""]
+        names: dict[str, str] = {}
+        if face:
+            lines.append("if TYPE_CHECKING:")
+            for module, imported in face.items():
+                lines.append(f"    from sync.{folder}.{module} import {', '.join(imported)}")
+                names.update(dict.fromkeys(imported, f"sync.{folder}.{module}"))
             lines.append("")
+        lines.append("_HOME = {" + ", ".join(f'"{n}": "{m}"' for n, m in sorted(names.items())) + "}")
+        lines.append("")
         lines.append("__all__ = [" + ", ".join(f'"{n}"' for n in sorted(names)) + "]")
+        lines += [
+            "",
+            "",
+            "def __getattr__(name: str) -> object:",
+            '    """A face name, imported from its module when first asked for."""',
+            "    if name in _HOME:",
+            "        return getattr(importlib.import_module(_HOME[name]), name)",
+            '    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")',
+        ]
         target = root / "sync" / folder / "__init__.py"
         written.append(f"{target.relative_to(root)}: {len(names)} names")
         if not dry_run:
