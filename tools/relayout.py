@@ -20,7 +20,7 @@ What it does, in order:
    file paths ``sync/<module>.py`` become ``sync/<folder>/<module>.py``. The rewrite works on module paths
    (regexes), not on a list of known imports, so it also rewrites code merged after this script was written.
    A path already in its new form is left alone, so the rewrite is idempotent.
-4. Runs ``ruff check --select I --fix`` and ``ruff format`` on the Python files it changed (new module paths
+4. Runs ``ruff check --select I,RUF022 --fix`` and ``ruff format`` on the Python files it changed (new module paths
    sort differently), if ``.venv/bin/ruff`` exists.
 5. Prints what it moved and rewrote, and anything it could not handle (top-level modules it does not map,
    parenthesised ``from sync import (...)`` of moved modules).
@@ -216,8 +216,10 @@ def write_inits(root: Path, dry_run: bool) -> list[str]:
             continue
         face = _public_face(root, folder) if not dry_run else {}
         lines = [f'"""{doc}', ""]
-        lines.append("Modules: " + ", ".join(f"``{m}``" for m in modules) + ". The names below are the stage's")
-        lines.append("public face, imported on first use; code inside sync/ imports the modules themselves.")
+        lines.append("Modules: " + ", ".join(f"``{m}``" for m in modules) + ".")
+        lines.append("")
+        lines.append("The names below are the stage's public face, imported on first use; code inside sync/ imports")
+        lines.append("the modules themselves.")
         lines.append('"""')
         lines += ["", "import importlib", "from typing import TYPE_CHECKING", ""]
         names: dict[str, str] = {}
@@ -252,9 +254,9 @@ def tidy(root: Path, changed: list[Path]) -> None:
     python = [str(p.relative_to(root)) for p in changed if p.suffix == ".py"]
     python += [f"sync/{folder}/__init__.py" for folder in LAYOUT]
     if not ruff.exists():
-        print("  ruff not found in .venv: run `ruff check --select I --fix` and `ruff format` on sync tests bench")
+        print("  ruff not found in .venv: run `ruff check --select I,RUF022 --fix` and `ruff format` on sync tests bench")
         return
-    subprocess.run([str(ruff), "check", "--quiet", "--select", "I", "--fix", *python], check=False)
+    subprocess.run([str(ruff), "check", "--quiet", "--select", "I,RUF022", "--fix", *python], check=False)
     subprocess.run([str(ruff), "format", "--quiet", *python], check=False)
 
 
