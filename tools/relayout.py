@@ -101,7 +101,9 @@ PATH = re.compile(
     rf"(?<![\w./-])sync/(?P<module>{'|'.join(sorted(map(re.escape, FOLDER_OF), key=len, reverse=True))})\.py\b"
 )
 # `from sync import a, b` on one line (the parenthesised form is reported, not rewritten).
-FROM_SYNC = re.compile(r"^(?P<indent>[ \t]*)from sync import (?P<names>[^()#\n]+?)(?P<comment>[ \t]*#.*)?$", re.M)
+FROM_SYNC = re.compile(
+    r"^(?P<indent>[ \t]*)from sync import (?P<names>[^()#\n]+?)(?P<comment>[ \t]*#.*)?$", re.M
+)
 FROM_SYNC_PAREN = re.compile(r"^[ \t]*from sync import \(", re.M)
 
 
@@ -165,7 +167,10 @@ def _candidates(root: Path) -> list[Path]:
             paths += [
                 p
                 for p in sorted(base.rglob("*"))
-                if p.is_file() and not p.is_symlink() and p.suffix in SUFFIXES and "__pycache__" not in p.parts
+                if p.is_file()
+                and not p.is_symlink()
+                and p.suffix in SUFFIXES
+                and "__pycache__" not in p.parts
             ]
     return paths
 
@@ -218,7 +223,9 @@ def write_inits(root: Path, dry_run: bool) -> list[str]:
         lines = [f'"""{doc}', ""]
         lines.append("Modules: " + ", ".join(f"``{m}``" for m in modules) + ".")
         lines.append("")
-        lines.append("The names below are the stage's public face, imported on first use; code inside sync/ imports")
+        lines.append(
+            "The names below are the stage's public face, imported on first use; code inside sync/ imports"
+        )
         lines.append("the modules themselves.")
         lines.append('"""')
         lines += ["", "import importlib", "from typing import TYPE_CHECKING", ""]
@@ -245,7 +252,6 @@ def write_inits(root: Path, dry_run: bool) -> list[str]:
         written.append(f"{target.relative_to(root)}: {len(names)} names")
         if not dry_run:
             target.write_text("\n".join(lines) + "\n", encoding="utf-8")
-            _git("add", str(target.relative_to(root)))
     return written
 
 
@@ -254,10 +260,14 @@ def tidy(root: Path, changed: list[Path]) -> None:
     python = [str(p.relative_to(root)) for p in changed if p.suffix == ".py"]
     python += [f"sync/{folder}/__init__.py" for folder in LAYOUT]
     if not ruff.exists():
-        print("  ruff not found in .venv: run `ruff check --select I,RUF022 --fix` and `ruff format` on sync tests bench")
+        print(
+            "  ruff not found in .venv: run `ruff check --select I,RUF022 --fix` and `ruff format` on sync tests bench"
+        )
+        _git("add", *(f"sync/{folder}/__init__.py" for folder in LAYOUT))
         return
     subprocess.run([str(ruff), "check", "--quiet", "--select", "I,RUF022", "--fix", *python], check=False)
     subprocess.run([str(ruff), "format", "--quiet", *python], check=False)
+    _git("add", *(f"sync/{folder}/__init__.py" for folder in LAYOUT))
 
 
 def main() -> int:
