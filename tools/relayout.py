@@ -22,7 +22,10 @@ What it does, in order:
    A path already in its new form is left alone, so the rewrite is idempotent.
 4. Runs ``ruff check --select I,RUF022 --fix`` and ``ruff format`` on the Python files it changed (new module paths
    sort differently), if ``.venv/bin/ruff`` exists.
-5. Prints what it moved and rewrote, and anything it could not handle (top-level modules it does not map,
+5. Writes tests/test_layout.py, which pins the new map: the modules left at the top of sync/ are exactly
+   ``TOP_LEVEL`` (a module added later must be placed), each stage folder holds its modules, each face loads
+   nothing at import time and every face name resolves.
+6. Prints what it moved and rewrote, and anything it could not handle (top-level modules it does not map,
    parenthesised ``from sync import (...)`` of moved modules).
 
 Internal code always imports the full module path (``from sync.planning.planning import Plan``); the folders'
@@ -255,19 +258,81 @@ def write_inits(root: Path, dry_run: bool) -> list[str]:
     return written
 
 
+LAYOUT_TEST = '''"""The package's module map (docs/layout.md): stages are folders, and a folder's face loads nothing.
+
+Written by tools/relayout.py, which moved the flat stage modules into their folders.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent / "sync"
+STAGES = {stages}
+TOP_LEVEL = {top}
+
+
+def test_only_the_orchestrator_and_shared_modules_sit_at_the_top() -> None:
+    assert {{p.stem for p in ROOT.glob("*.py")}} == TOP_LEVEL
+
+
+@pytest.mark.parametrize("stage", sorted(STAGES))
+def test_a_stage_folder_holds_its_modules(stage: str) -> None:
+    assert {{p.stem for p in (ROOT / stage).glob("*.py")}} >= {{"__init__", *STAGES[stage]}}
+
+
+@pytest.mark.parametrize("stage", sorted(STAGES))
+def test_a_stage_face_imports_nothing_when_loaded(stage: str) -> None:
+    # Importing one module of a stage runs the stage's __init__: an eager face would import the whole stage
+    # and turn the stages' one-way imports into cycles. Its imports are for mypy only (TYPE_CHECKING).
+    tree = ast.parse((ROOT / stage / "__init__.py").read_text(encoding="utf-8"))
+    eager = [
+        node.module
+        for node in tree.body
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("sync")
+    ]
+    assert not eager
+
+
+@pytest.mark.parametrize("stage", sorted(STAGES))
+def test_every_face_name_resolves(stage: str) -> None:
+    import importlib
+
+    face = importlib.import_module(f"sync.{{stage}}")
+    assert face.__all__
+    for name in face.__all__:
+        assert getattr(face, name) is not None
+'''
+
+
+def write_layout_test(root: Path, dry_run: bool) -> str:
+    """tests/test_layout.py: pins the map this script made (top-level modules, stage folders, lazy faces)."""
+    stages = {folder: sorted(modules) for folder, (_, modules) in LAYOUT.items()}
+    text = LAYOUT_TEST.format(
+        stages=repr(stages), top=repr(sorted(TOP_LEVEL)).replace("[", "{").replace("]", "}")
+    )
+    target = root / "tests" / "test_layout.py"
+    if not dry_run:
+        target.write_text(text, encoding="utf-8")
+    return str(target.relative_to(root))
+
+
 def tidy(root: Path, changed: list[Path]) -> None:
     ruff = root / ".venv" / "bin" / "ruff"
     python = [str(p.relative_to(root)) for p in changed if p.suffix == ".py"]
-    python += [f"sync/{folder}/__init__.py" for folder in LAYOUT]
+    python += [f"sync/{folder}/__init__.py" for folder in LAYOUT] + ["tests/test_layout.py"]
     if not ruff.exists():
         print(
             "  ruff not found in .venv: run `ruff check --select I,RUF022 --fix` and `ruff format` on sync tests bench"
         )
-        _git("add", *(f"sync/{folder}/__init__.py" for folder in LAYOUT))
+        _git("add", "tests/test_layout.py", *(f"sync/{folder}/__init__.py" for folder in LAYOUT))
         return
     subprocess.run([str(ruff), "check", "--quiet", "--select", "I,RUF022", "--fix", *python], check=False)
     subprocess.run([str(ruff), "format", "--quiet", *python], check=False)
-    _git("add", *(f"sync/{folder}/__init__.py" for folder in LAYOUT))
+    _git("add", "tests/test_layout.py", *(f"sync/{folder}/__init__.py" for folder in LAYOUT))
 
 
 def main() -> int:
@@ -283,12 +348,14 @@ def main() -> int:
         print(f"  {old} → {new}")
     changed = rewrite(root, args.dry_run, problems)
     inits = write_inits(root, args.dry_run)
+    layout_test = write_layout_test(root, args.dry_run)
     if not args.dry_run:
         tidy(root, changed)
         shutil.rmtree(root / "sync" / "__pycache__", ignore_errors=True)
     print(f"wrote {len(inits)} package faces:")
     for line in inits:
         print(f"  {line}")
+    print(f"wrote {layout_test} (pins the new map)")
     print(f"rewrote references in {len(changed)} files:")
     for path in changed:
         print(f"  {path.relative_to(root)}")
