@@ -351,6 +351,8 @@ def main() -> int:
     layout_test = write_layout_test(root, args.dry_run)
     if not args.dry_run:
         tidy(root, changed)
+        # Stage the rewrites with the moves, so `git commit` takes the relayout as one change.
+        _git("add", "--", *(str(p.relative_to(root)) for p in changed if p.exists()))
         shutil.rmtree(root / "sync" / "__pycache__", ignore_errors=True)
     print(f"wrote {len(inits)} package faces:")
     for line in inits:
@@ -368,6 +370,8 @@ def main() -> int:
         print("check by hand:")
         for problem in problems:
             print(f"  {problem}")
+    if not args.dry_run:
+        print("next: make lint typecheck test, then git commit (everything is staged)")
     return 0
 
 
