@@ -8,7 +8,7 @@
   back from every chunk file as one zero-copy slice of a memory-mapped file.
 * :class:`Settler` — bucket ``k`` of a source is key range ``k`` of ``2**bits``: its slices of every chunk file,
   sorted in the canonical order ``(key, ext_id, file, row)``, duplicates resolved
-  (:func:`sync.validation.resolve_duplicates`), written as one compressed IPC file. A bucket holds every row of
+  (:func:`sync.validation.resolve_duplicates`), written as one IPC file. A bucket holds every row of
   its IDs, so it is settled on its own.
 * :class:`Settling` — settles the buckets of every source of a plan: all at once (``pushsync plan``, snapshot
   runs) or lazily, in a worker thread that stays at most :data:`LOOKAHEAD` buckets ahead of the furthest
@@ -55,7 +55,6 @@ FINE_RANGES = 1 << FINE_BITS
 """Key ranges whose row offsets each chunk file records: any bucket count up to this is a union of them."""
 LOOKAHEAD = 2
 """Buckets a lazy settle runs ahead of the furthest bucket a reader asked for."""
-_IPC_OLDEST = pl.CompatLevel.oldest()  # plain offsets and data buffers: a slice copies only its own bytes
 
 
 def write_error(where: Path | str, exc: OSError) -> StateError:
@@ -135,7 +134,7 @@ class ChunkFile:
         start, stop = self.offsets[first_range], self.offsets[end_range]
         if stop <= start:
             return None
-        # Memory-mapped and sliced without a copy; polars copies only the slice's values.
+        # Memory-mapped and sliced without a copy (polars takes the Arrow buffers as they are).
         table = pa.ipc.open_file(pa.memory_map(str(self.path))).read_all().slice(start, stop - start)
         frame = pl.from_arrow(table)
         assert isinstance(frame, pl.DataFrame)
@@ -176,7 +175,8 @@ class ChunkWriter:
         self._pending, self._pending_rows = [], 0
         frame = frame.sort(KEY, maintain_order=True)
         path = self._directory / f"{len(self.chunks):06d}.arrow"
-        frame.write_ipc(path, compression="uncompressed", compat_level=_IPC_OLDEST)
+        # Uncompressed: a bucket's rows are read back as a slice of the memory-mapped file, without a copy.
+        frame.write_ipc(path, compression="uncompressed")
         bounds = frame[KEY].search_sorted(_FINE_BOUNDS, side="left")
         assert isinstance(bounds, pl.Series)
         offsets = array("q", bounds.to_list())
@@ -244,7 +244,8 @@ class Settler:
             del frame
             self._rejects.frame(rejects)
             path = self._directory / f"{k:04d}.arrow"
-            winners.write_ipc(path, compression="lz4", compat_level=_IPC_OLDEST)
+            # Uncompressed too: compressing costs more CPU than the rest of the settling (disk is cheaper).
+            winners.write_ipc(path, compression="uncompressed")
             self.rows_clean += winners.height
             self.dropped += identical
         if k == self.buckets - 1:
