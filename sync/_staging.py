@@ -127,7 +127,7 @@ class ChunkFile:
 
     path: Path
     rows: int
-    offsets: array  # type: ignore[type-arg]  # FINE_RANGES + 1 row offsets ('q')
+    offsets: array[int]  # FINE_RANGES + 1 row offsets ('q')
 
     def slice(self, first_range: int, end_range: int) -> pl.DataFrame | None:
         """The rows of fine ranges ``[first_range, end_range)``, or None when there are none."""

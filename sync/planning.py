@@ -743,7 +743,9 @@ def build_plan(
             out.mkdir()
             bits = _bucket_bits(st.chunks.rows, rows_per_bucket)
             settlers.append(Settler(st.source, st.names, st.chunks.chunks, bits, out, rejects))
-        settling = Settling(settlers, stop=stop, on_done=rejects.close)
+        # A lazy plan is settled while its batches are sent: a signal then drains the run (the dispatcher's
+        # stop), it does not interrupt the settling under the lanes.
+        settling = Settling(settlers, stop=None if lazy else stop, on_done=rejects.close)
         staged = tuple(
             StagedSource(st.source, st.names, st.rows_read, settling, i) for i, st in enumerate(stages)
         )

@@ -320,8 +320,11 @@ async def _run_changes(
         mode = ReplayMode.RETRY if options.retry else ReplayMode.RESUME
         decisions = replay_plan(ledger, origin, mode, platform=platform_for(job))
         _mark_dead(ledger, decisions.runs)
+    # Lazy: sending starts once the input is read and validated; the buckets are settled (duplicates resolved)
+    # in a worker thread a few ahead of the lanes. Nothing a changes run guarantees needs the whole input
+    # settled first: every guarantee is per ID, and all the rows of an ID are in one bucket.
     plan = await asyncio.to_thread(
-        functools.partial(build_plan, job, limit=options.limit, stop=signals.requested)
+        functools.partial(build_plan, job, limit=options.limit, stop=signals.requested, lazy=True)
     )
     stats = ReplayStats() if decisions is not None else None
     # A replay is sent like a fresh run: per-endpoint lanes, each filtered by what the ledger says.
@@ -435,12 +438,15 @@ async def _dispatch(
             platform=job.destination.platform,
             full_refresh=full_refresh,
         )
-        rows_rejected = ledger.record_rejected_rows(run_id, plan.rejected_rows())
+        # Every row validation refused is known now; the conflicting duplicates of a lazy plan are found as its
+        # buckets are settled, and recorded with the rest when the dispatcher is done.
+        rows_rejected = ledger.record_rejected_rows(run_id, plan.rejected_rows(settled=False))
+        rejects_recorded = rows_rejected
         ledger.flush()
-        if expected is None:
+        if expected is None and plan.settled:
             summary_of_plan = plan.summary()
             expected = (summary_of_plan.total_requests, summary_of_plan.total_ids)
-        total_requests, total_ids = expected
+        total_requests, total_ids = expected if expected is not None else (None, None)
         bar = (
             make_progress(
                 total_ids=total_ids,
@@ -476,6 +482,12 @@ async def _dispatch(
         )
         signals.dispatcher = dispatcher  # from here a signal drains (a first one already set ``stop``)
         log.info("run.start", run=run_id, requests=total_requests, ids=total_ids)
+        # The progress totals of a lazy plan: counted once its readers had every bucket settled.
+        totals = (
+            asyncio.create_task(_fill_totals(plan, bar, log, run_id), name="plan-totals")
+            if bar is not None and expected is None
+            else None
+        )
         try:
             async with (
                 metrics.exporting(
@@ -489,10 +501,20 @@ async def _dispatch(
                 sending = True
                 report = await dispatcher.run(source)
         finally:
+            if totals is not None:
+                totals.cancel()
             if bar is not None:
                 bar.close()
             if own_client:
                 await sender.aclose()
+        if not plan.settled and not stop.is_set():
+            # The lanes stopped early (an abort) or left a source unread: settle the rest, so the rejects file,
+            # the ledger and the counts are complete. After a stop (a signal) the run ends now instead; what
+            # the settled buckets rejected is recorded.
+            await asyncio.to_thread(plan.settle)
+        rows_rejected += ledger.record_rejected_rows(
+            run_id, plan.rejected_rows(skip=rejects_recorded, settled=False)
+        )
         summary = summarise(
             report,
             run_id=run_id,
@@ -576,16 +598,31 @@ def _input_of(job: Job, plan: Plan, rows_rejected: int, diff: DiffCounts | None)
             "left": diff.users_left,
             "removed": diff.users_removed,
         }
+    # Counts over the buckets settled: all of them, unless a stop ended the run before they were.
+    rows_clean, duplicates_dropped = plan.settled_counts()
     return RunInput(
         rows_read=sum(s.rows_read for s in plan.staged),
-        rows_clean=sum(s.rows_clean for s in plan.staged),
+        rows_clean=rows_clean,
         rows_rejected=rows_rejected,
-        duplicates_dropped=sum(s.duplicates_dropped for s in plan.staged),
+        duplicates_dropped=duplicates_dropped,
         mode=job.mode.value,
         platform=job.destination.platform,
         host=host,
         snapshot=snapshot,
     )
+
+
+async def _fill_totals(plan: Plan, progress: Any, log: Any, run_id: str) -> None:
+    """Give the progress display the run's totals once the lazy plan's readers had every bucket settled."""
+    try:
+        if not await asyncio.to_thread(plan.wait_settled):
+            return
+        summary = await asyncio.to_thread(plan.summary)
+    except Exception as exc:  # the lanes reading the same buckets report the failure
+        log.debug("run.totals_unknown", run=run_id, error=type(exc).__name__)
+        return
+    progress.set_totals(summary.total_ids, summary.total_requests)
+    log.info("run.planned", run=run_id, requests=summary.total_requests, ids=summary.total_ids)
 
 
 def _mark_dead(ledger: Ledger, runs: Iterable[str]) -> None:

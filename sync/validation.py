@@ -127,7 +127,9 @@ def canonical_key(ext_ids: pl.Series) -> pl.Series:
     crc = pl.repeat(0xFFFFFFFF, n, dtype=pl.UInt32, eager=True)
     finished: list[pl.Series] = []  # CRCs of IDs shorter than the position reached, longest last
     active = n
-    for position in range(int(lengths.max() or 0)):
+    longest = lengths.max()
+    assert isinstance(longest, int)
+    for position in range(longest):
         active -= ending.get(position, 0)
         if active < len(crc):
             finished.append(crc.slice(active))
