@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import csv
 import errno
+import os
+import re
 import threading
 from array import array
 from collections.abc import Callable, Sequence
@@ -59,14 +61,19 @@ LOOKAHEAD = 2
 
 def write_error(where: Path | str, exc: OSError) -> StateError:
     """The :class:`StateError` for an OS error writing the job's working files (disk full, read-only...)."""
-    reason = exc.strerror or type(exc).__name__
+    code = exc.errno
+    if code is None:
+        # polars' own OSError carries the system's error in its message only: "... (os error 28)".
+        found = re.search(r"os error (\d+)", str(exc))
+        code = int(found.group(1)) if found else None
+    reason = exc.strerror or (os.strerror(code) if code is not None else type(exc).__name__)
     hint = {
         errno.ENOSPC: "free some space (or point 'workdir' at a larger disk)",
         errno.EDQUOT: "free some space (or point 'workdir' at a larger disk)",
         errno.EROFS: "point 'workdir' (or --workdir) at a writable directory",
         errno.EACCES: "point 'workdir' (or --workdir) at a directory you may write to",
         errno.EPERM: "point 'workdir' (or --workdir) at a directory you may write to",
-    }.get(exc.errno or 0, "check the workdir")
+    }.get(code or 0, "check the workdir")
     return StateError(f"cannot write the job's working files ({where}): {reason}; {hint}. Nothing was sent.")
 
 
@@ -114,11 +121,16 @@ class RejectsWriter:
                 return self.count, self._fh.tell()
             return self.count, self.path.stat().st_size
 
-    def close(self) -> None:
+    def close(self, *, quiet: bool = False) -> None:
+        """Close the file (flushing it); ``quiet``: when giving up anyway, an error writing it is not raised."""
         with self._lock:
-            if self._fh is not None:
-                self._fh.close()
-                self._fh = None
+            fh, self._fh = self._fh, None
+            if fh is not None:
+                try:
+                    fh.close()
+                except OSError:
+                    if not quiet:
+                        raise
 
 
 @dataclass(frozen=True, slots=True)
@@ -316,10 +328,10 @@ class Settling:
     def _settle_one(self, settler: Settler) -> None:
         try:
             settler.settle_next()
+            if self.complete and self._on_done is not None:
+                self._on_done()
         except OSError as exc:
             raise write_error(exc.filename or "the staging directory", exc) from exc
-        if self.complete and self._on_done is not None:
-            self._on_done()
 
     def settle_all(self) -> None:
         """Settle every bucket now (in the worker when there is one, else in this thread)."""

@@ -772,7 +772,7 @@ def _abandon(
     if settling is not None:
         settling.close()
     if rejects is not None:
-        rejects.close()
+        rejects.close(quiet=True)  # the error that brought us here is the one to report
     if staging is not None:
         _remove_staging(*staging)
 
@@ -780,7 +780,7 @@ def _abandon(
 def _close_plan(settling: Settling, rejects: RejectsWriter, tmp: Path, lock_fd: int) -> None:
     # The worker first: it must not write into the directory being removed.
     settling.close()
-    rejects.close()
+    rejects.close(quiet=True)
     _remove_staging(tmp, lock_fd)
 
 
