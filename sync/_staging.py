@@ -163,11 +163,11 @@ class ChunkWriter:
 
     __slots__ = ("_directory", "_pending", "_pending_rows", "chunks", "rows", "stage_rows")
 
-    def __init__(self, directory: Path, stage_rows: int = STAGE_ROWS) -> None:
+    def __init__(self, directory: Path, stage_rows: int | None = None) -> None:
         self._directory = directory
         self._pending: list[pl.DataFrame] = []
         self._pending_rows = 0
-        self.stage_rows = stage_rows
+        self.stage_rows = stage_rows or STAGE_ROWS
         self.chunks: list[ChunkFile] = []
         self.rows = 0
 

@@ -702,7 +702,7 @@ def build_plan(
     job: Job,
     *,
     rejects_path: Path | None = None,
-    rows_per_bucket: int = ROWS_PER_BUCKET,
+    rows_per_bucket: int | None = None,
     stop: threading.Event | None = None,
     limit: int | None = None,
     lazy: bool = False,
@@ -718,7 +718,8 @@ def build_plan(
     (conflicting duplicates are in the rejects file, the counts are final); with ``lazy=True`` a worker
     thread settles the buckets as the plan's frames are read, a few ahead (:meth:`Plan.settle` settles the
     rest at once). Staging directories that killed runs left in the workdir are removed first.
-    ``rows_per_bucket`` sizes the buckets (memory vs. number of files); it never changes the batches.
+    ``rows_per_bucket`` (default :data:`ROWS_PER_BUCKET`) sizes the buckets (memory vs. number of files); it
+    never changes the batches.
     Raises :class:`sync.errors.BadInputError` for a file that cannot be read at all, :class:`BadJobError` for a
     platform that is not registered. ``stop`` (set by a signal handler) ends the reading (and the settling) at
     the next chunk (bucket) with :class:`sync.errors.InterruptedRunError`; the staging files are removed.
@@ -741,7 +742,7 @@ def build_plan(
         for st in stages:
             out = tmp / st.source.name
             out.mkdir()
-            bits = _bucket_bits(st.chunks.rows, rows_per_bucket)
+            bits = _bucket_bits(st.chunks.rows, rows_per_bucket or ROWS_PER_BUCKET)
             settlers.append(Settler(st.source, st.names, st.chunks.chunks, bits, out, rejects))
         # A lazy plan is settled while its batches are sent: a signal then drains the run (the dispatcher's
         # stop), it does not interrupt the settling under the lanes.
