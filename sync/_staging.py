@@ -50,7 +50,7 @@ __all__ = [
     "write_error",
 ]
 
-STAGE_ROWS = 250_000
+STAGE_ROWS = 100_000
 """Clean rows sorted and written together as one chunk file (bounded memory; few files to read a bucket from)."""
 FINE_BITS = 12
 FINE_RANGES = 1 << FINE_BITS

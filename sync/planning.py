@@ -23,6 +23,7 @@ afterwards.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import fcntl
 import functools
@@ -68,7 +69,7 @@ __all__ = [
 RowFilter = Callable[[pl.DataFrame], pl.DataFrame]
 """Keeps the rows of a keyed clean frame (``__ext_id``, ``__row_key``, ...) that are still to be sent."""
 
-ROWS_PER_BUCKET = 200_000
+ROWS_PER_BUCKET = 100_000
 """Target rows per bucket (a key range): the unit of work, and of memory, after staging."""
 MAX_BUCKETS = 1 << FINE_BITS
 ASSUMED_LATENCY = 0.2
@@ -573,6 +574,80 @@ class _Staged:
     chunks: ChunkWriter
 
 
+class _Prefetched:
+    """The chunks of one input, read one ahead in a thread of their own (``ahead``): pyarrow's CSV parsing (or
+    Parquet decoding) of the next chunk overlaps the validation of this one (both release the GIL). Leaving the
+    ``with`` block stops the reading (and closes the reader, in its thread) and waits for it. Without ``ahead``
+    (a database source: it reads ahead itself where that helps) the chunks are read here, on demand."""
+
+    __slots__ = ("_closed", "_inline", "_queue", "_read", "_thread")
+
+    _END = object()
+
+    def __init__(self, read: Callable[[], Iterator[Chunk]], *, ahead: bool = True) -> None:
+        self._read = read
+        self._queue: queue.Queue[Any] = queue.Queue(maxsize=1)
+        self._closed = threading.Event()
+        self._thread = (
+            threading.Thread(target=self._produce, name="plan-read", daemon=True) if ahead else None
+        )
+        self._inline: Iterator[Chunk] | None = None
+
+    def __enter__(self) -> _Prefetched:
+        if self._thread is not None:
+            self._thread.start()
+        else:
+            self._inline = self._read()
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self._closed.set()
+        if self._thread is None:
+            close = getattr(self._inline, "close", None)
+            if close is not None:
+                close()
+            return
+        while self._thread.is_alive():
+            # Make room, so a reader blocked on a full queue sees the close.
+            with contextlib.suppress(queue.Empty):
+                self._queue.get(timeout=0.05)
+        self._thread.join()
+
+    def _put(self, item: Any) -> bool:
+        while not self._closed.is_set():
+            try:
+                self._queue.put(item, timeout=0.05)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def _produce(self) -> None:
+        try:
+            chunks = self._read()
+            try:
+                for chunk in chunks:
+                    if not self._put(chunk):
+                        return
+            finally:
+                close = getattr(chunks, "close", None)
+                if close is not None:
+                    close()
+        except BaseException as exc:  # raised again by the consumer, in its thread
+            self._put(exc)
+            return
+        self._put(self._END)
+
+    def __iter__(self) -> Iterator[Chunk]:
+        if self._inline is not None:
+            yield from self._inline
+            return
+        while (item := self._queue.get()) is not self._END:
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+
+
 def _stage(
     job: Job,
     source: Source,
@@ -603,31 +678,27 @@ def _stage(
     for index, (name, read) in enumerate(inputs):
         if limit is not None and kept >= limit:
             break
-        chunks = read()
-        for chunk in chunks:
-            _check_stop(stop)
-            if limit is not None and kept >= limit:
-                close = getattr(chunks, "close", None)
-                if close is not None:
-                    close()  # the sample is complete: stop reading this file now
-                break
-            rejects.rows(chunk.malformed)
-            rows_read += chunk.frame.height + len(chunk.malformed)
-            if chunk.frame.is_empty():
-                continue
-            clean, bad = validate_chunk(chunk.frame, source, job.validation, index, name)
-            rejects.frame(bad)
-            if check_rows is not None and not clean.is_empty():
-                # Values valid in general that this platform cannot take (a negative expiry, a character
-                # XML cannot carry): rejected rows now, not a refused request (or a crash) later.
-                clean, bad = check_rows(source, clean, name)
+        with _Prefetched(read, ahead=source.sql is None) as chunks:
+            for chunk in chunks:
+                _check_stop(stop)
+                if limit is not None and kept >= limit:
+                    break  # the sample is complete: leaving the block stops reading this file now
+                rejects.rows(chunk.malformed)
+                rows_read += chunk.frame.height + len(chunk.malformed)
+                if chunk.frame.is_empty():
+                    continue
+                clean, bad = validate_chunk(chunk.frame, source, job.validation, index, name)
                 rejects.frame(bad)
-            if limit is not None:
-                clean = clean.head(limit - kept)
-                kept += clean.height
-            if clean.is_empty():
-                continue
-            writer.add(clean.with_columns(canonical_key(clean[EXT_ID])).select(schema))
+                if check_rows is not None and not clean.is_empty():
+                    # Values valid in general that this platform cannot take (a negative expiry, a character
+                    # XML cannot carry): rejected rows now, not a refused request (or a crash) later.
+                    clean, bad = check_rows(source, clean, name)
+                    rejects.frame(bad)
+                if limit is not None:
+                    clean = clean.head(limit - kept)
+                    kept += clean.height
+                if not clean.is_empty():
+                    writer.add(clean.with_columns(canonical_key(clean[EXT_ID])).select(schema))
     writer.flush()
     return _Staged(source, names, rows_read, writer)
 
