@@ -146,11 +146,31 @@ class ChunkFile:
         start, stop = self.offsets[first_range], self.offsets[end_range]
         if stop <= start:
             return None
-        # Memory-mapped and sliced without a copy (polars takes the Arrow buffers as they are).
-        table = pa.ipc.open_file(pa.memory_map(str(self.path))).read_all().slice(start, stop - start)
-        frame = pl.from_arrow(table)
+        # Memory-mapped and sliced without reading the rest of the file. The slice's values are copied out
+        # before polars sees them, and the mapping closed: a frame holding on to a mapped file keeps every page
+        # it touched resident, which over the buckets of a large input grows to the size of the staged data.
+        with pa.memory_map(str(self.path)) as source:
+            table = pa.ipc.open_file(source).read_all().slice(start, stop - start)
+            owned = table.cast(_owned(table.schema))
+            del table
+        frame = pl.from_arrow(owned)
         assert isinstance(frame, pl.DataFrame)
         return frame
+
+
+def _owned_type(dtype: pa.DataType) -> pa.DataType:
+    """``dtype`` with views (which point into the buffers they came from) as plain offsets and values."""
+    if dtype == pa.string_view():
+        return pa.large_string()
+    if dtype == pa.binary_view():
+        return pa.large_binary()
+    if pa.types.is_list(dtype) or pa.types.is_large_list(dtype) or pa.types.is_list_view(dtype):
+        return pa.large_list(_owned_type(dtype.value_type))
+    return dtype
+
+
+def _owned(schema: pa.Schema) -> pa.Schema:
+    return pa.schema([f.with_type(_owned_type(f.type)) for f in schema])
 
 
 _FINE_BOUNDS = pl.Series(

@@ -41,6 +41,8 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 import polars as pl
+import pyarrow as pa
+import pyarrow.ipc
 
 from sync._staging import FINE_BITS, ChunkWriter, RejectsWriter, Settler, Settling, write_error
 from sync.config import DispatchSettings, Job, Source
@@ -113,10 +115,22 @@ class StagedSource:
         """The clean frames (one per non-empty bucket, in key order) with ``__ext_id``, ``__file``, ``__row``
         and ``columns`` (``__key`` too when asked for). A bucket not settled yet is waited for."""
         wanted = list(dict.fromkeys([EXT_ID, FILE, ROW, *columns]))
+        names = list(clean_schema(self.source))  # every bucket file's columns, in this order
+        fields = sorted(names.index(c) for c in wanted)
         for k in range(self._settling.settlers[self._index].buckets):
             part = self._settling.bucket(self._index, k)
             if part is not None:
-                yield pl.read_ipc(part, columns=wanted).select(wanted)
+                yield _read_columns(part, fields).select(wanted)
+
+
+def _read_columns(path: Path, fields: list[int]) -> pl.DataFrame:
+    """Some columns of a bucket file, read into memory. Not memory-mapped: polars keeps the mapping of a file it
+    read (and the pages touched stay resident), which over every bucket of a large plan adds up to its size."""
+    with pa.OSFile(str(path)) as source:
+        table = pa.ipc.open_file(source, options=pa.ipc.IpcReadOptions(included_fields=fields)).read_all()
+    frame = pl.from_arrow(table)
+    assert isinstance(frame, pl.DataFrame)
+    return frame
 
 
 @dataclass(frozen=True, slots=True)

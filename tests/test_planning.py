@@ -9,7 +9,6 @@ import zlib
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import polars as pl
 import pytest
@@ -385,13 +384,15 @@ def test_the_summary_reads_each_bucket_once_for_all_streams(
     with build_plan(job, rows_per_bucket=100) as built:
         buckets = len(built.staged[0].parts)
         reads: list[str] = []
-        real_read = pl.read_ipc
+        import sync.planning
 
-        def counted(path: Any, **kwargs: Any) -> pl.DataFrame:
+        real_read = sync.planning._read_columns
+
+        def counted(path: Path, fields: list[int]) -> pl.DataFrame:
             reads.append(str(path))
-            return real_read(path, **kwargs)
+            return real_read(path, fields)
 
-        monkeypatch.setattr("sync.planning.pl.read_ipc", counted)
+        monkeypatch.setattr(sync.planning, "_read_columns", counted)
         summary = built.summary()
         streams = len(list(built._builder.streams_for(job.sources[0])))
         assert streams > 3 and buckets > 10
