@@ -17,6 +17,7 @@
 
 from __future__ import annotations
 
+import bisect
 import csv
 import errno
 import os
@@ -52,6 +53,8 @@ __all__ = [
 
 STAGE_ROWS = 100_000
 """Clean rows sorted and written together as one chunk file (bounded memory; few files to read a bucket from)."""
+CHUNK_BATCH_ROWS = 4096
+"""Rows per record batch of a chunk file: what reading a bucket's slice of it reads at most beyond the slice."""
 FINE_BITS = 12
 FINE_RANGES = 1 << FINE_BITS
 """Key ranges whose row offsets each chunk file records: any bucket count up to this is a union of them."""
@@ -140,6 +143,7 @@ class ChunkFile:
     path: Path
     rows: int
     offsets: array[int]  # FINE_RANGES + 1 row offsets ('q')
+    batches: tuple[int, ...]  # the first row of each record batch of the file, then its row count
 
     def slice(self, first_range: int, end_range: int) -> pl.DataFrame | None:
         """The rows of fine ranges ``[first_range, end_range)``, or None when there are none."""
@@ -149,10 +153,15 @@ class ChunkFile:
         # Memory-mapped and sliced without reading the rest of the file. The slice's values are copied out
         # before polars sees them, and the mapping closed: a frame holding on to a mapped file keeps every page
         # it touched resident, which over the buckets of a large input grows to the size of the staged data.
+        first = bisect.bisect_right(self.batches, start) - 1
+        last = bisect.bisect_left(self.batches, stop)  # one past the last batch holding a row of the slice
         with pa.memory_map(str(self.path)) as source:
-            table = pa.ipc.open_file(source).read_all().slice(start, stop - start)
+            # Only the record batches holding the slice are read (a file is many small batches).
+            reader = pa.ipc.open_file(source)
+            table = pa.Table.from_batches([reader.get_batch(i) for i in range(first, last)])
+            table = table.slice(start - self.batches[first], stop - start)
             owned = table.cast(_owned(table.schema))
-            del table
+            del table, reader
         frame = pl.from_arrow(owned)
         assert isinstance(frame, pl.DataFrame)
         return frame
@@ -207,13 +216,21 @@ class ChunkWriter:
         self._pending, self._pending_rows = [], 0
         frame = frame.sort(KEY, maintain_order=True)
         path = self._directory / f"{len(self.chunks):06d}.arrow"
-        # Uncompressed: a bucket's rows are read back as a slice of the memory-mapped file, without a copy.
-        frame.write_ipc(path, compression="uncompressed")
+        # Uncompressed, in small record batches: a bucket's rows are read back from the memory-mapped file,
+        # the few batches that hold them and nothing else.
+        frame.write_ipc(path, compression="uncompressed", record_batch_size=CHUNK_BATCH_ROWS)
         bounds = frame[KEY].search_sorted(_FINE_BOUNDS, side="left")
         assert isinstance(bounds, pl.Series)
         offsets = array("q", bounds.to_list())
         offsets.append(frame.height)
-        self.chunks.append(ChunkFile(path, frame.height, offsets))
+        with pa.memory_map(str(path)) as source:
+            reader = pa.ipc.open_file(source)
+            sizes = [reader.get_batch(i).num_rows for i in range(reader.num_record_batches)]
+            del reader
+        starts = [0]
+        for size in sizes:
+            starts.append(starts[-1] + size)
+        self.chunks.append(ChunkFile(path, frame.height, offsets, tuple(starts)))
         self.rows += frame.height
 
 
