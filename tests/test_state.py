@@ -29,6 +29,7 @@ from sync.state import (
     commit,
     compute_diff,
     recover,
+    snapshot_builder_for,
     snapshot_problems,
 )
 
@@ -73,7 +74,7 @@ def write_input(tmp_path: Path, rows: Iterable[str]) -> Job:
 def diff(job: Job, run_id: str, settings: SnapshotSettings | None = None, **kwargs: Any) -> SnapshotDiff:
     store = StateStore(job.workdir, job.destination)
     with build_plan(job) as plan:
-        return compute_diff(store, plan.staged, run_id, settings, **kwargs)
+        return compute_diff(store, plan.staged, run_id, settings, builder=snapshot_builder_for(job), **kwargs)
 
 
 def bodies(d: SnapshotDiff) -> dict[str, list[Any]]:
@@ -118,7 +119,7 @@ def send(job: Job, d: SnapshotDiff, outcome: Outcome = all_ok) -> list[Batch]:
 def commit_run(job: Job, d: SnapshotDiff, settings: SnapshotSettings | None = None) -> None:
     store = StateStore(job.workdir, job.destination)
     with Ledger.open(job.workdir / "ledger.sqlite") as ledger:
-        commit(store, job.sources, d.directory, ledger, settings)
+        commit(store, job.sources, d.directory, ledger, settings, builder=snapshot_builder_for(job))
 
 
 def sync_once(
@@ -314,7 +315,7 @@ def test_a_crashed_run_is_recovered_from_its_pending_delta(tmp_path: Path) -> No
     with (d.directory / "batches.jsonl").open("a", encoding="utf-8") as fh:
         fh.write('{"s": "users", "b": "abc')  # the process died in the middle of a line
     with Ledger.open(job.workdir / "ledger.sqlite") as ledger:
-        reports = recover(store, job.sources, ledger)
+        reports = recover(store, job.sources, ledger, builder=snapshot_builder_for(job))
     assert [r.batches_confirmed for r in reports] == [2]
     assert store.pending() == []
     with Ledger.open(job.workdir / "ledger.sqlite") as ledger:
@@ -418,7 +419,7 @@ def test_recovery_survives_a_job_mapping_changed_since_the_crash(tmp_path: Path)
     job2 = load_job(tmp_path / "job.yaml")
     store = StateStore(job2.workdir, job2.destination)
     with Ledger.open(job2.workdir / "ledger.sqlite") as ledger:
-        recover(store, job2.sources, ledger)
+        recover(store, job2.sources, ledger, builder=snapshot_builder_for(job2))
     rows = state_rows(job2)
     assert rows["u1"]["attr:name"] == "Ada" and rows["u1"]["attr:nick"] is None
     assert bodies(diff(job2, "r2")) == {

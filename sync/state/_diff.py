@@ -74,6 +74,75 @@ def none_if_empty(expr: pl.Expr) -> pl.Expr:
     return pl.when(expr.list.len() > 0).then(expr)
 
 
+def _fingerprint(expr: pl.Expr, is_list: bool) -> pl.Expr:
+    """A u64 standing for a value in the comparison: equal values give equal fingerprints. A list is taken as
+    a set: the wrapping sum of its elements' hashes, so order does not matter (a duplicate changes it: a false
+    alarm, settled by the exact comparison)."""
+    if is_list:
+        return expr.list.eval(pl.element().hash()).list.sum().fill_null(0)
+    return expr.hash()
+
+
+def _unchanged_skipped(
+    source: Source,
+    current: pl.DataFrame,
+    st: pl.DataFrame,
+    settings: SnapshotSettings,
+) -> tuple[pl.DataFrame, pl.DataFrame, int] | None:
+    """Drop the users whose row certainly did not change, before the exact comparison.
+
+    Both frames are in canonical order, so the users in both appear in the same order on both sides: a mask of
+    each side (membership by a 64-bit hash of the ID) lines them up without a join. Each managed field is then
+    compared by a 64-bit fingerprint, on narrow numeric columns only (no string or list is copied or joined);
+    a user is kept when any field may have changed, so only a hash collision (about 2**-64 per field) could hide
+    a change. Returns ``(current rows to compare, state rows to compare, users skipped)``, or None when the two
+    sides do not line up (not in canonical order): the exact comparison then takes every row.
+    """
+    if current.is_empty() or st.is_empty():
+        return None
+    fields = managed_fields(source, settings)
+    tag_cols = tag_columns(source)
+    c_cols: list[pl.Expr] = [pl.col(KEY), pl.col(EXT_ID).hash().alias("__h")]
+    s_cols: list[pl.Expr] = [pl.col(KEY), pl.col(EXT_ID).hash().alias("__h")]
+    changed: list[pl.Expr] = []
+    for i, f in enumerate(fields):
+        is_list = f.kind in (FieldKind.APPEND, FieldKind.REMOVE)
+        c_cols.append(_fingerprint(pl.col(f.column), is_list).alias(f"c{i}"))
+        c_cols.append(pl.col(f.column).is_null().alias(f"n{i}"))
+        s_cols.append(_fingerprint(pl.col(f.name), is_list).alias(f"s{i}"))
+        differs = pl.col(f"c{i}") != pl.col(f"s{i}")
+        if f.kind is FieldKind.SET and f.unset:
+            # A null sent as an unset: null against a value is a change, null against null is not.
+            changed.append(differs)
+        else:
+            # A null means "no change" for every other field.
+            changed.append(~pl.col(f"n{i}") & differs)
+    if tag_cols:
+        tags = pl.concat_list([pl.col(c).fill_null(empty_list()) for c in tag_cols])
+        c_cols.append(_fingerprint(tags, True).alias("ct"))
+        s_cols.append(_fingerprint(pl.col(TAGS), True).alias("st"))
+        changed.append(pl.col("ct") != pl.col("st"))
+    c = current.select(c_cols)
+    s = st.select(s_cols)
+    in_state = c["__h"].is_in(s["__h"].implode())
+    in_current = s["__h"].is_in(c["__h"].implode())
+    cm = c.filter(in_state)
+    sm = s.filter(in_current)
+    # Lined up only if both sides list the common users in the same order (same key and ID hash, row by row).
+    if cm.height != sm.height or not (cm[KEY].equals(sm[KEY]) and cm["__h"].equals(sm["__h"])):
+        return None
+    joined = pl.concat([cm, sm.drop(KEY, "__h")], how="horizontal")
+    maybe = joined.select(pl.any_horizontal(changed) if changed else pl.lit(False)).to_series()
+    skipped = int(cm.height - maybe.sum())
+    if skipped == 0:
+        return None
+    c_pos = in_state.arg_true().filter(maybe)
+    s_pos = in_current.arg_true().filter(maybe)
+    c_keep = (~in_state).scatter(c_pos, True) if c_pos.len() else ~in_state
+    s_keep = (~in_current).scatter(s_pos, True) if s_pos.len() else ~in_current
+    return current.filter(c_keep), st.filter(s_keep), skipped
+
+
 def diff_frames(
     source: Source,
     current: pl.DataFrame,
@@ -98,10 +167,31 @@ def diff_frames(
     rejected row names no user, so any of them may be in it).
     """
     settings = settings or SnapshotSettings()
+    schema = state_schema(source, settings)
+    st = conform(None if full_refresh else state, schema)
+    narrowed = None if full_refresh else _unchanged_skipped(source, current, st, settings)
+    if narrowed is None:
+        return _diff_exact(source, current, st, settings, full_refresh, left_file, held, hold_removals)
+    cur, old, skipped = narrowed
+    delta, counts = _diff_exact(source, cur, old, settings, full_refresh, left_file, held, hold_removals)
+    # The users skipped are in the export and in the state, unchanged.
+    return delta, counts + DiffCounts(users_current=skipped, users_state=skipped)
+
+
+def _diff_exact(
+    source: Source,
+    current: pl.DataFrame,
+    st: pl.DataFrame,
+    settings: SnapshotSettings,
+    full_refresh: bool,
+    left_file: int,
+    held: pl.DataFrame | None,
+    hold_removals: bool,
+) -> tuple[pl.DataFrame, DiffCounts]:
+    """The comparison itself, per field, on ``current`` and the conformed state rows ``st``."""
     fields = managed_fields(source, settings)
     schema = state_schema(source, settings)
     tag_cols = tag_columns(source)
-    st = conform(None if full_refresh else state, schema)
     cur_cols = [pl.col(KEY), pl.col(EXT_ID), pl.col(FILE), pl.col(ROW)]
     cur_cols += [pl.col(f.column).alias(f"c:{f.name}") for f in fields]
     if tag_cols:

@@ -65,6 +65,7 @@ from sync.platforms.netmera._streams import (
     stream_sample,
     streams_for,
 )
+from sync.platforms.netmera.snapshot import batch_group, snapshot_streams
 
 __all__ = [
     "ARRAY_BODY_ENDPOINTS",
@@ -73,6 +74,7 @@ __all__ = [
     "SINGLE_USER_ENDPOINTS",
     "Stream",
     "array_attributes_body",
+    "batch_group",
     "batch_id_for",
     "canonical_json",
     "category_preferences_body",
@@ -85,6 +87,7 @@ __all__ = [
     "phase_for",
     "set_attributes_body",
     "single_user_body",
+    "snapshot_streams",
     "split_batch",
     "stream_batches",
     "stream_counts",
