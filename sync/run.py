@@ -54,9 +54,9 @@ from sync.state import (
     StateStore,
     commit,
     compute_diff,
-    snapshot_builder_for,
     recover,
     rejected_users,
+    snapshot_builder_for,
 )
 from sync.summary import RunInput, RunSummary, summarise
 

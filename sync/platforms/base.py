@@ -174,7 +174,7 @@ class SnapshotStream(Stream, Protocol):
 
 
 @runtime_checkable
-class SnapshotBuilder(Protocol):
+class SnapshotBuilder(BatchBuilder, Protocol):
     """A builder of a platform with ``snapshot_mode``: besides :class:`BatchBuilder`, the streams a source's
     snapshot *delta* frames make (the source's columns plus :data:`DELTA_UNSET`, :data:`DELTA_TAGS_ADDED`,
     :data:`DELTA_TAGS_REMOVED` and :data:`DELTA_DELETE`), in send order within a phase. Batches of these streams

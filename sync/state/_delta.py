@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import shutil
 import threading
@@ -21,12 +20,8 @@ from sync.reading import ROW
 from sync.records import Batch, Operation, Phase
 from sync.state._diff import DiffCounts, diff_frames
 from sync.state._store import (
-    DELETE,
     LEFT_FILE,
     SEQ,
-    TAGS_ADDED,
-    TAGS_REMOVED,
-    UNSET,
     StateStore,
     key_range,
     managed_fields,
