@@ -356,6 +356,34 @@ class StateStore:
         the base and of each segment."""
         return self._read(source, (lo, hi), settings)
 
+    def scan(self, source: Source, settings: SnapshotSettings | None = None) -> pl.LazyFrame:
+        """The whole state as a lazy query, in no particular order (for counts over a large state: nothing is
+        read until it is collected, and then only the columns asked for)."""
+        schema = state_schema(source, settings)
+        path = self.path_for(source)
+        if path.is_file():
+            with _damage_reported(path):
+                found = set(pl.scan_parquet(path).collect_schema().names())
+            base = pl.scan_parquet(path).select(
+                [pl.col(n) if n in found else pl.lit(None).alias(n) for n in schema]
+            )
+        else:
+            base = pl.LazyFrame(schema=schema)
+        types = pl.Schema(schema)
+        base = base.cast(types, strict=False)
+        segments = self._segments(source.name)
+        if not segments:
+            return base
+        latest = (
+            pl.concat(
+                [pl.scan_parquet(p).with_columns(pl.lit(i).alias("__seg")) for i, p in enumerate(segments)]
+            )
+            .sort("__seg", maintain_order=True)
+            .unique(EXT_ID, keep="last", maintain_order=True)
+        )
+        live = latest.filter(~pl.col(DELETED).fill_null(False)).select(list(schema)).cast(types, strict=False)
+        return pl.concat([base.join(latest.select(EXT_ID), on=EXT_ID, how="anti"), live])
+
     def users(
         self, source: Source, lo: int, hi: int, ext_ids: pl.Series, settings: SnapshotSettings | None = None
     ) -> pl.DataFrame:
