@@ -6,12 +6,13 @@ from __future__ import annotations
 import io
 import json
 import shutil
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import polars as pl
+import pyarrow.parquet as pq
 
 from sync.config import SnapshotSettings, Source
 from sync.errors import ExitCode
@@ -292,6 +293,10 @@ def commit(
     return CommitReport(run_id, confirmed_total, unconfirmed_total, updated, rows)
 
 
+MERGE_CHUNK_ROWS = 200_000
+"""Delta rows merged in one piece by an overlay commit (memory stays flat however many users changed)."""
+
+
 def _merge(
     store: StateStore,
     source: Source,
@@ -302,36 +307,77 @@ def _merge(
     settings: SnapshotSettings,
     builder: Any,
 ) -> tuple[int, int]:
-    """Merge one source's confirmed changes: only the users they touch are read (the filter pushed into the
-    Parquet reader) and written, as one overlay segment; past :data:`COMPACT_SHARE` the overlay is folded into a
-    new base, range by range. Returns ``(users updated, users in the state)``."""
+    """Merge one source's confirmed changes; returns ``(users updated, users in the state)``.
+
+    A delta small beside the state (at most :data:`COMPACT_SHARE` of its rows) becomes an overlay segment: only
+    the users it touches are read (the ID filter pushed into the Parquet reader) and written, a few key ranges at a
+    time. A larger one (a first load, a full refresh) rewrites the base range by range. Past its share the
+    overlay is folded into a new base."""
+    base = store.base_rows(source)
+    sizes = {r: pq.ParquetFile(p).metadata.num_rows for r, p in parts.items()}
+    if base == 0 or sum(sizes.values()) > COMPACT_SHARE * base:
+        counter = [0]
+        ranges = _merged_ranges(store, source, bits, parts, batches, refused, settings, builder, counter)
+        rows = store.write(source, ranges, settings)
+        return counter[0], rows
     pieces: list[pl.DataFrame] = []
     updated = added = removed = 0
-    for r in sorted(parts):
-        lo, hi = key_range(r, bits)
-        delta = conform_delta(source, pl.read_parquet(parts[r]))
+    chunk: list[int] = []
+    order = sorted(parts)
+    for i, r in enumerate(order):
+        chunk.append(r)
+        if i + 1 < len(order) and sum(sizes[c] for c in chunk) + sizes[order[i + 1]] <= MERGE_CHUNK_ROWS:
+            continue
+        delta = conform_delta(
+            source, pl.concat([pl.read_parquet(parts[c]) for c in chunk], how="vertical_relaxed")
+        )
+        lo, hi = key_range(chunk[0], bits)[0], key_range(chunk[-1], bits)[1]
+        chunk = []
         conf = _confirmations(source, delta, batches, refused, builder)
         if conf.is_empty():
             continue
         ids = conf.get_column(EXT_ID).unique()
-        updated += ids.len()
         before = store.users(source, lo, hi, ids, settings)
         changed = changed_rows(source, before, delta, conf, settings)
         existed = changed.get_column(EXT_ID).is_in(before.get_column(EXT_ID).implode())
         gone = changed.get_column(DELETED)
         added += int((~existed & ~gone).sum())
         removed += int((existed & gone).sum())
+        updated += ids.len()
         pieces.append(changed)
     users = store.rows(source) + added - removed
     if not pieces:
         return 0, users
-    base = store.base_rows(source)
     overlay_rows = store.append(source, pl.concat(pieces), users, settings)
     if overlay_rows > COMPACT_SHARE * base or store.segment_count(source) > MAX_SEGMENTS:
         rbits = range_bits(max(users, base))
         ranges = (store.slice(source, *key_range(r, rbits), settings) for r in range(1 << rbits))
         users = store.write(source, ranges, settings)
     return updated, users
+
+
+def _merged_ranges(
+    store: StateStore,
+    source: Source,
+    bits: int,
+    parts: Mapping[int, Path],
+    batches: pl.DataFrame,
+    refused: pl.DataFrame,
+    settings: SnapshotSettings,
+    builder: Any,
+    counter: list[int],
+) -> Iterator[pl.DataFrame]:
+    """The new state, key range by key range (ranges without delta are copied); counts users touched."""
+    for r in range(1 << bits):
+        lo, hi = key_range(r, bits)
+        state = store.slice(source, lo, hi, settings)
+        if r not in parts:
+            yield state
+            continue
+        delta = conform_delta(source, pl.read_parquet(parts[r]))
+        conf = _confirmations(source, delta, batches, refused, builder)
+        counter[0] += conf.select(pl.col(EXT_ID).n_unique()).item()
+        yield apply_confirmed(source, state, delta, conf, settings)
 
 
 def recover(
