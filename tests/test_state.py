@@ -558,3 +558,37 @@ def test_skipping_the_unchanged_users_gives_the_exact_diff(tmp_path: Path, remov
     assert set(fast["__ext_id"]) == {"user004", "user008", "user010", "user012", "user500"} | (
         {"user013"} if removal is not RemovalAction.NONE else set()
     )
+
+
+def test_skipping_the_unchanged_users_over_an_overlay_gives_the_exact_diff(tmp_path: Path) -> None:
+    from sync.state._diff import _diff_exact, diff_frames
+    from sync.state._store import conform, state_schema
+    from sync.validation import clean_schema
+
+    settings = SnapshotSettings(removal=RemovalAction.DELETE, max_removal_share=1.0)
+    job = write_input(tmp_path, MANY)
+    sync_once(job, "r1", settings)
+    # A small commit: user002 renamed, user003 deleted, user600 added — an overlay segment over the base.
+    rows = [r.replace("N2,", "Two,") if r.startswith("user002,") else r for r in MANY]
+    rows = [r for r in rows if not r.startswith("user003,")] + ["user600,Six,6,,,,,,"]
+    write_input(tmp_path, rows)
+    sync_once(job, "r2", settings)
+    store = StateStore(job.workdir, job.destination)
+    source = job.sources[0]
+    assert store.segment_count(source) == 1
+    # The next export: user002 renamed again, user003 back, user600 unchanged, user004 changed, user005 left.
+    nxt = [r.replace("Two,", "Deux,") if r.startswith("user002,") else r for r in rows]
+    nxt = [r.replace(",C4,", ",Oslo,") if r.startswith("user004,") else r for r in nxt]
+    nxt = [r for r in nxt if not r.startswith("user005,")] + [MANY[3]]
+    write_input(tmp_path, nxt)
+    layered = store.layers(source, 0, 1 << 32, settings)
+    assert layered.live.height == 2 and int(layered.replaced.sum()) == 2
+    with build_plan(job) as plan:
+        current = pl.concat(plan.staged[0].frames(list(clean_schema(source))))
+    fast, fast_counts = diff_frames(source, current, layered, settings, left_file=1)
+    merged = conform(layered.merged(), state_schema(source, settings))
+    assert merged.equals(store.read(source, settings))
+    exact, exact_counts = _diff_exact(source, current, merged, settings, False, 1, None, False)
+    assert fast.equals(exact) and fast_counts == exact_counts
+    assert set(fast["__ext_id"]) == {"user002", "user003", "user004", "user005"}
+    assert fast_counts.users_new == 1 and fast_counts.users_removed == 1

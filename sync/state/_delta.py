@@ -310,7 +310,7 @@ def compute_diff(
                 if stop is not None and stop.is_set():
                     raise InterruptedRunError("interrupted while the export was diffed; nothing was sent")
                 lo, hi = key_range(r, bits)
-                state = store.slice(source, lo, hi, settings)
+                state = store.layers(source, lo, hi, settings)
                 delta, c = diff_frames(
                     source,
                     current,

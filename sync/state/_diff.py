@@ -17,6 +17,7 @@ from sync.state._store import (
     TAGS_REMOVED,
     UNSET,
     FieldKind,
+    Layers,
     conform,
     managed_fields,
     state_schema,
@@ -88,6 +89,8 @@ def _unchanged_skipped(
     current: pl.DataFrame,
     st: pl.DataFrame,
     settings: SnapshotSettings,
+    live: pl.DataFrame | None = None,
+    replaced: pl.Series | None = None,
 ) -> tuple[pl.DataFrame, pl.DataFrame, int] | None:
     """Drop the users whose row certainly did not change, before the exact comparison.
 
@@ -97,9 +100,15 @@ def _unchanged_skipped(
     a user is kept when any field may have changed, so only a hash collision (about 2**-64 per field) could hide
     a change. Returns ``(current rows to compare, state rows to compare, users skipped)``, or None when the two
     sides do not line up (not in canonical order): the exact comparison then takes every row.
+
+    With an overlay (:class:`sync.state._store.Layers`), ``st`` is the base, ``live`` the overlay's rows and
+    ``replaced`` marks the base rows it supersedes: those users are compared exactly (they are few), the rest
+    line up with the base as it is — no merged copy of the state is made.
     """
     if current.is_empty() or st.is_empty():
         return None
+    if replaced is None:
+        replaced = pl.Series(values=[False], dtype=pl.Boolean).new_from_index(0, st.height)
     fields = managed_fields(source, settings)
     tag_cols = tag_columns(source)
     c_cols: list[pl.Expr] = [pl.col(KEY), pl.col(EXT_ID).hash().alias("__h")]
@@ -125,7 +134,10 @@ def _unchanged_skipped(
     c = current.select(c_cols)
     s = st.select(s_cols)
     in_state = c["__h"].is_in(s["__h"].implode())
-    in_current = s["__h"].is_in(c["__h"].implode())
+    in_current = s["__h"].is_in(c["__h"].implode()) & ~replaced
+    if replaced.any():
+        # A user whose base row the overlay superseded (or deleted) is compared exactly, not lined up.
+        in_state = in_state & ~c["__h"].is_in(s["__h"].filter(replaced).implode())
     cm = c.filter(in_state)
     sm = s.filter(in_current)
     # Lined up only if both sides list the common users in the same order (same key and ID hash, row by row).
@@ -139,14 +151,17 @@ def _unchanged_skipped(
     # Gathered by position (a few percent of the rows), not filtered by mask: a mask filter copies-scans every
     # wide column, a gather touches only the rows taken.
     c_take = (~in_state | in_state.clone().scatter(in_state.arg_true(), maybe)).arg_true()
-    s_take = (~in_current | in_current.clone().scatter(in_current.arg_true(), maybe)).arg_true()
-    return current[c_take], st[s_take], skipped
+    s_keep = (~in_current & ~replaced) | in_current.clone().scatter(in_current.arg_true(), maybe)
+    old = st[s_keep.arg_true()]
+    if live is not None and live.height:
+        old = pl.concat([old, live], how="vertical_relaxed")
+    return current[c_take], old, skipped
 
 
 def diff_frames(
     source: Source,
     current: pl.DataFrame,
-    state: pl.DataFrame | None,
+    state: pl.DataFrame | Layers | None,
     settings: SnapshotSettings | None = None,
     *,
     full_refresh: bool = False,
@@ -157,7 +172,8 @@ def diff_frames(
     """Compare one key range of the export's clean frame with the same range of the confirmed state.
 
     ``current`` has ``__key, __ext_id, __file, __row`` and the source's mapped columns (typed, one row per user);
-    ``state`` the :func:`state_schema` columns (None: no state yet). Returns the **delta** — one row per user with
+    ``state`` the :func:`state_schema` columns (None: no state yet), or the range's :class:`Layers` (base and
+    overlay apart, as :meth:`sync.state.StateStore.layers` reads them). Returns the **delta** — one row per user with
     something to send, in canonical order: the source's columns holding only new or changed values (null where
     nothing changes), plus ``__unset`` (attribute names to unset), ``__tags_added``, ``__tags_removed`` and
     ``__delete``; users that left the export carry ``__file = left_file`` — and the counts.
@@ -168,9 +184,25 @@ def diff_frames(
     """
     settings = settings or SnapshotSettings()
     schema = state_schema(source, settings)
-    st = conform(None if full_refresh else state, schema)
-    narrowed = None if full_refresh else _unchanged_skipped(source, current, st, settings)
+    layered = state if isinstance(state, Layers) else None
+    if full_refresh:
+        st = conform(None, schema)
+    elif layered is not None:
+        st = conform(layered.base, schema)
+    else:
+        st = conform(state, schema)  # type: ignore[arg-type]
+    narrowed = None
+    if not full_refresh:
+        narrowed = (
+            _unchanged_skipped(source, current, st, settings)
+            if layered is None
+            else _unchanged_skipped(
+                source, current, st, settings, conform(layered.live, schema), layered.replaced
+            )
+        )
     if narrowed is None:
+        if layered is not None and not full_refresh:
+            st = conform(layered.merged(), schema)
         return _diff_exact(source, current, st, settings, full_refresh, left_file, held, hold_removals)
     cur, old, skipped = narrowed
     delta, counts = _diff_exact(source, cur, old, settings, full_refresh, left_file, held, hold_removals)

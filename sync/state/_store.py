@@ -226,21 +226,54 @@ def _fsync(path: Path) -> None:
         os.fsync(fh.fileno())
 
 
-def overlay(base: pl.DataFrame, segments: Sequence[pl.DataFrame], schema: Mapping[str, Any]) -> pl.DataFrame:
-    """``base`` (conformed, canonical order) with ``segments`` laid over it in order: per user the latest
-    segment's row wins, a :data:`DELETED` row removes the user. Canonical order kept (a sorted merge)."""
+@dataclass(frozen=True, slots=True)
+class Layers:
+    """A key range of the state as stored: the base rows, the overlay's live rows (the latest segment row per
+    user, tombstones dropped; canonical order) and which base rows the overlay replaces or deletes. The diff
+    uses them as they are (no merged copy); :meth:`merged` is the state itself."""
+
+    base: pl.DataFrame
+    live: pl.DataFrame
+    replaced: pl.Series
+    """Boolean per base row: the overlay holds a newer row for the user (or deleted them)."""
+
+    def merged(self) -> pl.DataFrame:
+        """The state of the range, in canonical order (a sorted merge)."""
+        if not self.live.height and not self.replaced.any():
+            return self.base
+        return self.base.filter(~self.replaced).merge_sorted(self.live, [KEY, EXT_ID])
+
+
+def layers(base: pl.DataFrame, segments: Sequence[pl.DataFrame], schema: Mapping[str, Any]) -> Layers:
+    """``base`` (conformed, canonical order) and the ``segments`` to lay over it, in order: per user the latest
+    segment's row wins, a :data:`DELETED` row removes the user."""
     segments = [s for s in segments if s.height]
+    none = pl.Series(values=[False], dtype=pl.Boolean).new_from_index(0, base.height)
     if not segments:
-        return base
+        return Layers(base, conform(None, schema), none)
     with_flag = {**schema, DELETED: pl.Boolean}
     latest = (
         pl.concat([conform(s, with_flag) for s in segments], how="vertical_relaxed")
         .unique(EXT_ID, keep="last", maintain_order=True)
         .sort([KEY, EXT_ID])
     )
-    kept = base.filter(~pl.col(EXT_ID).is_in(latest[EXT_ID].implode()))
+    # The replaced base rows, found by key first (an integer test over the base), then by ID among the few rows
+    # whose key matches: a string membership test over every base row costs more than the rest of the read.
+    same_key = base.get_column(KEY).is_in(latest.get_column(KEY).implode()).arg_true()
+    replaced = none
+    if same_key.len():
+        ids = base.get_column(EXT_ID).gather(same_key)
+        hit = same_key.filter(ids.is_in(latest.get_column(EXT_ID).implode()))
+        if hit.len():
+            replaced = none.clone().scatter(hit, True)
     live = latest.filter(~pl.col(DELETED).fill_null(False)).drop(DELETED)
-    return kept.merge_sorted(live, [KEY, EXT_ID])
+    return Layers(base, live, replaced)
+
+
+def overlay(base: pl.DataFrame, segments: Sequence[pl.DataFrame], schema: Mapping[str, Any]) -> pl.DataFrame:
+    """``base`` (conformed, canonical order) with ``segments`` laid over it in order: per user the latest
+    segment's row wins, a :data:`DELETED` row removes the user. Canonical order kept (a sorted merge)."""
+    return layers(base, segments, schema).merged()
 
 
 @contextmanager
@@ -347,13 +380,17 @@ class StateStore:
 
     def read(self, source: Source, settings: SnapshotSettings | None = None) -> pl.DataFrame:
         """The whole state of a source (for inspection and small jobs; runs read it by key range)."""
-        return self._read(source, None, settings)
+        return self._read(source, None, settings).merged()
 
     def slice(
         self, source: Source, lo: int, hi: int, settings: SnapshotSettings | None = None
     ) -> pl.DataFrame:
         """The state rows with ``lo <= __key < hi``, in canonical order; row-group statistics skip the rest of
         the base and of each segment."""
+        return self._read(source, (lo, hi), settings).merged()
+
+    def layers(self, source: Source, lo: int, hi: int, settings: SnapshotSettings | None = None) -> Layers:
+        """The key range ``[lo, hi)`` as stored: base rows and overlay apart (what the diff reads)."""
         return self._read(source, (lo, hi), settings)
 
     def scan(self, source: Source, settings: SnapshotSettings | None = None) -> pl.LazyFrame:
@@ -389,7 +426,7 @@ class StateStore:
     ) -> pl.DataFrame:
         """The state rows of ``ext_ids`` in the key range ``[lo, hi)`` (the filter is pushed into the Parquet
         reader: other rows' values are not materialised)."""
-        return self._read(source, (lo, hi), settings, ext_ids)
+        return self._read(source, (lo, hi), settings, ext_ids).merged()
 
     def _read(
         self,
@@ -397,7 +434,7 @@ class StateStore:
         bounds: tuple[int, int] | None,
         settings: SnapshotSettings | None,
         ext_ids: pl.Series | None = None,
-    ) -> pl.DataFrame:
+    ) -> Layers:
         schema = state_schema(source, settings)
         path = self.path_for(source)
 
@@ -412,7 +449,7 @@ class StateStore:
 
         base = conform(scan(path) if path.is_file() else None, schema)
         segments = [scan(p) for p in self._segments(source.name)]
-        return overlay(base, segments, schema)
+        return layers(base, segments, schema)
 
     def write(
         self, source: Source, frames: Iterable[pl.DataFrame], settings: SnapshotSettings | None = None
@@ -425,7 +462,10 @@ class StateStore:
         tmp = path.with_suffix(".parquet.tmp")
         arrow_schema = pl.DataFrame(schema=schema).to_arrow().schema
         rows = 0
-        with pq.ParquetWriter(tmp, arrow_schema, compression="zstd", use_dictionary=False) as writer:
+        # Dictionary pages: names, cities, flags and tags repeat, and a dictionary column decodes in about two
+        # thirds of the time a plain one takes (the diff reads the whole state every run; the base is written
+        # only by a compaction).
+        with pq.ParquetWriter(tmp, arrow_schema, compression="zstd", use_dictionary=True) as writer:
             for frame in frames:
                 if frame.height:
                     table = conform(frame, schema).to_arrow().cast(arrow_schema)
