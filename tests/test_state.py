@@ -592,3 +592,29 @@ def test_skipping_the_unchanged_users_over_an_overlay_gives_the_exact_diff(tmp_p
     assert fast.equals(exact) and fast_counts == exact_counts
     assert set(fast["__ext_id"]) == {"user002", "user003", "user004", "user005"}
     assert fast_counts.users_new == 1 and fast_counts.users_removed == 1
+
+
+def test_a_commit_repeated_after_its_segment_was_written_changes_nothing(tmp_path: Path) -> None:
+    import shutil
+
+    job = write_input(tmp_path, MANY)
+    sync_once(job, "r1")
+    store = StateStore(job.workdir, job.destination)
+    source = job.sources[0]
+    rows = [r.replace("N7,", "Seven,") if r.startswith("user007,") else r for r in MANY]
+    write_input(tmp_path, [*rows, "user700,New,7,,,,,,"])
+    d = diff(job, "r2")
+    assert (d.directory / "users" / "00000.state.parquet").is_file()  # the diff kept the rows it read
+    send(job, d)
+    kept = tmp_path / "kept"
+    shutil.copytree(d.directory, kept)
+    commit_run(job, d)
+    after = store.read(source)
+    # The process died after the segment and manifest were written, before the pending directory went: the
+    # next run commits it again — against a state written since the diff, so from the state, not the kept rows.
+    shutil.copytree(kept, d.directory)
+    with Ledger.open(job.workdir / "ledger.sqlite") as ledger:
+        (report,) = recover(store, job.sources, ledger, builder=snapshot_builder_for(job))
+    assert report.users_updated == {"users": 2} and report.rows == {"users": 101}
+    assert store.read(source).equals(after) and store.rows(source) == 101
+    assert state_rows(job)["user007"]["attr:name"] == "Seven"

@@ -288,7 +288,11 @@ def commit(
             updated[name] = 0
             continue
         batches = _with_seqs(good, (pl.read_parquet(p, columns=[EXT_ID, SEQ]) for p in parts.values()))
-        updated[name], rows[name] = _merge(store, source, bits, parts, batches, refused, settings, builder)
+        # The state rows the diff read for the delta's users, when the state has not been written since.
+        captured = info.get("state_version") is not None and info["state_version"] == store.version(source)
+        updated[name], rows[name] = _merge(
+            store, source, bits, parts, batches, refused, settings, builder, captured
+        )
     shutil.rmtree(directory, ignore_errors=True)
     return CommitReport(run_id, confirmed_total, unconfirmed_total, updated, rows)
 
@@ -306,13 +310,16 @@ def _merge(
     refused: pl.DataFrame,
     settings: SnapshotSettings,
     builder: Any,
+    captured: bool = False,
 ) -> tuple[int, int]:
     """Merge one source's confirmed changes; returns ``(users updated, users in the state)``.
 
     A delta small beside the state (at most :data:`COMPACT_SHARE` of its rows) becomes an overlay segment: only
     the users it touches are read (the ID filter pushed into the Parquet reader) and written, a few key ranges at a
     time. A larger one (a first load, a full refresh) rewrites the base range by range. Past its share the
-    overlay is folded into a new base."""
+    overlay is folded into a new base. ``captured``: the diff kept the state rows of the delta's users beside
+    each part (``NNNNN.state.parquet``) and the state was not written since: they are merged into instead of
+    reading the state again."""
     base = store.base_rows(source)
     sizes = {r: pq.ParquetFile(p).metadata.num_rows for r, p in parts.items()}
     if base == 0 or sum(sizes.values()) > COMPACT_SHARE * base:
@@ -332,12 +339,19 @@ def _merge(
             source, pl.concat([pl.read_parquet(parts[c]) for c in chunk], how="vertical_relaxed")
         )
         lo, hi = key_range(chunk[0], bits)[0], key_range(chunk[-1], bits)[1]
-        chunk = []
+        done, chunk = chunk, []
         conf = _confirmations(source, delta, batches, refused, builder)
         if conf.is_empty():
             continue
         ids = conf.get_column(EXT_ID).unique()
-        before = store.users(source, lo, hi, ids, settings)
+        if captured:
+            kept = [parts[c].with_name(parts[c].stem + ".state.parquet") for c in done]
+            before = conform(
+                pl.concat([pl.read_parquet(k) for k in kept], how="vertical_relaxed"),
+                state_schema(source, settings),
+            ).join(ids.to_frame(EXT_ID), on=EXT_ID, how="semi")
+        else:
+            before = store.users(source, lo, hi, ids, settings)
         changed = changed_rows(source, before, delta, conf, settings)
         existed = changed.get_column(EXT_ID).is_in(before.get_column(EXT_ID).implode())
         gone = changed.get_column(DELETED)

@@ -18,7 +18,7 @@ from sync.errors import InterruptedRunError, StateError
 from sync.platforms.base import SnapshotBuilder, snapshot_builder
 from sync.reading import ROW
 from sync.records import Batch, Operation, Phase
-from sync.state._diff import DiffCounts, diff_frames
+from sync.state._diff import DiffCounts, diff_and_state
 from sync.state._store import (
     LEFT_FILE,
     SEQ,
@@ -306,12 +306,14 @@ def compute_diff(
             counts = DiffCounts()
             seq = 0
             held = (rejected or {}).get(source.name)
+            version = store.version(source)
+            captured = not full_refresh
             for r, current in _by_range(st.frames([KEY, *columns]), bits, empty):
                 if stop is not None and stop.is_set():
                     raise InterruptedRunError("interrupted while the export was diffed; nothing was sent")
                 lo, hi = key_range(r, bits)
                 state = store.layers(source, lo, hi, settings)
-                delta, c = diff_frames(
+                delta, c, before = diff_and_state(
                     source,
                     current,
                     state,
@@ -329,6 +331,12 @@ def compute_diff(
                     seq += delta.height
                     parts[r] = part_dir / f"{r:05d}.parquet"
                     delta.write_parquet(parts[r], compression="zstd")
+                    if before is not None:
+                        # The state rows of the delta's users, as the diff read them: the commit merges into
+                        # these instead of reading the state again (see sync.state._commit._merge).
+                        before.write_parquet(part_dir / f"{r:05d}.state.parquet", compression="zstd")
+                    else:
+                        captured = False
             if (
                 refuse
                 and not force
@@ -343,6 +351,7 @@ def compute_diff(
                 )
             meta["sources"][source.name] = {
                 "bits": bits,
+                "state_version": version if captured else None,
                 "files": list(files),
                 "parts": {str(r): p.name for r, p in parts.items()},
             }

@@ -182,6 +182,32 @@ def diff_frames(
     the state as it is, with no removal; ``hold_removals``: no user missing from ``current`` is removed (a
     rejected row names no user, so any of them may be in it).
     """
+    delta, counts, _ = diff_and_state(
+        source,
+        current,
+        state,
+        settings,
+        full_refresh=full_refresh,
+        left_file=left_file,
+        held=held,
+        hold_removals=hold_removals,
+    )
+    return delta, counts
+
+
+def diff_and_state(
+    source: Source,
+    current: pl.DataFrame,
+    state: pl.DataFrame | Layers | None,
+    settings: SnapshotSettings | None = None,
+    *,
+    full_refresh: bool = False,
+    left_file: int = -1,
+    held: pl.DataFrame | None = None,
+    hold_removals: bool = False,
+) -> tuple[pl.DataFrame, DiffCounts, pl.DataFrame | None]:
+    """:func:`diff_frames`, and the state rows of the users in the delta (what the commit merges their
+    confirmed changes into: kept with the delta, it need not read the state again); None with ``full_refresh``."""
     settings = settings or SnapshotSettings()
     schema = state_schema(source, settings)
     layered = state if isinstance(state, Layers) else None
@@ -203,11 +229,19 @@ def diff_frames(
     if narrowed is None:
         if layered is not None and not full_refresh:
             st = conform(layered.merged(), schema)
-        return _diff_exact(source, current, st, settings, full_refresh, left_file, held, hold_removals)
+        delta, counts = _diff_exact(
+            source, current, st, settings, full_refresh, left_file, held, hold_removals
+        )
+        return delta, counts, None if full_refresh else _rows_of(st, delta)
     cur, old, skipped = narrowed
     delta, counts = _diff_exact(source, cur, old, settings, full_refresh, left_file, held, hold_removals)
     # The users skipped are in the export and in the state, unchanged.
-    return delta, counts + DiffCounts(users_current=skipped, users_state=skipped)
+    return delta, counts + DiffCounts(users_current=skipped, users_state=skipped), _rows_of(old, delta)
+
+
+def _rows_of(state: pl.DataFrame, delta: pl.DataFrame) -> pl.DataFrame:
+    """The rows of ``state`` naming a user of ``delta``, in canonical order."""
+    return state.join(delta.select(EXT_ID), on=EXT_ID, how="semi").sort([KEY, EXT_ID])
 
 
 def _diff_exact(

@@ -508,6 +508,14 @@ class StateStore:
         os.replace(tmp_manifest, path)
         return sum(n for _, n in segments)
 
+    def version(self, source: Source | str) -> str:
+        """A token that changes whenever the source's state is written (base replaced or a segment added)."""
+        name = source if isinstance(source, str) else source.name
+        path = self.path_for(name)
+        base = f"{path.stat().st_size}:{path.stat().st_mtime_ns}" if path.is_file() else "-"
+        manifest = self._manifest(name)
+        return f"{base}/{manifest['next'] if manifest is not None else 0}"
+
     def segment_count(self, source: Source | str) -> int:
         name = source if isinstance(source, str) else source.name
         manifest = self._manifest(name)
