@@ -57,7 +57,6 @@ from sync.sandboxes.formsonfire_state import FormsOnFireState, KnownUser, Push
 
 __all__ = [
     "API_PREFIX",
-    "SANDBOX_COMMAND",
     "FormsOnFireSandbox",
     "FormsOnFireSandboxConfig",
     "FormsOnFireState",

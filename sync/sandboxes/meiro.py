@@ -43,7 +43,6 @@ from sync.sandboxes.meiro_state import MeiroState, Progression, SandboxExport
 __all__ = [
     "API_PREFIX",
     "DEFAULT_FEATURES",
-    "SANDBOX_COMMAND",
     "MeiroSandbox",
     "MeiroSandboxConfig",
     "MeiroUser",

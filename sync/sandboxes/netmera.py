@@ -38,7 +38,6 @@ from sync.sandboxes.netmera_state import NetmeraState
 
 __all__ = [
     "API_PREFIX",
-    "SANDBOX_COMMAND",
     "LastPage",
     "NetmeraSandbox",
     "NetmeraSandboxConfig",

@@ -64,7 +64,6 @@ from sync.sandboxes._core import ApiError, RateLimit, json_response
 __all__ = [
     "API_PREFIX",
     "DEFAULT_LIMITS",
-    "SANDBOX_COMMAND",
     "NotifyVisitorsSandbox",
     "NotifyVisitorsSandboxConfig",
     "NotifyVisitorsState",
