@@ -56,6 +56,7 @@ from sync.state import (
     compute_diff,
     recover,
     rejected_users,
+    snapshot_builder_for,
 )
 from sync.summary import RunInput, RunSummary, summarise
 
@@ -362,7 +363,8 @@ async def _run_snapshot(
     origin = options.retry or options.resume
     # Snapshot jobs need no replay list: the state holds only confirmed changes, so once the crashed runs'
     # confirmations are merged, a fresh diff *is* the resume (and the retry).
-    recovered = tuple(recover(store, job.sources, ledger, job.snapshot))
+    builder = snapshot_builder_for(job)  # the platform's snapshot streams make the diff's requests
+    recovered = tuple(recover(store, job.sources, ledger, job.snapshot, builder=builder))
     plan = await asyncio.to_thread(build_plan, job, stop=signals.requested)
     run_id = options.run_id or new_run_id()
     try:
@@ -377,6 +379,7 @@ async def _run_snapshot(
             batch_size=job.batch_sizes,
             rejected=rejected_users(plan.rejects_path, plan.staged),
             stop=signals.requested,
+            builder=builder,
         )
     except BaseException:
         plan.close()
@@ -402,7 +405,14 @@ async def _run_snapshot(
         diff.discard()  # stopped before the run was recorded: nothing was sent, nothing to merge
         raise
     try:
-        committed = await asyncio.to_thread(commit, store, job.sources, diff.directory, ledger, job.snapshot)
+        committed = await asyncio.to_thread(
+            functools.partial(commit, builder=builder),
+            store,
+            job.sources,
+            diff.directory,
+            ledger,
+            job.snapshot,
+        )
     except (PushSyncError, OSError) as exc:
         # Requests went out: never exit 2. The delta stays pending; the next run merges what was confirmed.
         raise RunStoppedError(

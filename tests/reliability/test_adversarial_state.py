@@ -27,7 +27,9 @@ from typing import Any
 import polars as pl
 import pytest
 
+from sync.config import load_job
 from sync.ledger import unpack_ids
+from sync.state import StateStore
 from tests.conftest import REPO_ROOT, NetmeraProcess
 
 # --- helpers -----------------------------------------------------------------------------------------------------
@@ -129,8 +131,11 @@ def write_users(tmp: Path, lines: list[str]) -> None:
 
 
 def state_of(tmp: Path, ext_id: str) -> dict[str, Any]:
-    (path,) = (tmp / "work" / "state").glob("netmera-*/users.parquet")
-    rows = pl.read_parquet(path).filter(pl.col("__ext_id") == ext_id).to_dicts()
+    # Through the store: the base file plus the overlay segments later commits laid over it.
+    job = load_job(tmp / "job.yaml")
+    store = StateStore(job.workdir, job.destination)
+    assert store.path_for(job.sources[0]).is_file()
+    rows = store.read(job.sources[0]).filter(pl.col("__ext_id") == ext_id).to_dicts()
     assert len(rows) == 1, rows
     return rows[0]
 
