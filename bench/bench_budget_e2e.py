@@ -2,29 +2,36 @@
 
 The server (this file with ``--serve``) speaks enough of Netmera's REST API for the connector, counts every
 request by the clock-aligned window of its *arrival*, and answers 429 (``Retry-After``: until the window ends)
-above its limit — per endpoint (``--limit endpoint``) or for the whole account (``--limit account``). Each
-request waits ``uniform(0, J)`` before it "arrives" and again before its answer leaves (network jitter), and
-faults are on: 2 % of requests answer 500 unapplied, 1 % are applied and then answer 500.
+above its limit — per endpoint (``endpoint`` case) or for the whole account (``account`` case). Each request
+waits ``uniform(0, J)`` before it "arrives" and again before its answer leaves (network jitter), and faults are
+on: 2 % of requests answer 500 unapplied, 1 % are applied and then answer 500.
 
 The run is the real CLI (``python -m sync run``) on 100k users (6 attributes and tags), pinned to one core with
 a CPU-bound process pinned to the same core. The job says what the server does: per-endpoint budgets
 (Netmera's default ``"*": 20 per 1s``), or an account-wide budget group over every endpoint.
 
-Figures, from the server's own records:
+By default both cases run with 5, 50 and 100 ms of jitter (six runs, a few minutes); ``--quick`` sends the same
+number of requests from 20k users (cheaper batches of 200 IDs: start-up is short) and runs the 50 ms cases
+only. Figures per case, from the server's own records:
 
-* ``429s`` — must be 0;
+* ``429s`` — must be 0; ``max/win`` — the most requests in one window for any limit (never above N);
 * ``sending`` — the binding budget's use over the sending part: the mean count per server window over the
   windows in which it was busy, without the first and last (partial), over N — must be >= 97 %;
+* ``budget-bound`` — the same over the windows in which an attempt always waited for the budget and the event
+  loop released it on time (from the run summary, by release windows; ``starved/stalled/n``: of the n windows
+  measured, those in which the run had nothing to send, and those in which the loop released a slot more than
+  a spacing late). Not a target: when ``sending`` misses and this does not, the run starved the budget
+  (planning, an event loop stalled by another thread holding the interpreter), not the budget itself;
 * ``command`` — the least time the binding budget allows (its requests x T / N) over the command's wall time,
-  start-up included — must be >= 95 % (start-up is the reading issue's; a miss there is reported as such);
-* ``max/win`` — the most requests in one window for any limit (never above N).
+  start-up included — target >= 95 %, which depends on how fast planning starts sending (not this bench's
+  part): printed, and a miss fails the bench only with ``--strict-startup``.
 
-Exits 1 on a miss.
+Exits 1 on a miss of a sending-part target (0 x 429, max <= N, sending >= 97 %). The machine's load average is
+printed before and after: figures taken with a load above the core count are loaded-machine figures.
 
-    .venv/bin/python bench/bench_budget_e2e.py [--limit endpoint|account] [--jitter 0.05] [--users 100000]
-        [--batch-size 1000] [--concurrency 16] [--no-hog] [--requests 20]
-
-Each run takes about 15-30 s (the account case sends ~330 requests at 20/s).
+    .venv/bin/python bench/bench_budget_e2e.py [--quick] [--limit endpoint|account|both]
+        [--jitter 0.005,0.05,0.1] [--users 100000] [--batch-size 1000] [--concurrency 16] [--no-hog]
+        [--requests 20] [--strict-startup] [--json] [--log PREFIX]
 """
 
 from __future__ import annotations
@@ -194,6 +201,22 @@ def _figures(log: list[list[Any]], limit: str, n: int, period: float, wall: floa
     }
 
 
+def _budget_bound(summary: dict[str, Any], limit: str, binding: str) -> dict[str, Any]:
+    """The binding budget's use over the windows in which an attempt always waited for it and the loop was on
+    time, and how many windows were starved or stalled (the run summary's figures: the account group's, or the
+    binding endpoint's)."""
+    if limit == "account":
+        entries = summary.get("budget_groups") or []
+    else:
+        entries = [e for e in summary.get("endpoints", []) if e.get("endpoint") == binding]
+    if not entries:
+        return {"budget_bound_use": None, "windows": None}
+    return {
+        "budget_bound_use": entries[0].get("budget_bound_utilisation"),
+        "windows": entries[0].get("windows"),
+    }
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     from gen_data import generate_users
 
@@ -247,9 +270,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if result.returncode not in (0, 1):
         print(result.stderr[-3000:], file=sys.stderr)
         raise SystemExit(f"pushsync run exited {result.returncode}")
+    if getattr(args, "log", None):
+        Path(args.log).write_text(json.dumps({"started": started, "log": log}), encoding="utf-8")
     figures = _figures(log, args.limit, args.requests, 1.0, wall)
     figures["first_request_after_s"] = round(min(a for a, *_ in log) - started, 2) if log else None
     summary = json.loads(result.stdout)
+    figures.update(_budget_bound(summary, args.limit, figures["binding"]))
     # CPU the run got: with a hog on its core it gets about half of it; near wall / 2, the run was CPU-bound.
     figures["worker_cpu_s"] = round(worker_cpu_s, 2)
     figures["exit_code"] = result.returncode
@@ -257,17 +283,43 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     return figures
 
 
+SENDING_TARGET = 0.97
+COMMAND_TARGET = 0.95
+
+
+def _case_args(args: argparse.Namespace, limit: str, jitter: float) -> argparse.Namespace:
+    case = argparse.Namespace(**vars(args))
+    case.limit, case.jitter = limit, jitter
+    return case
+
+
+def _line(fig: dict[str, Any]) -> str:
+    bound = fig.get("budget_bound_use")
+    w = fig.get("windows") or {}
+    starved = f"{w.get('starved', '-')}/{w.get('stalled', '-')}/{w.get('measured', '-')}"
+    return (
+        f"{fig['limit']:<9}{fig['jitter'] * 1000:>6.0f} ms{fig['binding_requests']:>9}{fig['429s']:>6}"
+        f"{fig['max_per_window']:>8}{fig['sending_use']:>10.1%}"
+        f"{'-' if bound is None else f'{bound:.1%}':>14}{starved:>18}{fig['command_use']:>10.1%}"
+        f"{fig['first_request_after_s'] or 0:>8.1f} s{fig['command_s']:>8.1f} s"
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--limit", choices=["endpoint", "account"], default="endpoint")
+    parser.add_argument("--limit", choices=["endpoint", "account", "both"], default="both")
     parser.add_argument("--requests", type=int, default=20, help="the server's limit per 1 s window")
-    parser.add_argument("--jitter", type=float, default=0.05, help="seconds, each way")
-    parser.add_argument("--users", type=int, default=100_000)
+    parser.add_argument(
+        "--jitter",
+        default=None,
+        help="seconds each way, comma-separated (default 0.005,0.05,0.1; with --quick 0.05)",
+    )
+    parser.add_argument("--users", type=int, default=None, help="default 100000 (--quick: 20000)")
     parser.add_argument(
         "--batch-size",
         type=int,
-        default=1000,
-        help="IDs per request (smaller: cheaper batches, more requests)",
+        default=None,
+        help="IDs per request (default 1000; --quick: 200 — cheaper batches, as many requests)",
     )
     parser.add_argument(
         "--concurrency",
@@ -275,27 +327,76 @@ def main(argv: list[str] | None = None) -> int:
         default=16,
         help="requests in flight (3 endpoints x 20/s x up to 0.3 s of latency under load need about 16)",
     )
+    parser.add_argument("--quick", action="store_true", help="a short run: 20k users, 50 ms of jitter only")
     parser.add_argument("--no-hog", action="store_true", help="no CPU-bound process on the worker's core")
+    parser.add_argument(
+        "--strict-startup",
+        action="store_true",
+        help=f"also fail on a whole-command use below {COMMAND_TARGET:.0%} (start-up included)",
+    )
+    parser.add_argument("--json", action="store_true", help="one JSON line per case instead of the table")
+    parser.add_argument(
+        "--log", default=None, help="write each case's server request log (JSON) to PREFIX-<limit>-<ms>.json"
+    )
     parser.add_argument("--serve", type=int, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.serve is not None:
-        serve(args.serve, args.limit, args.requests, 1.0, args.jitter, seed=7)
+        serve(args.serve, args.limit, args.requests, 1.0, float(args.jitter), seed=7)
         return 0
-    figures = run(args)
-    head = {"limit": args.limit, "jitter": args.jitter, "hog": not args.no_hog, "users": args.users}
-    print(json.dumps({**head, "batch_size": args.batch_size, **figures}))
-    ok = (
-        figures["429s"] == 0 and figures["sending_use"] >= 0.97 and figures["max_per_window"] <= args.requests
+    args.users = args.users or (20_000 if args.quick else 100_000)
+    args.batch_size = args.batch_size or (200 if args.quick else 1000)
+    jitters = [float(j) for j in (args.jitter or ("0.05" if args.quick else "0.005,0.05,0.1")).split(",")]
+    limits = ["endpoint", "account"] if args.limit == "both" else [args.limit]
+    cores = os.cpu_count() or 1
+    load_before = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    print(
+        f"budget e2e: {args.users} users, {args.batch_size} IDs per request, limit {args.requests}/1s, "
+        f"hog {'off' if args.no_hog else 'on'}; load average {load_before:.1f} on {cores} cores"
+        + (" (a loaded machine: these are loaded-machine figures)" if load_before > cores else ""),
+        flush=True,
     )
-    if figures["command_use"] < 0.95:
+    if not args.json:
         print(
-            f"MISS: whole command at {figures['command_use']:.1%} of the budget (target 95 %)",
-            file=sys.stderr,
+            f"{'case':<9}{'jitter':>9}{'requests':>9}{'429s':>6}{'max/win':>8}{'sending':>10}"
+            f"{'budget-bound':>14}{'starved/stalled/n':>18}{'command':>10}{'first':>10}{'wall':>10}",
+            flush=True,
         )
-        ok = False
-    if not ok:
-        print("MISS: see the figures above", file=sys.stderr)
-    return 0 if ok else 1
+    misses: list[str] = []
+    startup: list[str] = []
+    for limit in limits:
+        for jitter in jitters:
+            case = _case_args(args, limit, jitter)
+            if args.log:
+                case.log = f"{args.log}-{limit}-{round(jitter * 1000)}.json"
+            fig = run(case)
+            fig = {"limit": limit, "jitter": jitter, "hog": not args.no_hog, "users": args.users, **fig}
+            print(json.dumps(fig) if args.json else _line(fig), flush=True)
+            name = f"{limit} @ {jitter * 1000:g} ms"
+            if fig["429s"]:
+                misses.append(f"{name}: {fig['429s']} x 429 (target 0)")
+            if fig["max_per_window"] > args.requests:
+                misses.append(f"{name}: {fig['max_per_window']} in one window (limit {args.requests})")
+            if not fig["sending_use"] >= SENDING_TARGET:
+                misses.append(
+                    f"{name}: sending part at {fig['sending_use']:.1%} (target {SENDING_TARGET:.0%})"
+                )
+            if not fig["command_use"] >= COMMAND_TARGET:
+                startup.append(
+                    f"{name}: whole command at {fig['command_use']:.1%} (target {COMMAND_TARGET:.0%}; first "
+                    f"request after {fig['first_request_after_s']} s)"
+                )
+    load_after = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    print(
+        f"targets: 0 x 429, max/win <= {args.requests}, sending >= {SENDING_TARGET:.0%}; whole command >= "
+        f"{COMMAND_TARGET:.0%} ({'enforced' if args.strict_startup else 'printed only: --strict-startup'}); "
+        f"load average now {load_after:.1f} on {cores} cores",
+        flush=True,
+    )
+    for miss in misses:
+        print(f"MISS: {miss}", file=sys.stderr)
+    for miss in startup:
+        print(f"{'MISS' if args.strict_startup else 'start-up'}: {miss}", file=sys.stderr)
+    return 1 if misses or (args.strict_startup and startup) else 0
 
 
 if __name__ == "__main__":

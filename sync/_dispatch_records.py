@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Protocol
 
+from sync.budget import BudgetGroupStats
 from sync.errors import FatalPlatformError
 from sync.records import Attempt, Batch, BatchResult
 
@@ -48,6 +49,11 @@ class EndpointStats:
     budget_requests: int | None = None
     budget_period: float | None = None
     discovered_rate: float | None = None
+    starved_windows: frozenset[int] = frozenset()
+    """Budget periods in which the endpoint's budget had a free slot nobody asked for (the run had nothing to
+    send): see :attr:`sync.budget.BudgetStats.starved_windows`."""
+    stalled_windows: frozenset[int] = frozenset()
+    """Budget periods in which a stalled event loop released an attempt late (``BudgetStats``)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,6 +66,8 @@ class DispatchReport:
     batches_done: int
     batches_unfinished: int
     fatal: FatalPlatformError | None = None
+    groups: tuple[BudgetGroupStats, ...] = ()
+    """The budget groups that held an endpoint of the run, with their counters."""
 
 
 class DispatchObserver(Protocol):

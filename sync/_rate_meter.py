@@ -13,8 +13,8 @@ from __future__ import annotations
 import math
 import time
 from collections import deque
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 
 from sync.config import RateBudgetSpec
 
@@ -26,6 +26,14 @@ _MARGIN_SAMPLES = (
 )
 _MARGIN_MIN_SAMPLES = 20  # below this, the default margin stays
 _MARGIN_EVERY = 10  # recompute the learned margin every this many latencies
+_SLACK = 0.2
+"""Share of an aligned window's sending zone left after its N nominal slots. The hard cap (N per sliding T over
+actual release times) holds each slot of a window at or after the same slot of the window before plus T, so a
+slot released late stays late in every later window until one of them has room at its end: without room, each
+late timer or stalled loop would eventually cost a request."""
+_CATCH_UP_GAP = 0.5
+"""Least gap between two releases, as a share of the nominal spacing: slots missed (late timer, stalled loop)
+are caught up at most twice as fast as nominal — evenly, never as a burst."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,6 +50,47 @@ class BudgetStats:
     """Seconds kept free before each window's end (learned from latencies unless the job fixed it)."""
     decreases: int = 0
     """Times the rate was lowered because too many answers of a window were 429s."""
+    per_window: Mapping[int, int] = field(default_factory=dict)
+    """Releases per clock-aligned period (index: ``window_of``), configured budgets only."""
+    starved_windows: frozenset[int] = frozenset()
+    """Periods in which the budget had a slot free for longer than a spacing and no attempt asked for it: the
+    run had nothing to send then (planning, retries' back-off, the end of a phase), which is not the budget's
+    doing."""
+    stalled_windows: frozenset[int] = frozenset()
+    """Periods in which the event loop released a waiting attempt more than a spacing after its slot was due
+    (the loop was stalled: a CPU-bound neighbour, the interpreter held by another thread). The use over the
+    busy periods that are neither starved nor stalled is the budget's own."""
+
+
+class LatencyLearner:
+    """The p99 of the newest release-to-answer times, recomputed every few answers.
+
+    One per :class:`sync.budget.BudgetPool`: every endpoint of a job talks to the same server over the same
+    network, so the meters of a pool (endpoints and groups) learn one margin from every answer — sooner than
+    from their own answers alone, and the same for all of them, so no group keeps a slot at a window's end
+    that the endpoint meters of its members would refuse.
+    """
+
+    __slots__ = ("_samples", "_since", "p99")
+
+    def __init__(self) -> None:
+        self._samples: deque[float] = deque(maxlen=_MARGIN_SAMPLES)  # the newest latencies
+        self._since = 0  # latencies observed since p99 was last recomputed
+        self.p99: float | None = None
+        """The p99 of the kept latencies; None until enough were observed."""
+
+    def observe(self, latency: float) -> bool:
+        """Keep one latency; True when :attr:`p99` was recomputed."""
+        if not math.isfinite(latency) or latency < 0:
+            return False
+        self._samples.append(latency)
+        self._since += 1
+        if len(self._samples) < _MARGIN_MIN_SAMPLES or self._since < _MARGIN_EVERY:
+            return False
+        self._since = 0
+        ordered = sorted(self._samples)
+        self.p99 = ordered[min(len(ordered) - 1, math.ceil(0.99 * len(ordered)) - 1)]
+        return True
 
 
 class RateMeter:
@@ -66,6 +115,7 @@ class RateMeter:
         "_last_release",
         "_lead",
         "_learn",
+        "_learner",
         "_limited",
         "_limited_share",
         "_max_margin",
@@ -73,12 +123,13 @@ class RateMeter:
         "_on_change",
         "_paused_seconds",
         "_paused_until",
+        "_per_window",
         "_period",
         "_rate",
         "_rate_limited",
         "_released",
-        "_samples",
-        "_since_learned",
+        "_stalled",
+        "_starved",
         "_tail",
         "_time",
         "_wall_offset",
@@ -101,6 +152,7 @@ class RateMeter:
         clean_windows: int = 2,
         max_pause: float = 300.0,
         discover_period: float = 1.0,
+        learner: LatencyLearner | None = None,
     ) -> None:
         if spec is not None and (spec.requests < 1 or spec.period <= 0):
             raise ValueError(f"rate budget needs requests >= 1 and period > 0, got {spec}")
@@ -144,9 +196,14 @@ class RateMeter:
         self._answers: int = 0  # answers (2xx and 429) in that window
         self._limited: int = 0  # 429s among them
         self._clean: int = 0  # consecutive windows with answers and no 429
-        self._samples: deque[float] = deque(maxlen=_MARGIN_SAMPLES)  # newest release-to-answer latencies
-        self._since_learned: int = 0  # latencies observed since the margin was last recomputed
+        # Release-to-answer latencies: the pool's (shared by its meters) or this meter's own.
+        self._learner: LatencyLearner = learner if learner is not None else LatencyLearner()
         self._released: int = 0
+        self._per_window: dict[int, int] = {}  # releases per aligned period (configured budgets only)
+        self._starved: set[int] = set()  # periods with a free slot nobody asked for (see BudgetStats)
+        self._stalled: set[int] = (
+            set()
+        )  # periods in which a timer fired over a spacing late (see BudgetStats)
         self._rate_limited: int = 0
         self._paused_seconds: float = 0.0
         self._decreases: int = 0
@@ -206,6 +263,9 @@ class RateMeter:
             period=self._period,
             margin=self._tail,
             decreases=self._decreases,
+            per_window=dict(self._per_window),
+            starved_windows=frozenset(self._starved),
+            stalled_windows=frozenset(self._stalled),
         )
 
     # -- the schedule ----------------------------------------------------------------------------------------
@@ -230,8 +290,8 @@ class RateMeter:
         """Earliest time (>= ``now`` and >= ``after``) at which the next release may happen.
 
         Timed from the clock, never from how often this is asked: a loop that wakes late gets at most the slot
-        that is due, and the slots after it stay at their places (at least half a spacing apart), so lateness
-        is never paid back as a burst.
+        that is due, and the slots after it stay at their places (at least half a spacing apart while
+        catching up), so lateness is never paid back as a burst.
         """
         t = max(now, self._paused_until, after if after is not None else now)
         if self._rate is None:
@@ -248,15 +308,12 @@ class RateMeter:
             # The grid keeps slots evenly spaced without carrying timer lateness forward; the minimum gap
             # to the last actual release stops a late timer from being "caught up" as a burst.
             return max(t, self._grid, self._last_release + spacing / 2)
-        usable = self._period - self._lead - self._tail
-        spacing = usable / n
-        t = max(t, self._last_release + spacing / 2)
+        spacing = self._spacing(n)
+        t = max(t, self._last_release + spacing * _CATCH_UP_GAP)
         for _ in range(4):  # at most a couple of hops: the next window is always free
             k, start = self._window_bounds(t)
             zone_start, zone_end = start + self._lead, start + self._period - self._tail
             if k == self._window:
-                # Slots count from the window's first release (not its start), so a run that begins
-                # mid-window is evenly spaced too, and a late timer is not carried into later slots.
                 count, slot = self._count, max(t, self._anchor + self._count * spacing)
             else:
                 count, slot = 0, max(t, zone_start)
@@ -265,8 +322,26 @@ class RateMeter:
             t = max(t, start + self._period + self._lead)
         return t
 
-    def release(self, now: float) -> None:
-        """Count one request released at ``now``."""
+    def _nominal_spacing(self) -> float:
+        n = self._n()
+        return self._spacing(n) if self._aligned else (self._period + self._tail) / n
+
+    def _spacing(self, n: int) -> float:
+        """Nominal gap between the aligned slots of one window: the N slots fill the sending zone but its
+        last ``_SLACK`` share, which takes up lateness (see :mod:`sync.budget`)."""
+        return (self._period - self._lead - self._tail) * (1 - _SLACK) / n
+
+    def release(self, now: float, *, waited: bool = True, due: float | None = None) -> None:
+        """Count one request released at ``now``. ``waited=False``: it went straight through (nothing waited
+        for this budget), which marks the periods since its slot was free as starved when that was long ago;
+        ``due``: when the timer that released it was due, which marks the periods since then as stalled when
+        that was long ago."""
+        if self._ceiling is not None and self._rate is not None:
+            if not waited:
+                self._note_starved(now)
+            elif due is not None and now - due > self._nominal_spacing():
+                first, last = self._window_bounds(due)[0], self._window_bounds(now)[0]
+                self._stalled.update(range(first, last + 1))
         self._released += 1
         self._last_release = now
         self._history.append(now)
@@ -276,10 +351,20 @@ class RateMeter:
                 self._history.popleft()
             return
         n = self._n()
+        if self._ceiling is not None:
+            w = self._window_bounds(now)[0]
+            self._per_window[w] = self._per_window.get(w, 0) + 1
         if self._aligned:
-            k, _ = self._window_bounds(now)
+            k, start = self._window_bounds(now)
             if k != self._window:
-                self._window, self._count, self._anchor = k, 0, now
+                # A window right after a busy one keeps its slots where the window puts them (from the
+                # start of its sending zone): a late first release (a late timer, a stalled loop) is then
+                # caught up instead of shifting every later slot towards the window's end. After an idle
+                # window (the run's start, a pause) the slots count from the first release, so a run that
+                # begins mid-window is evenly spaced, not crammed into what is left of the window.
+                busy = self._window == k - 1
+                self._anchor = min(now, start + self._lead) if busy else now
+                self._window, self._count = k, 0
             self._count += 1
         else:
             spacing = (self._period + self._tail) / n
@@ -289,6 +374,14 @@ class RateMeter:
             self._grid = base + spacing
         while len(self._history) > n:
             self._history.popleft()
+
+    def _note_starved(self, now: float) -> None:
+        if not math.isfinite(self._last_release):
+            return  # the run's first request: nothing was waited for before it
+        free_since = self.earliest(self._last_release)
+        if now - free_since > self._nominal_spacing():
+            first, last = self._window_bounds(free_since)[0], self._window_bounds(now)[0]
+            self._starved.update(range(first, last + 1))
 
     # -- learning from answers ---------------------------------------------------------------------------
 
@@ -335,15 +428,14 @@ class RateMeter:
 
     def observe(self, latency: float) -> None:
         """One release-to-answer time: the learned margin before a window's end follows their p99."""
-        if not self._learn or not math.isfinite(latency) or latency < 0:
+        if self._learn and self._learner.observe(latency):
+            self.follow_learner()
+
+    def follow_learner(self) -> None:
+        """Take the margin from the learner's p99 (when this meter learns its margin and the p99 is known)."""
+        p99 = self._learner.p99
+        if not self._learn or p99 is None:
             return
-        self._samples.append(latency)
-        self._since_learned += 1
-        if len(self._samples) < _MARGIN_MIN_SAMPLES or self._since_learned < _MARGIN_EVERY:
-            return
-        self._since_learned = 0
-        ordered = sorted(self._samples)
-        p99 = ordered[min(len(ordered) - 1, math.ceil(0.99 * len(ordered)) - 1)]
         # Release-to-answer is the round trip plus the server's time: an upper bound of release-to-arrival,
         # which is what must fit before the window's end. A little on top for timer lateness.
         self._tail = min(self._max_margin, max(MIN_MARGIN, p99 + 0.005))

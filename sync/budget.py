@@ -14,9 +14,19 @@ instant, so it is counted in the same window everywhere. Design (figures in ``do
   budget, in the job file) selects N per ``T + margin`` instead, for servers that count sliding windows.
 * **A hard sliding-window cap** of N per ``T`` over actual release times, so no timer lateness or rate change
   can ever let N+1 out in one period.
+* **Room for lateness**: the cap holds each slot of a window at or after the same slot of the window before
+  plus T, so a slot released late (a late timer, a loop stalled by a CPU-bound neighbour) stays late in the
+  windows after it. The N nominal slots therefore fill only the first 80 % of a window's sending zone; the
+  rest takes up that drift. Slots of a window that follows a busy one are placed from the zone's start (a
+  late first release does not shift all the others), slots missed by a stalled loop are caught up at most
+  twice as fast as nominal (at least half a spacing apart: never a burst), and after an idle window the slots
+  count from the first release (a run that begins mid-window is not crammed into what is left of it).
 * **Margin learned from latency**: unless the job fixes it (``margin:``), the margin before a window's end
   starts at ``min(0.2 T, 1 s)`` and then follows the p99 of the release-to-answer times observed, within
   ``[10 ms, min(0.3 T, 2 s)]``: a fast network gives more of each window to sending, a slow one more margin.
+  In a pool the p99 is over every endpoint's answers (one server, one network), and every budget and group
+  of the pool uses it: a group never keeps a slot near a window's end that its endpoints' own budgets, still
+  at a wider margin, would refuse.
 * **Adaptation that does not collapse on one 429**: every 429 pauses the budget (``Retry-After``, guarded;
   else until the window resets) — a 429 on any endpoint of a group pauses the group. The rate is lowered by
   30 % only after a window in which more than 10 % of the answers were 429s, and raised by 10 % after two
@@ -40,16 +50,18 @@ import asyncio
 import math
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from types import TracebackType
 from typing import Protocol
 
-from sync._rate_meter import MIN_MARGIN, BudgetStats, RateMeter
+from sync._rate_meter import MIN_MARGIN, BudgetStats, LatencyLearner, RateMeter
 from sync.config import BudgetGroupSpec, DispatchSettings, RateBudgetSpec
 
 __all__ = [
     "MIN_MARGIN",
     "Budget",
     "BudgetClosedError",
+    "BudgetGroupStats",
     "BudgetPool",
     "BudgetStats",
     "Clock",
@@ -161,7 +173,7 @@ class _Scheduler:
         # Straight through only when nobody waits: a waiting attempt of another lane comes first (fairness).
         if not any(other.waiters for other in self._lanes) and lane.earliest(now) <= now + _EPS:
             for meter in lane.meters:
-                meter.release(now)
+                meter.release(now, waited=False)
             return
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         lane.waiters.append(fut)
@@ -181,8 +193,9 @@ class _Scheduler:
                 fut.set_exception(BudgetClosedError("rate budget closed"))
         self.schedule()
 
-    def schedule(self) -> None:
-        """Release every waiter that is due now (round robin between lanes), and set one timer for the next."""
+    def schedule(self, due: float | None = None) -> None:
+        """Release every waiter that is due now (round robin between lanes), and set one timer for the next.
+        ``due``: when the timer that calls this was due (its lateness is told to the meters)."""
         clock = self._clock
         lanes = self._lanes
         while True:
@@ -199,7 +212,7 @@ class _Scheduler:
                 when = lane.earliest(now)
                 if when <= now + _EPS:
                     for meter in lane.meters:
-                        meter.release(now)
+                        meter.release(now, due=due)
                     lane.waiters.popleft().set_result(None)
                     self._next = (index + 1) % len(lanes)
                     released = True
@@ -218,9 +231,10 @@ class _Scheduler:
             self._timer_at = soonest
 
     def _on_timer(self) -> None:
+        due = self._timer_at
         self._timer = None
         self._timer_at = math.inf
-        self.schedule()
+        self.schedule(due)
 
 
 class RateBudget(RateMeter):
@@ -305,13 +319,31 @@ class RateBudget(RateMeter):
         return self._lane is not None and self._lane.closed
 
 
+@dataclass(frozen=True, slots=True)
+class BudgetGroupStats:
+    """One budget group's counters at the end of a run, for the summary."""
+
+    name: str
+    endpoints: tuple[str, ...]
+    """The endpoints of this run that the group held (in order of first use)."""
+    requests: int
+    """The group's budget: N per ``period`` seconds."""
+    period: float
+    stats: BudgetStats
+
+
 class EndpointBudget:
     """One endpoint's budget in a :class:`BudgetPool`: its own meter and the groups holding it."""
 
-    __slots__ = ("_lane", "_sched", "endpoint", "groups", "meter")
+    __slots__ = ("_lane", "_learn", "_sched", "endpoint", "groups", "meter")
 
     def __init__(
-        self, endpoint: str, meter: RateMeter | None, groups: tuple[RateMeter, ...], sched: _Scheduler
+        self,
+        endpoint: str,
+        meter: RateMeter | None,
+        groups: tuple[RateMeter, ...],
+        sched: _Scheduler,
+        learn: Callable[[float], None] | None = None,
     ) -> None:
         self.endpoint = endpoint
         self.meter = meter
@@ -320,6 +352,7 @@ class EndpointBudget:
         """The groups holding the endpoint."""
         self._sched = sched
         self._lane = sched.add(endpoint, (*((meter,) if meter is not None else ()), *groups))
+        self._learn = learn  # the pool's shared latency learner; None: each meter learns on its own
 
     async def acquire(self) -> None:
         """Wait for a slot of the endpoint's budget and of every group holding it, taken at the same instant."""
@@ -340,7 +373,10 @@ class EndpointBudget:
             m.on_success(remaining, reset_after)
 
     def observe(self, latency: float) -> None:
-        """A release-to-answer time, for each meter's learned margin."""
+        """A release-to-answer time, for the learned margins (the pool's, shared by all its meters)."""
+        if self._learn is not None:
+            self._learn(latency)
+            return
         for m in self._lane.meters:
             m.observe(latency)
 
@@ -350,7 +386,16 @@ class BudgetPool:
     groups shared by several endpoints, released by one scheduler (see the module docstring). Made inside the
     running loop unless a ``clock`` is given."""
 
-    __slots__ = ("_budgets", "_endpoints", "_group_specs", "_groups", "_max_pause", "_sched", "_wall_offset")
+    __slots__ = (
+        "_budgets",
+        "_endpoints",
+        "_group_specs",
+        "_groups",
+        "_learner",
+        "_max_pause",
+        "_sched",
+        "_wall_offset",
+    )
 
     def __init__(
         self,
@@ -366,8 +411,12 @@ class BudgetPool:
         self._max_pause = max_pause
         self._wall_offset = wall_offset
         self._sched = _Scheduler(clock if clock is not None else asyncio.get_running_loop())
+        # One learned margin for the whole pool (same server, same network): see LatencyLearner.
+        self._learner = LatencyLearner()
         self._groups: dict[str, RateMeter] = {
-            g.name: RateMeter(g.budget, name=g.name, max_pause=max_pause, wall_offset=wall_offset)
+            g.name: RateMeter(
+                g.budget, name=g.name, max_pause=max_pause, wall_offset=wall_offset, learner=self._learner
+            )
             for g in self._group_specs
         }
         self._endpoints: dict[str, EndpointBudget] = {}
@@ -388,17 +437,48 @@ class BudgetPool:
             # An endpoint limited only by groups has no budget of its own: a 429 then pauses its groups,
             # and no rate is "discovered" for the endpoint alone.
             meter = (
-                RateMeter(spec, name=endpoint, max_pause=self._max_pause, wall_offset=self._wall_offset)
+                RateMeter(
+                    spec,
+                    name=endpoint,
+                    max_pause=self._max_pause,
+                    wall_offset=self._wall_offset,
+                    learner=self._learner,
+                )
                 if spec is not None or not groups
                 else None
             )
-            found = EndpointBudget(endpoint, meter, groups, self._sched)
+            if meter is not None:
+                meter.follow_learner()  # an endpoint first used late in the run starts from what was learned
+            found = EndpointBudget(endpoint, meter, groups, self._sched, self._observe)
             self._endpoints[endpoint] = found
         return found
+
+    def _observe(self, latency: float) -> None:
+        """A release-to-answer time at any endpoint: every learning meter of the pool follows the new p99."""
+        if self._learner.observe(latency):
+            for meter in self._meters():
+                meter.follow_learner()
+
+    def _meters(self) -> list[RateMeter]:
+        out = list(self._groups.values())
+        out.extend(b.meter for b in self._endpoints.values() if b.meter is not None)
+        return out
 
     def group_stats(self) -> dict[str, BudgetStats]:
         """Counters of every budget group."""
         return {name: meter.stats() for name, meter in self._groups.items()}
+
+    def group_report(self) -> tuple[BudgetGroupStats, ...]:
+        """Every budget group that held an endpoint of this run, with its counters."""
+        out = []
+        for spec in self._group_specs:
+            members = tuple(e for e, b in self._endpoints.items() if self._groups[spec.name] in b.groups)
+            if members:
+                stats = self._groups[spec.name].stats()
+                out.append(
+                    BudgetGroupStats(spec.name, members, spec.budget.requests, spec.budget.period, stats)
+                )
+        return tuple(out)
 
     def close(self) -> None:
         """Close every endpoint's budget."""

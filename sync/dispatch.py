@@ -217,10 +217,16 @@ class Dispatcher:
                 ep.stats.budget_requests = int(meter.ceiling) if meter.ceiling else None
                 ep.stats.budget_period = meter.period if meter.ceiling else None
                 ep.stats.discovered_rate = meter.rate if meter.ceiling is None else None
+                budget_stats = meter.stats()
+                ep.stats.starved_windows = budget_stats.starved_windows
+                ep.stats.stalled_windows = budget_stats.stalled_windows
             self._log.debug("endpoint.done", endpoint=name, requests=ep.stats.requests)
-        if self._sender.pool is not None:
-            for name, stats in self._sender.pool.group_stats().items():
-                self._log.debug("budget_group.done", group=name, released=stats.released, rate=stats.rate)
+        groups = self._sender.pool.group_report() if self._sender.pool is not None else ()
+        for budget_group in groups:
+            stats = budget_group.stats
+            self._log.debug(
+                "budget_group.done", group=budget_group.name, released=stats.released, rate=stats.rate
+            )
         return DispatchReport(
             outcome=outcome,
             endpoints=self.endpoint_stats(),
@@ -228,6 +234,7 @@ class Dispatcher:
             batches_done=self._sender.done,
             batches_unfinished=self._queued - self._sender.done,
             fatal=self._sender.fatal,
+            groups=groups,
         )
 
     async def _run_phases(self, source: LaneSource, executor: ThreadPoolExecutor) -> None:

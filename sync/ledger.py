@@ -9,11 +9,19 @@ ledger near a thousand batches a second; small transactions keep it well above 3
 the writes of the last flush interval; those batches read as *planned* or *sent* and resume sends them again.
 
 The ledger runs in the event-loop thread: each commit is short (no fsync with ``synchronous=NORMAL`` in WAL
-mode) and keeping it there means results are ordered exactly as the dispatcher saw them.
+mode) and keeping it there means results are ordered exactly as the dispatcher saw them. A commit runs the queued
+writes as ``executemany`` over each run of one statement, so a batch costs its four rows, not four Python calls
+into SQLite.
+
+A batch's external IDs are kept as one packed blob (:func:`pack_ids`: the IDs joined by line breaks, UTF-8, LZ4),
+written with the planned row: a third of the JSON list of schema 4, in a quarter of its CPU, with no per-ID Python
+work.
+Only the IDs the platform refused get a row of their own (``batch_ids``, with the input row they came from).
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import secrets
 import sqlite3
@@ -22,6 +30,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from operator import itemgetter
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -32,12 +41,70 @@ from sync.row_keys import SCHEME as ROW_KEY_SCHEME
 if TYPE_CHECKING:  # type only: the ledger does not import the platform layer at run time
     from sync.platforms.meiro.poller import ExportWait
 
-__all__ = ["SCHEMA_VERSION", "AttemptRow", "BatchRow", "Ledger", "RunInfo", "new_run_id"]
+__all__ = [
+    "SCHEMA_VERSION",
+    "AttemptRow",
+    "BatchRow",
+    "Ledger",
+    "RunInfo",
+    "new_run_id",
+    "pack_ids",
+    "unpack_ids",
+]
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 """1: runs, batches, batch_ids, rejected_rows. 2: + attempts (one row per HTTP request). 3: + runs.full_refresh
-(a resume honours the run's full refresh). 4: + batch_rows (the row keys of non-idempotent batches). Older ledgers
-are upgraded in place."""
+(a resume honours the run's full refresh). 4: + batch_rows (the row keys of non-idempotent batches). 5:
+``batches.ext_ids`` holds the packed IDs (:func:`pack_ids`) instead of a JSON array. Older ledgers are upgraded
+in place (version 4's JSON lists are packed once, when the ledger is first opened for writing)."""
+
+_LINES = b"\x01"
+"""Packed-IDs tag: the IDs joined by ``\\n``, UTF-8 (no ID holds a line break: validation refuses controls)."""
+_JSON = b"\x02"
+"""Packed-IDs tag: a JSON array, for what the line form cannot hold (no IDs, an ID with a line break)."""
+_LZ4_LINES = b"\x03"
+"""Packed-IDs tag: the line form, LZ4-compressed (an LZ4 frame after the 4-byte little-endian raw length)."""
+_COMPRESS_FROM = 512
+"""Line forms from this many bytes are compressed. LZ4 (pyarrow's) takes 1000 IDs to a third of their size in
+about 20 µs, less than SQLite spends writing the bytes it saves; zlib took 5× longer than it saved."""
+
+
+def pack_ids(ext_ids: Sequence[str]) -> bytes:
+    """A batch's external IDs as the ledger keeps them: one blob, read back by :func:`unpack_ids`.
+
+    Joined by line breaks in C (no per-ID Python work); a JSON array when an ID holds a line break (the count of
+    separators tells) or there are none."""
+    joined = "\n".join(ext_ids)
+    if not ext_ids or joined.count("\n") != len(ext_ids) - 1:
+        return _JSON + json.dumps(list(ext_ids)).encode("ascii")
+    raw = joined.encode("utf-8", "surrogatepass")
+    if len(raw) < _COMPRESS_FROM:
+        return _LINES + raw
+    import pyarrow as pa  # already loaded by polars in a run; a ledger reader that never packs does not need it
+
+    return _LZ4_LINES + len(raw).to_bytes(4, "little") + pa.compress(raw, codec="lz4", asbytes=True)
+
+
+def unpack_ids(packed: bytes | str | None) -> list[str]:
+    """The IDs :func:`pack_ids` packed; also reads schema 4's JSON text (a ledger opened read-only is not
+    upgraded) and None (no IDs)."""
+    if packed is None:
+        return []
+    if isinstance(packed, str):  # schema 4 and older: a JSON array
+        return [str(x) for x in json.loads(packed)]
+    tag, body = packed[:1], packed[1:]
+    if tag == _LZ4_LINES:
+        import pyarrow as pa
+
+        size = int.from_bytes(body[:4], "little")
+        body = pa.decompress(body[4:], size, codec="lz4", asbytes=True)
+        tag = _LINES
+    if tag == _LINES:
+        return body.decode("utf-8", "surrogatepass").split("\n")
+    if tag == _JSON:
+        return [str(x) for x in json.loads(body)]
+    raise StateError(f"unknown packed-IDs format {tag!r} in the ledger")
+
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL);
@@ -61,7 +128,7 @@ CREATE TABLE IF NOT EXISTS batches (
     operation   TEXT NOT NULL,
     phase       INTEGER NOT NULL,
     n_ids       INTEGER NOT NULL,
-    ext_ids     TEXT NOT NULL,          -- JSON array of the external IDs the batch touches
+    ext_ids     BLOB NOT NULL,          -- the external IDs the batch touches, packed (sync.ledger.pack_ids)
     status      TEXT NOT NULL,          -- planned | sent | ok | rejected | failed
     attempts    INTEGER NOT NULL DEFAULT 0,
     http_status INTEGER,
@@ -163,6 +230,24 @@ _INSERT_EXPORT_WAIT = (
 _INSERT_REJECTED_ROW = (
     "INSERT INTO rejected_rows (run_id, path, row, column_name, reason, ext_id) VALUES (?, ?, ?, ?, ?, ?)"
 )
+_INSERT_RUN = (
+    "INSERT INTO runs (run_id, job, job_path, platform, started_at, status, full_refresh) "
+    "VALUES (?, ?, ?, ?, ?, 'running', ?)"
+)
+_FLUSH_ORDER = {
+    sql: rank
+    for rank, sql in enumerate(
+        (_INSERT_RUN, _INSERT_PLANNED, _INSERT_ROW_KEYS, _UPDATE_SENT, _INSERT_ATTEMPT, _UPDATE_RESULT)
+    )
+}
+"""Where a flush puts each kind of write: a run before its batches, a batch's planned row before its sent mark,
+its attempts and its result (one batch's writes are always queued in that order, so sorting the queued writes
+by kind keeps every batch's order). Any other write (refused IDs, rejected rows, a run's end) comes after these,
+in the order it was queued."""
+
+
+def _rank(write: tuple[str, Sequence[Any]]) -> int:
+    return _FLUSH_ORDER.get(write[0], len(_FLUSH_ORDER))
 
 
 def new_run_id(now: float | None = None) -> str:
@@ -259,12 +344,7 @@ class Ledger:
                     f"{path}: ledger schema {row[0]} is newer than this pushsync ({SCHEMA_VERSION})"
                 )
             elif row[0] < SCHEMA_VERSION:
-                # Versions 1 and 2 lack runs.full_refresh (a development ledger of version 3 may too: it is looked up,
-                # not assumed); the other changes only added tables (created above).
-                columns = {r[1] for r in conn.execute("PRAGMA table_info(runs)")}
-                if "full_refresh" not in columns:
-                    conn.execute("ALTER TABLE runs ADD COLUMN full_refresh INTEGER NOT NULL DEFAULT 0")
-                conn.execute("UPDATE schema_version SET version = ?", (SCHEMA_VERSION,))
+                _upgrade(conn)
         except sqlite3.DatabaseError as exc:
             raise StateError(f"{path}: cannot open the ledger: {exc}") from exc
         return cls(conn, path, flush_every=flush_every, flush_interval=flush_interval)
@@ -295,8 +375,11 @@ class Ledger:
         pending, self._pending = self._pending, []
         try:
             with self._transaction() as cur:
-                for sql, params in pending:
-                    cur.execute(sql, params)
+                # One executemany per statement: the writes are put in the order of a batch's state machine
+                # (stable, so each kind keeps its own order), then each run of one statement goes in one call.
+                pending.sort(key=_rank)
+                for sql, group in itertools.groupby(pending, key=itemgetter(0)):
+                    cur.executemany(sql, [params for _sql, params in group])
         except sqlite3.DatabaseError as exc:
             raise StateError(f"{self.path}: cannot write the ledger: {exc}") from exc
         self.writes += len(pending)
@@ -330,8 +413,7 @@ class Ledger:
         """Record a new run (committed at once: ``pushsync runs`` shows it while it runs); ``full_refresh`` is
         kept so that resuming the run, should it not finish, does a full refresh too."""
         self._queue(
-            "INSERT INTO runs (run_id, job, job_path, platform, started_at, status, full_refresh) "
-            "VALUES (?, ?, ?, ?, ?, 'running', ?)",
+            _INSERT_RUN,
             (run_id, job, job_path, platform, time.time(), int(full_refresh)),
         )
         self.flush()
@@ -363,7 +445,7 @@ class Ledger:
                 str(batch.operation),
                 int(batch.phase),
                 len(batch.ext_ids),
-                json.dumps(batch.ext_ids),
+                pack_ids(batch.ext_ids),
                 time.time(),
             ),
         )
@@ -623,7 +705,8 @@ class Ledger:
         rows = cur.fetchall()
         frame = pl.DataFrame({n: [r[i] for r in rows] for i, n in enumerate(names)}, strict=False)
         if table == "batches":
-            frame = frame.with_columns(pl.col("ext_ids").str.json_decode(pl.List(pl.String)))
+            ids = [unpack_ids(r[names.index("ext_ids")]) for r in rows]
+            frame = frame.with_columns(pl.Series("ext_ids", ids, dtype=pl.List(pl.String)))
             if fmt == "csv":  # CSV has no list type: one space-separated cell
                 frame = frame.with_columns(pl.col("ext_ids").list.join(" "))
         out = Path(out)
@@ -633,3 +716,23 @@ class Ledger:
         else:
             frame.write_csv(out)
         return frame.height
+
+
+def _upgrade(conn: sqlite3.Connection) -> None:
+    """Bring a ledger of an older schema to :data:`SCHEMA_VERSION`, in one transaction (a failure leaves it as it
+    was). Versions 1 and 2 lack ``runs.full_refresh`` (a development ledger of version 3 may too: it is looked
+    up, not assumed); versions up to 4 hold each batch's IDs as a JSON array, packed here once. The other
+    changes only added tables (created before this runs)."""
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        columns = {r[1] for r in conn.execute("PRAGMA table_info(runs)")}
+        if "full_refresh" not in columns:
+            conn.execute("ALTER TABLE runs ADD COLUMN full_refresh INTEGER NOT NULL DEFAULT 0")
+        # SQLite keeps a blob as a blob in a column declared TEXT, so the packed IDs go in place.
+        conn.create_function("pushsync_pack_ids", 1, lambda text: pack_ids(unpack_ids(text)))
+        conn.execute("UPDATE batches SET ext_ids = pushsync_pack_ids(ext_ids) WHERE typeof(ext_ids) = 'text'")
+        conn.execute("UPDATE schema_version SET version = ?", (SCHEMA_VERSION,))
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+    conn.execute("COMMIT")

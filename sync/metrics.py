@@ -43,6 +43,7 @@ from collections import deque
 from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 from wsgiref.simple_server import WSGIServer
 
 from prometheus_client import (
@@ -182,6 +183,9 @@ class RunMetrics:
         wall_clock: Callable[[], float] = time.time,
     ) -> None:
         self._job = job  # the job label of every series
+        self.instance: str | None = None
+        """Set by a worker of a coordinated run (docs/scaling.md): its pushes are grouped by ``instance`` too, so
+        the workers of one job do not overwrite each other's metrics in the Pushgateway."""
         inner = CollectorRegistry()
         self.registry = CollectorRegistry()
         """What is exposed: ``inner``'s families with the ``job`` label (see :class:`_JobLabelled`)."""
@@ -193,6 +197,9 @@ class RunMetrics:
         self._wall: Callable[[], float] = wall_clock  # Unix time for the *_time_seconds gauges
         self._window = _Window(window, clock)
         self._known: set[str] = set()  # endpoints whose current_rate gauge is wired to the window
+        # Labelled children by their labels, looked up once: ``labels()`` builds and checks a key under a lock on
+        # every call, which the hot path pays per attempt and per batch.
+        self._children: dict[tuple[str, ...], Any] = {}
         self._budget_for = budget_for  # an endpoint's budget in requests/s, asked when it is first seen
         r = inner
         self.requests = Counter(
@@ -294,17 +301,24 @@ class RunMetrics:
         self._endpoint(batch.endpoint)
         self.inflight.inc()
 
+    def _child(self, family: Any, *labels: str) -> Any:
+        key = (str(id(family)), *labels)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = family.labels(*labels)
+        return child
+
     def on_attempt(self, attempt: Attempt) -> None:
         ep = attempt.endpoint
         self._endpoint(ep)
         self._window.add(ep)
         status = "none" if attempt.http_status is None else str(attempt.http_status)
-        self.requests.labels(ep, status).inc()
-        self.latency.labels(ep).observe(max(attempt.latency, 0.0))
+        self._child(self.requests, ep, status).inc()
+        self._child(self.latency, ep).observe(max(attempt.latency, 0.0))
         if attempt.outcome is AttemptOutcome.RATE_LIMITED:
-            self.rate_limited.labels(ep).inc()
+            self._child(self.rate_limited, ep).inc()
         if attempt.retry:
-            self.retries.labels(ep).inc()
+            self._child(self.retries, ep).inc()
         self.updated.set(self._wall())
 
     def on_batch_done(self, batch: Batch, result: BatchResult) -> None:
@@ -313,8 +327,10 @@ class RunMetrics:
         rejected = len(result.rejected)
         failed = len(batch.ext_ids) - result.ok_ids - rejected if result.status is BatchStatus.FAILED else 0
         for outcome, n in (("ok", result.ok_ids), ("rejected", rejected), ("failed", failed)):
-            self.ids.labels(ep, outcome).inc(n)  # inc(0) still creates the series: all three always present
-        self.batches.labels(ep, str(result.status)).inc()
+            self._child(self.ids, ep, outcome).inc(
+                n
+            )  # inc(0) still creates the series: all three always present
+        self._child(self.batches, ep, str(result.status)).inc()
         self.updated.set(self._wall())
 
     # -- exposing --------------------------------------------------------------------------------------------
@@ -375,7 +391,13 @@ class RunMetrics:
         from sync.redact import redact
 
         try:
-            pushadd_to_gateway(gateway, job=self._job or "pushsync", registry=self.registry, timeout=10)
+            pushadd_to_gateway(
+                gateway,
+                job=self._job or "pushsync",
+                registry=self.registry,
+                timeout=10,
+                grouping_key={"instance": self.instance} if self.instance else None,
+            )
         except OSError as exc:
             get_logger(job=self._job).warning("metrics.push_failed", error=redact(str(exc)))
 

@@ -6,6 +6,7 @@ them through a :class:`sync.platforms.base.PlatformClient`) and the ledger (whic
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import IntEnum, StrEnum
@@ -23,6 +24,7 @@ __all__ = [
     "RejectedId",
     "RejectedRow",
     "RowRef",
+    "body_json",
 ]
 
 
@@ -83,9 +85,15 @@ class Batch:
     """One request to a platform, ready to serialise.
 
     ``batch_id`` is stable: the same input always gives the same batches with the same IDs (a content hash), which
-    resume and the ledger depend on. ``body`` is the JSON-ready request body. ``ext_ids`` are the unique external
-    IDs the request touches (at most the platform's limit). ``origins`` maps an external ID to the input row that
-    produced its value, so failures can be explained in terms of the user's rows (may be empty). ``after``
+    resume and the ledger depend on. ``body`` is the request body: the encoded ``bytes`` a columnar builder made
+    (canonical JSON for Netmera and NotifyVisitors, sent as they are, never encoded again, and hashed for
+    ``batch_id``; for Forms On Fire the push in the job's body format, JSON or XML elements, which its client
+    sends with the credentials spliced in), or a JSON-ready object (a platform's own test double), which its
+    client encodes; code that needs a JSON body as an object on a cold path (a plan's sample, a split, a trace, a
+    test) reads it with :func:`body_json` (Forms On Fire's XML with ``push_of``). ``ext_ids`` are the unique external IDs the request touches (at most the platform's limit).
+    ``origins`` maps an external ID to the input row that produced its value, so failures can be explained in
+    terms of the user's rows (may be empty; a columnar builder's is lazy — built from the batch's row columns on
+    first read, which only refused IDs cause). ``after``
     orders it behind another batch. ``row_keys``: for a non-idempotent operation planned from input rows, the
     stable keys of the rows it carries (:mod:`sync.row_keys`, 8 bytes each), which the ledger keeps so a resume
     confirms rows, not batches.
@@ -104,6 +112,15 @@ class Batch:
     batch may go in parallel with any other. A predecessor this run does not send (a resume skipped it) is no
     constraint."""
     row_keys: bytes = b""
+
+
+def body_json(batch: Batch) -> Any:
+    """The batch's body as a JSON-ready object: encoded ``bytes`` parsed (a cold path: plan samples, splitting a
+    refused batch, traces, tests), an object body as it is."""
+    body = batch.body
+    if isinstance(body, bytes | bytearray | memoryview):
+        return json.loads(bytes(body))
+    return body
 
 
 class BatchStatus(StrEnum):

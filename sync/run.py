@@ -56,6 +56,7 @@ from sync.state import (
     compute_diff,
     recover,
     rejected_users,
+    snapshot_builder_for,
 )
 from sync.summary import RunInput, RunSummary, summarise
 
@@ -114,6 +115,9 @@ class RunOptions:
     client: PlatformClient | None = None
     budget_factory: Callable[[str], Budget] | None = None
     observers: Sequence[DispatchObserver] = ()
+    database_url: str | None = field(default=None, repr=False)
+    """A PostgreSQL URL: run as one worker of the job's run coordinated there (:mod:`sync.coordination`,
+    docs/scaling.md); None: the embedded SQLite ledger, one process. Never printed (it may hold a password)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -124,7 +128,8 @@ class RunOutcome:
     run_id: str
     exit_code: ExitCode
     summary: RunSummary
-    ledger_path: Path
+    ledger_path: Path | str
+    """The SQLite ledger's path, or ``user@host:port/db`` of a coordination database."""
     mode: str = SyncMode.CHANGES.value
     resumed_from: str | None = None
     replay: ReplayStats | None = None
@@ -287,6 +292,19 @@ async def run(job: Job, options: RunOptions) -> RunOutcome:
     # before sending stops with nothing recorded (exit 4) instead of killing the process mid-way.
     signals = StopSignals(options.stop)
     with signals.installed() if options.handle_signals else contextlib.nullcontext():
+        if options.database_url is not None:
+            # Several workers, one run: the ledger, the queue and the budgets live in PostgreSQL.
+            from sync.coordination import run_coordinated
+
+            worker = await run_coordinated(job, options, options.database_url, signals)
+            return RunOutcome(
+                run_id=worker.run_id,
+                exit_code=worker.exit_code,
+                summary=worker.summary,
+                ledger_path=worker.ledger,
+                resumed_from=worker.resumed_from,
+                replay=worker.replay,
+            )
         # A read-only or full workdir: one clear error before the lock, ledger, plan.
         check_workdir(job.workdir)
         store = StateStore(job.workdir, job.destination)
@@ -348,7 +366,8 @@ async def _run_snapshot(
     origin = options.retry or options.resume
     # Snapshot jobs need no replay list: the state holds only confirmed changes, so once the crashed runs'
     # confirmations are merged, a fresh diff *is* the resume (and the retry).
-    recovered = tuple(recover(store, job.sources, ledger, job.snapshot))
+    builder = snapshot_builder_for(job)  # the platform's snapshot streams make the diff's requests
+    recovered = tuple(recover(store, job.sources, ledger, job.snapshot, builder=builder))
     plan = await asyncio.to_thread(build_plan, job, stop=signals.requested)
     run_id = options.run_id or new_run_id()
     try:
@@ -363,6 +382,7 @@ async def _run_snapshot(
             batch_size=job.batch_sizes,
             rejected=rejected_users(plan.rejects_path, plan.staged),
             stop=signals.requested,
+            builder=builder,
         )
     except BaseException:
         plan.close()
@@ -388,7 +408,14 @@ async def _run_snapshot(
         diff.discard()  # stopped before the run was recorded: nothing was sent, nothing to merge
         raise
     try:
-        committed = await asyncio.to_thread(commit, store, job.sources, diff.directory, ledger, job.snapshot)
+        committed = await asyncio.to_thread(
+            functools.partial(commit, builder=builder),
+            store,
+            job.sources,
+            diff.directory,
+            ledger,
+            job.snapshot,
+        )
     except (PushSyncError, OSError) as exc:
         # Requests went out: never exit 2. The delta stays pending; the next run merges what was confirmed.
         raise RunStoppedError(

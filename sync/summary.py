@@ -4,16 +4,18 @@ budget and p50/p95 latency; the outcome and the exit code. Rendered as text for 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from sync.budget import BudgetGroupStats
 from sync.config import Thresholds
 from sync.dispatch import DispatchOutcome, DispatchReport, EndpointStats
 from sync.errors import ExitCode
 
 __all__ = [
     "EndpointReport",
+    "GroupReport",
     "RunInput",
     "RunSummary",
     "exit_code_for",
@@ -56,12 +58,29 @@ class EndpointReport:
     p95_ms: float | None
     max_per_window: int | None = None
     """The most requests sent in one clock-aligned budget period (configured budgets only)."""
+    budget_bound_rate: float | None = None
+    """Like ``achieved_rate``, over the budget periods in which an attempt always waited for the budget and
+    the event loop released it on time (not those in which the run had nothing to send to this endpoint, nor
+    those of a stalled loop): the rate the budget itself reached."""
 
     @property
     def utilisation(self) -> float | None:
         if self.achieved_rate is None or not self.budget_rate:
             return None
         return self.achieved_rate / self.budget_rate
+
+    windows: int = 0
+    """Busy budget periods other than the first and last (the ones the rates are measured over)."""
+    windows_starved: int = 0
+    """Of those, periods in which the run had nothing to send for a while (not the budget's doing)."""
+    windows_stalled: int = 0
+    """Of those, periods in which a stalled event loop released an attempt late (not the budget's doing)."""
+
+    @property
+    def budget_bound_utilisation(self) -> float | None:
+        if self.budget_bound_rate is None or not self.budget_rate:
+            return None
+        return self.budget_bound_rate / self.budget_rate
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -76,9 +95,121 @@ class EndpointReport:
             "budget": self.budget,
             "budget_rate": _round(self.budget_rate),
             "utilisation": _round(self.utilisation),
+            "budget_bound_utilisation": _round(self.budget_bound_utilisation),
+            "windows": {
+                "measured": self.windows,
+                "starved": self.windows_starved,
+                "stalled": self.windows_stalled,
+            },
             "max_per_window": self.max_per_window,
             "latency_ms": {"p50": _round(self.p50_ms), "p95": _round(self.p95_ms)},
         }
+
+
+@dataclass(frozen=True, slots=True)
+class GroupReport:
+    """One budget group's line of the summary: requests of all its endpoints, 429s, use of its budget."""
+
+    group: str
+    endpoints: tuple[str, ...]
+    requests: int
+    """Attempts released under the group (retries included), every endpoint of it together."""
+    rate_limited: int
+    """429s answered to any endpoint of the group (each paused the whole group)."""
+    budget: str
+    """The group's budget, e.g. ``20/1s``."""
+    budget_rate: float
+    achieved_rate: float | None
+    """Requests per second as the server's windows saw them: the mean over the busy windows without the
+    first and last (partial) ones; the busiest window's when the run fits in one or two."""
+    max_per_window: int | None
+    paused_seconds: float
+    margin_ms: float
+    """The margin kept before each window's end at the end of the run (learned unless the job fixed it)."""
+    budget_bound_rate: float | None = None
+    """Like ``achieved_rate``, over the windows in which an attempt always waited for the group and the event
+    loop released it on time (not those in which the run had nothing to send, nor those of a stalled loop):
+    the rate the budget itself reached."""
+
+    @property
+    def utilisation(self) -> float | None:
+        return None if self.achieved_rate is None else self.achieved_rate / self.budget_rate
+
+    windows: int = 0
+    """Busy budget periods other than the first and last (the ones the rates are measured over)."""
+    windows_starved: int = 0
+    """Of those, periods in which the run had nothing to send for a while (not the budget's doing)."""
+    windows_stalled: int = 0
+    """Of those, periods in which a stalled event loop released an attempt late (not the budget's doing)."""
+
+    @property
+    def budget_bound_utilisation(self) -> float | None:
+        return None if self.budget_bound_rate is None else self.budget_bound_rate / self.budget_rate
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "group": self.group,
+            "endpoints": list(self.endpoints),
+            "requests": self.requests,
+            "rate_limited": self.rate_limited,
+            "budget": self.budget,
+            "budget_rate": _round(self.budget_rate),
+            "achieved_rate": _round(self.achieved_rate),
+            "utilisation": _round(self.utilisation),
+            "budget_bound_utilisation": _round(self.budget_bound_utilisation),
+            "windows": {
+                "measured": self.windows,
+                "starved": self.windows_starved,
+                "stalled": self.windows_stalled,
+            },
+            "max_per_window": self.max_per_window,
+            "paused_seconds": _round(self.paused_seconds),
+            "margin_ms": _round(self.margin_ms, 1),
+        }
+
+
+def _busy_rate(
+    per_window: Mapping[int, int], period: float, leave_out: frozenset[int] = frozenset()
+) -> float | None:
+    """Requests per second over the busy windows without the first and last (partial) ones and those in
+    ``leave_out``; the busiest window's when there are only one or two. None with no window left."""
+    if not per_window:
+        return None
+    busy = sorted(per_window)
+    full = [per_window[w] for w in busy[1:-1] if w not in leave_out]
+    if full:
+        return sum(full) / len(full) / period
+    if len(busy) > 2:
+        return None  # every full window was left out
+    return float(max(per_window.values())) / period
+
+
+def _interior(per_window: Mapping[int, int], windows: frozenset[int]) -> int:
+    """How many of ``windows`` are busy windows other than the first and last."""
+    busy = sorted(per_window)[1:-1]
+    return sum(1 for w in busy if w in windows)
+
+
+def _group_report(group: BudgetGroupStats) -> GroupReport:
+    per_window = group.stats.per_window
+    return GroupReport(
+        group=group.name,
+        endpoints=group.endpoints,
+        requests=group.stats.released,
+        rate_limited=group.stats.rate_limited,
+        budget=f"{group.requests}/{group.period:g}s",
+        budget_rate=group.requests / group.period,
+        achieved_rate=_busy_rate(per_window, group.period),
+        max_per_window=max(per_window.values()) if per_window else None,
+        paused_seconds=group.stats.paused_seconds,
+        margin_ms=group.stats.margin * 1000,
+        budget_bound_rate=_busy_rate(
+            per_window, group.period, group.stats.starved_windows | group.stats.stalled_windows
+        ),
+        windows=max(0, len(per_window) - 2),
+        windows_starved=_interior(per_window, group.stats.starved_windows),
+        windows_stalled=_interior(per_window, group.stats.stalled_windows),
+    )
 
 
 def _round(value: float | None, digits: int = 3) -> float | None:
@@ -135,6 +266,8 @@ class RunSummary:
     """Which of the job's ``thresholds`` decided between exit 0 and 1, and why (None: none was involved)."""
     rows_read: int | None = None
     input: RunInput | None = None
+    groups: tuple[GroupReport, ...] = ()
+    """The budget groups that held an endpoint of the run (``dispatch.budget_groups``, platform defaults)."""
 
     @property
     def requests(self) -> int:
@@ -173,6 +306,7 @@ class RunSummary:
                 "rows_read": self.rows_read,
             },
             "endpoints": [e.to_json() for e in self.endpoints],
+            "budget_groups": [g.to_json() for g in self.groups],
             "ledger": self.ledger,
             "rejects": self.rejects,
             "input": None if self.input is None else self.input.to_json(),
@@ -199,6 +333,19 @@ class RunSummary:
                 f"  {e.endpoint:<24}{e.requests:>9}{e.ids_ok:>10}{e.ids_rejected:>9}{e.ids_failed:>8}"
                 f"{e.rate_limited:>6}{e.retries:>8}{rate:>9}  {(e.budget or '-') + util:<16}"
                 f"{'-' if e.max_per_window is None else e.max_per_window:>8}{_ms(e.p50_ms):>8}{_ms(e.p95_ms):>8}"
+            )
+        if self.groups:
+            lines.append(
+                f"  {'budget group':<24}{'requests':>9}{'429s':>6}{'rate/s':>9}  {'budget':<16}{'max/win':>8}"
+                f"{'margin':>8}  endpoints"
+            )
+        for g in self.groups:
+            rate = "-" if g.achieved_rate is None else f"{g.achieved_rate:.2f}"
+            util = "" if g.utilisation is None else f" ({g.utilisation:.0%})"
+            lines.append(
+                f"  {g.group:<24}{g.requests:>9}{g.rate_limited:>6}{rate:>9}  {g.budget + util:<16}"
+                f"{'-' if g.max_per_window is None else g.max_per_window:>8}{g.margin_ms:>6.0f}ms  "
+                + ", ".join(g.endpoints)
             )
         lines.append(
             f"  total: {self.requests} requests, {self.ids_ok} IDs ok, {self.ids_rejected} rejected by the "
@@ -283,7 +430,7 @@ def threshold_decision(
 
 
 def _endpoint_report(stats: EndpointStats) -> EndpointReport:
-    achieved = budget_rate = None
+    achieved = budget_rate = budget_bound = None
     budget = None
     max_per_window = max(stats.per_window.values()) if stats.per_window else None
     if stats.budget_requests and stats.budget_period:
@@ -293,10 +440,10 @@ def _endpoint_report(stats: EndpointStats) -> EndpointReport:
             # The rate the server's windows saw: the mean over the windows in which this endpoint was busy,
             # without the first and last (partial) ones — between phases an endpoint idles, which is not the
             # budget's doing; a run inside one or two windows is measured by its busiest window.
-            busy = sorted(stats.per_window)
-            full = [stats.per_window[w] for w in busy[1:-1]]
-            per_window = sum(full) / len(full) if full else float(max_per_window or 0)
-            achieved = per_window / stats.budget_period
+            achieved = _busy_rate(stats.per_window, stats.budget_period)
+            budget_bound = _busy_rate(
+                stats.per_window, stats.budget_period, stats.starved_windows | stats.stalled_windows
+            )
     elif stats.discovered_rate is not None:
         budget = f"found {stats.discovered_rate:.3g}/s"
     if (
@@ -324,6 +471,10 @@ def _endpoint_report(stats: EndpointStats) -> EndpointReport:
         p50_ms=None if p50 is None else p50 * 1000,
         p95_ms=None if p95 is None else p95 * 1000,
         max_per_window=max_per_window,
+        budget_bound_rate=budget_bound,
+        windows=max(0, len(stats.per_window) - 2),
+        windows_starved=_interior(stats.per_window, stats.starved_windows),
+        windows_stalled=_interior(stats.per_window, stats.stalled_windows),
     )
 
 
@@ -386,4 +537,5 @@ def summarise(
         threshold=threshold,
         rows_read=rows_read,
         input=input_,
+        groups=tuple(_group_report(g) for g in report.groups),
     )

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from sync._report_data import connect_read_only
+from sync.ledger import unpack_ids
 from sync.redact import redact
 
 __all__ = ["TraceEntry", "trace_id"]
@@ -45,13 +46,26 @@ def trace_id(ledger_path: Path, ext_id: str) -> list[TraceEntry]:
 
 def _trace(conn: sqlite3.Connection, ext_id: str) -> list[TraceEntry]:
     entries: list[TraceEntry] = []
-    # json_each over the batches' ID lists: a full scan, fine for a question asked by a person.
-    for run_id, started, job, endpoint, operation, status, attempts, http, code, message in conn.execute(
+    # Every batch's packed IDs are read and searched: a full scan, fine for a question asked by a person.
+    for (
+        run_id,
+        started,
+        job,
+        endpoint,
+        operation,
+        status,
+        attempts,
+        http,
+        code,
+        message,
+        packed,
+    ) in conn.execute(
         "SELECT b.run_id, r.started_at, r.job, b.endpoint, b.operation, b.status, b.attempts, b.http_status, "
-        "b.code, b.message FROM batches b JOIN runs r ON r.run_id = b.run_id, json_each(b.ext_ids) j "
-        "WHERE j.value = ? ORDER BY r.started_at DESC, b.rowid",
-        (ext_id,),
+        "b.code, b.message, b.ext_ids FROM batches b JOIN runs r ON r.run_id = b.run_id "
+        "ORDER BY r.started_at DESC, b.rowid",
     ):
+        if ext_id not in unpack_ids(packed):
+            continue
         answer = "no answer" if http is None else f"HTTP {http}"
         parts = [f"{attempts} attempt{'s' if attempts != 1 else ''}", answer if attempts else "not sent"]
         if code:

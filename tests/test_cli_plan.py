@@ -84,7 +84,7 @@ def test_plan_text(capsys: pytest.CaptureFixture[str]) -> None:
     ):
         assert endpoint in out
     assert "estimated duration" in out
-    assert 'tagUsers: {"tag": ' in out  # a sample payload
+    assert 'tagUsers: {"extIds": [' in out and '"tag": ' in out  # a sample payload (keys in canonical order)
     assert Path("jobs/.pushsync/example/rejects.csv").is_file()
 
 

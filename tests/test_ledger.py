@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import json
 import sqlite3
 from pathlib import Path
 
 import polars as pl
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from sync.errors import StateError
-from sync.ledger import SCHEMA_VERSION, Ledger, new_run_id
+from sync.ledger import SCHEMA_VERSION, Ledger, new_run_id, pack_ids, unpack_ids
 from sync.records import (
     Attempt,
     AttemptOutcome,
@@ -22,6 +25,7 @@ from sync.records import (
     RejectedRow,
     RowRef,
 )
+from sync.trace import trace_id
 
 
 def _batch(i: int, n_ids: int = 3) -> Batch:
@@ -183,7 +187,7 @@ def test_attempts_are_stored_and_exported_and_a_version_1_ledger_is_upgraded(tmp
         ]
         assert ledger.export("r1", tmp_path / "a.csv", table="attempts", fmt="csv") == 2
         version = ledger._conn.execute("SELECT version FROM schema_version").fetchone()[0]
-    assert version == SCHEMA_VERSION == 4
+    assert version == SCHEMA_VERSION == 5
     assert pl.read_csv(tmp_path / "a.csv")["outcome"].to_list() == ["rate_limited", "ok"]
 
 
@@ -209,3 +213,113 @@ def test_a_version_3_ledger_is_upgraded_to_hold_row_keys_and_full_refresh(tmp_pa
         assert list(ledger.batch_rows(["r1"])) == []
         version = ledger._conn.execute("SELECT version FROM schema_version").fetchone()[0]
     assert version == SCHEMA_VERSION
+
+
+def _v4_ledger(path: Path, batches: list[Batch]) -> None:
+    """A ledger as pushsync wrote it before schema 5: each batch's IDs a JSON array in ``batches.ext_ids``."""
+    with Ledger.open(path) as ledger:
+        ledger.start_run("r1", job="j")
+        for batch in batches:
+            ledger.record_planned("r1", batch)
+            ledger.record_result(
+                "r1", BatchResult(batch.batch_id, "tagUsers", Operation.TAG, BatchStatus.OK, 1, 200)
+            )
+    conn = sqlite3.connect(path)
+    for batch in batches:
+        conn.execute(
+            "UPDATE batches SET ext_ids = ? WHERE batch_id = ?", (json.dumps(batch.ext_ids), batch.batch_id)
+        )
+    conn.execute("UPDATE schema_version SET version = 4")
+    conn.commit()
+    conn.close()
+
+
+def test_a_version_4_ledger_has_its_id_lists_packed_and_still_traces_and_exports(tmp_path: Path) -> None:
+    path = tmp_path / "l.sqlite"
+    batches = [_batch(i) for i in range(3)]
+    _v4_ledger(path, batches)
+    # Read-only readers (trace, the report) meet the JSON form before any upgrade.
+    assert [e.kind for e in trace_id(path, "u1-2")] == ["batch"]
+    with Ledger.open(path) as ledger:
+        kinds = ledger._conn.execute("SELECT DISTINCT typeof(ext_ids) FROM batches").fetchall()
+        version = ledger._conn.execute("SELECT version FROM schema_version").fetchone()[0]
+        assert ledger.export("r1", tmp_path / "b.parquet") == 3
+    assert (kinds, version) == ([("blob",)], SCHEMA_VERSION)
+    assert pl.read_parquet(tmp_path / "b.parquet")["ext_ids"].to_list() == [list(b.ext_ids) for b in batches]
+    assert [(e.kind, e.status) for e in trace_id(path, "u1-2")] == [("batch", "ok")]
+    assert trace_id(path, "u1-") == []  # a whole ID, not a piece of one
+
+
+def test_a_batch_of_1000_ids_is_kept_in_a_fraction_of_its_json(tmp_path: Path) -> None:
+    ids = tuple(f"customer-{i:07d}" for i in range(1000))
+    batch = Batch("b1", "tagUsers", Operation.TAG, b"{}", ids, Phase.CHANGES)
+    with Ledger.open(tmp_path / "l.sqlite") as ledger:
+        ledger.start_run("r1", job="j")
+        ledger.record_planned("r1", batch)
+        ledger.flush()
+        (stored,) = ledger._conn.execute("SELECT ext_ids FROM batches").fetchone()
+    assert isinstance(stored, bytes)
+    assert len(stored) * 3 < len(json.dumps(ids))
+    assert unpack_ids(stored) == list(ids)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.lists(st.text(max_size=12), max_size=40) | st.lists(st.text(max_size=3), min_size=200, max_size=400)
+)
+def test_packed_ids_read_back_exactly(ids: list[str]) -> None:
+    # Line breaks, empty IDs, no IDs, long lists (compressed) and any Unicode: the IDs come back as they went in.
+    assert unpack_ids(pack_ids(tuple(ids))) == ids
+
+
+def test_an_unknown_packed_form_is_a_state_error() -> None:
+    with pytest.raises(StateError, match="packed-IDs format"):
+        unpack_ids(b"\x7fnot ours")
+
+
+def test_one_flush_of_interleaved_writes_lands_every_batch_in_its_final_state(tmp_path: Path) -> None:
+    # A flush groups the queued writes by kind (one executemany each): every batch must still end as its own
+    # writes say, the attempts keep the order they ended in, and refused IDs and the run's end land too.
+    with Ledger.open(tmp_path / "l.sqlite", flush_every=10_000, flush_interval=3600) as ledger:
+        ledger.start_run("r1", job="j")
+        for i in range(4):
+            ledger.record_planned("r1", _batch(i))
+        for i in (2, 0, 3):
+            ledger.record_sent("r1", f"b{i:06d}")
+            for attempt in (1, 2):
+                ledger.record_attempt(
+                    "r1",
+                    Attempt(f"b{i:06d}", "tagUsers", attempt, 3, 0.1, AttemptOutcome.OK, 200),
+                    started_at=float(10 * i + attempt),
+                )
+        refused = RejectedId("u0-1", 5016, "external id not found", RowRef("users.csv", 2))
+        ledger.record_result(
+            "r1",
+            BatchResult(
+                "b000000", "tagUsers", Operation.TAG, BatchStatus.REJECTED, 2, 400, 5016, "x", 2, (refused,)
+            ),
+        )
+        ledger.record_result(
+            "r1", BatchResult("b000002", "tagUsers", Operation.TAG, BatchStatus.OK, 2, 200, ok_ids=3)
+        )
+        ledger.finish_run("r1", status="interrupted", exit_code=4)
+        statuses = {b.batch_id: b.status for b in ledger.batches("r1")}
+        order = [(a.batch_id, a.attempt) for a in ledger.attempts("r1")]
+        refused_ids = ledger.refused_ids("r1")
+        info = ledger.run("r1")
+    assert statuses == {
+        "b000000": BatchStatus.REJECTED,
+        "b000001": BatchStatus.PLANNED,
+        "b000002": BatchStatus.OK,
+        "b000003": BatchStatus.SENT,
+    }
+    assert order == [
+        ("b000002", 1),
+        ("b000002", 2),
+        ("b000000", 1),
+        ("b000000", 2),
+        ("b000003", 1),
+        ("b000003", 2),
+    ]
+    assert refused_ids == [("b000000", "u0-1", "5016", "external id not found")]
+    assert info is not None and info.status == "interrupted"

@@ -24,7 +24,7 @@ _DISTRIBUTION_OF = {
     "adbc_driver_postgresql": "adbc-driver-postgresql",
 }
 _OPTIONAL_EXTRAS = ("postgres", "duckdb")
-"""Extras whose modules sync/ imports only when a job uses them (database sources)."""
+"""Extras whose modules sync/ imports only when a job uses them (database sources, a coordination database)."""
 
 
 def test_schema_is_package_data_and_the_same_file_as_the_top_level_one() -> None:

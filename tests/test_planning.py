@@ -19,7 +19,7 @@ from sync.config import Job, load_job
 from sync.planning import Plan, build_plan, estimate_duration
 from sync.platforms.netmera import MAX_IDS_PER_REQUEST
 from sync.platforms.netmera.requests import ENDPOINT_FOR, batch_id_for, split_batch
-from sync.records import Batch, Operation, Phase, RowRef
+from sync.records import Batch, Operation, Phase, RowRef, body_json
 from sync.validation import canonical_key
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
@@ -54,7 +54,7 @@ def test_every_operation_kind(plan: Plan) -> None:
     assert set(ops) == set(ENDPOINT_FOR)
 
     def items(op: Operation) -> list[dict[str, object]]:
-        return sorted((i for b in ops[op] for i in b.body), key=lambda i: json.dumps(i, sort_keys=True))
+        return sorted((i for b in ops[op] for i in body_json(b)), key=lambda i: json.dumps(i, sort_keys=True))
 
     assert {i["extId"]: i["profile"] for i in items(Operation.SET_ATTRIBUTES)} == {
         "u1": {"name": "Ada", "age": 36, "dateOfBirth": 624326400000, "isMember": True, "city": "Istanbul"},
@@ -70,7 +70,7 @@ def test_every_operation_kind(plan: Plan) -> None:
     categories = {
         (b.phase, i["extId"], i["category"], i["enable"])
         for b in ops[Operation.SET_CATEGORIES]
-        for i in b.body
+        for i in body_json(b)
     }
     assert categories == {
         (Phase.OPT_OUT, "u1", "News", False),
@@ -78,18 +78,21 @@ def test_every_operation_kind(plan: Plan) -> None:
         (Phase.CHANGES, "u1", "Promo", True),
         (Phase.CHANGES, "u2", "News", True),
     }
-    assert [b.body for b in ops[Operation.ENABLE_PUSH]] == [{"extId": "u1"}]
-    assert [b.body for b in ops[Operation.DISABLE_PUSH]] == [{"extId": "u2"}]
-    assert [b.body for b in ops[Operation.ENABLE_EMAIL]] == [{"extIds": ["u1"]}]
-    assert [b.body for b in ops[Operation.DISABLE_EMAIL]] == [{"extIds": ["u2"]}]
-    assert [b.body for b in ops[Operation.ENABLE_SMS]] == [{"extIds": ["u2"]}]
-    assert [b.body for b in ops[Operation.DISABLE_SMS]] == [{"extIds": ["u1"]}]
-    assert sorted(json.dumps(b.body) for b in ops[Operation.UPDATE_EMAIL]) == [
-        json.dumps({"extId": "u1", "email": "ada@example.com"}),
-        json.dumps({"extId": "u2", "email": "alan@example.com"}),
+    assert [body_json(b) for b in ops[Operation.ENABLE_PUSH]] == [{"extId": "u1"}]
+    assert [body_json(b) for b in ops[Operation.DISABLE_PUSH]] == [{"extId": "u2"}]
+    assert [body_json(b) for b in ops[Operation.ENABLE_EMAIL]] == [{"extIds": ["u1"]}]
+    assert [body_json(b) for b in ops[Operation.DISABLE_EMAIL]] == [{"extIds": ["u2"]}]
+    assert [body_json(b) for b in ops[Operation.ENABLE_SMS]] == [{"extIds": ["u2"]}]
+    assert [body_json(b) for b in ops[Operation.DISABLE_SMS]] == [{"extIds": ["u1"]}]
+    assert sorted(json.dumps(body_json(b), sort_keys=True) for b in ops[Operation.UPDATE_EMAIL]) == [
+        json.dumps({"extId": "u1", "email": "ada@example.com"}, sort_keys=True),
+        json.dumps({"extId": "u2", "email": "alan@example.com"}, sort_keys=True),
     ]
-    assert sorted(b.body["msisdn"] for b in ops[Operation.UPDATE_MSISDN]) == ["+905312345601", "905312345602"]
-    tags = {(b.body["tag"], x) for b in ops[Operation.TAG] for x in b.body["extIds"]}
+    assert sorted(body_json(b)["msisdn"] for b in ops[Operation.UPDATE_MSISDN]) == [
+        "+905312345601",
+        "905312345602",
+    ]
+    tags = {(body_json(b)["tag"], x) for b in ops[Operation.TAG] for x in body_json(b)["extIds"]}
     assert tags == {
         ("gold", "u1"),
         ("gold", "u3"),
@@ -98,11 +101,11 @@ def test_every_operation_kind(plan: Plan) -> None:
         ("beta", "u1"),
         ("beta", "u2"),
     }
-    untags = {(b.body["tag"], x) for b in ops[Operation.UNTAG] for x in b.body["extIds"]}
+    untags = {(body_json(b)["tag"], x) for b in ops[Operation.UNTAG] for x in body_json(b)["extIds"]}
     assert untags == {("old", "u2"), ("churn", "u3")}
     # One request per tag and source: tagUsers is grouped by tag.
-    assert all(len({b.body["tag"]}) == 1 for b in ops[Operation.TAG])
-    events = [b.body for b in ops[Operation.FIRE_EVENTS]]
+    assert all(len({body_json(b)["tag"]}) == 1 for b in ops[Operation.TAG])
+    events = [body_json(b) for b in ops[Operation.FIRE_EVENTS]]
     assert events == [
         [
             {"extId": "u1", "name": "purchase", "amount": 2.5, "sku": "B-2"},
@@ -110,7 +113,7 @@ def test_every_operation_kind(plan: Plan) -> None:
             {"extId": "u2", "name": "refund", "amount": 10},  # events keep their file order per user
         ]
     ]
-    assert [b.body for b in ops[Operation.DELETE_USERS]] == [{"extIds": _canonical(["u9", "u8"])}]
+    assert [body_json(b) for b in ops[Operation.DELETE_USERS]] == [{"extIds": _canonical(["u9", "u8"])}]
 
 
 def test_phases_opt_outs_first_deletions_last(plan: Plan) -> None:
@@ -121,7 +124,7 @@ def test_phases_opt_outs_first_deletions_last(plan: Plan) -> None:
         assert b.phase is (
             Phase.OPT_OUT
             if b.endpoint in {"disablePush", "disableMail", "disableSms"}
-            or (b.endpoint == "setCategoryPreferences" and not any(i["enable"] for i in b.body))
+            or (b.endpoint == "setCategoryPreferences" and not any(i["enable"] for i in body_json(b)))
             else Phase.DELETIONS
             if b.endpoint == "deleteUsersPermanently"
             else Phase.CHANGES
@@ -242,10 +245,10 @@ def test_batches_hold_at_most_1000_unique_ids_grouped_by_tag(tmp_path: Path) -> 
         sizes = [len(b.ext_ids) for b in ops[Operation.SET_ATTRIBUTES]]
         assert sizes == [1000] * 7
         for b in ops[Operation.TAG]:
-            assert len(b.ext_ids) <= MAX_IDS_PER_REQUEST and len(set(b.body["extIds"])) == len(
-                b.body["extIds"]
+            assert len(b.ext_ids) <= MAX_IDS_PER_REQUEST and len(set(body_json(b)["extIds"])) == len(
+                body_json(b)["extIds"]
             )
-        per_tag = Counter(b.body["tag"] for b in ops[Operation.TAG])
+        per_tag = Counter(body_json(b)["tag"] for b in ops[Operation.TAG])
         assert per_tag == {"t0": 3, "t1": 3, "t2": 3}  # 2334/2333/2333 users: ceil(n/1000) each
         assert sum(len(b.ext_ids) for b in ops[Operation.ENABLE_EMAIL]) == 3500
         assert len(ops[Operation.ENABLE_PUSH]) == 1400  # one user per request
@@ -268,14 +271,14 @@ def test_determinism_across_runs_formats_row_order_and_buckets(tmp_path: Path) -
     with build_plan(csv_job) as first:
         reference = _fingerprint(first)
         assert _fingerprint(first) == reference  # batches() starts over
-        bodies = [b.body for b in first.batches()]
+        bodies = [body_json(b) for b in first.batches()]
     with build_plan(csv_job) as again:
         assert _fingerprint(again) == reference
     with build_plan(_big_job(tmp_path, _users_csv(tmp_path / "b.parquet", n))) as parquet:
         assert _fingerprint(parquet) == reference
     with build_plan(_big_job(tmp_path, _users_csv(tmp_path / "c.csv", n, shuffle=True))) as shuffled:
         assert _fingerprint(shuffled) == reference
-        assert [b.body for b in shuffled.batches()] == bodies
+        assert [body_json(b) for b in shuffled.batches()] == bodies
     # Many small hash buckets instead of one: same batches (the order depends on the IDs only).
     with build_plan(csv_job, rows_per_bucket=50) as bucketed:
         assert len(bucketed.staged[0].parts) > 8

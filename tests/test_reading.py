@@ -11,7 +11,7 @@ from sync.config import Job, load_job
 from sync.errors import BadInputError
 from sync.planning import build_plan
 from sync.reading import ROW, check_sources, expand_paths, iter_chunks
-from sync.records import Operation, RejectedRow
+from sync.records import Operation, RejectedRow, body_json
 
 JOB = """
 name: t
@@ -57,7 +57,7 @@ def _plan_rejects(job: Job) -> tuple[dict[int, RejectedRow], list[dict[str, obje
         rejects = {r.row: r for r in plan.rejected_rows()}
         assert plan.rejected_count == len(rejects)
         attrs = [b for b in plan.batches() if b.operation is Operation.SET_ATTRIBUTES]
-        items = [item for b in attrs for item in b.body]
+        items = [item for b in attrs for item in body_json(b)]
     return rejects, items
 
 
@@ -137,7 +137,7 @@ def test_duplicate_ids_last_row_wins(tmp_path: Path) -> None:
             i["extId"]: i["profile"]
             for b in plan.batches()
             if b.endpoint == "setProfileAttributes"
-            for i in b.body
+            for i in body_json(b)
         }
     assert items == {"a": {"n": 3}, "b": {"n": 5}}
     # Conflicting earlier rows of "a" are reported; the identical duplicate of "b" is dropped quietly.

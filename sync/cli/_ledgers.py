@@ -3,11 +3,15 @@
 
 from __future__ import annotations
 
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 from sync.errors import StateError
 
-__all__ = ["find_run", "ledger_paths"]
+__all__ = ["add_database_url", "database_url", "find_run", "ledger_paths", "local_copy"]
 
 
 def ledger_paths(job: Path | None, workdir: Path | None, ledger: Path | None = None) -> list[Path]:
@@ -48,3 +52,44 @@ def find_run(run_id: str, paths: list[Path]) -> tuple[Path, str]:
         return best[1], best[2]
     what = "no run recorded" if run_id == "latest" else f"no run {run_id} found"
     raise StateError(f"{what} (give --job JOB or --workdir DIR)")
+
+
+def add_database_url(parser: Any) -> None:
+    """``--database-url URL``: the coordination database (docs/scaling.md)."""
+    parser.add_argument(
+        "--database-url",
+        metavar="URL",
+        help="a PostgreSQL coordination database: several workers, one run (default: $PUSHSYNC_DATABASE_URL, "
+        "or the job's coordination.database; prefer those: a command line is visible to other users)",
+    )
+
+
+def database_url(args: Any, job: Any = None) -> str | None:
+    """The coordination database URL for these arguments (None: the SQLite ledgers). ``job``: a loaded job or a
+    job file path, whose ``coordination.database`` counts when no flag is given."""
+    from sync.coordination import resolve_database_url
+
+    if isinstance(job, Path):
+        from sync.config import load_job
+
+        job = load_job(job)
+    return resolve_database_url(job, getattr(args, "database_url", None))
+
+
+@contextmanager
+def local_copy(url: str, run_id: str) -> Iterator[tuple[Path, str]]:
+    """(a temporary SQLite ledger holding ``run_id`` — ``latest``: the newest run — and its job's other runs,
+    run ID) copied from the coordination database, for the tools that read SQLite (report, ledger-export)."""
+    from sync.coordination import open_ledger
+
+    with open_ledger(url) as ledger, tempfile.TemporaryDirectory(prefix="pushsync-ledger-") as tmp:
+        if run_id == "latest":
+            runs = ledger.runs()
+            if not runs:
+                raise StateError(f"no run recorded in {ledger.path}")
+            run_id = runs[0].run_id
+        info = ledger.run(run_id)
+        if info is None:
+            raise StateError(f"no run {run_id} in {ledger.path}")
+        path = ledger.copy_to_sqlite(Path(tmp) / "ledger.sqlite", job=info.job)
+        yield path, run_id

@@ -235,6 +235,7 @@ def _plan(args: argparse.Namespace) -> int:
                 if staged.source.sql is not None:
                     doc["sources"][staged.source.name]["database"] = staged.files[0]
             doc["rejected_sample"] = _rejects_sample(plan)
+            doc["budget_groups"] = _group_estimates(job, summary)
             if diff is not None:
                 doc["mode"] = "snapshot"
                 doc["diff"] = diff.to_json()
@@ -310,6 +311,27 @@ def _duration(seconds: float) -> str:
     return f"{hours} h {minutes:02d} min" if hours else f"{minutes} min {secs:02d} s"
 
 
+def _group_estimates(job: Job, summary: PlanSummary) -> list[dict[str, Any]]:
+    """Each budget group holding an endpoint of the plan: its requests (all its endpoints together) and the
+    least time its budget allows for them (the estimate above already counts it)."""
+    out = []
+    for group in job.dispatch.budget_groups:
+        held = [e for e in summary.endpoints if group.holds(e.endpoint)]
+        if not held:
+            continue
+        requests = sum(e.requests for e in held)
+        out.append(
+            {
+                "group": group.name,
+                "budget": f"{group.budget.requests}/{group.budget.period:g}s",
+                "endpoints": sorted({e.endpoint for e in held}),
+                "requests": requests,
+                "estimated_seconds": round(requests * group.budget.interval, 3),
+            }
+        )
+    return out
+
+
 def _print_plan(job: Job, plan: Plan, summary: PlanSummary, out: TextIO) -> None:
     print(f"Plan for job {job.name!r} -> {summary.platform} {summary.base_url} (nothing was sent)", file=out)
     print(
@@ -355,6 +377,12 @@ def _print_plan(job: Job, plan: Plan, summary: PlanSummary, out: TextIO) -> None
         f"{_duration(summary.estimated_seconds)} (rate budgets, concurrency {job.dispatch.concurrency}, no retries)",
         file=out,
     )
+    for group in _group_estimates(job, summary):
+        print(
+            f"Budget group {group['group']} ({group['budget']}, shared by {', '.join(group['endpoints'])}): "
+            f"{group['requests']} request(s), at least {_duration(group['estimated_seconds'])}",
+            file=out,
+        )
     if summary.samples:
         print("\nSample payloads (first IDs of each endpoint):", file=out)
         for endpoint, body in summary.samples.items():

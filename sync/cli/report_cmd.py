@@ -29,6 +29,9 @@ def register(subparsers: Any) -> None:
     where.add_argument("--ledger", type=Path, help="the ledger file (ledger.sqlite) itself")
     where.add_argument("--workdir", type=Path, help="a job's workdir (holds ledger.sqlite)")
     report.add_argument("--output", choices=["text", "json"], default="text", help="what to print on stdout")
+    from sync.cli._ledgers import add_database_url
+
+    add_database_url(report)
     report.set_defaults(func=_report)
 
 
@@ -40,10 +43,20 @@ def _locate(args: argparse.Namespace) -> tuple[Path, str]:
 
 
 def _report(args: argparse.Namespace) -> int:
+    from sync.cli._ledgers import database_url, local_copy
     from sync.report import write_report
 
-    ledger, run_id = _locate(args)
-    out = write_report(ledger, run_id, args.out)
+    url = database_url(args, args.job)
+    if url is not None:
+        from sync.coordination import describe_url
+
+        # The report reads SQLite: a copy of the job's runs, made for the page and removed after.
+        with local_copy(url, args.run_id) as (copy, run_id):
+            out = write_report(copy, run_id, args.out)
+        ledger: Any = describe_url(url)
+    else:
+        ledger, run_id = _locate(args)
+        out = write_report(ledger, run_id, args.out)
     if args.output == "json":
         print(json.dumps({"run_id": run_id, "ledger": str(ledger), "report": str(out.resolve())}))
     else:

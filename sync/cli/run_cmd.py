@@ -62,6 +62,15 @@ def register(subparsers: Any) -> None:
         metavar="N",
         help="a sample run: of each source only the first N rows that pass validation (changes mode)",
     )
+    from sync.cli._ledgers import add_database_url
+
+    add_database_url(run)
+    run.add_argument(
+        "--run-id",
+        metavar="ID",
+        help="the run's ID (default: a new one); with a coordination database, every worker naming the same ID "
+        "joins that run, and one started after it ended reports it instead of starting over (docs/scaling.md)",
+    )
     run.set_defaults(func=_run)
 
     runs = subparsers.add_parser("runs", help="list the runs recorded in a job's ledger")
@@ -70,6 +79,7 @@ def register(subparsers: Any) -> None:
     )
     runs.add_argument("--workdir", type=Path, help="a job's workdir (holds ledger.sqlite)")
     runs.add_argument("--output", choices=["text", "json"], default="text")
+    add_database_url(runs)
     runs.set_defaults(func=_runs)
 
     show = subparsers.add_parser("show", help="show one run: summary, batches by status, refused IDs")
@@ -77,6 +87,7 @@ def register(subparsers: Any) -> None:
     show.add_argument("--job", type=Path, help="the job file whose ledger holds the run")
     show.add_argument("--workdir", type=Path, help="a job's workdir (holds ledger.sqlite)")
     show.add_argument("--output", choices=["text", "json"], default="text")
+    add_database_url(show)
     show.set_defaults(func=_show)
 
     export = subparsers.add_parser(
@@ -90,6 +101,7 @@ def register(subparsers: Any) -> None:
     export.add_argument("-o", "--out", type=Path, required=True, help="the file to write")
     export.add_argument("--job", type=Path, help="the job file whose ledger holds the run")
     export.add_argument("--workdir", type=Path, help="a job's workdir (holds ledger.sqlite)")
+    add_database_url(export)
     export.set_defaults(func=_export)
 
     demo = subparsers.add_parser(
@@ -102,11 +114,17 @@ def register(subparsers: Any) -> None:
 
 def _run(args: argparse.Namespace) -> int:
     from sync.alerts import resolve_webhook
+    from sync.cli._ledgers import database_url
     from sync.cli.plan_cmd import selected_job
     from sync.config import resolve_secret
     from sync.run import RunOptions, run
 
     job = selected_job(args)
+    url = database_url(args, job)
+    if args.run_id is not None and url is None:
+        from sync.errors import StateError
+
+        raise StateError("--run-id names a run that several workers share: it needs a coordination database")
     # Snapshot jobs send only the diff from the confirmed state; a changes job whose last run did not finish
     # resumes it (docs/sync.md).
     options = RunOptions(
@@ -122,6 +140,8 @@ def _run(args: argparse.Namespace) -> int:
         metrics_pushgateway=args.metrics_pushgateway,
         # Resolved before anything is sent: a job that asks for alerts and cannot post them is misconfigured.
         alert_url=resolve_webhook(job.alerts) if job.alerts is not None else None,
+        database_url=url,
+        run_id=args.run_id,
     )
     outcome = asyncio.run(run(job, options))
     text = json.dumps(outcome.to_json(), indent=2) if args.output == "json" else outcome.render_text()
@@ -144,9 +164,16 @@ def _runs(args: argparse.Namespace) -> int:
     from sync.ledger import Ledger
 
     infos = []
-    from sync.cli._ledgers import ledger_paths
+    from sync.cli._ledgers import database_url, ledger_paths
 
-    for path in ledger_paths(args.job, args.workdir):
+    url = database_url(args, args.job)
+    if url is not None:
+        from sync.config import load_job
+        from sync.coordination import open_ledger
+
+        with open_ledger(url) as pg:
+            infos.extend(pg.runs(load_job(args.job).name if args.job is not None else None))
+    for path in ledger_paths(args.job, args.workdir) if url is None else []:
         if not path.exists():
             continue
         with Ledger.open(path) as ledger:
@@ -185,11 +212,27 @@ def _find_run(args: argparse.Namespace) -> tuple[Path, str]:
 
 
 def _show(args: argparse.Namespace) -> int:
+    from sync.cli._ledgers import database_url
     from sync.ledger import Ledger
 
-    path, run_id = _find_run(args)
-    with Ledger.open(path) as ledger:
+    url = database_url(args, args.job)
+    if url is not None:
+        from sync.coordination import open_ledger
+
+        opened: Any = open_ledger(url)
+        run_id = args.run_id
+        if run_id == "latest":
+            runs = opened.runs()
+            run_id = runs[0].run_id if runs else run_id
+    else:
+        path, run_id = _find_run(args)
+        opened = Ledger.open(path)
+    with opened as ledger:
         info = ledger.run(run_id)
+        if info is None:
+            from sync.errors import StateError
+
+            raise StateError(f"no run {run_id} found in {ledger.path}")
         assert info is not None
         refused = ledger.refused_ids(run_id)
         unfinished = [
@@ -210,8 +253,15 @@ def _show(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
+    from sync.cli._ledgers import database_url, local_copy
     from sync.ledger import Ledger
 
+    url = database_url(args, args.job)
+    if url is not None:
+        with local_copy(url, args.run_id) as (path, run_id), Ledger.open(path) as ledger:
+            rows = ledger.export(run_id, args.out, table=args.table, fmt=args.format)
+        print(f"wrote {rows} rows to {args.out}")
+        return int(ExitCode.OK)
     path, run_id = _find_run(args)
     with Ledger.open(path) as ledger:
         rows = ledger.export(run_id, args.out, table=args.table, fmt=args.format)

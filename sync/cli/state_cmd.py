@@ -36,6 +36,9 @@ def register(subparsers: Any) -> None:
         cmd.add_argument("--workdir", type=Path, help="a job's workdir (holds ledger.sqlite)")
         cmd.add_argument("--output", choices=["text", "json"], default="text")
         cmd.add_argument("--progress", choices=["auto", "bar", "log", "none"], default="auto")
+        from sync.cli._ledgers import add_database_url
+
+        add_database_url(cmd)
         if name == "retry":
             cmd.add_argument(
                 "--full-refresh",
@@ -64,6 +67,19 @@ def _ledger_candidates(args: argparse.Namespace) -> list[Path]:
 
 def _job_of_run(args: argparse.Namespace) -> Path:
     """The job file recorded with the run (read-only look into the ledger's runs table)."""
+    from sync.cli._ledgers import database_url
+
+    url = database_url(args)
+    if url is not None:
+        from sync.coordination import open_ledger
+
+        with open_ledger(url) as pg:
+            row = pg._execute(
+                "SELECT job_path FROM pushsync.runs WHERE run_id = %s", (args.run_id,)
+            ).fetchone()
+        if row and row[0]:
+            return Path(row[0])
+        raise StateError(f"no run {args.run_id} found in the coordination database: give --job JOB")
     for path in _ledger_candidates(args):
         if not path.exists():
             continue
@@ -82,13 +98,15 @@ def _job_of_run(args: argparse.Namespace) -> Path:
 
 
 def _replay(args: argparse.Namespace) -> int:
+    from sync.cli._ledgers import database_url
     from sync.config import load_job, resolve_secret
     from sync.run import RunOptions, run
 
     job = load_job(args.job if args.job is not None else _job_of_run(args))
+    url = database_url(args, job)
     retry = args.replay == "retry"
     if not retry:
-        done = _nothing_to_resume(job, args)
+        done = _nothing_to_resume(job, args, url)
         if done is not None:
             print(done)
             return int(ExitCode.OK)
@@ -105,6 +123,7 @@ def _replay(args: argparse.Namespace) -> int:
         progress=args.progress,
         # A resumed or retried run alerts like any other (resolved before anything is sent, as for `run`).
         alert_url=resolve_webhook(job.alerts) if job.alerts is not None else None,
+        database_url=url,
     )
     outcome = asyncio.run(run(job, options))
     if args.output == "json":
@@ -114,7 +133,7 @@ def _replay(args: argparse.Namespace) -> int:
     return int(outcome.exit_code)
 
 
-def _nothing_to_resume(job: Any, args: argparse.Namespace) -> str | None:
+def _nothing_to_resume(job: Any, args: argparse.Namespace, url: str | None = None) -> str | None:
     """Why resuming the run would send nothing (it finished, and no batch of it is left unconfirmed), or None.
 
     Without this, ``resume`` of a completed run recorded a new, empty run. Only ``done`` and ``partial`` runs
@@ -128,9 +147,15 @@ def _nothing_to_resume(job: Any, args: argparse.Namespace) -> str | None:
     if args.workdir is not None:
         job = dataclasses.replace(job, workdir=args.workdir)
     path = ledger_path_for(job)
-    if not path.exists():
+    if url is None and not path.exists():
         return None  # run() names the missing run
-    with Ledger.open(path) as ledger:
+    if url is not None:
+        from sync.coordination import open_ledger
+
+        opened: Any = open_ledger(url)
+    else:
+        opened = Ledger.open(path)
+    with opened as ledger:
         info = ledger.run(args.run_id)
         if info is None or info.status in UNFINISHED_STATUSES:
             return None
@@ -172,7 +197,7 @@ def _show(args: argparse.Namespace) -> int:
         info: dict[str, Any] = {"path": str(path), "users": store.rows(source), "fields": {}, "tags": {}}
         if path.is_file():
             schema = state_schema(source, settings)
-            lazy = pl.scan_parquet(path)
+            lazy = store.scan(source, settings)  # the base file with the overlay segments laid over it
             present = set(lazy.collect_schema().names())
             names = [n for n in schema if n in present and n not in ("__key", "__ext_id", TAGS)]
             if names:

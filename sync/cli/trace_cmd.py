@@ -23,15 +23,30 @@ def register(subparsers: Any) -> None:
     trace.add_argument("--job", type=Path, help="the job file whose ledger to read")
     trace.add_argument("--workdir", type=Path, help="a job's workdir (holds ledger.sqlite)")
     trace.add_argument("--output", choices=["text", "json"], default="text")
+    from sync.cli._ledgers import add_database_url
+
+    add_database_url(trace)
     trace.set_defaults(func=_trace)
 
 
 def _trace(args: argparse.Namespace) -> int:
-    from sync.cli._ledgers import ledger_paths
+    from sync.cli._ledgers import database_url, ledger_paths
     from sync.trace import trace_id
 
     entries = []
-    for path in ledger_paths(args.job, args.workdir):
+    url = database_url(args, args.job)
+    if url is not None:
+        import tempfile
+
+        from sync.config import load_job
+        from sync.coordination import open_ledger
+
+        # The trace reads SQLite: a temporary copy of the job's runs (every run without --job).
+        with open_ledger(url) as pg, tempfile.TemporaryDirectory(prefix="pushsync-trace-") as tmp:
+            job_name = load_job(args.job).name if args.job is not None else None
+            copy = pg.copy_to_sqlite(Path(tmp) / "ledger.sqlite", job=job_name)
+            entries.extend(trace_id(copy, args.ext_id))
+    for path in ledger_paths(args.job, args.workdir) if url is None else []:
         if path.exists():
             entries.extend(trace_id(path, args.ext_id))
     entries.sort(key=lambda e: -e.run_started_at)

@@ -200,6 +200,17 @@ class Alerts:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class Coordination:
+    """The job's ``coordination:``: where the PostgreSQL URL lives (never the URL) and the workers' lease
+    (docs/scaling.md). ``PUSHSYNC_DATABASE_URL`` / ``--database-url`` take effect without it."""
+
+    database_env: str | None = None
+    database_file: str | None = None
+    lease: float = 30.0
+    """Seconds after its last heartbeat that a worker counts as dead and its batches are taken over."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class Thresholds:
     """The job's ``thresholds:``: how many rejected rows and refused IDs a run may have and still exit 0.
 
@@ -244,6 +255,7 @@ class Job:
     snapshot: SnapshotSettings = field(default_factory=SnapshotSettings)
     thresholds: Thresholds = field(default_factory=Thresholds)
     alerts: Alerts | None = None
+    coordination: Coordination | None = None
 
     def batch_size_for(self, endpoint: str) -> int:
         return self.batch_sizes.get(endpoint) or self.batch_sizes.get("*") or 1000

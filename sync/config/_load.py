@@ -20,6 +20,7 @@ from sync.config._dispatch import parse_dispatch
 from sync.config._env import interpolate_job
 from sync.config._job import (
     Alerts,
+    Coordination,
     Job,
     RemovalAction,
     SnapshotSettings,
@@ -296,7 +297,12 @@ def load_job(path: str | Path, *, platforms: PlatformCatalog | None = None) -> J
     # ${NAME} references first: every check below (the base URL's literal-credential checks included) sees
     # the value the run will use.
     raw, env_problems = interpolate_job(raw)
-    problems = env_problems + _secret_problems(raw, base) + database_secret_problems(raw)
+    problems = (
+        env_problems
+        + _secret_problems(raw, base)
+        + database_secret_problems(raw)
+        + _coordination_problems(raw)
+    )
     quiet = {p.location for p in problems}
     validator = jsonschema.Draft202012Validator(job_schema())
     for error in sorted(validator.iter_errors(raw), key=lambda e: [str(x) for x in e.absolute_path]):
@@ -405,6 +411,34 @@ def load_job(path: str | Path, *, platforms: PlatformCatalog | None = None) -> J
         snapshot=snapshot,
         thresholds=Thresholds(**((raw.get("thresholds") or {}) if sound("thresholds") else {})),
         alerts=_alerts(raw["alerts"], base) if "alerts" in raw else None,
+        coordination=_coordination(raw["coordination"], base) if "coordination" in raw else None,
+    )
+
+
+def _coordination_problems(raw: Mapping[str, Any]) -> list[JobProblem]:
+    """Refuse ``coordination.database`` given as anything but ``{env:}``/``{file:}`` before the schema, whose
+    message would repeat the value (a URL with its password)."""
+    section = raw.get("coordination")
+    if not isinstance(section, Mapping) or "database" not in section:
+        return []
+    if isinstance(section["database"], Mapping):
+        return []
+    return [
+        JobProblem(
+            "coordination.database",
+            "give where the URL lives, {env: NAME} or {file: PATH}, never the URL itself (it holds a password; "
+            "the value is not shown)",
+        )
+    ]
+
+
+def _coordination(raw: Mapping[str, Any], base: Path) -> Coordination:
+    """The schema-valid ``coordination`` section; a URL file is relative to the job file, like the key's."""
+    database = raw.get("database") or {}
+    return Coordination(
+        database_env=database.get("env"),
+        database_file=str(base / os.path.expanduser(database["file"])) if "file" in database else None,
+        lease=float(raw.get("lease", 30.0)),
     )
 
 

@@ -90,7 +90,8 @@ class FixedWindowLimiter:
     """Clock-aligned fixed-window counters per (bucket, client key).
 
     A bucket is an endpoint name, or a group name shared by several endpoints (``groups`` maps endpoint → group,
-    e.g. NotifyVisitors' "User" limit covers every user endpoint). Lookup order: the endpoint's own limit, its
+    e.g. NotifyVisitors' "User" limit covers every user endpoint; ``"*"`` maps every endpoint, e.g. to one limit
+    for the whole account). Lookup order: the endpoint's own limit, its
     group's limit, then ``"*"`` (which limits each endpoint separately). Rejected requests do not consume quota:
     that is how real "N per minute" limits behave, and it keeps the count of *accepted* requests ≤ N.
     """
@@ -127,7 +128,7 @@ class FixedWindowLimiter:
         limit = self._limits.get(endpoint)
         if limit is not None:
             return endpoint, limit
-        group = self._groups.get(endpoint)
+        group = self._groups.get(endpoint) or self._groups.get("*")  # "*": a group of every endpoint
         if group is not None and (limit := self._limits.get(group)) is not None:
             return group, limit
         limit = self._limits.get("*")

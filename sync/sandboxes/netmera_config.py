@@ -4,7 +4,7 @@ where Netmera documents nothing ([I] in platforms.md), and the field checks that
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any, ClassVar
 
@@ -99,12 +99,29 @@ class NetmeraSandboxConfig(SandboxSettings):
     """Larger request bodies are refused with 413 (Netmera's own limit is not documented)."""
     public_url: str | None = None
     """Root used in ``nextPage`` links; default: the scheme and host the request came to."""
+    stateless: bool = False
+    """Check every write's request shape as strictly as ever, then answer at once and keep nothing: no users,
+    tags or events, so a benchmark measures the client, not the emulator (``pushsync sandbox netmera
+    --stateless``). Reads answer as for an empty platform; checks that need state (unknown extIds, a profile
+    attribute that is not an array, a segment that does not exist) are not made. The ``applied`` counters of
+    ``/_sandbox/stats`` still count what each accepted write names."""
+    limit_groups: Mapping[str, str] = field(default_factory=dict)
+    """Endpoint → the limit bucket it shares with others (``{"*": account}`` with ``limits: {account: ...}``:
+    one limit for the whole account, every endpoint counted together). Off by default."""
 
     _enums: ClassVar[Mapping[str, type[StrEnum]]] = {
         "unknown_ext_id": UnknownExtId,
         "write_response": WriteResponse,
         "last_page": LastPage,
     }
+
+    def __post_init__(self) -> None:
+        if self.stateless and self.seed_file is not None:
+            raise ValueError("a stateless sandbox keeps no state: it cannot load a seed_file")
+        if self.stateless and self.unknown_ext_id is UnknownExtId.ERROR:
+            raise ValueError(
+                "a stateless sandbox knows no users: unknown_ext_id: error needs the stateful mode"
+            )
 
 
 # ------------------------------------------------------------------------------------------- validation

@@ -2,7 +2,9 @@
 :class:`~.netmera_state.NetmeraState` (writes) or reads it. :class:`~.netmera.NetmeraSandbox` wires them to routes.
 
 Write handlers take the parsed JSON body and return None (the configured success body) or a JSON-ready result;
-read handlers take the request and return the JSON-ready answer. Every refusal is an :class:`ApiError`.
+read handlers take the request and return the JSON-ready answer. Every refusal is an :class:`ApiError`. In the
+stateless mode (``NetmeraSandboxConfig.stateless``) a write handler returns right after its shape checks, having
+counted what it names (:meth:`NetmeraHandlers._stateless`), and changes nothing.
 """
 
 from __future__ import annotations
@@ -62,6 +64,14 @@ class NetmeraHandlers:
     def _applied(self, operation: str, count: int) -> None:
         self.core.stats.add_applied(operation, count)
 
+    def _stateless(self, operation: str, count: int) -> bool:
+        """True in the stateless mode, after counting the write as applied: the caller then returns without
+        touching the state (its shape checks are done)."""
+        if not self.config.stateless:
+            return False
+        self._applied(operation, count)
+        return True
+
     def _next_url(self, request: web.Request, endpoint: str, params: dict[str, Any]) -> str:
         root = (
             self.config.public_url.rstrip("/")
@@ -83,6 +93,8 @@ class NetmeraHandlers:
         ids = self._check.unique(self._check.strings(self._check.obj(body), "extIds"))
         if not self.config.delete_users_enabled:
             raise ApiError(403, NOT_AUTHORIZED, "not authorized: deleteUsersPermanently is not activated")
+        if self._stateless("deleteUsersPermanently", len(ids)):
+            return
         self._applied("deleteUsersPermanently", self.state.delete_users(ids))
 
     def _set_push(self, body: Any, permitted: bool, operation: str) -> None:
@@ -94,10 +106,14 @@ class NetmeraHandlers:
             )
         if "extId" in obj:
             ext_id = check.string(obj, "extId")
+            if self._stateless(operation, 1):
+                return
             self._known((ext_id,))
             devices = self.state.devices_of(ext_id)
         else:
             token = check.string(obj, "deviceToken")
+            if self._stateless(operation, 1):
+                return
             device = self.state.devices.get(token)
             if device is None:
                 if self.config.unknown_ext_id is UnknownExtId.ERROR:
@@ -120,6 +136,8 @@ class NetmeraHandlers:
         obj = check.obj(body)
         tag = check.string(obj, "tag")
         ids = check.unique(check.strings(obj, "extIds"))
+        if self._stateless("tagUsers", len(ids)):
+            return
         self._known(ids, create=False)
         self.state.tag(tag, ids)
         self._applied("tagUsers", len(ids))
@@ -129,6 +147,8 @@ class NetmeraHandlers:
         obj = check.obj(body)
         tag = check.string(obj, "tag")
         ids = check.unique(check.strings(obj, "extIds"))
+        if self._stateless("untagUsers", len(ids)):
+            return
         self._known(ids, create=False)  # untag keeps (or creates) every named user
         self.state.untag(tag, ids)
         self._applied("untagUsers", len(ids))
@@ -137,6 +157,9 @@ class NetmeraHandlers:
         """An array body of objects, each with ``required`` keys present; ≤ max unique extIds."""
         check = self._check
         items = check.array(body)
+        if self._items_well_formed(items, required):
+            return items
+        # Something is wrong: the item-by-item checks below name the first problem, in document order.
         for i, item in enumerate(items):
             check.obj(item, f"[{i}]")
             for name in required:
@@ -148,11 +171,29 @@ class NetmeraHandlers:
             check.unique([item["extId"] for item in items])
         return items
 
+    def _items_well_formed(self, items: list[Any], required: tuple[str, ...]) -> bool:
+        """The checks of :meth:`_items` made column by column, with C-speed type tests (a 1000-item body costs
+        a tenth of the item-by-item loop); True when every item passes, else False and nothing is said. The
+        ID limit is checked (raised) here too when everything else passes."""
+        if set(map(type, items)) != {dict}:
+            return False
+        columns = {name: [item.get(name) for item in items] for name in required}
+        if any(None in column for column in columns.values()):
+            return False
+        ext_ids = columns.get("extId")
+        if ext_ids is not None:
+            if set(map(type, ext_ids)) != {str} or "" in ext_ids:
+                return False
+            self._check.unique(ext_ids)
+        return True
+
     def _set_category_preferences(self, body: Any) -> None:
         items = self._items(body, ("extId", "category", "enable"))
         for i, item in enumerate(items):
             self._check.string(item, "category", f"[{i}].")
             self._check.boolean(item, "enable", f"[{i}].")
+        if self._stateless("setCategoryPreferences", len(items)):
+            return
         self._known([item["extId"] for item in items])
         for item in items:
             record = self.state.user(item["extId"])
@@ -180,6 +221,8 @@ class NetmeraHandlers:
 
     def _profiles(self, body: Any, kind: str) -> list[dict[str, Any]]:
         items = self._items(body, ("extId", "profile"))
+        if kind == "object" and set(map(type, [item["profile"] for item in items])) == {dict}:
+            return items  # every profile is an object: nothing more to check, nor to name
         for i, item in enumerate(items):
             profile = item["profile"]
             if kind == "keys":
@@ -195,6 +238,8 @@ class NetmeraHandlers:
 
     def _set_profile(self, body: Any) -> None:
         items = self._profiles(body, "object")
+        if self._stateless("setProfileAttributes", len(items)):
+            return
         self._known([item["extId"] for item in items])
         for item in items:
             self.state.user(item["extId"]).update_profile(item["profile"])
@@ -202,6 +247,8 @@ class NetmeraHandlers:
 
     def _unset_profile(self, body: Any) -> None:
         items = self._profiles(body, "keys")
+        if self._stateless("unsetProfileAttributes", len(items)):
+            return
         self._known([item["extId"] for item in items])
         for item in items:
             self.state.user(item["extId"]).unset_profile(item["profile"])
@@ -209,6 +256,8 @@ class NetmeraHandlers:
 
     def _array_op(self, body: Any, operation: str, push: bool) -> None:
         items = self._profiles(body, "arrays")
+        if self._stateless(operation, len(items)):
+            return
         self._known([item["extId"] for item in items])
         for i, item in enumerate(items):  # check every target first: the request applies fully or not at all
             record = self.state.users.get(item["extId"])
@@ -240,6 +289,8 @@ class NetmeraHandlers:
             if type(profile) is not list or not all(type(k) is str for k in profile):
                 raise check.wrong(f"[{i}].profile", "an array of attribute names")
             names.update(profile)
+        if self._stateless("deleteProfileAttributes", 0):
+            return
         self._applied("deleteProfileAttributes", self.state.delete_profile_attributes(names))
 
     def _delete_profile_attribute_value(self, body: Any) -> None:
@@ -252,6 +303,8 @@ class NetmeraHandlers:
             if obj.get("value") is None:
                 raise missing(f"[{i}].value")
             pairs.append((key, obj["value"]))
+        if self._stateless("deleteProfileAttributeValue", 0):
+            return
         # [I] a scalar attribute holding the value loses the attribute (see User.delete_profile_value)
         self._applied("deleteProfileAttributeValue", self.state.delete_profile_value(pairs))
 
@@ -358,9 +411,13 @@ class NetmeraHandlers:
             )
         if "extIds" in obj:
             ids = check.unique(check.strings(obj, "extIds"))
+            if self._stateless(op, len(ids)):
+                return
             self._known(ids)
         else:
             keys = check.unique(check.strings(obj, list_key), list_key)
+            if self._stateless(op, 0):  # addresses name users only through the state
+                return
             ids = self.state.owners(index, keys)  # [I] addresses no user holds are ignored
         for ext_id in ids:
             setattr(self.state.user(ext_id), attr, value)
@@ -382,6 +439,8 @@ class NetmeraHandlers:
         obj = self._check.obj(body)
         ext_id = self._check.string(obj, "extId")
         email = self._check.string(obj, "email")
+        if self._stateless("updateEmail", 1):
+            return
         self._known((ext_id,))
         self.state.set_email(ext_id, email)
         self._applied("updateEmail", 1)
@@ -390,6 +449,8 @@ class NetmeraHandlers:
         obj = self._check.obj(body)
         ext_id = self._check.string(obj, "extId")
         msisdn = self._check.string(obj, "msisdn")
+        if self._stateless("updateMsisdn", 1):
+            return
         self._known((ext_id,))
         self.state.set_msisdn(ext_id, msisdn)
         self._applied("updateMsisdn", 1)
@@ -400,6 +461,8 @@ class NetmeraHandlers:
         items = self._items(body, ("extId", "name"))
         for i, item in enumerate(items):
             self._check.string(item, "name", f"[{i}].")
+        if self._stateless("fireEvents", len(items)):
+            return
         self._known([item["extId"] for item in items])
         now = self._clock()
         self.state.events.extend(
@@ -436,6 +499,8 @@ class NetmeraHandlers:
             return list(state.tags.get(check.string(target, "tag", where + "."), ()))
         if "segmentId" in target:
             segment = state.segments.get(check.integer(target, "segmentId", where + "."))
+            if segment is None and self.config.stateless:
+                return []  # no segment exists: not an error when nothing is kept
             if segment is None:
                 raise ApiError(400, SEGMENT_NOT_FOUND, "segment not found")
             return list(segment.members)
@@ -459,6 +524,8 @@ class NetmeraHandlers:
         if type(platforms) is not list or not platforms or not all(p in PLATFORMS for p in platforms):
             raise check.wrong("message.platforms", "a non-empty array of IOS, ANDROID")
         ids = self._target_ids(target, "target")
+        if self._stateless("sendBulkNotification", len(ids)):
+            return {"notificationKey": self.state.reserve_key()}
         key = self.state.new_notification("bulk", message, target, ids)
         self._applied("sendBulkNotification", len(ids))
         return {"notificationKey": key}
@@ -480,6 +547,8 @@ class NetmeraHandlers:
             if "params" in message:
                 check.obj(message["params"], prefix + "message.params")
             plans.append((obj, message, target, self._target_ids(target, prefix + "target")))
+        if self._stateless("sendNotification", sum(len(plan[3]) for plan in plans)):
+            return
         reached = 0
         for obj, message, target, ids in plans:
             self.state.new_notification(
@@ -494,6 +563,8 @@ class NetmeraHandlers:
         ids = [
             check.integer(check.obj(item, f"[{i}]"), "messageId", f"[{i}].") for i, item in enumerate(items)
         ]
+        if self._stateless("sendPushApproval", len(ids)):
+            return
         for message_id in ids:
             self.state.approvals.append(message_id)
             notification = self.state.notifications.get(message_id)

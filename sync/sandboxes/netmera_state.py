@@ -204,12 +204,17 @@ class NetmeraState:
 
     # -- notifications ---------------------------------------------------------------------------------
 
+    def reserve_key(self) -> int:
+        """The next notification key (a stateless sandbox hands one out without recording a notification)."""
+        key = self._next_key
+        self._next_key += 1
+        return key
+
     def new_notification(
         self, kind: str, message: dict[str, Any], target: Any, ext_ids: Iterable[str]
     ) -> int:
         """Record a notification; "sent" counts the opted-in devices of the targeted users, per platform."""
-        key = self._next_key
-        self._next_key += 1
+        key = self.reserve_key()
         sent: dict[str, int] = {}
         platforms = message.get("platforms")
         for ext_id in ext_ids:

@@ -21,6 +21,7 @@ from sync.platforms.formsonfire.requests import (
     batch_id_for,
     make_batch,
     push_body,
+    push_of,
     serialise,
     split_batch,
     to_json,
@@ -73,7 +74,11 @@ def test_batches_name_one_user_carry_no_credentials_and_have_stable_ids() -> Non
     assert first.batch_id == batch_id_for(body, "pushes.csv:3")
     assert first.ext_ids == ("crm-1",) and first.endpoint == "push" and first.operation is Operation.SEND_PUSH
     assert first.origins == {"crm-1": RowRef("pushes.csv", 3)}
-    assert "IntegrationKey" not in first.body and "CompanyId" not in first.body
+    assert b"IntegrationKey" not in first.body and b"CompanyId" not in first.body
+    assert (
+        push_of(first.body) == body
+        and first.body == json.dumps(body, sort_keys=True, separators=(",", ":")).encode()
+    )
     assert split_batch(first) is None
 
 

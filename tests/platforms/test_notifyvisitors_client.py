@@ -35,7 +35,7 @@ from sync.platforms.notifyvisitors.requests import (
     user_create_body,
     user_item,
 )
-from sync.records import Batch, Operation, RowRef
+from sync.records import Batch, Operation, RowRef, body_json
 from sync.run import RunOptions, run
 from sync.sandboxes._core import start_app
 
@@ -112,12 +112,12 @@ def test_user_attributes_format_the_documented_fields() -> None:
 def test_iter_batches_respects_the_per_endpoint_limits() -> None:
     users = ((user_item(f"u{i}", {"n": i}), RowRef("users.csv", i + 1)) for i in range(250))
     batches = list(iter_batches(USER_CREATE, users))
-    assert [len(b.body["nv"]) for b in batches] == [100, 100, 50]
+    assert [len(body_json(b)["nv"]) for b in batches] == [100, 100, 50]
     assert all(b.operation is Operation.SET_ATTRIBUTES for b in batches)
     assert batches[0].origins["u5"] == RowRef("users.csv", 6)
     evs = ((event_item(f"u{i % 10}", "purchase", {"i": i}, "2024-01-01 00:00:00"), None) for i in range(2500))
     ebatches = list(iter_batches(EVENT_CREATE, evs))
-    assert [len(b.body["nv"]) for b in ebatches] == [1000, 1000, 500]
+    assert [len(body_json(b)["nv"]) for b in ebatches] == [1000, 1000, 500]
     assert (
         ebatches[0].ext_ids == tuple(f"u{i}" for i in range(10))
         and ebatches[0].operation is Operation.FIRE_EVENTS
@@ -136,8 +136,8 @@ def test_batch_ids_are_stable_and_split_halves_the_items_in_order() -> None:
     halves = split_batch(batch)
     assert halves is not None
     first, second = halves
-    assert [i["userID"] for i in first.body["nv"]] == ["a", "a", "b"]
-    assert [i["userID"] for i in second.body["nv"]] == ["b", "c", "d"]
+    assert [i["userID"] for i in body_json(first)["nv"]] == ["a", "a", "b"]
+    assert [i["userID"] for i in body_json(second)["nv"]] == ["b", "c", "d"]
     assert dict(first.origins) == {"a": RowRef("f", 1)} and dict(second.origins) == {"c": RowRef("f", 5)}
     assert first.batch_id != batch.batch_id
     single = make_batch(USER_CREATE, user_create_body([("x", {"a": 1})]))
@@ -154,12 +154,12 @@ def test_splitting_down_to_single_items_keeps_every_item_and_its_row_in_order(us
         batch = pending.pop()
         halves = split_batch(batch)
         if halves is None:
-            assert len(batch.body["nv"]) == 1
+            assert len(body_json(batch)["nv"]) == 1
             leaves.append(batch)
         else:
             pending.extend(reversed(halves))
     # Every item once, in the original order, each naming its own row.
-    assert [leaf.body["nv"][0] for leaf in leaves] == items
+    assert [body_json(leaf)["nv"][0] for leaf in leaves] == items
     assert [leaf.origins[leaf.ext_ids[0]] for leaf in leaves] == rows
 
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import datetime as dt
 import io
+import json
 import os
 import shutil
 import subprocess
@@ -36,6 +37,7 @@ from sync.config import load_job
 from sync.demo import start_sandbox_process, stop_sandbox_process
 from sync.errors import BadInputError
 from sync.planning import build_plan
+from sync.records import body_json
 
 from .conftest import REPO_ROOT, SandboxHttp
 from .corpus import KEY_ENV
@@ -202,7 +204,7 @@ def test_a_typed_parquet_column_is_sent_right_or_refused_with_file_and_column(
             item["extId"]: item["profile"]
             for batch in plan.batches()
             if batch.endpoint == "setProfileAttributes"
-            for item in batch.body
+            for item in body_json(batch)
         }
     if expected == _ROW_REJECTED:
         assert [(r.row, r.column) for r in rejects] == [(1, "value")] and sent == {}
@@ -237,13 +239,15 @@ def test_lists_feed_tags_and_list_attributes_and_other_roles_refuse_what_does_no
     )
     mapping = "    tags: [{column: segments}]\n    opt_ins: {push: push}\n    msisdn: phone\n"
     with build_plan(load_job(_job(tmp_path, "users.parquet", mapping))) as plan:
-        sent = sorted((batch.endpoint, str(batch.body)) for batch in plan.batches())
+        sent = sorted(
+            (batch.endpoint, json.dumps(body_json(batch), sort_keys=True)) for batch in plan.batches()
+        )
     assert sent == [
-        ("disablePush", str({"extId": "u2"})),
-        ("enablePush", str({"extId": "u1"})),
-        ("tagUsers", str({"tag": "eu", "extIds": ["u1"]})),
-        ("tagUsers", str({"tag": "gold", "extIds": ["u1"]})),
-        ("updateMsisdn", str({"extId": "u1", "msisdn": "905551234567"})),
+        ("disablePush", json.dumps({"extId": "u2"}, sort_keys=True)),
+        ("enablePush", json.dumps({"extId": "u1"}, sort_keys=True)),
+        ("tagUsers", json.dumps({"tag": "eu", "extIds": ["u1"]}, sort_keys=True)),
+        ("tagUsers", json.dumps({"tag": "gold", "extIds": ["u1"]}, sort_keys=True)),
+        ("updateMsisdn", json.dumps({"extId": "u1", "msisdn": "905551234567"}, sort_keys=True)),
     ]
     # A date column as an opt-in, a struct as tags: refused, naming the column.
     for column, values, mapping in (
@@ -289,7 +293,7 @@ def _sent_events(job: Path) -> list[tuple[str, str]]:
             (item["extId"], item["name"])
             for batch in plan.batches()
             if batch.endpoint == "fireEvents"
-            for item in batch.body
+            for item in body_json(batch)
         )
 
 
@@ -471,7 +475,7 @@ def test_ids_with_invisible_characters_are_rejected_and_a_file_bom_is_not_part_o
     job = load_job(_job(tmp_path, "users.csv", "    attributes: {name: string}\n"))
     with build_plan(job) as plan:
         rejects = {r.row: r for r in plan.rejected_rows()}
-        sent = {item["extId"] for b in plan.batches() for item in b.body}
+        sent = {item["extId"] for b in plan.batches() for item in body_json(b)}
     assert sent == {"u1", "u 8"}
     assert sorted(rejects) == [2, 3, 4, 5, 6, 7]
     for r in rejects.values():
@@ -485,4 +489,4 @@ def test_ids_with_invisible_characters_are_rejected_and_a_file_bom_is_not_part_o
     (tmp_path / "users16.csv").write_bytes(("id,name\nw1,A\n").encode("utf-16"))
     job16 = _job(tmp_path, "users16.csv", "    encoding: utf-16\n    attributes: {name: string}\n")
     with build_plan(load_job(job16)) as plan:
-        assert [item["extId"] for b in plan.batches() for item in b.body] == ["w1"]
+        assert [item["extId"] for b in plan.batches() for item in body_json(b)] == ["w1"]

@@ -27,6 +27,9 @@ from typing import Any
 import polars as pl
 import pytest
 
+from sync.config import load_job
+from sync.ledger import unpack_ids
+from sync.state import StateStore
 from tests.conftest import REPO_ROOT, NetmeraProcess
 
 # --- helpers -----------------------------------------------------------------------------------------------------
@@ -128,8 +131,11 @@ def write_users(tmp: Path, lines: list[str]) -> None:
 
 
 def state_of(tmp: Path, ext_id: str) -> dict[str, Any]:
-    (path,) = (tmp / "work" / "state").glob("netmera-*/users.parquet")
-    rows = pl.read_parquet(path).filter(pl.col("__ext_id") == ext_id).to_dicts()
+    # Through the store: the base file plus the overlay segments later commits laid over it.
+    job = load_job(tmp / "job.yaml")
+    store = StateStore(job.workdir, job.destination)
+    assert store.path_for(job.sources[0]).is_file()
+    rows = store.read(job.sources[0]).filter(pl.col("__ext_id") == ext_id).to_dicts()
     assert len(rows) == 1, rows
     return rows[0]
 
@@ -492,7 +498,7 @@ def test_a_resume_after_the_export_changed_never_resends_a_confirmed_event(
     else:
         # Reordered, and one confirmed row removed: it stays sent, once (nothing is "unsent").
         (ids,) = ledger_rows(tmp_path, "SELECT ext_ids FROM batches WHERE status = 'ok' LIMIT 1")[0]
-        removed = next(line for line in lines if line.startswith(json.loads(ids)[0] + ","))
+        removed = next(line for line in lines if line.startswith(unpack_ids(ids)[0] + ","))
         lines = [line for line in lines[::-1] if line != removed]
     write_events(tmp_path, lines)
     code, out, err = run(tmp_path, sandbox, "resume", run_id, "--job", "job.yaml", "--output", "json")

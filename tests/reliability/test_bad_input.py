@@ -22,6 +22,7 @@ from sync.config import load_job
 from sync.demo import start_sandbox_process, stop_sandbox_process
 from sync.errors import BadInputError
 from sync.planning import build_plan
+from sync.records import body_json
 
 from .conftest import REPO_ROOT, SandboxHttp
 from .corpus import CASES, KEY_ENV, Case, write_case
@@ -44,7 +45,7 @@ def _profiles(plan_batches: list[object]) -> dict[str, dict[str, object]]:
         item["extId"]: item["profile"]
         for batch in plan_batches
         if batch.endpoint == "setProfileAttributes"  # type: ignore[attr-defined]
-        for item in batch.body  # type: ignore[attr-defined]
+        for item in body_json(batch)  # type: ignore[attr-defined]
     }
 
 

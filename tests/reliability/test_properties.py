@@ -33,7 +33,7 @@ from sync.config import Job, load_job
 from sync.errors import BadInputError
 from sync.planning import build_plan
 from sync.platforms.netmera.requests import MAX_IDS_PER_REQUEST, SINGLE_USER_ENDPOINTS, ext_ids_in_body
-from sync.records import Batch, Phase
+from sync.records import Batch, Phase, body_json
 
 PROPERTY_SETTINGS = settings(
     max_examples=30,
@@ -237,9 +237,9 @@ def plan_of(job: Job, rows_per_bucket: int = 50_000) -> tuple[list[Batch], set[i
 def check_limits(batches: Sequence[Batch], batch_size: int) -> None:
     limit = min(batch_size, MAX_IDS_PER_REQUEST)
     for b in batches:
-        assert b.ext_ids == ext_ids_in_body(b.endpoint, b.body)
+        assert b.ext_ids == ext_ids_in_body(b.endpoint, body_json(b))
         if b.endpoint in SINGLE_USER_ENDPOINTS:
-            assert len(b.ext_ids) == 1 and isinstance(b.body, dict) and "extId" in b.body
+            assert len(b.ext_ids) == 1 and isinstance(body_json(b), dict) and "extId" in body_json(b)
         else:
             assert 1 <= len(b.ext_ids) <= limit
     assert len({b.batch_id for b in batches}) == len(batches)
@@ -257,16 +257,16 @@ def planned(
     categories: Counter[tuple[str, str, bool]] = Counter()
     for b in batches:
         if b.endpoint == "setProfileAttributes":
-            for item in b.body:
+            for item in body_json(b):
                 profile_ids[item["extId"]] += 1
                 profiles[item["extId"]] = item["profile"]
         elif b.endpoint == "tagUsers":
-            tags.update((b.body["tag"], x) for x in b.body["extIds"])
+            tags.update((body_json(b)["tag"], x) for x in body_json(b)["extIds"])
         elif b.endpoint in ("enablePush", "disablePush"):
-            push[(b.body["extId"], b.endpoint == "enablePush")] += 1
+            push[(body_json(b)["extId"], b.endpoint == "enablePush")] += 1
         elif b.endpoint == "setCategoryPreferences":
-            categories.update((i["extId"], i["category"], i["enable"]) for i in b.body)
-            enables = {i["enable"] for i in b.body}
+            categories.update((i["extId"], i["category"], i["enable"]) for i in body_json(b))
+            enables = {i["enable"] for i in body_json(b)}
             assert len(enables) == 1 and (b.phase is Phase.OPT_OUT) == (enables == {False})
         else:
             raise AssertionError(f"unexpected endpoint {b.endpoint}")
@@ -368,7 +368,7 @@ def test_batches_do_not_depend_on_row_order_format_or_bucket_size(
             directory.mkdir()
             job = make_job(directory, write_input(directory, rows_, fmt), batch_size)
             batches, _, _ = plan_of(job, rows_per_bucket=bucket)
-            results.append([(b.batch_id, b.endpoint, b.body) for b in batches])
+            results.append([(b.batch_id, b.endpoint, body_json(b)) for b in batches])
     assert results[0] == results[1] == results[2]
 
 

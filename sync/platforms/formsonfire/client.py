@@ -40,7 +40,7 @@ from sync.errors import FatalPlatformError, RejectedBatchError, RetryableError
 from sync.platforms._http import AnswerPolicy, ErrorBody, HttpClient, HttpSession, bounded
 from sync.platforms.base import SendOutcome
 from sync.platforms.formsonfire import DEFAULT_XML_ROOT, PLATFORM, BodyFormat
-from sync.platforms.formsonfire.requests import serialise, split_batch
+from sync.platforms.formsonfire.requests import RequestWriter, split_batch
 from sync.records import Batch
 from sync.redact import register_secret
 
@@ -178,7 +178,10 @@ class FormsOnFireClient(HttpClient):
         self._watching = self._fatal_after > 0
         self._first_code: str | None = None
         self._first_refusals = 0
-        self._key = integration_key
+        # The batch bodies are the pushes' bytes in the body format: the writer splices the credentials in.
+        self._writer = RequestWriter(
+            self.body_format, self._company_id, integration_key, xml_root=self._xml_root
+        )
         # No session headers: the credentials travel in each body, the content type differs by body format.
         self._session = HttpSession.for_destination(
             destination,
@@ -202,9 +205,7 @@ class FormsOnFireClient(HttpClient):
     async def send(self, batch: Batch) -> SendOutcome:
         """POST one push; see the module docstring for what is raised."""
         try:
-            payload, content_type = serialise(
-                batch.body, self.body_format, self._company_id, self._key, xml_root=self._xml_root
-            )
+            payload = self._writer.payload(batch.body)
         except ValueError as exc:  # a value XML cannot carry: the planner rejects such rows, this is a guard
             raise RejectedBatchError(str(exc), code="NotSerialisable") from None
         answer = await self._session.request(
@@ -214,7 +215,7 @@ class FormsOnFireClient(HttpClient):
             batch_id=batch.batch_id,
             data=payload,
             params={"format": self.response_format.value},
-            headers={"Content-Type": content_type},
+            headers={"Content-Type": self._writer.content_type},
         )
         try:
             _ANSWERS.check(answer)

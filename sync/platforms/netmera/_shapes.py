@@ -1,7 +1,9 @@
 """Netmera request shapes: endpoints and phases, body builders, batch IDs, batches and their halves.
 
 Private: import these from :mod:`sync.platforms.netmera.requests` (which draws the body shapes). Pure
-functions, no I/O, no polars: the streaming from clean frames (:mod:`._streams`) builds on them.
+functions, no I/O, no polars. The planner's batches are built as columns by :mod:`._streams`, their bodies the
+canonical JSON ``bytes``; the Python body builders here make the same bytes from Python values (a cut-down batch,
+a test), through :func:`make_batch`.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from sync.platforms.netmera import MAX_IDS_PER_REQUEST
-from sync.records import Batch, Operation, Phase, RowRef
+from sync.records import Batch, Operation, Phase, RowRef, body_json
 
 ENDPOINT_FOR: Mapping[Operation, str] = {
     Operation.TAG: "tagUsers",
@@ -159,19 +161,38 @@ def canonical_json(value: Any) -> bytes:
 
 
 def batch_id_for(endpoint: str, body: Any) -> str:
-    """A stable batch ID: the first 16 hex digits of sha256 over the endpoint and the canonical JSON body.
+    """A stable batch ID: the first 16 hex digits of sha256 over the endpoint, a newline and the canonical JSON
+    body (``bytes`` are taken as that canonical form already: a batch's body).
 
     The same request always gets the same ID, across runs and machines, which resume and the ledger rely on.
     """
     digest = hashlib.sha256()
     digest.update(endpoint.encode("utf-8"))
     digest.update(b"\n")
-    digest.update(canonical_json(body))
+    digest.update(body if isinstance(body, bytes) else canonical_json(body))
     return digest.hexdigest()[:16]
 
 
+def tag_of(batch: Batch) -> str:
+    """The tag a ``tagUsers`` / ``untagUsers`` batch sets, ``""`` for any other batch.
+
+    Read from the end of the canonical body (``...],"tag":"<tag>"}``) without parsing its IDs."""
+    body = batch.body
+    if batch.operation not in (Operation.TAG, Operation.UNTAG):
+        return ""
+    if isinstance(body, bytes):
+        at = body.rfind(b'],"tag":')
+        tag = json.loads(body[at + 8 : -1])
+    else:
+        tag = body.get("tag", "")
+    return str(tag)
+
+
 def ext_ids_in_body(endpoint: str, body: Any) -> tuple[str, ...]:
-    """The unique external IDs a body names, in order of first appearance."""
+    """The unique external IDs a body (a JSON-ready object, or its encoded ``bytes``) names, in order of first
+    appearance."""
+    if isinstance(body, bytes):
+        body = json.loads(body)
     if isinstance(body, list):
         return tuple(dict.fromkeys(str(item["extId"]) for item in body))
     if isinstance(body, Mapping):
@@ -190,21 +211,25 @@ def make_batch(
     phase: Phase | None = None,
     row_keys: bytes = b"",
 ) -> Batch:
-    """Wrap a body in a :class:`Batch` with its endpoint, content-derived ID, unique ext IDs and phase
-    (``row_keys``: the packed keys of the input rows it carries, for non-idempotent operations).
+    """Wrap a body (a JSON-ready object) in a :class:`Batch` with its canonical JSON ``bytes``, endpoint,
+    content-derived ID, unique ext IDs and phase (``row_keys``: the packed keys of the input rows it carries, for
+    non-idempotent operations). The bytes and the ID are those the columnar builder gives the same request.
 
     Raises ValueError when the body names more unique IDs than one request may carry.
     """
+    if isinstance(body, bytes):
+        body = json.loads(body)
     endpoint = ENDPOINT_FOR[operation]
     ext_ids = ext_ids_in_body(endpoint, body)
     limit = 1 if endpoint in SINGLE_USER_ENDPOINTS else MAX_IDS_PER_REQUEST
     if len(ext_ids) > limit:
         raise ValueError(f"{endpoint}: {len(ext_ids)} unique external IDs in one request (limit {limit})")
+    encoded = canonical_json(body)
     return Batch(
-        batch_id=batch_id_for(endpoint, body),
+        batch_id=batch_id_for(endpoint, encoded),
         endpoint=endpoint,
         operation=operation,
-        body=body,
+        body=encoded,
         ext_ids=ext_ids,
         phase=phase_for(operation, body) if phase is None else phase,
         origins=dict(origins) if origins is not None else {},
@@ -216,10 +241,10 @@ def split_batch(batch: Batch) -> tuple[Batch, Batch] | None:
     """Halve a batch by its external IDs, keeping every item of one ID in the same half.
 
     Used to isolate the records a platform refuses (400). Returns None when the batch names a single ID (or
-    is a one-user endpoint). Halves keep the operation, phase and the origins of their IDs; their IDs are derived
-    from their content with :func:`batch_id_for`.
+    is a one-user endpoint). Halves keep the operation, phase and the origins of their IDs; their bodies are
+    canonical JSON ``bytes`` and their IDs are derived from them with :func:`batch_id_for`.
     """
-    body = batch.body
+    body = body_json(batch)
     ids = ext_ids_in_body(batch.endpoint, body)
     if batch.endpoint in SINGLE_USER_ENDPOINTS or len(ids) < 2:
         return None
@@ -230,17 +255,20 @@ def split_batch(batch: Batch) -> tuple[Batch, Batch] | None:
     else:
         first_body = {**body, "extIds": [x for x in ids if x in first_ids]}
         second_body = {**body, "extIds": [x for x in ids if x not in first_ids]}
-    return _derived(batch, first_body), _derived(batch, second_body)
+    return derived_batch(batch, first_body), derived_batch(batch, second_body)
 
 
-def _derived(parent: Batch, body: Any) -> Batch:
+def derived_batch(parent: Batch, body: Any) -> Batch:
+    """A batch of ``parent``'s endpoint, operation and phase carrying ``body`` (a JSON-ready object, part of the
+    parent's items): its canonical bytes, content-derived ID, and the origins of the IDs it keeps."""
     ext_ids = ext_ids_in_body(parent.endpoint, body)
     origins = {x: parent.origins[x] for x in ext_ids if x in parent.origins}
+    encoded = canonical_json(body)
     return Batch(
-        batch_id=batch_id_for(parent.endpoint, body),
+        batch_id=batch_id_for(parent.endpoint, encoded),
         endpoint=parent.endpoint,
         operation=parent.operation,
-        body=body,
+        body=encoded,
         ext_ids=ext_ids,
         phase=parent.phase,
         origins=origins,

@@ -1,63 +1,105 @@
-"""From clean frames to Netmera batches: one :class:`Stream` per operation of a source.
+"""From clean frames to Netmera batches: one :class:`Stream` per operation of a source, bodies built as columns.
 
 Private: import these from :mod:`sync.platforms.netmera.requests`, the builder module the planner and
 :mod:`sync.state` use. The request shapes themselves are in :mod:`._shapes`.
 
 The planner hands over a source's *clean frames* (typed, validated, deduplicated; see sync.validation) in the
-canonical order (key, ext_id). Each operation of a source is a Stream: a vectorised selection of the rows and
-values it sends (with a group — the tag for tagUsers — and a payload), and a body builder. Batches are
-consecutive runs of at most ``batch_size`` unique IDs per group in that order, so their content (and IDs) do not
-depend on how the input was chunked, and the number of requests per group is ceil(unique IDs / batch size).
+canonical order (key, ext_id). Each operation of a source is a Stream: a vectorised selection of the rows it sends,
+each with a group (the tag for tagUsers) and its item — the JSON text the row adds to the body, built by polars
+expressions (:mod:`sync.platforms._encode`) — and a body :class:`Shape` that wraps a batch's items. Batches are
+consecutive runs of at most ``batch_size`` unique IDs per group in that order (:func:`sync.platforms._batches.cut`),
+so their content (and IDs) do not depend on how the input was chunked, and the number of requests per group is
+ceil(unique IDs / batch size). A body is the canonical JSON (sorted keys, no spaces, UTF-8) of the request: the
+bytes sent, and the bytes hashed for the batch ID — the same bytes, hence the same IDs, as the row-by-row builder
+made before the columnar data plane (issue 13).
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from enum import Enum
 from functools import partial
 from typing import Any
 
 import polars as pl
 
 from sync.config import AttributeMode, NullAction, Source, SourceKind, TagAction
+from sync.platforms import _encode as enc
+from sync.platforms._batches import EXT_ID, FILE, GROUP, ITEM, ROW, cut, first_ids
 from sync.platforms.netmera import MAX_IDS_PER_REQUEST
-from sync.platforms.netmera._shapes import (
-    ENDPOINT_FOR,
-    SINGLE_USER_ENDPOINTS,
-    array_attributes_body,
-    category_preferences_body,
-    events_body,
-    ext_ids_body,
-    make_batch,
-    phase_for,
-    set_attributes_body,
-    single_user_body,
-    tag_body,
-    unset_attributes_body,
-    update_email_body,
-    update_msisdn_body,
-)
-from sync.records import Batch, Operation, Phase, RowRef
-from sync.row_keys import ROW_KEY, pack
+from sync.platforms.netmera._shapes import ENDPOINT_FOR, SINGLE_USER_ENDPOINTS, phase_for
+from sync.records import Batch, Operation, Phase
+from sync.row_keys import ROW_KEY
 
-GROUP = "__group"
-PAYLOAD = "__payload"
-_EXT_ID, _FILE, _ROW = "__ext_id", "__file", "__row"
+__all__ = [
+    "GROUP",
+    "ITEM",
+    "Shape",
+    "Stream",
+    "json_value",
+    "snapshot_streams",
+    "stream_batches",
+    "stream_counts",
+    "stream_sample",
+    "streams_for",
+]
+
+
+class Shape(Enum):
+    """How a batch's items become a request body."""
+
+    ARRAY = "array"
+    """``[item,...]``: one object per item (setProfileAttributes, fireEvents, ...)."""
+    IDS = "ids"
+    """``{"extIds":[id,...]}``: the items are the IDs' JSON strings."""
+    TAG = "tag"
+    """``{"extIds":[id,...],"tag":"<group>"}``."""
+    ONE = "one"
+    """The batch's one item is the body (one-user endpoints: ``{"extId":...}``)."""
+
+
+def _envelope(shape: Shape, group: str) -> tuple[bytes, bytes]:
+    """What comes before and after a batch's joined items in its body."""
+    if shape is Shape.ARRAY:
+        return b"[", b"]"
+    if shape is Shape.IDS:
+        return b'{"extIds":[', b"]}"
+    if shape is Shape.TAG:
+        return b'{"extIds":[', f'],"tag":{enc.key(group)}}}'.encode()
+    return b"", b""
+
+
+def _body(shape: Shape, group: str, items: bytes) -> bytes:
+    if shape is Shape.ONE:
+        return items
+    before, after = _envelope(shape, group)
+    return b"".join((before, items, after))
+
+
+Select = Callable[[pl.DataFrame, bool], pl.DataFrame]
 
 
 @dataclass(frozen=True, slots=True)
 class Stream:
     """The requests of one operation from one source.
 
-    ``select`` maps a clean frame (with ``columns``) to rows ``__ext_id, __file, __row, __group, __payload``,
-    rows of one ID adjacent; ``body`` builds a request body from a group and its ``(ext_id, payload)`` rows.
+    ``selector(frame, items)`` (called through :meth:`select`) maps a clean frame (with ``columns``) to rows ``__ext_id, __file, __row, __group``
+    and, when ``items``, ``__item`` (the row's JSON text) — rows of one ID adjacent; a keyed frame's
+    ``__row_key`` travels along. ``shape`` wraps a batch's items into its body.
     """
 
     operation: Operation
     phase: Phase
     columns: tuple[str, ...]
-    select: Callable[[pl.DataFrame], pl.DataFrame]
-    body: Callable[[str, list[tuple[str, Any]]], Any]
+    selector: Select
+    shape: Shape
+
+    def select(self, frame: pl.DataFrame, items: bool = True) -> pl.DataFrame:
+        """The rows of ``frame`` this stream sends (``items``: with their JSON text; counting needs none)."""
+        return self.selector(frame, items)
 
     @property
     def endpoint(self) -> str:
@@ -69,7 +111,10 @@ class Stream:
 
 
 def json_value(value: Any) -> Any:
-    """A clean-frame value as Netmera takes it: integral floats as integers (``34`` not ``34.0``)."""
+    """A clean-frame value as Netmera takes it: integral floats as integers (``34`` not ``34.0``).
+
+    The Python form of what :mod:`sync.platforms._encode` writes for a column (kept for code that builds a body
+    from Python values)."""
     if isinstance(value, float) and value.is_integer() and abs(value) < 2**53:
         return int(value)
     if isinstance(value, list):
@@ -77,25 +122,125 @@ def json_value(value: Any) -> Any:
     return value
 
 
-def _profile(payload: Mapping[str, Any]) -> dict[str, Any]:
-    return {k: json_value(v) for k, v in payload.items() if v is not None}
+_ID = enc.string_text(pl.col(EXT_ID))  # never null: an ID is required in a clean frame
+_ID_TEXT = _ID.expr()
 
 
-def _rows(frame: pl.DataFrame, keep: pl.Expr, payload: pl.Expr, group: pl.Expr | None = None) -> pl.DataFrame:
+def _item(members: Mapping[str, enc.Member], required: tuple[str, ...] = ("extId",)) -> pl.Expr:
+    """A body item: an object whose ``required`` members are always there (fewer string copies)."""
+    return enc.obj(members, required=required)
+
+
+def _rows(
+    frame: pl.DataFrame, keep: pl.Expr, item: pl.Expr | None, items: bool, group: pl.Expr | None = None
+) -> pl.DataFrame:
     # A frame of a non-idempotent stream carries its rows' keys (sync.row_keys): they travel to the batch.
     keys = [pl.col(ROW_KEY)] if ROW_KEY in frame.columns else []
+    text = item if items and item is not None else pl.lit(None, pl.String)
     return frame.filter(keep).select(
-        pl.col(_EXT_ID),
-        pl.col(_FILE),
-        pl.col(_ROW),
+        pl.col(EXT_ID),
+        pl.col(FILE),
+        pl.col(ROW),
         (group if group is not None else pl.lit("")).cast(pl.String).alias(GROUP),
-        payload.alias(PAYLOAD),
+        text.alias(ITEM),
         *keys,
     )
 
 
-def _struct(columns: Sequence[tuple[str, str]]) -> pl.Expr:
-    return pl.struct([pl.col(col).alias(name) for col, name in columns])
+def _values(frame: pl.DataFrame, pairs: Sequence[tuple[str, str]]) -> tuple[pl.DataFrame, dict[str, pl.Expr]]:
+    """``frame`` with each attribute column's JSON text (null where the row has no value) in a column of its own,
+    and attribute name → that column. One column each, so that polars encodes them in parallel (the object they
+    form is one expression, evaluated on one thread)."""
+    texts = [
+        enc.value(pl.col(col), frame.schema[col]).alias(f"__json{i}") for i, (col, _) in enumerate(pairs)
+    ]
+    members = {name: pl.col(f"__json{i}") for i, (_, name) in enumerate(pairs)}
+    return frame.with_columns(texts), members
+
+
+def _select_profile(frame: pl.DataFrame, items: bool, pairs: Sequence[tuple[str, str]]) -> pl.DataFrame:
+    keep = pl.any_horizontal(pl.col([c for c, _ in pairs]).is_not_null())
+    if not items:
+        return _rows(frame, keep, None, items)
+    encoded, members = _values(frame.filter(keep), pairs)
+    item = _item({"extId": _ID, "profile": enc.obj_text(members)}, ("extId", "profile"))
+    return _rows(encoded, pl.lit(True), item, items)
+
+
+def _select_unset(frame: pl.DataFrame, items: bool, pairs: Sequence[tuple[str, str]]) -> pl.DataFrame:
+    columns = [c for c, _ in pairs]
+    names = enc.array(pl.when(pl.col(c).is_null()).then(pl.lit(enc.key(name))) for c, name in pairs)
+    item = _item({"extId": _ID, "profile": names}, ("extId", "profile")) if items else None
+    return _rows(frame, pl.any_horizontal(pl.col(columns).is_null()), item, items)
+
+
+def _select_flag(frame: pl.DataFrame, items: bool, column: str, want: bool, one: bool) -> pl.DataFrame:
+    item = _item({"extId": _ID}) if one else _ID_TEXT
+    return _rows(frame, pl.col(column) == want, item, items)
+
+
+def _select_contact(frame: pl.DataFrame, items: bool, column: str, field: str) -> pl.DataFrame:
+    item = _item({"extId": _ID, field: enc.string_text(pl.col(column))}, ("extId", field))
+    return _rows(frame, pl.col(column).is_not_null(), item, items)
+
+
+def _select_categories(
+    frame: pl.DataFrame, items: bool, columns: list[str], names: Mapping[str, str], want: bool
+) -> pl.DataFrame:
+    # unpivot stacks column after column; re-sorting on the frame position keeps each user's items adjacent and
+    # in the job's category order.
+    long = (
+        frame.select(EXT_ID, FILE, ROW, *columns)
+        .with_row_index("__i")
+        .unpivot(index=["__i", EXT_ID, FILE, ROW], on=columns, variable_name="__col", value_name="__enable")
+        .filter(pl.col("__enable") == want)
+        .sort("__i", maintain_order=True)
+    )
+    category = pl.col("__col").replace_strict(dict(names), return_dtype=pl.String)
+    enable = enc.Text(("true" if want else "false",))
+    item = _item(
+        {"extId": _ID, "category": enc.string_text(category), "enable": enable},
+        ("extId", "category", "enable"),
+    )
+    return long.select(
+        EXT_ID,
+        FILE,
+        ROW,
+        pl.lit("").alias(GROUP),
+        (item if items else pl.lit(None, pl.String)).alias(ITEM),
+    )
+
+
+def _select_tags(frame: pl.DataFrame, items: bool, columns: list[str]) -> pl.DataFrame:
+    tags = pl.concat_list([pl.col(c).fill_null(pl.lit([], pl.List(pl.String))) for c in columns]).list.unique(
+        maintain_order=True
+    )
+    # The ID's JSON text is made once per user, before a row per tag repeats it.
+    item = _ID_TEXT if items else pl.lit(None, pl.String)
+    return (
+        frame.select(EXT_ID, FILE, ROW, tags.alias(GROUP), item.alias(ITEM))
+        .explode(GROUP)
+        .filter(pl.col(GROUP).is_not_null())
+        .select(EXT_ID, FILE, ROW, GROUP, ITEM)
+    )
+
+
+def _select_tag_table(frame: pl.DataFrame, items: bool, want: bool) -> pl.DataFrame:
+    return _rows(frame, pl.col("__action") == want, _ID_TEXT, items, pl.col("__tag"))
+
+
+def _select_events(frame: pl.DataFrame, items: bool, pairs: Sequence[tuple[str, str]]) -> pl.DataFrame:
+    # Attributes sit beside extId and name, all keys sorted together (the loader refuses an attribute named
+    # extId or name, which would overwrite the event's identity).
+    if not items:
+        return _rows(frame, pl.lit(True), None, items)
+    encoded, members = _values(frame, pairs)
+    item = _item({**members, "extId": _ID, "name": enc.string_text(pl.col("__event"))}, ("extId", "name"))
+    return _rows(encoded, pl.lit(True), item, items)
+
+
+def _select_all(frame: pl.DataFrame, items: bool) -> pl.DataFrame:
+    return _rows(frame, pl.lit(True), _ID_TEXT, items)
 
 
 def _flag_stream(operation: Operation, column: str, want: bool) -> Stream:
@@ -104,10 +249,8 @@ def _flag_stream(operation: Operation, column: str, want: bool) -> Stream:
         operation,
         phase_for(operation),
         (column,),
-        lambda f: _rows(f, pl.col(column) == want, pl.lit(None, pl.Null)),
-        (lambda _g, rows: single_user_body(rows[0][0]))
-        if one
-        else (lambda _g, rows: ext_ids_body([r[0] for r in rows])),
+        partial(_select_flag, column=column, want=want, one=one),
+        Shape.ONE if one else Shape.IDS,
     )
 
 
@@ -116,50 +259,40 @@ def _users_streams(source: Source) -> list[Stream]:
     by_mode = {mode: [a for a in source.attributes if a.mode is mode] for mode in AttributeMode}
     sets = by_mode[AttributeMode.SET]
     if sets:
-        cols = [a.column for a in sets]
+        pairs = [(a.column, a.attribute) for a in sets]
         streams.append(
             Stream(
                 Operation.SET_ATTRIBUTES,
                 Phase.CHANGES,
-                tuple(cols),
-                lambda f: _rows(
-                    f,
-                    pl.any_horizontal(pl.col(cols).is_not_null()),
-                    _struct([(a.column, a.attribute) for a in sets]),
-                ),
-                lambda _g, rows: set_attributes_body((x, _profile(p)) for x, p in rows),
+                tuple(c for c, _ in pairs),
+                partial(_select_profile, pairs=pairs),
+                Shape.ARRAY,
             )
         )
-    unsets = [a for a in sets if a.on_null is NullAction.UNSET]
+    unsets = [(a.column, a.attribute) for a in sets if a.on_null is NullAction.UNSET]
     if unsets:
-        ucols = [a.column for a in unsets]
-        names = pl.concat_list(
-            [pl.when(pl.col(a.column).is_null()).then(pl.lit(a.attribute)) for a in unsets]
-        ).list.drop_nulls()
         streams.append(
             Stream(
                 Operation.UNSET_ATTRIBUTES,
                 Phase.CHANGES,
-                tuple(ucols),
-                lambda f: _rows(f, pl.any_horizontal(pl.col(ucols).is_null()), names),
-                lambda _g, rows: unset_attributes_body(rows),
+                tuple(c for c, _ in unsets),
+                partial(_select_unset, pairs=unsets),
+                Shape.ARRAY,
             )
         )
     for mode, operation in (
         (AttributeMode.PUSH, Operation.PUSH_ATTRIBUTES),
         (AttributeMode.PULL, Operation.PULL_ATTRIBUTES),
     ):
-        mapped = by_mode[mode]
+        mapped = [(a.column, a.attribute) for a in by_mode[mode]]
         if mapped:
-            mcols = [a.column for a in mapped]
-            pairs = [(a.column, a.attribute) for a in mapped]
             streams.append(
                 Stream(
                     operation,
                     Phase.CHANGES,
-                    tuple(mcols),
-                    partial(_present_rows, columns=mcols, pairs=pairs),
-                    lambda _g, rows: array_attributes_body((x, _profile(p)) for x, p in rows),
+                    tuple(c for c, _ in mapped),
+                    partial(_select_profile, pairs=mapped),
+                    Shape.ARRAY,
                 )
             )
     categories = list(source.opt_ins.categories.items())
@@ -172,8 +305,8 @@ def _users_streams(source: Source) -> list[Stream]:
                     Operation.SET_CATEGORIES,
                     Phase.OPT_OUT if not want else Phase.CHANGES,
                     tuple(ccols),
-                    partial(_category_rows, columns=ccols, names=names_of, want=want),
-                    partial(_category_body, want=want),
+                    partial(_select_categories, columns=ccols, names=names_of, want=want),
+                    Shape.ARRAY,
                 )
             )
     opt = source.opt_ins
@@ -184,28 +317,20 @@ def _users_streams(source: Source) -> list[Stream]:
     ):
         if column:
             streams += [_flag_stream(off, column, False), _flag_stream(on, column, True)]
-    if source.email:
-        email = source.email
-        streams.append(
-            Stream(
-                Operation.UPDATE_EMAIL,
-                Phase.CHANGES,
-                (email,),
-                lambda f: _rows(f, pl.col(email).is_not_null(), pl.col(email)),
-                lambda _g, rows: update_email_body(*rows[0]),
+    for column, operation, field in (
+        (source.email, Operation.UPDATE_EMAIL, "email"),
+        (source.msisdn, Operation.UPDATE_MSISDN, "msisdn"),
+    ):
+        if column:
+            streams.append(
+                Stream(
+                    operation,
+                    Phase.CHANGES,
+                    (column,),
+                    partial(_select_contact, column=column, field=field),
+                    Shape.ONE,
+                )
             )
-        )
-    if source.msisdn:
-        msisdn = source.msisdn
-        streams.append(
-            Stream(
-                Operation.UPDATE_MSISDN,
-                Phase.CHANGES,
-                (msisdn,),
-                lambda f: _rows(f, pl.col(msisdn).is_not_null(), pl.col(msisdn)),
-                lambda _g, rows: update_msisdn_body(*rows[0]),
-            )
-        )
     for action, operation in ((TagAction.TAG, Operation.TAG), (TagAction.UNTAG, Operation.UNTAG)):
         tcols = [t.column for t in source.tags if t.action is action]
         if tcols:
@@ -214,58 +339,11 @@ def _users_streams(source: Source) -> list[Stream]:
                     operation,
                     Phase.CHANGES,
                     tuple(dict.fromkeys(tcols)),
-                    partial(_tag_rows, columns=tcols),
-                    lambda g, rows: tag_body(g, [r[0] for r in rows]),
+                    partial(_select_tags, columns=tcols),
+                    Shape.TAG,
                 )
             )
     return streams
-
-
-def _present_rows(frame: pl.DataFrame, columns: list[str], pairs: list[tuple[str, str]]) -> pl.DataFrame:
-    return _rows(frame, pl.any_horizontal(pl.col(columns).is_not_null()), _struct(pairs))
-
-
-def _category_body(_group: str, rows: list[tuple[str, Any]], want: bool) -> Any:
-    return category_preferences_body((x, c, want) for x, c in rows)
-
-
-def _tag_table_rows(frame: pl.DataFrame, want: bool) -> pl.DataFrame:
-    return _rows(frame, pl.col("__action") == want, pl.lit(None, pl.Null), pl.col("__tag"))
-
-
-def _category_rows(
-    frame: pl.DataFrame, columns: list[str], names: Mapping[str, str], want: bool
-) -> pl.DataFrame:
-    # unpivot stacks column after column; re-sorting on the frame position keeps each user's items adjacent and
-    # in the job's category order.
-    long = (
-        frame.select(_EXT_ID, _FILE, _ROW, *columns)
-        .with_row_index("__i")
-        .unpivot(
-            index=["__i", _EXT_ID, _FILE, _ROW], on=columns, variable_name="__col", value_name="__enable"
-        )
-        .filter(pl.col("__enable") == want)
-        .sort("__i", maintain_order=True)
-    )
-    return long.select(
-        _EXT_ID,
-        _FILE,
-        _ROW,
-        pl.lit("").alias(GROUP),
-        pl.col("__col").replace_strict(dict(names), return_dtype=pl.String).alias(PAYLOAD),
-    )
-
-
-def _tag_rows(frame: pl.DataFrame, columns: list[str]) -> pl.DataFrame:
-    tags = pl.concat_list([pl.col(c).fill_null(pl.lit([], pl.List(pl.String))) for c in columns]).list.unique(
-        maintain_order=True
-    )
-    return (
-        frame.select(_EXT_ID, _FILE, _ROW, tags.alias(GROUP))
-        .explode(GROUP)
-        .filter(pl.col(GROUP).is_not_null())
-        .with_columns(pl.lit(None, pl.Null).alias(PAYLOAD))
-    )
 
 
 def streams_for(source: Source) -> list[Stream]:
@@ -274,83 +352,106 @@ def streams_for(source: Source) -> list[Stream]:
         return _users_streams(source)
     if source.kind is SourceKind.TAGS:
         return [
-            Stream(
-                op,
-                Phase.CHANGES,
-                ("__tag", "__action"),
-                partial(_tag_table_rows, want=want),
-                lambda g, rows: tag_body(g, [r[0] for r in rows]),
-            )
+            Stream(op, Phase.CHANGES, ("__tag", "__action"), partial(_select_tag_table, want=want), Shape.TAG)
             for op, want in ((Operation.TAG, True), (Operation.UNTAG, False))
         ]
     if source.kind is SourceKind.EVENTS:
         pairs = [(a.column, a.attribute) for a in source.attributes]
+        clash = {"extId", "name"} & {name for _, name in pairs}
+        if clash:
+            raise ValueError(f"event attribute(s) {sorted(clash)} clash with the event's own fields")
         return [
             Stream(
                 Operation.FIRE_EVENTS,
                 Phase.CHANGES,
                 ("__event", *(c for c, _ in pairs)),
-                lambda f: _rows(
-                    f,
-                    pl.lit(True),
-                    pl.struct(pl.col("__event"), _struct(pairs).alias("a"))
-                    if pairs
-                    else pl.struct(pl.col("__event")),
-                ),
-                lambda _g, rows: events_body((x, p["__event"], _profile(p.get("a") or {})) for x, p in rows),
+                partial(_select_events, pairs=pairs),
+                Shape.ARRAY,
             )
         ]
+    return [Stream(Operation.DELETE_USERS, Phase.DELETIONS, (), _select_all, Shape.IDS)]
+
+
+# --- snapshot mode: the streams of a delta frame (sync.state) ------------------------------------------------
+
+
+def _select_unset_list(frame: pl.DataFrame, items: bool, column: str) -> pl.DataFrame:
+    item = _item({"extId": _ID, "profile": enc.list_array(pl.col(column), pl.String)}, ("extId", "profile"))
+    return _rows(frame, pl.col(column).list.len() > 0, item, items)
+
+
+def _select_flagged(frame: pl.DataFrame, items: bool, column: str) -> pl.DataFrame:
+    return _rows(frame, pl.col(column).fill_null(False), _ID_TEXT, items)
+
+
+def snapshot_streams(source: Source) -> list[Stream]:
+    """The request streams of a source's snapshot delta frames (:mod:`sync.state`): the planner's streams as a
+    delta frame has them (values present are sent, nothing is unset for being empty, tags added and removed are
+    two tag columns), then the unsets (``__unset``: a list of attribute names) and deletions (``__delete``)."""
+    import dataclasses
+
+    from sync.config import TagColumn
+    from sync.platforms.base import DELTA_DELETE as DELETE
+    from sync.platforms.base import DELTA_TAGS_ADDED as TAGS_ADDED
+    from sync.platforms.base import DELTA_TAGS_REMOVED as TAGS_REMOVED
+    from sync.platforms.base import DELTA_UNSET as UNSET
+
+    delta = dataclasses.replace(
+        source,
+        attributes=tuple(dataclasses.replace(a, on_null=NullAction.SKIP) for a in source.attributes),
+        tags=(TagColumn(TAGS_ADDED), TagColumn(TAGS_REMOVED, action=TagAction.UNTAG)),
+    )
     return [
+        *streams_for(delta),
+        Stream(
+            Operation.UNSET_ATTRIBUTES,
+            Phase.CHANGES,
+            (UNSET,),
+            partial(_select_unset_list, column=UNSET),
+            Shape.ARRAY,
+        ),
         Stream(
             Operation.DELETE_USERS,
             Phase.DELETIONS,
-            (),
-            lambda f: _rows(f, pl.lit(True), pl.lit(None, pl.Null)),
-            lambda _g, rows: ext_ids_body([r[0] for r in rows]),
-        )
+            (DELETE,),
+            partial(_select_flagged, column=DELETE),
+            Shape.IDS,
+        ),
     ]
+
+
+# --- batches -------------------------------------------------------------------------------------------------
+
+
+def _size(stream: Stream, batch_size: int) -> int:
+    return 1 if stream.single_user else min(batch_size, MAX_IDS_PER_REQUEST)
 
 
 def stream_batches(
     stream: Stream, frames: Iterable[pl.DataFrame], batch_size: int, files: Sequence[str]
 ) -> Iterator[Batch]:
     """Turn a stream's clean frames into batches of at most ``batch_size`` unique IDs per group (one for
-    one-user endpoints). Full batches come out as they fill; the rest at the end, in group order."""
-    size = 1 if stream.single_user else min(batch_size, MAX_IDS_PER_REQUEST)
-    pending: dict[str, list[tuple[str, Any]]] = {}
-    origins: dict[str, dict[str, RowRef]] = {}
-    last_id: dict[str, str] = {}
-    keys: dict[str, list[int]] = {}  # per group: the row keys of the pending rows (keyed frames only)
+    one-user endpoints). Full batches come out as they fill; the rest at the end, in group order.
 
-    def emit(group: str) -> Batch:
-        rows = pending.pop(group)
-        body = stream.body(group, rows)
-        packed = pack(keys.pop(group, ()))
-        batch = make_batch(
-            stream.operation, body, origins=origins.pop(group), phase=stream.phase, row_keys=packed
+    Each body is the request's canonical JSON as ``bytes`` (sent as is); the batch ID is the first 16 hex digits
+    of sha256 over the endpoint, a newline and those bytes."""
+    endpoint = stream.endpoint
+    prefix = hashlib.sha256(endpoint.encode("utf-8") + b"\n")
+    selected = (stream.select(frame, True) for frame in frames)
+    for run in cut(selected, _size(stream, batch_size), files, first_only=stream.shape is Shape.ONE):
+        body = _body(stream.shape, run.group, run.items)
+        digest = prefix.copy()
+        digest.update(body)
+        yield Batch(
+            batch_id=digest.hexdigest()[:16],
+            endpoint=endpoint,
+            operation=stream.operation,
+            body=body,
+            ext_ids=run.ext_ids,
+            phase=stream.phase,
+            origins=run.origins,
+            row_keys=run.row_keys,
         )
-        last_id.pop(group, None)
-        return batch
-
-    for frame in frames:
-        selected = stream.select(frame)
-        keyed = ROW_KEY in selected.columns
-        for ext_id, file_index, row, group, payload, *key in selected.iter_rows():
-            group_rows = pending.get(group)
-            if group_rows is None:
-                group_rows = pending[group] = []
-                origins[group] = {}
-            elif last_id[group] != ext_id and len(origins[group]) >= size:
-                yield emit(group)
-                group_rows = pending[group] = []
-                origins[group] = {}
-            group_rows.append((ext_id, payload))
-            if keyed:
-                keys.setdefault(group, []).append(key[0])
-            origins[group].setdefault(ext_id, RowRef(files[file_index], row))
-            last_id[group] = ext_id
-    for group in sorted(pending):
-        yield emit(group)
 
 
 def stream_counts(stream: Stream, frames: Iterable[pl.DataFrame], batch_size: int) -> tuple[int, int]:
@@ -358,33 +459,28 @@ def stream_counts(stream: Stream, frames: Iterable[pl.DataFrame], batch_size: in
 
     Frames must hold every row of their IDs (the planner's frames are whole hash buckets), so unique IDs add up.
     """
-    size = 1 if stream.single_user else min(batch_size, MAX_IDS_PER_REQUEST)
-    per_group: dict[str, int] = {}
-    for frame in frames:
-        counted = stream.select(frame).group_by(GROUP).agg(pl.col(_EXT_ID).n_unique().alias("n"))
-        for group, n in counted.iter_rows():
-            per_group[group] = per_group.get(group, 0) + n
-    ids = sum(per_group.values())
-    return sum(-(-n // size) for n in per_group.values()), ids
+    size = _size(stream, batch_size)
+    counted = [
+        stream.select(frame, False).group_by(GROUP).agg(pl.col(EXT_ID).n_unique().alias("n"))
+        for frame in frames
+    ]
+    if not counted:
+        return 0, 0
+    per_group = pl.concat(counted).group_by(GROUP).agg(pl.col("n").sum())
+    totals = per_group.select(
+        ((pl.col("n") + size - 1) // size).sum().alias("requests"), pl.col("n").sum().alias("ids")
+    )
+    requests, ids = totals.row(0)
+    return int(requests or 0), int(ids or 0)
 
 
 def stream_sample(stream: Stream, frames: Iterable[pl.DataFrame], max_ids: int = 3) -> Any | None:
     """A request body built from the stream's first ``max_ids`` IDs (of its first group), or None if it is empty."""
     for frame in frames:
-        selected = stream.select(frame)
+        selected = stream.select(frame, True)
         if selected.is_empty():
             continue
-        first_group = selected[GROUP][0]
-        rows: list[tuple[str, Any]] = []
-        seen: list[str] = []
-        limit = 1 if stream.single_user else max_ids
-        for ext_id, _f, _r, group, payload, *_key in selected.iter_rows():
-            if group != first_group:
-                continue
-            if ext_id not in seen:
-                if len(seen) >= limit:
-                    break
-                seen.append(ext_id)
-            rows.append((ext_id, payload))
-        return stream.body(first_group, rows)
+        rows = first_ids(selected, 1 if stream.single_user else max_ids)
+        items = rows[ITEM][0] if stream.shape is Shape.ONE else ",".join(rows[ITEM].to_list())
+        return json.loads(_body(stream.shape, rows[GROUP][0], items.encode("utf-8")))
     return None

@@ -86,10 +86,20 @@ class NetmeraClient(HttpClient):
         return split_batch(batch)
 
     async def send(self, batch: Batch) -> SendOutcome:
-        """POST the batch's body to its endpoint; see the module docstring for what is raised."""
+        """POST the batch's body to its endpoint; see the module docstring for what is raised.
+
+        The builder's body is the request's canonical JSON ``bytes``: sent as they are (``Content-Type:
+        application/json``), never encoded again. An object body (a batch made by hand) is encoded here."""
+        body = batch.body
+        encoded = body if isinstance(body, bytes) else None
         answer = _ANSWERS.check(
             await self._session.request(
-                "POST", batch.endpoint, endpoint=batch.endpoint, batch_id=batch.batch_id, json_body=batch.body
+                "POST",
+                batch.endpoint,
+                endpoint=batch.endpoint,
+                batch_id=batch.batch_id,
+                data=encoded,
+                json_body=None if encoded is not None else body,
             )
         )
         # Success bodies are not documented [I]: empty is fine, but a page that is not JSON is not the API's.

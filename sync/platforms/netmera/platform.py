@@ -14,7 +14,7 @@ from sync.errors import JobProblem
 from sync.platforms.base import BatchBuilder, PlatformClient
 from sync.platforms.netmera import MAX_IDS_PER_REQUEST, PLATFORM
 from sync.platforms.netmera import requests as netmera
-from sync.records import Batch, Operation
+from sync.records import Batch, Operation, body_json
 
 __all__ = ["NETMERA", "NetmeraPlatform"]
 
@@ -66,7 +66,7 @@ class NetmeraPlatform:
             return None
         if keep == frozenset(batch.ext_ids):
             return batch
-        body = batch.body
+        body = body_json(batch)  # a cold path: only the IDs a retry resends
         new_body: Any
         if isinstance(body, list):
             new_body = [item for item in body if str(item["extId"]) in keep]
@@ -74,16 +74,7 @@ class NetmeraPlatform:
             new_body = {**body, "extIds": [x for x in body["extIds"] if x in keep]}
         else:  # one-user bodies name a single ID: kept whole above
             return batch
-        ids = netmera.ext_ids_in_body(batch.endpoint, new_body)
-        return Batch(
-            batch_id=netmera.batch_id_for(batch.endpoint, new_body),
-            endpoint=batch.endpoint,
-            operation=batch.operation,
-            body=new_body,
-            ext_ids=ids,
-            phase=batch.phase,
-            origins={x: batch.origins[x] for x in ids if x in batch.origins},
-        )
+        return netmera.derived_batch(batch, new_body)
 
 
 NETMERA = NetmeraPlatform()

@@ -24,8 +24,11 @@ array bodies may hold several items for one ID (several categories or events of 
 
 This is the public face, and the builder module :mod:`sync.planning` registers for Netmera. The implementation
 is split by concept: the request shapes (endpoints, phases, bodies, batch IDs, splitting) in :mod:`._shapes`,
-the streaming from clean frames to batches (:class:`Stream`, :func:`streams_for`, :func:`stream_batches`,
-:func:`stream_counts`, :func:`stream_sample`) in :mod:`._streams`.
+the streaming from clean frames to batches (:class:`Stream`, :func:`streams_for`, :func:`snapshot_streams`,
+:func:`stream_batches`, :func:`stream_counts`, :func:`stream_sample`) in :mod:`._streams`, which builds each body
+as columns (:mod:`sync.platforms._encode`) and cuts batches with :mod:`sync.platforms._batches`: a batch's body is
+its canonical JSON ``bytes``, sent as they are. The Python body builders below give the same bytes through
+:func:`make_batch` (a test, a cut-down batch).
 """
 
 from __future__ import annotations
@@ -39,6 +42,7 @@ from sync.platforms.netmera._shapes import (
     batch_id_for,
     canonical_json,
     category_preferences_body,
+    derived_batch,
     events_body,
     ext_ids_body,
     ext_ids_in_body,
@@ -49,6 +53,7 @@ from sync.platforms.netmera._shapes import (
     single_user_body,
     split_batch,
     tag_body,
+    tag_of,
     unset_attributes_body,
     update_email_body,
     update_msisdn_body,
@@ -56,26 +61,39 @@ from sync.platforms.netmera._shapes import (
 
 # Not in __all__, but sync.state reads the stream column names through this module: re-exported explicitly.
 from sync.platforms.netmera._streams import GROUP as GROUP
-from sync.platforms.netmera._streams import PAYLOAD as PAYLOAD
+from sync.platforms.netmera._streams import ITEM as ITEM
 from sync.platforms.netmera._streams import (
+    Shape,
     Stream,
     json_value,
+    snapshot_streams,
     stream_batches,
     stream_counts,
     stream_sample,
     streams_for,
 )
+from sync.records import Batch
+
+
+def batch_group(batch: Batch) -> str:
+    """The group of a batch of a snapshot stream (:class:`sync.platforms.base.SnapshotBuilder`): the tag of a
+    tag or untag request, ``""`` for any other."""
+    return tag_of(batch)
+
 
 __all__ = [
     "ARRAY_BODY_ENDPOINTS",
     "ENDPOINT_FOR",
     "MAX_IDS_PER_REQUEST",
     "SINGLE_USER_ENDPOINTS",
+    "Shape",
     "Stream",
     "array_attributes_body",
+    "batch_group",
     "batch_id_for",
     "canonical_json",
     "category_preferences_body",
+    "derived_batch",
     "events_body",
     "ext_ids_body",
     "ext_ids_in_body",
@@ -85,12 +103,14 @@ __all__ = [
     "phase_for",
     "set_attributes_body",
     "single_user_body",
+    "snapshot_streams",
     "split_batch",
     "stream_batches",
     "stream_counts",
     "stream_sample",
     "streams_for",
     "tag_body",
+    "tag_of",
     "unset_attributes_body",
     "update_email_body",
     "update_msisdn_body",

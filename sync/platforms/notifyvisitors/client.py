@@ -161,8 +161,16 @@ class NotifyVisitorsClient(HttpClient):
 
     async def send(self, batch: Batch) -> SendOutcome:
         """POST the batch's body to its endpoint; see the module docstring for what is raised."""
+        # The planner's bodies are the request's canonical JSON bytes: sent as they are, never encoded again.
+        body = batch.body
+        encoded = isinstance(body, bytes | bytearray | memoryview)
         answer = await self._session.request(
-            "POST", batch.endpoint, endpoint=batch.endpoint, batch_id=batch.batch_id, json_body=batch.body
+            "POST",
+            batch.endpoint,
+            endpoint=batch.endpoint,
+            batch_id=batch.batch_id,
+            data=bytes(body) if encoded else None,
+            json_body=None if encoded else body,
         )
         if not answer.ok:
             error = _ANSWERS.error(answer)

@@ -20,7 +20,7 @@ from sync.platforms.notifyvisitors import (
     USER_CREATE,
 )
 from sync.platforms.notifyvisitors import requests as nv
-from sync.records import Batch, Operation, RowRef
+from sync.records import Batch, Operation, body_json
 
 __all__ = ["NOTIFYVISITORS", "NotifyVisitorsPlatform"]
 
@@ -74,20 +74,19 @@ class NotifyVisitorsPlatform:
             return None
         if keep == frozenset(batch.ext_ids):
             return batch
-        # Every item of a kept user stays, in order (events of one user keep their order), with its own row, and
-        # the batch keeps its place behind its predecessor, as the platform's split_batch does.
-        items = batch.body["nv"]
-        origins = batch.origins
-        if isinstance(origins, nv.ItemOrigins):
-            rows: Sequence[RowRef | None] = origins.rows
-        else:
-            rows = [origins.get(str(item["userID"])) for item in items]
+        # Every item of a kept user stays, in order (events of one user keep their order), with its own row and
+        # row key, and the batch keeps its place behind its predecessor, as the platform's split_batch does. A
+        # cold path (pushsync retry): the body is decoded.
+        items = body_json(batch)["nv"]
+        rows = nv.item_rows(batch, items)
         kept = [i for i, item in enumerate(items) if str(item["userID"]) in keep]
+        keyed = len(batch.row_keys) == 8 * len(items)
         return nv.make_batch(
             batch.endpoint,
             {"nv": [items[i] for i in kept]},
             rows=[rows[i] for i in kept],
             after=batch.after,
+            row_keys=b"".join(batch.row_keys[8 * i : 8 * i + 8] for i in kept) if keyed else b"",
         )
 
 

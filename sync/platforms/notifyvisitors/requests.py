@@ -15,6 +15,7 @@ YYYY-MM-DD, ``event_time`` as ``yyyy-MM-dd HH:mm:ss``, opt-in flags as ``"1"``/`
 
 from __future__ import annotations
 
+import bisect
 import hashlib
 import json
 import re
@@ -28,6 +29,8 @@ import polars as pl
 
 from sync.config import Job, Source, SourceKind, ValueType
 from sync.errors import JobProblem
+from sync.platforms import _encode as enc
+from sync.platforms._batches import _key_bytes
 from sync.platforms.notifyvisitors import (
     DATE_ATTRIBUTES,
     DATE_FORMAT,
@@ -43,7 +46,7 @@ from sync.platforms.notifyvisitors import (
     USER_CREATE,
 )
 from sync.records import Batch, Operation, Phase, RowRef
-from sync.row_keys import ROW_KEY, pack
+from sync.row_keys import ROW_KEY
 from sync.validation import REJECTS_SCHEMA
 
 __all__ = [
@@ -59,12 +62,14 @@ __all__ = [
     "canonical_json",
     "check_name",
     "check_user_id",
+    "cut_points",
     "event_create_body",
     "event_item",
     "for_job",
     "format_date",
     "format_event_time",
     "format_mobile",
+    "item_rows",
     "iter_batches",
     "job_problems",
     "make_batch",
@@ -264,49 +269,98 @@ def canonical_json(value: Any) -> bytes:
     return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
 
 
+_ID_PREFIX = b"notifyvisitors\n"
+
+
 def batch_id_for(endpoint: str, body: Any) -> str:
-    """A stable batch ID: 16 hex digits of sha256 over the platform, endpoint and canonical body."""
-    digest = hashlib.sha256(b"notifyvisitors\n")
+    """A stable batch ID: 16 hex digits of sha256 over the platform, endpoint and canonical body (a JSON-ready
+    object, or its canonical JSON ``bytes``: a batch's body)."""
+    digest = hashlib.sha256(_ID_PREFIX)
     digest.update(endpoint.encode("utf-8"))
     digest.update(b"\n")
-    digest.update(canonical_json(body))
+    digest.update(body if isinstance(body, bytes) else canonical_json(body))
     return digest.hexdigest()[:16]
 
 
+def _decoded(body: Any) -> Any:
+    return json.loads(bytes(body)) if isinstance(body, bytes | bytearray | memoryview) else body
+
+
 def user_ids_in_body(body: Any) -> tuple[str, ...]:
-    """The unique ``userID`` values of a body, in order of first appearance."""
+    """The unique ``userID`` values of a body (an object, or its encoded ``bytes``), in order of first
+    appearance."""
+    body = _decoded(body)
     items = body.get("nv") if isinstance(body, Mapping) else None
     if not isinstance(items, list):
         raise ValueError('a NotifyVisitors body is {"nv": [...]}')
     return tuple(dict.fromkeys(str(item["userID"]) for item in items))
 
 
+_EXT_USER, _EXT_FILE, _EXT_ROW = "__ext_id", "__file", "__row"
+
+
 class ItemOrigins(Mapping[str, RowRef]):
     """The origins of a batch whose items may name a user more than once (events): the row of each item, in
     body order (:attr:`rows`). As a mapping (``Batch.origins``) a user's row is their last item's, so once a
-    refused batch is split down to one item, the refusal names exactly the row that item came from."""
+    refused batch is split down to one item, the refusal names exactly the row that item came from.
 
-    __slots__ = ("_by_user", "rows")
+    The planner's batches keep the rows as polars columns (:meth:`of_columns`) until something reads them — a
+    refused batch, a split — so a batch that goes through never makes these objects."""
+
+    __slots__ = ("_by_user", "_columns", "_rows")
 
     def __init__(self, items: Sequence[Mapping[str, Any]], rows: Sequence[RowRef | None]) -> None:
         if len(items) != len(rows):
             raise ValueError("one row (or None) per item")
-        self.rows: tuple[RowRef | None, ...] = tuple(rows)
-        self._by_user: dict[str, RowRef] = {
+        self._columns: tuple[Sequence[tuple[pl.DataFrame, int, int]], Sequence[str]] | None = None
+        self._rows: tuple[RowRef | None, ...] | None = tuple(rows)
+        self._by_user: dict[str, RowRef] | None = {
             str(item["userID"]): row for item, row in zip(items, rows, strict=True) if row is not None
         }
 
+    @classmethod
+    def of_columns(cls, spans: Sequence[tuple[pl.DataFrame, int, int]], names: Sequence[str]) -> ItemOrigins:
+        """Lazy origins: the items are the rows ``first..end`` of each frame (``__ext_id``, ``__file``: the
+        index of the item's file in ``names``, ``__row``), in order."""
+        self = cls.__new__(cls)
+        self._columns, self._rows, self._by_user = (spans, names), None, None
+        return self
+
+    def _frame(self) -> pl.DataFrame:
+        assert self._columns is not None
+        spans = self._columns[0]
+        return pl.concat([frame.slice(first, end - first) for frame, first, end in spans])
+
+    @property
+    def rows(self) -> tuple[RowRef | None, ...]:
+        """The input row of each item, in body order."""
+        if self._rows is None:
+            assert self._columns is not None
+            names = self._columns[1]
+            frame = self._frame()
+            self._rows = tuple(
+                RowRef(names[f], r)
+                for f, r in zip(frame[_EXT_FILE].to_list(), frame[_EXT_ROW].to_list(), strict=True)
+            )
+        return self._rows
+
+    def _users(self) -> dict[str, RowRef]:
+        if self._by_user is None:
+            users = self._frame()[_EXT_USER].to_list()
+            self._by_user = {user: row for user, row in zip(users, self.rows, strict=True) if row is not None}
+        return self._by_user
+
     def __getitem__(self, user: str) -> RowRef:
-        return self._by_user[user]
+        return self._users()[user]
 
     def __iter__(self) -> Iterator[str]:
-        return iter(self._by_user)
+        return iter(self._users())
 
     def __len__(self) -> int:
-        return len(self._by_user)
+        return len(self._users())
 
     def __repr__(self) -> str:
-        return f"ItemOrigins({self._by_user!r})"
+        return f"ItemOrigins({self._users()!r})"
 
 
 def make_batch(
@@ -318,11 +372,14 @@ def make_batch(
     after: str | None = None,
     row_keys: bytes = b"",
 ) -> Batch:
-    """Wrap a body in a :class:`Batch`. ValueError when it holds more items than the endpoint takes.
+    """Wrap a body (a JSON-ready object, or its canonical JSON ``bytes``) in a :class:`Batch` whose body is the
+    canonical JSON ``bytes`` the planner's builder gives the same request. ValueError when it holds more items
+    than the endpoint takes.
 
     ``rows`` (one per item) gives the batch :class:`ItemOrigins`; otherwise ``origins`` maps users to rows.
     ``after`` names the batch this one must follow (``Batch.after``); ``row_keys``: the packed keys of its
     input rows (:mod:`sync.row_keys`)."""
+    body = _decoded(body)
     limit = MAX_ITEMS[endpoint]
     count = len(body["nv"])
     if count == 0 or count > limit:
@@ -333,11 +390,12 @@ def make_batch(
         kept = ItemOrigins(body["nv"], rows)
     else:
         kept = {x: origins[x] for x in ids if x in origins} if origins else {}
+    encoded = canonical_json(body)
     return Batch(
-        batch_id=batch_id_for(endpoint, body),
+        batch_id=batch_id_for(endpoint, encoded),
         endpoint=endpoint,
         operation=operation_for(endpoint),
-        body=body,
+        body=encoded,
         ext_ids=ids,
         phase=Phase.CHANGES,
         origins=kept,
@@ -357,88 +415,91 @@ def iter_batches(
     planner's order keeps a user's events together, in file order) is not cut across requests unless it is
     longer than a request holds: the batch so far is sent without it. A batch that shares a user with the
     batch before it names that batch in ``after``, so the dispatcher sends it only once the earlier one has
-    finished and the user's events reach the platform in order."""
-    return _keyed_batches(endpoint, ((item, origin, None) for item, origin in items), batch_size)
-
-
-def _keyed_batches(
-    endpoint: str,
-    items: Iterable[tuple[dict[str, Any], RowRef | None, int | None]],
-    batch_size: int | None = None,
-) -> Iterator[Batch]:
-    """:func:`iter_batches` of items that may carry their input row's key (:mod:`sync.row_keys`): each batch
-    keeps the keys of the items it holds."""
+    finished and the user's events reach the platform in order. (The planner's builder packs the same way
+    with columns: :func:`cut_points`.)"""
     limit = MAX_ITEMS[endpoint]
     size = limit if batch_size is None else batch_size
     if not 1 <= size <= limit:
         raise ValueError(f"{endpoint}: batch size must be 1..{limit}, got {size}")
-    packer = _Packer(endpoint, size)
-    run: list[tuple[dict[str, Any], RowRef | None, int | None]] = []  # the current user's consecutive items
-    for item, origin, key in items:
-        if run and str(item["userID"]) != str(run[0][0]["userID"]):
-            yield from packer.place(run)
-            run = []
-        run.append((item, origin, key))
-    if run:
-        yield from packer.place(run)
-    if packer.items:
-        yield packer.emit()
-
-
-class _Packer:
-    """Fills requests for :func:`iter_batches`: the batch being filled, and the last one sent."""
-
-    __slots__ = ("endpoint", "items", "keys", "previous", "rows", "size")
-
-    def __init__(self, endpoint: str, size: int) -> None:
-        self.endpoint = endpoint
-        self.size = size  # items per request
-        self.items: list[dict[str, Any]] = []  # of the batch being filled
-        self.rows: list[RowRef | None] = []  # the row of each of those items
-        self.keys: list[int] = []  # the row keys of those items (keyed input only: sync.row_keys)
-        self.previous: Batch | None = None  # the batch sent last: a batch sharing a user with it follows it
-
-    def place(self, run: list[tuple[dict[str, Any], RowRef | None, int | None]]) -> Iterator[Batch]:
-        """Add one user's run of items: whole when it fits, else after sending what is there; a run longer
-        than a request fills whole requests first (each following the one before)."""
-        if self.items and len(self.items) + len(run) > self.size:
-            yield self.emit()
-        for item, origin, key in run:
-            self.items.append(item)
-            self.rows.append(origin)
-            if key is not None:
-                self.keys.append(key)
-            if len(self.items) == self.size:
-                yield self.emit()
-
-    def emit(self) -> Batch:
-        """The batch filled so far (not empty); starts the next."""
-        previous = self.previous
-        users = {str(item["userID"]) for item in self.items}
-        after = previous.batch_id if previous is not None and not users.isdisjoint(previous.ext_ids) else None
-        batch = make_batch(
-            self.endpoint, {"nv": self.items}, rows=self.rows, after=after, row_keys=pack(self.keys)
+    listed = list(items)
+    users = [str(item["userID"]) for item, _ in listed]
+    if not users:
+        return
+    starts, _ = cut_points(_run_ends(pl.Series(users, dtype=pl.String)), len(users), size, 0)
+    previous: Batch | None = None
+    for k, start in enumerate(starts):
+        end = starts[k + 1] if k + 1 < len(starts) else len(listed)
+        chunk = listed[start:end]
+        shared = previous is not None and not set(users[start:end]).isdisjoint(previous.ext_ids)
+        after = previous.batch_id if previous is not None and shared else None
+        previous = make_batch(
+            endpoint, {"nv": [item for item, _ in chunk]}, rows=[row for _, row in chunk], after=after
         )
-        self.items, self.rows, self.keys, self.previous = [], [], [], batch
-        return batch
+        yield previous
+
+
+def cut_points(ends: pl.Series, n: int, size: int, carried: int) -> tuple[list[int], bool]:
+    """Where the requests of one frame start, packing as :func:`iter_batches` describes.
+
+    ``ends`` are the (exclusive) end positions of the frame's runs of one user, ascending, the last ``n``;
+    ``carried`` items of a batch left open by earlier frames come first (positions ``-carried..-1``; a frame
+    starts with a new user). Returns the start of each request (the first ``-carried`` when that batch is
+    continued) and whether the last one is still open (fewer than ``size`` items: the next frame may add to
+    it). Python steps once per request: a binary search (over the column's buffer, no Python object per run)
+    finds the last run that still fits."""
+    if len(ends) == n:  # one item per user (profiles): requests are plain chunks
+        starts = list(range(-carried, n, size))
+        return starts, n - starts[-1] < size
+    view = _int64_view(ends)
+    starts = []
+    start = -carried
+    while True:
+        i = bisect.bisect_right(view, start + size) - 1
+        end = view[i] if i >= 0 else 0  # 0: where the frame (a new user) starts
+        if end <= start:
+            end = start + size  # one user's run longer than a request: cut inside it
+        starts.append(start)
+        if end >= n:
+            return starts, end - start < size
+        start = end
+
+
+def _int64_view(values: pl.Series) -> memoryview:
+    """An Int64 column's values as a read-only sequence of Python ints made on access (its Arrow buffer)."""
+    arrow = values.cast(pl.Int64).rechunk().to_arrow()
+    buffer = arrow.buffers()[1]
+    assert buffer is not None
+    return memoryview(buffer).cast("q")[arrow.offset : arrow.offset + len(values)]
+
+
+def _run_ends(users: pl.Series) -> pl.Series:
+    """The (exclusive) end positions of the runs of one user in ``users``, ascending."""
+    starts = users.ne_missing(users.shift(1)).arg_true().cast(pl.Int64)
+    return pl.concat([starts.slice(1), pl.Series([users.len()], dtype=pl.Int64)])
 
 
 def split_batch(batch: Batch) -> tuple[Batch, Batch] | None:
     """Halve a batch by its items, in body order: refusals are isolated down to the single item (one event of a
     user, not all of them), and the first half is sent before the second, so a user's events keep their
-    order. Each half keeps the rows of its own items. None when the batch holds a single item."""
-    items = batch.body["nv"]
+    order. Each half keeps the rows of its own items. None when the batch holds a single item. (A cold path:
+    the body is decoded.)"""
+    items = _decoded(batch.body)["nv"]
     if len(items) < 2:
         return None
     middle = len(items) // 2
-    origins = batch.origins
-    if isinstance(origins, ItemOrigins):
-        rows: Sequence[RowRef | None] = origins.rows
-    else:  # one row per user: each item gets its user's
-        rows = [origins.get(str(item["userID"])) for item in items]
+    rows = item_rows(batch, items)
     first = make_batch(batch.endpoint, {"nv": items[:middle]}, rows=rows[:middle], after=batch.after)
     second = make_batch(batch.endpoint, {"nv": items[middle:]}, rows=rows[middle:])
     return first, second
+
+
+def item_rows(batch: Batch, items: Sequence[Mapping[str, Any]]) -> Sequence[RowRef | None]:
+    """The input row of each of ``items`` (the batch's decoded items): its :class:`ItemOrigins`' rows, or each
+    item's user's row."""
+    origins = batch.origins
+    if isinstance(origins, ItemOrigins):
+        return origins.rows
+    return [origins.get(str(item["userID"])) for item in items]
 
 
 # --- from clean frames to batches (the planner's builder) ----------------------------------------------------
@@ -481,6 +542,66 @@ class Stream:
         return ENDPOINT_FOR[self.operation]
 
 
+_ITEM, _BAD, _ODD, _B, _NEW = "__item", "__bad", "__odd", "__b", "__new"
+_MOBILE_NOISE_CHARS = [
+    *"\t\n\x0b\x0c\r\x1c\x1d\x1e\x1f \x85\xa0\u1680",
+    *(chr(c) for c in range(0x2000, 0x200B)),
+    *"\u2028\u2029\u202f\u205f\u3000().-",
+]
+_NO_NOISE = [""] * len(_MOBILE_NOISE_CHARS)
+"""``_MOBILE_NOISE`` as characters (removed with one Aho-Corasick pass, twice as fast as the regex): Python's
+whitespace (:data:`sync.platforms._text.PY_WHITESPACE`; Rust's ``\\s`` differs) and the separators."""
+
+
+_FIRST_MS = -30_610_137_600_000  # 1000-01-02T00:00:00Z
+_LAST_MS = 2_114_380_800_000  # 2037-01-01T00:00:00Z
+
+
+def _zone_name(tz: tzinfo) -> str | None:
+    """The IANA name of a time zone (polars converts by name), None when it has none."""
+    key = getattr(tz, "key", None)
+    if isinstance(key, str):
+        return key
+    return "UTC" if tz == UTC else None
+
+
+@dataclass(frozen=True, slots=True)
+class _Attribute:
+    """One attribute's JSON text as the platform takes it (``formatted``) and as it is (``as_is``, what an item
+    that cannot be formatted sends: the platform refuses it with its reason), the rows where formatting fails
+    (``bad``) and the rows the columns cannot build (``odd``: :meth:`Builder._item` does). ``None`` texts: every
+    non-null value is odd."""
+
+    formatted: pl.Expr | None
+    as_is: pl.Expr | None
+    bad: pl.Expr
+    odd: pl.Expr
+
+
+@dataclass(frozen=True, slots=True)
+class _Piece:
+    """The content of one request in the making: its items' JSON texts (UTF-8, joined with ``,`` in pieces),
+    its users in order, where its items are (``(frame of __ext_id, __file, __row; first; end)`` per frame it
+    spans: sliced only when its origins are read), its row keys and its item count."""
+
+    texts: list[bytes]
+    users: list[str]
+    spans: list[tuple[pl.DataFrame, int, int]]
+    keys: list[bytes]
+    count: int
+
+    def joined(self, other: _Piece) -> _Piece:
+        """This request continued by ``other`` (the next frame's first items)."""
+        same = bool(self.users and other.users and self.users[-1] == other.users[0])
+        return _Piece(
+            self.texts + other.texts,
+            self.users + (other.users[1:] if same else other.users),
+            self.spans + other.spans,
+            self.keys + other.keys,
+            self.count + other.count,
+        )
+
+
 class Builder:
     """Turns a NotifyVisitors job's clean frames into batches; made by :func:`for_job` for the planner.
 
@@ -490,6 +611,11 @@ class Builder:
     cannot be converted is sent as it is, so the platform refuses that item and the dispatcher records it with
     the platform's reason (the batch is split down to the item). An event row without a time is rejected at
     plan (:meth:`check_rows`).
+
+    Items are built as columns (:meth:`_items`, polars expressions; the bodies are their canonical JSON joined,
+    as ``bytes``), requests cut with one Python step per request (:func:`cut_points`). :meth:`_item` is the
+    row-by-row reference, used for the rows the columns leave to it (text dates and flags parsed leniently,
+    dates outside 1000..2036) and by the property tests that hold the two equal.
     """
 
     def __init__(
@@ -599,71 +725,263 @@ class Builder:
             return item if when is None else {**item, "event_time": when}
 
     def _selected(self, stream: Stream, frame: pl.DataFrame) -> pl.DataFrame:
-        # A frame of a non-idempotent stream carries its rows' keys (sync.row_keys): kept last, for the batch.
-        keys = [ROW_KEY] if ROW_KEY in frame.columns else []
-        selected = frame.select(_EXT_ID, _FILE, _ROW, *stream.columns, *keys)
         if stream.operation is Operation.SET_ATTRIBUTES and stream.columns:
             # A user row with nothing to set sends nothing.
-            selected = selected.filter(pl.any_horizontal(pl.col(list(stream.columns)).is_not_null()))
-        return selected
+            return frame.filter(pl.any_horizontal(pl.col(list(stream.columns)).is_not_null()))
+        return frame
 
-    def _rows(self, stream: Stream, frames: Iterable[pl.DataFrame]) -> Iterator[tuple[Any, ...]]:
+    def _local_time(self, column: str, tz: tzinfo, fmt: str) -> tuple[pl.Expr, pl.Expr] | None:
+        """``(text, odd)`` of a date column (epoch milliseconds) as local time in ``tz`` and ``fmt``. Odd (built
+        the Python way) outside 1000-01-02..2036-12-31 UTC: Python writes years below 1000 differently, and
+        polars' zone rules (chrono-tz) stop following a zone's daylight-saving rule after 2037, where Python's
+        zoneinfo keeps applying it. None when ``tz`` has no IANA name polars knows."""
+        name = _zone_name(tz)
+        if name is None:
+            return None
+        local = (
+            pl.from_epoch(pl.col(column), time_unit="ms")
+            .dt.replace_time_zone("UTC")
+            .dt.convert_time_zone(name)
+        )
+        odd = pl.col(column).is_not_null() & ~pl.col(column).is_between(_FIRST_MS, _LAST_MS, closed="left")
+        return local.dt.strftime(fmt), odd
+
+    def _attribute(
+        self, stream: Stream, name: str, kind: ValueType, column: str, dtype: pl.DataType
+    ) -> _Attribute:
+        """One attribute's JSON texts (formatted and as-is), the rows where formatting fails and the rows the
+        columns cannot build (:meth:`_item` does: lenient parsing of text flags and dates, odd years)."""
+        col = pl.col(column)
+        present = col.is_not_null()
+        none = pl.lit(False)
+        users = stream.operation is Operation.SET_ATTRIBUTES
+        if kind is ValueType.DATE and dtype.is_integer():
+            fmt = DATE_FORMAT if name in DATE_ATTRIBUTES else EVENT_TIME_FORMAT
+            local = self._local_time(column, self._tz, fmt)
+            if local is None or (users and name in ("mobile", *OPT_IN_ATTRIBUTES)):
+                return _Attribute(None, None, none, present)
+            text = enc.string(local[0])
+            return _Attribute(text, text, none, local[1])
+        if kind is ValueType.BOOLEAN and name in OPT_IN_ATTRIBUTES and dtype == pl.Boolean:
+            flag = pl.when(col).then(pl.lit('"1"')).when(~col).then(pl.lit('"0"'))
+            return _Attribute(flag, flag, none, none)
+        value = col
+        if isinstance(dtype, pl.List):
+            # [I] NotifyVisitors attributes hold no arrays: the items joined with commas (str of each).
+            value = col.list.eval(pl.element().cast(pl.String).fill_null("None")).list.join(",")
+            dtype = pl.String()
+        if users and name == "mobile":
+            if dtype != pl.String:
+                return _Attribute(None, None, none, present)
+            cleaned = value.str.replace_many(_MOBILE_NOISE_CHARS, _NO_NOISE)
+            cleaned = (
+                pl.when(cleaned.str.starts_with("00"))
+                .then(pl.concat_str(pl.lit("+"), cleaned.str.slice(2)))
+                .otherwise(cleaned)
+            )
+            bad = present & ~cleaned.str.contains(E164_PATTERN)
+            return _Attribute(enc.string(cleaned), enc.string(value), bad, none)
+        if users and name in (*DATE_ATTRIBUTES, *OPT_IN_ATTRIBUTES):
+            return _Attribute(None, None, none, present)  # text parsed leniently: the Python way
+        if dtype == pl.String:
+            text = enc.string(value)
+            return _Attribute(text, text, present & (value.str.len_chars() > MAX_STRING_LENGTH), none)
+        if dtype.is_float():
+            return _Attribute(enc.floating(value), enc.floating(value, integral_floats=False), none, none)
+        if dtype.is_integer() or dtype == pl.Boolean:
+            text = enc.value(value, dtype)
+            return _Attribute(text, text, none, none)
+        return _Attribute(None, None, none, present)
+
+    def _items(self, stream: Stream, frame: pl.DataFrame) -> pl.DataFrame:
+        """The stream's rows of ``frame`` with each item's JSON text (``__item``): ``__ext_id``, ``__file``,
+        ``__row``, ``__item`` and the row key when the frame has one. Built as columns; the rare rows the
+        columns cannot build (see :meth:`_attribute`) are built by :meth:`_item`."""
+        selected = self._selected(stream, frame)
+        user_id = pl.col(_EXT_ID)
+        bad = ~user_id.str.len_chars().is_between(1, MAX_USER_ID_LENGTH)
+        odd: pl.Expr = pl.lit(False)
+        formatted: dict[str, pl.Expr] = {}
+        as_is: dict[str, pl.Expr] = {}
+        when: pl.Expr | None = None
+        columns = stream.columns[stream.skip :]
+        for name, kind, column in zip(stream.names, stream.types, columns, strict=True):
+            dtype = selected.schema[column]
+            if stream.operation is Operation.FIRE_EVENTS and name == EVENT_TIME_ATTRIBUTE:
+                local = (
+                    self._local_time(column, self._event_tz, self._event_fmt) if dtype.is_integer() else None
+                )
+                if kind is not ValueType.DATE or local is None:
+                    odd = odd | pl.col(column).is_not_null()
+                    when = None
+                else:
+                    when, odd = enc.string(local[0]), odd | local[1]
+                formatted.pop(name, None)
+                as_is.pop(name, None)
+                continue
+            if not name or len(name) > MAX_NAME_LENGTH:
+                bad = bad | pl.lit(True)  # as check_name refuses it: every item goes as it is
+            attribute = self._attribute(stream, name, kind, column, dtype)
+            if attribute.formatted is None or attribute.as_is is None:
+                formatted[name] = as_is[name] = pl.lit(None, pl.String)
+            else:
+                formatted[name], as_is[name] = attribute.formatted, attribute.as_is
+            bad, odd = bad | attribute.bad, odd | attribute.odd
+        # userID and the attributes' object are never null: required members, built with fewer string copies.
+        uid = enc.string_text(user_id)
+        required: tuple[str, ...]
+        if stream.operation is Operation.SET_ATTRIBUTES:
+            required = ("userID", "user_attributes")
+            good = enc.obj({"userID": uid, "user_attributes": enc.obj_text(formatted)}, required=required)
+            fallback = enc.obj({"userID": uid, "user_attributes": enc.obj_text(as_is)}, required=required)
+        else:
+            event = pl.col(_EVENT)
+            bad = bad | ~event.str.len_chars().is_between(1, MAX_NAME_LENGTH).fill_null(False)
+            head: dict[str, enc.Member] = {"userID": uid, "event_name": enc.or_null(enc.string(event))}
+            if when is not None:
+                head["event_time"] = when
+            required = ("userID", "event_name", "attributes")
+            good = enc.obj({**head, "attributes": enc.obj_text(formatted)}, required=required)
+            fallback = enc.obj({**head, "attributes": enc.obj_text(as_is)}, required=required)
+        keys = [pl.col(ROW_KEY)] if ROW_KEY in selected.columns else []
+        items = selected.select(
+            pl.col(_EXT_ID),
+            pl.col(_FILE),
+            pl.col(_ROW),
+            good.alias(_ITEM),
+            bad.fill_null(False).alias(_BAD),
+            odd.fill_null(False).alias(_ODD),
+            *keys,
+        )
+        bad_rows = items[_BAD]
+        if bad_rows.any():
+            # Items sent as they are (the platform refuses them): built for those rows alone.
+            at = bad_rows.arg_true()
+            fallbacks = selected[at].select(fallback).to_series()
+            items = items.with_columns(items[_ITEM].scatter(at, fallbacks))
+        odd_rows = items[_ODD]
+        if odd_rows.any():
+            # The Python way, for the rows that need it alone (their items replace the columns' ones).
+            at = odd_rows.arg_true()
+            rows = selected[at].select(_EXT_ID, _FILE, _ROW, *stream.columns).iter_rows()
+            texts = [canonical_json(self._item(stream, row)).decode("utf-8") for row in rows]
+            items = items.with_columns(items[_ITEM].scatter(at, texts))
+        return items.drop(_BAD, _ODD)
+
+    def _cuts(
+        self, stream: Stream, frames: Iterable[pl.DataFrame], size: int, files: Sequence[str]
+    ) -> Iterator[_Piece]:
+        """The request contents of a stream, in order: its frames' items cut by :func:`cut_points`, a batch
+        left open at the end of a frame continued in the next."""
+        open_piece: _Piece | None = None
         for frame in frames:
-            yield from self._selected(stream, frame).drop(ROW_KEY, strict=False).iter_rows()
+            items = self._items(stream, frame)
+            n = items.height
+            if not n:
+                continue
+            ids = items[_EXT_ID]
+            carried = open_piece.count if open_piece is not None else 0
+            starts, still_open = cut_points(_run_ends(ids), n, size, carried)
+            if open_piece is not None and len(starts) > 1 and starts[1] == 0:
+                # The open request is full for this frame's first user: it goes as it is.
+                yield open_piece
+                open_piece, starts = None, starts[1:]
+            bounds = [max(s, 0) for s in starts]
+            marks = pl.zeros(n, pl.Int64, eager=True).alias(
+                _B
+            )  # 1 where a request starts: cum_sum numbers them
+            number = (marks.scatter(bounds[1:], 1) if len(bounds) > 1 else marks).cum_sum()
+            numbered = items.with_columns(number)
+            first = pl.col(_EXT_ID).ne_missing(pl.col(_EXT_ID).shift(1)) | pl.col(_B).ne_missing(
+                pl.col(_B).shift(1)
+            )
+            numbered = numbered.with_columns(first.alias(_NEW))
+            runs = numbered.group_by(_B, maintain_order=True).agg(
+                pl.col(_ITEM).str.join(",").cast(pl.Binary), pl.col(_NEW).sum().alias("__ids")
+            )
+            users: list[str] = numbered.filter(pl.col(_NEW))[_EXT_ID].to_list()
+            keys = _key_bytes(items[ROW_KEY]) if ROW_KEY in items.columns else b""
+            where = items.select(_EXT_ID, _FILE, _ROW)
+            at_id = 0
+            pieces = list(runs.iter_rows())
+            for k, (_, text, n_ids) in enumerate(pieces):
+                begin, end = bounds[k], bounds[k + 1] if k + 1 < len(bounds) else n
+                piece = _Piece(
+                    [text],
+                    users[at_id : at_id + n_ids],
+                    [(where, begin, end)],
+                    [keys[8 * begin : 8 * end]],
+                    end - begin,
+                )
+                at_id += n_ids
+                if k == 0 and open_piece is not None:
+                    piece = open_piece.joined(piece)
+                if k + 1 == len(pieces) and still_open:
+                    open_piece = piece
+                else:
+                    open_piece = None
+                    yield piece
+        if open_piece is not None:
+            yield open_piece
 
     def stream_batches(
         self, stream: Stream, frames: Iterable[pl.DataFrame], batch_size: int, files: Sequence[str]
     ) -> Iterator[Batch]:
-        """Batches of at most ``batch_size`` items (capped at the endpoint's limit), in canonical order."""
+        """Batches of at most ``batch_size`` items (capped at the endpoint's limit), in canonical order, packed
+        as :func:`iter_batches` describes. Each body is the request's canonical JSON as ``bytes`` (sent as is);
+        the batch ID hashes those bytes."""
         size = min(batch_size, MAX_ITEMS[stream.endpoint])
-
-        def items() -> Iterator[tuple[dict[str, Any], RowRef, int | None]]:
-            for frame in frames:
-                selected = self._selected(stream, frame)
-                keyed = ROW_KEY in selected.columns
-                for row in selected.iter_rows():
-                    key = row[-1] if keyed else None
-                    values = row[:-1] if keyed else row
-                    yield self._item(stream, values), RowRef(files[row[1]], row[2]), key
-
-        yield from _keyed_batches(stream.endpoint, items(), size)
+        endpoint = stream.endpoint
+        prefix = _ID_PREFIX + endpoint.encode("utf-8") + b"\n"
+        previous: tuple[str, str] | None = None  # the last batch's ID and last user
+        for piece in self._cuts(stream, frames, size, files):
+            body = b'{"nv":[' + b",".join(piece.texts) + b"]}"
+            batch_id = hashlib.sha256(prefix + body).hexdigest()[:16]
+            # Items of one user are adjacent: a batch shares a user with the one before only across its start.
+            after = previous[0] if previous is not None and previous[1] == piece.users[0] else None
+            yield Batch(
+                batch_id=batch_id,
+                endpoint=endpoint,
+                operation=stream.operation,
+                body=body,
+                ext_ids=tuple(piece.users),
+                phase=stream.phase,
+                origins=ItemOrigins.of_columns(piece.spans, files),
+                after=after,
+                row_keys=b"".join(piece.keys),
+            )
+            previous = (batch_id, piece.users[-1])
 
     def stream_counts(
         self, stream: Stream, frames: Iterable[pl.DataFrame], batch_size: int
     ) -> tuple[int, int]:
-        """``(requests, ids)`` :meth:`stream_batches` gives: the same packing (a user's run of items is not cut
-        unless it is longer than a request), computed from each user's item count."""
+        """``(requests, ids)`` :meth:`stream_batches` gives: the same packing (:func:`cut_points`), from each
+        frame's runs of one user, without building items."""
         size = min(batch_size, MAX_ITEMS[stream.endpoint])
-        requests = ids = filled = 0
-        last: list[str] = []  # users of the batch being filled
+        requests = ids = carried = 0
         for frame in frames:
-            selected = frame
-            if stream.operation is Operation.SET_ATTRIBUTES and stream.columns:
-                selected = frame.filter(pl.any_horizontal(pl.col(list(stream.columns)).is_not_null()))
-            if not selected.height:
+            selected = self._selected(stream, frame)
+            n = selected.height
+            if not n:
                 continue
-            # Runs of one user, in the frame's (canonical) order: one Python step per user, not per item.
-            runs = selected.select(pl.col(_EXT_ID).rle()).unnest(_EXT_ID)
-            for run, user in runs.iter_rows():
-                if filled and filled + run > size:
-                    requests, ids = requests + 1, ids + len(set(last))
-                    filled, last = 0, []
-                while run:
-                    take = min(run, size - filled)
-                    filled, run = filled + take, run - take
-                    last.append(user)
-                    if filled == size:
-                        requests, ids = requests + 1, ids + len(set(last))
-                        filled, last = 0, []
-        if filled:
-            requests, ids = requests + 1, ids + len(set(last))
-        return requests, ids
+            ends = _run_ends(selected[_EXT_ID])
+            starts, still_open = cut_points(ends, n, size, carried)
+            # A user counts once per request holding any of their items: once per run, plus once per cut
+            # inside a run.
+            inside = pl.Series([s for s in starts if s > 0], dtype=pl.Int64)
+            ids += ends.len() + int((~inside.is_in(ends.implode())).sum())
+            closed = len(starts) - (1 if still_open else 0)
+            requests += closed
+            carried = (n - starts[-1] if starts[-1] >= 0 else carried + n) if still_open else 0
+        return requests + (1 if carried else 0), ids
 
     def stream_sample(self, stream: Stream, frames: Iterable[pl.DataFrame], max_ids: int = 3) -> Any | None:
         """A request body built from the stream's first ``max_ids`` items, or None when it is empty."""
-        items = []
-        for row in self._rows(stream, frames):
-            items.append(self._item(stream, row))
+        items: list[Any] = []
+        for frame in frames:
+            first = self._selected(stream, frame).head(max_ids - len(items))
+            texts = self._items(stream, first)[_ITEM].to_list()
+            items += [json.loads(text) for text in texts]
             if len(items) >= max_ids:
                 break
         return {"nv": items} if items else None

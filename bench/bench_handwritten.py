@@ -1,0 +1,239 @@
+"""``pushsync run`` against what a user would write instead: a ~40-line polars + aiohttp script (issue 13).
+
+Both sync the same file — N users × (tags in a ``|``-delimited column + 6 attributes), clean rows from
+``bench/gen_data.py`` (reused from ``bench/data/`` when there) — to the same server, one after the other in one
+run: the Netmera sandbox in its stateless mode (``pushsync sandbox netmera --stateless``: every request's shape
+checked strictly, nothing kept, answered at once), in a process of its own pinned to the last core with
+``taskset``; each client is pinned to the first core. The script (:data:`SCRIPT`, written to
+``bench/out/handwritten/script.py``) reads the CSV with polars, builds the same requests — one
+``setProfileAttributes`` item per user, one ``tagUsers`` request per tag and 1000 IDs — and posts them with aiohttp,
+16 at a time: no validation, ledger, retries or rate budget. ``pushsync run`` does all of that (the job: tags +
+name, surname, city, score, isVip, dateOfBirth; no budget, 16 requests in flight, no progress output).
+
+Prints both wall times, their ratio (target **≤ 1.3**) and pushsync's client CPU per request (user+sys of the
+``pushsync run`` process over the requests it made, each of up to 1000 IDs; target **≤ 1.5 ms**); exits 1 when
+either target is missed or the server did not receive the same IDs from both.
+
+    .venv/bin/python bench/bench_handwritten.py                  # 1,000,000 users
+    .venv/bin/python bench/bench_handwritten.py --users 100000   # shorter
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import secrets
+import shutil
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+from gen_data import generate_users  # noqa: E402
+
+TARGET_RATIO = 1.3
+TARGET_CPU_MS = 1.5
+
+SCRIPT = '''\
+"""Hand-written sync: CSV -> Netmera (profile attributes + tags), 16 requests in flight. No checks."""
+import asyncio, json, sys
+import aiohttp
+import polars as pl
+
+url, key, path = sys.argv[1], sys.argv[2], sys.argv[3]
+columns = ["customer_id", "first_name", "last_name", "city", "score", "vip", "birth_date", "segments"]
+df = pl.read_csv(path, columns=columns, infer_schema=False)
+profile = pl.struct(
+    pl.col("city"),
+    pl.col("birth_date").str.to_date().cast(pl.Datetime("ms")).dt.epoch("ms").alias("dateOfBirth"),
+    (pl.col("vip") == "true").alias("isVip"),
+    pl.col("first_name").alias("name"),
+    pl.col("score").cast(pl.Float64),
+    pl.col("last_name").alias("surname"),
+)
+items = df.select(pl.struct(pl.col("customer_id").alias("extId"), profile.alias("profile")).struct.json_encode())
+requests = [
+    ("setProfileAttributes", ("[" + ",".join(chunk.to_series()) + "]").encode())
+    for chunk in items.iter_slices(1000)
+]
+tags = df.select("customer_id", pl.col("segments").str.split("|").alias("tag")).explode("tag").unique(maintain_order=True)
+for (tag,), group in tags.group_by("tag", maintain_order=True):
+    ids = group["customer_id"].to_list()
+    for i in range(0, len(ids), 1000):
+        requests.append(("tagUsers", json.dumps({"tag": tag, "extIds": ids[i : i + 1000]}).encode()))
+
+async def main():
+    headers = {"X-netmera-api-key": key, "Content-Type": "application/json"}
+    async with aiohttp.ClientSession(headers=headers) as session:
+        async def worker():
+            while requests:
+                endpoint, body = requests.pop()
+                async with session.post(url + endpoint, data=body) as resp:
+                    resp.raise_for_status()
+        await asyncio.gather(*(worker() for _ in range(16)))
+
+asyncio.run(main())
+'''
+
+JOB = """version: 1
+name: bench-handwritten
+workdir: {workdir}
+destination: {{platform: netmera, base_url: "{url}", secret: {{env: BENCH_NETMERA_KEY}}}}
+sources:
+  - name: users
+    path: {data}
+    ext_id: customer_id
+    attributes:
+      first_name: {{attribute: name}}
+      last_name: {{attribute: surname}}
+      city: string
+      score: number
+      vip: {{attribute: isVip, type: boolean}}
+      birth_date: {{attribute: dateOfBirth, type: date}}
+    tags: [{{column: segments, delimiter: '|'}}]
+dispatch:
+  concurrency: 16
+  queue_size: 64
+  request_timeout: 60
+"""
+
+
+def cores() -> tuple[str | None, str | None]:
+    """(client core, server core) for taskset, or (None, None) on a machine without it or with one core."""
+    n = os.cpu_count() or 1
+    if n < 2 or shutil.which("taskset") is None:
+        return None, None
+    return "0", str(n - 1)
+
+
+def pinned(core: str | None, command: list[str]) -> list[str]:
+    return ["taskset", "-c", core, *command] if core is not None else command
+
+
+def start_server(key: str, core: str | None, workdir: Path) -> tuple[subprocess.Popen[str], str]:
+    command = pinned(core, [sys.executable, "-m", "sync", "sandbox", "netmera", "--port", "0", "--stateless"])
+    process = subprocess.Popen(
+        command,
+        cwd=workdir,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1", "NETMERA_SANDBOX_API_KEY": key},
+    )
+    assert process.stdout is not None
+    for line in process.stdout:
+        if line.startswith("http://"):
+            return process, line.strip()
+    process.kill()
+    raise SystemExit("the stateless sandbox did not start")
+
+
+def sandbox(root: str, route: str, method: str = "GET") -> dict[str, object]:
+    request = urllib.request.Request(
+        f"{root}/_sandbox/{route}", method=method, data=b"" if method == "POST" else None
+    )
+    with urllib.request.urlopen(request, timeout=30) as resp:
+        body: dict[str, object] = json.loads(resp.read())
+    return body
+
+
+def timed(command: list[str], env: dict[str, str]) -> tuple[float, float, str]:
+    """Run ``command``; returns (wall seconds, its user+sys CPU seconds, its stdout). Exits on a failure."""
+    started = time.perf_counter()
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    out, err = process.communicate()
+    wall = time.perf_counter() - started
+    if process.returncode != 0:
+        raise SystemExit(f"{' '.join(command)} exited {process.returncode}:\n{err[-3000:]}")
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return wall, usage.ru_utime + usage.ru_stime, out
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--users", type=int, default=1_000_000)
+    args = parser.parse_args()
+
+    out = HERE / "out" / "handwritten"
+    out.mkdir(parents=True, exist_ok=True)
+    data = HERE / "data" / f"users-clean-{args.users}.csv"
+    if not data.exists():
+        t0 = time.perf_counter()
+        generate_users(data, args.users, bad_every=10**12, duplicate_every=10**12)
+        print(f"generated {args.users:,} users in {time.perf_counter() - t0:.1f} s -> {data}", flush=True)
+    script = out / "script.py"
+    script.write_text(SCRIPT, encoding="utf-8")
+    client_core, server_core = cores()
+    key = "bench-" + secrets.token_hex(12)
+    env = {**os.environ, "BENCH_NETMERA_KEY": key}
+    server, url = start_server(key, server_core, out)
+    root = url.removesuffix("/rest/3.0/")
+    try:
+        # The children's CPU is read from RUSAGE_CHILDREN: the sandbox is still running, so only finished
+        # children (the two clients) count; each figure is the difference over one client's run.
+        sandbox(root, "reset?what=stats", "POST")
+        script_wall, script_cpu, _ = timed(
+            pinned(client_core, [sys.executable, str(script), url, key, str(data)]), env
+        )
+        script_stats = sandbox(root, "stats")
+
+        workdir = out / "work"
+        shutil.rmtree(workdir, ignore_errors=True)
+        job = out / "job.yaml"
+        job.write_text(JOB.format(workdir=workdir, url=url, data=data), encoding="utf-8")
+        sandbox(root, "reset?what=stats", "POST")
+        command = [sys.executable, "-m", "sync", "run", str(job), "--progress", "none", "--output", "json"]
+        run_wall, cpu_total, stdout = timed(pinned(client_core, command), env)
+        run_cpu = cpu_total - script_cpu
+        run_stats = sandbox(root, "stats")
+    finally:
+        server.terminate()
+        server.wait(timeout=10)
+
+    summary = json.loads(stdout)
+    run_requests = int(run_stats["requests_total"])  # type: ignore[call-overload]
+    script_requests = int(script_stats["requests_total"])  # type: ignore[call-overload]
+    same = run_stats["applied"] == script_stats["applied"]
+    ids = sum(int(v) for v in run_stats["applied"].values())  # type: ignore[union-attr]
+    ratio = run_wall / script_wall
+    cpu_ms = run_cpu / max(run_requests, 1) * 1000
+    print(
+        f"{args.users:,} users × (tags + 6 attributes); stateless Netmera sandbox on core {server_core}, clients on core {client_core}"
+    )
+    print(
+        f"  machine: {os.uname().machine}, {os.cpu_count()} cores, Python {sys.version.split()[0]} (shared: see README)"
+    )
+    print(
+        f"  hand-written polars + aiohttp: {script_wall:6.2f} s wall, {script_requests:,} requests, CPU {script_cpu:.2f} s ({script_cpu / max(script_requests, 1) * 1000:.2f} ms per request)"
+    )
+    print(
+        f"  pushsync run:                  {run_wall:6.2f} s wall, {run_requests:,} requests, CPU {run_cpu:.2f} s, exit {summary.get('exit_code', 0)}"
+    )
+    sending = float(summary.get("elapsed_seconds") or 0.0)
+    print(
+        f"    of which sending {sending:.2f} s; start-up, reading and planning before the first request the rest"
+    )
+    print(f"  ratio pushsync / script: {ratio:.2f} (target ≤ {TARGET_RATIO})")
+    # On a shared machine the walls follow the neighbours' load; the CPU ratio says what the walls would be alone.
+    print(
+        f"  CPU ratio pushsync / script: {run_cpu / max(script_cpu, 1e-9):.2f} (what the walls tend to on an idle core)"
+    )
+    print(
+        f"  pushsync client CPU per request ({ids / max(run_requests, 1):,.0f} IDs on average): {cpu_ms:.2f} ms (target ≤ {TARGET_CPU_MS} ms)"
+    )
+    print(f"  server received the same IDs from both: {same} ({ids:,} IDs)")
+    met = same and ratio <= TARGET_RATIO and cpu_ms <= TARGET_CPU_MS
+    print("  targets met" if met else "  TARGET MISSED")
+    return 0 if met else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

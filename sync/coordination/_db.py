@@ -1,0 +1,262 @@
+"""Connecting to the coordination database: one clear error for a wrong URL, a refused login or a server that
+cannot be reached, with the password never in it; the schema created, migrated or refused.
+
+psycopg 3 is the driver (see docs/scaling.md for why not asyncpg): the ledger keeps the synchronous interface
+the dispatcher calls between two awaits (:class:`sync.ledger.Ledger`), and the queue and the shared budgets are
+asynchronous — psycopg offers both with one API, one set of types and one error hierarchy.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import psycopg
+
+from sync.coordination._urls import CoordinationError, check_url, describe_url, register_url, safe_message
+
+__all__ = [
+    "SCHEMA",
+    "SCHEMA_VERSION",
+    "CoordinationError",
+    "async_connect",
+    "connect",
+    "describe_url",
+    "ensure_schema",
+    "safe_message",
+]
+
+SCHEMA = "pushsync"
+"""The PostgreSQL schema holding pushsync's tables (created when missing)."""
+
+SCHEMA_VERSION = 1
+"""1: runs, batches (the ledger and the queue in one table), attempts, batch_ids, rejected_rows, batch_rows,
+workers, budgets."""
+
+CONNECT_TIMEOUT = 10
+"""Seconds a connection attempt may take before the server counts as unreachable."""
+
+
+def _failure(url: str, exc: BaseException) -> CoordinationError:
+    where = describe_url(url)
+    message = safe_message(exc)
+    lowered = message.lower()
+    if "password" in lowered or "authentication" in lowered or "role" in lowered:
+        hint = "the user or password is wrong: check the URL's credentials"
+    elif "does not exist" in lowered:
+        hint = "the database does not exist: create it (CREATE DATABASE) or fix the URL"
+    else:
+        hint = "the server cannot be reached: check host, port and that PostgreSQL is running"
+    return CoordinationError(f"coordination database {where}: {hint} ({message})")
+
+
+def _kwargs() -> dict[str, Any]:
+    return {"connect_timeout": CONNECT_TIMEOUT, "application_name": "pushsync"}
+
+
+def connect(url: str, *, autocommit: bool = True) -> psycopg.Connection[Any]:
+    """A synchronous connection, or :class:`CoordinationError`."""
+    check_url(url)
+    register_url(url)
+    try:
+        return psycopg.connect(url, autocommit=autocommit, **_kwargs())
+    except (psycopg.Error, ValueError) as exc:
+        raise _failure(url, exc) from None
+
+
+async def async_connect(url: str, *, autocommit: bool = True) -> psycopg.AsyncConnection[Any]:
+    """An asynchronous connection, or :class:`CoordinationError`."""
+    check_url(url)
+    register_url(url)
+    try:
+        return await psycopg.AsyncConnection.connect(url, autocommit=autocommit, **_kwargs())
+    except (psycopg.Error, ValueError) as exc:
+        raise _failure(url, exc) from None
+
+
+_DDL = f"""
+CREATE SCHEMA IF NOT EXISTS {SCHEMA};
+CREATE TABLE IF NOT EXISTS {SCHEMA}.schema_version (version INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS {SCHEMA}.runs (
+    run_id       TEXT PRIMARY KEY,
+    job          TEXT NOT NULL,
+    job_path     TEXT,
+    platform     TEXT,
+    started_at   DOUBLE PRECISION NOT NULL,
+    finished_at  DOUBLE PRECISION,
+    status       TEXT NOT NULL,
+    exit_code    INTEGER,
+    message      TEXT,
+    summary      TEXT,
+    full_refresh BOOLEAN NOT NULL DEFAULT FALSE,
+    planned      BOOLEAN NOT NULL DEFAULT FALSE,   -- the leader queued every batch
+    planned_info TEXT,                             -- JSON: rows read/rejected, expected requests (the summary's input)
+    origin       TEXT,                             -- the run this one resumes or retries (NULL: a fresh plan)
+    origin_mode  TEXT                              -- resume | retry
+);
+-- One live run per job: a second `pushsync run` of the job joins it.
+CREATE UNIQUE INDEX IF NOT EXISTS runs_one_live ON {SCHEMA}.runs (job) WHERE status = 'running';
+CREATE TABLE IF NOT EXISTS {SCHEMA}.batches (
+    run_id       TEXT NOT NULL REFERENCES {SCHEMA}.runs(run_id),
+    batch_id     TEXT NOT NULL,
+    seq          BIGSERIAL,
+    endpoint     TEXT NOT NULL,
+    operation    TEXT NOT NULL,
+    phase        INTEGER NOT NULL,
+    rank         INTEGER NOT NULL DEFAULT 0,
+    after_id     TEXT,
+    n_ids        INTEGER NOT NULL,
+    ext_ids      TEXT NOT NULL,
+    body_json    TEXT,
+    body_bytes   BYTEA,
+    origins      TEXT,
+    status       TEXT NOT NULL,
+    held         BOOLEAN NOT NULL DEFAULT FALSE,   -- non-idempotent, sent by a worker that died: outcome unknown
+    claimed_by   TEXT,
+    attempts     INTEGER NOT NULL DEFAULT 0,
+    http_status  INTEGER,
+    code         TEXT,
+    message      TEXT,
+    ok_ids       INTEGER NOT NULL DEFAULT 0,
+    rejected_ids INTEGER NOT NULL DEFAULT 0,
+    confirmations INTEGER NOT NULL DEFAULT 0,      -- how many times a result was recorded (1 unless a bug)
+    planned_at   DOUBLE PRECISION NOT NULL,
+    started_at   DOUBLE PRECISION,
+    finished_at  DOUBLE PRECISION,
+    PRIMARY KEY (run_id, batch_id)
+) WITH (fillfactor = 70);
+-- No partial predicate on status, and room left in each page: claiming and recording change only columns no
+-- index holds, so those updates are HOT (no index entry per update, no dead entries for claims to walk over).
+CREATE INDEX IF NOT EXISTS batches_queue ON {SCHEMA}.batches (run_id, phase, endpoint, seq);
+CREATE TABLE IF NOT EXISTS {SCHEMA}.batch_ids (
+    id BIGSERIAL PRIMARY KEY, run_id TEXT NOT NULL, batch_id TEXT NOT NULL, ext_id TEXT NOT NULL, code TEXT,
+    message TEXT NOT NULL, origin_path TEXT, origin_row INTEGER
+);
+CREATE INDEX IF NOT EXISTS batch_ids_run ON {SCHEMA}.batch_ids (run_id);
+CREATE TABLE IF NOT EXISTS {SCHEMA}.rejected_rows (
+    id BIGSERIAL PRIMARY KEY, run_id TEXT NOT NULL, path TEXT NOT NULL, row INTEGER NOT NULL, column_name TEXT,
+    reason TEXT NOT NULL, ext_id TEXT
+);
+CREATE INDEX IF NOT EXISTS rejected_rows_run ON {SCHEMA}.rejected_rows (run_id);
+CREATE TABLE IF NOT EXISTS {SCHEMA}.attempts (
+    id BIGSERIAL PRIMARY KEY, run_id TEXT NOT NULL, batch_id TEXT NOT NULL, endpoint TEXT NOT NULL,
+    attempt INTEGER NOT NULL, n_ids INTEGER NOT NULL, outcome TEXT NOT NULL, http_status INTEGER, message TEXT,
+    started_at DOUBLE PRECISION NOT NULL, latency DOUBLE PRECISION NOT NULL, worker TEXT
+);
+CREATE INDEX IF NOT EXISTS attempts_run ON {SCHEMA}.attempts (run_id, endpoint);
+CREATE TABLE IF NOT EXISTS {SCHEMA}.batch_rows (
+    run_id TEXT NOT NULL, batch_id TEXT NOT NULL, scheme TEXT NOT NULL, row_keys BYTEA NOT NULL,
+    PRIMARY KEY (run_id, batch_id)
+);
+CREATE TABLE IF NOT EXISTS {SCHEMA}.workers (
+    worker_id   TEXT PRIMARY KEY,
+    run_id      TEXT NOT NULL,
+    host        TEXT,
+    pid         INTEGER,
+    started_at  DOUBLE PRECISION NOT NULL,
+    heartbeat   TIMESTAMPTZ NOT NULL DEFAULT clock_timestamp(),
+    finished_at DOUBLE PRECISION
+);
+CREATE INDEX IF NOT EXISTS workers_run ON {SCHEMA}.workers (run_id);
+CREATE TABLE IF NOT EXISTS {SCHEMA}.budgets (
+    scope        TEXT NOT NULL,                    -- the job (budgets of different jobs are separate)
+    name         TEXT NOT NULL,                    -- an endpoint or a budget group
+    win          BIGINT NOT NULL DEFAULT -1,       -- the clock-aligned window of the last release
+    used         INTEGER NOT NULL DEFAULT 0,       -- releases in that window
+    last_release DOUBLE PRECISION NOT NULL DEFAULT 0,
+    paused_until DOUBLE PRECISION NOT NULL DEFAULT 0,
+    releases     BIGINT NOT NULL DEFAULT 0,
+    PRIMARY KEY (scope, name)
+);
+
+-- One shared-budget acquisition in one round trip (sync.coordination.budget): lock the rows of the endpoint's
+-- budget and of its groups (the caller sorts the names: no deadlock), find the earliest instant every one of
+-- them allows, record the release in each, return (that instant, the database clock).
+CREATE OR REPLACE FUNCTION {SCHEMA}.take_slot(
+    p_scope TEXT, p_names TEXT[], p_requests INTEGER[], p_periods DOUBLE PRECISION[], p_aligns BOOLEAN[],
+    p_margins DOUBLE PRECISION[], p_leads DOUBLE PRECISION[]
+) RETURNS TABLE (slot_at DOUBLE PRECISION, db_now DOUBLE PRECISION) AS $fn$
+#variable_conflict use_column
+DECLARE
+    n INTEGER := array_length(p_names, 1);
+    wins BIGINT[]; useds INTEGER[]; lasts DOUBLE PRECISION[]; pauses DOUBLE PRECISION[];
+    t DOUBLE PRECISION; nxt DOUBLE PRECISION; cand DOUBLE PRECISION; gap DOUBLE PRECISION;
+    w BIGINT; start DOUBLE PRECISION; inwin INTEGER; r RECORD;
+BEGIN
+    db_now := extract(epoch FROM clock_timestamp());
+    FOR i IN 1..n LOOP
+        SELECT b.win, b.used, b.last_release, b.paused_until INTO r FROM {SCHEMA}.budgets b
+            WHERE b.scope = p_scope AND b.name = p_names[i] FOR UPDATE;
+        wins[i] := r.win; useds[i] := r.used; lasts[i] := r.last_release; pauses[i] := r.paused_until;
+    END LOOP;
+    t := db_now;
+    FOR k IN 1..16 LOOP                                   -- a common fixed point of every budget's schedule
+        nxt := t;
+        FOR i IN 1..n LOOP
+            IF p_aligns[i] THEN
+                gap := greatest(0, p_periods[i] - p_leads[i] - p_margins[i]) / p_requests[i];
+            ELSE
+                gap := (p_periods[i] + p_margins[i]) / p_requests[i];
+            END IF;
+            cand := greatest(t, pauses[i]);
+            IF lasts[i] > 0 THEN cand := greatest(cand, lasts[i] + gap); END IF;
+            IF p_aligns[i] THEN                           -- N per clock-aligned window, inside [lead, end - margin)
+                FOR j IN 1..4 LOOP
+                    w := floor(cand / p_periods[i]);
+                    start := w * p_periods[i];
+                    IF cand < start + p_leads[i] THEN cand := start + p_leads[i]; END IF;
+                    inwin := CASE WHEN w = wins[i] THEN useds[i] ELSE 0 END;
+                    EXIT WHEN inwin < p_requests[i] AND cand <= start + p_periods[i] - p_margins[i];
+                    cand := (w + 1) * p_periods[i] + p_leads[i];
+                END LOOP;
+            END IF;
+            nxt := greatest(nxt, cand);
+        END LOOP;
+        EXIT WHEN nxt <= t + 1e-9;
+        t := nxt;
+    END LOOP;
+    FOR i IN 1..n LOOP
+        w := CASE WHEN p_aligns[i] THEN floor(t / p_periods[i])::BIGINT ELSE wins[i] END;
+        UPDATE {SCHEMA}.budgets SET used = CASE WHEN win = w THEN used + 1 ELSE 1 END, win = w, last_release = t,
+            releases = releases + 1 WHERE scope = p_scope AND name = p_names[i];
+    END LOOP;
+    slot_at := t;
+    RETURN NEXT;
+END
+$fn$ LANGUAGE plpgsql;
+"""
+
+
+def ensure_schema(conn: psycopg.Connection[Any], url: str) -> None:
+    """Create the tables when missing; refuse a schema written by a newer pushsync, migrate an older one.
+
+    Serialised with an advisory lock, so workers starting together do not race on ``CREATE``."""
+    try:
+        with conn.transaction():
+            conn.execute("SELECT pg_advisory_xact_lock(hashtext('pushsync.schema'))")
+            exists = conn.execute(
+                "SELECT 1 FROM information_schema.tables WHERE table_schema = %s AND table_name = 'schema_version'",
+                (SCHEMA,),
+            ).fetchone()
+            found: int | None = None
+            if exists:
+                row = conn.execute(f"SELECT max(version) FROM {SCHEMA}.schema_version").fetchone()
+                found = None if row is None else row[0]
+            if found is not None and found > SCHEMA_VERSION:
+                raise CoordinationError(
+                    f"coordination database {describe_url(url)}: its pushsync schema is version {found}, newer "
+                    f"than this pushsync understands ({SCHEMA_VERSION}); upgrade pushsync on every worker"
+                )
+            conn.execute(_DDL)
+            if found is None:
+                conn.execute(f"DELETE FROM {SCHEMA}.schema_version")
+                conn.execute(f"INSERT INTO {SCHEMA}.schema_version (version) VALUES (%s)", (SCHEMA_VERSION,))
+            elif found < SCHEMA_VERSION:
+                # No older version has been released yet; a later version adds its ALTERs here, in order.
+                conn.execute(f"UPDATE {SCHEMA}.schema_version SET version = %s", (SCHEMA_VERSION,))
+    except CoordinationError:
+        raise
+    except psycopg.Error as exc:
+        raise CoordinationError(
+            f"coordination database {describe_url(url)}: cannot create or check pushsync's tables "
+            f"({safe_message(exc)}); the user needs CREATE on the database"
+        ) from None

@@ -1,0 +1,245 @@
+"""Rate budgets shared by every worker of a job: one row per budget in PostgreSQL, updated atomically.
+
+Which design: **GCRA-like state in one row per budget** (not leased reservations). Each endpoint budget and each
+budget group is a row ``(win, used, last_release, paused_until)``; an attempt calls the database function
+``pushsync.take_slot`` (PL/pgSQL, :mod:`sync.coordination._db`), which locks the rows of its endpoint and of
+every group holding it (``SELECT … FOR UPDATE``, in name order, so two workers never deadlock), computes the
+earliest instant every one of them allows — the same rules as the single-process budget (:mod:`sync.budget`):
+at most N per clock-aligned window, evenly spaced inside ``[start + lead, end - margin)``, never before a pause
+ends — writes the release into each row and commits. The worker then sleeps until that instant. One round trip
+per attempt, the rows locked only while the function runs; its cost is measured by ``bench/bench_scale.py``. Leased reservations (a worker takes k slots at a
+time) would cost fewer round trips but strand slots in a worker that dies or idles, and could not keep the even
+spacing across workers; with one row, three workers at the limit release exactly what one would.
+
+Time is the database's clock (``clock_timestamp()``): every worker reads windows on the same clock, whatever
+its own machine's says, and sleeps the difference. A 429 seen by any worker sets ``paused_until`` on the
+endpoint's rows and its groups': every worker's next acquisition waits for it (Retry-After, capped; else until
+the window ends). Endpoints without a configured budget and outside every group keep a budget of their own in
+each worker (a discovered rate is per process).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections import deque
+from dataclasses import dataclass
+from typing import Any
+
+import psycopg
+
+from sync.budget import Budget, BudgetClosedError, RateBudget
+from sync.config import DispatchSettings, RateBudgetSpec
+from sync.coordination._db import SCHEMA, safe_message
+from sync.errors import StateError
+from sync.logs import get_logger
+
+__all__ = ["SharedBudgets", "SharedEndpointBudget", "SharedMeter"]
+
+S = SCHEMA
+
+
+@dataclass(frozen=True, slots=True)
+class SharedMeter:
+    """One shared budget's rules: N (``requests``) per ``period`` seconds, released inside ``[start + lead,
+    end - margin)`` of each clock-aligned window (``align``), or evenly at N per ``period + margin``."""
+
+    name: str
+    requests: int
+    period: float
+    align: bool
+    margin: float
+    lead: float
+
+    learn: bool = True
+    """The margin follows this worker's release-to-answer times (a fixed ``margin:`` in the job: False)."""
+
+    @classmethod
+    def of(cls, name: str, spec: RateBudgetSpec) -> SharedMeter:
+        # Several workers on shared cores wake later than one process alone: start from a wider margin than
+        # the single-process default (0.2 T), then follow what this worker observes (SharedBudgets.observe).
+        margin = spec.margin if spec.margin is not None else min(0.3 * spec.period, 2.0)
+        return cls(
+            name, spec.requests, spec.period, spec.align, margin, margin / 4, learn=spec.margin is None
+        )
+
+
+class SharedBudgets:
+    """The job's shared budgets, for one worker: ``budget(endpoint)`` is the dispatcher's ``budget_factory``.
+
+    ``conn``: an asynchronous connection of this worker's own (acquisitions are serialised on it); ``scope``:
+    what separates the budgets of different jobs (the job's name)."""
+
+    def __init__(self, conn: psycopg.AsyncConnection[Any], settings: DispatchSettings, scope: str) -> None:
+        self._conn = conn
+        self._settings = settings
+        self._scope = scope
+        self._lock = asyncio.Lock()
+        self._groups = {g.name: SharedMeter.of(f"group:{g.name}", g.budget) for g in settings.budget_groups}
+        self._ready: set[str] = set()
+        self._closed = asyncio.Event()
+        self._local: dict[str, RateBudget] = {}
+        self._latencies: deque[float] = deque(maxlen=200)
+        self.acquisitions = 0
+        self.late = 0
+        """Slots given up because this worker woke too late for their window."""
+        self.seconds = 0.0
+        """Time spent in acquisition transactions (the benchmark's cost per acquisition)."""
+        self._log = get_logger(job=scope)
+
+    def meters_for(self, endpoint: str) -> tuple[SharedMeter, ...]:
+        """The rows an attempt at ``endpoint`` takes a slot from: its own budget (if configured) and its groups."""
+        spec = self._settings.budgets.get(endpoint) or self._settings.budgets.get("*")
+        own = (SharedMeter.of(endpoint, spec),) if spec is not None else ()
+        groups = tuple(self._groups[g.name] for g in self._settings.budget_groups if g.holds(endpoint))
+        return tuple(sorted((*own, *groups), key=lambda m: m.name))
+
+    def budget(self, endpoint: str) -> Budget:
+        """The endpoint's budget: shared when configured (or held by a group), else a local discovered one."""
+        meters = self.meters_for(endpoint)
+        if not meters:
+            local = self._local.get(endpoint)
+            if local is None:
+                local = self._local[endpoint] = RateBudget(
+                    None, max_pause=self._settings.retry.max_retry_after
+                )
+            return local
+        return SharedEndpointBudget(self, endpoint, meters)
+
+    def close(self) -> None:
+        """Fail every waiting and later acquisition (the run is aborting)."""
+        self._closed.set()
+        for local in self._local.values():
+            local.close()
+
+    async def _ensure_rows(self, meters: tuple[SharedMeter, ...]) -> None:
+        missing = [m.name for m in meters if m.name not in self._ready]
+        if not missing:
+            return
+        async with self._conn.cursor() as cur:
+            await cur.executemany(
+                f"INSERT INTO {S}.budgets (scope, name) VALUES (%s, %s) ON CONFLICT DO NOTHING",
+                [(self._scope, name) for name in missing],
+            )
+        self._ready.update(missing)
+
+    async def acquire(self, meters: tuple[SharedMeter, ...]) -> None:
+        """Reserve the next instant every meter allows (one transaction), then sleep until it. A worker that
+        wakes too late for its window (a stalled loop) gives the slot up and takes another: a request must
+        land in the window it was counted in."""
+        while True:
+            if self._closed.is_set():
+                raise BudgetClosedError("rate budget closed")
+            t, offset = await self._reserve(meters)
+            delay = t - (time.time() + offset)
+            if delay > 0:
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(delay):
+                        await self._closed.wait()
+            if self._closed.is_set():
+                raise BudgetClosedError("rate budget closed")
+            late = time.time() + offset - t
+            if late <= min(self.margin(m) for m in meters) / 2:
+                return
+            self.late += 1
+
+    def margin(self, meter: SharedMeter) -> float:
+        """The margin this worker keeps before a window's end for ``meter``: the meter's, or — learning — the
+        99th percentile of this worker's release-to-answer times (with 20 % on top), within ``[the meter's
+        default, 0.45 T]``."""
+        if not meter.learn or len(self._latencies) < 20:
+            return meter.margin
+        ordered = sorted(self._latencies)
+        p99 = ordered[min(len(ordered) - 1, int(0.99 * len(ordered)))]
+        return min(max(meter.margin, 1.2 * p99), 0.45 * meter.period)
+
+    def observe(self, latency: float) -> None:
+        """A release-to-answer time of this worker (its in-flight wait, the request and the answer)."""
+        self._latencies.append(latency)
+
+    async def _reserve(self, meters: tuple[SharedMeter, ...]) -> tuple[float, float]:
+        """(the reserved instant, database clock minus this machine's): one call of ``take_slot``, the
+        database function that locks the rows, finds the earliest instant every one allows and records the
+        release (one round trip; the rows are locked for microseconds)."""
+        started = time.perf_counter()
+        sent_at = time.time()
+        try:
+            async with self._lock:
+                await self._ensure_rows(meters)
+                cur = await self._conn.execute(
+                    f"SELECT slot_at, db_now FROM {S}.take_slot(%s, %s, %s, %s, %s, %s, %s)",
+                    (
+                        self._scope,
+                        [m.name for m in meters],
+                        [m.requests for m in meters],
+                        [m.period for m in meters],
+                        [m.align for m in meters],
+                        [self.margin(m) for m in meters],
+                        [m.lead for m in meters],
+                    ),
+                )
+                row = await cur.fetchone()
+        except psycopg.Error as exc:
+            raise StateError(
+                f"coordination database: cannot take a budget slot ({safe_message(exc)})"
+            ) from None
+        assert row is not None
+        elapsed = time.perf_counter() - started
+        self.acquisitions += 1
+        self.seconds += elapsed
+        # The database read its clock about half-way through the round trip: close enough (a loopback or LAN
+        # round trip is well under the margins, which are tens of milliseconds at least).
+        return float(row[0]), float(row[1]) - (sent_at + elapsed / 2)
+
+    async def pause(self, meters: tuple[SharedMeter, ...], seconds: float | None) -> None:
+        """A 429: every worker waits ``seconds`` (Retry-After) or, without one, until the current window ends."""
+        try:
+            async with self._lock:
+                for m in meters:
+                    if seconds is not None:
+                        until = "extract(epoch FROM clock_timestamp())::float8 + %s"
+                        value: float = seconds
+                    else:  # until the end of the window the 429 fell in
+                        until = "(floor(extract(epoch FROM clock_timestamp()) / %s) + 1) * %s"
+                        value = m.period
+                    params: tuple[Any, ...] = (value,) if seconds is not None else (value, value)
+                    await self._conn.execute(
+                        f"UPDATE {S}.budgets SET paused_until = greatest(paused_until, {until}) "
+                        "WHERE scope = %s AND name = %s",
+                        (*params, self._scope, m.name),
+                    )
+        except psycopg.Error as exc:
+            self._log.warning("budget.pause_not_shared", error=safe_message(exc))
+
+
+class SharedEndpointBudget:
+    """One endpoint's shared budget (the :class:`sync.budget.Budget` protocol)."""
+
+    def __init__(self, owner: SharedBudgets, endpoint: str, meters: tuple[SharedMeter, ...]) -> None:
+        self._owner = owner
+        self.endpoint = endpoint
+        self.meters = meters
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    async def acquire(self) -> None:
+        await self._owner.acquire(self.meters)
+
+    def close(self) -> None:
+        self._owner.close()
+
+    def on_rate_limited(self, retry_after: float | None, remaining: int | None = None) -> float:
+        """Pause every worker (written to the rows by a task: the dispatcher calls this synchronously)."""
+        cap = self._owner._settings.retry.max_retry_after
+        seconds = None if retry_after is None else min(max(retry_after, 0.0), cap)
+        task = asyncio.get_running_loop().create_task(self._owner.pause(self.meters, seconds))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return seconds if seconds is not None else max(m.period for m in self.meters)
+
+    def on_success(self, remaining: int | None = None, reset_after: float | None = None) -> None:
+        """Nothing to adapt: the shared budget keeps the configured rate."""
+
+    def observe(self, latency: float) -> None:
+        """A release-to-answer time, for this worker's learned margin."""
+        self._owner.observe(latency)

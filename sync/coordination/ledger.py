@@ -1,0 +1,462 @@
+"""The ledger on PostgreSQL: the same records and the same interface as :class:`sync.ledger.Ledger` (SQLite),
+shared by every worker of a job.
+
+The batches table is also the run's queue (:mod:`sync.coordination.queue`): the leader inserts each planned
+batch with what a worker needs to send it (body, IDs, origins, order), so :meth:`record_planned` has nothing
+left to do; ``sent`` and the result update the same row. Writes are queued and committed in small transactions,
+as in SQLite (every ``flush_every`` writes, at least every ``flush_interval`` seconds, and before a
+non-idempotent request leaves). A lost connection (PostgreSQL restarted) is retried for ``reconnect_for``
+seconds with the queued writes kept; past that, :class:`sync.errors.StateError` (the run stops, exit 3 once
+sending began). Reads (``runs``, ``show``, resume/retry) use the same connection.
+
+The connection is synchronous (psycopg's) on purpose: the dispatcher records results synchronously between two
+awaits, so a cancellation can never fall between an answer and its record; a flush is one round trip.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import time
+from collections.abc import Iterable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import psycopg
+
+from sync.coordination._db import SCHEMA, CoordinationError, connect, describe_url, safe_message
+from sync.errors import StateError
+from sync.ledger import AttemptRow, BatchRow, Ledger, RunInfo
+from sync.records import Attempt, AttemptOutcome, Batch, BatchResult, BatchStatus, RejectedRow
+
+__all__ = ["PgLedger"]
+
+S = SCHEMA
+_RUN_COLUMNS = "run_id, job, job_path, platform, started_at, finished_at, status, exit_code, message, summary, full_refresh"
+_UPDATE_SENT = (
+    f"UPDATE {S}.batches SET status = 'sent', started_at = COALESCE(started_at, %s) "
+    "WHERE run_id = %s AND batch_id = %s AND status IN ('planned', 'sent')"
+)
+_UPDATE_RESULT = (
+    f"UPDATE {S}.batches SET status = %s, attempts = %s, http_status = %s, code = %s, message = %s, ok_ids = %s, "
+    "rejected_ids = %s, started_at = COALESCE(started_at, %s), finished_at = %s, "
+    "confirmations = confirmations + 1 WHERE run_id = %s AND batch_id = %s"
+)
+_INSERT_REFUSED = (
+    f"INSERT INTO {S}.batch_ids (run_id, batch_id, ext_id, code, message, origin_path, origin_row) "
+    "VALUES (%s, %s, %s, %s, %s, %s, %s)"
+)
+_INSERT_ATTEMPT = (
+    f"INSERT INTO {S}.attempts (run_id, batch_id, endpoint, attempt, n_ids, outcome, http_status, message, "
+    "started_at, latency, worker) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)"
+)
+_INSERT_REJECTED_ROW = f"INSERT INTO {S}.rejected_rows (run_id, path, row, column_name, reason, ext_id) VALUES (%s, %s, %s, %s, %s, %s)"
+
+
+class PgLedger:
+    """A job's ledger in PostgreSQL (see the module docstring); the same methods as :class:`sync.ledger.Ledger`.
+
+    Open with :meth:`open`; use as a context manager or call :meth:`close`. ``path`` is a description of the
+    database (``user@host:port/db``) for messages: never the URL, which may hold a password."""
+
+    def __init__(
+        self,
+        url: str,
+        conn: psycopg.Connection[Any],
+        *,
+        worker: str | None = None,
+        flush_every: int = 256,
+        flush_interval: float = 0.05,
+        reconnect_for: float = 30.0,
+    ) -> None:
+        self._url = url
+        self._conn = conn
+        self.path: str = describe_url(url)
+        self.worker = worker
+        """The worker recording attempts (kept with each attempt: which process sent what)."""
+        self._pending: list[tuple[str, Sequence[Any]]] = []
+        self._flush_every = flush_every
+        self._flush_interval = flush_interval
+        self._reconnect_for = reconnect_for
+        self._last_flush = time.monotonic()
+        self.writes = 0
+
+    @classmethod
+    def open(cls, url: str, *, worker: str | None = None, reconnect_for: float = 30.0) -> PgLedger:
+        """Connect (creating or checking the schema); raises :class:`CoordinationError` with a clear message."""
+        from sync.coordination._db import ensure_schema
+
+        conn = connect(url)
+        try:
+            ensure_schema(conn, url)
+        except BaseException:
+            conn.close()
+            raise
+        return cls(url, conn, worker=worker, reconnect_for=reconnect_for)
+
+    def __enter__(self) -> PgLedger:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Commit what is queued and close."""
+        try:
+            self.flush()
+        finally:
+            self._conn.close()
+
+    # -- connection ----------------------------------------------------------------------------------------
+
+    def _execute(self, sql: str, params: Sequence[Any] = ()) -> psycopg.Cursor[Any]:
+        """One statement, reconnecting once if the connection was lost (a read may simply be repeated)."""
+        try:
+            return self._conn.execute(sql, params)
+        except psycopg.OperationalError:
+            self._reconnect()
+            try:
+                return self._conn.execute(sql, params)
+            except psycopg.Error as exc:
+                raise StateError(f"ledger {self.path}: {safe_message(exc)}") from None
+
+    def _reconnect(self) -> None:
+        """Connect again within ``reconnect_for`` seconds (PostgreSQL restarted), or :class:`StateError`."""
+        deadline = time.monotonic() + self._reconnect_for
+        delay = 0.2
+        while True:
+            try:
+                self._conn.close()
+                self._conn = connect(self._url)
+                return
+            except CoordinationError as exc:
+                if time.monotonic() + delay > deadline:
+                    raise StateError(
+                        f"ledger {self.path}: the connection was lost and could not be made again within "
+                        f"{self._reconnect_for:.0f} s ({exc})"
+                    ) from None
+                time.sleep(delay)  # the loop waits: nothing can be recorded until the database is back
+                delay = min(delay * 2, 2.0)
+
+    # -- writing -------------------------------------------------------------------------------------------
+
+    def _queue(self, sql: str, params: Sequence[Any]) -> None:
+        self._pending.append((sql, params))
+        if len(self._pending) >= self._flush_every:
+            self.flush()
+
+    def flush(self) -> None:
+        """Commit every queued write in one transaction (retried whole after a reconnect)."""
+        if not self._pending:
+            self._last_flush = time.monotonic()
+            return
+        pending = self._pending
+        for attempt in (1, 2):
+            try:
+                # Pipeline mode: every statement sent at once, one wait for the answers — a flush holds the
+                # event loop for about one round trip, however many writes it commits.
+                with self._conn.pipeline(), self._conn.transaction(), self._conn.cursor() as cur:
+                    for sql, params in pending:
+                        cur.execute(sql, params)
+                break
+            except psycopg.OperationalError as exc:
+                if attempt == 2:
+                    raise StateError(f"ledger {self.path}: cannot write ({safe_message(exc)})") from None
+                self._reconnect()
+            except psycopg.Error as exc:
+                raise StateError(f"ledger {self.path}: cannot write ({safe_message(exc)})") from None
+        self._pending = []
+        self.writes += len(pending)
+        self._last_flush = time.monotonic()
+
+    def maybe_flush(self) -> None:
+        """Flush when the oldest queued write has waited ``flush_interval`` seconds (call it often)."""
+        if self._pending and time.monotonic() - self._last_flush >= self._flush_interval:
+            self.flush()
+
+    def start_run(
+        self,
+        run_id: str,
+        *,
+        job: str,
+        job_path: str | None = None,
+        platform: str | None = None,
+        full_refresh: bool = False,
+    ) -> None:
+        """Record a new run (committed at once)."""
+        self._queue(
+            f"INSERT INTO {S}.runs (run_id, job, job_path, platform, started_at, status, full_refresh) "
+            "VALUES (%s, %s, %s, %s, %s, 'running', %s)",
+            (run_id, job, job_path, platform, time.time(), full_refresh),
+        )
+        self.flush()
+
+    def finish_run(
+        self, run_id: str, *, status: str, exit_code: int, message: str | None = None, summary: Any = None
+    ) -> None:
+        """Record how the run ended, with its summary (JSON-ready), and commit."""
+        self._queue(
+            f"UPDATE {S}.runs SET finished_at = %s, status = %s, exit_code = %s, message = %s, summary = %s "
+            "WHERE run_id = %s",
+            (
+                time.time(),
+                status,
+                exit_code,
+                message,
+                None if summary is None else json.dumps(summary),
+                run_id,
+            ),
+        )
+        self.flush()
+
+    def record_planned(self, run_id: str, batch: Batch) -> None:
+        """Nothing to do: the leader queued the batch (:func:`sync.coordination.queue.enqueue`), which is its
+        ``planned`` record."""
+
+    def record_sent(self, run_id: str, batch_id: str) -> None:
+        self._queue(_UPDATE_SENT, (time.time(), run_id, batch_id))
+
+    def record_result(self, run_id: str, result: BatchResult, *, origins: Any = None) -> None:
+        """Record a batch's final outcome and each ID the platform refused."""
+        self._queue(
+            _UPDATE_RESULT,
+            (
+                str(result.status),
+                result.attempts,
+                result.http_status,
+                None if result.code is None else str(result.code),
+                result.message or None,
+                result.ok_ids,
+                len(result.rejected),
+                result.started_at or None,
+                result.finished_at or time.time(),
+                run_id,
+                result.batch_id,
+            ),
+        )
+        for rej in result.rejected:
+            origin = rej.origin
+            self._queue(
+                _INSERT_REFUSED,
+                (
+                    run_id,
+                    result.batch_id,
+                    rej.ext_id,
+                    None if rej.code is None else str(rej.code),
+                    rej.message,
+                    origin.path if origin else None,
+                    origin.row if origin else None,
+                ),
+            )
+
+    def record_attempt(self, run_id: str, attempt: Attempt, *, started_at: float) -> None:
+        """Record one HTTP attempt (``started_at``: Unix time it was sent)."""
+        self._queue(
+            _INSERT_ATTEMPT,
+            (
+                run_id,
+                attempt.batch_id,
+                attempt.endpoint,
+                attempt.attempt,
+                attempt.n_ids,
+                str(attempt.outcome),
+                attempt.http_status,
+                attempt.message or None,
+                started_at,
+                attempt.latency,
+                self.worker,
+            ),
+        )
+
+    def record_rejected_rows(self, run_id: str, rows: Iterable[RejectedRow]) -> int:
+        """Record rows refused by validation; returns how many."""
+        n = 0
+        for row in rows:
+            self._queue(_INSERT_REJECTED_ROW, (run_id, row.path, row.row, row.column, row.reason, row.ext_id))
+            n += 1
+        return n
+
+    # -- reading -------------------------------------------------------------------------------------------
+
+    def runs(self, job: str | None = None) -> list[RunInfo]:
+        """Runs, newest first (optionally of one job)."""
+        sql = (
+            f"SELECT {_RUN_COLUMNS} FROM {S}.runs"
+            + (" WHERE job = %s" if job else "")
+            + " ORDER BY started_at DESC"
+        )
+        rows = self._execute(sql, (job,) if job else ()).fetchall()
+        return [self._run_info(r) for r in rows]
+
+    def run(self, run_id: str) -> RunInfo | None:
+        row = self._execute(f"SELECT {_RUN_COLUMNS} FROM {S}.runs WHERE run_id = %s", (run_id,)).fetchone()
+        return None if row is None else self._run_info(row)
+
+    def _run_info(self, row: Sequence[Any]) -> RunInfo:
+        run_id, job, _path, platform, started, finished, status, exit_code, message, summary, full = row
+        counts = dict(
+            self._execute(
+                f"SELECT status, COUNT(*) FROM {S}.batches WHERE run_id = %s GROUP BY status", (run_id,)
+            ).fetchall()
+        )
+        return RunInfo(
+            run_id=run_id,
+            job=job,
+            platform=platform,
+            started_at=started,
+            finished_at=finished,
+            status=status,
+            exit_code=exit_code,
+            message=message,
+            batches=sum(counts.values()),
+            batches_by_status=counts,
+            summary=json.loads(summary) if summary else None,
+            full_refresh=bool(full),
+        )
+
+    def batches(self, run_id: str, *, status: BatchStatus | None = None) -> list[BatchRow]:
+        sql = (
+            "SELECT batch_id, endpoint, operation, phase, n_ids, status, attempts, http_status, code, message, "
+            f"ok_ids, rejected_ids FROM {S}.batches WHERE run_id = %s"
+        )
+        params: tuple[Any, ...] = (run_id,)
+        if status is not None:
+            sql += " AND status = %s"
+            params += (str(status),)
+        rows = self._execute(sql + " ORDER BY seq", params).fetchall()
+        return [
+            BatchRow(
+                batch_id=r[0],
+                endpoint=r[1],
+                operation=r[2],
+                phase=r[3],
+                n_ids=r[4],
+                status=BatchStatus(r[5]),
+                attempts=r[6],
+                http_status=r[7],
+                code=r[8],
+                message=r[9],
+                ok_ids=r[10],
+                rejected_ids=r[11],
+            )
+            for r in rows
+        ]
+
+    def confirmed_ok(self, run_id: str) -> set[str]:
+        """Batch IDs of ``run_id`` the platform confirmed (status ok)."""
+        rows = self._execute(
+            f"SELECT batch_id FROM {S}.batches WHERE run_id = %s AND status = 'ok'", (run_id,)
+        )
+        return {r[0] for r in rows}
+
+    def attempts(self, run_id: str) -> list[AttemptRow]:
+        """Every HTTP attempt of ``run_id``, in the order they were recorded."""
+        rows = self._execute(
+            "SELECT batch_id, endpoint, attempt, n_ids, latency, outcome, http_status, message, started_at "
+            f"FROM {S}.attempts WHERE run_id = %s ORDER BY id",
+            (run_id,),
+        ).fetchall()
+        return [
+            AttemptRow(
+                batch_id=r[0],
+                endpoint=r[1],
+                attempt=r[2],
+                n_ids=r[3],
+                latency=r[4],
+                outcome=AttemptOutcome(r[5]),
+                http_status=r[6],
+                message=r[7],
+                started_at=r[8],
+            )
+            for r in rows
+        ]
+
+    def batch_rows(self, run_ids: Sequence[str]) -> Iterator[tuple[str, str, str, str, bytes]]:
+        """``(run_id, batch_id, status, scheme, row_keys)`` of the keyed batches of ``run_ids``."""
+        for run_id in run_ids:
+            rows = self._execute(
+                f"SELECT r.run_id, r.batch_id, b.status, r.scheme, r.row_keys FROM {S}.batch_rows r "
+                f"JOIN {S}.batches b ON b.run_id = r.run_id AND b.batch_id = r.batch_id WHERE r.run_id = %s",
+                (run_id,),
+            ).fetchall()
+            for run, batch, status, scheme, keys in rows:
+                yield run, batch, status, scheme, bytes(keys)
+
+    def refused_ids(self, run_id: str) -> list[tuple[str, str, str | None, str]]:
+        """(batch_id, ext_id, code, message) of every ID the platform refused in ``run_id``."""
+        rows = self._execute(
+            f"SELECT batch_id, ext_id, code, message FROM {S}.batch_ids WHERE run_id = %s ORDER BY id",
+            (run_id,),
+        )
+        return [(r[0], r[1], r[2], r[3]) for r in rows]
+
+    def rejected_rows(self, run_id: str) -> list[RejectedRow]:
+        rows = self._execute(
+            f"SELECT path, row, column_name, reason, ext_id FROM {S}.rejected_rows WHERE run_id = %s ORDER BY id",
+            (run_id,),
+        )
+        return [RejectedRow(*r) for r in rows]
+
+    def export_waits(self, run_id: str | None = None) -> list[dict[str, Any]]:
+        """Export waits are recorded by ``pushsync meiro``, which keeps its ledger in SQLite: none here."""
+        return []
+
+    # -- a local copy for the SQLite-reading tools --------------------------------------------------------
+
+    def copy_to_sqlite(
+        self, path: Path, *, run_ids: Sequence[str] | None = None, job: str | None = None
+    ) -> Path:
+        """Write the runs of ``job`` (or ``run_ids``; neither: every run) with their batches, attempts and refusals
+        into a new SQLite ledger at ``path``: ``pushsync report``, ``trace`` and ``ledger-export`` read that copy."""
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.unlink(missing_ok=True)
+        Ledger.open(path).close()  # the SQLite schema
+        where: str
+        params: tuple[Any, ...]
+        if job is not None:
+            where, params = "job = %s", (job,)
+        elif run_ids is not None:
+            where, params = "run_id = ANY(%s)", (list(run_ids),)
+        else:  # every run
+            where, params = "TRUE", ()
+        runs = self._execute(f"SELECT {_RUN_COLUMNS} FROM {S}.runs WHERE {where}", params).fetchall()
+        ids = [r[0] for r in runs]
+        conn = sqlite3.connect(path)
+        try:
+            with conn:
+                conn.executemany(
+                    f"INSERT INTO runs ({_RUN_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    [(*r[:10], int(bool(r[10]))) for r in runs],
+                )
+                copies = {
+                    "batches": (
+                        "run_id, batch_id, endpoint, operation, phase, n_ids, ext_ids, status, attempts, "
+                        "http_status, code, message, ok_ids, rejected_ids, planned_at, started_at, finished_at",
+                        "seq",
+                    ),
+                    "attempts": (
+                        "run_id, batch_id, endpoint, attempt, n_ids, outcome, http_status, message, started_at, latency",
+                        "id",
+                    ),
+                    "batch_ids": ("run_id, batch_id, ext_id, code, message, origin_path, origin_row", "id"),
+                    "rejected_rows": ("run_id, path, row, column_name, reason, ext_id", "id"),
+                    "batch_rows": ("run_id, batch_id, scheme, row_keys", "run_id"),
+                }
+                for table, (columns, order) in copies.items():
+                    marks = ", ".join("?" * len(columns.split(",")))
+                    with self._conn.cursor() as cur:
+                        cur.execute(
+                            f"SELECT {columns} FROM {S}.{table} WHERE run_id = ANY(%s) ORDER BY {order}",
+                            (ids,),
+                        )
+                        while chunk := cur.fetchmany(5000):
+                            conn.executemany(
+                                f"INSERT INTO {table} ({columns}) VALUES ({marks})",
+                                [
+                                    tuple(bytes(v) if isinstance(v, memoryview) else v for v in row)
+                                    for row in chunk
+                                ],
+                            )
+        finally:
+            conn.close()
+        return path
