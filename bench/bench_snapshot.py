@@ -189,7 +189,7 @@ def measure(workdir: Path) -> dict[str, Any]:
     job = _job(workdir)
     source = job.sources[0]
     gen = json.loads((workdir / "gen.json").read_text())
-    staged = StagedSource(
+    staged = StagedSource.from_parts(
         source,
         (str(workdir / "users.csv"),),
         tuple(sorted((workdir / "staged").iterdir())),

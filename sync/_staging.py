@@ -258,7 +258,7 @@ class Settler:
         chunks: Sequence[ChunkFile],
         bits: int,
         directory: Path,
-        rejects: RejectsWriter,
+        rejects: RejectsWriter | None,
     ) -> None:
         self.source = source
         self._names = tuple(names)
@@ -270,6 +270,17 @@ class Settler:
         self.parts: list[Path | None] = []  # per settled bucket: its file, None when empty
         self.rows_clean = 0
         self.dropped = 0
+
+    @classmethod
+    def settled(
+        cls, source: Source, names: Sequence[str], parts: Sequence[Path], rows_clean: int, dropped: int
+    ) -> Settler:
+        """A settler whose buckets were settled elsewhere: ``parts``, in key order."""
+        bits = max(0, (max(1, len(parts)) - 1).bit_length())
+        settler = cls(source, names, (), bits, Path(), None)
+        settler.parts = [*parts, *([None] * ((1 << bits) - len(parts)))]
+        settler.next, settler.rows_clean, settler.dropped = 1 << bits, rows_clean, dropped
+        return settler
 
     @property
     def buckets(self) -> int:
@@ -291,6 +302,7 @@ class Settler:
             frame = frame.sort([KEY, EXT_ID, FILE, ROW])
             winners, rejects, identical = resolve_duplicates(frame, self.source, self._names)
             del frame
+            assert self._rejects is not None  # only a settler made by settled() has none, and it is done
             self._rejects.frame(rejects)
             path = self._directory / f"{k:04d}.arrow"
             # Uncompressed too: compressing costs more CPU than the rest of the settling (disk is cheaper).

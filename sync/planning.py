@@ -119,8 +119,27 @@ class StagedSource:
         fields = sorted(names.index(c) for c in wanted)
         for k in range(self._settling.settlers[self._index].buckets):
             part = self._settling.bucket(self._index, k)
-            if part is not None:
+            if part is None:
+                continue
+            if part.suffix == ".parquet":  # made elsewhere (from_parts)
+                yield pl.read_parquet(part, columns=wanted).select(wanted)
+            else:
                 yield _read_columns(part, fields).select(wanted)
+
+    @classmethod
+    def from_parts(
+        cls,
+        source: Source,
+        files: Sequence[str],
+        parts: Sequence[Path],
+        rows_read: int,
+        rows_clean: int,
+        duplicates_dropped: int = 0,
+    ) -> StagedSource:
+        """A source staged elsewhere (a benchmark, a tool): its clean frames as settled files (Arrow IPC or
+        Parquet with the clean columns), one per key range, in key order."""
+        settler = Settler.settled(source, files, parts, rows_clean, duplicates_dropped)
+        return cls(source, tuple(files), rows_read, Settling([settler]), 0)
 
 
 def _read_columns(path: Path, fields: list[int]) -> pl.DataFrame:
