@@ -71,7 +71,7 @@ __all__ = [
 RowFilter = Callable[[pl.DataFrame], pl.DataFrame]
 """Keeps the rows of a keyed clean frame (``__ext_id``, ``__row_key``, ...) that are still to be sent."""
 
-ROWS_PER_BUCKET = 100_000
+ROWS_PER_BUCKET = 65_536
 """Target rows per bucket (a key range): the unit of work, and of memory, after staging."""
 MAX_BUCKETS = 1 << FINE_BITS
 ASSUMED_LATENCY = 0.2
