@@ -51,7 +51,7 @@ __all__ = [
     "write_error",
 ]
 
-STAGE_ROWS = 65_536
+STAGE_ROWS = 100_000
 """Clean rows sorted and written together as one chunk file (bounded memory; few files to read a bucket from)."""
 CHUNK_BATCH_ROWS = 4096
 """Rows per record batch of a chunk file: what reading a bucket's slice of it reads at most beyond the slice."""
