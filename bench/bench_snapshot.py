@@ -1,7 +1,11 @@
-"""Benchmark the snapshot differ: N users in the confirmed state, an export where 1% of them changed.
+"""Benchmark a snapshot run's diff and state commit: N users in the confirmed state, an export where 1% changed.
 
-    .venv/bin/python bench/bench_snapshot.py                  # 1,000,000 users (the short default, < 2 min)
-    .venv/bin/python bench/bench_snapshot.py --users 10000000 # the issue's target: 10M users
+    .venv/bin/python bench/bench_snapshot.py                  # 10,000,000 users: issue 13's target (~10 min)
+    .venv/bin/python bench/bench_snapshot.py --users 1000000  # a quick look (target scaled to the size)
+
+Targets (issue 13): at 10M users and 1 % churn, **diff + commit <= 10 s** and **peak RSS <= 1 GB**; a smaller
+``--users`` scales the time target linearly (the work is linear in users). Exits 1 on a miss. On a machine shared
+with other work the figures are loaded-machine figures: the script names the CPU count and the load average.
 
 Steps, each in its own process so the measured one holds nothing else:
 
@@ -13,9 +17,13 @@ Steps, each in its own process so the measured one holds nothing else:
    benchmarked by the planner — is left out; the differ reads exactly what it reads in a run.
 2. ``measure``: :func:`sync.state.compute_diff` (the diff, written to disk), every batch built and recorded as
    confirmed in a real SQLite ledger (the request count; nothing is sent), :func:`sync.state.commit` (the new
-   state written), then a second diff that must find nothing. Peak RSS is the process's ``ru_maxrss``.
+   state written: an overlay segment of the users it changed), then a second diff that must find nothing, then
+   the fold of the overlay into a new base (*compaction*, which a commit does once the overlay passes
+   ``sync.state.COMPACT_SHARE`` of the base: one run in about ten at 1 % churn; shown, not in the target). Peak
+   RSS is the process's ``ru_maxrss``.
 
-Exits 1 when the peak RSS is above 1.5 GB, or when the request count or the second run is wrong.
+Exits 1 when diff + commit is over the time target, the peak RSS over 1 GB, or the request count or the second
+run is wrong.
 """
 
 from __future__ import annotations
@@ -47,7 +55,9 @@ from gen_data import users_frame, write_job  # noqa: E402
 from sync.config import Job, load_job  # noqa: E402
 from sync.validation import EXT_ID, FILE, KEY, canonical_key, clean_schema, validate_chunk  # noqa: E402
 
-LIMIT_BYTES = int(1.5 * 1024**3)
+LIMIT_BYTES = 1024**3
+TARGET_SECONDS = 10.0
+TARGET_USERS = 10_000_000
 SLICE = 500_000
 PLANNER_ROWS_PER_BUCKET = 150_000  # as sync.planning stages them
 
@@ -166,12 +176,20 @@ def measure(workdir: Path) -> dict[str, Any]:
     from sync.ledger import Ledger
     from sync.planning import StagedSource
     from sync.records import BatchResult, BatchStatus
-    from sync.state import RemovalAction, SnapshotSettings, StateStore, commit, compute_diff
+    from sync.state import (
+        RemovalAction,
+        SnapshotSettings,
+        StateStore,
+        commit,
+        compute_diff,
+        snapshot_builder_for,
+    )
+    from sync.state._store import key_range, range_bits
 
     job = _job(workdir)
     source = job.sources[0]
     gen = json.loads((workdir / "gen.json").read_text())
-    staged = StagedSource(
+    staged = StagedSource.from_parts(
         source,
         (str(workdir / "users.csv"),),
         tuple(sorted((workdir / "staged").iterdir())),
@@ -183,9 +201,11 @@ def measure(workdir: Path) -> dict[str, Any]:
     settings = SnapshotSettings(removal=RemovalAction.UNTAG, max_removal_share=0.01)
     out: dict[str, Any] = {"state_rows": gen["state_rows"], "export_rows": gen["rows_clean"]}
 
-    t = time.perf_counter()
-    d = compute_diff(store, [staged], "bench-1", settings, batch_size=job.batch_sizes)
+    builder = snapshot_builder_for(job)
+    t, cpu = time.perf_counter(), time.process_time()
+    d = compute_diff(store, [staged], "bench-1", settings, batch_size=job.batch_sizes, builder=builder)
     out["diff_seconds"] = time.perf_counter() - t
+    out["diff_cpu_seconds"] = time.process_time() - cpu
     out["counts"] = d.counts.to_json()
     out["rss_after_diff_mb"] = _maxrss_mb()
 
@@ -214,17 +234,27 @@ def measure(workdir: Path) -> dict[str, Any]:
         out["requests_by_endpoint"] = dict(sorted(requests.items()))
         out["ids"] = ids
 
-        t = time.perf_counter()
-        report = commit(store, job.sources, d.directory, ledger, settings)
+        t, cpu = time.perf_counter(), time.process_time()
+        report = commit(store, job.sources, d.directory, ledger, settings, builder=builder)
         out["commit_seconds"] = time.perf_counter() - t
+        out["commit_cpu_seconds"] = time.process_time() - cpu
         out["users_updated"] = sum(report.users_updated.values())
+        out["overlay_rows"] = store.overlay_rows(source)
+        out["rss_after_commit_mb"] = _maxrss_mb()
 
     t = time.perf_counter()
-    again = compute_diff(store, [staged], "bench-2", settings, batch_size=job.batch_sizes)
+    again = compute_diff(store, [staged], "bench-2", settings, batch_size=job.batch_sizes, builder=builder)
     out["second_diff_seconds"] = time.perf_counter() - t
     out["second_run_requests"] = sum(r for r, _ in again.request_counts().values())
     again.discard()
     out["peak_rss_mb"] = _maxrss_mb()
+
+    # The fold a commit does once the overlay is large (not in the target: one run in about ten pays it).
+    t = time.perf_counter()
+    bits = range_bits(store.rows(source))
+    store.write(source, (store.slice(source, *key_range(r, bits)) for r in range(1 << bits)))
+    out["compaction_seconds"] = time.perf_counter() - t
+    out["peak_rss_with_compaction_mb"] = _maxrss_mb()
     return out
 
 
@@ -234,7 +264,7 @@ def _maxrss_mb() -> float:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--users", type=int, default=1_000_000)
+    parser.add_argument("--users", type=int, default=TARGET_USERS)
     parser.add_argument("--step", choices=["all", "gen", "measure"], default="all", help=argparse.SUPPRESS)
     parser.add_argument("--dir", type=Path, default=None, help="work directory (default: a temporary one)")
     args = parser.parse_args(argv)
@@ -257,19 +287,38 @@ def main(argv: list[str] | None = None) -> int:
         shutil.rmtree(base, ignore_errors=True)
     c = figures["counts"]
     expected_users = c["users_changed"] + c["users_removed"]
-    print(f"snapshot diff benchmark: {args.users:,} users in the state, 1% churn")
+    target = TARGET_SECONDS * args.users / TARGET_USERS
+    measured = figures["diff_seconds"] + figures["commit_seconds"]
+    load = os.getloadavg()
+    print(f"snapshot benchmark: {args.users:,} users in the state, 1% churn")
     print(
-        f"machine: {platform.machine()}, {os.cpu_count()} cores (shared with other helpers), Python {platform.python_version()}, polars {pl.__version__}"
+        f"machine: {platform.machine()}, {os.cpu_count()} cores, load average {load[0]:.1f} at the end "
+        f"(a loaded machine when other work runs), Python {platform.python_version()}, polars {pl.__version__}"
     )
     print(f"  data generation (not measured):  {gen_seconds:8.1f} s")
-    print(f"  diff:                            {figures['diff_seconds']:8.2f} s")
-    print(f"  batches built + ledger:          {figures['batches_seconds']:8.2f} s")
-    print(f"  commit of confirmed batches:     {figures['commit_seconds']:8.2f} s")
+    print(
+        f"  diff:                            {figures['diff_seconds']:8.2f} s  "
+        f"(CPU {figures['diff_cpu_seconds']:.2f} s, all threads)"
+    )
+    print(
+        f"  batches built + ledger:          {figures['batches_seconds']:8.2f} s  (not in the target: sending)"
+    )
+    print(
+        f"  commit of confirmed batches:     {figures['commit_seconds']:8.2f} s  "
+        f"(CPU {figures['commit_cpu_seconds']:.2f} s; {figures['overlay_rows']:,} rows in the overlay)"
+    )
+    print(f"  diff + commit:                   {measured:8.2f} s  (target <= {target:.1f} s)")
     print(
         f"  second diff (no changes):        {figures['second_diff_seconds']:8.2f} s, {figures['second_run_requests']} requests"
     )
     print(
-        f"  peak RSS (measured process):     {figures['peak_rss_mb']:8.0f} MB (after diff {figures['rss_after_diff_mb']:.0f} MB; limit {LIMIT_BYTES / 1024**2:.0f} MB)"
+        f"  compaction (not in the target):  {figures['compaction_seconds']:8.2f} s  "
+        "(the overlay folded into a new base: one commit in about ten at 1% churn)"
+    )
+    print(
+        f"  peak RSS (diff, commit, 2nd diff): {figures['peak_rss_mb']:6.0f} MB (after diff "
+        f"{figures['rss_after_diff_mb']:.0f} MB, after commit {figures['rss_after_commit_mb']:.0f} MB; "
+        f"limit {LIMIT_BYTES / 1024**2:.0f} MB); with compaction {figures['peak_rss_with_compaction_mb']:.0f} MB"
     )
     print(
         f"  users: {c['users_current']:,} in export, {c['users_state']:,} in state, {c['users_changed']:,} changed "
@@ -280,8 +329,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     print(f"  users whose state was updated: {figures['users_updated']:,}")
     ok = True
+    if measured > target:
+        print(f"FAIL: diff + commit {measured:.2f} s, target {target:.1f} s")
+        ok = False
     if figures["peak_rss_mb"] * 1024**2 > LIMIT_BYTES:
-        print("FAIL: peak RSS above 1.5 GB")
+        print("FAIL: peak RSS above 1 GB")
         ok = False
     if figures["second_run_requests"] != 0:
         print("FAIL: a second run with no changes would send requests")

@@ -1,60 +1,58 @@
 """The planner: from a job's input files to the exact requests a run will send.
 
-:func:`build_plan` does all the reading and validation up front, in bounded memory:
+:func:`build_plan` reads and validates the input up front, in bounded memory (:mod:`sync._staging`):
 
-1. **stage** — every source file is streamed in chunks (:mod:`sync.reading`), typed and checked
-   (:func:`sync.validation.validate_chunk`); rejected rows go to the rejects CSV, clean rows are appended to one of
-   ``K`` hash buckets (by the CRC-32 of the external ID) under a temporary directory in the job's workdir;
-2. **settle** — each bucket (which holds every row of its IDs) is loaded on its own, duplicates are resolved
-   ("last valid row wins", :func:`sync.validation.resolve_duplicates`) and the rows are written sorted in the
-   canonical order ``(crc32(ext_id), ext_id, file, row)``. These *clean frames* are the typed, per-user data
-   (``Plan.staged``) a future snapshot differ can read before any platform request is built;
-3. **batch** — :meth:`Plan.batches` streams the clean frames through the platform's batch builder
-   (:meth:`sync.platforms.base.Platform.builder`), phase by phase.
+1. **stage** — every source file is streamed in chunks (:mod:`sync.reading`), typed and checked in one lazy
+   query per chunk (:func:`sync.validation.validate_chunk`); rejected rows go to the rejects CSV; the clean rows
+   get their canonical key (the CRC-32 of the external ID, vectorised) and are written in *sorted chunks*: up to
+   :data:`sync._staging.STAGE_ROWS` rows sorted by key and written once, as one Arrow IPC file;
+2. **settle** — bucket ``k`` is key range ``k`` (of ``2**bits``, sized by :data:`ROWS_PER_BUCKET`): its slice of
+   every chunk file (found by binary search on the key, memory-mapped, not copied), sorted in the canonical
+   order ``(crc32(ext_id), ext_id, file, row)``, duplicates resolved ("last valid row wins",
+   :func:`sync.validation.resolve_duplicates`), written once. These *clean frames* are the typed, per-user data
+   (``Plan.staged``) a snapshot diff reads before any platform request is built. By default every bucket is
+   settled before :func:`build_plan` returns; ``lazy=True`` (a changes run) settles them in a worker thread a
+   few buckets ahead of the readers, so the first requests leave while the rest is settled;
+3. **batch** — :meth:`Plan.batches` / :meth:`Plan.lanes` stream the clean frames through the platform's batch
+   builder (:meth:`sync.platforms.base.Platform.builder`), phase by phase.
 
-Because the canonical order depends only on the IDs (never on chunk sizes or ``K``), the same input always gives
-the same batches with the same IDs. Memory is bounded by one chunk while staging and one bucket afterwards; ``K``
-grows with the input so a bucket stays near :data:`ROWS_PER_BUCKET` rows.
+Because the canonical order depends only on the IDs (never on chunk sizes or the bucket count), the same input
+always gives the same batches with the same IDs. Memory is bounded by one chunk while staging and one bucket
+afterwards.
 """
 
 from __future__ import annotations
 
+import contextlib
 import csv
-import errno
 import fcntl
 import functools
 import math
 import os
+import queue
 import shutil
 import tempfile
 import threading
 import weakref
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any, BinaryIO
 
 import polars as pl
 import pyarrow as pa
 import pyarrow.ipc
 
+from sync._staging import FINE_BITS, ChunkWriter, RejectsWriter, Settler, Settling, write_error
 from sync.config import DispatchSettings, Job, Source
-from sync.errors import InterruptedRunError, StateError
+from sync.errors import InterruptedRunError
 from sync.platforms.base import BatchBuilder, Platform, Stream
 from sync.platforms.registry import platform_for
-from sync.reading import ROW, Chunk, estimate_rows, expand_paths, iter_chunks
+from sync.reading import ROW, Chunk, expand_paths, iter_chunks
 from sync.records import Batch, Operation, Phase, RejectedRow
 from sync.row_keys import with_row_keys
-from sync.validation import (
-    EXT_ID,
-    FILE,
-    KEY,
-    REJECTS_SCHEMA,
-    canonical_key,
-    clean_schema,
-    resolve_duplicates,
-    validate_chunk,
-)
+from sync.validation import EXT_ID, FILE, canonical_key, clean_schema, validate_chunk
 
 __all__ = [
     "ASSUMED_LATENCY",
@@ -73,32 +71,85 @@ __all__ = [
 RowFilter = Callable[[pl.DataFrame], pl.DataFrame]
 """Keeps the rows of a keyed clean frame (``__ext_id``, ``__row_key``, ...) that are still to be sent."""
 
-ROWS_PER_BUCKET = 50_000
-"""Target rows per hash bucket: the unit of work (and of memory) after staging."""
-MAX_BUCKETS = 4096
+ROWS_PER_BUCKET = 65_536
+"""Target rows per bucket (a key range): the unit of work, and of memory, after staging."""
+MAX_BUCKETS = 1 << FINE_BITS
 ASSUMED_LATENCY = 0.2
 """Seconds per request assumed by the duration estimate when the concurrency cap, not the rate, is the limit."""
 
 
 @dataclass(frozen=True, slots=True)
 class StagedSource:
-    """A source after validation and deduplication: clean Parquet parts, in canonical order."""
+    """A source after validation and deduplication: clean frames, one per bucket, in canonical order.
+
+    The counts of clean rows and dropped duplicates, and :attr:`parts`, are known once every bucket is settled:
+    reading them settles what is left (a lazy plan's worker otherwise settles as the frames are read).
+    """
 
     source: Source
     files: tuple[str, ...]
     """Input files in read order; ``__file`` in the clean frames indexes this tuple."""
-    parts: tuple[Path, ...]
-    """One Parquet file per non-empty hash bucket, in bucket order; each holds every row of its IDs."""
     rows_read: int
-    rows_clean: int
-    duplicates_dropped: int
-    """Earlier rows of an ID identical to the winning row (not reported as rejects)."""
+    _settling: Settling = field(repr=False, compare=False)
+    _index: int = field(repr=False, compare=False)
+
+    @property
+    def rows_clean(self) -> int:
+        """Rows left once rejects and duplicates are gone (one per user; per user and tag for tags)."""
+        self._settling.settle_all()
+        return self._settling.settlers[self._index].rows_clean
+
+    @property
+    def duplicates_dropped(self) -> int:
+        """Earlier rows of an ID identical to the winning row (not reported as rejects)."""
+        self._settling.settle_all()
+        return self._settling.settlers[self._index].dropped
+
+    @property
+    def parts(self) -> tuple[Path, ...]:
+        """One Arrow IPC file per non-empty bucket, in bucket order; each holds every row of its IDs."""
+        self._settling.settle_all()
+        return tuple(p for p in self._settling.settlers[self._index].parts if p is not None)
 
     def frames(self, columns: Sequence[str] = ()) -> Iterator[pl.DataFrame]:
-        """The clean frames (one per bucket) with ``__ext_id``, ``__file``, ``__row`` and ``columns``."""
+        """The clean frames (one per non-empty bucket, in key order) with ``__ext_id``, ``__file``, ``__row``
+        and ``columns`` (``__key`` too when asked for). A bucket not settled yet is waited for."""
         wanted = list(dict.fromkeys([EXT_ID, FILE, ROW, *columns]))
-        for part in self.parts:
-            yield pl.read_parquet(part, columns=wanted)
+        names = list(clean_schema(self.source))  # every bucket file's columns, in this order
+        fields = sorted(names.index(c) for c in wanted)
+        for k in range(self._settling.settlers[self._index].buckets):
+            part = self._settling.bucket(self._index, k)
+            if part is None:
+                continue
+            if part.suffix == ".parquet":  # made elsewhere (from_parts)
+                yield pl.read_parquet(part, columns=wanted).select(wanted)
+            else:
+                yield _read_columns(part, fields).select(wanted)
+
+    @classmethod
+    def from_parts(
+        cls,
+        source: Source,
+        files: Sequence[str],
+        parts: Sequence[Path],
+        rows_read: int,
+        rows_clean: int,
+        duplicates_dropped: int = 0,
+    ) -> StagedSource:
+        """A source staged elsewhere (a benchmark, a tool): its clean frames as settled files (Arrow IPC or
+        Parquet with the clean columns), one per key range, in key order."""
+        settler = Settler.settled(source, files, parts, rows_clean, duplicates_dropped)
+        return cls(source, tuple(files), rows_read, Settling([settler]), 0)
+
+
+def _read_columns(path: Path, fields: list[int]) -> pl.DataFrame:
+    """Some columns of a bucket file, read into memory. Not memory-mapped: polars keeps the mapping of a file it
+    read (and the pages touched stay resident), which over every bucket of a large plan adds up to its size."""
+    with pa.OSFile(str(path)) as source:
+        table = pa.ipc.open_file(source, options=pa.ipc.IpcReadOptions(included_fields=fields)).read_all()
+    frame = pl.from_arrow(table)
+    assert isinstance(frame, pl.DataFrame)
+    return frame
 
 
 @dataclass(frozen=True, slots=True)
@@ -184,21 +235,50 @@ class Plan:
         self,
         job: Job,
         staged: tuple[StagedSource, ...],
-        rejects_path: Path,
-        rejected_count: int,
+        rejects: RejectsWriter,
+        settling: Settling,
         tmpdir: Path,
         lock_fd: int = -1,
     ) -> None:
         self.job = job
         self.staged = staged
-        self.rejects_path = rejects_path
-        self.rejected_count = rejected_count
+        self.rejects_path = rejects.path
+        self._rejects = rejects
+        self._settling = settling
         self._tmpdir = tmpdir
         self.platform: Platform = platform_for(job)
         # The builder is bound to the job's settings (time zone, message constants, ...).
         self._builder: BatchBuilder = self.platform.builder(job)
+        self._counts: dict[tuple[int, int], tuple[int, int]] | None = (
+            None  # (source, stream) -> (requests, IDs)
+        )
         self._summary: PlanSummary | None = None
-        self._finalizer = weakref.finalize(self, _remove_staging, tmpdir, lock_fd)
+        self._finalizer = weakref.finalize(self, _close_plan, settling, rejects, tmpdir, lock_fd)
+
+    @property
+    def rejected_count(self) -> int:
+        """Rows rejected: by validation, and as conflicting duplicates (every bucket settled first)."""
+        self.settle()
+        return self._rejects.count
+
+    @property
+    def settled(self) -> bool:
+        """Every bucket of every source is settled: counts and rejects are complete."""
+        return self._settling.complete
+
+    def settle(self) -> None:
+        """Settle every bucket now (a lazy plan settles them as its frames are read otherwise)."""
+        self._settling.settle_all()
+
+    def wait_settled(self) -> bool:
+        """Wait until the readers of a lazy plan had every bucket settled, without asking for more; False when
+        the plan was closed or stopped first (a failure of the settling is raised)."""
+        return self._settling.wait_complete()
+
+    def settled_counts(self) -> tuple[int, int]:
+        """``(rows_clean, duplicates_dropped)`` over the buckets settled so far (final once :attr:`settled`)."""
+        settlers = self._settling.settlers
+        return sum(s.rows_clean for s in settlers), sum(s.dropped for s in settlers)
 
     @property
     def staging_dir(self) -> Path:
@@ -288,10 +368,22 @@ class Plan:
                 staged.files,
             )
 
-    def rejected_rows(self) -> Iterator[RejectedRow]:
-        """The rows validation refused, as written to :attr:`rejects_path`."""
-        with self.rejects_path.open(newline="", encoding="utf-8") as fh:
-            for rec in csv.DictReader(fh):
+    def rejected_rows(self, *, skip: int = 0, settled: bool = True) -> Iterator[RejectedRow]:
+        """The rows validation refused, as written to :attr:`rejects_path`, from the ``skip``-th on.
+
+        ``settled=True`` waits for every bucket to be settled (the conflicting duplicates found there
+        included); ``settled=False`` gives the rows written so far — every row validation refused, once
+        :func:`build_plan` returned, and the duplicates of the buckets settled since.
+        """
+        if settled:
+            self.settle()
+        count, size = self._rejects.written()
+        if skip >= count:
+            return
+        with self.rejects_path.open("rb") as fh:
+            for i, rec in enumerate(csv.DictReader(_lines(fh, size))):
+                if i < skip:
+                    continue
                 yield RejectedRow(
                     path=rec["file"],
                     row=int(rec["row"]),
@@ -300,22 +392,70 @@ class Plan:
                     ext_id=rec["ext_id"] or None,
                 )
 
+    def stream_counts(self) -> dict[tuple[int, int], tuple[int, int]]:
+        """``(requests, IDs)`` per (source index, stream index in :meth:`~BatchBuilder.streams_for`), computed
+        once: each bucket is read once for all the streams of its source (settling every bucket first)."""
+        if self._counts is None:
+            counts: dict[tuple[int, int], tuple[int, int]] = {}
+            for i, staged in enumerate(self.staged):
+                streams = list(self._builder.streams_for(staged.source))
+                for j, result in enumerate(self._count_source(staged, streams)):
+                    counts[(i, j)] = result
+            self._counts = counts
+        return self._counts
+
+    def _count_source(self, staged: StagedSource, streams: list[Stream]) -> list[tuple[int, int]]:
+        """``builder.stream_counts`` of every stream of one source, fed from one pass over its buckets: each
+        stream counts in its own thread, from a small queue of the frames read (polars releases the GIL)."""
+        if not streams:
+            return []
+        columns = list(dict.fromkeys(c for stream in streams for c in stream.columns))
+        feeds = [_Feed([EXT_ID, FILE, ROW, *dict.fromkeys(stream.columns)]) for stream in streams]
+        with ThreadPoolExecutor(max_workers=len(streams), thread_name_prefix="plan-count") as pool:
+            futures: list[Future[tuple[int, int]]] = [
+                pool.submit(
+                    self._builder.stream_counts, stream, feed, self.job.batch_size_for(stream.endpoint)
+                )
+                for stream, feed in zip(streams, feeds, strict=True)
+            ]
+            for feed, future in zip(feeds, futures, strict=True):
+                feed.consumer = future
+            try:
+                for frame in staged.frames(columns):
+                    for feed in feeds:
+                        feed.put(frame)
+            finally:
+                for feed in feeds:
+                    feed.close()
+            return [future.result() for future in futures]
+
     def summary(self, *, assumed_latency: float = ASSUMED_LATENCY) -> PlanSummary:
-        """Requests and IDs per phase, endpoint and operation, the duration estimate and a sample per endpoint."""
+        """Requests and IDs per phase, endpoint and operation, the duration estimate and a sample per endpoint.
+
+        The counts are computed once per plan (:meth:`stream_counts`), whatever the latency asked for."""
         if self._summary is not None and assumed_latency == ASSUMED_LATENCY:
             return self._summary
+        counts = self.stream_counts()
         totals: dict[tuple[Phase, str, Operation], list[int]] = {}
         samples: dict[str, Any] = {}
-        for staged, stream in self._streams():
-            size = self.job.batch_size_for(stream.endpoint)
-            requests, ids = self._builder.stream_counts(stream, staged.frames(stream.columns), size)
-            if not requests:
-                continue
-            acc = totals.setdefault((stream.phase, stream.endpoint, stream.operation), [0, 0])
-            acc[0] += requests
-            acc[1] += ids
-            if stream.endpoint not in samples:
-                samples[stream.endpoint] = self._builder.stream_sample(stream, staged.frames(stream.columns))
+        for ph in Phase:
+            found = [
+                (i, j, staged, stream)
+                for i, staged in enumerate(self.staged)
+                for j, stream in enumerate(self._builder.streams_for(staged.source))
+                if stream.phase is ph
+            ]
+            for i, j, staged, stream in sorted(found, key=lambda f: _rank(f[3])):
+                requests, ids = counts[(i, j)]
+                if not requests:
+                    continue
+                acc = totals.setdefault((stream.phase, stream.endpoint, stream.operation), [0, 0])
+                acc[0] += requests
+                acc[1] += ids
+                if stream.endpoint not in samples:
+                    samples[stream.endpoint] = self._builder.stream_sample(
+                        stream, staged.frames(stream.columns)
+                    )
         per_endpoint = estimate_duration(
             {key: acc[0] for key, acc in totals.items()}, self.job.dispatch, latency=assumed_latency
         )
@@ -343,6 +483,52 @@ class Plan:
         if assumed_latency == ASSUMED_LATENCY:
             self._summary = summary
         return summary
+
+
+class _Feed:
+    """The frames one stream's count reads, handed over by the reading thread through a small queue; a
+    counter that stopped early (failed) no longer holds the reader up."""
+
+    __slots__ = ("_columns", "_queue", "consumer")
+
+    _END = object()
+
+    def __init__(self, columns: list[str]) -> None:
+        self._columns = columns
+        self._queue: queue.Queue[Any] = queue.Queue(maxsize=2)
+        self.consumer: Future[Any] | None = None
+
+    def put(self, frame: pl.DataFrame) -> None:
+        item = frame.select(self._columns)
+        while self.consumer is None or not self.consumer.done():
+            try:
+                self._queue.put(item, timeout=0.1)
+                return
+            except queue.Full:
+                continue
+
+    def close(self) -> None:
+        while self.consumer is None or not self.consumer.done():
+            try:
+                self._queue.put(self._END, timeout=0.1)
+                return
+            except queue.Full:
+                continue
+
+    def __iter__(self) -> Iterator[pl.DataFrame]:
+        while (item := self._queue.get()) is not self._END:
+            yield item
+
+
+def _lines(fh: BinaryIO, size: int) -> Iterator[str]:
+    """The text lines of the first ``size`` bytes of ``fh`` (a file another thread may be appending to)."""
+    left = size
+    while left > 0:
+        line = fh.readline(left)
+        if not line:
+            return
+        left -= len(line)
+        yield line.decode("utf-8")
 
 
 def _rank(stream: Any) -> int:
@@ -401,28 +587,8 @@ def estimate_duration(
 # --- staging ---------------------------------------------------------------------------------------------------
 
 
-class _RejectsWriter:
-    """Appends rejected rows to the rejects CSV (file,row,column,reason,ext_id) and counts them."""
-
-    def __init__(self, fh: TextIO) -> None:
-        self._fh = fh
-        self.count = 0
-        csv.writer(fh, lineterminator="\n").writerow(list(REJECTS_SCHEMA))
-
-    def frame(self, rejects: pl.DataFrame) -> None:
-        if rejects.height:
-            self._fh.write(rejects.select(list(REJECTS_SCHEMA)).write_csv(include_header=False))
-            self.count += rejects.height
-
-    def rows(self, rows: Sequence[RejectedRow]) -> None:
-        writer = csv.writer(self._fh, lineterminator="\n")
-        for r in rows:
-            writer.writerow([r.path, r.row, r.column or "", r.reason, r.ext_id or ""])
-        self.count += len(rows)
-
-
-def _bucket_bits(estimated_rows: int, rows_per_bucket: int) -> int:
-    buckets = max(1, min(MAX_BUCKETS, math.ceil(estimated_rows / max(1, rows_per_bucket))))
+def _bucket_bits(rows: int, rows_per_bucket: int) -> int:
+    buckets = max(1, min(MAX_BUCKETS, math.ceil(rows / max(1, rows_per_bucket))))
     return max(0, (buckets - 1).bit_length())
 
 
@@ -431,17 +597,99 @@ def _check_stop(stop: threading.Event | None) -> None:
         raise InterruptedRunError("interrupted while the input was read; nothing was sent or recorded")
 
 
+@dataclass(frozen=True, slots=True)
+class _Staged:
+    """A source after the staging pass: its inputs, what was read, and its sorted chunk files."""
+
+    source: Source
+    names: tuple[str, ...]
+    rows_read: int
+    chunks: ChunkWriter
+
+
+class _Prefetched:
+    """The chunks of one input, read one ahead in a thread of their own (``ahead``): pyarrow's CSV parsing (or
+    Parquet decoding) of the next chunk overlaps the validation of this one (both release the GIL). Leaving the
+    ``with`` block stops the reading (and closes the reader, in its thread) and waits for it. Without ``ahead``
+    (a database source: it reads ahead itself where that helps) the chunks are read here, on demand."""
+
+    __slots__ = ("_closed", "_inline", "_queue", "_read", "_thread")
+
+    _END = object()
+
+    def __init__(self, read: Callable[[], Iterator[Chunk]], *, ahead: bool = True) -> None:
+        self._read = read
+        self._queue: queue.Queue[Any] = queue.Queue(maxsize=1)
+        self._closed = threading.Event()
+        self._thread = (
+            threading.Thread(target=self._produce, name="plan-read", daemon=True) if ahead else None
+        )
+        self._inline: Iterator[Chunk] | None = None
+
+    def __enter__(self) -> _Prefetched:
+        if self._thread is not None:
+            self._thread.start()
+        else:
+            self._inline = self._read()
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self._closed.set()
+        if self._thread is None:
+            close = getattr(self._inline, "close", None)
+            if close is not None:
+                close()
+            return
+        while self._thread.is_alive():
+            # Make room, so a reader blocked on a full queue sees the close.
+            with contextlib.suppress(queue.Empty):
+                self._queue.get(timeout=0.05)
+        self._thread.join()
+
+    def _put(self, item: Any) -> bool:
+        while not self._closed.is_set():
+            try:
+                self._queue.put(item, timeout=0.05)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def _produce(self) -> None:
+        try:
+            chunks = self._read()
+            try:
+                for chunk in chunks:
+                    if not self._put(chunk):
+                        return
+            finally:
+                close = getattr(chunks, "close", None)
+                if close is not None:
+                    close()
+        except BaseException as exc:  # raised again by the consumer, in its thread
+            self._put(exc)
+            return
+        self._put(self._END)
+
+    def __iter__(self) -> Iterator[Chunk]:
+        if self._inline is not None:
+            yield from self._inline
+            return
+        while (item := self._queue.get()) is not self._END:
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+
+
 def _stage(
     job: Job,
     source: Source,
     tmp: Path,
-    rejects: _RejectsWriter,
-    rejects_path: Path,
-    rows_per_bucket: int,
+    rejects: RejectsWriter,
     builder: Any = None,
     stop: threading.Event | None = None,
     limit: int | None = None,
-) -> StagedSource:
+) -> _Staged:
     inputs: list[tuple[str, Callable[[], Iterator[Chunk]]]]
     if source.sql is not None:
         # A database source is one input, named by its label (database and table, never the password).
@@ -449,34 +697,25 @@ def _stage(
 
         reader = SqlReader(source)
         inputs = [(reader.label, reader.chunks)]
-        estimated = reader.estimate_rows()
     else:
-        files = expand_paths(source, workdir=job.workdir, exclude=[rejects_path])
+        files = expand_paths(source, workdir=job.workdir, exclude=[rejects.path])
         inputs = [(str(p), functools.partial(iter_chunks, source, p)) for p in files]
-        estimated = estimate_rows(source, files)
     names = tuple(name for name, _ in inputs)
-    bits = _bucket_bits(estimated, rows_per_bucket)
-    schema = clean_schema(source)
-    raw_dir = tmp / f"{source.name}.raw"
-    raw_dir.mkdir()
-    # Arrow IPC streams, not Parquet: a Parquet writer keeps every row group's metadata until it closes, which
-    # for hundreds of buckets × hundreds of chunks grows with the input; a stream writer keeps nothing.
-    writers: dict[int, tuple[Any, pa.ipc.RecordBatchStreamWriter]] = {}
+    schema = list(clean_schema(source))
+    chunk_dir = tmp / f"{source.name}.chunks"
+    chunk_dir.mkdir()
+    writer = ChunkWriter(chunk_dir)
     rows_read = 0
     check_rows = getattr(builder, "check_rows", None)
     kept = 0
-    try:
-        for index, (name, read) in enumerate(inputs):
-            if limit is not None and kept >= limit:
-                break
-            chunks = read()
+    for index, (name, read) in enumerate(inputs):
+        if limit is not None and kept >= limit:
+            break
+        with _Prefetched(read, ahead=source.sql is None) as chunks:
             for chunk in chunks:
                 _check_stop(stop)
                 if limit is not None and kept >= limit:
-                    close = getattr(chunks, "close", None)
-                    if close is not None:
-                        close()  # the sample is complete: stop reading this file now
-                    break
+                    break  # the sample is complete: leaving the block stops reading this file now
                 rejects.rows(chunk.malformed)
                 rows_read += chunk.frame.height + len(chunk.malformed)
                 if chunk.frame.is_empty():
@@ -491,42 +730,10 @@ def _stage(
                 if limit is not None:
                     clean = clean.head(limit - kept)
                     kept += clean.height
-                if clean.is_empty():
-                    continue
-                clean = clean.with_columns(canonical_key(clean[EXT_ID])).select(list(schema))
-                bucket = pl.col(KEY) // (1 << (32 - bits))  # top bits: buckets are ranges of the key
-                for group, piece in (
-                    clean.with_columns(bucket.alias("__b")).partition_by("__b", as_dict=True).items()
-                ):
-                    b = int(str(group[0]))
-                    table = piece.drop("__b").to_arrow()
-                    if b not in writers:
-                        sink = pa.OSFile(str(raw_dir / f"{b:04d}.arrows"), "wb")
-                        options = pa.ipc.IpcWriteOptions(compression="lz4")
-                        writers[b] = (sink, pa.ipc.new_stream(sink, table.schema, options=options))
-                    writers[b][1].write_table(table)
-    finally:
-        for sink, writer in writers.values():
-            writer.close()
-            sink.close()
-    parts = []
-    rows_clean = dropped = 0
-    out_dir = tmp / source.name
-    out_dir.mkdir()
-    for b in sorted(writers):
-        _check_stop(stop)
-        frame = pl.read_ipc_stream(raw_dir / f"{b:04d}.arrows")
-        winners, duplicate_rejects, identical = resolve_duplicates(frame, source, names)
-        del frame
-        rejects.frame(duplicate_rejects)
-        dropped += identical
-        rows_clean += winners.height
-        out = out_dir / f"{b:04d}.parquet"
-        winners.sort([KEY, EXT_ID, FILE, ROW]).write_parquet(out, compression="zstd")
-        (raw_dir / f"{b:04d}.arrows").unlink()
-        parts.append(out)
-    raw_dir.rmdir()
-    return StagedSource(source, names, tuple(parts), rows_read, rows_clean, dropped)
+                if not clean.is_empty():
+                    writer.add(clean.with_columns(canonical_key(clean[EXT_ID])).select(schema))
+    writer.flush()
+    return _Staged(source, names, rows_read, writer)
 
 
 _STAGING_PREFIX = "plan-"
@@ -599,9 +806,10 @@ def build_plan(
     job: Job,
     *,
     rejects_path: Path | None = None,
-    rows_per_bucket: int = ROWS_PER_BUCKET,
+    rows_per_bucket: int | None = None,
     stop: threading.Event | None = None,
     limit: int | None = None,
+    lazy: bool = False,
 ) -> Plan:
     """Read, validate and deduplicate every source of ``job``, ready to make batches.
 
@@ -609,41 +817,76 @@ def build_plan(
     file order (files in their sorted order); reading stops there, so rows after them are neither sent nor
     rejected. Duplicate IDs among those N still collapse to one user.
 
-    When this returns, input validation is complete: rejected rows are in ``plan.rejects_path`` (default
-    ``<workdir>/rejects.csv``). Staging directories that killed runs left in the workdir are removed first.
-    ``rows_per_bucket`` sizes the hash buckets (memory vs. number of files); it never changes the batches.
+    When this returns, every input row has been read and validated: the rows validation refused are in
+    ``plan.rejects_path`` (default ``<workdir>/rejects.csv``). Unless ``lazy``, every bucket is settled too
+    (conflicting duplicates are in the rejects file, the counts are final); with ``lazy=True`` a worker
+    thread settles the buckets as the plan's frames are read, a few ahead (:meth:`Plan.settle` settles the
+    rest at once). Staging directories that killed runs left in the workdir are removed first.
+    ``rows_per_bucket`` (default :data:`ROWS_PER_BUCKET`) sizes the buckets (memory vs. number of files); it
+    never changes the batches.
     Raises :class:`sync.errors.BadInputError` for a file that cannot be read at all, :class:`BadJobError` for a
-    platform that is not registered. ``stop`` (set by a signal handler) ends the reading at the next chunk with
-    :class:`sync.errors.InterruptedRunError`; the staging files are removed.
+    platform that is not registered. ``stop`` (set by a signal handler) ends the reading (and the settling) at
+    the next chunk (bucket) with :class:`sync.errors.InterruptedRunError`; the staging files are removed.
     """
     platform_for(job)  # an unknown platform fails here, before any reading
     check_workdir(job.workdir)
     rejects_path = rejects_path or job.workdir / "rejects.csv"
     staging: tuple[Path, int] | None = None  # the staging directory and the descriptor holding its lock
+    rejects: RejectsWriter | None = None
+    settling: Settling | None = None
     try:
         rejects_path.parent.mkdir(parents=True, exist_ok=True)
         remove_stale_staging(job.workdir)
         staging = _new_staging(job.workdir)
         tmp = staging[0]
-        with rejects_path.open("w", newline="", encoding="utf-8") as fh:
-            writer = _RejectsWriter(fh)
-            builder = _builder_for(job)
-            staged = tuple(
-                _stage(job, source, tmp, writer, rejects_path, rows_per_bucket, builder, stop, limit)
-                for source in job.sources
-            )
+        rejects = RejectsWriter(rejects_path)
+        builder = _builder_for(job)
+        stages = [_stage(job, source, tmp, rejects, builder, stop, limit) for source in job.sources]
+        settlers = []
+        for st in stages:
+            out = tmp / st.source.name
+            out.mkdir()
+            bits = _bucket_bits(st.chunks.rows, rows_per_bucket or ROWS_PER_BUCKET)
+            settlers.append(Settler(st.source, st.names, st.chunks.chunks, bits, out, rejects))
+        # A lazy plan is settled while its batches are sent: a signal then drains the run (the dispatcher's
+        # stop), it does not interrupt the settling under the lanes.
+        settling = Settling(settlers, stop=None if lazy else stop, on_done=rejects.close)
+        staged = tuple(
+            StagedSource(st.source, st.names, st.rows_read, settling, i) for i, st in enumerate(stages)
+        )
+        if lazy:
+            rejects.written()  # what validation refused is on disk before anything is sent
+            settling.start()
+        else:
+            settling.settle_all()
     except OSError as exc:
-        if staging is not None:
-            _remove_staging(*staging)
+        _abandon(staging, rejects, settling)
         # Input files are read through sync.reading, which turns their errors into BadInputError: an OSError
         # here comes from writing the staging data or the rejects file.
-        raise _write_error(exc.filename or job.workdir, exc) from exc
+        raise write_error(exc.filename or job.workdir, exc) from exc
     except BaseException:
-        if staging is not None:
-            _remove_staging(*staging)
+        _abandon(staging, rejects, settling)
         raise
     assert staging is not None
-    return Plan(job, staged, rejects_path, writer.count, *staging)
+    return Plan(job, staged, rejects, settling, *staging)
+
+
+def _abandon(
+    staging: tuple[Path, int] | None, rejects: RejectsWriter | None, settling: Settling | None
+) -> None:
+    if settling is not None:
+        settling.close()
+    if rejects is not None:
+        rejects.close(quiet=True)  # the error that brought us here is the one to report
+    if staging is not None:
+        _remove_staging(*staging)
+
+
+def _close_plan(settling: Settling, rejects: RejectsWriter, tmp: Path, lock_fd: int) -> None:
+    # The worker first: it must not write into the directory being removed.
+    settling.close()
+    rejects.close(quiet=True)
+    _remove_staging(tmp, lock_fd)
 
 
 def check_workdir(workdir: Path) -> None:
@@ -660,16 +903,4 @@ def check_workdir(workdir: Path) -> None:
             probe.flush()
             os.fsync(probe.fileno())
     except OSError as exc:
-        raise _write_error(workdir, exc) from exc
-
-
-def _write_error(where: Path | str, exc: OSError) -> StateError:
-    reason = exc.strerror or type(exc).__name__
-    hint = {
-        errno.ENOSPC: "free some space (or point 'workdir' at a larger disk)",
-        errno.EDQUOT: "free some space (or point 'workdir' at a larger disk)",
-        errno.EROFS: "point 'workdir' (or --workdir) at a writable directory",
-        errno.EACCES: "point 'workdir' (or --workdir) at a directory you may write to",
-        errno.EPERM: "point 'workdir' (or --workdir) at a directory you may write to",
-    }.get(exc.errno or 0, "check the workdir")
-    return StateError(f"cannot write the job's working files ({where}): {reason}; {hint}. Nothing was sent.")
+        raise write_error(workdir, exc) from exc

@@ -5,6 +5,9 @@ Both implement :class:`sync.dispatch.DispatchObserver` and share one :class:`_Tr
 opt-out batch of 3 IDs costs as much budget as a tag batch of 1000), so an ID-based ETA jumped as the mix changed.
 The rate is the batches finished over the last ``window`` seconds, so it follows the budget the run gets now
 rather than the average since a slow start.
+
+The totals may be unknown when sending starts (a changes run sends while the rest of its input is settled,
+:mod:`sync.planning`): they are ``None`` until :meth:`set_totals` fills them in; no ETA is shown until then.
 """
 
 from __future__ import annotations
@@ -43,7 +46,7 @@ class _Tracker:
     )
 
     def __init__(
-        self, total_ids: int, total_requests: int, clock: Callable[[], float], window: float
+        self, total_ids: int | None, total_requests: int | None, clock: Callable[[], float], window: float
     ) -> None:
         self._clock = clock  # monotonic seconds; injectable so tests never sleep
         self._window = window  # seconds of history behind the current rate
@@ -88,7 +91,9 @@ class _Tracker:
 
     def eta(self, now: float) -> float | None:
         rate = self.rate(now)
-        return max(self.total_requests - self.batches, 0) / rate if rate > 0 else None
+        if self.total_requests is None or rate <= 0:
+            return None
+        return max(self.total_requests - self.batches, 0) / rate
 
 
 class LogProgress:
@@ -98,8 +103,8 @@ class LogProgress:
     def __init__(
         self,
         *,
-        total_ids: int,
-        total_requests: int,
+        total_ids: int | None,
+        total_requests: int | None,
         every: float = 10.0,
         window: float = 30.0,
         clock: Callable[[], float] = time.monotonic,
@@ -138,6 +143,10 @@ class LogProgress:
                 eta_seconds=None if eta is None else round(eta, 1),
             )
 
+    def set_totals(self, total_ids: int, total_requests: int) -> None:
+        """The run's totals, once known (see the module docstring)."""
+        self._t.total_ids, self._t.total_requests = total_ids, total_requests
+
     def close(self) -> None:
         return None
 
@@ -148,8 +157,8 @@ class BarProgress:
     def __init__(
         self,
         *,
-        total_ids: int,
-        total_requests: int,
+        total_ids: int | None,
+        total_requests: int | None,
         stream: TextIO | None = None,
         window: float = 30.0,
         clock: Callable[[], float] = time.monotonic,
@@ -171,7 +180,12 @@ class BarProgress:
             transient=False,
         )
         self._task = self._progress.add_task(
-            "requests", total=max(total_requests, 1), phase="starting", ids="0", problems="", eta="-"
+            "requests",
+            total=None if total_requests is None else max(total_requests, 1),
+            phase="starting",
+            ids="0",
+            problems="",
+            eta="-",
         )
         self._progress.start()
 
@@ -194,10 +208,15 @@ class BarProgress:
             self._task,
             completed=t.batches,
             phase=t.phase,
-            ids=f"{t.ids:,}/{t.total_ids:,}",
+            ids=f"{t.ids:,}/{t.total_ids:,}" if t.total_ids is not None else f"{t.ids:,}",
             problems=" · ".join(problems),
             eta=_clock_text(t.eta(now)),
         )
+
+    def set_totals(self, total_ids: int, total_requests: int) -> None:
+        """The run's totals, once known (see the module docstring)."""
+        self._t.total_ids, self._t.total_requests = total_ids, total_requests
+        self._progress.update(self._task, total=max(total_requests, 1))
 
     def close(self) -> None:
         self._progress.stop()
@@ -212,7 +231,7 @@ def _clock_text(seconds: float | None) -> str:
 
 
 def make_progress(
-    *, total_ids: int, total_requests: int, enabled: bool | None = None, **context: Any
+    *, total_ids: int | None, total_requests: int | None, enabled: bool | None = None, **context: Any
 ) -> BarProgress | LogProgress:
     """A bar when stderr is a terminal (or ``enabled`` is True), else log lines."""
     use_bar = sys.stderr.isatty() if enabled is None else enabled

@@ -56,6 +56,7 @@ from sync.state import (
     compute_diff,
     recover,
     rejected_users,
+    snapshot_builder_for,
 )
 from sync.summary import RunInput, RunSummary, summarise
 
@@ -337,8 +338,11 @@ async def _run_changes(
         mode = ReplayMode.RETRY if options.retry else ReplayMode.RESUME
         decisions = replay_plan(ledger, origin, mode, platform=platform_for(job))
         _mark_dead(ledger, decisions.runs)
+    # Lazy: sending starts once the input is read and validated; the buckets are settled (duplicates resolved)
+    # in a worker thread a few ahead of the lanes. Nothing a changes run guarantees needs the whole input
+    # settled first: every guarantee is per ID, and all the rows of an ID are in one bucket.
     plan = await asyncio.to_thread(
-        functools.partial(build_plan, job, limit=options.limit, stop=signals.requested)
+        functools.partial(build_plan, job, limit=options.limit, stop=signals.requested, lazy=True)
     )
     stats = ReplayStats() if decisions is not None else None
     # A replay is sent like a fresh run: per-endpoint lanes, each filtered by what the ledger says.
@@ -362,7 +366,8 @@ async def _run_snapshot(
     origin = options.retry or options.resume
     # Snapshot jobs need no replay list: the state holds only confirmed changes, so once the crashed runs'
     # confirmations are merged, a fresh diff *is* the resume (and the retry).
-    recovered = tuple(recover(store, job.sources, ledger, job.snapshot))
+    builder = snapshot_builder_for(job)  # the platform's snapshot streams make the diff's requests
+    recovered = tuple(recover(store, job.sources, ledger, job.snapshot, builder=builder))
     plan = await asyncio.to_thread(build_plan, job, stop=signals.requested)
     run_id = options.run_id or new_run_id()
     try:
@@ -377,6 +382,7 @@ async def _run_snapshot(
             batch_size=job.batch_sizes,
             rejected=rejected_users(plan.rejects_path, plan.staged),
             stop=signals.requested,
+            builder=builder,
         )
     except BaseException:
         plan.close()
@@ -402,7 +408,14 @@ async def _run_snapshot(
         diff.discard()  # stopped before the run was recorded: nothing was sent, nothing to merge
         raise
     try:
-        committed = await asyncio.to_thread(commit, store, job.sources, diff.directory, ledger, job.snapshot)
+        committed = await asyncio.to_thread(
+            functools.partial(commit, builder=builder),
+            store,
+            job.sources,
+            diff.directory,
+            ledger,
+            job.snapshot,
+        )
     except (PushSyncError, OSError) as exc:
         # Requests went out: never exit 2. The delta stays pending; the next run merges what was confirmed.
         raise RunStoppedError(
@@ -452,12 +465,15 @@ async def _dispatch(
             platform=job.destination.platform,
             full_refresh=full_refresh,
         )
-        rows_rejected = ledger.record_rejected_rows(run_id, plan.rejected_rows())
+        # Every row validation refused is known now; the conflicting duplicates of a lazy plan are found as its
+        # buckets are settled, and recorded with the rest when the dispatcher is done.
+        rows_rejected = ledger.record_rejected_rows(run_id, plan.rejected_rows(settled=False))
+        rejects_recorded = rows_rejected
         ledger.flush()
-        if expected is None:
+        if expected is None and plan.settled:
             summary_of_plan = plan.summary()
             expected = (summary_of_plan.total_requests, summary_of_plan.total_ids)
-        total_requests, total_ids = expected
+        total_requests, total_ids = expected if expected is not None else (None, None)
         bar = (
             make_progress(
                 total_ids=total_ids,
@@ -493,6 +509,12 @@ async def _dispatch(
         )
         signals.dispatcher = dispatcher  # from here a signal drains (a first one already set ``stop``)
         log.info("run.start", run=run_id, requests=total_requests, ids=total_ids)
+        # The progress totals of a lazy plan: counted once its readers had every bucket settled.
+        totals = (
+            asyncio.create_task(_fill_totals(plan, bar, log, run_id), name="plan-totals")
+            if bar is not None and expected is None
+            else None
+        )
         try:
             async with (
                 metrics.exporting(
@@ -506,10 +528,20 @@ async def _dispatch(
                 sending = True
                 report = await dispatcher.run(source)
         finally:
+            if totals is not None:
+                totals.cancel()
             if bar is not None:
                 bar.close()
             if own_client:
                 await sender.aclose()
+        if not plan.settled and not stop.is_set():
+            # The lanes stopped early (an abort) or left a source unread: settle the rest, so the rejects file,
+            # the ledger and the counts are complete. After a stop (a signal) the run ends now instead; what
+            # the settled buckets rejected is recorded.
+            await asyncio.to_thread(plan.settle)
+        rows_rejected += ledger.record_rejected_rows(
+            run_id, plan.rejected_rows(skip=rejects_recorded, settled=False)
+        )
         summary = summarise(
             report,
             run_id=run_id,
@@ -593,16 +625,31 @@ def _input_of(job: Job, plan: Plan, rows_rejected: int, diff: DiffCounts | None)
             "left": diff.users_left,
             "removed": diff.users_removed,
         }
+    # Counts over the buckets settled: all of them, unless a stop ended the run before they were.
+    rows_clean, duplicates_dropped = plan.settled_counts()
     return RunInput(
         rows_read=sum(s.rows_read for s in plan.staged),
-        rows_clean=sum(s.rows_clean for s in plan.staged),
+        rows_clean=rows_clean,
         rows_rejected=rows_rejected,
-        duplicates_dropped=sum(s.duplicates_dropped for s in plan.staged),
+        duplicates_dropped=duplicates_dropped,
         mode=job.mode.value,
         platform=job.destination.platform,
         host=host,
         snapshot=snapshot,
     )
+
+
+async def _fill_totals(plan: Plan, progress: Any, log: Any, run_id: str) -> None:
+    """Give the progress display the run's totals once the lazy plan's readers had every bucket settled."""
+    try:
+        if not await asyncio.to_thread(plan.wait_settled):
+            return
+        summary = await asyncio.to_thread(plan.summary)
+    except Exception as exc:  # the lanes reading the same buckets report the failure
+        log.debug("run.totals_unknown", run=run_id, error=type(exc).__name__)
+        return
+    progress.set_totals(summary.total_ids, summary.total_requests)
+    log.info("run.planned", run=run_id, requests=summary.total_requests, ids=summary.total_ids)
 
 
 def _mark_dead(ledger: Ledger, runs: Iterable[str]) -> None:

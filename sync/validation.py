@@ -20,11 +20,11 @@ Value formats (see docs/jobs.md):
 from __future__ import annotations
 
 import json
-import zlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import polars as pl
+import pyarrow as pa
 
 from sync.config import AttributeMapping, Source, SourceKind, ValidationRules, ValueType
 from sync.reading import ROW
@@ -83,13 +83,63 @@ _DTYPE: dict[ValueType, Any] = {
 }
 
 
+def _crc_table() -> pl.Series:
+    table = []
+    for byte in range(256):
+        crc = byte
+        for _ in range(8):
+            crc = (crc >> 1) ^ (0xEDB88320 if crc & 1 else 0)
+        table.append(crc)
+    return pl.Series("crc", table, dtype=pl.UInt32)
+
+
+_CRC_TABLE = _crc_table()
+"""The CRC-32 (IEEE 802.3, zlib's) table: the CRC of one byte."""
+
+
 def canonical_key(ext_ids: pl.Series) -> pl.Series:
     """CRC-32 of each ID's UTF-8 bytes: the first sort key of the canonical order ``(key, ext_id)``.
 
     A published checksum rather than polars' hash, which may change between polars versions: batch contents
-    and IDs must not change when a dependency is upgraded between a run and its resume.
+    and IDs must not change when a dependency is upgraded between a run and its resume. Equal to
+    ``zlib.crc32(ext_id.encode())``, computed for all IDs at once: one table step per byte *position*, over every
+    ID that long (IDs sorted by length, so the IDs still going are a prefix), not one Python call per ID.
     """
-    return pl.Series(KEY, [zlib.crc32(x.encode("utf-8")) for x in ext_ids.to_list()], dtype=pl.UInt32)
+    n = len(ext_ids)
+    if n == 0:
+        return pl.Series(KEY, [], dtype=pl.UInt32)
+    arrow = ext_ids.cast(pl.String).to_arrow()
+    if isinstance(arrow, pa.ChunkedArray):
+        arrow = arrow.combine_chunks()
+    arrow = arrow.cast(pa.large_string())
+    _validity, offsets_buffer, data_buffer = arrow.buffers()
+    offsets = pl.Series(pa.Array.from_buffers(pa.int64(), n + 1, [None, offsets_buffer], offset=arrow.offset))
+    data = pl.Series(
+        pa.Array.from_buffers(pa.uint8(), data_buffer.size if data_buffer else 0, [None, data_buffer])
+    )
+    starts = offsets.slice(0, n)
+    lengths = offsets.slice(1, n) - starts
+    uniform = lengths.min() == lengths.max()
+    order = None if uniform else lengths.arg_sort(descending=True)
+    if order is not None:
+        starts = starts.gather(order)
+    ending = dict(lengths.value_counts().iter_rows())  # length -> IDs of that length
+    crc = pl.repeat(0xFFFFFFFF, n, dtype=pl.UInt32, eager=True)
+    finished: list[pl.Series] = []  # CRCs of IDs shorter than the position reached, longest last
+    active = n
+    longest = lengths.max()
+    assert isinstance(longest, int)
+    for position in range(longest):
+        active -= ending.get(position, 0)
+        if active < len(crc):
+            finished.append(crc.slice(active))
+            crc, starts = crc.slice(0, active), starts.slice(0, active)
+        byte = data.gather(starts + position).cast(pl.UInt32)
+        crc = _CRC_TABLE.gather((crc ^ byte) & 0xFF) ^ (crc // 256)
+    keys = pl.concat([crc, *reversed(finished)]) ^ 0xFFFFFFFF
+    if order is not None:
+        keys = keys.gather(order.arg_sort())
+    return keys.cast(pl.UInt32).alias(KEY)
 
 
 def clean_schema(source: Source) -> dict[str, Any]:
@@ -111,181 +161,171 @@ def clean_schema(source: Source) -> dict[str, Any]:
     return schema
 
 
-# --- value parsers: (values, errors) with errors null where the value is fine -------------------------------
+# --- value parsers ---------------------------------------------------------------------------------------------
+#
+# A parser maps a column's text (``s``, trimmed, null values nulled) to its typed values and, given those values
+# (``p``), to its error message (null where the value is fine). :func:`validate_chunk` evaluates them all in one
+# lazy query per chunk, in three steps (texts, values, errors), each step's columns computed once and read by
+# name in the next. Values only matter on rows without an error: a row with one is rejected as a whole.
 
-_Parsed = tuple[pl.Series, pl.Series]
-
-
-def _err(mask: pl.Series, message: str) -> pl.Series:
-    return pl.select(pl.when(mask).then(pl.lit(message)).otherwise(pl.lit(None, pl.String))).to_series()
-
-
-def _no_errors(n: int) -> pl.Series:
-    return pl.Series("err", [None] * n, dtype=pl.String)
-
-
-def _text(series: pl.Series, source: Source, rules: ValidationRules) -> pl.Series:
-    if series.dtype != pl.String:
-        return series
-    s = series.str.strip_chars() if rules.trim else series
-    return pl.select(pl.when(s.is_in(list(source.null_values))).then(None).otherwise(s)).to_series()
+_Parser = tuple[pl.Expr, Callable[[pl.Expr, pl.Expr], pl.Expr]]
+"""``(values from s, error from (s, p))``."""
+_NO_ERROR = pl.lit(None, pl.String)
+_BOOLEANS = {**dict.fromkeys(_TRUE, True), **dict.fromkeys(_FALSE, False)}
+_TAG_ACTIONS = {**dict.fromkeys(_TAG_ACTIONS_ON, True), **dict.fromkeys(_TAG_ACTIONS_OFF, False)}
 
 
-def _parse_bool(s: pl.Series) -> _Parsed:
-    low = s.str.to_lowercase()
-    values = pl.select(
-        pl.when(low.is_in(_TRUE)).then(True).when(low.is_in(_FALSE)).then(False).otherwise(None)
-    ).to_series()
-    return values, _err(s.is_not_null() & values.is_null(), "not a boolean (true/false, yes/no, 1/0)")
+def _err(mask: pl.Expr, message: str) -> pl.Expr:
+    return pl.when(mask).then(pl.lit(message)).otherwise(_NO_ERROR)
 
 
-def _parse_number(s: pl.Series) -> _Parsed:
-    values = s.cast(pl.Float64, strict=False)
-    bad = s.is_not_null() & (
-        values.is_null() | values.is_nan().fill_null(False) | values.is_infinite().fill_null(False)
-    )
-    return pl.select(pl.when(bad).then(None).otherwise(values)).to_series(), _err(bad, "not a number")
+def _text(s: pl.Expr, dtype: Any, source: Source, rules: ValidationRules) -> pl.Expr:
+    if dtype != pl.String:
+        return s
+    s = s.str.strip_chars() if rules.trim else s
+    if not source.null_values:
+        return s
+    return s.replace(list(source.null_values), None)
 
 
-def _parse_date(s: pl.Series, timezone: str) -> _Parsed:
-    if s.dtype == pl.Date:
-        s = s.cast(pl.Datetime("ms"))
-    if isinstance(s.dtype, pl.Datetime):
-        dt = (
-            s
-            if s.dtype.time_zone
-            else s.dt.replace_time_zone(timezone, ambiguous="earliest", non_existent="null")
-        )
-        return dt.dt.epoch("ms"), _err(
-            s.is_not_null() & dt.is_null(), "not a valid time in the job's time zone"
-        )
-    norm = s.str.replace(" ", "T", literal=True).str.replace(r"[zZ]$", "+00:00")
-    n = pl.col("v")
+def _parse_bool(s: pl.Expr) -> _Parser:
+    values = s.str.to_lowercase().replace_strict(_BOOLEANS, default=None, return_dtype=pl.Boolean)
+    return values, lambda s, p: _err(s.is_not_null() & p.is_null(), "not a boolean (true/false, yes/no, 1/0)")
+
+
+def _parse_number(s: pl.Expr) -> _Parser:
+    def error(s: pl.Expr, p: pl.Expr) -> pl.Expr:
+        bad = p.is_null() | p.is_nan().fill_null(False) | p.is_infinite().fill_null(False)
+        return _err(s.is_not_null() & bad, "not a number")
+
+    return s.cast(pl.Float64, strict=False), error
+
+
+def _date_times(text: pl.Series, timezone: str) -> pl.Series:
+    """ISO 8601 dates and date-times (text) as epoch milliseconds, null where none of the forms fits.
+
+    The forms are tried in turn, each only on the values the ones before could not read: most columns hold one
+    form, so most values are parsed once (a lazy ``coalesce`` would parse every value in every form).
+    """
 
     def local(expr: pl.Expr) -> pl.Expr:
         return expr.dt.replace_time_zone(timezone, ambiguous="earliest", non_existent="null").dt.epoch("ms")
 
-    values = (
-        pl.DataFrame({"v": norm})
-        .select(
-            pl.coalesce(
-                pl.when(n.str.len_chars() == 10).then(
-                    local(n.str.to_date("%Y-%m-%d", strict=False).cast(pl.Datetime("ms")))
-                ),
-                n.str.to_datetime(
-                    "%Y-%m-%dT%H:%M:%S%.f%z", strict=False, time_zone="UTC", time_unit="ms"
-                ).dt.epoch("ms"),
-                n.str.to_datetime("%Y-%m-%dT%H:%M%z", strict=False, time_zone="UTC", time_unit="ms").dt.epoch(
-                    "ms"
-                ),
-                local(n.str.to_datetime("%Y-%m-%dT%H:%M:%S%.f", strict=False, time_unit="ms")),
-                local(n.str.to_datetime("%Y-%m-%dT%H:%M", strict=False, time_unit="ms")),
-            )
-        )
-        .to_series()
+    v = pl.col("v")
+    forms = [
+        pl.when(v.str.len_chars() == 10).then(
+            local(v.str.to_date("%Y-%m-%d", strict=False).cast(pl.Datetime("ms")))
+        ),
+        v.str.to_datetime("%Y-%m-%dT%H:%M:%S%.f%z", strict=False, time_zone="UTC", time_unit="ms").dt.epoch(
+            "ms"
+        ),
+        v.str.to_datetime("%Y-%m-%dT%H:%M%z", strict=False, time_zone="UTC", time_unit="ms").dt.epoch("ms"),
+        local(v.str.to_datetime("%Y-%m-%dT%H:%M:%S%.f", strict=False, time_unit="ms")),
+        local(v.str.to_datetime("%Y-%m-%dT%H:%M", strict=False, time_unit="ms")),
+    ]
+    norm = text.str.replace(" ", "T", literal=True).str.replace(r"[zZ]$", "+00:00")
+    out = pl.Series("v", [None] * len(norm), dtype=pl.Int64)
+    todo = pl.DataFrame({"i": pl.int_range(len(norm), dtype=pl.UInt32, eager=True), "v": norm}).filter(
+        pl.col("v").is_not_null()
     )
-    return values, _err(s.is_not_null() & values.is_null(), "not an ISO 8601 date or date-time")
+    for form in forms:
+        if todo.is_empty():
+            break
+        parsed = todo.select("i", form.alias("ms"))
+        done = parsed.filter(pl.col("ms").is_not_null())
+        if done.height:
+            out = out.scatter(done["i"], done["ms"])
+            todo = todo.filter(parsed["ms"].is_null())
+    return out
 
 
-def _parse_list(s: pl.Series, delimiter: str) -> _Parsed:
-    if isinstance(s.dtype, pl.List):
+def _typed_date(s: pl.Expr, dtype: Any, timezone: str) -> _Parser:
+    # A typed column (Parquet): no parsing, but a local time the zone skips (a DST gap) is no time at all.
+    dt = s.cast(pl.Datetime("ms")) if dtype == pl.Date else s
+    if not (isinstance(dtype, pl.Datetime) and dtype.time_zone):
+        dt = dt.dt.replace_time_zone(timezone, ambiguous="earliest", non_existent="null")
+    return dt.dt.epoch("ms"), lambda s, p: _err(
+        s.is_not_null() & p.is_null(), "not a valid time in the job's time zone"
+    )
+
+
+def _parse_list(s: pl.Expr, dtype: Any, delimiter: str) -> _Parser:
+    if isinstance(dtype, pl.List):
         items = s.list.eval(pl.element().cast(pl.String).str.strip_chars()).list.eval(
             pl.element().filter(pl.element().is_not_null() & (pl.element() != ""))
         )
-        return pl.select(pl.when(items.list.len() > 0).then(items)).to_series(), _no_errors(len(s))
+    else:
+        items = (
+            s.str.split(delimiter)
+            .list.eval(pl.element().str.strip_chars())
+            .list.eval(pl.element().filter(pl.element() != ""))
+        )
+    return pl.when(items.list.len() > 0).then(items), lambda s, p: _NO_ERROR
+
+
+def _json_lists(s: pl.Series, delimiter: str) -> tuple[pl.Series, pl.Series]:
+    """A text column of a list mapping in which some values are JSON arrays: typed values and errors, per value
+    in Python (JSON arrays are rare in CRM exports; chunks without one never come here)."""
     is_json = s.str.starts_with("[").fill_null(False)
     split = (
         s.str.split(delimiter)
         .list.eval(pl.element().str.strip_chars())
         .list.eval(pl.element().filter(pl.element() != ""))
     )
-    errors = _no_errors(len(s))
-    if is_json.any():
-        parsed: list[list[str] | None] = []
-        messages: list[str | None] = []
-        for text, flag, plain in zip(s.to_list(), is_json.to_list(), split.to_list(), strict=True):
-            if not flag:
-                parsed.append(plain)
-                messages.append(None)
-                continue
-            try:
-                value = json.loads(text)
-            except ValueError:
-                value = None
-            if not isinstance(value, list) or any(isinstance(v, dict | list) for v in value):
-                parsed.append(None)
-                messages.append("not a list (invalid JSON array)")
-                continue
-            texts = [v if isinstance(v, str) else json.dumps(v) for v in value if v is not None]
-            parsed.append([t.strip() for t in texts if t.strip()])
+    parsed: list[list[str] | None] = []
+    messages: list[str | None] = []
+    for text, flag, plain in zip(s.to_list(), is_json.to_list(), split.to_list(), strict=True):
+        if not flag:
+            parsed.append(plain)
             messages.append(None)
-        split = pl.Series(s.name, parsed, dtype=pl.List(pl.String))
-        errors = pl.Series("err", messages, dtype=pl.String)
-    return pl.select(pl.when(split.list.len() > 0).then(split)).to_series(), errors
-
-
-def _parse_string(s: pl.Series) -> _Parsed:
-    return s.cast(pl.String), _no_errors(len(s))
-
-
-def _parse(s: pl.Series, mapping: AttributeMapping, rules: ValidationRules) -> _Parsed:
-    if isinstance(s.dtype, pl.List) and mapping.type is not ValueType.LIST:
-        return pl.Series([None] * len(s), dtype=_DTYPE[mapping.type]), _err(
-            s.is_not_null(), "a list where a single value is expected"
-        )
-    if mapping.type is ValueType.BOOLEAN:
-        return _parse_bool(s)
-    if mapping.type is ValueType.NUMBER:
-        return _parse_number(s)
-    if mapping.type is ValueType.DATE:
-        return _parse_date(s, rules.timezone)
-    if mapping.type is ValueType.LIST:
-        return _parse_list(s, mapping.delimiter)
-    return _parse_string(s)
-
-
-def _parse_email(s: pl.Series) -> _Parsed:
-    bad = s.is_not_null() & ~(s.str.contains(_EMAIL).fill_null(False) & (s.str.len_chars() <= 254))
-    return pl.select(pl.when(bad).then(None).otherwise(s)).to_series(), _err(bad, "not a valid email address")
-
-
-def _parse_msisdn(s: pl.Series) -> _Parsed:
-    norm = s.str.replace_all(_MSISDN_SEPARATORS, "")
-    bad = s.is_not_null() & ~norm.str.contains(_MSISDN).fill_null(False)
-    return (
-        pl.select(pl.when(bad).then(None).otherwise(norm)).to_series(),
-        _err(bad, "not a valid MSISDN (optional +, then 8-15 digits)"),
+            continue
+        try:
+            value = json.loads(text)
+        except ValueError:
+            value = None
+        if not isinstance(value, list) or any(isinstance(v, dict | list) for v in value):
+            parsed.append(None)
+            messages.append("not a list (invalid JSON array)")
+            continue
+        texts = [v if isinstance(v, str) else json.dumps(v) for v in value if v is not None]
+        parsed.append([t.strip() for t in texts if t.strip()])
+        messages.append(None)
+    values = pl.Series(s.name, parsed, dtype=pl.List(pl.String))
+    return pl.select(pl.when(values.list.len() > 0).then(values)).to_series(), pl.Series(
+        "err", messages, dtype=pl.String
     )
 
 
-def _parse_action(s: pl.Series) -> _Parsed:
-    low = s.str.to_lowercase()
-    values = pl.select(
-        pl.when(low.is_null())
+def _parse_email(s: pl.Expr) -> _Parser:
+    def error(s: pl.Expr, _p: pl.Expr) -> pl.Expr:
+        valid = s.str.contains(_EMAIL).fill_null(False) & (s.str.len_chars() <= 254)
+        return _err(s.is_not_null() & ~valid, "not a valid email address")
+
+    return s, error
+
+
+def _parse_msisdn(s: pl.Expr) -> _Parser:
+    return s.str.replace_all(_MSISDN_SEPARATORS, ""), lambda s, p: _err(
+        s.is_not_null() & ~p.str.contains(_MSISDN).fill_null(False),
+        "not a valid MSISDN (optional +, then 8-15 digits)",
+    )
+
+
+def _parse_action(s: pl.Expr) -> _Parser:
+    values = (
+        pl.when(s.is_null())
         .then(True)
-        .when(low.is_in(_TAG_ACTIONS_ON))
-        .then(True)
-        .when(low.is_in(_TAG_ACTIONS_OFF))
-        .then(False)
-        .otherwise(None)
-    ).to_series()
-    return values, _err(values.is_null(), "not a tag action (tag/untag, add/remove, +/-)")
+        .otherwise(s.str.to_lowercase().replace_strict(_TAG_ACTIONS, default=None, return_dtype=pl.Boolean))
+    )
+    return values, lambda s, p: _err(p.is_null(), "not a tag action (tag/untag, add/remove, +/-)")
 
 
-def _required(s: pl.Series, message: str) -> _Parsed:
-    return s, _err(s.is_null(), message)
+def _required(s: pl.Expr, message: str) -> _Parser:
+    return s, lambda s, p: _err(s.is_null(), message)
 
 
-def validate_chunk(
-    raw: pl.DataFrame, source: Source, rules: ValidationRules, file_index: int, file_name: str
-) -> tuple[pl.DataFrame, pl.DataFrame]:
-    """Type and check one chunk. Returns ``(clean, rejects)``: the rows that passed, typed as
-    :func:`clean_schema` says (minus ``__key``), and one rejects row per failed input row (first failing column;
-    the reason lists every problem of the row)."""
-    n = raw.height
-    ext = _text(raw[source.ext_id], source, rules)
-    checks: list[tuple[str, pl.Series, pl.Series]] = []  # (input column, typed values, errors)
-    id_err = pl.select(
+def _id_error(ext: pl.Expr, rules: ValidationRules) -> pl.Expr:
+    return (
         pl.when(ext.is_null())
         .then(pl.lit("missing external ID"))
         .when(ext.str.len_chars() > rules.max_id_length)
@@ -299,79 +339,159 @@ def validate_chunk(
                 "control): it would look like another ID without being equal to it"
             )
         )
-    ).to_series()
-    checks.append((source.ext_id, ext, id_err))
-    out: dict[str, pl.Series] = {}
+        .otherwise(_NO_ERROR)
+    )
 
-    def add(column: str, name: str, parsed: _Parsed) -> None:
-        values, errors = parsed
-        raw_text = raw[column]
-        if raw_text.dtype == pl.String:
+
+class _Query:
+    """The columns of one chunk's validation query, step by step (see the section comment)."""
+
+    __slots__ = ("errors", "injected", "raw", "rules", "source", "texts", "values")
+
+    def __init__(self, raw: pl.DataFrame, source: Source, rules: ValidationRules) -> None:
+        self.raw = raw
+        self.source = source
+        self.rules = rules
+        self.texts: dict[
+            str, pl.Expr
+        ] = {}  # step 1: "__t<i>" -> a raw column's text (and "__n<i>": its NULs)
+        self.values: dict[str, pl.Expr] = {}  # step 2: "__p<i>" -> a check's typed values
+        self.errors: list[tuple[str, pl.Expr]] = []  # step 3: (input column, error) per check, in check order
+        self.injected: dict[str, pl.Series] = {}  # computed outside the query (JSON arrays, date-times)
+
+    def text(self, column: str) -> pl.Expr:
+        """The text of a raw column (one query column, however many checks read it)."""
+        name = f"__t{list(self.raw.columns).index(column)}"
+        if name not in self.texts:
+            self.texts[name] = _text(pl.col(column), self.raw.schema[column], self.source, self.rules)
+        return pl.col(name)
+
+    def inject(self, series: pl.Series) -> pl.Expr:
+        name = f"__x{len(self.injected)}"
+        self.injected[name] = series
+        return pl.col(name)
+
+    def check(self, column: str, parser: _Parser) -> pl.Expr:
+        """Add a check of ``column``; returns the expression of its typed values (in the final step)."""
+        values, error = parser
+        name = f"__p{len(self.values)}"
+        self.values[name] = values
+        failure = error(self.text(column), pl.col(name))
+        if self.raw.schema[column] == pl.String:
             # A NUL character is binary junk (or a UTF-16 file read as UTF-8), never a value to send.
-            nul = raw_text.str.contains("\x00", literal=True).fill_null(False)
-            if nul.any():
-                values = pl.select(pl.when(nul).then(None).otherwise(values)).to_series()
-                errors = pl.select(
-                    pl.when(nul).then(pl.lit("contains a NUL character")).otherwise(errors)
-                ).to_series()
-        out[name] = values
-        checks.append((column, values, errors))
+            nul = pl.col(column).str.contains("\x00", literal=True).fill_null(False)
+            failure = pl.when(nul).then(pl.lit("contains a NUL character")).otherwise(failure)
+        self.errors.append((column, failure))
+        return pl.col(name)
 
+    def list_values(self, column: str, delimiter: str) -> _Parser:
+        dtype = self.raw.schema[column]
+        if dtype == pl.String:
+            text = self.raw.select(_text(pl.col(column), dtype, self.source, self.rules)).to_series()
+            if text.str.starts_with("[").any():
+                values, errors = _json_lists(text, delimiter)
+                injected_errors = self.inject(errors)
+                return self.inject(values), lambda s, p: injected_errors
+        return _parse_list(self.text(column), dtype, delimiter)
+
+    def parse(self, column: str, mapping: AttributeMapping) -> _Parser:
+        dtype = self.raw.schema[column]
+        s = self.text(column)
+        if isinstance(dtype, pl.List) and mapping.type is not ValueType.LIST:
+            return pl.lit(None, _DTYPE[mapping.type]), lambda s, p: _err(
+                s.is_not_null(), "a list where a single value is expected"
+            )
+        if mapping.type is ValueType.BOOLEAN:
+            return _parse_bool(s)
+        if mapping.type is ValueType.NUMBER:
+            return _parse_number(s)
+        if mapping.type is ValueType.DATE:
+            if dtype == pl.Date or isinstance(dtype, pl.Datetime):
+                return _typed_date(s, dtype, self.rules.timezone)
+            text = self.raw.select(_text(pl.col(column), dtype, self.source, self.rules)).to_series()
+            return self.inject(_date_times(text, self.rules.timezone)), lambda s, p: _err(
+                s.is_not_null() & p.is_null(), "not an ISO 8601 date or date-time"
+            )
+        if mapping.type is ValueType.LIST:
+            return self.list_values(column, mapping.delimiter)
+        return s.cast(pl.String), lambda s, p: _NO_ERROR
+
+
+def validate_chunk(
+    raw: pl.DataFrame, source: Source, rules: ValidationRules, file_index: int, file_name: str
+) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """Type and check one chunk. Returns ``(clean, rejects)``: the rows that passed, typed as
+    :func:`clean_schema` says (minus ``__key``), and one rejects row per failed input row (first failing column;
+    the reason lists every problem of the row).
+
+    One lazy query types and checks every column; the reasons are put together only for the rows that failed.
+    """
+    q = _Query(raw, source, rules)
+    ext = q.text(source.ext_id)
+    q.errors.append((source.ext_id, _id_error(ext, rules)))
+    typed: dict[str, pl.Expr] = {EXT_ID: ext, FILE: pl.lit(file_index), ROW: pl.col(ROW)}
     if source.kind is SourceKind.TAGS:
         assert source.tag is not None
-        add(source.tag, TAG, _required(_text(raw[source.tag], source, rules), "missing tag"))
-        if source.action:
-            add(source.action, ACTION, _parse_action(_text(raw[source.action], source, rules)))
-        else:
-            out[ACTION] = pl.Series(ACTION, [True] * n, dtype=pl.Boolean)
+        typed[TAG] = q.check(source.tag, _required(q.text(source.tag), "missing tag"))
+        typed[ACTION] = (
+            q.check(source.action, _parse_action(q.text(source.action))) if source.action else pl.lit(True)
+        )
     if source.kind is SourceKind.EVENTS:
         assert source.event is not None
-        add(source.event, EVENT, _required(_text(raw[source.event], source, rules), "missing event name"))
+        typed[EVENT] = q.check(source.event, _required(q.text(source.event), "missing event name"))
+    # A name checked twice (an attribute that is also the email column) takes the last check's values.
     for a in source.attributes:
-        add(a.column, a.column, _parse(_text(raw[a.column], source, rules), a, rules))
+        typed[a.column] = q.check(a.column, q.parse(a.column, a))
     for t in source.tags:
-        add(t.column, t.column, _parse_list(_text(raw[t.column], source, rules), t.delimiter))
+        typed[t.column] = q.check(t.column, q.list_values(t.column, t.delimiter))
     for c in source.opt_ins.columns():
-        add(c, c, _parse_bool(_text(raw[c], source, rules)))
+        typed[c] = q.check(c, _parse_bool(q.text(c)))
     if source.email:
-        add(source.email, source.email, _parse_email(_text(raw[source.email], source, rules)))
+        typed[source.email] = q.check(source.email, _parse_email(q.text(source.email)))
     if source.msisdn:
-        add(source.msisdn, source.msisdn, _parse_msisdn(_text(raw[source.msisdn], source, rules)))
+        typed[source.msisdn] = q.check(source.msisdn, _parse_msisdn(q.text(source.msisdn)))
 
-    errs = pl.DataFrame({f"e{i}": e for i, (_, _, e) in enumerate(checks)})
-    cols = [c for c, _, _ in checks]
-    verdict = errs.select(
-        pl.coalesce(
-            [pl.when(pl.col(f"e{i}").is_not_null()).then(pl.lit(c)) for i, c in enumerate(cols)]
-        ).alias("column"),
-        pl.sum_horizontal([pl.col(f"e{i}").is_not_null() for i in range(len(cols))]).alias("n"),
-        pl.coalesce([pl.col(f"e{i}") for i in range(len(cols))]).alias("first"),
-        pl.concat_str(
-            [
-                pl.when(pl.col(f"e{i}").is_not_null()).then(pl.lit(f"{c}: ") + pl.col(f"e{i}"))
-                for i, c in enumerate(cols)
-            ],
-            separator="; ",
-            ignore_nulls=True,
-        ).alias("all"),
-    )
-    bad = verdict["n"] > 0
-    typed = pl.DataFrame(
-        {EXT_ID: ext, FILE: pl.Series([file_index] * n, dtype=pl.Int32), ROW: raw[ROW], **out}
-    )
     schema = {k: v for k, v in clean_schema(source).items() if k != KEY}
-    clean = typed.filter(~bad).select([pl.col(k).cast(v) for k, v in schema.items()])
-    rejects = pl.DataFrame(
-        {
-            "file": pl.Series([file_name] * n, dtype=pl.String),
-            "row": raw[ROW],
-            "column": verdict["column"],
-            "reason": pl.select(
-                pl.when(verdict["n"] > 1).then(verdict["all"]).otherwise(verdict["first"])
-            ).to_series(),
-            "ext_id": ext,
-        }
-    ).filter(bad)
+    errors = [f"__e{i}" for i in range(len(q.errors))]
+    frame = (
+        (raw.with_columns(**q.injected) if q.injected else raw)
+        .lazy()
+        .with_columns(**q.texts)
+        .with_columns(**q.values)
+        .select(
+            *(typed[k].cast(v).alias(k) for k, v in schema.items()),
+            *(error.alias(e) for (_, error), e in zip(q.errors, errors, strict=True)),
+        )
+        .with_columns(pl.any_horizontal(pl.col(e).is_not_null() for e in errors).alias("__bad"))
+        .collect()
+    )
+    bad = frame["__bad"]
+    if not bad.any():
+        return frame.select(list(schema)), pl.DataFrame(schema=REJECTS_SCHEMA)
+    clean = frame.filter(~bad).select(list(schema))
+    cols = [column for column, _ in q.errors]
+    failed = [pl.col(e) for e in errors]
+    rejects = frame.filter(bad).select(
+        pl.lit(file_name, pl.String).alias("file"),
+        pl.col(ROW).cast(pl.Int64).alias("row"),
+        pl.coalesce(
+            [pl.when(e.is_not_null()).then(pl.lit(c)) for e, c in zip(failed, cols, strict=True)]
+        ).alias("column"),
+        pl.when(pl.sum_horizontal(e.is_not_null() for e in failed) > 1)
+        .then(
+            pl.concat_str(
+                [
+                    pl.when(e.is_not_null()).then(pl.lit(f"{c}: ") + e)
+                    for e, c in zip(failed, cols, strict=True)
+                ],
+                separator="; ",
+                ignore_nulls=True,
+            )
+        )
+        .otherwise(pl.coalesce(failed))
+        .alias("reason"),
+        pl.col(EXT_ID).alias("ext_id"),
+    )
     return clean, rejects
 
 
@@ -382,26 +502,37 @@ def _value_columns(source: Source) -> list[str]:
 def resolve_duplicates(
     frame: pl.DataFrame, source: Source, files: Sequence[str]
 ) -> tuple[pl.DataFrame, pl.DataFrame, int]:
-    """Apply the duplicate rule to clean rows holding *every* row of their IDs.
+    """Apply the duplicate rule to clean rows holding *every* row of their IDs, in the canonical order
+    ``(__key, __ext_id, __file, __row)``.
 
     The last valid row of an ID wins (files in path order, rows in file order). An earlier row whose values
     differ from the winner's is reported as rejected, naming the winning row; an earlier row with the same values
     is dropped silently. Events are never deduplicated; a tags source deduplicates per (ID, tag).
-    Returns ``(winners, rejects, identical_duplicates_dropped)``.
+    Returns ``(winners, rejects, identical_duplicates_dropped)``: the winners in the canonical order, the rejects
+    in file and row order.
     """
     if source.kind is SourceKind.EVENTS or frame.is_empty():
         return frame, pl.DataFrame(schema=REJECTS_SCHEMA), 0
-    key = [EXT_ID, TAG] if source.kind is SourceKind.TAGS else [EXT_ID]
-    ordered = frame.sort([FILE, ROW])
-    marked = ordered.with_columns(
-        (pl.int_range(pl.len()).over(key) == pl.len().over(key) - 1).alias("__last")
-    )
+    tags = source.kind is SourceKind.TAGS
+    key = [EXT_ID, TAG] if tags else [EXT_ID]
+    # The rows of one ID (one ID and tag) next to each other, in file and row order: the canonical order does
+    # that for an ID; a tag's rows of one ID are brought together by a stable sort on the tag.
+    grouped = frame.sort([KEY, EXT_ID, TAG], maintain_order=True) if tags else frame
+    last = pl.any_horizontal(pl.col(c).ne_missing(pl.col(c).shift(-1)) for c in key).fill_null(True)
+    marked = grouped.with_columns(last.alias("__last"))
     if marked["__last"].all():
         return frame, pl.DataFrame(schema=REJECTS_SCHEMA), 0
-    winners = marked.filter(pl.col("__last")).drop("__last")
-    losers = marked.filter(~pl.col("__last")).drop("__last")
+    position = pl.int_range(pl.len(), dtype=pl.UInt32)
+    marked = marked.with_columns(pl.when(pl.col("__last")).then(position).backward_fill().alias("__winner"))
+    winners = marked.filter(pl.col("__last")).drop("__last", "__winner")
+    if tags:
+        winners = winners.sort([KEY, EXT_ID, FILE, ROW])
+    losers = marked.filter(~pl.col("__last"))
     values = [c for c in _value_columns(source) if c not in key]
-    joined = losers.join(winners.select([*key, FILE, ROW, *values]), on=key, how="left", suffix="__w")
+    won = marked.select(FILE, ROW, *values).gather(losers["__winner"])
+    joined = losers.drop("__last", "__winner").with_columns(
+        won.rename({c: f"{c}__w" for c in won.columns}).get_columns()
+    )
     differs = [pl.col(c).ne_missing(pl.col(f"{c}__w")) for c in values]
     joined = joined.with_columns(
         (pl.any_horizontal(differs) if differs else pl.lit(False)).alias("__conflict"),
@@ -412,7 +543,7 @@ def resolve_duplicates(
             ]
         ).alias("__column"),
     )
-    conflicts = joined.filter(pl.col("__conflict"))
+    conflicts = joined.filter(pl.col("__conflict")).sort([FILE, ROW])
     file_names = dict(enumerate(files))
     rejects = conflicts.select(
         pl.col(FILE).replace_strict(file_names, return_dtype=pl.String).alias("file"),

@@ -102,3 +102,11 @@ def test_only_the_cli_and_the_sandboxes_import_the_sandboxes() -> None:
         if targets and not m.startswith((sandboxes, "sync.cli", "sync.demo"))
     }
     assert not offenders
+
+
+@pytest.mark.parametrize("module", sorted(m for m in MODULES if m.startswith("sync.state")))
+def test_snapshot_state_knows_no_platform_package(module: str) -> None:
+    # Snapshot runs reach a platform through the Platform object and its builder (issue 12): only the seam
+    # (sync.platforms.base) and the registry, never a platform's own package.
+    reached = {t for t in GRAPH[module] if t.startswith("sync.platforms")}
+    assert reached <= {"sync.platforms", "sync.platforms.base", "sync.platforms.registry"}, reached

@@ -12,12 +12,15 @@ from pathlib import Path
 
 import polars as pl
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from sync.config import Job, load_job
 from sync.planning import Plan, build_plan, estimate_duration
 from sync.platforms.netmera import MAX_IDS_PER_REQUEST
 from sync.platforms.netmera.requests import ENDPOINT_FOR, batch_id_for, split_batch
 from sync.records import Batch, Operation, Phase, RowRef, body_json
+from sync.validation import canonical_key
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 
@@ -300,3 +303,113 @@ def test_close_removes_the_staging_directory(fixture_job: Job) -> None:
     built.close()
     assert not staging.exists()
     assert (fixture_job.workdir / "rejects.csv").is_file()  # the rejects file stays for the user
+
+
+# --- staging: sorted chunks, key-range buckets, lazy settling -------------------------------------------------
+
+
+def _with_conflicting_duplicates(path: Path, n: int) -> Path:
+    """``_users_csv`` plus, for every 97th user, an earlier row with another name (a conflicting duplicate)
+    and an identical one (dropped silently)."""
+    _users_csv(path, n)
+    with path.open("a", encoding="utf-8") as fh:
+        for i in range(0, n, 97):
+            fh.write(
+                f"user-{i},name {i},t{i % 3},{'yes' if i % 2 == 0 else 'no'},{'true' if i % 5 == 0 else ''}\n"
+            )
+    # The rows written last win: put the conflicting ones first, then the file's own (now later) rows again.
+    frame = pl.read_csv(path, infer_schema=False)
+    conflicting = (
+        frame.head(0)
+        .vstack(
+            frame.filter(pl.col("id").is_in([f"user-{i}" for i in range(0, n, 97)])).unique(
+                "id", keep="first"
+            )
+        )
+        .with_columns(pl.format("old {}", pl.col("name")).alias("name"))
+    )
+    pl.concat([conflicting, frame]).write_csv(path)
+    return path
+
+
+def test_many_chunk_files_and_buckets_give_the_same_batches_and_rejects(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Chunk size and bucket count are staging details: the batches, the counts and the rejects (validation's
+    and the conflicting duplicates') do not depend on them."""
+    job = _big_job(tmp_path, _with_conflicting_duplicates(tmp_path / "dups.csv", 3000))
+    with build_plan(job) as reference:
+        expected = _fingerprint(reference)
+        expected_rejects = list(reference.rejected_rows())
+        expected_summary = reference.summary()
+    assert expected_rejects and all("superseded by row" in r.reason for r in expected_rejects)
+    assert expected_summary.duplicates_dropped == 31  # the identical second copies
+    import sync._staging
+
+    monkeypatch.setattr(sync._staging, "STAGE_ROWS", 170)  # ~37 sorted chunk files
+    with build_plan(job, rows_per_bucket=40) as many:
+        assert len(many.staged[0].parts) > 60
+        assert _fingerprint(many) == expected
+        # Duplicate rejects come bucket by bucket (key order), then file and row order within a bucket.
+        assert sorted(many.rejected_rows(), key=lambda r: r.row) == sorted(
+            expected_rejects, key=lambda r: r.row
+        )
+        assert many.summary() == expected_summary
+
+
+def test_a_lazy_plan_settles_as_it_is_read_and_gives_the_same_batches(tmp_path: Path) -> None:
+    job = _big_job(tmp_path, _with_conflicting_duplicates(tmp_path / "dups.csv", 3000))
+    with build_plan(job, rows_per_bucket=40) as eager:
+        expected = _fingerprint(eager)
+        expected_rejects = list(eager.rejected_rows())
+        expected_summary = eager.summary()
+    with build_plan(job, rows_per_bucket=40, lazy=True) as lazy:
+        settler = lazy._settling.settlers[0]
+        assert settler.buckets > 60
+        # Validation's rejects are known at once; nothing was settled before a reader asked.
+        assert list(lazy.rejected_rows(settled=False)) == []
+        lane = next(
+            batches for endpoint, batches in lazy.lanes(Phase.CHANGES) if endpoint == "setProfileAttributes"
+        )
+        first = next(lane)
+        assert first.endpoint == "setProfileAttributes"
+        assert not lazy.settled and settler.next < settler.buckets // 2  # a few buckets ahead, not all
+        assert _fingerprint(lazy) == expected
+        assert lazy.settled
+        assert list(lazy.rejected_rows(settled=False)) == expected_rejects
+        assert lazy.summary() == expected_summary
+
+
+def test_the_summary_reads_each_bucket_once_for_all_streams(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    job = _big_job(tmp_path, _users_csv(tmp_path / "users.csv", 3000))
+    with build_plan(job, rows_per_bucket=100) as built:
+        buckets = len(built.staged[0].parts)
+        reads: list[str] = []
+        import sync.planning
+
+        real_read = sync.planning._read_columns
+
+        def counted(path: Path, fields: list[int]) -> pl.DataFrame:
+            reads.append(str(path))
+            return real_read(path, fields)
+
+        monkeypatch.setattr(sync.planning, "_read_columns", counted)
+        summary = built.summary()
+        streams = len(list(built._builder.streams_for(job.sources[0])))
+        assert streams > 3 and buckets > 10
+        # One pass over the buckets, plus the first bucket again per endpoint for its sample body.
+        assert len(reads) <= buckets + len(summary.endpoints)
+        reads.clear()
+        built.summary(assumed_latency=1.0)  # another estimate: the counts are not computed again
+        assert len(reads) <= len(summary.endpoints)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.text(max_size=40), max_size=60))
+def test_the_canonical_key_is_zlib_crc32(ids: list[str]) -> None:
+    """The vectorised key is exactly ``zlib.crc32`` of the UTF-8 bytes (the canonical order of older runs)."""
+    series = pl.Series(ids, dtype=pl.String)
+    assert canonical_key(series).to_list() == [zlib.crc32(x.encode("utf-8")) for x in ids]
+    assert canonical_key(series.slice(1)).to_list() == [zlib.crc32(x.encode("utf-8")) for x in ids[1:]]

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from fake_platform import FAKE
+from fake_platform import FAKE, FakePlatform
 
 from sync.cli import main
 from sync.config import load_job
@@ -139,3 +139,62 @@ def test_every_registered_platform_declares_what_the_loader_and_resume_need() ->
         assert platform.name == name
         assert 1 <= platform.limits.default_batch_size <= platform.limits.max_batch
         assert platform.sandbox is not None and platform.sandbox.endswith("." + name)
+
+
+# --- pushsync sandbox lists and starts the registry's platforms (issue 12) ---------------------------------------
+
+
+class _FakeWithSandbox(FakePlatform):
+    sandbox = "fake_sandbox"
+
+
+def test_the_sandbox_command_lists_the_registry_s_platforms(capsys: pytest.CaptureFixture[str]) -> None:
+    with REGISTRY.registered(_FakeWithSandbox()), pytest.raises(SystemExit) as exit_info:
+        main(["sandbox", "--help"])
+    assert exit_info.value.code == 0
+    listed = capsys.readouterr().out
+    for name in (*REGISTRY.names(), "fake", "meiro"):
+        assert name in listed
+    with pytest.raises(SystemExit):  # without the registration there is no such sandbox
+        main(["sandbox", "fake"])
+    assert "invalid choice: 'fake'" in capsys.readouterr().err
+
+
+def test_a_registered_platform_s_sandbox_starts_from_the_cli(tmp_path: Path) -> None:
+    import json
+    import os
+    import signal
+    import subprocess
+    import sys
+    import urllib.request
+
+    script = (
+        "import sys; from test_platform_registry import _FakeWithSandbox; "
+        "from sync.platforms.registry import REGISTRY; from sync.cli import main; "
+        "REGISTRY.register(_FakeWithSandbox()); sys.exit(main(sys.argv[1:]))"
+    )
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), os.getcwd()])}
+    proc = subprocess.Popen(
+        [sys.executable, "-c", script, "sandbox", "fake", "--port", "0", "--key", "k1"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
+    try:
+        assert proc.stdout is not None
+        assert proc.stdout.readline().strip() == "the fake platform's sandbox"
+        url = proc.stdout.readline().strip()
+        request = urllib.request.Request(
+            url + "upsert",
+            data=json.dumps({"users": [{"id": "a"}, {"id": "b"}]}).encode(),
+            headers={"X-Key": "k1", "Content-Type": "application/json"},
+        )
+        with urllib.request.urlopen(request, timeout=10) as answer:
+            assert json.loads(answer.read()) == {"accepted": ["a", "b"]}
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=10) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.communicate()  # closes the pipes

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import polars as pl
+import pytest
 import structlog
 from reliability.workload import job_yaml
 
@@ -207,3 +208,93 @@ async def test_a_chosen_run_id_is_used_and_the_plan_is_cleaned_up(
     assert outcome.run_id == "20260101T000000Z-beef" and outcome.exit_code is ExitCode.OK
     assert not any(job.workdir.glob("plan-*"))  # the run closed its plan
     assert await platform_state(netmera_sandbox) == expected_users(frame)
+
+
+class _SettledAtFirstBatch:
+    """A dispatch observer noting how many buckets of the plan were settled when the first batch was taken."""
+
+    def __init__(self, workdir: Path) -> None:
+        self._workdir = workdir
+        self.settled: int | None = None
+
+    def on_batch_start(self, batch: Any) -> None:
+        if self.settled is None:
+            self.settled = sum(1 for _ in self._workdir.glob("plan-*/users/*.arrow"))
+
+    def on_attempt(self, attempt: Any) -> None:
+        return None
+
+    def on_batch_done(self, batch: Any, result: Any) -> None:
+        return None
+
+
+def _with_a_conflicting_duplicate(job: Job, frame: pl.DataFrame) -> str:
+    """Put an earlier, conflicting row of the first user at the top of the job's file; returns its ID."""
+    path = next(iter(job.sources[0].paths))
+    data = pl.read_csv(path, infer_schema=False)
+    first = data.head(1).with_columns(pl.lit("Someone Else").alias("name"))
+    pl.concat([first, data]).write_csv(path)
+    return str(first["user_id"][0])
+
+
+async def test_sending_starts_before_the_plan_is_settled_and_every_reject_is_recorded(
+    netmera_sandbox: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A changes run sends while its input is still being settled (a few buckets ahead of the lanes), and still
+    ends with every user right and every rejected row — the duplicates found while settling too — in the
+    ledger and the rejects file."""
+    monkeypatch.setattr("sync.planning.ROWS_PER_BUCKET", 10)  # 64 buckets for 600 users
+    # Small batches and queues: a lane's first pull reads a bucket or two, not the whole input.
+    job, frame = write_job(
+        tmp_path,
+        netmera_sandbox.url,
+        users=600,
+        batch_size=10,
+        dispatch="  concurrency: 4\n  queue_size: 2\n",
+    )
+    loser = _with_a_conflicting_duplicate(job, frame)
+    watch = _SettledAtFirstBatch(job.workdir)
+    outcome = await run(job, RunOptions(api_key=netmera_sandbox.api_key, observers=[watch]))
+    assert watch.settled is not None and watch.settled < 32, watch.settled
+    assert outcome.exit_code is ExitCode.PARTIAL  # the rejected duplicate
+    assert await platform_state(netmera_sandbox) == expected_users(frame)
+    assert outcome.summary.input is not None and outcome.summary.input.rows_clean == 600
+    with Ledger.open(outcome.ledger_path) as ledger:
+        rejected = ledger.rejected_rows(outcome.run_id)
+    assert [(r.row, r.ext_id) for r in rejected] == [(1, loser)]
+    assert "superseded by row" in rejected[0].reason
+    assert (job.workdir / "rejects.csv").read_text(encoding="utf-8").count("superseded by row") == 1
+
+
+async def test_a_settling_failure_after_sending_began_stops_the_run_with_exit_3(
+    netmera_sandbox: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The disk fills while the lanes' buckets are settled: requests went out, so the run stops as aborted
+    (exit 3, resume it), never as "nothing was sent" (exit 2)."""
+    import errno
+
+    from sync._staging import Settler
+    from sync.errors import RunStoppedError
+
+    monkeypatch.setattr("sync.planning.ROWS_PER_BUCKET", 10)
+    job, _ = write_job(
+        tmp_path,
+        netmera_sandbox.url,
+        users=600,
+        batch_size=10,
+        dispatch="  concurrency: 2\n  queue_size: 2\n",
+    )
+    real = Settler.settle_next
+
+    def failing(self: Settler) -> None:
+        if self.next >= 20:
+            raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path))
+        real(self)
+
+    monkeypatch.setattr(Settler, "settle_next", failing)
+    with pytest.raises(RunStoppedError, match="No space left on device") as caught:
+        await run(job, RunOptions(api_key=netmera_sandbox.api_key))
+    assert caught.value.exit_code is ExitCode.ABORTED
+    stats = (await netmera_sandbox.inspect("GET", "stats")).body
+    assert stats["requests_total"] > 0
+    assert not any(job.workdir.glob("plan-*"))

@@ -197,7 +197,7 @@ def _show(args: argparse.Namespace) -> int:
         info: dict[str, Any] = {"path": str(path), "users": store.rows(source), "fields": {}, "tags": {}}
         if path.is_file():
             schema = state_schema(source, settings)
-            lazy = pl.scan_parquet(path)
+            lazy = store.scan(source, settings)  # the base file with the overlay segments laid over it
             present = set(lazy.collect_schema().names())
             names = [n for n in schema if n in present and n not in ("__key", "__ext_id", TAGS)]
             if names:

@@ -35,14 +35,40 @@ if TYPE_CHECKING:
     import polars as pl
 
 __all__ = [
+    "DELTA_DELETE",
+    "DELTA_TAGS_ADDED",
+    "DELTA_TAGS_REMOVED",
+    "DELTA_UNSET",
+    "GROUP",
+    "PAYLOAD",
     "BatchBuilder",
     "ConnectionCheck",
     "Platform",
     "PlatformClient",
     "Registry",
     "SendOutcome",
+    "SnapshotBuilder",
+    "SnapshotStream",
     "Stream",
+    "snapshot_builder",
 ]
+
+GROUP = "__group"
+"""Column of a stream's selected rows (:meth:`SnapshotStream.select`): the request group a row goes into — the
+tag of a tag request — or ``""`` when the stream has one group."""
+PAYLOAD = "__payload"
+"""Column of a stream's selected rows: the value the row sends (an attribute struct, a category name, …)."""
+
+# The snapshot delta (sync.state): a delta frame holds the source's own columns (only new or changed values, null
+# where nothing changes) plus these four; a snapshot builder's streams read them.
+DELTA_UNSET = "__unset"
+"""List of attribute names to unset for the user."""
+DELTA_TAGS_ADDED = "__tags_added"
+"""List of tags to add."""
+DELTA_TAGS_REMOVED = "__tags_removed"
+"""List of tags to remove."""
+DELTA_DELETE = "__delete"
+"""True: delete the user (the job's removal action for a user who left the export)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -140,12 +166,44 @@ class BatchBuilder(Protocol):
         ...
 
 
+class SnapshotStream(Stream, Protocol):
+    """A stream of a snapshot delta: :mod:`sync.state` also maps confirmed batches back to the delta rows they
+    carried, through :meth:`select`."""
+
+    def select(self, frame: pl.DataFrame, items: bool = True) -> pl.DataFrame:
+        """The rows of ``frame`` this stream sends: ``__ext_id, __file, __row``, :data:`GROUP` and, when
+        ``items``, the rows' encoded item text (rows of one ID adjacent, in the frame's order) — the rows
+        ``stream_batches`` cuts into batches. ``items=False`` skips the encoding (IDs and groups suffice)."""
+        ...
+
+
+@runtime_checkable
+class SnapshotBuilder(BatchBuilder, Protocol):
+    """A builder of a platform with ``snapshot_mode``: besides :class:`BatchBuilder`, the streams a source's
+    snapshot *delta* frames make (the source's columns plus :data:`DELTA_UNSET`, :data:`DELTA_TAGS_ADDED`,
+    :data:`DELTA_TAGS_REMOVED` and :data:`DELTA_DELETE`), in send order within a phase. Batches of these streams
+    are made with the builder's own ``stream_batches``, ``stream_counts`` and ``stream_sample``."""
+
+    def snapshot_streams(self, source: Source) -> Sequence[SnapshotStream]: ...
+
+    def batch_group(self, batch: Batch) -> str:
+        """The :data:`GROUP` of a batch of a snapshot stream (the tag of a tag request; ``""`` for a stream
+        of one group): the run's batch map records it, so the commit finds the delta rows a batch carried."""
+        ...
+
+
+def snapshot_builder(builder: BatchBuilder) -> SnapshotBuilder | None:
+    """``builder`` when it can build snapshot deltas (it has ``snapshot_streams``), else None."""
+    return builder if isinstance(builder, SnapshotBuilder) else None
+
+
 class Platform(Protocol):
     """One platform: everything pushsync needs to know about it, in one object.
 
     * ``name``, ``limits`` (largest batch, one-user endpoints, default budgets and budget groups),
       ``snapshot_mode`` and :meth:`job_problems` — what the job loader checks (:class:`sync.config.PlatformRules`);
-    * :meth:`builder` — frames in, batches out, bound to one job's settings;
+    * :meth:`builder` — frames in, batches out, bound to one job's settings (with ``snapshot_mode``, a
+      :class:`SnapshotBuilder`: :mod:`sync.state` makes a snapshot run's requests through it);
     * :meth:`client` — the connector that sends them (aiohttp stays inside the platform's package);
     * :meth:`restrict` — a batch cut down to some of its IDs (``pushsync retry`` resends only the refused ones;
       the client's ``split`` halves a refused batch to isolate them in the first place);

@@ -33,6 +33,7 @@ the ``/_sandbox/`` routes come from :mod:`._core`.
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import contextvars
 import hmac
@@ -50,6 +51,7 @@ from aiohttp import web
 
 from sync.platforms.formsonfire import ENDPOINT, XSI_NAMESPACE, BodyFormat, UserKey
 from sync.sandboxes._base import PlatformSandbox, SandboxSettings
+from sync.sandboxes._command import FOF_KEY_ENV, Built, Credential, SandboxCommand
 from sync.sandboxes._core import ApiError, json_response
 from sync.sandboxes.formsonfire_state import FormsOnFireState, KnownUser, Push
 
@@ -405,3 +407,31 @@ async def _format_middleware(
         return response
     finally:
         _answer_format.reset(token)
+
+
+def _options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--company-id", type=int, metavar="N", help="CompanyId to accept (default 1000)")
+
+
+def _command(args: argparse.Namespace, data: dict[str, Any], creds: dict[str, str]) -> Built:
+    config = FormsOnFireSandboxConfig.from_mapping(
+        data, **creds, company_id=args.company_id, seed_file=args.seed_file
+    )
+    return FormsOnFireSandbox(config), [f"company id: {config.company_id}"]
+
+
+SANDBOX_COMMAND = SandboxCommand(
+    "formsonfire",
+    'the Forms On Fire "POST Push API" sandbox',
+    _command,
+    credentials=(
+        Credential(
+            "integration_key",
+            FOF_KEY_ENV,
+            "integration key",
+            f"IntegrationKey to accept (default: ${FOF_KEY_ENV}, else random)",
+        ),
+    ),
+    options=_options,
+)
+"""``pushsync sandbox formsonfire``."""

@@ -20,9 +20,11 @@ and are :class:`MeiroSandboxConfig` fields.
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import hmac
 import json
+import os
 import secrets
 import time
 from collections.abc import Callable, Mapping
@@ -34,6 +36,7 @@ from aiohttp import web
 
 from sync.platforms.meiro import EDIT_FEATURE, TOKEN_TTL, VIEW_FEATURE, ExportStatus
 from sync.sandboxes._base import PlatformSandbox, SandboxSettings
+from sync.sandboxes._command import PASSWORD_ENV, Built, SandboxCommand
 from sync.sandboxes._core import ApiError, FaultKind, json_response
 from sync.sandboxes.meiro_state import MeiroState, Progression, SandboxExport
 
@@ -349,3 +352,35 @@ def _fault_error(kind: FaultKind) -> ApiError:
     if kind is FaultKind.ERROR_503:
         return ApiError(503, None, "Service unavailable")
     return ApiError(500, None, "Internal server error")
+
+
+def _options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--email", default="sandbox@meiro.local", help="the sandbox user (default sandbox@meiro.local)"
+    )
+
+
+def _command(args: argparse.Namespace, data: dict[str, Any], _creds: dict[str, str]) -> Built:
+    # Unless the config lists its users, there is one: --email, with $MEIRO_SANDBOX_PASSWORD or a generated one.
+    notes = []
+    if "users" not in data:
+        password = os.environ.get(PASSWORD_ENV, "").strip()
+        if not password:
+            password = secrets.token_urlsafe(18)
+            notes.append(
+                f"user {args.email}, password (generated, set {PASSWORD_ENV} to choose one): {password}"
+            )
+        data["users"] = [MeiroUser(args.email, password)]
+    config = MeiroSandboxConfig.from_mapping(data, seed_file=args.seed_file)
+    return MeiroSandbox(config), notes
+
+
+SANDBOX_COMMAND = SandboxCommand(
+    "meiro",
+    "the Meiro CDP sandbox (login, push exports, trash)",
+    _command,
+    seed_help="push notifications and exports (JSON)",
+    config_help="YAML/JSON: users, limits, faults, seed, progression...",
+    options=_options,
+)
+"""``pushsync sandbox meiro``."""

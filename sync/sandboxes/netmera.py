@@ -10,6 +10,7 @@ Where the vendor documents nothing ([I] in platforms.md) the behaviour is a :cla
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import hmac
 import json
@@ -20,6 +21,7 @@ from typing import Any
 from aiohttp import web
 
 from sync.sandboxes._base import PlatformSandbox
+from sync.sandboxes._command import API_KEY_ENV, Built, Credential, SandboxCommand
 from sync.sandboxes._core import ApiError, FaultKind, json_response
 from sync.sandboxes.netmera_config import (
     API_KEY_INVALID,
@@ -168,3 +170,34 @@ def _fault_error(kind: FaultKind) -> ApiError:
     if kind is FaultKind.ERROR_503:
         return ApiError(503, INTERNAL_ERROR, "service unavailable")
     return ApiError(500, INTERNAL_ERROR, "internal error")
+
+
+def _options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--stateless",
+        action="store_true",
+        help="check request shapes strictly but keep nothing and answer at once (for benchmarks)",
+    )
+
+
+def _command(args: argparse.Namespace, data: dict[str, Any], creds: dict[str, str]) -> Built:
+    # None when not given: the config file's ``stateless`` then decides.
+    stateless = True if args.stateless else None
+    config = NetmeraSandboxConfig.from_mapping(data, **creds, seed_file=args.seed_file, stateless=stateless)
+    notes = ["stateless: request shapes are checked, nothing is kept"] if config.stateless else []
+    return NetmeraSandbox(config), notes
+
+
+SANDBOX_COMMAND = SandboxCommand(
+    "netmera",
+    "the Netmera REST API 3.0 sandbox",
+    _command,
+    seed_help="users/devices/segments to load (JSON, Parquet, or a dir)",
+    credentials=(
+        Credential(
+            "api_key", API_KEY_ENV, "api key", f"API key to accept (default: ${API_KEY_ENV}, else random)"
+        ),
+    ),
+    options=_options,
+)
+"""``pushsync sandbox netmera``."""

@@ -26,6 +26,7 @@ default; ``limits={}`` turns them off), in clock-aligned minutes; every answer o
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import hmac
 import json
@@ -57,6 +58,7 @@ from sync.platforms.notifyvisitors import (
 )
 from sync.platforms.notifyvisitors.requests import EVENT_TIME_FORMATS
 from sync.sandboxes._base import PlatformSandbox, SandboxSettings, table
+from sync.sandboxes._command import NV_KEY_ENV, NV_TOKEN_ENV, Built, Credential, SandboxCommand
 from sync.sandboxes._core import ApiError, RateLimit, json_response
 
 __all__ = [
@@ -388,3 +390,40 @@ class NotifyVisitorsSandbox(PlatformSandbox[NotifyVisitorsSandboxConfig, NotifyV
         self.state.events.extend(events)
         self.core.stats.add_applied(EVENT_CREATE, len(events))
         return {"events": len(events)}
+
+
+def _options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--brand-id", metavar="ID", help="x-brand-id to accept (default 1000)")
+    parser.add_argument(
+        "--no-limits", action="store_true", help="turn the documented per-family rate limits off"
+    )
+
+
+def _command(args: argparse.Namespace, data: dict[str, Any], creds: dict[str, str]) -> Built:
+    if args.no_limits:
+        data = {**data, "limits": {}}
+    config = NotifyVisitorsSandboxConfig.from_mapping(
+        data, **creds, brand_id=args.brand_id, seed_file=args.seed_file
+    )
+    return NotifyVisitorsSandbox(config), [f"brand id: {config.brand_id}"]
+
+
+SANDBOX_COMMAND = SandboxCommand(
+    "notifyvisitors",
+    "the NotifyVisitors REST API v1 sandbox",
+    _command,
+    credentials=(
+        Credential(
+            "api_key", NV_KEY_ENV, "api key", f"x-api-key to accept (default: ${NV_KEY_ENV}, else random)"
+        ),
+        Credential(
+            "bearer_token",
+            NV_TOKEN_ENV,
+            "bearer token",
+            f"Bearer token to accept (default: ${NV_TOKEN_ENV}, else random)",
+            metavar="TOKEN",
+        ),
+    ),
+    options=_options,
+)
+"""``pushsync sandbox notifyvisitors``."""

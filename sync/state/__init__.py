@@ -33,6 +33,7 @@ from sync.state._delta import (
     SourceDelta,
     compute_diff,
     rejected_users,
+    snapshot_builder_for,
     snapshot_streams,
 )
 from sync.state._diff import DiffCounts, diff_frames
@@ -84,6 +85,7 @@ __all__ = [
     "preview",
     "recover",
     "rejected_users",
+    "snapshot_builder_for",
     "snapshot_problems",
     "snapshot_streams",
     "state_schema",

@@ -12,14 +12,18 @@ from pathlib import Path
 from typing import Any
 
 import polars as pl
+import pyarrow.parquet as pq
 
 from sync.config import SnapshotSettings, Source
 from sync.errors import ExitCode
-from sync.platforms.netmera import requests as netmera
+from sync.platforms.base import GROUP
 from sync.records import BatchStatus, Operation, Phase
-from sync.state._delta import snapshot_streams
+from sync.state._delta import _require, snapshot_streams
 from sync.state._diff import conform_delta, empty_list
 from sync.state._store import (
+    COMPACT_SHARE,
+    DELETED,
+    MAX_SEGMENTS,
     OK_DELETE,
     SEQ,
     TAGS,
@@ -30,6 +34,8 @@ from sync.state._store import (
     flag_name,
     key_range,
     managed_fields,
+    overlay,
+    range_bits,
     state_schema,
 )
 from sync.validation import EXT_ID, KEY
@@ -49,11 +55,30 @@ def apply_confirmed(
     operation that carries it is confirmed for that user; everything else keeps its old state. Idempotent.
     """
     settings = settings or SnapshotSettings()
+    schema = state_schema(source, settings)
+    st = conform(state, schema)
+    changed = changed_rows(source, st, delta, confirmations, settings)
+    if changed.is_empty():
+        return st
+    return overlay(st, [changed], schema)
+
+
+def changed_rows(
+    source: Source,
+    state: pl.DataFrame | None,
+    delta: pl.DataFrame,
+    confirmations: pl.DataFrame,
+    settings: SnapshotSettings | None = None,
+) -> pl.DataFrame:
+    """The new whole state rows of the users ``confirmations`` name (``state`` must hold at least their rows,
+    if they have one), with :data:`DELETED` set for a confirmed deletion; canonical order. Idempotent."""
+    settings = settings or SnapshotSettings()
     fields = managed_fields(source, settings)
     schema = state_schema(source, settings)
     st = conform(state, schema)
+    out_schema = {**schema, DELETED: pl.Boolean}
     if delta.is_empty() or confirmations.is_empty():
-        return st
+        return pl.DataFrame(schema=out_schema)
     names = sorted(
         {flag_name(*f.on) for f in fields} | {flag_name(*f.off) for f in fields if f.off} | {OK_DELETE}
     )
@@ -71,8 +96,6 @@ def apply_confirmed(
     d = delta.rename({c: f"d:{c}" for c in delta.columns if c not in (KEY, EXT_ID)}).join(
         conf, on=EXT_ID, how="inner"
     )
-    # Only the touched users are recomputed (list operations cost per row); the others are kept as they are.
-    untouched_rows = st.join(d.select(KEY, EXT_ID), on=[KEY, EXT_ID], how="anti")
     j = st.join(d, on=[KEY, EXT_ID], how="right", coalesce=True)
 
     def ok(pair: tuple[Operation, Phase]) -> pl.Expr:
@@ -112,9 +135,8 @@ def apply_confirmed(
         tags = pl.concat_list([pl.col(TAGS).fill_null(empty_list()), added]).list.set_difference(removed)
         untouched = pl.col("__conf_added").is_null() & pl.col("__conf_removed").is_null()
         new.append(pl.when(untouched).then(pl.col(TAGS)).otherwise(tags.list.sort()).alias(TAGS))
-    deleted = ok((Operation.DELETE_USERS, Phase.DELETIONS))
-    touched = j.filter(~deleted).select(pl.col(KEY), pl.col(EXT_ID), *new).select(list(schema))
-    return pl.concat([untouched_rows, touched]).sort([KEY, EXT_ID])
+    deleted = ok((Operation.DELETE_USERS, Phase.DELETIONS)).alias(DELETED)
+    return j.select(pl.col(KEY), pl.col(EXT_ID), *new, deleted).select(list(out_schema)).sort([KEY, EXT_ID])
 
 
 _MAP_SCHEMA: dict[str, Any] = {
@@ -161,7 +183,7 @@ def _with_seqs(batches: pl.DataFrame, parts: Iterable[pl.DataFrame]) -> pl.DataF
 
 
 def _confirmations(
-    source: Source, delta: pl.DataFrame, batches: pl.DataFrame, refused: pl.DataFrame
+    source: Source, delta: pl.DataFrame, batches: pl.DataFrame, refused: pl.DataFrame, builder: Any
 ) -> pl.DataFrame:
     """One row per (user, operation, phase, group) of ``delta`` whose batch the platform confirmed.
 
@@ -170,14 +192,12 @@ def _confirmations(
     """
     out = []
     seqs = delta.select(EXT_ID, SEQ)
-    for stream in snapshot_streams(source):
-        selected = stream.select(delta)
+    for stream in snapshot_streams(source, builder):
+        selected = stream.select(delta, False)  # IDs and groups only: no JSON text is built
         if selected.is_empty():
             continue
         rows = (
-            selected.select(EXT_ID, pl.col(netmera.GROUP).alias("group"))
-            .join(seqs, on=EXT_ID, how="left")
-            .sort(SEQ)
+            selected.select(EXT_ID, pl.col(GROUP).alias("group")).join(seqs, on=EXT_ID, how="left").sort(SEQ)
         )
         carried = (
             batches.filter((pl.col("o") == stream.operation.value) & (pl.col("p") == int(stream.phase)))
@@ -220,11 +240,16 @@ def commit(
     directory: Path,
     ledger: Any,
     settings: SnapshotSettings | None = None,
+    *,
+    builder: Any = None,
 ) -> CommitReport:
     """Merge the confirmed batches of the pending run in ``directory`` into the state, then remove the directory.
 
-    ``ledger`` is a :class:`sync.ledger.Ledger` (``batches(run_id)``, ``refused_ids(run_id)``).
+    ``ledger`` is a :class:`sync.ledger.Ledger` (``batches(run_id)``, ``refused_ids(run_id)``); ``builder`` the
+    job's snapshot builder (:func:`sync.state.snapshot_builder_for`), whose streams made the run's batches.
+    Only the users the confirmed batches touch are read and written (an overlay segment of the state).
     """
+    _require(builder)
     settings = settings or SnapshotSettings()
     meta = json.loads((directory / "meta.json").read_text(encoding="utf-8"))
     run_id = meta["run_id"]
@@ -263,12 +288,86 @@ def commit(
             updated[name] = 0
             continue
         batches = _with_seqs(good, (pl.read_parquet(p, columns=[EXT_ID, SEQ]) for p in parts.values()))
-        counter = [0]
-        ranges = _merged_ranges(store, source, bits, parts, batches, refused, settings, counter)
-        rows[name] = store.write(source, ranges, settings)
-        updated[name] = counter[0]
+        # The state rows the diff read for the delta's users, when the state has not been written since.
+        captured = info.get("state_version") is not None and info["state_version"] == store.version(source)
+        updated[name], rows[name] = _merge(
+            store, source, bits, parts, batches, refused, settings, builder, captured
+        )
     shutil.rmtree(directory, ignore_errors=True)
     return CommitReport(run_id, confirmed_total, unconfirmed_total, updated, rows)
+
+
+MERGE_CHUNK_ROWS = 200_000
+"""Delta rows merged in one piece by an overlay commit (memory stays flat however many users changed)."""
+
+
+def _merge(
+    store: StateStore,
+    source: Source,
+    bits: int,
+    parts: Mapping[int, Path],
+    batches: pl.DataFrame,
+    refused: pl.DataFrame,
+    settings: SnapshotSettings,
+    builder: Any,
+    captured: bool = False,
+) -> tuple[int, int]:
+    """Merge one source's confirmed changes; returns ``(users updated, users in the state)``.
+
+    A delta small beside the state (at most :data:`COMPACT_SHARE` of its rows) becomes an overlay segment: only
+    the users it touches are read (the ID filter pushed into the Parquet reader) and written, a few key ranges at a
+    time. A larger one (a first load, a full refresh) rewrites the base range by range. Past its share the
+    overlay is folded into a new base. ``captured``: the diff kept the state rows of the delta's users beside
+    each part (``NNNNN.state.parquet``) and the state was not written since: they are merged into instead of
+    reading the state again."""
+    base = store.base_rows(source)
+    sizes = {r: pq.ParquetFile(p).metadata.num_rows for r, p in parts.items()}
+    if base == 0 or sum(sizes.values()) > COMPACT_SHARE * base:
+        counter = [0]
+        ranges = _merged_ranges(store, source, bits, parts, batches, refused, settings, builder, counter)
+        rows = store.write(source, ranges, settings)
+        return counter[0], rows
+    pieces: list[pl.DataFrame] = []
+    updated = added = removed = 0
+    chunk: list[int] = []
+    order = sorted(parts)
+    for i, r in enumerate(order):
+        chunk.append(r)
+        if i + 1 < len(order) and sum(sizes[c] for c in chunk) + sizes[order[i + 1]] <= MERGE_CHUNK_ROWS:
+            continue
+        delta = conform_delta(
+            source, pl.concat([pl.read_parquet(parts[c]) for c in chunk], how="vertical_relaxed")
+        )
+        lo, hi = key_range(chunk[0], bits)[0], key_range(chunk[-1], bits)[1]
+        done, chunk = chunk, []
+        conf = _confirmations(source, delta, batches, refused, builder)
+        if conf.is_empty():
+            continue
+        ids = conf.get_column(EXT_ID).unique()
+        if captured:
+            kept = [parts[c].with_name(parts[c].stem + ".state.parquet") for c in done]
+            before = conform(
+                pl.concat([pl.read_parquet(k) for k in kept], how="vertical_relaxed"),
+                state_schema(source, settings),
+            ).join(ids.to_frame(EXT_ID), on=EXT_ID, how="semi")
+        else:
+            before = store.users(source, lo, hi, ids, settings)
+        changed = changed_rows(source, before, delta, conf, settings)
+        existed = changed.get_column(EXT_ID).is_in(before.get_column(EXT_ID).implode())
+        gone = changed.get_column(DELETED)
+        added += int((~existed & ~gone).sum())
+        removed += int((existed & gone).sum())
+        updated += ids.len()
+        pieces.append(changed)
+    users = store.rows(source) + added - removed
+    if not pieces:
+        return 0, users
+    overlay_rows = store.append(source, pl.concat(pieces), users, settings)
+    if overlay_rows > COMPACT_SHARE * base or store.segment_count(source) > MAX_SEGMENTS:
+        rbits = range_bits(max(users, base))
+        ranges = (store.slice(source, *key_range(r, rbits), settings) for r in range(1 << rbits))
+        users = store.write(source, ranges, settings)
+    return updated, users
 
 
 def _merged_ranges(
@@ -279,6 +378,7 @@ def _merged_ranges(
     batches: pl.DataFrame,
     refused: pl.DataFrame,
     settings: SnapshotSettings,
+    builder: Any,
     counter: list[int],
 ) -> Iterator[pl.DataFrame]:
     """The new state, key range by key range (ranges without delta are copied); counts users touched."""
@@ -289,13 +389,18 @@ def _merged_ranges(
             yield state
             continue
         delta = conform_delta(source, pl.read_parquet(parts[r]))
-        conf = _confirmations(source, delta, batches, refused)
+        conf = _confirmations(source, delta, batches, refused, builder)
         counter[0] += conf.select(pl.col(EXT_ID).n_unique()).item()
         yield apply_confirmed(source, state, delta, conf, settings)
 
 
 def recover(
-    store: StateStore, sources: Sequence[Source], ledger: Any, settings: SnapshotSettings | None = None
+    store: StateStore,
+    sources: Sequence[Source],
+    ledger: Any,
+    settings: SnapshotSettings | None = None,
+    *,
+    builder: Any = None,
 ) -> list[CommitReport]:
     """Commit every pending run left by a crash (oldest first): what the ledger confirmed enters the state.
 
@@ -306,7 +411,7 @@ def recover(
     reports = []
     store.remove_unfinished_diffs()
     for directory in store.pending():
-        report = commit(store, sources, directory, ledger, settings)
+        report = commit(store, sources, directory, ledger, settings, builder=builder)
         info = ledger.run(report.run_id)
         if info is not None and info.status == "running":
             ledger.finish_run(

@@ -13,12 +13,12 @@ from typing import IO, Any
 
 import polars as pl
 
-from sync.config import RemovalAction, SnapshotSettings, Source
+from sync.config import Job, RemovalAction, SnapshotSettings, Source
 from sync.errors import InterruptedRunError, StateError
-from sync.platforms.netmera import requests as netmera
+from sync.platforms.base import SnapshotBuilder, snapshot_builder
 from sync.reading import ROW
 from sync.records import Batch, Operation, Phase
-from sync.state._diff import DiffCounts, diff_frames
+from sync.state._diff import DiffCounts, diff_and_state
 from sync.state._store import (
     LEFT_FILE,
     SEQ,
@@ -36,14 +36,38 @@ class RemovalThresholdError(StateError):
     """More users would be removed than the job allows; nothing was sent. ``--force`` overrides."""
 
 
-def snapshot_streams(source: Source) -> list[netmera.Stream]:
-    """The request streams a source's delta frames make: the platform's (Netmera's builder defines them)."""
-    return netmera.snapshot_streams(source)
+def snapshot_streams(source: Source, builder: Any = None) -> list[Any]:
+    """The request streams a source's delta frames make, as the platform's snapshot builder defines them
+    (``builder``: the job's :class:`sync.platforms.base.SnapshotBuilder`, :func:`snapshot_builder_for`)."""
+    return list(_require(builder).snapshot_streams(source))
 
 
-def _log_entry(delta: SourceDelta, stream: netmera.Stream, batch: Batch) -> str:
+def _require(builder: Any) -> SnapshotBuilder:
+    if builder is None:
+        raise StateError(
+            "a snapshot diff needs the job's batch builder: pass builder=snapshot_builder_for(job)"
+        )
+    found = snapshot_builder(builder)
+    if found is None:
+        raise StateError(f"the batch builder {builder!r} makes no snapshot streams (no snapshot_streams)")
+    return found
+
+
+def snapshot_builder_for(job: Job) -> SnapshotBuilder:
+    """The snapshot builder of ``job``'s platform (:func:`sync.platforms.registry.platform_for`); a
+    :class:`sync.errors.StateError` when the platform has no snapshot mode."""
+    from sync.platforms.registry import platform_for
+
+    platform = platform_for(job)
+    builder = snapshot_builder(platform.builder(job)) if platform.snapshot_mode else None
+    if builder is None:
+        raise StateError(f"platform {platform.name!r} has no snapshot mode: use mode 'changes'")
+    return builder
+
+
+def _log_entry(delta: SourceDelta, stream: Any, batch: Batch, builder: SnapshotBuilder) -> str:
     """One ``batches.jsonl`` line: what :func:`commit` needs to map a confirmed batch back to its rows."""
-    group = netmera.tag_of(batch)
+    group = builder.batch_group(batch)
     entry = {
         "s": delta.source.name,
         "b": batch.batch_id,
@@ -146,6 +170,8 @@ class SnapshotDiff:
     sources: tuple[SourceDelta, ...]
     settings: SnapshotSettings
     batch_size: Mapping[str, int] = field(default_factory=dict)
+    builder: Any = None
+    """The job's :class:`sync.platforms.base.SnapshotBuilder`: the streams and batches of the delta."""
 
     @property
     def counts(self) -> DiffCounts:
@@ -155,45 +181,51 @@ class SnapshotDiff:
         return total
 
     def _size(self, endpoint: str) -> int:
-        return self.batch_size.get(endpoint) or self.batch_size.get("*") or netmera.MAX_IDS_PER_REQUEST
+        # As Job.batch_size_for; the builder caps it at its platform's largest batch.
+        return self.batch_size.get(endpoint) or self.batch_size.get("*") or 1000
+
+    def _streams(self, delta: SourceDelta) -> list[Any]:
+        return snapshot_streams(delta.source, self.builder)
 
     def lanes(self, phase: Phase) -> list[tuple[str, Iterator[Batch]]]:
         """The phase's batches per endpoint (a :class:`sync.dispatch.LaneSource`), so a snapshot run sends every
         endpoint of a phase at once, as a changes run does; phases stay in order (opt-outs first). Each batch is
         recorded in ``batches.jsonl`` before it is yielded, as :meth:`batches` does (each lane appends whole
         lines through its own handle)."""
-        by_endpoint: dict[str, list[tuple[SourceDelta, netmera.Stream]]] = {}
+        by_endpoint: dict[str, list[tuple[SourceDelta, Any]]] = {}
         for delta in self.sources:
-            for stream in snapshot_streams(delta.source):
+            for stream in self._streams(delta):
                 if stream.phase is phase:
                     by_endpoint.setdefault(stream.endpoint, []).append((delta, stream))
         return [(endpoint, self._lane(pairs)) for endpoint, pairs in by_endpoint.items()]
 
-    def _lane(self, pairs: list[tuple[SourceDelta, netmera.Stream]]) -> Iterator[Batch]:
+    def _lane(self, pairs: list[tuple[SourceDelta, Any]]) -> Iterator[Batch]:
+        builder = _require(self.builder)
         with (self.directory / "batches.jsonl").open("a", encoding="utf-8") as log:
             for delta, stream in pairs:
                 size = self._size(stream.endpoint)
-                for batch in netmera.stream_batches(stream, delta.frames(), size, delta.files):
-                    log.write(_log_entry(delta, stream, batch) + "\n")
+                for batch in builder.stream_batches(stream, delta.frames(), size, delta.files):
+                    log.write(_log_entry(delta, stream, batch, builder) + "\n")
                     log.flush()  # to the OS: survives kill -9 of this process
                     yield batch
 
     def batches(self, *, record: bool = True) -> Iterator[Batch]:
         """Every batch of the delta, phase by phase; each is recorded in ``batches.jsonl`` before it is yielded
         (so a crash can never leave a sent batch that :func:`commit` cannot map back)."""
+        builder = _require(self.builder)
         log: IO[str] | None = (
             (self.directory / "batches.jsonl").open("a", encoding="utf-8") if record else None
         )
         try:
             for phase in Phase:
                 for delta in self.sources:
-                    for stream in snapshot_streams(delta.source):
+                    for stream in self._streams(delta):
                         if stream.phase is not phase:
                             continue
                         size = self._size(stream.endpoint)
-                        for batch in netmera.stream_batches(stream, delta.frames(), size, delta.files):
+                        for batch in builder.stream_batches(stream, delta.frames(), size, delta.files):
                             if log is not None:
-                                log.write(_log_entry(delta, stream, batch) + "\n")
+                                log.write(_log_entry(delta, stream, batch, builder) + "\n")
                                 log.flush()  # to the OS: survives kill -9 of this process
                             yield batch
         finally:
@@ -202,10 +234,11 @@ class SnapshotDiff:
 
     def request_counts(self) -> dict[tuple[Phase, str, Operation], tuple[int, int]]:
         """``(requests, ids)`` per phase, endpoint and operation, without building bodies."""
+        builder = _require(self.builder)
         out: dict[tuple[Phase, str, Operation], tuple[int, int]] = {}
         for delta in self.sources:
-            for stream in snapshot_streams(delta.source):
-                requests, ids = netmera.stream_counts(stream, delta.frames(), self._size(stream.endpoint))
+            for stream in self._streams(delta):
+                requests, ids = builder.stream_counts(stream, delta.frames(), self._size(stream.endpoint))
                 if requests:
                     key = (stream.phase, stream.endpoint, stream.operation)
                     old = out.get(key, (0, 0))
@@ -229,6 +262,7 @@ def compute_diff(
     refuse: bool = True,
     stop: threading.Event | None = None,
     directory: Path | None = None,
+    builder: Any = None,
 ) -> SnapshotDiff:
     """Diff every staged users source (``Plan.staged``: objects with ``source``, ``files``, ``rows_clean`` and
     ``frames(columns)``) against the confirmed state and write the delta under ``pending/<run_id>/``.
@@ -242,8 +276,10 @@ def compute_diff(
     ``refuse=False`` (the plan preview) never raises for the threshold: the counts show it. ``stop`` (set by a
     signal handler) ends the diff at the next key range with :class:`sync.errors.InterruptedRunError`, keeping
     nothing. ``directory``: where the delta goes instead of ``pending/<run_id>/`` (a preview, which no run must
-    recover).
+    recover). ``builder``: the job's snapshot builder (:func:`snapshot_builder_for`), which makes the delta's
+    streams and batches; required.
     """
+    _require(builder)
     settings = settings or SnapshotSettings()
     directory = directory if directory is not None else store.pending_root / run_id
     directory.mkdir(parents=True, exist_ok=False)
@@ -270,12 +306,14 @@ def compute_diff(
             counts = DiffCounts()
             seq = 0
             held = (rejected or {}).get(source.name)
+            version = store.version(source)
+            captured = not full_refresh
             for r, current in _by_range(st.frames([KEY, *columns]), bits, empty):
                 if stop is not None and stop.is_set():
                     raise InterruptedRunError("interrupted while the export was diffed; nothing was sent")
                 lo, hi = key_range(r, bits)
-                state = store.slice(source, lo, hi, settings)
-                delta, c = diff_frames(
+                state = store.layers(source, lo, hi, settings)
+                delta, c, before = diff_and_state(
                     source,
                     current,
                     state,
@@ -293,6 +331,12 @@ def compute_diff(
                     seq += delta.height
                     parts[r] = part_dir / f"{r:05d}.parquet"
                     delta.write_parquet(parts[r], compression="zstd")
+                    if before is not None:
+                        # The state rows of the delta's users, as the diff read them: the commit merges into
+                        # these instead of reading the state again (see sync.state._commit._merge).
+                        before.write_parquet(part_dir / f"{r:05d}.state.parquet", compression="zstd")
+                    else:
+                        captured = False
             if (
                 refuse
                 and not force
@@ -307,6 +351,7 @@ def compute_diff(
                 )
             meta["sources"][source.name] = {
                 "bits": bits,
+                "state_version": version if captured else None,
                 "files": list(files),
                 "parts": {str(r): p.name for r, p in parts.items()},
             }
@@ -315,4 +360,4 @@ def compute_diff(
     except BaseException:
         shutil.rmtree(directory, ignore_errors=True)
         raise
-    return SnapshotDiff(run_id, directory, tuple(deltas), settings, dict(batch_size or {}))
+    return SnapshotDiff(run_id, directory, tuple(deltas), settings, dict(batch_size or {}), builder)

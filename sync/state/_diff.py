@@ -17,6 +17,7 @@ from sync.state._store import (
     TAGS_REMOVED,
     UNSET,
     FieldKind,
+    Layers,
     conform,
     managed_fields,
     state_schema,
@@ -74,10 +75,93 @@ def none_if_empty(expr: pl.Expr) -> pl.Expr:
     return pl.when(expr.list.len() > 0).then(expr)
 
 
+def _fingerprint(expr: pl.Expr, is_list: bool) -> pl.Expr:
+    """A u64 standing for a value in the comparison: equal values give equal fingerprints. A list is taken as
+    a set: the wrapping sum of its elements' hashes, so order does not matter (a duplicate changes it: a false
+    alarm, settled by the exact comparison)."""
+    if is_list:
+        return expr.list.eval(pl.element().hash()).list.sum().fill_null(0)
+    return expr.hash()
+
+
+def _unchanged_skipped(
+    source: Source,
+    current: pl.DataFrame,
+    st: pl.DataFrame,
+    settings: SnapshotSettings,
+    live: pl.DataFrame | None = None,
+    replaced: pl.Series | None = None,
+) -> tuple[pl.DataFrame, pl.DataFrame, int] | None:
+    """Drop the users whose row certainly did not change, before the exact comparison.
+
+    Both frames are in canonical order, so the users in both appear in the same order on both sides: a mask of
+    each side (membership by a 64-bit hash of the ID) lines them up without a join. Each managed field is then
+    compared by a 64-bit fingerprint, on narrow numeric columns only (no string or list is copied or joined);
+    a user is kept when any field may have changed, so only a hash collision (about 2**-64 per field) could hide
+    a change. Returns ``(current rows to compare, state rows to compare, users skipped)``, or None when the two
+    sides do not line up (not in canonical order): the exact comparison then takes every row.
+
+    With an overlay (:class:`sync.state._store.Layers`), ``st`` is the base, ``live`` the overlay's rows and
+    ``replaced`` marks the base rows it supersedes: those users are compared exactly (they are few), the rest
+    line up with the base as it is — no merged copy of the state is made.
+    """
+    if current.is_empty() or st.is_empty():
+        return None
+    if replaced is None:
+        replaced = pl.Series(values=[False], dtype=pl.Boolean).new_from_index(0, st.height)
+    fields = managed_fields(source, settings)
+    tag_cols = tag_columns(source)
+    c_cols: list[pl.Expr] = [pl.col(KEY), pl.col(EXT_ID).hash().alias("__h")]
+    s_cols: list[pl.Expr] = [pl.col(KEY), pl.col(EXT_ID).hash().alias("__h")]
+    changed: list[pl.Expr] = []
+    for i, f in enumerate(fields):
+        is_list = f.kind in (FieldKind.APPEND, FieldKind.REMOVE)
+        c_cols.append(_fingerprint(pl.col(f.column), is_list).alias(f"c{i}"))
+        c_cols.append(pl.col(f.column).is_null().alias(f"n{i}"))
+        s_cols.append(_fingerprint(pl.col(f.name), is_list).alias(f"s{i}"))
+        differs = pl.col(f"c{i}") != pl.col(f"s{i}")
+        if f.kind is FieldKind.SET and f.unset:
+            # A null sent as an unset: null against a value is a change, null against null is not.
+            changed.append(differs)
+        else:
+            # A null means "no change" for every other field.
+            changed.append(~pl.col(f"n{i}") & differs)
+    if tag_cols:
+        tags = pl.concat_list([pl.col(c).fill_null(empty_list()) for c in tag_cols])
+        c_cols.append(_fingerprint(tags, True).alias("ct"))
+        s_cols.append(_fingerprint(pl.col(TAGS), True).alias("st"))
+        changed.append(pl.col("ct") != pl.col("st"))
+    c = current.select(c_cols)
+    s = st.select(s_cols)
+    in_state = c["__h"].is_in(s["__h"].implode())
+    in_current = s["__h"].is_in(c["__h"].implode()) & ~replaced
+    if replaced.any():
+        # A user whose base row the overlay superseded (or deleted) is compared exactly, not lined up.
+        in_state = in_state & ~c["__h"].is_in(s["__h"].filter(replaced).implode())
+    cm = c.filter(in_state)
+    sm = s.filter(in_current)
+    # Lined up only if both sides list the common users in the same order (same key and ID hash, row by row).
+    if cm.height != sm.height or not (cm[KEY].equals(sm[KEY]) and cm["__h"].equals(sm["__h"])):
+        return None
+    joined = pl.concat([cm, sm.drop(KEY, "__h")], how="horizontal")
+    maybe = joined.select(pl.any_horizontal(changed) if changed else pl.lit(False)).to_series()
+    skipped = int(cm.height - maybe.sum())
+    if skipped == 0:
+        return None
+    # Gathered by position (a few percent of the rows), not filtered by mask: a mask filter copies-scans every
+    # wide column, a gather touches only the rows taken.
+    c_take = (~in_state | in_state.clone().scatter(in_state.arg_true(), maybe)).arg_true()
+    s_keep = (~in_current & ~replaced) | in_current.clone().scatter(in_current.arg_true(), maybe)
+    old = st[s_keep.arg_true()]
+    if live is not None and live.height:
+        old = pl.concat([old, live], how="vertical_relaxed")
+    return current[c_take], old, skipped
+
+
 def diff_frames(
     source: Source,
     current: pl.DataFrame,
-    state: pl.DataFrame | None,
+    state: pl.DataFrame | Layers | None,
     settings: SnapshotSettings | None = None,
     *,
     full_refresh: bool = False,
@@ -88,7 +172,8 @@ def diff_frames(
     """Compare one key range of the export's clean frame with the same range of the confirmed state.
 
     ``current`` has ``__key, __ext_id, __file, __row`` and the source's mapped columns (typed, one row per user);
-    ``state`` the :func:`state_schema` columns (None: no state yet). Returns the **delta** — one row per user with
+    ``state`` the :func:`state_schema` columns (None: no state yet), or the range's :class:`Layers` (base and
+    overlay apart, as :meth:`sync.state.StateStore.layers` reads them). Returns the **delta** — one row per user with
     something to send, in canonical order: the source's columns holding only new or changed values (null where
     nothing changes), plus ``__unset`` (attribute names to unset), ``__tags_added``, ``__tags_removed`` and
     ``__delete``; users that left the export carry ``__file = left_file`` — and the counts.
@@ -97,11 +182,82 @@ def diff_frames(
     the state as it is, with no removal; ``hold_removals``: no user missing from ``current`` is removed (a
     rejected row names no user, so any of them may be in it).
     """
+    delta, counts, _ = diff_and_state(
+        source,
+        current,
+        state,
+        settings,
+        full_refresh=full_refresh,
+        left_file=left_file,
+        held=held,
+        hold_removals=hold_removals,
+    )
+    return delta, counts
+
+
+def diff_and_state(
+    source: Source,
+    current: pl.DataFrame,
+    state: pl.DataFrame | Layers | None,
+    settings: SnapshotSettings | None = None,
+    *,
+    full_refresh: bool = False,
+    left_file: int = -1,
+    held: pl.DataFrame | None = None,
+    hold_removals: bool = False,
+) -> tuple[pl.DataFrame, DiffCounts, pl.DataFrame | None]:
+    """:func:`diff_frames`, and the state rows of the users in the delta (what the commit merges their
+    confirmed changes into: kept with the delta, it need not read the state again); None with ``full_refresh``."""
     settings = settings or SnapshotSettings()
+    schema = state_schema(source, settings)
+    layered = state if isinstance(state, Layers) else None
+    if full_refresh:
+        st = conform(None, schema)
+    elif layered is not None:
+        st = conform(layered.base, schema)
+    else:
+        st = conform(state, schema)  # type: ignore[arg-type]
+    narrowed = None
+    if not full_refresh:
+        narrowed = (
+            _unchanged_skipped(source, current, st, settings)
+            if layered is None
+            else _unchanged_skipped(
+                source, current, st, settings, conform(layered.live, schema), layered.replaced
+            )
+        )
+    if narrowed is None:
+        if layered is not None and not full_refresh:
+            st = conform(layered.merged(), schema)
+        delta, counts = _diff_exact(
+            source, current, st, settings, full_refresh, left_file, held, hold_removals
+        )
+        return delta, counts, None if full_refresh else _rows_of(st, delta)
+    cur, old, skipped = narrowed
+    delta, counts = _diff_exact(source, cur, old, settings, full_refresh, left_file, held, hold_removals)
+    # The users skipped are in the export and in the state, unchanged.
+    return delta, counts + DiffCounts(users_current=skipped, users_state=skipped), _rows_of(old, delta)
+
+
+def _rows_of(state: pl.DataFrame, delta: pl.DataFrame) -> pl.DataFrame:
+    """The rows of ``state`` naming a user of ``delta``, in canonical order."""
+    return state.join(delta.select(EXT_ID), on=EXT_ID, how="semi").sort([KEY, EXT_ID])
+
+
+def _diff_exact(
+    source: Source,
+    current: pl.DataFrame,
+    st: pl.DataFrame,
+    settings: SnapshotSettings,
+    full_refresh: bool,
+    left_file: int,
+    held: pl.DataFrame | None,
+    hold_removals: bool,
+) -> tuple[pl.DataFrame, DiffCounts]:
+    """The comparison itself, per field, on ``current`` and the conformed state rows ``st``."""
     fields = managed_fields(source, settings)
     schema = state_schema(source, settings)
     tag_cols = tag_columns(source)
-    st = conform(None if full_refresh else state, schema)
     cur_cols = [pl.col(KEY), pl.col(EXT_ID), pl.col(FILE), pl.col(ROW)]
     cur_cols += [pl.col(f.column).alias(f"c:{f.name}") for f in fields]
     if tag_cols:

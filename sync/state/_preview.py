@@ -5,8 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from sync.config import SnapshotSettings
-from sync.platforms.netmera import requests as netmera
-from sync.state._delta import compute_diff, rejected_users, snapshot_streams
+from sync.state._delta import compute_diff, rejected_users, snapshot_builder_for, snapshot_streams
 from sync.state._diff import DiffCounts
 from sync.state._store import StateStore
 
@@ -31,6 +30,7 @@ def preview(
 
     latency = ASSUMED_LATENCY if assumed_latency is None else assumed_latency
     job = plan.job
+    builder = snapshot_builder_for(job)
     run_id = f"preview-{secrets.token_hex(4)}"
     diff = compute_diff(
         store,
@@ -45,14 +45,15 @@ def preview(
         # In the plan's own staging directory (locked while the plan lives, removed with it or by the next plan
         # after a kill), not in pending/: a run's recovery must never take a preview for a crashed run.
         directory=plan.staging_dir / run_id,
+        builder=builder,
     )
     try:
         counts = diff.request_counts()
         samples: dict[str, Any] = {}
         for delta in diff.sources:
-            for stream in snapshot_streams(delta.source):
+            for stream in snapshot_streams(delta.source, builder):
                 if stream.endpoint not in samples:
-                    sample = netmera.stream_sample(stream, delta.frames())
+                    sample = builder.stream_sample(stream, delta.frames())
                     if sample is not None:
                         samples[stream.endpoint] = sample
         durations = estimate_duration({k: v[0] for k, v in counts.items()}, job.dispatch, latency=latency)

@@ -27,7 +27,9 @@ from typing import Any
 import polars as pl
 import pytest
 
+from sync.config import load_job
 from sync.ledger import unpack_ids
+from sync.state import StateStore
 from tests.conftest import REPO_ROOT, NetmeraProcess
 
 # --- helpers -----------------------------------------------------------------------------------------------------
@@ -129,8 +131,11 @@ def write_users(tmp: Path, lines: list[str]) -> None:
 
 
 def state_of(tmp: Path, ext_id: str) -> dict[str, Any]:
-    (path,) = (tmp / "work" / "state").glob("netmera-*/users.parquet")
-    rows = pl.read_parquet(path).filter(pl.col("__ext_id") == ext_id).to_dicts()
+    # Through the store: the base file plus the overlay segments later commits laid over it.
+    job = load_job(tmp / "job.yaml")
+    store = StateStore(job.workdir, job.destination)
+    assert store.path_for(job.sources[0]).is_file()
+    rows = store.read(job.sources[0]).filter(pl.col("__ext_id") == ext_id).to_dicts()
     assert len(rows) == 1, rows
     return rows[0]
 
@@ -340,20 +345,21 @@ def test_a_diff_a_killed_run_never_finished_is_removed_by_the_next_run(
 def test_a_disk_that_fills_mid_run_does_not_exit_2_and_a_resume_finishes(
     tmp_path: Path, netmera_sandbox_process: NetmeraProcess
 ) -> None:
-    """The ledger's files may not grow past 1 MB (RLIMIT_FSIZE, as a full disk would stop them): the run dies
-    part-way through. Exit 2 means "nothing was sent"; requests went out, so it is 3 (aborted), and the next
-    run (with room again) finishes the job."""
+    """The job's files may not grow past 2.5 MB (RLIMIT_FSIZE, as a full disk would stop them): the staging
+    files fit (one sorted chunk of 20,000 rows is ~1.8 MB), the ledger's do not, and the run dies part-way
+    through. Exit 2 means "nothing was sent"; requests went out, so it is 3 (aborted), and the next run (with
+    room again) finishes the job."""
     import resource
 
     sandbox = netmera_sandbox_process
-    (tmp_path / "job.yaml").write_text(changes_job(sandbox.url), encoding="utf-8")
+    (tmp_path / "job.yaml").write_text(changes_job(sandbox.url, batch=20), encoding="utf-8")
     write_many_users(tmp_path, 20000)
 
     def small_disk() -> None:
         signal.signal(
             signal.SIGXFSZ, signal.SIG_IGN
         )  # a write past the limit fails (EFBIG) like ENOSPC would
-        resource.setrlimit(resource.RLIMIT_FSIZE, (1_000_000, 1_000_000))
+        resource.setrlimit(resource.RLIMIT_FSIZE, (2_500_000, 2_500_000))
 
     proc = subprocess.Popen(
         [sys.executable, "-m", "sync", "run", "job.yaml", "--progress", "none"],

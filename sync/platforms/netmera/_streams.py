@@ -390,9 +390,11 @@ def snapshot_streams(source: Source) -> list[Stream]:
     two tag columns), then the unsets (``__unset``: a list of attribute names) and deletions (``__delete``)."""
     import dataclasses
 
-    # The delta's column names are sync.state's; imported here, as sync.state imports this package.
     from sync.config import TagColumn
-    from sync.state._store import DELETE, TAGS_ADDED, TAGS_REMOVED, UNSET
+    from sync.platforms.base import DELTA_DELETE as DELETE
+    from sync.platforms.base import DELTA_TAGS_ADDED as TAGS_ADDED
+    from sync.platforms.base import DELTA_TAGS_REMOVED as TAGS_REMOVED
+    from sync.platforms.base import DELTA_UNSET as UNSET
 
     delta = dataclasses.replace(
         source,

@@ -72,6 +72,14 @@ from sync.platforms.netmera._streams import (
     stream_sample,
     streams_for,
 )
+from sync.records import Batch
+
+
+def batch_group(batch: Batch) -> str:
+    """The group of a batch of a snapshot stream (:class:`sync.platforms.base.SnapshotBuilder`): the tag of a
+    tag or untag request, ``""`` for any other."""
+    return tag_of(batch)
+
 
 __all__ = [
     "ARRAY_BODY_ENDPOINTS",
@@ -81,6 +89,7 @@ __all__ = [
     "Shape",
     "Stream",
     "array_attributes_body",
+    "batch_group",
     "batch_id_for",
     "canonical_json",
     "category_preferences_body",

@@ -1,0 +1,108 @@
+"""Time to the first request: `pushsync run` on a 1M-row file, from process start to the first request the Netmera
+sandbox sees (issue 13: ≤ 1 s — sending starts while the rest of the input is settled).
+
+    .venv/bin/python bench/bench_first_request.py                  # 1,000,000 rows (CSV, bench/gen_data.py)
+    .venv/bin/python bench/bench_first_request.py --rows 100000 --format parquet
+
+The sandbox (``python -m sync sandbox netmera``, no limits, no faults) runs in its own process; this process polls
+its ``/_sandbox/stats`` every few milliseconds from the moment it starts ``pushsync run --progress none`` in a
+subprocess, and reports when ``requests_total`` first went above zero. Also reported: the interpreter's start-up
+and imports alone (``python -c "import sync.cli"``), which any run pays before reading a row. The run is stopped
+(SIGTERM: it drains) once the first request is seen — this measures the start, not the whole run. Exits 1 when the
+first request took longer than the target (or never came). Loaded-machine figures say so.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import secrets
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import psutil
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(ROOT))
+
+from gen_data import write_job  # noqa: E402
+
+from sync.demo import start_sandbox_process, stop_sandbox_process  # noqa: E402
+
+TARGET_SECONDS = 1.0
+
+
+def requests_seen(root: str) -> int:
+    with urllib.request.urlopen(f"{root}/_sandbox/stats", timeout=5) as resp:
+        return int(json.loads(resp.read())["requests_total"])
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rows", type=int, default=1_000_000)
+    parser.add_argument("--format", choices=["csv", "parquet"], default="csv")
+    parser.add_argument("--target", type=float, default=TARGET_SECONDS)
+    args = parser.parse_args(argv)
+
+    from bench_plan import data_for
+
+    data = data_for(args.rows, args.format)
+    out = HERE / "out" / "first-request"
+    out.mkdir(parents=True, exist_ok=True)
+    workdir = out / "work"
+    key = "bench-" + secrets.token_hex(12)
+    sandbox, url = start_sandbox_process(key, {}, out)
+    root = url.removesuffix("/rest/3.0/")
+    job = write_job(out / "job.yaml", data, name="bench-first-request", workdir=str(workdir))
+    job.write_text(job.read_text(encoding="utf-8").replace("http://127.0.0.1:8080/rest/3.0/", url), "utf-8")
+    env = {**os.environ, "NETMERA_API_KEY": key}
+    try:
+        t0 = time.perf_counter()
+        subprocess.run([sys.executable, "-c", "import sync.cli"], cwd=ROOT, check=True)
+        imports = time.perf_counter() - t0
+        first = None
+        t0 = time.perf_counter()
+        run = subprocess.Popen(
+            [sys.executable, "-m", "sync", "run", str(job), "--progress", "none", "--full-refresh"],
+            cwd=ROOT,
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
+        while run.poll() is None and time.perf_counter() - t0 < 120:
+            if requests_seen(root) > 0:
+                first = time.perf_counter() - t0
+                break
+            time.sleep(0.005)
+        run.send_signal(signal.SIGTERM)
+        try:
+            run.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            run.kill()
+    finally:
+        stop_sandbox_process(sandbox)
+    print(
+        f"machine: {platform.machine()}, {psutil.cpu_count()} CPU(s), load average {psutil.getloadavg()[0]:.1f} "
+        "(shared with other work: say so with the figures)"
+    )
+    print(f"input: {args.rows:,} rows, {args.format}, {data.stat().st_size / 1e6:,.0f} MB")
+    print(f"python start-up + imports alone: {imports:.2f} s")
+    if first is None:
+        print("FAIL: no request reached the sandbox")
+        return 1
+    ok = first <= args.target
+    print(f"first request seen by the sandbox {first:.2f} s after start (target ≤ {args.target:.1f} s)")
+    print("PASS" if ok else "FAIL")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

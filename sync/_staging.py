@@ -1,0 +1,471 @@
+"""The planner's staging area: sorted chunk files, then key-range buckets settled one at a time (see
+:mod:`sync.planning` for the whole picture).
+
+* :class:`ChunkWriter` — clean rows (typed, keyed) go to disk in *sorted chunks*: up to :data:`STAGE_ROWS` rows
+  at a time are sorted by the canonical key (stably: rows of one key stay in file and row order) and written
+  once, as one uncompressed Arrow IPC file. At write time the row offsets of :data:`FINE_RANGES` equal key ranges
+  are found by binary search on the sorted key column and kept in memory, so a bucket (a key range) is later read
+  back from every chunk file as one zero-copy slice of a memory-mapped file.
+* :class:`Settler` — bucket ``k`` of a source is key range ``k`` of ``2**bits``: its slices of every chunk file,
+  sorted in the canonical order ``(key, ext_id, file, row)``, duplicates resolved
+  (:func:`sync.validation.resolve_duplicates`), written as one IPC file. A bucket holds every row of
+  its IDs, so it is settled on its own.
+* :class:`Settling` — settles the buckets of every source of a plan: all at once (``pushsync plan``, snapshot
+  runs) or lazily, in a worker thread that stays at most :data:`LOOKAHEAD` buckets ahead of the furthest
+  reader (a changes run sends its first batches while the rest is settled).
+"""
+
+from __future__ import annotations
+
+import bisect
+import csv
+import errno
+import os
+import re
+import threading
+from array import array
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TextIO
+
+import polars as pl
+import pyarrow as pa
+import pyarrow.ipc
+
+from sync.config import Source
+from sync.errors import InterruptedRunError, StateError
+from sync.reading import ROW
+from sync.records import RejectedRow
+from sync.validation import EXT_ID, FILE, KEY, REJECTS_SCHEMA, resolve_duplicates
+
+__all__ = [
+    "FINE_BITS",
+    "LOOKAHEAD",
+    "STAGE_ROWS",
+    "ChunkFile",
+    "ChunkWriter",
+    "RejectsWriter",
+    "Settler",
+    "Settling",
+    "write_error",
+]
+
+STAGE_ROWS = 100_000
+"""Clean rows sorted and written together as one chunk file (bounded memory; few files to read a bucket from)."""
+CHUNK_BATCH_ROWS = 4096
+"""Rows per record batch of a chunk file: what reading a bucket's slice of it reads at most beyond the slice."""
+FINE_BITS = 12
+FINE_RANGES = 1 << FINE_BITS
+"""Key ranges whose row offsets each chunk file records: any bucket count up to this is a union of them."""
+LOOKAHEAD = 2
+"""Buckets a lazy settle runs ahead of the furthest bucket a reader asked for."""
+
+
+def write_error(where: Path | str, exc: OSError) -> StateError:
+    """The :class:`StateError` for an OS error writing the job's working files (disk full, read-only...)."""
+    code = exc.errno
+    if code is None:
+        # polars' own OSError carries the system's error in its message only: "... (os error 28)".
+        found = re.search(r"os error (\d+)", str(exc))
+        code = int(found.group(1)) if found else None
+    reason = exc.strerror or (os.strerror(code) if code is not None else type(exc).__name__)
+    hint = {
+        errno.ENOSPC: "free some space (or point 'workdir' at a larger disk)",
+        errno.EDQUOT: "free some space (or point 'workdir' at a larger disk)",
+        errno.EROFS: "point 'workdir' (or --workdir) at a writable directory",
+        errno.EACCES: "point 'workdir' (or --workdir) at a directory you may write to",
+        errno.EPERM: "point 'workdir' (or --workdir) at a directory you may write to",
+    }.get(code or 0, "check the workdir")
+    return StateError(f"cannot write the job's working files ({where}): {reason}; {hint}. Nothing was sent.")
+
+
+class RejectsWriter:
+    """Appends rejected rows to the rejects CSV (file,row,column,reason,ext_id) and counts them.
+
+    Validation writes while the input is staged; a lazy settle appends duplicate rejects from its worker thread
+    while readers may read what is written so far: every write is whole lines, under a lock.
+    """
+
+    __slots__ = ("_fh", "_lock", "count", "path")
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._fh: TextIO | None = path.open("w", newline="", encoding="utf-8")
+        self._lock = threading.Lock()
+        self.count = 0
+        csv.writer(self._fh, lineterminator="\n").writerow(list(REJECTS_SCHEMA))
+
+    def frame(self, rejects: pl.DataFrame) -> None:
+        """Append a frame of rejects (the columns of :data:`sync.validation.REJECTS_SCHEMA`)."""
+        if rejects.height:
+            text = rejects.select(list(REJECTS_SCHEMA)).write_csv(include_header=False)
+            with self._lock:
+                assert self._fh is not None
+                self._fh.write(text)
+                self.count += rejects.height
+
+    def rows(self, rows: Sequence[RejectedRow]) -> None:
+        """Append rejected rows found by the reader (malformed records)."""
+        if not rows:
+            return
+        with self._lock:
+            assert self._fh is not None
+            writer = csv.writer(self._fh, lineterminator="\n")
+            for r in rows:
+                writer.writerow([r.path, r.row, r.column or "", r.reason, r.ext_id or ""])
+            self.count += len(rows)
+
+    def written(self) -> tuple[int, int]:
+        """``(rows, bytes)`` written so far, flushed: a reader may read that many bytes of the file."""
+        with self._lock:
+            if self._fh is not None:
+                self._fh.flush()
+                return self.count, self._fh.tell()
+            return self.count, self.path.stat().st_size
+
+    def close(self, *, quiet: bool = False) -> None:
+        """Close the file (flushing it); ``quiet``: when giving up anyway, an error writing it is not raised."""
+        with self._lock:
+            fh, self._fh = self._fh, None
+            if fh is not None:
+                try:
+                    fh.close()
+                except OSError:
+                    if not quiet:
+                        raise
+
+
+@dataclass(frozen=True, slots=True)
+class ChunkFile:
+    """One sorted chunk file: ``offsets[r]`` is the first row whose key is in fine range ``r`` or later."""
+
+    path: Path
+    rows: int
+    offsets: array[int]  # FINE_RANGES + 1 row offsets ('q')
+    batches: tuple[int, ...]  # the first row of each record batch of the file, then its row count
+
+    def slice(self, first_range: int, end_range: int) -> pl.DataFrame | None:
+        """The rows of fine ranges ``[first_range, end_range)``, or None when there are none."""
+        start, stop = self.offsets[first_range], self.offsets[end_range]
+        if stop <= start:
+            return None
+        # Memory-mapped and sliced without reading the rest of the file. The slice's values are copied out
+        # before polars sees them, and the mapping closed: a frame holding on to a mapped file keeps every page
+        # it touched resident, which over the buckets of a large input grows to the size of the staged data.
+        first = bisect.bisect_right(self.batches, start) - 1
+        last = bisect.bisect_left(self.batches, stop)  # one past the last batch holding a row of the slice
+        with pa.memory_map(str(self.path)) as source:
+            # Only the record batches holding the slice are read (a file is many small batches).
+            reader = pa.ipc.open_file(source)
+            table = pa.Table.from_batches([reader.get_batch(i) for i in range(first, last)])
+            table = table.slice(start - self.batches[first], stop - start)
+            owned = table.cast(_owned(table.schema))
+            del table, reader
+        frame = pl.from_arrow(owned)
+        assert isinstance(frame, pl.DataFrame)
+        return frame
+
+
+def _owned_type(dtype: pa.DataType) -> pa.DataType:
+    """``dtype`` with views (which point into the buffers they came from) as plain offsets and values."""
+    if dtype == pa.string_view():
+        return pa.large_string()
+    if dtype == pa.binary_view():
+        return pa.large_binary()
+    if pa.types.is_list(dtype) or pa.types.is_large_list(dtype) or pa.types.is_list_view(dtype):
+        return pa.large_list(_owned_type(dtype.value_type))
+    return dtype
+
+
+def _owned(schema: pa.Schema) -> pa.Schema:
+    return pa.schema([f.with_type(_owned_type(f.type)) for f in schema])
+
+
+_FINE_BOUNDS = pl.Series(
+    "bounds", [r << (32 - FINE_BITS) for r in range(FINE_RANGES)], dtype=pl.UInt32
+)  # the first key of each fine range
+
+
+class ChunkWriter:
+    """Collects a source's clean, keyed frames (in read order) and writes them as sorted chunk files."""
+
+    __slots__ = ("_directory", "_pending", "_pending_rows", "chunks", "rows", "stage_rows")
+
+    def __init__(self, directory: Path, stage_rows: int | None = None) -> None:
+        self._directory = directory
+        self._pending: list[pl.DataFrame] = []
+        self._pending_rows = 0
+        self.stage_rows = stage_rows or STAGE_ROWS
+        self.chunks: list[ChunkFile] = []
+        self.rows = 0
+
+    def add(self, frame: pl.DataFrame) -> None:
+        """Add clean rows (with ``__key``), in read order."""
+        if frame.height:
+            self._pending.append(frame)
+            self._pending_rows += frame.height
+            if self._pending_rows >= self.stage_rows:
+                self.flush()
+
+    def flush(self) -> None:
+        """Sort what is pending by key (rows of one key stay in read order) and write it as one chunk file."""
+        if not self._pending:
+            return
+        frame = pl.concat(self._pending) if len(self._pending) > 1 else self._pending[0]
+        self._pending, self._pending_rows = [], 0
+        frame = frame.sort(KEY, maintain_order=True)
+        path = self._directory / f"{len(self.chunks):06d}.arrow"
+        # Uncompressed, in small record batches: a bucket's rows are read back from the memory-mapped file,
+        # the few batches that hold them and nothing else.
+        frame.write_ipc(path, compression="uncompressed", record_batch_size=CHUNK_BATCH_ROWS)
+        bounds = frame[KEY].search_sorted(_FINE_BOUNDS, side="left")
+        assert isinstance(bounds, pl.Series)
+        offsets = array("q", bounds.to_list())
+        offsets.append(frame.height)
+        with pa.memory_map(str(path)) as source:
+            reader = pa.ipc.open_file(source)
+            sizes = [reader.get_batch(i).num_rows for i in range(reader.num_record_batches)]
+            del reader
+        starts = [0]
+        for size in sizes:
+            starts.append(starts[-1] + size)
+        self.chunks.append(ChunkFile(path, frame.height, offsets, tuple(starts)))
+        self.rows += frame.height
+
+
+class Settler:
+    """Settles the buckets of one source, in key order (see the module docstring). Not thread-safe:
+    :class:`Settling` calls :meth:`settle_next` from one thread at a time."""
+
+    __slots__ = (
+        "_chunks",
+        "_directory",
+        "_names",
+        "_rejects",
+        "bits",
+        "dropped",
+        "next",
+        "parts",
+        "rows_clean",
+        "source",
+    )
+
+    def __init__(
+        self,
+        source: Source,
+        names: Sequence[str],
+        chunks: Sequence[ChunkFile],
+        bits: int,
+        directory: Path,
+        rejects: RejectsWriter | None,
+    ) -> None:
+        self.source = source
+        self._names = tuple(names)
+        self._chunks = tuple(chunks)
+        self.bits = bits
+        self._directory = directory
+        self._rejects = rejects
+        self.next = 0  # the next bucket to settle
+        self.parts: list[Path | None] = []  # per settled bucket: its file, None when empty
+        self.rows_clean = 0
+        self.dropped = 0
+
+    @classmethod
+    def settled(
+        cls, source: Source, names: Sequence[str], parts: Sequence[Path], rows_clean: int, dropped: int
+    ) -> Settler:
+        """A settler whose buckets were settled elsewhere: ``parts``, in key order."""
+        bits = max(0, (max(1, len(parts)) - 1).bit_length())
+        settler = cls(source, names, (), bits, Path(), None)
+        settler.parts = [*parts, *([None] * ((1 << bits) - len(parts)))]
+        settler.next, settler.rows_clean, settler.dropped = 1 << bits, rows_clean, dropped
+        return settler
+
+    @property
+    def buckets(self) -> int:
+        return 1 << self.bits
+
+    @property
+    def done(self) -> bool:
+        return self.next >= self.buckets
+
+    def settle_next(self) -> None:
+        """Settle bucket :attr:`next`: read its rows from every chunk, resolve duplicates, write it."""
+        k = self.next
+        width = 1 << (FINE_BITS - self.bits)
+        pieces = [p for c in self._chunks if (p := c.slice(k * width, (k + 1) * width)) is not None]
+        path: Path | None = None
+        if pieces:
+            frame = pl.concat(pieces) if len(pieces) > 1 else pieces[0]
+            del pieces
+            frame = frame.sort([KEY, EXT_ID, FILE, ROW])
+            winners, rejects, identical = resolve_duplicates(frame, self.source, self._names)
+            del frame
+            assert self._rejects is not None  # only a settler made by settled() has none, and it is done
+            self._rejects.frame(rejects)
+            path = self._directory / f"{k:04d}.arrow"
+            # Uncompressed too: compressing costs more CPU than the rest of the settling (disk is cheaper).
+            winners.write_ipc(path, compression="uncompressed")
+            self.rows_clean += winners.height
+            self.dropped += identical
+        if k == self.buckets - 1:
+            # Every bucket is settled: the chunk files are read no more.
+            for chunk in self._chunks:
+                chunk.path.unlink(missing_ok=True)
+        self.parts.append(path)
+        self.next = k + 1
+
+
+class Settling:
+    """Settles the buckets of a plan's sources — all now (:meth:`settle_all`) or on demand in a worker thread
+    (:meth:`start`), at most ``lookahead`` buckets ahead of the furthest bucket asked for (:meth:`bucket`).
+
+    A failure while settling is raised to every reader that waits for a bucket (an OS error as
+    :class:`sync.errors.StateError`); ``stop`` (the run's signal event) or :meth:`close` ends the settling,
+    and a reader still waiting then gets :class:`sync.errors.InterruptedRunError`.
+    """
+
+    __slots__ = (
+        "_closed",
+        "_cond",
+        "_error",
+        "_lookahead",
+        "_on_done",
+        "_settle_lock",
+        "_stop",
+        "_thread",
+        "_wanted",
+        "_wanted_all",
+        "settlers",
+    )
+
+    def __init__(
+        self,
+        settlers: Sequence[Settler],
+        *,
+        stop: threading.Event | None = None,
+        lookahead: int = LOOKAHEAD,
+        on_done: Callable[[], None] | None = None,
+    ) -> None:
+        self.settlers = tuple(settlers)
+        self._cond = threading.Condition()
+        self._stop = stop
+        self._lookahead = max(0, lookahead)
+        self._wanted = [0] * len(self.settlers)  # per source: buckets to have settled (asked for + lookahead)
+        self._wanted_all = False
+        self._error: BaseException | None = None
+        self._closed = False
+        self._thread: threading.Thread | None = None
+        self._on_done = on_done  # called once every bucket is settled (the rejects file is then complete)
+        self._settle_lock = threading.Lock()  # settling without a worker: one reader at a time
+
+    @property
+    def complete(self) -> bool:
+        """Every bucket of every source is settled."""
+        return all(s.done for s in self.settlers)
+
+    def _stopped(self) -> bool:
+        return self._closed or (self._stop is not None and self._stop.is_set())
+
+    def _raise_if_failed(self) -> None:
+        if self._error is not None:
+            raise self._error
+        if self._stopped():
+            raise InterruptedRunError("interrupted while the input was read; nothing was sent or recorded")
+
+    def _settle_one(self, settler: Settler) -> None:
+        try:
+            settler.settle_next()
+            if self.complete and self._on_done is not None:
+                self._on_done()
+        except OSError as exc:
+            raise write_error(exc.filename or "the staging directory", exc) from exc
+
+    def settle_all(self) -> None:
+        """Settle every bucket now (in the worker when there is one, else in this thread)."""
+        if self._thread is not None:
+            with self._cond:
+                self._wanted_all = True
+                self._cond.notify_all()
+                while not self.complete:
+                    self._raise_if_failed()
+                    self._cond.wait(0.1)
+            return
+        with self._settle_lock:
+            for settler in self.settlers:
+                while not settler.done:
+                    self._raise_if_failed()
+                    self._settle_one(settler)
+
+    def wait_complete(self) -> bool:
+        """Wait until every bucket is settled without asking for more; False when closed or stopped first."""
+        with self._cond:
+            while not self.complete:
+                if self._error is not None:
+                    raise self._error
+                if self._stopped():
+                    return False
+                self._cond.wait(0.1)
+        return True
+
+    def start(self) -> None:
+        """Settle lazily from now on, in a worker thread."""
+        if self._thread is None and not self.complete:
+            self._thread = threading.Thread(target=self._work, name="plan-settle", daemon=True)
+            self._thread.start()
+
+    def bucket(self, source: int, k: int) -> Path | None:
+        """The settled file of bucket ``k`` of source ``source`` (None when it has no rows), once settled."""
+        settler = self.settlers[source]
+        with self._cond:
+            if settler.next > k:
+                return settler.parts[k]
+            self._wanted[source] = max(self._wanted[source], k + 1 + self._lookahead)
+            self._cond.notify_all()
+            while settler.next <= k:
+                self._raise_if_failed()
+                if self._thread is None:
+                    break
+                self._cond.wait(0.1)
+            else:
+                return settler.parts[k]
+        # No worker: the readers settle what they ask for.
+        with self._settle_lock:
+            while settler.next <= k:
+                self._raise_if_failed()
+                self._settle_one(settler)
+        return settler.parts[k]
+
+    def _pick(self) -> Settler | None:
+        for i, settler in enumerate(self.settlers):
+            if not settler.done and (self._wanted_all or settler.next < self._wanted[i]):
+                return settler
+        return None
+
+    def _work(self) -> None:
+        while True:
+            with self._cond:
+                while (settler := self._pick()) is None and not self._stopped() and not self.complete:
+                    self._cond.wait(0.1)
+                if settler is None or self._stopped():
+                    self._cond.notify_all()
+                    return
+            try:
+                self._settle_one(settler)
+            except BaseException as exc:  # handed to the readers, who raise it
+                with self._cond:
+                    self._error = exc
+                    self._cond.notify_all()
+                return
+            with self._cond:
+                self._cond.notify_all()
+
+    def close(self) -> None:
+        """Stop settling and wait for the bucket being settled (its files are about to be removed)."""
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+        thread = self._thread
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(timeout=60)
