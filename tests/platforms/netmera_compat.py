@@ -21,7 +21,7 @@ from pathlib import Path
 from sync.records import Batch
 
 BATCH_SIZE = 7
-ROWS_PER_BUCKET = 40
+ROWS_PER_BUCKET = 20
 
 _TAGS = ["gold", "vip", "silver", "Ünïcödé", 'q"uote', "back\\slash", "t\x01ab", "sp ace", "€uro", "z"]
 _WORDS = ["Ada", "Ünal", "李", "😀 emoji", 'say "hi"', "a\\b", "tab\there", "line\u2028sep", "del\x7f", "é"]

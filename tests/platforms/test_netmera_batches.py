@@ -34,7 +34,7 @@ from sync.platforms.netmera.requests import canonical_json, split_batch, stream_
 from sync.platforms.registry import platform_for
 from sync.records import Batch, BatchResult, BatchStatus, RowRef, body_json
 from sync.row_keys import ROW_KEY, pack, unpack
-from sync.state import RemovalAction, SnapshotSettings, StateStore, commit, compute_diff
+from sync.state import RemovalAction, SnapshotSettings, StateStore, commit, compute_diff, snapshot_builder_for
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import netmera_compat as compat
@@ -54,7 +54,13 @@ def _confirm_all(job: Any, diff: Any, batches: list[Batch]) -> None:
                 b.batch_id, b.endpoint, b.operation, BatchStatus.OK, 1, ok_ids=len(b.ext_ids)
             )
             ledger.record_result(diff.run_id, result)
-        commit(StateStore(job.workdir, job.destination), job.sources, diff.directory, ledger)
+        commit(
+            StateStore(job.workdir, job.destination),
+            job.sources,
+            diff.directory,
+            ledger,
+            builder=snapshot_builder_for(job),
+        )
 
 
 def test_batch_ids_are_those_of_the_row_by_row_builder(tmp_path: Path) -> None:
@@ -73,16 +79,33 @@ def test_batch_ids_are_those_of_the_row_by_row_builder(tmp_path: Path) -> None:
     job = load_job(compat.write_inputs(snap, snapshot=True))
     store = StateStore(job.workdir, job.destination)
     with build_plan(job, rows_per_bucket=compat.ROWS_PER_BUCKET) as plan:
-        diff = compute_diff(store, plan.staged, "r1", batch_size=job.batch_sizes)
+        diff = compute_diff(
+            store, plan.staged, "r1", batch_size=job.batch_sizes, builder=snapshot_builder_for(job)
+        )
         first = list(diff.batches())
         assert compat.fingerprints(first) == RECORDED["snapshot_first"]
         _confirm_all(job, diff, first)
     job = load_job(compat.write_inputs(snap, users=140, seed=14, snapshot=True))
     with build_plan(job, rows_per_bucket=compat.ROWS_PER_BUCKET) as plan:
-        second = compute_diff(store, plan.staged, "r2", batch_size=job.batch_sizes, force=True)
+        second = compute_diff(
+            store,
+            plan.staged,
+            "r2",
+            batch_size=job.batch_sizes,
+            force=True,
+            builder=snapshot_builder_for(job),
+        )
         assert compat.fingerprints(second.batches(record=False)) == RECORDED["snapshot_second"]
         settings_ = SnapshotSettings(removal=RemovalAction.DELETE)
-        deleting = compute_diff(store, plan.staged, "r3", settings_, batch_size=job.batch_sizes, force=True)
+        deleting = compute_diff(
+            store,
+            plan.staged,
+            "r3",
+            settings_,
+            batch_size=job.batch_sizes,
+            force=True,
+            builder=snapshot_builder_for(job),
+        )
         assert compat.fingerprints(deleting.batches(record=False)) == RECORDED["snapshot_delete"]
 
 
