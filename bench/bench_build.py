@@ -2,7 +2,7 @@
 
 The job is ``bench/bench_run.py``'s (data from ``bench/gen_data.py``, clean rows): ``setProfileAttributes`` for every
 user and ``tagUsers`` per segment. Staging (reading, validation, deduplication) is done first and not timed; what is
-timed is :meth:`sync.planning.Plan.batches` from start to end — reading the staged Parquet parts, selecting the
+timed is :meth:`sync.planning.planning.Plan.batches` from start to end — reading the staged Parquet parts, selecting the
 rows, encoding every body as canonical JSON bytes (polars expressions), cutting the batches and hashing each body
 for its ID. Prints the wall time, the process CPU time and µs of CPU per batch.
 
@@ -35,7 +35,7 @@ from bench_run import write_job  # noqa: E402
 from gen_data import generate_users  # noqa: E402
 
 from sync.config import load_job  # noqa: E402
-from sync.planning import build_plan  # noqa: E402
+from sync.planning.planning import build_plan  # noqa: E402
 
 TARGET_SECONDS = 3.0
 RECORDED_DIGESTS = {

@@ -4,7 +4,7 @@ push job, built from the staged clean frames.
 Data (generated once under ``bench/data/``, deterministic): NotifyVisitors ``--users`` users (name, score, birth
 date, city, member flag, email, mobile, two opt-ins) and 5 events per user (name, amount, SKU, event_time);
 Forms On Fire ``--users`` pushes (title, body, sound, expiry), XML bodies. Staging (reading, validation,
-deduplication) is done first and not timed; what is timed is :meth:`sync.planning.Plan.batches` from start to end
+deduplication) is done first and not timed; what is timed is :meth:`sync.planning.planning.Plan.batches` from start to end
 — reading the staged parts, building every item's JSON (or XML) text with polars expressions, cutting the
 requests and hashing each body for its ID. Prints wall and process CPU time per platform, µs of CPU per item.
 
@@ -33,7 +33,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
 from sync.config import load_job  # noqa: E402
-from sync.planning import build_plan  # noqa: E402
+from sync.planning.planning import build_plan  # noqa: E402
 
 TARGET_NV_US_PER_ITEM = 1.5
 TARGET_FOF_US_PER_PUSH = 15.0

@@ -43,13 +43,13 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
 from sync.config import Destination, DispatchSettings  # noqa: E402
-from sync.dispatch import Dispatcher  # noqa: E402
-from sync.ledger import Ledger, new_run_id  # noqa: E402
+from sync.dispatch.dispatch import Dispatcher  # noqa: E402
+from sync.ledger.ledger import Ledger, new_run_id  # noqa: E402
 from sync.logs import configure_logging  # noqa: E402
-from sync.metrics import RunMetrics  # noqa: E402
 from sync.platforms.netmera.client import NetmeraClient  # noqa: E402
-from sync.progress import LogProgress  # noqa: E402
 from sync.records import Batch, Operation, Phase  # noqa: E402
+from sync.report.metrics import RunMetrics  # noqa: E402
+from sync.report.progress import LogProgress  # noqa: E402
 
 TARGET_MS = 0.75
 IDS = 1000

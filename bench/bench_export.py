@@ -26,7 +26,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from sync.config import Destination  # noqa: E402
-from sync.exporting import ExportFormat, write_pages  # noqa: E402
+from sync.ledger.exporting import ExportFormat, write_pages  # noqa: E402
 from sync.platforms.netmera.client import NetmeraClient  # noqa: E402
 from sync.platforms.netmera.reads import device_token_pages  # noqa: E402
 

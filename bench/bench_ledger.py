@@ -18,7 +18,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from sync.ledger import Ledger  # noqa: E402
+from sync.ledger.ledger import Ledger  # noqa: E402
 from sync.platforms.netmera.requests import make_batch  # noqa: E402
 from sync.records import Attempt, AttemptOutcome, BatchResult, BatchStatus, Operation  # noqa: E402
 

@@ -42,7 +42,7 @@ sys.exit(code)
 _BATCH_DRIVER = """
 import sys
 from sync.config import load_job
-from sync.planning import build_plan
+from sync.planning.planning import build_plan
 with build_plan(load_job(sys.argv[1])) as plan:
     s = plan.summary()
     n = sum(1 for _ in plan.batches())

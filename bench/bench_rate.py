@@ -4,7 +4,7 @@ A local aiohttp server counts every request by the window of its *arrival* (``fl
 answers 429 above N. Workers acquire a slot, wait a uniform 0..J network jitter, then send. Several limiters
 run side by side, each on its own path and counter:
 
-* ``pushsync``   — sync.budget.RateBudget, default (window-aligned) settings: the one that must pass;
+* ``pushsync``   — sync.dispatch.budget.RateBudget, default (window-aligned) settings: the one that must pass;
 * ``unaligned``  — RateBudget(align=False): even spacing + sliding cap N per (T + tail);
 * ``gcra``       — aiolimiter(1, T/N): even spacing, burst 1;
 * ``aiolimiter`` — aiolimiter(N, T): leaky bucket, burst N;
@@ -37,8 +37,8 @@ from asyncio_throttle import Throttler
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from sync.budget import RateBudget
 from sync.config import RateBudgetSpec
+from sync.dispatch.budget import RateBudget
 
 
 def make_server(limit: int, period: float, arrivals: dict[str, list[float]]) -> web.Application:

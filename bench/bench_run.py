@@ -30,9 +30,9 @@ sys.path.insert(0, str(HERE))
 
 from gen_data import generate_users  # noqa: E402
 
-from sync.budget import RateBudget  # noqa: E402
 from sync.config import load_job  # noqa: E402
 from sync.demo import start_sandbox_process, stop_sandbox_process  # noqa: E402
+from sync.dispatch.budget import RateBudget  # noqa: E402
 from sync.logs import configure_logging  # noqa: E402
 from sync.run import RunOptions, run  # noqa: E402
 

@@ -53,13 +53,13 @@ sys.path.insert(0, str(REPO / "bench"))
 from gen_data import users_frame, write_job  # noqa: E402
 
 from sync.config import Job, load_job  # noqa: E402
-from sync.validation import EXT_ID, FILE, KEY, canonical_key, clean_schema, validate_chunk  # noqa: E402
+from sync.planning.validation import EXT_ID, FILE, KEY, canonical_key, clean_schema, validate_chunk  # noqa: E402
 
 LIMIT_BYTES = 1024**3
 TARGET_SECONDS = 10.0
 TARGET_USERS = 10_000_000
 SLICE = 500_000
-PLANNER_ROWS_PER_BUCKET = 150_000  # as sync.planning stages them
+PLANNER_ROWS_PER_BUCKET = 150_000  # as sync.planning.planning stages them
 
 
 def _job(workdir: Path) -> Job:
@@ -173,8 +173,8 @@ def generate(workdir: Path, users: int) -> None:
 
 
 def measure(workdir: Path) -> dict[str, Any]:
-    from sync.ledger import Ledger
-    from sync.planning import StagedSource
+    from sync.ledger.ledger import Ledger
+    from sync.planning.planning import StagedSource
     from sync.records import BatchResult, BatchStatus
     from sync.state import (
         RemovalAction,

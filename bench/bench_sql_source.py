@@ -176,7 +176,7 @@ def bench_one(
     """Measure the driver alone and the plan on one database; print the line; True when within the limit."""
     job = job_for(out / f"bench-sql-{name}.yaml", database)
     from sync.config import load_job
-    from sync.reading_sql import SqlReader
+    from sync.sources.reading_sql import SqlReader
 
     os.environ.update(env)
     statement = SqlReader(load_job(job).sources[0]).statement

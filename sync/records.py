@@ -95,7 +95,7 @@ class Batch:
     terms of the user's rows (may be empty; a columnar builder's is lazy — built from the batch's row columns on
     first read, which only refused IDs cause). ``after``
     orders it behind another batch. ``row_keys``: for a non-idempotent operation planned from input rows, the
-    stable keys of the rows it carries (:mod:`sync.row_keys`, 8 bytes each), which the ledger keeps so a resume
+    stable keys of the rows it carries (:mod:`sync.planning.row_keys`, 8 bytes each), which the ledger keeps so a resume
     confirms rows, not batches.
     """
 

@@ -5,9 +5,9 @@ and the tests.
 
 1. **lock** the job's state directory (one run of a job at a time) and open the ledger — once for the run;
 2. **choose the batch source** by mode: the plan itself (changes mode), the plan filtered by what the ledger
-   confirmed (resume/retry, :mod:`sync.resume`), or the diff from the confirmed state (snapshot mode,
+   confirmed (resume/retry, :mod:`sync.planning.resume`), or the diff from the confirmed state (snapshot mode,
    :mod:`sync.state`, after recovering what crashed runs confirmed);
-3. **dispatch** it (:class:`sync.dispatch.Dispatcher`), every result recorded in the ledger as it comes;
+3. **dispatch** it (:class:`sync.dispatch.dispatch.Dispatcher`), every result recorded in the ledger as it comes;
 4. **record** the run's summary and, in snapshot mode, **commit** the confirmed part into the state.
 """
 
@@ -25,10 +25,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 from urllib.parse import urlsplit
 
-from sync.alerts import alert_reasons, post_alert
-from sync.budget import Budget
 from sync.config import Alerts, Job, SyncMode
-from sync.dispatch import Dispatcher, DispatchObserver, DispatchOutcome, LaneSource
+from sync.dispatch.budget import Budget
+from sync.dispatch.dispatch import Dispatcher, DispatchObserver, DispatchOutcome, LaneSource
 from sync.errors import (
     BadJobError,
     ExitCode,
@@ -38,15 +37,17 @@ from sync.errors import (
     RunStoppedError,
     StateError,
 )
-from sync.ledger import Ledger, new_run_id
+from sync.ledger.ledger import Ledger, new_run_id
 from sync.logs import get_logger
-from sync.planning import Plan, build_plan, check_workdir
+from sync.planning.planning import Plan, build_plan, check_workdir
+from sync.planning.resume import ReplayLanes, ReplayMode, ReplayPlan, ReplayStats, replay_plan, unfinished_run
 from sync.platforms.base import PlatformClient
 from sync.platforms.registry import platform_for
-from sync.progress import make_progress
 from sync.records import Batch
 from sync.redact import redact, register_secret
-from sync.resume import ReplayLanes, ReplayMode, ReplayPlan, ReplayStats, replay_plan, unfinished_run
+from sync.report.alerts import alert_reasons, post_alert
+from sync.report.progress import make_progress
+from sync.report.summary import RunInput, RunSummary, summarise
 from sync.state import (
     CommitReport,
     DiffCounts,
@@ -58,10 +59,9 @@ from sync.state import (
     rejected_users,
     snapshot_builder_for,
 )
-from sync.summary import RunInput, RunSummary, summarise
 
 if TYPE_CHECKING:
-    from sync.metrics import RunMetrics
+    from sync.report.metrics import RunMetrics
 
 __all__ = ["LEDGER_FILE", "RunOptions", "RunOutcome", "StopSignals", "ledger_path_for", "make_client", "run"]
 
@@ -101,16 +101,16 @@ class RunOptions:
     force: bool = False
     limit: int | None = None
     """A sample run (``--limit N``): of each source only the first N rows that pass validation
-    (:func:`sync.planning.build_plan`). Changes mode only: a snapshot run of a sample would read every other
+    (:func:`sync.planning.planning.build_plan`). Changes mode only: a snapshot run of a sample would read every other
     user as gone."""
     progress: Progress = "none"
     handle_signals: bool = False
     metrics_port: int | None = None
     metrics_textfile: Path | None = None
     metrics_pushgateway: str | None = None
-    """Push the run's metrics to this Prometheus Pushgateway URL when it ends (sync.metrics)."""
+    """Push the run's metrics to this Prometheus Pushgateway URL when it ends (sync.report.metrics)."""
     alert_url: str | None = None
-    """The job's alert webhook, resolved by the caller (:func:`sync.alerts.resolve_webhook`); None: no alerts."""
+    """The job's alert webhook, resolved by the caller (:func:`sync.report.alerts.resolve_webhook`); None: no alerts."""
     stop: asyncio.Event | None = None
     client: PlatformClient | None = None
     budget_factory: Callable[[str], Budget] | None = None
@@ -682,7 +682,7 @@ def _local_failure(exc: BaseException) -> BaseException | None:
 
 
 def _metrics_for(job: Job, run_id: str) -> RunMetrics:
-    from sync.metrics import RunMetrics  # prometheus_client only when metrics are asked for
+    from sync.report.metrics import RunMetrics  # prometheus_client only when metrics are asked for
 
     return RunMetrics(
         run_id=run_id, job=job.name, platform=job.destination.platform, budget_for=job.dispatch.max_rate

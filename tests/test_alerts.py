@@ -12,11 +12,11 @@ from typing import Any
 
 import pytest
 
-from sync.alerts import alert_reasons
 from sync.config import Alerts, load_job
-from sync.dispatch import DispatchOutcome
+from sync.dispatch.dispatch import DispatchOutcome
 from sync.errors import BadJobError, ExitCode
-from sync.summary import RunSummary
+from sync.report.alerts import alert_reasons
+from sync.report.summary import RunSummary
 from tests.test_cli_ops import _cli, _closed_port
 from tests.test_cli_run import KEY_ENV, write_job
 

@@ -14,8 +14,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from vtime import run_virtual
 
-from sync.budget import RateBudget, clock_sleep
 from sync.config import RateBudgetSpec
+from sync.dispatch.budget import RateBudget, clock_sleep
 
 
 async def _release_times(budget: RateBudget, n: int) -> list[float]:
@@ -45,7 +45,7 @@ def test_aligned_releases_are_evenly_spaced_inside_each_window() -> None:
     for t in times:
         assert 0.02 - 1e-9 <= t - math.floor(t) < 0.9
     gaps = [b - a for a, b in itertools.pairwise(times)]
-    # Even: the sending zone (0.88 s) less its last fifth, kept for lateness (sync._rate_meter._SLACK), over N.
+    # Even: the sending zone (0.88 s) less its last fifth, kept for lateness (sync.dispatch._rate_meter._SLACK), over N.
     assert min(gaps) >= (0.88 * 0.8 / 10) - 1e-9  # never a burst
     assert max(times) < 10.0
 

@@ -14,10 +14,10 @@ from pathlib import Path
 import pytest
 from vtime import VirtualTimeLoop, run_virtual
 
-from sync.budget import MIN_MARGIN, BudgetPool, BudgetStats, RateBudget, clock_sleep
 from sync.config import BudgetGroupSpec, DispatchSettings, RateBudgetSpec
-from sync.dispatch import Dispatcher
-from sync.planning import estimate_duration
+from sync.dispatch.budget import MIN_MARGIN, BudgetPool, BudgetStats, RateBudget, clock_sleep
+from sync.dispatch.dispatch import Dispatcher
+from sync.planning.planning import estimate_duration
 from sync.records import Operation, Phase
 
 ACCOUNT = BudgetGroupSpec("account", RateBudgetSpec(20, 1.0, margin=0.05), ("*",))
@@ -194,7 +194,9 @@ def test_a_late_loop_never_releases_a_burst_and_never_more_than_n_per_window() -
     finally:
         loop.close()
     times.sort()
-    spacing = (1.0 - 0.05 - 0.0125) * 0.8 / 20  # the sending zone less its slack (sync._rate_meter._SLACK)
+    spacing = (
+        (1.0 - 0.05 - 0.0125) * 0.8 / 20
+    )  # the sending zone less its slack (sync.dispatch._rate_meter._SLACK)
     gaps = [b - a for a, b in itertools.pairwise(times)]
     assert min(gaps) >= spacing / 2 - 1e-9  # lateness is not paid back as a burst
     assert max(_per_window(times).values()) <= 20
@@ -232,7 +234,7 @@ def test_an_endpoints_most_rate_is_the_lowest_of_its_budget_and_groups() -> None
 def test_the_run_summary_has_a_line_per_budget_group() -> None:
     from test_dispatch_lanes import Lanes, MemoryPlatform, batches_for, settings
 
-    from sync.summary import summarise
+    from sync.report.summary import summarise
 
     group = BudgetGroupSpec("account", RateBudgetSpec(10, 1.0, margin=0.05), ("a", "b"))
     plan = Lanes(

@@ -14,8 +14,8 @@ from collections.abc import Callable
 
 from vtime import VirtualTimeLoop
 
-from sync.budget import BudgetPool
 from sync.config import BudgetGroupSpec, RateBudgetSpec
+from sync.dispatch.budget import BudgetPool
 
 N = 20
 PER_SECOND = RateBudgetSpec(N, 1.0)  # margins learned from the latencies observed

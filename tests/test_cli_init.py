@@ -11,7 +11,7 @@ import pytest
 from sync.cli import main
 from sync.config import load_job
 from sync.errors import ExitCode
-from sync.planning import build_plan
+from sync.planning.planning import build_plan
 
 CSV = (
     "customer_id,first_name,score,vip,birth_date,segments,email_opt_in,push_opt_in,email,phone,Home City\n"

@@ -18,7 +18,7 @@ import pytest
 import yaml
 
 from sync.cli import main
-from sync.ledger import Ledger
+from sync.ledger.ledger import Ledger
 from sync.sandboxes.meiro import MeiroSandbox, MeiroSandboxConfig, MeiroUser
 
 REPO = Path(__file__).resolve().parent.parent

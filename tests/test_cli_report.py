@@ -18,7 +18,7 @@ import yaml
 
 from sync.cli import main
 from sync.config import load_job
-from sync.ledger import Ledger
+from sync.ledger.ledger import Ledger
 from sync.records import RejectedRow
 
 REPO = Path(__file__).resolve().parent.parent

@@ -251,7 +251,7 @@ def test_resume_of_an_interrupted_full_refresh_finishes_the_full_refresh(
     # again (plus one unset request for the users with an empty city).
     assert resumed["totals"]["requests"] == first["totals"]["requests"] + 1
     assert sandbox_users(sandbox) == expected_users(rows)
-    from sync.ledger import Ledger
+    from sync.ledger.ledger import Ledger
 
     with Ledger.open(tmp / "work" / "ledger.sqlite") as ledger:
         info = ledger.run(resumed["run_id"])

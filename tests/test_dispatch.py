@@ -18,12 +18,12 @@ import structlog
 from vtime import run_virtual
 
 from sync.config import DispatchSettings, RateBudgetSpec, RetryPolicy
-from sync.dispatch import Dispatcher, DispatchOutcome, DispatchReport
+from sync.dispatch.dispatch import Dispatcher, DispatchOutcome, DispatchReport
 from sync.errors import FatalPlatformError, RejectedBatchError, RetryableError, StateError
-from sync.ledger import Ledger
+from sync.ledger.ledger import Ledger
 from sync.platforms.base import SendOutcome
-from sync.progress import BarProgress, LogProgress
 from sync.records import Attempt, AttemptOutcome, Batch, BatchResult, BatchStatus, Operation, Phase
+from sync.report.progress import BarProgress, LogProgress
 
 Behaviour = Callable[[Batch, int], Exception | None]
 
@@ -362,7 +362,7 @@ def test_log_progress_reports_rate_and_eta_every_interval() -> None:
 
 
 def test_latencies_are_a_bounded_sample(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr("sync.dispatch.LATENCY_SAMPLE", 5)
+    monkeypatch.setattr("sync.dispatch.dispatch.LATENCY_SAMPLE", 5)
     report = run_virtual(_dispatch(MemoryPlatform(latency=0.02), _plan(20), _settings()))
     stats = report.endpoints["tagUsers"]
     assert stats.latency_count == 20 and len(stats.latencies) == 5

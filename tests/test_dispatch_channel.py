@@ -7,7 +7,7 @@ import asyncio
 import pytest
 from vtime import run_virtual
 
-from sync._channel import Channel, ChannelClosedError
+from sync.dispatch._channel import Channel, ChannelClosedError
 
 
 def test_closing_ends_the_receivers_loop_after_what_is_buffered() -> None:

@@ -19,12 +19,12 @@ from typing import Any
 import pytest
 from vtime import run_virtual
 
-from sync.budget import Budget, BudgetPool, RateBudget
 from sync.config import BudgetGroupSpec, DispatchSettings, RateBudgetSpec, load_job
-from sync.dispatch import Dispatcher, DispatchOutcome, DispatchReport, LaneSource
+from sync.dispatch.budget import Budget, BudgetPool, RateBudget
+from sync.dispatch.dispatch import Dispatcher, DispatchOutcome, DispatchReport, LaneSource
 from sync.errors import ExitCode, FatalPlatformError, StateError
-from sync.ledger import Ledger
-from sync.planning import build_plan
+from sync.ledger.ledger import Ledger
+from sync.planning.planning import build_plan
 from sync.platforms.base import SendOutcome
 from sync.records import Attempt, Batch, BatchResult, BatchStatus, Operation, Phase
 from sync.run import RunOptions, run

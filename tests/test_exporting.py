@@ -1,4 +1,4 @@
-"""sync.exporting: incremental Parquet/CSV writing (bounded row groups, all-or-nothing files), ID files, progress."""
+"""sync.ledger.exporting: incremental Parquet/CSV writing (bounded row groups, all-or-nothing files), ID files, progress."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import pytest
 from structlog.testing import capture_logs
 
 from sync.errors import BadInputError
-from sync.exporting import (
+from sync.ledger.exporting import (
     ExportFormat,
     LogExportProgress,
     RowWriter,

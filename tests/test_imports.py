@@ -73,8 +73,8 @@ def _cycle() -> list[str] | None:
 
 def test_the_graph_is_read() -> None:
     assert (
-        "sync.platforms.netmera.requests" in GRAPH["sync.planning"]
-        or "sync.platforms.registry" in (GRAPH["sync.planning"])
+        "sync.platforms.netmera.requests" in GRAPH["sync.planning.planning"]
+        or "sync.platforms.registry" in (GRAPH["sync.planning.planning"])
     )
     assert "sync.config" in GRAPH["sync.platforms.base"]
 

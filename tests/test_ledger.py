@@ -12,7 +12,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from sync.errors import StateError
-from sync.ledger import SCHEMA_VERSION, Ledger, new_run_id, pack_ids, unpack_ids
+from sync.ledger.ledger import SCHEMA_VERSION, Ledger, new_run_id, pack_ids, unpack_ids
+from sync.ledger.trace import trace_id
 from sync.records import (
     Attempt,
     AttemptOutcome,
@@ -25,7 +26,6 @@ from sync.records import (
     RejectedRow,
     RowRef,
 )
-from sync.trace import trace_id
 
 
 def _batch(i: int, n_ids: int = 3) -> Batch:

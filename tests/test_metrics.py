@@ -15,9 +15,9 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from sync.config import load_job
 from sync.demo import generate_users
-from sync.metrics import FINAL_SERIES, LATENCY_BUCKETS, SERIES, RunMetrics
 from sync.platforms.netmera.requests import make_batch, tag_body
 from sync.records import Attempt, AttemptOutcome, Batch, BatchResult, BatchStatus, Operation, RejectedId
+from sync.report.metrics import FINAL_SERIES, LATENCY_BUCKETS, SERIES, RunMetrics
 from sync.run import RunOptions, run
 
 REPO = Path(__file__).resolve().parent.parent

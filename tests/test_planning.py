@@ -16,11 +16,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from sync.config import Job, load_job
-from sync.planning import Plan, build_plan, estimate_duration
+from sync.planning.planning import Plan, build_plan, estimate_duration
+from sync.planning.validation import canonical_key
 from sync.platforms.netmera import MAX_IDS_PER_REQUEST
 from sync.platforms.netmera.requests import ENDPOINT_FOR, batch_id_for, split_batch
 from sync.records import Batch, Operation, Phase, RowRef, body_json
-from sync.validation import canonical_key
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 
@@ -344,9 +344,9 @@ def test_many_chunk_files_and_buckets_give_the_same_batches_and_rejects(
         expected_summary = reference.summary()
     assert expected_rejects and all("superseded by row" in r.reason for r in expected_rejects)
     assert expected_summary.duplicates_dropped == 31  # the identical second copies
-    import sync._staging
+    import sync.planning._staging
 
-    monkeypatch.setattr(sync._staging, "STAGE_ROWS", 170)  # ~37 sorted chunk files
+    monkeypatch.setattr(sync.planning._staging, "STAGE_ROWS", 170)  # ~37 sorted chunk files
     with build_plan(job, rows_per_bucket=40) as many:
         assert len(many.staged[0].parts) > 60
         assert _fingerprint(many) == expected
@@ -387,15 +387,15 @@ def test_the_summary_reads_each_bucket_once_for_all_streams(
     with build_plan(job, rows_per_bucket=100) as built:
         buckets = len(built.staged[0].parts)
         reads: list[str] = []
-        import sync.planning
+        import sync.planning.planning
 
-        real_read = sync.planning._read_columns
+        real_read = sync.planning.planning._read_columns
 
         def counted(path: Path, fields: list[int]) -> pl.DataFrame:
             reads.append(str(path))
             return real_read(path, fields)
 
-        monkeypatch.setattr(sync.planning, "_read_columns", counted)
+        monkeypatch.setattr(sync.planning.planning, "_read_columns", counted)
         summary = built.summary()
         streams = len(list(built._builder.streams_for(job.sources[0])))
         assert streams > 3 and buckets > 10

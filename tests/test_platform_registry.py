@@ -13,8 +13,8 @@ from fake_platform import FAKE, FakePlatform
 from sync.cli import main
 from sync.config import load_job
 from sync.errors import BadJobError, ExitCode
-from sync.ledger import Ledger
-from sync.planning import build_plan
+from sync.ledger.ledger import Ledger
+from sync.planning.planning import build_plan
 from sync.platforms.registry import REGISTRY
 from sync.records import Attempt, Batch, BatchResult
 from sync.run import RunOptions, run

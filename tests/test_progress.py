@@ -8,7 +8,6 @@ import io
 import structlog
 
 from sync.platforms.netmera.requests import make_batch, tag_body
-from sync.progress import BarProgress, LogProgress
 from sync.records import (
     Attempt,
     AttemptOutcome,
@@ -19,6 +18,7 @@ from sync.records import (
     Phase,
     RejectedId,
 )
+from sync.report.progress import BarProgress, LogProgress
 
 
 def _batch(tag: str, n_ids: int, phase: Phase = Phase.CHANGES) -> Batch:

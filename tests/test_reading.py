@@ -9,9 +9,9 @@ import pytest
 
 from sync.config import Job, load_job
 from sync.errors import BadInputError
-from sync.planning import build_plan
-from sync.reading import ROW, check_sources, expand_paths, iter_chunks
+from sync.planning.planning import build_plan
 from sync.records import Operation, RejectedRow, body_json
+from sync.sources.reading import ROW, check_sources, expand_paths, iter_chunks
 
 JOB = """
 name: t

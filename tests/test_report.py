@@ -20,10 +20,10 @@ import pytest_asyncio
 
 from sync.config import load_job
 from sync.demo import generate_users
-from sync.ledger import Ledger
-from sync.planning import build_plan
+from sync.ledger.ledger import Ledger
+from sync.planning.planning import build_plan
 from sync.records import AttemptOutcome, BatchStatus, RejectedRow
-from sync.report import load_report, render_html, write_report
+from sync.report.report import load_report, render_html, write_report
 from sync.run import RunOptions, RunOutcome, run
 from sync.sandboxes._core import FaultSpec, RateLimit
 from sync.sandboxes.netmera import NetmeraSandbox, NetmeraSandboxConfig, UnknownExtId
@@ -398,7 +398,7 @@ def test_a_file_that_is_not_a_ledger_gives_a_clear_error_and_leaks_no_connection
     import pytest
 
     from sync.errors import StateError
-    from sync.report import load_report
+    from sync.report.report import load_report
 
     junk = tmp_path / "ledger.sqlite"
     junk.write_bytes(b"this is not a database" * 100)
@@ -455,7 +455,7 @@ def test_ids_per_second_and_the_trend_of_the_jobs_runs(reported_run: ReportedRun
 
 
 def test_the_trend_lists_the_jobs_last_runs_with_this_one_highlighted(tmp_path: Path) -> None:
-    from sync.ledger import Ledger
+    from sync.ledger.ledger import Ledger
 
     path = tmp_path / "ledger.sqlite"
     with Ledger.open(path) as ledger:

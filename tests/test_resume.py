@@ -1,4 +1,4 @@
-"""Resume and retry decisions from the ledger (sync/resume.py), with the real SQLite ledger and real batches."""
+"""Resume and retry decisions from the ledger (sync/planning/resume.py), with the real SQLite ledger and real batches."""
 
 from __future__ import annotations
 
@@ -8,11 +8,8 @@ from typing import Any
 import pytest
 
 from sync.errors import StateError
-from sync.ledger import Ledger
-from sync.platforms.netmera.platform import NETMERA
-from sync.platforms.netmera.requests import batch_id_for, make_batch
-from sync.records import Batch, BatchResult, BatchStatus, Operation, RejectedId, RowRef, body_json
-from sync.resume import (
+from sync.ledger.ledger import Ledger
+from sync.planning.resume import (
     ReplayMode,
     ReplayStats,
     replay,
@@ -20,6 +17,9 @@ from sync.resume import (
     restrict_batch,
     unfinished_run,
 )
+from sync.platforms.netmera.platform import NETMERA
+from sync.platforms.netmera.requests import batch_id_for, make_batch
+from sync.records import Batch, BatchResult, BatchStatus, Operation, RejectedId, RowRef, body_json
 
 
 def tag(name: str, *ids: str) -> Batch:

@@ -16,9 +16,9 @@ from reliability.workload import job_yaml
 
 from sync.config import DispatchSettings, Job, load_job
 from sync.demo import expected_users, generate_users
-from sync.dispatch import Dispatcher, DispatchOutcome
+from sync.dispatch.dispatch import Dispatcher, DispatchOutcome
 from sync.errors import ExitCode
-from sync.ledger import Ledger
+from sync.ledger.ledger import Ledger
 from sync.platforms.netmera.client import NetmeraClient
 from sync.platforms.netmera.requests import make_batch, tag_body
 from sync.records import BatchStatus, Operation
@@ -243,7 +243,7 @@ async def test_sending_starts_before_the_plan_is_settled_and_every_reject_is_rec
     """A changes run sends while its input is still being settled (a few buckets ahead of the lanes), and still
     ends with every user right and every rejected row — the duplicates found while settling too — in the
     ledger and the rejects file."""
-    monkeypatch.setattr("sync.planning.ROWS_PER_BUCKET", 10)  # 64 buckets for 600 users
+    monkeypatch.setattr("sync.planning.planning.ROWS_PER_BUCKET", 10)  # 64 buckets for 600 users
     # Small batches and queues: a lane's first pull reads a bucket or two, not the whole input.
     job, frame = write_job(
         tmp_path,
@@ -273,10 +273,10 @@ async def test_a_settling_failure_after_sending_began_stops_the_run_with_exit_3(
     (exit 3, resume it), never as "nothing was sent" (exit 2)."""
     import errno
 
-    from sync._staging import Settler
     from sync.errors import RunStoppedError
+    from sync.planning._staging import Settler
 
-    monkeypatch.setattr("sync.planning.ROWS_PER_BUCKET", 10)
+    monkeypatch.setattr("sync.planning.planning.ROWS_PER_BUCKET", 10)
     job, _ = write_job(
         tmp_path,
         netmera_sandbox.url,

@@ -27,10 +27,10 @@ from sync.cli import main
 from sync.config import load_job
 from sync.demo import generate_users
 from sync.errors import BadInputError, BadJobError, ExitCode
-from sync.planning import build_plan
-from sync.reading import CHUNK_ROWS, ROW
-from sync.reading_sql import SqlReader
+from sync.planning.planning import build_plan
 from sync.run import RunOptions, run
+from sync.sources.reading import CHUNK_ROWS, ROW
+from sync.sources.reading_sql import SqlReader
 
 URL_ENV = "PUSHSYNC_TEST_CRM_URL"
 KEY_ENV = "PUSHSYNC_TEST_SQL_KEY"

@@ -16,8 +16,8 @@ import pytest
 import sync.state._store as state_store  # where the key-range size lives (the test shrinks it)
 from sync.config import Job, load_job
 from sync.errors import StateError
-from sync.ledger import Ledger
-from sync.planning import build_plan
+from sync.ledger.ledger import Ledger
+from sync.planning.planning import build_plan
 from sync.records import Batch, BatchResult, BatchStatus, Operation, RejectedId, body_json
 from sync.state import (
     DiffCounts,
@@ -516,9 +516,9 @@ def test_a_segment_written_by_a_commit_that_died_before_its_manifest_is_not_read
 
 @pytest.mark.parametrize("removal", [RemovalAction.NONE, RemovalAction.UNTAG, RemovalAction.DELETE])
 def test_skipping_the_unchanged_users_gives_the_exact_diff(tmp_path: Path, removal: RemovalAction) -> None:
+    from sync.planning.validation import clean_schema
     from sync.state._diff import _diff_exact, _unchanged_skipped, diff_frames
     from sync.state._store import conform, state_schema
-    from sync.validation import clean_schema
 
     settings = SnapshotSettings(removal=removal, max_removal_share=1.0)
     job = write_input(tmp_path, MANY)
@@ -561,9 +561,9 @@ def test_skipping_the_unchanged_users_gives_the_exact_diff(tmp_path: Path, remov
 
 
 def test_skipping_the_unchanged_users_over_an_overlay_gives_the_exact_diff(tmp_path: Path) -> None:
+    from sync.planning.validation import clean_schema
     from sync.state._diff import _diff_exact, diff_frames
     from sync.state._store import conform, state_schema
-    from sync.validation import clean_schema
 
     settings = SnapshotSettings(removal=RemovalAction.DELETE, max_removal_share=1.0)
     job = write_input(tmp_path, MANY)

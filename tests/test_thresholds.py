@@ -14,9 +14,9 @@ from reliability.workload import job_yaml
 from sync.config import Thresholds, load_job
 from sync.demo import generate_users
 from sync.errors import BadJobError, ExitCode
+from sync.report.summary import threshold_decision
 from sync.run import RunOptions, run
 from sync.sandboxes.netmera import UnknownExtId
-from sync.summary import threshold_decision
 
 KEY_ENV = "PUSHSYNC_TEST_NETMERA_KEY"
 

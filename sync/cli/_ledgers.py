@@ -35,7 +35,7 @@ def ledger_paths(job: Path | None, workdir: Path | None, ledger: Path | None = N
 
 def find_run(run_id: str, paths: list[Path]) -> tuple[Path, str]:
     """(ledger, run ID) of ``run_id`` among the ledgers ``paths``; ``latest`` is the most recently started run."""
-    from sync.ledger import Ledger
+    from sync.ledger.ledger import Ledger
 
     best: tuple[float, Path, str] | None = None
     for path in paths:

@@ -111,7 +111,7 @@ async def _export(args: argparse.Namespace) -> Any:
     import pyarrow as pa
 
     from sync.config import Destination, RetryPolicy, load_job, resolve_secret
-    from sync.exporting import format_for, iter_id_chunks, make_export_progress, write_pages
+    from sync.ledger.exporting import format_for, iter_id_chunks, make_export_progress, write_pages
     from sync.platforms.netmera.client import NetmeraClient
     from sync.platforms.netmera.reads import (
         ReadSettings,

@@ -232,7 +232,7 @@ def _wait_text(w: Any) -> str:
 
 
 async def _wait(args: argparse.Namespace) -> int:
-    from sync.ledger import Ledger, new_run_id
+    from sync.ledger.ledger import Ledger, new_run_id
     from sync.platforms.meiro.poller import wait_for_export
     from sync.run import LEDGER_FILE
 
@@ -333,7 +333,7 @@ async def _restore(args: argparse.Namespace) -> int:
 
 
 async def _run_job(args: argparse.Namespace) -> int:
-    from sync.ledger import Ledger, new_run_id
+    from sync.ledger.ledger import Ledger, new_run_id
     from sync.platforms.meiro.client import MeiroClient
     from sync.platforms.meiro.job import load_meiro_job, resolve_credentials
     from sync.platforms.meiro.poller import wait_for_exports
@@ -376,7 +376,7 @@ async def _run_job(args: argparse.Namespace) -> int:
 
 
 def _waits(args: argparse.Namespace) -> int:
-    from sync.ledger import Ledger
+    from sync.ledger.ledger import Ledger
     from sync.run import LEDGER_FILE
 
     if args.job is not None:

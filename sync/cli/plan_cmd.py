@@ -13,8 +13,8 @@ import yaml
 
 from sync.config import Job, SyncMode, load_job
 from sync.errors import BadJobError, ExitCode, JobProblem
-from sync.planning import ASSUMED_LATENCY, Plan, PlanSummary, build_plan
-from sync.reading import check_sources
+from sync.planning.planning import ASSUMED_LATENCY, Plan, PlanSummary, build_plan
+from sync.sources.reading import check_sources
 
 __all__ = ["register"]
 
@@ -153,7 +153,7 @@ def _database_problems(job: Job) -> list[JobProblem]:
     has such a source."""
     if all(source.sql is None for source in job.sources):
         return []
-    from sync.reading_sql import check_sql_sources
+    from sync.sources.reading_sql import check_sql_sources
 
     return check_sql_sources(job)
 

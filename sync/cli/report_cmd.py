@@ -44,7 +44,7 @@ def _locate(args: argparse.Namespace) -> tuple[Path, str]:
 
 def _report(args: argparse.Namespace) -> int:
     from sync.cli._ledgers import database_url, local_copy
-    from sync.report import write_report
+    from sync.report.report import write_report
 
     url = database_url(args, args.job)
     if url is not None:
@@ -101,7 +101,7 @@ def _status(info: Any) -> str:
 
 
 def print_runs(infos: list[Any]) -> None:
-    """The runs (:class:`sync.ledger.RunInfo`, newest first) as one table."""
+    """The runs (:class:`sync.ledger.ledger.RunInfo`, newest first) as one table."""
     from rich.markup import escape
     from rich.table import Table
 

@@ -113,10 +113,10 @@ def register(subparsers: Any) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from sync.alerts import resolve_webhook
     from sync.cli._ledgers import database_url
     from sync.cli.plan_cmd import selected_job
     from sync.config import resolve_secret
+    from sync.report.alerts import resolve_webhook
     from sync.run import RunOptions, run
 
     job = selected_job(args)
@@ -161,7 +161,7 @@ def _when(ts: float | None) -> str:
 
 
 def _runs(args: argparse.Namespace) -> int:
-    from sync.ledger import Ledger
+    from sync.ledger.ledger import Ledger
 
     infos = []
     from sync.cli._ledgers import database_url, ledger_paths
@@ -213,7 +213,7 @@ def _find_run(args: argparse.Namespace) -> tuple[Path, str]:
 
 def _show(args: argparse.Namespace) -> int:
     from sync.cli._ledgers import database_url
-    from sync.ledger import Ledger
+    from sync.ledger.ledger import Ledger
 
     url = database_url(args, args.job)
     if url is not None:
@@ -254,7 +254,7 @@ def _show(args: argparse.Namespace) -> int:
 
 def _export(args: argparse.Namespace) -> int:
     from sync.cli._ledgers import database_url, local_copy
-    from sync.ledger import Ledger
+    from sync.ledger.ledger import Ledger
 
     url = database_url(args, args.job)
     if url is not None:

@@ -110,7 +110,7 @@ def _replay(args: argparse.Namespace) -> int:
         if done is not None:
             print(done)
             return int(ExitCode.OK)
-    from sync.alerts import resolve_webhook
+    from sync.report.alerts import resolve_webhook
 
     options = RunOptions(
         api_key=resolve_secret(job.destination),
@@ -140,8 +140,8 @@ def _nothing_to_resume(job: Any, args: argparse.Namespace, url: str | None = Non
     qualify; a ``partial`` run whose failed batches are unconfirmed is still worth resuming."""
     import dataclasses
 
-    from sync.ledger import Ledger
-    from sync.resume import UNFINISHED_STATUSES, replay_plan
+    from sync.ledger.ledger import Ledger
+    from sync.planning.resume import UNFINISHED_STATUSES, replay_plan
     from sync.run import ledger_path_for
 
     if args.workdir is not None:

@@ -1,4 +1,4 @@
-"""``pushsync trace ID``: what happened to one external ID across runs (see :mod:`sync.trace`)."""
+"""``pushsync trace ID``: what happened to one external ID across runs (see :mod:`sync.ledger.trace`)."""
 
 from __future__ import annotations
 
@@ -31,7 +31,7 @@ def register(subparsers: Any) -> None:
 
 def _trace(args: argparse.Namespace) -> int:
     from sync.cli._ledgers import database_url, ledger_paths
-    from sync.trace import trace_id
+    from sync.ledger.trace import trace_id
 
     entries = []
     url = database_url(args, args.job)

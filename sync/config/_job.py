@@ -132,7 +132,7 @@ class Source:
     event: str | None = None
     """events: column holding the event name."""
     sql: SqlInput | None = None
-    """A database source: the query or table it reads (then ``paths`` is empty). See :mod:`sync.reading_sql`."""
+    """A database source: the query or table it reads (then ``paths`` is empty). See :mod:`sync.sources.reading_sql`."""
 
     def columns(self) -> tuple[str, ...]:
         """Every column the mapping reads, ext_id first, without duplicates (only these are read)."""

@@ -1,5 +1,5 @@
 """A source that reads a database instead of files: where the database is (a URL, or where the URL lives) and
-what to read from it (a query or a table). Read by :mod:`sync.reading_sql`; documented in docs/jobs.md."""
+what to read from it (a query or a table). Read by :mod:`sync.sources.reading_sql`; documented in docs/jobs.md."""
 
 from __future__ import annotations
 

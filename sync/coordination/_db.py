@@ -2,7 +2,7 @@
 cannot be reached, with the password never in it; the schema created, migrated or refused.
 
 psycopg 3 is the driver (see docs/scaling.md for why not asyncpg): the ledger keeps the synchronous interface
-the dispatcher calls between two awaits (:class:`sync.ledger.Ledger`), and the queue and the shared budgets are
+the dispatcher calls between two awaits (:class:`sync.ledger.ledger.Ledger`), and the queue and the shared budgets are
 asynchronous — psycopg offers both with one API, one set of types and one error hierarchy.
 """
 

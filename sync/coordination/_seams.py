@@ -11,12 +11,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
-from sync.budget import Budget
-from sync.dispatch import Dispatcher, DispatchObserver
+from sync.dispatch.budget import Budget
+from sync.dispatch.dispatch import Dispatcher, DispatchObserver
 from sync.errors import ExitCode
+from sync.planning.resume import ReplayStats
 from sync.platforms.base import PlatformClient
-from sync.resume import ReplayStats
-from sync.summary import RunSummary
+from sync.report.summary import RunSummary
 
 __all__ = ["WorkerOptions", "WorkerOutcome", "WorkerSignals"]
 

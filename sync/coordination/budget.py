@@ -4,7 +4,7 @@ Which design: **GCRA-like state in one row per budget** (not leased reservations
 budget group is a row ``(win, used, last_release, paused_until)``; an attempt calls the database function
 ``pushsync.take_slot`` (PL/pgSQL, :mod:`sync.coordination._db`), which locks the rows of its endpoint and of
 every group holding it (``SELECT … FOR UPDATE``, in name order, so two workers never deadlock), computes the
-earliest instant every one of them allows — the same rules as the single-process budget (:mod:`sync.budget`):
+earliest instant every one of them allows — the same rules as the single-process budget (:mod:`sync.dispatch.budget`):
 at most N per clock-aligned window, evenly spaced inside ``[start + lead, end - margin)``, never before a pause
 ends — writes the release into each row and commits. The worker then sleeps until that instant. One round trip
 per attempt, the rows locked only while the function runs; its cost is measured by ``bench/bench_scale.py``. Leased reservations (a worker takes k slots at a
@@ -29,9 +29,9 @@ from typing import Any
 
 import psycopg
 
-from sync.budget import Budget, BudgetClosedError, RateBudget
 from sync.config import DispatchSettings, RateBudgetSpec
 from sync.coordination._db import SCHEMA, safe_message
+from sync.dispatch.budget import Budget, BudgetClosedError, RateBudget
 from sync.errors import StateError
 from sync.logs import get_logger
 
@@ -214,7 +214,7 @@ class SharedBudgets:
 
 
 class SharedEndpointBudget:
-    """One endpoint's shared budget (the :class:`sync.budget.Budget` protocol)."""
+    """One endpoint's shared budget (the :class:`sync.dispatch.budget.Budget` protocol)."""
 
     def __init__(self, owner: SharedBudgets, endpoint: str, meters: tuple[SharedMeter, ...]) -> None:
         self._owner = owner

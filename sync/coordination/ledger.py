@@ -1,4 +1,4 @@
-"""The ledger on PostgreSQL: the same records and the same interface as :class:`sync.ledger.Ledger` (SQLite),
+"""The ledger on PostgreSQL: the same records and the same interface as :class:`sync.ledger.ledger.Ledger` (SQLite),
 shared by every worker of a job.
 
 The batches table is also the run's queue (:mod:`sync.coordination.queue`): the leader inserts each planned
@@ -26,7 +26,7 @@ import psycopg
 
 from sync.coordination._db import SCHEMA, CoordinationError, connect, describe_url, safe_message
 from sync.errors import StateError
-from sync.ledger import AttemptRow, BatchRow, Ledger, RunInfo
+from sync.ledger.ledger import AttemptRow, BatchRow, Ledger, RunInfo
 from sync.records import Attempt, AttemptOutcome, Batch, BatchResult, BatchStatus, RejectedRow
 
 __all__ = ["PgLedger"]
@@ -54,7 +54,7 @@ _INSERT_REJECTED_ROW = f"INSERT INTO {S}.rejected_rows (run_id, path, row, colum
 
 
 class PgLedger:
-    """A job's ledger in PostgreSQL (see the module docstring); the same methods as :class:`sync.ledger.Ledger`.
+    """A job's ledger in PostgreSQL (see the module docstring); the same methods as :class:`sync.ledger.ledger.Ledger`.
 
     Open with :meth:`open`; use as a context manager or call :meth:`close`. ``path`` is a description of the
     database (``user@host:port/db``) for messages: never the URL, which may hold a password."""

@@ -12,7 +12,7 @@
   seconds later, its batches are claimable again — except those of non-idempotent operations already recorded
   ``sent``: their outcome is unknown, so they are *held* (``held``), exactly as resume holds them; ``pushsync
   retry`` sends them.
-* **Lanes**: :class:`QueueLanes` is a :class:`sync.dispatch.LaneSource`: per phase, one lane per endpoint
+* **Lanes**: :class:`QueueLanes` is a :class:`sync.dispatch.dispatch.LaneSource`: per phase, one lane per endpoint
   (ranked as the plan ranked them), each an async iterator of claimed batches. A lane ends only when no batch of
   its phase and endpoint is left unfinished by anyone (polling while other workers still hold some), so a
   phase ends everywhere before any worker starts the next; a batch naming a predecessor (``after``) is claimed
@@ -39,8 +39,8 @@ import psycopg
 from sync.coordination._db import SCHEMA, safe_message
 from sync.errors import StateError
 from sync.logs import get_logger
+from sync.planning.row_keys import SCHEME as ROW_KEY_SCHEME
 from sync.records import NON_IDEMPOTENT, Batch, Operation, Phase, RowRef
-from sync.row_keys import SCHEME as ROW_KEY_SCHEME
 
 if TYPE_CHECKING:
     from sync.coordination.ledger import PgLedger
@@ -86,7 +86,7 @@ def decode_batch(row: Sequence[Any]) -> Batch:
 def enqueue(
     conn: psycopg.Connection[Any], run_id: str, source: Any, *, chunk: int = 500, stop: Any = None
 ) -> int:
-    """Insert every batch of ``source`` (a :class:`sync.dispatch.LaneSource`, or an iterable of batches in
+    """Insert every batch of ``source`` (a :class:`sync.dispatch.dispatch.LaneSource`, or an iterable of batches in
     phase order) into the queue of ``run_id``; returns how many batches the source gave. Runs in a thread."""
     rows: list[tuple[Any, ...]] = []
     keys: list[tuple[Any, ...]] = []
@@ -222,7 +222,7 @@ class Membership:
 
 
 class QueueLanes:
-    """The run's queue as a :class:`sync.dispatch.LaneSource` (see the module docstring).
+    """The run's queue as a :class:`sync.dispatch.dispatch.LaneSource` (see the module docstring).
 
     ``conn``: this worker's asynchronous connection for claims; ``lanes(phase)`` reads which endpoints the phase
     has through the ``ledger``'s connection (the leader finished queueing before workers start). ``poll``: seconds between looks while other workers

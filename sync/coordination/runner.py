@@ -38,7 +38,13 @@ from sync.coordination._seams import WorkerOptions, WorkerOutcome, WorkerSignals
 from sync.coordination.budget import SharedBudgets
 from sync.coordination.ledger import PgLedger
 from sync.coordination.queue import Membership, QueueLanes, enqueue, heartbeat, worker_id
-from sync.dispatch import Dispatcher, DispatchObserver, DispatchOutcome, DispatchReport, EndpointStats
+from sync.dispatch.dispatch import (
+    Dispatcher,
+    DispatchObserver,
+    DispatchOutcome,
+    DispatchReport,
+    EndpointStats,
+)
 from sync.errors import (
     BadJobError,
     ExitCode,
@@ -48,16 +54,16 @@ from sync.errors import (
     RunStoppedError,
     StateError,
 )
-from sync.ledger import new_run_id
+from sync.ledger.ledger import new_run_id
 from sync.logs import get_logger
-from sync.planning import build_plan, check_workdir
+from sync.planning.planning import build_plan, check_workdir
+from sync.planning.resume import ReplayLanes, ReplayMode, ReplayStats, replay_plan, unfinished_run
 from sync.platforms.registry import platform_for
 from sync.redact import redact
-from sync.resume import ReplayLanes, ReplayMode, ReplayStats, replay_plan, unfinished_run
-from sync.summary import RunInput, RunSummary, summarise
+from sync.report.summary import RunInput, RunSummary, summarise
 
 if TYPE_CHECKING:
-    from sync.metrics import RunMetrics
+    from sync.report.metrics import RunMetrics
 
 __all__ = ["DEFAULT_LEASE", "run_coordinated", "run_summary_from_ledger"]
 
@@ -340,7 +346,7 @@ async def _work(
     watchers: list[DispatchObserver] = [*options.observers]
     bar = None
     if options.progress != "none":
-        from sync.progress import make_progress
+        from sync.report.progress import make_progress
 
         bar = make_progress(
             total_ids=int(planned.get("ids", 0)),
@@ -419,7 +425,7 @@ async def _work(
 
 
 def _metrics_for(job: Job, run_id: str) -> RunMetrics:
-    from sync.metrics import RunMetrics  # prometheus_client only when metrics are asked for
+    from sync.report.metrics import RunMetrics  # prometheus_client only when metrics are asked for
 
     return RunMetrics(
         run_id=run_id, job=job.name, platform=job.destination.platform, budget_for=job.dispatch.max_rate
@@ -429,7 +435,7 @@ def _metrics_for(job: Job, run_id: str) -> RunMetrics:
 async def _alert(job: Job, url: str, ledger: PgLedger, summary: RunSummary) -> None:
     """Post an alert if the run needs a person (as :func:`sync.run.run` does; the usual duration is that of the
     job's last successful runs)."""
-    from sync.alerts import alert_reasons, post_alert
+    from sync.report.alerts import alert_reasons, post_alert
 
     assert job.alerts is not None
     usual = [

@@ -2,7 +2,7 @@
 
 A builder selects, per clean frame, the rows a stream sends (:data:`EXT_ID`, :data:`FILE`, :data:`ROW`, a
 :data:`GROUP` — the tag of ``tagUsers``, ``""`` when the stream has none — the row's :data:`ITEM`, its JSON text
-built with :mod:`sync.platforms._encode`, and for a non-idempotent stream its :data:`sync.row_keys.ROW_KEY`), in
+built with :mod:`sync.platforms._encode`, and for a non-idempotent stream its :data:`sync.planning.row_keys.ROW_KEY`), in
 the canonical order where the rows of one ID are adjacent. :func:`cut` turns those frames into :class:`Cut` runs:
 
 * per group, consecutive runs of at most ``size`` unique IDs, in row order;
@@ -31,8 +31,8 @@ from typing import TypeVar
 
 import polars as pl
 
+from sync.planning.row_keys import ROW_KEY
 from sync.records import RowRef
-from sync.row_keys import ROW_KEY
 
 __all__ = ["EXT_ID", "FILE", "GROUP", "ITEM", "ROW", "Cut", "RowOrigins", "ahead", "cut", "first_ids"]
 
@@ -117,7 +117,7 @@ class Cut:
 
 
 def _key_bytes(keys: pl.Series) -> bytes:
-    """A UInt64 column as 8-byte little-endian integers back to back (:func:`sync.row_keys.pack`'s form)."""
+    """A UInt64 column as 8-byte little-endian integers back to back (:func:`sync.planning.row_keys.pack`'s form)."""
     if not keys.len():
         return b""
     values = keys.cast(pl.UInt64).rechunk().to_arrow()

@@ -8,7 +8,7 @@ platform's own package says ``if platform == "netmera"``. Adding a platform is o
 
 The data path through the seam::
 
-    clean frames (polars, one hash bucket of rows)          -- sync.planning
+    clean frames (polars, one hash bucket of rows)          -- sync.planning.planning
         └─ BatchBuilder.stream_batches(stream, frames, …)   -- the platform's builder: frames in, Batch out
               └─ PlatformClient.send(batch)                 -- the platform's client: one request per batch
                     └─ SendOutcome | FatalPlatformError | RetryableError | RejectedBatchError

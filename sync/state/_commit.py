@@ -16,6 +16,7 @@ import pyarrow.parquet as pq
 
 from sync.config import SnapshotSettings, Source
 from sync.errors import ExitCode
+from sync.planning.validation import EXT_ID, KEY
 from sync.platforms.base import GROUP
 from sync.records import BatchStatus, Operation, Phase
 from sync.state._delta import _require, snapshot_streams
@@ -38,7 +39,6 @@ from sync.state._store import (
     range_bits,
     state_schema,
 )
-from sync.validation import EXT_ID, KEY
 
 
 def apply_confirmed(
@@ -245,7 +245,7 @@ def commit(
 ) -> CommitReport:
     """Merge the confirmed batches of the pending run in ``directory`` into the state, then remove the directory.
 
-    ``ledger`` is a :class:`sync.ledger.Ledger` (``batches(run_id)``, ``refused_ids(run_id)``); ``builder`` the
+    ``ledger`` is a :class:`sync.ledger.ledger.Ledger` (``batches(run_id)``, ``refused_ids(run_id)``); ``builder`` the
     job's snapshot builder (:func:`sync.state.snapshot_builder_for`), whose streams made the run's batches.
     Only the users the confirmed batches touch are read and written (an overlay segment of the state).
     """

@@ -15,9 +15,10 @@ import polars as pl
 
 from sync.config import Job, RemovalAction, SnapshotSettings, Source
 from sync.errors import InterruptedRunError, StateError
+from sync.planning.validation import EXT_ID, FILE, KEY, clean_schema
 from sync.platforms.base import SnapshotBuilder, snapshot_builder
-from sync.reading import ROW
 from sync.records import Batch, Operation, Phase
+from sync.sources.reading import ROW
 from sync.state._diff import DiffCounts, diff_and_state
 from sync.state._store import (
     LEFT_FILE,
@@ -29,7 +30,6 @@ from sync.state._store import (
     snapshot_problems,
     tag_columns,
 )
-from sync.validation import EXT_ID, FILE, KEY, clean_schema
 
 
 class RemovalThresholdError(StateError):
@@ -188,7 +188,7 @@ class SnapshotDiff:
         return snapshot_streams(delta.source, self.builder)
 
     def lanes(self, phase: Phase) -> list[tuple[str, Iterator[Batch]]]:
-        """The phase's batches per endpoint (a :class:`sync.dispatch.LaneSource`), so a snapshot run sends every
+        """The phase's batches per endpoint (a :class:`sync.dispatch.dispatch.LaneSource`), so a snapshot run sends every
         endpoint of a phase at once, as a changes run does; phases stay in order (opt-outs first). Each batch is
         recorded in ``batches.jsonl`` before it is yielded, as :meth:`batches` does (each lane appends whole
         lines through its own handle)."""

@@ -9,7 +9,8 @@ from typing import Any
 import polars as pl
 
 from sync.config import RemovalAction, SnapshotSettings, Source
-from sync.reading import ROW
+from sync.planning.validation import EXT_ID, FILE, KEY, clean_schema
+from sync.sources.reading import ROW
 from sync.state._store import (
     DELETE,
     TAGS,
@@ -23,7 +24,6 @@ from sync.state._store import (
     state_schema,
     tag_columns,
 )
-from sync.validation import EXT_ID, FILE, KEY, clean_schema
 
 
 @dataclass(frozen=True, slots=True)

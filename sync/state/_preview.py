@@ -19,14 +19,14 @@ def preview(
     force: bool = False,
     assumed_latency: float | None = None,
 ) -> tuple[DiffCounts, Any]:
-    """What a snapshot run of ``plan`` (a :class:`sync.planning.Plan`) would send, for ``pushsync plan``:
-    the diff counts and a :class:`sync.planning.PlanSummary` of the delta's requests. Writes nothing lasting
+    """What a snapshot run of ``plan`` (a :class:`sync.planning.planning.Plan`) would send, for ``pushsync plan``:
+    the diff counts and a :class:`sync.planning.planning.PlanSummary` of the delta's requests. Writes nothing lasting
     (the delta goes into the plan's staging directory, removed before returning); never refuses on the removal
     threshold (the counts show it). Users whose rows were rejected are held as a run would hold them
     (``force``: as ``run --force`` would)."""
     import secrets
 
-    from sync.planning import ASSUMED_LATENCY, EndpointSummary, PlanSummary, estimate_duration
+    from sync.planning.planning import ASSUMED_LATENCY, EndpointSummary, PlanSummary, estimate_duration
 
     latency = ASSUMED_LATENCY if assumed_latency is None else assumed_latency
     job = plan.job

@@ -32,9 +32,9 @@ import pyarrow.parquet as pq
 
 from sync.config import Destination, NullAction, SnapshotSettings, Source, SourceKind, TagAction
 from sync.errors import StateError
+from sync.planning.validation import EXT_ID, KEY, clean_schema
 from sync.platforms.base import DELTA_DELETE, DELTA_TAGS_ADDED, DELTA_TAGS_REMOVED, DELTA_UNSET
 from sync.records import Operation, Phase
-from sync.validation import EXT_ID, KEY, clean_schema
 
 SEQ = "__seq"
 """Position of a delta row in the run's canonical order (maps a row to the batch that carried it)."""

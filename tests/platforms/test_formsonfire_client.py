@@ -13,7 +13,7 @@ from structlog.testing import capture_logs
 
 from sync.config import Destination, Job, RateBudgetSpec, RetryPolicy, load_job
 from sync.errors import BadJobError, ExitCode, FatalPlatformError, RejectedBatchError, RetryableError
-from sync.ledger import Ledger
+from sync.ledger.ledger import Ledger
 from sync.platforms.base import PlatformClient
 from sync.platforms.formsonfire import XSI_NAMESPACE, BodyFormat, UserKey
 from sync.platforms.formsonfire.client import FormsOnFireClient, error_in_body

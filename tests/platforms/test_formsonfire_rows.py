@@ -18,8 +18,8 @@ from conftest_formsonfire import FOF_COMPANY, FOF_KEY, FofFactory, RunningFormsO
 
 from sync.config import Job, load_job
 from sync.errors import BadJobError, ExitCode, FatalPlatformError
-from sync.ledger import Ledger
-from sync.planning import build_plan
+from sync.ledger.ledger import Ledger
+from sync.planning.planning import build_plan
 from sync.platforms.formsonfire.client import FormsOnFireClient
 from sync.platforms.formsonfire.requests import make_batch, push_body, to_xml
 from sync.run import RunOptions, run

@@ -26,14 +26,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from sync.config import Destination, load_job
-from sync.ledger import Ledger
-from sync.planning import build_plan
+from sync.ledger.ledger import Ledger
+from sync.planning.planning import build_plan
+from sync.planning.row_keys import ROW_KEY, pack, unpack
 from sync.platforms._batches import EXT_ID, FILE, GROUP, ITEM, ROW, RowOrigins, _key_bytes, ahead, cut
 from sync.platforms.netmera.client import NetmeraClient
 from sync.platforms.netmera.requests import canonical_json, split_batch, stream_batches, streams_for
 from sync.platforms.registry import platform_for
 from sync.records import Batch, BatchResult, BatchStatus, RowRef, body_json
-from sync.row_keys import ROW_KEY, pack, unpack
 from sync.state import RemovalAction, SnapshotSettings, StateStore, commit, compute_diff, snapshot_builder_for
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))

@@ -18,7 +18,7 @@ from structlog.testing import capture_logs
 
 from sync.config import Destination, Job, RateBudgetSpec, RetryPolicy, load_job
 from sync.errors import BadJobError, ExitCode, FatalPlatformError, RejectedBatchError, RetryableError
-from sync.ledger import Ledger
+from sync.ledger.ledger import Ledger
 from sync.platforms.base import PlatformClient
 from sync.platforms.notifyvisitors import EVENT_CREATE, USER_CREATE
 from sync.platforms.notifyvisitors.client import AuthMode, NotifyVisitorsClient, envelope_of

@@ -18,8 +18,8 @@ from conftest_notifyvisitors import NV_API_KEY, NV_BRAND_ID, NvFactory
 
 from sync.config import Job, load_job
 from sync.errors import BadJobError, ExitCode
-from sync.ledger import Ledger
-from sync.planning import build_plan
+from sync.ledger.ledger import Ledger
+from sync.planning.planning import build_plan
 from sync.records import body_json
 from sync.run import RunOptions, run
 

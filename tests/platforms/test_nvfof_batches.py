@@ -14,7 +14,7 @@ import nvfof_compat as compat
 import pytest
 
 from sync.config import load_job
-from sync.planning import build_plan
+from sync.planning.planning import build_plan
 from sync.platforms.formsonfire import BodyFormat
 from sync.platforms.formsonfire.requests import RequestWriter
 

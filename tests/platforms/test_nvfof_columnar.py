@@ -29,13 +29,13 @@ from hypothesis import strategies as st
 
 from sync.config import AttributeMapping as Attribute
 from sync.config import FileFormat, Source, SourceKind, ValueType
+from sync.planning.row_keys import ROW_KEY
 from sync.platforms import _xml
 from sync.platforms.formsonfire import BodyFormat, UserKey
 from sync.platforms.formsonfire import requests as fof
 from sync.platforms.notifyvisitors import EVENT_CREATE, USER_CREATE
 from sync.platforms.notifyvisitors import requests as nv
 from sync.records import Batch, RowRef, body_json
-from sync.row_keys import ROW_KEY
 
 SPECIAL = ["&", "<", ">", "\r", "\n", "\r\n", "\t", '"', "'", "]]>", "\x00", "\x07", "\x0b", "\x1f", "\ufffe"]
 SPECIAL += ["\uffff", "\x7f", "\u2028", "é", "😀", "&amp;", "&#13;", "\x1c", "\u3000", "\xa0", " "]

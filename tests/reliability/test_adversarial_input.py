@@ -36,7 +36,7 @@ import pytest
 from sync.config import load_job
 from sync.demo import start_sandbox_process, stop_sandbox_process
 from sync.errors import BadInputError
-from sync.planning import build_plan
+from sync.planning.planning import build_plan
 from sync.records import body_json
 
 from .conftest import REPO_ROOT, SandboxHttp

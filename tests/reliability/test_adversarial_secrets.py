@@ -38,7 +38,7 @@ from structlog.testing import capture_logs
 from sync.cli import main
 from sync.config import Destination, load_job, resolve_secret
 from sync.errors import BadJobError, ExitCode, FatalPlatformError, RetryableError
-from sync.ledger import Ledger
+from sync.ledger.ledger import Ledger
 from sync.platforms._http import MAX_MESSAGE, bounded
 from sync.platforms.formsonfire.client import FormsOnFireClient
 from sync.platforms.formsonfire.requests import make_batch as fof_batch

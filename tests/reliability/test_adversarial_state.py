@@ -28,7 +28,7 @@ import polars as pl
 import pytest
 
 from sync.config import load_job
-from sync.ledger import unpack_ids
+from sync.ledger.ledger import unpack_ids
 from sync.state import StateStore
 from tests.conftest import REPO_ROOT, NetmeraProcess
 
@@ -304,7 +304,7 @@ def test_a_staging_directory_in_use_is_never_removed(
 ) -> None:
     """A plan held open by one process survives the clean-up of another (``pushsync plan`` cleans up too)."""
     from sync.config import load_job
-    from sync.planning import build_plan
+    from sync.planning.planning import build_plan
 
     sandbox = netmera_sandbox_process
     (tmp_path / "job.yaml").write_text(changes_job(sandbox.url), encoding="utf-8")

@@ -31,7 +31,7 @@ from hypothesis import strategies as st
 
 from sync.config import Job, load_job
 from sync.errors import BadInputError
-from sync.planning import build_plan
+from sync.planning.planning import build_plan
 from sync.platforms.netmera.requests import MAX_IDS_PER_REQUEST, SINGLE_USER_ENDPOINTS, ext_ids_in_body
 from sync.records import Batch, Phase, body_json
 

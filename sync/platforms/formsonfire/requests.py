@@ -34,14 +34,14 @@ import polars as pl
 
 from sync.config import Job, Source, SourceKind, ValueType
 from sync.errors import JobProblem
+from sync.planning.row_keys import ROW_KEY
+from sync.planning.validation import REJECTS_SCHEMA
 from sync.platforms import _encode as enc
 from sync.platforms import _xml
 from sync.platforms._batches import _key_bytes
 from sync.platforms._text import PY_WHITESPACE
 from sync.platforms.formsonfire import DEFAULT_XML_ROOT, ENDPOINT, XSI_NAMESPACE, BodyFormat, UserKey
 from sync.records import Batch, Operation, Phase, RowRef
-from sync.row_keys import ROW_KEY
-from sync.validation import REJECTS_SCHEMA
 
 __all__ = [
     "CONTENT_TYPES",
@@ -224,7 +224,7 @@ def make_batch(
 ) -> Batch:
     """Wrap one push (a JSON-ready object) in a :class:`Batch` whose body is its canonical JSON ``bytes``
     (``salt`` defaults to the origin's ``path:row``; ``row_keys``: the packed key of the row it came from,
-    :mod:`sync.row_keys`). The ID is the one the planner's builder gives the same push."""
+    :mod:`sync.planning.row_keys`). The ID is the one the planner's builder gives the same push."""
     user = user_of(body)
     if salt is None:
         salt = f"{origin.path}:{origin.row}" if origin is not None else ""

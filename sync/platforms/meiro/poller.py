@@ -7,7 +7,7 @@ last error. Fatal errors (401 after a new login, 403, 404) propagate at once. Ti
 randomness are injectable, so tests never sleep for real.
 
 Each wait ends in a :class:`ExportWait` record, which a :class:`WaitRecorder` stores: the run ledger
-(:meth:`sync.ledger.Ledger.record_export_wait`), or a :class:`MemoryRecorder` in tests.
+(:meth:`sync.ledger.ledger.Ledger.record_export_wait`), or a :class:`MemoryRecorder` in tests.
 
 :func:`wait_for_exports` waits for several; it tells an export that cannot be waited for (recorded as
 ``failed``, the others go on) from a Meiro that cannot be used at all — 401, 403, or no answer whatever after

@@ -3,7 +3,7 @@
 Private: import these from :mod:`sync.platforms.netmera.requests`, the builder module the planner and
 :mod:`sync.state` use. The request shapes themselves are in :mod:`._shapes`.
 
-The planner hands over a source's *clean frames* (typed, validated, deduplicated; see sync.validation) in the
+The planner hands over a source's *clean frames* (typed, validated, deduplicated; see sync.planning.validation) in the
 canonical order (key, ext_id). Each operation of a source is a Stream: a vectorised selection of the rows it sends,
 each with a group (the tag for tagUsers) and its item — the JSON text the row adds to the body, built by polars
 expressions (:mod:`sync.platforms._encode`) — and a body :class:`Shape` that wraps a batch's items. Batches are
@@ -27,12 +27,12 @@ from typing import Any
 import polars as pl
 
 from sync.config import AttributeMode, NullAction, Source, SourceKind, TagAction
+from sync.planning.row_keys import ROW_KEY
 from sync.platforms import _encode as enc
 from sync.platforms._batches import EXT_ID, FILE, GROUP, ITEM, ROW, cut, first_ids
 from sync.platforms.netmera import MAX_IDS_PER_REQUEST
 from sync.platforms.netmera._shapes import ENDPOINT_FOR, SINGLE_USER_ENDPOINTS, phase_for
 from sync.records import Batch, Operation, Phase
-from sync.row_keys import ROW_KEY
 
 __all__ = [
     "GROUP",
@@ -134,7 +134,7 @@ def _item(members: Mapping[str, enc.Member], required: tuple[str, ...] = ("extId
 def _rows(
     frame: pl.DataFrame, keep: pl.Expr, item: pl.Expr | None, items: bool, group: pl.Expr | None = None
 ) -> pl.DataFrame:
-    # A frame of a non-idempotent stream carries its rows' keys (sync.row_keys): they travel to the batch.
+    # A frame of a non-idempotent stream carries its rows' keys (sync.planning.row_keys): they travel to the batch.
     keys = [pl.col(ROW_KEY)] if ROW_KEY in frame.columns else []
     text = item if items and item is not None else pl.lit(None, pl.String)
     return frame.filter(keep).select(

@@ -22,7 +22,7 @@ endpoint                                     body
 Every multi-user request names at most :data:`sync.platforms.netmera.MAX_IDS_PER_REQUEST` unique external IDs;
 array bodies may hold several items for one ID (several categories or events of the same user), which count once.
 
-This is the public face, and the builder module :mod:`sync.planning` registers for Netmera. The implementation
+This is the public face, and the builder module :mod:`sync.planning.planning` registers for Netmera. The implementation
 is split by concept: the request shapes (endpoints, phases, bodies, batch IDs, splitting) in :mod:`._shapes`,
 the streaming from clean frames to batches (:class:`Stream`, :func:`streams_for`, :func:`snapshot_streams`,
 :func:`stream_batches`, :func:`stream_counts`, :func:`stream_sample`) in :mod:`._streams`, which builds each body

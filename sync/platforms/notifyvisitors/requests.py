@@ -29,6 +29,8 @@ import polars as pl
 
 from sync.config import Job, Source, SourceKind, ValueType
 from sync.errors import JobProblem
+from sync.planning.row_keys import ROW_KEY
+from sync.planning.validation import REJECTS_SCHEMA
 from sync.platforms import _encode as enc
 from sync.platforms._batches import _key_bytes
 from sync.platforms.notifyvisitors import (
@@ -46,8 +48,6 @@ from sync.platforms.notifyvisitors import (
     USER_CREATE,
 )
 from sync.records import Batch, Operation, Phase, RowRef
-from sync.row_keys import ROW_KEY
-from sync.validation import REJECTS_SCHEMA
 
 __all__ = [
     "DEFAULT_EVENT_TIME_FORMAT",
@@ -378,7 +378,7 @@ def make_batch(
 
     ``rows`` (one per item) gives the batch :class:`ItemOrigins`; otherwise ``origins`` maps users to rows.
     ``after`` names the batch this one must follow (``Batch.after``); ``row_keys``: the packed keys of its
-    input rows (:mod:`sync.row_keys`)."""
+    input rows (:mod:`sync.planning.row_keys`)."""
     body = _decoded(body)
     limit = MAX_ITEMS[endpoint]
     count = len(body["nv"])
@@ -504,7 +504,7 @@ def item_rows(batch: Batch, items: Sequence[Mapping[str, Any]]) -> Sequence[RowR
 
 # --- from clean frames to batches (the planner's builder) ----------------------------------------------------
 #
-# The planner hands over a source's clean frames (typed, validated, deduplicated; see sync.validation) in the
+# The planner hands over a source's clean frames (typed, validated, deduplicated; see sync.planning.validation) in the
 # canonical order. A users source becomes one user/create stream (one item per user), an events source one
 # event/create stream (one item per row). Batches are consecutive runs of at most 100 users / 1000 events in
 # that order, so their content and IDs do not depend on how the input was chunked.

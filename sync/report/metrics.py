@@ -2,7 +2,7 @@
 
 One :class:`RunMetrics` per run, with its *own* :class:`prometheus_client.CollectorRegistry` (never the global
 default one: two runs in one process — or two tests — must not share counters). The dispatcher reports to it
-through :class:`sync.dispatch.DispatchObserver` (batch taken, attempt ended, batch done), so nothing in the
+through :class:`sync.dispatch.dispatch.DispatchObserver` (batch taken, attempt ended, batch done), so nothing in the
 dispatcher knows about Prometheus.
 
 Series (all prefixed ``pushsync_``, every one labelled ``job``; documented for operators in docs/operations.md):
@@ -168,7 +168,7 @@ class MetricsServer:
 
 
 class RunMetrics:
-    """The metrics of one run, in a registry of their own. Implements :class:`sync.dispatch.DispatchObserver`."""
+    """The metrics of one run, in a registry of their own. Implements :class:`sync.dispatch.dispatch.DispatchObserver`."""
 
     def __init__(
         self,

@@ -5,7 +5,7 @@ the input — and workers in an :class:`asyncio.TaskGroup` take batches from it.
 batch of a phase is *finished* before the first batch of the next is fed (all opt-outs before any change, all
 changes before any deletion).
 
-* A :class:`LaneSource` (a :class:`sync.planning.Plan`) is sent in **lanes**: within a phase every endpoint
+* A :class:`LaneSource` (a :class:`sync.planning.planning.Plan`) is sent in **lanes**: within a phase every endpoint
   gets its own bounded queue, fed from its own stream of batches, and its own workers (up to its concurrency
   cap), so endpoints use their separate rate budgets at the same time and a slow endpoint's batches never
   occupy the workers of a fast one. A phase ends when every lane has finished; then the next phase's lanes
@@ -16,7 +16,7 @@ changes before any deletion).
   ``concurrency`` workers: at each change of phase the lane's channel is closed, its workers finish, and the
   next phase's lane starts.
 
-A lane is a closeable bounded channel (:class:`sync._channel.Channel`): the feeder sends batches into it and
+A lane is a closeable bounded channel (:class:`sync.dispatch._channel.Channel`): the feeder sends batches into it and
 closes it at the end of its batches; the workers' ``async for`` then ends. A stop discards what is buffered
 and closes every channel, so idle workers end at once; busy ones get ``drain_timeout`` (an
 ``asyncio.timeout`` scope, which ``force_stop`` cuts short) before they are cancelled. Pulls from a
@@ -33,7 +33,7 @@ answer and its record. Each attempt takes a slot from the endpoint's rate budget
 under the endpoint's concurrency cap.
 
 * 429: the endpoint's budget and every budget group holding it pause (Retry-After, guarded) for *every* task;
-  the rate is lowered only when 429s are more than a share of a window's answers (:mod:`sync.budget`).
+  the rate is lowered only when 429s are more than a share of a window's answers (:mod:`sync.dispatch.budget`).
 * 5xx, time-outs, dropped connections: retried with exponential backoff and full jitter, up to
   ``RetryPolicy.max_attempts`` attempts in all.
 * 400: the batch is split in halves (``client.split``), repeatedly, until the refused IDs are isolated; the
@@ -45,8 +45,8 @@ under the endpoint's concurrency cap.
   ledger (their outcome is unknown); batches never taken stay ``planned``.
 
 Layout: this module is the public face and holds the orchestration (phases, lanes, feeding, stop and drain).
-The sending of one batch (budgets, slots, retries, splits, its ledger records) is in :mod:`sync._sending`;
-the report records and the observer protocol are in :mod:`sync._dispatch_records`, re-exported here.
+The sending of one batch (budgets, slots, retries, splits, its ledger records) is in :mod:`sync.dispatch._sending`;
+the report records and the observer protocol are in :mod:`sync.dispatch._dispatch_records`, re-exported here.
 """
 
 from __future__ import annotations
@@ -58,13 +58,13 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
-from sync._channel import Channel
-from sync._dispatch_records import DispatchObserver, DispatchOutcome, DispatchReport, EndpointStats
-from sync._sending import BatchSender
-from sync.budget import Budget, Clock, meter_of
 from sync.config import DispatchSettings
+from sync.dispatch._channel import Channel
+from sync.dispatch._dispatch_records import DispatchObserver, DispatchOutcome, DispatchReport, EndpointStats
+from sync.dispatch._sending import BatchSender
+from sync.dispatch.budget import Budget, Clock, meter_of
 from sync.errors import PushSyncError, StateError
-from sync.ledger import Ledger
+from sync.ledger.ledger import Ledger
 from sync.logs import get_logger
 from sync.platforms.base import PlatformClient
 from sync.records import Batch, Phase
@@ -86,7 +86,7 @@ LATENCY_SAMPLE = 20_000
 
 @runtime_checkable
 class LaneSource(Protocol):
-    """A plan that hands its batches out per endpoint, phase by phase (:meth:`sync.planning.Plan.lanes`).
+    """A plan that hands its batches out per endpoint, phase by phase (:meth:`sync.planning.planning.Plan.lanes`).
 
     ``lanes(phase)`` returns, in a deterministic order, one ``(endpoint, batches)`` pair per endpoint with work
     in ``phase`` (possibly none); each ``batches`` yields batches of that phase only and is read once. It may

@@ -1,13 +1,13 @@
 """Run progress: a rich progress bar on a terminal, structlog lines otherwise (JSON when not a TTY).
 
-Both implement :class:`sync.dispatch.DispatchObserver` and share one :class:`_Tracker`. The ETA is counted in
+Both implement :class:`sync.dispatch.dispatch.DispatchObserver` and share one :class:`_Tracker`. The ETA is counted in
 *requests* (planned batches), not IDs: the rate budgets limit requests, and IDs per request vary by endpoint (an
 opt-out batch of 3 IDs costs as much budget as a tag batch of 1000), so an ID-based ETA jumped as the mix changed.
 The rate is the batches finished over the last ``window`` seconds, so it follows the budget the run gets now
 rather than the average since a slow start.
 
 The totals may be unknown when sending starts (a changes run sends while the rest of its input is settled,
-:mod:`sync.planning`): they are ``None`` until :meth:`set_totals` fills them in; no ETA is shown until then.
+:mod:`sync.planning.planning`): they are ``None`` until :meth:`set_totals` fills them in; no ETA is shown until then.
 """
 
 from __future__ import annotations

@@ -6,7 +6,7 @@ So each row of a non-idempotent stream (:data:`sync.records.NON_IDEMPOTENT`) get
 of the row's content (its external ID and the columns the stream sends) and of its *occurrence* among identical
 rows (the first, second, … identical event of a user, in file and row order). The key does not change when other
 rows are added, removed or reordered. The ledger stores the keys a batch carried (8 bytes per row,
-``batch_rows``); resume drops the rows whose keys a run confirmed (:meth:`sync.resume.ReplayPlan.keep_rows`).
+``batch_rows``); resume drops the rows whose keys a run confirmed (:meth:`sync.planning.resume.ReplayPlan.keep_rows`).
 
 Keys are polars hashes (computed as expressions, one column at a time): stable across processes and runs, not
 across polars versions, so the ledger records :data:`SCHEME` with them and resume refuses keys of another scheme.
@@ -23,7 +23,7 @@ from collections.abc import Iterable, Sequence
 import polars as pl
 import pyarrow as pa
 
-from sync.validation import EXT_ID
+from sync.planning.validation import EXT_ID
 
 __all__ = ["ROW_KEY", "SCHEME", "pack", "unpack", "with_row_keys"]
 

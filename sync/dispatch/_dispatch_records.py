@@ -1,7 +1,7 @@
 """What a dispatch reports: the per-endpoint counters, the run's report and outcome, and the observer protocol.
 
-Private: import these from :mod:`sync.dispatch`, the public face of dispatching. They live apart from the
-dispatcher so that the sending (:mod:`sync._sending`) and the orchestration (:mod:`sync.dispatch`) share them
+Private: import these from :mod:`sync.dispatch.dispatch`, the public face of dispatching. They live apart from the
+dispatcher so that the sending (:mod:`sync.dispatch._sending`) and the orchestration (:mod:`sync.dispatch.dispatch`) share them
 without importing each other.
 """
 
@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Protocol
 
-from sync.budget import BudgetGroupStats
+from sync.dispatch.budget import BudgetGroupStats
 from sync.errors import FatalPlatformError
 from sync.records import Attempt, Batch, BatchResult
 
@@ -41,7 +41,7 @@ class EndpointStats:
     first_request: float | None = None
     last_request: float | None = None
     latencies: list[float] = field(default_factory=list)
-    """A uniform sample (reservoir) of at most :data:`sync.dispatch.LATENCY_SAMPLE` request latencies, for
+    """A uniform sample (reservoir) of at most :data:`sync.dispatch.dispatch.LATENCY_SAMPLE` request latencies, for
     p50/p95 in flat memory."""
     latency_count: int = 0
     per_window: dict[int, int] = field(default_factory=dict)
@@ -51,14 +51,14 @@ class EndpointStats:
     discovered_rate: float | None = None
     starved_windows: frozenset[int] = frozenset()
     """Budget periods in which the endpoint's budget had a free slot nobody asked for (the run had nothing to
-    send): see :attr:`sync.budget.BudgetStats.starved_windows`."""
+    send): see :attr:`sync.dispatch.budget.BudgetStats.starved_windows`."""
     stalled_windows: frozenset[int] = frozenset()
     """Budget periods in which a stalled event loop released an attempt late (``BudgetStats``)."""
 
 
 @dataclass(frozen=True, slots=True)
 class DispatchReport:
-    """What :meth:`sync.dispatch.Dispatcher.run` hands back."""
+    """What :meth:`sync.dispatch.dispatch.Dispatcher.run` hands back."""
 
     outcome: DispatchOutcome
     endpoints: dict[str, EndpointStats]
@@ -72,7 +72,7 @@ class DispatchReport:
 
 class DispatchObserver(Protocol):
     """Told about each batch taken, each HTTP attempt and each finished batch, synchronously (the progress
-    bar and :class:`sync.metrics.RunMetrics` implement it)."""
+    bar and :class:`sync.report.metrics.RunMetrics` implement it)."""
 
     def on_batch_start(self, batch: Batch) -> None: ...
 

@@ -1,4 +1,4 @@
-"""The three database drivers behind :mod:`sync.reading_sql`, one small class each, and the translation of their
+"""The three database drivers behind :mod:`sync.sources.reading_sql`, one small class each, and the translation of their
 exceptions into :class:`BadInputError` (once, here), with every message scrubbed of the URL and its password.
 
 * PostgreSQL: ``adbc-driver-postgresql`` (the ``pushsync[postgres]`` extra). Rows arrive as Arrow record batches

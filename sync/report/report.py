@@ -9,8 +9,8 @@ refused rows.
 
 This module is the public face; the work is done behind it, one module per concept:
 
-- ``sync/_report_data.py``: the records below and the read-only ledger queries that fill them;
-- ``sync/_report_html.py``: the page — CSS, header, tables and the inline SVG charts.
+- ``sync/report/_report_data.py``: the records below and the read-only ledger queries that fill them;
+- ``sync/report/_report_html.py``: the page — CSS, header, tables and the inline SVG charts.
 
 Charts need the ledger's per-attempt records (the ``attempts`` table, one row per HTTP request). A ledger
 written before that table existed still gives the header, the per-endpoint table, the errors and the refused
@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from sync._report_data import (
+from sync.report._report_data import (
     EndpointLine,
     ErrorLine,
     RefusedLine,
@@ -30,7 +30,7 @@ from sync._report_data import (
     connect_read_only,
     read_run,
 )
-from sync._report_html import render_page
+from sync.report._report_html import render_page
 
 __all__ = [
     "EndpointLine",

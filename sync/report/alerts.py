@@ -20,7 +20,7 @@ from sync.config import Alerts, Destination, resolve_secret
 from sync.errors import ExitCode, SecretError
 from sync.logs import get_logger
 from sync.redact import redact, register_secret
-from sync.summary import RunSummary
+from sync.report.summary import RunSummary
 
 __all__ = ["alert_reasons", "post_alert", "resolve_webhook"]
 

@@ -1,9 +1,9 @@
 """Database sources: a SQL query (or a table) read in Arrow record batches, in bounded memory, into the same
-chunks as a file (:class:`sync.reading.Chunk`), so validation, duplicate resolution, the snapshot diff and the
+chunks as a file (:class:`sync.sources.reading.Chunk`), so validation, duplicate resolution, the snapshot diff and the
 planner treat both alike.
 
 A source with ``database:`` names PostgreSQL (``postgresql://``), DuckDB (``duckdb:///file``) or SQLite
-(``sqlite:///file``); the drivers are in :mod:`sync._sql_drivers`. Where a file source has a file and a data row
+(``sqlite:///file``); the drivers are in :mod:`sync.sources._sql_drivers`. Where a file source has a file and a data row
 number, a database source has its **label** — ``users (postgresql://crm@db:5432/crm, table crm.users)``: the
 source's name, the database without its password, and the table (or the tables the query reads) — and the
 **1-based position of the row in the query's result**. Rejected rows name both, plus the external ID (the stable
@@ -33,7 +33,6 @@ from queue import Queue
 import polars as pl
 import pyarrow as pa
 
-from sync._sql_drivers import Column, Driver, DuckdbDriver, Failure, PostgresDriver, SqliteDriver
 from sync.config import (
     DatabaseKind,
     Destination,
@@ -45,8 +44,9 @@ from sync.config import (
     resolve_secret,
 )
 from sync.errors import BadInputError, JobProblem, SecretError
-from sync.reading import CHUNK_ROWS, ROW, Chunk, _normalise
 from sync.redact import register_secret
+from sync.sources._sql_drivers import Column, Driver, DuckdbDriver, Failure, PostgresDriver, SqliteDriver
+from sync.sources.reading import CHUNK_ROWS, ROW, Chunk, _normalise
 
 __all__ = ["SqlReader", "check_sql_sources"]
 
@@ -421,8 +421,8 @@ class SqlReader:
             driver.close()
 
     def chunks(self) -> Iterator[Chunk]:
-        """Stream the result in chunks of about :data:`sync.reading.CHUNK_ROWS` rows: the mapped columns (as
-        :func:`sync.reading.iter_chunks` gives them) and ``__row``, the row's 1-based position in the result."""
+        """Stream the result in chunks of about :data:`sync.sources.reading.CHUNK_ROWS` rows: the mapped columns (as
+        :func:`sync.sources.reading.iter_chunks` gives them) and ``__row``, the row's 1-based position in the result."""
         driver = self._open()
         try:
             self._check_columns(driver.schema(self.statement))

@@ -4,10 +4,10 @@ Memory does not grow with file size: CSV is parsed by pyarrow's streaming reader
 encoding Python knows) one block at a time, Parquet one record batch at a time, and only the mapped columns are
 converted. Every chunk comes out as a polars frame with a ``__row`` column (1-based data row number, header
 excluded) and the mapped columns as text (or lists of text, for Parquet list columns; Parquet dates and times keep
-their temporal type). Typing and validation happen next, in :mod:`sync.validation`.
+their temporal type). Typing and validation happen next, in :mod:`sync.planning.validation`.
 
 Anything that makes a file unreadable as a whole — missing, not CSV, wrong encoding, truncated Parquet, a mapped
-column absent from the header, a Parquet column whose type its mapping cannot send (:mod:`sync._column_types`) —
+column absent from the header, a Parquet column whose type its mapping cannot send (:mod:`sync.sources._column_types`) —
 raises one :class:`BadInputError` naming the file (and column). A CSV record with
 the wrong number of fields is not fatal: it becomes a rejected row and reading goes on.
 """
@@ -34,10 +34,10 @@ import pyarrow as pa
 import pyarrow.csv as pa_csv
 import pyarrow.parquet as pq
 
-from sync._column_types import type_problems
 from sync.config import FileFormat, Job, Source
 from sync.errors import BadInputError, JobProblem
 from sync.records import RejectedRow
+from sync.sources._column_types import type_problems
 
 __all__ = ["ROW", "Chunk", "check_sources", "estimate_rows", "expand_paths", "iter_chunks", "read_columns"]
 
@@ -378,7 +378,7 @@ def _check_header(source: Source, path: Path) -> list[str]:
 
 
 def _check_parquet_types(source: Source, path: Path) -> None:
-    """Refuse (file, column) a mapped Parquet column whose type its mapping cannot send (:mod:`sync._column_types`)."""
+    """Refuse (file, column) a mapped Parquet column whose type its mapping cannot send (:mod:`sync.sources._column_types`)."""
     try:
         schema = pq.ParquetFile(path).schema_arrow
     except (pa.ArrowException, OSError, UnicodeError) as exc:

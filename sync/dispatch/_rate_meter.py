@@ -1,9 +1,9 @@
 """One rate limit's bookkeeping: N per period, clock-aligned windows, the hard cap, pauses, adaptation, margin.
 
-Private: :mod:`sync.budget` is the public face. A :class:`RateMeter` holds no waiters and sets no timers; it
+Private: :mod:`sync.dispatch.budget` is the public face. A :class:`RateMeter` holds no waiters and sets no timers; it
 answers two questions — "when may the next request go?" (:meth:`RateMeter.earliest`) and "one went now"
 (:meth:`RateMeter.release`) — and learns from answers (429s, ``X-RateLimit-Remaining``, latencies). The
-scheduler in :mod:`sync.budget` releases an attempt only when *every* meter it needs (its endpoint's budget and
+scheduler in :mod:`sync.dispatch.budget` releases an attempt only when *every* meter it needs (its endpoint's budget and
 each budget group holding the endpoint) says it may go, and then counts it in all of them at once, so a request
 is always counted in the window it is sent in.
 """
@@ -65,7 +65,7 @@ class BudgetStats:
 class LatencyLearner:
     """The p99 of the newest release-to-answer times, recomputed every few answers.
 
-    One per :class:`sync.budget.BudgetPool`: every endpoint of a job talks to the same server over the same
+    One per :class:`sync.dispatch.budget.BudgetPool`: every endpoint of a job talks to the same server over the same
     network, so the meters of a pool (endpoints and groups) learn one margin from every answer — sooner than
     from their own answers alone, and the same for all of them, so no group keeps a slot at a window's end
     that the endpoint meters of its members would refuse.
@@ -328,7 +328,7 @@ class RateMeter:
 
     def _spacing(self, n: int) -> float:
         """Nominal gap between the aligned slots of one window: the N slots fill the sending zone but its
-        last ``_SLACK`` share, which takes up lateness (see :mod:`sync.budget`)."""
+        last ``_SLACK`` share, which takes up lateness (see :mod:`sync.dispatch.budget`)."""
         return (self._period - self._lead - self._tail) * (1 - _SLACK) / n
 
     def release(self, now: float, *, waited: bool = True, due: float | None = None) -> None:

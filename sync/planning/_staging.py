@@ -1,5 +1,5 @@
 """The planner's staging area: sorted chunk files, then key-range buckets settled one at a time (see
-:mod:`sync.planning` for the whole picture).
+:mod:`sync.planning.planning` for the whole picture).
 
 * :class:`ChunkWriter` — clean rows (typed, keyed) go to disk in *sorted chunks*: up to :data:`STAGE_ROWS` rows
   at a time are sorted by the canonical key (stably: rows of one key stay in file and row order) and written
@@ -8,7 +8,7 @@
   back from every chunk file as one zero-copy slice of a memory-mapped file.
 * :class:`Settler` — bucket ``k`` of a source is key range ``k`` of ``2**bits``: its slices of every chunk file,
   sorted in the canonical order ``(key, ext_id, file, row)``, duplicates resolved
-  (:func:`sync.validation.resolve_duplicates`), written as one IPC file. A bucket holds every row of
+  (:func:`sync.planning.validation.resolve_duplicates`), written as one IPC file. A bucket holds every row of
   its IDs, so it is settled on its own.
 * :class:`Settling` — settles the buckets of every source of a plan: all at once (``pushsync plan``, snapshot
   runs) or lazily, in a worker thread that stays at most :data:`LOOKAHEAD` buckets ahead of the furthest
@@ -35,9 +35,9 @@ import pyarrow.ipc
 
 from sync.config import Source
 from sync.errors import InterruptedRunError, StateError
-from sync.reading import ROW
+from sync.planning.validation import EXT_ID, FILE, KEY, REJECTS_SCHEMA, resolve_duplicates
 from sync.records import RejectedRow
-from sync.validation import EXT_ID, FILE, KEY, REJECTS_SCHEMA, resolve_duplicates
+from sync.sources.reading import ROW
 
 __all__ = [
     "FINE_BITS",
@@ -97,7 +97,7 @@ class RejectsWriter:
         csv.writer(self._fh, lineterminator="\n").writerow(list(REJECTS_SCHEMA))
 
     def frame(self, rejects: pl.DataFrame) -> None:
-        """Append a frame of rejects (the columns of :data:`sync.validation.REJECTS_SCHEMA`)."""
+        """Append a frame of rejects (the columns of :data:`sync.planning.validation.REJECTS_SCHEMA`)."""
         if rejects.height:
             text = rejects.select(list(REJECTS_SCHEMA)).write_csv(include_header=False)
             with self._lock:

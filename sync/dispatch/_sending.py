@@ -1,10 +1,10 @@
 """Sending one batch: rate budget and concurrency slot per attempt, retries, split-on-400, ledger records.
 
-Private: :class:`sync.dispatch.Dispatcher` (the public face) feeds the batches and runs the workers; each
+Private: :class:`sync.dispatch.dispatch.Dispatcher` (the public face) feeds the batches and runs the workers; each
 worker hands its batch to the run's :class:`BatchSender`, which owns what every attempt shares — the
 endpoints' budgets, caps and counters, the global cap on requests in flight, and the run's first fatal error.
 
-Per batch (the rules are drawn in :mod:`sync.dispatch`'s docstring): ``sent`` is recorded before the first
+Per batch (the rules are drawn in :mod:`sync.dispatch.dispatch`'s docstring): ``sent`` is recorded before the first
 attempt — durably, for operations that are not idempotent — and each attempt and the final result the moment
 they are known, synchronously, before the next ``await``. A 400 splits the batch (``client.split``) until the
 refused IDs are isolated; a 401/403 closes every budget and sets the stop event.
@@ -18,11 +18,11 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from sync._dispatch_records import DispatchObserver, EndpointStats, sample_latency
-from sync.budget import Budget, BudgetClosedError, BudgetPool, Clock, clock_sleep, meter_of
 from sync.config import DispatchSettings
+from sync.dispatch._dispatch_records import DispatchObserver, EndpointStats, sample_latency
+from sync.dispatch.budget import Budget, BudgetClosedError, BudgetPool, Clock, clock_sleep, meter_of
 from sync.errors import FatalPlatformError, RejectedBatchError, RetryableError
-from sync.ledger import Ledger
+from sync.ledger.ledger import Ledger
 from sync.logs import get_logger
 from sync.platforms.base import PlatformClient
 from sync.platforms.retrying import backoff_delay

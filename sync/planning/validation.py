@@ -1,6 +1,6 @@
 """Row validation and typing, and the "last row wins" rule for duplicate IDs.
 
-:func:`validate_chunk` turns a raw chunk (text columns from :mod:`sync.reading`) into a typed *clean* frame and a
+:func:`validate_chunk` turns a raw chunk (text columns from :mod:`sync.sources.reading`) into a typed *clean* frame and a
 frame of rejected rows, all with vectorised polars expressions. :func:`resolve_duplicates` applies the duplicate
 rule to all rows of a set of IDs at once. The clean frame is platform-neutral: one typed column per mapped column
 plus ``__ext_id``, ``__file`` (index into the source's file list), ``__row`` and ``__key`` (the canonical order).
@@ -27,7 +27,7 @@ import polars as pl
 import pyarrow as pa
 
 from sync.config import AttributeMapping, Source, SourceKind, ValidationRules, ValueType
-from sync.reading import ROW
+from sync.sources.reading import ROW
 
 __all__ = [
     "ACTION",

@@ -1,6 +1,6 @@
 """Which typed (Parquet) columns each mapping accepts, checked from the schema before any row is read.
 
-CSV columns are text, and text is parsed row by row (:mod:`sync.validation`): a bad value rejects its row. A
+CSV columns are text, and text is parsed row by row (:mod:`sync.planning.validation`): a bad value rejects its row. A
 Parquet column carries a type, and some types cannot become what a mapping sends: a struct would be sent as
 ``{"Ann","Lee"}``, a date mapped as a number as a day count, a float ID as ``"123.0"``. Such a column is refused
 as a whole — one :class:`sync.errors.BadInputError` naming the file and the column, before anything is read or

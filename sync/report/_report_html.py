@@ -1,4 +1,4 @@
-"""The run report's page (behind :mod:`sync.report`): one HTML document with inline CSS and inline SVG charts.
+"""The run report's page (behind :mod:`sync.report.report`): one HTML document with inline CSS and inline SVG charts.
 
 No script, no font, no CDN: the page opens offline, from a mail attachment or a CI artifact. It is written as
 polyglot markup (well-formed XML as well as HTML5) so a test can parse it strictly. Every string shown passes
@@ -12,8 +12,8 @@ import math
 from collections.abc import Sequence
 from datetime import UTC, datetime
 
-from sync._report_data import RunReport
-from sync.metrics import LATENCY_BUCKETS
+from sync.report._report_data import RunReport
+from sync.report.metrics import LATENCY_BUCKETS
 
 # -- the page ------------------------------------------------------------------------------------------------
 

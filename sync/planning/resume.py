@@ -27,12 +27,12 @@ from typing import Any
 import polars as pl
 
 from sync.errors import StateError
+from sync.planning.row_keys import ROW_KEY, unpack
+from sync.planning.row_keys import SCHEME as ROW_KEY_SCHEME
+from sync.planning.validation import EXT_ID
 from sync.platforms.base import Platform
 from sync.platforms.registry import REGISTRY
 from sync.records import NON_IDEMPOTENT, Batch, BatchStatus, Phase
-from sync.row_keys import ROW_KEY, unpack
-from sync.row_keys import SCHEME as ROW_KEY_SCHEME
-from sync.validation import EXT_ID
 
 __all__ = [
     "NON_IDEMPOTENT",
@@ -145,7 +145,7 @@ class ReplayPlan:
         return batch.operation in ops
 
     def keep_rows(self, frame: pl.DataFrame, stats: ReplayStats | None = None) -> pl.DataFrame:
-        """The rows of a keyed clean frame (a non-idempotent stream's, :mod:`sync.row_keys`) still to send.
+        """The rows of a keyed clean frame (a non-idempotent stream's, :mod:`sync.planning.row_keys`) still to send.
 
         A row a run confirmed is never sent again — also when other rows were added, removed or reordered
         since, which changes every batch (and batch ID) around it. Resume also leaves rows sent without a known
@@ -210,7 +210,7 @@ def replay_plan(
     ledger: Any, run_id: str, mode: ReplayMode = ReplayMode.RESUME, *, platform: Platform | None = None
 ) -> ReplayPlan:
     """Read what ``run_id``, the unfinished runs just before it and every later run of its job did.
-    ``ledger``: a :class:`sync.ledger.Ledger`; ``platform``: the job's (default: the one the ledger recorded).
+    ``ledger``: a :class:`sync.ledger.ledger.Ledger`; ``platform``: the job's (default: the one the ledger recorded).
 
     Later runs count too: resuming a run twice must not resend what the first resume confirmed, and a batch
     confirmed by any later run holds the same content (the ID is a hash of it). Earlier unfinished runs count
@@ -310,14 +310,14 @@ def replay(batches: Iterable[Batch], plan: ReplayPlan, stats: ReplayStats | None
 
 @dataclass(frozen=True, slots=True)
 class ReplayLanes:
-    """A plan's per-endpoint lanes (:meth:`sync.planning.Plan.lanes`) with :func:`replay` applied to each, so a
-    resumed run is sent like a fresh one: every endpoint of a phase at once (a :class:`sync.dispatch.LaneSource`).
+    """A plan's per-endpoint lanes (:meth:`sync.planning.planning.Plan.lanes`) with :func:`replay` applied to each, so a
+    resumed run is sent like a fresh one: every endpoint of a phase at once (a :class:`sync.dispatch.dispatch.LaneSource`).
 
     ``stats`` is shared by the lanes; the dispatcher pulls from one lane at a time, so the counts add up.
     """
 
     plan: Any
-    """The :class:`sync.planning.Plan`."""
+    """The :class:`sync.planning.planning.Plan`."""
     decisions: ReplayPlan
     stats: ReplayStats | None = None
 
@@ -331,7 +331,7 @@ class ReplayLanes:
         ]
 
     def lane_rank(self, phase: Phase, endpoint: str) -> int:
-        """The plan's rank for the lane (:meth:`sync.planning.Plan.lane_rank`): a resume keeps the order."""
+        """The plan's rank for the lane (:meth:`sync.planning.planning.Plan.lane_rank`): a resume keeps the order."""
         return int(self.plan.lane_rank(phase, endpoint))
 
 

@@ -8,9 +8,9 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from sync.budget import BudgetGroupStats
 from sync.config import Thresholds
-from sync.dispatch import DispatchOutcome, DispatchReport, EndpointStats
+from sync.dispatch.budget import BudgetGroupStats
+from sync.dispatch.dispatch import DispatchOutcome, DispatchReport, EndpointStats
 from sync.errors import ExitCode
 
 __all__ = [

@@ -35,8 +35,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from sync.errors import StateError
+from sync.planning.row_keys import SCHEME as ROW_KEY_SCHEME
 from sync.records import Attempt, AttemptOutcome, Batch, BatchResult, BatchStatus, RejectedRow
-from sync.row_keys import SCHEME as ROW_KEY_SCHEME
 
 if TYPE_CHECKING:  # type only: the ledger does not import the platform layer at run time
     from sync.platforms.meiro.poller import ExportWait
@@ -128,7 +128,7 @@ CREATE TABLE IF NOT EXISTS batches (
     operation   TEXT NOT NULL,
     phase       INTEGER NOT NULL,
     n_ids       INTEGER NOT NULL,
-    ext_ids     BLOB NOT NULL,          -- the external IDs the batch touches, packed (sync.ledger.pack_ids)
+    ext_ids     BLOB NOT NULL,          -- the external IDs the batch touches, packed (sync.ledger.ledger.pack_ids)
     status      TEXT NOT NULL,          -- planned | sent | ok | rejected | failed
     attempts    INTEGER NOT NULL DEFAULT 0,
     http_status INTEGER,
@@ -174,10 +174,10 @@ CREATE TABLE IF NOT EXISTS attempts (
     latency     REAL NOT NULL           -- seconds until the answer (or the failure)
 );
 CREATE INDEX IF NOT EXISTS attempts_run ON attempts (run_id, endpoint);
-CREATE TABLE IF NOT EXISTS batch_rows (     -- non-idempotent batches: the input rows they carry (sync.row_keys)
+CREATE TABLE IF NOT EXISTS batch_rows (     -- non-idempotent batches: the input rows they carry (sync.planning.row_keys)
     run_id      TEXT NOT NULL,
     batch_id    TEXT NOT NULL,
-    scheme      TEXT NOT NULL,          -- how the keys were computed (sync.row_keys.SCHEME)
+    scheme      TEXT NOT NULL,          -- how the keys were computed (sync.planning.row_keys.SCHEME)
     row_keys    BLOB NOT NULL,          -- 8-byte little-endian keys, back to back, one per row
     PRIMARY KEY (run_id, batch_id)
 );
@@ -654,7 +654,7 @@ class Ledger:
 
     def batch_rows(self, run_ids: Sequence[str]) -> Iterator[tuple[str, str, str, str, bytes]]:
         """``(run_id, batch_id, status, scheme, row_keys)`` of the keyed batches of ``run_ids``
-        (non-idempotent batches planned from input rows; :mod:`sync.row_keys`)."""
+        (non-idempotent batches planned from input rows; :mod:`sync.planning.row_keys`)."""
         for run_id in run_ids:
             yield from self._conn.execute(
                 "SELECT r.run_id, r.batch_id, b.status, r.scheme, r.row_keys FROM batch_rows r "

@@ -1,4 +1,4 @@
-"""What the run report shows, and the read-only ledger queries that fill it (behind :mod:`sync.report`).
+"""What the run report shows, and the read-only ledger queries that fill it (behind :mod:`sync.report.report`).
 
 The records (:class:`RunReport` and its lines) are the report's data; :func:`read_run` fills them from an open
 ledger connection. The connection is the report's own, opened by :func:`connect_read_only` with SQLite's
@@ -21,8 +21,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from sync.errors import ExitCode, StateError
-from sync.metrics import LATENCY_BUCKETS
 from sync.redact import redact
+from sync.report.metrics import LATENCY_BUCKETS
 
 _MAX_ERRORS = 10  # rows of the "top errors" table
 _MAX_REFUSED = 50  # rows of the "first refused rows" table

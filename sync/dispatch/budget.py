@@ -54,8 +54,8 @@ from dataclasses import dataclass
 from types import TracebackType
 from typing import Protocol
 
-from sync._rate_meter import MIN_MARGIN, BudgetStats, LatencyLearner, RateMeter
 from sync.config import BudgetGroupSpec, DispatchSettings, RateBudgetSpec
+from sync.dispatch._rate_meter import MIN_MARGIN, BudgetStats, LatencyLearner, RateMeter
 
 __all__ = [
     "MIN_MARGIN",

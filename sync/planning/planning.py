@@ -1,15 +1,15 @@
 """The planner: from a job's input files to the exact requests a run will send.
 
-:func:`build_plan` reads and validates the input up front, in bounded memory (:mod:`sync._staging`):
+:func:`build_plan` reads and validates the input up front, in bounded memory (:mod:`sync.planning._staging`):
 
-1. **stage** — every source file is streamed in chunks (:mod:`sync.reading`), typed and checked in one lazy
-   query per chunk (:func:`sync.validation.validate_chunk`); rejected rows go to the rejects CSV; the clean rows
+1. **stage** — every source file is streamed in chunks (:mod:`sync.sources.reading`), typed and checked in one lazy
+   query per chunk (:func:`sync.planning.validation.validate_chunk`); rejected rows go to the rejects CSV; the clean rows
    get their canonical key (the CRC-32 of the external ID, vectorised) and are written in *sorted chunks*: up to
-   :data:`sync._staging.STAGE_ROWS` rows sorted by key and written once, as one Arrow IPC file;
+   :data:`sync.planning._staging.STAGE_ROWS` rows sorted by key and written once, as one Arrow IPC file;
 2. **settle** — bucket ``k`` is key range ``k`` (of ``2**bits``, sized by :data:`ROWS_PER_BUCKET`): its slice of
    every chunk file (found by binary search on the key, memory-mapped, not copied), sorted in the canonical
    order ``(crc32(ext_id), ext_id, file, row)``, duplicates resolved ("last valid row wins",
-   :func:`sync.validation.resolve_duplicates`), written once. These *clean frames* are the typed, per-user data
+   :func:`sync.planning.validation.resolve_duplicates`), written once. These *clean frames* are the typed, per-user data
    (``Plan.staged``) a snapshot diff reads before any platform request is built. By default every bucket is
    settled before :func:`build_plan` returns; ``lazy=True`` (a changes run) settles them in a worker thread a
    few buckets ahead of the readers, so the first requests leave while the rest is settled;
@@ -44,15 +44,15 @@ import polars as pl
 import pyarrow as pa
 import pyarrow.ipc
 
-from sync._staging import FINE_BITS, ChunkWriter, RejectsWriter, Settler, Settling, write_error
 from sync.config import DispatchSettings, Job, Source
 from sync.errors import InterruptedRunError
+from sync.planning._staging import FINE_BITS, ChunkWriter, RejectsWriter, Settler, Settling, write_error
+from sync.planning.row_keys import with_row_keys
+from sync.planning.validation import EXT_ID, FILE, canonical_key, clean_schema, validate_chunk
 from sync.platforms.base import BatchBuilder, Platform, Stream
 from sync.platforms.registry import platform_for
-from sync.reading import ROW, Chunk, expand_paths, iter_chunks
 from sync.records import Batch, Operation, Phase, RejectedRow
-from sync.row_keys import with_row_keys
-from sync.validation import EXT_ID, FILE, canonical_key, clean_schema, validate_chunk
+from sync.sources.reading import ROW, Chunk, expand_paths, iter_chunks
 
 __all__ = [
     "ASSUMED_LATENCY",
@@ -318,7 +318,7 @@ class Plan:
         self, staged: StagedSource, stream: Any, keep_rows: RowFilter | None
     ) -> Iterator[pl.DataFrame]:
         """The clean frames a stream's batches are built from. A non-idempotent stream's rows carry their keys
-        (:mod:`sync.row_keys`), kept with each batch, and ``keep_rows`` (a resume's) drops those confirmed."""
+        (:mod:`sync.planning.row_keys`), kept with each batch, and ``keep_rows`` (a resume's) drops those confirmed."""
         frames = staged.frames(stream.columns)
         # The platform names its non-idempotent operations (:attr:`sync.platforms.base.Platform.non_idempotent`).
         if stream.operation not in self.platform.non_idempotent:
@@ -332,7 +332,7 @@ class Plan:
         """Every batch, by phase (opt-outs first, deletions last), in a deterministic order within a phase.
 
         Each call starts over and yields identical batches. ``keep_rows`` filters the keyed rows of
-        non-idempotent streams before they are cut into batches (see :meth:`sync.resume.ReplayPlan.keep_rows`).
+        non-idempotent streams before they are cut into batches (see :meth:`sync.planning.resume.ReplayPlan.keep_rows`).
         """
         for staged, stream in self._streams():
             yield from self._builder.stream_batches(
@@ -343,7 +343,7 @@ class Plan:
             )
 
     def lanes(self, phase: Phase, keep_rows: RowFilter | None = None) -> list[tuple[str, Iterator[Batch]]]:
-        """The batches of ``phase`` per endpoint, for the dispatcher's lanes (:class:`sync.dispatch.LaneSource`).
+        """The batches of ``phase`` per endpoint, for the dispatcher's lanes (:class:`sync.dispatch.dispatch.LaneSource`).
 
         One ``(endpoint, batches)`` pair per endpoint with a stream in ``phase``, endpoints in the order they
         first appear in :meth:`batches`; an endpoint's streams (e.g. ``tagUsers`` of several sources) are chained
@@ -693,7 +693,7 @@ def _stage(
     inputs: list[tuple[str, Callable[[], Iterator[Chunk]]]]
     if source.sql is not None:
         # A database source is one input, named by its label (database and table, never the password).
-        from sync.reading_sql import SqlReader
+        from sync.sources.reading_sql import SqlReader
 
         reader = SqlReader(source)
         inputs = [(reader.label, reader.chunks)]
@@ -861,7 +861,7 @@ def build_plan(
             settling.settle_all()
     except OSError as exc:
         _abandon(staging, rejects, settling)
-        # Input files are read through sync.reading, which turns their errors into BadInputError: an OSError
+        # Input files are read through sync.sources.reading, which turns their errors into BadInputError: an OSError
         # here comes from writing the staging data or the rejects file.
         raise write_error(exc.filename or job.workdir, exc) from exc
     except BaseException:

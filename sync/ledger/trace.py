@@ -12,9 +12,9 @@ import sqlite3
 from dataclasses import dataclass
 from pathlib import Path
 
-from sync._report_data import connect_read_only
-from sync.ledger import unpack_ids
+from sync.ledger.ledger import unpack_ids
 from sync.redact import redact
+from sync.report._report_data import connect_read_only
 
 __all__ = ["TraceEntry", "trace_id"]
 
