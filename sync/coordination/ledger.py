@@ -15,7 +15,6 @@ awaits, so a cancellation can never fall between an answer and its record; a flu
 
 from __future__ import annotations
 
-import json
 import sqlite3
 import time
 from collections.abc import Iterable, Iterator, Sequence
@@ -26,8 +25,21 @@ import psycopg
 
 from sync.coordination._db import SCHEMA, CoordinationError, connect, describe_url, safe_message
 from sync.errors import StateError
-from sync.ledger.ledger import AttemptRow, BatchRow, Ledger, RunInfo
-from sync.records import Attempt, AttemptOutcome, Batch, BatchResult, BatchStatus, RejectedRow
+from sync.ledger.ledger import (
+    AttemptRow,
+    BatchRow,
+    Ledger,
+    RunInfo,
+    attempt_row,
+    batch_row_of,
+    finish_row,
+    refused_rows,
+    rejected_row,
+    result_row,
+    run_info_of,
+    sent_row,
+)
+from sync.records import Attempt, Batch, BatchResult, BatchStatus, RejectedRow
 
 __all__ = ["PgLedger"]
 
@@ -198,14 +210,7 @@ class PgLedger:
         self._queue(
             f"UPDATE {S}.runs SET finished_at = %s, status = %s, exit_code = %s, message = %s, summary = %s "
             "WHERE run_id = %s",
-            (
-                time.time(),
-                status,
-                exit_code,
-                message,
-                None if summary is None else json.dumps(summary),
-                run_id,
-            ),
+            finish_row(run_id, status=status, exit_code=exit_code, message=message, summary=summary),
         )
         self.flush()
 
@@ -214,65 +219,24 @@ class PgLedger:
         ``planned`` record."""
 
     def record_sent(self, run_id: str, batch_id: str) -> None:
-        self._queue(_UPDATE_SENT, (time.time(), run_id, batch_id))
+        self._queue(_UPDATE_SENT, sent_row(run_id, batch_id))
 
     def record_result(self, run_id: str, result: BatchResult, *, origins: Any = None) -> None:
         """Record a batch's final outcome and each ID the platform refused."""
-        self._queue(
-            _UPDATE_RESULT,
-            (
-                str(result.status),
-                result.attempts,
-                result.http_status,
-                None if result.code is None else str(result.code),
-                result.message or None,
-                result.ok_ids,
-                len(result.rejected),
-                result.started_at or None,
-                result.finished_at or time.time(),
-                run_id,
-                result.batch_id,
-            ),
-        )
-        for rej in result.rejected:
-            origin = rej.origin
-            self._queue(
-                _INSERT_REFUSED,
-                (
-                    run_id,
-                    result.batch_id,
-                    rej.ext_id,
-                    None if rej.code is None else str(rej.code),
-                    rej.message,
-                    origin.path if origin else None,
-                    origin.row if origin else None,
-                ),
-            )
+        self._queue(_UPDATE_RESULT, result_row(run_id, result))
+        if result.rejected:
+            for params in refused_rows(run_id, result):
+                self._queue(_INSERT_REFUSED, params)
 
     def record_attempt(self, run_id: str, attempt: Attempt, *, started_at: float) -> None:
-        """Record one HTTP attempt (``started_at``: Unix time it was sent)."""
-        self._queue(
-            _INSERT_ATTEMPT,
-            (
-                run_id,
-                attempt.batch_id,
-                attempt.endpoint,
-                attempt.attempt,
-                attempt.n_ids,
-                str(attempt.outcome),
-                attempt.http_status,
-                attempt.message or None,
-                started_at,
-                attempt.latency,
-                self.worker,
-            ),
-        )
+        """Record one HTTP attempt (``started_at``: Unix time it was sent), with the worker that sent it."""
+        self._queue(_INSERT_ATTEMPT, (*attempt_row(run_id, attempt, started_at), self.worker))
 
     def record_rejected_rows(self, run_id: str, rows: Iterable[RejectedRow]) -> int:
         """Record rows refused by validation; returns how many."""
         n = 0
         for row in rows:
-            self._queue(_INSERT_REJECTED_ROW, (run_id, row.path, row.row, row.column, row.reason, row.ext_id))
+            self._queue(_INSERT_REJECTED_ROW, rejected_row(run_id, row))
             n += 1
         return n
 
@@ -293,26 +257,12 @@ class PgLedger:
         return None if row is None else self._run_info(row)
 
     def _run_info(self, row: Sequence[Any]) -> RunInfo:
-        run_id, job, _path, platform, started, finished, status, exit_code, message, summary, full = row
         counts = dict(
             self._execute(
-                f"SELECT status, COUNT(*) FROM {S}.batches WHERE run_id = %s GROUP BY status", (run_id,)
+                f"SELECT status, COUNT(*) FROM {S}.batches WHERE run_id = %s GROUP BY status", (row[0],)
             ).fetchall()
         )
-        return RunInfo(
-            run_id=run_id,
-            job=job,
-            platform=platform,
-            started_at=started,
-            finished_at=finished,
-            status=status,
-            exit_code=exit_code,
-            message=message,
-            batches=sum(counts.values()),
-            batches_by_status=counts,
-            summary=json.loads(summary) if summary else None,
-            full_refresh=bool(full),
-        )
+        return run_info_of(row, counts)
 
     def batches(self, run_id: str, *, status: BatchStatus | None = None) -> list[BatchRow]:
         sql = (
@@ -324,23 +274,7 @@ class PgLedger:
             sql += " AND status = %s"
             params += (str(status),)
         rows = self._execute(sql + " ORDER BY seq", params).fetchall()
-        return [
-            BatchRow(
-                batch_id=r[0],
-                endpoint=r[1],
-                operation=r[2],
-                phase=r[3],
-                n_ids=r[4],
-                status=BatchStatus(r[5]),
-                attempts=r[6],
-                http_status=r[7],
-                code=r[8],
-                message=r[9],
-                ok_ids=r[10],
-                rejected_ids=r[11],
-            )
-            for r in rows
-        ]
+        return [batch_row_of(r) for r in rows]
 
     def confirmed_ok(self, run_id: str) -> set[str]:
         """Batch IDs of ``run_id`` the platform confirmed (status ok)."""
@@ -356,20 +290,7 @@ class PgLedger:
             f"FROM {S}.attempts WHERE run_id = %s ORDER BY id",
             (run_id,),
         ).fetchall()
-        return [
-            AttemptRow(
-                batch_id=r[0],
-                endpoint=r[1],
-                attempt=r[2],
-                n_ids=r[3],
-                latency=r[4],
-                outcome=AttemptOutcome(r[5]),
-                http_status=r[6],
-                message=r[7],
-                started_at=r[8],
-            )
-            for r in rows
-        ]
+        return [AttemptRow.of(r) for r in rows]
 
     def batch_rows(self, run_ids: Sequence[str]) -> Iterator[tuple[str, str, str, str, bytes]]:
         """``(run_id, batch_id, status, scheme, row_keys)`` of the keyed batches of ``run_ids``."""

@@ -39,7 +39,7 @@ import psycopg
 from sync.coordination._db import SCHEMA, safe_message
 from sync.errors import StateError
 from sync.logs import get_logger
-from sync.planning.row_keys import SCHEME as ROW_KEY_SCHEME
+from sync.ledger.ledger import row_keys_row
 from sync.records import NON_IDEMPOTENT, Batch, Operation, Phase, RowRef
 
 if TYPE_CHECKING:
@@ -133,7 +133,7 @@ def enqueue(
             )
         )
         if batch.row_keys:
-            keys.append((run_id, batch.batch_id, ROW_KEY_SCHEME, batch.row_keys))
+            keys.append(row_keys_row(run_id, batch))
         total += 1
         if len(rows) >= chunk:
             flush()

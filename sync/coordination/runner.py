@@ -54,7 +54,7 @@ from sync.errors import (
     RunStoppedError,
     StateError,
 )
-from sync.ledger.ledger import new_run_id
+from sync.ledger.ledger import new_run_id, rejected_row
 from sync.logs import get_logger
 from sync.planning.planning import build_plan, check_workdir
 from sync.planning.resume import ReplayLanes, ReplayMode, ReplayStats, replay_plan, unfinished_run
@@ -322,7 +322,7 @@ def _plan_and_enqueue(
                 cur.executemany(
                     f"INSERT INTO {S}.rejected_rows (run_id, path, row, column_name, reason, ext_id) "
                     "VALUES (%s, %s, %s, %s, %s, %s)",
-                    [(run_id, r.path, r.row, r.column, r.reason, r.ext_id) for r in rejected],
+                    [rejected_row(run_id, r) for r in rejected],
                 )
             conn.execute(
                 f"UPDATE {S}.runs SET planned = TRUE, planned_info = %s WHERE run_id = %s",
@@ -377,7 +377,7 @@ async def _work(
     dispatcher = Dispatcher(
         sender,
         settings,
-        ledger=ledger,  # type: ignore[arg-type]
+        ledger=ledger,
         run_id=run_id,
         stop=signals.event,
         observers=watchers,

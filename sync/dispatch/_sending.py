@@ -22,7 +22,7 @@ from sync.config import DispatchSettings
 from sync.dispatch._dispatch_records import DispatchObserver, EndpointStats, sample_latency
 from sync.dispatch.budget import Budget, BudgetClosedError, BudgetPool, Clock, clock_sleep, meter_of
 from sync.errors import FatalPlatformError, RejectedBatchError, RetryableError
-from sync.ledger.ledger import Ledger
+from sync.ledger.ledger import RunLedger
 from sync.logs import get_logger
 from sync.platforms.base import PlatformClient
 from sync.platforms.retrying import backoff_delay
@@ -64,7 +64,7 @@ class BatchSender:
         client: PlatformClient,
         settings: DispatchSettings,
         *,
-        ledger: Ledger | None,
+        ledger: RunLedger | None,
         run_id: str,
         stop: asyncio.Event,
         observers: Sequence[DispatchObserver],

@@ -64,7 +64,7 @@ from sync.dispatch._dispatch_records import DispatchObserver, DispatchOutcome, D
 from sync.dispatch._sending import BatchSender
 from sync.dispatch.budget import Budget, Clock, meter_of
 from sync.errors import PushSyncError, StateError
-from sync.ledger.ledger import Ledger
+from sync.ledger.ledger import RunLedger
 from sync.logs import get_logger
 from sync.platforms.base import PlatformClient
 from sync.records import Batch, Phase
@@ -124,7 +124,7 @@ class Dispatcher:
         client: PlatformClient,
         settings: DispatchSettings,
         *,
-        ledger: Ledger | None = None,
+        ledger: RunLedger | None = None,
         run_id: str = "",
         stop: asyncio.Event | None = None,
         observers: Sequence[DispatchObserver] = (),

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from operator import itemgetter
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 from sync.errors import StateError
 from sync.planning.row_keys import SCHEME as ROW_KEY_SCHEME
@@ -47,8 +47,18 @@ __all__ = [
     "BatchRow",
     "Ledger",
     "RunInfo",
+    "RunLedger",
+    "attempt_row",
+    "batch_row_of",
+    "finish_row",
     "new_run_id",
     "pack_ids",
+    "refused_rows",
+    "rejected_row",
+    "result_row",
+    "row_keys_row",
+    "run_info_of",
+    "sent_row",
     "unpack_ids",
 ]
 
@@ -307,6 +317,179 @@ class AttemptRow:
     message: str | None
     started_at: float
 
+    @classmethod
+    def of(cls, row: Sequence[Any]) -> AttemptRow:
+        """From ``batch_id, endpoint, attempt, n_ids, latency, outcome, http_status, message, started_at``."""
+        return cls(
+            batch_id=row[0],
+            endpoint=row[1],
+            attempt=row[2],
+            n_ids=row[3],
+            latency=row[4],
+            outcome=AttemptOutcome(row[5]),
+            http_status=row[6],
+            message=row[7],
+            started_at=row[8],
+        )
+
+
+def batch_row_of(row: Sequence[Any]) -> BatchRow:
+    """A :class:`BatchRow` from ``batch_id, endpoint, operation, phase, n_ids, status, attempts, http_status, code,
+    message, ok_ids, rejected_ids`` (the columns both ledgers select)."""
+    return BatchRow(
+        batch_id=row[0],
+        endpoint=row[1],
+        operation=row[2],
+        phase=row[3],
+        n_ids=row[4],
+        status=BatchStatus(row[5]),
+        attempts=row[6],
+        http_status=row[7],
+        code=row[8],
+        message=row[9],
+        ok_ids=row[10],
+        rejected_ids=row[11],
+    )
+
+
+def run_info_of(row: Sequence[Any], counts: dict[str, int]) -> RunInfo:
+    """A :class:`RunInfo` from the ``_RUN_COLUMNS`` of a run and its batches counted by status."""
+    run_id, job, _path, platform, started, finished, status, exit_code, message, summary, full = row
+    return RunInfo(
+        run_id=run_id,
+        job=job,
+        platform=platform,
+        started_at=started,
+        finished_at=finished,
+        status=status,
+        exit_code=exit_code,
+        message=message,
+        batches=sum(counts.values()),
+        batches_by_status=counts,
+        summary=json.loads(summary) if summary else None,
+        full_refresh=bool(full),
+    )
+
+
+# -- row builders: the parameters of each ledger write, shared by the SQLite ledger and the PostgreSQL one
+# (sync.coordination.ledger), which differ only in their SQL dialect. Each returns the parameters in the order of
+# the matching statement's placeholders.
+
+
+def sent_row(run_id: str, batch_id: str) -> tuple[Any, ...]:
+    """``sent``: (now, run, batch) — for ``UPDATE … SET status = 'sent', started_at = COALESCE(started_at, ?)``."""
+    return (time.time(), run_id, batch_id)
+
+
+def result_row(run_id: str, result: BatchResult) -> tuple[Any, ...]:
+    """A batch's final outcome: status, attempts, HTTP status, code, message, IDs ok, IDs refused, started,
+    finished, then the key (run, batch)."""
+    return (
+        str(result.status),
+        result.attempts,
+        result.http_status,
+        None if result.code is None else str(result.code),
+        result.message or None,
+        result.ok_ids,
+        len(result.rejected),
+        result.started_at or None,
+        result.finished_at or time.time(),
+        run_id,
+        result.batch_id,
+    )
+
+
+def refused_rows(run_id: str, result: BatchResult) -> list[tuple[Any, ...]]:
+    """One row per ID the platform refused: run, batch, ext ID, code, message, and the input row it came from."""
+    out = []
+    for rej in result.rejected:
+        origin = rej.origin
+        out.append(
+            (
+                run_id,
+                result.batch_id,
+                rej.ext_id,
+                None if rej.code is None else str(rej.code),
+                rej.message,
+                origin.path if origin else None,
+                origin.row if origin else None,
+            )
+        )
+    return out
+
+
+def attempt_row(run_id: str, attempt: Attempt, started_at: float) -> tuple[Any, ...]:
+    """One HTTP attempt: run, batch, endpoint, attempt number, IDs, outcome, HTTP status, message, sent at
+    (Unix time), latency."""
+    return (
+        run_id,
+        attempt.batch_id,
+        attempt.endpoint,
+        attempt.attempt,
+        attempt.n_ids,
+        str(attempt.outcome),
+        attempt.http_status,
+        attempt.message or None,
+        started_at,
+        attempt.latency,
+    )
+
+
+def rejected_row(run_id: str, row: RejectedRow) -> tuple[Any, ...]:
+    """A row validation refused: run, file, row, column, reason, ext ID."""
+    return (run_id, row.path, row.row, row.column, row.reason, row.ext_id)
+
+
+def row_keys_row(run_id: str, batch: Batch) -> tuple[Any, ...]:
+    """The input rows a non-idempotent batch carries: run, batch, key scheme, keys (:mod:`sync.planning.row_keys`)."""
+    return (run_id, batch.batch_id, ROW_KEY_SCHEME, batch.row_keys)
+
+
+def finish_row(
+    run_id: str, *, status: str, exit_code: int, message: str | None, summary: Any
+) -> tuple[Any, ...]:
+    """How a run ended: finished at, status, exit code, message, summary (JSON text), then the run."""
+    return (time.time(), status, exit_code, message, None if summary is None else json.dumps(summary), run_id)
+
+
+class RunLedger(Protocol):
+    """What a run records and reads back, whichever database holds it: the SQLite :class:`Ledger` and the
+    PostgreSQL :class:`sync.coordination.ledger.PgLedger` both satisfy it. The dispatcher writes through it
+    (synchronously, between two awaits); resume, retry and the ledger commands read through it."""
+
+    path: Any
+    """Where the ledger lives, for messages: a file path, or ``user@host:port/db`` (never a URL)."""
+
+    def flush(self) -> None: ...
+    def maybe_flush(self) -> None: ...
+    def close(self) -> None: ...
+    def start_run(
+        self,
+        run_id: str,
+        *,
+        job: str,
+        job_path: str | None = None,
+        platform: str | None = None,
+        full_refresh: bool = False,
+    ) -> None: ...
+    def finish_run(
+        self, run_id: str, *, status: str, exit_code: int, message: str | None = None, summary: Any = None
+    ) -> None: ...
+    def record_planned(self, run_id: str, batch: Batch) -> None: ...
+    def record_sent(self, run_id: str, batch_id: str) -> None: ...
+    def record_result(self, run_id: str, result: BatchResult, *, origins: Any = None) -> None: ...
+    def record_attempt(self, run_id: str, attempt: Attempt, *, started_at: float) -> None: ...
+    def record_rejected_rows(self, run_id: str, rows: Iterable[RejectedRow]) -> int: ...
+    def runs(self, job: str | None = None) -> list[RunInfo]: ...
+    def run(self, run_id: str) -> RunInfo | None: ...
+    def batches(self, run_id: str, *, status: BatchStatus | None = None) -> list[BatchRow]: ...
+    def confirmed_ok(self, run_id: str) -> set[str]: ...
+    def attempts(self, run_id: str) -> list[AttemptRow]: ...
+    def batch_rows(self, run_ids: Sequence[str]) -> Iterator[tuple[str, str, str, str, bytes]]: ...
+    def refused_ids(self, run_id: str) -> list[tuple[str, str, str | None, str]]: ...
+    def rejected_rows(self, run_id: str) -> list[RejectedRow]: ...
+    def export_waits(self, run_id: str | None = None) -> list[dict[str, Any]]: ...
+
 
 class Ledger:
     """A job's ledger. Open with :meth:`open`; use as a context manager or call :meth:`close`."""
@@ -424,14 +607,7 @@ class Ledger:
         """Record how the run ended, with its summary (JSON-ready), and commit."""
         self._queue(
             "UPDATE runs SET finished_at = ?, status = ?, exit_code = ?, message = ?, summary = ? WHERE run_id = ?",
-            (
-                time.time(),
-                status,
-                exit_code,
-                message,
-                None if summary is None else json.dumps(summary),
-                run_id,
-            ),
+            finish_row(run_id, status=status, exit_code=exit_code, message=message, summary=summary),
         )
         self.flush()
 
@@ -453,61 +629,21 @@ class Ledger:
         if batch.row_keys:
             # Queued with the planned row, so the flush that makes a non-idempotent batch ``sent`` before its
             # request leaves also makes the rows it carries durable.
-            self._queue(_INSERT_ROW_KEYS, (run_id, batch.batch_id, ROW_KEY_SCHEME, batch.row_keys))
+            self._queue(_INSERT_ROW_KEYS, row_keys_row(run_id, batch))
 
     def record_sent(self, run_id: str, batch_id: str) -> None:
-        self._queue(_UPDATE_SENT, (time.time(), run_id, batch_id))
+        self._queue(_UPDATE_SENT, sent_row(run_id, batch_id))
 
     def record_result(self, run_id: str, result: BatchResult, *, origins: Any = None) -> None:
         """Record a batch's final outcome and each ID the platform refused."""
-        self._queue(
-            _UPDATE_RESULT,
-            (
-                str(result.status),
-                result.attempts,
-                result.http_status,
-                None if result.code is None else str(result.code),
-                result.message or None,
-                result.ok_ids,
-                len(result.rejected),
-                result.started_at or None,
-                result.finished_at or time.time(),
-                run_id,
-                result.batch_id,
-            ),
-        )
-        for rej in result.rejected:
-            origin = rej.origin
-            self._queue(
-                _INSERT_REFUSED,
-                (
-                    run_id,
-                    result.batch_id,
-                    rej.ext_id,
-                    None if rej.code is None else str(rej.code),
-                    rej.message,
-                    origin.path if origin else None,
-                    origin.row if origin else None,
-                ),
-            )
+        self._queue(_UPDATE_RESULT, result_row(run_id, result))
+        if result.rejected:
+            for params in refused_rows(run_id, result):
+                self._queue(_INSERT_REFUSED, params)
 
     def record_attempt(self, run_id: str, attempt: Attempt, *, started_at: float) -> None:
         """Record one HTTP attempt (``started_at``: Unix time it was sent)."""
-        self._queue(
-            _INSERT_ATTEMPT,
-            (
-                run_id,
-                attempt.batch_id,
-                attempt.endpoint,
-                attempt.attempt,
-                attempt.n_ids,
-                str(attempt.outcome),
-                attempt.http_status,
-                attempt.message or None,
-                started_at,
-                attempt.latency,
-            ),
-        )
+        self._queue(_INSERT_ATTEMPT, attempt_row(run_id, attempt, started_at))
 
     def record_export_wait(self, run_id: str, wait: ExportWait, *, platform: str = "meiro") -> None:
         """Record how a wait for a platform export ended, with its message counts, and commit at once
@@ -553,7 +689,7 @@ class Ledger:
         """Record rows refused by validation; returns how many."""
         n = 0
         for row in rows:
-            self._queue(_INSERT_REJECTED_ROW, (run_id, row.path, row.row, row.column, row.reason, row.ext_id))
+            self._queue(_INSERT_REJECTED_ROW, rejected_row(run_id, row))
             n += 1
         return n
 
@@ -574,26 +710,12 @@ class Ledger:
         return None if row is None else self._run_info(row)
 
     def _run_info(self, row: tuple[Any, ...]) -> RunInfo:
-        run_id, job, _path, platform, started, finished, status, exit_code, message, summary, full = row
         counts = dict(
             self._conn.execute(
-                "SELECT status, COUNT(*) FROM batches WHERE run_id = ? GROUP BY status", (run_id,)
+                "SELECT status, COUNT(*) FROM batches WHERE run_id = ? GROUP BY status", (row[0],)
             ).fetchall()
         )
-        return RunInfo(
-            run_id=run_id,
-            job=job,
-            platform=platform,
-            started_at=started,
-            finished_at=finished,
-            status=status,
-            exit_code=exit_code,
-            message=message,
-            batches=sum(counts.values()),
-            batches_by_status=counts,
-            summary=json.loads(summary) if summary else None,
-            full_refresh=bool(full),
-        )
+        return run_info_of(row, counts)
 
     def batches(self, run_id: str, *, status: BatchStatus | None = None) -> list[BatchRow]:
         sql = (
@@ -605,23 +727,7 @@ class Ledger:
             sql += " AND status = ?"
             params += (str(status),)
         rows = self._conn.execute(sql + " ORDER BY rowid", params).fetchall()
-        return [
-            BatchRow(
-                batch_id=r[0],
-                endpoint=r[1],
-                operation=r[2],
-                phase=r[3],
-                n_ids=r[4],
-                status=BatchStatus(r[5]),
-                attempts=r[6],
-                http_status=r[7],
-                code=r[8],
-                message=r[9],
-                ok_ids=r[10],
-                rejected_ids=r[11],
-            )
-            for r in rows
-        ]
+        return [batch_row_of(r) for r in rows]
 
     def confirmed_ok(self, run_id: str) -> set[str]:
         """Batch IDs of ``run_id`` the platform confirmed (status ok): what resume must not send again."""
@@ -637,20 +743,7 @@ class Ledger:
             "FROM attempts WHERE run_id = ? ORDER BY rowid",
             (run_id,),
         ).fetchall()
-        return [
-            AttemptRow(
-                batch_id=r[0],
-                endpoint=r[1],
-                attempt=r[2],
-                n_ids=r[3],
-                latency=r[4],
-                outcome=AttemptOutcome(r[5]),
-                http_status=r[6],
-                message=r[7],
-                started_at=r[8],
-            )
-            for r in rows
-        ]
+        return [AttemptRow.of(r) for r in rows]
 
     def batch_rows(self, run_ids: Sequence[str]) -> Iterator[tuple[str, str, str, str, bytes]]:
         """``(run_id, batch_id, status, scheme, row_keys)`` of the keyed batches of ``run_ids``
