@@ -38,8 +38,8 @@ import psycopg
 
 from sync.coordination._db import SCHEMA, safe_message
 from sync.errors import StateError
-from sync.logs import get_logger
 from sync.ledger.ledger import row_keys_row
+from sync.logs import get_logger
 from sync.records import NON_IDEMPOTENT, Batch, Operation, Phase, RowRef
 
 if TYPE_CHECKING:
