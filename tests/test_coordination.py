@@ -246,6 +246,8 @@ def test_three_workers_share_one_job_and_one_budget_and_survive_a_kill_9(
     survivors = [p for p in procs if p is not victim]
     results = [finish(p) for p in survivors]
     for code, out, err in results:
+        if code:
+            Path("/tmp/s22-err.txt").write_text(err)
         assert code == 0, (out, err[-3000:])
     docs = [json.loads(out) for _, out, _ in results]
     assert len({d["run_id"] for d in docs}) == 1  # one run, joined by every worker
@@ -404,7 +406,7 @@ def test_the_job_names_where_the_url_lives(
 async def test_a_dead_workers_non_idempotent_sent_batch_is_held_and_its_other_claims_freed(
     postgres_url: str,
 ) -> None:
-    from sync.coordination._db import async_connect, connect
+    from sync.coordination._db import Link, connect
     from sync.coordination.ledger import PgLedger
     from sync.coordination.queue import Membership, QueueLanes, enqueue
     from sync.records import Batch, Operation, Phase
@@ -419,7 +421,8 @@ async def test_a_dead_workers_non_idempotent_sent_batch_is_held_and_its_other_cl
         ]
         sync_conn = connect(postgres_url)
         assert enqueue(sync_conn, "r1", batches) == 3
-        dead_conn, live_conn = await async_connect(postgres_url), await async_connect(postgres_url)
+        dead_conn = await Link.open(postgres_url, what="claims")
+        live_conn = await Link.open(postgres_url, what="claims")
         dead = Membership(dead_conn, "r1", "dead-worker", lease=1)
         live = Membership(live_conn, "r1", "live-worker", lease=1)
         await dead.join()

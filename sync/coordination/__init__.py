@@ -2,10 +2,13 @@
 (docs/scaling.md). Turned on by a database URL (``PUSHSYNC_DATABASE_URL``, ``--database-url`` or the job's
 ``coordination.database``); without one, nothing here is imported and the embedded SQLite ledger is used.
 
-* :mod:`sync.coordination._db`: connecting (clear errors, the password never shown) and the schema;
+* :mod:`sync.coordination._db`: connecting (clear errors, the password never shown), the schema, and
+  :class:`~sync.coordination._db.Link`: a connection made again when PostgreSQL restarts (bounded);
 * :mod:`sync.coordination.ledger`: :class:`PgLedger`, the ledger's interface on PostgreSQL;
 * :mod:`sync.coordination.queue`: enqueue (the leader), claims with ``SKIP LOCKED`` and leases (every worker);
+* :mod:`sync.coordination.leader`: the leader's planning, beside every worker's sending;
 * :mod:`sync.coordination.budget`: budgets shared by every worker, one row per budget;
+* :mod:`sync.coordination.summary`: the run's summary from the ledger (every worker's requests);
 * :mod:`sync.coordination.runner`: one worker's run, :func:`run_coordinated`.
 """
 

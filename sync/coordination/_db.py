@@ -8,29 +8,45 @@ asynchronous — psycopg offers both with one API, one set of types and one erro
 
 from __future__ import annotations
 
-from typing import Any
+import asyncio
+import contextlib
+import time
+from collections.abc import Awaitable, Callable, Iterator
+from typing import Any, TypeVar
 
 import psycopg
 
 from sync.coordination._urls import CoordinationError, check_url, describe_url, register_url, safe_message
 
 __all__ = [
+    "RECONNECT_FOR",
     "SCHEMA",
     "SCHEMA_VERSION",
     "CoordinationError",
+    "Link",
     "async_connect",
+    "backoff",
     "connect",
     "describe_url",
     "ensure_schema",
+    "lost_connection",
     "safe_message",
 ]
+
+T = TypeVar("T")
 
 SCHEMA = "pushsync"
 """The PostgreSQL schema holding pushsync's tables (created when missing)."""
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 """1: runs, batches (the ledger and the queue in one table), attempts, batch_ids, rejected_rows, batch_rows,
-workers, budgets."""
+workers, budgets. 2: + lanes (the run's lanes, listed before any batch is queued, each marked once every batch
+of it is: workers send while the leader plans), runs.listed, batches.claim_no (a claim whose answer a lost
+connection swallowed is found again)."""
+
+RECONNECT_FOR = 30.0
+"""Seconds a worker keeps trying to connect again after losing the coordination database (a restart, a
+failover) before it stops; read when a connection is made, so a test may lower it."""
 
 CONNECT_TIMEOUT = 10
 """Seconds a connection attempt may take before the server counts as unreachable."""
@@ -46,7 +62,9 @@ def _failure(url: str, exc: BaseException) -> CoordinationError:
         hint = "the database does not exist: create it (CREATE DATABASE) or fix the URL"
     else:
         hint = "the server cannot be reached: check host, port and that PostgreSQL is running"
-    return CoordinationError(f"coordination database {where}: {hint} ({message})")
+    error = CoordinationError(f"coordination database {where}: {hint} ({message})")
+    error.detail = message
+    return error
 
 
 def _kwargs() -> dict[str, Any]:
@@ -88,7 +106,7 @@ CREATE TABLE IF NOT EXISTS {SCHEMA}.runs (
     message      TEXT,
     summary      TEXT,
     full_refresh BOOLEAN NOT NULL DEFAULT FALSE,
-    planned      BOOLEAN NOT NULL DEFAULT FALSE,   -- the leader queued every batch
+    planned      BOOLEAN NOT NULL DEFAULT FALSE,   -- planning done: every batch queued, the input's counts kept
     planned_info TEXT,                             -- JSON: rows read/rejected, expected requests (the summary's input)
     origin       TEXT,                             -- the run this one resumes or retries (NULL: a fresh plan)
     origin_mode  TEXT                              -- resume | retry
@@ -127,6 +145,18 @@ CREATE TABLE IF NOT EXISTS {SCHEMA}.batches (
 -- No partial predicate on status, and room left in each page: claiming and recording change only columns no
 -- index holds, so those updates are HOT (no index entry per update, no dead entries for claims to walk over).
 CREATE INDEX IF NOT EXISTS batches_queue ON {SCHEMA}.batches (run_id, phase, endpoint, seq);
+-- Version 2. The leader lists every lane of the run (listed) before it queues the first batch, and marks a lane
+-- queued once its last batch is: workers claim while the leader still plans, and a lane ends only once queued.
+ALTER TABLE {SCHEMA}.runs ADD COLUMN IF NOT EXISTS listed BOOLEAN NOT NULL DEFAULT FALSE;
+ALTER TABLE {SCHEMA}.batches ADD COLUMN IF NOT EXISTS claim_no BIGINT;   -- the worker's claim that took it
+CREATE TABLE IF NOT EXISTS {SCHEMA}.lanes (
+    run_id   TEXT NOT NULL,
+    phase    INTEGER NOT NULL,
+    endpoint TEXT NOT NULL,
+    rank     INTEGER NOT NULL DEFAULT 0,
+    queued   BOOLEAN NOT NULL DEFAULT FALSE,     -- every batch of the lane is in the queue
+    PRIMARY KEY (run_id, phase, endpoint)
+);
 CREATE TABLE IF NOT EXISTS {SCHEMA}.batch_ids (
     id BIGSERIAL PRIMARY KEY, run_id TEXT NOT NULL, batch_id TEXT NOT NULL, ext_id TEXT NOT NULL, code TEXT,
     message TEXT NOT NULL, origin_path TEXT, origin_row INTEGER
@@ -251,7 +281,16 @@ def ensure_schema(conn: psycopg.Connection[Any], url: str) -> None:
                 conn.execute(f"DELETE FROM {SCHEMA}.schema_version")
                 conn.execute(f"INSERT INTO {SCHEMA}.schema_version (version) VALUES (%s)", (SCHEMA_VERSION,))
             elif found < SCHEMA_VERSION:
-                # No older version has been released yet; a later version adds its ALTERs here, in order.
+                # The DDL above added what is new (IF NOT EXISTS); the runs version 1 planned have every batch
+                # queued: list their lanes, queued, so workers of this version can finish them.
+                if found < 2:
+                    conn.execute(
+                        f"INSERT INTO {SCHEMA}.lanes (run_id, phase, endpoint, rank, queued) SELECT b.run_id, "
+                        f"b.phase, b.endpoint, min(b.rank), TRUE FROM {SCHEMA}.batches b JOIN {SCHEMA}.runs r "
+                        "ON r.run_id = b.run_id WHERE r.planned GROUP BY b.run_id, b.phase, b.endpoint "
+                        "ON CONFLICT DO NOTHING"
+                    )
+                    conn.execute(f"UPDATE {SCHEMA}.runs SET listed = TRUE WHERE planned")
                 conn.execute(f"UPDATE {SCHEMA}.schema_version SET version = %s", (SCHEMA_VERSION,))
     except CoordinationError:
         raise
@@ -260,3 +299,124 @@ def ensure_schema(conn: psycopg.Connection[Any], url: str) -> None:
             f"coordination database {describe_url(url)}: cannot create or check pushsync's tables "
             f"({safe_message(exc)}); the user needs CREATE on the database"
         ) from None
+
+
+# -- losing the connection mid-run -----------------------------------------------------------------------------
+
+
+def backoff(first: float = 0.2, most: float = 2.0) -> Iterator[float]:
+    """The waits between attempts to connect again: doubling from ``first`` up to ``most``."""
+    delay = first
+    while True:
+        yield delay
+        delay = min(delay * 2, most)
+
+
+def lost_connection(where: str, what: str, seconds: float, exc: BaseException) -> CoordinationError:
+    """The error once the database stayed away past the bound (the password never in it)."""
+    return CoordinationError(
+        f"coordination database {where}: the connection for {what} was lost and could not be made again within "
+        f"{seconds:g} s ({getattr(exc, 'detail', None) or safe_message(exc)})"
+    )
+
+
+def _is_lost(conn: psycopg.AsyncConnection[Any] | psycopg.Connection[Any], exc: psycopg.Error) -> bool:
+    """Whether ``exc`` means the connection is gone (the server restarted, the network dropped), not that
+    the statement was wrong."""
+    return isinstance(exc, psycopg.OperationalError) or conn.closed or conn.broken
+
+
+class Link:
+    """One asynchronous connection of a worker (claims, budget slots, heartbeats), made again when lost.
+
+    :meth:`run` runs a unit of work on the connection, one at a time (psycopg allows one statement at a time
+    per connection). When the connection turns out lost — PostgreSQL restarted, a failover, a dropped network —
+    it connects again, waiting :func:`backoff` between attempts for ``reconnect_for`` seconds at most, then runs
+    ``again`` (the work itself unless given: the work must be safe to repeat, or say how to finish what a lost
+    answer left unknown). Past the bound: :class:`CoordinationError` naming the database, never the password.
+    ``clock`` and ``sleep`` are injectable, so tests need not wait."""
+
+    __slots__ = (
+        "_clock",
+        "_conn",
+        "_lock",
+        "_reconnect_for",
+        "_sleep",
+        "_url",
+        "generation",
+        "what",
+        "where",
+    )
+
+    def __init__(
+        self,
+        url: str,
+        conn: psycopg.AsyncConnection[Any],
+        *,
+        what: str,
+        reconnect_for: float | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], Awaitable[Any]] = asyncio.sleep,
+    ) -> None:
+        self._url = url
+        self._conn = conn
+        self.what = what
+        """What the connection is for, in messages (``claims``, ``budget slots``, ``heartbeats``)."""
+        self.where = describe_url(url)
+        self._reconnect_for = RECONNECT_FOR if reconnect_for is None else reconnect_for
+        self._clock = clock
+        self._sleep = sleep
+        self._lock = asyncio.Lock()  # one unit of work at a time on the connection
+        self.generation = 0
+        """How many times the connection was made again."""
+
+    @classmethod
+    async def open(cls, url: str, *, what: str, **options: Any) -> Link:
+        """Connect (one clear :class:`CoordinationError` when that fails) and wrap the connection."""
+        return cls(url, await async_connect(url), what=what, **options)
+
+    @property
+    def conn(self) -> psycopg.AsyncConnection[Any]:
+        """The current connection (a new one after a reconnection)."""
+        return self._conn
+
+    async def run(
+        self,
+        work: Callable[[psycopg.AsyncConnection[Any]], Awaitable[T]],
+        *,
+        again: Callable[[psycopg.AsyncConnection[Any]], Awaitable[T]] | None = None,
+    ) -> T:
+        """``work(connection)``; on a lost connection, connect again and run ``again`` (else ``work``) once
+        more. Other database errors are raised as they are (the caller says what failed)."""
+        async with self._lock:
+            step = work
+            deadline: float | None = None  # the bound runs from the first loss
+            while True:
+                try:
+                    return await step(self._conn)
+                except psycopg.Error as exc:
+                    if not _is_lost(self._conn, exc):
+                        raise
+                    if deadline is None:
+                        deadline = self._clock() + self._reconnect_for
+                    await self._reconnect(exc, deadline)
+                step = again or work
+
+    async def _reconnect(self, cause: BaseException, deadline: float) -> None:
+        last: BaseException = cause
+        with contextlib.suppress(psycopg.Error, OSError):
+            await self._conn.close()
+        for delay in backoff():
+            try:
+                self._conn = await async_connect(self._url)
+                self.generation += 1
+                return
+            except CoordinationError as exc:
+                last = exc
+            if self._clock() + delay > deadline:
+                raise lost_connection(self.where, self.what, self._reconnect_for, last) from None
+            await self._sleep(delay)
+
+    async def close(self) -> None:
+        """Close the connection."""
+        await self._conn.close()

@@ -15,6 +15,9 @@ class CoordinationError(StateError):
     """The coordination database cannot be used (URL, login, reachability, schema). Exit 2 before anything was
     sent; the message names the host and database, never the password."""
 
+    detail: str | None = None
+    """The driver's own words, masked (e.g. ``connection refused``), when the error came from it."""
+
 
 def describe_url(url: str) -> str:
     """``user@host:port/database`` of a PostgreSQL URL: what an error may name (never the password)."""

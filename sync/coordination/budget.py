@@ -30,7 +30,7 @@ from typing import Any
 import psycopg
 
 from sync.config import DispatchSettings, RateBudgetSpec
-from sync.coordination._db import SCHEMA, safe_message
+from sync.coordination._db import SCHEMA, Link, safe_message
 from sync.dispatch.budget import Budget, BudgetClosedError, RateBudget
 from sync.errors import StateError
 from sync.logs import get_logger
@@ -68,14 +68,14 @@ class SharedMeter:
 class SharedBudgets:
     """The job's shared budgets, for one worker: ``budget(endpoint)`` is the dispatcher's ``budget_factory``.
 
-    ``conn``: an asynchronous connection of this worker's own (acquisitions are serialised on it); ``scope``:
-    what separates the budgets of different jobs (the job's name)."""
+    ``link``: a connection of this worker's own (acquisitions are serialised on it; made again when lost — a
+    reservation whose answer the loss swallowed is one slot unused, never one slot too many); ``scope``: what
+    separates the budgets of different jobs (the job's name)."""
 
-    def __init__(self, conn: psycopg.AsyncConnection[Any], settings: DispatchSettings, scope: str) -> None:
-        self._conn = conn
+    def __init__(self, link: Link, settings: DispatchSettings, scope: str) -> None:
+        self._link = link
         self._settings = settings
         self._scope = scope
-        self._lock = asyncio.Lock()
         self._groups = {g.name: SharedMeter.of(f"group:{g.name}", g.budget) for g in settings.budget_groups}
         self._ready: set[str] = set()
         self._closed = asyncio.Event()
@@ -113,11 +113,11 @@ class SharedBudgets:
         for local in self._local.values():
             local.close()
 
-    async def _ensure_rows(self, meters: tuple[SharedMeter, ...]) -> None:
+    async def _ensure_rows(self, conn: psycopg.AsyncConnection[Any], meters: tuple[SharedMeter, ...]) -> None:
         missing = [m.name for m in meters if m.name not in self._ready]
         if not missing:
             return
-        async with self._conn.cursor() as cur:
+        async with conn.cursor() as cur:
             await cur.executemany(
                 f"INSERT INTO {S}.budgets (scope, name) VALUES (%s, %s) ON CONFLICT DO NOTHING",
                 [(self._scope, name) for name in missing],
@@ -158,28 +158,36 @@ class SharedBudgets:
         """A release-to-answer time of this worker (its in-flight wait, the request and the answer)."""
         self._latencies.append(latency)
 
+    def group_margin(self, group: str) -> float:
+        """The margin this worker keeps for budget group ``group`` (for the summary's group lines)."""
+        meter = self._groups.get(group)
+        return 0.0 if meter is None else self.margin(meter)
+
     async def _reserve(self, meters: tuple[SharedMeter, ...]) -> tuple[float, float]:
         """(the reserved instant, database clock minus this machine's): one call of ``take_slot``, the
         database function that locks the rows, finds the earliest instant every one allows and records the
         release (one round trip; the rows are locked for microseconds)."""
         started = time.perf_counter()
         sent_at = time.time()
+        params = (
+            self._scope,
+            [m.name for m in meters],
+            [m.requests for m in meters],
+            [m.period for m in meters],
+            [m.align for m in meters],
+            [self.margin(m) for m in meters],
+            [m.lead for m in meters],
+        )
+
+        async def take(conn: psycopg.AsyncConnection[Any]) -> Any:
+            await self._ensure_rows(conn, meters)
+            cur = await conn.execute(
+                f"SELECT slot_at, db_now FROM {S}.take_slot(%s, %s, %s, %s, %s, %s, %s)", params
+            )
+            return await cur.fetchone()
+
         try:
-            async with self._lock:
-                await self._ensure_rows(meters)
-                cur = await self._conn.execute(
-                    f"SELECT slot_at, db_now FROM {S}.take_slot(%s, %s, %s, %s, %s, %s, %s)",
-                    (
-                        self._scope,
-                        [m.name for m in meters],
-                        [m.requests for m in meters],
-                        [m.period for m in meters],
-                        [m.align for m in meters],
-                        [self.margin(m) for m in meters],
-                        [m.lead for m in meters],
-                    ),
-                )
-                row = await cur.fetchone()
+            row = await self._link.run(take)
         except psycopg.Error as exc:
             raise StateError(
                 f"coordination database: cannot take a budget slot ({safe_message(exc)})"
@@ -194,22 +202,25 @@ class SharedBudgets:
 
     async def pause(self, meters: tuple[SharedMeter, ...], seconds: float | None) -> None:
         """A 429: every worker waits ``seconds`` (Retry-After) or, without one, until the current window ends."""
+
+        async def write(conn: psycopg.AsyncConnection[Any]) -> None:
+            for m in meters:
+                if seconds is not None:
+                    until = "extract(epoch FROM clock_timestamp())::float8 + %s"
+                    value: float = seconds
+                else:  # until the end of the window the 429 fell in
+                    until = "(floor(extract(epoch FROM clock_timestamp()) / %s) + 1) * %s"
+                    value = m.period
+                params: tuple[Any, ...] = (value,) if seconds is not None else (value, value)
+                await conn.execute(
+                    f"UPDATE {S}.budgets SET paused_until = greatest(paused_until, {until}) "
+                    "WHERE scope = %s AND name = %s",
+                    (*params, self._scope, m.name),
+                )
+
         try:
-            async with self._lock:
-                for m in meters:
-                    if seconds is not None:
-                        until = "extract(epoch FROM clock_timestamp())::float8 + %s"
-                        value: float = seconds
-                    else:  # until the end of the window the 429 fell in
-                        until = "(floor(extract(epoch FROM clock_timestamp()) / %s) + 1) * %s"
-                        value = m.period
-                    params: tuple[Any, ...] = (value,) if seconds is not None else (value, value)
-                    await self._conn.execute(
-                        f"UPDATE {S}.budgets SET paused_until = greatest(paused_until, {until}) "
-                        "WHERE scope = %s AND name = %s",
-                        (*params, self._scope, m.name),
-                    )
-        except psycopg.Error as exc:
+            await self._link.run(write)  # greatest(): safe to repeat after a reconnection
+        except (psycopg.Error, StateError) as exc:
             self._log.warning("budget.pause_not_shared", error=safe_message(exc))
 
 

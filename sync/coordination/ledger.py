@@ -5,8 +5,8 @@ The batches table is also the run's queue (:mod:`sync.coordination.queue`): the 
 batch with what a worker needs to send it (body, IDs, origins, order), so :meth:`record_planned` has nothing
 left to do; ``sent`` and the result update the same row. Writes are queued and committed in small transactions,
 as in SQLite (every ``flush_every`` writes, at least every ``flush_interval`` seconds, and before a
-non-idempotent request leaves). A lost connection (PostgreSQL restarted) is retried for ``reconnect_for``
-seconds with the queued writes kept; past that, :class:`sync.errors.StateError` (the run stops, exit 3 once
+non-idempotent request leaves). A lost connection (PostgreSQL restarted) is made again for ``reconnect_for``
+seconds (:data:`sync.coordination._db.RECONNECT_FOR`) with the queued writes kept; past that, :class:`sync.errors.StateError` (the run stops, exit 3 once
 sending began). Reads (``runs``, ``show``, resume/retry) use the same connection.
 
 The connection is synchronous (psycopg's) on purpose: the dispatcher records results synchronously between two
@@ -15,15 +15,25 @@ awaits, so a cancellation can never fall between an answer and its record; a flu
 
 from __future__ import annotations
 
+import contextlib
 import sqlite3
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import psycopg
 
-from sync.coordination._db import SCHEMA, CoordinationError, connect, describe_url, safe_message
+from sync.coordination._db import (
+    RECONNECT_FOR,
+    SCHEMA,
+    CoordinationError,
+    backoff,
+    connect,
+    describe_url,
+    lost_connection,
+    safe_message,
+)
 from sync.errors import StateError
 from sync.ledger.ledger import (
     AttemptRow,
@@ -79,7 +89,9 @@ class PgLedger:
         worker: str | None = None,
         flush_every: int = 256,
         flush_interval: float = 0.05,
-        reconnect_for: float = 30.0,
+        reconnect_for: float | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], Any] = time.sleep,
     ) -> None:
         self._url = url
         self._conn = conn
@@ -89,12 +101,14 @@ class PgLedger:
         self._pending: list[tuple[str, Sequence[Any]]] = []
         self._flush_every = flush_every
         self._flush_interval = flush_interval
-        self._reconnect_for = reconnect_for
+        self._reconnect_for = RECONNECT_FOR if reconnect_for is None else reconnect_for
+        self._clock = clock  # injectable, with ``sleep``: tests of the reconnection need not wait
+        self._sleep = sleep
         self._last_flush = time.monotonic()
         self.writes = 0
 
     @classmethod
-    def open(cls, url: str, *, worker: str | None = None, reconnect_for: float = 30.0) -> PgLedger:
+    def open(cls, url: str, *, worker: str | None = None, reconnect_for: float | None = None) -> PgLedger:
         """Connect (creating or checking the schema); raises :class:`CoordinationError` with a clear message."""
         from sync.coordination._db import ensure_schema
 
@@ -133,22 +147,25 @@ class PgLedger:
                 raise StateError(f"ledger {self.path}: {safe_message(exc)}") from None
 
     def _reconnect(self) -> None:
-        """Connect again within ``reconnect_for`` seconds (PostgreSQL restarted), or :class:`StateError`."""
-        deadline = time.monotonic() + self._reconnect_for
-        delay = 0.2
-        while True:
+        """Connect again within ``reconnect_for`` seconds (PostgreSQL restarted), or :class:`StateError`. It
+        blocks the event loop on purpose: nothing can be recorded until the database is back, and a result
+        must be recorded before the next await."""
+        deadline = self._clock() + self._reconnect_for
+        last: BaseException | None = None
+        with contextlib.suppress(psycopg.Error, OSError):
+            self._conn.close()
+        for delay in backoff():
             try:
-                self._conn.close()
                 self._conn = connect(self._url)
                 return
             except CoordinationError as exc:
-                if time.monotonic() + delay > deadline:
-                    raise StateError(
-                        f"ledger {self.path}: the connection was lost and could not be made again within "
-                        f"{self._reconnect_for:.0f} s ({exc})"
-                    ) from None
-                time.sleep(delay)  # the loop waits: nothing can be recorded until the database is back
-                delay = min(delay * 2, 2.0)
+                last = exc
+            if self._clock() + delay > deadline:
+                assert last is not None
+                raise StateError(
+                    str(lost_connection(self.path, "the ledger", self._reconnect_for, last))
+                ) from None
+            self._sleep(delay)
 
     # -- writing -------------------------------------------------------------------------------------------
 

@@ -6,61 +6,55 @@ Every process runs the same steps (docs/scaling.md):
 2. **join the job's live run**, or start one (a partial unique index allows one ``running`` run per job, so two
    processes starting at once end up in the same run); a new run resumes the job's last unfinished run, as
    ``pushsync run`` does with SQLite;
-3. **plan, if leader**: whoever takes the run's advisory lock while the run is not planned yet reads the input,
-   plans (or replays) and queues every batch (:func:`sync.coordination.queue.enqueue`); a leader that dies
-   releases the lock with its connection and the next worker to try plans again (same batch IDs: nothing is
-   queued twice);
-4. **claim and send** the queued batches (:class:`sync.coordination.queue.QueueLanes`) through the usual
-   dispatcher, with the job's budgets shared by every worker (:mod:`sync.coordination.budget`) and every
-   record written to the PostgreSQL ledger;
-5. **finish**: the worker that sees no batch left unfinished records the run's summary — built from the ledger,
-   so it counts every worker's requests, the dead ones' included — and every worker prints that summary and
-   exits with its code. A worker stopped by SIGINT/SIGTERM drains, gives its unsent claims back and exits 4;
-   the others carry on.
+3. **plan, if leader** (a task beside the sending): whoever takes the run's advisory lock while the run is not
+   planned yet reads the input, lists the run's lanes, then plans (or replays) and queues every batch
+   (:func:`sync.coordination.queue.enqueue`) and records the input's counts (``runs.planned``: planning done);
+   a leader that dies releases the lock with its connection and the next worker to try plans again (same
+   batch IDs: nothing is queued twice). A leader whose connection is lost connects again and plans again;
+4. **claim and send** as soon as the lanes are listed — while the leader still queues — the queued batches
+   (:class:`sync.coordination.queue.QueueLanes`) through the usual dispatcher, pulled only when one of its
+   workers is free, with the job's budgets shared by every worker (:mod:`sync.coordination.budget`) and every
+   record written to the PostgreSQL ledger. Claims, budget slots and heartbeats connect again when
+   PostgreSQL restarts (:class:`sync.coordination._db.Link`), for ``RECONNECT_FOR`` seconds at most;
+5. **finish**: the worker that sees no batch left unfinished, once planning is done, records the run's summary
+   — built from the ledger, so it counts every worker's requests, the dead ones' included — and every worker
+   prints that summary and exits with its code. A worker stopped by SIGINT/SIGTERM drains, gives its unsent
+   claims back and exits 4; the others carry on.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import json
-import math
 import time
 from typing import TYPE_CHECKING, Any
-from urllib.parse import urlsplit
 
 import psycopg
 
 from sync.config import Job, SyncMode
-from sync.coordination._db import SCHEMA, async_connect, connect, safe_message
+from sync.coordination._db import SCHEMA, Link, safe_message
 from sync.coordination._seams import WorkerOptions, WorkerOutcome, WorkerSignals
 from sync.coordination.budget import SharedBudgets
+from sync.coordination.leader import lead, until_listed
 from sync.coordination.ledger import PgLedger
-from sync.coordination.queue import Membership, QueueLanes, enqueue, heartbeat, worker_id
-from sync.dispatch.dispatch import (
-    Dispatcher,
-    DispatchObserver,
-    DispatchOutcome,
-    DispatchReport,
-    EndpointStats,
-)
+from sync.coordination.queue import Membership, QueueLanes, heartbeat, worker_id
+from sync.coordination.summary import held_batches, run_summary_from_ledger
+from sync.dispatch.dispatch import Dispatcher, DispatchObserver, DispatchOutcome, DispatchReport
 from sync.errors import (
     BadJobError,
     ExitCode,
     InterruptedRunError,
     JobProblem,
-    PushSyncError,
     RunStoppedError,
     StateError,
 )
-from sync.ledger.ledger import new_run_id, rejected_row
+from sync.ledger.ledger import new_run_id
 from sync.logs import get_logger
-from sync.planning.planning import build_plan, check_workdir
-from sync.planning.resume import ReplayLanes, ReplayMode, ReplayStats, replay_plan, unfinished_run
+from sync.planning.planning import check_workdir
+from sync.planning.resume import ReplayMode, ReplayStats, unfinished_run
 from sync.platforms.registry import platform_for
-from sync.redact import redact
-from sync.report.summary import RunInput, RunSummary, summarise
+from sync.report.summary import RunSummary
 
 if TYPE_CHECKING:
     from sync.report.metrics import RunMetrics
@@ -70,7 +64,6 @@ __all__ = ["DEFAULT_LEASE", "run_coordinated", "run_summary_from_ledger"]
 S = SCHEMA
 DEFAULT_LEASE = 30.0
 """Seconds after its last heartbeat that a worker counts as dead and its batches are taken over."""
-_LEADER_POLL = 0.5
 
 
 async def run_coordinated(
@@ -97,12 +90,12 @@ async def run_coordinated(
     ledger = PgLedger.open(url, worker=worker)
     closers: list[Any] = [ledger]
     try:
-        lead_conn = connect(url)
-        closers.append(lead_conn)
-        claim_conn = await async_connect(url)
-        member_conn = await async_connect(url)
-        budget_conn = await async_connect(url)
-        closers += [claim_conn, member_conn, budget_conn]
+        claim_link = await Link.open(url, what="claims")
+        closers.append(claim_link)
+        member_link = await Link.open(url, what="heartbeats")
+        closers.append(member_link)
+        budget_link = await Link.open(url, what="budget slots")
+        closers.append(budget_link)
         run_id, joined = _join_or_start(ledger, job, options)
         ended = _ended(ledger, run_id)
         if ended is not None:
@@ -120,18 +113,27 @@ async def run_coordinated(
                 run_id=run_id, exit_code=summary.exit_code, summary=summary, ledger=ledger.path
             )
         log.info("worker.start", run=run_id, worker=worker, joined=joined)
-        membership = Membership(member_conn, run_id, worker, lease)
+        membership = Membership(member_link, run_id, worker, lease)
         await membership.join()
         async with heartbeat(membership):
-            planned = await _plan_when_leader(job, options, signals, ledger, lead_conn, run_id)
-            if planned is None:  # stopped before anything was sent by this worker
-                await membership.leave()
-                raise InterruptedRunError("interrupted before anything was sent; nothing was recorded")
-            report = await _work(
-                job, options, signals, ledger, run_id, membership, claim_conn, budget_conn, planned
-            )
+            # Planning runs beside the sending: this worker plans if it takes the leader's lock, and learns
+            # when whoever leads is done; the run's completion waits for that.
+            planner = asyncio.create_task(lead(job, options, signals, url, run_id), name="run-planner")
+            try:
+                if not await until_listed(ledger, run_id, signals, planner):
+                    await membership.leave()
+                    raise InterruptedRunError("interrupted before anything was sent; nothing was recorded")
+                report, budgets = await _work(
+                    job, options, signals, ledger, run_id, membership, claim_link, budget_link, planner
+                )
+                planned = await _planning_done(ledger, run_id, report, planner)
+            finally:
+                if not planner.done():
+                    planner.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await planner
             await membership.leave()
-        summary, status = _finish(job, options, ledger, run_id, report, planned)
+        summary, status = _finish(job, ledger, run_id, report, planned, budgets)
         if options.alert_url is not None and job.alerts is not None and status is not None:
             await _alert(job, options.alert_url, ledger, summary)
         held = held_batches(ledger, run_id)
@@ -212,47 +214,20 @@ def _join_or_start(ledger: PgLedger, job: Job, options: WorkerOptions) -> tuple[
     raise StateError(f"job {job.name}: could not start or join a run (runs are being started and ended fast)")
 
 
-async def _plan_when_leader(
-    job: Job, options: WorkerOptions, signals: WorkerSignals, ledger: PgLedger, lead_conn: Any, run_id: str
-) -> dict[str, Any] | None:
-    """Wait until the run is planned, planning it when this worker takes the leader's lock; the run's planned
-    info (rows read, expected requests...), or None when stopped first."""
-    log = get_logger(job=job.name, run=run_id)
-    while True:
-        info = _planned_info(ledger, run_id)
+async def _planning_done(
+    ledger: PgLedger, run_id: str, report: DispatchReport, planner: asyncio.Task[dict[str, Any] | None]
+) -> dict[str, Any]:
+    """The run's planned info once planning is done (a completed worker waits for it: the run's completion is
+    decided only then); a worker that stops takes what is recorded so far."""
+    if report.outcome is DispatchOutcome.COMPLETED:
+        info = await planner
         if info is not None:
             return info
-        if signals.interrupted():
-            return None
-        got = lead_conn.execute(
-            "SELECT pg_try_advisory_lock(hashtext(%s))", (f"pushsync.plan:{run_id}",)
-        ).fetchone()
-        if got and got[0]:
-            try:
-                info = _planned_info(ledger, run_id)
-                if info is None:
-                    log.info("run.leader", hint="planning and queueing the run's batches")
-                    try:
-                        info = await asyncio.to_thread(
-                            _plan_and_enqueue, job, options, signals, ledger, lead_conn, run_id
-                        )
-                    except PushSyncError as exc:
-                        if exc.exit_code is ExitCode.BAD_JOB_OR_INPUT:
-                            # The input (or the job) cannot be planned: end the run, so the other workers stop
-                            # waiting for a plan and say why, instead of each trying the same input in turn.
-                            ledger.finish_run(
-                                run_id,
-                                status="aborted",
-                                exit_code=int(exc.exit_code),
-                                message=f"not planned: {redact(str(exc))}",
-                            )
-                        raise
-                    if info is None:
-                        return None
-                return info
-            finally:
-                lead_conn.execute("SELECT pg_advisory_unlock(hashtext(%s))", (f"pushsync.plan:{run_id}",))
-        await asyncio.sleep(_LEADER_POLL)
+    elif planner.done() and not planner.cancelled() and planner.exception() is None:
+        info = planner.result()
+        if info is not None:
+            return info
+    return _planned_info_any(ledger, run_id)
 
 
 def _ended(ledger: PgLedger, run_id: str) -> str | None:
@@ -266,71 +241,6 @@ def _planned_info_any(ledger: PgLedger, run_id: str) -> dict[str, Any]:
     return dict(json.loads(row[0])) if row and row[0] else {}
 
 
-def _planned_info(ledger: PgLedger, run_id: str) -> dict[str, Any] | None:
-    row = ledger._execute(
-        f"SELECT planned, planned_info, status, message FROM {S}.runs WHERE run_id = %s", (run_id,)
-    ).fetchone()
-    if row is None:
-        raise StateError(f"run {run_id} disappeared from the coordination database")
-    if row[0]:
-        return dict(json.loads(row[1] or "{}"))
-    if row[2] != "running":
-        raise StateError(
-            f"run {run_id} ended ({row[2]}) before it was planned: {row[3] or 'see pushsync show'}; fix the cause "
-            "and run the job again"
-        )
-    return None
-
-
-def _plan_and_enqueue(
-    job: Job, options: WorkerOptions, signals: WorkerSignals, ledger: PgLedger, conn: Any, run_id: str
-) -> dict[str, Any] | None:
-    """The leader's work (in a thread): plan (or replay), queue every batch, record the rejected rows and the
-    planned info, in that order; None when a signal stopped it."""
-    row = conn.execute(f"SELECT origin, origin_mode FROM {S}.runs WHERE run_id = %s", (run_id,)).fetchone()
-    origin, mode = (row[0], row[1]) if row else (None, None)
-    decisions = None
-    if origin is not None and not (options.full_refresh and mode == ReplayMode.RETRY.value):
-        decisions = replay_plan(
-            ledger, origin, ReplayMode(mode or ReplayMode.RESUME.value), platform=platform_for(job)
-        )
-    plan = build_plan(job, limit=options.limit, stop=signals.requested)
-    with plan:
-        stats = ReplayStats() if decisions is not None else None
-        source: Any = plan if decisions is None else ReplayLanes(plan, decisions, stats)
-        queued = enqueue(conn, run_id, source, stop=signals.requested)
-        if signals.interrupted():
-            return None
-        summary = plan.summary()
-        staged = plan.staged
-        rejected = list(plan.rejected_rows())
-        info = {
-            "rows_read": sum(s.rows_read for s in staged),
-            "rows_clean": sum(s.rows_clean for s in staged),
-            "rows_rejected": len(rejected),
-            "duplicates_dropped": sum(s.duplicates_dropped for s in staged),
-            "requests": summary.total_requests if decisions is None else queued,
-            "ids": summary.total_ids,
-            "batches": queued,
-            "rejects": str(plan.rejects_path.resolve()),
-            "origin": origin,
-            "replay": None if stats is None else dataclasses.asdict(stats),
-        }
-        with conn.transaction():
-            conn.execute(f"DELETE FROM {S}.rejected_rows WHERE run_id = %s", (run_id,))
-            with conn.cursor() as cur:
-                cur.executemany(
-                    f"INSERT INTO {S}.rejected_rows (run_id, path, row, column_name, reason, ext_id) "
-                    "VALUES (%s, %s, %s, %s, %s, %s)",
-                    [rejected_row(run_id, r) for r in rejected],
-                )
-            conn.execute(
-                f"UPDATE {S}.runs SET planned = TRUE, planned_info = %s WHERE run_id = %s",
-                (json.dumps(info), run_id),
-            )
-    return info
-
-
 async def _work(
     job: Job,
     options: WorkerOptions,
@@ -338,24 +248,27 @@ async def _work(
     ledger: PgLedger,
     run_id: str,
     membership: Membership,
-    claim_conn: Any,
-    budget_conn: Any,
-    planned: dict[str, Any],
-) -> DispatchReport:
-    """Claim and send until no batch is left (or a stop); the dispatcher's report of this worker's part."""
+    claim_link: Link,
+    budget_link: Link,
+    planner: asyncio.Task[dict[str, Any] | None],
+) -> tuple[DispatchReport, SharedBudgets]:
+    """Claim and send until no batch is left (or a stop); the dispatcher's report of this worker's part, and
+    the shared budgets it used. Planning may still run: its totals reach the progress display when it is
+    done, and a planning failure drains this worker and stops it."""
     watchers: list[DispatchObserver] = [*options.observers]
     bar = None
     if options.progress != "none":
         from sync.report.progress import make_progress
 
         bar = make_progress(
-            total_ids=int(planned.get("ids", 0)),
-            total_requests=int(planned.get("requests", 0)),
+            total_ids=None,
+            total_requests=None,
             enabled={"auto": None, "bar": True, "log": False}[options.progress],
             job=job.name,
             run=run_id,
         )
         watchers.append(bar)
+        planner.add_done_callback(lambda task: _set_totals(task, bar))
     wants_metrics = (
         options.metrics_port is not None
         or options.metrics_textfile is not None
@@ -365,18 +278,15 @@ async def _work(
     if metrics is not None:
         metrics.instance = membership.worker  # one Pushgateway group per worker
         watchers.append(metrics)
-    budgets = SharedBudgets(budget_conn, job.dispatch, scope=job.name)
+    budgets = SharedBudgets(budget_link, job.dispatch, scope=job.name)
     own_client = options.client is None
     sender = options.client if options.client is not None else platform_for(job).client(job, options.api_key)
-    source = QueueLanes(claim_conn, ledger, membership, stop=signals.event)
-    # One batch per pull: the dispatcher reads an asynchronous lane until it has as many batches as its channel
-    # has room for, and a lane of the queue waits (polling) while other workers hold the last batches of its
-    # endpoint — with more room, batches this worker claimed would wait in that pull instead of being sent, and
-    # workers polling for each other's batches would never finish. Claims are the queue's bound.
-    settings = dataclasses.replace(job.dispatch, queue_size=1)
+    # The queue's lanes hand batches out on demand (sync.dispatch.dispatch.BatchPuller): a batch is claimed
+    # only when one of this worker's dispatcher workers is free to send it, so claims are never held unsent.
+    source = QueueLanes(claim_link, ledger, membership, stop=signals.event)
     dispatcher = Dispatcher(
         sender,
-        settings,
+        job.dispatch,
         ledger=ledger,
         run_id=run_id,
         stop=signals.event,
@@ -384,6 +294,8 @@ async def _work(
         budget_factory=options.budget_factory or budgets.budget,
     )
     signals.dispatcher = dispatcher
+    log = get_logger(job=job.name, run=run_id)
+    planning_failed: BaseException | None = None
     try:
         async with (
             metrics.exporting(
@@ -394,11 +306,21 @@ async def _work(
             if metrics is not None
             else contextlib.nullcontext()
         ):
+            sending = asyncio.create_task(dispatcher.run(source), name="dispatch")
+            while not sending.done():
+                await asyncio.wait(
+                    [sending] if planner.done() else [sending, planner], return_when=asyncio.FIRST_COMPLETED
+                )
+                if planning_failed is None and planner.done() and not planner.cancelled():
+                    planning_failed = planner.exception()
+                    if planning_failed is not None:
+                        # The run cannot complete: drain what is in flight, record it, then say why.
+                        dispatcher.stop_event.set()
             try:
-                report = await dispatcher.run(source)
+                report = sending.result()
             except Exception as exc:
                 cause = _leaf(exc)
-                get_logger(job=job.name, run=run_id).error(
+                log.error(
                     "worker.failed", error=f"{type(cause).__name__}: {safe_message(cause)}", exc_info=cause
                 )
                 raise RunStoppedError(
@@ -414,14 +336,31 @@ async def _work(
             bar.close()
         if own_client:
             await sender.aclose()
-    get_logger(job=job.name, run=run_id).info(
+    if planning_failed is not None:
+        if not any(s.requests for s in report.endpoints.values()):
+            raise planning_failed  # nothing was sent by this worker: the error as it is (e.g. exit 2)
+        raise RunStoppedError(
+            f"run {run_id}: this worker stopped after it began sending: planning failed: "
+            f"{safe_message(planning_failed)}"
+        ) from planning_failed
+    log.info(
         "worker.done",
         claimed=source.claimed,
         claim_ms=round(source.claim_seconds * 1000, 1),
         budget_acquisitions=budgets.acquisitions,
         budget_ms=round(budgets.seconds * 1000, 1),
+        reconnections=claim_link.generation + budget_link.generation,
     )
-    return report
+    return report, budgets
+
+
+def _set_totals(task: asyncio.Task[dict[str, Any] | None], progress: Any) -> None:
+    """Give the progress display the run's totals once planning is done."""
+    if task.cancelled() or task.exception() is not None:
+        return
+    info = task.result()
+    if info is not None:
+        progress.set_totals(int(info.get("ids", 0)), int(info.get("requests", 0)))
 
 
 def _metrics_for(job: Job, run_id: str) -> RunMetrics:
@@ -457,19 +396,20 @@ def _leaf(exc: BaseException) -> BaseException:
 
 def _finish(
     job: Job,
-    options: WorkerOptions,
     ledger: PgLedger,
     run_id: str,
     report: DispatchReport,
     planned: dict[str, Any],
+    budgets: SharedBudgets,
 ) -> tuple[RunSummary, str | None]:
-    """The run's summary from the ledger; recorded (and the run ended) by the worker that finds nothing left.
-    Returns the summary and the status this worker recorded (None: it ended nothing)."""
+    """The run's summary from the ledger; recorded (and the run ended) by the worker that finds nothing left
+    once planning is done. Returns the summary and the status this worker recorded (None: it ended nothing)."""
     ledger.flush()
     conn = ledger._conn
+    margin_for = budgets.group_margin
     if report.outcome is not DispatchOutcome.COMPLETED:
         # This worker stops (signal, 401/403): the others may carry on; an abort ends the run for everyone.
-        summary = run_summary_from_ledger(job, ledger, run_id, planned, outcome=report)
+        summary = run_summary_from_ledger(job, ledger, run_id, planned, outcome=report, margin_for=margin_for)
         if report.outcome is DispatchOutcome.ABORTED:
             with conn.transaction():
                 conn.execute(
@@ -486,10 +426,12 @@ def _finish(
             return summary, "aborted"
         return summary, None
     with conn.transaction():
-        row = conn.execute(f"SELECT status FROM {S}.runs WHERE run_id = %s FOR UPDATE", (run_id,)).fetchone()
-        summary = run_summary_from_ledger(job, ledger, run_id, planned, outcome=report)
-        if row is None or row[0] != "running":
-            return summary, None
+        row = conn.execute(
+            f"SELECT status, planned FROM {S}.runs WHERE run_id = %s FOR UPDATE", (run_id,)
+        ).fetchone()
+        summary = run_summary_from_ledger(job, ledger, run_id, planned, outcome=report, margin_for=margin_for)
+        if row is None or row[0] != "running" or not row[1]:
+            return summary, None  # ended by another worker, or planning not done (a stop came meanwhile)
         status = "done" if summary.exit_code is ExitCode.OK else "partial"
         conn.execute(
             f"UPDATE {S}.runs SET status = %s, finished_at = %s, exit_code = %s, message = %s, summary = %s "
@@ -504,109 +446,3 @@ def _finish(
             ),
         )
     return summary, status
-
-
-def run_summary_from_ledger(
-    job: Job, ledger: PgLedger, run_id: str, planned: dict[str, Any], *, outcome: DispatchReport
-) -> RunSummary:
-    """The whole run's summary (every worker's requests, the dead ones' too), read from the ledger."""
-    conn = ledger._conn
-    stats: dict[str, EndpointStats] = {}
-
-    def of(endpoint: str) -> EndpointStats:
-        return stats.setdefault(endpoint, EndpointStats(endpoint))
-
-    for endpoint, batches, ok, rejected, failed in conn.execute(
-        f"SELECT endpoint, count(*) FILTER (WHERE status NOT IN ('planned')), sum(ok_ids), sum(rejected_ids), "
-        f"sum(n_ids - ok_ids - rejected_ids) FILTER (WHERE status = 'failed') FROM {S}.batches WHERE run_id = %s "
-        "GROUP BY endpoint ORDER BY min(seq)",
-        (run_id,),
-    ):
-        s = of(endpoint)
-        s.batches, s.ids_ok, s.ids_rejected, s.ids_failed = (
-            int(batches),
-            int(ok or 0),
-            int(rejected or 0),
-            int(failed or 0),
-        )
-    for endpoint, requests, limited, retries, first, last in conn.execute(
-        f"SELECT endpoint, count(*), count(*) FILTER (WHERE outcome = 'rate_limited'), "
-        f"count(*) FILTER (WHERE attempt > 1), min(started_at), max(started_at) FROM {S}.attempts "
-        "WHERE run_id = %s GROUP BY endpoint",
-        (run_id,),
-    ):
-        s = of(endpoint)
-        s.requests, s.rate_limited, s.retries = int(requests), int(limited), int(retries)
-        s.first_request, s.last_request = first, last
-    for endpoint, latency in conn.execute(
-        f"SELECT endpoint, latency FROM {S}.attempts WHERE run_id = %s ORDER BY id DESC LIMIT 100000",
-        (run_id,),
-    ):
-        of(endpoint).latencies.append(float(latency))
-        of(endpoint).latency_count += 1
-    for endpoint, s in stats.items():
-        spec = job.dispatch.budgets.get(endpoint) or job.dispatch.budgets.get("*")
-        if spec is None:
-            groups = [g for g in job.dispatch.budget_groups if g.holds(endpoint)]
-            spec = groups[0].budget if len(groups) == 1 else None
-        if spec is None:
-            continue
-        s.budget_requests, s.budget_period = spec.requests, spec.period
-        for (started,) in conn.execute(
-            f"SELECT started_at FROM {S}.attempts WHERE run_id = %s AND endpoint = %s", (run_id, endpoint)
-        ):
-            w = math.floor(started / spec.period)
-            s.per_window[w] = s.per_window.get(w, 0) + 1
-    counts = dict(
-        conn.execute(
-            f"SELECT status, count(*) FROM {S}.batches WHERE run_id = %s GROUP BY status", (run_id,)
-        ).fetchall()
-    )
-    done = sum(int(n) for status, n in counts.items() if status in ("ok", "rejected", "failed"))
-    unfinished = sum(int(n) for status, n in counts.items() if status in ("planned", "sent"))
-    started_row = conn.execute(f"SELECT started_at FROM {S}.runs WHERE run_id = %s", (run_id,)).fetchone()
-    report = DispatchReport(
-        outcome=outcome.outcome,
-        endpoints=stats,
-        elapsed=time.time() - (started_row[0] if started_row else time.time()),
-        batches_done=done,
-        batches_unfinished=unfinished,
-        fatal=outcome.fatal,
-    )
-    return summarise(
-        report,
-        run_id=run_id,
-        job=job.name,
-        rows_rejected=int(planned.get("rows_rejected", 0)),
-        ledger=ledger.path,
-        rejects=planned.get("rejects"),
-        thresholds=job.thresholds,
-        rows_read=int(planned.get("rows_read", 0)),
-        input_=_input_of(job, planned),
-    )
-
-
-def held_batches(ledger: PgLedger, run_id: str) -> int:
-    """Batches held back (non-idempotent, sent by a worker that died: outcome unknown)."""
-    row = ledger._execute(
-        f"SELECT count(*) FROM {S}.batches WHERE run_id = %s AND held", (run_id,)
-    ).fetchone()
-    return int(row[0]) if row else 0
-
-
-def _input_of(job: Job, planned: dict[str, Any]) -> RunInput:
-    """What the leader read, and where the run sends (the host only, as :func:`sync.run.run` records it)."""
-    url = urlsplit(job.destination.base_url)
-    try:
-        port = url.port
-    except ValueError:
-        port = None
-    return RunInput(
-        rows_read=int(planned.get("rows_read", 0)),
-        rows_clean=int(planned.get("rows_clean", 0)),
-        rows_rejected=int(planned.get("rows_rejected", 0)),
-        duplicates_dropped=int(planned.get("duplicates_dropped", 0)),
-        mode=job.mode.value,
-        platform=job.destination.platform,
-        host=redact(url.hostname or "") + (f":{port}" if port else ""),
-    )

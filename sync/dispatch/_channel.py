@@ -37,7 +37,7 @@ class ChannelStatistics:
 class Channel(Generic[T]):
     """A FIFO of at most ``max_buffered`` items between tasks; see the module docstring."""
 
-    __slots__ = ("_buffer", "_closed", "_max", "_receivers", "_room_waiters")
+    __slots__ = ("_buffer", "_closed", "_demand_waiters", "_max", "_receivers", "_room_waiters")
 
     def __init__(self, max_buffered: int) -> None:
         if max_buffered < 1:
@@ -49,6 +49,7 @@ class Channel(Generic[T]):
         self._room_waiters: deque[tuple[int, asyncio.Future[None]]] = (
             deque()
         )  # senders waiting for n free slots
+        self._demand_waiters: deque[asyncio.Future[None]] = deque()  # senders waiting for a receiver to wait
 
     @property
     def free(self) -> int:
@@ -75,6 +76,20 @@ class Channel(Generic[T]):
         self._room_waiters.append((n, fut))
         await fut
 
+    async def wait_demand(self) -> int:
+        """Wait until nothing is buffered and a receiver waits; returns how many receivers wait. For a sender
+        that makes (or claims) an item only when a receiver will take it at once."""
+        while True:
+            if self._closed:
+                raise ChannelClosedError("send on a closed channel")
+            if not self._buffer:
+                waiting = sum(not f.done() for f in self._receivers)
+                if waiting:
+                    return waiting
+            fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            self._demand_waiters.append(fut)
+            await fut
+
     def send_nowait(self, item: T) -> None:
         """Buffer ``item``; the channel must have room (:meth:`wait_room`)."""
         if self._closed:
@@ -96,6 +111,8 @@ class Channel(Generic[T]):
                 raise StopAsyncIteration
             fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
             self._receivers.append(fut)
+            if self._demand_waiters:
+                self._wake_demand()
             try:
                 await fut
             except asyncio.CancelledError:
@@ -124,13 +141,22 @@ class Channel(Generic[T]):
             _, fut = self._room_waiters.popleft()
             if not fut.done():
                 fut.set_exception(ChannelClosedError("channel closed"))
+        self._wake_demand()
 
     def discard(self) -> int:
         """Drop every buffered item; returns how many."""
         dropped = len(self._buffer)
         self._buffer.clear()
         self._wake_senders()
+        self._wake_demand()
         return dropped
+
+    def _wake_demand(self) -> None:
+        """Wake every sender waiting for demand: each looks again (or fails, the channel being closed)."""
+        while self._demand_waiters:
+            fut = self._demand_waiters.popleft()
+            if not fut.done():
+                fut.set_result(None)
 
     def _wake_receiver(self) -> None:
         while self._receivers:

@@ -70,6 +70,7 @@ from sync.platforms.base import PlatformClient
 from sync.records import Batch, Phase
 
 __all__ = [
+    "BatchPuller",
     "DispatchObserver",
     "DispatchOutcome",
     "DispatchReport",
@@ -95,6 +96,18 @@ class LaneSource(Protocol):
     """
 
     def lanes(self, phase: Phase) -> Sequence[tuple[str, Iterable[Batch] | AsyncIterable[Batch]]]: ...
+
+
+@runtime_checkable
+class BatchPuller(Protocol):
+    """A lane's batches handed out on demand (a coordinated worker's queue: :mod:`sync.coordination.queue`).
+
+    When a lane's ``batches`` has ``take(n)``, the dispatcher pulls only when the lane's workers wait with
+    nothing buffered, and asks for as many batches as workers wait: ``take`` returns up to ``n`` batches —
+    whatever is ready, without waiting for more than the first — and an empty list once the lane is over. So
+    no batch is taken from the source before a worker is free to send it (a claimed batch is a lease)."""
+
+    async def take(self, n: int) -> list[Batch]: ...
 
 
 @dataclass(slots=True, eq=False)
@@ -352,15 +365,19 @@ class Dispatcher:
             if not lane.more:
                 break
             # A plain plan pulls whole chunks and hands them over as room frees (as it always did); a lane
-            # pulls no more than the room that is free, so it never holds more than its channel's bound.
-            hold = lane.plain and not lane.pull.is_async
-            if not hold:
+            # pulls no more than the room that is free, so it never holds more than its channel's bound; an
+            # on-demand lane (BatchPuller) pulls only for workers waiting with nothing buffered.
+            if lane.pull.on_demand:
+                want = await channel.wait_demand()
+            elif lane.plain and not lane.pull.is_async:
+                want = _FEED_CHUNK
+            else:
                 await channel.wait_room(refill)
+                want = min(_FEED_CHUNK, channel.free)
             if self._stop.is_set():
                 return
-            want = _FEED_CHUNK if hold else min(_FEED_CHUNK, channel.free)
             chunk = await lane.pull.take(want)
-            lane.more = len(chunk) == want
+            lane.more = bool(chunk) if lane.pull.on_demand else len(chunk) == want
             if self._stop.is_set():
                 return
         lane.exhausted = True
@@ -441,9 +458,10 @@ class _Pull:
     """Takes batches from an iterable of batches, a few at a time: a synchronous one in the run's plan-pull
     thread (so the loop never blocks on planning), an asynchronous one directly."""
 
-    __slots__ = ("_async", "_executor", "_sync")
+    __slots__ = ("_async", "_demand", "_executor", "_sync")
 
     def __init__(self, batches: Iterable[Batch] | AsyncIterable[Batch], executor: ThreadPoolExecutor) -> None:
+        self._demand: BatchPuller | None = batches if isinstance(batches, BatchPuller) else None
         self._async: AsyncIterator[Batch] | None = (
             aiter(batches) if isinstance(batches, AsyncIterable) else None
         )
@@ -455,8 +473,15 @@ class _Pull:
         """The batches come from an asynchronous iterable (no worker thread involved)."""
         return self._async is not None
 
+    @property
+    def on_demand(self) -> bool:
+        """The batches come from a :class:`BatchPuller`: pulled only for waiting workers."""
+        return self._demand is not None
+
     async def take(self, n: int) -> list[Batch]:
-        """Up to ``n`` batches; fewer only at the end."""
+        """Up to ``n`` batches; fewer only at the end (a :class:`BatchPuller`: whatever it has ready)."""
+        if self._demand is not None:
+            return await self._demand.take(n)
         if self._async is not None:
             out: list[Batch] = []
             while len(out) < n:
