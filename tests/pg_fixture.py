@@ -62,6 +62,9 @@ class PostgresServer:
     password: str
     admin_password: str
     run_as: list[str]
+    options: str = ""
+    """The ``postgres`` options it was started with (port, socket folder, settings): a restart keeps them."""
+    log: Path = Path("/dev/null")
     _counter: Iterator[int] = field(default_factory=itertools.count)
 
     def url(self, database: str, *, user: str = ROLE, password: str | None = None) -> str:
@@ -106,11 +109,26 @@ class PostgresServer:
         self.sql(self.admin_url(), f"CREATE DATABASE {name} OWNER {ROLE}")
         return self.url(name)
 
-    def stop(self) -> None:
+    def stop(self, mode: str = "immediate") -> None:
+        """Stop the server (``immediate``: at once, as a crash; ``fast``: ending the sessions cleanly)."""
+        self._pg_ctl("-m", mode, "-w", "stop")
+
+    def start(self) -> None:
+        """Start it again after :meth:`stop`, on the same port."""
+        self._pg_ctl("-o", self.options, "-l", str(self.log), "-w", "start")
+
+    def restart(self) -> None:
+        """Restart it (every session ends, as when an administrator restarts PostgreSQL)."""
+        self._pg_ctl("-m", "fast", "-o", self.options, "-l", str(self.log), "-w", "restart")
+
+    def _pg_ctl(self, *args: str) -> None:
+        # The server's output goes to its log file: not a pipe of ours, which a server started here would
+        # keep open after pg_ctl returned.
         subprocess.run(
-            [*self.run_as, str(self.bin_dir / "pg_ctl"), "-D", str(self.data_dir), "-m", "immediate", "stop"],
-            capture_output=True,
-            timeout=60,
+            [*self.run_as, str(self.bin_dir / "pg_ctl"), "-D", str(self.data_dir), *args],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            timeout=120,
             check=False,
         )
 
@@ -174,7 +192,7 @@ def start_postgres(bin_dir: Path) -> tuple[PostgresServer, Path]:
     else:
         log = (root / "log").read_text(encoding="utf-8", errors="replace") if (root / "log").exists() else ""
         raise RuntimeError(f"PostgreSQL did not start: {log[-2000:]}")
-    server = PostgresServer(bin_dir, data, port, password, admin_password, run_as)
+    server = PostgresServer(bin_dir, data, port, password, admin_password, run_as, options, root / "log")
     server.sql(server.admin_url(), f"CREATE ROLE {ROLE} LOGIN PASSWORD '{password}'")
     return server, root
 

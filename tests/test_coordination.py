@@ -3,21 +3,35 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
 import subprocess
 import sys
+import threading
 import time
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from sync.records import Batch, Phase
 from tests.conftest import REPO_ROOT, NetmeraProcess
+from tests.netmera_e2e import (
+    applied,
+    expected_users,
+    finish,
+    inspect,
+    minimal_applications,
+    netmera_job,
+    pushsync,
+    sandbox_users,
+    write_users,
+)
 from tests.pg_fixture import PostgresServer
 from tests.sandbox_fixtures import start_sandbox_process, stop_sandbox_process
-from tests.test_crash_resume import applied, expected_users, minimal_applications, sandbox_users, write_users
 
 BATCH = 40
 
@@ -25,53 +39,25 @@ BATCH = 40
 def job_text(
     url: str, *, budget: str = "", lease: float = 2, concurrency: int = 4, name: str = "scale"
 ) -> str:
-    return f"""\
-version: 1
-name: {name}
-workdir: work
-destination:
-  platform: netmera
-  base_url: {url}
-  secret: {{env: NETMERA_API_KEY}}
-sources:
-  - name: users
-    path: users.csv
-    ext_id: id
-    attributes:
-      name: string
-      score: number
-      city: {{on_null: unset}}
-    tags: {{column: segments}}
-    opt_ins:
-      email: mail
-      categories: {{News: news}}
-coordination: {{lease: {lease}}}
-dispatch:
+    return netmera_job(
+        url,
+        name=name,
+        tail=f"coordination: {{lease: {lease}}}\n",
+        dispatch=f"""\
   concurrency: {concurrency}
   batch_size: {BATCH}
   request_timeout: 2
   drain_timeout: 2
   retry: {{max_attempts: 8, base_delay: 0.05, max_delay: 0.2}}
-{budget}"""
-
-
-def worker(
-    tmp: Path, key: str, db_url: str | None, *args: str, env: dict[str, str] | None = None
-) -> subprocess.Popen[str]:
-    extra = {"PUSHSYNC_DATABASE_URL": db_url} if db_url else {}
-    return subprocess.Popen(
-        [sys.executable, "-m", "sync", *args],
-        cwd=tmp,
-        env={**os.environ, "NETMERA_API_KEY": key, "PYTHONPATH": str(REPO_ROOT), **extra, **(env or {})},
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
+{budget}""",
     )
 
 
-def finish(proc: subprocess.Popen[str], timeout: float = 120) -> tuple[int, str, str]:
-    out, err = proc.communicate(timeout=timeout)
-    return proc.returncode, out, err
+def worker(
+    tmp: Path, sandbox: NetmeraProcess | str, db_url: str, *args: str, env: dict[str, str] | None = None
+) -> subprocess.Popen[str]:
+    """``pushsync ARGS`` with ``PUSHSYNC_DATABASE_URL``: one worker of the job's run."""
+    return pushsync(tmp, sandbox, *args, env={"PUSHSYNC_DATABASE_URL": db_url, **(env or {})})
 
 
 def test_one_worker_on_postgres_sends_the_job_and_the_ledger_commands_read_it(
@@ -83,7 +69,7 @@ def test_one_worker_on_postgres_sends_the_job_and_the_ledger_commands_read_it(
     code, out, err = finish(
         worker(
             tmp_path,
-            sandbox.api_key,
+            sandbox,
             postgres_url,
             "run",
             "job.yaml",
@@ -99,28 +85,24 @@ def test_one_worker_on_postgres_sends_the_job_and_the_ledger_commands_read_it(
     assert sandbox_users(sandbox) == expected_users(rows)
     assert not (tmp_path / "work" / "ledger.sqlite").exists()  # the ledger is in PostgreSQL
     run_id = doc["run_id"]
-    code, out, err = finish(worker(tmp_path, sandbox.api_key, postgres_url, "runs", "--output", "json"))
+    code, out, err = finish(worker(tmp_path, sandbox, postgres_url, "runs", "--output", "json"))
     assert code == 0, err
     runs = json.loads(out)
     assert [r["run_id"] for r in runs] == [run_id] and runs[0]["status"] == "done"
-    code, out, err = finish(
-        worker(tmp_path, sandbox.api_key, postgres_url, "show", "latest", "--output", "json")
-    )
+    code, out, err = finish(worker(tmp_path, sandbox, postgres_url, "show", "latest", "--output", "json"))
     assert code == 0, err
     assert json.loads(out)["summary"]["totals"]["requests"] == doc["totals"]["requests"]
-    code, out, err = finish(worker(tmp_path, sandbox.api_key, postgres_url, "report", run_id, "-o", "r.html"))
+    code, out, err = finish(worker(tmp_path, sandbox, postgres_url, "report", run_id, "-o", "r.html"))
     assert code == 0, err
     assert run_id in (tmp_path / "r.html").read_text(encoding="utf-8")
-    code, out, err = finish(
-        worker(tmp_path, sandbox.api_key, postgres_url, "trace", "user00007", "--output", "json")
-    )
+    code, out, err = finish(worker(tmp_path, sandbox, postgres_url, "trace", "user00007", "--output", "json"))
     assert code == 0, err
     traced = json.loads(out)
     assert traced and {e["run_id"] for e in traced} == {run_id} and {e["status"] for e in traced} == {"ok"}
     code, out, err = finish(
         worker(
             tmp_path,
-            sandbox.api_key,
+            sandbox,
             postgres_url,
             "ledger-export",
             "latest",
@@ -135,9 +117,7 @@ def test_one_worker_on_postgres_sends_the_job_and_the_ledger_commands_read_it(
     # A worker started again under the run's ID after it ended (a restarted pod) reports it, sends nothing.
     before = sum(applied(sandbox).values())
     code, out, err = finish(
-        worker(
-            tmp_path, sandbox.api_key, postgres_url, "run", "job.yaml", "--run-id", run_id, "--output", "json"
-        )
+        worker(tmp_path, sandbox, postgres_url, "run", "job.yaml", "--run-id", run_id, "--output", "json")
     )
     assert code == 0, err
     assert json.loads(out)["run_id"] == run_id and sum(applied(sandbox).values()) == before
@@ -177,13 +157,6 @@ def account_limited_sandbox(tmp_path: Path) -> Any:
         stop_sandbox_process(process)
 
 
-def _sandbox_stats(sandbox: NetmeraProcess) -> dict[str, Any]:
-    import urllib.request
-
-    with urllib.request.urlopen(f"{sandbox.root_url}/_sandbox/stats", timeout=10) as resp:
-        return dict(json.loads(resp.read()))
-
-
 def _query(server: PostgresServer, url: str, sql: str) -> list[list[str]]:
     return [line.split("|") for line in server.sql(url, sql).splitlines() if line]
 
@@ -202,7 +175,7 @@ def test_three_workers_share_one_job_and_one_budget_and_survive_a_kill_9(
     procs = [
         worker(
             tmp_path,
-            sandbox.api_key,
+            sandbox,
             postgres_url,
             "run",
             "job.yaml",
@@ -246,8 +219,6 @@ def test_three_workers_share_one_job_and_one_budget_and_survive_a_kill_9(
     survivors = [p for p in procs if p is not victim]
     results = [finish(p) for p in survivors]
     for code, out, err in results:
-        if code:
-            Path("/tmp/s22-err.txt").write_text(err)
         assert code == 0, (out, err[-3000:])
     docs = [json.loads(out) for _, out, _ in results]
     assert len({d["run_id"] for d in docs}) == 1  # one run, joined by every worker
@@ -261,8 +232,15 @@ def test_three_workers_share_one_job_and_one_budget_and_survive_a_kill_9(
     assert left == [["0"]]
     senders = _query(postgres_server, postgres_url, "SELECT count(DISTINCT worker) FROM pushsync.attempts")
     assert int(senders[0][0]) == 3
-    stats = _sandbox_stats(sandbox)
+    stats = inspect(sandbox, "stats")
     assert stats["rate_limited_total"] == 0, stats
+    # The summary's budget-group line counts every worker's requests (the killed one's too), as one process's.
+    attempts = _query(postgres_server, postgres_url, "SELECT count(*) FROM pushsync.attempts")
+    for doc in docs:
+        (group,) = doc["budget_groups"]
+        assert group["group"] == "account" and group["budget"] == f"{LIMIT}/1s", group
+        assert group["requests"] == int(attempts[0][0]) == doc["totals"]["requests"], (group, attempts)
+        assert group["rate_limited"] == 0 and 0 < group["max_per_window"] <= LIMIT, group
     # Duplicates only from ambiguous outcomes: faults that applied a batch and failed anyway, and what the
     # killed worker had in flight (its requests and the answers of its last ledger flush interval).
     faults = stats["faults"]
@@ -462,7 +440,49 @@ async def test_a_dead_workers_non_idempotent_sent_batch_is_held_and_its_other_cl
         ledger.close()
 
 
-def test_postgresql_restarted_mid_run_stops_the_worker_clearly_and_the_job_converges_when_run_again(
+def _ok_batches(server: PostgresServer, url: str) -> int:
+    try:
+        return int(_query(server, url, "SELECT count(*) FROM pushsync.batches WHERE status = 'ok'")[0][0])
+    except RuntimeError:
+        return 0  # the tables are not there yet
+
+
+def _wait_ok(server: PostgresServer, url: str, proc: subprocess.Popen[str], n: int) -> None:
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and proc.poll() is None and _ok_batches(server, url) < n:
+        time.sleep(0.05)
+    assert proc.poll() is None, "the worker ended before the database could be restarted"
+
+
+def test_postgresql_restarted_mid_run_the_worker_reconnects_records_what_was_in_flight_and_finishes(
+    tmp_path: Path,
+    netmera_sandbox_process: NetmeraProcess,
+    postgres_server: PostgresServer,
+    postgres_url: str,
+) -> None:
+    sandbox = netmera_sandbox_process
+    budget = '  budget_groups: {account: {requests: 10, per: 1s, endpoints: ["*"]}}\n'
+    (tmp_path / "job.yaml").write_text(job_text(sandbox.url, budget=budget, lease=2), encoding="utf-8")
+    rows = write_users(tmp_path, range(600))
+    proc = worker(tmp_path, sandbox, postgres_url, "run", "job.yaml", "--progress", "none")
+    _wait_ok(postgres_server, postgres_url, proc, 5)
+    postgres_server.restart()  # every session ends: the ledger's, the claims', the budget's, the heartbeat's
+    code, out, err = finish(proc)
+    assert code == 0, (out, err[-3000:])
+    assert sandbox_users(sandbox) == expected_users(rows)
+    # What was in flight when the server went away was recorded once it was back: nothing is left unfinished.
+    left = _query(
+        postgres_server, postgres_url, "SELECT count(*) FROM pushsync.batches WHERE status <> 'ok' OR held"
+    )
+    assert left == [["0"]]
+    done = json.loads(next(line for line in err.splitlines() if '"worker.done"' in line))
+    assert done["reconnections"] >= 2, done  # claims and budget slots connected again
+    assert postgres_server.password not in out + err
+    # The summary has its budget-group line, as a SQLite run's summary does.
+    assert "budget group" in out and "account" in out, out
+
+
+def test_a_database_that_stays_away_stops_the_worker_with_one_clear_error_and_exit_3(
     tmp_path: Path,
     netmera_sandbox_process: NetmeraProcess,
     postgres_server: PostgresServer,
@@ -472,46 +492,287 @@ def test_postgresql_restarted_mid_run_stops_the_worker_clearly_and_the_job_conve
     budget = '  budgets: {"*": {requests: 10, per: 1s}}\n'
     (tmp_path / "job.yaml").write_text(job_text(sandbox.url, budget=budget, lease=2), encoding="utf-8")
     rows = write_users(tmp_path, range(600))
-    proc = worker(tmp_path, sandbox.api_key, postgres_url, "run", "job.yaml", "--progress", "none")
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        time.sleep(0.1)
-        try:
-            ok = int(
-                _query(
-                    postgres_server, postgres_url, "SELECT count(*) FROM pushsync.batches WHERE status = 'ok'"
-                )[0][0]
-            )
-        except RuntimeError:
-            continue
-        if ok >= 5:
-            break
-    # The server writes its log to stdout after a restart: not a pipe of ours (it would never close).
-    subprocess.run(
-        [
-            *postgres_server.run_as,
-            str(postgres_server.bin_dir / "pg_ctl"),
-            "-D",
-            str(postgres_server.data_dir),
-            "-m",
-            "fast",
-            "-w",
-            "restart",
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        timeout=60,
-        check=True,
+    # The worker waits 2 s for the database instead of 30 (the bound is read when a connection is made).
+    code = (
+        "import sys; import sync.coordination._db as db; db.RECONNECT_FOR = 2.0\n"
+        "from sync.cli import main; sys.exit(main(sys.argv[1:]))\n"
     )
-    code, out, err = finish(proc)
-    assert code == 3, (out, err[-2000:])
-    assert "this worker stopped after it began sending" in err and "pushsync run" in err
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code, "run", "job.yaml", "--progress", "none"],
+        cwd=tmp_path,
+        env={
+            **os.environ,
+            "NETMERA_API_KEY": sandbox.api_key,
+            "PYTHONPATH": str(REPO_ROOT),
+            "PUSHSYNC_DATABASE_URL": postgres_url,
+        },
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        _wait_ok(postgres_server, postgres_url, proc, 5)
+        postgres_server.stop("fast")
+        code_, out, err = finish(proc, timeout=90)
+    finally:
+        postgres_server.start()
+    assert code_ == 3, (out, err[-3000:])
+    errors = [line for line in err.splitlines() if line.startswith("pushsync: error:")]
+    assert len(errors) == 1, err[-3000:]
+    assert "this worker stopped after it began sending" in errors[0], errors
+    assert "could not be made again within 2 s" in errors[0], errors
     assert postgres_server.password not in out + err
-    code, out, err = finish(
-        worker(tmp_path, sandbox.api_key, postgres_url, "run", "job.yaml", "--progress", "none")
-    )
-    assert code == 0, (out, err[-2000:])
+    # Run again once the database is back: the worker joins the run and finishes it.
+    code_, out, err = finish(worker(tmp_path, sandbox, postgres_url, "run", "job.yaml", "--progress", "none"))
+    assert code_ == 0, (out, err[-3000:])
     assert sandbox_users(sandbox) == expected_users(rows)
+
+
+async def test_a_link_connects_again_and_gives_up_after_its_bound_with_a_clear_error(
+    postgres_server: PostgresServer, postgres_url: str
+) -> None:
+    from sync.coordination._db import Link, async_connect
+
+    async def pid(conn: Any) -> int:
+        cur = await conn.execute("SELECT pg_backend_pid()")
+        row = await cur.fetchone()
+        return int(row[0])
+
+    link = await Link.open(postgres_url, what="claims")
+    first = await link.run(pid)
+    postgres_server.sql(postgres_server.admin_url(), f"SELECT pg_terminate_backend({first})")
+    second = await link.run(pid)  # the lost connection is made again, the work repeated
+    assert second != first and link.generation == 1
+    await link.close()
+
+    # A server that does not come back: bounded retries, the waits doubling, time injected (no real sleep).
+    now = [0.0]
+    waits: list[float] = []
+
+    async def sleep(seconds: float) -> None:
+        waits.append(seconds)
+        now[0] += seconds
+
+    gone = postgres_url.replace(f":{postgres_server.port}/", f":{_free_port()}/")
+    stranded = Link(
+        gone,
+        await async_connect(postgres_url),
+        what="claims",
+        reconnect_for=5.0,
+        clock=lambda: now[0],
+        sleep=sleep,
+    )
+    victim = await stranded.run(pid)
+    postgres_server.sql(postgres_server.admin_url(), f"SELECT pg_terminate_backend({victim})")
+    with pytest.raises(Exception) as caught:
+        await stranded.run(pid)
+    assert waits == [0.2, 0.4, 0.8, 1.6, 2.0], waits  # the last attempt at 5 s; a further wait would pass it
+    message = str(caught.value)
+    assert type(caught.value).__name__ == "CoordinationError", caught.value
+    assert "the connection for claims was lost and could not be made again within 5 s" in message, message
+    assert postgres_server.password not in message
+
+
+async def test_a_claim_whose_answer_was_lost_with_the_connection_is_found_again(
+    postgres_server: PostgresServer, postgres_url: str
+) -> None:
+    from sync.coordination._db import Link, connect
+    from sync.coordination.ledger import PgLedger
+    from sync.coordination.queue import Membership, QueueLanes, enqueue
+    from sync.records import Operation
+
+    with PgLedger.open(postgres_url) as ledger:
+        ledger.start_run("r1", job="j")
+        lead = connect(postgres_url)
+        batches = [
+            Batch(f"t{i}", "tagUsers", Operation.TAG, {"tag": "t", "extIds": [f"u{i}"]}, (f"u{i}",))
+            for i in range(3)
+        ]
+        assert enqueue(lead, "r1", batches) == 3
+        link = await Link.open(postgres_url, what="claims")
+        member = Membership(await Link.open(postgres_url, what="heartbeats"), "r1", "w1", lease=30)
+        await member.join()
+        lanes = QueueLanes(link, ledger, member)
+        # As if claim number 1 had been made and its answer lost with the connection: the batch is this
+        # worker's in the table, and the connection is gone.
+        lead.execute("UPDATE pushsync.batches SET claimed_by = 'w1', claim_no = 1 WHERE batch_id = 't1'")
+        cur = await link.conn.execute("SELECT pg_backend_pid()")
+        row = await cur.fetchone()
+        assert row is not None
+        postgres_server.sql(postgres_server.admin_url(), f"SELECT pg_terminate_backend({row[0]})")
+        got = await lanes._take(Phase.CHANGES, "tagUsers", 1)  # claim number 1, repeated after reconnecting
+        assert [b.batch_id for b in got] == ["t1"]  # found again, not a second claim of another batch
+        rest = await lanes._take(Phase.CHANGES, "tagUsers", 8)  # after t1 in the queue, then from its start
+        rest += await lanes._take(Phase.CHANGES, "tagUsers", 8)
+        assert sorted(b.batch_id for b in rest) == ["t0", "t2"]
+        lead.close()
+        await link.close()
+        await member.link.close()
+
+
+def test_a_schema_of_version_1_is_migrated_and_its_planned_runs_are_listed(
+    postgres_server: PostgresServer, postgres_url: str
+) -> None:
+    from sync.coordination import open_ledger
+
+    open_ledger(postgres_url).close()
+    # Back to version 1: no lanes, no listed, no claim_no; one run planned by a version-1 leader.
+    postgres_server.sql(
+        postgres_url,
+        "DROP TABLE pushsync.lanes; ALTER TABLE pushsync.runs DROP COLUMN listed; "
+        "ALTER TABLE pushsync.batches DROP COLUMN claim_no; UPDATE pushsync.schema_version SET version = 1; "
+        "INSERT INTO pushsync.runs (run_id, job, started_at, status, planned) VALUES ('old', 'j', 0, 'running', TRUE); "
+        "INSERT INTO pushsync.batches (run_id, batch_id, endpoint, operation, phase, rank, n_ids, ext_ids, status, "
+        "planned_at) VALUES ('old', 'b1', 'tagUsers', 'tag', 1, 2, 1, '[]', 'planned', 0)",
+    )
+    open_ledger(postgres_url).close()
+    assert _query(postgres_server, postgres_url, "SELECT version FROM pushsync.schema_version") == [["2"]]
+    assert _query(postgres_server, postgres_url, "SELECT listed FROM pushsync.runs") == [["t"]]
+    lanes = _query(postgres_server, postgres_url, "SELECT phase, endpoint, rank, queued FROM pushsync.lanes")
+    assert lanes == [["1", "tagUsers", "2", "t"]]
+
+
+class _GatedPlan:
+    """A plan whose one lane gives its first batch, then waits for ``gate`` before the others: a leader that
+    is still planning."""
+
+    def __init__(self, batches: list[Batch], gate: threading.Event) -> None:
+        self._batches = batches
+        self._gate = gate
+
+    def lanes(self, phase: Phase) -> list[tuple[str, Iterator[Batch]]]:
+        return [("upsert", self._lane())] if phase is Phase.CHANGES else []
+
+    def _lane(self) -> Iterator[Batch]:
+        yield self._batches[0]
+        assert self._gate.wait(60)
+        yield from self._batches[1:]
+
+
+async def test_a_worker_claims_and_confirms_a_batch_before_the_leader_queued_the_last_one(
+    postgres_url: str,
+) -> None:
+    from sync.config import DispatchSettings
+    from sync.coordination._db import Link, connect
+    from sync.coordination.ledger import PgLedger
+    from sync.coordination.queue import Membership, QueueLanes, enqueue
+    from sync.dispatch.dispatch import Dispatcher, DispatchOutcome
+    from tests.fake_platform import FakeClient, FakeServer, make_batch
+
+    bodies = [json.dumps({"users": [{"id": f"u{i}", "name": f"N{i}"}]}).encode() for i in range(3)]
+    batches = [make_batch(body, {}) for body in bodies]
+    gate = threading.Event()
+    with PgLedger.open(postgres_url, worker="w1") as ledger:
+        ledger.start_run("r1", job="j")
+        lead = connect(postgres_url)
+        queueing = asyncio.create_task(asyncio.to_thread(enqueue, lead, "r1", _GatedPlan(batches, gate)))
+        member = Membership(await Link.open(postgres_url, what="heartbeats"), "r1", "w1", lease=30)
+        await member.join()
+        claims = await Link.open(postgres_url, what="claims")
+        lanes = QueueLanes(claims, ledger, member, poll=0.02)
+        server = FakeServer()
+        dispatcher = Dispatcher(
+            FakeClient(server), DispatchSettings(concurrency=2), ledger=ledger, run_id="r1"
+        )
+        watch = connect(postgres_url)
+        try:
+            for _ in range(500):  # the leader lists the lanes before it queues a batch
+                if watch.execute("SELECT listed FROM pushsync.runs").fetchone() == (True,):
+                    break
+                await asyncio.sleep(0.01)
+            sending = asyncio.create_task(dispatcher.run(lanes))
+            first = batches[0].batch_id
+            for _ in range(1000):
+                row = watch.execute(
+                    "SELECT status FROM pushsync.batches WHERE batch_id = %s", (first,)
+                ).fetchone()
+                if row == ("ok",):
+                    break
+                await asyncio.sleep(0.01)
+            # Confirmed while the leader has queued one batch of three and not finished the lane.
+            assert row == ("ok",) and server.users == {"u0": {"name": "N0"}}
+            state = watch.execute(
+                "SELECT count(*), bool_and(l.queued) FROM pushsync.batches, pushsync.lanes l"
+            ).fetchone()
+            assert state == (1, False), state
+            assert not sending.done()  # the lane waits for the rest of the plan
+            gate.set()
+            assert await queueing == 3
+            report = await asyncio.wait_for(sending, 30)
+        finally:
+            gate.set()
+            watch.close()
+            lead.close()
+            await claims.close()
+            await member.link.close()
+    assert report.outcome is DispatchOutcome.COMPLETED and report.batches_done == 3
+    assert set(server.users) == {"u0", "u1", "u2"}
+
+
+async def test_the_dispatcher_pulls_an_on_demand_lane_only_for_workers_that_wait() -> None:
+    """A coordinated worker's lanes hand out batches on demand (BatchPuller): a claim is a lease, so none is
+    taken before a worker is free to send it, and as many as workers wait are taken at once."""
+    from sync.config import DispatchSettings
+    from sync.dispatch.dispatch import Dispatcher, DispatchOutcome
+    from sync.platforms.base import SendOutcome
+    from tests.fake_platform import make_batch
+
+    batches = [make_batch(json.dumps({"users": [{"id": f"u{i}"}]}).encode(), {}) for i in range(9)]
+    started: list[str] = []
+    release = asyncio.Event()
+
+    class SlowClient:
+        platform = "fake"
+
+        async def send(self, batch: Batch) -> SendOutcome:
+            started.append(batch.batch_id)
+            await release.wait()
+            return SendOutcome(http_status=200, latency=0.0)
+
+        def split(self, batch: Batch) -> None:
+            return None
+
+        async def aclose(self) -> None:
+            return None
+
+    class Lane:
+        def __init__(self) -> None:
+            self.left = list(batches)
+            self.asked: list[tuple[int, int]] = []  # (n asked, batches taken but not begun sending then)
+            self.taken = 0
+
+        async def take(self, n: int) -> list[Batch]:
+            self.asked.append((n, self.taken - len(started)))
+            out, self.left = self.left[:n], self.left[n:]
+            self.taken += len(out)
+            return out
+
+        async def __aiter__(self) -> AsyncIterator[Batch]:  # what a dispatcher unaware of take() would read
+            while batch := await self.take(1):
+                yield batch[0]
+
+    class Source:
+        def __init__(self) -> None:
+            self.lane = Lane()
+
+        def lanes(self, phase: Phase) -> list[tuple[str, Lane]]:
+            return [("upsert", self.lane)] if phase is Phase.CHANGES else []
+
+    source = Source()
+    dispatcher = Dispatcher(SlowClient(), DispatchSettings(concurrency=3, queue_size=64))
+    sending = asyncio.create_task(dispatcher.run(source))  # type: ignore[arg-type]
+    for _ in range(200):
+        if len(started) == 3:
+            break
+        await asyncio.sleep(0.005)
+    await asyncio.sleep(0.05)
+    # Three workers, three batches in flight, none taken beyond them (a queue of 64 would have taken all 9).
+    assert len(started) == 3 and source.lane.taken == 3, (started, source.lane.asked)
+    release.set()
+    report = await asyncio.wait_for(sending, 10)
+    assert report.outcome is DispatchOutcome.COMPLETED and report.batches_done == 9
+    assert source.lane.asked[0] == (3, 0)  # the first pull: as many as workers wait
+    assert all(pending == 0 for _n, pending in source.lane.asked), source.lane.asked
 
 
 def test_the_kubernetes_example_carries_a_valid_job(tmp_path: Path) -> None:

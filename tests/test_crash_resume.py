@@ -7,25 +7,33 @@ churn sends that 1% only; a removal past the threshold needs --force.
 from __future__ import annotations
 
 import json
-import os
 import random
 import signal
 import sqlite3
 import subprocess
-import sys
 import time
-import urllib.request
 from pathlib import Path
-from typing import Any
 
 import pytest
 
-from tests.conftest import REPO_ROOT, NetmeraProcess
+from tests.conftest import NetmeraProcess
+from tests.netmera_e2e import (
+    applied,
+    expected_users,
+    finish,
+    minimal_applications,
+    netmera_job,
+    pushsync,
+    requests_total,
+    sandbox_users,
+    write_users,
+)
+
+__all__ = ["expected_users", "job_text", "sandbox_users", "write_users"]  # the CLI tests reuse these
 
 USERS = 1200
 BATCH = 40
 CONCURRENCY = 4
-TAGS = ("gold", "silver", "beta")
 
 
 def job_text(url: str, mode: str, removal: str = "none", share: float = 0.05) -> str:
@@ -34,27 +42,11 @@ def job_text(url: str, mode: str, removal: str = "none", share: float = 0.05) ->
         if mode == "snapshot"
         else ""
     )
-    return f"""\
-version: 1
-name: crash-{mode}
-workdir: work
-{snapshot}destination:
-  platform: netmera
-  base_url: {url}
-  secret: {{env: NETMERA_API_KEY}}
-sources:
-  - name: users
-    path: users.csv
-    ext_id: id
-    attributes:
-      name: string
-      score: number
-      city: {{on_null: unset}}
-    tags: {{column: segments}}
-    opt_ins:
-      email: mail
-      categories: {{News: news}}
-dispatch:
+    return netmera_job(
+        url,
+        name=f"crash-{mode}",
+        head=snapshot,
+        dispatch=f"""\
   concurrency: {CONCURRENCY}
   batch_size: {BATCH}
   request_timeout: 5
@@ -62,80 +54,8 @@ dispatch:
   budgets:
     "*": {{requests: 150, per: 1s}}
   retry: {{max_attempts: 3, base_delay: 0.05, max_delay: 0.2}}
-"""
-
-
-def user_row(i: int, churn: int = 0) -> list[str]:
-    tags = [t for k, t in enumerate(TAGS) if (i >> k) & 1]
-    score = i % 97 + (1000 if churn and i % 100 == 7 else 0)
-    city = "" if i % 5 == 0 else f"city{i % 13}"
-    mail = ["yes", "no", ""][i % 3]
-    news = ["true", "false", "", "true"][i % 4]
-    return [f"user{i:05d}", f"Name{i}", str(score), city, "|".join(tags), mail, news]
-
-
-def write_users(directory: Path, ids: range, churn: int = 0) -> list[list[str]]:
-    rows = [user_row(i, churn) for i in ids]
-    lines = ["id,name,score,city,segments,mail,news", *(",".join(r) for r in rows)]
-    (directory / "users.csv").write_text("\n".join(lines) + "\n", encoding="utf-8")
-    return rows
-
-
-def expected_users(rows: list[list[str]]) -> dict[str, dict[str, Any]]:
-    out = {}
-    for ext_id, name, score, city, segments, mail, news in rows:
-        profile: dict[str, Any] = {"name": name, "score": int(score)}
-        if city:
-            profile["city"] = city
-        user: dict[str, Any] = {"tags": sorted(segments.split("|")) if segments else [], "profile": profile}
-        if news:
-            user["categories"] = {"News": news == "true"}
-        if mail:
-            user["emailOptIn"] = mail == "yes"
-        out[ext_id] = user
-    return out
-
-
-def sandbox_users(sandbox: NetmeraProcess) -> dict[str, dict[str, Any]]:
-    doc = _get(sandbox, "state?format=json")
-    out = {}
-    for u in doc["users"]:
-        item: dict[str, Any] = {"tags": sorted(u.get("tags", [])), "profile": u.get("profile", {})}
-        if u.get("categories"):
-            item["categories"] = u["categories"]
-        if u.get("emailOptIn") is not None:
-            item["emailOptIn"] = u["emailOptIn"]
-        out[u["extId"]] = item
-    return out
-
-
-def _get(sandbox: NetmeraProcess, route: str) -> Any:
-    with urllib.request.urlopen(f"{sandbox.root_url}/_sandbox/{route}", timeout=10) as resp:
-        return json.loads(resp.read())
-
-
-def applied(sandbox: NetmeraProcess) -> dict[str, int]:
-    return dict(_get(sandbox, "stats")["applied"])
-
-
-def requests_total(sandbox: NetmeraProcess) -> int:
-    return int(_get(sandbox, "stats")["requests_total"])
-
-
-def pushsync(tmp: Path, sandbox: NetmeraProcess, *args: str) -> subprocess.Popen[str]:
-    return subprocess.Popen(
-        [sys.executable, "-m", "sync", *args],
-        cwd=tmp,
-        env={**os.environ, "NETMERA_API_KEY": sandbox.api_key, "PYTHONPATH": str(REPO_ROOT)},
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
+""",
     )
-
-
-def finish(proc: subprocess.Popen[str]) -> tuple[int, str, str]:
-    out, err = proc.communicate(timeout=60)
-    return proc.returncode, out, err
 
 
 def ok_batches(tmp: Path) -> int:
@@ -174,16 +94,6 @@ def kill_at(proc: subprocess.Popen[str], tmp: Path, delay: float) -> int:
         proc.send_signal(signal.SIGKILL)
     proc.communicate(timeout=30)
     return ok_batches(tmp)
-
-
-def minimal_applications(rows: list[list[str]], mode: str) -> int:
-    """ID applications a crash-free first run makes: one profile per user, one per tag, category and opt-in; in
-    changes mode also one unset per empty city (snapshot mode knows the platform holds no city yet)."""
-    users = expected_users(rows)
-    unsets = sum(1 for r in rows if not r[3]) if mode == "changes" else 0
-    return unsets + sum(
-        1 + len(u["tags"]) + ("categories" in u) + ("emailOptIn" in u) for u in users.values()
-    )
 
 
 @pytest.mark.parametrize("mode", ["snapshot", "changes"])

@@ -463,9 +463,11 @@ class _Pull:
     def __init__(self, batches: Iterable[Batch] | AsyncIterable[Batch], executor: ThreadPoolExecutor) -> None:
         self._demand: BatchPuller | None = batches if isinstance(batches, BatchPuller) else None
         self._async: AsyncIterator[Batch] | None = (
-            aiter(batches) if isinstance(batches, AsyncIterable) else None
+            aiter(batches) if self._demand is None and isinstance(batches, AsyncIterable) else None
         )
-        self._sync: Iterator[Batch] | None = iter(batches) if not isinstance(batches, AsyncIterable) else None
+        self._sync: Iterator[Batch] | None = (
+            iter(batches) if self._demand is None and not isinstance(batches, AsyncIterable) else None
+        )
         self._executor = executor
 
     @property

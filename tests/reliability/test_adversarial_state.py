@@ -13,11 +13,8 @@ sandbox holds (and what it was asked) afterwards:
 from __future__ import annotations
 
 import json
-import os
 import signal
 import sqlite3
-import subprocess
-import sys
 import time
 import urllib.error
 import urllib.request
@@ -30,37 +27,14 @@ import pytest
 from sync.config import load_job
 from sync.ledger.ledger import unpack_ids
 from sync.state import StateStore
-from tests.conftest import REPO_ROOT, NetmeraProcess
+from tests.conftest import NetmeraProcess
+from tests.netmera_e2e import PLAIN_USERS, finish, inspect, netmera_job, pushsync, requests_total
 
 # --- helpers -----------------------------------------------------------------------------------------------------
 
 
-def pushsync(
-    tmp: Path, sandbox: NetmeraProcess, *args: str, env: dict[str, str] | None = None
-) -> subprocess.Popen[str]:
-    """``python -m sync ARGS`` in ``tmp`` with the sandbox's key in ``NETMERA_API_KEY``."""
-    return subprocess.Popen(
-        [sys.executable, "-m", "sync", *args],
-        cwd=tmp,
-        env={**os.environ, "NETMERA_API_KEY": sandbox.api_key, "PYTHONPATH": str(REPO_ROOT), **(env or {})},
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-
-
-def finish(proc: subprocess.Popen[str], timeout: float = 120) -> tuple[int, str, str]:
-    out, err = proc.communicate(timeout=timeout)
-    return proc.returncode, out, err
-
-
 def run(tmp: Path, sandbox: NetmeraProcess, *args: str) -> tuple[int, str, str]:
     return finish(pushsync(tmp, sandbox, *args, "--progress", "none"))
-
-
-def inspect(sandbox: NetmeraProcess, route: str) -> Any:
-    with urllib.request.urlopen(f"{sandbox.root_url}/_sandbox/{route}", timeout=30) as resp:
-        return json.loads(resp.read())
 
 
 def get_profile(sandbox: NetmeraProcess, ext_id: str) -> tuple[int, Any]:
@@ -79,10 +53,6 @@ def requests_to(sandbox: NetmeraProcess, endpoint: str) -> int:
     return sum(inspect(sandbox, "stats")["requests"].get(endpoint, {}).values())
 
 
-def requests_total(sandbox: NetmeraProcess) -> int:
-    return int(inspect(sandbox, "stats")["requests_total"])
-
-
 def ledger_rows(tmp: Path, sql: str) -> list[tuple[Any, ...]]:
     conn = sqlite3.connect(f"file:{tmp / 'work' / 'ledger.sqlite'}?mode=ro", uri=True, timeout=5)
     try:
@@ -97,29 +67,17 @@ USERS = 100
 
 
 def snapshot_job(url: str, removal: str = "delete") -> str:
-    return f"""\
-version: 1
-name: adversarial-snapshot
-workdir: work
-mode: snapshot
-snapshot: {{removal: {removal}}}
-destination:
-  platform: netmera
-  base_url: {url}
-  secret: {{env: NETMERA_API_KEY}}
-sources:
-  - name: users
-    path: users.csv
-    ext_id: id
-    attributes:
-      name: string
-      score: number
-    tags: {{column: segments}}
-dispatch:
+    return netmera_job(
+        url,
+        name="adversarial-snapshot",
+        head=f"mode: snapshot\nsnapshot: {{removal: {removal}}}\n",
+        sources=PLAIN_USERS,
+        dispatch="""\
   concurrency: 2
   request_timeout: 5
-  retry: {{max_attempts: 2, base_delay: 0.01, max_delay: 0.05}}
-"""
+  retry: {max_attempts: 2, base_delay: 0.01, max_delay: 0.05}
+""",
+    )
 
 
 def user_lines(n: int = USERS) -> list[str]:
@@ -235,28 +193,17 @@ def test_an_empty_id_cell_names_no_user_and_holds_nothing(
 
 def changes_job(url: str, *, batch: int = 50, budget: str = "") -> str:
     budgets = f"  budgets: {{'*': {{requests: {budget}, per: 1s}}}}\n" if budget else ""
-    return f"""\
-version: 1
-name: adversarial-changes
-workdir: work
-destination:
-  platform: netmera
-  base_url: {url}
-  secret: {{env: NETMERA_API_KEY}}
-sources:
-  - name: users
-    path: users.csv
-    ext_id: id
-    attributes:
-      name: string
-      score: number
-    tags: {{column: segments}}
-dispatch:
+    return netmera_job(
+        url,
+        name="adversarial-changes",
+        sources=PLAIN_USERS,
+        dispatch=f"""\
   concurrency: 2
   batch_size: {batch}
   request_timeout: 5
   drain_timeout: 2
-{budgets}"""
+{budgets}""",
+    )
 
 
 def write_many_users(tmp: Path, n: int) -> None:
@@ -361,15 +308,7 @@ def test_a_disk_that_fills_mid_run_does_not_exit_2_and_a_resume_finishes(
         )  # a write past the limit fails (EFBIG) like ENOSPC would
         resource.setrlimit(resource.RLIMIT_FSIZE, (2_500_000, 2_500_000))
 
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "sync", "run", "job.yaml", "--progress", "none"],
-        cwd=tmp_path,
-        env={**os.environ, "NETMERA_API_KEY": sandbox.api_key, "PYTHONPATH": str(REPO_ROOT)},
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        preexec_fn=small_disk,
-    )
+    proc = pushsync(tmp_path, sandbox, "run", "job.yaml", "--progress", "none", preexec_fn=small_disk)
     code, out, err = finish(proc)
     sent = requests_total(sandbox)
     assert sent > 0, (code, out, err)
@@ -421,15 +360,10 @@ EVENT_BATCH = 100
 
 
 def events_job(url: str) -> str:
-    return f"""\
-version: 1
-name: adversarial-events
-workdir: work
-destination:
-  platform: netmera
-  base_url: {url}
-  secret: {{env: NETMERA_API_KEY}}
-sources:
+    return netmera_job(
+        url,
+        name="adversarial-events",
+        sources="""\
   - name: events
     kind: events
     path: events.csv
@@ -437,13 +371,15 @@ sources:
     event: event
     attributes:
       amount: number
-dispatch:
+""",
+        dispatch=f"""\
   concurrency: 2
   batch_size: {EVENT_BATCH}
   request_timeout: 5
   drain_timeout: 5
   budgets: {{'*': {{requests: 10, per: 1s}}}}
-"""
+""",
+    )
 
 
 def event_lines(n: int = EVENTS) -> list[str]:
