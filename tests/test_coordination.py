@@ -324,7 +324,7 @@ def test_a_schema_from_a_newer_pushsync_is_refused_clearly(
     code, _ = _cli(tmp_path, monkeypatch, postgres_url, "run", "job.yaml", "--progress", "none")
     err = capsys.readouterr().err
     assert code == 2
-    assert "pushsync schema is version 99, newer than this pushsync understands (1)" in err, err
+    assert "pushsync schema is version 99, newer than this pushsync understands (2)" in err, err
     code, _ = _cli(tmp_path, monkeypatch, postgres_url, "runs")
     assert code == 2  # every command refuses it, before reading anything
 
