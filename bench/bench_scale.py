@@ -2,12 +2,15 @@
 three workers sharing one budget use it fully without a 429.
 
 1. **Claim + record overhead per batch** (in this process, no HTTP): the leader queues batches of 1000 IDs;
-   one worker claims them (``FOR UPDATE SKIP LOCKED``, two at a time, as a worker does) and records ``sent``,
-   one attempt and the result for each (flushed every 50 ms, as in a run). Also the cost of one shared-budget
-   acquisition (one transaction on the budget's row). Target: claim + record ≤ 2 ms per batch.
+   one worker claims them (``FOR UPDATE SKIP LOCKED``) and records ``sent``, one attempt and the result for
+   each (flushed every 50 ms, as in a run). A worker claims on demand — as many batches as its dispatcher has
+   workers waiting, which in the steady state is one — so the target figure claims one at a time; four at a
+   time (a worker's start) is printed beside it. Also the cost of one shared-budget acquisition (one call of
+   ``take_slot``). Target: claim + record ≤ 2 ms per batch.
 2. **1, 2 and 3 workers against an unlimited server**: ``pushsync run`` processes sharing one job against a
    Netmera sandbox with no limits; requests/s over the sending part (first to last request in the ledger) and
-   over the whole command. The same job run by one process on SQLite is the baseline.
+   over the whole command, and when the first request left against when the leader queued the last batch
+   (workers send while the leader plans). The same job run by one process on SQLite is the baseline.
 3. **Three workers sharing one budget**: the sandbox limits the whole account to N requests per clock-aligned
    1 s window; the job's budget group says the same. Budget use = requests per busy window (first and last
    excluded) / N. Targets: ≥ 95 % and 0 × 429.
@@ -41,6 +44,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
 from sync.demo import start_sandbox_process, stop_sandbox_process  # noqa: E402
+from sync.records import Phase  # noqa: E402
 
 KEY = "bench-scale-key-0123456789"
 OVERHEAD_TARGET_MS = 2.0
@@ -52,11 +56,10 @@ USE_TARGET = 0.95
 
 async def overhead(url: str, batches: int) -> dict[str, float]:
     from sync.config import DispatchSettings, RateBudgetSpec
-    from sync.coordination._db import async_connect, connect
+    from sync.coordination._db import Link, connect
     from sync.coordination.budget import SharedBudgets
     from sync.coordination.ledger import PgLedger
     from sync.coordination.queue import Membership, QueueLanes, enqueue
-    from sync.records import Attempt, AttemptOutcome, Batch, BatchResult, BatchStatus, Operation, Phase
 
     ledger = PgLedger.open(url, worker="bench")
     # The round trip of an empty statement: on a loaded machine every figure below is a few of these.
@@ -68,54 +71,30 @@ async def overhead(url: str, batches: int) -> dict[str, float]:
         probe.execute("SELECT 1")
     round_trip = (time.perf_counter() - started) / 500
     probe.close()
-    ledger.start_run("bench", job="bench")
-    ids = [f"user{i:07d}" for i in range(1000)]
-    plan = [
-        Batch(f"b{n:06d}", "tagUsers", Operation.TAG, {"tag": "gold", "extIds": ids}, tuple(ids))
-        for n in range(batches)
-    ]
     lead = connect(url)
-    started = time.perf_counter()
-    enqueue(lead, "bench", plan)
-    enqueue_s = time.perf_counter() - started
-    claim_conn, member_conn, budget_conn = [await async_connect(url) for _ in range(3)]
-    member = Membership(member_conn, "bench", "bench-worker", lease=30)
-    await member.join()
-    lanes = QueueLanes(claim_conn, ledger, member)
-    done = 0
-    started = time.perf_counter()
-    while True:
-        got = await lanes._take(Phase.CHANGES, "tagUsers")
-        if not got:
-            break
-        for batch in got:
-            now = time.time()
-            ledger.record_sent("bench", batch.batch_id)
-            ledger.record_attempt(
-                "bench",
-                Attempt(batch.batch_id, batch.endpoint, 1, len(batch.ext_ids), 0.01, AttemptOutcome.OK, 200),
-                started_at=now,
-            )
-            ledger.record_result(
-                "bench",
-                BatchResult(
-                    batch.batch_id,
-                    batch.endpoint,
-                    batch.operation,
-                    BatchStatus.OK,
-                    1,
-                    200,
-                    ok_ids=len(batch.ext_ids),
-                    started_at=now,
-                    finished_at=now,
-                ),
-            )
-            ledger.maybe_flush()
-            done += 1
-    ledger.flush()
-    per_batch = (time.perf_counter() - started) / max(done, 1)
+    figures: dict[str, float] = {"batches": float(batches), "round_trip_ms": round_trip * 1000}
+    links = [await Link.open(url, what=what) for what in ("claims", "heartbeats", "budget slots")]
+    for at_once in (1, 4):
+        run = f"bench-{at_once}"
+        ledger.start_run(run, job=run)  # one live run per job
+        plan = _plan(batches)
+        started = time.perf_counter()
+        enqueue(lead, run, plan)
+        figures["enqueue_ms"] = (time.perf_counter() - started) / batches * 1000
+        member = Membership(links[1], run, f"bench-worker-{at_once}", lease=30)
+        await member.join()
+        lanes = QueueLanes(links[0], ledger, member)
+        done = 0
+        started = time.perf_counter()
+        while got := await lanes.take(Phase.CHANGES, "tagUsers", at_once):
+            for batch in got:
+                _record(ledger, run, batch)
+                done += 1
+        ledger.flush()
+        assert done == batches, (done, batches)
+        figures[f"claim_record_{at_once}_ms"] = (time.perf_counter() - started) / done * 1000
     settings = DispatchSettings(budgets={"*": RateBudgetSpec(1_000_000, 1.0)})
-    shared = SharedBudgets(budget_conn, settings, scope="bench")
+    shared = SharedBudgets(links[2], settings, scope="bench")
     budget = shared.budget("tagUsers")
     for _ in range(20):
         await budget.acquire()  # warm-up: the row exists, statements are prepared
@@ -123,19 +102,49 @@ async def overhead(url: str, batches: int) -> dict[str, float]:
     started = time.perf_counter()
     for _ in range(n):
         await budget.acquire()
-    per_acquire = (time.perf_counter() - started) / n
-    for conn in (claim_conn, member_conn, budget_conn):
-        await conn.close()
+    figures["budget_acquire_ms"] = (time.perf_counter() - started) / n * 1000
+    for link in links:
+        await link.close()
     lead.close()
     ledger.close()
-    assert done == batches, (done, batches)
-    return {
-        "batches": float(batches),
-        "enqueue_ms": enqueue_s / batches * 1000,
-        "claim_record_ms": per_batch * 1000,
-        "budget_acquire_ms": per_acquire * 1000,
-        "round_trip_ms": round_trip * 1000,
-    }
+    return figures
+
+
+def _plan(batches: int) -> list[Any]:
+    from sync.records import Batch, Operation
+
+    ids = [f"user{i:07d}" for i in range(1000)]
+    # Bytes, as the platforms' builders make bodies (in polars); the queue keeps them as they are.
+    body = json.dumps({"tag": "gold", "extIds": ids}).encode()
+    return [Batch(f"b{n:06d}", "tagUsers", Operation.TAG, body, tuple(ids)) for n in range(batches)]
+
+
+def _record(ledger: Any, run: str, batch: Any) -> None:
+    """What the dispatcher records for a batch answered at once: sent, one attempt, the result."""
+    from sync.records import Attempt, AttemptOutcome, BatchResult, BatchStatus
+
+    now = time.time()
+    ledger.record_sent(run, batch.batch_id)
+    ledger.record_attempt(
+        run,
+        Attempt(batch.batch_id, batch.endpoint, 1, len(batch.ext_ids), 0.01, AttemptOutcome.OK, 200),
+        started_at=now,
+    )
+    ledger.record_result(
+        run,
+        BatchResult(
+            batch.batch_id,
+            batch.endpoint,
+            batch.operation,
+            BatchStatus.OK,
+            1,
+            200,
+            ok_ids=len(batch.ext_ids),
+            started_at=now,
+            finished_at=now,
+        ),
+    )
+    ledger.maybe_flush()
 
 
 # --- 2./3. worker processes -----------------------------------------------------------------------------------
@@ -177,10 +186,24 @@ def run_workers(directory: Path, db_url: str | None, n: int) -> tuple[float, lis
     env.pop("PUSHSYNC_DATABASE_URL", None)
     if db_url is not None:
         env["PUSHSYNC_DATABASE_URL"] = db_url
+    # Every worker names the run (as the Kubernetes example does): one that starts after a short run ended
+    # reports that run instead of starting the job over.
+    run_id = ["--run-id", f"bench-{n}-{os.getpid()}"] if db_url is not None else []
     started = time.monotonic()
     procs = [
         subprocess.Popen(
-            [sys.executable, "-m", "sync", "--log-level", "warning", "run", "job.yaml", "--progress", "none"],
+            [
+                sys.executable,
+                "-m",
+                "sync",
+                "--log-level",
+                "warning",
+                "run",
+                "job.yaml",
+                "--progress",
+                "none",
+                *run_id,
+            ],
             cwd=directory,
             env=env,
             stdout=subprocess.DEVNULL,
@@ -215,6 +238,20 @@ def attempts(db_url: str | None, directory: Path) -> list[tuple[float, str]]:
     return [(float(r[0]), str(r[1])) for r in rows]
 
 
+def overlap(db_url: str) -> tuple[float, float]:
+    """(first request, last batch queued), in seconds after the run started: workers send while the leader
+    plans when the first is well before the second."""
+    from sync.coordination._db import connect
+
+    with connect(db_url) as pg:
+        row = pg.execute(
+            "SELECT (SELECT min(started_at) FROM pushsync.attempts) - r.started_at, "
+            "(SELECT max(planned_at) FROM pushsync.batches) - r.started_at FROM pushsync.runs r"
+        ).fetchone()
+    assert row is not None
+    return float(row[0]), float(row[1])
+
+
 def sandbox_stats(url: str) -> dict[str, Any]:
     with urllib.request.urlopen(f"{url.removesuffix('/rest/3.0/')}/_sandbox/stats", timeout=30) as resp:
         return dict(json.loads(resp.read()))
@@ -235,11 +272,14 @@ def scale(server: Any, base: Path, users: int, workers: int) -> dict[str, float]
         db_url = server.new_database() if workers else None
         elapsed, codes = run_workers(directory, db_url, max(workers, 1))
         rows = attempts(db_url, directory)
+        first_s, queued_s = overlap(db_url) if db_url is not None else (float("nan"), float("nan"))
     finally:
         stop_sandbox_process(process)
     times = sorted(t for t, _ in rows)
     sending = times[-1] - times[0] if len(times) > 1 else float("nan")
     return {
+        "first_request_s": first_s,
+        "last_queued_s": queued_s,
         "workers": workers,
         "exit_codes_ok": float(all(c == 0 for c in codes)),
         "requests": len(rows),
@@ -303,10 +343,12 @@ def main() -> int:
     base = Path(tempfile.mkdtemp(prefix="bench-scale-"))
     try:
         cost = asyncio.run(overhead(server.new_database(), args.batches))
-        ok &= cost["claim_record_ms"] <= OVERHEAD_TARGET_MS
+        met = cost["claim_record_1_ms"] <= OVERHEAD_TARGET_MS
+        ok &= met
         print(
-            f"claim + record per batch (1000 IDs): {cost['claim_record_ms']:.3f} ms "
-            f"(target ≤ {OVERHEAD_TARGET_MS} ms) {'OK' if cost['claim_record_ms'] <= OVERHEAD_TARGET_MS else 'MISSED'}; "
+            f"claim + record per batch (1000 IDs), claimed one at a time (a worker's steady state): "
+            f"{cost['claim_record_1_ms']:.3f} ms (target ≤ {OVERHEAD_TARGET_MS} ms) {'OK' if met else 'MISSED'}; "
+            f"four at a time: {cost['claim_record_4_ms']:.3f} ms; "
             f"enqueue by the leader {cost['enqueue_ms']:.3f} ms per batch; "
             f"shared-budget acquisition {cost['budget_acquire_ms']:.3f} ms; "
             f"(one SELECT 1 round trip: {cost['round_trip_ms']:.3f} ms; load average {os.getloadavg()[0]:.1f})"
@@ -318,7 +360,14 @@ def main() -> int:
             print(
                 f"{who}, unlimited server: {fig['requests']:.0f} requests, {fig['sending_rps']:.0f} requests/s "
                 f"while sending, {fig['command_rps']:.0f} requests/s over the whole command ({fig['command_s']:.1f} s)"
+                + (
+                    f"; first request {fig['first_request_s']:.2f} s after the run started, last batch queued "
+                    f"{fig['last_queued_s']:.2f} s after"
+                    if n
+                    else ""
+                )
                 + ("" if fig["exit_codes_ok"] else " — a worker FAILED")
+                + f" (load average {os.getloadavg()[0]:.1f})"
             )
         fig = shared_budget(server, base, args.budget_users, args.limit)
         hit = fig["budget_use"] >= USE_TARGET and fig["rate_limited"] == 0 and bool(fig["exit_codes_ok"])
@@ -327,7 +376,7 @@ def main() -> int:
             f"3 workers sharing one budget of {args.limit}/1s: budget use {fig['budget_use']:.1%} over "
             f"{fig['windows']:.0f} full windows (target ≥ {USE_TARGET:.0%}), max {fig['max_per_window']:.0f} per window, "
             f"{fig['rate_limited']:.0f} × 429 (target 0), {fig['requests']:.0f} requests in {fig['command_s']:.1f} s "
-            f"{'OK' if hit else 'MISSED'}"
+            f"{'OK' if hit else 'MISSED'} (load average {os.getloadavg()[0]:.1f})"
         )
     finally:
         server.stop()

@@ -610,6 +610,42 @@ async def test_a_claim_whose_answer_was_lost_with_the_connection_is_found_again(
         await member.link.close()
 
 
+async def test_a_claim_of_n_takes_n_batches_even_before_the_table_has_statistics(
+    postgres_server: PostgresServer, postgres_url: str
+) -> None:
+    """``UPDATE … WHERE batch_id IN (SELECT … LIMIT n FOR UPDATE SKIP LOCKED)`` on a table PostgreSQL has no
+    statistics for yet ran as a semi-join that claimed the whole lane; a claim takes n, no more."""
+    from sync.coordination._db import Link
+    from sync.coordination.ledger import PgLedger
+    from sync.coordination.queue import Membership, QueueLanes
+
+    with PgLedger.open(postgres_url) as ledger:
+        ledger.start_run("r1", job="j")
+        postgres_server.sql(
+            postgres_url,
+            "INSERT INTO pushsync.batches (run_id, batch_id, endpoint, operation, phase, n_ids, ext_ids, "
+            "body_json, origins, status, planned_at) SELECT 'r1', 'b' || i, 'tagUsers', 'tag', 1, 1, "
+            "'[\"u' || i || '\"]', '{}', '{}', 'planned', 0 FROM generate_series(1, 300) i",
+        )
+        link = await Link.open(postgres_url, what="claims")
+        member = Membership(await Link.open(postgres_url, what="heartbeats"), "r1", "w1", lease=30)
+        try:
+            await member.join()
+            lanes = QueueLanes(link, ledger, member)
+            got = await lanes._take(Phase.CHANGES, "tagUsers", 1)
+            assert [b.batch_id for b in got] == ["b1"]
+            claimed = _query(
+                postgres_server,
+                postgres_url,
+                "SELECT count(*) FROM pushsync.batches WHERE claimed_by IS NOT NULL",
+            )
+            assert claimed == [["1"]]
+            assert len(await lanes._take(Phase.CHANGES, "tagUsers", 4)) == 4
+        finally:
+            await link.close()
+            await member.link.close()
+
+
 def test_a_schema_of_version_1_is_migrated_and_its_planned_runs_are_listed(
     postgres_server: PostgresServer, postgres_url: str
 ) -> None:

@@ -70,6 +70,7 @@ __all__ = [
 S = SCHEMA
 _NON_IDEMPOTENT = sorted(str(op) for op in NON_IDEMPOTENT)
 _COLUMNS = "batch_id, endpoint, operation, phase, after_id, ext_ids, body_json, body_bytes, origins"
+_COLUMNS_OF_T = ", ".join(f"t.{c}" for c in _COLUMNS.split(", "))
 
 
 def worker_id() -> str:
@@ -131,9 +132,10 @@ def enqueue(
     keys: list[tuple[Any, ...]] = []
     total = 0
     last_flush = time.monotonic()
+    analyzed = False
 
     def flush(done: tuple[Phase, str] | None = None) -> None:
-        nonlocal last_flush
+        nonlocal last_flush, analyzed
         with conn.transaction(), conn.cursor() as cur:
             if rows:
                 cur.executemany(
@@ -157,6 +159,11 @@ def enqueue(
         rows.clear()
         keys.clear()
         last_flush = time.monotonic()
+        if not analyzed and total:
+            # Statistics from the first batches on: without any, the planner takes the table for empty and
+            # may scan every batch of the run for each claim and each predecessor it checks.
+            conn.execute(f"ANALYZE {S}.batches")
+            analyzed = True
 
     feed: queue.Queue[tuple[int | None, Any]] = queue.Queue(maxsize=2 * chunk)
     halt = threading.Event()  # the reading thread stops (this one ended, or failed)
@@ -436,13 +443,17 @@ class QueueLanes:
         run_id, worker = self._member.run_id, self._member.worker
         self._claims += 1
         number = self._claims
+        # The batches to claim are picked by an uncorrelated ARRAY(…) subquery, which PostgreSQL runs once.
+        # Written ``WHERE batch_id IN (SELECT … LIMIT n FOR UPDATE SKIP LOCKED)``, the planner may make it a
+        # semi-join that runs the subquery again for every batch of the run, each run skipping the rows the
+        # earlier ones locked — and one claim of n takes the whole lane (seen on a table not analyzed yet).
         sql = (
-            f"UPDATE {S}.batches SET claimed_by = %s, claim_no = %s WHERE run_id = %s AND batch_id IN ("
+            f"UPDATE {S}.batches t SET claimed_by = %s, claim_no = %s WHERE t.run_id = %s AND t.batch_id = ANY(ARRAY("
             f"SELECT b.batch_id FROM {S}.batches b WHERE b.run_id = %s AND b.phase = %s AND b.endpoint = %s "
             "AND b.seq > %s AND b.status IN ('planned', 'sent') AND NOT b.held AND b.claimed_by IS NULL "
             f"AND (b.after_id IS NULL OR NOT EXISTS (SELECT 1 FROM {S}.batches p WHERE p.run_id = b.run_id "
             "AND p.batch_id = b.after_id AND p.status IN ('planned', 'sent') AND NOT p.held)) "
-            f"ORDER BY b.seq LIMIT %s FOR UPDATE SKIP LOCKED) RETURNING {_COLUMNS}, seq"
+            f"ORDER BY b.seq LIMIT %s FOR UPDATE SKIP LOCKED)) RETURNING {_COLUMNS_OF_T}, t.seq"
         )
 
         async def claim(conn: psycopg.AsyncConnection[Any]) -> list[Any]:
