@@ -330,7 +330,13 @@ def main() -> int:
     parser.add_argument("--users", type=int, default=40000, help="users for the unlimited-server runs")
     parser.add_argument("--budget-users", type=int, default=20000, help="users for the shared-budget run")
     parser.add_argument("--limit", type=int, default=20, help="the account's requests per 1 s window")
+    parser.add_argument(
+        "--parts",
+        default="overhead,scale,budget",
+        help="which figures, comma-separated: overhead (1.), scale (2.), budget (3.); default: all",
+    )
     args = parser.parse_args()
+    parts = set(args.parts.split(","))
 
     from pg_fixture import find_postgres_bin, start_postgres
 
@@ -342,18 +348,19 @@ def main() -> int:
     ok = True
     base = Path(tempfile.mkdtemp(prefix="bench-scale-"))
     try:
-        cost = asyncio.run(overhead(server.new_database(), args.batches))
-        met = cost["claim_record_1_ms"] <= OVERHEAD_TARGET_MS
-        ok &= met
-        print(
-            f"claim + record per batch (1000 IDs), claimed one at a time (a worker's steady state): "
-            f"{cost['claim_record_1_ms']:.3f} ms (target ≤ {OVERHEAD_TARGET_MS} ms) {'OK' if met else 'MISSED'}; "
-            f"four at a time: {cost['claim_record_4_ms']:.3f} ms; "
-            f"enqueue by the leader {cost['enqueue_ms']:.3f} ms per batch; "
-            f"shared-budget acquisition {cost['budget_acquire_ms']:.3f} ms; "
-            f"(one SELECT 1 round trip: {cost['round_trip_ms']:.3f} ms; load average {os.getloadavg()[0]:.1f})"
-        )
-        for n in (0, 1, 2, 3):
+        if "overhead" in parts:
+            cost = asyncio.run(overhead(server.new_database(), args.batches))
+            met = cost["claim_record_1_ms"] <= OVERHEAD_TARGET_MS
+            ok &= met
+            print(
+                f"claim + record per batch (1000 IDs), claimed one at a time (a worker's steady state): "
+                f"{cost['claim_record_1_ms']:.3f} ms (target ≤ {OVERHEAD_TARGET_MS} ms) {'OK' if met else 'MISSED'}; "
+                f"four at a time: {cost['claim_record_4_ms']:.3f} ms; "
+                f"enqueue by the leader {cost['enqueue_ms']:.3f} ms per batch; "
+                f"shared-budget acquisition {cost['budget_acquire_ms']:.3f} ms; "
+                f"(one SELECT 1 round trip: {cost['round_trip_ms']:.3f} ms; load average {os.getloadavg()[0]:.1f})"
+            )
+        for n in (0, 1, 2, 3) if "scale" in parts else ():
             fig = scale(server, base, args.users, n)
             ok &= bool(fig["exit_codes_ok"])
             who = "1 process on SQLite (baseline)" if n == 0 else f"{n} worker(s) on PostgreSQL"
@@ -369,15 +376,16 @@ def main() -> int:
                 + ("" if fig["exit_codes_ok"] else " — a worker FAILED")
                 + f" (load average {os.getloadavg()[0]:.1f})"
             )
-        fig = shared_budget(server, base, args.budget_users, args.limit)
-        hit = fig["budget_use"] >= USE_TARGET and fig["rate_limited"] == 0 and bool(fig["exit_codes_ok"])
-        ok &= hit
-        print(
-            f"3 workers sharing one budget of {args.limit}/1s: budget use {fig['budget_use']:.1%} over "
-            f"{fig['windows']:.0f} full windows (target ≥ {USE_TARGET:.0%}), max {fig['max_per_window']:.0f} per window, "
-            f"{fig['rate_limited']:.0f} × 429 (target 0), {fig['requests']:.0f} requests in {fig['command_s']:.1f} s "
-            f"{'OK' if hit else 'MISSED'} (load average {os.getloadavg()[0]:.1f})"
-        )
+        if "budget" in parts:
+            fig = shared_budget(server, base, args.budget_users, args.limit)
+            hit = fig["budget_use"] >= USE_TARGET and fig["rate_limited"] == 0 and bool(fig["exit_codes_ok"])
+            ok &= hit
+            print(
+                f"3 workers sharing one budget of {args.limit}/1s: budget use {fig['budget_use']:.1%} over "
+                f"{fig['windows']:.0f} full windows (target ≥ {USE_TARGET:.0%}), max {fig['max_per_window']:.0f} "
+                f"per window, {fig['rate_limited']:.0f} × 429 (target 0), {fig['requests']:.0f} requests in "
+                f"{fig['command_s']:.1f} s {'OK' if hit else 'MISSED'} (load average {os.getloadavg()[0]:.1f})"
+            )
     finally:
         server.stop()
         shutil.rmtree(root, ignore_errors=True)

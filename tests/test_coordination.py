@@ -454,6 +454,13 @@ def _wait_ok(server: PostgresServer, url: str, proc: subprocess.Popen[str], n: i
     assert proc.poll() is None, "the worker ended before the database could be restarted"
 
 
+def _paced_job(tmp: Path, sandbox: NetmeraProcess) -> list[list[str]]:
+    """A job of 600 users under a budget group of 10 requests/s (a run of several seconds); returns its rows."""
+    budget = '  budget_groups: {account: {requests: 10, per: 1s, endpoints: ["*"]}}\n'
+    (tmp / "job.yaml").write_text(job_text(sandbox.url, budget=budget, lease=2), encoding="utf-8")
+    return write_users(tmp, range(600))
+
+
 def test_postgresql_restarted_mid_run_the_worker_reconnects_records_what_was_in_flight_and_finishes(
     tmp_path: Path,
     netmera_sandbox_process: NetmeraProcess,
@@ -461,9 +468,7 @@ def test_postgresql_restarted_mid_run_the_worker_reconnects_records_what_was_in_
     postgres_url: str,
 ) -> None:
     sandbox = netmera_sandbox_process
-    budget = '  budget_groups: {account: {requests: 10, per: 1s, endpoints: ["*"]}}\n'
-    (tmp_path / "job.yaml").write_text(job_text(sandbox.url, budget=budget, lease=2), encoding="utf-8")
-    rows = write_users(tmp_path, range(600))
+    rows = _paced_job(tmp_path, sandbox)
     proc = worker(tmp_path, sandbox, postgres_url, "run", "job.yaml", "--progress", "none")
     _wait_ok(postgres_server, postgres_url, proc, 5)
     postgres_server.restart()  # every session ends: the ledger's, the claims', the budget's, the heartbeat's
@@ -489,9 +494,7 @@ def test_a_database_that_stays_away_stops_the_worker_with_one_clear_error_and_ex
     postgres_url: str,
 ) -> None:
     sandbox = netmera_sandbox_process
-    budget = '  budgets: {"*": {requests: 10, per: 1s}}\n'
-    (tmp_path / "job.yaml").write_text(job_text(sandbox.url, budget=budget, lease=2), encoding="utf-8")
-    rows = write_users(tmp_path, range(600))
+    rows = _paced_job(tmp_path, sandbox)
     # The worker waits 2 s for the database instead of 30 (the bound is read when a connection is made).
     code = (
         "import sys; import sync.coordination._db as db; db.RECONNECT_FOR = 2.0\n"

@@ -85,7 +85,7 @@ class SharedBudgets:
         self.late = 0
         """Slots given up because this worker woke too late for their window."""
         self.seconds = 0.0
-        """Time spent in acquisition transactions (the benchmark's cost per acquisition)."""
+        """Time spent in ``take_slot`` round trips (not in waiting for this worker's other acquisitions)."""
         self._log = get_logger(job=scope)
 
     def meters_for(self, endpoint: str) -> tuple[SharedMeter, ...]:
@@ -167,8 +167,6 @@ class SharedBudgets:
         """(the reserved instant, database clock minus this machine's): one call of ``take_slot``, the
         database function that locks the rows, finds the earliest instant every one allows and records the
         release (one round trip; the rows are locked for microseconds)."""
-        started = time.perf_counter()
-        sent_at = time.time()
         params = (
             self._scope,
             [m.name for m in meters],
@@ -179,21 +177,23 @@ class SharedBudgets:
             [m.lead for m in meters],
         )
 
-        async def take(conn: psycopg.AsyncConnection[Any]) -> Any:
+        async def take(conn: psycopg.AsyncConnection[Any]) -> tuple[Any, float, float]:
             await self._ensure_rows(conn, meters)
+            # Timed here, once this worker's other acquisitions are done with the connection: waiting for them
+            # is no part of the round trip the database clock is read in.
+            sent_at, started = time.time(), time.perf_counter()
             cur = await conn.execute(
                 f"SELECT slot_at, db_now FROM {S}.take_slot(%s, %s, %s, %s, %s, %s, %s)", params
             )
-            return await cur.fetchone()
+            return await cur.fetchone(), sent_at, time.perf_counter() - started
 
         try:
-            row = await self._link.run(take)
+            row, sent_at, elapsed = await self._link.run(take)
         except psycopg.Error as exc:
             raise StateError(
                 f"coordination database: cannot take a budget slot ({safe_message(exc)})"
             ) from None
         assert row is not None
-        elapsed = time.perf_counter() - started
         self.acquisitions += 1
         self.seconds += elapsed
         # The database read its clock about half-way through the round trip: close enough (a loopback or LAN
