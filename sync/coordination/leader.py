@@ -93,62 +93,61 @@ async def lead(
     seconds at most."""
     log = get_logger(job=job.name, run=run_id)
     lock = f"pushsync.plan:{run_id}"
-    lead: Any = None
+    conn: Any = None  # this worker's connection for the leader's lock and the queueing
     lost_since: float | None = None  # when the connection was found lost (None: it works)
     try:
         while True:
             if signals.interrupted():
                 return None
             try:
-                if lead is None:
-                    lead = await asyncio.to_thread(connect, url)
-                info = _planned_state(lead, run_id)
+                if conn is None:
+                    conn = await asyncio.to_thread(connect, url)
+                info = _planned_state(conn, run_id)
                 if info is not None:
                     return info
-                got = lead.execute("SELECT pg_try_advisory_lock(hashtext(%s))", (lock,)).fetchone()
+                got = conn.execute("SELECT pg_try_advisory_lock(hashtext(%s))", (lock,)).fetchone()
                 lost_since = None
                 if got and got[0]:
                     try:
-                        if _planned_state(lead, run_id) is None:
+                        if _planned_state(conn, run_id) is None:
                             log.info("run.leader", hint="planning and queueing the run's batches")
-                        return await _plan(job, options, signals, url, lead, run_id)
+                        return await _plan(job, options, signals, url, conn, run_id)
                     finally:
                         with contextlib.suppress(psycopg.Error):
-                            lead.execute("SELECT pg_advisory_unlock(hashtext(%s))", (lock,))
+                            conn.execute("SELECT pg_advisory_unlock(hashtext(%s))", (lock,))
             except (psycopg.OperationalError, psycopg.InterfaceError, CoordinationError) as exc:
-                if isinstance(exc, CoordinationError) and lead is not None:
-                    raise  # not a lost connection: a schema or URL problem
+                # The connection was lost (or cannot be made again yet): connect again and plan again.
                 now = time.monotonic()
                 lost_since = now if lost_since is None else lost_since
                 if now - lost_since > RECONNECT_FOR:
                     raise lost_connection(describe_url(url), "planning", RECONNECT_FOR, exc) from None
                 log.warning("run.leader_reconnecting", error=safe_message(exc))
-                if lead is not None:
+                if conn is not None:
                     with contextlib.suppress(Exception):
-                        lead.close()
-                    lead = None
+                        conn.close()
+                    conn = None
             await asyncio.sleep(LEADER_POLL)
     finally:
-        if lead is not None:
+        if conn is not None:
             with contextlib.suppress(Exception):
-                lead.close()
+                conn.close()
 
 
 async def _plan(
-    job: Job, options: WorkerOptions, signals: WorkerSignals, url: str, lead: Any, run_id: str
+    job: Job, options: WorkerOptions, signals: WorkerSignals, url: str, conn: Any, run_id: str
 ) -> dict[str, Any] | None:
     """The leader's planning (under the lock), in a thread; the planned info, or None when stopped. Input that
     cannot be planned ends the run, so the other workers stop waiting for a plan and say why, instead of each
     trying the same input in turn."""
-    info = _planned_state(lead, run_id)
+    info = _planned_state(conn, run_id)
     if info is not None:
         return info
     try:
-        return await asyncio.to_thread(_plan_and_enqueue, job, options, signals, url, lead, run_id)
+        return await asyncio.to_thread(_plan_and_enqueue, job, options, signals, url, conn, run_id)
     except PushSyncError as exc:
         if exc.exit_code is ExitCode.BAD_JOB_OR_INPUT:
-            with lead.transaction():
-                lead.execute(
+            with conn.transaction():
+                conn.execute(
                     f"UPDATE {S}.runs SET status = 'aborted', finished_at = %s, exit_code = %s, message = %s "
                     "WHERE run_id = %s AND status = 'running'",
                     (time.time(), int(exc.exit_code), f"not planned: {redact(str(exc))}", run_id),
