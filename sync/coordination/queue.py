@@ -38,9 +38,7 @@ import asyncio
 import contextlib
 import json
 import os
-import queue
 import socket
-import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, Any
@@ -118,9 +116,10 @@ def enqueue(
     ``queued`` with its last batch; returns how many batches the source gave. Runs in a thread (the leader's
     planning); ``stop`` (a :class:`threading.Event`) ends it early, leaving the lanes not reached unqueued.
 
-    The batches are read in a thread of their own, so a batch waits at most ``flush_every`` seconds before
-    it is committed — however long the plan takes to make the next one (reading the next bucket): workers
-    claim the first batches while the rest are planned."""
+    A lane's first batch is committed at once, the others every ``flush_every`` seconds or ``chunk`` batches,
+    so workers claim while the rest is planned. The source is read in this thread, on purpose: it may write
+    through ``conn`` itself (snapshot mode records each batch's map line first), and a connection serves one
+    thread at a time — so a batch made just before a slow stretch of planning waits for the next one."""
     lanes = _lanes_of(source)
     with conn.transaction(), conn.cursor() as cur:
         cur.executemany(
@@ -165,30 +164,12 @@ def enqueue(
             conn.execute(f"ANALYZE {S}.batches")
             analyzed = True
 
-    feed: queue.Queue[tuple[int | None, Any]] = queue.Queue(maxsize=2 * chunk)
-    halt = threading.Event()  # the reading thread stops (this one ended, or failed)
-    reader = threading.Thread(target=_read, args=(lanes, feed, halt), name="enqueue-read", daemon=True)
-    reader.start()
-    try:
-        while True:
+    for phase, endpoint, rank, batches in lanes:
+        first = True  # the lane's first batch is committed alone: workers start the lane at once
+        for batch in batches:
             if stop is not None and stop.is_set():
                 flush()
                 return total
-            try:
-                index, item = feed.get(timeout=flush_every)
-            except queue.Empty:
-                if rows:
-                    flush()  # the plan is slow to make the next batch: let workers have these meanwhile
-                continue
-            if isinstance(item, BaseException):
-                raise item
-            if item is _END:
-                if index is None:
-                    return total
-                phase, endpoint, _rank, _batches = lanes[index]
-                flush(done=(phase, endpoint))
-                continue
-            batch: Batch = item
             ext_ids, body_json, body_bytes, origins = encode_batch(batch)
             rows.append(
                 (
@@ -197,7 +178,7 @@ def enqueue(
                     batch.endpoint,
                     str(batch.operation),
                     int(batch.phase),
-                    lanes[index or 0][2],
+                    rank,
                     batch.after,
                     len(batch.ext_ids),
                     ext_ids,
@@ -211,44 +192,13 @@ def enqueue(
                 keys.append(row_keys_row(run_id, batch))
             total += 1
             # Small transactions while batches come slowly; up to ``chunk`` batches in one while they pour in.
-            if len(rows) >= chunk or time.monotonic() - last_flush >= flush_every:
+            if first or len(rows) >= chunk or time.monotonic() - last_flush >= flush_every:
                 flush()
-    finally:
-        halt.set()
-        reader.join(timeout=5)
-
-
-_END = object()
-"""Read-thread marker: the end of a lane (with its index), or of every lane (index None)."""
-
-
-def _read(
-    lanes: list[tuple[Phase, str, int, Iterable[Batch]]],
-    feed: queue.Queue[tuple[int | None, Any]],
-    halt: threading.Event,
-) -> None:
-    """Put ``(lane index, batch)`` for every batch of every lane into ``feed``, ``(index, _END)`` after each
-    lane and ``(None, _END)`` at the end — or ``(None, error)``. Stops when ``halt`` is set."""
-
-    def put(item: tuple[int | None, Any]) -> bool:
-        while not halt.is_set():
-            try:
-                feed.put(item, timeout=0.1)
-                return True
-            except queue.Full:
-                continue
-        return False
-
-    try:
-        for index, (_phase, _endpoint, _rank, batches) in enumerate(lanes):
-            for batch in batches:
-                if not put((index, batch)):
-                    return
-            if not put((index, _END)):
-                return
-        put((None, _END))
-    except BaseException as exc:  # handed to the enqueuing thread, which raises it
-        put((None, exc))
+                first = False
+        if stop is not None and stop.is_set():
+            break
+        flush(done=(phase, endpoint))
+    return total
 
 
 def _lanes_of(source: Any) -> list[tuple[Phase, str, int, Iterable[Batch]]]:
