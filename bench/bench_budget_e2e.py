@@ -217,6 +217,48 @@ def _budget_bound(summary: dict[str, Any], limit: str, binding: str) -> dict[str
     }
 
 
+def _where_lost(stderr: str, log: list[list[Any]], limit: str, binding: str) -> dict[str, Any]:
+    """Where the binding budget's slots went over the sending part, from its ``budget.window`` records (one per
+    window, logged at debug level by the run): released, and the slots not released told apart — ``idle``
+    (no attempt waited: the plan not ready, retries backing off), ``waiting`` (an attempt waited but the loop
+    did not release it before the window's zone ended), ``paused`` (a 429) —, the loop's worst lateness, the
+    margins in force, and the requests the server counted in another window than the budget did (``spilled``:
+    released before a window's end, arrived after it)."""
+    name = "account" if limit == "account" else binding
+    records: dict[int, dict[str, Any]] = {}
+    for line in stderr.splitlines():
+        if '"budget.window"' not in line:
+            continue
+        try:
+            rec = json.loads(line)
+        except ValueError:
+            continue
+        if rec.get("event") == "budget.window" and rec.get("budget") == name:
+            records[int(rec["window"])] = rec
+    if not records:
+        return {"lost": None}
+    arrivals = Counter(math.floor(a) for a, endpoint, _ in log if limit == "account" or endpoint == binding)
+    first, last = min(arrivals), max(arrivals)
+    interior = [records[k] for k in range(first + 1, last) if k in records]
+    total = {
+        key: sum(int(r[key]) for r in interior)
+        for key in ("allowed", "released", "idle", "waiting", "paused")
+    }
+    spilled = sum(
+        abs(int(records[k]["released"]) - arrivals.get(k, 0)) for k in range(first + 1, last) if k in records
+    )
+    margins = [float(r["margin_ms"]) for r in interior] or [0.0]
+    return {
+        "lost": {
+            **total,
+            "windows": len(interior),
+            "late_max_ms": max((float(r["late_max_ms"]) for r in interior), default=0.0),
+            "margin_ms": [min(margins), max(margins)],
+            "spilled": spilled,
+        }
+    }
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     from gen_data import generate_users
 
@@ -246,7 +288,19 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             started = time.time()
             cpu_before = resource.getrusage(resource.RUSAGE_CHILDREN)
             result = subprocess.run(
-                [sys.executable, "-m", "sync", "run", str(job), "--output", "json", "--progress", "none"],
+                [
+                    sys.executable,
+                    "-m",
+                    "sync",
+                    "run",
+                    str(job),
+                    "--output",
+                    "json",
+                    "--progress",
+                    "none",
+                    "--log-level",
+                    "debug",  # the budgets' per-window records (budget.window lines)
+                ],
                 cwd=ROOT,
                 env={**os.environ, "BENCH_BUDGET_KEY": API_KEY},
                 capture_output=True,
@@ -277,6 +331,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     summary = json.loads(result.stdout)
     figures.update(_budget_bound(summary, args.limit, figures["binding"]))
     # CPU the run got: with a hog on its core it gets about half of it; near wall / 2, the run was CPU-bound.
+    figures.update(_where_lost(result.stderr, log, args.limit, figures["binding"]))
     figures["worker_cpu_s"] = round(worker_cpu_s, 2)
     figures["exit_code"] = result.returncode
     figures["ids_failed"] = summary.get("totals", {}).get("ids_failed")
@@ -297,12 +352,22 @@ def _line(fig: dict[str, Any]) -> str:
     bound = fig.get("budget_bound_use")
     w = fig.get("windows") or {}
     starved = f"{w.get('starved', '-')}/{w.get('stalled', '-')}/{w.get('measured', '-')}"
-    return (
+    line = (
         f"{fig['limit']:<9}{fig['jitter'] * 1000:>6.0f} ms{fig['binding_requests']:>9}{fig['429s']:>6}"
         f"{fig['max_per_window']:>8}{fig['sending_use']:>10.1%}"
         f"{'-' if bound is None else f'{bound:.1%}':>14}{starved:>18}{fig['command_use']:>10.1%}"
         f"{fig['first_request_after_s'] or 0:>8.1f} s{fig['command_s']:>8.1f} s"
     )
+    lost = fig.get("lost")
+    if lost:
+        line += (
+            f"\n{'':<18}budget's windows {lost['windows']}: released {lost['released']} of {lost['allowed']}; "
+            f"not released: idle {lost['idle']} (nothing to send), waiting {lost['waiting']} (loop late), "
+            f"paused {lost['paused']} (429); loop late by up to {lost['late_max_ms']:.0f} ms; margin "
+            f"{lost['margin_ms'][0]:.0f}-{lost['margin_ms'][1]:.0f} ms; counted in another window by the "
+            f"server: {lost['spilled']}; faults retried: {fig['faults']}"
+        )
+    return line
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -130,7 +130,7 @@ class _Lane:
     def __init__(self, name: str, meters: tuple[RateMeter, ...]) -> None:
         self.name = name
         self.meters = meters  # the endpoint's own budget (if any) and every group holding it
-        self.waiters: deque[asyncio.Future[None]] = deque()
+        self.waiters: deque[tuple[asyncio.Future[None], float]] = deque()  # (waiter, since when it waits)
         self.closed = False  # set by close(): waiters fail with BudgetClosedError
 
     def earliest(self, now: float) -> float:
@@ -176,7 +176,7 @@ class _Scheduler:
                 meter.release(now, waited=False)
             return
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        lane.waiters.append(fut)
+        lane.waiters.append((fut, now))
         self.schedule()
         try:
             await fut
@@ -188,7 +188,7 @@ class _Scheduler:
     def close(self, lane: _Lane) -> None:
         lane.closed = True
         while lane.waiters:
-            fut = lane.waiters.popleft()
+            fut, _ = lane.waiters.popleft()
             if not fut.done():
                 fut.set_exception(BudgetClosedError("rate budget closed"))
         self.schedule()
@@ -205,15 +205,16 @@ class _Scheduler:
             for i in range(len(lanes)):
                 index = (self._next + i) % len(lanes)
                 lane = lanes[index]
-                while lane.waiters and lane.waiters[0].done():  # cancelled while waiting
+                while lane.waiters and lane.waiters[0][0].done():  # cancelled while waiting
                     lane.waiters.popleft()
                 if not lane.waiters:
                     continue
                 when = lane.earliest(now)
                 if when <= now + _EPS:
+                    fut, since = lane.waiters.popleft()
                     for meter in lane.meters:
-                        meter.release(now, due=due)
-                    lane.waiters.popleft().set_result(None)
+                        meter.release(now, due=due, since=since)
+                    fut.set_result(None)
                     self._next = (index + 1) % len(lanes)
                     released = True
                     break
