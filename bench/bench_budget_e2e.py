@@ -292,14 +292,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     sys.executable,
                     "-m",
                     "sync",
+                    "--log-level",
+                    "debug",  # the budgets' per-window records (budget.window lines)
+                    "--log-json",
                     "run",
                     str(job),
                     "--output",
                     "json",
                     "--progress",
                     "none",
-                    "--log-level",
-                    "debug",  # the budgets' per-window records (budget.window lines)
                 ],
                 cwd=ROOT,
                 env={**os.environ, "BENCH_BUDGET_KEY": API_KEY},
