@@ -12,15 +12,22 @@ instant, so it is counted in the same window everywhere. Design (figures in ``do
   where the margin covers the time from release to arrival. Every request then lands in the window it was
   counted in — never more than N per server window — and the whole budget is used. ``align: false`` (per
   budget, in the job file) selects N per ``T + margin`` instead, for servers that count sliding windows.
-* **A hard sliding-window cap** of N per ``T`` over actual release times, so no timer lateness or rate change
-  can ever let N+1 out in one period.
-* **Room for lateness**: the cap holds each slot of a window at or after the same slot of the window before
-  plus T, so a slot released late (a late timer, a loop stalled by a CPU-bound neighbour) stays late in the
-  windows after it. The N nominal slots therefore fill only the first 80 % of a window's sending zone; the
-  rest takes up that drift. Slots of a window that follows a busy one are placed from the zone's start (a
-  late first release does not shift all the others), slots missed by a stalled loop are caught up at most
-  twice as fast as nominal (at least half a spacing apart: never a burst), and after an idle window the slots
-  count from the first release (a run that begins mid-window is not crammed into what is left of it).
+* **A hard cap on actual release times**: never more than N released in a window, counted when each request
+  is released, whatever the timers did (``align: false``: N per sliding ``T + margin``).
+* **Releases timed from the clock, not from the loop**: the i-th release of a window may go from its slot's
+  time on, only inside the window's sending zone. A loop that wakes late (a CPU-bound neighbour, the
+  interpreter held by another thread) releases every slot of the window whose time has come, so the budget
+  does not depend on the loop being on time; no slot of the next window goes early, and a slot the zone's end
+  overtook is gone, never carried over the edge (no burst across a window edge). The N slots fill the first
+  80 % of the zone; the rest is room to catch up. Slots of a window that follows a busy one are placed from
+  the zone's start; after an idle window or a pause the slots count from the first release (a run that begins
+  mid-window is not sent as a burst, nor is the end of a 429's pause).
+  An earlier design also capped N per sliding T over release times: every late release then stayed late in
+  every later window (the cap held each slot at or after the same slot of the window before plus T), and on a
+  loaded core slots fell off the windows' ends (86–99 % of the budget end to end; ``docs/run.md``).
+* **Per-window records** (:class:`WindowUse`, a ``budget.window`` debug line each): allowed, released, and
+  why the other slots were not — nobody waited (idle), the loop or another limit did not release a waiting
+  attempt in time (waiting), or a pause.
 * **Margin learned from latency**: unless the job fixes it (``margin:``), the margin before a window's end
   starts at ``min(0.2 T, 1 s)`` and then follows the p99 of the release-to-answer times observed, within
   ``[10 ms, min(0.3 T, 2 s)]``: a fast network gives more of each window to sending, a slow one more margin.
@@ -55,7 +62,7 @@ from types import TracebackType
 from typing import Protocol
 
 from sync.config import BudgetGroupSpec, DispatchSettings, RateBudgetSpec
-from sync.dispatch._rate_meter import MIN_MARGIN, BudgetStats, LatencyLearner, RateMeter
+from sync.dispatch._rate_meter import MIN_MARGIN, BudgetStats, LatencyLearner, RateMeter, WindowUse
 
 __all__ = [
     "MIN_MARGIN",
@@ -67,6 +74,7 @@ __all__ = [
     "Clock",
     "EndpointBudget",
     "RateBudget",
+    "WindowUse",
     "clock_sleep",
     "meter_of",
 ]
