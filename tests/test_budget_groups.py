@@ -369,3 +369,39 @@ def test_plan_shows_each_budget_group_with_its_requests_and_least_time(
     assert group["requests"] == sum(e["requests"] for e in held) > 0
     assert group["estimated_seconds"] == pytest.approx(group["requests"] / 2)
     assert doc["estimated_seconds"] >= group["estimated_seconds"]  # the run's estimate counts the group
+
+
+def test_requests_with_no_answer_by_the_windows_end_take_slots_of_the_next_window() -> None:
+    # The server stalls near the end of window 1: the requests released after 0.6 s there get their answer
+    # only at 2.3 s. They may have arrived (and been counted by the server) in window 2, so window 2 leaves
+    # them room: even if they all did, the server counts no more than N there, and sends no 429.
+    async def scenario() -> tuple[list[float], BudgetStats]:
+        loop = asyncio.get_running_loop()
+        pool = BudgetPool({}, (ACCOUNT,), wall_offset=0.0)
+        budget = pool.budget("tagUsers")
+        times: list[float] = []
+
+        async def one() -> None:
+            await budget.acquire()
+            released = loop.time()
+            times.append(released)
+            answer_at = 2.3 if 1.6 <= released < 2.0 else released + 0.03
+            await clock_sleep(loop, answer_at - released)
+            budget.observe(loop.time() - released)
+            budget.on_success()
+
+        async with asyncio.TaskGroup() as tg:
+            for _ in range(80):
+                tg.create_task(one())
+        return times, pool.group_stats()["account"]
+
+    times, stats = run_virtual(scenario())
+    windows = _per_window(times)
+    stalled = sum(1 for t in times if 1.6 <= t < 2.0)
+    assert stalled > 0 and windows[1] == 20
+    # Window 2: those requests' slots are held, whatever happened to them; the others go as usual.
+    assert windows[2] == 20 - stalled
+    use = {w.window: w for w in stats.windows}
+    assert use[2].carried == stalled and use[2].idle == use[2].waiting == use[2].paused == 0
+    # Answered within their window, requests take nothing from the next: every other window is full.
+    assert [windows[k] for k in (0, 3)] == [20, 20]

@@ -52,6 +52,9 @@ class WindowUse:
     the endpoint's own budget) held it."""
     paused: int
     """Slots inside a pause (a 429's ``Retry-After``, ``X-RateLimit-Remaining: 0``)."""
+    carried: int
+    """Slots held for requests of the window before that had no answer by this window's start: the server may
+    have counted them in this window (they arrived after its edge: a stalled server, network or loop)."""
     late_max: float
     """The most a waiting attempt was released after its slot came due, seconds (the loop's lateness)."""
     margin: float
@@ -124,7 +127,9 @@ class RateMeter:
     __slots__ = (
         "_aligned",
         "_anchor",
+        "_answered",
         "_answers",
+        "_answers_seen",
         "_ceiling",
         "_clean",
         "_clean_windows",
@@ -155,6 +160,7 @@ class RateMeter:
         "_rate",
         "_rate_limited",
         "_released",
+        "_spill",
         "_stalled",
         "_starved",
         "_tail",
@@ -221,6 +227,9 @@ class RateMeter:
         self._last_release: float = -math.inf  # actual time of the last release
         self._window: int = -1  # index of the aligned window that _count refers to
         self._count: int = 0  # releases in that window
+        self._answered: int = 0  # answers, within that window, to releases of that window
+        self._spill: int = 0  # releases of the window before with no answer by that window's start
+        self._answers_seen: bool = False  # answers are reported (answered()): only then is _spill counted
         self._anchor: float = -math.inf  # time of that window's first release: its slots count from here
         self._paused_until: float = -math.inf  # no release before this (Retry-After / window reset)
         self._pauses: deque[tuple[float, float]] = deque(maxlen=64)  # recent pauses (from, until): WindowUse
@@ -355,11 +364,17 @@ class RateMeter:
         for _ in range(4):  # at most a couple of hops: the next window is always free
             k, start = self._window_bounds(t)
             zone_start, zone_end = start + self._lead, start + self._period - self._tail
+            # Requests of the window before with no answer by the edge may have arrived after it: the server
+            # then counts them in this window, so each takes one of its N (normally none: the margin is the
+            # p99 of release-to-answer, and regular slots end well before it).
             if k == self._window:
-                count, slot = self._count, max(t, self._anchor + self._count * spacing)
+                count, room = self._count, n - self._spill
+                slot = max(t, self._anchor + self._count * spacing)
             else:
                 count, slot = 0, max(t, zone_start)
-            if count < n and slot < zone_end:
+                carried = self._count - self._answered if self._answers_seen and k == self._window + 1 else 0
+                room = n - max(0, carried)
+            if count < room and slot < zone_end:
                 return slot
             t = max(t, start + self._period + self._lead)
         return t
@@ -415,7 +430,9 @@ class RateMeter:
                 # after a pause.
                 busy = self._window == k - 1 and not after_pause
                 self._anchor = min(now, start + self._lead) if busy else now
-                self._window, self._count = k, 0
+                busy_before = self._window == k - 1 and self._answers_seen
+                self._spill = max(0, self._count - self._answered) if busy_before else 0
+                self._window, self._count, self._answered = k, 0, 0
                 self._w_late, self._w_n, self._w_tail = 0.0, n, self._tail
             elif after_pause:
                 self._anchor = max(self._anchor, now - self._count * self._spacing(n))
@@ -439,19 +456,25 @@ class RateMeter:
         start = self._window * self._period - (self._wall_offset or 0.0)
         zone_end = start + self._period - self._w_tail
         spacing = self._spacing(n)
-        idle = waiting = paused = 0
+        pauses = [
+            (a, b) for a, b in self._pauses if a < zone_end and b > start
+        ]  # this window's (usually none)
+        idle = waiting = paused = carried = 0
         for j in range(self._count, n):
+            if j >= n - self._spill:
+                carried += 1
+                continue
             slot = self._anchor + j * spacing
             if slot >= min(zone_end, upto):
                 if upto < zone_end:
                     break  # not due yet: the window is still open
                 # Beyond the zone: the window's slots were counted from a release after an idle stretch
                 # or after a pause.
-                if any(a < zone_end and b > start for a, b in self._pauses):
+                if pauses:
                     paused += 1
                 else:
                     idle += 1
-            elif any(a <= slot < b for a, b in self._pauses):
+            elif pauses and any(a <= slot < b for a, b in pauses):
                 paused += 1
             elif waiting_since is not None and waiting_since <= slot:
                 waiting += 1
@@ -464,6 +487,7 @@ class RateMeter:
             idle=idle,
             waiting=waiting,
             paused=paused,
+            carried=carried,
             late_max=self._w_late,
             margin=self._w_tail,
         )
@@ -483,6 +507,7 @@ class RateMeter:
             idle=use.idle,
             waiting=use.waiting,
             paused=use.paused,
+            carried=use.carried,
             late_max_ms=round(use.late_max * 1000, 1),
             margin_ms=round(use.margin * 1000, 1),
         )
@@ -539,9 +564,25 @@ class RateMeter:
             self._changed()
 
     def observe(self, latency: float) -> None:
-        """One release-to-answer time: the learned margin before a window's end follows their p99."""
+        """One release-to-answer time: the learned margin before a window's end follows their p99, and the
+        answer is counted for its release's window (:meth:`answered`)."""
+        now = self._now()
+        self.answered(now - latency, now)
         if self._learn and self._learner.observe(latency):
             self.follow_learner()
+
+    def answered(self, released_at: float, now: float) -> None:
+        """An answer came at ``now`` to a request released at ``released_at``. A release of this window
+        answered before the window ends surely arrived in it; the others of the window may have arrived in the
+        next one, where they take a slot each (see :meth:`earliest`)."""
+        if not self._aligned or self._rate is None:
+            return
+        self._answers_seen = True  # from now on, a release with no answer is one that may have arrived late
+        k = self._window_bounds(released_at + _EPS)[0]
+        if k == self._window and self._window_bounds(now)[0] == k:
+            self._answered += 1
+            if self._count >= self._n():
+                self._changed()  # the next window's room grew: a timer may be set past it
 
     def follow_learner(self) -> None:
         """Take the margin from the learner's p99 (when this meter learns its margin and the p99 is known)."""

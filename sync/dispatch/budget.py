@@ -193,6 +193,10 @@ class _Scheduler:
             self.schedule()
             raise
 
+    def time(self) -> float:
+        """The clock's time."""
+        return self._clock.time()
+
     def close(self, lane: _Lane) -> None:
         lane.closed = True
         while lane.waiters:
@@ -382,12 +386,16 @@ class EndpointBudget:
             m.on_success(remaining, reset_after)
 
     def observe(self, latency: float) -> None:
-        """A release-to-answer time, for the learned margins (the pool's, shared by all its meters)."""
-        if self._learn is not None:
-            self._learn(latency)
+        """A release-to-answer time, for the learned margins (the pool's, shared by all its meters), and for
+        each meter's count of the answers to its window's releases."""
+        if self._learn is None:
+            for m in self._lane.meters:
+                m.observe(latency)
             return
+        now = self._sched.time()
         for m in self._lane.meters:
-            m.observe(latency)
+            m.answered(now - latency, now)
+        self._learn(latency)
 
 
 class BudgetPool:
