@@ -367,7 +367,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         print(result.stderr[-3000:], file=sys.stderr)
         raise SystemExit(f"pushsync run exited {result.returncode}")
     if getattr(args, "log", None):
-        Path(args.log).write_text(json.dumps({"started": started, "log": log}), encoding="utf-8")
+        Path(args.log).write_text(
+            json.dumps({"started": started, "log": log, "stderr": result.stderr}), encoding="utf-8"
+        )
     figures = _figures(log, args.limit, args.requests, 1.0, wall, first_attempts)
     figures["first_request_after_s"] = round(min(a for a, *_ in log) - started, 2) if log else None
     summary = json.loads(result.stdout)
@@ -445,7 +447,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--json", action="store_true", help="one JSON line per case instead of the table")
     parser.add_argument(
-        "--log", default=None, help="write each case's server request log (JSON) to PREFIX-<limit>-<ms>.json"
+        "--log",
+        default=None,
+        help="write each case's server request log and the run's log lines (JSON) to PREFIX-<limit>-<ms>.json",
     )
     parser.add_argument("--serve", type=int, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)

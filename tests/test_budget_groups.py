@@ -405,3 +405,38 @@ def test_requests_with_no_answer_by_the_windows_end_take_slots_of_the_next_windo
     assert use[2].carried == stalled and use[2].idle == use[2].waiting == use[2].paused == 0
     # Answered within their window, requests take nothing from the next: every other window is full.
     assert [windows[k] for k in (0, 3)] == [20, 20]
+
+
+def test_answers_read_late_by_a_stalled_loop_do_not_hold_slots_of_the_next_window() -> None:
+    # Our own loop is stuck from 0.75 s to 1.25 s: the answers to window 0's last requests came in before its
+    # edge but are read only at 1.25 s. They arrived in window 0, so window 1 holds nothing for them.
+    loop = VirtualTimeLoop()
+
+    async def scenario() -> tuple[list[float], BudgetStats]:
+        pool = BudgetPool({}, (ACCOUNT,), clock=loop, wall_offset=0.0)
+        budget = pool.budget("tagUsers")
+        times: list[float] = []
+
+        async def one() -> None:
+            await budget.acquire()
+            released = loop.time()
+            times.append(released)
+            await clock_sleep(loop, 0.03)
+            budget.observe(loop.time() - released)
+            budget.on_success()
+
+        loop.call_at(0.75, loop.advance, 0.5)
+        async with asyncio.TaskGroup() as tg:
+            for _ in range(60):
+                tg.create_task(one())
+        return times, pool.group_stats()["account"]
+
+    try:
+        times, stats = loop.run_until_complete(scenario())
+    finally:
+        loop.close()
+    windows = _per_window(times)
+    assert [windows[k] for k in (0, 1, 2)] == [20, 20, 20]
+    use = {w.window: w for w in stats.windows}
+    assert use[1].carried == 0
+    assert 1 in stats.stalled_windows  # the loop was late: the summary says so

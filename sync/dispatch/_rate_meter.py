@@ -568,21 +568,31 @@ class RateMeter:
         answer is counted for its release's window (:meth:`answered`)."""
         now = self._now()
         self.answered(now - latency, now)
+        self.learn(latency)
+
+    def learn(self, latency: float) -> None:
+        """One release-to-answer time for the learned margin only."""
         if self._learn and self._learner.observe(latency):
             self.follow_learner()
 
-    def answered(self, released_at: float, now: float) -> None:
-        """An answer came at ``now`` to a request released at ``released_at``. A release of this window
-        answered before the window ends surely arrived in it; the others of the window may have arrived in the
-        next one, where they take a slot each (see :meth:`earliest`)."""
+    def answered(self, released_at: float, received: float) -> None:
+        """An answer to a request released at ``released_at`` was received at ``received`` (at the latest). A
+        release answered before its window ends surely arrived in it; the others may have arrived in the next
+        window, where each takes a slot (see :meth:`earliest`) — until its answer turns out to have been
+        received before the edge after all (read late by a stalled loop)."""
         if not self._aligned or self._rate is None:
             return
         self._answers_seen = True  # from now on, a release with no answer is one that may have arrived late
         k = self._window_bounds(released_at + _EPS)[0]
-        if k == self._window and self._window_bounds(now)[0] == k:
+        if self._window_bounds(max(received, released_at) + _EPS)[0] != k:
+            return  # received after its window's edge: it may have been counted in the next one
+        if k == self._window:
             self._answered += 1
             if self._count >= self._n():
                 self._changed()  # the next window's room grew: a timer may be set past it
+        elif k == self._window - 1 and self._spill > 0:
+            self._spill -= 1  # held for nothing: it arrived in its own window
+            self._changed()
 
     def follow_learner(self) -> None:
         """Take the margin from the learner's p99 (when this meter learns its margin and the p99 is known)."""

@@ -80,6 +80,7 @@ __all__ = [
 ]
 
 _EPS = 1e-9
+_STALL_READ = 0.1  # seconds after a stall in which the answers read may have come in during it
 
 
 class _Handle(Protocol):
@@ -155,7 +156,7 @@ class _Lane:
 class _Scheduler:
     """Releases waiting attempts of several lanes: one timer, FIFO within a lane, round robin between lanes."""
 
-    __slots__ = ("_bound", "_clock", "_lanes", "_next", "_timer", "_timer_at")
+    __slots__ = ("_bound", "_clock", "_lanes", "_next", "_seen", "_stall", "_timer", "_timer_at")
 
     def __init__(self, clock: Clock) -> None:
         self._clock = clock
@@ -164,6 +165,8 @@ class _Scheduler:
         self._next = 0  # round robin: the lane index asked first at the next release
         self._timer: _Handle | None = None  # the one pending wake-up, if any
         self._timer_at = math.inf  # when it fires
+        self._stall = (-math.inf, -math.inf)  # the last stretch the loop did not run: (last seen, woke)
+        self._seen = -math.inf  # the last time the loop was seen running (an acquire, an answer, a timer)
 
     def add(self, name: str, meters: tuple[RateMeter, ...]) -> _Lane:
         lane = _Lane(name, meters)
@@ -178,6 +181,7 @@ class _Scheduler:
         if lane.closed:
             raise BudgetClosedError("rate budget closed")
         now = self._clock.time()
+        self._seen = now
         # Straight through only when nobody waits: a waiting attempt of another lane comes first (fairness).
         if not any(other.waiters for other in self._lanes) and lane.earliest(now) <= now + _EPS:
             for meter in lane.meters:
@@ -247,7 +251,21 @@ class _Scheduler:
         due = self._timer_at
         self._timer = None
         self._timer_at = math.inf
+        now = self._clock.time()
+        if now - due > MIN_MARGIN:
+            # The loop did not run from some time after it was last seen until now: answers it reads next
+            # may have been received in that stretch.
+            self._stall = (min(self._seen, due), now)
+        self._seen = now
         self.schedule(due)
+
+    def received_by(self, now: float) -> float:
+        """The earliest an answer processed at ``now`` may have been received: when the loop has just come
+        out of a stall (a timer fired late), the answers it reads then may have waited in the socket since it
+        was last seen running; otherwise ``now``."""
+        seen, woke = self._stall
+        self._seen = now
+        return seen if woke <= now <= woke + _STALL_READ else now
 
 
 class RateBudget(RateMeter):
@@ -304,6 +322,14 @@ class RateBudget(RateMeter):
         """Index of the clock-aligned period holding clock time ``t`` (for per-window counts)."""
         self._lane_of()
         return super().window_of(t)
+
+    def observe(self, latency: float) -> None:
+        """One release-to-answer time (see :meth:`RateMeter.observe`); an answer read just after the loop was
+        stalled may have been received when the stall began."""
+        sched, _ = self._lane_of()
+        now = sched.time()
+        self.answered(now - latency, sched.received_by(now))
+        self.learn(latency)
 
     async def __aenter__(self) -> None:
         await self.acquire()
@@ -393,8 +419,9 @@ class EndpointBudget:
                 m.observe(latency)
             return
         now = self._sched.time()
+        received = self._sched.received_by(now)
         for m in self._lane.meters:
-            m.answered(now - latency, now)
+            m.answered(now - latency, received)
         self._learn(latency)
 
 
