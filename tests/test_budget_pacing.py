@@ -164,3 +164,18 @@ def test_a_single_endpoint_under_a_stalled_loop() -> None:
         times = _send(endpoints=1, group=False, late=0.01, stalls=(0.1, 0.3), seed=seed)
         _check_guarantees(times)
         assert _use(times) == 1.0, seed  # 97.6-99.2 % with the sliding cap
+
+
+def test_long_stalls_of_a_loaded_machine_are_caught_up_in_the_second_half_of_the_zone() -> None:
+    # Measured on the shared machine: the loop stalled for 0.1-0.6 s at a time, every second or two. The N
+    # slots fill the first half of the sending zone, so a stall of up to half the zone anywhere in it is
+    # caught up before the zone ends (with the slots over its first 80 %: 99.3 % at worst, 99.86 % mean).
+    uses = []
+    for seed in range(1, 7):
+        times = _send(
+            endpoints=3, group=True, late=0.03, stalls=(0.1, 0.6), every=(0.7, 2.0), seed=seed, windows=60
+        )
+        _check_guarantees(times)
+        uses.append(_use(times))
+    assert min(uses) >= 0.998, uses
+    assert sum(uses) / len(uses) >= 0.9995, uses

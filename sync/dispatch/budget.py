@@ -19,7 +19,7 @@ instant, so it is counted in the same window everywhere. Design (figures in ``do
   interpreter held by another thread) releases every slot of the window whose time has come, so the budget
   does not depend on the loop being on time; no slot of the next window goes early, and a slot the zone's end
   overtook is gone, never carried over the edge (no burst across a window edge). The N slots fill the first
-  80 % of the zone; the rest is room to catch up. Slots of a window that follows a busy one are placed from
+  half of the zone; the second half is room to catch up. Slots of a window that follows a busy one are placed from
   the zone's start; after an idle window or a pause the slots count from the first release (a run that begins
   mid-window is not sent as a burst, nor is the end of a 429's pause).
   An earlier design also capped N per sliding T over release times: every late release then stayed late in
