@@ -373,10 +373,11 @@ def test_plan_shows_each_budget_group_with_its_requests_and_least_time(
     assert doc["estimated_seconds"] >= group["estimated_seconds"]  # the run's estimate counts the group
 
 
-def test_requests_with_no_answer_by_the_windows_end_take_slots_of_the_next_window() -> None:
-    # The server stalls near the end of window 1: the requests released after 0.3 s there get their answer
-    # only at 2.3 s. They may have arrived (and been counted by the server) in window 2, so window 2 leaves
-    # them room: even if they all did, the server counts no more than N there, and sends no 429.
+def test_late_releases_with_no_answer_by_the_windows_end_take_slots_of_the_next_window() -> None:
+    # Window 1: ten attempts at their slots, then nothing to send until 1.6 s, when ten more come and the
+    # slots that came due go at once (catching up, late in the window). The server stalls: those get their
+    # answer only at 2.3 s. They may have arrived (and been counted by the server) in window 2, so window 2
+    # leaves them room: even if they all did, the server counts no more than N there, and sends no 429.
     async def scenario() -> tuple[list[float], BudgetStats]:
         loop = asyncio.get_running_loop()
         pool = BudgetPool({}, (ACCOUNT,), wall_offset=0.0)
@@ -387,31 +388,64 @@ def test_requests_with_no_answer_by_the_windows_end_take_slots_of_the_next_windo
             await budget.acquire()
             released = loop.time()
             times.append(released)
-            answer_at = 2.3 if 1.3 <= released < 2.0 else released + 0.03
+            answer_at = 2.3 if 1.5 <= released < 2.0 else released + 0.03
+            await clock_sleep(loop, answer_at - released)
+            budget.observe(loop.time() - released)
+            budget.on_success()
+
+        async def take(n: int) -> None:
+            async with asyncio.TaskGroup() as tg:
+                for _ in range(n):
+                    tg.create_task(one())
+
+        await take(30)  # window 0, and window 1's first ten slots
+        await clock_sleep(loop, 1.6 - loop.time())
+        await take(30)  # ten at once at 1.6; then window 2 and 3
+        return times, pool.group_stats()["account"]
+
+    times, stats = run_virtual(scenario())
+    windows = _per_window(times)
+    stalled = sum(1 for t in times if 1.5 <= t < 2.0)
+    assert stalled == 10 and windows[1] == 20
+    # Window 2: those requests' slots are held, whatever happened to them; the others go as usual.
+    assert windows[2] == 20 - stalled
+    use = {w.window: w for w in stats.windows}
+    assert use[2].carried == stalled and use[2].idle == use[2].waiting == use[2].paused == 0
+    # Regular releases, answered within their window, take nothing from the next.
+    assert use[1].carried == 0 and windows[0] == 20
+
+
+def test_a_slow_answer_to_a_regular_release_takes_nothing_from_the_next_window() -> None:
+    # Every answer of window 1 comes after its edge (a slow server, or its outbound network): its requests
+    # were released in the first half of the zone, far from the edge, and arrived in time; window 2 is full.
+    async def scenario() -> list[float]:
+        loop = asyncio.get_running_loop()
+        pool = BudgetPool({}, (ACCOUNT,), wall_offset=0.0)
+        budget = pool.budget("tagUsers")
+        times: list[float] = []
+
+        async def one() -> None:
+            await budget.acquire()
+            released = loop.time()
+            times.append(released)
+            answer_at = 2.2 if 1.0 <= released < 2.0 else released + 0.03
             await clock_sleep(loop, answer_at - released)
             budget.observe(loop.time() - released)
             budget.on_success()
 
         async with asyncio.TaskGroup() as tg:
-            for _ in range(80):
+            for _ in range(60):
                 tg.create_task(one())
-        return times, pool.group_stats()["account"]
+        return times
 
-    times, stats = run_virtual(scenario())
-    windows = _per_window(times)
-    stalled = sum(1 for t in times if 1.3 <= t < 2.0)
-    assert stalled > 0 and windows[1] == 20
-    # Window 2: those requests' slots are held, whatever happened to them; the others go as usual.
-    assert windows[2] == 20 - stalled
-    use = {w.window: w for w in stats.windows}
-    assert use[2].carried == stalled and use[2].idle == use[2].waiting == use[2].paused == 0
-    # Answered within their window, requests take nothing from the next: every other window is full.
-    assert [windows[k] for k in (0, 3)] == [20, 20]
+    windows = _per_window(run_virtual(scenario()))
+    assert [windows[k] for k in (0, 1, 2)] == [20, 20, 20]
 
 
 def test_answers_read_late_by_a_stalled_loop_do_not_hold_slots_of_the_next_window() -> None:
-    # Our own loop is stuck from 0.75 s to 1.25 s: the answers to window 0's last requests came in before its
-    # edge but are read only at 1.25 s. They arrived in window 0, so window 1 holds nothing for them.
+    # Our own loop is stuck from 0.3 s to 0.85 s (the slots due meanwhile go at once at 0.85 s, late in the
+    # window), then again from 0.86 s to 1.25 s: the answers to those requests came in at 0.88 s, before the
+    # edge, but are read only at 1.25 s. They arrived in window 0, so window 1 holds nothing for them.
     loop = VirtualTimeLoop()
 
     async def scenario() -> tuple[list[float], BudgetStats]:
@@ -427,7 +461,8 @@ def test_answers_read_late_by_a_stalled_loop_do_not_hold_slots_of_the_next_windo
             budget.observe(loop.time() - released)
             budget.on_success()
 
-        loop.call_at(0.75, loop.advance, 0.5)
+        loop.call_at(0.3, loop.advance, 0.55)
+        loop.call_at(0.86, loop.advance, 0.39)
         async with asyncio.TaskGroup() as tg:
             for _ in range(60):
                 tg.create_task(one())
@@ -438,7 +473,8 @@ def test_answers_read_late_by_a_stalled_loop_do_not_hold_slots_of_the_next_windo
     finally:
         loop.close()
     windows = _per_window(times)
+    assert len([t for t in times if math.isclose(t, 0.85)]) > 1  # caught up late in window 0
     assert [windows[k] for k in (0, 1, 2)] == [20, 20, 20]
     use = {w.window: w for w in stats.windows}
     assert use[1].carried == 0
-    assert 1 in stats.stalled_windows  # the loop was late: the summary says so
+    assert {0, 1} <= stats.stalled_windows  # the loop was late: the summary says so

@@ -55,8 +55,9 @@ class WindowUse:
     paused: int
     """Slots inside a pause (a 429's ``Retry-After``, ``X-RateLimit-Remaining: 0``)."""
     carried: int
-    """Slots held for requests of the window before that had no answer by this window's start: the server may
-    have counted them in this window (they arrived after its edge: a stalled server, network or loop)."""
+    """Slots held for requests released late in the window before (catching up, in its zone's second half) that
+    had no answer by this window's start: the server may have counted them in this window (they arrived after
+    its edge: a stalled server, network or loop)."""
     late_max: float
     """The most a waiting attempt was released after its slot came due, seconds (the loop's lateness)."""
     margin: float
@@ -145,6 +146,8 @@ class RateMeter:
         "_history",
         "_increase",
         "_last_release",
+        "_late_count",
+        "_late_from",
         "_lead",
         "_learn",
         "_learner",
@@ -157,6 +160,7 @@ class RateMeter:
         "_paused_seconds",
         "_paused_until",
         "_pauses",
+        "_prev_late_from",
         "_per_window",
         "_period",
         "_rate",
@@ -229,8 +233,13 @@ class RateMeter:
         self._last_release: float = -math.inf  # actual time of the last release
         self._window: int = -1  # index of the aligned window that _count refers to
         self._count: int = 0  # releases in that window
-        self._answered: int = 0  # answers, within that window, to releases of that window
-        self._spill: int = 0  # releases of the window before with no answer by that window's start
+        # Releases in the second half of that window's zone (catching up: nearer its end) and the answers to
+        # them received within the window; those with no answer by the edge may arrive after it.
+        self._late_from: float = math.inf  # where that second half begins
+        self._prev_late_from: float = math.inf  # the same for the window before
+        self._late_count: int = 0
+        self._answered: int = 0
+        self._spill: int = 0  # late releases of the window before with no answer by that window's start
         self._answers_seen: bool = False  # answers are reported (answered()): only then is _spill counted
         self._anchor: float = -math.inf  # time of that window's first release: its slots count from here
         self._paused_until: float = -math.inf  # no release before this (Retry-After / window reset)
@@ -366,15 +375,19 @@ class RateMeter:
         for _ in range(4):  # at most a couple of hops: the next window is always free
             k, start = self._window_bounds(t)
             zone_start, zone_end = start + self._lead, start + self._period - self._tail
-            # Requests of the window before with no answer by the edge may have arrived after it: the server
-            # then counts them in this window, so each takes one of its N (normally none: the margin is the
-            # p99 of release-to-answer, and regular slots end well before it).
+            # Requests released late in the window before (catching up, in its zone's second half) with no
+            # answer by the edge may have arrived after it: the server then counts them in this window, so
+            # each takes one of its N. (Regular slots, in the zone's first half, are far enough from the edge
+            # that only a server stalled over half a window could count them in the next; an answer that is
+            # merely slow must not cost a slot.)
             if k == self._window:
                 count, room = self._count, n - self._spill
                 slot = max(t, self._anchor + self._count * spacing)
             else:
                 count, slot = 0, max(t, zone_start)
-                carried = self._count - self._answered if self._answers_seen and k == self._window + 1 else 0
+                carried = (
+                    self._late_count - self._answered if self._answers_seen and k == self._window + 1 else 0
+                )
                 room = n - max(0, carried)
             if count < room and slot < zone_end:
                 return slot
@@ -433,8 +446,10 @@ class RateMeter:
                 busy = self._window == k - 1 and not after_pause
                 self._anchor = min(now, start + self._lead) if busy else now
                 busy_before = self._window == k - 1 and self._answers_seen
-                self._spill = max(0, self._count - self._answered) if busy_before else 0
-                self._window, self._count, self._answered = k, 0, 0
+                self._spill = max(0, self._late_count - self._answered) if busy_before else 0
+                self._prev_late_from = self._late_from
+                self._late_from = start + self._lead + (self._period - self._lead - self._tail) * (1 - _SLACK)
+                self._window, self._count, self._answered, self._late_count = k, 0, 0, 0
                 self._w_late, self._w_n, self._w_tail = 0.0, n, self._tail
             elif after_pause:
                 self._anchor = max(self._anchor, now - self._count * self._spacing(n))
@@ -442,6 +457,7 @@ class RateMeter:
                 slot = self._anchor + self._count * self._spacing(n)
                 self._w_late = max(self._w_late, now - max(slot, since))
             self._count += 1
+            self._late_count += now >= self._late_from
         else:
             spacing = (self._period + self._tail) / n
             # On time (or a little late): keep the grid, so timer lateness is not carried forward.
@@ -579,20 +595,20 @@ class RateMeter:
 
     def answered(self, released_at: float, received: float) -> None:
         """An answer to a request released at ``released_at`` was received at ``received`` (at the latest). A
-        release answered before its window ends surely arrived in it; the others may have arrived in the next
-        window, where each takes a slot (see :meth:`earliest`) — until its answer turns out to have been
-        received before the edge after all (read late by a stalled loop)."""
+        release answered before its window ends surely arrived in it; the others released late in it may have
+        arrived in the next window, where each takes a slot (see :meth:`earliest`) — until its answer turns
+        out to have been received before the edge after all (read late by a stalled loop)."""
         if not self._aligned or self._rate is None:
             return
         self._answers_seen = True  # from now on, a release with no answer is one that may have arrived late
         k = self._window_bounds(released_at + _EPS)[0]
         if self._window_bounds(max(received, released_at) + _EPS)[0] != k:
             return  # received after its window's edge: it may have been counted in the next one
-        if k == self._window:
+        if k == self._window and released_at >= self._late_from - _EPS:
             self._answered += 1
             if self._count >= self._n():
                 self._changed()  # the next window's room grew: a timer may be set past it
-        elif k == self._window - 1 and self._spill > 0:
+        elif k == self._window - 1 and self._spill > 0 and released_at >= self._prev_late_from - _EPS:
             self._spill -= 1  # held for nothing: it arrived in its own window
             self._changed()
 
