@@ -25,9 +25,13 @@ instant, so it is counted in the same window everywhere. Design (figures in ``do
   An earlier design also capped N per sliding T over release times: every late release then stayed late in
   every later window (the cap held each slot at or after the same slot of the window before plus T), and on a
   loaded core slots fell off the windows' ends (86–99 % of the budget end to end; ``docs/run.md``).
+* **Late releases that may have crossed the edge**: a request released in the second half of a window's zone
+  (catching up) with no answer when the window ends may have been counted by the server in the next window,
+  so it takes one of the next window's N (an answer read just after our own loop stalled, which may have come
+  in before the edge, gives it back).
 * **Per-window records** (:class:`WindowUse`, a ``budget.window`` debug line each): allowed, released, and
   why the other slots were not — nobody waited (idle), the loop or another limit did not release a waiting
-  attempt in time (waiting), or a pause.
+  attempt in time (waiting), a pause, or held for late releases of the window before (carried).
 * **Margin learned from latency**: unless the job fixes it (``margin:``), the margin before a window's end
   starts at ``min(0.2 T, 1 s)`` and then follows the p99 of the release-to-answer times observed, within
   ``[10 ms, min(0.3 T, 2 s)]``: a fast network gives more of each window to sending, a slow one more margin.
