@@ -21,8 +21,8 @@ only. Figures per case, from the server's own records:
   only retries of the last answers;
 * where the budget went (a second line per case): the binding budget's ``budget.window`` records (the run is
   started with ``--log-level debug``) over the same windows — released of allowed, and the slots not released:
-  idle (nothing to send), waiting (the loop late), paused (429), carried (held for requests of the window
-  before still unanswered at its edge) —, the loop's worst lateness, the learned margins, and how many
+  idle (nothing to send), waiting (the loop late), paused (429), carried (held for requests released late in
+  the window before and still unanswered at its edge) —, the loop's worst lateness, the learned margins, and how many
   requests the server counted in another window than the budget did;
 * ``budget-bound`` — the same over the windows in which an attempt always waited for the budget and the event
   loop released it on time (from the run summary, by release windows; ``starved/stalled/n``: of the n windows
@@ -260,10 +260,9 @@ def _where_lost(
     """Where the binding budget's slots went over the sending part, from its ``budget.window`` records (one per
     window, logged at debug level by the run): released, and the slots not released told apart — ``idle``
     (no attempt waited: the plan not ready, retries backing off), ``waiting`` (an attempt waited but the loop
-    did not release it before the window's zone ended), ``paused`` (a 429), ``carried`` (held for requests of the
-    window before that had no answer by its edge) —, the loop's worst lateness, the
-    margins in force, and the requests the server counted in another window than the budget did (``spilled``:
-    released before a window's end, arrived after it)."""
+    did not release it before the window's zone ended), ``paused`` (a 429), ``carried`` (held for requests
+    released late in the window before with no answer by its edge) —, the loop's worst lateness, the margins
+    in force, and the requests the server counted in another window than the budget did (``spilled``)."""
     name = "account" if limit == "account" else binding
     records: dict[int, dict[str, Any]] = {}
     for line in stderr.splitlines():

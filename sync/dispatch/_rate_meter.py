@@ -400,7 +400,7 @@ class RateMeter:
 
     def _spacing(self, n: int) -> float:
         """Nominal gap between the aligned slots of one window: the N slots fill the sending zone but its
-        last ``_SLACK`` share, which takes up lateness (see :mod:`sync.dispatch.budget`)."""
+        last ``_SLACK`` share, where slots a late loop missed are caught up (see :mod:`sync.dispatch.budget`)."""
         return (self._period - self._lead - self._tail) * (1 - _SLACK) / n
 
     def release(
@@ -474,9 +474,8 @@ class RateMeter:
         start = self._window * self._period - (self._wall_offset or 0.0)
         zone_end = start + self._period - self._w_tail
         spacing = self._spacing(n)
-        pauses = [
-            (a, b) for a, b in self._pauses if a < zone_end and b > start
-        ]  # this window's (usually none)
+        # The pauses over this window (usually none).
+        pauses = [(a, b) for a, b in self._pauses if a < zone_end and b > start]
         idle = waiting = paused = carried = 0
         for j in range(self._count, n):
             if j >= n - self._spill:
