@@ -98,7 +98,8 @@ def test_two_workers_converge_a_second_run_sends_nothing_and_a_change_sends_only
     shown = json.loads(out)
     assert shown["sources"]["users"]["users"] == USERS and shown["pending_runs"] == []
     assert shown["sources"]["users"]["fields"]["attr:name"] == USERS
-    assert "coordination database" not in shown["state_dir"] or postgres_server.password not in out
+    assert shown["state_dir"].startswith("coordination database pushsync@127.0.0.1:"), shown
+    assert postgres_server.password not in out
 
     # The same export again: nothing to send.
     before = requests_total(sandbox)
@@ -107,9 +108,15 @@ def test_two_workers_converge_a_second_run_sends_nothing_and_a_change_sends_only
     assert requests_total(sandbox) == before and doc["diff"]["users_changed"] == 0
     assert doc["totals"]["requests"] == 0
 
-    # 1 % of the users change their score: that change alone is sent.
+    # 1 % of the users change their score: `pushsync plan` shows it against the state in PostgreSQL...
     before_applied = applied(sandbox)
     rows = write_users(tmp_path, range(USERS), churn=1)
+    code, out, err = finish(
+        worker(tmp_path, sandbox.api_key, postgres_url, "plan", "job.yaml", "--output", "json")
+    )
+    assert code == 0, err
+    assert json.loads(out)["diff"]["users_changed"] == USERS // 100
+    # ... and a run sends that change alone.
     code, doc, err = run_json(tmp_path, sandbox.api_key, postgres_url)
     assert code == 0, err
     after = applied(sandbox)
@@ -192,6 +199,57 @@ def test_a_worker_killed_between_sending_and_committing_the_next_run_commits_and
     assert code == 0, err
     assert requests_total(sandbox) == before and doc["diff"]["users_changed"] == 0
     assert sum(applied(sandbox).values()) == minimal_applications(rows, "snapshot")
+
+
+def test_a_leader_killed_after_uploading_its_diff_is_taken_over_with_that_diff(
+    tmp_path: Path,
+    netmera_sandbox_process: NetmeraProcess,
+    postgres_server: PostgresServer,
+    postgres_url: str,
+) -> None:
+    sandbox = netmera_sandbox_process
+    (tmp_path / "job.yaml").write_text(snapshot_job(sandbox.url), encoding="utf-8")
+    first = write_users(tmp_path, range(USERS))
+    conn = connect(postgres_url)
+    pg_state_store(load_job(tmp_path / "job.yaml"), conn, postgres_url)  # the tables, to lock one
+    conn.close()
+    before = requests_total(sandbox)
+    # A session holding the batch maps' table stops the leader at its first map line: after the upload of its
+    # diff, before any batch is queued.
+    holder = psycopg.connect(postgres_url)
+    try:
+        holder.execute("LOCK TABLE pushsync.snapshot_batches IN EXCLUSIVE MODE")
+        proc = worker(tmp_path, sandbox.api_key, postgres_url, "run", "job.yaml", "--progress", "none")
+
+        def uploaded() -> bool:
+            return _query(
+                postgres_server,
+                postgres_url,
+                "SELECT count(*) FROM pushsync.snapshot_pending WHERE path = 'meta.json'",
+            ) == [["1"]]
+
+        _wait(uploaded, "the leader to upload its diff")
+        time.sleep(0.5)
+        assert proc.poll() is None, finish(proc)
+        proc.send_signal(signal.SIGKILL)
+        proc.communicate(timeout=30)
+    finally:
+        holder.rollback()
+        holder.close()
+    (run,) = _query(postgres_server, postgres_url, "SELECT run_id, status, planned FROM pushsync.runs")
+    assert run[1:] == ["running", "f"] and requests_total(sandbox) == before
+    # The export changes before the run is taken over: the run still sends the diff its first leader uploaded
+    # (the batch map of whatever it queued or sent matches it), and the next run sends the change.
+    second = write_users(tmp_path, range(USERS), churn=1)
+    code, doc, err = run_json(tmp_path, sandbox.api_key, postgres_url)
+    assert code == 0, err
+    assert doc["run_id"] == run[0] and doc["diff"]["users_new"] == USERS
+    assert doc["state"]["users"] == {"users": USERS}
+    assert sandbox_users(sandbox) == expected_users(first)
+    code, doc, err = run_json(tmp_path, sandbox.api_key, postgres_url)
+    assert code == 0, err
+    assert doc["diff"]["users_changed"] == USERS // 100
+    assert sandbox_users(sandbox) == expected_users(second)
 
 
 def test_a_worker_killed_mid_run_the_other_finishes_and_commits_duplicates_stay_within_what_was_in_flight(
@@ -322,9 +380,9 @@ def test_the_postgresql_state_holds_what_the_file_state_holds_through_segments_a
         # One generation is kept: the compaction removed the old base's and the segments' chunks.
         gens = conn.execute("SELECT DISTINCT generation, segment FROM pushsync.state_chunks").fetchall()
         assert len(gens) == 1 and gens[0][1] == 0
-        assert pg_store.users(source, 0, 1 << 32, pl.Series(["user006", "user777"]))["attr:name"].to_list() == [
-            "Six"
-        ]
+        assert pg_store.users(source, 0, 1 << 32, pl.Series(["user006", "user777"]))[
+            "attr:name"
+        ].to_list() == ["Six"]
     finally:
         conn.close()
 

@@ -133,15 +133,28 @@ CREATE TABLE IF NOT EXISTS {S}.snapshot_batches (
 """
 
 
+_TABLES = ("state_heads", "state_chunks", "snapshot_pending", "snapshot_batches")
+
+
 def ensure_snapshot_tables(conn: psycopg.Connection[Any], url: str) -> None:
     """Create the snapshot tables when missing (added to schema version 1 in place: a database made by a
-    pushsync without snapshot mode gains them on first use), under the schema's advisory lock. The schema
-    itself is checked (or created) first: one written by a newer pushsync is refused."""
-    ensure_schema(conn, url)
+    pushsync without snapshot mode gains them on first use), under the schema's advisory lock; the schema
+    itself is checked (or created) first, and one written by a newer pushsync refused. Once the tables are
+    there, only that is looked up: the schema's own ``CREATE INDEX IF NOT EXISTS`` would wait for the
+    workers writing to the queue."""
     try:
+        row = conn.execute(
+            "SELECT count(*) FROM information_schema.tables WHERE table_schema = %s AND table_name = ANY(%s)",
+            (SCHEMA, list(_TABLES)),
+        ).fetchone()
+        if row is not None and int(row[0]) == len(_TABLES):
+            return
+        ensure_schema(conn, url)
         with conn.transaction():
             conn.execute("SELECT pg_advisory_xact_lock(hashtext('pushsync.schema'))")
             conn.execute(_DDL)
+    except CoordinationError:
+        raise
     except psycopg.Error as exc:
         raise CoordinationError(
             f"coordination database {describe_url(url)}: cannot create the snapshot state's tables "
