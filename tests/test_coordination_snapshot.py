@@ -252,6 +252,31 @@ def test_a_leader_killed_after_uploading_its_diff_is_taken_over_with_that_diff(
     assert sandbox_users(sandbox) == expected_users(second)
 
 
+def test_the_pending_delta_of_a_run_that_ended_aborted_is_merged_by_the_next_runs_leader(
+    tmp_path: Path,
+    netmera_sandbox_process: NetmeraProcess,
+    postgres_server: PostgresServer,
+    postgres_url: str,
+) -> None:
+    sandbox = netmera_sandbox_process
+    (tmp_path / "job.yaml").write_text(snapshot_job(sandbox.url), encoding="utf-8")
+    rows = write_users(tmp_path, range(USERS))
+    # A wrong key: the platform answers 401, the run is aborted (ended) with its delta still pending.
+    code, doc, err = run_json(tmp_path, "wrong-key-0123456789", postgres_url)
+    assert code == 3, err
+    (aborted,) = _query(postgres_server, postgres_url, "SELECT run_id, status FROM pushsync.runs")
+    assert aborted[1] == "aborted"
+    pending = "SELECT DISTINCT run_id FROM pushsync.snapshot_pending"
+    assert _query(postgres_server, postgres_url, pending) == [[aborted[0]]]
+    code, doc, err = run_json(tmp_path, sandbox.api_key, postgres_url)
+    assert code == 0, err
+    assert doc["run_id"] != aborted[0] and doc["diff"]["users_new"] == USERS
+    assert "snapshot.recovered" in err and aborted[0] in err  # the leader merged it (nothing was confirmed)
+    assert _query(postgres_server, postgres_url, pending) == []
+    assert _query(postgres_server, postgres_url, "SELECT count(*) FROM pushsync.snapshot_batches") == [["0"]]
+    assert sandbox_users(sandbox) == expected_users(rows)
+
+
 def test_a_worker_killed_mid_run_the_other_finishes_and_commits_duplicates_stay_within_what_was_in_flight(
     tmp_path: Path,
     netmera_sandbox_process: NetmeraProcess,
