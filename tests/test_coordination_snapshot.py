@@ -344,6 +344,27 @@ def test_a_worker_killed_mid_run_the_other_finishes_and_commits_duplicates_stay_
     assert requests_total(sandbox) == before and doc["diff"]["users_changed"] == 0
 
 
+def test_a_job_moving_onto_postgresql_imports_its_workdir_state_and_resends_nothing(
+    tmp_path: Path, netmera_sandbox_process: NetmeraProcess, postgres_url: str
+) -> None:
+    sandbox = netmera_sandbox_process
+    (tmp_path / "job.yaml").write_text(snapshot_job(sandbox.url), encoding="utf-8")
+    rows = write_users(tmp_path, range(USERS))
+    code, out, err = finish(worker(tmp_path, sandbox.api_key, None, "run", "job.yaml", "--progress", "none"))
+    assert code == 0, err  # one process, the state in the workdir
+    code, out, err = finish(worker(tmp_path, sandbox.api_key, postgres_url, "state", "import", "job.yaml"))
+    assert code == 0, err
+    assert f"source users: {USERS} users copied" in out
+    before = requests_total(sandbox)
+    code, doc, err = run_json(tmp_path, sandbox.api_key, postgres_url)
+    assert code == 0, err
+    assert requests_total(sandbox) == before and doc["diff"]["users_state"] == USERS
+    assert sandbox_users(sandbox) == expected_users(rows)
+    # A second import would overwrite what coordinated runs confirmed since: refused.
+    code, out, err = finish(worker(tmp_path, sandbox.api_key, postgres_url, "state", "import", "job.yaml"))
+    assert code == 2 and "already holds a state for job snapscale" in err, err
+
+
 # --- the PostgreSQL backend of the state store, in process ---------------------------------------------------------
 
 

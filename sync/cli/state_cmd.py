@@ -1,4 +1,4 @@
-"""``pushsync resume RUN``, ``pushsync retry RUN [--full-refresh]`` and ``pushsync state show JOB``.
+"""``pushsync resume RUN``, ``pushsync retry RUN [--full-refresh]``, ``pushsync state show|import JOB``.
 
 * ``resume RUN``: finish a run that died (kill -9, machine lost) or was interrupted. Changes mode: plan again
   and send only the batches the ledger has not confirmed (non-idempotent batches whose outcome is unknown are
@@ -7,6 +7,8 @@
   ones). ``--full-refresh`` sends everything again, ignoring ledger and state.
 * ``state show JOB``: the confirmed state of a snapshot job: users, fields held, tags, pending runs (from the
   coordination database when one is given: ``--database-url`` or ``PUSHSYNC_DATABASE_URL``).
+* ``state import JOB``: copy the workdir's state into the coordination database (a snapshot job moving from one
+  process onto several workers keeps what it confirmed).
 
 Exit codes as for ``pushsync run`` (docs/run.md).
 """
@@ -61,6 +63,14 @@ def register(subparsers: Any) -> None:
 
     add_database_url(show)
     show.set_defaults(func=_show)
+    imp = state_sub.add_parser(
+        "import",
+        help="copy the workdir's state into the coordination database (a job moving onto several workers)",
+    )
+    imp.add_argument("job", type=Path, help="the job file (YAML)")
+    imp.add_argument("--workdir", type=Path, help="override the job's workdir")
+    add_database_url(imp)
+    imp.set_defaults(func=_import)
 
 
 def _ledger_candidates(args: argparse.Namespace) -> list[Path]:
@@ -198,6 +208,32 @@ def _show(args: argparse.Namespace) -> int:
         store = pg_state_store(job, conn, url)
         where = f"coordination database {describe_url(url)}, job state {state_scope(job)}"
         return _print_state(args, job, store, where, pending_runs(conn, state_scope(job)))
+
+
+def _import(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    from sync.cli._ledgers import database_url
+    from sync.config import load_job
+
+    job = load_job(args.job)
+    if args.workdir is not None:
+        job = dataclasses.replace(job, workdir=args.workdir)
+    url = database_url(args, job)
+    if url is None:
+        raise StateError(
+            "state import copies the workdir's state into a coordination database: give --database-url or set "
+            "PUSHSYNC_DATABASE_URL (docs/scaling.md)"
+        )
+    from sync.coordination._db import describe_url
+    from sync.coordination.ledger import PgLedger
+    from sync.coordination.snapshot import import_workdir_state
+
+    with PgLedger.open(url) as ledger:
+        copied = import_workdir_state(job, ledger._conn, url)
+    for name, users in copied.items():
+        print(f"source {name}: {users} users copied into {describe_url(url)}")
+    return int(ExitCode.OK)
 
 
 def _print_state(args: argparse.Namespace, job: Any, store: Any, where: str, pending: list[str]) -> int:

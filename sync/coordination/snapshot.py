@@ -77,6 +77,7 @@ __all__ = [
     "PgStateBackend",
     "commit_when_finished",
     "ensure_snapshot_tables",
+    "import_workdir_state",
     "pending_runs",
     "pg_state_store",
     "plan_snapshot",
@@ -688,3 +689,37 @@ def snapshot_counts(planned: dict[str, Any]) -> DiffCounts | None:
     """What the run's diff found, from its planned info (None: not a snapshot run)."""
     found = planned.get("snapshot")
     return DiffCounts(**found) if isinstance(found, dict) else None
+
+
+def import_workdir_state(job: Job, conn: psycopg.Connection[Any], url: str) -> dict[str, int]:
+    """Copy the job's state from its workdir (the SQLite mode's) into the coordination database: a job moved onto
+    several workers keeps what it confirmed instead of sending every value again (and appending its ``push``
+    attributes twice). Refused when the workdir holds a run's unmerged changes (run the job once without the
+    database: it merges them) or the database already holds a state for the job. Returns users per source."""
+    from sync.config import SourceKind
+    from sync.state._store import key_range, range_bits
+
+    local = StateStore(job.workdir, job.destination)
+    if local.pending():
+        raise StateError(
+            f"the workdir's state {local.directory} holds changes of runs not merged yet "
+            f"({', '.join(p.name for p in local.pending())}): run the job once without a coordination database "
+            "(it merges them), then import"
+        )
+    store = pg_state_store(job, conn, url)
+    sources = [s for s in job.sources if s.kind is SourceKind.USERS and local.exists(s)]
+    if not sources:
+        raise StateError(f"no snapshot state for job {job.name} in {local.directory}: nothing to import")
+    copied: dict[str, int] = {}
+    with local.lock(), store.lock():
+        taken = [s.name for s in sources if store.exists(s)]
+        if taken:
+            raise StateError(
+                f"the coordination database already holds a state for job {job.name} (sources "
+                f"{', '.join(taken)}): nothing imported; it is what coordinated runs confirmed"
+            )
+        for source in sources:
+            bits = range_bits(local.rows(source))
+            ranges = (local.slice(source, *key_range(r, bits), job.snapshot) for r in range(1 << bits))
+            copied[source.name] = store.write(source, ranges, job.snapshot)
+    return copied
