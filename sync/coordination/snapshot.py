@@ -431,14 +431,19 @@ def _download(conn: psycopg.Connection[Any], run_id: str, directory: Path) -> No
     """Write the run's pending delta and its batch map into ``directory`` (as :func:`sync.state.compute_diff`
     and the diff's lanes would have left them in the workdir)."""
     directory.mkdir(parents=True, exist_ok=True)
-    with conn.cursor() as cur:
-        cur.execute(f"SELECT path, data FROM {S}.snapshot_pending WHERE run_id = %s", (run_id,))
-        for path, data in cur:
-            target = directory / path
-            if directory.resolve() not in target.resolve().parents:
-                raise StateError(f"pending delta of run {run_id}: a stored file name {path!r} is not usable")
-            target.parent.mkdir(parents=True, exist_ok=True)
-            target.write_bytes(bytes(data))
+    paths = conn.execute(f"SELECT path FROM {S}.snapshot_pending WHERE run_id = %s", (run_id,)).fetchall()
+    for (path,) in paths:
+        target = directory / path
+        if directory.resolve() not in target.resolve().parents:
+            raise StateError(f"pending delta of run {run_id}: a stored file name {path!r} is not usable")
+        # One file at a time: a first load's delta may be hundreds of megabytes in all.
+        row = conn.execute(
+            f"SELECT data FROM {S}.snapshot_pending WHERE run_id = %s AND path = %s", (run_id, path)
+        ).fetchone()
+        if row is None:
+            raise StateError(f"pending delta of run {run_id}: {path} was removed while it was read")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(bytes(row[0]))
     with conn.cursor() as cur, (directory / _BATCH_MAP).open("w", encoding="utf-8") as log:
         cur.execute(f"SELECT entry FROM {S}.snapshot_batches WHERE run_id = %s", (run_id,))
         while chunk := cur.fetchmany(5000):
