@@ -125,6 +125,9 @@ CREATE TABLE IF NOT EXISTS {S}.snapshot_pending (
     PRIMARY KEY (run_id, path)
 );
 CREATE INDEX IF NOT EXISTS snapshot_pending_scope ON {S}.snapshot_pending (scope);
+-- Parquet is compressed already (zstd): stored out of line as it is, PostgreSQL does not try to compress it again.
+ALTER TABLE {S}.state_chunks ALTER COLUMN data SET STORAGE EXTERNAL;
+ALTER TABLE {S}.snapshot_pending ALTER COLUMN data SET STORAGE EXTERNAL;
 CREATE TABLE IF NOT EXISTS {S}.snapshot_batches (
     run_id   TEXT NOT NULL,
     batch_id TEXT NOT NULL,
