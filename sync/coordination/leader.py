@@ -21,7 +21,7 @@ from typing import Any
 
 import psycopg
 
-from sync.config import Job
+from sync.config import Job, SyncMode
 from sync.coordination._db import (
     RECONNECT_FOR,
     SCHEMA,
@@ -34,6 +34,7 @@ from sync.coordination._db import (
 from sync.coordination._seams import WorkerOptions, WorkerSignals
 from sync.coordination.ledger import PgLedger
 from sync.coordination.queue import enqueue
+from sync.coordination.snapshot import plan_snapshot
 from sync.errors import ExitCode, PushSyncError, StateError
 from sync.ledger.ledger import rejected_row
 from sync.logs import get_logger
@@ -143,6 +144,12 @@ async def _plan(
     if info is not None:
         return info
     try:
+        if job.mode is SyncMode.SNAPSHOT:
+            # The diff against the shared state (sync.coordination.snapshot); it reads only the URL of the
+            # ledger it is given, and the run through ``conn``, this thread's connection.
+            return await asyncio.to_thread(
+                plan_snapshot, job, options, signals, PgLedger(url, conn), conn, run_id
+            )
         return await asyncio.to_thread(_plan_and_enqueue, job, options, signals, url, conn, run_id)
     except PushSyncError as exc:
         if exc.exit_code is ExitCode.BAD_JOB_OR_INPUT:

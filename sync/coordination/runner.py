@@ -39,16 +39,10 @@ from sync.coordination.budget import SharedBudgets
 from sync.coordination.leader import lead, until_listed
 from sync.coordination.ledger import PgLedger
 from sync.coordination.queue import Membership, QueueLanes, heartbeat, worker_id
+from sync.coordination.snapshot import commit_when_finished, snapshot_counts
 from sync.coordination.summary import held_batches, run_summary_from_ledger
 from sync.dispatch.dispatch import Dispatcher, DispatchObserver, DispatchOutcome, DispatchReport
-from sync.errors import (
-    BadJobError,
-    ExitCode,
-    InterruptedRunError,
-    JobProblem,
-    RunStoppedError,
-    StateError,
-)
+from sync.errors import ExitCode, InterruptedRunError, RunStoppedError, StateError
 from sync.ledger.ledger import new_run_id
 from sync.logs import get_logger
 from sync.planning.planning import check_workdir
@@ -72,17 +66,6 @@ async def run_coordinated(
     """Run ``job`` as one worker of its run in the coordination database at ``url`` (see the module docstring).
 
     Raises :class:`CoordinationError` (exit 2) before anything is sent when the database cannot be used."""
-    if job.mode is SyncMode.SNAPSHOT:
-        raise BadJobError(
-            str(job.path),
-            [
-                JobProblem(
-                    "coordination",
-                    "snapshot mode keeps its confirmed state in the job's workdir, which workers on several "
-                    "machines do not share: run snapshot jobs without a coordination database (docs/scaling.md)",
-                )
-            ],
-        )
     lease = job.coordination.lease if job.coordination is not None else DEFAULT_LEASE
     log = get_logger(job=job.name)
     check_workdir(job.workdir)
@@ -132,6 +115,11 @@ async def run_coordinated(
                     planner.cancel()
                     with contextlib.suppress(asyncio.CancelledError):
                         await planner
+            committed = None
+            if job.mode is SyncMode.SNAPSHOT and report.outcome is DispatchOutcome.COMPLETED:
+                # Once planning is done and before the run is recorded as ended: a new run of the job must
+                # diff against a state that holds this one's confirmed changes.
+                committed = await commit_when_finished(job, ledger, run_id)
             await membership.leave()
         summary, status = _finish(job, ledger, run_id, report, planned, budgets)
         if options.alert_url is not None and job.alerts is not None and status is not None:
@@ -153,6 +141,8 @@ async def run_coordinated(
             ledger=ledger.path,
             resumed_from=planned.get("origin"),
             replay=ReplayStats(**planned["replay"]) if planned.get("replay") else None,
+            diff=snapshot_counts(planned),
+            committed=committed,
         )
     finally:
         for closer in reversed(closers):

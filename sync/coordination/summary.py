@@ -198,4 +198,5 @@ def _input_of(job: Job, planned: Mapping[str, Any]) -> RunInput:
         mode=job.mode.value,
         platform=job.destination.platform,
         host=redact(url.hostname or "") + (f":{port}" if port else ""),
+        snapshot=planned.get("snapshot_input"),
     )
