@@ -54,10 +54,16 @@ def job_text(
 
 
 def worker(
-    tmp: Path, sandbox: NetmeraProcess | str, db_url: str, *args: str, env: dict[str, str] | None = None
+    tmp: Path,
+    sandbox: NetmeraProcess | str,
+    db_url: str | None,
+    *args: str,
+    env: dict[str, str] | None = None,
 ) -> subprocess.Popen[str]:
-    """``pushsync ARGS`` with ``PUSHSYNC_DATABASE_URL``: one worker of the job's run."""
-    return pushsync(tmp, sandbox, *args, env={"PUSHSYNC_DATABASE_URL": db_url, **(env or {})})
+    """``pushsync ARGS`` with ``PUSHSYNC_DATABASE_URL``: one worker of the job's run (None: one process on
+    SQLite)."""
+    extra = {"PUSHSYNC_DATABASE_URL": db_url} if db_url else {}
+    return pushsync(tmp, sandbox, *args, env={**extra, **(env or {})})
 
 
 def test_one_worker_on_postgres_sends_the_job_and_the_ledger_commands_read_it(
