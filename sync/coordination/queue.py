@@ -68,6 +68,8 @@ __all__ = [
 S = SCHEMA
 _NON_IDEMPOTENT = sorted(str(op) for op in NON_IDEMPOTENT)
 _COLUMNS = "batch_id, endpoint, operation, phase, after_id, ext_ids, body_json, body_bytes, origins"
+_ANALYZE_AT = 500
+"""Batches queued before the leader has the batches table analyzed (once per run)."""
 _COLUMNS_OF_T = ", ".join(f"t.{c}" for c in _COLUMNS.split(", "))
 
 
@@ -158,9 +160,10 @@ def enqueue(
         rows.clear()
         keys.clear()
         last_flush = time.monotonic()
-        if not analyzed and total:
-            # Statistics from the first batches on: without any, the planner takes the table for empty and
-            # may scan every batch of the run for each claim and each predecessor it checks.
+        if not analyzed and total >= _ANALYZE_AT:
+            # Statistics once the run has a good number of batches: with none (a new database) or with those
+            # of a near-empty table, the planner may scan every batch of the run for each claim and each
+            # predecessor it checks. Not sooner: statistics of a table of a few rows are worse than none.
             conn.execute(f"ANALYZE {S}.batches")
             analyzed = True
 
