@@ -581,6 +581,16 @@ class _Attribute:
     in as a required member (one string copy fewer)."""
 
 
+def _time_text(local: pl.Expr, fmt: str) -> pl.Expr:
+    """The JSON string of times written by ``strftime(fmt)``: a format without a character JSON escapes writes
+    none (its fields are digits, names and zone abbreviations; ``%t`` and ``%n`` write a tab and a line break, so
+    a format with them is escaped), so the text is put between quotes without the escaping pass; otherwise
+    escaped as any string."""
+    if "%t" not in fmt and "%n" not in fmt and enc.plain_strings(pl.Series([fmt], dtype=pl.String)):
+        return pl.concat_str(pl.lit('"'), local, pl.lit('"'))
+    return enc.string(local)
+
+
 @dataclass(frozen=True, slots=True)
 class _Piece:
     """The content of one request in the making: its items' JSON texts (UTF-8, joined with ``,`` in pieces),
@@ -765,7 +775,7 @@ class Builder:
             local = self._local_time(column, self._tz, fmt)
             if local is None or (users and name in ("mobile", *OPT_IN_ATTRIBUTES)):
                 return _Attribute(None, None, none, present)
-            text = enc.string(local[0])
+            text = _time_text(local[0], fmt)
             return _Attribute(text, text, none, local[1])
         if kind is ValueType.BOOLEAN and name in OPT_IN_ATTRIBUTES and dtype == pl.Boolean:
             flag = pl.when(col).then(pl.lit('"1"')).when(~col).then(pl.lit('"0"'))
@@ -831,7 +841,7 @@ class Builder:
                     odd = odd | pl.col(column).is_not_null()
                     when = None
                 else:
-                    when, odd = enc.string(local[0]), odd | local[1]
+                    when, odd = _time_text(local[0], self._event_fmt), odd | local[1]
                 formatted.pop(name, None)
                 as_is.pop(name, None)
                 present.discard(name)
@@ -862,7 +872,10 @@ class Builder:
         else:
             event = pl.col(_EVENT)
             bad = bad | ~event.str.len_chars().is_between(1, MAX_NAME_LENGTH).fill_null(False)
-            head: dict[str, enc.Member] = {"userID": uid, "event_name": enc.or_null(enc.string(event))}
+            name_text = enc.column_text(selected, _EVENT)
+            if isinstance(name_text, enc.Text):
+                name_text = name_text.expr()
+            head: dict[str, enc.Member] = {"userID": uid, "event_name": enc.or_null(name_text)}
             if when is not None:
                 head["event_time"] = when
             required = ("userID", "event_name", "attributes")
