@@ -276,9 +276,13 @@ def value(expr: pl.Expr, dtype: PolarsDataType, *, integral_floats: bool = True)
         listed = expr if isinstance(dtype, pl.List) else expr.arr.to_list()
         return list_array(listed, inner, integral_floats=integral_floats)
     if isinstance(dtype, pl.Struct):
+        # Fields are taken by position: a field whose name polars reads as a pattern ("*", "^...$") would be
+        # expanded, not looked up (polars panics on it).
+        plain = [f"f{i}" for i in range(len(dtype.fields))]
+        renamed = expr.struct.rename_fields(plain)
         members = {
-            f.name: value(expr.struct.field(f.name), f.dtype, integral_floats=integral_floats)
-            for f in dtype.fields
+            f.name: value(renamed.struct.field(p), f.dtype, integral_floats=integral_floats)
+            for p, f in zip(plain, dtype.fields, strict=True)
         }
         whole = obj(members, drop_nulls=False)
         return pl.when(expr.is_null()).then(pl.lit(None, pl.String)).otherwise(whole)

@@ -149,9 +149,11 @@ def test_structs_sort_their_keys(data: st.DataObject) -> None:
     frame = pl.DataFrame(rows, schema=schema, orient="row")
     series = frame.select(pl.struct(pl.all()).alias("v")).to_series()
     assert encoded(series) == expected(series)
-    # obj() leaves null members out, as the platforms' bodies do.
-    members = {n: encode.value(pl.col(n), schema[n]) for n in names}
-    got = frame.select(encode.obj(members)).to_series().to_list()
+    # obj() leaves null members out, as the platforms' bodies do. Columns are referred to by plain names: a key
+    # may be one polars reads as a pattern ("*", "^...$"), which the encoder never takes as a column name.
+    columns = frame.rename({n: f"c{i}" for i, n in enumerate(names)})
+    members = {n: encode.value(pl.col(f"c{i}"), schema[n]) for i, n in enumerate(names)}
+    got = columns.select(encode.obj(members)).to_series().to_list()
     want = [canonical({k: normalised(v) for k, v in r.items() if v is not None}) for r in frame.to_dicts()]
     assert [g.encode("utf-8") for g in got] == want
 
@@ -184,6 +186,14 @@ def test_known_differences_from_polars_text_are_fixed() -> None:
     ]
     assert encoded(pl.Series(["\x7f\u2028\x1f"])) == [b'"\x7f\xe2\x80\xa8\\u001f"']
     assert encode.key('a"b') == '"a\\"b"'
+
+
+def test_struct_fields_named_like_polars_patterns_are_encoded() -> None:
+    """A struct field named ``*`` or ``^...$`` is a key like any other (polars would expand it as a pattern if
+    the encoder looked it up by name)."""
+    frame = pl.DataFrame({"*": [1, None], "^a.*$": ["x", 'y"'], "b": [0.5, 2.0]})
+    series = frame.select(pl.struct(pl.all()).alias("v")).to_series()
+    assert encoded(series) == expected(series)
 
 
 def test_dtypes_json_has_no_form_for_are_refused() -> None:
