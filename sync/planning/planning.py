@@ -48,11 +48,11 @@ from sync.config import DispatchSettings, Job, Source
 from sync.errors import InterruptedRunError
 from sync.planning._staging import FINE_BITS, ChunkWriter, RejectsWriter, Settler, Settling, write_error
 from sync.planning.row_keys import with_row_keys
-from sync.planning.validation import EXT_ID, FILE, canonical_key, clean_schema, validate_chunk
+from sync.planning.validation import EXT_ID, FILE, KEY, canonical_key, clean_schema, validate_chunk
 from sync.platforms.base import BatchBuilder, Platform, Stream
 from sync.platforms.registry import platform_for
 from sync.records import Batch, Operation, Phase, RejectedRow
-from sync.sources.reading import ROW, Chunk, expand_paths, iter_chunks
+from sync.sources.reading import ROW, Chunk, estimate_rows, expand_paths, iter_chunks
 
 __all__ = [
     "ASSUMED_LATENCY",
@@ -89,9 +89,14 @@ class StagedSource:
     source: Source
     files: tuple[str, ...]
     """Input files in read order; ``__file`` in the clean frames indexes this tuple."""
-    rows_read: int
     _settling: Settling = field(repr=False, compare=False)
     _index: int = field(repr=False, compare=False)
+
+    @property
+    def rows_read(self) -> int:
+        """Input rows read (valid or not). Final once the source is staged — always, unless the plan is lazy:
+        then once its rows are all settled (a lazy plan's staging reads on while the first batches are sent)."""
+        return self._settling.settlers[self._index].rows_read
 
     @property
     def rows_clean(self) -> int:
@@ -117,8 +122,10 @@ class StagedSource:
         wanted = list(dict.fromkeys([EXT_ID, FILE, ROW, *columns]))
         names = list(clean_schema(self.source))  # every bucket file's columns, in this order
         fields = sorted(names.index(c) for c in wanted)
-        for k in range(self._settling.settlers[self._index].buckets):
+        k = 0
+        while self._settling.has_bucket(self._index, k):
             part = self._settling.bucket(self._index, k)
+            k += 1
             if part is None:
                 continue
             if part.suffix == ".parquet":  # made elsewhere (from_parts)
@@ -139,7 +146,8 @@ class StagedSource:
         """A source staged elsewhere (a benchmark, a tool): its clean frames as settled files (Arrow IPC or
         Parquet with the clean columns), one per key range, in key order."""
         settler = Settler.settled(source, files, parts, rows_clean, duplicates_dropped)
-        return cls(source, tuple(files), rows_read, Settling([settler]), 0)
+        settler.rows_read = rows_read
+        return cls(source, tuple(files), Settling([settler]), 0)
 
 
 def _read_columns(path: Path, fields: list[int]) -> pl.DataFrame:
@@ -605,6 +613,8 @@ class _Staged:
     names: tuple[str, ...]
     rows_read: int
     chunks: ChunkWriter
+    head_rows: int = 0
+    """Clean rows of the head's key ranges met (and left out of the chunks) by this staging."""
 
 
 class _Prefetched:
@@ -689,7 +699,11 @@ def _stage(
     builder: Any = None,
     stop: threading.Event | None = None,
     limit: int | None = None,
+    head_end: int = 0,
+    files: Sequence[Path] | None = None,
 ) -> _Staged:
+    """Read, validate and key every row of ``source`` into sorted chunk files. The clean rows of the fine key
+    ranges ``[0, head_end)`` (a head settled already, :func:`_stage_head`) are counted and left out."""
     inputs: list[tuple[str, Callable[[], Iterator[Chunk]]]]
     if source.sql is not None:
         # A database source is one input, named by its label (database and table, never the password).
@@ -698,8 +712,11 @@ def _stage(
         reader = SqlReader(source)
         inputs = [(reader.label, reader.chunks)]
     else:
-        files = expand_paths(source, workdir=job.workdir, exclude=[rejects.path])
+        if files is None:
+            files = expand_paths(source, workdir=job.workdir, exclude=[rejects.path])
         inputs = [(str(p), functools.partial(iter_chunks, source, p)) for p in files]
+    head_key = _head_key(head_end)
+    head_rows = 0
     names = tuple(name for name, _ in inputs)
     schema = list(clean_schema(source))
     chunk_dir = tmp / f"{source.name}.chunks"
@@ -730,10 +747,89 @@ def _stage(
                 if limit is not None:
                     clean = clean.head(limit - kept)
                     kept += clean.height
-                if not clean.is_empty():
-                    writer.add(clean.with_columns(canonical_key(clean[EXT_ID])).select(schema))
+                if clean.is_empty():
+                    continue
+                keyed = clean.with_columns(canonical_key(clean[EXT_ID])).select(schema)
+                if head_key:
+                    in_head = keyed[KEY].cast(pl.Int64) < head_key
+                    head_rows += int(in_head.sum())
+                    keyed = keyed.filter(~in_head)
+                writer.add(keyed)
     writer.flush()
-    return _Staged(source, names, rows_read, writer)
+    return _Staged(source, names, rows_read, writer, head_rows)
+
+
+HEAD_ROWS = 16_384
+"""Rows (about) a lazy plan settles first, before the rest of a file source is staged: its first batches."""
+
+
+def _head_ranges(source: Source, files: Sequence[Path]) -> int:
+    """How many fine key ranges (of :data:`FINE_BITS`) make a head of about :data:`HEAD_ROWS` rows."""
+    rows = max(1, estimate_rows(source, list(files)))
+    return max(1, min(1 << FINE_BITS, math.ceil((1 << FINE_BITS) * HEAD_ROWS / rows)))
+
+
+def _head_key(head_end: int) -> int:
+    """The first key past fine ranges ``[0, head_end)`` (0: no head; ``2**32``: every key)."""
+    return head_end << (32 - FINE_BITS)
+
+
+def _head_selector(source: Source, rules: Any, head_key: int) -> Callable[[pl.Series], pl.Series]:
+    """The rows of a chunk whose ID may fall in the head: a superset of those whose *validated* ID does.
+
+    The ID's text is taken as validation takes it (trimmed when the job trims, null values as missing), so the
+    key is the one the clean row gets; an ID that is not text as read (a date column) keeps its row (the head
+    keeps only the rows validation keys into it, and the staging checks that it saw no more than those)."""
+
+    def keep(ids: pl.Series) -> pl.Series:
+        if ids.dtype != pl.String or head_key >= 1 << 32:
+            return pl.Series(ids.name, [True] * len(ids), dtype=pl.Boolean)
+        text = ids.str.strip_chars() if rules.trim else ids
+        if source.null_values:
+            text = text.replace(list(source.null_values), None)
+        return text.is_not_null() & (canonical_key(text.fill_null("")) < head_key)
+
+    return keep
+
+
+def _stage_head(job: Job, source: Source, files: Sequence[Path], builder: Any, head_end: int) -> pl.DataFrame:
+    """The clean, keyed rows of ``source`` whose keys fall in fine ranges ``[0, head_end)``: every file is read,
+    only those rows are validated (their rejects are dropped: the staging that follows writes every reject, in
+    file order). Reading the whole input here also means a file that cannot be read fails before anything is
+    sent, as without a head."""
+    schema = list(clean_schema(source))
+    head_key = _head_key(head_end)
+    keep = _head_selector(source, job.validation, head_key)
+    check_rows = getattr(builder, "check_rows", None)
+    pieces: list[pl.DataFrame] = []
+    for index, path in enumerate(files):
+        name = str(path)
+        raw: list[pl.DataFrame] = []
+        for chunk in iter_chunks(source, path, keep=keep):
+            if chunk.frame.height:
+                if raw and raw[-1].schema != chunk.frame.schema:
+                    pieces.append(_validate_head(job, source, _concat(raw), index, name, check_rows))
+                    raw = []
+                raw.append(chunk.frame)
+        if raw:
+            pieces.append(_validate_head(job, source, _concat(raw), index, name, check_rows))
+    keyed = [p.with_columns(canonical_key(p[EXT_ID])).select(schema) for p in pieces if p.height]
+    if not keyed:
+        return pl.DataFrame(schema=clean_schema(source))
+    return _concat(keyed).filter(pl.col(KEY).cast(pl.Int64) < head_key)
+
+
+def _validate_head(
+    job: Job, source: Source, raw: pl.DataFrame, index: int, name: str, check_rows: Any
+) -> pl.DataFrame:
+    clean, _bad = validate_chunk(raw, source, job.validation, index, name)
+    if check_rows is not None and not clean.is_empty():
+        clean, _bad = check_rows(source, clean, name)
+    return clean
+
+
+def _concat(frames: list[pl.DataFrame]) -> pl.DataFrame:
+    return pl.concat(frames) if len(frames) > 1 else frames[0]
 
 
 _STAGING_PREFIX = "plan-"
@@ -841,24 +937,30 @@ def build_plan(
         tmp = staging[0]
         rejects = RejectsWriter(rejects_path)
         builder = _builder_for(job)
-        stages = [_stage(job, source, tmp, rejects, builder, stop, limit) for source in job.sources]
-        settlers = []
-        for st in stages:
-            out = tmp / st.source.name
-            out.mkdir()
-            bits = _bucket_bits(st.chunks.rows, rows_per_bucket or ROWS_PER_BUCKET)
-            settlers.append(Settler(st.source, st.names, st.chunks.chunks, bits, out, rejects))
-        # A lazy plan is settled while its batches are sent: a signal then drains the run (the dispatcher's
-        # stop), it does not interrupt the settling under the lanes.
-        settling = Settling(settlers, stop=None if lazy else stop, on_done=rejects.close)
-        staged = tuple(
-            StagedSource(st.source, st.names, st.rows_read, settling, i) for i, st in enumerate(stages)
-        )
-        if lazy:
-            rejects.written()  # what validation refused is on disk before anything is sent
-            settling.start()
+        if lazy and limit is None:
+            settling = _start_lazy(job, tmp, rejects, builder, rows_per_bucket or ROWS_PER_BUCKET)
+            staged = tuple(
+                StagedSource(source, settling.settlers[i].names, settling, i)
+                for i, source in enumerate(job.sources)
+            )
         else:
-            settling.settle_all()
+            stages = [_stage(job, source, tmp, rejects, builder, stop, limit) for source in job.sources]
+            settlers = []
+            for st in stages:
+                out = tmp / st.source.name
+                out.mkdir()
+                bits = _bucket_bits(st.chunks.rows, rows_per_bucket or ROWS_PER_BUCKET)
+                settlers.append(
+                    Settler(st.source, st.names, st.chunks.chunks, bits, out, rejects, rows_read=st.rows_read)
+                )
+            # A lazy plan is settled while its batches are sent: a signal then drains the run (the dispatcher's
+            # stop), it does not interrupt the settling under the lanes.
+            settling = Settling(settlers, stop=None if lazy else stop, on_done=rejects.close)
+            staged = tuple(StagedSource(st.source, st.names, settling, i) for i, st in enumerate(stages))
+            if lazy:
+                settling.start()
+            else:
+                settling.settle_all()
     except OSError as exc:
         _abandon(staging, rejects, settling)
         # Input files are read through sync.sources.reading, which turns their errors into BadInputError: an OSError
@@ -869,6 +971,55 @@ def build_plan(
         raise
     assert staging is not None
     return Plan(job, staged, rejects, settling, *staging)
+
+
+def _start_lazy(job: Job, tmp: Path, rejects: RejectsWriter, builder: Any, rows_per_bucket: int) -> Settling:
+    """A lazy plan's settling, started. The *head* of each file source — its lowest keys, about
+    :data:`HEAD_ROWS` rows: the first batches — is settled now, from one read of its files that validates those
+    rows only; a worker thread then stages the whole input (validation's rejects in file order, as always) and
+    settles the rest, a few buckets ahead of the readers. So the first requests leave once the input was read,
+    not once all of it was validated and staged. A database source has no head (it is read once)."""
+    settlers: list[Settler] = []
+    inputs: list[list[Path] | None] = []
+    heads: list[int] = []
+    for source in job.sources:
+        out = tmp / source.name
+        out.mkdir()
+        files: list[Path] | None = None
+        if source.sql is not None:
+            from sync.sources.reading_sql import SqlReader
+
+            names = [SqlReader(source).label]
+        else:
+            files = expand_paths(source, workdir=job.workdir, exclude=[rejects.path])
+            names = [str(p) for p in files]
+        settler = Settler(source, names, None, 0, out, rejects)
+        head_end = 0
+        if files:
+            head_end = _head_ranges(source, files)
+            settler.settle_head(_stage_head(job, source, files, builder, head_end), head_end)
+        settlers.append(settler)
+        inputs.append(files)
+        heads.append(head_end)
+
+    def stage() -> None:
+        for i, source in enumerate(job.sources):
+            st = _stage(
+                job, source, tmp, rejects, builder, settling.halted, head_end=heads[i], files=inputs[i]
+            )
+            if st.head_rows != settlers[i].head_rows:
+                # The head's reading chose its rows by the key validation gives their IDs: it must have
+                # met every clean row of its key ranges. A difference is a bug, never a quirk of the input.
+                raise RuntimeError(
+                    f"source {source.name!r}: the head settled first held {settlers[i].head_rows} clean rows, "
+                    f"the staging found {st.head_rows} in its key ranges"
+                )
+            bits = _bucket_bits(st.chunks.rows + st.head_rows, rows_per_bucket)
+            settling.staged(i, st.chunks.chunks, bits, st.rows_read)
+
+    settling = Settling(settlers, on_done=rejects.close, stage=stage)
+    settling.start()
+    return settling
 
 
 def _abandon(
