@@ -277,6 +277,7 @@ async def test_a_settling_failure_after_sending_began_stops_the_run_with_exit_3(
     from sync.planning._staging import Settler
 
     monkeypatch.setattr("sync.planning.planning.ROWS_PER_BUCKET", 10)
+    monkeypatch.setattr("sync.planning.planning.HEAD_ROWS", 10)  # the head settled first: a few rows, not all
     job, _ = write_job(
         tmp_path,
         netmera_sandbox.url,

@@ -792,7 +792,14 @@ def _head_selector(source: Source, rules: Any, head_key: int) -> Callable[[pl.Se
     return keep
 
 
-def _stage_head(job: Job, source: Source, files: Sequence[Path], builder: Any, head_end: int) -> pl.DataFrame:
+def _stage_head(
+    job: Job,
+    source: Source,
+    files: Sequence[Path],
+    builder: Any,
+    head_end: int,
+    stop: threading.Event | None = None,
+) -> pl.DataFrame:
     """The clean, keyed rows of ``source`` whose keys fall in fine ranges ``[0, head_end)``: every file is read,
     only those rows are validated (their rejects are dropped: the staging that follows writes every reject, in
     file order). Reading the whole input here also means a file that cannot be read fails before anything is
@@ -806,6 +813,7 @@ def _stage_head(job: Job, source: Source, files: Sequence[Path], builder: Any, h
         name = str(path)
         raw: list[pl.DataFrame] = []
         for chunk in iter_chunks(source, path, keep=keep):
+            _check_stop(stop)
             if chunk.frame.height:
                 if raw and raw[-1].schema != chunk.frame.schema:
                     pieces.append(_validate_head(job, source, _concat(raw), index, name, check_rows))
@@ -938,7 +946,7 @@ def build_plan(
         rejects = RejectsWriter(rejects_path)
         builder = _builder_for(job)
         if lazy and limit is None:
-            settling = _start_lazy(job, tmp, rejects, builder, rows_per_bucket or ROWS_PER_BUCKET)
+            settling = _start_lazy(job, tmp, rejects, builder, rows_per_bucket or ROWS_PER_BUCKET, stop)
             staged = tuple(
                 StagedSource(source, settling.settlers[i].names, settling, i)
                 for i, source in enumerate(job.sources)
@@ -973,7 +981,14 @@ def build_plan(
     return Plan(job, staged, rejects, settling, *staging)
 
 
-def _start_lazy(job: Job, tmp: Path, rejects: RejectsWriter, builder: Any, rows_per_bucket: int) -> Settling:
+def _start_lazy(
+    job: Job,
+    tmp: Path,
+    rejects: RejectsWriter,
+    builder: Any,
+    rows_per_bucket: int,
+    stop: threading.Event | None,
+) -> Settling:
     """A lazy plan's settling, started. The *head* of each file source — its lowest keys, about
     :data:`HEAD_ROWS` rows: the first batches — is settled now, from one read of its files that validates those
     rows only; a worker thread then stages the whole input (validation's rejects in file order, as always) and
@@ -995,15 +1010,22 @@ def _start_lazy(job: Job, tmp: Path, rejects: RejectsWriter, builder: Any, rows_
             names = [str(p) for p in files]
         settler = Settler(source, names, None, 0, out, rejects)
         head_end = 0
-        if files:
+        if files is None:
+            # A database source is read once, and staged now: what it cannot read fails before anything is sent.
+            st = _stage(job, source, tmp, rejects, builder, stop)
+            bits = _bucket_bits(st.chunks.rows, rows_per_bucket)
+            settler.staged(st.chunks.chunks, bits, st.rows_read)
+        elif files:
             head_end = _head_ranges(source, files)
-            settler.settle_head(_stage_head(job, source, files, builder, head_end), head_end)
+            settler.settle_head(_stage_head(job, source, files, builder, head_end, stop), head_end)
         settlers.append(settler)
         inputs.append(files)
         heads.append(head_end)
 
     def stage() -> None:
         for i, source in enumerate(job.sources):
+            if settlers[i].is_staged:
+                continue
             st = _stage(
                 job, source, tmp, rejects, builder, settling.halted, head_end=heads[i], files=inputs[i]
             )
