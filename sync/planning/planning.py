@@ -52,7 +52,7 @@ from sync.planning.validation import EXT_ID, FILE, KEY, canonical_key, clean_sch
 from sync.platforms.base import BatchBuilder, Platform, Stream
 from sync.platforms.registry import platform_for
 from sync.records import Batch, Operation, Phase, RejectedRow
-from sync.sources.reading import ROW, Chunk, estimate_rows, expand_paths, iter_chunks
+from sync.sources.reading import ROW, Chunk, RowSelector, estimate_rows, expand_paths, iter_chunks, read_ids
 
 __all__ = [
     "ASSUMED_LATENCY",
@@ -774,22 +774,23 @@ def _head_key(head_end: int) -> int:
     return head_end << (32 - FINE_BITS)
 
 
-def _head_selector(source: Source, rules: Any, head_key: int) -> Callable[[pl.Series], pl.Series]:
-    """The rows of a chunk whose ID may fall in the head: a superset of those whose *validated* ID does.
+def _head_mask(source: Source, rules: Any, head_key: int) -> Callable[[pl.Series], pl.Series]:
+    """The mask of the IDs (as read) whose rows may fall in the head: a superset of those whose *validated* ID
+    does.
 
     The ID's text is taken as validation takes it (trimmed when the job trims, null values as missing), so the
     key is the one the clean row gets; an ID that is not text as read (a date column) keeps its row (the head
     keeps only the rows validation keys into it, and the staging checks that it saw no more than those)."""
 
-    def keep(ids: pl.Series) -> pl.Series:
+    def select(ids: pl.Series) -> pl.Series:
         if ids.dtype != pl.String or head_key >= 1 << 32:
-            return pl.Series(ids.name, [True] * len(ids), dtype=pl.Boolean)
+            return pl.repeat(True, len(ids), dtype=pl.Boolean, eager=True)
         text = ids.str.strip_chars() if rules.trim else ids
         if source.null_values:
             text = text.replace(list(source.null_values), None)
         return text.is_not_null() & (canonical_key(text.fill_null("")) < head_key)
 
-    return keep
+    return select
 
 
 def _stage_head(
@@ -806,13 +807,13 @@ def _stage_head(
     sent, as without a head."""
     schema = list(clean_schema(source))
     head_key = _head_key(head_end)
-    keep = _head_selector(source, job.validation, head_key)
+    select = _head_mask(source, job.validation, head_key)
     check_rows = getattr(builder, "check_rows", None)
     pieces: list[pl.DataFrame] = []
     for index, path in enumerate(files):
         name = str(path)
         raw: list[pl.DataFrame] = []
-        for chunk in iter_chunks(source, path, keep=keep):
+        for chunk in iter_chunks(source, path, keep=_selector(source, path, select)):
             _check_stop(stop)
             if chunk.frame.height:
                 if raw and raw[-1].schema != chunk.frame.schema:
@@ -825,6 +826,23 @@ def _stage_head(
     if not keyed:
         return pl.DataFrame(schema=clean_schema(source))
     return _concat(keyed).filter(pl.col(KEY).cast(pl.Int64) < head_key)
+
+
+def _selector(source: Source, path: Path, select: Callable[[pl.Series], pl.Series]) -> RowSelector:
+    """The rows of ``path`` that ``select`` chooses by their IDs. For Parquet, whose ID column is read alone
+    cheaply, ``select`` runs once per row group (one key computation over many rows, not one per chunk);
+    for CSV, once per chunk."""
+    ids = read_ids(source, path)
+    if ids is None:
+        return lambda chunk_ids, _rows: select(chunk_ids())
+    masks = [select(group) for group in ids]
+    mask = pl.concat(masks) if masks else pl.Series([], dtype=pl.Boolean)
+
+    def chosen(_chunk_ids: Callable[[], pl.Series], rows: pl.Series) -> pl.Series:
+        # A Parquet chunk's rows are numbered one after another (no malformed records to step over).
+        return mask.slice(int(rows[0]) - 1, len(rows)) if len(rows) else mask.clear()
+
+    return chosen
 
 
 def _validate_head(

@@ -417,8 +417,9 @@ def _normalise(table: pa.Table | pa.RecordBatch) -> pl.DataFrame:
     return frame.with_columns(casts) if casts else frame
 
 
-RowSelector = Callable[[pl.Series], pl.Series]
-"""Given a chunk's ID column (as read: text, unless the file types it otherwise), the mask of the rows to keep."""
+RowSelector = Callable[[Callable[[], pl.Series], pl.Series], pl.Series]
+"""Given a function giving a chunk's ID column (as read: text, unless the file types it otherwise; converted
+only when asked for) and its rows' numbers (``__row``), the mask of the rows to keep."""
 
 
 def iter_chunks(source: Source, path: Path, *, keep: RowSelector | None = None) -> Iterator[Chunk]:
@@ -437,12 +438,37 @@ def iter_chunks(source: Source, path: Path, *, keep: RowSelector | None = None) 
         yield from _csv_chunks(source, path, columns, names, keep)
 
 
+def read_ids(source: Source, path: Path) -> Iterator[pl.Series] | None:
+    """The ID column of a Parquet file as :func:`iter_chunks` gives it, one row group at a time (cheap: one column
+    is decoded); None for a CSV file (whose columns cannot be read one without the others)."""
+    if source.format is not FileFormat.PARQUET:
+        return None
+    _check_header(source, path)
+    return _parquet_ids(source, path)
+
+
+def _parquet_ids(source: Source, path: Path) -> Iterator[pl.Series]:
+    next_row = 1
+    try:
+        groups = pq.ParquetFile(path).metadata.num_row_groups
+        for group in range(groups):
+            parquet = pq.ParquetFile(path)
+            table = parquet.read_row_group(group, columns=[source.ext_id]).replace_schema_metadata(None)
+            parquet.close()
+            for batch in table.to_batches():  # text that is not UTF-8 would crash polars (see _check_text)
+                _check_text(batch, path, next_row)
+                next_row += batch.num_rows
+            yield _normalise(table)[source.ext_id]
+    except (pa.ArrowException, OSError, UnicodeError) as exc:
+        raise _unreadable(source, path, exc) from exc
+
+
 def _selected(
     table: pa.Table | pa.RecordBatch, rows: pl.Series, ext_id: str, keep: RowSelector | None
 ) -> pl.DataFrame:
     """``table`` as a polars frame (:func:`_normalise`) with its ``__row`` numbers, only the rows ``keep`` selects."""
     if keep is not None:
-        mask = keep(_normalise(table.select([ext_id]))[ext_id])
+        mask = keep(lambda: _normalise(table.select([ext_id]))[ext_id], rows)
         table = table.filter(mask.to_arrow())
         rows = rows.filter(mask)
     return _normalise(table).with_columns(rows.alias(ROW))
