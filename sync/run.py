@@ -42,7 +42,7 @@ from sync.logs import get_logger
 from sync.planning.planning import Plan, build_plan, check_workdir
 from sync.planning.resume import ReplayLanes, ReplayMode, ReplayPlan, ReplayStats, replay_plan, unfinished_run
 from sync.platforms.base import PlatformClient
-from sync.platforms.registry import platform_for
+from sync.platforms.registry import platform_for, preload_client
 from sync.records import Batch
 from sync.redact import redact, register_secret
 from sync.report.alerts import alert_reasons, post_alert
@@ -341,6 +341,8 @@ async def _run_changes(
     # Lazy: sending starts once the input is read and validated; the buckets are settled (duplicates resolved)
     # in a worker thread a few ahead of the lanes. Nothing a changes run guarantees needs the whole input
     # settled first: every guarantee is per ID, and all the rows of an ID are in one bucket.
+    # The connector's imports (aiohttp) load while the input is read, not after it.
+    preload_client(job)
     plan = await asyncio.to_thread(
         functools.partial(build_plan, job, limit=options.limit, stop=signals.requested, lazy=True)
     )
