@@ -419,3 +419,54 @@ def test_the_canonical_key_is_zlib_crc32(ids: list[str]) -> None:
     series = pl.Series(ids, dtype=pl.String)
     assert canonical_key(series).to_list() == [zlib.crc32(x.encode("utf-8")) for x in ids]
     assert canonical_key(series.slice(1)).to_list() == [zlib.crc32(x.encode("utf-8")) for x in ids[1:]]
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.lists(st.sampled_from(["plumless", "buckeroo", "a", "b", "c", "user-1", "user-2"]), max_size=80))
+def test_the_canonical_order_of_rows_in_read_order_is_the_full_sort(ids: list[str]) -> None:
+    """Rows in read order (file, row ascending) sorted by the key alone, stably, come out in the order of
+    ``(key, ext_id, file, row)`` — also when two IDs share a key ("plumless" and "buckeroo": one CRC-32)."""
+    from sync.planning._staging import canonical_order
+
+    assert zlib.crc32(b"plumless") == zlib.crc32(b"buckeroo")
+    frame = pl.DataFrame(
+        {
+            "__ext_id": ids,
+            "__file": [i * 2 // max(1, len(ids)) for i in range(len(ids))],
+            "__row": list(range(1, len(ids) + 1)),
+            "value": [f"v{i}" for i in range(len(ids))],
+        },
+        schema={"__ext_id": pl.String, "__file": pl.Int32, "__row": pl.Int64, "value": pl.String},
+    )
+    frame = frame.with_columns(canonical_key(frame["__ext_id"]))
+    assert canonical_order(frame).equals(frame.sort(["__key", "__ext_id", "__file", "__row"]))
+
+
+def test_colliding_ids_in_many_chunks_give_the_batches_of_one_bucket(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two IDs of one CRC-32, each in several rows spread over sorted chunk files: the same batches (and the
+    same duplicate rejects) whatever the chunk size."""
+    rows = ["id,name"] + [f"{('plumless', 'buckeroo')[i % 2]},n{i % 3}" for i in range(40)]
+    rows += [f"user-{i},x" for i in range(200)]
+    (tmp_path / "users.csv").write_text("\n".join(rows) + "\n", encoding="utf-8")
+    job_file = tmp_path / "job.yaml"
+    job_file.write_text(
+        "version: 1\nname: c\nworkdir: work\ndestination:\n  platform: netmera\n"
+        "  base_url: http://127.0.0.1:8080/rest/3.0/\n  secret: {env: NETMERA_API_KEY}\n"
+        "sources:\n  - name: users\n    path: users.csv\n    ext_id: id\n    attributes:\n      name: {attribute: name}\n",
+        encoding="utf-8",
+    )
+    job = load_job(job_file)
+    with build_plan(job) as one:
+        expected = [(b.batch_id, b.body) for b in one.batches()]
+        expected_rejects = list(one.rejected_rows())
+    import sync.planning._staging
+
+    monkeypatch.setattr(sync.planning._staging, "STAGE_ROWS", 7)
+    with build_plan(job, rows_per_bucket=5) as many:
+        assert [(b.batch_id, b.body) for b in many.batches()] == expected
+        assert sorted(many.rejected_rows(), key=lambda r: r.row) == sorted(
+            expected_rejects, key=lambda r: r.row
+        )
+    assert len(expected_rejects) == 26  # per ID: 19 earlier rows, 6 of them identical to the winner (dropped)

@@ -35,9 +35,8 @@ import pyarrow.ipc
 
 from sync.config import Source
 from sync.errors import InterruptedRunError, StateError
-from sync.planning.validation import EXT_ID, FILE, KEY, REJECTS_SCHEMA, canonical_key, resolve_duplicates
+from sync.planning.validation import EXT_ID, KEY, REJECTS_SCHEMA, canonical_key, resolve_duplicates
 from sync.records import RejectedRow
-from sync.sources.reading import ROW
 
 __all__ = [
     "FINE_BITS",
@@ -48,6 +47,7 @@ __all__ = [
     "RejectsWriter",
     "Settler",
     "Settling",
+    "canonical_order",
     "write_error",
 ]
 
@@ -78,6 +78,20 @@ def write_error(where: Path | str, exc: OSError) -> StateError:
         errno.EPERM: "point 'workdir' (or --workdir) at a directory you may write to",
     }.get(code or 0, "check the workdir")
     return StateError(f"cannot write the job's working files ({where}): {reason}; {hint}. Nothing was sent.")
+
+
+def canonical_order(frame: pl.DataFrame) -> pl.DataFrame:
+    """``frame`` sorted by ``(key, ext_id, file, row)``, for rows that come in read order within each key
+    (a bucket's slices of the chunk files, in chunk order; a head's rows, in file order).
+
+    Then a stable sort on the key alone gives that order — one integer sort instead of four columns, strings
+    among them — unless two IDs share a key (a CRC-32 collision, rare): only then are the IDs compared too.
+    """
+    frame = frame.sort(KEY, maintain_order=True)
+    keys, ids = frame[KEY], frame[EXT_ID]
+    if ((keys == keys.shift(1)) & (ids != ids.shift(1))).any():
+        frame = frame.sort([KEY, EXT_ID], maintain_order=True)
+    return frame
 
 
 class RejectsWriter:
@@ -371,7 +385,7 @@ class Settler:
         path: Path | None = None
         rejects: pl.DataFrame | None = None
         if frame is not None:
-            frame = frame.sort([KEY, EXT_ID, FILE, ROW])
+            frame = canonical_order(frame)
             winners, rejects, identical = resolve_duplicates(frame, self.source, self.names)
             del frame
             path = self._directory / f"{k:04d}.arrow"
