@@ -261,11 +261,11 @@ class Settler:
         "_chunks",
         "_deferred",
         "_directory",
+        "_head",
         "_rejects",
         "bounds",
         "dropped",
         "head_end",
-        "head_rows",
         "names",
         "next",
         "parts",
@@ -291,9 +291,9 @@ class Settler:
         self._rejects = rejects
         self._chunks: tuple[ChunkFile, ...] = ()
         self._deferred: pl.DataFrame | None = None  # the head's duplicate rejects, written once staged
+        self._head: pl.DataFrame | None = None  # the head's clean rows, until the staging checked them
         self.bounds: tuple[int, ...] | None = None  # fine-range bounds of the buckets, once staged
         self.head_end = 0  # fine ranges [0, head_end) were settled before staging (bucket 0)
-        self.head_rows = 0  # clean rows of the head, before duplicates were resolved
         self.next = 0  # the next bucket to settle
         self.parts: list[Path | None] = []  # per settled bucket: its file, None when empty
         self.rows_clean = 0
@@ -347,7 +347,7 @@ class Settler:
         :meth:`staged`, so the rejects file lists validation's refusals first, as without a head."""
         assert self.next == 0 and self.bounds is None and head_end > 0
         self.head_end = head_end
-        self.head_rows = frame.height
+        self._head = frame
         self._settle_frame(frame if frame.height else None, 0, defer=True)
 
     def _write_head_rejects(self, bits: int) -> None:
@@ -365,6 +365,11 @@ class Settler:
         self._rejects.frame(ranked.filter(pl.col("__bucket") < whole).drop("__bucket", "__file"))
         rest = ranked.filter(pl.col("__bucket") >= whole).drop("__bucket", "__file")
         self._deferred = rest if rest.height else None
+
+    def take_head(self) -> pl.DataFrame | None:
+        """The head's clean rows (before duplicates were resolved), once: for the staging to check."""
+        head, self._head = self._head, None
+        return head
 
     def settle_next(self) -> None:
         """Settle bucket :attr:`next`: read its rows from every chunk, resolve duplicates, write it."""

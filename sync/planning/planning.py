@@ -46,13 +46,30 @@ import pyarrow.ipc
 
 from sync.config import DispatchSettings, Job, Source
 from sync.errors import InterruptedRunError
-from sync.planning._staging import FINE_BITS, ChunkWriter, RejectsWriter, Settler, Settling, write_error
+from sync.planning._staging import (
+    FINE_BITS,
+    ChunkWriter,
+    RejectsWriter,
+    Settler,
+    Settling,
+    canonical_order,
+    write_error,
+)
 from sync.planning.row_keys import with_row_keys
 from sync.planning.validation import EXT_ID, FILE, KEY, canonical_key, clean_schema, validate_chunk
 from sync.platforms.base import BatchBuilder, Platform, Stream
 from sync.platforms.registry import platform_for
 from sync.records import Batch, Operation, Phase, RejectedRow
-from sync.sources.reading import ROW, Chunk, RowSelector, estimate_rows, expand_paths, iter_chunks, read_ids
+from sync.sources.reading import (
+    ROW,
+    Chunk,
+    RowSelector,
+    estimate_rows,
+    expand_paths,
+    iter_chunks,
+    read_ids,
+    read_rows,
+)
 
 __all__ = [
     "ASSUMED_LATENCY",
@@ -613,8 +630,8 @@ class _Staged:
     names: tuple[str, ...]
     rows_read: int
     chunks: ChunkWriter
-    head_rows: int = 0
-    """Clean rows of the head's key ranges met (and left out of the chunks) by this staging."""
+    head: pl.DataFrame | None = None
+    """The clean rows of the head's key ranges met (and left out of the chunks) by this staging."""
 
 
 class _Prefetched:
@@ -716,7 +733,7 @@ def _stage(
             files = expand_paths(source, workdir=job.workdir, exclude=[rejects.path])
         inputs = [(str(p), functools.partial(iter_chunks, source, p)) for p in files]
     head_key = _head_key(head_end)
-    head_rows = 0
+    head: list[pl.DataFrame] = []
     names = tuple(name for name, _ in inputs)
     schema = list(clean_schema(source))
     chunk_dir = tmp / f"{source.name}.chunks"
@@ -752,11 +769,11 @@ def _stage(
                 keyed = clean.with_columns(canonical_key(clean[EXT_ID])).select(schema)
                 if head_key:
                     in_head = keyed[KEY].cast(pl.Int64) < head_key
-                    head_rows += int(in_head.sum())
+                    head.append(keyed.filter(in_head))
                     keyed = keyed.filter(~in_head)
                 writer.add(keyed)
     writer.flush()
-    return _Staged(source, names, rows_read, writer, head_rows)
+    return _Staged(source, names, rows_read, writer, pl.concat(head) if head else None)
 
 
 HEAD_ROWS = 16_384
@@ -813,6 +830,11 @@ def _stage_head(
     for index, path in enumerate(files):
         name = str(path)
         raw: list[pl.DataFrame] = []
+        picked = _picked_rows(source, path, select)
+        if picked is not None:
+            if picked.height:
+                pieces.append(_validate_head(job, source, picked, index, name, check_rows))
+            continue
         for chunk in iter_chunks(source, path, keep=_selector(source, path, select)):
             _check_stop(stop)
             if chunk.frame.height:
@@ -826,6 +848,23 @@ def _stage_head(
     if not keyed:
         return pl.DataFrame(schema=clean_schema(source))
     return _concat(keyed).filter(pl.col(KEY).cast(pl.Int64) < head_key)
+
+
+def _picked_rows(source: Source, path: Path, select: Callable[[pl.Series], pl.Series]) -> pl.DataFrame | None:
+    """The rows of a Parquet file ``select`` chooses by their IDs, read alone (:func:`sync.sources.reading.read_rows`):
+    the ID column is read (and checked) whole, the other columns only for those rows. None when the file is
+    not one polars reads like pyarrow (read it through :func:`iter_chunks` then)."""
+    ids = read_ids(source, path)
+    if ids is None:
+        return None
+    masks = [select(group) for group in ids]
+    if not masks:
+        return None
+    rows = pl.int_range(1, sum(len(m) for m in masks) + 1, dtype=pl.Int64, eager=True).filter(
+        pl.concat(masks)
+    )
+    chunk = read_rows(source, path, rows)
+    return None if chunk is None else chunk.frame
 
 
 def _selector(source: Source, path: Path, select: Callable[[pl.Series], pl.Series]) -> RowSelector:
@@ -1047,19 +1086,27 @@ def _start_lazy(
             st = _stage(
                 job, source, tmp, rejects, builder, settling.halted, head_end=heads[i], files=inputs[i]
             )
-            if st.head_rows != settlers[i].head_rows:
-                # The head's reading chose its rows by the key validation gives their IDs: it must have
-                # met every clean row of its key ranges. A difference is a bug, never a quirk of the input.
+            head_rows = 0 if st.head is None else st.head.height
+            if heads[i] and not _same_rows(st.head, settlers[i].take_head()):
+                # The head's reading chose its rows by the key validation gives their IDs, and read them as
+                # the staging does: it must hold exactly the clean rows the staging met in its key ranges. A
+                # difference is a bug, never a quirk of the input.
                 raise RuntimeError(
-                    f"source {source.name!r}: the head settled first held {settlers[i].head_rows} clean rows, "
-                    f"the staging found {st.head_rows} in its key ranges"
+                    f"source {source.name!r}: the head settled first differs from the clean rows the staging "
+                    f"found in its key ranges ({head_rows})"
                 )
-            bits = _bucket_bits(st.chunks.rows + st.head_rows, rows_per_bucket)
+            bits = _bucket_bits(st.chunks.rows + head_rows, rows_per_bucket)
             settling.staged(i, st.chunks.chunks, bits, st.rows_read)
 
     settling = Settling(settlers, on_done=rejects.close, stage=stage)
     settling.start()
     return settling
+
+
+def _same_rows(staged: pl.DataFrame | None, head: pl.DataFrame | None) -> bool:
+    if staged is None or head is None:
+        return (staged is None or staged.is_empty()) and (head is None or head.is_empty())
+    return canonical_order(staged).equals(canonical_order(head))
 
 
 def _abandon(

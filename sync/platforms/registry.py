@@ -48,6 +48,8 @@ def preload_client(job: Job) -> threading.Thread | None:
     name = f"{package}.client"
     if not package or importlib.util.find_spec(name) is None:
         return None
-    thread = threading.Thread(target=importlib.import_module, args=(name,), name="preload-client", daemon=True)
+    thread = threading.Thread(
+        target=importlib.import_module, args=(name,), name="preload-client", daemon=True
+    )
     thread.start()
     return thread

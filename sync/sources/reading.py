@@ -447,6 +447,51 @@ def read_ids(source: Source, path: Path) -> Iterator[pl.Series] | None:
     return _parquet_ids(source, path)
 
 
+def _plain(dtype: pa.DataType) -> bool:
+    """Whether polars' own Parquet reader gives ``dtype`` the polars type pyarrow's reading converts it to."""
+    if pa.types.is_list(dtype) or pa.types.is_large_list(dtype):
+        return _plain(dtype.value_type)
+    return any(
+        check(dtype)
+        for check in (
+            pa.types.is_string,
+            pa.types.is_large_string,
+            pa.types.is_integer,
+            pa.types.is_floating,
+            pa.types.is_boolean,
+            pa.types.is_date32,
+        )
+    )
+
+
+def read_rows(source: Source, path: Path, rows: pl.Series) -> Chunk | None:
+    """Rows ``rows`` (1-based data row numbers, ascending) of a Parquet file, as :func:`iter_chunks` gives them,
+    read by polars' own reader, which decodes the other columns only for those rows (a few rows of a large file
+    cost a fraction of reading it). None when the file is not Parquet, maps a column of a type outside the plain
+    ones (text, numbers, booleans, dates, lists of those: :func:`iter_chunks` is the reference for the others) or
+    polars cannot read it: read it with :func:`iter_chunks`, which reports what is wrong."""
+    if source.format is not FileFormat.PARQUET:
+        return None
+    columns = list(source.columns())
+    try:
+        schema = pq.ParquetFile(path).schema_arrow
+        if not all(_plain(schema.field(c).type) for c in columns):
+            return None
+        picked = (
+            pl.scan_parquet(path, parallel="prefiltered")
+            .select(columns)
+            .with_row_index(ROW, offset=1)
+            .filter(pl.col(ROW).is_in(rows.cast(pl.UInt32).implode()))
+            .collect()
+        )
+    except (pa.ArrowException, OSError, UnicodeError, KeyError, pl.exceptions.PolarsError):
+        return None
+    except pl.exceptions.PanicException:  # a damaged file polars could not read: iter_chunks says what it is
+        return None
+    frame = _normalise(picked.drop(ROW).to_arrow())
+    return Chunk(frame.with_columns(picked[ROW].cast(pl.Int64).alias(ROW)))
+
+
 def _parquet_ids(source: Source, path: Path) -> Iterator[pl.Series]:
     next_row = 1
     try:
