@@ -9,6 +9,7 @@ import zlib
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import polars as pl
 import pytest
@@ -470,3 +471,61 @@ def test_colliding_ids_in_many_chunks_give_the_batches_of_one_bucket(
             expected_rejects, key=lambda r: r.row
         )
     assert len(expected_rejects) == 26  # per ID: 19 earlier rows, 6 of them identical to the winner (dropped)
+
+
+@pytest.mark.parametrize("id_type", ["text", "integer"])
+def test_a_lazy_plan_of_typed_parquet_gives_the_batches_and_rejects_of_pushsync_plan(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, id_type: str
+) -> None:
+    """The head of a Parquet source is read by polars' own reader (its other columns only for the head's rows):
+    numbers, booleans, dates, lists, nulls, padded IDs and conflicting duplicates give exactly the batches and
+    rejects of an eager plan (the staging also checks the head row for row)."""
+    import datetime as dt
+
+    n = 3000
+    ids: list[Any] = (
+        [i % 2600 for i in range(n)] if id_type == "integer" else [f" u{i % 2600} " for i in range(n)]
+    )
+    if id_type == "text":
+        ids[5] = None  # rejected: missing ID
+    pl.DataFrame(
+        {
+            "id": ids,
+            "name": [None if i % 17 == 0 else f"name {i % 5}" for i in range(n)],
+            "score": [i * 0.5 if i % 11 else None for i in range(n)],
+            "vip": [i % 3 == 0 for i in range(n)],
+            "born": [dt.date(1970, 1, 1) + dt.timedelta(days=i) for i in range(n)],
+            "tags": [[f"t{i % 4}", f"s{i % 7}"] if i % 5 else [] for i in range(n)],
+            "mail": ["yes" if i % 2 else "no" for i in range(n)],
+            "push": ["maybe" if i == 42 else "1" for i in range(n)],  # one rejected value
+        }
+    ).write_parquet(tmp_path / "typed.parquet", row_group_size=700)
+    job_file = tmp_path / "typed.yaml"
+    job_file.write_text(
+        "name: typed\nworkdir: work\n"
+        'destination: {platform: netmera, base_url: "http://127.0.0.1:8080/rest/3.0/", secret: {env: K}}\n'
+        "sources:\n  - name: users\n    path: typed.parquet\n    format: parquet\n    ext_id: id\n"
+        "    attributes: {name: string, score: number, vip: boolean, born: {attribute: birth, type: date}}\n"
+        "    tags: {column: tags}\n    opt_ins: {email: mail, push: push}\n",
+        encoding="utf-8",
+    )
+    job = load_job(job_file)
+    with build_plan(job, rows_per_bucket=200) as eager:
+        expected = _fingerprint(eager)
+        expected_rejects = list(eager.rejected_rows())
+        expected_summary = eager.summary()
+    assert any("superseded" in r.reason for r in expected_rejects)
+    assert any("superseded" not in r.reason for r in expected_rejects)
+    import sync.planning.planning
+    from sync.sources.reading import iter_chunks, read_rows
+
+    picked = read_rows(job.sources[0], tmp_path / "typed.parquet", pl.Series([2, 9, 2999]))
+    assert picked is not None  # polars' reader, not the fallback through iter_chunks
+    read = pl.concat(c.frame for c in iter_chunks(job.sources[0], tmp_path / "typed.parquet"))
+    assert picked.frame.equals(read.filter(pl.col("__row").is_in([2, 9, 2999])))
+    monkeypatch.setattr(sync.planning.planning, "HEAD_ROWS", 300)
+    with build_plan(job, rows_per_bucket=200, lazy=True) as lazy:
+        assert 0 < lazy._settling.settlers[0].head_end < 4096
+        assert _fingerprint(lazy) == expected
+        assert list(lazy.rejected_rows()) == expected_rejects
+        assert lazy.summary() == expected_summary
