@@ -375,13 +375,18 @@ class Settler:
         """Settle bucket :attr:`next`: read its rows from every chunk, resolve duplicates, write it."""
         assert self.bounds is not None
         k = self.next
-        first, end = self.bounds[k], self.bounds[k + 1]
-        pieces = [p for c in self._chunks if (p := c.slice(first, end)) is not None]
-        frame = (pl.concat(pieces) if len(pieces) > 1 else pieces[0]) if pieces else None
-        del pieces
-        self._settle_frame(frame, k, defer=False)
+        # Not bound to a name here: the unsorted rows are let go as soon as they are sorted (one bucket in
+        # memory, not two).
+        self._settle_frame(self._read(self.bounds[k], self.bounds[k + 1]), k, defer=False)
         if self.done:
             self._drop_chunks()
+
+    def _read(self, first: int, end: int) -> pl.DataFrame | None:
+        """The rows of fine ranges ``[first, end)`` from every chunk file, in chunk order."""
+        pieces = [p for c in self._chunks if (p := c.slice(first, end)) is not None]
+        if not pieces:
+            return None
+        return pl.concat(pieces) if len(pieces) > 1 else pieces[0]
 
     def _settle_frame(self, frame: pl.DataFrame | None, k: int, *, defer: bool) -> None:
         """Resolve the duplicates of bucket ``k``'s rows and write its winners (no file when it has no rows).
