@@ -440,6 +440,7 @@ class Settling:
     __slots__ = (
         "_closed",
         "_cond",
+        "_demanded",
         "_error",
         "_lookahead",
         "_on_done",
@@ -474,6 +475,7 @@ class Settling:
         self._on_done = on_done  # called once every bucket is settled (the rejects file is then complete)
         self._settle_lock = threading.Lock()  # settling without a worker: one reader at a time
         self._stage = stage
+        self._demanded = False  # a reader asked for a bucket past those settled (the staging waits for it)
         self.halted = threading.Event()
         """Set by :meth:`close`: the staging still under way stops at its next chunk."""
 
@@ -503,7 +505,7 @@ class Settling:
         """Settle every bucket now (in the worker when there is one, else in this thread)."""
         if self._thread is not None:
             with self._cond:
-                self._wanted_all = True
+                self._wanted_all = self._demanded = True
                 self._cond.notify_all()
                 while not self.complete:
                     self._raise_if_failed()
@@ -547,6 +549,9 @@ class Settling:
                     return True
                 if settler.is_staged:
                     return k < settler.buckets
+                if not self._demanded:
+                    self._demanded = True
+                    self._cond.notify_all()
                 self._raise_if_failed()
                 if self._thread is None:
                     raise RuntimeError("a source that is not staged, and no worker to stage it")
@@ -559,6 +564,7 @@ class Settling:
             if settler.next > k:
                 return settler.parts[k]
             self._wanted[source] = max(self._wanted[source], k + 1 + self._lookahead)
+            self._demanded = True
             self._cond.notify_all()
             while settler.next <= k:
                 self._raise_if_failed()
@@ -587,6 +593,13 @@ class Settling:
     def _work(self) -> None:
         try:
             if self._stage is not None:
+                # The staging waits until a reader asks for more than the head: while the first batches are
+                # built and sent it would only compete with them for the CPU and the GIL.
+                with self._cond:
+                    while not self._demanded and not self._stopped():
+                        self._cond.wait(0.1)
+                if self._stopped():
+                    return
                 self._stage()
                 if self.complete and self._on_done is not None:
                     self._on_done()
