@@ -857,13 +857,17 @@ def _picked_rows(source: Source, path: Path, select: Callable[[pl.Series], pl.Se
     ids = read_ids(source, path)
     if ids is None:
         return None
-    masks = [select(group) for group in ids]
-    if not masks:
+    rows: list[pl.Series] = []
+    chosen: list[pl.Series] = []
+    first = 1
+    for group in ids:  # a row group's IDs at a time: memory stays bounded by one row group
+        mask = select(group)
+        rows.append(pl.int_range(first, first + len(group), dtype=pl.Int64, eager=True).filter(mask))
+        chosen.append(group.filter(mask))
+        first += len(group)
+    if not rows:
         return None
-    rows = pl.int_range(1, sum(len(m) for m in masks) + 1, dtype=pl.Int64, eager=True).filter(
-        pl.concat(masks)
-    )
-    chunk = read_rows(source, path, rows)
+    chunk = read_rows(source, path, pl.concat(rows), pl.concat(chosen))
     return None if chunk is None else chunk.frame
 
 

@@ -464,12 +464,15 @@ def _plain(dtype: pa.DataType) -> bool:
     )
 
 
-def read_rows(source: Source, path: Path, rows: pl.Series) -> Chunk | None:
+def read_rows(source: Source, path: Path, rows: pl.Series, ids: pl.Series) -> Chunk | None:
     """Rows ``rows`` (1-based data row numbers, ascending) of a Parquet file, as :func:`iter_chunks` gives them,
-    read by polars' own reader, which decodes the other columns only for those rows (a few rows of a large file
-    cost a fraction of reading it). None when the file is not Parquet, maps a column of a type outside the plain
-    ones (text, numbers, booleans, dates, lists of those: :func:`iter_chunks` is the reference for the others) or
-    polars cannot read it: read it with :func:`iter_chunks`, which reports what is wrong."""
+    given ``ids``: their IDs as :func:`read_ids` gives them, and every row with one of those IDs is among
+    ``rows``. Read by polars' own reader with a predicate on the ID column, which decodes the other columns only
+    for the rows it keeps (a few rows of a large file cost a fraction of reading it, in little memory).
+
+    None when the file is not Parquet, maps a column of a type outside the plain ones (text, numbers, booleans,
+    dates, lists of those: :func:`iter_chunks` is the reference for the others), has IDs that are neither text
+    nor integers, or polars cannot read it: read it with :func:`iter_chunks`, which reports what is wrong."""
     if source.format is not FileFormat.PARQUET:
         return None
     columns = list(source.columns())
@@ -477,19 +480,27 @@ def read_rows(source: Source, path: Path, rows: pl.Series) -> Chunk | None:
         schema = pq.ParquetFile(path).schema_arrow
         if not all(_plain(schema.field(c).type) for c in columns):
             return None
+        id_type = schema.field(source.ext_id).type
+        if pa.types.is_string(id_type) or pa.types.is_large_string(id_type):
+            ext = pl.col(source.ext_id)
+        elif pa.types.is_integer(id_type):
+            ext = pl.col(source.ext_id).cast(pl.String)  # as _normalise gives them
+        else:
+            return None
         picked = (
             pl.scan_parquet(path, parallel="prefiltered")
             .select(columns)
-            .with_row_index(ROW, offset=1)
-            .filter(pl.col(ROW).is_in(rows.cast(pl.UInt32).implode()))
+            .filter(ext.is_in(ids.unique().implode()))
             .collect()
         )
     except (pa.ArrowException, OSError, UnicodeError, KeyError, pl.exceptions.PolarsError):
         return None
     except pl.exceptions.PanicException:  # a damaged file polars could not read: iter_chunks says what it is
         return None
-    frame = _normalise(picked.drop(ROW).to_arrow())
-    return Chunk(frame.with_columns(picked[ROW].cast(pl.Int64).alias(ROW)))
+    if picked.height != len(rows):
+        return None
+    frame = _normalise(picked.to_arrow())
+    return Chunk(frame.with_columns(rows.cast(pl.Int64).alias(ROW)))
 
 
 def _parquet_ids(source: Source, path: Path) -> Iterator[pl.Series]:
