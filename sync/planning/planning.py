@@ -982,11 +982,14 @@ def build_plan(
     file order (files in their sorted order); reading stops there, so rows after them are neither sent nor
     rejected. Duplicate IDs among those N still collapse to one user.
 
-    When this returns, every input row has been read and validated: the rows validation refused are in
-    ``plan.rejects_path`` (default ``<workdir>/rejects.csv``). Unless ``lazy``, every bucket is settled too
-    (conflicting duplicates are in the rejects file, the counts are final); with ``lazy=True`` a worker
-    thread settles the buckets as the plan's frames are read, a few ahead (:meth:`Plan.settle` settles the
-    rest at once). Staging directories that killed runs left in the workdir are removed first.
+    Unless ``lazy``, when this returns every input row has been read and validated and every bucket is settled:
+    the rows refused (by validation, and as conflicting duplicates) are in ``plan.rejects_path`` (default
+    ``<workdir>/rejects.csv``) and the counts are final. With ``lazy=True`` (and no ``limit``) it returns once
+    the *head* of each file source — its lowest keys, about :data:`HEAD_ROWS` rows, from one read of every file —
+    is settled (a database source is staged whole first); once a reader asks for more, a worker thread stages
+    the rest (validation's rejects in file order) and settles the buckets as the plan's frames are read, a few
+    ahead (:meth:`Plan.settle` settles the rest at once). The batches, the rejects file and the counts are the
+    same either way. Staging directories that killed runs left in the workdir are removed first.
     ``rows_per_bucket`` (default :data:`ROWS_PER_BUCKET`) sizes the buckets (memory vs. number of files); it
     never changes the batches.
     Raises :class:`sync.errors.BadInputError` for a file that cannot be read at all, :class:`BadJobError` for a
