@@ -11,8 +11,10 @@
    order ``(crc32(ext_id), ext_id, file, row)``, duplicates resolved ("last valid row wins",
    :func:`sync.planning.validation.resolve_duplicates`), written once. These *clean frames* are the typed, per-user data
    (``Plan.staged``) a snapshot diff reads before any platform request is built. By default every bucket is
-   settled before :func:`build_plan` returns; ``lazy=True`` (a changes run) settles them in a worker thread a
-   few buckets ahead of the readers, so the first requests leave while the rest is settled;
+   settled before :func:`build_plan` returns; ``lazy=True`` (a changes run) settles the *head* of each file
+   source first (its lowest keys, read from the files once, only those rows validated), then stages the rest
+   and settles it in a worker thread a few buckets ahead of the readers, so the first requests leave while the
+   rest of the input is validated and settled;
 3. **batch** — :meth:`Plan.batches` / :meth:`Plan.lanes` stream the clean frames through the platform's batch
    builder (:meth:`sync.platforms.base.Platform.builder`), phase by phase.
 
