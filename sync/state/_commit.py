@@ -246,8 +246,9 @@ def commit(
 ) -> CommitReport:
     """Merge the confirmed batches of the pending run in ``directory`` into the state, then remove the directory.
 
-    ``ledger`` is a :class:`sync.ledger.ledger.Ledger` (``batches(run_id)``, ``refused_ids(run_id)``); ``builder`` the
-    job's snapshot builder (:func:`sync.state.snapshot_builder_for`), whose streams made the run's batches.
+    ``ledger`` is a :class:`sync.ledger.ledger.Ledger` (``confirmed_ok(run_id)``, ``batches(run_id, status=)``,
+    ``refused_ids(run_id)``); ``builder`` the job's snapshot builder (:func:`sync.state.snapshot_builder_for`),
+    whose streams made the run's batches.
     Only the users the confirmed batches touch are read and written (an overlay segment of the state).
     """
     _require(builder)
@@ -255,9 +256,15 @@ def commit(
     meta = json.loads((directory / "meta.json").read_text(encoding="utf-8"))
     run_id = meta["run_id"]
     ledger.flush()  # results still queued in this process count too
-    recorded = ledger.batches(run_id)
+    # Only the confirmed batches (ok, or rejected: every ID not refused went through) are looked up: a first
+    # load makes hundreds of thousands of batches, and a record object for each costs more than the merge.
+    ok = list(ledger.confirmed_ok(run_id))
+    rejected = [r.batch_id for r in ledger.batches(run_id, status=BatchStatus.REJECTED)]
     statuses = pl.DataFrame(
-        {"b": [r.batch_id for r in recorded], "status": [str(r.status) for r in recorded]},
+        {
+            "b": ok + rejected,
+            "status": [BatchStatus.OK.value] * len(ok) + [BatchStatus.REJECTED.value] * len(rejected),
+        },
         schema={"b": pl.String, "status": pl.String},
     ).unique("b")
     all_batches = _batch_map(directory)
