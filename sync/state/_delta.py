@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import shutil
 import threading
-from collections.abc import Generator, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import closing
 from dataclasses import dataclass, field
@@ -21,7 +21,7 @@ from sync.planning.validation import EXT_ID, FILE, KEY, clean_schema
 from sync.platforms.base import SnapshotBuilder, snapshot_builder
 from sync.records import Batch, Operation, Phase
 from sync.sources.reading import ROW
-from sync.state._diff import DiffCounts, candidates, exact_diff
+from sync.state._diff import DiffCounts, diff_and_state
 from sync.state._store import (
     LEFT_FILE,
     SEQ,
@@ -125,7 +125,7 @@ def _range_reads(
 _T = TypeVar("_T")
 
 
-def _prefetched(items: Iterator[_T]) -> Generator[_T, None, None]:
+def _prefetched(items: Iterator[_T]) -> Iterator[_T]:
     """``items``, each next one read on a worker thread while the caller works on the current one.
 
     Reading (Arrow and Parquet decoding) and diffing (polars expressions) both run without the GIL, so the
@@ -140,102 +140,6 @@ def _prefetched(items: Iterator[_T]) -> Generator[_T, None, None]:
                 return
             ahead = pool.submit(next, items, done)
             yield item  # type: ignore[misc]
-
-
-EXACT_BATCH_ROWS = 250_000
-"""Candidate rows (export and state) gathered over key ranges before one exact comparison: at 1 % churn a
-range holds a few thousand, and one comparison per range would cost more in fixed per-query work than in rows."""
-
-
-class _ExactBatch:
-    """The candidates of consecutive key ranges (:func:`sync.state._diff.candidates`), compared exactly
-    together once they pass :data:`EXACT_BATCH_ROWS` (and at the end): a user's rows are in one range on both
-    sides, so comparing several ranges at once gives the same delta."""
-
-    __slots__ = ("_current", "_kw", "_rows", "_settings", "_skipped", "_source", "_state")
-
-    def __init__(self, source: Source, settings: SnapshotSettings, **kw: Any) -> None:
-        self._source = source
-        self._settings = settings
-        self._kw = kw  # exact_diff's options, the same for every range of the source
-        self._current: list[pl.DataFrame] = []  # export rows to compare, ranges in key order
-        self._state: list[pl.DataFrame] = []  # the state rows to compare them with
-        self._rows = 0
-        self._skipped = 0  # users left out as unchanged
-
-    def add(self, current: pl.DataFrame, state: pl.DataFrame, skipped: int) -> bool:
-        """Keep one range's candidates; True when the batch is full (call :meth:`flush`)."""
-        self._current.append(current)
-        self._state.append(state)
-        self._rows += current.height + state.height
-        self._skipped += skipped
-        return self._rows >= EXACT_BATCH_ROWS
-
-    def flush(self) -> tuple[pl.DataFrame, DiffCounts, pl.DataFrame | None]:
-        """The delta, counts and state rows (:func:`sync.state._diff.exact_diff`) of the ranges kept so far."""
-        current, state = self._current, self._state
-        skipped = self._skipped
-        self._current, self._state, self._rows, self._skipped = [], [], 0, 0
-        if not current:  # no range since the last flush
-            return pl.DataFrame(), DiffCounts(), None
-        return exact_diff(
-            self._source,
-            pl.concat(current, how="vertical_relaxed"),
-            pl.concat(state, how="vertical_relaxed"),
-            self._settings,
-            skipped=skipped,
-            **self._kw,
-        )
-
-
-class _Parts:
-    """A source's delta as written: one Parquet part per key range with changes (its rows numbered by
-    :data:`SEQ` in canonical order across the parts) and beside it the state rows of its users."""
-
-    __slots__ = ("bits", "captured", "counts", "directory", "parts", "seq")
-
-    def __init__(self, directory: Path, bits: int) -> None:
-        self.directory = directory
-        self.bits = bits
-        self.parts: dict[int, Path] = {}  # key range -> its delta part
-        self.counts = DiffCounts()
-        self.seq = 0  # the next delta row's position
-        self.captured = True  # every part has its users' state rows beside it
-
-    def write(self, delta: pl.DataFrame, counts: DiffCounts, before: pl.DataFrame | None) -> None:
-        """Add the delta (canonical order, ranges after the ones written) of some key ranges."""
-        self.counts = self.counts + counts
-        if not delta.height:
-            return
-        delta = delta.with_columns(pl.int_range(self.seq, self.seq + delta.height, dtype=pl.Int64).alias(SEQ))
-        self.seq += delta.height
-        if before is None:
-            self.captured = False
-        for r, piece, kept in _split_by_range(delta, before, self.bits):
-            self.parts[r] = self.directory / f"{r:05d}.parquet"
-            piece.write_parquet(self.parts[r], compression="zstd")
-            if kept is not None:
-                # The state rows of the delta's users, as the diff read them: the commit merges into these
-                # instead of reading the state again (see sync.state._commit._merge).
-                kept.write_parquet(self.directory / f"{r:05d}.state.parquet", compression="zstd")
-
-
-def _split_by_range(
-    delta: pl.DataFrame, before: pl.DataFrame | None, bits: int
-) -> Iterator[tuple[int, pl.DataFrame, pl.DataFrame | None]]:
-    """A delta (canonical order) and its users' state rows, per key range: ``(range, delta rows, state rows)``
-    for every range holding delta rows (the state rows may be none: new users)."""
-    shift = 32 - bits
-    ranges = (pl.col(KEY).cast(pl.Int64) // (1 << shift)).alias("__r")
-    pieces = delta.with_columns(ranges).partition_by("__r", as_dict=True, maintain_order=True)
-    kept: dict[Any, pl.DataFrame] = {}
-    if before is not None:
-        kept = before.with_columns(ranges).partition_by("__r", as_dict=True, maintain_order=True)
-    for (r,), piece in pieces.items():
-        state = None
-        if before is not None:
-            state = kept[(r,)].drop("__r") if (r,) in kept else before.clear()
-        yield int(r), piece.drop("__r"), state
 
 
 @dataclass(frozen=True, slots=True)
@@ -437,29 +341,43 @@ def compute_diff(
             )
             part_dir = directory / source.name
             part_dir.mkdir()
-            out = _Parts(part_dir, bits)
+            parts: dict[int, Path] = {}
+            counts = DiffCounts()
+            seq = 0
             held = (rejected or {}).get(source.name)
             version = store.version(source)
             captured = not full_refresh
-            exact = _ExactBatch(
-                source,
-                settings,
-                full_refresh=full_refresh,
-                left_file=len(st.files),
-                held=held.ext_ids if held is not None else None,
-                hold_removals=held is not None and held.unidentified > 0 and not force,
-            )
             # Closed on the way out, so an error or a stop leaves no read running behind it.
             with closing(
                 _prefetched(_range_reads(store, source, st.frames([KEY, *columns]), bits, empty, settings))
             ) as ranges:
-                for _, current, state in ranges:
+                for r, current, state in ranges:
                     if stop is not None and stop.is_set():
                         raise InterruptedRunError("interrupted while the export was diffed; nothing was sent")
-                    if exact.add(*candidates(source, current, state, settings, full_refresh=full_refresh)):
-                        out.write(*exact.flush())
-            out.write(*exact.flush())
-            counts, parts, captured = out.counts, out.parts, captured and out.captured
+                    delta, c, before = diff_and_state(
+                        source,
+                        current,
+                        state,
+                        settings,
+                        full_refresh=full_refresh,
+                        left_file=len(st.files),
+                        held=held.ext_ids if held is not None else None,
+                        hold_removals=held is not None and held.unidentified > 0 and not force,
+                    )
+                    counts = counts + c
+                    if delta.height:
+                        delta = delta.with_columns(
+                            pl.int_range(seq, seq + delta.height, dtype=pl.Int64).alias(SEQ)
+                        )
+                        seq += delta.height
+                        parts[r] = part_dir / f"{r:05d}.parquet"
+                        delta.write_parquet(parts[r], compression="zstd")
+                        if before is not None:
+                            # The state rows of the delta's users, as the diff read them: the commit merges into
+                            # these instead of reading the state again (see sync.state._commit._merge).
+                            before.write_parquet(part_dir / f"{r:05d}.state.parquet", compression="zstd")
+                        else:
+                            captured = False
             if (
                 refuse
                 and not force

@@ -224,71 +224,34 @@ def diff_and_state(
     """:func:`diff_frames`, and the state rows of the users in the delta (what the commit merges their
     confirmed changes into: kept with the delta, it need not read the state again); None with ``full_refresh``."""
     settings = settings or SnapshotSettings()
-    cur, old, skipped = candidates(source, current, state, settings, full_refresh=full_refresh)
-    return exact_diff(
-        source,
-        cur,
-        old,
-        settings,
-        skipped=skipped,
-        full_refresh=full_refresh,
-        left_file=left_file,
-        held=held,
-        hold_removals=hold_removals,
-    )
-
-
-def candidates(
-    source: Source,
-    current: pl.DataFrame,
-    state: pl.DataFrame | Layers | None,
-    settings: SnapshotSettings,
-    *,
-    full_refresh: bool = False,
-) -> tuple[pl.DataFrame, pl.DataFrame, int]:
-    """What the exact comparison of one key range must see: ``(export rows, state rows, users skipped)`` —
-    the users whose row may have changed, new or gone (the rest are skipped: in both, unchanged). The state
-    rows are conformed to the job's schema; with ``full_refresh`` there are none (the state is ignored)."""
     schema = state_schema(source, settings)
-    if full_refresh:
-        return current, conform(None, schema), 0
     layered = state if isinstance(state, Layers) else None
-    st = conform(layered.base if layered is not None else state, schema)  # type: ignore[arg-type]
-    narrowed = (
-        _unchanged_skipped(source, current, st, settings)
-        if layered is None
-        else _unchanged_skipped(
-            source, current, st, settings, conform(layered.live, schema), layered.replaced
+    if full_refresh:
+        st = conform(None, schema)
+    elif layered is not None:
+        st = conform(layered.base, schema)
+    else:
+        st = conform(state, schema)  # type: ignore[arg-type]
+    narrowed = None
+    if not full_refresh:
+        narrowed = (
+            _unchanged_skipped(source, current, st, settings)
+            if layered is None
+            else _unchanged_skipped(
+                source, current, st, settings, conform(layered.live, schema), layered.replaced
+            )
         )
-    )
-    if narrowed is not None:
-        return narrowed
-    if layered is not None:
-        st = conform(layered.merged(), schema)
-    return current, st, 0
-
-
-def exact_diff(
-    source: Source,
-    current: pl.DataFrame,
-    state: pl.DataFrame,
-    settings: SnapshotSettings,
-    *,
-    skipped: int = 0,
-    full_refresh: bool = False,
-    left_file: int = -1,
-    held: pl.DataFrame | None = None,
-    hold_removals: bool = False,
-) -> tuple[pl.DataFrame, DiffCounts, pl.DataFrame | None]:
-    """The exact comparison of :func:`candidates` (of one key range or of several at once: the rows only need
-    to be the same users' on both sides), as :func:`diff_and_state` returns it; ``skipped`` users are counted
-    as in the export and in the state, unchanged."""
-    delta, counts = _diff_exact(
-        source, current, state, settings, full_refresh, left_file, held, hold_removals
-    )
-    if skipped:
-        counts = counts + DiffCounts(users_current=skipped, users_state=skipped)
-    return delta, counts, None if full_refresh else _rows_of(state, delta)
+    if narrowed is None:
+        if layered is not None and not full_refresh:
+            st = conform(layered.merged(), schema)
+        delta, counts = _diff_exact(
+            source, current, st, settings, full_refresh, left_file, held, hold_removals
+        )
+        return delta, counts, None if full_refresh else _rows_of(st, delta)
+    cur, old, skipped = narrowed
+    delta, counts = _diff_exact(source, cur, old, settings, full_refresh, left_file, held, hold_removals)
+    # The users skipped are in the export and in the state, unchanged.
+    return delta, counts + DiffCounts(users_current=skipped, users_state=skipped), _rows_of(old, delta)
 
 
 def _rows_of(state: pl.DataFrame, delta: pl.DataFrame) -> pl.DataFrame:
