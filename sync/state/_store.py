@@ -47,7 +47,7 @@ DELETE = DELTA_DELETE
 LEFT_FILE = "<state: user no longer in the export>"
 """The origin named for a user that left the export (delta rows need an origin file)."""
 
-ROWS_PER_RANGE = 500_000
+ROWS_PER_RANGE = 250_000
 """Users (export or state, whichever is larger) per key range: the unit of work and memory of diff and commit."""
 ROW_GROUP_ROWS = 32_768
 """Rows per Parquet row group of the state file: small, so a key range reads few rows it does not need."""
