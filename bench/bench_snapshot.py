@@ -302,9 +302,14 @@ def main(argv: list[str] | None = None) -> int:
         " generated when missing, copied before each measurement since a run changes the state)",
     )
     parser.add_argument(
-        "--profile", type=Path, default=None, help="write cProfile stats of the diff and the commit to PATH.{diff,commit}"
+        "--profile",
+        type=Path,
+        default=None,
+        help="write cProfile stats of the diff and the commit to PATH.{diff,commit}",
     )
-    parser.add_argument("--no-compaction", action="store_true", help="leave out the compaction step (shown only)")
+    parser.add_argument(
+        "--no-compaction", action="store_true", help="leave out the compaction step (shown only)"
+    )
     args = parser.parse_args(argv)
     if args.step == "gen":
         generate(args.dir, args.users)
@@ -321,7 +326,8 @@ def main(argv: list[str] | None = None) -> int:
         data.mkdir(parents=True)
         t = time.perf_counter()
         subprocess.run(
-            [sys.executable, __file__, "--users", str(args.users), "--dir", str(data), "--step", "gen"], check=True
+            [sys.executable, __file__, "--users", str(args.users), "--dir", str(data), "--step", "gen"],
+            check=True,
         )
         gen_seconds = time.perf_counter() - t
     base = Path(tempfile.mkdtemp(prefix="bench-snapshot-", dir=args.dir))
@@ -346,7 +352,9 @@ def main(argv: list[str] | None = None) -> int:
         f"machine: {platform.machine()}, {os.cpu_count()} cores, load average {load[0]:.1f} at the end "
         f"(a loaded machine when other work runs), Python {platform.python_version()}, polars {pl.__version__}"
     )
-    print(f"  data generation (not measured):  {gen_seconds:8.1f} s  ({data}; 0 when kept from an earlier run)")
+    print(
+        f"  data generation (not measured):  {gen_seconds:8.1f} s  ({data}; 0 when kept from an earlier run)"
+    )
     print(
         f"  diff:                            {figures['diff_seconds']:8.2f} s  "
         f"(CPU {figures['diff_cpu_seconds']:.2f} s, all threads)"

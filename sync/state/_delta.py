@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import shutil
 import threading
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Generator, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import closing
 from dataclasses import dataclass, field
@@ -125,7 +125,7 @@ def _range_reads(
 _T = TypeVar("_T")
 
 
-def _prefetched(items: Iterator[_T]) -> Iterator[_T]:
+def _prefetched(items: Iterator[_T]) -> Generator[_T, None, None]:
     """``items``, each next one read on a worker thread while the caller works on the current one.
 
     Reading (Arrow and Parquet decoding) and diffing (polars expressions) both run without the GIL, so the
