@@ -370,10 +370,11 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"  second diff (no changes):        {figures['second_diff_seconds']:8.2f} s, {figures['second_run_requests']} requests"
     )
-    print(
-        f"  compaction (not in the target):  {figures['compaction_seconds']:8.2f} s  "
-        "(the overlay folded into a new base: one commit in about ten at 1% churn)"
-    )
+    if not args.no_compaction:
+        print(
+            f"  compaction (not in the target):  {figures['compaction_seconds']:8.2f} s  "
+            "(the overlay folded into a new base: one commit in about ten at 1% churn)"
+        )
     print(
         f"  peak RSS (diff, commit, 2nd diff): {figures['peak_rss_mb']:6.0f} MB (after diff "
         f"{figures['rss_after_diff_mb']:.0f} MB, after commit {figures['rss_after_commit_mb']:.0f} MB; "

@@ -354,6 +354,34 @@ def test_many_key_ranges_give_the_same_result_as_one(tmp_path: Path, monkeypatch
     )  # i % 10 == 0, i % 3 != 0
 
 
+def test_clean_frames_out_of_canonical_order_give_the_same_diff(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from sync.planning.planning import StagedSource
+    from sync.planning.validation import clean_schema
+
+    # Several key ranges, cut by position: a frame not sorted by key must be sorted first, not cut as it is.
+    monkeypatch.setattr(state_store, "ROWS_PER_RANGE", 16)
+    settings = SnapshotSettings(removal=RemovalAction.UNTAG, max_removal_share=1.0)
+    job = write_input(tmp_path, MANY)
+    sync_once(job, "r1", settings)
+    rows = [r.replace(",C3,", ",Rome,") if r.startswith("user03") else r for r in MANY[:90]]
+    write_input(tmp_path, rows)
+    source = job.sources[0]
+    store = StateStore(job.workdir, job.destination)
+    builder = snapshot_builder_for(job)
+    with build_plan(job) as plan:
+        staged = plan.staged[0]
+        frame = pl.concat(staged.frames(list(clean_schema(source))))
+        expected = bodies(compute_diff(store, [staged], "sorted", settings, builder=builder))
+        part = tmp_path / "shuffled.parquet"
+        frame.sample(fraction=1.0, shuffle=True, seed=7).write_parquet(part)
+        shuffled = StagedSource.from_parts(source, staged.files, (part,), frame.height, frame.height)
+        d = compute_diff(store, [shuffled], "shuffled", settings, builder=builder)
+    assert d.sources[0].bits == 3 and bodies(d) == expected
+    assert d.counts.users_changed == 2 and d.counts.users_removed == 10  # user031 and user038: C3
+
+
 def test_snapshot_mode_refuses_sources_it_cannot_diff(tmp_path: Path) -> None:
     job = write_input(tmp_path, BASE)
     assert snapshot_problems(job.sources[0]) == []
