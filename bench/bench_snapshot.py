@@ -2,6 +2,10 @@
 
     .venv/bin/python bench/bench_snapshot.py                  # 10,000,000 users: issue 13's target (~10 min)
     .venv/bin/python bench/bench_snapshot.py --users 1000000  # a quick look (target scaled to the size)
+    .venv/bin/python bench/bench_snapshot.py --profile /tmp/snap  # cProfile of the diff and the commit
+
+The generated data are kept in ``bench/data/snapshot-<users>/`` (``--data`` elsewhere) and copied before each
+measurement (a run changes the state), so only the first run pays the generation.
 
 Targets (issue 13): at 10M users and 1 % churn, **diff + commit <= 10 s** and **peak RSS <= 1 GB**; a smaller
 ``--users`` scales the time target linearly (the work is linear in users). Exits 1 on a miss. On a machine shared
