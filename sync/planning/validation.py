@@ -236,10 +236,15 @@ def _either(s: pl.Expr, yes: list[str], no: list[str]) -> pl.Expr:
 def _text(s: pl.Expr, dtype: Any, source: Source, rules: ValidationRules) -> pl.Expr:
     if dtype != pl.String:
         return s
-    s = s.str.strip_chars() if rules.trim else s
+    return _no_nulls(s.str.strip_chars() if rules.trim else s, source)
+
+
+def _no_nulls(s: pl.Expr, source: Source) -> pl.Expr:
+    """``s`` (read twice: a query column, not an expression to compute) with the null values nulled."""
     if not source.null_values:
         return s
-    return s.replace(list(source.null_values), None)
+    # Not s.replace(null_values, None): a membership test and a mask are cheaper than a mapping.
+    return pl.when(s.is_in(list(source.null_values))).then(None).otherwise(s)
 
 
 def _parse_bool(s: pl.Expr) -> _Parser:
@@ -519,6 +524,7 @@ class _Query:
         "schema",
         "source",
         "texts",
+        "trimmed",
         "typed",
         "values",
     )
@@ -529,6 +535,7 @@ class _Query:
         self.source = source
         self.rules = rules
         self.messages = messages
+        self.trimmed: dict[str, pl.Expr] = {}  # step 0: "__s<i>" -> a raw text column, trimmed
         self.texts: dict[str, pl.Expr] = {}  # step 1: "__t<i>" -> a raw column's text
         self.values: dict[str, pl.Expr] = {}  # step 2: "__p<i>" -> a check's typed values
         self.reasons: list[
@@ -547,7 +554,12 @@ class _Query:
         """The text of a raw column (one query column, however many checks read it)."""
         name = f"__t{self.positions[column]}"
         if name not in self.texts:
-            self.texts[name] = _text(pl.col(column), self.schema[column], self.source, self.rules)
+            if self.schema[column] == pl.String and self.rules.trim:
+                # Trimmed in a step of its own, so that the null-value test and the mask read it computed once.
+                self.trimmed[f"__s{self.positions[column]}"] = pl.col(column).str.strip_chars()
+                self.texts[name] = _no_nulls(pl.col(f"__s{self.positions[column]}"), self.source)
+            else:
+                self.texts[name] = _text(pl.col(column), self.schema[column], self.source, self.rules)
         return pl.col(name)
 
     def check(self, column: str, parser: _Parser) -> pl.Expr:
@@ -636,7 +648,7 @@ class _Query:
 
     def lazy(self, raw: pl.DataFrame) -> pl.LazyFrame:
         """Steps 1 and 2 (texts, values) over a chunk; step 3 selects from this."""
-        return raw.lazy().with_columns(**self.texts).with_columns(**self.values)
+        return raw.lazy().with_columns(**self.trimmed).with_columns(**self.texts).with_columns(**self.values)
 
     def _messages_step(self) -> list[pl.Expr]:
         """Step 3 of the refused rows' query: the external ID, the row and each check's message."""
