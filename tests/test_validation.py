@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import string
 import sys
+import zlib
 from pathlib import Path
 
 import polars as pl
@@ -324,3 +325,26 @@ def test_case_spellings_are_lowercasing(words: list[str]) -> None:
     spellings = set(validation._spellings(words))
     assert {s.lower() for s in spellings} == set(words)
     assert len(spellings) == sum(2 ** sum(c.isalpha() for c in w) for w in words)
+
+
+_FIXED = st.integers(0, 24).flatmap(
+    lambda k: st.lists(
+        st.one_of(
+            st.text(st.sampled_from(string.printable), min_size=k, max_size=k),
+            st.text(st.sampled_from("éßü"), min_size=k // 2, max_size=k // 2).map(
+                lambda t: t + "x" * (k % 2)
+            ),
+        ).filter(lambda t: len(t.encode()) == k),
+        min_size=1,
+        max_size=40,
+    )
+)
+
+
+@settings(max_examples=100, deadline=None)
+@given(ids=_FIXED)
+def test_the_canonical_key_of_ids_of_one_length_is_zlib_crc32(ids: list[str]) -> None:
+    # IDs of one byte length (zero-padded numbers, UUIDs) are read as one block, a byte column at a time.
+    series = pl.Series(ids, dtype=pl.String)
+    assert validation.canonical_key(series).to_list() == [zlib.crc32(x.encode()) for x in ids]
+    assert validation.canonical_key(series.slice(1)).to_list() == [zlib.crc32(x.encode()) for x in ids[1:]]

@@ -121,10 +121,12 @@ def canonical_key(ext_ids: pl.Series) -> pl.Series:
     )
     starts = offsets.slice(0, n)
     lengths = offsets.slice(1, n) - starts
-    uniform = lengths.min() == lengths.max()
-    order = None if uniform else lengths.arg_sort(descending=True)
-    if order is not None:
-        starts = starts.gather(order)
+    shortest = lengths.min()
+    assert isinstance(shortest, int)
+    if shortest == lengths.max():
+        return _uniform_crc(data.slice(starts[0], n * shortest), n, shortest)
+    order = lengths.arg_sort(descending=True)
+    starts = starts.gather(order)
     ending = dict(lengths.value_counts().iter_rows())  # length -> IDs of that length
     crc = pl.repeat(0xFFFFFFFF, n, dtype=pl.UInt32, eager=True)
     finished: list[pl.Series] = []  # CRCs of IDs shorter than the position reached, longest last
@@ -139,9 +141,18 @@ def canonical_key(ext_ids: pl.Series) -> pl.Series:
         byte = data.gather(starts + position).cast(pl.UInt32)
         crc = _CRC_TABLE.gather((crc ^ byte) & 0xFF) ^ (crc // 256)
     keys = pl.concat([crc, *reversed(finished)]) ^ 0xFFFFFFFF
-    if order is not None:
-        keys = keys.gather(order.arg_sort())
-    return keys.cast(pl.UInt32).alias(KEY)
+    return keys.gather(order.arg_sort()).cast(pl.UInt32).alias(KEY)
+
+
+def _uniform_crc(block: pl.Series, n: int, length: int) -> pl.Series:
+    """:func:`canonical_key` of ``n`` IDs of ``length`` bytes each (fixed-format IDs: zero-padded numbers,
+    UUIDs), back to back in ``block``: byte ``i`` of every ID is every ``length``-th byte from ``i``, a strided
+    read rather than a gather at computed offsets."""
+    crc = pl.repeat(0xFFFFFFFF, n, dtype=pl.UInt32, eager=True)
+    for position in range(length):
+        byte = block.gather_every(length, position).cast(pl.UInt32)
+        crc = _CRC_TABLE.gather((crc ^ byte) & 0xFF) ^ (crc // 256)
+    return (crc ^ 0xFFFFFFFF).cast(pl.UInt32).alias(KEY)
 
 
 def clean_schema(source: Source) -> dict[str, Any]:
