@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 from polars.testing import assert_frame_equal
 
 from sync.config import Job, Source, load_job
-from sync.planning import validation
+from sync.planning import _parsers, validation
 from sync.planning.validation import REJECTS_SCHEMA, validate_chunk
 from sync.sources.reading import ROW
 
@@ -228,7 +228,7 @@ def test_plain_dates_read_fast_are_what_every_form_reads(
     raw = _raw([{"id": f"u{i}", "d": t} for i, t in enumerate(texts)], COLUMNS)
     clean, rejects = _validate(job, source, raw)
     stripped = pl.Series([t.strip() or None for t in texts], dtype=pl.String)  # trimmed; "" is a null value
-    values, messages = validation._date_times(timezone)(stripped)
+    values, messages = _parsers._date_times(timezone)(stripped)
     nul = ["\x00" in t for t in texts]
     expected_ok = [m is None and not z for m, z in zip(messages.to_list(), nul, strict=True)]
     assert clean[ROW].to_list() == [i + 1 for i, ok in enumerate(expected_ok) if ok]
@@ -257,7 +257,7 @@ def test_tidy_lists_split_fast_are_what_the_exact_reading_gives(job: Job, texts:
     text = pl.select(
         pl.when(pl.lit(text).is_in(list(source.null_values))).then(None).otherwise(pl.lit(text))
     ).to_series()
-    values, messages = validation._lists("|")(text)
+    values, messages = _parsers._lists("|")(text)
     ok = messages.is_null().to_list()
     assert clean[ROW].to_list() == [i + 1 for i, good in enumerate(ok) if good]
     assert clean["l"].to_list() == [v for v, good in zip(values.to_list(), ok, strict=True) if good]
@@ -313,7 +313,7 @@ def test_tag_actions_in_any_case(job: Job) -> None:
 
 
 @pytest.mark.parametrize(
-    "words", [validation._TRUE + validation._FALSE, validation._TAG_ACTIONS_ON + validation._TAG_ACTIONS_OFF]
+    "words", [_parsers._TRUE + _parsers._FALSE, _parsers._TAG_ACTIONS_ON + _parsers._TAG_ACTIONS_OFF]
 )
 def test_case_spellings_are_lowercasing(words: list[str]) -> None:
     # Matching every case spelling equals lower-casing first only if no character outside ASCII lower-cases to
@@ -322,7 +322,7 @@ def test_case_spellings_are_lowercasing(words: list[str]) -> None:
     for point in range(0x80, sys.maxunicode + 1):
         lowered = chr(point).lower()
         assert not (lowered.isascii() and set(lowered) & letters), hex(point)
-    spellings = set(validation._spellings(words))
+    spellings = set(_parsers._spellings(words))
     assert {s.lower() for s in spellings} == set(words)
     assert len(spellings) == sum(2 ** sum(c.isalpha() for c in w) for w in words)
 
