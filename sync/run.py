@@ -302,8 +302,11 @@ async def run(job: Job, options: RunOptions) -> RunOutcome:
                 exit_code=worker.exit_code,
                 summary=worker.summary,
                 ledger_path=worker.ledger,
+                mode=job.mode.value,
                 resumed_from=worker.resumed_from,
                 replay=worker.replay,
+                diff=worker.diff,
+                committed=worker.committed,
             )
         # A read-only or full workdir: one clear error before the lock, ledger, plan.
         check_workdir(job.workdir)

@@ -349,21 +349,16 @@ def test_a_schema_from_a_newer_pushsync_is_refused_clearly(
     assert code == 2  # every command refuses it, before reading anything
 
 
-def test_snapshot_jobs_and_urls_written_into_the_job_are_refused(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], postgres_url: str
+def test_urls_written_into_the_job_are_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
+    # Snapshot jobs run coordinated too now: tests/test_coordination_snapshot.py.
     text = job_text("http://127.0.0.1:9/rest/3.0/")
-    (tmp_path / "snap.yaml").write_text(
-        text.replace("workdir: work\n", "workdir: work\nmode: snapshot\n"), encoding="utf-8"
-    )
-    write_users(tmp_path, range(10))
-    code, _ = _cli(tmp_path, monkeypatch, postgres_url, "run", "snap.yaml", "--progress", "none")
-    err = capsys.readouterr().err
-    assert code == 2 and "snapshot mode" in err, err
     literal = text.replace(
         "coordination: {lease: 2}", "coordination: {database: 'postgresql://u:Secr3tPw@h/db'}"
     )
     (tmp_path / "literal.yaml").write_text(literal, encoding="utf-8")
+    monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("PUSHSYNC_DATABASE_URL", raising=False)
     from sync.cli import main
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -67,6 +68,9 @@ def register(subparsers: Any) -> None:
         metavar="N",
         help="plan a sample: of each source only the first N rows that pass validation (changes mode)",
     )
+    from sync.cli._ledgers import add_database_url
+
+    add_database_url(plan)  # snapshot mode: the confirmed state of a coordinated job is there
     plan.set_defaults(func=_plan)
 
 
@@ -221,12 +225,23 @@ def _plan(args: argparse.Namespace) -> int:
         diff = None
         if job.mode is SyncMode.SNAPSHOT:
             # Snapshot jobs send the difference from the confirmed state: show that (docs/sync.md).
+            from sync.cli._ledgers import database_url
             from sync.state import StateStore, preview
 
-            store = StateStore(job.workdir, job.destination)
-            diff, summary = preview(
-                store, plan, job.snapshot, full_refresh=args.full_refresh, assumed_latency=args.latency
-            )
+            url = database_url(args, job)
+            with contextlib.ExitStack() as stack:
+                if url is None:
+                    store = StateStore(job.workdir, job.destination)
+                else:
+                    # A coordinated job's state is in the coordination database (docs/scaling.md).
+                    from sync.coordination.ledger import PgLedger
+                    from sync.coordination.snapshot import pg_state_store
+
+                    ledger = stack.enter_context(PgLedger.open(url))
+                    store = pg_state_store(job, ledger._conn, url)
+                diff, summary = preview(
+                    store, plan, job.snapshot, full_refresh=args.full_refresh, assumed_latency=args.latency
+                )
         else:
             summary = plan.summary(assumed_latency=args.latency)
         if args.output == "json":

@@ -1,11 +1,14 @@
-"""``pushsync resume RUN``, ``pushsync retry RUN [--full-refresh]`` and ``pushsync state show JOB``.
+"""``pushsync resume RUN``, ``pushsync retry RUN [--full-refresh]``, ``pushsync state show|import JOB``.
 
 * ``resume RUN``: finish a run that died (kill -9, machine lost) or was interrupted. Changes mode: plan again
   and send only the batches the ledger has not confirmed (non-idempotent batches whose outcome is unknown are
   held). Snapshot mode: merge what the ledger confirmed into the state, then send the rest of the diff.
 * ``retry RUN``: after fixing the cause, replay the failed batches and the refused rows of a run (and the held
   ones). ``--full-refresh`` sends everything again, ignoring ledger and state.
-* ``state show JOB``: the confirmed state of a snapshot job: users, fields held, tags, pending runs.
+* ``state show JOB``: the confirmed state of a snapshot job: users, fields held, tags, pending runs (from the
+  coordination database when one is given: ``--database-url`` or ``PUSHSYNC_DATABASE_URL``).
+* ``state import JOB``: copy the workdir's state into the coordination database (a snapshot job moving from one
+  process onto several workers keeps what it confirmed).
 
 Exit codes as for ``pushsync run`` (docs/run.md).
 """
@@ -56,7 +59,18 @@ def register(subparsers: Any) -> None:
     show.add_argument("job", type=Path, help="the job file (YAML)")
     show.add_argument("--workdir", type=Path, help="override the job's workdir")
     show.add_argument("--output", choices=["text", "json"], default="text")
+    from sync.cli._ledgers import add_database_url
+
+    add_database_url(show)
     show.set_defaults(func=_show)
+    imp = state_sub.add_parser(
+        "import",
+        help="copy the workdir's state into the coordination database (a job moving onto several workers)",
+    )
+    imp.add_argument("job", type=Path, help="the job file (YAML)")
+    imp.add_argument("--workdir", type=Path, help="override the job's workdir")
+    add_database_url(imp)
+    imp.set_defaults(func=_import)
 
 
 def _ledger_candidates(args: argparse.Namespace) -> list[Path]:
@@ -173,29 +187,79 @@ def _nothing_to_resume(job: Any, args: argparse.Namespace, url: str | None = Non
 def _show(args: argparse.Namespace) -> int:
     import dataclasses
 
-    import polars as pl
-
-    from sync.config import SourceKind, load_job
-    from sync.state import TAGS, StateStore, state_schema
+    from sync.cli._ledgers import database_url
+    from sync.config import load_job
+    from sync.state import StateStore
 
     job = load_job(args.job)
     if args.workdir is not None:
         job = dataclasses.replace(job, workdir=args.workdir)
-    store = StateStore(job.workdir, job.destination)
+    url = database_url(args, job)
+    if url is None:
+        store = StateStore(job.workdir, job.destination)
+        return _print_state(args, job, store, str(store.directory), [p.name for p in store.pending()])
+    # A coordinated job's state is in the coordination database (sync.coordination.snapshot).
+    from sync.coordination._db import describe_url
+    from sync.coordination.ledger import PgLedger
+    from sync.coordination.snapshot import pending_runs, pg_state_store, state_scope
+
+    with PgLedger.open(url) as ledger:  # checks (or creates) the schema, as every command does
+        conn = ledger._conn
+        store = pg_state_store(job, conn, url)
+        where = f"coordination database {describe_url(url)}, job state {state_scope(job)}"
+        return _print_state(args, job, store, where, pending_runs(conn, state_scope(job)))
+
+
+def _import(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    from sync.cli._ledgers import database_url
+    from sync.config import load_job
+
+    job = load_job(args.job)
+    if args.workdir is not None:
+        job = dataclasses.replace(job, workdir=args.workdir)
+    url = database_url(args, job)
+    if url is None:
+        raise StateError(
+            "state import copies the workdir's state into a coordination database: give --database-url or set "
+            "PUSHSYNC_DATABASE_URL (docs/scaling.md)"
+        )
+    from sync.coordination._db import describe_url
+    from sync.coordination.ledger import PgLedger
+    from sync.coordination.snapshot import import_workdir_state
+
+    with PgLedger.open(url) as ledger:
+        copied = import_workdir_state(job, ledger._conn, url)
+    for name, users in copied.items():
+        print(f"source {name}: {users} users copied into {describe_url(url)}")
+    return int(ExitCode.OK)
+
+
+def _print_state(args: argparse.Namespace, job: Any, store: Any, where: str, pending: list[str]) -> int:
+    import polars as pl
+
+    from sync.config import SourceKind
+    from sync.state import TAGS, state_schema
+
     settings = getattr(job, "snapshot", None)
     doc: dict[str, Any] = {
         "job": job.name,
         "mode": str(getattr(job, "mode", "changes")),
-        "state_dir": str(store.directory),
-        "pending_runs": [p.name for p in store.pending()],
+        "state_dir": where,
+        "pending_runs": pending,
         "sources": {},
     }
     for source in job.sources:
         if source.kind is not SourceKind.USERS:
             continue
-        path = store.path_for(source)
-        info: dict[str, Any] = {"path": str(path), "users": store.rows(source), "fields": {}, "tags": {}}
-        if path.is_file():
+        info: dict[str, Any] = {
+            "path": store.describe(source),
+            "users": store.rows(source),
+            "fields": {},
+            "tags": {},
+        }
+        if store.exists(source):
             schema = state_schema(source, settings)
             lazy = store.scan(source, settings)  # the base file with the overlay segments laid over it
             present = set(lazy.collect_schema().names())

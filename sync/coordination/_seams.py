@@ -17,6 +17,7 @@ from sync.errors import ExitCode
 from sync.planning.resume import ReplayStats
 from sync.platforms.base import PlatformClient
 from sync.report.summary import RunSummary
+from sync.state import CommitReport, DiffCounts
 
 __all__ = ["WorkerOptions", "WorkerOutcome", "WorkerSignals"]
 
@@ -36,6 +37,8 @@ class WorkerOptions(Protocol):
     def auto_resume(self) -> bool: ...
     @property
     def full_refresh(self) -> bool: ...
+    @property
+    def force(self) -> bool: ...
     @property
     def limit(self) -> int | None: ...
     @property
@@ -78,3 +81,7 @@ class WorkerOutcome:
     """``user@host:port/db`` of the coordination database (never the URL)."""
     resumed_from: str | None = None
     replay: ReplayStats | None = None
+    diff: DiffCounts | None = None
+    """Snapshot mode: what the leader's diff found."""
+    committed: CommitReport | None = None
+    """Snapshot mode: what this worker merged into the state (None: another worker did, or nobody yet)."""

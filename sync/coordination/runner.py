@@ -38,6 +38,7 @@ from sync.coordination._seams import WorkerOptions, WorkerOutcome, WorkerSignals
 from sync.coordination.budget import SharedBudgets
 from sync.coordination.ledger import PgLedger
 from sync.coordination.queue import Membership, QueueLanes, enqueue, heartbeat, worker_id
+from sync.coordination.snapshot import commit_when_finished, plan_snapshot, snapshot_counts
 from sync.dispatch.dispatch import (
     Dispatcher,
     DispatchObserver,
@@ -46,10 +47,8 @@ from sync.dispatch.dispatch import (
     EndpointStats,
 )
 from sync.errors import (
-    BadJobError,
     ExitCode,
     InterruptedRunError,
-    JobProblem,
     PushSyncError,
     RunStoppedError,
     StateError,
@@ -79,17 +78,6 @@ async def run_coordinated(
     """Run ``job`` as one worker of its run in the coordination database at ``url`` (see the module docstring).
 
     Raises :class:`CoordinationError` (exit 2) before anything is sent when the database cannot be used."""
-    if job.mode is SyncMode.SNAPSHOT:
-        raise BadJobError(
-            str(job.path),
-            [
-                JobProblem(
-                    "coordination",
-                    "snapshot mode keeps its confirmed state in the job's workdir, which workers on several "
-                    "machines do not share: run snapshot jobs without a coordination database (docs/scaling.md)",
-                )
-            ],
-        )
     lease = job.coordination.lease if job.coordination is not None else DEFAULT_LEASE
     log = get_logger(job=job.name)
     check_workdir(job.workdir)
@@ -130,6 +118,11 @@ async def run_coordinated(
             report = await _work(
                 job, options, signals, ledger, run_id, membership, claim_conn, budget_conn, planned
             )
+            committed = None
+            if job.mode is SyncMode.SNAPSHOT and report.outcome is DispatchOutcome.COMPLETED:
+                # Before the run is recorded as ended: a new run of the job must diff against a state that
+                # holds this one's confirmed changes.
+                committed = await commit_when_finished(job, ledger, run_id)
             await membership.leave()
         summary, status = _finish(job, options, ledger, run_id, report, planned)
         if options.alert_url is not None and job.alerts is not None and status is not None:
@@ -151,6 +144,8 @@ async def run_coordinated(
             ledger=ledger.path,
             resumed_from=planned.get("origin"),
             replay=ReplayStats(**planned["replay"]) if planned.get("replay") else None,
+            diff=snapshot_counts(planned),
+            committed=committed,
         )
     finally:
         for closer in reversed(closers):
@@ -233,8 +228,9 @@ async def _plan_when_leader(
                 if info is None:
                     log.info("run.leader", hint="planning and queueing the run's batches")
                     try:
+                        planner = plan_snapshot if job.mode is SyncMode.SNAPSHOT else _plan_and_enqueue
                         info = await asyncio.to_thread(
-                            _plan_and_enqueue, job, options, signals, ledger, lead_conn, run_id
+                            planner, job, options, signals, ledger, lead_conn, run_id
                         )
                     except PushSyncError as exc:
                         if exc.exit_code is ExitCode.BAD_JOB_OR_INPUT:
@@ -609,4 +605,5 @@ def _input_of(job: Job, planned: dict[str, Any]) -> RunInput:
         mode=job.mode.value,
         platform=job.destination.platform,
         host=redact(url.hostname or "") + (f":{port}" if port else ""),
+        snapshot=planned.get("snapshot_input"),
     )
