@@ -16,7 +16,14 @@ only. Figures per case, from the server's own records:
 
 * ``429s`` — must be 0; ``max/win`` — the most requests in one window for any limit (never above N);
 * ``sending`` — the binding budget's use over the sending part: the mean count per server window over the
-  windows in which it was busy, without the first and last (partial), over N — must be >= 97 %;
+  windows in which it was busy, without the first and last (partial), over N — must be >= 97 %. The last is
+  the window in which the last new request (first attempt, from the run's ledger) left: windows after it hold
+  only retries of the last answers;
+* where the budget went (a second line per case): the binding budget's ``budget.window`` records (the run is
+  started with ``--log-level debug``) over the same windows — released of allowed, and the slots not released:
+  idle (nothing to send), waiting (the loop late), paused (429), carried (held for requests released late in
+  the window before and still unanswered at its edge) —, the loop's worst lateness, the learned margins, and how many
+  requests the server counted in another window than the budget did;
 * ``budget-bound`` — the same over the windows in which an attempt always waited for the budget and the event
   loop released it on time (from the run summary, by release windows; ``starved/stalled/n``: of the n windows
   measured, those in which the run had nothing to send, and those in which the loop released a slot more than
@@ -170,7 +177,31 @@ def _pin(cpu: int) -> Any:
     return pin
 
 
-def _figures(log: list[list[Any]], limit: str, n: int, period: float, wall: float) -> dict[str, Any]:
+def _first_attempts(ledger: Path) -> dict[str, float]:
+    """Per endpoint, when its last first attempt (a new request, not a retry) was sent (wall time), from the
+    run's ledger."""
+    import sqlite3
+
+    if not ledger.exists():
+        return {}
+    conn = sqlite3.connect(ledger)
+    try:
+        rows = conn.execute(
+            "SELECT endpoint, MAX(started_at) FROM attempts WHERE attempt = 1 GROUP BY endpoint"
+        ).fetchall()
+    finally:
+        conn.close()
+    return {str(endpoint): float(at) for endpoint, at in rows if at is not None}
+
+
+def _figures(
+    log: list[list[Any]],
+    limit: str,
+    n: int,
+    period: float,
+    wall: float,
+    first_attempts: dict[str, float] | None = None,
+) -> dict[str, Any]:
     by_key: dict[str, list[float]] = defaultdict(list)
     for arrival, endpoint, _status in log:
         by_key[endpoint if limit == "endpoint" else "*"].append(arrival)
@@ -178,6 +209,11 @@ def _figures(log: list[list[Any]], limit: str, n: int, period: float, wall: floa
     key, arrivals = max(by_key.items(), key=lambda kv: len(kv[1]))
     windows = Counter(math.floor(a / period) for a in arrivals)
     first, last = min(windows), max(windows)
+    # The sending part ends with the window in which the last new request left (partial: the plan ran out
+    # there); windows after it hold only the retries of the last answers, which are not the budget's to fill.
+    sent = [at for e, at in (first_attempts or {}).items() if limit == "account" or e == key]
+    if sent:
+        last = min(last, math.floor(max(sent) / period))
     interior = [windows.get(k, 0) for k in range(first + 1, last)]
     sending = sum(interior) / (len(interior) * n) if interior else float("nan")
     ideal = len(arrivals) * period / n
@@ -193,6 +229,7 @@ def _figures(log: list[list[Any]], limit: str, n: int, period: float, wall: floa
         "max_per_window": max_win,
         "sending_use": round(sending, 4),
         "interior_windows": len(interior),
+        "sending_windows": [first, last],
         "per_window": [windows.get(k, 0) for k in range(first, last + 1)],
         "ideal_s": round(ideal, 2),
         "command_s": round(wall, 2),
@@ -214,6 +251,50 @@ def _budget_bound(summary: dict[str, Any], limit: str, binding: str) -> dict[str
     return {
         "budget_bound_use": entries[0].get("budget_bound_utilisation"),
         "windows": entries[0].get("windows"),
+    }
+
+
+def _where_lost(
+    stderr: str, log: list[list[Any]], limit: str, binding: str, sending: list[int]
+) -> dict[str, Any]:
+    """Where the binding budget's slots went over the sending part, from its ``budget.window`` records (one per
+    window, logged at debug level by the run): released, and the slots not released told apart — ``idle``
+    (no attempt waited: the plan not ready, retries backing off), ``waiting`` (an attempt waited but the loop
+    did not release it before the window's zone ended), ``paused`` (a 429), ``carried`` (held for requests
+    released late in the window before with no answer by its edge) —, the loop's worst lateness, the margins
+    in force, and the requests the server counted in another window than the budget did (``spilled``)."""
+    name = "account" if limit == "account" else binding
+    records: dict[int, dict[str, Any]] = {}
+    for line in stderr.splitlines():
+        if '"budget.window"' not in line:
+            continue
+        try:
+            rec = json.loads(line)
+        except ValueError:
+            continue
+        if rec.get("event") == "budget.window" and rec.get("budget") == name:
+            records[int(rec["window"])] = rec
+    if not records:
+        return {"lost": None}
+    arrivals = Counter(math.floor(a) for a, endpoint, _ in log if limit == "account" or endpoint == binding)
+    first, last = sending  # the sending part, as for the sending figure
+    interior = [records[k] for k in range(first + 1, last) if k in records]
+    total = {
+        key: sum(int(r[key]) for r in interior)
+        for key in ("allowed", "released", "idle", "waiting", "paused", "carried")
+    }
+    spilled = sum(
+        abs(int(records[k]["released"]) - arrivals.get(k, 0)) for k in range(first + 1, last) if k in records
+    )
+    margins = [float(r["margin_ms"]) for r in interior] or [0.0]
+    return {
+        "lost": {
+            **total,
+            "windows": len(interior),
+            "late_max_ms": max((float(r["late_max_ms"]) for r in interior), default=0.0),
+            "margin_ms": [min(margins), max(margins)],
+            "spilled": spilled,
+        }
     }
 
 
@@ -246,7 +327,20 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             started = time.time()
             cpu_before = resource.getrusage(resource.RUSAGE_CHILDREN)
             result = subprocess.run(
-                [sys.executable, "-m", "sync", "run", str(job), "--output", "json", "--progress", "none"],
+                [
+                    sys.executable,
+                    "-m",
+                    "sync",
+                    "--log-level",
+                    "debug",  # the budgets' per-window records (budget.window lines)
+                    "--log-json",
+                    "run",
+                    str(job),
+                    "--output",
+                    "json",
+                    "--progress",
+                    "none",
+                ],
                 cwd=ROOT,
                 env={**os.environ, "BENCH_BUDGET_KEY": API_KEY},
                 capture_output=True,
@@ -256,6 +350,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             )
             wall = time.time() - started
             cpu_after = resource.getrusage(resource.RUSAGE_CHILDREN)
+            first_attempts = _first_attempts(Path(tmp) / "work" / "ledger.sqlite")
             worker_cpu_s = (cpu_after.ru_utime - cpu_before.ru_utime) + (
                 cpu_after.ru_stime - cpu_before.ru_stime
             )
@@ -271,12 +366,17 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         print(result.stderr[-3000:], file=sys.stderr)
         raise SystemExit(f"pushsync run exited {result.returncode}")
     if getattr(args, "log", None):
-        Path(args.log).write_text(json.dumps({"started": started, "log": log}), encoding="utf-8")
-    figures = _figures(log, args.limit, args.requests, 1.0, wall)
+        Path(args.log).write_text(
+            json.dumps({"started": started, "log": log, "stderr": result.stderr}), encoding="utf-8"
+        )
+    figures = _figures(log, args.limit, args.requests, 1.0, wall, first_attempts)
     figures["first_request_after_s"] = round(min(a for a, *_ in log) - started, 2) if log else None
     summary = json.loads(result.stdout)
     figures.update(_budget_bound(summary, args.limit, figures["binding"]))
     # CPU the run got: with a hog on its core it gets about half of it; near wall / 2, the run was CPU-bound.
+    figures.update(
+        _where_lost(result.stderr, log, args.limit, figures["binding"], figures["sending_windows"])
+    )
     figures["worker_cpu_s"] = round(worker_cpu_s, 2)
     figures["exit_code"] = result.returncode
     figures["ids_failed"] = summary.get("totals", {}).get("ids_failed")
@@ -297,12 +397,22 @@ def _line(fig: dict[str, Any]) -> str:
     bound = fig.get("budget_bound_use")
     w = fig.get("windows") or {}
     starved = f"{w.get('starved', '-')}/{w.get('stalled', '-')}/{w.get('measured', '-')}"
-    return (
+    line = (
         f"{fig['limit']:<9}{fig['jitter'] * 1000:>6.0f} ms{fig['binding_requests']:>9}{fig['429s']:>6}"
         f"{fig['max_per_window']:>8}{fig['sending_use']:>10.1%}"
         f"{'-' if bound is None else f'{bound:.1%}':>14}{starved:>18}{fig['command_use']:>10.1%}"
         f"{fig['first_request_after_s'] or 0:>8.1f} s{fig['command_s']:>8.1f} s"
     )
+    lost = fig.get("lost")
+    if lost:
+        line += (
+            f"\n{'':<18}budget's windows {lost['windows']}: released {lost['released']} of {lost['allowed']}; "
+            f"not released: idle {lost['idle']} (nothing to send), waiting {lost['waiting']} (loop late), "
+            f"paused {lost['paused']} (429), carried {lost['carried']} (answers late); loop late by up to "
+            f"{lost['late_max_ms']:.0f} ms; margin {lost['margin_ms'][0]:.0f}-{lost['margin_ms'][1]:.0f} ms; "
+            f"counted in another window by the server: {lost['spilled']}; faults retried: {fig['faults']}"
+        )
+    return line
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -336,7 +446,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--json", action="store_true", help="one JSON line per case instead of the table")
     parser.add_argument(
-        "--log", default=None, help="write each case's server request log (JSON) to PREFIX-<limit>-<ms>.json"
+        "--log",
+        default=None,
+        help="write each case's server request log and the run's log lines (JSON) to PREFIX-<limit>-<ms>.json",
     )
     parser.add_argument("--serve", type=int, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)

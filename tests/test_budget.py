@@ -8,14 +8,16 @@ import math
 import random
 from collections import Counter
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from vtime import run_virtual
 
-from sync.config import RateBudgetSpec
+from sync.config import RateBudgetSpec, load_job
 from sync.dispatch.budget import RateBudget, clock_sleep
+from sync.errors import BadJobError
 
 
 async def _release_times(budget: RateBudget, n: int) -> list[float]:
@@ -45,8 +47,8 @@ def test_aligned_releases_are_evenly_spaced_inside_each_window() -> None:
     for t in times:
         assert 0.02 - 1e-9 <= t - math.floor(t) < 0.9
     gaps = [b - a for a, b in itertools.pairwise(times)]
-    # Even: the sending zone (0.88 s) less its last fifth, kept for lateness (sync.dispatch._rate_meter._SLACK), over N.
-    assert min(gaps) >= (0.88 * 0.8 / 10) - 1e-9  # never a burst
+    # Even: the sending zone (0.88 s) less its second half, kept for catching up (sync.dispatch._rate_meter._SLACK), over N.
+    assert min(gaps) >= (0.88 * 0.5 / 10) - 1e-9  # never a burst
     assert max(times) < 10.0
 
 
@@ -257,3 +259,27 @@ def test_remaining_zero_on_success_is_ignored_when_unaligned() -> None:
         return loop.time()
 
     assert run_virtual(scenario()) == pytest.approx(0.1)
+
+
+def test_validate_refuses_a_margin_that_leaves_an_aligned_window_no_time_to_send(tmp_path: Path) -> None:
+    (tmp_path / "users.csv").write_text("id,name\nu1,Ann\n", encoding="utf-8")
+    head = (
+        "name: b\ndestination:\n  platform: netmera\n  base_url: http://127.0.0.1:8080/rest/3.0\n"
+        "  secret: {env: SOME_KEY}\nsources:\n  - name: users\n    path: users.csv\n    ext_id: id\n"
+        "    attributes: {name: string}\ndispatch:\n"
+    )
+    job = tmp_path / "job.yaml"
+    job.write_text(
+        head + '  budget_groups: {account: {requests: 20, per: 1s, endpoints: ["*"], margin: 0.9}}\n',
+        encoding="utf-8",
+    )
+    with pytest.raises(BadJobError) as info:
+        load_job(job)
+    [problem] = info.value.problems
+    assert problem.location == "dispatch.budget_groups.account.margin"
+    assert "no time to send" in problem.message and "align: false" in problem.message
+    # Unaligned, the same margin is a valid N per period + margin.
+    job.write_text(
+        head + "  budgets: {tagUsers: {requests: 20, per: 1s, margin: 0.9, align: false}}\n", encoding="utf-8"
+    )
+    assert load_job(job).dispatch.budgets["tagUsers"] == RateBudgetSpec(20, 1.0, align=False, margin=0.9)

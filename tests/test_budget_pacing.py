@@ -1,11 +1,11 @@
 """Budget use when the loop is not on time, on a virtual-time loop: late timers, a stalled loop, and a group whose
-endpoints learn their margins. Each scenario keeps every guarantee (never more than N per window, never more than
-N in any sliding period of release times) and must still use the budget nearly whole."""
+endpoints learn their margins. Each scenario keeps every guarantee (never more than N released per window, every
+release inside its window's sending zone, none of a window's slots carried across its edge) and must still use
+the budget nearly whole."""
 
 from __future__ import annotations
 
 import asyncio
-import bisect
 import itertools
 import math
 import random
@@ -15,7 +15,7 @@ from collections.abc import Callable
 from vtime import VirtualTimeLoop
 
 from sync.config import BudgetGroupSpec, RateBudgetSpec
-from sync.dispatch.budget import BudgetPool
+from sync.dispatch.budget import MIN_MARGIN, BudgetPool
 
 N = 20
 PER_SECOND = RateBudgetSpec(N, 1.0)  # margins learned from the latencies observed
@@ -52,16 +52,17 @@ def _send(
     stalls: tuple[float, float] | None,
     windows: int = 40,
     seed: int = 1,
+    every: tuple[float, float] = (3.0, 6.0),
 ) -> list[float]:
     """Release times of ``windows * N`` attempts over ``endpoints`` endpoints (6 workers each, answers after
-    20-250 ms); with ``stalls`` = (low, high), the loop is stuck that long every 3-6 s (a CPU-bound neighbour
-    holding the interpreter)."""
+    20-250 ms); with ``stalls`` = (low, high), the loop is stuck that long every ``every`` seconds (a CPU-bound
+    neighbour holding the interpreter)."""
     rng = random.Random(seed)
     loop = VirtualTimeLoop()
     stuck: list[tuple[float, float]] = []
     t = 0.0
     while stalls is not None and t < windows * 2:
-        t += rng.uniform(3.0, 6.0)
+        t += rng.uniform(*every)
         stuck.append((t, t + rng.uniform(*stalls)))
 
     async def scenario() -> list[float]:
@@ -104,10 +105,16 @@ def _use(times: list[float]) -> float:
 
 def _check_guarantees(times: list[float]) -> None:
     ordered = sorted(times)
+    # The hard cap: never more than N released in one window, counted on actual release times.
     assert max(Counter(math.floor(t + 1e-9) for t in ordered).values()) <= N
-    # The hard cap: never more than N releases in any period T (over actual release times).
-    for i, t in enumerate(ordered):
-        assert bisect.bisect_left(ordered, t + 1.0 - 1e-9) - i <= N
+    # Every release inside its window's sending zone: after the lead (a quarter of the margin), before the
+    # margin (at least MIN_MARGIN) — so a late loop never releases a slot of the window before across the
+    # edge, and the gap between two windows' releases is at least both margins.
+    for t in ordered:
+        assert MIN_MARGIN / 4 - 1e-9 <= t - math.floor(t + 1e-9) <= 1.0 - MIN_MARGIN + 1e-9, t
+    for a, b in itertools.pairwise(ordered):
+        if math.floor(b + 1e-9) != math.floor(a + 1e-9):
+            assert b - a >= 1.25 * MIN_MARGIN - 1e-9, (a, b)
 
 
 def test_a_group_uses_every_slot_from_its_first_full_window_while_its_endpoints_learn_margins() -> None:
@@ -120,28 +127,55 @@ def test_a_group_uses_every_slot_from_its_first_full_window_while_its_endpoints_
     assert [windows[k] for k in range(1, max(windows))] == [N] * (max(windows) - 1)
 
 
-def test_late_timers_cost_little_of_the_budget() -> None:
-    # Timers firing 0-20 ms late: a slot released late holds the same slot of every later window back (the
-    # hard cap), so without room at a window's end each late timer soon costs a request (97.8 % before).
-    times = _send(endpoints=3, group=True, late=0.02, stalls=None)
-    _check_guarantees(times)
-    assert _use(times) >= 0.983
+def test_late_timers_cost_none_of_the_budget() -> None:
+    # Timers firing 0-20 ms late: each firing releases every slot of the window whose time has come, so no
+    # lateness is carried into the next window. (A sliding cap of N per T on release times held each slot at
+    # or after the same slot of the window before plus T: 98.3-98.6 % of the budget.)
+    for seed in (1, 2, 3):
+        times = _send(endpoints=3, group=True, late=0.02, stalls=None, seed=seed)
+        _check_guarantees(times)
+        assert _use(times) == 1.0, seed
 
 
-def test_a_stalled_loop_is_caught_up_without_a_burst() -> None:
-    # The loop stuck for 0.1-0.3 s every 3-6 s, timers 0-10 ms late: the slots missed are caught up, at
-    # least half a spacing apart, instead of shifting the rest of the window out of it (96.6-97.9 % before).
+def test_a_stalled_loop_is_caught_up_inside_the_window() -> None:
+    # The loop stuck for 0.1-0.3 s every 3-6 s, timers 0-10 ms late: when it runs again, the slots that
+    # came due meanwhile go at once, inside the window (98.3-99.4 % with the sliding cap and catching up at
+    # most twice as fast as nominal).
     for seed in (1, 2, 3):
         times = _send(endpoints=3, group=True, late=0.01, stalls=(0.1, 0.3), seed=seed)
         _check_guarantees(times)
-        assert _use(times) >= 0.98, seed
-        gaps = [b - a for a, b in itertools.pairwise(sorted(times))]
-        # Half the nominal spacing at the widest learned margin (0.3 T before the end, 0.075 T after the
-        # start): never a burst.
-        assert min(gaps) >= (1.0 - 1.25 * 0.3) * 0.8 / N / 2 - 1e-9
+        assert _use(times) == 1.0, seed
+
+
+def test_a_half_core_loop_stalled_in_most_windows_still_uses_the_budget() -> None:
+    # The end-to-end bench's condition: the worker shares its core with a CPU-bound process and its
+    # interpreter with the planning thread; the loop is stuck for 0.1-0.25 s every 0.6-1.5 s and timers are
+    # 0-20 ms late. Only a stall over a window's last slots and its end can cost a slot.
+    uses = []
+    for seed in (1, 2, 3):
+        times = _send(endpoints=3, group=True, late=0.02, stalls=(0.1, 0.25), every=(0.6, 1.5), seed=seed)
+        _check_guarantees(times)
+        uses.append(_use(times))
+    assert min(uses) >= 0.99, uses  # 94.8-95.5 % with the sliding cap
 
 
 def test_a_single_endpoint_under_a_stalled_loop() -> None:
-    times = _send(endpoints=1, group=False, late=0.01, stalls=(0.1, 0.3), seed=2)
-    _check_guarantees(times)
-    assert _use(times) >= 0.98  # 97.0 % before
+    for seed in (1, 2, 3):
+        times = _send(endpoints=1, group=False, late=0.01, stalls=(0.1, 0.3), seed=seed)
+        _check_guarantees(times)
+        assert _use(times) == 1.0, seed  # 97.6-99.2 % with the sliding cap
+
+
+def test_long_stalls_of_a_loaded_machine_are_caught_up_in_the_second_half_of_the_zone() -> None:
+    # Measured on the shared machine: the loop stalled for 0.1-0.6 s at a time, every second or two. The N
+    # slots fill the first half of the sending zone, so a stall of up to half the zone anywhere in it is
+    # caught up before the zone ends (with the slots over its first 80 %: 99.3 % at worst, 99.86 % mean).
+    uses = []
+    for seed in range(1, 7):
+        times = _send(
+            endpoints=3, group=True, late=0.03, stalls=(0.1, 0.6), every=(0.7, 2.0), seed=seed, windows=60
+        )
+        _check_guarantees(times)
+        uses.append(_use(times))
+    assert min(uses) >= 0.998, uses
+    assert sum(uses) / len(uses) >= 0.9995, uses

@@ -41,9 +41,19 @@ def _spec(raw: Mapping[str, Any], where: str, problems: list[JobProblem]) -> Rat
             JobProblem(f"{where}.margin", f"a margin of {margin:g} s leaves nothing of a {period:g} s period")
         )
         return None
-    return RateBudgetSpec(
-        requests=int(raw["requests"]), period=period, align=bool(raw.get("align", True)), margin=margin
-    )
+    align = bool(raw.get("align", True))
+    if margin is not None and align and margin * 1.25 >= period:
+        # Aligned releases happen in [start + margin / 4, end - margin): with no such zone the budget could
+        # not align at all, and silently sending N per period + margin instead is not what the job says.
+        problems.append(
+            JobProblem(
+                f"{where}.margin",
+                f"a margin of {margin:g} s leaves no time to send in a {period:g} s window (a quarter of it "
+                f"is also kept after the window's start): at most {period * 0.8 - 0.001:g} s, or align: false",
+            )
+        )
+        return None
+    return RateBudgetSpec(requests=int(raw["requests"]), period=period, align=align, margin=margin)
 
 
 def _unknown(

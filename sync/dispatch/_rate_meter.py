@@ -17,6 +17,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 from sync.config import RateBudgetSpec
+from sync.logs import get_logger
 
 _EPS = 1e-9
 MIN_MARGIN = 0.01
@@ -26,14 +27,41 @@ _MARGIN_SAMPLES = (
 )
 _MARGIN_MIN_SAMPLES = 20  # below this, the default margin stays
 _MARGIN_EVERY = 10  # recompute the learned margin every this many latencies
-_SLACK = 0.2
-"""Share of an aligned window's sending zone left after its N nominal slots. The hard cap (N per sliding T over
-actual release times) holds each slot of a window at or after the same slot of the window before plus T, so a
-slot released late stays late in every later window until one of them has room at its end: without room, each
-late timer or stalled loop would eventually cost a request."""
-_CATCH_UP_GAP = 0.5
-"""Least gap between two releases, as a share of the nominal spacing: slots missed (late timer, stalled loop)
-are caught up at most twice as fast as nominal — evenly, never as a burst."""
+_SLACK = 0.5
+"""Share of an aligned window's sending zone left after its N nominal slots: room to catch up, before the zone
+ends, the slots that a late timer or a stalled loop could not release on time (see :meth:`RateMeter.earliest`).
+Half: on a core shared with a CPU-bound process, a loaded machine stalled the loop for 0.1-0.6 s at a time; a
+virtual-clock model of that lost 0.14 % of the budget on average with a fifth of the zone, 0.01 % with half."""
+_WINDOW_RECORDS = 4096  # per-window records kept for the summary and the ``budget.window`` log lines
+
+
+@dataclass(frozen=True, slots=True)
+class WindowUse:
+    """One clock-aligned window of a configured, aligned budget: the slots it allowed, how many were released,
+    and why the others were not — told apart so a run that left budget unused says where it went."""
+
+    window: int
+    """Index of the window (``RateMeter.window_of``)."""
+    allowed: int
+    """N in force in the window (the configured budget, or less after a window with too many 429s)."""
+    released: int
+    idle: int
+    """Slots that came due while no attempt waited for this budget: the run had nothing to send then (the
+    plan not ready, retries backing off, the end of a phase)."""
+    waiting: int
+    """Slots that came due while an attempt waited, yet were not released before the window's sending zone
+    ended: the event loop did not run in time (a stalled loop), or another limit of that attempt (a group,
+    the endpoint's own budget) held it."""
+    paused: int
+    """Slots inside a pause (a 429's ``Retry-After``, ``X-RateLimit-Remaining: 0``)."""
+    carried: int
+    """Slots held for requests released late in the window before (catching up, in its zone's second half) that
+    had no answer by this window's start: the server may have counted them in this window (they arrived after
+    its edge: a stalled server, network or loop)."""
+    late_max: float
+    """The most a waiting attempt was released after its slot came due, seconds (the loop's lateness)."""
+    margin: float
+    """The margin before the window's end in force, seconds."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,6 +88,9 @@ class BudgetStats:
     """Periods in which the event loop released a waiting attempt more than a spacing after its slot was due
     (the loop was stalled: a CPU-bound neighbour, the interpreter held by another thread). The use over the
     busy periods that are neither starved nor stalled is the budget's own."""
+    windows: tuple[WindowUse, ...] = ()
+    """Per window with a release (aligned, configured budgets; the newest few thousand): allowed, released, and
+    why the rest was not (see :class:`WindowUse`)."""
 
 
 class LatencyLearner:
@@ -99,7 +130,9 @@ class RateMeter:
     __slots__ = (
         "_aligned",
         "_anchor",
+        "_answered",
         "_answers",
+        "_answers_seen",
         "_ceiling",
         "_clean",
         "_clean_windows",
@@ -113,25 +146,35 @@ class RateMeter:
         "_history",
         "_increase",
         "_last_release",
+        "_late_count",
+        "_late_from",
         "_lead",
         "_learn",
         "_learner",
         "_limited",
         "_limited_share",
+        "_log",
         "_max_margin",
         "_max_pause",
         "_on_change",
         "_paused_seconds",
         "_paused_until",
+        "_pauses",
         "_per_window",
         "_period",
+        "_prev_late_from",
         "_rate",
         "_rate_limited",
         "_released",
+        "_spill",
         "_stalled",
         "_starved",
         "_tail",
         "_time",
+        "_w_late",
+        "_w_n",
+        "_w_records",
+        "_w_tail",
         "_wall_offset",
         "_window",
         "name",
@@ -190,8 +233,17 @@ class RateMeter:
         self._last_release: float = -math.inf  # actual time of the last release
         self._window: int = -1  # index of the aligned window that _count refers to
         self._count: int = 0  # releases in that window
+        # Releases in the second half of that window's zone (catching up: nearer its end) and the answers to
+        # them received within the window; those with no answer by the edge may arrive after it.
+        self._late_from: float = math.inf  # where that second half begins
+        self._prev_late_from: float = math.inf  # the same for the window before
+        self._late_count: int = 0
+        self._answered: int = 0
+        self._spill: int = 0  # late releases of the window before with no answer by that window's start
+        self._answers_seen: bool = False  # answers are reported (answered()): only then is _spill counted
         self._anchor: float = -math.inf  # time of that window's first release: its slots count from here
         self._paused_until: float = -math.inf  # no release before this (Retry-After / window reset)
+        self._pauses: deque[tuple[float, float]] = deque(maxlen=64)  # recent pauses (from, until): WindowUse
         self._eval_window: int | None = None  # the window whose answers _answers/_limited count
         self._answers: int = 0  # answers (2xx and 429) in that window
         self._limited: int = 0  # 429s among them
@@ -207,6 +259,12 @@ class RateMeter:
         self._rate_limited: int = 0
         self._paused_seconds: float = 0.0
         self._decreases: int = 0
+        # The current window's figures for its WindowUse record (aligned, configured budgets).
+        self._w_late: float = 0.0  # the most a waiting attempt was released after its slot
+        self._w_n: int = 0  # N in force when the window opened
+        self._w_tail: float = self._tail  # the margin in force when the window opened
+        self._w_records: deque[WindowUse] = deque(maxlen=_WINDOW_RECORDS)
+        self._log = get_logger(budget=name)
 
     # -- wiring --------------------------------------------------------------------------------------------
 
@@ -266,6 +324,7 @@ class RateMeter:
             per_window=dict(self._per_window),
             starved_windows=frozenset(self._starved),
             stalled_windows=frozenset(self._stalled),
+            windows=(*self._w_records, *self._open_window_use()),
         )
 
     # -- the schedule ----------------------------------------------------------------------------------------
@@ -289,35 +348,48 @@ class RateMeter:
     def earliest(self, now: float, after: float | None = None) -> float:
         """Earliest time (>= ``now`` and >= ``after``) at which the next release may happen.
 
-        Timed from the clock, never from how often this is asked: a loop that wakes late gets at most the slot
-        that is due, and the slots after it stay at their places (at least half a spacing apart while
-        catching up), so lateness is never paid back as a burst.
+        Timed from the clock, never from how often this is asked. Aligned: the i-th release of a window may go
+        from its slot's time on (the slots are evenly spaced), and only inside the window's sending zone, at
+        most N. A loop that wakes late therefore releases every slot of the window whose time has come — so
+        the budget does not depend on the loop being on time — and never one of the next window early; a slot
+        the zone's end overtook is gone, never carried into the next window (no burst across a window edge).
+        Unaligned: N per sliding ``T + margin`` over release times, evenly spaced, a late timer's slot at
+        least half a spacing after the last release (no burst).
         """
         t = max(now, self._paused_until, after if after is not None else now)
         if self._rate is None:
             return t
         n = self._n()
-        cap_period = self._period if self._aligned else self._period + self._tail
-        history = self._history
-        while history and history[0] <= now - cap_period:
-            history.popleft()
-        if len(history) >= n:
-            t = max(t, history[-n] + cap_period)
         if not self._aligned:
+            cap_period = self._period + self._tail
+            history = self._history
+            while history and history[0] <= now - cap_period:
+                history.popleft()
+            if len(history) >= n:
+                t = max(t, history[-n] + cap_period)
             spacing = cap_period / n
             # The grid keeps slots evenly spaced without carrying timer lateness forward; the minimum gap
             # to the last actual release stops a late timer from being "caught up" as a burst.
             return max(t, self._grid, self._last_release + spacing / 2)
         spacing = self._spacing(n)
-        t = max(t, self._last_release + spacing * _CATCH_UP_GAP)
         for _ in range(4):  # at most a couple of hops: the next window is always free
             k, start = self._window_bounds(t)
             zone_start, zone_end = start + self._lead, start + self._period - self._tail
+            # Requests released late in the window before (catching up, in its zone's second half) with no
+            # answer by the edge may have arrived after it: the server then counts them in this window, so
+            # each takes one of its N. (Regular slots, in the zone's first half, are far enough from the edge
+            # that only a server stalled over half a window could count them in the next; an answer that is
+            # merely slow must not cost a slot.)
             if k == self._window:
-                count, slot = self._count, max(t, self._anchor + self._count * spacing)
+                count, room = self._count, n - self._spill
+                slot = max(t, self._anchor + self._count * spacing)
             else:
                 count, slot = 0, max(t, zone_start)
-            if count < n and slot < zone_end:
+                carried = (
+                    self._late_count - self._answered if self._answers_seen and k == self._window + 1 else 0
+                )
+                room = n - max(0, carried)
+            if count < room and slot < zone_end:
                 return slot
             t = max(t, start + self._period + self._lead)
         return t
@@ -328,20 +400,26 @@ class RateMeter:
 
     def _spacing(self, n: int) -> float:
         """Nominal gap between the aligned slots of one window: the N slots fill the sending zone but its
-        last ``_SLACK`` share, which takes up lateness (see :mod:`sync.dispatch.budget`)."""
+        last ``_SLACK`` share, where slots a late loop missed are caught up (see :mod:`sync.dispatch.budget`)."""
         return (self._period - self._lead - self._tail) * (1 - _SLACK) / n
 
-    def release(self, now: float, *, waited: bool = True, due: float | None = None) -> None:
+    def release(
+        self, now: float, *, waited: bool = True, due: float | None = None, since: float | None = None
+    ) -> None:
         """Count one request released at ``now``. ``waited=False``: it went straight through (nothing waited
         for this budget), which marks the periods since its slot was free as starved when that was long ago;
         ``due``: when the timer that released it was due, which marks the periods since then as stalled when
-        that was long ago."""
+        that was long ago; ``since``: when the released attempt began to wait (for the per-window records:
+        its lateness, and whether an attempt waited for the slots a window could not release)."""
         if self._ceiling is not None and self._rate is not None:
             if not waited:
                 self._note_starved(now)
             elif due is not None and now - due > self._nominal_spacing():
                 first, last = self._window_bounds(due)[0], self._window_bounds(now)[0]
                 self._stalled.update(range(first, last + 1))
+        # A pause (a 429, remaining 0) was set after the last release: the slots that fell in it are not caught
+        # up when it ends — the server just asked for less, not for a burst.
+        after_pause = self._paused_until > self._last_release
         self._released += 1
         self._last_release = now
         self._history.append(now)
@@ -357,15 +435,29 @@ class RateMeter:
         if self._aligned:
             k, start = self._window_bounds(now)
             if k != self._window:
+                if self._ceiling is not None and self._window >= 0:
+                    self._record(self._window_use(math.inf, since if waited else None))
                 # A window right after a busy one keeps its slots where the window puts them (from the
                 # start of its sending zone): a late first release (a late timer, a stalled loop) is then
                 # caught up instead of shifting every later slot towards the window's end. After an idle
                 # window (the run's start, a pause) the slots count from the first release, so a run that
-                # begins mid-window is evenly spaced, not crammed into what is left of the window.
-                busy = self._window == k - 1
+                # begins mid-window is evenly spaced, not crammed into what is left of the window. Likewise
+                # after a pause.
+                busy = self._window == k - 1 and not after_pause
                 self._anchor = min(now, start + self._lead) if busy else now
-                self._window, self._count = k, 0
+                busy_before = self._window == k - 1 and self._answers_seen
+                self._spill = max(0, self._late_count - self._answered) if busy_before else 0
+                self._prev_late_from = self._late_from
+                self._late_from = start + self._lead + (self._period - self._lead - self._tail) * (1 - _SLACK)
+                self._window, self._count, self._answered, self._late_count = k, 0, 0, 0
+                self._w_late, self._w_n, self._w_tail = 0.0, n, self._tail
+            elif after_pause:
+                self._anchor = max(self._anchor, now - self._count * self._spacing(n))
+            if waited and since is not None:
+                slot = self._anchor + self._count * self._spacing(n)
+                self._w_late = max(self._w_late, now - max(slot, since))
             self._count += 1
+            self._late_count += now >= self._late_from
         else:
             spacing = (self._period + self._tail) / n
             # On time (or a little late): keep the grid, so timer lateness is not carried forward.
@@ -374,6 +466,68 @@ class RateMeter:
             self._grid = base + spacing
         while len(self._history) > n:
             self._history.popleft()
+
+    def _window_use(self, upto: float, waiting_since: float | None) -> WindowUse:
+        """The current window's record, its slots due before ``upto`` (inf: the window is over) counted.
+        ``waiting_since``: since when the attempt released next had waited (None: it did not wait)."""
+        n = max(self._w_n, self._count)
+        start = self._window * self._period - (self._wall_offset or 0.0)
+        zone_end = start + self._period - self._w_tail
+        spacing = self._spacing(n)
+        # The pauses over this window (usually none).
+        pauses = [(a, b) for a, b in self._pauses if a < zone_end and b > start]
+        idle = waiting = paused = carried = 0
+        for j in range(self._count, n):
+            if j >= n - self._spill:
+                carried += 1
+                continue
+            slot = self._anchor + j * spacing
+            if slot >= min(zone_end, upto):
+                if upto < zone_end:
+                    break  # not due yet: the window is still open
+                # Beyond the zone: the window's slots were counted from a release after an idle stretch
+                # or after a pause.
+                if pauses:
+                    paused += 1
+                else:
+                    idle += 1
+            elif pauses and any(a <= slot < b for a, b in pauses):
+                paused += 1
+            elif waiting_since is not None and waiting_since <= slot:
+                waiting += 1
+            else:
+                idle += 1
+        return WindowUse(
+            window=self._window,
+            allowed=n,
+            released=self._count,
+            idle=idle,
+            waiting=waiting,
+            paused=paused,
+            carried=carried,
+            late_max=self._w_late,
+            margin=self._w_tail,
+        )
+
+    def _open_window_use(self) -> tuple[WindowUse, ...]:
+        if not (self._aligned and self._ceiling is not None and self._window >= 0 and self._time is not None):
+            return ()
+        return (self._window_use(self._now(), None),)
+
+    def _record(self, use: WindowUse) -> None:
+        self._w_records.append(use)
+        self._log.debug(
+            "budget.window",
+            window=use.window,
+            allowed=use.allowed,
+            released=use.released,
+            idle=use.idle,
+            waiting=use.waiting,
+            paused=use.paused,
+            carried=use.carried,
+            late_max_ms=round(use.late_max * 1000, 1),
+            margin_ms=round(use.margin * 1000, 1),
+        )
 
     def _note_starved(self, now: float) -> None:
         if not math.isfinite(self._last_release):
@@ -427,9 +581,35 @@ class RateMeter:
             self._changed()
 
     def observe(self, latency: float) -> None:
-        """One release-to-answer time: the learned margin before a window's end follows their p99."""
+        """One release-to-answer time: the learned margin before a window's end follows their p99, and the
+        answer is counted for its release's window (:meth:`answered`)."""
+        now = self._now()
+        self.answered(now - latency, now)
+        self.learn(latency)
+
+    def learn(self, latency: float) -> None:
+        """One release-to-answer time for the learned margin only."""
         if self._learn and self._learner.observe(latency):
             self.follow_learner()
+
+    def answered(self, released_at: float, received: float) -> None:
+        """An answer to a request released at ``released_at`` was received at ``received`` (at the latest). A
+        release answered before its window ends surely arrived in it; the others released late in it may have
+        arrived in the next window, where each takes a slot (see :meth:`earliest`) — until its answer turns
+        out to have been received before the edge after all (read late by a stalled loop)."""
+        if not self._aligned or self._rate is None:
+            return
+        self._answers_seen = True  # from now on, a release with no answer is one that may have arrived late
+        k = self._window_bounds(released_at + _EPS)[0]
+        if self._window_bounds(max(received, released_at) + _EPS)[0] != k:
+            return  # received after its window's edge: it may have been counted in the next one
+        if k == self._window and released_at >= self._late_from - _EPS:
+            self._answered += 1
+            if self._count >= self._n():
+                self._changed()  # the next window's room grew: a timer may be set past it
+        elif k == self._window - 1 and self._spill > 0 and released_at >= self._prev_late_from - _EPS:
+            self._spill -= 1  # held for nothing: it arrived in its own window
+            self._changed()
 
     def follow_learner(self) -> None:
         """Take the margin from the learner's p99 (when this meter learns its margin and the p99 is known)."""
@@ -446,6 +626,7 @@ class RateMeter:
         if until <= self._paused_until:
             return False
         self._paused_seconds += until - max(now, self._paused_until)
+        self._pauses.append((max(now, self._paused_until), until))
         self._paused_until = until
         return True
 

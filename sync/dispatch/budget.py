@@ -12,15 +12,26 @@ instant, so it is counted in the same window everywhere. Design (figures in ``do
   where the margin covers the time from release to arrival. Every request then lands in the window it was
   counted in — never more than N per server window — and the whole budget is used. ``align: false`` (per
   budget, in the job file) selects N per ``T + margin`` instead, for servers that count sliding windows.
-* **A hard sliding-window cap** of N per ``T`` over actual release times, so no timer lateness or rate change
-  can ever let N+1 out in one period.
-* **Room for lateness**: the cap holds each slot of a window at or after the same slot of the window before
-  plus T, so a slot released late (a late timer, a loop stalled by a CPU-bound neighbour) stays late in the
-  windows after it. The N nominal slots therefore fill only the first 80 % of a window's sending zone; the
-  rest takes up that drift. Slots of a window that follows a busy one are placed from the zone's start (a
-  late first release does not shift all the others), slots missed by a stalled loop are caught up at most
-  twice as fast as nominal (at least half a spacing apart: never a burst), and after an idle window the slots
-  count from the first release (a run that begins mid-window is not crammed into what is left of it).
+* **A hard cap on actual release times**: never more than N released in a window, counted when each request
+  is released, whatever the timers did (``align: false``: N per sliding ``T + margin``).
+* **Releases timed from the clock, not from the loop**: the i-th release of a window may go from its slot's
+  time on, only inside the window's sending zone. A loop that wakes late (a CPU-bound neighbour, the
+  interpreter held by another thread) releases every slot of the window whose time has come, so the budget
+  does not depend on the loop being on time; no slot of the next window goes early, and a slot the zone's end
+  overtook is gone, never carried over the edge (no burst across a window edge). The N slots fill the first
+  half of the zone; the second half is room to catch up. Slots of a window that follows a busy one are placed from
+  the zone's start; after an idle window or a pause the slots count from the first release (a run that begins
+  mid-window is not sent as a burst, nor is the end of a 429's pause).
+  An earlier design also capped N per sliding T over release times: every late release then stayed late in
+  every later window (the cap held each slot at or after the same slot of the window before plus T), and on a
+  loaded core slots fell off the windows' ends (86–99 % of the budget end to end; ``docs/run.md``).
+* **Late releases that may have crossed the edge**: a request released in the second half of a window's zone
+  (catching up) with no answer when the window ends may have been counted by the server in the next window,
+  so it takes one of the next window's N (an answer read just after our own loop stalled, which may have come
+  in before the edge, gives it back).
+* **Per-window records** (:class:`WindowUse`, a ``budget.window`` debug line each): allowed, released, and
+  why the other slots were not — nobody waited (idle), the loop or another limit did not release a waiting
+  attempt in time (waiting), a pause, or held for late releases of the window before (carried).
 * **Margin learned from latency**: unless the job fixes it (``margin:``), the margin before a window's end
   starts at ``min(0.2 T, 1 s)`` and then follows the p99 of the release-to-answer times observed, within
   ``[10 ms, min(0.3 T, 2 s)]``: a fast network gives more of each window to sending, a slow one more margin.
@@ -55,7 +66,7 @@ from types import TracebackType
 from typing import Protocol
 
 from sync.config import BudgetGroupSpec, DispatchSettings, RateBudgetSpec
-from sync.dispatch._rate_meter import MIN_MARGIN, BudgetStats, LatencyLearner, RateMeter
+from sync.dispatch._rate_meter import MIN_MARGIN, BudgetStats, LatencyLearner, RateMeter, WindowUse
 
 __all__ = [
     "MIN_MARGIN",
@@ -67,11 +78,13 @@ __all__ = [
     "Clock",
     "EndpointBudget",
     "RateBudget",
+    "WindowUse",
     "clock_sleep",
     "meter_of",
 ]
 
 _EPS = 1e-9
+_STALL_READ = 0.1  # seconds after a stall in which the answers read may have come in during it
 
 
 class _Handle(Protocol):
@@ -130,7 +143,7 @@ class _Lane:
     def __init__(self, name: str, meters: tuple[RateMeter, ...]) -> None:
         self.name = name
         self.meters = meters  # the endpoint's own budget (if any) and every group holding it
-        self.waiters: deque[asyncio.Future[None]] = deque()
+        self.waiters: deque[tuple[asyncio.Future[None], float]] = deque()  # (waiter, since when it waits)
         self.closed = False  # set by close(): waiters fail with BudgetClosedError
 
     def earliest(self, now: float) -> float:
@@ -147,7 +160,7 @@ class _Lane:
 class _Scheduler:
     """Releases waiting attempts of several lanes: one timer, FIFO within a lane, round robin between lanes."""
 
-    __slots__ = ("_bound", "_clock", "_lanes", "_next", "_timer", "_timer_at")
+    __slots__ = ("_bound", "_clock", "_lanes", "_next", "_seen", "_stall", "_timer", "_timer_at")
 
     def __init__(self, clock: Clock) -> None:
         self._clock = clock
@@ -156,6 +169,8 @@ class _Scheduler:
         self._next = 0  # round robin: the lane index asked first at the next release
         self._timer: _Handle | None = None  # the one pending wake-up, if any
         self._timer_at = math.inf  # when it fires
+        self._stall = (-math.inf, -math.inf)  # the last stretch the loop did not run: (last seen, woke)
+        self._seen = -math.inf  # the last time the loop was seen running (an acquire, an answer, a timer)
 
     def add(self, name: str, meters: tuple[RateMeter, ...]) -> _Lane:
         lane = _Lane(name, meters)
@@ -170,13 +185,14 @@ class _Scheduler:
         if lane.closed:
             raise BudgetClosedError("rate budget closed")
         now = self._clock.time()
+        self._seen = now
         # Straight through only when nobody waits: a waiting attempt of another lane comes first (fairness).
         if not any(other.waiters for other in self._lanes) and lane.earliest(now) <= now + _EPS:
             for meter in lane.meters:
                 meter.release(now, waited=False)
             return
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        lane.waiters.append(fut)
+        lane.waiters.append((fut, now))
         self.schedule()
         try:
             await fut
@@ -185,10 +201,14 @@ class _Scheduler:
             self.schedule()
             raise
 
+    def time(self) -> float:
+        """The clock's time."""
+        return self._clock.time()
+
     def close(self, lane: _Lane) -> None:
         lane.closed = True
         while lane.waiters:
-            fut = lane.waiters.popleft()
+            fut, _ = lane.waiters.popleft()
             if not fut.done():
                 fut.set_exception(BudgetClosedError("rate budget closed"))
         self.schedule()
@@ -205,15 +225,16 @@ class _Scheduler:
             for i in range(len(lanes)):
                 index = (self._next + i) % len(lanes)
                 lane = lanes[index]
-                while lane.waiters and lane.waiters[0].done():  # cancelled while waiting
+                while lane.waiters and lane.waiters[0][0].done():  # cancelled while waiting
                     lane.waiters.popleft()
                 if not lane.waiters:
                     continue
                 when = lane.earliest(now)
                 if when <= now + _EPS:
+                    fut, since = lane.waiters.popleft()
                     for meter in lane.meters:
-                        meter.release(now, due=due)
-                    lane.waiters.popleft().set_result(None)
+                        meter.release(now, due=due, since=since)
+                    fut.set_result(None)
                     self._next = (index + 1) % len(lanes)
                     released = True
                     break
@@ -234,7 +255,21 @@ class _Scheduler:
         due = self._timer_at
         self._timer = None
         self._timer_at = math.inf
+        now = self._clock.time()
+        if now - due > MIN_MARGIN:
+            # The loop did not run from some time after it was last seen until now: answers it reads next
+            # may have been received in that stretch.
+            self._stall = (min(self._seen, due), now)
+        self._seen = now
         self.schedule(due)
+
+    def received_by(self, now: float) -> float:
+        """The earliest an answer processed at ``now`` may have been received: when the loop has just come
+        out of a stall (a timer fired late), the answers it reads then may have waited in the socket since it
+        was last seen running; otherwise ``now``."""
+        seen, woke = self._stall
+        self._seen = now
+        return seen if woke <= now <= woke + _STALL_READ else now
 
 
 class RateBudget(RateMeter):
@@ -291,6 +326,14 @@ class RateBudget(RateMeter):
         """Index of the clock-aligned period holding clock time ``t`` (for per-window counts)."""
         self._lane_of()
         return super().window_of(t)
+
+    def observe(self, latency: float) -> None:
+        """One release-to-answer time (see :meth:`RateMeter.observe`); an answer read just after the loop was
+        stalled may have been received when the stall began."""
+        sched, _ = self._lane_of()
+        now = sched.time()
+        self.answered(now - latency, sched.received_by(now))
+        self.learn(latency)
 
     async def __aenter__(self) -> None:
         await self.acquire()
@@ -373,12 +416,17 @@ class EndpointBudget:
             m.on_success(remaining, reset_after)
 
     def observe(self, latency: float) -> None:
-        """A release-to-answer time, for the learned margins (the pool's, shared by all its meters)."""
-        if self._learn is not None:
-            self._learn(latency)
+        """A release-to-answer time, for the learned margins (the pool's, shared by all its meters), and for
+        each meter's count of the answers to its window's releases."""
+        if self._learn is None:
+            for m in self._lane.meters:
+                m.observe(latency)
             return
+        now = self._sched.time()
+        received = self._sched.received_by(now)
         for m in self._lane.meters:
-            m.observe(latency)
+            m.answered(now - latency, received)
+        self._learn(latency)
 
 
 class BudgetPool:

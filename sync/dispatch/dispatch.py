@@ -114,6 +114,8 @@ class _Lane:
     """Plain plans: batches read ahead and not sent yet (the first are this lane's, then the next phase's)."""
     more: bool = True
     """The source may hold batches not pulled yet (False once a pull came back short)."""
+    pulls: int = 0
+    """Pulls made so far (the first takes one batch)."""
 
 
 class Dispatcher:
@@ -359,6 +361,11 @@ class Dispatcher:
             if self._stop.is_set():
                 return
             want = _FEED_CHUNK if hold else min(_FEED_CHUNK, channel.free)
+            if not hold and lane.pulls == 0:
+                # A lane's first pull is one batch: its first request leaves as soon as that batch is made (a
+                # lazy plan settles the rest of its input meanwhile), not once a whole chunk of them is.
+                want = 1
+            lane.pulls += 1
             chunk = await lane.pull.take(want)
             lane.more = len(chunk) == want
             if self._stop.is_set():
