@@ -30,17 +30,17 @@ import cProfile
 import json
 import os
 import secrets
-import shutil
-import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 from typing import Any
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
+sys.path.insert(0, str(HERE))
+
+from _common import cores, pin_self, process_cpu, sandbox, start_server, stop_server  # noqa: E402
 
 from sync.config import Destination, DispatchSettings  # noqa: E402
 from sync.dispatch.dispatch import Dispatcher  # noqa: E402
@@ -53,60 +53,6 @@ from sync.report.progress import LogProgress  # noqa: E402
 
 TARGET_MS = 0.75
 IDS = 1000
-
-
-def pin(core: int) -> None:
-    """Pin this process to ``core`` when the machine has it (a one-core machine shares it)."""
-    if hasattr(os, "sched_setaffinity") and core < (os.cpu_count() or 1):
-        os.sched_setaffinity(0, {core})
-
-
-def server_core() -> int:
-    return max(0, (os.cpu_count() or 1) - 1)
-
-
-def start_server(key: str, workdir: Path, kind: str = "bare") -> tuple[subprocess.Popen[str], str]:
-    """bench/bare_server.py (or ``kind="stateless"``: the stateless Netmera sandbox) in a process of its own,
-    pinned to the last core with taskset."""
-    command = (
-        [sys.executable, "-m", "sync", "sandbox", "netmera", "--port", "0", "--stateless"]
-        if kind == "stateless"
-        else [sys.executable, str(HERE / "bare_server.py"), "--port", "0"]
-    )
-    if shutil.which("taskset") and (os.cpu_count() or 1) > 1:
-        command = ["taskset", "-c", str(server_core()), *command]
-    process = subprocess.Popen(
-        command,
-        cwd=workdir,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-        text=True,
-        env={**os.environ, "PYTHONUNBUFFERED": "1", "NETMERA_SANDBOX_API_KEY": key},
-    )
-    assert process.stdout is not None
-    for line in process.stdout:
-        if line.startswith("http://"):
-            return process, line.strip()
-    process.kill()
-    raise SystemExit("the sandbox did not start")
-
-
-def stop_server(process: subprocess.Popen[str]) -> None:
-    process.terminate()
-    try:
-        process.wait(timeout=10)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait()
-
-
-def process_cpu(pid: int) -> float:
-    """User+sys CPU seconds of process ``pid`` so far (Linux /proc; 0.0 elsewhere)."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except OSError:
-        return 0.0
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def make_batches(n: int, *, encoded: bool = True) -> list[Batch]:
@@ -203,11 +149,12 @@ def main() -> int:
     )
     args = parser.parse_args()
     configure_logging("warning")
-    pin(0)
+    client_core, server_core = cores()
+    pin_self(client_core)
     key = "bench-" + secrets.token_hex(12)
     batches = make_batches(args.requests, encoded=not args.json_bodies)
     with tempfile.TemporaryDirectory() as tmp:
-        process, url = start_server(key, Path(tmp), args.server)
+        process, url = start_server(key, Path(tmp), kind=args.server, core=server_core)
         try:
             profiler = cProfile.Profile() if args.profile else None
             if profiler is not None:
@@ -221,9 +168,7 @@ def main() -> int:
             server_cpu = process_cpu(process.pid)
             stats: dict[str, object] = {}
             if args.server == "stateless":
-                root = url.removesuffix("/rest/3.0/")
-                with urllib.request.urlopen(root + "/_sandbox/stats", timeout=30) as resp:
-                    stats = json.loads(resp.read())
+                stats = sandbox(url, "stats")
             # After pushsync's figures are read: the floor's requests must not count in them.
             floor_cpu, floor_wall = asyncio.run(bare_loop(url, key, batches, args.concurrency))
         finally:
@@ -238,7 +183,7 @@ def main() -> int:
     kind = "JSON-ready bodies" if args.json_bodies else "bytes bodies"
     print(f"dispatch only: {requests:,} requests × {IDS} IDs ({kind}), ledger + progress + metrics")
     print(
-        f"  client pinned to core 0, {args.server} server to core {server_core()} (loaded machine: see README)"
+        f"  client pinned to core {client_core}, {args.server} server to core {server_core} (loaded machine: see README)"
     )
     print(f"  wall {wall:.2f} s, {requests / wall:,.0f} requests/s; client CPU {cpu:.2f} s")
     print(f"  client CPU per 1000-ID request: {per_request_ms:.3f} ms (target ≤ {TARGET_MS} ms)")

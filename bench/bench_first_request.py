@@ -15,7 +15,6 @@ first request took longer than the target (or never came). Loaded-machine figure
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import secrets
@@ -23,7 +22,6 @@ import signal
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import psutil
@@ -33,6 +31,7 @@ ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(ROOT))
 
+from _common import sandbox  # noqa: E402
 from gen_data import write_job  # noqa: E402
 
 from sync.demo import start_sandbox_process, stop_sandbox_process  # noqa: E402
@@ -41,8 +40,7 @@ TARGET_SECONDS = 1.0
 
 
 def requests_seen(root: str) -> int:
-    with urllib.request.urlopen(f"{root}/_sandbox/stats", timeout=5) as resp:
-        return int(json.loads(resp.read())["requests_total"])
+    return int(sandbox(root, "stats", timeout=5)["requests_total"])  # type: ignore[call-overload]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -29,12 +29,12 @@ import shutil
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
+from _common import cores, pinned, sandbox, start_server, stop_server  # noqa: E402
 from gen_data import generate_users  # noqa: E402
 
 TARGET_RATIO = 1.3
@@ -107,45 +107,6 @@ dispatch:
 """
 
 
-def cores() -> tuple[str | None, str | None]:
-    """(client core, server core) for taskset, or (None, None) on a machine without it or with one core."""
-    n = os.cpu_count() or 1
-    if n < 2 or shutil.which("taskset") is None:
-        return None, None
-    return "0", str(n - 1)
-
-
-def pinned(core: str | None, command: list[str]) -> list[str]:
-    return ["taskset", "-c", core, *command] if core is not None else command
-
-
-def start_server(key: str, core: str | None, workdir: Path) -> tuple[subprocess.Popen[str], str]:
-    command = pinned(core, [sys.executable, "-m", "sync", "sandbox", "netmera", "--port", "0", "--stateless"])
-    process = subprocess.Popen(
-        command,
-        cwd=workdir,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-        text=True,
-        env={**os.environ, "PYTHONUNBUFFERED": "1", "NETMERA_SANDBOX_API_KEY": key},
-    )
-    assert process.stdout is not None
-    for line in process.stdout:
-        if line.startswith("http://"):
-            return process, line.strip()
-    process.kill()
-    raise SystemExit("the stateless sandbox did not start")
-
-
-def sandbox(root: str, route: str, method: str = "GET") -> dict[str, object]:
-    request = urllib.request.Request(
-        f"{root}/_sandbox/{route}", method=method, data=b"" if method == "POST" else None
-    )
-    with urllib.request.urlopen(request, timeout=30) as resp:
-        body: dict[str, object] = json.loads(resp.read())
-    return body
-
-
 def timed(command: list[str], env: dict[str, str]) -> tuple[float, float, str]:
     """Run ``command``; returns (wall seconds, its user+sys CPU seconds, its stdout). Exits on a failure."""
     started = time.perf_counter()
@@ -177,29 +138,27 @@ def main() -> int:
     client_core, server_core = cores()
     key = "bench-" + secrets.token_hex(12)
     env = {**os.environ, "BENCH_NETMERA_KEY": key}
-    server, url = start_server(key, server_core, out)
-    root = url.removesuffix("/rest/3.0/")
+    server, url = start_server(key, out, core=server_core)
     try:
         # The children's CPU is read from RUSAGE_CHILDREN: the sandbox is still running, so only finished
         # children (the two clients) count; each figure is the difference over one client's run.
-        sandbox(root, "reset?what=stats", "POST")
+        sandbox(url, "reset?what=stats", "POST")
         script_wall, script_cpu, _ = timed(
             pinned(client_core, [sys.executable, str(script), url, key, str(data)]), env
         )
-        script_stats = sandbox(root, "stats")
+        script_stats = sandbox(url, "stats")
 
         workdir = out / "work"
         shutil.rmtree(workdir, ignore_errors=True)
         job = out / "job.yaml"
         job.write_text(JOB.format(workdir=workdir, url=url, data=data), encoding="utf-8")
-        sandbox(root, "reset?what=stats", "POST")
+        sandbox(url, "reset?what=stats", "POST")
         command = [sys.executable, "-m", "sync", "run", str(job), "--progress", "none", "--output", "json"]
         run_wall, cpu_total, stdout = timed(pinned(client_core, command), env)
         run_cpu = cpu_total - script_cpu
-        run_stats = sandbox(root, "stats")
+        run_stats = sandbox(url, "stats")
     finally:
-        server.terminate()
-        server.wait(timeout=10)
+        stop_server(server)
 
     summary = json.loads(stdout)
     run_requests = int(run_stats["requests_total"])  # type: ignore[call-overload]

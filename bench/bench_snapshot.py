@@ -2,6 +2,10 @@
 
     .venv/bin/python bench/bench_snapshot.py                  # 10,000,000 users: issue 13's target (~10 min)
     .venv/bin/python bench/bench_snapshot.py --users 1000000  # a quick look (target scaled to the size)
+    .venv/bin/python bench/bench_snapshot.py --profile /tmp/snap  # cProfile of the diff and the commit
+
+The generated data are kept in ``bench/data/snapshot-<users>/`` (``--data`` elsewhere) and copied before each
+measurement (a run changes the state), so only the first run pays the generation.
 
 Targets (issue 13): at 10M users and 1 % churn, **diff + commit <= 10 s** and **peak RSS <= 1 GB**; a smaller
 ``--users`` scales the time target linearly (the work is linear in users). Exits 1 on a miss. On a machine shared
@@ -13,7 +17,7 @@ Steps, each in its own process so the measured one holds nothing else:
    tag list, three opt-ins, two categories, e-mail, MSISDN); the *state* is what a first full run would have
    confirmed; the *export* is the same users with 1% churn — 0.8% changed (a score, a segment, a push opt-in or
    an e-mail), 0.1% new users and 0.1% that left (removal action ``untag``). The export is written as the
-   planner's staged clean frames (one Parquet part per hash bucket), so CSV parsing — the planner's cost,
+   planner's staged clean frames (one uncompressed Arrow IPC part per hash bucket, as the planner writes them), so CSV parsing — the planner's cost,
    benchmarked by the planner — is left out; the differ reads exactly what it reads in a run.
 2. ``measure``: :func:`sync.state.compute_diff` (the diff, written to disk), every batch built and recorded as
    confirmed in a real SQLite ledger (the request count; nothing is sent), :func:`sync.state.commit` (the new
@@ -29,6 +33,7 @@ run is wrong.
 from __future__ import annotations
 
 import argparse
+import cProfile
 import json
 import math
 import os
@@ -166,13 +171,14 @@ def generate(workdir: Path, users: int) -> None:
     for path in sorted(raw["export"].iterdir()):
         frame = pl.read_ipc_stream(path).sort([KEY, EXT_ID, FILE])
         rows += frame.height
-        frame.write_parquet(parts / f"{path.stem}.parquet", compression="zstd")
+        # As the planner stages them (sync.planning._staging): uncompressed Arrow IPC files.
+        frame.write_ipc(parts / f"{path.stem}.arrow", compression="uncompressed")
     (workdir / "gen.json").write_text(json.dumps({"rows_clean": rows, "state_rows": store.rows(source)}))
     shutil.rmtree(raw["export"])
     shutil.rmtree(raw["state"])
 
 
-def measure(workdir: Path) -> dict[str, Any]:
+def measure(workdir: Path, profile: Path | None = None, compaction: bool = True) -> dict[str, Any]:
     from sync.ledger.ledger import Ledger
     from sync.planning.planning import StagedSource
     from sync.records import BatchResult, BatchStatus
@@ -202,8 +208,10 @@ def measure(workdir: Path) -> dict[str, Any]:
     out: dict[str, Any] = {"state_rows": gen["state_rows"], "export_rows": gen["rows_clean"]}
 
     builder = snapshot_builder_for(job)
+    prof = _Profile(profile, "diff")
     t, cpu = time.perf_counter(), time.process_time()
-    d = compute_diff(store, [staged], "bench-1", settings, batch_size=job.batch_sizes, builder=builder)
+    with prof:
+        d = compute_diff(store, [staged], "bench-1", settings, batch_size=job.batch_sizes, builder=builder)
     out["diff_seconds"] = time.perf_counter() - t
     out["diff_cpu_seconds"] = time.process_time() - cpu
     out["counts"] = d.counts.to_json()
@@ -234,8 +242,10 @@ def measure(workdir: Path) -> dict[str, Any]:
         out["requests_by_endpoint"] = dict(sorted(requests.items()))
         out["ids"] = ids
 
+        prof = _Profile(profile, "commit")
         t, cpu = time.perf_counter(), time.process_time()
-        report = commit(store, job.sources, d.directory, ledger, settings, builder=builder)
+        with prof:
+            report = commit(store, job.sources, d.directory, ledger, settings, builder=builder)
         out["commit_seconds"] = time.perf_counter() - t
         out["commit_cpu_seconds"] = time.process_time() - cpu
         out["users_updated"] = sum(report.users_updated.values())
@@ -249,6 +259,10 @@ def measure(workdir: Path) -> dict[str, Any]:
     again.discard()
     out["peak_rss_mb"] = _maxrss_mb()
 
+    if not compaction:
+        out["compaction_seconds"] = float("nan")
+        out["peak_rss_with_compaction_mb"] = out["peak_rss_mb"]
+        return out
     # The fold a commit does once the overlay is large (not in the target: one run in about ten pays it).
     t = time.perf_counter()
     bits = range_bits(store.rows(source))
@@ -256,6 +270,23 @@ def measure(workdir: Path) -> dict[str, Any]:
     out["compaction_seconds"] = time.perf_counter() - t
     out["peak_rss_with_compaction_mb"] = _maxrss_mb()
     return out
+
+
+class _Profile:
+    """cProfile around one step when asked (``--profile``); nothing otherwise."""
+
+    def __init__(self, path: Path | None, step: str) -> None:
+        self.path = path.with_name(f"{path.name}.{step}") if path is not None else None
+        self.prof = cProfile.Profile() if path is not None else None
+
+    def __enter__(self) -> None:
+        if self.prof is not None:
+            self.prof.enable()
+
+    def __exit__(self, *exc: object) -> None:
+        if self.prof is not None and self.path is not None:
+            self.prof.disable()
+            self.prof.dump_stats(self.path)
 
 
 def _maxrss_mb() -> float:
@@ -267,21 +298,51 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--users", type=int, default=TARGET_USERS)
     parser.add_argument("--step", choices=["all", "gen", "measure"], default="all", help=argparse.SUPPRESS)
     parser.add_argument("--dir", type=Path, default=None, help="work directory (default: a temporary one)")
+    parser.add_argument(
+        "--data",
+        type=Path,
+        default=None,
+        help="where the generated state and export are kept between runs (default: bench/data/snapshot-<users>;"
+        " generated when missing, copied before each measurement since a run changes the state)",
+    )
+    parser.add_argument(
+        "--profile",
+        type=Path,
+        default=None,
+        help="write cProfile stats of the diff and the commit to PATH.{diff,commit}",
+    )
+    parser.add_argument(
+        "--no-compaction", action="store_true", help="leave out the compaction step (shown only)"
+    )
     args = parser.parse_args(argv)
     if args.step == "gen":
         generate(args.dir, args.users)
         return 0
     if args.step == "measure":
-        print(json.dumps(measure(args.dir)))
+        print(json.dumps(measure(args.dir, args.profile, not args.no_compaction)))
         return 0
 
+    data = args.data or REPO / "bench" / "data" / f"snapshot-{args.users}"
+    gen_seconds = 0.0
+    if not (data / "gen.json").is_file():
+        # Generated once (minutes at 10M users) and kept: the measurement works on a copy.
+        shutil.rmtree(data, ignore_errors=True)
+        data.mkdir(parents=True)
+        t = time.perf_counter()
+        subprocess.run(
+            [sys.executable, __file__, "--users", str(args.users), "--dir", str(data), "--step", "gen"],
+            check=True,
+        )
+        gen_seconds = time.perf_counter() - t
     base = Path(tempfile.mkdtemp(prefix="bench-snapshot-", dir=args.dir))
     try:
+        for name in ("gen.json", "staged", "work"):
+            src = data / name
+            (shutil.copytree if src.is_dir() else shutil.copy2)(src, base / name)
         me = [sys.executable, __file__, "--users", str(args.users), "--dir", str(base)]
-        t = time.perf_counter()
-        subprocess.run([*me, "--step", "gen"], check=True)
-        gen_seconds = time.perf_counter() - t
-        run = subprocess.run([*me, "--step", "measure"], check=True, capture_output=True, text=True)
+        profile = ["--profile", str(args.profile.resolve())] if args.profile else []
+        profile += ["--no-compaction"] if args.no_compaction else []
+        run = subprocess.run([*me, *profile, "--step", "measure"], check=True, capture_output=True, text=True)
         figures = json.loads(run.stdout.strip().splitlines()[-1])
     finally:
         shutil.rmtree(base, ignore_errors=True)
@@ -295,7 +356,9 @@ def main(argv: list[str] | None = None) -> int:
         f"machine: {platform.machine()}, {os.cpu_count()} cores, load average {load[0]:.1f} at the end "
         f"(a loaded machine when other work runs), Python {platform.python_version()}, polars {pl.__version__}"
     )
-    print(f"  data generation (not measured):  {gen_seconds:8.1f} s")
+    print(
+        f"  data generation (not measured):  {gen_seconds:8.1f} s  ({data}; 0 when kept from an earlier run)"
+    )
     print(
         f"  diff:                            {figures['diff_seconds']:8.2f} s  "
         f"(CPU {figures['diff_cpu_seconds']:.2f} s, all threads)"
@@ -311,10 +374,11 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"  second diff (no changes):        {figures['second_diff_seconds']:8.2f} s, {figures['second_run_requests']} requests"
     )
-    print(
-        f"  compaction (not in the target):  {figures['compaction_seconds']:8.2f} s  "
-        "(the overlay folded into a new base: one commit in about ten at 1% churn)"
-    )
+    if not args.no_compaction:
+        print(
+            f"  compaction (not in the target):  {figures['compaction_seconds']:8.2f} s  "
+            "(the overlay folded into a new base: one commit in about ten at 1% churn)"
+        )
     print(
         f"  peak RSS (diff, commit, 2nd diff): {figures['peak_rss_mb']:6.0f} MB (after diff "
         f"{figures['rss_after_diff_mb']:.0f} MB, after commit {figures['rss_after_commit_mb']:.0f} MB; "

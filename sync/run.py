@@ -42,7 +42,7 @@ from sync.logs import get_logger
 from sync.planning.planning import Plan, build_plan, check_workdir
 from sync.planning.resume import ReplayLanes, ReplayMode, ReplayPlan, ReplayStats, replay_plan, unfinished_run
 from sync.platforms.base import PlatformClient
-from sync.platforms.registry import platform_for
+from sync.platforms.registry import platform_for, preload_client
 from sync.records import Batch
 from sync.redact import redact, register_secret
 from sync.report.alerts import alert_reasons, post_alert
@@ -341,9 +341,12 @@ async def _run_changes(
         mode = ReplayMode.RETRY if options.retry else ReplayMode.RESUME
         decisions = replay_plan(ledger, origin, mode, platform=platform_for(job))
         _mark_dead(ledger, decisions.runs)
-    # Lazy: sending starts once the input is read and validated; the buckets are settled (duplicates resolved)
-    # in a worker thread a few ahead of the lanes. Nothing a changes run guarantees needs the whole input
-    # settled first: every guarantee is per ID, and all the rows of an ID are in one bucket.
+    # Lazy: sending starts once the head of the input (its lowest keys) is read, validated and settled; the rest
+    # is validated, staged and settled in a worker thread a few buckets ahead of the lanes. Nothing a changes run
+    # guarantees needs the whole input settled first: every guarantee is per ID, and all the rows of an ID are
+    # in one bucket.
+    # The connector's imports (aiohttp) load while the input is read, not after it.
+    preload_client(job)
     plan = await asyncio.to_thread(
         functools.partial(build_plan, job, limit=options.limit, stop=signals.requested, lazy=True)
     )
@@ -468,8 +471,9 @@ async def _dispatch(
             platform=job.destination.platform,
             full_refresh=full_refresh,
         )
-        # Every row validation refused is known now; the conflicting duplicates of a lazy plan are found as its
-        # buckets are settled, and recorded with the rest when the dispatcher is done.
+        # The rows refused so far (all of them for a settled plan). A lazy plan validates the rest of its input
+        # and settles its buckets while the batches are sent: what it refuses meanwhile (validation's rejects,
+        # conflicting duplicates) is recorded with the rest when the dispatcher is done.
         rows_rejected = ledger.record_rejected_rows(run_id, plan.rejected_rows(settled=False))
         rejects_recorded = rows_rejected
         ledger.flush()

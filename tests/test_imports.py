@@ -110,3 +110,28 @@ def test_snapshot_state_knows_no_platform_package(module: str) -> None:
     # (sync.platforms.base) and the registry, never a platform's own package.
     reached = {t for t in GRAPH[module] if t.startswith("sync.platforms")}
     assert reached <= {"sync.platforms", "sync.platforms.base", "sync.platforms.registry"}, reached
+
+
+def test_starting_a_run_loads_no_connector_until_it_is_preloaded() -> None:
+    """The command line, the run module and a loaded job import no HTTP library (start-up stays short); a run
+    preloads its platform's connector in a background thread while it reads the input (issue 13)."""
+    import subprocess
+    import sys
+
+    job = Path(__file__).resolve().parent / "fixtures" / "all_ops.yaml"
+    script = (
+        "import sys\n"
+        "import sync.cli, sync.cli.run_cmd, sync.run\n"
+        "from sync.config import load_job\n"
+        "from sync.platforms.registry import preload_client\n"
+        f"job = load_job({str(job)!r})\n"
+        "before = 'aiohttp' in sys.modules\n"
+        "thread = preload_client(job)\n"
+        "assert thread is not None\n"
+        "thread.join(60)\n"
+        "print(before, 'aiohttp' in sys.modules, 'sync.platforms.netmera.client' in sys.modules)\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, check=True, cwd=ROOT.parent
+    )
+    assert done.stdout.split() == ["False", "True", "True"], done.stderr

@@ -397,3 +397,35 @@ sources:
     assert ("pushsync_last_success_time_seconds", ()) in last
     assert last[("pushsync_ids_total", (("endpoint", "setProfileAttributes"), ("outcome", "ok")))] == 40
     assert samples(gateway.pushes[0][2], job="pushed").get(("pushsync_exit_code", ())) is None
+
+
+def test_last_update_and_ids_series_follow_attempts_and_results() -> None:
+    """The last-update gauge is the wall time of the last attempt or result (read at scrape time), and an
+    endpoint's three ids series exist from its first result on, zeros included."""
+    wall = FakeClock()
+    metrics = RunMetrics(run_id="r-1", job="nightly", platform="netmera", wall_clock=wall)
+    server = metrics.serve(0, host="127.0.0.1")
+    try:
+        assert samples(scrape(server.url))[("pushsync_last_update_time_seconds", ())] == 1000.0
+        batch = make_batch(Operation.TAG, tag_body("gold", ["u1", "u2"]))
+        metrics.on_batch_start(batch)
+        wall.now = 1005.0
+        metrics.on_attempt(Attempt(batch.batch_id, batch.endpoint, 1, 2, 0.01, AttemptOutcome.OK, 200))
+        got = samples(scrape(server.url))
+        assert got[("pushsync_last_update_time_seconds", ())] == 1005.0
+        assert got[("pushsync_inflight_batches", ())] == 1
+        ep = (("endpoint", "tagUsers"),)
+        assert not any(name == "pushsync_ids_total" for name, _ in got)
+        wall.now = 1007.5
+        result = BatchResult(
+            batch.batch_id, batch.endpoint, batch.operation, BatchStatus.OK, 1, 200, None, "", 2, ()
+        )
+        metrics.on_batch_done(batch, result)
+        got = samples(scrape(server.url))
+        assert got[("pushsync_last_update_time_seconds", ())] == 1007.5
+        assert got[("pushsync_inflight_batches", ())] == 0
+        assert got[("pushsync_ids_total", (*ep, ("outcome", "ok")))] == 2
+        assert got[("pushsync_ids_total", (*ep, ("outcome", "rejected")))] == 0
+        assert got[("pushsync_ids_total", (*ep, ("outcome", "failed")))] == 0
+    finally:
+        server.close()

@@ -9,6 +9,7 @@ import zlib
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import polars as pl
 import pytest
@@ -357,22 +358,28 @@ def test_many_chunk_files_and_buckets_give_the_same_batches_and_rejects(
         assert many.summary() == expected_summary
 
 
-def test_a_lazy_plan_settles_as_it_is_read_and_gives_the_same_batches(tmp_path: Path) -> None:
+def test_a_lazy_plan_settles_as_it_is_read_and_gives_the_same_batches(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     job = _big_job(tmp_path, _with_conflicting_duplicates(tmp_path / "dups.csv", 3000))
     with build_plan(job, rows_per_bucket=40) as eager:
         expected = _fingerprint(eager)
         expected_rejects = list(eager.rejected_rows())
         expected_summary = eager.summary()
+    import sync.planning.planning
+
+    monkeypatch.setattr(sync.planning.planning, "HEAD_ROWS", 100)  # a head of a few key ranges, not all
     with build_plan(job, rows_per_bucket=40, lazy=True) as lazy:
         settler = lazy._settling.settlers[0]
-        assert settler.buckets > 60
-        # Validation's rejects are known at once; nothing was settled before a reader asked.
-        assert list(lazy.rejected_rows(settled=False)) == []
+        # The head (the lowest keys) is settled when build_plan returns: the first batches can be made now.
+        assert settler.next == 1 and 0 < settler.head_end < 4096
         lane = next(
             batches for endpoint, batches in lazy.lanes(Phase.CHANGES) if endpoint == "setProfileAttributes"
         )
         first = next(lane)
         assert first.endpoint == "setProfileAttributes"
+        assert lazy._settling.has_bucket(0, 1)  # waits for the rest to be staged
+        assert settler.buckets > 60
         assert not lazy.settled and settler.next < settler.buckets // 2  # a few buckets ahead, not all
         assert _fingerprint(lazy) == expected
         assert lazy.settled
@@ -413,3 +420,122 @@ def test_the_canonical_key_is_zlib_crc32(ids: list[str]) -> None:
     series = pl.Series(ids, dtype=pl.String)
     assert canonical_key(series).to_list() == [zlib.crc32(x.encode("utf-8")) for x in ids]
     assert canonical_key(series.slice(1)).to_list() == [zlib.crc32(x.encode("utf-8")) for x in ids[1:]]
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.lists(st.sampled_from(["plumless", "buckeroo", "a", "b", "c", "user-1", "user-2"]), max_size=80))
+def test_the_canonical_order_of_rows_in_read_order_is_the_full_sort(ids: list[str]) -> None:
+    """Rows in read order (file, row ascending) sorted by the key alone, stably, come out in the order of
+    ``(key, ext_id, file, row)`` — also when two IDs share a key ("plumless" and "buckeroo": one CRC-32)."""
+    from sync.planning._staging import canonical_order
+
+    assert zlib.crc32(b"plumless") == zlib.crc32(b"buckeroo")
+    frame = pl.DataFrame(
+        {
+            "__ext_id": ids,
+            "__file": [i * 2 // max(1, len(ids)) for i in range(len(ids))],
+            "__row": list(range(1, len(ids) + 1)),
+            "value": [f"v{i}" for i in range(len(ids))],
+        },
+        schema={"__ext_id": pl.String, "__file": pl.Int32, "__row": pl.Int64, "value": pl.String},
+    )
+    frame = frame.with_columns(canonical_key(frame["__ext_id"]))
+    assert canonical_order(frame).equals(frame.sort(["__key", "__ext_id", "__file", "__row"]))
+
+
+def test_colliding_ids_in_many_chunks_give_the_batches_of_one_bucket(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two IDs of one CRC-32, each in several rows spread over sorted chunk files: the same batches (and the
+    same duplicate rejects) whatever the chunk size."""
+    rows = ["id,name"] + [f"{('plumless', 'buckeroo')[i % 2]},n{i % 3}" for i in range(40)]
+    rows += [f"user-{i},x" for i in range(200)]
+    (tmp_path / "users.csv").write_text("\n".join(rows) + "\n", encoding="utf-8")
+    job_file = tmp_path / "job.yaml"
+    job_file.write_text(
+        "version: 1\nname: c\nworkdir: work\ndestination:\n  platform: netmera\n"
+        "  base_url: http://127.0.0.1:8080/rest/3.0/\n  secret: {env: NETMERA_API_KEY}\n"
+        "sources:\n  - name: users\n    path: users.csv\n    ext_id: id\n    attributes:\n      name: {attribute: name}\n",
+        encoding="utf-8",
+    )
+    job = load_job(job_file)
+    with build_plan(job) as one:
+        expected = [(b.batch_id, b.body) for b in one.batches()]
+        expected_rejects = list(one.rejected_rows())
+    import sync.planning._staging
+
+    monkeypatch.setattr(sync.planning._staging, "STAGE_ROWS", 7)
+    with build_plan(job, rows_per_bucket=5) as many:
+        assert [(b.batch_id, b.body) for b in many.batches()] == expected
+        assert sorted(many.rejected_rows(), key=lambda r: r.row) == sorted(
+            expected_rejects, key=lambda r: r.row
+        )
+    assert len(expected_rejects) == 26  # per ID: 19 earlier rows, 6 of them identical to the winner (dropped)
+
+
+@pytest.mark.parametrize("id_type", ["text", "integer", "timestamp"])
+def test_a_lazy_plan_of_typed_parquet_gives_the_batches_and_rejects_of_pushsync_plan(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, id_type: str
+) -> None:
+    """The head of a Parquet source is read by polars' own reader (its other columns only for the head's rows):
+    numbers, booleans, dates, lists, nulls, padded IDs and conflicting duplicates give exactly the batches and
+    rejects of an eager plan (the staging also checks the head row for row). A timestamp column is not read
+    that way: the head then comes through the streaming reader (same result)."""
+    import datetime as dt
+
+    n = 3000
+    ids: list[Any] = (
+        [i % 2600 for i in range(n)] if id_type == "integer" else [f" u{i % 2600} " for i in range(n)]
+    )
+    if id_type == "text":
+        ids[5] = None  # rejected: missing ID
+    pl.DataFrame(
+        {
+            "id": ids,
+            "name": [None if i % 17 == 0 else f"name {i % 5}" for i in range(n)],
+            "score": [i * 0.5 if i % 11 else None for i in range(n)],
+            "vip": [i % 3 == 0 for i in range(n)],
+            "born": [
+                dt.datetime(1970, 1, 1, 12, tzinfo=dt.UTC) + dt.timedelta(days=i)
+                if id_type == "timestamp"
+                else dt.date(1970, 1, 1) + dt.timedelta(days=i)
+                for i in range(n)
+            ],
+            "tags": [[f"t{i % 4}", f"s{i % 7}"] if i % 5 else [] for i in range(n)],
+            "mail": ["yes" if i % 2 else "no" for i in range(n)],
+            "push": ["maybe" if i == 42 else "1" for i in range(n)],  # one rejected value
+        }
+    ).write_parquet(tmp_path / "typed.parquet", row_group_size=700)
+    job_file = tmp_path / "typed.yaml"
+    job_file.write_text(
+        "name: typed\nworkdir: work\n"
+        'destination: {platform: netmera, base_url: "http://127.0.0.1:8080/rest/3.0/", secret: {env: K}}\n'
+        "sources:\n  - name: users\n    path: typed.parquet\n    format: parquet\n    ext_id: id\n"
+        "    attributes: {name: string, score: number, vip: boolean, born: {attribute: birth, type: date}}\n"
+        "    tags: {column: tags}\n    opt_ins: {email: mail, push: push}\n",
+        encoding="utf-8",
+    )
+    job = load_job(job_file)
+    with build_plan(job, rows_per_bucket=200) as eager:
+        expected = _fingerprint(eager)
+        expected_rejects = list(eager.rejected_rows())
+        expected_summary = eager.summary()
+    assert any("superseded" in r.reason for r in expected_rejects)
+    assert any("superseded" not in r.reason for r in expected_rejects)
+    import sync.planning.planning
+    from sync.sources.reading import iter_chunks, read_rows
+
+    read = pl.concat(c.frame for c in iter_chunks(job.sources[0], tmp_path / "typed.parquet"))
+    some = read.filter(pl.col("id").is_in(read["id"].gather([1, 8, 2998]).implode()))
+    picked = read_rows(job.sources[0], tmp_path / "typed.parquet", some["__row"], some["id"])
+    if id_type == "timestamp":
+        assert picked is None  # read through iter_chunks, the reference for such types
+    else:
+        assert picked is not None  # polars' reader, not the fallback through iter_chunks
+        assert picked.frame.equals(some)
+    monkeypatch.setattr(sync.planning.planning, "HEAD_ROWS", 300)
+    with build_plan(job, rows_per_bucket=200, lazy=True) as lazy:
+        assert 0 < lazy._settling.settlers[0].head_end < 4096
+        assert _fingerprint(lazy) == expected
+        assert list(lazy.rejected_rows()) == expected_rejects
+        assert lazy.summary() == expected_summary

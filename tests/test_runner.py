@@ -277,6 +277,7 @@ async def test_a_settling_failure_after_sending_began_stops_the_run_with_exit_3(
     from sync.planning._staging import Settler
 
     monkeypatch.setattr("sync.planning.planning.ROWS_PER_BUCKET", 10)
+    monkeypatch.setattr("sync.planning.planning.HEAD_ROWS", 10)  # the head settled first: a few rows, not all
     job, _ = write_job(
         tmp_path,
         netmera_sandbox.url,
@@ -298,3 +299,43 @@ async def test_a_settling_failure_after_sending_began_stops_the_run_with_exit_3(
     stats = (await netmera_sandbox.inspect("GET", "stats")).body
     assert stats["requests_total"] > 0
     assert not any(job.workdir.glob("plan-*"))
+
+
+async def test_the_first_request_leaves_before_the_rest_of_the_input_is_staged(
+    netmera_sandbox: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A changes run sends as soon as the head of its input (the lowest keys) is settled: the staging of the
+    rest (validation of every row, sorted chunks) happens while requests go out, not before the first one."""
+    import threading
+
+    import sync.planning.planning as planning
+    from sync.records import Batch, BatchResult
+
+    monkeypatch.setattr(planning, "HEAD_ROWS", 60)  # 600 users: the head is a tenth of them
+    job, frame = write_job(tmp_path, netmera_sandbox.url, users=600, batch_size=10)
+    answered = threading.Event()
+    staged_after_a_request: list[bool] = []
+    real_stage = planning._stage
+
+    def stage_once_a_request_was_answered(*args: Any, **kwargs: Any) -> Any:
+        # Without the head, the staging runs before anything is sent: this wait would time out (False).
+        staged_after_a_request.append(answered.wait(15))
+        return real_stage(*args, **kwargs)
+
+    monkeypatch.setattr(planning, "_stage", stage_once_a_request_was_answered)
+
+    class FirstAnswer:
+        def on_batch_start(self, batch: Batch) -> None:
+            pass
+
+        def on_attempt(self, attempt: Any) -> None:
+            pass
+
+        def on_batch_done(self, batch: Batch, result: BatchResult) -> None:
+            answered.set()
+
+    outcome = await run(job, RunOptions(api_key=netmera_sandbox.api_key, observers=(FirstAnswer(),)))
+    assert staged_after_a_request == [True]
+    assert outcome.exit_code is ExitCode.OK
+    assert await platform_state(netmera_sandbox) == expected_users(frame)
+    assert outcome.summary.rows_read == 600

@@ -6,6 +6,7 @@ real SQLite ledger. Nothing is sent here: the end-to-end runs against the sandbo
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
@@ -353,6 +354,34 @@ def test_many_key_ranges_give_the_same_result_as_one(tmp_path: Path, monkeypatch
     )  # i % 10 == 0, i % 3 != 0
 
 
+def test_clean_frames_out_of_canonical_order_give_the_same_diff(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from sync.planning.planning import StagedSource
+    from sync.planning.validation import clean_schema
+
+    # Several key ranges, cut by position: a frame not sorted by key must be sorted first, not cut as it is.
+    monkeypatch.setattr(state_store, "ROWS_PER_RANGE", 16)
+    settings = SnapshotSettings(removal=RemovalAction.UNTAG, max_removal_share=1.0)
+    job = write_input(tmp_path, MANY)
+    sync_once(job, "r1", settings)
+    rows = [r.replace(",C3,", ",Rome,") if r.startswith("user03") else r for r in MANY[:90]]
+    write_input(tmp_path, rows)
+    source = job.sources[0]
+    store = StateStore(job.workdir, job.destination)
+    builder = snapshot_builder_for(job)
+    with build_plan(job) as plan:
+        staged = plan.staged[0]
+        frame = pl.concat(staged.frames(list(clean_schema(source))))
+        expected = bodies(compute_diff(store, [staged], "sorted", settings, builder=builder))
+        part = tmp_path / "shuffled.parquet"
+        frame.sample(fraction=1.0, shuffle=True, seed=7).write_parquet(part)
+        shuffled = StagedSource.from_parts(source, staged.files, (part,), frame.height, frame.height)
+        d = compute_diff(store, [shuffled], "shuffled", settings, builder=builder)
+    assert d.sources[0].bits == 3 and bodies(d) == expected
+    assert d.counts.users_changed == 2 and d.counts.users_removed == 10  # user031 and user038: C3
+
+
 def test_snapshot_mode_refuses_sources_it_cannot_diff(tmp_path: Path) -> None:
     job = write_input(tmp_path, BASE)
     assert snapshot_problems(job.sources[0]) == []
@@ -558,6 +587,67 @@ def test_skipping_the_unchanged_users_gives_the_exact_diff(tmp_path: Path, remov
     assert set(fast["__ext_id"]) == {"user004", "user008", "user010", "user012", "user500"} | (
         {"user013"} if removal is not RemovalAction.NONE else set()
     )
+
+
+@pytest.mark.parametrize("removal", [RemovalAction.UNTAG, RemovalAction.DELETE])
+def test_a_signature_collision_between_two_users_is_caught_by_the_exact_comparison(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, removal: RemovalAction
+) -> None:
+    from sync.planning.validation import clean_schema
+    from sync.state import _diff
+    from sync.state._store import conform, state_schema
+
+    settings = SnapshotSettings(removal=removal, max_removal_share=1.0)
+    job = write_input(tmp_path, MANY)
+    sync_once(job, "r1", settings)
+    # user013 left and user777 is new, with exactly user013's values: their rows differ only by the ID.
+    twin = MANY[13].replace("user013,", "user777,", 1)
+    write_input(tmp_path, [r for r in MANY if not r.startswith("user013,")] + [twin])
+    source = job.sources[0]
+    state = conform(
+        StateStore(job.workdir, job.destination).read(source, settings), state_schema(source, settings)
+    )
+    with build_plan(job) as plan:
+        current = pl.concat(plan.staged[0].frames(list(clean_schema(source))))
+    exact, exact_counts = _diff._diff_exact(source, current, state, settings, False, 1, None, False)
+    assert set(exact["__ext_id"]) == {"user013", "user777"}
+    # Without the ID in it, the new user's signature is the leaver's: a 64-bit collision, forced.
+    monkeypatch.setattr(_diff, "_id_hash", lambda expr: pl.lit(0, pl.UInt64))
+    assert (
+        _diff._unchanged_skipped(source, current, state, settings) is None
+    )  # the ID check refused the match
+    fast, fast_counts = _diff.diff_frames(source, current, state, settings, left_file=1)
+    assert fast.equals(exact) and fast_counts == exact_counts
+    assert fast_counts.users_new == 1 and fast_counts.users_removed == 1
+    # The collision changes nothing that is sent: user777 gets every value, user013 its removal.
+    sent = bodies(diff(job, "r2", settings))
+    assert any("user777" in json.dumps(b) for b in sent["setProfileAttributes"])
+    removed = "deleteUsersPermanently" if removal is RemovalAction.DELETE else "untagUsers"
+    assert any("user013" in json.dumps(b) for b in sent[removed])
+
+
+def test_a_row_emptied_in_the_export_is_compared_exactly_and_sends_nothing(tmp_path: Path) -> None:
+    from sync.planning.validation import clean_schema
+    from sync.state import _diff
+    from sync.state._store import conform, state_schema
+
+    settings = SnapshotSettings()
+    job = write_input(tmp_path, MANY)
+    sync_once(job, "r1", settings)
+    # An e-mail emptied (null: "no change" for a contact field) — the signatures differ, the values do not.
+    write_input(tmp_path, [r.replace("u7@example.com", "") if r.startswith("user007,") else r for r in MANY])
+    source = job.sources[0]
+    state = conform(
+        StateStore(job.workdir, job.destination).read(source, settings), state_schema(source, settings)
+    )
+    with build_plan(job) as plan:
+        current = pl.concat(plan.staged[0].frames(list(clean_schema(source))))
+    narrowed = _diff._unchanged_skipped(source, current, state, settings)
+    assert narrowed is not None
+    candidates, _, skipped = narrowed
+    assert "user007" in set(candidates["__ext_id"]) and skipped <= 99
+    delta, counts = _diff.diff_frames(source, current, state, settings, left_file=1)
+    assert delta.is_empty() and counts.users_changed == 0 and counts.users_unchanged == 100
 
 
 def test_skipping_the_unchanged_users_over_an_overlay_gives_the_exact_diff(tmp_path: Path) -> None:

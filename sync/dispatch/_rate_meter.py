@@ -476,27 +476,50 @@ class RateMeter:
         spacing = self._spacing(n)
         # The pauses over this window (usually none).
         pauses = [(a, b) for a, b in self._pauses if a < zone_end and b > start]
-        idle = waiting = paused = carried = 0
-        for j in range(self._count, n):
-            if j >= n - self._spill:
-                carried += 1
-                continue
-            slot = self._anchor + j * spacing
-            if slot >= min(zone_end, upto):
-                if upto < zone_end:
-                    break  # not due yet: the window is still open
-                # Beyond the zone: the window's slots were counted from a release after an idle stretch
-                # or after a pause.
-                if pauses:
-                    paused += 1
-                else:
-                    idle += 1
-            elif pauses and any(a <= slot < b for a, b in pauses):
-                paused += 1
-            elif waiting_since is not None and waiting_since <= slot:
-                waiting += 1
+        # Counted by index ranges, not slot by slot: a generous budget (say a million per second) has a
+        # million slots per window, and this runs at every window's end.
+        anchor = self._anchor
+
+        def first_at(x: float) -> int:
+            """The smallest slot index whose time is at or after ``x``."""
+            j = math.ceil((x - anchor) / spacing)
+            while anchor + (j - 1) * spacing >= x:
+                j -= 1
+            while anchor + j * spacing < x:
+                j += 1
+            return j
+
+        lo = self._count
+        hi = max(lo, n - self._spill)
+        carried = n - hi
+        idle = waiting = paused = 0
+        limit = min(zone_end, upto)
+        due = min(hi, max(lo, first_at(limit))) if hi > lo else lo
+        if upto >= zone_end:
+            # Beyond the zone: the window's slots were counted from a release after an idle stretch or after
+            # a pause. (While the window is open, its slots not due yet are not counted.)
+            if pauses:
+                paused += hi - due
             else:
-                idle += 1
+                idle += hi - due
+        # Slots due in the zone and not released: in a pause, waited for, or idle.
+        in_pause: list[tuple[int, int]] = []
+        for a, b in sorted(pauses):
+            i, k = max(lo, first_at(a)), min(due, first_at(b))
+            if i >= k:
+                continue
+            if in_pause and i <= in_pause[-1][1]:
+                in_pause[-1] = (in_pause[-1][0], max(in_pause[-1][1], k))
+            else:
+                in_pause.append((i, k))
+        paused_due = sum(k - i for i, k in in_pause)
+        waiting_due = 0
+        if waiting_since is not None and due > lo:
+            w0 = max(lo, first_at(waiting_since))
+            waiting_due = max(0, due - w0) - sum(max(0, k - max(i, w0)) for i, k in in_pause)
+        paused += paused_due
+        waiting += waiting_due
+        idle += (due - lo) - paused_due - waiting_due
         return WindowUse(
             window=self._window,
             allowed=n,

@@ -127,6 +127,8 @@ class _Lane:
     """Plain plans: batches read ahead and not sent yet (the first are this lane's, then the next phase's)."""
     more: bool = True
     """The source may hold batches not pulled yet (False once a pull came back short)."""
+    pulls: int = 0
+    """Pulls made so far (the first takes one batch)."""
 
 
 class Dispatcher:
@@ -373,9 +375,12 @@ class Dispatcher:
                 want = _FEED_CHUNK
             else:
                 await channel.wait_room(refill)
-                want = min(_FEED_CHUNK, channel.free)
+                # A lane's first pull is one batch: its first request leaves as soon as that batch is made (a
+                # lazy plan settles the rest of its input meanwhile), not once a whole chunk of them is.
+                want = 1 if lane.pulls == 0 else min(_FEED_CHUNK, channel.free)
             if self._stop.is_set():
                 return
+            lane.pulls += 1
             chunk = await lane.pull.take(want)
             lane.more = bool(chunk) if lane.pull.on_demand else len(chunk) == want
             if self._stop.is_set():

@@ -35,9 +35,8 @@ import pyarrow.ipc
 
 from sync.config import Source
 from sync.errors import InterruptedRunError, StateError
-from sync.planning.validation import EXT_ID, FILE, KEY, REJECTS_SCHEMA, resolve_duplicates
+from sync.planning.validation import EXT_ID, KEY, REJECTS_SCHEMA, canonical_key, resolve_duplicates
 from sync.records import RejectedRow
-from sync.sources.reading import ROW
 
 __all__ = [
     "FINE_BITS",
@@ -48,6 +47,7 @@ __all__ = [
     "RejectsWriter",
     "Settler",
     "Settling",
+    "canonical_order",
     "write_error",
 ]
 
@@ -78,6 +78,20 @@ def write_error(where: Path | str, exc: OSError) -> StateError:
         errno.EPERM: "point 'workdir' (or --workdir) at a directory you may write to",
     }.get(code or 0, "check the workdir")
     return StateError(f"cannot write the job's working files ({where}): {reason}; {hint}. Nothing was sent.")
+
+
+def canonical_order(frame: pl.DataFrame) -> pl.DataFrame:
+    """``frame`` sorted by ``(key, ext_id, file, row)``, for rows that come in read order within each key
+    (a bucket's slices of the chunk files, in chunk order; a head's rows, in file order).
+
+    Then a stable sort on the key alone gives that order — one integer sort instead of four columns, strings
+    among them — unless two IDs share a key (a CRC-32 collision, rare): only then are the IDs compared too.
+    """
+    frame = frame.sort(KEY, maintain_order=True)
+    keys, ids = frame[KEY], frame[EXT_ID]
+    if ((keys == keys.shift(1)) & (ids != ids.shift(1))).any():
+        frame = frame.sort([KEY, EXT_ID], maintain_order=True)
+    return frame
 
 
 class RejectsWriter:
@@ -236,18 +250,27 @@ class ChunkWriter:
 
 class Settler:
     """Settles the buckets of one source, in key order (see the module docstring). Not thread-safe:
-    :class:`Settling` calls :meth:`settle_next` from one thread at a time."""
+    :class:`Settling` calls :meth:`settle_next` from one thread at a time.
+
+    Bucket ``k`` is the fine key ranges ``[bounds[k], bounds[k + 1])``. A settler made before its source was
+    staged (a lazy plan that settled a *head* first, :meth:`settle_head`) learns its chunks and the rest of
+    its bounds from :meth:`staged`; until then it knows only the buckets settled so far.
+    """
 
     __slots__ = (
         "_chunks",
+        "_deferred",
         "_directory",
-        "_names",
+        "_head",
         "_rejects",
-        "bits",
+        "bounds",
         "dropped",
+        "head_end",
+        "names",
         "next",
         "parts",
         "rows_clean",
+        "rows_read",
         "source",
     )
 
@@ -255,21 +278,29 @@ class Settler:
         self,
         source: Source,
         names: Sequence[str],
-        chunks: Sequence[ChunkFile],
+        chunks: Sequence[ChunkFile] | None,
         bits: int,
         directory: Path,
         rejects: RejectsWriter | None,
+        *,
+        rows_read: int = 0,
     ) -> None:
         self.source = source
-        self._names = tuple(names)
-        self._chunks = tuple(chunks)
-        self.bits = bits
+        self.names = tuple(names)
         self._directory = directory
         self._rejects = rejects
+        self._chunks: tuple[ChunkFile, ...] = ()
+        self._deferred: pl.DataFrame | None = None  # the head's duplicate rejects, written once staged
+        self._head: pl.DataFrame | None = None  # the head's clean rows, until the staging checked them
+        self.bounds: tuple[int, ...] | None = None  # fine-range bounds of the buckets, once staged
+        self.head_end = 0  # fine ranges [0, head_end) were settled before staging (bucket 0)
         self.next = 0  # the next bucket to settle
         self.parts: list[Path | None] = []  # per settled bucket: its file, None when empty
         self.rows_clean = 0
         self.dropped = 0
+        self.rows_read = rows_read  # input rows read by staging (final once staged)
+        if chunks is not None:
+            self.staged(chunks, bits, rows_read)
 
     @classmethod
     def settled(
@@ -282,46 +313,126 @@ class Settler:
         settler.next, settler.rows_clean, settler.dropped = 1 << bits, rows_clean, dropped
         return settler
 
+    def staged(self, chunks: Sequence[ChunkFile], bits: int, rows_read: int) -> None:
+        """The source is staged: its sorted chunk files, and ``2**bits`` buckets (those within the head, if one
+        was settled, are part of it). Writes the head's duplicate rejects (after validation's, as without a head)."""
+        self._chunks = tuple(chunks)
+        width = 1 << (FINE_BITS - bits)
+        head = (self.head_end,) if self.head_end else ()
+        self.bounds = (0, *head, *(b for b in range(width, FINE_RANGES + 1, width) if b > self.head_end))
+        self.rows_read = rows_read
+        if self._deferred is not None:
+            self._write_head_rejects(bits)
+        if self.done:
+            self._drop_chunks()
+
+    @property
+    def is_staged(self) -> bool:
+        """The source's chunks and bucket bounds are known."""
+        return self.bounds is not None
+
     @property
     def buckets(self) -> int:
-        return 1 << self.bits
+        """The number of buckets (known once staged)."""
+        assert self.bounds is not None
+        return len(self.bounds) - 1
 
     @property
     def done(self) -> bool:
-        return self.next >= self.buckets
+        return self.bounds is not None and self.next >= len(self.bounds) - 1
+
+    def settle_head(self, frame: pl.DataFrame, head_end: int) -> None:
+        """Settle bucket 0 — fine ranges ``[0, head_end)`` — from ``frame``: every clean, keyed row of those
+        ranges, read before the rest of the source is staged. Its duplicate rejects are held back until
+        :meth:`staged`, so the rejects file lists validation's refusals first, as without a head."""
+        assert self.next == 0 and self.bounds is None and head_end > 0
+        self.head_end = head_end
+        self._head = frame
+        self._settle_frame(frame if frame.height else None, 0, defer=True)
+
+    def _write_head_rejects(self, bits: int) -> None:
+        """Write the head's duplicate rejects as a plan without a head would: bucket by bucket of ``2**bits``,
+        file and row order within each. Those of a bucket the head covers only in part are held back and
+        written with those of the rest of it (:meth:`settle_next` of bucket 1)."""
+        assert self._deferred is not None and self._rejects is not None
+        width = 1 << (FINE_BITS - bits)
+        whole = self.head_end // width  # buckets (of 2**bits) wholly inside the head
+        files = {name: i for i, name in enumerate(self.names)}
+        ranked = self._deferred.with_columns(
+            (canonical_key(self._deferred["ext_id"]).cast(pl.Int64) // (1 << (32 - bits))).alias("__bucket"),
+            pl.col("file").replace_strict(files, return_dtype=pl.Int64).alias("__file"),
+        ).sort(["__bucket", "__file", "row"])
+        self._rejects.frame(ranked.filter(pl.col("__bucket") < whole).drop("__bucket", "__file"))
+        rest = ranked.filter(pl.col("__bucket") >= whole).drop("__bucket", "__file")
+        self._deferred = rest if rest.height else None
+
+    def take_head(self) -> pl.DataFrame | None:
+        """The head's clean rows (before duplicates were resolved), once: for the staging to check."""
+        head, self._head = self._head, None
+        return head
 
     def settle_next(self) -> None:
         """Settle bucket :attr:`next`: read its rows from every chunk, resolve duplicates, write it."""
+        assert self.bounds is not None
         k = self.next
-        width = 1 << (FINE_BITS - self.bits)
-        pieces = [p for c in self._chunks if (p := c.slice(k * width, (k + 1) * width)) is not None]
+        # Not bound to a name here: the unsorted rows are let go as soon as they are sorted (one bucket in
+        # memory, not two).
+        self._settle_frame(self._read(self.bounds[k], self.bounds[k + 1]), k, defer=False)
+        if self.done:
+            self._drop_chunks()
+
+    def _read(self, first: int, end: int) -> pl.DataFrame | None:
+        """The rows of fine ranges ``[first, end)`` from every chunk file, in chunk order."""
+        pieces = [p for c in self._chunks if (p := c.slice(first, end)) is not None]
+        if not pieces:
+            return None
+        return pl.concat(pieces) if len(pieces) > 1 else pieces[0]
+
+    def _settle_frame(self, frame: pl.DataFrame | None, k: int, *, defer: bool) -> None:
+        """Resolve the duplicates of bucket ``k``'s rows and write its winners (no file when it has no rows).
+        ``defer`` (the head): its rejects wait for :meth:`staged`."""
+        assert self._rejects is not None  # only a settler made by settled() has none, and it is done
         path: Path | None = None
-        if pieces:
-            frame = pl.concat(pieces) if len(pieces) > 1 else pieces[0]
-            del pieces
-            frame = frame.sort([KEY, EXT_ID, FILE, ROW])
-            winners, rejects, identical = resolve_duplicates(frame, self.source, self._names)
+        rejects: pl.DataFrame | None = None
+        if frame is not None:
+            frame = canonical_order(frame)
+            winners, rejects, identical = resolve_duplicates(frame, self.source, self.names)
             del frame
-            assert self._rejects is not None  # only a settler made by settled() has none, and it is done
-            self._rejects.frame(rejects)
             path = self._directory / f"{k:04d}.arrow"
             # Uncompressed too: compressing costs more CPU than the rest of the settling (disk is cheaper).
             winners.write_ipc(path, compression="uncompressed")
             self.rows_clean += winners.height
             self.dropped += identical
-        if k == self.buckets - 1:
-            # Every bucket is settled: the chunk files are read no more.
-            for chunk in self._chunks:
-                chunk.path.unlink(missing_ok=True)
+        if defer:
+            self._deferred = rejects if rejects is not None and rejects.height else None
+        elif self._deferred is not None:
+            # The head's rejects of the bucket (of a plan without a head) this one completes: in file order
+            # with this one's, as that bucket would have written them.
+            held, self._deferred = self._deferred, None
+            merged = pl.concat([held, rejects]) if rejects is not None else held
+            files = {name: i for i, name in enumerate(self.names)}
+            self._rejects.frame(
+                merged.sort(pl.col("file").replace_strict(files, return_dtype=pl.Int64), "row")
+            )
+        elif rejects is not None:
+            self._rejects.frame(rejects)
         self.parts.append(path)
         self.next = k + 1
+
+    def _drop_chunks(self) -> None:
+        # Every bucket is settled: the chunk files are read no more.
+        for chunk in self._chunks:
+            chunk.path.unlink(missing_ok=True)
 
 
 class Settling:
     """Settles the buckets of a plan's sources — all now (:meth:`settle_all`) or on demand in a worker thread
     (:meth:`start`), at most ``lookahead`` buckets ahead of the furthest bucket asked for (:meth:`bucket`).
 
-    A failure while settling is raised to every reader that waits for a bucket (an OS error as
+    ``stage`` (a lazy plan that settled the head of its sources first): the staging of the rest of the input,
+    run by the worker before it settles anything else; it tells each settler :meth:`Settler.staged`, and stops
+    early (:class:`sync.errors.InterruptedRunError`) once :attr:`halted` is set.
+    A failure while staging or settling is raised to every reader that waits for a bucket (an OS error as
     :class:`sync.errors.StateError`); ``stop`` (the run's signal event) or :meth:`close` ends the settling,
     and a reader still waiting then gets :class:`sync.errors.InterruptedRunError`.
     """
@@ -329,14 +440,17 @@ class Settling:
     __slots__ = (
         "_closed",
         "_cond",
+        "_demanded",
         "_error",
         "_lookahead",
         "_on_done",
         "_settle_lock",
+        "_stage",
         "_stop",
         "_thread",
         "_wanted",
         "_wanted_all",
+        "halted",
         "settlers",
     )
 
@@ -347,6 +461,7 @@ class Settling:
         stop: threading.Event | None = None,
         lookahead: int = LOOKAHEAD,
         on_done: Callable[[], None] | None = None,
+        stage: Callable[[], None] | None = None,
     ) -> None:
         self.settlers = tuple(settlers)
         self._cond = threading.Condition()
@@ -359,6 +474,10 @@ class Settling:
         self._thread: threading.Thread | None = None
         self._on_done = on_done  # called once every bucket is settled (the rejects file is then complete)
         self._settle_lock = threading.Lock()  # settling without a worker: one reader at a time
+        self._stage = stage
+        self._demanded = False  # a reader asked for a bucket past those settled (the staging waits for it)
+        self.halted = threading.Event()
+        """Set by :meth:`close`: the staging still under way stops at its next chunk."""
 
     @property
     def complete(self) -> bool:
@@ -386,7 +505,7 @@ class Settling:
         """Settle every bucket now (in the worker when there is one, else in this thread)."""
         if self._thread is not None:
             with self._cond:
-                self._wanted_all = True
+                self._wanted_all = self._demanded = True
                 self._cond.notify_all()
                 while not self.complete:
                     self._raise_if_failed()
@@ -410,10 +529,33 @@ class Settling:
         return True
 
     def start(self) -> None:
-        """Settle lazily from now on, in a worker thread."""
-        if self._thread is None and not self.complete:
+        """Settle lazily from now on, in a worker thread (which first stages the rest of the input, if asked)."""
+        if self._thread is None and (self._stage is not None or not self.complete):
             self._thread = threading.Thread(target=self._work, name="plan-settle", daemon=True)
             self._thread.start()
+
+    def staged(self, source: int, chunks: Sequence[ChunkFile], bits: int, rows_read: int) -> None:
+        """Source ``source`` is staged (see :meth:`Settler.staged`): its readers may go on past its head."""
+        with self._cond:
+            self.settlers[source].staged(chunks, bits, rows_read)
+            self._cond.notify_all()
+
+    def has_bucket(self, source: int, k: int) -> bool:
+        """Whether source ``source`` has a bucket ``k`` (waits, if need be, until the source is staged)."""
+        settler = self.settlers[source]
+        with self._cond:
+            while True:
+                if k < settler.next:
+                    return True
+                if settler.is_staged:
+                    return k < settler.buckets
+                if not self._demanded:
+                    self._demanded = True
+                    self._cond.notify_all()
+                self._raise_if_failed()
+                if self._thread is None:
+                    raise RuntimeError("a source that is not staged, and no worker to stage it")
+                self._cond.wait(0.1)
 
     def bucket(self, source: int, k: int) -> Path | None:
         """The settled file of bucket ``k`` of source ``source`` (None when it has no rows), once settled."""
@@ -422,6 +564,7 @@ class Settling:
             if settler.next > k:
                 return settler.parts[k]
             self._wanted[source] = max(self._wanted[source], k + 1 + self._lookahead)
+            self._demanded = True
             self._cond.notify_all()
             while settler.next <= k:
                 self._raise_if_failed()
@@ -439,11 +582,34 @@ class Settling:
 
     def _pick(self) -> Settler | None:
         for i, settler in enumerate(self.settlers):
-            if not settler.done and (self._wanted_all or settler.next < self._wanted[i]):
+            if (
+                settler.is_staged
+                and not settler.done
+                and (self._wanted_all or settler.next < self._wanted[i])
+            ):
                 return settler
         return None
 
     def _work(self) -> None:
+        try:
+            if self._stage is not None:
+                # The staging waits until a reader asks for more than the head: while the first batches are
+                # built and sent it would only compete with them for the CPU and the GIL.
+                with self._cond:
+                    while not self._demanded and not self._stopped():
+                        self._cond.wait(0.1)
+                if self._stopped():
+                    return
+                self._stage()
+                if self.complete and self._on_done is not None:
+                    self._on_done()
+        except BaseException as exc:  # handed to the readers, who raise it
+            with self._cond:
+                self._error = exc
+                self._cond.notify_all()
+            return
+        with self._cond:
+            self._cond.notify_all()
         while True:
             with self._cond:
                 while (settler := self._pick()) is None and not self._stopped() and not self.complete:
@@ -462,7 +628,9 @@ class Settling:
                 self._cond.notify_all()
 
     def close(self) -> None:
-        """Stop settling and wait for the bucket being settled (its files are about to be removed)."""
+        """Stop staging and settling, and wait for the chunk or bucket under way (its files are about to be
+        removed)."""
+        self.halted.set()
         with self._cond:
             self._closed = True
             self._cond.notify_all()

@@ -11,8 +11,10 @@
    order ``(crc32(ext_id), ext_id, file, row)``, duplicates resolved ("last valid row wins",
    :func:`sync.planning.validation.resolve_duplicates`), written once. These *clean frames* are the typed, per-user data
    (``Plan.staged``) a snapshot diff reads before any platform request is built. By default every bucket is
-   settled before :func:`build_plan` returns; ``lazy=True`` (a changes run) settles them in a worker thread a
-   few buckets ahead of the readers, so the first requests leave while the rest is settled;
+   settled before :func:`build_plan` returns; ``lazy=True`` (a changes run) settles the *head* of each file
+   source first (its lowest keys, read from the files once, only those rows validated), then stages the rest
+   and settles it in a worker thread a few buckets ahead of the readers, so the first requests leave while the
+   rest of the input is validated and settled;
 3. **batch** — :meth:`Plan.batches` / :meth:`Plan.lanes` stream the clean frames through the platform's batch
    builder (:meth:`sync.platforms.base.Platform.builder`), phase by phase.
 
@@ -46,13 +48,30 @@ import pyarrow.ipc
 
 from sync.config import DispatchSettings, Job, Source
 from sync.errors import InterruptedRunError
-from sync.planning._staging import FINE_BITS, ChunkWriter, RejectsWriter, Settler, Settling, write_error
+from sync.planning._staging import (
+    FINE_BITS,
+    ChunkWriter,
+    RejectsWriter,
+    Settler,
+    Settling,
+    canonical_order,
+    write_error,
+)
 from sync.planning.row_keys import with_row_keys
-from sync.planning.validation import EXT_ID, FILE, canonical_key, clean_schema, validate_chunk
+from sync.planning.validation import EXT_ID, FILE, KEY, canonical_key, clean_schema, validate_chunk
 from sync.platforms.base import BatchBuilder, Platform, Stream
 from sync.platforms.registry import platform_for
 from sync.records import Batch, Operation, Phase, RejectedRow
-from sync.sources.reading import ROW, Chunk, expand_paths, iter_chunks
+from sync.sources.reading import (
+    ROW,
+    Chunk,
+    RowSelector,
+    estimate_rows,
+    expand_paths,
+    iter_chunks,
+    read_ids,
+    read_rows,
+)
 
 __all__ = [
     "ASSUMED_LATENCY",
@@ -89,9 +108,14 @@ class StagedSource:
     source: Source
     files: tuple[str, ...]
     """Input files in read order; ``__file`` in the clean frames indexes this tuple."""
-    rows_read: int
     _settling: Settling = field(repr=False, compare=False)
     _index: int = field(repr=False, compare=False)
+
+    @property
+    def rows_read(self) -> int:
+        """Input rows read (valid or not). Final once the source is staged — always, unless the plan is lazy:
+        then once its rows are all settled (a lazy plan's staging reads on while the first batches are sent)."""
+        return self._settling.settlers[self._index].rows_read
 
     @property
     def rows_clean(self) -> int:
@@ -117,8 +141,10 @@ class StagedSource:
         wanted = list(dict.fromkeys([EXT_ID, FILE, ROW, *columns]))
         names = list(clean_schema(self.source))  # every bucket file's columns, in this order
         fields = sorted(names.index(c) for c in wanted)
-        for k in range(self._settling.settlers[self._index].buckets):
+        k = 0
+        while self._settling.has_bucket(self._index, k):
             part = self._settling.bucket(self._index, k)
+            k += 1
             if part is None:
                 continue
             if part.suffix == ".parquet":  # made elsewhere (from_parts)
@@ -139,7 +165,8 @@ class StagedSource:
         """A source staged elsewhere (a benchmark, a tool): its clean frames as settled files (Arrow IPC or
         Parquet with the clean columns), one per key range, in key order."""
         settler = Settler.settled(source, files, parts, rows_clean, duplicates_dropped)
-        return cls(source, tuple(files), rows_read, Settling([settler]), 0)
+        settler.rows_read = rows_read
+        return cls(source, tuple(files), Settling([settler]), 0)
 
 
 def _read_columns(path: Path, fields: list[int]) -> pl.DataFrame:
@@ -605,6 +632,8 @@ class _Staged:
     names: tuple[str, ...]
     rows_read: int
     chunks: ChunkWriter
+    head: pl.DataFrame | None = None
+    """The clean rows of the head's key ranges met (and left out of the chunks) by this staging."""
 
 
 class _Prefetched:
@@ -689,7 +718,11 @@ def _stage(
     builder: Any = None,
     stop: threading.Event | None = None,
     limit: int | None = None,
+    head_end: int = 0,
+    files: Sequence[Path] | None = None,
 ) -> _Staged:
+    """Read, validate and key every row of ``source`` into sorted chunk files. The clean rows of the fine key
+    ranges ``[0, head_end)`` (a head settled already, :func:`_stage_head`) are counted and left out."""
     inputs: list[tuple[str, Callable[[], Iterator[Chunk]]]]
     if source.sql is not None:
         # A database source is one input, named by its label (database and table, never the password).
@@ -698,8 +731,11 @@ def _stage(
         reader = SqlReader(source)
         inputs = [(reader.label, reader.chunks)]
     else:
-        files = expand_paths(source, workdir=job.workdir, exclude=[rejects.path])
+        if files is None:
+            files = expand_paths(source, workdir=job.workdir, exclude=[rejects.path])
         inputs = [(str(p), functools.partial(iter_chunks, source, p)) for p in files]
+    head_key = _head_key(head_end)
+    head: list[pl.DataFrame] = []
     names = tuple(name for name, _ in inputs)
     schema = list(clean_schema(source))
     chunk_dir = tmp / f"{source.name}.chunks"
@@ -730,10 +766,141 @@ def _stage(
                 if limit is not None:
                     clean = clean.head(limit - kept)
                     kept += clean.height
-                if not clean.is_empty():
-                    writer.add(clean.with_columns(canonical_key(clean[EXT_ID])).select(schema))
+                if clean.is_empty():
+                    continue
+                keyed = clean.with_columns(canonical_key(clean[EXT_ID])).select(schema)
+                if head_key:
+                    in_head = keyed[KEY].cast(pl.Int64) < head_key
+                    head.append(keyed.filter(in_head))
+                    keyed = keyed.filter(~in_head)
+                writer.add(keyed)
     writer.flush()
-    return _Staged(source, names, rows_read, writer)
+    return _Staged(source, names, rows_read, writer, pl.concat(head) if head else None)
+
+
+HEAD_ROWS = 16_384
+"""Rows (about) a lazy plan settles first, before the rest of a file source is staged: its first batches."""
+
+
+def _head_ranges(source: Source, files: Sequence[Path]) -> int:
+    """How many fine key ranges (of :data:`FINE_BITS`) make a head of about :data:`HEAD_ROWS` rows."""
+    rows = max(1, estimate_rows(source, list(files)))
+    return max(1, min(1 << FINE_BITS, math.ceil((1 << FINE_BITS) * HEAD_ROWS / rows)))
+
+
+def _head_key(head_end: int) -> int:
+    """The first key past fine ranges ``[0, head_end)`` (0: no head; ``2**32``: every key)."""
+    return head_end << (32 - FINE_BITS)
+
+
+def _head_mask(source: Source, rules: Any, head_key: int) -> Callable[[pl.Series], pl.Series]:
+    """The mask of the IDs (as read) whose rows may fall in the head: a superset of those whose *validated* ID
+    does.
+
+    The ID's text is taken as validation takes it (trimmed when the job trims, null values as missing), so the
+    key is the one the clean row gets; an ID that is not text as read (a date column) keeps its row (the head
+    keeps only the rows validation keys into it, and the staging checks that it saw no more than those)."""
+
+    def select(ids: pl.Series) -> pl.Series:
+        if ids.dtype != pl.String or head_key >= 1 << 32:
+            return pl.repeat(True, len(ids), dtype=pl.Boolean, eager=True)
+        text = ids.str.strip_chars() if rules.trim else ids
+        if source.null_values:
+            text = text.replace(list(source.null_values), None)
+        return text.is_not_null() & (canonical_key(text.fill_null("")) < head_key)
+
+    return select
+
+
+def _stage_head(
+    job: Job,
+    source: Source,
+    files: Sequence[Path],
+    builder: Any,
+    head_end: int,
+    stop: threading.Event | None = None,
+) -> pl.DataFrame:
+    """The clean, keyed rows of ``source`` whose keys fall in fine ranges ``[0, head_end)``: every file is read,
+    only those rows are validated (their rejects are dropped: the staging that follows writes every reject, in
+    file order). Reading the whole input here also means a file that cannot be read fails before anything is
+    sent, as without a head."""
+    schema = list(clean_schema(source))
+    head_key = _head_key(head_end)
+    select = _head_mask(source, job.validation, head_key)
+    check_rows = getattr(builder, "check_rows", None)
+    pieces: list[pl.DataFrame] = []
+    for index, path in enumerate(files):
+        name = str(path)
+        raw: list[pl.DataFrame] = []
+        picked = _picked_rows(source, path, select)
+        if picked is not None:
+            if picked.height:
+                pieces.append(_validate_head(job, source, picked, index, name, check_rows))
+            continue
+        for chunk in iter_chunks(source, path, keep=_selector(source, path, select)):
+            _check_stop(stop)
+            if chunk.frame.height:
+                if raw and raw[-1].schema != chunk.frame.schema:
+                    pieces.append(_validate_head(job, source, _concat(raw), index, name, check_rows))
+                    raw = []
+                raw.append(chunk.frame)
+        if raw:
+            pieces.append(_validate_head(job, source, _concat(raw), index, name, check_rows))
+    keyed = [p.with_columns(canonical_key(p[EXT_ID])).select(schema) for p in pieces if p.height]
+    if not keyed:
+        return pl.DataFrame(schema=clean_schema(source))
+    return _concat(keyed).filter(pl.col(KEY).cast(pl.Int64) < head_key)
+
+
+def _picked_rows(source: Source, path: Path, select: Callable[[pl.Series], pl.Series]) -> pl.DataFrame | None:
+    """The rows of a Parquet file ``select`` chooses by their IDs, read alone (:func:`sync.sources.reading.read_rows`):
+    the ID column is read (and checked) whole, the other columns only for those rows. None when the file is
+    not one polars reads like pyarrow (read it through :func:`iter_chunks` then)."""
+    ids = read_ids(source, path)
+    if ids is None:
+        return None
+    rows: list[pl.Series] = []
+    chosen: list[pl.Series] = []
+    first = 1
+    for group in ids:  # a row group's IDs at a time: memory stays bounded by one row group
+        mask = select(group)
+        rows.append(pl.int_range(first, first + len(group), dtype=pl.Int64, eager=True).filter(mask))
+        chosen.append(group.filter(mask))
+        first += len(group)
+    if not rows:
+        return None
+    chunk = read_rows(source, path, pl.concat(rows), pl.concat(chosen))
+    return None if chunk is None else chunk.frame
+
+
+def _selector(source: Source, path: Path, select: Callable[[pl.Series], pl.Series]) -> RowSelector:
+    """The rows of ``path`` that ``select`` chooses by their IDs. For Parquet, whose ID column is read alone
+    cheaply, ``select`` runs once per row group (one key computation over many rows, not one per chunk);
+    for CSV, once per chunk."""
+    ids = read_ids(source, path)
+    if ids is None:
+        return lambda chunk_ids, _rows: select(chunk_ids())
+    masks = [select(group) for group in ids]
+    mask = pl.concat(masks) if masks else pl.Series([], dtype=pl.Boolean)
+
+    def chosen(_chunk_ids: Callable[[], pl.Series], rows: pl.Series) -> pl.Series:
+        # A Parquet chunk's rows are numbered one after another (no malformed records to step over).
+        return mask.slice(int(rows[0]) - 1, len(rows)) if len(rows) else mask.clear()
+
+    return chosen
+
+
+def _validate_head(
+    job: Job, source: Source, raw: pl.DataFrame, index: int, name: str, check_rows: Any
+) -> pl.DataFrame:
+    clean, _bad = validate_chunk(raw, source, job.validation, index, name)
+    if check_rows is not None and not clean.is_empty():
+        clean, _bad = check_rows(source, clean, name)
+    return clean
+
+
+def _concat(frames: list[pl.DataFrame]) -> pl.DataFrame:
+    return pl.concat(frames) if len(frames) > 1 else frames[0]
 
 
 _STAGING_PREFIX = "plan-"
@@ -817,11 +984,14 @@ def build_plan(
     file order (files in their sorted order); reading stops there, so rows after them are neither sent nor
     rejected. Duplicate IDs among those N still collapse to one user.
 
-    When this returns, every input row has been read and validated: the rows validation refused are in
-    ``plan.rejects_path`` (default ``<workdir>/rejects.csv``). Unless ``lazy``, every bucket is settled too
-    (conflicting duplicates are in the rejects file, the counts are final); with ``lazy=True`` a worker
-    thread settles the buckets as the plan's frames are read, a few ahead (:meth:`Plan.settle` settles the
-    rest at once). Staging directories that killed runs left in the workdir are removed first.
+    Unless ``lazy``, when this returns every input row has been read and validated and every bucket is settled:
+    the rows refused (by validation, and as conflicting duplicates) are in ``plan.rejects_path`` (default
+    ``<workdir>/rejects.csv``) and the counts are final. With ``lazy=True`` (and no ``limit``) it returns once
+    the *head* of each file source — its lowest keys, about :data:`HEAD_ROWS` rows, from one read of every file —
+    is settled (a database source is staged whole first); once a reader asks for more, a worker thread stages
+    the rest (validation's rejects in file order) and settles the buckets as the plan's frames are read, a few
+    ahead (:meth:`Plan.settle` settles the rest at once). The batches, the rejects file and the counts are the
+    same either way. Staging directories that killed runs left in the workdir are removed first.
     ``rows_per_bucket`` (default :data:`ROWS_PER_BUCKET`) sizes the buckets (memory vs. number of files); it
     never changes the batches.
     Raises :class:`sync.errors.BadInputError` for a file that cannot be read at all, :class:`BadJobError` for a
@@ -841,24 +1011,30 @@ def build_plan(
         tmp = staging[0]
         rejects = RejectsWriter(rejects_path)
         builder = _builder_for(job)
-        stages = [_stage(job, source, tmp, rejects, builder, stop, limit) for source in job.sources]
-        settlers = []
-        for st in stages:
-            out = tmp / st.source.name
-            out.mkdir()
-            bits = _bucket_bits(st.chunks.rows, rows_per_bucket or ROWS_PER_BUCKET)
-            settlers.append(Settler(st.source, st.names, st.chunks.chunks, bits, out, rejects))
-        # A lazy plan is settled while its batches are sent: a signal then drains the run (the dispatcher's
-        # stop), it does not interrupt the settling under the lanes.
-        settling = Settling(settlers, stop=None if lazy else stop, on_done=rejects.close)
-        staged = tuple(
-            StagedSource(st.source, st.names, st.rows_read, settling, i) for i, st in enumerate(stages)
-        )
-        if lazy:
-            rejects.written()  # what validation refused is on disk before anything is sent
-            settling.start()
+        if lazy and limit is None:
+            settling = _start_lazy(job, tmp, rejects, builder, rows_per_bucket or ROWS_PER_BUCKET, stop)
+            staged = tuple(
+                StagedSource(source, settling.settlers[i].names, settling, i)
+                for i, source in enumerate(job.sources)
+            )
         else:
-            settling.settle_all()
+            stages = [_stage(job, source, tmp, rejects, builder, stop, limit) for source in job.sources]
+            settlers = []
+            for st in stages:
+                out = tmp / st.source.name
+                out.mkdir()
+                bits = _bucket_bits(st.chunks.rows, rows_per_bucket or ROWS_PER_BUCKET)
+                settlers.append(
+                    Settler(st.source, st.names, st.chunks.chunks, bits, out, rejects, rows_read=st.rows_read)
+                )
+            # A lazy plan is settled while its batches are sent: a signal then drains the run (the dispatcher's
+            # stop), it does not interrupt the settling under the lanes.
+            settling = Settling(settlers, stop=None if lazy else stop, on_done=rejects.close)
+            staged = tuple(StagedSource(st.source, st.names, settling, i) for i, st in enumerate(stages))
+            if lazy:
+                settling.start()
+            else:
+                settling.settle_all()
     except OSError as exc:
         _abandon(staging, rejects, settling)
         # Input files are read through sync.sources.reading, which turns their errors into BadInputError: an OSError
@@ -869,6 +1045,77 @@ def build_plan(
         raise
     assert staging is not None
     return Plan(job, staged, rejects, settling, *staging)
+
+
+def _start_lazy(
+    job: Job,
+    tmp: Path,
+    rejects: RejectsWriter,
+    builder: Any,
+    rows_per_bucket: int,
+    stop: threading.Event | None,
+) -> Settling:
+    """A lazy plan's settling, started. The *head* of each file source — its lowest keys, about
+    :data:`HEAD_ROWS` rows: the first batches — is settled now, from one read of its files that validates those
+    rows only; a worker thread then stages the whole input (validation's rejects in file order, as always) and
+    settles the rest, a few buckets ahead of the readers. So the first requests leave once the input was read,
+    not once all of it was validated and staged. A database source has no head (it is read once)."""
+    settlers: list[Settler] = []
+    inputs: list[list[Path] | None] = []
+    heads: list[int] = []
+    for source in job.sources:
+        out = tmp / source.name
+        out.mkdir()
+        files: list[Path] | None = None
+        if source.sql is not None:
+            from sync.sources.reading_sql import SqlReader
+
+            names = [SqlReader(source).label]
+        else:
+            files = expand_paths(source, workdir=job.workdir, exclude=[rejects.path])
+            names = [str(p) for p in files]
+        settler = Settler(source, names, None, 0, out, rejects)
+        head_end = 0
+        if files is None:
+            # A database source is read once, and staged now: what it cannot read fails before anything is sent.
+            st = _stage(job, source, tmp, rejects, builder, stop)
+            bits = _bucket_bits(st.chunks.rows, rows_per_bucket)
+            settler.staged(st.chunks.chunks, bits, st.rows_read)
+        elif files:
+            head_end = _head_ranges(source, files)
+            settler.settle_head(_stage_head(job, source, files, builder, head_end, stop), head_end)
+        settlers.append(settler)
+        inputs.append(files)
+        heads.append(head_end)
+
+    def stage() -> None:
+        for i, source in enumerate(job.sources):
+            if settlers[i].is_staged:
+                continue
+            st = _stage(
+                job, source, tmp, rejects, builder, settling.halted, head_end=heads[i], files=inputs[i]
+            )
+            head_rows = 0 if st.head is None else st.head.height
+            if heads[i] and not _same_rows(st.head, settlers[i].take_head()):
+                # The head's reading chose its rows by the key validation gives their IDs, and read them as
+                # the staging does: it must hold exactly the clean rows the staging met in its key ranges. A
+                # difference is a bug, never a quirk of the input.
+                raise RuntimeError(
+                    f"source {source.name!r}: the head settled first differs from the clean rows the staging "
+                    f"found in its key ranges ({head_rows})"
+                )
+            bits = _bucket_bits(st.chunks.rows + head_rows, rows_per_bucket)
+            settling.staged(i, st.chunks.chunks, bits, st.rows_read)
+
+    settling = Settling(settlers, on_done=rejects.close, stage=stage)
+    settling.start()
+    return settling
+
+
+def _same_rows(staged: pl.DataFrame | None, head: pl.DataFrame | None) -> bool:
+    if staged is None or head is None:
+        return (staged is None or staged.is_empty()) and (head is None or head.is_empty())
+    return canonical_order(staged).equals(canonical_order(head))
 
 
 def _abandon(

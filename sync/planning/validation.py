@@ -19,14 +19,36 @@ Value formats (see docs/jobs.md):
 
 from __future__ import annotations
 
-import json
+import threading
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import polars as pl
 import pyarrow as pa
 
 from sync.config import AttributeMapping, Source, SourceKind, ValidationRules, ValueType
+from sync.planning._parsers import (
+    _NUL,
+    _id_reasons,
+    _id_refused,
+    _message,
+    _no_nulls,
+    _parse_action,
+    _parse_bool,
+    _parse_date,
+    _parse_email,
+    _parse_list,
+    _parse_msisdn,
+    _parse_number,
+    _Parser,
+    _put,
+    _Reason,
+    _required,
+    _text,
+    _typed_date,
+    _typed_list,
+)
 from sync.sources.reading import ROW
 
 __all__ = [
@@ -57,22 +79,6 @@ REJECTS_SCHEMA: dict[str, Any] = {
     "reason": pl.String,
     "ext_id": pl.String,
 }
-
-_TRUE = ["true", "t", "yes", "y", "1", "on"]
-_FALSE = ["false", "f", "no", "n", "0", "off"]
-_TAG_ACTIONS_ON = ["tag", "add", "+", "true", "t", "yes", "y", "1"]
-_TAG_ACTIONS_OFF = ["untag", "remove", "delete", "-", "false", "f", "no", "n", "0"]
-_EMAIL = (
-    r"^[A-Za-z0-9.!#$%&'*+/=?^_`{|}~-]+@[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
-    r"(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)+$"
-)
-_MSISDN = r"^\+?[0-9]{8,15}$"
-_CONTROL = r"[\x00-\x1f\x7f-\x9f]"
-"""C0/C1 control characters: never part of a real external ID (a tab, a line break from a quoted cell, NUL)."""
-_INVISIBLE = r"\p{Cf}"
-"""Unicode format characters: zero-width space/joiners, byte-order marks inside text, bidirectional controls
-(U+202A-U+202E, U+2066-U+2069), soft hyphens. Invisible, so an ID holding one looks like another user's ID."""
-_MSISDN_SEPARATORS = r"[\s\-().]"
 
 _DTYPE: dict[ValueType, Any] = {
     ValueType.STRING: pl.String,
@@ -119,10 +125,12 @@ def canonical_key(ext_ids: pl.Series) -> pl.Series:
     )
     starts = offsets.slice(0, n)
     lengths = offsets.slice(1, n) - starts
-    uniform = lengths.min() == lengths.max()
-    order = None if uniform else lengths.arg_sort(descending=True)
-    if order is not None:
-        starts = starts.gather(order)
+    shortest = lengths.min()
+    assert isinstance(shortest, int)
+    if shortest == lengths.max():
+        return _uniform_crc(data.slice(starts[0], n * shortest), n, shortest)
+    order = lengths.arg_sort(descending=True)
+    starts = starts.gather(order)
     ending = dict(lengths.value_counts().iter_rows())  # length -> IDs of that length
     crc = pl.repeat(0xFFFFFFFF, n, dtype=pl.UInt32, eager=True)
     finished: list[pl.Series] = []  # CRCs of IDs shorter than the position reached, longest last
@@ -137,9 +145,18 @@ def canonical_key(ext_ids: pl.Series) -> pl.Series:
         byte = data.gather(starts + position).cast(pl.UInt32)
         crc = _CRC_TABLE.gather((crc ^ byte) & 0xFF) ^ (crc // 256)
     keys = pl.concat([crc, *reversed(finished)]) ^ 0xFFFFFFFF
-    if order is not None:
-        keys = keys.gather(order.arg_sort())
-    return keys.cast(pl.UInt32).alias(KEY)
+    return keys.gather(order.arg_sort()).cast(pl.UInt32).alias(KEY)
+
+
+def _uniform_crc(block: pl.Series, n: int, length: int) -> pl.Series:
+    """:func:`canonical_key` of ``n`` IDs of ``length`` bytes each (fixed-format IDs: zero-padded numbers,
+    UUIDs), back to back in ``block``: byte ``i`` of every ID is every ``length``-th byte from ``i``, a strided
+    read rather than a gather at computed offsets."""
+    crc = pl.repeat(0xFFFFFFFF, n, dtype=pl.UInt32, eager=True)
+    for position in range(length):
+        byte = block.gather_every(length, position).cast(pl.UInt32)
+        crc = _CRC_TABLE.gather((crc ^ byte) & 0xFF) ^ (crc // 256)
+    return (crc ^ 0xFFFFFFFF).cast(pl.UInt32).alias(KEY)
 
 
 def clean_schema(source: Source) -> dict[str, Any]:
@@ -161,245 +178,132 @@ def clean_schema(source: Source) -> dict[str, Any]:
     return schema
 
 
-# --- value parsers ---------------------------------------------------------------------------------------------
+# --- the validation query ----------------------------------------------------------------------------------------
 #
-# A parser maps a column's text (``s``, trimmed, null values nulled) to its typed values and, given those values
-# (``p``), to its error message (null where the value is fine). :func:`validate_chunk` evaluates them all in one
-# lazy query per chunk, in three steps (texts, values, errors), each step's columns computed once and read by
-# name in the next. Values only matter on rows without an error: a row with one is rejected as a whole.
-
-_Parser = tuple[pl.Expr, Callable[[pl.Expr, pl.Expr], pl.Expr]]
-"""``(values from s, error from (s, p))``."""
-_NO_ERROR = pl.lit(None, pl.String)
-_BOOLEANS = {**dict.fromkeys(_TRUE, True), **dict.fromkeys(_FALSE, False)}
-_TAG_ACTIONS = {**dict.fromkeys(_TAG_ACTIONS_ON, True), **dict.fromkeys(_TAG_ACTIONS_OFF, False)}
+# Each check's parser (sync/planning/_parsers.py) maps a column's text (``s``: trimmed, null values nulled) to its
+# typed values (``p``) and to the reasons a value is refused. validate_chunk evaluates every parser of a chunk in
+# one lazy query, in steps (trimmed texts, texts, values, then the typed columns and one "refused" flag per row),
+# each step's columns computed once and read by name in the next. Two kinds of work wait until after that query,
+# for the rows that need it only: the exact reading of texts a parser's fast form may not fit (a parser's
+# fallback flags them in the query), and the messages, put together by the same parsers in a second query over
+# the refused rows (most chunks have none; a message is a string per row and check where a flag is a bit).
 
 
-def _err(mask: pl.Expr, message: str) -> pl.Expr:
-    return pl.when(mask).then(pl.lit(message)).otherwise(_NO_ERROR)
+@dataclass(frozen=True, slots=True)
+class _Pending:
+    """A check with a fallback: the rows to read again after the chunk's query (flagged in column ``rows``), or
+    (the refused rows' query) every row, read before it into columns ``values`` and ``messages``."""
 
-
-def _text(s: pl.Expr, dtype: Any, source: Source, rules: ValidationRules) -> pl.Expr:
-    if dtype != pl.String:
-        return s
-    s = s.str.strip_chars() if rules.trim else s
-    if not source.null_values:
-        return s
-    return s.replace(list(source.null_values), None)
-
-
-def _parse_bool(s: pl.Expr) -> _Parser:
-    values = s.str.to_lowercase().replace_strict(_BOOLEANS, default=None, return_dtype=pl.Boolean)
-    return values, lambda s, p: _err(s.is_not_null() & p.is_null(), "not a boolean (true/false, yes/no, 1/0)")
-
-
-def _parse_number(s: pl.Expr) -> _Parser:
-    def error(s: pl.Expr, p: pl.Expr) -> pl.Expr:
-        bad = p.is_null() | p.is_nan().fill_null(False) | p.is_infinite().fill_null(False)
-        return _err(s.is_not_null() & bad, "not a number")
-
-    return s.cast(pl.Float64, strict=False), error
-
-
-def _date_times(text: pl.Series, timezone: str) -> pl.Series:
-    """ISO 8601 dates and date-times (text) as epoch milliseconds, null where none of the forms fits.
-
-    The forms are tried in turn, each only on the values the ones before could not read: most columns hold one
-    form, so most values are parsed once (a lazy ``coalesce`` would parse every value in every form).
-    """
-
-    def local(expr: pl.Expr) -> pl.Expr:
-        return expr.dt.replace_time_zone(timezone, ambiguous="earliest", non_existent="null").dt.epoch("ms")
-
-    v = pl.col("v")
-    forms = [
-        pl.when(v.str.len_chars() == 10).then(
-            local(v.str.to_date("%Y-%m-%d", strict=False).cast(pl.Datetime("ms")))
-        ),
-        v.str.to_datetime("%Y-%m-%dT%H:%M:%S%.f%z", strict=False, time_zone="UTC", time_unit="ms").dt.epoch(
-            "ms"
-        ),
-        v.str.to_datetime("%Y-%m-%dT%H:%M%z", strict=False, time_zone="UTC", time_unit="ms").dt.epoch("ms"),
-        local(v.str.to_datetime("%Y-%m-%dT%H:%M:%S%.f", strict=False, time_unit="ms")),
-        local(v.str.to_datetime("%Y-%m-%dT%H:%M", strict=False, time_unit="ms")),
-    ]
-    norm = text.str.replace(" ", "T", literal=True).str.replace(r"[zZ]$", "+00:00")
-    out = pl.Series("v", [None] * len(norm), dtype=pl.Int64)
-    todo = pl.DataFrame({"i": pl.int_range(len(norm), dtype=pl.UInt32, eager=True), "v": norm}).filter(
-        pl.col("v").is_not_null()
-    )
-    for form in forms:
-        if todo.is_empty():
-            break
-        parsed = todo.select("i", form.alias("ms"))
-        done = parsed.filter(pl.col("ms").is_not_null())
-        if done.height:
-            out = out.scatter(done["i"], done["ms"])
-            todo = todo.filter(parsed["ms"].is_null())
-    return out
-
-
-def _typed_date(s: pl.Expr, dtype: Any, timezone: str) -> _Parser:
-    # A typed column (Parquet): no parsing, but a local time the zone skips (a DST gap) is no time at all.
-    dt = s.cast(pl.Datetime("ms")) if dtype == pl.Date else s
-    if not (isinstance(dtype, pl.Datetime) and dtype.time_zone):
-        dt = dt.dt.replace_time_zone(timezone, ambiguous="earliest", non_existent="null")
-    return dt.dt.epoch("ms"), lambda s, p: _err(
-        s.is_not_null() & p.is_null(), "not a valid time in the job's time zone"
-    )
-
-
-def _parse_list(s: pl.Expr, dtype: Any, delimiter: str) -> _Parser:
-    if isinstance(dtype, pl.List):
-        items = s.list.eval(pl.element().cast(pl.String).str.strip_chars()).list.eval(
-            pl.element().filter(pl.element().is_not_null() & (pl.element() != ""))
-        )
-    else:
-        items = (
-            s.str.split(delimiter)
-            .list.eval(pl.element().str.strip_chars())
-            .list.eval(pl.element().filter(pl.element() != ""))
-        )
-    return pl.when(items.list.len() > 0).then(items), lambda s, p: _NO_ERROR
-
-
-def _json_lists(s: pl.Series, delimiter: str) -> tuple[pl.Series, pl.Series]:
-    """A text column of a list mapping in which some values are JSON arrays: typed values and errors, per value
-    in Python (JSON arrays are rare in CRM exports; chunks without one never come here)."""
-    is_json = s.str.starts_with("[").fill_null(False)
-    split = (
-        s.str.split(delimiter)
-        .list.eval(pl.element().str.strip_chars())
-        .list.eval(pl.element().filter(pl.element() != ""))
-    )
-    parsed: list[list[str] | None] = []
-    messages: list[str | None] = []
-    for text, flag, plain in zip(s.to_list(), is_json.to_list(), split.to_list(), strict=True):
-        if not flag:
-            parsed.append(plain)
-            messages.append(None)
-            continue
-        try:
-            value = json.loads(text)
-        except ValueError:
-            value = None
-        if not isinstance(value, list) or any(isinstance(v, dict | list) for v in value):
-            parsed.append(None)
-            messages.append("not a list (invalid JSON array)")
-            continue
-        texts = [v if isinstance(v, str) else json.dumps(v) for v in value if v is not None]
-        parsed.append([t.strip() for t in texts if t.strip()])
-        messages.append(None)
-    values = pl.Series(s.name, parsed, dtype=pl.List(pl.String))
-    return pl.select(pl.when(values.list.len() > 0).then(values)).to_series(), pl.Series(
-        "err", messages, dtype=pl.String
-    )
-
-
-def _parse_email(s: pl.Expr) -> _Parser:
-    def error(s: pl.Expr, _p: pl.Expr) -> pl.Expr:
-        valid = s.str.contains(_EMAIL).fill_null(False) & (s.str.len_chars() <= 254)
-        return _err(s.is_not_null() & ~valid, "not a valid email address")
-
-    return s, error
-
-
-def _parse_msisdn(s: pl.Expr) -> _Parser:
-    return s.str.replace_all(_MSISDN_SEPARATORS, ""), lambda s, p: _err(
-        s.is_not_null() & ~p.str.contains(_MSISDN).fill_null(False),
-        "not a valid MSISDN (optional +, then 8-15 digits)",
-    )
-
-
-def _parse_action(s: pl.Expr) -> _Parser:
-    values = (
-        pl.when(s.is_null())
-        .then(True)
-        .otherwise(s.str.to_lowercase().replace_strict(_TAG_ACTIONS, default=None, return_dtype=pl.Boolean))
-    )
-    return values, lambda s, p: _err(p.is_null(), "not a tag action (tag/untag, add/remove, +/-)")
-
-
-def _required(s: pl.Expr, message: str) -> _Parser:
-    return s, lambda s, p: _err(s.is_null(), message)
-
-
-def _id_error(ext: pl.Expr, rules: ValidationRules) -> pl.Expr:
-    return (
-        pl.when(ext.is_null())
-        .then(pl.lit("missing external ID"))
-        .when(ext.str.len_chars() > rules.max_id_length)
-        .then(pl.lit(f"external ID longer than {rules.max_id_length} characters"))
-        .when(ext.str.contains(_CONTROL).fill_null(False))
-        .then(pl.lit("external ID contains a control character (tab, line break, NUL...)"))
-        .when(ext.str.contains(_INVISIBLE).fill_null(False))
-        .then(
-            pl.lit(
-                "external ID contains an invisible character (zero-width, byte-order mark or bidirectional "
-                "control): it would look like another ID without being equal to it"
-            )
-        )
-        .otherwise(_NO_ERROR)
-    )
+    column: str  # the input column
+    values: str  # the query column of the check's values
+    rows: str
+    messages: str
+    read: Callable[[pl.Series], tuple[pl.Series, pl.Series]]
 
 
 class _Query:
-    """The columns of one chunk's validation query, step by step (see the section comment)."""
+    """The expressions of a validation query for chunks of one schema, step by step (see the section comment).
 
-    __slots__ = ("errors", "injected", "raw", "rules", "source", "texts", "values")
+    Two kinds: ``messages=False`` (every row of a chunk) gives each row a flag, true where any check refuses it,
+    and flags the rows to read again; ``messages=True`` (the refused rows) gives each check's message, reading
+    every row with a fallback before the query. Built once per source and schema (:func:`_query`): expressions
+    cost Python time, chunks only polars time.
+    """
 
-    def __init__(self, raw: pl.DataFrame, source: Source, rules: ValidationRules) -> None:
-        self.raw = raw
+    __slots__ = (
+        "flags",
+        "messages",
+        "messages_step",
+        "pending",
+        "positions",
+        "reasons",
+        "rejects_step",
+        "rules",
+        "schema",
+        "source",
+        "texts",
+        "trimmed",
+        "typed",
+        "values",
+    )
+
+    def __init__(self, schema: pl.Schema, source: Source, rules: ValidationRules, *, messages: bool) -> None:
+        self.schema = schema
+        self.positions = {name: i for i, name in enumerate(schema)}
         self.source = source
         self.rules = rules
-        self.texts: dict[
-            str, pl.Expr
-        ] = {}  # step 1: "__t<i>" -> a raw column's text (and "__n<i>": its NULs)
+        self.messages = messages
+        self.trimmed: dict[str, pl.Expr] = {}  # step 0: "__s<i>" -> a raw text column, trimmed
+        self.texts: dict[str, pl.Expr] = {}  # step 1: "__t<i>" -> a raw column's text
         self.values: dict[str, pl.Expr] = {}  # step 2: "__p<i>" -> a check's typed values
-        self.errors: list[tuple[str, pl.Expr]] = []  # step 3: (input column, error) per check, in check order
-        self.injected: dict[str, pl.Series] = {}  # computed outside the query (JSON arrays, date-times)
+        self.reasons: list[
+            tuple[str, list[_Reason]]
+        ] = []  # (input column, reasons) per check, in check order
+        self.flags: list[pl.Expr] = []  # step 3: one holds wherever a reason does
+        self.pending: list[
+            tuple[_Pending, pl.Expr]
+        ] = []  # checks with a fallback; step 3: the rows to read again
+        self.typed = self._add_checks()  # the expression of each clean column but __file and __key
+        # The refused rows' query, after steps 1 and 2: messages, then the rejects columns (but "file").
+        self.messages_step = self._messages_step() if messages else []
+        self.rejects_step = self._rejects_step() if messages else []
 
     def text(self, column: str) -> pl.Expr:
         """The text of a raw column (one query column, however many checks read it)."""
-        name = f"__t{list(self.raw.columns).index(column)}"
+        name = f"__t{self.positions[column]}"
         if name not in self.texts:
-            self.texts[name] = _text(pl.col(column), self.raw.schema[column], self.source, self.rules)
-        return pl.col(name)
-
-    def inject(self, series: pl.Series) -> pl.Expr:
-        name = f"__x{len(self.injected)}"
-        self.injected[name] = series
+            if self.schema[column] == pl.String and self.rules.trim:
+                # Trimmed in a step of its own, so that the null-value test and the mask read it computed once.
+                self.trimmed[f"__s{self.positions[column]}"] = pl.col(column).str.strip_chars()
+                self.texts[name] = _no_nulls(pl.col(f"__s{self.positions[column]}"), self.source)
+            else:
+                self.texts[name] = _text(pl.col(column), self.schema[column], self.source, self.rules)
         return pl.col(name)
 
     def check(self, column: str, parser: _Parser) -> pl.Expr:
         """Add a check of ``column``; returns the expression of its typed values (in the final step)."""
-        values, error = parser
         name = f"__p{len(self.values)}"
-        self.values[name] = values
-        failure = error(self.text(column), pl.col(name))
-        if self.raw.schema[column] == pl.String:
+        s, p = self.text(column), pl.col(name)
+        if parser.fallback is not None:
+            k = len(self.pending)
+            pending = _Pending(column, name, f"__f{k}", f"__m{k}", parser.fallback.read)
+            self.pending.append((pending, parser.fallback.rows(s, p)))
+            if self.messages:
+                # The rows the fast form did not fit were read after the chunk's query: their messages come in a
+                # column of the refused rows. Values are not needed here.
+                message = pl.col(pending.messages)
+                parser = _Parser(pl.lit(None), lambda s, p: [(message.is_not_null(), message)])
+        self.values[name] = parser.values
+        reasons = parser.reasons(s, p)
+        self.flags += [condition for condition, _ in reasons]
+        if self.schema[column] == pl.String:
             # A NUL character is binary junk (or a UTF-16 file read as UTF-8), never a value to send.
-            nul = pl.col(column).str.contains("\x00", literal=True).fill_null(False)
-            failure = pl.when(nul).then(pl.lit("contains a NUL character")).otherwise(failure)
-        self.errors.append((column, failure))
-        return pl.col(name)
+            nul = pl.col(column).cast(pl.Binary).bin.contains(b"\x00").fill_null(False)
+            reasons = [(nul, _NUL), *reasons]
+            if not parser.refuses_nul:
+                self.flags.append(nul)
+        self.reasons.append((column, reasons))
+        return p
+
+    def check_id(self) -> pl.Expr:
+        """Add the external ID's check; returns its text."""
+        ext = self.text(self.source.ext_id)
+        self.reasons.append((self.source.ext_id, _id_reasons(ext, self.rules)))
+        self.flags.append(_id_refused(ext, self.rules))
+        return ext
 
     def list_values(self, column: str, delimiter: str) -> _Parser:
-        dtype = self.raw.schema[column]
-        if dtype == pl.String:
-            text = self.raw.select(_text(pl.col(column), dtype, self.source, self.rules)).to_series()
-            if text.str.starts_with("[").any():
-                values, errors = _json_lists(text, delimiter)
-                injected_errors = self.inject(errors)
-                return self.inject(values), lambda s, p: injected_errors
-        return _parse_list(self.text(column), dtype, delimiter)
+        if self.schema[column] == pl.String:
+            return _parse_list(self.text(column), delimiter)
+        return _typed_list(self.text(column))
 
     def parse(self, column: str, mapping: AttributeMapping) -> _Parser:
-        dtype = self.raw.schema[column]
+        dtype = self.schema[column]
         s = self.text(column)
         if isinstance(dtype, pl.List) and mapping.type is not ValueType.LIST:
-            return pl.lit(None, _DTYPE[mapping.type]), lambda s, p: _err(
-                s.is_not_null(), "a list where a single value is expected"
+            return _Parser(
+                pl.lit(None, _DTYPE[mapping.type]),
+                lambda s, p: [(s.is_not_null(), "a list where a single value is expected")],
             )
         if mapping.type is ValueType.BOOLEAN:
             return _parse_bool(s)
@@ -408,13 +312,89 @@ class _Query:
         if mapping.type is ValueType.DATE:
             if dtype == pl.Date or isinstance(dtype, pl.Datetime):
                 return _typed_date(s, dtype, self.rules.timezone)
-            text = self.raw.select(_text(pl.col(column), dtype, self.source, self.rules)).to_series()
-            return self.inject(_date_times(text, self.rules.timezone)), lambda s, p: _err(
-                s.is_not_null() & p.is_null(), "not an ISO 8601 date or date-time"
-            )
+            return _parse_date(s, self.rules.timezone)
         if mapping.type is ValueType.LIST:
             return self.list_values(column, mapping.delimiter)
-        return s.cast(pl.String), lambda s, p: _NO_ERROR
+        return _Parser(s.cast(pl.String), lambda s, p: [])
+
+    def _add_checks(self) -> dict[str, pl.Expr]:
+        source = self.source
+        typed: dict[str, pl.Expr] = {EXT_ID: self.check_id(), ROW: pl.col(ROW)}
+        if source.kind is SourceKind.TAGS:
+            assert source.tag is not None
+            typed[TAG] = self.check(source.tag, _required(self.text(source.tag), "missing tag"))
+            typed[ACTION] = (
+                self.check(source.action, _parse_action(self.text(source.action)))
+                if source.action
+                else pl.lit(True)
+            )
+        if source.kind is SourceKind.EVENTS:
+            assert source.event is not None
+            typed[EVENT] = self.check(source.event, _required(self.text(source.event), "missing event name"))
+        # A name checked twice (an attribute that is also the email column) takes the last check's values.
+        for a in source.attributes:
+            typed[a.column] = self.check(a.column, self.parse(a.column, a))
+        for t in source.tags:
+            typed[t.column] = self.check(t.column, self.list_values(t.column, t.delimiter))
+        for c in source.opt_ins.columns():
+            typed[c] = self.check(c, _parse_bool(self.text(c)))
+        if source.email:
+            typed[source.email] = self.check(source.email, _parse_email(self.text(source.email)))
+        if source.msisdn:
+            typed[source.msisdn] = self.check(source.msisdn, _parse_msisdn(self.text(source.msisdn)))
+        return typed
+
+    def lazy(self, raw: pl.DataFrame) -> pl.LazyFrame:
+        """Steps 1 and 2 (texts, values) over a chunk; step 3 selects from this."""
+        return raw.lazy().with_columns(**self.trimmed).with_columns(**self.texts).with_columns(**self.values)
+
+    def _messages_step(self) -> list[pl.Expr]:
+        """Step 3 of the refused rows' query: the external ID, the row and each check's message."""
+        return [
+            self.typed[EXT_ID].cast(pl.String).alias(EXT_ID),
+            pl.col(ROW),
+            *(_message(reasons).alias(f"__e{i}") for i, (_, reasons) in enumerate(self.reasons)),
+        ]
+
+    def _rejects_step(self) -> list[pl.Expr]:
+        """After :meth:`_messages_step`: the rejects columns but ``file``."""
+        failed = [(pl.col(f"__e{i}"), column) for i, (column, _) in enumerate(self.reasons)]
+        return [
+            pl.col(ROW).cast(pl.Int64).alias("row"),
+            pl.coalesce([pl.when(e.is_not_null()).then(pl.lit(c)) for e, c in failed]).alias("column"),
+            pl.when(pl.sum_horizontal(e.is_not_null() for e, _ in failed) > 1)
+            .then(
+                pl.concat_str(
+                    [pl.when(e.is_not_null()).then(pl.lit(f"{c}: ") + e) for e, c in failed],
+                    separator="; ",
+                    ignore_nulls=True,
+                )
+            )
+            .otherwise(pl.coalesce(e for e, _ in failed))
+            .alias("reason"),
+            pl.col(EXT_ID).alias("ext_id"),
+        ]
+
+
+_QUERIES: dict[tuple[int, int, tuple[tuple[str, Any], ...], bool], _Query] = {}
+"""Recent queries, by source, rules, schema and kind (the objects are held, so their ids stay theirs)."""
+_QUERIES_LOCK = threading.Lock()  # plans of two jobs may be staged in two threads of one process
+
+
+def _query(raw: pl.DataFrame, source: Source, rules: ValidationRules, *, messages: bool) -> _Query:
+    """The validation query for ``raw``'s schema: built once for the chunks of a file (or of a few sources)."""
+    key = (id(source), id(rules), tuple(raw.schema.items()), messages)
+    with _QUERIES_LOCK:
+        query = _QUERIES.get(key)
+        if query is None:
+            query = _Query(raw.schema, source, rules, messages=messages)
+            while len(_QUERIES) >= 16:
+                _QUERIES.pop(next(iter(_QUERIES)))
+            _QUERIES[key] = query
+        return query
+
+
+_REFUSED = "__refused"
 
 
 def validate_chunk(
@@ -424,75 +404,83 @@ def validate_chunk(
     :func:`clean_schema` says (minus ``__key``), and one rejects row per failed input row (first failing column;
     the reason lists every problem of the row).
 
-    One lazy query types and checks every column; the reasons are put together only for the rows that failed.
+    One lazy query types every column and flags the refused rows; the texts its fast forms may not fit are read
+    again afterwards, and the reasons are put together for the refused rows only (:func:`_rejects`).
     """
-    q = _Query(raw, source, rules)
-    ext = q.text(source.ext_id)
-    q.errors.append((source.ext_id, _id_error(ext, rules)))
-    typed: dict[str, pl.Expr] = {EXT_ID: ext, FILE: pl.lit(file_index), ROW: pl.col(ROW)}
-    if source.kind is SourceKind.TAGS:
-        assert source.tag is not None
-        typed[TAG] = q.check(source.tag, _required(q.text(source.tag), "missing tag"))
-        typed[ACTION] = (
-            q.check(source.action, _parse_action(q.text(source.action))) if source.action else pl.lit(True)
-        )
-    if source.kind is SourceKind.EVENTS:
-        assert source.event is not None
-        typed[EVENT] = q.check(source.event, _required(q.text(source.event), "missing event name"))
-    # A name checked twice (an attribute that is also the email column) takes the last check's values.
-    for a in source.attributes:
-        typed[a.column] = q.check(a.column, q.parse(a.column, a))
-    for t in source.tags:
-        typed[t.column] = q.check(t.column, q.list_values(t.column, t.delimiter))
-    for c in source.opt_ins.columns():
-        typed[c] = q.check(c, _parse_bool(q.text(c)))
-    if source.email:
-        typed[source.email] = q.check(source.email, _parse_email(q.text(source.email)))
-    if source.msisdn:
-        typed[source.msisdn] = q.check(source.msisdn, _parse_msisdn(q.text(source.msisdn)))
-
+    q = _query(raw, source, rules, messages=False)
     schema = {k: v for k, v in clean_schema(source).items() if k != KEY}
-    errors = [f"__e{i}" for i in range(len(q.errors))]
+    typed = q.typed | {FILE: pl.lit(file_index)}
     frame = (
-        (raw.with_columns(**q.injected) if q.injected else raw)
-        .lazy()
-        .with_columns(**q.texts)
-        .with_columns(**q.values)
+        q.lazy(raw)
         .select(
             *(typed[k].cast(v).alias(k) for k, v in schema.items()),
-            *(error.alias(e) for (_, error), e in zip(q.errors, errors, strict=True)),
+            pl.any_horizontal(q.flags).fill_null(False).alias(_REFUSED),
+            *(rows.alias(pending.rows) for pending, rows in q.pending),
         )
-        .with_columns(pl.any_horizontal(pl.col(e).is_not_null() for e in errors).alias("__bad"))
         .collect()
     )
-    bad = frame["__bad"]
+    found: dict[str, pl.Series] = {}
+    if q.pending:
+        frame, found = _read_again(frame, raw, q)
+    bad = frame[_REFUSED]
     if not bad.any():
         return frame.select(list(schema)), pl.DataFrame(schema=REJECTS_SCHEMA)
-    clean = frame.filter(~bad).select(list(schema))
-    cols = [column for column, _ in q.errors]
-    failed = [pl.col(e) for e in errors]
-    rejects = frame.filter(bad).select(
-        pl.lit(file_name, pl.String).alias("file"),
-        pl.col(ROW).cast(pl.Int64).alias("row"),
-        pl.coalesce(
-            [pl.when(e.is_not_null()).then(pl.lit(c)) for e, c in zip(failed, cols, strict=True)]
-        ).alias("column"),
-        pl.when(pl.sum_horizontal(e.is_not_null() for e in failed) > 1)
-        .then(
-            pl.concat_str(
-                [
-                    pl.when(e.is_not_null()).then(pl.lit(f"{c}: ") + e)
-                    for e, c in zip(failed, cols, strict=True)
-                ],
-                separator="; ",
-                ignore_nulls=True,
-            )
+    refused = raw.filter(bad)
+    if q.pending:
+        refused = refused.with_columns(
+            found[p.messages].filter(bad)
+            if p.messages in found
+            else pl.lit(None, pl.String).alias(p.messages)
+            for p, _ in q.pending
         )
-        .otherwise(pl.coalesce(failed))
-        .alias("reason"),
-        pl.col(EXT_ID).alias("ext_id"),
+    return frame.filter(~bad).select(list(schema)), _rejects(refused, source, rules, file_name)
+
+
+def _read_again(
+    frame: pl.DataFrame, raw: pl.DataFrame, q: _Query
+) -> tuple[pl.DataFrame, dict[str, pl.Series]]:
+    """``frame`` with the rows each fallback flagged read exactly: their values put in place (where the check's
+    values are a clean column), the rows with a message flagged as refused; and those messages, per fallback
+    with any, as a column of ``frame``'s length."""
+    outputs = {e.meta.output_name(): column for column, e in q.typed.items()}
+    refused = frame[_REFUSED]
+    found: dict[str, pl.Series] = {}
+    for pending, _ in q.pending:
+        rows = frame[pending.rows].arg_true()
+        if rows.is_empty():
+            continue
+        text = raw.select(
+            _text(pl.col(pending.column).gather(rows), pl.String, q.source, q.rules)
+        ).to_series()
+        values, messages = pending.read(text)
+        failed = messages.is_not_null()
+        if failed.any():
+            refused = refused.scatter(rows.filter(failed), True)
+            found[pending.messages] = (
+                pl.repeat(None, frame.height, dtype=pl.String, eager=True)
+                .scatter(rows, messages)
+                .alias(pending.messages)
+            )
+        column = outputs.get(pending.values)
+        if column is not None:
+            frame = frame.replace_column(frame.get_column_index(column), _put(frame[column], rows, values))
+    return frame.replace_column(frame.get_column_index(_REFUSED), refused), found
+
+
+def _rejects(raw: pl.DataFrame, source: Source, rules: ValidationRules, file_name: str) -> pl.DataFrame:
+    """One rejects row per row of ``raw`` (rows a check refused, with the messages of their fallback readings):
+    the first failing column, and the reason (every problem of the row, each named by its column, when there is
+    more than one)."""
+    q = _query(raw, source, rules, messages=True)
+    rejects = (
+        q.lazy(raw)
+        .select(*q.messages_step)
+        .select(pl.lit(file_name, pl.String).alias("file"), *q.rejects_step)
     )
-    return clean, rejects
+    out = rejects.collect()
+    # The flags and the messages come from the same reasons: a refused row without a message is a bug here.
+    assert out["reason"].null_count() == 0, "a row was refused without a reason"
+    return out
 
 
 def _value_columns(source: Source) -> list[str]:

@@ -143,16 +143,32 @@ def _ranked(selected: pl.DataFrame, open_runs: Mapping[str, tuple[int, str]], si
         # a frame is small, and the pool's hand-offs cost more than the sort on a busy machine.
         codes = pl.col(GROUP).cast(pl.Categorical).to_physical()
         frame = frame.sort(codes, maintain_order=True, multithreaded=False)
-    counts = {g: n for g, (n, _) in open_runs.items()}
-    lasts = {g: last for g, (_, last) in open_runs.items()}
-    frame = frame.with_columns(
-        pl.col(GROUP).replace_strict(counts, default=0, return_dtype=pl.Int64).alias("__c0"),
-        pl.col(GROUP).replace_strict(lasts, default=None, return_dtype=pl.String).alias("__last"),
-    )
+    # The runs still open from earlier frames matter at each group's first row alone (its count of IDs, and
+    # whether that row's ID is the open run's last one): looked up in Python for those few rows, then spread over
+    # each group's rows by its segment number (integers only: no per-row lookup of the group's string).
     start = (pl.col(GROUP) != pl.col(GROUP).shift(1)).fill_null(True)
-    previous = pl.when(start).then(pl.col("__last")).otherwise(pl.col(EXT_ID).shift(1))
-    new = (pl.col(EXT_ID) != previous).fill_null(True)
-    frame = frame.with_columns(new.alias(_NEW), start.alias("__start"))
+    frame = frame.with_columns(start.alias("__start"))
+    starts = frame["__start"].arg_true()
+    at_groups = frame[GROUP].gather(starts).to_list()
+    at_ids = frame[EXT_ID].gather(starts).to_list()
+    counts: list[int] = []
+    fresh: list[bool] = []
+    for group, ext_id in zip(at_groups, at_ids, strict=True):
+        count, last = open_runs.get(group, (0, None))
+        counts.append(count)
+        fresh.append(ext_id != last)
+    segment = pl.col("__start").cast(pl.Int64).cum_sum() - 1
+    per_group = pl.DataFrame(
+        {"__c0": pl.Series(counts, dtype=pl.Int64), "__fresh": pl.Series(fresh, dtype=pl.Boolean)}
+    )
+    frame = frame.with_columns(segment.alias("__seg"))
+    frame = frame.with_columns(
+        pl.lit(per_group["__c0"]).gather(pl.col("__seg")).alias("__c0"),
+        pl.when(pl.col("__start"))
+        .then(pl.lit(per_group["__fresh"]).gather(pl.col("__seg")))
+        .otherwise((pl.col(EXT_ID) != pl.col(EXT_ID).shift(1)).fill_null(True))
+        .alias(_NEW),
+    )
     running = pl.col(_NEW).cast(pl.Int64).cum_sum()
     # The IDs counted before this group's first row in the frame: subtracted so ranks start at 1 per group.
     before = pl.when(pl.col("__start")).then(running - pl.col(_NEW).cast(pl.Int64)).forward_fill()

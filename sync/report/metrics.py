@@ -246,10 +246,17 @@ class RunMetrics:
             ["run_id", "platform"],
             registry=r,
         )
+        # Per batch, the in-flight count and the time of the last update are plain attributes the two gauges
+        # read at scrape time: a gauge's set() or inc() takes a lock, which the hot path would pay per request.
+        self._inflight = 0
+        self._updated_at = 0.0
+        self.inflight.set_function(lambda: self._inflight)
+        self._done_seen: set[str] = set()  # endpoints whose three ids_total series exist
         self.started = Gauge("pushsync_run_start_time_seconds", "Unix time the run started", registry=r)
         self.updated = Gauge(
             "pushsync_last_update_time_seconds", "Unix time of the last attempt or result", registry=r
         )
+        self.updated.set_function(lambda: self._updated_at)
         self._final = r  # finish() adds the end-of-run gauges here, so a running job does not show them yet
         self._exit_code: Gauge | None = None  # pushsync_exit_code, once finish() was called
         self._last_success: Gauge | None = None  # pushsync_last_success_time_seconds, when one is known
@@ -276,7 +283,7 @@ class RunMetrics:
                 self.set_budget(endpoint, budget_for(endpoint))
         now = self._wall()
         self.started.set(now)
-        self.updated.set(now)
+        self._updated_at = now
 
     # -- recording -------------------------------------------------------------------------------------------
 
@@ -299,7 +306,7 @@ class RunMetrics:
 
     def on_batch_start(self, batch: Batch) -> None:
         self._endpoint(batch.endpoint)
-        self.inflight.inc()
+        self._inflight += 1
 
     def _child(self, family: Any, *labels: str) -> Any:
         key = (str(id(family)), *labels)
@@ -319,19 +326,20 @@ class RunMetrics:
             self._child(self.rate_limited, ep).inc()
         if attempt.retry:
             self._child(self.retries, ep).inc()
-        self.updated.set(self._wall())
+        self._updated_at = self._wall()
 
     def on_batch_done(self, batch: Batch, result: BatchResult) -> None:
         ep = batch.endpoint
-        self.inflight.dec()
+        self._inflight -= 1
         rejected = len(result.rejected)
         failed = len(batch.ext_ids) - result.ok_ids - rejected if result.status is BatchStatus.FAILED else 0
+        first = ep not in self._done_seen
+        self._done_seen.add(ep)
         for outcome, n in (("ok", result.ok_ids), ("rejected", rejected), ("failed", failed)):
-            self._child(self.ids, ep, outcome).inc(
-                n
-            )  # inc(0) still creates the series: all three always present
+            if n or first:  # inc(0) creates the series: all three are present from the first result on
+                self._child(self.ids, ep, outcome).inc(n)
         self._child(self.batches, ep, str(result.status)).inc()
-        self.updated.set(self._wall())
+        self._updated_at = self._wall()
 
     # -- exposing --------------------------------------------------------------------------------------------
 
@@ -418,7 +426,7 @@ class RunMetrics:
                     registry=self._final,
                 )
             self._last_success.set(last_success)
-        self.updated.set(self._wall())
+        self._updated_at = self._wall()
         await asyncio.to_thread(self.publish)
 
     def serve(self, port: int, host: str = "0.0.0.0") -> MetricsServer:

@@ -39,7 +39,16 @@ from sync.errors import BadInputError, JobProblem
 from sync.records import RejectedRow
 from sync.sources._column_types import type_problems
 
-__all__ = ["ROW", "Chunk", "check_sources", "estimate_rows", "expand_paths", "iter_chunks", "read_columns"]
+__all__ = [
+    "ROW",
+    "Chunk",
+    "RowSelector",
+    "check_sources",
+    "estimate_rows",
+    "expand_paths",
+    "iter_chunks",
+    "read_columns",
+]
 
 ROW = "__row"
 """Name of the 1-based data row number column added to every chunk."""
@@ -408,20 +417,122 @@ def _normalise(table: pa.Table | pa.RecordBatch) -> pl.DataFrame:
     return frame.with_columns(casts) if casts else frame
 
 
-def iter_chunks(source: Source, path: Path) -> Iterator[Chunk]:
+RowSelector = Callable[[Callable[[], pl.Series], pl.Series], pl.Series]
+"""Given a function giving a chunk's ID column (as read: text, unless the file types it otherwise; converted
+only when asked for) and its rows' numbers (``__row``), the mask of the rows to keep."""
+
+
+def iter_chunks(source: Source, path: Path, *, keep: RowSelector | None = None) -> Iterator[Chunk]:
     """Stream one file of a source in bounded chunks, reading only the mapped columns.
 
+    ``keep``: only the rows it selects (by their ID) come out, with their own row numbers; the file is checked
+    and read as a whole all the same (malformed records are still reported). Converting only those rows is
+    what makes a read of a few rows of a large file cheap.
     Raises BadInputError (once, with the file's path) when the file cannot be read at all.
     """
     names = _check_header(source, path)
     columns = list(source.columns())
     if source.format is FileFormat.PARQUET:
-        yield from _parquet_chunks(source, path, columns)
+        yield from _parquet_chunks(source, path, columns, keep)
     elif _header_without_newline(source, path) is None:
-        yield from _csv_chunks(source, path, columns, names)
+        yield from _csv_chunks(source, path, columns, names, keep)
 
 
-def _parquet_chunks(source: Source, path: Path, columns: list[str]) -> Iterator[Chunk]:
+def read_ids(source: Source, path: Path) -> Iterator[pl.Series] | None:
+    """The ID column of a Parquet file as :func:`iter_chunks` gives it, one row group at a time (cheap: one column
+    is decoded); None for a CSV file (whose columns cannot be read one without the others)."""
+    if source.format is not FileFormat.PARQUET:
+        return None
+    _check_header(source, path)
+    return _parquet_ids(source, path)
+
+
+def _plain(dtype: pa.DataType) -> bool:
+    """Whether polars' own Parquet reader gives ``dtype`` the polars type pyarrow's reading converts it to."""
+    if pa.types.is_list(dtype) or pa.types.is_large_list(dtype):
+        return _plain(dtype.value_type)
+    return any(
+        check(dtype)
+        for check in (
+            pa.types.is_string,
+            pa.types.is_large_string,
+            pa.types.is_integer,
+            pa.types.is_floating,
+            pa.types.is_boolean,
+            pa.types.is_date32,
+        )
+    )
+
+
+def read_rows(source: Source, path: Path, rows: pl.Series, ids: pl.Series) -> Chunk | None:
+    """Rows ``rows`` (1-based data row numbers, ascending) of a Parquet file, as :func:`iter_chunks` gives them,
+    given ``ids``: their IDs as :func:`read_ids` gives them, and every row with one of those IDs is among
+    ``rows``. Read by polars' own reader with a predicate on the ID column, which decodes the other columns only
+    for the rows it keeps (a few rows of a large file cost a fraction of reading it, in little memory).
+
+    None when the file is not Parquet, maps a column of a type outside the plain ones (text, numbers, booleans,
+    dates, lists of those: :func:`iter_chunks` is the reference for the others), has IDs that are neither text
+    nor integers, or polars cannot read it: read it with :func:`iter_chunks`, which reports what is wrong."""
+    if source.format is not FileFormat.PARQUET:
+        return None
+    columns = list(source.columns())
+    try:
+        schema = pq.ParquetFile(path).schema_arrow
+        if not all(_plain(schema.field(c).type) for c in columns):
+            return None
+        id_type = schema.field(source.ext_id).type
+        if pa.types.is_string(id_type) or pa.types.is_large_string(id_type):
+            ext = pl.col(source.ext_id)
+        elif pa.types.is_integer(id_type):
+            ext = pl.col(source.ext_id).cast(pl.String)  # as _normalise gives them
+        else:
+            return None
+        picked = (
+            pl.scan_parquet(path, parallel="prefiltered")
+            .select(columns)
+            .filter(ext.is_in(ids.unique().implode()))
+            .collect()
+        )
+    except (pa.ArrowException, OSError, UnicodeError, KeyError, pl.exceptions.PolarsError):
+        return None
+    except pl.exceptions.PanicException:  # a damaged file polars could not read: iter_chunks says what it is
+        return None
+    if picked.height != len(rows):
+        return None
+    frame = _normalise(picked.to_arrow())
+    return Chunk(frame.with_columns(rows.cast(pl.Int64).alias(ROW)))
+
+
+def _parquet_ids(source: Source, path: Path) -> Iterator[pl.Series]:
+    next_row = 1
+    try:
+        groups = pq.ParquetFile(path).metadata.num_row_groups
+        for group in range(groups):
+            parquet = pq.ParquetFile(path)
+            table = parquet.read_row_group(group, columns=[source.ext_id]).replace_schema_metadata(None)
+            parquet.close()
+            for batch in table.to_batches():  # text that is not UTF-8 would crash polars (see _check_text)
+                _check_text(batch, path, next_row)
+                next_row += batch.num_rows
+            yield _normalise(table)[source.ext_id]
+    except (pa.ArrowException, OSError, UnicodeError) as exc:
+        raise _unreadable(source, path, exc) from exc
+
+
+def _selected(
+    table: pa.Table | pa.RecordBatch, rows: pl.Series, ext_id: str, keep: RowSelector | None
+) -> pl.DataFrame:
+    """``table`` as a polars frame (:func:`_normalise`) with its ``__row`` numbers, only the rows ``keep`` selects."""
+    if keep is not None:
+        mask = keep(lambda: _normalise(table.select([ext_id]))[ext_id], rows)
+        table = table.filter(mask.to_arrow())
+        rows = rows.filter(mask)
+    return _normalise(table).with_columns(rows.alias(ROW))
+
+
+def _parquet_chunks(
+    source: Source, path: Path, columns: list[str], keep: RowSelector | None = None
+) -> Iterator[Chunk]:
     # One ParquetFile per row group: a single reader kept across row groups grows by several MB per row group
     # (measured with pyarrow 26 on a 10M-row file), a fresh one stays flat. The decoded columns of one row group
     # are the floor of memory use for Parquet input (writers' row groups are usually 100k-1M rows).
@@ -436,9 +547,8 @@ def _parquet_chunks(source: Source, path: Path, columns: list[str]) -> Iterator[
             ):
                 _check_text(batch, path, next_row)
                 # Schema metadata (pandas/arrow notes) is not used, and polars panics on a damaged key.
-                frame = _normalise(batch.replace_schema_metadata(None)).with_columns(
-                    pl.int_range(next_row, next_row + batch.num_rows, dtype=pl.Int64).alias(ROW)
-                )
+                rows = pl.int_range(next_row, next_row + batch.num_rows, dtype=pl.Int64, eager=True)
+                frame = _selected(batch.replace_schema_metadata(None), rows, source.ext_id, keep)
                 next_row += batch.num_rows
                 yield Chunk(frame)
             parquet.close()
@@ -472,7 +582,9 @@ def _check_text(batch: pa.RecordBatch, path: Path, first_row: int) -> None:
             raise
 
 
-def _csv_chunks(source: Source, path: Path, columns: list[str], names: list[str]) -> Iterator[Chunk]:
+def _csv_chunks(
+    source: Source, path: Path, columns: list[str], names: list[str], keep: RowSelector | None = None
+) -> Iterator[Chunk]:
     # Records with the wrong number of fields are skipped by pyarrow and reported here; their data row number is
     # the physical line number minus the header (exact unless an earlier value spans several lines).
     malformed: list[RejectedRow] = []
@@ -497,7 +609,7 @@ def _csv_chunks(source: Source, path: Path, columns: list[str], names: list[str]
         return "skip"
 
     with _undecodable_rows(on_invalid) as undecodable:
-        yield from _csv_read(source, path, columns, names, on_invalid, undecodable, malformed, skipped)
+        yield from _csv_read(source, path, columns, names, on_invalid, undecodable, malformed, skipped, keep)
 
 
 def _id_in_record(text: str | None, position: int, delimiter: str) -> str | None:
@@ -518,6 +630,7 @@ def _csv_read(
     undecodable: list[BaseException],
     malformed: list[RejectedRow],
     skipped: list[int],
+    keep: RowSelector | None = None,
 ) -> Iterator[Chunk]:
     try:
         reader = pa_csv.open_csv(
@@ -547,7 +660,7 @@ def _csv_read(
             else:
                 row_col = pl.int_range(next_row, next_row + n, dtype=pl.Int64, eager=True).alias(ROW)
                 next_row += n
-            chunk = Chunk(_normalise(batch).with_columns(row_col), tuple(malformed))
+            chunk = Chunk(_selected(batch, row_col, source.ext_id, keep), tuple(malformed))
             malformed.clear()
             yield chunk
         if malformed:

@@ -6,10 +6,12 @@ from __future__ import annotations
 import json
 import shutil
 import threading
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Generator, Iterable, Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import closing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, TypeVar
 
 import polars as pl
 
@@ -23,6 +25,7 @@ from sync.state._diff import DiffCounts, diff_and_state
 from sync.state._store import (
     LEFT_FILE,
     SEQ,
+    Layers,
     StateStore,
     key_range,
     managed_fields,
@@ -83,24 +86,60 @@ def _log_entry(delta: SourceDelta, stream: Any, batch: Batch, builder: SnapshotB
 def _by_range(
     frames: Iterable[pl.DataFrame], bits: int, empty: pl.DataFrame
 ) -> Iterator[tuple[int, pl.DataFrame]]:
-    """Re-cut frames of disjoint, increasing key ranges (the planner's buckets) into this module's ranges."""
+    """Re-cut frames of disjoint, increasing key ranges (the planner's buckets, each in canonical order) into
+    this module's ranges. Cut by position (the keys are sorted), so no row is copied: a filter would copy every
+    column of the buffer twice per range."""
     it = iter(frames)
     buf = empty
     exhausted = False
     for r in range(1 << bits):
         _, hi = key_range(r, bits)
-        while not exhausted and (buf.is_empty() or buf[KEY].max() < hi):  # type: ignore[operator]
+        while not exhausted and (buf.is_empty() or buf[KEY][-1] < hi):
             nxt = next(it, None)
             if nxt is None:
                 exhausted = True
             elif nxt.height:
-                buf = (
-                    pl.concat([buf, nxt.select(empty.columns)], how="vertical_relaxed")
-                    if buf.height
-                    else nxt.select(empty.columns)
-                )
-        yield r, buf.filter(pl.col(KEY) < hi)
-        buf = buf.filter(pl.col(KEY) >= hi)
+                nxt = nxt.select(empty.columns)
+                if not nxt[KEY].is_sorted():  # not from the planner: cut by position only once sorted
+                    nxt = nxt.sort([KEY, EXT_ID])
+                buf = pl.concat([buf, nxt], how="vertical_relaxed") if buf.height else nxt
+        cut = int(buf[KEY].search_sorted(hi, side="left"))
+        yield r, buf.slice(0, cut)
+        buf = buf.slice(cut)
+
+
+def _range_reads(
+    store: StateStore,
+    source: Source,
+    frames: Iterable[pl.DataFrame],
+    bits: int,
+    empty: pl.DataFrame,
+    settings: SnapshotSettings,
+) -> Iterator[tuple[int, pl.DataFrame, Layers]]:
+    """Per key range: its number, the export's rows and the state's layers (what the diff of a range reads)."""
+    for r, current in _by_range(frames, bits, empty):
+        lo, hi = key_range(r, bits)
+        yield r, current, store.layers(source, lo, hi, settings)
+
+
+_T = TypeVar("_T")
+
+
+def _prefetched(items: Iterator[_T]) -> Generator[_T, None, None]:
+    """``items``, each next one read on a worker thread while the caller works on the current one.
+
+    Reading (Arrow and Parquet decoding) and diffing (polars expressions) both run without the GIL, so the
+    two overlap on two cores; one item ahead at most, so memory holds two key ranges, not the export."""
+    done = object()
+    with ThreadPoolExecutor(1, thread_name_prefix="snapshot-read") as pool:
+        ahead = pool.submit(next, items, done)
+        while True:
+            # An error of the read (a damaged state file) is raised here, in the caller's thread.
+            item = ahead.result()
+            if item is done:
+                return
+            ahead = pool.submit(next, items, done)
+            yield item  # type: ignore[misc]
 
 
 @dataclass(frozen=True, slots=True)
@@ -308,35 +347,37 @@ def compute_diff(
             held = (rejected or {}).get(source.name)
             version = store.version(source)
             captured = not full_refresh
-            for r, current in _by_range(st.frames([KEY, *columns]), bits, empty):
-                if stop is not None and stop.is_set():
-                    raise InterruptedRunError("interrupted while the export was diffed; nothing was sent")
-                lo, hi = key_range(r, bits)
-                state = store.layers(source, lo, hi, settings)
-                delta, c, before = diff_and_state(
-                    source,
-                    current,
-                    state,
-                    settings,
-                    full_refresh=full_refresh,
-                    left_file=len(st.files),
-                    held=held.ext_ids if held is not None else None,
-                    hold_removals=held is not None and held.unidentified > 0 and not force,
-                )
-                counts = counts + c
-                if delta.height:
-                    delta = delta.with_columns(
-                        pl.int_range(seq, seq + delta.height, dtype=pl.Int64).alias(SEQ)
+            # Closed on the way out, so an error or a stop leaves no read running behind it.
+            with closing(
+                _prefetched(_range_reads(store, source, st.frames([KEY, *columns]), bits, empty, settings))
+            ) as ranges:
+                for r, current, state in ranges:
+                    if stop is not None and stop.is_set():
+                        raise InterruptedRunError("interrupted while the export was diffed; nothing was sent")
+                    delta, c, before = diff_and_state(
+                        source,
+                        current,
+                        state,
+                        settings,
+                        full_refresh=full_refresh,
+                        left_file=len(st.files),
+                        held=held.ext_ids if held is not None else None,
+                        hold_removals=held is not None and held.unidentified > 0 and not force,
                     )
-                    seq += delta.height
-                    parts[r] = part_dir / f"{r:05d}.parquet"
-                    delta.write_parquet(parts[r], compression="zstd")
-                    if before is not None:
-                        # The state rows of the delta's users, as the diff read them: the commit merges into
-                        # these instead of reading the state again (see sync.state._commit._merge).
-                        before.write_parquet(part_dir / f"{r:05d}.state.parquet", compression="zstd")
-                    else:
-                        captured = False
+                    counts = counts + c
+                    if delta.height:
+                        delta = delta.with_columns(
+                            pl.int_range(seq, seq + delta.height, dtype=pl.Int64).alias(SEQ)
+                        )
+                        seq += delta.height
+                        parts[r] = part_dir / f"{r:05d}.parquet"
+                        delta.write_parquet(parts[r], compression="zstd")
+                        if before is not None:
+                            # The state rows of the delta's users, as the diff read them: the commit merges into
+                            # these instead of reading the state again (see sync.state._commit._merge).
+                            before.write_parquet(part_dir / f"{r:05d}.state.parquet", compression="zstd")
+                        else:
+                            captured = False
             if (
                 refuse
                 and not force

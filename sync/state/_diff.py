@@ -84,6 +84,47 @@ def _fingerprint(expr: pl.Expr, is_list: bool) -> pl.Expr:
     return expr.hash()
 
 
+def _id_hash(expr: pl.Expr) -> pl.Expr:
+    """The ID's part of a signature (a function of its own, so a test can make two IDs collide)."""
+    return expr.hash()
+
+
+_MIX = 0x9E3779B97F4A7C15
+"""Odd multiplier of the signature's polynomial (wrapping u64 arithmetic): a change of one value always
+changes the signature, since multiplying by an odd number is a bijection modulo 2**64."""
+
+
+def _signatures(source: Source, settings: SnapshotSettings) -> tuple[pl.Expr, pl.Expr]:
+    """The u64 *signature* of a user's row, on the export side and on the state side: the hashes of the ID and
+    of every managed value (lists as sets, the tag columns as one set) combined as a polynomial. Equal rows
+    give equal signatures on both sides; different rows almost surely (2**-64) different ones.
+
+    A null in the export means "no change" for most fields, whatever the state holds; a signature cannot say
+    that, so such a row (a value emptied in the export but kept in the state) differs and goes to the exact
+    comparison, which finds nothing to send."""
+    fields = managed_fields(source, settings)
+    current: list[pl.Expr] = [_id_hash(pl.col(EXT_ID))]
+    state: list[pl.Expr] = [_id_hash(pl.col(EXT_ID))]
+    for f in fields:
+        is_list = f.kind in (FieldKind.APPEND, FieldKind.REMOVE)
+        current.append(_fingerprint(pl.col(f.column), is_list))
+        # The same type on both sides: a hash depends on it.
+        state.append(_fingerprint(pl.col(f.name).cast(f.dtype), is_list))
+    tag_cols = tag_columns(source)
+    if tag_cols:
+        tags = pl.concat_list([pl.col(c).fill_null(empty_list()) for c in tag_cols])
+        current.append(_fingerprint(tags, True))
+        state.append(_fingerprint(pl.col(TAGS), True))
+
+    def combine(hashes: list[pl.Expr]) -> pl.Expr:
+        acc = hashes[0]
+        for h in hashes[1:]:
+            acc = acc * pl.lit(_MIX, pl.UInt64) + h
+        return acc.alias("__sig")
+
+    return combine(current), combine(state)
+
+
 def _unchanged_skipped(
     source: Source,
     current: pl.DataFrame,
@@ -94,68 +135,47 @@ def _unchanged_skipped(
 ) -> tuple[pl.DataFrame, pl.DataFrame, int] | None:
     """Drop the users whose row certainly did not change, before the exact comparison.
 
-    Both frames are in canonical order, so the users in both appear in the same order on both sides: a mask of
-    each side (membership by a 64-bit hash of the ID) lines them up without a join. Each managed field is then
-    compared by a 64-bit fingerprint, on narrow numeric columns only (no string or list is copied or joined);
-    a user is kept when any field may have changed, so only a hash collision (about 2**-64 per field) could hide
-    a change. Returns ``(current rows to compare, state rows to compare, users skipped)``, or None when the two
-    sides do not line up (not in canonical order): the exact comparison then takes every row.
+    Each side's rows get a 64-bit signature (:func:`_signatures`: the ID and every managed value); an export
+    row whose signature the state holds, and that state row, are the same user with the same values — two
+    membership tests over one u64 column per side, no join and no string or list copied. Because a signature
+    could collide, the matched users are checked exactly: both frames are in canonical order, so the matched
+    rows of both sides must name the same IDs in the same order (one string comparison); when they do not (a
+    collision, or frames not in canonical order) this returns None and the exact comparison takes every row.
+    Returns ``(current rows to compare, state rows to compare, users skipped)``, or None when nothing is
+    skipped.
 
     With an overlay (:class:`sync.state._store.Layers`), ``st`` is the base, ``live`` the overlay's rows and
-    ``replaced`` marks the base rows it supersedes: those users are compared exactly (they are few), the rest
-    line up with the base as it is — no merged copy of the state is made.
+    ``replaced`` marks the base rows it supersedes: those base rows match nothing, the overlay's rows are
+    compared exactly (they are few), the rest line up with the base as it is — no merged copy of the state is
+    made.
     """
     if current.is_empty() or st.is_empty():
         return None
-    if replaced is None:
-        replaced = pl.Series(values=[False], dtype=pl.Boolean).new_from_index(0, st.height)
-    fields = managed_fields(source, settings)
-    tag_cols = tag_columns(source)
-    c_cols: list[pl.Expr] = [pl.col(KEY), pl.col(EXT_ID).hash().alias("__h")]
-    s_cols: list[pl.Expr] = [pl.col(KEY), pl.col(EXT_ID).hash().alias("__h")]
-    changed: list[pl.Expr] = []
-    for i, f in enumerate(fields):
-        is_list = f.kind in (FieldKind.APPEND, FieldKind.REMOVE)
-        c_cols.append(_fingerprint(pl.col(f.column), is_list).alias(f"c{i}"))
-        c_cols.append(pl.col(f.column).is_null().alias(f"n{i}"))
-        s_cols.append(_fingerprint(pl.col(f.name), is_list).alias(f"s{i}"))
-        differs = pl.col(f"c{i}") != pl.col(f"s{i}")
-        if f.kind is FieldKind.SET and f.unset:
-            # A null sent as an unset: null against a value is a change, null against null is not.
-            changed.append(differs)
-        else:
-            # A null means "no change" for every other field.
-            changed.append(~pl.col(f"n{i}") & differs)
-    if tag_cols:
-        tags = pl.concat_list([pl.col(c).fill_null(empty_list()) for c in tag_cols])
-        c_cols.append(_fingerprint(tags, True).alias("ct"))
-        s_cols.append(_fingerprint(pl.col(TAGS), True).alias("st"))
-        changed.append(pl.col("ct") != pl.col("st"))
-    c = current.select(c_cols)
-    s = st.select(s_cols)
-    in_state = c["__h"].is_in(s["__h"].implode())
-    in_current = s["__h"].is_in(c["__h"].implode()) & ~replaced
-    if replaced.any():
-        # A user whose base row the overlay superseded (or deleted) is compared exactly, not lined up.
-        in_state = in_state & ~c["__h"].is_in(s["__h"].filter(replaced).implode())
-    cm = c.filter(in_state)
-    sm = s.filter(in_current)
-    # Lined up only if both sides list the common users in the same order (same key and ID hash, row by row).
-    if cm.height != sm.height or not (cm[KEY].equals(sm[KEY]) and cm["__h"].equals(sm["__h"])):
-        return None
-    joined = pl.concat([cm, sm.drop(KEY, "__h")], how="horizontal")
-    maybe = joined.select(pl.any_horizontal(changed) if changed else pl.lit(False)).to_series()
-    skipped = int(cm.height - maybe.sum())
+    c_expr, s_expr = _signatures(source, settings)
+    c_sig = current.select(c_expr).to_series()
+    s_sig = st.select(s_expr).to_series()
+    if replaced is not None and replaced.any():
+        same_c = c_sig.is_in(s_sig.filter(~replaced).implode())
+        same_s = s_sig.is_in(c_sig.implode()) & ~replaced
+    else:
+        replaced = None
+        same_c = c_sig.is_in(s_sig.implode())
+        same_s = s_sig.is_in(c_sig.implode())
+    skipped = int(same_c.sum())
     if skipped == 0:
+        return None
+    # The exact check of the match: the same users, one to one, in the same (canonical) order.
+    if int(same_s.sum()) != skipped or not current.get_column(EXT_ID).filter(same_c).equals(
+        st.get_column(EXT_ID).filter(same_s)
+    ):
         return None
     # Gathered by position (a few percent of the rows), not filtered by mask: a mask filter copies-scans every
     # wide column, a gather touches only the rows taken.
-    c_take = (~in_state | in_state.clone().scatter(in_state.arg_true(), maybe)).arg_true()
-    s_keep = (~in_current & ~replaced) | in_current.clone().scatter(in_current.arg_true(), maybe)
-    old = st[s_keep.arg_true()]
+    keep_s = ~same_s if replaced is None else ~(same_s | replaced)
+    old = st[keep_s.arg_true()]
     if live is not None and live.height:
         old = pl.concat([old, live], how="vertical_relaxed")
-    return current[c_take], old, skipped
+    return current[(~same_c).arg_true()], old, skipped
 
 
 def diff_frames(

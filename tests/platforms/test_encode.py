@@ -149,9 +149,11 @@ def test_structs_sort_their_keys(data: st.DataObject) -> None:
     frame = pl.DataFrame(rows, schema=schema, orient="row")
     series = frame.select(pl.struct(pl.all()).alias("v")).to_series()
     assert encoded(series) == expected(series)
-    # obj() leaves null members out, as the platforms' bodies do.
-    members = {n: encode.value(pl.col(n), schema[n]) for n in names}
-    got = frame.select(encode.obj(members)).to_series().to_list()
+    # obj() leaves null members out, as the platforms' bodies do. Columns are referred to by plain names: a key
+    # may be one polars reads as a pattern ("*", "^...$"), which the encoder never takes as a column name.
+    columns = frame.rename({n: f"c{i}" for i, n in enumerate(names)})
+    members = {n: encode.value(pl.col(f"c{i}"), schema[n]) for i, n in enumerate(names)}
+    got = columns.select(encode.obj(members)).to_series().to_list()
     want = [canonical({k: normalised(v) for k, v in r.items() if v is not None}) for r in frame.to_dicts()]
     assert [g.encode("utf-8") for g in got] == want
 
@@ -184,6 +186,14 @@ def test_known_differences_from_polars_text_are_fixed() -> None:
     ]
     assert encoded(pl.Series(["\x7f\u2028\x1f"])) == [b'"\x7f\xe2\x80\xa8\\u001f"']
     assert encode.key('a"b') == '"a\\"b"'
+
+
+def test_struct_fields_named_like_polars_patterns_are_encoded() -> None:
+    """A struct field named ``*`` or ``^...$`` is a key like any other (polars would expand it as a pattern if
+    the encoder looked it up by name)."""
+    frame = pl.DataFrame({"*": [1, None], "^a.*$": ["x", 'y"'], "b": [0.5, 2.0]})
+    series = frame.select(pl.struct(pl.all()).alias("v")).to_series()
+    assert encoded(series) == expected(series)
 
 
 def test_dtypes_json_has_no_form_for_are_refused() -> None:
@@ -225,3 +235,71 @@ def test_objects_with_required_members_and_nested_texts(data: st.DataObject) -> 
             item[nested] = {"x": r["inner"]} if r["inner"] is not None else {}
         want.append(canonical(item).decode())
     assert got.to_list() == want
+
+
+def column_encoded(series: pl.Series, **kwargs: Any) -> list[bytes | None]:
+    """What :func:`encode.column_text` gives for the series as a frame's column (its per-frame expression)."""
+    frame = pl.DataFrame({"v": series})
+    text = encode.column_text(frame, "v", **kwargs)
+    expr = text.expr() if isinstance(text, encode.Text) else text
+    out = frame.select(expr.alias("t")).to_series()
+    return [None if t is None else t.encode("utf-8") for t in out.to_list()]
+
+
+plain = st.text(
+    alphabet=st.characters(exclude_categories=["Cs"], min_codepoint=0x20, exclude_characters='"\\')
+)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.one_of(st.none(), texts), max_size=30), st.lists(st.one_of(st.none(), plain), max_size=30))
+def test_column_text_of_strings_is_value_text(
+    values: list[str | None], plain_values: list[str | None]
+) -> None:
+    """The per-frame string text (quotes alone when no value needs escaping) is exactly :func:`encode.value`'s,
+    for frames that need escaping and frames that do not; a sliced (offset) column too."""
+    for series in (pl.Series(values, dtype=pl.String), pl.Series(plain_values, dtype=pl.String)):
+        assert column_encoded(series) == expected(series)
+        assert column_encoded(series.slice(1)) == expected(series.slice(1))
+
+
+def test_plain_strings_sees_every_character_json_escapes() -> None:
+    assert encode.plain_strings(pl.Series(["Ada", "é😀\u2028\x7f", "", None], dtype=pl.String))
+    assert encode.plain_strings(pl.Series([], dtype=pl.String))
+    for c in ['"', "\\", *(chr(i) for i in range(0x20))]:
+        assert not encode.plain_strings(pl.Series(["Ada", f"x{c}y"], dtype=pl.String)), repr(c)
+    # Several chunks (a concatenated column): each is scanned.
+    chunked = pl.concat([pl.Series(["a"]), pl.Series(['b"'])], rechunk=False)
+    assert chunked.n_chunks() == 2 and not encode.plain_strings(chunked)
+    with pytest.raises(TypeError, match="String series"):
+        encode.plain_strings(pl.Series([1, 2]))
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.lists(st.one_of(st.none(), floats), max_size=30),
+    st.lists(st.one_of(st.none(), st.integers(-(2**40), 2**40).map(float)), max_size=30),
+    st.lists(
+        st.one_of(st.none(), st.floats(min_value=0.5, max_value=1e9).filter(lambda f: f % 1)), max_size=30
+    ),
+)
+def test_column_text_of_floats_is_value_text(
+    mixed: list[float | None], whole: list[float | None], fractional: list[float | None]
+) -> None:
+    """Whichever branches a frame's floats let the per-frame expression leave out (all integral, none integral,
+    tiny values, infinities, NaN), the text is :func:`encode.value`'s, normalised or not; Float32 too."""
+    for values in (mixed, whole, fractional, mixed + whole):
+        series = pl.Series(values, dtype=pl.Float64)
+        assert column_encoded(series) == expected(series)
+        assert column_encoded(series, integral_floats=False) == expected(series, normalise=False)
+        single = series.cast(pl.Float32)
+        assert column_encoded(single) == expected(single)
+
+
+def test_column_text_of_other_dtypes_is_value_text() -> None:
+    for series in (
+        pl.Series([1, None, -(2**63)], dtype=pl.Int64),
+        pl.Series([True, None, False]),
+        pl.Series([["a", 'b"'], None], dtype=pl.List(pl.String)),
+    ):
+        assert column_encoded(series) == expected(series)

@@ -475,3 +475,16 @@ def test_samples_are_the_first_bodies_as_objects() -> None:
             {"userID": "d", "user_attributes": {"member": True}},
         ]
     }
+
+
+def test_time_texts_skip_escaping_only_for_formats_that_write_nothing_to_escape() -> None:
+    """A time format without a character JSON escapes is quoted as it is; one with a quote, a backslash or
+    ``%t``/``%n`` (a tab, a line break) is escaped: the text is ``json.dumps``' either way."""
+    from sync.platforms.notifyvisitors.requests import _time_text
+
+    frame = pl.DataFrame({"t": [0, 86_400_000 * 400, None]}, schema={"t": pl.Int64})
+    for fmt in ("%Y-%m-%d %H:%M:%S", '%Y"%m', "%Y\\%m", "%Y%t%m", "%Y%n%m", "%d/%m/%Y %Z"):
+        local = pl.from_epoch(pl.col("t"), time_unit="ms").dt.replace_time_zone("UTC").dt.strftime(fmt)
+        got = frame.select(_time_text(local, fmt)).to_series().to_list()
+        raw = frame.select(local).to_series().to_list()
+        assert got == [None if r is None else json.dumps(r, ensure_ascii=False) for r in raw], fmt

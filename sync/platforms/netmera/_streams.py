@@ -122,8 +122,12 @@ def json_value(value: Any) -> Any:
     return value
 
 
-_ID = enc.string_text(pl.col(EXT_ID))  # never null: an ID is required in a clean frame
-_ID_TEXT = _ID.expr()
+def _id_text(frame: pl.DataFrame) -> enc.Text:
+    """The JSON text of the frame's IDs (never null: an ID is required in a clean frame), by the cheapest
+    expression this frame's IDs allow (:func:`sync.platforms._encode.column_text`)."""
+    text = enc.column_text(frame, EXT_ID)
+    assert isinstance(text, enc.Text)
+    return text
 
 
 def _item(members: Mapping[str, enc.Member], required: tuple[str, ...] = ("extId",)) -> pl.Expr:
@@ -132,12 +136,19 @@ def _item(members: Mapping[str, enc.Member], required: tuple[str, ...] = ("extId
 
 
 def _rows(
-    frame: pl.DataFrame, keep: pl.Expr, item: pl.Expr | None, items: bool, group: pl.Expr | None = None
+    frame: pl.DataFrame,
+    keep: pl.Expr | None,
+    item: pl.Expr | None,
+    items: bool,
+    group: pl.Expr | None = None,
 ) -> pl.DataFrame:
+    """The selected rows: those of ``frame`` that ``keep`` keeps (every row when None), with their item."""
     # A frame of a non-idempotent stream carries its rows' keys (sync.planning.row_keys): they travel to the batch.
     keys = [pl.col(ROW_KEY)] if ROW_KEY in frame.columns else []
     text = item if items and item is not None else pl.lit(None, pl.String)
-    return frame.filter(keep).select(
+    if keep is not None:
+        frame = frame.filter(keep)
+    return frame.select(
         pl.col(EXT_ID),
         pl.col(FILE),
         pl.col(ROW),
@@ -147,40 +158,45 @@ def _rows(
     )
 
 
-def _values(frame: pl.DataFrame, pairs: Sequence[tuple[str, str]]) -> tuple[pl.DataFrame, dict[str, pl.Expr]]:
-    """``frame`` with each attribute column's JSON text (null where the row has no value) in a column of its own,
-    and attribute name → that column. One column each, so that polars encodes them in parallel (the object they
-    form is one expression, evaluated on one thread)."""
-    texts = [
-        enc.value(pl.col(col), frame.schema[col]).alias(f"__json{i}") for i, (col, _) in enumerate(pairs)
-    ]
-    members = {name: pl.col(f"__json{i}") for i, (_, name) in enumerate(pairs)}
-    return frame.with_columns(texts), members
+def _members(frame: pl.DataFrame, pairs: Sequence[tuple[str, str]]) -> tuple[dict[str, enc.Member], set[str]]:
+    """Attribute name → the JSON text of its column in ``frame`` (:func:`sync.platforms._encode.column_text`),
+    and the names whose column has no null in ``frame``: an object takes those into its own concatenation
+    (one string copy fewer per value; a column's null count is known without a scan)."""
+    members = {name: enc.column_text(frame, col) for col, name in pairs}
+    present = {name for col, name in pairs if frame.get_column(col).null_count() == 0}
+    return members, present
 
 
 def _select_profile(frame: pl.DataFrame, items: bool, pairs: Sequence[tuple[str, str]]) -> pl.DataFrame:
     keep = pl.any_horizontal(pl.col([c for c, _ in pairs]).is_not_null())
     if not items:
         return _rows(frame, keep, None, items)
-    encoded, members = _values(frame.filter(keep), pairs)
-    item = _item({"extId": _ID, "profile": enc.obj_text(members)}, ("extId", "profile"))
-    return _rows(encoded, pl.lit(True), item, items)
+    if not all(frame.get_column(c).null_count() == 0 for c, _ in pairs):
+        frame = frame.filter(keep)  # a row without a value sends nothing (the rest skip the copy)
+    members, present = _members(frame, pairs)
+    profile = enc.obj_text(members, required=present)
+    item = _item({"extId": _id_text(frame), "profile": profile}, ("extId", "profile"))
+    return _rows(frame, None, item, items)
 
 
 def _select_unset(frame: pl.DataFrame, items: bool, pairs: Sequence[tuple[str, str]]) -> pl.DataFrame:
     columns = [c for c, _ in pairs]
     names = enc.array(pl.when(pl.col(c).is_null()).then(pl.lit(enc.key(name))) for c, name in pairs)
-    item = _item({"extId": _ID, "profile": names}, ("extId", "profile")) if items else None
+    item = _item({"extId": _id_text(frame), "profile": names}, ("extId", "profile")) if items else None
     return _rows(frame, pl.any_horizontal(pl.col(columns).is_null()), item, items)
 
 
 def _select_flag(frame: pl.DataFrame, items: bool, column: str, want: bool, one: bool) -> pl.DataFrame:
-    item = _item({"extId": _ID}) if one else _ID_TEXT
+    item = None
+    if items:
+        item = _item({"extId": _id_text(frame)}) if one else _id_text(frame).expr()
     return _rows(frame, pl.col(column) == want, item, items)
 
 
 def _select_contact(frame: pl.DataFrame, items: bool, column: str, field: str) -> pl.DataFrame:
-    item = _item({"extId": _ID, field: enc.string_text(pl.col(column))}, ("extId", field))
+    item = None
+    if items:
+        item = _item({"extId": _id_text(frame), field: enc.string_text(pl.col(column))}, ("extId", field))
     return _rows(frame, pl.col(column).is_not_null(), item, items)
 
 
@@ -196,19 +212,15 @@ def _select_categories(
         .filter(pl.col("__enable") == want)
         .sort("__i", maintain_order=True)
     )
-    category = pl.col("__col").replace_strict(dict(names), return_dtype=pl.String)
-    enable = enc.Text(("true" if want else "false",))
-    item = _item(
-        {"extId": _ID, "category": enc.string_text(category), "enable": enable},
-        ("extId", "category", "enable"),
-    )
-    return long.select(
-        EXT_ID,
-        FILE,
-        ROW,
-        pl.lit("").alias(GROUP),
-        (item if items else pl.lit(None, pl.String)).alias(ITEM),
-    )
+    item = pl.lit(None, pl.String)
+    if items:
+        category = pl.col("__col").replace_strict(dict(names), return_dtype=pl.String)
+        enable = enc.Text(("true" if want else "false",))
+        item = _item(
+            {"extId": _id_text(frame), "category": enc.string_text(category), "enable": enable},
+            ("extId", "category", "enable"),
+        )
+    return long.select(EXT_ID, FILE, ROW, pl.lit("").alias(GROUP), item.alias(ITEM))
 
 
 def _select_tags(frame: pl.DataFrame, items: bool, columns: list[str]) -> pl.DataFrame:
@@ -216,7 +228,7 @@ def _select_tags(frame: pl.DataFrame, items: bool, columns: list[str]) -> pl.Dat
         maintain_order=True
     )
     # The ID's JSON text is made once per user, before a row per tag repeats it.
-    item = _ID_TEXT if items else pl.lit(None, pl.String)
+    item = _id_text(frame).expr() if items else pl.lit(None, pl.String)
     return (
         frame.select(EXT_ID, FILE, ROW, tags.alias(GROUP), item.alias(ITEM))
         .explode(GROUP)
@@ -226,21 +238,24 @@ def _select_tags(frame: pl.DataFrame, items: bool, columns: list[str]) -> pl.Dat
 
 
 def _select_tag_table(frame: pl.DataFrame, items: bool, want: bool) -> pl.DataFrame:
-    return _rows(frame, pl.col("__action") == want, _ID_TEXT, items, pl.col("__tag"))
+    return _rows(
+        frame, pl.col("__action") == want, _id_text(frame).expr() if items else None, items, pl.col("__tag")
+    )
 
 
 def _select_events(frame: pl.DataFrame, items: bool, pairs: Sequence[tuple[str, str]]) -> pl.DataFrame:
     # Attributes sit beside extId and name, all keys sorted together (the loader refuses an attribute named
     # extId or name, which would overwrite the event's identity).
     if not items:
-        return _rows(frame, pl.lit(True), None, items)
-    encoded, members = _values(frame, pairs)
-    item = _item({**members, "extId": _ID, "name": enc.string_text(pl.col("__event"))}, ("extId", "name"))
-    return _rows(encoded, pl.lit(True), item, items)
+        return _rows(frame, None, None, items)
+    members, present = _members(frame, pairs)
+    identity = {"extId": _id_text(frame), "name": enc.string_text(pl.col("__event"))}
+    item = _item({**members, **identity}, ("extId", "name", *sorted(present)))
+    return _rows(frame, None, item, items)
 
 
 def _select_all(frame: pl.DataFrame, items: bool) -> pl.DataFrame:
-    return _rows(frame, pl.lit(True), _ID_TEXT, items)
+    return _rows(frame, None, _id_text(frame).expr() if items else None, items)
 
 
 def _flag_stream(operation: Operation, column: str, want: bool) -> Stream:
@@ -376,12 +391,15 @@ def streams_for(source: Source) -> list[Stream]:
 
 
 def _select_unset_list(frame: pl.DataFrame, items: bool, column: str) -> pl.DataFrame:
-    item = _item({"extId": _ID, "profile": enc.list_array(pl.col(column), pl.String)}, ("extId", "profile"))
+    item = None
+    if items:
+        profile = enc.list_array(pl.col(column), pl.String)
+        item = _item({"extId": _id_text(frame), "profile": profile}, ("extId", "profile"))
     return _rows(frame, pl.col(column).list.len() > 0, item, items)
 
 
 def _select_flagged(frame: pl.DataFrame, items: bool, column: str) -> pl.DataFrame:
-    return _rows(frame, pl.col(column).fill_null(False), _ID_TEXT, items)
+    return _rows(frame, pl.col(column).fill_null(False), _id_text(frame).expr() if items else None, items)
 
 
 def snapshot_streams(source: Source) -> list[Stream]:

@@ -572,10 +572,23 @@ class _Attribute:
     (``bad``) and the rows the columns cannot build (``odd``: :meth:`Builder._item` does). ``None`` texts: every
     non-null value is odd."""
 
-    formatted: pl.Expr | None
-    as_is: pl.Expr | None
+    formatted: enc.Member | None
+    as_is: enc.Member | None
     bad: pl.Expr
     odd: pl.Expr
+    present: bool = False
+    """The texts are null exactly where the column is, and the frame's column has no null: an object takes them
+    in as a required member (one string copy fewer)."""
+
+
+def _time_text(local: pl.Expr, fmt: str) -> pl.Expr:
+    """The JSON string of times written by ``strftime(fmt)``: a format without a character JSON escapes writes
+    none (its fields are digits, names and zone abbreviations; ``%t`` and ``%n`` write a tab and a line break, so
+    a format with them is escaped), so the text is put between quotes without the escaping pass; otherwise
+    escaped as any string."""
+    if "%t" not in fmt and "%n" not in fmt and enc.plain_strings(pl.Series([fmt], dtype=pl.String)):
+        return pl.concat_str(pl.lit('"'), local, pl.lit('"'))
+    return enc.string(local)
 
 
 @dataclass(frozen=True, slots=True)
@@ -747,10 +760,12 @@ class Builder:
         return local.dt.strftime(fmt), odd
 
     def _attribute(
-        self, stream: Stream, name: str, kind: ValueType, column: str, dtype: pl.DataType
+        self, stream: Stream, name: str, kind: ValueType, column: str, frame: pl.DataFrame
     ) -> _Attribute:
         """One attribute's JSON texts (formatted and as-is), the rows where formatting fails and the rows the
-        columns cannot build (:meth:`_item` does: lenient parsing of text flags and dates, odd years)."""
+        columns cannot build (:meth:`_item` does: lenient parsing of text flags and dates, odd years). The
+        texts of a plain column are chosen for ``frame``'s values (:func:`sync.platforms._encode.column_text`)."""
+        dtype = frame.schema[column]
         col = pl.col(column)
         present = col.is_not_null()
         none = pl.lit(False)
@@ -760,7 +775,7 @@ class Builder:
             local = self._local_time(column, self._tz, fmt)
             if local is None or (users and name in ("mobile", *OPT_IN_ATTRIBUTES)):
                 return _Attribute(None, None, none, present)
-            text = enc.string(local[0])
+            text = _time_text(local[0], fmt)
             return _Attribute(text, text, none, local[1])
         if kind is ValueType.BOOLEAN and name in OPT_IN_ATTRIBUTES and dtype == pl.Boolean:
             flag = pl.when(col).then(pl.lit('"1"')).when(~col).then(pl.lit('"0"'))
@@ -783,14 +798,24 @@ class Builder:
             return _Attribute(enc.string(cleaned), enc.string(value), bad, none)
         if users and name in (*DATE_ATTRIBUTES, *OPT_IN_ATTRIBUTES):
             return _Attribute(None, None, none, present)  # text parsed leniently: the Python way
+        # A plain column (not a list joined above): its text is chosen for this frame's values.
+        plain = value is col
+        whole = plain and frame.get_column(column).null_count() == 0
         if dtype == pl.String:
-            text = enc.string(value)
-            return _Attribute(text, text, present & (value.str.len_chars() > MAX_STRING_LENGTH), none)
+            string: enc.Member = enc.column_text(frame, column) if plain else enc.string(value)
+            long = present & (value.str.len_chars() > MAX_STRING_LENGTH)
+            return _Attribute(string, string, long, none, whole)
         if dtype.is_float():
-            return _Attribute(enc.floating(value), enc.floating(value, integral_floats=False), none, none)
+            return _Attribute(
+                enc.column_text(frame, column),
+                enc.column_text(frame, column, integral_floats=False),
+                none,
+                none,
+                whole,
+            )
         if dtype.is_integer() or dtype == pl.Boolean:
             text = enc.value(value, dtype)
-            return _Attribute(text, text, none, none)
+            return _Attribute(text, text, none, none, whole)
         return _Attribute(None, None, none, present)
 
     def _items(self, stream: Stream, frame: pl.DataFrame) -> pl.DataFrame:
@@ -801,8 +826,9 @@ class Builder:
         user_id = pl.col(_EXT_ID)
         bad = ~user_id.str.len_chars().is_between(1, MAX_USER_ID_LENGTH)
         odd: pl.Expr = pl.lit(False)
-        formatted: dict[str, pl.Expr] = {}
-        as_is: dict[str, pl.Expr] = {}
+        formatted: dict[str, enc.Member] = {}
+        as_is: dict[str, enc.Member] = {}
+        present: set[str] = set()  # attributes whose text is never null in this frame
         when: pl.Expr | None = None
         columns = stream.columns[stream.skip :]
         for name, kind, column in zip(stream.names, stream.types, columns, strict=True):
@@ -815,34 +841,49 @@ class Builder:
                     odd = odd | pl.col(column).is_not_null()
                     when = None
                 else:
-                    when, odd = enc.string(local[0]), odd | local[1]
+                    when, odd = _time_text(local[0], self._event_fmt), odd | local[1]
                 formatted.pop(name, None)
                 as_is.pop(name, None)
+                present.discard(name)
                 continue
             if not name or len(name) > MAX_NAME_LENGTH:
                 bad = bad | pl.lit(True)  # as check_name refuses it: every item goes as it is
-            attribute = self._attribute(stream, name, kind, column, dtype)
+            attribute = self._attribute(stream, name, kind, column, selected)
             if attribute.formatted is None or attribute.as_is is None:
                 formatted[name] = as_is[name] = pl.lit(None, pl.String)
+                present.discard(name)
             else:
                 formatted[name], as_is[name] = attribute.formatted, attribute.as_is
+                if attribute.present:
+                    present.add(name)
+                else:
+                    present.discard(name)
             bad, odd = bad | attribute.bad, odd | attribute.odd
         # userID and the attributes' object are never null: required members, built with fewer string copies.
-        uid = enc.string_text(user_id)
+        uid = enc.column_text(selected, _EXT_ID)
         required: tuple[str, ...]
         if stream.operation is Operation.SET_ATTRIBUTES:
             required = ("userID", "user_attributes")
-            good = enc.obj({"userID": uid, "user_attributes": enc.obj_text(formatted)}, required=required)
-            fallback = enc.obj({"userID": uid, "user_attributes": enc.obj_text(as_is)}, required=required)
+            attrs = enc.obj_text(formatted, required=present)
+            good = enc.obj({"userID": uid, "user_attributes": attrs}, required=required)
+            fallback = enc.obj(
+                {"userID": uid, "user_attributes": enc.obj_text(as_is, required=present)}, required=required
+            )
         else:
             event = pl.col(_EVENT)
             bad = bad | ~event.str.len_chars().is_between(1, MAX_NAME_LENGTH).fill_null(False)
-            head: dict[str, enc.Member] = {"userID": uid, "event_name": enc.or_null(enc.string(event))}
+            name_text = enc.column_text(selected, _EVENT)
+            if isinstance(name_text, enc.Text):
+                name_text = name_text.expr()
+            head: dict[str, enc.Member] = {"userID": uid, "event_name": enc.or_null(name_text)}
             if when is not None:
                 head["event_time"] = when
             required = ("userID", "event_name", "attributes")
-            good = enc.obj({**head, "attributes": enc.obj_text(formatted)}, required=required)
-            fallback = enc.obj({**head, "attributes": enc.obj_text(as_is)}, required=required)
+            attrs = enc.obj_text(formatted, required=present)
+            good = enc.obj({**head, "attributes": attrs}, required=required)
+            fallback = enc.obj(
+                {**head, "attributes": enc.obj_text(as_is, required=present)}, required=required
+            )
         keys = [pl.col(ROW_KEY)] if ROW_KEY in selected.columns else []
         items = selected.select(
             pl.col(_EXT_ID),

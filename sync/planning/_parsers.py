@@ -1,0 +1,351 @@
+"""The value parsers of row validation (:mod:`sync.planning.validation`): how each kind of column is typed and
+judged, as polars expressions over the column's text, and the exact readings of texts their fast forms may not fit.
+
+Value formats are listed in :mod:`sync.planning.validation` and docs/jobs.md.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import polars as pl
+
+from sync.config import Source, ValidationRules
+
+_TRUE = ["true", "t", "yes", "y", "1", "on"]
+_FALSE = ["false", "f", "no", "n", "0", "off"]
+_TAG_ACTIONS_ON = ["tag", "add", "+", "true", "t", "yes", "y", "1"]
+_TAG_ACTIONS_OFF = ["untag", "remove", "delete", "-", "false", "f", "no", "n", "0"]
+_EMAIL = (
+    r"^[A-Za-z0-9.!#$%&'*+/=?^_`{|}~-]+@[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+    r"(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)+$"
+)
+_MSISDN = r"^\+?[0-9]{8,15}$"
+_CONTROL = r"[\x00-\x1f\x7f-\x9f]"
+"""C0/C1 control characters: never part of a real external ID (a tab, a line break from a quoted cell, NUL)."""
+_INVISIBLE = r"\p{Cf}"
+"""Unicode format characters: zero-width space/joiners, byte-order marks inside text, bidirectional controls
+(U+202A-U+202E, U+2066-U+2069), soft hyphens. Invisible, so an ID holding one looks like another user's ID."""
+_MSISDN_SEPARATORS = r"[\s\-().]"
+
+# A parser maps a column's text (``s``: trimmed, null values nulled) to its typed values (``p``) and, given both,
+# to the reasons a value is refused: ``(condition, message)`` pairs in precedence order, the first whose condition
+# holds naming the problem. Values only matter on rows that pass: a row with a refused value is rejected whole.
+# Where a fast form is exact for most texts (a plain date, a tidy list), a parser's _Fallback flags the texts it
+# may not fit; those are read exactly after the chunk's query, those rows only.
+
+
+@dataclass(frozen=True, slots=True)
+class _Fallback:
+    """The rows a parser's fast values may not fit, and how to read their texts exactly instead."""
+
+    rows: Callable[[pl.Expr, pl.Expr], pl.Expr]
+    """From ``(s, p)``: true where ``p`` may be wrong (false where it is exact)."""
+    read: Callable[[pl.Series], tuple[pl.Series, pl.Series]]
+    """Texts → their exact values and messages (null where a text is fine)."""
+
+
+_Reason = tuple[pl.Expr, str | pl.Expr]
+"""``(condition, message)``: a value is refused with ``message`` where ``condition`` is true."""
+
+
+@dataclass(frozen=True, slots=True)
+class _Parser:
+    """How one check types and judges a column's text."""
+
+    values: pl.Expr
+    reasons: Callable[[pl.Expr, pl.Expr], list[_Reason]]
+    refuses_nul: bool = False
+    """Every text holding a NUL character is refused (it is no boolean, number, date, address...), so the flag need
+    not look for NULs; the message, which names the NUL, still does."""
+    fallback: _Fallback | None = None
+
+
+_NO_ERROR = pl.lit(None, pl.String)
+_NUL = "contains a NUL character"
+
+
+def _spellings(words: Sequence[str]) -> list[str]:
+    """Every upper/lower-case spelling of ``words``.
+
+    Matching these is matching ``to_lowercase()`` against the words (no character outside ASCII lower-cases to
+    ASCII letters of them: tests/test_validation.py checks every code point), without lower-casing every value
+    of a column first.
+    """
+    out: list[str] = []
+    for word in words:
+        cases = [(c.lower(), c.upper()) if c.lower() != c.upper() else (c,) for c in word]
+        out += ["".join(spelling) for spelling in itertools.product(*cases)]
+    return out
+
+
+_TRUE_SPELLINGS = _spellings(_TRUE)
+_FALSE_SPELLINGS = _spellings(_FALSE)
+_TAG_ON_SPELLINGS = _spellings(_TAG_ACTIONS_ON)
+_TAG_OFF_SPELLINGS = _spellings(_TAG_ACTIONS_OFF)
+
+
+def _either(s: pl.Expr, yes: list[str], no: list[str]) -> pl.Expr:
+    return pl.when(s.is_in(yes)).then(pl.lit(True)).when(s.is_in(no)).then(pl.lit(False)).otherwise(None)
+
+
+def _text(s: pl.Expr, dtype: Any, source: Source, rules: ValidationRules) -> pl.Expr:
+    if dtype != pl.String:
+        return s
+    return _no_nulls(s.str.strip_chars() if rules.trim else s, source)
+
+
+def _no_nulls(s: pl.Expr, source: Source) -> pl.Expr:
+    """``s`` (read twice: a query column, not an expression to compute) with the null values nulled."""
+    if not source.null_values:
+        return s
+    # Not s.replace(null_values, None): a membership test and a mask are cheaper than a mapping.
+    return pl.when(s.is_in(list(source.null_values))).then(None).otherwise(s)
+
+
+def _parse_bool(s: pl.Expr) -> _Parser:
+    return _Parser(
+        _either(s, _TRUE_SPELLINGS, _FALSE_SPELLINGS),
+        lambda s, p: [(s.is_not_null() & p.is_null(), "not a boolean (true/false, yes/no, 1/0)")],
+        refuses_nul=True,
+    )
+
+
+def _parse_number(s: pl.Expr) -> _Parser:
+    def reasons(s: pl.Expr, p: pl.Expr) -> list[_Reason]:
+        bad = p.is_null() | p.is_nan().fill_null(False) | p.is_infinite().fill_null(False)
+        return [(s.is_not_null() & bad, "not a number")]
+
+    return _Parser(s.cast(pl.Float64, strict=False), reasons, refuses_nul=True)
+
+
+_NOT_A_DATE = "not an ISO 8601 date or date-time"
+_MS_PER_DAY = 86_400_000
+
+
+def _local(expr: pl.Expr, timezone: str) -> pl.Expr:
+    """Naive date-times read in ``timezone``, as epoch milliseconds (null for a time the zone skips)."""
+    if timezone == "UTC":  # no gaps, no folds: the naive value is the UTC one
+        return expr.dt.epoch("ms")
+    return expr.dt.replace_time_zone(timezone, ambiguous="earliest", non_existent="null").dt.epoch("ms")
+
+
+def _day(v: pl.Expr, timezone: str) -> pl.Expr:
+    """``YYYY-MM-DD`` text as the epoch milliseconds of its midnight in ``timezone``."""
+    date = v.str.to_date("%Y-%m-%d", strict=False, cache=False)
+    if timezone == "UTC":
+        return date.cast(pl.Int64) * _MS_PER_DAY
+    return _local(date.cast(pl.Datetime("ms")), timezone)
+
+
+def _date_times(timezone: str) -> Callable[[pl.Series], tuple[pl.Series, pl.Series]]:
+    """Read ISO 8601 dates and date-times: texts → (epoch milliseconds, messages).
+
+    The forms are tried in turn on the text with ``T`` for its first space and ``+00:00`` for a final ``Z``.
+    """
+
+    v = pl.col("v")
+    forms = [
+        pl.when(v.str.len_chars() == 10).then(_day(v, timezone)),
+        v.str.to_datetime("%Y-%m-%dT%H:%M:%S%.f%z", strict=False, time_zone="UTC", time_unit="ms").dt.epoch(
+            "ms"
+        ),
+        v.str.to_datetime("%Y-%m-%dT%H:%M%z", strict=False, time_zone="UTC", time_unit="ms").dt.epoch("ms"),
+        _local(v.str.to_datetime("%Y-%m-%dT%H:%M:%S%.f", strict=False, time_unit="ms"), timezone),
+        _local(v.str.to_datetime("%Y-%m-%dT%H:%M", strict=False, time_unit="ms"), timezone),
+    ]
+    s = pl.col("s")
+    normal = s.str.replace(" ", "T", literal=True).str.replace(r"[zZ]$", "+00:00")
+
+    def read(text: pl.Series) -> tuple[pl.Series, pl.Series]:
+        frame = (
+            pl.LazyFrame({"s": text})
+            .with_columns(normal.alias("v"))
+            .with_columns(pl.coalesce(forms).alias("p"))
+            .select(
+                "p", pl.when(s.is_not_null() & pl.col("p").is_null()).then(pl.lit(_NOT_A_DATE)).alias("m")
+            )
+            .collect()
+        )
+        return frame["p"], frame["m"]
+
+    return read
+
+
+def _parse_date(s: pl.Expr, timezone: str) -> _Parser:
+    # Most date columns hold plain dates (ten characters, no space, no Z): read as a date in one parse, with the
+    # first form of _date_times (for such a text the normal form is the text itself). The other texts are read
+    # with every form after the query, as few as they are.
+    plain = (s.str.len_chars() == 10) & ~s.str.contains_any([" ", "z", "Z"])
+    return _Parser(
+        _day(pl.when(plain).then(s), timezone),
+        lambda s, p: [],
+        # Not refuses_nul: the date-time parsers are lenient (a leading space passes), so the query checks NULs.
+        fallback=_Fallback(lambda s, p: s.is_not_null() & p.is_null(), _date_times(timezone)),
+    )
+
+
+def _typed_date(s: pl.Expr, dtype: Any, timezone: str) -> _Parser:
+    # A typed column (Parquet): no parsing, but a local time the zone skips (a DST gap) is no time at all.
+    dt = s.cast(pl.Datetime("ms")) if dtype == pl.Date else s
+    if not (isinstance(dtype, pl.Datetime) and dtype.time_zone):
+        dt = dt.dt.replace_time_zone(timezone, ambiguous="earliest", non_existent="null")
+    return _Parser(
+        dt.dt.epoch("ms"),
+        lambda s, p: [(s.is_not_null() & p.is_null(), "not a valid time in the job's time zone")],
+    )
+
+
+def _split(s: pl.Expr, delimiter: str) -> pl.Expr:
+    """Text split on ``delimiter``, items trimmed, empty items dropped; null for no item."""
+    items = (
+        s.str.split(delimiter)
+        .list.eval(pl.element().str.strip_chars())
+        .list.eval(pl.element().filter(pl.element() != ""))
+    )
+    return pl.when(items.list.len() > 0).then(items)
+
+
+def _typed_list(s: pl.Expr) -> _Parser:
+    items = s.list.eval(pl.element().cast(pl.String).str.strip_chars()).list.eval(
+        pl.element().filter(pl.element().is_not_null() & (pl.element() != ""))
+    )
+    return _Parser(pl.when(items.list.len() > 0).then(items), lambda s, p: [])
+
+
+def _lists(delimiter: str) -> Callable[[pl.Series], tuple[pl.Series, pl.Series]]:
+    """Read list texts, some of them maybe JSON arrays: texts → (lists, messages).
+
+    JSON arrays are read per value in Python (they are rare in CRM exports; only texts starting with ``[`` are).
+    """
+
+    s = pl.col("s")
+
+    def read(text: pl.Series) -> tuple[pl.Series, pl.Series]:
+        frame = pl.DataFrame({"s": text}).select(
+            _split(s, delimiter).alias("v"),
+            pl.lit(None, pl.String).alias("m"),
+            s.str.starts_with("[").fill_null(False).alias("j"),
+        )
+        values, errors, rows = frame["v"], frame["m"], frame["j"].arg_true()
+        if rows.is_empty():
+            return values, errors
+        parsed: list[list[str] | None] = []
+        messages: list[str | None] = []
+        for value in text.gather(rows).to_list():
+            try:
+                items = json.loads(value)
+            except ValueError:
+                items = None
+            if not isinstance(items, list) or any(isinstance(v, dict | list) for v in items):
+                parsed.append(None)
+                messages.append("not a list (invalid JSON array)")
+                continue
+            texts = [v if isinstance(v, str) else json.dumps(v) for v in items if v is not None]
+            parsed.append([t.strip() for t in texts if t.strip()] or None)
+            messages.append(None)
+        json_values = pl.Series(parsed, dtype=pl.List(pl.String))
+        return _put(values, rows, json_values), errors.scatter(rows, pl.Series(messages, dtype=pl.String))
+
+    return read
+
+
+def _parse_list(s: pl.Expr, delimiter: str) -> _Parser:
+    # Most list texts are items and delimiters with nothing around them: split, and that is all. A text with a
+    # blank or empty item (or a blank around an item, "a| b"), or a JSON array, is read exactly after the query.
+    d = pl.escape_regex(delimiter)
+    untidy = s.str.contains(rf"(?:^|{d})(?:\s|{d}|$)|\s(?:{d}|$)") | s.str.starts_with("[")
+    return _Parser(
+        s.str.split(delimiter),
+        lambda s, p: [],
+        fallback=_Fallback(lambda s, p: untidy.fill_null(False), _lists(delimiter)),
+    )
+
+
+def _parse_email(s: pl.Expr) -> _Parser:
+    def reasons(s: pl.Expr, _p: pl.Expr) -> list[_Reason]:
+        valid = s.str.contains(_EMAIL).fill_null(False) & (s.str.len_chars() <= 254)
+        return [(s.is_not_null() & ~valid, "not a valid email address")]
+
+    return _Parser(s, reasons, refuses_nul=True)
+
+
+def _parse_msisdn(s: pl.Expr) -> _Parser:
+    return _Parser(
+        s.str.replace_all(_MSISDN_SEPARATORS, ""),
+        lambda s, p: [
+            (
+                s.is_not_null() & ~p.str.contains(_MSISDN).fill_null(False),
+                "not a valid MSISDN (optional +, then 8-15 digits)",
+            )
+        ],
+        refuses_nul=True,
+    )
+
+
+def _parse_action(s: pl.Expr) -> _Parser:
+    values = (
+        pl.when(s.is_null()).then(pl.lit(True)).otherwise(_either(s, _TAG_ON_SPELLINGS, _TAG_OFF_SPELLINGS))
+    )
+    return _Parser(
+        values,
+        lambda s, p: [(p.is_null(), "not a tag action (tag/untag, add/remove, +/-)")],
+        refuses_nul=True,
+    )
+
+
+def _required(s: pl.Expr, message: str) -> _Parser:
+    return _Parser(s, lambda s, p: [(s.is_null(), message)])
+
+
+def _id_reasons(ext: pl.Expr, rules: ValidationRules) -> list[_Reason]:
+    return [
+        (ext.is_null(), "missing external ID"),
+        (
+            ext.str.len_chars() > rules.max_id_length,
+            f"external ID longer than {rules.max_id_length} characters",
+        ),
+        (
+            ext.str.contains(_CONTROL).fill_null(False),
+            "external ID contains a control character (tab, line break, NUL...)",
+        ),
+        (
+            ext.str.contains(_INVISIBLE).fill_null(False),
+            "external ID contains an invisible character (zero-width, byte-order mark or bidirectional control): "
+            "it would look like another ID without being equal to it",
+        ),
+    ]
+
+
+def _id_refused(ext: pl.Expr, rules: ValidationRules) -> pl.Expr:
+    """Whether any of :func:`_id_reasons` holds, with one scan of the text for both kinds of character."""
+    odd = ext.str.contains(f"{_CONTROL}|{_INVISIBLE}").fill_null(False)
+    return ext.is_null() | (ext.str.len_chars() > rules.max_id_length) | odd
+
+
+def _message(reasons: list[_Reason]) -> pl.Expr:
+    """The message of the first reason that holds, null where none does."""
+    out = _NO_ERROR
+    for condition, message in reversed(reasons):
+        out = (
+            pl.when(condition)
+            .then(message if isinstance(message, pl.Expr) else pl.lit(message))
+            .otherwise(out)
+        )
+    return out
+
+
+def _put(series: pl.Series, rows: pl.Series, values: pl.Series) -> pl.Series:
+    """``series`` with ``values`` at positions ``rows`` (a scatter that also works for list columns)."""
+    values = values.cast(series.dtype)
+    if not isinstance(series.dtype, pl.List):
+        return series.clone().scatter(rows, values)
+    n = len(series)
+    index = pl.Series(range(n), dtype=pl.UInt32).scatter(
+        rows, pl.Series(range(n, n + len(rows)), dtype=pl.UInt32)
+    )
+    return pl.concat([series, values]).gather(index).alias(series.name)

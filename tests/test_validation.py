@@ -1,0 +1,350 @@
+"""Row validation (sync.planning.validation): the one-query fast path against the exact, per-row readings.
+
+validate_chunk flags refused rows in one lazy query, reads plain dates and tidy lists in a fast form, reads the
+other texts exactly afterwards (only those rows), and writes messages for the refused rows only. These tests hold
+that to what a row gives on its own and to the exact readings, for arbitrary mixes of good and bad values.
+"""
+
+from __future__ import annotations
+
+import string
+import sys
+import zlib
+from pathlib import Path
+
+import polars as pl
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from polars.testing import assert_frame_equal
+
+from sync.config import Job, Source, load_job
+from sync.planning import _parsers, validation
+from sync.planning.validation import REJECTS_SCHEMA, validate_chunk
+from sync.sources.reading import ROW
+
+JOB = """
+name: t
+workdir: work
+destination:
+  platform: netmera
+  base_url: http://127.0.0.1:8080/rest/3.0/
+  secret: {{env: NETMERA_API_KEY}}
+validation: {{max_id_length: 12, timezone: {timezone}}}
+sources:
+  - name: users
+    path: users.csv
+    ext_id: id
+    attributes:
+      s: string
+      n: number
+      b: boolean
+      d: date
+      l: list
+    tags: [{{column: t, delimiter: ","}}]
+    opt_ins: {{push: p}}
+    email: email
+    msisdn: phone
+  - {{name: changes, kind: tags, path: changes.csv, ext_id: id, tag: tag, action: action}}
+"""
+COLUMNS = ["id", "s", "n", "b", "d", "l", "t", "p", "email", "phone"]
+
+
+def _job(directory: Path, timezone: str = "UTC") -> Job:
+    path = directory / f"job-{timezone.replace('/', '-')}.yaml"
+    path.write_text(JOB.format(timezone=timezone), encoding="utf-8")
+    return load_job(path)
+
+
+@pytest.fixture(scope="module")
+def job(tmp_path_factory: pytest.TempPathFactory) -> Job:
+    return _job(tmp_path_factory.mktemp("validation"))
+
+
+@pytest.fixture(scope="module")
+def new_york(tmp_path_factory: pytest.TempPathFactory) -> Job:
+    return _job(tmp_path_factory.mktemp("validation-tz"), "America/New_York")
+
+
+def _raw(rows: list[dict[str, str | None]], columns: list[str]) -> pl.DataFrame:
+    frame = pl.DataFrame(
+        {c: [r.get(c) for r in rows] for c in columns}, schema=dict.fromkeys(columns, pl.String)
+    )
+    return frame.with_columns(pl.int_range(1, len(rows) + 1, dtype=pl.Int64).alias(ROW))
+
+
+def _validate(job: Job, source: Source, raw: pl.DataFrame) -> tuple[pl.DataFrame, pl.DataFrame]:
+    return validate_chunk(raw, source, job.validation, 0, "users.csv")
+
+
+def _one_by_one(job: Job, source: Source, raw: pl.DataFrame) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """The reference: each row validated alone (a row's outcome depends on that row only)."""
+    cleans, rejects = [], []
+    for i in range(raw.height):
+        clean, bad = _validate(job, source, raw.slice(i, 1))
+        cleans.append(clean)
+        rejects.append(bad)
+    return pl.concat(cleans), pl.concat([pl.DataFrame(schema=REJECTS_SCHEMA), *rejects])
+
+
+# Values that pass and values that do not, for each kind of column, and some text around them.
+_WS = [" ", "\t", "\u00a0", "\u3000"]
+IDS = ["u1", " u2 ", "U-3", "", "NULL", "a\tb", "a\u200bb", "x" * 13, "é", "a\x00b"]
+STRINGS = ["Ann", " Lee ", "", "N/A", "x\x00y", "İstanbul", "a|b"]
+NUMBERS = ["1", "-3.5", "1e3", " 2 ", "1x", "inf", "nan", "", ".5", "1,5", "1\x00"]
+BOOLEANS = [
+    "true",
+    "TRUE",
+    "yEs",
+    "y",
+    "0",
+    "off",
+    "On",
+    "maybe",
+    "2",
+    " no ",
+    "tru\u212a",
+    "\u212aey",
+    "t\x00",
+]
+DATES = [
+    "2020-01-02",
+    "1989-10-14",
+    "2020-02-30",
+    "14/10/1989",
+    "2020-01-02 03:04",
+    "2020-01-02T03:04:05",
+    "2020-01-02T03:04:05.123Z",
+    "2020-01-02T03:04+03:00",
+    "2020-01-02 03:04:05z",
+    "2020-1-2",
+    "2020-01- 2",
+    "2020-03-08T02:30",
+    "2020-11-01T01:30",
+    "2020-01-0\x00",
+    "",
+]
+LISTS = [
+    "a|b",
+    "a | b",
+    "a||b",
+    "|a|",
+    "  ",
+    "a",
+    '["x", 1, true, null]',
+    "[1, {}]",
+    "[oops",
+    "[]",
+    "a\u00a0|b",
+    "x\x00",
+]
+TAGS = ["vip,new", "vip, new", "vip,,new", ",", "gold", '["a","b"]', "a\u3000,b"]
+EMAILS = ["a@b.co", " a@b.co ", "a@b", "not-an-email", "x" * 250 + "@b.co", "a\x00@b.co", ""]
+PHONES = [
+    "+905312345601",
+    "+90 (531) 234-56.01",
+    "1234567",
+    "+90531234560123456",
+    "phone",
+    "905312345601\x00",
+]
+
+_ALPHABET = st.sampled_from(
+    [*string.ascii_letters[:6], *string.digits[:4], "-", ":", "T", "Z", "|", ",", *_WS]
+)
+
+
+def _values(samples: list[str]) -> st.SearchStrategy[str | None]:
+    return st.one_of(st.sampled_from(samples), st.none(), st.text(_ALPHABET, max_size=12))
+
+
+ROWS = st.lists(
+    st.fixed_dictionaries(
+        {
+            "id": st.one_of(st.sampled_from(IDS), st.text(string.ascii_letters, min_size=1, max_size=6)),
+            "s": _values(STRINGS),
+            "n": _values(NUMBERS),
+            "b": _values(BOOLEANS),
+            "d": _values(DATES),
+            "l": _values(LISTS),
+            "t": _values(TAGS),
+            "p": _values(BOOLEANS),
+            "email": _values(EMAILS),
+            "phone": _values(PHONES),
+        }
+    ),
+    min_size=1,
+    max_size=25,
+)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(rows=ROWS)
+def test_a_chunk_gives_what_its_rows_give_one_by_one(job: Job, rows: list[dict[str, str | None]]) -> None:
+    # A whole chunk goes through the fast path (one query; fast forms; exact readings of the rows they may not fit;
+    # messages for the refused rows only), each row alone through the same code with nothing else around it.
+    source = job.sources[0]
+    raw = _raw(rows, COLUMNS)
+    clean, rejects = _validate(job, source, raw)
+    one_clean, one_rejects = _one_by_one(job, source, raw)
+    assert_frame_equal(clean, one_clean)
+    assert_frame_equal(rejects, one_rejects)
+    assert clean.height + rejects.height == raw.height
+    assert set(clean[ROW]).isdisjoint(rejects["row"])
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(rows=ROWS)
+def test_the_same_in_a_time_zone_with_gaps_and_folds(
+    new_york: Job, rows: list[dict[str, str | None]]
+) -> None:
+    source = new_york.sources[0]
+    raw = _raw(rows, COLUMNS)
+    clean, rejects = _validate(new_york, source, raw)
+    one_clean, one_rejects = _one_by_one(new_york, source, raw)
+    assert_frame_equal(clean, one_clean)
+    assert_frame_equal(rejects, one_rejects)
+
+
+_DATE_TEXT = st.one_of(
+    st.sampled_from(DATES),
+    st.text(st.sampled_from([*"0123456789", "-", ":", "T", " ", "z", "Z", "+", ".", "\u00a0"]), max_size=26),
+    st.dates().map(str),
+    st.datetimes().map(lambda d: d.isoformat()),
+    st.datetimes().map(lambda d: d.isoformat(sep=" ", timespec="minutes") + "Z"),
+)
+
+
+@pytest.mark.parametrize("timezone", ["UTC", "America/New_York"])
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(texts=st.lists(_DATE_TEXT, min_size=1, max_size=30))
+def test_plain_dates_read_fast_are_what_every_form_reads(
+    tmp_path_factory: pytest.TempPathFactory, timezone: str, texts: list[str]
+) -> None:
+    # The fast form reads ten-character texts with no space and no Z as dates; every other text is read with every
+    # form afterwards. Together: exactly what the forms read in turn give, for any text.
+    job = _job(tmp_path_factory.mktemp("dates"), timezone)
+    source = job.sources[0]
+    raw = _raw([{"id": f"u{i}", "d": t} for i, t in enumerate(texts)], COLUMNS)
+    clean, rejects = _validate(job, source, raw)
+    stripped = pl.Series([t.strip() or None for t in texts], dtype=pl.String)  # trimmed; "" is a null value
+    values, messages = _parsers._date_times(timezone)(stripped)
+    nul = ["\x00" in t for t in texts]
+    expected_ok = [m is None and not z for m, z in zip(messages.to_list(), nul, strict=True)]
+    assert clean[ROW].to_list() == [i + 1 for i, ok in enumerate(expected_ok) if ok]
+    assert clean["d"].to_list() == [v for v, ok in zip(values.to_list(), expected_ok, strict=True) if ok]
+    assert rejects["reason"].to_list() == [
+        "contains a NUL character" if z else m
+        for m, z, ok in zip(messages, nul, expected_ok, strict=True)
+        if not ok
+    ]
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    texts=st.lists(
+        st.text(st.sampled_from(["a", "b", "|", ",", "[", "]", '"', *_WS, "\u2028"]), max_size=10),
+        min_size=1,
+        max_size=30,
+    )
+)
+def test_tidy_lists_split_fast_are_what_the_exact_reading_gives(job: Job, texts: list[str]) -> None:
+    # Lists without blank or empty items are only split; every other text (and a JSON array) is read exactly.
+    source = job.sources[0]
+    raw = _raw([{"id": f"u{i}", "l": t} for i, t in enumerate(texts)], COLUMNS)
+    clean, rejects = _validate(job, source, raw)
+    text = pl.Series([t.strip() for t in texts], dtype=pl.String)
+    text = pl.select(
+        pl.when(pl.lit(text).is_in(list(source.null_values))).then(None).otherwise(pl.lit(text))
+    ).to_series()
+    values, messages = _parsers._lists("|")(text)
+    ok = messages.is_null().to_list()
+    assert clean[ROW].to_list() == [i + 1 for i, good in enumerate(ok) if good]
+    assert clean["l"].to_list() == [v for v, good in zip(values.to_list(), ok, strict=True) if good]
+    assert rejects["reason"].to_list() == [m for m in messages.to_list() if m is not None]
+
+
+def test_a_chunk_of_json_arrays_mixed_with_plain_lists(job: Job) -> None:
+    source = job.sources[0]
+    texts = ["a|b", '["x", 1, true, null, " y "]', " c | d ", "[1, {}]", "[]", "e"]
+    raw = _raw([{"id": f"u{i}", "l": t} for i, t in enumerate(texts)], COLUMNS)
+    clean, rejects = _validate(job, source, raw)
+    assert clean["l"].to_list() == [["a", "b"], ["x", "1", "true", "y"], ["c", "d"], None, ["e"]]
+    assert rejects.select("row", "column", "reason").rows() == [(4, "l", "not a list (invalid JSON array)")]
+
+
+def test_dates_and_date_times_mixed_in_one_column(job: Job) -> None:
+    source = job.sources[0]
+    texts = ["2020-01-02", "2020-01-02T03:04:05Z", "2020-01-02 03:04", "2020-02-30", "2020-01-02T03:04+03:00"]
+    raw = _raw([{"id": f"u{i}", "d": t} for i, t in enumerate(texts)], COLUMNS)
+    clean, rejects = _validate(job, source, raw)
+    assert clean["d"].to_list() == [1577923200000, 1577934245000, 1577934240000, 1577923440000]
+    assert rejects.select("row", "column", "reason").rows() == [(4, "d", "not an ISO 8601 date or date-time")]
+
+
+@pytest.mark.parametrize("column", ["n", "b", "d", "email", "phone", "p", "s", "l", "t"])
+def test_a_nul_character_rejects_the_row_whatever_the_column(job: Job, column: str) -> None:
+    # Where no value with a NUL could pass (a number, a boolean...) the query does not look for NULs: the refused
+    # row's message does, and names it.
+    source = job.sources[0]
+    good = {"n": "1", "b": "true", "d": "2020-01-02", "email": "a@b.co", "phone": "+905312345601", "p": "yes"}
+    good |= {"s": "Ann", "l": "a|b", "t": "x,y"}
+    raw = _raw(
+        [{"id": "u1", **good}, {"id": "u2", **good, column: good[column][:2] + "\x00" + good[column][2:]}],
+        COLUMNS,
+    )
+    clean, rejects = _validate(job, source, raw)
+    assert clean["__ext_id"].to_list() == ["u1"]
+    assert rejects.select("row", "column", "reason").rows() == [(2, column, "contains a NUL character")]
+
+
+def test_tag_actions_in_any_case(job: Job) -> None:
+    source = job.sources[1]
+    actions = ["tag", "UNTAG", "Add", "-", "+", None, "Remove", "maybe", "de\u212aete", "DELETE"]
+    raw = _raw(
+        [{"id": f"u{i}", "tag": "vip", "action": a} for i, a in enumerate(actions)], ["id", "tag", "action"]
+    )
+    clean, rejects = _validate(job, source, raw)
+    assert clean["__action"].to_list() == [True, False, True, False, True, True, False, False]
+    assert rejects.select("row", "reason").rows() == [
+        (8, "not a tag action (tag/untag, add/remove, +/-)"),
+        (9, "not a tag action (tag/untag, add/remove, +/-)"),
+    ]
+
+
+@pytest.mark.parametrize(
+    "words", [_parsers._TRUE + _parsers._FALSE, _parsers._TAG_ACTIONS_ON + _parsers._TAG_ACTIONS_OFF]
+)
+def test_case_spellings_are_lowercasing(words: list[str]) -> None:
+    # Matching every case spelling equals lower-casing first only if no character outside ASCII lower-cases to
+    # ASCII letters of the words (the Kelvin sign lower-cases to "k", which no word has).
+    letters = {c for w in words for c in w.lower() if c.isalpha()}
+    for point in range(0x80, sys.maxunicode + 1):
+        lowered = chr(point).lower()
+        assert not (lowered.isascii() and set(lowered) & letters), hex(point)
+    spellings = set(_parsers._spellings(words))
+    assert {s.lower() for s in spellings} == set(words)
+    assert len(spellings) == sum(2 ** sum(c.isalpha() for c in w) for w in words)
+
+
+_FIXED = st.integers(0, 24).flatmap(
+    lambda k: st.lists(
+        st.one_of(
+            st.text(st.sampled_from(string.printable), min_size=k, max_size=k),
+            st.text(st.sampled_from("éßü"), min_size=k // 2, max_size=k // 2).map(
+                lambda t: t + "x" * (k % 2)
+            ),
+        ).filter(lambda t: len(t.encode()) == k),
+        min_size=1,
+        max_size=40,
+    )
+)
+
+
+@settings(max_examples=100, deadline=None)
+@given(ids=_FIXED)
+def test_the_canonical_key_of_ids_of_one_length_is_zlib_crc32(ids: list[str]) -> None:
+    # IDs of one byte length (zero-padded numbers, UUIDs) are read as one block, a byte column at a time.
+    series = pl.Series(ids, dtype=pl.String)
+    assert validation.canonical_key(series).to_list() == [zlib.crc32(x.encode()) for x in ids]
+    assert validation.canonical_key(series.slice(1)).to_list() == [zlib.crc32(x.encode()) for x in ids[1:]]
