@@ -323,3 +323,26 @@ def test_one_flush_of_interleaved_writes_lands_every_batch_in_its_final_state(tm
     ]
     assert refused_ids == [("b000000", "u0-1", "5016", "external id not found")]
     assert info is not None and info.status == "interrupted"
+
+
+def test_leaving_on_an_error_keeps_that_error_when_the_last_write_fails(tmp_path: Path) -> None:
+    # A run stopped by a full disk after it began sending raises RunStoppedError (exit 3). The ledger's last
+    # flush on the way out fails on the same full disk; its StateError (exit 2, "nothing was sent") must not
+    # replace the error that is leaving (seen once in CI: exit 2 after requests went out).
+    class Stopped(Exception):
+        pass
+
+    with pytest.raises(Stopped), Ledger.open(tmp_path / "ledger.sqlite") as ledger:
+        ledger.start_run("r1", job="j")
+        ledger.flush()
+        ledger.record_sent("r1", "b1")  # queued, written at the next flush
+        ledger._conn.execute("PRAGMA query_only=1")  # the disk is full from here: every write fails
+        raise Stopped
+    # Leaving normally, the failing write is the error.
+    ledger = Ledger.open(tmp_path / "other.sqlite")
+    ledger.start_run("r1", job="j")
+    ledger.flush()
+    ledger.record_sent("r1", "b1")
+    ledger._conn.execute("PRAGMA query_only=1")
+    with pytest.raises(StateError, match="cannot write the ledger"):
+        ledger.close()

@@ -543,13 +543,26 @@ class Ledger:
     def __enter__(self) -> Ledger:
         return self
 
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+    def __exit__(self, exc_type: type[BaseException] | None, *exc: object) -> None:
+        if exc_type is None:
+            self.close()
+            return
+        # Leaving on an error: what is queued is written if it can be, but a write that fails now (the full
+        # disk that stopped the run) must not replace the error on its way out, which says what happened and
+        # sets the exit code (3, "stopped after it began sending", not 2, "nothing was sent").
+        try:
+            self.flush()
+        except StateError:
+            pass
+        finally:
+            self._conn.close()
 
     def close(self) -> None:
-        """Commit what is queued and close."""
-        self.flush()
-        self._conn.close()
+        """Commit what is queued and close (the connection is closed even when that last write fails)."""
+        try:
+            self.flush()
+        finally:
+            self._conn.close()
 
     # -- writing -----------------------------------------------------------------------------------------
 
