@@ -5,13 +5,15 @@ from __future__ import annotations
 import json
 import sqlite3
 from pathlib import Path
+from unittest import mock
 
 import polars as pl
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from sync.errors import StateError
+from sync.ledger import ledger as ledger_module
 from sync.ledger.ledger import SCHEMA_VERSION, Ledger, new_run_id, pack_ids, unpack_ids
 from sync.ledger.trace import trace_id
 from sync.records import (
@@ -346,3 +348,103 @@ def test_leaving_on_an_error_keeps_that_error_when_the_last_write_fails(tmp_path
     ledger._conn.execute("PRAGMA query_only=1")
     with pytest.raises(StateError, match="cannot write the ledger"):
         ledger.close()
+
+
+def _ledger_rows(ledger: Ledger) -> list[tuple[object, ...]]:
+    return ledger._conn.execute("SELECT * FROM batches ORDER BY run_id, batch_id").fetchall()
+
+
+class _Ticks:
+    """A stand-in for the ``time`` module the ledger reads: wall time advances one second per reading, so two
+    ledgers given the same writes record the same times."""
+
+    def __init__(self) -> None:
+        self._now = 1_000.0
+
+    def time(self) -> float:
+        self._now += 1.0
+        return self._now
+
+    def monotonic(self) -> float:
+        return self._now
+
+
+_WRITES = st.lists(
+    st.tuples(
+        st.sampled_from(["planned", "sent", "attempt", "result"]), st.integers(0, 2), st.integers(0, 5)
+    ),
+    max_size=40,
+)
+
+
+@settings(max_examples=200, deadline=None)
+@given(writes=_WRITES, flush_at=st.sets(st.integers(0, 40), max_size=4))
+@example(writes=[("planned", 0, 0), ("sent", 0, 0), ("attempt", 0, 0), ("result", 0, 1)], flush_at=set())
+@example(
+    writes=[("planned", 0, 0), ("sent", 0, 0), ("result", 0, 0), ("sent", 0, 0), ("result", 0, 3)],
+    flush_at=set(),
+)
+@example(writes=[("planned", 0, 0), ("sent", 0, 0), ("result", 0, 1), ("result", 0, 2)], flush_at={2})
+def test_a_batch_sent_and_finished_in_one_flush_ends_as_without_folding(
+    tmp_path_factory: pytest.TempPathFactory, writes: list[tuple[str, int, int]], flush_at: set[int]
+) -> None:
+    # A flush folds a batch's sent mark into its result (one row write instead of two). Whatever the writes and
+    # wherever the flushes fall — a result with no sent mark, a sent mark with no result, the same batch sent or
+    # finished twice, a result before its planned row — every row ends exactly as the flush without folding
+    # (each write in turn, in the flush's order) leaves it, to the column.
+    tmp = tmp_path_factory.mktemp("fold")
+    rows = []
+    for fold in (False, True):
+        with (
+            mock.patch.object(ledger_module, "time", _Ticks()),
+            mock.patch.object(ledger_module, "_fold_sent", ledger_module._fold_sent if fold else list),
+            Ledger.open(tmp / f"{fold}.sqlite", flush_every=10_000, flush_interval=3600) as ledger,
+        ):
+            ledger.start_run("r1", job="j")
+            for n, (kind, i, v) in enumerate(writes):
+                if n in flush_at:
+                    ledger.flush()
+                batch_id = f"b{i:06d}"
+                if kind == "planned":
+                    ledger.record_planned("r1", _batch(i))
+                elif kind == "sent":
+                    ledger.record_sent("r1", batch_id)
+                elif kind == "attempt":
+                    attempt = Attempt(batch_id, "tagUsers", v + 1, 3, 0.1, AttemptOutcome.OK, 200)
+                    ledger.record_attempt("r1", attempt, started_at=float(n))
+                else:
+                    status = (BatchStatus.OK, BatchStatus.REJECTED, BatchStatus.FAILED)[v % 3]
+                    result = BatchResult(
+                        batch_id,
+                        "tagUsers",
+                        Operation.TAG,
+                        status,
+                        v + 1,
+                        200,
+                        None if status is BatchStatus.OK else v,
+                        "" if status is BatchStatus.OK else f"m{v}",
+                        3 - v % 3,
+                        started_at=float(v) if v % 2 else 0.0,  # 0.0: unknown (the sent mark's time stays)
+                        finished_at=100.0 + n,
+                    )
+                    ledger.record_result("r1", result)
+            ledger.flush()
+            rows.append(_ledger_rows(ledger))
+    assert rows[1] == rows[0]
+
+
+def test_a_batch_sent_and_finished_in_one_flush_is_written_once(tmp_path: Path) -> None:
+    # The sent mark and the result of one flush rewrite the batch's row (with its packed IDs) once, not twice.
+    with Ledger.open(tmp_path / "l.sqlite", flush_every=10_000, flush_interval=3600) as ledger:
+        ledger.start_run("r1", job="j")
+        ledger.record_planned("r1", _batch(0))
+        ledger.flush()
+        before = ledger._conn.total_changes
+        ledger.record_sent("r1", "b000000")
+        ledger.record_result(
+            "r1", BatchResult("b000000", "tagUsers", Operation.TAG, BatchStatus.OK, 1, 200, ok_ids=3)
+        )
+        ledger.flush()
+        assert ledger._conn.total_changes - before == 1
+        row = ledger._conn.execute("SELECT status, started_at FROM batches").fetchone()
+    assert row[0] == "ok" and row[1] is not None

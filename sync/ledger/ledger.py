@@ -235,6 +235,15 @@ _UPDATE_RESULT = (
     "UPDATE batches SET status = ?, attempts = ?, http_status = ?, code = ?, message = ?, ok_ids = ?, "
     "rejected_ids = ?, started_at = COALESCE(started_at, ?), finished_at = ? WHERE run_id = ? AND batch_id = ?"
 )
+_UPDATE_SENT_RESULT = (
+    "UPDATE batches SET status = ?, attempts = ?, http_status = ?, code = ?, message = ?, ok_ids = ?, "
+    "rejected_ids = ?, started_at = COALESCE(started_at, CASE WHEN status IN ('planned', 'sent') THEN ? END, ?), "
+    "finished_at = ? WHERE run_id = ? AND batch_id = ?"
+)
+"""A batch's ``sent`` mark and its result in one statement, when a flush holds both (:func:`_fold_sent`): the
+row is rewritten once instead of twice (with its packed IDs, that is most of what a result costs SQLite). It
+leaves the row exactly as the two statements in turn would: ``sent`` only ever set ``started_at`` (when the row
+was planned or sent), and the result then overwrites every other column it touched."""
 _INSERT_REFUSED = "INSERT INTO batch_ids (run_id, batch_id, ext_id, code, message, origin_path, origin_row) VALUES (?, ?, ?, ?, ?, ?, ?)"
 _INSERT_ATTEMPT = (
     "INSERT INTO attempts (run_id, batch_id, endpoint, attempt, n_ids, outcome, http_status, message, started_at, "
@@ -266,6 +275,43 @@ in the order it was queued."""
 
 def _rank(write: tuple[str, Sequence[Any]]) -> int:
     return _FLUSH_ORDER.get(write[0], len(_FLUSH_ORDER))
+
+
+def _fold_sent(writes: list[tuple[str, Sequence[Any]]]) -> list[tuple[str, Sequence[Any]]]:
+    """``writes`` (sorted by :func:`_rank`) with each batch's ``sent`` mark folded into its result when both are
+    there (:data:`_UPDATE_SENT_RESULT`).
+
+    Exact: sorted, every ``sent`` comes before every result, and nothing between them writes that batch's row
+    (the other writes are other batches' rows, attempts, refused IDs). Only a batch with one ``sent`` mark and
+    one result in the flush is folded (the same batch ID queued twice is left as it is); the folded results
+    then go before the others, which touch other rows, so each kind is still one ``executemany``."""
+    sent: dict[tuple[Any, Any], int] = {}  # (run, batch) -> index of its sent mark; -1: more than one
+    results: dict[tuple[Any, Any], int] = {}  # (run, batch) -> index of its result; -1: more than one
+    first = last = -1  # the results' range (contiguous: sorted by kind)
+    for i, (sql, params) in enumerate(writes):
+        if sql is _UPDATE_SENT:
+            key = (params[1], params[2])
+            sent[key] = -1 if key in sent else i
+        elif sql is _UPDATE_RESULT:
+            key = (params[-2], params[-1])
+            results[key] = -1 if key in results else i
+            first = i if first < 0 else first
+            last = i
+    pairs = {at: results.get(key, -1) for key, at in sent.items() if at >= 0}
+    pairs = {at: result for at, result in pairs.items() if result >= 0}
+    if not pairs:
+        return writes
+    folded_results = set(pairs.values())
+    merged: list[tuple[str, Sequence[Any]]] = []
+    for at, result in pairs.items():
+        params = writes[result][1]
+        merged.append((_UPDATE_SENT_RESULT, (*params[:7], writes[at][1][0], *params[7:])))
+    return [
+        *(w for i, w in enumerate(writes[:first]) if i not in pairs),
+        *merged,
+        *(w for i, w in enumerate(writes[first : last + 1], first) if i not in folded_results),
+        *writes[last + 1 :],
+    ]
 
 
 def new_run_id(now: float | None = None) -> str:
@@ -582,7 +628,7 @@ class Ledger:
                 # One executemany per statement: the writes are put in the order of a batch's state machine
                 # (stable, so each kind keeps its own order), then each run of one statement goes in one call.
                 pending.sort(key=_rank)
-                for sql, group in itertools.groupby(pending, key=itemgetter(0)):
+                for sql, group in itertools.groupby(_fold_sent(pending), key=itemgetter(0)):
                     cur.executemany(sql, [params for _sql, params in group])
         except sqlite3.DatabaseError as exc:
             raise StateError(f"{self.path}: cannot write the ledger: {exc}") from exc
