@@ -283,3 +283,43 @@ def test_validate_refuses_a_margin_that_leaves_an_aligned_window_no_time_to_send
         head + "  budgets: {tagUsers: {requests: 20, per: 1s, margin: 0.9, align: false}}\n", encoding="utf-8"
     )
     assert load_job(job).dispatch.budgets["tagUsers"] == RateBudgetSpec(20, 1.0, align=False, margin=0.9)
+
+
+def _window_by_formula(t: float, offset: float, period: float) -> int:
+    return math.floor((t + offset) / period + 1e-9)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    offset=st.floats(min_value=0.0, max_value=2e9, allow_nan=False),
+    period=st.sampled_from([0.001, 0.25, 1.0, 60.0, 3600.0]),
+    steps=st.lists(
+        st.one_of(
+            st.floats(min_value=-3.0, max_value=3.0),  # anywhere near
+            st.sampled_from([0.0, 1e-12, -1e-12, 1e-7, -1e-7, 1e-5, -1e-5]),  # on and around an edge
+        ),
+        min_size=1,
+        max_size=30,
+    ),
+)
+def test_the_window_of_a_time_is_the_formula_s_at_every_edge(
+    offset: float, period: float, steps: list[float]
+) -> None:
+    # The window a release is counted in is remembered between requests (a budget far above what is sent must
+    # cost nothing per request): the answer stays the formula's for every time, at an edge too, whatever came
+    # before — on Unix-time offsets, where rounding is coarsest.
+    budget = RateBudget(RateBudgetSpec(1_000_000, period), wall_offset=offset, clock=_FixedClock())
+    edge = math.floor(offset / period + 1) * period - offset  # an edge a little after clock time 0
+    for step in steps:
+        t = edge + step * period if abs(step) >= 1e-3 else edge + step
+        assert budget.window_of(t) == _window_by_formula(t, offset, period)
+
+
+class _FixedClock:
+    """A clock that never moves (the windows here are asked for directly)."""
+
+    def time(self) -> float:
+        return 0.0
+
+    def call_at(self, when: float, callback: Callable[[], object], /) -> asyncio.TimerHandle:
+        raise AssertionError("no timer expected")

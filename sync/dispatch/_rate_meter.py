@@ -32,6 +32,9 @@ _SLACK = 0.5
 ends, the slots that a late timer or a stalled loop could not release on time (see :meth:`RateMeter.earliest`).
 Half: on a core shared with a CPU-bound process, a loaded machine stalled the loop for 0.1-0.6 s at a time; a
 virtual-clock model of that lost 0.14 % of the budget on average with a fifth of the zone, 0.01 % with half."""
+_WINDOW_GUARD = 1e-5
+"""Seconds from a window's edges within which :meth:`RateMeter._window_bounds` computes the window afresh: far
+more than the rounding of ``(t + offset) / period`` on Unix times (about 2.4e-7 s)."""
 _WINDOW_RECORDS = 4096  # per-window records kept for the summary and the ``budget.window`` log lines
 
 
@@ -176,6 +179,9 @@ class RateMeter:
         "_w_records",
         "_w_tail",
         "_wall_offset",
+        "_wb",
+        "_wb_hi",
+        "_wb_lo",
         "_window",
         "name",
     )
@@ -264,6 +270,11 @@ class RateMeter:
         self._w_n: int = 0  # N in force when the window opened
         self._w_tail: float = self._tail  # the margin in force when the window opened
         self._w_records: deque[WindowUse] = deque(maxlen=_WINDOW_RECORDS)
+        # The last window _window_bounds computed, and the interior of it where a time needs no division (a
+        # request asks for its window about ten times: a budget far above what is sent must cost nothing).
+        self._wb: tuple[int, float] = (0, 0.0)
+        self._wb_lo: float = math.inf
+        self._wb_hi: float = -math.inf
         self._log = get_logger(budget=name)
 
     # -- wiring --------------------------------------------------------------------------------------------
@@ -273,6 +284,7 @@ class RateMeter:
         self._time = now
         if self._wall_offset is None:
             self._wall_offset = time.time() - now()
+            self._forget_window()
         if on_change is not None:
             self._on_change.append(on_change)
 
@@ -335,9 +347,22 @@ class RateMeter:
 
     def _window_bounds(self, t: float) -> tuple[int, float]:
         """The aligned window holding clock time ``t``: its index and start (in clock time)."""
+        if self._wb_lo <= t < self._wb_hi:
+            return self._wb
         off = self._wall_offset or 0.0
-        k = math.floor((t + off) / self._period + _EPS)
-        return k, k * self._period - off
+        period = self._period
+        k = math.floor((t + off) / period + _EPS)
+        found = k, k * period - off
+        # A time this far inside the window is in it whatever the rounding of the formula above (a few tenths
+        # of a microsecond on Unix times), so the next ones are answered without it; near an edge, the formula.
+        self._wb = found
+        self._wb_lo = found[1] + _WINDOW_GUARD
+        self._wb_hi = found[1] + period - _WINDOW_GUARD
+        return found
+
+    def _forget_window(self) -> None:
+        """The period or the offset changed: the window remembered by :meth:`_window_bounds` is no longer one."""
+        self._wb_lo, self._wb_hi = math.inf, -math.inf
 
     def _until_window_reset(self, now: float) -> float:
         if self._aligned or self._rate is None:
@@ -555,6 +580,11 @@ class RateMeter:
     def _note_starved(self, now: float) -> None:
         if not math.isfinite(self._last_release):
             return  # the run's first request: nothing was waited for before it
+        k = self._window_bounds(now)[0]
+        if k in self._starved and self._window_bounds(self._last_release)[0] == k:
+            # Whatever the free slot's time (from the last release on), only this window could be added, and
+            # it is there already: a budget far above what is sent marks its windows starved at every request.
+            return
         free_since = self.earliest(self._last_release)
         if now - free_since > self._nominal_spacing():
             first, last = self._window_bounds(free_since)[0], self._window_bounds(now)[0]
@@ -576,6 +606,7 @@ class RateMeter:
             seen = sum(1 for t in self._history if t > now - self._discover_period)
             self._rate = max(1.0, seen * self._decrease)
             self._period = self._discover_period
+            self._forget_window()
             self._history.clear()
             self._eval_window = None
         else:

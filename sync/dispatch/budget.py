@@ -149,6 +149,14 @@ class _Lane:
     def earliest(self, now: float) -> float:
         """Earliest time every meter allows the next release (a common fixed point of their schedules)."""
         t = now
+        if len(self.meters) == 1:  # the usual case, without the generator below (asked at every request)
+            meter = self.meters[0]
+            for _ in range(8):
+                nxt = meter.earliest(now, t)
+                if nxt <= t + _EPS:
+                    return t
+                t = nxt
+            return t
         for _ in range(8):
             nxt = max((m.earliest(now, t) for m in self.meters), default=t)
             if nxt <= t + _EPS:
