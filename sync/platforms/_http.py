@@ -177,10 +177,13 @@ class HttpAnswer:
         page) or a cut-off answer is not the API's answer, so nothing can be told from it. Retrying is right
         — the proxy may pass the next try, and the writes are idempotent — and bounded by the retry policy.
         The message gives the content type and size, never the page (it may echo a header)."""
-        if not self.raw.strip():
+        raw = self.raw
+        if raw == b"{}":  # what most write endpoints answer: no decoder for it, at every request
+            return {}
+        if not raw.strip():
             return None
         try:
-            return json.loads(self.raw)
+            return json.loads(raw)
         except ValueError:
             raise RetryableError(
                 f"{self.what}: HTTP {self.status} with a body that is not JSON "
