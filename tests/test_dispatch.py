@@ -420,3 +420,73 @@ def test_a_stop_after_the_last_answer_still_completes() -> None:
         _dispatch(MemoryPlatform(), _plan(5), _settings(), stop=stop, observers=[StopAtEnd()])
     )
     assert report.outcome is DispatchOutcome.COMPLETED and report.batches_done == 5
+
+
+@dataclass
+class HangingPlatform(MemoryPlatform):
+    """Never answers a batch's first ``hangs`` attempts (a client that forgot its own time-out)."""
+
+    hangs: int = 1
+
+    async def send(self, batch: Batch) -> SendOutcome:
+        if self.attempts[batch.batch_id] < self.hangs:
+            self.attempts[batch.batch_id] += 1
+            self.sends.append((asyncio.get_running_loop().time(), batch))
+            await asyncio.sleep(10_000)
+        return await super().send(batch)
+
+
+def test_a_request_with_no_answer_is_cut_off_by_the_dispatcher_s_own_guard(tmp_path: Path) -> None:
+    # The client's per-request time-out is its own; the dispatcher cuts any attempt off after twice the
+    # request time-out plus 1 s (11 s here) whatever the client does: each hung attempt ends at its own
+    # deadline — attempts that began at different times included — as a retryable failure, and is retried.
+    client = HangingPlatform(hangs=2)
+    ledger = Ledger.open(tmp_path / "l.sqlite")
+    ledger.start_run("r", job="j")
+    settings = _settings(
+        concurrency=3, request_timeout=5.0, retry=RetryPolicy(max_attempts=3, base_delay=0.5, max_delay=0.5)
+    )
+
+    async def go() -> tuple[DispatchReport, float]:
+        dispatcher = Dispatcher(client, settings, ledger=ledger, run_id="r", rng=random.Random(7))
+        report = await dispatcher.run(_plan(5))
+        return report, asyncio.get_running_loop().time()
+
+    report, ended = run_virtual(go())
+    attempts = ledger.attempts("r")
+    ledger.close()
+    assert report.outcome is DispatchOutcome.COMPLETED
+    assert report.endpoints["tagUsers"].ids_ok == 50
+    hung = [a for a in attempts if a.outcome is AttemptOutcome.RETRYABLE]
+    assert len(hung) == 10 and len(attempts) == 15
+    assert {a.message for a in hung} == {"no answer within 11 s"}
+    assert all(a.latency == pytest.approx(11.0) for a in hung)
+    assert ended < 3 * 11 * 2  # nothing waited for more than its own deadline
+
+
+def test_a_stop_during_a_hung_request_is_a_cancellation_not_a_time_out(tmp_path: Path) -> None:
+    # A drain cut short cancels a hung attempt before its guard's deadline: the batch stays sent (its outcome
+    # unknown), no attempt is recorded as a time-out, and the run ends when the drain does.
+    client = HangingPlatform(hangs=1)
+    ledger = Ledger.open(tmp_path / "l.sqlite")
+    ledger.start_run("r", job="j")
+
+    async def go() -> tuple[DispatchReport, float]:
+        loop = asyncio.get_running_loop()
+        dispatcher = Dispatcher(
+            client,
+            _settings(concurrency=2, request_timeout=5.0, drain_timeout=1.0),
+            ledger=ledger,
+            run_id="r",
+        )
+        loop.call_later(0.5, dispatcher.stop_event.set)
+        report = await dispatcher.run(_plan(4))
+        return report, loop.time()
+
+    report, ended = run_virtual(go())
+    statuses = ledger.run("r").batches_by_status  # type: ignore[union-attr]
+    attempts = ledger.attempts("r")
+    ledger.close()
+    assert report.outcome is DispatchOutcome.INTERRUPTED
+    assert ended == pytest.approx(1.5)
+    assert statuses.get("sent") == 2 and attempts == []

@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import random
 import time
+from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -37,6 +38,86 @@ from sync.records import (
 )
 
 _NOT_IDEMPOTENT = NON_IDEMPOTENT  # their ``sent`` record is committed before the request goes out
+
+
+class _Deadlines:
+    """The dispatcher's guard against a client that never answers: each attempt is cut off ``limit`` seconds
+    after it began, as ``asyncio.timeout(limit)`` around it would (the attempt's task is cancelled, and that
+    cancellation comes out of :meth:`watch`'s block as :class:`TimeoutError`) — through one loop timer for every
+    attempt instead of one pushed into the loop's heap and cancelled per request. Every attempt has the same
+    limit and begins later than the one before, so deadlines come in the order the attempts began: a FIFO,
+    whose oldest open deadline the timer is set for."""
+
+    __slots__ = ("_limit", "_loop", "_queue", "_timer")
+
+    def __init__(self, limit: float) -> None:
+        self._limit = limit
+        self._loop: asyncio.AbstractEventLoop | None = None  # the running loop, on first use
+        self._queue: deque[_Watch] = deque()  # attempts in the order they began; finished ones leave the head
+        self._timer: asyncio.TimerHandle | None = None  # set for the head's deadline while there is one
+
+    def watch(self) -> _Watch:
+        """A context manager around one attempt (in the attempt's own task)."""
+        loop = self._loop
+        if loop is None:
+            loop = self._loop = asyncio.get_running_loop()
+        task = asyncio.current_task()
+        if task is None:
+            raise RuntimeError("an attempt must run in a task")
+        watch = _Watch(self, task, loop.time() + self._limit)
+        self._queue.append(watch)
+        if self._timer is None:
+            self._timer = loop.call_at(watch.deadline, self._expire)
+        return watch
+
+    def _settle(self) -> None:
+        """Drop finished attempts from the head (attempts end about in the order they began)."""
+        queue = self._queue
+        while queue and queue[0].done:
+            queue.popleft()
+        if not queue and self._timer is not None:
+            # Nothing open: no timer outlives the attempts (a run's end, or one request at a time).
+            self._timer.cancel()
+            self._timer = None
+
+    def _expire(self) -> None:
+        """Cut off every open attempt whose deadline has come; set the timer for the next deadline."""
+        self._timer = None
+        assert self._loop is not None
+        now = self._loop.time()
+        queue = self._queue
+        while queue and (queue[0].done or queue[0].deadline <= now):
+            watch = queue.popleft()
+            if not watch.done:
+                watch.expired = True
+                watch.task.cancel()
+        if queue:
+            self._timer = self._loop.call_at(queue[0].deadline, self._expire)
+
+
+class _Watch:
+    """One attempt under :class:`_Deadlines`: ``with`` it around the request."""
+
+    __slots__ = ("_cancelling", "_owner", "deadline", "done", "expired", "task")
+
+    def __init__(self, owner: _Deadlines, task: asyncio.Task[object], deadline: float) -> None:
+        self._owner = owner
+        self.task = task
+        self.deadline = deadline  # loop time
+        self._cancelling = task.cancelling()  # cancel requests pending on the task when the attempt began
+        self.done = False  # the attempt's block was left
+        self.expired = False  # the deadline came first: the task was cancelled for it
+
+    def __enter__(self) -> _Watch:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: object) -> None:
+        self.done = True
+        self._owner._settle()
+        # As asyncio.timeout: the deadline's cancel request is withdrawn; only when no other one is pending
+        # does its CancelledError become a TimeoutError (a stop's cancellation goes on as itself).
+        if self.expired and self.task.uncancel() <= self._cancelling and exc_type is asyncio.CancelledError:
+            raise TimeoutError from exc
 
 
 class _Aborted(Exception):
@@ -93,6 +174,9 @@ class BatchSender:
         self._no_answer_streak = 0
         # The global cap on requests in flight, over every endpoint (lanes may have more workers than this).
         self._in_flight = asyncio.Semaphore(max(1, settings.concurrency))
+        # The client has its own per-request time-out; this one is a guard against a client that forgets it.
+        self._guard = settings.request_timeout * 2 + 1
+        self._deadlines = _Deadlines(self._guard)
 
     @property
     def endpoints(self) -> dict[str, Endpoint]:
@@ -300,13 +384,11 @@ class BatchSender:
                         stats.per_window[window] = stats.per_window.get(window, 0) + 1
                     sent_at = time.time()
                     try:
-                        # The client has its own per-request time-out; this outer one is a guard against a client
-                        # that forgets it.
-                        async with asyncio.timeout(self._settings.request_timeout * 2 + 1):
+                        with self._deadlines.watch():
                             outcome = await self._client.send(part)
                     except TimeoutError as exc:
                         error: RetryableError | RejectedBatchError | FatalPlatformError = RetryableError(
-                            f"no answer within {self._settings.request_timeout * 2 + 1:.0f} s"
+                            f"no answer within {self._guard:.0f} s"
                         )
                         error.__cause__ = exc
                     except (RetryableError, RejectedBatchError, FatalPlatformError) as exc:
