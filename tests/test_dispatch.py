@@ -490,3 +490,19 @@ def test_a_stop_during_a_hung_request_is_a_cancellation_not_a_time_out(tmp_path:
     assert report.outcome is DispatchOutcome.INTERRUPTED
     assert ended == pytest.approx(1.5)
     assert statuses.get("sent") == 2 and attempts == []
+
+
+@pytest.mark.parametrize("level", ["debug", "info"])
+def test_a_batch_s_debug_line_is_written_at_debug_level_only(level: str) -> None:
+    # One ``batch.done`` line per batch at debug level (built only then: a filtered call still cost its
+    # arguments at every request); none at info.
+    from sync.logs import configure_logging
+
+    configure_logging(level, json=True)
+    with structlog.testing.capture_logs() as logs:
+        run_virtual(_dispatch(MemoryPlatform(), _plan(3), _settings()))
+    done = [e for e in logs if e["event"] == "batch.done"]
+    if level == "debug":
+        assert [(e["status"], e["attempts"]) for e in done] == [("ok", 1)] * 3
+    else:
+        assert done == []

@@ -13,6 +13,7 @@ refused IDs are isolated; a 401/403 closes every budget and sets the stop event.
 from __future__ import annotations
 
 import asyncio
+import logging
 import random
 import time
 from collections import deque
@@ -166,6 +167,8 @@ class BatchSender:
         self._rng = rng
         self._latency_sample = latency_sample  # latencies kept per endpoint
         self._log = get_logger(run=run_id, platform=client.platform)
+        # The per-batch debug line is built only when it is written (its level is fixed when the logger is made).
+        self._debug = bool(self._log.is_enabled_for(logging.DEBUG))
         self._endpoints: dict[str, Endpoint] = {}
         self._fatal: FatalPlatformError | None = None
         self._done = 0
@@ -306,13 +309,14 @@ class BatchSender:
         self._done += 1
         for observer in self._observers:
             observer.on_batch_done(batch, result)
-        self._log.debug(
-            "batch.done",
-            endpoint=batch.endpoint,
-            batch=batch.batch_id,
-            status=str(status_),
-            attempts=attempts,
-        )
+        if self._debug:
+            self._log.debug(
+                "batch.done",
+                endpoint=batch.endpoint,
+                batch=batch.batch_id,
+                status=str(status_),
+                attempts=attempts,
+            )
         if status_ is BatchStatus.FAILED and attempts and fatal is None:
             # An on-call engineer must see why IDs failed without turning on debug logs.
             self._log.warning(
