@@ -559,7 +559,7 @@ class Ledger:
         self._flush_every: int = flush_every  # commit once this many writes are queued
         self._flush_interval: float = flush_interval  # ...or when the oldest queued write is this old
         self._last_flush: float = time.monotonic()
-        self.writes: int = 0  # statements committed, for the ledger benchmark
+        self.writes: int = 0  # writes committed, as queued (a sent mark folded into its result counts too)
 
     @classmethod
     def open(cls, path: str | Path, *, flush_every: int = 256, flush_interval: float = 0.05) -> Ledger:
