@@ -72,9 +72,9 @@ def _envelope(shape: Shape, group: str) -> tuple[bytes, bytes]:
     return b"", b""
 
 
-def _body(shape: Shape, group: str, items: bytes) -> bytes:
+def _body(shape: Shape, group: str, items: bytes | memoryview) -> bytes:
     if shape is Shape.ONE:
-        return items
+        return bytes(items)
     before, after = _envelope(shape, group)
     return b"".join((before, items, after))
 
@@ -457,7 +457,7 @@ def stream_batches(
     prefix = hashlib.sha256(endpoint.encode("utf-8") + b"\n")
     selected = (stream.select(frame, True) for frame in frames)
     for run in cut(selected, _size(stream, batch_size), files, first_only=stream.shape is Shape.ONE):
-        body = _body(stream.shape, run.group, run.items)
+        body = _body(stream.shape, run.group, run.text)
         digest = prefix.copy()
         digest.update(body)
         yield Batch(
