@@ -34,6 +34,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from sync.planning.row_keys import ROW_KEY
+from sync.platforms import _encode as enc
 from sync.records import ExtIds, RowRef
 
 __all__ = ["EXT_ID", "FILE", "GROUP", "ITEM", "ROW", "Cut", "RowOrigins", "ahead", "cut", "first_ids"]
@@ -86,7 +87,10 @@ class RowOrigins(Mapping[str, RowRef]):
                 if span is not None:
                     lo, hi = span
                     if at is None:
-                        file_column, row_column = file_column.slice(lo, hi - lo), row_column.slice(lo, hi - lo)
+                        file_column, row_column = (
+                            file_column.slice(lo, hi - lo),
+                            row_column.slice(lo, hi - lo),
+                        )
                     else:
                         where = at.slice(lo, hi - lo)
                         file_column, row_column = file_column.gather(where), row_column.gather(where)
@@ -178,16 +182,17 @@ class _Joined:
 
     __slots__ = ("_base", "_data", "_offsets", "_values")
 
-    def __init__(self, column: pl.Series, bounds: Sequence[int], sep: str) -> None:
-        self._values = _large_strings(column)
+    def __init__(self, column: pl.Series | pa.Array, bounds: Sequence[int], sep: str) -> None:
+        self._values = column if isinstance(column, pa.Array) else _large_strings(column)
         lists = pa.LargeListArray.from_arrays(pa.array(bounds, pa.int64()), self._values)
         joined = pc.binary_join(lists, pa.scalar(sep, pa.large_string()))
         self._base, self._offsets, self._data = _buffers(joined)
 
-    def holds(self, byte: bytes) -> bool:
-        """Whether a value of the column holds ``byte`` (one scan of its buffer in C)."""
+    def holds(self, chars: bytes) -> bool:
+        """Whether a value of the column holds one of the bytes ``chars`` (one scan of its buffer in C)."""
         base, offsets, data = _buffers(self._values)
-        return byte in data[offsets[base] : offsets[base + len(self._values)]].tobytes()
+        raw = data[offsets[base] : offsets[base + len(self._values)]].tobytes()
+        return len(raw.translate(None, chars)) != len(raw)
 
     def get(self, i: int) -> memoryview:
         """Run ``i``'s values joined (a view: it keeps the joined buffer alive)."""
@@ -268,6 +273,7 @@ def _frame_cuts(
     size: int,
     files: Sequence[str],
     first_only: bool,
+    id_items: bool = False,
 ) -> list[tuple[str, bool, int, Cut]]:
     """The runs of one frame: ``(group, continues, first row, cut)`` per run, in group and run order.
 
@@ -279,6 +285,10 @@ def _frame_cuts(
     ``c0`` IDs, the group's ``j``-th new ID (from 0) starts a run when ``(c0 + j) % size == 0``, and the rows
     before its first such ID continue the open run. A run is then a range of rows (a group's rows are
     adjacent) and a range of new IDs; the runs' items and IDs are joined per range in Arrow.
+
+    ``id_items``: each row's item is its ID's JSON string (:data:`ITEM` is not read): made from the runs' joined
+    IDs when the frame allows (one row per ID, nothing to escape), by :func:`sync.platforms._encode.string`
+    otherwise.
     """
     frame, positions, spans = _group_runs(selected)
     n = frame.height
@@ -320,11 +330,22 @@ def _frame_cuts(
     row_bounds = [p[2] for p in pieces] + [n]
     id_bounds = [p[3] for p in pieces] + [at_bounds[-1]]
     unique = frame[EXT_ID] if every_row else frame[EXT_ID].gather(starts)
-    ids: _Joined | None = _Joined(unique, id_bounds, "\n")
+    unique_values = _large_strings(unique)
+    ids: _Joined | None = _Joined(unique_values, id_bounds, "\n")
+    assert ids is not None
+    # IDs without a character JSON escapes (a line break is one) are their JSON strings' content as they are.
+    plain_ids = not ids.holds(enc.ESCAPED_BYTES)
     plain: list[str] = []
-    if ids.holds(b"\n"):
+    if not plain_ids and ids.holds(b"\n"):
         ids, plain = None, unique.to_list()  # an ID holds a line break: this frame's runs keep tuples of IDs
-    items: _Joined | _Values = _Values(frame[ITEM]) if first_only else _Joined(frame[ITEM], row_bounds, ",")
+    quoted = id_items and plain_ids and every_row and not first_only
+    items: _Joined | _Values
+    if quoted:
+        # One row per ID and nothing to escape: a run's items are its IDs joined by '","', between quotes.
+        items = _Joined(unique_values, id_bounds, '","')
+    else:
+        column = frame.select(enc.string(pl.col(EXT_ID))).to_series() if id_items else frame[ITEM]
+        items = _Values(column) if first_only else _Joined(column, row_bounds, ",")
     at = None if every_row else starts
     id_files, id_rows = frame[FILE], frame[ROW]
     keys = _key_bytes(frame[ROW_KEY]) if ROW_KEY in frame.columns else b""
@@ -333,9 +354,15 @@ def _frame_cuts(
     out = []
     for i, ((group, continues, r0, k0), first_row) in enumerate(zip(pieces, origin_rows, strict=True)):
         r1, k1 = row_bounds[i + 1], id_bounds[i + 1]
-        # One-user requests send an ID's first row alone (a continuing piece adds nothing to the open run's).
-        text = items.get(i) if not first_only else b"" if continues else items.get(r0)
-        run: Sequence[str] = ExtIds(ids.get(i).tobytes(), k1 - k0) if ids is not None else tuple(plain[k0:k1])
+        lines = ids.get(i).tobytes() if ids is not None else b""
+        if quoted:
+            text: bytes | memoryview = b"".join((b'"', items.get(i), b'"'))
+        elif first_only:
+            # One-user requests send an ID's first row alone (a continuing piece adds nothing to the open run's).
+            text = b"" if continues else items.get(r0)
+        else:
+            text = items.get(i)
+        run: Sequence[str] = ExtIds(lines, k1 - k0) if ids is not None else tuple(plain[k0:k1])
         origins = RowOrigins(run, id_files, id_rows, files, at, (k0, k1))
         out.append((group, continues, first_row, Cut(group, text, run, origins, keys[8 * r0 : 8 * r1])))
     return out
@@ -362,12 +389,19 @@ def ahead(items: Iterable[T]) -> Iterator[T]:
 
 
 def cut(
-    frames: Iterable[pl.DataFrame], size: int, files: Sequence[str], *, first_only: bool = False
+    frames: Iterable[pl.DataFrame],
+    size: int,
+    files: Sequence[str],
+    *,
+    first_only: bool = False,
+    id_items: bool = False,
 ) -> Iterator[Cut]:
     """The runs of at most ``size`` unique IDs per group of the selected ``frames`` (see the module docstring).
 
     ``files`` resolves :data:`FILE`. ``first_only``: a run's items are its first row's item alone (a one-user
-    request whose ID has several rows sends the first, as the row loop did). ``frames`` is advanced on a worker
+    request whose ID has several rows sends the first, as the row loop did). ``id_items``: each row's item is
+    its ID's JSON string (an ``extIds`` list), the frames' :data:`ITEM` is not read (select without items: no
+    text is built per row when the IDs need no escaping). ``frames`` is advanced on a worker
     thread one frame ahead (:func:`ahead`): a lazy selection encodes the next frame while this one is cut.
     """
     if size < 1:
@@ -378,7 +412,7 @@ def cut(
             continue
         open_runs = {g: (len(c.ext_ids), c.ext_ids[-1]) for g, c in open_cuts.items()}
         done: list[tuple[int, Cut]] = []  # (frame position of the row that completed it, run)
-        pieces = _frame_cuts(selected, open_runs, size, files, first_only)
+        pieces = _frame_cuts(selected, open_runs, size, files, first_only, id_items)
         for k, (group, continues, first_row, piece) in enumerate(pieces):
             last_of_group = k + 1 == len(pieces) or pieces[k + 1][0] != group
             trigger = -1 if last_of_group else pieces[k + 1][2]
