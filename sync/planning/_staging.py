@@ -60,6 +60,11 @@ FINE_RANGES = 1 << FINE_BITS
 """Key ranges whose row offsets each chunk file records: any bucket count up to this is a union of them."""
 LOOKAHEAD = 2
 """Buckets a lazy settle runs ahead of the furthest bucket a reader asked for."""
+GROUP_ROWS = 262_144
+"""Rows (at most, unless one bucket holds more) of the consecutive buckets read from the chunk files together and
+sorted at once: one read of each chunk file per group, not per bucket (reading a slice costs about as much as
+reading a few thousand rows, and a large input has many chunk files and many buckets: their product of slices
+would grow with the square of the input)."""
 
 
 def write_error(where: Path | str, exc: OSError) -> StateError:
@@ -159,41 +164,30 @@ class ChunkFile:
     offsets: array[int]  # FINE_RANGES + 1 row offsets ('q')
     batches: tuple[int, ...]  # the first row of each record batch of the file, then its row count
 
-    def slice(self, first_range: int, end_range: int) -> pl.DataFrame | None:
-        """The rows of fine ranges ``[first_range, end_range)``, or None when there are none."""
+    def rows_in(self, first_range: int, end_range: int) -> int:
+        """How many rows fine ranges ``[first_range, end_range)`` hold in this file."""
+        return self.offsets[end_range] - self.offsets[first_range]
+
+    def record_batches(self, first_range: int, end_range: int) -> list[pa.RecordBatch]:
+        """The rows of fine ranges ``[first_range, end_range)``: the record batches holding them, sliced to them."""
         start, stop = self.offsets[first_range], self.offsets[end_range]
         if stop <= start:
-            return None
-        # Memory-mapped and sliced without reading the rest of the file. The slice's values are copied out
-        # before polars sees them, and the mapping closed: a frame holding on to a mapped file keeps every page
-        # it touched resident, which over the buckets of a large input grows to the size of the staged data.
+            return []
         first = bisect.bisect_right(self.batches, start) - 1
         last = bisect.bisect_left(self.batches, stop)  # one past the last batch holding a row of the slice
-        with pa.memory_map(str(self.path)) as source:
-            # Only the record batches holding the slice are read (a file is many small batches).
+        # Read (not memory-mapped): only the record batches holding the slice, into memory of their own. A
+        # mapping would keep every page a later frame touched resident, which over the buckets of a large input
+        # grows to the size of the staged data; read buffers are let go with the frame made of them.
+        out = []
+        with pa.OSFile(str(self.path)) as source:
             reader = pa.ipc.open_file(source)
-            table = pa.Table.from_batches([reader.get_batch(i) for i in range(first, last)])
-            table = table.slice(start - self.batches[first], stop - start)
-            owned = table.cast(_owned(table.schema))
-            del table, reader
-        frame = pl.from_arrow(owned)
-        assert isinstance(frame, pl.DataFrame)
-        return frame
-
-
-def _owned_type(dtype: pa.DataType) -> pa.DataType:
-    """``dtype`` with views (which point into the buffers they came from) as plain offsets and values."""
-    if dtype == pa.string_view():
-        return pa.large_string()
-    if dtype == pa.binary_view():
-        return pa.large_binary()
-    if pa.types.is_list(dtype) or pa.types.is_large_list(dtype) or pa.types.is_list_view(dtype):
-        return pa.large_list(_owned_type(dtype.value_type))
-    return dtype
-
-
-def _owned(schema: pa.Schema) -> pa.Schema:
-    return pa.schema([f.with_type(_owned_type(f.type)) for f in schema])
+            for i in range(first, last):
+                batch = reader.get_batch(i)
+                lo = max(start, self.batches[i]) - self.batches[i]
+                hi = min(stop, self.batches[i + 1]) - self.batches[i]
+                out.append(batch if lo == 0 and hi == batch.num_rows else batch.slice(lo, hi - lo))
+            del reader
+        return out
 
 
 _FINE_BOUNDS = pl.Series(
@@ -261,6 +255,8 @@ class Settler:
         "_chunks",
         "_deferred",
         "_directory",
+        "_group",
+        "_group_end",
         "_head",
         "_rejects",
         "bounds",
@@ -271,6 +267,7 @@ class Settler:
         "parts",
         "rows_clean",
         "rows_read",
+        "sink",
         "source",
     )
 
@@ -299,6 +296,11 @@ class Settler:
         self.rows_clean = 0
         self.dropped = 0
         self.rows_read = rows_read  # input rows read by staging (final once staged)
+        self._group: pl.DataFrame | None = None  # the sorted rows of buckets [next, _group_end), read together
+        self._group_end = 0
+        self.sink: Callable[[pl.DataFrame], None] | None = None
+        """Given each settled bucket's winners (a frame as :meth:`StagedSource.frames` reads them back, every
+        column), in bucket order, while they are in memory: the plan's counts are made from them."""
         if chunks is not None:
             self.staged(chunks, bits, rows_read)
 
@@ -372,30 +374,70 @@ class Settler:
         return head
 
     def settle_next(self) -> None:
-        """Settle bucket :attr:`next`: read its rows from every chunk, resolve duplicates, write it."""
+        """Settle bucket :attr:`next`: its rows (read from every chunk with those of the next few buckets, up to
+        :data:`GROUP_ROWS` rows, and sorted with them), duplicates resolved, written."""
         assert self.bounds is not None
         k = self.next
-        # Not bound to a name here: the unsorted rows are let go as soon as they are sorted (one bucket in
-        # memory, not two).
-        self._settle_frame(self._read(self.bounds[k], self.bounds[k + 1]), k, defer=False)
+        if self._group_end <= k:
+            self._read_group(k)
+        bounds = self.bounds
+        frame: pl.DataFrame | None = None
+        group = self._group
+        if group is not None:
+            # The group is in canonical order, and so in key order: this bucket's rows come first.
+            if bounds[k + 1] >= FINE_RANGES:
+                end = group.height
+            else:
+                found = group[KEY].search_sorted(bounds[k + 1] << (32 - FINE_BITS), side="left")
+                assert isinstance(found, int)
+                end = found
+            if end:
+                frame = group.slice(0, end)
+            rest = group.slice(end)
+            self._group = rest if rest.height else None
+        self._settle_frame(frame, k, defer=False, ordered=True)
         if self.done:
             self._drop_chunks()
 
-    def _read(self, first: int, end: int) -> pl.DataFrame | None:
-        """The rows of fine ranges ``[first, end)`` from every chunk file, in chunk order."""
-        pieces = [p for c in self._chunks if (p := c.slice(first, end)) is not None]
-        if not pieces:
-            return None
-        return pl.concat(pieces) if len(pieces) > 1 else pieces[0]
+    def _read_group(self, k: int) -> None:
+        """Read buckets ``[k, j)`` from every chunk file — the most that hold :data:`GROUP_ROWS` rows, one at
+        least — and put them in canonical order: the same order, bucket by bucket, as each sorted alone
+        (:func:`canonical_order` of rows in read order is a stable sort on keys, which the buckets split)."""
+        assert self.bounds is not None
+        bounds, chunks = self.bounds, self._chunks
+        j = k + 1
+        rows = sum(c.rows_in(bounds[k], bounds[j]) for c in chunks)
+        while j < len(bounds) - 1:
+            more = sum(c.rows_in(bounds[j], bounds[j + 1]) for c in chunks)
+            if rows + more > GROUP_ROWS:
+                break
+            rows += more
+            j += 1
+        self._group_end = j
+        self._group = None
+        if rows:
+            # Not bound to a name: the unsorted rows are let go as soon as they are sorted.
+            self._group = canonical_order(self._read(bounds[k], bounds[j]))
 
-    def _settle_frame(self, frame: pl.DataFrame | None, k: int, *, defer: bool) -> None:
+    def _read(self, first: int, end: int) -> pl.DataFrame:
+        """The rows of fine ranges ``[first, end)`` from every chunk file, in chunk order (some rows)."""
+        batches = [b for c in self._chunks for b in c.record_batches(first, end)]
+        frame = pl.from_arrow(pa.Table.from_batches(batches))
+        assert isinstance(frame, pl.DataFrame)
+        return frame
+
+    def _settle_frame(
+        self, frame: pl.DataFrame | None, k: int, *, defer: bool, ordered: bool = False
+    ) -> None:
         """Resolve the duplicates of bucket ``k``'s rows and write its winners (no file when it has no rows).
-        ``defer`` (the head): its rejects wait for :meth:`staged`."""
+        ``defer`` (the head): its rejects wait for :meth:`staged`. ``ordered``: the rows are in canonical order
+        already (else they come in read order)."""
         assert self._rejects is not None  # only a settler made by settled() has none, and it is done
         path: Path | None = None
         rejects: pl.DataFrame | None = None
         if frame is not None:
-            frame = canonical_order(frame)
+            if not ordered:
+                frame = canonical_order(frame)
             winners, rejects, identical = resolve_duplicates(frame, self.source, self.names)
             del frame
             path = self._directory / f"{k:04d}.arrow"
@@ -403,6 +445,8 @@ class Settler:
             winners.write_ipc(path, compression="uncompressed")
             self.rows_clean += winners.height
             self.dropped += identical
+            if self.sink is not None:
+                self.sink(winners)
         if defer:
             self._deferred = rejects if rejects is not None and rejects.height else None
         elif self._deferred is not None:
@@ -421,6 +465,7 @@ class Settler:
 
     def _drop_chunks(self) -> None:
         # Every bucket is settled: the chunk files are read no more.
+        self._group = None
         for chunk in self._chunks:
             chunk.path.unlink(missing_ok=True)
 
