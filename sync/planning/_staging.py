@@ -60,11 +60,14 @@ FINE_RANGES = 1 << FINE_BITS
 """Key ranges whose row offsets each chunk file records: any bucket count up to this is a union of them."""
 LOOKAHEAD = 2
 """Buckets a lazy settle runs ahead of the furthest bucket a reader asked for."""
-GROUP_ROWS = 262_144
+GROUP_ROWS = 131_072
 """Rows (at most, unless one bucket holds more) of the consecutive buckets read from the chunk files together and
 sorted at once: one read of each chunk file per group, not per bucket (reading a slice costs about as much as
 reading a few thousand rows, and a large input has many chunk files and many buckets: their product of slices
-would grow with the square of the input)."""
+would grow with the square of the input). Memory after staging is about three groups (read, sorted, counted)."""
+OPEN_CHUNKS = 256
+"""Chunk files a settler keeps open (readers with their footers read) while it settles; any more are opened
+for each read (a descriptor limit of 1024 is common)."""
 
 
 def write_error(where: Path | str, exc: OSError) -> StateError:
@@ -168,8 +171,20 @@ class ChunkFile:
         """How many rows fine ranges ``[first_range, end_range)`` hold in this file."""
         return self.offsets[end_range] - self.offsets[first_range]
 
-    def record_batches(self, first_range: int, end_range: int) -> list[pa.RecordBatch]:
-        """The rows of fine ranges ``[first_range, end_range)``: the record batches holding them, sliced to them."""
+    def open(self) -> tuple[pa.NativeFile, pa.ipc.RecordBatchFileReader]:
+        """The file, open, and a reader of it (its footer read once): :meth:`record_batches` reads through it."""
+        source = pa.OSFile(str(self.path))
+        try:
+            return source, pa.ipc.open_file(source)
+        except BaseException:
+            source.close()
+            raise
+
+    def record_batches(
+        self, first_range: int, end_range: int, reader: pa.ipc.RecordBatchFileReader | None = None
+    ) -> list[pa.RecordBatch]:
+        """The rows of fine ranges ``[first_range, end_range)``: the record batches holding them, sliced to them
+        (read through ``reader``, from :meth:`open`, when given)."""
         start, stop = self.offsets[first_range], self.offsets[end_range]
         if stop <= start:
             return []
@@ -178,16 +193,20 @@ class ChunkFile:
         # Read (not memory-mapped): only the record batches holding the slice, into memory of their own. A
         # mapping would keep every page a later frame touched resident, which over the buckets of a large input
         # grows to the size of the staged data; read buffers are let go with the frame made of them.
-        out = []
-        with pa.OSFile(str(self.path)) as source:
-            reader = pa.ipc.open_file(source)
+        source = None
+        if reader is None:
+            source, reader = self.open()
+        try:
+            out = []
             for i in range(first, last):
                 batch = reader.get_batch(i)
                 lo = max(start, self.batches[i]) - self.batches[i]
                 hi = min(stop, self.batches[i + 1]) - self.batches[i]
                 out.append(batch if lo == 0 and hi == batch.num_rows else batch.slice(lo, hi - lo))
-            del reader
-        return out
+            return out
+        finally:
+            if source is not None:
+                source.close()
 
 
 _FINE_BOUNDS = pl.Series(
@@ -220,7 +239,8 @@ class ChunkWriter:
         """Sort what is pending by key (rows of one key stay in read order) and write it as one chunk file."""
         if not self._pending:
             return
-        frame = pl.concat(self._pending) if len(self._pending) > 1 else self._pending[0]
+        # Not copied into one piece first: the sort gathers from the pieces (one copy of the rows, not two).
+        frame = pl.concat(self._pending, rechunk=False) if len(self._pending) > 1 else self._pending[0]
         self._pending, self._pending_rows = [], 0
         frame = frame.sort(KEY, maintain_order=True)
         path = self._directory / f"{len(self.chunks):06d}.arrow"
@@ -258,6 +278,7 @@ class Settler:
         "_group",
         "_group_end",
         "_head",
+        "_readers",
         "_rejects",
         "bounds",
         "dropped",
@@ -298,6 +319,7 @@ class Settler:
         self.rows_read = rows_read  # input rows read by staging (final once staged)
         self._group: pl.DataFrame | None = None  # the sorted rows of buckets [next, _group_end), read together
         self._group_end = 0
+        self._readers: dict[int, tuple[pa.NativeFile, pa.ipc.RecordBatchFileReader]] = {}  # chunk index -> open
         self.sink: Callable[[pl.DataFrame], None] | None = None
         """Given each settled bucket's winners (a frame as :meth:`StagedSource.frames` reads them back, every
         column), in bucket order, while they are in memory: the plan's counts are made from them."""
@@ -421,7 +443,14 @@ class Settler:
 
     def _read(self, first: int, end: int) -> pl.DataFrame:
         """The rows of fine ranges ``[first, end)`` from every chunk file, in chunk order (some rows)."""
-        batches = [b for c in self._chunks for b in c.record_batches(first, end)]
+        batches = []
+        for i, chunk in enumerate(self._chunks):
+            if chunk.rows_in(first, end) <= 0:
+                continue
+            opened = self._readers.get(i)
+            if opened is None and i < OPEN_CHUNKS:
+                opened = self._readers[i] = chunk.open()
+            batches += chunk.record_batches(first, end, opened[1] if opened else None)
         frame = pl.from_arrow(pa.Table.from_batches(batches))
         assert isinstance(frame, pl.DataFrame)
         return frame
@@ -463,9 +492,16 @@ class Settler:
         self.parts.append(path)
         self.next = k + 1
 
+    def release(self) -> None:
+        """Close the chunk files held open (settling stopped, or is over) and let the rows read go."""
+        readers, self._readers = self._readers, {}
+        for source, _reader in readers.values():
+            source.close()
+        self._group = None
+
     def _drop_chunks(self) -> None:
         # Every bucket is settled: the chunk files are read no more.
-        self._group = None
+        self.release()
         for chunk in self._chunks:
             chunk.path.unlink(missing_ok=True)
 
@@ -682,3 +718,6 @@ class Settling:
         thread = self._thread
         if thread is not None and thread is not threading.current_thread():
             thread.join(timeout=60)
+        if thread is None or not thread.is_alive():
+            for settler in self.settlers:
+                settler.release()

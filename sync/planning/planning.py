@@ -266,6 +266,8 @@ class Plan:
         settling: Settling,
         tmpdir: Path,
         lock_fd: int = -1,
+        *,
+        counts: dict[tuple[int, int], tuple[int, int]] | None = None,
     ) -> None:
         self.job = job
         self.staged = staged
@@ -277,7 +279,7 @@ class Plan:
         # The builder is bound to the job's settings (time zone, message constants, ...).
         self._builder: BatchBuilder = self.platform.builder(job)
         self._counts: dict[tuple[int, int], tuple[int, int]] | None = (
-            None  # (source, stream) -> (requests, IDs)
+            counts  # (source, stream) -> (requests, IDs); counted while settling when build_plan(count=True)
         )
         self._summary: PlanSummary | None = None
         self._finalizer = weakref.finalize(self, _close_plan, settling, rejects, tmpdir, lock_fd)
@@ -432,29 +434,19 @@ class Plan:
         return self._counts
 
     def _count_source(self, staged: StagedSource, streams: list[Stream]) -> list[tuple[int, int]]:
-        """``builder.stream_counts`` of every stream of one source, fed from one pass over its buckets: each
-        stream counts in its own thread, from a small queue of the frames read (polars releases the GIL)."""
+        """``builder.stream_counts`` of every stream of one source, fed from one pass over its buckets."""
         if not streams:
             return []
         columns = list(dict.fromkeys(c for stream in streams for c in stream.columns))
-        feeds = [_Feed([EXT_ID, FILE, ROW, *dict.fromkeys(stream.columns)]) for stream in streams]
-        with ThreadPoolExecutor(max_workers=len(streams), thread_name_prefix="plan-count") as pool:
-            futures: list[Future[tuple[int, int]]] = [
-                pool.submit(
-                    self._builder.stream_counts, stream, feed, self.job.batch_size_for(stream.endpoint)
-                )
-                for stream, feed in zip(streams, feeds, strict=True)
-            ]
-            for feed, future in zip(feeds, futures, strict=True):
-                feed.consumer = future
-            try:
-                for frame in staged.frames(columns):
-                    for feed in feeds:
-                        feed.put(frame)
-            finally:
-                for feed in feeds:
-                    feed.close()
-            return [future.result() for future in futures]
+        # Two streams count at a time: one per core, the reading of the next buckets beside them.
+        counter = _Counter(self._builder, self.job, streams, concurrency=2)
+        try:
+            for frame in staged.frames(columns):
+                counter.put(frame)
+        except BaseException:
+            counter.abandon()
+            raise
+        return counter.finish()
 
     def summary(self, *, assumed_latency: float = ASSUMED_LATENCY) -> PlanSummary:
         """Requests and IDs per phase, endpoint and operation, the duration estimate and a sample per endpoint.
@@ -512,17 +504,57 @@ class Plan:
         return summary
 
 
+class _Counter:
+    """``builder.stream_counts`` of the streams of one source, fed the source's clean frames (every row of their
+    IDs, in bucket order) by :meth:`put`: each stream counts in its own thread, from a small queue of the frames
+    (polars releases the GIL), while the next frame is read or settled. At most ``concurrency`` of them work on
+    a frame at a time: each holds the intermediate frames of its count, and a large source has many streams."""
+
+    __slots__ = ("_feeds", "_futures", "_pool")
+
+    def __init__(
+        self, builder: BatchBuilder, job: Job, streams: Sequence[Stream], *, concurrency: int
+    ) -> None:
+        gate = threading.BoundedSemaphore(max(1, concurrency))
+        self._feeds = [_Feed([EXT_ID, FILE, ROW, *dict.fromkeys(stream.columns)], gate) for stream in streams]
+        self._pool = ThreadPoolExecutor(max_workers=max(1, len(streams)), thread_name_prefix="plan-count")
+        self._futures: list[Future[tuple[int, int]]] = [
+            self._pool.submit(builder.stream_counts, stream, feed, job.batch_size_for(stream.endpoint))
+            for stream, feed in zip(streams, self._feeds, strict=True)
+        ]
+        for feed, future in zip(self._feeds, self._futures, strict=True):
+            feed.consumer = future
+
+    def put(self, frame: pl.DataFrame) -> None:
+        """Count the rows of ``frame`` (holding every row of its IDs), in every stream."""
+        for feed in self._feeds:
+            feed.put(frame)
+
+    def finish(self) -> list[tuple[int, int]]:
+        """``(requests, IDs)`` per stream, once every frame was given (a counter's failure is raised)."""
+        self.abandon()
+        return [future.result() for future in self._futures]
+
+    def abandon(self) -> None:
+        """No more frames: the counters end (their threads are waited for)."""
+        for feed in self._feeds:
+            feed.close()
+        self._pool.shutdown(wait=True)
+
+
 class _Feed:
     """The frames one stream's count reads, handed over by the reading thread through a small queue; a
     counter that stopped early (failed) no longer holds the reader up."""
 
-    __slots__ = ("_columns", "_queue", "consumer")
+    __slots__ = ("_columns", "_gate", "_queue", "consumer")
 
     _END = object()
 
-    def __init__(self, columns: list[str]) -> None:
+    def __init__(self, columns: list[str], gate: threading.BoundedSemaphore) -> None:
         self._columns = columns
-        self._queue: queue.Queue[Any] = queue.Queue(maxsize=2)
+        self._gate = gate  # held by a counter while it works on a frame (until it asks for the next)
+        # One frame waiting: the frames in flight (and the buckets they keep in memory) stay few.
+        self._queue: queue.Queue[Any] = queue.Queue(maxsize=1)
         self.consumer: Future[Any] | None = None
 
     def put(self, frame: pl.DataFrame) -> None:
@@ -544,7 +576,8 @@ class _Feed:
 
     def __iter__(self) -> Iterator[pl.DataFrame]:
         while (item := self._queue.get()) is not self._END:
-            yield item
+            with self._gate:
+                yield item
 
 
 def _lines(fh: BinaryIO, size: int) -> Iterator[str]:
@@ -977,6 +1010,7 @@ def build_plan(
     stop: threading.Event | None = None,
     limit: int | None = None,
     lazy: bool = False,
+    count: bool = False,
 ) -> Plan:
     """Read, validate and deduplicate every source of ``job``, ready to make batches.
 
@@ -993,7 +1027,9 @@ def build_plan(
     ahead (:meth:`Plan.settle` settles the rest at once). The batches, the rejects file and the counts are the
     same either way. Staging directories that killed runs left in the workdir are removed first.
     ``rows_per_bucket`` (default :data:`ROWS_PER_BUCKET`) sizes the buckets (memory vs. number of files); it
-    never changes the batches.
+    never changes the batches. ``count`` (a plan that is not lazy, whose summary will be asked for: ``pushsync
+    plan``): the requests and IDs of every stream (:meth:`Plan.stream_counts`) are counted from each bucket as it
+    is settled, while it is in memory, in threads beside the settling — not by reading every bucket again.
     Raises :class:`sync.errors.BadInputError` for a file that cannot be read at all, :class:`BadJobError` for a
     platform that is not registered. ``stop`` (set by a signal handler) ends the reading (and the settling) at
     the next chunk (bucket) with :class:`sync.errors.InterruptedRunError`; the staging files are removed.
@@ -1004,6 +1040,8 @@ def build_plan(
     staging: tuple[Path, int] | None = None  # the staging directory and the descriptor holding its lock
     rejects: RejectsWriter | None = None
     settling: Settling | None = None
+    counters: list[tuple[int, _Counter]] = []  # counting while settling (count=True)
+    counts: dict[tuple[int, int], tuple[int, int]] | None = None
     try:
         rejects_path.parent.mkdir(parents=True, exist_ok=True)
         remove_stale_staging(job.workdir)
@@ -1034,17 +1072,39 @@ def build_plan(
             if lazy:
                 settling.start()
             else:
+                if count:
+                    for i, settler in enumerate(settlers):
+                        streams = list(builder.streams_for(settler.source))
+                        if streams:
+                            # One stream counts at a time, beside the settling (a core each).
+                            counter = _Counter(builder, job, streams, concurrency=1)
+                            counters.append((i, counter))
+                            settler.sink = counter.put
                 settling.settle_all()
+                if count:
+                    counts = {}
+                    for i, settler in enumerate(settlers):
+                        for j in range(len(builder.streams_for(settler.source))):
+                            counts[(i, j)] = (0, 0)
+                    while counters:
+                        i, counter = counters.pop(0)
+                        settlers[i].sink = None
+                        for j, result in enumerate(counter.finish()):
+                            counts[(i, j)] = result
     except OSError as exc:
+        for _i, counter in counters:
+            counter.abandon()
         _abandon(staging, rejects, settling)
         # Input files are read through sync.sources.reading, which turns their errors into BadInputError: an OSError
         # here comes from writing the staging data or the rejects file.
         raise write_error(exc.filename or job.workdir, exc) from exc
     except BaseException:
+        for _i, counter in counters:
+            counter.abandon()
         _abandon(staging, rejects, settling)
         raise
     assert staging is not None
-    return Plan(job, staged, rejects, settling, *staging)
+    return Plan(job, staged, rejects, settling, *staging, counts=counts)
 
 
 def _start_lazy(
