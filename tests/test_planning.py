@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import shutil
@@ -356,6 +357,100 @@ def test_many_chunk_files_and_buckets_give_the_same_batches_and_rejects(
             expected_rejects, key=lambda r: r.row
         )
         assert many.summary() == expected_summary
+
+
+def _settled_buckets(plan: Plan) -> list[pl.DataFrame]:
+    """Every settled bucket file of the plan's first source, read whole."""
+    import pyarrow as pa
+    import pyarrow.ipc
+
+    frames = []
+    for part in plan.staged[0].parts:
+        with pa.OSFile(str(part)) as source:
+            frame = pl.from_arrow(pa.ipc.open_file(source).read_all())
+        assert isinstance(frame, pl.DataFrame)
+        frames.append(frame)
+    return frames
+
+
+def test_buckets_settled_in_groups_give_what_buckets_settled_one_by_one_give(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A settler reads a few consecutive buckets from the chunk files at once and sorts them together: the
+    settled buckets (their files), the batches, the rejects in their order and the counts are those of buckets
+    read and sorted one at a time — however the groups fall, eager or lazy (a head first)."""
+    import sync.planning._staging
+    import sync.planning.planning
+
+    job = _big_job(tmp_path, _with_conflicting_duplicates(tmp_path / "dups.csv", 3000))
+    monkeypatch.setattr(sync.planning._staging, "STAGE_ROWS", 170)  # ~20 sorted chunk files
+    monkeypatch.setattr(sync.planning._staging, "GROUP_ROWS", 1)  # one bucket per read
+    with build_plan(job, rows_per_bucket=40) as single:
+        buckets = _settled_buckets(single)
+        expected = _fingerprint(single)
+        expected_rejects = (tmp_path / "work-dups" / "rejects.csv").read_bytes()
+        expected_summary = single.summary()
+    assert len(buckets) > 60
+    reads: list[tuple[int, int]] = []
+    real_read = sync.planning._staging.Settler._read
+
+    def counted(self: Any, first: int, end: int) -> pl.DataFrame:
+        reads.append((first, end))
+        return real_read(self, first, end)
+
+    monkeypatch.setattr(sync.planning._staging.Settler, "_read", counted)
+    for group_rows, lazy in ((150, False), (1000, False), (150, True)):
+        monkeypatch.setattr(sync.planning._staging, "GROUP_ROWS", group_rows)
+        monkeypatch.setattr(sync.planning.planning, "HEAD_ROWS", 100)
+        reads.clear()
+        with build_plan(job, rows_per_bucket=40, lazy=lazy) as grouped:
+            assert _fingerprint(grouped) == expected
+            settled = _settled_buckets(grouped)
+            assert pl.concat(settled).equals(pl.concat(buckets))
+            if not lazy:  # a lazy plan's first bucket is its head: a few buckets' key ranges
+                assert [b.height for b in settled] == [b.height for b in buckets]
+            assert grouped.summary() == expected_summary
+            assert (tmp_path / "work-dups" / "rejects.csv").read_bytes() == expected_rejects
+        # Each read covered several buckets, the groups one after another.
+        assert 1 < len(reads) < len(buckets) // 2
+        assert all(a[1] == b[0] for a, b in itertools.pairwise(reads))
+
+
+def _open_chunk_files() -> list[str]:
+    """The chunk files (``<source>.chunks/*.arrow``) this process holds open."""
+    fds = Path("/proc/self/fd")
+    found = []
+    for fd in fds.iterdir():
+        try:
+            target = str(fd.readlink())
+        except OSError:
+            continue
+        if ".chunks/" in target:
+            found.append(target)
+    return found
+
+
+@pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="needs /proc to list open files")
+def test_chunk_files_held_open_while_settling_are_closed_when_settled_or_closed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import sync.planning._staging
+    import sync.planning.planning
+
+    job = _big_job(tmp_path, _users_csv(tmp_path / "users.csv", 3000))
+    monkeypatch.setattr(sync.planning._staging, "STAGE_ROWS", 170)
+    monkeypatch.setattr(sync.planning._staging, "GROUP_ROWS", 100)
+    monkeypatch.setattr(sync.planning.planning, "HEAD_ROWS", 100)
+    with build_plan(job, rows_per_bucket=40) as eager:
+        assert not _open_chunk_files()  # every bucket settled: the chunk files were closed (and removed)
+        assert eager.summary().rows_clean == 3000
+    with build_plan(job, rows_per_bucket=40, lazy=True) as lazy:
+        # Past the head: the worker stages the rest, then settles from the chunk files, holding them open.
+        assert lazy._settling.has_bucket(0, 1)
+        lazy._settling.bucket(0, 2)
+        assert not lazy.settled
+        assert _open_chunk_files()
+    assert not _open_chunk_files()  # closed with the plan, half settled
 
 
 def test_a_lazy_plan_settles_as_it_is_read_and_gives_the_same_batches(

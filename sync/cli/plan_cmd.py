@@ -221,9 +221,7 @@ def _plan(args: argparse.Namespace) -> int:
         raise BadJobError(
             str(job.path), [JobProblem("--limit", "not available in snapshot mode (docs/run.md)")]
         )
-    # A changes plan's summary is the plan's own counts: counted while its buckets are settled.
-    counted = job.mode is not SyncMode.SNAPSHOT
-    with build_plan(job, rejects_path=args.rejects, limit=args.limit, count=counted) as plan:
+    with build_plan(job, rejects_path=args.rejects, limit=args.limit) as plan:
         diff = None
         if job.mode is SyncMode.SNAPSHOT:
             # Snapshot jobs send the difference from the confirmed state: show that (docs/sync.md).

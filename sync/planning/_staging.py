@@ -64,7 +64,7 @@ GROUP_ROWS = 131_072
 """Rows (at most, unless one bucket holds more) of the consecutive buckets read from the chunk files together and
 sorted at once: one read of each chunk file per group, not per bucket (reading a slice costs about as much as
 reading a few thousand rows, and a large input has many chunk files and many buckets: their product of slices
-would grow with the square of the input). Memory after staging is about three groups (read, sorted, counted)."""
+would grow with the square of the input). Settling holds about two groups (read, then sorted)."""
 OPEN_CHUNKS = 256
 """Chunk files a settler keeps open (readers with their footers read) while it settles; any more are opened
 for each read (a descriptor limit of 1024 is common)."""
@@ -288,7 +288,6 @@ class Settler:
         "parts",
         "rows_clean",
         "rows_read",
-        "sink",
         "source",
     )
 
@@ -317,12 +316,13 @@ class Settler:
         self.rows_clean = 0
         self.dropped = 0
         self.rows_read = rows_read  # input rows read by staging (final once staged)
-        self._group: pl.DataFrame | None = None  # the sorted rows of buckets [next, _group_end), read together
+        self._group: pl.DataFrame | None = (
+            None  # the sorted rows of buckets [next, _group_end), read together
+        )
         self._group_end = 0
-        self._readers: dict[int, tuple[pa.NativeFile, pa.ipc.RecordBatchFileReader]] = {}  # chunk index -> open
-        self.sink: Callable[[pl.DataFrame], None] | None = None
-        """Given each settled bucket's winners (a frame as :meth:`StagedSource.frames` reads them back, every
-        column), in bucket order, while they are in memory: the plan's counts are made from them."""
+        self._readers: dict[
+            int, tuple[pa.NativeFile, pa.ipc.RecordBatchFileReader]
+        ] = {}  # chunk index -> open
         if chunks is not None:
             self.staged(chunks, bits, rows_read)
 
@@ -474,8 +474,6 @@ class Settler:
             winners.write_ipc(path, compression="uncompressed")
             self.rows_clean += winners.height
             self.dropped += identical
-            if self.sink is not None:
-                self.sink(winners)
         if defer:
             self._deferred = rejects if rejects is not None and rejects.height else None
         elif self._deferred is not None:
@@ -718,6 +716,12 @@ class Settling:
         thread = self._thread
         if thread is not None and thread is not threading.current_thread():
             thread.join(timeout=60)
-        if thread is None or not thread.is_alive():
-            for settler in self.settlers:
-                settler.release()
+        if thread is not None and thread.is_alive():
+            return  # still at work (it gave no sign for a minute): its files go with the process
+        # No settling under way any more (a reader settling without a worker holds the lock while it does).
+        if self._settle_lock.acquire(timeout=60):
+            try:
+                for settler in self.settlers:
+                    settler.release()
+            finally:
+                self._settle_lock.release()

@@ -266,8 +266,6 @@ class Plan:
         settling: Settling,
         tmpdir: Path,
         lock_fd: int = -1,
-        *,
-        counts: dict[tuple[int, int], tuple[int, int]] | None = None,
     ) -> None:
         self.job = job
         self.staged = staged
@@ -279,7 +277,7 @@ class Plan:
         # The builder is bound to the job's settings (time zone, message constants, ...).
         self._builder: BatchBuilder = self.platform.builder(job)
         self._counts: dict[tuple[int, int], tuple[int, int]] | None = (
-            counts  # (source, stream) -> (requests, IDs); counted while settling when build_plan(count=True)
+            None  # (source, stream) -> (requests, IDs)
         )
         self._summary: PlanSummary | None = None
         self._finalizer = weakref.finalize(self, _close_plan, settling, rejects, tmpdir, lock_fd)
@@ -1010,7 +1008,6 @@ def build_plan(
     stop: threading.Event | None = None,
     limit: int | None = None,
     lazy: bool = False,
-    count: bool = False,
 ) -> Plan:
     """Read, validate and deduplicate every source of ``job``, ready to make batches.
 
@@ -1027,9 +1024,7 @@ def build_plan(
     ahead (:meth:`Plan.settle` settles the rest at once). The batches, the rejects file and the counts are the
     same either way. Staging directories that killed runs left in the workdir are removed first.
     ``rows_per_bucket`` (default :data:`ROWS_PER_BUCKET`) sizes the buckets (memory vs. number of files); it
-    never changes the batches. ``count`` (a plan that is not lazy, whose summary will be asked for: ``pushsync
-    plan``): the requests and IDs of every stream (:meth:`Plan.stream_counts`) are counted from each bucket as it
-    is settled, while it is in memory, in threads beside the settling — not by reading every bucket again.
+    never changes the batches.
     Raises :class:`sync.errors.BadInputError` for a file that cannot be read at all, :class:`BadJobError` for a
     platform that is not registered. ``stop`` (set by a signal handler) ends the reading (and the settling) at
     the next chunk (bucket) with :class:`sync.errors.InterruptedRunError`; the staging files are removed.
@@ -1040,8 +1035,6 @@ def build_plan(
     staging: tuple[Path, int] | None = None  # the staging directory and the descriptor holding its lock
     rejects: RejectsWriter | None = None
     settling: Settling | None = None
-    counters: list[tuple[int, _Counter]] = []  # counting while settling (count=True)
-    counts: dict[tuple[int, int], tuple[int, int]] | None = None
     try:
         rejects_path.parent.mkdir(parents=True, exist_ok=True)
         remove_stale_staging(job.workdir)
@@ -1072,39 +1065,17 @@ def build_plan(
             if lazy:
                 settling.start()
             else:
-                if count:
-                    for i, settler in enumerate(settlers):
-                        streams = list(builder.streams_for(settler.source))
-                        if streams:
-                            # One stream counts at a time, beside the settling (a core each).
-                            counter = _Counter(builder, job, streams, concurrency=1)
-                            counters.append((i, counter))
-                            settler.sink = counter.put
                 settling.settle_all()
-                if count:
-                    counts = {}
-                    for i, settler in enumerate(settlers):
-                        for j in range(len(builder.streams_for(settler.source))):
-                            counts[(i, j)] = (0, 0)
-                    while counters:
-                        i, counter = counters.pop(0)
-                        settlers[i].sink = None
-                        for j, result in enumerate(counter.finish()):
-                            counts[(i, j)] = result
     except OSError as exc:
-        for _i, counter in counters:
-            counter.abandon()
         _abandon(staging, rejects, settling)
         # Input files are read through sync.sources.reading, which turns their errors into BadInputError: an OSError
         # here comes from writing the staging data or the rejects file.
         raise write_error(exc.filename or job.workdir, exc) from exc
     except BaseException:
-        for _i, counter in counters:
-            counter.abandon()
         _abandon(staging, rejects, settling)
         raise
     assert staging is not None
-    return Plan(job, staged, rejects, settling, *staging, counts=counts)
+    return Plan(job, staged, rejects, settling, *staging)
 
 
 def _start_lazy(
