@@ -4,10 +4,11 @@
 * :class:`ChunkWriter` — clean rows (typed, keyed) go to disk in *sorted chunks*: up to :data:`STAGE_ROWS` rows
   at a time are sorted by the canonical key (stably: rows of one key stay in file and row order) and written
   once, as one uncompressed Arrow IPC file. At write time the row offsets of :data:`FINE_RANGES` equal key ranges
-  are found by binary search on the sorted key column and kept in memory, so a bucket (a key range) is later read
-  back from every chunk file as one zero-copy slice of a memory-mapped file.
-* :class:`Settler` — bucket ``k`` of a source is key range ``k`` of ``2**bits``: its slices of every chunk file,
-  sorted in the canonical order ``(key, ext_id, file, row)``, duplicates resolved
+  are found by binary search on the sorted key column and kept in memory, so a key range is later read back from
+  every chunk file as one slice (the few record batches holding it).
+* :class:`Settler` — bucket ``k`` of a source is key range ``k`` of ``2**bits``: its slices of every chunk file
+  (read with those of the next few buckets, :data:`GROUP_ROWS`), sorted in the canonical order
+  ``(key, ext_id, file, row)``, duplicates resolved
   (:func:`sync.planning.validation.resolve_duplicates`), written as one IPC file. A bucket holds every row of
   its IDs, so it is settled on its own.
 * :class:`Settling` — settles the buckets of every source of a plan: all at once (``pushsync plan``, snapshot
@@ -244,8 +245,8 @@ class ChunkWriter:
         self._pending, self._pending_rows = [], 0
         frame = frame.sort(KEY, maintain_order=True)
         path = self._directory / f"{len(self.chunks):06d}.arrow"
-        # Uncompressed, in small record batches: a bucket's rows are read back from the memory-mapped file,
-        # the few batches that hold them and nothing else.
+        # Uncompressed, in small record batches: a key range's rows are read back from the file, the few
+        # batches that hold them and nothing else.
         frame.write_ipc(path, compression="uncompressed", record_batch_size=CHUNK_BATCH_ROWS)
         bounds = frame[KEY].search_sorted(_FINE_BOUNDS, side="left")
         assert isinstance(bounds, pl.Series)

@@ -7,7 +7,7 @@
    get their canonical key (the CRC-32 of the external ID, vectorised) and are written in *sorted chunks*: up to
    :data:`sync.planning._staging.STAGE_ROWS` rows sorted by key and written once, as one Arrow IPC file;
 2. **settle** — bucket ``k`` is key range ``k`` (of ``2**bits``, sized by :data:`ROWS_PER_BUCKET`): its slice of
-   every chunk file (found by binary search on the key, memory-mapped, not copied), sorted in the canonical
+   every chunk file (found by binary search on the key; read with the next few buckets'), sorted in the canonical
    order ``(crc32(ext_id), ext_id, file, row)``, duplicates resolved ("last valid row wins",
    :func:`sync.planning.validation.resolve_duplicates`), written once. These *clean frames* are the typed, per-user data
    (``Plan.staged``) a snapshot diff reads before any platform request is built. By default every bucket is
