@@ -807,7 +807,7 @@ def _head_mask(source: Source, rules: Any, head_key: int) -> Callable[[pl.Series
         text = ids.str.strip_chars() if rules.trim else ids
         if source.null_values:
             text = text.replace(list(source.null_values), None)
-        return text.is_not_null() & (canonical_key(text.fill_null("")) < head_key)
+        return text.is_not_null() & (canonical_key(text) < head_key)
 
     return select
 

@@ -193,7 +193,18 @@ def canonical_key(ext_ids: pl.Series) -> pl.Series:
     counts = [(length, count) for length, count in lengths.value_counts().sort(lengths.name).rows() if length]
     if not counts:
         return pl.repeat(0, n, dtype=pl.UInt32, eager=True).alias(KEY)
-    if len(counts) <= 2:  # one length or two, and empty IDs (a missing ID): a pass per length, no sort
+    if len(counts) == 1 and counts[0][0] <= _LONG_ID:
+        # IDs of one length, and empty or missing ones: those filled up to that length make one block.
+        length = counts[0][0]
+        empty = pl.col("n") == 0
+        lengths_and_ids = pl.DataFrame({"n": lengths, "t": text})
+        filled = lengths_and_ids.select(pl.when(empty).then(pl.lit("\0" * length)).otherwise(pl.col("t")))
+        offsets, data = _utf8_buffers(filled.to_series())
+        keys = _uniform_crc(data, offsets[0], n, length)
+        return lengths_and_ids.select(
+            pl.when(empty).then(0).otherwise(keys).cast(pl.UInt32).alias(KEY)
+        ).to_series()
+    if len(counts) == 2:  # a pass per length costs less than a sort
         order = pl.concat([(lengths == length).arg_true() for length, _ in counts])
     else:
         order = lengths.arg_sort().slice(n - sum(count for _, count in counts))
@@ -217,14 +228,20 @@ def _utf8_buffers(text: pl.Series) -> tuple[pl.Series, pa.Buffer | None]:
     arrow = text.to_arrow()
     if isinstance(arrow, pa.ChunkedArray):
         arrow = arrow.combine_chunks()
-    if (
-        arrow.type != pa.large_string()
-    ):  # polars gives large strings: a cast would import pyarrow.compute (77 ms)
+    if arrow.type != pa.large_string():  # polars gives large strings; a cast imports pyarrow.compute (~80 ms)
         arrow = arrow.cast(pa.large_string())
     _validity, offsets, data = arrow.buffers()
-    return pl.Series(
+    return _series(
         pa.Array.from_buffers(pa.int64(), len(arrow) + 1, [None, offsets], offset=arrow.offset)
     ), data
+
+
+def _series(array: pa.Array) -> pl.Series:
+    """``array`` as a polars Series, not copied. Through a record batch: ``pl.Series(array)`` imports
+    pyarrow.compute (~80 ms, on the way to a run's first request) to check for dictionaries."""
+    frame = pl.from_arrow(pa.RecordBatch.from_arrays([array], ["v"]))
+    assert isinstance(frame, pl.DataFrame)
+    return frame.to_series()
 
 
 def _uniform_crc(data: pa.Buffer | None, start: int, n: int, length: int) -> pl.Series:
@@ -239,10 +256,10 @@ def _uniform_crc(data: pa.Buffer | None, start: int, n: int, length: int) -> pl.
     # on a small block.
     if length % 2 == 0 and start % 2 == 0 and length <= _PAIRED:
         tables, step = _TABLES.paired(length), length // 2
-        column = pl.Series(pa.Array.from_buffers(pa.uint16(), n * step, [None, data], offset=start // 2))
+        column = _series(pa.Array.from_buffers(pa.uint16(), n * step, [None, data], offset=start // 2))
     else:
         tables, step = distances, length
-        column = pl.Series(pa.Array.from_buffers(pa.uint8(), n * length, [None, data], offset=start))
+        column = _series(pa.Array.from_buffers(pa.uint8(), n * length, [None, data], offset=start))
     values = pl.col("v")
     shares = [
         pl.lit(tables[step - 1 - j]).gather(values.gather_every(step, j) if step > 1 else values)
