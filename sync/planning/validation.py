@@ -200,9 +200,9 @@ def canonical_key(ext_ids: pl.Series) -> pl.Series:
         lengths_and_ids = pl.DataFrame({"n": lengths, "t": text})
         filled = lengths_and_ids.select(pl.when(empty).then(pl.lit("\0" * length)).otherwise(pl.col("t")))
         offsets, data = _utf8_buffers(filled.to_series())
-        keys = _uniform_crc(data, offsets[0], n, length)
+        block = _uniform_crc(data, offsets[0], n, length)
         return lengths_and_ids.select(
-            pl.when(empty).then(0).otherwise(keys).cast(pl.UInt32).alias(KEY)
+            pl.when(empty).then(0).otherwise(block).cast(pl.UInt32).alias(KEY)
         ).to_series()
     if len(counts) == 2:  # a pass per length costs less than a sort
         order = pl.concat([(lengths == length).arg_true() for length, _ in counts])
