@@ -135,3 +135,34 @@ def test_starting_a_run_loads_no_connector_until_it_is_preloaded() -> None:
         [sys.executable, "-c", script], capture_output=True, text=True, check=True, cwd=ROOT.parent
     )
     assert done.stdout.split() == ["False", "True", "True"], done.stderr
+
+
+def test_a_job_loads_only_the_platform_it_names() -> None:
+    """The registry imports a platform when a job names it (issue 13: start-up): a Netmera run does not load
+    Forms On Fire's XML or NotifyVisitors' request shapes; a job naming no known platform still hears every name,
+    and the commands that list the platforms still find each."""
+    import subprocess
+    import sys
+
+    job = Path(__file__).resolve().parent / "fixtures" / "all_ops.yaml"
+    script = (
+        "import sys\n"
+        "import sync.cli, sync.run\n"
+        "from sync.config import load_job\n"
+        "from sync.platforms.registry import REGISTRY, platform_for\n"
+        "def loaded():\n"
+        "    return sorted({m.split('.')[2] for m in sys.modules if m.count('.') >= 2 and m.startswith('sync.platforms.')"
+        " and m.split('.')[2] in REGISTRY.names()})\n"
+        "print(loaded())\n"
+        f"platform_for(load_job({str(job)!r}))\n"
+        "print(loaded(), 'xml.sax.saxutils' in sys.modules)\n"
+        "print([REGISTRY[name].name for name in REGISTRY.names()], loaded())\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, check=True, cwd=ROOT.parent
+    )
+    assert done.stdout.splitlines() == [
+        "[]",
+        "['netmera'] False",
+        "['netmera', 'notifyvisitors', 'formsonfire'] ['formsonfire', 'netmera', 'notifyvisitors']",
+    ], done.stderr
