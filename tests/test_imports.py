@@ -166,3 +166,31 @@ def test_a_job_loads_only_the_platform_it_names() -> None:
         "['netmera'] False",
         "['netmera', 'notifyvisitors', 'formsonfire'] ['formsonfire', 'netmera', 'notifyvisitors']",
     ], done.stderr
+
+
+def test_logging_loads_no_rich_and_still_renders_tracebacks() -> None:
+    """structlog would import rich (~55 ms of start-up) for tracebacks our processors already turned into text:
+    a run's imports leave it out, a logged exception still shows its traceback on the console, and rich still
+    loads for the progress bar."""
+    import subprocess
+    import sys
+
+    script = (
+        "import sys\n"
+        "import sync.cli, sync.run\n"
+        "from sync.logs import configure_logging, get_logger\n"
+        "print('rich' in sys.modules)\n"
+        "configure_logging('info', json=False)\n"
+        "try:\n"
+        "    1 / 0\n"
+        "except ZeroDivisionError:\n"
+        "    get_logger(job='j').exception('run.failed')\n"
+        "from rich.progress import Progress\n"
+        "print(Progress.__name__)\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, check=True, cwd=ROOT.parent
+    )
+    assert done.stdout.split() == ["False", "Progress"], done.stderr
+    assert "run.failed" in done.stderr and "ZeroDivisionError: division by zero" in done.stderr
+    assert "Traceback (most recent call last)" in done.stderr
