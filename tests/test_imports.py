@@ -194,3 +194,39 @@ def test_logging_loads_no_rich_and_still_renders_tracebacks() -> None:
     assert done.stdout.split() == ["False", "Progress"], done.stderr
     assert "run.failed" in done.stderr and "ZeroDivisionError: division by zero" in done.stderr
     assert "Traceback (most recent call last)" in done.stderr
+
+
+def test_a_command_that_needs_one_module_builds_its_parser_alone() -> None:
+    """``pushsync run``/``plan``/``validate`` build their own parsers only (not ``init``'s and ``sandbox``'s,
+    which load every platform): the same parsers, the same help; other command lines get the whole parser."""
+    import argparse
+    import subprocess
+    import sys
+
+    import sync.cli
+
+    def subcommands(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
+        action = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+        return dict(action.choices)
+
+    every = subcommands(sync.cli.build_parser())
+    for command in sync.cli._ALONE:
+        alone = subcommands(sync.cli.build_parser(command))
+        assert command in alone and set(alone) < set(every)
+        assert alone[command].format_help() == every[command].format_help()
+    assert sync.cli._command(["--log-level", "debug", "--log-json", "run", "job.yaml"]) == "run"
+    assert sync.cli._command(["--log-level=info", "plan"]) == "plan"
+    assert sync.cli._command(["--help", "run"]) is None and sync.cli._command([]) is None
+
+    job = Path(__file__).resolve().parent / "fixtures" / "all_ops.yaml"
+    script = (
+        "import sys\n"
+        "from sync.cli import main\n"
+        f"code = main(['validate', {str(job)!r}])\n"
+        "print(code, sorted(m for m in sys.modules if m.startswith(('sync.platforms.formsonfire', "
+        "'sync.platforms.notifyvisitors', 'sync.sandboxes'))))\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, check=True, cwd=ROOT.parent
+    )
+    assert done.stdout.split("\n")[-2] == "0 []", (done.stdout, done.stderr)
