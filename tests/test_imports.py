@@ -137,6 +137,36 @@ def test_starting_a_run_loads_no_connector_until_it_is_preloaded() -> None:
     assert done.stdout.split() == ["False", "True", "True"], done.stderr
 
 
+def test_a_lazy_run_makes_its_first_batches_without_importing_pyarrow_compute(tmp_path: Path) -> None:
+    """Reading a CSV head and cutting the first batches call Arrow kernels by name (sync/_arrow.py): importing
+    pyarrow.compute builds ~80 ms of wrappers on the way to the first request (issue 13)."""
+    import shutil
+    import subprocess
+    import sys
+
+    fixtures = Path(__file__).resolve().parent / "fixtures"
+    for name in ("all_ops.yaml", "users.csv", "tags.csv", "events.csv", "deletions.csv"):
+        shutil.copy(fixtures / name, tmp_path / name)
+    job = tmp_path / "all_ops.yaml"
+    script = (
+        "import sys\n"
+        "from sync.config import load_job\n"
+        "from sync.planning.planning import build_plan\n"
+        "from sync.records import Phase\n"
+        f"job = load_job({str(job)!r})\n"
+        "made = 0\n"
+        "with build_plan(job, lazy=True) as plan:\n"
+        "    for phase in Phase:\n"
+        "        for _endpoint, batches in plan.lanes(phase):\n"
+        "            made += next(batches, None) is not None\n"
+        "print(made > 0, 'pyarrow.compute' in sys.modules)\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, check=True, cwd=ROOT.parent
+    )
+    assert done.stdout.split() == ["True", "False"], done.stderr
+
+
 def test_a_job_loads_only_the_platform_it_names() -> None:
     """The registry imports a platform when a job names it (issue 13: start-up): a Netmera run does not load
     Forms On Fire's XML or NotifyVisitors' request shapes; a job naming no known platform still hears every name,
