@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from sync.records import Batch, Phase
+from sync.records import Batch, Phase, RejectedRow
 from tests.conftest import REPO_ROOT, NetmeraProcess
 from tests.netmera_e2e import (
     applied,
@@ -648,6 +648,33 @@ async def test_a_claim_of_n_takes_n_batches_even_before_the_table_has_statistics
         finally:
             await link.close()
             await member.link.close()
+
+
+def test_leaving_the_pg_ledger_on_an_error_keeps_that_error_when_the_last_write_fails(
+    postgres_url: str,
+) -> None:
+    """As the SQLite ledger (tests/test_ledger.py): a last flush that fails on the way out of an error must not
+    replace that error (it says what happened and sets the exit code); the connection is closed either way."""
+    from sync.coordination.ledger import PgLedger
+    from sync.errors import StateError
+
+    class Stopped(Exception):
+        pass
+
+    with pytest.raises(Stopped), PgLedger.open(postgres_url) as ledger:
+        ledger.start_run("r1", job="j")
+        ledger.record_rejected_rows("r1", [RejectedRow("in.csv", 2, "email", "not an email", "u1")])
+        # Every write fails from here (a database that refuses writes), as the queued one will.
+        ledger._conn.execute("SET default_transaction_read_only = on")
+        raise Stopped
+    assert ledger._conn.closed
+    # Leaving normally, the failing write is the error, and the connection is closed too.
+    other = PgLedger.open(postgres_url)
+    other.record_rejected_rows("r1", [RejectedRow("in.csv", 3, "email", "not an email", "u2")])
+    other._conn.execute("SET default_transaction_read_only = on")
+    with pytest.raises(StateError, match="cannot write"), other:
+        pass
+    assert other._conn.closed
 
 
 def test_a_schema_of_version_1_is_migrated_and_its_planned_runs_are_listed(

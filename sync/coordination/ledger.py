@@ -123,11 +123,22 @@ class PgLedger:
     def __enter__(self) -> PgLedger:
         return self
 
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+    def __exit__(self, exc_type: type[BaseException] | None, *exc: object) -> None:
+        if exc_type is None:
+            self.close()
+            return
+        # Leaving on an error (as the SQLite ledger does): what is queued is written if it can be, but a write
+        # that fails now (the database that stopped the run, still away) must not replace the error on its way
+        # out, which says what happened and sets the exit code.
+        try:
+            self.flush()
+        except StateError:
+            pass
+        finally:
+            self._conn.close()
 
     def close(self) -> None:
-        """Commit what is queued and close."""
+        """Commit what is queued and close (the connection is closed even when that last write fails)."""
         try:
             self.flush()
         finally:
