@@ -677,6 +677,110 @@ def test_leaving_the_pg_ledger_on_an_error_keeps_that_error_when_the_last_write_
     assert other._conn.closed
 
 
+def test_both_ledgers_read_back_the_same_records(tmp_path: Path, postgres_url: str) -> None:
+    """The readers are written once (sync.ledger.ledger.LedgerBase) over each ledger's SQL dialect: the same
+    writes read back the same from SQLite and from PostgreSQL, in the same order."""
+    import dataclasses
+
+    from sync.coordination._db import connect
+    from sync.coordination.ledger import PgLedger
+    from sync.coordination.queue import enqueue
+    from sync.ledger.ledger import Ledger
+    from sync.records import Attempt, AttemptOutcome, BatchResult, BatchStatus, Operation, RejectedId, RowRef
+
+    keys = (7).to_bytes(8, "little") + (9).to_bytes(8, "little")
+    # In lane order (endpoint by endpoint), the order PostgreSQL's queue keeps them in too.
+    batches = [
+        Batch("t1", "tagUsers", Operation.TAG, {"tag": "t", "extIds": ["u1", "u2"]}, ("u1", "u2")),
+        Batch("t2", "tagUsers", Operation.TAG, {"tag": "t", "extIds": ["u4"]}, ("u4",)),
+        Batch("e1", "fireEvents", Operation.FIRE_EVENTS, [{"e": 1}], ("u3",), row_keys=keys),
+    ]
+    refused = RejectedId("u2", 5016, "external id not found", RowRef("users.csv", 3))
+    results = [
+        BatchResult(
+            "t1", "tagUsers", Operation.TAG, BatchStatus.REJECTED, 1, 400, 5016, "one", 1, (refused,)
+        ),
+        BatchResult("e1", "fireEvents", Operation.FIRE_EVENTS, BatchStatus.OK, 2, 200, ok_ids=1),
+    ]
+    attempts = [
+        Attempt("e1", "fireEvents", 1, 1, 0.25, AttemptOutcome.RETRYABLE, 503, "busy"),
+        Attempt("t1", "tagUsers", 1, 2, 0.5, AttemptOutcome.REJECTED, 400),
+        Attempt("e1", "fireEvents", 2, 1, 0.125, AttemptOutcome.OK, 200),
+    ]
+    invalid = [
+        RejectedRow("users.csv", 5, "email", "not an email", "u9"),
+        RejectedRow("users.csv", 6, None, "empty"),
+    ]
+
+    def write(ledger: Any, run_id: str) -> None:
+        assert ledger.record_rejected_rows(run_id, invalid) == 2
+        for batch_id in ("t1", "e1"):
+            ledger.record_sent(run_id, batch_id)
+        for n, attempt in enumerate(attempts):
+            ledger.record_attempt(run_id, attempt, started_at=1000.0 + n)
+        for result in results:
+            ledger.record_result(run_id, result)
+        ledger.flush()
+
+    def read(ledger: Any) -> list[Any]:
+        def same_times(info: Any) -> Any:  # each ledger started and ended its runs at its own instants
+            return None if info is None else dataclasses.replace(info, started_at=0.0, finished_at=0.0)
+
+        return [
+            sorted(same_times(info).run_id for info in ledger.runs()),
+            [same_times(info) for info in ledger.runs("j") if info.run_id == "r1"],
+            ledger.runs("another job"),
+            same_times(ledger.run("r2")),
+            ledger.run("no such run"),
+            ledger.batches("r1"),
+            ledger.batches("r1", status=BatchStatus.PLANNED),
+            ledger.confirmed_ok("r1"),
+            ledger.attempts("r1"),
+            list(ledger.batch_rows(["r1", "r2"])),
+            ledger.refused_ids("r1"),
+            ledger.rejected_rows("r1"),
+        ]
+
+    lead = connect(postgres_url)
+    with Ledger.open(tmp_path / "ledger.sqlite") as lite, PgLedger.open(postgres_url) as pg:
+        for run_id in ("r1", "r2"):
+            lite.start_run(run_id, job="j", platform="netmera", full_refresh=run_id == "r2")
+            for batch in batches:
+                lite.record_planned(run_id, batch)
+            write(lite, run_id)
+            pg.start_run(run_id, job="j", platform="netmera", full_refresh=run_id == "r2")
+            assert enqueue(lead, run_id, batches) == 3  # the PostgreSQL ledger's planned records
+            write(pg, run_id)
+            if run_id == "r1":  # one live run per job in PostgreSQL
+                for ledger in (lite, pg):
+                    ledger.finish_run("r1", status="partial", exit_code=1, summary={"sent": 2})
+        got = read(pg)
+        assert got == read(lite)
+    lead.close()
+    runs, r1, other, r2, missing, listed, planned, ok, tried, keyed, ids, rows = got
+    assert runs == ["r1", "r2"] and other == [] and missing is None
+    assert r1[0].batches_by_status == {"rejected": 1, "ok": 1, "planned": 1} and not r1[0].full_refresh
+    assert (r1[0].status, r1[0].exit_code, r1[0].summary) == ("partial", 1, {"sent": 2})
+    assert r2.full_refresh and r2.status == "running" and r2.batches == 3
+    assert [(b.batch_id, b.status, b.rejected_ids) for b in listed] == [
+        ("t1", "rejected", 1),
+        ("t2", "planned", 0),
+        ("e1", "ok", 0),
+    ]
+    assert [b.batch_id for b in planned] == ["t2"] and ok == {"e1"}
+    assert [(a.batch_id, a.attempt, a.started_at) for a in tried] == [
+        ("e1", 1, 1000.0),
+        ("t1", 1, 1001.0),
+        ("e1", 2, 1002.0),
+    ]
+    assert [(run, batch, status, row_keys) for run, batch, status, _scheme, row_keys in keyed] == [
+        ("r1", "e1", "ok", keys),
+        ("r2", "e1", "ok", keys),
+    ]
+    assert ids == [("t1", "u2", "5016", "external id not found")]
+    assert rows == invalid
+
+
 def test_a_schema_of_version_1_is_migrated_and_its_planned_runs_are_listed(
     postgres_server: PostgresServer, postgres_url: str
 ) -> None:
