@@ -244,7 +244,7 @@ def test_a_schema_from_a_newer_pushsync_is_refused_clearly(
     code, _ = _cli(tmp_path, monkeypatch, postgres_url, "run", "job.yaml", "--progress", "none")
     err = capsys.readouterr().err
     assert code == 2
-    assert "pushsync schema is version 99, newer than this pushsync understands (2)" in err, err
+    assert "pushsync schema is version 99, newer than this pushsync understands (3)" in err, err
     code, _ = _cli(tmp_path, monkeypatch, postgres_url, "runs")
     assert code == 2  # every command refuses it, before reading anything
 
@@ -711,10 +711,45 @@ def test_a_schema_of_version_1_is_migrated_and_its_planned_runs_are_listed(
         "planned_at) VALUES ('old', 'b1', 'tagUsers', 'tag', 1, 2, 1, '[]', 'planned', 0)",
     )
     open_ledger(postgres_url).close()
-    assert query(postgres_server, postgres_url, "SELECT version FROM pushsync.schema_version") == [["2"]]
+    assert query(postgres_server, postgres_url, "SELECT version FROM pushsync.schema_version") == [["3"]]
     assert query(postgres_server, postgres_url, "SELECT listed FROM pushsync.runs") == [["t"]]
     lanes = query(postgres_server, postgres_url, "SELECT phase, endpoint, rank, queued FROM pushsync.lanes")
     assert lanes == [["1", "tagUsers", "2", "t"]]
+
+
+def test_a_schema_of_version_2_gets_the_budget_anchor_and_the_new_take_slot_alone(
+    postgres_server: PostgresServer, postgres_url: str
+) -> None:
+    from sync.coordination import open_ledger
+
+    open_ledger(postgres_url).close()
+    # Back to version 2: no budgets.anchor, version 2's take_slot (seven arguments).
+    old_args = (
+        "TEXT, TEXT[], INTEGER[], DOUBLE PRECISION[], BOOLEAN[], DOUBLE PRECISION[], DOUBLE PRECISION[]"
+    )
+    postgres_server.sql(
+        postgres_url,
+        f"DROP FUNCTION pushsync.take_slot({old_args}, DOUBLE PRECISION); "
+        f"CREATE FUNCTION pushsync.take_slot({old_args}) RETURNS TABLE (slot_at DOUBLE PRECISION, "
+        "db_now DOUBLE PRECISION) AS 'SELECT 0::float8, 0::float8' LANGUAGE sql; "
+        "ALTER TABLE pushsync.budgets DROP COLUMN anchor; UPDATE pushsync.schema_version SET version = 2; "
+        "INSERT INTO pushsync.budgets (scope, name) VALUES ('j', 'g')",
+    )
+    open_ledger(postgres_url).close()
+    assert query(postgres_server, postgres_url, "SELECT version FROM pushsync.schema_version") == [["3"]]
+    # The call a worker makes (seven arguments) reaches the new function, not an ambiguous pair.
+    (slot,) = query(
+        postgres_server,
+        postgres_url,
+        "SELECT slot_at FROM pushsync.take_slot('j', ARRAY['g'], ARRAY[5], ARRAY[1.0::float8], ARRAY[TRUE], "
+        "ARRAY[0.1::float8], ARRAY[0.025::float8])",
+    )
+    anchor = query(postgres_server, postgres_url, "SELECT anchor, used FROM pushsync.budgets")
+    assert float(slot[0]) > 0 and anchor == [[slot[0], "1"]]  # the first release of an idle budget
+    functions = query(
+        postgres_server, postgres_url, "SELECT count(*) FROM pg_proc WHERE proname = 'take_slot'"
+    )
+    assert functions == [["1"]]
 
 
 class _GatedPlan:

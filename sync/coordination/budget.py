@@ -22,8 +22,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import time
 from collections import deque
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -35,7 +37,7 @@ from sync.dispatch.budget import Budget, BudgetClosedError, RateBudget
 from sync.errors import StateError
 from sync.logs import get_logger
 
-__all__ = ["SharedBudgets", "SharedEndpointBudget", "SharedMeter"]
+__all__ = ["SharedBudgets", "SharedEndpointBudget", "SharedMeter", "send_until"]
 
 S = SCHEMA
 
@@ -125,13 +127,16 @@ class SharedBudgets:
         self._ready.update(missing)
 
     async def acquire(self, meters: tuple[SharedMeter, ...]) -> None:
-        """Reserve the next instant every meter allows (one transaction), then sleep until it. A worker that
-        wakes too late for its window (a stalled loop) gives the slot up and takes another: a request must
-        land in the window it was counted in."""
+        """Reserve the next instant every meter allows (one transaction), then sleep until it. A request must
+        land in the window it was counted in: a worker that wakes late (a stalled loop) still sends while every
+        aligned meter's sending zone of that window is open — it is counted there, and the slots the stall
+        made it miss are caught up the same way (``take_slot`` gives a slot whose time has come at once) — and
+        gives the slot up once a zone has closed (or, for an unaligned meter, once it is half a margin late),
+        then takes another."""
         while True:
             if self._closed.is_set():
                 raise BudgetClosedError("rate budget closed")
-            t, offset = await self._reserve(meters)
+            t, offset, until = await self._reserve(meters)
             delay = t - (time.time() + offset)
             if delay > 0:
                 with contextlib.suppress(TimeoutError):
@@ -139,8 +144,7 @@ class SharedBudgets:
                         await self._closed.wait()
             if self._closed.is_set():
                 raise BudgetClosedError("rate budget closed")
-            late = time.time() + offset - t
-            if late <= min(self.margin(m) for m in meters) / 2:
+            if time.time() + offset < until:
                 return
             self.late += 1
 
@@ -163,17 +167,19 @@ class SharedBudgets:
         meter = self._groups.get(group)
         return 0.0 if meter is None else self.margin(meter)
 
-    async def _reserve(self, meters: tuple[SharedMeter, ...]) -> tuple[float, float]:
-        """(the reserved instant, database clock minus this machine's): one call of ``take_slot``, the
-        database function that locks the rows, finds the earliest instant every one allows and records the
-        release (one round trip; the rows are locked for microseconds)."""
+    async def _reserve(self, meters: tuple[SharedMeter, ...]) -> tuple[float, float, float]:
+        """(the reserved instant, database clock minus this machine's, the instant until which it may still
+        be sent): one call of ``take_slot``, the database function that locks the rows, finds the earliest
+        instant every one allows and records the release (one round trip; the rows are locked for
+        microseconds)."""
+        margins = [self.margin(m) for m in meters]
         params = (
             self._scope,
             [m.name for m in meters],
             [m.requests for m in meters],
             [m.period for m in meters],
             [m.align for m in meters],
-            [self.margin(m) for m in meters],
+            margins,
             [m.lead for m in meters],
         )
 
@@ -198,7 +204,8 @@ class SharedBudgets:
         self.seconds += elapsed
         # The database read its clock about half-way through the round trip: close enough (a loopback or LAN
         # round trip is well under the margins, which are tens of milliseconds at least).
-        return float(row[0]), float(row[1]) - (sent_at + elapsed / 2)
+        t = float(row[0])
+        return t, float(row[1]) - (sent_at + elapsed / 2), send_until(meters, margins, t)
 
     async def pause(self, meters: tuple[SharedMeter, ...], seconds: float | None) -> None:
         """A 429: every worker waits ``seconds`` (Retry-After) or, without one, until the current window ends."""
@@ -222,6 +229,19 @@ class SharedBudgets:
             await self._link.run(write)  # greatest(): safe to repeat after a reconnection
         except (psycopg.Error, StateError) as exc:
             self._log.warning("budget.pause_not_shared", error=safe_message(exc))
+
+
+def send_until(meters: Sequence[SharedMeter], margins: Sequence[float], t: float) -> float:
+    """Until when (database clock) a slot reserved at ``t`` may still be sent: the end of the sending zone of
+    ``t``'s window for an aligned meter (a request sent then still lands in the window it was counted in), half
+    a margin after ``t`` for an unaligned one (the spacing must not shrink); the earliest of them."""
+    ends = []
+    for meter, margin in zip(meters, margins, strict=True):
+        if meter.align:
+            ends.append((math.floor(t / meter.period) + 1) * meter.period - margin)
+        else:
+            ends.append(t + margin / 2)
+    return min(ends)
 
 
 class SharedEndpointBudget:
