@@ -1,12 +1,16 @@
 """Rate budgets shared by every worker of a job: one row per budget in PostgreSQL, updated atomically.
 
 Which design: **GCRA-like state in one row per budget** (not leased reservations). Each endpoint budget and each
-budget group is a row ``(win, used, last_release, paused_until)``; an attempt calls the database function
+budget group is a row ``(win, used, last_release, paused_until, anchor)``; an attempt calls the database function
 ``pushsync.take_slot`` (PL/pgSQL, :mod:`sync.coordination._db`), which locks the rows of its endpoint and of
 every group holding it (``SELECT … FOR UPDATE``, in name order, so two workers never deadlock), computes the
 earliest instant every one of them allows — the same rules as the single-process budget (:mod:`sync.dispatch.budget`):
-at most N per clock-aligned window, evenly spaced inside ``[start + lead, end - margin)``, never before a pause
-ends — writes the release into each row and commits. The worker then sleeps until that instant. One round trip
+at most N per clock-aligned window, inside ``[start + lead, end - margin)``, the k-th slot of a window from
+``anchor + k × spacing`` on (the N slots over the first half of that zone), never before a pause ends — writes
+the release into each row and commits. The worker then sleeps until that instant. A slot whose time has come
+is given at once, so the slots a stalled worker (or a stalled fleet) missed are caught up, several at once, in
+their window — never past its zone, never more than N — and a worker that wakes late still sends while its
+slot's window is open (:func:`send_until`). One round trip
 per attempt, the rows locked only while the function runs; its cost is measured by ``bench/bench_scale.py``. Leased reservations (a worker takes k slots at a
 time) would cost fewer round trips but strand slots in a worker that dies or idles, and could not keep the even
 spacing across workers; with one row, three workers at the limit release exactly what one would.
