@@ -15,7 +15,7 @@ import pytest
 
 from sync.config import BudgetGroupSpec, DispatchSettings, RateBudgetSpec
 from sync.coordination._db import Link, connect, ensure_schema
-from sync.coordination.budget import SharedBudgets, SharedMeter, send_until
+from sync.coordination.budget import _SHIFT_LATE, SharedBudgets, SharedMeter, late_releases, send_until
 from sync.dispatch._rate_meter import _SLACK
 
 N, T, MARGIN = 5, 1.0, 0.1
@@ -73,6 +73,32 @@ def test_slots_a_stalled_worker_missed_are_caught_up_in_their_window_never_past_
     assert (used, releases) == (4, 13)  # in window 13; each acquisition counted once
 
 
+def test_releases_late_in_a_window_hold_slots_of_the_next_until_their_answer_came_in_time(
+    budget_conn: Any,
+) -> None:
+    # The rule of one process (docs/run.md, "late releases that may have crossed the edge"), across workers.
+    conn = budget_conn
+
+    def give_back(window: int) -> None:  # what a worker does when the answer came before the window's edge
+        conn.execute(_SHIFT_LATE, (window, -1, window + 1, -1, "job", "g", window, window + 1))
+
+    assert _take(conn, 30.0) == pytest.approx(30.0 + LEAD)
+    # Stalled until 30.6, in the second half of the zone (from 30.4625): the four slots due go at once, and each
+    # holds one of window 31's, as their requests may reach the server after the edge.
+    assert [_take(conn, 30.6) for _ in range(4)] == [30.6] * 4
+    assert conn.execute("SELECT late FROM pushsync.budgets").fetchone() == (4,)
+    for _ in range(3):  # three answers came before the edge: those requests were counted in window 30
+        give_back(30)
+    # Window 31 (after a busy window: from its zone's start) keeps one slot for the fourth.
+    assert [_take(conn, 30.7) for _ in range(4)] == pytest.approx([31.0 + LEAD + k * GAP for k in range(4)])
+    assert conn.execute("SELECT used, carried, late FROM pushsync.budgets").fetchone() == (4, 1, 0)
+    give_back(30)  # the fourth answer had come in time too (read late): its slot comes back in window 31
+    assert _take(conn, 30.7) == pytest.approx(31.0 + LEAD + 4 * GAP)
+    assert _take(conn, 30.7) == pytest.approx(32.0 + LEAD)  # window 31 has had its N
+    give_back(30)  # nothing held for window 30 any more: nothing changes
+    assert conn.execute("SELECT used, carried, late FROM pushsync.budgets").fetchone() == (1, 0, 0)
+
+
 def test_an_unaligned_shared_budget_keeps_its_spacing_after_a_stall(budget_conn: Any) -> None:
     spacing = (T + MARGIN) / N
     first = _take(budget_conn, 20.0, align=False)
@@ -89,6 +115,11 @@ def test_a_late_slot_may_be_sent_until_its_windows_zone_ends() -> None:
     assert send_until((aligned,), (0.1,), 7.3) == pytest.approx(7.9)
     assert send_until((aligned,), (0.2,), 7.3) == pytest.approx(7.8)  # the margin this worker learned
     assert send_until((aligned, sliding), (0.1, 0.1), 7.3) == pytest.approx(7.35)
+    # The second half of window 7's zone starts at 7 + 0.025 + (1 - 0.125) / 2 = 7.4625: a slot of the first
+    # half sent there holds a slot of window 8 (take_slot did not); one reserved there was held by take_slot.
+    assert late_releases((aligned, sliding), (0.1, 0.1), 7.3, 7.3) == []
+    assert late_releases((aligned, sliding), (0.1, 0.1), 7.3, 7.5) == [("group:account", 7, 8.0, False)]
+    assert late_releases((aligned,), (0.1,), 7.5, 7.5) == [("group:account", 7, 8.0, True)]
 
 
 async def test_a_worker_stalled_mid_window_catches_up_its_slots_and_never_sends_more_than_n(
@@ -117,6 +148,7 @@ async def test_a_worker_stalled_mid_window_catches_up_its_slots_and_never_sends_
         while True:
             await budget.acquire()
             times.append(time.time())
+            budget.observe(0.001)  # answered at once: a late release gives its next-window slot back
 
     def stuck() -> None:
         time.sleep(stall)  # what a CPU-bound neighbour on the worker's core does to its loop

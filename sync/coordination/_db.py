@@ -200,8 +200,12 @@ CREATE TABLE IF NOT EXISTS {SCHEMA}.budgets (
     releases     BIGINT NOT NULL DEFAULT 0,
     PRIMARY KEY (scope, name)
 );
--- Version 3: where the slots of the window of the last release start (aligned budgets).
+-- Version 3 (aligned budgets): where the slots of the window of the last release start; that window's releases
+-- in the second half of its zone (catching up) whose answer did not come before its edge, each holding a slot of
+-- the next window; and the slots of that window held so for the window before's.
 ALTER TABLE {SCHEMA}.budgets ADD COLUMN IF NOT EXISTS anchor DOUBLE PRECISION NOT NULL DEFAULT 0;
+ALTER TABLE {SCHEMA}.budgets ADD COLUMN IF NOT EXISTS late INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE {SCHEMA}.budgets ADD COLUMN IF NOT EXISTS carried INTEGER NOT NULL DEFAULT 0;
 
 -- One shared-budget acquisition in one round trip (sync.coordination.budget): lock the rows of the endpoint's
 -- budget and of its groups (the caller sorts the names: no deadlock), find the earliest instant every one of
@@ -213,7 +217,9 @@ ALTER TABLE {SCHEMA}.budgets ADD COLUMN IF NOT EXISTS anchor DOUBLE PRECISION NO
 -- stalled worker missed are caught up, several at once, inside their window; never one of the next window
 -- early, and a slot the zone's end overtook is gone. The anchor is the zone's start after a busy window (a late
 -- first release is caught up), the first release after an idle window or a pause (a run that starts mid-window
--- is evenly spaced), and slots that fell in a pause are not caught up.
+-- is evenly spaced), and slots that fell in a pause are not caught up. A release in the second half of the zone
+-- (catching up, nearer the edge) holds one slot of the next window until the worker says its answer came
+-- before the edge (sync.coordination.budget): the server may have counted it there.
 -- Version 2's function (no p_now) goes: a call with its seven arguments would be ambiguous.
 DROP FUNCTION IF EXISTS {SCHEMA}.take_slot(
     TEXT, TEXT[], INTEGER[], DOUBLE PRECISION[], BOOLEAN[], DOUBLE PRECISION[], DOUBLE PRECISION[]
@@ -226,15 +232,16 @@ CREATE OR REPLACE FUNCTION {SCHEMA}.take_slot(
 DECLARE
     n INTEGER := array_length(p_names, 1);
     wins BIGINT[]; useds INTEGER[]; lasts DOUBLE PRECISION[]; pauses DOUBLE PRECISION[]; anchors DOUBLE PRECISION[];
+    lates INTEGER[]; carrieds INTEGER[];
     t DOUBLE PRECISION; nxt DOUBLE PRECISION; cand DOUBLE PRECISION; gap DOUBLE PRECISION; a DOUBLE PRECISION;
-    w BIGINT; start DOUBLE PRECISION; inwin INTEGER; r RECORD;
+    w BIGINT; start DOUBLE PRECISION; inwin INTEGER; r RECORD; l INTEGER; c INTEGER;
 BEGIN
     db_now := coalesce(p_now, extract(epoch FROM clock_timestamp()));
     FOR i IN 1..n LOOP
-        SELECT b.win, b.used, b.last_release, b.paused_until, b.anchor INTO r FROM {SCHEMA}.budgets b
-            WHERE b.scope = p_scope AND b.name = p_names[i] FOR UPDATE;
+        SELECT b.win, b.used, b.last_release, b.paused_until, b.anchor, b.late, b.carried INTO r
+            FROM {SCHEMA}.budgets b WHERE b.scope = p_scope AND b.name = p_names[i] FOR UPDATE;
         wins[i] := r.win; useds[i] := r.used; lasts[i] := r.last_release; pauses[i] := r.paused_until;
-        anchors[i] := r.anchor;
+        anchors[i] := r.anchor; lates[i] := r.late; carrieds[i] := r.carried;
     END LOOP;
     t := db_now;
     FOR k IN 1..16 LOOP                                   -- a common fixed point of every budget's schedule
@@ -250,10 +257,10 @@ BEGIN
                     w := floor(cand / p_periods[i]);
                     start := w * p_periods[i];
                     IF w = wins[i] THEN
-                        inwin := useds[i];
+                        inwin := useds[i] + carrieds[i];
                         cand := greatest(cand, anchors[i] + useds[i] * gap);
                     ELSE
-                        inwin := 0;
+                        inwin := CASE WHEN w = wins[i] + 1 THEN lates[i] ELSE 0 END;
                         cand := greatest(cand, start + p_leads[i]);
                     END IF;
                     EXIT WHEN inwin < p_requests[i] AND cand < start + p_periods[i] - p_margins[i];
@@ -269,19 +276,25 @@ BEGIN
         t := nxt;
     END LOOP;
     FOR i IN 1..n LOOP
-        w := wins[i]; a := anchors[i];
+        w := wins[i]; a := anchors[i]; l := lates[i]; c := carrieds[i];
         IF p_aligns[i] THEN
             w := floor(t / p_periods[i])::BIGINT;
             gap := greatest(0, p_periods[i] - p_leads[i] - p_margins[i]) * (1 - {_SLACK}) / p_requests[i];
             IF w <> wins[i] THEN
                 a := CASE WHEN wins[i] = w - 1 AND pauses[i] <= lasts[i]
                           THEN least(t, w * p_periods[i] + p_leads[i]) ELSE t END;
+                c := CASE WHEN w = wins[i] + 1 THEN lates[i] ELSE 0 END;
+                l := 0;
             ELSIF pauses[i] > lasts[i] THEN               -- the first release after a pause: no catching up
                 a := greatest(a, t - useds[i] * gap);
             END IF;
+            IF t >= w * p_periods[i] + p_leads[i] + gap * p_requests[i] THEN  -- the zone's second half
+                l := l + 1;
+            END IF;
         END IF;
         UPDATE {SCHEMA}.budgets SET used = CASE WHEN win = w THEN used + 1 ELSE 1 END, win = w, last_release = t,
-            anchor = a, releases = releases + 1 WHERE scope = p_scope AND name = p_names[i];
+            anchor = a, late = l, carried = c, releases = releases + 1
+            WHERE scope = p_scope AND name = p_names[i];
     END LOOP;
     slot_at := t;
     RETURN NEXT;

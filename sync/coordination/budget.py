@@ -28,6 +28,7 @@ import asyncio
 import contextlib
 import math
 import time
+import weakref
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -37,13 +38,21 @@ import psycopg
 
 from sync.config import DispatchSettings, RateBudgetSpec
 from sync.coordination._db import SCHEMA, Link, safe_message
+from sync.dispatch._rate_meter import _SLACK
 from sync.dispatch.budget import Budget, BudgetClosedError, RateBudget
 from sync.errors import StateError
 from sync.logs import get_logger
 
-__all__ = ["SharedBudgets", "SharedEndpointBudget", "SharedMeter", "send_until"]
+__all__ = ["SharedBudgets", "SharedEndpointBudget", "SharedMeter", "late_releases", "send_until"]
 
 S = SCHEMA
+_SHIFT_LATE = (
+    f"UPDATE {S}.budgets SET late = CASE WHEN win = %s THEN greatest(late + %s, 0) ELSE late END, "
+    "carried = CASE WHEN win = %s THEN greatest(carried + %s, 0) ELSE carried END "
+    "WHERE scope = %s AND name = %s AND win IN (%s, %s)"
+)
+"""One slot of the window after a budget's window held (+1) or given back (-1), in one statement: the row's
+``late`` while that window is the row's, its ``carried`` once take_slot moved on to the next."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,6 +96,12 @@ class SharedBudgets:
         self._closed = asyncio.Event()
         self._local: dict[str, RateBudget] = {}
         self._latencies: deque[float] = deque(maxlen=200)
+        # The attempts released late in a window (second half of its zone) still waiting for their answer:
+        # (budget, window, its edge) of each, and the clock offset. By task: an attempt's answer is observed in
+        # the task that acquired its slot; one without an answer is dropped with its task, its slots held.
+        self._held: weakref.WeakKeyDictionary[
+            asyncio.Task[Any], tuple[list[tuple[str, int, float]], float]
+        ] = weakref.WeakKeyDictionary()
         self.acquisitions = 0
         self.late = 0
         """Slots given up because this worker woke too late for their window."""
@@ -140,7 +155,7 @@ class SharedBudgets:
         while True:
             if self._closed.is_set():
                 raise BudgetClosedError("rate budget closed")
-            t, offset, until = await self._reserve(meters)
+            t, offset, margins = await self._reserve(meters)
             delay = t - (time.time() + offset)
             if delay > 0:
                 with contextlib.suppress(TimeoutError):
@@ -148,9 +163,47 @@ class SharedBudgets:
                         await self._closed.wait()
             if self._closed.is_set():
                 raise BudgetClosedError("rate budget closed")
-            if time.time() + offset < until:
+            now = time.time() + offset
+            if now < send_until(meters, margins, t):
+                held = late_releases(meters, margins, t, now)
+                if held:
+                    # Sent in the second half of its window's zone: it holds a slot of the next window until
+                    # its answer says it came in time (``answered``). ``take_slot`` held it already unless
+                    # this worker woke late for a slot of the first half.
+                    unheld = [(name, window) for name, window, _edge, by_db in held if not by_db]
+                    if unheld:
+                        await self._shift(unheld, +1)
+                    task = asyncio.current_task()
+                    if task is not None:
+                        self._held[task] = ([(name, w, edge) for name, w, edge, _ in held], offset)
                 return
             self.late += 1
+
+    def answered(self) -> list[tuple[str, int]]:
+        """The current attempt's answer came: the next-window slots its release held, to give back — those of
+        windows whose edge it came before (it was counted in its own window then)."""
+        task = asyncio.current_task()
+        entry = self._held.pop(task, None) if task is not None else None
+        if entry is None:
+            return []
+        held, offset = entry
+        now = time.time() + offset
+        return [(name, window) for name, window, edge in held if now < edge]
+
+    async def _shift(self, held: Sequence[tuple[str, int]], delta: int) -> None:
+        """Hold (+1) or give back (-1) one slot of the window after each ``(budget, window)``: the row's
+        ``late`` while that window is the row's, its ``carried`` once the next window is."""
+
+        async def write(conn: psycopg.AsyncConnection[Any]) -> None:
+            for name, window in held:
+                await conn.execute(
+                    _SHIFT_LATE, (window, delta, window + 1, delta, self._scope, name, window, window + 1)
+                )
+
+        try:
+            await self._link.run(write)
+        except (psycopg.Error, StateError) as exc:  # a slot held or not given back: the budget stays safe
+            self._log.warning("budget.late_not_shared", error=safe_message(exc))
 
     def margin(self, meter: SharedMeter) -> float:
         """The margin this worker keeps before a window's end for ``meter``: the meter's, or — learning — the
@@ -171,11 +224,10 @@ class SharedBudgets:
         meter = self._groups.get(group)
         return 0.0 if meter is None else self.margin(meter)
 
-    async def _reserve(self, meters: tuple[SharedMeter, ...]) -> tuple[float, float, float]:
-        """(the reserved instant, database clock minus this machine's, the instant until which it may still
-        be sent): one call of ``take_slot``, the database function that locks the rows, finds the earliest
-        instant every one allows and records the release (one round trip; the rows are locked for
-        microseconds)."""
+    async def _reserve(self, meters: tuple[SharedMeter, ...]) -> tuple[float, float, list[float]]:
+        """(the reserved instant, database clock minus this machine's, the margins it was reserved with): one
+        call of ``take_slot``, the database function that locks the rows, finds the earliest instant every one
+        allows and records the release (one round trip; the rows are locked for microseconds)."""
         margins = [self.margin(m) for m in meters]
         params = (
             self._scope,
@@ -208,8 +260,7 @@ class SharedBudgets:
         self.seconds += elapsed
         # The database read its clock about half-way through the round trip: close enough (a loopback or LAN
         # round trip is well under the margins, which are tens of milliseconds at least).
-        t = float(row[0])
-        return t, float(row[1]) - (sent_at + elapsed / 2), send_until(meters, margins, t)
+        return float(row[0]), float(row[1]) - (sent_at + elapsed / 2), margins
 
     async def pause(self, meters: tuple[SharedMeter, ...], seconds: float | None) -> None:
         """A 429: every worker waits ``seconds`` (Retry-After) or, without one, until the current window ends."""
@@ -248,6 +299,26 @@ def send_until(meters: Sequence[SharedMeter], margins: Sequence[float], t: float
     return min(ends)
 
 
+def late_releases(
+    meters: Sequence[SharedMeter], margins: Sequence[float], t: float, now: float
+) -> list[tuple[str, int, float, bool]]:
+    """``(budget, window, its edge, held by take_slot)`` for each aligned meter whose slot reserved at ``t``,
+    sent at ``now``, goes in the second half of its window's sending zone — where catching up releases, near the
+    edge: such a request may reach the server after the edge and be counted in the next window, so it holds one
+    of that window's N until its answer says otherwise (the rule of one process, sync/dispatch/_rate_meter.py).
+    ``take_slot`` held it already when ``t`` itself was in that half (the same formula, in SQL)."""
+    out = []
+    for meter, margin in zip(meters, margins, strict=True):
+        if not meter.align:
+            continue
+        window = math.floor(t / meter.period)
+        gap = max(0.0, meter.period - meter.lead - margin) * (1 - _SLACK) / meter.requests
+        late_from = window * meter.period + meter.lead + gap * meter.requests
+        if now >= late_from:
+            out.append((meter.name, window, (window + 1) * meter.period, t >= late_from))
+    return out
+
+
 class SharedEndpointBudget:
     """One endpoint's shared budget (the :class:`sync.dispatch.budget.Budget` protocol)."""
 
@@ -276,5 +347,11 @@ class SharedEndpointBudget:
         """Nothing to adapt: the shared budget keeps the configured rate."""
 
     def observe(self, latency: float) -> None:
-        """A release-to-answer time, for this worker's learned margin."""
+        """A release-to-answer time, for this worker's learned margin; the answer came, so a late release that
+        came before its window's edge gives back the slot of the next window it held."""
         self._owner.observe(latency)
+        back = self._owner.answered()
+        if back:
+            task = asyncio.get_running_loop().create_task(self._owner._shift(back, -1))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
