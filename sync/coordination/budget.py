@@ -1,7 +1,7 @@
 """Rate budgets shared by every worker of a job: one row per budget in PostgreSQL, updated atomically.
 
 Which design: **GCRA-like state in one row per budget** (not leased reservations). Each endpoint budget and each
-budget group is a row ``(win, used, last_release, paused_until, anchor)``; an attempt calls the database function
+budget group is a row ``(win, used, last_release, paused_until, anchor, late, carried)``; an attempt calls the database function
 ``pushsync.take_slot`` (PL/pgSQL, :mod:`sync.coordination._db`), which locks the rows of its endpoint and of
 every group holding it (``SELECT … FOR UPDATE``, in name order, so two workers never deadlock), computes the
 earliest instant every one of them allows — the same rules as the single-process budget (:mod:`sync.dispatch.budget`):
@@ -10,7 +10,9 @@ at most N per clock-aligned window, inside ``[start + lead, end - margin)``, the
 the release into each row and commits. The worker then sleeps until that instant. A slot whose time has come
 is given at once, so the slots a stalled worker (or a stalled fleet) missed are caught up, several at once, in
 their window — never past its zone, never more than N — and a worker that wakes late still sends while its
-slot's window is open (:func:`send_until`). One round trip
+slot's window is open (:func:`send_until`). A release in the second half of the zone (catching up, near the
+edge) holds a slot of the next window until its answer says it came before the edge (:func:`late_releases`,
+``late``/``carried``): the server may have counted it there. One round trip
 per attempt, the rows locked only while the function runs; its cost is measured by ``bench/bench_scale.py``. Leased reservations (a worker takes k slots at a
 time) would cost fewer round trips but strand slots in a worker that dies or idles, and could not keep the even
 spacing across workers; with one row, three workers at the limit release exactly what one would.
