@@ -7,10 +7,10 @@ them through a :class:`sync.platforms.base.PlatformClient`) and the ledger (whic
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import IntEnum, StrEnum
-from typing import Any
+from typing import Any, overload
 
 __all__ = [
     "NON_IDEMPOTENT",
@@ -19,6 +19,7 @@ __all__ = [
     "Batch",
     "BatchResult",
     "BatchStatus",
+    "ExtIds",
     "Operation",
     "Phase",
     "RejectedId",
@@ -80,6 +81,95 @@ class RowRef:
     row: int
 
 
+class ExtIds(Sequence[str]):
+    """A batch's external IDs, kept as their UTF-8 text joined by line breaks (one ``bytes`` object, not one
+    Python string per ID): the form the columnar builders cut from an Arrow buffer and the ledger stores
+    (:meth:`lines`, :func:`sync.ledger.ledger.pack_ids`).
+
+    An immutable ``Sequence[str]``: ``len``, ``[0]`` and ``[-1]`` read the bytes alone; any other read splits
+    them into strings once (kept). Equal to a tuple — or another :class:`ExtIds` — with the same IDs in the same
+    order, and hashed like that tuple; a slice is a tuple. No ID may hold a line break (:meth:`of` checks; a
+    builder whose IDs do uses a tuple instead).
+    """
+
+    __slots__ = ("_lines", "_n", "_strings")
+
+    def __init__(self, lines: bytes, n: int) -> None:
+        """``lines``: ``n`` IDs' UTF-8 text joined by ``\\n`` (the caller vouches that no ID holds one)."""
+        if n < 0 or (n == 0 and lines):
+            raise ValueError(f"{n} IDs cannot be {len(lines)} bytes")
+        self._lines = bytes(lines)
+        self._n = n
+        self._strings: tuple[str, ...] | None = None
+
+    @classmethod
+    def of(cls, ext_ids: Iterable[str]) -> ExtIds:
+        """The IDs ``ext_ids`` in this form; :class:`ValueError` if one holds a line break."""
+        ids = tuple(ext_ids)
+        if any("\n" in x for x in ids):
+            raise ValueError("an external ID holds a line break")
+        return cls("\n".join(ids).encode("utf-8"), len(ids))
+
+    def lines(self) -> bytes:
+        """The IDs' UTF-8 text joined by ``\\n`` (``"\\n".join(ids).encode()``, made without a string per ID)."""
+        return self._lines
+
+    def joined(self, other: ExtIds) -> ExtIds:
+        """These IDs followed by ``other``'s."""
+        if not other._n:
+            return self
+        if not self._n:
+            return other
+        return ExtIds(b"\n".join((self._lines, other._lines)), self._n + other._n)
+
+    def _all(self) -> tuple[str, ...]:
+        if self._strings is None:
+            self._strings = tuple(self._lines.decode("utf-8").split("\n")) if self._n else ()
+        return self._strings
+
+    def __len__(self) -> int:
+        return self._n
+
+    @overload
+    def __getitem__(self, index: int) -> str: ...
+
+    @overload
+    def __getitem__(self, index: slice) -> tuple[str, ...]: ...
+
+    def __getitem__(self, index: int | slice) -> str | tuple[str, ...]:
+        if isinstance(index, slice):
+            return self._all()[index]
+        if self._strings is None and self._n:
+            # The first and last IDs (a state delta's bounds) without splitting the rest.
+            if index in (0, -self._n):
+                return self._lines.partition(b"\n")[0].decode("utf-8")
+            if index in (-1, self._n - 1):
+                return self._lines.rpartition(b"\n")[2].decode("utf-8")
+        return self._all()[index]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._all())
+
+    def __contains__(self, value: object) -> bool:
+        return value in self._all()
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, ExtIds):
+            return self._n == other._n and self._lines == other._lines
+        if isinstance(other, tuple):
+            return self._all() == other
+        return NotImplemented
+
+    def __hash__(self) -> int:
+        return hash(self._all())
+
+    def __repr__(self) -> str:
+        return f"ExtIds({self._all()!r})"
+
+    def __reduce__(self) -> tuple[type[ExtIds], tuple[bytes, int]]:
+        return ExtIds, (self._lines, self._n)
+
+
 @dataclass(frozen=True, slots=True)
 class Batch:
     """One request to a platform, ready to serialise.
@@ -90,7 +180,9 @@ class Batch:
     ``batch_id``; for Forms On Fire the push in the job's body format, JSON or XML elements, which its client
     sends with the credentials spliced in), or a JSON-ready object (a platform's own test double), which its
     client encodes; code that needs a JSON body as an object on a cold path (a plan's sample, a split, a trace, a
-    test) reads it with :func:`body_json` (Forms On Fire's XML with ``push_of``). ``ext_ids`` are the unique external IDs the request touches (at most the platform's limit).
+    test) reads it with :func:`body_json` (Forms On Fire's XML with ``push_of``). ``ext_ids`` are the unique
+    external IDs the request touches (at most the platform's limit), in order: a tuple, or an :class:`ExtIds`
+    (a columnar builder's: one ``bytes`` object, not a string per ID) — read them as a ``Sequence[str]``.
     ``origins`` maps an external ID to the input row that produced its value, so failures can be explained in
     terms of the user's rows (may be empty; a columnar builder's is lazy — built from the batch's row columns on
     first read, which only refused IDs cause). ``after``
@@ -103,7 +195,7 @@ class Batch:
     endpoint: str
     operation: Operation
     body: Any
-    ext_ids: tuple[str, ...]
+    ext_ids: Sequence[str]
     phase: Phase = Phase.CHANGES
     origins: Mapping[str, RowRef] = field(default_factory=dict)
     after: str | None = None

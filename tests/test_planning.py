@@ -539,3 +539,73 @@ def test_a_lazy_plan_of_typed_parquet_gives_the_batches_and_rejects_of_pushsync_
         assert _fingerprint(lazy) == expected
         assert list(lazy.rejected_rows()) == expected_rejects
         assert lazy.summary() == expected_summary
+
+
+def test_a_lazy_plan_parses_each_csv_file_once_and_rejects_what_an_eager_plan_rejects(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The head's reading parses every row of a CSV file; it keeps what it parsed (the mapped columns, row
+    numbers and malformed records, in the staging directory) and the staging reads that instead of parsing the
+    file again. Rejects — malformed records and refused values, of several files and chunks — come out as an
+    eager plan writes them: once each, in file order, with the same row numbers."""
+    import pyarrow.csv
+
+    import sync.planning.planning
+    import sync.sources.reading
+
+    # Small blocks and chunks: several chunks per file, malformed records in some of them.
+    monkeypatch.setattr(sync.sources.reading, "CSV_BLOCK_BYTES", 1 << 12)
+    monkeypatch.setattr(sync.sources.reading, "CHUNK_ROWS", 150)
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    files = []
+    for k in range(2):
+        path = _with_conflicting_duplicates(inputs / f"part-{k}.csv", 1500)
+        lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
+        for at in (40, 400, 401, 1100):
+            lines[at] = f"user-{at}-{k},too,few\n"  # malformed: 3 fields of 5
+        lines[700] = f'user-700-{k},"a name\nover two lines",t1,yes,true,extra\n'  # malformed, over two lines
+        lines[900] = f"user-900-{k},name,t1,maybe,\n"  # refused: not a boolean
+        lines.append(f"user-last-{k},a,b,c,d,e,f\n")  # malformed: the last record
+        path.write_text("".join(lines), encoding="utf-8")
+        files.append(path)
+    job_path = tmp_path / "parts.yaml"
+    job_path.write_text(
+        (tmp_path / _big_job(tmp_path, files[0]).path.name)
+        .read_text(encoding="utf-8")
+        .replace("path: part-0.csv", "path: in/*.csv"),  # both files, in path order
+        encoding="utf-8",
+    )
+    job = load_job(job_path)
+    with build_plan(job, rows_per_bucket=40) as eager:
+        expected = _fingerprint(eager)
+        expected_rejects = list(eager.rejected_rows())
+        expected_summary = eager.summary()
+    assert eager.staged[0].files == tuple(str(f) for f in files)
+    reasons = Counter(r.reason.split(":")[0] for r in expected_rejects)
+    assert reasons["malformed CSV record"] == 12 and reasons["duplicate external ID with conflicting values"]
+    assert [r.row for r in expected_rejects if r.column == "mail"] == [900, 900]
+
+    parsed: list[str] = []
+    real_open_csv = pyarrow.csv.open_csv
+
+    def open_csv(path: Any, *args: Any, convert_options: Any = None, **kwargs: Any) -> Any:
+        if convert_options is not None and convert_options.include_columns:  # not a header's reading
+            parsed.append(Path(path).name)
+        return real_open_csv(path, *args, convert_options=convert_options, **kwargs)
+
+    monkeypatch.setattr(pyarrow.csv, "open_csv", open_csv)
+    monkeypatch.setattr(sync.planning.planning, "HEAD_ROWS", 100)
+    with build_plan(job, rows_per_bucket=40, lazy=True) as lazy:
+        spill = lazy.staging_dir / "users.spill"
+        assert sorted(p.name for p in spill.iterdir()) == [
+            "0.arrow",
+            "0.arrow.malformed",
+            "1.arrow",
+            "1.arrow.malformed",
+        ]
+        assert _fingerprint(lazy) == expected
+        assert list(lazy.rejected_rows(settled=False)) == expected_rejects
+        assert lazy.summary() == expected_summary
+        assert not any(spill.iterdir())  # read once, then removed
+    assert sorted(parsed) == ["part-0.csv", "part-1.csv"]

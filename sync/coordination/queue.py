@@ -85,7 +85,7 @@ def encode_batch(batch: Batch) -> tuple[str, str | None, bytes | None, str]:
     else:
         body_json, body_bytes = json.dumps(batch.body, separators=(",", ":")), None
     origins = json.dumps({k: [v.path, v.row] for k, v in batch.origins.items()}, separators=(",", ":"))
-    return json.dumps(batch.ext_ids, separators=(",", ":")), body_json, body_bytes, origins
+    return json.dumps(list(batch.ext_ids), separators=(",", ":")), body_json, body_bytes, origins
 
 
 def decode_batch(row: Sequence[Any]) -> Batch:

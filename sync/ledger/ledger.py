@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Literal, Protocol, Self
 
 from sync.errors import StateError
 from sync.planning.row_keys import SCHEME as ROW_KEY_SCHEME
-from sync.records import Attempt, AttemptOutcome, Batch, BatchResult, BatchStatus, RejectedRow
+from sync.records import Attempt, AttemptOutcome, Batch, BatchResult, BatchStatus, ExtIds, RejectedRow
 
 if TYPE_CHECKING:  # type only: the ledger does not import the platform layer at run time
     from sync.platforms.meiro.poller import ExportWait
@@ -87,11 +87,14 @@ def pack_ids(ext_ids: Sequence[str]) -> bytes:
     """A batch's external IDs as the ledger keeps them: one blob, read back by :func:`unpack_ids`.
 
     Joined by line breaks in C (no per-ID Python work); a JSON array when an ID holds a line break (the count of
-    separators tells) or there are none."""
-    joined = "\n".join(ext_ids)
-    if not ext_ids or joined.count("\n") != len(ext_ids) - 1:
-        return _JSON + json.dumps(list(ext_ids)).encode("ascii")
-    raw = joined.encode("utf-8", "surrogatepass")
+    separators tells) or there are none. An :class:`sync.records.ExtIds` is joined already (the same bytes)."""
+    if isinstance(ext_ids, ExtIds) and ext_ids:
+        raw = ext_ids.lines()
+    else:
+        joined = "\n".join(ext_ids)
+        if not ext_ids or joined.count("\n") != len(ext_ids) - 1:
+            return _JSON + json.dumps(list(ext_ids)).encode("ascii")
+        raw = joined.encode("utf-8", "surrogatepass")
     if len(raw) < _COMPRESS_FROM:
         return _LINES + raw
     return _LZ4_LINES + len(raw).to_bytes(4, "little") + _lz4().compress(raw, asbytes=True)

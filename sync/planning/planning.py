@@ -29,6 +29,7 @@ import contextlib
 import csv
 import fcntl
 import functools
+import itertools
 import math
 import os
 import queue
@@ -46,7 +47,7 @@ import polars as pl
 import pyarrow as pa
 import pyarrow.ipc
 
-from sync.config import DispatchSettings, Job, Source
+from sync.config import DispatchSettings, FileFormat, Job, Source
 from sync.errors import InterruptedRunError
 from sync.planning._staging import (
     FINE_BITS,
@@ -66,11 +67,13 @@ from sync.sources.reading import (
     ROW,
     Chunk,
     RowSelector,
+    Spill,
     estimate_rows,
     expand_paths,
     iter_chunks,
     read_ids,
     read_rows,
+    spilled_chunks,
 )
 
 __all__ = [
@@ -720,9 +723,11 @@ def _stage(
     limit: int | None = None,
     head_end: int = 0,
     files: Sequence[Path] | None = None,
+    spills: Sequence[Spill | None] = (),
 ) -> _Staged:
     """Read, validate and key every row of ``source`` into sorted chunk files. The clean rows of the fine key
-    ranges ``[0, head_end)`` (a head settled already, :func:`_stage_head`) are counted and left out."""
+    ranges ``[0, head_end)`` (a head settled already, :func:`_stage_head`) are counted and left out. ``spills``
+    (by file, as ``files``): the chunks of a file the head's reading kept, read instead of the file."""
     inputs: list[tuple[str, Callable[[], Iterator[Chunk]]]]
     if source.sql is not None:
         # A database source is one input, named by its label (database and table, never the password).
@@ -733,7 +738,15 @@ def _stage(
     else:
         if files is None:
             files = expand_paths(source, workdir=job.workdir, exclude=[rejects.path])
-        inputs = [(str(p), functools.partial(iter_chunks, source, p)) for p in files]
+        inputs = [
+            (
+                str(p),
+                functools.partial(spilled_chunks, source, spill)
+                if spill is not None
+                else functools.partial(iter_chunks, source, p),
+            )
+            for p, spill in itertools.zip_longest(files, spills)
+        ]
     head_key = _head_key(head_end)
     head: list[pl.DataFrame] = []
     names = tuple(name for name, _ in inputs)
@@ -807,7 +820,7 @@ def _head_mask(source: Source, rules: Any, head_key: int) -> Callable[[pl.Series
         text = ids.str.strip_chars() if rules.trim else ids
         if source.null_values:
             text = text.replace(list(source.null_values), None)
-        return text.is_not_null() & (canonical_key(text.fill_null("")) < head_key)
+        return text.is_not_null() & (canonical_key(text) < head_key)
 
     return select
 
@@ -819,25 +832,27 @@ def _stage_head(
     builder: Any,
     head_end: int,
     stop: threading.Event | None = None,
+    spills: Sequence[Spill | None] = (),
 ) -> pl.DataFrame:
     """The clean, keyed rows of ``source`` whose keys fall in fine ranges ``[0, head_end)``: every file is read,
     only those rows are validated (their rejects are dropped: the staging that follows writes every reject, in
     file order). Reading the whole input here also means a file that cannot be read fails before anything is
-    sent, as without a head."""
+    sent, as without a head. A file with a spill (``spills``, by file: a CSV file, which is parsed whole here)
+    has every chunk parsed written there, for the staging to read instead of parsing the file again."""
     schema = list(clean_schema(source))
     head_key = _head_key(head_end)
     select = _head_mask(source, job.validation, head_key)
     check_rows = getattr(builder, "check_rows", None)
     pieces: list[pl.DataFrame] = []
-    for index, path in enumerate(files):
+    for index, (path, spill) in enumerate(itertools.zip_longest(files, spills)):
         name = str(path)
         raw: list[pl.DataFrame] = []
-        picked = _picked_rows(source, path, select)
+        picked = None if spill is not None else _picked_rows(source, path, select)
         if picked is not None:
             if picked.height:
                 pieces.append(_validate_head(job, source, picked, index, name, check_rows))
             continue
-        for chunk in iter_chunks(source, path, keep=_selector(source, path, select)):
+        for chunk in iter_chunks(source, path, keep=_selector(source, path, select), spill=spill):
             _check_stop(stop)
             if chunk.frame.height:
                 if raw and raw[-1].schema != chunk.frame.schema:
@@ -1063,7 +1078,10 @@ def _start_lazy(
     settlers: list[Settler] = []
     inputs: list[list[Path] | None] = []
     heads: list[int] = []
-    for source in job.sources:
+    spills: list[list[Spill]] = [
+        [] for _ in job.sources
+    ]  # by source and file: what the head's reading parsed
+    for i, source in enumerate(job.sources):
         out = tmp / source.name
         out.mkdir()
         files: list[Path] | None = None
@@ -1083,7 +1101,12 @@ def _start_lazy(
             settler.staged(st.chunks.chunks, bits, st.rows_read)
         elif files:
             head_end = _head_ranges(source, files)
-            settler.settle_head(_stage_head(job, source, files, builder, head_end, stop), head_end)
+            if source.format is FileFormat.CSV:
+                # The head's reading parses every row of a CSV file: the staging reads what it parsed.
+                spill_dir = tmp / f"{source.name}.spill"
+                spills[i] = [Spill(spill_dir / f"{k}.arrow", ROW) for k in range(len(files))]
+            head = _stage_head(job, source, files, builder, head_end, stop, spills[i])
+            settler.settle_head(head, head_end)
         settlers.append(settler)
         inputs.append(files)
         heads.append(head_end)
@@ -1093,7 +1116,15 @@ def _start_lazy(
             if settlers[i].is_staged:
                 continue
             st = _stage(
-                job, source, tmp, rejects, builder, settling.halted, head_end=heads[i], files=inputs[i]
+                job,
+                source,
+                tmp,
+                rejects,
+                builder,
+                settling.halted,
+                head_end=heads[i],
+                files=inputs[i],
+                spills=spills[i],
             )
             head_rows = 0 if st.head is None else st.head.height
             if heads[i] and not _same_rows(st.head, settlers[i].take_head()):

@@ -30,9 +30,12 @@ from dataclasses import dataclass
 from typing import TypeVar
 
 import polars as pl
+import pyarrow as pa
 
+from sync._arrow import call as arrow_call
 from sync.planning.row_keys import ROW_KEY
-from sync.records import RowRef
+from sync.platforms import _encode as enc
+from sync.records import ExtIds, RowRef
 
 __all__ = ["EXT_ID", "FILE", "GROUP", "ITEM", "ROW", "Cut", "RowOrigins", "ahead", "cut", "first_ids"]
 
@@ -42,33 +45,58 @@ GROUP = "__group"
 ITEM = "__item"
 """The JSON text a row contributes to its batch's body (an array item, or an ID in an ``extIds`` list)."""
 
-_NEW, _B, _I = "__new", "__b", "__i"
+_NEW, _I = "__new", "__i"
 T = TypeVar("T")
 
 
 class RowOrigins(Mapping[str, RowRef]):
     """A batch's external ID → the input row that produced its value (file and 1-based row), built from the
     batch's file-index and row columns only when first read: the dispatcher asks for the origins of refused IDs
-    alone, so a batch that goes through never makes these objects."""
+    alone, so a batch that goes through never makes these objects.
 
-    __slots__ = ("_files", "_ids", "_map", "_names", "_rows")
+    ``files`` and ``rows`` hold one value per ID of ``ext_ids``, or are a whole frame's columns: then ``at``
+    gives the positions of the frame's IDs in them (None: one row per ID) and ``span`` the range of those IDs
+    that are this batch's — nothing is sliced or gathered until the origins are read."""
+
+    __slots__ = ("_ids", "_map", "_names", "_parts")
 
     def __init__(
-        self, ext_ids: Sequence[str], files: pl.Series, rows: pl.Series, names: Sequence[str]
+        self,
+        ext_ids: Sequence[str],
+        files: pl.Series,
+        rows: pl.Series,
+        names: Sequence[str],
+        at: pl.Series | None = None,
+        span: tuple[int, int] | None = None,
     ) -> None:
         self._ids = ext_ids  # the batch's unique IDs, in order
-        self._files = files  # per ID: the index of its input file in ``names``
-        self._rows = rows  # per ID: its row number in that file
+        # Per part (a run continued in the next frame has two or more): a frame's file-index and row columns,
+        # the positions of its IDs in them and the range of those IDs that is this part's.
+        self._parts: list[tuple[pl.Series, pl.Series, pl.Series | None, tuple[int, int] | None]] = [
+            (files, rows, at, span)
+        ]
         self._names = names  # the source's input files
         self._map: dict[str, RowRef] | None = None  # built on first read
 
     def _built(self) -> dict[str, RowRef]:
         if self._map is None:
             names = self._names
-            self._map = {
-                x: RowRef(names[f], r)
-                for x, f, r in zip(self._ids, self._files.to_list(), self._rows.to_list(), strict=True)
-            }
+            files: list[int] = []
+            rows: list[int] = []
+            for file_column, row_column, at, span in self._parts:
+                if span is not None:
+                    lo, hi = span
+                    if at is None:
+                        file_column, row_column = (
+                            file_column.slice(lo, hi - lo),
+                            row_column.slice(lo, hi - lo),
+                        )
+                    else:
+                        where = at.slice(lo, hi - lo)
+                        file_column, row_column = file_column.gather(where), row_column.gather(where)
+                files += file_column.to_list()
+                rows += row_column.to_list()
+            self._map = {x: RowRef(names[f], r) for x, f, r in zip(self._ids, files, rows, strict=True)}
         return self._map
 
     def __getitem__(self, ext_id: str) -> RowRef:
@@ -83,35 +111,51 @@ class RowOrigins(Mapping[str, RowRef]):
     def __repr__(self) -> str:
         return f"RowOrigins({len(self._ids)} IDs)"
 
-    def joined(self, other: RowOrigins) -> RowOrigins:
-        """These origins followed by ``other``'s (a run continued in the next frame)."""
-        return RowOrigins(
-            (*self._ids, *other._ids),
-            pl.concat([self._files, other._files]),
-            pl.concat([self._rows, other._rows]),
-            self._names,
-        )
+    def joined(self, other: RowOrigins, ext_ids: Sequence[str] | None = None) -> RowOrigins:
+        """These origins followed by ``other``'s (a run continued in the next frame); ``ext_ids``: the joined
+        IDs when the caller has them already."""
+        both = RowOrigins.__new__(RowOrigins)
+        both._ids = ext_ids if ext_ids is not None else _joined_ids(self._ids, other._ids)
+        both._parts = self._parts + other._parts
+        both._names = self._names
+        both._map = None
+        return both
+
+
+def _joined_ids(first: Sequence[str], second: Sequence[str]) -> Sequence[str]:
+    """Two runs' IDs one after the other: packed still when both are (:class:`ExtIds`), a tuple otherwise."""
+    if isinstance(first, ExtIds) and isinstance(second, ExtIds):
+        return first.joined(second)
+    return (*first, *second)
 
 
 @dataclass(frozen=True, slots=True)
 class Cut:
-    """One batch's content: its group, its items' JSON texts joined with ``,`` (UTF-8), its unique IDs in order,
-    where they came from and the packed keys of its rows (empty unless the rows carry :data:`ROW_KEY`)."""
+    """One batch's content: its group, its items' JSON texts joined with ``,`` (UTF-8: :attr:`text`, a view of
+    the frame's joined buffer — the body is built from it with one copy — or bytes; :attr:`items` as bytes), its
+    unique IDs in order (an :class:`ExtIds` when no ID holds a line break, a tuple otherwise), where they came
+    from and the packed keys of its rows (empty unless the rows carry :data:`ROW_KEY`)."""
 
     group: str
-    items: bytes
-    ext_ids: tuple[str, ...]
+    text: bytes | memoryview
+    ext_ids: Sequence[str]
     origins: RowOrigins
     row_keys: bytes = b""
 
+    @property
+    def items(self) -> bytes:
+        """The joined items as ``bytes``."""
+        return bytes(self.text)
+
     def joined(self, other: Cut, *, first_only: bool) -> Cut:
         """This run continued by ``other`` (the same group, the next frame)."""
-        items = self.items if first_only else b",".join((self.items, other.items))
+        text = self.text if first_only else b",".join((self.text, other.text))
+        ids = _joined_ids(self.ext_ids, other.ext_ids)
         return Cut(
             self.group,
-            items,
-            self.ext_ids + other.ext_ids,
-            self.origins.joined(other.origins),
+            text,
+            ids,
+            self.origins.joined(other.origins, ids),
             self.row_keys + other.row_keys,
         )
 
@@ -131,83 +175,196 @@ def _key_bytes(keys: pl.Series) -> bytes:
     return data
 
 
-def _ranked(selected: pl.DataFrame, open_runs: Mapping[str, tuple[int, str]], size: int) -> pl.DataFrame:
-    """``selected`` sorted by group (stably: row order within a group), with each row's run number ``__b``
-    within its group (0: the run still open from earlier frames, when there is one) and ``__new`` (first row of
-    an ID)."""
-    frame = selected.with_row_index(_I)
-    groups = frame[GROUP]
-    if groups.len() and not (groups == groups[0]).all():
-        # Stable sort on the groups' integer codes (sorting the strings themselves is several times slower):
-        # rows of a group become adjacent, in frame order; the code order itself does not matter. One thread:
-        # a frame is small, and the pool's hand-offs cost more than the sort on a busy machine.
-        codes = pl.col(GROUP).cast(pl.Categorical).to_physical()
-        frame = frame.sort(codes, maintain_order=True, multithreaded=False)
-    # The runs still open from earlier frames matter at each group's first row alone (its count of IDs, and
-    # whether that row's ID is the open run's last one): looked up in Python for those few rows, then spread over
-    # each group's rows by its segment number (integers only: no per-row lookup of the group's string).
-    start = (pl.col(GROUP) != pl.col(GROUP).shift(1)).fill_null(True)
-    frame = frame.with_columns(start.alias("__start"))
-    starts = frame["__start"].arg_true()
-    at_groups = frame[GROUP].gather(starts).to_list()
-    at_ids = frame[EXT_ID].gather(starts).to_list()
-    counts: list[int] = []
-    fresh: list[bool] = []
-    for group, ext_id in zip(at_groups, at_ids, strict=True):
-        count, last = open_runs.get(group, (0, None))
-        counts.append(count)
-        fresh.append(ext_id != last)
-    segment = pl.col("__start").cast(pl.Int64).cum_sum() - 1
-    per_group = pl.DataFrame(
-        {"__c0": pl.Series(counts, dtype=pl.Int64), "__fresh": pl.Series(fresh, dtype=pl.Boolean)}
+class _Joined:
+    """A String column's values joined per run of rows — run ``i`` is rows ``[bounds[i], bounds[i + 1])`` —
+    by ``sep``, in one Arrow kernel (``binary_join`` over a list view of the column, no copy to make the
+    lists): :meth:`get` hands run ``i``'s UTF-8 bytes over as a view of that buffer, no per-value work in Python."""
+
+    __slots__ = ("_base", "_data", "_offsets", "_values")
+
+    def __init__(self, column: pl.Series | pa.Array, bounds: Sequence[int], sep: str) -> None:
+        self._values = column if isinstance(column, pa.Array) else _large_strings(column)
+        lists = pa.LargeListArray.from_arrays(pa.array(bounds, pa.int64()), self._values)
+        joined = arrow_call("binary_join", lists, pa.scalar(sep, pa.large_string()))
+        self._base, self._offsets, self._data = _buffers(joined)
+
+    def holds(self, chars: bytes) -> bool:
+        """Whether a value of the column holds one of the bytes ``chars`` (one scan of its buffer in C)."""
+        base, offsets, data = _buffers(self._values)
+        raw = data[offsets[base] : offsets[base + len(self._values)]].tobytes()
+        return len(raw.translate(None, chars)) != len(raw)
+
+    def get(self, i: int) -> memoryview:
+        """Run ``i``'s values joined (a view: it keeps the joined buffer alive)."""
+        at = self._base + i
+        return self._data[self._offsets[at] : self._offsets[at + 1]]
+
+
+class _Values:
+    """A String column's values as UTF-8 bytes, one at a time (a one-user run's first item)."""
+
+    __slots__ = ("_base", "_data", "_offsets")
+
+    def __init__(self, column: pl.Series) -> None:
+        self._base, self._offsets, self._data = _buffers(_large_strings(column))
+
+    def get(self, i: int) -> memoryview:
+        """Row ``i``'s value (a view)."""
+        at = self._base + i
+        return self._data[self._offsets[at] : self._offsets[at + 1]]
+
+
+def _large_strings(column: pl.Series) -> pa.Array:
+    """A String column (no nulls) as one Arrow ``large_string`` array."""
+    if column.null_count():
+        raise ValueError(f"column {column.name} of a selection holds nulls")
+    arrow = column.rechunk().to_arrow()
+    if isinstance(arrow, pa.ChunkedArray):  # one chunk after rechunk
+        arrow = arrow.combine_chunks()
+    if arrow.type != pa.large_string():
+        arrow = arrow.cast(pa.large_string())
+    return arrow
+
+
+def _buffers(strings: pa.Array) -> tuple[int, memoryview, memoryview]:
+    """A ``large_string`` array's offset, offsets (as integers) and data, without a copy."""
+    _, offsets, data = strings.buffers()
+    empty = memoryview(b"")
+    return (
+        strings.offset,
+        memoryview(offsets).cast("q") if offsets is not None else empty.cast("q"),
+        memoryview(data) if data is not None else empty,
     )
-    frame = frame.with_columns(segment.alias("__seg"))
-    frame = frame.with_columns(
-        pl.lit(per_group["__c0"]).gather(pl.col("__seg")).alias("__c0"),
-        pl.when(pl.col("__start"))
-        .then(pl.lit(per_group["__fresh"]).gather(pl.col("__seg")))
-        .otherwise((pl.col(EXT_ID) != pl.col(EXT_ID).shift(1)).fill_null(True))
-        .alias(_NEW),
-    )
-    running = pl.col(_NEW).cast(pl.Int64).cum_sum()
-    # The IDs counted before this group's first row in the frame: subtracted so ranks start at 1 per group.
-    before = pl.when(pl.col("__start")).then(running - pl.col(_NEW).cast(pl.Int64)).forward_fill()
-    rank = running - before
-    run = (pl.col("__c0") + rank - 1) // size
-    frame = frame.with_columns(run.clip(lower_bound=0).alias(_B))
-    # The runs are contiguous now: number them, so that aggregating groups by one integer.
-    boundary = (pl.col(_B) != pl.col(_B).shift(1)) | pl.col("__start")
-    return frame.with_columns(boundary.fill_null(True).cast(pl.UInt32).cum_sum().alias("__run"))
+
+
+def _group_runs(selected: pl.DataFrame) -> tuple[pl.DataFrame, pl.Series | None, list[tuple[str, int, int]]]:
+    """``selected`` with each group's rows adjacent (a stable sort: frame order within a group), the frame
+    position of each of its rows (None: not sorted, the positions are the rows' own) and its groups' row
+    ranges ``(group, start, end)`` in that order."""
+    groups = selected[GROUP]
+    n = groups.len()
+    first = groups[0]
+    # Sorted groups with equal ends are one group (setProfileAttributes and the like: no string is compared).
+    adjacent = groups.is_sorted()
+    if adjacent and groups[n - 1] == first:
+        return selected, None, [(first, 0, n)]
+    if adjacent:
+        frame, positions = selected, None
+        runs = frame.select(pl.col(GROUP).rle()).unnest(GROUP)
+        lengths, names = runs["len"].to_list(), runs["value"].to_list()
+    else:
+        # A stable partition: rows of a group become adjacent, in frame order (the groups' order does not
+        # matter). Cheaper than a stable sort: the rows are hashed once and moved once.
+        parts = selected.with_row_index(_I).partition_by(GROUP, maintain_order=True)
+        frame = pl.concat(parts, rechunk=False)
+        positions = frame[_I]
+        lengths, names = [p.height for p in parts], [p[GROUP][0] for p in parts]
+    spans: list[tuple[str, int, int]] = []
+    at = 0
+    for length, group in zip(lengths, names, strict=True):
+        spans.append((group, at, at + length))
+        at += length
+    return frame, positions, spans
 
 
 def _frame_cuts(
-    frame: pl.DataFrame, files: Sequence[str], first_only: bool
-) -> list[tuple[str, int, int, Cut]]:
-    """The runs of a ranked frame: ``(group, run number, first row index, cut)`` in group and run order."""
-    keyed = ROW_KEY in frame.columns
-    # Joined in polars and handed over as UTF-8 bytes: the body is bytes, and no Python str is made per batch.
-    item = (pl.col(ITEM).first() if first_only else pl.col(ITEM).str.join(",")).cast(pl.Binary)
-    runs = frame.group_by("__run", maintain_order=True).agg(
-        pl.col(GROUP).first(),
-        pl.col(_B).first(),
-        item.alias(ITEM),
-        pl.len().alias("__rows"),
-        pl.col(_NEW).sum().alias("__ids"),
-        pl.col(_I).min().alias(_I),
+    selected: pl.DataFrame,
+    open_runs: Mapping[str, tuple[int, str]],
+    size: int,
+    files: Sequence[str],
+    first_only: bool,
+    id_items: bool = False,
+) -> list[tuple[str, bool, int, Cut]]:
+    """The runs of one frame: ``(group, continues, first row, cut)`` per run, in group and run order.
+
+    ``continues``: the run continues the group's run still open from earlier frames (``open_runs``: its count of
+    IDs and last ID). ``first row``: the frame position of the run's first row (complete runs come out in the
+    order of the rows that complete them).
+
+    Arithmetic on the positions of the rows that bring a new ID (``starts``): in a group whose open run holds
+    ``c0`` IDs, the group's ``j``-th new ID (from 0) starts a run when ``(c0 + j) % size == 0``, and the rows
+    before its first such ID continue the open run. A run is then a range of rows (a group's rows are
+    adjacent) and a range of new IDs; the runs' items and IDs are joined per range in Arrow.
+
+    ``id_items``: each row's item is its ID's JSON string (:data:`ITEM` is not read): made from the runs' joined
+    IDs when the frame allows (one row per ID, nothing to escape), by :func:`sync.platforms._encode.string`
+    otherwise.
+    """
+    frame, positions, spans = _group_runs(selected)
+    n = frame.height
+    # A row brings a new ID when its ID differs from the row before or it is its group's first row — unless
+    # that first row continues the last ID of the group's open run (counted in an earlier frame).
+    new = (pl.col(EXT_ID) != pl.col(EXT_ID).shift(1)).fill_null(True)
+    if len(spans) > 1:
+        new = new | (pl.col(GROUP) != pl.col(GROUP).shift(1)).fill_null(True)
+    continued = [(g, s) for g, s, _ in spans if g in open_runs]
+    at_first = frame[EXT_ID].gather([s for _, s in continued]).to_list() if continued else []
+    repeated = [s for (g, s), x in zip(continued, at_first, strict=True) if x == open_runs[g][1]]
+    if repeated:
+        new = new & ~pl.int_range(n, dtype=pl.get_index_type()).is_in(repeated)
+    starts = frame.select(pl.arg_where(new).alias(_NEW)).to_series()
+    every_row = starts.len() == n  # one row per ID (the common case): ID positions are row numbers
+    bounds = [s for _, s, _ in spans] + [n]
+    at_bounds = (
+        bounds if every_row else starts.search_sorted(pl.Series(bounds, dtype=starts.dtype), "left").to_list()
     )
-    firsts = frame.filter(pl.col(_NEW))
-    ids: list[str] = firsts[EXT_ID].to_list()
-    id_files, id_rows = firsts[FILE], firsts[ROW]
-    keys = _key_bytes(frame[ROW_KEY]) if keyed else b""
+    # Per group: the ID indices that start a run (k0 + j for the j above), found as rows below.
+    run_ids: list[list[int]] = []
+    for (group, _, _), k0, k1 in zip(spans, at_bounds, at_bounds[1:], strict=False):
+        count = open_runs[group][0] if group in open_runs else 0
+        run_ids.append(list(range(k0 + (-count) % size, k1, size)))
+    flat = [k for ks in run_ids for k in ks]
+    found = flat if every_row or not flat else starts.gather(flat).to_list()
+    rows_of = dict(zip(flat, found, strict=True))
+    # The pieces: (group, continues, first row, first ID index); each ends where the next begins.
+    pieces: list[tuple[str, bool, int, int]] = []
+    for (group, s, _), k0, ks in zip(spans, at_bounds, run_ids, strict=False):
+        if not ks or rows_of[ks[0]] != s:
+            # Rows before the group's first run start continue the open run (a group without one starts a run
+            # at its first row, so these exist only after an earlier frame).
+            assert group in open_runs
+            pieces.append((group, True, s, k0))
+        pieces += [(group, False, rows_of[k], k) for k in ks]
+    if not pieces:
+        return []
+    row_bounds = [p[2] for p in pieces] + [n]
+    id_bounds = [p[3] for p in pieces] + [at_bounds[-1]]
+    unique = frame[EXT_ID] if every_row else frame[EXT_ID].gather(starts)
+    unique_values = _large_strings(unique)
+    ids: _Joined | None = _Joined(unique_values, id_bounds, "\n")
+    assert ids is not None
+    # IDs without a character JSON escapes (a line break is one) are their JSON strings' content as they are.
+    plain_ids = not ids.holds(enc.ESCAPED_BYTES)
+    plain: list[str] = []
+    if not plain_ids and ids.holds(b"\n"):
+        ids, plain = None, unique.to_list()  # an ID holds a line break: this frame's runs keep tuples of IDs
+    quoted = id_items and plain_ids and every_row and not first_only
+    items: _Joined | _Values
+    if quoted:
+        # One row per ID and nothing to escape: a run's items are its IDs joined by '","', between quotes.
+        items = _Joined(unique_values, id_bounds, '","')
+    else:
+        column = frame.select(enc.string(pl.col(EXT_ID))).to_series() if id_items else frame[ITEM]
+        items = _Values(column) if first_only else _Joined(column, row_bounds, ",")
+    at = None if every_row else starts
+    id_files, id_rows = frame[FILE], frame[ROW]
+    keys = _key_bytes(frame[ROW_KEY]) if ROW_KEY in frame.columns else b""
+    first_rows = row_bounds[:-1]
+    origin_rows = positions.gather(first_rows).to_list() if positions is not None else first_rows
     out = []
-    at_id = at_row = 0
-    for _run, group, b, items, n_rows, n_ids, first in runs.iter_rows():
-        run_ids = tuple(ids[at_id : at_id + n_ids])
-        origins = RowOrigins(run_ids, id_files.slice(at_id, n_ids), id_rows.slice(at_id, n_ids), files)
-        packed = keys[8 * at_row : 8 * (at_row + n_rows)] if keyed else b""
-        out.append((group, b, first, Cut(group, items, run_ids, origins, packed)))
-        at_id += n_ids
-        at_row += n_rows
+    for i, ((group, continues, r0, k0), first_row) in enumerate(zip(pieces, origin_rows, strict=True)):
+        r1, k1 = row_bounds[i + 1], id_bounds[i + 1]
+        lines = ids.get(i).tobytes() if ids is not None else b""
+        if quoted:
+            text: bytes | memoryview = b"".join((b'"', items.get(i), b'"'))
+        elif first_only:
+            # One-user requests send an ID's first row alone (a continuing piece adds nothing to the open run's).
+            text = b"" if continues else items.get(r0)
+        else:
+            text = items.get(i)
+        run: Sequence[str] = ExtIds(lines, k1 - k0) if ids is not None else tuple(plain[k0:k1])
+        origins = RowOrigins(run, id_files, id_rows, files, at, (k0, k1))
+        out.append((group, continues, first_row, Cut(group, text, run, origins, keys[8 * r0 : 8 * r1])))
     return out
 
 
@@ -232,12 +389,19 @@ def ahead(items: Iterable[T]) -> Iterator[T]:
 
 
 def cut(
-    frames: Iterable[pl.DataFrame], size: int, files: Sequence[str], *, first_only: bool = False
+    frames: Iterable[pl.DataFrame],
+    size: int,
+    files: Sequence[str],
+    *,
+    first_only: bool = False,
+    id_items: bool = False,
 ) -> Iterator[Cut]:
     """The runs of at most ``size`` unique IDs per group of the selected ``frames`` (see the module docstring).
 
     ``files`` resolves :data:`FILE`. ``first_only``: a run's items are its first row's item alone (a one-user
-    request whose ID has several rows sends the first, as the row loop did). ``frames`` is advanced on a worker
+    request whose ID has several rows sends the first, as the row loop did). ``id_items``: each row's item is
+    its ID's JSON string (an ``extIds`` list), the frames' :data:`ITEM` is not read (select without items: no
+    text is built per row when the IDs need no escaping). ``frames`` is advanced on a worker
     thread one frame ahead (:func:`ahead`): a lazy selection encodes the next frame while this one is cut.
     """
     if size < 1:
@@ -247,13 +411,12 @@ def cut(
         if selected.is_empty():
             continue
         open_runs = {g: (len(c.ext_ids), c.ext_ids[-1]) for g, c in open_cuts.items()}
-        ranked = _ranked(selected, open_runs, size)
-        done: list[tuple[int, Cut]] = []  # (index of the row that completed it, run)
-        pieces = _frame_cuts(ranked, files, first_only)
-        for k, (group, b, first_row, piece) in enumerate(pieces):
+        done: list[tuple[int, Cut]] = []  # (frame position of the row that completed it, run)
+        pieces = _frame_cuts(selected, open_runs, size, files, first_only, id_items)
+        for k, (group, continues, first_row, piece) in enumerate(pieces):
             last_of_group = k + 1 == len(pieces) or pieces[k + 1][0] != group
             trigger = -1 if last_of_group else pieces[k + 1][2]
-            if b == 0 and group in open_cuts:
+            if continues:
                 piece = open_cuts.pop(group).joined(piece, first_only=first_only)
             elif group in open_cuts:
                 # The open run was full: this frame's first ID of the group completed it.

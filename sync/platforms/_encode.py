@@ -47,6 +47,7 @@ if TYPE_CHECKING:
     from polars._typing import PolarsDataType
 
 __all__ = [
+    "ESCAPED_BYTES",
     "MAX_EXACT_INT",
     "Member",
     "Text",
@@ -76,6 +77,9 @@ _ESCAPES = [json.dumps(c)[1:-1] for c in _ESCAPED]
 # The UTF-8 bytes of those characters: no byte of a multi-byte sequence is below 0x80, so a buffer without any of
 # these holds no value that needs escaping.
 _ESCAPED_BYTES = "".join(_ESCAPED).encode("ascii")
+ESCAPED_BYTES = _ESCAPED_BYTES
+"""The bytes of the characters JSON escapes (the quote, the backslash, U+0000–U+001F): UTF-8 text without any
+of them is its JSON string's content as it is."""
 _SMALL_FIXED = r"^(-?)0\.(0{4,})([1-9])([0-9]*)$"
 _SHORT_EXPONENT = r"e([+-])([0-9])$"
 

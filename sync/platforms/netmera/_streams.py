@@ -72,9 +72,9 @@ def _envelope(shape: Shape, group: str) -> tuple[bytes, bytes]:
     return b"", b""
 
 
-def _body(shape: Shape, group: str, items: bytes) -> bytes:
+def _body(shape: Shape, group: str, items: bytes | memoryview) -> bytes:
     if shape is Shape.ONE:
-        return items
+        return bytes(items)
     before, after = _envelope(shape, group)
     return b"".join((before, items, after))
 
@@ -224,9 +224,17 @@ def _select_categories(
 
 
 def _select_tags(frame: pl.DataFrame, items: bool, columns: list[str]) -> pl.DataFrame:
-    tags = pl.concat_list([pl.col(c).fill_null(pl.lit([], pl.List(pl.String))) for c in columns]).list.unique(
-        maintain_order=True
-    )
+    if len(columns) == 1:
+        # One tag column: a user's tags are its list (a null list explodes to a null tag, dropped below); a
+        # tag the list repeats is sent once, and lists without a repeat (nearly all) skip the hashing.
+        tags = pl.col(columns[0])
+        repeats = frame.select((tags.list.n_unique() < tags.list.len()).any()).item()
+        if repeats:
+            tags = tags.list.unique(maintain_order=True)
+    else:
+        tags = pl.concat_list(
+            [pl.col(c).fill_null(pl.lit([], pl.List(pl.String))) for c in columns]
+        ).list.unique(maintain_order=True)
     # The ID's JSON text is made once per user, before a row per tag repeats it.
     item = _id_text(frame).expr() if items else pl.lit(None, pl.String)
     return (
@@ -455,9 +463,13 @@ def stream_batches(
     of sha256 over the endpoint, a newline and those bytes."""
     endpoint = stream.endpoint
     prefix = hashlib.sha256(endpoint.encode("utf-8") + b"\n")
-    selected = (stream.select(frame, True) for frame in frames)
-    for run in cut(selected, _size(stream, batch_size), files, first_only=stream.shape is Shape.ONE):
-        body = _body(stream.shape, run.group, run.items)
+    # An extIds list's items are the IDs' JSON strings: cut makes them from the IDs it joins anyway.
+    id_items = stream.shape in (Shape.IDS, Shape.TAG)
+    selected = (stream.select(frame, not id_items) for frame in frames)
+    for run in cut(
+        selected, _size(stream, batch_size), files, first_only=stream.shape is Shape.ONE, id_items=id_items
+    ):
+        body = _body(stream.shape, run.group, run.text)
         digest = prefix.copy()
         digest.update(body)
         yield Batch(
