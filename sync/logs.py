@@ -6,9 +6,31 @@ import logging
 import sys
 from typing import Any
 
-import structlog
-
 from sync.redact import structlog_processor
+
+
+def _load_structlog_without_rich() -> None:
+    """Import structlog without letting it import rich, when neither is loaded yet.
+
+    structlog's package imports ``structlog.dev`` and ``structlog.tracebacks``, which import rich when it is
+    installed (~55 ms, a twentieth of a run's start-up) for pretty tracebacks of exceptions a renderer meets
+    still attached to an event. Ours never are: :func:`structlog.processors.format_exc_info` turns them into
+    text before the renderer (JSON or console) runs, so structlog's use of rich would never show. rich stays
+    importable for everything else (the progress bar): it is hidden only while structlog loads.
+    """
+    if "structlog" in sys.modules or "rich" in sys.modules:
+        return
+    sys.modules["rich"] = None  # type: ignore[assignment]  # `import rich` raises ImportError meanwhile
+    try:
+        import structlog  # noqa: F401
+    finally:
+        if "rich" in sys.modules and sys.modules["rich"] is None:
+            del sys.modules["rich"]
+
+
+_load_structlog_without_rich()
+
+import structlog  # noqa: E402  (loaded above)
 
 __all__ = ["configure_logging", "get_logger"]
 

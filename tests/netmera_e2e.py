@@ -11,34 +11,53 @@ users), so a job's shape or a launch detail is written once.
                             :func:`requests_total`, :func:`sandbox_users`
 * :func:`write_users`, :func:`expected_users`, :func:`minimal_applications`: the users CSV and what a sandbox
   must hold once it was sent
+
+Several workers of one job on PostgreSQL (tests/test_coordination.py, tests/test_coordination_snapshot.py):
+
+* :func:`coordinated_job`   a job file of :data:`COORDINATED_BATCH` users a request, with a ``coordination:`` lease
+* :func:`worker`            ``pushsync ARGS`` with ``PUSHSYNC_DATABASE_URL``; :func:`run_workers` starts several
+                            ``run``s of the job at once, :func:`run_json` runs one and reads its JSON summary
+* :func:`query`             SQL through psql, rows of strings; :func:`batch_counts` (batches confirmed, batches)
+* :func:`kill_a_busy_worker` SIGKILL the worker holding the most batches once a share of them is confirmed
 """
 
 from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 import urllib.request
 from pathlib import Path
 from typing import Any
 
 from tests.conftest import REPO_ROOT, NetmeraProcess
+from tests.pg_fixture import PostgresServer
 
 __all__ = [
+    "COORDINATED_BATCH",
     "FULL_USERS",
     "PLAIN_USERS",
     "TAGS",
     "applied",
+    "batch_counts",
+    "coordinated_job",
     "expected_users",
     "finish",
     "inspect",
+    "kill_a_busy_worker",
     "minimal_applications",
     "netmera_job",
     "pushsync",
+    "query",
     "requests_total",
+    "run_json",
+    "run_workers",
     "sandbox_users",
     "user_row",
+    "worker",
     "write_users",
 ]
 
@@ -177,3 +196,118 @@ def minimal_applications(rows: list[list[str]], mode: str) -> int:
     return unsets + sum(
         1 + len(u["tags"]) + ("categories" in u) + ("emailOptIn" in u) for u in users.values()
     )
+
+
+# -- several workers of one job on PostgreSQL ----------------------------------------------------------------------
+
+COORDINATED_BATCH = 40
+"""Users a request in :func:`coordinated_job`'s jobs (what duplicates bounds count in)."""
+
+
+def coordinated_job(
+    url: str,
+    *,
+    budget: str = "",
+    lease: float = 2,
+    concurrency: int = 4,
+    name: str = "scale",
+    head: str = "",
+) -> str:
+    """A job for several workers: :data:`FULL_USERS` to Netmera at ``url``, a ``coordination:`` lease, fast
+    retries, ``budget`` (indented ``dispatch`` lines, e.g. ``budget_groups:``); ``head`` as :func:`netmera_job`'s
+    (e.g. ``mode: snapshot``)."""
+    return netmera_job(
+        url,
+        name=name,
+        head=head,
+        tail=f"coordination: {{lease: {lease}}}\n",
+        dispatch=f"""\
+  concurrency: {concurrency}
+  batch_size: {COORDINATED_BATCH}
+  request_timeout: 2
+  drain_timeout: 2
+  retry: {{max_attempts: 8, base_delay: 0.05, max_delay: 0.2}}
+{budget}""",
+    )
+
+
+def worker(
+    tmp: Path,
+    sandbox: NetmeraProcess | str,
+    db_url: str | None,
+    *args: str,
+    env: dict[str, str] | None = None,
+) -> subprocess.Popen[str]:
+    """``pushsync ARGS`` with ``PUSHSYNC_DATABASE_URL``: one worker of the job's run (None: one process on
+    SQLite)."""
+    extra = {"PUSHSYNC_DATABASE_URL": db_url} if db_url else {}
+    return pushsync(tmp, sandbox, *args, env={**extra, **(env or {})})
+
+
+def run_workers(tmp: Path, sandbox: NetmeraProcess | str, db_url: str, n: int) -> list[subprocess.Popen[str]]:
+    """``n`` workers started together, each ``pushsync run job.yaml`` with its summary as JSON on stdout."""
+    return [
+        worker(tmp, sandbox, db_url, "run", "job.yaml", "--progress", "none", "--output", "json")
+        for _ in range(n)
+    ]
+
+
+def run_json(
+    tmp: Path, sandbox: NetmeraProcess | str, db_url: str, *args: str
+) -> tuple[int, dict[str, Any], str]:
+    """One worker's ``pushsync run job.yaml ARGS`` to its end: (exit code, its JSON summary or {}, stderr)."""
+    code, out, err = finish(
+        worker(tmp, sandbox, db_url, "run", "job.yaml", "--progress", "none", "--output", "json", *args)
+    )
+    return code, (json.loads(out) if out.strip() else {}), err
+
+
+def query(server: PostgresServer, url: str, sql: str) -> list[list[str]]:
+    """The rows ``sql`` gives, each a list of strings (psql's unaligned output); RuntimeError when it fails
+    (e.g. the tables are not there yet)."""
+    return [line.split("|") for line in server.sql(url, sql).splitlines() if line]
+
+
+def batch_counts(server: PostgresServer, url: str) -> tuple[int, int]:
+    """(batches confirmed, batches) of every run in the database."""
+    ok, total = query(
+        server, url, "SELECT count(*) FILTER (WHERE status = 'ok'), count(*) FROM pushsync.batches"
+    )[0]
+    return int(ok), int(total)
+
+
+def kill_a_busy_worker(
+    server: PostgresServer,
+    url: str,
+    procs: list[subprocess.Popen[str]],
+    *,
+    share: int = 5,
+    timeout: float = 90,
+) -> subprocess.Popen[str]:
+    """SIGKILL the worker of ``procs`` holding the most unfinished batches, once ``1/share`` of the batches are
+    confirmed, and reap it; returns it."""
+    deadline = time.monotonic() + timeout
+    seen: Any = None
+    while time.monotonic() < deadline:
+        time.sleep(0.05)
+        try:
+            ok, total = batch_counts(server, url)
+            if not total or ok < total // share:
+                continue
+            busy = query(
+                server,
+                url,
+                "SELECT claimed_by, count(*) FROM pushsync.batches WHERE status IN ('planned', 'sent') "
+                "AND claimed_by IS NOT NULL GROUP BY claimed_by ORDER BY 2 DESC",
+            )
+        except RuntimeError:
+            continue  # the tables are not there yet
+        seen = ((ok, total), busy)
+        by_pid = {p.pid: p for p in procs}
+        for claimed_by, _n in busy:
+            victim = by_pid.get(int(claimed_by.split(":")[1]))
+            if victim is not None:
+                victim.send_signal(signal.SIGKILL)
+                victim.communicate(timeout=30)
+                return victim
+    raise AssertionError(("no worker held batches to kill", seen, [p.pid for p in procs]))

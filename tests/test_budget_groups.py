@@ -9,6 +9,7 @@ import json
 import math
 import shutil
 from collections import Counter, defaultdict
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import pytest
@@ -373,14 +374,19 @@ def test_plan_shows_each_budget_group_with_its_requests_and_least_time(
     assert doc["estimated_seconds"] >= group["estimated_seconds"]  # the run's estimate counts the group
 
 
-def test_late_releases_with_no_answer_by_the_windows_end_take_slots_of_the_next_window() -> None:
-    # Window 1: ten attempts at their slots, then nothing to send until 1.6 s, when ten more come and the
-    # slots that came due go at once (catching up, late in the window). The server stalls: those get their
-    # answer only at 2.3 s. They may have arrived (and been counted by the server) in window 2, so window 2
-    # leaves them room: even if they all did, the server counts no more than N there, and sends no 429.
+def _answered_releases(
+    answer_at: Callable[[float], float],
+    rounds: Sequence[tuple[float, int]],
+    stalls: Sequence[tuple[float, float]] = (),
+) -> tuple[list[float], BudgetStats]:
+    """Attempts at ``tagUsers`` under the :data:`ACCOUNT` group on a virtual loop: for each round ``(at, n)``,
+    from ``at`` (and once the round before is over), ``n`` attempts at once; the one released at ``t`` has its
+    answer at ``answer_at(t)``, which the budget observes. ``stalls``: ``(at, seconds)`` our own loop is stuck.
+    Returns the release times and the group's stats."""
+    loop = VirtualTimeLoop()
+
     async def scenario() -> tuple[list[float], BudgetStats]:
-        loop = asyncio.get_running_loop()
-        pool = BudgetPool({}, (ACCOUNT,), wall_offset=0.0)
+        pool = BudgetPool({}, (ACCOUNT,), clock=loop, wall_offset=0.0)
         budget = pool.budget("tagUsers")
         times: list[float] = []
 
@@ -388,22 +394,36 @@ def test_late_releases_with_no_answer_by_the_windows_end_take_slots_of_the_next_
             await budget.acquire()
             released = loop.time()
             times.append(released)
-            answer_at = 2.3 if 1.5 <= released < 2.0 else released + 0.03
-            await clock_sleep(loop, answer_at - released)
+            await clock_sleep(loop, answer_at(released) - released)
             budget.observe(loop.time() - released)
             budget.on_success()
 
-        async def take(n: int) -> None:
+        for at, seconds in stalls:
+            loop.call_at(at, loop.advance, seconds)
+        for at, n in rounds:
+            if at:
+                await clock_sleep(loop, at - loop.time())
             async with asyncio.TaskGroup() as tg:
                 for _ in range(n):
                     tg.create_task(one())
-
-        await take(30)  # window 0, and window 1's first ten slots
-        await clock_sleep(loop, 1.6 - loop.time())
-        await take(30)  # ten at once at 1.6; then window 2 and 3
         return times, pool.group_stats()["account"]
 
-    times, stats = run_virtual(scenario())
+    try:
+        return loop.run_until_complete(scenario())
+    finally:
+        loop.close()
+
+
+def test_late_releases_with_no_answer_by_the_windows_end_take_slots_of_the_next_window() -> None:
+    # Window 1: ten attempts at their slots, then nothing to send until 1.6 s, when ten more come and the
+    # slots that came due go at once (catching up, late in the window). The server stalls: those get their
+    # answer only at 2.3 s. They may have arrived (and been counted by the server) in window 2, so window 2
+    # leaves them room: even if they all did, the server counts no more than N there, and sends no 429.
+    times, stats = _answered_releases(
+        lambda released: 2.3 if 1.5 <= released < 2.0 else released + 0.03,
+        # window 0 and window 1's first ten slots; then ten at once at 1.6, then windows 2 and 3
+        [(0.0, 30), (1.6, 30)],
+    )
     windows = _per_window(times)
     stalled = sum(1 for t in times if 1.5 <= t < 2.0)
     assert stalled == 10 and windows[1] == 20
@@ -418,27 +438,10 @@ def test_late_releases_with_no_answer_by_the_windows_end_take_slots_of_the_next_
 def test_a_slow_answer_to_a_regular_release_takes_nothing_from_the_next_window() -> None:
     # Every answer of window 1 comes after its edge (a slow server, or its outbound network): its requests
     # were released in the first half of the zone, far from the edge, and arrived in time; window 2 is full.
-    async def scenario() -> list[float]:
-        loop = asyncio.get_running_loop()
-        pool = BudgetPool({}, (ACCOUNT,), wall_offset=0.0)
-        budget = pool.budget("tagUsers")
-        times: list[float] = []
-
-        async def one() -> None:
-            await budget.acquire()
-            released = loop.time()
-            times.append(released)
-            answer_at = 2.2 if 1.0 <= released < 2.0 else released + 0.03
-            await clock_sleep(loop, answer_at - released)
-            budget.observe(loop.time() - released)
-            budget.on_success()
-
-        async with asyncio.TaskGroup() as tg:
-            for _ in range(60):
-                tg.create_task(one())
-        return times
-
-    windows = _per_window(run_virtual(scenario()))
+    times, _stats = _answered_releases(
+        lambda released: 2.2 if 1.0 <= released < 2.0 else released + 0.03, [(0.0, 60)]
+    )
+    windows = _per_window(times)
     assert [windows[k] for k in (0, 1, 2)] == [20, 20, 20]
 
 
@@ -446,32 +449,9 @@ def test_answers_read_late_by_a_stalled_loop_do_not_hold_slots_of_the_next_windo
     # Our own loop is stuck from 0.3 s to 0.85 s (the slots due meanwhile go at once at 0.85 s, late in the
     # window), then again from 0.86 s to 1.25 s: the answers to those requests came in at 0.88 s, before the
     # edge, but are read only at 1.25 s. They arrived in window 0, so window 1 holds nothing for them.
-    loop = VirtualTimeLoop()
-
-    async def scenario() -> tuple[list[float], BudgetStats]:
-        pool = BudgetPool({}, (ACCOUNT,), clock=loop, wall_offset=0.0)
-        budget = pool.budget("tagUsers")
-        times: list[float] = []
-
-        async def one() -> None:
-            await budget.acquire()
-            released = loop.time()
-            times.append(released)
-            await clock_sleep(loop, 0.03)
-            budget.observe(loop.time() - released)
-            budget.on_success()
-
-        loop.call_at(0.3, loop.advance, 0.55)
-        loop.call_at(0.86, loop.advance, 0.39)
-        async with asyncio.TaskGroup() as tg:
-            for _ in range(60):
-                tg.create_task(one())
-        return times, pool.group_stats()["account"]
-
-    try:
-        times, stats = loop.run_until_complete(scenario())
-    finally:
-        loop.close()
+    times, stats = _answered_releases(
+        lambda released: released + 0.03, [(0.0, 60)], stalls=[(0.3, 0.55), (0.86, 0.39)]
+    )
     windows = _per_window(times)
     assert len([t for t in times if math.isclose(t, 0.85)]) > 1  # caught up late in window 0
     assert [windows[k] for k in (0, 1, 2)] == [20, 20, 20]

@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import signal
 import subprocess
 import sys
 import threading
@@ -17,76 +16,36 @@ from typing import Any
 
 import pytest
 
-from sync.records import Batch, Phase
+from sync.records import Batch, Phase, RejectedRow
 from tests.conftest import REPO_ROOT, NetmeraProcess
 from tests.netmera_e2e import (
+    COORDINATED_BATCH,
     applied,
+    coordinated_job,
     expected_users,
     finish,
     inspect,
+    kill_a_busy_worker,
     minimal_applications,
-    netmera_job,
-    pushsync,
+    query,
+    run_json,
+    run_workers,
     sandbox_users,
+    worker,
     write_users,
 )
 from tests.pg_fixture import PostgresServer
 from tests.sandbox_fixtures import start_sandbox_process, stop_sandbox_process
-
-BATCH = 40
-
-
-def job_text(
-    url: str, *, budget: str = "", lease: float = 2, concurrency: int = 4, name: str = "scale"
-) -> str:
-    return netmera_job(
-        url,
-        name=name,
-        tail=f"coordination: {{lease: {lease}}}\n",
-        dispatch=f"""\
-  concurrency: {concurrency}
-  batch_size: {BATCH}
-  request_timeout: 2
-  drain_timeout: 2
-  retry: {{max_attempts: 8, base_delay: 0.05, max_delay: 0.2}}
-{budget}""",
-    )
-
-
-def worker(
-    tmp: Path,
-    sandbox: NetmeraProcess | str,
-    db_url: str | None,
-    *args: str,
-    env: dict[str, str] | None = None,
-) -> subprocess.Popen[str]:
-    """``pushsync ARGS`` with ``PUSHSYNC_DATABASE_URL``: one worker of the job's run (None: one process on
-    SQLite)."""
-    extra = {"PUSHSYNC_DATABASE_URL": db_url} if db_url else {}
-    return pushsync(tmp, sandbox, *args, env={**extra, **(env or {})})
 
 
 def test_one_worker_on_postgres_sends_the_job_and_the_ledger_commands_read_it(
     tmp_path: Path, netmera_sandbox_process: NetmeraProcess, postgres_url: str
 ) -> None:
     sandbox = netmera_sandbox_process
-    (tmp_path / "job.yaml").write_text(job_text(sandbox.url), encoding="utf-8")
+    (tmp_path / "job.yaml").write_text(coordinated_job(sandbox.url), encoding="utf-8")
     rows = write_users(tmp_path, range(400))
-    code, out, err = finish(
-        worker(
-            tmp_path,
-            sandbox,
-            postgres_url,
-            "run",
-            "job.yaml",
-            "--progress",
-            "none",
-            "--output",
-            "json",
-        )
-    )
-    assert code == 0, (out, err)
-    doc = json.loads(out)
+    code, doc, err = run_json(tmp_path, sandbox, postgres_url)
+    assert code == 0, (doc, err)
     assert doc["totals"]["requests"] > 0 and doc["totals"]["batches_unfinished"] == 0
     assert sandbox_users(sandbox) == expected_users(rows)
     assert not (tmp_path / "work" / "ledger.sqlite").exists()  # the ledger is in PostgreSQL
@@ -163,10 +122,6 @@ def account_limited_sandbox(tmp_path: Path) -> Any:
         stop_sandbox_process(process)
 
 
-def _query(server: PostgresServer, url: str, sql: str) -> list[list[str]]:
-    return [line.split("|") for line in server.sql(url, sql).splitlines() if line]
-
-
 def test_three_workers_share_one_job_and_one_budget_and_survive_a_kill_9(
     tmp_path: Path,
     account_limited_sandbox: NetmeraProcess,
@@ -175,53 +130,12 @@ def test_three_workers_share_one_job_and_one_budget_and_survive_a_kill_9(
 ) -> None:
     sandbox = account_limited_sandbox
     budget = f'  budget_groups: {{account: {{requests: {LIMIT}, per: 1s, endpoints: ["*"]}}}}\n'
-    (tmp_path / "job.yaml").write_text(job_text(sandbox.url, budget=budget, lease=3), encoding="utf-8")
+    (tmp_path / "job.yaml").write_text(coordinated_job(sandbox.url, budget=budget, lease=3), encoding="utf-8")
     users = 2400
     rows = write_users(tmp_path, range(users))
-    procs = [
-        worker(
-            tmp_path,
-            sandbox,
-            postgres_url,
-            "run",
-            "job.yaml",
-            "--progress",
-            "none",
-            "--output",
-            "json",
-        )
-        for _ in range(3)
-    ]
+    procs = run_workers(tmp_path, sandbox, postgres_url, 3)
     # SIGKILL the worker with the most requests in flight once a fifth of the batches are confirmed.
-    victim = None
-    deadline = time.monotonic() + 90
-    while time.monotonic() < deadline and victim is None:
-        time.sleep(0.05)
-        try:
-            counts = _query(
-                postgres_server,
-                postgres_url,
-                "SELECT count(*) FILTER (WHERE status = 'ok'), count(*) FROM pushsync.batches",
-            )
-        except RuntimeError:
-            continue  # the tables are not there yet
-        ok, total = (int(v) for v in counts[0])
-        if total and ok >= total // 5:
-            busy = _query(
-                postgres_server,
-                postgres_url,
-                "SELECT claimed_by, count(*) FROM pushsync.batches WHERE status IN ('planned', 'sent') "
-                "AND claimed_by IS NOT NULL GROUP BY claimed_by ORDER BY 2 DESC",
-            )
-            pids = {p.pid for p in procs}
-            for claimed_by, _n in busy:
-                pid = int(claimed_by.split(":")[1])
-                if pid in pids:
-                    victim = next(p for p in procs if p.pid == pid)
-                    victim.send_signal(signal.SIGKILL)
-                    break
-    assert victim is not None, ("no worker held batches to kill", counts, busy, [p.pid for p in procs])
-    victim.communicate(timeout=30)
+    victim = kill_a_busy_worker(postgres_server, postgres_url, procs, share=5)
     survivors = [p for p in procs if p is not victim]
     results = [finish(p) for p in survivors]
     for code, out, err in results:
@@ -230,18 +144,18 @@ def test_three_workers_share_one_job_and_one_budget_and_survive_a_kill_9(
     assert len({d["run_id"] for d in docs}) == 1  # one run, joined by every worker
     assert sandbox_users(sandbox) == expected_users(rows)
     # No batch confirmed twice, none left; every worker took part.
-    twice = _query(
+    twice = query(
         postgres_server, postgres_url, "SELECT count(*) FROM pushsync.batches WHERE confirmations > 1"
     )
     assert twice == [["0"]]
-    left = _query(postgres_server, postgres_url, "SELECT count(*) FROM pushsync.batches WHERE status <> 'ok'")
+    left = query(postgres_server, postgres_url, "SELECT count(*) FROM pushsync.batches WHERE status <> 'ok'")
     assert left == [["0"]]
-    senders = _query(postgres_server, postgres_url, "SELECT count(DISTINCT worker) FROM pushsync.attempts")
+    senders = query(postgres_server, postgres_url, "SELECT count(DISTINCT worker) FROM pushsync.attempts")
     assert int(senders[0][0]) == 3
     stats = inspect(sandbox, "stats")
     assert stats["rate_limited_total"] == 0, stats
     # The summary's budget-group line counts every worker's requests (the killed one's too), as one process's.
-    attempts = _query(postgres_server, postgres_url, "SELECT count(*) FROM pushsync.attempts")
+    attempts = query(postgres_server, postgres_url, "SELECT count(*) FROM pushsync.attempts")
     for doc in docs:
         (group,) = doc["budget_groups"]
         assert group["group"] == "account" and group["budget"] == f"{LIMIT}/1s", group
@@ -251,10 +165,10 @@ def test_three_workers_share_one_job_and_one_budget_and_survive_a_kill_9(
     # killed worker had in flight (its requests and the answers of its last ledger flush interval).
     faults = stats["faults"]
     duplicates = sum(applied(sandbox).values()) - minimal_applications(rows, "changes")
-    bound = (faults.get("applied_then_500", 0) + faults.get("slow", 0) + 4 + 4) * BATCH
+    bound = (faults.get("applied_then_500", 0) + faults.get("slow", 0) + 4 + 4) * COORDINATED_BATCH
     assert 0 <= duplicates <= bound, (duplicates, bound, faults)
     run_id = docs[0]["run_id"]
-    status = _query(
+    status = query(
         postgres_server,
         postgres_url,
         f"SELECT status, exit_code FROM pushsync.runs WHERE run_id = '{run_id}'",
@@ -292,7 +206,7 @@ def test_a_database_that_cannot_be_used_is_one_clear_error_exit_2_without_the_pa
     postgres_url: str,
     problem: str,
 ) -> None:
-    (tmp_path / "job.yaml").write_text(job_text("http://127.0.0.1:9/rest/3.0/"), encoding="utf-8")
+    (tmp_path / "job.yaml").write_text(coordinated_job("http://127.0.0.1:9/rest/3.0/"), encoding="utf-8")
     write_users(tmp_path, range(10))
     secret = "Wr0ngButSecretPassw0rd"
     url = {
@@ -325,12 +239,12 @@ def test_a_schema_from_a_newer_pushsync_is_refused_clearly(
 
     open_ledger(postgres_url).close()  # creates the schema
     postgres_server.sql(postgres_url, "UPDATE pushsync.schema_version SET version = 99")
-    (tmp_path / "job.yaml").write_text(job_text("http://127.0.0.1:9/rest/3.0/"), encoding="utf-8")
+    (tmp_path / "job.yaml").write_text(coordinated_job("http://127.0.0.1:9/rest/3.0/"), encoding="utf-8")
     write_users(tmp_path, range(10))
     code, _ = _cli(tmp_path, monkeypatch, postgres_url, "run", "job.yaml", "--progress", "none")
     err = capsys.readouterr().err
     assert code == 2
-    assert "pushsync schema is version 99, newer than this pushsync understands (2)" in err, err
+    assert "pushsync schema is version 99, newer than this pushsync understands (3)" in err, err
     code, _ = _cli(tmp_path, monkeypatch, postgres_url, "runs")
     assert code == 2  # every command refuses it, before reading anything
 
@@ -339,7 +253,7 @@ def test_urls_written_into_the_job_are_refused(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     # Snapshot jobs run coordinated too now: tests/test_coordination_snapshot.py.
-    text = job_text("http://127.0.0.1:9/rest/3.0/")
+    text = coordinated_job("http://127.0.0.1:9/rest/3.0/")
     literal = text.replace(
         "coordination: {lease: 2}", "coordination: {database: 'postgresql://u:Secr3tPw@h/db'}"
     )
@@ -359,7 +273,7 @@ def test_the_job_names_where_the_url_lives(
     from sync.config import load_job
     from sync.coordination import resolve_database_url
 
-    text = job_text("http://127.0.0.1:9/rest/3.0/").replace(
+    text = coordinated_job("http://127.0.0.1:9/rest/3.0/").replace(
         "coordination: {lease: 2}", "coordination: {database: {env: JOB_DB_URL}, lease: 5}"
     )
     (tmp_path / "job.yaml").write_text(text, encoding="utf-8")
@@ -443,7 +357,7 @@ async def test_a_dead_workers_non_idempotent_sent_batch_is_held_and_its_other_cl
 
 def _ok_batches(server: PostgresServer, url: str) -> int:
     try:
-        return int(_query(server, url, "SELECT count(*) FROM pushsync.batches WHERE status = 'ok'")[0][0])
+        return int(query(server, url, "SELECT count(*) FROM pushsync.batches WHERE status = 'ok'")[0][0])
     except RuntimeError:
         return 0  # the tables are not there yet
 
@@ -458,7 +372,7 @@ def _wait_ok(server: PostgresServer, url: str, proc: subprocess.Popen[str], n: i
 def _paced_job(tmp: Path, sandbox: NetmeraProcess) -> list[list[str]]:
     """A job of 600 users under a budget group of 10 requests/s (a run of several seconds); returns its rows."""
     budget = '  budget_groups: {account: {requests: 10, per: 1s, endpoints: ["*"]}}\n'
-    (tmp / "job.yaml").write_text(job_text(sandbox.url, budget=budget, lease=2), encoding="utf-8")
+    (tmp / "job.yaml").write_text(coordinated_job(sandbox.url, budget=budget, lease=2), encoding="utf-8")
     return write_users(tmp, range(600))
 
 
@@ -477,7 +391,7 @@ def test_postgresql_restarted_mid_run_the_worker_reconnects_records_what_was_in_
     assert code == 0, (out, err[-3000:])
     assert sandbox_users(sandbox) == expected_users(rows)
     # What was in flight when the server went away was recorded once it was back: nothing is left unfinished.
-    left = _query(
+    left = query(
         postgres_server, postgres_url, "SELECT count(*) FROM pushsync.batches WHERE status <> 'ok' OR held"
     )
     assert left == [["0"]]
@@ -638,7 +552,7 @@ async def test_a_claim_of_n_takes_n_batches_even_before_the_table_has_statistics
             lanes = QueueLanes(link, ledger, member)
             got = await lanes._take(Phase.CHANGES, "tagUsers", 1)
             assert [b.batch_id for b in got] == ["b1"]
-            claimed = _query(
+            claimed = query(
                 postgres_server,
                 postgres_url,
                 "SELECT count(*) FROM pushsync.batches WHERE claimed_by IS NOT NULL",
@@ -648,6 +562,137 @@ async def test_a_claim_of_n_takes_n_batches_even_before_the_table_has_statistics
         finally:
             await link.close()
             await member.link.close()
+
+
+def test_leaving_the_pg_ledger_on_an_error_keeps_that_error_when_the_last_write_fails(
+    postgres_url: str,
+) -> None:
+    """As the SQLite ledger (tests/test_ledger.py): a last flush that fails on the way out of an error must not
+    replace that error (it says what happened and sets the exit code); the connection is closed either way."""
+    from sync.coordination.ledger import PgLedger
+    from sync.errors import StateError
+
+    class Stopped(Exception):
+        pass
+
+    with pytest.raises(Stopped), PgLedger.open(postgres_url) as ledger:
+        ledger.start_run("r1", job="j")
+        ledger.record_rejected_rows("r1", [RejectedRow("in.csv", 2, "email", "not an email", "u1")])
+        # Every write fails from here (a database that refuses writes), as the queued one will.
+        ledger._conn.execute("SET default_transaction_read_only = on")
+        raise Stopped
+    assert ledger._conn.closed
+    # Leaving normally, the failing write is the error, and the connection is closed too.
+    other = PgLedger.open(postgres_url)
+    other.record_rejected_rows("r1", [RejectedRow("in.csv", 3, "email", "not an email", "u2")])
+    other._conn.execute("SET default_transaction_read_only = on")
+    with pytest.raises(StateError, match="cannot write"), other:
+        pass
+    assert other._conn.closed
+
+
+def test_both_ledgers_read_back_the_same_records(tmp_path: Path, postgres_url: str) -> None:
+    """The readers are written once (sync.ledger.ledger.LedgerBase) over each ledger's SQL dialect: the same
+    writes read back the same from SQLite and from PostgreSQL, in the same order."""
+    import dataclasses
+
+    from sync.coordination._db import connect
+    from sync.coordination.ledger import PgLedger
+    from sync.coordination.queue import enqueue
+    from sync.ledger.ledger import Ledger
+    from sync.records import Attempt, AttemptOutcome, BatchResult, BatchStatus, Operation, RejectedId, RowRef
+
+    keys = (7).to_bytes(8, "little") + (9).to_bytes(8, "little")
+    # In lane order (endpoint by endpoint), the order PostgreSQL's queue keeps them in too.
+    batches = [
+        Batch("t1", "tagUsers", Operation.TAG, {"tag": "t", "extIds": ["u1", "u2"]}, ("u1", "u2")),
+        Batch("t2", "tagUsers", Operation.TAG, {"tag": "t", "extIds": ["u4"]}, ("u4",)),
+        Batch("e1", "fireEvents", Operation.FIRE_EVENTS, [{"e": 1}], ("u3",), row_keys=keys),
+    ]
+    refused = RejectedId("u2", 5016, "external id not found", RowRef("users.csv", 3))
+    results = [
+        BatchResult(
+            "t1", "tagUsers", Operation.TAG, BatchStatus.REJECTED, 1, 400, 5016, "one", 1, (refused,)
+        ),
+        BatchResult("e1", "fireEvents", Operation.FIRE_EVENTS, BatchStatus.OK, 2, 200, ok_ids=1),
+    ]
+    attempts = [
+        Attempt("e1", "fireEvents", 1, 1, 0.25, AttemptOutcome.RETRYABLE, 503, "busy"),
+        Attempt("t1", "tagUsers", 1, 2, 0.5, AttemptOutcome.REJECTED, 400),
+        Attempt("e1", "fireEvents", 2, 1, 0.125, AttemptOutcome.OK, 200),
+    ]
+    invalid = [
+        RejectedRow("users.csv", 5, "email", "not an email", "u9"),
+        RejectedRow("users.csv", 6, None, "empty"),
+    ]
+
+    def write(ledger: Any, run_id: str) -> None:
+        assert ledger.record_rejected_rows(run_id, invalid) == 2
+        for batch_id in ("t1", "e1"):
+            ledger.record_sent(run_id, batch_id)
+        for n, attempt in enumerate(attempts):
+            ledger.record_attempt(run_id, attempt, started_at=1000.0 + n)
+        for result in results:
+            ledger.record_result(run_id, result)
+        ledger.flush()
+
+    def read(ledger: Any) -> list[Any]:
+        def same_times(info: Any) -> Any:  # each ledger started and ended its runs at its own instants
+            return None if info is None else dataclasses.replace(info, started_at=0.0, finished_at=0.0)
+
+        return [
+            sorted(same_times(info).run_id for info in ledger.runs()),
+            [same_times(info) for info in ledger.runs("j") if info.run_id == "r1"],
+            ledger.runs("another job"),
+            same_times(ledger.run("r2")),
+            ledger.run("no such run"),
+            ledger.batches("r1"),
+            ledger.batches("r1", status=BatchStatus.PLANNED),
+            ledger.confirmed_ok("r1"),
+            ledger.attempts("r1"),
+            list(ledger.batch_rows(["r1", "r2"])),
+            ledger.refused_ids("r1"),
+            ledger.rejected_rows("r1"),
+        ]
+
+    lead = connect(postgres_url)
+    with Ledger.open(tmp_path / "ledger.sqlite") as lite, PgLedger.open(postgres_url) as pg:
+        for run_id in ("r1", "r2"):
+            lite.start_run(run_id, job="j", platform="netmera", full_refresh=run_id == "r2")
+            for batch in batches:
+                lite.record_planned(run_id, batch)
+            write(lite, run_id)
+            pg.start_run(run_id, job="j", platform="netmera", full_refresh=run_id == "r2")
+            assert enqueue(lead, run_id, batches) == 3  # the PostgreSQL ledger's planned records
+            write(pg, run_id)
+            if run_id == "r1":  # one live run per job in PostgreSQL
+                for ledger in (lite, pg):
+                    ledger.finish_run("r1", status="partial", exit_code=1, summary={"sent": 2})
+        got = read(pg)
+        assert got == read(lite)
+    lead.close()
+    runs, r1, other, r2, missing, listed, planned, ok, tried, keyed, ids, rows = got
+    assert runs == ["r1", "r2"] and other == [] and missing is None
+    assert r1[0].batches_by_status == {"rejected": 1, "ok": 1, "planned": 1} and not r1[0].full_refresh
+    assert (r1[0].status, r1[0].exit_code, r1[0].summary) == ("partial", 1, {"sent": 2})
+    assert r2.full_refresh and r2.status == "running" and r2.batches == 3
+    assert [(b.batch_id, b.status, b.rejected_ids) for b in listed] == [
+        ("t1", "rejected", 1),
+        ("t2", "planned", 0),
+        ("e1", "ok", 0),
+    ]
+    assert [b.batch_id for b in planned] == ["t2"] and ok == {"e1"}
+    assert [(a.batch_id, a.attempt, a.started_at) for a in tried] == [
+        ("e1", 1, 1000.0),
+        ("t1", 1, 1001.0),
+        ("e1", 2, 1002.0),
+    ]
+    assert [(run, batch, status, row_keys) for run, batch, status, _scheme, row_keys in keyed] == [
+        ("r1", "e1", "ok", keys),
+        ("r2", "e1", "ok", keys),
+    ]
+    assert ids == [("t1", "u2", "5016", "external id not found")]
+    assert rows == invalid
 
 
 def test_a_schema_of_version_1_is_migrated_and_its_planned_runs_are_listed(
@@ -666,10 +711,45 @@ def test_a_schema_of_version_1_is_migrated_and_its_planned_runs_are_listed(
         "planned_at) VALUES ('old', 'b1', 'tagUsers', 'tag', 1, 2, 1, '[]', 'planned', 0)",
     )
     open_ledger(postgres_url).close()
-    assert _query(postgres_server, postgres_url, "SELECT version FROM pushsync.schema_version") == [["2"]]
-    assert _query(postgres_server, postgres_url, "SELECT listed FROM pushsync.runs") == [["t"]]
-    lanes = _query(postgres_server, postgres_url, "SELECT phase, endpoint, rank, queued FROM pushsync.lanes")
+    assert query(postgres_server, postgres_url, "SELECT version FROM pushsync.schema_version") == [["3"]]
+    assert query(postgres_server, postgres_url, "SELECT listed FROM pushsync.runs") == [["t"]]
+    lanes = query(postgres_server, postgres_url, "SELECT phase, endpoint, rank, queued FROM pushsync.lanes")
     assert lanes == [["1", "tagUsers", "2", "t"]]
+
+
+def test_a_schema_of_version_2_gets_the_budget_anchor_and_the_new_take_slot_alone(
+    postgres_server: PostgresServer, postgres_url: str
+) -> None:
+    from sync.coordination import open_ledger
+
+    open_ledger(postgres_url).close()
+    # Back to version 2: no budgets.anchor, version 2's take_slot (seven arguments).
+    old_args = (
+        "TEXT, TEXT[], INTEGER[], DOUBLE PRECISION[], BOOLEAN[], DOUBLE PRECISION[], DOUBLE PRECISION[]"
+    )
+    postgres_server.sql(
+        postgres_url,
+        f"DROP FUNCTION pushsync.take_slot({old_args}, DOUBLE PRECISION); "
+        f"CREATE FUNCTION pushsync.take_slot({old_args}) RETURNS TABLE (slot_at DOUBLE PRECISION, "
+        "db_now DOUBLE PRECISION) AS 'SELECT 0::float8, 0::float8' LANGUAGE sql; "
+        "ALTER TABLE pushsync.budgets DROP COLUMN anchor; UPDATE pushsync.schema_version SET version = 2; "
+        "INSERT INTO pushsync.budgets (scope, name) VALUES ('j', 'g')",
+    )
+    open_ledger(postgres_url).close()
+    assert query(postgres_server, postgres_url, "SELECT version FROM pushsync.schema_version") == [["3"]]
+    # The call a worker makes (seven arguments) reaches the new function, not an ambiguous pair.
+    (slot,) = query(
+        postgres_server,
+        postgres_url,
+        "SELECT slot_at FROM pushsync.take_slot('j', ARRAY['g'], ARRAY[5], ARRAY[1.0::float8], ARRAY[TRUE], "
+        "ARRAY[0.1::float8], ARRAY[0.025::float8])",
+    )
+    anchor = query(postgres_server, postgres_url, "SELECT anchor, used FROM pushsync.budgets")
+    assert float(slot[0]) > 0 and anchor == [[slot[0], "1"]]  # the first release of an idle budget
+    functions = query(
+        postgres_server, postgres_url, "SELECT count(*) FROM pg_proc WHERE proname = 'take_slot'"
+    )
+    assert functions == [["1"]]
 
 
 class _GatedPlan:
@@ -854,7 +934,7 @@ async def test_each_worker_pushes_its_metrics_under_its_own_instance(
     from tests.test_metrics import _FakePushgateway
 
     write_users(tmp_path, range(60))
-    (tmp_path / "job.yaml").write_text(job_text(netmera_sandbox.url), encoding="utf-8")
+    (tmp_path / "job.yaml").write_text(coordinated_job(netmera_sandbox.url), encoding="utf-8")
     gateway = _FakePushgateway()
     try:
         outcome = await run(
@@ -875,13 +955,13 @@ async def test_each_worker_pushes_its_metrics_under_its_own_instance(
 def test_input_that_cannot_be_planned_ends_the_run_for_every_worker(
     tmp_path: Path, postgres_server: PostgresServer, postgres_url: str
 ) -> None:
-    (tmp_path / "job.yaml").write_text(job_text("http://127.0.0.1:9/rest/3.0/"), encoding="utf-8")
+    (tmp_path / "job.yaml").write_text(coordinated_job("http://127.0.0.1:9/rest/3.0/"), encoding="utf-8")
     (tmp_path / "users.csv").write_text("name,score\nAda,1\n", encoding="utf-8")  # no id column
     procs = [worker(tmp_path, "k", postgres_url, "run", "job.yaml", "--progress", "none") for _ in range(2)]
     results = [finish(p, timeout=60) for p in procs]
     assert [code for code, _, _ in results] == [2, 2], results
     assert all("id" in err for _, _, err in results)
-    rows = _query(
+    rows = query(
         postgres_server,
         postgres_url,
         "SELECT status, exit_code, left(message, 12) = 'not planned:' FROM pushsync.runs",

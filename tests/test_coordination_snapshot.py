@@ -23,32 +23,35 @@ from sync.ledger.ledger import Ledger
 from sync.planning.planning import build_plan
 from sync.state import SnapshotDiff, StateStore, commit, compute_diff, snapshot_builder_for
 from tests.conftest import NetmeraProcess
-from tests.pg_fixture import PostgresServer
-from tests.test_coordination import BATCH, _query, finish, job_text, worker
-from tests.test_crash_resume import (
+from tests.netmera_e2e import (
+    COORDINATED_BATCH,
     applied,
+    batch_counts,
+    coordinated_job,
     expected_users,
+    finish,
+    kill_a_busy_worker,
     minimal_applications,
+    query,
     requests_total,
+    run_json,
+    run_workers,
     sandbox_users,
+    worker,
     write_users,
 )
+from tests.pg_fixture import PostgresServer
 from tests.test_state import MANY, send, write_input
 
 USERS = 600
 
 
-def snapshot_job(url: str, *, lease: float = 2) -> str:
-    return job_text(url, lease=lease, name="snapscale").replace(
-        "workdir: work\n", "workdir: work\nmode: snapshot\n"
+def snapshot_job(tmp: Path, sandbox: NetmeraProcess) -> list[list[str]]:
+    """A snapshot-mode job of :data:`USERS` users in ``tmp`` for several workers; returns the users' rows."""
+    (tmp / "job.yaml").write_text(
+        coordinated_job(sandbox.url, name="snapscale", head="mode: snapshot\n"), encoding="utf-8"
     )
-
-
-def run_json(tmp: Path, key: str, db_url: str, *args: str) -> tuple[int, dict[str, Any], str]:
-    code, out, err = finish(
-        worker(tmp, key, db_url, "run", "job.yaml", "--progress", "none", "--output", "json", *args)
-    )
-    return code, (json.loads(out) if out.strip() else {}), err
+    return write_users(tmp, range(USERS))
 
 
 def test_two_workers_converge_a_second_run_sends_nothing_and_a_change_sends_only_the_change(
@@ -58,22 +61,8 @@ def test_two_workers_converge_a_second_run_sends_nothing_and_a_change_sends_only
     postgres_url: str,
 ) -> None:
     sandbox = netmera_sandbox_process
-    (tmp_path / "job.yaml").write_text(snapshot_job(sandbox.url), encoding="utf-8")
-    rows = write_users(tmp_path, range(USERS))
-    procs = [
-        worker(
-            tmp_path,
-            sandbox.api_key,
-            postgres_url,
-            "run",
-            "job.yaml",
-            "--progress",
-            "none",
-            "--output",
-            "json",
-        )
-        for _ in range(2)
-    ]
+    rows = snapshot_job(tmp_path, sandbox)
+    procs = run_workers(tmp_path, sandbox, postgres_url, 2)
     results = [finish(p) for p in procs]
     for code, out, err in results:
         assert code == 0, (out, err[-3000:])
@@ -81,19 +70,21 @@ def test_two_workers_converge_a_second_run_sends_nothing_and_a_change_sends_only
     assert len({d["run_id"] for d in docs}) == 1  # one run, joined by both
     assert sandbox_users(sandbox) == expected_users(rows)
     # Nothing sent twice, but for a request the client timed out on (a loaded machine) and sent again.
-    assert 0 <= sum(applied(sandbox).values()) - minimal_applications(rows, "snapshot") <= 4 * BATCH
+    assert (
+        0 <= sum(applied(sandbox).values()) - minimal_applications(rows, "snapshot") <= 4 * COORDINATED_BATCH
+    )
     # Exactly one worker merged the run's confirmed changes into the state, once every batch was confirmed.
     merged = [d["state"] for d in docs if "state" in d]
     assert len(merged) == 1 and merged[0]["users"] == {"users": USERS}, docs
     assert merged[0]["batches_unconfirmed"] == 0
     assert all(d["diff"]["users_new"] == USERS for d in docs)
-    senders = _query(postgres_server, postgres_url, "SELECT count(DISTINCT worker) FROM pushsync.attempts")
+    senders = query(postgres_server, postgres_url, "SELECT count(DISTINCT worker) FROM pushsync.attempts")
     assert int(senders[0][0]) == 2
     # The state lives in PostgreSQL: no state file in the workdir, no delta left pending.
     assert not list((tmp_path / "work").rglob("*.parquet"))
-    assert _query(postgres_server, postgres_url, "SELECT count(*) FROM pushsync.snapshot_pending") == [["0"]]
+    assert query(postgres_server, postgres_url, "SELECT count(*) FROM pushsync.snapshot_pending") == [["0"]]
     code, out, err = finish(
-        worker(tmp_path, sandbox.api_key, postgres_url, "state", "show", "job.yaml", "--output", "json")
+        worker(tmp_path, sandbox, postgres_url, "state", "show", "job.yaml", "--output", "json")
     )
     assert code == 0, err
     shown = json.loads(out)
@@ -104,7 +95,7 @@ def test_two_workers_converge_a_second_run_sends_nothing_and_a_change_sends_only
 
     # The same export again: nothing to send.
     before = requests_total(sandbox)
-    code, doc, err = run_json(tmp_path, sandbox.api_key, postgres_url)
+    code, doc, err = run_json(tmp_path, sandbox, postgres_url)
     assert code == 0, err
     assert requests_total(sandbox) == before and doc["diff"]["users_changed"] == 0
     assert doc["totals"]["requests"] == 0
@@ -112,13 +103,11 @@ def test_two_workers_converge_a_second_run_sends_nothing_and_a_change_sends_only
     # 1 % of the users change their score: `pushsync plan` shows it against the state in PostgreSQL...
     before_applied = applied(sandbox)
     rows = write_users(tmp_path, range(USERS), churn=1)
-    code, out, err = finish(
-        worker(tmp_path, sandbox.api_key, postgres_url, "plan", "job.yaml", "--output", "json")
-    )
+    code, out, err = finish(worker(tmp_path, sandbox, postgres_url, "plan", "job.yaml", "--output", "json"))
     assert code == 0, err
     assert json.loads(out)["diff"]["users_changed"] == USERS // 100
     # ... and a run sends that change alone.
-    code, doc, err = run_json(tmp_path, sandbox.api_key, postgres_url)
+    code, doc, err = run_json(tmp_path, sandbox, postgres_url)
     assert code == 0, err
     after = applied(sandbox)
     sent = {k: after[k] - before_applied.get(k, 0) for k in after if after[k] != before_applied.get(k, 0)}
@@ -148,13 +137,12 @@ def test_a_worker_killed_between_sending_and_committing_the_next_run_commits_and
     postgres_url: str,
 ) -> None:
     sandbox = netmera_sandbox_process
-    (tmp_path / "job.yaml").write_text(snapshot_job(sandbox.url), encoding="utf-8")
-    rows = write_users(tmp_path, range(USERS))
+    rows = snapshot_job(tmp_path, sandbox)
     scope = state_scope(load_job(tmp_path / "job.yaml"))
-    proc = worker(tmp_path, sandbox.api_key, postgres_url, "run", "job.yaml", "--progress", "none")
+    proc = worker(tmp_path, sandbox, postgres_url, "run", "job.yaml", "--progress", "none")
 
     def planned() -> bool:
-        return _query(postgres_server, postgres_url, "SELECT bool_or(planned) FROM pushsync.runs") == [["t"]]
+        return query(postgres_server, postgres_url, "SELECT bool_or(planned) FROM pushsync.runs") == [["t"]]
 
     _wait(planned, "the leader to queue the run")
     # Another holder of the job's state lock (a real advisory lock, as a second worker would hold it) keeps the
@@ -164,14 +152,7 @@ def test_a_worker_killed_between_sending_and_committing_the_next_run_commits_and
         holder.execute("SELECT pg_advisory_lock(hashtext(%s))", (f"pushsync.state:{scope}",))
 
         def all_confirmed() -> bool:
-            ok, total = (
-                int(v)
-                for v in _query(
-                    postgres_server,
-                    postgres_url,
-                    "SELECT count(*) FILTER (WHERE status = 'ok'), count(*) FROM pushsync.batches",
-                )[0]
-            )
+            ok, total = batch_counts(postgres_server, postgres_url)
             return total > 0 and ok == total
 
         _wait(all_confirmed, "every batch to be confirmed")
@@ -181,22 +162,22 @@ def test_a_worker_killed_between_sending_and_committing_the_next_run_commits_and
         proc.communicate(timeout=30)
     finally:
         holder.close()  # the lock goes with its session
-    run_id = _query(postgres_server, postgres_url, "SELECT run_id, status FROM pushsync.runs")
+    run_id = query(postgres_server, postgres_url, "SELECT run_id, status FROM pushsync.runs")
     assert [r[1] for r in run_id] == ["running"]  # the run never ended: its delta is pending
-    assert _query(
+    assert query(
         postgres_server, postgres_url, "SELECT count(DISTINCT run_id) FROM pushsync.snapshot_pending"
     ) == [["1"]]
     assert sandbox_users(sandbox) == expected_users(rows)
     before = requests_total(sandbox)
 
     # The next run joins the live run, finds every batch confirmed, merges them and ends it: nothing resent.
-    code, doc, err = run_json(tmp_path, sandbox.api_key, postgres_url)
+    code, doc, err = run_json(tmp_path, sandbox, postgres_url)
     assert code == 0, err
     assert doc["run_id"] == run_id[0][0] and requests_total(sandbox) == before
     assert doc["state"]["users"] == {"users": USERS} and doc["state"]["batches_unconfirmed"] == 0
-    assert _query(postgres_server, postgres_url, "SELECT status FROM pushsync.runs") == [["done"]]
+    assert query(postgres_server, postgres_url, "SELECT status FROM pushsync.runs") == [["done"]]
     # And the run after that diffs against a state holding every confirmed change: nothing to send.
-    code, doc, err = run_json(tmp_path, sandbox.api_key, postgres_url)
+    code, doc, err = run_json(tmp_path, sandbox, postgres_url)
     assert code == 0, err
     assert requests_total(sandbox) == before and doc["diff"]["users_changed"] == 0
 
@@ -208,8 +189,7 @@ def test_a_leader_killed_after_uploading_its_diff_is_taken_over_with_that_diff(
     postgres_url: str,
 ) -> None:
     sandbox = netmera_sandbox_process
-    (tmp_path / "job.yaml").write_text(snapshot_job(sandbox.url), encoding="utf-8")
-    first = write_users(tmp_path, range(USERS))
+    first = snapshot_job(tmp_path, sandbox)
     conn = connect(postgres_url)
     pg_state_store(load_job(tmp_path / "job.yaml"), conn, postgres_url)  # the tables, to lock one
     conn.close()
@@ -219,10 +199,10 @@ def test_a_leader_killed_after_uploading_its_diff_is_taken_over_with_that_diff(
     holder = psycopg.connect(postgres_url)
     try:
         holder.execute("LOCK TABLE pushsync.snapshot_batches IN EXCLUSIVE MODE")
-        proc = worker(tmp_path, sandbox.api_key, postgres_url, "run", "job.yaml", "--progress", "none")
+        proc = worker(tmp_path, sandbox, postgres_url, "run", "job.yaml", "--progress", "none")
 
         def uploaded() -> bool:
-            return _query(
+            return query(
                 postgres_server,
                 postgres_url,
                 "SELECT count(*) FROM pushsync.snapshot_pending WHERE path = 'meta.json'",
@@ -236,17 +216,17 @@ def test_a_leader_killed_after_uploading_its_diff_is_taken_over_with_that_diff(
     finally:
         holder.rollback()
         holder.close()
-    (run,) = _query(postgres_server, postgres_url, "SELECT run_id, status, planned FROM pushsync.runs")
+    (run,) = query(postgres_server, postgres_url, "SELECT run_id, status, planned FROM pushsync.runs")
     assert run[1:] == ["running", "f"] and requests_total(sandbox) == before
     # The export changes before the run is taken over: the run still sends the diff its first leader uploaded
     # (the batch map of whatever it queued or sent matches it), and the next run sends the change.
     second = write_users(tmp_path, range(USERS), churn=1)
-    code, doc, err = run_json(tmp_path, sandbox.api_key, postgres_url)
+    code, doc, err = run_json(tmp_path, sandbox, postgres_url)
     assert code == 0, err
     assert doc["run_id"] == run[0] and doc["diff"]["users_new"] == USERS
     assert doc["state"]["users"] == {"users": USERS}
     assert sandbox_users(sandbox) == expected_users(first)
-    code, doc, err = run_json(tmp_path, sandbox.api_key, postgres_url)
+    code, doc, err = run_json(tmp_path, sandbox, postgres_url)
     assert code == 0, err
     assert doc["diff"]["users_changed"] == USERS // 100
     assert sandbox_users(sandbox) == expected_users(second)
@@ -259,21 +239,20 @@ def test_the_pending_delta_of_a_run_that_ended_aborted_is_merged_by_the_next_run
     postgres_url: str,
 ) -> None:
     sandbox = netmera_sandbox_process
-    (tmp_path / "job.yaml").write_text(snapshot_job(sandbox.url), encoding="utf-8")
-    rows = write_users(tmp_path, range(USERS))
+    rows = snapshot_job(tmp_path, sandbox)
     # A wrong key: the platform answers 401, the run is aborted (ended) with its delta still pending.
     code, doc, err = run_json(tmp_path, "wrong-key-0123456789", postgres_url)
     assert code == 3, err
-    (aborted,) = _query(postgres_server, postgres_url, "SELECT run_id, status FROM pushsync.runs")
+    (aborted,) = query(postgres_server, postgres_url, "SELECT run_id, status FROM pushsync.runs")
     assert aborted[1] == "aborted"
     pending = "SELECT DISTINCT run_id FROM pushsync.snapshot_pending"
-    assert _query(postgres_server, postgres_url, pending) == [[aborted[0]]]
-    code, doc, err = run_json(tmp_path, sandbox.api_key, postgres_url)
+    assert query(postgres_server, postgres_url, pending) == [[aborted[0]]]
+    code, doc, err = run_json(tmp_path, sandbox, postgres_url)
     assert code == 0, err
     assert doc["run_id"] != aborted[0] and doc["diff"]["users_new"] == USERS
     assert "snapshot.recovered" in err and aborted[0] in err  # the leader merged it (nothing was confirmed)
-    assert _query(postgres_server, postgres_url, pending) == []
-    assert _query(postgres_server, postgres_url, "SELECT count(*) FROM pushsync.snapshot_batches") == [["0"]]
+    assert query(postgres_server, postgres_url, pending) == []
+    assert query(postgres_server, postgres_url, "SELECT count(*) FROM pushsync.snapshot_batches") == [["0"]]
     assert sandbox_users(sandbox) == expected_users(rows)
 
 
@@ -284,50 +263,9 @@ def test_a_worker_killed_mid_run_the_other_finishes_and_commits_duplicates_stay_
     postgres_url: str,
 ) -> None:
     sandbox = netmera_sandbox_process
-    (tmp_path / "job.yaml").write_text(snapshot_job(sandbox.url), encoding="utf-8")
-    rows = write_users(tmp_path, range(USERS))
-    procs = [
-        worker(
-            tmp_path,
-            sandbox.api_key,
-            postgres_url,
-            "run",
-            "job.yaml",
-            "--progress",
-            "none",
-            "--output",
-            "json",
-        )
-        for _ in range(2)
-    ]
-    victim = None
-    deadline = time.monotonic() + 90
-    while victim is None and time.monotonic() < deadline:
-        time.sleep(0.05)
-        try:
-            ok, total = (
-                int(v)
-                for v in _query(
-                    postgres_server,
-                    postgres_url,
-                    "SELECT count(*) FILTER (WHERE status = 'ok'), count(*) FROM pushsync.batches",
-                )[0]
-            )
-            if not total or ok < total // 5:
-                continue
-            busy = _query(
-                postgres_server,
-                postgres_url,
-                "SELECT claimed_by FROM pushsync.batches WHERE status IN ('planned', 'sent') "
-                "AND claimed_by IS NOT NULL",
-            )
-        except RuntimeError:
-            continue
-        pids = {int(r[0].split(":")[1]) for r in busy}
-        victim = next((p for p in procs if p.pid in pids), None)
-    assert victim is not None, "no worker held batches to kill"
-    victim.send_signal(signal.SIGKILL)
-    victim.communicate(timeout=30)
+    rows = snapshot_job(tmp_path, sandbox)
+    procs = run_workers(tmp_path, sandbox, postgres_url, 2)
+    victim = kill_a_busy_worker(postgres_server, postgres_url, procs, share=5)
     (survivor,) = [p for p in procs if p is not victim]
     code, out, err = finish(survivor)
     assert code == 0, (out, err[-3000:])
@@ -337,9 +275,9 @@ def test_a_worker_killed_mid_run_the_other_finishes_and_commits_duplicates_stay_
     # As with SQLite: only what the killed worker had in flight (its concurrency, and the answers of its last
     # ledger flush interval) may have been applied twice.
     duplicates = sum(applied(sandbox).values()) - minimal_applications(rows, "snapshot")
-    assert 0 <= duplicates <= (4 + 4) * BATCH, duplicates
+    assert 0 <= duplicates <= (4 + 4) * COORDINATED_BATCH, duplicates
     before = requests_total(sandbox)
-    code, doc, err = run_json(tmp_path, sandbox.api_key, postgres_url)
+    code, doc, err = run_json(tmp_path, sandbox, postgres_url)
     assert code == 0, err
     assert requests_total(sandbox) == before and doc["diff"]["users_changed"] == 0
 
@@ -348,20 +286,19 @@ def test_a_job_moving_onto_postgresql_imports_its_workdir_state_and_resends_noth
     tmp_path: Path, netmera_sandbox_process: NetmeraProcess, postgres_url: str
 ) -> None:
     sandbox = netmera_sandbox_process
-    (tmp_path / "job.yaml").write_text(snapshot_job(sandbox.url), encoding="utf-8")
-    rows = write_users(tmp_path, range(USERS))
-    code, out, err = finish(worker(tmp_path, sandbox.api_key, None, "run", "job.yaml", "--progress", "none"))
+    rows = snapshot_job(tmp_path, sandbox)
+    code, out, err = finish(worker(tmp_path, sandbox, None, "run", "job.yaml", "--progress", "none"))
     assert code == 0, err  # one process, the state in the workdir
-    code, out, err = finish(worker(tmp_path, sandbox.api_key, postgres_url, "state", "import", "job.yaml"))
+    code, out, err = finish(worker(tmp_path, sandbox, postgres_url, "state", "import", "job.yaml"))
     assert code == 0, err
     assert f"source users: {USERS} users copied" in out
     before = requests_total(sandbox)
-    code, doc, err = run_json(tmp_path, sandbox.api_key, postgres_url)
+    code, doc, err = run_json(tmp_path, sandbox, postgres_url)
     assert code == 0, err
     assert requests_total(sandbox) == before and doc["diff"]["users_state"] == USERS
     assert sandbox_users(sandbox) == expected_users(rows)
     # A second import would overwrite what coordinated runs confirmed since: refused.
-    code, out, err = finish(worker(tmp_path, sandbox.api_key, postgres_url, "state", "import", "job.yaml"))
+    code, out, err = finish(worker(tmp_path, sandbox, postgres_url, "state", "import", "job.yaml"))
     assert code == 2 and "already holds a state for job snapscale" in err, err
 
 

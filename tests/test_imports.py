@@ -135,3 +135,128 @@ def test_starting_a_run_loads_no_connector_until_it_is_preloaded() -> None:
         [sys.executable, "-c", script], capture_output=True, text=True, check=True, cwd=ROOT.parent
     )
     assert done.stdout.split() == ["False", "True", "True"], done.stderr
+
+
+def test_a_lazy_run_makes_its_first_batches_without_importing_pyarrow_compute(tmp_path: Path) -> None:
+    """Reading a CSV head and cutting the first batches call Arrow kernels by name (sync/_arrow.py): importing
+    pyarrow.compute builds ~80 ms of wrappers on the way to the first request (issue 13)."""
+    import shutil
+    import subprocess
+    import sys
+
+    fixtures = Path(__file__).resolve().parent / "fixtures"
+    for name in ("all_ops.yaml", "users.csv", "tags.csv", "events.csv", "deletions.csv"):
+        shutil.copy(fixtures / name, tmp_path / name)
+    job = tmp_path / "all_ops.yaml"
+    script = (
+        "import sys\n"
+        "from sync.config import load_job\n"
+        "from sync.planning.planning import build_plan\n"
+        "from sync.records import Phase\n"
+        f"job = load_job({str(job)!r})\n"
+        "made = 0\n"
+        "with build_plan(job, lazy=True) as plan:\n"
+        "    for phase in Phase:\n"
+        "        for _endpoint, batches in plan.lanes(phase):\n"
+        "            made += next(batches, None) is not None\n"
+        "print(made > 0, 'pyarrow.compute' in sys.modules)\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, check=True, cwd=ROOT.parent
+    )
+    assert done.stdout.split() == ["True", "False"], done.stderr
+
+
+def test_a_job_loads_only_the_platform_it_names() -> None:
+    """The registry imports a platform when a job names it (issue 13: start-up): a Netmera run does not load
+    Forms On Fire's XML or NotifyVisitors' request shapes; a job naming no known platform still hears every name,
+    and the commands that list the platforms still find each."""
+    import subprocess
+    import sys
+
+    job = Path(__file__).resolve().parent / "fixtures" / "all_ops.yaml"
+    script = (
+        "import sys\n"
+        "import sync.cli, sync.run\n"
+        "from sync.config import load_job\n"
+        "from sync.platforms.registry import REGISTRY, platform_for\n"
+        "def loaded():\n"
+        "    return sorted({m.split('.')[2] for m in sys.modules if m.count('.') >= 2 and m.startswith('sync.platforms.')"
+        " and m.split('.')[2] in REGISTRY.names()})\n"
+        "print(loaded())\n"
+        f"platform_for(load_job({str(job)!r}))\n"
+        "print(loaded(), 'xml.sax.saxutils' in sys.modules)\n"
+        "print([REGISTRY[name].name for name in REGISTRY.names()], loaded())\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, check=True, cwd=ROOT.parent
+    )
+    assert done.stdout.splitlines() == [
+        "[]",
+        "['netmera'] False",
+        "['netmera', 'notifyvisitors', 'formsonfire'] ['formsonfire', 'netmera', 'notifyvisitors']",
+    ], done.stderr
+
+
+def test_logging_loads_no_rich_and_still_renders_tracebacks() -> None:
+    """structlog would import rich (~55 ms of start-up) for tracebacks our processors already turned into text:
+    a run's imports leave it out, a logged exception still shows its traceback on the console, and rich still
+    loads for the progress bar."""
+    import subprocess
+    import sys
+
+    script = (
+        "import sys\n"
+        "import sync.cli, sync.run\n"
+        "from sync.logs import configure_logging, get_logger\n"
+        "print('rich' in sys.modules)\n"
+        "configure_logging('info', json=False)\n"
+        "try:\n"
+        "    1 / 0\n"
+        "except ZeroDivisionError:\n"
+        "    get_logger(job='j').exception('run.failed')\n"
+        "from rich.progress import Progress\n"
+        "print(Progress.__name__)\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, check=True, cwd=ROOT.parent
+    )
+    assert done.stdout.split() == ["False", "Progress"], done.stderr
+    assert "run.failed" in done.stderr and "ZeroDivisionError: division by zero" in done.stderr
+    assert "Traceback (most recent call last)" in done.stderr
+
+
+def test_a_command_that_needs_one_module_builds_its_parser_alone() -> None:
+    """``pushsync run``/``plan``/``validate`` build their own parsers only (not ``init``'s and ``sandbox``'s,
+    which load every platform): the same parsers, the same help; other command lines get the whole parser."""
+    import argparse
+    import subprocess
+    import sys
+
+    import sync.cli
+
+    def subcommands(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
+        action = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+        return dict(action.choices)
+
+    every = subcommands(sync.cli.build_parser())
+    for command in sync.cli._ALONE:
+        alone = subcommands(sync.cli.build_parser(command))
+        assert command in alone and set(alone) < set(every)
+        assert alone[command].format_help() == every[command].format_help()
+    assert sync.cli._command(["--log-level", "debug", "--log-json", "run", "job.yaml"]) == "run"
+    assert sync.cli._command(["--log-level=info", "plan"]) == "plan"
+    assert sync.cli._command(["--help", "run"]) is None and sync.cli._command([]) is None
+
+    job = Path(__file__).resolve().parent / "fixtures" / "all_ops.yaml"
+    script = (
+        "import sys\n"
+        "from sync.cli import main\n"
+        f"code = main(['validate', {str(job)!r}])\n"
+        "print(code, sorted(m for m in sys.modules if m.startswith(('sync.platforms.formsonfire', "
+        "'sync.platforms.notifyvisitors', 'sync.sandboxes'))))\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, check=True, cwd=ROOT.parent
+    )
+    assert done.stdout.split("\n")[-2] == "0 []", (done.stdout, done.stderr)

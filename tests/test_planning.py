@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import shutil
@@ -358,6 +359,100 @@ def test_many_chunk_files_and_buckets_give_the_same_batches_and_rejects(
         assert many.summary() == expected_summary
 
 
+def _settled_buckets(plan: Plan) -> list[pl.DataFrame]:
+    """Every settled bucket file of the plan's first source, read whole."""
+    import pyarrow as pa
+    import pyarrow.ipc
+
+    frames = []
+    for part in plan.staged[0].parts:
+        with pa.OSFile(str(part)) as source:
+            frame = pl.from_arrow(pa.ipc.open_file(source).read_all())
+        assert isinstance(frame, pl.DataFrame)
+        frames.append(frame)
+    return frames
+
+
+def test_buckets_settled_in_groups_give_what_buckets_settled_one_by_one_give(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A settler reads a few consecutive buckets from the chunk files at once and sorts them together: the
+    settled buckets (their files), the batches, the rejects in their order and the counts are those of buckets
+    read and sorted one at a time — however the groups fall, eager or lazy (a head first)."""
+    import sync.planning._staging
+    import sync.planning.planning
+
+    job = _big_job(tmp_path, _with_conflicting_duplicates(tmp_path / "dups.csv", 3000))
+    monkeypatch.setattr(sync.planning._staging, "STAGE_ROWS", 170)  # ~20 sorted chunk files
+    monkeypatch.setattr(sync.planning._staging, "GROUP_ROWS", 1)  # one bucket per read
+    with build_plan(job, rows_per_bucket=40) as single:
+        buckets = _settled_buckets(single)
+        expected = _fingerprint(single)
+        expected_rejects = (tmp_path / "work-dups" / "rejects.csv").read_bytes()
+        expected_summary = single.summary()
+    assert len(buckets) > 60
+    reads: list[tuple[int, int]] = []
+    real_read = sync.planning._staging.Settler._read
+
+    def counted(self: Any, first: int, end: int) -> pl.DataFrame:
+        reads.append((first, end))
+        return real_read(self, first, end)
+
+    monkeypatch.setattr(sync.planning._staging.Settler, "_read", counted)
+    for group_rows, lazy in ((150, False), (1000, False), (150, True)):
+        monkeypatch.setattr(sync.planning._staging, "GROUP_ROWS", group_rows)
+        monkeypatch.setattr(sync.planning.planning, "HEAD_ROWS", 100)
+        reads.clear()
+        with build_plan(job, rows_per_bucket=40, lazy=lazy) as grouped:
+            assert _fingerprint(grouped) == expected
+            settled = _settled_buckets(grouped)
+            assert pl.concat(settled).equals(pl.concat(buckets))
+            if not lazy:  # a lazy plan's first bucket is its head: a few buckets' key ranges
+                assert [b.height for b in settled] == [b.height for b in buckets]
+            assert grouped.summary() == expected_summary
+            assert (tmp_path / "work-dups" / "rejects.csv").read_bytes() == expected_rejects
+        # Each read covered several buckets, the groups one after another.
+        assert 1 < len(reads) < len(buckets) // 2
+        assert all(a[1] == b[0] for a, b in itertools.pairwise(reads))
+
+
+def _open_chunk_files() -> list[str]:
+    """The chunk files (``<source>.chunks/*.arrow``) this process holds open."""
+    fds = Path("/proc/self/fd")
+    found = []
+    for fd in fds.iterdir():
+        try:
+            target = str(fd.readlink())
+        except OSError:
+            continue
+        if ".chunks/" in target:
+            found.append(target)
+    return found
+
+
+@pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="needs /proc to list open files")
+def test_chunk_files_held_open_while_settling_are_closed_when_settled_or_closed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import sync.planning._staging
+    import sync.planning.planning
+
+    job = _big_job(tmp_path, _users_csv(tmp_path / "users.csv", 3000))
+    monkeypatch.setattr(sync.planning._staging, "STAGE_ROWS", 170)
+    monkeypatch.setattr(sync.planning._staging, "GROUP_ROWS", 100)
+    monkeypatch.setattr(sync.planning.planning, "HEAD_ROWS", 100)
+    with build_plan(job, rows_per_bucket=40) as eager:
+        assert not _open_chunk_files()  # every bucket settled: the chunk files were closed (and removed)
+        assert eager.summary().rows_clean == 3000
+    with build_plan(job, rows_per_bucket=40, lazy=True) as lazy:
+        # Past the head: the worker stages the rest, then settles from the chunk files, holding them open.
+        assert lazy._settling.has_bucket(0, 1)
+        lazy._settling.bucket(0, 2)
+        assert not lazy.settled
+        assert _open_chunk_files()
+    assert not _open_chunk_files()  # closed with the plan, half settled
+
+
 def test_a_lazy_plan_settles_as_it_is_read_and_gives_the_same_batches(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -539,3 +634,73 @@ def test_a_lazy_plan_of_typed_parquet_gives_the_batches_and_rejects_of_pushsync_
         assert _fingerprint(lazy) == expected
         assert list(lazy.rejected_rows()) == expected_rejects
         assert lazy.summary() == expected_summary
+
+
+def test_a_lazy_plan_parses_each_csv_file_once_and_rejects_what_an_eager_plan_rejects(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The head's reading parses every row of a CSV file; it keeps what it parsed (the mapped columns, row
+    numbers and malformed records, in the staging directory) and the staging reads that instead of parsing the
+    file again. Rejects — malformed records and refused values, of several files and chunks — come out as an
+    eager plan writes them: once each, in file order, with the same row numbers."""
+    import pyarrow.csv
+
+    import sync.planning.planning
+    import sync.sources.reading
+
+    # Small blocks and chunks: several chunks per file, malformed records in some of them.
+    monkeypatch.setattr(sync.sources.reading, "CSV_BLOCK_BYTES", 1 << 12)
+    monkeypatch.setattr(sync.sources.reading, "CHUNK_ROWS", 150)
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    files = []
+    for k in range(2):
+        path = _with_conflicting_duplicates(inputs / f"part-{k}.csv", 1500)
+        lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
+        for at in (40, 400, 401, 1100):
+            lines[at] = f"user-{at}-{k},too,few\n"  # malformed: 3 fields of 5
+        lines[700] = f'user-700-{k},"a name\nover two lines",t1,yes,true,extra\n'  # malformed, over two lines
+        lines[900] = f"user-900-{k},name,t1,maybe,\n"  # refused: not a boolean
+        lines.append(f"user-last-{k},a,b,c,d,e,f\n")  # malformed: the last record
+        path.write_text("".join(lines), encoding="utf-8")
+        files.append(path)
+    job_path = tmp_path / "parts.yaml"
+    job_path.write_text(
+        (tmp_path / _big_job(tmp_path, files[0]).path.name)
+        .read_text(encoding="utf-8")
+        .replace("path: part-0.csv", "path: in/*.csv"),  # both files, in path order
+        encoding="utf-8",
+    )
+    job = load_job(job_path)
+    with build_plan(job, rows_per_bucket=40) as eager:
+        expected = _fingerprint(eager)
+        expected_rejects = list(eager.rejected_rows())
+        expected_summary = eager.summary()
+    assert eager.staged[0].files == tuple(str(f) for f in files)
+    reasons = Counter(r.reason.split(":")[0] for r in expected_rejects)
+    assert reasons["malformed CSV record"] == 12 and reasons["duplicate external ID with conflicting values"]
+    assert [r.row for r in expected_rejects if r.column == "mail"] == [900, 900]
+
+    parsed: list[str] = []
+    real_open_csv = pyarrow.csv.open_csv
+
+    def open_csv(path: Any, *args: Any, convert_options: Any = None, **kwargs: Any) -> Any:
+        if convert_options is not None and convert_options.include_columns:  # not a header's reading
+            parsed.append(Path(path).name)
+        return real_open_csv(path, *args, convert_options=convert_options, **kwargs)
+
+    monkeypatch.setattr(pyarrow.csv, "open_csv", open_csv)
+    monkeypatch.setattr(sync.planning.planning, "HEAD_ROWS", 100)
+    with build_plan(job, rows_per_bucket=40, lazy=True) as lazy:
+        spill = lazy.staging_dir / "users.spill"
+        assert sorted(p.name for p in spill.iterdir()) == [
+            "0.arrow",
+            "0.arrow.malformed",
+            "1.arrow",
+            "1.arrow.malformed",
+        ]
+        assert _fingerprint(lazy) == expected
+        assert list(lazy.rejected_rows(settled=False)) == expected_rejects
+        assert lazy.summary() == expected_summary
+        assert not any(spill.iterdir())  # read once, then removed
+    assert sorted(parsed) == ["part-0.csv", "part-1.csv"]

@@ -250,3 +250,40 @@ def test_missing_files_are_reported(tmp_path: Path) -> None:
     with pytest.raises(BadInputError, match="file not found"):
         build_plan(job)
     assert "file not found" in check_sources(job)[0].message
+
+
+_MALFORMED_LAST = HEADER + "a,1,,,,,,,,\nb,2,too,many,,,,,,,,,,\nc,3,,,,,,,,\n" + "x,few\n" * 3
+_MALFORMED_OVER_TWO_LINES = HEADER + 'a,1,,,,"two\nlines",,,,,extra\nb,2,,,,,,,,\n'
+
+
+@pytest.mark.parametrize(
+    ("content", "malformed"),
+    [
+        (_MALFORMED_LAST, 4),  # malformed records, the last ones too
+        (_MALFORMED_OVER_TWO_LINES, 1),
+        (HEADER, 0),  # a header and no rows
+        (HEADER.rstrip("\n"), 0),  # a header without a line break
+    ],
+)
+def test_a_spilled_csv_file_reads_back_as_it_was_parsed(
+    tmp_path: Path, content: str, malformed: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # What a lazy plan's staging reads instead of parsing a CSV file again: the same chunks — frames, row numbers,
+    # malformed records — as the parsing gave, chunk for chunk.
+    import sync.sources.reading as reading
+
+    monkeypatch.setattr(reading, "CHUNK_ROWS", 2)  # several chunks out of a few rows
+    job = _job(tmp_path, content.encode())  # the file exactly as given (text rows get the header added)
+    source, path = job.sources[0], tmp_path / "users.csv"
+    parsed = list(iter_chunks(source, path))
+    assert sum(len(c.malformed) for c in parsed) == malformed
+    spill = reading.Spill(tmp_path / "spill" / "0.arrow", ROW)
+    assert [(c.frame.to_dicts(), c.malformed) for c in iter_chunks(source, path, spill=spill)] == [
+        (c.frame.to_dicts(), c.malformed) for c in parsed
+    ]
+    back = list(reading.spilled_chunks(source, spill))
+    assert len(back) == len(parsed)
+    for chunk, expected in zip(back, parsed, strict=True):
+        assert chunk.frame.schema == expected.frame.schema
+        assert chunk.frame.equals(expected.frame) and chunk.malformed == expected.malformed
+    assert not list(tmp_path.glob("spill/*"))  # read once, then removed

@@ -348,3 +348,36 @@ def test_the_canonical_key_of_ids_of_one_length_is_zlib_crc32(ids: list[str]) ->
     series = pl.Series(ids, dtype=pl.String)
     assert validation.canonical_key(series).to_list() == [zlib.crc32(x.encode()) for x in ids]
     assert validation.canonical_key(series.slice(1)).to_list() == [zlib.crc32(x.encode()) for x in ids[1:]]
+
+
+_ANY_IDS = st.lists(
+    st.one_of(
+        st.text(max_size=12),  # short, of mixed lengths: any character, the empty ID included
+        st.text(min_size=14, max_size=44),  # UUID-sized, past the two-bytes-at-a-time limit when multi-byte
+        st.text(min_size=200, max_size=400),  # past the tables' limit (256 bytes): keyed one by one
+        st.none(),  # a missing ID keys as an empty one
+    ),
+    max_size=80,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(ids=_ANY_IDS, skip=st.integers(0, 3))
+def test_the_canonical_key_is_zlib_crc32_for_any_ids(ids: list[str | None], skip: int) -> None:
+    # Mixed lengths are grouped by length (one block each, two bytes at a time where the block allows it);
+    # a slice starts the bytes mid-buffer.
+    series = pl.Series(ids, dtype=pl.String).slice(skip)
+    key = validation.canonical_key(series)
+    assert key.dtype == pl.UInt32 and key.name == validation.KEY
+    assert key.to_list() == [zlib.crc32((x or "").encode()) for x in ids[skip:]]
+
+
+def test_the_canonical_key_of_a_million_ids_is_zlib_crc32() -> None:
+    # Blocks long enough to take every path at scale: one length (two bytes at a time), one length and empty
+    # IDs, odd lengths, many lengths.
+    ids = [f"C{i:09d}" for i in range(400_000)]
+    odd = [f"{i:07d}" for i in range(200_000)]
+    many = [f"{'x' * (i % 40)}{i}@example.com" for i in range(200_000)]
+    for sample in (ids, [*ids[:1000], "", *ids[1000:]], odd, many, [*many, None, *odd]):
+        series = pl.Series(sample, dtype=pl.String)
+        assert validation.canonical_key(series).to_list() == [zlib.crc32((x or "").encode()) for x in sample]

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import importlib.metadata
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 from sync.errors import ExitCode, PushSyncError
 from sync.redact import redact
@@ -33,10 +33,17 @@ _COMMAND_MODULES = (
     "sync.cli.sandbox_cmd",
     "sync.cli.meiro_cmd",
 )
+_ALONE = {"run": "sync.cli.run_cmd", "plan": "sync.cli.plan_cmd", "validate": "sync.cli.plan_cmd"}
+"""Commands whose parser :func:`main` builds with their own module's only: every module's parsers cost a run's
+start-up what it does not use (``init`` and ``sandbox`` list every platform, which imports each of them)."""
+_GLOBAL_FLAGS = ("--log-json",)
+_GLOBAL_OPTIONS = ("--log-level",)  # take a value
 
 
 def _version() -> str:
     """The installed distribution's version (one source: ``sync.__version__``, which the build reads)."""
+    import importlib.metadata  # only for --version: it reads the installed distributions
+
     try:
         return importlib.metadata.version("pushsync")
     except importlib.metadata.PackageNotFoundError:  # run from a source tree that was never installed
@@ -45,12 +52,46 @@ def _version() -> str:
         return __version__
 
 
-def build_parser() -> argparse.ArgumentParser:
+class _VersionAction(argparse.Action):
+    """``--version``, as argparse's own action, with the version looked up only when asked for."""
+
+    def __init__(self, option_strings: Sequence[str], dest: str = argparse.SUPPRESS, **_: Any) -> None:
+        super().__init__(
+            option_strings,
+            dest=dest,
+            default=argparse.SUPPRESS,
+            nargs=0,
+            help="show program's version number and exit",
+        )
+
+    def __call__(self, parser: argparse.ArgumentParser, *_args: Any, **_kwargs: Any) -> None:
+        print(f"pushsync {_version()}")
+        parser.exit()
+
+
+def _command(argv: Sequence[str]) -> str | None:
+    """The command ``argv`` names when only the global options precede it, else None (help, an error)."""
+    i = 0
+    while i < len(argv):
+        word = argv[i]
+        if word in _GLOBAL_OPTIONS:
+            i += 2
+        elif word in _GLOBAL_FLAGS or word.startswith(tuple(f"{o}=" for o in _GLOBAL_OPTIONS)):
+            i += 1
+        elif word.startswith("-"):
+            return None
+        else:
+            return word
+    return None
+
+
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The ``pushsync`` parser; with ``command`` (one of :data:`_ALONE`), holding that command's module only."""
     parser = argparse.ArgumentParser(
         prog="pushsync",
         description="Keep a push-notification platform in step with CRM exports (CSV/Parquet).",
     )
-    parser.add_argument("--version", action="version", version=f"pushsync {_version()}")
+    parser.add_argument("--version", action=_VersionAction)
     parser.add_argument(
         "--log-level",
         default="auto",
@@ -61,7 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--log-json", action="store_true", default=None, help="JSON log lines even on a terminal"
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name in _COMMAND_MODULES:
+    for name in (_ALONE[command],) if command in _ALONE else _COMMAND_MODULES:
         try:
             module = importlib.import_module(name)
         except ModuleNotFoundError as exc:
@@ -73,7 +114,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser(_command(argv))
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
         parser.print_help()

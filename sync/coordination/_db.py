@@ -17,6 +17,7 @@ from typing import Any, TypeVar
 import psycopg
 
 from sync.coordination._urls import CoordinationError, check_url, describe_url, register_url, safe_message
+from sync.dispatch._rate_meter import _SLACK
 
 __all__ = [
     "RECONNECT_FOR",
@@ -38,11 +39,13 @@ T = TypeVar("T")
 SCHEMA = "pushsync"
 """The PostgreSQL schema holding pushsync's tables (created when missing)."""
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 """1: runs, batches (the ledger and the queue in one table), attempts, batch_ids, rejected_rows, batch_rows,
 workers, budgets. 2: + lanes (the run's lanes, listed before any batch is queued, each marked once every batch
 of it is: workers send while the leader plans), runs.listed, batches.claim_no (a claim whose answer a lost
-connection swallowed is found again)."""
+connection swallowed is found again). 3: + budgets.anchor, and ``take_slot`` places an aligned budget's slots
+from it as one process does: the slots a stalled worker missed are caught up inside their window (an older
+worker's ``take_slot`` would not, so it is refused)."""
 
 RECONNECT_FOR = 30.0
 """Seconds a worker keeps trying to connect again after losing the coordination database (a restart, a
@@ -197,47 +200,75 @@ CREATE TABLE IF NOT EXISTS {SCHEMA}.budgets (
     releases     BIGINT NOT NULL DEFAULT 0,
     PRIMARY KEY (scope, name)
 );
+-- Version 3 (aligned budgets): where the slots of the window of the last release start; that window's releases
+-- in the second half of its zone (catching up) whose answer did not come before its edge, each holding a slot of
+-- the next window; and the slots of that window held so for the window before's.
+ALTER TABLE {SCHEMA}.budgets ADD COLUMN IF NOT EXISTS anchor DOUBLE PRECISION NOT NULL DEFAULT 0;
+ALTER TABLE {SCHEMA}.budgets ADD COLUMN IF NOT EXISTS late INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE {SCHEMA}.budgets ADD COLUMN IF NOT EXISTS carried INTEGER NOT NULL DEFAULT 0;
 
 -- One shared-budget acquisition in one round trip (sync.coordination.budget): lock the rows of the endpoint's
 -- budget and of its groups (the caller sorts the names: no deadlock), find the earliest instant every one of
--- them allows, record the release in each, return (that instant, the database clock).
+-- them allows, record the release in each, return (that instant, the database clock). p_now: the clock to use
+-- instead of the database's (tests).
+-- Aligned (the rules of one process, sync/dispatch/_rate_meter.py): the k-th release of a window may go from its
+-- slot's time on, anchor + k x gap, the N slots filling the first (1 - slack) of the sending zone [start + lead,
+-- end - margin); only inside that zone, at most N. A slot whose time has come goes at once, so the slots a
+-- stalled worker missed are caught up, several at once, inside their window; never one of the next window
+-- early, and a slot the zone's end overtook is gone. The anchor is the zone's start after a busy window (a late
+-- first release is caught up), the first release after an idle window or a pause (a run that starts mid-window
+-- is evenly spaced), and slots that fell in a pause are not caught up. A release in the second half of the zone
+-- (catching up, nearer the edge) holds one slot of the next window until the worker says its answer came
+-- before the edge (sync.coordination.budget): the server may have counted it there.
+-- Version 2's function (no p_now) goes: a call with its seven arguments would be ambiguous.
+DROP FUNCTION IF EXISTS {SCHEMA}.take_slot(
+    TEXT, TEXT[], INTEGER[], DOUBLE PRECISION[], BOOLEAN[], DOUBLE PRECISION[], DOUBLE PRECISION[]
+);
 CREATE OR REPLACE FUNCTION {SCHEMA}.take_slot(
     p_scope TEXT, p_names TEXT[], p_requests INTEGER[], p_periods DOUBLE PRECISION[], p_aligns BOOLEAN[],
-    p_margins DOUBLE PRECISION[], p_leads DOUBLE PRECISION[]
+    p_margins DOUBLE PRECISION[], p_leads DOUBLE PRECISION[], p_now DOUBLE PRECISION DEFAULT NULL
 ) RETURNS TABLE (slot_at DOUBLE PRECISION, db_now DOUBLE PRECISION) AS $fn$
 #variable_conflict use_column
 DECLARE
     n INTEGER := array_length(p_names, 1);
-    wins BIGINT[]; useds INTEGER[]; lasts DOUBLE PRECISION[]; pauses DOUBLE PRECISION[];
-    t DOUBLE PRECISION; nxt DOUBLE PRECISION; cand DOUBLE PRECISION; gap DOUBLE PRECISION;
-    w BIGINT; start DOUBLE PRECISION; inwin INTEGER; r RECORD;
+    wins BIGINT[]; useds INTEGER[]; lasts DOUBLE PRECISION[]; pauses DOUBLE PRECISION[]; anchors DOUBLE PRECISION[];
+    lates INTEGER[]; carrieds INTEGER[];
+    t DOUBLE PRECISION; nxt DOUBLE PRECISION; cand DOUBLE PRECISION; gap DOUBLE PRECISION; a DOUBLE PRECISION;
+    w BIGINT; start DOUBLE PRECISION; inwin INTEGER; r RECORD; l INTEGER; c INTEGER;
 BEGIN
-    db_now := extract(epoch FROM clock_timestamp());
+    db_now := coalesce(p_now, extract(epoch FROM clock_timestamp()));
     FOR i IN 1..n LOOP
-        SELECT b.win, b.used, b.last_release, b.paused_until INTO r FROM {SCHEMA}.budgets b
-            WHERE b.scope = p_scope AND b.name = p_names[i] FOR UPDATE;
+        SELECT b.win, b.used, b.last_release, b.paused_until, b.anchor, b.late, b.carried INTO r
+            FROM {SCHEMA}.budgets b WHERE b.scope = p_scope AND b.name = p_names[i] FOR UPDATE;
         wins[i] := r.win; useds[i] := r.used; lasts[i] := r.last_release; pauses[i] := r.paused_until;
+        anchors[i] := r.anchor; lates[i] := r.late; carrieds[i] := r.carried;
     END LOOP;
     t := db_now;
     FOR k IN 1..16 LOOP                                   -- a common fixed point of every budget's schedule
         nxt := t;
         FOR i IN 1..n LOOP
-            IF p_aligns[i] THEN
-                gap := greatest(0, p_periods[i] - p_leads[i] - p_margins[i]) / p_requests[i];
-            ELSE
-                gap := (p_periods[i] + p_margins[i]) / p_requests[i];
-            END IF;
             cand := greatest(t, pauses[i]);
-            IF lasts[i] > 0 THEN cand := greatest(cand, lasts[i] + gap); END IF;
-            IF p_aligns[i] THEN                           -- N per clock-aligned window, inside [lead, end - margin)
-                FOR j IN 1..4 LOOP
+            IF p_aligns[i] THEN
+                gap := greatest(0, p_periods[i] - p_leads[i] - p_margins[i]) * (1 - {_SLACK}) / p_requests[i];
+                -- Never before the last release: it may be reserved ahead, in the next window, once this one
+                -- is full (a worker asking again before that window must not be given this one's N + 1st).
+                cand := greatest(cand, lasts[i]);
+                FOR j IN 1..4 LOOP                        -- at most a hop or two: the next window is free
                     w := floor(cand / p_periods[i]);
                     start := w * p_periods[i];
-                    IF cand < start + p_leads[i] THEN cand := start + p_leads[i]; END IF;
-                    inwin := CASE WHEN w = wins[i] THEN useds[i] ELSE 0 END;
-                    EXIT WHEN inwin < p_requests[i] AND cand <= start + p_periods[i] - p_margins[i];
+                    IF w = wins[i] THEN
+                        inwin := useds[i] + carrieds[i];
+                        cand := greatest(cand, anchors[i] + useds[i] * gap);
+                    ELSE
+                        inwin := CASE WHEN w = wins[i] + 1 THEN lates[i] ELSE 0 END;
+                        cand := greatest(cand, start + p_leads[i]);
+                    END IF;
+                    EXIT WHEN inwin < p_requests[i] AND cand < start + p_periods[i] - p_margins[i];
                     cand := (w + 1) * p_periods[i] + p_leads[i];
                 END LOOP;
+            ELSE                                          -- N per T + margin, evenly spaced
+                gap := (p_periods[i] + p_margins[i]) / p_requests[i];
+                IF lasts[i] > 0 THEN cand := greatest(cand, lasts[i] + gap); END IF;
             END IF;
             nxt := greatest(nxt, cand);
         END LOOP;
@@ -245,9 +276,25 @@ BEGIN
         t := nxt;
     END LOOP;
     FOR i IN 1..n LOOP
-        w := CASE WHEN p_aligns[i] THEN floor(t / p_periods[i])::BIGINT ELSE wins[i] END;
+        w := wins[i]; a := anchors[i]; l := lates[i]; c := carrieds[i];
+        IF p_aligns[i] THEN
+            w := floor(t / p_periods[i])::BIGINT;
+            gap := greatest(0, p_periods[i] - p_leads[i] - p_margins[i]) * (1 - {_SLACK}) / p_requests[i];
+            IF w <> wins[i] THEN
+                a := CASE WHEN wins[i] = w - 1 AND pauses[i] <= lasts[i]
+                          THEN least(t, w * p_periods[i] + p_leads[i]) ELSE t END;
+                c := CASE WHEN w = wins[i] + 1 THEN lates[i] ELSE 0 END;
+                l := 0;
+            ELSIF pauses[i] > lasts[i] THEN               -- the first release after a pause: no catching up
+                a := greatest(a, t - useds[i] * gap);
+            END IF;
+            IF t >= w * p_periods[i] + p_leads[i] + gap * p_requests[i] THEN  -- the zone's second half
+                l := l + 1;
+            END IF;
+        END IF;
         UPDATE {SCHEMA}.budgets SET used = CASE WHEN win = w THEN used + 1 ELSE 1 END, win = w, last_release = t,
-            releases = releases + 1 WHERE scope = p_scope AND name = p_names[i];
+            anchor = a, late = l, carried = c, releases = releases + 1
+            WHERE scope = p_scope AND name = p_names[i];
     END LOOP;
     slot_at := t;
     RETURN NEXT;

@@ -1,12 +1,18 @@
 """Rate budgets shared by every worker of a job: one row per budget in PostgreSQL, updated atomically.
 
 Which design: **GCRA-like state in one row per budget** (not leased reservations). Each endpoint budget and each
-budget group is a row ``(win, used, last_release, paused_until)``; an attempt calls the database function
+budget group is a row ``(win, used, last_release, paused_until, anchor, late, carried)``; an attempt calls the database function
 ``pushsync.take_slot`` (PL/pgSQL, :mod:`sync.coordination._db`), which locks the rows of its endpoint and of
 every group holding it (``SELECT … FOR UPDATE``, in name order, so two workers never deadlock), computes the
 earliest instant every one of them allows — the same rules as the single-process budget (:mod:`sync.dispatch.budget`):
-at most N per clock-aligned window, evenly spaced inside ``[start + lead, end - margin)``, never before a pause
-ends — writes the release into each row and commits. The worker then sleeps until that instant. One round trip
+at most N per clock-aligned window, inside ``[start + lead, end - margin)``, the k-th slot of a window from
+``anchor + k × spacing`` on (the N slots over the first half of that zone), never before a pause ends — writes
+the release into each row and commits. The worker then sleeps until that instant. A slot whose time has come
+is given at once, so the slots a stalled worker (or a stalled fleet) missed are caught up, several at once, in
+their window — never past its zone, never more than N — and a worker that wakes late still sends while its
+slot's window is open (:func:`send_until`). A release in the second half of the zone (catching up, near the
+edge) holds a slot of the next window until its answer says it came before the edge (:func:`late_releases`,
+``late``/``carried``): the server may have counted it there. One round trip
 per attempt, the rows locked only while the function runs; its cost is measured by ``bench/bench_scale.py``. Leased reservations (a worker takes k slots at a
 time) would cost fewer round trips but strand slots in a worker that dies or idles, and could not keep the even
 spacing across workers; with one row, three workers at the limit release exactly what one would.
@@ -22,8 +28,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import time
+import weakref
 from collections import deque
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -31,13 +40,21 @@ import psycopg
 
 from sync.config import DispatchSettings, RateBudgetSpec
 from sync.coordination._db import SCHEMA, Link, safe_message
+from sync.dispatch._rate_meter import _SLACK
 from sync.dispatch.budget import Budget, BudgetClosedError, RateBudget
 from sync.errors import StateError
 from sync.logs import get_logger
 
-__all__ = ["SharedBudgets", "SharedEndpointBudget", "SharedMeter"]
+__all__ = ["SharedBudgets", "SharedEndpointBudget", "SharedMeter", "late_releases", "send_until"]
 
 S = SCHEMA
+_SHIFT_LATE = (
+    f"UPDATE {S}.budgets SET late = CASE WHEN win = %s THEN greatest(late + %s, 0) ELSE late END, "
+    "carried = CASE WHEN win = %s THEN greatest(carried + %s, 0) ELSE carried END "
+    "WHERE scope = %s AND name = %s AND win IN (%s, %s)"
+)
+"""One slot of the window after a budget's window held (+1) or given back (-1), in one statement: the row's
+``late`` while that window is the row's, its ``carried`` once take_slot moved on to the next."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,6 +98,12 @@ class SharedBudgets:
         self._closed = asyncio.Event()
         self._local: dict[str, RateBudget] = {}
         self._latencies: deque[float] = deque(maxlen=200)
+        # The attempts released late in a window (second half of its zone) still waiting for their answer:
+        # (budget, window, its edge) of each, and the clock offset. By task: an attempt's answer is observed in
+        # the task that acquired its slot; one without an answer is dropped with its task, its slots held.
+        self._held: weakref.WeakKeyDictionary[
+            asyncio.Task[Any], tuple[list[tuple[str, int, float]], float]
+        ] = weakref.WeakKeyDictionary()
         self.acquisitions = 0
         self.late = 0
         """Slots given up because this worker woke too late for their window."""
@@ -125,13 +148,16 @@ class SharedBudgets:
         self._ready.update(missing)
 
     async def acquire(self, meters: tuple[SharedMeter, ...]) -> None:
-        """Reserve the next instant every meter allows (one transaction), then sleep until it. A worker that
-        wakes too late for its window (a stalled loop) gives the slot up and takes another: a request must
-        land in the window it was counted in."""
+        """Reserve the next instant every meter allows (one transaction), then sleep until it. A request must
+        land in the window it was counted in: a worker that wakes late (a stalled loop) still sends while every
+        aligned meter's sending zone of that window is open — it is counted there, and the slots the stall
+        made it miss are caught up the same way (``take_slot`` gives a slot whose time has come at once) — and
+        gives the slot up once a zone has closed (or, for an unaligned meter, once it is half a margin late),
+        then takes another."""
         while True:
             if self._closed.is_set():
                 raise BudgetClosedError("rate budget closed")
-            t, offset = await self._reserve(meters)
+            t, offset, margins = await self._reserve(meters)
             delay = t - (time.time() + offset)
             if delay > 0:
                 with contextlib.suppress(TimeoutError):
@@ -139,10 +165,47 @@ class SharedBudgets:
                         await self._closed.wait()
             if self._closed.is_set():
                 raise BudgetClosedError("rate budget closed")
-            late = time.time() + offset - t
-            if late <= min(self.margin(m) for m in meters) / 2:
+            now = time.time() + offset
+            if now < send_until(meters, margins, t):
+                held = late_releases(meters, margins, t, now)
+                if held:
+                    # Sent in the second half of its window's zone: it holds a slot of the next window until
+                    # its answer says it came in time (``answered``). ``take_slot`` held it already unless
+                    # this worker woke late for a slot of the first half.
+                    unheld = [(name, window) for name, window, _edge, by_db in held if not by_db]
+                    if unheld:
+                        await self._shift(unheld, +1)
+                    task = asyncio.current_task()
+                    if task is not None:
+                        self._held[task] = ([(name, w, edge) for name, w, edge, _ in held], offset)
                 return
             self.late += 1
+
+    def answered(self) -> list[tuple[str, int]]:
+        """The current attempt's answer came: the next-window slots its release held, to give back — those of
+        windows whose edge it came before (it was counted in its own window then)."""
+        task = asyncio.current_task()
+        entry = self._held.pop(task, None) if task is not None else None
+        if entry is None:
+            return []
+        held, offset = entry
+        now = time.time() + offset
+        return [(name, window) for name, window, edge in held if now < edge]
+
+    async def _shift(self, held: Sequence[tuple[str, int]], delta: int) -> None:
+        """Hold (+1) or give back (-1) one slot of the window after each ``(budget, window)``: the row's
+        ``late`` while that window is the row's, its ``carried`` once the next window is."""
+
+        async def write(conn: psycopg.AsyncConnection[Any]) -> None:
+            for name, window in held:
+                await conn.execute(
+                    _SHIFT_LATE, (window, delta, window + 1, delta, self._scope, name, window, window + 1)
+                )
+
+        try:
+            await self._link.run(write)
+        except (psycopg.Error, StateError) as exc:  # a slot held or not given back: the budget stays safe
+            self._log.warning("budget.late_not_shared", error=safe_message(exc))
 
     def margin(self, meter: SharedMeter) -> float:
         """The margin this worker keeps before a window's end for ``meter``: the meter's, or — learning — the
@@ -163,17 +226,18 @@ class SharedBudgets:
         meter = self._groups.get(group)
         return 0.0 if meter is None else self.margin(meter)
 
-    async def _reserve(self, meters: tuple[SharedMeter, ...]) -> tuple[float, float]:
-        """(the reserved instant, database clock minus this machine's): one call of ``take_slot``, the
-        database function that locks the rows, finds the earliest instant every one allows and records the
-        release (one round trip; the rows are locked for microseconds)."""
+    async def _reserve(self, meters: tuple[SharedMeter, ...]) -> tuple[float, float, list[float]]:
+        """(the reserved instant, database clock minus this machine's, the margins it was reserved with): one
+        call of ``take_slot``, the database function that locks the rows, finds the earliest instant every one
+        allows and records the release (one round trip; the rows are locked for microseconds)."""
+        margins = [self.margin(m) for m in meters]
         params = (
             self._scope,
             [m.name for m in meters],
             [m.requests for m in meters],
             [m.period for m in meters],
             [m.align for m in meters],
-            [self.margin(m) for m in meters],
+            margins,
             [m.lead for m in meters],
         )
 
@@ -198,7 +262,7 @@ class SharedBudgets:
         self.seconds += elapsed
         # The database read its clock about half-way through the round trip: close enough (a loopback or LAN
         # round trip is well under the margins, which are tens of milliseconds at least).
-        return float(row[0]), float(row[1]) - (sent_at + elapsed / 2)
+        return float(row[0]), float(row[1]) - (sent_at + elapsed / 2), margins
 
     async def pause(self, meters: tuple[SharedMeter, ...], seconds: float | None) -> None:
         """A 429: every worker waits ``seconds`` (Retry-After) or, without one, until the current window ends."""
@@ -222,6 +286,39 @@ class SharedBudgets:
             await self._link.run(write)  # greatest(): safe to repeat after a reconnection
         except (psycopg.Error, StateError) as exc:
             self._log.warning("budget.pause_not_shared", error=safe_message(exc))
+
+
+def send_until(meters: Sequence[SharedMeter], margins: Sequence[float], t: float) -> float:
+    """Until when (database clock) a slot reserved at ``t`` may still be sent: the end of the sending zone of
+    ``t``'s window for an aligned meter (a request sent then still lands in the window it was counted in), half
+    a margin after ``t`` for an unaligned one (the spacing must not shrink); the earliest of them."""
+    ends = []
+    for meter, margin in zip(meters, margins, strict=True):
+        if meter.align:
+            ends.append((math.floor(t / meter.period) + 1) * meter.period - margin)
+        else:
+            ends.append(t + margin / 2)
+    return min(ends)
+
+
+def late_releases(
+    meters: Sequence[SharedMeter], margins: Sequence[float], t: float, now: float
+) -> list[tuple[str, int, float, bool]]:
+    """``(budget, window, its edge, held by take_slot)`` for each aligned meter whose slot reserved at ``t``,
+    sent at ``now``, goes in the second half of its window's sending zone — where catching up releases, near the
+    edge: such a request may reach the server after the edge and be counted in the next window, so it holds one
+    of that window's N until its answer says otherwise (the rule of one process, sync/dispatch/_rate_meter.py).
+    ``take_slot`` held it already when ``t`` itself was in that half (the same formula, in SQL)."""
+    out = []
+    for meter, margin in zip(meters, margins, strict=True):
+        if not meter.align:
+            continue
+        window = math.floor(t / meter.period)
+        gap = max(0.0, meter.period - meter.lead - margin) * (1 - _SLACK) / meter.requests
+        late_from = window * meter.period + meter.lead + gap * meter.requests
+        if now >= late_from:
+            out.append((meter.name, window, (window + 1) * meter.period, t >= late_from))
+    return out
 
 
 class SharedEndpointBudget:
@@ -252,5 +349,11 @@ class SharedEndpointBudget:
         """Nothing to adapt: the shared budget keeps the configured rate."""
 
     def observe(self, latency: float) -> None:
-        """A release-to-answer time, for this worker's learned margin."""
+        """A release-to-answer time, for this worker's learned margin; the answer came, so a late release that
+        came before its window's edge gives back the slot of the next window it held."""
         self._owner.observe(latency)
+        back = self._owner.answered()
+        if back:
+            task = asyncio.get_running_loop().create_task(self._owner._shift(back, -1))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)

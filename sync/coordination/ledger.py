@@ -18,7 +18,7 @@ from __future__ import annotations
 import contextlib
 import sqlite3
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -36,25 +36,21 @@ from sync.coordination._db import (
 )
 from sync.errors import StateError
 from sync.ledger.ledger import (
-    AttemptRow,
-    BatchRow,
+    RUN_COLUMNS,
     Ledger,
-    RunInfo,
+    LedgerBase,
+    LedgerDialect,
     attempt_row,
-    batch_row_of,
     finish_row,
     refused_rows,
-    rejected_row,
     result_row,
-    run_info_of,
     sent_row,
 )
-from sync.records import Attempt, Batch, BatchResult, BatchStatus, RejectedRow
+from sync.records import Attempt, Batch, BatchResult
 
 __all__ = ["PgLedger"]
 
 S = SCHEMA
-_RUN_COLUMNS = "run_id, job, job_path, platform, started_at, finished_at, status, exit_code, message, summary, full_refresh"
 _UPDATE_SENT = (
     f"UPDATE {S}.batches SET status = 'sent', started_at = COALESCE(started_at, %s) "
     "WHERE run_id = %s AND batch_id = %s AND status IN ('planned', 'sent')"
@@ -72,14 +68,17 @@ _INSERT_ATTEMPT = (
     f"INSERT INTO {S}.attempts (run_id, batch_id, endpoint, attempt, n_ids, outcome, http_status, message, "
     "started_at, latency, worker) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)"
 )
-_INSERT_REJECTED_ROW = f"INSERT INTO {S}.rejected_rows (run_id, path, row, column_name, reason, ext_id) VALUES (%s, %s, %s, %s, %s, %s)"
 
 
-class PgLedger:
-    """A job's ledger in PostgreSQL (see the module docstring); the same methods as :class:`sync.ledger.ledger.Ledger`.
+class PgLedger(LedgerBase):
+    """A job's ledger in PostgreSQL (see the module docstring); the same methods as :class:`sync.ledger.ledger.Ledger`
+    (the readers and the recording of rejected rows are theirs, :class:`sync.ledger.ledger.LedgerBase`, in this
+    ledger's SQL dialect).
 
     Open with :meth:`open`; use as a context manager or call :meth:`close`. ``path`` is a description of the
     database (``user@host:port/db``) for messages: never the URL, which may hold a password."""
+
+    _dialect = LedgerDialect(mark="%s", tables=f"{S}.", batch_order="seq", row_order="id")
 
     def __init__(
         self,
@@ -119,19 +118,6 @@ class PgLedger:
             conn.close()
             raise
         return cls(url, conn, worker=worker, reconnect_for=reconnect_for)
-
-    def __enter__(self) -> PgLedger:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def close(self) -> None:
-        """Commit what is queued and close."""
-        try:
-            self.flush()
-        finally:
-            self._conn.close()
 
     # -- connection ----------------------------------------------------------------------------------------
 
@@ -249,91 +235,7 @@ class PgLedger:
         """Record one HTTP attempt (``started_at``: Unix time it was sent), with the worker that sent it."""
         self._queue(_INSERT_ATTEMPT, (*attempt_row(run_id, attempt, started_at), self.worker))
 
-    def record_rejected_rows(self, run_id: str, rows: Iterable[RejectedRow]) -> int:
-        """Record rows refused by validation; returns how many."""
-        n = 0
-        for row in rows:
-            self._queue(_INSERT_REJECTED_ROW, rejected_row(run_id, row))
-            n += 1
-        return n
-
-    # -- reading -------------------------------------------------------------------------------------------
-
-    def runs(self, job: str | None = None) -> list[RunInfo]:
-        """Runs, newest first (optionally of one job)."""
-        sql = (
-            f"SELECT {_RUN_COLUMNS} FROM {S}.runs"
-            + (" WHERE job = %s" if job else "")
-            + " ORDER BY started_at DESC"
-        )
-        rows = self._execute(sql, (job,) if job else ()).fetchall()
-        return [self._run_info(r) for r in rows]
-
-    def run(self, run_id: str) -> RunInfo | None:
-        row = self._execute(f"SELECT {_RUN_COLUMNS} FROM {S}.runs WHERE run_id = %s", (run_id,)).fetchone()
-        return None if row is None else self._run_info(row)
-
-    def _run_info(self, row: Sequence[Any]) -> RunInfo:
-        counts = dict(
-            self._execute(
-                f"SELECT status, COUNT(*) FROM {S}.batches WHERE run_id = %s GROUP BY status", (row[0],)
-            ).fetchall()
-        )
-        return run_info_of(row, counts)
-
-    def batches(self, run_id: str, *, status: BatchStatus | None = None) -> list[BatchRow]:
-        sql = (
-            "SELECT batch_id, endpoint, operation, phase, n_ids, status, attempts, http_status, code, message, "
-            f"ok_ids, rejected_ids FROM {S}.batches WHERE run_id = %s"
-        )
-        params: tuple[Any, ...] = (run_id,)
-        if status is not None:
-            sql += " AND status = %s"
-            params += (str(status),)
-        rows = self._execute(sql + " ORDER BY seq", params).fetchall()
-        return [batch_row_of(r) for r in rows]
-
-    def confirmed_ok(self, run_id: str) -> set[str]:
-        """Batch IDs of ``run_id`` the platform confirmed (status ok)."""
-        rows = self._execute(
-            f"SELECT batch_id FROM {S}.batches WHERE run_id = %s AND status = 'ok'", (run_id,)
-        )
-        return {r[0] for r in rows}
-
-    def attempts(self, run_id: str) -> list[AttemptRow]:
-        """Every HTTP attempt of ``run_id``, in the order they were recorded."""
-        rows = self._execute(
-            "SELECT batch_id, endpoint, attempt, n_ids, latency, outcome, http_status, message, started_at "
-            f"FROM {S}.attempts WHERE run_id = %s ORDER BY id",
-            (run_id,),
-        ).fetchall()
-        return [AttemptRow.of(r) for r in rows]
-
-    def batch_rows(self, run_ids: Sequence[str]) -> Iterator[tuple[str, str, str, str, bytes]]:
-        """``(run_id, batch_id, status, scheme, row_keys)`` of the keyed batches of ``run_ids``."""
-        for run_id in run_ids:
-            rows = self._execute(
-                f"SELECT r.run_id, r.batch_id, b.status, r.scheme, r.row_keys FROM {S}.batch_rows r "
-                f"JOIN {S}.batches b ON b.run_id = r.run_id AND b.batch_id = r.batch_id WHERE r.run_id = %s",
-                (run_id,),
-            ).fetchall()
-            for run, batch, status, scheme, keys in rows:
-                yield run, batch, status, scheme, bytes(keys)
-
-    def refused_ids(self, run_id: str) -> list[tuple[str, str, str | None, str]]:
-        """(batch_id, ext_id, code, message) of every ID the platform refused in ``run_id``."""
-        rows = self._execute(
-            f"SELECT batch_id, ext_id, code, message FROM {S}.batch_ids WHERE run_id = %s ORDER BY id",
-            (run_id,),
-        )
-        return [(r[0], r[1], r[2], r[3]) for r in rows]
-
-    def rejected_rows(self, run_id: str) -> list[RejectedRow]:
-        rows = self._execute(
-            f"SELECT path, row, column_name, reason, ext_id FROM {S}.rejected_rows WHERE run_id = %s ORDER BY id",
-            (run_id,),
-        )
-        return [RejectedRow(*r) for r in rows]
+    # -- reading (the rest is LedgerBase's) -----------------------------------------------------------
 
     def export_waits(self, run_id: str | None = None) -> list[dict[str, Any]]:
         """Export waits are recorded by ``pushsync meiro``, which keeps its ledger in SQLite: none here."""
@@ -357,13 +259,13 @@ class PgLedger:
             where, params = "run_id = ANY(%s)", (list(run_ids),)
         else:  # every run
             where, params = "TRUE", ()
-        runs = self._execute(f"SELECT {_RUN_COLUMNS} FROM {S}.runs WHERE {where}", params).fetchall()
+        runs = self._execute(f"SELECT {RUN_COLUMNS} FROM {S}.runs WHERE {where}", params).fetchall()
         ids = [r[0] for r in runs]
         conn = sqlite3.connect(path)
         try:
             with conn:
                 conn.executemany(
-                    f"INSERT INTO runs ({_RUN_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    f"INSERT INTO runs ({RUN_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                     [(*r[:10], int(bool(r[10]))) for r in runs],
                 )
                 copies = {

@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from operator import itemgetter
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal, Protocol
+from typing import TYPE_CHECKING, Any, ClassVar, Literal, Protocol, Self
 
 from sync.errors import StateError
 from sync.planning.row_keys import SCHEME as ROW_KEY_SCHEME
@@ -43,10 +43,13 @@ if TYPE_CHECKING:  # type only: the ledger does not import the platform layer at
     from sync.platforms.meiro.poller import ExportWait
 
 __all__ = [
+    "RUN_COLUMNS",
     "SCHEMA_VERSION",
     "AttemptRow",
     "BatchRow",
     "Ledger",
+    "LedgerBase",
+    "LedgerDialect",
     "RunInfo",
     "RunLedger",
     "attempt_row",
@@ -224,7 +227,7 @@ CREATE TABLE IF NOT EXISTS export_waits (   -- pushsync meiro wait / meiro run: 
 CREATE INDEX IF NOT EXISTS export_waits_run ON export_waits (run_id);
 """
 
-_RUN_COLUMNS = "run_id, job, job_path, platform, started_at, finished_at, status, exit_code, message, summary, full_refresh"
+RUN_COLUMNS = "run_id, job, job_path, platform, started_at, finished_at, status, exit_code, message, summary, full_refresh"
 _INSERT_PLANNED = (
     "INSERT OR IGNORE INTO batches (run_id, batch_id, endpoint, operation, phase, n_ids, ext_ids, status, planned_at)"
     " VALUES (?, ?, ?, ?, ?, ?, ?, 'planned', ?)"
@@ -256,9 +259,6 @@ _INSERT_EXPORT_WAIT = (
     "INSERT INTO export_waits (run_id, platform, notification_id, export_id, export_name, outcome, status, total, "
     "sent, excluded_invalid, excluded_by_frequency_cap, polls, retries, started_at, finished_at, statuses_history, "
     "message) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
-)
-_INSERT_REJECTED_ROW = (
-    "INSERT INTO rejected_rows (run_id, path, row, column_name, reason, ext_id) VALUES (?, ?, ?, ?, ?, ?)"
 )
 _INSERT_RUN = (
     "INSERT INTO runs (run_id, job, job_path, platform, started_at, status, full_refresh) "
@@ -410,7 +410,7 @@ def batch_row_of(row: Sequence[Any]) -> BatchRow:
 
 
 def run_info_of(row: Sequence[Any], counts: dict[str, int]) -> RunInfo:
-    """A :class:`RunInfo` from the ``_RUN_COLUMNS`` of a run and its batches counted by status."""
+    """A :class:`RunInfo` from the :data:`RUN_COLUMNS` of a run and its batches counted by status."""
     run_id, job, _path, platform, started, finished, status, exit_code, message, summary, full = row
     return RunInfo(
         run_id=run_id,
@@ -548,10 +548,174 @@ class RunLedger(Protocol):
     def export_waits(self, run_id: str | None = None) -> list[dict[str, Any]]: ...
 
 
-class Ledger:
+@dataclass(frozen=True, slots=True)
+class LedgerDialect:
+    """What the SQL of the two ledgers (SQLite here, PostgreSQL in :mod:`sync.coordination.ledger`) differs in,
+    for the statements :class:`LedgerBase` writes once."""
+
+    mark: str
+    """The parameter placeholder: ``?`` (sqlite3) or ``%s`` (psycopg)."""
+    tables: str
+    """What goes before a table's name: nothing, or the schema and a dot."""
+    batch_order: str
+    """The column that keeps a run's batches in the order they were planned."""
+    row_order: str
+    """The column that keeps attempts, refused IDs and rejected rows in the order they were recorded."""
+
+
+@functools.cache
+def _render(dialect: LedgerDialect, template: str) -> str:
+    """``template`` in ``dialect``: ``{p}`` a placeholder, ``{t}`` the table prefix, ``{batch_order}`` and
+    ``{row_order}`` the ordering columns (rendered once per dialect and statement)."""
+    return template.format(
+        p=dialect.mark, t=dialect.tables, batch_order=dialect.batch_order, row_order=dialect.row_order
+    )
+
+
+_INSERT_REJECTED_ROW_SQL = "INSERT INTO {t}rejected_rows (run_id, path, row, column_name, reason, ext_id) VALUES ({p}, {p}, {p}, {p}, {p}, {p})"
+_RUNS_SQL = f"SELECT {RUN_COLUMNS} FROM {{t}}runs"
+_RUN_SQL = f"SELECT {RUN_COLUMNS} FROM {{t}}runs WHERE run_id = {{p}}"
+_RUN_COUNTS_SQL = "SELECT status, COUNT(*) FROM {t}batches WHERE run_id = {p} GROUP BY status"
+_BATCHES_SQL = (
+    "SELECT batch_id, endpoint, operation, phase, n_ids, status, attempts, http_status, code, message, "
+    "ok_ids, rejected_ids FROM {t}batches WHERE run_id = {p}"
+)
+_CONFIRMED_SQL = "SELECT batch_id FROM {t}batches WHERE run_id = {p} AND status = 'ok'"
+_ATTEMPTS_SQL = (
+    "SELECT batch_id, endpoint, attempt, n_ids, latency, outcome, http_status, message, started_at "
+    "FROM {t}attempts WHERE run_id = {p} ORDER BY {row_order}"
+)
+_BATCH_ROWS_SQL = (
+    "SELECT r.run_id, r.batch_id, b.status, r.scheme, r.row_keys FROM {t}batch_rows r "
+    "JOIN {t}batches b ON b.run_id = r.run_id AND b.batch_id = r.batch_id WHERE r.run_id = {p}"
+)
+_REFUSED_SQL = (
+    "SELECT batch_id, ext_id, code, message FROM {t}batch_ids WHERE run_id = {p} ORDER BY {row_order}"
+)
+_REJECTED_SQL = "SELECT path, row, column_name, reason, ext_id FROM {t}rejected_rows WHERE run_id = {p} ORDER BY {row_order}"
+
+
+class _Rows(Protocol):
+    """A cursor's answer, as both drivers give it."""
+
+    def fetchone(self) -> Any: ...
+    def fetchall(self) -> list[Any]: ...
+    def __iter__(self) -> Iterator[Any]: ...
+
+
+class LedgerBase:
+    """What the SQLite :class:`Ledger` and the PostgreSQL :class:`sync.coordination.ledger.PgLedger` do alike: the
+    readers (``runs``, ``show``, resume and retry read through them), the recording of rows refused by
+    validation, written once over each ledger's :class:`LedgerDialect`, and closing. A ledger gives its dialect,
+    how it runs one statement (:meth:`_execute`: PostgreSQL's reconnects), how it queues a write
+    (:meth:`_queue`) and how it commits them (:meth:`flush`)."""
+
+    __slots__ = ()
+    _dialect: ClassVar[LedgerDialect]
+    _conn: Any  # the ledger's connection (sqlite3's or psycopg's)
+
+    def _execute(self, sql: str, params: Sequence[Any] = ()) -> _Rows:
+        raise NotImplementedError
+
+    def _queue(self, sql: str, params: Sequence[Any]) -> None:
+        raise NotImplementedError
+
+    def flush(self) -> None:
+        """Commit every queued write (each ledger's own)."""
+        raise NotImplementedError
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, *exc: object) -> None:
+        if exc_type is None:
+            self.close()
+            return
+        # Leaving on an error: what is queued is written if it can be, but a write that fails now (the full
+        # disk, or the database that stopped the run) must not replace the error on its way out, which says
+        # what happened and sets the exit code (3, "stopped after it began sending", not 2, "nothing was sent").
+        try:
+            self.flush()
+        except StateError:
+            pass
+        finally:
+            self._conn.close()
+
+    def close(self) -> None:
+        """Commit what is queued and close (the connection is closed even when that last write fails)."""
+        try:
+            self.flush()
+        finally:
+            self._conn.close()
+
+    def _sql(self, template: str) -> str:
+        return _render(self._dialect, template)
+
+    def record_rejected_rows(self, run_id: str, rows: Iterable[RejectedRow]) -> int:
+        """Record rows refused by validation; returns how many."""
+        sql = self._sql(_INSERT_REJECTED_ROW_SQL)
+        n = 0
+        for row in rows:
+            self._queue(sql, rejected_row(run_id, row))
+            n += 1
+        return n
+
+    def runs(self, job: str | None = None) -> list[RunInfo]:
+        """Runs, newest first (optionally of one job)."""
+        sql = self._sql(_RUNS_SQL) + (f" WHERE job = {self._dialect.mark}" if job else "")
+        rows = self._execute(sql + " ORDER BY started_at DESC", (job,) if job else ()).fetchall()
+        return [self._run_info(r) for r in rows]
+
+    def run(self, run_id: str) -> RunInfo | None:
+        """One run, or None when the ledger has no run ``run_id``."""
+        row = self._execute(self._sql(_RUN_SQL), (run_id,)).fetchone()
+        return None if row is None else self._run_info(row)
+
+    def _run_info(self, row: Sequence[Any]) -> RunInfo:
+        counts = dict(self._execute(self._sql(_RUN_COUNTS_SQL), (row[0],)).fetchall())
+        return run_info_of(row, counts)
+
+    def batches(self, run_id: str, *, status: BatchStatus | None = None) -> list[BatchRow]:
+        """The batches of ``run_id`` (of one status), in the order they were planned."""
+        sql = self._sql(_BATCHES_SQL)
+        params: tuple[Any, ...] = (run_id,)
+        if status is not None:
+            sql += f" AND status = {self._dialect.mark}"
+            params += (str(status),)
+        rows = self._execute(f"{sql} ORDER BY {self._dialect.batch_order}", params).fetchall()
+        return [batch_row_of(r) for r in rows]
+
+    def confirmed_ok(self, run_id: str) -> set[str]:
+        """Batch IDs of ``run_id`` the platform confirmed (status ok): what resume must not send again."""
+        return {r[0] for r in self._execute(self._sql(_CONFIRMED_SQL), (run_id,))}
+
+    def attempts(self, run_id: str) -> list[AttemptRow]:
+        """Every HTTP attempt of ``run_id``, in the order they were recorded (they ended)."""
+        rows = self._execute(self._sql(_ATTEMPTS_SQL), (run_id,)).fetchall()
+        return [AttemptRow.of(r) for r in rows]
+
+    def batch_rows(self, run_ids: Sequence[str]) -> Iterator[tuple[str, str, str, str, bytes]]:
+        """``(run_id, batch_id, status, scheme, row_keys)`` of the keyed batches of ``run_ids``
+        (non-idempotent batches planned from input rows; :mod:`sync.planning.row_keys`)."""
+        sql = self._sql(_BATCH_ROWS_SQL)
+        for run_id in run_ids:
+            for run, batch, status, scheme, keys in self._execute(sql, (run_id,)):
+                yield run, batch, status, scheme, bytes(keys)  # bytes(): psycopg may give a memoryview
+
+    def refused_ids(self, run_id: str) -> list[tuple[str, str, str | None, str]]:
+        """(batch_id, ext_id, code, message) of every ID the platform refused in ``run_id``."""
+        return list(self._execute(self._sql(_REFUSED_SQL), (run_id,)))  # both drivers give tuples
+
+    def rejected_rows(self, run_id: str) -> list[RejectedRow]:
+        """The rows validation refused in ``run_id``, in the order they were recorded."""
+        return [RejectedRow(*r) for r in self._execute(self._sql(_REJECTED_SQL), (run_id,))]
+
+
+class Ledger(LedgerBase):
     """A job's ledger. Open with :meth:`open`; use as a context manager or call :meth:`close`."""
 
     __slots__ = ("_conn", "_flush_every", "_flush_interval", "_last_flush", "_pending", "path", "writes")
+    _dialect = LedgerDialect(mark="?", tables="", batch_order="rowid", row_order="rowid")
 
     def __init__(
         self, conn: sqlite3.Connection, path: Path, *, flush_every: int, flush_interval: float
@@ -589,29 +753,9 @@ class Ledger:
             raise StateError(f"{path}: cannot open the ledger: {exc}") from exc
         return cls(conn, path, flush_every=flush_every, flush_interval=flush_interval)
 
-    def __enter__(self) -> Ledger:
-        return self
-
-    def __exit__(self, exc_type: type[BaseException] | None, *exc: object) -> None:
-        if exc_type is None:
-            self.close()
-            return
-        # Leaving on an error: what is queued is written if it can be, but a write that fails now (the full
-        # disk that stopped the run) must not replace the error on its way out, which says what happened and
-        # sets the exit code (3, "stopped after it began sending", not 2, "nothing was sent").
-        try:
-            self.flush()
-        except StateError:
-            pass
-        finally:
-            self._conn.close()
-
-    def close(self) -> None:
-        """Commit what is queued and close (the connection is closed even when that last write fails)."""
-        try:
-            self.flush()
-        finally:
-            self._conn.close()
+    def _execute(self, sql: str, params: Sequence[Any] = ()) -> sqlite3.Cursor:
+        """One statement on the ledger's connection (the readers of :class:`LedgerBase` read through it)."""
+        return self._conn.execute(sql, params)
 
     # -- writing -----------------------------------------------------------------------------------------
 
@@ -754,90 +898,6 @@ class Ledger:
             item["statuses_history"] = json.loads(item["statuses_history"] or "{}")
             out.append(item)
         return out
-
-    def record_rejected_rows(self, run_id: str, rows: Iterable[RejectedRow]) -> int:
-        """Record rows refused by validation; returns how many."""
-        n = 0
-        for row in rows:
-            self._queue(_INSERT_REJECTED_ROW, rejected_row(run_id, row))
-            n += 1
-        return n
-
-    # -- reading -----------------------------------------------------------------------------------------
-
-    def runs(self, job: str | None = None) -> list[RunInfo]:
-        """Runs, newest first (optionally of one job)."""
-        sql = (
-            f"SELECT {_RUN_COLUMNS} FROM runs"
-            + (" WHERE job = ?" if job else "")
-            + " ORDER BY started_at DESC"
-        )
-        rows = self._conn.execute(sql, (job,) if job else ()).fetchall()
-        return [self._run_info(r) for r in rows]
-
-    def run(self, run_id: str) -> RunInfo | None:
-        row = self._conn.execute(f"SELECT {_RUN_COLUMNS} FROM runs WHERE run_id = ?", (run_id,)).fetchone()
-        return None if row is None else self._run_info(row)
-
-    def _run_info(self, row: tuple[Any, ...]) -> RunInfo:
-        counts = dict(
-            self._conn.execute(
-                "SELECT status, COUNT(*) FROM batches WHERE run_id = ? GROUP BY status", (row[0],)
-            ).fetchall()
-        )
-        return run_info_of(row, counts)
-
-    def batches(self, run_id: str, *, status: BatchStatus | None = None) -> list[BatchRow]:
-        sql = (
-            "SELECT batch_id, endpoint, operation, phase, n_ids, status, attempts, http_status, code, message, "
-            "ok_ids, rejected_ids FROM batches WHERE run_id = ?"
-        )
-        params: tuple[Any, ...] = (run_id,)
-        if status is not None:
-            sql += " AND status = ?"
-            params += (str(status),)
-        rows = self._conn.execute(sql + " ORDER BY rowid", params).fetchall()
-        return [batch_row_of(r) for r in rows]
-
-    def confirmed_ok(self, run_id: str) -> set[str]:
-        """Batch IDs of ``run_id`` the platform confirmed (status ok): what resume must not send again."""
-        rows = self._conn.execute(
-            "SELECT batch_id FROM batches WHERE run_id = ? AND status = 'ok'", (run_id,)
-        )
-        return {r[0] for r in rows}
-
-    def attempts(self, run_id: str) -> list[AttemptRow]:
-        """Every HTTP attempt of ``run_id``, in the order they ended."""
-        rows = self._conn.execute(
-            "SELECT batch_id, endpoint, attempt, n_ids, latency, outcome, http_status, message, started_at "
-            "FROM attempts WHERE run_id = ? ORDER BY rowid",
-            (run_id,),
-        ).fetchall()
-        return [AttemptRow.of(r) for r in rows]
-
-    def batch_rows(self, run_ids: Sequence[str]) -> Iterator[tuple[str, str, str, str, bytes]]:
-        """``(run_id, batch_id, status, scheme, row_keys)`` of the keyed batches of ``run_ids``
-        (non-idempotent batches planned from input rows; :mod:`sync.planning.row_keys`)."""
-        for run_id in run_ids:
-            yield from self._conn.execute(
-                "SELECT r.run_id, r.batch_id, b.status, r.scheme, r.row_keys FROM batch_rows r "
-                "JOIN batches b ON b.run_id = r.run_id AND b.batch_id = r.batch_id WHERE r.run_id = ?",
-                (run_id,),
-            )
-
-    def refused_ids(self, run_id: str) -> list[tuple[str, str, str | None, str]]:
-        """(batch_id, ext_id, code, message) of every ID the platform refused in ``run_id``."""
-        rows = self._conn.execute(
-            "SELECT batch_id, ext_id, code, message FROM batch_ids WHERE run_id = ? ORDER BY rowid", (run_id,)
-        )
-        return list(rows)
-
-    def rejected_rows(self, run_id: str) -> list[RejectedRow]:
-        rows = self._conn.execute(
-            "SELECT path, row, column_name, reason, ext_id FROM rejected_rows WHERE run_id = ? ORDER BY rowid",
-            (run_id,),
-        )
-        return [RejectedRow(*r) for r in rows]
 
     def export(
         self,

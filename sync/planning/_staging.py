@@ -4,10 +4,11 @@
 * :class:`ChunkWriter` — clean rows (typed, keyed) go to disk in *sorted chunks*: up to :data:`STAGE_ROWS` rows
   at a time are sorted by the canonical key (stably: rows of one key stay in file and row order) and written
   once, as one uncompressed Arrow IPC file. At write time the row offsets of :data:`FINE_RANGES` equal key ranges
-  are found by binary search on the sorted key column and kept in memory, so a bucket (a key range) is later read
-  back from every chunk file as one zero-copy slice of a memory-mapped file.
-* :class:`Settler` — bucket ``k`` of a source is key range ``k`` of ``2**bits``: its slices of every chunk file,
-  sorted in the canonical order ``(key, ext_id, file, row)``, duplicates resolved
+  are found by binary search on the sorted key column and kept in memory, so a key range is later read back from
+  every chunk file as one slice (the few record batches holding it).
+* :class:`Settler` — bucket ``k`` of a source is key range ``k`` of ``2**bits``: its slices of every chunk file
+  (read with those of the next few buckets, :data:`GROUP_ROWS`), sorted in the canonical order
+  ``(key, ext_id, file, row)``, duplicates resolved
   (:func:`sync.planning.validation.resolve_duplicates`), written as one IPC file. A bucket holds every row of
   its IDs, so it is settled on its own.
 * :class:`Settling` — settles the buckets of every source of a plan: all at once (``pushsync plan``, snapshot
@@ -60,6 +61,14 @@ FINE_RANGES = 1 << FINE_BITS
 """Key ranges whose row offsets each chunk file records: any bucket count up to this is a union of them."""
 LOOKAHEAD = 2
 """Buckets a lazy settle runs ahead of the furthest bucket a reader asked for."""
+GROUP_ROWS = 131_072
+"""Rows (at most, unless one bucket holds more) of the consecutive buckets read from the chunk files together and
+sorted at once: one read of each chunk file per group, not per bucket (reading a slice costs about as much as
+reading a few thousand rows, and a large input has many chunk files and many buckets: their product of slices
+would grow with the square of the input). Settling holds about two groups (read, then sorted)."""
+OPEN_CHUNKS = 256
+"""Chunk files a settler keeps open (readers with their footers read) while it settles; any more are opened
+for each read (a descriptor limit of 1024 is common)."""
 
 
 def write_error(where: Path | str, exc: OSError) -> StateError:
@@ -159,41 +168,46 @@ class ChunkFile:
     offsets: array[int]  # FINE_RANGES + 1 row offsets ('q')
     batches: tuple[int, ...]  # the first row of each record batch of the file, then its row count
 
-    def slice(self, first_range: int, end_range: int) -> pl.DataFrame | None:
-        """The rows of fine ranges ``[first_range, end_range)``, or None when there are none."""
+    def rows_in(self, first_range: int, end_range: int) -> int:
+        """How many rows fine ranges ``[first_range, end_range)`` hold in this file."""
+        return self.offsets[end_range] - self.offsets[first_range]
+
+    def open(self) -> tuple[pa.NativeFile, pa.ipc.RecordBatchFileReader]:
+        """The file, open, and a reader of it (its footer read once): :meth:`record_batches` reads through it."""
+        source = pa.OSFile(str(self.path))
+        try:
+            return source, pa.ipc.open_file(source)
+        except BaseException:
+            source.close()
+            raise
+
+    def record_batches(
+        self, first_range: int, end_range: int, reader: pa.ipc.RecordBatchFileReader | None = None
+    ) -> list[pa.RecordBatch]:
+        """The rows of fine ranges ``[first_range, end_range)``: the record batches holding them, sliced to them
+        (read through ``reader``, from :meth:`open`, when given)."""
         start, stop = self.offsets[first_range], self.offsets[end_range]
         if stop <= start:
-            return None
-        # Memory-mapped and sliced without reading the rest of the file. The slice's values are copied out
-        # before polars sees them, and the mapping closed: a frame holding on to a mapped file keeps every page
-        # it touched resident, which over the buckets of a large input grows to the size of the staged data.
+            return []
         first = bisect.bisect_right(self.batches, start) - 1
         last = bisect.bisect_left(self.batches, stop)  # one past the last batch holding a row of the slice
-        with pa.memory_map(str(self.path)) as source:
-            # Only the record batches holding the slice are read (a file is many small batches).
-            reader = pa.ipc.open_file(source)
-            table = pa.Table.from_batches([reader.get_batch(i) for i in range(first, last)])
-            table = table.slice(start - self.batches[first], stop - start)
-            owned = table.cast(_owned(table.schema))
-            del table, reader
-        frame = pl.from_arrow(owned)
-        assert isinstance(frame, pl.DataFrame)
-        return frame
-
-
-def _owned_type(dtype: pa.DataType) -> pa.DataType:
-    """``dtype`` with views (which point into the buffers they came from) as plain offsets and values."""
-    if dtype == pa.string_view():
-        return pa.large_string()
-    if dtype == pa.binary_view():
-        return pa.large_binary()
-    if pa.types.is_list(dtype) or pa.types.is_large_list(dtype) or pa.types.is_list_view(dtype):
-        return pa.large_list(_owned_type(dtype.value_type))
-    return dtype
-
-
-def _owned(schema: pa.Schema) -> pa.Schema:
-    return pa.schema([f.with_type(_owned_type(f.type)) for f in schema])
+        # Read (not memory-mapped): only the record batches holding the slice, into memory of their own. A
+        # mapping would keep every page a later frame touched resident, which over the buckets of a large input
+        # grows to the size of the staged data; read buffers are let go with the frame made of them.
+        source = None
+        if reader is None:
+            source, reader = self.open()
+        try:
+            out = []
+            for i in range(first, last):
+                batch = reader.get_batch(i)
+                lo = max(start, self.batches[i]) - self.batches[i]
+                hi = min(stop, self.batches[i + 1]) - self.batches[i]
+                out.append(batch if lo == 0 and hi == batch.num_rows else batch.slice(lo, hi - lo))
+            return out
+        finally:
+            if source is not None:
+                source.close()
 
 
 _FINE_BOUNDS = pl.Series(
@@ -226,12 +240,13 @@ class ChunkWriter:
         """Sort what is pending by key (rows of one key stay in read order) and write it as one chunk file."""
         if not self._pending:
             return
-        frame = pl.concat(self._pending) if len(self._pending) > 1 else self._pending[0]
+        # Not copied into one piece first: the sort gathers from the pieces (one copy of the rows, not two).
+        frame = pl.concat(self._pending, rechunk=False) if len(self._pending) > 1 else self._pending[0]
         self._pending, self._pending_rows = [], 0
         frame = frame.sort(KEY, maintain_order=True)
         path = self._directory / f"{len(self.chunks):06d}.arrow"
-        # Uncompressed, in small record batches: a bucket's rows are read back from the memory-mapped file,
-        # the few batches that hold them and nothing else.
+        # Uncompressed, in small record batches: a key range's rows are read back from the file, the few
+        # batches that hold them and nothing else.
         frame.write_ipc(path, compression="uncompressed", record_batch_size=CHUNK_BATCH_ROWS)
         bounds = frame[KEY].search_sorted(_FINE_BOUNDS, side="left")
         assert isinstance(bounds, pl.Series)
@@ -261,7 +276,10 @@ class Settler:
         "_chunks",
         "_deferred",
         "_directory",
+        "_group",
+        "_group_end",
         "_head",
+        "_readers",
         "_rejects",
         "bounds",
         "dropped",
@@ -299,6 +317,13 @@ class Settler:
         self.rows_clean = 0
         self.dropped = 0
         self.rows_read = rows_read  # input rows read by staging (final once staged)
+        self._group: pl.DataFrame | None = (
+            None  # the sorted rows of buckets [next, _group_end), read together
+        )
+        self._group_end = 0
+        self._readers: dict[
+            int, tuple[pa.NativeFile, pa.ipc.RecordBatchFileReader]
+        ] = {}  # chunk index -> open
         if chunks is not None:
             self.staged(chunks, bits, rows_read)
 
@@ -372,30 +397,77 @@ class Settler:
         return head
 
     def settle_next(self) -> None:
-        """Settle bucket :attr:`next`: read its rows from every chunk, resolve duplicates, write it."""
+        """Settle bucket :attr:`next`: its rows (read from every chunk with those of the next few buckets, up to
+        :data:`GROUP_ROWS` rows, and sorted with them), duplicates resolved, written."""
         assert self.bounds is not None
         k = self.next
-        # Not bound to a name here: the unsorted rows are let go as soon as they are sorted (one bucket in
-        # memory, not two).
-        self._settle_frame(self._read(self.bounds[k], self.bounds[k + 1]), k, defer=False)
+        if self._group_end <= k:
+            self._read_group(k)
+        bounds = self.bounds
+        frame: pl.DataFrame | None = None
+        group = self._group
+        if group is not None:
+            # The group is in canonical order, and so in key order: this bucket's rows come first.
+            if bounds[k + 1] >= FINE_RANGES:
+                end = group.height
+            else:
+                found = group[KEY].search_sorted(bounds[k + 1] << (32 - FINE_BITS), side="left")
+                assert isinstance(found, int)
+                end = found
+            if end:
+                frame = group.slice(0, end)
+            rest = group.slice(end)
+            self._group = rest if rest.height else None
+        self._settle_frame(frame, k, defer=False, ordered=True)
         if self.done:
             self._drop_chunks()
 
-    def _read(self, first: int, end: int) -> pl.DataFrame | None:
-        """The rows of fine ranges ``[first, end)`` from every chunk file, in chunk order."""
-        pieces = [p for c in self._chunks if (p := c.slice(first, end)) is not None]
-        if not pieces:
-            return None
-        return pl.concat(pieces) if len(pieces) > 1 else pieces[0]
+    def _read_group(self, k: int) -> None:
+        """Read buckets ``[k, j)`` from every chunk file — the most that hold :data:`GROUP_ROWS` rows, one at
+        least — and put them in canonical order: the same order, bucket by bucket, as each sorted alone
+        (:func:`canonical_order` of rows in read order is a stable sort on keys, which the buckets split)."""
+        assert self.bounds is not None
+        bounds, chunks = self.bounds, self._chunks
+        j = k + 1
+        rows = sum(c.rows_in(bounds[k], bounds[j]) for c in chunks)
+        while j < len(bounds) - 1:
+            more = sum(c.rows_in(bounds[j], bounds[j + 1]) for c in chunks)
+            if rows + more > GROUP_ROWS:
+                break
+            rows += more
+            j += 1
+        self._group_end = j
+        self._group = None
+        if rows:
+            # Not bound to a name: the unsorted rows are let go as soon as they are sorted.
+            self._group = canonical_order(self._read(bounds[k], bounds[j]))
 
-    def _settle_frame(self, frame: pl.DataFrame | None, k: int, *, defer: bool) -> None:
+    def _read(self, first: int, end: int) -> pl.DataFrame:
+        """The rows of fine ranges ``[first, end)`` from every chunk file, in chunk order (some rows)."""
+        batches = []
+        for i, chunk in enumerate(self._chunks):
+            if chunk.rows_in(first, end) <= 0:
+                continue
+            opened = self._readers.get(i)
+            if opened is None and i < OPEN_CHUNKS:
+                opened = self._readers[i] = chunk.open()
+            batches += chunk.record_batches(first, end, opened[1] if opened else None)
+        frame = pl.from_arrow(pa.Table.from_batches(batches))
+        assert isinstance(frame, pl.DataFrame)
+        return frame
+
+    def _settle_frame(
+        self, frame: pl.DataFrame | None, k: int, *, defer: bool, ordered: bool = False
+    ) -> None:
         """Resolve the duplicates of bucket ``k``'s rows and write its winners (no file when it has no rows).
-        ``defer`` (the head): its rejects wait for :meth:`staged`."""
+        ``defer`` (the head): its rejects wait for :meth:`staged`. ``ordered``: the rows are in canonical order
+        already (else they come in read order)."""
         assert self._rejects is not None  # only a settler made by settled() has none, and it is done
         path: Path | None = None
         rejects: pl.DataFrame | None = None
         if frame is not None:
-            frame = canonical_order(frame)
+            if not ordered:
+                frame = canonical_order(frame)
             winners, rejects, identical = resolve_duplicates(frame, self.source, self.names)
             del frame
             path = self._directory / f"{k:04d}.arrow"
@@ -419,8 +491,16 @@ class Settler:
         self.parts.append(path)
         self.next = k + 1
 
+    def release(self) -> None:
+        """Close the chunk files held open (settling stopped, or is over) and let the rows read go."""
+        readers, self._readers = self._readers, {}
+        for source, _reader in readers.values():
+            source.close()
+        self._group = None
+
     def _drop_chunks(self) -> None:
         # Every bucket is settled: the chunk files are read no more.
+        self.release()
         for chunk in self._chunks:
             chunk.path.unlink(missing_ok=True)
 
@@ -637,3 +717,12 @@ class Settling:
         thread = self._thread
         if thread is not None and thread is not threading.current_thread():
             thread.join(timeout=60)
+        if thread is not None and thread.is_alive():
+            return  # still at work (it gave no sign for a minute): its files go with the process
+        # No settling under way any more (a reader settling without a worker holds the lock while it does).
+        if self._settle_lock.acquire(timeout=60):
+            try:
+                for settler in self.settlers:
+                    settler.release()
+            finally:
+                self._settle_lock.release()

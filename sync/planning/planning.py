@@ -7,7 +7,7 @@
    get their canonical key (the CRC-32 of the external ID, vectorised) and are written in *sorted chunks*: up to
    :data:`sync.planning._staging.STAGE_ROWS` rows sorted by key and written once, as one Arrow IPC file;
 2. **settle** — bucket ``k`` is key range ``k`` (of ``2**bits``, sized by :data:`ROWS_PER_BUCKET`): its slice of
-   every chunk file (found by binary search on the key, memory-mapped, not copied), sorted in the canonical
+   every chunk file (found by binary search on the key; read with the next few buckets'), sorted in the canonical
    order ``(crc32(ext_id), ext_id, file, row)``, duplicates resolved ("last valid row wins",
    :func:`sync.planning.validation.resolve_duplicates`), written once. These *clean frames* are the typed, per-user data
    (``Plan.staged``) a snapshot diff reads before any platform request is built. By default every bucket is
@@ -29,6 +29,7 @@ import contextlib
 import csv
 import fcntl
 import functools
+import itertools
 import math
 import os
 import queue
@@ -46,7 +47,7 @@ import polars as pl
 import pyarrow as pa
 import pyarrow.ipc
 
-from sync.config import DispatchSettings, Job, Source
+from sync.config import DispatchSettings, FileFormat, Job, Source
 from sync.errors import InterruptedRunError
 from sync.planning._staging import (
     FINE_BITS,
@@ -66,11 +67,13 @@ from sync.sources.reading import (
     ROW,
     Chunk,
     RowSelector,
+    Spill,
     estimate_rows,
     expand_paths,
     iter_chunks,
     read_ids,
     read_rows,
+    spilled_chunks,
 )
 
 __all__ = [
@@ -432,29 +435,19 @@ class Plan:
         return self._counts
 
     def _count_source(self, staged: StagedSource, streams: list[Stream]) -> list[tuple[int, int]]:
-        """``builder.stream_counts`` of every stream of one source, fed from one pass over its buckets: each
-        stream counts in its own thread, from a small queue of the frames read (polars releases the GIL)."""
+        """``builder.stream_counts`` of every stream of one source, fed from one pass over its buckets."""
         if not streams:
             return []
         columns = list(dict.fromkeys(c for stream in streams for c in stream.columns))
-        feeds = [_Feed([EXT_ID, FILE, ROW, *dict.fromkeys(stream.columns)]) for stream in streams]
-        with ThreadPoolExecutor(max_workers=len(streams), thread_name_prefix="plan-count") as pool:
-            futures: list[Future[tuple[int, int]]] = [
-                pool.submit(
-                    self._builder.stream_counts, stream, feed, self.job.batch_size_for(stream.endpoint)
-                )
-                for stream, feed in zip(streams, feeds, strict=True)
-            ]
-            for feed, future in zip(feeds, futures, strict=True):
-                feed.consumer = future
-            try:
-                for frame in staged.frames(columns):
-                    for feed in feeds:
-                        feed.put(frame)
-            finally:
-                for feed in feeds:
-                    feed.close()
-            return [future.result() for future in futures]
+        # Two streams count at a time: one per core, the reading of the next buckets beside them.
+        counter = _Counter(self._builder, self.job, streams, concurrency=2)
+        try:
+            for frame in staged.frames(columns):
+                counter.put(frame)
+        except BaseException:
+            counter.abandon()
+            raise
+        return counter.finish()
 
     def summary(self, *, assumed_latency: float = ASSUMED_LATENCY) -> PlanSummary:
         """Requests and IDs per phase, endpoint and operation, the duration estimate and a sample per endpoint.
@@ -512,17 +505,57 @@ class Plan:
         return summary
 
 
+class _Counter:
+    """``builder.stream_counts`` of the streams of one source, fed the source's clean frames (every row of their
+    IDs, in bucket order) by :meth:`put`: each stream counts in its own thread, from a small queue of the frames
+    (polars releases the GIL), while the next frame is read or settled. At most ``concurrency`` of them work on
+    a frame at a time: each holds the intermediate frames of its count, and a large source has many streams."""
+
+    __slots__ = ("_feeds", "_futures", "_pool")
+
+    def __init__(
+        self, builder: BatchBuilder, job: Job, streams: Sequence[Stream], *, concurrency: int
+    ) -> None:
+        gate = threading.BoundedSemaphore(max(1, concurrency))
+        self._feeds = [_Feed([EXT_ID, FILE, ROW, *dict.fromkeys(stream.columns)], gate) for stream in streams]
+        self._pool = ThreadPoolExecutor(max_workers=max(1, len(streams)), thread_name_prefix="plan-count")
+        self._futures: list[Future[tuple[int, int]]] = [
+            self._pool.submit(builder.stream_counts, stream, feed, job.batch_size_for(stream.endpoint))
+            for stream, feed in zip(streams, self._feeds, strict=True)
+        ]
+        for feed, future in zip(self._feeds, self._futures, strict=True):
+            feed.consumer = future
+
+    def put(self, frame: pl.DataFrame) -> None:
+        """Count the rows of ``frame`` (holding every row of its IDs), in every stream."""
+        for feed in self._feeds:
+            feed.put(frame)
+
+    def finish(self) -> list[tuple[int, int]]:
+        """``(requests, IDs)`` per stream, once every frame was given (a counter's failure is raised)."""
+        self.abandon()
+        return [future.result() for future in self._futures]
+
+    def abandon(self) -> None:
+        """No more frames: the counters end (their threads are waited for)."""
+        for feed in self._feeds:
+            feed.close()
+        self._pool.shutdown(wait=True)
+
+
 class _Feed:
     """The frames one stream's count reads, handed over by the reading thread through a small queue; a
     counter that stopped early (failed) no longer holds the reader up."""
 
-    __slots__ = ("_columns", "_queue", "consumer")
+    __slots__ = ("_columns", "_gate", "_queue", "consumer")
 
     _END = object()
 
-    def __init__(self, columns: list[str]) -> None:
+    def __init__(self, columns: list[str], gate: threading.BoundedSemaphore) -> None:
         self._columns = columns
-        self._queue: queue.Queue[Any] = queue.Queue(maxsize=2)
+        self._gate = gate  # held by a counter while it works on a frame (until it asks for the next)
+        # One frame waiting: the frames in flight (and the buckets they keep in memory) stay few.
+        self._queue: queue.Queue[Any] = queue.Queue(maxsize=1)
         self.consumer: Future[Any] | None = None
 
     def put(self, frame: pl.DataFrame) -> None:
@@ -544,7 +577,8 @@ class _Feed:
 
     def __iter__(self) -> Iterator[pl.DataFrame]:
         while (item := self._queue.get()) is not self._END:
-            yield item
+            with self._gate:
+                yield item
 
 
 def _lines(fh: BinaryIO, size: int) -> Iterator[str]:
@@ -720,9 +754,11 @@ def _stage(
     limit: int | None = None,
     head_end: int = 0,
     files: Sequence[Path] | None = None,
+    spills: Sequence[Spill | None] = (),
 ) -> _Staged:
     """Read, validate and key every row of ``source`` into sorted chunk files. The clean rows of the fine key
-    ranges ``[0, head_end)`` (a head settled already, :func:`_stage_head`) are counted and left out."""
+    ranges ``[0, head_end)`` (a head settled already, :func:`_stage_head`) are counted and left out. ``spills``
+    (by file, as ``files``): the chunks of a file the head's reading kept, read instead of the file."""
     inputs: list[tuple[str, Callable[[], Iterator[Chunk]]]]
     if source.sql is not None:
         # A database source is one input, named by its label (database and table, never the password).
@@ -733,7 +769,15 @@ def _stage(
     else:
         if files is None:
             files = expand_paths(source, workdir=job.workdir, exclude=[rejects.path])
-        inputs = [(str(p), functools.partial(iter_chunks, source, p)) for p in files]
+        inputs = [
+            (
+                str(p),
+                functools.partial(spilled_chunks, source, spill)
+                if spill is not None
+                else functools.partial(iter_chunks, source, p),
+            )
+            for p, spill in itertools.zip_longest(files, spills)
+        ]
     head_key = _head_key(head_end)
     head: list[pl.DataFrame] = []
     names = tuple(name for name, _ in inputs)
@@ -807,7 +851,7 @@ def _head_mask(source: Source, rules: Any, head_key: int) -> Callable[[pl.Series
         text = ids.str.strip_chars() if rules.trim else ids
         if source.null_values:
             text = text.replace(list(source.null_values), None)
-        return text.is_not_null() & (canonical_key(text.fill_null("")) < head_key)
+        return text.is_not_null() & (canonical_key(text) < head_key)
 
     return select
 
@@ -819,25 +863,27 @@ def _stage_head(
     builder: Any,
     head_end: int,
     stop: threading.Event | None = None,
+    spills: Sequence[Spill | None] = (),
 ) -> pl.DataFrame:
     """The clean, keyed rows of ``source`` whose keys fall in fine ranges ``[0, head_end)``: every file is read,
     only those rows are validated (their rejects are dropped: the staging that follows writes every reject, in
     file order). Reading the whole input here also means a file that cannot be read fails before anything is
-    sent, as without a head."""
+    sent, as without a head. A file with a spill (``spills``, by file: a CSV file, which is parsed whole here)
+    has every chunk parsed written there, for the staging to read instead of parsing the file again."""
     schema = list(clean_schema(source))
     head_key = _head_key(head_end)
     select = _head_mask(source, job.validation, head_key)
     check_rows = getattr(builder, "check_rows", None)
     pieces: list[pl.DataFrame] = []
-    for index, path in enumerate(files):
+    for index, (path, spill) in enumerate(itertools.zip_longest(files, spills)):
         name = str(path)
         raw: list[pl.DataFrame] = []
-        picked = _picked_rows(source, path, select)
+        picked = None if spill is not None else _picked_rows(source, path, select)
         if picked is not None:
             if picked.height:
                 pieces.append(_validate_head(job, source, picked, index, name, check_rows))
             continue
-        for chunk in iter_chunks(source, path, keep=_selector(source, path, select)):
+        for chunk in iter_chunks(source, path, keep=_selector(source, path, select), spill=spill):
             _check_stop(stop)
             if chunk.frame.height:
                 if raw and raw[-1].schema != chunk.frame.schema:
@@ -1063,7 +1109,10 @@ def _start_lazy(
     settlers: list[Settler] = []
     inputs: list[list[Path] | None] = []
     heads: list[int] = []
-    for source in job.sources:
+    spills: list[list[Spill]] = [
+        [] for _ in job.sources
+    ]  # by source and file: what the head's reading parsed
+    for i, source in enumerate(job.sources):
         out = tmp / source.name
         out.mkdir()
         files: list[Path] | None = None
@@ -1083,7 +1132,12 @@ def _start_lazy(
             settler.staged(st.chunks.chunks, bits, st.rows_read)
         elif files:
             head_end = _head_ranges(source, files)
-            settler.settle_head(_stage_head(job, source, files, builder, head_end, stop), head_end)
+            if source.format is FileFormat.CSV:
+                # The head's reading parses every row of a CSV file: the staging reads what it parsed.
+                spill_dir = tmp / f"{source.name}.spill"
+                spills[i] = [Spill(spill_dir / f"{k}.arrow", ROW) for k in range(len(files))]
+            head = _stage_head(job, source, files, builder, head_end, stop, spills[i])
+            settler.settle_head(head, head_end)
         settlers.append(settler)
         inputs.append(files)
         heads.append(head_end)
@@ -1093,7 +1147,15 @@ def _start_lazy(
             if settlers[i].is_staged:
                 continue
             st = _stage(
-                job, source, tmp, rejects, builder, settling.halted, head_end=heads[i], files=inputs[i]
+                job,
+                source,
+                tmp,
+                rejects,
+                builder,
+                settling.halted,
+                head_end=heads[i],
+                files=inputs[i],
+                spills=spills[i],
             )
             head_rows = 0 if st.head is None else st.head.height
             if heads[i] and not _same_rows(st.head, settlers[i].take_head()):

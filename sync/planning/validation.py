@@ -19,7 +19,10 @@ Value formats (see docs/jobs.md):
 
 from __future__ import annotations
 
+import functools
+import operator
 import threading
+import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -103,60 +106,167 @@ _CRC_TABLE = _crc_table()
 """The CRC-32 (IEEE 802.3, zlib's) table: the CRC of one byte."""
 
 
+_LONG_ID = 256
+"""Bytes: IDs longer than this are keyed one at a time (:func:`zlib.crc32`). The tables grow with the longest ID
+keyed (1 KiB per byte), and IDs this long are rare enough that a call each costs less than tables for them."""
+_PAIRED = 40
+"""Bytes: IDs of an even length up to this (zero-padded numbers, UUIDs) are read two bytes at a time, through
+tables of 65,536 entries (256 KiB per pair of bytes, built once the length is met)."""
+
+
+class _CrcTables:
+    """The CRC-32 tables :func:`canonical_key` reads, grown (under a lock) to the longest ID keyed so far.
+
+    CRC-32 is affine over GF(2): for a message ``m`` of ``L`` bytes, ``crc(m) = crc(0^L) ^ XOR_i D[L-1-i][m[i]]``,
+    where ``D[d][v] = crc(v 0^d) ^ crc(0^(d+1))`` is what byte value ``v`` adds when ``d`` bytes follow it. So a
+    byte's share is one table look-up, independent of the other bytes: the bytes at one position of many IDs
+    of one length take one gather and one XOR, where the CRC's own recurrence takes a chain of operations per
+    byte, one position after the other. Two bytes read as one little-endian 16-bit value ``w`` followed by
+    ``d`` bytes add ``P[d/2][w] = D[d+1][w & 0xFF] ^ D[d][w >> 8]``: one look-up for both.
+    """
+
+    __slots__ = ("_lock", "distances", "pairs", "zeros")
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()  # plans of two jobs may key IDs in two threads of one process
+        self.distances: tuple[pl.Series, ...] = ()  # D[d], d < len(distances): 256 UInt32 values each
+        self.zeros: tuple[int, ...] = (0,)  # zeros[L] = crc(0^L), L <= len(distances)
+        self.pairs: tuple[pl.Series, ...] = ()  # P[j] (pairs of bytes 2j+1 and 2j from the end): 65,536 each
+
+    def upto(self, length: int) -> tuple[tuple[pl.Series, ...], tuple[int, ...]]:
+        """``(D, zeros)`` for IDs of up to ``length`` bytes (at most :data:`_LONG_ID`)."""
+        distances, zeros = self.distances, self.zeros  # replaced together, under the lock: read once each
+        if len(distances) >= length:
+            return distances, zeros
+        with self._lock:
+            grown, crcs = list(self.distances), list(self.zeros)
+            while len(grown) < length:
+                # D[0] is the CRC table itself (the share of a last byte); D[d+1] is D[d] carried through one
+                # more byte, a zero one (which adds nothing of its own: the map is linear).
+                grown.append(
+                    _CRC_TABLE if not grown else _CRC_TABLE.gather(grown[-1] & 0xFF) ^ (grown[-1] // 256)
+                )
+                crcs.append(zlib.crc32(b"\0", crcs[-1]))
+            self.distances, self.zeros = tuple(grown), tuple(crcs)
+            return self.distances, self.zeros
+
+    def paired(self, length: int) -> tuple[pl.Series, ...]:
+        """``P`` for IDs of ``length`` bytes (even, at most :data:`_PAIRED`)."""
+        pairs = self.pairs
+        if 2 * len(pairs) >= length:
+            return pairs
+        distances, _zeros = self.upto(length)
+        with self._lock:
+            grown = list(self.pairs)
+            words = pl.int_range(0, 1 << 16, dtype=pl.UInt32, eager=True)
+            while 2 * len(grown) < length:
+                d = 2 * len(grown)
+                grown.append(distances[d + 1].gather(words & 0xFF) ^ distances[d].gather(words // 256))
+            self.pairs = tuple(grown)
+            return self.pairs
+
+
+_TABLES = _CrcTables()
+
+
 def canonical_key(ext_ids: pl.Series) -> pl.Series:
     """CRC-32 of each ID's UTF-8 bytes: the first sort key of the canonical order ``(key, ext_id)``.
 
     A published checksum rather than polars' hash, which may change between polars versions: batch contents
     and IDs must not change when a dependency is upgraded between a run and its resume. Equal to
-    ``zlib.crc32(ext_id.encode())``, computed for all IDs at once: one table step per byte *position*, over every
-    ID that long (IDs sorted by length, so the IDs still going are a prefix), not one Python call per ID.
+    ``zlib.crc32(ext_id.encode())`` (0 for a missing ID, as for an empty one), computed for all IDs at once
+    (:class:`_CrcTables`): IDs of one byte length are one block of bytes, read a byte position at a time; IDs of
+    mixed lengths are grouped by length first (one gather), which makes each length's IDs such a block.
     """
     n = len(ext_ids)
     if n == 0:
         return pl.Series(KEY, [], dtype=pl.UInt32)
-    arrow = ext_ids.cast(pl.String).to_arrow()
+    text = ext_ids.cast(pl.String)
+    lengths = text.str.len_bytes().fill_null(0)
+    shortest, longest = lengths.min(), lengths.max()
+    assert isinstance(shortest, int) and isinstance(longest, int)
+    if shortest == longest <= _LONG_ID:
+        offsets, data = _utf8_buffers(text)
+        return _uniform_crc(data, offsets[0], n, longest).alias(KEY)
+    # The IDs grouped by length, ascending, so that each length's IDs are one block of the grouped IDs' bytes.
+    # Empty IDs are left out: their CRC is 0.
+    counts = [(length, count) for length, count in lengths.value_counts().sort(lengths.name).rows() if length]
+    if not counts:
+        return pl.repeat(0, n, dtype=pl.UInt32, eager=True).alias(KEY)
+    if len(counts) == 1 and counts[0][0] <= _LONG_ID:
+        # IDs of one length, and empty or missing ones: those filled up to that length make one block.
+        length = counts[0][0]
+        empty = pl.col("n") == 0
+        lengths_and_ids = pl.DataFrame({"n": lengths, "t": text})
+        filled = lengths_and_ids.select(pl.when(empty).then(pl.lit("\0" * length)).otherwise(pl.col("t")))
+        offsets, data = _utf8_buffers(filled.to_series())
+        block = _uniform_crc(data, offsets[0], n, length)
+        return lengths_and_ids.select(
+            pl.when(empty).then(0).otherwise(block).cast(pl.UInt32).alias(KEY)
+        ).to_series()
+    if len(counts) == 2:  # a pass per length costs less than a sort
+        order = pl.concat([(lengths == length).arg_true() for length, _ in counts])
+    else:
+        order = lengths.arg_sort().slice(n - sum(count for _, count in counts))
+    grouped = text.gather(order)
+    offsets, data = _utf8_buffers(grouped)
+    keys: list[pl.Series] = []
+    first = 0
+    for length, count in counts:
+        if length > _LONG_ID:  # the longest come last: every ID from here on is long
+            keys.append(
+                pl.Series([zlib.crc32(x.encode()) for x in grouped.slice(first).to_list()], dtype=pl.UInt32)
+            )
+            break
+        keys.append(_uniform_crc(data, offsets[first], count, length))
+        first += count
+    return pl.repeat(0, n, dtype=pl.UInt32, eager=True).scatter(order, pl.concat(keys)).alias(KEY)
+
+
+def _utf8_buffers(text: pl.Series) -> tuple[pl.Series, pa.Buffer | None]:
+    """The Arrow offsets (``len + 1`` of them, into the data) and the data buffer of a text column."""
+    arrow = text.to_arrow()
     if isinstance(arrow, pa.ChunkedArray):
         arrow = arrow.combine_chunks()
-    arrow = arrow.cast(pa.large_string())
-    _validity, offsets_buffer, data_buffer = arrow.buffers()
-    offsets = pl.Series(pa.Array.from_buffers(pa.int64(), n + 1, [None, offsets_buffer], offset=arrow.offset))
-    data = pl.Series(
-        pa.Array.from_buffers(pa.uint8(), data_buffer.size if data_buffer else 0, [None, data_buffer])
-    )
-    starts = offsets.slice(0, n)
-    lengths = offsets.slice(1, n) - starts
-    shortest = lengths.min()
-    assert isinstance(shortest, int)
-    if shortest == lengths.max():
-        return _uniform_crc(data.slice(starts[0], n * shortest), n, shortest)
-    order = lengths.arg_sort(descending=True)
-    starts = starts.gather(order)
-    ending = dict(lengths.value_counts().iter_rows())  # length -> IDs of that length
-    crc = pl.repeat(0xFFFFFFFF, n, dtype=pl.UInt32, eager=True)
-    finished: list[pl.Series] = []  # CRCs of IDs shorter than the position reached, longest last
-    active = n
-    longest = lengths.max()
-    assert isinstance(longest, int)
-    for position in range(longest):
-        active -= ending.get(position, 0)
-        if active < len(crc):
-            finished.append(crc.slice(active))
-            crc, starts = crc.slice(0, active), starts.slice(0, active)
-        byte = data.gather(starts + position).cast(pl.UInt32)
-        crc = _CRC_TABLE.gather((crc ^ byte) & 0xFF) ^ (crc // 256)
-    keys = pl.concat([crc, *reversed(finished)]) ^ 0xFFFFFFFF
-    return keys.gather(order.arg_sort()).cast(pl.UInt32).alias(KEY)
+    if arrow.type != pa.large_string():  # polars gives large strings; a cast imports pyarrow.compute (~80 ms)
+        arrow = arrow.cast(pa.large_string())
+    _validity, offsets, data = arrow.buffers()
+    return _series(
+        pa.Array.from_buffers(pa.int64(), len(arrow) + 1, [None, offsets], offset=arrow.offset)
+    ), data
 
 
-def _uniform_crc(block: pl.Series, n: int, length: int) -> pl.Series:
-    """:func:`canonical_key` of ``n`` IDs of ``length`` bytes each (fixed-format IDs: zero-padded numbers,
-    UUIDs), back to back in ``block``: byte ``i`` of every ID is every ``length``-th byte from ``i``, a strided
-    read rather than a gather at computed offsets."""
-    crc = pl.repeat(0xFFFFFFFF, n, dtype=pl.UInt32, eager=True)
-    for position in range(length):
-        byte = block.gather_every(length, position).cast(pl.UInt32)
-        crc = _CRC_TABLE.gather((crc ^ byte) & 0xFF) ^ (crc // 256)
-    return (crc ^ 0xFFFFFFFF).cast(pl.UInt32).alias(KEY)
+def _series(array: pa.Array) -> pl.Series:
+    """``array`` as a polars Series, not copied. Through a record batch: ``pl.Series(array)`` imports
+    pyarrow.compute (~80 ms, on the way to a run's first request) to check for dictionaries."""
+    frame = pl.from_arrow(pa.RecordBatch.from_arrays([array], ["v"]))
+    assert isinstance(frame, pl.DataFrame)
+    return frame.to_series()
+
+
+def _uniform_crc(data: pa.Buffer | None, start: int, n: int, length: int) -> pl.Series:
+    """The CRC-32 of ``n`` IDs of ``length`` bytes each (at most :data:`_LONG_ID`), back to back in ``data`` from
+    byte ``start``: byte ``i`` of every ID is every ``length``-th byte from ``i`` (a strided read); each adds
+    its share, one gather from the table of its distance to the end. Two bytes at a time, where the length and
+    the start are even (a 16-bit view of the bytes)."""
+    if length == 0 or data is None:
+        return pl.repeat(0, n, dtype=pl.UInt32, eager=True)
+    distances, zeros = _TABLES.upto(length)
+    # One query for the block: a Series method is a query of its own, whose overhead costs as much as its work
+    # on a small block.
+    if length % 2 == 0 and start % 2 == 0 and length <= _PAIRED:
+        tables, step = _TABLES.paired(length), length // 2
+        column = _series(pa.Array.from_buffers(pa.uint16(), n * step, [None, data], offset=start // 2))
+    else:
+        tables, step = distances, length
+        column = _series(pa.Array.from_buffers(pa.uint8(), n * length, [None, data], offset=start))
+    values = pl.col("v")
+    shares = [
+        pl.lit(tables[step - 1 - j]).gather(values.gather_every(step, j) if step > 1 else values)
+        for j in range(step)
+    ]
+    crc = functools.reduce(operator.xor, shares)
+    return pl.DataFrame({"v": column}).select((crc ^ zeros[length]).cast(pl.UInt32)).to_series()
 
 
 def clean_schema(source: Source) -> dict[str, Any]:

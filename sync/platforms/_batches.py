@@ -31,8 +31,8 @@ from typing import TypeVar
 
 import polars as pl
 import pyarrow as pa
-import pyarrow.compute as pc
 
+from sync._arrow import call as arrow_call
 from sync.planning.row_keys import ROW_KEY
 from sync.platforms import _encode as enc
 from sync.records import ExtIds, RowRef
@@ -185,7 +185,7 @@ class _Joined:
     def __init__(self, column: pl.Series | pa.Array, bounds: Sequence[int], sep: str) -> None:
         self._values = column if isinstance(column, pa.Array) else _large_strings(column)
         lists = pa.LargeListArray.from_arrays(pa.array(bounds, pa.int64()), self._values)
-        joined = pc.binary_join(lists, pa.scalar(sep, pa.large_string()))
+        joined = arrow_call("binary_join", lists, pa.scalar(sep, pa.large_string()))
         self._base, self._offsets, self._data = _buffers(joined)
 
     def holds(self, chars: bytes) -> bool:

@@ -23,7 +23,7 @@ yet converted return JSON-ready objects that their client encodes. :func:`sync.r
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
@@ -239,13 +239,26 @@ class Platform(Protocol):
         ...
 
 
+class _Deferred:
+    """A platform registered by the function that imports it (:meth:`Registry.defer`)."""
+
+    __slots__ = ("load",)
+
+    def __init__(self, load: Callable[[], Platform]) -> None:
+        self.load = load
+
+
 class Registry:
-    """The platforms a job may name, by name: the one place that lists them (:mod:`sync.platforms.registry`)."""
+    """The platforms a job may name, by name: the one place that lists them (:mod:`sync.platforms.registry`).
+
+    A platform may be registered by name with a function that imports it (:meth:`defer`): a run imports only
+    the platform its job names, not every platform's request shapes (and what they import) at start-up.
+    """
 
     __slots__ = ("_platforms",)
 
     def __init__(self, platforms: Iterable[Platform] = ()) -> None:
-        self._platforms: dict[str, Platform] = {}  # name → platform, in registration order
+        self._platforms: dict[str, Platform | _Deferred] = {}  # name → platform, in registration order
         for platform in platforms:
             self.register(platform)
 
@@ -255,11 +268,27 @@ class Registry:
             raise ValueError(f"platform {platform.name!r} is already registered")
         self._platforms[platform.name] = platform
 
+    def defer(self, name: str, load: Callable[[], Platform]) -> None:
+        """Add the platform ``name`` that ``load`` imports and returns, the first time it is asked for."""
+        if name in self._platforms:
+            raise ValueError(f"platform {name!r} is already registered")
+        self._platforms[name] = _Deferred(load)
+
     def get(self, name: str) -> Platform | None:
-        return self._platforms.get(name)
+        found = self._platforms.get(name)
+        if not isinstance(found, _Deferred):
+            return found
+        platform = found.load()  # an import: two threads asking at once get the same module's object
+        if platform.name != name:
+            raise ValueError(f"platform {name!r} loads as {platform.name!r}")
+        self._platforms[name] = platform
+        return platform
 
     def __getitem__(self, name: str) -> Platform:
-        return self._platforms[name]
+        platform = self.get(name)
+        if platform is None:
+            raise KeyError(name)
+        return platform
 
     def names(self) -> tuple[str, ...]:
         return tuple(self._platforms)

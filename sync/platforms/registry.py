@@ -13,14 +13,36 @@ import threading
 from sync.config import Job, use_platforms
 from sync.errors import BadJobError, JobProblem
 from sync.platforms.base import Platform, Registry
-from sync.platforms.formsonfire.platform import FORMSONFIRE
-from sync.platforms.netmera.platform import NETMERA
-from sync.platforms.notifyvisitors.platform import NOTIFYVISITORS
 
 __all__ = ["REGISTRY", "platform_for", "preload_client"]
 
-REGISTRY = Registry([NETMERA, NOTIFYVISITORS, FORMSONFIRE])
+# Each platform is imported when a job names it (or a command lists them all): a run loads its own platform's
+# request shapes only — Forms On Fire's XML, NotifyVisitors' families — not every platform's at start-up.
+
+
+def _netmera() -> Platform:
+    from sync.platforms.netmera.platform import NETMERA
+
+    return NETMERA
+
+
+def _notifyvisitors() -> Platform:
+    from sync.platforms.notifyvisitors.platform import NOTIFYVISITORS
+
+    return NOTIFYVISITORS
+
+
+def _formsonfire() -> Platform:
+    from sync.platforms.formsonfire.platform import FORMSONFIRE
+
+    return FORMSONFIRE
+
+
+REGISTRY = Registry()
 """Every platform a job's ``destination.platform`` may name."""
+REGISTRY.defer("netmera", _netmera)
+REGISTRY.defer("notifyvisitors", _notifyvisitors)
+REGISTRY.defer("formsonfire", _formsonfire)
 
 use_platforms(REGISTRY)
 

@@ -34,20 +34,24 @@ import pyarrow as pa
 import pyarrow.csv as pa_csv
 import pyarrow.parquet as pq
 
+from sync._arrow import call as arrow_call
 from sync.config import FileFormat, Job, Source
 from sync.errors import BadInputError, JobProblem
 from sync.records import RejectedRow
 from sync.sources._column_types import type_problems
+from sync.sources._spill import Spill
 
 __all__ = [
     "ROW",
     "Chunk",
     "RowSelector",
+    "Spill",
     "check_sources",
     "estimate_rows",
     "expand_paths",
     "iter_chunks",
     "read_columns",
+    "spilled_chunks",
 ]
 
 ROW = "__row"
@@ -197,8 +201,10 @@ def _wait_for_arrow(timeout: float = _RELEASE_WAIT_SECONDS) -> bool:
 atexit.register(_wait_for_arrow)
 
 
-def _csv_read_options(source: Source, block_size: int = CSV_BLOCK_BYTES) -> pa_csv.ReadOptions:
-    return pa_csv.ReadOptions(encoding=source.encoding, block_size=block_size, use_threads=False)
+def _csv_read_options(source: Source, block_size: int | None = None) -> pa_csv.ReadOptions:
+    return pa_csv.ReadOptions(
+        encoding=source.encoding, block_size=block_size or CSV_BLOCK_BYTES, use_threads=False
+    )
 
 
 def read_columns(source: Source, path: Path) -> list[str]:
@@ -422,20 +428,50 @@ RowSelector = Callable[[Callable[[], pl.Series], pl.Series], pl.Series]
 only when asked for) and its rows' numbers (``__row``), the mask of the rows to keep."""
 
 
-def iter_chunks(source: Source, path: Path, *, keep: RowSelector | None = None) -> Iterator[Chunk]:
+def iter_chunks(
+    source: Source, path: Path, *, keep: RowSelector | None = None, spill: Spill | None = None
+) -> Iterator[Chunk]:
     """Stream one file of a source in bounded chunks, reading only the mapped columns.
 
     ``keep``: only the rows it selects (by their ID) come out, with their own row numbers; the file is checked
     and read as a whole all the same (malformed records are still reported). Converting only those rows is
     what makes a read of a few rows of a large file cheap.
+    ``spill`` (a CSV file): every chunk as parsed — all its rows, whatever ``keep`` selects — is also written
+    there, so that :func:`spilled_chunks` gives the chunks of this file later without parsing it again. It is
+    complete once the file was read to its end (and discarded when the reading fails or stops early).
     Raises BadInputError (once, with the file's path) when the file cannot be read at all.
     """
-    names = _check_header(source, path)
+    assert spill is None or source.format is FileFormat.CSV, "only a CSV file is spilled"
+    try:
+        names = _check_header(source, path)
+        columns = list(source.columns())
+        if source.format is FileFormat.PARQUET:
+            yield from _parquet_chunks(source, path, columns, keep)
+        elif _header_without_newline(source, path) is None:
+            yield from _csv_chunks(source, path, columns, names, keep, spill)
+    except BaseException:  # GeneratorExit included: a reading stopped early spilled part of the file only
+        if spill is not None:
+            spill.discard()
+        raise
+    if spill is not None:
+        spill.finish()
+
+
+def spilled_chunks(source: Source, spill: Spill) -> Iterator[Chunk]:
+    """The chunks :func:`iter_chunks` gave while it wrote ``spill`` — every row, as if read without ``keep``,
+    with the same row numbers and malformed records — read back from the spill instead of parsed again. Read
+    once: the spill is removed afterwards."""
     columns = list(source.columns())
-    if source.format is FileFormat.PARQUET:
-        yield from _parquet_chunks(source, path, columns, keep)
-    elif _header_without_newline(source, path) is None:
-        yield from _csv_chunks(source, path, columns, names, keep)
+    for table, malformed in spill.chunks():
+        if table is None:
+            frame = pl.DataFrame(schema={**{c: pl.String for c in columns}, ROW: pl.Int64})
+        else:
+            rows = pl.from_arrow(table.select([spill.row_column]))
+            assert isinstance(rows, pl.DataFrame)
+            frame = _normalise(table.drop_columns([spill.row_column])).with_columns(
+                rows.to_series().alias(ROW)
+            )
+        yield Chunk(frame, malformed)
 
 
 def read_ids(source: Source, path: Path) -> Iterator[pl.Series] | None:
@@ -525,9 +561,16 @@ def _selected(
     """``table`` as a polars frame (:func:`_normalise`) with its ``__row`` numbers, only the rows ``keep`` selects."""
     if keep is not None:
         mask = keep(lambda: _normalise(table.select([ext_id]))[ext_id], rows)
-        table = table.filter(mask.to_arrow())
+        table = _arrow_filter(table, mask.to_arrow())
         rows = rows.filter(mask)
     return _normalise(table).with_columns(rows.alias(ROW))
+
+
+def _arrow_filter(table: pa.Table | pa.RecordBatch, mask: pa.Array) -> pa.Table | pa.RecordBatch:
+    """``table.filter(mask)`` through :func:`sync._arrow.call`: ``Table.filter`` imports pyarrow.compute (~80 ms,
+    on the way to a lazy run's first request)."""
+    filtered: pa.Table | pa.RecordBatch = arrow_call("filter", table, mask)
+    return filtered
 
 
 def _parquet_chunks(
@@ -583,7 +626,12 @@ def _check_text(batch: pa.RecordBatch, path: Path, first_row: int) -> None:
 
 
 def _csv_chunks(
-    source: Source, path: Path, columns: list[str], names: list[str], keep: RowSelector | None = None
+    source: Source,
+    path: Path,
+    columns: list[str],
+    names: list[str],
+    keep: RowSelector | None = None,
+    spill: Spill | None = None,
 ) -> Iterator[Chunk]:
     # Records with the wrong number of fields are skipped by pyarrow and reported here; their data row number is
     # the physical line number minus the header (exact unless an earlier value spans several lines).
@@ -609,7 +657,9 @@ def _csv_chunks(
         return "skip"
 
     with _undecodable_rows(on_invalid) as undecodable:
-        yield from _csv_read(source, path, columns, names, on_invalid, undecodable, malformed, skipped, keep)
+        yield from _csv_read(
+            source, path, columns, names, on_invalid, undecodable, malformed, skipped, keep, spill
+        )
 
 
 def _id_in_record(text: str | None, position: int, delimiter: str) -> str | None:
@@ -631,6 +681,7 @@ def _csv_read(
     malformed: list[RejectedRow],
     skipped: list[int],
     keep: RowSelector | None = None,
+    spill: Spill | None = None,
 ) -> Iterator[Chunk]:
     try:
         reader = pa_csv.open_csv(
@@ -660,10 +711,14 @@ def _csv_read(
             else:
                 row_col = pl.int_range(next_row, next_row + n, dtype=pl.Int64, eager=True).alias(ROW)
                 next_row += n
+            if spill is not None:
+                spill.add(batch, row_col.to_arrow(), malformed)
             chunk = Chunk(_selected(batch, row_col, source.ext_id, keep), tuple(malformed))
             malformed.clear()
             yield chunk
         if malformed:
+            if spill is not None:
+                spill.add(None, None, malformed)
             yield Chunk(
                 pl.DataFrame(schema={**{c: pl.String for c in columns}, ROW: pl.Int64}), tuple(malformed)
             )
