@@ -17,9 +17,19 @@ __all__ = ["SandboxStats"]
 
 class SandboxStats:
     """Counters a test or benchmark reads back: requests per endpoint and status, the largest number of accepted
-    requests in any window per bucket, 429s sent, faults injected per kind, IDs applied per operation."""
+    requests in any window per bucket, 429s sent, faults injected per kind, IDs applied per operation, and when
+    the first request was answered."""
 
-    __slots__ = ("_applied", "_clock", "_faults", "_rate_limited", "_requests", "_window_seconds", "_windows")
+    __slots__ = (
+        "_applied",
+        "_clock",
+        "_faults",
+        "_first",
+        "_rate_limited",
+        "_requests",
+        "_window_seconds",
+        "_windows",
+    )
 
     def __init__(self, *, clock: Clock = time.time, window_seconds: float = 60.0) -> None:
         self._clock: Clock = clock
@@ -29,13 +39,19 @@ class SandboxStats:
         self._rate_limited: dict[str, int] = {}  # endpoint → 429s sent
         self._faults: dict[str, int] = {}  # fault kind → count
         self._applied: dict[str, int] = {}  # operation → IDs (or items) applied
+        # The clock's time when the first request since the last reset was counted: a benchmark reads when the
+        # first request came from it afterwards, instead of polling the sandbox (which takes CPU from the run).
+        self._first: float | None = None
 
     def reset(self) -> None:
         for counters in (self._requests, self._windows, self._rate_limited, self._faults, self._applied):
             counters.clear()
+        self._first = None
 
     def record(self, endpoint: str, status: int | str) -> None:
         """Count one finished request (``status`` an HTTP status or ``"dropped"``/``"hung"``)."""
+        if self._first is None:
+            self._first = self._clock()
         per_status = self._requests.get(endpoint)
         if per_status is None:
             per_status = self._requests[endpoint] = {}
@@ -108,4 +124,5 @@ class SandboxStats:
             "rate_limited_total": sum(self._rate_limited.values()),
             "faults": dict(sorted(self._faults.items())),
             "applied": dict(sorted(self._applied.items())),
+            "first_request_at": self._first,
         }

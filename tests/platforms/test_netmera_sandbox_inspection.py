@@ -24,6 +24,21 @@ async def test_stats_route(netmera_sandbox_factory: Any) -> None:
     assert reply.body["rate_limited_total"] == 0 and reply.body["faults"] == {}
 
 
+async def test_stats_stamp_the_first_request_until_a_reset(netmera_sandbox_factory: Any) -> None:
+    # bench/bench_first_request.py reads this stamp instead of polling the sandbox while the run starts.
+    now = [1000.0]
+    netmera_sandbox = await netmera_sandbox_factory(clock=lambda: now[0])
+    assert (await netmera_sandbox.inspect("GET", "stats")).body["first_request_at"] is None
+    await netmera_sandbox.post("tagUsers", {"tag": "T", "extIds": ["a"]})
+    now[0] = 1002.5
+    await netmera_sandbox.post("tagUsers", {"tag": "T", "extIds": ["b"]})
+    assert (await netmera_sandbox.inspect("GET", "stats")).body["first_request_at"] == 1000.0
+    await netmera_sandbox.inspect("POST", "reset?what=stats")
+    assert (await netmera_sandbox.inspect("GET", "stats")).body["first_request_at"] is None
+    await netmera_sandbox.post("tagUsers", {"tag": "T", "extIds": ["c"]})
+    assert (await netmera_sandbox.inspect("GET", "stats")).body["first_request_at"] == 1002.5
+
+
 async def test_state_dump_json_round_trips_into_a_new_sandbox(netmera_sandbox: Any) -> None:
     state = netmera_sandbox.sandbox.state
     state.add_synthetic(3, 1)
