@@ -12,6 +12,7 @@ from collections import defaultdict
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pytest
 import structlog
@@ -249,24 +250,32 @@ def test_stop_drains_in_flight_batches_then_returns_interrupted(tmp_path: Path) 
     ledger.close()
 
 
-def test_drain_timeout_cancels_hung_requests_and_leaves_them_sent(tmp_path: Path) -> None:
-    client = MemoryPlatform(latency=60.0)
-    ledger = Ledger.open(tmp_path / "l.sqlite")
+def _stopped_at(
+    stop: float, client: Any, settings: Any, ledger: Ledger, batches: Any
+) -> tuple[DispatchReport, float]:
+    """Dispatch ``batches`` as run ``r`` of ``ledger`` (started here) on the virtual clock, asking the dispatcher
+    to stop (drain) at ``stop`` seconds; returns its report and the clock's time when it ended."""
     ledger.start_run("r", job="j")
 
     async def go() -> tuple[DispatchReport, float]:
         loop = asyncio.get_running_loop()
-        dispatcher = Dispatcher(
-            client,
-            _settings(concurrency=2, drain_timeout=1.5, request_timeout=100.0),
-            ledger=ledger,
-            run_id="r",
-        )
-        loop.call_later(0.5, dispatcher.stop_event.set)
-        report = await dispatcher.run(_plan(10))
+        dispatcher = Dispatcher(client, settings, ledger=ledger, run_id="r")
+        loop.call_later(stop, dispatcher.stop_event.set)
+        report = await dispatcher.run(batches)
         return report, loop.time()
 
-    report, ended = run_virtual(go())
+    return run_virtual(go())
+
+
+def test_drain_timeout_cancels_hung_requests_and_leaves_them_sent(tmp_path: Path) -> None:
+    ledger = Ledger.open(tmp_path / "l.sqlite")
+    report, ended = _stopped_at(
+        0.5,
+        MemoryPlatform(latency=60.0),
+        _settings(concurrency=2, drain_timeout=1.5, request_timeout=100.0),
+        ledger,
+        _plan(10),
+    )
     assert report.outcome is DispatchOutcome.INTERRUPTED
     assert ended == pytest.approx(2.0)  # stop at 0.5 + drain 1.5
     assert ledger.run("r").batches_by_status.get("sent") == 2  # type: ignore[union-attr]
@@ -467,23 +476,14 @@ def test_a_request_with_no_answer_is_cut_off_by_the_dispatcher_s_own_guard(tmp_p
 def test_a_stop_during_a_hung_request_is_a_cancellation_not_a_time_out(tmp_path: Path) -> None:
     # A drain cut short cancels a hung attempt before its guard's deadline: the batch stays sent (its outcome
     # unknown), no attempt is recorded as a time-out, and the run ends when the drain does.
-    client = HangingPlatform(hangs=1)
     ledger = Ledger.open(tmp_path / "l.sqlite")
-    ledger.start_run("r", job="j")
-
-    async def go() -> tuple[DispatchReport, float]:
-        loop = asyncio.get_running_loop()
-        dispatcher = Dispatcher(
-            client,
-            _settings(concurrency=2, request_timeout=5.0, drain_timeout=1.0),
-            ledger=ledger,
-            run_id="r",
-        )
-        loop.call_later(0.5, dispatcher.stop_event.set)
-        report = await dispatcher.run(_plan(4))
-        return report, loop.time()
-
-    report, ended = run_virtual(go())
+    report, ended = _stopped_at(
+        0.5,
+        HangingPlatform(hangs=1),
+        _settings(concurrency=2, request_timeout=5.0, drain_timeout=1.0),
+        ledger,
+        _plan(4),
+    )
     statuses = ledger.run("r").batches_by_status  # type: ignore[union-attr]
     attempts = ledger.attempts("r")
     ledger.close()

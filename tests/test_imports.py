@@ -7,12 +7,21 @@ not from the design.
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent / "sync"
+
+
+def _fresh_python(script: str) -> subprocess.CompletedProcess[str]:
+    """``script`` run by a new interpreter from the repository (what it imports is what a fresh process does)."""
+    return subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, check=True, cwd=ROOT.parent
+    )
 
 
 def _module_name(path: Path) -> str:
@@ -115,8 +124,6 @@ def test_snapshot_state_knows_no_platform_package(module: str) -> None:
 def test_starting_a_run_loads_no_connector_until_it_is_preloaded() -> None:
     """The command line, the run module and a loaded job import no HTTP library (start-up stays short); a run
     preloads its platform's connector in a background thread while it reads the input (issue 13)."""
-    import subprocess
-    import sys
 
     job = Path(__file__).resolve().parent / "fixtures" / "all_ops.yaml"
     script = (
@@ -131,9 +138,7 @@ def test_starting_a_run_loads_no_connector_until_it_is_preloaded() -> None:
         "thread.join(60)\n"
         "print(before, 'aiohttp' in sys.modules, 'sync.platforms.netmera.client' in sys.modules)\n"
     )
-    done = subprocess.run(
-        [sys.executable, "-c", script], capture_output=True, text=True, check=True, cwd=ROOT.parent
-    )
+    done = _fresh_python(script)
     assert done.stdout.split() == ["False", "True", "True"], done.stderr
 
 
@@ -141,8 +146,6 @@ def test_a_lazy_run_makes_its_first_batches_without_importing_pyarrow_compute(tm
     """Reading a CSV head and cutting the first batches call Arrow kernels by name (sync/_arrow.py): importing
     pyarrow.compute builds ~80 ms of wrappers on the way to the first request (issue 13)."""
     import shutil
-    import subprocess
-    import sys
 
     fixtures = Path(__file__).resolve().parent / "fixtures"
     for name in ("all_ops.yaml", "users.csv", "tags.csv", "events.csv", "deletions.csv"):
@@ -161,9 +164,7 @@ def test_a_lazy_run_makes_its_first_batches_without_importing_pyarrow_compute(tm
         "            made += next(batches, None) is not None\n"
         "print(made > 0, 'pyarrow.compute' in sys.modules)\n"
     )
-    done = subprocess.run(
-        [sys.executable, "-c", script], capture_output=True, text=True, check=True, cwd=ROOT.parent
-    )
+    done = _fresh_python(script)
     assert done.stdout.split() == ["True", "False"], done.stderr
 
 
@@ -171,8 +172,6 @@ def test_a_job_loads_only_the_platform_it_names() -> None:
     """The registry imports a platform when a job names it (issue 13: start-up): a Netmera run does not load
     Forms On Fire's XML or NotifyVisitors' request shapes; a job naming no known platform still hears every name,
     and the commands that list the platforms still find each."""
-    import subprocess
-    import sys
 
     job = Path(__file__).resolve().parent / "fixtures" / "all_ops.yaml"
     script = (
@@ -188,9 +187,7 @@ def test_a_job_loads_only_the_platform_it_names() -> None:
         "print(loaded(), 'xml.sax.saxutils' in sys.modules)\n"
         "print([REGISTRY[name].name for name in REGISTRY.names()], loaded())\n"
     )
-    done = subprocess.run(
-        [sys.executable, "-c", script], capture_output=True, text=True, check=True, cwd=ROOT.parent
-    )
+    done = _fresh_python(script)
     assert done.stdout.splitlines() == [
         "[]",
         "['netmera'] False",
@@ -202,8 +199,6 @@ def test_logging_loads_no_rich_and_still_renders_tracebacks() -> None:
     """structlog would import rich (~55 ms of start-up) for tracebacks our processors already turned into text:
     a run's imports leave it out, a logged exception still shows its traceback on the console, and rich still
     loads for the progress bar."""
-    import subprocess
-    import sys
 
     script = (
         "import sys\n"
@@ -218,9 +213,7 @@ def test_logging_loads_no_rich_and_still_renders_tracebacks() -> None:
         "from rich.progress import Progress\n"
         "print(Progress.__name__)\n"
     )
-    done = subprocess.run(
-        [sys.executable, "-c", script], capture_output=True, text=True, check=True, cwd=ROOT.parent
-    )
+    done = _fresh_python(script)
     assert done.stdout.split() == ["False", "Progress"], done.stderr
     assert "run.failed" in done.stderr and "ZeroDivisionError: division by zero" in done.stderr
     assert "Traceback (most recent call last)" in done.stderr
@@ -230,8 +223,6 @@ def test_a_command_that_needs_one_module_builds_its_parser_alone() -> None:
     """``pushsync run``/``plan``/``validate`` build their own parsers only (not ``init``'s and ``sandbox``'s,
     which load every platform): the same parsers, the same help; other command lines get the whole parser."""
     import argparse
-    import subprocess
-    import sys
 
     import sync.cli
 
@@ -256,7 +247,5 @@ def test_a_command_that_needs_one_module_builds_its_parser_alone() -> None:
         "print(code, sorted(m for m in sys.modules if m.startswith(('sync.platforms.formsonfire', "
         "'sync.platforms.notifyvisitors', 'sync.sandboxes'))))\n"
     )
-    done = subprocess.run(
-        [sys.executable, "-c", script], capture_output=True, text=True, check=True, cwd=ROOT.parent
-    )
+    done = _fresh_python(script)
     assert done.stdout.split("\n")[-2] == "0 []", (done.stdout, done.stderr)

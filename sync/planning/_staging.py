@@ -683,10 +683,8 @@ class Settling:
                 self._stage()
                 if self.complete and self._on_done is not None:
                     self._on_done()
-        except BaseException as exc:  # handed to the readers, who raise it
-            with self._cond:
-                self._error = exc
-                self._cond.notify_all()
+        except BaseException as exc:
+            self._fail(exc)
             return
         with self._cond:
             self._cond.notify_all()
@@ -699,13 +697,17 @@ class Settling:
                     return
             try:
                 self._settle_one(settler)
-            except BaseException as exc:  # handed to the readers, who raise it
-                with self._cond:
-                    self._error = exc
-                    self._cond.notify_all()
+            except BaseException as exc:
+                self._fail(exc)
                 return
             with self._cond:
                 self._cond.notify_all()
+
+    def _fail(self, exc: BaseException) -> None:
+        # The worker's error is handed to the readers, who raise it in their threads.
+        with self._cond:
+            self._error = exc
+            self._cond.notify_all()
 
     def close(self) -> None:
         """Stop staging and settling, and wait for the chunk or bucket under way (its files are about to be

@@ -25,7 +25,6 @@ from __future__ import annotations
 import sys
 from array import array
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TypeVar
 
@@ -33,6 +32,7 @@ import polars as pl
 import pyarrow as pa
 
 from sync._arrow import call as arrow_call
+from sync._prefetch import ahead
 from sync.planning.row_keys import ROW_KEY
 from sync.platforms import _encode as enc
 from sync.records import ExtIds, RowRef
@@ -368,26 +368,6 @@ def _frame_cuts(
     return out
 
 
-_END = object()
-
-
-def ahead(items: Iterable[T]) -> Iterator[T]:
-    """``items``, each one made on a worker thread while the caller uses the one before.
-
-    For frames whose making is polars work (reading, selecting, encoding: the GIL is released) and whose use is
-    partly Python (cutting, hashing): the two overlap on a second core. At most one item is made ahead; closing
-    the iterator early waits for that one to finish. An exception raised making an item is raised here."""
-    source = iter(items)
-    with ThreadPoolExecutor(1, thread_name_prefix="pushsync-build") as pool:
-        pending = pool.submit(next, source, _END)
-        while True:
-            item = pending.result()
-            if item is _END:
-                return
-            pending = pool.submit(next, source, _END)
-            yield item  # type: ignore[misc]
-
-
 def cut(
     frames: Iterable[pl.DataFrame],
     size: int,
@@ -407,7 +387,7 @@ def cut(
     if size < 1:
         raise ValueError(f"a batch holds at least one ID (size {size})")
     open_cuts: dict[str, Cut] = {}  # per group: the run still open, carried into the next frame
-    for selected in ahead(frames):
+    for selected in ahead(frames, thread_name="pushsync-build"):
         if selected.is_empty():
             continue
         open_runs = {g: (len(c.ext_ids), c.ext_ids[-1]) for g, c in open_cuts.items()}

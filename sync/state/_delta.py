@@ -6,15 +6,15 @@ from __future__ import annotations
 import json
 import shutil
 import threading
-from collections.abc import Generator, Iterable, Iterator, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import closing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any, TypeVar
+from typing import IO, Any
 
 import polars as pl
 
+from sync._prefetch import ahead
 from sync.config import Job, RemovalAction, SnapshotSettings, Source
 from sync.errors import InterruptedRunError, StateError
 from sync.planning.validation import EXT_ID, FILE, KEY, clean_schema
@@ -120,26 +120,6 @@ def _range_reads(
     for r, current in _by_range(frames, bits, empty):
         lo, hi = key_range(r, bits)
         yield r, current, store.layers(source, lo, hi, settings)
-
-
-_T = TypeVar("_T")
-
-
-def _prefetched(items: Iterator[_T]) -> Generator[_T, None, None]:
-    """``items``, each next one read on a worker thread while the caller works on the current one.
-
-    Reading (Arrow and Parquet decoding) and diffing (polars expressions) both run without the GIL, so the
-    two overlap on two cores; one item ahead at most, so memory holds two key ranges, not the export."""
-    done = object()
-    with ThreadPoolExecutor(1, thread_name_prefix="snapshot-read") as pool:
-        ahead = pool.submit(next, items, done)
-        while True:
-            # An error of the read (a damaged state file) is raised here, in the caller's thread.
-            item = ahead.result()
-            if item is done:
-                return
-            ahead = pool.submit(next, items, done)
-            yield item  # type: ignore[misc]
 
 
 @dataclass(frozen=True, slots=True)
@@ -349,7 +329,10 @@ def compute_diff(
             captured = not full_refresh
             # Closed on the way out, so an error or a stop leaves no read running behind it.
             with closing(
-                _prefetched(_range_reads(store, source, st.frames([KEY, *columns]), bits, empty, settings))
+                ahead(
+                    _range_reads(store, source, st.frames([KEY, *columns]), bits, empty, settings),
+                    thread_name="snapshot-read",
+                )
             ) as ranges:
                 for r, current, state in ranges:
                     if stop is not None and stop.is_set():

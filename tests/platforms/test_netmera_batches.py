@@ -25,11 +25,12 @@ from aiohttp import web
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from sync._prefetch import ahead
 from sync.config import Destination, load_job
 from sync.ledger.ledger import Ledger
 from sync.planning.planning import build_plan
 from sync.planning.row_keys import ROW_KEY, pack, unpack
-from sync.platforms._batches import EXT_ID, FILE, GROUP, ITEM, ROW, RowOrigins, _key_bytes, ahead, cut
+from sync.platforms._batches import EXT_ID, FILE, GROUP, ITEM, ROW, RowOrigins, _key_bytes, cut
 from sync.platforms.netmera.client import NetmeraClient
 from sync.platforms.netmera.requests import canonical_json, split_batch, stream_batches, streams_for
 from sync.platforms.registry import platform_for
