@@ -215,15 +215,18 @@ def floating(expr: pl.Expr, *, integral_floats: bool = True) -> pl.Expr:
 def _floating_for(series: pl.Series, *, integral_floats: bool) -> pl.Expr:
     """:func:`floating` of ``series``, without the branches its values never take (one small aggregation tells
     which): no fix-ups when no value is below 1e-4 in magnitude or infinite, no integer branch when no value is
-    integral (or every one is). The same text as :func:`floating`: each branch left out is null for every value."""
+    integral (or every one is), and a suffix strip instead of it when every value is below 2**53 in magnitude
+    (and none is -0.0). The same text as :func:`floating`: each branch left out is null for every value."""
     x = pl.col(series.name).cast(pl.Float64)
     whole = x.is_finite() & (x == x.floor()) & (x.abs() < MAX_EXACT_INT)
     facts = series.to_frame().select(
         (((x.abs() < 1e-4) & (x != 0)) | x.is_infinite()).any().alias("fix"),
         whole.sum().alias("whole"),
         x.is_not_null().sum().alias("present"),
+        (x.abs() < MAX_EXACT_INT).all().alias("exact"),
+        ((x == 0) & (1.0 / x < 0)).any().alias("negative_zero"),
     )
-    fix, n_whole, present = facts.row(0)
+    fix, n_whole, present, exact, negative_zero = facts.row(0)
     if fix:
         return floating(pl.col(series.name), integral_floats=integral_floats)
     text = x.cast(pl.String)
@@ -232,6 +235,12 @@ def _floating_for(series: pl.Series, *, integral_floats: bool) -> pl.Expr:
     as_int = x.cast(pl.Int64).cast(pl.String)
     if n_whole == present:
         return as_int
+    if exact and not negative_zero:
+        # Every value is below 2**53 in magnitude and none needs a fix-up: the text of an integral value is its
+        # integer's digits and ".0" (Python's repr and polars' alike; no exponent below 1e16), and no other
+        # value's text ends so. One suffix strip instead of a second cast and a coalesce. -0.0 would become
+        # "-0" (json.dumps of the integer is "0"): left to the general form.
+        return text.str.strip_suffix(".0")
     return pl.coalesce(pl.when(whole).then(x).cast(pl.Int64).cast(pl.String), text)
 
 
@@ -249,6 +258,9 @@ def column_text(frame: pl.DataFrame, name: str, *, integral_floats: bool = True)
         return string_text(pl.col(name))
     if dtype.is_float():
         return _floating_for(series, integral_floats=integral_floats)
+    if dtype == pl.Boolean and not series.null_count():
+        # No null to keep: one branch fewer than boolean()'s.
+        return pl.when(pl.col(name)).then(pl.lit("true")).otherwise(pl.lit("false"))
     return value(pl.col(name), dtype, integral_floats=integral_floats)
 
 
@@ -333,10 +345,35 @@ def obj_text(
         if name in required:
             parts += [before + key(name) + ":", *_parts(members[name]), after]
         else:
+            spliced = _one_column(members[name])
+            if spliced is not None:
+                # A plain column between constants (a string that needs no escaping): its pieces join the
+                # object's own concatenation, the constants made null with it (null pieces are skipped), so the
+                # value is copied once instead of once more in a concatenation of its own.
+                lead, column, trail = spliced
+                there = column.is_not_null()
+                parts += [
+                    pl.when(there).then(pl.lit(f"{before}{key(name)}:{lead}")),
+                    column,
+                    pl.when(there).then(pl.lit(f"{trail}{after}")),
+                ]
+                continue
             value = _expr(members[name])
             parts.append(pl.concat_str(pl.lit(before + key(name) + ":"), value, pl.lit(after)))
     parts.append("}")
     return Text(tuple(parts), skip_nulls=True)
+
+
+def _one_column(member: Member) -> tuple[str, pl.Expr, str] | None:
+    """``(lead, column, trail)`` of a :class:`Text` that is a plain column between two constants and is null
+    where the column is (``skip_nulls`` off), e.g. :func:`column_text`'s quoted plain strings; None for any
+    other member."""
+    if not isinstance(member, Text) or member.skip_nulls or len(member.parts) != 3:
+        return None
+    lead, column, trail = member.parts
+    if not (isinstance(lead, str) and isinstance(trail, str) and isinstance(column, pl.Expr)):
+        return None
+    return (lead, column, trail) if column.meta.is_column() else None
 
 
 def obj(members: Mapping[str, Member], *, drop_nulls: bool = True, required: Collection[str] = ()) -> pl.Expr:

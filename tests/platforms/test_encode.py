@@ -288,12 +288,71 @@ def test_column_text_of_floats_is_value_text(
 ) -> None:
     """Whichever branches a frame's floats let the per-frame expression leave out (all integral, none integral,
     tiny values, infinities, NaN), the text is :func:`encode.value`'s, normalised or not; Float32 too."""
-    for values in (mixed, whole, fractional, mixed + whole):
+    exact = whole + fractional  # integral and not, all below 2**53: the suffix strip's case
+    for values in (mixed, whole, fractional, mixed + whole, exact, [0.0, *exact], [-0.0, *exact]):
         series = pl.Series(values, dtype=pl.Float64)
         assert column_encoded(series) == expected(series)
         assert column_encoded(series, integral_floats=False) == expected(series, normalise=False)
         single = series.cast(pl.Float32)
         assert column_encoded(single) == expected(single)
+
+
+def test_column_text_strips_the_integral_suffix_only_where_that_is_exact() -> None:
+    """Integral and fractional values below 2**53 take the suffix strip; a -0.0 (stripped it would read "-0")
+    or a value from 2**53 up (written as a float) keeps the general form; the text is value()'s each time."""
+    cases = [
+        ([1.0, 2.5, -3.0, 0.0, 9007199254740991.0, None], True),
+        ([1.0, 2.5, -0.0], False),
+        ([1.0, 2.5, 2.0**53], False),
+        ([1.0, 2.5, float("nan")], False),
+    ]
+    for values, stripped in cases:
+        series = pl.Series(values, dtype=pl.Float64)
+        text = encode.column_text(pl.DataFrame({"v": series}), "v")
+        assert ("strip_suffix" in str(text)) is stripped, values
+        assert column_encoded(series) == expected(series)
+
+
+def test_column_text_of_booleans_without_nulls_is_value_text() -> None:
+    series = pl.Series([True, False, True])
+    assert "otherwise" in str(encode.column_text(pl.DataFrame({"v": series}), "v"))
+    assert column_encoded(series) == expected(series)
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.data())
+def test_objects_of_column_texts_with_optional_members(data: st.DataObject) -> None:
+    """An object of per-frame column texts (plain strings between quotes, strings that need escaping,
+    booleans, floats), each member optional (nulls in the frame) or present in every row, is the canonical
+    JSON of each row's dict without its null members: a plain column that may be null joins the object's own
+    concatenation with its constants (null where it is), and the text is still exact."""
+    names = data.draw(st.lists(texts, min_size=1, max_size=5, unique=True))
+    kinds = {n: data.draw(st.sampled_from(["plain", "text", "bool", "float"])) for n in names}
+    optional = {n: data.draw(st.booleans()) for n in names}
+    values = {"plain": plain, "text": texts, "bool": st.booleans(), "float": floats}
+    dtypes = {"plain": pl.String, "text": pl.String, "bool": pl.Boolean, "float": pl.Float64}
+    rows = data.draw(
+        st.lists(
+            st.fixed_dictionaries(
+                {
+                    n: st.one_of(st.none(), values[kinds[n]]) if optional[n] else values[kinds[n]]
+                    for n in names
+                }
+            ),
+            min_size=1,
+            max_size=8,
+        )
+    )
+    columns = {n: f"c{i}" for i, n in enumerate(names)}
+    frame = pl.DataFrame(
+        {c: [r[n] for r in rows] for n, c in columns.items()},
+        schema={c: dtypes[kinds[n]] for n, c in columns.items()},
+    )
+    members = {n: encode.column_text(frame, c) for n, c in columns.items()}
+    present = {n for n, c in columns.items() if frame.get_column(c).null_count() == 0}
+    got = frame.select(encode.obj(members, required=present)).to_series().to_list()
+    want = [canonical({n: normalised(v) for n, v in r.items() if v is not None}).decode() for r in rows]
+    assert got == want
 
 
 def test_column_text_of_other_dtypes_is_value_text() -> None:
