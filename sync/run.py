@@ -281,6 +281,11 @@ async def run(job: Job, options: RunOptions) -> RunOutcome:
     if options.workdir is not None:
         job = dataclasses.replace(job, workdir=Path(options.workdir))
     platform_for(job)  # an unknown platform fails before the workdir is touched
+    if options.client is None:
+        # The connector's imports (aiohttp, ~0.1 s of CPU that holds the interpreter) load in a thread from here:
+        # beside the lock, the ledger's opening and the reading of the input, which wait on the disk or decode
+        # without the interpreter, instead of between the plan and the first request (issue 13).
+        preload_client(job)
     # One set of SIGINT/SIGTERM handlers for the whole run — planning, diff, sending, commit — so a signal
     # before sending stops with nothing recorded (exit 4) instead of killing the process mid-way.
     signals = StopSignals(options.stop)
@@ -338,8 +343,6 @@ async def _run_changes(
     # is validated, staged and settled in a worker thread a few buckets ahead of the lanes. Nothing a changes run
     # guarantees needs the whole input settled first: every guarantee is per ID, and all the rows of an ID are
     # in one bucket.
-    # The connector's imports (aiohttp) load while the input is read, not after it.
-    preload_client(job)
     plan = await asyncio.to_thread(
         functools.partial(build_plan, job, limit=options.limit, stop=signals.requested, lazy=True)
     )

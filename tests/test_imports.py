@@ -293,3 +293,35 @@ def test_every_name_of_the_state_face_loads() -> None:
     assert sync.state.StateStore.__module__ == "sync.state._store"
     with pytest.raises(AttributeError):
         sync.state.no_such_name  # noqa: B018
+
+
+def test_a_run_with_its_own_client_loads_no_connector(tmp_path: Path) -> None:
+    """A run preloads its platform's connector (aiohttp) from its start, in a thread; an embedding application
+    or a test that brings its own client (``RunOptions.client``) does not pay for it."""
+    import shutil
+
+    fixtures = Path(__file__).resolve().parent / "fixtures"
+    for name in ("all_ops.yaml", "users.csv", "tags.csv", "events.csv", "deletions.csv"):
+        shutil.copy(fixtures / name, tmp_path / name)
+    script = (
+        "import asyncio, sys\n"
+        "from sync.config import load_job\n"
+        "from sync.platforms.base import SendOutcome\n"
+        "from sync.run import RunOptions, run\n"
+        "class Client:\n"
+        "    platform = 'netmera'\n"
+        "    sent = 0\n"
+        "    async def send(self, batch):\n"
+        "        Client.sent += 1\n"
+        "        return SendOutcome(http_status=200, latency=0.0)\n"
+        "    def split(self, batch):\n"
+        "        return None\n"
+        "    async def aclose(self):\n"
+        "        return None\n"
+        f"job = load_job({str(tmp_path / 'all_ops.yaml')!r})\n"
+        f"options = RunOptions(api_key='k' * 24, workdir={str(tmp_path / 'work')!r}, client=Client())\n"
+        "outcome = asyncio.run(run(job, options))\n"
+        "print(int(outcome.exit_code), Client.sent > 0, 'aiohttp' in sys.modules)\n"
+    )
+    done = _fresh_python(script)
+    assert done.stdout.splitlines()[-1].split() == ["0", "True", "False"], (done.stdout, done.stderr)
