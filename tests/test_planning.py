@@ -431,7 +431,7 @@ def _open_chunk_files() -> list[str]:
 
 
 @pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="needs /proc to list open files")
-def test_chunk_files_held_open_while_settling_are_closed_when_settled_or_closed(
+def test_chunk_files_are_not_held_open_while_settling_nor_after(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     import sync.planning._staging
@@ -445,11 +445,12 @@ def test_chunk_files_held_open_while_settling_are_closed_when_settled_or_closed(
         assert not _open_chunk_files()  # every bucket settled: the chunk files were closed (and removed)
         assert eager.summary().rows_clean == 3000
     with build_plan(job, rows_per_bucket=40, lazy=True) as lazy:
-        # Past the head: the worker stages the rest, then settles from the chunk files, holding them open.
+        # Past the head: the worker stages the rest, then settles from the chunk files, each mapped for the
+        # rows of one group and closed at once (a large input has more chunk files than descriptors).
         assert lazy._settling.has_bucket(0, 1)
         lazy._settling.bucket(0, 2)
         assert not lazy.settled
-        assert _open_chunk_files()
+        assert not _open_chunk_files()
     assert not _open_chunk_files()  # closed with the plan, half settled
 
 
