@@ -705,3 +705,26 @@ def test_a_lazy_plan_parses_each_csv_file_once_and_rejects_what_an_eager_plan_re
         assert lazy.summary() == expected_summary
         assert not any(spill.iterdir())  # read once, then removed
     assert sorted(parsed) == ["part-0.csv", "part-1.csv"]
+
+
+def test_a_plan_counted_while_it_settles_has_the_counts_of_one_counted_afterwards(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import sync.planning.planning
+
+    job = _big_job(tmp_path, _with_conflicting_duplicates(tmp_path / "dups.csv", 3000), batch=70)
+    with build_plan(job, rows_per_bucket=40) as after:
+        expected = after.summary()
+        expected_rejects = list(after.rejected_rows())
+        expected_batches = _fingerprint(after)
+
+    def not_read_back(*_args: object) -> None:
+        raise AssertionError("the buckets of a plan counted while settling are not read back to count them")
+
+    with build_plan(job, rows_per_bucket=40, count=True) as counted:
+        monkeypatch.setattr(sync.planning.planning.Plan, "_count_source", not_read_back)
+        assert counted.settled
+        assert counted.summary() == expected
+        assert expected.total_requests > 100  # many buckets, several streams, batches of 70 across buckets
+        assert list(counted.rejected_rows()) == expected_rejects
+        assert _fingerprint(counted) == expected_batches

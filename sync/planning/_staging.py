@@ -270,6 +270,7 @@ class Settler:
         "head_end",
         "names",
         "next",
+        "on_settled",
         "parts",
         "rows_clean",
         "rows_read",
@@ -298,6 +299,9 @@ class Settler:
         self.head_end = 0  # fine ranges [0, head_end) were settled before staging (bucket 0)
         self.next = 0  # the next bucket to settle
         self.parts: list[Path | None] = []  # per settled bucket: its file, None when empty
+        self.on_settled: Callable[[Path], None] | None = None
+        """Called with each non-empty bucket's file once written, in bucket order (a plan that counts its
+        requests while it settles, :func:`sync.planning.planning.build_plan`)."""
         self.rows_clean = 0
         self.dropped = 0
         self.rows_read = rows_read  # input rows read by staging (final once staged)
@@ -452,6 +456,9 @@ class Settler:
             winners.write_ipc(path, compression="uncompressed")
             self.rows_clean += winners.height
             self.dropped += identical
+            del winners
+            if self.on_settled is not None:
+                self.on_settled(path)
         if defer:
             self._deferred = rejects if rejects is not None and rejects.height else None
         elif self._deferred is not None:
@@ -565,11 +572,16 @@ class Settling:
                     self._raise_if_failed()
                     self._cond.wait(0.1)
             return
+        for settler in self.settlers:
+            self.settle_source(settler)
+
+    def settle_source(self, settler: Settler) -> None:
+        """Settle every bucket of one source now, in this thread (a plan without a worker)."""
+        assert self._thread is None
         with self._settle_lock:
-            for settler in self.settlers:
-                while not settler.done:
-                    self._raise_if_failed()
-                    self._settle_one(settler)
+            while not settler.done:
+                self._raise_if_failed()
+                self._settle_one(settler)
 
     def wait_complete(self) -> bool:
         """Wait until every bucket is settled without asking for more; False when closed or stopped first."""
