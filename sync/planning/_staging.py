@@ -94,9 +94,14 @@ def canonical_order(frame: pl.DataFrame) -> pl.DataFrame:
     among them — unless two IDs share a key (a CRC-32 collision, rare): only then are the IDs compared too.
     """
     frame = frame.sort(KEY, maintain_order=True)
-    keys, ids = frame[KEY], frame[EXT_ID]
-    if ((keys == keys.shift(1)) & (ids != ids.shift(1))).any():
-        frame = frame.sort([KEY, EXT_ID], maintain_order=True)
+    keys = frame[KEY]
+    same = keys == keys.shift(1)
+    # The IDs are compared only where the key repeats (a duplicate ID, or a collision): comparing every ID
+    # with the one before cost a quarter of the sort.
+    if same.any():
+        ids = frame[EXT_ID]
+        if (ids.filter(same) != ids.shift(1).filter(same)).any():
+            frame = frame.sort([KEY, EXT_ID], maintain_order=True)
     return frame
 
 
