@@ -63,6 +63,10 @@ class _Parser:
     """Every text holding a NUL character is refused (it is no boolean, number, date, address...), so the flag need
     not look for NULs; the message, which names the NUL, still does."""
     fallback: _Fallback | None = None
+    untrimmed: bool = False
+    """The parser reads the text untrimmed (:func:`_untrimmed_text`): its fast form takes only texts that are their
+    own trimmed form, and its fallback flags every other text, read exactly (trimmed) after the query. Trimming
+    every value of a column costs more than most checks of it."""
 
 
 _NO_ERROR = pl.lit(None, pl.String)
@@ -99,6 +103,19 @@ def _text(s: pl.Expr, dtype: Any, source: Source, rules: ValidationRules) -> pl.
     return _no_nulls(s.str.strip_chars() if rules.trim else s, source)
 
 
+def _untrimmed_text(s: pl.Expr, source: Source) -> pl.Expr:
+    """``s`` untrimmed, with the null values nulled that are their own trimmed form: a text equal to one of those is
+    a null value trimmed or not. Any other text that is a null value once trimmed has whitespace at an end, and
+    the parsers reading this flag such a text for the exact reading."""
+    if not source.null_values:
+        return s
+    values = pl.Series(list(source.null_values), dtype=pl.String)
+    exact = values.filter(values.str.strip_chars() == values).to_list()
+    if not exact:
+        return s
+    return pl.when(s.is_in(exact)).then(None).otherwise(s)
+
+
 def _no_nulls(s: pl.Expr, source: Source) -> pl.Expr:
     """``s`` (read twice: a query column, not an expression to compute) with the null values nulled."""
     if not source.null_values:
@@ -112,6 +129,31 @@ def _parse_bool(s: pl.Expr) -> _Parser:
         _either(s, _TRUE_SPELLINGS, _FALSE_SPELLINGS),
         lambda s, p: [(s.is_not_null() & p.is_null(), "not a boolean (true/false, yes/no, 1/0)")],
         refuses_nul=True,
+    )
+
+
+def _untrimmed_bool(s: pl.Expr) -> _Parser:
+    """:func:`_parse_bool` of the untrimmed text: a spelling has no whitespace, so a text that is one is its own
+    trimmed form; every other text not null is read exactly after the query (a refused value, mostly)."""
+    exact = pl.col("s")
+
+    def read(text: pl.Series) -> tuple[pl.Series, pl.Series]:
+        parser = _parse_bool(exact)
+        ((condition, message),) = parser.reasons(exact, pl.col("p"))
+        frame = (
+            pl.LazyFrame({"s": text})
+            .with_columns(parser.values.alias("p"))
+            .select("p", pl.when(condition).then(pl.lit(message)).alias("m"))
+            .collect()
+        )
+        return frame["p"], frame["m"]
+
+    return _Parser(
+        _either(s, _TRUE_SPELLINGS, _FALSE_SPELLINGS),
+        lambda s, p: [],
+        refuses_nul=True,
+        fallback=_Fallback(lambda s, p: s.is_not_null() & p.is_null(), read),
+        untrimmed=True,
     )
 
 
@@ -257,12 +299,15 @@ def _lists(delimiter: str) -> Callable[[pl.Series], tuple[pl.Series, pl.Series]]
 def _parse_list(s: pl.Expr, delimiter: str) -> _Parser:
     # Most list texts are items and delimiters with nothing around them: split, and that is all. A text with a
     # blank or empty item (or a blank around an item, "a| b"), or a JSON array, is read exactly after the query.
+    # Untrimmed: a text with whitespace at an end is untidy (the regex's \s is the Unicode White_Space that
+    # trimming removes), so a tidy text is its own trimmed form.
     d = pl.escape_regex(delimiter)
     untidy = s.str.contains(rf"(?:^|{d})(?:\s|{d}|$)|\s(?:{d}|$)") | s.str.starts_with("[")
     return _Parser(
         s.str.split(delimiter),
         lambda s, p: [],
         fallback=_Fallback(lambda s, p: untidy.fill_null(False), _lists(delimiter)),
+        untrimmed=True,
     )
 
 

@@ -51,6 +51,8 @@ from sync.planning._parsers import (
     _text,
     _typed_date,
     _typed_list,
+    _untrimmed_bool,
+    _untrimmed_text,
 )
 from sync.sources.reading import ROW
 
@@ -370,10 +372,20 @@ class _Query:
                 self.texts[name] = _text(pl.col(column), self.schema[column], self.source, self.rules)
         return pl.col(name)
 
+    def untrimmed(self, column: str) -> pl.Expr:
+        """The untrimmed text of a raw text column (:func:`_untrimmed_text`), for the parsers that read it; the
+        text when there is nothing to trim (a typed column, or ``trim: false``)."""
+        if self.schema[column] != pl.String or not self.rules.trim:
+            return self.text(column)
+        name = f"__u{self.positions[column]}"
+        if name not in self.texts:
+            self.texts[name] = _untrimmed_text(pl.col(column), self.source)
+        return pl.col(name)
+
     def check(self, column: str, parser: _Parser) -> pl.Expr:
         """Add a check of ``column``; returns the expression of its typed values (in the final step)."""
         name = f"__p{len(self.values)}"
-        s, p = self.text(column), pl.col(name)
+        s, p = self.untrimmed(column) if parser.untrimmed else self.text(column), pl.col(name)
         if parser.fallback is not None:
             k = len(self.pending)
             pending = _Pending(column, name, f"__f{k}", f"__m{k}", parser.fallback.read)
@@ -404,27 +416,32 @@ class _Query:
 
     def list_values(self, column: str, delimiter: str) -> _Parser:
         if self.schema[column] == pl.String:
-            return _parse_list(self.text(column), delimiter)
+            return _parse_list(self.untrimmed(column), delimiter)
         return _typed_list(self.text(column))
+
+    def bool_values(self, column: str) -> _Parser:
+        if self.schema[column] == pl.String and self.rules.trim:
+            return _untrimmed_bool(self.untrimmed(column))
+        return _parse_bool(self.text(column))
 
     def parse(self, column: str, mapping: AttributeMapping) -> _Parser:
         dtype = self.schema[column]
-        s = self.text(column)
         if isinstance(dtype, pl.List) and mapping.type is not ValueType.LIST:
             return _Parser(
                 pl.lit(None, _DTYPE[mapping.type]),
                 lambda s, p: [(s.is_not_null(), "a list where a single value is expected")],
             )
         if mapping.type is ValueType.BOOLEAN:
-            return _parse_bool(s)
+            return self.bool_values(column)
+        if mapping.type is ValueType.LIST:
+            return self.list_values(column, mapping.delimiter)
+        s = self.text(column)
         if mapping.type is ValueType.NUMBER:
             return _parse_number(s)
         if mapping.type is ValueType.DATE:
             if dtype == pl.Date or isinstance(dtype, pl.Datetime):
                 return _typed_date(s, dtype, self.rules.timezone)
             return _parse_date(s, self.rules.timezone)
-        if mapping.type is ValueType.LIST:
-            return self.list_values(column, mapping.delimiter)
         return _Parser(s.cast(pl.String), lambda s, p: [])
 
     def _add_checks(self) -> dict[str, pl.Expr]:
@@ -447,7 +464,7 @@ class _Query:
         for t in source.tags:
             typed[t.column] = self.check(t.column, self.list_values(t.column, t.delimiter))
         for c in source.opt_ins.columns():
-            typed[c] = self.check(c, _parse_bool(self.text(c)))
+            typed[c] = self.check(c, self.bool_values(c))
         if source.email:
             typed[source.email] = self.check(source.email, _parse_email(self.text(source.email)))
         if source.msisdn:
