@@ -395,6 +395,10 @@ _KEPT = ["\x1c", "\x1f", "\u200b", "\ufeff", "\x00", "\u00b7"]
 _EDGE = st.text(st.sampled_from([*_TRIMMED, *_KEPT]), max_size=3)
 _CORES = [
     *BOOLEANS,
+    *NUMBERS,
+    *EMAILS,
+    "1.5e-3",
+    "-0",
     *LISTS,
     *TAGS,
     "NULL",
@@ -427,7 +431,9 @@ def test_the_characters_trimming_removes_are_unicode_white_space() -> None:
 @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(
     rows=st.lists(
-        st.fixed_dictionaries({c: _UNTRIMMED for c in ("b", "l", "t", "p")}), min_size=1, max_size=25
+        st.fixed_dictionaries({c: _UNTRIMMED for c in ("b", "n", "l", "t", "p", "email")}),
+        min_size=1,
+        max_size=25,
     ),
     null_values=st.sampled_from([None, ["", "NULL", " NA ", "\u00a0-", "N/A\t"], []]),
 )
@@ -436,8 +442,8 @@ def test_columns_read_untrimmed_give_what_their_trimmed_texts_give(
     rows: list[dict[str, str | None]],
     null_values: list[str] | None,
 ) -> None:
-    # Booleans and lists are read untrimmed: their fast forms take only texts that are their own trimmed form, and
-    # flag every other text for the exact reading. The reference is the chunk with every text trimmed first (the
+    # Booleans, numbers, email addresses and lists are read untrimmed: their fast forms take only texts that are
+    # their own trimmed form, and flag every other text for the exact reading. The reference is the chunk with every text trimmed first (the
     # old form: trim, then read), whatever the text, the whitespace at its ends and the null values.
     directory = tmp_path_factory.mktemp("untrimmed")
     path = directory / "job.yaml"

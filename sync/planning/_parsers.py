@@ -132,27 +132,34 @@ def _parse_bool(s: pl.Expr) -> _Parser:
     )
 
 
-def _untrimmed_bool(s: pl.Expr) -> _Parser:
-    """:func:`_parse_bool` of the untrimmed text: a spelling has no whitespace, so a text that is one is its own
-    trimmed form; every other text not null is read exactly after the query (a refused value, mostly)."""
-    exact = pl.col("s")
+def _untrimmed(exact: Callable[[pl.Expr], _Parser], s: pl.Expr) -> _Parser:
+    """The parser ``exact`` builds, reading the untrimmed text ``s`` (:func:`_untrimmed_text`): every text it
+    refuses there is read exactly (trimmed, null values nulled) after the query, and gets the message ``exact``
+    gives it then, or its value. Only for a parser whose accepted texts are all their own trimmed form (a
+    spelling, a number, an address: nothing of them is whitespace), so that what it accepts untrimmed is what it
+    accepts trimmed."""
+    fast = exact(s)
+    text, values = pl.col("s"), pl.col("p")
+    slow = exact(text)
+    message = _message(slow.reasons(text, values))
 
-    def read(text: pl.Series) -> tuple[pl.Series, pl.Series]:
-        parser = _parse_bool(exact)
-        ((condition, message),) = parser.reasons(exact, pl.col("p"))
+    def read(texts: pl.Series) -> tuple[pl.Series, pl.Series]:
         frame = (
-            pl.LazyFrame({"s": text})
-            .with_columns(parser.values.alias("p"))
-            .select("p", pl.when(condition).then(pl.lit(message)).alias("m"))
+            pl.LazyFrame({"s": texts})
+            .with_columns(slow.values.alias("p"))
+            .select("p", message.alias("m"))
             .collect()
         )
         return frame["p"], frame["m"]
 
+    def rows(s: pl.Expr, p: pl.Expr) -> pl.Expr:
+        return pl.any_horizontal(condition for condition, _ in fast.reasons(s, p)).fill_null(False)
+
     return _Parser(
-        _either(s, _TRUE_SPELLINGS, _FALSE_SPELLINGS),
+        fast.values,
         lambda s, p: [],
-        refuses_nul=True,
-        fallback=_Fallback(lambda s, p: s.is_not_null() & p.is_null(), read),
+        refuses_nul=fast.refuses_nul,
+        fallback=_Fallback(rows, read),
         untrimmed=True,
     )
 

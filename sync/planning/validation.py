@@ -51,7 +51,7 @@ from sync.planning._parsers import (
     _text,
     _typed_date,
     _typed_list,
-    _untrimmed_bool,
+    _untrimmed,
     _untrimmed_text,
 )
 from sync.sources.reading import ROW
@@ -419,10 +419,12 @@ class _Query:
             return _parse_list(self.untrimmed(column), delimiter)
         return _typed_list(self.text(column))
 
-    def bool_values(self, column: str) -> _Parser:
+    def fitted(self, column: str, exact: Callable[[pl.Expr], _Parser]) -> _Parser:
+        """``exact``'s parser of ``column``, reading a text column untrimmed (:func:`_untrimmed`) where it would
+        be trimmed."""
         if self.schema[column] == pl.String and self.rules.trim:
-            return _untrimmed_bool(self.untrimmed(column))
-        return _parse_bool(self.text(column))
+            return _untrimmed(exact, self.untrimmed(column))
+        return exact(self.text(column))
 
     def parse(self, column: str, mapping: AttributeMapping) -> _Parser:
         dtype = self.schema[column]
@@ -432,12 +434,12 @@ class _Query:
                 lambda s, p: [(s.is_not_null(), "a list where a single value is expected")],
             )
         if mapping.type is ValueType.BOOLEAN:
-            return self.bool_values(column)
+            return self.fitted(column, _parse_bool)
+        if mapping.type is ValueType.NUMBER:
+            return self.fitted(column, _parse_number)
         if mapping.type is ValueType.LIST:
             return self.list_values(column, mapping.delimiter)
         s = self.text(column)
-        if mapping.type is ValueType.NUMBER:
-            return _parse_number(s)
         if mapping.type is ValueType.DATE:
             if dtype == pl.Date or isinstance(dtype, pl.Datetime):
                 return _typed_date(s, dtype, self.rules.timezone)
@@ -464,9 +466,9 @@ class _Query:
         for t in source.tags:
             typed[t.column] = self.check(t.column, self.list_values(t.column, t.delimiter))
         for c in source.opt_ins.columns():
-            typed[c] = self.check(c, self.bool_values(c))
+            typed[c] = self.check(c, self.fitted(c, _parse_bool))
         if source.email:
-            typed[source.email] = self.check(source.email, _parse_email(self.text(source.email)))
+            typed[source.email] = self.check(source.email, self.fitted(source.email, _parse_email))
         if source.msisdn:
             typed[source.msisdn] = self.check(source.msisdn, _parse_msisdn(self.text(source.msisdn)))
         return typed
