@@ -408,6 +408,8 @@ _CORES = [
     "N/A\t",
     "-",
     "\u00a0-",
+    " 00000000",
+    "+90 (531) 234-56.01 ",
     "",
     "Ko\u00e7",
     "Bar\u0131\u015f",
@@ -431,21 +433,49 @@ def test_the_characters_trimming_removes_are_unicode_white_space() -> None:
 @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(
     rows=st.lists(
-        st.fixed_dictionaries({c: _UNTRIMMED for c in ("b", "n", "l", "t", "p", "email")}),
+        st.fixed_dictionaries({c: _UNTRIMMED for c in ("b", "n", "l", "t", "p", "email", "phone")}),
         min_size=1,
         max_size=25,
     ),
-    null_values=st.sampled_from([None, ["", "NULL", " NA ", "\u00a0-", "N/A\t"], []]),
+    null_values=st.sampled_from(
+        [None, ["", "NULL", " NA ", "\u00a0-", "N/A\t"], [], ["-", " +90 (531) 234-56.01"], ["00000000"]]
+    ),
 )
 def test_columns_read_untrimmed_give_what_their_trimmed_texts_give(
     tmp_path_factory: pytest.TempPathFactory,
     rows: list[dict[str, str | None]],
     null_values: list[str] | None,
 ) -> None:
-    # Booleans, numbers, email addresses and lists are read untrimmed: their fast forms take only texts that are
-    # their own trimmed form, and flag every other text for the exact reading. The reference is the chunk with every text trimmed first (the
+    # Booleans, numbers, email addresses, MSISDNs and lists are read untrimmed: their fast forms take only texts that
+    # read the same trimmed (and are no null value then), and flag every other text for the exact reading. The reference is the chunk with every text trimmed first (the
     # old form: trim, then read), whatever the text, the whitespace at its ends and the null values.
-    directory = tmp_path_factory.mktemp("untrimmed")
+    _assert_untrimmed_reads_as_trimmed(tmp_path_factory.mktemp("untrimmed"), rows, null_values)
+
+
+@pytest.mark.parametrize(
+    ("null_values", "text"),
+    [
+        (["00000000"], " 00000000"),  # a number once trimmed, and a null value: no value, not an MSISDN
+        (["-", " +90 (531) 234-56.01"], "+90 (531) 234-56.01 "),
+        ([" NA "], " NA "),  # a null value with whitespace is never met once trimmed
+        (["NA"], "\u3000NA\t"),
+        (["yes"], " yes"),
+        (["1"], "1\u2028"),
+    ],
+)
+def test_null_values_read_untrimmed_are_what_they_are_trimmed(
+    tmp_path: Path, null_values: list[str], text: str
+) -> None:
+    rows: list[dict[str, str | None]] = [
+        {c: text for c in ("b", "n", "l", "t", "p", "email", "phone")},
+        {c: text.strip() for c in ("b", "n", "l", "t", "p", "email", "phone")},
+    ]
+    _assert_untrimmed_reads_as_trimmed(tmp_path, rows, null_values)
+
+
+def _assert_untrimmed_reads_as_trimmed(
+    directory: Path, rows: list[dict[str, str | None]], null_values: list[str] | None
+) -> None:
     path = directory / "job.yaml"
     extra = "" if null_values is None else f"\n    null_values: {json.dumps(null_values)}"
     path.write_text(

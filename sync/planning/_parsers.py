@@ -135,9 +135,10 @@ def _parse_bool(s: pl.Expr) -> _Parser:
 def _untrimmed(exact: Callable[[pl.Expr], _Parser], s: pl.Expr) -> _Parser:
     """The parser ``exact`` builds, reading the untrimmed text ``s`` (:func:`_untrimmed_text`): every text it
     refuses there is read exactly (trimmed, null values nulled) after the query, and gets the message ``exact``
-    gives it then, or its value. Only for a parser whose accepted texts are all their own trimmed form (a
-    spelling, a number, an address: nothing of them is whitespace), so that what it accepts untrimmed is what it
-    accepts trimmed."""
+    gives it then, or its value. Only for a parser that, for any text it accepts untrimmed, accepts the trimmed
+    text too, with the same value, and where no null value is that trimmed text: one whose accepted texts are
+    their own trimmed form (a spelling, a number, an address: nothing of them is whitespace), or one that drops
+    whitespace anyway (:func:`_msisdn_untrimmed`)."""
     fast = exact(s)
     text, values = pl.col("s"), pl.col("p")
     slow = exact(text)
@@ -324,6 +325,15 @@ def _parse_email(s: pl.Expr) -> _Parser:
         return [(s.is_not_null() & ~valid, "not a valid email address")]
 
     return _Parser(s, reasons, refuses_nul=True)
+
+
+def _msisdn_untrimmed(null_values: Sequence[str]) -> bool:
+    """Whether :func:`_parse_msisdn` may read untrimmed texts (:func:`_untrimmed`): it removes whitespace wherever
+    it is, so a text and its trimmed form have the same number; a text it accepts is a null value once trimmed
+    only when a null value is a number once its separators are removed (the default ones are not)."""
+    values = pl.Series(list(null_values), dtype=pl.String)
+    numbers = values.str.strip_chars().str.replace_all(_MSISDN_SEPARATORS, "").str.contains(_MSISDN)
+    return not numbers.any()
 
 
 def _parse_msisdn(s: pl.Expr) -> _Parser:

@@ -36,6 +36,7 @@ from sync.planning._parsers import (
     _id_reasons,
     _id_refused,
     _message,
+    _msisdn_untrimmed,
     _no_nulls,
     _parse_action,
     _parse_bool,
@@ -470,7 +471,12 @@ class _Query:
         if source.email:
             typed[source.email] = self.check(source.email, self.fitted(source.email, _parse_email))
         if source.msisdn:
-            typed[source.msisdn] = self.check(source.msisdn, _parse_msisdn(self.text(source.msisdn)))
+            msisdn = (
+                self.fitted(source.msisdn, _parse_msisdn)
+                if _msisdn_untrimmed(source.null_values)
+                else _parse_msisdn(self.text(source.msisdn))
+            )
+            typed[source.msisdn] = self.check(source.msisdn, msisdn)
         return typed
 
     def lazy(self, raw: pl.DataFrame) -> pl.LazyFrame:
