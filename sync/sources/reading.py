@@ -1,8 +1,9 @@
 """Streaming readers: CSV and Parquet in bounded chunks, only the columns a job maps.
 
 Memory does not grow with file size: CSV is parsed by pyarrow's streaming reader (which also transcodes any
-encoding Python knows) one block at a time, Parquet one record batch at a time, and only the mapped columns are
-converted. Every chunk comes out as a polars frame with a ``__row`` column (1-based data row number, header
+encoding Python knows) one block at a time, Parquet one slice at a time by polars' own reader (pyarrow's, one record
+batch at a time, for the column types polars would read otherwise and for what polars cannot read), and only the
+mapped columns are converted. Every chunk comes out as a polars frame with a ``__row`` column (1-based data row number, header
 excluded) and the mapped columns as text (or lists of text, for Parquet list columns; Parquet dates and times keep
 their temporal type). Typing and validation happen next, in :mod:`sync.planning.validation`.
 
