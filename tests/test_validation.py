@@ -402,6 +402,9 @@ _CORES = [
     *LISTS,
     *TAGS,
     "NULL",
+    "NaN",
+    " NaN",
+    "\\N",
     "NA",
     " NA ",
     "N/A",
@@ -461,10 +464,13 @@ def test_columns_read_untrimmed_give_what_their_trimmed_texts_give(
         (["NA"], "\u3000NA\t"),
         (["yes"], " yes"),
         (["1"], "1\u2028"),
+        (None, "\tNaN"),
+        (None, "NULL\u3000"),
+        (["", "NaN", "a@b.co"], "a@b.co "),
     ],
 )
 def test_null_values_read_untrimmed_are_what_they_are_trimmed(
-    tmp_path: Path, null_values: list[str], text: str
+    tmp_path: Path, null_values: list[str] | None, text: str
 ) -> None:
     rows: list[dict[str, str | None]] = [
         {c: text for c in ("b", "n", "l", "t", "p", "email", "phone")},

@@ -63,10 +63,11 @@ class _Parser:
     """Every text holding a NUL character is refused (it is no boolean, number, date, address...), so the flag need
     not look for NULs; the message, which names the NUL, still does."""
     fallback: _Fallback | None = None
-    untrimmed: bool = False
-    """The parser reads the text untrimmed (:func:`_untrimmed_text`): its fast form takes only texts that are their
-    own trimmed form, and its fallback flags every other text, read exactly (trimmed) after the query. Trimming
-    every value of a column costs more than most checks of it."""
+    text: pl.Expr | None = None
+    """The text the parser reads where it is not the column's (trimmed) text: the untrimmed text
+    (:func:`_untrimmed_text`), whose texts its fast form takes only where they read the same trimmed, its fallback
+    flagging every other text, read exactly (trimmed) after the query. Trimming every value of a column costs more
+    than most checks of it."""
 
 
 _NO_ERROR = pl.lit(None, pl.String)
@@ -103,17 +104,32 @@ def _text(s: pl.Expr, dtype: Any, source: Source, rules: ValidationRules) -> pl.
     return _no_nulls(s.str.strip_chars() if rules.trim else s, source)
 
 
-def _untrimmed_text(s: pl.Expr, source: Source) -> pl.Expr:
+def _untrimmed_text(s: pl.Expr, source: Source, *, blanks_only: bool = False) -> pl.Expr:
     """``s`` untrimmed, with the null values nulled that are their own trimmed form: a text equal to one of those is
     a null value trimmed or not. Any other text that is a null value once trimmed has whitespace at an end, and
-    the parsers reading this flag such a text for the exact reading."""
-    if not source.null_values:
-        return s
+    the parsers reading this flag such a text for the exact reading. ``blanks_only``: only the empty text is
+    nulled (for a parser that refuses every other null value: :func:`_refuses`), which a length tells."""
+    exact = _own_trimmed_null_values(source)
+    if blanks_only:
+        return pl.when(s.str.len_bytes() == 0).then(None).otherwise(s) if "" in exact else s
+    return pl.when(s.is_in(exact)).then(None).otherwise(s) if exact else s
+
+
+def _own_trimmed_null_values(source: Source) -> list[str]:
+    """The null values that are their own trimmed form."""
     values = pl.Series(list(source.null_values), dtype=pl.String)
-    exact = values.filter(values.str.strip_chars() == values).to_list()
-    if not exact:
-        return s
-    return pl.when(s.is_in(exact)).then(None).otherwise(s)
+    return values.filter(values.str.strip_chars() == values).to_list()
+
+
+def _refuses(exact: Callable[[pl.Expr], _Parser], texts: Sequence[str]) -> bool:
+    """Whether the parser ``exact`` builds refuses every one of ``texts``."""
+    if not texts:
+        return True
+    s, p = pl.col("s"), pl.col("p")
+    parser = exact(s)
+    frame = pl.DataFrame({"s": list(texts)}, schema={"s": pl.String}).with_columns(parser.values.alias("p"))
+    refused = frame.select(pl.any_horizontal(c for c, _ in parser.reasons(s, p)).fill_null(False)).to_series()
+    return bool(refused.all())
 
 
 def _no_nulls(s: pl.Expr, source: Source) -> pl.Expr:
@@ -161,7 +177,7 @@ def _untrimmed(exact: Callable[[pl.Expr], _Parser], s: pl.Expr) -> _Parser:
         lambda s, p: [],
         refuses_nul=fast.refuses_nul,
         fallback=_Fallback(rows, read),
-        untrimmed=True,
+        text=s,
     )
 
 
@@ -315,7 +331,7 @@ def _parse_list(s: pl.Expr, delimiter: str) -> _Parser:
         s.str.split(delimiter),
         lambda s, p: [],
         fallback=_Fallback(lambda s, p: untidy.fill_null(False), _lists(delimiter)),
-        untrimmed=True,
+        text=s,
     )
 
 

@@ -38,6 +38,7 @@ from sync.planning._parsers import (
     _message,
     _msisdn_untrimmed,
     _no_nulls,
+    _own_trimmed_null_values,
     _parse_action,
     _parse_bool,
     _parse_date,
@@ -48,6 +49,7 @@ from sync.planning._parsers import (
     _Parser,
     _put,
     _Reason,
+    _refuses,
     _required,
     _text,
     _typed_date,
@@ -373,20 +375,20 @@ class _Query:
                 self.texts[name] = _text(pl.col(column), self.schema[column], self.source, self.rules)
         return pl.col(name)
 
-    def untrimmed(self, column: str) -> pl.Expr:
+    def untrimmed(self, column: str, *, blanks_only: bool = False) -> pl.Expr:
         """The untrimmed text of a raw text column (:func:`_untrimmed_text`), for the parsers that read it; the
         text when there is nothing to trim (a typed column, or ``trim: false``)."""
         if self.schema[column] != pl.String or not self.rules.trim:
             return self.text(column)
-        name = f"__u{self.positions[column]}"
+        name = f"__{'b' if blanks_only else 'u'}{self.positions[column]}"
         if name not in self.texts:
-            self.texts[name] = _untrimmed_text(pl.col(column), self.source)
+            self.texts[name] = _untrimmed_text(pl.col(column), self.source, blanks_only=blanks_only)
         return pl.col(name)
 
     def check(self, column: str, parser: _Parser) -> pl.Expr:
         """Add a check of ``column``; returns the expression of its typed values (in the final step)."""
         name = f"__p{len(self.values)}"
-        s, p = self.untrimmed(column) if parser.untrimmed else self.text(column), pl.col(name)
+        s, p = self.text(column) if parser.text is None else parser.text, pl.col(name)
         if parser.fallback is not None:
             k = len(self.pending)
             pending = _Pending(column, name, f"__f{k}", f"__m{k}", parser.fallback.read)
@@ -424,7 +426,10 @@ class _Query:
         """``exact``'s parser of ``column``, reading a text column untrimmed (:func:`_untrimmed`) where it would
         be trimmed."""
         if self.schema[column] == pl.String and self.rules.trim:
-            return _untrimmed(exact, self.untrimmed(column))
+            # A parser that refuses every null value but the empty text needs only that one nulled first (the
+            # others are refused untrimmed, then read exactly): a length is cheaper than a membership test.
+            others = [v for v in _own_trimmed_null_values(self.source) if v]
+            return _untrimmed(exact, self.untrimmed(column, blanks_only=_refuses(exact, others)))
         return exact(self.text(column))
 
     def parse(self, column: str, mapping: AttributeMapping) -> _Parser:
