@@ -31,7 +31,12 @@ only. Figures per case, from the server's own records:
   (planning, an event loop stalled by another thread holding the interpreter), not the budget itself;
 * ``command`` — the least time the binding budget allows (its requests x T / N) over the command's wall time,
   start-up included — target >= 95 %, which depends on how fast planning starts sending (not this bench's
-  part): printed, and a miss fails the bench only with ``--strict-startup``.
+  part): printed, and a miss fails the bench only with ``--strict-startup``;
+* ``ceiling`` and ``floor`` — before each case, ``floor_client.py`` (a minimal polars + aiohttp client: read the
+  mapped columns, keep the last row per ID, post one body) runs on the worker's core beside the hog; ``floor`` is
+  the time from its start to its first request, and ``ceiling`` the whole-command use of a client that sends its
+  first request ``floor`` s after the run's start and then fills every window to N, the first included (its
+  last request leaving as its last window opens): the most ``command`` can be with Python start-up.
 
 Exits 1 on a miss of a sending-part target (0 x 429, max <= N, sending >= 97 %). The machine's load average is
 printed before and after: figures taken with a load above the core count are loaded-machine figures.
@@ -111,9 +116,15 @@ def serve(port: int, limit: str, requests: int, period: float, jitter: float, se
     async def stats(request: web.Request) -> web.Response:
         return web.json_response(log)
 
+    async def probe(request: web.Request) -> web.Response:
+        # floor_client.py's request: answered at once, counted in no window (it is not part of the run).
+        await request.read()
+        return web.json_response({})
+
     app = web.Application(client_max_size=64 * 1024 * 1024)
     app.router.add_post("/rest/3.0/{endpoint}", handle)
     app.router.add_get("/_stats", stats)
+    app.router.add_post("/_probe", probe)
     web.run_app(app, host="127.0.0.1", port=port, print=lambda *_: print("ready", flush=True))
 
 
@@ -175,6 +186,21 @@ def _pin(cpu: int) -> Any:
             os.sched_setaffinity(0, {cpu})
 
     return pin
+
+
+def _floor_first_request(data: Path, url: str, cpu: int, pin: bool) -> float:
+    """Seconds from start to the first request of ``floor_client.py`` (a minimal polars + aiohttp client) run
+    where the worker runs: the start-up no Python client can beat under the same conditions."""
+    started = time.time()
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "floor_client.py"), str(data), url],
+        capture_output=True,
+        text=True,
+        preexec_fn=_pin(cpu) if pin else None,
+        timeout=120,
+        check=True,
+    )
+    return float(result.stdout.strip()) - started
 
 
 def _first_attempts(ledger: Path) -> dict[str, float]:
@@ -321,6 +347,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         server.stdout.readline()  # "ready"
         if not args.no_hog:
             hog = subprocess.Popen([sys.executable, "-c", "while True: pass"], preexec_fn=_pin(worker_cpu))
+        floor = _floor_first_request(cache, f"http://127.0.0.1:{port}/_probe", worker_cpu, len(cores) > 1)
         with tempfile.TemporaryDirectory() as tmp:
             job = Path(tmp) / "job.yaml"
             _write_job(job, cache, url, args.limit, args.requests, Path(tmp) / "work", args)
@@ -371,6 +398,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         )
     figures = _figures(log, args.limit, args.requests, 1.0, wall, first_attempts)
     figures["first_request_after_s"] = round(min(a for a, *_ in log) - started, 2) if log else None
+    figures["floor_first_request_s"] = round(floor, 2)
+    # A client whose first request leaves ``floor`` s after this run's start and which then fills every window
+    # (the first one included) to N: its last request leaves at the start of its last window.
+    windows_needed = math.ceil(figures["binding_requests"] / args.requests)
+    least_wall = (math.floor(started + floor) + windows_needed - 1) - started
+    figures["command_ceiling"] = round(min(1.0, figures["ideal_s"] / max(least_wall, floor)), 4)
     summary = json.loads(result.stdout)
     figures.update(_budget_bound(summary, args.limit, figures["binding"]))
     # CPU the run got: with a hog on its core it gets about half of it; near wall / 2, the run was CPU-bound.
@@ -402,6 +435,7 @@ def _line(fig: dict[str, Any]) -> str:
         f"{fig['max_per_window']:>8}{fig['sending_use']:>10.1%}"
         f"{'-' if bound is None else f'{bound:.1%}':>14}{starved:>18}{fig['command_use']:>10.1%}"
         f"{fig['first_request_after_s'] or 0:>8.1f} s{fig['command_s']:>8.1f} s"
+        f"{fig['command_ceiling']:>10.1%}{fig['floor_first_request_s']:>8.1f} s"
     )
     lost = fig.get("lost")
     if lost:
@@ -442,7 +476,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--strict-startup",
         action="store_true",
-        help=f"also fail on a whole-command use below {COMMAND_TARGET:.0%} (start-up included)",
+        help=f"also fail on a whole-command use below {COMMAND_TARGET:.0%}% (start-up included)",
     )
     parser.add_argument("--json", action="store_true", help="one JSON line per case instead of the table")
     parser.add_argument(
@@ -470,7 +504,8 @@ def main(argv: list[str] | None = None) -> int:
     if not args.json:
         print(
             f"{'case':<9}{'jitter':>9}{'requests':>9}{'429s':>6}{'max/win':>8}{'sending':>10}"
-            f"{'budget-bound':>14}{'starved/stalled/n':>18}{'command':>10}{'first':>10}{'wall':>10}",
+            f"{'budget-bound':>14}{'starved/stalled/n':>18}{'command':>10}{'first':>10}{'wall':>10}"
+            f"{'ceiling':>10}{'floor':>10}",
             flush=True,
         )
     misses: list[str] = []
@@ -495,7 +530,8 @@ def main(argv: list[str] | None = None) -> int:
             if not fig["command_use"] >= COMMAND_TARGET:
                 startup.append(
                     f"{name}: whole command at {fig['command_use']:.1%} (target {COMMAND_TARGET:.0%}; first "
-                    f"request after {fig['first_request_after_s']} s)"
+                    f"request after {fig['first_request_after_s']} s; a minimal polars + aiohttp client's first request "
+                    f"after {fig['floor_first_request_s']} s caps any client at {fig['command_ceiling']:.1%})"
                 )
     load_after = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     print(
