@@ -45,23 +45,16 @@ from sync.platforms.base import PlatformClient
 from sync.platforms.registry import platform_for, preload_client
 from sync.records import Batch
 from sync.redact import redact, register_secret
-from sync.report.alerts import alert_reasons, post_alert
 from sync.report.progress import make_progress
-from sync.report.summary import RunInput, RunSummary, summarise
-from sync.state import (
-    CommitReport,
-    DiffCounts,
-    SnapshotDiff,
-    StateStore,
-    commit,
-    compute_diff,
-    recover,
-    rejected_users,
-    snapshot_builder_for,
-)
+
+# The state store's lock guards every run; the rest of the snapshot machinery (sync.state: the differ, the
+# commit), the summary and the alerts are imported where a run reaches them, after its first request (issue 13).
+from sync.state._store import StateStore
 
 if TYPE_CHECKING:
     from sync.report.metrics import RunMetrics
+    from sync.report.summary import RunInput, RunSummary
+    from sync.state import CommitReport, DiffCounts, SnapshotDiff
 
 __all__ = ["LEDGER_FILE", "RunOptions", "RunOutcome", "StopSignals", "ledger_path_for", "make_client", "run"]
 
@@ -288,6 +281,11 @@ async def run(job: Job, options: RunOptions) -> RunOutcome:
     if options.workdir is not None:
         job = dataclasses.replace(job, workdir=Path(options.workdir))
     platform_for(job)  # an unknown platform fails before the workdir is touched
+    if options.client is None:
+        # The connector's imports (aiohttp, ~0.1 s of CPU that holds the interpreter) load in a thread from here:
+        # beside the lock, the ledger's opening and the reading of the input, which wait on the disk or decode
+        # without the interpreter, instead of between the plan and the first request (issue 13).
+        preload_client(job)
     # One set of SIGINT/SIGTERM handlers for the whole run — planning, diff, sending, commit — so a signal
     # before sending stops with nothing recorded (exit 4) instead of killing the process mid-way.
     signals = StopSignals(options.stop)
@@ -345,8 +343,6 @@ async def _run_changes(
     # is validated, staged and settled in a worker thread a few buckets ahead of the lanes. Nothing a changes run
     # guarantees needs the whole input settled first: every guarantee is per ID, and all the rows of an ID are
     # in one bucket.
-    # The connector's imports (aiohttp) load while the input is read, not after it.
-    preload_client(job)
     plan = await asyncio.to_thread(
         functools.partial(build_plan, job, limit=options.limit, stop=signals.requested, lazy=True)
     )
@@ -369,6 +365,8 @@ async def _run_changes(
 async def _run_snapshot(
     job: Job, options: RunOptions, signals: StopSignals, store: StateStore, ledger: Ledger
 ) -> RunOutcome:
+    from sync.state import commit, compute_diff, recover, rejected_users, snapshot_builder_for
+
     origin = options.retry or options.resume
     # Snapshot jobs need no replay list: the state holds only confirmed changes, so once the crashed runs'
     # confirmations are merged, a fresh diff *is* the resume (and the retry).
@@ -549,6 +547,8 @@ async def _dispatch(
         rows_rejected += ledger.record_rejected_rows(
             run_id, plan.rejected_rows(skip=rejects_recorded, settled=False)
         )
+        from sync.report.summary import summarise  # after sending: not on the way to the first request
+
         summary = summarise(
             report,
             run_id=run_id,
@@ -604,6 +604,8 @@ async def _dispatch(
 
 async def _alert(alerts: Alerts, url: str, ledger: Ledger, summary: RunSummary) -> None:
     """Post an alert if this run needs a person; the usual duration is that of the job's last successful runs."""
+    from sync.report.alerts import alert_reasons, post_alert  # urllib.request: only for jobs that alert
+
     usual = [
         r.finished_at - r.started_at
         for r in ledger.runs(summary.job)
@@ -634,6 +636,8 @@ def _input_of(job: Job, plan: Plan, rows_rejected: int, diff: DiffCounts | None)
         }
     # Counts over the buckets settled: all of them, unless a stop ended the run before they were.
     rows_clean, duplicates_dropped = plan.settled_counts()
+    from sync.report.summary import RunInput
+
     return RunInput(
         rows_read=sum(s.rows_read for s in plan.staged),
         rows_clean=rows_clean,

@@ -249,3 +249,79 @@ def test_a_command_that_needs_one_module_builds_its_parser_alone() -> None:
     )
     done = _fresh_python(script)
     assert done.stdout.split("\n")[-2] == "0 []", (done.stdout, done.stderr)
+
+
+def test_a_run_loads_its_job_without_the_modules_it_needs_only_later() -> None:
+    """On the way to a run's first request (issue 13: start-up): a valid job is recognised by jsonschema-rs
+    (jsonschema, ~40 ms, only words the problems of an invalid one); the alerts, the summary and the snapshot
+    differ and commit are imported where a run reaches them, after sending. Each still loads when asked for."""
+
+    job = Path(__file__).resolve().parent / "fixtures" / "all_ops.yaml"
+    later = [
+        "jsonschema",
+        "sync.report.alerts",
+        "sync.report.summary",
+        "sync.state._commit",
+        "sync.state._delta",
+        "sync.state._diff",
+        "urllib.request",
+    ]
+    script = (
+        "import sys\n"
+        "import sync.cli, sync.cli.run_cmd, sync.cli.plan_cmd, sync.run\n"
+        "from sync.config import load_job\n"
+        f"job = load_job({str(job)!r})\n"
+        f"print(sorted(m for m in {later!r} if m in sys.modules))\n"
+        "from sync.state import SnapshotDiff, StateStore, commit\n"
+        "from sync.report.alerts import post_alert\n"
+        f"print(sorted(m for m in {later!r} if m in sys.modules))\n"
+    )
+    done = _fresh_python(script)
+    assert done.stdout.splitlines() == [
+        "[]",
+        "['sync.report.alerts', 'sync.report.summary', 'sync.state._commit', 'sync.state._delta', "
+        "'sync.state._diff', 'urllib.request']",
+    ], done.stderr
+
+
+def test_every_name_of_the_state_face_loads() -> None:
+    """``sync.state`` imports its modules on first use: every public name still resolves, to the module's own."""
+    import sync.state
+
+    for name in sync.state.__all__:
+        assert getattr(sync.state, name) is not None
+    assert sync.state.StateStore.__module__ == "sync.state._store"
+    with pytest.raises(AttributeError):
+        sync.state.no_such_name  # noqa: B018
+
+
+def test_a_run_with_its_own_client_loads_no_connector(tmp_path: Path) -> None:
+    """A run preloads its platform's connector (aiohttp) from its start, in a thread; an embedding application
+    or a test that brings its own client (``RunOptions.client``) does not pay for it."""
+    import shutil
+
+    fixtures = Path(__file__).resolve().parent / "fixtures"
+    for name in ("all_ops.yaml", "users.csv", "tags.csv", "events.csv", "deletions.csv"):
+        shutil.copy(fixtures / name, tmp_path / name)
+    script = (
+        "import asyncio, sys\n"
+        "from sync.config import load_job\n"
+        "from sync.platforms.base import SendOutcome\n"
+        "from sync.run import RunOptions, run\n"
+        "class Client:\n"
+        "    platform = 'netmera'\n"
+        "    sent = 0\n"
+        "    async def send(self, batch):\n"
+        "        Client.sent += 1\n"
+        "        return SendOutcome(http_status=200, latency=0.0)\n"
+        "    def split(self, batch):\n"
+        "        return None\n"
+        "    async def aclose(self):\n"
+        "        return None\n"
+        f"job = load_job({str(tmp_path / 'all_ops.yaml')!r})\n"
+        f"options = RunOptions(api_key='k' * 24, workdir={str(tmp_path / 'work')!r}, client=Client())\n"
+        "outcome = asyncio.run(run(job, options))\n"
+        "print(int(outcome.exit_code), Client.sent > 0, 'aiohttp' in sys.modules)\n"
+    )
+    done = _fresh_python(script)
+    assert done.stdout.splitlines()[-1].split() == ["0", "True", "False"], (done.stdout, done.stderr)

@@ -20,6 +20,7 @@ REPO = Path(__file__).resolve().parent.parent
 _DISTRIBUTION_OF = {
     "yaml": "pyyaml",
     "prometheus_client": "prometheus-client",
+    "jsonschema_rs": "jsonschema-rs",
     "adbc_driver_manager": "adbc-driver-manager",
     "adbc_driver_postgresql": "adbc-driver-postgresql",
 }

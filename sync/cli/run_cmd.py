@@ -116,7 +116,6 @@ def _run(args: argparse.Namespace) -> int:
     from sync.cli._ledgers import database_url
     from sync.cli.plan_cmd import selected_job
     from sync.config import resolve_secret
-    from sync.report.alerts import resolve_webhook
     from sync.run import RunOptions, run
 
     job = selected_job(args)
@@ -125,10 +124,18 @@ def _run(args: argparse.Namespace) -> int:
         from sync.errors import StateError
 
         raise StateError("--run-id names a run that several workers share: it needs a coordination database")
+    api_key = resolve_secret(job.destination)
+    alert_url = None
+    if job.alerts is not None:
+        # Resolved before anything is sent: a job that asks for alerts and cannot post them is misconfigured.
+        # Imported only then: the alerts module (urllib.request, the summary) is not on a plain run's start-up.
+        from sync.report.alerts import resolve_webhook
+
+        alert_url = resolve_webhook(job.alerts)
     # Snapshot jobs send only the diff from the confirmed state; a changes job whose last run did not finish
     # resumes it (docs/sync.md).
     options = RunOptions(
-        api_key=resolve_secret(job.destination),
+        api_key=api_key,
         workdir=args.workdir,
         full_refresh=args.full_refresh,
         force=args.force,
@@ -138,8 +145,7 @@ def _run(args: argparse.Namespace) -> int:
         metrics_port=args.metrics_port,
         metrics_textfile=args.metrics_textfile,
         metrics_pushgateway=args.metrics_pushgateway,
-        # Resolved before anything is sent: a job that asks for alerts and cannot post them is misconfigured.
-        alert_url=resolve_webhook(job.alerts) if job.alerts is not None else None,
+        alert_url=alert_url,
         database_url=url,
         run_id=args.run_id,
     )

@@ -22,39 +22,81 @@ A run goes:
    directory is committed by :func:`recover` at the start of the next run (or ``pushsync resume``), so nothing
    confirmed is sent twice and nothing unconfirmed is lost. Committing twice is harmless: every merge rule is
    idempotent.
+
+The names below are the package's public face, imported on first use; code inside sync/ on a run's way to its
+first request imports the modules themselves.
 """
 
-from sync.config import RemovalAction, SnapshotSettings
-from sync.state._commit import CommitReport, apply_confirmed, commit, recover
-from sync.state._delta import (
-    RejectedUsers,
-    RemovalThresholdError,
-    SnapshotDiff,
-    SourceDelta,
-    compute_diff,
-    rejected_users,
-    snapshot_builder_for,
-    snapshot_streams,
-)
-from sync.state._diff import DiffCounts, diff_frames
-from sync.state._preview import preview
-from sync.state._store import (
-    DELETE,
-    LEFT_FILE,
-    ROW_GROUP_ROWS,
-    ROWS_PER_RANGE,
-    SEQ,
-    TAGS,
-    TAGS_ADDED,
-    TAGS_REMOVED,
-    UNSET,
-    FieldKind,
-    ManagedField,
-    StateStore,
-    managed_fields,
-    snapshot_problems,
-    state_schema,
-)
+import importlib
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from sync.config import RemovalAction, SnapshotSettings
+    from sync.state._commit import CommitReport, apply_confirmed, commit, recover
+    from sync.state._delta import (
+        RejectedUsers,
+        RemovalThresholdError,
+        SnapshotDiff,
+        SourceDelta,
+        compute_diff,
+        rejected_users,
+        snapshot_builder_for,
+        snapshot_streams,
+    )
+    from sync.state._diff import DiffCounts, diff_frames
+    from sync.state._preview import preview
+    from sync.state._store import (
+        DELETE,
+        LEFT_FILE,
+        ROW_GROUP_ROWS,
+        ROWS_PER_RANGE,
+        SEQ,
+        TAGS,
+        TAGS_ADDED,
+        TAGS_REMOVED,
+        UNSET,
+        FieldKind,
+        ManagedField,
+        StateStore,
+        managed_fields,
+        snapshot_problems,
+        state_schema,
+    )
+
+_HOME = {
+    "CommitReport": "sync.state._commit",
+    "DELETE": "sync.state._store",
+    "DiffCounts": "sync.state._diff",
+    "FieldKind": "sync.state._store",
+    "LEFT_FILE": "sync.state._store",
+    "ManagedField": "sync.state._store",
+    "ROWS_PER_RANGE": "sync.state._store",
+    "ROW_GROUP_ROWS": "sync.state._store",
+    "RejectedUsers": "sync.state._delta",
+    "RemovalAction": "sync.config",
+    "RemovalThresholdError": "sync.state._delta",
+    "SEQ": "sync.state._store",
+    "SnapshotDiff": "sync.state._delta",
+    "SnapshotSettings": "sync.config",
+    "SourceDelta": "sync.state._delta",
+    "StateStore": "sync.state._store",
+    "TAGS": "sync.state._store",
+    "TAGS_ADDED": "sync.state._store",
+    "TAGS_REMOVED": "sync.state._store",
+    "UNSET": "sync.state._store",
+    "apply_confirmed": "sync.state._commit",
+    "commit": "sync.state._commit",
+    "compute_diff": "sync.state._delta",
+    "diff_frames": "sync.state._diff",
+    "managed_fields": "sync.state._store",
+    "preview": "sync.state._preview",
+    "recover": "sync.state._commit",
+    "rejected_users": "sync.state._delta",
+    "snapshot_builder_for": "sync.state._delta",
+    "snapshot_problems": "sync.state._store",
+    "snapshot_streams": "sync.state._delta",
+    "state_schema": "sync.state._store",
+}
 
 __all__ = [
     "DELETE",
@@ -90,3 +132,11 @@ __all__ = [
     "snapshot_streams",
     "state_schema",
 ]
+
+
+def __getattr__(name: str) -> object:
+    """A face name, imported from its module when first asked for: a changes run takes only the state store's
+    lock (``sync.state._store``), not the differ and the commit (issue 13: start-up)."""
+    if name in _HOME:
+        return getattr(importlib.import_module(_HOME[name]), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
