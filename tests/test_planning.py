@@ -431,7 +431,7 @@ def _open_chunk_files() -> list[str]:
 
 
 @pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="needs /proc to list open files")
-def test_chunk_files_held_open_while_settling_are_closed_when_settled_or_closed(
+def test_chunk_files_are_not_held_open_while_settling_nor_after(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     import sync.planning._staging
@@ -445,11 +445,12 @@ def test_chunk_files_held_open_while_settling_are_closed_when_settled_or_closed(
         assert not _open_chunk_files()  # every bucket settled: the chunk files were closed (and removed)
         assert eager.summary().rows_clean == 3000
     with build_plan(job, rows_per_bucket=40, lazy=True) as lazy:
-        # Past the head: the worker stages the rest, then settles from the chunk files, holding them open.
+        # Past the head: the worker stages the rest, then settles from the chunk files, each mapped for the
+        # rows of one group and closed at once (a large input has more chunk files than descriptors).
         assert lazy._settling.has_bucket(0, 1)
         lazy._settling.bucket(0, 2)
         assert not lazy.settled
-        assert _open_chunk_files()
+        assert not _open_chunk_files()
     assert not _open_chunk_files()  # closed with the plan, half settled
 
 
@@ -704,3 +705,26 @@ def test_a_lazy_plan_parses_each_csv_file_once_and_rejects_what_an_eager_plan_re
         assert lazy.summary() == expected_summary
         assert not any(spill.iterdir())  # read once, then removed
     assert sorted(parsed) == ["part-0.csv", "part-1.csv"]
+
+
+def test_a_plan_counted_while_it_settles_has_the_counts_of_one_counted_afterwards(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import sync.planning.planning
+
+    job = _big_job(tmp_path, _with_conflicting_duplicates(tmp_path / "dups.csv", 3000), batch=70)
+    with build_plan(job, rows_per_bucket=40) as after:
+        expected = after.summary()
+        expected_rejects = list(after.rejected_rows())
+        expected_batches = _fingerprint(after)
+
+    def not_read_back(*_args: object) -> None:
+        raise AssertionError("the buckets of a plan counted while settling are not read back to count them")
+
+    with build_plan(job, rows_per_bucket=40, count=True) as counted:
+        monkeypatch.setattr(sync.planning.planning.Plan, "_count_source", not_read_back)
+        assert counted.settled
+        assert counted.summary() == expected
+        assert expected.total_requests > 100  # many buckets, several streams, batches of 70 across buckets
+        assert list(counted.rejected_rows()) == expected_rejects
+        assert _fingerprint(counted) == expected_batches

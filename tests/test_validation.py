@@ -7,6 +7,7 @@ that to what a row gives on its own and to the exact readings, for arbitrary mix
 
 from __future__ import annotations
 
+import json
 import string
 import sys
 import zlib
@@ -381,3 +382,117 @@ def test_the_canonical_key_of_a_million_ids_is_zlib_crc32() -> None:
     for sample in (ids, [*ids[:1000], "", *ids[1000:]], odd, many, [*many, None, *odd]):
         series = pl.Series(sample, dtype=pl.String)
         assert validation.canonical_key(series).to_list() == [zlib.crc32((x or "").encode()) for x in sample]
+
+
+# Every character trimming removes (Unicode White_Space, as polars' strip_chars() sees it), and some it keeps that
+# look like it (Python's str.strip() removes the separators \x1c-\x1f; zero-width space, BOM, NUL).
+_TRIMMED = [
+    *"\t\n\x0b\x0c\r \x85\xa0\u1680",
+    *map(chr, range(0x2000, 0x200B)),
+    *"\u2028\u2029\u202f\u205f\u3000",
+]
+_KEPT = ["\x1c", "\x1f", "\u200b", "\ufeff", "\x00", "\u00b7"]
+_EDGE = st.text(st.sampled_from([*_TRIMMED, *_KEPT]), max_size=3)
+_CORES = [
+    *BOOLEANS,
+    *NUMBERS,
+    *EMAILS,
+    "1.5e-3",
+    "-0",
+    *LISTS,
+    *TAGS,
+    "NULL",
+    "NaN",
+    " NaN",
+    "\\N",
+    "NA",
+    " NA ",
+    "N/A",
+    "N/A\t",
+    "-",
+    "\u00a0-",
+    " 00000000",
+    "+90 (531) 234-56.01 ",
+    "",
+    "Ko\u00e7",
+    "Bar\u0131\u015f",
+]
+_UNTRIMMED = st.one_of(
+    st.sampled_from(_CORES),
+    st.builds(lambda a, core, b: a + core + b, _EDGE, st.sampled_from(_CORES), _EDGE),
+    st.text(st.sampled_from([*_TRIMMED[:8], *_KEPT, "a", "y", "|", ",", "[", "]", '"', "1"]), max_size=8),
+    st.text(max_size=6),
+    st.none(),
+)
+
+
+def test_the_characters_trimming_removes_are_unicode_white_space() -> None:
+    # The strategies above name them: polars' strip_chars() with no argument, on every code point.
+    points = [chr(c) for c in range(0x110000) if not 0xD800 <= c < 0xE000]
+    stripped = pl.Series([p + "x" + p for p in points]).str.strip_chars()
+    assert [p for p, s in zip(points, stripped.to_list(), strict=True) if s == "x"] == _TRIMMED
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    rows=st.lists(
+        st.fixed_dictionaries({c: _UNTRIMMED for c in ("b", "n", "l", "t", "p", "email", "phone")}),
+        min_size=1,
+        max_size=25,
+    ),
+    null_values=st.sampled_from(
+        [None, ["", "NULL", " NA ", "\u00a0-", "N/A\t"], [], ["-", " +90 (531) 234-56.01"], ["00000000"]]
+    ),
+)
+def test_columns_read_untrimmed_give_what_their_trimmed_texts_give(
+    tmp_path_factory: pytest.TempPathFactory,
+    rows: list[dict[str, str | None]],
+    null_values: list[str] | None,
+) -> None:
+    # Booleans, numbers, email addresses, MSISDNs and lists are read untrimmed: their fast forms take only texts that
+    # read the same trimmed (and are no null value then), and flag every other text for the exact reading. The reference is the chunk with every text trimmed first (the
+    # old form: trim, then read), whatever the text, the whitespace at its ends and the null values.
+    _assert_untrimmed_reads_as_trimmed(tmp_path_factory.mktemp("untrimmed"), rows, null_values)
+
+
+@pytest.mark.parametrize(
+    ("null_values", "text"),
+    [
+        (["00000000"], " 00000000"),  # a number once trimmed, and a null value: no value, not an MSISDN
+        (["-", " +90 (531) 234-56.01"], "+90 (531) 234-56.01 "),
+        ([" NA "], " NA "),  # a null value with whitespace is never met once trimmed
+        (["NA"], "\u3000NA\t"),
+        (["yes"], " yes"),
+        (["1"], "1\u2028"),
+        (None, "\tNaN"),
+        (None, "NULL\u3000"),
+        (["", "NaN", "a@b.co"], "a@b.co "),
+    ],
+)
+def test_null_values_read_untrimmed_are_what_they_are_trimmed(
+    tmp_path: Path, null_values: list[str] | None, text: str
+) -> None:
+    rows: list[dict[str, str | None]] = [
+        {c: text for c in ("b", "n", "l", "t", "p", "email", "phone")},
+        {c: text.strip() for c in ("b", "n", "l", "t", "p", "email", "phone")},
+    ]
+    _assert_untrimmed_reads_as_trimmed(tmp_path, rows, null_values)
+
+
+def _assert_untrimmed_reads_as_trimmed(
+    directory: Path, rows: list[dict[str, str | None]], null_values: list[str] | None
+) -> None:
+    path = directory / "job.yaml"
+    extra = "" if null_values is None else f"\n    null_values: {json.dumps(null_values)}"
+    path.write_text(
+        JOB.format(timezone="UTC").replace("ext_id: id\n", f"ext_id: id{extra}\n", 1), encoding="utf-8"
+    )
+    job = load_job(path)
+    source = job.sources[0]
+    raw = _raw([{"id": f"u{i}", **row} for i, row in enumerate(rows)], COLUMNS)
+    trimmed = raw.with_columns(pl.col(c).str.strip_chars() for c in COLUMNS)
+    clean, rejects = _validate(job, source, raw)
+    ref_clean, ref_rejects = _validate(job, source, trimmed)
+    assert_frame_equal(clean, ref_clean)
+    assert_frame_equal(rejects, ref_rejects)
+    assert clean.height + rejects.height == raw.height

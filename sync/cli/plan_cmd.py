@@ -221,7 +221,9 @@ def _plan(args: argparse.Namespace) -> int:
         raise BadJobError(
             str(job.path), [JobProblem("--limit", "not available in snapshot mode (docs/run.md)")]
         )
-    with build_plan(job, rejects_path=args.rejects, limit=args.limit) as plan:
+    # A changes job's summary counts every request: counted while the buckets are settled (not read back).
+    count = job.mode is not SyncMode.SNAPSHOT
+    with build_plan(job, rejects_path=args.rejects, limit=args.limit, count=count) as plan:
         diff = None
         if job.mode is SyncMode.SNAPSHOT:
             # Snapshot jobs send the difference from the confirmed state: show that (docs/sync.md).

@@ -63,6 +63,11 @@ class _Parser:
     """Every text holding a NUL character is refused (it is no boolean, number, date, address...), so the flag need
     not look for NULs; the message, which names the NUL, still does."""
     fallback: _Fallback | None = None
+    text: pl.Expr | None = None
+    """The text the parser reads where it is not the column's (trimmed) text: the untrimmed text
+    (:func:`_untrimmed_text`), whose texts its fast form takes only where they read the same trimmed, its fallback
+    flagging every other text, read exactly (trimmed) after the query. Trimming every value of a column costs more
+    than most checks of it."""
 
 
 _NO_ERROR = pl.lit(None, pl.String)
@@ -99,6 +104,34 @@ def _text(s: pl.Expr, dtype: Any, source: Source, rules: ValidationRules) -> pl.
     return _no_nulls(s.str.strip_chars() if rules.trim else s, source)
 
 
+def _untrimmed_text(s: pl.Expr, source: Source, *, blanks_only: bool = False) -> pl.Expr:
+    """``s`` untrimmed, with the null values nulled that are their own trimmed form: a text equal to one of those is
+    a null value trimmed or not. Any other text that is a null value once trimmed has whitespace at an end, and
+    the parsers reading this flag such a text for the exact reading. ``blanks_only``: only the empty text is
+    nulled (for a parser that refuses every other null value: :func:`_refuses`), which a length tells."""
+    exact = _own_trimmed_null_values(source)
+    if blanks_only:
+        return pl.when(s.str.len_bytes() == 0).then(None).otherwise(s) if "" in exact else s
+    return pl.when(s.is_in(exact)).then(None).otherwise(s) if exact else s
+
+
+def _own_trimmed_null_values(source: Source) -> list[str]:
+    """The null values that are their own trimmed form."""
+    values = pl.Series(list(source.null_values), dtype=pl.String)
+    return values.filter(values.str.strip_chars() == values).to_list()
+
+
+def _refuses(exact: Callable[[pl.Expr], _Parser], texts: Sequence[str]) -> bool:
+    """Whether the parser ``exact`` builds refuses every one of ``texts``."""
+    if not texts:
+        return True
+    s, p = pl.col("s"), pl.col("p")
+    parser = exact(s)
+    frame = pl.DataFrame({"s": list(texts)}, schema={"s": pl.String}).with_columns(parser.values.alias("p"))
+    refused = frame.select(pl.any_horizontal(c for c, _ in parser.reasons(s, p)).fill_null(False)).to_series()
+    return bool(refused.all())
+
+
 def _no_nulls(s: pl.Expr, source: Source) -> pl.Expr:
     """``s`` (read twice: a query column, not an expression to compute) with the null values nulled."""
     if not source.null_values:
@@ -112,6 +145,39 @@ def _parse_bool(s: pl.Expr) -> _Parser:
         _either(s, _TRUE_SPELLINGS, _FALSE_SPELLINGS),
         lambda s, p: [(s.is_not_null() & p.is_null(), "not a boolean (true/false, yes/no, 1/0)")],
         refuses_nul=True,
+    )
+
+
+def _untrimmed(exact: Callable[[pl.Expr], _Parser], s: pl.Expr) -> _Parser:
+    """The parser ``exact`` builds, reading the untrimmed text ``s`` (:func:`_untrimmed_text`): every text it
+    refuses there is read exactly (trimmed, null values nulled) after the query, and gets the message ``exact``
+    gives it then, or its value. Only for a parser that, for any text it accepts untrimmed, accepts the trimmed
+    text too, with the same value, and where no null value is that trimmed text: one whose accepted texts are
+    their own trimmed form (a spelling, a number, an address: nothing of them is whitespace), or one that drops
+    whitespace anyway (:func:`_msisdn_untrimmed`)."""
+    fast = exact(s)
+    text, values = pl.col("s"), pl.col("p")
+    slow = exact(text)
+    message = _message(slow.reasons(text, values))
+
+    def read(texts: pl.Series) -> tuple[pl.Series, pl.Series]:
+        frame = (
+            pl.LazyFrame({"s": texts})
+            .with_columns(slow.values.alias("p"))
+            .select("p", message.alias("m"))
+            .collect()
+        )
+        return frame["p"], frame["m"]
+
+    def rows(s: pl.Expr, p: pl.Expr) -> pl.Expr:
+        return pl.any_horizontal(condition for condition, _ in fast.reasons(s, p)).fill_null(False)
+
+    return _Parser(
+        fast.values,
+        lambda s, p: [],
+        refuses_nul=fast.refuses_nul,
+        fallback=_Fallback(rows, read),
+        text=s,
     )
 
 
@@ -257,12 +323,15 @@ def _lists(delimiter: str) -> Callable[[pl.Series], tuple[pl.Series, pl.Series]]
 def _parse_list(s: pl.Expr, delimiter: str) -> _Parser:
     # Most list texts are items and delimiters with nothing around them: split, and that is all. A text with a
     # blank or empty item (or a blank around an item, "a| b"), or a JSON array, is read exactly after the query.
+    # Untrimmed: a text with whitespace at an end is untidy (the regex's \s is the Unicode White_Space that
+    # trimming removes), so a tidy text is its own trimmed form.
     d = pl.escape_regex(delimiter)
     untidy = s.str.contains(rf"(?:^|{d})(?:\s|{d}|$)|\s(?:{d}|$)") | s.str.starts_with("[")
     return _Parser(
         s.str.split(delimiter),
         lambda s, p: [],
         fallback=_Fallback(lambda s, p: untidy.fill_null(False), _lists(delimiter)),
+        text=s,
     )
 
 
@@ -272,6 +341,15 @@ def _parse_email(s: pl.Expr) -> _Parser:
         return [(s.is_not_null() & ~valid, "not a valid email address")]
 
     return _Parser(s, reasons, refuses_nul=True)
+
+
+def _msisdn_untrimmed(null_values: Sequence[str]) -> bool:
+    """Whether :func:`_parse_msisdn` may read untrimmed texts (:func:`_untrimmed`): it removes whitespace wherever
+    it is, so a text and its trimmed form have the same number; a text it accepts is a null value once trimmed
+    only when a null value is a number once its separators are removed (the default ones are not)."""
+    values = pl.Series(list(null_values), dtype=pl.String)
+    numbers = values.str.strip_chars().str.replace_all(_MSISDN_SEPARATORS, "").str.contains(_MSISDN)
+    return not numbers.any()
 
 
 def _parse_msisdn(s: pl.Expr) -> _Parser:

@@ -36,7 +36,9 @@ from sync.planning._parsers import (
     _id_reasons,
     _id_refused,
     _message,
+    _msisdn_untrimmed,
     _no_nulls,
+    _own_trimmed_null_values,
     _parse_action,
     _parse_bool,
     _parse_date,
@@ -47,10 +49,13 @@ from sync.planning._parsers import (
     _Parser,
     _put,
     _Reason,
+    _refuses,
     _required,
     _text,
     _typed_date,
     _typed_list,
+    _untrimmed,
+    _untrimmed_text,
 )
 from sync.sources.reading import ROW
 
@@ -370,10 +375,20 @@ class _Query:
                 self.texts[name] = _text(pl.col(column), self.schema[column], self.source, self.rules)
         return pl.col(name)
 
+    def untrimmed(self, column: str, *, blanks_only: bool = False) -> pl.Expr:
+        """The untrimmed text of a raw text column (:func:`_untrimmed_text`), for the parsers that read it; the
+        text when there is nothing to trim (a typed column, or ``trim: false``)."""
+        if self.schema[column] != pl.String or not self.rules.trim:
+            return self.text(column)
+        name = f"__{'b' if blanks_only else 'u'}{self.positions[column]}"
+        if name not in self.texts:
+            self.texts[name] = _untrimmed_text(pl.col(column), self.source, blanks_only=blanks_only)
+        return pl.col(name)
+
     def check(self, column: str, parser: _Parser) -> pl.Expr:
         """Add a check of ``column``; returns the expression of its typed values (in the final step)."""
         name = f"__p{len(self.values)}"
-        s, p = self.text(column), pl.col(name)
+        s, p = self.text(column) if parser.text is None else parser.text, pl.col(name)
         if parser.fallback is not None:
             k = len(self.pending)
             pending = _Pending(column, name, f"__f{k}", f"__m{k}", parser.fallback.read)
@@ -404,27 +419,37 @@ class _Query:
 
     def list_values(self, column: str, delimiter: str) -> _Parser:
         if self.schema[column] == pl.String:
-            return _parse_list(self.text(column), delimiter)
+            return _parse_list(self.untrimmed(column), delimiter)
         return _typed_list(self.text(column))
+
+    def fitted(self, column: str, exact: Callable[[pl.Expr], _Parser]) -> _Parser:
+        """``exact``'s parser of ``column``, reading a text column untrimmed (:func:`_untrimmed`) where it would
+        be trimmed."""
+        if self.schema[column] == pl.String and self.rules.trim:
+            # A parser that refuses every null value but the empty text needs only that one nulled first (the
+            # others are refused untrimmed, then read exactly): a length is cheaper than a membership test.
+            others = [v for v in _own_trimmed_null_values(self.source) if v]
+            return _untrimmed(exact, self.untrimmed(column, blanks_only=_refuses(exact, others)))
+        return exact(self.text(column))
 
     def parse(self, column: str, mapping: AttributeMapping) -> _Parser:
         dtype = self.schema[column]
-        s = self.text(column)
         if isinstance(dtype, pl.List) and mapping.type is not ValueType.LIST:
             return _Parser(
                 pl.lit(None, _DTYPE[mapping.type]),
                 lambda s, p: [(s.is_not_null(), "a list where a single value is expected")],
             )
         if mapping.type is ValueType.BOOLEAN:
-            return _parse_bool(s)
+            return self.fitted(column, _parse_bool)
         if mapping.type is ValueType.NUMBER:
-            return _parse_number(s)
+            return self.fitted(column, _parse_number)
+        if mapping.type is ValueType.LIST:
+            return self.list_values(column, mapping.delimiter)
+        s = self.text(column)
         if mapping.type is ValueType.DATE:
             if dtype == pl.Date or isinstance(dtype, pl.Datetime):
                 return _typed_date(s, dtype, self.rules.timezone)
             return _parse_date(s, self.rules.timezone)
-        if mapping.type is ValueType.LIST:
-            return self.list_values(column, mapping.delimiter)
         return _Parser(s.cast(pl.String), lambda s, p: [])
 
     def _add_checks(self) -> dict[str, pl.Expr]:
@@ -447,11 +472,16 @@ class _Query:
         for t in source.tags:
             typed[t.column] = self.check(t.column, self.list_values(t.column, t.delimiter))
         for c in source.opt_ins.columns():
-            typed[c] = self.check(c, _parse_bool(self.text(c)))
+            typed[c] = self.check(c, self.fitted(c, _parse_bool))
         if source.email:
-            typed[source.email] = self.check(source.email, _parse_email(self.text(source.email)))
+            typed[source.email] = self.check(source.email, self.fitted(source.email, _parse_email))
         if source.msisdn:
-            typed[source.msisdn] = self.check(source.msisdn, _parse_msisdn(self.text(source.msisdn)))
+            msisdn = (
+                self.fitted(source.msisdn, _parse_msisdn)
+                if _msisdn_untrimmed(source.null_values)
+                else _parse_msisdn(self.text(source.msisdn))
+            )
+            typed[source.msisdn] = self.check(source.msisdn, msisdn)
         return typed
 
     def lazy(self, raw: pl.DataFrame) -> pl.LazyFrame:
