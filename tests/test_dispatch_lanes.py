@@ -7,9 +7,11 @@ through ``sync.run.run`` against the Netmera sandbox and read the overlap of the
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import math
 import random
+import threading
 from collections import Counter, defaultdict
 from collections.abc import AsyncIterator, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -288,6 +290,51 @@ def test_each_lane_pulls_at_most_queue_size_batches_ahead() -> None:
     assert report.batches_done == 300 and dict(pulled) == {"a": 100, "b": 100, "c": 100}
     for name in ("a", "b", "c"):
         assert queue_size // 2 <= ahead[name] <= queue_size, (name, ahead[name])
+
+
+def test_a_lane_sends_the_batches_made_so_far_while_its_plan_makes_the_rest() -> None:
+    """A lazy plan makes a lane's first batches from the head of its input, then waits until the rest is settled:
+    the batches made so far leave meanwhile (they fill the first budget window), not once a pull of a whole chunk
+    that only the settled rest can fill comes back. Real threads and time: the lane is a synchronous iterable
+    read in the dispatcher's plan-pull thread."""
+    made, rest = batches_for("a", 27)[:7], batches_for("a", 27)[7:]
+    settled = threading.Event()
+
+    def lane() -> Iterator[Batch]:
+        yield from made
+        settled.wait(10)  # the rest of the input being settled
+        yield from rest
+
+    class Source:
+        def lanes(self, phase: Phase) -> list[tuple[str, Iterable[Batch]]]:
+            return [("a", lane())] if phase is Phase.CHANGES else []
+
+    @dataclass
+    class Watched(MemoryPlatform):
+        """Sets ``all_made_sent`` once every batch made before the settling is sent."""
+
+        all_made_sent: asyncio.Event = field(default_factory=asyncio.Event)
+
+        async def send(self, batch: Batch) -> SendOutcome:
+            outcome = await MemoryPlatform.send(self, batch)
+            if len(self.sends) >= len(made):
+                self.all_made_sent.set()
+            return outcome
+
+    client = Watched(latency=0.0)
+
+    async def go() -> tuple[int, DispatchReport]:
+        task = asyncio.ensure_future(dispatch(client, Source(), settings(concurrency=4, queue_size=8)))
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(client.all_made_sent.wait(), 5.0)
+        sent_while_settling = len(client.sends)
+        settled.set()
+        return sent_while_settling, await task
+
+    sent_while_settling, report = asyncio.run(go())
+    assert sent_while_settling == len(made)
+    assert report.outcome is DispatchOutcome.COMPLETED
+    assert report.batches_done == len(made) + len(rest)
 
 
 def test_a_stop_drains_every_lane_and_feeds_no_later_phase(tmp_path: Path) -> None:

@@ -128,7 +128,7 @@ class _Lane:
     more: bool = True
     """The source may hold batches not pulled yet (False once a pull came back short)."""
     pulls: int = 0
-    """Pulls made so far (the first takes one batch)."""
+    """Pulls made so far (the first takes one batch, each next up to twice as many, up to a chunk)."""
 
 
 class Dispatcher:
@@ -375,9 +375,11 @@ class Dispatcher:
                 want = _FEED_CHUNK
             else:
                 await channel.wait_room(refill)
-                # A lane's first pull is one batch: its first request leaves as soon as that batch is made (a
-                # lazy plan settles the rest of its input meanwhile), not once a whole chunk of them is.
-                want = 1 if lane.pulls == 0 else min(_FEED_CHUNK, channel.free)
+                # A lane's first pulls ramp up (1, 2, 4, … batches): a pull waits until it has all it asked for,
+                # so its first request leaves as soon as one batch is made, and the batches a lazy plan made
+                # from its head leave while it settles the rest of its input, instead of waiting for a pull of
+                # a whole chunk that only the settled rest can fill (they fill the first budget window).
+                want = min(_FEED_CHUNK, channel.free, 1 << min(lane.pulls, 6))
             if self._stop.is_set():
                 return
             lane.pulls += 1
