@@ -18,11 +18,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from sync.config import Job, load_job
-from sync.planning.planning import Plan, build_plan, estimate_duration
+from sync.planning.planning import Plan, PlanSummary, build_plan, estimate_duration
 from sync.planning.validation import canonical_key
 from sync.platforms.netmera import MAX_IDS_PER_REQUEST
 from sync.platforms.netmera.requests import ENDPOINT_FOR, batch_id_for, split_batch
-from sync.records import Batch, Operation, Phase, RowRef, body_json
+from sync.records import Batch, Operation, Phase, RejectedRow, RowRef, body_json
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 
@@ -238,6 +238,11 @@ sources:
 
 def _fingerprint(plan: Plan) -> list[tuple[str, str, tuple[str, ...]]]:
     return [(b.batch_id, b.endpoint, b.ext_ids) for b in plan.batches()]
+
+
+def _outcome(plan: Plan) -> tuple[list[tuple[str, str, tuple[str, ...]]], list[RejectedRow], PlanSummary]:
+    """What a plan gives its user — its batches, its rejected rows, its summary — for comparing two plans."""
+    return _fingerprint(plan), list(plan.rejected_rows()), plan.summary()
 
 
 def test_batches_hold_at_most_1000_unique_ids_grouped_by_tag(tmp_path: Path) -> None:
@@ -459,9 +464,7 @@ def test_a_lazy_plan_settles_as_it_is_read_and_gives_the_same_batches(
 ) -> None:
     job = _big_job(tmp_path, _with_conflicting_duplicates(tmp_path / "dups.csv", 3000))
     with build_plan(job, rows_per_bucket=40) as eager:
-        expected = _fingerprint(eager)
-        expected_rejects = list(eager.rejected_rows())
-        expected_summary = eager.summary()
+        expected, expected_rejects, expected_summary = _outcome(eager)
     import sync.planning.planning
 
     monkeypatch.setattr(sync.planning.planning, "HEAD_ROWS", 100)  # a head of a few key ranges, not all
@@ -613,9 +616,7 @@ def test_a_lazy_plan_of_typed_parquet_gives_the_batches_and_rejects_of_pushsync_
     )
     job = load_job(job_file)
     with build_plan(job, rows_per_bucket=200) as eager:
-        expected = _fingerprint(eager)
-        expected_rejects = list(eager.rejected_rows())
-        expected_summary = eager.summary()
+        expected, expected_rejects, expected_summary = _outcome(eager)
     assert any("superseded" in r.reason for r in expected_rejects)
     assert any("superseded" not in r.reason for r in expected_rejects)
     import sync.planning.planning
@@ -674,9 +675,7 @@ def test_a_lazy_plan_parses_each_csv_file_once_and_rejects_what_an_eager_plan_re
     )
     job = load_job(job_path)
     with build_plan(job, rows_per_bucket=40) as eager:
-        expected = _fingerprint(eager)
-        expected_rejects = list(eager.rejected_rows())
-        expected_summary = eager.summary()
+        expected, expected_rejects, expected_summary = _outcome(eager)
     assert eager.staged[0].files == tuple(str(f) for f in files)
     reasons = Counter(r.reason.split(":")[0] for r in expected_rejects)
     assert reasons["malformed CSV record"] == 12 and reasons["duplicate external ID with conflicting values"]

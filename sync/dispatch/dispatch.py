@@ -379,7 +379,7 @@ class Dispatcher:
                 # so its first request leaves as soon as one batch is made, and the batches a lazy plan made
                 # from its head leave while it settles the rest of its input, instead of waiting for a pull of
                 # a whole chunk that only the settled rest can fill (they fill the first budget window).
-                want = min(_FEED_CHUNK, channel.free, 1 << min(lane.pulls, 6))
+                want = min(_FEED_CHUNK, channel.free, 1 << min(lane.pulls, _FEED_CHUNK.bit_length()))
             if self._stop.is_set():
                 return
             lane.pulls += 1
