@@ -487,21 +487,50 @@ def stream_batches(
 def stream_counts(stream: Stream, frames: Iterable[pl.DataFrame], batch_size: int) -> tuple[int, int]:
     """``(requests, ids)`` that :func:`stream_batches` would give, computed without building bodies.
 
-    Frames must hold every row of their IDs (the planner's frames are whole hash buckets), so unique IDs add up.
+    Frames must hold every row of their IDs (the planner's frames are whole hash buckets), so unique IDs add up,
+    and come in the canonical order (an ID's rows adjacent). Each frame's IDs are counted as small integers
+    (:func:`_counting_frame`): the selection then copies no text, and counting unique integers is cheap.
     """
     size = _size(stream, batch_size)
-    counted = [
-        stream.select(frame, False).group_by(GROUP).agg(pl.col(EXT_ID).n_unique().alias("n"))
-        for frame in frames
-    ]
+    # Every stream but a tag stream has one group (""): its unique IDs are counted straight.
+    grouped = stream.shape is Shape.TAG
+    counted: list[pl.DataFrame] = []
+    ids = 0
+    for frame in frames:
+        if frame.is_empty():
+            continue
+        selected = stream.select(_counting_frame(frame), False)
+        if grouped:
+            counted.append(selected.group_by(GROUP).agg(pl.col(EXT_ID).n_unique().alias("n")))
+        else:
+            ids += selected.get_column(EXT_ID).n_unique() if selected.height else 0
+    if not grouped:
+        return -(-ids // size), ids
     if not counted:
         return 0, 0
     per_group = pl.concat(counted).group_by(GROUP).agg(pl.col("n").sum())
     totals = per_group.select(
         ((pl.col("n") + size - 1) // size).sum().alias("requests"), pl.col("n").sum().alias("ids")
     )
-    requests, ids = totals.row(0)
-    return int(requests or 0), int(ids or 0)
+    requests, total = totals.row(0)
+    return int(requests or 0), int(total or 0)
+
+
+def _counting_frame(frame: pl.DataFrame) -> pl.DataFrame:
+    """``frame`` with each ID replaced by its ordinal among the frame's IDs (rows of one ID are adjacent) and
+    :data:`FILE` and :data:`ROW` by constants: what a selection without items needs to count unique IDs per
+    group, with nothing to copy but integers (a selector reads neither, and builds no ID text then)."""
+    ids = frame.get_column(EXT_ID)
+    starts = ids.ne_missing(ids.shift(1))  # an ID's first row (the frame's first row too)
+    if starts.sum() == frame.height:
+        ordinal = pl.int_range(frame.height, dtype=pl.UInt32, eager=True)  # one row per ID (a users source)
+    else:
+        ordinal = starts.cast(pl.UInt32).cum_sum()
+    return frame.with_columns(
+        ordinal.alias(EXT_ID),
+        pl.lit(0, frame.schema[FILE]).alias(FILE),
+        pl.lit(0, frame.schema[ROW]).alias(ROW),
+    )
 
 
 def stream_sample(stream: Stream, frames: Iterable[pl.DataFrame], max_ids: int = 3) -> Any | None:
