@@ -449,7 +449,7 @@ class Plan:
         columns = list(dict.fromkeys(c for stream in streams for c in stream.columns))
         counter = _Counter(self._builder, self.job, streams)
         try:
-            for frame in staged.frames(columns):
+            for frame in staged.frames([KEY, *columns]):
                 counter.put(frame)
         except BaseException:
             counter.abandon()
@@ -516,7 +516,10 @@ class _Counter:
     """``builder.stream_counts`` of the streams of one source, fed the source's clean frames (every row of their
     IDs, in bucket order) by :meth:`put`: each stream counts in its own thread, from a small queue of the frames
     (polars releases the GIL), while the next frame is read or settled. At most ``concurrency`` of them work on
-    a frame at a time: each holds the intermediate frames of its count, and a large source has many streams."""
+    a frame at a time: each holds the intermediate frames of its count, and a large source has many streams.
+
+    Each stream gets ``__ext_id``, ``__file``, ``__row``, its columns and, when the frames have it, ``__key``: a
+    builder may tell from the keys alone that every row is an ID of its own (rows of one ID share a key)."""
 
     __slots__ = ("_feeds", "_futures", "_pool")
 
@@ -526,7 +529,9 @@ class _Counter:
         # Two streams count at a time by default: one per core, the reading (or settling) of the next
         # buckets beside them.
         gate = threading.BoundedSemaphore(max(1, concurrency))
-        self._feeds = [_Feed([EXT_ID, FILE, ROW, *dict.fromkeys(stream.columns)], gate) for stream in streams]
+        self._feeds = [
+            _Feed(list(dict.fromkeys([KEY, EXT_ID, FILE, ROW, *stream.columns])), gate) for stream in streams
+        ]
         self._pool = ThreadPoolExecutor(max_workers=max(1, len(streams)), thread_name_prefix="plan-count")
         self._futures: list[Future[tuple[int, int]]] = [
             self._pool.submit(builder.stream_counts, stream, feed, job.batch_size_for(stream.endpoint))
@@ -568,7 +573,7 @@ class _Feed:
         self.consumer: Future[Any] | None = None
 
     def put(self, frame: pl.DataFrame) -> None:
-        item = frame.select(self._columns)
+        item = frame.select(c for c in self._columns if c != KEY or KEY in frame.columns)
         while self.consumer is None or not self.consumer.done():
             try:
                 self._queue.put(item, timeout=0.1)
@@ -1128,7 +1133,7 @@ def _count_while_settling(
             continue
         # One counter per source, made when its settling starts: the threads of one source at a time.
         counter = _Counter(builder, job, streams)
-        read = _bucket_reader(settler.source, [c for stream in streams for c in stream.columns])
+        read = _bucket_reader(settler.source, [KEY, *(c for stream in streams for c in stream.columns)])
         settler.on_settled = lambda part, counter=counter, read=read: counter.put(read(part))
         try:
             settling.settle_source(settler)

@@ -28,6 +28,7 @@ import polars as pl
 
 from sync.config import AttributeMode, NullAction, Source, SourceKind, TagAction
 from sync.planning.row_keys import ROW_KEY
+from sync.planning.validation import KEY
 from sync.platforms import _encode as enc
 from sync.platforms._batches import EXT_ID, FILE, GROUP, ITEM, ROW, cut, first_ids
 from sync.platforms.netmera import MAX_IDS_PER_REQUEST
@@ -520,12 +521,20 @@ def _counting_frame(frame: pl.DataFrame) -> pl.DataFrame:
     """``frame`` with each ID replaced by its ordinal among the frame's IDs (rows of one ID are adjacent) and
     :data:`FILE` and :data:`ROW` by constants: what a selection without items needs to count unique IDs per
     group, with nothing to copy but integers (a selector reads neither, and builds no ID text then)."""
-    ids = frame.get_column(EXT_ID)
-    starts = ids.ne_missing(ids.shift(1))  # an ID's first row (the frame's first row too)
-    if starts.sum() == frame.height:
-        ordinal = pl.int_range(frame.height, dtype=pl.UInt32, eager=True)  # one row per ID (a users source)
-    else:
-        ordinal = starts.cast(pl.UInt32).cum_sum()
+    ordinal: pl.Series | None = None
+    if KEY in frame.columns:
+        # The planner's frames carry their keys: rows of one ID share a key, so where every key differs from
+        # the one before, every row is an ID of its own (a users source) — told from integers, not texts.
+        keys = frame.get_column(KEY)
+        if keys.ne_missing(keys.shift(1)).all():
+            ordinal = pl.int_range(frame.height, dtype=pl.UInt32, eager=True)
+    if ordinal is None:
+        ids = frame.get_column(EXT_ID)
+        starts = ids.ne_missing(ids.shift(1))  # an ID's first row (the frame's first row too)
+        if starts.all():
+            ordinal = pl.int_range(frame.height, dtype=pl.UInt32, eager=True)  # one row per ID
+        else:
+            ordinal = starts.cast(pl.UInt32).cum_sum()
     return frame.with_columns(
         ordinal.alias(EXT_ID),
         pl.lit(0, frame.schema[FILE]).alias(FILE),
