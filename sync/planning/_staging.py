@@ -34,7 +34,7 @@ import polars as pl
 import pyarrow as pa
 import pyarrow.ipc
 
-from sync.config import Source, SourceKind
+from sync.config import Source
 from sync.errors import InterruptedRunError, StateError
 from sync.planning.validation import EXT_ID, KEY, REJECTS_SCHEMA, canonical_key, resolve_duplicates
 from sync.records import RejectedRow
@@ -49,7 +49,6 @@ __all__ = [
     "Settler",
     "Settling",
     "canonical_order",
-    "canonical_permutation",
     "write_error",
 ]
 
@@ -104,22 +103,6 @@ def canonical_order(frame: pl.DataFrame) -> pl.DataFrame:
         if (ids.filter(same) != ids.shift(1).filter(same)).any():
             frame = frame.sort([KEY, EXT_ID], maintain_order=True)
     return frame
-
-
-def canonical_permutation(frame: pl.DataFrame) -> tuple[pl.Series, pl.Series]:
-    """The row positions of ``frame`` in the order :func:`canonical_order` gives, and the keys in that order:
-    the rows are gathered once, by whoever takes them (a bucket's winners), not sorted and then filtered.
-
-    ``frame`` should be in one piece (polars gathers from many pieces several times slower)."""
-    order = frame.select(pl.arg_sort_by(KEY, maintain_order=True)).to_series()
-    keys = frame.get_column(KEY).gather(order)
-    same = keys == keys.shift(1)
-    # As canonical_order: the IDs are compared only where the key repeats.
-    if same.any():
-        ids = frame.get_column(EXT_ID).gather(order)
-        if (ids.filter(same) != ids.shift(1).filter(same)).any():
-            order = frame.select(pl.arg_sort_by([KEY, EXT_ID], maintain_order=True)).to_series()
-    return order, keys
 
 
 class RejectsWriter:
@@ -286,8 +269,6 @@ class Settler:
         "_group",
         "_group_end",
         "_head",
-        "_keys",
-        "_order",
         "_rejects",
         "bounds",
         "dropped",
@@ -329,11 +310,9 @@ class Settler:
         self.rows_clean = 0
         self.dropped = 0
         self.rows_read = rows_read  # input rows read by staging (final once staged)
-        # The rows of buckets [next, _group_end), read together (in read order), the positions of those left to
-        # settle in canonical order, and their keys.
-        self._group: pl.DataFrame | None = None
-        self._order: pl.Series | None = None
-        self._keys: pl.Series | None = None
+        self._group: pl.DataFrame | None = (
+            None  # the sorted rows of buckets [next, _group_end), read together
+        )
         self._group_end = 0
         if chunks is not None:
             self.staged(chunks, bits, rows_read)
@@ -416,31 +395,27 @@ class Settler:
             self._read_group(k)
         bounds = self.bounds
         frame: pl.DataFrame | None = None
-        rows: pl.Series | None = None
-        group, order, keys = self._group, self._order, self._keys
-        if group is not None and order is not None and keys is not None:
-            # The rows left, in canonical order, are in key order: this bucket's rows come first.
+        group = self._group
+        if group is not None:
+            # The group is in canonical order, and so in key order: this bucket's rows come first.
             if bounds[k + 1] >= FINE_RANGES:
-                end = len(order)
+                end = group.height
             else:
-                found = keys.search_sorted(bounds[k + 1] << (32 - FINE_BITS), side="left")
+                found = group[KEY].search_sorted(bounds[k + 1] << (32 - FINE_BITS), side="left")
                 assert isinstance(found, int)
                 end = found
             if end:
-                frame, rows = group, order.slice(0, end)
-            if end < len(order):
-                self._order, self._keys = order.slice(end), keys.slice(end)
-            else:
-                self.release()
-        self._settle_frame(frame, k, defer=False, order=rows)
+                frame = group.slice(0, end)
+            rest = group.slice(end)
+            self._group = rest if rest.height else None
+        self._settle_frame(frame, k, defer=False, ordered=True)
         if self.done:
             self._drop_chunks()
 
     def _read_group(self, k: int) -> None:
         """Read buckets ``[k, j)`` from every chunk file — the most that hold :data:`GROUP_ROWS` rows, one at
-        least — and find their canonical order (:func:`canonical_permutation`): the same order, bucket by
-        bucket, as each sorted alone (:func:`canonical_order` of rows in read order is a stable sort on keys,
-        which the buckets split). Each bucket's rows are gathered from the group when it is settled."""
+        least — and put them in canonical order: the same order, bucket by bucket, as each sorted alone
+        (:func:`canonical_order` of rows in read order is a stable sort on keys, which the buckets split)."""
         assert self.bounds is not None
         bounds, chunks = self.bounds, self._chunks
         j = k + 1
@@ -452,11 +427,10 @@ class Settler:
             rows += more
             j += 1
         self._group_end = j
-        self.release()
+        self._group = None
         if rows:
-            group = self._read(bounds[k], bounds[j])
-            self._order, self._keys = canonical_permutation(group)
-            self._group = group
+            # Not bound to a name: the unsorted rows are let go as soon as they are sorted.
+            self._group = canonical_order(self._read(bounds[k], bounds[j]))
 
     def _read(self, first: int, end: int) -> pl.DataFrame:
         """The rows of fine ranges ``[first, end)`` from every chunk file, in chunk order (some rows)."""
@@ -464,26 +438,24 @@ class Settler:
         for chunk in self._chunks:
             if chunk.rows_in(first, end) > 0:
                 batches += chunk.record_batches(first, end)
-        # In one piece: the buckets' rows are gathered from it (from many pieces, several times slower).
-        frame = pl.from_arrow(pa.Table.from_batches(batches), rechunk=True)
+        frame = pl.from_arrow(pa.Table.from_batches(batches))
         assert isinstance(frame, pl.DataFrame)
         return frame
 
     def _settle_frame(
-        self, frame: pl.DataFrame | None, k: int, *, defer: bool, order: pl.Series | None = None
+        self, frame: pl.DataFrame | None, k: int, *, defer: bool, ordered: bool = False
     ) -> None:
         """Resolve the duplicates of bucket ``k``'s rows and write its winners (no file when it has no rows).
-        ``defer`` (the head): its rejects wait for :meth:`staged`. ``order``: the positions of the bucket's rows
-        in ``frame``, in canonical order (else the bucket is ``frame``, in read order)."""
+        ``defer`` (the head): its rejects wait for :meth:`staged`. ``ordered``: the rows are in canonical order
+        already (else they come in read order)."""
         assert self._rejects is not None  # only a settler made by settled() has none, and it is done
         path: Path | None = None
         rejects: pl.DataFrame | None = None
-        if frame is not None and order is None:
-            frame = frame.rechunk()
-            order, _ = canonical_permutation(frame)
-        if frame is not None and order is not None:
-            winners, rejects, identical = self._resolve(frame, order)
-            del frame, order
+        if frame is not None:
+            if not ordered:
+                frame = canonical_order(frame)
+            winners, rejects, identical = resolve_duplicates(frame, self.source, self.names)
+            del frame
             path = self._directory / f"{k:04d}.arrow"
             # Uncompressed too: compressing costs more CPU than the rest of the settling (disk is cheaper).
             winners.write_ipc(path, compression="uncompressed")
@@ -508,25 +480,9 @@ class Settler:
         self.parts.append(path)
         self.next = k + 1
 
-    def _resolve(self, frame: pl.DataFrame, order: pl.Series) -> tuple[pl.DataFrame, pl.DataFrame, int]:
-        """:func:`sync.planning.validation.resolve_duplicates` of ``frame``'s rows at ``order`` (canonical): the
-        rows are gathered once, the winners alone when an ID has several rows (the rest are not copied to be
-        dropped), and only the rows of such IDs go through the duplicate rule — the same winners, rejects and
-        count. A tags source (its rule is per ID and tag) and an events source (no rule) take the whole."""
-        if self.source.kind in (SourceKind.TAGS, SourceKind.EVENTS):
-            return resolve_duplicates(frame[order], self.source, self.names)
-        ids = frame.get_column(EXT_ID).gather(order)
-        last = ids.ne_missing(ids.shift(-1))  # an ID's last row (rows of one ID are adjacent)
-        if last.all():
-            return frame[order], pl.DataFrame(schema=REJECTS_SCHEMA), 0
-        earlier = ~last
-        several = earlier | earlier.shift(1, fill_value=False)  # the rows of an ID with several rows
-        _, rejects, identical = resolve_duplicates(frame[order.filter(several)], self.source, self.names)
-        return frame[order.filter(last)], rejects, identical
-
     def release(self) -> None:
         """Let the rows read go (settling stopped, or is over): with them the chunk files' mappings."""
-        self._group = self._order = self._keys = None
+        self._group = None
 
     def _drop_chunks(self) -> None:
         # Every bucket is settled: the chunk files are read no more.

@@ -1,5 +1,5 @@
-"""The staging area's settling and the requests counted from its buckets: the shortcuts they take (a bucket
-gathered once from its group, IDs counted as integers) give exactly what the plain forms give."""
+"""The requests counted from the staging area's buckets: the shortcuts Netmera's count takes (IDs counted as
+integers, tags straight from their lists, categories from the IDs) give exactly what the plain form gives."""
 
 from __future__ import annotations
 
@@ -13,8 +13,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from sync.config import Source, load_job
-from sync.planning._staging import RejectsWriter, Settler, canonical_order, canonical_permutation
-from sync.planning.validation import KEY, canonical_key, resolve_duplicates
+from sync.planning._staging import canonical_order
+from sync.planning.validation import KEY, canonical_key
 from sync.platforms.netmera import _streams as netmera_streams
 
 _JOB = """\
@@ -90,38 +90,6 @@ _ROWS = st.lists(
     st.tuples(st.sampled_from(_IDS), st.sampled_from(["x", "y", None]), st.sampled_from([True, False, None])),
     max_size=60,
 )
-
-
-@settings(max_examples=150, deadline=None)
-@given(rows=_ROWS)
-def test_a_bucket_gathered_once_is_the_sorted_bucket_with_its_duplicates_resolved(
-    tmp_path_factory: pytest.TempPathFactory, rows: list[tuple[str, str | None, bool | None]]
-) -> None:
-    """A settler gathers a bucket's rows once from its group, in canonical order (the winners alone when an ID
-    has several rows), and resolves only those IDs' rows: the winners, the rejects in their order and the count
-    of identical duplicates are those of the whole bucket sorted and resolved — with and without duplicates,
-    conflicting or identical, and with two IDs of one key."""
-    directory = tmp_path_factory.mktemp("staging")
-    names = ("a.csv", "b.csv")
-    frame = _frame(rows)
-    order, keys = canonical_permutation(frame)
-    ordered = canonical_order(frame)
-    assert frame[order].equals(ordered) and keys.equals(ordered[KEY])
-    for source in _sources(str(directory)):
-        columns = ["__key", "__ext_id", "__file", "__row"] + (
-            [c for c in frame.columns if not c.startswith("__")] if source.name == "users" else []
-        )
-        bucket = frame.select(columns)
-        expected = resolve_duplicates(bucket.select(pl.all().gather(order)), source, names)
-        writer = RejectsWriter(directory / "rejects.csv")
-        try:
-            settler = Settler(source, names, (), 0, directory, writer)
-            winners, rejects, identical = settler._resolve(bucket, order)
-        finally:
-            writer.close()
-        assert winners.equals(expected[0])
-        assert rejects.equals(expected[1])
-        assert identical == expected[2]
 
 
 def _counted_plainly(
