@@ -54,12 +54,8 @@ __all__ = [
 
 STAGE_ROWS = 100_000
 """Clean rows sorted and written together as one chunk file (bounded memory; few files to read a bucket from)."""
-CHUNK_BATCH_ROWS = 16_384
-"""Rows per record batch of a chunk file (a slice is cut from the batches holding it, without copying). Written
-in batches, a chunk's texts are laid out in row order batch by batch (a slice's texts are on the pages of its
-rows, which a memory-mapped read touches alone), not where the sort left them; each batch costs its own
-writing, and the pieces a settled group is made of (4096 rows a batch cost a tenth more CPU, writing and
-settling)."""
+CHUNK_BATCH_ROWS = 4096
+"""Rows per record batch of a chunk file (a slice is cut from the batches holding it, without copying)."""
 FINE_BITS = 12
 FINE_RANGES = 1 << FINE_BITS
 """Key ranges whose row offsets each chunk file records: any bucket count up to this is a union of them."""
@@ -239,8 +235,8 @@ class ChunkWriter:
         self._pending, self._pending_rows = [], 0
         frame = frame.sort(KEY, maintain_order=True)
         path = self._directory / f"{len(self.chunks):06d}.arrow"
-        # Uncompressed, in record batches: a key range's rows are read back from the file, the few batches
-        # that hold them and nothing else (a single batch would keep the texts in their unsorted order).
+        # Uncompressed, in small record batches: a key range's rows are read back from the file, the few
+        # batches that hold them and nothing else.
         frame.write_ipc(path, compression="uncompressed", record_batch_size=CHUNK_BATCH_ROWS)
         bounds = frame[KEY].search_sorted(_FINE_BOUNDS, side="left")
         assert isinstance(bounds, pl.Series)
