@@ -329,6 +329,7 @@ class _Query:
         "flags",
         "messages",
         "messages_step",
+        "outputs",
         "pending",
         "positions",
         "reasons",
@@ -359,6 +360,8 @@ class _Query:
             tuple[_Pending, pl.Expr]
         ] = []  # checks with a fallback; step 3: the rows to read again
         self.typed = self._add_checks()  # the expression of each clean column but __file and __key
+        # The clean column of each query column the typed columns are (a fallback's values are put there).
+        self.outputs = {e.meta.output_name(): column for column, e in self.typed.items()}
         # The refused rows' query, after steps 1 and 2: messages, then the rejects columns (but "file").
         self.messages_step = self._messages_step() if messages else []
         self.rejects_step = self._rejects_step() if messages else []
@@ -582,26 +585,29 @@ def _read_again(
     """``frame`` with the rows each fallback flagged read exactly: their values put in place (where the check's
     values are a clean column), the rows with a message flagged as refused; and those messages, per fallback
     with any, as a column of ``frame``'s length."""
-    outputs = {e.meta.output_name(): column for column, e in q.typed.items()}
+    # Which fallbacks flagged any row, in one query: most flag none, and an eager call is a query of its own,
+    # whose overhead is most of the work on a chunk's few flagged rows.
+    flagged = frame.select(pl.col(p.rows for p, _ in q.pending).any()).row(0)
     refused = frame[_REFUSED]
     found: dict[str, pl.Series] = {}
-    for pending, _ in q.pending:
-        rows = frame[pending.rows].arg_true()
-        if rows.is_empty():
+    for (pending, _), any_flagged in zip(q.pending, flagged, strict=True):
+        if not any_flagged:
             continue
-        text = raw.select(
-            _text(pl.col(pending.column).gather(rows), pl.String, q.source, q.rules)
-        ).to_series()
-        values, messages = pending.read(text)
-        failed = messages.is_not_null()
-        if failed.any():
-            refused = refused.scatter(rows.filter(failed), True)
+        mask = pl.lit(frame[pending.rows])
+        texts = raw.select(
+            mask.arg_true().alias("rows"),
+            _text(pl.col(pending.column).filter(mask), pl.String, q.source, q.rules).alias("text"),
+        )
+        rows = texts["rows"]
+        values, messages = pending.read(texts["text"])
+        if messages.null_count() < len(messages):
+            refused = refused.scatter(rows.filter(messages.is_not_null()), True)
             found[pending.messages] = (
                 pl.repeat(None, frame.height, dtype=pl.String, eager=True)
                 .scatter(rows, messages)
                 .alias(pending.messages)
             )
-        column = outputs.get(pending.values)
+        column = q.outputs.get(pending.values)
         if column is not None:
             frame = frame.replace_column(frame.get_column_index(column), _put(frame[column], rows, values))
     return frame.replace_column(frame.get_column_index(_REFUSED), refused), found
