@@ -32,10 +32,13 @@ import pyarrow as pa
 
 from sync.config import AttributeMapping, Source, SourceKind, ValidationRules, ValueType
 from sync.planning._parsers import (
+    _MSISDN,
     _NUL,
     _id_reasons,
+    _empty_is_null,
     _id_refused,
     _message,
+    _mostly,
     _msisdn_untrimmed,
     _no_nulls,
     _own_trimmed_null_values,
@@ -47,6 +50,7 @@ from sync.planning._parsers import (
     _parse_msisdn,
     _parse_number,
     _Parser,
+    _plain_msisdn,
     _put,
     _Reason,
     _refuses,
@@ -327,6 +331,8 @@ class _Query:
 
     __slots__ = (
         "flags",
+        "held",
+        "hints",
         "messages",
         "messages_step",
         "outputs",
@@ -343,12 +349,22 @@ class _Query:
         "values",
     )
 
-    def __init__(self, schema: pl.Schema, source: Source, rules: ValidationRules, *, messages: bool) -> None:
+    def __init__(
+        self,
+        schema: pl.Schema,
+        source: Source,
+        rules: ValidationRules,
+        *,
+        messages: bool,
+        held: frozenset[str] = frozenset(),
+    ) -> None:
         self.schema = schema
         self.positions = {name: i for i, name in enumerate(schema)}
         self.source = source
         self.rules = rules
         self.messages = messages
+        self.hints: dict[str, pl.Expr] = {}  # a check's choice of form -> whether a chunk's sample favours it
+        self.held = held  # the hints that held for this query's chunks
         self.trimmed: dict[str, pl.Expr] = {}  # step 0: "__s<i>" -> a raw text column, trimmed
         self.texts: dict[str, pl.Expr] = {}  # step 1: "__t<i>" -> a raw column's text
         self.values: dict[str, pl.Expr] = {}  # step 2: "__p<i>" -> a check's typed values
@@ -425,14 +441,35 @@ class _Query:
             return _parse_list(self.untrimmed(column), delimiter)
         return _typed_list(self.text(column))
 
-    def fitted(self, column: str, exact: Callable[[pl.Expr], _Parser]) -> _Parser:
-        """``exact``'s parser of ``column``, reading a text column untrimmed (:func:`_untrimmed`) where it would
-        be trimmed."""
+    def hint(self, name: str, favoured: pl.Expr) -> bool:
+        """Whether a check takes the form ``name``, which a chunk's sample favours where ``favoured`` (an
+        aggregate over a chunk's head) is true: both forms give the same, one sooner (:func:`validate_chunk`)."""
+        if self.messages:
+            return False
+        self.hints[name] = favoured.alias(name)
+        return name in self.held
+
+    def fitted(
+        self,
+        column: str,
+        exact: Callable[[pl.Expr], _Parser],
+        fast_form: Callable[[pl.Expr], _Parser] | None = None,
+    ) -> _Parser:
+        """``exact``'s parser of ``column``, reading a text column untrimmed (:func:`_untrimmed`, with
+        ``fast_form`` if any) where it would be trimmed."""
         if self.schema[column] == pl.String and self.rules.trim:
-            # A parser that refuses every null value but the empty text needs only that one nulled first (the
+            # A form that refuses every null value but the empty text needs only that one nulled first (the
             # others are refused untrimmed, then read exactly): a length is cheaper than a membership test.
-            others = [v for v in _own_trimmed_null_values(self.source) if v]
-            return _untrimmed(exact, self.untrimmed(column, blanks_only=_refuses(exact, others)))
+            form = fast_form or exact
+            exact_null_values = _own_trimmed_null_values(self.source)
+            others = [v for v in exact_null_values if v]
+            if not _refuses(form, others):
+                return _untrimmed(exact, self.untrimmed(column), fast_form=fast_form)
+            if "" in exact_null_values and _empty_is_null(form):
+                # Nor is the empty text nulled first, where the form gives it no value anyway: only not read
+                # again (a length), where nulling it is a text column to build.
+                return _untrimmed(exact, pl.col(column), blanks=True, fast_form=fast_form)
+            return _untrimmed(exact, self.untrimmed(column, blanks_only=True), fast_form=fast_form)
         return exact(self.text(column))
 
     def parse(self, column: str, mapping: AttributeMapping) -> _Parser:
@@ -479,11 +516,12 @@ class _Query:
         if source.email:
             typed[source.email] = self.check(source.email, self.fitted(source.email, _parse_email))
         if source.msisdn:
-            msisdn = (
-                self.fitted(source.msisdn, _parse_msisdn)
-                if _msisdn_untrimmed(source.null_values)
-                else _parse_msisdn(self.text(source.msisdn))
-            )
+            if _msisdn_untrimmed(source.null_values):
+                # Where most texts are MSISDNs as they are (no separators), the plain form takes them as they are.
+                plain = self.hint("plain-msisdn", _mostly(pl.col(source.msisdn), _MSISDN))
+                msisdn = self.fitted(source.msisdn, _parse_msisdn, _plain_msisdn if plain else None)
+            else:
+                msisdn = _parse_msisdn(self.text(source.msisdn))
             typed[source.msisdn] = self.check(source.msisdn, msisdn)
         return typed
 
@@ -519,18 +557,27 @@ class _Query:
         ]
 
 
-_QUERIES: dict[tuple[int, int, tuple[tuple[str, Any], ...], bool], _Query] = {}
-"""Recent queries, by source, rules, schema and kind (the objects are held, so their ids stay theirs)."""
+_QUERIES: dict[tuple[int, int, tuple[tuple[str, Any], ...], bool, frozenset[str]], _Query] = {}
+"""Recent queries, by source, rules, schema, kind and hints held (the objects are held, so their ids stay
+theirs)."""
 _QUERIES_LOCK = threading.Lock()  # plans of two jobs may be staged in two threads of one process
 
 
-def _query(raw: pl.DataFrame, source: Source, rules: ValidationRules, *, messages: bool) -> _Query:
-    """The validation query for ``raw``'s schema: built once for the chunks of a file (or of a few sources)."""
-    key = (id(source), id(rules), tuple(raw.schema.items()), messages)
+def _query(
+    raw: pl.DataFrame,
+    source: Source,
+    rules: ValidationRules,
+    *,
+    messages: bool,
+    held: frozenset[str] = frozenset(),
+) -> _Query:
+    """The validation query for ``raw``'s schema (and the hints ``held``): built once for the chunks of a file
+    (or of a few sources)."""
+    key = (id(source), id(rules), tuple(raw.schema.items()), messages, held)
     with _QUERIES_LOCK:
         query = _QUERIES.get(key)
         if query is None:
-            query = _Query(raw.schema, source, rules, messages=messages)
+            query = _Query(raw.schema, source, rules, messages=messages, held=held)
             while len(_QUERIES) >= 16:
                 _QUERIES.pop(next(iter(_QUERIES)))
             _QUERIES[key] = query
@@ -538,6 +585,8 @@ def _query(raw: pl.DataFrame, source: Source, rules: ValidationRules, *, message
 
 
 _REFUSED = "__refused"
+_SAMPLE = 256
+"""Rows: a chunk's head, whose texts choose between a check's forms (:meth:`_Query.hint`)."""
 
 
 def validate_chunk(
@@ -551,6 +600,12 @@ def validate_chunk(
     again afterwards, and the reasons are put together for the refused rows only (:func:`_rejects`).
     """
     q = _query(raw, source, rules, messages=False)
+    if q.hints:
+        # The forms the chunk's head favours: every form gives the same, the favoured one sooner.
+        sample = raw.head(_SAMPLE).select(*q.hints.values()).row(0, named=True)
+        held = frozenset(name for name, favoured in sample.items() if favoured)
+        if held:
+            q = _query(raw, source, rules, messages=False, held=held)
     schema = {k: v for k, v in clean_schema(source).items() if k != KEY}
     typed = q.typed | {FILE: pl.lit(file_index)}
     frame = (
