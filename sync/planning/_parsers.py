@@ -31,6 +31,13 @@ _INVISIBLE = r"\p{Cf}"
 """Unicode format characters: zero-width space/joiners, byte-order marks inside text, bidirectional controls
 (U+202A-U+202E, U+2066-U+2069), soft hyphens. Invisible, so an ID holding one looks like another user's ID."""
 _MSISDN_SEPARATORS = r"[\s\-().]"
+_WHITE_SPACE = [
+    *"\t\n\x0b\x0c\r \x85\xa0\u1680",
+    *map(chr, range(0x2000, 0x200B)),
+    *"\u2028\u2029\u202f\u205f\u3000",
+]
+"""The characters trimming removes: Unicode White_Space, as polars' strip_chars() sees it (a test holds the two
+together)."""
 
 # A parser maps a column's text (``s``: trimmed, null values nulled) to its typed values (``p``) and, given both,
 # to the reasons a value is refused: ``(condition, message)`` pairs in precedence order, the first whose condition
@@ -249,7 +256,13 @@ def _date_times(timezone: str) -> Callable[[pl.Series], tuple[pl.Series, pl.Seri
             .with_columns(normal.alias("v"))
             .with_columns(pl.coalesce(forms).alias("p"))
             .select(
-                "p", pl.when(s.is_not_null() & pl.col("p").is_null()).then(pl.lit(_NOT_A_DATE)).alias("m")
+                "p",
+                # The lenient forms may take a text with a NUL in it; it is no date.
+                pl.when(s.str.contains("\x00", literal=True))
+                .then(pl.lit(_NUL))
+                .when(s.is_not_null() & pl.col("p").is_null())
+                .then(pl.lit(_NOT_A_DATE))
+                .alias("m"),
             )
             .collect()
         )
@@ -258,15 +271,21 @@ def _date_times(timezone: str) -> Callable[[pl.Series], tuple[pl.Series, pl.Seri
     return read
 
 
-def _parse_date(s: pl.Expr, timezone: str) -> _Parser:
+def _parse_date(s: pl.Expr, timezone: str, *, untrimmed: bool = False, refuses_nul: bool = False) -> _Parser:
+    """Dates and date-times. ``untrimmed``: ``s`` is read as :func:`_untrimmed_text` gives it. ``refuses_nul``:
+    the query need not look for NULs in the column (no null value holds one, so every text with one is read
+    exactly, and refused)."""
     # Most date columns hold plain dates (ten characters, no space, no Z): read as a date in one parse, with the
-    # first form of _date_times (for such a text the normal form is the text itself). The other texts are read
-    # with every form after the query, as few as they are.
-    plain = (s.str.len_chars() == 10) & ~s.str.contains_any([" ", "z", "Z"])
+    # first form of _date_times (for such a text the normal form is the text itself). The other texts (a NUL
+    # among them: the lenient date-time parsers may take one) are read with every form after the query, as few as
+    # they are, and trimmed. Untrimmed, a plain date holds no whitespace at all: it is its own trimmed form
+    # (polars' date parser takes a leading tab, which trimming would have removed first).
+    odd = [*(_WHITE_SPACE if untrimmed else [" "]), "z", "Z", "\x00"]
+    plain = (s.str.len_chars() == 10) & ~s.str.contains_any(odd)
     return _Parser(
         _day(pl.when(plain).then(s), timezone),
         lambda s, p: [],
-        # Not refuses_nul: the date-time parsers are lenient (a leading space passes), so the query checks NULs.
+        refuses_nul=refuses_nul,
         fallback=_Fallback(lambda s, p: s.is_not_null() & p.is_null(), _date_times(timezone)),
     )
 
@@ -338,7 +357,9 @@ def _lists(delimiter: str) -> Callable[[pl.Series], tuple[pl.Series, pl.Series]]
     return read
 
 
-def _parse_list(s: pl.Expr, delimiter: str) -> _Parser:
+def _parse_list(s: pl.Expr, delimiter: str, *, refuses_nul: bool = False) -> _Parser:
+    """Lists of items in a text. ``refuses_nul``: the query need not look for NULs in the column (no null value
+    holds one, so every text with one is read exactly, and refused)."""
     # Most list texts are items and delimiters with nothing around them: split, and that is all. A text with a
     # blank or empty item (or a blank around an item, "a| b"), a JSON array, or a NUL character is read exactly
     # after the query (one regex scan for all of them; the exact reading refuses a NUL). Untrimmed: a text with
@@ -349,7 +370,7 @@ def _parse_list(s: pl.Expr, delimiter: str) -> _Parser:
     return _Parser(
         s.str.split(delimiter),
         lambda s, p: [],
-        refuses_nul=True,
+        refuses_nul=refuses_nul,
         fallback=_Fallback(lambda s, p: untidy.fill_null(False), _lists(delimiter)),
         text=s,
     )

@@ -436,9 +436,15 @@ class _Query:
         self.flags.append(_id_refused(ext, self.rules))
         return ext
 
+    def nul_refused(self) -> bool:
+        """Whether a parser that reads every text with a NUL exactly, and refuses it there, refuses every such
+        text: unless a null value holds a NUL (a text that is one is no value, but the query's NUL test refuses
+        it)."""
+        return not any("\x00" in v for v in self.source.null_values)
+
     def list_values(self, column: str, delimiter: str) -> _Parser:
         if self.schema[column] == pl.String:
-            return _parse_list(self.untrimmed(column), delimiter)
+            return _parse_list(self.untrimmed(column), delimiter, refuses_nul=self.nul_refused())
         return _typed_list(self.text(column))
 
     def hint(self, name: str, favoured: pl.Expr) -> bool:
@@ -485,12 +491,15 @@ class _Query:
             return self.fitted(column, _parse_number)
         if mapping.type is ValueType.LIST:
             return self.list_values(column, mapping.delimiter)
-        s = self.text(column)
         if mapping.type is ValueType.DATE:
             if dtype == pl.Date or isinstance(dtype, pl.Datetime):
-                return _typed_date(s, dtype, self.rules.timezone)
-            return _parse_date(s, self.rules.timezone)
-        return _Parser(s.cast(pl.String), lambda s, p: [])
+                return _typed_date(self.text(column), dtype, self.rules.timezone)
+            nul = self.nul_refused()
+            if dtype == pl.String and self.rules.trim:
+                untrimmed = self.untrimmed(column)
+                return _parse_date(untrimmed, self.rules.timezone, untrimmed=True, refuses_nul=nul)
+            return _parse_date(self.text(column), self.rules.timezone, refuses_nul=nul)
+        return _Parser(self.text(column).cast(pl.String), lambda s, p: [])
 
     def _add_checks(self) -> dict[str, pl.Expr]:
         source = self.source
