@@ -34,8 +34,8 @@ from sync.config import AttributeMapping, Source, SourceKind, ValidationRules, V
 from sync.planning._parsers import (
     _MSISDN,
     _NUL,
-    _id_reasons,
     _empty_is_null,
+    _id_reasons,
     _id_refused,
     _message,
     _mostly,
