@@ -526,8 +526,10 @@ class _Query:
             typed[source.email] = self.check(source.email, self.fitted(source.email, _parse_email))
         if source.msisdn:
             if _msisdn_untrimmed(source.null_values):
-                # Where most texts are MSISDNs as they are (no separators), the plain form takes them as they are.
-                plain = self.hint("plain-msisdn", _mostly(pl.col(source.msisdn), _MSISDN))
+                # Where most texts are MSISDNs as they are (no separators), the plain form takes them as they are
+                # (a form for texts read untrimmed: a text column, trimmed).
+                untrimmed = self.schema[source.msisdn] == pl.String and self.rules.trim
+                plain = untrimmed and self.hint("plain-msisdn", _mostly(pl.col(source.msisdn), _MSISDN))
                 msisdn = self.fitted(source.msisdn, _parse_msisdn, _plain_msisdn if plain else None)
             else:
                 msisdn = _parse_msisdn(self.text(source.msisdn))
