@@ -249,4 +249,3 @@ def test_empty_booleans_and_numbers_are_no_value_where_the_empty_text_is_a_null_
             ("u2", 1.5, True, False),
         ]
         assert rejects.is_empty()
-
