@@ -287,6 +287,7 @@ def _parse_date(s: pl.Expr, timezone: str, *, untrimmed: bool = False, refuses_n
         lambda s, p: [],
         refuses_nul=refuses_nul,
         fallback=_Fallback(lambda s, p: s.is_not_null() & p.is_null(), _date_times(timezone)),
+        text=s if untrimmed else None,  # the fallback's test reads the same text, not a trimmed one
     )
 
 
