@@ -249,3 +249,54 @@ def test_empty_booleans_and_numbers_are_no_value_where_the_empty_text_is_a_null_
             ("u2", 1.5, True, False),
         ]
         assert rejects.is_empty()
+
+
+def test_ids_read_untrimmed_are_what_the_trimmed_ids_give(tmp_path: Path) -> None:
+    # An ID with whitespace at an end is read exactly, trimmed, after the query, as a refused one is (missing, too
+    # long, with a control or invisible character); the others are their own trimmed form. A source whose every
+    # check reads again what it refuses flags no row in the query itself.
+    path = tmp_path / "job.yaml"
+    path.write_text(
+        JOB.format(timezone="UTC", null_values="")
+        .replace("    opt_ins: {push: p}\n    msisdn: phone\n", "")
+        .replace("      b: boolean\n      d: date\n      l: list\n", ""),
+        encoding="utf-8",
+    )
+    job = load_job(path)
+    ids = [
+        "u1",
+        " u2",
+        "u3\u3000",
+        "\tu4\t",
+        "",
+        "  ",
+        "NULL",
+        " NULL ",
+        "a\tb",
+        " a\x00b",
+        "x" * 257,
+        "a\u200bb",
+    ]
+    raw = pl.DataFrame(
+        {"id": ids, "n": ["1"] * len(ids), ROW: range(1, len(ids) + 1)},
+        schema={"id": pl.String, "n": pl.String, ROW: pl.Int64},
+    )
+    clean, rejects = validate_chunk(raw, job.sources[0], job.validation, 0, "users.csv")
+    assert clean.select("__ext_id", ROW).rows() == [("u1", 1), ("u2", 2), ("u3", 3), ("u4", 4)]
+    control = "external ID contains a control character (tab, line break, NUL...)"
+    assert rejects.select("row", "column", "reason", "ext_id").rows() == [
+        (5, "id", "missing external ID", None),
+        (6, "id", "missing external ID", None),
+        (7, "id", "missing external ID", None),
+        (8, "id", "missing external ID", None),
+        (9, "id", control, "a\tb"),
+        (10, "id", control, "a\x00b"),
+        (11, "id", "external ID longer than 256 characters", "x" * 257),
+        (
+            12,
+            "id",
+            "external ID contains an invisible character (zero-width, byte-order mark or bidirectional control): "
+            "it would look like another ID without being equal to it",
+            "a\u200bb",
+        ),
+    ]

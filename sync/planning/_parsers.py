@@ -465,6 +465,26 @@ def _id_refused(ext: pl.Expr, rules: ValidationRules) -> pl.Expr:
     return ext.is_null() | (ext.str.len_chars() > rules.max_id_length) | odd
 
 
+def _id_read_again(u: pl.Expr, rules: ValidationRules) -> pl.Expr:
+    """The untrimmed IDs (:func:`_untrimmed_text`) to read exactly, trimmed (:func:`_ids`): those
+    :func:`_id_refused` flags, and those with whitespace at an end (which may pass once trimmed), found in the same
+    regex scan. Every other ID is its own trimmed form, and passes."""
+    odd = u.str.contains(rf"^\s|\s$|{_CONTROL}|{_INVISIBLE}").fill_null(False)
+    return u.is_null() | (u.str.len_chars() > rules.max_id_length) | odd
+
+
+def _ids(rules: ValidationRules) -> Callable[[pl.Series], tuple[pl.Series, pl.Series]]:
+    """Read external IDs exactly: (trimmed, null values nulled) texts → (the IDs, messages)."""
+    s = pl.col("s")
+    message = _message(_id_reasons(s, rules))
+
+    def read(texts: pl.Series) -> tuple[pl.Series, pl.Series]:
+        frame = pl.DataFrame({"s": texts}).select(s.alias("p"), message.alias("m"))
+        return frame["p"], frame["m"]
+
+    return read
+
+
 def _message(reasons: list[_Reason]) -> pl.Expr:
     """The message of the first reason that holds, null where none does."""
     out = _NO_ERROR

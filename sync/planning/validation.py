@@ -35,8 +35,10 @@ from sync.planning._parsers import (
     _MSISDN,
     _NUL,
     _empty_is_null,
+    _id_read_again,
     _id_reasons,
     _id_refused,
+    _ids,
     _message,
     _mostly,
     _msisdn_untrimmed,
@@ -431,8 +433,20 @@ class _Query:
 
     def check_id(self) -> pl.Expr:
         """Add the external ID's check; returns its text."""
-        ext = self.text(self.source.ext_id)
-        self.reasons.append((self.source.ext_id, _id_reasons(ext, self.rules)))
+        column = self.source.ext_id
+        if self.schema[column] == pl.String and self.rules.trim:
+            # Read untrimmed: an ID with whitespace at an end, or one refused, is read exactly (trimmed) after the
+            # query; every other is its own trimmed form. The refused rows' query reads them trimmed, as ever
+            # (their messages are the exact reading's), and takes the IDs of the rejects from there.
+            untrimmed = self.untrimmed(column)
+            name = untrimmed.meta.output_name()
+            k = len(self.pending)
+            pending = _Pending(column, name, f"__f{k}", f"__m{k}", _ids(self.rules))
+            self.pending.append((pending, _id_read_again(untrimmed, self.rules)))
+            if not self.messages:
+                return untrimmed
+        ext = self.text(column)
+        self.reasons.append((column, _id_reasons(ext, self.rules)))
         self.flags.append(_id_refused(ext, self.rules))
         return ext
 
@@ -623,7 +637,8 @@ def validate_chunk(
         q.lazy(raw)
         .select(
             *(typed[k].cast(v).alias(k) for k, v in schema.items()),
-            pl.any_horizontal(q.flags).fill_null(False).alias(_REFUSED),
+            # No flag at all where every check reads again what it refuses (an ID and numbers, say).
+            (pl.any_horizontal(q.flags).fill_null(False) if q.flags else pl.lit(False)).alias(_REFUSED),
             *(rows.alias(pending.rows) for pending, rows in q.pending),
         )
         .collect()
