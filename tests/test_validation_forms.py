@@ -300,3 +300,76 @@ def test_ids_read_untrimmed_are_what_the_trimmed_ids_give(tmp_path: Path) -> Non
             "a\u200bb",
         ),
     ]
+
+
+_TEXTS = st.one_of(
+    st.none(),
+    st.builds(
+        lambda a, core, b: a + core + b,
+        _EDGES,
+        st.one_of(
+            st.sampled_from(["Ann", "İstanbul", "NULL", "N/A", "x\x00y", "a b", ""]),
+            st.text(st.sampled_from(["a", " ", "\t", "\u3000", "\x00", "\u200b", "|"]), max_size=6),
+        ),
+        _EDGES,
+    ),
+)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(rows=st.lists(st.tuples(_TEXTS, _TEXTS), min_size=1, max_size=30), null_values=_NULL_VALUES)
+def test_ids_and_texts_read_untrimmed_are_their_trimmed_texts(
+    tmp_path_factory: pytest.TempPathFactory,
+    rows: list[tuple[str | None, str | None]],
+    null_values: list[str] | None,
+) -> None:
+    # The reference: each text trimmed, null values nulled; an ID refused as the ID's reasons say, a text value
+    # refused where it holds a NUL (any text at all where a null value holds one: the raw column's test).
+    path = tmp_path_factory.mktemp("texts") / "job.yaml"
+    extra = "" if null_values is None else f"\n    null_values: {json.dumps(null_values)}"
+    path.write_text(
+        "name: t\nworkdir: work\ndestination:\n  platform: netmera\n"
+        "  base_url: http://127.0.0.1:8080/rest/3.0/\n  secret: {env: NETMERA_API_KEY}\n"
+        f"sources:\n  - name: users\n    path: users.csv\n    ext_id: id{extra}\n    attributes: {{s: string}}\n",
+        encoding="utf-8",
+    )
+    job = load_job(path)
+    source = job.sources[0]
+    ids, texts = [r[0] for r in rows], [r[1] for r in rows]
+    raw = pl.DataFrame(
+        {"id": ids, "s": texts, ROW: range(1, len(rows) + 1)},
+        schema={"id": pl.String, "s": pl.String, ROW: pl.Int64},
+    )
+    clean, rejects = validate_chunk(raw, source, job.validation, 0, "users.csv")
+    trimmed_ids, trimmed_texts = _trimmed(ids, source), _trimmed(texts, source)
+    id_messages = pl.select(
+        _parsers._message(_parsers._id_reasons(pl.lit(trimmed_ids), job.validation)).alias("m")
+    ).to_series()
+    raw_nul = any("\x00" in v for v in source.null_values)
+    text_messages = [
+        "contains a NUL character" if t is not None and "\x00" in t and (raw_nul or s is not None) else None
+        for t, s in zip(texts, trimmed_texts.to_list(), strict=True)
+    ]
+    expected_clean = [
+        (i, s, n + 1)
+        for n, (i, s, a, b) in enumerate(
+            zip(
+                trimmed_ids.to_list(),
+                trimmed_texts.to_list(),
+                id_messages.to_list(),
+                text_messages,
+                strict=True,
+            )
+        )
+        if a is None and b is None
+    ]
+    assert clean.select("__ext_id", "s", ROW).rows() == expected_clean
+    expected_rejects = []
+    for n, (i, a, b) in enumerate(
+        zip(trimmed_ids.to_list(), id_messages.to_list(), text_messages, strict=True)
+    ):
+        if a is not None and b is not None:
+            expected_rejects.append((n + 1, "id", f"id: {a}; s: {b}", i))
+        elif a is not None or b is not None:
+            expected_rejects.append((n + 1, "id" if a else "s", a or b, i))
+    assert rejects.select("row", "column", "reason", "ext_id").rows() == expected_rejects

@@ -465,6 +465,23 @@ def _id_refused(ext: pl.Expr, rules: ValidationRules) -> pl.Expr:
     return ext.is_null() | (ext.str.len_chars() > rules.max_id_length) | odd
 
 
+def _plain_texts(u: pl.Expr, *, refuses_nul: bool) -> _Parser:
+    """Text values read untrimmed (:func:`_untrimmed_text`): one regex scan flags the texts with whitespace at an
+    end, read exactly (trimmed, null values nulled) after the query, and those with a NUL, refused there; every
+    other text is its own trimmed form. ``refuses_nul`` as for :func:`_parse_list`."""
+    s = pl.col("s")
+    nul = pl.when(s.str.contains("\x00", literal=True)).then(pl.lit(_NUL))
+
+    def read(texts: pl.Series) -> tuple[pl.Series, pl.Series]:
+        frame = pl.DataFrame({"s": texts}).select(s.alias("p"), nul.alias("m"))
+        return frame["p"], frame["m"]
+
+    untidy = u.str.contains(r"^\s|\s$|\x00").fill_null(False)
+    return _Parser(
+        u, lambda s, p: [], refuses_nul=refuses_nul, fallback=_Fallback(lambda s, p: untidy, read), text=u
+    )
+
+
 def _id_read_again(u: pl.Expr, rules: ValidationRules) -> pl.Expr:
     """The untrimmed IDs (:func:`_untrimmed_text`) to read exactly, trimmed (:func:`_ids`): those
     :func:`_id_refused` flags, and those with whitespace at an end (which may pass once trimmed), found in the same

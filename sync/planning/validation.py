@@ -53,6 +53,7 @@ from sync.planning._parsers import (
     _parse_number,
     _Parser,
     _plain_msisdn,
+    _plain_texts,
     _put,
     _Reason,
     _refuses,
@@ -513,6 +514,8 @@ class _Query:
                 untrimmed = self.untrimmed(column)
                 return _parse_date(untrimmed, self.rules.timezone, untrimmed=True, refuses_nul=nul)
             return _parse_date(self.text(column), self.rules.timezone, refuses_nul=nul)
+        if dtype == pl.String and self.rules.trim:
+            return _plain_texts(self.untrimmed(column), refuses_nul=self.nul_refused())
         return _Parser(self.text(column).cast(pl.String), lambda s, p: [])
 
     def _add_checks(self) -> dict[str, pl.Expr]:
