@@ -485,9 +485,10 @@ def _plain_texts(u: pl.Expr, *, refuses_nul: bool) -> _Parser:
 def _id_read_again(u: pl.Expr, rules: ValidationRules) -> pl.Expr:
     """The untrimmed IDs (:func:`_untrimmed_text`) to read exactly, trimmed (:func:`_ids`): those
     :func:`_id_refused` flags, and those with whitespace at an end (which may pass once trimmed), found in the same
-    regex scan. Every other ID is its own trimmed form, and passes."""
+    regex scan. A missing one is missing trimmed too (refused without another reading); any other ID is its own
+    trimmed form, and passes."""
     odd = u.str.contains(rf"^\s|\s$|{_CONTROL}|{_INVISIBLE}").fill_null(False)
-    return u.is_null() | (u.str.len_chars() > rules.max_id_length) | odd
+    return (u.str.len_chars() > rules.max_id_length).fill_null(False) | odd
 
 
 def _ids(rules: ValidationRules) -> Callable[[pl.Series], tuple[pl.Series, pl.Series]]:

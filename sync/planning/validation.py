@@ -445,6 +445,7 @@ class _Query:
             pending = _Pending(column, name, f"__f{k}", f"__m{k}", _ids(self.rules))
             self.pending.append((pending, _id_read_again(untrimmed, self.rules)))
             if not self.messages:
+                self.flags.append(untrimmed.is_null())
                 return untrimmed
         ext = self.text(column)
         self.reasons.append((column, _id_reasons(ext, self.rules)))
