@@ -308,7 +308,10 @@ def clean_schema(source: Source) -> dict[str, Any]:
 # each step's columns computed once and read by name in the next. Two kinds of work wait until after that query,
 # for the rows that need it only: the exact reading of texts a parser's fast form may not fit (a parser's
 # fallback flags them in the query), and the messages, put together by the same parsers in a second query over
-# the refused rows (most chunks have none; a message is a string per row and check where a flag is a bit).
+# the refused rows (most chunks have none; a message is a string per row and check where a flag is a bit). Most
+# text columns are read untrimmed (a fast form takes only texts that are their own trimmed form; the others are
+# read exactly, trimmed). Where a check has two exact forms, one quicker for some data (MSISDNs as they are, or
+# with separators), a chunk's head chooses (a hint): the query is built once per choice.
 
 
 @dataclass(frozen=True, slots=True)
