@@ -192,7 +192,7 @@ class _Joined:
         """Whether a value of the column holds one of the bytes ``chars`` (one scan of its buffer in C)."""
         base, offsets, data = _buffers(self._values)
         raw = data[offsets[base] : offsets[base + len(self._values)]].tobytes()
-        return len(raw.translate(None, chars)) != len(raw)
+        return enc.holds_any(raw, chars)
 
     def get(self, i: int) -> memoryview:
         """Run ``i``'s values joined (a view: it keeps the joined buffer alive)."""
