@@ -3,6 +3,7 @@
     .venv/bin/python bench/bench_plan.py                         # 1M and 10M rows, CSV (generates missing data)
     .venv/bin/python bench/bench_plan.py --format parquet        # the same from Parquet
     .venv/bin/python bench/bench_plan.py --rows 1000000 --rows 10000000
+    .venv/bin/python bench/bench_plan.py --format parquet --floor   # also bench/floor_plan.py, same files
 
 For each row count, generates the data with bench/gen_data.py (cached in bench/data/, never committed), writes a
 job mapping it like the users source of jobs/example.yaml (bench/gen_data.py's ``write_job``: 6 attributes, a
@@ -13,6 +14,10 @@ the kernel's high-water mark of the plan process, whichever is larger), then the
 
 Targets (issue 13): ≥ 1,000,000 rows/s at the largest size, time linear in rows (10M / 1M ≤ 11×), peak RSS
 ≤ 512 MB. Exits 1 on a miss. Figures depend on the machine and on what else runs on it: say which.
+
+``--floor`` runs ``bench/floor_plan.py`` on the same file right after each plan: polars alone doing the parsing,
+checks and de-duplication of that job in one in-memory query on every core, without rejects, order, batches,
+counts or a memory bound — the speed no planner built on polars beats on this machine (printed, not a target).
 """
 
 from __future__ import annotations
@@ -104,10 +109,23 @@ def plan_once(rows: int, fmt: str) -> dict[str, float]:
     }
 
 
+def floor_once(rows: int, fmt: str) -> dict[str, float]:
+    """Run ``bench/floor_plan.py`` on the file of ``rows`` rows: its JSON line (seconds, CPU-s, peak RSS)."""
+    proc = subprocess.run(
+        [sys.executable, str(HERE / "floor_plan.py"), str(data_for(rows, fmt))],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return dict(json.loads(proc.stdout))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rows", type=int, action="append", help="row counts (default 1M and 10M)")
     parser.add_argument("--format", choices=["csv", "parquet"], default="csv")
+    parser.add_argument("--floor", action="store_true", help="also run bench/floor_plan.py on each file")
     args = parser.parse_args(argv)
     sizes = sorted(args.rows or [1_000_000, 10_000_000])
 
@@ -126,6 +144,13 @@ def main(argv: list[str] | None = None) -> int:
             f"{int(r['rows_rejected']):,} rejected, {int(r['requests']):,} requests",
             flush=True,
         )
+        if args.floor:
+            f = floor_once(rows, args.format)
+            print(
+                f"  {'floor':>12} (polars alone): {f['seconds']:6.1f} s, {rows / f['seconds']:>10,.0f} rows/s, "
+                f"peak RSS {f['peak_rss_mb']:5.0f} MB, {f['cpu_s']:.1f} CPU-s",
+                flush=True,
+            )
     ok = True
     largest = results[-1]
     verdict = largest["rows_per_second"] >= TARGET_ROWS_PER_SECOND

@@ -66,5 +66,13 @@ def configure_logging(level: str = "info", *, json: bool | None = None) -> None:
 
 
 def get_logger(**context: Any) -> Any:
-    """A bound structlog logger with the given context (job, endpoint, batch...)."""
+    """A bound structlog logger with the given context (job, endpoint, batch...).
+
+    In a program that embeds pushsync (``sync.run``) and never configured structlog, the first logger configures
+    it as the command line would by default (info, to stderr, JSON unless stderr is a terminal, secrets masked):
+    structlog's own defaults print to stdout — into the program's output — and mask nothing. A program that
+    configured structlog keeps its own set-up, before or after this call.
+    """
+    if not structlog.is_configured():
+        configure_logging()
     return structlog.get_logger("pushsync").bind(**context)
