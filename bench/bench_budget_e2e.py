@@ -36,7 +36,11 @@ only. Figures per case, from the server's own records:
   mapped columns, keep the last row per ID, post one body) runs on the worker's core beside the hog; ``floor`` is
   the time from its start to its first request, and ``ceiling`` the whole-command use of a client that sends its
   first request ``floor`` s after the run's start and then fills every window to N, the first included (its
-  last request leaving as its last window opens): the most ``command`` can be with Python start-up.
+  last request leaving as its last window opens): the most ``command`` can be with Python start-up;
+* ``first window`` and the end (a third line per case): the binding budget's requests in the run's first window
+  and how much of that window was left when the first request arrived (a first request late in its window
+  leaves the window mostly unused), and how long the command ran after the last request arrived (its answer,
+  the run's summary and ledger, the process's exit).
 
 Exits 1 on a miss of a sending-part target (0 x 429, max <= N, sending >= 97 %). The machine's load average is
 printed before and after: figures taken with a load above the core count are loaded-machine figures.
@@ -398,6 +402,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         )
     figures = _figures(log, args.limit, args.requests, 1.0, wall, first_attempts)
     figures["first_request_after_s"] = round(min(a for a, *_ in log) - started, 2) if log else None
+    # Where the whole-command figure goes beside the sending part: how much of the first window was left when
+    # the first request arrived (and how many of its N it got), and how long the command ran after the last
+    # request arrived (its answer, then the run's end and the process's exit).
+    if log:
+        figures["first_window_left_s"] = round(1.0 - min(a for a, *_ in log) % 1.0, 2)
+        figures["exit_after_last_s"] = round(started + wall - max(a for a, *_ in log), 2)
     figures["floor_first_request_s"] = round(floor, 2)
     # A client whose first request leaves ``floor`` s after this run's start and which then fills every window
     # (the first one included) to N: its last request leaves at the start of its last window.
@@ -411,6 +421,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         _where_lost(result.stderr, log, args.limit, figures["binding"], figures["sending_windows"])
     )
     figures["worker_cpu_s"] = round(worker_cpu_s, 2)
+    figures["requests_per_window"] = args.requests
     figures["exit_code"] = result.returncode
     figures["ids_failed"] = summary.get("totals", {}).get("ids_failed")
     return figures
@@ -445,6 +456,12 @@ def _line(fig: dict[str, Any]) -> str:
             f"paused {lost['paused']} (429), carried {lost['carried']} (answers late); loop late by up to "
             f"{lost['late_max_ms']:.0f} ms; margin {lost['margin_ms'][0]:.0f}-{lost['margin_ms'][1]:.0f} ms; "
             f"counted in another window by the server: {lost['spilled']}; faults retried: {fig['faults']}"
+        )
+    if fig.get("exit_after_last_s") is not None:
+        line += (
+            f"\n{'':<18}first window: {fig['per_window'][0]} of {fig['requests_per_window']} with "
+            f"{fig['first_window_left_s']:.2f} s of it left at the first request; the command ended "
+            f"{fig['exit_after_last_s']:.2f} s after the last request arrived"
         )
     return line
 

@@ -1,3 +1,3 @@
-from sync.cli import main
+from sync.cli import entry
 
-raise SystemExit(main())
+entry()

@@ -31,6 +31,13 @@ _INVISIBLE = r"\p{Cf}"
 """Unicode format characters: zero-width space/joiners, byte-order marks inside text, bidirectional controls
 (U+202A-U+202E, U+2066-U+2069), soft hyphens. Invisible, so an ID holding one looks like another user's ID."""
 _MSISDN_SEPARATORS = r"[\s\-().]"
+_WHITE_SPACE = [
+    *"\t\n\x0b\x0c\r \x85\xa0\u1680",
+    *map(chr, range(0x2000, 0x200B)),
+    *"\u2028\u2029\u202f\u205f\u3000",
+]
+"""The characters trimming removes: Unicode White_Space, as polars' strip_chars() sees it (a test holds the two
+together)."""
 
 # A parser maps a column's text (``s``: trimmed, null values nulled) to its typed values (``p``) and, given both,
 # to the reasons a value is refused: ``(condition, message)`` pairs in precedence order, the first whose condition
@@ -132,6 +139,13 @@ def _refuses(exact: Callable[[pl.Expr], _Parser], texts: Sequence[str]) -> bool:
     return bool(refused.all())
 
 
+def _empty_is_null(exact: Callable[[pl.Expr], _Parser]) -> bool:
+    """Whether the parser ``exact`` builds gives the empty text no value, as it gives a null text none."""
+    parser = exact(pl.col("s"))
+    frame = pl.DataFrame({"s": ["", None]}, schema={"s": pl.String}).select(parser.values.alias("p"))
+    return frame["p"].null_count() == 2
+
+
 def _no_nulls(s: pl.Expr, source: Source) -> pl.Expr:
     """``s`` (read twice: a query column, not an expression to compute) with the null values nulled."""
     if not source.null_values:
@@ -148,14 +162,21 @@ def _parse_bool(s: pl.Expr) -> _Parser:
     )
 
 
-def _untrimmed(exact: Callable[[pl.Expr], _Parser], s: pl.Expr) -> _Parser:
-    """The parser ``exact`` builds, reading the untrimmed text ``s`` (:func:`_untrimmed_text`): every text it
-    refuses there is read exactly (trimmed, null values nulled) after the query, and gets the message ``exact``
-    gives it then, or its value. Only for a parser that, for any text it accepts untrimmed, accepts the trimmed
-    text too, with the same value, and where no null value is that trimmed text: one whose accepted texts are
-    their own trimmed form (a spelling, a number, an address: nothing of them is whitespace), or one that drops
-    whitespace anyway (:func:`_msisdn_untrimmed`)."""
-    fast = exact(s)
+def _untrimmed(
+    exact: Callable[[pl.Expr], _Parser],
+    s: pl.Expr,
+    *,
+    blanks: bool = False,
+    fast_form: Callable[[pl.Expr], _Parser] | None = None,
+) -> _Parser:
+    """The parser ``exact`` builds, reading the untrimmed text ``s`` (:func:`_untrimmed_text`) with its own form
+    or ``fast_form``: every text that refuses there is read exactly (trimmed, null values nulled) after the query,
+    and gets the message ``exact`` gives it then, or its value. Only for a form that, for any text it accepts
+    untrimmed, gives the value ``exact`` gives the trimmed text, and where no null value is that trimmed text: one
+    whose accepted texts are their own trimmed form (a spelling, a number, an address: nothing of them is
+    whitespace), or one that drops whitespace anyway (:func:`_msisdn_untrimmed`). ``blanks``: ``s`` holds empty
+    texts, null values the form gives no value (:func:`_empty_is_null`); they are not read again."""
+    fast = (fast_form or exact)(s)
     text, values = pl.col("s"), pl.col("p")
     slow = exact(text)
     message = _message(slow.reasons(text, values))
@@ -170,7 +191,9 @@ def _untrimmed(exact: Callable[[pl.Expr], _Parser], s: pl.Expr) -> _Parser:
         return frame["p"], frame["m"]
 
     def rows(s: pl.Expr, p: pl.Expr) -> pl.Expr:
-        return pl.any_horizontal(condition for condition, _ in fast.reasons(s, p)).fill_null(False)
+        refused = pl.any_horizontal(condition for condition, _ in fast.reasons(s, p))
+        # An empty text is a null value, which the parser reads as one (no value): not one to read again.
+        return (refused & (s.str.len_bytes() > 0) if blanks else refused).fill_null(False)
 
     return _Parser(
         fast.values,
@@ -183,7 +206,7 @@ def _untrimmed(exact: Callable[[pl.Expr], _Parser], s: pl.Expr) -> _Parser:
 
 def _parse_number(s: pl.Expr) -> _Parser:
     def reasons(s: pl.Expr, p: pl.Expr) -> list[_Reason]:
-        bad = p.is_null() | p.is_nan().fill_null(False) | p.is_infinite().fill_null(False)
+        bad = ~p.is_finite().fill_null(False)  # no number, NaN or infinite
         return [(s.is_not_null() & bad, "not a number")]
 
     return _Parser(s.cast(pl.Float64, strict=False), reasons, refuses_nul=True)
@@ -233,7 +256,13 @@ def _date_times(timezone: str) -> Callable[[pl.Series], tuple[pl.Series, pl.Seri
             .with_columns(normal.alias("v"))
             .with_columns(pl.coalesce(forms).alias("p"))
             .select(
-                "p", pl.when(s.is_not_null() & pl.col("p").is_null()).then(pl.lit(_NOT_A_DATE)).alias("m")
+                "p",
+                # The lenient forms may take a text with a NUL in it; it is no date.
+                pl.when(s.str.contains("\x00", literal=True))
+                .then(pl.lit(_NUL))
+                .when(s.is_not_null() & pl.col("p").is_null())
+                .then(pl.lit(_NOT_A_DATE))
+                .alias("m"),
             )
             .collect()
         )
@@ -242,16 +271,23 @@ def _date_times(timezone: str) -> Callable[[pl.Series], tuple[pl.Series, pl.Seri
     return read
 
 
-def _parse_date(s: pl.Expr, timezone: str) -> _Parser:
+def _parse_date(s: pl.Expr, timezone: str, *, untrimmed: bool = False, refuses_nul: bool = False) -> _Parser:
+    """Dates and date-times. ``untrimmed``: ``s`` is read as :func:`_untrimmed_text` gives it. ``refuses_nul``:
+    the query need not look for NULs in the column (no null value holds one, so every text with one is read
+    exactly, and refused)."""
     # Most date columns hold plain dates (ten characters, no space, no Z): read as a date in one parse, with the
-    # first form of _date_times (for such a text the normal form is the text itself). The other texts are read
-    # with every form after the query, as few as they are.
-    plain = (s.str.len_chars() == 10) & ~s.str.contains_any([" ", "z", "Z"])
+    # first form of _date_times (for such a text the normal form is the text itself). The other texts (a NUL
+    # among them: the lenient date-time parsers may take one) are read with every form after the query, as few as
+    # they are, and trimmed. Untrimmed, a plain date holds no whitespace at all: it is its own trimmed form
+    # (polars' date parser takes a leading tab, which trimming would have removed first).
+    odd = [*(_WHITE_SPACE if untrimmed else [" "]), "z", "Z", "\x00"]
+    plain = (s.str.len_chars() == 10) & ~s.str.contains_any(odd)
     return _Parser(
         _day(pl.when(plain).then(s), timezone),
         lambda s, p: [],
-        # Not refuses_nul: the date-time parsers are lenient (a leading space passes), so the query checks NULs.
+        refuses_nul=refuses_nul,
         fallback=_Fallback(lambda s, p: s.is_not_null() & p.is_null(), _date_times(timezone)),
+        text=s if untrimmed else None,  # the fallback's test reads the same text, not a trimmed one
     )
 
 
@@ -287,15 +323,17 @@ def _lists(delimiter: str) -> Callable[[pl.Series], tuple[pl.Series, pl.Series]]
     """Read list texts, some of them maybe JSON arrays: texts → (lists, messages).
 
     JSON arrays are read per value in Python (they are rare in CRM exports; only texts starting with ``[`` are).
+    A text holding a NUL character is refused (:data:`_NUL`), whatever else it is.
     """
 
     s = pl.col("s")
 
     def read(text: pl.Series) -> tuple[pl.Series, pl.Series]:
+        nul = s.str.contains("\x00", literal=True).fill_null(False)
         frame = pl.DataFrame({"s": text}).select(
             _split(s, delimiter).alias("v"),
-            pl.lit(None, pl.String).alias("m"),
-            s.str.starts_with("[").fill_null(False).alias("j"),
+            pl.when(nul).then(pl.lit(_NUL)).otherwise(pl.lit(None, pl.String)).alias("m"),
+            (s.str.starts_with("[").fill_null(False) & ~nul).alias("j"),
         )
         values, errors, rows = frame["v"], frame["m"], frame["j"].arg_true()
         if rows.is_empty():
@@ -320,16 +358,20 @@ def _lists(delimiter: str) -> Callable[[pl.Series], tuple[pl.Series, pl.Series]]
     return read
 
 
-def _parse_list(s: pl.Expr, delimiter: str) -> _Parser:
+def _parse_list(s: pl.Expr, delimiter: str, *, refuses_nul: bool = False) -> _Parser:
+    """Lists of items in a text. ``refuses_nul``: the query need not look for NULs in the column (no null value
+    holds one, so every text with one is read exactly, and refused)."""
     # Most list texts are items and delimiters with nothing around them: split, and that is all. A text with a
-    # blank or empty item (or a blank around an item, "a| b"), or a JSON array, is read exactly after the query.
-    # Untrimmed: a text with whitespace at an end is untidy (the regex's \s is the Unicode White_Space that
-    # trimming removes), so a tidy text is its own trimmed form.
+    # blank or empty item (or a blank around an item, "a| b"), a JSON array, or a NUL character is read exactly
+    # after the query (one regex scan for all of them; the exact reading refuses a NUL). Untrimmed: a text with
+    # whitespace at an end is untidy (the regex's \s is the Unicode White_Space that trimming removes), so a tidy
+    # text is its own trimmed form.
     d = pl.escape_regex(delimiter)
-    untidy = s.str.contains(rf"(?:^|{d})(?:\s|{d}|$)|\s(?:{d}|$)") | s.str.starts_with("[")
+    untidy = s.str.contains(rf"^\[|\x00|(?:^|{d})(?:\s|{d}|$)|\s(?:{d}|$)")
     return _Parser(
         s.str.split(delimiter),
         lambda s, p: [],
+        refuses_nul=refuses_nul,
         fallback=_Fallback(lambda s, p: untidy.fill_null(False), _lists(delimiter)),
         text=s,
     )
@@ -337,7 +379,8 @@ def _parse_list(s: pl.Expr, delimiter: str) -> _Parser:
 
 def _parse_email(s: pl.Expr) -> _Parser:
     def reasons(s: pl.Expr, _p: pl.Expr) -> list[_Reason]:
-        valid = s.str.contains(_EMAIL).fill_null(False) & (s.str.len_chars() <= 254)
+        # An address the regex takes is ASCII: as many characters as bytes (a length in bytes costs less).
+        valid = s.str.contains(_EMAIL).fill_null(False) & (s.str.len_bytes() <= 254)
         return [(s.is_not_null() & ~valid, "not a valid email address")]
 
     return _Parser(s, reasons, refuses_nul=True)
@@ -363,6 +406,23 @@ def _parse_msisdn(s: pl.Expr) -> _Parser:
         ],
         refuses_nul=True,
     )
+
+
+def _plain_msisdn(s: pl.Expr) -> _Parser:
+    """A fast form of :func:`_parse_msisdn` (for :func:`_untrimmed`): a text that is an MSISDN as it is, with no
+    separator to remove, is its own value, found with the one regex scan; it refuses every other text, for the
+    exact reading. Saves removing separators from every text, where most have none."""
+    return _Parser(
+        s,
+        lambda s, p: [(s.is_not_null() & ~s.str.contains(_MSISDN).fill_null(False), "not a plain MSISDN")],
+        refuses_nul=True,
+    )
+
+
+def _mostly(texts: pl.Expr, form: str) -> pl.Expr:
+    """Whether at least half the non-null texts of a sample (a chunk's head) are all of ``form`` (a regex): a
+    fast form that takes those and leaves the rest to its exact reading is the quicker for that chunk."""
+    return (texts.str.contains(form).mean() >= 0.5).fill_null(True)
 
 
 def _parse_action(s: pl.Expr) -> _Parser:
@@ -403,6 +463,44 @@ def _id_refused(ext: pl.Expr, rules: ValidationRules) -> pl.Expr:
     """Whether any of :func:`_id_reasons` holds, with one scan of the text for both kinds of character."""
     odd = ext.str.contains(f"{_CONTROL}|{_INVISIBLE}").fill_null(False)
     return ext.is_null() | (ext.str.len_chars() > rules.max_id_length) | odd
+
+
+def _plain_texts(u: pl.Expr, *, refuses_nul: bool) -> _Parser:
+    """Text values read untrimmed (:func:`_untrimmed_text`): one regex scan flags the texts with whitespace at an
+    end, read exactly (trimmed, null values nulled) after the query, and those with a NUL, refused there; every
+    other text is its own trimmed form. ``refuses_nul`` as for :func:`_parse_list`."""
+    s = pl.col("s")
+    nul = pl.when(s.str.contains("\x00", literal=True)).then(pl.lit(_NUL))
+
+    def read(texts: pl.Series) -> tuple[pl.Series, pl.Series]:
+        frame = pl.DataFrame({"s": texts}).select(s.alias("p"), nul.alias("m"))
+        return frame["p"], frame["m"]
+
+    untidy = u.str.contains(r"^\s|\s$|\x00").fill_null(False)
+    return _Parser(
+        u, lambda s, p: [], refuses_nul=refuses_nul, fallback=_Fallback(lambda s, p: untidy, read), text=u
+    )
+
+
+def _id_read_again(u: pl.Expr, rules: ValidationRules) -> pl.Expr:
+    """The untrimmed IDs (:func:`_untrimmed_text`) to read exactly, trimmed (:func:`_ids`): those
+    :func:`_id_refused` flags, and those with whitespace at an end (which may pass once trimmed), found in the same
+    regex scan. A missing one is missing trimmed too (refused without another reading); any other ID is its own
+    trimmed form, and passes."""
+    odd = u.str.contains(rf"^\s|\s$|{_CONTROL}|{_INVISIBLE}").fill_null(False)
+    return (u.str.len_chars() > rules.max_id_length).fill_null(False) | odd
+
+
+def _ids(rules: ValidationRules) -> Callable[[pl.Series], tuple[pl.Series, pl.Series]]:
+    """Read external IDs exactly: (trimmed, null values nulled) texts → (the IDs, messages)."""
+    s = pl.col("s")
+    message = _message(_id_reasons(s, rules))
+
+    def read(texts: pl.Series) -> tuple[pl.Series, pl.Series]:
+        frame = pl.DataFrame({"s": texts}).select(s.alias("p"), message.alias("m"))
+        return frame["p"], frame["m"]
+
+    return read
 
 
 def _message(reasons: list[_Reason]) -> pl.Expr:

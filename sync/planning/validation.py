@@ -32,10 +32,15 @@ import pyarrow as pa
 
 from sync.config import AttributeMapping, Source, SourceKind, ValidationRules, ValueType
 from sync.planning._parsers import (
+    _MSISDN,
     _NUL,
+    _empty_is_null,
+    _id_read_again,
     _id_reasons,
     _id_refused,
+    _ids,
     _message,
+    _mostly,
     _msisdn_untrimmed,
     _no_nulls,
     _own_trimmed_null_values,
@@ -47,6 +52,8 @@ from sync.planning._parsers import (
     _parse_msisdn,
     _parse_number,
     _Parser,
+    _plain_msisdn,
+    _plain_texts,
     _put,
     _Reason,
     _refuses,
@@ -301,7 +308,10 @@ def clean_schema(source: Source) -> dict[str, Any]:
 # each step's columns computed once and read by name in the next. Two kinds of work wait until after that query,
 # for the rows that need it only: the exact reading of texts a parser's fast form may not fit (a parser's
 # fallback flags them in the query), and the messages, put together by the same parsers in a second query over
-# the refused rows (most chunks have none; a message is a string per row and check where a flag is a bit).
+# the refused rows (most chunks have none; a message is a string per row and check where a flag is a bit). Most
+# text columns are read untrimmed (a fast form takes only texts that are their own trimmed form; the others are
+# read exactly, trimmed). Where a check has two exact forms, one quicker for some data (MSISDNs as they are, or
+# with separators), a chunk's head chooses (a hint): the query is built once per choice.
 
 
 @dataclass(frozen=True, slots=True)
@@ -327,8 +337,11 @@ class _Query:
 
     __slots__ = (
         "flags",
+        "held",
+        "hints",
         "messages",
         "messages_step",
+        "outputs",
         "pending",
         "positions",
         "reasons",
@@ -342,12 +355,22 @@ class _Query:
         "values",
     )
 
-    def __init__(self, schema: pl.Schema, source: Source, rules: ValidationRules, *, messages: bool) -> None:
+    def __init__(
+        self,
+        schema: pl.Schema,
+        source: Source,
+        rules: ValidationRules,
+        *,
+        messages: bool,
+        held: frozenset[str] = frozenset(),
+    ) -> None:
         self.schema = schema
         self.positions = {name: i for i, name in enumerate(schema)}
         self.source = source
         self.rules = rules
         self.messages = messages
+        self.hints: dict[str, pl.Expr] = {}  # a check's choice of form -> whether a chunk's sample favours it
+        self.held = held  # the hints that held for this query's chunks
         self.trimmed: dict[str, pl.Expr] = {}  # step 0: "__s<i>" -> a raw text column, trimmed
         self.texts: dict[str, pl.Expr] = {}  # step 1: "__t<i>" -> a raw column's text
         self.values: dict[str, pl.Expr] = {}  # step 2: "__p<i>" -> a check's typed values
@@ -359,6 +382,8 @@ class _Query:
             tuple[_Pending, pl.Expr]
         ] = []  # checks with a fallback; step 3: the rows to read again
         self.typed = self._add_checks()  # the expression of each clean column but __file and __key
+        # The clean column of each query column the typed columns are (a fallback's values are put there).
+        self.outputs = {e.meta.output_name(): column for column, e in self.typed.items()}
         # The refused rows' query, after steps 1 and 2: messages, then the rejects columns (but "file").
         self.messages_step = self._messages_step() if messages else []
         self.rejects_step = self._rejects_step() if messages else []
@@ -412,24 +437,64 @@ class _Query:
 
     def check_id(self) -> pl.Expr:
         """Add the external ID's check; returns its text."""
-        ext = self.text(self.source.ext_id)
-        self.reasons.append((self.source.ext_id, _id_reasons(ext, self.rules)))
+        column = self.source.ext_id
+        if self.schema[column] == pl.String and self.rules.trim:
+            # Read untrimmed: an ID with whitespace at an end, or one refused, is read exactly (trimmed) after the
+            # query; every other is its own trimmed form. The refused rows' query reads them trimmed, as ever
+            # (their messages are the exact reading's), and takes the IDs of the rejects from there.
+            untrimmed = self.untrimmed(column)
+            name = untrimmed.meta.output_name()
+            k = len(self.pending)
+            pending = _Pending(column, name, f"__f{k}", f"__m{k}", _ids(self.rules))
+            self.pending.append((pending, _id_read_again(untrimmed, self.rules)))
+            if not self.messages:
+                self.flags.append(untrimmed.is_null())
+                return untrimmed
+        ext = self.text(column)
+        self.reasons.append((column, _id_reasons(ext, self.rules)))
         self.flags.append(_id_refused(ext, self.rules))
         return ext
 
+    def nul_refused(self) -> bool:
+        """Whether a parser that reads every text with a NUL exactly, and refuses it there, refuses every such
+        text: unless a null value holds a NUL (a text that is one is no value, but the query's NUL test refuses
+        it)."""
+        return not any("\x00" in v for v in self.source.null_values)
+
     def list_values(self, column: str, delimiter: str) -> _Parser:
         if self.schema[column] == pl.String:
-            return _parse_list(self.untrimmed(column), delimiter)
+            return _parse_list(self.untrimmed(column), delimiter, refuses_nul=self.nul_refused())
         return _typed_list(self.text(column))
 
-    def fitted(self, column: str, exact: Callable[[pl.Expr], _Parser]) -> _Parser:
-        """``exact``'s parser of ``column``, reading a text column untrimmed (:func:`_untrimmed`) where it would
-        be trimmed."""
+    def hint(self, name: str, favoured: pl.Expr) -> bool:
+        """Whether a check takes the form ``name``, which a chunk's sample favours where ``favoured`` (an
+        aggregate over a chunk's head) is true: both forms give the same, one sooner (:func:`validate_chunk`)."""
+        if self.messages:
+            return False
+        self.hints[name] = favoured.alias(name)
+        return name in self.held
+
+    def fitted(
+        self,
+        column: str,
+        exact: Callable[[pl.Expr], _Parser],
+        fast_form: Callable[[pl.Expr], _Parser] | None = None,
+    ) -> _Parser:
+        """``exact``'s parser of ``column``, reading a text column untrimmed (:func:`_untrimmed`, with
+        ``fast_form`` if any) where it would be trimmed."""
         if self.schema[column] == pl.String and self.rules.trim:
-            # A parser that refuses every null value but the empty text needs only that one nulled first (the
+            # A form that refuses every null value but the empty text needs only that one nulled first (the
             # others are refused untrimmed, then read exactly): a length is cheaper than a membership test.
-            others = [v for v in _own_trimmed_null_values(self.source) if v]
-            return _untrimmed(exact, self.untrimmed(column, blanks_only=_refuses(exact, others)))
+            form = fast_form or exact
+            exact_null_values = _own_trimmed_null_values(self.source)
+            others = [v for v in exact_null_values if v]
+            if not _refuses(form, others):
+                return _untrimmed(exact, self.untrimmed(column), fast_form=fast_form)
+            if "" in exact_null_values and _empty_is_null(form):
+                # Nor is the empty text nulled first, where the form gives it no value anyway: only not read
+                # again (a length), where nulling it is a text column to build.
+                return _untrimmed(exact, pl.col(column), blanks=True, fast_form=fast_form)
+            return _untrimmed(exact, self.untrimmed(column, blanks_only=True), fast_form=fast_form)
         return exact(self.text(column))
 
     def parse(self, column: str, mapping: AttributeMapping) -> _Parser:
@@ -445,12 +510,17 @@ class _Query:
             return self.fitted(column, _parse_number)
         if mapping.type is ValueType.LIST:
             return self.list_values(column, mapping.delimiter)
-        s = self.text(column)
         if mapping.type is ValueType.DATE:
             if dtype == pl.Date or isinstance(dtype, pl.Datetime):
-                return _typed_date(s, dtype, self.rules.timezone)
-            return _parse_date(s, self.rules.timezone)
-        return _Parser(s.cast(pl.String), lambda s, p: [])
+                return _typed_date(self.text(column), dtype, self.rules.timezone)
+            nul = self.nul_refused()
+            if dtype == pl.String and self.rules.trim:
+                untrimmed = self.untrimmed(column)
+                return _parse_date(untrimmed, self.rules.timezone, untrimmed=True, refuses_nul=nul)
+            return _parse_date(self.text(column), self.rules.timezone, refuses_nul=nul)
+        if dtype == pl.String and self.rules.trim:
+            return _plain_texts(self.untrimmed(column), refuses_nul=self.nul_refused())
+        return _Parser(self.text(column).cast(pl.String), lambda s, p: [])
 
     def _add_checks(self) -> dict[str, pl.Expr]:
         source = self.source
@@ -476,11 +546,14 @@ class _Query:
         if source.email:
             typed[source.email] = self.check(source.email, self.fitted(source.email, _parse_email))
         if source.msisdn:
-            msisdn = (
-                self.fitted(source.msisdn, _parse_msisdn)
-                if _msisdn_untrimmed(source.null_values)
-                else _parse_msisdn(self.text(source.msisdn))
-            )
+            if _msisdn_untrimmed(source.null_values):
+                # Where most texts are MSISDNs as they are (no separators), the plain form takes them as they are
+                # (a form for texts read untrimmed: a text column, trimmed).
+                untrimmed = self.schema[source.msisdn] == pl.String and self.rules.trim
+                plain = untrimmed and self.hint("plain-msisdn", _mostly(pl.col(source.msisdn), _MSISDN))
+                msisdn = self.fitted(source.msisdn, _parse_msisdn, _plain_msisdn if plain else None)
+            else:
+                msisdn = _parse_msisdn(self.text(source.msisdn))
             typed[source.msisdn] = self.check(source.msisdn, msisdn)
         return typed
 
@@ -516,18 +589,27 @@ class _Query:
         ]
 
 
-_QUERIES: dict[tuple[int, int, tuple[tuple[str, Any], ...], bool], _Query] = {}
-"""Recent queries, by source, rules, schema and kind (the objects are held, so their ids stay theirs)."""
+_QUERIES: dict[tuple[int, int, tuple[tuple[str, Any], ...], bool, frozenset[str]], _Query] = {}
+"""Recent queries, by source, rules, schema, kind and hints held (the objects are held, so their ids stay
+theirs)."""
 _QUERIES_LOCK = threading.Lock()  # plans of two jobs may be staged in two threads of one process
 
 
-def _query(raw: pl.DataFrame, source: Source, rules: ValidationRules, *, messages: bool) -> _Query:
-    """The validation query for ``raw``'s schema: built once for the chunks of a file (or of a few sources)."""
-    key = (id(source), id(rules), tuple(raw.schema.items()), messages)
+def _query(
+    raw: pl.DataFrame,
+    source: Source,
+    rules: ValidationRules,
+    *,
+    messages: bool,
+    held: frozenset[str] = frozenset(),
+) -> _Query:
+    """The validation query for ``raw``'s schema (and the hints ``held``): built once for the chunks of a file
+    (or of a few sources)."""
+    key = (id(source), id(rules), tuple(raw.schema.items()), messages, held)
     with _QUERIES_LOCK:
         query = _QUERIES.get(key)
         if query is None:
-            query = _Query(raw.schema, source, rules, messages=messages)
+            query = _Query(raw.schema, source, rules, messages=messages, held=held)
             while len(_QUERIES) >= 16:
                 _QUERIES.pop(next(iter(_QUERIES)))
             _QUERIES[key] = query
@@ -535,6 +617,8 @@ def _query(raw: pl.DataFrame, source: Source, rules: ValidationRules, *, message
 
 
 _REFUSED = "__refused"
+_SAMPLE = 256
+"""Rows: a chunk's head, whose texts choose between a check's forms (:meth:`_Query.hint`)."""
 
 
 def validate_chunk(
@@ -548,13 +632,20 @@ def validate_chunk(
     again afterwards, and the reasons are put together for the refused rows only (:func:`_rejects`).
     """
     q = _query(raw, source, rules, messages=False)
+    if q.hints:
+        # The forms the chunk's head favours: every form gives the same, the favoured one sooner.
+        sample = raw.head(_SAMPLE).select(*q.hints.values()).row(0, named=True)
+        held = frozenset(name for name, favoured in sample.items() if favoured)
+        if held:
+            q = _query(raw, source, rules, messages=False, held=held)
     schema = {k: v for k, v in clean_schema(source).items() if k != KEY}
     typed = q.typed | {FILE: pl.lit(file_index)}
     frame = (
         q.lazy(raw)
         .select(
             *(typed[k].cast(v).alias(k) for k, v in schema.items()),
-            pl.any_horizontal(q.flags).fill_null(False).alias(_REFUSED),
+            # No flag at all where every check reads again what it refuses (an ID and numbers, say).
+            (pl.any_horizontal(q.flags).fill_null(False) if q.flags else pl.lit(False)).alias(_REFUSED),
             *(rows.alias(pending.rows) for pending, rows in q.pending),
         )
         .collect()
@@ -582,26 +673,29 @@ def _read_again(
     """``frame`` with the rows each fallback flagged read exactly: their values put in place (where the check's
     values are a clean column), the rows with a message flagged as refused; and those messages, per fallback
     with any, as a column of ``frame``'s length."""
-    outputs = {e.meta.output_name(): column for column, e in q.typed.items()}
+    # Which fallbacks flagged any row, in one query: most flag none, and an eager call is a query of its own,
+    # whose overhead is most of the work on a chunk's few flagged rows.
+    flagged = frame.select(pl.col(p.rows for p, _ in q.pending).any()).row(0)
     refused = frame[_REFUSED]
     found: dict[str, pl.Series] = {}
-    for pending, _ in q.pending:
-        rows = frame[pending.rows].arg_true()
-        if rows.is_empty():
+    for (pending, _), any_flagged in zip(q.pending, flagged, strict=True):
+        if not any_flagged:
             continue
-        text = raw.select(
-            _text(pl.col(pending.column).gather(rows), pl.String, q.source, q.rules)
-        ).to_series()
-        values, messages = pending.read(text)
-        failed = messages.is_not_null()
-        if failed.any():
-            refused = refused.scatter(rows.filter(failed), True)
+        mask = pl.lit(frame[pending.rows])
+        texts = raw.select(
+            mask.arg_true().alias("rows"),
+            _text(pl.col(pending.column).filter(mask), pl.String, q.source, q.rules).alias("text"),
+        )
+        rows = texts["rows"]
+        values, messages = pending.read(texts["text"])
+        if messages.null_count() < len(messages):
+            refused = refused.scatter(rows.filter(messages.is_not_null()), True)
             found[pending.messages] = (
                 pl.repeat(None, frame.height, dtype=pl.String, eager=True)
                 .scatter(rows, messages)
                 .alias(pending.messages)
             )
-        column = outputs.get(pending.values)
+        column = q.outputs.get(pending.values)
         if column is not None:
             frame = frame.replace_column(frame.get_column_index(column), _put(frame[column], rows, values))
     return frame.replace_column(frame.get_column_index(_REFUSED), refused), found

@@ -192,7 +192,7 @@ class _Joined:
         """Whether a value of the column holds one of the bytes ``chars`` (one scan of its buffer in C)."""
         base, offsets, data = _buffers(self._values)
         raw = data[offsets[base] : offsets[base + len(self._values)]].tobytes()
-        return len(raw.translate(None, chars)) != len(raw)
+        return enc.holds_any(raw, chars)
 
     def get(self, i: int) -> memoryview:
         """Run ``i``'s values joined (a view: it keeps the joined buffer alive)."""
@@ -201,7 +201,8 @@ class _Joined:
 
 
 class _Values:
-    """A String column's values as UTF-8 bytes, one at a time (a one-user run's first item)."""
+    """A String column's values as UTF-8 bytes: one at a time (a one-user run's first item), or a run of rows
+    back to back (items that each end with their separator)."""
 
     __slots__ = ("_base", "_data", "_offsets")
 
@@ -212,6 +213,15 @@ class _Values:
         """Row ``i``'s value (a view)."""
         at = self._base + i
         return self._data[self._offsets[at] : self._offsets[at + 1]]
+
+    def ended(self, lo: int, hi: int) -> memoryview:
+        """Rows ``[lo, hi)``'s values back to back, less the last one's final byte (a view): the values each end
+        with their separator, so this is them joined by it."""
+        base = self._base
+        end = self._offsets[base + hi]
+        if hi <= lo or self._data[end - 1 : end] != b",":
+            raise ValueError(f"rows {lo}-{hi} of a selection do not each end with a comma")
+        return self._data[self._offsets[base + lo] : end - 1]
 
 
 def _large_strings(column: pl.Series) -> pa.Array:
@@ -274,6 +284,7 @@ def _frame_cuts(
     files: Sequence[str],
     first_only: bool,
     id_items: bool = False,
+    ended: bool = False,
 ) -> list[tuple[str, bool, int, Cut]]:
     """The runs of one frame: ``(group, continues, first row, cut)`` per run, in group and run order.
 
@@ -289,7 +300,12 @@ def _frame_cuts(
     ``id_items``: each row's item is its ID's JSON string (:data:`ITEM` is not read): made from the runs' joined
     IDs when the frame allows (one row per ID, nothing to escape), by :func:`sync.platforms._encode.string`
     otherwise.
+
+    ``ended``: each row's :data:`ITEM` ends with ``,`` — a run's items joined are then a slice of the column's
+    buffer (less the last comma), not a join of their own.
     """
+    if ended and (first_only or id_items):
+        raise ValueError("ended items are neither one-user items nor IDs")
     frame, positions, spans = _group_runs(selected)
     n = frame.height
     # A row brings a new ID when its ID differs from the row before or it is its group's first row — unless
@@ -345,7 +361,7 @@ def _frame_cuts(
         items = _Joined(unique_values, id_bounds, '","')
     else:
         column = frame.select(enc.string(pl.col(EXT_ID))).to_series() if id_items else frame[ITEM]
-        items = _Values(column) if first_only else _Joined(column, row_bounds, ",")
+        items = _Values(column) if first_only or ended else _Joined(column, row_bounds, ",")
     at = None if every_row else starts
     id_files, id_rows = frame[FILE], frame[ROW]
     keys = _key_bytes(frame[ROW_KEY]) if ROW_KEY in frame.columns else b""
@@ -360,6 +376,9 @@ def _frame_cuts(
         elif first_only:
             # One-user requests send an ID's first row alone (a continuing piece adds nothing to the open run's).
             text = b"" if continues else items.get(r0)
+        elif ended:
+            assert isinstance(items, _Values)
+            text = items.ended(r0, r1)
         else:
             text = items.get(i)
         run: Sequence[str] = ExtIds(lines, k1 - k0) if ids is not None else tuple(plain[k0:k1])
@@ -375,13 +394,16 @@ def cut(
     *,
     first_only: bool = False,
     id_items: bool = False,
+    ended: bool = False,
 ) -> Iterator[Cut]:
     """The runs of at most ``size`` unique IDs per group of the selected ``frames`` (see the module docstring).
 
     ``files`` resolves :data:`FILE`. ``first_only``: a run's items are its first row's item alone (a one-user
     request whose ID has several rows sends the first, as the row loop did). ``id_items``: each row's item is
     its ID's JSON string (an ``extIds`` list), the frames' :data:`ITEM` is not read (select without items: no
-    text is built per row when the IDs need no escaping). ``frames`` is advanced on a worker
+    text is built per row when the IDs need no escaping). ``ended``: each row's :data:`ITEM` is its JSON text
+    followed by ``,`` (a run's items are then a slice of the frame's item buffer, joined by no copy of their
+    own; the cuts' texts are the same). ``frames`` is advanced on a worker
     thread one frame ahead (:func:`ahead`): a lazy selection encodes the next frame while this one is cut.
     """
     if size < 1:
@@ -392,7 +414,7 @@ def cut(
             continue
         open_runs = {g: (len(c.ext_ids), c.ext_ids[-1]) for g, c in open_cuts.items()}
         done: list[tuple[int, Cut]] = []  # (frame position of the row that completed it, run)
-        pieces = _frame_cuts(selected, open_runs, size, files, first_only, id_items)
+        pieces = _frame_cuts(selected, open_runs, size, files, first_only, id_items, ended)
         for k, (group, continues, first_row, piece) in enumerate(pieces):
             last_of_group = k + 1 == len(pieces) or pieces[k + 1][0] != group
             trigger = -1 if last_of_group else pieces[k + 1][2]

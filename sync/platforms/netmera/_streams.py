@@ -80,7 +80,12 @@ def _body(shape: Shape, group: str, items: bytes | memoryview) -> bytes:
     return b"".join((before, items, after))
 
 
-Select = Callable[[pl.DataFrame, bool], pl.DataFrame]
+Items = bool | str
+"""What a selector builds besides the IDs: nothing (False), each row's JSON text (True), or each row's JSON text
+followed by a separator (a ``str``: an array stream's items each end with ``","``, so a batch's joined items are
+a slice of the column's buffer, :func:`sync.platforms._batches.cut`'s ``ended``)."""
+
+Select = Callable[[pl.DataFrame, Items], pl.DataFrame]
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,6 +106,13 @@ class Stream:
     def select(self, frame: pl.DataFrame, items: bool = True) -> pl.DataFrame:
         """The rows of ``frame`` this stream sends (``items``: with their JSON text; counting needs none)."""
         return self.selector(frame, items)
+
+    def select_ended(self, frame: pl.DataFrame) -> pl.DataFrame:
+        """:meth:`select` with items, each followed by ``,`` (an :attr:`Shape.ARRAY` stream's, for
+        :func:`stream_batches`: its batches' items are then slices of one buffer, not joined again)."""
+        if self.shape is not Shape.ARRAY:
+            raise ValueError(f"{self.endpoint}: only an array body's items end with a separator")
+        return self.selector(frame, _SEPARATOR)
 
     @property
     def endpoint(self) -> str:
@@ -131,22 +143,39 @@ def _id_text(frame: pl.DataFrame) -> enc.Text:
     return text
 
 
-def _item(members: Mapping[str, enc.Member], required: tuple[str, ...] = ("extId",)) -> pl.Expr:
+_SEPARATOR = ","
+"""What ends each item of an array stream's selection for its batches (:meth:`Stream.select_ended`)."""
+
+
+def _item(members: Mapping[str, enc.Member], required: tuple[str, ...] = ("extId",)) -> enc.Text:
     """A body item: an object whose ``required`` members are always there (fewer string copies)."""
-    return enc.obj(members, required=required)
+    return enc.obj_text(members, required=required)
+
+
+def _item_text(item: pl.Expr | enc.Text | None, items: Items) -> pl.Expr:
+    """The :data:`ITEM` column's expression: ``item``'s text (null when ``items`` is False), followed by the
+    separator when ``items`` is one — a constant piece of the item's own concatenation (:class:`enc.Text`), so
+    it costs no copy."""
+    if not items or item is None:
+        return pl.lit(None, pl.String)
+    end = items if isinstance(items, str) else ""
+    if isinstance(item, enc.Text):
+        return enc.Text((*item.parts, end), item.skip_nulls).expr()
+    # An expression not made of pieces (never an array item's): a concatenation of its own.
+    return pl.concat_str(item, pl.lit(end)) if end else item
 
 
 def _rows(
     frame: pl.DataFrame,
     keep: pl.Expr | None,
-    item: pl.Expr | None,
-    items: bool,
+    item: pl.Expr | enc.Text | None,
+    items: Items,
     group: pl.Expr | None = None,
 ) -> pl.DataFrame:
     """The selected rows: those of ``frame`` that ``keep`` keeps (every row when None), with their item."""
     # A frame of a non-idempotent stream carries its rows' keys (sync.planning.row_keys): they travel to the batch.
     keys = [pl.col(ROW_KEY)] if ROW_KEY in frame.columns else []
-    text = item if items and item is not None else pl.lit(None, pl.String)
+    text = _item_text(item, items)
     if keep is not None:
         frame = frame.filter(keep)
     return frame.select(
@@ -168,7 +197,7 @@ def _members(frame: pl.DataFrame, pairs: Sequence[tuple[str, str]]) -> tuple[dic
     return members, present
 
 
-def _select_profile(frame: pl.DataFrame, items: bool, pairs: Sequence[tuple[str, str]]) -> pl.DataFrame:
+def _select_profile(frame: pl.DataFrame, items: Items, pairs: Sequence[tuple[str, str]]) -> pl.DataFrame:
     keep = pl.any_horizontal(pl.col([c for c, _ in pairs]).is_not_null())
     if not items:
         return _rows(frame, keep, None, items)
@@ -180,21 +209,21 @@ def _select_profile(frame: pl.DataFrame, items: bool, pairs: Sequence[tuple[str,
     return _rows(frame, None, item, items)
 
 
-def _select_unset(frame: pl.DataFrame, items: bool, pairs: Sequence[tuple[str, str]]) -> pl.DataFrame:
+def _select_unset(frame: pl.DataFrame, items: Items, pairs: Sequence[tuple[str, str]]) -> pl.DataFrame:
     columns = [c for c, _ in pairs]
     names = enc.array(pl.when(pl.col(c).is_null()).then(pl.lit(enc.key(name))) for c, name in pairs)
     item = _item({"extId": _id_text(frame), "profile": names}, ("extId", "profile")) if items else None
     return _rows(frame, pl.any_horizontal(pl.col(columns).is_null()), item, items)
 
 
-def _select_flag(frame: pl.DataFrame, items: bool, column: str, want: bool, one: bool) -> pl.DataFrame:
+def _select_flag(frame: pl.DataFrame, items: Items, column: str, want: bool, one: bool) -> pl.DataFrame:
     item = None
     if items:
         item = _item({"extId": _id_text(frame)}) if one else _id_text(frame).expr()
     return _rows(frame, pl.col(column) == want, item, items)
 
 
-def _select_contact(frame: pl.DataFrame, items: bool, column: str, field: str) -> pl.DataFrame:
+def _select_contact(frame: pl.DataFrame, items: Items, column: str, field: str) -> pl.DataFrame:
     item = None
     if items:
         item = _item({"extId": _id_text(frame), field: enc.string_text(pl.col(column))}, ("extId", field))
@@ -202,7 +231,7 @@ def _select_contact(frame: pl.DataFrame, items: bool, column: str, field: str) -
 
 
 def _select_categories(
-    frame: pl.DataFrame, items: bool, columns: list[str], names: Mapping[str, str], want: bool
+    frame: pl.DataFrame, items: Items, columns: list[str], names: Mapping[str, str], want: bool
 ) -> pl.DataFrame:
     # unpivot stacks column after column; re-sorting on the frame position keeps each user's items adjacent and
     # in the job's category order.
@@ -213,7 +242,7 @@ def _select_categories(
         .filter(pl.col("__enable") == want)
         .sort("__i", maintain_order=True)
     )
-    item = pl.lit(None, pl.String)
+    item: enc.Text | None = None
     if items:
         category = pl.col("__col").replace_strict(dict(names), return_dtype=pl.String)
         enable = enc.Text(("true" if want else "false",))
@@ -221,10 +250,10 @@ def _select_categories(
             {"extId": _id_text(frame), "category": enc.string_text(category), "enable": enable},
             ("extId", "category", "enable"),
         )
-    return long.select(EXT_ID, FILE, ROW, pl.lit("").alias(GROUP), item.alias(ITEM))
+    return long.select(EXT_ID, FILE, ROW, pl.lit("").alias(GROUP), _item_text(item, items).alias(ITEM))
 
 
-def _select_tags(frame: pl.DataFrame, items: bool, columns: list[str]) -> pl.DataFrame:
+def _select_tags(frame: pl.DataFrame, items: Items, columns: list[str]) -> pl.DataFrame:
     if len(columns) == 1:
         # One tag column: a user's tags are its list (a null list explodes to a null tag, dropped below); a
         # tag the list repeats is sent once, and lists without a repeat (nearly all) skip the hashing.
@@ -246,13 +275,13 @@ def _select_tags(frame: pl.DataFrame, items: bool, columns: list[str]) -> pl.Dat
     )
 
 
-def _select_tag_table(frame: pl.DataFrame, items: bool, want: bool) -> pl.DataFrame:
+def _select_tag_table(frame: pl.DataFrame, items: Items, want: bool) -> pl.DataFrame:
     return _rows(
         frame, pl.col("__action") == want, _id_text(frame).expr() if items else None, items, pl.col("__tag")
     )
 
 
-def _select_events(frame: pl.DataFrame, items: bool, pairs: Sequence[tuple[str, str]]) -> pl.DataFrame:
+def _select_events(frame: pl.DataFrame, items: Items, pairs: Sequence[tuple[str, str]]) -> pl.DataFrame:
     # Attributes sit beside extId and name, all keys sorted together (the loader refuses an attribute named
     # extId or name, which would overwrite the event's identity).
     if not items:
@@ -263,7 +292,7 @@ def _select_events(frame: pl.DataFrame, items: bool, pairs: Sequence[tuple[str, 
     return _rows(frame, None, item, items)
 
 
-def _select_all(frame: pl.DataFrame, items: bool) -> pl.DataFrame:
+def _select_all(frame: pl.DataFrame, items: Items) -> pl.DataFrame:
     return _rows(frame, None, _id_text(frame).expr() if items else None, items)
 
 
@@ -399,7 +428,7 @@ def streams_for(source: Source) -> list[Stream]:
 # --- snapshot mode: the streams of a delta frame (sync.state) ------------------------------------------------
 
 
-def _select_unset_list(frame: pl.DataFrame, items: bool, column: str) -> pl.DataFrame:
+def _select_unset_list(frame: pl.DataFrame, items: Items, column: str) -> pl.DataFrame:
     item = None
     if items:
         profile = enc.list_array(pl.col(column), pl.String)
@@ -407,7 +436,7 @@ def _select_unset_list(frame: pl.DataFrame, items: bool, column: str) -> pl.Data
     return _rows(frame, pl.col(column).list.len() > 0, item, items)
 
 
-def _select_flagged(frame: pl.DataFrame, items: bool, column: str) -> pl.DataFrame:
+def _select_flagged(frame: pl.DataFrame, items: Items, column: str) -> pl.DataFrame:
     return _rows(frame, pl.col(column).fill_null(False), _id_text(frame).expr() if items else None, items)
 
 
@@ -466,9 +495,18 @@ def stream_batches(
     prefix = hashlib.sha256(endpoint.encode("utf-8") + b"\n")
     # An extIds list's items are the IDs' JSON strings: cut makes them from the IDs it joins anyway.
     id_items = stream.shape in (Shape.IDS, Shape.TAG)
-    selected = (stream.select(frame, not id_items) for frame in frames)
+    # An array's items each end with a comma: a batch's items are a slice of the column's buffer, not joined.
+    ended = stream.shape is Shape.ARRAY
+    selected = (
+        stream.select_ended(frame) if ended else stream.select(frame, not id_items) for frame in frames
+    )
     for run in cut(
-        selected, _size(stream, batch_size), files, first_only=stream.shape is Shape.ONE, id_items=id_items
+        selected,
+        _size(stream, batch_size),
+        files,
+        first_only=stream.shape is Shape.ONE,
+        id_items=id_items,
+        ended=ended,
     ):
         body = _body(stream.shape, run.group, run.text)
         digest = prefix.copy()

@@ -1,0 +1,146 @@
+"""How ``pushsync run`` ends its process: :func:`sync.cli.exit_now` skips the interpreter's teardown, never what
+the process still owes (``atexit`` handlers, buffered output, a non-daemon thread's work)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+# A module-level object whose finaliser only the interpreter's teardown runs: it tells the two exits apart.
+PRELUDE = """
+import atexit, sys, threading
+from sync.cli import exit_now
+
+class Teardown:
+    def __del__(self):
+        sys.stdout.write("teardown ran\\n")
+        sys.stdout.flush()
+
+kept = Teardown()
+atexit.register(lambda: sys.stdout.write("atexit ran\\n"))
+"""
+
+
+def _python(code: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-c", PRELUDE + textwrap.dedent(code)],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
+def test_exit_now_skips_the_teardown_but_keeps_atexit_output_and_the_code() -> None:
+    done = _python(
+        """
+        sys.stdout.write("summary\\n")  # buffered (a pipe): must reach the reader all the same
+        exit_now(3)
+        """
+    )
+    assert done.returncode == 3
+    assert done.stdout.splitlines() == ["summary", "atexit ran"]
+
+
+def test_a_normal_exit_runs_the_teardown() -> None:
+    # The reference for the test above: without exit_now the same process runs the finaliser at its end.
+    done = _python("sys.exit(3)")
+    assert done.returncode == 3
+    assert done.stdout.splitlines() == ["atexit ran", "teardown ran"]
+
+
+def test_exit_now_waits_for_a_non_daemon_thread_like_a_normal_exit() -> None:
+    done = _python(
+        """
+        started = threading.Event()
+        release = threading.Event()
+
+        def work():
+            started.set()
+            release.wait()
+            sys.stdout.write("thread done\\n")
+
+        threading.Thread(target=work).start()
+        started.wait()
+        threading.Timer(0.05, release.set).start()  # the thread still runs when exit_now is called
+        exit_now(1)
+        """
+    )
+    assert done.returncode == 1
+    assert "thread done" in done.stdout.splitlines()
+
+
+def test_python_m_sync_run_ends_through_exit_now(tmp_path: Path) -> None:
+    # `python -m sync run` (and the `pushsync` script) end with exit_now: a job that fails its checks still
+    # prints its error and exits 2, and the interpreter's teardown does not run (a finaliser registered by a
+    # module the run imports never prints).
+    job = tmp_path / "job.yaml"
+    job.write_text("name: broken\n", encoding="utf-8")
+    hook = tmp_path / "sitecustomize.py"
+    hook.write_text(
+        "import os\n"
+        "class Teardown:\n"
+        "    def __del__(self):\n"
+        "        os.write(2, b'teardown ran\\n')\n"
+        "kept = Teardown()\n",
+        encoding="utf-8",
+    )
+    env = {**os.environ, "PYTHONPATH": f"{tmp_path}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    run = subprocess.run(
+        [sys.executable, "-m", "sync", "run", str(job)],
+        cwd=REPO_ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert run.returncode == 2
+    assert "pushsync: error" in run.stderr
+    assert "teardown ran" not in run.stderr
+    # The same process for another command (validate) ends normally: the teardown runs.
+    other = subprocess.run(
+        [sys.executable, "-m", "sync", "validate", str(job)],
+        cwd=REPO_ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert other.returncode == 2
+    assert "teardown ran" in other.stderr
+
+
+def test_exit_now_leaves_an_output_it_cannot_write_to_the_normal_exit() -> None:
+    # stdout on a full device, buffered: the summary cannot be written. A normal exit says so and fails (120);
+    # exit_now must end the same way, not as a silent success.
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
+
+    def ending(how: str) -> subprocess.CompletedProcess[str]:
+        with open("/dev/full", "w") as full:
+            return subprocess.run(
+                [
+                    sys.executable,
+                    "-c",
+                    f"import sys\nfrom sync.cli import exit_now\nprint('summary')\n{how}(0)\n",
+                ],
+                cwd=REPO_ROOT,
+                env=env,
+                stdout=full,
+                stderr=subprocess.PIPE,
+                text=True,
+                timeout=60,
+                check=False,
+            )
+
+    normal, quick = ending("sys.exit"), ending("exit_now")
+    assert normal.returncode == quick.returncode == 120
+    assert "No space left on device" in normal.stderr
+    assert "No space left on device" in quick.stderr
