@@ -92,28 +92,24 @@ def test_python_m_sync_run_ends_through_exit_now(tmp_path: Path) -> None:
         encoding="utf-8",
     )
     env = {**os.environ, "PYTHONPATH": f"{tmp_path}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
-    run = subprocess.run(
-        [sys.executable, "-m", "sync", "run", str(job)],
-        cwd=REPO_ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+
+    def command(name: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "sync", name, str(job)],
+            cwd=REPO_ROOT,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+
+    run = command("run")
     assert run.returncode == 2
     assert "pushsync: error" in run.stderr
     assert "teardown ran" not in run.stderr
     # The same process for another command (validate) ends normally: the teardown runs.
-    other = subprocess.run(
-        [sys.executable, "-m", "sync", "validate", str(job)],
-        cwd=REPO_ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    other = command("validate")
     assert other.returncode == 2
     assert "teardown ran" in other.stderr
 

@@ -13,6 +13,7 @@ from typing import Any
 
 import polars as pl
 import pytest
+from batch_frames import frames_cut_at
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -20,7 +21,7 @@ from sync.config import load_job
 from sync.coordination.queue import decode_batch, encode_batch
 from sync.ledger.ledger import pack_ids, unpack_ids
 from sync.planning.planning import build_plan
-from sync.platforms._batches import EXT_ID, FILE, GROUP, ITEM, ROW, cut
+from sync.platforms._batches import EXT_ID, ITEM, cut
 from sync.records import Batch, ExtIds, Operation, body_json
 
 # Any text but lone surrogates (not UTF-8) and line breaks (ExtIds' separator).
@@ -82,30 +83,12 @@ def _frames(draw: Any) -> tuple[list[pl.DataFrame], int]:
     """Selected frames of an extIds stream: IDs in order (unique in a frame, sometimes repeated on a second row
     of the same group), in several groups."""
     ids = draw(st.lists(_ANY_ID, unique=True, max_size=10))
-    rows = []
-    for i, x in enumerate(ids):
-        for group in draw(st.lists(st.sampled_from(["", "g", "h"]), min_size=1, max_size=3)):
-            rows.append((x, group, i))
-    cuts = sorted(draw(st.sets(st.integers(0, len(rows)), max_size=3)))
-    frames, start = [], 0
-    for c in [*cuts, len(rows)]:
-        # A frame holds every row of its IDs (the planner's buckets): cut where the ID changes.
-        while 0 < c < len(rows) and rows[c][0] == rows[c - 1][0]:
-            c += 1
-        part = rows[start:c] if c > start else []
-        start = max(start, c)
-        frames.append(
-            pl.DataFrame(
-                {
-                    EXT_ID: [x for x, _, _ in part],
-                    GROUP: [g for _, g, _ in part],
-                    ITEM: [json.dumps(x, ensure_ascii=False) for x, _, _ in part],
-                    FILE: [0] * len(part),
-                    ROW: [r for _, _, r in part],
-                },
-                schema={EXT_ID: pl.String, GROUP: pl.String, ITEM: pl.String, FILE: pl.Int32, ROW: pl.Int64},
-            )
-        )
+    rows = [
+        (x, group, i, json.dumps(x, ensure_ascii=False))
+        for i, x in enumerate(ids)
+        for group in draw(st.lists(st.sampled_from(["", "g", "h"]), min_size=1, max_size=3))
+    ]
+    frames = frames_cut_at(rows, sorted(draw(st.sets(st.integers(0, len(rows)), max_size=3))))
     return frames, draw(st.integers(1, 4))
 
 

@@ -11,6 +11,7 @@ from typing import Any
 
 import polars as pl
 import pytest
+from batch_frames import frames_cut_at
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -29,26 +30,12 @@ def _array_frames(draw: Any) -> tuple[list[pl.DataFrame], int]:
     ids = draw(
         st.lists(st.sampled_from(["a", "b1", "Ü", 'q"', "c", "d", "e", "😀"]), unique=True, max_size=9)
     )
-    rows = [(x, i, k) for i, x in enumerate(ids) for k in range(draw(st.integers(1, 2)))]
-    cuts = sorted(draw(st.sets(st.integers(0, len(rows)), max_size=3)))
-    frames, start = [], 0
-    for c in [*cuts, len(rows)]:
-        while 0 < c < len(rows) and rows[c][0] == rows[c - 1][0]:
-            c += 1
-        part = rows[start:c] if c > start else []
-        start = max(start, c)
-        frames.append(
-            pl.DataFrame(
-                {
-                    EXT_ID: [x for x, _, _ in part],
-                    GROUP: [""] * len(part),
-                    ITEM: [json.dumps({"extId": x, "k": k}, ensure_ascii=False) for x, _, k in part],
-                    FILE: [0] * len(part),
-                    ROW: [r for _, r, _ in part],
-                },
-                schema={EXT_ID: pl.String, GROUP: pl.String, ITEM: pl.String, FILE: pl.Int32, ROW: pl.Int64},
-            )
-        )
+    rows = [
+        (x, "", i, json.dumps({"extId": x, "k": k}, ensure_ascii=False))
+        for i, x in enumerate(ids)
+        for k in range(draw(st.integers(1, 2)))
+    ]
+    frames = frames_cut_at(rows, sorted(draw(st.sets(st.integers(0, len(rows)), max_size=3))))
     return frames, draw(st.integers(1, 4))
 
 
