@@ -102,6 +102,9 @@ class Stream:
     columns: tuple[str, ...]
     selector: Select
     shape: Shape
+    count_rows: Callable[[pl.DataFrame], pl.DataFrame] | None = None
+    """For :func:`stream_counts`: the rows (``__ext_id``, and ``__group`` for a tag stream) whose unique IDs per
+    group are what the selection's would be, made more cheaply than the selection (None: the selection)."""
 
     def select(self, frame: pl.DataFrame, items: bool = True) -> pl.DataFrame:
         """The rows of ``frame`` this stream sends (``items``: with their JSON text; counting needs none)."""
@@ -360,6 +363,7 @@ def _users_streams(source: Source) -> list[Stream]:
                     tuple(ccols),
                     partial(_select_categories, columns=ccols, names=names_of, want=want),
                     Shape.ARRAY,
+                    partial(_category_ids, columns=ccols, want=want),
                 )
             )
     opt = source.opt_ins
@@ -394,6 +398,7 @@ def _users_streams(source: Source) -> list[Stream]:
                     tuple(dict.fromkeys(tcols)),
                     partial(_select_tags, columns=tcols),
                     Shape.TAG,
+                    partial(_tag_pairs, columns=tcols),
                 )
             )
     return streams
@@ -540,14 +545,10 @@ def stream_counts(stream: Stream, frames: Iterable[pl.DataFrame], batch_size: in
             continue
         numbered = _counting_frame(frame)
         if grouped:
-            selected = _tag_pairs(stream, numbered)
-            if selected is None:
-                selected = stream.select(numbered, False)
+            selected = _count_rows(stream, numbered)
             counted.append(selected.group_by(GROUP).agg(pl.col(EXT_ID).n_unique().alias("n")))
         else:
-            selected = _category_ids(stream, numbered)
-            if selected is None:
-                selected = stream.select(numbered, False)
+            selected = _count_rows(stream, numbered)
             ids += selected.get_column(EXT_ID).n_unique() if selected.height else 0
     if not grouped:
         return -(-ids // size), ids
@@ -561,27 +562,23 @@ def stream_counts(stream: Stream, frames: Iterable[pl.DataFrame], batch_size: in
     return int(requests or 0), int(total or 0)
 
 
-def _tag_pairs(stream: Stream, frame: pl.DataFrame) -> pl.DataFrame | None:
-    """The (ID, tag) rows of a users source's tag stream, straight from its tag lists (None for another
-    stream): what its selection gives but for a tag a list repeats, which a count of unique IDs per tag counts
-    once anyway — so the lists need no check for repeats, which costs more than the rest of the count."""
-    selector = stream.selector
-    if not (isinstance(selector, partial) and selector.func is _select_tags):
-        return None
-    columns: list[str] = selector.keywords["columns"]
+def _count_rows(stream: Stream, frame: pl.DataFrame) -> pl.DataFrame:
+    """The rows whose unique IDs (per group) :func:`stream_counts` counts: the stream's own count rows when it
+    has them, its selection without items otherwise."""
+    return stream.count_rows(frame) if stream.count_rows is not None else stream.select(frame, False)
+
+
+def _tag_pairs(frame: pl.DataFrame, columns: list[str]) -> pl.DataFrame:
+    """A users source's tag stream's count rows: the (ID, tag) rows straight from its tag lists — what its
+    selection gives but for a tag a list repeats, which a count of unique IDs per tag counts once anyway — so
+    the lists need no check for repeats, which costs more than the rest of the count."""
     pairs = [frame.select(EXT_ID, pl.col(c).alias(GROUP)).explode(GROUP) for c in dict.fromkeys(columns)]
     return (pl.concat(pairs) if len(pairs) > 1 else pairs[0]).filter(pl.col(GROUP).is_not_null())
 
 
-def _category_ids(stream: Stream, frame: pl.DataFrame) -> pl.DataFrame | None:
-    """The rows of the IDs a categories stream sends (None for another stream): those with a category to set
-    as it wants. Its selection makes a row per ID and category, in order, for the bodies; a count of unique IDs
-    needs the IDs alone."""
-    selector = stream.selector
-    if not (isinstance(selector, partial) and selector.func is _select_categories):
-        return None
-    columns: list[str] = selector.keywords["columns"]
-    want: bool = selector.keywords["want"]
+def _category_ids(frame: pl.DataFrame, columns: list[str], want: bool) -> pl.DataFrame:
+    """A categories stream's count rows: the IDs with a category to set as it wants. Its selection makes a row
+    per ID and category, in order, for the bodies; a count of unique IDs needs the IDs alone."""
     return frame.filter(pl.any_horizontal(pl.col(c) == want for c in columns)).select(EXT_ID)
 
 
