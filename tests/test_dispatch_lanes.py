@@ -337,6 +337,52 @@ def test_a_lane_sends_the_batches_made_so_far_while_its_plan_makes_the_rest() ->
     assert report.batches_done == len(made) + len(rest)
 
 
+def test_a_lane_waiting_for_its_plan_does_not_hold_back_another_lanes_pulls() -> None:
+    """A lazy plan's lane whose head batches are used up waits in its pull for the rest of the input to be
+    settled; meanwhile another lane's batches, made already, are pulled and sent — each lane pulls in a thread
+    of its own (with one pull thread for every lane, lane b's pulls queued behind lane a's waiting one, and its
+    first budget window went unused). Real threads and time, as above."""
+    a_made, a_rest = batches_for("a", 12)[:1], batches_for("a", 12)[1:]
+    b_made = batches_for("b", 30)
+    settled = threading.Event()
+
+    def lane_a() -> Iterator[Batch]:
+        yield from a_made
+        settled.wait(10)  # the rest of the input being settled
+        yield from a_rest
+
+    class Source:
+        def lanes(self, phase: Phase) -> list[tuple[str, Iterable[Batch]]]:
+            return [("a", lane_a()), ("b", iter(b_made))] if phase is Phase.CHANGES else []
+
+    @dataclass
+    class Watched(MemoryPlatform):
+        """Sets ``b_sent`` once every batch of lane b is sent."""
+
+        b_sent: asyncio.Event = field(default_factory=asyncio.Event)
+
+        async def send(self, batch: Batch) -> SendOutcome:
+            outcome = await MemoryPlatform.send(self, batch)
+            if sum(1 for s in self.sends if s.endpoint == "b") == len(b_made):
+                self.b_sent.set()
+            return outcome
+
+    client = Watched(latency=0.0)
+
+    async def go() -> tuple[Counter[str], DispatchReport]:
+        task = asyncio.ensure_future(dispatch(client, Source(), settings(concurrency=4, queue_size=8)))
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(client.b_sent.wait(), 5.0)
+        sent_while_a_waits = Counter(s.endpoint for s in client.sends)
+        settled.set()
+        return sent_while_a_waits, await task
+
+    sent_while_a_waits, report = asyncio.run(go())
+    assert sent_while_a_waits == {"a": len(a_made), "b": len(b_made)}
+    assert report.outcome is DispatchOutcome.COMPLETED
+    assert report.batches_done == len(a_made) + len(a_rest) + len(b_made)
+
+
 def test_a_stop_drains_every_lane_and_feeds_no_later_phase(tmp_path: Path) -> None:
     table = {
         Phase.CHANGES: [("a", batches_for("a", 50)), ("b", batches_for("b", 50))],

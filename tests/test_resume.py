@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
+import sys
+import threading
 from pathlib import Path
 from typing import Any
 
+import polars as pl
 import pytest
 
 from sync.errors import StateError
@@ -17,6 +21,8 @@ from sync.planning.resume import (
     restrict_batch,
     unfinished_run,
 )
+from sync.planning.row_keys import ROW_KEY
+from sync.planning.validation import EXT_ID
 from sync.platforms.netmera.platform import NETMERA
 from sync.platforms.netmera.requests import batch_id_for, make_batch
 from sync.records import Batch, BatchResult, BatchStatus, Operation, RejectedId, RowRef, body_json
@@ -260,3 +266,50 @@ def test_resume_holds_back_every_non_idempotent_operation_with_an_unknown_outcom
         replay([push, pushed_value, tagged], replay_plan(ledger, "r1", ReplayMode.RETRY), ReplayStats())
     )
     assert {b.batch_id for b in retried} == {push.batch_id, pushed_value.batch_id, tagged.batch_id}
+
+
+def test_replay_counts_add_up_when_lanes_count_at_the_same_time(ledger: Ledger) -> None:
+    """One ReplayStats is shared by a resumed run's lanes, which the dispatcher pulls in a thread each (and
+    whose keyed rows are filtered in their builders' threads): no count may be lost to two threads adding to it
+    at once. The thread switch interval is cut to the minimum, so an unguarded ``+=`` (a load, a call, a store)
+    loses some of the increments here."""
+    plan = crashed_run(ledger)
+    decisions = replay_plan(ledger, "r1")
+    keys = pl.Series(ROW_KEY, range(64), dtype=pl.UInt64)
+    frame = pl.DataFrame({EXT_ID: [f"u{k}" for k in range(64)]}).with_columns(keys)
+    # Every keyed row of the frame was confirmed by the crashed run: each call counts 64 confirmed rows.
+    confirmed_rows = dataclasses.replace(
+        decisions,
+        rows=pl.DataFrame(
+            {ROW_KEY: keys, "__batch": [0] * 64, "__class": [0] * 64},
+            schema={ROW_KEY: pl.UInt64, "__batch": pl.UInt32, "__class": pl.UInt8},
+        ),
+    )
+    stats = ReplayStats()
+    threads_n, rounds = 16, 200
+    start = threading.Barrier(threads_n)
+
+    def lane() -> None:
+        start.wait()
+        for _ in range(rounds):
+            assert confirmed_rows.keep_rows(frame, stats).is_empty()
+            list(replay(plan, decisions, stats))
+
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    try:
+        threads = [threading.Thread(target=lane) for _ in range(threads_n)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    finally:
+        sys.setswitchinterval(interval)
+    calls = threads_n * rounds
+    assert stats.rows_confirmed == 64 * calls
+    assert (stats.sent, stats.skipped_confirmed, stats.skipped_refused, stats.held) == (
+        3 * calls,
+        calls,
+        calls,
+        calls,
+    )

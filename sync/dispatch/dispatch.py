@@ -20,7 +20,9 @@ A lane is a closeable bounded channel (:class:`sync.dispatch._channel.Channel`):
 closes it at the end of its batches; the workers' ``async for`` then ends. A stop discards what is buffered
 and closes every channel, so idle workers end at once; busy ones get ``drain_timeout`` (an
 ``asyncio.timeout`` scope, which ``force_stop`` cuts short) before they are cancelled. Pulls from a
-synchronous plan run in one worker thread (one at a time: lanes of one plan share its readers), in chunks.
+synchronous plan run in worker threads, in chunks: each lane in a thread of its own (a lane's pulls one at a
+time, in order), so a lane waiting in its pull for the plan to read further (a lazy plan settling the rest of
+its input) never holds back another lane's pulls of batches that are ready.
 
 A batch naming a predecessor (``Batch.after``: one user's events continued from an earlier request) is sent
 only once that predecessor has finished, when this run sends it. Either way, the global cap
@@ -200,21 +202,16 @@ class Dispatcher:
         """
         clock = self._sender.clock()
         started = clock.time()
-        # Pulls from a synchronous plan, one at a time: its readers (and a replay's counters) are not made for
-        # several threads. Planning is polars work, which releases the GIL; budgets' timers keep firing.
-        executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="plan-pull")
         try:
             if isinstance(batches, LaneSource):
-                await self._run_phases(batches, executor)
+                await self._run_phases(batches)
             else:
-                await self._run_plain(_Pull(batches, executor))
+                with _PullThreads() as threads:
+                    await self._run_plain(_Pull(batches, threads.new("plan")))
         except* PushSyncError as group:
             # A failure of our own (the ledger cannot be written, a plan out of phase order) ends the run; it
             # surfaces as itself, not wrapped in an ExceptionGroup, so the CLI can map it to an exit code.
             raise _first_error(group) from None
-        finally:
-            # Not waited for: a pull cut short by a stop ends on its own; the loop must not block on it.
-            executor.shutdown(wait=False, cancel_futures=True)
         if self._ledger is not None:
             self._ledger.flush()
         # A stop after the last answer changes nothing.
@@ -252,7 +249,7 @@ class Dispatcher:
             groups=groups,
         )
 
-    async def _run_phases(self, source: LaneSource, executor: ThreadPoolExecutor) -> None:
+    async def _run_phases(self, source: LaneSource) -> None:
         """Phase by phase: run every endpoint's lane of the phase to its end, then the next phase's. Within a
         phase, lanes of a lower rank (``source.lane_rank``, when the source has one) finish first."""
         complete = True
@@ -265,12 +262,18 @@ class Dispatcher:
                     complete = False
                     break
                 lanes = []
-                for name, batches in step:
-                    workers_n = max(1, min(self._sender.endpoint_cap(name), self._settings.concurrency))
-                    channel: Channel[Batch] = Channel(max(1, self._settings.queue_size))
-                    lanes.append(_Lane(name, _Pull(batches, executor), channel, workers_n, phase))
-                self._log.debug("phase.start", phase=phase.name.lower(), lanes=[lane.name for lane in lanes])
-                await self._run_lanes(lanes)
+                # A thread per lane for its pulls (see the module docstring); ended with the lanes.
+                with _PullThreads() as threads:
+                    for name, batches in step:
+                        workers_n = max(1, min(self._sender.endpoint_cap(name), self._settings.concurrency))
+                        channel: Channel[Batch] = Channel(max(1, self._settings.queue_size))
+                        lanes.append(
+                            _Lane(name, _Pull(batches, threads.new(name)), channel, workers_n, phase)
+                        )
+                    self._log.debug(
+                        "phase.start", phase=phase.name.lower(), lanes=[lane.name for lane in lanes]
+                    )
+                    await self._run_lanes(lanes)
                 complete = complete and all(lane.exhausted for lane in lanes)
             if not complete:
                 break
@@ -461,9 +464,35 @@ def _take(iterator: Iterator[Batch], n: int) -> list[Batch]:
     return out
 
 
+class _PullThreads:
+    """The worker threads that pull from a synchronous plan: one per lane (a single-thread executor each, so a
+    lane's pulls stay in order and its iterator is only ever advanced by one thread at a time). Leaving the
+    ``with`` block shuts them down without waiting: a pull cut short by a stop ends on its own, and the loop
+    must not block on it."""
+
+    __slots__ = ("_executors",)
+
+    def __init__(self) -> None:
+        self._executors: list[ThreadPoolExecutor] = []
+
+    def new(self, lane: str) -> ThreadPoolExecutor:
+        """A pull thread for ``lane`` (made when its first pull is submitted)."""
+        executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"plan-pull-{lane}")
+        self._executors.append(executor)
+        return executor
+
+    def __enter__(self) -> _PullThreads:
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        for executor in self._executors:
+            executor.shutdown(wait=False, cancel_futures=True)
+
+
 class _Pull:
-    """Takes batches from an iterable of batches, a few at a time: a synchronous one in the run's plan-pull
-    thread (so the loop never blocks on planning), an asynchronous one directly."""
+    """Takes batches from an iterable of batches, a few at a time: a synchronous one in its lane's pull thread
+    (so the loop never blocks on planning, and lanes never wait for one another's pulls), an asynchronous one
+    directly."""
 
     __slots__ = ("_async", "_demand", "_executor", "_sync")
 

@@ -19,6 +19,7 @@ merged a crashed run's confirmations, a fresh diff *is* the resume (and the retr
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -60,6 +61,11 @@ class ReplayMode(StrEnum):
     RETRY = "retry"
 
 
+_STATS_LOCK = threading.Lock()
+"""Guards :meth:`ReplayStats.add` (one lock for every stats object: the records stay plain dataclasses, which
+``dataclasses.asdict`` copies; the increments are far too few for contention to matter)."""
+
+
 @dataclass(slots=True)
 class ReplayStats:
     """What a replay did with the batches (and the non-idempotent rows) of the new plan."""
@@ -76,6 +82,13 @@ class ReplayStats:
     """Non-idempotent rows sent without a known outcome: held by resume (``pushsync retry`` sends them)."""
     rows_refused: int = 0
     """Non-idempotent rows the platform refused: resume leaves them (``pushsync retry`` sends them)."""
+
+    def add(self, **counts: int) -> None:
+        """Add to the named counts, atomically: one stats object is shared by a run's lanes, whose batches are
+        pulled (and their rows filtered) in threads of their own at the same time."""
+        with _STATS_LOCK:
+            for name, n in counts.items():
+                setattr(self, name, getattr(self, name) + n)
 
     def to_json(self) -> dict[str, int]:
         return {
@@ -172,12 +185,16 @@ class ReplayPlan:
             .agg(pl.col("__class").min())
         )
         counts = dict(hits.group_by("__class").len().iter_rows())
-        stats.rows_confirmed += counts.get(_ROW_CONFIRMED, 0)
         skip = {_ROW_CONFIRMED}
         if self.mode is ReplayMode.RESUME:
-            stats.rows_refused += counts.get(_ROW_REJECTED, 0)
-            stats.rows_held += counts.get(_ROW_UNKNOWN, 0)
+            stats.add(
+                rows_confirmed=counts.get(_ROW_CONFIRMED, 0),
+                rows_refused=counts.get(_ROW_REJECTED, 0),
+                rows_held=counts.get(_ROW_UNKNOWN, 0),
+            )
             skip |= {_ROW_REJECTED, _ROW_UNKNOWN}
+        else:
+            stats.add(rows_confirmed=counts.get(_ROW_CONFIRMED, 0))
         dropped = hits.filter(pl.col("__class").is_in(list(skip))).select("__i")
         return indexed.join(dropped, on="__i", how="anti").sort("__i").drop("__i")
 
@@ -186,23 +203,22 @@ class ReplayPlan:
         stats = stats if stats is not None else ReplayStats()
         bid = batch.batch_id
         if bid in self.confirmed:
-            stats.skipped_confirmed += 1
+            stats.add(skipped_confirmed=1)
             return None
         if bid in self.refused:
             if self.mode is ReplayMode.RESUME:
-                stats.skipped_refused += 1
+                stats.add(skipped_refused=1)
                 return None
             cut = self._restrict(batch, self.refused[bid])
             if cut is None:
-                stats.skipped_confirmed += 1
+                stats.add(skipped_confirmed=1)
                 return None
-            stats.cut_to_refused += 1
-            stats.sent += 1
+            stats.add(cut_to_refused=1, sent=1)
             return cut
         if self.mode is ReplayMode.RESUME and bid in self.unknown and self._non_idempotent(batch):
-            stats.held += 1
+            stats.add(held=1)
             return None
-        stats.sent += 1
+        stats.add(sent=1)
         return batch
 
 
@@ -313,7 +329,8 @@ class ReplayLanes:
     """A plan's per-endpoint lanes (:meth:`sync.planning.planning.Plan.lanes`) with :func:`replay` applied to each, so a
     resumed run is sent like a fresh one: every endpoint of a phase at once (a :class:`sync.dispatch.dispatch.LaneSource`).
 
-    ``stats`` is shared by the lanes; the dispatcher pulls from one lane at a time, so the counts add up.
+    ``stats`` is shared by the lanes, whose batches the dispatcher pulls in a thread per lane at the same time
+    (and whose rows :meth:`ReplayPlan.keep_rows` filters in their builders' threads): it counts atomically.
     """
 
     plan: Any
