@@ -52,6 +52,48 @@ def test_aligned_releases_are_evenly_spaced_inside_each_window() -> None:
     assert max(times) < 10.0
 
 
+@pytest.mark.parametrize("first_at", [0.7, 0.88])
+def test_a_run_that_begins_mid_window_still_sends_n_there_evenly(first_at: float) -> None:
+    """The budget's first window spreads its N slots over the first half of what is left of its zone at the
+    first release (a run whose plan is ready mid-window would otherwise leave most of that window unused, and
+    end that much later); the windows after it are spaced as always, and none holds more than N."""
+    budget = RateBudget(RateBudgetSpec(10, 1.0), tail=0.1, lead=0.02, wall_offset=0.0)
+
+    async def scenario() -> list[float]:
+        await asyncio.sleep(first_at)  # the plan is ready
+        return await _release_times(budget, 30)
+
+    times = sorted(run_virtual(scenario()))
+    per_window = Counter(math.floor(t) for t in times)
+    assert per_window == {0: 10, 1: 10, 2: 10}
+    first, later = times[:10], times[10:20]
+    left = 0.9 - first_at  # the zone ends at 0.9 (the margin before the window's end)
+    gaps = [b - a for a, b in itertools.pairwise(first)]
+    assert first[0] == pytest.approx(first_at)
+    assert gaps == pytest.approx([left * 0.5 / 10] * 9)  # evenly over the first half of what is left
+    assert first[-1] < first_at + left * 0.5
+    # The next window: from its zone's start, at the nominal spacing.
+    assert later[0] == pytest.approx(1.02)
+    assert [b - a for a, b in itertools.pairwise(later)] == pytest.approx([0.88 * 0.5 / 10] * 9)
+
+
+def test_only_the_budgets_first_window_is_filled_from_where_it_begins() -> None:
+    """A window entered after an idle one later in the run (nothing was sent meanwhile) keeps the nominal
+    spacing from its first release: only the run's start is packed into what is left of its window."""
+    budget = RateBudget(RateBudgetSpec(10, 1.0), tail=0.1, lead=0.02, wall_offset=0.0)
+
+    async def scenario() -> list[float]:
+        head = await _release_times(budget, 10)  # window 0, all of it
+        await asyncio.sleep(3.7 - asyncio.get_running_loop().time())  # idle until mid-window 3
+        return head + await _release_times(budget, 10)
+
+    times = sorted(run_virtual(scenario()))
+    in_three = [t for t in times if 3 <= t < 4]
+    assert in_three[0] == pytest.approx(3.7)
+    assert [b - a for a, b in itertools.pairwise(in_three)] == pytest.approx([0.044] * (len(in_three) - 1))
+    assert len(in_three) == 5  # 3.7 + 4 x 0.044 < 3.9, the zone's end
+
+
 @settings(max_examples=30, deadline=None)
 @given(
     n=st.integers(min_value=2, max_value=120),

@@ -177,6 +177,7 @@ class RateMeter:
         "_w_late",
         "_w_n",
         "_w_records",
+        "_w_span",
         "_w_tail",
         "_wall_offset",
         "_wb",
@@ -269,6 +270,9 @@ class RateMeter:
         self._w_late: float = 0.0  # the most a waiting attempt was released after its slot
         self._w_n: int = 0  # N in force when the window opened
         self._w_tail: float = self._tail  # the margin in force when the window opened
+        # The budget's first window: the part of its sending zone left at the first release, over whose first
+        # half its N slots are spread (inf: every other window spreads them over its whole zone's first half).
+        self._w_span: float = math.inf
         self._w_records: deque[WindowUse] = deque(maxlen=_WINDOW_RECORDS)
         # The last window _window_bounds computed, and the interior of it where a time needs no division (a
         # request asks for its window about ten times: a budget far above what is sent must cost nothing).
@@ -396,7 +400,7 @@ class RateMeter:
             # The grid keeps slots evenly spaced without carrying timer lateness forward; the minimum gap
             # to the last actual release stops a late timer from being "caught up" as a burst.
             return max(t, self._grid, self._last_release + spacing / 2)
-        spacing = self._spacing(n)
+        spacing = self._slot_spacing(n)
         for _ in range(4):  # at most a couple of hops: the next window is always free
             k, start = self._window_bounds(t)
             zone_start, zone_end = start + self._lead, start + self._period - self._tail
@@ -427,6 +431,12 @@ class RateMeter:
         """Nominal gap between the aligned slots of one window: the N slots fill the sending zone but its
         last ``_SLACK`` share, where slots a late loop missed are caught up (see :mod:`sync.dispatch.budget`)."""
         return (self._period - self._lead - self._tail) * (1 - _SLACK) / n
+
+    def _slot_spacing(self, n: int) -> float:
+        """The gap between the slots of the current window: nominal, but in the budget's first window, which
+        spreads its N slots over the first half of what was left of its zone at the first release (a run that
+        begins mid-window fills that window too, evenly)."""
+        return min(self._period - self._lead - self._tail, self._w_span) * (1 - _SLACK) / n
 
     def release(
         self, now: float, *, waited: bool = True, due: float | None = None, since: float | None = None
@@ -460,6 +470,7 @@ class RateMeter:
         if self._aligned:
             k, start = self._window_bounds(now)
             if k != self._window:
+                first = self._window < 0
                 if self._ceiling is not None and self._window >= 0:
                     self._record(self._window_use(math.inf, since if waited else None))
                 # A window right after a busy one keeps its slots where the window puts them (from the
@@ -468,8 +479,14 @@ class RateMeter:
                 # window (the run's start, a pause) the slots count from the first release, so a run that
                 # begins mid-window is evenly spaced, not crammed into what is left of the window. Likewise
                 # after a pause.
-                busy = self._window == k - 1 and not after_pause
+                busy = not first and self._window == k - 1 and not after_pause
                 self._anchor = min(now, start + self._lead) if busy else now
+                # The run's first window is the exception: its slots are spread over the first half of what
+                # is left of its zone, so a run that begins mid-window still sends its N there (evenly, not as
+                # a burst; the second half of what is left is room to catch up, as in every window). Each
+                # request the first window leaves unsent puts the run's end a spacing later.
+                zone_left = start + self._period - self._tail - now
+                self._w_span = zone_left if first and not after_pause and zone_left > 0 else math.inf
                 busy_before = self._window == k - 1 and self._answers_seen
                 self._spill = max(0, self._late_count - self._answered) if busy_before else 0
                 self._prev_late_from = self._late_from
@@ -477,9 +494,9 @@ class RateMeter:
                 self._window, self._count, self._answered, self._late_count = k, 0, 0, 0
                 self._w_late, self._w_n, self._w_tail = 0.0, n, self._tail
             elif after_pause:
-                self._anchor = max(self._anchor, now - self._count * self._spacing(n))
+                self._anchor = max(self._anchor, now - self._count * self._slot_spacing(n))
             if waited and since is not None:
-                slot = self._anchor + self._count * self._spacing(n)
+                slot = self._anchor + self._count * self._slot_spacing(n)
                 self._w_late = max(self._w_late, now - max(slot, since))
             self._count += 1
             self._late_count += now >= self._late_from
@@ -498,7 +515,7 @@ class RateMeter:
         n = max(self._w_n, self._count)
         start = self._window * self._period - (self._wall_offset or 0.0)
         zone_end = start + self._period - self._w_tail
-        spacing = self._spacing(n)
+        spacing = self._slot_spacing(n)
         # The pauses over this window (usually none).
         pauses = [(a, b) for a, b in self._pauses if a < zone_end and b > start]
         # Counted by index ranges, not slot by slot: a generous budget (say a million per second) has a
