@@ -130,7 +130,7 @@ class _Lane:
     more: bool = True
     """The source may hold batches not pulled yet (False once a pull came back short)."""
     pulls: int = 0
-    """Pulls made so far (the first takes one batch, each next up to twice as many, up to a chunk)."""
+    """Pulls made so far (the first ``_FEED_CHUNK`` take one batch each, the next up to a chunk)."""
 
 
 class Dispatcher:
@@ -376,13 +376,16 @@ class Dispatcher:
                 want = await channel.wait_demand()
             elif lane.plain and not lane.pull.is_async:
                 want = _FEED_CHUNK
+            elif lane.pulls < _FEED_CHUNK:
+                # A lane's first batches are pulled one at a time: a pull waits until it has all it asked for,
+                # so each batch a lazy plan made from the head of its input is queued as soon as it is made,
+                # and none waits in a pull that only the settled rest of the input can fill (they fill the
+                # first budget window while the rest is settled). A few dozen thread hops, once per lane.
+                await channel.wait_room(1)
+                want = 1
             else:
                 await channel.wait_room(refill)
-                # A lane's first pulls ramp up (1, 2, 4, … batches): a pull waits until it has all it asked for,
-                # so its first request leaves as soon as one batch is made, and the batches a lazy plan made
-                # from its head leave while it settles the rest of its input, instead of waiting for a pull of
-                # a whole chunk that only the settled rest can fill (they fill the first budget window).
-                want = min(_FEED_CHUNK, channel.free, 1 << min(lane.pulls, _FEED_CHUNK.bit_length()))
+                want = min(_FEED_CHUNK, channel.free)
             if self._stop.is_set():
                 return
             lane.pulls += 1
