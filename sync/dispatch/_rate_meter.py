@@ -476,9 +476,9 @@ class RateMeter:
                 # A window right after a busy one keeps its slots where the window puts them (from the
                 # start of its sending zone): a late first release (a late timer, a stalled loop) is then
                 # caught up instead of shifting every later slot towards the window's end. After an idle
-                # window (the run's start, a pause) the slots count from the first release, so a run that
-                # begins mid-window is evenly spaced, not crammed into what is left of the window. Likewise
-                # after a pause.
+                # window (an idle stretch, a pause) the slots count from the first release, so a window entered
+                # mid-way is evenly spaced, not crammed into what is left of it (the end of a 429's pause
+                # included: the server asked for less, not for a burst).
                 busy = not first and self._window == k - 1 and not after_pause
                 self._anchor = min(now, start + self._lead) if busy else now
                 # The run's first window is the exception: its slots are spread over the first half of what

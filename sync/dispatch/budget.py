@@ -20,8 +20,11 @@ instant, so it is counted in the same window everywhere. Design (figures in ``do
   does not depend on the loop being on time; no slot of the next window goes early, and a slot the zone's end
   overtook is gone, never carried over the edge (no burst across a window edge). The N slots fill the first
   half of the zone; the second half is room to catch up. Slots of a window that follows a busy one are placed from
-  the zone's start; after an idle window or a pause the slots count from the first release (a run that begins
-  mid-window is not sent as a burst, nor is the end of a 429's pause).
+  the zone's start; after an idle window or a pause the slots count from the first release (a window entered
+  mid-way is not sent as a burst, nor is the end of a 429's pause). The budget's first window is the exception:
+  its N slots are spread, evenly, over the first half of what was left of its zone at the run's first release,
+  so a run whose plan is ready mid-window still sends N there (each request it left unsent put the run's end
+  one spacing later) — never more than N, never past the zone's end.
   An earlier design also capped N per sliding T over release times: every late release then stayed late in
   every later window (the cap held each slot at or after the same slot of the window before plus T), and on a
   loaded core slots fell off the windows' ends (86–99 % of the budget end to end; ``docs/run.md``).
