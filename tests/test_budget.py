@@ -52,29 +52,44 @@ def test_aligned_releases_are_evenly_spaced_inside_each_window() -> None:
     assert max(times) < 10.0
 
 
-@pytest.mark.parametrize("first_at", [0.7, 0.88])
-def test_a_run_that_begins_mid_window_still_sends_n_there_evenly(first_at: float) -> None:
+def test_a_run_that_begins_mid_window_still_sends_n_there_evenly() -> None:
     """The budget's first window spreads its N slots over the first half of what is left of its zone at the
     first release (a run whose plan is ready mid-window would otherwise leave most of that window unused, and
     end that much later); the windows after it are spaced as always, and none holds more than N."""
     budget = RateBudget(RateBudgetSpec(10, 1.0), tail=0.1, lead=0.02, wall_offset=0.0)
 
     async def scenario() -> list[float]:
-        await asyncio.sleep(first_at)  # the plan is ready
+        await asyncio.sleep(0.6)  # the plan is ready
         return await _release_times(budget, 30)
 
     times = sorted(run_virtual(scenario()))
     per_window = Counter(math.floor(t) for t in times)
-    assert per_window == {0: 10, 1: 10, 2: 10}
+    assert per_window == {
+        0: 10,
+        1: 10,
+        2: 10,
+    }  # at the nominal 44 ms from 0.6, 7 fitted before the zone's end
     first, later = times[:10], times[10:20]
-    left = 0.9 - first_at  # the zone ends at 0.9 (the margin before the window's end)
-    gaps = [b - a for a, b in itertools.pairwise(first)]
-    assert first[0] == pytest.approx(first_at)
-    assert gaps == pytest.approx([left * 0.5 / 10] * 9)  # evenly over the first half of what is left
-    assert first[-1] < first_at + left * 0.5
+    # The zone ends at 0.9 (the margin before the window's end): 0.3 s left, its first half for the 10 slots.
+    assert first[0] == pytest.approx(0.6)
+    assert [b - a for a, b in itertools.pairwise(first)] == pytest.approx([0.015] * 9)
     # The next window: from its zone's start, at the nominal spacing.
     assert later[0] == pytest.approx(1.02)
     assert [b - a for a, b in itertools.pairwise(later)] == pytest.approx([0.88 * 0.5 / 10] * 9)
+
+
+def test_a_run_that_begins_just_before_the_zones_end_is_not_sent_as_a_burst() -> None:
+    """The first window's slots come at most four times closer than the nominal spacing: with 0.05 s of the zone
+    left, five go there (11 ms apart), not all ten within 25 ms."""
+    budget = RateBudget(RateBudgetSpec(10, 1.0), tail=0.1, lead=0.02, wall_offset=0.0)
+
+    async def scenario() -> list[float]:
+        await asyncio.sleep(0.85)
+        return await _release_times(budget, 30)
+
+    times = sorted(run_virtual(scenario()))
+    assert Counter(math.floor(t) for t in times) == {0: 5, 1: 10, 2: 10, 3: 5}
+    assert [b - a for a, b in itertools.pairwise(times[:5])] == pytest.approx([0.88 * 0.5 / 10 / 4] * 4)
 
 
 def test_only_the_budgets_first_window_is_filled_from_where_it_begins() -> None:

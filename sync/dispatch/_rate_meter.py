@@ -32,6 +32,11 @@ _SLACK = 0.5
 ends, the slots that a late timer or a stalled loop could not release on time (see :meth:`RateMeter.earliest`).
 Half: on a core shared with a CPU-bound process, a loaded machine stalled the loop for 0.1-0.6 s at a time; a
 virtual-clock model of that lost 0.14 % of the budget on average with a fifth of the zone, 0.01 % with half."""
+_FIRST_SQUEEZE = 4
+"""The budget's first window spreads its N slots over what is left of its zone at the run's first release, but
+never closer than a quarter of the nominal spacing: a run that begins just before a zone's end sends a few
+there, not all N in a few milliseconds (which the requests in flight, capped by ``concurrency``, could then
+carry out only after the window's edge)."""
 _WINDOW_GUARD = 1e-5
 """Seconds from a window's edges within which :meth:`RateMeter._window_bounds` computes the window afresh: far
 more than the rounding of ``(t + offset) / period`` on Unix times (about 2.4e-7 s)."""
@@ -435,8 +440,11 @@ class RateMeter:
     def _slot_spacing(self, n: int) -> float:
         """The gap between the slots of the current window: nominal, but in the budget's first window, which
         spreads its N slots over the first half of what was left of its zone at the first release (a run that
-        begins mid-window fills that window too, evenly)."""
-        return min(self._period - self._lead - self._tail, self._w_span) * (1 - _SLACK) / n
+        begins mid-window fills that window too, evenly), at most ``_FIRST_SQUEEZE`` times closer."""
+        nominal = self._spacing(n)
+        if self._w_span == math.inf:
+            return nominal
+        return max(nominal / _FIRST_SQUEEZE, min(nominal, self._w_span * (1 - _SLACK) / n))
 
     def release(
         self, now: float, *, waited: bool = True, due: float | None = None, since: float | None = None

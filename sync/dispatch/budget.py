@@ -24,7 +24,8 @@ instant, so it is counted in the same window everywhere. Design (figures in ``do
   mid-way is not sent as a burst, nor is the end of a 429's pause). The budget's first window is the exception:
   its N slots are spread, evenly, over the first half of what was left of its zone at the run's first release,
   so a run whose plan is ready mid-window still sends N there (each request it left unsent put the run's end
-  one spacing later) — never more than N, never past the zone's end.
+  one spacing later) — never more than N, never past the zone's end, and never closer than a quarter of the
+  nominal spacing (no burst of N when the run begins just before the zone's end).
   An earlier design also capped N per sliding T over release times: every late release then stayed late in
   every later window (the cap held each slot at or after the same slot of the window before plus T), and on a
   loaded core slots fell off the windows' ends (86–99 % of the budget end to end; ``docs/run.md``).
