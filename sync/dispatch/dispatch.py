@@ -20,9 +20,10 @@ A lane is a closeable bounded channel (:class:`sync.dispatch._channel.Channel`):
 closes it at the end of its batches; the workers' ``async for`` then ends. A stop discards what is buffered
 and closes every channel, so idle workers end at once; busy ones get ``drain_timeout`` (an
 ``asyncio.timeout`` scope, which ``force_stop`` cuts short) before they are cancelled. Pulls from a
-synchronous plan run in worker threads, in chunks: each lane in a thread of its own (a lane's pulls one at a
-time, in order), so a lane waiting in its pull for the plan to read further (a lazy plan settling the rest of
-its input) never holds back another lane's pulls of batches that are ready.
+synchronous plan run in worker threads — a lane's first batches one at a time, then in chunks: each lane in a
+thread of its own (a lane's pulls one at a time, in order), so a lane waiting in its pull for the plan to read
+further (a lazy plan settling the rest of its input) never holds back another lane's pulls of batches that are
+ready.
 
 A batch naming a predecessor (``Batch.after``: one user's events continued from an earlier request) is sent
 only once that predecessor has finished, when this run sends it. Either way, the global cap
@@ -380,7 +381,7 @@ class Dispatcher:
                 # A lane's first batches are pulled one at a time: a pull waits until it has all it asked for,
                 # so each batch a lazy plan made from the head of its input is queued as soon as it is made,
                 # and none waits in a pull that only the settled rest of the input can fill (they fill the
-                # first budget window while the rest is settled). A few dozen thread hops, once per lane.
+                # first budget window while the rest is settled). 64 thread hops, once per lane.
                 await channel.wait_room(1)
                 want = 1
             else:
