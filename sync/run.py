@@ -38,7 +38,7 @@ from sync.errors import (
     StateError,
 )
 from sync.ledger.ledger import Ledger, new_run_id
-from sync.logs import get_logger
+from sync.logs import get_logger, mark_startup, startup_marks
 from sync.planning.planning import Plan, build_plan, check_workdir
 from sync.planning.resume import ReplayLanes, ReplayMode, ReplayPlan, ReplayStats, replay_plan, unfinished_run
 from sync.platforms.base import PlatformClient
@@ -311,6 +311,7 @@ async def run(job: Job, options: RunOptions) -> RunOutcome:
         store = StateStore(job.workdir, job.destination)
         # The lock makes every run found "running" in the ledger a dead one (one run of a job at a time).
         with store.lock(), Ledger.open(ledger_path_for(job)) as ledger:
+            mark_startup("ledger_opened")
             origin = options.retry or options.resume
             origin_info = ledger.run(origin) if origin is not None else None
             if origin is not None and origin_info is None:
@@ -346,6 +347,7 @@ async def _run_changes(
     plan = await asyncio.to_thread(
         functools.partial(build_plan, job, limit=options.limit, stop=signals.requested, lazy=True)
     )
+    mark_startup("plan_ready")
     stats = ReplayStats() if decisions is not None else None
     # A replay is sent like a fresh run: per-endpoint lanes, each filtered by what the ledger says.
     source: BatchSource = plan if decisions is None else ReplayLanes(plan, decisions, stats)
@@ -496,13 +498,14 @@ async def _dispatch(
             or options.metrics_pushgateway is not None
         )
         metrics = _metrics_for(job, run_id) if wants_metrics else None
-        watchers: list[DispatchObserver] = [*options.observers]
+        watchers: list[DispatchObserver] = [*options.observers, _StartupLog(log)]
         if bar is not None:
             watchers.append(bar)
         if metrics is not None:
             watchers.append(metrics)
         own_client = options.client is None
         sender = options.client if options.client is not None else make_client(job, options.api_key)
+        mark_startup("client_made")
         dispatcher = Dispatcher(
             sender,
             job.dispatch,
@@ -661,6 +664,29 @@ async def _fill_totals(plan: Plan, progress: Any, log: Any, run_id: str) -> None
         return
     progress.set_totals(summary.total_ids, summary.total_requests)
     log.info("run.planned", run=run_id, requests=summary.total_requests, ids=summary.total_ids)
+
+
+class _StartupLog:
+    """Logs, at debug level, when each start-up step was done (seconds since the process started,
+    :func:`sync.logs.startup_marks`) as the first batch is taken: where a slow start went (issue 13)."""
+
+    __slots__ = ("_log",)
+
+    def __init__(self, log: Any) -> None:
+        self._log: Any = log
+
+    def on_batch_start(self, batch: Batch) -> None:
+        if self._log is None:
+            return
+        log, self._log = self._log, None
+        mark_startup("first_batch")
+        log.debug("run.startup", seconds=startup_marks())
+
+    def on_attempt(self, attempt: Any) -> None:
+        return None
+
+    def on_batch_done(self, batch: Batch, result: Any) -> None:
+        return None
 
 
 def _mark_dead(ledger: Ledger, runs: Iterable[str]) -> None:

@@ -123,9 +123,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return int(ExitCode.BAD_JOB_OR_INPUT)
-    from sync.logs import configure_logging
+    from sync.logs import configure_logging, mark_startup
 
     configure_logging(_log_level(args.log_level), json=args.log_json)
+    mark_startup("command_parsed")
     try:
         return int(args.func(args))
     except PushSyncError as exc:

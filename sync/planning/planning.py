@@ -49,6 +49,7 @@ import pyarrow.ipc
 
 from sync.config import DispatchSettings, FileFormat, Job, Source
 from sync.errors import InterruptedRunError
+from sync.logs import mark_startup
 from sync.planning._staging import (
     FINE_BITS,
     ChunkWriter,
@@ -893,6 +894,7 @@ def _stage_head(
         name = str(path)
         raw: list[pl.DataFrame] = []
         picked = None if spill is not None else _picked_rows(source, path, select)
+        mark_startup("head_read")  # the first file's chosen rows (Parquet), or its reader opened (CSV)
         if picked is not None:
             if picked.height:
                 pieces.append(_validate_head(job, source, picked, index, name, check_rows))
@@ -906,6 +908,7 @@ def _stage_head(
                 raw.append(chunk.frame)
         if raw:
             pieces.append(_validate_head(job, source, _concat(raw), index, name, check_rows))
+    mark_startup("head_validated")
     keyed = [p.with_columns(canonical_key(p[EXT_ID])).select(schema) for p in pieces if p.height]
     if not keyed:
         return pl.DataFrame(schema=clean_schema(source))
@@ -1193,6 +1196,7 @@ def _start_lazy(
                 spills[i] = [Spill(spill_dir / f"{k}.arrow", ROW) for k in range(len(files))]
             head = _stage_head(job, source, files, builder, head_end, stop, spills[i])
             settler.settle_head(head, head_end)
+            mark_startup("head_settled")
         settlers.append(settler)
         inputs.append(files)
         heads.append(head_end)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import sys
 import threading
 
 from sync.config import Job, use_platforms
@@ -58,6 +59,24 @@ def platform_for(job: Job) -> Platform:
     return platform
 
 
+PRELOAD_SWITCH_INTERVAL: float | None = 0.0005
+"""The interpreter's thread switch interval (seconds) while a connector is preloaded, when it was Python's default:
+the import holds the GIL for most of its ~0.2 s, and with the default 5 ms each call of the input's reading that
+gives the GIL up (every polars or pyarrow step) may wait as long to get it back (issue 13). None: left alone."""
+_DEFAULT_SWITCH_INTERVAL = 0.005
+
+
+def _preload(name: str, quick: float | None, previous: float) -> None:
+    try:
+        importlib.import_module(name)
+    finally:
+        if quick is not None and sys.getswitchinterval() == quick:  # unless someone else has changed it since
+            sys.setswitchinterval(previous)
+    from sync.logs import mark_startup  # loaded by then: a run logs
+
+    mark_startup("connector_imported")
+
+
 def preload_client(job: Job) -> threading.Thread | None:
     """Import the connector module of ``job``'s platform (``<platform package>.client``: aiohttp and all) in a
     background thread, and return the thread (None when there is no such module).
@@ -65,13 +84,21 @@ def preload_client(job: Job) -> threading.Thread | None:
     A platform imports its connector only when a client is asked for, so that loading or planning a job never
     loads aiohttp; a run asks for one right after planning. Started before the planning, the import overlaps the
     reading of the input (polars and pyarrow decode without the GIL) instead of delaying the first request.
+    Meanwhile the thread switch interval is :data:`PRELOAD_SWITCH_INTERVAL` (when it was Python's default): the
+    reading gets the GIL back sooner between its steps.
     """
     package = type(platform_for(job)).__module__.rpartition(".")[0]
     name = f"{package}.client"
     if not package or importlib.util.find_spec(name) is None:
         return None
+    previous = sys.getswitchinterval()
+    # Shortened only from Python's default: a program that chose its own interval keeps it.
+    quick = None
+    if PRELOAD_SWITCH_INTERVAL is not None and previous == _DEFAULT_SWITCH_INTERVAL:
+        sys.setswitchinterval(PRELOAD_SWITCH_INTERVAL)
+        quick = sys.getswitchinterval()  # as the interpreter keeps it (whole microseconds)
     thread = threading.Thread(
-        target=importlib.import_module, args=(name,), name="preload-client", daemon=True
+        target=_preload, args=(name, quick, previous), name="preload-client", daemon=True
     )
     thread.start()
     return thread
