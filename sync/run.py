@@ -667,18 +667,21 @@ async def _fill_totals(plan: Plan, progress: Any, log: Any, run_id: str) -> None
 
 
 class _StartupLog:
-    """Logs, at debug level, when each start-up step was done (seconds since the process started,
-    :func:`sync.logs.startup_marks`) as the first batch is taken: where a slow start went (issue 13)."""
+    """Logs, at debug level, when each step of the process's start-up was done (seconds since the process
+    started, :func:`sync.logs.startup_marks`) as its first run takes its first batch: where a slow start went
+    (issue 13). Once per process: a later run of a program that embeds pushsync has no start-up of its own."""
 
     __slots__ = ("_log",)
+    logged = False  # by any run of this process
 
     def __init__(self, log: Any) -> None:
-        self._log: Any = log
+        self._log: Any = None if _StartupLog.logged else log
 
     def on_batch_start(self, batch: Batch) -> None:
         if self._log is None:
             return
         log, self._log = self._log, None
+        _StartupLog.logged = True
         mark_startup("first_batch")
         log.debug("run.startup", seconds=startup_marks())
 

@@ -325,3 +325,27 @@ def test_a_run_with_its_own_client_loads_no_connector(tmp_path: Path) -> None:
     )
     done = _fresh_python(script)
     assert done.stdout.splitlines()[-1].split() == ["0", "True", "False"], (done.stdout, done.stderr)
+
+
+def test_the_switch_interval_is_short_while_the_connector_loads_then_as_before() -> None:
+    """While a run preloads its connector (an import that holds the GIL for ~0.2 s), the interpreter switches
+    threads every 0.5 ms instead of 5 ms, so the input's reading gets the GIL back sooner between its steps; then
+    the interval is Python's default again. A program that set an interval of its own keeps it throughout."""
+
+    job = Path(__file__).resolve().parent / "fixtures" / "all_ops.yaml"
+    script = (
+        "import sys\n"
+        "from sync.config import load_job\n"
+        "from sync.platforms.registry import preload_client\n"
+        f"job = load_job({str(job)!r})\n"
+        "def during_and_after():\n"
+        "    thread = preload_client(job)\n"
+        "    during = sys.getswitchinterval()\n"
+        "    thread.join(60)\n"
+        "    return during, sys.getswitchinterval()\n"
+        "print(*during_and_after())\n"
+        "sys.setswitchinterval(0.002)\n"
+        "print(*during_and_after())\n"
+    )
+    done = _fresh_python(script)
+    assert done.stdout.splitlines() == ["0.0005 0.005", "0.002 0.002"], done.stderr

@@ -25,7 +25,7 @@ import re
 import sys
 import threading
 import weakref
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -783,7 +783,7 @@ def _csv_read(
     except (pa.ArrowException, OSError, UnicodeError) as exc:
         raise _unreadable(source, path, exc, names, undecodable=bool(undecodable)) from exc
 
-    def parsed() -> Iterator[tuple[pa.Table | None, pl.Series | None, tuple[RejectedRow, ...]]]:
+    def parsed() -> Generator[tuple[pa.Table | None, pl.Series | None, tuple[RejectedRow, ...]], None, None]:
         """Each chunk as parsed, with its row numbers and the malformed records met parsing it: all three taken
         together, as the reader leaves them after the chunk (``on_invalid`` fills ``skipped`` and ``malformed``
         while the reader parses), so that the next chunk may be parsed on another thread meanwhile."""
