@@ -26,8 +26,6 @@ from typing import TYPE_CHECKING, Any, Literal
 from urllib.parse import urlsplit
 
 from sync.config import Alerts, Job, SyncMode
-from sync.dispatch.budget import Budget
-from sync.dispatch.dispatch import Dispatcher, DispatchObserver, DispatchOutcome, LaneSource
 from sync.errors import (
     BadJobError,
     ExitCode,
@@ -52,6 +50,8 @@ from sync.report.progress import make_progress
 from sync.state._store import StateStore
 
 if TYPE_CHECKING:
+    from sync.dispatch.budget import Budget
+    from sync.dispatch.dispatch import Dispatcher, DispatchObserver, LaneSource
     from sync.report.metrics import RunMetrics
     from sync.report.summary import RunInput, RunSummary
     from sync.state import CommitReport, DiffCounts, SnapshotDiff
@@ -61,8 +61,13 @@ __all__ = ["LEDGER_FILE", "RunOptions", "RunOutcome", "StopSignals", "ledger_pat
 LEDGER_FILE = "ledger.sqlite"
 
 Progress = Literal["auto", "bar", "log", "none"]
-BatchSource = Iterable[Batch] | AsyncIterable[Batch] | LaneSource
-"""What the dispatcher sends: batches in phase order (one queue) or per-endpoint lanes (the plan, a replay)."""
+if TYPE_CHECKING:
+    BatchSource = Iterable[Batch] | AsyncIterable[Batch] | LaneSource
+    """What the dispatcher sends: batches in phase order (one queue) or per-endpoint lanes (the plan, a replay)."""
+
+_DISPATCH = "sync.dispatch.dispatch"
+"""The dispatcher's module (and with it the rest of sync.dispatch): imported where a run sends, after its plan's
+head is ready — preloaded with the connector, on its thread, while the head is read (issue 13: start-up)."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -285,7 +290,7 @@ async def run(job: Job, options: RunOptions) -> RunOutcome:
         # The connector's imports (aiohttp, ~0.1 s of CPU that holds the interpreter) load in a thread from here:
         # beside the lock, the ledger's opening and the reading of the input, which wait on the disk or decode
         # without the interpreter, instead of between the plan and the first request (issue 13).
-        preload_client(job)
+        preload_client(job, then=(_DISPATCH,))
     # One set of SIGINT/SIGTERM handlers for the whole run — planning, diff, sending, commit — so a signal
     # before sending stops with nothing recorded (exit 4) instead of killing the process mid-way.
     signals = StopSignals(options.stop)
@@ -456,6 +461,8 @@ async def _dispatch(
     ``expected``: ``(requests, IDs)`` for the progress totals when ``source`` is not the plan itself;
     ``full_refresh``: recorded with the run (a resume of it does a full refresh too); ``diff_counts``: what a
     snapshot diff found, for the run summary's input section."""
+    from sync.dispatch.dispatch import Dispatcher, DispatchOutcome  # preloaded by then, unless embedded
+
     log = get_logger(job=job.name)
     stop = signals.event
     sending = False  # True once the dispatcher may have sent a request: from then on, never exit 2

@@ -123,23 +123,26 @@ def test_snapshot_state_knows_no_platform_package(module: str) -> None:
 
 def test_starting_a_run_loads_no_connector_until_it_is_preloaded() -> None:
     """The command line, the run module and a loaded job import no HTTP library (start-up stays short); a run
-    preloads its platform's connector in a background thread while it reads the input (issue 13)."""
+    preloads its platform's connector in a background thread while it reads the input (issue 13). So with the
+    dispatcher (sync.dispatch), which a run needs only once its plan's head is ready: the run module does not
+    import it, the preload does, after the connector."""
 
     job = Path(__file__).resolve().parent / "fixtures" / "all_ops.yaml"
     script = (
         "import sys\n"
-        "import sync.cli, sync.cli.run_cmd, sync.run\n"
+        "import sync.cli, sync.cli.run_cmd, sync.cli.plan_cmd, sync.run\n"
         "from sync.config import load_job\n"
         "from sync.platforms.registry import preload_client\n"
         f"job = load_job({str(job)!r})\n"
-        "before = 'aiohttp' in sys.modules\n"
-        "thread = preload_client(job)\n"
+        "before = ['aiohttp' in sys.modules, any(m.startswith('sync.dispatch.') for m in sys.modules)]\n"
+        "thread = preload_client(job, then=(sync.run._DISPATCH,))\n"
         "assert thread is not None\n"
         "thread.join(60)\n"
-        "print(before, 'aiohttp' in sys.modules, 'sync.platforms.netmera.client' in sys.modules)\n"
+        "print(*before, 'aiohttp' in sys.modules, 'sync.platforms.netmera.client' in sys.modules,"
+        " 'sync.dispatch.dispatch' in sys.modules)\n"
     )
     done = _fresh_python(script)
-    assert done.stdout.split() == ["False", "True", "True"], done.stderr
+    assert done.stdout.split() == ["False", "False", "True", "True", "True"], done.stderr
 
 
 def test_a_lazy_run_makes_its_first_batches_without_importing_pyarrow_compute(tmp_path: Path) -> None:

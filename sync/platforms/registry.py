@@ -10,6 +10,7 @@ import importlib
 import importlib.util
 import sys
 import threading
+from collections.abc import Sequence
 
 from sync.config import Job, use_platforms
 from sync.errors import BadJobError, JobProblem
@@ -66,25 +67,27 @@ gives the GIL up (every polars or pyarrow step) may wait as long to get it back 
 _DEFAULT_SWITCH_INTERVAL = 0.005
 
 
-def _preload(name: str, quick: float | None, previous: float) -> None:
+def _preload(name: str, then: Sequence[str], quick: float | None, previous: float) -> None:
     try:
         importlib.import_module(name)
+        from sync.logs import mark_startup  # loaded by then: a run logs
+
+        mark_startup("connector_imported")
+        for module in then:
+            importlib.import_module(module)
     finally:
         if quick is not None and sys.getswitchinterval() == quick:  # unless someone else has changed it since
             sys.setswitchinterval(previous)
-    from sync.logs import mark_startup  # loaded by then: a run logs
-
-    mark_startup("connector_imported")
 
 
-def preload_client(job: Job) -> threading.Thread | None:
+def preload_client(job: Job, *, then: Sequence[str] = ()) -> threading.Thread | None:
     """Import the connector module of ``job``'s platform (``<platform package>.client``: aiohttp and all) in a
     background thread, and return the thread (None when there is no such module).
 
     A platform imports its connector only when a client is asked for, so that loading or planning a job never
     loads aiohttp; a run asks for one right after planning. Started before the planning, the import overlaps the
     reading of the input (polars and pyarrow decode without the GIL) instead of delaying the first request.
-    Meanwhile the thread switch interval is :data:`PRELOAD_SWITCH_INTERVAL` (when it was Python's default): the
+    ``then``: modules the thread imports next (a run's dispatcher), in that order. Meanwhile the thread switch interval is :data:`PRELOAD_SWITCH_INTERVAL` (when it was Python's default): the
     reading gets the GIL back sooner between its steps.
     """
     package = type(platform_for(job)).__module__.rpartition(".")[0]
@@ -98,7 +101,7 @@ def preload_client(job: Job) -> threading.Thread | None:
         sys.setswitchinterval(PRELOAD_SWITCH_INTERVAL)
         quick = sys.getswitchinterval()  # as the interpreter keeps it (whole microseconds)
     thread = threading.Thread(
-        target=_preload, args=(name, quick, previous), name="preload-client", daemon=True
+        target=_preload, args=(name, tuple(then), quick, previous), name="preload-client", daemon=True
     )
     thread.start()
     return thread
