@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import logging
-import os
 import sys
-import time
 from typing import Any
 
 from sync.redact import structlog_processor
@@ -34,7 +32,7 @@ _load_structlog_without_rich()
 
 import structlog  # noqa: E402  (loaded above)
 
-__all__ = ["configure_logging", "get_logger", "mark_startup", "startup_marks"]
+__all__ = ["configure_logging", "get_logger"]
 
 
 class _Stderr:
@@ -78,34 +76,3 @@ def get_logger(**context: Any) -> Any:
     if not structlog.is_configured():
         configure_logging()
     return structlog.get_logger("pushsync").bind(**context)
-
-
-def _process_age() -> float:
-    """Seconds since this process started: from the kernel's record of its start on Linux (to its 10 ms tick),
-    else since this module was imported (the interpreter's own start-up and first imports left out)."""
-    try:
-        with open("/proc/self/stat", "rb") as fh:
-            # Field 22, counted after the command's closing parenthesis (the command may hold spaces).
-            started = int(fh.read().rpartition(b")")[2].split()[19]) / os.sysconf("SC_CLK_TCK")
-        return time.clock_gettime(time.CLOCK_BOOTTIME) - started
-    except (OSError, ValueError, IndexError, AttributeError):
-        return time.perf_counter() - _IMPORTED
-
-
-_IMPORTED = time.perf_counter()
-_AGE_AT = _process_age() - (time.perf_counter() - _IMPORTED)
-"""The process's age when this module was imported: each mark adds the ``perf_counter`` time since then."""
-_MARKS: dict[str, float] = {}
-
-
-def mark_startup(step: str) -> None:
-    """Note that the start-up step ``step`` is done now (its first time only; a dictionary store, so cheap on
-    the way to the first request). The run logs the steps at debug level with its first batch:
-    :func:`startup_marks`."""
-    _MARKS.setdefault(step, _AGE_AT + time.perf_counter() - _IMPORTED)
-
-
-def startup_marks() -> dict[str, float]:
-    """The start-up steps noted so far (:func:`mark_startup`), each as seconds since the process started, in the
-    order they happened."""
-    return {step: round(at, 3) for step, at in _MARKS.items()}

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 from urllib.parse import urlsplit
 
+from sync._startup import mark_startup, startup_marks
 from sync.config import Alerts, Job, SyncMode
 from sync.errors import (
     BadJobError,
@@ -36,7 +37,7 @@ from sync.errors import (
     StateError,
 )
 from sync.ledger.ledger import Ledger, new_run_id
-from sync.logs import get_logger, mark_startup, startup_marks
+from sync.logs import get_logger
 from sync.planning.planning import Plan, build_plan, check_workdir
 from sync.planning.resume import ReplayLanes, ReplayMode, ReplayPlan, ReplayStats, replay_plan, unfinished_run
 from sync.platforms.base import PlatformClient
@@ -675,7 +676,7 @@ async def _fill_totals(plan: Plan, progress: Any, log: Any, run_id: str) -> None
 
 class _StartupLog:
     """Logs, at debug level, when each step of the process's start-up was done (seconds since the process
-    started, :func:`sync.logs.startup_marks`) as its first run takes its first batch: where a slow start went
+    started, :func:`sync._startup.startup_marks`) as its first run takes its first batch: where a slow start went
     (issue 13). Once per process: a later run of a program that embeds pushsync has no start-up of its own."""
 
     __slots__ = ("_log",)

@@ -113,10 +113,10 @@ def register(subparsers: Any) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
+    from sync._startup import mark_startup
     from sync.cli._ledgers import database_url
     from sync.cli.plan_cmd import selected_job
     from sync.config import resolve_secret
-    from sync.logs import mark_startup
     from sync.run import RunOptions, run
 
     mark_startup("run_imported")

@@ -47,9 +47,9 @@ import polars as pl
 import pyarrow as pa
 import pyarrow.ipc
 
+from sync._startup import mark_startup
 from sync.config import DispatchSettings, FileFormat, Job, Source
 from sync.errors import InterruptedRunError
-from sync.logs import mark_startup
 from sync.planning._staging import (
     FINE_BITS,
     ChunkWriter,

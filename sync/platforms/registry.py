@@ -70,7 +70,7 @@ _DEFAULT_SWITCH_INTERVAL = 0.005
 def _preload(name: str, then: Sequence[str], quick: float | None, previous: float) -> None:
     try:
         importlib.import_module(name)
-        from sync.logs import mark_startup  # loaded by then: a run logs
+        from sync._startup import mark_startup
 
         mark_startup("connector_imported")
         for module in then:
