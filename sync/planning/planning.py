@@ -894,8 +894,8 @@ def _stage_head(
         name = str(path)
         raw: list[pl.DataFrame] = []
         picked = None if spill is not None else _picked_rows(source, path, select)
-        mark_startup("head_read")  # the first file's chosen rows (Parquet), or its reader opened (CSV)
         if picked is not None:
+            mark_startup("head_read")  # the first file's head rows, read
             if picked.height:
                 pieces.append(_validate_head(job, source, picked, index, name, check_rows))
             continue
@@ -906,6 +906,7 @@ def _stage_head(
                     pieces.append(_validate_head(job, source, _concat(raw), index, name, check_rows))
                     raw = []
                 raw.append(chunk.frame)
+        mark_startup("head_read")
         if raw:
             pieces.append(_validate_head(job, source, _concat(raw), index, name, check_rows))
     mark_startup("head_validated")
