@@ -506,7 +506,9 @@ async def _dispatch(
             or options.metrics_pushgateway is not None
         )
         metrics = _metrics_for(job, run_id) if wants_metrics else None
-        watchers: list[DispatchObserver] = [*options.observers, _StartupLog(log)]
+        watchers: list[DispatchObserver] = [*options.observers]
+        if not _StartupLog.logged:
+            watchers.append(_StartupLog(log))
         if bar is not None:
             watchers.append(bar)
         if metrics is not None:
@@ -683,10 +685,11 @@ class _StartupLog:
     logged = False  # by any run of this process
 
     def __init__(self, log: Any) -> None:
-        self._log: Any = None if _StartupLog.logged else log
+        self._log: Any = log
 
     def on_batch_start(self, batch: Batch) -> None:
-        if self._log is None:
+        if self._log is None or _StartupLog.logged:  # logged already (or by a run beside this one)
+            self._log = None
             return
         log, self._log = self._log, None
         _StartupLog.logged = True
