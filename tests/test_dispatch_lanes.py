@@ -671,10 +671,10 @@ def test_the_dispatcher_feeds_answer_times_to_the_learned_margin() -> None:
 async def test_a_snapshot_run_is_sent_in_lanes_with_opt_outs_first(
     netmera_sandbox: Any, tmp_path: Path
 ) -> None:
-    job_path, expected = write_lanes_job(tmp_path, netmera_sandbox.url, users=60)
+    job_path, expected = write_lanes_job(tmp_path, netmera_sandbox.url, users=LANE_USERS)
     job_path.write_text(job_path.read_text(encoding="utf-8") + "mode: snapshot\n", encoding="utf-8")
     state = netmera_sandbox.sandbox.state
-    add_devices(state, 60)
+    add_devices(state, LANE_USERS)
 
     outcome = await run(load_job(job_path), RunOptions(api_key=netmera_sandbox.api_key))
 
