@@ -3,6 +3,7 @@ sandbox sees (issue 13: ≤ 1 s — sending starts while the rest of the input i
 
     .venv/bin/python bench/bench_first_request.py                  # 1,000,000 rows (CSV, bench/gen_data.py)
     .venv/bin/python bench/bench_first_request.py --rows 100000 --format parquet
+    .venv/bin/python bench/bench_first_request.py --format parquet --code /work/main   # A/B: another checkout
 
 The sandbox (``python -m sync sandbox netmera``, no limits, no faults) runs in its own process and stamps the
 first request it counts (``first_request_at`` in its ``/_sandbox/stats``, wall clock); this process starts
@@ -51,7 +52,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rows", type=int, default=1_000_000)
     parser.add_argument("--format", choices=["csv", "parquet"], default="csv")
     parser.add_argument("--target", type=float, default=TARGET_SECONDS)
+    parser.add_argument(
+        "--code",
+        type=Path,
+        metavar="DIR",
+        help="run the pushsync of another checkout (DIR, with its own .venv) for an A/B comparison; the data, the "
+        "sandbox and the output stay this one's",
+    )
     args = parser.parse_args(argv)
+    code = (args.code or ROOT).resolve()
+    python = str(code / ".venv" / "bin" / "python") if args.code else sys.executable
 
     from bench_plan import data_for
 
@@ -67,13 +77,13 @@ def main(argv: list[str] | None = None) -> int:
     env = {**os.environ, "NETMERA_API_KEY": key}
     try:
         t0 = time.perf_counter()
-        subprocess.run([sys.executable, "-c", "import sync.cli"], cwd=ROOT, check=True)
+        subprocess.run([python, "-c", "import sync.cli"], cwd=code, check=True)
         imports = time.perf_counter() - t0
         first = None
         t0 = time.time()  # the sandbox stamps its first request with this clock (its stats' first_request_at)
         run = subprocess.Popen(
-            [sys.executable, "-m", "sync", "run", str(job), "--progress", "none", "--full-refresh"],
-            cwd=ROOT,
+            [python, "-m", "sync", "run", str(job), "--progress", "none", "--full-refresh"],
+            cwd=code,
             env=env,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
@@ -97,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
         f"machine: {platform.machine()}, {psutil.cpu_count()} CPU(s), load average {psutil.getloadavg()[0]:.1f} "
         "(shared with other work: say so with the figures)"
     )
-    print(f"input: {args.rows:,} rows, {args.format}, {data.stat().st_size / 1e6:,.0f} MB")
+    print(f"input: {args.rows:,} rows, {args.format}, {data.stat().st_size / 1e6:,.0f} MB; code: {code}")
     print(f"python start-up + imports alone: {imports:.2f} s")
     if first is None:
         print("FAIL: no request reached the sandbox")

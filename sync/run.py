@@ -25,9 +25,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 from urllib.parse import urlsplit
 
+from sync._startup import mark_startup, startup_marks
 from sync.config import Alerts, Job, SyncMode
-from sync.dispatch.budget import Budget
-from sync.dispatch.dispatch import Dispatcher, DispatchObserver, DispatchOutcome, LaneSource
 from sync.errors import (
     BadJobError,
     ExitCode,
@@ -52,6 +51,8 @@ from sync.report.progress import make_progress
 from sync.state._store import StateStore
 
 if TYPE_CHECKING:
+    from sync.dispatch.budget import Budget
+    from sync.dispatch.dispatch import Dispatcher, DispatchObserver, LaneSource
     from sync.report.metrics import RunMetrics
     from sync.report.summary import RunInput, RunSummary
     from sync.state import CommitReport, DiffCounts, SnapshotDiff
@@ -61,8 +62,13 @@ __all__ = ["LEDGER_FILE", "RunOptions", "RunOutcome", "StopSignals", "ledger_pat
 LEDGER_FILE = "ledger.sqlite"
 
 Progress = Literal["auto", "bar", "log", "none"]
-BatchSource = Iterable[Batch] | AsyncIterable[Batch] | LaneSource
-"""What the dispatcher sends: batches in phase order (one queue) or per-endpoint lanes (the plan, a replay)."""
+if TYPE_CHECKING:
+    BatchSource = Iterable[Batch] | AsyncIterable[Batch] | LaneSource
+    """What the dispatcher sends: batches in phase order (one queue) or per-endpoint lanes (the plan, a replay)."""
+
+_DISPATCH = "sync.dispatch.dispatch"
+"""The dispatcher's module (and with it the rest of sync.dispatch): imported where a run sends, after its plan's
+head is ready — preloaded with the connector, on its thread, while the head is read (issue 13: start-up)."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -285,7 +291,7 @@ async def run(job: Job, options: RunOptions) -> RunOutcome:
         # The connector's imports (aiohttp, ~0.1 s of CPU that holds the interpreter) load in a thread from here:
         # beside the lock, the ledger's opening and the reading of the input, which wait on the disk or decode
         # without the interpreter, instead of between the plan and the first request (issue 13).
-        preload_client(job)
+        preload_client(job, then=(_DISPATCH,))
     # One set of SIGINT/SIGTERM handlers for the whole run — planning, diff, sending, commit — so a signal
     # before sending stops with nothing recorded (exit 4) instead of killing the process mid-way.
     signals = StopSignals(options.stop)
@@ -311,6 +317,7 @@ async def run(job: Job, options: RunOptions) -> RunOutcome:
         store = StateStore(job.workdir, job.destination)
         # The lock makes every run found "running" in the ledger a dead one (one run of a job at a time).
         with store.lock(), Ledger.open(ledger_path_for(job)) as ledger:
+            mark_startup("ledger_opened")
             origin = options.retry or options.resume
             origin_info = ledger.run(origin) if origin is not None else None
             if origin is not None and origin_info is None:
@@ -346,6 +353,7 @@ async def _run_changes(
     plan = await asyncio.to_thread(
         functools.partial(build_plan, job, limit=options.limit, stop=signals.requested, lazy=True)
     )
+    mark_startup("plan_ready")
     stats = ReplayStats() if decisions is not None else None
     # A replay is sent like a fresh run: per-endpoint lanes, each filtered by what the ledger says.
     source: BatchSource = plan if decisions is None else ReplayLanes(plan, decisions, stats)
@@ -454,6 +462,8 @@ async def _dispatch(
     ``expected``: ``(requests, IDs)`` for the progress totals when ``source`` is not the plan itself;
     ``full_refresh``: recorded with the run (a resume of it does a full refresh too); ``diff_counts``: what a
     snapshot diff found, for the run summary's input section."""
+    from sync.dispatch.dispatch import Dispatcher, DispatchOutcome  # preloaded by then, unless embedded
+
     log = get_logger(job=job.name)
     stop = signals.event
     sending = False  # True once the dispatcher may have sent a request: from then on, never exit 2
@@ -497,12 +507,15 @@ async def _dispatch(
         )
         metrics = _metrics_for(job, run_id) if wants_metrics else None
         watchers: list[DispatchObserver] = [*options.observers]
+        if not _StartupLog.logged:
+            watchers.append(_StartupLog(log))
         if bar is not None:
             watchers.append(bar)
         if metrics is not None:
             watchers.append(metrics)
         own_client = options.client is None
         sender = options.client if options.client is not None else make_client(job, options.api_key)
+        mark_startup("client_made")
         dispatcher = Dispatcher(
             sender,
             job.dispatch,
@@ -661,6 +674,33 @@ async def _fill_totals(plan: Plan, progress: Any, log: Any, run_id: str) -> None
         return
     progress.set_totals(summary.total_ids, summary.total_requests)
     log.info("run.planned", run=run_id, requests=summary.total_requests, ids=summary.total_ids)
+
+
+class _StartupLog:
+    """Logs, at debug level, when each step of the process's start-up was done (seconds since the process
+    started, :func:`sync._startup.startup_marks`) as its first run takes its first batch: where a slow start went
+    (issue 13). Once per process: a later run of a program that embeds pushsync has no start-up of its own."""
+
+    __slots__ = ("_log",)
+    logged = False  # by any run of this process
+
+    def __init__(self, log: Any) -> None:
+        self._log: Any = log
+
+    def on_batch_start(self, batch: Batch) -> None:
+        if self._log is None or _StartupLog.logged:  # logged already (or by a run beside this one)
+            self._log = None
+            return
+        log, self._log = self._log, None
+        _StartupLog.logged = True
+        mark_startup("first_batch")
+        log.debug("run.startup", seconds=startup_marks())
+
+    def on_attempt(self, attempt: Any) -> None:
+        return None
+
+    def on_batch_done(self, batch: Batch, result: Any) -> None:
+        return None
 
 
 def _mark_dead(ledger: Ledger, runs: Iterable[str]) -> None:

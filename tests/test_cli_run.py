@@ -213,3 +213,60 @@ def test_run_writes_prometheus_metrics_to_a_textfile(
     )
     assert sent == summary["totals"]["requests"] > 0
     assert f'run_id="{summary["run_id"]}"' in text
+
+
+_STARTUP_STEPS = [
+    "command_parsed",
+    "run_imported",
+    "job_loaded",
+    "ledger_opened",
+    "head_read",
+    "head_validated",
+    "head_settled",
+    "plan_ready",
+    "client_made",
+    "first_batch",
+]
+"""The start-up steps of a run, in the order the run takes them; the connector's import (``connector_imported``)
+is done beside them, on a thread of its own."""
+
+
+def test_a_debug_run_logs_when_each_start_up_step_was_done(key_env: Any, tmp_path: Path) -> None:
+    """``--log-level debug``: as its first batch is taken, a run logs ``run.startup`` — the seconds since the
+    process started at which each step of its start-up was done, in the order they were (issue 13: where a slow
+    start went). Not at the default level."""
+    job = write_job(tmp_path, key_env.url, users=50)
+    env = {**os.environ, KEY_ENV: key_env.api_key}
+
+    def startup_lines(level: str) -> list[dict[str, Any]]:
+        done = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "sync",
+                "--log-level",
+                level,
+                "--log-json",
+                "run",
+                str(job),
+                "--progress",
+                "none",
+            ],
+            cwd=REPO_ROOT,
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=120,
+        )
+        assert done.returncode == 0, done.stderr
+        lines = [json.loads(line) for line in done.stderr.splitlines() if line.startswith("{")]
+        return [line for line in lines if line["event"] == "run.startup"]
+
+    [line] = startup_lines("debug")
+    assert line["level"] == "debug"
+    steps: dict[str, float] = line["seconds"]
+    assert [s for s in steps if s != "connector_imported"] == _STARTUP_STEPS, steps
+    assert "connector_imported" in steps
+    seconds = list(steps.values())
+    assert seconds == sorted(seconds) and seconds[0] > 0 and seconds[-1] < 60
+    assert startup_lines("info") == []

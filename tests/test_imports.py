@@ -123,23 +123,26 @@ def test_snapshot_state_knows_no_platform_package(module: str) -> None:
 
 def test_starting_a_run_loads_no_connector_until_it_is_preloaded() -> None:
     """The command line, the run module and a loaded job import no HTTP library (start-up stays short); a run
-    preloads its platform's connector in a background thread while it reads the input (issue 13)."""
+    preloads its platform's connector in a background thread while it reads the input (issue 13). So with the
+    dispatcher (sync.dispatch), which a run needs only once its plan's head is ready: the run module does not
+    import it, the preload does, after the connector."""
 
     job = Path(__file__).resolve().parent / "fixtures" / "all_ops.yaml"
     script = (
         "import sys\n"
-        "import sync.cli, sync.cli.run_cmd, sync.run\n"
+        "import sync.cli, sync.cli.run_cmd, sync.cli.plan_cmd, sync.run\n"
         "from sync.config import load_job\n"
         "from sync.platforms.registry import preload_client\n"
         f"job = load_job({str(job)!r})\n"
-        "before = 'aiohttp' in sys.modules\n"
-        "thread = preload_client(job)\n"
+        "before = ['aiohttp' in sys.modules, any(m.startswith('sync.dispatch.') for m in sys.modules)]\n"
+        "thread = preload_client(job, then=(sync.run._DISPATCH,))\n"
         "assert thread is not None\n"
         "thread.join(60)\n"
-        "print(before, 'aiohttp' in sys.modules, 'sync.platforms.netmera.client' in sys.modules)\n"
+        "print(*before, 'aiohttp' in sys.modules, 'sync.platforms.netmera.client' in sys.modules,"
+        " 'sync.dispatch.dispatch' in sys.modules)\n"
     )
     done = _fresh_python(script)
-    assert done.stdout.split() == ["False", "True", "True"], done.stderr
+    assert done.stdout.split() == ["False", "False", "True", "True", "True"], done.stderr
 
 
 def test_a_lazy_run_makes_its_first_batches_without_importing_pyarrow_compute(tmp_path: Path) -> None:
@@ -325,3 +328,27 @@ def test_a_run_with_its_own_client_loads_no_connector(tmp_path: Path) -> None:
     )
     done = _fresh_python(script)
     assert done.stdout.splitlines()[-1].split() == ["0", "True", "False"], (done.stdout, done.stderr)
+
+
+def test_the_switch_interval_is_short_while_the_connector_loads_then_as_before() -> None:
+    """While a run preloads its connector (an import that holds the GIL for ~0.2 s), the interpreter switches
+    threads every 0.5 ms instead of 5 ms, so the input's reading gets the GIL back sooner between its steps; then
+    the interval is Python's default again. A program that set an interval of its own keeps it throughout."""
+
+    job = Path(__file__).resolve().parent / "fixtures" / "all_ops.yaml"
+    script = (
+        "import sys\n"
+        "from sync.config import load_job\n"
+        "from sync.platforms.registry import preload_client\n"
+        f"job = load_job({str(job)!r})\n"
+        "def during_and_after():\n"
+        "    thread = preload_client(job)\n"
+        "    during = sys.getswitchinterval()\n"
+        "    thread.join(60)\n"
+        "    return during, sys.getswitchinterval()\n"
+        "print(*during_and_after())\n"
+        "sys.setswitchinterval(0.002)\n"
+        "print(*during_and_after())\n"
+    )
+    done = _fresh_python(script)
+    assert done.stdout.splitlines() == ["0.0005 0.005", "0.002 0.002"], done.stderr

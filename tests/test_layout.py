@@ -23,6 +23,7 @@ TOP_LEVEL = {
     "__main__",
     "_arrow",
     "_prefetch",
+    "_startup",
     "demo",
     "errors",
     "logs",

@@ -75,3 +75,31 @@ def test_a_program_that_configured_structlog_keeps_its_own_set_up(tmp_path: Path
     assert out[-1] == "exit 0"
     assert any(line.startswith("event='embedded.done'") for line in out), out
     assert not any(line.startswith("{") for line in done.stderr.splitlines()), done.stderr
+
+
+def test_a_debug_run_logs_its_process_start_up_once(tmp_path: Path) -> None:
+    """``run.startup`` (debug) tells when each step of the *process's* start-up was done: a program that embeds
+    pushsync gets it with its first run's first batch, not again with a later run (which has no start-up)."""
+    before = "from sync.logs import configure_logging\nconfigure_logging('debug', json=True)\n"
+    again = "outcome = asyncio.run(run(job, options))\nprint('exit', int(outcome.exit_code))\n"
+    for name in ("all_ops.yaml", "users.csv", "tags.csv", "events.csv", "deletions.csv"):
+        shutil.copy(FIXTURES / name, tmp_path / name)
+    script = _RUN.format(
+        before=before, secret=_SECRET, job=str(tmp_path / "all_ops.yaml"), work=str(tmp_path / "work")
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script + again],
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=ROOT,
+        timeout=120,
+    )
+    assert done.stdout.splitlines() == ["exit 0", "exit 0"], done.stdout
+    lines = [json.loads(line) for line in done.stderr.splitlines() if line.startswith("{")]
+    assert [line["event"] for line in lines].count("run.start") == 2
+    [startup] = [line for line in lines if line["event"] == "run.startup"]
+    steps = list(startup["seconds"])
+    # A run with its own client: no connector is loaded, none made.
+    assert steps[-1] == "first_batch" and "client_made" in steps and "connector_imported" not in steps
+    assert "job_loaded" not in steps  # the command line's steps: not an embedded run's

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import polars as pl
 import pytest
@@ -287,3 +289,39 @@ def test_a_spilled_csv_file_reads_back_as_it_was_parsed(
         assert chunk.frame.schema == expected.frame.schema
         assert chunk.frame.equals(expected.frame) and chunk.malformed == expected.malformed
     assert not list(tmp_path.glob("spill/*"))  # read once, then removed
+
+
+def test_a_spilling_reading_parses_the_next_chunk_on_a_worker_thread(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A lazy plan's head reads a CSV file with a spill, on the way to the first request: the next chunk is parsed
+    # on a worker thread while the current one is spilled and selected (pyarrow parses without the GIL). Any
+    # other reading parses in the caller's thread. Stopping early waits for the chunk under way.
+    import threading
+
+    import sync.sources.reading as reading
+
+    monkeypatch.setattr(reading, "CSV_BLOCK_BYTES", 1 << 10)  # several blocks, each a chunk
+    monkeypatch.setattr(reading, "CHUNK_ROWS", 2)
+    rows = "".join(f"u{i},{i},,,,,,,,\n" if i % 50 else "x,few\n" for i in range(400))
+    job = _job(tmp_path, rows)
+    source, path = job.sources[0], tmp_path / "users.csv"
+    threads: list[str] = []
+    real = reading._coalesced
+
+    def coalesced(*args: Any, **kwargs: Any) -> Iterator[Any]:
+        for table in real(*args, **kwargs):
+            threads.append(threading.current_thread().name)
+            yield table
+
+    monkeypatch.setattr(reading, "_coalesced", coalesced)
+    parsed = list(iter_chunks(source, path))
+    assert len(parsed) > 2 and set(threads) == {threading.current_thread().name}
+    threads.clear()
+    spill = reading.Spill(tmp_path / "spill" / "0.arrow", ROW)
+    chunks = iter_chunks(source, path, spill=spill)
+    first = next(chunks)
+    assert first.frame.equals(parsed[0].frame) and first.malformed == parsed[0].malformed
+    chunks.close()  # the second chunk was being parsed meanwhile
+    spill.discard()
+    assert threads and all(name.startswith("pushsync-csv") for name in threads)

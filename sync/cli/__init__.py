@@ -123,9 +123,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return int(ExitCode.BAD_JOB_OR_INPUT)
+    from sync._startup import mark_startup
     from sync.logs import configure_logging
 
     configure_logging(_log_level(args.log_level), json=args.log_json)
+    mark_startup("command_parsed")
     try:
         return int(args.func(args))
     except PushSyncError as exc:

@@ -113,12 +113,15 @@ def register(subparsers: Any) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
+    from sync._startup import mark_startup
     from sync.cli._ledgers import database_url
     from sync.cli.plan_cmd import selected_job
     from sync.config import resolve_secret
     from sync.run import RunOptions, run
 
+    mark_startup("run_imported")
     job = selected_job(args)
+    mark_startup("job_loaded")
     url = database_url(args, job)
     if args.run_id is not None and url is None:
         from sync.errors import StateError

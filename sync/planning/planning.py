@@ -47,6 +47,7 @@ import polars as pl
 import pyarrow as pa
 import pyarrow.ipc
 
+from sync._startup import mark_startup
 from sync.config import DispatchSettings, FileFormat, Job, Source
 from sync.errors import InterruptedRunError
 from sync.planning._staging import (
@@ -894,6 +895,7 @@ def _stage_head(
         raw: list[pl.DataFrame] = []
         picked = None if spill is not None else _picked_rows(source, path, select)
         if picked is not None:
+            mark_startup("head_read")  # the first file's head rows, read
             if picked.height:
                 pieces.append(_validate_head(job, source, picked, index, name, check_rows))
             continue
@@ -904,8 +906,10 @@ def _stage_head(
                     pieces.append(_validate_head(job, source, _concat(raw), index, name, check_rows))
                     raw = []
                 raw.append(chunk.frame)
+        mark_startup("head_read")
         if raw:
             pieces.append(_validate_head(job, source, _concat(raw), index, name, check_rows))
+    mark_startup("head_validated")
     keyed = [p.with_columns(canonical_key(p[EXT_ID])).select(schema) for p in pieces if p.height]
     if not keyed:
         return pl.DataFrame(schema=clean_schema(source))
@@ -1193,6 +1197,7 @@ def _start_lazy(
                 spills[i] = [Spill(spill_dir / f"{k}.arrow", ROW) for k in range(len(files))]
             head = _stage_head(job, source, files, builder, head_end, stop, spills[i])
             settler.settle_head(head, head_end)
+            mark_startup("head_settled")
         settlers.append(settler)
         inputs.append(files)
         heads.append(head_end)

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import sys
 import threading
+from collections.abc import Sequence
 
 from sync.config import Job, use_platforms
 from sync.errors import BadJobError, JobProblem
@@ -58,20 +60,48 @@ def platform_for(job: Job) -> Platform:
     return platform
 
 
-def preload_client(job: Job) -> threading.Thread | None:
+PRELOAD_SWITCH_INTERVAL: float | None = 0.0005
+"""The interpreter's thread switch interval (seconds) while a connector is preloaded, when it was Python's default:
+the import holds the GIL for most of its ~0.2 s, and with the default 5 ms each call of the input's reading that
+gives the GIL up (every polars or pyarrow step) may wait as long to get it back (issue 13). None: left alone."""
+_DEFAULT_SWITCH_INTERVAL = 0.005
+
+
+def _preload(name: str, then: Sequence[str], quick: float | None, previous: float) -> None:
+    try:
+        importlib.import_module(name)
+        from sync._startup import mark_startup
+
+        mark_startup("connector_imported")
+        for module in then:
+            importlib.import_module(module)
+    finally:
+        if quick is not None and sys.getswitchinterval() == quick:  # unless someone else has changed it since
+            sys.setswitchinterval(previous)
+
+
+def preload_client(job: Job, *, then: Sequence[str] = ()) -> threading.Thread | None:
     """Import the connector module of ``job``'s platform (``<platform package>.client``: aiohttp and all) in a
     background thread, and return the thread (None when there is no such module).
 
     A platform imports its connector only when a client is asked for, so that loading or planning a job never
     loads aiohttp; a run asks for one right after planning. Started before the planning, the import overlaps the
     reading of the input (polars and pyarrow decode without the GIL) instead of delaying the first request.
+    ``then``: modules the thread imports next (a run's dispatcher), in that order. Meanwhile the thread switch interval is :data:`PRELOAD_SWITCH_INTERVAL` (when it was Python's default): the
+    reading gets the GIL back sooner between its steps.
     """
     package = type(platform_for(job)).__module__.rpartition(".")[0]
     name = f"{package}.client"
     if not package or importlib.util.find_spec(name) is None:
         return None
+    previous = sys.getswitchinterval()
+    # Shortened only from Python's default: a program that chose its own interval keeps it.
+    quick = None
+    if PRELOAD_SWITCH_INTERVAL is not None and previous == _DEFAULT_SWITCH_INTERVAL:
+        sys.setswitchinterval(PRELOAD_SWITCH_INTERVAL)
+        quick = sys.getswitchinterval()  # as the interpreter keeps it (whole microseconds)
     thread = threading.Thread(
-        target=importlib.import_module, args=(name,), name="preload-client", daemon=True
+        target=_preload, args=(name, tuple(then), quick, previous), name="preload-client", daemon=True
     )
     thread.start()
     return thread

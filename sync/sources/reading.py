@@ -25,7 +25,7 @@ import re
 import sys
 import threading
 import weakref
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -36,6 +36,7 @@ import pyarrow.csv as pa_csv
 import pyarrow.parquet as pq
 
 from sync._arrow import call as arrow_call
+from sync._prefetch import ahead
 from sync.config import FileFormat, Job, Source
 from sync.errors import BadInputError, JobProblem
 from sync.records import RejectedRow
@@ -781,8 +782,12 @@ def _csv_read(
         )
     except (pa.ArrowException, OSError, UnicodeError) as exc:
         raise _unreadable(source, path, exc, names, undecodable=bool(undecodable)) from exc
-    next_row = 1
-    try:
+
+    def parsed() -> Generator[tuple[pa.Table | None, pl.Series | None, tuple[RejectedRow, ...]], None, None]:
+        """Each chunk as parsed, with its row numbers and the malformed records met parsing it: all three taken
+        together, as the reader leaves them after the chunk (``on_invalid`` fills ``skipped`` and ``malformed``
+        while the reader parses), so that the next chunk may be parsed on another thread meanwhile."""
+        next_row = 1
         for batch in _coalesced(reader, source, path, names, undecodable):
             n = batch.num_rows
             if skipped:
@@ -791,17 +796,31 @@ def _csv_read(
             else:
                 row_col = pl.int_range(next_row, next_row + n, dtype=pl.Int64, eager=True).alias(ROW)
                 next_row += n
-            if spill is not None:
-                spill.add(batch, row_col.to_arrow(), malformed)
-            chunk = Chunk(_selected(batch, row_col, source.ext_id, keep), tuple(malformed))
+            found = tuple(malformed)
             malformed.clear()
-            yield chunk
+            yield batch, row_col, found
         if malformed:
-            if spill is not None:
-                spill.add(None, None, malformed)
-            yield Chunk(
-                pl.DataFrame(schema={**{c: pl.String for c in columns}, ROW: pl.Int64}), tuple(malformed)
-            )
+            yield None, None, tuple(malformed)
+
+    # A head's reading (the one that spills: a lazy plan's first read of the file, on the way to the first
+    # request) parses the next chunk on a worker thread while this one is spilled and its rows selected: pyarrow
+    # parses without the GIL, so the two overlap on two cores (issue 13). Other readings parse in the caller's
+    # thread, as they always did (the staging already reads on a thread of its own).
+    chunks = ahead(parsed(), thread_name="pushsync-csv") if spill is not None else parsed()
+    try:
+        # Closed before the reader: a chunk still being parsed on the worker is waited for first.
+        with contextlib.closing(chunks):
+            for batch, row_col, found in chunks:
+                if batch is None or row_col is None:
+                    if spill is not None:
+                        spill.add(None, None, found)
+                    yield Chunk(
+                        pl.DataFrame(schema={**{c: pl.String for c in columns}, ROW: pl.Int64}), found
+                    )
+                    continue
+                if spill is not None:
+                    spill.add(batch, row_col.to_arrow(), found)
+                yield Chunk(_selected(batch, row_col, source.ext_id, keep), found)
     finally:
         reader.close()
 
