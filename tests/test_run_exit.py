@@ -140,3 +140,49 @@ def test_exit_now_leaves_an_output_it_cannot_write_to_the_normal_exit() -> None:
     assert normal.returncode == quick.returncode == 120
     assert "No space left on device" in normal.stderr
     assert "No space left on device" in quick.stderr
+
+
+def _threshold_around_entry(command: str) -> tuple[int, int]:
+    """The collector's youngest-generation threshold before ``sync.cli.entry`` and as it leaves it for
+    ``pushsync COMMAND`` (the command's own work left out)."""
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            textwrap.dedent(
+                f"""
+                import gc, sys
+                import sync.cli as cli
+
+                before = gc.get_threshold()[0]
+
+                def main(argv):
+                    print(before, gc.get_threshold()[0], flush=True)
+                    return 0
+
+                cli.main = main
+                sys.argv = ["pushsync", "{command}", "job.yaml"]
+                cli.entry()
+                """
+            ),
+        ],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    before, during = done.stdout.split()
+    return int(before), int(during)
+
+
+def test_a_run_process_collects_reference_cycles_less_often_than_pythons_default() -> None:
+    from sync.cli import COLLECT_EVERY
+
+    before, during = _threshold_around_entry("run")
+    assert before < COLLECT_EVERY
+    assert during == COLLECT_EVERY
+    # Any other command keeps Python's own setting.
+    before, during = _threshold_around_entry("validate")
+    assert during == before
