@@ -44,8 +44,8 @@ def test_ext_ids_read_compare_hash_and_pickle_as_their_tuple(ids: list[str], dat
     assert hash(packed) == hash(plain) and {packed: 1}[plain] == 1
     assert pickle.loads(pickle.dumps(packed)) == packed
     assert all(x in packed for x in ids)
-    absent = ids[0] + "\x00" if ids else "x"  # an ID too where the IDs are ["", "\x00"]
-    assert (absent in packed) is (absent in plain)
+    probe = ids[0] + "\x00" if ids else "x"  # an ID too where the IDs are ["", "\x00"]
+    assert (probe in packed) is (probe in plain)
     more = data.draw(st.lists(_ID, max_size=4))
     assert packed.joined(ExtIds.of(more)) == plain + tuple(more)
     assert packed != tuple(more) or ids == more
