@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import shutil
+import signal
+import time
 from pathlib import Path
 
 import pytest
@@ -139,3 +141,28 @@ def test_plan_table_lists_endpoints_in_send_order(tmp_path: Path, capsys: pytest
     rows = [line.split()[0] for line in out.splitlines() if line.split()[:1] in (["opt_out"], ["changes"])]
     assert rows.count("opt_out") >= 2 and "changes" in rows
     assert rows == sorted(rows, key=lambda phase: phase != "opt_out")
+
+
+def test_sigterm_while_staging_stops_the_plan_and_removes_its_staging(tmp_path: Path) -> None:
+    # A scheduler stops a job with SIGTERM: the plan stops as on SIGINT (exit 4), removing gigabytes of staging
+    # rather than leaving them to the next plan.
+    from tests.netmera_e2e import pushsync, write_users
+    from tests.test_crash_resume import job_text
+
+    job = tmp_path / "sigterm"
+    job.mkdir()
+    (job / "job.yaml").write_text(job_text("http://127.0.0.1:9/rest/3.0/", "changes"), encoding="utf-8")
+    write_users(job, range(400_000))
+    process = pushsync(job, "unused-key", "plan", "job.yaml")
+    try:
+        deadline = time.monotonic() + 60
+        while not list((job / "work").glob("plan-*")) and process.poll() is None:
+            assert time.monotonic() < deadline, "the plan never began staging"
+            time.sleep(0.01)
+        process.send_signal(signal.SIGTERM)
+        _out, err = process.communicate(timeout=60)
+    finally:
+        process.kill()
+    assert process.returncode == 4, err
+    assert "pushsync: interrupted" in err
+    assert not list((job / "work").glob("plan-*"))

@@ -6,7 +6,10 @@ import argparse
 import contextlib
 import json
 import os
+import signal
 import sys
+import threading
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -215,7 +218,27 @@ def selected_job(args: argparse.Namespace) -> Job:
     return select_sources(load_job(args.job), split_names(args.select), split_names(args.exclude))
 
 
+@contextlib.contextmanager
+def _sigterm_interrupts() -> Iterator[None]:
+    """While the block runs, SIGTERM stops the command as SIGINT does (``KeyboardInterrupt``: the staging directory
+    is removed, exit 4) instead of killing it where it stands: a scheduler (cron, Kubernetes, Airflow) stops a job
+    with SIGTERM, and a plan of millions of rows may be staging gigabytes then."""
+    if threading.current_thread() is not threading.main_thread():
+        yield  # only the main thread may set handlers (an embedding program's worker thread)
+        return
+    previous = signal.signal(signal.SIGTERM, signal.default_int_handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def _plan(args: argparse.Namespace) -> int:
+    with _sigterm_interrupts():
+        return _plan_interruptible(args)
+
+
+def _plan_interruptible(args: argparse.Namespace) -> int:
     job = selected_job(args)
     if args.limit is not None and job.mode is SyncMode.SNAPSHOT:
         raise BadJobError(
