@@ -292,12 +292,49 @@ def test_each_lane_pulls_at_most_queue_size_batches_ahead() -> None:
         assert queue_size // 2 <= ahead[name] <= queue_size, (name, ahead[name])
 
 
+def _sent_while_settling(
+    lanes: list[tuple[str, Iterable[Batch]]], settled: threading.Event, expected: Mapping[str, int]
+) -> tuple[Counter[str], DispatchReport]:
+    """Dispatch ``lanes`` (one CHANGES phase; real threads and time: each lane is a synchronous iterable read in
+    its lane's pull thread) until ``expected`` batches per endpoint were sent (or 5 s went by), then set
+    ``settled`` (the rest of a lazy plan's input settled) and let the run end. Returns what was sent before
+    ``settled``, and the report."""
+
+    class Source:
+        def lanes(self, phase: Phase) -> list[tuple[str, Iterable[Batch]]]:
+            return lanes if phase is Phase.CHANGES else []
+
+    @dataclass
+    class Watched(MemoryPlatform):
+        """Sets ``reached`` once ``expected`` is sent."""
+
+        reached: asyncio.Event = field(default_factory=asyncio.Event)
+
+        async def send(self, batch: Batch) -> SendOutcome:
+            outcome = await MemoryPlatform.send(self, batch)
+            sent = Counter(s.endpoint for s in self.sends)
+            if all(sent[name] >= n for name, n in expected.items()):
+                self.reached.set()
+            return outcome
+
+    client = Watched(latency=0.0)
+
+    async def go() -> tuple[Counter[str], DispatchReport]:
+        task = asyncio.ensure_future(dispatch(client, Source(), settings(concurrency=4, queue_size=8)))
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(client.reached.wait(), 5.0)
+        sent_before = Counter(s.endpoint for s in client.sends)
+        settled.set()
+        return sent_before, await task
+
+    return asyncio.run(go())
+
+
 @pytest.mark.parametrize("head", [7, 16, 40])
 def test_a_lane_sends_the_batches_made_so_far_while_its_plan_makes_the_rest(head: int) -> None:
     """A lazy plan makes a lane's first batches from the head of its input, then waits until the rest is settled:
     every batch made so far leaves meanwhile (they fill the first budget window), none waits in a pull that
-    only the settled rest can fill (with pulls of 1, 2, 4, 8, 16 batches, the 16th of a head of 16 did). Real
-    threads and time: the lane is a synchronous iterable read in the lane's pull thread."""
+    only the settled rest can fill (with pulls of 1, 2, 4, 8, 16 batches, the 16th of a head of 16 did)."""
     made, rest = batches_for("a", head + 20)[:head], batches_for("a", head + 20)[head:]
     settled = threading.Event()
 
@@ -306,34 +343,8 @@ def test_a_lane_sends_the_batches_made_so_far_while_its_plan_makes_the_rest(head
         settled.wait(10)  # the rest of the input being settled
         yield from rest
 
-    class Source:
-        def lanes(self, phase: Phase) -> list[tuple[str, Iterable[Batch]]]:
-            return [("a", lane())] if phase is Phase.CHANGES else []
-
-    @dataclass
-    class Watched(MemoryPlatform):
-        """Sets ``all_made_sent`` once every batch made before the settling is sent."""
-
-        all_made_sent: asyncio.Event = field(default_factory=asyncio.Event)
-
-        async def send(self, batch: Batch) -> SendOutcome:
-            outcome = await MemoryPlatform.send(self, batch)
-            if len(self.sends) >= len(made):
-                self.all_made_sent.set()
-            return outcome
-
-    client = Watched(latency=0.0)
-
-    async def go() -> tuple[int, DispatchReport]:
-        task = asyncio.ensure_future(dispatch(client, Source(), settings(concurrency=4, queue_size=8)))
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(client.all_made_sent.wait(), 5.0)
-        sent_while_settling = len(client.sends)
-        settled.set()
-        return sent_while_settling, await task
-
-    sent_while_settling, report = asyncio.run(go())
-    assert sent_while_settling == len(made)
+    sent, report = _sent_while_settling([("a", lane())], settled, {"a": len(made)})
+    assert sent == {"a": len(made)}
     assert report.outcome is DispatchOutcome.COMPLETED
     assert report.batches_done == len(made) + len(rest)
 
@@ -342,7 +353,7 @@ def test_a_lane_waiting_for_its_plan_does_not_hold_back_another_lanes_pulls() ->
     """A lazy plan's lane whose head batches are used up waits in its pull for the rest of the input to be
     settled; meanwhile another lane's batches, made already, are pulled and sent — each lane pulls in a thread
     of its own (with one pull thread for every lane, lane b's pulls queued behind lane a's waiting one, and its
-    first budget window went unused). Real threads and time, as above."""
+    first budget window went unused)."""
     a_made, a_rest = batches_for("a", 12)[:1], batches_for("a", 12)[1:]
     b_made = batches_for("b", 30)
     settled = threading.Event()
@@ -352,34 +363,10 @@ def test_a_lane_waiting_for_its_plan_does_not_hold_back_another_lanes_pulls() ->
         settled.wait(10)  # the rest of the input being settled
         yield from a_rest
 
-    class Source:
-        def lanes(self, phase: Phase) -> list[tuple[str, Iterable[Batch]]]:
-            return [("a", lane_a()), ("b", iter(b_made))] if phase is Phase.CHANGES else []
-
-    @dataclass
-    class Watched(MemoryPlatform):
-        """Sets ``b_sent`` once every batch of lane b is sent."""
-
-        b_sent: asyncio.Event = field(default_factory=asyncio.Event)
-
-        async def send(self, batch: Batch) -> SendOutcome:
-            outcome = await MemoryPlatform.send(self, batch)
-            if sum(1 for s in self.sends if s.endpoint == "b") == len(b_made):
-                self.b_sent.set()
-            return outcome
-
-    client = Watched(latency=0.0)
-
-    async def go() -> tuple[Counter[str], DispatchReport]:
-        task = asyncio.ensure_future(dispatch(client, Source(), settings(concurrency=4, queue_size=8)))
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(client.b_sent.wait(), 5.0)
-        sent_while_a_waits = Counter(s.endpoint for s in client.sends)
-        settled.set()
-        return sent_while_a_waits, await task
-
-    sent_while_a_waits, report = asyncio.run(go())
-    assert sent_while_a_waits == {"a": len(a_made), "b": len(b_made)}
+    sent, report = _sent_while_settling(
+        [("a", lane_a()), ("b", iter(b_made))], settled, {"a": len(a_made), "b": len(b_made)}
+    )
+    assert sent == {"a": len(a_made), "b": len(b_made)}
     assert report.outcome is DispatchOutcome.COMPLETED
     assert report.batches_done == len(a_made) + len(a_rest) + len(b_made)
 
