@@ -486,6 +486,54 @@ def test_a_lazy_plan_settles_as_it_is_read_and_gives_the_same_batches(
         assert lazy.summary() == expected_summary
 
 
+def test_a_lazy_plans_head_comes_in_growing_slices_and_gives_the_same_batches(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A lane's first batch is cut from the head's first rows, not from all of it (issue 13: a one-user
+    endpoint's stream cut every batch of a 16,384-row head before its first): the head's frame comes in slices
+    that end where an ID does, small first, and the batches, rejects and counts are an eager plan's."""
+    import sync.planning.planning
+
+    job = _big_job(tmp_path, _with_conflicting_duplicates(tmp_path / "dups.csv", 3000))
+    with build_plan(job, rows_per_bucket=40) as eager:
+        expected, expected_rejects, expected_summary = _outcome(eager)
+    monkeypatch.setattr(sync.planning.planning, "HEAD_ROWS", 600)
+    monkeypatch.setattr(sync.planning.planning, "HEAD_FIRST_ROWS", 10)
+    with build_plan(job, rows_per_bucket=40, lazy=True) as lazy:
+        settler = lazy._settling.settlers[0]
+        head = sync.planning.planning._bucket_reader(job.sources[0], [])(settler.parts[0])
+        assert head.height > 200
+        frames = lazy.staged[0].frames()
+        slices = [next(frames)]
+        while sum(f.height for f in slices) < head.height:  # 10, 40, 160, ... rows: the head's
+            slices.append(next(frames))
+        assert [f.height for f in slices[:3]] == [10, 40, 160]  # one row per user here
+        assert pl.concat(slices)["__ext_id"].equals(head["__ext_id"])
+        frames.close()
+        lane = next(b for endpoint, b in lazy.lanes(Phase.CHANGES) if endpoint == "enablePush")
+        assert len(next(lane).ext_ids) == 1  # a one-user endpoint's first batch
+        assert _fingerprint(lazy) == expected
+        assert list(lazy.rejected_rows(settled=False)) == expected_rejects
+        assert lazy.summary() == expected_summary
+
+
+def test_the_head_slices_never_split_an_ids_rows() -> None:
+    from sync.planning.planning import _head_slices
+
+    ids = ["a", "b", "b", "b", "c", "d", "d", "e", "f", "f", "f", "f", "g"]
+    frame = pl.DataFrame({"__ext_id": ids, "n": range(len(ids))})
+    slices = list(_head_slices(frame, 2))
+    assert [s["__ext_id"].to_list() for s in slices] == [["a", "b", "b", "b"], ids[4:12], ["g"]]
+    assert [s["__ext_id"].to_list() for s in _head_slices(frame, 1)] == [
+        ["a"],
+        ["b", "b", "b", "c"],
+        ids[5:],
+    ]
+    whole = list(_head_slices(frame, 13))
+    assert len(whole) == 1 and whole[0].equals(frame)
+    assert pl.concat(_head_slices(frame, 1)).equals(frame)
+
+
 def test_the_summary_reads_each_bucket_once_for_all_streams(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -79,6 +79,7 @@ from sync.sources.reading import (
 
 __all__ = [
     "ASSUMED_LATENCY",
+    "HEAD_FIRST_ROWS",
     "ROWS_PER_BUCKET",
     "EndpointSummary",
     "Plan",
@@ -141,13 +142,26 @@ class StagedSource:
 
     def frames(self, columns: Sequence[str] = ()) -> Iterator[pl.DataFrame]:
         """The clean frames (one per non-empty bucket, in key order) with ``__ext_id``, ``__file``, ``__row``
-        and ``columns`` (``__key`` too when asked for). A bucket not settled yet is waited for."""
+        and ``columns`` (``__key`` too when asked for). A bucket not settled yet is waited for.
+
+        A lazy plan's head (bucket 0, settled before the rest) comes in slices, each ending where an ID does:
+        :data:`HEAD_FIRST_ROWS` rows first, then four times as many each time (:func:`_head_slices`). The
+        batches are the same — a batch's run of IDs is carried from one frame to the next, as from one bucket
+        to the next — but a lane's first batch is cut from the first rows of the head only, not from all of
+        it: a one-user endpoint's stream (``disablePush``) made ~7,000 batches of a 16,384-row head, in Python,
+        before its first one, and held the interpreter meanwhile from the other lanes' first batches and the
+        loop sending them (issue 13)."""
         read = _bucket_reader(self.source, columns)
+        head = self._settling.settlers[self._index].head_end > 0
         k = 0
         while self._settling.has_bucket(self._index, k):
             part = self._settling.bucket(self._index, k)
             k += 1
-            if part is not None:
+            if part is None:
+                continue
+            if k == 1 and head:
+                yield from _head_slices(read(part), HEAD_FIRST_ROWS)
+            else:
                 yield read(part)
 
     @classmethod
@@ -165,6 +179,29 @@ class StagedSource:
         settler = Settler.settled(source, files, parts, rows_clean, duplicates_dropped)
         settler.rows_read = rows_read
         return cls(source, tuple(files), Settling([settler]), 0)
+
+
+HEAD_FIRST_ROWS = 1024
+"""Rows (about: a slice ends where an ID does) of a lazy plan's head handed to its readers first; the next
+slices are four times as large each, up to the head's end (:meth:`StagedSource.frames`)."""
+
+
+def _head_slices(frame: pl.DataFrame, first: int) -> Iterator[pl.DataFrame]:
+    """``frame`` (in canonical order: the rows of an ID adjacent) in consecutive slices of about ``first`` rows,
+    then four times as many each time, none splitting an ID's rows (stream counts and row keys are per ID)."""
+    n = frame.height
+    if n <= first:
+        yield frame
+        return
+    ids = frame[EXT_ID]
+    starts = (ids != ids.shift(1)).fill_null(True).arg_true()  # the rows that begin an ID
+    at, size = 0, first
+    while at < n:
+        i = starts.search_sorted(at + size, side="left")  # the first ID beginning at or after the target
+        assert isinstance(i, int)
+        end = int(starts[i]) if i < len(starts) else n
+        yield frame.slice(at, end - at)
+        at, size = end, size * 4
 
 
 def _bucket_reader(source: Source, columns: Sequence[str]) -> Callable[[Path], pl.DataFrame]:
