@@ -775,3 +775,37 @@ def test_a_plan_counted_while_it_settles_has_the_counts_of_one_counted_afterward
         assert expected.total_requests > 100  # many buckets, several streams, batches of 70 across buckets
         assert list(counted.rejected_rows()) == expected_rejects
         assert _fingerprint(counted) == expected_batches
+
+
+def test_the_chunk_writer_keeps_the_head_rows_apart_and_writes_the_rest(tmp_path: Path) -> None:
+    """A lazy plan's staging leaves out the rows of the head's key ranges (settled first): the writer takes them
+    from the front of each sorted chunk — every row with a key below ``head_key``, each chunk's in key order with
+    a key's rows in read order — and writes only the others."""
+    from sync.planning._staging import ChunkWriter
+    from sync.planning.validation import KEY
+
+    keys = [(i * 2_654_435_761) % (1 << 32) for i in range(1000)]
+    frame = pl.DataFrame({KEY: keys, "i": range(1000)}, schema={KEY: pl.UInt32, "i": pl.Int64})
+    frame = pl.concat([frame, frame.with_columns(pl.col("i") + 1000)])  # each key twice, in read order
+    head_key = 1 << 29
+    writer = ChunkWriter(tmp_path, stage_rows=500, head_key=head_key)
+    for piece in frame.iter_slices(300):
+        writer.add(piece)
+    writer.flush()
+    head = writer.head
+    assert head is not None
+    assert (head[KEY] < head_key).all() and head.height == (frame[KEY] < head_key).sum()
+    # Chunk by chunk, in key order; a key's two rows in read order (first the earlier one).
+    assert head.sort(KEY, maintain_order=True).equals(
+        frame.filter(pl.col(KEY) < head_key).sort(KEY, maintain_order=True)
+    )
+    written = pl.concat(pl.read_ipc(c.path) for c in writer.chunks)
+    assert writer.rows == written.height == frame.height - head.height
+    assert (written[KEY] >= head_key).all()
+    assert sorted(written["i"].to_list()) == sorted(frame.filter(pl.col(KEY) >= head_key)["i"].to_list())
+    everything = ChunkWriter(tmp_path / "all", stage_rows=500, head_key=1 << 32)
+    (tmp_path / "all").mkdir()
+    everything.add(frame)
+    everything.flush()
+    assert not everything.chunks and everything.rows == 0
+    assert everything.head is not None and everything.head.height == frame.height

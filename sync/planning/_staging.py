@@ -206,17 +206,40 @@ _FINE_BOUNDS = pl.Series(
 
 
 class ChunkWriter:
-    """Collects a source's clean, keyed frames (in read order) and writes them as sorted chunk files."""
+    """Collects a source's clean, keyed frames (in read order) and writes them as sorted chunk files.
 
-    __slots__ = ("_directory", "_pending", "_pending_rows", "chunks", "rows", "stage_rows")
+    ``head_key`` (a lazy plan that settled the keys below it first, its *head*): the rows of keys below it are
+    kept apart (:attr:`head`), not written. They are the first rows of each sorted chunk, so they come out as a
+    slice of it: cheaper than filtering every frame twice, once for the head's rows and once for the rest."""
 
-    def __init__(self, directory: Path, stage_rows: int | None = None) -> None:
+    __slots__ = (
+        "_directory",
+        "_head",
+        "_head_key",
+        "_pending",
+        "_pending_rows",
+        "chunks",
+        "rows",
+        "stage_rows",
+    )
+
+    def __init__(self, directory: Path, stage_rows: int | None = None, head_key: int = 0) -> None:
         self._directory = directory
         self._pending: list[pl.DataFrame] = []
         self._pending_rows = 0
+        self._head_key = head_key
+        self._head: list[pl.DataFrame] = []
         self.stage_rows = stage_rows or STAGE_ROWS
         self.chunks: list[ChunkFile] = []
-        self.rows = 0
+        self.rows = 0  # rows written (the head's left out)
+
+    @property
+    def head(self) -> pl.DataFrame | None:
+        """The rows of keys below ``head_key`` met so far, chunk by chunk, each chunk's in key order (rows of one
+        key in read order); None when there were none."""
+        if not self._head:
+            return None
+        return pl.concat(self._head) if len(self._head) > 1 else self._head[0]
 
     def add(self, frame: pl.DataFrame) -> None:
         """Add clean rows (with ``__key``), in read order."""
@@ -234,6 +257,19 @@ class ChunkWriter:
         frame = pl.concat(self._pending, rechunk=False) if len(self._pending) > 1 else self._pending[0]
         self._pending, self._pending_rows = [], 0
         frame = frame.sort(KEY, maintain_order=True)
+        if self._head_key:
+            # The head's rows sort first: a slice of each side, no copy.
+            if self._head_key >= 1 << 32:
+                cut = frame.height
+            else:
+                found = frame[KEY].search_sorted(self._head_key, side="left")
+                assert isinstance(found, int)
+                cut = found
+            if cut:
+                self._head.append(frame.slice(0, cut))
+                frame = frame.slice(cut)
+            if frame.is_empty():
+                return
         path = self._directory / f"{len(self.chunks):06d}.arrow"
         # Uncompressed, in small record batches: a key range's rows are read back from the file, the few
         # batches that hold them and nothing else.

@@ -830,13 +830,12 @@ def _stage(
             )
             for p, spill in itertools.zip_longest(files, spills)
         ]
-    head_key = _head_key(head_end)
-    head: list[pl.DataFrame] = []
     names = tuple(name for name, _ in inputs)
     schema = list(clean_schema(source))
     chunk_dir = tmp / f"{source.name}.chunks"
     chunk_dir.mkdir()
-    writer = ChunkWriter(chunk_dir)
+    # The head's rows are left out by the writer, from each sorted chunk (no filtering here).
+    writer = ChunkWriter(chunk_dir, head_key=_head_key(head_end))
     rows_read = 0
     check_rows = getattr(builder, "check_rows", None)
     kept = 0
@@ -864,14 +863,9 @@ def _stage(
                     kept += clean.height
                 if clean.is_empty():
                     continue
-                keyed = clean.with_columns(canonical_key(clean[EXT_ID])).select(schema)
-                if head_key:
-                    in_head = keyed[KEY].cast(pl.Int64) < head_key
-                    head.append(keyed.filter(in_head))
-                    keyed = keyed.filter(~in_head)
-                writer.add(keyed)
+                writer.add(clean.with_columns(canonical_key(clean[EXT_ID])).select(schema))
     writer.flush()
-    return _Staged(source, names, rows_read, writer, pl.concat(head) if head else None)
+    return _Staged(source, names, rows_read, writer, writer.head)
 
 
 HEAD_ROWS = 16_384

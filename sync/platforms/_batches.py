@@ -22,6 +22,7 @@ from the key column's buffer.
 
 from __future__ import annotations
 
+import bisect
 import sys
 from array import array
 from collections.abc import Iterable, Iterator, Mapping, Sequence
@@ -224,6 +225,87 @@ class _Values:
         return self._data[self._offsets[base + lo] : end - 1]
 
 
+_MAX_STRETCHES = 64
+"""Stretches of back-to-back values past which a column is copied rather than read in place (a column whose
+rows were moved, one stretch a row: slices per row would cost more than the copy)."""
+
+
+class _Views:
+    """A String column's values — each ending with its separator — read where polars keeps them: Arrow string
+    views into its own data buffers, no copy of the text. A column built by one concatenation is written row
+    after row into buffers of growing size, so a run of rows is one slice of a buffer, or a few where it crosses
+    from one buffer into the next; :meth:`ended` is :meth:`_Values.ended`'s text without copying the column into
+    one ``large_string`` array first (polars' conversion copies every value: about a tenth of building the bodies).
+
+    :meth:`of` gives None where that does not hold — a value of 12 bytes or fewer (kept inside its view), a null,
+    rows not back to back in their buffer (a filtered column, say) are not read this way; the caller copies the
+    column then (:class:`_Values`)."""
+
+    __slots__ = ("_base", "_data", "_starts", "_views")
+
+    def __init__(self, views: memoryview, base: int, data: list[memoryview], starts: list[int]) -> None:
+        self._views = views  # the views as int32: length, prefix, buffer index, offset (four per row)
+        self._base = base  # the column's first row among the views
+        self._data = data  # the data buffers
+        self._starts = starts  # the rows (of the column) where a stretch of back-to-back values begins
+
+    @classmethod
+    def of(cls, column: pl.Series) -> _Views | None:
+        """The views of ``column`` (one chunk, no nulls, every value longer than 12 bytes), or None."""
+        if sys.byteorder != "little" or column.null_count() or column.n_chunks() != 1 or not column.len():
+            return None
+        arrow = column.to_arrow(compat_level=pl.CompatLevel.newest())
+        if isinstance(arrow, pa.ChunkedArray):
+            if arrow.num_chunks != 1:
+                return None
+            arrow = arrow.chunk(0)
+        if arrow.type != pa.string_view():
+            return None
+        buffers = arrow.buffers()
+        n, base = len(arrow), arrow.offset
+        if buffers[1] is None or any(b is None for b in buffers[2:]):
+            return None
+        ints = pa.Array.from_buffers(pa.int32(), 4 * (base + n), [None, buffers[1]])
+        frame = pl.from_arrow(pa.RecordBatch.from_arrays([ints], ["v"]))
+        assert isinstance(frame, pl.DataFrame)
+        v = pl.col("v")
+        size, buffer, offset = v.gather_every(4, 0), v.gather_every(4, 2), v.gather_every(4, 3)
+        facts = frame.select(
+            size.slice(base, n).alias("s"), buffer.slice(base, n).alias("b"), offset.slice(base, n).alias("o")
+        )
+        # A row continues the stretch of the row before when its value starts in the same buffer where that
+        # value ends.
+        s, b, o = pl.col("s"), pl.col("b"), pl.col("o")
+        begins = ((b != b.shift(1)) | (o != o.shift(1) + s.shift(1))).fill_null(True)
+        shortest, stretches = facts.select(s.min(), begins.sum()).row(0)
+        if shortest is None or shortest <= 12 or stretches > _MAX_STRETCHES:
+            return None
+        starts = facts.select(begins.arg_true()).to_series().to_list()
+        return cls(memoryview(buffers[1]).cast("i"), base, [memoryview(d) for d in buffers[2:]], starts)
+
+    def ended(self, lo: int, hi: int) -> bytes | memoryview:
+        """Rows ``[lo, hi)``'s values back to back, less the last one's final byte (see :meth:`_Values.ended`): a
+        view of a buffer, or the few slices it crosses joined."""
+        if hi <= lo:
+            raise ValueError(f"rows {lo}-{hi} of a selection do not each end with a comma")
+        views, starts = self._views, self._starts
+        pieces: list[memoryview] = []
+        at = lo
+        k = bisect.bisect_right(starts, lo) - 1  # the stretch holding row lo
+        while at < hi:
+            end = (
+                min(hi, starts[k + 1]) if k + 1 < len(starts) else hi
+            )  # one past the stretch's last row here
+            first, last = 4 * (self._base + at), 4 * (self._base + end - 1)
+            data = self._data[views[first + 2]]
+            pieces.append(data[views[first + 3] : views[last + 3] + views[last]])
+            at, k = end, k + 1
+        if pieces[-1][-1:] != b",":
+            raise ValueError(f"rows {lo}-{hi} of a selection do not each end with a comma")
+        pieces[-1] = pieces[-1][:-1]
+        return pieces[0] if len(pieces) == 1 else b"".join(pieces)
+
+
 def _large_strings(column: pl.Series) -> pa.Array:
     """A String column (no nulls) as one Arrow ``large_string`` array."""
     if column.null_count():
@@ -355,13 +437,16 @@ def _frame_cuts(
     if not plain_ids and ids.holds(b"\n"):
         ids, plain = None, unique.to_list()  # an ID holds a line break: this frame's runs keep tuples of IDs
     quoted = id_items and plain_ids and every_row and not first_only
-    items: _Joined | _Values
+    items: _Joined | _Values | None = None
+    views: _Views | None = None  # ended items read in place, where the column allows (else copied: items)
     if quoted:
         # One row per ID and nothing to escape: a run's items are its IDs joined by '","', between quotes.
         items = _Joined(unique_values, id_bounds, '","')
     else:
         column = frame.select(enc.string(pl.col(EXT_ID))).to_series() if id_items else frame[ITEM]
-        items = _Values(column) if first_only or ended else _Joined(column, row_bounds, ",")
+        views = _Views.of(column) if ended else None
+        if views is None:
+            items = _Values(column) if first_only or ended else _Joined(column, row_bounds, ",")
     at = None if every_row else starts
     id_files, id_rows = frame[FILE], frame[ROW]
     keys = _key_bytes(frame[ROW_KEY]) if ROW_KEY in frame.columns else b""
@@ -371,15 +456,20 @@ def _frame_cuts(
     for i, ((group, continues, r0, k0), first_row) in enumerate(zip(pieces, origin_rows, strict=True)):
         r1, k1 = row_bounds[i + 1], id_bounds[i + 1]
         lines = ids.get(i).tobytes() if ids is not None else b""
-        if quoted:
-            text: bytes | memoryview = b"".join((b'"', items.get(i), b'"'))
+        if views is not None:
+            text: bytes | memoryview = views.ended(r0, r1)
+        elif quoted:
+            assert items is not None
+            text = b"".join((b'"', items.get(i), b'"'))
         elif first_only:
             # One-user requests send an ID's first row alone (a continuing piece adds nothing to the open run's).
+            assert items is not None
             text = b"" if continues else items.get(r0)
         elif ended:
             assert isinstance(items, _Values)
             text = items.ended(r0, r1)
         else:
+            assert items is not None
             text = items.get(i)
         run: Sequence[str] = ExtIds(lines, k1 - k0) if ids is not None else tuple(plain[k0:k1])
         origins = RowOrigins(run, id_files, id_rows, files, at, (k0, k1))

@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 from sync.config import load_job
 from sync.planning.planning import build_plan
 from sync.platforms import _encode as enc
-from sync.platforms._batches import EXT_ID, FILE, GROUP, ITEM, ROW, cut
+from sync.platforms._batches import EXT_ID, FILE, GROUP, ITEM, ROW, _Values, _Views, cut
 from sync.platforms.netmera._streams import Shape, _body, stream_batches, streams_for
 from sync.records import Operation
 
@@ -49,6 +49,43 @@ def test_ended_items_cut_as_the_joined_items(case: tuple[list[pl.DataFrame], int
         (c.group, c.items, tuple(c.ext_ids), dict(c.origins)) for c in cut(ended, size, ["f.csv"], ended=True)
     ]
     assert got == want
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    st.integers(1, 40_000),
+    st.lists(st.tuples(st.integers(0, 39_999), st.integers(1, 3000)), min_size=1, max_size=20),
+    st.sampled_from(["built", "sliced", "gathered", "short"]),
+)
+def test_ended_items_read_in_place_are_the_items_copied(
+    n: int, runs: list[tuple[int, int]], how: str
+) -> None:
+    """A run's ended items read where polars keeps them (:class:`_Views`: string views into its buffers, a run
+    of rows one slice of a buffer, or a few where it crosses into the next) are the bytes of the items copied
+    into one array (:class:`_Values`) — for a column made by a concatenation (written row after row into
+    buffers of growing size: large ones cross several) and a slice of one; rows not back to back (gathered:
+    one stretch a row) and short values (kept inside their views) are not read in place."""
+    ids = pl.int_range(n, eager=True).alias("i").to_frame()
+    item = (
+        pl.format("{},", pl.col("i"))
+        if how == "short"
+        else pl.concat_str(pl.lit('{"extId":"user-'), pl.col("i").cast(pl.String), pl.lit('","ü":"é😀"},'))
+    )
+    column = ids.select(item.alias(ITEM)).to_series()
+    if how == "sliced":
+        column = column.slice(n // 3)
+    elif how == "gathered":
+        column = column.gather(pl.int_range(column.len(), eager=True).reverse())
+    views = _Views.of(column)
+    if how == "short" or (how == "gathered" and column.len() > 64):  # in views, or a stretch a row: copied
+        assert views is None
+        return
+    assert views is not None
+    copied = _Values(column)
+    for lo, length in runs:
+        lo = lo % column.len()
+        hi = min(column.len(), lo + length)
+        assert bytes(views.ended(lo, hi)) == bytes(copied.ended(lo, hi))
 
 
 def test_ended_items_refuse_items_without_their_comma() -> None:
