@@ -52,11 +52,10 @@ from sync.planning._staging import RejectsWriter  # noqa: E402
 from sync.planning.planning import ROWS_PER_BUCKET, _bucket_bits, _builder_for, _Counter  # noqa: E402
 from sync.planning.validation import (  # noqa: E402
     _REFUSED,
-    _SAMPLE,
     EXT_ID,
     FILE,
     KEY,
-    _query,
+    _chunk_query,
     canonical_key,
     clean_schema,
     resolve_duplicates,
@@ -101,13 +100,7 @@ def pass1(job: Job, out: Path, *, sink: str = "partitioned") -> dict[str, int]:
     rules = job.validation
     # The raw schema as the planner's reader gives it (mapped columns, typed as read, and __row): its first chunk.
     first = next(iter(iter_chunks(source, path))).frame
-    q = _query(first, source, rules, messages=False)
-    if q.hints:
-        # As validate_chunk does per chunk (the forms give the same values; only the speed differs): here once.
-        sample = first.head(_SAMPLE).select(*q.hints.values()).row(0, named=True)
-        held = frozenset(name for name, favoured in sample.items() if favoured)
-        if held:
-            q = _query(first, source, rules, messages=False, held=held)
+    q = _chunk_query(first, source, rules)  # as validate_chunk does per chunk: here once, from the first
     raw_columns = [c for c in first.columns if c != ROW]
     scan = (
         pl.scan_parquet(path)

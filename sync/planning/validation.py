@@ -621,6 +621,18 @@ _SAMPLE = 256
 """Rows: a chunk's head, whose texts choose between a check's forms (:meth:`_Query.hint`)."""
 
 
+def _chunk_query(raw: pl.DataFrame, source: Source, rules: ValidationRules) -> _Query:
+    """The validation query for the chunk ``raw``, with the forms its head favours (:meth:`_Query.hint`): every
+    form gives the same values and rejects, the favoured one sooner."""
+    q = _query(raw, source, rules, messages=False)
+    if q.hints:
+        sample = raw.head(_SAMPLE).select(*q.hints.values()).row(0, named=True)
+        held = frozenset(name for name, favoured in sample.items() if favoured)
+        if held:
+            q = _query(raw, source, rules, messages=False, held=held)
+    return q
+
+
 def validate_chunk(
     raw: pl.DataFrame, source: Source, rules: ValidationRules, file_index: int, file_name: str
 ) -> tuple[pl.DataFrame, pl.DataFrame]:
@@ -631,13 +643,7 @@ def validate_chunk(
     One lazy query types every column and flags the refused rows; the texts its fast forms may not fit are read
     again afterwards, and the reasons are put together for the refused rows only (:func:`_rejects`).
     """
-    q = _query(raw, source, rules, messages=False)
-    if q.hints:
-        # The forms the chunk's head favours: every form gives the same, the favoured one sooner.
-        sample = raw.head(_SAMPLE).select(*q.hints.values()).row(0, named=True)
-        held = frozenset(name for name, favoured in sample.items() if favoured)
-        if held:
-            q = _query(raw, source, rules, messages=False, held=held)
+    q = _chunk_query(raw, source, rules)
     schema = {k: v for k, v in clean_schema(source).items() if k != KEY}
     typed = q.typed | {FILE: pl.lit(file_index)}
     frame = (
