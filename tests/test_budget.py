@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import itertools
 import math
 import random
@@ -15,8 +16,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from vtime import run_virtual
 
-from sync.config import RateBudgetSpec, load_job
-from sync.dispatch.budget import RateBudget, clock_sleep
+from sync.config import BudgetGroupSpec, RateBudgetSpec, load_job
+from sync.dispatch.budget import BudgetPool, RateBudget, clock_sleep
 from sync.errors import BadJobError
 
 
@@ -80,7 +81,9 @@ def test_a_run_that_begins_mid_window_still_sends_n_there_evenly() -> None:
 
 def test_a_run_that_begins_just_before_the_zones_end_is_not_sent_as_a_burst() -> None:
     """The first window's slots come at most four times closer than the nominal spacing: with 0.05 s of the zone
-    left, five go there (11 ms apart), not all ten within 25 ms."""
+    left, five go there (11 ms apart), not all ten within 25 ms; the five after them go on at that spacing in
+    the window's edge (up to ``lead`` before its end). Nobody reports answers here, so each of those may have
+    reached the server after the edge and takes a slot of the next window: never more than N there."""
     budget = RateBudget(RateBudgetSpec(10, 1.0), tail=0.1, lead=0.02, wall_offset=0.0)
 
     async def scenario() -> list[float]:
@@ -88,8 +91,132 @@ def test_a_run_that_begins_just_before_the_zones_end_is_not_sent_as_a_burst() ->
         return await _release_times(budget, 30)
 
     times = sorted(run_virtual(scenario()))
-    assert Counter(math.floor(t) for t in times) == {0: 5, 1: 10, 2: 10, 3: 5}
-    assert [b - a for a, b in itertools.pairwise(times[:5])] == pytest.approx([0.88 * 0.5 / 10 / 4] * 4)
+    assert Counter(math.floor(t) for t in times) == {0: 10, 1: 5, 2: 10, 3: 5}
+    assert [b - a for a, b in itertools.pairwise(times[:10])] == pytest.approx([0.88 * 0.5 / 10 / 4] * 9)
+    assert max(times[:10]) < 0.98  # never in the last ``lead`` of the window
+
+
+def _served(
+    ready: float, requests: int, arrive: Callable[[], float], back: Callable[[], float], workers: int = 16
+) -> tuple[list[float], list[float]]:
+    """Release and server-arrival times of ``requests`` attempts at a 20/s budget (its margin learned) by
+    ``workers`` workers from ``ready`` on: each request reaches the server ``arrive()`` after its release and its
+    answer comes ``back()`` after that, when the budget is told (as the dispatcher tells it)."""
+    budget = RateBudget(RateBudgetSpec(20, 1.0), wall_offset=0.0)
+    released: list[float] = []
+    arrived: list[float] = []
+    left = [requests]
+
+    async def worker() -> None:
+        loop = asyncio.get_running_loop()
+        while left[0] > 0:
+            left[0] -= 1
+            await budget.acquire()
+            at = loop.time()
+            released.append(at)
+            await asyncio.sleep(arrive())
+            arrived.append(loop.time())
+            await asyncio.sleep(back())
+            budget.observe(loop.time() - at)
+            budget.on_success()
+
+    async def scenario() -> None:
+        await asyncio.sleep(ready)  # the plan is ready
+        async with asyncio.TaskGroup() as tg:
+            for _ in range(workers):
+                tg.create_task(worker())
+
+    run_virtual(scenario())
+    return sorted(released), sorted(arrived)
+
+
+def test_a_run_ready_after_its_first_zones_end_sends_in_that_windows_edge() -> None:
+    """A run ready at 0.85 s, past the first window's zone (0.8 s: the default margin, nothing learned yet),
+    sends in that window's edge until ``lead`` before its end: what is answered by then surely arrived in it.
+    It used to send nothing until the next window, and ended a window later."""
+    rng = random.Random(3)
+    released, arrived = _served(0.85, 100, lambda: rng.uniform(0, 0.005), lambda: rng.uniform(0, 0.005))
+    per_window = Counter(math.floor(a) for a in arrived)
+    assert max(per_window.values()) <= 20
+    assert per_window[0] >= 18
+    assert max(released) < 5.0  # a window sooner: from 1.05 s on, the last of 100 left in window 5
+    assert all(t - math.floor(t) < 0.95 for t in released)  # never in the last ``lead`` (margin / 4)
+
+
+@pytest.mark.parametrize("jitter", [0.005, 0.05, 0.1, 0.2])
+def test_first_window_edge_releases_answered_late_take_slots_of_the_next_window(jitter: float) -> None:
+    """Released in the first window's edge, a request whose answer has not come ``lead`` before the window's end
+    may be counted in the next window: it takes one of that window's N. Never more than N in a server window,
+    wherever the run begins and whatever the jitter."""
+    for seed, ready in itertools.product(range(3), (0.55, 0.7, 0.78, 0.8, 0.85, 0.9, 0.94, 0.96)):
+        delay = functools.partial(random.Random(seed).uniform, 0, jitter)
+        _, arrived = _served(ready, 80, delay, delay)
+        assert max(Counter(math.floor(a) for a in arrived).values()) <= 20, (seed, ready)
+
+
+def test_first_window_edge_releases_are_held_against_the_next_window_before_any_answer() -> None:
+    """Every request reaches the server 0.16 s after its release, and no answer comes before the next window
+    opens: the run begins at 0.78 s and its releases in the edge (0.8-0.95 s) all arrive in the next window, which takes them into account though
+    no answer was reported yet (the later windows' late releases are held only once answers are reported)."""
+    released, arrived = _served(0.78, 80, lambda: 0.16, lambda: 0.6, workers=40)
+    assert max(Counter(math.floor(a) for a in arrived).values()) <= 20  # 27 in window 1 if they were not held
+    assert sum(1 for t in released if 0.8 <= t < 1.0) > 0  # the edge was used
+
+
+def test_the_runs_last_attempts_come_four_times_closer_from_the_next_slot_on() -> None:
+    """``finishing()``: only the run's last attempts are left, so they go four times closer than the nominal
+    spacing — from the next slot on (none that the closer spacing would have placed earlier goes at once), at
+    most N a window — and new work (``finishing(False)``) brings the nominal spacing back."""
+    budget = RateBudget(RateBudgetSpec(10, 1.0), tail=0.1, lead=0.02, wall_offset=0.0)
+    nominal = 0.88 * 0.5 / 10
+
+    async def scenario() -> list[float]:
+        times = await _release_times(budget, 13)  # window 0, then three of window 1
+        budget.finishing()
+        times += await _release_times(budget, 10)  # the rest of window 1, then three of window 2
+        budget.finishing(False)
+        return times + await _release_times(budget, 3)
+
+    times = sorted(run_virtual(scenario()))
+    assert Counter(math.floor(t) for t in times) == {0: 10, 1: 10, 2: 6}
+    in_one, in_two = times[10:20], times[20:]
+    # The slot after finishing() stays where it was (a nominal spacing on); the ones after it are closer.
+    assert [b - a for a, b in itertools.pairwise(in_one)] == pytest.approx([nominal] * 3 + [nominal / 4] * 6)
+    # The slot after finishing(False) stays where the closer spacing put it; the ones after it are nominal.
+    assert [b - a for a, b in itertools.pairwise(in_two)] == pytest.approx([nominal / 4] * 3 + [nominal] * 2)
+
+
+def test_a_group_closes_up_its_slots_once_every_endpoint_it_holds_is_finishing() -> None:
+    """A group's slots come closer only when none of its endpoints has batches left to take; a new endpoint
+    of the group (new work) brings the nominal spacing back."""
+    group = BudgetGroupSpec("account", RateBudgetSpec(10, 1.0, margin=0.1), ("*",))
+
+    async def scenario() -> tuple[float, float, float]:
+        pool = BudgetPool({}, (group,), wall_offset=0.0)
+        a, b = pool.budget("a"), pool.budget("b")
+        for _ in range(2):
+            await a.acquire()
+            await b.acquire()
+        loop = asyncio.get_running_loop()
+        b.finishing()
+        before = loop.time()
+        await a.acquire()  # a still has work: the nominal spacing
+        nominal = loop.time() - before
+        a.finishing()
+        await a.acquire()  # the next slot stays where it was
+        before = loop.time()
+        await a.acquire()
+        closer = loop.time() - before
+        pool.budget("c")  # a new endpoint of the group: new work
+        await a.acquire()  # the next slot stays where it was
+        before = loop.time()
+        await a.acquire()
+        return nominal, closer, loop.time() - before
+
+    nominal, closer, again = run_virtual(scenario())
+    assert nominal == pytest.approx(0.875 * 0.5 / 10)
+    assert closer == pytest.approx(nominal / 4)
+    assert again == pytest.approx(nominal)
 
 
 def test_only_the_budgets_first_window_is_filled_from_where_it_begins() -> None:

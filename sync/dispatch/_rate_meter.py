@@ -148,7 +148,10 @@ class RateMeter:
         "_decrease",
         "_decreases",
         "_discover_period",
+        "_edge_count",
+        "_edge_from",
         "_eval_window",
+        "_finishing",
         "_fixed_lead",
         "_grid",
         "_history",
@@ -170,6 +173,7 @@ class RateMeter:
         "_pauses",
         "_per_window",
         "_period",
+        "_prev_edge_from",
         "_prev_late_from",
         "_rate",
         "_rate_limited",
@@ -179,6 +183,7 @@ class RateMeter:
         "_starved",
         "_tail",
         "_time",
+        "_w_first",
         "_w_late",
         "_w_n",
         "_w_records",
@@ -252,6 +257,12 @@ class RateMeter:
         self._late_count: int = 0
         self._answered: int = 0
         self._spill: int = 0  # late releases of the window before with no answer by that window's start
+        # The budget's first window also sends in its edge, past its zone's end (see earliest()): where that
+        # edge began, the same for the window before, and how many were released there (each takes a slot of
+        # the next window unless its answer came before the edge, answers reported or not).
+        self._edge_from: float = math.inf
+        self._prev_edge_from: float = math.inf
+        self._edge_count: int = 0
         self._answers_seen: bool = False  # answers are reported (answered()): only then is _spill counted
         self._anchor: float = -math.inf  # time of that window's first release: its slots count from here
         self._paused_until: float = -math.inf  # no release before this (Retry-After / window reset)
@@ -278,6 +289,8 @@ class RateMeter:
         # The budget's first window: the part of its sending zone left at the first release, over whose first
         # half its N slots are spread (inf: every other window spreads them over its whole zone's first half).
         self._w_span: float = math.inf
+        self._w_first: bool = False  # the current window is the budget's first (it may send in its edge)
+        self._finishing: bool = False  # only the run's last attempts are left (set_finishing()): slots closer
         self._w_records: deque[WindowUse] = deque(maxlen=_WINDOW_RECORDS)
         # The last window _window_bounds computed, and the interior of it where a time needs no division (a
         # request asks for its window about ten times: a budget far above what is sent must cost nothing).
@@ -417,16 +430,56 @@ class RateMeter:
             if k == self._window:
                 count, room = self._count, n - self._spill
                 slot = max(t, self._anchor + self._count * spacing)
+                edge = self._w_first
             else:
                 count, slot = 0, max(t, zone_start)
-                carried = (
-                    self._late_count - self._answered if self._answers_seen and k == self._window + 1 else 0
-                )
-                room = n - max(0, carried)
+                room = n - (self._carried() if k == self._window + 1 else 0)
+                # Before the run's first release, the window it begins in is the budget's first.
+                edge = self._window < 0 and not self._paused_until > self._last_release
+            if edge:
+                # The budget's first window also sends in its edge, past its zone's end, until ``lead`` before
+                # the window's end: a request released there whose answer has not come by then may be counted
+                # by the server in the next window, so it takes one of the next window's N (see _carried).
+                # Those answered in time were the run's gain: a run ready after its first window's zone ended
+                # (or still making its first batches there) sent nothing in that window.
+                zone_end = max(zone_end, start + self._period - self._lead)
             if count < room and slot < zone_end:
                 return slot
             t = max(t, start + self._period + self._lead)
         return t
+
+    def _carried(self) -> int:
+        """Slots of the window after the current one taken by the current window's late releases that may reach
+        the server after its edge: those released in its zone's second half with no answer by the edge (only
+        once answers are reported: a caller that never reports them would otherwise lose those slots in
+        every window), and in any case those released in the first window's edge with no answer by ``lead``
+        before it."""
+        if self._answers_seen:
+            return max(0, self._late_count - self._answered)
+        return self._edge_count
+
+    def set_finishing(self, on: bool) -> None:
+        """Only the run's last attempts are left for this budget (every batch of its endpoints was taken by a
+        worker: the attempts in flight, their retries and splits), or (``on=False``) new work came after all.
+
+        The rest of the run then fits in as few windows as the budget allows: the slots come up to
+        ``_FIRST_SQUEEZE`` times closer than nominal, as in the run's first window, so the last window's few
+        requests leave at its start instead of spread over half of it (the run ends when they are answered).
+        Still never more than N per window nor a slot outside its zone; the next slot stays where it was."""
+        if on == self._finishing:
+            return
+        if self._aligned and self._rate is not None and self._window >= 0:
+            n = self._n()
+            upcoming = self._anchor + self._count * self._slot_spacing(n)
+            if self._time is not None:
+                # A slot already due stays due, but the closer slots start from now: no catching up at once
+                # what the closer spacing would have placed before now.
+                upcoming = max(upcoming, self._time())
+            self._finishing = on
+            self._anchor = upcoming - self._count * self._slot_spacing(n)
+        else:
+            self._finishing = on
+        self._changed()
 
     def _nominal_spacing(self) -> float:
         n = self._n()
@@ -440,8 +493,11 @@ class RateMeter:
     def _slot_spacing(self, n: int) -> float:
         """The gap between the slots of the current window: nominal, but in the budget's first window, which
         spreads its N slots over the first half of what was left of its zone at the first release (a run that
-        begins mid-window fills that window too, evenly), at most ``_FIRST_SQUEEZE`` times closer."""
+        begins mid-window fills that window too, evenly), at most ``_FIRST_SQUEEZE`` times closer; and
+        ``_FIRST_SQUEEZE`` times closer once only the run's last attempts are left (:meth:`set_finishing`)."""
         nominal = self._spacing(n)
+        if self._finishing:
+            return nominal / _FIRST_SQUEEZE
         if self._w_span == math.inf:
             return nominal
         return max(nominal / _FIRST_SQUEEZE, min(nominal, self._w_span * (1 - _SLACK) / n))
@@ -493,12 +549,18 @@ class RateMeter:
                 # is left of its zone, so a run that begins mid-window still sends its N there (evenly, not as
                 # a burst; the second half of what is left is room to catch up, as in every window). Each
                 # request the first window leaves unsent puts the run's end a spacing later.
-                zone_left = start + self._period - self._tail - now
-                self._w_span = zone_left if first and not after_pause and zone_left > 0 else math.inf
-                busy_before = self._window == k - 1 and self._answers_seen
-                self._spill = max(0, self._late_count - self._answered) if busy_before else 0
-                self._prev_late_from = self._late_from
+                # A run that begins in the edge of its first window, past the zone's end (see earliest()),
+                # spreads them over the first half of what is left of the edge, as closely as anywhere.
+                zone_end = start + self._period - self._tail
+                zone_left = zone_end - now
+                edge_left = start + self._period - self._lead - now
+                self._w_first = first and not after_pause
+                left = zone_left if zone_left > 0 else edge_left
+                self._w_span = left if self._w_first and left > 0 else math.inf
+                self._spill = self._carried() if self._window == k - 1 else 0
+                self._prev_late_from, self._prev_edge_from = self._late_from, self._edge_from
                 self._late_from = start + self._lead + (self._period - self._lead - self._tail) * (1 - _SLACK)
+                self._edge_from, self._edge_count = (zone_end if self._w_first else math.inf), 0
                 self._window, self._count, self._answered, self._late_count = k, 0, 0, 0
                 self._w_late, self._w_n, self._w_tail = 0.0, n, self._tail
             elif after_pause:
@@ -508,6 +570,12 @@ class RateMeter:
                 self._w_late = max(self._w_late, now - max(slot, since))
             self._count += 1
             self._late_count += now >= self._late_from
+            if self._w_first:
+                # Past the zone's end in force now (the learned margin may have moved it): in the edge.
+                zone_end = self._window_bounds(now)[1] + self._period - self._tail
+                if now >= zone_end - _EPS:
+                    self._edge_count += 1
+                    self._edge_from = min(self._edge_from, zone_end)
         else:
             spacing = (self._period + self._tail) / n
             # On time (or a little late): keep the grid, so timer lateness is not carried forward.
@@ -682,11 +750,23 @@ class RateMeter:
         k = self._window_bounds(released_at + _EPS)[0]
         if self._window_bounds(max(received, released_at) + _EPS)[0] != k:
             return  # received after its window's edge: it may have been counted in the next one
-        if k == self._window and released_at >= self._late_from - _EPS:
+        current = k == self._window
+        if not (current or (k == self._window - 1 and self._spill > 0)):
+            return
+        if released_at < (self._late_from if current else self._prev_late_from) - _EPS:
+            return  # a regular release: it never took a slot of the next window
+        if released_at >= (self._edge_from if current else self._prev_edge_from) - _EPS:
+            # Released in the first window's edge: its answer must have come ``lead`` before the edge, so it
+            # surely arrived in its window even if the server's clock is ahead of ours by up to ``lead``.
+            if received > self._window_bounds(released_at + _EPS)[1] + self._period - self._lead + _EPS:
+                return
+            if current:
+                self._edge_count -= 1
+        if current:
             self._answered += 1
             if self._count >= self._n():
                 self._changed()  # the next window's room grew: a timer may be set past it
-        elif k == self._window - 1 and self._spill > 0 and released_at >= self._prev_late_from - _EPS:
+        else:
             self._spill -= 1  # held for nothing: it arrived in its own window
             self._changed()
 

@@ -142,13 +142,14 @@ async def clock_sleep(clock: Clock, delay: float) -> None:
 class _Lane:
     """The attempts waiting for one endpoint (FIFO) and the meters each of them needs."""
 
-    __slots__ = ("closed", "meters", "name", "waiters")
+    __slots__ = ("closed", "finishing", "meters", "name", "waiters")
 
     def __init__(self, name: str, meters: tuple[RateMeter, ...]) -> None:
         self.name = name
         self.meters = meters  # the endpoint's own budget (if any) and every group holding it
         self.waiters: deque[tuple[asyncio.Future[None], float]] = deque()  # (waiter, since when it waits)
         self.closed = False  # set by close(): waiters fail with BudgetClosedError
+        self.finishing = False  # only the endpoint's last attempts are left (see RateMeter.set_finishing)
 
     def earliest(self, now: float) -> float:
         """Earliest time every meter allows the next release (a common fixed point of their schedules)."""
@@ -190,8 +191,16 @@ class _Scheduler:
             if id(meter) not in self._bound:
                 self._bound.add(id(meter))
                 meter.bind(self._clock.time, self.schedule)
+            meter.set_finishing(False)  # a group's new endpoint brings new work
         self._lanes.append(lane)
         return lane
+
+    def finishing(self, lane: _Lane, on: bool) -> None:
+        """Only ``lane``'s last attempts are left (``on``), or new work came for it after all: each of its meters
+        closes up its slots (:meth:`RateMeter.set_finishing`) once every lane it limits is finishing."""
+        lane.finishing = on
+        for meter in lane.meters:
+            meter.set_finishing(on and all(other.finishing for other in self._lanes if meter in other.meters))
 
     async def acquire(self, lane: _Lane) -> None:
         if lane.closed:
@@ -368,6 +377,12 @@ class RateBudget(RateMeter):
         sched, lane = self._lane_of()
         sched.close(lane)
 
+    def finishing(self, on: bool = True) -> None:
+        """Only the run's last attempts are left (``on=False``: new work came after all); see
+        :meth:`RateMeter.set_finishing`."""
+        sched, lane = self._lane_of()
+        sched.finishing(lane, on)
+
     @property
     def closed(self) -> bool:
         """True once :meth:`close` was called."""
@@ -416,6 +431,12 @@ class EndpointBudget:
     def close(self) -> None:
         """Fail every waiter and every later acquire (the run is aborting)."""
         self._sched.close(self._lane)
+
+    def finishing(self, on: bool = True) -> None:
+        """Every batch for this endpoint was taken by a worker: only their attempts (retries, splits) are left;
+        ``on=False``: new batches came after all. See :meth:`RateMeter.set_finishing` (groups: once every endpoint
+        they hold is finishing)."""
+        self._sched.finishing(self._lane, on)
 
     def on_rate_limited(self, retry_after: float | None, remaining: int | None = None) -> float:
         """A 429: the endpoint and every group holding it pause (the server does not say which limit it hit)."""
