@@ -17,6 +17,7 @@ from hypothesis import strategies as st
 from vtime import run_virtual
 
 from sync.config import BudgetGroupSpec, RateBudgetSpec, load_job
+from sync.dispatch._rate_meter import RateMeter
 from sync.dispatch.budget import BudgetPool, RateBudget, clock_sleep
 from sync.errors import BadJobError
 
@@ -161,6 +162,31 @@ def test_first_window_edge_releases_are_held_against_the_next_window_before_any_
     released, arrived = _served(0.78, 80, lambda: 0.16, lambda: 0.6, workers=40)
     assert max(Counter(math.floor(a) for a in arrived).values()) <= 20  # 27 in window 1 if they were not held
     assert sum(1 for t in released if 0.8 <= t < 1.0) > 0  # the edge was used
+
+
+def test_a_late_read_answer_gives_back_only_a_slot_that_was_held() -> None:
+    """No answer came before the next window opened: only the first window's edge releases were held there. An
+    answer then read late (received before the edge, read after a stall) to a release before the edge gives no
+    slot back — it held none — so the next window still allows only N less the edge's releases."""
+    meter = RateMeter(RateBudgetSpec(20, 1.0), wall_offset=0.0)  # default margin 0.2: zone 0.05-0.8
+    now = [0.77]
+    meter.bind(lambda: now[0])
+    released: list[float] = []
+
+    def release_until(end: float) -> None:
+        while (at := meter.earliest(now[0])) < end:
+            now[0] = at
+            meter.release(at, waited=False)
+            released.append(at)
+        now[0] = at
+
+    release_until(1.0)
+    in_edge = sum(1 for t in released if 0.8 <= t < 1.0)
+    assert 0 < in_edge < 20 and len(released) == 20
+    release_until(now[0] + 1e-6)  # window 1's first release
+    meter.answered(0.77, 0.78)  # the run's first release, answered before the edge, read only now
+    release_until(2.0)
+    assert sum(1 for t in released if 1.0 <= t < 2.0) == 20 - in_edge
 
 
 def test_the_runs_last_attempts_come_four_times_closer_from_the_next_slot_on() -> None:

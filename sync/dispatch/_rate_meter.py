@@ -559,6 +559,9 @@ class RateMeter:
                 self._w_span = left if self._w_first and left > 0 else math.inf
                 self._spill = self._carried() if self._window == k - 1 else 0
                 self._prev_late_from, self._prev_edge_from = self._late_from, self._edge_from
+                if not self._answers_seen:
+                    # Only the edge's releases were held: only an answer to one of them gives a slot back.
+                    self._prev_late_from = self._edge_from
                 self._late_from = start + self._lead + (self._period - self._lead - self._tail) * (1 - _SLACK)
                 self._edge_from, self._edge_count = (zone_end if self._w_first else math.inf), 0
                 self._window, self._count, self._answered, self._late_count = k, 0, 0, 0
