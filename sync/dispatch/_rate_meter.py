@@ -110,13 +110,15 @@ class LatencyLearner:
     that the endpoint meters of its members would refuse.
     """
 
-    __slots__ = ("_samples", "_since", "p99")
+    __slots__ = ("_samples", "_since", "p99", "slowest")
 
     def __init__(self) -> None:
         self._samples: deque[float] = deque(maxlen=_MARGIN_SAMPLES)  # the newest latencies
         self._since = 0  # latencies observed since p99 was last recomputed
         self.p99: float | None = None
         """The p99 of the kept latencies; None until enough were observed."""
+        self.slowest: float | None = None
+        """The longest latency observed so far; None before the first (bounds the first window's edge)."""
 
     def observe(self, latency: float) -> bool:
         """Keep one latency; True when :attr:`p99` was recomputed."""
@@ -124,6 +126,7 @@ class LatencyLearner:
             return False
         self._samples.append(latency)
         self._since += 1
+        self.slowest = latency if self.slowest is None else max(self.slowest, latency)
         if len(self._samples) < _MARGIN_MIN_SAMPLES or self._since < _MARGIN_EVERY:
             return False
         self._since = 0
@@ -436,13 +439,13 @@ class RateMeter:
                 room = n - (self._carried() if k == self._window + 1 else 0)
                 # Before the run's first release, the window it begins in is the budget's first.
                 edge = self._window < 0 and not self._paused_until > self._last_release
-            if edge:
-                # The budget's first window also sends in its edge, past its zone's end, until ``lead`` before
-                # the window's end: a request released there whose answer has not come by then may be counted
-                # by the server in the next window, so it takes one of the next window's N (see _carried).
-                # Those answered in time were the run's gain: a run ready after its first window's zone ended
-                # (or still making its first batches there) sent nothing in that window.
-                zone_end = max(zone_end, start + self._period - self._lead)
+            if edge and self._learn and self._learner.slowest is not None:
+                # The budget's first window also sends in its edge, past its zone's end (the default margin
+                # until enough answers taught one), up to where a request would be answered ``lead`` before the
+                # window's end if it took as long as the slowest answer so far. One whose answer has not come by
+                # then may be counted by the server in the next window: it takes one of that window's N (see
+                # _carried). Before any answer nothing says how long they take: no edge.
+                zone_end = max(zone_end, start + self._period - self._lead - self._learner.slowest)
             if count < room and slot < zone_end:
                 return slot
             t = max(t, start + self._period + self._lead)
@@ -553,7 +556,8 @@ class RateMeter:
                 # spreads them over the first half of what is left of the edge, as closely as anywhere.
                 zone_end = start + self._period - self._tail
                 zone_left = zone_end - now
-                edge_left = start + self._period - self._lead - now
+                slowest = self._learner.slowest if self._learn else None
+                edge_left = start + self._period - self._lead - slowest - now if slowest is not None else 0.0
                 self._w_first = first and not after_pause
                 left = zone_left if zone_left > 0 else edge_left
                 self._w_span = left if self._w_first and left > 0 else math.inf

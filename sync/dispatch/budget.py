@@ -25,10 +25,10 @@ instant, so it is counted in the same window everywhere. Design (figures in ``do
   its N slots are spread, evenly, over the first half of what was left of its zone at the run's first release,
   so a run whose plan is ready mid-window still sends N there (each request it left unsent put the run's end
   one spacing later) — never more than N, and never closer than a quarter of the nominal spacing (no burst of
-  N when the run begins just before the zone's end). It also sends in its edge, past the zone's end until
-  ``lead`` before the window's end: each request released there whose answer has not come by then takes one
-  of the next window's N, answers reported or not (the default margin, before anything is learned, kept a
-  run ready in the last fifth of its first window from sending in it at all).
+  N when the run begins just before the zone's end). Once the run's first answers came, it also sends in its
+  edge, past the zone's end (the default margin: nothing learned yet) up to where a request as slow as the
+  slowest answer so far is answered ``lead`` before the window's end; each request released there whose
+  answer has not come by then takes one of the next window's N, this budget's answers reported yet or not.
 * **The run's last attempts come closer**: once every batch of an endpoint was taken by a worker
   (:meth:`EndpointBudget.finishing`, from the dispatcher), its budget's slots — a group's once every endpoint
   it holds is finishing — come four times closer than nominal, so the last window's requests leave at its
