@@ -232,7 +232,8 @@ class BatchSender:
         """Every batch of ``endpoint``'s lane (None: of a plain plan's phase, every endpoint) was taken by a
         worker (``on``): only their attempts are left, and its budget closes up the slots that remain, so the
         run's last window ends sooner (:meth:`sync.dispatch.budget.EndpointBudget.finishing`); ``on=False``: a
-        lane of the endpoint starts (a later phase). Budgets made elsewhere (``budget_factory``) are left alone."""
+        lane of the endpoint starts (a later phase). Other budgets (the coordinated workers' shared ones) are
+        left as they are."""
         names = list(self._endpoints) if endpoint is None else [endpoint]
         for name in names:
             ep = self._endpoints.get(name)
