@@ -151,9 +151,9 @@ class RateMeter:
         "_decrease",
         "_decreases",
         "_discover_period",
-        "_edge_count",
         "_edge_from",
         "_eval_window",
+        "_expect_answers",
         "_finishing",
         "_fixed_lead",
         "_grid",
@@ -216,6 +216,7 @@ class RateMeter:
         max_pause: float = 300.0,
         discover_period: float = 1.0,
         learner: LatencyLearner | None = None,
+        expect_answers: bool = False,
     ) -> None:
         if spec is not None and (spec.requests < 1 or spec.period <= 0):
             raise ValueError(f"rate budget needs requests >= 1 and period > 0, got {spec}")
@@ -261,12 +262,14 @@ class RateMeter:
         self._answered: int = 0
         self._spill: int = 0  # late releases of the window before with no answer by that window's start
         # The budget's first window also sends in its edge, past its zone's end (see earliest()): where that
-        # edge began, the same for the window before, and how many were released there (each takes a slot of
-        # the next window unless its answer came before the edge, answers reported or not).
+        # edge began, and the same for the window before (an answer to a release there counts only if it came
+        # ``lead`` before the window's end).
         self._edge_from: float = math.inf
         self._prev_edge_from: float = math.inf
-        self._edge_count: int = 0
         self._answers_seen: bool = False  # answers are reported (answered()): only then is _spill counted
+        # The caller reports every answer (a BudgetPool: the dispatcher does): the first window's late releases
+        # are then held against the next window even before the first answer came (see _carried()).
+        self._expect_answers: bool = expect_answers
         self._anchor: float = -math.inf  # time of that window's first release: its slots count from here
         self._paused_until: float = -math.inf  # no release before this (Retry-After / window reset)
         self._pauses: deque[tuple[float, float]] = deque(maxlen=64)  # recent pauses (from, until): WindowUse
@@ -439,7 +442,7 @@ class RateMeter:
                 room = n - (self._carried() if k == self._window + 1 else 0)
                 # Before the run's first release, the window it begins in is the budget's first.
                 edge = self._window < 0 and not self._paused_until > self._last_release
-            if edge and self._learn and self._learner.slowest is not None:
+            if edge and self._learn and self._learner.slowest is not None and self._holds_unanswered():
                 # The budget's first window also sends in its edge, past its zone's end (the default margin
                 # until enough answers taught one), up to where a request would be answered ``lead`` before the
                 # window's end if it took as long as the slowest answer so far. One whose answer has not come by
@@ -451,15 +454,26 @@ class RateMeter:
             t = max(t, start + self._period + self._lead)
         return t
 
+    def _holds_unanswered(self) -> bool:
+        """Whether the current window's late releases with no answer by its edge take slots of the next window
+        (see :meth:`_carried`): the first window's edge opens only then."""
+        return (
+            self._answers_seen
+            or (self._w_first and self._expect_answers)
+            or (self._window < 0 and self._expect_answers)
+        )
+
     def _carried(self) -> int:
         """Slots of the window after the current one taken by the current window's late releases that may reach
-        the server after its edge: those released in its zone's second half with no answer by the edge (only
-        once answers are reported: a caller that never reports them would otherwise lose those slots in
-        every window), and in any case those released in the first window's edge with no answer by ``lead``
-        before it."""
-        if self._answers_seen:
+        the server after its edge: those released in its zone's second half (or its edge) with no answer by the
+        edge (``lead`` before it, in the edge). Only once answers are reported (a caller that never reports
+        them would otherwise lose those slots in every window) — but in the budget's first window, when the
+        caller is known to report them (``expect_answers``), also before the first answer came: the run's first
+        requests may take longest (a new connection, a cold server: measured, one released at the zone's end
+        of a run's first window arrived after the edge before any answer came, 21 in the next window, a 429)."""
+        if self._answers_seen or (self._w_first and self._expect_answers):
             return max(0, self._late_count - self._answered)
-        return self._edge_count
+        return 0
 
     def set_finishing(self, on: bool) -> None:
         """Only the run's last attempts are left for this budget (every batch of its endpoints was taken by a
@@ -558,16 +572,13 @@ class RateMeter:
                 zone_left = zone_end - now
                 slowest = self._learner.slowest if self._learn else None
                 edge_left = start + self._period - self._lead - slowest - now if slowest is not None else 0.0
+                self._spill = self._carried() if self._window == k - 1 else 0  # (the window before's)
                 self._w_first = first and not after_pause
                 left = zone_left if zone_left > 0 else edge_left
                 self._w_span = left if self._w_first and left > 0 else math.inf
-                self._spill = self._carried() if self._window == k - 1 else 0
                 self._prev_late_from, self._prev_edge_from = self._late_from, self._edge_from
-                if not self._answers_seen:
-                    # Only the edge's releases were held: only an answer to one of them gives a slot back.
-                    self._prev_late_from = self._edge_from
                 self._late_from = start + self._lead + (self._period - self._lead - self._tail) * (1 - _SLACK)
-                self._edge_from, self._edge_count = (zone_end if self._w_first else math.inf), 0
+                self._edge_from = zone_end if self._w_first else math.inf
                 self._window, self._count, self._answered, self._late_count = k, 0, 0, 0
                 self._w_late, self._w_n, self._w_tail = 0.0, n, self._tail
             elif after_pause:
@@ -581,7 +592,6 @@ class RateMeter:
                 # Past the zone's end in force now (the learned margin may have moved it): in the edge.
                 zone_end = self._window_bounds(now)[1] + self._period - self._tail
                 if now >= zone_end - _EPS:
-                    self._edge_count += 1
                     self._edge_from = min(self._edge_from, zone_end)
         else:
             spacing = (self._period + self._tail) / n
@@ -762,13 +772,14 @@ class RateMeter:
             return
         if released_at < (self._late_from if current else self._prev_late_from) - _EPS:
             return  # a regular release: it never took a slot of the next window
-        if released_at >= (self._edge_from if current else self._prev_edge_from) - _EPS:
-            # Released in the first window's edge: its answer must have come ``lead`` before the edge, so it
-            # surely arrived in its window even if the server's clock is ahead of ours by up to ``lead``.
-            if received > self._window_bounds(released_at + _EPS)[1] + self._period - self._lead + _EPS:
-                return
-            if current:
-                self._edge_count -= 1
+        # Released in the first window's edge: its answer must have come ``lead`` before the edge, so it surely
+        # arrived in its window even if the server's clock is ahead of ours by up to ``lead``.
+        in_edge = released_at >= (self._edge_from if current else self._prev_edge_from) - _EPS
+        if (
+            in_edge
+            and received > self._window_bounds(released_at + _EPS)[1] + self._period - self._lead + _EPS
+        ):
+            return
         if current:
             self._answered += 1
             if self._count >= self._n():

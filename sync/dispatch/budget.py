@@ -307,7 +307,9 @@ class RateBudget(RateMeter):
     (default: the spec's) releases per clock-aligned window; ``tail`` fixes the margin at a window's end
     (default: the spec's ``margin``, else learned from latencies); ``lead`` the margin at its start (default
     ``tail / 4``); ``wall_offset`` is wall-clock time minus ``clock.time()`` (measured when None), which places
-    the windows on the server's clock. For endpoints that share budget groups, use a :class:`BudgetPool`.
+    the windows on the server's clock; ``expect_answers``: every answer will be reported (:meth:`observe`), so
+    the first window's late releases are held against the next window even before the first answer (and its
+    edge may be used). For endpoints that share budget groups, use a :class:`BudgetPool`.
     """
 
     __slots__ = ("_clock", "_lane", "_sched")
@@ -324,6 +326,7 @@ class RateBudget(RateMeter):
         decrease: float = 0.7,
         max_pause: float = 300.0,
         discover_period: float = 1.0,
+        expect_answers: bool = False,
     ) -> None:
         super().__init__(
             spec,
@@ -334,6 +337,7 @@ class RateBudget(RateMeter):
             decrease=decrease,
             max_pause=max_pause,
             discover_period=discover_period,
+            expect_answers=expect_answers,
         )
         self._clock: Clock | None = clock  # None: the running loop, looked up on first use
         self._sched: _Scheduler | None = None
@@ -503,7 +507,12 @@ class BudgetPool:
         self._learner = LatencyLearner()
         self._groups: dict[str, RateMeter] = {
             g.name: RateMeter(
-                g.budget, name=g.name, max_pause=max_pause, wall_offset=wall_offset, learner=self._learner
+                g.budget,
+                name=g.name,
+                max_pause=max_pause,
+                wall_offset=wall_offset,
+                learner=self._learner,
+                expect_answers=True,  # the dispatcher reports every answer (EndpointBudget.observe)
             )
             for g in self._group_specs
         }
@@ -531,6 +540,7 @@ class BudgetPool:
                     max_pause=self._max_pause,
                     wall_offset=self._wall_offset,
                     learner=self._learner,
+                    expect_answers=True,
                 )
                 if spec is not None or not groups
                 else None
