@@ -110,13 +110,15 @@ class LatencyLearner:
     that the endpoint meters of its members would refuse.
     """
 
-    __slots__ = ("_samples", "_since", "p99")
+    __slots__ = ("_samples", "_since", "p99", "slowest")
 
     def __init__(self) -> None:
         self._samples: deque[float] = deque(maxlen=_MARGIN_SAMPLES)  # the newest latencies
         self._since = 0  # latencies observed since p99 was last recomputed
         self.p99: float | None = None
         """The p99 of the kept latencies; None until enough were observed."""
+        self.slowest: float | None = None
+        """The longest latency observed so far; None before the first (bounds the first window's edge)."""
 
     def observe(self, latency: float) -> bool:
         """Keep one latency; True when :attr:`p99` was recomputed."""
@@ -124,6 +126,7 @@ class LatencyLearner:
             return False
         self._samples.append(latency)
         self._since += 1
+        self.slowest = latency if self.slowest is None else max(self.slowest, latency)
         if len(self._samples) < _MARGIN_MIN_SAMPLES or self._since < _MARGIN_EVERY:
             return False
         self._since = 0
@@ -148,7 +151,10 @@ class RateMeter:
         "_decrease",
         "_decreases",
         "_discover_period",
+        "_edge_from",
         "_eval_window",
+        "_expect_answers",
+        "_finishing",
         "_fixed_lead",
         "_grid",
         "_history",
@@ -170,6 +176,7 @@ class RateMeter:
         "_pauses",
         "_per_window",
         "_period",
+        "_prev_edge_from",
         "_prev_late_from",
         "_rate",
         "_rate_limited",
@@ -179,6 +186,7 @@ class RateMeter:
         "_starved",
         "_tail",
         "_time",
+        "_w_first",
         "_w_late",
         "_w_n",
         "_w_records",
@@ -208,6 +216,7 @@ class RateMeter:
         max_pause: float = 300.0,
         discover_period: float = 1.0,
         learner: LatencyLearner | None = None,
+        expect_answers: bool = False,
     ) -> None:
         if spec is not None and (spec.requests < 1 or spec.period <= 0):
             raise ValueError(f"rate budget needs requests >= 1 and period > 0, got {spec}")
@@ -252,7 +261,15 @@ class RateMeter:
         self._late_count: int = 0
         self._answered: int = 0
         self._spill: int = 0  # late releases of the window before with no answer by that window's start
+        # The budget's first window also sends in its edge, past its zone's end (see earliest()): where that
+        # edge began, and the same for the window before (an answer to a release there counts only if it came
+        # ``lead`` before the window's end).
+        self._edge_from: float = math.inf
+        self._prev_edge_from: float = math.inf
         self._answers_seen: bool = False  # answers are reported (answered()): only then is _spill counted
+        # The caller reports every answer (a BudgetPool: the dispatcher does): the first window's late releases
+        # are then held against the next window even before the first answer came (see _carried()).
+        self._expect_answers: bool = expect_answers
         self._anchor: float = -math.inf  # time of that window's first release: its slots count from here
         self._paused_until: float = -math.inf  # no release before this (Retry-After / window reset)
         self._pauses: deque[tuple[float, float]] = deque(maxlen=64)  # recent pauses (from, until): WindowUse
@@ -278,6 +295,8 @@ class RateMeter:
         # The budget's first window: the part of its sending zone left at the first release, over whose first
         # half its N slots are spread (inf: every other window spreads them over its whole zone's first half).
         self._w_span: float = math.inf
+        self._w_first: bool = False  # the current window is the budget's first (it may send in its edge)
+        self._finishing: bool = False  # only the run's last attempts are left (set_finishing()): slots closer
         self._w_records: deque[WindowUse] = deque(maxlen=_WINDOW_RECORDS)
         # The last window _window_bounds computed, and the interior of it where a time needs no division (a
         # request asks for its window about ten times: a budget far above what is sent must cost nothing).
@@ -417,16 +436,67 @@ class RateMeter:
             if k == self._window:
                 count, room = self._count, n - self._spill
                 slot = max(t, self._anchor + self._count * spacing)
+                edge = self._w_first
             else:
                 count, slot = 0, max(t, zone_start)
-                carried = (
-                    self._late_count - self._answered if self._answers_seen and k == self._window + 1 else 0
-                )
-                room = n - max(0, carried)
+                room = n - (self._carried() if k == self._window + 1 else 0)
+                # Before the run's first release, the window it begins in is the budget's first.
+                edge = self._window < 0 and not self._paused_until > self._last_release
+            if edge and self._learn and self._learner.slowest is not None and self._holds_unanswered():
+                # The budget's first window also sends in its edge, past its zone's end (the default margin
+                # until enough answers taught one), up to where a request would be answered ``lead`` before the
+                # window's end if it took as long as the slowest answer so far. One whose answer has not come by
+                # then may be counted by the server in the next window: it takes one of that window's N (see
+                # _carried). Before any answer nothing says how long they take: no edge.
+                zone_end = max(zone_end, start + self._period - self._lead - self._learner.slowest)
             if count < room and slot < zone_end:
                 return slot
             t = max(t, start + self._period + self._lead)
         return t
+
+    def _holds_unanswered(self) -> bool:
+        """Whether the current window's late releases with no answer by its edge take slots of the next window
+        (see :meth:`_carried`): the first window's edge opens only then."""
+        return (
+            self._answers_seen
+            or (self._w_first and self._expect_answers)
+            or (self._window < 0 and self._expect_answers)
+        )
+
+    def _carried(self) -> int:
+        """Slots of the window after the current one taken by the current window's late releases that may reach
+        the server after its edge: those released in its zone's second half (or its edge) with no answer by the
+        edge (``lead`` before it, in the edge). Only once answers are reported (a caller that never reports
+        them would otherwise lose those slots in every window) — but in the budget's first window, when the
+        caller is known to report them (``expect_answers``), also before the first answer came: the run's first
+        requests may take longest (a new connection, a cold server: measured, one released at the zone's end
+        of a run's first window arrived after the edge before any answer came, 21 in the next window, a 429)."""
+        if self._answers_seen or (self._w_first and self._expect_answers):
+            return max(0, self._late_count - self._answered)
+        return 0
+
+    def set_finishing(self, on: bool) -> None:
+        """Only the run's last attempts are left for this budget (every batch of its endpoints was taken by a
+        worker: the attempts in flight, their retries and splits), or (``on=False``) new work came after all.
+
+        The rest of the run then fits in as few windows as the budget allows: the slots come up to
+        ``_FIRST_SQUEEZE`` times closer than nominal, as in the run's first window, so the last window's few
+        requests leave at its start instead of spread over half of it (the run ends when they are answered).
+        Still never more than N per window nor a slot outside its zone; the next slot stays where it was."""
+        if on == self._finishing:
+            return
+        if self._aligned and self._rate is not None and self._window >= 0:
+            n = self._n()
+            upcoming = self._anchor + self._count * self._slot_spacing(n)
+            if self._time is not None:
+                # A slot already due stays due, but the closer slots start from now: no catching up at once
+                # what the closer spacing would have placed before now.
+                upcoming = max(upcoming, self._time())
+            self._finishing = on
+            self._anchor = upcoming - self._count * self._slot_spacing(n)
+        else:
+            self._finishing = on
+        self._changed()
 
     def _nominal_spacing(self) -> float:
         n = self._n()
@@ -440,8 +510,11 @@ class RateMeter:
     def _slot_spacing(self, n: int) -> float:
         """The gap between the slots of the current window: nominal, but in the budget's first window, which
         spreads its N slots over the first half of what was left of its zone at the first release (a run that
-        begins mid-window fills that window too, evenly), at most ``_FIRST_SQUEEZE`` times closer."""
+        begins mid-window fills that window too, evenly), at most ``_FIRST_SQUEEZE`` times closer; and
+        ``_FIRST_SQUEEZE`` times closer once only the run's last attempts are left (:meth:`set_finishing`)."""
         nominal = self._spacing(n)
+        if self._finishing:
+            return nominal / _FIRST_SQUEEZE
         if self._w_span == math.inf:
             return nominal
         return max(nominal / _FIRST_SQUEEZE, min(nominal, self._w_span * (1 - _SLACK) / n))
@@ -493,12 +566,19 @@ class RateMeter:
                 # is left of its zone, so a run that begins mid-window still sends its N there (evenly, not as
                 # a burst; the second half of what is left is room to catch up, as in every window). Each
                 # request the first window leaves unsent puts the run's end a spacing later.
-                zone_left = start + self._period - self._tail - now
-                self._w_span = zone_left if first and not after_pause and zone_left > 0 else math.inf
-                busy_before = self._window == k - 1 and self._answers_seen
-                self._spill = max(0, self._late_count - self._answered) if busy_before else 0
-                self._prev_late_from = self._late_from
+                # A run that begins in the edge of its first window, past the zone's end (see earliest()),
+                # spreads them over the first half of what is left of the edge, as closely as anywhere.
+                zone_end = start + self._period - self._tail
+                zone_left = zone_end - now
+                slowest = self._learner.slowest if self._learn else None
+                edge_left = start + self._period - self._lead - slowest - now if slowest is not None else 0.0
+                self._spill = self._carried() if self._window == k - 1 else 0  # (the window before's)
+                self._w_first = first and not after_pause
+                left = zone_left if zone_left > 0 else edge_left
+                self._w_span = left if self._w_first and left > 0 else math.inf
+                self._prev_late_from, self._prev_edge_from = self._late_from, self._edge_from
                 self._late_from = start + self._lead + (self._period - self._lead - self._tail) * (1 - _SLACK)
+                self._edge_from = zone_end if self._w_first else math.inf
                 self._window, self._count, self._answered, self._late_count = k, 0, 0, 0
                 self._w_late, self._w_n, self._w_tail = 0.0, n, self._tail
             elif after_pause:
@@ -508,6 +588,11 @@ class RateMeter:
                 self._w_late = max(self._w_late, now - max(slot, since))
             self._count += 1
             self._late_count += now >= self._late_from
+            if self._w_first:
+                # Past the zone's end in force now (the learned margin may have moved it): in the edge.
+                zone_end = self._window_bounds(now)[1] + self._period - self._tail
+                if now >= zone_end - _EPS:
+                    self._edge_from = min(self._edge_from, zone_end)
         else:
             spacing = (self._period + self._tail) / n
             # On time (or a little late): keep the grid, so timer lateness is not carried forward.
@@ -682,11 +767,24 @@ class RateMeter:
         k = self._window_bounds(released_at + _EPS)[0]
         if self._window_bounds(max(received, released_at) + _EPS)[0] != k:
             return  # received after its window's edge: it may have been counted in the next one
-        if k == self._window and released_at >= self._late_from - _EPS:
+        current = k == self._window
+        if not (current or (k == self._window - 1 and self._spill > 0)):
+            return
+        if released_at < (self._late_from if current else self._prev_late_from) - _EPS:
+            return  # a regular release: it never took a slot of the next window
+        # Released in the first window's edge: its answer must have come ``lead`` before the edge, so it surely
+        # arrived in its window even if the server's clock is ahead of ours by up to ``lead``.
+        in_edge = released_at >= (self._edge_from if current else self._prev_edge_from) - _EPS
+        if (
+            in_edge
+            and received > self._window_bounds(released_at + _EPS)[1] + self._period - self._lead + _EPS
+        ):
+            return
+        if current:
             self._answered += 1
             if self._count >= self._n():
                 self._changed()  # the next window's room grew: a timer may be set past it
-        elif k == self._window - 1 and self._spill > 0 and released_at >= self._prev_late_from - _EPS:
+        else:
             self._spill -= 1  # held for nothing: it arrived in its own window
             self._changed()
 

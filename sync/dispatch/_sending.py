@@ -22,7 +22,16 @@ from dataclasses import dataclass
 
 from sync.config import DispatchSettings
 from sync.dispatch._dispatch_records import DispatchObserver, EndpointStats, sample_latency
-from sync.dispatch.budget import Budget, BudgetClosedError, BudgetPool, Clock, clock_sleep, meter_of
+from sync.dispatch.budget import (
+    Budget,
+    BudgetClosedError,
+    BudgetPool,
+    Clock,
+    EndpointBudget,
+    RateBudget,
+    clock_sleep,
+    meter_of,
+)
 from sync.errors import FatalPlatformError, RejectedBatchError, RetryableError
 from sync.ledger.ledger import RunLedger
 from sync.logs import get_logger
@@ -218,6 +227,18 @@ class BatchSender:
         if self._pool is None:
             self._pool = BudgetPool.from_settings(self._settings, clock=self.clock())
         return self._pool.budget(endpoint)
+
+    def finishing(self, endpoint: str | None, on: bool = True) -> None:
+        """Every batch of ``endpoint``'s lane (None: of a plain plan's phase, every endpoint) was taken by a
+        worker (``on``): only their attempts are left, and its budget closes up the slots that remain, so the
+        run's last window ends sooner (:meth:`sync.dispatch.budget.EndpointBudget.finishing`); ``on=False``: a
+        lane of the endpoint starts (a later phase). Other budgets (the coordinated workers' shared ones) are
+        left as they are."""
+        names = list(self._endpoints) if endpoint is None else [endpoint]
+        for name in names:
+            ep = self._endpoints.get(name)
+            if ep is not None and isinstance(ep.budget, EndpointBudget | RateBudget):
+                ep.budget.finishing(on)
 
     @property
     def pool(self) -> BudgetPool | None:

@@ -24,8 +24,15 @@ instant, so it is counted in the same window everywhere. Design (figures in ``do
   mid-way is not sent as a burst, nor is the end of a 429's pause). The budget's first window is the exception:
   its N slots are spread, evenly, over the first half of what was left of its zone at the run's first release,
   so a run whose plan is ready mid-window still sends N there (each request it left unsent put the run's end
-  one spacing later) — never more than N, never past the zone's end, and never closer than a quarter of the
-  nominal spacing (no burst of N when the run begins just before the zone's end).
+  one spacing later) — never more than N, and never closer than a quarter of the nominal spacing (no burst of
+  N when the run begins just before the zone's end). Once the run's first answers came, it also sends in its
+  edge, past the zone's end (the default margin: nothing learned yet) up to where a request as slow as the
+  slowest answer so far is answered ``lead`` before the window's end; each request released there whose
+  answer has not come by then takes one of the next window's N, this budget's answers reported yet or not.
+* **The run's last attempts come closer**: once every batch of an endpoint was taken by a worker
+  (:meth:`EndpointBudget.finishing`, from the dispatcher), its budget's slots — a group's once every endpoint
+  it holds is finishing — come four times closer than nominal, so the last window's requests leave at its
+  start and the run ends sooner.
   An earlier design also capped N per sliding T over release times: every late release then stayed late in
   every later window (the cap held each slot at or after the same slot of the window before plus T), and on a
   loaded core slots fell off the windows' ends (86–99 % of the budget end to end; ``docs/run.md``).
@@ -142,13 +149,14 @@ async def clock_sleep(clock: Clock, delay: float) -> None:
 class _Lane:
     """The attempts waiting for one endpoint (FIFO) and the meters each of them needs."""
 
-    __slots__ = ("closed", "meters", "name", "waiters")
+    __slots__ = ("closed", "finishing", "meters", "name", "waiters")
 
     def __init__(self, name: str, meters: tuple[RateMeter, ...]) -> None:
         self.name = name
         self.meters = meters  # the endpoint's own budget (if any) and every group holding it
         self.waiters: deque[tuple[asyncio.Future[None], float]] = deque()  # (waiter, since when it waits)
         self.closed = False  # set by close(): waiters fail with BudgetClosedError
+        self.finishing = False  # only the endpoint's last attempts are left (see RateMeter.set_finishing)
 
     def earliest(self, now: float) -> float:
         """Earliest time every meter allows the next release (a common fixed point of their schedules)."""
@@ -190,8 +198,16 @@ class _Scheduler:
             if id(meter) not in self._bound:
                 self._bound.add(id(meter))
                 meter.bind(self._clock.time, self.schedule)
+            meter.set_finishing(False)  # a group's new endpoint brings new work
         self._lanes.append(lane)
         return lane
+
+    def finishing(self, lane: _Lane, on: bool) -> None:
+        """Only ``lane``'s last attempts are left (``on``), or new work came for it after all: each of its meters
+        closes up its slots (:meth:`RateMeter.set_finishing`) once every lane it limits is finishing."""
+        lane.finishing = on
+        for meter in lane.meters:
+            meter.set_finishing(on and all(other.finishing for other in self._lanes if meter in other.meters))
 
     async def acquire(self, lane: _Lane) -> None:
         if lane.closed:
@@ -291,7 +307,9 @@ class RateBudget(RateMeter):
     (default: the spec's) releases per clock-aligned window; ``tail`` fixes the margin at a window's end
     (default: the spec's ``margin``, else learned from latencies); ``lead`` the margin at its start (default
     ``tail / 4``); ``wall_offset`` is wall-clock time minus ``clock.time()`` (measured when None), which places
-    the windows on the server's clock. For endpoints that share budget groups, use a :class:`BudgetPool`.
+    the windows on the server's clock; ``expect_answers``: every answer will be reported (:meth:`observe`), so
+    the first window's late releases are held against the next window even before the first answer (and its
+    edge may be used). For endpoints that share budget groups, use a :class:`BudgetPool`.
     """
 
     __slots__ = ("_clock", "_lane", "_sched")
@@ -308,6 +326,7 @@ class RateBudget(RateMeter):
         decrease: float = 0.7,
         max_pause: float = 300.0,
         discover_period: float = 1.0,
+        expect_answers: bool = False,
     ) -> None:
         super().__init__(
             spec,
@@ -318,6 +337,7 @@ class RateBudget(RateMeter):
             decrease=decrease,
             max_pause=max_pause,
             discover_period=discover_period,
+            expect_answers=expect_answers,
         )
         self._clock: Clock | None = clock  # None: the running loop, looked up on first use
         self._sched: _Scheduler | None = None
@@ -368,6 +388,12 @@ class RateBudget(RateMeter):
         sched, lane = self._lane_of()
         sched.close(lane)
 
+    def finishing(self, on: bool = True) -> None:
+        """Only the run's last attempts are left (``on=False``: new work came after all); see
+        :meth:`RateMeter.set_finishing`."""
+        sched, lane = self._lane_of()
+        sched.finishing(lane, on)
+
     @property
     def closed(self) -> bool:
         """True once :meth:`close` was called."""
@@ -416,6 +442,12 @@ class EndpointBudget:
     def close(self) -> None:
         """Fail every waiter and every later acquire (the run is aborting)."""
         self._sched.close(self._lane)
+
+    def finishing(self, on: bool = True) -> None:
+        """Every batch for this endpoint was taken by a worker: only their attempts (retries, splits) are left;
+        ``on=False``: new batches came after all. See :meth:`RateMeter.set_finishing` (groups: once every endpoint
+        they hold is finishing)."""
+        self._sched.finishing(self._lane, on)
 
     def on_rate_limited(self, retry_after: float | None, remaining: int | None = None) -> float:
         """A 429: the endpoint and every group holding it pause (the server does not say which limit it hit)."""
@@ -475,7 +507,12 @@ class BudgetPool:
         self._learner = LatencyLearner()
         self._groups: dict[str, RateMeter] = {
             g.name: RateMeter(
-                g.budget, name=g.name, max_pause=max_pause, wall_offset=wall_offset, learner=self._learner
+                g.budget,
+                name=g.name,
+                max_pause=max_pause,
+                wall_offset=wall_offset,
+                learner=self._learner,
+                expect_answers=True,  # the dispatcher reports every answer (EndpointBudget.observe)
             )
             for g in self._group_specs
         }
@@ -503,6 +540,7 @@ class BudgetPool:
                     max_pause=self._max_pause,
                     wall_offset=self._wall_offset,
                     learner=self._learner,
+                    expect_answers=True,
                 )
                 if spec is not None or not groups
                 else None

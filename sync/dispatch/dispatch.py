@@ -308,10 +308,12 @@ class Dispatcher:
 
     async def _run_lanes(self, lanes: Sequence[_Lane]) -> None:
         """Run the lanes' feeders and workers until every worker has finished, or drain them on a stop."""
+        for lane in lanes:
+            self._sender.finishing(None if lane.plain else lane.name, on=False)
         async with asyncio.TaskGroup() as tg:
             feeders = [tg.create_task(self._feed(lane), name=f"feeder-{lane.name}") for lane in lanes]
             workers = [
-                tg.create_task(self._worker(lane.channel), name=f"worker-{lane.name}-{i}")
+                tg.create_task(self._worker(lane), name=f"worker-{lane.name}-{i}")
                 for lane in lanes
                 for i in range(lane.workers)
             ]
@@ -427,8 +429,8 @@ class Dispatcher:
 
     # -- workers -------------------------------------------------------------------------------------------
 
-    async def _worker(self, channel: Channel[Batch]) -> None:
-        async for batch in channel:
+    async def _worker(self, lane: _Lane) -> None:
+        async for batch in lane.channel:
             try:
                 if self._stop.is_set():
                     return
@@ -443,6 +445,8 @@ class Dispatcher:
                 finished = self._open.pop(batch.batch_id, None)
                 if finished is not None:
                     finished.set()
+        # The lane's channel is closed and empty: only the attempts of its other workers are left.
+        self._sender.finishing(None if lane.plain else lane.name)
 
 
 def _ranked(
