@@ -161,3 +161,75 @@ def test_damage_after_the_first_chunks_is_reported_by_pyarrow_after_the_rows_bef
     assert str(raised.value) == str(expected.value)
     assert pl.concat(given).equals(pl.concat(reference))
     assert pl.concat(given)[ROW].to_list() == list(range(1, PARQUET_BATCH_ROWS + 1))
+
+
+def _ids_by_pyarrow(source: Source, path: Path) -> pl.Series:
+    return _reference(source, path)[source.ext_id]
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    kind=st.sampled_from(["string", "large_string", "int64", "int8", "uint64"]),
+    data=st.data(),
+    row_group=st.integers(1, 7),
+)
+def test_the_ids_read_alone_are_the_ids_pyarrows_reading_gives(
+    tmp_path: Path, kind: str, data: st.DataObject, row_group: int
+) -> None:
+    # read_ids (a lazy run's head picks its rows by them) reads the ID column by polars' reader: the same IDs,
+    # one row group at a time, as pyarrow's reading of the whole file gives them.
+    dtype, values = _TYPES[kind]
+    ids = data.draw(st.lists(st.one_of(st.none(), values), min_size=1, max_size=20))
+    path = tmp_path / "users.parquet"
+    table = pa.table({"id": pa.array(ids, dtype), "v": pa.array([str(i) for i in range(len(ids))])})
+    pq.write_table(table, path, row_group_size=row_group)
+    source = _source(tmp_path, "users.parquet", {"v": "string"})
+    groups = reading.read_ids(source, path)
+    assert groups is not None
+    got = list(groups)
+    assert [len(g) for g in got] == [min(row_group, len(ids) - i) for i in range(0, len(ids), row_group)]
+    assert pl.concat(got).equals(_ids_by_pyarrow(source, path))
+
+
+def test_the_ids_of_a_plain_file_are_read_without_pyarrows_reading(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # pyarrow's reading of the ID column, its full validation and conversion cost ~0.25 CPU-s per 1M IDs on the
+    # way to a lazy run's first request; polars' reader a fifth of it.
+    path = tmp_path / "users.parquet"
+    frame = pl.DataFrame({"id": [f"user-{i}" for i in range(3000)], "v": ["x"] * 3000})
+    pq.write_table(frame.to_arrow(), path, row_group_size=1000)
+    source = _source(tmp_path, "users.parquet", {"v": "string"})
+
+    def refused(*args: object, **kwargs: object) -> None:
+        raise AssertionError("pyarrow read a row group")
+
+    monkeypatch.setattr(pq.ParquetFile, "read_row_group", refused)
+    groups = reading.read_ids(source, path)
+    assert groups is not None
+    assert pl.concat(list(groups)).to_list() == frame["id"].to_list()
+
+
+def test_damaged_ids_are_reported_by_pyarrow_after_the_row_groups_before_them(tmp_path: Path) -> None:
+    rows = 3000
+    frame = pl.DataFrame({"id": [f"user-{i:08d}" for i in range(rows)], "v": [f"v{i}" for i in range(rows)]})
+    path = tmp_path / "users.parquet"
+    pq.write_table(frame.to_arrow(), path, row_group_size=1000, compression="none")
+    data = bytearray(path.read_bytes())
+    second = pq.ParquetFile(path).metadata.row_group(1).column(0)
+    start = second.data_page_offset + 40
+    for i in range(start, start + 64):
+        data[i] ^= 0xFF
+    path.write_bytes(bytes(data))
+    source = _source(tmp_path, "users.parquet", {"v": "string"})
+    given: list[pl.Series] = []
+    groups = reading.read_ids(source, path)
+    assert groups is not None
+    with pytest.raises(BadInputError, match=r"users\.parquet") as raised:
+        for group in groups:
+            given.append(group)
+    with pytest.raises(BadInputError) as expected:
+        list(reading._arrow_parquet_chunks(source, path, list(source.columns())))
+    assert str(raised.value) == str(expected.value)
+    assert [len(g) for g in given] == [1000]
+    assert given[0].to_list() == frame["id"].head(1000).to_list()

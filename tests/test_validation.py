@@ -496,3 +496,28 @@ def _assert_untrimmed_reads_as_trimmed(
     assert_frame_equal(clean, ref_clean)
     assert_frame_equal(rejects, ref_rejects)
     assert clean.height + rejects.height == raw.height
+
+
+def test_the_parsers_probes_are_answered_once_per_question(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Building a source's validation query asks each column's parser the same questions (does it refuse these null
+    # values? does it read the empty text as none?), for every column of a kind and every query built: answered
+    # by small polars queries, ~0.08 CPU-s on the way to a run's first request when asked again each time.
+    texts = ["none", "n/a", "-"]
+    first = (
+        _parsers._refuses(_parsers._parse_number, texts),
+        _parsers._empty_is_null(_parsers._parse_number),
+        _parsers._msisdn_untrimmed(texts),
+    )
+
+    class NoQueries:
+        def __init__(self, *args: object, **kwargs: object) -> None:
+            raise AssertionError("a probe ran a polars query again")
+
+    monkeypatch.setattr(_parsers.pl, "DataFrame", NoQueries)
+    monkeypatch.setattr(_parsers.pl, "Series", NoQueries)
+    assert (
+        _parsers._refuses(_parsers._parse_number, list(texts)),
+        _parsers._empty_is_null(_parsers._parse_number),
+        _parsers._msisdn_untrimmed(tuple(texts)),
+    ) == first
+    assert first == (True, True, True)

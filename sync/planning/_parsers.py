@@ -6,6 +6,7 @@ Value formats are listed in :mod:`sync.planning.validation` and docs/jobs.md.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import json
 from collections.abc import Callable, Sequence
@@ -124,12 +125,26 @@ def _untrimmed_text(s: pl.Expr, source: Source, *, blanks_only: bool = False) ->
 
 def _own_trimmed_null_values(source: Source) -> list[str]:
     """The null values that are their own trimmed form."""
-    values = pl.Series(list(source.null_values), dtype=pl.String)
-    return values.filter(values.str.strip_chars() == values).to_list()
+    return list(_trimmed_in_place(tuple(source.null_values)))
+
+
+# The probes below run small polars queries (a few ms each) and are asked the same questions for every column
+# of a kind and every query built (a chunk's forms, the refused rows' query): a run's first batch waits for
+# them. Their answers depend on their arguments only — module-level parser builders and texts — so they are
+# remembered (a lambda or closure is a new key each time: correct, merely not remembered usefully).
+@functools.lru_cache(maxsize=64)
+def _trimmed_in_place(values: tuple[str, ...]) -> tuple[str, ...]:
+    texts = pl.Series(list(values), dtype=pl.String)
+    return tuple(texts.filter(texts.str.strip_chars() == texts).to_list())
 
 
 def _refuses(exact: Callable[[pl.Expr], _Parser], texts: Sequence[str]) -> bool:
     """Whether the parser ``exact`` builds refuses every one of ``texts``."""
+    return _refuses_all(exact, tuple(texts))
+
+
+@functools.lru_cache(maxsize=256)
+def _refuses_all(exact: Callable[[pl.Expr], _Parser], texts: tuple[str, ...]) -> bool:
     if not texts:
         return True
     s, p = pl.col("s"), pl.col("p")
@@ -139,6 +154,7 @@ def _refuses(exact: Callable[[pl.Expr], _Parser], texts: Sequence[str]) -> bool:
     return bool(refused.all())
 
 
+@functools.lru_cache(maxsize=64)
 def _empty_is_null(exact: Callable[[pl.Expr], _Parser]) -> bool:
     """Whether the parser ``exact`` builds gives the empty text no value, as it gives a null text none."""
     parser = exact(pl.col("s"))
@@ -390,6 +406,11 @@ def _msisdn_untrimmed(null_values: Sequence[str]) -> bool:
     """Whether :func:`_parse_msisdn` may read untrimmed texts (:func:`_untrimmed`): it removes whitespace wherever
     it is, so a text and its trimmed form have the same number; a text it accepts is a null value once trimmed
     only when a null value is a number once its separators are removed (the default ones are not)."""
+    return _no_number_among(tuple(null_values))
+
+
+@functools.lru_cache(maxsize=64)
+def _no_number_among(null_values: tuple[str, ...]) -> bool:
     values = pl.Series(list(null_values), dtype=pl.String)
     numbers = values.str.strip_chars().str.replace_all(_MSISDN_SEPARATORS, "").str.contains(_MSISDN)
     return not numbers.any()
