@@ -5,7 +5,9 @@
   at a time are sorted by the canonical key (stably: rows of one key stay in file and row order) and written
   once, as one uncompressed Arrow IPC file. At write time the row offsets of :data:`FINE_RANGES` equal key ranges
   are found by binary search on the sorted key column and kept in memory, so a key range is later read back from
-  every chunk file as one slice of the memory-mapped file (only the pages holding its rows are read).
+  every chunk file as one slice of the memory-mapped file (only the pages holding its rows are read). A run's small
+  input holds its first sorted chunks in memory instead (``memory_bytes``), and their key ranges are sliced from
+  there: the same rows, without writing and mapping them back.
 * :class:`Settler` — bucket ``k`` of a source is key range ``k`` of ``2**bits``: its slices of every chunk file
   (read with those of the next few buckets, :data:`GROUP_ROWS`), sorted in the canonical order
   ``(key, ext_id, file, row)``, duplicates resolved
@@ -237,7 +239,11 @@ class ChunkWriter:
 
     ``head_key`` (a lazy plan that settled the keys below it first, its *head*): the rows of keys below it are
     kept apart (:attr:`head`), not written. They are the first rows of each sorted chunk, so they come out as a
-    slice of it: cheaper than filtering every frame twice, once for the head's rows and once for the rest."""
+    slice of it (copied: cheaper than filtering every frame twice, once for the head's rows and once for the rest).
+
+    ``memory_bytes`` (a run's small input): the first sorted chunks, as long as their buffers hold no more than
+    that many bytes in all, are held in memory (:attr:`ChunkFile.frame`) instead of written; the first chunk past
+    the bound and every chunk after it are written. The chunks, their rows and their order are the same."""
 
     __slots__ = (
         "_directory",
