@@ -446,6 +446,7 @@ def test_chunk_files_are_not_held_open_while_settling_nor_after(
     monkeypatch.setattr(sync.planning._staging, "STAGE_ROWS", 170)
     monkeypatch.setattr(sync.planning._staging, "GROUP_ROWS", 100)
     monkeypatch.setattr(sync.planning.planning, "HEAD_ROWS", 100)
+    monkeypatch.setattr(sync.planning.planning, "MEMORY_CHUNK_BYTES", 0)  # chunk files, as a large input's
     with build_plan(job, rows_per_bucket=40) as eager:
         assert not _open_chunk_files()  # every bucket settled: the chunk files were closed (and removed)
         assert eager.summary().rows_clean == 3000
@@ -809,3 +810,82 @@ def test_the_chunk_writer_keeps_the_head_rows_apart_and_writes_the_rest(tmp_path
     everything.flush()
     assert not everything.chunks and everything.rows == 0
     assert everything.head is not None and everything.head.height == frame.height
+
+
+def test_the_head_rows_kept_apart_do_not_hold_their_sorted_chunk(tmp_path: Path) -> None:
+    """The head's rows are held until the staging is done (for its check against the head settled first): they
+    are copied out of each sorted chunk, not sliced — a slice keeps the whole chunk's buffers, so by the end of
+    the staging every chunk was in memory (about 165 MB more at the peak of a lazy plan of the 1M-row
+    17-column bench file)."""
+    from sync.planning._staging import ChunkWriter
+    from sync.planning.validation import KEY
+
+    n = 20_000
+    frame = pl.DataFrame(
+        {
+            KEY: [(i * 2_654_435_761) % (1 << 32) for i in range(n)],
+            "email": [f"someone-{i}@example.com" for i in range(n)],  # past 12 bytes: in a data buffer
+            "i": range(n),
+        },
+        schema={KEY: pl.UInt32, "email": pl.String, "i": pl.Int64},
+    )
+    writer = ChunkWriter(tmp_path, stage_rows=n, head_key=1 << 26)  # one chunk; its head 1/64 of it
+    for piece in frame.iter_slices(5000):
+        writer.add(piece)
+    writer.flush()
+    head = writer.head
+    assert head is not None and 0 < head.height < n // 32
+    assert head.equals(frame.filter(pl.col(KEY) < 1 << 26).sort(KEY, maintain_order=True))
+
+    def buffers(f: pl.DataFrame) -> int:
+        return int(f.to_arrow(compat_level=pl.CompatLevel.newest()).get_total_buffer_size())
+
+    assert buffers(head) < buffers(frame) // 16
+
+
+def test_a_lazy_plan_holds_its_first_sorted_chunks_in_memory_with_the_same_outcome(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A lazy plan of a small input keeps its first sorted chunks, up to ``MEMORY_CHUNK_BYTES`` of them, in
+    memory instead of writing chunk files and mapping them back; the chunks past the bound are written. Either
+    way the settled buckets, the batches, the rejects file and the counts are those of a plan that writes every
+    chunk. An eager plan (``pushsync plan``) and a large input (estimated past ``MEMORY_ROWS``) write them all."""
+    import sync.planning._staging
+    import sync.planning.planning
+    import sync.sources.reading
+
+    job = _big_job(tmp_path, _with_conflicting_duplicates(tmp_path / "dups.csv", 3000))
+    rejects = tmp_path / "work-dups" / "rejects.csv"
+    monkeypatch.setattr(sync.sources.reading, "CSV_BLOCK_BYTES", 1 << 12)  # read in chunks of ~150 rows
+    monkeypatch.setattr(sync.sources.reading, "CHUNK_ROWS", 150)
+    monkeypatch.setattr(sync.planning._staging, "STAGE_ROWS", 170)  # ~18 sorted chunks
+    monkeypatch.setattr(sync.planning.planning, "HEAD_ROWS", 100)
+    written: list[str] = []
+    real = sync.planning._staging.ChunkWriter._written
+
+    def write(path: Path, frame: pl.DataFrame, offsets: Any) -> Any:
+        written.append(path.name)
+        return real(path, frame, offsets)
+
+    monkeypatch.setattr(sync.planning._staging.ChunkWriter, "_written", staticmethod(write))
+
+    def outcome(bound: int, *, lazy: bool = True) -> tuple[Any, ...]:
+        monkeypatch.setattr(sync.planning.planning, "MEMORY_CHUNK_BYTES", bound)
+        written.clear()
+        with build_plan(job, rows_per_bucket=40, lazy=lazy) as plan:
+            return _outcome(plan), rejects.read_bytes(), pl.concat(_settled_buckets(plan))
+
+    expected = outcome(0)
+    chunks = list(written)
+    assert len(chunks) > 10
+    for bound in (10**9, 50_000):
+        got = outcome(bound)
+        assert got[:2] == expected[:2] and got[2].equals(expected[2])
+        if bound == 10**9:
+            assert written == []  # every chunk held
+        else:
+            assert 0 < len(written) < len(chunks)
+            assert written == chunks[len(chunks) - len(written) :]  # the first ones held, the rest written
+    assert outcome(10**9, lazy=False)[0] == expected[0] and written == chunks  # pushsync plan: every chunk
+    monkeypatch.setattr(sync.planning.planning, "MEMORY_ROWS", 10)  # the file's estimate is past it
+    assert outcome(10**9)[0] == expected[0] and written == chunks

@@ -5,7 +5,9 @@
   at a time are sorted by the canonical key (stably: rows of one key stay in file and row order) and written
   once, as one uncompressed Arrow IPC file. At write time the row offsets of :data:`FINE_RANGES` equal key ranges
   are found by binary search on the sorted key column and kept in memory, so a key range is later read back from
-  every chunk file as one slice of the memory-mapped file (only the pages holding its rows are read).
+  every chunk file as one slice of the memory-mapped file (only the pages holding its rows are read). A run's small
+  input holds its first sorted chunks in memory instead (``memory_bytes``), and their key ranges are sliced from
+  there: the same rows, without writing and mapping them back.
 * :class:`Settler` — bucket ``k`` of a source is key range ``k`` of ``2**bits``: its slices of every chunk file
   (read with those of the next few buckets, :data:`GROUP_ROWS`), sorted in the canonical order
   ``(key, ext_id, file, row)``, duplicates resolved
@@ -21,6 +23,7 @@ from __future__ import annotations
 import bisect
 import csv
 import errno
+import io
 import os
 import re
 import threading
@@ -49,6 +52,7 @@ __all__ = [
     "Settler",
     "Settling",
     "canonical_order",
+    "held_bytes",
     "write_error",
 ]
 
@@ -169,6 +173,14 @@ class ChunkFile:
     rows: int
     offsets: array[int]  # FINE_RANGES + 1 row offsets ('q')
     batches: tuple[int, ...]  # the first row of each record batch of the file, then its row count
+    frame: pl.DataFrame | None = None
+    """The sorted rows, when held in memory instead of written (a small input's, :class:`ChunkWriter`)."""
+
+    def rows_of(self, first_range: int, end_range: int) -> pl.DataFrame:
+        """The rows of fine ranges ``[first_range, end_range)`` of a chunk held in memory (a slice, no copy)."""
+        assert self.frame is not None
+        start = self.offsets[first_range]
+        return self.frame.slice(start, self.offsets[end_range] - start)
 
     def rows_in(self, first_range: int, end_range: int) -> int:
         """How many rows fine ranges ``[first_range, end_range)`` hold in this file."""
@@ -205,17 +217,39 @@ _FINE_BOUNDS = pl.Series(
 )  # the first key of each fine range
 
 
+def _compact(frame: pl.DataFrame) -> pl.DataFrame:
+    """``frame`` copied into buffers of its own. A slice, or a gather, of a frame shares its buffers (a gather of
+    strings keeps every data buffer of the column it gathered from); written as Arrow IPC and read back, the copy
+    holds its rows' bytes and nothing else."""
+    out = io.BytesIO()
+    frame.write_ipc(out, compression="uncompressed")
+    out.seek(0)
+    return pl.read_ipc(out)
+
+
+def held_bytes(frame: pl.DataFrame) -> int:
+    """The bytes ``frame``'s buffers take in memory. Not :meth:`polars.DataFrame.estimated_size`, which leaves out
+    the 16-byte view of every string (most of a short string column's memory: 1.7 times the estimate for the
+    bench job's chunks)."""
+    return int(frame.to_arrow(compat_level=pl.CompatLevel.newest()).nbytes)
+
+
 class ChunkWriter:
     """Collects a source's clean, keyed frames (in read order) and writes them as sorted chunk files.
 
     ``head_key`` (a lazy plan that settled the keys below it first, its *head*): the rows of keys below it are
     kept apart (:attr:`head`), not written. They are the first rows of each sorted chunk, so they come out as a
-    slice of it: cheaper than filtering every frame twice, once for the head's rows and once for the rest."""
+    slice of it (copied: cheaper than filtering every frame twice, once for the head's rows and once for the rest).
+
+    ``memory_bytes`` (a run's small input): the first sorted chunks, as long as their buffers hold no more than
+    that many bytes in all, are held in memory (:attr:`ChunkFile.frame`) instead of written; the first chunk past
+    the bound and every chunk after it are written. The chunks, their rows and their order are the same."""
 
     __slots__ = (
         "_directory",
         "_head",
         "_head_key",
+        "_memory",
         "_pending",
         "_pending_rows",
         "chunks",
@@ -223,8 +257,11 @@ class ChunkWriter:
         "stage_rows",
     )
 
-    def __init__(self, directory: Path, stage_rows: int | None = None, head_key: int = 0) -> None:
+    def __init__(
+        self, directory: Path, stage_rows: int | None = None, head_key: int = 0, memory_bytes: int = 0
+    ) -> None:
         self._directory = directory
+        self._memory = memory_bytes  # bytes the sorted chunks may still hold in memory (0: write every chunk)
         self._pending: list[pl.DataFrame] = []
         self._pending_rows = 0
         self._head_key = head_key
@@ -266,18 +303,36 @@ class ChunkWriter:
                 assert isinstance(found, int)
                 cut = found
             if cut:
-                self._head.append(frame.slice(0, cut))
+                # Copied out, not a slice: a slice keeps the whole sorted chunk's buffers alive, and the head's
+                # rows are held until the staging is done — every chunk, in memory, by the end (about 200 MB
+                # more at the peak of a lazy plan of the 1M-row 17-column bench file).
+                self._head.append(_compact(frame.slice(0, cut)))
                 frame = frame.slice(cut)
             if frame.is_empty():
                 return
         path = self._directory / f"{len(self.chunks):06d}.arrow"
-        # Uncompressed, in small record batches: a key range's rows are read back from the file, the few
-        # batches that hold them and nothing else.
-        frame.write_ipc(path, compression="uncompressed", record_batch_size=CHUNK_BATCH_ROWS)
         bounds = frame[KEY].search_sorted(_FINE_BOUNDS, side="left")
         assert isinstance(bounds, pl.Series)
         offsets = array("q", bounds.to_list())
         offsets.append(frame.height)
+        self.rows += frame.height
+        if self._memory:
+            size = held_bytes(frame)
+            if size <= self._memory:
+                self._memory -= size
+                self.chunks.append(ChunkFile(path, frame.height, offsets, (0, frame.height), frame))
+                return
+            # Past the bound: this chunk and every later one are written (those held stay held: the chunks
+            # held are the first ones, so a bucket's rows still come in chunk order).
+            self._memory = 0
+        self.chunks.append(self._written(path, frame, offsets))
+
+    @staticmethod
+    def _written(path: Path, frame: pl.DataFrame, offsets: array[int]) -> ChunkFile:
+        """``frame`` (a sorted chunk) written as the chunk file ``path``."""
+        # Uncompressed, in small record batches: a key range's rows are read back from the file, the few
+        # batches that hold them and nothing else.
+        frame.write_ipc(path, compression="uncompressed", record_batch_size=CHUNK_BATCH_ROWS)
         with pa.memory_map(str(path)) as source:
             reader = pa.ipc.open_file(source)
             sizes = [reader.get_batch(i).num_rows for i in range(reader.num_record_batches)]
@@ -285,8 +340,7 @@ class ChunkWriter:
         starts = [0]
         for size in sizes:
             starts.append(starts[-1] + size)
-        self.chunks.append(ChunkFile(path, frame.height, offsets, tuple(starts)))
-        self.rows += frame.height
+        return ChunkFile(path, frame.height, offsets, tuple(starts))
 
 
 class Settler:
@@ -470,13 +524,20 @@ class Settler:
 
     def _read(self, first: int, end: int) -> pl.DataFrame:
         """The rows of fine ranges ``[first, end)`` from every chunk file, in chunk order (some rows)."""
+        # The chunks held in memory come first (ChunkWriter): their slices, then those of the chunk files, so
+        # the rows stay in chunk order. Copied once, by the sort that follows.
+        pieces = [
+            c.rows_of(first, end) for c in self._chunks if c.frame is not None and c.rows_in(first, end)
+        ]
         batches = []
         for chunk in self._chunks:
-            if chunk.rows_in(first, end) > 0:
+            if chunk.frame is None and chunk.rows_in(first, end) > 0:
                 batches += chunk.record_batches(first, end)
-        frame = pl.from_arrow(pa.Table.from_batches(batches))
-        assert isinstance(frame, pl.DataFrame)
-        return frame
+        if batches or not pieces:
+            frame = pl.from_arrow(pa.Table.from_batches(batches))
+            assert isinstance(frame, pl.DataFrame)
+            pieces.append(frame)
+        return pl.concat(pieces, rechunk=False) if len(pieces) > 1 else pieces[0]
 
     def _settle_frame(
         self, frame: pl.DataFrame | None, k: int, *, defer: bool, ordered: bool = False
@@ -519,11 +580,13 @@ class Settler:
     def release(self) -> None:
         """Let the rows read go (settling stopped, or is over): with them the chunk files' mappings."""
         self._group = None
+        self._chunks = tuple(c for c in self._chunks if c.frame is None)
 
     def _drop_chunks(self) -> None:
-        # Every bucket is settled: the chunk files are read no more.
+        # Every bucket is settled: the chunk files are read no more (and the chunks held in memory go).
         self.release()
-        for chunk in self._chunks:
+        chunks, self._chunks = self._chunks, ()
+        for chunk in chunks:
             chunk.path.unlink(missing_ok=True)
 
 
