@@ -416,3 +416,8 @@ def test_a_run_process_loads_ca_certificates_only_into_the_tls_context_its_job_u
     assert loaded(plain, switch=True) == ["0 0 False", "0 0", "1 0", "1 1"]
     assert loaded(tls, switch=True) == ["1 0 False", "1 0", "1 0", "1 1"]
     assert loaded(plain, switch=False) == ["1 1 False", "1 1", "1 1", "1 1"]
+    # The switch itself loads nothing: a command that makes no request never imports ssl.
+    quiet = _fresh_python(
+        "import sys, sync.cli\nsync.cli._load_certificates_when_used()\nprint('ssl' in sys.modules)"
+    )
+    assert quiet.stdout.split() == ["False"]

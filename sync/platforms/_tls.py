@@ -16,16 +16,20 @@ them: the preload does it for the kind its job's ``https`` base URL needs, and e
 followed). A context nobody loaded is never used; were it used, it would refuse every certificate, never accept
 one. Other threads calling ``set_default_verify_paths`` meanwhile are not affected.
 
-Standard library only: the command line and the platform registry import it before aiohttp is loaded.
+Standard library only, and ``ssl`` only when used: the command line and the platform registry import this module
+before aiohttp is loaded, and a command that makes no request never loads ``ssl``.
 """
 
 from __future__ import annotations
 
-import ssl
 import threading
 import urllib.parse
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import ssl
 
 __all__ = ["DEFER", "ca_loading_deferred", "deferred_count", "load_deferred", "plain_http"]
 
@@ -48,6 +52,8 @@ def plain_http(url: str) -> bool:
 
 
 def _verifies(context: ssl.SSLContext) -> bool:
+    import ssl
+
     return context.verify_mode != ssl.CERT_NONE
 
 
@@ -56,6 +62,8 @@ def ca_loading_deferred() -> Iterator[None]:
     """While inside, the TLS contexts made in this thread do not load the default CA certificates: each is noted
     for :func:`load_deferred` instead. Any other thread's contexts load theirs as always."""
     global _own, _previous
+    import ssl
+
     me = threading.get_ident()
     with _lock:
         if not _deferring:
