@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     import ssl
 
-__all__ = ["DEFER", "ca_loading_deferred", "deferred_count", "load_deferred", "plain_http"]
+__all__ = ["DEFER", "ca_loading_deferred", "load_deferred", "plain_http"]
 
 DEFER = False
 """Whether the connector is imported with its contexts' CA loading put off (:func:`ca_loading_deferred`). The
@@ -60,7 +60,8 @@ def _verifies(context: ssl.SSLContext) -> bool:
 @contextmanager
 def ca_loading_deferred() -> Iterator[None]:
     """While inside, the TLS contexts made in this thread do not load the default CA certificates: each is noted
-    for :func:`load_deferred` instead. Any other thread's contexts load theirs as always."""
+    for :func:`load_deferred` instead. Any other thread's contexts load theirs as always. Not to be nested in one
+    thread (the preload enters it once, around one import)."""
     global _own, _previous
     import ssl
 
@@ -107,9 +108,3 @@ def load_deferred(*, verifying: bool) -> None:
             else:
                 keep.append((context, real))
         _pending[:] = keep
-
-
-def deferred_count() -> int:
-    """How many noted contexts have not loaded their CA certificates yet (for tests and diagnostics)."""
-    with _lock:
-        return len(_pending)
