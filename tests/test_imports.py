@@ -7,6 +7,7 @@ not from the design.
 from __future__ import annotations
 
 import ast
+import os
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -17,10 +18,16 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent / "sync"
 
 
-def _fresh_python(script: str) -> subprocess.CompletedProcess[str]:
-    """``script`` run by a new interpreter from the repository (what it imports is what a fresh process does)."""
+def _fresh_python(script: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """``script`` run by a new interpreter from the repository (what it imports is what a fresh process does),
+    with ``env`` added to the environment."""
     return subprocess.run(
-        [sys.executable, "-c", script], capture_output=True, text=True, check=True, cwd=ROOT.parent
+        [sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=ROOT.parent,
+        env={**os.environ, **(env or {})},
     )
 
 
@@ -352,3 +359,65 @@ def test_the_switch_interval_is_short_while_the_connector_loads_then_as_before()
     )
     done = _fresh_python(script)
     assert done.stdout.splitlines() == ["0.0005 0.005", "0.002 0.002"], done.stderr
+
+
+def test_a_run_process_loads_ca_certificates_only_into_the_tls_context_its_job_uses(tmp_path: Path) -> None:
+    """aiohttp's import builds a verifying and a non-verifying TLS context, each loading the system's CA bundle
+    (~0.03 s of CPU apiece, issue 13). In a ``pushsync run`` process (the command line's switch) a plain-http job
+    loads none; an https job the verifying context's only, in the preload; any session over TLS loads its kind
+    before it opens. The CA settings read are the user's (SSL_CERT_FILE here: a bundle of one certificate). A
+    program that embeds pushsync, without the switch, gets aiohttp's contexts as aiohttp makes them."""
+    bundle = tmp_path / "ca.pem"
+    subprocess.run(
+        [
+            *("openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1"),
+            *("-keyout", str(tmp_path / "key.pem"), "-out", str(bundle), "-subj", "/CN=pushsync test CA"),
+        ],
+        check=True,
+        capture_output=True,
+        timeout=60,
+    )
+    (tmp_path / "no-certs").mkdir()
+    env = {"SSL_CERT_FILE": str(bundle), "SSL_CERT_DIR": str(tmp_path / "no-certs")}
+    fixture = (Path(__file__).resolve().parent / "fixtures" / "all_ops.yaml").read_text(encoding="utf-8")
+    plain = tmp_path / "plain.yaml"
+    plain.write_text(fixture, encoding="utf-8")
+    tls = tmp_path / "tls.yaml"
+    tls.write_text(fixture.replace("http://127.0.0.1:8080/", "https://127.0.0.1:8443/"), encoding="utf-8")
+
+    def loaded(job: Path, *, switch: bool) -> list[str]:
+        script = (
+            "import asyncio, ssl\n"
+            "import sync.cli\n"
+            f"if {switch}:\n"
+            "    sync.cli._load_certificates_when_used()\n"
+            "from sync.config import load_job\n"
+            "from sync.platforms.registry import preload_client\n"
+            f"thread = preload_client(load_job({str(job)!r}))\n"
+            "assert thread is not None\n"
+            "thread.join(60)\n"
+            "from sync.platforms._http import HttpSession\n"
+            "import aiohttp.connector as c\n"
+            "def counts():\n"
+            "    return [c._SSL_CONTEXT_VERIFIED.cert_store_stats()['x509_ca'],"
+            " c._SSL_CONTEXT_UNVERIFIED.cert_store_stats()['x509_ca']]\n"
+            "print(*counts(), 'set_default_verify_paths' in ssl.SSLContext.__dict__)\n"
+            "async def open_one(url, verify_tls):\n"
+            "    session = HttpSession(url, verify_tls=verify_tls)\n"
+            "    session._open()\n"
+            "    await session.aclose()\n"
+            "    print(*counts())\n"
+            "asyncio.run(open_one('http://127.0.0.1:9/', False))\n"
+            "asyncio.run(open_one('https://127.0.0.1:9/', True))\n"
+            "asyncio.run(open_one('https://127.0.0.1:9/', False))\n"
+        )
+        return _fresh_python(script, env).stdout.splitlines()
+
+    assert loaded(plain, switch=True) == ["0 0 False", "0 0", "1 0", "1 1"]
+    assert loaded(tls, switch=True) == ["1 0 False", "1 0", "1 0", "1 1"]
+    assert loaded(plain, switch=False) == ["1 1 False", "1 1", "1 1", "1 1"]
+    # The switch itself loads nothing: a command that makes no request never imports ssl.
+    quiet = _fresh_python(
+        "import sys, sync.cli\nsync.cli._load_certificates_when_used()\nprint('ssl' in sys.modules)"
+    )
+    assert quiet.stdout.split() == ["False"]

@@ -9,6 +9,8 @@ import sys
 import textwrap
 from pathlib import Path
 
+import pytest
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 # A module-level object whose finaliser only the interpreter's teardown runs: it tells the two exits apart.
@@ -186,3 +188,34 @@ def test_a_run_process_collects_reference_cycles_less_often_than_pythons_default
     # Any other command keeps Python's own setting.
     before, during = _threshold_around_entry("validate")
     assert during == before
+
+
+@pytest.mark.parametrize(("command", "deferred"), [("run", True), ("plan", False), ("doctor", False)])
+def test_only_a_run_process_loads_ca_certificates_when_a_tls_context_is_used(
+    command: str, deferred: bool
+) -> None:
+    """``pushsync run`` lets its connector's TLS contexts load the system's CA certificates only when its job uses
+    them (sync/platforms/_tls.py, tests/test_imports.py); a program embedding pushsync and the other commands keep
+    aiohttp's own loading at import."""
+    script = textwrap.dedent(
+        f"""
+        import sys
+        import sync.cli as cli
+        from sync.platforms import _tls
+
+        before = _tls.DEFER
+
+        def main(argv):
+            print(before, _tls.DEFER, flush=True)
+            return 0
+
+        cli.main = main
+        sys.argv = ["pushsync", "{command}", "job.yaml"]
+        cli.entry()
+        """
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script], cwd=REPO_ROOT, capture_output=True, text=True, timeout=60, check=False
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["False", str(deferred)]

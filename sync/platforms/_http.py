@@ -54,6 +54,7 @@ import aiohttp
 
 from sync.config import Destination
 from sync.errors import FatalPlatformError, PlatformError, RejectedBatchError, RetryableError
+from sync.platforms import _tls
 from sync.redact import describe_request, redact, redact_pieces
 
 __all__ = [
@@ -262,6 +263,10 @@ class HttpSession:
 
     def _open(self) -> aiohttp.ClientSession:
         if self._session is None or self._session.closed:
+            if not _tls.plain_http(self._base_url):
+                # The TLS context this session's requests use has its CA certificates before the first one, also
+                # when the connector was imported with their loading put off (sync/platforms/_tls.py).
+                _tls.load_deferred(verifying=self._verify_tls)
             self._session = aiohttp.ClientSession(
                 connector=aiohttp.TCPConnector(
                     limit=self._max_connections, ssl=self._verify_tls, ttl_dns_cache=_DNS_CACHE_SECONDS

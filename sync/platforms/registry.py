@@ -14,6 +14,7 @@ from collections.abc import Sequence
 
 from sync.config import Job, use_platforms
 from sync.errors import BadJobError, JobProblem
+from sync.platforms import _tls
 from sync.platforms.base import Platform, Registry
 
 __all__ = ["REGISTRY", "platform_for", "preload_client"]
@@ -67,9 +68,19 @@ gives the GIL up (every polars or pyarrow step) may wait as long to get it back 
 _DEFAULT_SWITCH_INTERVAL = 0.005
 
 
-def _preload(name: str, then: Sequence[str], quick: float | None, previous: float) -> None:
+def _preload(
+    name: str, then: Sequence[str], quick: float | None, previous: float, tls: Sequence[bool] | None
+) -> None:
     try:
-        importlib.import_module(name)
+        if tls is None:
+            importlib.import_module(name)
+        else:
+            # The connector's TLS contexts made without the CA certificates; the kind this job's TLS uses loaded
+            # now, off the way to the first request as before; a plain-http job loads none (sync/platforms/_tls.py).
+            with _tls.ca_loading_deferred():
+                importlib.import_module(name)
+            for verifying in tls:
+                _tls.load_deferred(verifying=verifying)
         from sync._startup import mark_startup
 
         mark_startup("connector_imported")
@@ -89,6 +100,9 @@ def preload_client(job: Job, *, then: Sequence[str] = ()) -> threading.Thread | 
     reading of the input (polars and pyarrow decode without the GIL) instead of delaying the first request.
     ``then``: modules the thread imports next (a run's dispatcher), in that order. Meanwhile the thread switch interval is :data:`PRELOAD_SWITCH_INTERVAL` (when it was Python's default): the
     reading gets the GIL back sooner between its steps.
+
+    In a ``pushsync run`` process (:data:`sync.platforms._tls.DEFER`) the connector's TLS contexts load the
+    system's CA certificates only for the kind the job's base URL needs: none for plain ``http``.
     """
     package = type(platform_for(job)).__module__.rpartition(".")[0]
     name = f"{package}.client"
@@ -100,8 +114,12 @@ def preload_client(job: Job, *, then: Sequence[str] = ()) -> threading.Thread | 
     if PRELOAD_SWITCH_INTERVAL is not None and previous == _DEFAULT_SWITCH_INTERVAL:
         sys.setswitchinterval(PRELOAD_SWITCH_INTERVAL)
         quick = sys.getswitchinterval()  # as the interpreter keeps it (whole microseconds)
+    tls: tuple[bool, ...] | None = None
+    if _tls.DEFER:
+        destination = job.destination
+        tls = () if _tls.plain_http(destination.base_url) else (destination.verify_tls,)
     thread = threading.Thread(
-        target=_preload, args=(name, tuple(then), quick, previous), name="preload-client", daemon=True
+        target=_preload, args=(name, tuple(then), quick, previous, tls), name="preload-client", daemon=True
     )
     thread.start()
     return thread

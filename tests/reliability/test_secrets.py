@@ -9,6 +9,7 @@ error messages are logged) and refusing unknown users (so the ledger holds refus
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import secrets
@@ -350,6 +351,55 @@ async def test_tls_certificates_are_checked_unless_a_sandbox_job_turns_it_off(
         assert (
             outcome.exit_code is ExitCode.PARTIAL
         )  # three rows rejected by validation; the rest went through
+        assert sandbox.state.user_count() == USERS - 3
+    finally:
+        await sandbox.core.close()
+        await runner.cleanup()
+
+
+async def test_the_command_line_checks_tls_certificates_against_the_users_ca_settings(
+    tmp_path: Path, self_signed: ssl.SSLContext
+) -> None:
+    """``pushsync run`` loads the system's CA certificates only into the TLS context its job uses
+    (sync/platforms/_tls.py): over https it still refuses a certificate no trusted CA signed, and trusts one
+    that the user's own CA settings name (``SSL_CERT_FILE``), as OpenSSL reads them."""
+    key = "tls-test-key-" + secrets.token_hex(8)
+    sandbox = NetmeraSandbox(NetmeraSandboxConfig(api_key=key))
+    sandbox.core.reopen()
+    runner = web.AppRunner(sandbox.app, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0, ssl_context=self_signed)
+    await site.start()
+    port = next(a[1] for a in runner.addresses if isinstance(a, tuple))
+    job = write_job(tmp_path / "job", f"https://127.0.0.1:{port}/rest/3.0/", f"{{env: {KEY_ENV}}}")
+    (tmp_path / "no-certs").mkdir()
+
+    async def pushsync_run(ca_file: Path) -> tuple[int, str]:
+        env = {
+            **os.environ,
+            KEY_ENV: key,
+            "SSL_CERT_FILE": str(ca_file),
+            "SSL_CERT_DIR": str(tmp_path / "no-certs"),
+        }
+        process = await asyncio.create_subprocess_exec(
+            *(sys.executable, "-m", "sync", "run", str(job), "--progress", "none", "--output", "json"),
+            env=env,
+            cwd=REPO_ROOT,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        out, err = await asyncio.wait_for(process.communicate(), 120)
+        assert process.returncode is not None
+        return process.returncode, out.decode() + err.decode()
+
+    try:
+        code, output = await pushsync_run(Path(ssl.get_default_verify_paths().openssl_cafile))
+        assert code == ExitCode.ABORTED, output
+        assert "certificate" in output.lower()
+        assert sandbox.stats.snapshot()["requests_total"] == 0  # refused before any request went out
+
+        code, output = await pushsync_run(tmp_path / "cert.pem")  # the server's own certificate, trusted
+        assert code == ExitCode.PARTIAL, output  # three rows rejected by validation; the rest went through
         assert sandbox.state.user_count() == USERS - 3
     finally:
         await sandbox.core.close()
