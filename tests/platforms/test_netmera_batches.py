@@ -405,3 +405,53 @@ def test_repeated_tags_are_sent_once(lists: list[list[str | None] | None], want:
         if tag is not None
     ]
     assert pairs == expected
+
+
+def _interleaved_groups() -> tuple[list[pl.DataFrame], list[list[Any]]]:
+    """Two frames of selected rows whose groups interleave (a tag stream's rows, one user after another)."""
+    schema = {
+        EXT_ID: pl.String,
+        GROUP: pl.String,
+        ITEM: pl.String,
+        FILE: pl.Int32,
+        ROW: pl.Int64,
+        ROW_KEY: pl.UInt64,
+    }
+    frames_rows = []
+    for start in (0, 7):
+        rows = []
+        for i in range(start, start + 7):
+            for j, group in enumerate(("a", "b") if i % 2 else ("c", "a", "é")):
+                rows.append((f"id{i:02d}", group, f'"id{i:02d}"', 0, i + 1, 10 * i + j))
+        frames_rows.append(rows)
+    return [pl.DataFrame(rows, schema=schema, orient="row") for rows in frames_rows], frames_rows
+
+
+def test_interleaved_groups_are_gathered_by_a_sort_not_a_partition(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A selection whose groups interleave is grouped by a stable sort on the groups' hashes (cheaper than a
+    partition by the strings), with the batches of the row-by-row loop."""
+
+    def no_partition(*_args: Any, **_kwargs: Any) -> Any:
+        raise AssertionError("partitioned by the group strings")
+
+    monkeypatch.setattr(pl.DataFrame, "partition_by", no_partition)
+    frames, rows = _interleaved_groups()
+    files = ["a.csv"]
+    got = [(c.group, c.items.decode(), c.ext_ids, dict(c.origins), c.row_keys) for c in cut(frames, 3, files)]
+    want = _row_by_row([r for rs in rows for r in rs], 3, files, False)
+    assert got == want
+
+
+def test_groups_whose_hashes_collide_are_partitioned_by_their_strings(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Should two groups' hashes collide, their rows interleave after the sort: the strings themselves group
+    them instead, and the batches are the same."""
+    from sync.platforms import _batches
+
+    monkeypatch.setattr(_batches, "_group_hash", lambda: pl.col(GROUP).hash() * 0)  # every group collides
+    frames, rows = _interleaved_groups()
+    files = ["a.csv"]
+    got = [(c.group, c.items.decode(), c.ext_ids, dict(c.origins), c.row_keys) for c in cut(frames, 3, files)]
+    want = _row_by_row([r for rs in rows for r in rs], 3, files, False)
+    assert got == want
