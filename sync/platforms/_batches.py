@@ -329,6 +329,12 @@ def _buffers(strings: pa.Array) -> tuple[int, memoryview, memoryview]:
     )
 
 
+def _group_hash() -> pl.Expr:
+    """The key :func:`_group_runs` sorts a selection's rows by: its group's 64-bit hash (a function, so that a
+    test can make every group collide)."""
+    return pl.col(GROUP).hash()
+
+
 def _group_runs(selected: pl.DataFrame) -> tuple[pl.DataFrame, pl.Series | None, list[tuple[str, int, int]]]:
     """``selected`` with each group's rows adjacent (a stable sort: frame order within a group), the frame
     position of each of its rows (None: not sorted, the positions are the rows' own) and its groups' row
@@ -345,12 +351,19 @@ def _group_runs(selected: pl.DataFrame) -> tuple[pl.DataFrame, pl.Series | None,
         runs = frame.select(pl.col(GROUP).rle()).unnest(GROUP)
         lengths, names = runs["len"].to_list(), runs["value"].to_list()
     else:
-        # A stable partition: rows of a group become adjacent, in frame order (the groups' order does not
-        # matter). Cheaper than a stable sort: the rows are hashed once and moved once.
-        parts = selected.with_row_index(_I).partition_by(GROUP, maintain_order=True)
-        frame = pl.concat(parts, rechunk=False)
+        # Rows of a group made adjacent, in frame order (the groups' order does not matter): a stable sort on
+        # the groups' 64-bit hashes — a sort of integers, about 40 % less CPU than a partition by the strings
+        # (a tag stream: 7 tags over 125,000 rows, 3.5 against 6 ms) — whose runs are then the groups. Should two
+        # groups' hashes collide, their rows interleave, a group has two runs, and a stable partition by the
+        # strings themselves does it instead.
+        frame = selected.with_row_index(_I).sort(_group_hash(), maintain_order=True, multithreaded=False)
+        runs = frame.select(pl.col(GROUP).rle()).unnest(GROUP)
+        lengths, names = runs["len"].to_list(), runs["value"].to_list()
+        if len(set(names)) != len(names):
+            parts = selected.with_row_index(_I).partition_by(GROUP, maintain_order=True)
+            frame = pl.concat(parts, rechunk=False)
+            lengths, names = [p.height for p in parts], [p[GROUP][0] for p in parts]
         positions = frame[_I]
-        lengths, names = [p.height for p in parts], [p[GROUP][0] for p in parts]
     spans: list[tuple[str, int, int]] = []
     at = 0
     for length, group in zip(lengths, names, strict=True):

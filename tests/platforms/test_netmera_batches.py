@@ -349,3 +349,109 @@ def test_the_builder_gives_the_snapshot_streams(tmp_path: Path) -> None:
     assert endpoints[-2:] == ["unsetProfileAttributes", "deleteUsersPermanently"]
     assert {"tagUsers", "untagUsers", "setProfileAttributes"} <= set(endpoints)
     assert "unsetProfileAttributes" not in endpoints[:-2]  # values present are set; unsets come from __unset
+
+
+_TAG_LISTS = st.lists(
+    st.none() | st.lists(st.none() | st.sampled_from(["a", "b", "c", "é"]), max_size=5), max_size=30
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(_TAG_LISTS)
+def test_a_tag_list_repeats_a_value_as_its_unique_count_tells(lists: list[list[str | None] | None]) -> None:
+    """The tag stream's check for a list that holds a value twice (which then sends each of its tags once) tells
+    lists of two by their ends and hashes only the longer ones: the same answer as counting unique values in
+    every list — nulls, empty and null lists included."""
+    from sync.platforms.netmera._streams import _repeats
+
+    frame = pl.DataFrame({"tags": lists}, schema={"tags": pl.List(pl.String)})
+    tags = pl.col("tags")
+    want = bool(frame.select((tags.list.n_unique() < tags.list.len()).any()).item())
+    assert _repeats(frame, "tags") is want
+
+
+@pytest.mark.parametrize(
+    ("lists", "want"),
+    [
+        ([["a", "b"], ["c", "c"]], True),  # a pair of equal tags
+        ([["a", "b"], [None, None]], True),  # two nulls are a repeat too (as n_unique counts them)
+        ([["a", "b"], ["a", None]], False),
+        ([["a", "b", "a"], ["c"]], True),  # only a longer list repeats: the hashed branch
+        ([["a", "b", "c"], ["b", "c"], []], False),
+        ([None, ["a"]], False),
+    ],
+)
+def test_repeated_tags_are_sent_once(lists: list[list[str | None] | None], want: bool) -> None:
+    """A user's tag sent twice in its list goes once into that tag's request; lists without a repeat keep
+    their order."""
+    from sync.platforms.netmera._streams import _repeats, _select_tags
+
+    frame = pl.DataFrame(
+        {
+            EXT_ID: [f"u{i}" for i in range(len(lists))],
+            FILE: [0] * len(lists),
+            ROW: list(range(1, len(lists) + 1)),
+            "tags": lists,
+        },
+        schema={EXT_ID: pl.String, FILE: pl.Int32, ROW: pl.Int64, "tags": pl.List(pl.String)},
+    )
+    assert _repeats(frame, "tags") is want
+    rows = _select_tags(frame, False, ["tags"])
+    pairs = list(zip(rows[EXT_ID].to_list(), rows[GROUP].to_list(), strict=True))
+    expected = [
+        (f"u{i}", tag)
+        for i, tags in enumerate(lists)
+        for tag in (list(dict.fromkeys(tags)) if tags is not None else [])
+        if tag is not None
+    ]
+    assert pairs == expected
+
+
+def _interleaved_groups() -> tuple[list[pl.DataFrame], list[list[Any]]]:
+    """Two frames of selected rows whose groups interleave (a tag stream's rows, one user after another)."""
+    schema = {
+        EXT_ID: pl.String,
+        GROUP: pl.String,
+        ITEM: pl.String,
+        FILE: pl.Int32,
+        ROW: pl.Int64,
+        ROW_KEY: pl.UInt64,
+    }
+    frames_rows = []
+    for start in (0, 7):
+        rows = []
+        for i in range(start, start + 7):
+            for j, group in enumerate(("a", "b") if i % 2 else ("c", "a", "é")):
+                rows.append((f"id{i:02d}", group, f'"id{i:02d}"', 0, i + 1, 10 * i + j))
+        frames_rows.append(rows)
+    return [pl.DataFrame(rows, schema=schema, orient="row") for rows in frames_rows], frames_rows
+
+
+def test_interleaved_groups_are_gathered_by_a_sort_not_a_partition(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A selection whose groups interleave is grouped by a stable sort on the groups' hashes (cheaper than a
+    partition by the strings), with the batches of the row-by-row loop."""
+
+    def no_partition(*_args: Any, **_kwargs: Any) -> Any:
+        raise AssertionError("partitioned by the group strings")
+
+    monkeypatch.setattr(pl.DataFrame, "partition_by", no_partition)
+    frames, rows = _interleaved_groups()
+    files = ["a.csv"]
+    got = [(c.group, c.items.decode(), c.ext_ids, dict(c.origins), c.row_keys) for c in cut(frames, 3, files)]
+    want = _row_by_row([r for rs in rows for r in rs], 3, files, False)
+    assert got == want
+
+
+def test_groups_whose_hashes_collide_are_partitioned_by_their_strings(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Should two groups' hashes collide, their rows interleave after the sort: the strings themselves group
+    them instead, and the batches are the same."""
+    from sync.platforms import _batches
+
+    monkeypatch.setattr(_batches, "_group_hash", lambda: pl.col(GROUP).hash() * 0)  # every group collides
+    frames, rows = _interleaved_groups()
+    files = ["a.csv"]
+    got = [(c.group, c.items.decode(), c.ext_ids, dict(c.origins), c.row_keys) for c in cut(frames, 3, files)]
+    want = _row_by_row([r for rs in rows for r in rs], 3, files, False)
+    assert got == want
