@@ -205,19 +205,23 @@ def _selected_rows(draw: Any) -> tuple[list[list[tuple[str, str, str, int, int, 
     return frames, draw(st.integers(1, 6)), draw(st.booleans())
 
 
+_SELECTED_SCHEMA = {
+    EXT_ID: pl.String,
+    GROUP: pl.String,
+    ITEM: pl.String,
+    FILE: pl.Int32,
+    ROW: pl.Int64,
+    ROW_KEY: pl.UInt64,
+}
+"""The columns of a stream's selected rows, as the cutting takes them."""
+
+
 @settings(max_examples=200, deadline=None)
 @given(_selected_rows())
 def test_cutting_equals_the_row_by_row_loop(case: tuple[list[list[Any]], int, bool]) -> None:
     frames, size, first_only = case
     files = ["a.csv", "b.csv"]
-    schema = {
-        EXT_ID: pl.String,
-        GROUP: pl.String,
-        ITEM: pl.String,
-        FILE: pl.Int32,
-        ROW: pl.Int64,
-        ROW_KEY: pl.UInt64,
-    }
+    schema = _SELECTED_SCHEMA
     selected = [pl.DataFrame(rows, schema=schema, orient="row") for rows in frames]
     got = [
         (c.group, c.items.decode(), c.ext_ids, dict(c.origins), c.row_keys)
@@ -409,14 +413,7 @@ def test_repeated_tags_are_sent_once(lists: list[list[str | None] | None], want:
 
 def _interleaved_groups() -> tuple[list[pl.DataFrame], list[list[Any]]]:
     """Two frames of selected rows whose groups interleave (a tag stream's rows, one user after another)."""
-    schema = {
-        EXT_ID: pl.String,
-        GROUP: pl.String,
-        ITEM: pl.String,
-        FILE: pl.Int32,
-        ROW: pl.Int64,
-        ROW_KEY: pl.UInt64,
-    }
+    schema = _SELECTED_SCHEMA
     frames_rows = []
     for start in (0, 7):
         rows = []

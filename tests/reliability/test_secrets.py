@@ -10,13 +10,14 @@ error messages are logged) and refusing unknown users (so the ledger holds refus
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import secrets
 import ssl
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -319,9 +320,9 @@ def self_signed(tmp_path: Path) -> ssl.SSLContext:
     return context
 
 
-async def test_tls_certificates_are_checked_unless_a_sandbox_job_turns_it_off(
-    tmp_path: Path, self_signed: ssl.SSLContext
-) -> None:
+@contextlib.asynccontextmanager
+async def _tls_sandbox(self_signed: ssl.SSLContext) -> AsyncIterator[tuple[str, NetmeraSandbox, int]]:
+    """A Netmera sandbox served over TLS with ``self_signed``: its key, the sandbox and its port."""
     key = "tls-test-key-" + secrets.token_hex(8)
     sandbox = NetmeraSandbox(NetmeraSandboxConfig(api_key=key))
     sandbox.core.reopen()
@@ -329,9 +330,18 @@ async def test_tls_certificates_are_checked_unless_a_sandbox_job_turns_it_off(
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0, ssl_context=self_signed)
     await site.start()
-    port = next(a[1] for a in runner.addresses if isinstance(a, tuple))
-    url = f"https://127.0.0.1:{port}/rest/3.0/"
     try:
+        yield key, sandbox, next(a[1] for a in runner.addresses if isinstance(a, tuple))
+    finally:
+        await sandbox.core.close()
+        await runner.cleanup()
+
+
+async def test_tls_certificates_are_checked_unless_a_sandbox_job_turns_it_off(
+    tmp_path: Path, self_signed: ssl.SSLContext
+) -> None:
+    async with _tls_sandbox(self_signed) as (key, sandbox, port):
+        url = f"https://127.0.0.1:{port}/rest/3.0/"
         checked = load_job(write_job(tmp_path / "checked", url, f"{{env: {KEY_ENV}}}"))
         assert checked.destination.verify_tls is True  # the default
         outcome = await run(checked, RunOptions(api_key=key))
@@ -352,9 +362,6 @@ async def test_tls_certificates_are_checked_unless_a_sandbox_job_turns_it_off(
             outcome.exit_code is ExitCode.PARTIAL
         )  # three rows rejected by validation; the rest went through
         assert sandbox.state.user_count() == USERS - 3
-    finally:
-        await sandbox.core.close()
-        await runner.cleanup()
 
 
 async def test_the_command_line_checks_tls_certificates_against_the_users_ca_settings(
@@ -363,18 +370,9 @@ async def test_the_command_line_checks_tls_certificates_against_the_users_ca_set
     """``pushsync run`` loads the system's CA certificates only into the TLS context its job uses
     (sync/platforms/_tls.py): over https it still refuses a certificate no trusted CA signed, and trusts one
     that the user's own CA settings name (``SSL_CERT_FILE``), as OpenSSL reads them."""
-    key = "tls-test-key-" + secrets.token_hex(8)
-    sandbox = NetmeraSandbox(NetmeraSandboxConfig(api_key=key))
-    sandbox.core.reopen()
-    runner = web.AppRunner(sandbox.app, access_log=None)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0, ssl_context=self_signed)
-    await site.start()
-    port = next(a[1] for a in runner.addresses if isinstance(a, tuple))
-    job = write_job(tmp_path / "job", f"https://127.0.0.1:{port}/rest/3.0/", f"{{env: {KEY_ENV}}}")
     (tmp_path / "no-certs").mkdir()
 
-    async def pushsync_run(ca_file: Path) -> tuple[int, str]:
+    async def pushsync_run(job: Path, key: str, ca_file: Path) -> tuple[int, str]:
         env = {
             **os.environ,
             KEY_ENV: key,
@@ -392,18 +390,17 @@ async def test_the_command_line_checks_tls_certificates_against_the_users_ca_set
         assert process.returncode is not None
         return process.returncode, out.decode() + err.decode()
 
-    try:
-        code, output = await pushsync_run(Path(ssl.get_default_verify_paths().openssl_cafile))
+    async with _tls_sandbox(self_signed) as (key, sandbox, port):
+        job = write_job(tmp_path / "job", f"https://127.0.0.1:{port}/rest/3.0/", f"{{env: {KEY_ENV}}}")
+        code, output = await pushsync_run(job, key, Path(ssl.get_default_verify_paths().openssl_cafile))
         assert code == ExitCode.ABORTED, output
         assert "certificate" in output.lower()
         assert sandbox.stats.snapshot()["requests_total"] == 0  # refused before any request went out
 
-        code, output = await pushsync_run(tmp_path / "cert.pem")  # the server's own certificate, trusted
+        # The server's own certificate, trusted.
+        code, output = await pushsync_run(job, key, tmp_path / "cert.pem")
         assert code == ExitCode.PARTIAL, output  # three rows rejected by validation; the rest went through
         assert sandbox.state.user_count() == USERS - 3
-    finally:
-        await sandbox.core.close()
-        await runner.cleanup()
 
 
 def test_tls_checks_cannot_be_turned_off_for_a_remote_platform(tmp_path: Path) -> None:
