@@ -448,3 +448,22 @@ def test_a_batch_sent_and_finished_in_one_flush_is_written_once(tmp_path: Path) 
         assert ledger._conn.total_changes - before == 1
         row = ledger._conn.execute("SELECT status, started_at FROM batches").fetchone()
     assert row[0] == "ok" and row[1] is not None
+
+
+def test_a_batch_planned_sent_and_finished_in_one_flush_is_written_once(tmp_path: Path) -> None:
+    # SQLite rewrites a whole row — the batch's packed IDs included — on every update: a batch whose planned row,
+    # sent mark and result come in one flush (a fast platform's answer) is written once, by one upsert.
+    with Ledger.open(tmp_path / "l.sqlite", flush_every=10_000, flush_interval=3600) as ledger:
+        ledger.start_run("r1", job="j")
+        before = ledger._conn.total_changes
+        ledger.record_planned("r1", _batch(0))
+        ledger.record_sent("r1", "b000000")
+        ledger.record_result(
+            "r1", BatchResult("b000000", "tagUsers", Operation.TAG, BatchStatus.OK, 1, 200, ok_ids=3)
+        )
+        ledger.flush()
+        assert ledger._conn.total_changes - before == 1
+        row = ledger._conn.execute("SELECT status, started_at, n_ids, ok_ids FROM batches").fetchone()
+        packed = ledger._conn.execute("SELECT ext_ids FROM batches").fetchone()[0]
+        assert ledger_module.unpack_ids(packed) == list(_batch(0).ext_ids)
+    assert row[0] == "ok" and row[1] is not None and row[2:] == (3, 3)

@@ -250,6 +250,21 @@ _UPDATE_SENT_RESULT = (
 row is rewritten once instead of twice (with its packed IDs, that is most of what a result costs SQLite). It
 leaves the row exactly as the two statements in turn would: ``sent`` only ever set ``started_at`` (when the row
 was planned or sent), and the result then overwrites every other column it touched."""
+_UPSERT_DONE = (
+    "INSERT INTO batches (run_id, batch_id, endpoint, operation, phase, n_ids, ext_ids, planned_at, status, attempts, "
+    "http_status, code, message, ok_ids, rejected_ids, started_at, finished_at) "
+    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, COALESCE(?, ?), ?) "
+    "ON CONFLICT (run_id, batch_id) DO UPDATE SET status = excluded.status, attempts = excluded.attempts, "
+    "http_status = excluded.http_status, code = excluded.code, message = excluded.message, ok_ids = excluded.ok_ids, "
+    "rejected_ids = excluded.rejected_ids, "
+    "started_at = COALESCE(batches.started_at, CASE WHEN batches.status IN ('planned', 'sent') THEN ? END, ?), "
+    "finished_at = excluded.finished_at"
+)
+"""A batch's planned row, its ``sent`` mark and its result in one statement, when a flush holds all three
+(:func:`_fold_sent`): the row, with its packed IDs, is written once instead of three times (SQLite rewrites a
+whole row, blob included, on every update). A new row is what the three statements in turn make of it; a row
+already there (an earlier flush planned it) is left by the insert, so the update does what :data:`_UPDATE_SENT`
+then :data:`_UPDATE_RESULT` would (as :data:`_UPDATE_SENT_RESULT`)."""
 _INSERT_REFUSED = "INSERT INTO batch_ids (run_id, batch_id, ext_id, code, message, origin_path, origin_row) VALUES (?, ?, ?, ?, ?, ?, ?)"
 _INSERT_ATTEMPT = (
     "INSERT INTO attempts (run_id, batch_id, endpoint, attempt, n_ids, outcome, http_status, message, started_at, "
@@ -282,39 +297,56 @@ def _rank(write: tuple[str, Sequence[Any]]) -> int:
 
 def _fold_sent(writes: list[tuple[str, Sequence[Any]]]) -> list[tuple[str, Sequence[Any]]]:
     """``writes`` (sorted by :func:`_rank`) with each batch's ``sent`` mark folded into its result when both are
-    there (:data:`_UPDATE_SENT_RESULT`).
+    there (:data:`_UPDATE_SENT_RESULT`), and its planned row too when that is there as well (:data:`_UPSERT_DONE`).
 
-    Exact: sorted, every ``sent`` comes before every result, and nothing between them writes that batch's row
-    (the other writes are other batches' rows, attempts, refused IDs). Only a batch with one ``sent`` mark and
-    one result in the flush is folded (the same batch ID queued twice is left as it is); the folded results
-    then go before the others, which touch other rows, so each kind is still one ``executemany``."""
+    Exact: sorted, a batch's planned row comes before its ``sent`` mark, which comes before its result, and
+    nothing between them writes that batch's row (the other writes are other batches' rows, row keys, attempts,
+    refused IDs). Only a batch with one of each in the flush is folded (the same batch ID queued twice is left
+    as it is); the folded rows go where the first planned row was, the folded results before the other
+    results — the writes around them touch other rows — so each kind is still one ``executemany``."""
+    planned: dict[tuple[Any, Any], int] = {}  # (run, batch) -> index of its planned row; -1: more than one
     sent: dict[tuple[Any, Any], int] = {}  # (run, batch) -> index of its sent mark; -1: more than one
     results: dict[tuple[Any, Any], int] = {}  # (run, batch) -> index of its result; -1: more than one
-    first = last = -1  # the results' range (contiguous: sorted by kind)
+    first = -1  # where the results start (contiguous: sorted by kind)
     for i, (sql, params) in enumerate(writes):
-        if sql is _UPDATE_SENT:
+        if sql is _INSERT_PLANNED:
+            key = (params[0], params[1])
+            planned[key] = -1 if key in planned else i
+        elif sql is _UPDATE_SENT:
             key = (params[1], params[2])
             sent[key] = -1 if key in sent else i
         elif sql is _UPDATE_RESULT:
             key = (params[-2], params[-1])
             results[key] = -1 if key in results else i
             first = i if first < 0 else first
-            last = i
-    pairs = {at: results.get(key, -1) for key, at in sent.items() if at >= 0}
-    pairs = {at: result for at, result in pairs.items() if result >= 0}
-    if not pairs:
+    done: list[tuple[str, Sequence[Any]]] = []  # planned, sent and result: one upsert each
+    merged: list[tuple[str, Sequence[Any]]] = []  # sent and result: one update each
+    dropped: set[int] = set()
+    for key, at in sent.items():
+        result = results.get(key, -1)
+        if at < 0 or result < 0:
+            continue
+        sent_at, outcome = writes[at][1][0], writes[result][1]
+        row = planned.get(key, -1)
+        if row >= 0:
+            params = (*writes[row][1], *outcome[:7], sent_at, outcome[7], outcome[8], sent_at, outcome[7])
+            done.append((_UPSERT_DONE, params))
+            dropped.add(row)
+        else:
+            merged.append((_UPDATE_SENT_RESULT, (*outcome[:7], sent_at, *outcome[7:])))
+        dropped.update((at, result))
+    if not dropped:
         return writes
-    folded_results = set(pairs.values())
-    merged: list[tuple[str, Sequence[Any]]] = []
-    for at, result in pairs.items():
-        params = writes[result][1]
-        merged.append((_UPDATE_SENT_RESULT, (*params[:7], writes[at][1][0], *params[7:])))
-    return [
-        *(w for i, w in enumerate(writes[:first]) if i not in pairs),
-        *merged,
-        *(w for i, w in enumerate(writes[first : last + 1], first) if i not in folded_results),
-        *writes[last + 1 :],
-    ]
+    first_planned = min((at for at in planned.values() if at >= 0), default=-1)
+    out: list[tuple[str, Sequence[Any]]] = []
+    for i, write in enumerate(writes):
+        if i == first_planned:
+            out += done
+        if i == first:
+            out += merged
+        if i not in dropped:
+            out.append(write)
+    return out
 
 
 def new_run_id(now: float | None = None) -> str:
