@@ -302,8 +302,9 @@ def _fold_sent(writes: list[tuple[str, Sequence[Any]]]) -> list[tuple[str, Seque
     Exact: sorted, a batch's planned row comes before its ``sent`` mark, which comes before its result, and
     nothing between them writes that batch's row (the other writes are other batches' rows, row keys, attempts,
     refused IDs). Only a batch with one of each in the flush is folded (the same batch ID queued twice is left
-    as it is); the folded rows go where the first planned row was, the folded results before the other
-    results — the writes around them touch other rows — so each kind is still one ``executemany``."""
+    as it is); a folded row goes where its planned row was (rows are inserted in plan order: their rowids are
+    the order the ledger lists them in), the folded results before the other results — the writes around them
+    touch other rows."""
     planned: dict[tuple[Any, Any], int] = {}  # (run, batch) -> index of its planned row; -1: more than one
     sent: dict[tuple[Any, Any], int] = {}  # (run, batch) -> index of its sent mark; -1: more than one
     results: dict[tuple[Any, Any], int] = {}  # (run, batch) -> index of its result; -1: more than one
@@ -319,7 +320,9 @@ def _fold_sent(writes: list[tuple[str, Sequence[Any]]]) -> list[tuple[str, Seque
             key = (params[-2], params[-1])
             results[key] = -1 if key in results else i
             first = i if first < 0 else first
-    done: list[tuple[str, Sequence[Any]]] = []  # planned, sent and result: one upsert each
+    done: dict[
+        int, tuple[str, Sequence[Any]]
+    ] = {}  # planned row's index -> its upsert (planned, sent, result)
     merged: list[tuple[str, Sequence[Any]]] = []  # sent and result: one update each
     dropped: set[int] = set()
     for key, at in sent.items():
@@ -330,21 +333,21 @@ def _fold_sent(writes: list[tuple[str, Sequence[Any]]]) -> list[tuple[str, Seque
         row = planned.get(key, -1)
         if row >= 0:
             params = (*writes[row][1], *outcome[:7], sent_at, outcome[7], outcome[8], sent_at, outcome[7])
-            done.append((_UPSERT_DONE, params))
-            dropped.add(row)
+            done[row] = (_UPSERT_DONE, params)
         else:
             merged.append((_UPDATE_SENT_RESULT, (*outcome[:7], sent_at, *outcome[7:])))
         dropped.update((at, result))
     if not dropped:
         return writes
-    first_planned = min((at for at in planned.values() if at >= 0), default=-1)
     out: list[tuple[str, Sequence[Any]]] = []
     for i, write in enumerate(writes):
-        if i == first_planned:
-            out += done
         if i == first:
             out += merged
-        if i not in dropped:
+        if i in done:
+            out.append(
+                done[i]
+            )  # in its planned row's place: batches are inserted (their rowids) in plan order
+        elif i not in dropped:
             out.append(write)
     return out
 
