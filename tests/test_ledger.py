@@ -435,6 +435,15 @@ def test_a_batch_sent_and_finished_in_one_flush_ends_as_without_folding(
     assert rows[1] == rows[0]
 
 
+def _sent_and_accepted(ledger: Ledger) -> None:
+    """Batch ``b000000`` of run ``r1`` sent and accepted whole, in one flush."""
+    ledger.record_sent("r1", "b000000")
+    ledger.record_result(
+        "r1", BatchResult("b000000", "tagUsers", Operation.TAG, BatchStatus.OK, 1, 200, ok_ids=3)
+    )
+    ledger.flush()
+
+
 def test_a_batch_sent_and_finished_in_one_flush_is_written_once(tmp_path: Path) -> None:
     # The sent mark and the result of one flush rewrite the batch's row (with its packed IDs) once, not twice.
     with Ledger.open(tmp_path / "l.sqlite", flush_every=10_000, flush_interval=3600) as ledger:
@@ -442,11 +451,7 @@ def test_a_batch_sent_and_finished_in_one_flush_is_written_once(tmp_path: Path) 
         ledger.record_planned("r1", _batch(0))
         ledger.flush()
         before = ledger._conn.total_changes
-        ledger.record_sent("r1", "b000000")
-        ledger.record_result(
-            "r1", BatchResult("b000000", "tagUsers", Operation.TAG, BatchStatus.OK, 1, 200, ok_ids=3)
-        )
-        ledger.flush()
+        _sent_and_accepted(ledger)
         assert ledger._conn.total_changes - before == 1
         row = ledger._conn.execute("SELECT status, started_at FROM batches").fetchone()
     assert row[0] == "ok" and row[1] is not None
@@ -459,11 +464,7 @@ def test_a_batch_planned_sent_and_finished_in_one_flush_is_written_once(tmp_path
         ledger.start_run("r1", job="j")
         before = ledger._conn.total_changes
         ledger.record_planned("r1", _batch(0))
-        ledger.record_sent("r1", "b000000")
-        ledger.record_result(
-            "r1", BatchResult("b000000", "tagUsers", Operation.TAG, BatchStatus.OK, 1, 200, ok_ids=3)
-        )
-        ledger.flush()
+        _sent_and_accepted(ledger)
         assert ledger._conn.total_changes - before == 1
         row = ledger._conn.execute("SELECT status, started_at, n_ids, ok_ids FROM batches").fetchone()
         packed = ledger._conn.execute("SELECT ext_ids FROM batches").fetchone()[0]

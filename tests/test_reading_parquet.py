@@ -95,6 +95,12 @@ _TYPES: dict[str, tuple[pa.DataType, st.SearchStrategy[object]]] = {
 }
 
 
+def _drawn(data: st.DataObject, kind: str) -> tuple[pa.DataType, list[object]]:
+    """A column of type ``kind`` (:data:`_TYPES`): its Arrow type and 1-20 values, nulls among them."""
+    dtype, values = _TYPES[kind]
+    return dtype, data.draw(st.lists(st.one_of(st.none(), values), min_size=1, max_size=20))
+
+
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(
     kind=st.sampled_from(sorted(_TYPES)),
@@ -104,8 +110,7 @@ _TYPES: dict[str, tuple[pa.DataType, st.SearchStrategy[object]]] = {
 def test_any_plain_column_reads_as_pyarrow_reads_it(
     tmp_path: Path, kind: str, data: st.DataObject, row_group: int
 ) -> None:
-    dtype, values = _TYPES[kind]
-    column = data.draw(st.lists(st.one_of(st.none(), values), min_size=1, max_size=20))
+    dtype, column = _drawn(data, kind)
     ids = [f"u{i}" for i in range(len(column))]
     path = tmp_path / "users.parquet"
     pq.write_table(
@@ -178,8 +183,7 @@ def test_the_ids_read_alone_are_the_ids_pyarrows_reading_gives(
 ) -> None:
     # read_ids (a lazy run's head picks its rows by them) reads the ID column by polars' reader: the same IDs,
     # one row group at a time, as pyarrow's reading of the whole file gives them.
-    dtype, values = _TYPES[kind]
-    ids = data.draw(st.lists(st.one_of(st.none(), values), min_size=1, max_size=20))
+    dtype, ids = _drawn(data, kind)
     path = tmp_path / "users.parquet"
     table = pa.table({"id": pa.array(ids, dtype), "v": pa.array([str(i) for i in range(len(ids))])})
     pq.write_table(table, path, row_group_size=row_group)
