@@ -284,8 +284,8 @@ def kill_a_busy_worker(
     share: int = 5,
     timeout: float = 90,
 ) -> subprocess.Popen[str]:
-    """SIGKILL the worker of ``procs`` holding the most unfinished batches, once ``1/share`` of the batches are
-    confirmed, and reap it; returns it."""
+    """SIGKILL the worker of ``procs`` holding the most unfinished batches among those that have sent (their
+    attempts are in the ledger), once ``1/share`` of the batches are confirmed, and reap it; returns it."""
     deadline = time.monotonic() + timeout
     seen: Any = None
     while time.monotonic() < deadline:
@@ -294,11 +294,15 @@ def kill_a_busy_worker(
             ok, total = batch_counts(server, url)
             if not total or ok < total // share:
                 continue
+            # Only a worker whose attempts are in the ledger: one that claimed its first batches but has not
+            # flushed an attempt yet (a late start on a loaded machine) is not "busy", and killing it would
+            # leave no trace of its part in the run.
             busy = query(
                 server,
                 url,
                 "SELECT claimed_by, count(*) FROM pushsync.batches WHERE status IN ('planned', 'sent') "
-                "AND claimed_by IS NOT NULL GROUP BY claimed_by ORDER BY 2 DESC",
+                "AND claimed_by IN (SELECT DISTINCT worker FROM pushsync.attempts) "
+                "GROUP BY claimed_by ORDER BY 2 DESC",
             )
         except RuntimeError:
             continue  # the tables are not there yet
