@@ -44,15 +44,23 @@ def pin_self(core: str | None) -> None:
 
 
 def start_server(
-    key: str, workdir: Path, *, kind: Server = "stateless", core: str | None = None
+    key: str,
+    workdir: Path,
+    *,
+    kind: Server = "stateless",
+    core: str | None = None,
+    record: Path | None = None,
 ) -> tuple[subprocess.Popen[str], str]:
     """Start the server (see the module docstring) on ``core``; returns the process and its base URL (the
-    Netmera API root, ``…/rest/3.0/``). ``key`` is the API key the sandbox accepts (the bare server takes any)."""
-    command = (
-        [sys.executable, "-m", "sync", "sandbox", "netmera", "--port", "0", "--stateless"]
-        if kind == "stateless"
-        else [sys.executable, str(HERE / "bare_server.py"), "--port", "0"]
-    )
+    Netmera API root, ``…/rest/3.0/``). ``key`` is the API key the sandbox accepts (the bare server takes any).
+    ``record`` (bare server only): the file it appends every request to (``bare_server.py --record``)."""
+    if kind == "stateless":
+        assert record is None, "only the bare server records requests"
+        command = [sys.executable, "-m", "sync", "sandbox", "netmera", "--port", "0", "--stateless"]
+    else:
+        command = [sys.executable, str(HERE / "bare_server.py"), "--port", "0"]
+        if record is not None:
+            command += ["--record", str(record)]
     process = subprocess.Popen(
         pinned(core, command),
         cwd=workdir,
