@@ -299,7 +299,8 @@ def test_a_disk_that_fills_mid_run_does_not_exit_2_and_a_resume_finishes(
     import resource
 
     sandbox = netmera_sandbox_process
-    (tmp_path / "job.yaml").write_text(changes_job(sandbox.url, batch=20), encoding="utf-8")
+    # A budget far above Netmera's default 20/s: ~2,500 requests of 20 IDs, which the default spaces over 75 s.
+    (tmp_path / "job.yaml").write_text(changes_job(sandbox.url, batch=20, budget="2000"), encoding="utf-8")
     write_many_users(tmp_path, 20000)
 
     def small_disk() -> None:
@@ -316,6 +317,7 @@ def test_a_disk_that_fills_mid_run_does_not_exit_2_and_a_resume_finishes(
     assert "Traceback" not in err and "resume" in err, err
     code, out, err = run(tmp_path, sandbox, "run", "job.yaml")
     assert code == 0, (out, err)
+    assert requests_total(sandbox) > sent  # the first run died part-way: the resume sent the rest
     users = {u["extId"]: u for u in inspect(sandbox, "state?format=json")["users"]}
     assert len(users) == 20000
     assert users["u019999"]["profile"] == {"name": "N19999", "score": 19999}
