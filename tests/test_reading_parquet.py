@@ -5,6 +5,7 @@ part of is read by pyarrow from the first row not yet given."""
 from __future__ import annotations
 
 import datetime as dt
+from collections.abc import Callable
 from pathlib import Path
 
 import polars as pl
@@ -101,21 +102,28 @@ def _drawn(data: st.DataObject, kind: str) -> tuple[pa.DataType, list[object]]:
     return dtype, data.draw(st.lists(st.one_of(st.none(), values), min_size=1, max_size=20))
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(
-    kind=st.sampled_from(sorted(_TYPES)),
-    data=st.data(),
-    row_group=st.integers(1, 7),
-)
+def _users_file(tmp_path: Path, ids: pa.Array, values: pa.Array, row_group: int) -> Path:
+    """``users.parquet`` in ``tmp_path``: columns ``id`` and ``v``, in row groups of ``row_group`` rows."""
+    path = tmp_path / "users.parquet"
+    pq.write_table(pa.table({"id": ids, "v": values}), path, row_group_size=row_group)
+    return path
+
+
+def _drawn_files(kinds: list[str], examples: int) -> Callable[[Callable[..., None]], Callable[..., None]]:
+    """A property test over files drawn by it: a column ``kind`` (one of ``kinds``, values by :func:`_drawn`
+    from ``data``) in row groups of ``row_group`` (1-7) rows."""
+    return lambda test: settings(
+        max_examples=examples, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+    )(given(kind=st.sampled_from(kinds), data=st.data(), row_group=st.integers(1, 7))(test))
+
+
+@_drawn_files(sorted(_TYPES), examples=60)
 def test_any_plain_column_reads_as_pyarrow_reads_it(
     tmp_path: Path, kind: str, data: st.DataObject, row_group: int
 ) -> None:
     dtype, column = _drawn(data, kind)
     ids = [f"u{i}" for i in range(len(column))]
-    path = tmp_path / "users.parquet"
-    pq.write_table(
-        pa.table({"id": pa.array(ids), "v": pa.array(column, dtype)}), path, row_group_size=row_group
-    )
+    path = _users_file(tmp_path, pa.array(ids), pa.array(column, dtype), row_group)
     source = _source(tmp_path, "users.parquet", {"v": "list" if kind.startswith("list") else "string"})
     assert reading._polars_reads(path, list(source.columns()))
     assert _read(source, path).equals(_reference(source, path))
@@ -140,20 +148,25 @@ def test_a_half_float_column_is_read_by_pyarrow(tmp_path: Path) -> None:
     assert reading._polars_reads(path, ["id"])
 
 
-def test_damage_after_the_first_chunks_is_reported_by_pyarrow_after_the_rows_before_it(
-    tmp_path: Path,
-) -> None:
-    rows = PARQUET_BATCH_ROWS + 5000
+def _damaged_in_second_row_group(tmp_path: Path, rows: int, row_group: int) -> Path:
+    """``users.parquet`` (``id`` = ``user-00000000``…, ``v``; uncompressed, in row groups of ``row_group`` rows)
+    with the start of its second row group's ID column (its first page) damaged."""
     frame = pl.DataFrame({"id": [f"user-{i:08d}" for i in range(rows)], "v": [f"v{i}" for i in range(rows)]})
     path = tmp_path / "users.parquet"
-    pq.write_table(frame.to_arrow(), path, row_group_size=PARQUET_BATCH_ROWS, compression="none")
+    pq.write_table(frame.to_arrow(), path, row_group_size=row_group, compression="none")
     data = bytearray(path.read_bytes())
-    # Damage the start of the second row group's ID column (its first page).
     second = pq.ParquetFile(path).metadata.row_group(1).column(0)
     start = second.data_page_offset + 40
     for i in range(start, start + 64):
         data[i] ^= 0xFF
     path.write_bytes(bytes(data))
+    return path
+
+
+def test_damage_after_the_first_chunks_is_reported_by_pyarrow_after_the_rows_before_it(
+    tmp_path: Path,
+) -> None:
+    path = _damaged_in_second_row_group(tmp_path, PARQUET_BATCH_ROWS + 5000, PARQUET_BATCH_ROWS)
     source = _source(tmp_path, "users.parquet", {"v": "string"})
     given: list[pl.DataFrame] = []
     with pytest.raises(BadInputError, match=r"users\.parquet") as raised:
@@ -172,21 +185,14 @@ def _ids_by_pyarrow(source: Source, path: Path) -> pl.Series:
     return _reference(source, path)[source.ext_id]
 
 
-@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(
-    kind=st.sampled_from(["string", "large_string", "int64", "int8", "uint64"]),
-    data=st.data(),
-    row_group=st.integers(1, 7),
-)
+@_drawn_files(["string", "large_string", "int64", "int8", "uint64"], examples=40)
 def test_the_ids_read_alone_are_the_ids_pyarrows_reading_gives(
     tmp_path: Path, kind: str, data: st.DataObject, row_group: int
 ) -> None:
     # read_ids (a lazy run's head picks its rows by them) reads the ID column by polars' reader: the same IDs,
     # one row group at a time, as pyarrow's reading of the whole file gives them.
     dtype, ids = _drawn(data, kind)
-    path = tmp_path / "users.parquet"
-    table = pa.table({"id": pa.array(ids, dtype), "v": pa.array([str(i) for i in range(len(ids))])})
-    pq.write_table(table, path, row_group_size=row_group)
+    path = _users_file(tmp_path, pa.array(ids, dtype), pa.array([str(i) for i in range(len(ids))]), row_group)
     source = _source(tmp_path, "users.parquet", {"v": "string"})
     groups = reading.read_ids(source, path)
     assert groups is not None
@@ -215,16 +221,7 @@ def test_the_ids_of_a_plain_file_are_read_without_pyarrows_reading(
 
 
 def test_damaged_ids_are_reported_by_pyarrow_after_the_row_groups_before_them(tmp_path: Path) -> None:
-    rows = 3000
-    frame = pl.DataFrame({"id": [f"user-{i:08d}" for i in range(rows)], "v": [f"v{i}" for i in range(rows)]})
-    path = tmp_path / "users.parquet"
-    pq.write_table(frame.to_arrow(), path, row_group_size=1000, compression="none")
-    data = bytearray(path.read_bytes())
-    second = pq.ParquetFile(path).metadata.row_group(1).column(0)
-    start = second.data_page_offset + 40
-    for i in range(start, start + 64):
-        data[i] ^= 0xFF
-    path.write_bytes(bytes(data))
+    path = _damaged_in_second_row_group(tmp_path, 3000, 1000)
     source = _source(tmp_path, "users.parquet", {"v": "string"})
     given: list[pl.Series] = []
     groups = reading.read_ids(source, path)
@@ -236,4 +233,4 @@ def test_damaged_ids_are_reported_by_pyarrow_after_the_row_groups_before_them(tm
         list(reading._arrow_parquet_chunks(source, path, list(source.columns())))
     assert str(raised.value) == str(expected.value)
     assert [len(g) for g in given] == [1000]
-    assert given[0].to_list() == frame["id"].head(1000).to_list()
+    assert given[0].to_list() == [f"user-{i:08d}" for i in range(1000)]
