@@ -20,6 +20,7 @@ import shutil
 import socket
 import subprocess
 import tempfile
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,11 +46,31 @@ def find_postgres_bin() -> Path | None:
     return Path(versions[0]).parent if versions else None
 
 
+def _ephemeral_start() -> int:
+    """The lowest port the kernel hands out to outgoing connections (Linux; 32768 elsewhere)."""
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text(encoding="ascii").split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
 def _free_port() -> int:
+    """A free loopback port below the ephemeral range. A port the kernel picks (bind to 0) is an ephemeral one:
+    while the server is down for a restart, an outgoing connection of any process may be given it, and the
+    server cannot listen on it again until that connection ends (CI once lost its server so, mid-suite)."""
+    top = max(_ephemeral_start(), 10_001)
+    for _ in range(200):
+        port = secrets.randbelow(top - 10_000) + 10_000
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
+        found: int = sock.getsockname()[1]
+        return found
 
 
 @dataclass
@@ -110,27 +131,38 @@ class PostgresServer:
         return self.url(name)
 
     def stop(self, mode: str = "immediate") -> None:
-        """Stop the server (``immediate``: at once, as a crash; ``fast``: ending the sessions cleanly)."""
-        self._pg_ctl("-m", mode, "-w", "stop")
+        """Stop the server (``immediate``: at once, as a crash; ``fast``: ending the sessions cleanly). A fast
+        stop that does not finish becomes an immediate one."""
+        if self._pg_ctl("-m", mode, "-w", "stop") != 0 and mode != "immediate":
+            self._pg_ctl("-m", "immediate", "-w", "stop")
 
     def start(self) -> None:
-        """Start it again after :meth:`stop`, on the same port."""
-        self._pg_ctl("-o", self.options, "-l", str(self.log), "-w", "start")
+        """Start it again after :meth:`stop`, on the same port; tried again for up to ~20 s (the port may still
+        be held a moment), then RuntimeError with the end of the server's log — never a silent failure that
+        every later test would meet as "connection refused"."""
+        for _attempt in range(40):
+            if self._pg_ctl("-o", self.options, "-l", str(self.log), "-w", "start") == 0:
+                return
+            time.sleep(0.5)
+        tail = self.log.read_text(encoding="utf-8", errors="replace")[-2000:] if self.log.exists() else ""
+        raise RuntimeError(f"PostgreSQL did not start again: {tail}")
 
     def restart(self) -> None:
-        """Restart it (every session ends, as when an administrator restarts PostgreSQL)."""
-        self._pg_ctl("-m", "fast", "-o", self.options, "-l", str(self.log), "-w", "restart")
+        """Restart it (every session ends, as when an administrator restarts PostgreSQL): a fast stop, then
+        :meth:`start`."""
+        self.stop("fast")
+        self.start()
 
-    def _pg_ctl(self, *args: str) -> None:
+    def _pg_ctl(self, *args: str) -> int:
         # The server's output goes to its log file: not a pipe of ours, which a server started here would
         # keep open after pg_ctl returned.
-        subprocess.run(
+        return subprocess.run(
             [*self.run_as, str(self.bin_dir / "pg_ctl"), "-D", str(self.data_dir), *args],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
             timeout=120,
             check=False,
-        )
+        ).returncode
 
 
 def start_postgres(bin_dir: Path) -> tuple[PostgresServer, Path]:
