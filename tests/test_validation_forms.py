@@ -195,9 +195,13 @@ def test_msisdns_in_the_plain_form_are_what_the_separators_form_gives(
         rows += [{"id": f"u{i}", "phone": t} for i, t in enumerate(texts)]
         clean, rejects = _validate(job, _raw(rows))
         if _parsers._msisdn_untrimmed(source.null_values):  # else the trimmed form, with no choice
-            # The form the head chose: the query of the chunk's schema with that hint held.
-            key = (id(source), id(job.validation), tuple(_raw(rows).schema.items()), False, form)
-            assert key in validation._QUERIES
+            # The form the head chose: the query of the chunk's schema with that hint held (and whichever tidy
+            # forms its texts allowed: validation._Query.tidy).
+            key = (id(source), id(job.validation), tuple(_raw(rows).schema.items()), False)
+            assert any(
+                k[:4] == key and frozenset(n for n in k[4] if not n.startswith("tidy:")) == form
+                for k in validation._QUERIES
+            )
         outcomes.append(
             (
                 clean.filter(pl.col(ROW) > len(head)).select("__ext_id", "phone"),
@@ -373,3 +377,66 @@ def test_ids_and_texts_read_untrimmed_are_their_trimmed_texts(
         elif a is not None or b is not None:
             expected_rejects.append((n + 1, "id" if a else "s", a or b, i))
     assert rejects.select("row", "column", "reason", "ext_id").rows() == expected_rejects
+
+
+# Texts made of what the per-text patterns look at: whitespace (ASCII and not), NUL and other control characters
+# (the separator the gates join with among them), an invisible character, list delimiters and brackets.
+_GATE_TEXTS = st.one_of(
+    st.none(),
+    st.text(
+        st.sampled_from([*"ab |,$[] \t", "\x00", "\x01", "\x1f", "\x85", "\u00a0", "\u200b", "\u3000"]),
+        max_size=6,
+    ),
+)
+
+
+def _flags(texts: list[str | None], pattern: str) -> list[bool]:
+    """Which texts the per-text ``pattern`` flags (as the query's per-text form searches them)."""
+    return pl.Series(texts, dtype=pl.String).str.contains(pattern).fill_null(False).to_list()
+
+
+@settings(max_examples=300, deadline=None)
+@given(texts=st.lists(_GATE_TEXTS, max_size=8), delimiter=st.sampled_from(["|", ",", "$", "^", ". "]))
+def test_a_tidy_gate_holds_only_where_no_text_is_flagged(texts: list[str | None], delimiter: str) -> None:
+    # validation._Query.tidy: a chunk's column takes its tidy form (no per-text search) where the gate — one search
+    # of the texts joined — holds. It must never hold where the per-text search flags a text; and where no text
+    # holds the separator, it holds wherever no text is flagged (else it would save nothing).
+    column = pl.col("t")
+    frame = pl.DataFrame({"t": texts}, schema={"t": pl.String})
+    cases = [
+        (_parsers.tidy_texts(column), _parsers._untidy_text()),
+        (_parsers.tidy_ids(column), _parsers._odd_id()),
+        (_parsers.tidy_lists(column, delimiter), _parsers._untidy_list(delimiter)),
+    ]
+    for gate, pattern in cases:
+        tidy = frame.select(gate.alias("g")).item()
+        flagged = any(_flags(texts, pattern))
+        assert not (tidy and flagged), (texts, pattern)
+        present = [t for t in texts if t is not None]
+        if present and not any(
+            _parsers._SEPARATOR in t for t in present
+        ):  # (no text: one empty string joined)
+            assert tidy == (not flagged), (texts, pattern)
+
+
+def test_a_chunk_of_tidy_texts_skips_the_per_text_searches(tmp_path: Path) -> None:
+    # The forms a chunk's query takes: every tidy form where its column's texts allow it, the per-text form of a
+    # column with one untidy text (and only of that column); the same values and rejects as one row at a time.
+    job = _job(tmp_path)
+    source = job.sources[0]
+    rows = [{"id": f"u{i}", "l": "a|b", "phone": "+905321234567", "n": "1"} for i in range(20)]
+    held = validation._chunk_query(_raw(rows), source, job.validation).held
+    assert {"tidy:ids:id", "tidy:lists-|:l"} <= held
+    for column, text in (("id", " u5"), ("l", "a||b"), ("id", "u\x015"), ("l", '["a"]')):
+        untidy = [*rows[:5], {**rows[5], column: text}, *rows[6:]]
+        q = validation._chunk_query(_raw(untidy), source, job.validation)
+        gate = "tidy:ids:id" if column == "id" else "tidy:lists-|:l"
+        other = "tidy:lists-|:l" if column == "id" else "tidy:ids:id"
+        assert gate not in q.held and other in q.held, (column, text, q.held)
+        clean, rejects = _validate(job, _raw(untidy))
+        one_by_one = [
+            _validate(job, _raw([r]).with_columns(pl.lit(i + 1, pl.Int64).alias(ROW)))
+            for i, r in enumerate(untidy)
+        ]
+        assert clean.drop("__file").equals(pl.concat([c for c, _ in one_by_one]).drop("__file"))
+        assert rejects.equals(pl.concat([r for _, r in one_by_one]))

@@ -374,21 +374,23 @@ def _lists(delimiter: str) -> Callable[[pl.Series], tuple[pl.Series, pl.Series]]
     return read
 
 
-def _parse_list(s: pl.Expr, delimiter: str, *, refuses_nul: bool = False) -> _Parser:
+def _parse_list(s: pl.Expr, delimiter: str, *, refuses_nul: bool = False, tidy: bool = False) -> _Parser:
     """Lists of items in a text. ``refuses_nul``: the query need not look for NULs in the column (no null value
-    holds one, so every text with one is read exactly, and refused)."""
+    holds one, so every text with one is read exactly, and refused). ``tidy``: no text of the chunk is untidy
+    (:func:`tidy_lists`), so every one is split, and none read again."""
     # Most list texts are items and delimiters with nothing around them: split, and that is all. A text with a
     # blank or empty item (or a blank around an item, "a| b"), a JSON array, or a NUL character is read exactly
     # after the query (one regex scan for all of them; the exact reading refuses a NUL). Untrimmed: a text with
     # whitespace at an end is untidy (the regex's \s is the Unicode White_Space that trimming removes), so a tidy
     # text is its own trimmed form.
-    d = pl.escape_regex(delimiter)
-    untidy = s.str.contains(rf"^\[|\x00|(?:^|{d})(?:\s|{d}|$)|\s(?:{d}|$)")
+    # Tidy: no NUL either, so no flag looks for one; the fallback stays (flagging nothing) so that the checks'
+    # fallbacks are those of the refused rows' query, which takes the per-text form.
+    untidy = pl.lit(False) if tidy else s.str.contains(_untidy_list(delimiter)).fill_null(False)
     return _Parser(
         s.str.split(delimiter),
         lambda s, p: [],
-        refuses_nul=refuses_nul,
-        fallback=_Fallback(lambda s, p: untidy.fill_null(False), _lists(delimiter)),
+        refuses_nul=refuses_nul or tidy,
+        fallback=_Fallback(lambda s, p: untidy, _lists(delimiter)),
         text=s,
     )
 
@@ -486,10 +488,12 @@ def _id_refused(ext: pl.Expr, rules: ValidationRules) -> pl.Expr:
     return ext.is_null() | (ext.str.len_chars() > rules.max_id_length) | odd
 
 
-def _plain_texts(u: pl.Expr, *, refuses_nul: bool) -> _Parser:
+def _plain_texts(u: pl.Expr, *, refuses_nul: bool, tidy: bool = False) -> _Parser:
     """Text values read untrimmed (:func:`_untrimmed_text`): one regex scan flags the texts with whitespace at an
     end, read exactly (trimmed, null values nulled) after the query, and those with a NUL, refused there; every
-    other text is its own trimmed form. ``refuses_nul`` as for :func:`_parse_list`."""
+    other text is its own trimmed form. ``refuses_nul`` as for :func:`_parse_list`. ``tidy``: no text of the
+    chunk has whitespace at an end or a NUL (:func:`tidy_texts`): each is its own
+    trimmed form, and none is read again."""
     s = pl.col("s")
     nul = pl.when(s.str.contains("\x00", literal=True)).then(pl.lit(_NUL))
 
@@ -497,19 +501,90 @@ def _plain_texts(u: pl.Expr, *, refuses_nul: bool) -> _Parser:
         frame = pl.DataFrame({"s": texts}).select(s.alias("p"), nul.alias("m"))
         return frame["p"], frame["m"]
 
-    untidy = u.str.contains(r"^\s|\s$|\x00").fill_null(False)
+    # Tidy: as for _parse_list.
+    untidy = pl.lit(False) if tidy else u.str.contains(_untidy_text()).fill_null(False)
     return _Parser(
-        u, lambda s, p: [], refuses_nul=refuses_nul, fallback=_Fallback(lambda s, p: untidy, read), text=u
+        u,
+        lambda s, p: [],
+        refuses_nul=refuses_nul or tidy,
+        fallback=_Fallback(lambda s, p: untidy, read),
+        text=u,
     )
 
 
-def _id_read_again(u: pl.Expr, rules: ValidationRules) -> pl.Expr:
+def _id_read_again(u: pl.Expr, rules: ValidationRules, *, tidy: bool = False) -> pl.Expr:
     """The untrimmed IDs (:func:`_untrimmed_text`) to read exactly, trimmed (:func:`_ids`): those
     :func:`_id_refused` flags, and those with whitespace at an end (which may pass once trimmed), found in the same
     regex scan. A missing one is missing trimmed too (refused without another reading); any other ID is its own
-    trimmed form, and passes."""
-    odd = u.str.contains(rf"^\s|\s$|{_CONTROL}|{_INVISIBLE}").fill_null(False)
-    return (u.str.len_chars() > rules.max_id_length).fill_null(False) | odd
+    trimmed form, and passes. ``tidy``: no ID of the chunk has whitespace at an end or a character the check
+    refuses (:func:`tidy_ids`): only the length is left to check."""
+    long = (u.str.len_chars() > rules.max_id_length).fill_null(False)
+    if tidy:
+        return long
+    return long | u.str.contains(_odd_id()).fill_null(False)
+
+
+# --- tidy chunks: one scan of a column instead of one regex search per text ----------------------------------------
+#
+# Most chunks hold no text that a column's per-text regex flags (whitespace at an end, a NUL, an empty list item...).
+# A regex search costs ~300 instructions a text however short (its setup), and a chunk's text columns are searched
+# text by text — about a tenth of a 1M-user run's user-space instructions (bench/instr_map.py). So before its query,
+# a chunk's texts of each such column are joined into one string, separated by _SEPARATOR, and searched once with a
+# pattern that flags what the per-text pattern flags at any text's start or end (_SEPARATOR standing for both):
+# where it finds nothing, no text would be flagged, and the query takes the column's tidy form (no flag, no
+# fallback). It may flag a chunk none of whose texts is untidy — a text holding _SEPARATOR itself — which then
+# takes the per-text form: never the other way round.
+_SEPARATOR = "\x01"
+_START, _END = "^", "$"  # a text's ends, in a per-text pattern
+_JOINED_START, _JOINED_END = r"(?:^|\x01)", r"(?:$|\x01)"  # the same in the texts joined by _SEPARATOR
+
+
+def _untidy_text(start: str = _START, end: str = _END) -> str:
+    """The pattern of a text read exactly (:func:`_plain_texts`): whitespace at an end, or a NUL."""
+    return rf"{start}\s|\s{end}|\x00"
+
+
+def _odd_id(start: str = _START, end: str = _END, control: str = _CONTROL) -> str:
+    """The pattern of an external ID read exactly (:func:`_id_read_again`): whitespace at an end, a control or an
+    invisible character."""
+    return rf"{start}\s|\s{end}|{control}|{_INVISIBLE}"
+
+
+def _untidy_list(delimiter: str, start: str = _START, end: str = _END) -> str:
+    """The pattern of a list text read exactly (:func:`_parse_list`): a JSON array, a NUL, an empty or blank item, or
+    whitespace around one."""
+    d = pl.escape_regex(delimiter)
+    return rf"{start}\[|\x00|(?:{start}|{d})(?:\s|{d}|{end})|\s(?:{d}|{end})"
+
+
+def _tidy(column: pl.Expr, joined_pattern: str, *, separator_refused: bool = False) -> pl.Expr:
+    """An aggregate: true when no text of ``column`` would be flagged, from one search of the texts joined by
+    :data:`_SEPARATOR` for ``joined_pattern`` (a per-text pattern with its ends made :data:`_JOINED_START` and
+    :data:`_JOINED_END`). ``separator_refused``: the per-text pattern flags the separator itself (a control
+    character, left out of ``joined_pattern``), so the texts must not hold one: the joined string then holds
+    exactly one between two texts."""
+    joined = column.str.join(_SEPARATOR)
+    tidy = ~joined.str.contains(joined_pattern)
+    if separator_refused:
+        between = (column.count().cast(pl.Int64) - 1).clip(lower_bound=0)  # separators between the texts
+        tidy = tidy & (joined.str.count_matches(_SEPARATOR, literal=True) == between)
+    return tidy.fill_null(False)
+
+
+def tidy_texts(column: pl.Expr) -> pl.Expr:
+    """:func:`_tidy` for :func:`_plain_texts`."""
+    return _tidy(column, _untidy_text(_JOINED_START, _JOINED_END))
+
+
+def tidy_ids(column: pl.Expr) -> pl.Expr:
+    """:func:`_tidy` for :func:`_id_read_again` (the control characters but the separator, which is counted)."""
+    control = _CONTROL.replace(r"\x00-", r"\x00\x02-")
+    return _tidy(column, _odd_id(_JOINED_START, _JOINED_END, control), separator_refused=True)
+
+
+def tidy_lists(column: pl.Expr, delimiter: str) -> pl.Expr:
+    """:func:`_tidy` for :func:`_parse_list`."""
+    return _tidy(column, _untidy_list(delimiter, _JOINED_START, _JOINED_END))
 
 
 def _ids(rules: ValidationRules) -> Callable[[pl.Series], tuple[pl.Series, pl.Series]]:

@@ -63,6 +63,9 @@ from sync.planning._parsers import (
     _typed_list,
     _untrimmed,
     _untrimmed_text,
+    tidy_ids,
+    tidy_lists,
+    tidy_texts,
 )
 from sync.sources.reading import ROW
 
@@ -337,6 +340,7 @@ class _Query:
 
     __slots__ = (
         "flags",
+        "gates",
         "held",
         "hints",
         "messages",
@@ -370,7 +374,8 @@ class _Query:
         self.rules = rules
         self.messages = messages
         self.hints: dict[str, pl.Expr] = {}  # a check's choice of form -> whether a chunk's sample favours it
-        self.held = held  # the hints that held for this query's chunks
+        self.gates: dict[str, pl.Expr] = {}  # a column's tidy form -> whether every text of a chunk allows it
+        self.held = held  # the hints and gates that held for this query's chunks
         self.trimmed: dict[str, pl.Expr] = {}  # step 0: "__s<i>" -> a raw text column, trimmed
         self.texts: dict[str, pl.Expr] = {}  # step 1: "__t<i>" -> a raw column's text
         self.values: dict[str, pl.Expr] = {}  # step 2: "__p<i>" -> a check's typed values
@@ -446,7 +451,8 @@ class _Query:
             name = untrimmed.meta.output_name()
             k = len(self.pending)
             pending = _Pending(column, name, f"__f{k}", f"__m{k}", _ids(self.rules))
-            self.pending.append((pending, _id_read_again(untrimmed, self.rules)))
+            tidy = self.tidy(column, "ids", tidy_ids(pl.col(column)))
+            self.pending.append((pending, _id_read_again(untrimmed, self.rules, tidy=tidy)))
             if not self.messages:
                 self.flags.append(untrimmed.is_null())
                 return untrimmed
@@ -463,7 +469,8 @@ class _Query:
 
     def list_values(self, column: str, delimiter: str) -> _Parser:
         if self.schema[column] == pl.String:
-            return _parse_list(self.untrimmed(column), delimiter, refuses_nul=self.nul_refused())
+            tidy = self.tidy(column, f"lists-{delimiter}", tidy_lists(pl.col(column), delimiter))
+            return _parse_list(self.untrimmed(column), delimiter, refuses_nul=self.nul_refused(), tidy=tidy)
         return _typed_list(self.text(column))
 
     def hint(self, name: str, favoured: pl.Expr) -> bool:
@@ -472,6 +479,17 @@ class _Query:
         if self.messages:
             return False
         self.hints[name] = favoured.alias(name)
+        return name in self.held
+
+    def tidy(self, column: str, form: str, gate: pl.Expr) -> bool:
+        """Whether a text column's check takes its tidy ``form``: true where ``gate`` (an aggregate over a whole
+        chunk, :func:`sync.planning._parsers.tidy_texts` and the like) finds no text the form would get wrong.
+        Unlike a hint, the gate is exact — it reads every text of the chunk, before the query — so the tidy form
+        flags nothing and reads nothing again. The refused rows' query takes the per-text form."""
+        if self.messages:
+            return False
+        name = f"tidy:{form}:{column}"
+        self.gates[name] = gate.alias(name)
         return name in self.held
 
     def fitted(
@@ -519,7 +537,8 @@ class _Query:
                 return _parse_date(untrimmed, self.rules.timezone, untrimmed=True, refuses_nul=nul)
             return _parse_date(self.text(column), self.rules.timezone, refuses_nul=nul)
         if dtype == pl.String and self.rules.trim:
-            return _plain_texts(self.untrimmed(column), refuses_nul=self.nul_refused())
+            tidy = self.tidy(column, "texts", tidy_texts(pl.col(column)))
+            return _plain_texts(self.untrimmed(column), refuses_nul=self.nul_refused(), tidy=tidy)
         return _Parser(self.text(column).cast(pl.String), lambda s, p: [])
 
     def _add_checks(self) -> dict[str, pl.Expr]:
@@ -622,14 +641,20 @@ _SAMPLE = 256
 
 
 def _chunk_query(raw: pl.DataFrame, source: Source, rules: ValidationRules) -> _Query:
-    """The validation query for the chunk ``raw``, with the forms its head favours (:meth:`_Query.hint`): every
-    form gives the same values and rejects, the favoured one sooner."""
+    """The validation query for the chunk ``raw``, with the forms its head favours (:meth:`_Query.hint`) and the
+    tidy forms its texts allow (:meth:`_Query.tidy`): every form gives the same values and rejects, the chosen
+    one sooner."""
     q = _query(raw, source, rules, messages=False)
+    held: frozenset[str] = frozenset()
     if q.hints:
         sample = raw.head(_SAMPLE).select(*q.hints.values()).row(0, named=True)
         held = frozenset(name for name, favoured in sample.items() if favoured)
-        if held:
-            q = _query(raw, source, rules, messages=False, held=held)
+    if q.gates:
+        # Over the whole chunk: a gate that holds lets a column's check skip its per-text search.
+        gates = raw.select(*q.gates.values()).row(0, named=True)
+        held |= frozenset(name for name, tidy in gates.items() if tidy)
+    if held:
+        q = _query(raw, source, rules, messages=False, held=held)
     return q
 
 
