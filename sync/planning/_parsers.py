@@ -527,8 +527,8 @@ def _id_read_again(u: pl.Expr, rules: ValidationRules, *, tidy: bool = False) ->
 # --- tidy chunks: one scan of a column instead of one regex search per text ----------------------------------------
 #
 # Most chunks hold no text that a column's per-text regex flags (whitespace at an end, a NUL, an empty list item...).
-# A regex search costs ~300 instructions a text however short (its setup), and a chunk's text columns are searched
-# text by text — about a tenth of a 1M-user run's user-space instructions (bench/instr_map.py). So before its query,
+# A regex search has a fixed cost per text however short the text (its setup), and a chunk's text columns were
+# searched text by text: the largest single piece of polars' work on the 1M-user bench job. So before its query,
 # a chunk's texts of each such column are joined into one string, separated by _SEPARATOR, and searched once with a
 # pattern that flags what the per-text pattern flags at any text's start or end (_SEPARATOR standing for both):
 # where it finds nothing, no text would be flagged, and the query takes the column's tidy form (no flag, no
