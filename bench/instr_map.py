@@ -15,8 +15,8 @@ per checkout, and prints the total and the share of each library, per 1000-ID re
 What it does not count: kernel time (page faults, file writes; a quarter of a run's CPU in a perf profile), time
 spent waiting for memory (a copy and a hash of the same length count alike), and the imports' share differs from
 a run's (``python -m sync`` imports the command line and aiohttp too). And one distortion: valgrind's CPU has no
-SHA extensions, so OpenSSL's SHA-256 (the batch IDs) runs its plain code — about 15 times the instructions of the
-SHA-NI code a real run uses (libcrypto's row; 140 MB hash in ~0.1 s on this machine). Use it to compare two
+SHA extensions, so OpenSSL's SHA-256 (the batch IDs) runs its plain code — many times the instructions of the
+SHA-NI code a real run uses on a CPU that has them (libcrypto's row: read it as an upper bound). Use it to compare two
 checkouts, not to predict seconds. Not a ``bench_*`` script: ``make bench`` does not run it (it has no target).
 """
 
