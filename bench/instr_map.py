@@ -41,15 +41,16 @@ from bench_handwritten import JOB  # noqa: E402
 from gen_data import generate_users  # noqa: E402
 
 LIBRARIES = (
+    ("lz4 (in arrow)", "LZ4_"),  # first: LZ4's functions live in libarrow, told apart by their names
     ("polars", "_polars_runtime"),
     ("arrow (pyarrow)", "libarrow"),
     ("python", "libpython"),
     ("openssl (sha-256)", "libcrypto"),
     ("sqlite", "libsqlite3"),
-    ("lz4 (in arrow)", None),  # split out of libarrow by function name below
     ("libc (memcpy, malloc...)", "libc.so"),
 )
-"""Rows of the table: a name and the shared object its functions live in."""
+"""Rows of the table: a name and what a function's line holds (its shared object, or its name), first match
+wins; the rest is "other"."""
 
 _LINE = re.compile(r"^\s*([\d,]+)\s+\([^)]*\)\s+(.*)$")
 
@@ -67,27 +68,19 @@ def _by_library(annotated: str) -> tuple[int, Counter[str]]:
         if not m:
             continue
         count, where = int(m.group(1).replace(",", "")), m.group(2)
-        name = "other"
-        if "LZ4" in where:
-            name = "lz4 (in arrow)"
-        else:
-            for label, obj in LIBRARIES:
-                if obj is not None and obj in where:
-                    name = label
-                    break
-        rows[name] += count
+        rows[next((label for label, mark in LIBRARIES if mark in where), "other")] += count
     return total, rows
 
 
-def count(code: Path, job: Path, out: Path) -> tuple[int, Counter[str], int]:
-    """Run the phases of ``job`` with ``code``'s ``sync`` package under callgrind: (total instructions, per
-    library, requests)."""
+def count(code: Path, job: Path, workdir: Path, out: Path) -> tuple[int, Counter[str], int]:
+    """Run the phases of ``job`` (whose workdir is ``workdir``, emptied first) with ``code``'s ``sync`` package under
+    callgrind: (total instructions, per library, requests)."""
     result = out / f"callgrind-{secrets.token_hex(4)}.out"
     env = {**os.environ, "PYTHONPATH": str(code), "BENCH_NETMERA_KEY": "unused"}
     # Byte-compiled first: a module whose cached bytecode is stale (a checkout switched branches) would be parsed
     # again in the run, ~0.1 G instructions that are not the code's (PYTHONDONTWRITEBYTECODE keeps it so).
     subprocess.run([sys.executable, "-m", "compileall", "-q", str(code / "sync")], check=True, env=env)
-    shutil.rmtree(job.parent / "work-instr", ignore_errors=True)
+    shutil.rmtree(workdir, ignore_errors=True)
     done = subprocess.run(
         [
             "valgrind",
@@ -133,9 +126,9 @@ def main() -> int:
     data = HERE / "data" / f"users-clean-{args.users}.csv"
     if not data.exists():
         generate_users(data, args.users, bad_every=10**12, duplicate_every=10**12)
-    job = out / "job.yaml"
+    job, workdir = out / "job.yaml", out / "work-instr"
     job.write_text(
-        JOB.format(workdir=out / "work-instr", url="http://127.0.0.1:9/rest/3.0/", data=data),
+        JOB.format(workdir=workdir, url="http://127.0.0.1:9/rest/3.0/", data=data),
         encoding="utf-8",
     )
     codes = [ROOT, *(c.resolve() for c in args.code)]
@@ -143,7 +136,7 @@ def main() -> int:
     for code in codes:
         if not (code / "sync").is_dir():
             raise SystemExit(f"{code}: no sync/ package there")
-        results.append(count(code, job, out))
+        results.append(count(code, job, workdir, out))
     requests = results[0][2]
     names = [label for label, _ in LIBRARIES] + ["other"]
     per = 1 / max(requests, 1)
