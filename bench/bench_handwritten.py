@@ -22,7 +22,8 @@ default is 20/s), 16 requests in flight, no progress output).
 
 Prints both wall times, their ratio (target **≤ 1.3**) and pushsync's client CPU per request (user+sys of the
 ``pushsync run`` process over the requests it made, each of up to 1000 IDs; target **≤ 1.5 ms**); exits 1 when
-either target is missed or the server did not receive the same IDs from both.
+either target is missed or the server did not receive the same IDs from both. Also prints each client's user and
+system CPU and its page faults (the kernel's share differs: the script holds the whole file in memory).
 
     .venv/bin/python bench/bench_handwritten.py                  # 1,000,000 users, bare server
     .venv/bin/python bench/bench_handwritten.py --users 100000   # shorter
@@ -187,10 +188,13 @@ def main() -> int:
     job = out / "job.yaml"
     command = [sys.executable, "-m", "sync", "run", str(job), "--progress", "none", "--output", "json"]
 
+    split: dict[str, tuple[float, float, int]] = {}  # client → (user CPU, system CPU, page faults)
+
     def client(name: str, url: str, server: subprocess.Popen[str]) -> tuple[float, float, str, float]:
         """One client's run against ``url``: (wall, CPU, stdout, the server's CPU meanwhile). The client's CPU is
         the difference of RUSAGE_CHILDREN (which counts finished children only) over its run: its own, whatever
-        finished before; the server's, from the kernel's count for its process."""
+        finished before; the server's, from the kernel's count for its process. Its user / system split and its
+        page faults go to ``split``."""
         if name == "script":
             argv = [sys.executable, str(script), url, key, str(data)]
         else:
@@ -202,6 +206,11 @@ def main() -> int:
         wall, _, stdout = timed(pinned(client_core, argv), env)
         after = resource.getrusage(resource.RUSAGE_CHILDREN)
         server_cpu = sum(serving.cpu_times()[:2]) - server_before
+        split[name] = (
+            after.ru_utime - before.ru_utime,
+            after.ru_stime - before.ru_stime,
+            after.ru_minflt + after.ru_majflt - before.ru_minflt - before.ru_majflt,
+        )
         return wall, after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime, stdout, server_cpu
 
     if args.server == "bare":
@@ -262,6 +271,14 @@ def main() -> int:
     sending = float(summary.get("elapsed_seconds") or 0.0)
     print(
         f"    of which sending {sending:.2f} s; start-up, reading and planning before the first request the rest"
+    )
+    # The kernel's part (page faults: the first touch of memory the process had not used; file reads and writes)
+    # is a third of pushsync's phases in a perf profile and invisible to bench/instr_map.py (docs/run.md): the
+    # split says whether a gap between the clients is there or in user time.
+    (su, ss, sf), (ru, rs, rf) = split["script"], split["run"]
+    print(
+        f"  CPU user / system: script {su:.2f} / {ss:.2f} s, {sf:,} page faults; "
+        f"pushsync {ru:.2f} / {rs:.2f} s, {rf:,} page faults"
     )
     for name, served, wall, n in (
         ("script", script_served, script_wall, script_requests),
