@@ -65,19 +65,8 @@ def by_concat_str(frame: pl.DataFrame, text: enc.Text) -> pl.Series:
     return frame.select(text.expr()).to_series()
 
 
-def merged(text: enc.Text) -> list[str | pl.Expr]:
-    """The Text's pieces as its concatenation takes them: neighbouring constants joined, empty ones left out."""
-    out: list[str | pl.Expr] = []
-    for part in text.parts:
-        if isinstance(part, str) and out and isinstance(out[-1], str):
-            out[-1] += part
-        elif not (isinstance(part, str) and not part):
-            out.append(part)
-    return out
-
-
 def by_arrow_join(frame: pl.DataFrame, text: enc.Text) -> pl.Series:
-    merged_parts = merged(text)
+    merged_parts = text.pieces()
     exprs = [p for p in merged_parts if isinstance(p, pl.Expr)]
     values = frame.select(e.alias(f"p{i}") for i, e in enumerate(exprs))
     columns = iter(values.iter_columns())
@@ -135,7 +124,7 @@ def main() -> int:
             before = _cpu()
             way(frame, text)
             best[name] = min(best[name], _cpu() - before)
-    pieces = len(merged(text))
+    pieces = len(text.pieces())
     print(
         f"{args.rows:,} rows, an item of {pieces} pieces (ID + 6 plain string attributes); CPU seconds on one core, "
         f"best of {args.rounds}; the same bytes from all three"

@@ -103,14 +103,19 @@ class Text:
     parts: tuple[str | pl.Expr, ...]
     skip_nulls: bool = False
 
-    def expr(self) -> pl.Expr:
-        """The text as one String expression."""
+    def pieces(self) -> list[str | pl.Expr]:
+        """The parts as one concatenation takes them: neighbouring constants joined, empty ones left out."""
         merged: list[str | pl.Expr] = []
         for part in self.parts:
             if isinstance(part, str) and merged and isinstance(merged[-1], str):
                 merged[-1] += part
             elif not (isinstance(part, str) and not part):
                 merged.append(part)
+        return merged
+
+    def expr(self) -> pl.Expr:
+        """The text as one String expression."""
+        merged = self.pieces()
         if len(merged) == 1 and not isinstance(merged[0], str):
             return merged[0]
         pieces = [pl.lit(p) if isinstance(p, str) else p for p in merged]
