@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import os
 import subprocess
@@ -589,6 +590,72 @@ def test_leaving_the_pg_ledger_on_an_error_keeps_that_error_when_the_last_write_
     with pytest.raises(StateError, match="cannot write"), other:
         pass
     assert other._conn.closed
+
+
+async def test_a_pg_ledger_that_loses_its_connection_while_sending_waits_for_it_off_the_event_loop(
+    postgres_server: PostgresServer, postgres_url: str
+) -> None:
+    """While the dispatcher sends (``sending()``), a lost ledger connection is made again on a worker thread:
+    ``flush()`` returns at once with the writes queued, the event loop goes on while ``flush_async()`` waits
+    for the database, and the writes are committed once it is back. Made again on the loop, the wait stopped the
+    worker's other connections half-way through connecting, which held PostgreSQL's shutdown for its
+    authentication timeout (60 s) — past the ledger's 30 s: the worker gave up on a plain restart (found under
+    load by test_postgresql_restarted_mid_run_the_worker_reconnects_records_what_was_in_flight_and_finishes).
+    Past ``reconnect_for`` without the database, ``flush_async()`` raises as ever."""
+    from sync.coordination.ledger import PgLedger
+    from sync.errors import StateError
+
+    ticks: list[float] = []
+
+    async def tick() -> None:
+        while True:
+            ticks.append(time.monotonic())
+            await asyncio.sleep(0.02)
+
+    with PgLedger.open(postgres_url) as ledger:
+        ledger.start_run("r-off-loop", job="j-off-loop")
+        with ledger.sending():
+            postgres_server.stop("fast")  # every session ends; the server is away for a while
+            back = threading.Timer(1.5, postgres_server.start)
+            back.start()
+            try:
+                ledger.record_rejected_rows("r-off-loop", [RejectedRow("in.csv", 2, "email", "bad", "u1")])
+                began = time.monotonic()
+                ledger.flush()  # the connection is found lost: nothing waits here, the write stays queued
+                assert time.monotonic() - began < 1.0
+                assert ledger._pending
+                ticker = asyncio.create_task(tick())
+                await ledger.flush_async()  # connects again on a thread, then commits
+                waited = time.monotonic() - began
+                ticker.cancel()
+            finally:
+                back.join()
+        assert waited >= 1.0, waited  # it did wait for the server
+        gaps = [b - a for a, b in itertools.pairwise(ticks)]
+        assert gaps and max(gaps) < 0.5, max(gaps)  # the loop went on meanwhile
+        assert not ledger._pending
+    rows = query(
+        postgres_server,
+        postgres_url,
+        "SELECT count(*) FROM pushsync.rejected_rows WHERE run_id = 'r-off-loop' AND ext_id = 'u1'",
+    )
+    assert rows == [["1"]]
+
+    # A database that stays away: StateError once reconnect_for has passed, the password never in it.
+    with PgLedger.open(postgres_url, reconnect_for=1.0) as stranded:
+        stranded.start_run("r-stranded", job="j-stranded")
+        stranded._url = postgres_url.replace(f":{postgres_server.port}/", f":{_free_port()}/")
+        with stranded.sending():
+            pid = stranded._conn.info.backend_pid
+            postgres_server.sql(postgres_server.admin_url(), f"SELECT pg_terminate_backend({pid})")
+            stranded.record_rejected_rows("r-stranded", [RejectedRow("in.csv", 2, "email", "bad", "u2")])
+            with pytest.raises(StateError) as caught:
+                await stranded.flush_async()
+        message = str(caught.value)
+        assert "the connection for the ledger was lost and could not be made again within 1 s" in message
+        assert postgres_server.password not in message
+        stranded._url = postgres_url
+        stranded._pending.clear()  # what the stranded run queued is not this test's to write
 
 
 def test_both_ledgers_read_back_the_same_records(tmp_path: Path, postgres_url: str) -> None:

@@ -7,7 +7,9 @@ left to do; ``sent`` and the result update the same row. Writes are queued and c
 as in SQLite (every ``flush_every`` writes, at least every ``flush_interval`` seconds, and before a
 non-idempotent request leaves). A lost connection (PostgreSQL restarted) is made again for ``reconnect_for``
 seconds (:data:`sync.coordination._db.RECONNECT_FOR`) with the queued writes kept; past that, :class:`sync.errors.StateError` (the run stops, exit 3 once
-sending began). Reads (``runs``, ``show``, resume/retry) use the same connection.
+sending began). While the dispatcher sends (:meth:`PgLedger.sending`) that wait happens on a worker thread
+(:meth:`PgLedger.flush_async`), never on the event loop. Reads (``runs``, ``show``, resume/retry) use the same
+connection.
 
 The connection is synchronous (psycopg's) on purpose: the dispatcher records results synchronously between two
 awaits, so a cancellation can never fall between an answer and its record; a flush is one round trip.
@@ -15,10 +17,11 @@ awaits, so a cancellation can never fall between an answer and its record; a flu
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import sqlite3
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -105,6 +108,11 @@ class PgLedger(LedgerBase):
         self._sleep = sleep
         self._last_flush = time.monotonic()
         self.writes = 0
+        # While the dispatcher sends (sending()), a lost connection is made again on a worker thread, not on the
+        # event loop: when the connection was found lost (None: it is not), and the reconnection under way.
+        self._sending = False
+        self._lost: float | None = None
+        self._reconnecting: asyncio.Future[None] | None = None
 
     @classmethod
     def open(cls, url: str, *, worker: str | None = None, reconnect_for: float | None = None) -> PgLedger:
@@ -132,11 +140,12 @@ class PgLedger(LedgerBase):
             except psycopg.Error as exc:
                 raise StateError(f"ledger {self.path}: {safe_message(exc)}") from None
 
-    def _reconnect(self) -> None:
-        """Connect again within ``reconnect_for`` seconds (PostgreSQL restarted), or :class:`StateError`. It
-        blocks the event loop on purpose: nothing can be recorded until the database is back, and a result
-        must be recorded before the next await."""
-        deadline = self._clock() + self._reconnect_for
+    def _reconnect(self, since: float | None = None) -> None:
+        """Connect again within ``reconnect_for`` seconds of ``since`` (the clock's time the connection was found
+        lost; now when None), or :class:`StateError`. Blocking: outside :meth:`sending` it runs on the caller's
+        thread, which waits with nothing recorded until the database is back; while the dispatcher sends,
+        :meth:`flush_async` runs it on a worker thread, so that the event loop goes on (see there)."""
+        deadline = (self._clock() if since is None else since) + self._reconnect_for
         last: BaseException | None = None
         with contextlib.suppress(psycopg.Error, OSError):
             self._conn.close()
@@ -161,7 +170,18 @@ class PgLedger(LedgerBase):
             self.flush()
 
     def flush(self) -> None:
-        """Commit every queued write in one transaction (retried whole after a reconnect)."""
+        """Commit every queued write in one transaction (retried whole after a reconnect).
+
+        While the dispatcher sends (:meth:`sending`), a lost connection is not made again here: the writes stay
+        queued and the ledger notes the loss, and :meth:`flush_async` (the dispatcher's flusher, and the flush
+        before a non-idempotent request leaves) connects again off the event loop and commits them — or raises
+        :class:`StateError` once ``reconnect_for`` seconds have passed."""
+        if self._lost is not None:
+            if self._sending:
+                self._check_lost()
+                return
+            self._reconnect(self._lost)  # the dispatcher is done: wait here, as outside a run
+            self._lost = None
         if not self._pending:
             self._last_flush = time.monotonic()
             return
@@ -177,6 +197,9 @@ class PgLedger(LedgerBase):
             except psycopg.OperationalError as exc:
                 if attempt == 2:
                     raise StateError(f"ledger {self.path}: cannot write ({safe_message(exc)})") from None
+                if self._sending:
+                    self._lost = self._clock()
+                    return
                 self._reconnect()
             except psycopg.Error as exc:
                 raise StateError(f"ledger {self.path}: cannot write ({safe_message(exc)})") from None
@@ -184,10 +207,54 @@ class PgLedger(LedgerBase):
         self.writes += len(pending)
         self._last_flush = time.monotonic()
 
+    def _check_lost(self) -> None:
+        """:class:`StateError` when the connection has been lost for longer than ``reconnect_for`` seconds."""
+        if self._lost is not None and self._clock() - self._lost > self._reconnect_for:
+            exc = CoordinationError("not connected")
+            raise StateError(
+                str(lost_connection(self.path, "the ledger", self._reconnect_for, exc))
+            ) from None
+
     def maybe_flush(self) -> None:
         """Flush when the oldest queued write has waited ``flush_interval`` seconds (call it often)."""
         if self._pending and time.monotonic() - self._last_flush >= self._flush_interval:
             self.flush()
+
+    @contextlib.contextmanager
+    def sending(self) -> Iterator[None]:
+        """While the dispatcher sends: a lost connection is made again by :meth:`flush_async`, off the event loop.
+
+        Made again on the loop, the wait would stop every other coroutine, those of this worker's other
+        connections (claims, budget slots, heartbeat) among them. One of those caught half-way through connecting
+        — its socket accepted by a PostgreSQL that is shutting down, its first message not yet sent — holds that
+        shutdown for the server's ``authentication_timeout`` (60 s by default), past this ledger's own
+        ``reconnect_for``: the worker then gave up on a restart it caused to last (seen under load)."""
+        self._sending = True
+        try:
+            yield
+        finally:
+            self._sending = False
+
+    async def flush_async(self) -> None:
+        """Commit every queued write; when the connection is lost, connect again on a worker thread while the
+        event loop goes on (see :meth:`sending`), then commit. :class:`StateError` after ``reconnect_for``
+        seconds without the database."""
+        while True:
+            self.flush()
+            if self._lost is None:
+                return
+            if self._reconnecting is None or self._reconnecting.done():
+                # One reconnection at a time, shared by every caller; shielded, so that a caller cancelled while
+                # it waits does not leave the thread replacing the connection under another one.
+                self._reconnecting = asyncio.ensure_future(asyncio.to_thread(self._reconnect, self._lost))
+            await asyncio.shield(self._reconnecting)
+            self._lost = None
+
+    async def maybe_flush_async(self) -> None:
+        """:meth:`maybe_flush`, connecting again as :meth:`flush_async` does when the connection is lost."""
+        self.maybe_flush()
+        if self._lost is not None:
+            await self.flush_async()
 
     def start_run(
         self,

@@ -397,7 +397,7 @@ class BatchSender:
                         if part.operation in _NOT_IDEMPOTENT:
                             # Durable before the request leaves: a resume must know this batch may have been
                             # applied, or it would send the events (or pushed values) a second time.
-                            self._ledger.flush()
+                            await self._ledger.flush_async()
                     attempt += 1
                     stats.requests += 1
                     now = clock.time()

@@ -55,6 +55,7 @@ the report records and the observer protocol are in :mod:`sync.dispatch._dispatc
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
 from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -203,18 +204,21 @@ class Dispatcher:
         """
         clock = self._sender.clock()
         started = clock.time()
-        try:
-            if isinstance(batches, LaneSource):
-                await self._run_phases(batches)
-            else:
-                with _PullThreads() as threads:
-                    await self._run_plain(_Pull(batches, threads.new("plan")))
-        except* PushSyncError as group:
-            # A failure of our own (the ledger cannot be written, a plan out of phase order) ends the run; it
-            # surfaces as itself, not wrapped in an ExceptionGroup, so the CLI can map it to an exit code.
-            raise _first_error(group) from None
-        if self._ledger is not None:
-            self._ledger.flush()
+        # While sending, a ledger whose database connection is lost waits for it off the event loop
+        # (RunLedger.sending): the loop goes on serving the run's other connections meanwhile.
+        with self._ledger.sending() if self._ledger is not None else contextlib.nullcontext():
+            try:
+                if isinstance(batches, LaneSource):
+                    await self._run_phases(batches)
+                else:
+                    with _PullThreads() as threads:
+                        await self._run_plain(_Pull(batches, threads.new("plan")))
+            except* PushSyncError as group:
+                # A failure of our own (the ledger cannot be written, a plan out of phase order) ends the run;
+                # it surfaces as itself, not wrapped in an ExceptionGroup, so the CLI can map it to an exit code.
+                raise _first_error(group) from None
+            if self._ledger is not None:
+                await self._ledger.flush_async()
         # A stop after the last answer changes nothing.
         finished = self._fed_all and self._sender.done == self._queued
         outcome = (
@@ -425,7 +429,7 @@ class Dispatcher:
         assert self._ledger is not None
         while True:
             await asyncio.sleep(0.05)
-            self._ledger.maybe_flush()
+            await self._ledger.maybe_flush_async()
 
     # -- workers -------------------------------------------------------------------------------------------
 

@@ -28,7 +28,7 @@ import secrets
 import sqlite3
 import time
 from collections.abc import Iterable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from operator import itemgetter
@@ -554,6 +554,9 @@ class RunLedger(Protocol):
 
     def flush(self) -> None: ...
     def maybe_flush(self) -> None: ...
+    async def flush_async(self) -> None: ...
+    async def maybe_flush_async(self) -> None: ...
+    def sending(self) -> AbstractContextManager[None]: ...
     def close(self) -> None: ...
     def start_run(
         self,
@@ -658,6 +661,25 @@ class LedgerBase:
     def flush(self) -> None:
         """Commit every queued write (each ledger's own)."""
         raise NotImplementedError
+
+    def maybe_flush(self) -> None:
+        """Commit the queued writes when they have waited long enough (each ledger's own)."""
+        raise NotImplementedError
+
+    async def flush_async(self) -> None:
+        """:meth:`flush` for a caller on the event loop, which it may leave running while the ledger waits for its
+        database (PostgreSQL's connection made again: :class:`sync.coordination.ledger.PgLedger`). SQLite's
+        commit never waits for a server: it is :meth:`flush`."""
+        self.flush()
+
+    async def maybe_flush_async(self) -> None:
+        """:meth:`maybe_flush`, the same way as :meth:`flush_async`."""
+        self.maybe_flush()
+
+    def sending(self) -> AbstractContextManager[None]:
+        """Held by the dispatcher while it sends: a ledger that may lose its database connection then leaves
+        the waiting for it to :meth:`flush_async` (writes stay queued meanwhile). Nothing for SQLite."""
+        return nullcontext()
 
     def __enter__(self) -> Self:
         return self
