@@ -641,6 +641,34 @@ async def test_a_pg_ledger_that_loses_its_connection_while_sending_waits_for_it_
     )
     assert rows == [["1"]]
 
+    # A flush_async cancelled while it waits (the dispatcher cut short) leaves its reconnection running; a flush
+    # after sending() joins that thread first and commits through the connection it made (never two at once).
+    with PgLedger.open(postgres_url) as ledger:
+        ledger.start_run("r-cut-short", job="j-cut-short")
+        with ledger.sending():
+            postgres_server.stop("fast")
+            back = threading.Timer(1.0, postgres_server.start)
+            back.start()
+            try:
+                ledger.record_rejected_rows("r-cut-short", [RejectedRow("in.csv", 2, "email", "bad", "u3")])
+                waiting = asyncio.create_task(ledger.flush_async())
+                await asyncio.sleep(0.2)
+                waiting.cancel()
+                with pytest.raises(asyncio.CancelledError):
+                    await waiting
+                thread = ledger._reconnect_thread
+                assert thread is not None and thread.is_alive()
+            finally:
+                back.join()
+        ledger.flush()
+        assert not thread.is_alive() and not ledger._pending
+    rows = query(
+        postgres_server,
+        postgres_url,
+        "SELECT count(*) FROM pushsync.rejected_rows WHERE run_id = 'r-cut-short' AND ext_id = 'u3'",
+    )
+    assert rows == [["1"]]
+
     # A database that stays away: StateError once reconnect_for has passed, the password never in it.
     with PgLedger.open(postgres_url, reconnect_for=1.0) as stranded:
         stranded.start_run("r-stranded", job="j-stranded")

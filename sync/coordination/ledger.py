@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import sqlite3
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -112,7 +113,8 @@ class PgLedger(LedgerBase):
         # event loop: when the connection was found lost (None: it is not), and the reconnection under way.
         self._sending = False
         self._lost: float | None = None
-        self._reconnecting: asyncio.Future[None] | None = None
+        self._reconnecting: asyncio.Future[None] | None = None  # settled by the thread below
+        self._reconnect_thread: threading.Thread | None = None
 
     @classmethod
     def open(cls, url: str, *, worker: str | None = None, reconnect_for: float | None = None) -> PgLedger:
@@ -180,8 +182,12 @@ class PgLedger(LedgerBase):
             if self._sending:
                 self._check_lost()
                 return
-            self._reconnect(self._lost)  # the dispatcher is done: wait here, as outside a run
-            self._lost = None
+            thread = self._reconnect_thread
+            if thread is not None:
+                thread.join()  # one a cancelled flush_async left running: never two connecting at once
+            if self._lost is not None:
+                self._reconnect(self._lost)  # the dispatcher is done: wait here, as outside a run
+                self._lost = None
         if not self._pending:
             self._last_flush = time.monotonic()
             return
@@ -244,11 +250,40 @@ class PgLedger(LedgerBase):
             if self._lost is None:
                 return
             if self._reconnecting is None or self._reconnecting.done():
-                # One reconnection at a time, shared by every caller; shielded, so that a caller cancelled while
-                # it waits does not leave the thread replacing the connection under another one.
-                self._reconnecting = asyncio.ensure_future(asyncio.to_thread(self._reconnect, self._lost))
+                # One reconnection at a time, shared by every caller (shielded: a caller cancelled while it
+                # waits leaves it running, and flush() outside sending() joins its thread before anything else).
+                self._reconnecting = self._start_reconnecting(self._lost)
             await asyncio.shield(self._reconnecting)
-            self._lost = None
+
+    def _start_reconnecting(self, since: float) -> asyncio.Future[None]:
+        """:meth:`_reconnect` on a thread of its own; the future is settled on the event loop when it is done.
+        The thread clears the loss once the new connection is in place: until then the event loop's thread
+        touches no connection (:meth:`flush` sees the loss and leaves the writes queued), after it the thread
+        touches none."""
+        loop = asyncio.get_running_loop()
+        done: asyncio.Future[None] = loop.create_future()
+
+        def settle(error: BaseException | None) -> None:
+            if done.done():
+                return
+            if error is None:
+                done.set_result(None)
+            else:
+                done.set_exception(error)
+
+        def work() -> None:
+            error: BaseException | None = None
+            try:
+                self._reconnect(since)
+                self._lost = None
+            except BaseException as exc:  # StateError past reconnect_for: raised by the awaiting caller
+                error = exc
+            with contextlib.suppress(RuntimeError):  # the loop closed meanwhile: nobody waits any more
+                loop.call_soon_threadsafe(settle, error)
+
+        self._reconnect_thread = threading.Thread(target=work, name="pushsync-ledger-reconnect", daemon=True)
+        self._reconnect_thread.start()
+        return done
 
     async def maybe_flush_async(self) -> None:
         """:meth:`maybe_flush`, connecting again as :meth:`flush_async` does when the connection is lost."""
