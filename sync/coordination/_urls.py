@@ -32,18 +32,25 @@ def describe_url(url: str) -> str:
 
 
 def register_url(url: str) -> None:
-    """Register the URL and its password as secrets (masked wherever they would be printed or stored)."""
-    register_secret(url)
+    """Register the URL's password as a secret (masked wherever it would be printed or stored): as written, and
+    percent-decoded, and a ``password`` parameter's. Not the whole URL: its host, port, user and database are
+    no secret, and every 8-character run of a registered secret is masked in what a platform answers
+    (:func:`sync.redact.redact_pieces`) — with the URL registered, an answer naming ``127.0.0.1:8…`` or the
+    word ``pushsync`` lost those characters. A URL that does not parse is registered whole (its password
+    cannot be told apart)."""
     try:
         parts = urllib.parse.urlsplit(url)
-        if parts.password:
-            register_secret(parts.password)
-            register_secret(urllib.parse.unquote(parts.password))
-        for key, value in urllib.parse.parse_qsl(parts.query):
-            if key.lower() == "password":
-                register_secret(value)
+        password = parts.password
+        query = urllib.parse.parse_qsl(parts.query)
     except ValueError:
-        pass
+        register_secret(url)
+        return
+    if password:
+        register_secret(password)
+        register_secret(urllib.parse.unquote(password))
+    for key, value in query:
+        if key.lower() == "password":
+            register_secret(value)
 
 
 def safe_message(exc: BaseException) -> str:
