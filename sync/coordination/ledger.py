@@ -159,9 +159,7 @@ class PgLedger(LedgerBase):
                 last = exc
             if self._clock() + delay > deadline:
                 assert last is not None
-                raise StateError(
-                    str(lost_connection(self.path, "the ledger", self._reconnect_for, last))
-                ) from None
+                raise self._gave_up(last)
             self._sleep(delay)
 
     # -- writing -------------------------------------------------------------------------------------------
@@ -213,13 +211,14 @@ class PgLedger(LedgerBase):
         self.writes += len(pending)
         self._last_flush = time.monotonic()
 
+    def _gave_up(self, last: BaseException) -> StateError:
+        """The error once the database stayed away for ``reconnect_for`` seconds (``last``: why it did)."""
+        return StateError(str(lost_connection(self.path, "the ledger", self._reconnect_for, last)))
+
     def _check_lost(self) -> None:
         """:class:`StateError` when the connection has been lost for longer than ``reconnect_for`` seconds."""
         if self._lost is not None and self._clock() - self._lost > self._reconnect_for:
-            exc = CoordinationError("not connected")
-            raise StateError(
-                str(lost_connection(self.path, "the ledger", self._reconnect_for, exc))
-            ) from None
+            raise self._gave_up(CoordinationError("not connected"))
 
     def maybe_flush(self) -> None:
         """Flush when the oldest queued write has waited ``flush_interval`` seconds (call it often)."""
