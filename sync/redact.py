@@ -9,10 +9,19 @@ headers), and :func:`structlog_processor` scrubs every log event before it is re
 from __future__ import annotations
 
 import threading
+import urllib.parse
 from collections.abc import MutableMapping
 from typing import Any
 
-__all__ = ["PIECE", "describe_request", "redact", "redact_pieces", "register_secret", "structlog_processor"]
+__all__ = [
+    "PIECE",
+    "describe_request",
+    "redact",
+    "redact_pieces",
+    "register_secret",
+    "register_url",
+    "structlog_processor",
+]
 
 PIECE = 8
 """The shortest run of a secret's characters :func:`redact_pieces` masks: shorter runs of a long random key say
@@ -21,25 +30,79 @@ nothing about it, and masking them would mangle ordinary text."""
 _MASK = "***"
 _lock = threading.Lock()
 _secrets: set[str] = set()  # every secret value resolved in this process; never logged
+# The same, longest first (a URL before the password inside it); replaced whole under the lock.
+_ordered: tuple[str, ...] = ()
 # Every PIECE-character run of a registered secret; replaced whole under the lock, so readers need none.
 _pieces: frozenset[str] = frozenset()
 
 
-def register_secret(value: str) -> None:
-    """Remember a secret so that it is masked wherever it would be printed or stored."""
-    global _pieces
+def register_secret(value: str, *, pieces: bool = True) -> None:
+    """Remember a secret so that it is masked wherever it would be printed or stored. ``pieces=False``: masked
+    where it appears whole only, not its :data:`PIECE`-character runs in what a platform answers — for a value
+    that holds a secret among text that is none (a URL: its scheme, host or path would be masked in every
+    answer that names them); register the secret part of it on its own."""
+    global _pieces, _ordered
     if value and len(value) >= 4:  # masking 1-3 character strings would mangle ordinary text
         with _lock:
             _secrets.add(value)
-            if len(value) >= PIECE:
+            _ordered = tuple(sorted(_secrets, key=len, reverse=True))
+            if pieces and len(value) >= PIECE:
                 _pieces = _pieces | {value[i : i + PIECE] for i in range(len(value) - PIECE + 1)}
+
+
+_CREDENTIAL_WORDS = ("password", "passwd", "token", "secret")
+_CREDENTIAL_NAMES = frozenset({"pwd", "key", "apikey", "api_key", "sig", "signature", "auth", "code"})
+
+
+def _is_credential(parameter: str) -> bool:
+    """Whether a query parameter's value is a credential: ``password=``, ``access_token=``, ``client_secret=``,
+    ``key=`` (Google Chat), ``sig=`` (Azure SAS), ``code=`` (Azure Functions). Not ``sslkey=`` (a file's path)."""
+    name = parameter.lower()
+    return name in _CREDENTIAL_NAMES or any(word in name for word in _CREDENTIAL_WORDS)
+
+
+_SECRET_SEGMENT = 16
+"""The shortest path segment of a webhook URL taken as its key: Slack's, Discord's and Teams' keys are longer,
+the names around them (``services``, ``webhooks``, ``webhookb2``) shorter."""
+
+
+def register_url(url: str, *, secret_path: bool = False) -> None:
+    """Register what is secret in ``url`` (a database URL, a webhook): the URL itself where it appears whole;
+    its password (as written and percent-decoded) and the value of every query parameter named like a
+    credential (``password=``, ``access_token=``, ``key=``, ``sig=``...), in pieces too. ``secret_path`` (a
+    webhook, whose path is its key): its path where it appears whole, and each path segment of
+    :data:`_SECRET_SEGMENT` characters or more in pieces too. Its scheme, host, port, user and database are no
+    secret: registered in pieces, they had every platform answer that says ``https://``, ``127.0.0.1:5`` or
+    ``customers`` masked there. A URL that does not parse keeps its password in pieces if one can be told apart
+    (``user:password@``, no query), else is registered whole, pieces included."""
+    try:
+        parts = urllib.parse.urlsplit(url)
+        password = parts.password
+        query = urllib.parse.parse_qsl(parts.query, keep_blank_values=True)
+    except ValueError:
+        # Not a URL urllib reads (``[::1`` for a host): its password told the way libpq reads it, between the
+        # scheme's user and the last "@"; with none to tell (or a query that may hold one), all of it.
+        userinfo = url.split("://", 1)[-1].rsplit("@", 1)
+        if len(userinfo) < 2 or ":" not in userinfo[0] or "?" in userinfo[1]:
+            register_secret(url)
+            return
+        password, query = userinfo[0].split(":", 1)[1], []
+    register_secret(url, pieces=False)
+    keys = [password or ""]
+    keys += [value for name, value in query if _is_credential(name)]
+    if secret_path:
+        register_secret(parts.path, pieces=False)  # quoted without its scheme and host
+        keys += [segment for segment in parts.path.split("/") if len(segment) >= _SECRET_SEGMENT]
+    for key in keys:
+        register_secret(key)
+        register_secret(urllib.parse.unquote(key))
 
 
 def redact(text: str) -> str:
     """Return ``text`` with every registered secret masked."""
     if not _secrets or not text:
         return text
-    for secret in tuple(_secrets):
+    for secret in _ordered:
         if secret in text:
             text = text.replace(secret, _MASK)
     return text

@@ -15,7 +15,8 @@ import pytest
 from sync.config import Alerts, load_job
 from sync.dispatch.dispatch import DispatchOutcome
 from sync.errors import BadJobError, ExitCode
-from sync.report.alerts import alert_reasons
+from sync.redact import redact, redact_pieces
+from sync.report.alerts import alert_reasons, resolve_webhook
 from sync.report.summary import RunSummary
 from tests.test_cli_ops import _cli, _closed_port
 from tests.test_cli_run import KEY_ENV, write_job
@@ -162,3 +163,14 @@ def test_a_resumed_run_alerts_like_any_other(
     assert resumed.returncode == ExitCode.ABORTED, resumed.stderr
     assert len(received) == 2  # the first run's alert, then the resumed run's
     assert "exit 3 (ABORTED)" in received[1]["body"]["text"]
+
+
+def test_the_webhook_url_is_a_secret_whole_and_its_key_in_pieces_not_its_scheme_or_host() -> None:
+    """Registered in pieces, the whole URL had every 8-character run of it masked in what a platform answers:
+    ``http://127.0.0.1:…`` read ``***`` after an alert's URL was resolved."""
+    url = "http://127.0.0.1:8125/services/T0/B0/hookKeyKept0123456789"
+    assert resolve_webhook(Alerts(webhook_env=HOOK_ENV), {HOOK_ENV: url}) == url
+    answer = "HTTP 301: moved to http://127.0.0.1:8125/services/v2"
+    assert redact_pieces(answer) == answer
+    assert redact(f"POST {url}: refused") == "POST ***: refused"
+    assert redact_pieces("it echoed hookKeyKept01234") == "it echoed ***"

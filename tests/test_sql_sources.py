@@ -28,6 +28,7 @@ from sync.config import load_job
 from sync.demo import generate_users
 from sync.errors import BadInputError, BadJobError, ExitCode
 from sync.planning.planning import build_plan
+from sync.redact import redact, redact_pieces
 from sync.run import RunOptions, run
 from sync.sources.reading import CHUNK_ROWS, ROW
 from sync.sources.reading_sql import SqlReader
@@ -510,6 +511,13 @@ def test_a_url_without_password_may_be_written_and_the_url_is_resolved_from_env_
     with build_plan(job) as plan:
         assert plan.staged[0].rows_clean == 10
         assert postgres_server.password not in repr(job) + plan.staged[0].files[0]
+    # The URL from the file is masked whole, its password in pieces too — not its host, port or database:
+    # registered in pieces, what a platform answered lost every 8-character run of them ("127.0.0.", "pushsync").
+    where = postgres_url.rsplit("@", 1)[1]
+    answer = f"HTTP 301: moved to http://{where}/v2 for pushsync"
+    assert redact_pieces(answer) == answer
+    assert redact(f"connecting to {postgres_url}") == "connecting to ***"
+    assert postgres_server.password[2:-2] not in redact_pieces(f"it echoed {postgres_server.password[2:-2]}")
 
     monkeypatch.delenv(URL_ENV, raising=False)
     job = load_job(write_job(tmp_path, "http://127.0.0.1:9/rest/3.0/"))

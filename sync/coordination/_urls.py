@@ -1,4 +1,5 @@
 """The coordination database's URL: what may be said about it (never the password), and its one error class.
+:func:`register_url` (its password a secret, not its host) is :func:`sync.redact.register_url`.
 No driver import here: a run without a coordination database never loads psycopg."""
 
 from __future__ import annotations
@@ -6,7 +7,7 @@ from __future__ import annotations
 import urllib.parse
 
 from sync.errors import StateError
-from sync.redact import redact, register_secret
+from sync.redact import redact, register_url
 
 __all__ = ["CoordinationError", "check_url", "describe_url", "register_url", "safe_message"]
 
@@ -29,28 +30,6 @@ def describe_url(url: str) -> str:
         return f"{user}{host}{port}{parts.path or '/'}"
     except ValueError:
         return "(an unparsable URL)"
-
-
-def register_url(url: str) -> None:
-    """Register the URL's password as a secret (masked wherever it would be printed or stored): as written, and
-    percent-decoded, and a ``password`` parameter's. Not the whole URL: its host, port, user and database are
-    no secret, and every 8-character run of a registered secret is masked in what a platform answers
-    (:func:`sync.redact.redact_pieces`) — with the URL registered, an answer naming ``127.0.0.1:8…`` or the
-    word ``pushsync`` lost those characters. A URL that does not parse is registered whole (its password
-    cannot be told apart)."""
-    try:
-        parts = urllib.parse.urlsplit(url)
-        password = parts.password
-        query = urllib.parse.parse_qsl(parts.query)
-    except ValueError:
-        register_secret(url)
-        return
-    if password:
-        register_secret(password)
-        register_secret(urllib.parse.unquote(password))
-    for key, value in query:
-        if key.lower() == "password":
-            register_secret(value)
 
 
 def safe_message(exc: BaseException) -> str:

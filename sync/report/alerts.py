@@ -19,7 +19,7 @@ from collections.abc import Mapping, Sequence
 from sync.config import Alerts, Destination, resolve_secret
 from sync.errors import ExitCode, SecretError
 from sync.logs import get_logger
-from sync.redact import redact, register_secret
+from sync.redact import redact, register_url
 from sync.report.summary import RunSummary
 
 __all__ = ["alert_reasons", "post_alert", "resolve_webhook"]
@@ -40,7 +40,9 @@ def resolve_webhook(alerts: Alerts, environ: Mapping[str, str] | None = None) ->
         )
     except SecretError as exc:
         raise SecretError(f"alerts.webhook: {exc}") from None
-    register_secret(url)
+    # The whole URL where it appears whole; in pieces only its key (the long path segments, credential
+    # parameters): registered in pieces, every platform answer saying "https://" or the webhook's host lost it.
+    register_url(url, secret_path=True)
     return url
 
 

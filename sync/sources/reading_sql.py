@@ -44,7 +44,7 @@ from sync.config import (
     resolve_secret,
 )
 from sync.errors import BadInputError, JobProblem, SecretError
-from sync.redact import register_secret
+from sync.redact import register_url
 from sync.sources._sql_drivers import Column, Driver, DuckdbDriver, Failure, PostgresDriver, SqliteDriver
 from sync.sources.reading import CHUNK_ROWS, ROW, Chunk, _normalise
 
@@ -92,10 +92,12 @@ def _resolve(source: Source) -> _Target:
         except SecretError as exc:
             raise SecretError(f"source {source.name!r}: the database URL: {exc}") from None
     # A URL written in the job holds no password (the loader refuses one) and is no secret; one from the
-    # environment or a file may hold credentials in any form: mask all of it, and its password on its own.
+    # environment or a file may hold credentials in any form: all of it is masked where it appears whole, its
+    # password (and a credential parameter's value) in pieces too — not its host or database, whose
+    # 8-character runs would be masked in every platform answer naming them (sync.redact.register_url).
     secrets = () if ref.url else _secrets_of(url)
-    for secret in secrets:
-        register_secret(secret)
+    if not ref.url:
+        register_url(url)
     kind = database_kind(url)
     if kind is None:
         raise BadInputError(
