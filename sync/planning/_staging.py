@@ -361,6 +361,7 @@ class Settler:
         "_head",
         "_rejects",
         "bounds",
+        "consumed",
         "dropped",
         "head_end",
         "names",
@@ -397,6 +398,8 @@ class Settler:
         self.on_settled: Callable[[Path], None] | None = None
         """Called with each non-empty bucket's file once written, in bucket order (a plan that counts its
         requests while it settles, :func:`sync.planning.planning.build_plan`)."""
+        self.consumed = False
+        """The buckets were read once, by :attr:`on_settled`, and their files removed: none can be read again."""
         self.rows_clean = 0
         self.dropped = 0
         self.rows_read = rows_read  # input rows read by staging (final once staged)
@@ -730,6 +733,10 @@ class Settling:
     def bucket(self, source: int, k: int) -> Path | None:
         """The settled file of bucket ``k`` of source ``source`` (None when it has no rows), once settled."""
         settler = self.settlers[source]
+        if settler.consumed:
+            raise RuntimeError(
+                f"the buckets of source {settler.source.name!r} were counted and removed (build_plan(count=True))"
+            )
         with self._cond:
             if settler.next > k:
                 return settler.parts[k]

@@ -328,6 +328,9 @@ class Plan:
         self._counts: dict[tuple[int, int], tuple[int, int]] | None = (
             None  # (source, stream) -> (requests, IDs)
         )
+        # (source, stream) -> its sample body: taken while counting by a plan whose buckets were read once
+        # (build_plan(count=True)); else built from the frames by summary().
+        self._samples: dict[tuple[int, int], Any] | None = None
         self._summary: PlanSummary | None = None
         self._finalizer = weakref.finalize(self, _close_plan, settling, rejects, tmpdir, lock_fd)
 
@@ -518,8 +521,10 @@ class Plan:
                 acc[0] += requests
                 acc[1] += ids
                 if stream.endpoint not in samples:
-                    samples[stream.endpoint] = self._builder.stream_sample(
-                        stream, staged.frames(stream.columns)
+                    samples[stream.endpoint] = (
+                        self._samples[(i, j)]
+                        if self._samples is not None
+                        else self._builder.stream_sample(stream, staged.frames(stream.columns))
                     )
         per_endpoint = estimate_duration(
             {key: acc[0] for key, acc in totals.items()}, self.job.dispatch, latency=assumed_latency
@@ -559,23 +564,39 @@ class _Counter:
     Each stream gets ``__ext_id``, ``__file``, ``__row``, its columns and, when the frames have it, ``__key``: a
     builder may tell from the keys alone that every row is an ID of its own (rows of one ID share a key)."""
 
-    __slots__ = ("_feeds", "_futures", "_pool")
+    __slots__ = ("_feeds", "_futures", "_pool", "_sample_futures")
 
     def __init__(
-        self, builder: BatchBuilder, job: Job, streams: Sequence[Stream], *, concurrency: int = 2
+        self,
+        builder: BatchBuilder,
+        job: Job,
+        streams: Sequence[Stream],
+        *,
+        concurrency: int = 2,
+        samples: bool = False,
     ) -> None:
         # Two streams count at a time by default: one per core, the reading (or settling) of the next
         # buckets beside them.
         gate = threading.BoundedSemaphore(max(1, concurrency))
-        self._feeds = [
-            _Feed(list(dict.fromkeys([KEY, EXT_ID, FILE, ROW, *stream.columns])), gate) for stream in streams
-        ]
-        self._pool = ThreadPoolExecutor(max_workers=max(1, len(streams)), thread_name_prefix="plan-count")
+        columns = [list(dict.fromkeys([KEY, EXT_ID, FILE, ROW, *stream.columns])) for stream in streams]
+        self._feeds = [_Feed(names, gate) for names in columns]
+        # ``samples``: each stream's sample body too (builder.stream_sample), from a feed of its own; it stops
+        # taking frames once it has its first few IDs.
+        sample_feeds = [_Feed(names, gate) for names in columns] if samples else []
+        sampled = streams if samples else []
+        self._pool = ThreadPoolExecutor(
+            max_workers=max(1, len(streams) + len(sample_feeds)), thread_name_prefix="plan-count"
+        )
         self._futures: list[Future[tuple[int, int]]] = [
             self._pool.submit(builder.stream_counts, stream, feed, job.batch_size_for(stream.endpoint))
             for stream, feed in zip(streams, self._feeds, strict=True)
         ]
-        for feed, future in zip(self._feeds, self._futures, strict=True):
+        self._sample_futures: list[Future[Any]] = [
+            self._pool.submit(builder.stream_sample, stream, feed)
+            for stream, feed in zip(sampled, sample_feeds, strict=True)
+        ]
+        self._feeds += sample_feeds
+        for feed, future in zip(self._feeds, [*self._futures, *self._sample_futures], strict=True):
             feed.consumer = future
 
     def put(self, frame: pl.DataFrame) -> None:
@@ -587,6 +608,11 @@ class _Counter:
         """``(requests, IDs)`` per stream, once every frame was given (a counter's failure is raised)."""
         self.abandon()
         return [future.result() for future in self._futures]
+
+    def samples(self) -> list[Any]:
+        """Each stream's sample body (None when it sends nothing), after :meth:`finish`; made with
+        ``samples=True``."""
+        return [future.result() for future in self._sample_futures]
 
     def abandon(self) -> None:
         """No more frames: the counters end (their threads are waited for)."""
@@ -1115,8 +1141,10 @@ def build_plan(
     same either way. Staging directories that killed runs left in the workdir are removed first.
     ``rows_per_bucket`` (default :data:`ROWS_PER_BUCKET`) sizes the buckets (memory vs. number of files); it
     never changes the batches. ``count`` (a plan that is settled now, for its :meth:`Plan.summary`: ``pushsync
-    plan``): the requests are counted while the buckets are settled, from the frames in hand, on the other core,
-    instead of reading every bucket back for :meth:`Plan.stream_counts`.
+    plan``): the requests are counted and each stream's sample taken while the buckets are settled, from the
+    frames in hand, on the other core, instead of reading every bucket back for :meth:`Plan.stream_counts`; each
+    bucket's file is removed once read, so such a plan gives its summary, counts and rejects but no frames or
+    batches (asking for them raises RuntimeError).
     Raises :class:`sync.errors.BadInputError` for a file that cannot be read at all, :class:`BadJobError` for a
     platform that is not registered. ``stop`` (set by a signal handler) ends the reading (and the settling) at
     the next chunk (bucket) with :class:`sync.errors.InterruptedRunError`; the staging files are removed.
@@ -1128,6 +1156,7 @@ def build_plan(
     rejects: RejectsWriter | None = None
     settling: Settling | None = None
     counts: dict[tuple[int, int], tuple[int, int]] | None = None
+    samples: dict[tuple[int, int], Any] | None = None
     try:
         rejects_path.parent.mkdir(parents=True, exist_ok=True)
         remove_stale_staging(job.workdir)
@@ -1158,7 +1187,7 @@ def build_plan(
             if lazy:
                 settling.start()
             elif count:
-                counts = _count_while_settling(job, builder, settling)
+                counts, samples = _count_while_settling(job, builder, settling)
             else:
                 settling.settle_all()
     except OSError as exc:
@@ -1172,29 +1201,46 @@ def build_plan(
     assert staging is not None
     plan = Plan(job, staged, rejects, settling, *staging)
     if counts is not None:
-        plan._counts = counts
+        plan._counts, plan._samples = counts, samples
     return plan
 
 
 def _count_while_settling(
     job: Job, builder: BatchBuilder, settling: Settling
-) -> dict[tuple[int, int], tuple[int, int]]:
-    """Settle every bucket now, counting each source's requests (:meth:`Plan.stream_counts`) from each bucket as
-    soon as it is written: the counters work on the other core while the next buckets are settled.
+) -> tuple[dict[tuple[int, int], tuple[int, int]], dict[tuple[int, int], Any]]:
+    """Settle every bucket now, counting each source's requests (:meth:`Plan.stream_counts`) and taking each
+    stream's sample body from each bucket as soon as it is written: the counters work on the other core while
+    the next buckets are settled. Returns the counts and the samples.
 
     Each bucket is read back from its file (just written: from the page cache) rather than handed over as the
     settling's frame: that frame is a slice of its whole sorted group and holds the group (and the chunk files'
     pages it was read from) in memory until the slowest counter is done with it, while the settling goes on to
-    the next group — about 80 MB more at 10M rows. The frame read back holds the bucket alone."""
+    the next group — about 80 MB more at 10M rows. The frame read back holds the bucket alone.
+
+    The file is then removed (the settler is marked :attr:`~Settler.consumed`: nothing reads a bucket of this
+    plan again), so the page cache it took is free for the next buckets' writes. Kept to the end, a 10M-row
+    plan's buckets took 2.4 GB of fresh page cache, and on a virtual machine a page the guest has not touched
+    lately costs a host fault when first written: removing each file once counted took a 10M-row plan from
+    about 21-26 to 14-15 CPU-s of system time (docs/planning.md)."""
     counts: dict[tuple[int, int], tuple[int, int]] = {}
+    samples: dict[tuple[int, int], Any] = {}
     for i, settler in enumerate(settling.settlers):
         streams = list(builder.streams_for(settler.source))
         if not streams:
             continue
         # One counter per source, made when its settling starts: the threads of one source at a time.
-        counter = _Counter(builder, job, streams)
+        counter = _Counter(builder, job, streams, samples=True)
         read = _bucket_reader(settler.source, [KEY, *(c for stream in streams for c in stream.columns)])
-        settler.on_settled = lambda part, counter=counter, read=read: counter.put(read(part))
+
+        def count(
+            part: Path, counter: _Counter = counter, read: Callable[[Path], pl.DataFrame] = read
+        ) -> None:
+            frame = read(part)  # read into memory (not mapped): the file may go at once
+            part.unlink()
+            counter.put(frame)
+
+        settler.on_settled = count
+        settler.consumed = True
         try:
             settling.settle_source(settler)
         except BaseException:
@@ -1204,8 +1250,10 @@ def _count_while_settling(
             settler.on_settled = None
         for j, result in enumerate(counter.finish()):
             counts[(i, j)] = result
+        for j, sample in enumerate(counter.samples()):
+            samples[(i, j)] = sample
     settling.settle_all()  # the sources without streams (and the on_done hook, if not called yet)
-    return counts
+    return counts, samples
 
 
 def _start_lazy(
