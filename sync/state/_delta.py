@@ -127,8 +127,10 @@ class RejectedUsers:
     """The users a source's rejected rows name: a snapshot diff must not take them for users who left.
 
     ``ext_ids``: the IDs of rejected rows (unique, one column ``__ext_id``); ``unidentified``: rejected rows that
-    name no ID we can trust (a malformed record spanning several lines: a quote never closed swallows the rows
-    after it). A row whose ID cell is empty names no user and counts in neither.
+    name no ID we can trust — a malformed record spanning several lines (a quote never closed swallows the rows
+    after it), or an ID refused for what it holds (an invisible character, a NUL, a control character): the
+    user it was meant for (``U7`` for ``U7`` + a zero-width space) is not the ID written, and would otherwise be
+    taken for a user who left. A row whose ID cell is empty names no user and counts in neither.
     """
 
     ext_ids: pl.DataFrame
@@ -155,9 +157,11 @@ def rejected_users(rejects_path: Path, staged: Sequence[Any]) -> dict[str, Rejec
         source: Source = st.source
         mine = rejects.filter(pl.col("file").is_in(list(st.files)))
         ids = mine.filter(pl.col("ext_id").is_not_null()).select(pl.col("ext_id").alias(EXT_ID)).unique()
-        # An empty ID cell ("missing external ID") names nobody; any other row without an ID could be anyone.
+        # An empty ID cell ("missing external ID") names nobody; any other row without an ID could be anyone,
+        # and so could a row whose ID itself was refused (the rejects file gives the ID as written).
+        on_id = pl.col("column").eq_missing(pl.lit(source.ext_id))
         unidentified = mine.filter(
-            pl.col("ext_id").is_null() & pl.col("column").ne_missing(pl.lit(source.ext_id))
+            (pl.col("ext_id").is_null() & ~on_id) | (pl.col("ext_id").is_not_null() & on_id)
         ).height
         out[source.name] = RejectedUsers(ids, unidentified)
     return out

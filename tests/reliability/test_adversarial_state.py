@@ -173,6 +173,31 @@ def test_a_rejected_row_that_names_no_user_holds_every_removal(
     assert get_profile(sandbox, "user003")[0] == 400
 
 
+@pytest.mark.parametrize(
+    "written", ["user007\u200b", "user007\u0000", "user\u0007007"], ids=["zwsp", "nul", "bel"]
+)
+def test_a_row_whose_id_is_refused_holds_every_removal(
+    tmp_path: Path, netmera_sandbox_process: NetmeraProcess, written: str
+) -> None:
+    """An ID refused for what it holds (a zero-width space, a NUL, a control character) is not the user it was
+    meant for: user007, missing from the clean rows, was deleted. Nobody can tell which user the row meant, so
+    no user is removed this run, as for a malformed record."""
+    sandbox = netmera_sandbox_process
+    (tmp_path / "job.yaml").write_text(snapshot_job(sandbox.url), encoding="utf-8")
+    lines = user_lines()
+    write_users(tmp_path, lines)
+    assert run(tmp_path, sandbox, "run", "job.yaml")[0] == 0
+
+    lines[7] = lines[7].replace("user007", written, 1)
+    write_users(tmp_path, lines)
+    code, out, err = run(tmp_path, sandbox, "run", "job.yaml", "--output", "json")
+    assert code == 1, (out, err)
+    doc = json.loads(out)
+    assert doc["diff"]["users_removed"] == 0 and doc["diff"]["removals_held"] == 1, doc["diff"]
+    assert requests_to(sandbox, "deleteUsersPermanently") == 0
+    assert get_profile(sandbox, "user007")[0] == 200
+
+
 def test_an_empty_id_cell_names_no_user_and_holds_nothing(
     tmp_path: Path, netmera_sandbox_process: NetmeraProcess
 ) -> None:
