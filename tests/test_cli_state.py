@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -79,6 +79,49 @@ def test_retry_replays_only_the_failed_batches(
     resent = {ep for ep, by_status in after.items() if by_status != before.get(ep)}
     assert resent == {"tagUsers"}
     assert sandbox_users(sandbox) == expected_users(rows)
+
+
+def test_a_second_retry_resends_nothing_the_first_confirmed(
+    workspace: tuple[Path, NetmeraProcess],
+    netmera_process_factory: Callable[..., NetmeraProcess],
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    # A retry cuts each refused batch down to its refused IDs: a batch with an ID of its own. Once a retry has
+    # confirmed that cut, retrying the same run again must not send it again (the audit saw every retry resend
+    # the same 30 IDs), and a resume must not either.
+    tmp, created = workspace
+    rows = write_users(tmp, range(200))
+    unknown = {f"user{i:05d}" for i in range(190, 200)}
+    seed = {"users": [{"extId": r[0]} for r in rows if r[0] not in unknown]}
+    (tmp / "seed.json").write_text(json.dumps(seed), encoding="utf-8")
+    (tmp / "strict.yaml").write_text("unknown_ext_id: error\n", encoding="utf-8")
+    strict = netmera_process_factory(
+        "--config", str(tmp / "strict.yaml"), "--seed-file", str(tmp / "seed.json")
+    )
+    (tmp / "job.yaml").write_text(job_text(strict.url, "changes"), encoding="utf-8")
+    code, out, err = run_cli(capsys, "run", "job.yaml", "--progress", "none", "--output", "json")
+    assert code == 1, err
+    run_id = json.loads(out)["run_id"]
+    # The cause fixed: the platform now creates unknown users (the sandbox restarted, on another port).
+    (tmp / "job.yaml").write_text(job_text(created.url, "changes"), encoding="utf-8")
+    retry = ("retry", run_id, "--job", "job.yaml", "--progress", "none", "--output", "json")
+    code, out, err = run_cli(capsys, *retry)
+    assert code == 0, err
+    first = json.loads(out)
+    assert first["replay"]["cut_to_refused"] > 0 and first["totals"]["requests"] > 0
+    assert sandbox_users(created) == expected_users([r for r in rows if r[0] in unknown])
+    before = _stats(created)["requests"]
+    code, out, err = run_cli(capsys, *retry)
+    assert code == 0, err
+    second = json.loads(out)
+    assert second["totals"]["requests"] == 0 and second["replay"]["sent"] == 0
+    assert (
+        second["replay"]["skipped_confirmed"]
+        == first["replay"]["skipped_confirmed"] + first["replay"]["sent"]
+    )
+    code, out, err = run_cli(capsys, "resume", run_id, "--job", "job.yaml", "--progress", "none")
+    assert code == 0 and "nothing to resume" in out, err
+    assert _stats(created)["requests"] == before
 
 
 def test_state_show_lists_users_fields_and_tags(

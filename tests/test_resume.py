@@ -147,6 +147,27 @@ def test_later_runs_count_a_resume_of_a_resume_sends_nothing_twice(ledger: Ledge
     ]
 
 
+def test_a_retry_follows_the_cuts_later_retries_sent(ledger: Ledger) -> None:
+    # A retry sends a refused batch's cut under the cut's own ID: a later retry must find that ID's outcome, so
+    # a cut refused again in part is cut down once more, and a confirmed one is not sent again.
+    batch = attrs("a", "b", "c")
+    ledger.start_run("r1", job="nightly", platform="netmera")
+    record(ledger, "r1", batch, BatchStatus.REJECTED, refused=("a", "b"))
+    cut = restrict_batch(batch, ["a", "b"], NETMERA)
+    assert cut is not None
+    ledger.start_run("r2", job="nightly", platform="netmera")
+    record(ledger, "r2", cut, BatchStatus.REJECTED, refused=("b",))
+    ledger.flush()
+    [again] = replay([batch], replay_plan(ledger, "r1", ReplayMode.RETRY))
+    assert again.ext_ids == ("b",)
+    ledger.start_run("r3", job="nightly", platform="netmera")
+    record(ledger, "r3", again, BatchStatus.OK)
+    ledger.flush()
+    stats = ReplayStats()
+    assert list(replay([batch], replay_plan(ledger, "r1", ReplayMode.RETRY), stats)) == []
+    assert stats.skipped_confirmed == 1 and stats.sent == 0
+
+
 def test_unfinished_run_finds_the_oldest_run_since_the_last_finished_one(ledger: Ledger) -> None:
     assert unfinished_run(ledger, "nightly") is None
     ledger.start_run("r0", job="nightly")

@@ -153,6 +153,20 @@ class ReplayPlan:
             )
         return self.platform.restrict(batch, ext_ids)
 
+    def _cut_to_refused(self, batch: Batch) -> Batch | None:
+        """``batch`` cut down to the IDs still refused, or None when it names none of them.
+
+        A retry sends a refused batch's cut under an ID of its own (a hash of the cut's content), so the runs
+        after it recorded the *cut*, not the batch: follow the cuts while a later run refused them again (each
+        cut is smaller), so that the caller can skip a cut a later run confirmed and a cut refused in part is
+        cut down once more, instead of every retry sending the first cut again."""
+        seen: set[str] = set()
+        cut: Batch | None = batch
+        while cut is not None and cut.batch_id in self.refused and cut.batch_id not in seen:
+            seen.add(cut.batch_id)  # a cut naming only refused IDs is the batch itself: stop there
+            cut = self._restrict(cut, self.refused[cut.batch_id])
+        return cut
+
     def _non_idempotent(self, batch: Batch) -> bool:
         ops = self.platform.non_idempotent if self.platform is not None else NON_IDEMPOTENT
         return batch.operation in ops
@@ -209,8 +223,8 @@ class ReplayPlan:
             if self.mode is ReplayMode.RESUME:
                 stats.add(skipped_refused=1)
                 return None
-            cut = self._restrict(batch, self.refused[bid])
-            if cut is None:
+            cut = self._cut_to_refused(batch)
+            if cut is None or cut.batch_id in self.confirmed:
                 stats.add(skipped_confirmed=1)
                 return None
             stats.add(cut_to_refused=1, sent=1)
