@@ -86,3 +86,32 @@ def test_init_never_overwrites_and_names_a_missing_id_column(
     assert "no column 'nope'" in err and "customer_id" in err and out.read_text() == "# mine\n"
     assert main(["init", str(data), "-o", str(out), "--force"]) == 0
     assert load_job(out).sources[0].ext_id == "customer_id"
+
+
+def test_init_names_the_file_asked_for_and_refuses_unusable_paths(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from tests.test_cli_report import unusable_outputs
+
+    data = tmp_path / "users.csv"
+    data.write_text(CSV, encoding="utf-8")
+    # A header that maps to no operation: the error names the job file asked for, not a temporary one.
+    (tmp_path / "ids.csv").write_text("id\nA\n", encoding="utf-8")
+    out = tmp_path / "ids.yaml"
+    assert main(["init", str(tmp_path / "ids.csv"), "-o", str(out)]) == ExitCode.BAD_JOB_OR_INPUT
+    err = capsys.readouterr().err
+    assert err.startswith(f"pushsync: error: {out}: 1 problem(s) in job file") and ".tmp" not in err, err
+    assert not list(tmp_path.glob("*.yaml*"))
+    (tmp_path / "outputs").mkdir()
+    for target, reason in unusable_outputs(tmp_path / "outputs"):
+        assert main(["init", str(data), "-o", str(target), "--force"]) == ExitCode.BAD_JOB_OR_INPUT
+        err = capsys.readouterr().err
+        assert err.startswith(f"pushsync: error: {target}: {reason}") and err.count("\n") == 1, err
+    assert (tmp_path / "outputs" / "a-fifo").is_fifo()
+    # Through a symlink: the linked file is written, the link stays, and the data path is relative to it.
+    (tmp_path / "jobs").mkdir()
+    link = tmp_path / "job.yaml"
+    link.symlink_to(Path("jobs") / "nightly.yaml")
+    assert main(["init", str(data), "-o", str(link)]) == 0
+    assert link.is_symlink() and (tmp_path / "jobs" / "nightly.yaml").is_file()
+    assert [Path(p).resolve() for p in load_job(link).sources[0].paths] == [data.resolve()]

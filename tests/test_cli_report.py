@@ -69,6 +69,43 @@ def test_report_of_an_unknown_run_exits_2(tmp_path: Path, capsys: Any) -> None:
     assert not out.exists()
 
 
+def unusable_outputs(folder: Path) -> list[tuple[Path, str]]:
+    """Output paths (``-o``) nothing can be written to, made in ``folder``, each with the reason pushsync gives:
+    a directory, a FIFO (as a device: a rename over it would replace it) and a path under a regular file."""
+    (folder / "a-folder").mkdir()
+    os.mkfifo(folder / "a-fifo")
+    (folder / "a-file").write_text("x", encoding="utf-8")
+    return [
+        (folder / "a-folder", "is a directory"),
+        (folder / "a-fifo", "exists and is not a regular file"),
+        (folder / "a-file" / "out", "cannot write the file: Not a directory"),
+    ]
+
+
+def test_report_to_an_unusable_path_is_one_line_and_exit_2(tmp_path: Path, capsys: Any) -> None:
+    ledger = tmp_path / "work" / "ledger.sqlite"
+    make_ledger(ledger)
+    for out, reason in unusable_outputs(tmp_path):
+        assert main(["report", "old", "--ledger", str(ledger), "-o", str(out)]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"pushsync: error: {out}: {reason}") and err.count("\n") == 1, err
+    assert (tmp_path / "a-fifo").is_fifo() and (tmp_path / "a-folder").is_dir()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a-fifo", "a-file", "a-folder", "work"]
+
+
+def test_report_through_a_symlink_writes_the_linked_file(tmp_path: Path) -> None:
+    ledger = tmp_path / "work" / "ledger.sqlite"
+    make_ledger(ledger)
+    (tmp_path / "pages").mkdir()
+    link = tmp_path / "latest.html"
+    link.symlink_to(Path("pages") / "old.html")  # not there yet: the report makes it
+    assert main(["report", "old", "--ledger", str(ledger), "-o", str(link)]) == 0
+    assert link.is_symlink() and 'data-field="run_id">old<' in (tmp_path / "pages" / "old.html").read_text()
+    assert main(["report", "new", "--ledger", str(ledger), "-o", str(link)]) == 0
+    assert link.is_symlink() and 'data-field="run_id">new<' in (tmp_path / "pages" / "old.html").read_text()
+    assert sorted(p.name for p in (tmp_path / "pages").iterdir()) == ["old.html"]
+
+
 # -- the Airflow example ---------------------------------------------------------------------------------------
 
 

@@ -89,6 +89,42 @@ def test_run_then_runs_show_and_export(
     assert pl.read_parquet(parquet).height == frame.height
 
 
+def test_ledger_export_to_an_unusable_path_is_one_line_and_exit_2(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from tests.test_cli_report import make_ledger, unusable_outputs
+
+    make_ledger(tmp_path / "work" / "ledger.sqlite")
+    workdir = str(tmp_path / "work")
+    for out, reason in unusable_outputs(tmp_path):
+        assert main(["ledger-export", "new", "--workdir", workdir, "-o", str(out)]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"pushsync: error: {out}: {reason}") and err.count("\n") == 1, err
+    assert (tmp_path / "a-fifo").is_fifo()
+    # Through a symlink: the linked file is written, the link stays.
+    link = tmp_path / "rejects.csv"
+    link.symlink_to("a-file")
+    assert (
+        main(
+            [
+                "ledger-export",
+                "new",
+                "--workdir",
+                workdir,
+                "--table",
+                "rejected-rows",
+                "--format",
+                "csv",
+                "-o",
+                str(link),
+            ]
+        )
+        == 0
+    )
+    assert link.is_symlink() and pl.read_csv(tmp_path / "a-file")["ext_id"].to_list() == ["C4"]
+    assert not list(tmp_path.glob("*.partial"))
+
+
 def test_run_text_summary(key_env: Any, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     job = write_job(tmp_path, key_env.url, users=50)
     assert main(["run", str(job), "--progress", "none"]) == 0

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -95,6 +96,19 @@ def test_row_writer_refuses_rows_that_do_not_fit_the_schema(tmp_path: Path) -> N
     ):
         w.write([{"token": "a", "n": "not a number", "ok": True}])
     assert not (tmp_path / "x.csv").exists()
+
+
+async def test_an_export_through_a_symlink_writes_the_linked_file_and_a_fifo_is_refused(
+    tmp_path: Path,
+) -> None:
+    link = tmp_path / "devices.csv"
+    link.symlink_to("real.csv")
+    await write_pages(pages(2, 10), link, SCHEMA, ExportFormat.CSV)
+    assert link.is_symlink() and pl.read_csv(tmp_path / "real.csv").height == 20
+    os.mkfifo(tmp_path / "fifo.csv")
+    with pytest.raises(BadInputError, match="exists and is not a regular file"):
+        await write_pages(pages(2, 10), tmp_path / "fifo.csv", SCHEMA, ExportFormat.CSV)
+    assert (tmp_path / "fifo.csv").is_fifo() and not _partials(tmp_path)
 
 
 def test_format_follows_the_file_name_unless_declared() -> None:

@@ -22,6 +22,7 @@ TOP_LEVEL = {
     "__init__",
     "__main__",
     "_arrow",
+    "_output",
     "_prefetch",
     "_startup",
     "demo",

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
 import polars as pl
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
 from sync.config import Job, load_job
@@ -232,6 +235,66 @@ def test_typed_parquet_columns(tmp_path: Path) -> None:
         "a": {"n": 7, "b": True, "d": 624315600000, "l": ["x", "y"], "s": "s"},
         "b": {"b": False},
     }
+
+
+def _parquet_job(tmp_path: Path, table: pa.Table) -> Job:
+    """The job of :data:`JOB` reading ``table`` (its unmapped columns filled with nulls) as users.parquet."""
+    columns = {
+        c: table[c] if c in table.column_names else pa.nulls(table.num_rows, pa.string())
+        for c in HEADER.strip().split(",")
+    }
+    pq.write_table(pa.table(columns), tmp_path / "users.parquet")
+    return _job(tmp_path, (tmp_path / "users.parquet").read_bytes(), name="users.parquet")
+
+
+def test_a_typed_nan_is_not_a_number_not_no_value(tmp_path: Path) -> None:
+    # A NaN of a float column is a value that is not a number, as inf is: rejected, never "no value" (which
+    # "NaN", a default null value, would be, and on_null: unset would remove the attribute for).
+    scores = pa.array([float("nan"), float("inf"), 1.5, None], pa.float64())
+    rejects, items = _plan_rejects(
+        _parquet_job(tmp_path, pa.table({"id": ["a", "b", "c", "d"], "n": scores}))
+    )
+    assert {r.row: (r.column, r.reason) for r in rejects.values()} == {
+        1: ("n", "not a number"),
+        2: ("n", "not a number"),
+    }
+    assert sorted(i["extId"] for i in items) == ["c"]
+    # The text NaN in a CSV file is still a null value, as docs/jobs.md says.
+    rejects, items = _plan_rejects(_job(tmp_path, "a,NaN,,,,,,,,\nb,nan,,,,,,,,\n"))
+    assert [(r.row, r.reason) for r in rejects.values()] == [(2, "not a number")]
+
+
+def test_decimal256_columns_read_as_decimal128_ones(tmp_path: Path) -> None:
+    # polars cannot take a decimal256 column from Arrow (a Rust panic): pushsync reads it as its exact text.
+    values = [Decimal("1.50"), Decimal("-12345678901234567890.25"), None]
+    texts = [Decimal("7.00"), None, Decimal("2")]
+
+    def plan(decimal: Callable[[int, int], pa.DataType]) -> list[dict[str, object]]:
+        table = pa.table(
+            {
+                "id": ["a", "b", "c"],
+                "n": pa.array(values, decimal(38, 2)),
+                "s": pa.array(texts, decimal(38, 2)),
+            }
+        )
+        rejects, items = _plan_rejects(_parquet_job(tmp_path, table))
+        assert rejects == {}
+        return sorted(items, key=lambda i: str(i["extId"]))
+
+    wide = plan(pa.decimal256)
+    assert wide == plan(pa.decimal128)
+    assert wide[0] == {"extId": "a", "profile": {"n": 1.5, "s": "7.00"}}
+
+
+def test_duplicate_parquet_column_names_are_refused_as_in_csv(tmp_path: Path) -> None:
+    table = pa.table([pa.array(["a"]), pa.array(["1"]), pa.array(["2"])], names=["id", "n", "n"])
+    pq.write_table(table, tmp_path / "users.parquet")
+    job = _job(tmp_path, (tmp_path / "users.parquet").read_bytes(), name="users.parquet")
+    message = f"{tmp_path / 'users.parquet'}: duplicate column name(s) in the header: n"
+    with pytest.raises(BadInputError) as info:
+        build_plan(job)
+    assert str(info.value) == message
+    assert [str(p) for p in check_sources(job)] == [f"sources[0]: {message}"]
 
 
 def test_globs_are_read_in_path_order(tmp_path: Path) -> None:

@@ -15,7 +15,8 @@ import re
 from pathlib import Path
 from typing import Any
 
-from sync.errors import BadInputError, ExitCode
+from sync._output import output_file, replaced_atomically
+from sync.errors import BadInputError, BadJobError, ExitCode
 
 __all__ = ["register", "suggest_job"]
 
@@ -200,20 +201,19 @@ def _init(args: argparse.Namespace) -> int:
 
     if not args.data.exists():
         raise BadInputError(str(args.data), "no such file")
+    output_file(args.out)  # a directory or a device is refused as such, --force or not
     if args.out.exists() and not args.force:
         raise BadInputError(str(args.out), "exists; give --force to overwrite it")
     # A job name names its workdir: letters, digits, _ . - (the schema's rule), so anything else becomes "-".
     name = re.sub(r"[^A-Za-z0-9_.-]+", "-", args.name or args.data.stem).strip("-._")[:64] or "job"
     text = suggest_job(args.data, args.out, name=name, platform=args.platform, ext_id=args.ext_id)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = args.out.with_name(args.out.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    try:
-        load_job(tmp)  # the same checks as `pushsync validate`: never leave a job file that does not load
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    tmp.replace(args.out)
+    with replaced_atomically(args.out) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+        try:
+            load_job(tmp)  # the same checks as `pushsync validate`: never leave a job file that does not load
+        except BadJobError as exc:
+            # Checked as a temporary file; the user asked for args.out, which is the file to name.
+            raise BadJobError(str(args.out), exc.problems) from None
     print(
         f"wrote {args.out}; review the mapping, then: pushsync validate {args.out} && pushsync plan {args.out}"
     )

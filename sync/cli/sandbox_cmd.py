@@ -10,13 +10,15 @@ Every sandbox takes ``--host``, ``--port``, ``--config`` (YAML/JSON settings) an
 come from an option, else an environment variable, else the config file, else a random one printed once when the
 sandbox is ready (a local sandbox credential, so printing it is fine). When ready, the last line on stdout is the
 base URL, flushed, so a script can start the sandbox as a subprocess and read where it listens. It runs until
-SIGINT or SIGTERM and exits 0; a bad config or seed file exits 2 before anything is printed on stdout.
+SIGINT or SIGTERM and exits 0; a bad config or seed file, or a port in use, exits 2 before anything is printed on
+stdout.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import errno
 import json
 import os
 import secrets
@@ -27,7 +29,7 @@ from typing import TYPE_CHECKING, Any
 
 import yaml
 
-from sync.errors import BadJobError, JobProblem
+from sync.errors import BadJobError, JobProblem, StateError
 from sync.sandboxes._command import (
     API_KEY_ENV,
     FOF_KEY_ENV,
@@ -131,10 +133,7 @@ def _run(command: SandboxCommand, args: argparse.Namespace) -> int:
         sandbox, more = command.build(args, data, creds)
     except (ValueError, TypeError, KeyError, OSError) as exc:
         raise BadJobError(str(args.config or args.seed_file), [JobProblem("", str(exc))]) from exc
-    # Printed only once the sandbox is built: a bad config prints nothing on stdout (the error goes to stderr).
-    for line in [*notes, *more]:
-        print(line, flush=True)
-    asyncio.run(_serve(sandbox, args.host, args.port))
+    asyncio.run(_serve(sandbox, args.host, args.port, [*notes, *more]))
     return 0
 
 
@@ -153,14 +152,31 @@ def _load_config(path: Path | None) -> dict[str, Any]:
     return dict(data)
 
 
-async def _serve(sandbox: PlatformSandbox[Any, Any], host: str, port: int) -> None:
+async def _serve(sandbox: PlatformSandbox[Any, Any], host: str, port: int, notes: list[str]) -> None:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    url = await sandbox.start(host, port)
+    try:
+        url = await sandbox.start(host, port)
+    except OSError as exc:
+        await sandbox.stop()
+        raise _cannot_listen(host, port, exc) from exc
+    # Printed only once the sandbox listens: a bad config or a port in use prints nothing on stdout (the error
+    # goes to stderr), and the URL is the last line.
+    for line in notes:
+        print(line, flush=True)
     print(url, flush=True)
     try:
         await stop.wait()
     finally:
         await sandbox.stop()
+
+
+def _cannot_listen(host: str, port: int, exc: OSError) -> StateError:
+    """The error for a sandbox that cannot listen on ``host:port`` (exit 2, as for the metrics server's port)."""
+    if exc.errno == errno.EADDRINUSE:
+        return StateError(
+            f"cannot listen on {host}:{port}: port {port} is in use; give another --port (0: a free one)"
+        )
+    return StateError(f"cannot listen on {host}:{port}: {exc.strerror or exc}")

@@ -22,6 +22,7 @@ import pyarrow as pa
 import pyarrow.csv as pa_csv
 import pyarrow.parquet as pq
 
+from sync._output import output_file
 from sync.errors import BadInputError
 from sync.logs import get_logger
 
@@ -102,6 +103,7 @@ class RowWriter:
         self.schema = schema
         self.format = fmt
         self.rows = 0
+        self._target = path  # the file renamed over at the end (a symlink's file: set on entering)
         self._partial = path.with_name(path.name + ".partial")
         self._row_group_rows = row_group_rows
         self._buffer: list[pa.RecordBatch] = []  # batches not yet written, fewer than row_group_rows rows
@@ -109,8 +111,11 @@ class RowWriter:
         self._writer: pq.ParquetWriter | pa_csv.CSVWriter | None = None
 
     def __enter__(self) -> RowWriter:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        # A symlink's file, not the link, is replaced; a device or a directory is refused (sync._output).
+        target = output_file(self.path)
+        self._target, self._partial = target, target.with_name(target.name + ".partial")
         try:
+            target.parent.mkdir(parents=True, exist_ok=True)
             if self.format is ExportFormat.PARQUET:
                 self._writer = pq.ParquetWriter(self._partial, self.schema, compression="zstd")
             else:
@@ -120,16 +125,25 @@ class RowWriter:
         return self
 
     def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
-        if exc_type is None:
-            self._flush()
-        if self._writer is not None:
-            self._writer.close()
-            self._writer = None
-        if exc_type is None:
-            os.replace(self._partial, self.path)
-        else:
-            with contextlib.suppress(FileNotFoundError):
-                self._partial.unlink()
+        renamed = False
+        try:
+            if exc_type is None:
+                self._flush()
+            if self._writer is not None:
+                writer, self._writer = self._writer, None
+                writer.close()  # writes what it still buffers (a Parquet footer): it can fail as a write does
+            if exc_type is None:
+                os.replace(self._partial, self._target)
+                renamed = True
+        except OSError as error:
+            if exc_type is None:  # else the error that stopped the export is the one to tell
+                raise BadInputError(
+                    str(self.path), f"cannot write the export: {error.strerror or error}"
+                ) from error
+        finally:
+            if not renamed:
+                with contextlib.suppress(OSError):
+                    self._partial.unlink(missing_ok=True)
 
     def write(self, rows: Sequence[Mapping[str, Any]]) -> None:
         if not rows:

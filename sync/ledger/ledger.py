@@ -35,7 +35,8 @@ from operator import itemgetter
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Literal, Protocol, Self
 
-from sync.errors import StateError
+from sync._output import replaced_atomically
+from sync.errors import BadInputError, StateError
 from sync.planning.row_keys import SCHEME as ROW_KEY_SCHEME
 from sync.records import Attempt, AttemptOutcome, Batch, BatchResult, BatchStatus, ExtIds, RejectedRow
 
@@ -990,11 +991,17 @@ class Ledger(LedgerBase):
             if fmt == "csv":  # CSV has no list type: one space-separated cell
                 frame = frame.with_columns(pl.col("ext_ids").list.join(" "))
         out = Path(out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        if fmt == "parquet":
-            frame.write_parquet(out)
-        else:
-            frame.write_csv(out)
+        try:
+            # Written beside the target and renamed: a failed export leaves no half-written file behind.
+            with replaced_atomically(out, ".partial") as partial:
+                if fmt == "parquet":
+                    frame.write_parquet(partial)
+                else:
+                    frame.write_csv(partial)
+        except pl.exceptions.ComputeError as exc:
+            # polars' Parquet writer reports a failed write (a full disk) as "...: underlying IO error: <reason>".
+            reason = str(exc).rpartition("IO error: ")[2]
+            raise BadInputError(str(out), f"cannot write the file: {reason}") from exc
         return frame.height
 
 

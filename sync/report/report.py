@@ -21,6 +21,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from sync._output import replaced_atomically
 from sync.report._report_data import (
     EndpointLine,
     ErrorLine,
@@ -63,8 +64,6 @@ def write_report(ledger_path: str | Path, run_id: str, out: str | Path) -> Path:
     """Build the report of ``run_id`` and write it to ``out`` (UTF-8); returns the path written."""
     page = render_html(load_report(ledger_path, run_id))
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    tmp.write_text(page, encoding="utf-8")
-    tmp.replace(out)  # a half-written page never sits where a person would open it
+    with replaced_atomically(out) as tmp:  # a half-written page never sits where a person would open it
+        tmp.write_text(page, encoding="utf-8")
     return out

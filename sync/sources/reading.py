@@ -370,8 +370,6 @@ def _unreadable(
 
 def _check_header(source: Source, path: Path) -> list[str]:
     names = read_columns(source, path)
-    if source.format is FileFormat.PARQUET:
-        _check_parquet_types(source, path)
     if any("\x00" in n for n in names):
         # A UTF-16 file without a byte-order mark decodes as "UTF-8" with a NUL after every character.
         raise BadInputError(
@@ -380,6 +378,10 @@ def _check_header(source: Source, path: Path) -> list[str]:
     if len(names) != len(set(names)):
         dupes = sorted({n for n in names if names.count(n) > 1})
         raise BadInputError(str(path), f"duplicate column name(s) in the header: {', '.join(dupes)}")
+    if source.format is FileFormat.PARQUET:
+        # After the duplicate check: a schema field is looked up by name, which two columns of one name make
+        # ambiguous (a KeyError, not a message).
+        _check_parquet_types(source, path)
     missing = [c for c in source.columns() if c not in names]
     if missing:
         hint = ""
@@ -410,9 +412,38 @@ def _check_parquet_types(source: Source, path: Path) -> None:
 
 def _normalise(table: pa.Table | pa.RecordBatch) -> pl.DataFrame:
     """Arrow → polars, with scalar columns as text, except dates/times (kept) and lists (as lists of text)."""
-    frame = pl.from_arrow(table)
+    frame = pl.from_arrow(_without_decimal256(table))
     assert isinstance(frame, pl.DataFrame)
     return _as_text(frame)
+
+
+def _without_decimal256(table: pa.Table | pa.RecordBatch) -> pa.Table | pa.RecordBatch:
+    """``table`` with its decimal256 columns (and lists of them) as text.
+
+    polars cannot take a decimal256 column from Arrow (a Rust panic, "operator does not support primitive
+    Int256"). A decimal256 is only a wider decimal, and a decimal128 column is read as its exact text ("1.50"):
+    Arrow's own cast to text gives that same text for any precision, where a cast to decimal128 would fail for
+    values past 38 digits. So such a column is read as a decimal128 one is, rather than refused.
+    """
+    schema = pa.schema([field.with_type(_decimal256_as_text(field.type)) for field in table.schema])
+    if schema.equals(table.schema):
+        return table
+    return table.cast(schema)
+
+
+def _decimal256_as_text(dtype: pa.DataType) -> pa.DataType:
+    """``dtype`` with decimal256 (alone, dictionary-encoded or as list items) replaced by text."""
+    if pa.types.is_decimal256(dtype):
+        return pa.string()
+    if pa.types.is_dictionary(dtype) and pa.types.is_decimal256(dtype.value_type):
+        return pa.string()
+    if pa.types.is_list(dtype):
+        return pa.list_(_decimal256_as_text(dtype.value_type))
+    if pa.types.is_large_list(dtype):
+        return pa.large_list(_decimal256_as_text(dtype.value_type))
+    if pa.types.is_fixed_size_list(dtype):
+        return pa.list_(_decimal256_as_text(dtype.value_type), dtype.list_size)
+    return dtype
 
 
 def _as_text(frame: pl.DataFrame) -> pl.DataFrame:
@@ -425,6 +456,12 @@ def _as_text(frame: pl.DataFrame) -> pl.DataFrame:
             casts.append(pl.col(name).cast(pl.List(pl.String)))
         elif dtype == pl.Boolean:
             casts.append(pl.col(name).cast(pl.String))
+        elif dtype.is_float():
+            # polars writes NaN as "NaN", one of the default null values: a typed NaN would be read as "no
+            # value" (and an attribute mapped with on_null: unset removed). It is a value that is not a number,
+            # as inf is: "nan" (as Python and polars spell inf, "inf"), which the number parser refuses.
+            text = pl.col(name).cast(pl.String)
+            casts.append(pl.when(pl.col(name).is_nan()).then(pl.lit("nan")).otherwise(text).alias(name))
         else:
             casts.append(pl.col(name).cast(pl.String, strict=False))
     return frame.with_columns(casts) if casts else frame

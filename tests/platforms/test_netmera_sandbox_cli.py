@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import urllib.request
@@ -115,3 +116,18 @@ def test_bad_config_exits_2(tmp_path: Path) -> None:
     )
     assert result.returncode == 2
     assert "bad.yaml" in result.stderr and result.stdout == ""
+
+
+def test_a_port_in_use_exits_2_with_one_line() -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        command = [*COMMAND[:-1], str(port)]
+        result = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=20)
+    assert result.returncode == 2
+    assert result.stderr == (
+        f"pushsync: error: cannot listen on 127.0.0.1:{port}: port {port} is in use; "
+        "give another --port (0: a free one)\n"
+    )
+    assert result.stdout == ""
