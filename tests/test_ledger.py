@@ -470,3 +470,61 @@ def test_a_batch_planned_sent_and_finished_in_one_flush_is_written_once(tmp_path
         packed = ledger._conn.execute("SELECT ext_ids FROM batches").fetchone()[0]
         assert ledger_module.unpack_ids(packed) == list(_batch(0).ext_ids)
     assert row[0] == "ok" and row[1] is not None and row[2:] == (3, 3)
+
+
+def _without_write_override(argv: list[str]) -> list[str]:
+    """``argv`` run so that folder permissions bind: root ignores them unless its DAC capabilities go."""
+    import os
+    import shutil
+
+    if os.geteuid() != 0:
+        return argv
+    setpriv = shutil.which("setpriv")
+    assert setpriv is not None, "setpriv (util-linux) is needed to run as root without CAP_DAC_OVERRIDE"
+    return [setpriv, "--bounding-set=-dac_override,-dac_read_search", *argv]
+
+
+def test_the_read_commands_read_a_ledger_in_a_folder_they_may_not_write(tmp_path: Path) -> None:
+    """A ledger on a read-only mount (or another user's): SQLite's ``mode=ro`` still creates the write-ahead
+    log's ``-shm`` file beside it, so ``runs``, ``show``, ``report`` and ``ledger-export`` failed with "attempt to
+    write a readonly database". With no log left beside the file it is read as it is; with one (a run may be
+    writing, or died with commits only in the log) the message says to copy both files."""
+    import subprocess
+    import sys
+
+    work = tmp_path / "work"
+    work.mkdir()
+    with Ledger.open(work / "ledger.sqlite") as ledger:
+        ledger.start_run("R1", job="ro-job")
+        ledger.finish_run("R1", status="ok", exit_code=0)
+    out = tmp_path / "out"
+    out.mkdir()
+
+    def cli(*args: str) -> subprocess.CompletedProcess[str]:
+        argv = _without_write_override([sys.executable, "-m", "sync", *args])
+        return subprocess.run(argv, capture_output=True, text=True, timeout=120, check=False)
+
+    work.chmod(0o555)
+    try:
+        runs = cli("runs", "--workdir", str(work), "--output", "json")
+        assert runs.returncode == 0, runs.stderr
+        assert [r["run_id"] for r in json.loads(runs.stdout)] == ["R1"]
+        show = cli("show", "latest", "--workdir", str(work))
+        assert show.returncode == 0 and "R1" in show.stdout, show.stderr
+        report = cli("report", "R1", "--workdir", str(work), "-o", str(out / "r.html"))
+        assert report.returncode == 0 and (out / "r.html").is_file(), report.stderr
+        export = cli(
+            "ledger-export", "R1", "--workdir", str(work), "-o", str(out / "b.csv"), "--format", "csv"
+        )
+        assert export.returncode == 0 and (out / "b.csv").is_file(), export.stderr
+        assert sorted(p.name for p in work.iterdir()) == ["ledger.sqlite"]  # nothing written beside it
+
+        work.chmod(0o755)
+        (work / "ledger.sqlite-wal").write_bytes(b"\0" * 32)  # a log with commits the file may not hold
+        work.chmod(0o555)
+        held = cli("runs", "--workdir", str(work))
+        assert held.returncode == 2, held.stderr
+        assert "write-ahead log (ledger.sqlite-wal)" in held.stderr and "copy the ledger" in held.stderr
+        assert "Traceback" not in held.stderr
+    finally:
+        work.chmod(0o755)

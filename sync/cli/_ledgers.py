@@ -41,7 +41,7 @@ def find_run(run_id: str, paths: list[Path]) -> tuple[Path, str]:
     for path in paths:
         if not path.exists():
             continue
-        with Ledger.open(path) as ledger:
+        with Ledger.open(path, read_only=True) as ledger:
             if run_id == "latest":
                 runs = ledger.runs()
                 if runs and (best is None or runs[0].started_at > best[0]):

@@ -185,7 +185,7 @@ def _runs(args: argparse.Namespace) -> int:
     for path in ledger_paths(args.job, args.workdir) if url is None else []:
         if not path.exists():
             continue
-        with Ledger.open(path) as ledger:
+        with Ledger.open(path, read_only=True) as ledger:
             infos.extend(ledger.runs())
     infos.sort(key=lambda r: r.started_at, reverse=True)
     if args.output == "json":
@@ -235,7 +235,7 @@ def _show(args: argparse.Namespace) -> int:
             run_id = runs[0].run_id if runs else run_id
     else:
         path, run_id = _find_run(args)
-        opened = Ledger.open(path)
+        opened = Ledger.open(path, read_only=True)
     with opened as ledger:
         info = ledger.run(run_id)
         if info is None:
@@ -272,7 +272,7 @@ def _export(args: argparse.Namespace) -> int:
         print(f"wrote {rows} rows to {args.out}")
         return int(ExitCode.OK)
     path, run_id = _find_run(args)
-    with Ledger.open(path) as ledger:
+    with Ledger.open(path, read_only=True) as ledger:
         rows = ledger.export(run_id, args.out, table=args.table, fmt=args.format)
     print(f"wrote {rows} rows to {args.out}")
     return int(ExitCode.OK)

@@ -24,6 +24,7 @@ from __future__ import annotations
 import functools
 import itertools
 import json
+import os
 import secrets
 import sqlite3
 import time
@@ -55,6 +56,7 @@ __all__ = [
     "RunLedger",
     "attempt_row",
     "batch_row_of",
+    "connect_read_only",
     "finish_row",
     "new_run_id",
     "pack_ids",
@@ -769,6 +771,47 @@ class LedgerBase:
         return [RejectedRow(*r) for r in self._execute(self._sql(_REJECTED_SQL), (run_id,))]
 
 
+def connect_read_only(path: Path) -> sqlite3.Connection:
+    """A read-only connection to the SQLite ledger at ``path``; :class:`StateError` if there is none or it is
+    unreadable.
+
+    SQLite reads a write-ahead-log database through a ``-shm`` file it creates beside it, so ``mode=ro`` fails in
+    a folder we may not write (a ledger on a read-only mount, or another user's). There, with no log left
+    beside the file (a run that ended checkpoints and removes it), the file holds every commit and is opened
+    ``immutable``; with a log present a run may be writing, or died with commits only in the log: refused,
+    naming the way out, rather than showing a stale ledger."""
+    if not path.exists():
+        raise StateError(f"{path}: no ledger there")
+    uri = path.resolve().as_uri()
+    conn = sqlite3.connect(f"{uri}?mode=ro", uri=True, check_same_thread=False)  # opens lazily: no error here
+    try:
+        conn.execute("PRAGMA busy_timeout=5000")
+        conn.execute("SELECT 1 FROM runs LIMIT 1")
+        return conn
+    except sqlite3.DatabaseError as exc:
+        conn.close()  # an unclosed connection is a ResourceWarning, an error under our pytest settings
+        if os.access(path.resolve().parent, os.W_OK) or not _read_only_folder_error(exc):
+            raise StateError(f"{path}: cannot read the ledger: {exc}") from exc
+    log = path.with_name(path.name + "-wal")
+    if log.exists() and log.stat().st_size:
+        raise StateError(
+            f"{path}: cannot read the ledger: its folder is read-only and its write-ahead log ({log.name}) holds "
+            "commits not in the file yet; copy the ledger with its -wal file to a writable folder"
+        )
+    try:
+        conn = sqlite3.connect(f"{uri}?mode=ro&immutable=1", uri=True, check_same_thread=False)
+        conn.execute("SELECT 1 FROM runs LIMIT 1")
+    except sqlite3.DatabaseError as exc:
+        conn.close()
+        raise StateError(f"{path}: cannot read the ledger: {exc}") from exc
+    return conn
+
+
+def _read_only_folder_error(exc: sqlite3.DatabaseError) -> bool:
+    text = str(exc)
+    return "readonly" in text or "unable to open" in text
+
+
 class Ledger(LedgerBase):
     """A job's ledger. Open with :meth:`open`; use as a context manager or call :meth:`close`."""
 
@@ -787,9 +830,28 @@ class Ledger(LedgerBase):
         self.writes: int = 0  # writes committed, as queued (a sent mark folded into its result counts too)
 
     @classmethod
-    def open(cls, path: str | Path, *, flush_every: int = 256, flush_interval: float = 0.05) -> Ledger:
-        """Open (creating if needed) the ledger at ``path``; refuses a ledger from a newer pushsync."""
+    def open(
+        cls,
+        path: str | Path,
+        *,
+        flush_every: int = 256,
+        flush_interval: float = 0.05,
+        read_only: bool = False,
+    ) -> Ledger:
+        """Open (creating if needed) the ledger at ``path``; refuses a ledger from a newer pushsync.
+
+        ``read_only`` (``runs``, ``show``, ``ledger-export``): an existing ledger, read through
+        :func:`connect_read_only` — also from a folder we may not write (a read-only mount)."""
         path = Path(path)
+        if read_only:
+            conn = connect_read_only(path)
+            row = conn.execute("SELECT version FROM schema_version").fetchone()
+            if row is not None and row[0] > SCHEMA_VERSION:
+                conn.close()
+                raise StateError(
+                    f"{path}: ledger schema {row[0]} is newer than this pushsync ({SCHEMA_VERSION})"
+                )
+            return cls(conn, path, flush_every=flush_every, flush_interval=flush_interval)
         path.parent.mkdir(parents=True, exist_ok=True)
         try:
             conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)

@@ -12,9 +12,8 @@ import sqlite3
 from dataclasses import dataclass
 from pathlib import Path
 
-from sync.ledger.ledger import unpack_ids
+from sync.ledger.ledger import connect_read_only, unpack_ids
 from sync.redact import redact
-from sync.report._report_data import connect_read_only
 
 __all__ = ["TraceEntry", "trace_id"]
 

@@ -1,7 +1,7 @@
 """What the run report shows, and the read-only ledger queries that fill it (behind :mod:`sync.report.report`).
 
 The records (:class:`RunReport` and its lines) are the report's data; :func:`read_run` fills them from an open
-ledger connection. The connection is the report's own, opened by :func:`connect_read_only` with SQLite's
+ledger connection. The connection is the report's own, opened by :func:`sync.ledger.ledger.connect_read_only` with SQLite's
 ``mode=ro``, so a report can be built while a run is still writing. Every message taken from the ledger passes
 through :func:`sync.redact.redact` and is clipped here; escaping for HTML is the page's job.
 
@@ -235,23 +235,6 @@ class RunReport:
         """IDs finished per second over the whole run (start to finish); None while it has no finish time."""
         done = self.total("ids_ok") + self.total("ids_rejected") + self.total("ids_failed")
         return done / self.duration if self.duration else None
-
-
-def connect_read_only(path: Path) -> sqlite3.Connection:
-    """A read-only connection to the ledger at ``path``; :class:`StateError` if there is none or it is unreadable."""
-    if not path.exists():
-        raise StateError(f"{path}: no ledger there")
-    try:
-        conn = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)
-    except sqlite3.DatabaseError as exc:
-        raise StateError(f"{path}: cannot read the ledger: {exc}") from exc
-    try:
-        conn.execute("PRAGMA busy_timeout=5000")
-        conn.execute("SELECT 1 FROM runs LIMIT 1")
-    except sqlite3.DatabaseError as exc:
-        conn.close()  # an unclosed connection is a ResourceWarning, an error under our pytest settings
-        raise StateError(f"{path}: cannot read the ledger: {exc}") from exc
-    return conn
 
 
 def _has_table(conn: sqlite3.Connection, name: str) -> bool:

@@ -22,13 +22,13 @@ from __future__ import annotations
 from pathlib import Path
 
 from sync._output import replaced_atomically
+from sync.ledger.ledger import connect_read_only
 from sync.report._report_data import (
     EndpointLine,
     ErrorLine,
     RefusedLine,
     RunReport,
     TimeBin,
-    connect_read_only,
     read_run,
 )
 from sync.report._report_html import render_page
