@@ -846,12 +846,15 @@ class Ledger(LedgerBase):
         if read_only:
             conn = connect_read_only(path)
             row = conn.execute("SELECT version FROM schema_version").fetchone()
-            if row is not None and row[0] > SCHEMA_VERSION:
-                conn.close()
+            if row is not None and row[0] == SCHEMA_VERSION:
+                return cls(conn, path, flush_every=flush_every, flush_interval=flush_interval)
+            conn.close()
+            if row is not None and row[0] < SCHEMA_VERSION and not os.access(path.resolve().parent, os.W_OK):
                 raise StateError(
-                    f"{path}: ledger schema {row[0]} is newer than this pushsync ({SCHEMA_VERSION})"
+                    f"{path}: ledger schema {row[0]} is older than this pushsync's ({SCHEMA_VERSION}) and its "
+                    "folder is read-only: open it once where it can be upgraded (any command with write access)"
                 )
-            return cls(conn, path, flush_every=flush_every, flush_interval=flush_interval)
+            # An older ledger is upgraded first, as every command does; a newer one is refused below.
         path.parent.mkdir(parents=True, exist_ok=True)
         try:
             conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
