@@ -163,7 +163,8 @@ class RunOutcome:
         if self.resumed_from and self.replay is not None:
             r = self.replay
             lines.append(
-                f"resumed run {self.resumed_from}: {r.sent} batches sent, {r.skipped_confirmed} already confirmed, "
+                f"resumed run {self.resumed_from}: {r.sent} batches left to send, {r.skipped_confirmed} already "
+                f"confirmed, "
                 f"{r.skipped_refused} refused (see `pushsync retry`), {r.held} held (non-idempotent, outcome "
                 f"unknown: `pushsync retry` sends them), {r.cut_to_refused} cut to their refused rows"
             )

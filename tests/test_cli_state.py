@@ -124,6 +124,29 @@ def test_a_second_retry_resends_nothing_the_first_confirmed(
     assert _stats(created)["requests"] == before
 
 
+def test_resume_and_retry_take_latest_as_show_does(
+    workspace: tuple[Path, NetmeraProcess], capsys: pytest.CaptureFixture[str]
+) -> None:
+    # `show latest`, `report latest` and `ledger-export latest` took it; `resume latest` said "no run latest".
+    tmp, sandbox = workspace
+    (tmp / "job.yaml").write_text(job_text(sandbox.url, "changes"), encoding="utf-8")
+    write_users(tmp, range(50))
+    code, out, err = run_cli(capsys, "run", "job.yaml", "--progress", "none", "--output", "json")
+    assert code == 0, err
+    run_id = json.loads(out)["run_id"]
+    code, out, err = run_cli(capsys, "resume", "latest", "--job", "job.yaml", "--progress", "none")
+    assert code == 0 and f"run {run_id} finished (done): nothing to resume" in out, (out, err)
+    code, out, err = run_cli(
+        capsys, "resume", "latest", "--workdir", "work", "--progress", "none"
+    )  # no --job
+    assert code == 0 and f"run {run_id} finished (done): nothing to resume" in out, (out, err)
+    code, out, err = run_cli(
+        capsys, "retry", "latest", "--job", "job.yaml", "--progress", "none", "--output", "json"
+    )
+    assert code == 0, err
+    assert json.loads(out)["resumed_from"] == run_id and json.loads(out)["totals"]["requests"] == 0
+
+
 def test_state_show_lists_users_fields_and_tags(
     workspace: tuple[Path, NetmeraProcess], capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -34,7 +34,7 @@ def register(subparsers: Any) -> None:
         ("retry", "replay the failed batches and refused rows of a run (after fixing the cause)"),
     ):
         cmd = subparsers.add_parser(name, help=help_text, description=help_text)
-        cmd.add_argument("run_id", metavar="RUN")
+        cmd.add_argument("run_id", metavar="RUN", help="a run ID, or 'latest'")
         cmd.add_argument("--job", type=Path, help="the job file (default: the one recorded with the run)")
         cmd.add_argument("--workdir", type=Path, help="a job's workdir (holds ledger.sqlite)")
         cmd.add_argument("--output", choices=["text", "json"], default="text")
@@ -116,8 +116,12 @@ def _replay(args: argparse.Namespace) -> int:
     from sync.config import load_job, resolve_secret
     from sync.run import RunOptions, run
 
+    if args.run_id == "latest" and args.job is None:
+        args.run_id = _latest_run(args, None, None)
     job = load_job(args.job if args.job is not None else _job_of_run(args))
     url = database_url(args, job)
+    if args.run_id == "latest":
+        args.run_id = _latest_run(args, job, url)
     retry = args.replay == "retry"
     if not retry:
         done = _nothing_to_resume(job, args, url)
@@ -145,6 +149,22 @@ def _replay(args: argparse.Namespace) -> int:
     else:
         print(outcome.render_text())
     return int(outcome.exit_code)
+
+
+def _latest_run(args: argparse.Namespace, job: Any, url: str | None) -> str:
+    """``latest`` (as ``show``, ``report`` and ``ledger-export`` take it): the most recently started run of the
+    job's ledger (the coordination database's, with one), or — without ``--job`` — of the workdirs searched."""
+    from sync.cli._ledgers import find_run, ledger_paths
+
+    if url is not None:
+        from sync.coordination import open_ledger
+
+        with open_ledger(url) as pg:
+            runs = pg.runs(job.name)
+        if not runs:
+            raise StateError(f"no run of job {job.name!r} recorded in the coordination database")
+        return str(runs[0].run_id)
+    return find_run("latest", ledger_paths(args.job, args.workdir))[1]
 
 
 def _nothing_to_resume(job: Any, args: argparse.Namespace, url: str | None = None) -> str | None:
