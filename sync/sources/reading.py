@@ -375,8 +375,11 @@ def _check_header(source: Source, path: Path) -> list[str]:
         raise BadInputError(
             str(path), "the header holds NUL characters: is the file UTF-16? set the source's 'encoding'"
         )
-    if len(names) != len(set(names)):
-        dupes = sorted({n for n in names if names.count(n) > 1})
+    # Only a mapped column named twice is ambiguous: the others are not read, so the empty names of a
+    # spreadsheet's trailing columns (``id,name,,``) or two unmapped ``notes`` columns are no reason to refuse.
+    mapped = set(source.columns())
+    dupes = sorted({n for n in names if n in mapped and names.count(n) > 1})
+    if dupes:
         raise BadInputError(str(path), f"duplicate column name(s) in the header: {', '.join(dupes)}")
     if source.format is FileFormat.PARQUET:
         # After the duplicate check: a schema field is looked up by name, which two columns of one name make

@@ -345,6 +345,17 @@ CASES: tuple[Case, ...] = (
         b"id,name,score,born,vip,name\nu1,A,1,,,B\n",
         fatal=Fatal("duplicate column name(s) in the header: name"),
     ),
+    # A spreadsheet's trailing empty columns, and an unmapped column named twice: not read, so not refused.
+    Case(
+        "trailing_empty_header_columns",
+        b"id,name,score,born,vip,,\nu1,A,1,,,,\n",
+        planned={"u1": {"name": "A", "score": 1}},
+    ),
+    Case(
+        "unmapped_column_named_twice",
+        b"id,notes,name,score,born,vip,notes\nu1,x,A,1,,,y\n",
+        planned={"u1": {"name": "A", "score": 1}},
+    ),
     # --- Parquet --------------------------------------------------------------------------------------------
     Case(
         "parquet_truncated",
