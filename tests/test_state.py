@@ -135,7 +135,8 @@ def sync_once(
 def state_rows(job: Job) -> dict[str, dict[str, Any]]:
     store = StateStore(job.workdir, job.destination)
     frame = store.read(job.sources[0])
-    return {r["__ext_id"]: r for r in frame.drop("__key").to_dicts()}
+    # Without the uncertain mark (test_a_change_that_landed_unconfirmed_is_undone_when_the_export_goes_back).
+    return {r["__ext_id"]: r for r in frame.drop("__key", "__uncertain", strict=False).to_dicts()}
 
 
 def test_first_run_sends_every_value_and_the_state_records_them(tmp_path: Path) -> None:
@@ -229,13 +230,30 @@ def test_failed_and_refused_ids_keep_their_old_state_and_are_sent_again(tmp_path
 
     sync_once(job, "r1", outcome=outcome)
     rows = state_rows(job)
-    assert rows["u1"]["attr:name"] == "Ada" and rows["u1"]["tags"] == ["gold"]
+    # A refused ID keeps its old state (the platform said no); a failed batch's outcome is unknown: its user's
+    # row holds what was sent (vip) and is uncertain, so the next run sends the user's every value again.
+    assert rows["u1"]["attr:name"] == "Ada" and rows["u1"]["tags"] == ["gold", "vip"]
     assert rows["u2"]["attr:name"] is None and rows["u2"]["email"] == "bob@example.com"
-    again = bodies(diff(job, "r2"))
+    uncertain = StateStore(job.workdir, job.destination).read(job.sources[0])
+    assert sorted(uncertain.filter(pl.col("__uncertain"))["__ext_id"]) == ["u1"]
+    d2 = diff(job, "r2")
+    again = bodies(d2)
     assert again == {
-        "setProfileAttributes": [[{"extId": "u2", "profile": {"name": "Bob", "score": 20}}]],
-        "tagUsers": [{"tag": "vip", "extIds": ["u1"]}],
+        "enablePush": [{"extId": "u1"}],
+        "pushProfileAttributes": [[{"extId": "u1", "profile": {"visits": ["a", "b"]}}]],
+        "setCategoryPreferences": [[{"category": "News", "enable": False, "extId": "u1"}]],
+        "setProfileAttributes": [
+            [
+                {"extId": "u1", "profile": {"city": "Paris", "name": "Ada", "score": 10}},
+                {"extId": "u2", "profile": {"name": "Bob", "score": 20}},
+            ]
+        ],
+        "tagUsers": [{"tag": "gold", "extIds": ["u1"]}, {"tag": "vip", "extIds": ["u1"]}],
+        "updateEmail": [{"email": "ada@example.com", "extId": "u1"}],
     }
+    send(job, d2)
+    commit_run(job, d2)
+    assert bodies(diff(job, "r3")) == {}  # all confirmed: certain again, nothing to send
 
 
 @pytest.mark.parametrize(
@@ -322,11 +340,19 @@ def test_a_crashed_run_is_recovered_from_its_pending_delta(tmp_path: Path) -> No
     with Ledger.open(job.workdir / "ledger.sqlite") as ledger:
         info = ledger.run("r1")
         assert info is not None and info.status == "interrupted" and info.exit_code == 4
-    # The two confirmed batches (the opt-outs: category News off for u1, disablePush u2) are not sent again.
-    again = bodies(diff(job, "r2"))
-    assert "disablePush" not in again and len(again["setCategoryPreferences"]) == 1
-    assert again["setCategoryPreferences"][0][0]["enable"] is True
-    assert sum(len(v) for v in again.values()) == 9
+    # Every user had a batch never answered: the platform may hold any of it, so each is uncertain and gets
+    # every value again — the confirmed opt-outs (category News off for u1, disablePush u2) included, and an
+    # unset of what the export leaves empty (u2's city), as a full refresh of those users would.
+    frame = store.read(job.sources[0])
+    assert frame["__uncertain"].to_list() == [True, True, True]
+    d2 = diff(job, "r2")
+    again = bodies(d2)
+    assert again["disablePush"] == [{"extId": "u2"}] and len(again["setCategoryPreferences"]) == 2
+    assert {i["extId"] for i in again["setProfileAttributes"][0]} == {"u1", "u2", "u3"}
+    assert again["unsetProfileAttributes"] == [[{"extId": "u2", "profile": ["city"]}]]
+    send(job, d2)
+    commit_run(job, d2)
+    assert bodies(diff(job, "r3")) == {}  # confirmed: certain again
 
 
 def test_many_key_ranges_give_the_same_result_as_one(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -708,3 +734,67 @@ def test_a_commit_repeated_after_its_segment_was_written_changes_nothing(tmp_pat
     assert report.users_updated == {"users": 2} and report.rows == {"users": 101}
     assert store.read(source).equals(after) and store.rows(source) == 101
     assert state_rows(job)["user007"]["attr:name"] == "Seven"
+
+
+_UNCERTAIN_JOB = """\
+version: 1
+name: uncertain
+workdir: work
+mode: snapshot
+destination: {{platform: netmera, base_url: "{url}", secret: {{env: NETMERA_API_KEY}}}}
+sources:
+  - name: users
+    path: users.csv
+    ext_id: id
+    attributes:
+      name: {{type: string, on_null: unset}}
+    tags: {{column: segments}}
+dispatch:
+  retry: {{max_attempts: 1}}
+  request_timeout: 5
+"""
+
+
+async def test_a_change_that_landed_unconfirmed_is_undone_when_the_export_goes_back(
+    tmp_path: Path, netmera_sandbox_factory: Any
+) -> None:
+    """Export A, then B whose every request is applied but answered 500 (outcome unknown), then A again. The
+    state kept A (nothing confirmed), so the third diff found nothing to send and the platform kept B for good
+    (the audit: 9,035 of 20,000 users). Now B's users are uncertain: the third run sends A's every value and
+    removes B's tags, and a fourth run sends nothing (the users are certain again)."""
+    from sync.run import RunOptions, run
+    from sync.sandboxes._core import FaultSpec
+
+    sandbox = await netmera_sandbox_factory()
+    (tmp_path / "job.yaml").write_text(_UNCERTAIN_JOB.format(url=sandbox.url), encoding="utf-8")
+    users = tmp_path / "users.csv"
+
+    def export(name: str, tag: str, empty: set[int] = frozenset()) -> None:  # type: ignore[assignment]
+        rows = [f"u{i:02d},{'' if i in empty else f'{name}{i}'},{tag}" for i in range(20)]
+        users.write_text("id,name,segments\n" + "\n".join(rows) + "\n", encoding="utf-8")
+
+    def held(i: int) -> tuple[Any, list[str]]:
+        user = sandbox.sandbox.state.users.get(f"u{i:02d}")
+        profile = user.profile if user is not None else None
+        return (profile or {}).get("name"), sandbox.sandbox.state.tags_of(f"u{i:02d}")
+
+    job = load_job(tmp_path / "job.yaml")
+    export("A", "gold")
+    assert int((await run(job, RunOptions(api_key=sandbox.api_key))).exit_code) == 0
+    assert held(3) == ("A3", ["gold"])
+
+    export("B", "silver", empty={5})  # u05's name emptied: unset
+    sandbox.sandbox.configure(faults=FaultSpec(applied_then_500=1.0))
+    second = await run(job, RunOptions(api_key=sandbox.api_key))
+    assert int(second.exit_code) == 1  # every batch failed: applied, answered 500
+    assert held(3) == ("B3", ["gold", "silver"]) or held(3) == ("B3", ["silver"])
+    assert held(5)[0] is None
+
+    sandbox.sandbox.configure(faults=FaultSpec())
+    export("A", "gold")
+    third = await run(job, RunOptions(api_key=sandbox.api_key))
+    assert int(third.exit_code) == 0
+    for i in range(20):
+        assert held(i) == (f"A{i}", ["gold"]), i
+    fourth = await run(job, RunOptions(api_key=sandbox.api_key))
+    assert int(fourth.exit_code) == 0 and fourth.summary.requests == 0

@@ -283,7 +283,9 @@ def _print_state(args: argparse.Namespace, job: Any, store: Any, where: str, pen
             schema = state_schema(source, settings)
             lazy = store.scan(source, settings)  # the base file with the overlay segments laid over it
             present = set(lazy.collect_schema().names())
-            names = [n for n in schema if n in present and n not in ("__key", "__ext_id", TAGS)]
+            names = [
+                n for n in schema if n in present and n not in ("__key", "__ext_id", "__uncertain", TAGS)
+            ]
             if names:
                 counts = lazy.select([pl.col(n).is_not_null().sum().alias(n) for n in names]).collect().row(0)
                 info["fields"] = dict(zip(names, counts, strict=True))

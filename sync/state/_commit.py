@@ -28,6 +28,7 @@ from sync.state._store import (
     OK_DELETE,
     SEQ,
     TAGS,
+    UNCERTAIN,
     UNSET,
     FieldKind,
     StateStore,
@@ -47,17 +48,19 @@ def apply_confirmed(
     delta: pl.DataFrame,
     confirmations: pl.DataFrame,
     settings: SnapshotSettings | None = None,
+    attempted: pl.DataFrame | None = None,
 ) -> pl.DataFrame:
     """The new state of one key range: ``state`` with the confirmed part of ``delta`` applied.
 
     ``confirmations`` has one row per confirmed item: ``__ext_id``, ``op`` (an :class:`Operation` value),
     ``phase`` (int) and ``group`` (the tag for tag/untag, else empty). A value moves into the state only when the
-    operation that carries it is confirmed for that user; everything else keeps its old state. Idempotent.
+    operation that carries it is confirmed for that user; everything else keeps its old state. ``attempted``
+    (the same columns): items sent whose outcome is unknown — see :func:`changed_rows`. Idempotent.
     """
     settings = settings or SnapshotSettings()
     schema = state_schema(source, settings)
     st = conform(state, schema)
-    changed = changed_rows(source, st, delta, confirmations, settings)
+    changed = changed_rows(source, st, delta, confirmations, settings, attempted)
     if changed.is_empty():
         return st
     return overlay(st, [changed], schema)
@@ -69,15 +72,37 @@ def changed_rows(
     delta: pl.DataFrame,
     confirmations: pl.DataFrame,
     settings: SnapshotSettings | None = None,
+    attempted: pl.DataFrame | None = None,
 ) -> pl.DataFrame:
-    """The new whole state rows of the users ``confirmations`` name (``state`` must hold at least their rows,
-    if they have one), with :data:`DELETED` set for a confirmed deletion; canonical order. Idempotent."""
+    """The new whole state rows of the users ``confirmations`` or ``attempted`` name (``state`` must hold at
+    least their rows, if they have one), with :data:`DELETED` set for a confirmed deletion; canonical order.
+
+    ``attempted``: items sent whose outcome is unknown (a batch failed after every retry, or was in flight when
+    the run died). The platform may hold them or not, so the user's row is marked :data:`UNCERTAIN` and holds
+    what was sent — but for a tag removal or a deletion, which it does not apply: the next diff then sends every
+    value of the export for the user, and removes what the row holds and the export does not (the tags added, a
+    value set, a tag whose removal was not confirmed). Without it a change that landed unconfirmed stayed on the
+    platform once the export went back to the confirmed value: the diff saw nothing to send. A user all of
+    whose items are confirmed is certain again. Idempotent."""
     settings = settings or SnapshotSettings()
     fields = managed_fields(source, settings)
     schema = state_schema(source, settings)
     st = conform(state, schema)
     out_schema = {**schema, DELETED: pl.Boolean}
-    if delta.is_empty() or confirmations.is_empty():
+    items = confirmations.with_columns(pl.lit(False).alias("__unc"))
+    if attempted is not None and attempted.height:
+        kept = pl.col("op").is_in([Operation.UNTAG.value, Operation.DELETE_USERS.value])
+        items = pl.concat(
+            [
+                items,
+                attempted.with_columns(
+                    pl.when(kept).then(pl.lit("unknown")).otherwise(pl.col("op")).alias("op"),
+                    pl.lit(True).alias("__unc"),
+                ),
+            ],
+            how="vertical_relaxed",
+        )
+    if delta.is_empty() or items.is_empty():
         return pl.DataFrame(schema=out_schema)
     names = sorted(
         {flag_name(*f.on) for f in fields} | {flag_name(*f.off) for f in fields if f.off} | {OK_DELETE}
@@ -85,12 +110,13 @@ def changed_rows(
     op, group = pl.col("op"), pl.col("group")
     flag = pl.format("ok:{}:{}", op, pl.col("phase").cast(pl.String))
     conf = (
-        confirmations.with_columns(flag.alias("__flag"))
+        items.with_columns(flag.alias("__flag"))
         .group_by(EXT_ID)
         .agg(
             *[(pl.col("__flag") == n).any().alias(n) for n in names],
             group.filter(op == Operation.TAG.value).alias("__conf_added"),
             group.filter(op == Operation.UNTAG.value).alias("__conf_removed"),
+            pl.col("__unc").any().alias("__unc_now"),
         )
     )
     d = delta.rename({c: f"d:{c}" for c in delta.columns if c not in (KEY, EXT_ID)}).join(
@@ -135,6 +161,7 @@ def changed_rows(
         tags = pl.concat_list([pl.col(TAGS).fill_null(empty_list()), added]).list.set_difference(removed)
         untouched = pl.col("__conf_added").is_null() & pl.col("__conf_removed").is_null()
         new.append(pl.when(untouched).then(pl.col(TAGS)).otherwise(tags.list.sort()).alias(TAGS))
+    new.append(pl.col("__unc_now").fill_null(False).alias(UNCERTAIN))
     deleted = ok((Operation.DELETE_USERS, Phase.DELETIONS)).alias(DELETED)
     return j.select(pl.col(KEY), pl.col(EXT_ID), *new, deleted).select(list(out_schema)).sort([KEY, EXT_ID])
 
@@ -183,10 +210,34 @@ def _with_seqs(batches: pl.DataFrame, parts: Iterable[pl.DataFrame]) -> pl.DataF
     return batches.join(first, on="b", how="inner").join(last, on="b", how="inner")
 
 
+_CONFIRMED = (BatchStatus.OK.value, BatchStatus.REJECTED.value)
+
+
+def _counted(row: Any) -> bool:
+    """Whether a batch row keeps its status for the commit: a failed batch whose last answer refused it (a 4xx
+    but 408: the key, the request, the rate) was not applied — as if never sent; one that got no answer, or a
+    5xx (which may come after the change was applied), has an unknown outcome."""
+    if row.status is not BatchStatus.FAILED or row.http_status is None:
+        return True
+    return int(row.http_status) >= 500 or int(row.http_status) == 408
+
+
+_UNKNOWN = (BatchStatus.SENT.value, BatchStatus.FAILED.value)
+"""The batches whose outcome is unknown: sent without an answer (in flight when the run died), or failed after
+every retry (a 500, no answer). A batch the ledger still holds as planned was not sent — but for the last
+moments of a run killed before its ledger flushed the send (its flush interval, 50 ms)."""
+
+
 def _confirmations(
-    source: Source, delta: pl.DataFrame, batches: pl.DataFrame, refused: pl.DataFrame, builder: Any
+    source: Source,
+    delta: pl.DataFrame,
+    batches: pl.DataFrame,
+    refused: pl.DataFrame,
+    builder: Any,
+    statuses: Sequence[str] = _CONFIRMED,
 ) -> pl.DataFrame:
-    """One row per (user, operation, phase, group) of ``delta`` whose batch the platform confirmed.
+    """One row per (user, operation, phase, group) of ``delta`` whose batch the platform confirmed (or, with
+    other ``statuses``, whose batch ended so: the attempts of unknown outcome).
 
     ``batches``: the run's batch map with ``first``/``last`` positions and the ledger ``status``; a batch's
     stream and group plus the positions of its first and last ID identify exactly the delta rows it carried.
@@ -210,7 +261,7 @@ def _confirmations(
         hit = rows.join_asof(
             carried, left_on=SEQ, right_on="first", by="group", strategy="backward", check_sortedness=False
         ).filter(pl.col("b").is_not_null() & (pl.col(SEQ) <= pl.col("last")))
-        hit = hit.filter(pl.col("status").is_in([BatchStatus.OK.value, BatchStatus.REJECTED.value]))
+        hit = hit.filter(pl.col("status").is_in(list(statuses)))
         hit = hit.join(refused, left_on=["b", EXT_ID], right_on=["batch_id", "ext_id"], how="anti")
         out.append(
             hit.select(
@@ -222,6 +273,17 @@ def _confirmations(
         )
     schema = {EXT_ID: pl.String, "op": pl.String, "phase": pl.Int64, "group": pl.String}
     return pl.concat(out) if out else pl.DataFrame(schema=schema)
+
+
+def _attempted(
+    source: Source, delta: pl.DataFrame, batches: pl.DataFrame, refused: pl.DataFrame, builder: Any
+) -> pl.DataFrame:
+    """The items of ``delta`` sent in batches of unknown outcome (:data:`_UNKNOWN`); none read when the run had
+    no such batch (the usual case: the streams' selection is not made twice)."""
+    if not batches.get_column("status").is_in(list(_UNKNOWN)).any():
+        schema = {EXT_ID: pl.String, "op": pl.String, "phase": pl.Int64, "group": pl.String}
+        return pl.DataFrame(schema=schema)
+    return _confirmations(source, delta, batches, refused, builder, _UNKNOWN)
 
 
 @dataclass(frozen=True, slots=True)
@@ -259,13 +321,17 @@ def commit(
     # Only the confirmed batches (ok, or rejected: every ID not refused went through) are looked up: a first
     # load makes hundreds of thousands of batches, and a record object for each costs more than the merge.
     ok = list(ledger.confirmed_ok(run_id))
-    rejected = [r.batch_id for r in ledger.batches(run_id, status=BatchStatus.REJECTED)]
+    # And the batches whose outcome is unknown (sent without an answer, or failed after every retry): their
+    # users' rows are marked uncertain (changed_rows). A batch still "planned" was never sent.
+    others = {
+        status: [r.batch_id for r in ledger.batches(run_id, status=status) if _counted(r)]
+        for status in (BatchStatus.REJECTED, BatchStatus.SENT, BatchStatus.FAILED)
+    }
+    ids = ok + [b for batch_ids in others.values() for b in batch_ids]
+    labels = [BatchStatus.OK.value] * len(ok)
+    labels += [status.value for status, batch_ids in others.items() for _ in batch_ids]
     statuses = pl.DataFrame(
-        {
-            "b": ok + rejected,
-            "status": [BatchStatus.OK.value] * len(ok) + [BatchStatus.REJECTED.value] * len(rejected),
-        },
-        schema={"b": pl.String, "status": pl.String},
+        {"b": ids, "status": labels}, schema={"b": pl.String, "status": pl.String}
     ).unique("b")
     all_batches = _batch_map(directory)
     refused_rows = ledger.refused_ids(run_id)
@@ -288,14 +354,15 @@ def commit(
             .join(statuses, on="b", how="left")
             .with_columns(pl.col("status").fill_null(BatchStatus.PLANNED.value))
         )
-        good = batches.filter(pl.col("status").is_in([BatchStatus.OK.value, BatchStatus.REJECTED.value]))
+        good = batches.filter(pl.col("status").is_in(list(_CONFIRMED)))
         confirmed_total += good.height
         unconfirmed_total += batches.height - good.height
-        if good.is_empty():
+        if batches.is_empty():
             rows[name] = store.rows(source)
             updated[name] = 0
             continue
-        batches = _with_seqs(good, (pl.read_parquet(p, columns=[EXT_ID, SEQ]) for p in parts.values()))
+        # Every batch, the unconfirmed too: their users' rows are marked uncertain (changed_rows).
+        batches = _with_seqs(batches, (pl.read_parquet(p, columns=[EXT_ID, SEQ]) for p in parts.values()))
         # The state rows the diff read for the delta's users, when the state has not been written since.
         captured = info.get("state_version") is not None and info["state_version"] == store.version(source)
         updated[name], rows[name] = _merge(
@@ -349,9 +416,10 @@ def _merge(
         lo, hi = key_range(chunk[0], bits)[0], key_range(chunk[-1], bits)[1]
         done, chunk = chunk, []
         conf = _confirmations(source, delta, batches, refused, builder)
-        if conf.is_empty():
+        attempted = _attempted(source, delta, batches, refused, builder)
+        if conf.is_empty() and attempted.is_empty():
             continue
-        ids = conf.get_column(EXT_ID).unique()
+        ids = pl.concat([conf.get_column(EXT_ID), attempted.get_column(EXT_ID)]).unique()
         if captured:
             kept = [parts[c].with_name(parts[c].stem + ".state.parquet") for c in done]
             before = conform(
@@ -360,7 +428,7 @@ def _merge(
             ).join(ids.to_frame(EXT_ID), on=EXT_ID, how="semi")
         else:
             before = store.users(source, lo, hi, ids, settings)
-        changed = changed_rows(source, before, delta, conf, settings)
+        changed = changed_rows(source, before, delta, conf, settings, attempted)
         existed = changed.get_column(EXT_ID).is_in(before.get_column(EXT_ID).implode())
         gone = changed.get_column(DELETED)
         added += int((~existed & ~gone).sum())
@@ -398,8 +466,9 @@ def _merged_ranges(
             continue
         delta = conform_delta(source, pl.read_parquet(parts[r]))
         conf = _confirmations(source, delta, batches, refused, builder)
-        counter[0] += conf.select(pl.col(EXT_ID).n_unique()).item()
-        yield apply_confirmed(source, state, delta, conf, settings)
+        attempted = _attempted(source, delta, batches, refused, builder)
+        counter[0] += pl.concat([conf.get_column(EXT_ID), attempted.get_column(EXT_ID)]).n_unique()
+        yield apply_confirmed(source, state, delta, conf, settings, attempted)
 
 
 def recover(

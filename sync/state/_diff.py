@@ -16,6 +16,7 @@ from sync.state._store import (
     TAGS,
     TAGS_ADDED,
     TAGS_REMOVED,
+    UNCERTAIN,
     UNSET,
     FieldKind,
     Layers,
@@ -115,6 +116,9 @@ def _signatures(source: Source, settings: SnapshotSettings) -> tuple[pl.Expr, pl
         tags = pl.concat_list([pl.col(c).fill_null(empty_list()) for c in tag_cols])
         current.append(_fingerprint(tags, True))
         state.append(_fingerprint(pl.col(TAGS), True))
+    # An uncertain state row never matches: its user goes to the exact comparison, which sends every value.
+    current.append(pl.lit(0, pl.UInt64))
+    state.append(pl.col(UNCERTAIN).fill_null(False).cast(pl.UInt64))
 
     def combine(hashes: list[pl.Expr]) -> pl.Expr:
         acc = hashes[0]
@@ -303,6 +307,8 @@ def _diff_exact(
         lazy = lazy.with_columns(pl.lit(None, pl.Boolean).alias("__held"))
     present = pl.col(FILE).is_not_null()
     known = pl.col("__known").fill_null(False)
+    # A user whose last requests' outcome is unknown: every value of the export is sent, equal or not.
+    uncertain = pl.col(f"s:{UNCERTAIN}").fill_null(False)
     # Missing from the export because its row was rejected is not "left the export": the user keeps their state.
     absent_held = ~present & pl.col("__held").fill_null(False)
 
@@ -311,12 +317,12 @@ def _diff_exact(
     for f in fields:
         c, s = pl.col(f"c:{f.name}"), pl.col(f"s:{f.name}")
         if f.kind in (FieldKind.APPEND, FieldKind.REMOVE):
-            new = c.list.set_difference(s.fill_null(empty_list()))
+            new = pl.when(uncertain).then(c).otherwise(c.list.set_difference(s.fill_null(empty_list())))
             out[f.column] = pl.when(present & c.is_not_null()).then(none_if_empty(new))
             continue
-        out[f.column] = pl.when(present & c.is_not_null() & c.ne_missing(s)).then(c)
+        out[f.column] = pl.when(present & c.is_not_null() & (c.ne_missing(s) | uncertain)).then(c)
         if f.kind is FieldKind.SET and f.unset:
-            in_state = s.is_not_null() | pl.lit(full_refresh)
+            in_state = s.is_not_null() | pl.lit(full_refresh) | uncertain
             unset_names.append(pl.when(present & c.is_null() & in_state).then(pl.lit(f.attribute)))
     out[UNSET] = (
         none_if_empty(pl.concat_list(unset_names).list.drop_nulls())
@@ -326,7 +332,8 @@ def _diff_exact(
     leaver = ~present & ~pl.col("__held").fill_null(False) & pl.lit(not hold_removals)
     if tag_cols:
         ct, stt = pl.col(f"c:{TAGS}"), pl.col(f"s:{TAGS}").fill_null(empty_list())
-        out[TAGS_ADDED] = pl.when(present).then(none_if_empty(ct.list.set_difference(stt)))
+        added = pl.when(uncertain).then(ct).otherwise(ct.list.set_difference(stt))
+        out[TAGS_ADDED] = pl.when(present).then(none_if_empty(added))
         gone = none_if_empty(stt.list.set_difference(ct))
         if settings.removal is RemovalAction.UNTAG:
             out[TAGS_REMOVED] = pl.when(present).then(gone).when(leaver).then(none_if_empty(stt))

@@ -54,6 +54,12 @@ ROW_GROUP_ROWS = 32_768
 """Rows per Parquet row group of the state file: small, so a key range reads few rows it does not need."""
 DELETED = "__deleted"
 """In an overlay segment: the user was deleted (a tombstone; the row's other values mean nothing)."""
+UNCERTAIN = "__uncertain"
+"""The platform may hold something else than the row says: a request for the user went out and its outcome is
+unknown (a 500 after every retry, no answer, a run killed with it in flight). The row holds what was sent (but a
+tag removal, or a deletion, which it keeps as before); the next diff sends the export's every value for the user,
+equal or not, and the removals of what the row holds and the export does not (:mod:`sync.state._diff`), until a
+run confirms them."""
 COMPACT_SHARE = 0.10
 """Overlay rows (summed over segments) above this share of the base's rows make the commit fold them into the
 base: the diff reads at most this much more than the state, and a full rewrite comes once every
@@ -192,6 +198,7 @@ def state_schema(source: Source, settings: SnapshotSettings | None = None) -> di
         schema[f.name] = f.dtype
     if tag_columns(source):
         schema[TAGS] = pl.List(pl.String)
+    schema[UNCERTAIN] = pl.Boolean  # null (a state written before it existed) is False
     return schema
 
 
