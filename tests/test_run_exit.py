@@ -219,3 +219,33 @@ def test_only_a_run_process_loads_ca_certificates_when_a_tls_context_is_used(
     )
     assert done.returncode == 0, done.stderr
     assert done.stdout.split() == ["False", str(deferred)]
+
+
+def test_sigterm_before_a_command_handles_signals_is_exit_4_with_one_line(tmp_path: Path) -> None:
+    """A scheduler's SIGTERM while pushsync starts, or while a command without handlers of its own reads
+    (``validate`` blocked on a job file that is a FIFO here): exit 4 and "pushsync: interrupted", as docs/run.md
+    says of a signal — not the default termination (exit 143, -15 to Python, nothing said)."""
+    import signal
+    import time
+
+    fifo = tmp_path / "job.yaml"
+    os.mkfifo(fifo)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "sync", "validate", str(fifo)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        # Until it blocks opening the FIFO (no writer): the kernel's wait for the other end.
+        wchan = Path(f"/proc/{process.pid}/wchan")
+        deadline = time.monotonic() + 60
+        while "partner" not in wchan.read_text():
+            assert process.poll() is None and time.monotonic() < deadline, "never blocked on the FIFO"
+            time.sleep(0.05)
+        process.send_signal(signal.SIGTERM)
+        _out, err = process.communicate(timeout=30)
+    finally:
+        process.kill()
+    assert process.returncode == 4, err
+    assert err.strip() == "pushsync: interrupted"

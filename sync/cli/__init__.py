@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import signal
 import sys
 from collections.abc import Sequence
 from typing import Any, NoReturn
@@ -163,11 +164,19 @@ def entry() -> NoReturn:
     its summary (0.3 s and more of wall time on a core shared with other work), in the wall time of every run.
     The run has closed its ledger, rejects file and connections by then, and printed its summary.
     """
+    # SIGTERM as SIGINT until a command installs its own handlers (run, plan, sandbox): a scheduler stopping
+    # pushsync while it starts, or while `validate` or `report` reads, gets exit 4 and one line, as docs/run.md
+    # says — not the default termination (exit 143, nothing said) — and the files being written are cleaned up.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     argv = sys.argv[1:]
     if _command(argv) in _QUICK_EXIT:
         _collect_less()
         _load_certificates_when_used()
-    code = main(argv)
+    try:
+        code = main(argv)
+    except KeyboardInterrupt:  # while the command's module was imported, before main's own handling
+        print("pushsync: interrupted", file=sys.stderr)
+        code = int(ExitCode.INTERRUPTED)
     if _command(argv) in _QUICK_EXIT:
         exit_now(code)
     sys.exit(code)
