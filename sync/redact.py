@@ -66,36 +66,38 @@ _SECRET_SEGMENT = 16
 the names around them (``services``, ``webhooks``, ``webhookb2``) shorter."""
 
 
-def register_url(url: str, *, secret_path: bool = False) -> None:
-    """Register what is secret in ``url`` (a database URL, a webhook): the URL itself where it appears whole;
-    its password (as written and percent-decoded) and the value of every query parameter named like a
-    credential (``password=``, ``access_token=``, ``key=``, ``sig=``...), in pieces too. ``secret_path`` (a
-    webhook, whose path is its key): its path where it appears whole, and each path segment of
+def register_url(url: str, *, secret_path: bool = False) -> tuple[str, ...]:
+    """Register what is secret in ``url`` (a database URL, a webhook) and return it, the URL first: the URL itself
+    where it appears whole; its password (as written and percent-decoded) and the value of every query parameter
+    named like a credential (``password=``, ``access_token=``, ``key=``, ``sig=``...), in pieces too.
+    ``secret_path`` (a webhook, whose path is its key): its path where it appears whole, and each path segment of
     :data:`_SECRET_SEGMENT` characters or more in pieces too. Its scheme, host, port, user and database are no
     secret: registered in pieces, they had every platform answer that says ``https://``, ``127.0.0.1:5`` or
     ``customers`` masked there. A URL that does not parse keeps its password in pieces if one can be told apart
-    (``user:password@``, no query), else is registered whole, pieces included."""
+    (``user:password@``); with none, or a query that may hold one, the whole URL is registered in pieces too."""
+    keys: list[str] = []
     try:
         parts = urllib.parse.urlsplit(url)
-        password = parts.password
-        query = urllib.parse.parse_qsl(parts.query, keep_blank_values=True)
+        keys.append(parts.password or "")
+        keys += [value for name, value in urllib.parse.parse_qsl(parts.query) if _is_credential(name)]
+        whole = False
+        if secret_path:
+            register_secret(parts.path, pieces=False)  # quoted without its scheme and host
+            keys += [segment for segment in parts.path.split("/") if len(segment) >= _SECRET_SEGMENT]
     except ValueError:
         # Not a URL urllib reads (``[::1`` for a host): its password told the way libpq reads it, between the
-        # scheme's user and the last "@"; with none to tell (or a query that may hold one), all of it.
+        # scheme's user and the last "@".
         userinfo = url.split("://", 1)[-1].rsplit("@", 1)
-        if len(userinfo) < 2 or ":" not in userinfo[0] or "?" in userinfo[1]:
-            register_secret(url)
-            return
-        password, query = userinfo[0].split(":", 1)[1], []
-    register_secret(url, pieces=False)
-    keys = [password or ""]
-    keys += [value for name, value in query if _is_credential(name)]
-    if secret_path:
-        register_secret(parts.path, pieces=False)  # quoted without its scheme and host
-        keys += [segment for segment in parts.path.split("/") if len(segment) >= _SECRET_SEGMENT]
+        if len(userinfo) == 2 and ":" in userinfo[0]:
+            keys.append(userinfo[0].split(":", 1)[1])
+        whole = not keys or "?" in userinfo[-1]
+    register_secret(url, pieces=whole)
+    out = [url]
     for key in keys:
-        register_secret(key)
-        register_secret(urllib.parse.unquote(key))
+        for form in (key, urllib.parse.unquote(key)):
+            register_secret(form)
+            out.append(form)
+    return tuple(dict.fromkeys(s for s in out if s))
 
 
 def redact(text: str) -> str:

@@ -94,10 +94,13 @@ def _job_of_run(args: argparse.Namespace) -> Path:
         if row and row[0]:
             return Path(row[0])
         raise StateError(f"no run {args.run_id} found in the coordination database: give --job JOB")
+    from sync.ledger.ledger import connect_read_only
+
     for path in _ledger_candidates(args):
-        if not path.exists():
+        try:
+            conn = connect_read_only(path)  # a ledger in a read-only folder too
+        except StateError:
             continue
-        conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
         try:
             row = conn.execute("SELECT job_path FROM runs WHERE run_id = ?", (args.run_id,)).fetchone()
         except sqlite3.DatabaseError:

@@ -95,9 +95,7 @@ def _resolve(source: Source) -> _Target:
     # environment or a file may hold credentials in any form: all of it is masked where it appears whole, its
     # password (and a credential parameter's value) in pieces too — not its host or database, whose
     # 8-character runs would be masked in every platform answer naming them (sync.redact.register_url).
-    secrets = () if ref.url else _secrets_of(url)
-    if not ref.url:
-        register_url(url)
+    secrets = () if ref.url else register_url(url)
     kind = database_kind(url)
     if kind is None:
         raise BadInputError(
@@ -116,24 +114,6 @@ def _resolve(source: Source) -> _Target:
     if not path.is_absolute():
         path = Path(ref.base) / path
     return _Target(kind, url, f"{kind.value} file {path}", path, origin, secrets)
-
-
-def _secrets_of(url: str) -> tuple[str, ...]:
-    """The URL and every form of its password, to mask wherever they could be printed."""
-    out = [url]
-    try:
-        parts = urllib.parse.urlsplit(url)
-        passwords = [parts.password or ""]
-        passwords += [v for k, v in urllib.parse.parse_qsl(parts.query) if k.lower() == "password"]
-    except ValueError:
-        passwords = []
-        head = url.split("://", 1)[-1].rsplit("@", 1)
-        if len(head) == 2 and ":" in head[0]:
-            passwords.append(head[0].split(":", 1)[1])
-    for password in passwords:
-        if password:
-            out += [password, urllib.parse.unquote(password)]
-    return tuple(dict.fromkeys(out))
 
 
 def _postgres_target(url: str, label: str, origin: str, secrets: tuple[str, ...]) -> _Target:

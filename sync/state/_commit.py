@@ -211,6 +211,8 @@ def _with_seqs(batches: pl.DataFrame, parts: Iterable[pl.DataFrame]) -> pl.DataF
 
 
 _CONFIRMED = (BatchStatus.OK.value, BatchStatus.REJECTED.value)
+_ITEMS: dict[str, Any] = {EXT_ID: pl.String, "op": pl.String, "phase": pl.Int64, "group": pl.String}
+"""The columns of :func:`_confirmations`' items (and of an empty set of them)."""
 
 
 def _counted(row: Any) -> bool:
@@ -271,8 +273,7 @@ def _confirmations(
                 "group",
             )
         )
-    schema = {EXT_ID: pl.String, "op": pl.String, "phase": pl.Int64, "group": pl.String}
-    return pl.concat(out) if out else pl.DataFrame(schema=schema)
+    return pl.concat(out) if out else pl.DataFrame(schema=_ITEMS)
 
 
 def _attempted(
@@ -281,8 +282,7 @@ def _attempted(
     """The items of ``delta`` sent in batches of unknown outcome (:data:`_UNKNOWN`); none read when the run had
     no such batch (the usual case: the streams' selection is not made twice)."""
     if not batches.get_column("status").is_in(list(_UNKNOWN)).any():
-        schema = {EXT_ID: pl.String, "op": pl.String, "phase": pl.Int64, "group": pl.String}
-        return pl.DataFrame(schema=schema)
+        return pl.DataFrame(schema=_ITEMS)
     return _confirmations(source, delta, batches, refused, builder, _UNKNOWN)
 
 
