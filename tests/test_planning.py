@@ -312,6 +312,35 @@ def test_close_removes_the_staging_directory(fixture_job: Job) -> None:
     assert (fixture_job.workdir / "rejects.csv").is_file()  # the rejects file stays for the user
 
 
+@pytest.mark.parametrize("where", ["mkdir", "open"])
+def test_an_interrupt_as_the_staging_directory_is_made_leaves_nothing_behind(
+    fixture_job: Job, monkeypatch: pytest.MonkeyPatch, where: str
+) -> None:
+    # A scheduler's SIGTERM (taken as Ctrl-C) sent as the staging directory appears: the interpreter raises
+    # KeyboardInterrupt right after the call that made it returns. tempfile.mkdtemp had not yet named the
+    # directory to build_plan then, and an interrupted plan left its plan-* behind (3 times in about 80 runs of the
+    # SIGTERM test in tests/test_cli_plan.py on a loaded machine).
+    import os
+
+    real = getattr(os, where)
+
+    def then_interrupt(path: Any, *args: Any, **kwargs: Any) -> Any:
+        made = real(path, *args, **kwargs)
+        if where == "mkdir" and Path(path).name.startswith("plan-"):
+            raise KeyboardInterrupt
+        if where == "open" and Path(path).name == ".in-use":
+            os.close(made)  # as the process's exit would
+            raise KeyboardInterrupt
+        return made
+
+    fixture_job.workdir.mkdir(parents=True, exist_ok=True)
+    monkeypatch.setattr(os, where, then_interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        build_plan(fixture_job)
+    monkeypatch.undo()
+    assert not list(fixture_job.workdir.glob("plan-*"))
+
+
 # --- staging: sorted chunks, key-range buckets, lazy settling -------------------------------------------------
 
 

@@ -78,6 +78,29 @@ def test_exit_now_waits_for_a_non_daemon_thread_like_a_normal_exit() -> None:
     assert "thread done" in done.stdout.splitlines()
 
 
+def test_exit_now_waits_for_an_executor_left_open_and_still_skips_the_teardown() -> None:
+    # An executor never shut down (its idle worker is a non-daemon thread) with a task still running: exit_now
+    # waits for the task as a normal exit does — threading's own shutdown — and still skips the teardown. It
+    # used to fall back to a normal exit whenever such a thread was alive, and the teardown's C++ destructors
+    # then met Arrow's thread pools at work (an interrupted plan: SIGABRT after "interrupted").
+    done = _python(
+        """
+        import time
+        from concurrent.futures import ThreadPoolExecutor
+
+        def work():
+            time.sleep(0.1)
+            sys.stdout.write("task done\\n")
+
+        pool = ThreadPoolExecutor(1)
+        pool.submit(work)
+        exit_now(1)
+        """
+    )
+    assert done.returncode == 1, done.stderr
+    assert done.stdout.splitlines() == ["task done", "atexit ran"]
+
+
 def test_python_m_sync_run_ends_through_exit_now(tmp_path: Path) -> None:
     # `python -m sync run` (and the `pushsync` script) end with exit_now: a job that fails its checks still
     # prints its error and exits 2, and the interpreter's teardown does not run (a finaliser registered by a
@@ -106,10 +129,11 @@ def test_python_m_sync_run_ends_through_exit_now(tmp_path: Path) -> None:
             check=False,
         )
 
-    run = command("run")
-    assert run.returncode == 2
-    assert "pushsync: error" in run.stderr
-    assert "teardown ran" not in run.stderr
+    for name in ("run", "plan"):
+        run = command(name)
+        assert run.returncode == 2
+        assert "pushsync: error" in run.stderr
+        assert "teardown ran" not in run.stderr, name
     # The same process for another command (validate) ends normally: the teardown runs.
     other = command("validate")
     assert other.returncode == 2
@@ -230,11 +254,22 @@ def test_sigterm_before_a_command_handles_signals_is_exit_4_with_one_line(tmp_pa
 
     fifo = tmp_path / "job.yaml"
     os.mkfifo(fifo)
+    # An interrupted command ends through exit_now (no teardown: see sync.cli.exit_now), told by a finaliser.
+    (tmp_path / "sitecustomize.py").write_text(
+        "import os\n"
+        "class Teardown:\n"
+        "    def __del__(self):\n"
+        "        os.write(2, b'teardown ran\\n')\n"
+        "kept = Teardown()\n",
+        encoding="utf-8",
+    )
+    env = {**os.environ, "PYTHONPATH": f"{tmp_path}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     process = subprocess.Popen(
         [sys.executable, "-m", "sync", "validate", str(fifo)],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        env=env,
     )
     try:
         # Until it blocks opening the FIFO (no writer): the kernel's wait for the other end.

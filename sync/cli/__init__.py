@@ -37,9 +37,10 @@ _COMMAND_MODULES = (
 _ALONE = {"run": "sync.cli.run_cmd", "plan": "sync.cli.plan_cmd", "validate": "sync.cli.plan_cmd"}
 """Commands whose parser :func:`main` builds with their own module's only: every module's parsers cost a run's
 start-up what it does not use (``init`` and ``sandbox`` list every platform, which imports each of them)."""
-_QUICK_EXIT = frozenset({"run"})
+_QUICK_EXIT = frozenset({"run", "plan"})
 """Commands after which :func:`entry` ends the process at once (:func:`exit_now`): everything they owe the user
-is written and closed when :func:`main` returns, so the interpreter's teardown is only a delay."""
+is written and closed when :func:`main` returns, so the interpreter's teardown is only a delay. Any command
+interrupted (exit 4) ends so too: its native libraries' threads may still be at work (see :func:`exit_now`)."""
 _GLOBAL_FLAGS = ("--log-json",)
 _GLOBAL_OPTIONS = ("--log-level",)  # take a value
 
@@ -159,17 +160,18 @@ def main(argv: Sequence[str] | None = None) -> int:
 def entry() -> NoReturn:
     """The ``pushsync`` executable and ``python -m sync``: :func:`main` on the process's arguments, then the exit.
 
-    After ``run`` the process ends at once (:func:`exit_now`) instead of through the interpreter's teardown,
-    which frees every module, object and buffer one by one: about 0.1 s of CPU after the run's last answer and
-    its summary (0.3 s and more of wall time on a core shared with other work), in the wall time of every run.
-    The run has closed its ledger, rejects file and connections by then, and printed its summary.
+    After ``run`` and ``plan`` (:data:`_QUICK_EXIT`), and after any command interrupted, the process ends at once
+    (:func:`exit_now`) instead of through the interpreter's teardown, which frees every module, object and
+    buffer one by one: about 0.1 s of CPU after the run's last answer and its summary (0.3 s and more of wall
+    time on a core shared with other work), in the wall time of every run. The run has closed its ledger,
+    rejects file and connections by then, and printed its summary.
     """
     # SIGTERM as SIGINT until a command installs its own handlers (run, plan, sandbox): a scheduler stopping
     # pushsync while it starts, or while `validate` or `report` reads, gets exit 4 and one line, as docs/run.md
     # says — not the default termination (exit 143, nothing said) — and the files being written are cleaned up.
     signal.signal(signal.SIGTERM, signal.default_int_handler)
     argv = sys.argv[1:]
-    if _command(argv) in _QUICK_EXIT:
+    if _command(argv) == "run":
         _collect_less()
         _load_certificates_when_used()
     try:
@@ -177,7 +179,7 @@ def entry() -> NoReturn:
     except KeyboardInterrupt:  # while the command's module was imported, before main's own handling
         print("pushsync: interrupted", file=sys.stderr)
         code = int(ExitCode.INTERRUPTED)
-    if _command(argv) in _QUICK_EXIT:
+    if _command(argv) in _QUICK_EXIT or code == ExitCode.INTERRUPTED:
         exit_now(code)
     sys.exit(code)
 
@@ -217,17 +219,23 @@ def _load_certificates_when_used() -> None:
 def exit_now(code: int) -> NoReturn:
     """End the process with ``code`` without the interpreter's teardown, once nothing else is owed.
 
-    What the teardown does that matters still happens: the ``atexit`` handlers run (logging's flush, temporary
-    directories, coverage), then ``stdout`` and ``stderr`` are flushed. A non-daemon thread still running would
-    be waited for by a normal exit: then this is one (``sys.exit``), so no thread's work is cut short; so is an
-    output that cannot be written (a full disk), which the interpreter reports as it always does."""
+    What the teardown does that matters still happens, in its order: the non-daemon threads are waited for as a
+    normal exit waits for them (``threading``'s own shutdown: its exit hooks — idle executor workers told to
+    stop — then every such thread joined), the ``atexit`` handlers run (logging's flush, temporary
+    directories, coverage), then ``stdout`` and ``stderr`` are flushed. What is skipped is the freeing of every
+    module and object, and the C++ static destructors of the native libraries: torn down while a native thread
+    was still at work (a read-ahead an interrupted read left in Arrow's thread pools), they ended an interrupted
+    ``pushsync plan`` with ``terminate called without an active exception`` (SIGABRT) after it had said
+    "interrupted". An output that cannot be written (a full disk) is left to a normal exit, which reports it as
+    it always does."""
     import atexit
     import os
     import threading
 
-    main_thread = threading.main_thread()
-    if any(t is not main_thread and not t.daemon and t.is_alive() for t in threading.enumerate()):
+    shutdown = getattr(threading, "_shutdown", None)  # what the interpreter's exit calls first (CPython)
+    if shutdown is None or threading.current_thread() is not threading.main_thread():
         sys.exit(code)
+    shutdown()
     atexit._run_exitfuncs()  # each handler once: they are unregistered as they run
     for stream in (sys.stdout, sys.stderr):
         try:

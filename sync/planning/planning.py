@@ -33,6 +33,7 @@ import itertools
 import math
 import os
 import queue
+import secrets
 import shutil
 import tempfile
 import threading
@@ -1058,16 +1059,24 @@ STALE_UNLOCKED_AGE = 600.0
 locks existed, or one whose process died between creating it and its lock (a fresh one may be just being made)."""
 
 
-def _new_staging(workdir: Path) -> tuple[Path, int]:
-    """A new staging directory under ``workdir`` and an open descriptor holding its lock."""
-    tmp = Path(tempfile.mkdtemp(prefix=_STAGING_PREFIX, dir=workdir))
-    try:
-        fd = os.open(tmp / _STAGING_LOCK, os.O_CREAT | os.O_RDWR, 0o600)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+def _make_staging(workdir: Path, made: list[Path]) -> int:
+    """Make a new staging directory under ``workdir`` and return an open descriptor holding its lock.
+
+    The directory's path is put in ``made`` *before* the directory is made, so a ``KeyboardInterrupt`` (SIGINT,
+    or SIGTERM taken as one) raised anywhere in here — the interpreter handles a signal right after a call such
+    as ``os.mkdir`` returns — still leaves the caller the path to remove; ``tempfile.mkdtemp`` names its
+    directory only once it returns, and a plan interrupted there left its ``plan-*`` behind."""
+    while True:
+        made[:] = [workdir / f"{_STAGING_PREFIX}{secrets.token_hex(8)}"]
+        try:
+            os.mkdir(made[0], 0o700)
+        except FileExistsError:  # another plan's (64 random bits): never ours to remove
+            made.clear()
+            continue
+        break
+    fd = os.open(made[0] / _STAGING_LOCK, os.O_CREAT | os.O_RDWR, 0o600)
     fcntl.flock(fd, fcntl.LOCK_EX)  # a new directory: nobody else holds it, this never waits
-    return tmp, fd
+    return fd
 
 
 def _remove_staging(tmp: Path, lock_fd: int) -> None:
@@ -1152,16 +1161,19 @@ def build_plan(
     platform_for(job)  # an unknown platform fails here, before any reading
     check_workdir(job.workdir)
     rejects_path = rejects_path or job.workdir / "rejects.csv"
+    made: list[Path] = []  # the staging directory, once named
     staging: tuple[Path, int] | None = None  # the staging directory and the descriptor holding its lock
     rejects: RejectsWriter | None = None
+    plan: Plan | None = None
     settling: Settling | None = None
     counts: dict[tuple[int, int], tuple[int, int]] | None = None
     samples: dict[tuple[int, int], Any] | None = None
     try:
         rejects_path.parent.mkdir(parents=True, exist_ok=True)
         remove_stale_staging(job.workdir)
-        staging = _new_staging(job.workdir)
-        tmp = staging[0]
+        lock_fd = _make_staging(job.workdir, made)
+        tmp = made[0]
+        staging = (tmp, lock_fd)
         rejects = RejectsWriter(rejects_path)
         builder = _builder_for(job)
         if lazy and limit is None:
@@ -1190,16 +1202,15 @@ def build_plan(
                 counts, samples = _count_while_settling(job, builder, settling)
             else:
                 settling.settle_all()
+        plan = Plan(job, staged, rejects, settling, *staging)
     except OSError as exc:
-        _abandon(staging, rejects, settling)
+        _abandon(plan, made, staging, rejects, settling)
         # Input files are read through sync.sources.reading, which turns their errors into BadInputError: an OSError
         # here comes from writing the staging data or the rejects file.
         raise write_error(exc.filename or job.workdir, exc) from exc
     except BaseException:
-        _abandon(staging, rejects, settling)
+        _abandon(plan, made, staging, rejects, settling)
         raise
-    assert staging is not None
-    plan = Plan(job, staged, rejects, settling, *staging)
     if counts is not None:
         plan._counts, plan._samples = counts, samples
     return plan
@@ -1346,14 +1357,24 @@ def _same_rows(staged: pl.DataFrame | None, head: pl.DataFrame | None) -> bool:
 
 
 def _abandon(
-    staging: tuple[Path, int] | None, rejects: RejectsWriter | None, settling: Settling | None
+    plan: Plan | None,
+    made: list[Path],
+    staging: tuple[Path, int] | None,
+    rejects: RejectsWriter | None,
+    settling: Settling | None,
 ) -> None:
+    """Undo what an interrupted or failed :func:`build_plan` made, however far it got."""
+    if plan is not None:
+        plan.close()  # its finalizer: the same, once
+        return
     if settling is not None:
         settling.close()
     if rejects is not None:
         rejects.close(quiet=True)  # the error that brought us here is the one to report
     if staging is not None:
         _remove_staging(*staging)
+    elif made:  # made (perhaps locked: its descriptor goes with the process), not yet held
+        shutil.rmtree(made[0], ignore_errors=True)
 
 
 def _close_plan(settling: Settling, rejects: RejectsWriter, tmp: Path, lock_fd: int) -> None:
