@@ -52,7 +52,7 @@ from aiohttp import web
 from sync.platforms.formsonfire import ENDPOINT, XSI_NAMESPACE, BodyFormat, UserKey
 from sync.sandboxes._base import PlatformSandbox, SandboxSettings
 from sync.sandboxes._command import FOF_KEY_ENV, Built, Credential, SandboxCommand
-from sync.sandboxes._core import ApiError, json_response
+from sync.sandboxes._core import ApiError, json_response, loads_json
 from sync.sandboxes.formsonfire_state import FormsOnFireState, KnownUser, Push
 
 __all__ = [
@@ -169,8 +169,8 @@ def _typed(name: str, value: Any) -> Any:
 def parse_json_body(raw: bytes) -> dict[str, Any]:
     """A JSON push as a dict of typed fields (unknown fields are ignored, as the platform's binder does [I])."""
     try:
-        body = json.loads(raw)
-    except ValueError:
+        body = loads_json(raw)
+    except ValueError:  # also NaN and Infinity, which no JSON parser takes
         raise _bad("the body is not valid JSON") from None
     if type(body) is not dict:
         raise _bad("the body must be a JSON object")

@@ -59,7 +59,7 @@ from sync.platforms.notifyvisitors import (
 from sync.platforms.notifyvisitors.requests import EVENT_TIME_FORMATS
 from sync.sandboxes._base import PlatformSandbox, SandboxSettings, table
 from sync.sandboxes._command import NV_KEY_ENV, NV_TOKEN_ENV, Built, Credential, SandboxCommand
-from sync.sandboxes._core import ApiError, RateLimit, json_response
+from sync.sandboxes._core import ApiError, RateLimit, json_response, loads_json
 
 __all__ = [
     "API_PREFIX",
@@ -349,8 +349,8 @@ class NotifyVisitorsSandbox(PlatformSandbox[NotifyVisitorsSandboxConfig, NotifyV
     def _handler(self, apply: Callable[[Any], dict[str, Any]]) -> Any:
         async def handler(request: web.Request) -> web.StreamResponse:
             try:
-                body = json.loads(await request.read())
-            except ValueError:  # also UnicodeDecodeError
+                body = loads_json(await request.read())
+            except ValueError:  # also UnicodeDecodeError, NaN and Infinity
                 raise _invalid("body", "not valid JSON") from None
             return json_response(envelope("success", "success", apply(body)))
 

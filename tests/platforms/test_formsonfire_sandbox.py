@@ -3,6 +3,7 @@ in the body, errors inside 200s, 400/404/405, known users, faults, limits and in
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import aiohttp
@@ -157,6 +158,16 @@ async def test_json_fields_of_the_wrong_type_are_400(
     assert message in reply.json["ResponseStatus"]["Message"]
     assert (await fof_sandbox.push("[1, 2]")).status == 400
     assert (await fof_sandbox.push("{nope")).status == 400
+
+
+async def test_nan_and_infinity_are_not_json(fof_sandbox: RunningFormsOnFire) -> None:
+    # Python's json module reads them, even in a field the binder ignores; the platform's parser does not.
+    for constant in ("NaN", "Infinity"):
+        body = json.dumps(credentials(UserId="api-1"))[:-1] + f', "Extra": {constant}}}'
+        reply = await fof_sandbox.push(body)
+        assert reply.status == 400 and reply.error_code == "SerializationException"
+        assert "not valid JSON" in reply.json["ResponseStatus"]["Message"]
+    assert fof_sandbox.sandbox.state.pushes == []
 
 
 @pytest.mark.parametrize(

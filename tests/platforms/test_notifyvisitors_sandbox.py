@@ -202,6 +202,9 @@ async def test_values_at_the_documented_bounds_are_accepted(nv_sandbox: RunningN
     ("data", "message"),
     [
         ("{not json", "not valid JSON"),
+        # Python's json module reads these; no JSON parser (the platform's) does
+        ('{"nv": [{"userID": "u", "user_attributes": {"score": NaN}}]}', "not valid JSON"),
+        ('{"nv": [{"userID": "u", "user_attributes": {"score": -Infinity}}]}', "not valid JSON"),
         ('{"users": []}', 'expected {"nv": [...]}'),
         ('{"nv": []}', "is empty"),
     ],
@@ -209,6 +212,7 @@ async def test_values_at_the_documented_bounds_are_accepted(nv_sandbox: RunningN
 async def test_malformed_bodies(nv_sandbox: RunningNotifyVisitors, data: str, message: str) -> None:
     reply = await nv_sandbox.post("user/create", data=data)
     assert reply.status == 400 and message in reply.envelope["message"]
+    assert nv_sandbox.sandbox.state.users == {}
 
 
 async def test_unknown_url_is_404_and_wrong_method_405(nv_sandbox: RunningNotifyVisitors) -> None:
