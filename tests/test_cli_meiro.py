@@ -118,6 +118,18 @@ async def test_password_file_and_exports_listing(
     assert "push notification no-such-notification was not found" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("command", [("exports", TEASER), ("trash",)])
+async def test_a_page_of_zero_is_refused_not_shown_as_empty(
+    meiro: MeiroSandbox, command: tuple[str, ...], capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Meiro answers limit=0 with no items: "no exports" / "the trash is empty" while both hold some (audit).
+    with pytest.raises(SystemExit) as exited:
+        await cli("meiro", *command, "--limit", "0")
+    assert exited.value.code == 2
+    captured = capsys.readouterr()
+    assert "--limit: must be at least 1" in captured.err and captured.out == ""
+
+
 async def test_wait_shows_progress_records_counts_and_exits_by_outcome(
     meiro: MeiroSandbox, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
