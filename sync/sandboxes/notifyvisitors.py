@@ -56,7 +56,7 @@ from sync.platforms.notifyvisitors import (
     RATE_LIMITS_PER_MINUTE,
     USER_CREATE,
 )
-from sync.platforms.notifyvisitors.requests import EVENT_TIME_FORMATS
+from sync.platforms.notifyvisitors.requests import EVENT_TIME_FORMATS, write_time
 from sync.sandboxes._base import PlatformSandbox, SandboxSettings, table
 from sync.sandboxes._command import NV_KEY_ENV, NV_TOKEN_ENV, Built, Credential, SandboxCommand
 from sync.sandboxes._core import ApiError, RateLimit, json_response, loads_json
@@ -259,7 +259,8 @@ def _parses(value: Any, fmt: str) -> bool:
     if type(value) is not str:
         return False
     try:
-        return datetime.strptime(value, fmt).strftime(fmt) == value  # also refuses 2024-1-5
+        # also refuses 2024-1-5; yyyy is four digits, 0999 too (strptime refuses 999)
+        return write_time(datetime.strptime(value, fmt), fmt) == value
     except ValueError:
         return False
 

@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 from aiohttp import web
-from conftest_notifyvisitors import NV_API_KEY, NV_TOKEN, NvFactory, RunningNotifyVisitors
+from conftest_notifyvisitors import NV_API_KEY, NV_BRAND_ID, NV_TOKEN, NvFactory, RunningNotifyVisitors
 from hypothesis import given
 from hypothesis import strategies as st
 from structlog.testing import capture_logs
@@ -77,6 +77,47 @@ def test_dates_times_and_flags() -> None:
     assert [opt_in_flag(v) for v in (True, False, "yes", "0", 1, "TRUE")] == ["1", "0", "1", "0", "1", "1"]
     with pytest.raises(ValueError):
         opt_in_flag("maybe")
+
+
+async def test_years_before_1000_are_written_in_four_digits(
+    nv_sandbox: RunningNotifyVisitors, tmp_path: Path
+) -> None:
+    # strftime wrote year 999 as "999-01-01", which is not yyyy-MM-dd: the platform refused the row with "must
+    # be yyyy-MM-dd HH:mm:ss" though its date was a real one (a typo such as 0999 for 1999 is, too) — audit.
+    assert format_date(date(999, 1, 1)) == "0999-01-01"
+    assert format_event_time(datetime(999, 1, 1, 1, 2, 3, tzinfo=UTC)) == "0999-01-01 01:02:03"
+    (tmp_path / "u.csv").write_text("id,born\nU1,0999-03-04\n", encoding="utf-8")
+    (tmp_path / "e.csv").write_text("id,event,when\nU1,signup,0999-03-04 05:06:07\n", encoding="utf-8")
+    (tmp_path / "job.yaml").write_text(
+        f"""
+version: 1
+name: nv-old-years
+destination:
+  platform: notifyvisitors
+  base_url: {nv_sandbox.url}
+  secret: {{env: NV_TEST_KEY}}
+  extra: {{brand_id: "{NV_BRAND_ID}", event_time_zone: UTC}}
+defaults: {{ext_id: id}}
+validation: {{timezone: UTC}}
+sources:
+  - {{name: users, path: u.csv, attributes: {{born: {{attribute: birth_date, type: date}}}}}}
+  - name: events
+    kind: events
+    path: e.csv
+    event: event
+    attributes: {{when: {{attribute: event_time, type: date}}}}
+""",
+        encoding="utf-8",
+    )
+    outcome = await run(load_job(tmp_path / "job.yaml"), RunOptions(api_key=NV_API_KEY))
+    assert outcome.exit_code is ExitCode.OK
+    state = nv_sandbox.sandbox.state
+    assert state.users == {"U1": {"birth_date": "0999-03-04"}}
+    assert [e.event_time for e in state.events] == ["0999-03-04 05:06:07"]
+    # The sandbox reads yyyy as four digits, as the platform does: 999-03-04 is not a yyyy-MM-dd date.
+    for when, status in (("0999-03-04 05:06:07", 200), ("999-03-04 05:06:07", 400)):
+        event = {"userID": "U1", "event_name": "e", "event_time": when}
+        assert (await nv_sandbox.post("event/create", {"nv": [event]})).status == status
 
 
 def test_user_attributes_format_the_documented_fields() -> None:

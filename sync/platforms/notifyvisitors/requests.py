@@ -80,6 +80,7 @@ __all__ = [
     "user_create_body",
     "user_ids_in_body",
     "user_item",
+    "write_time",
 ]
 
 ENDPOINT_FOR: Mapping[Operation, str] = {
@@ -137,14 +138,20 @@ def format_mobile(value: str) -> str:
     return cleaned
 
 
+def write_time(moment: date, fmt: str) -> str:
+    """``moment.strftime(fmt)`` with the year in four digits, as ``yyyy`` means: C's ``strftime`` (Python's, on
+    Linux) writes year 999 as ``999``, a text the platform's ``yyyy-MM-dd`` does not read (0999-01-01 is)."""
+    return moment.strftime(fmt.replace("%Y", f"{moment.year:04d}"))
+
+
 def format_date(value: date | str) -> str:
     """A date as YYYY-MM-DD; strings must already be valid dates in that format."""
     if isinstance(value, datetime):
-        return value.date().strftime(DATE_FORMAT)
+        return write_time(value.date(), DATE_FORMAT)
     if isinstance(value, date):
-        return value.strftime(DATE_FORMAT)
+        return write_time(value, DATE_FORMAT)
     try:
-        return datetime.strptime(str(value), DATE_FORMAT).date().strftime(DATE_FORMAT)
+        return write_time(datetime.strptime(str(value), DATE_FORMAT).date(), DATE_FORMAT)
     except ValueError:
         raise ValueError(f"date {str(value)[:30]!r} is not YYYY-MM-DD") from None
 
@@ -157,10 +164,10 @@ def format_event_time(value: datetime | str, tz: tzinfo | None = None, fmt: str 
     if isinstance(value, datetime):
         if value.tzinfo is not None:
             value = value.astimezone(tz or UTC)
-        return value.strftime(fmt)
+        return write_time(value, fmt)
     text = str(value).replace("T", " ", 1)
     try:
-        return datetime.strptime(text, EVENT_TIME_FORMAT).strftime(fmt)
+        return write_time(datetime.strptime(text, EVENT_TIME_FORMAT), fmt)
     except ValueError:
         raise ValueError(f"event_time {str(value)[:30]!r} is not yyyy-MM-dd HH:mm:ss") from None
 
@@ -183,9 +190,9 @@ def _scalar(name: str, value: Any) -> Any:
     if isinstance(value, str) and len(value) > MAX_STRING_LENGTH:
         raise ValueError(f"value of {name!r} is {len(value)} characters (fewer than 1000 allowed)")
     if isinstance(value, datetime):
-        return value.strftime(EVENT_TIME_FORMAT)
+        return write_time(value, EVENT_TIME_FORMAT)
     if isinstance(value, date):
-        return value.strftime(DATE_FORMAT)
+        return write_time(value, DATE_FORMAT)
     if value is not None and not isinstance(value, str | int | float | bool):
         raise ValueError(f"value of {name!r} must be a string, number or boolean")
     return value
@@ -703,8 +710,8 @@ class Builder:
             moment = datetime.fromtimestamp(value / 1000, UTC)
             if name == EVENT_TIME_ATTRIBUTE:
                 return moment  # formatted with the event's zone and format in _item
-            return moment.astimezone(self._tz).strftime(
-                DATE_FORMAT if name in DATE_ATTRIBUTES else EVENT_TIME_FORMAT
+            return write_time(
+                moment.astimezone(self._tz), DATE_FORMAT if name in DATE_ATTRIBUTES else EVENT_TIME_FORMAT
             )
         if kind is ValueType.BOOLEAN and name in OPT_IN_ATTRIBUTES:
             return opt_in_flag(value)
@@ -721,8 +728,8 @@ class Builder:
         attrs = {k: v for k, v in values.items() if v is not None}
         if stream.operation is Operation.SET_ATTRIBUTES:
             if isinstance(attrs.get(EVENT_TIME_ATTRIBUTE), datetime):  # only events have an event_time
-                attrs[EVENT_TIME_ATTRIBUTE] = (
-                    attrs[EVENT_TIME_ATTRIBUTE].astimezone(self._tz).strftime(EVENT_TIME_FORMAT)
+                attrs[EVENT_TIME_ATTRIBUTE] = write_time(
+                    attrs[EVENT_TIME_ATTRIBUTE].astimezone(self._tz), EVENT_TIME_FORMAT
                 )
             try:
                 return user_item(user_id, attrs)
@@ -745,7 +752,8 @@ class Builder:
 
     def _local_time(self, column: str, tz: tzinfo, fmt: str) -> tuple[pl.Expr, pl.Expr] | None:
         """``(text, odd)`` of a date column (epoch milliseconds) as local time in ``tz`` and ``fmt``. Odd (built
-        the Python way) outside 1000-01-02..2036-12-31 UTC: Python writes years below 1000 differently, and
+        the Python way) outside 1000-01-02..2036-12-31 UTC: years below 1000 are written by
+        :func:`write_time` (the text polars and Python write for them is not one to rely on), and
         polars' zone rules (chrono-tz) stop following a zone's daylight-saving rule after 2037, where Python's
         zoneinfo keeps applying it. None when ``tz`` has no IANA name polars knows."""
         name = _zone_name(tz)
