@@ -39,6 +39,7 @@ import contextvars
 import hmac
 import io
 import json
+import re
 import time
 import xml.etree.ElementTree as ET
 from collections.abc import Callable, Mapping
@@ -151,6 +152,11 @@ def _local(tag: str) -> str:
     return tag.rsplit("}", 1)[-1]
 
 
+_XML_SPACE = " \t\r\n"
+"""The only whitespace XML knows (``str.strip()`` would also take NBSP and the other Unicode spaces)."""
+_XML_INT = re.compile(r"[+-]?[0-9]+")
+"""XML Schema's integer: ASCII digits with an optional sign. Python's ``int()`` also takes ``1_000`` and other
+scripts' digits (``٣``), which .NET's ``XmlConvert.ToInt32`` refuses."""
 _INT32 = range(-(2**31), 2**31)
 """The document's Integer fields are .NET ``int``: a value outside it does not deserialise [I]."""
 
@@ -185,14 +191,14 @@ def _xml_value(name: str, element: ET.Element) -> Any:
     text = element.text or ""
     expected = _FIELD_TYPES.get(name, str)
     if expected is bool:
-        if text.strip() not in ("true", "false"):
+        if text.strip(_XML_SPACE) not in ("true", "false"):
             raise _bad(f"{name}: expected true or false")
-        return text.strip() == "true"
+        return text.strip(_XML_SPACE) == "true"
     if expected is int:
-        try:
-            return _typed(name, int(text.strip()))
-        except ValueError:
-            raise _bad(f"{name}: expected an integer") from None
+        digits = text.strip(_XML_SPACE)
+        if not _XML_INT.fullmatch(digits):
+            raise _bad(f"{name}: expected an integer")
+        return _typed(name, int(digits))
     return text
 
 

@@ -111,6 +111,21 @@ async def test_format_parameter_chooses_the_answer_and_defaults_to_the_body_form
             xml("<CompanyId>seven</CompanyId>", creds_xml()[1], "<UserId>api-1</UserId>"),
             "CompanyId: expected an integer",
         ),
+        # int() reads these; XML Schema's (and .NET's) integer is ASCII digits with an optional sign
+        (
+            xml("<CompanyId>1_000</CompanyId>", creds_xml()[1], "<UserId>api-1</UserId>"),
+            "CompanyId: expected",
+        ),
+        (
+            xml(creds_xml()[0], "<ExpirySecs>\u0663</ExpirySecs>", creds_xml()[1], "<UserId>api-1</UserId>"),
+            "ExpirySecs: expected",
+        ),
+        (
+            xml(
+                creds_xml()[0], "<ExpirySecs>\u00a030</ExpirySecs>", creds_xml()[1], "<UserId>api-1</UserId>"
+            ),
+            "ExpirySecs: expected",
+        ),
         ("<PushRequest", "not well-formed"),
         ('<!DOCTYPE x [<!ENTITY a "b">]><x/>', "DTDs"),
     ],
