@@ -120,6 +120,50 @@ sources:
         assert (await nv_sandbox.post("event/create", {"nv": [event]})).status == status
 
 
+async def test_a_user_id_over_100_characters_is_a_rejected_row_found_by_the_plan(
+    nv_sandbox: RunningNotifyVisitors, tmp_path: Path
+) -> None:
+    # validation.max_id_length defaults to 256: a 101-character ID was sent, refused by the platform and
+    # isolated by halving its request (audit); it is the row's own fault, so the plan finds it.
+    long_id = "L" * 101
+    (tmp_path / "u.csv").write_text(f"id,name\nU1,Ada\n{long_id},Bob\n", encoding="utf-8")
+    (tmp_path / "e.csv").write_text(
+        f"id,event,when\n{long_id},signup,2024-05-01 10:00:00\nU1,signup,2024-05-01 10:00:00\n",
+        encoding="utf-8",
+    )
+    (tmp_path / "job.yaml").write_text(
+        f"""
+version: 1
+name: nv-long-ids
+destination:
+  platform: notifyvisitors
+  base_url: {nv_sandbox.url}
+  secret: {{env: NV_TEST_KEY}}
+  extra: {{brand_id: "{NV_BRAND_ID}"}}
+defaults: {{ext_id: id}}
+sources:
+  - {{name: users, path: u.csv, attributes: {{name: string}}}}
+  - name: events
+    kind: events
+    path: e.csv
+    event: event
+    attributes: {{when: {{attribute: event_time, type: date}}}}
+""",
+        encoding="utf-8",
+    )
+    outcome = await run(load_job(tmp_path / "job.yaml"), RunOptions(api_key=NV_API_KEY))
+    assert outcome.exit_code is ExitCode.PARTIAL
+    assert outcome.summary.ids_rejected == 0  # nothing refused by the platform: nothing sent for them
+    assert list(nv_sandbox.sandbox.state.users) == ["U1"]
+    assert [e.user_id for e in nv_sandbox.sandbox.state.events] == ["U1"]
+    with Ledger.open(outcome.ledger_path) as ledger:
+        rejected = sorted(
+            (Path(r.path).name, r.row, r.column, r.reason) for r in ledger.rejected_rows(outcome.run_id)
+        )
+    reason = "userID is 101 characters long: NotifyVisitors takes at most 100"
+    assert rejected == [("e.csv", 1, "id", reason), ("u.csv", 2, "id", reason)]
+
+
 def test_user_attributes_format_the_documented_fields() -> None:
     attrs = user_attributes(
         {

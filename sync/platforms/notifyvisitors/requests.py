@@ -30,7 +30,6 @@ import polars as pl
 from sync.config import Job, Source, SourceKind, ValueType
 from sync.errors import JobProblem
 from sync.planning.row_keys import ROW_KEY
-from sync.planning.validation import REJECTS_SCHEMA
 from sync.platforms import _encode as enc
 from sync.platforms._batches import _key_bytes
 from sync.platforms.notifyvisitors import (
@@ -686,22 +685,46 @@ class Builder:
     def check_rows(
         self, source: Source, clean: pl.DataFrame, file_name: str
     ) -> tuple[pl.DataFrame, pl.DataFrame]:
-        """An event row without a time is a rejected row (file, row, column): sent without ``event_time`` the
-        platform would date it when it arrives — a retry or a resume later — not when it happened."""
+        """Rows the platform refuses whatever the rest of their request holds are rejected rows (file, row,
+        column), found by ``pushsync plan`` rather than by the platform: an ID longer than ``userID`` may be (100
+        characters, whatever ``validation.max_id_length`` allows), and an event row without a time — sent
+        without ``event_time`` the platform would date it when it arrives (a retry or a resume later), not when
+        it happened."""
+        checks = [
+            (
+                source.ext_id,
+                pl.when(pl.col(_EXT_ID).str.len_chars() > MAX_USER_ID_LENGTH).then(
+                    pl.format(
+                        "userID is {} characters long: NotifyVisitors takes at most {}",
+                        pl.col(_EXT_ID).str.len_chars(),
+                        pl.lit(MAX_USER_ID_LENGTH),
+                    )
+                ),
+            )
+        ]
         column = next((a.column for a in source.attributes if a.attribute == EVENT_TIME_ATTRIBUTE), None)
-        if source.kind is not SourceKind.EVENTS or column is None:
-            return clean, pl.DataFrame(schema=REJECTS_SCHEMA)
-        missing = clean[column].is_null()
-        rejects = clean.filter(missing).select(
+        if source.kind is SourceKind.EVENTS and column is not None:
+            checks.append(
+                (
+                    column,
+                    pl.when(pl.col(column).is_null()).then(
+                        pl.lit("event_time is missing: every event is sent with the time it happened")
+                    ),
+                )
+            )
+        found = clean.with_columns(
+            pl.coalesce([pl.when(e.is_not_null()).then(pl.lit(c)) for c, e in checks]).alias("__column"),
+            pl.coalesce([e for _, e in checks]).alias("__reason"),
+        )
+        bad = found["__reason"].is_not_null()
+        rejects = found.filter(bad).select(
             pl.lit(file_name, pl.String).alias("file"),
             pl.col(_ROW).cast(pl.Int64).alias("row"),
-            pl.lit(column, pl.String).alias("column"),
-            pl.lit("event_time is missing: every event is sent with the time it happened", pl.String).alias(
-                "reason"
-            ),
+            pl.col("__column").cast(pl.String).alias("column"),
+            pl.col("__reason").cast(pl.String).alias("reason"),
             pl.col(_EXT_ID).alias("ext_id"),
         )
-        return clean.filter(~missing), rejects
+        return clean.filter(~bad), rejects
 
     def _value(self, name: str, kind: ValueType, value: Any) -> Any:
         if value is None:
