@@ -329,3 +329,39 @@ dispatch: {batch_size: 10}
         "sources[0].attributes.t",
         "sources[1].kind",
     }
+
+
+@pytest.mark.parametrize(
+    ("setting", "message"),
+    [
+        # read as a flag, anything but a yes sent Sound false with every push
+        ('sound: "ture"', "must be true or false"),
+        # ignored without a word: every push went out as JSON
+        ("body_fromat: xml", "did you mean body_format?"),
+        # every XML body was not well-formed, every push refused
+        ('xml_root: "Push Request"', "must be an XML element name"),
+    ],
+)
+def test_settings_that_would_change_every_push_are_refused_at_load(
+    tmp_path: Path, setting: str, message: str
+) -> None:
+    (tmp_path / "p.csv").write_text("id,t\n1,a\n", encoding="utf-8")
+    (tmp_path / "job.yaml").write_text(
+        f"""
+version: 1
+destination:
+  platform: formsonfire
+  base_url: "http://127.0.0.1:1/api/v2/"
+  secret: {{env: X}}
+  extra: {{company_id: "1", {setting}}}
+defaults: {{ext_id: id}}
+sources:
+  - {{name: p, path: p.csv, attributes: {{t: {{attribute: Title}}}}}}
+""",
+        encoding="utf-8",
+    )
+    with pytest.raises(BadJobError) as info:
+        load_job(tmp_path / "job.yaml")
+    (problem,) = info.value.problems
+    assert problem.location == f"destination.extra.{setting.split(':')[0]}"
+    assert message in problem.message

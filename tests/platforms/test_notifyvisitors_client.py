@@ -517,3 +517,27 @@ sources:
         load_job(tmp_path / "job.yaml")
     where = {p.location for p in info.value.problems}
     assert where == {"destination.extra.brand_id", "sources[0].tags", "sources[0].opt_ins", "sources[1].kind"}
+
+
+def test_a_misspelt_setting_is_refused_at_load_not_ignored(tmp_path: Path) -> None:
+    # event_time_zon was ignored without a word: every event went out in validation.timezone (audit).
+    (tmp_path / "u.csv").write_text("id,t\n1,a\n", encoding="utf-8")
+    (tmp_path / "job.yaml").write_text(
+        """
+version: 1
+destination:
+  platform: notifyvisitors
+  base_url: "http://127.0.0.1:1/api/v1/"
+  secret: {env: X}
+  extra: {brand_id: "1", event_time_zon: UTC}
+defaults: {ext_id: id}
+sources:
+  - {name: u, path: u.csv, attributes: {t: string}}
+""",
+        encoding="utf-8",
+    )
+    with pytest.raises(BadJobError) as info:
+        load_job(tmp_path / "job.yaml")
+    (problem,) = info.value.problems
+    assert problem.location == "destination.extra.event_time_zon"
+    assert "did you mean event_time_zone?" in problem.message

@@ -32,6 +32,7 @@ from sync.errors import JobProblem
 from sync.planning.row_keys import ROW_KEY
 from sync.platforms import _encode as enc
 from sync.platforms._batches import _key_bytes
+from sync.platforms.base import unknown_settings
 from sync.platforms.notifyvisitors import (
     DATE_ATTRIBUTES,
     DATE_FORMAT,
@@ -44,6 +45,7 @@ from sync.platforms.notifyvisitors import (
     MAX_USER_ID_LENGTH,
     MAX_USERS_PER_REQUEST,
     OPT_IN_ATTRIBUTES,
+    PLATFORM,
     USER_CREATE,
 )
 from sync.records import Batch, Operation, Phase, RowRef
@@ -54,6 +56,7 @@ __all__ = [
     "EVENT_TIME_ATTRIBUTE",
     "EVENT_TIME_FORMATS",
     "MAX_ITEMS",
+    "SETTINGS",
     "Builder",
     "ItemOrigins",
     "Stream",
@@ -1083,9 +1086,13 @@ def for_job(job: Job) -> Builder:
     )
 
 
+SETTINGS = ("auth", "brand_id", "event_time_format", "event_time_zone", "events_after_users", "rate_window")
+"""The ``destination.extra`` keys a NotifyVisitors job may set (docs/notifyvisitors.md)."""
+
+
 def job_problems(sources: Sequence[Source], extra: Mapping[str, str]) -> list[JobProblem]:
     """What a NotifyVisitors job asks for that the platform cannot do (checked when the job is loaded)."""
-    problems = []
+    problems = unknown_settings(extra, SETTINGS, PLATFORM)
     auth = extra.get("auth", "api_key")
     if auth not in ("api_key", "bearer"):
         problems.append(JobProblem("destination.extra.auth", "must be api_key or bearer"))
