@@ -130,6 +130,7 @@ def _sync(handler: Any) -> Any:
 
 
 def _client(args: argparse.Namespace) -> Any:
+    from sync.config import Destination, resolve_secret
     from sync.platforms.meiro.client import MeiroClient, MeiroCredentials
 
     base_url = args.base_url or os.environ.get(BASE_URL_ENV, "").strip()
@@ -139,10 +140,9 @@ def _client(args: argparse.Namespace) -> Any:
     if not email:
         raise SecretError(f"give --email or set {EMAIL_ENV}")
     if args.password_file is not None:
-        try:
-            password = args.password_file.read_text(encoding="utf-8").strip()
-        except OSError as exc:
-            raise SecretError(f"cannot read password file {args.password_file}: {exc.strerror}") from exc
+        # The job files' reader: a file that is empty, not UTF-8 or holds a line break inside is named as such
+        # (it was "give --password-file", and a traceback for bytes that are not UTF-8).
+        password = resolve_secret(Destination("meiro", base_url, secret_file=str(args.password_file)))
     else:
         password = os.environ.get(PASSWORD_ENV, "").strip()
     if not password:
