@@ -151,6 +151,9 @@ class NotifyVisitorsState:
 
     def load(self, data: Mapping[str, Any]) -> None:
         """Load ``{"users": [{"userID", "user_attributes"}], "events": [...]}`` (the dump's shape)."""
+        unknown = sorted(set(data) - {"users", "events"})
+        if unknown:  # another platform's seed file would otherwise start an empty sandbox without a word
+            raise ValueError(f"unknown seed sections {unknown} (this sandbox takes users and events)")
         for item in data.get("users") or ():
             self.upsert(str(item["userID"]), dict(item.get("user_attributes") or {}))
         for item in data.get("events") or ():

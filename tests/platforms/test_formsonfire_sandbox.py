@@ -4,6 +4,7 @@ in the body, errors inside 200s, 400/404/405, known users, faults, limits and in
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -11,6 +12,7 @@ import pytest
 from conftest_formsonfire import FOF_COMPANY, FOF_KEY, FofFactory, RunningFormsOnFire, credentials
 from sandbox_fixtures import start_sandbox_process, stop_sandbox_process
 
+from sync.cli import main
 from sync.platforms.formsonfire import XSI_NAMESPACE
 
 NS = f'xmlns:i="{XSI_NAMESPACE}"'
@@ -286,3 +288,22 @@ async def test_cli_runs_the_sandbox_until_sigterm(tmp_path: Any) -> None:
                 assert resp.status == 200 and (answer.get("ResponseStatus") or {}).get("ErrorCode") == code
     finally:
         assert stop_sandbox_process(process) == 0
+
+
+@pytest.mark.parametrize(
+    ("seed", "message"),
+    [
+        ({"users": "api-1"}, "not in the shape of GET /_sandbox/state"),  # was a traceback (AttributeError)
+        ({"push_notifications": []}, "unknown seed sections ['push_notifications']"),  # was an empty sandbox
+        ({"users": [{"UserEmail": "a@example.test"}]}, "a known user needs a UserId"),
+    ],
+)
+def test_a_bad_seed_file_exits_2_naming_it(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], seed: Any, message: str
+) -> None:
+    path = tmp_path / "seed.json"
+    path.write_text(json.dumps(seed), encoding="utf-8")
+    assert main(["sandbox", "formsonfire", "--port", "0", "--seed-file", str(path)]) == 2
+    captured = capsys.readouterr()
+    assert captured.err.startswith(f"pushsync: error: {path}: {message}")
+    assert "job file" not in captured.err and captured.out == ""

@@ -4,6 +4,7 @@ limits with X-RateLimit-Remaining, seeded faults, stats and inspection — over 
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -11,6 +12,7 @@ import pytest
 from conftest_notifyvisitors import NV_BRAND_ID, NvFactory, RunningNotifyVisitors
 from sandbox_fixtures import start_sandbox_process, stop_sandbox_process
 
+from sync.cli import main
 from sync.sandboxes._core import FaultSpec, RateLimit
 
 
@@ -351,3 +353,24 @@ async def test_cli_runs_the_sandbox_until_sigterm() -> None:
                     assert resp.status == 200 and resp.headers["X-RateLimit-Remaining"] in ("99", "98")
     finally:
         assert stop_sandbox_process(process) == 0
+
+
+@pytest.mark.parametrize(
+    ("seed", "message"),
+    [
+        (
+            {"users": [{"user_attributes": {}}]},
+            "an entry lacks 'userID'",
+        ),  # was "problem(s) in job file: 'userID'"
+        ({"exports": []}, "unknown seed sections ['exports']"),  # was an empty sandbox, without a word
+    ],
+)
+def test_a_bad_seed_file_exits_2_naming_it(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], seed: Any, message: str
+) -> None:
+    path = tmp_path / "seed.json"
+    path.write_text(json.dumps(seed), encoding="utf-8")
+    assert main(["sandbox", "notifyvisitors", "--port", "0", "--seed-file", str(path)]) == 2
+    captured = capsys.readouterr()
+    assert captured.err.startswith(f"pushsync: error: {path}: {message}")
+    assert "job file" not in captured.err and captured.out == ""
