@@ -118,6 +118,38 @@ async def test_password_file_and_exports_listing(
     assert "push notification no-such-notification was not found" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(
+    ("content", "message"), [(b"\xff" + PASSWORD.encode(), "is not UTF-8 text"), (b"\n", "is empty")]
+)
+async def test_a_password_file_that_cannot_be_used_is_named(
+    meiro: MeiroSandbox,
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    content: bytes,
+    message: str,
+) -> None:
+    # Bytes that are not UTF-8 were a traceback (exit 5); an empty file said "give --password-file" (audit).
+    monkeypatch.delenv("MEIRO_PASSWORD")
+    secret = tmp_path / "pw"
+    secret.write_bytes(content)
+    assert await cli("meiro", "login-check", "--password-file", str(secret)) == 2
+    err = capsys.readouterr().err
+    assert f"{secret} {message}" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("command", [("exports", TEASER), ("trash",)])
+async def test_a_page_of_zero_is_refused_not_shown_as_empty(
+    meiro: MeiroSandbox, command: tuple[str, ...], capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Meiro answers limit=0 with no items: "no exports" / "the trash is empty" while both hold some (audit).
+    with pytest.raises(SystemExit) as exited:
+        await cli("meiro", *command, "--limit", "0")
+    assert exited.value.code == 2
+    captured = capsys.readouterr()
+    assert "--limit: must be at least 1" in captured.err and captured.out == ""
+
+
 async def test_wait_shows_progress_records_counts_and_exits_by_outcome(
     meiro: MeiroSandbox, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -326,8 +326,14 @@ def test_runs_and_show_read_at_a_glance_and_as_json(
         row = cells(shown, e["endpoint"])
         assert row[1:4] == [f"{e['requests']:,}", f"{e['ids']['ok']:,}", f"{e['ids']['rejected']:,}"]
     assert f"pushsync report {run_id}" in shown
+    # The rows validation rejected, as the README says show lists them (it listed only refused IDs: audit).
+    assert totals["rows_rejected"] > 0
+    assert f"{totals['rows_rejected']:,} input rows rejected (first 20)" in shown
     assert main(["show", run_id, "--job", str(job), "--output", "json"]) == 0
-    assert json.loads(capsys.readouterr().out)["summary"]["totals"] == totals
+    shown_json = json.loads(capsys.readouterr().out)
+    assert shown_json["summary"]["totals"] == totals
+    assert len(shown_json["rejected_rows"]) == totals["rows_rejected"]
+    assert set(shown_json["rejected_rows"][0]) == {"file", "row", "column", "reason", "ext_id"}
 
     out = tmp_path / "report.html"
     assert main(["report", "latest", "--job", str(job), "-o", str(out)]) == 0

@@ -41,6 +41,15 @@ def _count(text: str) -> int:
     return value
 
 
+def _page_size(text: str) -> int:
+    # Meiro answers limit=0 with an empty page, which the listing would print as "no exports" (or "the trash
+    # is empty") while there are some: a page holds at least one.
+    value = _count(text)
+    if value == 0:
+        raise argparse.ArgumentTypeError("must be at least 1 (the number per page)")
+    return value
+
+
 def register(subparsers: Any) -> None:
     """Add ``meiro`` and its subcommands."""
     common = argparse.ArgumentParser(add_help=False)
@@ -64,7 +73,7 @@ def register(subparsers: Any) -> None:
 
     exports = commands.add_parser("exports", parents=[common], help="list a push notification's exports")
     exports.add_argument("notification", metavar="NOTIFICATION")
-    exports.add_argument("--limit", type=_count, help="exports per page (Meiro's default: 20)")
+    exports.add_argument("--limit", type=_page_size, help="exports per page (Meiro's default: 20)")
     exports.add_argument("--offset", type=_count, help="skip this many (newest first)")
     exports.add_argument("--all", action="store_true", help="every export, page by page")
     exports.set_defaults(func=_sync(_exports))
@@ -88,7 +97,7 @@ def register(subparsers: Any) -> None:
 
     trash = commands.add_parser("trash", parents=[common], help="list trashed push notifications")
     trash.add_argument("--search", help="only names containing this text (searched_text)")
-    trash.add_argument("--limit", type=_count)
+    trash.add_argument("--limit", type=_page_size)
     trash.add_argument("--offset", type=_count)
     trash.add_argument("--all", action="store_true", help="every match, page by page")
     trash.set_defaults(func=_sync(_trash))
@@ -121,6 +130,7 @@ def _sync(handler: Any) -> Any:
 
 
 def _client(args: argparse.Namespace) -> Any:
+    from sync.config import Destination, resolve_secret
     from sync.platforms.meiro.client import MeiroClient, MeiroCredentials
 
     base_url = args.base_url or os.environ.get(BASE_URL_ENV, "").strip()
@@ -130,10 +140,9 @@ def _client(args: argparse.Namespace) -> Any:
     if not email:
         raise SecretError(f"give --email or set {EMAIL_ENV}")
     if args.password_file is not None:
-        try:
-            password = args.password_file.read_text(encoding="utf-8").strip()
-        except OSError as exc:
-            raise SecretError(f"cannot read password file {args.password_file}: {exc.strerror}") from exc
+        # The job files' reader: a file that is empty, not UTF-8 or holds a line break inside is named as such
+        # (it was "give --password-file", and a traceback for bytes that are not UTF-8).
+        password = resolve_secret(Destination("meiro", base_url, secret_file=str(args.password_file)))
     else:
         password = os.environ.get(PASSWORD_ENV, "").strip()
     if not password:

@@ -9,10 +9,14 @@ from __future__ import annotations
 
 import argparse
 import json
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sync.errors import ExitCode
+
+if TYPE_CHECKING:
+    from sync.records import RejectedRow
 
 __all__ = ["register"]
 
@@ -142,8 +146,14 @@ def print_runs(infos: list[Any]) -> None:
     _console().print(table)
 
 
-def print_show(info: Any, unfinished: list[Any], refused: list[tuple[str, str, str | None, str]]) -> None:
-    """One run: what happened, per endpoint, unfinished batches and refused IDs (the first 20 of each)."""
+def print_show(
+    info: Any,
+    unfinished: list[Any],
+    refused: list[tuple[str, str, str | None, str]],
+    rejected: Sequence[RejectedRow] = (),
+) -> None:
+    """One run: what happened, per endpoint, unfinished batches, refused IDs and the input rows validation
+    rejected (the first 20 of each)."""
     from rich.markup import escape
     from rich.table import Table
 
@@ -211,6 +221,15 @@ def print_show(info: Any, unfinished: list[Any], refused: list[tuple[str, str, s
             table.add_column(name)
         for batch_id, ext_id, code, message in refused[:20]:
             table.add_row(escape(ext_id), escape(code or "-"), escape(message), escape(batch_id))
+        console.print(table)
+    if rejected:
+        table = Table(title=f"{len(rejected):,} input rows rejected (first 20)", header_style="bold")
+        for name in ("file", "row", "column", "reason", "external ID"):
+            table.add_column(name)
+        for r in rejected[:20]:
+            table.add_row(
+                escape(r.path), str(r.row), escape(r.column or "-"), escape(r.reason), escape(r.ext_id or "-")
+            )
         console.print(table)
     console.print(f"  the full report: pushsync report {escape(info.run_id)} -o report.html")
 

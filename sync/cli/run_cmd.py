@@ -244,6 +244,7 @@ def _show(args: argparse.Namespace) -> int:
             raise StateError(f"no run {run_id} found in {ledger.path}")
         assert info is not None
         refused = ledger.refused_ids(run_id)
+        rejected = ledger.rejected_rows(run_id)
         unfinished = [
             b
             for b in ledger.batches(run_id)
@@ -253,11 +254,15 @@ def _show(args: argparse.Namespace) -> int:
         doc = _run_json(info)
         doc["summary"] = info.summary
         doc["refused_ids"] = [{"batch_id": b, "ext_id": x, "code": c, "message": m} for b, x, c, m in refused]
+        doc["rejected_rows"] = [
+            {"file": r.path, "row": r.row, "column": r.column, "reason": r.reason, "ext_id": r.ext_id}
+            for r in rejected
+        ]
         print(json.dumps(doc, indent=2))
         return int(ExitCode.OK)
     from sync.cli.report_cmd import print_show
 
-    print_show(info, unfinished, refused)
+    print_show(info, unfinished, refused, rejected)
     return int(ExitCode.OK)
 
 

@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any
 
 import yaml
 
-from sync.errors import BadJobError, JobProblem, StateError
+from sync.errors import BadInputError, BadJobError, JobProblem, StateError
 from sync.sandboxes._command import (
     API_KEY_ENV,
     FOF_KEY_ENV,
@@ -116,6 +116,8 @@ def _start(args: argparse.Namespace) -> int:
 
 
 def _run(command: SandboxCommand, args: argparse.Namespace) -> int:
+    from sync.sandboxes._base import SeedFileError  # the sandbox modules (aiohttp) are imported on demand
+
     data = _load_config(args.config)
     creds: dict[str, str] = {}
     notes: list[str] = []
@@ -131,6 +133,8 @@ def _run(command: SandboxCommand, args: argparse.Namespace) -> int:
         creds[credential.setting] = str(value)
     try:
         sandbox, more = command.build(args, data, creds)
+    except SeedFileError as exc:
+        raise BadInputError(str(exc.path), exc.reason) from exc
     except (ValueError, TypeError, KeyError, OSError) as exc:
         raise BadJobError(str(args.config or args.seed_file), [JobProblem("", str(exc))]) from exc
     asyncio.run(_serve(sandbox, args.host, args.port, [*notes, *more]))

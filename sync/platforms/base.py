@@ -23,6 +23,7 @@ yet converted return JSON-ready objects that their client encodes. :func:`sync.r
 from __future__ import annotations
 
 import contextlib
+import difflib
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
@@ -51,6 +52,7 @@ __all__ = [
     "SnapshotStream",
     "Stream",
     "snapshot_builder",
+    "unknown_settings",
 ]
 
 GROUP = "__group"
@@ -301,3 +303,20 @@ class Registry:
             yield platform
         finally:
             del self._platforms[platform.name]
+
+
+def unknown_settings(extra: Mapping[str, str], known: Iterable[str], platform: str) -> list[JobProblem]:
+    """A problem for each ``destination.extra`` key the platform does not read: a misspelt setting
+    (``event_time_zon``) would otherwise be ignored without a word and its default used, for every row."""
+    names = sorted(known)
+    problems = []
+    for key in sorted(set(extra) - set(names)):
+        close = difflib.get_close_matches(key, names, n=1)
+        hint = f"did you mean {close[0]}? " if close else ""
+        problems.append(
+            JobProblem(
+                f"destination.extra.{key}",
+                f"{platform} has no such setting; {hint}it reads {', '.join(names)}",
+            )
+        )
+    return problems

@@ -42,10 +42,29 @@ from sync.sandboxes._core import (
 if TYPE_CHECKING:  # polars is imported when a table is asked for: serving requests never needs it
     import polars as pl
 
-__all__ = ["PlatformSandbox", "SandboxSettings", "SeedableState", "table"]
+__all__ = ["PlatformSandbox", "SandboxSettings", "SeedFileError", "SeedableState", "table"]
 
 DEFAULT_MAX_BODY = 1024 * 1024
 """aiohttp's own default request-body limit, kept for sandboxes that do not choose one."""
+
+
+class SeedFileError(ValueError):
+    """A seed file that cannot be loaded: ``path`` and ``reason`` (what was wrong, in words)."""
+
+    def __init__(self, path: Path, reason: str) -> None:
+        super().__init__(f"seed file {path}: {reason}")
+        self.path = path
+        self.reason = reason
+
+
+def _seed_reason(exc: Exception) -> str:
+    # A state's loader indexes the document as it expects it: a KeyError's text is only the key ('userID'),
+    # a TypeError's or AttributeError's is Python's ("string indices must be integers").
+    if isinstance(exc, KeyError):
+        return f"an entry lacks {exc.args[0]!r}"
+    if isinstance(exc, TypeError | AttributeError):
+        return f"not in the shape of GET /_sandbox/state ({exc})"
+    return str(exc)
 
 
 @dataclass(frozen=True, slots=True)
@@ -160,7 +179,12 @@ class PlatformSandbox(Generic[ConfigT, StateT]):
             fault_error=fault_error,
         )
         if config.seed_file is not None:
-            state.load_file(config.seed_file)
+            try:
+                state.load_file(config.seed_file)
+            except OSError as exc:
+                raise SeedFileError(config.seed_file, exc.strerror or str(exc)) from exc
+            except (KeyError, TypeError, AttributeError, ValueError) as exc:
+                raise SeedFileError(config.seed_file, _seed_reason(exc)) from exc
         self._server: RunningServer | None = None
         self.url: str | None = None
         self.app = web.Application(

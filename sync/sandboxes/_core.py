@@ -27,8 +27,8 @@ re-exported here (the names in ``__all__`` are pinned by a test)::
     _limits.py  RateLimit, parse_limits, Admission, FixedWindowLimiter    (fixed-window rate limits)
     _faults.py  FaultKind, LatencySpec, FaultSpec, FaultDecision, FaultInjector   (seeded fault injection)
     _stats.py   SandboxStats                                              (counters, /_sandbox/stats)
-    _core.py    ApiError, json_response, InspectableState, SandboxCore (middleware, inspection routes),
-                RunningServer, start_app                                  (this module)
+    _core.py    ApiError, json_response, loads_json, InspectableState, SandboxCore (middleware,
+                inspection routes), RunningServer, start_app              (this module)
 """
 
 from __future__ import annotations
@@ -76,6 +76,7 @@ __all__ = [
     "SandboxCore",
     "SandboxStats",
     "json_response",
+    "loads_json",
     "parse_limits",
     "start_app",
 ]
@@ -101,6 +102,18 @@ class ApiError(Exception):
         self.code = code
         self.message = message
         self.headers = dict(headers or {})
+
+
+def _not_json(constant: str) -> Any:
+    raise ValueError(f"{constant} is not JSON")
+
+
+def loads_json(raw: bytes | str) -> Any:
+    """Parse a request body as JSON (RFC 8259) strictly: ``NaN``, ``Infinity`` and ``-Infinity`` raise
+    ValueError, as every platform's JSON parser refuses them, whereas Python's ``json.loads`` accepts them (a
+    sandbox would take a body the platform refuses, and its state would no longer dump as JSON). Also
+    ValueError (UnicodeDecodeError) for bytes that are not UTF-8."""
+    return json.loads(raw, parse_constant=_not_json)
 
 
 def json_response(payload: Any, status: int = 200, headers: Mapping[str, str] | None = None) -> web.Response:

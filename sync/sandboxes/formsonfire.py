@@ -39,6 +39,7 @@ import contextvars
 import hmac
 import io
 import json
+import re
 import time
 import xml.etree.ElementTree as ET
 from collections.abc import Callable, Mapping
@@ -52,7 +53,7 @@ from aiohttp import web
 from sync.platforms.formsonfire import ENDPOINT, XSI_NAMESPACE, BodyFormat, UserKey
 from sync.sandboxes._base import PlatformSandbox, SandboxSettings
 from sync.sandboxes._command import FOF_KEY_ENV, Built, Credential, SandboxCommand
-from sync.sandboxes._core import ApiError, json_response
+from sync.sandboxes._core import ApiError, json_response, loads_json
 from sync.sandboxes.formsonfire_state import FormsOnFireState, KnownUser, Push
 
 __all__ = [
@@ -151,6 +152,11 @@ def _local(tag: str) -> str:
     return tag.rsplit("}", 1)[-1]
 
 
+_XML_SPACE = " \t\r\n"
+"""The only whitespace XML knows (``str.strip()`` would also take NBSP and the other Unicode spaces)."""
+_XML_INT = re.compile(r"[+-]?[0-9]+")
+"""XML Schema's integer: ASCII digits with an optional sign. Python's ``int()`` also takes ``1_000`` and other
+scripts' digits (``٣``), which .NET's ``XmlConvert.ToInt32`` refuses."""
 _INT32 = range(-(2**31), 2**31)
 """The document's Integer fields are .NET ``int``: a value outside it does not deserialise [I]."""
 
@@ -169,8 +175,8 @@ def _typed(name: str, value: Any) -> Any:
 def parse_json_body(raw: bytes) -> dict[str, Any]:
     """A JSON push as a dict of typed fields (unknown fields are ignored, as the platform's binder does [I])."""
     try:
-        body = json.loads(raw)
-    except ValueError:
+        body = loads_json(raw)
+    except ValueError:  # also NaN and Infinity, which no JSON parser takes
         raise _bad("the body is not valid JSON") from None
     if type(body) is not dict:
         raise _bad("the body must be a JSON object")
@@ -185,14 +191,14 @@ def _xml_value(name: str, element: ET.Element) -> Any:
     text = element.text or ""
     expected = _FIELD_TYPES.get(name, str)
     if expected is bool:
-        if text.strip() not in ("true", "false"):
+        if text.strip(_XML_SPACE) not in ("true", "false"):
             raise _bad(f"{name}: expected true or false")
-        return text.strip() == "true"
+        return text.strip(_XML_SPACE) == "true"
     if expected is int:
-        try:
-            return _typed(name, int(text.strip()))
-        except ValueError:
-            raise _bad(f"{name}: expected an integer") from None
+        digits = text.strip(_XML_SPACE)
+        if not _XML_INT.fullmatch(digits):
+            raise _bad(f"{name}: expected an integer")
+        return _typed(name, int(digits))
     return text
 
 

@@ -96,6 +96,10 @@ class FormsOnFireState:
         return [p for p in self.pushes if p.user == user]
 
     def load(self, data: Mapping[str, Any]) -> None:
+        """Load ``{"users": [{"UserId", "UserEmail", "UserExternalId"}], "pushes": [...]}`` (the dump's shape)."""
+        unknown = sorted(set(data) - {"users", "pushes"})
+        if unknown:  # another platform's seed file would otherwise start an empty sandbox without a word
+            raise ValueError(f"unknown seed sections {unknown} (this sandbox takes users and pushes)")
         self.add_users(KnownUser.from_mapping(u) for u in data.get("users") or ())
         for item in data.get("pushes") or ():
             self.pushes.append(

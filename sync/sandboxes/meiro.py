@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import hmac
-import json
 import os
 import secrets
 import time
@@ -37,7 +36,7 @@ from aiohttp import web
 from sync.platforms.meiro import EDIT_FEATURE, TOKEN_TTL, VIEW_FEATURE, ExportStatus
 from sync.sandboxes._base import PlatformSandbox, SandboxSettings
 from sync.sandboxes._command import PASSWORD_ENV, Built, SandboxCommand
-from sync.sandboxes._core import ApiError, FaultKind, json_response
+from sync.sandboxes._core import ApiError, FaultKind, json_response, loads_json
 from sync.sandboxes.meiro_state import MeiroState, Progression, SandboxExport
 
 __all__ = [
@@ -235,8 +234,8 @@ class MeiroSandbox(PlatformSandbox[MeiroSandboxConfig, MeiroState]):
 
     async def _json_object(self, request: web.Request) -> dict[str, Any]:
         try:
-            body = json.loads(await request.read())
-        except ValueError:  # also UnicodeDecodeError
+            body = loads_json(await request.read())
+        except ValueError:  # also UnicodeDecodeError, NaN and Infinity
             raise ApiError(400, None, "Invalid JSON body") from None
         if not isinstance(body, dict):
             raise ApiError(400, None, "The body must be a JSON object")

@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import hmac
-import json
 import time
 from collections.abc import Callable
 from typing import Any
@@ -22,7 +21,7 @@ from aiohttp import web
 
 from sync.sandboxes._base import PlatformSandbox
 from sync.sandboxes._command import API_KEY_ENV, Built, Credential, SandboxCommand
-from sync.sandboxes._core import ApiError, FaultKind, json_response
+from sync.sandboxes._core import ApiError, FaultKind, json_response, loads_json
 from sync.sandboxes.netmera_config import (
     API_KEY_INVALID,
     INTERNAL_ERROR,
@@ -146,8 +145,8 @@ class NetmeraSandbox(NetmeraHandlers, PlatformSandbox[NetmeraSandboxConfig, Netm
                 raise ApiError(415, INVALID_JSON, "Content-Type must be application/json")
             raw = await request.read()
             try:
-                body = json.loads(raw)
-            except ValueError:  # also UnicodeDecodeError
+                body = loads_json(raw)
+            except ValueError:  # also UnicodeDecodeError, NaN and Infinity
                 raise ApiError(400, INVALID_JSON, "invalid JSON") from None
             result = apply(body)
             if result is not None:

@@ -56,10 +56,10 @@ from sync.platforms.notifyvisitors import (
     RATE_LIMITS_PER_MINUTE,
     USER_CREATE,
 )
-from sync.platforms.notifyvisitors.requests import EVENT_TIME_FORMATS
+from sync.platforms.notifyvisitors.requests import EVENT_TIME_FORMATS, write_time
 from sync.sandboxes._base import PlatformSandbox, SandboxSettings, table
 from sync.sandboxes._command import NV_KEY_ENV, NV_TOKEN_ENV, Built, Credential, SandboxCommand
-from sync.sandboxes._core import ApiError, RateLimit, json_response
+from sync.sandboxes._core import ApiError, RateLimit, json_response, loads_json
 
 __all__ = [
     "API_PREFIX",
@@ -151,6 +151,9 @@ class NotifyVisitorsState:
 
     def load(self, data: Mapping[str, Any]) -> None:
         """Load ``{"users": [{"userID", "user_attributes"}], "events": [...]}`` (the dump's shape)."""
+        unknown = sorted(set(data) - {"users", "events"})
+        if unknown:  # another platform's seed file would otherwise start an empty sandbox without a word
+            raise ValueError(f"unknown seed sections {unknown} (this sandbox takes users and events)")
         for item in data.get("users") or ():
             self.upsert(str(item["userID"]), dict(item.get("user_attributes") or {}))
         for item in data.get("events") or ():
@@ -259,7 +262,8 @@ def _parses(value: Any, fmt: str) -> bool:
     if type(value) is not str:
         return False
     try:
-        return datetime.strptime(value, fmt).strftime(fmt) == value  # also refuses 2024-1-5
+        # also refuses 2024-1-5; yyyy is four digits, 0999 too (strptime refuses 999)
+        return write_time(datetime.strptime(value, fmt), fmt) == value
     except ValueError:
         return False
 
@@ -349,8 +353,8 @@ class NotifyVisitorsSandbox(PlatformSandbox[NotifyVisitorsSandboxConfig, NotifyV
     def _handler(self, apply: Callable[[Any], dict[str, Any]]) -> Any:
         async def handler(request: web.Request) -> web.StreamResponse:
             try:
-                body = json.loads(await request.read())
-            except ValueError:  # also UnicodeDecodeError
+                body = loads_json(await request.read())
+            except ValueError:  # also UnicodeDecodeError, NaN and Infinity
                 raise _invalid("body", "not valid JSON") from None
             return json_response(envelope("success", "success", apply(body)))
 

@@ -285,6 +285,21 @@ async def test_example_job_aborts_on_a_wrong_integration_key(
     assert running.sandbox.state.pushes == []
 
 
+async def test_example_job_against_the_sandbox_the_readme_starts_refuses_crm_404(
+    fof_sandbox_factory: FofFactory, tmp_path: Path
+) -> None:
+    # README: `pushsync sandbox formsonfire ... --seed-file jobs/data/formsonfire_sandbox.json`. Without known
+    # users the sandbox accepted crm-404 and the run ended 0, while the README promises exit 1 and the sample
+    # row says "Nobody has this external ID".
+    seed = EXAMPLE_JOB.parent / "data" / "formsonfire_sandbox.json"
+    running = await fof_sandbox_factory(users=(), seed_file=seed)
+    outcome = await run(example_job(running.url, tmp_path / "work"), RunOptions(api_key=FOF_KEY))
+    assert outcome.exit_code is ExitCode.PARTIAL
+    assert sorted(p.user for p in running.sandbox.state.pushes) == ["api-1", "api-2", "api-3"]
+    with Ledger.open(outcome.ledger_path) as ledger:
+        assert [(r[1], r[2]) for r in ledger.refused_ids(outcome.run_id)] == [("crm-404", "UserNotFound")]
+
+
 def test_job_problems_are_reported_at_load(tmp_path: Path) -> None:
     (tmp_path / "p.csv").write_text("id,t\n1,a\n", encoding="utf-8")
     (tmp_path / "job.yaml").write_text(
@@ -314,3 +329,39 @@ dispatch: {batch_size: 10}
         "sources[0].attributes.t",
         "sources[1].kind",
     }
+
+
+@pytest.mark.parametrize(
+    ("setting", "message"),
+    [
+        # read as a flag, anything but a yes sent Sound false with every push
+        ('sound: "ture"', "must be true or false"),
+        # ignored without a word: every push went out as JSON
+        ("body_fromat: xml", "did you mean body_format?"),
+        # every XML body was not well-formed, every push refused
+        ('xml_root: "Push Request"', "must be an XML element name"),
+    ],
+)
+def test_settings_that_would_change_every_push_are_refused_at_load(
+    tmp_path: Path, setting: str, message: str
+) -> None:
+    (tmp_path / "p.csv").write_text("id,t\n1,a\n", encoding="utf-8")
+    (tmp_path / "job.yaml").write_text(
+        f"""
+version: 1
+destination:
+  platform: formsonfire
+  base_url: "http://127.0.0.1:1/api/v2/"
+  secret: {{env: X}}
+  extra: {{company_id: "1", {setting}}}
+defaults: {{ext_id: id}}
+sources:
+  - {{name: p, path: p.csv, attributes: {{t: {{attribute: Title}}}}}}
+""",
+        encoding="utf-8",
+    )
+    with pytest.raises(BadJobError) as info:
+        load_job(tmp_path / "job.yaml")
+    (problem,) = info.value.problems
+    assert problem.location == f"destination.extra.{setting.split(':')[0]}"
+    assert message in problem.message

@@ -3,6 +3,8 @@ in the body, errors inside 200s, 400/404/405, known users, faults, limits and in
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -10,6 +12,7 @@ import pytest
 from conftest_formsonfire import FOF_COMPANY, FOF_KEY, FofFactory, RunningFormsOnFire, credentials
 from sandbox_fixtures import start_sandbox_process, stop_sandbox_process
 
+from sync.cli import main
 from sync.platforms.formsonfire import XSI_NAMESPACE
 
 NS = f'xmlns:i="{XSI_NAMESPACE}"'
@@ -110,6 +113,21 @@ async def test_format_parameter_chooses_the_answer_and_defaults_to_the_body_form
             xml("<CompanyId>seven</CompanyId>", creds_xml()[1], "<UserId>api-1</UserId>"),
             "CompanyId: expected an integer",
         ),
+        # int() reads these; XML Schema's (and .NET's) integer is ASCII digits with an optional sign
+        (
+            xml("<CompanyId>1_000</CompanyId>", creds_xml()[1], "<UserId>api-1</UserId>"),
+            "CompanyId: expected",
+        ),
+        (
+            xml(creds_xml()[0], "<ExpirySecs>\u0663</ExpirySecs>", creds_xml()[1], "<UserId>api-1</UserId>"),
+            "ExpirySecs: expected",
+        ),
+        (
+            xml(
+                creds_xml()[0], "<ExpirySecs>\u00a030</ExpirySecs>", creds_xml()[1], "<UserId>api-1</UserId>"
+            ),
+            "ExpirySecs: expected",
+        ),
         ("<PushRequest", "not well-formed"),
         ('<!DOCTYPE x [<!ENTITY a "b">]><x/>', "DTDs"),
     ],
@@ -157,6 +175,16 @@ async def test_json_fields_of_the_wrong_type_are_400(
     assert message in reply.json["ResponseStatus"]["Message"]
     assert (await fof_sandbox.push("[1, 2]")).status == 400
     assert (await fof_sandbox.push("{nope")).status == 400
+
+
+async def test_nan_and_infinity_are_not_json(fof_sandbox: RunningFormsOnFire) -> None:
+    # Python's json module reads them, even in a field the binder ignores; the platform's parser does not.
+    for constant in ("NaN", "Infinity"):
+        body = json.dumps(credentials(UserId="api-1"))[:-1] + f', "Extra": {constant}}}'
+        reply = await fof_sandbox.push(body)
+        assert reply.status == 400 and reply.error_code == "SerializationException"
+        assert "not valid JSON" in reply.json["ResponseStatus"]["Message"]
+    assert fof_sandbox.sandbox.state.pushes == []
 
 
 @pytest.mark.parametrize(
@@ -260,3 +288,22 @@ async def test_cli_runs_the_sandbox_until_sigterm(tmp_path: Any) -> None:
                 assert resp.status == 200 and (answer.get("ResponseStatus") or {}).get("ErrorCode") == code
     finally:
         assert stop_sandbox_process(process) == 0
+
+
+@pytest.mark.parametrize(
+    ("seed", "message"),
+    [
+        ({"users": "api-1"}, "not in the shape of GET /_sandbox/state"),  # was a traceback (AttributeError)
+        ({"push_notifications": []}, "unknown seed sections ['push_notifications']"),  # was an empty sandbox
+        ({"users": [{"UserEmail": "a@example.test"}]}, "a known user needs a UserId"),
+    ],
+)
+def test_a_bad_seed_file_exits_2_naming_it(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], seed: Any, message: str
+) -> None:
+    path = tmp_path / "seed.json"
+    path.write_text(json.dumps(seed), encoding="utf-8")
+    assert main(["sandbox", "formsonfire", "--port", "0", "--seed-file", str(path)]) == 2
+    captured = capsys.readouterr()
+    assert captured.err.startswith(f"pushsync: error: {path}: {message}")
+    assert "job file" not in captured.err and captured.out == ""

@@ -32,6 +32,9 @@ async def test_login_issues_a_token_and_every_other_call_needs_it(meiro_sandbox:
     assert (empty.status, empty.body) == (400, {"message": "email and password are required"})
     broken = await meiro_sandbox.request("POST", "users/login", data=b"{not json")
     assert broken.status == 400 and broken.body == {"message": "Invalid JSON body"}
+    nan = json.dumps({"email": MEIRO_EMAIL, "password": MEIRO_PASSWORD})[:-1].encode() + b', "remember": NaN}'
+    not_json = await meiro_sandbox.request("POST", "users/login", data=nan)  # Python reads NaN; JSON has none
+    assert not_json.status == 400 and not_json.body == {"message": "Invalid JSON body"}
     _seed(meiro_sandbox)
     missing = await meiro_sandbox.request("GET", f"push_notifications/{NID}/exports")
     assert (missing.status, missing.body) == (401, {"message": "Missing X-Access-Token header"})

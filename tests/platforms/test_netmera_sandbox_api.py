@@ -27,6 +27,7 @@ def test_core_public_names_are_pinned() -> None:
         "SandboxCore",
         "SandboxStats",
         "json_response",
+        "loads_json",
         "parse_limits",
         "start_app",
     ]

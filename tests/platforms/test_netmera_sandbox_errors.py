@@ -18,7 +18,9 @@ async def test_missing_or_wrong_api_key_is_403_2010(netmera_sandbox: Any) -> Non
     assert not netmera_sandbox.sandbox.state.exists("a")
 
 
-@pytest.mark.parametrize("raw", ["{bad", "", "[1, 2", "\xff"])
+@pytest.mark.parametrize(
+    "raw", ["{bad", "", "[1, 2", "\xff", '{"tag": "t", "extIds": ["a"], "weight": NaN}', '{"tag": Infinity}']
+)
 async def test_malformed_json_is_400_2009(netmera_sandbox: Any, raw: str) -> None:
     reply = await netmera_sandbox.post("tagUsers", data=raw.encode("latin-1"))
     assert reply.status == 400

@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 from aiohttp import web
-from conftest_notifyvisitors import NV_API_KEY, NV_TOKEN, NvFactory, RunningNotifyVisitors
+from conftest_notifyvisitors import NV_API_KEY, NV_BRAND_ID, NV_TOKEN, NvFactory, RunningNotifyVisitors
 from hypothesis import given
 from hypothesis import strategies as st
 from structlog.testing import capture_logs
@@ -77,6 +77,91 @@ def test_dates_times_and_flags() -> None:
     assert [opt_in_flag(v) for v in (True, False, "yes", "0", 1, "TRUE")] == ["1", "0", "1", "0", "1", "1"]
     with pytest.raises(ValueError):
         opt_in_flag("maybe")
+
+
+async def test_years_before_1000_are_written_in_four_digits(
+    nv_sandbox: RunningNotifyVisitors, tmp_path: Path
+) -> None:
+    # strftime wrote year 999 as "999-01-01", which is not yyyy-MM-dd: the platform refused the row with "must
+    # be yyyy-MM-dd HH:mm:ss" though its date was a real one (a typo such as 0999 for 1999 is, too) — audit.
+    assert format_date(date(999, 1, 1)) == "0999-01-01"
+    assert format_event_time(datetime(999, 1, 1, 1, 2, 3, tzinfo=UTC)) == "0999-01-01 01:02:03"
+    (tmp_path / "u.csv").write_text("id,born\nU1,0999-03-04\n", encoding="utf-8")
+    (tmp_path / "e.csv").write_text("id,event,when\nU1,signup,0999-03-04 05:06:07\n", encoding="utf-8")
+    (tmp_path / "job.yaml").write_text(
+        f"""
+version: 1
+name: nv-old-years
+destination:
+  platform: notifyvisitors
+  base_url: {nv_sandbox.url}
+  secret: {{env: NV_TEST_KEY}}
+  extra: {{brand_id: "{NV_BRAND_ID}", event_time_zone: UTC}}
+defaults: {{ext_id: id}}
+validation: {{timezone: UTC}}
+sources:
+  - {{name: users, path: u.csv, attributes: {{born: {{attribute: birth_date, type: date}}}}}}
+  - name: events
+    kind: events
+    path: e.csv
+    event: event
+    attributes: {{when: {{attribute: event_time, type: date}}}}
+""",
+        encoding="utf-8",
+    )
+    outcome = await run(load_job(tmp_path / "job.yaml"), RunOptions(api_key=NV_API_KEY))
+    assert outcome.exit_code is ExitCode.OK
+    state = nv_sandbox.sandbox.state
+    assert state.users == {"U1": {"birth_date": "0999-03-04"}}
+    assert [e.event_time for e in state.events] == ["0999-03-04 05:06:07"]
+    # The sandbox reads yyyy as four digits, as the platform does: 999-03-04 is not a yyyy-MM-dd date.
+    for when, status in (("0999-03-04 05:06:07", 200), ("999-03-04 05:06:07", 400)):
+        event = {"userID": "U1", "event_name": "e", "event_time": when}
+        assert (await nv_sandbox.post("event/create", {"nv": [event]})).status == status
+
+
+async def test_a_user_id_over_100_characters_is_a_rejected_row_found_by_the_plan(
+    nv_sandbox: RunningNotifyVisitors, tmp_path: Path
+) -> None:
+    # validation.max_id_length defaults to 256: a 101-character ID was sent, refused by the platform and
+    # isolated by halving its request (audit); it is the row's own fault, so the plan finds it.
+    long_id = "L" * 101
+    (tmp_path / "u.csv").write_text(f"id,name\nU1,Ada\n{long_id},Bob\n", encoding="utf-8")
+    (tmp_path / "e.csv").write_text(
+        f"id,event,when\n{long_id},signup,2024-05-01 10:00:00\nU1,signup,2024-05-01 10:00:00\n",
+        encoding="utf-8",
+    )
+    (tmp_path / "job.yaml").write_text(
+        f"""
+version: 1
+name: nv-long-ids
+destination:
+  platform: notifyvisitors
+  base_url: {nv_sandbox.url}
+  secret: {{env: NV_TEST_KEY}}
+  extra: {{brand_id: "{NV_BRAND_ID}"}}
+defaults: {{ext_id: id}}
+sources:
+  - {{name: users, path: u.csv, attributes: {{name: string}}}}
+  - name: events
+    kind: events
+    path: e.csv
+    event: event
+    attributes: {{when: {{attribute: event_time, type: date}}}}
+""",
+        encoding="utf-8",
+    )
+    outcome = await run(load_job(tmp_path / "job.yaml"), RunOptions(api_key=NV_API_KEY))
+    assert outcome.exit_code is ExitCode.PARTIAL
+    assert outcome.summary.ids_rejected == 0  # nothing refused by the platform: nothing sent for them
+    assert list(nv_sandbox.sandbox.state.users) == ["U1"]
+    assert [e.user_id for e in nv_sandbox.sandbox.state.events] == ["U1"]
+    with Ledger.open(outcome.ledger_path) as ledger:
+        rejected = sorted(
+            (Path(r.path).name, r.row, r.column, r.reason) for r in ledger.rejected_rows(outcome.run_id)
+        )
+    reason = "userID is 101 characters long: NotifyVisitors takes at most 100"
+    assert rejected == [("e.csv", 1, "id", reason), ("u.csv", 2, "id", reason)]
 
 
 def test_user_attributes_format_the_documented_fields() -> None:
@@ -432,3 +517,27 @@ sources:
         load_job(tmp_path / "job.yaml")
     where = {p.location for p in info.value.problems}
     assert where == {"destination.extra.brand_id", "sources[0].tags", "sources[0].opt_ins", "sources[1].kind"}
+
+
+def test_a_misspelt_setting_is_refused_at_load_not_ignored(tmp_path: Path) -> None:
+    # event_time_zon was ignored without a word: every event went out in validation.timezone (audit).
+    (tmp_path / "u.csv").write_text("id,t\n1,a\n", encoding="utf-8")
+    (tmp_path / "job.yaml").write_text(
+        """
+version: 1
+destination:
+  platform: notifyvisitors
+  base_url: "http://127.0.0.1:1/api/v1/"
+  secret: {env: X}
+  extra: {brand_id: "1", event_time_zon: UTC}
+defaults: {ext_id: id}
+sources:
+  - {name: u, path: u.csv, attributes: {t: string}}
+""",
+        encoding="utf-8",
+    )
+    with pytest.raises(BadJobError) as info:
+        load_job(tmp_path / "job.yaml")
+    (problem,) = info.value.problems
+    assert problem.location == "destination.extra.event_time_zon"
+    assert "did you mean event_time_zone?" in problem.message

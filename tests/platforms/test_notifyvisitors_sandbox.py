@@ -4,6 +4,7 @@ limits with X-RateLimit-Remaining, seeded faults, stats and inspection — over 
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -11,6 +12,7 @@ import pytest
 from conftest_notifyvisitors import NV_BRAND_ID, NvFactory, RunningNotifyVisitors
 from sandbox_fixtures import start_sandbox_process, stop_sandbox_process
 
+from sync.cli import main
 from sync.sandboxes._core import FaultSpec, RateLimit
 
 
@@ -202,6 +204,9 @@ async def test_values_at_the_documented_bounds_are_accepted(nv_sandbox: RunningN
     ("data", "message"),
     [
         ("{not json", "not valid JSON"),
+        # Python's json module reads these; no JSON parser (the platform's) does
+        ('{"nv": [{"userID": "u", "user_attributes": {"score": NaN}}]}', "not valid JSON"),
+        ('{"nv": [{"userID": "u", "user_attributes": {"score": -Infinity}}]}', "not valid JSON"),
         ('{"users": []}', 'expected {"nv": [...]}'),
         ('{"nv": []}', "is empty"),
     ],
@@ -209,6 +214,7 @@ async def test_values_at_the_documented_bounds_are_accepted(nv_sandbox: RunningN
 async def test_malformed_bodies(nv_sandbox: RunningNotifyVisitors, data: str, message: str) -> None:
     reply = await nv_sandbox.post("user/create", data=data)
     assert reply.status == 400 and message in reply.envelope["message"]
+    assert nv_sandbox.sandbox.state.users == {}
 
 
 async def test_unknown_url_is_404_and_wrong_method_405(nv_sandbox: RunningNotifyVisitors) -> None:
@@ -347,3 +353,24 @@ async def test_cli_runs_the_sandbox_until_sigterm() -> None:
                     assert resp.status == 200 and resp.headers["X-RateLimit-Remaining"] in ("99", "98")
     finally:
         assert stop_sandbox_process(process) == 0
+
+
+@pytest.mark.parametrize(
+    ("seed", "message"),
+    [
+        (
+            {"users": [{"user_attributes": {}}]},
+            "an entry lacks 'userID'",
+        ),  # was "problem(s) in job file: 'userID'"
+        ({"exports": []}, "unknown seed sections ['exports']"),  # was an empty sandbox, without a word
+    ],
+)
+def test_a_bad_seed_file_exits_2_naming_it(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], seed: Any, message: str
+) -> None:
+    path = tmp_path / "seed.json"
+    path.write_text(json.dumps(seed), encoding="utf-8")
+    assert main(["sandbox", "notifyvisitors", "--port", "0", "--seed-file", str(path)]) == 2
+    captured = capsys.readouterr()
+    assert captured.err.startswith(f"pushsync: error: {path}: {message}")
+    assert "job file" not in captured.err and captured.out == ""

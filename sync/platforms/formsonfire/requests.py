@@ -40,13 +40,22 @@ from sync.platforms import _encode as enc
 from sync.platforms import _xml
 from sync.platforms._batches import _key_bytes
 from sync.platforms._text import PY_WHITESPACE
-from sync.platforms.formsonfire import DEFAULT_XML_ROOT, ENDPOINT, XSI_NAMESPACE, BodyFormat, UserKey
+from sync.platforms.base import unknown_settings
+from sync.platforms.formsonfire import (
+    DEFAULT_XML_ROOT,
+    ENDPOINT,
+    PLATFORM,
+    XSI_NAMESPACE,
+    BodyFormat,
+    UserKey,
+)
 from sync.records import Batch, Operation, Phase, RowRef
 
 __all__ = [
     "CONTENT_TYPES",
     "MAX_EXPIRY_SECS",
     "MESSAGE_FIELDS",
+    "SETTINGS",
     "Builder",
     "OneOrigin",
     "RequestWriter",
@@ -578,9 +587,32 @@ def for_job(job: Job) -> Builder:
     )
 
 
+SETTINGS = (
+    "company_id",
+    "body_format",
+    "response_format",
+    "user_key",
+    "xml_root",
+    *_EXTRA_KEYS.values(),
+    "fatal_error_codes",
+    "fatal_after",
+)
+"""The ``destination.extra`` keys a Forms On Fire job may set (docs/formsonfire.md)."""
+_FALSE = frozenset({"false", "0", "no", "n", "off"})
+_XML_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9._-]*")
+"""An XML element name without a prefix (ASCII: what a DataContract's name is)."""
+
+
 def job_problems(sources: Sequence[Source], extra: Mapping[str, str]) -> list[JobProblem]:
     """What a Forms On Fire job asks for that the platform cannot do (checked when the job is loaded)."""
-    problems = []
+    problems = unknown_settings(extra, SETTINGS, PLATFORM)
+    if "sound" in extra and extra["sound"].strip().lower() not in _TRUE | _FALSE:
+        # Read as a flag, anything but a yes would send Sound false with every push.
+        problems.append(JobProblem("destination.extra.sound", "must be true or false"))
+    if "xml_root" in extra and not _XML_NAME.fullmatch(extra["xml_root"]):
+        problems.append(
+            JobProblem("destination.extra.xml_root", "must be an XML element name (e.g. PushRequest)")
+        )
     try:
         int(extra.get("company_id", ""))
     except ValueError:

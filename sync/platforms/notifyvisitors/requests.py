@@ -30,9 +30,9 @@ import polars as pl
 from sync.config import Job, Source, SourceKind, ValueType
 from sync.errors import JobProblem
 from sync.planning.row_keys import ROW_KEY
-from sync.planning.validation import REJECTS_SCHEMA
 from sync.platforms import _encode as enc
 from sync.platforms._batches import _key_bytes
+from sync.platforms.base import unknown_settings
 from sync.platforms.notifyvisitors import (
     DATE_ATTRIBUTES,
     DATE_FORMAT,
@@ -45,6 +45,7 @@ from sync.platforms.notifyvisitors import (
     MAX_USER_ID_LENGTH,
     MAX_USERS_PER_REQUEST,
     OPT_IN_ATTRIBUTES,
+    PLATFORM,
     USER_CREATE,
 )
 from sync.records import Batch, Operation, Phase, RowRef
@@ -55,6 +56,7 @@ __all__ = [
     "EVENT_TIME_ATTRIBUTE",
     "EVENT_TIME_FORMATS",
     "MAX_ITEMS",
+    "SETTINGS",
     "Builder",
     "ItemOrigins",
     "Stream",
@@ -80,6 +82,7 @@ __all__ = [
     "user_create_body",
     "user_ids_in_body",
     "user_item",
+    "write_time",
 ]
 
 ENDPOINT_FOR: Mapping[Operation, str] = {
@@ -137,14 +140,20 @@ def format_mobile(value: str) -> str:
     return cleaned
 
 
+def write_time(moment: date, fmt: str) -> str:
+    """``moment.strftime(fmt)`` with the year in four digits, as ``yyyy`` means: C's ``strftime`` (Python's, on
+    Linux) writes year 999 as ``999``, a text the platform's ``yyyy-MM-dd`` does not read (0999-01-01 is)."""
+    return moment.strftime(fmt.replace("%Y", f"{moment.year:04d}"))
+
+
 def format_date(value: date | str) -> str:
     """A date as YYYY-MM-DD; strings must already be valid dates in that format."""
     if isinstance(value, datetime):
-        return value.date().strftime(DATE_FORMAT)
+        return write_time(value.date(), DATE_FORMAT)
     if isinstance(value, date):
-        return value.strftime(DATE_FORMAT)
+        return write_time(value, DATE_FORMAT)
     try:
-        return datetime.strptime(str(value), DATE_FORMAT).date().strftime(DATE_FORMAT)
+        return write_time(datetime.strptime(str(value), DATE_FORMAT).date(), DATE_FORMAT)
     except ValueError:
         raise ValueError(f"date {str(value)[:30]!r} is not YYYY-MM-DD") from None
 
@@ -157,10 +166,10 @@ def format_event_time(value: datetime | str, tz: tzinfo | None = None, fmt: str 
     if isinstance(value, datetime):
         if value.tzinfo is not None:
             value = value.astimezone(tz or UTC)
-        return value.strftime(fmt)
+        return write_time(value, fmt)
     text = str(value).replace("T", " ", 1)
     try:
-        return datetime.strptime(text, EVENT_TIME_FORMAT).strftime(fmt)
+        return write_time(datetime.strptime(text, EVENT_TIME_FORMAT), fmt)
     except ValueError:
         raise ValueError(f"event_time {str(value)[:30]!r} is not yyyy-MM-dd HH:mm:ss") from None
 
@@ -183,9 +192,9 @@ def _scalar(name: str, value: Any) -> Any:
     if isinstance(value, str) and len(value) > MAX_STRING_LENGTH:
         raise ValueError(f"value of {name!r} is {len(value)} characters (fewer than 1000 allowed)")
     if isinstance(value, datetime):
-        return value.strftime(EVENT_TIME_FORMAT)
+        return write_time(value, EVENT_TIME_FORMAT)
     if isinstance(value, date):
-        return value.strftime(DATE_FORMAT)
+        return write_time(value, DATE_FORMAT)
     if value is not None and not isinstance(value, str | int | float | bool):
         raise ValueError(f"value of {name!r} must be a string, number or boolean")
     return value
@@ -679,22 +688,46 @@ class Builder:
     def check_rows(
         self, source: Source, clean: pl.DataFrame, file_name: str
     ) -> tuple[pl.DataFrame, pl.DataFrame]:
-        """An event row without a time is a rejected row (file, row, column): sent without ``event_time`` the
-        platform would date it when it arrives — a retry or a resume later — not when it happened."""
+        """Rows the platform refuses whatever the rest of their request holds are rejected rows (file, row,
+        column), found by ``pushsync plan`` rather than by the platform: an ID longer than ``userID`` may be (100
+        characters, whatever ``validation.max_id_length`` allows), and an event row without a time — sent
+        without ``event_time`` the platform would date it when it arrives (a retry or a resume later), not when
+        it happened."""
+        checks = [
+            (
+                source.ext_id,
+                pl.when(pl.col(_EXT_ID).str.len_chars() > MAX_USER_ID_LENGTH).then(
+                    pl.format(
+                        "userID is {} characters long: NotifyVisitors takes at most {}",
+                        pl.col(_EXT_ID).str.len_chars(),
+                        pl.lit(MAX_USER_ID_LENGTH),
+                    )
+                ),
+            )
+        ]
         column = next((a.column for a in source.attributes if a.attribute == EVENT_TIME_ATTRIBUTE), None)
-        if source.kind is not SourceKind.EVENTS or column is None:
-            return clean, pl.DataFrame(schema=REJECTS_SCHEMA)
-        missing = clean[column].is_null()
-        rejects = clean.filter(missing).select(
+        if source.kind is SourceKind.EVENTS and column is not None:
+            checks.append(
+                (
+                    column,
+                    pl.when(pl.col(column).is_null()).then(
+                        pl.lit("event_time is missing: every event is sent with the time it happened")
+                    ),
+                )
+            )
+        found = clean.with_columns(
+            pl.coalesce([pl.when(e.is_not_null()).then(pl.lit(c)) for c, e in checks]).alias("__column"),
+            pl.coalesce([e for _, e in checks]).alias("__reason"),
+        )
+        bad = found["__reason"].is_not_null()
+        rejects = found.filter(bad).select(
             pl.lit(file_name, pl.String).alias("file"),
             pl.col(_ROW).cast(pl.Int64).alias("row"),
-            pl.lit(column, pl.String).alias("column"),
-            pl.lit("event_time is missing: every event is sent with the time it happened", pl.String).alias(
-                "reason"
-            ),
+            pl.col("__column").cast(pl.String).alias("column"),
+            pl.col("__reason").cast(pl.String).alias("reason"),
             pl.col(_EXT_ID).alias("ext_id"),
         )
-        return clean.filter(~missing), rejects
+        return clean.filter(~bad), rejects
 
     def _value(self, name: str, kind: ValueType, value: Any) -> Any:
         if value is None:
@@ -703,8 +736,8 @@ class Builder:
             moment = datetime.fromtimestamp(value / 1000, UTC)
             if name == EVENT_TIME_ATTRIBUTE:
                 return moment  # formatted with the event's zone and format in _item
-            return moment.astimezone(self._tz).strftime(
-                DATE_FORMAT if name in DATE_ATTRIBUTES else EVENT_TIME_FORMAT
+            return write_time(
+                moment.astimezone(self._tz), DATE_FORMAT if name in DATE_ATTRIBUTES else EVENT_TIME_FORMAT
             )
         if kind is ValueType.BOOLEAN and name in OPT_IN_ATTRIBUTES:
             return opt_in_flag(value)
@@ -721,8 +754,8 @@ class Builder:
         attrs = {k: v for k, v in values.items() if v is not None}
         if stream.operation is Operation.SET_ATTRIBUTES:
             if isinstance(attrs.get(EVENT_TIME_ATTRIBUTE), datetime):  # only events have an event_time
-                attrs[EVENT_TIME_ATTRIBUTE] = (
-                    attrs[EVENT_TIME_ATTRIBUTE].astimezone(self._tz).strftime(EVENT_TIME_FORMAT)
+                attrs[EVENT_TIME_ATTRIBUTE] = write_time(
+                    attrs[EVENT_TIME_ATTRIBUTE].astimezone(self._tz), EVENT_TIME_FORMAT
                 )
             try:
                 return user_item(user_id, attrs)
@@ -745,7 +778,8 @@ class Builder:
 
     def _local_time(self, column: str, tz: tzinfo, fmt: str) -> tuple[pl.Expr, pl.Expr] | None:
         """``(text, odd)`` of a date column (epoch milliseconds) as local time in ``tz`` and ``fmt``. Odd (built
-        the Python way) outside 1000-01-02..2036-12-31 UTC: Python writes years below 1000 differently, and
+        the Python way) outside 1000-01-02..2036-12-31 UTC: years below 1000 are written by
+        :func:`write_time` (the text polars and Python write for them is not one to rely on), and
         polars' zone rules (chrono-tz) stop following a zone's daylight-saving rule after 2037, where Python's
         zoneinfo keeps applying it. None when ``tz`` has no IANA name polars knows."""
         name = _zone_name(tz)
@@ -1052,9 +1086,13 @@ def for_job(job: Job) -> Builder:
     )
 
 
+SETTINGS = ("auth", "brand_id", "event_time_format", "event_time_zone", "events_after_users", "rate_window")
+"""The ``destination.extra`` keys a NotifyVisitors job may set (docs/notifyvisitors.md)."""
+
+
 def job_problems(sources: Sequence[Source], extra: Mapping[str, str]) -> list[JobProblem]:
     """What a NotifyVisitors job asks for that the platform cannot do (checked when the job is loaded)."""
-    problems = []
+    problems = unknown_settings(extra, SETTINGS, PLATFORM)
     auth = extra.get("auth", "api_key")
     if auth not in ("api_key", "bearer"):
         problems.append(JobProblem("destination.extra.auth", "must be api_key or bearer"))
