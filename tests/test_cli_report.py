@@ -338,3 +338,32 @@ def test_runs_and_show_read_at_a_glance_and_as_json(
     out = tmp_path / "report.html"
     assert main(["report", "latest", "--job", str(job), "-o", str(out)]) == 0
     assert f'data-field="run_id">{run_id}<' in out.read_text(encoding="utf-8")
+
+
+def test_runs_and_show_name_a_run_no_process_runs_any_more_died(tmp_path: Path, capsys: Any) -> None:
+    # A run killed with SIGKILL (or by the OOM killer) records no end: `runs` listed it "running" until the
+    # job's next run (audit). While a process holds the job's lock it is running; once none does, it died.
+    from sync.config import Destination
+    from sync.state import StateStore
+
+    workdir = tmp_path / "work"
+    with Ledger.open(workdir / "ledger.sqlite") as ledger:
+        ledger.start_run("killed", job="nightly", platform="netmera")
+    store = StateStore(workdir, Destination(platform="netmera", base_url="http://127.0.0.1:9/rest/3.0/"))
+
+    def listed() -> dict[str, Any]:
+        assert main(["runs", "--workdir", str(workdir), "--output", "json"]) == 0
+        (run,) = json.loads(capsys.readouterr().out)
+        return dict(run)
+
+    with store.lock():  # the run's process, alive
+        assert listed()["status"] == "running"
+        assert main(["show", "killed", "--workdir", str(workdir)]) == 0
+        assert "killed of job nightly (netmera): running" in capsys.readouterr().out
+    run = listed()
+    assert run["status"] == "died" and "killed?" in run["message"]
+    assert main(["runs", "--workdir", str(workdir)]) == 0
+    assert cells(capsys.readouterr().out, "killed")[3:5] == ["-", "died"]
+    assert main(["show", "killed", "--workdir", str(workdir)]) == 0
+    shown = capsys.readouterr().out
+    assert "killed of job nightly (netmera): died" in shown and "the next run of the job" in shown

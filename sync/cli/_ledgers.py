@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -11,7 +12,16 @@ from typing import Any
 
 from sync.errors import StateError
 
-__all__ = ["add_database_url", "database_url", "find_run", "ledger_paths", "local_copy"]
+__all__ = [
+    "DIED",
+    "add_database_url",
+    "database_url",
+    "find_run",
+    "ledger_paths",
+    "local_copy",
+    "name_the_dead",
+    "runs_of",
+]
 
 
 def ledger_paths(job: Path | None, workdir: Path | None, ledger: Path | None = None) -> list[Path]:
@@ -31,6 +41,45 @@ def ledger_paths(job: Path | None, workdir: Path | None, ledger: Path | None = N
     cwd = Path.cwd()
     found = {*cwd.glob(f".pushsync/*/{LEDGER_FILE}"), *cwd.glob(f"*/.pushsync/*/{LEDGER_FILE}")}
     return sorted(found)
+
+
+DIED = "died"
+"""The status ``runs`` and ``show`` give a run recorded ``running`` that no process runs any more."""
+DIED_MESSAGE = (
+    "no process holds the job's lock: the run ended without recording its end (killed?); "
+    "the next run of the job records it interrupted and sends what it left"
+)
+
+
+def runs_of(path: Path) -> list[Any]:
+    """The runs of the SQLite ledger at ``path`` (:class:`sync.ledger.ledger.RunInfo`, newest first), a dead one
+    named so (:func:`name_the_dead`)."""
+    from sync.ledger.ledger import Ledger
+    from sync.state import job_lock_held
+
+    held = job_lock_held(path.parent)
+    with Ledger.open(path, read_only=True) as ledger:
+        infos = ledger.runs()
+    return name_the_dead(path, infos, held)
+
+
+def name_the_dead(path: Path, infos: list[Any], held_before: bool | None) -> list[Any]:
+    """``infos`` read from the ledger at ``path``, a run recorded ``running`` given the status :data:`DIED` when no
+    process holds its job's lock (:func:`sync.state.job_lock_held`) — a run killed (SIGKILL, the OOM killer, a
+    power loss) records no end, and was listed ``running`` until the job's next run. ``held_before``: the lock
+    as seen before the ledger was read; it is looked at again after, and a run is called dead only when both
+    saw it free: a run that started between the two holds it at the second, one that ended between held it at
+    the first. Unknown (not Linux): left as recorded."""
+    if held_before is not False or not any(r.status == "running" for r in infos):
+        return infos
+    from sync.state import job_lock_held
+
+    if job_lock_held(path.parent) is not False:
+        return infos
+    return [
+        dataclasses.replace(r, status=DIED, message=DIED_MESSAGE) if r.status == "running" else r
+        for r in infos
+    ]
 
 
 def find_run(run_id: str, paths: list[Path]) -> tuple[Path, str]:

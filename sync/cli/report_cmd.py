@@ -70,7 +70,13 @@ def _report(args: argparse.Namespace) -> int:
 
 # -- `pushsync runs` and `pushsync show` as rich tables (called by sync.cli.run_cmd) ---------------------------
 
-_STATUS_STYLE = {"done": "green", "partial": "yellow", "aborted": "bold red", "interrupted": "magenta"}
+_STATUS_STYLE = {
+    "done": "green",
+    "partial": "yellow",
+    "aborted": "bold red",
+    "interrupted": "magenta",
+    "died": "bold magenta",
+}
 
 
 def _console() -> Any:
@@ -90,7 +96,7 @@ def _when(ts: float | None) -> str:
 
 def _took(info: Any) -> str:
     if info.finished_at is None:
-        return "running"
+        return "-" if info.status == "died" else "running"
     seconds = info.finished_at - info.started_at
     if seconds < 60:
         return f"{seconds:.1f} s"

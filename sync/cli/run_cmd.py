@@ -170,10 +170,8 @@ def _when(ts: float | None) -> str:
 
 
 def _runs(args: argparse.Namespace) -> int:
-    from sync.ledger.ledger import Ledger
-
     infos = []
-    from sync.cli._ledgers import database_url, ledger_paths
+    from sync.cli._ledgers import database_url, ledger_paths, runs_of
 
     url = database_url(args, args.job)
     if url is not None:
@@ -183,10 +181,8 @@ def _runs(args: argparse.Namespace) -> int:
         with open_ledger(url) as pg:
             infos.extend(pg.runs(load_job(args.job).name if args.job is not None else None))
     for path in ledger_paths(args.job, args.workdir) if url is None else []:
-        if not path.exists():
-            continue
-        with Ledger.open(path, read_only=True) as ledger:
-            infos.extend(ledger.runs())
+        if path.exists():
+            infos.extend(runs_of(path))
     infos.sort(key=lambda r: r.started_at, reverse=True)
     if args.output == "json":
         print(json.dumps([_run_json(r) for r in infos], indent=2))
@@ -233,8 +229,12 @@ def _show(args: argparse.Namespace) -> int:
         if run_id == "latest":
             runs = opened.runs()
             run_id = runs[0].run_id if runs else run_id
+        held = None  # the coordinated runs' workers are elsewhere: told by the queue (docs/scaling.md)
     else:
+        from sync.state import job_lock_held
+
         path, run_id = _find_run(args)
+        held = job_lock_held(path.parent)
         opened = Ledger.open(path, read_only=True)
     with opened as ledger:
         info = ledger.run(run_id)
@@ -243,6 +243,10 @@ def _show(args: argparse.Namespace) -> int:
 
             raise StateError(f"no run {run_id} found in {ledger.path}")
         assert info is not None
+        if url is None:
+            from sync.cli._ledgers import name_the_dead
+
+            (info,) = name_the_dead(path, [info], held)
         refused = ledger.refused_ids(run_id)
         rejected = ledger.rejected_rows(run_id)
         unfinished = [

@@ -44,6 +44,7 @@ if TYPE_CHECKING:
         snapshot_streams,
     )
     from sync.state._diff import DiffCounts, diff_frames
+    from sync.state._lock import job_lock_held
     from sync.state._preview import preview
     from sync.state._store import (
         DELETE,
@@ -88,6 +89,7 @@ _HOME = {
     "commit": "sync.state._commit",
     "compute_diff": "sync.state._delta",
     "diff_frames": "sync.state._diff",
+    "job_lock_held": "sync.state._lock",
     "managed_fields": "sync.state._store",
     "preview": "sync.state._preview",
     "recover": "sync.state._commit",
@@ -123,6 +125,7 @@ __all__ = [
     "commit",
     "compute_diff",
     "diff_frames",
+    "job_lock_held",
     "managed_fields",
     "preview",
     "recover",
