@@ -4,8 +4,9 @@ Memory does not grow with file size: CSV is parsed by pyarrow's streaming reader
 encoding Python knows) one block at a time, Parquet one slice at a time by polars' own reader (pyarrow's, one record
 batch at a time, for the column types polars would read otherwise and for what polars cannot read), and only the
 mapped columns are converted. Every chunk comes out as a polars frame with a ``__row`` column (1-based data row number, header
-excluded) and the mapped columns as text (or lists of text, for Parquet list columns; Parquet dates and times keep
-their temporal type). Typing and validation happen next, in :mod:`sync.planning.validation`.
+excluded) and the mapped columns as text (or lists of text, for Parquet list columns — lists of floats keep their
+floats, for validation to refuse a NaN item; Parquet dates and times keep their temporal type). Typing and
+validation happen next, in :mod:`sync.planning.validation`.
 
 Anything that makes a file unreadable as a whole — missing, not CSV, wrong encoding, truncated Parquet, a mapped
 column absent from the header, a Parquet column whose type its mapping cannot send (:mod:`sync.sources._column_types`) —
@@ -453,13 +454,17 @@ def _decimal256_as_text(dtype: pa.DataType) -> pa.DataType:
 
 
 def _as_text(frame: pl.DataFrame) -> pl.DataFrame:
-    """``frame`` with scalar columns as text, except dates/times (kept) and lists (as lists of text)."""
+    """``frame`` with scalar columns as text, except dates/times (kept) and lists (as lists of text, or of floats)."""
     casts = []
     for name, dtype in frame.schema.items():
         if dtype in (pl.Date,) or isinstance(dtype, pl.Datetime) or dtype == pl.String:
             continue
         if isinstance(dtype, pl.List | pl.Array):
-            casts.append(pl.col(name).cast(pl.List(pl.String)))
+            # A list of floats keeps its floats, so that validation can refuse a NaN or infinite item as it
+            # refuses such a value ("NaN" as text would be sent as an item); its items are made text there.
+            inner = dtype.inner
+            item = inner if inner is not None and inner.is_float() else pl.String
+            casts.append(pl.col(name).cast(pl.List(item)))
         elif dtype == pl.Boolean:
             casts.append(pl.col(name).cast(pl.String))
         elif dtype.is_float():
