@@ -25,7 +25,8 @@ _MAGIC: tuple[tuple[bytes, str, str], ...] = (
     (b"PK\x03\x04", "a zip archive", "unzip it and point the source at the CSV file inside"),
     (b"PAR1", "a Parquet file", "set the source's 'format: parquet'"),
 )
-"""Leading bytes → what the file is, and what to do."""
+"""Leading bytes → what the file is, and what to do. (A Parquet file also ends with ``PAR1``: a CSV header may
+start with those four letters, so both ends are read.)"""
 
 _BZIP2_BLOCK = b"1AY&SY"
 """The first block's magic of a bzip2 stream, after ``BZh`` and the block size digit: ``BZh`` alone starts text."""
@@ -47,6 +48,10 @@ def compressed(path: Path) -> BadInputError | None:
     try:
         with path.open("rb") as fh:
             head = fh.read(16)
+            if head.startswith(b"PAR1"):
+                fh.seek(-4, 2)
+                if fh.read(4) != b"PAR1":
+                    return None
     except OSError:
         return None  # the reading says what is wrong
     found = next(((what, fix) for magic, what, fix in _MAGIC if head.startswith(magic)), None)

@@ -260,6 +260,16 @@ CASES: tuple[Case, ...] = (
         planned=_ONE,
     ),
     Case(
+        "parquet_named_csv",
+        _good_parquet(2),
+        fatal=Fatal("users.csv is a Parquet file, not CSV text: set the source's 'format: parquet'"),
+    ),
+    Case(
+        "header_starting_like_parquet",
+        b"PAR1,id,name,score,born,vip\nx,u1,A,1,,\n",
+        planned=_ONE,
+    ),
+    Case(
         "text_starting_like_bzip2",
         b"BZh9,name,score,born,vip\nu1,A,1,,\n",
         fatal=Fatal("column(s) 'id' named by source 'users' are not in the file", column="id"),
