@@ -851,7 +851,10 @@ def _csv_chunks(
         if spans_lines:
             # A quoted value ran over line breaks: the usual cause is a quote that is never closed, which
             # swallows the lines after it into this record.
-            reason += "; a quoted value spans several lines (a quote that is never closed?)"
+            # How many: a quote left open near the end of a file swallows every row after it (up to a block or
+            # two of them) without a record too large to read, and those rows are in no other reject.
+            lines = len(row.text.replace("\r\n", "\n").replace("\r", "\n").rstrip("\n").split("\n"))
+            reason += f"; a quoted value spans {lines} lines (a quote that is never closed?)"
         # A one-line record is one user's row: the value in the ID column's place names the user, so a snapshot
         # run does not take them for a user who left the export. A record over several lines may hide any
         # number of users: it names none (sync.state holds every removal then).

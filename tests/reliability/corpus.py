@@ -326,6 +326,18 @@ CASES: tuple[Case, ...] = (
             column="name",
         ),
     ),
+    # Left open with a block or two of the file after it, a quote is no record too large to read: it swallows every
+    # row after it into one rejected record, whose reason says how many lines it spans.
+    Case(
+        "unterminated_quote_near_the_end_of_a_big_file",
+        _csv(
+            "".join(f"a{i},B,{i},,\n" for i in range(48))
+            + 'u1,"Ann,1,,\n'
+            + "".join(f"u{i},B,{i},,\n" for i in range(2, 120_000))
+        ),
+        rejected=(Rejected(49, None, "a quoted value spans 119999 lines (a quote that is never closed?)"),),
+        planned={f"a{i}": {"name": "B", "score": i} for i in range(48)},
+    ),
     Case(
         "unterminated_quote_early_in_a_big_file",
         _csv(
