@@ -41,6 +41,7 @@ __all__ = [
     "RunStoppedError",
     "SecretError",
     "StateError",
+    "printable",
 ]
 
 
@@ -79,6 +80,26 @@ class JobProblem:
         return f"{self.location}: {self.message}" if self.location else self.message
 
 
+_CONTROL_ESCAPES = {
+    code: {0x09: "\\t", 0x0A: "\\n", 0x0D: "\\r"}.get(code, f"\\x{code:02x}")
+    for code in (*range(0x20), *range(0x7F, 0xA0))
+}
+"""C0 and C1 control characters and DEL, each as Python writes it in a string literal (``\\x00``, ``\\t``)."""
+
+
+def printable(text: str) -> str:
+    """``text`` with its control characters (C0, DEL, C1) escaped as Python escapes them: ``U7\\x00``,
+    ``a\\tb``.
+
+    For what is shown to a person — messages, the rejects file, the plan's sample — never for what is matched:
+    a NUL written raw to a terminal or a CSV cell is invisible, and a line break or an escape sequence in one
+    rewrites what the reader sees. A backslash is left as it is (an ID holding one stays readable and equal to
+    itself); only an ID that validation refused can hold a control character, so the escaped form never stands
+    for another user's ID that is sent.
+    """
+    return text.translate(_CONTROL_ESCAPES)
+
+
 class BadJobError(PushSyncError):
     """The job file is invalid. Carries every problem found, not just the first."""
 
@@ -101,12 +122,14 @@ class BadInputError(PushSyncError):
         self.row = row
         self.column = column
         self.reason = message
-        where = path
+        where = printable(path)
         if row is not None:
             where += f", row {row}"
         if column is not None:
-            where += f", column {column!r}"
-        super().__init__(f"{where}: {message}")
+            where += f", column {printable(repr(column))}"
+        # The message shown escapes control characters (a column name or path holding a NUL, a line break);
+        # ``path``, ``column`` and ``reason`` keep them, for code that matches them.
+        super().__init__(f"{where}: {printable(message)}")
 
 
 class SecretError(PushSyncError):

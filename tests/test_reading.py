@@ -264,6 +264,52 @@ def test_a_typed_nan_is_not_a_number_not_no_value(tmp_path: Path) -> None:
     assert [(r.row, r.reason) for r in rejects.values()] == [(2, "not a number")]
 
 
+def test_a_nan_list_item_is_not_a_number_as_a_nan_value_is(tmp_path: Path) -> None:
+    # A list of floats: a NaN or infinite item rejects its row ("NaN" was sent as an item); a null item is no
+    # item, as ever.
+    items = pa.array(
+        [[1.5, float("nan")], [2.0, None], [float("-inf")], None, [0.25]], pa.list_(pa.float64())
+    )
+    rejects, sent = _plan_rejects(_parquet_job(tmp_path, pa.table({"id": list("abcde"), "l": items})))
+    reason = "a list item is not a number (NaN or infinite)"
+    assert {r.row: (r.column, r.reason) for r in rejects.values()} == {1: ("l", reason), 3: ("l", reason)}
+    assert {i["extId"]: i["profile"] for i in sent} == {"b": {"l": ["2.0"]}, "e": {"l": ["0.25"]}}
+
+
+def test_a_typed_integer_past_2_53_is_refused_not_rounded(tmp_path: Path) -> None:
+    # An int64 column mapped as a number: 9007199254740993 would be sent as ...992 (a float64).
+    values = pa.array([9007199254740993, 9007199254740992, -(2**62) - 1, 7], pa.int64())
+    rejects, sent = _plan_rejects(_parquet_job(tmp_path, pa.table({"id": list("abcd"), "n": values})))
+    assert {r.row: r.column for r in rejects.values()} == {1: "n", 3: "n"}
+    assert all("loses precision" in r.reason for r in rejects.values())
+    assert {i["extId"]: i["profile"]["n"] for i in sent} == {"b": 2**53, "d": 7}
+
+
+def test_control_characters_in_an_id_are_escaped_where_people_read_them(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # The ID is refused (a control character); the rejects file and `pushsync plan` show it escaped, never raw.
+    job = _job(tmp_path, 'U7\x00,1,,,,,,,,\n"U8\x1b[2J",2,,,,,,,,\nok,3,,,,,,,,\n')
+    with build_plan(job) as plan:
+        shown = [(r.row, r.ext_id) for r in plan.rejected_rows()]
+        rejects_file = plan.rejects_path.read_bytes()
+    assert shown == [(1, "U7\\x00"), (2, "U8\\x1b[2J")]
+    assert b"\x00" not in rejects_file and b"\x1b" not in rejects_file
+    assert b"U7\\x00" in rejects_file
+    from sync.cli import main
+
+    assert main(["plan", str(tmp_path / "job.yaml")]) == 0
+    out = capsys.readouterr().out
+    assert "(ext_id U7\\x00)" in out and "\x00" not in out and "\x1b" not in out
+
+
+def test_a_message_escapes_the_control_characters_of_a_header() -> None:
+    # The message shown escapes them; the error's fields keep the text as it is, for code that matches it.
+    error = BadInputError("a\nb.csv", "column 'x\x00' is odd", column="x\x00")
+    assert str(error) == "a\\nb.csv, column 'x\\x00': column 'x\\x00' is odd"
+    assert (error.path, error.column) == ("a\nb.csv", "x\x00")
+
+
 def test_decimal256_columns_read_as_decimal128_ones(tmp_path: Path) -> None:
     # polars cannot take a decimal256 column from Arrow (a Rust panic): pushsync reads it as its exact text.
     values = [Decimal("1.50"), Decimal("-12345678901234567890.25"), None]

@@ -521,3 +521,62 @@ def test_the_parsers_probes_are_answered_once_per_question(monkeypatch: pytest.M
         _parsers._msisdn_untrimmed(tuple(texts)),
     ) == first
     assert first == (True, True, True)
+
+
+def test_a_date_that_cannot_be_sent_says_why(new_york: Job) -> None:
+    # A local time in a daylight-saving gap, second 60 and year 0000 are refused with their own reason: polars
+    # reads the last two (as the next minute, and as 1 BC), and the first read as "not an ISO 8601 date".
+    source = new_york.sources[0]
+    texts = [
+        "2021-03-14T02:30:00",  # New York's clocks went from 02:00 to 03:00
+        "2021-03-14 02:30",
+        "2020-01-01T10:00:60",
+        "2016-12-31T23:59:60Z",  # a real leap second: epoch milliseconds still have none
+        "0000-01-01",
+        "0000-06-15T10:00:00Z",
+        "0001-01-01",  # the first year: sent
+        "2021-03-14T03:30:00",
+        "2020-01-01T10:00:59",
+    ]
+    raw = _raw([{"id": f"u{i}", "d": t} for i, t in enumerate(texts)], COLUMNS)
+    clean, rejects = _validate(new_york, source, raw)
+    gap = "this local time does not exist in time zone America/New_York (the clocks skip it"
+    leap = "second 60 (a leap second): epoch milliseconds have none"
+    zero = "year 0000: no calendar year"
+    expected = [gap, gap, leap, leap, zero, zero]
+    assert rejects["row"].to_list() == list(range(1, 7))
+    assert set(rejects["column"]) == {"d"}
+    for reason, start in zip(rejects["reason"].to_list(), expected, strict=True):
+        assert reason.startswith(start), reason
+    # New York kept local mean time (UTC-4:56:02) before 1883.
+    assert clean["d"].to_list() == [-62135579038000, 1615707000000, 1577890859000]
+
+
+def test_a_plain_date_at_a_midnight_the_zone_skips(tmp_path: Path) -> None:
+    # São Paulo's clocks went from 00:00 to 01:00 on 2018-11-04: that day has no midnight there.
+    job = _job(tmp_path, "America/Sao_Paulo")
+    raw = _raw([{"id": "u1", "d": "2018-11-04"}, {"id": "u2", "d": "2018-11-05"}], COLUMNS)
+    clean, rejects = _validate(job, job.sources[0], raw)
+    assert clean["__ext_id"].to_list() == ["u2"]
+    assert rejects["reason"].to_list() == [
+        "this local time does not exist in time zone America/Sao_Paulo (the clocks skip it: daylight saving time)"
+    ]
+
+
+def test_a_number_that_would_be_sent_wrong_is_refused(job: Job) -> None:
+    # 1e-400 underflows to 0 and 9007199254740993 reads as ...992 in a float64: refused, never sent changed. A
+    # zero written as a zero, and integers a float64 holds exactly, are sent.
+    source = job.sources[0]
+    texts = ["1e-400", "-0.5e-400", "9007199254740993", "+9007199254740993", "-9007199254740995"]
+    texts += ["123456789012345678901234567890", "0", "0.000", "-0", "0e10", "1e-310", "9007199254740992"]
+    texts += ["9007199254740994", "1e20", "100000000000000000000", " 12 "]
+    raw = _raw([{"id": f"u{i}", "n": t} for i, t in enumerate(texts)], COLUMNS)
+    clean, rejects = _validate(job, source, raw)
+    small = "too small to represent: it would be sent as 0"
+    lossy = "an integer past 2^53 loses precision as a number (it would be sent rounded)"
+    assert rejects["row"].to_list() == [1, 2, 3, 4, 5, 6]
+    for reason, start in zip(
+        rejects["reason"].to_list(), [small, small, lossy, lossy, lossy, lossy], strict=True
+    ):
+        assert reason.startswith(start), reason
+    assert clean["n"].to_list() == [0, 0, 0, 0, 1e-310, 2**53, 2**53 + 2, 1e20, 1e20, 12]

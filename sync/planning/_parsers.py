@@ -220,16 +220,66 @@ def _untrimmed(
     )
 
 
+_EXACT_INTEGERS = 2**53
+"""Every integer up to this magnitude is a float64; past it, not every one is (2**53 + 1 reads as 2**53)."""
+_TOO_SMALL = "too small to represent: it would be sent as 0"
+_LOSES_PRECISION = (
+    "an integer past 2^53 loses precision as a number (it would be sent rounded); map the column as a string "
+    "to send it exactly"
+)
+
+
 def _parse_number(s: pl.Expr) -> _Parser:
     def reasons(s: pl.Expr, p: pl.Expr) -> list[_Reason]:
         bad = ~p.is_finite().fill_null(False)  # no number, NaN or infinite
-        return [(s.is_not_null() & bad, "not a number")]
+        # A zero from a literal whose digits before the exponent are not all zero: it underflowed (1e-400).
+        underflow = (p == 0) & s.str.contains(r"^[^eE]*[1-9]")
+        # An integer literal past 2**53 whose float is another integer (9007199254740993 reads as ...992). A
+        # number column is sent as a JSON number read as a float64 (ours, and most JSON readers'): refused,
+        # rather than sent exactly to a platform that would round it anyway.
+        # (Past 128 bits, neither side casts: refused, as no float64 of that size is read back as its literal.)
+        literal = s.str.contains(r"^[+-]?[0-9]+$")
+        exact = s.str.strip_chars_start("+").cast(pl.Int128, strict=False)
+        rounded = p.cast(pl.Int128, strict=False)
+        differs = exact.is_null() | rounded.is_null() | (exact != rounded)
+        lossy = (p.abs() >= _EXACT_INTEGERS) & literal & differs
+        return [
+            (s.is_not_null() & bad, "not a number"),
+            (underflow.fill_null(False), _TOO_SMALL),
+            (lossy.fill_null(False), _LOSES_PRECISION),
+        ]
+
+    return _Parser(s.cast(pl.Float64, strict=False), reasons, refuses_nul=True)
+
+
+def _fast_number(s: pl.Expr) -> _Parser:
+    """A fast form of :func:`_parse_number` (for :func:`_untrimmed`): the same values, refusing (for the exact
+    reading, those rows only) every text that is not a finite number, every zero but the text ``0``, and every
+    number from 2**53 on — two comparisons of the values instead of the exact form's searches of every text."""
+
+    def reasons(s: pl.Expr, p: pl.Expr) -> list[_Reason]:
+        odd = ~p.is_finite().fill_null(False) | ((p == 0) & (s != "0")) | (p.abs() >= _EXACT_INTEGERS)
+        return [(s.is_not_null() & odd.fill_null(True), "not a plain number")]
 
     return _Parser(s.cast(pl.Float64, strict=False), reasons, refuses_nul=True)
 
 
 _NOT_A_DATE = "not an ISO 8601 date or date-time"
+_YEAR_ZERO = (
+    "year 0000: no calendar year (ISO 8601 allows it only by agreement; a placeholder for an unknown date?)"
+)
+_LEAP_SECOND = "second 60 (a leap second): epoch milliseconds have none, it would be sent as the next minute"
 _MS_PER_DAY = 86_400_000
+_YEAR_ONE_MS = -62_135_596_800_000
+"""0001-01-01T00:00Z in epoch milliseconds. A plain date read before it (minus a day: a zone east of UTC) may be
+year 0000, which the exact reading refuses."""
+
+
+def _nonexistent(timezone: str) -> str:
+    """The message of a local time that ``timezone`` skips (a daylight-saving gap)."""
+    return (
+        f"this local time does not exist in time zone {timezone} (the clocks skip it: daylight saving time)"
+    )
 
 
 def _local(expr: pl.Expr, timezone: str) -> pl.Expr:
@@ -254,8 +304,9 @@ def _date_times(timezone: str) -> Callable[[pl.Series], tuple[pl.Series, pl.Seri
     """
 
     v = pl.col("v")
+    day = v.str.len_chars() == 10
     forms = [
-        pl.when(v.str.len_chars() == 10).then(_day(v, timezone)),
+        pl.when(day).then(_day(v, timezone)),
         v.str.to_datetime("%Y-%m-%dT%H:%M:%S%.f%z", strict=False, time_zone="UTC", time_unit="ms").dt.epoch(
             "ms"
         ),
@@ -263,10 +314,17 @@ def _date_times(timezone: str) -> Callable[[pl.Series], tuple[pl.Series, pl.Seri
         _local(v.str.to_datetime("%Y-%m-%dT%H:%M:%S%.f", strict=False, time_unit="ms"), timezone),
         _local(v.str.to_datetime("%Y-%m-%dT%H:%M", strict=False, time_unit="ms"), timezone),
     ]
+    # The local forms without the zone: where one reads a text the zone's forms do not, the time is in a gap.
+    naive = pl.coalesce(
+        pl.when(day).then(v.str.to_date("%Y-%m-%d", strict=False, cache=False).cast(pl.Datetime("ms"))),
+        v.str.to_datetime("%Y-%m-%dT%H:%M:%S%.f", strict=False, time_unit="ms"),
+        v.str.to_datetime("%Y-%m-%dT%H:%M", strict=False, time_unit="ms"),
+    )
     s = pl.col("s")
     normal = s.str.replace(" ", "T", literal=True).str.replace(r"[zZ]$", "+00:00")
 
     def read(text: pl.Series) -> tuple[pl.Series, pl.Series]:
+        p = pl.col("p")
         frame = (
             pl.LazyFrame({"s": text})
             .with_columns(normal.alias("v"))
@@ -276,7 +334,14 @@ def _date_times(timezone: str) -> Callable[[pl.Series], tuple[pl.Series, pl.Seri
                 # The lenient forms may take a text with a NUL in it; it is no date.
                 pl.when(s.str.contains("\x00", literal=True))
                 .then(pl.lit(_NUL))
-                .when(s.is_not_null() & pl.col("p").is_null())
+                # polars reads year 0000 (1 BC) and second 60 (as the next minute): neither is a date to send.
+                .when(p.is_not_null() & pl.col("v").str.starts_with("0000"))
+                .then(pl.lit(_YEAR_ZERO))
+                .when(p.is_not_null() & pl.col("v").str.contains(r"^[0-9-]+T[0-9]{2}:[0-9]{2}:60"))
+                .then(pl.lit(_LEAP_SECOND))
+                .when(s.is_not_null() & p.is_null() & naive.is_not_null())
+                .then(pl.lit(_nonexistent(timezone)))
+                .when(s.is_not_null() & p.is_null())
                 .then(pl.lit(_NOT_A_DATE))
                 .alias("m"),
             )
@@ -298,11 +363,14 @@ def _parse_date(s: pl.Expr, timezone: str, *, untrimmed: bool = False, refuses_n
     # (polars' date parser takes a leading tab, which trimming would have removed first).
     odd = [*(_WHITE_SPACE if untrimmed else [" "]), "z", "Z", "\x00"]
     plain = (s.str.len_chars() == 10) & ~s.str.contains_any(odd)
+    # A plain date read before year 1 (a comparison of the values, not a search of the texts) may be year 0000:
+    # read exactly, which refuses it.
+    early = _YEAR_ONE_MS - _MS_PER_DAY
     return _Parser(
         _day(pl.when(plain).then(s), timezone),
         lambda s, p: [],
         refuses_nul=refuses_nul,
-        fallback=_Fallback(lambda s, p: s.is_not_null() & p.is_null(), _date_times(timezone)),
+        fallback=_Fallback(lambda s, p: s.is_not_null() & (p.is_null() | (p < early)), _date_times(timezone)),
         text=s if untrimmed else None,  # the fallback's test reads the same text, not a trimmed one
     )
 
@@ -314,7 +382,7 @@ def _typed_date(s: pl.Expr, dtype: Any, timezone: str) -> _Parser:
         dt = dt.dt.replace_time_zone(timezone, ambiguous="earliest", non_existent="null")
     return _Parser(
         dt.dt.epoch("ms"),
-        lambda s, p: [(s.is_not_null() & p.is_null(), "not a valid time in the job's time zone")],
+        lambda s, p: [(s.is_not_null() & p.is_null(), _nonexistent(timezone))],
     )
 
 
@@ -328,11 +396,23 @@ def _split(s: pl.Expr, delimiter: str) -> pl.Expr:
     return pl.when(items.list.len() > 0).then(items)
 
 
-def _typed_list(s: pl.Expr) -> _Parser:
+_NOT_A_NUMBER_ITEM = "a list item is not a number (NaN or infinite)"
+
+
+def _typed_list(s: pl.Expr, *, floats: bool = False) -> _Parser:
+    """A typed list column (Parquet, a database): items as text. ``floats``: a list of floats, whose NaN or
+    infinite item is refused as such a value is (``not a number``), never sent as the text ``NaN``."""
     items = s.list.eval(pl.element().cast(pl.String).str.strip_chars()).list.eval(
         pl.element().filter(pl.element().is_not_null() & (pl.element() != ""))
     )
-    return _Parser(pl.when(items.list.len() > 0).then(items), lambda s, p: [])
+
+    def reasons(s: pl.Expr, p: pl.Expr) -> list[_Reason]:
+        if not floats:
+            return []
+        odd = s.list.eval(pl.element().is_not_null() & ~pl.element().is_finite()).list.any()
+        return [(odd.fill_null(False), _NOT_A_NUMBER_ITEM)]
+
+    return _Parser(pl.when(items.list.len() > 0).then(items), reasons)
 
 
 def _lists(delimiter: str) -> Callable[[pl.Series], tuple[pl.Series, pl.Series]]:

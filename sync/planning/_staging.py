@@ -38,7 +38,7 @@ import pyarrow as pa
 import pyarrow.ipc
 
 from sync.config import Source
-from sync.errors import InterruptedRunError, StateError
+from sync.errors import InterruptedRunError, StateError, printable
 from sync.planning.validation import EXT_ID, KEY, REJECTS_SCHEMA, canonical_key, resolve_duplicates
 from sync.records import RejectedRow
 
@@ -128,7 +128,7 @@ class RejectsWriter:
     def frame(self, rejects: pl.DataFrame) -> None:
         """Append a frame of rejects (the columns of :data:`sync.planning.validation.REJECTS_SCHEMA`)."""
         if rejects.height:
-            text = rejects.select(list(REJECTS_SCHEMA)).write_csv(include_header=False)
+            text = _printable_ids(rejects.select(list(REJECTS_SCHEMA))).write_csv(include_header=False)
             with self._lock:
                 assert self._fh is not None
                 self._fh.write(text)
@@ -142,7 +142,7 @@ class RejectsWriter:
             assert self._fh is not None
             writer = csv.writer(self._fh, lineterminator="\n")
             for r in rows:
-                writer.writerow([r.path, r.row, r.column or "", r.reason, r.ext_id or ""])
+                writer.writerow([r.path, r.row, r.column or "", r.reason, printable(r.ext_id or "")])
             self.count += len(rows)
 
     def written(self) -> tuple[int, int]:
@@ -163,6 +163,21 @@ class RejectsWriter:
                 except OSError:
                     if not quiet:
                         raise
+
+
+_CONTROL = r"[\x00-\x1f\x7f-\x9f]"
+
+
+def _printable_ids(rejects: pl.DataFrame) -> pl.DataFrame:
+    """``rejects`` with the control characters of its IDs escaped (:func:`sync.errors.printable`): the rejects
+    file is read by people (and shown by ``pushsync plan``). Only an ID validation refused holds one, so the
+    escaped form names no user that is sent (a snapshot run holds the users rejected rows name by this column)."""
+    odd = rejects["ext_id"].str.contains(_CONTROL).fill_null(False)
+    if not odd.any():
+        return rejects
+    rows = odd.arg_true()
+    escaped = pl.Series([printable(x) for x in rejects["ext_id"].gather(rows).to_list()], dtype=pl.String)
+    return rejects.with_columns(rejects["ext_id"].clone().scatter(rows, escaped))
 
 
 @dataclass(frozen=True, slots=True)

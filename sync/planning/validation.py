@@ -8,9 +8,11 @@ plus ``__ext_id``, ``__file`` (index into the source's file list), ``__row`` and
 Value formats (see docs/jobs.md):
 
 - boolean: ``true/false``, ``t/f``, ``yes/no``, ``y/n``, ``1/0``, ``on/off`` (any case);
-- number: decimal or scientific notation with a dot (``12``, ``-3.5``, ``1e3``); kept as float64;
+- number: decimal or scientific notation with a dot (``12``, ``-3.5``, ``1e3``); kept as float64, so a literal it
+  would change is refused: one that underflows to 0 (``1e-400``), an integer past 2**53 it rounds;
 - date: ISO 8601 ``YYYY-MM-DD`` (midnight), ``YYYY-MM-DD[T ]HH:MM[:SS[.fff]]`` with optional ``Z`` or ``±HH:MM``;
   values without an offset are in the job's ``validation.timezone``; stored (and sent) as epoch milliseconds;
+  not year 0000, second 60, or a local time the zone skips;
 - list: a JSON array (``["a","b"]``) or text split on the mapping's delimiter (default ``|``), items trimmed,
   empty items dropped; an empty list counts as no value;
 - email: ``local@domain.tld``, at most 254 characters; MSISDN: an optional ``+`` and 8-15 digits once spaces,
@@ -35,6 +37,7 @@ from sync.planning._parsers import (
     _MSISDN,
     _NUL,
     _empty_is_null,
+    _fast_number,
     _id_read_again,
     _id_reasons,
     _id_refused,
@@ -471,7 +474,9 @@ class _Query:
         if self.schema[column] == pl.String:
             tidy = self.tidy(column, f"lists-{delimiter}", tidy_lists(pl.col(column), delimiter))
             return _parse_list(self.untrimmed(column), delimiter, refuses_nul=self.nul_refused(), tidy=tidy)
-        return _typed_list(self.text(column))
+        dtype = self.schema[column]
+        floats = isinstance(dtype, pl.List) and dtype.inner is not None and dtype.inner.is_float()
+        return _typed_list(self.text(column), floats=floats)
 
     def hint(self, name: str, favoured: pl.Expr) -> bool:
         """Whether a check takes the form ``name``, which a chunk's sample favours where ``favoured`` (an
@@ -525,7 +530,7 @@ class _Query:
         if mapping.type is ValueType.BOOLEAN:
             return self.fitted(column, _parse_bool)
         if mapping.type is ValueType.NUMBER:
-            return self.fitted(column, _parse_number)
+            return self.fitted(column, _parse_number, _fast_number)
         if mapping.type is ValueType.LIST:
             return self.list_values(column, mapping.delimiter)
         if mapping.type is ValueType.DATE:

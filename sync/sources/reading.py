@@ -4,8 +4,9 @@ Memory does not grow with file size: CSV is parsed by pyarrow's streaming reader
 encoding Python knows) one block at a time, Parquet one slice at a time by polars' own reader (pyarrow's, one record
 batch at a time, for the column types polars would read otherwise and for what polars cannot read), and only the
 mapped columns are converted. Every chunk comes out as a polars frame with a ``__row`` column (1-based data row number, header
-excluded) and the mapped columns as text (or lists of text, for Parquet list columns; Parquet dates and times keep
-their temporal type). Typing and validation happen next, in :mod:`sync.planning.validation`.
+excluded) and the mapped columns as text (or lists of text, for Parquet list columns — lists of floats keep their
+floats, for validation to refuse a NaN item; Parquet dates and times keep their temporal type). Typing and
+validation happen next, in :mod:`sync.planning.validation`.
 
 Anything that makes a file unreadable as a whole — missing, not CSV, wrong encoding, truncated Parquet, a mapped
 column absent from the header, a Parquet column whose type its mapping cannot send (:mod:`sync.sources._column_types`) —
@@ -41,6 +42,7 @@ from sync.config import FileFormat, Job, Source
 from sync.errors import BadInputError, JobProblem
 from sync.records import RejectedRow
 from sync.sources._column_types import type_problems
+from sync.sources._diagnose import compressed, oversized_record
 from sync.sources._spill import Spill
 
 __all__ = [
@@ -214,6 +216,9 @@ def read_columns(source: Source, path: Path) -> list[str]:
     try:
         if source.format is FileFormat.PARQUET:
             return list(pq.ParquetFile(path).schema_arrow.names)
+        packed = compressed(path)
+        if packed is not None:
+            raise packed
         header_only = _header_without_newline(source, path)
         if header_only is not None:
             return header_only
@@ -347,10 +352,9 @@ def _unreadable(
             column=column,
         )
     if "straddling object" in text:
-        return BadInputError(
-            str(path),
-            f"a record is larger than {CSV_BLOCK_BYTES >> 20} MiB: a huge field, or a quote that is never closed",
-        )
+        # A record larger than a block (the header's reading uses smaller ones, but refuses no record a whole
+        # reading takes): found again, and said what it likely is.
+        return oversized_record(source, path, names, CSV_BLOCK_BYTES)
     if "UTF8" in text or "UTF-8" in text or isinstance(exc, UnicodeError):
         return BadInputError(
             str(path),
@@ -450,13 +454,17 @@ def _decimal256_as_text(dtype: pa.DataType) -> pa.DataType:
 
 
 def _as_text(frame: pl.DataFrame) -> pl.DataFrame:
-    """``frame`` with scalar columns as text, except dates/times (kept) and lists (as lists of text)."""
+    """``frame`` with scalar columns as text, except dates/times (kept) and lists (as lists of text, or of floats)."""
     casts = []
     for name, dtype in frame.schema.items():
         if dtype in (pl.Date,) or isinstance(dtype, pl.Datetime) or dtype == pl.String:
             continue
         if isinstance(dtype, pl.List | pl.Array):
-            casts.append(pl.col(name).cast(pl.List(pl.String)))
+            # A list of floats keeps its floats, so that validation can refuse a NaN or infinite item as it
+            # refuses such a value ("NaN" as text would be sent as an item); its items are made text there.
+            inner = dtype.inner
+            item = inner if inner is not None and inner.is_float() else pl.String
+            casts.append(pl.col(name).cast(pl.List(item)))
         elif dtype == pl.Boolean:
             casts.append(pl.col(name).cast(pl.String))
         elif dtype.is_float():
@@ -588,12 +596,7 @@ def read_rows(source: Source, path: Path, rows: pl.Series, ids: pl.Series) -> Ch
 def _parquet_ids(source: Source, path: Path) -> Iterator[pl.Series]:
     next_row = 1
     first_group = 0
-    try:
-        parquet = pq.ParquetFile(path)
-        sizes = [parquet.metadata.row_group(g).num_rows for g in range(parquet.metadata.num_row_groups)]
-        parquet.close()
-    except (pa.ArrowException, OSError, UnicodeError) as exc:
-        raise _unreadable(source, path, exc) from exc
+    sizes = _row_group_sizes(source, path)
     if _polars_reads(path, [source.ext_id]):
         # polars' own reader: a fifth of the CPU time of pyarrow's reading, its full validation and the
         # conversion (on the way to a lazy run's first request, which waits for every ID of the file). It checks
@@ -611,17 +614,18 @@ def _parquet_ids(source: Source, path: Path) -> Iterator[pl.Series]:
             yield _as_text(frame)[source.ext_id]
         if first_group == len(sizes):
             return
-    try:
-        for group in range(first_group, len(sizes)):
+    for group in range(first_group, len(sizes)):
+        start = next_row
+        try:
             parquet = pq.ParquetFile(path)
             table = parquet.read_row_group(group, columns=[source.ext_id]).replace_schema_metadata(None)
             parquet.close()
             for batch in table.to_batches():  # text that is not UTF-8 would crash polars (see _check_text)
                 _check_text(batch, path, next_row)
                 next_row += batch.num_rows
-            yield _normalise(table)[source.ext_id]
-    except (pa.ArrowException, OSError, UnicodeError) as exc:
-        raise _unreadable(source, path, exc) from exc
+        except (pa.ArrowException, OSError, UnicodeError) as exc:
+            raise _damaged_row_group(source, path, exc, [source.ext_id], sizes, group, start) from exc
+        yield _normalise(table)[source.ext_id]
 
 
 def _selected(
@@ -711,16 +715,20 @@ def _selected_frame(
 def _arrow_parquet_chunks(
     source: Source, path: Path, columns: list[str], keep: RowSelector | None = None, first_row: int = 1
 ) -> Iterator[Chunk]:
-    """The chunks of a Parquet file read by pyarrow, from data row ``first_row`` on (the rows before it are read
-    but not given)."""
+    """The chunks of a Parquet file read by pyarrow, from data row ``first_row`` on (the row groups before the
+    one holding it are not read; its rows before it are read but not given)."""
     # One ParquetFile per row group: a single reader kept across row groups grows by several MB per row group
     # (measured with pyarrow 26 on a 10M-row file), a fresh one stays flat. The decoded columns of one row group
     # are the floor of memory use for Parquet input (writers' row groups are usually 100k-1M rows).
+    sizes = _row_group_sizes(source, path)
     next_row = 1
-    try:
-        # Column types were checked with the header (_check_parquet_types): every mapped column can be sent.
-        groups = pq.ParquetFile(path).metadata.num_row_groups
-        for group in range(groups):
+    for group, size in enumerate(sizes):
+        if next_row + size <= first_row:
+            next_row += size
+            continue
+        group_start = next_row
+        try:
+            # Column types were checked with the header (_check_parquet_types): every mapped column can be sent.
             parquet = pq.ParquetFile(path)
             for batch in parquet.iter_batches(
                 batch_size=PARQUET_BATCH_ROWS, columns=columns, row_groups=[group]
@@ -738,8 +746,60 @@ def _arrow_parquet_chunks(
                 next_row += batch.num_rows
                 yield Chunk(frame)
             parquet.close()
-    except (pa.ArrowException, OSError, UnicodeError) as exc:  # UnicodeError: damaged column names
+        except (pa.ArrowException, OSError, UnicodeError) as exc:  # UnicodeError: damaged column names
+            raise _damaged_row_group(source, path, exc, columns, sizes, group, group_start) from exc
+
+
+def _row_group_sizes(source: Source, path: Path) -> list[int]:
+    """The row count of each row group of a Parquet file (from its footer)."""
+    try:
+        parquet = pq.ParquetFile(path)
+        sizes = [parquet.metadata.row_group(g).num_rows for g in range(parquet.metadata.num_row_groups)]
+        parquet.close()
+    except (pa.ArrowException, OSError, UnicodeError) as exc:
         raise _unreadable(source, path, exc) from exc
+    return sizes
+
+
+def _damaged_row_group(
+    source: Source,
+    path: Path,
+    exc: BaseException,
+    columns: list[str],
+    sizes: list[int],
+    group: int,
+    start: int,
+) -> BadInputError:
+    """The error for row group ``group`` (its first data row ``start``) that could not be read (``exc``): its rows
+    and the first of ``columns`` that cannot be read alone (read again, one by one: on this error path only).
+    The rows before it were read (and, in a run that began sending, may have been sent: docs/planning.md)."""
+    column = None
+    for name in columns:
+        try:
+            parquet = pq.ParquetFile(path)
+            table = parquet.read_row_group(group, columns=[name])
+            parquet.close()
+            table.validate(full=True)
+        except (pa.ArrowException, OSError, UnicodeError):
+            column = name
+            break
+    if (
+        isinstance(exc, OSError) and exc.errno is not None
+    ):  # the system's error (EIO...), not the file's content
+        what = f"cannot read file: {exc.strerror or exc}"
+    else:
+        # pyarrow raises OSError for a page header it cannot decode: the file's damage, as any ArrowException.
+        what = (
+            "not a readable Parquet file (truncated or corrupt?): "
+            + (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        )
+    end = start + sizes[group] - 1
+    return BadInputError(
+        str(path),
+        f"rows {start}-{end} (row group {group + 1} of {len(sizes)}) cannot be read: {what}",
+        row=start,
+        column=column,
+    )
 
 
 def _check_text(batch: pa.RecordBatch, path: Path, first_row: int) -> None:
@@ -791,7 +851,10 @@ def _csv_chunks(
         if spans_lines:
             # A quoted value ran over line breaks: the usual cause is a quote that is never closed, which
             # swallows the lines after it into this record.
-            reason += "; a quoted value spans several lines (a quote that is never closed?)"
+            # How many: a quote left open near the end of a file swallows every row after it (up to a block or
+            # two of them) without a record too large to read, and those rows are in no other reject.
+            lines = len(row.text.replace("\r\n", "\n").replace("\r", "\n").rstrip("\n").split("\n"))
+            reason += f"; a quoted value spans {lines} lines (a quote that is never closed?)"
         # A one-line record is one user's row: the value in the ID column's place names the user, so a snapshot
         # run does not take them for a user who left the export. A record over several lines may hide any
         # number of users: it names none (sync.state holds every removal then).

@@ -40,7 +40,9 @@ INTEGRATION_KEY = "k&y<1>\r"
 
 _WORDS = ["Ada", "Ünal", "李", "😀 emoji", 'say "hi"', "a\\b", "tab\there", "line\u2028sep", "del\x7f", "é"]
 _XML_WORDS = ["Tom & Jerry", "<b>bold</b>", "cr\rlf", "crlf\r\nend", "a > b", "'quoted'", '"dq"', "€", "]]>"]
-_NUMBERS = ["1", "2.5", "-0", "0.00001", "1.5e-7", "123456789.125", "1e16", "9007199254740993", "-3", "0.1"]
+# 2**53: an integral float the encoder writes in repr form. (The recorded batch IDs were made with the literal
+# 9007199254740993, which reads as the same float; validation now refuses that literal: it loses precision.)
+_NUMBERS = ["1", "2.5", "-0", "0.00001", "1.5e-7", "123456789.125", "1e16", "9007199254740992", "-3", "0.1"]
 _MOBILES = [
     "+919899999999",
     "+91 98999-99999",

@@ -14,8 +14,11 @@ file's name and the source's read options.
 
 from __future__ import annotations
 
+import bz2
 import gzip
 import io
+import lzma
+import zipfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from decimal import Decimal
@@ -141,6 +144,23 @@ def _corrupt(data: bytes, start: int, length: int) -> bytes:
     return bytes(out)
 
 
+def _late_damage() -> bytes:
+    """A good file of three 1000-row groups (plain encoding) whose last group's ``name`` page header is damaged."""
+    table = pl.from_arrow(pq.read_table(io.BytesIO(_good_parquet(3000)))).to_arrow()
+    sink = io.BytesIO()
+    pq.write_table(table, sink, row_group_size=1000, compression="none", use_dictionary=False)
+    data = sink.getvalue()
+    page = pq.ParquetFile(io.BytesIO(data)).metadata.row_group(2).column(1).data_page_offset
+    return _corrupt(data, page + 40, 16)
+
+
+def _zipped(name: str, data: bytes) -> bytes:
+    sink = io.BytesIO()
+    with zipfile.ZipFile(sink, "w") as archive:
+        archive.writestr(name, data)
+    return sink.getvalue()
+
+
 def _damaged_metadata_key() -> bytes:
     """A good two-row file whose ``ARROW:schema`` metadata key has one byte damaged (no longer UTF-8)."""
     data = bytearray(_good_parquet(2))
@@ -198,10 +218,61 @@ CASES: tuple[Case, ...] = (
         read_options="    encoding: latin-1\n",
         planned={"u1": {"name": "Müller", "score": 1}},
     ),
+    # A compressed file named .csv is named for what it is (it read as undecodable text at some row, or as no
+    # text at all); a name pyarrow decompresses by (users.csv.gz) is read as before.
     Case(
         "gzip_compressed_csv",
         gzip.compress(_csv("u1,A,1,,\n"), mtime=0),
-        fatal=Fatal("not a CSV file: it holds no line of text (compressed or binary?)"),
+        fatal=Fatal("users.csv is a gzip-compressed file, not CSV text: decompress it first (gunzip)"),
+    ),
+    Case(
+        "gzip_compressed_csv_with_many_lines",
+        gzip.compress(_csv("".join(f"u{i},B,{i},,\n" for i in range(20_000))), mtime=0),
+        fatal=Fatal("users.csv is a gzip-compressed file, not CSV text: decompress it first (gunzip)"),
+    ),
+    Case(
+        "zstd_compressed_csv",
+        pa.compress(_csv("u1,A,1,,\n"), codec="zstd", asbytes=True),
+        fatal=Fatal("users.csv is a zstd-compressed file, not CSV text: decompress it first (unzstd)"),
+    ),
+    Case(
+        "bzip2_compressed_csv",
+        bz2.compress(_csv("u1,A,1,,\n")),
+        fatal=Fatal("users.csv is a bzip2-compressed file, not CSV text: decompress it first (bunzip2)"),
+    ),
+    Case(
+        "xz_compressed_csv",
+        lzma.compress(_csv("u1,A,1,,\n")),
+        fatal=Fatal("users.csv is an xz-compressed file, not CSV text: decompress it first (unxz)"),
+    ),
+    Case(
+        "zip_archive_named_csv",
+        _zipped("users.csv", _csv("u1,A,1,,\n")),
+        fatal=Fatal(
+            "users.csv is a zip archive, not CSV text: unzip it and point the source at the CSV file"
+        ),
+    ),
+    Case(
+        "gzip_named_csv_gz",
+        gzip.compress(_csv("u1,A,1,,\n"), mtime=0),
+        filename="users.csv.gz",
+        read_options="    format: csv\n",
+        planned=_ONE,
+    ),
+    Case(
+        "parquet_named_csv",
+        _good_parquet(2),
+        fatal=Fatal("users.csv is a Parquet file, not CSV text: set the source's 'format: parquet'"),
+    ),
+    Case(
+        "header_starting_like_parquet",
+        b"PAR1,id,name,score,born,vip\nx,u1,A,1,,\n",
+        planned=_ONE,
+    ),
+    Case(
+        "text_starting_like_bzip2",
+        b"BZh9,name,score,born,vip\nu1,A,1,,\n",
+        fatal=Fatal("column(s) 'id' named by source 'users' are not in the file", column="id"),
     ),
     Case("binary_junk", b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR\xff\xfe\x00", fatal=Fatal("cannot decode")),
     # --- quoting and record shape ----------------------------------------------------------------------------
@@ -224,15 +295,57 @@ CASES: tuple[Case, ...] = (
         ),
         planned={"u3": {"name": "C", "score": 3}},
     ),
+    # A record larger than a CSV block (1 MiB) refuses the file, naming the row, line and column where it starts
+    # and what it likely is: once a quote is left open, no later row can be trusted.
     Case(
         "huge_field",
         _csv("u1," + "x" * (5 << 20) + ",1,,\nu2,B,2,,\n"),
-        fatal=Fatal("a record is larger than 1 MiB: a huge field, or a quote that is never closed"),
+        fatal=Fatal(
+            "the record starting on line 2 is larger than 1 MiB on that one line: a field this large",
+            row=1,
+            column="name",
+        ),
+    ),
+    Case(
+        "huge_field_after_a_multi_line_value",
+        _csv(
+            "".join(f"u{i},B,{i},,\n" for i in range(2, 60_000))
+            + 'u1,"two\nlines",1,,\nu0,A,'
+            + "9" * (3 << 20)
+            + ",,\nu2,B,2,,\n"
+        ),
+        fatal=Fatal("the record starting on line 60002 is larger than 1 MiB", row=60_000, column="score"),
     ),
     Case(
         "unterminated_quote_in_a_big_file",
         _csv('u1,"Ann,1,,\n' + "".join(f"u{i},B,{i},,\n" for i in range(2, 120_000))),
-        fatal=Fatal("a record is larger than 1 MiB: a huge field, or a quote that is never closed"),
+        fatal=Fatal(
+            "a quote opened on line 2 is never closed: the lines after it read as one value, larger than 1 MiB. "
+            "Once quoting is off no later row can be trusted, so the whole file is refused",
+            row=1,
+            column="name",
+        ),
+    ),
+    # Left open with a block or two of the file after it, a quote is no record too large to read: it swallows every
+    # row after it into one rejected record, whose reason says how many lines it spans.
+    Case(
+        "unterminated_quote_near_the_end_of_a_big_file",
+        _csv(
+            "".join(f"a{i},B,{i},,\n" for i in range(48))
+            + 'u1,"Ann,1,,\n'
+            + "".join(f"u{i},B,{i},,\n" for i in range(2, 120_000))
+        ),
+        rejected=(Rejected(49, None, "a quoted value spans 119999 lines (a quote that is never closed?)"),),
+        planned={f"a{i}": {"name": "B", "score": i} for i in range(48)},
+    ),
+    Case(
+        "unterminated_quote_early_in_a_big_file",
+        _csv(
+            "".join(f"u{i},B,{i},,\n" for i in range(2, 1000))
+            + 'u1,Ann,"1,,\n'
+            + "".join(f"u{i},B,{i},,\n" for i in range(2, 200_000))
+        ),
+        fatal=Fatal("a quote opened on line 1000 is never closed", row=999, column="score"),
     ),
     Case("old_mac_line_endings", _csv("u1,A,1,,\n").replace(b"\n", b"\r"), planned=_ONE),
     Case(
@@ -367,7 +480,21 @@ CASES: tuple[Case, ...] = (
         "parquet_corrupt_data_page",
         _corrupt(_GOOD_PARQUET, 200, 64),
         filename="users.parquet",
-        fatal=Fatal("not a readable Parquet file (truncated or corrupt?)"),
+        fatal=Fatal(
+            "rows 1-5000 (row group 1 of 1) cannot be read: not a readable Parquet file (truncated or corrupt?)",
+            row=1,
+            column="id",
+        ),
+    ),
+    Case(
+        "parquet_corrupt_late_row_group",
+        _late_damage(),
+        filename="users.parquet",
+        fatal=Fatal(
+            "rows 2001-3000 (row group 3 of 3) cannot be read: not a readable Parquet file (truncated or corrupt?)",
+            row=2001,
+            column="name",
+        ),
     ),
     Case(
         "parquet_magic_only",
