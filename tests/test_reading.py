@@ -151,9 +151,27 @@ def test_duplicate_ids_last_row_wins(tmp_path: Path) -> None:
     assert summary.duplicates_dropped == 1
 
 
-def test_an_invalid_last_row_leaves_the_last_valid_row(tmp_path: Path) -> None:
-    rejects, items = _plan_rejects(_job(tmp_path, "a,1,,,,,,,,\na,oops,,,,,,,,\n"))
-    assert [(r.row, r.reason) for r in rejects.values()] == [(2, "not a number")]
+def test_an_invalid_newest_row_holds_its_id(tmp_path: Path) -> None:
+    """The newest row of an ID decides: when it was rejected, nothing is sent for the ID (before, its last valid
+    row was: data the user has since changed) and the earlier rows are reported as held by it."""
+    rejects, items = _plan_rejects(_job(tmp_path, "a,1,,,,,,,,\na,oops,,,,,,,,\nb,2,,,,,,,,\n"))
+    # Validation's rejects first, then those of the settling (as for superseded rows).
+    assert [(r.row, r.column, r.ext_id, r.reason) for r in rejects.values()] == [
+        (2, "n", "a", "not a number"),
+        (
+            1,
+            "id",
+            "a",
+            "held back: the newest row of this external ID (row 2) was rejected, so none of its rows is sent "
+            "(the newest row decides)",
+        ),
+    ]
+    assert items == [{"extId": "b", "profile": {"n": 2}}]
+
+
+def test_an_invalid_earlier_row_leaves_the_newest_valid_row(tmp_path: Path) -> None:
+    rejects, items = _plan_rejects(_job(tmp_path, "a,oops,,,,,,,,\na,1,,,,,,,,\n"))
+    assert [(r.row, r.reason) for r in rejects.values()] == [(1, "not a number")]
     assert items == [{"extId": "a", "profile": {"n": 1}}]
 
 

@@ -12,7 +12,10 @@
   (read with those of the next few buckets, :data:`GROUP_ROWS`), sorted in the canonical order
   ``(key, ext_id, file, row)``, duplicates resolved
   (:func:`sync.planning.validation.resolve_duplicates`), written as one IPC file. A bucket holds every row of
-  its IDs, so it is settled on its own.
+  its IDs, so it is settled on its own. The rejected rows that name an ID are staged apart, in sorted chunk
+  files of their own (:func:`sync.planning.validation.rejected_ids`: key, ID, file, row), and a bucket reads
+  their slice too: an ID whose newest row was rejected is held. A source without such rows has no such files,
+  and its settling reads nothing more.
 * :class:`Settling` — settles the buckets of every source of a plan: all at once (``pushsync plan``, snapshot
   runs) or lazily, in a worker thread that stays at most :data:`LOOKAHEAD` buckets ahead of the furthest
   reader (a changes run sends its first batches while the rest is settled).
@@ -258,12 +261,17 @@ class ChunkWriter:
 
     ``memory_bytes`` (a run's small input): the first sorted chunks, as long as their buffers hold no more than
     that many bytes in all, are held in memory (:attr:`ChunkFile.frame`) instead of written; the first chunk past
-    the bound and every chunk after it are written. The chunks, their rows and their order are the same."""
+    the bound and every chunk after it are written. The chunks, their rows and their order are the same.
+
+    ``keyed=False`` (the rejected rows that name an ID): the rows come without ``__key``, which is computed as
+    they are sorted, for all of a chunk's rows at once (keying has a fixed cost per call, and they come a few
+    rows at a time), and put first."""
 
     __slots__ = (
         "_directory",
         "_head",
         "_head_key",
+        "_keyed",
         "_memory",
         "_pending",
         "_pending_rows",
@@ -273,9 +281,16 @@ class ChunkWriter:
     )
 
     def __init__(
-        self, directory: Path, stage_rows: int | None = None, head_key: int = 0, memory_bytes: int = 0
+        self,
+        directory: Path,
+        stage_rows: int | None = None,
+        head_key: int = 0,
+        memory_bytes: int = 0,
+        *,
+        keyed: bool = True,
     ) -> None:
         self._directory = directory
+        self._keyed = keyed
         self._memory = memory_bytes  # bytes the sorted chunks may still hold in memory (0: write every chunk)
         self._pending: list[pl.DataFrame] = []
         self._pending_rows = 0
@@ -294,7 +309,7 @@ class ChunkWriter:
         return pl.concat(self._head) if len(self._head) > 1 else self._head[0]
 
     def add(self, frame: pl.DataFrame) -> None:
-        """Add clean rows (with ``__key``), in read order."""
+        """Add clean rows (with ``__key``, unless made with ``keyed=False``), in read order."""
         if frame.height:
             self._pending.append(frame)
             self._pending_rows += frame.height
@@ -308,6 +323,8 @@ class ChunkWriter:
         # Not copied into one piece first: the sort gathers from the pieces (one copy of the rows, not two).
         frame = pl.concat(self._pending, rechunk=False) if len(self._pending) > 1 else self._pending[0]
         self._pending, self._pending_rows = [], 0
+        if not self._keyed:
+            frame = frame.insert_column(0, canonical_key(frame[EXT_ID]))
         frame = frame.sort(KEY, maintain_order=True)
         if self._head_key:
             # The head's rows sort first: a slice of each side, no copy.
@@ -374,6 +391,9 @@ class Settler:
         "_group",
         "_group_end",
         "_head",
+        "_head_rejected",
+        "_rejected",
+        "_rejected_group",
         "_rejects",
         "bounds",
         "consumed",
@@ -398,12 +418,18 @@ class Settler:
         rejects: RejectsWriter | None,
         *,
         rows_read: int = 0,
+        rejected: Sequence[ChunkFile] = (),
     ) -> None:
         self.source = source
         self.names = tuple(names)
         self._directory = directory
         self._rejects = rejects
         self._chunks: tuple[ChunkFile, ...] = ()
+        # The sorted chunks of the rejected rows that name an ID (rejected_ids), and those of the buckets read
+        # together, in key order (None: none there): what holds an ID whose newest row was rejected.
+        self._rejected: tuple[ChunkFile, ...] = ()
+        self._rejected_group: pl.DataFrame | None = None
+        self._head_rejected: pl.DataFrame | None = None  # the head's, until the staging checked them
         self._deferred: pl.DataFrame | None = None  # the head's duplicate rejects, written once staged
         self._head: pl.DataFrame | None = None  # the head's clean rows, until the staging checked them
         self.bounds: tuple[int, ...] | None = None  # fine-range bounds of the buckets, once staged
@@ -423,7 +449,7 @@ class Settler:
         )
         self._group_end = 0
         if chunks is not None:
-            self.staged(chunks, bits, rows_read)
+            self.staged(chunks, bits, rows_read, rejected)
 
     @classmethod
     def settled(
@@ -436,10 +462,14 @@ class Settler:
         settler.next, settler.rows_clean, settler.dropped = 1 << bits, rows_clean, dropped
         return settler
 
-    def staged(self, chunks: Sequence[ChunkFile], bits: int, rows_read: int) -> None:
-        """The source is staged: its sorted chunk files, and ``2**bits`` buckets (those within the head, if one
-        was settled, are part of it). Writes the head's duplicate rejects (after validation's, as without a head)."""
+    def staged(
+        self, chunks: Sequence[ChunkFile], bits: int, rows_read: int, rejected: Sequence[ChunkFile] = ()
+    ) -> None:
+        """The source is staged: its sorted chunk files (and those of its rejected rows that name an ID), and
+        ``2**bits`` buckets (those within the head, if one was settled, are part of it). Writes the head's
+        duplicate rejects (after validation's, as without a head)."""
         self._chunks = tuple(chunks)
+        self._rejected = tuple(rejected)
         width = 1 << (FINE_BITS - bits)
         head = (self.head_end,) if self.head_end else ()
         self.bounds = (0, *head, *(b for b in range(width, FINE_RANGES + 1, width) if b > self.head_end))
@@ -464,14 +494,15 @@ class Settler:
     def done(self) -> bool:
         return self.bounds is not None and self.next >= len(self.bounds) - 1
 
-    def settle_head(self, frame: pl.DataFrame, head_end: int) -> None:
+    def settle_head(self, frame: pl.DataFrame, head_end: int, rejected: pl.DataFrame | None = None) -> None:
         """Settle bucket 0 — fine ranges ``[0, head_end)`` — from ``frame``: every clean, keyed row of those
-        ranges, read before the rest of the source is staged. Its duplicate rejects are held back until
-        :meth:`staged`, so the rejects file lists validation's refusals first, as without a head."""
+        ranges, read before the rest of the source is staged (``rejected``: the rejected rows of those ranges
+        that name an ID). Its duplicate rejects are held back until :meth:`staged`, so the rejects file lists
+        validation's refusals first, as without a head."""
         assert self.next == 0 and self.bounds is None and head_end > 0
         self.head_end = head_end
-        self._head = frame
-        self._settle_frame(frame if frame.height else None, 0, defer=True)
+        self._head, self._head_rejected = frame, rejected
+        self._settle_frame(frame if frame.height else None, 0, defer=True, rejected=rejected)
 
     def _write_head_rejects(self, bits: int) -> None:
         """Write the head's duplicate rejects as a plan without a head would: bucket by bucket of ``2**bits``,
@@ -489,10 +520,11 @@ class Settler:
         rest = ranked.filter(pl.col("__bucket") >= whole).drop("__bucket", "__file")
         self._deferred = rest if rest.height else None
 
-    def take_head(self) -> pl.DataFrame | None:
-        """The head's clean rows (before duplicates were resolved), once: for the staging to check."""
-        head, self._head = self._head, None
-        return head
+    def take_head(self) -> tuple[pl.DataFrame | None, pl.DataFrame | None]:
+        """The head's clean rows (before duplicates were resolved) and its rejected rows that name an ID, once:
+        for the staging to check."""
+        head, rejected, self._head, self._head_rejected = self._head, self._head_rejected, None, None
+        return head, rejected
 
     def settle_next(self) -> None:
         """Settle bucket :attr:`next`: its rows (read from every chunk with those of the next few buckets, up to
@@ -501,22 +533,10 @@ class Settler:
         k = self.next
         if self._group_end <= k:
             self._read_group(k)
-        bounds = self.bounds
-        frame: pl.DataFrame | None = None
-        group = self._group
-        if group is not None:
-            # The group is in canonical order, and so in key order: this bucket's rows come first.
-            if bounds[k + 1] >= FINE_RANGES:
-                end = group.height
-            else:
-                found = group[KEY].search_sorted(bounds[k + 1] << (32 - FINE_BITS), side="left")
-                assert isinstance(found, int)
-                end = found
-            if end:
-                frame = group.slice(0, end)
-            rest = group.slice(end)
-            self._group = rest if rest.height else None
-        self._settle_frame(frame, k, defer=False, ordered=True)
+        end_range = self.bounds[k + 1]
+        frame, self._group = _split(self._group, end_range)
+        rejected, self._rejected_group = _split(self._rejected_group, end_range)
+        self._settle_frame(frame, k, defer=False, ordered=True, rejected=rejected)
         if self.done:
             self._drop_chunks()
 
@@ -525,7 +545,10 @@ class Settler:
         least — and put them in canonical order: the same order, bucket by bucket, as each sorted alone
         (:func:`canonical_order` of rows in read order is a stable sort on keys, which the buckets split)."""
         assert self.bounds is not None
-        bounds, chunks = self.bounds, self._chunks
+        bounds = self.bounds
+        # The rejected rows that name an ID count too: an input most of whose rows were rejected keeps its
+        # groups, and its memory, bounded.
+        chunks = (*self._chunks, *self._rejected) if self._rejected else self._chunks
         j = k + 1
         rows = sum(c.rows_in(bounds[k], bounds[j]) for c in chunks)
         while j < len(bounds) - 1:
@@ -535,41 +558,40 @@ class Settler:
             rows += more
             j += 1
         self._group_end = j
-        self._group = None
-        if rows:
+        self._group = self._rejected_group = None
+        clean = sum(c.rows_in(bounds[k], bounds[j]) for c in self._chunks) if self._rejected else rows
+        if clean:
             # Not bound to a name: the unsorted rows are let go as soon as they are sorted.
             self._group = canonical_order(self._read(bounds[k], bounds[j]))
+            if clean < rows:
+                # Rejected rows that name an ID (few, mostly), read only where there are rows for them to hold;
+                # in key order is enough: each bucket's slice is looked up by ID.
+                rejected = _read_chunks(self._rejected, bounds[k], bounds[j])
+                self._rejected_group = rejected.sort(KEY, maintain_order=True)
 
     def _read(self, first: int, end: int) -> pl.DataFrame:
-        """The rows of fine ranges ``[first, end)`` from every chunk file, in chunk order (some rows)."""
-        # The chunks held in memory come first (ChunkWriter): their slices, then those of the chunk files, so
-        # the rows stay in chunk order. Copied once, by the sort that follows.
-        pieces = [
-            c.rows_of(first, end) for c in self._chunks if c.frame is not None and c.rows_in(first, end)
-        ]
-        batches = []
-        for chunk in self._chunks:
-            if chunk.frame is None and chunk.rows_in(first, end) > 0:
-                batches += chunk.record_batches(first, end)
-        if batches or not pieces:
-            frame = pl.from_arrow(pa.Table.from_batches(batches))
-            assert isinstance(frame, pl.DataFrame)
-            pieces.append(frame)
-        return pl.concat(pieces, rechunk=False) if len(pieces) > 1 else pieces[0]
+        """The clean rows of fine ranges ``[first, end)`` from every chunk file, in chunk order (some rows)."""
+        return _read_chunks(self._chunks, first, end)
 
     def _settle_frame(
-        self, frame: pl.DataFrame | None, k: int, *, defer: bool, ordered: bool = False
+        self,
+        frame: pl.DataFrame | None,
+        k: int,
+        *,
+        defer: bool,
+        ordered: bool = False,
+        rejected: pl.DataFrame | None = None,
     ) -> None:
         """Resolve the duplicates of bucket ``k``'s rows and write its winners (no file when it has no rows).
         ``defer`` (the head): its rejects wait for :meth:`staged`. ``ordered``: the rows are in canonical order
-        already (else they come in read order)."""
+        already (else they come in read order). ``rejected``: the bucket's rejected rows that name an ID."""
         assert self._rejects is not None  # only a settler made by settled() has none, and it is done
         path: Path | None = None
         rejects: pl.DataFrame | None = None
         if frame is not None:
             if not ordered:
                 frame = canonical_order(frame)
-            winners, rejects, identical = resolve_duplicates(frame, self.source, self.names)
+            winners, rejects, identical = resolve_duplicates(frame, self.source, self.names, rejected)
             del frame
             path = self._directory / f"{k:04d}.arrow"
             # Uncompressed too: compressing costs more CPU than the rest of the settling (disk is cheaper).
@@ -597,15 +619,46 @@ class Settler:
 
     def release(self) -> None:
         """Let the rows read go (settling stopped, or is over): with them the chunk files' mappings."""
-        self._group = None
+        self._group = self._rejected_group = None
         self._chunks = tuple(c for c in self._chunks if c.frame is None)
 
     def _drop_chunks(self) -> None:
         # Every bucket is settled: the chunk files are read no more (and the chunks held in memory go).
         self.release()
-        chunks, self._chunks = self._chunks, ()
+        chunks, self._chunks, self._rejected = (*self._chunks, *self._rejected), (), ()
         for chunk in chunks:
             chunk.path.unlink(missing_ok=True)
+
+
+def _read_chunks(chunks: Sequence[ChunkFile], first: int, end: int) -> pl.DataFrame:
+    """The rows of fine ranges ``[first, end)`` from ``chunks``, in chunk order (some rows)."""
+    # The chunks held in memory come first (ChunkWriter): their slices, then those of the chunk files, so
+    # the rows stay in chunk order. Copied once, by the sort that follows.
+    pieces = [c.rows_of(first, end) for c in chunks if c.frame is not None and c.rows_in(first, end)]
+    batches = []
+    for chunk in chunks:
+        if chunk.frame is None and chunk.rows_in(first, end) > 0:
+            batches += chunk.record_batches(first, end)
+    if batches or not pieces:
+        frame = pl.from_arrow(pa.Table.from_batches(batches))
+        assert isinstance(frame, pl.DataFrame)
+        pieces.append(frame)
+    return pl.concat(pieces, rechunk=False) if len(pieces) > 1 else pieces[0]
+
+
+def _split(group: pl.DataFrame | None, end_range: int) -> tuple[pl.DataFrame | None, pl.DataFrame | None]:
+    """``group`` (rows in key order) cut where fine range ``end_range`` begins: the rows before, and the rest
+    (None for an empty side; slices, no copy)."""
+    if group is None:
+        return None, None
+    if end_range >= FINE_RANGES:
+        end = group.height
+    else:
+        found = group[KEY].search_sorted(end_range << (32 - FINE_BITS), side="left")
+        assert isinstance(found, int)
+        end = found
+    rest = group.slice(end)
+    return (group.slice(0, end) if end else None), (rest if rest.height else None)
 
 
 class Settling:
@@ -722,10 +775,17 @@ class Settling:
             self._thread = threading.Thread(target=self._work, name="plan-settle", daemon=True)
             self._thread.start()
 
-    def staged(self, source: int, chunks: Sequence[ChunkFile], bits: int, rows_read: int) -> None:
+    def staged(
+        self,
+        source: int,
+        chunks: Sequence[ChunkFile],
+        bits: int,
+        rows_read: int,
+        rejected: Sequence[ChunkFile] = (),
+    ) -> None:
         """Source ``source`` is staged (see :meth:`Settler.staged`): its readers may go on past its head."""
         with self._cond:
-            self.settlers[source].staged(chunks, bits, rows_read)
+            self.settlers[source].staged(chunks, bits, rows_read, rejected)
             self._cond.notify_all()
 
     def has_bucket(self, source: int, k: int) -> bool:

@@ -8,8 +8,9 @@
    :data:`sync.planning._staging.STAGE_ROWS` rows sorted by key and written once, as one Arrow IPC file;
 2. **settle** — bucket ``k`` is key range ``k`` (of ``2**bits``, sized by :data:`ROWS_PER_BUCKET`): its slice of
    every chunk file (found by binary search on the key; read with the next few buckets'), sorted in the canonical
-   order ``(crc32(ext_id), ext_id, file, row)``, duplicates resolved ("last valid row wins",
-   :func:`sync.planning.validation.resolve_duplicates`), written once. These *clean frames* are the typed, per-user data
+   order ``(crc32(ext_id), ext_id, file, row)``, duplicates resolved ("the newest row decides": an ID whose last
+   row was rejected is held, :func:`sync.planning.validation.resolve_duplicates`, with the rejected rows that name
+   an ID, staged apart), written once. These *clean frames* are the typed, per-user data
    (``Plan.staged``) a snapshot diff reads before any platform request is built. By default every bucket is
    settled before :func:`build_plan` returns; ``lazy=True`` (a changes run) settles the *head* of each file
    source first (its lowest keys, read from the files once, only those rows validated), then stages the rest
@@ -61,7 +62,15 @@ from sync.planning._staging import (
     write_error,
 )
 from sync.planning.row_keys import with_row_keys
-from sync.planning.validation import EXT_ID, FILE, KEY, canonical_key, clean_schema, validate_chunk
+from sync.planning.validation import (
+    EXT_ID,
+    FILE,
+    KEY,
+    canonical_key,
+    clean_schema,
+    rejected_ids,
+    validate_chunk,
+)
 from sync.platforms.base import BatchBuilder, Platform, Stream
 from sync.platforms.registry import platform_for
 from sync.records import Batch, Operation, Phase, RejectedRow
@@ -728,6 +737,7 @@ def estimate_duration(
 
 
 def _bucket_bits(rows: int, rows_per_bucket: int) -> int:
+    # ``rows``: the clean rows and the rejected rows that name an ID, which a bucket's settling reads too.
     buckets = max(1, min(MAX_BUCKETS, math.ceil(rows / max(1, rows_per_bucket))))
     return max(0, (buckets - 1).bit_length())
 
@@ -745,6 +755,9 @@ class _Staged:
     names: tuple[str, ...]
     rows_read: int
     chunks: ChunkWriter
+    rejected: ChunkWriter
+    """The rejected rows that name an ID (:func:`sync.planning.validation.rejected_ids`), in sorted chunks of their
+    own: a bucket's settling reads them to hold an ID whose newest row was rejected."""
     head: pl.DataFrame | None = None
     """The clean rows of the head's key ranges met (and left out of the chunks) by this staging."""
 
@@ -866,6 +879,11 @@ def _stage(
     chunk_dir.mkdir()
     # The head's rows are left out by the writer, from each sorted chunk (no filtering here).
     writer = ChunkWriter(chunk_dir, head_key=_head_key(head_end), memory_bytes=memory_bytes)
+    # Apart from the clean rows, so that a clean input's chunks and settling carry nothing more; written only
+    # once it has rows (most inputs have few rejected rows, many none).
+    rejected_dir = tmp / f"{source.name}.rejected"
+    rejected_dir.mkdir()
+    rejected = ChunkWriter(rejected_dir, head_key=_head_key(head_end), keyed=False)
     rows_read = 0
     check_rows = getattr(builder, "check_rows", None)
     kept = 0
@@ -878,16 +896,23 @@ def _stage(
                 if limit is not None and kept >= limit:
                     break  # the sample is complete: leaving the block stops reading this file now
                 rejects.rows(chunk.malformed)
+                if chunk.malformed:
+                    _add(rejected, rejected_ids(source, index, malformed=chunk.malformed))
                 rows_read += chunk.frame.height + len(chunk.malformed)
                 if chunk.frame.is_empty():
                     continue
                 clean, bad = validate_chunk(chunk.frame, source, job.validation, index, name)
                 rejects.frame(bad)
+                if bad.height:
+                    _add(rejected, rejected_ids(source, index, bad))
                 if check_rows is not None and not clean.is_empty():
                     # Values valid in general that this platform cannot take (a negative expiry, a character
                     # XML cannot carry): rejected rows now, not a refused request (or a crash) later.
-                    clean, bad = check_rows(source, clean, name)
+                    checked, bad = check_rows(source, clean, name)
                     rejects.frame(bad)
+                    if bad.height:
+                        _add(rejected, _refused_by_check(source, index, clean, checked))
+                    clean = checked
                 if limit is not None:
                     clean = clean.head(limit - kept)
                     kept += clean.height
@@ -895,7 +920,22 @@ def _stage(
                     continue
                 writer.add(clean.with_columns(canonical_key(clean[EXT_ID])).select(schema))
     writer.flush()
-    return _Staged(source, names, rows_read, writer, writer.head)
+    rejected.flush()
+    return _Staged(source, names, rows_read, writer, rejected, writer.head)
+
+
+def _add(writer: ChunkWriter, frame: pl.DataFrame | None) -> None:
+    if frame is not None:
+        writer.add(frame)
+
+
+def _refused_by_check(
+    source: Source, index: int, clean: pl.DataFrame, checked: pl.DataFrame
+) -> pl.DataFrame | None:
+    """The rejected IDs of the clean rows a platform's ``check_rows`` refused (those of ``clean`` not in
+    ``checked``; a chunk's rows are one file's, so the row number tells them apart)."""
+    refused = clean.join(checked.select(ROW), on=ROW, how="anti")
+    return rejected_ids(source, index, refused=refused)
 
 
 MEMORY_ROWS = 2_000_000
@@ -962,17 +1002,19 @@ def _stage_head(
     head_end: int,
     stop: threading.Event | None = None,
     spills: Sequence[Spill | None] = (),
-) -> pl.DataFrame:
-    """The clean, keyed rows of ``source`` whose keys fall in fine ranges ``[0, head_end)``: every file is read,
-    only those rows are validated (their rejects are dropped: the staging that follows writes every reject, in
-    file order). Reading the whole input here also means a file that cannot be read fails before anything is
-    sent, as without a head. A file with a spill (``spills``, by file: a CSV file, which is parsed whole here)
-    has every chunk parsed written there, for the staging to read instead of parsing the file again."""
+) -> tuple[pl.DataFrame, pl.DataFrame | None]:
+    """The clean, keyed rows of ``source`` whose keys fall in fine ranges ``[0, head_end)``, and its rejected rows
+    there that name an ID (None: none): every file is read, only those rows are validated (their rejects are
+    not written: the staging that follows writes every reject, in file order). Reading the whole input here also
+    means a file that cannot be read fails before anything is sent, as without a head. A file with a spill
+    (``spills``, by file: a CSV file, which is parsed whole here) has every chunk parsed written there, for the
+    staging to read instead of parsing the file again."""
     schema = list(clean_schema(source))
     head_key = _head_key(head_end)
     select = _head_mask(source, job.validation, head_key)
     check_rows = getattr(builder, "check_rows", None)
     pieces: list[pl.DataFrame] = []
+    refused: list[pl.DataFrame] = []  # the rejected rows that name an ID
     for index, (path, spill) in enumerate(itertools.zip_longest(files, spills)):
         name = str(path)
         raw: list[pl.DataFrame] = []
@@ -980,23 +1022,35 @@ def _stage_head(
         if picked is not None:
             mark_startup("head_read")  # the first file's head rows, read
             if picked.height:
-                pieces.append(_validate_head(job, source, picked, index, name, check_rows))
+                _validate_head(job, source, picked, index, name, check_rows, pieces, refused)
             continue
         for chunk in iter_chunks(source, path, keep=_selector(source, path, select), spill=spill):
             _check_stop(stop)
+            if (
+                chunk.malformed
+                and (found := rejected_ids(source, index, malformed=chunk.malformed)) is not None
+            ):
+                refused.append(found)
             if chunk.frame.height:
                 if raw and raw[-1].schema != chunk.frame.schema:
-                    pieces.append(_validate_head(job, source, _concat(raw), index, name, check_rows))
+                    _validate_head(job, source, _concat(raw), index, name, check_rows, pieces, refused)
                     raw = []
                 raw.append(chunk.frame)
         mark_startup("head_read")
         if raw:
-            pieces.append(_validate_head(job, source, _concat(raw), index, name, check_rows))
+            _validate_head(job, source, _concat(raw), index, name, check_rows, pieces, refused)
     mark_startup("head_validated")
+    in_head = pl.col(KEY).cast(pl.Int64) < head_key
+    rejected = None
+    if refused:
+        named = _concat(refused)
+        rejected = named.insert_column(0, canonical_key(named[EXT_ID])).filter(in_head)
+        if rejected.is_empty():
+            rejected = None
     keyed = [p.with_columns(canonical_key(p[EXT_ID])).select(schema) for p in pieces if p.height]
     if not keyed:
-        return pl.DataFrame(schema=clean_schema(source))
-    return _concat(keyed).filter(pl.col(KEY).cast(pl.Int64) < head_key)
+        return pl.DataFrame(schema=clean_schema(source)), rejected
+    return _concat(keyed).filter(in_head), rejected
 
 
 def _picked_rows(source: Source, path: Path, select: Callable[[pl.Series], pl.Series]) -> pl.DataFrame | None:
@@ -1038,12 +1092,28 @@ def _selector(source: Source, path: Path, select: Callable[[pl.Series], pl.Serie
 
 
 def _validate_head(
-    job: Job, source: Source, raw: pl.DataFrame, index: int, name: str, check_rows: Any
-) -> pl.DataFrame:
-    clean, _bad = validate_chunk(raw, source, job.validation, index, name)
+    job: Job,
+    source: Source,
+    raw: pl.DataFrame,
+    index: int,
+    name: str,
+    check_rows: Any,
+    clean_rows: list[pl.DataFrame],
+    rejected: list[pl.DataFrame],
+) -> None:
+    """Validate the head's rows ``raw`` of one file as the staging does: the clean rows go to ``clean_rows``, the
+    rejected ones that name an ID to ``rejected`` (:func:`sync.planning.validation.rejected_ids`)."""
+    clean, bad = validate_chunk(raw, source, job.validation, index, name)
+    found = rejected_ids(source, index, bad) if bad.height else None
     if check_rows is not None and not clean.is_empty():
-        clean, _bad = check_rows(source, clean, name)
-    return clean
+        checked, bad = check_rows(source, clean, name)
+        if bad.height:
+            more = _refused_by_check(source, index, clean, checked)
+            found = more if found is None else found if more is None else pl.concat([found, more])
+        clean = checked
+    if found is not None:
+        rejected.append(found)
+    clean_rows.append(clean)
 
 
 def _concat(frames: list[pl.DataFrame]) -> pl.DataFrame:
@@ -1188,9 +1258,18 @@ def build_plan(
             for st in stages:
                 out = tmp / st.source.name
                 out.mkdir()
-                bits = _bucket_bits(st.chunks.rows, rows_per_bucket or ROWS_PER_BUCKET)
+                bits = _bucket_bits(st.chunks.rows + st.rejected.rows, rows_per_bucket or ROWS_PER_BUCKET)
                 settlers.append(
-                    Settler(st.source, st.names, st.chunks.chunks, bits, out, rejects, rows_read=st.rows_read)
+                    Settler(
+                        st.source,
+                        st.names,
+                        st.chunks.chunks,
+                        bits,
+                        out,
+                        rejects,
+                        rows_read=st.rows_read,
+                        rejected=st.rejected.chunks,
+                    )
                 )
             # A lazy plan is settled while its batches are sent: a signal then drains the run (the dispatcher's
             # stop), it does not interrupt the settling under the lanes.
@@ -1302,16 +1381,16 @@ def _start_lazy(
         if files is None:
             # A database source is read once, and staged now: what it cannot read fails before anything is sent.
             st = _stage(job, source, tmp, rejects, builder, stop)
-            bits = _bucket_bits(st.chunks.rows, rows_per_bucket)
-            settler.staged(st.chunks.chunks, bits, st.rows_read)
+            bits = _bucket_bits(st.chunks.rows + st.rejected.rows, rows_per_bucket)
+            settler.staged(st.chunks.chunks, bits, st.rows_read, st.rejected.chunks)
         elif files:
             head_end = _head_ranges(source, files)
             if source.format is FileFormat.CSV:
                 # The head's reading parses every row of a CSV file: the staging reads what it parsed.
                 spill_dir = tmp / f"{source.name}.spill"
                 spills[i] = [Spill(spill_dir / f"{k}.arrow", ROW) for k in range(len(files))]
-            head = _stage_head(job, source, files, builder, head_end, stop, spills[i])
-            settler.settle_head(head, head_end)
+            head, head_rejected = _stage_head(job, source, files, builder, head_end, stop, spills[i])
+            settler.settle_head(head, head_end, head_rejected)
             mark_startup("head_settled")
         settlers.append(settler)
         inputs.append(files)
@@ -1334,16 +1413,21 @@ def _start_lazy(
                 memory_bytes=_chunk_memory(source, inputs[i]),
             )
             head_rows = 0 if st.head is None else st.head.height
-            if heads[i] and not _same_rows(st.head, settlers[i].take_head()):
-                # The head's reading chose its rows by the key validation gives their IDs, and read them as
-                # the staging does: it must hold exactly the clean rows the staging met in its key ranges. A
-                # difference is a bug, never a quirk of the input.
-                raise RuntimeError(
-                    f"source {source.name!r}: the head settled first differs from the clean rows the staging "
-                    f"found in its key ranges ({head_rows})"
-                )
-            bits = _bucket_bits(st.chunks.rows + head_rows, rows_per_bucket)
-            settling.staged(i, st.chunks.chunks, bits, st.rows_read)
+            head_rejected_rows = 0 if st.rejected.head is None else st.rejected.head.height
+            if heads[i]:
+                head, head_rejected = settlers[i].take_head()
+                if not (_same_rows(st.head, head) and _same_rejected(st.rejected.head, head_rejected)):
+                    # The head's reading chose its rows by the key validation gives their IDs, and read them as
+                    # the staging does: it must hold exactly the clean rows (and the rejected rows that name an
+                    # ID) the staging met in its key ranges. A difference is a bug, never a quirk of the input.
+                    raise RuntimeError(
+                        f"source {source.name!r}: the head settled first differs from the rows the staging "
+                        f"found in its key ranges ({head_rows} clean)"
+                    )
+            # The rejected rows that name an ID count (the head's too): they are settled with the clean rows.
+            rows = st.chunks.rows + head_rows + st.rejected.rows + head_rejected_rows
+            bits = _bucket_bits(rows, rows_per_bucket)
+            settling.staged(i, st.chunks.chunks, bits, st.rows_read, st.rejected.chunks)
 
     settling = Settling(settlers, on_done=rejects.close, stage=stage)
     settling.start()
@@ -1354,6 +1438,15 @@ def _same_rows(staged: pl.DataFrame | None, head: pl.DataFrame | None) -> bool:
     if staged is None or head is None:
         return (staged is None or staged.is_empty()) and (head is None or head.is_empty())
     return canonical_order(staged).equals(canonical_order(head))
+
+
+def _same_rejected(staged: pl.DataFrame | None, head: pl.DataFrame | None) -> bool:
+    """Whether two sets of rejected rows that name an ID hold the same rows, in any order (the head gathers a
+    file's malformed records apart from its refused rows)."""
+    if staged is None or head is None:
+        return (staged is None or staged.is_empty()) and (head is None or head.is_empty())
+    order = [KEY, EXT_ID, FILE, ROW]
+    return staged.sort(order).equals(head.sort(order))
 
 
 def _abandon(

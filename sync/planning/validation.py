@@ -1,8 +1,9 @@
-"""Row validation and typing, and the "last row wins" rule for duplicate IDs.
+"""Row validation and typing, and the "newest row decides" rule for duplicate IDs.
 
 :func:`validate_chunk` turns a raw chunk (text columns from :mod:`sync.sources.reading`) into a typed *clean* frame and a
-frame of rejected rows, all with vectorised polars expressions. :func:`resolve_duplicates` applies the duplicate
-rule to all rows of a set of IDs at once. The clean frame is platform-neutral: one typed column per mapped column
+frame of rejected rows, all with vectorised polars expressions; :func:`rejected_ids` keeps the rejected rows that
+name an ID, for the duplicate rule. :func:`resolve_duplicates` applies the duplicate rule to all rows of a set of
+IDs at once. The clean frame is platform-neutral: one typed column per mapped column
 plus ``__ext_id``, ``__file`` (index into the source's file list), ``__row`` and ``__key`` (the canonical order).
 
 Value formats (see docs/jobs.md):
@@ -70,6 +71,7 @@ from sync.planning._parsers import (
     tidy_lists,
     tidy_texts,
 )
+from sync.records import RejectedRow
 from sync.sources.reading import ROW
 
 __all__ = [
@@ -82,6 +84,8 @@ __all__ = [
     "TAG",
     "canonical_key",
     "clean_schema",
+    "rejected_ids",
+    "rejected_schema",
     "resolve_duplicates",
     "validate_chunk",
 ]
@@ -586,10 +590,12 @@ class _Query:
         return raw.lazy().with_columns(**self.trimmed).with_columns(**self.texts).with_columns(**self.values)
 
     def _messages_step(self) -> list[pl.Expr]:
-        """Step 3 of the refused rows' query: the external ID, the row and each check's message."""
+        """Step 3 of the refused rows' query: the external ID, the row (a tags source's tag too: a refused row
+        holds the earlier rows of its ID and tag, :func:`resolve_duplicates`) and each check's message."""
         return [
             self.typed[EXT_ID].cast(pl.String).alias(EXT_ID),
             pl.col(ROW),
+            *([self.typed[TAG].cast(pl.String).alias(TAG)] if TAG in self.typed else []),
             *(_message(reasons).alias(f"__e{i}") for i, (_, reasons) in enumerate(self.reasons)),
         ]
 
@@ -610,6 +616,7 @@ class _Query:
             .otherwise(pl.coalesce(e for e, _ in failed))
             .alias("reason"),
             pl.col(EXT_ID).alias("ext_id"),
+            *([pl.col(TAG)] if TAG in self.typed else []),
         ]
 
 
@@ -668,7 +675,8 @@ def validate_chunk(
 ) -> tuple[pl.DataFrame, pl.DataFrame]:
     """Type and check one chunk. Returns ``(clean, rejects)``: the rows that passed, typed as
     :func:`clean_schema` says (minus ``__key``), and one rejects row per failed input row (first failing column;
-    the reason lists every problem of the row).
+    the reason lists every problem of the row; a tags source's rejects carry the row's tag as ``__tag`` too, null
+    when missing, for :func:`rejected_ids`).
 
     One lazy query types every column and flags the refused rows; the texts its fast forms may not fit are read
     again afterwards, and the reasons are put together for the refused rows only (:func:`_rejects`).
@@ -753,33 +761,217 @@ def _rejects(raw: pl.DataFrame, source: Source, rules: ValidationRules, file_nam
     return out
 
 
+def rejected_schema(source: Source) -> dict[str, Any]:
+    """Column names and types of a source's *rejected IDs* (:func:`rejected_ids`): where each rejected row that
+    names an ID (and, for a tags source, a tag) was, keyed like a clean row."""
+    schema: dict[str, Any] = {KEY: pl.UInt32, EXT_ID: pl.String, FILE: pl.Int32, ROW: pl.Int64}
+    if source.kind is SourceKind.TAGS:
+        schema[TAG] = pl.String
+    return schema
+
+
+def rejected_ids(
+    source: Source,
+    file_index: int,
+    rejects: pl.DataFrame | None = None,
+    *,
+    refused: pl.DataFrame | None = None,
+    malformed: Sequence[RejectedRow] = (),
+) -> pl.DataFrame | None:
+    """The rejected rows of one chunk that name an external ID, as :func:`rejected_schema` says but for ``__key``,
+    for :func:`resolve_duplicates` (None when there are none, or for an events source, which is never
+    deduplicated). The caller keys them (:func:`canonical_key`), the rows of many chunks at once: keying has a
+    fixed cost of about a millisecond, more than the rest of a chunk's few rejected rows cost.
+
+    ``rejects``: validation's (:func:`validate_chunk`: the ``ext_id`` column, and ``__tag`` for a tags source);
+    ``refused``: clean rows a platform's check refused (``check_rows``), with their clean columns; ``malformed``:
+    the reader's malformed CSV records, a one-line record naming the (trimmed) value in the ID column's place —
+    the user a snapshot diff holds for it too (docs/sync.md), so it holds that user's earlier rows here (not in a
+    tags source: it names no tag). A row whose ID (for a tags source: whose tag) is missing names nothing and is
+    left out. A row whose ID was refused for what it holds is kept: it can never equal a valid row's ID (validity
+    depends on the ID's text alone, read the same way for both), so it holds nothing, and leaving it in spares a
+    test here."""
+    if source.kind is SourceKind.EVENTS:
+        return None
+    schema = rejected_schema(source)
+    if rejects is not None:
+        named = pl.col("ext_id").is_not_null()
+        if TAG in schema:
+            named &= pl.col(TAG).is_not_null()
+        frame = (
+            rejects.lazy()
+            .filter(named)
+            .select(
+                pl.col("ext_id").alias(EXT_ID),
+                pl.lit(file_index, pl.Int32).alias(FILE),
+                pl.col("row").cast(pl.Int64).alias(ROW),
+                *([pl.col(TAG).cast(pl.String)] if TAG in schema else []),
+            )
+            .collect()
+        )
+    elif refused is not None:
+        frame = refused.select(c for c in schema if c != KEY)
+    elif TAG not in schema:
+        # Python objects already (the reader's), and few: a malformed record is a broken line of the file.
+        named_rows = [(r.ext_id, r.row) for r in malformed if r.ext_id is not None]
+        frame = pl.DataFrame(
+            {
+                EXT_ID: [x for x, _ in named_rows],
+                FILE: [file_index] * len(named_rows),
+                ROW: [n for _, n in named_rows],
+            },
+            schema={c: t for c, t in schema.items() if c != KEY},
+        )
+    else:
+        return None
+    if frame.is_empty():
+        return None
+    return frame
+
+
 def _value_columns(source: Source) -> list[str]:
     return [c for c in clean_schema(source) if c not in (KEY, EXT_ID, FILE, ROW)]
 
 
 def resolve_duplicates(
-    frame: pl.DataFrame, source: Source, files: Sequence[str]
+    frame: pl.DataFrame,
+    source: Source,
+    files: Sequence[str],
+    rejected: pl.DataFrame | None = None,
 ) -> tuple[pl.DataFrame, pl.DataFrame, int]:
     """Apply the duplicate rule to clean rows holding *every* row of their IDs, in the canonical order
     ``(__key, __ext_id, __file, __row)``.
 
-    The last valid row of an ID wins (files in path order, rows in file order). An earlier row whose values
-    differ from the winner's is reported as rejected, naming the winning row; an earlier row with the same values
-    is dropped silently. Events are never deduplicated; a tags source deduplicates per (ID, tag).
-    Returns ``(winners, rejects, identical_duplicates_dropped)``: the winners in the canonical order, the rejects
-    in file and row order.
+    The newest row of an ID decides (files in path order, rows in file order). When it is valid it wins: an
+    earlier row whose values differ from it is reported as rejected, naming the winning row; an earlier row with
+    the same values is dropped silently. When it was rejected (``rejected``: :func:`rejected_ids` of the same IDs,
+    any order) the ID is *held*: none of its rows is sent, each is reported as rejected naming the rejected row
+    that holds it — the user's newest data could not be read, and an older row may say the opposite (a push
+    opt-in the user has since withdrawn). A rejected row older than the newest valid one changes nothing.
+
+    Events are never deduplicated. A tags source deduplicates, and holds, per (ID, tag): each row is a fact
+    about one tag of a user, so a rejected row holds the earlier rows of its own tag only (one with no tag holds
+    nothing, as a row with no ID). Returns ``(winners, rejects, identical_duplicates_dropped)``: the winners in
+    the canonical order, the rejects in file and row order.
     """
+    empty = pl.DataFrame(schema=REJECTS_SCHEMA)
     if source.kind is SourceKind.EVENTS or frame.is_empty():
-        return frame, pl.DataFrame(schema=REJECTS_SCHEMA), 0
+        return frame, empty, 0
     tags = source.kind is SourceKind.TAGS
     key = [EXT_ID, TAG] if tags else [EXT_ID]
+    held: pl.DataFrame | None = None
+    if rejected is not None and rejected.height:
+        frame, held = _hold(frame, rejected, key, source)
+    winners, conflicts, dropped = _last_wins(frame, source, key, tags)
+    found = [f for f in (held, conflicts) if f is not None and f.height]
+    if not found:
+        return winners, empty, dropped
+    merged = found[0] if len(found) == 1 else pl.concat(found).sort([FILE, ROW])
+    file_names = dict(enumerate(files))
+
+    def name(column: str) -> pl.Expr:
+        return pl.col(column).replace_strict(file_names, return_dtype=pl.String)
+
+    later = pl.col("__by_file") != pl.col(FILE)
+    rejects = merged.select(
+        name(FILE).alias("file"),
+        pl.col(ROW).alias("row"),
+        pl.col("__column").alias("column"),
+        # The message names the row that decided (the winner, or the rejected row holding the ID), by its row
+        # number, and by its file too when that is another one.
+        pl.concat_str(
+            pl.col("__before"),
+            pl.lit("row "),
+            pl.col("__by_row").cast(pl.String),
+            pl.when(later).then(pl.lit(" of ") + name("__by_file")).otherwise(pl.lit("")),
+            pl.col("__after"),
+        ).alias("reason"),
+        pl.col(EXT_ID).alias("ext_id"),
+    )
+    return winners, rejects, dropped
+
+
+_HELD = (
+    "held back: the newest row of this external ID ({}) was rejected, so none of its rows is sent "
+    "(the newest row decides)"
+)
+_HELD_TAG = (
+    "held back: the newest row of this external ID and tag ({}) was rejected, so none of their rows is sent "
+    "(the newest row decides)"
+)
+_SUPERSEDED = "duplicate external ID with conflicting values: superseded by {} (last row wins)"
+
+
+def _parts(message: str) -> tuple[pl.Expr, pl.Expr]:
+    """The text of ``message`` before and after its ``{}`` (where the deciding row is named), as literals."""
+    before, after = message.split("{}")
+    return pl.lit(before).alias("__before"), pl.lit(after).alias("__after")
+
+
+def _position(file: str, row: str) -> pl.Expr:
+    """A row's place in the read order (files in path order, rows in file order) as one integer."""
+    return pl.col(file).cast(pl.Int64) * (1 << 40) + pl.col(row)
+
+
+def _hold(
+    frame: pl.DataFrame, rejected: pl.DataFrame, key: list[str], source: Source
+) -> tuple[pl.DataFrame, pl.DataFrame | None]:
+    """``frame`` without the rows of the IDs (IDs and tags) whose newest row was rejected, and those rows as
+    rejects (with the file and row of the rejected row holding them; None when no ID is held).
+
+    Only the rows of IDs a rejected row names are looked at (a hash look-up per row, then a join of those few),
+    so a bucket pays for its rejected rows, not for its clean ones."""
+    named = frame[EXT_ID].is_in(rejected[EXT_ID].implode())
+    if not named.any():
+        # The common case: a rejected row names an ID no valid row has (a user with one row).
+        return frame, None
+    newest = (
+        rejected.lazy()
+        .sort(_position(FILE, ROW))
+        .unique(key, keep="last")
+        .select(*key, pl.col(FILE).alias("__by_file"), pl.col(ROW).alias("__by_row"))
+    )
+    held = (
+        frame.select(*key, FILE, ROW)
+        .with_row_index("__i")
+        .filter(named)
+        .lazy()
+        .join(newest, on=key, how="inner")
+        # Held when the rejected row comes after every valid row of the ID (a rejected row and a valid one are
+        # never the same row).
+        .filter(_position("__by_file", "__by_row") > _position(FILE, ROW).max().over(key))
+        .collect()
+    )
+    if held.is_empty():
+        return frame, None
+    keep = pl.repeat(True, frame.height, dtype=pl.Boolean, eager=True).scatter(held["__i"], False)
+    rejects = held.sort([FILE, ROW]).select(
+        pl.col(FILE),
+        pl.col(ROW),
+        pl.lit(source.ext_id, pl.String).alias("__column"),
+        *_parts(_HELD_TAG if TAG in key else _HELD),
+        pl.col(EXT_ID),
+        pl.col("__by_file").cast(pl.Int32),
+        pl.col("__by_row").cast(pl.Int64),
+    )
+    return frame.filter(keep), rejects
+
+
+def _last_wins(
+    frame: pl.DataFrame, source: Source, key: list[str], tags: bool
+) -> tuple[pl.DataFrame, pl.DataFrame | None, int]:
+    """The last row of each ID (ID and tag) of ``frame`` (in the canonical order) wins: ``(winners, conflicts,
+    identical_dropped)``, the conflicts being the earlier rows whose values differ, as :func:`_hold`'s rejects
+    (None when there are none)."""
+    if frame.is_empty():
+        return frame, None, 0
     # The rows of one ID (one ID and tag) next to each other, in file and row order: the canonical order does
     # that for an ID; a tag's rows of one ID are brought together by a stable sort on the tag.
     grouped = frame.sort([KEY, EXT_ID, TAG], maintain_order=True) if tags else frame
     last = pl.any_horizontal(pl.col(c).ne_missing(pl.col(c).shift(-1)) for c in key).fill_null(True)
     marked = grouped.with_columns(last.alias("__last"))
     if marked["__last"].all():
-        return frame, pl.DataFrame(schema=REJECTS_SCHEMA), 0
+        return frame, None, 0
     position = pl.int_range(pl.len(), dtype=pl.UInt32)
     marked = marked.with_columns(pl.when(pl.col("__last")).then(position).backward_fill().alias("__winner"))
     winners = marked.filter(pl.col("__last")).drop("__last", "__winner")
@@ -802,26 +994,13 @@ def resolve_duplicates(
         ).alias("__column"),
     )
     conflicts = joined.filter(pl.col("__conflict")).sort([FILE, ROW])
-    file_names = dict(enumerate(files))
     rejects = conflicts.select(
-        pl.col(FILE).replace_strict(file_names, return_dtype=pl.String).alias("file"),
-        pl.col(ROW).alias("row"),
-        pl.coalesce(pl.col("__column"), pl.lit(source.ext_id)).alias("column"),
-        pl.when(pl.col(FILE) == pl.col(f"{FILE}__w"))
-        .then(
-            pl.format(
-                "duplicate external ID with conflicting values: superseded by row {} (last row wins)",
-                pl.col(f"{ROW}__w"),
-            )
-        )
-        .otherwise(
-            pl.format(
-                "duplicate external ID with conflicting values: superseded by row {} of {} (last row wins)",
-                pl.col(f"{ROW}__w"),
-                pl.col(f"{FILE}__w").replace_strict(file_names, return_dtype=pl.String),
-            )
-        )
-        .alias("reason"),
-        pl.col(EXT_ID).alias("ext_id"),
+        pl.col(FILE),
+        pl.col(ROW),
+        pl.coalesce(pl.col("__column"), pl.lit(source.ext_id)).alias("__column"),
+        *_parts(_SUPERSEDED),
+        pl.col(EXT_ID),
+        pl.col(f"{FILE}__w").alias("__by_file"),
+        pl.col(f"{ROW}__w").alias("__by_row"),
     )
     return winners, rejects, losers.height - conflicts.height

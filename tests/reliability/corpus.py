@@ -442,6 +442,23 @@ CASES: tuple[Case, ...] = (
         rejected=(Rejected(1, "name", "superseded by row 3 (last row wins)"),),
         planned={"u1": {"name": "A2", "score": 1}, "u2": {"name": "B", "score": 2}},
     ),
+    Case(
+        # The newest row of u1 was rejected: u1 is held (nothing sent), its earlier row reported as held by it.
+        "duplicate_id_whose_newest_row_is_rejected",
+        _csv("u1,A,1,,\nu2,B,2,,\nu1,A2,oops,,\n"),
+        rejected=(
+            Rejected(3, "score", "not a number"),
+            Rejected(1, "id", "held back: the newest row of this external ID (row 3) was rejected"),
+        ),
+        planned={"u2": {"name": "B", "score": 2}},
+    ),
+    Case(
+        # A rejected row before u1's newest valid one changes nothing: that row wins.
+        "duplicate_id_whose_earlier_row_is_rejected",
+        _csv("u1,A,oops,,\nu1,A2,1,,\n"),
+        rejected=(Rejected(1, "score", "not a number"),),
+        planned={"u1": {"name": "A2", "score": 1}},
+    ),
     # --- empty and header-only files, headers -----------------------------------------------------------
     Case("empty_file", b"", fatal=Fatal("the file is empty")),
     Case("byte_order_mark_only", b"\xef\xbb\xbf", fatal=Fatal("the file is empty")),

@@ -1,7 +1,8 @@
 """Property-based tests (hypothesis) of the readers, validation and the planner.
 
 Rows are generated with a known verdict (valid or not, and why) and an independent model computes what the plan
-must hold: the rows rejected, the winner of each duplicate ID ("last valid row wins") and every request item. The
+must hold: the rows rejected, the winner of each duplicate ID (the newest row decides: the last row wins when it
+is valid, and holds its ID — nothing sent, every row rejected — when it was rejected) and every request item. The
 properties:
 
 * every batch names at most ``min(batch_size, 1000)`` unique external IDs, one-user endpoints exactly one, and its
@@ -161,14 +162,27 @@ class Expected:
 def model(table: Sequence[Row]) -> Expected:
     """What the plan must hold, computed without the code under test."""
     rejected = {i + 1 for i, r in enumerate(table) if not r.valid}
+    # The newest row of each ID decides. A malformed one-line record names the value in the ID column's place
+    # (trimmed), one spanning lines names nobody; an ID refused for what it holds never equals a valid one.
+    newest: dict[str, int] = {}
+    for i, r in enumerate(table):
+        named = r.ext_id
+        if r.ragged:
+            spans_lines = any("\n" in c or "\r" in c for c in r.cells)
+            named = None if spans_lines else (r.cells[0].strip() or None)
+        if named is not None:
+            newest[named] = i
     last: dict[str, int] = {}
     for i, r in enumerate(table):
         if r.valid:
             assert r.ext_id is not None
-            last[r.ext_id] = i
+            if table[newest[r.ext_id]].valid:
+                last[r.ext_id] = i
+            else:
+                rejected.add(i + 1)  # held: its newest row was rejected
     dropped = 0
     for i, r in enumerate(table):
-        if r.valid and last[r.ext_id or ""] != i:
+        if r.valid and r.ext_id in last and last[r.ext_id] != i:
             if r.values == table[last[r.ext_id or ""]].values:
                 dropped += 1
             else:
