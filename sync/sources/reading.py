@@ -77,7 +77,7 @@ class Chunk:
 
 
 def expand_paths(source: Source, *, workdir: Path | None = None, exclude: Sequence[Path] = ()) -> list[Path]:
-    """The files a source names, globs expanded, sorted by path (so the read order — and "last row wins" — is
+    """The files a source names, globs expanded, sorted by path (so the read order — and "the newest row decides" — is
     stable).
 
     Each real file is read once, whatever links point to it (the first path in sorted order names it), and a
