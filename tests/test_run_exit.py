@@ -28,6 +28,20 @@ atexit.register(lambda: sys.stdout.write("atexit ran\\n"))
 """
 
 
+def _telling_the_teardown(folder: Path) -> dict[str, str]:
+    """The environment of a ``python -m sync`` whose interpreter's teardown, if it runs, writes "teardown ran" on
+    stderr: a finaliser made by a ``sitecustomize`` module written in ``folder``."""
+    (folder / "sitecustomize.py").write_text(
+        "import os\n"
+        "class Teardown:\n"
+        "    def __del__(self):\n"
+        "        os.write(2, b'teardown ran\\n')\n"
+        "kept = Teardown()\n",
+        encoding="utf-8",
+    )
+    return {**os.environ, "PYTHONPATH": f"{folder}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+
+
 def _python(code: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-c", PRELUDE + textwrap.dedent(code)],
@@ -107,16 +121,7 @@ def test_python_m_sync_run_ends_through_exit_now(tmp_path: Path) -> None:
     # module the run imports never prints).
     job = tmp_path / "job.yaml"
     job.write_text("name: broken\n", encoding="utf-8")
-    hook = tmp_path / "sitecustomize.py"
-    hook.write_text(
-        "import os\n"
-        "class Teardown:\n"
-        "    def __del__(self):\n"
-        "        os.write(2, b'teardown ran\\n')\n"
-        "kept = Teardown()\n",
-        encoding="utf-8",
-    )
-    env = {**os.environ, "PYTHONPATH": f"{tmp_path}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    env = _telling_the_teardown(tmp_path)
 
     def command(name: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
@@ -254,16 +259,8 @@ def test_sigterm_before_a_command_handles_signals_is_exit_4_with_one_line(tmp_pa
 
     fifo = tmp_path / "job.yaml"
     os.mkfifo(fifo)
-    # An interrupted command ends through exit_now (no teardown: see sync.cli.exit_now), told by a finaliser.
-    (tmp_path / "sitecustomize.py").write_text(
-        "import os\n"
-        "class Teardown:\n"
-        "    def __del__(self):\n"
-        "        os.write(2, b'teardown ran\\n')\n"
-        "kept = Teardown()\n",
-        encoding="utf-8",
-    )
-    env = {**os.environ, "PYTHONPATH": f"{tmp_path}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    # An interrupted command ends through exit_now (no teardown: see sync.cli.exit_now).
+    env = _telling_the_teardown(tmp_path)
     process = subprocess.Popen(
         [sys.executable, "-m", "sync", "validate", str(fifo)],
         stdout=subprocess.PIPE,
