@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from urllib.parse import urlsplit
 
 from sync._startup import mark_startup, startup_marks
-from sync.config import Alerts, Job, SyncMode
+from sync.config import Alerts, Job, SyncMode, shared_fields
 from sync.errors import (
     BadJobError,
     ExitCode,
@@ -528,6 +528,8 @@ async def _dispatch(
         )
         signals.dispatcher = dispatcher  # from here a signal drains (a first one already set ``stop``)
         log.info("run.start", run=run_id, requests=total_requests, ids=total_ids)
+        for note in shared_fields(job):
+            log.warning("job.shared_field", run=run_id, note=note)
         # The progress totals of a lazy plan: counted once its readers had every bucket settled.
         totals = (
             asyncio.create_task(_fill_totals(plan, bar, log, run_id), name="plan-totals")

@@ -33,6 +33,44 @@ def test_validate_the_example_job(capsys: pytest.CaptureFixture[str]) -> None:
     assert "NETMERA_API_KEY is not set" in out  # a note, not an error: plan and validate need no secret
 
 
+def test_validate_and_plan_note_a_field_two_users_sources_set(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Two users sources setting the same field: a user in both got whichever request landed last, Paris or
+    # Berlin from one run to the next (connectors audit). Told, not refused: sources of different users are sound.
+    (tmp_path / "eu.csv").write_text("id,city,push,tags\nU1,Paris,yes,a|b\n", encoding="utf-8")
+    (tmp_path / "de.csv").write_text("id,city,push,tags\nU1,Berlin,no,c\n", encoding="utf-8")
+    job = tmp_path / "job.yaml"
+    job.write_text(
+        "version: 1\nname: regions\nworkdir: work\n"
+        "destination: {platform: netmera, base_url: 'http://127.0.0.1:9/rest/3.0/', secret: {env: NETMERA_API_KEY}}\n"
+        "sources:\n"
+        "  - {name: eu, path: eu.csv, ext_id: id, attributes: {city: string, tags: {attribute: seen, type: list,"
+        " mode: push}}, opt_ins: {push: push}}\n"
+        "  - {name: de, path: de.csv, ext_id: id, attributes: {city: string, tags: {attribute: seen, type: list,"
+        " mode: push}}, opt_ins: {push: push}}\n",
+        encoding="utf-8",
+    )
+    assert main(["validate", str(job)]) == 0
+    out = capsys.readouterr().out
+    notes = [line for line in out.splitlines() if line.startswith("note: ") and "is set by sources" in line]
+    assert [n.split(" is set by")[0] for n in notes] == ["note: attribute city", "note: the push opt-in"]
+    assert "eu, de" in notes[0] and "one source with several files" in notes[0]
+    assert main(["validate", str(job), "--output", "json"]) == 0
+    assert len(json.loads(capsys.readouterr().out)["notes"]) == 2
+    assert main(["plan", str(job)]) == 0
+    assert "Note: attribute city is set by sources eu, de" in capsys.readouterr().out
+
+    # One source, the same files: the newest row decides, nothing to say.
+    job.write_text(
+        job.read_text(encoding="utf-8").split("  - {name: eu")[0]
+        + "  - {name: all, path: '*.csv', ext_id: id, attributes: {city: string}, opt_ins: {push: push}}\n",
+        encoding="utf-8",
+    )
+    assert main(["validate", str(job), "--output", "json"]) == 0
+    assert json.loads(capsys.readouterr().out)["notes"] == []
+
+
 def test_validate_reports_every_problem(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     bad = tmp_path / "bad.yaml"
     bad.write_text(

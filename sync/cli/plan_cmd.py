@@ -15,7 +15,7 @@ from typing import Any, TextIO
 
 import yaml
 
-from sync.config import Job, SyncMode, load_job
+from sync.config import Job, SyncMode, load_job, shared_fields
 from sync.errors import BadJobError, ExitCode, JobProblem
 from sync.planning.planning import ASSUMED_LATENCY, Plan, PlanSummary, build_plan
 from sync.sources.reading import check_sources
@@ -77,8 +77,11 @@ def register(subparsers: Any) -> None:
     plan.set_defaults(func=_plan)
 
 
-def _problems_json(path: str, problems: list[dict[str, str]]) -> str:
-    return json.dumps({"job": path, "valid": not problems, "problems": problems}, indent=2)
+def _problems_json(path: str, problems: list[dict[str, str]], notes: list[str] | None = None) -> str:
+    doc: dict[str, Any] = {"job": path, "valid": not problems, "problems": problems}
+    if notes is not None:
+        doc["notes"] = notes
+    return json.dumps(doc, indent=2)
 
 
 def _is_meiro_job(path: str) -> bool:
@@ -129,10 +132,11 @@ def _validate(args: argparse.Namespace) -> int:
             _print_problems(str(args.job), exc.problems, out)
         return int(ExitCode.BAD_JOB_OR_INPUT)
     file_problems = [] if args.no_files else check_sources(job) + _database_problems(job)
+    notes = shared_fields(job)
     if args.output == "json":
         print(
             _problems_json(
-                str(args.job), [{"location": p.location, "message": p.message} for p in file_problems]
+                str(args.job), [{"location": p.location, "message": p.message} for p in file_problems], notes
             )
         )
         if not file_problems and getattr(args, "check_connection", False):
@@ -148,6 +152,8 @@ def _validate(args: argparse.Namespace) -> int:
         file=out,
     )
     _secret_note(job, out)
+    for note in notes:
+        print(f"note: {note}", file=out)
     if getattr(args, "check_connection", False):
         from sync.cli.doctor_cmd import check_connection
 
@@ -276,6 +282,7 @@ def _plan_interruptible(args: argparse.Namespace) -> int:
                     doc["sources"][staged.source.name]["database"] = staged.files[0]
             doc["rejected_sample"] = _rejects_sample(plan)
             doc["budget_groups"] = _group_estimates(job, summary)
+            doc["notes"] = shared_fields(job)
             if diff is not None:
                 doc["mode"] = "snapshot"
                 doc["diff"] = diff.to_json()
@@ -383,6 +390,8 @@ def _print_plan(job: Job, plan: Plan, summary: PlanSummary, out: TextIO) -> None
         if staged.source.sql is not None:  # the database and table, never the password
             print(f"Source {staged.files[0]}: {staged.rows_read} rows read", file=out)
     print(f"Rejects file: {_short(summary.rejects_path)}", file=out)
+    for note in shared_fields(job):
+        print(f"Note: {note}", file=out)
     databases = {s.files[0] for s in plan.staged if s.source.sql is not None}
     for r in _rejects_sample(plan):
         # A database source is named by its label, and its "row" is the position in the query's result.

@@ -32,6 +32,7 @@ from sync.config._job import (
     ValueType,
 )
 from sync.config._load import job_schema, load_job
+from sync.config._overlaps import shared_fields
 from sync.config._platforms import (
     PlatformCatalog,
     PlatformLimits,
@@ -92,6 +93,7 @@ __all__ = [
     "read_job_yaml",
     "resolve_secret",
     "select_sources",
+    "shared_fields",
     "split_names",
     "use_platforms",
 ]
