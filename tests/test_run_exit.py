@@ -281,3 +281,34 @@ def test_sigterm_before_a_command_handles_signals_is_exit_4_with_one_line(tmp_pa
         process.kill()
     assert process.returncode == 4, err
     assert err.strip() == "pushsync: interrupted"
+
+
+@pytest.mark.parametrize(("given", "in_force"), [(None, "0"), ("1", "1")])
+def test_the_entry_point_runs_arrows_allocator_on_small_pages_unless_told(
+    tmp_path: Path, given: str | None, in_force: str
+) -> None:
+    # mimalloc (pyarrow's memory pool) says which allow_thp it runs with (MIMALLOC_VERBOSE): 0 from the entry
+    # point (huge pages zeroed over and over: docs/run.md), or what the environment says.
+    (tmp_path / "users.csv").write_text("id,name\nU1,Ada\n", encoding="utf-8")
+    job = tmp_path / "job.yaml"
+    job.write_text(
+        "version: 1\nname: pages\nworkdir: work\n"
+        "destination: {platform: netmera, base_url: 'http://127.0.0.1:9/rest/3.0/', secret: {env: NETMERA_API_KEY}}\n"
+        "sources:\n  - {name: users, path: users.csv, ext_id: id, attributes: {name: string}}\n",
+        encoding="utf-8",
+    )
+    env = {k: v for k, v in os.environ.items() if k != "MIMALLOC_ALLOW_THP"}
+    env["MIMALLOC_VERBOSE"] = "1"
+    if given is not None:
+        env["MIMALLOC_ALLOW_THP"] = given
+    done = subprocess.run(
+        [sys.executable, "-m", "sync", "validate", str(job)],
+        cwd=REPO_ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    assert f"option 'allow_thp': {in_force}" in done.stderr

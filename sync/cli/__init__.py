@@ -171,6 +171,7 @@ def entry() -> NoReturn:
     # says — not the default termination (exit 143, nothing said) — and the files being written are cleaned up.
     signal.signal(signal.SIGTERM, signal.default_int_handler)
     argv = sys.argv[1:]
+    _small_pages_for_arrow()
     if _command(argv) == "run":
         _collect_less()
         _load_certificates_when_used()
@@ -187,6 +188,24 @@ def entry() -> NoReturn:
 COLLECT_EVERY = 100_000
 """Net allocations between two passes of the cyclic garbage collector over its youngest objects in a ``pushsync
 run`` process (Python's default: 700). See :func:`_collect_less`."""
+
+
+def _small_pages_for_arrow() -> None:
+    """Let Arrow's allocator (mimalloc, pyarrow's default memory pool) back its memory with ordinary 4 KiB pages
+    instead of transparent huge pages, in a pushsync process (``MIMALLOC_ALLOW_THP=0``).
+
+    mimalloc reserves a 1 GiB arena advised ``MADV_HUGEPAGE``: every first touch of a 2 MiB page of it has the
+    kernel zero all 2 MiB, and mimalloc gives memory back (``purge``) milliseconds after it is freed, so a run
+    that reads and decodes its input block after block zeroes fresh huge pages over and over. In a 1M-user
+    ``pushsync run`` (``perf record -e cpu-clock``) the kernel's ``clear_page_erms`` under huge-page faults was
+    11 % of the CPU samples; with 4 KiB pages the run took 2-10 % less CPU, a quarter less system time
+    (``bench/run_env_ab.py``, docs/run.md). Set by the entry point before pyarrow is imported (mimalloc reads its
+    options when the library loads), and only when the user has not set it: a program embedding pushsync keeps
+    its own."""
+    import os
+
+    if "pyarrow" not in sys.modules:
+        os.environ.setdefault("MIMALLOC_ALLOW_THP", "0")
 
 
 def _collect_less() -> None:
