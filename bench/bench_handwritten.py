@@ -124,6 +124,11 @@ dispatch:
 """
 
 
+def run_command(job: Path) -> list[str]:
+    """``pushsync run`` on :data:`JOB` as the benches run it: no progress output, the summary as JSON."""
+    return [sys.executable, "-m", "sync", "run", str(job), "--progress", "none", "--output", "json"]
+
+
 def timed(command: list[str], env: dict[str, str]) -> tuple[float, float, str]:
     """Run ``command``; returns (wall seconds, its user+sys CPU seconds, its stdout). Exits on a failure."""
     started = time.perf_counter()
@@ -186,7 +191,7 @@ def main() -> int:
     workdir = out / "work"
     shutil.rmtree(workdir, ignore_errors=True)
     job = out / "job.yaml"
-    command = [sys.executable, "-m", "sync", "run", str(job), "--progress", "none", "--output", "json"]
+    command = run_command(job)
 
     split: dict[str, tuple[float, float, int]] = {}  # client → (user CPU, system CPU, page faults)
 

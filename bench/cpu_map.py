@@ -117,7 +117,7 @@ def main() -> int:
         return 0
 
     # Here, not at the top: the child that times the phases imports nothing it does not time.
-    from bench_handwritten import JOB
+    from bench_handwritten import JOB, run_command
     from gen_data import generate_users
 
     out = HERE / "out" / "cpu_map"
@@ -141,17 +141,7 @@ def main() -> int:
                 command = (
                     [sys.executable, str(Path(__file__).resolve()), "--phases-of", str(job)]
                     if what == "phases"
-                    else [
-                        sys.executable,
-                        "-m",
-                        "sync",
-                        "run",
-                        str(job),
-                        "--progress",
-                        "none",
-                        "--output",
-                        "json",
-                    ]
+                    else run_command(job)
                 )
                 before = _children_cpu()
                 done = subprocess.run(pinned(client_core, command), capture_output=True, text=True, env=env)

@@ -43,7 +43,7 @@ def main() -> int:
     parser.add_argument("--users", type=int, default=1_000_000)
     args = parser.parse_args()
 
-    from bench_handwritten import JOB
+    from bench_handwritten import JOB, run_command
     from gen_data import generate_users
 
     out = HERE / "out" / "run_env_ab"
@@ -63,17 +63,7 @@ def main() -> int:
                 job = out / "job.yaml"
                 job.write_text(JOB.format(workdir=workdir, url=url, data=data), encoding="utf-8")
                 env = {**_environment(setting), "BENCH_NETMERA_KEY": key}
-                command = [
-                    sys.executable,
-                    "-m",
-                    "sync",
-                    "run",
-                    str(job),
-                    "--progress",
-                    "none",
-                    "--output",
-                    "json",
-                ]
+                command = run_command(job)
                 before = resource.getrusage(resource.RUSAGE_CHILDREN)
                 done = subprocess.run(pinned(client, command), env=env, capture_output=True, text=True)
                 after = resource.getrusage(resource.RUSAGE_CHILDREN)

@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from sync.cli._ledgers import DIED
 from sync.errors import ExitCode
 
 if TYPE_CHECKING:
@@ -75,7 +76,7 @@ _STATUS_STYLE = {
     "partial": "yellow",
     "aborted": "bold red",
     "interrupted": "magenta",
-    "died": "bold magenta",
+    DIED: "bold magenta",
 }
 
 
@@ -96,7 +97,7 @@ def _when(ts: float | None) -> str:
 
 def _took(info: Any) -> str:
     if info.finished_at is None:
-        return "-" if info.status == "died" else "running"
+        return "-" if info.status == DIED else "running"
     seconds = info.finished_at - info.started_at
     if seconds < 60:
         return f"{seconds:.1f} s"

@@ -1232,7 +1232,7 @@ def build_plan(
     check_workdir(job.workdir)
     rejects_path = rejects_path or job.workdir / "rejects.csv"
     made: list[Path] = []  # the staging directory, once named
-    staging: tuple[Path, int] | None = None  # the staging directory and the descriptor holding its lock
+    lock_fd = -1  # the descriptor holding its lock, once taken
     rejects: RejectsWriter | None = None
     plan: Plan | None = None
     settling: Settling | None = None
@@ -1243,7 +1243,6 @@ def build_plan(
         remove_stale_staging(job.workdir)
         lock_fd = _make_staging(job.workdir, made)
         tmp = made[0]
-        staging = (tmp, lock_fd)
         rejects = RejectsWriter(rejects_path)
         builder = _builder_for(job)
         if lazy and limit is None:
@@ -1281,14 +1280,14 @@ def build_plan(
                 counts, samples = _count_while_settling(job, builder, settling)
             else:
                 settling.settle_all()
-        plan = Plan(job, staged, rejects, settling, *staging)
+        plan = Plan(job, staged, rejects, settling, tmp, lock_fd)
     except OSError as exc:
-        _abandon(plan, made, staging, rejects, settling)
+        _abandon(plan, made, lock_fd, rejects, settling)
         # Input files are read through sync.sources.reading, which turns their errors into BadInputError: an OSError
         # here comes from writing the staging data or the rejects file.
         raise write_error(exc.filename or job.workdir, exc) from exc
     except BaseException:
-        _abandon(plan, made, staging, rejects, settling)
+        _abandon(plan, made, lock_fd, rejects, settling)
         raise
     if counts is not None:
         plan._counts, plan._samples = counts, samples
@@ -1452,11 +1451,13 @@ def _same_rejected(staged: pl.DataFrame | None, head: pl.DataFrame | None) -> bo
 def _abandon(
     plan: Plan | None,
     made: list[Path],
-    staging: tuple[Path, int] | None,
+    lock_fd: int,
     rejects: RejectsWriter | None,
     settling: Settling | None,
 ) -> None:
-    """Undo what an interrupted or failed :func:`build_plan` made, however far it got."""
+    """Undo what an interrupted or failed :func:`build_plan` made, however far it got: the staging directory
+    ``made`` holds once named, its lock ``lock_fd`` once taken (-1 before: a descriptor opened but not yet
+    returned goes with the process)."""
     if plan is not None:
         plan.close()  # its finalizer: the same, once
         return
@@ -1464,10 +1465,8 @@ def _abandon(
         settling.close()
     if rejects is not None:
         rejects.close(quiet=True)  # the error that brought us here is the one to report
-    if staging is not None:
-        _remove_staging(*staging)
-    elif made:  # made (perhaps locked: its descriptor goes with the process), not yet held
-        shutil.rmtree(made[0], ignore_errors=True)
+    if made:
+        _remove_staging(made[0], lock_fd)
 
 
 def _close_plan(settling: Settling, rejects: RejectsWriter, tmp: Path, lock_fd: int) -> None:
