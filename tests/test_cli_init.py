@@ -115,3 +115,109 @@ def test_init_names_the_file_asked_for_and_refuses_unusable_paths(
     assert main(["init", str(data), "-o", str(link)]) == 0
     assert link.is_symlink() and (tmp_path / "jobs" / "nightly.yaml").is_file()
     assert [Path(p).resolve() for p in load_job(link).sources[0].paths] == [data.resolve()]
+
+
+# Per platform: what init needs beyond the file (account settings no header names) and what the plan sends.
+_PLATFORM_ARGS = {
+    "netmera": ([], {"setProfileAttributes", "tagUsers", "updateEmail", "updateMsisdn"}),
+    "notifyvisitors": (["--extra", "brand_id=1000"], {"user/create"}),
+    "formsonfire": (["--base-url", "https://eu.example.com/api/v2/", "--extra", "company_id=1000"], {"push"}),
+}
+PUSH_CSV = (
+    "customer_id,title,message,sound,expiry_secs,email,phone,segments,Home City\n"
+    "C1,Hi,Hello there,true,3600,a@x.io,+905551112233,gold|vip,İzmir\n"
+    "C2,Yo,Welcome,false,600,b@x.io,+905551112234,silver,Bursa\n"
+)
+
+
+def test_init_offers_every_sync_platform() -> None:
+    from sync.cli.init_cmd import _offered
+    from sync.platforms.formsonfire.requests import MESSAGE_FIELDS
+    from sync.platforms.registry import REGISTRY
+
+    # Every platform a job can send to (a new one: give it a StarterJob); Meiro CDP's jobs are not such jobs.
+    assert set(_offered()) == set(REGISTRY.names()) == set(_PLATFORM_ARGS)
+    starter = REGISTRY["formsonfire"].limits.starter
+    assert starter is not None and starter.fields is not None
+    assert [f.attribute for f in starter.fields] == list(MESSAGE_FIELDS)  # every message field, and no other
+
+
+@pytest.mark.parametrize("platform", sorted(_PLATFORM_ARGS))
+def test_init_writes_a_job_each_platform_validates_and_plans(
+    platform: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    args, endpoints = _PLATFORM_ARGS[platform]
+    data = tmp_path / "users.csv"
+    data.write_text(PUSH_CSV, encoding="utf-8")
+    out = tmp_path / "job.yaml"
+    assert main(["init", str(data), "-o", str(out), "--platform", platform, *args]) == 0, (
+        capsys.readouterr().err
+    )
+    job = load_job(out)
+    assert job.destination.platform == platform and job.sources[0].ext_id == "customer_id"
+    secret_env = job.destination.secret_env
+    assert secret_env and secret_env.endswith(("_API_KEY", "_INTEGRATION_KEY"))
+    monkeypatch.setenv(secret_env, "k3y-Never-In-The-File-0123456789")
+    capsys.readouterr()
+    assert main(["validate", str(out)]) == 0, capsys.readouterr().err
+    text = out.read_text(encoding="utf-8")
+    assert f"secret: {{env: {secret_env}}}" in text and "k3y-Never" not in text
+    attributes = {a.column: a.attribute for a in job.sources[0].attributes}
+    if (
+        platform == "formsonfire"
+    ):  # a push per row: the message fields only, the other columns named as left out
+        assert attributes == {
+            "title": "Title",
+            "message": "Body",
+            "sound": "Sound",
+            "expiry_secs": "ExpirySecs",
+        }
+        assert "# not sent" in text and '"Home City"' in text
+        assert job.destination.extra == {"company_id": "1000"}
+    else:  # profiles: contact fields mapped, every other column an attribute of its own name
+        assert job.sources[0].email == "email" and job.sources[0].msisdn == "phone"
+        assert attributes["title"] == "title" and attributes["Home City"] == "Home City"
+        assert ("segments" in attributes) is (platform == "notifyvisitors")  # no tags there: an attribute
+    plan = build_plan(job)
+    try:
+        summary = plan.summary()
+        assert summary.rows_read == 2 and summary.rejected_count == 0
+        assert {e.endpoint for e in summary.endpoints} == endpoints
+    finally:
+        plan.close()
+
+
+def test_init_asks_for_what_no_header_names_and_never_writes_a_secret(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    data = tmp_path / "users.csv"
+    data.write_text(PUSH_CSV, encoding="utf-8")
+    out = tmp_path / "job.yaml"
+    init = ["init", str(data), "-o", str(out), "--platform"]
+    assert main([*init, "notifyvisitors"]) == ExitCode.BAD_JOB_OR_INPUT
+    assert (
+        "destination.extra.brand_id" in (err := capsys.readouterr().err) and "--extra brand_id=VALUE" in err
+    )
+    assert main([*init, "formsonfire", "--extra", "company_id=1"]) == ExitCode.BAD_JOB_OR_INPUT
+    assert "--base-url: formsonfire has no one production address" in capsys.readouterr().err
+    fof = [*init, "formsonfire", "--base-url", "https://eu.example.com/api/v2/"]
+    assert main(fof) == ExitCode.BAD_JOB_OR_INPUT
+    assert "--extra company_id=VALUE" in capsys.readouterr().err
+    key = "s3cr3tIntegrationKey0123456789"
+    assert (
+        main([*fof, "--extra", "company_id=1", "--extra", f"integration_key={key}"])
+        == ExitCode.BAD_JOB_OR_INPUT
+    )
+    err = capsys.readouterr().err
+    assert "--extra integration_key: secrets may not be written" in err and key not in err
+    with pytest.raises(SystemExit):  # not KEY=VALUE: a usage error that does not repeat the text
+        main([*fof, "--extra", key])
+    assert key not in capsys.readouterr().err
+    assert not list(tmp_path.glob("*.yaml*"))
+    # Forms On Fire sends a push per row: a file with no message column is refused, saying which names it takes.
+    ids = tmp_path / "ids.csv"
+    ids.write_text("customer_id,score\nC1,1\n", encoding="utf-8")
+    fof[1] = str(ids)
+    assert main([*fof, "--extra", "company_id=1"]) == ExitCode.BAD_JOB_OR_INPUT
+    assert "no column is named like a formsonfire field (title, body" in capsys.readouterr().err
+    assert not list(tmp_path.glob("*.yaml*"))

@@ -373,6 +373,50 @@ def test_globs_are_read_in_path_order(tmp_path: Path) -> None:
     assert "superseded by row 1 of " + str(tmp_path / "part-2.csv") in rejects[1].reason
 
 
+def test_a_compressed_csv_is_estimated_by_its_text_not_its_file_size(tmp_path: Path) -> None:
+    # The row estimate (a plan's staging: chunks kept in memory, a lazy run's first batches) counts a CSV file's
+    # text at 128 bytes a row. A users.csv.gz was counted by its compressed size: a third of its rows here.
+    import gzip
+    import random
+
+    from sync.sources.reading import estimate_rows
+
+    rng = random.Random(7)
+    header = "id,first_name,score,email,city,segments,joined\n"
+    lines = [
+        f"C{i:08d},Name{rng.randint(0, 9999)},{rng.random():.4f},user{i}@example.com,"
+        f"City{rng.randint(0, 500)},{rng.choice(['gold', 'silver', 'vip'])}|{rng.choice(['a', 'b'])},"
+        f"20{rng.randint(10, 24)}-0{rng.randint(1, 9)}-1{rng.randint(0, 9)}\n"
+        for i in range(120_000)
+    ]
+    text = (header + "".join(lines)).encode()
+    assert len(text) > 2 * (4 << 20)  # past the sample the ratio is measured on
+    plain = tmp_path / "export.csv"
+    plain.write_bytes(text)
+    packed = tmp_path / "export.csv.gz"
+    packed.write_bytes(gzip.compress(text, compresslevel=1))  # gzip -1: quick to write, 3.4 times smaller
+    assert packed.stat().st_size * 3 < len(text)
+    job = _job(tmp_path, HEADER)
+    source = job.sources[0]
+    expected = estimate_rows(source, [plain])
+    assert len(lines) / 2 < expected < len(lines) * 2  # ~74 bytes a row here, counted as 128
+    estimated = estimate_rows(source, [packed])
+    assert abs(estimated - expected) < expected / 10, (estimated, expected)
+    assert len(lines) / 2 < estimated < len(lines) * 2
+    # Other codecs pyarrow's reader takes by name; a file shorter than the sample is measured whole; one that is
+    # not what its name says counts by its size (the reader reports it).
+    small = text[: 1 << 20]
+    for name, codec in (("export.csv.zst", "zstd"), ("small.csv.gz", "gzip"), ("small.csv.bz2", "bz2")):
+        data = text if codec == "zstd" else small
+        with pa.OSFile(str(tmp_path / name), "wb") as raw, pa.CompressedOutputStream(raw, codec) as out:
+            out.write(data)
+        got = estimate_rows(source, [tmp_path / name])
+        assert abs(got - len(data) // 128) < len(data) // 1280, (name, got)
+    broken = tmp_path / "broken.csv.gz"
+    broken.write_bytes(b"\x1f\x8b" + b"x" * 1000)
+    assert estimate_rows(source, [broken]) == 1002 // 128
+
+
 def test_missing_files_are_reported(tmp_path: Path) -> None:
     job = _job(tmp_path, "a,1,,,,,,,,\n")
     (tmp_path / "users.csv").unlink()

@@ -552,6 +552,68 @@ def test_a_date_that_cannot_be_sent_says_why(new_york: Job) -> None:
     assert clean["d"].to_list() == [-62135579038000, 1615707000000, 1577890859000]
 
 
+def test_a_typed_date_before_year_one_is_refused_as_its_text_is(tmp_path: Path) -> None:
+    # A Parquet date32 (and a timestamp) holds year 0 and negative years; passed through typed, year 0000 went out
+    # as 1 BC while the same date written as text was refused. Refused alike now: file, row, column, the text's
+    # reason; the valid dates beside them are sent.
+    import datetime as dt
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from sync.planning.planning import build_plan
+
+    epoch = dt.date(1970, 1, 1)
+    year_zero = -719_528 + 59  # days from 1970-01-01 to 0000-03-01 (proleptic Gregorian)
+    before = -719_528 - 365  # 0001-01-01 BC minus a year: year -1
+    days = [(dt.date(1990, 5, 6) - epoch).days, year_zero, (dt.date(1, 1, 1) - epoch).days, before, None]
+    ms = [d * 86_400_000 + 36_000_000 if d is not None else None for d in days]  # 10:00 on those days
+    table = pa.table(
+        {
+            "id": [f"u{i}" for i in range(5)],
+            "born": pa.array(days, pa.date32()),
+            "seen": pa.array([ms[0], ms[2], ms[1], ms[2], None], pa.timestamp("ms", tz="UTC")),
+        }
+    )
+    data = tmp_path / "typed.parquet"
+    pq.write_table(table, data)
+    job_file = tmp_path / "typed.yaml"
+    job_file.write_text(
+        "name: typed\nworkdir: work\n"
+        'destination: {platform: netmera, base_url: "http://127.0.0.1:8080/rest/3.0/", secret: {env: K}}\n'
+        "sources:\n  - name: users\n    path: typed.parquet\n    ext_id: id\n"
+        "    attributes: {born: date, seen: date}\n",
+        encoding="utf-8",
+    )
+    with build_plan(load_job(job_file)) as plan:
+        rejects = [(Path(r.path).name, r.row, r.column, r.reason) for r in plan.rejected_rows()]
+        clean = plan.summary().rows_clean
+    zero = "year 0000: no calendar year (ISO 8601 allows it only by agreement; a placeholder for an unknown date?)"
+    bc = "a year before 0001 (BC): no date a platform reads as meant (a placeholder for an unknown date?)"
+    assert zero == _parsers._YEAR_ZERO  # the text path's own words
+    assert sorted(rejects) == [
+        ("typed.parquet", 2, "born", zero),
+        ("typed.parquet", 3, "seen", zero),
+        ("typed.parquet", 4, "born", bc),
+    ]
+    assert clean == 2  # 1990-05-06 and 0001-01-01 (the first year) are sent; a null date sends nothing
+
+
+def test_a_text_date_with_a_signed_year_before_one_is_refused(job: Job) -> None:
+    # chrono's %Y reads "-0001": a negative year went out as 2 BC, where year 0000 was refused.
+    raw = _raw(
+        [
+            {"id": f"u{i}", "d": t}
+            for i, t in enumerate(["-001-01-01", "-0001-06-01 10:00", "+0001-01-01T00:00:00"])
+        ],
+        COLUMNS,
+    )
+    clean, rejects = _validate(job, job.sources[0], raw)
+    assert rejects["row"].to_list() == [1, 2]
+    assert set(rejects["reason"]) == {_parsers._BEFORE_YEAR_ONE}
+    assert clean["d"].to_list() == [-62135596800000]
+
+
 def test_a_plain_date_at_a_midnight_the_zone_skips(tmp_path: Path) -> None:
     # São Paulo's clocks went from 00:00 to 01:00 on 2018-11-04: that day has no midnight there.
     job = _job(tmp_path, "America/Sao_Paulo")

@@ -1,10 +1,14 @@
 """``pushsync init DATA_FILE``: write a first job file from a CSV or Parquet file's header.
 
 The columns are read with polars (the header, and a sample of rows for the types) and mapped the way a data
-engineer would start: the external ID column by its name, opt-in columns to opt-ins, e-mail and phone columns
-to the contact fields, a delimited segments/tags column to tags, and every other column to a profile attribute of
-the type its values have (number, boolean, date, string). The file is checked with the same loader as
-``pushsync validate`` before it is written, and an existing file is never overwritten without ``--force``.
+engineer would start, as far as the platform (``--platform``, default netmera) takes them — its
+:class:`sync.config.StarterJob` says what it takes: the external ID column by its name, opt-in columns to
+opt-ins, e-mail and phone columns to the contact fields, a delimited segments/tags column to tags, and every
+other column to a profile attribute of the type its values have (number, boolean, date, string) — or, for a
+platform whose rows are messages (Forms On Fire), the columns named like its message fields to those fields. The
+key is named by its environment variable, never written; the account settings no header names (a brand or
+company ID) are given with ``--extra KEY=VALUE``. The file is checked with the same loader as ``pushsync
+validate`` before it is written, and an existing file is never overwritten without ``--force``.
 """
 
 from __future__ import annotations
@@ -12,11 +16,16 @@ from __future__ import annotations
 import argparse
 import os
 import re
+import textwrap
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sync._output import output_file, replaced_atomically
-from sync.errors import BadInputError, BadJobError, ExitCode
+from sync.errors import BadInputError, BadJobError, ExitCode, JobProblem
+
+if TYPE_CHECKING:
+    from sync.config import PlatformLimits, StarterJob
 
 __all__ = ["register", "suggest_job"]
 
@@ -32,11 +41,17 @@ _PHONE = ("msisdn", "phone", "mobile", "phone_number", "mobile_number", "gsm")
 _TAGS = ("tags", "segments", "segment", "tag")
 
 
-def _starters() -> dict[str, Any]:
-    """Platform name → its :class:`sync.config.StarterJob`, for every registered platform that offers one."""
+def _offered() -> dict[str, tuple[StarterJob, PlatformLimits]]:
+    """Platform name → its :class:`sync.config.StarterJob` and limits (the budgets written), for every registered
+    platform that offers a starter, in the registry's order."""
     from sync.platforms.registry import REGISTRY
 
-    return {name: REGISTRY[name].limits.starter for name in REGISTRY.names() if REGISTRY[name].limits.starter}
+    offered = {}
+    for name in REGISTRY.names():
+        limits = REGISTRY[name].limits
+        if limits.starter is not None:
+            offered[name] = (limits.starter, limits)
+    return offered
 
 
 def register(subparsers: Any) -> None:
@@ -48,10 +63,34 @@ def register(subparsers: Any) -> None:
     )
     init.add_argument("--name", help="the job's name (default: the data file's name)")
     init.add_argument("--ext-id", help="the column with the external ID (default: guessed from the names)")
-    starters = _starters()
-    init.add_argument("--platform", choices=sorted(starters), default=next(iter(starters)))
+    offered = _offered()
+    init.add_argument(
+        "--platform",
+        choices=sorted(offered),
+        default="netmera" if "netmera" in offered else next(iter(offered)),
+        help="the destination (default netmera)",
+    )
+    init.add_argument(
+        "--base-url", help="the platform's API address (default: its production address, where it has one)"
+    )
+    init.add_argument(
+        "--extra",
+        action="append",
+        type=_setting,
+        default=[],
+        metavar="KEY=VALUE",
+        help="a destination.extra setting of the platform, e.g. brand_id=1000 (notifyvisitors), "
+        "company_id=1000 (formsonfire); repeatable; never a secret",
+    )
     init.add_argument("--force", action="store_true", help="overwrite an existing job file")
     init.set_defaults(func=_init)
+
+
+def _setting(text: str) -> tuple[str, str]:
+    key, equals, value = text.partition("=")
+    if not equals or not key.strip():
+        raise argparse.ArgumentTypeError("must be KEY=VALUE")  # the text itself is not shown: it may be a key
+    return key.strip(), value
 
 
 def _norm(name: str) -> str:
@@ -99,9 +138,47 @@ def _delimiter(values: list[str]) -> str | None:
     return None
 
 
-def suggest_job(data: Path, job_path: Path, *, name: str, platform: str, ext_id: str | None) -> str:
-    """The YAML text of a first job for ``data``, to be written at ``job_path``."""
-    starter = _starters()[platform]
+def suggest_job(
+    data: Path,
+    job_path: Path,
+    *,
+    name: str,
+    platform: str,
+    ext_id: str | None,
+    base_url: str | None = None,
+    extra: Sequence[tuple[str, str]] = (),
+) -> str:
+    """The YAML text of a first job for ``data`` sending to ``platform``, to be written at ``job_path``.
+
+    ``base_url``: the API's address (default: the platform's production address); ``extra``: its
+    ``destination.extra`` settings. :class:`BadJobError` when the platform needs an address and none is given, or
+    a setting's name says it would hold a secret."""
+    from sync.config import secret_setting
+
+    starter, limits = _offered()[platform]
+    base_url = base_url or starter.base_url
+    if not base_url:
+        raise BadJobError(
+            str(job_path),
+            [
+                JobProblem(
+                    "--base-url",
+                    f"{platform} has no one production address: give your account's API address "
+                    f"({starter.reference})",
+                )
+            ],
+        )
+    secrets = [
+        JobProblem(
+            f"--extra {key}",
+            "secrets may not be written in a job file: the job names the "
+            f"environment variable that holds it ({starter.secret_env})",
+        )
+        for key, _ in extra
+        if secret_setting(key)
+    ]
+    if secrets:
+        raise BadJobError(str(job_path), secrets)
     frame = _read_sample(data)
     columns = list(frame.columns)
     if not columns:
@@ -114,44 +191,73 @@ def suggest_job(data: Path, job_path: Path, *, name: str, platform: str, ext_id:
     elif ext_id not in columns:
         raise BadInputError(str(data), f"no column {ext_id!r} (columns: {', '.join(columns)})")
     used = {ext_id}
-    opt_ins: dict[str, str] = {}
-    for channel, names in _OPT_INS.items():
+
+    def take(names: Sequence[str]) -> str | None:
+        """The first column not mapped yet whose name is one of ``names``; marked as mapped."""
         col = next((by_norm[n] for n in names if n in by_norm and by_norm[n] not in used), None)
         if col:
-            opt_ins[channel] = col
             used.add(col)
-    email = next((by_norm[n] for n in _EMAIL if n in by_norm and by_norm[n] not in used), None)
-    phone = next((by_norm[n] for n in _PHONE if n in by_norm and by_norm[n] not in used), None)
-    used.update(c for c in (email, phone) if c)
+        return col
+
+    opt_ins: dict[str, str] = {}
+    for channel, names in _OPT_INS.items():
+        col = take(names) if channel in starter.opt_ins else None
+        if col:
+            opt_ins[channel] = col
+    email = take(_EMAIL) if "email" in starter.contact_fields else None
+    phone = take(_PHONE) if "msisdn" in starter.contact_fields else None
     tags = None
-    for n in _TAGS:
+    for n in _TAGS if starter.tags else ():
         col = by_norm.get(n)
         if col and col not in used and _kind(frame.schema[col]) == "string":
             tags = (col, _delimiter(frame[col].drop_nulls().cast(str).to_list()) or "|")
             used.add(col)
             break
-    attributes = [(c, _kind(frame.schema[c])) for c in columns if c not in used]
+    q = _quote
+    if starter.fields is None:
+        attributes = [f"      {q(c)}: {_kind(frame.schema[c])}" for c in columns if c not in used]
+        attributes_note = "column: type (the profile attribute has the column's name)"
+        left_out: list[str] = []
+    else:
+        mapped = [(col, f) for f in starter.fields if (col := take(f.names))]
+        if not mapped:
+            suggested = ", ".join(f.names[0] for f in starter.fields)
+            raise BadInputError(
+                str(data),
+                f"no column is named like a {platform} field ({suggested}): rename one, or write the job by hand "
+                f"({starter.reference})",
+            )
+        attributes = [f"      {q(c)}: {{attribute: {f.attribute}, type: {f.type}}}" for c, f in mapped]
+        attributes_note = f"column: the {platform} field it fills"
+        left_out = [q(c) for c in columns if c not in used]
 
     # Relative to the job file, as every path in a job is; absolute only across drives.
     try:
         data_ref = Path(os.path.relpath(data.resolve(), job_path.resolve().parent)).as_posix()
     except ValueError:
         data_ref = str(data.resolve())
-    q = _quote
+    references = dict.fromkeys(("docs/jobs.md", starter.reference))
     lines = [
         f"# A first job for {data.name}, written by `pushsync init` from its header and {len(frame):,} sample rows.",
         "# Check the mapping, then: pushsync validate "
         + q(job_path.name)
         + " && pushsync plan "
         + q(job_path.name),
-        "# Reference: docs/jobs.md",
+        f"# Reference: {', '.join(references)}",
         "version: 1",
         f"name: {q(name)}",
         "",
         "destination:",
         f"  platform: {platform}",
-        f"  base_url: {starter.base_url}",
+        f"  base_url: {q(base_url)}",
         f"  secret: {{env: {starter.secret_env}}}        # where the API key lives - never the key itself",
+    ]
+    settings = dict(extra)  # given twice: the last one counts, as for any repeated option
+    if settings or starter.extra_hints:
+        lines.append(f"  {'' if settings else '# '}extra:")
+        lines += [f"    {q(key)}: {q(value, force=True)}" for key, value in settings.items()]
+        lines += [f"    # {hint}" for hint in starter.extra_hints if hint.partition(":")[0] not in settings]
+    lines += [
         "",
         "sources:",
         "  - name: users",
@@ -159,27 +265,40 @@ def suggest_job(data: Path, job_path: Path, *, name: str, platform: str, ext_id:
         f"    ext_id: {q(ext_id)}",
     ]
     if attributes:
-        lines.append(
-            "    attributes:                       # column: type (the profile attribute has the column's name)"
+        lines.append(f"    attributes:                       # {attributes_note}")
+        lines += attributes
+    if left_out:
+        fields = ", ".join(f.attribute for f in starter.fields or ())
+        lines += textwrap.wrap(
+            f"not sent ({platform} takes {fields} only): {', '.join(left_out)}",
+            width=110,
+            initial_indent="    # ",
+            subsequent_indent="    #   ",
+            break_on_hyphens=False,
         )
-        lines += [f"      {q(c)}: {kind}" for c, kind in attributes]
     if tags:
         lines.append(f"    tags: [{{column: {q(tags[0])}, delimiter: {q(tags[1], force=True)}}}]")
     if opt_ins:
         lines.append("    opt_ins:")
         lines += [f"      {channel}: {q(col)}" for channel, col in opt_ins.items()]
-    if email and "email" in starter.contact_fields:
+    if email:
         lines.append(f"    email: {q(email)}")
-    if phone and "msisdn" in starter.contact_fields:
+    if phone:
         lines.append(f"    msisdn: {q(phone)}")
-    lines += [
-        "",
-        "dispatch:",
-        "  concurrency: 8",
-        "  budgets:",
-        '    "*": {requests: 20, per: 1s}      # set to what your account allows',
-        "",
-    ]
+    lines += ["", "dispatch:", "  concurrency: 8"]
+    if limits.default_budgets:
+        lines.append("  budgets:")
+        lines += [
+            f"    {q(endpoint, force=True)}: {{requests: {spec.requests}, per: {spec.period:g}s}}"
+            "      # set to what your account allows"
+            for endpoint, spec in limits.default_budgets.items()
+        ]
+    for group in limits.default_budget_groups:  # the documented limits, which the platform's defaults are
+        lines.append(
+            f"  # budget group {group.name}: {group.budget.requests} per {group.budget.period:g}s over "
+            f"{', '.join(group.endpoints)} (documented; budget_groups: changes it)"
+        )
+    lines.append("")
     return "\n".join(lines)
 
 
@@ -206,14 +325,29 @@ def _init(args: argparse.Namespace) -> int:
         raise BadInputError(str(args.out), "exists; give --force to overwrite it")
     # A job name names its workdir: letters, digits, _ . - (the schema's rule), so anything else becomes "-".
     name = re.sub(r"[^A-Za-z0-9_.-]+", "-", args.name or args.data.stem).strip("-._")[:64] or "job"
-    text = suggest_job(args.data, args.out, name=name, platform=args.platform, ext_id=args.ext_id)
+    text = suggest_job(
+        args.data,
+        args.out,
+        name=name,
+        platform=args.platform,
+        ext_id=args.ext_id,
+        base_url=args.base_url,
+        extra=args.extra,
+    )
     with replaced_atomically(args.out) as tmp:
         tmp.write_text(text, encoding="utf-8")
         try:
             load_job(tmp)  # the same checks as `pushsync validate`: never leave a job file that does not load
         except BadJobError as exc:
-            # Checked as a temporary file; the user asked for args.out, which is the file to name.
-            raise BadJobError(str(args.out), exc.problems) from None
+            # Checked as a temporary file; the user asked for args.out, which is the file to name. A platform
+            # setting missing or wrong (a brand ID) is one to give on this command line: say how.
+            problems = [
+                JobProblem(p.location, f"{p.message} (pushsync init: --extra {key}=VALUE)")
+                if (key := p.location.removeprefix("destination.extra.")) != p.location
+                else p
+                for p in exc.problems
+            ]
+            raise BadJobError(str(args.out), problems) from None
     print(
         f"wrote {args.out}; review the mapping, then: pushsync validate {args.out} && pushsync plan {args.out}"
     )

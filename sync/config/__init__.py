@@ -31,12 +31,13 @@ from sync.config._job import (
     ValidationRules,
     ValueType,
 )
-from sync.config._load import job_schema, load_job
+from sync.config._load import job_schema, load_job, secret_setting
 from sync.config._overlaps import shared_fields
 from sync.config._platforms import (
     PlatformCatalog,
     PlatformLimits,
     PlatformRules,
+    StarterField,
     StarterJob,
     installed_platforms,
     use_platforms,
@@ -78,6 +79,7 @@ __all__ = [
     "Source",
     "SourceKind",
     "SqlInput",
+    "StarterField",
     "StarterJob",
     "SyncMode",
     "TagAction",
@@ -92,6 +94,7 @@ __all__ = [
     "looks_like_a_key",
     "read_job_yaml",
     "resolve_secret",
+    "secret_setting",
     "select_sources",
     "shared_fields",
     "split_names",

@@ -65,6 +65,11 @@ _TYPE_NAMES = {
 _SECRET_HINT = "a job names where the secret lives ({env: NAME} or {file: PATH}), never the secret itself"
 
 
+def secret_setting(name: str) -> bool:
+    """Whether a ``destination.extra`` setting called ``name`` would hold a secret (the loader refuses it)."""
+    return _SECRET_LOOKING_EXTRA.search(name) is not None
+
+
 @functools.cache
 def job_schema() -> dict[str, Any]:
     """The JSON Schema of a job file (``schemas/job.schema.json``), read once from the installed package."""
@@ -246,7 +251,7 @@ def _secret_problems(raw: Mapping[str, Any], base: Path) -> list[JobProblem]:
     extra = dest.get("extra")
     if isinstance(extra, Mapping):
         for key in extra:
-            if _SECRET_LOOKING_EXTRA.search(str(key)):
+            if secret_setting(str(key)):
                 problems.append(
                     JobProblem(
                         f"destination.extra.{key}", f"secrets may not be written in a job file: {hint}"

@@ -17,7 +17,15 @@ from sync.config._job import Source
 from sync.config._settings import BudgetGroupSpec, RateBudgetSpec
 from sync.errors import JobProblem
 
-__all__ = ["PlatformCatalog", "PlatformLimits", "PlatformRules", "installed_platforms", "use_platforms"]
+__all__ = [
+    "PlatformCatalog",
+    "PlatformLimits",
+    "PlatformRules",
+    "StarterField",
+    "StarterJob",
+    "installed_platforms",
+    "use_platforms",
+]
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -44,12 +52,38 @@ class PlatformLimits:
 
 @dataclass(frozen=True, slots=True)
 class StarterJob:
-    """The destination of a first job (``pushsync init``): the production URL, the conventional name of the key's
-    environment variable, and the contact fields (``email``, ``msisdn``) a users source may map."""
+    """What ``pushsync init`` writes for a platform: the destination of a first job (the production URL, the
+    conventional name of the key's environment variable) and what of a users source the platform takes, so the
+    command maps a file's columns to what the platform accepts without knowing any platform."""
 
-    base_url: str
+    base_url: str | None
+    """The production API's address; None when every account has its own (``init`` then needs ``--base-url``)."""
     secret_env: str
     contact_fields: frozenset[str] = frozenset()
+    """The contact fields (``email``, ``msisdn``) a users source may map."""
+    opt_ins: frozenset[str] = frozenset()
+    """The opt-in channels (``push``, ``email``, ``sms``) a users source may map."""
+    tags: bool = False
+    """Whether a delimited segments/tags column becomes tags (else it is an attribute like any other column)."""
+    fields: tuple[StarterField, ...] | None = None
+    """None: every column not mapped otherwise is a profile attribute of its own name. Otherwise the only
+    attributes the platform takes (Forms On Fire's message fields), each found by its column's name; the other
+    columns are left out of the job, named in a comment."""
+    extra_hints: tuple[str, ...] = ()
+    """``destination.extra`` lines written commented out below the settings given (``key: value  # what``)."""
+    reference: str = "docs/jobs.md"
+    """The page of the docs that describes the platform's job."""
+
+
+@dataclass(frozen=True, slots=True)
+class StarterField:
+    """An attribute ``pushsync init`` maps a column to by the column's name (Forms On Fire's ``Title``)."""
+
+    attribute: str
+    type: str
+    """The ``type:`` the mapping is written with (a :class:`sync.config.ValueType` value)."""
+    names: tuple[str, ...]
+    """Column names that suggest it, lower case with ``_`` for any run of other characters, best first."""
 
 
 class PlatformRules(Protocol):

@@ -268,6 +268,9 @@ _NOT_A_DATE = "not an ISO 8601 date or date-time"
 _YEAR_ZERO = (
     "year 0000: no calendar year (ISO 8601 allows it only by agreement; a placeholder for an unknown date?)"
 )
+_BEFORE_YEAR_ONE = (
+    "a year before 0001 (BC): no date a platform reads as meant (a placeholder for an unknown date?)"
+)
 _LEAP_SECOND = "second 60 (a leap second): epoch milliseconds have none, it would be sent as the next minute"
 _MS_PER_DAY = 86_400_000
 _YEAR_ONE_MS = -62_135_596_800_000
@@ -337,6 +340,8 @@ def _date_times(timezone: str) -> Callable[[pl.Series], tuple[pl.Series, pl.Seri
                 # polars reads year 0000 (1 BC) and second 60 (as the next minute): neither is a date to send.
                 .when(p.is_not_null() & pl.col("v").str.starts_with("0000"))
                 .then(pl.lit(_YEAR_ZERO))
+                .when(p.is_not_null() & pl.col("v").str.starts_with("-"))  # chrono's %Y reads a signed year
+                .then(pl.lit(_BEFORE_YEAR_ONE))
                 .when(p.is_not_null() & pl.col("v").str.contains(r"^[0-9-]+T[0-9]{2}:[0-9]{2}:60"))
                 .then(pl.lit(_LEAP_SECOND))
                 .when(s.is_not_null() & p.is_null() & naive.is_not_null())
@@ -376,14 +381,23 @@ def _parse_date(s: pl.Expr, timezone: str, *, untrimmed: bool = False, refuses_n
 
 
 def _typed_date(s: pl.Expr, dtype: Any, timezone: str) -> _Parser:
-    # A typed column (Parquet): no parsing, but a local time the zone skips (a DST gap) is no time at all.
+    """A typed date or date-time column (Parquet, a database): no parsing, but what a text would be refused for
+    as a date, its value is refused for too — a local time the zone skips (a DST gap) is no time at all, and a
+    year of 0 or less (pyarrow's date32 and polars hold them) is 1 BC or earlier. The year is the one the value is
+    held in (its own zone's, as a text's is the one written), read in one vectorised step."""
     dt = s.cast(pl.Datetime("ms")) if dtype == pl.Date else s
     if not (isinstance(dtype, pl.Datetime) and dtype.time_zone):
         dt = dt.dt.replace_time_zone(timezone, ambiguous="earliest", non_existent="null")
-    return _Parser(
-        dt.dt.epoch("ms"),
-        lambda s, p: [(s.is_not_null() & p.is_null(), _nonexistent(timezone))],
-    )
+
+    def reasons(s: pl.Expr, p: pl.Expr) -> list[_Reason]:
+        year = s.dt.year()
+        return [
+            ((year == 0).fill_null(False), _YEAR_ZERO),
+            ((year < 0).fill_null(False), _BEFORE_YEAR_ONE),
+            (s.is_not_null() & p.is_null(), _nonexistent(timezone)),
+        ]
+
+    return _Parser(dt.dt.epoch("ms"), reasons)
 
 
 def _split(s: pl.Expr, delimiter: str) -> pl.Expr:

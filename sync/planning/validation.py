@@ -13,7 +13,8 @@ Value formats (see docs/jobs.md):
   would change is refused: one that underflows to 0 (``1e-400``), an integer past 2**53 it rounds;
 - date: ISO 8601 ``YYYY-MM-DD`` (midnight), ``YYYY-MM-DD[T ]HH:MM[:SS[.fff]]`` with optional ``Z`` or ``±HH:MM``;
   values without an offset are in the job's ``validation.timezone``; stored (and sent) as epoch milliseconds;
-  not year 0000, second 60, or a local time the zone skips;
+  not year 0000 or a signed year before it, second 60, or a local time the zone skips (a typed date or
+  timestamp column: not a year of 0 or less, nor a local time the zone skips);
 - list: a JSON array (``["a","b"]``) or text split on the mapping's delimiter (default ``|``), items trimmed,
   empty items dropped; an empty list counts as no value;
 - email: ``local@domain.tld``, at most 254 characters; MSISDN: an optional ``+`` and 8-15 digits once spaces,

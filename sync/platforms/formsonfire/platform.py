@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
 
-from sync.config import Job, PlatformLimits, RateBudgetSpec, Source
+from sync.config import Job, PlatformLimits, RateBudgetSpec, Source, StarterField, StarterJob
 from sync.errors import JobProblem
 from sync.platforms.base import BatchBuilder, PlatformClient
 from sync.platforms.formsonfire import ENDPOINT, PLATFORM
@@ -32,6 +32,24 @@ class FormsOnFirePlatform:
         single_user_endpoints=frozenset({ENDPOINT}),
         # No documented limit; 10 requests/s is an assumption [I].
         default_budgets={"*": RateBudgetSpec(requests=10, period=1.0)},
+        # Each account has its node's address and its CompanyId, which no file header names: init takes them as
+        # --base-url and --extra company_id=... . A row is a push: only the message fields are mapped.
+        starter=StarterJob(
+            base_url=None,
+            secret_env="FORMSONFIRE_INTEGRATION_KEY",
+            fields=(
+                StarterField("Title", "string", ("title", "subject", "headline")),
+                StarterField("Body", "string", ("body", "message", "text", "content")),
+                StarterField("Sound", "boolean", ("sound",)),
+                StarterField("ExpirySecs", "number", ("expiry_secs", "expirysecs", "expiry", "ttl")),
+            ),
+            extra_hints=(
+                "user_key: UserExternalId   # what the ID column holds: UserId, UserEmail or UserExternalId",
+                'title: "..."               # a constant for rows whose Title is empty (also body, sound, expiry_secs)',
+                "body_format: json          # or xml",
+            ),
+            reference="docs/formsonfire.md",
+        ),
     )
     snapshot_mode = False
     non_idempotent = frozenset({Operation.SEND_PUSH})

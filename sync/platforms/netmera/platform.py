@@ -36,6 +36,9 @@ class NetmeraPlatform:
             base_url="https://restapi.netmera.com/rest/3.0/",
             secret_env="NETMERA_API_KEY",
             contact_fields=frozenset({"email", "msisdn"}),
+            opt_ins=frozenset({"push", "email", "sms"}),
+            tags=True,
+            reference="docs/jobs.md",
         ),
     )
     snapshot_mode = True

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
 
-from sync.config import BudgetGroupSpec, Job, PlatformLimits, RateBudgetSpec, Source
+from sync.config import BudgetGroupSpec, Job, PlatformLimits, RateBudgetSpec, Source, StarterJob
 from sync.errors import JobProblem
 from sync.platforms.base import BatchBuilder, PlatformClient
 from sync.platforms.notifyvisitors import (
@@ -46,6 +46,19 @@ class NotifyVisitorsPlatform:
                 tuple(endpoint for endpoint, f in FAMILY_OF.items() if f == family),
             )
             for family in dict.fromkeys(FAMILY_OF.values())
+        ),
+        # The brand ID is the account's, named by no file header: init takes it as --extra brand_id=... (the
+        # loader asks for it with api_key authentication, the default).
+        starter=StarterJob(
+            base_url="https://analytics.notifyvisitors.com/api/v1/",
+            secret_env="NOTIFYVISITORS_API_KEY",
+            contact_fields=frozenset({"email", "msisdn"}),
+            opt_ins=frozenset({"email", "sms"}),
+            extra_hints=(
+                "auth: api_key            # api_key: x-api-key + x-brand-id; bearer: Authorization: Bearer",
+                "event_time_zone: UTC     # default: validation.timezone",
+            ),
+            reference="docs/notifyvisitors.md",
         ),
     )
     snapshot_mode = False
