@@ -45,6 +45,7 @@ from sync.platforms.notifyvisitors import (
     DATE_ATTRIBUTES,
     DATE_FORMAT,
     E164_PATTERN,
+    EMAIL_PATTERN,
     EVENT_CREATE,
     FAMILY_OF,
     MAX_EVENTS_PER_REQUEST,
@@ -76,8 +77,9 @@ DEFAULT_LIMITS: Mapping[str, RateLimit] = {
 }
 """The documented defaults, per API family (the limiter's group buckets)."""
 
+# Whole values (fullmatch): "$" alone would also take a text ending in a line break.
 _E164 = re.compile(E164_PATTERN)
-_EMAIL = re.compile(r"^[^@\s]+@[^@\s]+\.[^@\s]+$")  # [I] a plausibility check, not RFC 5322
+_EMAIL = re.compile(EMAIL_PATTERN)
 _OPT_IN_VALUES = frozenset({"1", "0"})
 
 
@@ -247,9 +249,9 @@ def _attributes(value: Any, where: str, *, user: bool) -> dict[str, Any]:
             raise _invalid(at, "must be a string, number or boolean")  # [I] no nested values
         if not user:
             continue
-        if name == "mobile" and (type(v) is not str or not _E164.match(v)):
+        if name == "mobile" and (type(v) is not str or not _E164.fullmatch(v)):
             raise _invalid(at, "must be in E.164 format (e.g. +919899999999)")
-        if name == "email" and (type(v) is not str or not _EMAIL.match(v)):
+        if name == "email" and (type(v) is not str or not _EMAIL.fullmatch(v)):
             raise _invalid(at, "must be an e-mail address")
         if name in DATE_ATTRIBUTES and not _parses(v, DATE_FORMAT):
             raise _invalid(at, "must be a date as YYYY-MM-DD")

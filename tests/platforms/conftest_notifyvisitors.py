@@ -2,6 +2,8 @@
 
 * ``nv_sandbox_factory``  ``await factory(config=None, *, clock=None, **settings)`` → :class:`RunningNotifyVisitors`
 * ``nv_sandbox``          the default sandbox (documented rate limits on, no faults)
+* ``nv_choosy_factory``   the same factory for :class:`ChoosyNotifyVisitors`: the sandbox with one refusal more, of a
+                          value pushsync's plan cannot know is bad (the dispatcher's isolation of refused items)
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from sandbox_fixtures import in_process_sandboxes
 
 from sync.config import Destination
 from sync.platforms.notifyvisitors.client import NotifyVisitorsClient
+from sync.sandboxes._core import ApiError
 from sync.sandboxes.notifyvisitors import NotifyVisitorsSandbox, NotifyVisitorsSandboxConfig
 
 NV_API_KEY = "nv-test-api-key-0123456789"
@@ -106,20 +109,57 @@ class RunningNotifyVisitors:
 
 NvFactory = Callable[..., Awaitable[RunningNotifyVisitors]]
 
+BLOCKED = "blocked-by-the-platform"
+"""A value :class:`ChoosyNotifyVisitors` refuses wherever it is: valid by every documented rule."""
+
+
+class ChoosyNotifyVisitors(NotifyVisitorsSandbox):
+    """The sandbox with one rule of the platform's own that no document states: an item holding the value
+    :data:`BLOCKED` (a user's attribute or an event's) refuses its request, as any documented rule does. The plan
+    cannot find such a value, so this is how a test makes the platform refuse one item of a batch."""
+
+    def _user_create(self, body: Any) -> dict[str, Any]:
+        self._refuse_blocked(body, "user_attributes")
+        return super()._user_create(body)
+
+    def _event_create(self, body: Any) -> dict[str, Any]:
+        self._refuse_blocked(body, "attributes")
+        return super()._event_create(body)
+
+    @staticmethod
+    def _refuse_blocked(body: Any, field: str) -> None:
+        # A malformed body gets the sandbox's own answer.
+        items = body.get("nv") if isinstance(body, dict) else None
+        for i, item in enumerate(items if isinstance(items, list) else ()):
+            attributes = item.get(field) if isinstance(item, dict) else None
+            if isinstance(attributes, dict) and BLOCKED in attributes.values():
+                raise ApiError(400, 400, f"invalid resource: nv[{i}].{field}: blocked")
+
+
+def _wrap(
+    url: str, _config: Any, sandbox: NotifyVisitorsSandbox, session: aiohttp.ClientSession
+) -> RunningNotifyVisitors:
+    return RunningNotifyVisitors(url=url, sandbox=sandbox, session=session)
+
+
+_DEFAULTS = {"api_key": NV_API_KEY, "brand_id": NV_BRAND_ID, "bearer_token": NV_TOKEN}
+
 
 @pytest.fixture
 async def nv_sandbox_factory() -> AsyncIterator[NvFactory]:
     """``await factory(config=None, *, clock=None, sleep=None, **settings)`` starts a sandbox on a free port;
     all are stopped (and their sessions closed) at teardown."""
-    defaults = {"api_key": NV_API_KEY, "brand_id": NV_BRAND_ID, "bearer_token": NV_TOKEN}
-
-    def wrap(
-        url: str, _config: Any, sandbox: NotifyVisitorsSandbox, session: aiohttp.ClientSession
-    ) -> RunningNotifyVisitors:
-        return RunningNotifyVisitors(url=url, sandbox=sandbox, session=session)
-
     async with in_process_sandboxes(
-        NotifyVisitorsSandbox, NotifyVisitorsSandboxConfig, defaults, wrap
+        NotifyVisitorsSandbox, NotifyVisitorsSandboxConfig, _DEFAULTS, _wrap
+    ) as start:
+        yield start
+
+
+@pytest.fixture
+async def nv_choosy_factory() -> AsyncIterator[NvFactory]:
+    """:func:`nv_sandbox_factory` for :class:`ChoosyNotifyVisitors`."""
+    async with in_process_sandboxes(
+        ChoosyNotifyVisitors, NotifyVisitorsSandboxConfig, _DEFAULTS, _wrap
     ) as start:
         yield start
 

@@ -234,7 +234,7 @@ def write_nv_inputs(directory: Path, variant: str, users: int = 120, seed: int =
 
 
 def long_text_or(rng: random.Random) -> str:
-    """A SKU: usually a word, sometimes 1000 characters (refused by the platform: sent as it is)."""
+    """A SKU: usually a word, sometimes 1000 characters (refused by the platform: a rejected row of the plan)."""
     return "s" * 1000 if rng.random() < 0.05 else _pick(rng, _WORDS)
 
 

@@ -1,7 +1,8 @@
 """Forms On Fire, one bad row must not cost the others (issue 18, items 1–5), against the strict sandbox.
 
 * a value the platform cannot take (``ExpirySecs`` negative or not an Integer; in XML bodies a character XML 1.0
-  cannot carry) is a rejected row found by ``plan`` (file, row, column), and the run sends the others;
+  cannot carry) is a rejected row found by ``plan`` (file, row, column), and the run sends the others; so is an
+  ID of whitespace alone, which names no user (it stopped the run);
 * XML bodies carry the text exactly (a carriage return survives the parser's end-of-line normalisation);
 * a wrong key stops the run whatever in-body code the platform uses for it.
 """
@@ -100,6 +101,28 @@ async def test_an_expiry_the_platform_cannot_take_is_a_rejected_row_and_the_run_
         ("crm-4", "expiry"),
     ]
     assert all("ExpirySecs" in r.reason for r in rows_)
+
+
+@pytest.mark.parametrize("body_format", ["json", "xml"])
+async def test_a_blank_id_is_a_rejected_row_not_the_end_of_the_run(
+    fof_sandbox_factory: FofFactory, tmp_path: Path, body_format: str
+) -> None:
+    # With trim: false validation keeps an ID of spaces; the builder raised ValueError on it and the run died.
+    running = await fof_sandbox_factory(users=(), unknown_user="accept")
+    write_job(tmp_path, running.url, [row("crm-1"), row(" \u3000 "), row("crm-3")], body_format=body_format)
+    job_file = tmp_path / "job.yaml"
+    job_file.write_text(
+        job_file.read_text(encoding="utf-8") + "validation: {trim: false}\n", encoding="utf-8"
+    )
+    outcome = await run(load_job(job_file), RunOptions(api_key=FOF_KEY))
+    assert outcome.exit_code is ExitCode.PARTIAL
+    assert sorted(p.user for p in running.sandbox.state.pushes) == [
+        "UserExternalId:crm-1",
+        "UserExternalId:crm-3",
+    ]
+    with Ledger.open(outcome.ledger_path) as ledger:
+        rejected = [(r.row, r.column, r.reason) for r in ledger.rejected_rows(outcome.run_id)]
+    assert rejected == [(2, "crm_id", "UserExternalId is blank (whitespace alone): it names no user")]
 
 
 async def test_xml_bodies_carry_the_text_exactly(fof_sandbox_factory: FofFactory, tmp_path: Path) -> None:

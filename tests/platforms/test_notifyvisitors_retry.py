@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from conftest_notifyvisitors import NV_API_KEY, NV_BRAND_ID, NvFactory
+from conftest_notifyvisitors import BLOCKED, NV_API_KEY, NV_BRAND_ID, NvFactory
 
 from sync.config import load_job
 from sync.errors import ExitCode
@@ -16,9 +16,10 @@ from sync.run import RunOptions, run
 
 
 def _job(tmp_path: Path, url: str) -> Path:
-    # u3's mobile has no + and country code: valid input, but not E.164, so the platform refuses that user
+    # The platform refuses u3's name (ChoosyNotifyVisitors): valid input the plan cannot find fault with.
     (tmp_path / "users.csv").write_text(
-        "id,name,mobile\nu1,Ada,+14155550101\nu2,Alan,+14155550102\nu3,Grace,4155550103\n", encoding="utf-8"
+        f"id,name,mobile\nu1,Ada,+14155550101\nu2,Alan,+14155550102\nu3,{BLOCKED},+14155550103\n",
+        encoding="utf-8",
     )
     job = tmp_path / "nv.yaml"
     job.write_text(
@@ -44,8 +45,8 @@ def test_restrict_keeps_only_the_named_users_items() -> None:
     assert nv.restrict(batch, {"zz"}) is None and nv.restrict(batch, {"u1", "u2", "u3"}) is batch
 
 
-async def test_retry_resends_only_the_refused_user(nv_sandbox_factory: NvFactory, tmp_path: Path) -> None:
-    running = await nv_sandbox_factory(errors_in_body=True)
+async def test_retry_resends_only_the_refused_user(nv_choosy_factory: NvFactory, tmp_path: Path) -> None:
+    running = await nv_choosy_factory(errors_in_body=True)
     job = load_job(_job(tmp_path, running.url))
     first = await run(job, RunOptions(api_key=NV_API_KEY))
     assert first.exit_code is ExitCode.PARTIAL and first.summary.ids_rejected == 1
@@ -53,6 +54,6 @@ async def test_retry_resends_only_the_refused_user(nv_sandbox_factory: NvFactory
     before = running.sandbox.stats.requests(USER_CREATE)
     retried = await run(job, RunOptions(api_key=NV_API_KEY, retry=first.run_id))
     assert retried.replay is not None and retried.replay.cut_to_refused == 1
-    # One request naming u3 alone (refused again: its number is still wrong); u1 and u2 are not sent again.
+    # One request naming u3 alone (refused again: its name is still blocked); u1 and u2 are not sent again.
     assert running.sandbox.stats.requests(USER_CREATE) - before == 1
     assert retried.summary.ids_rejected == 1 and retried.summary.requests == 1

@@ -433,13 +433,15 @@ def test_the_whitespace_and_noise_sets_are_pythons() -> None:
     for character (every code point but the surrogates)."""
     import re
 
-    from sync.platforms._text import PY_WHITESPACE
+    from sync.platforms._text import PY_SPACE_CHARS, PY_WHITESPACE
+    from sync.platforms.notifyvisitors.checks import MOBILE_NOISE_CHARS
 
     chars = [chr(c) for c in range(0x110000) if not 0xD800 <= c <= 0xDFFF]
     found = pl.Series(chars).str.contains(f"^[{PY_WHITESPACE}]$")
     assert [c for c, hit in zip(chars, found, strict=True) if hit] == [c for c in chars if c.isspace()]
+    assert sorted(PY_SPACE_CHARS) == [c for c in chars if c.isspace()]
     noise = re.compile(r"[\s().-]")
-    assert sorted(nv._MOBILE_NOISE_CHARS) == [c for c in chars if noise.fullmatch(c)]
+    assert sorted(MOBILE_NOISE_CHARS) == [c for c in chars if noise.fullmatch(c)]
 
 
 def test_samples_are_the_first_bodies_as_objects() -> None:

@@ -403,10 +403,13 @@ class Builder:
         self, source: Source, clean: pl.DataFrame, file_name: str
     ) -> tuple[pl.DataFrame, pl.DataFrame]:
         """Split a validated chunk into the rows the platform can take and rejected rows (file, row, column,
-        reason; the planner writes them to the rejects file): ``ExpirySecs`` must be a whole number from 0 to
-        2,147,483,647 (an Integer: 1.5 is not rounded), and with XML bodies no text may hold a character XML
-        1.0 cannot carry (JSON bodies carry any)."""
-        checks: list[tuple[str, pl.Expr]] = []
+        reason; the planner writes them to the rejects file): the ID must not be blank (whitespace alone names
+        no user: validation lets it through with ``trim: false``, and the builder would stop the run on it),
+        ``ExpirySecs`` must be a whole number from 0 to 2,147,483,647 (an Integer: 1.5 is not rounded), and with
+        XML bodies no text may hold a character XML 1.0 cannot carry (JSON bodies carry any)."""
+        blank = pl.col(_EXT_ID).str.contains(_BLANK)
+        no_user = f"{self._user_key.value} is blank (whitespace alone): it names no user"
+        checks: list[tuple[str, pl.Expr]] = [(source.ext_id, pl.when(blank).then(pl.lit(no_user)))]
         if self._xml:
             ids = _xml.unsafe(pl.col(_EXT_ID))
             checks.append((source.ext_id, pl.when(ids).then(pl.lit(_XML_REASON))))
@@ -429,8 +432,6 @@ class Builder:
             elif self._xml and clean.schema[a.column] == pl.String:
                 unsafe = _xml.unsafe(value)
                 checks.append((a.column, pl.when(unsafe).then(pl.lit(_XML_REASON))))
-        if not checks:
-            return clean, pl.DataFrame(schema=REJECTS_SCHEMA)
         found = clean.with_columns(
             pl.coalesce(
                 [pl.when(error.is_not_null()).then(pl.lit(column)) for column, error in checks]
@@ -438,6 +439,8 @@ class Builder:
             pl.coalesce([error for _, error in checks]).alias("__reason"),
         )
         bad = found["__reason"].is_not_null()
+        if not bad.any():  # most chunks: kept as they are
+            return clean, pl.DataFrame(schema=REJECTS_SCHEMA)
         rejects = found.filter(bad).select(
             pl.lit(file_name, pl.String).alias("file"),
             pl.col(_ROW).cast(pl.Int64).alias("row"),

@@ -32,6 +32,9 @@ EVENT_TIME_FORMAT = "%Y-%m-%d %H:%M:%S"
 """``event_time`` as ``yyyy-MM-dd HH:mm:ss``."""
 E164_PATTERN = r"^\+[1-9][0-9]{7,14}$"
 """``mobile`` in E.164: ``+``, a country code not starting with 0, 8 to 15 digits in all."""
+EMAIL_PATTERN = r"^[^@\s]+@[^@\s]+\.[^@\s]+$"
+"""[I] ``email`` must look like an address: a plausibility check (no whitespace, one ``@``, a dot in the
+domain), not RFC 5322. A Python pattern (``\\s`` is Python's whitespace)."""
 OPT_IN_ATTRIBUTES = ("email_opt_in", "sms_opt_in")
 """Opt-in flags, sent as the strings ``"1"`` / ``"0"`` (the seed's example sends ``email_opt_in: "1"``)."""
 DATE_ATTRIBUTES = ("birth_date",)
@@ -45,6 +48,7 @@ __all__ = [
     "DATE_ATTRIBUTES",
     "DATE_FORMAT",
     "E164_PATTERN",
+    "EMAIL_PATTERN",
     "EVENT_CREATE",
     "EVENT_TIME_FORMAT",
     "FAMILY_OF",

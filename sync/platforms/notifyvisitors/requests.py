@@ -7,10 +7,11 @@ Body shapes (seed 004, ``/work/shared/platforms.md`` §2)::
                            "event_time": "2024-01-31 12:00:00"}]}
 
 A ``user/create`` request carries at most :data:`MAX_USERS_PER_REQUEST` (100) users, an ``event/create`` request
-at most :data:`MAX_EVENTS_PER_REQUEST` (1000) events. The value checks here are the ones the sandbox enforces
-(and the platform documents), so the planner can refuse a bad row before anything is sent: ``userID`` ≤ 100
-characters, attribute and event names < 50, string values < 1000, ``mobile`` in E.164, ``birth_date`` as
-YYYY-MM-DD, ``event_time`` as ``yyyy-MM-dd HH:mm:ss``, opt-in flags as ``"1"``/``"0"``.
+at most :data:`MAX_EVENTS_PER_REQUEST` (1000) events. The value checks are the ones the sandbox enforces (and
+the platform documents) — ``userID`` ≤ 100 characters, attribute and event names < 50, string values < 1000,
+``mobile`` in E.164, ``email`` an address [I], ``birth_date`` as YYYY-MM-DD, ``event_time`` as ``yyyy-MM-dd
+HH:mm:ss``, opt-in flags as ``"1"``/``"0"`` — here for single values, and on columns in :mod:`.checks`, so that
+the planner rejects a bad row (:meth:`Builder.check_rows`) before anything is sent.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ import polars as pl
 from sync.config import Job, Source, SourceKind, ValueType
 from sync.errors import JobProblem
 from sync.planning.row_keys import ROW_KEY
+from sync.planning.validation import REJECTS_SCHEMA
 from sync.platforms import _encode as enc
 from sync.platforms._batches import _key_bytes
 from sync.platforms.base import unknown_settings
@@ -48,6 +50,7 @@ from sync.platforms.notifyvisitors import (
     PLATFORM,
     USER_CREATE,
 )
+from sync.platforms.notifyvisitors.checks import FLAG_NO, FLAG_YES, e164_text, joined_list, refusal
 from sync.records import Batch, Operation, Phase, RowRef
 
 __all__ = [
@@ -97,9 +100,7 @@ MAX_ITEMS: Mapping[str, int] = {USER_CREATE: MAX_USERS_PER_REQUEST, EVENT_CREATE
 """Items (users or events) per request, by endpoint."""
 
 _E164 = re.compile(E164_PATTERN)
-_MOBILE_NOISE = re.compile(r"[\s().-]")  # separators people type inside phone numbers
-_TRUE = frozenset({"1", "true", "yes", "y", "t", "on"})
-_FALSE = frozenset({"0", "false", "no", "n", "f", "off"})
+_MOBILE_NOISE = re.compile(r"[\s().-]")  # separators people type inside phone numbers (checks.e164_text too)
 
 
 def operation_for(endpoint: str) -> Operation:
@@ -179,9 +180,9 @@ def opt_in_flag(value: bool | int | str) -> str:
     if isinstance(value, bool):
         return "1" if value else "0"
     text = str(value).strip().lower()
-    if text in _TRUE:
+    if text in FLAG_YES:
         return "1"
-    if text in _FALSE:
+    if text in FLAG_NO:
         return "0"
     raise ValueError(f"opt-in flag {str(value)[:20]!r} is not a yes/no value")
 
@@ -552,14 +553,6 @@ class Stream:
 
 
 _ITEM, _BAD, _ODD, _B, _NEW = "__item", "__bad", "__odd", "__b", "__new"
-_MOBILE_NOISE_CHARS = [
-    *"\t\n\x0b\x0c\r\x1c\x1d\x1e\x1f \x85\xa0\u1680",
-    *(chr(c) for c in range(0x2000, 0x200B)),
-    *"\u2028\u2029\u202f\u205f\u3000().-",
-]
-_NO_NOISE = [""] * len(_MOBILE_NOISE_CHARS)
-"""``_MOBILE_NOISE`` as characters (removed with one Aho-Corasick pass, twice as fast as the regex): Python's
-whitespace (:data:`sync.platforms._text.PY_WHITESPACE`; Rust's ``\\s`` differs) and the separators."""
 
 
 _FIRST_MS = -30_610_137_600_000  # 1000-01-02T00:00:00Z
@@ -577,7 +570,8 @@ def _zone_name(tz: tzinfo) -> str | None:
 @dataclass(frozen=True, slots=True)
 class _Attribute:
     """One attribute's JSON text as the platform takes it (``formatted``) and as it is (``as_is``, what an item
-    that cannot be formatted sends: the platform refuses it with its reason), the rows where formatting fails
+    that cannot be formatted sends: the platform refuses it with its reason; the planner's frames hold no such
+    item, :meth:`Builder.check_rows` rejects its row), the rows where formatting fails
     (``bad``) and the rows the columns cannot build (``odd``: :meth:`Builder._item` does). ``None`` texts: every
     non-null value is odd."""
 
@@ -629,10 +623,14 @@ class Builder:
 
     Values are converted to the platform's formats here: opt-in booleans → ``"1"``/``"0"``, ``date`` columns →
     ``YYYY-MM-DD`` (``birth_date``) or ``yyyy-MM-dd HH:mm:ss`` in the job's time zone (``event_time``: in
-    ``event_time_format`` and ``event_time_zone``), integral numbers → integers, ``mobile`` → E.164. A value that
-    cannot be converted is sent as it is, so the platform refuses that item and the dispatcher records it with
-    the platform's reason (the batch is split down to the item). An event row without a time is rejected at
-    plan (:meth:`check_rows`).
+    ``event_time_format`` and ``event_time_zone``), integral numbers → integers, ``mobile`` → E.164. A row whose
+    value the platform would refuse once converted — a ``mobile`` that is not E.164, a text of 1000 characters or
+    more, an ``email`` that is not an address, a ``birth_date`` or opt-in flag that cannot be read, an ID or event
+    name too long, an event without a time — is a rejected row of the plan (:meth:`check_rows`,
+    :mod:`sync.platforms.notifyvisitors.checks`): it is never sent, and costs its request nothing. The builder
+    itself still sends such a value as it is (frames that did not pass the plan's check: a caller of its own),
+    so the platform refuses that item and the dispatcher records it with the platform's reason (the batch is
+    split down to the item), as it does for a refusal the plan cannot foresee.
 
     Items are built as columns (:meth:`_items`, polars expressions; the bodies are their canonical JSON joined,
     as ``bytes``), requests cut with one Python step per request (:func:`cut_points`). :meth:`_item` is the
@@ -689,42 +687,81 @@ class Builder:
         self, source: Source, clean: pl.DataFrame, file_name: str
     ) -> tuple[pl.DataFrame, pl.DataFrame]:
         """Rows the platform refuses whatever the rest of their request holds are rejected rows (file, row,
-        column), found by ``pushsync plan`` rather than by the platform: an ID longer than ``userID`` may be (100
-        characters, whatever ``validation.max_id_length`` allows), and an event row without a time — sent
-        without ``event_time`` the platform would date it when it arrives (a retry or a resume later), not when
-        it happened."""
-        checks = [
+        column, reason), found by ``pushsync plan`` rather than by the platform — which refuses the whole
+        request, so the dispatcher would halve it down to the item (about 2·log2(n) requests per bad row):
+
+        * an ID longer than ``userID`` may be (100 characters, whatever ``validation.max_id_length`` allows);
+        * an event name longer than the platform takes (49 characters);
+        * a value the platform refuses once converted (:func:`sync.platforms.notifyvisitors.checks.refusal`): a
+          text of 1000 characters or more, a ``mobile`` that is not E.164 after clean-up, an ``email`` that is not
+          an address, a ``birth_date`` or opt-in flag that cannot be read as one;
+        * an event row without a time — sent without ``event_time`` the platform would date it when it arrives
+          (a retry or a resume later), not when it happened.
+
+        A row's reason is its first failed check, in that order (``column``: the job's input column)."""
+        user_id = pl.col(_EXT_ID).str.len_chars()
+        checks: list[tuple[str, pl.Expr]] = [
             (
                 source.ext_id,
-                pl.when(pl.col(_EXT_ID).str.len_chars() > MAX_USER_ID_LENGTH).then(
+                pl.when(user_id > MAX_USER_ID_LENGTH).then(
                     pl.format(
                         "userID is {} characters long: NotifyVisitors takes at most {}",
-                        pl.col(_EXT_ID).str.len_chars(),
+                        user_id,
                         pl.lit(MAX_USER_ID_LENGTH),
                     )
                 ),
             )
         ]
-        column = next((a.column for a in source.attributes if a.attribute == EVENT_TIME_ATTRIBUTE), None)
-        if source.kind is SourceKind.EVENTS and column is not None:
+        events = source.kind is SourceKind.EVENTS
+        if events and source.event:
+            event_name = pl.col(_EVENT).str.len_chars()
             checks.append(
                 (
-                    column,
-                    pl.when(pl.col(column).is_null()).then(
+                    source.event,
+                    pl.when(event_name > MAX_NAME_LENGTH).then(
+                        pl.format(
+                            "event name is {} characters long: NotifyVisitors takes at most {}",
+                            event_name,
+                            pl.lit(MAX_NAME_LENGTH),
+                        )
+                    ),
+                )
+            )
+        for stream in self.streams_for(source):
+            user = stream.operation is Operation.SET_ATTRIBUTES
+            columns = stream.columns[stream.skip :]
+            for attribute, kind, column in zip(stream.names, stream.types, columns, strict=True):
+                if not user and attribute == EVENT_TIME_ATTRIBUTE:
+                    continue  # the event's time, not an attribute: checked below
+                validated = (attribute, column) in (("email", source.email), ("mobile", source.msisdn))
+                reason = refusal(
+                    attribute, kind, clean.schema[column], column, user=user, validated=user and validated
+                )
+                if reason is not None:
+                    checks.append((column, reason))
+        when = next((a.column for a in source.attributes if a.attribute == EVENT_TIME_ATTRIBUTE), None)
+        if events and when is not None:
+            checks.append(
+                (
+                    when,
+                    pl.when(pl.col(when).is_null()).then(
                         pl.lit("event_time is missing: every event is sent with the time it happened")
                     ),
                 )
             )
-        found = clean.with_columns(
-            pl.coalesce([pl.when(e.is_not_null()).then(pl.lit(c)) for c, e in checks]).alias("__column"),
-            pl.coalesce([e for _, e in checks]).alias("__reason"),
-        )
-        bad = found["__reason"].is_not_null()
-        rejects = found.filter(bad).select(
+        # Each reason computed once, as a column; most chunks have no refused row and are kept as they are.
+        reasons = clean.select(reason.cast(pl.String).alias(str(i)) for i, (_, reason) in enumerate(checks))
+        bad = reasons.select(pl.any_horizontal(pl.all().is_not_null())).to_series()
+        if not bad.any():
+            return clean, pl.DataFrame(schema=REJECTS_SCHEMA)
+        found = pl.concat([clean.select(_ROW, _EXT_ID), reasons], how="horizontal").filter(bad)
+        rejects = found.select(
             pl.lit(file_name, pl.String).alias("file"),
             pl.col(_ROW).cast(pl.Int64).alias("row"),
-            pl.col("__column").cast(pl.String).alias("column"),
-            pl.col("__reason").cast(pl.String).alias("reason"),
+            pl.coalesce(
+                pl.when(pl.col(str(i)).is_not_null()).then(pl.lit(c)) for i, (c, _) in enumerate(checks)
+            ).alias("column"),
+            pl.coalesce(pl.col(str(i)) for i in range(len(checks))).alias("reason"),
             pl.col(_EXT_ID).alias("ext_id"),
         )
         return clean.filter(~bad), rejects
@@ -816,18 +853,12 @@ class Builder:
             return _Attribute(flag, flag, none, none)
         value = col
         if isinstance(dtype, pl.List):
-            # [I] NotifyVisitors attributes hold no arrays: the items joined with commas (str of each).
-            value = col.list.eval(pl.element().cast(pl.String).fill_null("None")).list.join(",")
+            value = joined_list(col)
             dtype = pl.String()
         if users and name == "mobile":
             if dtype != pl.String:
                 return _Attribute(None, None, none, present)
-            cleaned = value.str.replace_many(_MOBILE_NOISE_CHARS, _NO_NOISE)
-            cleaned = (
-                pl.when(cleaned.str.starts_with("00"))
-                .then(pl.concat_str(pl.lit("+"), cleaned.str.slice(2)))
-                .otherwise(cleaned)
-            )
+            cleaned = e164_text(value)
             bad = present & ~cleaned.str.contains(E164_PATTERN)
             return _Attribute(enc.string(cleaned), enc.string(value), bad, none)
         if users and name in (*DATE_ATTRIBUTES, *OPT_IN_ATTRIBUTES):
