@@ -523,6 +523,38 @@ def test_an_infinite_date_stops_the_read_naming_row_and_column(
     assert err.startswith("pushsync: error: users (") and err.count("\n") == 1, err
 
 
+@pytest.mark.parametrize("engine", ["postgresql", "duckdb", "sqlite"])
+def test_a_query_whose_last_line_ends_in_a_comment_is_read(
+    engine: str, postgres_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: Any
+) -> None:
+    """The reader wraps the query (COPY (...), count(*) FROM (...)): a last line ending in ``-- ...`` commented
+    out the closing parenthesis. validate said OK, then plan and run stopped on "syntax error at end of input"."""
+    database = {
+        "postgresql": f"{{env: {URL_ENV}}}",
+        "duckdb": "duckdb:///crm.duckdb",
+        "sqlite": "sqlite:///crm.db",
+    }[engine]
+    monkeypatch.setenv(URL_ENV, postgres_url)
+    duckdb.connect(str(tmp_path / "crm.duckdb")).close()
+    sqlite3.connect(tmp_path / "crm.db").close()
+    job = tmp_path / "job.yaml"
+    job.write_text(
+        "version: 1\nname: commented\nworkdir: work\n"
+        'destination: {platform: netmera, base_url: "http://127.0.0.1:9/rest/3.0/", secret: {env: K}}\n'
+        f"sources:\n  - name: users\n    database: {database}\n    query: |\n"
+        "      -- everyone\n      SELECT 'U1' AS user_id, 'Ada' AS name -- one row;\n"
+        "      UNION ALL SELECT 'U2', 'Bob'; -- and another\n"
+        "    ext_id: user_id\n    attributes: {name: string}\n",
+        encoding="utf-8",
+    )
+    monkeypatch.chdir(tmp_path)
+    assert main(["validate", "job.yaml"]) == 0
+    code = main(["plan", "job.yaml", "--output", "json"])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    assert json.loads(out[out.index("{") :])["rows"]["read"] == 2
+
+
 # --- the URL and its password ------------------------------------------------------------------------------------
 
 

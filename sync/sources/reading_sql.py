@@ -145,6 +145,14 @@ _TABLES_IN_QUERY = re.compile(
 )
 
 
+_FINAL_SEMICOLON = re.compile(r"[\s;]*;[ \t]*(--[^\n]*)?\s*$")
+"""A query's final semicolon(s), and the comment after them on the last line."""
+
+
+def _keep_comment(found: re.Match[str]) -> str:
+    return f" {found.group(1)}" if found.group(1) else ""
+
+
 def _quote(name: str) -> str:
     return '"' + name.replace('"', '""') + '"'
 
@@ -357,8 +365,10 @@ class SqlReader:
             what = f"table {sql.table}"
         else:
             assert sql.query is not None
-            # COPY (...) and sub-selects cannot end in a semicolon.
-            self.statement = re.sub(r"[\s;]+$", "", sql.query.strip())
+            # COPY (...) and sub-selects cannot end in a semicolon (nor in one before a final comment); and a last
+            # line ending in a comment (-- ...) would comment out their closing parenthesis: the statement ends
+            # with a line break.
+            self.statement = _FINAL_SEMICOLON.sub(_keep_comment, sql.query.strip()) + "\n"
             tables = list(dict.fromkeys(m.group(1) for m in _TABLES_IN_QUERY.finditer(self.statement)))
             what = f"query on {', '.join(tables)}" if tables else "query"
         self.label = f"{source.name} ({self._target.display}, {what})"
