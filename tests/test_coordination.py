@@ -89,6 +89,27 @@ def test_one_worker_on_postgres_sends_the_job_and_the_ledger_commands_read_it(
     assert json.loads(out)["run_id"] == run_id and sum(applied(sandbox).values()) == before
 
 
+def test_resume_and_retry_latest_take_the_newest_run_of_the_coordination_database(
+    tmp_path: Path, netmera_sandbox_process: NetmeraProcess, postgres_url: str
+) -> None:
+    """``show latest`` read the coordination database; ``resume latest`` and ``retry latest`` without ``--job``
+    searched the workdirs' SQLite ledgers: "no run recorded", exit 2, for the run ``pushsync runs`` listed."""
+    sandbox = netmera_sandbox_process
+    (tmp_path / "job.yaml").write_text(coordinated_job(sandbox.url), encoding="utf-8")
+    write_users(tmp_path, range(50))
+    code, doc, err = run_json(tmp_path, sandbox, postgres_url)
+    assert code == 0, err
+    code, out, err = finish(worker(tmp_path, sandbox, postgres_url, "resume", "latest", "--progress", "none"))
+    assert code == 0, err
+    assert f"run {doc['run_id']} finished (done): nothing to resume" in out
+    before = sum(applied(sandbox).values())
+    code, out, err = finish(
+        worker(tmp_path, sandbox, postgres_url, "retry", "latest", "--progress", "none", "--output", "json")
+    )
+    assert code == 0, err
+    assert json.loads(out)["totals"]["requests"] == 0 and sum(applied(sandbox).values()) == before
+
+
 LIMIT = 40  # requests per 1 s window for the whole account (every endpoint counted together)
 FAULTS = {
     "error_500": 0.02,
