@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import json
 import os
@@ -108,6 +109,63 @@ def test_resume_and_retry_latest_take_the_newest_run_of_the_coordination_databas
     )
     assert code == 0, err
     assert json.loads(out)["totals"]["requests"] == 0 and sum(applied(sandbox).values()) == before
+
+
+def test_a_worker_of_the_job_for_another_destination_does_not_join_its_live_run(
+    tmp_path: Path,
+    netmera_process_factory: Any,
+    postgres_server: PostgresServer,
+    postgres_url: str,
+) -> None:
+    """One job file serving production and staging (``base_url`` from the environment) has one name. A staging
+    worker joined production's live run, sent a share of production's batches to staging and confirmed them:
+    both exited 0, and production never got those updates."""
+    production, staging = netmera_process_factory(), netmera_process_factory()
+    budget = '  budgets: {"*": {requests: 5, per: 1s}}\n'
+    rows: list[list[str]] = []
+    for name, sandbox in (("production", production), ("staging", staging)):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "job.yaml").write_text(
+            coordinated_job(sandbox.url, budget=budget), encoding="utf-8"
+        )
+        rows = write_users(tmp_path / name, range(1000))
+    first = worker(
+        tmp_path / "production",
+        production,
+        postgres_url,
+        "run",
+        "job.yaml",
+        "--progress",
+        "none",
+        "--output",
+        "json",
+    )
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        with contextlib.suppress(RuntimeError):  # the tables are not there yet
+            if query(
+                postgres_server, postgres_url, "SELECT count(*) FROM pushsync.runs WHERE status = 'running'"
+            ) == [["1"]]:
+                break
+        time.sleep(0.05)
+    joined = finish(
+        worker(tmp_path / "staging", staging, postgres_url, "run", "job.yaml", "--progress", "none")
+    )
+    code, _, err = finish(first)
+    assert code == 0, err
+    code, _, err = joined
+    assert code == 2, err
+    assert "sends to another destination" in err and err.count("\n") == 1, err
+    assert sandbox_users(production) == expected_users(rows)
+    assert inspect(staging, "stats")["requests_total"] == 0
+    # Had production's run stopped (interrupted, aborted), staging's next run resumed it: it skipped every batch
+    # production confirmed, and staging got none of them.
+    query(postgres_server, postgres_url, "UPDATE pushsync.runs SET status = 'interrupted' RETURNING run_id")
+    code, _, err = finish(
+        worker(tmp_path / "staging", staging, postgres_url, "run", "job.yaml", "--progress", "none")
+    )
+    assert code == 0, err
+    assert sandbox_users(staging) == expected_users(rows)
 
 
 LIMIT = 40  # requests per 1 s window for the whole account (every endpoint counted together)
