@@ -308,6 +308,18 @@ def test_a_database_that_cannot_be_used_is_one_clear_error_exit_2_without_the_pa
         assert secret not in text and postgres_server.password not in text
 
 
+def test_show_latest_of_a_database_without_runs_says_so(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], postgres_url: str
+) -> None:
+    """``show latest`` before any run read "no run latest found in …", as if a run were named ``latest``."""
+    code, _ = _cli(tmp_path, monkeypatch, postgres_url, "show", "latest")
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert (
+        err.startswith("pushsync: error: no run recorded in pushsync@127.0.0.1:") and "latest" not in err
+    ), err
+
+
 def test_the_coordination_url_makes_its_password_a_secret_not_its_host_user_or_database() -> None:
     """Only the password of ``PUSHSYNC_DATABASE_URL`` is masked. With the whole URL registered, every
     8-character run of it was masked in what a platform answers (``redact_pieces``): after a coordination
