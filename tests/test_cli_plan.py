@@ -71,6 +71,35 @@ def test_validate_and_plan_note_a_field_two_users_sources_set(
     assert json.loads(capsys.readouterr().out)["notes"] == []
 
 
+def test_validate_notes_a_coordination_database_url_that_is_not_there(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """validate said OK for a job whose ``coordination.database`` variable was unset; ``run`` then stopped."""
+    (tmp_path / "users.csv").write_text("id,city\nU1,Paris\n", encoding="utf-8")
+    job = tmp_path / "job.yaml"
+    head = (
+        "version: 1\nname: scaled\nworkdir: work\n"
+        "destination: {platform: netmera, base_url: 'http://127.0.0.1:9/rest/3.0/', secret: {env: NETMERA_API_KEY}}\n"
+        "sources:\n  - {name: users, path: users.csv, ext_id: id, attributes: {city: string}}\n"
+    )
+    monkeypatch.setenv("NETMERA_API_KEY", "k")
+    monkeypatch.delenv("PUSHSYNC_TEST_SYNC_DB", raising=False)
+    job.write_text(head + "coordination: {database: {env: PUSHSYNC_TEST_SYNC_DB}}\n", encoding="utf-8")
+    assert main(["validate", str(job)]) == 0
+    out = capsys.readouterr().out
+    assert "note: environment variable PUSHSYNC_TEST_SYNC_DB (coordination.database) is not set" in out
+    job.write_text(head + "coordination: {database: {file: sync-db-url}}\n", encoding="utf-8")
+    assert main(["validate", str(job)]) == 0
+    assert (
+        f"note: file {tmp_path / 'sync-db-url'} (coordination.database) does not exist"
+        in capsys.readouterr().out
+    )
+    monkeypatch.setenv("PUSHSYNC_TEST_SYNC_DB", "postgresql://db.example/sync")
+    job.write_text(head + "coordination: {database: {env: PUSHSYNC_TEST_SYNC_DB}}\n", encoding="utf-8")
+    assert main(["validate", str(job)]) == 0
+    assert "coordination.database" not in capsys.readouterr().out
+
+
 def test_validate_reports_every_problem(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     bad = tmp_path / "bad.yaml"
     bad.write_text(

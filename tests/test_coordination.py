@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import json
 import os
@@ -87,6 +88,84 @@ def test_one_worker_on_postgres_sends_the_job_and_the_ledger_commands_read_it(
     )
     assert code == 0, err
     assert json.loads(out)["run_id"] == run_id and sum(applied(sandbox).values()) == before
+
+
+def test_resume_and_retry_latest_take_the_newest_run_of_the_coordination_database(
+    tmp_path: Path, netmera_sandbox_process: NetmeraProcess, postgres_url: str
+) -> None:
+    """``show latest`` read the coordination database; ``resume latest`` and ``retry latest`` without ``--job``
+    searched the workdirs' SQLite ledgers: "no run recorded", exit 2, for the run ``pushsync runs`` listed."""
+    sandbox = netmera_sandbox_process
+    (tmp_path / "job.yaml").write_text(coordinated_job(sandbox.url), encoding="utf-8")
+    write_users(tmp_path, range(50))
+    code, doc, err = run_json(tmp_path, sandbox, postgres_url)
+    assert code == 0, err
+    code, out, err = finish(worker(tmp_path, sandbox, postgres_url, "resume", "latest", "--progress", "none"))
+    assert code == 0, err
+    assert f"run {doc['run_id']} finished (done): nothing to resume" in out
+    before = sum(applied(sandbox).values())
+    code, out, err = finish(
+        worker(tmp_path, sandbox, postgres_url, "retry", "latest", "--progress", "none", "--output", "json")
+    )
+    assert code == 0, err
+    assert json.loads(out)["totals"]["requests"] == 0 and sum(applied(sandbox).values()) == before
+
+
+def test_a_worker_of_the_job_for_another_destination_does_not_join_its_live_run(
+    tmp_path: Path,
+    netmera_process_factory: Any,
+    postgres_server: PostgresServer,
+    postgres_url: str,
+) -> None:
+    """One job file serving production and staging (``base_url`` from the environment) has one name. A staging
+    worker joined production's live run, sent a share of production's batches to staging and confirmed them:
+    both exited 0, and production never got those updates."""
+    production, staging = netmera_process_factory(), netmera_process_factory()
+    budget = '  budgets: {"*": {requests: 5, per: 1s}}\n'
+    rows: list[list[str]] = []
+    for name, sandbox in (("production", production), ("staging", staging)):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "job.yaml").write_text(
+            coordinated_job(sandbox.url, budget=budget), encoding="utf-8"
+        )
+        rows = write_users(tmp_path / name, range(1000))
+    first = worker(
+        tmp_path / "production",
+        production,
+        postgres_url,
+        "run",
+        "job.yaml",
+        "--progress",
+        "none",
+        "--output",
+        "json",
+    )
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        with contextlib.suppress(RuntimeError):  # the tables are not there yet
+            if query(
+                postgres_server, postgres_url, "SELECT count(*) FROM pushsync.runs WHERE status = 'running'"
+            ) == [["1"]]:
+                break
+        time.sleep(0.05)
+    joined = finish(
+        worker(tmp_path / "staging", staging, postgres_url, "run", "job.yaml", "--progress", "none")
+    )
+    code, _, err = finish(first)
+    assert code == 0, err
+    code, _, err = joined
+    assert code == 2, err
+    assert "sends to another destination" in err and err.count("\n") == 1, err
+    assert sandbox_users(production) == expected_users(rows)
+    assert inspect(staging, "stats")["requests_total"] == 0
+    # Had production's run stopped (interrupted, aborted), staging's next run resumed it: it skipped every batch
+    # production confirmed, and staging got none of them.
+    query(postgres_server, postgres_url, "UPDATE pushsync.runs SET status = 'interrupted' RETURNING run_id")
+    code, _, err = finish(
+        worker(tmp_path / "staging", staging, postgres_url, "run", "job.yaml", "--progress", "none")
+    )
+    assert code == 0, err
+    assert sandbox_users(staging) == expected_users(rows)
 
 
 LIMIT = 40  # requests per 1 s window for the whole account (every endpoint counted together)
@@ -227,6 +306,18 @@ def test_a_database_that_cannot_be_used_is_one_clear_error_exit_2_without_the_pa
     assert err.count("\n") == 1  # one line
     for text in (out, err):
         assert secret not in text and postgres_server.password not in text
+
+
+def test_show_latest_of_a_database_without_runs_says_so(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], postgres_url: str
+) -> None:
+    """``show latest`` before any run read "no run latest found in …", as if a run were named ``latest``."""
+    code, _ = _cli(tmp_path, monkeypatch, postgres_url, "show", "latest")
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert (
+        err.startswith("pushsync: error: no run recorded in pushsync@127.0.0.1:") and "latest" not in err
+    ), err
 
 
 def test_the_coordination_url_makes_its_password_a_secret_not_its_host_user_or_database() -> None:

@@ -485,6 +485,76 @@ def test_a_sqlite_value_of_the_wrong_kind_stops_the_read_naming_row_and_column(
     assert str(caught.value).startswith(f"users (sqlite file {database}, table users), row 3")
 
 
+@pytest.mark.parametrize("engine", ["postgresql", "duckdb"])
+@pytest.mark.parametrize(("column", "mapping"), [("born", "date"), ("seen", "string")])
+def test_an_infinite_date_stops_the_read_naming_row_and_column(
+    engine: str,
+    column: str,
+    mapping: str,
+    postgres_url: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: Any,
+) -> None:
+    """PostgreSQL's (and DuckDB's) ``infinity`` dates and timestamps: ADBC wrapped them into a day five million
+    years BC, sent as the user's date; mapped as text, polars panicked (a traceback, exit 1)."""
+    values = "('U1', DATE '2001-02-03', TIMESTAMP '2024-03-01 12:00'), ('U2', 'infinity', '-infinity'), "
+    values += "('U3', '-infinity', 'infinity')"
+    query = f"SELECT * FROM (VALUES {values}) AS t(user_id, born, seen) ORDER BY user_id"
+    if engine == "postgresql":
+        monkeypatch.setenv(URL_ENV, postgres_url)
+        database = f"{{env: {URL_ENV}}}"
+    else:
+        duckdb.connect(str(tmp_path / "crm.duckdb")).close()
+        database = "duckdb:///crm.duckdb"
+    job = tmp_path / "job.yaml"
+    job.write_text(
+        "version: 1\nname: inf\nworkdir: work\n"
+        'destination: {platform: netmera, base_url: "http://127.0.0.1:9/rest/3.0/", secret: {env: K}}\n'
+        f'sources:\n  - name: users\n    database: {database}\n    query: "{query}"\n    ext_id: user_id\n'
+        f"    attributes: {{{column}: {mapping}}}\n",
+        encoding="utf-8",
+    )
+    monkeypatch.chdir(tmp_path)
+    code = main(["plan", "job.yaml"])
+    err = capsys.readouterr().err
+    assert code == ExitCode.BAD_JOB_OR_INPUT, err
+    assert f"row 2, column '{column}': a date outside years 1-9999" in err
+    assert err.startswith("pushsync: error: users (") and err.count("\n") == 1, err
+
+
+@pytest.mark.parametrize("engine", ["postgresql", "duckdb", "sqlite"])
+def test_a_query_whose_last_line_ends_in_a_comment_is_read(
+    engine: str, postgres_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: Any
+) -> None:
+    """The reader wraps the query (COPY (...), count(*) FROM (...)): a last line ending in ``-- ...`` commented
+    out the closing parenthesis. validate said OK, then plan and run stopped on "syntax error at end of input"."""
+    database = {
+        "postgresql": f"{{env: {URL_ENV}}}",
+        "duckdb": "duckdb:///crm.duckdb",
+        "sqlite": "sqlite:///crm.db",
+    }[engine]
+    monkeypatch.setenv(URL_ENV, postgres_url)
+    duckdb.connect(str(tmp_path / "crm.duckdb")).close()
+    sqlite3.connect(tmp_path / "crm.db").close()
+    job = tmp_path / "job.yaml"
+    job.write_text(
+        "version: 1\nname: commented\nworkdir: work\n"
+        'destination: {platform: netmera, base_url: "http://127.0.0.1:9/rest/3.0/", secret: {env: K}}\n'
+        f"sources:\n  - name: users\n    database: {database}\n    query: |\n"
+        "      -- everyone\n      SELECT 'U1' AS user_id, 'Ada' AS name -- one row;\n"
+        "      UNION ALL SELECT 'U2', 'Bob'; -- and another\n"
+        "    ext_id: user_id\n    attributes: {name: string}\n",
+        encoding="utf-8",
+    )
+    monkeypatch.chdir(tmp_path)
+    assert main(["validate", "job.yaml"]) == 0
+    code = main(["plan", "job.yaml", "--output", "json"])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    assert json.loads(out[out.index("{") :])["rows"]["read"] == 2
+
+
 # --- the URL and its password ------------------------------------------------------------------------------------
 
 

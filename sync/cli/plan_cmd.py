@@ -191,6 +191,18 @@ def _secret_note(job: Job, out: TextIO) -> None:
         and not (dest.secret_env and os.environ.get(dest.secret_env))
     ):
         print(f"note: secret file {dest.secret_file} does not exist; `pushsync run` will need it", file=out)
+    # The coordination database's URL is named like the key (docs/scaling.md): validate said OK, then run stopped.
+    coordination = job.coordination
+    env, file = (coordination.database_env, coordination.database_file) if coordination else (None, None)
+    if env and not os.environ.get(env) and not (file and Path(file).is_file()):
+        print(
+            f"note: environment variable {env} (coordination.database) is not set; `pushsync run` will need it",
+            file=out,
+        )
+    elif file and not env and not Path(file).is_file():
+        print(
+            f"note: file {file} (coordination.database) does not exist; `pushsync run` will need it", file=out
+        )
 
 
 def positive_int(text: str) -> int:

@@ -228,7 +228,12 @@ def _show(args: argparse.Namespace) -> int:
         run_id = args.run_id
         if run_id == "latest":
             runs = opened.runs()
-            run_id = runs[0].run_id if runs else run_id
+            if not runs:
+                from sync.errors import StateError
+
+                opened.close()
+                raise StateError(f"no run recorded in {opened.path}")
+            run_id = runs[0].run_id
         held = None  # the coordinated runs' workers are elsewhere: told by the queue (docs/scaling.md)
     else:
         from sync.state import job_lock_held

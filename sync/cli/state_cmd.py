@@ -120,7 +120,8 @@ def _replay(args: argparse.Namespace) -> int:
     from sync.run import RunOptions, run
 
     if args.run_id == "latest" and args.job is None:
-        args.run_id = _latest_run(args, None, None)
+        # The coordination database's newest run when one is named (as `show latest` takes it), else the workdirs'.
+        args.run_id = _latest_run(args, None, database_url(args))
     job = load_job(args.job if args.job is not None else _job_of_run(args))
     url = database_url(args, job)
     if args.run_id == "latest":
@@ -156,16 +157,18 @@ def _replay(args: argparse.Namespace) -> int:
 
 def _latest_run(args: argparse.Namespace, job: Any, url: str | None) -> str:
     """``latest`` (as ``show``, ``report`` and ``ledger-export`` take it): the most recently started run of the
-    job's ledger (the coordination database's, with one), or — without ``--job`` — of the workdirs searched."""
+    job's ledger (the coordination database's, with one; of every job without ``--job``), or — without ``--job``
+    and a database — of the workdirs searched."""
     from sync.cli._ledgers import find_run, ledger_paths
 
     if url is not None:
         from sync.coordination import open_ledger
 
         with open_ledger(url) as pg:
-            runs = pg.runs(job.name)
+            runs = pg.runs(job.name if job is not None else None)
         if not runs:
-            raise StateError(f"no run of job {job.name!r} recorded in the coordination database")
+            of = f" of job {job.name!r}" if job is not None else ""
+            raise StateError(f"no run{of} recorded in the coordination database")
         return str(runs[0].run_id)
     return find_run("latest", ledger_paths(args.job, args.workdir))[1]
 

@@ -152,6 +152,10 @@ CREATE INDEX IF NOT EXISTS batches_queue ON {SCHEMA}.batches (run_id, phase, end
 -- queued once its last batch is: workers claim while the leader still plans, and a lane ends only once queued.
 ALTER TABLE {SCHEMA}.runs ADD COLUMN IF NOT EXISTS listed BOOLEAN NOT NULL DEFAULT FALSE;
 ALTER TABLE {SCHEMA}.batches ADD COLUMN IF NOT EXISTS claim_no BIGINT;   -- the worker's claim that took it
+-- The destination a run sends to (platform-<hash of the base URL>, as its snapshot state is keyed): a worker of
+-- the same job name pointed elsewhere (staging and production) must not join it. NULL: started by a pushsync
+-- that did not record it (joined as before). Additive: workers of schema version 3 without it keep working.
+ALTER TABLE {SCHEMA}.runs ADD COLUMN IF NOT EXISTS destination TEXT;
 CREATE TABLE IF NOT EXISTS {SCHEMA}.lanes (
     run_id   TEXT NOT NULL,
     phase    INTEGER NOT NULL,

@@ -28,6 +28,7 @@ import asyncio
 import contextlib
 import json
 import time
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import psycopg
@@ -49,6 +50,7 @@ from sync.planning.planning import check_workdir
 from sync.planning.resume import ReplayMode, ReplayStats, unfinished_run
 from sync.platforms.registry import platform_for
 from sync.report.summary import RunSummary
+from sync.state._store import state_directory
 
 if TYPE_CHECKING:
     from sync.report.metrics import RunMetrics
@@ -162,12 +164,17 @@ def _join_or_start(ledger: PgLedger, job: Job, options: WorkerOptions) -> tuple[
         if info is not None:
             if info.job != job.name:
                 raise StateError(f"run {options.run_id} belongs to job {info.job}, not {job.name}")
+            _same_destination(
+                job, options.run_id, _destination_of(ledger, options.run_id), _destination_key(job)
+            )
             return options.run_id, True
+    destination = _destination_key(job)
     for _ in range(5):
         row = conn.execute(
-            f"SELECT run_id FROM {S}.runs WHERE job = %s AND status = 'running'", (job.name,)
+            f"SELECT run_id, destination FROM {S}.runs WHERE job = %s AND status = 'running'", (job.name,)
         ).fetchone()
         if row is not None:
+            _same_destination(job, str(row[0]), row[1], destination)
             if options.resume or options.retry:
                 raise StateError(
                     f"run {row[0]} of job {job.name} is live: join it with `pushsync run`, or resume/retry once "
@@ -179,19 +186,22 @@ def _join_or_start(ledger: PgLedger, job: Job, options: WorkerOptions) -> tuple[
             raise StateError(f"no run {origin} in {ledger.path}")
         if origin is None and options.auto_resume and not options.full_refresh:
             origin = unfinished_run(ledger, job.name)
+            if origin is not None and _destination_of(ledger, origin) not in (None, destination):
+                origin = None  # what another destination confirmed is not on this one: plan afresh
         mode = None if origin is None else (ReplayMode.RETRY if options.retry else ReplayMode.RESUME).value
         info = ledger.run(origin) if origin is not None else None
         full_refresh = options.full_refresh or (info is not None and info.full_refresh)
         run_id = options.run_id or new_run_id()
         try:
             conn.execute(
-                f"INSERT INTO {S}.runs (run_id, job, job_path, platform, started_at, status, full_refresh, origin, "
-                "origin_mode) VALUES (%s, %s, %s, %s, %s, 'running', %s, %s, %s)",
+                f"INSERT INTO {S}.runs (run_id, job, job_path, platform, destination, started_at, status, "
+                "full_refresh, origin, origin_mode) VALUES (%s, %s, %s, %s, %s, %s, 'running', %s, %s, %s)",
                 (
                     run_id,
                     job.name,
                     str(job.path),
                     job.destination.platform,
+                    destination,
                     time.time(),
                     full_refresh,
                     origin,
@@ -202,6 +212,28 @@ def _join_or_start(ledger: PgLedger, job: Job, options: WorkerOptions) -> tuple[
         except psycopg.errors.UniqueViolation:
             continue  # another worker started the run a moment ago: join it
     raise StateError(f"job {job.name}: could not start or join a run (runs are being started and ended fast)")
+
+
+def _destination_key(job: Job) -> str:
+    """``platform-<hash of the base URL>``: the destination a run sends to, as its snapshot state is keyed."""
+    return state_directory(Path("."), job.destination).name
+
+
+def _destination_of(ledger: PgLedger, run_id: str) -> str | None:
+    row = ledger._conn.execute(f"SELECT destination FROM {S}.runs WHERE run_id = %s", (run_id,)).fetchone()
+    return None if row is None or row[0] is None else str(row[0])
+
+
+def _same_destination(job: Job, run_id: str, theirs: str | None, ours: str) -> None:
+    """Refuse to join ``run_id`` when it sends elsewhere. One job file serving staging and production (its
+    ``base_url`` from the environment) has one name: a worker of the one joined the other's live run, sent its
+    batches to its own platform and confirmed them, so the other platform never got them — both exited 0."""
+    if theirs is not None and theirs != ours:
+        raise StateError(
+            f"run {run_id} of job {job.name} sends to another destination ({theirs}; this worker's "
+            f"{job.destination.base_url} is {ours}): a job name is one run at a time in a coordination database — "
+            "give the jobs of each destination their own name (or database); nothing was sent"
+        )
 
 
 async def _planning_done(

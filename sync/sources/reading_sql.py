@@ -32,6 +32,7 @@ from queue import Queue
 
 import polars as pl
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from sync.config import (
     DatabaseKind,
@@ -142,6 +143,14 @@ def _postgres_target(url: str, label: str, origin: str, secrets: tuple[str, ...]
 _TABLES_IN_QUERY = re.compile(
     r'\b(?:from|join)\s+((?:"[^"]+"|[A-Za-z_][\w$]*)(?:\.(?:"[^"]+"|[A-Za-z_][\w$]*))*)', re.I
 )
+
+
+_FINAL_SEMICOLON = re.compile(r"[\s;]*;[ \t]*(--[^\n]*)?\s*$")
+"""A query's final semicolon(s), and the comment after them on the last line."""
+
+
+def _keep_comment(found: re.Match[str]) -> str:
+    return f" {found.group(1)}" if found.group(1) else ""
 
 
 def _quote(name: str) -> str:
@@ -258,6 +267,34 @@ def _arrow_ready(array: pa.Array) -> pa.Array:
     return array
 
 
+_SECOND_BOUNDS = (-62_135_596_800, 253_402_300_799)
+"""0001-01-01T00:00:00 and 9999-12-31T23:59:59 in epoch seconds: the years a date can be sent (and shown) in."""
+_UNIT_PER_SECOND = {"s": 1, "ms": 1_000, "us": 1_000_000, "ns": 1_000_000_000}
+
+
+def _first_out_of_range(array: pa.Array) -> int | None:
+    """The index of the first date or timestamp of ``array`` outside years 1-9999, or None.
+
+    PostgreSQL's ``infinity`` and ``-infinity`` arrive so: ADBC adds the 2000 epoch to the server's sentinel and
+    wraps around, into a day some five million years BC whichever the sign (DuckDB gives the largest values). Sent,
+    they were a nonsense date on the user's profile; shown as text, polars panicked."""
+    t = array.type
+    if pa.types.is_date32(t):
+        values = array.view(pa.int32())
+        low, high = _SECOND_BOUNDS[0] // 86_400, _SECOND_BOUNDS[1] // 86_400
+    elif pa.types.is_date64(t) or pa.types.is_timestamp(t):
+        per_second = 1_000 if pa.types.is_date64(t) else _UNIT_PER_SECOND[t.unit]
+        values = array.view(pa.int64())
+        low = max(_SECOND_BOUNDS[0] * per_second, -(2**63))
+        high = min((_SECOND_BOUNDS[1] + 1) * per_second - 1, 2**63 - 1)
+    else:
+        return None
+    outside = pc.or_(pc.less(values, low), pc.greater(values, high))
+    if not pc.any(outside).as_py():
+        return None
+    return int(pc.index(outside, True).as_py())
+
+
 # --- the reader ------------------------------------------------------------------------------------------------
 
 READ_AHEAD = 2
@@ -328,8 +365,10 @@ class SqlReader:
             what = f"table {sql.table}"
         else:
             assert sql.query is not None
-            # COPY (...) and sub-selects cannot end in a semicolon.
-            self.statement = re.sub(r"[\s;]+$", "", sql.query.strip())
+            # COPY (...) and sub-selects cannot end in a semicolon (nor in one before a final comment); and a last
+            # line ending in a comment (-- ...) would comment out their closing parenthesis: the statement ends
+            # with a line break.
+            self.statement = _FINAL_SEMICOLON.sub(_keep_comment, sql.query.strip()) + "\n"
             tables = list(dict.fromkeys(m.group(1) for m in _TABLES_IN_QUERY.finditer(self.statement)))
             what = f"query on {', '.join(tables)}" if tables else "query"
         self.label = f"{source.name} ({self._target.display}, {what})"
@@ -425,6 +464,8 @@ class SqlReader:
                     while start < batch.num_rows:
                         piece = batch.slice(start, CHUNK_ROWS - rows)
                         start += piece.num_rows
+                        for c in wanted:
+                            self._refuse_out_of_range(piece.column(index[c]), c, next_row + rows)
                         pending.append(
                             pa.RecordBatch.from_arrays(
                                 [_arrow_ready(piece.column(index[c])) for c in wanted], names=wanted
@@ -439,6 +480,18 @@ class SqlReader:
                     yield self._chunk(pending, next_row)
         finally:
             driver.close()
+
+    def _refuse_out_of_range(self, array: pa.Array, column: str, first_row: int) -> None:
+        """Stop the read at a date outside years 1-9999 (:func:`_first_out_of_range`), naming its position: no
+        platform can hold it, and nulling it would unset or skip the user's value without a word."""
+        found = _first_out_of_range(array)
+        if found is not None:
+            self._fail(
+                "a date outside years 1-9999 (PostgreSQL's 'infinity' or '-infinity'?); make it NULL or a real "
+                f"date in the query (e.g. NULLIF({column}, 'infinity'))",
+                row=first_row + found,
+                column=column,
+            )
 
     @staticmethod
     def _chunk(batches: list[pa.RecordBatch], first_row: int) -> Chunk:
