@@ -599,6 +599,44 @@ def test_a_typed_date_before_year_one_is_refused_as_its_text_is(tmp_path: Path) 
     assert clean == 2  # 1990-05-06 and 0001-01-01 (the first year) are sent; a null date sends nothing
 
 
+def test_a_typed_date_past_9999_or_out_of_any_calendar_is_refused(tmp_path: Path) -> None:
+    # A date32 or timestamp column may hold a year past 9999 (a "never" placeholder such as 10000-01-01) or a
+    # value no calendar year can be read from (polars' dt.year() gives null for it: -1e9 days, 2**62 ms). Both were
+    # sent as epoch milliseconds — 4611686018427387904, past 2**53 — and the year checks, reading null, let them
+    # pass. Refused with file, row and column; 9999-12-31 itself, the last day a text date can name, is sent.
+    import datetime as dt
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from sync.planning.planning import build_plan
+
+    last = (dt.date(9999, 12, 31) - dt.date(1970, 1, 1)).days
+    days = [last, last + 1, -1_000_000_000, 5000]
+    table = pa.table(
+        {
+            "id": ["u0", "u1", "u2", "u3"],
+            "born": pa.array(days, pa.date32()),
+            "seen": pa.array([0, 0, 0, 2**62], pa.int64()).cast(pa.timestamp("ms")),
+        }
+    )
+    pq.write_table(table, tmp_path / "far.parquet")
+    job_file = tmp_path / "far.yaml"
+    job_file.write_text(
+        "name: far\nworkdir: work\n"
+        'destination: {platform: netmera, base_url: "http://127.0.0.1:8080/rest/3.0/", secret: {env: K}}\n'
+        "sources:\n  - name: users\n    path: far.parquet\n    ext_id: id\n"
+        "    attributes: {born: date, seen: date}\n",
+        encoding="utf-8",
+    )
+    with build_plan(load_job(job_file)) as plan:
+        rejects = sorted((r.row, r.column, r.reason) for r in plan.rejected_rows())
+        clean = plan.summary().rows_clean
+    far = _parsers._OUT_OF_RANGE
+    assert rejects == [(2, "born", far), (3, "born", far), (4, "seen", far)]
+    assert clean == 1  # 9999-12-31 and the epoch
+
+
 def test_a_text_date_with_a_signed_year_before_one_is_refused(job: Job) -> None:
     # chrono's %Y reads "-0001": a negative year went out as 2 BC, where year 0000 was refused.
     raw = _raw(

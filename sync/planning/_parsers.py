@@ -271,6 +271,10 @@ _YEAR_ZERO = (
 _BEFORE_YEAR_ONE = (
     "a year before 0001 (BC): no date a platform reads as meant (a placeholder for an unknown date?)"
 )
+_OUT_OF_RANGE = (
+    "a year past 9999, or out of any calendar's range: no date a platform reads as meant (a placeholder for "
+    "'never'?)"
+)
 _LEAP_SECOND = "second 60 (a leap second): epoch milliseconds have none, it would be sent as the next minute"
 _MS_PER_DAY = 86_400_000
 _YEAR_ONE_MS = -62_135_596_800_000
@@ -383,8 +387,11 @@ def _parse_date(s: pl.Expr, timezone: str, *, untrimmed: bool = False, refuses_n
 def _typed_date(s: pl.Expr, dtype: Any, timezone: str) -> _Parser:
     """A typed date or date-time column (Parquet, a database): no parsing, but what a text would be refused for
     as a date, its value is refused for too — a local time the zone skips (a DST gap) is no time at all, and a
-    year of 0 or less (pyarrow's date32 and polars hold them) is 1 BC or earlier. The year is the one the value is
-    held in (its own zone's, as a text's is the one written), read in one vectorised step."""
+    year of 0 or less (pyarrow's date32 and polars hold them) is 1 BC or earlier, and one past 9999 (a text date
+    of five digits is no ISO 8601 date either) — or so far off that no calendar year can be read from it, which
+    polars gives as null — was sent as epoch milliseconds no platform reads as meant, past 2**53 even. The year
+    is the one the value is held in (its own zone's, as a text's is the one written), read in one vectorised
+    step."""
     dt = s.cast(pl.Datetime("ms")) if dtype == pl.Date else s
     if not (isinstance(dtype, pl.Datetime) and dtype.time_zone):
         dt = dt.dt.replace_time_zone(timezone, ambiguous="earliest", non_existent="null")
@@ -392,6 +399,7 @@ def _typed_date(s: pl.Expr, dtype: Any, timezone: str) -> _Parser:
     def reasons(s: pl.Expr, p: pl.Expr) -> list[_Reason]:
         year = s.dt.year()
         return [
+            ((year > 9999) | (s.is_not_null() & year.is_null()), _OUT_OF_RANGE),
             ((year == 0).fill_null(False), _YEAR_ZERO),
             ((year < 0).fill_null(False), _BEFORE_YEAR_ONE),
             (s.is_not_null() & p.is_null(), _nonexistent(timezone)),

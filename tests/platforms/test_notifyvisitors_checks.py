@@ -402,3 +402,72 @@ def test_the_validated_msisdn_and_email_columns_need_no_more_than_their_shortcut
     full = frame.select(nvc.e164_text(pl.col("m")).str.contains(E164_PATTERN)).to_series()
     assert shortcut.to_list() == full.to_list()
     assert all(sandbox_module._EMAIL.fullmatch(e) for e in emails_)
+
+
+DATED_JOB = """
+version: 1
+name: nv-dates
+destination:
+  platform: notifyvisitors
+  base_url: {url}
+  secret: {{env: NV_TEST_KEY}}
+  extra: {{brand_id: "{brand}"}}
+defaults: {{ext_id: id}}
+validation: {{timezone: Asia/Kolkata}}
+sources:
+  - name: users
+    path: users.csv
+    attributes:
+      born: {{attribute: birth_date, type: date}}
+      seen: {{attribute: last_seen, type: date}}
+  - name: events
+    kind: events
+    path: events.csv
+    event: event
+    attributes:
+      when: {{attribute: event_time, type: date}}
+"""
+
+
+async def test_a_date_outside_years_1_to_9999_where_it_is_written_is_a_rejected_row(
+    nv_sandbox_factory: NvFactory, tmp_path: Path
+) -> None:
+    # 0001-01-01 at midnight in Asia/Kolkata is year 0 in UTC, 9999-12-31T23:00Z is year 10000 in Kolkata: the
+    # builder's Python conversion raised on either (ValueError: year 0 is out of range; OverflowError) and the run
+    # stopped as an internal error. Now rejected rows of the plan; the dates beside them, the edges that can be
+    # written included, are sent.
+    running = await nv_sandbox_factory(limits={})
+    (tmp_path / "users.csv").write_text(
+        "id,born,seen\n"
+        "u1,1990-05-06,2024-01-01T10:00:00Z\n"
+        "u2,0001-01-01,2024-01-01T10:00:00Z\n"
+        "u3,1990-05-06,9999-12-31T23:00:00Z\n"
+        "u4,0001-01-02,9999-12-31T18:00:00Z\n",
+        "utf-8",
+    )
+    (tmp_path / "events.csv").write_text(
+        "id,event,when\nu1,buy,2024-05-01 10:00:00\nu2,buy,0001-01-01 00:10:00\nu1,buy,9999-12-31 23:30:00\n",
+        "utf-8",
+    )
+    (tmp_path / "job.yaml").write_text(DATED_JOB.format(url=running.url, brand=NV_BRAND_ID), "utf-8")
+    job = load_job(tmp_path / "job.yaml")
+    outcome = await run(job, RunOptions(api_key=NV_API_KEY))
+
+    assert outcome.exit_code is ExitCode.PARTIAL  # rows were rejected; everything sent landed
+    outside = (
+        "falls outside years 0001-9999 in UTC or in time zone Asia/Kolkata: it cannot be written as "
+        + ("NotifyVisitors takes dates")
+    )
+    assert [r[:4] for r in rejected_rows(job.workdir / "rejects.csv")] == [
+        ("events.csv", 2, "when", f"event_time {outside}"),
+        ("users.csv", 2, "born", f"birth_date {outside}"),
+        ("users.csv", 3, "seen", f"last_seen {outside}"),
+    ]
+    users = running.sandbox.state.users
+    assert sorted(users) == ["u1", "u4"]
+    assert users["u4"]["birth_date"] == "0001-01-02"
+    assert users["u4"]["last_seen"] == "9999-12-31 23:30:00"
+    assert sorted(e.event_time for e in running.sandbox.state.events) == [
+        "2024-05-01 10:00:00",
+        "9999-12-31 23:30:00",
+    ]

@@ -17,13 +17,14 @@ the planner rejects a bad row (:meth:`Builder.check_rows`) before anything is se
 from __future__ import annotations
 
 import bisect
+import functools
 import hashlib
 import json
 import re
 import zoneinfo
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import UTC, date, datetime, tzinfo
+from datetime import UTC, date, datetime, timedelta, tzinfo
 from typing import Any
 
 import polars as pl
@@ -567,6 +568,38 @@ def _zone_name(tz: tzinfo) -> str | None:
     return "UTC" if tz == UTC else None
 
 
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+
+@functools.cache
+def _writable_ms(tz: tzinfo) -> tuple[int, int]:
+    """The first and last epoch milliseconds a date column's value can be written from in ``tz``: in years
+    0001-9999 both in UTC (the builder reads it with :meth:`datetime.fromtimestamp`) and in ``tz`` (it writes the
+    local time) — Python's own limits, so whatever the zone's offset then (its local mean time, before time
+    zones), the plan and the builder agree."""
+
+    def ms(moment: datetime) -> int:
+        return (moment - _EPOCH) // timedelta(milliseconds=1)
+
+    first = max(ms(datetime.min.replace(tzinfo=UTC)), ms(datetime.min.replace(tzinfo=tz)))
+    last = min(ms(datetime.max.replace(tzinfo=UTC)), ms(datetime.max.replace(tzinfo=tz)))
+    return first, last
+
+
+def _unwritable_date(name: str, column: str, tz: tzinfo) -> pl.Expr:
+    """Why a date column's value cannot be sent (null where it can): a time outside years 0001-9999 in UTC or in
+    the zone it is written in (a 0001-01-01 placeholder in Asia/Kolkata is year 0 in UTC, 9999-12-31T23:00Z year
+    10000 there). The builder's Python conversion raised on it and stopped the run."""
+    first, last = _writable_ms(tz)
+    zone = _zone_name(tz) or str(tz)
+    return pl.when(~pl.col(column).is_between(first, last)).then(
+        pl.lit(
+            f"{name} falls outside years 0001-9999 in UTC or in time zone {zone}: it cannot be written as "
+            "NotifyVisitors takes dates"
+        )
+    )
+
+
 @dataclass(frozen=True, slots=True)
 class _Attribute:
     """One attribute's JSON text as the platform takes it (``formatted``) and as it is (``as_is``, what an item
@@ -695,6 +728,7 @@ class Builder:
         * a value the platform refuses once converted (:func:`sync.platforms.notifyvisitors.checks.refusal`): a
           text of 1000 characters or more, a ``mobile`` that is not E.164 after clean-up, an ``email`` that is not
           an address, a ``birth_date`` or opt-in flag that cannot be read as one;
+        * a date outside years 0001-9999 in UTC or in the zone it is written in (:func:`_unwritable_date`);
         * an event row without a time — sent without ``event_time`` the platform would date it when it arrives
           (a retry or a resume later), not when it happened.
 
@@ -731,6 +765,10 @@ class Builder:
             user = stream.operation is Operation.SET_ATTRIBUTES
             columns = stream.columns[stream.skip :]
             for attribute, kind, column in zip(stream.names, stream.types, columns, strict=True):
+                if kind is ValueType.DATE:
+                    event_time = not user and attribute == EVENT_TIME_ATTRIBUTE
+                    zone = self._event_tz if event_time else self._tz
+                    checks.append((column, _unwritable_date(attribute, column, zone)))
                 if not user and attribute == EVENT_TIME_ATTRIBUTE:
                     continue  # the event's time, not an attribute: checked below
                 validated = (attribute, column) in (("email", source.email), ("mobile", source.msisdn))
@@ -770,12 +808,16 @@ class Builder:
         if value is None:
             return None
         if kind is ValueType.DATE:
-            moment = datetime.fromtimestamp(value / 1000, UTC)
-            if name == EVENT_TIME_ATTRIBUTE:
-                return moment  # formatted with the event's zone and format in _item
-            return write_time(
-                moment.astimezone(self._tz), DATE_FORMAT if name in DATE_ATTRIBUTES else EVENT_TIME_FORMAT
-            )
+            try:
+                moment = datetime.fromtimestamp(value / 1000, UTC)
+                if name == EVENT_TIME_ATTRIBUTE:
+                    moment.astimezone(self._tz), moment.astimezone(self._event_tz)  # written in one of them
+                    return moment  # formatted with the event's zone and format in _item
+                return write_time(
+                    moment.astimezone(self._tz), DATE_FORMAT if name in DATE_ATTRIBUTES else EVENT_TIME_FORMAT
+                )
+            except (ValueError, OverflowError):
+                return value  # outside years 1-9999 (check_rows rejects such a row): sent as it is
         if kind is ValueType.BOOLEAN and name in OPT_IN_ATTRIBUTES:
             return opt_in_flag(value)
         if isinstance(value, list):
