@@ -144,7 +144,8 @@ def type_problems(source: Source, schema: pa.Schema) -> list[tuple[str, str]]:
                 "write it as text or integers"
             )
         else:
-            message = f"a {kind.value} column ({arrow_type}) cannot be sent as {role}: {why}"
+            article = "an" if kind.value[0] in "aeiou" else "a"  # an integer column
+            message = f"{article} {kind.value} column ({arrow_type}) cannot be sent as {role}: {why}"
             if kind in (Kind.DATE, Kind.TIMESTAMP) and role != "the external ID":
                 message += "; map it with type: date (sent as epoch milliseconds)"
             else:

@@ -197,6 +197,8 @@ def test_a_typed_parquet_column_is_sent_right_or_refused_with_file_and_column(
             build_plan(job)
         assert (info.value.path, info.value.column) == (str(data), "value")
         assert f"cannot be sent as a {mapping} attribute" in info.value.reason
+        article = "an" if info.value.reason.split(" ")[1][0] in "aeiou" else "a"  # "an integer column"
+        assert info.value.reason.startswith(f"{article} "), info.value.reason
         return
     with build_plan(job) as plan:
         rejects = list(plan.rejected_rows())
