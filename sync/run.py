@@ -367,6 +367,7 @@ async def _run_changes(
         source,
         run_id=options.run_id or new_run_id(),
         full_refresh=options.full_refresh or record_full_refresh,
+        origin=None if decisions is None else (decisions.run_id, decisions.mode),
     )
     return dataclasses.replace(outcome, resumed_from=origin if decisions is not None else None, replay=stats)
 
@@ -416,6 +417,9 @@ async def _run_snapshot(
             expected=expected,
             full_refresh=options.full_refresh,
             diff_counts=diff.counts,
+            origin=None
+            if origin is None
+            else (origin, ReplayMode.RETRY if options.retry else ReplayMode.RESUME),
         )
     except InterruptedRunError:
         diff.discard()  # stopped before the run was recorded: nothing was sent, nothing to merge
@@ -457,6 +461,7 @@ async def _dispatch(
     expected: tuple[int, int] | None = None,
     full_refresh: bool = False,
     diff_counts: DiffCounts | None = None,
+    origin: tuple[str, ReplayMode] | None = None,
 ) -> RunOutcome:
     """Send ``source`` (taking ``plan`` over: it is closed at the end), record the run in ``ledger``.
 
@@ -479,6 +484,8 @@ async def _dispatch(
             job_path=str(job.path),
             platform=job.destination.platform,
             full_refresh=full_refresh,
+            origin=None if origin is None else origin[0],
+            origin_mode=None if origin is None else origin[1].value,
         )
         # The rows refused so far (all of them for a settled plan). A lazy plan validates the rest of its input
         # and settles its buckets while the batches are sent: what it refuses meanwhile (validation's rejects,
