@@ -244,6 +244,26 @@ def test_a_resume_of_a_resume_holds_what_the_runs_before_it_left_unknown(ledger:
     assert sent == [plan[1].batch_id, plan[4].batch_id, plan[5].batch_id]
 
 
+def test_runs_of_another_destination_do_not_count(ledger: Ledger) -> None:
+    # One job name, two destinations (staging and production): what staging confirmed is not on production.
+    batch = tag("gold", "a")
+    ledger.start_run("prod1", job="nightly", destination="netmera-prod")
+    record(ledger, "prod1", batch, None)
+    ledger.finish_run("prod1", status="interrupted", exit_code=4)
+    ledger.start_run("stage1", job="nightly", destination="netmera-stage")
+    record(ledger, "stage1", batch, BatchStatus.OK)
+    ledger.finish_run("stage1", status="interrupted", exit_code=4)
+    ledger.start_run("legacy", job="nightly")  # recorded by an older pushsync: any destination, as before
+    ledger.finish_run("legacy", status="interrupted", exit_code=4)
+    ledger.flush()
+    assert [b.batch_id for b in replay([batch], replay_plan(ledger, "prod1"))] == [batch.batch_id]
+    assert list(replay([batch], replay_plan(ledger, "stage1"))) == []
+    assert unfinished_run(ledger, "nightly") == "prod1"
+    assert unfinished_run(ledger, "nightly", "netmera-prod") == "prod1"
+    assert unfinished_run(ledger, "nightly", "netmera-stage") == "stage1"
+    assert unfinished_run(ledger, "nightly", "netmera-elsewhere") == "legacy"
+
+
 EVENTS_JOB = """\
 version: 1
 name: backfill
@@ -495,3 +515,55 @@ async def test_a_resume_of_an_interrupted_retry_sends_only_what_no_run_of_the_ch
         (first.run_id, "retry"),
         (None, None),
     ]
+
+
+async def test_a_run_for_another_destination_is_not_resumed(
+    tmp_path: Path, netmera_sandbox_factory: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One job file serving staging and production (``base_url`` from the environment) has one name and one
+    workdir. Production's `pushsync run` after staging's interrupted run resumed it, by the job's name alone:
+    it skipped every event staging had confirmed, and production never got them. Now a run of another
+    destination is not resumed (planned afresh, saying so), and an explicit `resume` of it is refused."""
+    import structlog
+
+    from sync.config import load_job
+    from sync.run import RunOptions, run
+
+    staging, production = await netmera_sandbox_factory(), await netmera_sandbox_factory()
+    (tmp_path / "job.yaml").write_text(
+        CHAIN_JOB.format(url="${NETMERA_URL}").replace("batch_size: 5", "batch_size: 20"), encoding="utf-8"
+    )
+    rows = [(f"u{i:03d}", i) for i in range(200)]  # 10 batches of 20 events
+    lines = "".join(f"{ext_id},purchase,{amount}\n" for ext_id, amount in rows)
+    (tmp_path / "events.csv").write_text("id,name,amount\n" + lines, encoding="utf-8")
+
+    def job_for(sandbox: Any) -> Any:
+        monkeypatch.setenv("NETMERA_URL", sandbox.url)
+        return load_job(tmp_path / "job.yaml")
+
+    def landed(sandbox: Any) -> list[tuple[str, Any]]:
+        return sorted((e.ext_id, e.attributes["amount"]) for e in sandbox.sandbox.state.events)
+
+    stop = asyncio.Event()
+    key = staging.api_key
+    first = await run(job_for(staging), RunOptions(api_key=key, stop=stop, observers=[_StopAfter(stop, 3)]))
+    assert int(first.exit_code) == 4 and len(staging.sandbox.state.events) == 60
+
+    with pytest.raises(StateError, match="sent to another destination") as refused:
+        await run(job_for(production), RunOptions(api_key=key, resume=first.run_id))
+    assert int(refused.value.exit_code) == 2 and "\n" not in str(refused.value)
+    assert "nothing was sent" in str(refused.value) and production.sandbox.state.events == []
+
+    with structlog.testing.capture_logs() as logs:
+        fresh = await run(job_for(production), RunOptions(api_key=key))
+    assert fresh.resumed_from is None and int(fresh.exit_code) == 0
+    assert landed(production) == sorted(rows)  # every event, none skipped for staging's sake
+    assert [e["unfinished"] for e in logs if e["event"] == "run.not_resumed"] == [first.run_id]
+
+    resumed = await run(job_for(staging), RunOptions(api_key=key))  # staging's own unfinished run
+    assert resumed.resumed_from == first.run_id and int(resumed.exit_code) == 0
+    assert landed(staging) == sorted(rows)
+    with Ledger.open(resumed.ledger_path) as ledger:
+        destinations = {r.run_id: r.destination for r in ledger.runs("backfill")}
+    assert destinations[first.run_id] == destinations[resumed.run_id] == job_for(staging).destination.key
+    assert destinations[fresh.run_id] == job_for(production).destination.key != destinations[first.run_id]

@@ -4,7 +4,8 @@ Batch IDs are content hashes (each platform's ``batch_id_for``): planning the sa
 gives the same batches with the same IDs, so "what is left of run R" is "the batches of a new plan that no run
 since R has confirmed" — nor any run R replayed: each run made by resume or retry records its ``origin``, and
 :func:`replay_plan` follows that chain back (a resume of an interrupted retry of a ``partial`` run counts what the
-partial run confirmed). Two modes:
+partial run confirmed). Runs recorded for another destination (one job file serving staging and production)
+never count, and are never resumed automatically (:func:`unfinished_run`). Two modes:
 
 * **resume** (``pushsync resume RUN``, and ``pushsync run`` after a run that did not finish): send what the ledger
   has not confirmed — batches never sent, batches that failed, batches whose answer was lost in a crash — but
@@ -254,7 +255,7 @@ def replay_plan(
     ledger: Any, run_id: str, mode: ReplayMode = ReplayMode.RESUME, *, platform: Platform | None = None
 ) -> ReplayPlan:
     """Read what ``run_id``, the runs it replayed (its chain of origins), the unfinished runs just before each of
-    them and every later run of its job did.
+    them and every later run of its job did, on its destination.
     ``ledger``: a :class:`sync.ledger.ledger.Ledger`; ``platform``: the job's (default: the one the ledger recorded).
 
     Later runs count too: resuming a run twice must not resend what the first resume confirmed, and a batch
@@ -263,11 +264,17 @@ def replay_plan(
     recorded ``origin``), the one *that* replayed, and so on — whatever their status (a retry is made of a
     ``partial`` run, which no walk through unfinished runs reaches) — and the unfinished runs before each (a
     resume counted them too; ledgers older than schema 6 record no origin, and this is all there is to go by).
+    Runs recorded for another destination (:attr:`sync.ledger.ledger.RunInfo.destination`) never count: what
+    staging confirmed is not on production.
     """
     info = ledger.run(run_id)
     if info is None:
         raise StateError(f"no run {run_id} in {ledger.path}")
-    ordered = sorted(ledger.runs(info.job), key=lambda r: (r.started_at, r.run_id))
+    ordered = [
+        r
+        for r in sorted(ledger.runs(info.job), key=lambda r: (r.started_at, r.run_id))
+        if _same_destination(r.destination, info.destination)
+    ]
     index = {r.run_id: i for i, r in enumerate(ordered)}
     start = index[run_id]
     chain = {run_id}
@@ -285,7 +292,7 @@ def replay_plan(
         start = min(start, i)
         # ...and to the run it replayed (which skipped what *its* origin confirmed, and so on).
         at = ordered[index[at]].origin
-        if at is None or at in chain or at not in index:  # none, a loop, or another job's
+        if at is None or at in chain or at not in index:  # none, a loop, or another job's or destination's
             break
         chain.add(at)
     runs = [r.run_id for r in ordered[start:]]
@@ -419,12 +426,24 @@ def restrict_batch(batch: Batch, ext_ids: Iterable[str], platform: Platform) -> 
     return platform.restrict(batch, ext_ids)
 
 
-def unfinished_run(ledger: Any, job: str) -> str | None:
+def unfinished_run(ledger: Any, job: str, destination: str | None = None) -> str | None:
     """The run a new ``pushsync run`` of ``job`` should resume: the oldest of the runs since the last finished
-    one, if the newest run did not finish (crashed, interrupted or aborted); else None."""
+    one, if the newest run did not finish (crashed, interrupted or aborted); else None.
+
+    ``destination`` (:attr:`sync.config.Destination.key`): only runs that sent there (or recorded no
+    destination: an older pushsync's) count — one job file serving staging and production (``base_url`` from
+    the environment) has one name and one ledger, and what staging confirmed is not on production."""
     found = None
     for info in ledger.runs(job):  # newest first
+        if destination is not None and not _same_destination(info.destination, destination):
+            continue
         if info.status not in UNFINISHED_STATUSES:
             break
         found = info.run_id
     return found
+
+
+def _same_destination(theirs: str | None, ours: str | None) -> bool:
+    """Whether a run recorded for ``theirs`` sent where ``ours`` sends; an unknown one (None: recorded by a
+    pushsync that did not record destinations) is taken as the same, as before."""
+    return theirs is None or ours is None or theirs == ours
