@@ -36,7 +36,7 @@ from sync.errors import (
     RunStoppedError,
     StateError,
 )
-from sync.ledger.ledger import Ledger, new_run_id
+from sync.ledger.ledger import Ledger, RunInfo, new_run_id
 from sync.logs import get_logger
 from sync.planning.planning import Plan, build_plan, check_workdir
 from sync.planning.resume import ReplayLanes, ReplayMode, ReplayPlan, ReplayStats, replay_plan, unfinished_run
@@ -323,6 +323,8 @@ async def run(job: Job, options: RunOptions) -> RunOutcome:
             origin_info = ledger.run(origin) if origin is not None else None
             if origin is not None and origin_info is None:
                 raise StateError(f"no run {origin} in {ledger.path}")
+            if origin_info is not None:
+                _refuse_another_destination(job, origin_info, ledger)
             # Resuming (or retrying) an interrupted --full-refresh finishes the full refresh: in snapshot mode
             # the diff ignores the state again (else the rest would quietly become an ordinary diff), and the
             # new run records the flag so that a resume of it does the same. A changes plan is every row anyway.
@@ -339,7 +341,7 @@ async def _run_changes(
 ) -> RunOutcome:
     origin = options.retry or options.resume
     if origin is None and options.auto_resume and not options.full_refresh:
-        origin = unfinished_run(ledger, job.name)
+        origin = _unfinished_run_here(job, ledger)
     decisions: ReplayPlan | None = None
     # A resume of a full refresh sends what the full refresh left (its plan is every row anyway); only
     # `retry --full-refresh` asks to send everything again.
@@ -367,8 +369,42 @@ async def _run_changes(
         source,
         run_id=options.run_id or new_run_id(),
         full_refresh=options.full_refresh or record_full_refresh,
+        origin=None if decisions is None else (decisions.run_id, decisions.mode),
     )
     return dataclasses.replace(outcome, resumed_from=origin if decisions is not None else None, replay=stats)
+
+
+def _refuse_another_destination(job: Job, origin: RunInfo, ledger: Ledger) -> None:
+    """``pushsync resume/retry RUN`` of a run that sent to another destination: refused before anything is sent.
+    One job file serving staging and production (``base_url`` from the environment) shares a name and a ledger;
+    replaying staging's run on production would skip what staging confirmed (production never got it)."""
+    if origin.destination is not None and origin.destination != job.destination.key:
+        raise StateError(
+            f"run {origin.run_id} of job {job.name} sent to another destination ({origin.destination}; this "
+            f"job's {redact(job.destination.base_url)} is {job.destination.key}): resume or retry it with the job "
+            f"pointed there, or run the job for this destination afresh; nothing was sent (ledger {ledger.path})"
+        )
+
+
+def _unfinished_run_here(job: Job, ledger: Ledger) -> str | None:
+    """The unfinished run of ``job`` a new run resumes (:func:`sync.planning.resume.unfinished_run`) — one that
+    sent to this job's destination. The job's newest unfinished run, when it sent elsewhere, is left alone, and
+    the log says so: this run plans afresh instead of skipping what the other destination confirmed."""
+    here = job.destination.key
+    origin = unfinished_run(ledger, job.name, here)
+    elsewhere = unfinished_run(ledger, job.name)
+    if elsewhere is not None and elsewhere != origin:
+        info = ledger.run(elsewhere)
+        if info is not None and info.destination not in (None, here):
+            get_logger(job=job.name).warning(
+                "run.not_resumed",
+                unfinished=elsewhere,
+                destination=info.destination,
+                hint=f"run {elsewhere} did not finish, but it sent to another destination ({info.destination}; "
+                f"this job's is {here}): not resumed here"
+                + (f"; resuming run {origin} of this destination instead" if origin else "; planning afresh"),
+            )
+    return origin
 
 
 async def _run_snapshot(
@@ -416,6 +452,9 @@ async def _run_snapshot(
             expected=expected,
             full_refresh=options.full_refresh,
             diff_counts=diff.counts,
+            origin=None
+            if origin is None
+            else (origin, ReplayMode.RETRY if options.retry else ReplayMode.RESUME),
         )
     except InterruptedRunError:
         diff.discard()  # stopped before the run was recorded: nothing was sent, nothing to merge
@@ -457,6 +496,7 @@ async def _dispatch(
     expected: tuple[int, int] | None = None,
     full_refresh: bool = False,
     diff_counts: DiffCounts | None = None,
+    origin: tuple[str, ReplayMode] | None = None,
 ) -> RunOutcome:
     """Send ``source`` (taking ``plan`` over: it is closed at the end), record the run in ``ledger``.
 
@@ -479,6 +519,9 @@ async def _dispatch(
             job_path=str(job.path),
             platform=job.destination.platform,
             full_refresh=full_refresh,
+            origin=None if origin is None else origin[0],
+            origin_mode=None if origin is None else origin[1].value,
+            destination=job.destination.key,
         )
         # The rows refused so far (all of them for a settled plan). A lazy plan validates the rest of its input
         # and settles its buckets while the batches are sent: what it refuses meanwhile (validation's rejects,

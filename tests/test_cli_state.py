@@ -8,12 +8,13 @@ import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import pytest
 import structlog
 
 from sync.cli import main
-from tests.conftest import NetmeraProcess
+from tests.conftest import NetmeraProcess, stop_sandbox_process
 from tests.test_crash_resume import expected_users, job_text, sandbox_users, write_users
 
 
@@ -89,7 +90,7 @@ def test_a_second_retry_resends_nothing_the_first_confirmed(
     # A retry cuts each refused batch down to its refused IDs: a batch with an ID of its own. Once a retry has
     # confirmed that cut, retrying the same run again must not send it again (the audit saw every retry resend
     # the same 30 IDs), and a resume must not either.
-    tmp, created = workspace
+    tmp, _ = workspace
     rows = write_users(tmp, range(200))
     unknown = {f"user{i:05d}" for i in range(190, 200)}
     seed = {"users": [{"extId": r[0]} for r in rows if r[0] not in unknown]}
@@ -102,8 +103,11 @@ def test_a_second_retry_resends_nothing_the_first_confirmed(
     code, out, err = run_cli(capsys, "run", "job.yaml", "--progress", "none", "--output", "json")
     assert code == 1, err
     run_id = json.loads(out)["run_id"]
-    # The cause fixed: the platform now creates unknown users (the sandbox restarted, on another port).
-    (tmp / "job.yaml").write_text(job_text(created.url, "changes"), encoding="utf-8")
+    # The cause fixed: the platform now creates unknown users (the sandbox restarted, at the same address: a
+    # retry of a run that sent to another base URL is refused, as another destination's).
+    stop_sandbox_process(strict.process)
+    created = netmera_process_factory("--port", str(urlsplit(strict.url).port))
+    assert created.url == strict.url
     retry = ("retry", run_id, "--job", "job.yaml", "--progress", "none", "--output", "json")
     code, out, err = run_cli(capsys, *retry)
     assert code == 0, err

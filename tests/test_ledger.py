@@ -189,7 +189,7 @@ def test_attempts_are_stored_and_exported_and_a_version_1_ledger_is_upgraded(tmp
         ]
         assert ledger.export("r1", tmp_path / "a.csv", table="attempts", fmt="csv") == 2
         version = ledger._conn.execute("SELECT version FROM schema_version").fetchone()[0]
-    assert version == SCHEMA_VERSION == 5
+    assert version == SCHEMA_VERSION == 6
     assert pl.read_csv(tmp_path / "a.csv")["outcome"].to_list() == ["rate_limited", "ok"]
 
 
@@ -213,6 +213,31 @@ def test_a_version_3_ledger_is_upgraded_to_hold_row_keys_and_full_refresh(tmp_pa
         info = ledger.run("r1")
         assert info is not None and info.full_refresh
         assert list(ledger.batch_rows(["r1"])) == []
+        version = ledger._conn.execute("SELECT version FROM schema_version").fetchone()[0]
+    assert version == SCHEMA_VERSION
+
+
+def test_a_version_5_ledger_is_upgraded_to_record_origins_and_destinations(tmp_path: Path) -> None:
+    # Version 6 added runs.origin, origin_mode and destination (in place): the runs of an older ledger read with
+    # none of them, and new runs record them.
+    path = tmp_path / "l.sqlite"
+    Ledger.open(path).close()
+    conn = sqlite3.connect(path)
+    for column in ("origin", "origin_mode", "destination"):
+        conn.execute(f"ALTER TABLE runs DROP COLUMN {column}")
+    conn.execute(
+        "INSERT INTO runs (run_id, job, started_at, status, full_refresh) VALUES ('old', 'j', 1.0, 'partial', 0)"
+    )
+    conn.execute("UPDATE schema_version SET version = 5")
+    conn.commit()
+    conn.close()
+    with Ledger.open(path) as ledger:
+        old = ledger.run("old")
+        assert old is not None and (old.origin, old.origin_mode, old.destination) == (None, None, None)
+        ledger.start_run("new", job="j", origin="old", origin_mode="retry", destination="netmera-0123456789")
+        new = ledger.run("new")
+        assert new is not None
+        assert (new.origin, new.origin_mode, new.destination) == ("old", "retry", "netmera-0123456789")
         version = ledger._conn.execute("SELECT version FROM schema_version").fetchone()[0]
     assert version == SCHEMA_VERSION
 

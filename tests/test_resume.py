@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import threading
 import time
@@ -25,7 +26,7 @@ from sync.planning.row_keys import ROW_KEY
 from sync.planning.validation import EXT_ID
 from sync.platforms.netmera.platform import NETMERA
 from sync.platforms.netmera.requests import batch_id_for, make_batch
-from sync.records import Batch, BatchResult, BatchStatus, Operation, RejectedId, RowRef, body_json
+from sync.records import Attempt, Batch, BatchResult, BatchStatus, Operation, RejectedId, RowRef, body_json
 
 
 def tag(name: str, *ids: str) -> Batch:
@@ -207,6 +208,62 @@ def test_a_resume_of_a_resume_counts_the_runs_it_resumed(ledger: Ledger) -> None
     assert sent == [plan[4].batch_id, plan[5].batch_id]  # plan[0] was confirmed by r1: not sent again
 
 
+def test_a_resume_follows_the_chain_of_origins_past_finished_runs(ledger: Ledger) -> None:
+    # r1 died; a sample run finished after it (r2, done); `retry r1` (r3) was interrupted. Resuming r3 must count
+    # what r1 confirmed: the walk back through unfinished runs stops at r2, the recorded origin does not.
+    plan = crashed_run(ledger)
+    ledger.finish_run("r1", status="interrupted", exit_code=4)
+    ledger.start_run("r2", job="nightly")
+    ledger.finish_run("r2", status="done", exit_code=0)
+    ledger.start_run("r3", job="nightly", platform="netmera", origin="r1", origin_mode="retry")
+    record(ledger, "r3", plan[1], BatchStatus.OK)
+    ledger.flush()
+    stats = ReplayStats()
+    sent = list(replay(plan, replay_plan(ledger, "r3"), stats))
+    # plan[0] (r1 confirmed) and plan[1] (r3) are not sent again. The retry was asked to send what r1 left held
+    # (the event sent without an answer) and refused (plan[2], cut down to "b"): its resume sends them too.
+    assert [b.batch_id for b in sent] == [
+        restrict_batch(plan[2], ["b"], NETMERA).batch_id,  # type: ignore[union-attr]
+        plan[3].batch_id,
+        plan[4].batch_id,
+        plan[5].batch_id,
+    ]
+    assert stats.skipped_confirmed == 2 and stats.held == 0 and stats.cut_to_refused == 1
+    assert "r1" in replay_plan(ledger, "r3").runs
+
+
+def test_a_resume_of_a_resume_holds_what_the_runs_before_it_left_unknown(ledger: Ledger) -> None:
+    # Only a retry sends what was held: a resume of a resume (past a finished run) still holds it.
+    plan = crashed_run(ledger)
+    ledger.finish_run("r1", status="interrupted", exit_code=4)
+    ledger.start_run("r2", job="nightly")
+    ledger.finish_run("r2", status="done", exit_code=0)
+    ledger.start_run("r3", job="nightly", origin="r1", origin_mode="resume")
+    ledger.flush()
+    sent = [b.batch_id for b in replay(plan, replay_plan(ledger, "r3"))]
+    assert sent == [plan[1].batch_id, plan[4].batch_id, plan[5].batch_id]
+
+
+def test_runs_of_another_destination_do_not_count(ledger: Ledger) -> None:
+    # One job name, two destinations (staging and production): what staging confirmed is not on production.
+    batch = tag("gold", "a")
+    ledger.start_run("prod1", job="nightly", destination="netmera-prod")
+    record(ledger, "prod1", batch, None)
+    ledger.finish_run("prod1", status="interrupted", exit_code=4)
+    ledger.start_run("stage1", job="nightly", destination="netmera-stage")
+    record(ledger, "stage1", batch, BatchStatus.OK)
+    ledger.finish_run("stage1", status="interrupted", exit_code=4)
+    ledger.start_run("legacy", job="nightly")  # recorded by an older pushsync: any destination, as before
+    ledger.finish_run("legacy", status="interrupted", exit_code=4)
+    ledger.flush()
+    assert [b.batch_id for b in replay([batch], replay_plan(ledger, "prod1"))] == [batch.batch_id]
+    assert list(replay([batch], replay_plan(ledger, "stage1"))) == []
+    assert unfinished_run(ledger, "nightly") == "prod1"
+    assert unfinished_run(ledger, "nightly", "netmera-prod") == "prod1"
+    assert unfinished_run(ledger, "nightly", "netmera-stage") == "stage1"
+    assert unfinished_run(ledger, "nightly", "netmera-elsewhere") == "legacy"
+
+
 EVENTS_JOB = """\
 version: 1
 name: backfill
@@ -348,3 +405,165 @@ def test_replay_counts_add_up_when_lanes_count_at_the_same_time(ledger: Ledger) 
         "rows_held": 0,
         "rows_refused": 0,
     }
+
+
+CHAIN_JOB = """\
+version: 1
+name: backfill
+workdir: work
+destination:
+  platform: netmera
+  base_url: {url}
+  secret: {{env: NETMERA_API_KEY}}
+sources:
+  - name: purchases
+    kind: events
+    path: events.csv
+    ext_id: id
+    event: name
+    attributes: {{amount: number}}
+dispatch:
+  concurrency: 1
+  batch_size: 5
+  retry: {{max_attempts: 1}}
+  request_timeout: 5
+"""
+
+
+class _StopAfter:
+    """Sets ``stop`` (as a first SIGINT would) once ``n`` batches are done."""
+
+    def __init__(self, stop: asyncio.Event, n: int) -> None:
+        self.stop, self.n, self.done = stop, n, 0
+
+    def on_batch_start(self, batch: Batch) -> None:
+        return None
+
+    def on_attempt(self, attempt: Attempt) -> None:
+        return None
+
+    def on_batch_done(self, batch: Batch, result: BatchResult) -> None:
+        self.done += 1
+        if self.done == self.n:
+            self.stop.set()
+
+
+@pytest.mark.parametrize("ledger_in", ["sqlite", "postgresql"])
+async def test_a_resume_of_an_interrupted_retry_sends_only_what_no_run_of_the_chain_confirmed(
+    tmp_path: Path, netmera_sandbox_factory: Any, request: pytest.FixtureRequest, ledger_in: str
+) -> None:
+    """A run ends partial (events answered 500), its retry is interrupted, the retry is resumed. The resume went
+    back only through *unfinished* runs before the retry: the partial run's confirmations did not count, and the
+    resume sent every event it had confirmed again (the audit: 48 batches for 2 left). Each replaying run now
+    records its origin, and the resume follows the chain — in SQLite, and in PostgreSQL (several workers), whose
+    runs recorded their origin already."""
+    from sync.config import load_job
+    from sync.run import RunOptions, run
+    from sync.sandboxes._core import FaultSpec
+
+    sandbox = await netmera_sandbox_factory(
+        faults=FaultSpec(error_500=0.3, endpoints=frozenset({"fireEvents"}))
+    )
+    events = sandbox.sandbox.state.events
+    (tmp_path / "job.yaml").write_text(CHAIN_JOB.format(url=sandbox.url), encoding="utf-8")
+    rows = [(f"u{i:03d}", i) for i in range(320)]  # 64 batches of 5 events
+    lines = "".join(f"{ext_id},purchase,{amount}\n" for ext_id, amount in rows)
+    (tmp_path / "events.csv").write_text("id,name,amount\n" + lines, encoding="utf-8")
+    job = load_job(tmp_path / "job.yaml")
+    url = request.getfixturevalue("postgres_url") if ledger_in == "postgresql" else None
+    key = sandbox.api_key
+
+    def open_ledger() -> Any:
+        from sync.coordination import open_ledger as open_pg
+
+        return open_pg(url) if url is not None else Ledger.open(tmp_path / "work" / "ledger.sqlite")
+
+    first = await run(job, RunOptions(api_key=key, database_url=url))
+    assert int(first.exit_code) == 1  # partial: the events answered 500 were not applied
+    with open_ledger() as ledger:
+        confirmed = len(ledger.confirmed_ok(first.run_id))
+    failed = 64 - confirmed
+    assert failed > 6 and len(events) == 5 * confirmed
+    sandbox.sandbox.configure(faults=FaultSpec())
+
+    stop = asyncio.Event()
+    retry = await run(
+        job,
+        RunOptions(
+            api_key=key, retry=first.run_id, stop=stop, observers=[_StopAfter(stop, 3)], database_url=url
+        ),
+    )
+    assert int(retry.exit_code) == 4 and retry.summary.batches_done == 3
+    assert len(events) == 5 * (confirmed + 3)
+    if url is not None:
+        # A stopped worker leaves its run live for the others: the run ends once none is left (as every worker
+        # had been stopped, or its lease ran out).
+        import psycopg
+
+        with psycopg.connect(url, autocommit=True) as conn:
+            conn.execute("UPDATE pushsync.runs SET status = 'interrupted' WHERE run_id = %s", (retry.run_id,))
+
+    resumed = await run(job, RunOptions(api_key=key, resume=retry.run_id, database_url=url))
+    assert int(resumed.exit_code) == 0 and resumed.replay is not None
+    assert resumed.summary.requests == resumed.replay.sent == failed - 3  # not the partial run's 40-odd again
+    landed = sorted((e.ext_id, e.attributes["amount"]) for e in events)
+    assert landed == sorted(rows)  # every event once: none lost, none twice
+    with open_ledger() as ledger:
+        chain = [ledger.run(r) for r in (resumed.run_id, retry.run_id, first.run_id)]
+    assert [(i.origin, i.origin_mode) for i in chain if i is not None] == [
+        (retry.run_id, "resume"),
+        (first.run_id, "retry"),
+        (None, None),
+    ]
+
+
+async def test_a_run_for_another_destination_is_not_resumed(
+    tmp_path: Path, netmera_sandbox_factory: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One job file serving staging and production (``base_url`` from the environment) has one name and one
+    workdir. Production's `pushsync run` after staging's interrupted run resumed it, by the job's name alone:
+    it skipped every event staging had confirmed, and production never got them. Now a run of another
+    destination is not resumed (planned afresh, saying so), and an explicit `resume` of it is refused."""
+    import structlog
+
+    from sync.config import load_job
+    from sync.run import RunOptions, run
+
+    staging, production = await netmera_sandbox_factory(), await netmera_sandbox_factory()
+    (tmp_path / "job.yaml").write_text(
+        CHAIN_JOB.format(url="${NETMERA_URL}").replace("batch_size: 5", "batch_size: 20"), encoding="utf-8"
+    )
+    rows = [(f"u{i:03d}", i) for i in range(200)]  # 10 batches of 20 events
+    lines = "".join(f"{ext_id},purchase,{amount}\n" for ext_id, amount in rows)
+    (tmp_path / "events.csv").write_text("id,name,amount\n" + lines, encoding="utf-8")
+
+    def job_for(sandbox: Any) -> Any:
+        monkeypatch.setenv("NETMERA_URL", sandbox.url)
+        return load_job(tmp_path / "job.yaml")
+
+    def landed(sandbox: Any) -> list[tuple[str, Any]]:
+        return sorted((e.ext_id, e.attributes["amount"]) for e in sandbox.sandbox.state.events)
+
+    stop = asyncio.Event()
+    key = staging.api_key
+    first = await run(job_for(staging), RunOptions(api_key=key, stop=stop, observers=[_StopAfter(stop, 3)]))
+    assert int(first.exit_code) == 4 and len(staging.sandbox.state.events) == 60
+
+    with pytest.raises(StateError, match="sent to another destination") as refused:
+        await run(job_for(production), RunOptions(api_key=key, resume=first.run_id))
+    assert int(refused.value.exit_code) == 2 and "\n" not in str(refused.value)
+    assert "nothing was sent" in str(refused.value) and production.sandbox.state.events == []
+
+    with structlog.testing.capture_logs() as logs:
+        fresh = await run(job_for(production), RunOptions(api_key=key))
+    assert fresh.resumed_from is None and int(fresh.exit_code) == 0
+    assert landed(production) == sorted(rows)  # every event, none skipped for staging's sake
+    assert [e["unfinished"] for e in logs if e["event"] == "run.not_resumed"] == [first.run_id]
+
+    resumed = await run(job_for(staging), RunOptions(api_key=key))  # staging's own unfinished run
+    assert resumed.resumed_from == first.run_id and int(resumed.exit_code) == 0
+    assert landed(staging) == sorted(rows)
+    with Ledger.open(resumed.ledger_path) as ledger:
+        destinations = {r.run_id: r.destination for r in ledger.runs("backfill")}
+    assert destinations[first.run_id] == destinations[resumed.run_id] == job_for(staging).destination.key
+    assert destinations[fresh.run_id] == job_for(production).destination.key != destinations[first.run_id]

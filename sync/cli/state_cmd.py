@@ -199,6 +199,8 @@ def _nothing_to_resume(job: Any, args: argparse.Namespace, url: str | None = Non
         info = ledger.run(args.run_id)
         if info is None or info.status in UNFINISHED_STATUSES:
             return None
+        if info.destination not in (None, job.destination.key):
+            return None  # another destination's run: run() refuses it, in one line
         decisions = replay_plan(ledger, args.run_id)
         if decisions.unknown:
             return None

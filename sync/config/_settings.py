@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import stat
 import unicodedata
@@ -24,6 +25,15 @@ class Destination:
     """TLS certificate checks; only a job aimed at a local sandbox may turn them off."""
     extra: Mapping[str, str] = field(default_factory=dict)
     """Platform-specific, non-secret settings (e.g. a brand ID, a company ID)."""
+
+    @property
+    def key(self) -> str:
+        """``<platform>-<hash of the base URL>``: which destination this is, without its address. The snapshot
+        state's directory is named by it, and the ledgers (SQLite and PostgreSQL) record it with each run, so that
+        one job file serving staging and production (``base_url`` from the environment) never resumes, or joins,
+        the other's run."""
+        digest = hashlib.sha256(self.base_url.encode("utf-8")).hexdigest()[:10]
+        return f"{self.platform}-{digest}"
 
 
 @dataclass(frozen=True, slots=True)

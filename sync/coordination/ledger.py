@@ -298,12 +298,15 @@ class PgLedger(LedgerBase):
         job_path: str | None = None,
         platform: str | None = None,
         full_refresh: bool = False,
+        origin: str | None = None,
+        origin_mode: str | None = None,
+        destination: str | None = None,
     ) -> None:
         """Record a new run (committed at once)."""
         self._queue(
-            f"INSERT INTO {S}.runs (run_id, job, job_path, platform, started_at, status, full_refresh) "
-            "VALUES (%s, %s, %s, %s, %s, 'running', %s)",
-            (run_id, job, job_path, platform, time.time(), full_refresh),
+            f"INSERT INTO {S}.runs (run_id, job, job_path, platform, started_at, status, full_refresh, origin, "
+            "origin_mode, destination) VALUES (%s, %s, %s, %s, %s, 'running', %s, %s, %s, %s)",
+            (run_id, job, job_path, platform, time.time(), full_refresh, origin, origin_mode, destination),
         )
         self.flush()
 
@@ -365,9 +368,10 @@ class PgLedger(LedgerBase):
         conn = sqlite3.connect(path)
         try:
             with conn:
+                marks = ", ".join("?" * len(RUN_COLUMNS.split(",")))
                 conn.executemany(
-                    f"INSERT INTO runs ({RUN_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                    [(*r[:10], int(bool(r[10]))) for r in runs],
+                    f"INSERT INTO runs ({RUN_COLUMNS}) VALUES ({marks})",
+                    [(*r[:10], int(bool(r[10])), *r[11:]) for r in runs],
                 )
                 copies = {
                     "batches": (

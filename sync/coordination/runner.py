@@ -28,7 +28,6 @@ import asyncio
 import contextlib
 import json
 import time
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import psycopg
@@ -50,7 +49,6 @@ from sync.planning.planning import check_workdir
 from sync.planning.resume import ReplayMode, ReplayStats, unfinished_run
 from sync.platforms.registry import platform_for
 from sync.report.summary import RunSummary
-from sync.state._store import state_directory
 
 if TYPE_CHECKING:
     from sync.report.metrics import RunMetrics
@@ -164,11 +162,9 @@ def _join_or_start(ledger: PgLedger, job: Job, options: WorkerOptions) -> tuple[
         if info is not None:
             if info.job != job.name:
                 raise StateError(f"run {options.run_id} belongs to job {info.job}, not {job.name}")
-            _same_destination(
-                job, options.run_id, _destination_of(ledger, options.run_id), _destination_key(job)
-            )
+            _same_destination(job, options.run_id, info.destination, job.destination.key)
             return options.run_id, True
-    destination = _destination_key(job)
+    destination = job.destination.key
     for _ in range(5):
         row = conn.execute(
             f"SELECT run_id, destination FROM {S}.runs WHERE job = %s AND status = 'running'", (job.name,)
@@ -182,14 +178,20 @@ def _join_or_start(ledger: PgLedger, job: Job, options: WorkerOptions) -> tuple[
                 )
             return str(row[0]), True
         origin = options.retry or options.resume
-        if origin is not None and ledger.run(origin) is None:
-            raise StateError(f"no run {origin} in {ledger.path}")
-        if origin is None and options.auto_resume and not options.full_refresh:
-            origin = unfinished_run(ledger, job.name)
-            if origin is not None and _destination_of(ledger, origin) not in (None, destination):
-                origin = None  # what another destination confirmed is not on this one: plan afresh
-        mode = None if origin is None else (ReplayMode.RETRY if options.retry else ReplayMode.RESUME).value
         info = ledger.run(origin) if origin is not None else None
+        if origin is not None and info is None:
+            raise StateError(f"no run {origin} in {ledger.path}")
+        if info is not None and info.destination not in (None, destination):
+            raise StateError(
+                f"run {origin} of job {job.name} sent to another destination ({info.destination}; this worker's "
+                f"{job.destination.base_url} is {destination}): resume or retry it with the job pointed there; "
+                "nothing was sent"
+            )
+        if origin is None and options.auto_resume and not options.full_refresh:
+            # What another destination confirmed is not on this one: only this destination's unfinished run.
+            origin = unfinished_run(ledger, job.name, destination)
+            info = ledger.run(origin) if origin is not None else None
+        mode = None if origin is None else (ReplayMode.RETRY if options.retry else ReplayMode.RESUME).value
         full_refresh = options.full_refresh or (info is not None and info.full_refresh)
         run_id = options.run_id or new_run_id()
         try:
@@ -212,16 +214,6 @@ def _join_or_start(ledger: PgLedger, job: Job, options: WorkerOptions) -> tuple[
         except psycopg.errors.UniqueViolation:
             continue  # another worker started the run a moment ago: join it
     raise StateError(f"job {job.name}: could not start or join a run (runs are being started and ended fast)")
-
-
-def _destination_key(job: Job) -> str:
-    """``platform-<hash of the base URL>``: the destination a run sends to, as its snapshot state is keyed."""
-    return state_directory(Path("."), job.destination).name
-
-
-def _destination_of(ledger: PgLedger, run_id: str) -> str | None:
-    row = ledger._conn.execute(f"SELECT destination FROM {S}.runs WHERE run_id = %s", (run_id,)).fetchone()
-    return None if row is None or row[0] is None else str(row[0])
 
 
 def _same_destination(job: Job, run_id: str, theirs: str | None, ours: str) -> None:

@@ -70,7 +70,7 @@ from sync.state import (
     snapshot_streams,
 )
 from sync.state._delta import _log_entry
-from sync.state._store import READ_ERRORS, Bounds, Manifest, filtered, state_directory
+from sync.state._store import READ_ERRORS, Bounds, Manifest, filtered
 
 __all__ = [
     "STATE_LOCK_WAIT",
@@ -169,7 +169,7 @@ def ensure_snapshot_tables(conn: psycopg.Connection[Any], url: str) -> None:
 def state_scope(job: Job) -> str:
     """The key of the job's state in the database: the job's name and the destination (a job pointed at a
     sandbox must never believe what it sent there is in production), as the workdir's state directory is named."""
-    return f"{job.name}/{state_directory(Path('.'), job.destination).name}"
+    return f"{job.name}/{job.destination.key}"
 
 
 @contextlib.contextmanager

@@ -69,11 +69,14 @@ __all__ = [
     "unpack_ids",
 ]
 
-SCHEMA_VERSION = 5
+SCHEMA_VERSION = 6
 """1: runs, batches, batch_ids, rejected_rows. 2: + attempts (one row per HTTP request). 3: + runs.full_refresh
 (a resume honours the run's full refresh). 4: + batch_rows (the row keys of non-idempotent batches). 5:
-``batches.ext_ids`` holds the packed IDs (:func:`pack_ids`) instead of a JSON array. Older ledgers are upgraded
-in place (version 4's JSON lists are packed once, when the ledger is first opened for writing)."""
+``batches.ext_ids`` holds the packed IDs (:func:`pack_ids`) instead of a JSON array. 6: + runs.origin,
+runs.origin_mode (the run a resume or retry replayed: resume follows the chain) and runs.destination (where the
+run sent: a run of another destination is not resumed). Older ledgers are upgraded in place (version 4's JSON
+lists are packed once, when the ledger is first opened for writing); their runs read with no origin and no
+destination, as before."""
 
 _LINES = b"\x01"
 """Packed-IDs tag: the IDs joined by ``\\n``, UTF-8 (no ID holds a line break: validation refuses controls)."""
@@ -146,7 +149,10 @@ CREATE TABLE IF NOT EXISTS runs (
     exit_code   INTEGER,
     message     TEXT,
     summary     TEXT,                   -- the run summary as JSON
-    full_refresh INTEGER NOT NULL DEFAULT 0 -- 1: started with --full-refresh (a resume of it does one too)
+    full_refresh INTEGER NOT NULL DEFAULT 0, -- 1: started with --full-refresh (a resume of it does one too)
+    origin      TEXT,                   -- the run this one resumed or retried (NULL: a fresh plan)
+    origin_mode TEXT,                   -- resume | retry
+    destination TEXT                    -- where it sent: <platform>-<hash of base_url> (Destination.key)
 );
 CREATE TABLE IF NOT EXISTS batches (
     run_id      TEXT NOT NULL REFERENCES runs(run_id),
@@ -230,7 +236,11 @@ CREATE TABLE IF NOT EXISTS export_waits (   -- pushsync meiro wait / meiro run: 
 CREATE INDEX IF NOT EXISTS export_waits_run ON export_waits (run_id);
 """
 
-RUN_COLUMNS = "run_id, job, job_path, platform, started_at, finished_at, status, exit_code, message, summary, full_refresh"
+RUN_COLUMNS = (
+    "run_id, job, job_path, platform, started_at, finished_at, status, exit_code, message, summary, full_refresh, "
+    "origin, origin_mode, destination"
+)
+"""The columns of a run, in both ledgers (:func:`run_info_of` reads them in this order)."""
 _INSERT_PLANNED = (
     "INSERT OR IGNORE INTO batches (run_id, batch_id, endpoint, operation, phase, n_ids, ext_ids, status, planned_at)"
     " VALUES (?, ?, ?, ?, ?, ?, ?, 'planned', ?)"
@@ -279,8 +289,8 @@ _INSERT_EXPORT_WAIT = (
     "message) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
 )
 _INSERT_RUN = (
-    "INSERT INTO runs (run_id, job, job_path, platform, started_at, status, full_refresh) "
-    "VALUES (?, ?, ?, ?, ?, 'running', ?)"
+    "INSERT INTO runs (run_id, job, job_path, platform, started_at, status, full_refresh, origin, origin_mode, "
+    "destination) VALUES (?, ?, ?, ?, ?, 'running', ?, ?, ?, ?)"
 )
 _FLUSH_ORDER = {
     sql: rank
@@ -378,6 +388,12 @@ class RunInfo:
     summary: dict[str, Any] | None
     full_refresh: bool = False
     """The run was started with ``--full-refresh`` (or resumed one that was)."""
+    origin: str | None = None
+    """The run this one resumed or retried (None: a fresh plan, or a ledger older than schema 6)."""
+    origin_mode: str | None = None
+    """``resume`` or ``retry`` (:class:`sync.planning.resume.ReplayMode`), with :attr:`origin`."""
+    destination: str | None = None
+    """Where the run sent (:attr:`sync.config.Destination.key`); None: recorded by an older pushsync."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -449,7 +465,8 @@ def batch_row_of(row: Sequence[Any]) -> BatchRow:
 
 def run_info_of(row: Sequence[Any], counts: dict[str, int]) -> RunInfo:
     """A :class:`RunInfo` from the :data:`RUN_COLUMNS` of a run and its batches counted by status."""
-    run_id, job, _path, platform, started, finished, status, exit_code, message, summary, full = row
+    run_id, job, _path, platform, started, finished, status, exit_code, message, summary, full = row[:11]
+    origin, origin_mode, destination = row[11:14]
     return RunInfo(
         run_id=run_id,
         job=job,
@@ -463,6 +480,9 @@ def run_info_of(row: Sequence[Any], counts: dict[str, int]) -> RunInfo:
         batches_by_status=counts,
         summary=json.loads(summary) if summary else None,
         full_refresh=bool(full),
+        origin=origin,
+        origin_mode=origin_mode,
+        destination=destination,
     )
 
 
@@ -569,6 +589,9 @@ class RunLedger(Protocol):
         job_path: str | None = None,
         platform: str | None = None,
         full_refresh: bool = False,
+        origin: str | None = None,
+        origin_mode: str | None = None,
+        destination: str | None = None,
     ) -> None: ...
     def finish_run(
         self, run_id: str, *, status: str, exit_code: int, message: str | None = None, summary: Any = None
@@ -929,12 +952,27 @@ class Ledger(LedgerBase):
         job_path: str | None = None,
         platform: str | None = None,
         full_refresh: bool = False,
+        origin: str | None = None,
+        origin_mode: str | None = None,
+        destination: str | None = None,
     ) -> None:
         """Record a new run (committed at once: ``pushsync runs`` shows it while it runs); ``full_refresh`` is
-        kept so that resuming the run, should it not finish, does a full refresh too."""
+        kept so that resuming the run, should it not finish, does a full refresh too; ``origin`` (with
+        ``origin_mode``) is the run it resumes or retries, so that resuming *it* counts what that one confirmed
+        (:func:`sync.planning.resume.replay_plan`); ``destination`` where it sends."""
         self._queue(
             _INSERT_RUN,
-            (run_id, job, job_path, platform, time.time(), int(full_refresh)),
+            (
+                run_id,
+                job,
+                job_path,
+                platform,
+                time.time(),
+                int(full_refresh),
+                origin,
+                origin_mode,
+                destination,
+            ),
         )
         self.flush()
 
@@ -1073,13 +1111,17 @@ class Ledger(LedgerBase):
 def _upgrade(conn: sqlite3.Connection) -> None:
     """Bring a ledger of an older schema to :data:`SCHEMA_VERSION`, in one transaction (a failure leaves it as it
     was). Versions 1 and 2 lack ``runs.full_refresh`` (a development ledger of version 3 may too: it is looked
-    up, not assumed); versions up to 4 hold each batch's IDs as a JSON array, packed here once. The other
-    changes only added tables (created before this runs)."""
+    up, not assumed); versions up to 5 lack ``runs.origin``, ``origin_mode`` and ``destination`` (NULL for
+    their runs: no origin recorded, any destination); versions up to 4 hold each batch's IDs as a JSON array,
+    packed here once. The other changes only added tables (created before this runs)."""
     conn.execute("BEGIN IMMEDIATE")
     try:
         columns = {r[1] for r in conn.execute("PRAGMA table_info(runs)")}
         if "full_refresh" not in columns:
             conn.execute("ALTER TABLE runs ADD COLUMN full_refresh INTEGER NOT NULL DEFAULT 0")
+        for column in ("origin", "origin_mode", "destination"):
+            if column not in columns:
+                conn.execute(f"ALTER TABLE runs ADD COLUMN {column} TEXT")
         # SQLite keeps a blob as a blob in a column declared TEXT, so the packed IDs go in place.
         conn.create_function("pushsync_pack_ids", 1, lambda text: pack_ids(unpack_ids(text)))
         conn.execute("UPDATE batches SET ext_ids = pushsync_pack_ids(ext_ids) WHERE typeof(ext_ids) = 'text'")

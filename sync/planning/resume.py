@@ -2,7 +2,10 @@
 
 Batch IDs are content hashes (each platform's ``batch_id_for``): planning the same input again
 gives the same batches with the same IDs, so "what is left of run R" is "the batches of a new plan that no run
-since R has confirmed". Two modes:
+since R has confirmed" — nor any run R replayed: each run made by resume or retry records its ``origin``, and
+:func:`replay_plan` follows that chain back (a resume of an interrupted retry of a ``partial`` run counts what the
+partial run confirmed). Runs recorded for another destination (one job file serving staging and production)
+never count, and are never resumed automatically (:func:`unfinished_run`). Two modes:
 
 * **resume** (``pushsync resume RUN``, and ``pushsync run`` after a run that did not finish): send what the ledger
   has not confirmed — batches never sent, batches that failed, batches whose answer was lost in a crash — but
@@ -103,8 +106,10 @@ class ReplayStats:
         }
 
 
-# Row classes of a non-idempotent row a run recorded (lower wins when runs disagree).
-_ROW_CONFIRMED, _ROW_REJECTED, _ROW_UNKNOWN, _ROW_PLANNED = 0, 1, 2, 3
+# Row classes of a non-idempotent row a run recorded (lower wins when runs disagree). A row of a rejected batch
+# whose ID was not refused counts as confirmed; a refused one counts as rejected, or as planned when a retry
+# after the run that recorded it was asked to send it (_ROW_REJECTED_RETRIED).
+_ROW_CONFIRMED, _ROW_REJECTED, _ROW_UNKNOWN, _ROW_PLANNED, _ROW_REJECTED_RETRIED = 0, 1, 2, 3, 4
 _ROW_CLASS = {
     BatchStatus.OK.value: _ROW_CONFIRMED,
     BatchStatus.REJECTED.value: _ROW_REJECTED,
@@ -112,6 +117,8 @@ _ROW_CLASS = {
     BatchStatus.FAILED.value: _ROW_UNKNOWN,
     BatchStatus.PLANNED.value: _ROW_PLANNED,
 }
+_RETRIED_CLASS = {_ROW_UNKNOWN: _ROW_PLANNED, _ROW_REJECTED: _ROW_REJECTED_RETRIED}
+"""Row classes of a run before a retry in the replayed run's chain: the retry sends what it left unknown or refused."""
 _ROWS_SCHEMA: dict[str, Any] = {ROW_KEY: pl.UInt64, "__batch": pl.UInt32, "__class": pl.UInt8}
 _REFUSED_SCHEMA: dict[str, Any] = {"__batch": pl.UInt32, EXT_ID: pl.String}
 
@@ -137,6 +144,9 @@ class ReplayPlan:
     """Batch IDs sent (or failed after being sent) and never confirmed: the platform may have applied them."""
     refused: Mapping[str, frozenset[str]] = field(default_factory=dict)
     """Batch ID → the external IDs the platform refused in it (batches recorded ``rejected``)."""
+    retried_refused: frozenset[str] = frozenset()
+    """Refused batches a retry in the chain of the run replayed was asked to send again (cut down to their refused
+    IDs): a resume of that retry sends them too, as the retry would have."""
     platform: Platform | None = None
     """The platform the runs sent to: it cuts a refused batch down to its refused IDs and names the operations
     that must not be repeated blindly."""
@@ -190,8 +200,13 @@ class ReplayPlan:
             .join(self.rows, on=ROW_KEY, how="inner")
             .join(refused, on=["__batch", EXT_ID], how="left")
             .with_columns(
-                pl.when((row_class == _ROW_REJECTED) & ~pl.col("__refused").fill_null(False))
+                pl.when(
+                    row_class.is_in([_ROW_REJECTED, _ROW_REJECTED_RETRIED])
+                    & ~pl.col("__refused").fill_null(False)
+                )
                 .then(pl.lit(_ROW_CONFIRMED, pl.UInt8))
+                .when(row_class == _ROW_REJECTED_RETRIED)
+                .then(pl.lit(_ROW_PLANNED, pl.UInt8))
                 .otherwise(row_class)
                 .alias("__class")
             )
@@ -220,7 +235,7 @@ class ReplayPlan:
             stats.add(skipped_confirmed=1)
             return None
         if bid in self.refused:
-            if self.mode is ReplayMode.RESUME:
+            if self.mode is ReplayMode.RESUME and bid not in self.retried_refused:
                 stats.add(skipped_refused=1)
                 return None
             cut = self._cut_to_refused(batch)
@@ -239,41 +254,73 @@ class ReplayPlan:
 def replay_plan(
     ledger: Any, run_id: str, mode: ReplayMode = ReplayMode.RESUME, *, platform: Platform | None = None
 ) -> ReplayPlan:
-    """Read what ``run_id``, the unfinished runs just before it and every later run of its job did.
+    """Read what ``run_id``, the runs it replayed (its chain of origins), the unfinished runs just before each of
+    them and every later run of its job did, on its destination.
     ``ledger``: a :class:`sync.ledger.ledger.Ledger`; ``platform``: the job's (default: the one the ledger recorded).
 
     Later runs count too: resuming a run twice must not resend what the first resume confirmed, and a batch
-    confirmed by any later run holds the same content (the ID is a hash of it). Earlier unfinished runs count
-    because ``run_id`` may itself be a resume that skipped what they had confirmed.
+    confirmed by any later run holds the same content (the ID is a hash of it). Earlier runs count because
+    ``run_id`` may itself be a resume or a retry that skipped what they had confirmed: the run it replayed (its
+    recorded ``origin``), the one *that* replayed, and so on — whatever their status (a retry is made of a
+    ``partial`` run, which no walk through unfinished runs reaches) — and the unfinished runs before each (a
+    resume counted them too; ledgers older than schema 6 record no origin, and this is all there is to go by).
+    Runs recorded for another destination (:attr:`sync.ledger.ledger.RunInfo.destination`) never count: what
+    staging confirmed is not on production.
     """
     info = ledger.run(run_id)
     if info is None:
         raise StateError(f"no run {run_id} in {ledger.path}")
-    ordered = sorted(ledger.runs(info.job), key=lambda r: (r.started_at, r.run_id))
-    start = next(i for i, r in enumerate(ordered) if r.run_id == run_id)
-    # A run that resumed an unfinished one skipped what that one had confirmed, so its own ledger rows are not
-    # the whole story: go back through the unfinished runs before it.
-    while start > 0 and ordered[start - 1].status in UNFINISHED_STATUSES:
-        start -= 1
+    ordered = [
+        r
+        for r in sorted(ledger.runs(info.job), key=lambda r: (r.started_at, r.run_id))
+        if _same_destination(r.destination, info.destination)
+    ]
+    index = {r.run_id: i for i, r in enumerate(ordered)}
+    start = index[run_id]
+    chain = {run_id}
+    # The newest retry in the chain: it was asked to send what the runs before it left held or refused.
+    retry_at: int | None = None
+    at: str | None = run_id
+    while at is not None:
+        if retry_at is None and ordered[index[at]].origin_mode == ReplayMode.RETRY.value:
+            retry_at = index[at]
+        # A run that resumed an unfinished one skipped what that one had confirmed, so its own ledger rows are
+        # not the whole story: go back through the unfinished runs before it...
+        i = index[at]
+        while i > 0 and ordered[i - 1].status in UNFINISHED_STATUSES:
+            i -= 1
+        start = min(start, i)
+        # ...and to the run it replayed (which skipped what *its* origin confirmed, and so on).
+        at = ordered[index[at]].origin
+        if at is None or at in chain or at not in index:  # none, a loop, or another job's or destination's
+            break
+        chain.add(at)
     runs = [r.run_id for r in ordered[start:]]
+    # Resuming a retry finishes the retry: what the runs before it left held (outcome unknown) or refused, the
+    # user asked it to send (`pushsync retry`); only what it, and the runs after it, left unknown is held.
+    retried = frozenset(r.run_id for r in ordered[start:retry_at]) if retry_at is not None else frozenset()
     confirmed: set[str] = set()
     unknown: set[str] = set()
     rejected: set[str] = set()
+    rejected_before: set[str] = set()  # rejected by a run before the retry
     for rid in runs:
         for row in ledger.batches(rid):
             status = str(row.status)
             if status == BatchStatus.OK.value:
                 confirmed.add(row.batch_id)
             elif status in _UNKNOWN:
-                unknown.add(row.batch_id)
+                if rid not in retried:
+                    unknown.add(row.batch_id)
             elif status == BatchStatus.REJECTED.value:
-                rejected.add(row.batch_id)
+                (rejected_before if rid in retried else rejected).add(row.batch_id)
+    retried_refused = rejected_before - rejected
+    rejected |= rejected_before
     refused: dict[str, set[str]] = {}
     for rid in runs:
         for batch_id, ext_id, _code, _message in ledger.refused_ids(rid):
             if batch_id in rejected and batch_id not in confirmed:
                 refused.setdefault(batch_id, set()).add(ext_id)
-    rows, refused_rows = _recorded_rows(ledger, runs)
+    rows, refused_rows = _recorded_rows(ledger, runs, retried)
     return ReplayPlan(
         mode=mode,
         run_id=run_id,
@@ -281,15 +328,19 @@ def replay_plan(
         confirmed=frozenset(confirmed),
         unknown=frozenset(unknown - confirmed),
         refused={k: frozenset(v) for k, v in refused.items()},
+        retried_refused=frozenset(retried_refused & refused.keys()),
         platform=platform if platform is not None else REGISTRY.get(info.platform or ""),
         rows=rows,
         refused_rows=refused_rows,
     )
 
 
-def _recorded_rows(ledger: Any, runs: Iterable[str]) -> tuple[pl.DataFrame, pl.DataFrame]:
+def _recorded_rows(
+    ledger: Any, runs: Iterable[str], retried: frozenset[str] = frozenset()
+) -> tuple[pl.DataFrame, pl.DataFrame]:
     """The non-idempotent rows ``runs`` recorded (:attr:`ReplayPlan.rows`) and the IDs refused in their
-    rejected batches (:attr:`ReplayPlan.refused_rows`)."""
+    rejected batches (:attr:`ReplayPlan.refused_rows`). The rows of ``retried`` runs (before a retry in the chain
+    of the run replayed) that they left unknown or refused are the retry's to send: classed as planned."""
     runs = list(runs)
     batch_index: dict[tuple[str, str], int] = {}
     classes: list[int] = []
@@ -303,7 +354,10 @@ def _recorded_rows(ledger: Any, runs: Iterable[str]) -> tuple[pl.DataFrame, pl.D
                 "that made the run, or `pushsync retry RUN --full-refresh` to send everything again"
             )
         batch_index[(run, batch_id)] = len(blobs)
-        classes.append(_ROW_CLASS.get(str(status), _ROW_PLANNED))
+        row_class = _ROW_CLASS.get(str(status), _ROW_PLANNED)
+        if run in retried:
+            row_class = _RETRIED_CLASS.get(row_class, row_class)
+        classes.append(row_class)
         counts.append(len(blob) // 8)
         blobs.append(bytes(blob))
     if not blobs:
@@ -372,12 +426,24 @@ def restrict_batch(batch: Batch, ext_ids: Iterable[str], platform: Platform) -> 
     return platform.restrict(batch, ext_ids)
 
 
-def unfinished_run(ledger: Any, job: str) -> str | None:
+def unfinished_run(ledger: Any, job: str, destination: str | None = None) -> str | None:
     """The run a new ``pushsync run`` of ``job`` should resume: the oldest of the runs since the last finished
-    one, if the newest run did not finish (crashed, interrupted or aborted); else None."""
+    one, if the newest run did not finish (crashed, interrupted or aborted); else None.
+
+    ``destination`` (:attr:`sync.config.Destination.key`): only runs that sent there (or recorded no
+    destination: an older pushsync's) count — one job file serving staging and production (``base_url`` from
+    the environment) has one name and one ledger, and what staging confirmed is not on production."""
     found = None
     for info in ledger.runs(job):  # newest first
+        if destination is not None and not _same_destination(info.destination, destination):
+            continue
         if info.status not in UNFINISHED_STATUSES:
             break
         found = info.run_id
     return found
+
+
+def _same_destination(theirs: str | None, ours: str | None) -> bool:
+    """Whether a run recorded for ``theirs`` sent where ``ours`` sends; an unknown one (None: recorded by a
+    pushsync that did not record destinations) is taken as the same, as before."""
+    return theirs is None or ours is None or theirs == ours

@@ -16,7 +16,6 @@ harmless.
 from __future__ import annotations
 
 import fcntl
-import hashlib
 import json
 import os
 import shutil
@@ -519,9 +518,8 @@ class FileBackend:
 def state_directory(workdir: Path, destination: Destination) -> Path:
     """``<workdir>/state/<platform>-<hash of the base URL>``: the state's directory (and its runs' pending
     deltas) for one destination."""
-    digest = hashlib.sha256(destination.base_url.encode("utf-8")).hexdigest()[:10]
     # Per destination: a job pointed at a sandbox must never believe what it sent there is in production.
-    return Path(workdir) / "state" / f"{destination.platform}-{digest}"
+    return Path(workdir) / "state" / destination.key
 
 
 class StateStore:
