@@ -860,7 +860,8 @@ def _stage(
         from sync.sources.reading_sql import SqlReader
 
         reader = SqlReader(source)
-        inputs = [(reader.label, reader.chunks)]
+        # The reader looks at ``stop`` while the database works (a query may take minutes before its first rows).
+        inputs = [(reader.label, functools.partial(reader.chunks, stop))]
     else:
         if files is None:
             files = expand_paths(source, workdir=job.workdir, exclude=[rejects.path])

@@ -9,7 +9,9 @@ exceptions into :class:`BadInputError` (once, here), with every message scrubbed
 * SQLite: the standard library's ``sqlite3`` (no extra), file opened read-only, ``fetchmany``; SQLite's values
   carry no declared type, so each batch's columns are turned into text here (see :meth:`SqliteDriver.batches`).
 
-Each driver is opened on a resolved URL, used from one thread, and closed; ``schema`` reads no row.
+Each driver is opened on a resolved URL, used from one thread at a time, and closed; ``schema`` reads no row.
+``cancel`` is the exception: called from another thread, it stops the statement running (PostgreSQL's cancel
+request, DuckDB's and SQLite's ``interrupt``), whose read then fails.
 """
 
 from __future__ import annotations
@@ -78,6 +80,10 @@ class Driver(Protocol):
 
     def batches(self, statement: str, rows: int) -> Generator[pa.RecordBatch, None, None]:
         """The result, streamed in record batches (of about ``rows`` rows where the driver counts rows)."""
+        ...
+
+    def cancel(self) -> None:
+        """Stop the statement running, from another thread (a stop asked for): its read fails soon after."""
         ...
 
     def close(self) -> None: ...
@@ -198,6 +204,12 @@ class PostgresDriver:
                 self._fail(f"the database connection failed after {read} rows: {_pg_detail(exc)}", exc)
             self._fail(f"the database refused the query: {_pg_detail(exc)}", exc)
 
+    def cancel(self) -> None:
+        # libpq's cancel request, on a connection of its own: the server ends the query (and the COPY) and the
+        # reading thread gets "canceling statement due to user request". A connection already lost has no query.
+        with contextlib.suppress(*self._errors):
+            self._conn.adbc_cancel()
+
     def close(self) -> None:
         # A connection the server already dropped fails to close: the error that matters was raised before.
         with contextlib.suppress(*self._errors):
@@ -272,6 +284,10 @@ class DuckdbDriver:
         except self._errors as exc:
             what = f"the query failed after {read} rows" if read else "the database refused the query"
             self._fail(f"{what}: {_duck_detail(exc)}", exc)
+
+    def cancel(self) -> None:
+        with contextlib.suppress(*self._errors):
+            self._conn.interrupt()
 
     def close(self) -> None:
         self._conn.close()
@@ -352,6 +368,10 @@ class SqliteDriver:
                     column=name,
                 )
         return pa.array([v if v is None or isinstance(v, str) else repr(v) for v in values], pa.string())
+
+    def cancel(self) -> None:
+        with contextlib.suppress(sqlite3.Error):
+            self._conn.interrupt()
 
     def close(self) -> None:
         self._conn.close()
