@@ -47,7 +47,7 @@ from sync.config import (
 from sync.errors import BadInputError, InterruptedRunError, JobProblem, SecretError
 from sync.redact import register_url
 from sync.sources._sql_drivers import Column, Driver, DuckdbDriver, Failure, PostgresDriver, SqliteDriver
-from sync.sources.reading import CHUNK_ROWS, ROW, Chunk, _normalise
+from sync.sources.reading import CHUNK_BYTES, CHUNK_ROWS, ROW, Chunk, _normalise
 
 __all__ = ["SqlReader", "check_sql_sources"]
 
@@ -516,10 +516,16 @@ class SqlReader:
             for batch in fetcher:
                 index = {name: i for i, name in enumerate(batch.schema.names)}
                 # PostgreSQL's batches are sized in bytes: narrow rows make batches of 100k+ rows. Validation
-                # works (and holds memory) per chunk, so cut them to the chunk size (slices copy nothing).
+                # works (and holds memory) per chunk, so cut them to the chunk size (slices copy nothing): of
+                # CHUNK_ROWS rows, fewer when rows are wide (CHUNK_BYTES, at this batch's mean width).
+                limit = max(1, min(CHUNK_ROWS, CHUNK_BYTES * batch.num_rows // max(1, batch.nbytes)))
                 start = 0
                 while start < batch.num_rows:
-                    piece = batch.slice(start, CHUNK_ROWS - rows)
+                    if rows >= limit:
+                        yield self._chunk(pending, next_row)
+                        next_row += rows
+                        pending, rows = [], 0
+                    piece = batch.slice(start, limit - rows)
                     start += piece.num_rows
                     for c in wanted:
                         self._refuse_out_of_range(piece.column(index[c]), c, next_row + rows)
@@ -529,7 +535,7 @@ class SqlReader:
                         )
                     )
                     rows += piece.num_rows
-                    if rows >= CHUNK_ROWS:
+                    if rows >= limit:
                         yield self._chunk(pending, next_row)
                         next_row += rows
                         pending, rows = [], 0
