@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import math
 import os
 import shutil
+import sqlite3
 import subprocess
 import sys
 import zlib
@@ -941,10 +943,16 @@ def _wide_job(tmp_path: Path, rows: int, width: int, fmt: str) -> Job:
         pl.format("city{}", pl.int_range(0, rows) % 13).alias("city"),
     )
     data = tmp_path / f"wide.{fmt}"
+    where = f"path: {data.name}"
     if fmt == "csv":
         frame.write_csv(data)
-    else:
+    elif fmt == "parquet":
         frame.write_parquet(data, row_group_size=20_000)
+    else:  # a database source: a SQLite file's table
+        with contextlib.closing(sqlite3.connect(data)) as con, con:
+            con.execute("CREATE TABLE users (id, bio, city)")
+            con.executemany("INSERT INTO users VALUES (?, ?, ?)", frame.iter_rows())
+        where = f"database: sqlite:///{data.name}\n    table: users"
     path = tmp_path / f"wide_{fmt}.yaml"
     path.write_text(
         f"""
@@ -953,7 +961,7 @@ workdir: work-{fmt}
 destination: {{platform: netmera, base_url: "http://127.0.0.1:8080/rest/3.0/", secret: {{env: K}}}}
 sources:
   - name: users
-    path: {data.name}
+    {where}
     ext_id: id
     attributes: {{bio: string, city: string}}
 """,
@@ -999,7 +1007,7 @@ def test_chunks_cut_by_bytes_for_wide_rows_give_the_same_batches(
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("fmt", ["csv", "parquet"])
+@pytest.mark.parametrize("fmt", ["csv", "parquet", "sqlite"])
 def test_a_plan_of_wide_rows_stays_under_512_mb(tmp_path: Path, fmt: str) -> None:
     # 60k rows of 3 KB (180 MB of text): chunks of 50k-100k rows whatever their width held 150-300 MB each, and
     # a plan peaked at 820-890 MB (CSV and Parquet); 330-370 MB with the byte budgets. Measured as

@@ -33,6 +33,7 @@ from sync.redact import redact
 __all__ = [
     "DUCKDB_MEMORY_LIMIT",
     "PG_BATCH_BYTES",
+    "SQLITE_BATCH_BYTES",
     "Column",
     "Driver",
     "DuckdbDriver",
@@ -44,6 +45,11 @@ __all__ = [
 
 PG_BATCH_BYTES = 8 << 20
 """Bytes of COPY data the PostgreSQL driver decodes into one record batch."""
+
+SQLITE_BATCH_BYTES = 16 << 20
+"""About the most bytes (as Arrow arrays) of one SQLite batch, at the previous batch's mean row width."""
+_SQLITE_FIRST_ROWS = 1024
+"""Rows of a SQLite result's first batch, which measures the width of its rows."""
 
 DUCKDB_MEMORY_LIMIT = "64MB"
 """What DuckDB may hold while it runs a source's query; a sort or join larger than this spills to disk. Its
@@ -336,16 +342,21 @@ class SqliteDriver:
 
     def batches(self, statement: str, rows: int) -> Generator[pa.RecordBatch, None, None]:
         read = 0
+        # The first batch is small: its width sizes the next ones (SQLITE_BATCH_BYTES), so rows of several KB
+        # are not fetched 50,000 at a time, as Python objects and again as Arrow arrays.
+        size = min(rows, _SQLITE_FIRST_ROWS)
         try:
             cur = self._conn.execute(statement)
             names = [d[0] for d in cur.description]
             while True:
-                fetched = cur.fetchmany(rows)
+                fetched = cur.fetchmany(size)
                 if not fetched:
                     break
                 columns = [self._text(names[i], [r[i] for r in fetched], read) for i in range(len(names))]
                 read += len(fetched)
-                yield pa.RecordBatch.from_arrays(columns, names=names)
+                batch = pa.RecordBatch.from_arrays(columns, names=names)
+                size = max(1, min(rows, SQLITE_BATCH_BYTES * batch.num_rows // max(1, batch.nbytes)))
+                yield batch
         except sqlite3.Error as exc:
             what = f"the query failed after {read} rows" if read else "the database refused the query"
             self._fail(f"{what}: {exc}", exc)
