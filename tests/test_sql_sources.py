@@ -8,6 +8,7 @@ import asyncio
 import csv
 import json
 import os
+import signal
 import sqlite3
 import subprocess
 import sys
@@ -263,6 +264,89 @@ def test_a_big_result_streams_in_bounded_chunks_numbered_by_position(
     while postgres_server.sql(postgres_server.admin_url(), sessions).strip() != "0":
         assert time.monotonic() < deadline, "the reader's session is still open"
         time.sleep(0.05)
+
+
+_SLOW_COUNT = (
+    "WITH RECURSIVE t(n) AS (SELECT 1 UNION ALL SELECT n + 1 FROM t WHERE n < 100000000) SELECT max(n) FROM t"
+)
+"""A query of minutes for DuckDB and SQLite (the server's pg_sleep has no equivalent there)."""
+
+
+@pytest.mark.parametrize(
+    ("engine", "command"),
+    [("postgresql", "plan"), ("postgresql", "run"), ("duckdb", "plan"), ("sqlite", "plan")],
+)
+def test_sigterm_during_a_slow_query_stops_at_once_and_cancels_the_query(
+    engine: str,
+    command: str,
+    postgres_url: str,
+    postgres_server: PostgresServer,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A scheduler (Kubernetes) stops the job with SIGTERM while the source's query runs. The planner waited for
+    # the query's first rows before it looked at the signal: `pushsync plan` on a query with pg_sleep(40) exited
+    # after 41 s, so a pod was killed after its grace period and the query ran on in the server.
+    frame = users(30, seed=5)
+    columns = ", ".join(f"u.{c}" for c in frame.columns)
+    database = f"{{env: {URL_ENV}}}"
+    if engine == "postgresql":
+        pg_load(postgres_url, frame)
+        what = f'query: "SELECT {columns} FROM crm.users AS u, pg_sleep(30)"'
+    elif engine == "duckdb":
+        duck_load(tmp_path / "source.duckdb", frame)
+        database = f"duckdb:///{tmp_path / 'source.duckdb'}"
+        what = f'query: "SELECT {columns} FROM crm.users AS u WHERE ({_SLOW_COUNT}) > 0"'
+    else:
+        with sqlite3.connect(tmp_path / "crm.db") as con:
+            con.execute(f"CREATE TABLE users ({', '.join(frame.columns)})")
+            con.executemany(
+                f"INSERT INTO users VALUES ({', '.join('?' * frame.width)})",
+                frame.with_columns(pl.col(pl.Boolean).cast(pl.Int8)).rows(),
+            )
+        database = f"sqlite:///{tmp_path / 'crm.db'}"
+        what = f'query: "SELECT {columns} FROM users AS u WHERE ({_SLOW_COUNT}) > 0"'
+    job = write_job(tmp_path / "job", "http://127.0.0.1:9/rest/3.0/", database=database, what=what)
+    running = (
+        "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'pushsync' AND state = 'active' "
+        "AND query LIKE '%pg_sleep%'"
+    )
+    process = subprocess.Popen(
+        [sys.executable, "-m", "sync", command, str(job)],
+        env={**os.environ, URL_ENV: postgres_url, KEY_ENV: "unused-key"},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while process.poll() is None:
+            assert time.monotonic() < deadline, "the query never started"
+            if engine == "postgresql":
+                if postgres_server.sql(postgres_server.admin_url(), running).strip() == "1":
+                    break
+            elif list((tmp_path / "job" / "work").glob("plan-*")):
+                time.sleep(1)  # the schema is read (LIMIT 0, at once): the query runs now
+                break
+            time.sleep(0.05)
+        assert process.poll() is None, process.communicate()
+        sent = time.monotonic()
+        process.send_signal(signal.SIGTERM)
+        _out, err = process.communicate(timeout=60)
+        took = time.monotonic() - sent
+    finally:
+        process.kill()
+    assert process.returncode == ExitCode.INTERRUPTED, err
+    # plan: 'pushsync: interrupted'; run: 'pushsync: error: interrupted while the input was read; nothing ...'
+    assert err.splitlines()[-1].startswith("pushsync: ") and "interrupted" in err.splitlines()[-1], err
+    assert took < 5, f"exited {took:.1f} s after SIGTERM"
+    assert not list((tmp_path / "job" / "work").glob("plan-*"))
+    if engine == "postgresql":
+        # The query was cancelled, not left to run in the server.
+        deadline = time.monotonic() + 5
+        while postgres_server.sql(postgres_server.admin_url(), running).strip() != "0":
+            assert time.monotonic() < deadline, "the query still runs in the server"
+            time.sleep(0.05)
 
 
 def test_rejected_rows_name_the_source_its_position_and_id_never_the_password(

@@ -32,7 +32,7 @@ import re
 import threading
 from array import array
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TextIO
 
@@ -61,6 +61,10 @@ __all__ = [
 
 STAGE_ROWS = 100_000
 """Clean rows sorted and written together as one chunk file (bounded memory; few files to read a bucket from)."""
+STAGE_BYTES = 16 << 20
+"""A sorted chunk is also cut once its rows hold this many bytes (polars' estimate of their buffers): rows of a
+few KB (long text attributes) would otherwise make 100k-row chunks of hundreds of MB, sorted (copied) at once.
+Narrow rows (the bench job's, about 130 bytes a row by that estimate: 13 MB per 100k rows) do not reach it."""
 CHUNK_BATCH_ROWS = 4096
 """Rows per record batch of a chunk file (a slice is cut from the batches holding it, without copying)."""
 FINE_BITS = 12
@@ -73,6 +77,10 @@ GROUP_ROWS = 131_072
 sorted at once: one read of each chunk file per group, not per bucket (reading a slice costs about as much as
 reading a few thousand rows, and a large input has many chunk files and many buckets: their product of slices
 would grow with the square of the input). Settling holds about two groups (read, then sorted)."""
+GROUP_BYTES = 24 << 20
+"""A group also holds at most about this many bytes of rows (polars' estimate, at the staged rows' mean width; one
+bucket at least): wide rows make groups of fewer rows. Narrow rows (the bench job's, about 130 bytes a row by that
+estimate: 17 MB per group) do not reach it."""
 
 
 def write_error(where: Path | str, exc: OSError) -> StateError:
@@ -193,6 +201,8 @@ class ChunkFile:
     batches: tuple[int, ...]  # the first row of each record batch of the file, then its row count
     frame: pl.DataFrame | None = None
     """The sorted rows, when held in memory instead of written (a small input's, :class:`ChunkWriter`)."""
+    size: int = 0
+    """The bytes of its rows in memory (polars' estimate): sizes groups and buckets of wide rows."""
 
     def rows_of(self, first_range: int, end_range: int) -> pl.DataFrame:
         """The rows of fine ranges ``[first_range, end_range)`` of a chunk held in memory (a slice, no copy)."""
@@ -274,7 +284,9 @@ class ChunkWriter:
         "_keyed",
         "_memory",
         "_pending",
+        "_pending_bytes",
         "_pending_rows",
+        "bytes",
         "chunks",
         "rows",
         "stage_rows",
@@ -294,11 +306,13 @@ class ChunkWriter:
         self._memory = memory_bytes  # bytes the sorted chunks may still hold in memory (0: write every chunk)
         self._pending: list[pl.DataFrame] = []
         self._pending_rows = 0
+        self._pending_bytes = 0
         self._head_key = head_key
         self._head: list[pl.DataFrame] = []
         self.stage_rows = stage_rows or STAGE_ROWS
         self.chunks: list[ChunkFile] = []
         self.rows = 0  # rows written (the head's left out)
+        self.bytes = 0  # their bytes in memory (polars' estimate)
 
     @property
     def head(self) -> pl.DataFrame | None:
@@ -313,7 +327,8 @@ class ChunkWriter:
         if frame.height:
             self._pending.append(frame)
             self._pending_rows += frame.height
-            if self._pending_rows >= self.stage_rows:
+            self._pending_bytes += int(frame.estimated_size())
+            if self._pending_rows >= self.stage_rows or self._pending_bytes >= STAGE_BYTES:
                 self.flush()
 
     def flush(self) -> None:
@@ -322,7 +337,7 @@ class ChunkWriter:
             return
         # Not copied into one piece first: the sort gathers from the pieces (one copy of the rows, not two).
         frame = pl.concat(self._pending, rechunk=False) if len(self._pending) > 1 else self._pending[0]
-        self._pending, self._pending_rows = [], 0
+        self._pending, self._pending_rows, self._pending_bytes = [], 0, 0
         if not self._keyed:
             frame = frame.insert_column(0, canonical_key(frame[EXT_ID]))
         frame = frame.sort(KEY, maintain_order=True)
@@ -348,16 +363,18 @@ class ChunkWriter:
         offsets = array("q", bounds.to_list())
         offsets.append(frame.height)
         self.rows += frame.height
+        estimate = int(frame.estimated_size())
+        self.bytes += estimate
         if self._memory:
             size = held_bytes(frame)
             if size <= self._memory:
                 self._memory -= size
-                self.chunks.append(ChunkFile(path, frame.height, offsets, (0, frame.height), frame))
+                self.chunks.append(ChunkFile(path, frame.height, offsets, (0, frame.height), frame, estimate))
                 return
             # Past the bound: this chunk and every later one are written (those held stay held: the chunks
             # held are the first ones, so a bucket's rows still come in chunk order).
             self._memory = 0
-        self.chunks.append(self._written(path, frame, offsets))
+        self.chunks.append(replace(self._written(path, frame, offsets), size=estimate))
 
     @staticmethod
     def _written(path: Path, frame: pl.DataFrame, offsets: array[int]) -> ChunkFile:
@@ -390,6 +407,7 @@ class Settler:
         "_directory",
         "_group",
         "_group_end",
+        "_group_rows",
         "_head",
         "_head_rejected",
         "_rejected",
@@ -448,6 +466,7 @@ class Settler:
             None  # the sorted rows of buckets [next, _group_end), read together
         )
         self._group_end = 0
+        self._group_rows = GROUP_ROWS  # at most, in a group (fewer when rows are wide: group_rows)
         if chunks is not None:
             self.staged(chunks, bits, rows_read, rejected)
 
@@ -470,6 +489,7 @@ class Settler:
         duplicate rejects (after validation's, as without a head)."""
         self._chunks = tuple(chunks)
         self._rejected = tuple(rejected)
+        self._group_rows = group_rows(self._chunks)
         width = 1 << (FINE_BITS - bits)
         head = (self.head_end,) if self.head_end else ()
         self.bounds = (0, *head, *(b for b in range(width, FINE_RANGES + 1, width) if b > self.head_end))
@@ -553,7 +573,7 @@ class Settler:
         rows = sum(c.rows_in(bounds[k], bounds[j]) for c in chunks)
         while j < len(bounds) - 1:
             more = sum(c.rows_in(bounds[j], bounds[j + 1]) for c in chunks)
-            if rows + more > GROUP_ROWS:
+            if rows + more > self._group_rows:
                 break
             rows += more
             j += 1
@@ -628,6 +648,16 @@ class Settler:
         chunks, self._chunks, self._rejected = (*self._chunks, *self._rejected), (), ()
         for chunk in chunks:
             chunk.path.unlink(missing_ok=True)
+
+
+def group_rows(chunks: Sequence[ChunkFile]) -> int:
+    """The most rows a settling group of ``chunks`` holds: :data:`GROUP_ROWS`, fewer when that many rows of their
+    mean width would hold more than :data:`GROUP_BYTES`."""
+    rows = sum(c.rows for c in chunks)
+    size = sum(c.size for c in chunks)
+    if not size:
+        return GROUP_ROWS
+    return max(1, min(GROUP_ROWS, GROUP_BYTES * rows // size))
 
 
 def _read_chunks(chunks: Sequence[ChunkFile], first: int, end: int) -> pl.DataFrame:

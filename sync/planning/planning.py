@@ -107,6 +107,10 @@ RowFilter = Callable[[pl.DataFrame], pl.DataFrame]
 
 ROWS_PER_BUCKET = 65_536
 """Target rows per bucket (a key range): the unit of work, and of memory, after staging."""
+BUCKET_BYTES = 16 << 20
+"""Target bytes per bucket (its rows' buffers, polars' estimate), which makes buckets of fewer rows when rows are
+wide (a bucket is sorted, settled and batched whole); narrow rows (the bench job's, about 130 bytes a row: 8.5 MB per
+bucket) do not reach it. The bucket count never changes the batches."""
 MAX_BUCKETS = 1 << FINE_BITS
 ASSUMED_LATENCY = 0.2
 """Seconds per request assumed by the duration estimate when the concurrency cap, not the rate, is the limit."""
@@ -736,8 +740,14 @@ def estimate_duration(
 # --- staging ---------------------------------------------------------------------------------------------------
 
 
-def _bucket_bits(rows: int, rows_per_bucket: int) -> int:
-    # ``rows``: the clean rows and the rejected rows that name an ID, which a bucket's settling reads too.
+def _bucket_bits(rows: int, rows_per_bucket: int, st: _Staged | None = None) -> int:
+    # ``rows``: the clean rows and the rejected rows that name an ID, which a bucket's settling reads too. Wide
+    # rows (``st``'s staged rows' mean width) make buckets of fewer rows: BUCKET_BYTES each. The bucket count
+    # never changes the batches.
+    staged_rows = 0 if st is None else st.chunks.rows + st.rejected.rows
+    if staged_rows and st is not None:
+        width = (st.chunks.bytes + st.rejected.bytes) / staged_rows
+        rows_per_bucket = min(rows_per_bucket, max(1, int(BUCKET_BYTES / max(1.0, width))))
     buckets = max(1, min(MAX_BUCKETS, math.ceil(rows / max(1, rows_per_bucket))))
     return max(0, (buckets - 1).bit_length())
 
@@ -860,7 +870,8 @@ def _stage(
         from sync.sources.reading_sql import SqlReader
 
         reader = SqlReader(source)
-        inputs = [(reader.label, reader.chunks)]
+        # The reader looks at ``stop`` while the database works (a query may take minutes before its first rows).
+        inputs = [(reader.label, functools.partial(reader.chunks, stop))]
     else:
         if files is None:
             files = expand_paths(source, workdir=job.workdir, exclude=[rejects.path])
@@ -1257,7 +1268,7 @@ def build_plan(
             for st in stages:
                 out = tmp / st.source.name
                 out.mkdir()
-                bits = _bucket_bits(st.chunks.rows + st.rejected.rows, rows_per_bucket or ROWS_PER_BUCKET)
+                bits = _bucket_bits(st.chunks.rows + st.rejected.rows, rows_per_bucket or ROWS_PER_BUCKET, st)
                 settlers.append(
                     Settler(
                         st.source,
@@ -1380,7 +1391,7 @@ def _start_lazy(
         if files is None:
             # A database source is read once, and staged now: what it cannot read fails before anything is sent.
             st = _stage(job, source, tmp, rejects, builder, stop)
-            bits = _bucket_bits(st.chunks.rows + st.rejected.rows, rows_per_bucket)
+            bits = _bucket_bits(st.chunks.rows + st.rejected.rows, rows_per_bucket, st)
             settler.staged(st.chunks.chunks, bits, st.rows_read, st.rejected.chunks)
         elif files:
             head_end = _head_ranges(source, files)
@@ -1425,7 +1436,7 @@ def _start_lazy(
                     )
             # The rejected rows that name an ID count (the head's too): they are settled with the clean rows.
             rows = st.chunks.rows + head_rows + st.rejected.rows + head_rejected_rows
-            bits = _bucket_bits(rows, rows_per_bucket)
+            bits = _bucket_bits(rows, rows_per_bucket, st)
             settling.staged(i, st.chunks.chunks, bits, st.rows_read, st.rejected.chunks)
 
     settling = Settling(settlers, on_done=rejects.close, stage=stage)

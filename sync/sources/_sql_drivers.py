@@ -9,7 +9,9 @@ exceptions into :class:`BadInputError` (once, here), with every message scrubbed
 * SQLite: the standard library's ``sqlite3`` (no extra), file opened read-only, ``fetchmany``; SQLite's values
   carry no declared type, so each batch's columns are turned into text here (see :meth:`SqliteDriver.batches`).
 
-Each driver is opened on a resolved URL, used from one thread, and closed; ``schema`` reads no row.
+Each driver is opened on a resolved URL, used from one thread at a time, and closed; ``schema`` reads no row.
+``cancel`` is the exception: called from another thread, it stops the statement running (PostgreSQL's cancel
+request, DuckDB's and SQLite's ``interrupt``), whose read then fails.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from sync.redact import redact
 __all__ = [
     "DUCKDB_MEMORY_LIMIT",
     "PG_BATCH_BYTES",
+    "SQLITE_BATCH_BYTES",
     "Column",
     "Driver",
     "DuckdbDriver",
@@ -42,6 +45,11 @@ __all__ = [
 
 PG_BATCH_BYTES = 8 << 20
 """Bytes of COPY data the PostgreSQL driver decodes into one record batch."""
+
+SQLITE_BATCH_BYTES = 16 << 20
+"""About the most bytes (as Arrow arrays) of one SQLite batch, at the previous batch's mean row width."""
+_SQLITE_FIRST_ROWS = 1024
+"""Rows of a SQLite result's first batch, which measures the width of its rows."""
 
 DUCKDB_MEMORY_LIMIT = "64MB"
 """What DuckDB may hold while it runs a source's query; a sort or join larger than this spills to disk. Its
@@ -78,6 +86,10 @@ class Driver(Protocol):
 
     def batches(self, statement: str, rows: int) -> Generator[pa.RecordBatch, None, None]:
         """The result, streamed in record batches (of about ``rows`` rows where the driver counts rows)."""
+        ...
+
+    def cancel(self) -> None:
+        """Stop the statement running, from another thread (a stop asked for): its read fails soon after."""
         ...
 
     def close(self) -> None: ...
@@ -198,6 +210,12 @@ class PostgresDriver:
                 self._fail(f"the database connection failed after {read} rows: {_pg_detail(exc)}", exc)
             self._fail(f"the database refused the query: {_pg_detail(exc)}", exc)
 
+    def cancel(self) -> None:
+        # libpq's cancel request, on a connection of its own: the server ends the query (and the COPY) and the
+        # reading thread gets "canceling statement due to user request". A connection already lost has no query.
+        with contextlib.suppress(*self._errors):
+            self._conn.adbc_cancel()
+
     def close(self) -> None:
         # A connection the server already dropped fails to close: the error that matters was raised before.
         with contextlib.suppress(*self._errors):
@@ -273,6 +291,10 @@ class DuckdbDriver:
             what = f"the query failed after {read} rows" if read else "the database refused the query"
             self._fail(f"{what}: {_duck_detail(exc)}", exc)
 
+    def cancel(self) -> None:
+        with contextlib.suppress(*self._errors):
+            self._conn.interrupt()
+
     def close(self) -> None:
         self._conn.close()
         self._spill.cleanup()
@@ -320,16 +342,21 @@ class SqliteDriver:
 
     def batches(self, statement: str, rows: int) -> Generator[pa.RecordBatch, None, None]:
         read = 0
+        # The first batch is small: its width sizes the next ones (SQLITE_BATCH_BYTES), so rows of several KB
+        # are not fetched 50,000 at a time, as Python objects and again as Arrow arrays.
+        size = min(rows, _SQLITE_FIRST_ROWS)
         try:
             cur = self._conn.execute(statement)
             names = [d[0] for d in cur.description]
             while True:
-                fetched = cur.fetchmany(rows)
+                fetched = cur.fetchmany(size)
                 if not fetched:
                     break
                 columns = [self._text(names[i], [r[i] for r in fetched], read) for i in range(len(names))]
                 read += len(fetched)
-                yield pa.RecordBatch.from_arrays(columns, names=names)
+                batch = pa.RecordBatch.from_arrays(columns, names=names)
+                size = max(1, min(rows, SQLITE_BATCH_BYTES * batch.num_rows // max(1, batch.nbytes)))
+                yield batch
         except sqlite3.Error as exc:
             what = f"the query failed after {read} rows" if read else "the database refused the query"
             self._fail(f"{what}: {exc}", exc)
@@ -352,6 +379,10 @@ class SqliteDriver:
                     column=name,
                 )
         return pa.array([v if v is None or isinstance(v, str) else repr(v) for v in values], pa.string())
+
+    def cancel(self) -> None:
+        with contextlib.suppress(sqlite3.Error):
+            self._conn.interrupt()
 
     def close(self) -> None:
         self._conn.close()

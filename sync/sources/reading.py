@@ -65,6 +65,12 @@ CSV_BLOCK_BYTES = 1 << 20
 """CSV bytes pyarrow parses per step. Small, because its reader reads ahead several blocks."""
 CHUNK_ROWS = 50_000
 """Rows per chunk handed to validation (CSV blocks are grouped up to this; Parquet batches have this size)."""
+CHUNK_BYTES = 16 << 20
+"""A chunk also holds at most about this many bytes of decoded columns: rows of a few KB (long text) make chunks
+of fewer rows, so a chunk and validation's copies of it stay bounded (with :data:`sync.planning._staging.STAGE_BYTES`,
+:data:`~sync.planning._staging.GROUP_BYTES` and :data:`sync.planning.planning.BUCKET_BYTES`: a plan of 60k rows of
+3 KB peaked at 335-340 MB instead of 820-890 MB). Narrow rows (the bench file's ~140 bytes: 7 MB per 50k rows) never
+reach it."""
 PARQUET_BATCH_ROWS = CHUNK_ROWS
 
 
@@ -695,11 +701,28 @@ def _half(dtype: pa.DataType) -> bool:
 def _polars_slices(path: Path, columns: list[str]) -> Iterator[pl.DataFrame]:
     """``columns`` of ``path`` in frames of :data:`PARQUET_BATCH_ROWS` rows, read by polars: one slice of the file
     per frame (the reader skips the row groups before it), so memory holds one frame at a time."""
-    rows = pq.ParquetFile(path).metadata.num_rows
+    metadata = pq.ParquetFile(path).metadata
+    rows, step = metadata.num_rows, _parquet_batch_rows(metadata, columns)
     # No glob and no hive partitions: the path names one file, whatever characters it holds.
     scan = pl.scan_parquet(str(path), glob=False, hive_partitioning=False).select(columns)
-    for start in range(0, rows, PARQUET_BATCH_ROWS):
-        yield scan.slice(start, PARQUET_BATCH_ROWS).collect()
+    for start in range(0, rows, step):
+        yield scan.slice(start, step).collect()
+
+
+def _parquet_batch_rows(metadata: pq.FileMetaData, columns: list[str]) -> int:
+    """Rows per chunk of a Parquet file: :data:`PARQUET_BATCH_ROWS`, fewer when that many rows of ``columns``
+    would hold more than :data:`CHUNK_BYTES` (their uncompressed size in the footer, a file's mean)."""
+    wanted = set(columns)
+    size = 0
+    for g in range(metadata.num_row_groups):
+        group = metadata.row_group(g)
+        for c in range(group.num_columns):
+            column = group.column(c)
+            if column.path_in_schema.split(".", 1)[0] in wanted:
+                size += column.total_uncompressed_size
+    if not size or not metadata.num_rows:
+        return PARQUET_BATCH_ROWS
+    return max(1, min(PARQUET_BATCH_ROWS, CHUNK_BYTES * metadata.num_rows // size))
 
 
 def _selected_frame(
@@ -721,6 +744,9 @@ def _arrow_parquet_chunks(
     # (measured with pyarrow 26 on a 10M-row file), a fresh one stays flat. The decoded columns of one row group
     # are the floor of memory use for Parquet input (writers' row groups are usually 100k-1M rows).
     sizes = _row_group_sizes(source, path)
+    batch_rows = PARQUET_BATCH_ROWS
+    with contextlib.suppress(pa.ArrowException, OSError, UnicodeError):  # a damaged footer fails below, named
+        batch_rows = _parquet_batch_rows(pq.ParquetFile(path).metadata, columns)
     next_row = 1
     for group, size in enumerate(sizes):
         if next_row + size <= first_row:
@@ -730,9 +756,7 @@ def _arrow_parquet_chunks(
         try:
             # Column types were checked with the header (_check_parquet_types): every mapped column can be sent.
             parquet = pq.ParquetFile(path)
-            for batch in parquet.iter_batches(
-                batch_size=PARQUET_BATCH_ROWS, columns=columns, row_groups=[group]
-            ):
+            for batch in parquet.iter_batches(batch_size=batch_rows, columns=columns, row_groups=[group]):
                 if next_row + batch.num_rows <= first_row:
                     next_row += batch.num_rows
                     continue
@@ -957,12 +981,12 @@ def _coalesced(
     names: list[str],
     undecodable: list[BaseException],
 ) -> Iterator[pa.Table]:
-    """Group pyarrow's small record batches into chunks of about CHUNK_ROWS rows.
+    """Group pyarrow's small record batches into chunks of about CHUNK_ROWS rows (CHUNK_BYTES bytes, if less).
 
     Small CSV blocks keep pyarrow's read-ahead (and its memory pool) small; bigger chunks keep polars efficient.
     """
     pending: list[pa.RecordBatch] = []
-    rows = 0
+    rows = size = 0
     while True:
         try:
             batch = reader.read_next_batch()
@@ -972,9 +996,10 @@ def _coalesced(
             raise _unreadable(source, path, exc, names, undecodable=bool(undecodable)) from exc
         pending.append(batch)
         rows += batch.num_rows
-        if rows >= CHUNK_ROWS:
+        size += batch.nbytes
+        if rows >= CHUNK_ROWS or size >= CHUNK_BYTES:
             yield pa.Table.from_batches(pending)
-            pending, rows = [], 0
+            pending, rows, size = [], 0, 0
     if pending:
         yield pa.Table.from_batches(pending)
 

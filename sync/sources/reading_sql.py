@@ -20,15 +20,15 @@ column, a column whose type cannot hold what it is mapped to, a connection lost 
 
 from __future__ import annotations
 
-import contextlib
 import os
+import queue
 import re
 import threading
+import time
 import urllib.parse
-from collections.abc import Generator, Iterator
+from collections.abc import Callable, Generator, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from queue import Queue
 
 import polars as pl
 import pyarrow as pa
@@ -44,10 +44,10 @@ from sync.config import (
     database_kind,
     resolve_secret,
 )
-from sync.errors import BadInputError, JobProblem, SecretError
+from sync.errors import BadInputError, InterruptedRunError, JobProblem, SecretError
 from sync.redact import register_url
 from sync.sources._sql_drivers import Column, Driver, DuckdbDriver, Failure, PostgresDriver, SqliteDriver
-from sync.sources.reading import CHUNK_ROWS, ROW, Chunk, _normalise
+from sync.sources.reading import CHUNK_BYTES, CHUNK_ROWS, ROW, Chunk, _normalise
 
 __all__ = ["SqlReader", "check_sql_sources"]
 
@@ -300,53 +300,104 @@ def _first_out_of_range(array: pa.Array) -> int | None:
 READ_AHEAD = 2
 """Record batches fetched ahead of the one being validated (each at most a driver batch: ~8 MB for PostgreSQL)."""
 
+_POLL = 0.1
+"""Seconds between two looks at the stop event while a batch is awaited: how late a stop is seen."""
+_CANCEL_WAIT = 10.0
+"""Seconds a cancelled read is given to end before the reader leaves it (and its connection) to the process's exit."""
+
 _END = object()
 
 
-def _read_ahead(batches: Generator[pa.RecordBatch, None, None]) -> Generator[pa.RecordBatch, None, None]:
-    """``batches``, fetched by a thread up to :data:`READ_AHEAD` batches ahead of the consumer.
+class _Fetcher:
+    """A driver's record batches, fetched in a thread of their own, so that the caller waits for them with a
+    timeout and sees a stop (and Ctrl-C) while the database works, however long a batch takes.
 
-    The database server (and the driver's decoding, which releases the GIL) then works while the previous chunk
-    is validated, instead of waiting on a full socket. The queue is bounded, so memory stays bounded; the generator
-    is consumed, and closed, in the thread only (a driver is used from one thread at a time). When the consumer
-    stops early it drains the queue until the thread, which stops after its current batch, says it is done.
-    """
-    queue: Queue[object] = Queue(maxsize=READ_AHEAD)
-    stop = threading.Event()
+    ``ahead`` batches are fetched beyond those asked for: a server then works while the previous chunk is
+    validated, instead of waiting on a full socket; an in-process engine (``ahead=0``) fetches only what is asked
+    for, as if read inline (it would compete with validation for the same cores, and hold more memory). Each batch
+    asked for is a credit for the thread, so at most ``ahead + 1`` batches are ever in the queue (it needs no bound
+    of its own). The generator is consumed, and closed, in the thread only (a driver is used from one thread at a
+    time). Leaving early (:meth:`close`: a stop, an interrupt, an error in the caller, a reader closed after its
+    first chunk) cancels the statement running (:meth:`sync.sources._sql_drivers.Driver.cancel`) and waits for
+    the thread to end."""
 
-    def pump() -> None:
+    __slots__ = ("_batches", "_cancel", "_done", "_halt", "_queue", "_stop", "_thread", "_wanted")
+
+    def __init__(
+        self,
+        batches: Generator[pa.RecordBatch, None, None],
+        *,
+        ahead: int,
+        stop: threading.Event | None,
+        cancel: Callable[[], None],
+    ) -> None:
+        self._batches = batches  # consumed and closed by the thread only
+        self._cancel = cancel  # the driver's cancel, called from the caller's thread
+        self._stop = stop  # set by a signal handler (a run): seen within _POLL seconds
+        self._queue: queue.SimpleQueue[object] = queue.SimpleQueue()  # batches, then _END or an exception
+        self._wanted = threading.Semaphore(ahead)  # batches the thread may fetch now
+        self._halt = threading.Event()  # the caller left: fetch no more
+        self._done = False  # the thread put its last item (and the caller took it)
+        self._thread = threading.Thread(target=self._pump, name="pushsync-sql-read-ahead", daemon=True)
+        self._thread.start()
+
+    def _pump(self) -> None:
+        last: object = _END
         try:
-            for batch in batches:
-                queue.put(batch)
-                if stop.is_set():
+            while True:
+                self._wanted.acquire()
+                if self._halt.is_set():
                     break
-            last: object = _END
-        except BaseException as exc:  # handed to the consumer, which raises it in its own thread
+                batch = next(self._batches, None)
+                if batch is None:
+                    break
+                self._queue.put(batch)
+        except BaseException as exc:  # handed to the caller, which raises it in its own thread
             last = exc
         finally:
-            batches.close()
-        queue.put(last)
+            self._batches.close()
+        self._queue.put(last)
 
-    thread = threading.Thread(target=pump, name="pushsync-sql-read-ahead", daemon=True)
-    thread.start()
-    finished = False
-    item: object = None
-    try:
+    def __iter__(self) -> Iterator[pa.RecordBatch]:
         while True:
-            item = queue.get()
+            self._wanted.release()
+            while True:
+                if self._stop is not None and self._stop.is_set():
+                    raise InterruptedRunError(
+                        "interrupted while the input was read; nothing was sent or recorded"
+                    )
+                try:
+                    item = self._queue.get(timeout=_POLL)
+                    break
+                except queue.Empty:
+                    continue
             if item is _END:
-                finished = True
+                self._done = True
                 return
             if isinstance(item, BaseException):
-                finished = True
+                self._done = True
                 raise item
+            assert isinstance(item, pa.RecordBatch)
             yield item
-    finally:
-        if not finished:
-            stop.set()
-            while not (item is _END or isinstance(item, BaseException)):
-                item = queue.get()
-        thread.join()
+
+    def close(self) -> bool:
+        """Stop fetching (cancelling the statement if the thread is still at it) and wait for the thread; False
+        when it did not end within :data:`_CANCEL_WAIT` seconds (its connection must not be closed under it)."""
+        if not self._done:
+            self._halt.set()
+            self._wanted.release()  # wakes a thread waiting for a credit
+            if self._thread.is_alive():
+                self._cancel()
+            deadline = time.monotonic() + _CANCEL_WAIT
+            while not self._done:
+                try:
+                    item = self._queue.get(timeout=max(0.0, deadline - time.monotonic()))
+                except queue.Empty:
+                    return False
+                # Batches fetched ahead are dropped; so is the cancelled read's error (the caller has its own).
+                self._done = item is _END or isinstance(item, BaseException)
+        self._thread.join()
+        return True
 
 
 class SqlReader:
@@ -441,45 +492,60 @@ class SqlReader:
         finally:
             driver.close()
 
-    def chunks(self) -> Iterator[Chunk]:
+    def chunks(self, stop: threading.Event | None = None) -> Iterator[Chunk]:
         """Stream the result in chunks of about :data:`sync.sources.reading.CHUNK_ROWS` rows: the mapped columns (as
-        :func:`sync.sources.reading.iter_chunks` gives them) and ``__row``, the row's 1-based position in the result."""
+        :func:`sync.sources.reading.iter_chunks` gives them) and ``__row``, the row's 1-based position in the result.
+
+        ``stop`` (set by a signal handler) is looked at while the database works, every :data:`_POLL` seconds: the
+        statement is cancelled and :class:`sync.errors.InterruptedRunError` raised. So is an interrupt (Ctrl-C, or
+        SIGTERM in ``pushsync plan``): the query does not run on in the server after the process has gone."""
         driver = self._open()
+        fetcher: _Fetcher | None = None
         try:
             self._check_columns(driver.schema(self.statement))
             wanted = list(self.source.columns())
             pending: list[pa.RecordBatch] = []
             rows = 0
             next_row = 1
-            batches = driver.batches(self.statement, CHUNK_ROWS)
-            # A server works on while we validate only when asked for more: read ahead from it. An in-process
-            # engine (DuckDB, SQLite) would only compete with validation for the same cores, and hold more memory.
-            # Closed here, not left to the garbage collector: a read-ahead thread must end before the driver closes.
-            with contextlib.closing(_read_ahead(batches) if driver.remote else batches) as ahead:
-                for batch in ahead:
-                    index = {name: i for i, name in enumerate(batch.schema.names)}
-                    # PostgreSQL's batches are sized in bytes: narrow rows make batches of 100k+ rows. Validation
-                    # works (and holds memory) per chunk, so cut them to the chunk size (slices copy nothing).
-                    start = 0
-                    while start < batch.num_rows:
-                        piece = batch.slice(start, CHUNK_ROWS - rows)
-                        start += piece.num_rows
-                        for c in wanted:
-                            self._refuse_out_of_range(piece.column(index[c]), c, next_row + rows)
-                        pending.append(
-                            pa.RecordBatch.from_arrays(
-                                [_arrow_ready(piece.column(index[c])) for c in wanted], names=wanted
-                            )
+            fetcher = _Fetcher(
+                driver.batches(self.statement, CHUNK_ROWS),
+                ahead=READ_AHEAD if driver.remote else 0,
+                stop=stop,
+                cancel=driver.cancel,
+            )
+            for batch in fetcher:
+                index = {name: i for i, name in enumerate(batch.schema.names)}
+                # PostgreSQL's batches are sized in bytes: narrow rows make batches of 100k+ rows. Validation
+                # works (and holds memory) per chunk, so cut them to the chunk size (slices copy nothing): of
+                # CHUNK_ROWS rows, fewer when rows are wide (CHUNK_BYTES, at this batch's mean width).
+                limit = max(1, min(CHUNK_ROWS, CHUNK_BYTES * batch.num_rows // max(1, batch.nbytes)))
+                start = 0
+                while start < batch.num_rows:
+                    if rows >= limit:
+                        yield self._chunk(pending, next_row)
+                        next_row += rows
+                        pending, rows = [], 0
+                    piece = batch.slice(start, limit - rows)
+                    start += piece.num_rows
+                    for c in wanted:
+                        self._refuse_out_of_range(piece.column(index[c]), c, next_row + rows)
+                    pending.append(
+                        pa.RecordBatch.from_arrays(
+                            [_arrow_ready(piece.column(index[c])) for c in wanted], names=wanted
                         )
-                        rows += piece.num_rows
-                        if rows >= CHUNK_ROWS:
-                            yield self._chunk(pending, next_row)
-                            next_row += rows
-                            pending, rows = [], 0
-                if pending:
-                    yield self._chunk(pending, next_row)
+                    )
+                    rows += piece.num_rows
+                    if rows >= limit:
+                        yield self._chunk(pending, next_row)
+                        next_row += rows
+                        pending, rows = [], 0
+            if pending:
+                yield self._chunk(pending, next_row)
         finally:
-            driver.close()
+            # The fetching thread must end before the driver closes; one that did not (a cancel the database
+            # ignored) keeps the connection, which the process's exit closes.
+            if fetcher is None or fetcher.close():
+                driver.close()
 
     def _refuse_out_of_range(self, array: pa.Array, column: str, first_row: int) -> None:
         """Stop the read at a date outside years 1-9999 (:func:`_first_out_of_range`), naming its position: no
