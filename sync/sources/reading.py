@@ -72,6 +72,9 @@ of fewer rows, so a chunk and validation's copies of it stay bounded (with :data
 3 KB peaked at 335-340 MB instead of 820-890 MB). Narrow rows (the bench file's ~140 bytes: 7 MB per 50k rows) never
 reach it."""
 PARQUET_BATCH_ROWS = CHUNK_ROWS
+MIN_PARQUET_BATCH_ROWS = 256
+"""The fewest rows a Parquet chunk is cut to for width (a slice costs a pass over the footer: a damaged or absurd
+size must not make a large file read a row at a time)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -711,18 +714,25 @@ def _polars_slices(path: Path, columns: list[str]) -> Iterator[pl.DataFrame]:
 
 def _parquet_batch_rows(metadata: pq.FileMetaData, columns: list[str]) -> int:
     """Rows per chunk of a Parquet file: :data:`PARQUET_BATCH_ROWS`, fewer when that many rows of ``columns``
-    would hold more than :data:`CHUNK_BYTES` (their uncompressed size in the footer, a file's mean)."""
+    would hold more than :data:`CHUNK_BYTES` (their uncompressed size in the footer, a file's mean), and never
+    fewer than :data:`MIN_PARQUET_BATCH_ROWS`. A footer that cannot be read so (a damaged file: a column path
+    that is not UTF-8, sizes that make no sense) gives the default: the reading that follows reports the damage
+    with the file's name, as it always did."""
     wanted = set(columns)
     size = 0
-    for g in range(metadata.num_row_groups):
-        group = metadata.row_group(g)
-        for c in range(group.num_columns):
-            column = group.column(c)
-            if column.path_in_schema.split(".", 1)[0] in wanted:
-                size += column.total_uncompressed_size
-    if not size or not metadata.num_rows:
+    try:
+        for g in range(metadata.num_row_groups):
+            group = metadata.row_group(g)
+            for c in range(group.num_columns):
+                column = group.column(c)
+                if column.path_in_schema.split(".", 1)[0] in wanted:
+                    size += column.total_uncompressed_size
+    except (pa.ArrowException, OSError, UnicodeError, ValueError):
         return PARQUET_BATCH_ROWS
-    return max(1, min(PARQUET_BATCH_ROWS, CHUNK_BYTES * metadata.num_rows // size))
+    if size <= 0 or metadata.num_rows <= 0:
+        return PARQUET_BATCH_ROWS
+    step = CHUNK_BYTES * metadata.num_rows // size
+    return max(MIN_PARQUET_BATCH_ROWS, min(PARQUET_BATCH_ROWS, step))
 
 
 def _selected_frame(
