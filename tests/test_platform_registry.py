@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 from fake_platform import FAKE, FakePlatform
+from observers import StopAfter
 
 from sync.cli import main
 from sync.config import load_job
@@ -16,7 +17,6 @@ from sync.errors import BadJobError, ExitCode
 from sync.ledger.ledger import Ledger
 from sync.planning.planning import build_plan
 from sync.platforms.registry import REGISTRY
-from sync.records import Attempt, Batch, BatchResult
 from sync.run import RunOptions, run
 
 JOBS = Path(__file__).resolve().parent.parent / "jobs"
@@ -34,24 +34,6 @@ def _fake_job(tmp_path: Path, users: int = 25) -> Path:
         encoding="utf-8",
     )
     return job
-
-
-class _StopAfter:
-    """Sets ``stop`` once ``n`` batches are done: the run drains and ends interrupted, like a SIGINT."""
-
-    def __init__(self, stop: asyncio.Event, n: int) -> None:
-        self.stop, self.n, self.done = stop, n, 0
-
-    def on_batch_start(self, batch: Batch) -> None:
-        return None
-
-    def on_attempt(self, attempt: Attempt) -> None:
-        return None
-
-    def on_batch_done(self, batch: Batch, result: BatchResult) -> None:
-        self.done += 1
-        if self.done == self.n:
-            self.stop.set()
 
 
 def test_an_unregistered_platform_is_refused_by_name(tmp_path: Path) -> None:
@@ -84,7 +66,7 @@ async def test_a_fake_platform_goes_through_plan_run_resume_and_retry(
 
         # 1. a run stopped after its first batch: interrupted, the rest unsent
         stop = asyncio.Event()
-        first = await run(job, RunOptions(api_key="k", stop=stop, observers=[_StopAfter(stop, 1)]))
+        first = await run(job, RunOptions(api_key="k", stop=stop, observers=[StopAfter(stop, 1)]))
         assert first.exit_code is ExitCode.INTERRUPTED and opened == [job.workdir.resolve() / "ledger.sqlite"]
         sent_first = {x for request in server.requests for x in request}
 

@@ -11,6 +11,7 @@ from typing import Any
 
 import polars as pl
 import pytest
+from observers import StopAfter
 
 from sync.errors import StateError
 from sync.ledger.ledger import Ledger
@@ -26,7 +27,7 @@ from sync.planning.row_keys import ROW_KEY
 from sync.planning.validation import EXT_ID
 from sync.platforms.netmera.platform import NETMERA
 from sync.platforms.netmera.requests import batch_id_for, make_batch
-from sync.records import Attempt, Batch, BatchResult, BatchStatus, Operation, RejectedId, RowRef, body_json
+from sync.records import Batch, BatchResult, BatchStatus, Operation, RejectedId, RowRef, body_json
 
 
 def tag(name: str, *ids: str) -> Batch:
@@ -430,24 +431,6 @@ dispatch:
 """
 
 
-class _StopAfter:
-    """Sets ``stop`` (as a first SIGINT would) once ``n`` batches are done."""
-
-    def __init__(self, stop: asyncio.Event, n: int) -> None:
-        self.stop, self.n, self.done = stop, n, 0
-
-    def on_batch_start(self, batch: Batch) -> None:
-        return None
-
-    def on_attempt(self, attempt: Attempt) -> None:
-        return None
-
-    def on_batch_done(self, batch: Batch, result: BatchResult) -> None:
-        self.done += 1
-        if self.done == self.n:
-            self.stop.set()
-
-
 @pytest.mark.parametrize("ledger_in", ["sqlite", "postgresql"])
 async def test_a_resume_of_an_interrupted_retry_sends_only_what_no_run_of_the_chain_confirmed(
     tmp_path: Path, netmera_sandbox_factory: Any, request: pytest.FixtureRequest, ledger_in: str
@@ -490,7 +473,7 @@ async def test_a_resume_of_an_interrupted_retry_sends_only_what_no_run_of_the_ch
     retry = await run(
         job,
         RunOptions(
-            api_key=key, retry=first.run_id, stop=stop, observers=[_StopAfter(stop, 3)], database_url=url
+            api_key=key, retry=first.run_id, stop=stop, observers=[StopAfter(stop, 3)], database_url=url
         ),
     )
     assert int(retry.exit_code) == 4 and retry.summary.batches_done == 3
@@ -546,7 +529,7 @@ async def test_a_run_for_another_destination_is_not_resumed(
 
     stop = asyncio.Event()
     key = staging.api_key
-    first = await run(job_for(staging), RunOptions(api_key=key, stop=stop, observers=[_StopAfter(stop, 3)]))
+    first = await run(job_for(staging), RunOptions(api_key=key, stop=stop, observers=[StopAfter(stop, 3)]))
     assert int(first.exit_code) == 4 and len(staging.sandbox.state.events) == 60
 
     with pytest.raises(StateError, match="sent to another destination") as refused:

@@ -961,12 +961,12 @@ first 7 of 10 chunks (136 bytes a row), and a lazy plan of the 1M-row 17-column 
 (491–493 MB at 128 MiB)."""
 
 
-def _chunk_memory(source: Source, files: Sequence[Path] | None) -> int:
-    """The bytes ``source``'s sorted chunks may hold in memory in a lazy plan (:class:`ChunkWriter`): none for a
-    database source (staged before the run starts, as by ``pushsync plan``) or a large input
-    (:data:`MEMORY_ROWS`). An eager plan (``pushsync plan``, a snapshot run) writes every chunk: it is not what a
+def _chunk_memory(rows: int | None) -> int:
+    """The bytes a source's sorted chunks may hold in memory in a lazy plan (:class:`ChunkWriter`), by its
+    estimated rows (None: no file): none for a database source (staged before the run starts, as by ``pushsync
+    plan``) or a large input (:data:`MEMORY_ROWS`). An eager plan (``pushsync plan``, a snapshot run) writes every chunk: it is not what a
     run's requests wait on, and its memory stays that of one chunk."""
-    if not files or estimate_rows(source, list(files)) > MEMORY_ROWS:
+    if rows is None or rows > MEMORY_ROWS:
         return 0
     return MEMORY_CHUNK_BYTES
 
@@ -975,9 +975,10 @@ HEAD_ROWS = 16_384
 """Rows (about) a lazy plan settles first, before the rest of a file source is staged: its first batches."""
 
 
-def _head_ranges(source: Source, files: Sequence[Path]) -> int:
-    """How many fine key ranges (of :data:`FINE_BITS`) make a head of about :data:`HEAD_ROWS` rows."""
-    rows = max(1, estimate_rows(source, list(files)))
+def _head_ranges(rows: int) -> int:
+    """How many fine key ranges (of :data:`FINE_BITS`) make a head of about :data:`HEAD_ROWS` rows, of a source of
+    about ``rows`` rows."""
+    rows = max(1, rows)
     return max(1, min(1 << FINE_BITS, math.ceil((1 << FINE_BITS) * HEAD_ROWS / rows)))
 
 
@@ -1372,6 +1373,8 @@ def _start_lazy(
     settlers: list[Settler] = []
     inputs: list[list[Path] | None] = []
     heads: list[int] = []
+    # Each file source's estimated rows, taken once (a compressed CSV's estimate decompresses a sample of it).
+    estimates: list[int | None] = []
     spills: list[list[Spill]] = [
         [] for _ in job.sources
     ]  # by source and file: what the head's reading parsed
@@ -1388,13 +1391,14 @@ def _start_lazy(
             names = [str(p) for p in files]
         settler = Settler(source, names, None, 0, out, rejects)
         head_end = 0
+        estimate = estimate_rows(source, files) if files else None
         if files is None:
             # A database source is read once, and staged now: what it cannot read fails before anything is sent.
             st = _stage(job, source, tmp, rejects, builder, stop)
             bits = _bucket_bits(st.chunks.rows + st.rejected.rows, rows_per_bucket, st)
             settler.staged(st.chunks.chunks, bits, st.rows_read, st.rejected.chunks)
-        elif files:
-            head_end = _head_ranges(source, files)
+        elif estimate is not None:
+            head_end = _head_ranges(estimate)
             if source.format is FileFormat.CSV:
                 # The head's reading parses every row of a CSV file: the staging reads what it parsed.
                 spill_dir = tmp / f"{source.name}.spill"
@@ -1404,6 +1408,7 @@ def _start_lazy(
             mark_startup("head_settled")
         settlers.append(settler)
         inputs.append(files)
+        estimates.append(estimate)
         heads.append(head_end)
 
     def stage() -> None:
@@ -1420,7 +1425,7 @@ def _start_lazy(
                 head_end=heads[i],
                 files=inputs[i],
                 spills=spills[i],
-                memory_bytes=_chunk_memory(source, inputs[i]),
+                memory_bytes=_chunk_memory(estimates[i]),
             )
             head_rows = 0 if st.head is None else st.head.height
             head_rejected_rows = 0 if st.rejected.head is None else st.rejected.head.height
