@@ -25,7 +25,7 @@ typecheck: install
 	$(VENV)/bin/mypy
 
 test: install
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n auto
 
 # Build the wheel, install it in a fresh venv, run validate/plan/run from another directory against a sandbox.
 wheel-check: install

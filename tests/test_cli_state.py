@@ -80,6 +80,18 @@ def test_retry_replays_only_the_failed_batches(
     resent = {ep for ep, by_status in after.items() if by_status != before.get(ep)}
     assert resent == {"tagUsers"}
     assert sandbox_users(sandbox) == expected_users(rows)
+    # `runs` and `show` say which run the retry retried, and where both sent.
+    retry_id = doc["run_id"]
+    code, out, _ = run_cli(capsys, "runs", "job.yaml", "--output", "json")
+    listed = {r["run_id"]: r for r in json.loads(out)}
+    assert (listed[retry_id]["origin"], listed[retry_id]["origin_mode"]) == (run_id, "retry")
+    assert listed[run_id]["origin"] is None
+    assert listed[run_id]["destination"] == listed[retry_id]["destination"]
+    assert listed[run_id]["destination"].startswith("netmera-")
+    code, out, _ = run_cli(capsys, "runs", "job.yaml")
+    assert code == 0 and f"retry {run_id}" in " ".join(out.split())
+    code, out, _ = run_cli(capsys, "show", retry_id, "--job", "job.yaml")
+    assert code == 0 and f"retry of run {run_id} · to netmera-" in out
 
 
 def test_a_second_retry_resends_nothing_the_first_confirmed(

@@ -111,14 +111,30 @@ def _status(info: Any) -> str:
     return f"[{style}]{info.status}[/]" if style else info.status
 
 
+def _lineage(info: Any) -> str:
+    """Where a run came from and where it sent: ``retry of run X · to netmera-… · full refresh`` (empty for a
+    fresh run recorded by a pushsync older than ledger schema 6)."""
+    parts = []
+    if info.origin:
+        parts.append(f"{info.origin_mode or 'replay'} of run {info.origin}")
+    if info.destination:
+        parts.append(f"to {info.destination}")
+    if info.full_refresh:
+        parts.append("full refresh")
+    return " · ".join(parts)
+
+
 def print_runs(infos: list[Any]) -> None:
     """The runs (:class:`sync.ledger.ledger.RunInfo`, newest first) as one table."""
     from rich.markup import escape
     from rich.table import Table
 
     table = Table(title=None, header_style="bold", show_lines=False)
+    # The origin column only when some listed run resumed or retried another: a plain history stays narrow.
+    origins = any(r.origin for r in infos)
     for name, justify in (
         ("run", "left"),
+        *((("of", "left"),) if origins else ()),
         ("job", "left"),
         ("started (UTC)", "left"),
         ("took", "right"),
@@ -130,15 +146,17 @@ def print_runs(infos: list[Any]) -> None:
         ("failed", "right"),
         ("rows rejected", "right"),
     ):
-        table.add_column(name, justify=justify, no_wrap=name in ("run", "started (UTC)"))  # type: ignore[arg-type]
+        table.add_column(name, justify=justify, no_wrap=name in ("run", "of", "started (UTC)"))  # type: ignore[arg-type]
     for r in infos:
         totals = (r.summary or {}).get("totals", {})
 
         def n(key: str, totals: dict[str, Any] = totals) -> str:
             return f"{totals[key]:,}" if key in totals else "-"
 
+        of = [f"{r.origin_mode or 'replay'} {r.origin}" if r.origin else "-"] if origins else []
         table.add_row(
             escape(r.run_id),
+            *map(escape, of),
             escape(r.job),
             _when(r.started_at),
             _took(r),
@@ -172,6 +190,9 @@ def print_show(
         f"{_status(info)}, exit {info.exit_code if info.exit_code is not None else '-'} {escape(exit_name)}"
     )
     console.print(f"  started {_when(info.started_at)} UTC, took {_took(info)}")
+    lineage = _lineage(info)
+    if lineage:
+        console.print(f"  {escape(lineage)}")
     if info.message:
         console.print(f"  {escape(info.message)}")
     console.print("  batches: " + ", ".join(f"{n:,} {s}" for s, n in sorted(info.batches_by_status.items())))

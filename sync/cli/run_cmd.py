@@ -207,6 +207,10 @@ def _run_json(r: Any) -> dict[str, Any]:
         "exit_code": r.exit_code,
         "message": r.message,
         "batches": r.batches_by_status,
+        "origin": r.origin,
+        "origin_mode": r.origin_mode,
+        "destination": r.destination,
+        "full_refresh": r.full_refresh,
     }
 
 
