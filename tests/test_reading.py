@@ -303,6 +303,20 @@ def test_a_typed_integer_past_2_53_is_refused_not_rounded(tmp_path: Path) -> Non
     assert {i["extId"]: i["profile"]["n"] for i in sent} == {"b": 2**53, "d": 7}
 
 
+def test_a_typed_decimal_past_2_53_is_refused_not_rounded(tmp_path: Path) -> None:
+    # A decimal128(38, 2) column mapped as a number: 123456789012345678.90 would be sent without its cents.
+    import decimal
+
+    values = pa.array(
+        [decimal.Decimal("123456789012345678.90"), decimal.Decimal("1.50"), decimal.Decimal("1e20")],
+        pa.decimal128(38, 2),
+    )
+    rejects, sent = _plan_rejects(_parquet_job(tmp_path, pa.table({"id": list("abc"), "n": values})))
+    assert {r.row: r.column for r in rejects.values()} == {1: "n"}
+    assert all("loses precision" in r.reason for r in rejects.values())
+    assert {i["extId"]: i["profile"]["n"] for i in sent} == {"b": 1.5, "c": 1e20}
+
+
 def test_control_characters_in_an_id_are_escaped_where_people_read_them(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -330,7 +344,7 @@ def test_a_message_escapes_the_control_characters_of_a_header() -> None:
 
 def test_decimal256_columns_read_as_decimal128_ones(tmp_path: Path) -> None:
     # polars cannot take a decimal256 column from Arrow (a Rust panic): pushsync reads it as its exact text.
-    values = [Decimal("1.50"), Decimal("-12345678901234567890.25"), None]
+    values = [Decimal("1.50"), Decimal("-1234567890123.25"), None]
     texts = [Decimal("7.00"), None, Decimal("2")]
 
     def plan(decimal: Callable[[int, int], pa.DataType]) -> list[dict[str, object]]:

@@ -680,3 +680,16 @@ def test_a_number_that_would_be_sent_wrong_is_refused(job: Job) -> None:
     ):
         assert reason.startswith(start), reason
     assert clean["n"].to_list() == [0, 0, 0, 0, 1e-310, 2**53, 2**53 + 2, 1e20, 1e20, 12]
+
+
+def test_a_decimal_past_2_53_is_refused_not_rounded(job: Job) -> None:
+    # A numeric(38, 2) amount past 2^53 was sent as the float64 nearest it: its cents, or its last digits, lost.
+    # A fraction of zeros on an integer a float64 holds, and decimals below 2^53, are sent.
+    source = job.sources[0]
+    texts = ["123456789012345678.90", "9007199254740994.5", "-9007199254740993.0", "1" * 40 + ".5"]
+    texts += ["100000000000000000000.00", "9007199254740992.000", "12345.678901234567890", "-0.5"]
+    raw = _raw([{"id": f"u{i}", "n": t} for i, t in enumerate(texts)], COLUMNS)
+    clean, rejects = _validate(job, source, raw)
+    assert rejects["row"].to_list() == [1, 2, 3, 4]
+    assert all(r.startswith("a decimal past 2^53 loses precision") for r in rejects["reason"].to_list())
+    assert clean["n"].to_list() == [1e20, 2**53, 12345.678901234567890, -0.5]

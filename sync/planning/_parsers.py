@@ -228,6 +228,11 @@ _LOSES_PRECISION = (
     "to send it exactly"
 )
 
+_DECIMAL_LOSES_PRECISION = (
+    "a decimal past 2^53 loses precision as a number (its fraction or last digits would be sent rounded); map "
+    "the column as a string to send it exactly"
+)
+
 
 def _parse_number(s: pl.Expr) -> _Parser:
     def reasons(s: pl.Expr, p: pl.Expr) -> list[_Reason]:
@@ -243,10 +248,21 @@ def _parse_number(s: pl.Expr) -> _Parser:
         rounded = p.cast(pl.Int128, strict=False)
         differs = exact.is_null() | rounded.is_null() | (exact != rounded)
         lossy = (p.abs() >= _EXACT_INTEGERS) & literal & differs
+        # A decimal past 2**53 (a database's numeric(38, 2) amount, 123456789012345678.90): no float64 that size
+        # holds a fraction, nor every integer part. Refused when its integer part or a non-zero fraction would
+        # be lost; a zero fraction of an integer a float64 holds (100000000000000000000.00) is sent.
+        whole = s.str.extract(r"^[+-]?([0-9]+)\.[0-9]*$", 1).cast(pl.Int128, strict=False)
+        fraction = s.str.contains(r"^[+-]?[0-9]+\.[0-9]*[1-9]")
+        lossy_decimal = (
+            (p.abs() >= _EXACT_INTEGERS)
+            & s.str.contains(r"^[+-]?[0-9]+\.[0-9]*$")
+            & (whole.is_null() | p.abs().cast(pl.Int128, strict=False).ne_missing(whole) | fraction)
+        )
         return [
             (s.is_not_null() & bad, "not a number"),
             (underflow.fill_null(False), _TOO_SMALL),
             (lossy.fill_null(False), _LOSES_PRECISION),
+            (lossy_decimal.fill_null(False), _DECIMAL_LOSES_PRECISION),
         ]
 
     return _Parser(s.cast(pl.Float64, strict=False), reasons, refuses_nul=True)
