@@ -51,6 +51,14 @@ SQLITE_BATCH_BYTES = 16 << 20
 _SQLITE_FIRST_ROWS = 1024
 """Rows of a SQLite result's first batch, which measures the width of its rows."""
 
+DUCKDB_BATCH_ROWS = 2048
+"""Rows per Arrow batch read from DuckDB (one of its vectors), whatever the chunk size asked: a batch holds every
+column of the result, mapped or not, and was 50k rows whatever their width — 40k rows of 12 KB made a plan peak at
+776 MB (586 MB at 8,192 rows, 404 MB at 2,048: tests/test_planning.py). The reader joins batches into chunks by
+rows and bytes (CHUNK_ROWS, CHUNK_BYTES). Measured with bench/bench_sql_source.py --only duckdb (1M narrow rows,
+2 cores): the plan as fast (7.6–8.5 s against 9.0 s at 50k), its peak 25–35 MB higher (426–436 MB against
+393–402 MB)."""
+
 DUCKDB_MEMORY_LIMIT = "64MB"
 """What DuckDB may hold while it runs a source's query; a sort or join larger than this spills to disk. Its
 buffer pool also caches the table's blocks up to this: measured on a 10M-row table, RSS of a scan flat at 246 MB
@@ -280,7 +288,7 @@ class DuckdbDriver:
     def batches(self, statement: str, rows: int) -> Generator[pa.RecordBatch, None, None]:
         read = 0
         try:
-            reader = self._conn.sql(statement).to_arrow_reader(rows)
+            reader = self._conn.sql(statement).to_arrow_reader(min(rows, DUCKDB_BATCH_ROWS))
             try:
                 for batch in reader:
                     read += batch.num_rows
