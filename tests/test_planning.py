@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import itertools
 import json
 import math
@@ -34,9 +35,12 @@ FIXTURES = Path(__file__).resolve().parent / "fixtures"
 
 @pytest.fixture
 def fixture_job(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Job:
-    """The all-operations fixture job, run from a scratch directory (its workdir lands there)."""
+    """The all-operations fixture job, run from a scratch directory, its workdir there too: the default workdir
+    sits beside the job file, in tests/fixtures, which tests running at the same time (pytest-xdist) share."""
     monkeypatch.chdir(tmp_path)
-    return load_job(FIXTURES / "all_ops.yaml")
+    return dataclasses.replace(
+        load_job(FIXTURES / "all_ops.yaml"), workdir=tmp_path / ".pushsync" / "all-ops"
+    )
 
 
 @pytest.fixture
