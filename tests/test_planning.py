@@ -680,6 +680,8 @@ def test_a_lazy_plan_of_typed_parquet_gives_the_batches_and_rejects_of_pushsync_
             "id": ids,
             "name": [None if i % 17 == 0 else f"name {i % 5}" for i in range(n)],
             "score": [i * 0.5 if i % 11 else None for i in range(n)],
+            # A float mapped as a string: read as a float, its NaN rejected (lazily as eagerly).
+            "ratio": [float("nan") if i == 77 else i / 8 for i in range(n)],
             "vip": [i % 3 == 0 for i in range(n)],
             "born": [
                 dt.datetime(1970, 1, 1, 12, tzinfo=dt.UTC) + dt.timedelta(days=i)
@@ -697,7 +699,8 @@ def test_a_lazy_plan_of_typed_parquet_gives_the_batches_and_rejects_of_pushsync_
         "name: typed\nworkdir: work\n"
         'destination: {platform: netmera, base_url: "http://127.0.0.1:8080/rest/3.0/", secret: {env: K}}\n'
         "sources:\n  - name: users\n    path: typed.parquet\n    format: parquet\n    ext_id: id\n"
-        "    attributes: {name: string, score: number, vip: boolean, born: {attribute: birth, type: date}}\n"
+        "    attributes: {name: string, score: number, ratio: string, vip: boolean,\n"
+        "      born: {attribute: birth, type: date}}\n"
         "    tags: {column: tags}\n    opt_ins: {email: mail, push: push}\n",
         encoding="utf-8",
     )
@@ -706,6 +709,7 @@ def test_a_lazy_plan_of_typed_parquet_gives_the_batches_and_rejects_of_pushsync_
         expected, expected_rejects, expected_summary = _outcome(eager)
     assert any("superseded" in r.reason for r in expected_rejects)
     assert any("superseded" not in r.reason for r in expected_rejects)
+    assert any("in a float column mapped as a string" in r.reason for r in expected_rejects)
     import sync.planning.planning
     from sync.sources.reading import iter_chunks, read_rows
 

@@ -294,6 +294,25 @@ def test_a_nan_list_item_is_not_a_number_as_a_nan_value_is(tmp_path: Path) -> No
     assert {i["extId"]: i["profile"] for i in sent} == {"b": {"l": ["2.0"]}, "e": {"l": ["0.25"]}}
 
 
+def test_a_nan_in_a_float_column_mapped_as_a_string_is_not_sent_as_text(tmp_path: Path) -> None:
+    # A float column mapped as a string: a NaN or infinite value was sent as the text "nan" or "-inf". It is a
+    # value that is not a number, refused as it is where the column is mapped as a number; a null is no value.
+    reason = "not a number (NaN or infinite), in a float column mapped as a string"
+    values = pa.array([float("nan"), 2.5, float("-inf"), None], pa.float64())
+    rejects, items = _plan_rejects(_parquet_job(tmp_path, pa.table({"id": list("abcd"), "s": values})))
+    assert {r.row: (r.column, r.reason) for r in rejects.values()} == {1: ("s", reason), 3: ("s", reason)}
+    assert {i["extId"]: i["profile"] for i in items} == {"b": {"s": "2.5"}}
+    # A float32 column alike (its text is float32's shortest: 0.1, not 0.10000000149011612).
+    values = pa.array([float("inf"), 0.1, float("nan")], pa.float32())
+    rejects, items = _plan_rejects(_parquet_job(tmp_path, pa.table({"id": list("abc"), "s": values})))
+    assert {r.row: (r.column, r.reason) for r in rejects.values()} == {1: ("s", reason), 3: ("s", reason)}
+    assert {i["extId"]: i["profile"] for i in items} == {"b": {"s": "0.1"}}
+    # The text "nan" in a CSV file is text, sent as it is to a string attribute ("NaN" is a null value).
+    rejects, items = _plan_rejects(_job(tmp_path, "a,,,,,nan,,,,\nb,,,,,inf,,,,\n"))
+    assert rejects == {}
+    assert {i["extId"]: i["profile"] for i in items} == {"a": {"s": "nan"}, "b": {"s": "inf"}}
+
+
 def test_a_typed_integer_past_2_53_is_refused_not_rounded(tmp_path: Path) -> None:
     # An int64 column mapped as a number: 9007199254740993 would be sent as ...992 (a float64).
     values = pa.array([9007199254740993, 9007199254740992, -(2**62) - 1, 7], pa.int64())

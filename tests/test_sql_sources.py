@@ -748,6 +748,29 @@ def test_postgres_and_duckdb_types_arrive_as_the_values_they_hold(
     assert row == {**expected, "u": "calm"}
 
 
+def test_a_database_float_nan_mapped_as_a_string_is_not_sent_as_text(tmp_path: Path) -> None:
+    # As a Parquet float column's (test_reading): a NaN or infinity rejects its row, never sent as "nan".
+    con = duckdb.connect(str(tmp_path / "x.duckdb"))
+    con.execute(
+        "CREATE TABLE t AS SELECT * FROM (VALUES ('a', 'nan'::DOUBLE, 1.5::REAL), ('b', 2.5, 0.1::REAL), "
+        "('c', NULL, '-inf'::REAL)) v(id, s, f)"
+    )
+    con.close()
+    (tmp_path / "job.yaml").write_text(
+        "version: 1\nname: t\nworkdir: work\n"
+        'destination: {platform: netmera, base_url: "http://127.0.0.1:9/rest/3.0/", secret: {env: K}}\n'
+        "sources:\n  - {name: users, database: 'duckdb:///x.duckdb', table: t, ext_id: id, "
+        "attributes: {s: string, f: string}}\n",
+        encoding="utf-8",
+    )
+    reason = "not a number (NaN or infinite), in a float column mapped as a string"
+    with build_plan(load_job(tmp_path / "job.yaml")) as plan:
+        rejects = {r.row: (r.column, r.reason) for r in plan.rejected_rows()}
+        clean = next(plan.staged[0].frames(["s", "f"])).select("__ext_id", "s", "f").rows()
+    assert rejects == {1: ("s", reason), 3: ("f", reason)}
+    assert clean == [("b", "2.5", "0.1")]
+
+
 def test_a_database_source_is_checked_for_every_problem_at_once(tmp_path: Path) -> None:
     text = """\
 version: 1

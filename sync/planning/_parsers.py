@@ -112,6 +112,20 @@ def _text(s: pl.Expr, dtype: Any, source: Source, rules: ValidationRules) -> pl.
     return _no_nulls(s.str.strip_chars() if rules.trim else s, source)
 
 
+_NOT_FINITE_TEXTS = ("nan", "inf", "-inf")
+"""The texts :func:`float_text` gives a NaN or infinite float: no other float's text is one of them."""
+
+
+def float_text(column: pl.Expr) -> pl.Expr:
+    """The text of a float column's values (the reading keeps such a column a float): polars' own text (``2.5``,
+    ``1e+20``; a float32's shortest, ``0.1``), but NaN as ``nan``.
+
+    polars writes NaN as ``NaN``, one of the default null values: a typed NaN would be read as "no value" (and an
+    attribute mapped with ``on_null: unset`` removed). It is a value that is not a number, as inf is: ``nan`` (as
+    Python and polars spell inf, ``inf``), which the number parser refuses, and :func:`_typed_text` too."""
+    return pl.when(column.is_nan()).then(pl.lit("nan")).otherwise(column.cast(pl.String))
+
+
 def _untrimmed_text(s: pl.Expr, source: Source, *, blanks_only: bool = False) -> pl.Expr:
     """``s`` untrimmed, with the null values nulled that are their own trimmed form: a text equal to one of those is
     a null value trimmed or not. Any other text that is a null value once trimmed has whitespace at an end, and
@@ -604,6 +618,17 @@ def _id_refused(ext: pl.Expr, rules: ValidationRules) -> pl.Expr:
     """Whether any of :func:`_id_reasons` holds, with one scan of the text for both kinds of character."""
     odd = ext.str.contains(f"{_CONTROL}|{_INVISIBLE}").fill_null(False)
     return ext.is_null() | (ext.str.len_chars() > rules.max_id_length) | odd
+
+
+_NOT_A_NUMBER_TEXT = "not a number (NaN or infinite), in a float column mapped as a string"
+
+
+def _typed_text(s: pl.Expr) -> _Parser:
+    """A float column (Parquet, a database) mapped as a string, read as its text (:func:`float_text`, null values
+    nulled). A NaN or infinite value is refused, as it is where the column is mapped as a number, never sent as
+    the text ``nan`` or ``inf``: the column's type says it is a float that is not a number, where a CSV file's
+    text ``nan`` is text, and sent as such."""
+    return _Parser(s, lambda s, p: [(s.is_in(_NOT_FINITE_TEXTS).fill_null(False), _NOT_A_NUMBER_TEXT)])
 
 
 def _plain_texts(u: pl.Expr, *, refuses_nul: bool, tidy: bool = False) -> _Parser:

@@ -1,10 +1,11 @@
 """Row validation and typing, and the "newest row decides" rule for duplicate IDs.
 
-:func:`validate_chunk` turns a raw chunk (text columns from :mod:`sync.sources.reading`) into a typed *clean* frame and a
-frame of rejected rows, all with vectorised polars expressions; :func:`rejected_ids` keeps the rejected rows that
-name an ID, for the duplicate rule. :func:`resolve_duplicates` applies the duplicate rule to all rows of a set of
-IDs at once. The clean frame is platform-neutral: one typed column per mapped column
-plus ``__ext_id``, ``__file`` (index into the source's file list), ``__row`` and ``__key`` (the canonical order).
+:func:`validate_chunk` turns a raw chunk (text columns from :mod:`sync.sources.reading`, floats, dates and lists
+kept typed) into a typed *clean* frame and a frame of rejected rows, all with vectorised polars expressions;
+:func:`rejected_ids` keeps the rejected rows that name an ID, for the duplicate rule. :func:`resolve_duplicates`
+applies the duplicate rule to all rows of a set of IDs at once. The clean frame is platform-neutral: one typed
+column per mapped column plus ``__ext_id``, ``__file`` (index into the source's file list), ``__row`` and
+``__key`` (the canonical order).
 
 Value formats (see docs/jobs.md):
 
@@ -17,6 +18,7 @@ Value formats (see docs/jobs.md):
   timestamp column: not a year of 0 or less, nor a local time the zone skips);
 - list: a JSON array (``["a","b"]``) or text split on the mapping's delimiter (default ``|``), items trimmed,
   empty items dropped; an empty list counts as no value;
+- string: any text; a typed column's value as its text (a float's ``2.5``), but not a float's NaN or infinity;
 - email: ``local@domain.tld``, at most 254 characters; MSISDN: an optional ``+`` and 8-15 digits once spaces,
   dashes, dots and brackets are removed (sent without them).
 """
@@ -66,8 +68,10 @@ from sync.planning._parsers import (
     _text,
     _typed_date,
     _typed_list,
+    _typed_text,
     _untrimmed,
     _untrimmed_text,
+    float_text,
     tidy_ids,
     tidy_lists,
     tidy_texts,
@@ -409,6 +413,10 @@ class _Query:
                 # Trimmed in a step of its own, so that the null-value test and the mask read it computed once.
                 self.trimmed[f"__s{self.positions[column]}"] = pl.col(column).str.strip_chars()
                 self.texts[name] = _no_nulls(pl.col(f"__s{self.positions[column]}"), self.source)
+            elif self.schema[column].is_float():
+                # A float column is kept a float by the reading (so that a string mapping can refuse its NaN, which
+                # a CSV file's text "nan" is not): its text, which is never padded.
+                self.texts[name] = _no_nulls(float_text(pl.col(column)), self.source)
             else:
                 self.texts[name] = _text(pl.col(column), self.schema[column], self.source, self.rules)
         return pl.col(name)
@@ -546,6 +554,8 @@ class _Query:
                 untrimmed = self.untrimmed(column)
                 return _parse_date(untrimmed, self.rules.timezone, untrimmed=True, refuses_nul=nul)
             return _parse_date(self.text(column), self.rules.timezone, refuses_nul=nul)
+        if dtype.is_float():
+            return _typed_text(self.text(column))
         if dtype == pl.String and self.rules.trim:
             tidy = self.tidy(column, "texts", tidy_texts(pl.col(column)))
             return _plain_texts(self.untrimmed(column), refuses_nul=self.nul_refused(), tidy=tidy)

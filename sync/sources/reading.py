@@ -5,7 +5,8 @@ encoding Python knows) one block at a time, Parquet one slice at a time by polar
 batch at a time, for the column types polars would read otherwise and for what polars cannot read), and only the
 mapped columns are converted. Every chunk comes out as a polars frame with a ``__row`` column (1-based data row number, header
 excluded) and the mapped columns as text (or lists of text, for Parquet list columns — lists of floats keep their
-floats, for validation to refuse a NaN item; Parquet dates and times keep their temporal type). Typing and
+floats, for validation to refuse a NaN item; float columns keep their floats, for validation to refuse a NaN or
+infinite value; Parquet dates and times keep their temporal type). Typing and
 validation happen next, in :mod:`sync.planning.validation`.
 
 Anything that makes a file unreadable as a whole — missing, not CSV, wrong encoding, truncated Parquet, a mapped
@@ -427,7 +428,8 @@ def _check_parquet_types(source: Source, path: Path) -> None:
 
 
 def _normalise(table: pa.Table | pa.RecordBatch) -> pl.DataFrame:
-    """Arrow → polars, with scalar columns as text, except dates/times (kept) and lists (as lists of text)."""
+    """Arrow → polars, with scalar columns as text, except dates/times and floats (kept) and lists (as lists of
+    text, or of floats): :func:`_as_text`."""
     frame = pl.from_arrow(_without_decimal256(table))
     assert isinstance(frame, pl.DataFrame)
     return _as_text(frame)
@@ -463,7 +465,8 @@ def _decimal256_as_text(dtype: pa.DataType) -> pa.DataType:
 
 
 def _as_text(frame: pl.DataFrame) -> pl.DataFrame:
-    """``frame`` with scalar columns as text, except dates/times (kept) and lists (as lists of text, or of floats)."""
+    """``frame`` with scalar columns as text, except dates/times and floats (kept) and lists (as lists of text, or
+    of floats)."""
     casts = []
     for name, dtype in frame.schema.items():
         if dtype in (pl.Date,) or isinstance(dtype, pl.Datetime) or dtype == pl.String:
@@ -477,11 +480,10 @@ def _as_text(frame: pl.DataFrame) -> pl.DataFrame:
         elif dtype == pl.Boolean:
             casts.append(pl.col(name).cast(pl.String))
         elif dtype.is_float():
-            # polars writes NaN as "NaN", one of the default null values: a typed NaN would be read as "no
-            # value" (and an attribute mapped with on_null: unset removed). It is a value that is not a number,
-            # as inf is: "nan" (as Python and polars spell inf, "inf"), which the number parser refuses.
-            text = pl.col(name).cast(pl.String)
-            casts.append(pl.when(pl.col(name).is_nan()).then(pl.lit("nan")).otherwise(text).alias(name))
+            # Kept a float: as text, a NaN or infinite value could not be told from a CSV file's text "nan" or
+            # "inf", which a string attribute sends as it is, where such a float is refused. Validation reads its
+            # text (sync.planning._parsers.float_text) and refuses a NaN or infinity by the column's type.
+            continue
         else:
             casts.append(pl.col(name).cast(pl.String, strict=False))
     return frame.with_columns(casts) if casts else frame
