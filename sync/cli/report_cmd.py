@@ -146,7 +146,7 @@ def print_runs(infos: list[Any]) -> None:
         ("failed", "right"),
         ("rows rejected", "right"),
     ):
-        table.add_column(name, justify=justify, no_wrap=name in ("run", "of", "started (UTC)"))  # type: ignore[arg-type]
+        table.add_column(name, justify=justify, no_wrap=name in ("run", "of", "started (UTC)"))
     for r in infos:
         totals = (r.summary or {}).get("totals", {})
 
