@@ -8,10 +8,12 @@ import contextlib
 import itertools
 import json
 import os
+import signal
 import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -23,16 +25,19 @@ from tests.conftest import REPO_ROOT, NetmeraProcess
 from tests.netmera_e2e import (
     COORDINATED_BATCH,
     applied,
+    batch_counts,
     coordinated_job,
     expected_users,
     finish,
     inspect,
     kill_a_busy_worker,
     minimal_applications,
+    netmera_job,
     query,
     run_json,
     run_workers,
     sandbox_users,
+    user_row,
     worker,
     write_users,
 )
@@ -1174,3 +1179,169 @@ def test_input_that_cannot_be_planned_ends_the_run_for_every_worker(
     # One run, or two when the second worker came after the first had already ended its run: never one left
     # waiting for a plan.
     assert rows in ([["aborted", "2", "t"]], [["aborted", "2", "t"]] * 2), rows
+
+
+# --- a leader stopped while it reads the input of a run already listed ------------------------------------------
+
+_CRM_ENV = "PUSHSYNC_TEST_CRM_URL"
+_SQL_USERS = f"""\
+  - name: users
+    database: {{env: {_CRM_ENV}}}
+    query: "SELECT u.* FROM crm.users AS u, pg_sleep((SELECT pause FROM crm.knob))"
+    ext_id: id
+    attributes:
+      name: string
+      score: number
+      city: {{on_null: unset}}
+    tags: {{column: segments}}
+    opt_ins:
+      email: mail
+      categories: {{News: news}}
+"""
+""":data:`tests.netmera_e2e.FULL_USERS` from a PostgreSQL table, read after ``crm.knob.pause`` seconds."""
+
+_STOP_ONCE_QUEUED = """\
+import os, signal, sys, time
+import sync.coordination.leader as leader
+import sync.coordination.queue as queue
+
+def stop() -> None:  # SIGTERM to this worker; its handler runs before the planning thread goes on
+    os.kill(os.getpid(), signal.SIGTERM)
+    time.sleep(0.5)
+
+if os.environ["STOP_WHEN"] == "queued-unsent":
+    # A worker that claims nothing, stopped once the first batch is queued (before the second is).
+    async def take(self, phase, endpoint, n):
+        return []
+    queue.QueueLanes.take = take
+    encode = queue.encode_batch
+    def encode_batch(batch):
+        encode_batch.calls = getattr(encode_batch, "calls", 0) + 1
+        if encode_batch.calls == 2:
+            stop()
+        return encode(batch)
+    queue.encode_batch = encode_batch
+else:
+    # Once every batch is queued and confirmed, before planning is recorded as done.
+    enqueue = leader.enqueue
+    def enqueue_then_stop(conn, run_id, source, **kw):
+        total = enqueue(conn, run_id, source, **kw)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and conn.execute(
+            "SELECT count(*) FROM pushsync.batches WHERE run_id = %s AND status <> 'ok'", (run_id,)
+        ).fetchone()[0]:
+            time.sleep(0.05)
+        stop()
+        return total
+    leader.enqueue = enqueue_then_stop
+
+from sync.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+"""``pushsync ARGS`` whose leader is stopped by SIGTERM after it listed the run, at ``STOP_WHEN``."""
+
+
+def _sandbox_faults(sandbox: NetmeraProcess, faults: dict[str, Any]) -> None:
+    request = urllib.request.Request(
+        f"{sandbox.root_url}/_sandbox/config",
+        data=json.dumps({"faults": faults}).encode(),
+        headers={"Content-Type": "application/json"},
+        method="POST",
+    )
+    with urllib.request.urlopen(request, timeout=5) as resp:
+        assert resp.status == 200
+
+
+@pytest.mark.parametrize("sent", [False, True], ids=["sent-nothing", "sent-some"])
+def test_a_leader_stopped_while_it_reads_the_input_of_a_listed_run_says_what_stays_and_exits_4(
+    sent: bool,
+    tmp_path: Path,
+    netmera_sandbox_process: NetmeraProcess,
+    postgres_server: PostgresServer,
+    postgres_url: str,
+) -> None:
+    # A run whose lanes are listed and whose batches are (partly) queued, but not planned: its leader was stopped
+    # while it queued. The next worker joins it, sends what is queued, and plans it again — reading the input,
+    # which a SIGTERM interrupts. It said "interrupted while the input was read; nothing was sent or recorded"
+    # (exit 4) although the run and its queued batches stay recorded — or, once it had sent a queued batch,
+    # "planning failed" with exit 3: a signal is not a failure.
+    sandbox = netmera_sandbox_process
+    dispatch = coordinated_job(sandbox.url).split("dispatch:\n", 1)[1]
+    job = netmera_job(
+        sandbox.url, name="scale", sources=_SQL_USERS, tail="coordination: {lease: 2}\n", dispatch=dispatch
+    )
+    (tmp_path / "job.yaml").write_text(job, encoding="utf-8")
+    rows = [user_row(i) for i in range(120)]
+    values = ", ".join("(" + ", ".join("NULL" if v == "" else f"'{v}'" for v in row) + ")" for row in rows)
+    postgres_server.sql(
+        postgres_url,
+        "CREATE SCHEMA crm; CREATE TABLE crm.knob (pause float8); INSERT INTO crm.knob VALUES (0); "
+        "CREATE TABLE crm.users (id text, name text, score int, city text, segments text, mail text, news text); "
+        f"INSERT INTO crm.users VALUES {values}",
+    )
+    env = {_CRM_ENV: postgres_url, "PUSHSYNC_DATABASE_URL": postgres_url}
+    first = subprocess.Popen(
+        [sys.executable, "-c", _STOP_ONCE_QUEUED, "run", "job.yaml", "--progress", "none"],
+        cwd=tmp_path,
+        env={
+            **os.environ,
+            **env,
+            "NETMERA_API_KEY": sandbox.api_key,
+            "PYTHONPATH": str(REPO_ROOT),
+            "STOP_WHEN": "queued-unsent" if sent else "all-confirmed",
+        },
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    code, out, err = finish(first, timeout=60)
+    # A stopped worker exits 4, also when it sent every batch queued: planning was not done (it exited 0).
+    assert code == 4, (out, err[-3000:])
+    state = "SELECT listed, planned, status FROM pushsync.runs"
+    assert query(postgres_server, postgres_url, state) == [["t", "f", "running"]], err[-3000:]
+    ok, queued = batch_counts(postgres_server, postgres_url)
+    assert queued >= 1 and ok == (0 if sent else queued), (ok, queued)
+
+    # The next worker leads: it reads the input (a query that sleeps) while it sends what is queued — each
+    # request answered after 1 s, so that one is in flight when the signal comes and planning stops first.
+    postgres_server.sql(postgres_url, "UPDATE crm.knob SET pause = 30")
+    if sent:
+        _sandbox_faults(sandbox, {"slow": 1.0, "latency": {"distribution": "fixed", "low": 1.0, "high": 1.0}})
+    second = worker(tmp_path, sandbox, postgres_url, "run", "job.yaml", "--progress", "none", env=env)
+    reading = (
+        "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'pushsync' AND state = 'active' "
+        "AND query LIKE '%pg_sleep%'"
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while postgres_server.sql(postgres_server.admin_url(), reading).strip() != "1" or (
+            sent and not inspect(sandbox, "stats")["faults"].get("slow")
+        ):
+            assert second.poll() is None, second.communicate()
+            assert time.monotonic() < deadline, "the worker never read the input (with a request in flight)"
+            time.sleep(0.05)
+        second.send_signal(signal.SIGTERM)
+        code, out, err = finish(second, timeout=30)
+    finally:
+        second.kill()
+    assert code == 4, (out, err[-3000:])
+    assert "nothing was sent or recorded" not in out + err and "planning failed" not in out + err, err[-3000:]
+    if sent:
+        # It sent the queued batches: its summary says it was interrupted, as any stopped worker's does.
+        assert "interrupted: in-flight batches were drained" in out, out
+    else:
+        errors = [line for line in err.splitlines() if line.startswith("pushsync: error:")]
+        assert len(errors) == 1, err[-3000:]
+        assert "interrupted while the input was read; this worker sent nothing" in errors[0], errors
+        assert "`pushsync run` joins the run again and plans the rest" in errors[0], errors
+    assert query(postgres_server, postgres_url, state) == [["t", "f", "running"]]
+
+    # The next `pushsync run` joins the run, plans it again and finishes it.
+    postgres_server.sql(postgres_url, "UPDATE crm.knob SET pause = 0")
+    _sandbox_faults(sandbox, {"slow": 0.0})
+    code, out, err = finish(
+        worker(tmp_path, sandbox, postgres_url, "run", "job.yaml", "--progress", "none", env=env)
+    )
+    assert code == 0, (out, err[-3000:])
+    assert query(postgres_server, postgres_url, state) == [["t", "t", "done"]]
+    assert sandbox_users(sandbox) == expected_users(rows)

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import time
 from typing import TYPE_CHECKING, Any
@@ -109,7 +110,7 @@ async def run_coordinated(
                 report, budgets = await _work(
                     job, options, signals, ledger, run_id, membership, claim_link, budget_link, planner
                 )
-                planned = await _planning_done(ledger, run_id, report, planner)
+                report, planned = await _planning_done(run_id, ledger, report, planner)
             finally:
                 if not planner.done():
                     planner.cancel()
@@ -229,19 +230,57 @@ def _same_destination(job: Job, run_id: str, theirs: str | None, ours: str) -> N
 
 
 async def _planning_done(
-    ledger: PgLedger, run_id: str, report: DispatchReport, planner: asyncio.Task[dict[str, Any] | None]
-) -> dict[str, Any]:
-    """The run's planned info once planning is done (a completed worker waits for it: the run's completion is
-    decided only then); a worker that stops takes what is recorded so far."""
+    run_id: str, ledger: PgLedger, report: DispatchReport, planner: asyncio.Task[dict[str, Any] | None]
+) -> tuple[DispatchReport, dict[str, Any]]:
+    """This worker's report and the run's planned info once planning is done (a completed worker waits for it:
+    the run's completion is decided only then); a worker that stops takes what is recorded so far. Planning
+    that fails meanwhile is handled as in :func:`_work` (:func:`_planning_failed`); planning stopped by a signal
+    makes a completed report interrupted."""
     if report.outcome is DispatchOutcome.COMPLETED:
-        info = await planner
-        if info is not None:
-            return info
+        try:
+            info = await planner
+        except Exception as exc:
+            report = _planning_failed(run_id, report, exc)  # raises, unless an interrupt after this one sent
+        else:
+            if info is not None:
+                return report, info
+            # A signal stopped the planning (or the wait for it) before anyone recorded it done: this worker
+            # sent all it could claim, but the run is not complete — it is interrupted (exit 4), not done.
+            report = dataclasses.replace(report, outcome=DispatchOutcome.INTERRUPTED)
     elif planner.done() and not planner.cancelled() and planner.exception() is None:
         info = planner.result()
         if info is not None:
-            return info
-    return _planned_info_any(ledger, run_id)
+            return report, info
+    return report, _planned_info_any(ledger, run_id)
+
+
+def _planning_failed(run_id: str, report: DispatchReport, exc: BaseException) -> DispatchReport:
+    """What this worker says when the planning beside its sending — this worker leading, after the run was
+    listed: a worker leading again a run whose earlier leader stopped — ended with ``exc``; ``report``: its
+    dispatcher's. Raises the error to show, or returns the report to summarize.
+
+    * SIGINT/SIGTERM while the input was read (:class:`InterruptedRunError`) is no failure, and the run stays
+      as it is — listed, its queued batches in the queue: exit 4 either way. A worker that sent nothing says
+      so, and what happens to the run; one that sent gets the summary of any stopped worker (its report made
+      interrupted: a dispatcher that had nothing left to send completed).
+    * Another failure is raised as it is when this worker sent nothing (e.g. exit 2), else as
+      :class:`RunStoppedError` (exit 3: never "nothing was sent")."""
+    sent = any(s.requests for s in report.endpoints.values())
+    if isinstance(exc, InterruptedRunError):
+        if not sent:
+            raise InterruptedRunError(
+                f"run {run_id}: interrupted while the input was read; this worker sent nothing. What is queued "
+                "stays in the run: other workers send it, and `pushsync run` joins the run again and plans the "
+                "rest"
+            ) from exc
+        if report.outcome is DispatchOutcome.COMPLETED:
+            report = dataclasses.replace(report, outcome=DispatchOutcome.INTERRUPTED)
+        return report
+    if not sent:
+        raise exc  # nothing was sent by this worker: the error as it is (e.g. exit 2)
+    raise RunStoppedError(
+        f"run {run_id}: this worker stopped after it began sending: planning failed: {safe_message(exc)}"
+    ) from exc
 
 
 def _ended(ledger: PgLedger, run_id: str) -> str | None:
@@ -351,12 +390,7 @@ async def _work(
         if own_client:
             await sender.aclose()
     if planning_failed is not None:
-        if not any(s.requests for s in report.endpoints.values()):
-            raise planning_failed  # nothing was sent by this worker: the error as it is (e.g. exit 2)
-        raise RunStoppedError(
-            f"run {run_id}: this worker stopped after it began sending: planning failed: "
-            f"{safe_message(planning_failed)}"
-        ) from planning_failed
+        report = _planning_failed(run_id, report, planning_failed)
     log.info(
         "worker.done",
         claimed=source.claimed,
