@@ -5,6 +5,7 @@ bad input ends in one clear error and exit code 2 with nothing sent; the passwor
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import csv
 import json
 import os
@@ -769,6 +770,52 @@ def test_a_database_float_nan_mapped_as_a_string_is_not_sent_as_text(tmp_path: P
         clean = next(plan.staged[0].frames(["s", "f"])).select("__ext_id", "s", "f").rows()
     assert rejects == {1: ("s", reason), 3: ("f", reason)}
     assert clean == [("b", "2.5", "0.1")]
+
+
+def test_a_double_phone_number_or_tag_name_column_is_refused_as_in_parquet(tmp_path: Path) -> None:
+    # A phone number stored as a DOUBLE was read as "905312345601.0", whose dot (a separator) was removed:
+    # 9053123456010 was sent. A DOUBLE tag name's NaN was the tag "nan". Refused before any row is read, as a
+    # Parquet file's float column is, with the cast that fixes it.
+    con = duckdb.connect(str(tmp_path / "x.duckdb"))
+    con.execute("CREATE TABLE t AS SELECT 'a' AS id, 905312345601.0::DOUBLE AS phone, 'nan'::DOUBLE AS tag")
+    con.close()
+    (tmp_path / "job.yaml").write_text(
+        "version: 1\nname: t\nworkdir: work\n"
+        'destination: {platform: netmera, base_url: "http://127.0.0.1:9/rest/3.0/", secret: {env: K}}\n'
+        "sources:\n  - {name: users, database: 'duckdb:///x.duckdb', table: t, ext_id: id, msisdn: phone}\n"
+        "  - {name: tags, kind: tags, database: 'duckdb:///x.duckdb', table: t, ext_id: id, tag: tag}\n",
+        encoding="utf-8",
+    )
+    with pytest.raises(BadInputError) as info:
+        build_plan(load_job(tmp_path / "job.yaml"))
+    message = str(info.value)
+    assert (
+        "column 'phone' is DOUBLE in the query's result, which cannot hold an e-mail address, MSISDN"
+        in message
+    )
+    assert "CAST(phone AS BIGINT)" in message
+    lines = (tmp_path / "job.yaml").read_text(encoding="utf-8").splitlines()
+    (tmp_path / "job.yaml").write_text(
+        "\n".join(lines[:5] + lines[6:]) + "\n", encoding="utf-8"
+    )  # tags alone
+    with pytest.raises(
+        BadInputError, match="column 'tag' is DOUBLE in the query's result, which cannot hold"
+    ):
+        build_plan(load_job(tmp_path / "job.yaml"))
+    # SQLite declares no types: a REAL value stops the read, naming its row and column, as in the ID column.
+    with contextlib.closing(sqlite3.connect(tmp_path / "x.db")) as lite, lite:
+        lite.execute("CREATE TABLE t (id, phone)")
+        lite.executemany("INSERT INTO t VALUES (?, ?)", [("a", "+905312345601"), ("b", 905312345602.0)])
+    (tmp_path / "job.yaml").write_text(
+        "\n".join(lines[:5])
+        + "\n  - {name: users, database: 'sqlite:///x.db', table: t, ext_id: id, msisdn: phone}\n",
+        encoding="utf-8",
+    )
+    with pytest.raises(BadInputError) as info:
+        build_plan(load_job(tmp_path / "job.yaml"))
+    assert "row 2, column 'phone': an MSISDN is a REAL number, which would be sent as 905312345602.0" in str(
+        info.value
+    )
 
 
 def test_a_database_source_is_checked_for_every_problem_at_once(tmp_path: Path) -> None:

@@ -316,14 +316,20 @@ class SqliteDriver:
 
     SQLite declares no types a result must keep: a column may hold integers in one row and text in the next.
     Each batch's column becomes text (integers as digits, reals as Python prints them, text as is); a BLOB, or a
-    real where the external ID is read (it would be sent as '123.0'), stops the read with the row and column.
+    real where the external ID, an e-mail address, MSISDN, tag or event name is read (it would be sent as '123.0'),
+    stops the read with the row and column.
     """
 
     remote = False
 
-    def __init__(self, path: Path, fail: Failure, *, id_column: str) -> None:
+    def __init__(
+        self, path: Path, fail: Failure, *, id_column: str, names: dict[str, str] | None = None
+    ) -> None:
         self._fail = fail
-        self._id_column = id_column
+        # Where a REAL stops the read: the external ID, and the columns read as names (an e-mail address, an
+        # MSISDN, a tag or event name), whose REAL 905312345601.0 would be sent as text with its dot — an MSISDN
+        # with its dot removed as a separator, a digit too many —, as typed databases and Parquet refuse floats.
+        self._whole = {**(names or {}), id_column: "the external ID"}
         if not path.is_file():
             fail(f"database file not found: {path}")
         try:
@@ -380,9 +386,10 @@ class SqliteDriver:
                     row=first + i + 1,
                     column=name,
                 )
-            if isinstance(v, float) and name == self._id_column:
+            if isinstance(v, float) and name in self._whole:
                 self._fail(
-                    f"the external ID is a REAL number, which would be sent as {v!r}; store it as text or INTEGER",
+                    f"{self._whole[name]} is a REAL number, which would be sent as {v!r}; store it as text or "
+                    "INTEGER",
                     row=first + i + 1,
                     column=name,
                 )

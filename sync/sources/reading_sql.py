@@ -159,10 +159,11 @@ def _quote(name: str) -> str:
 
 # --- column types ----------------------------------------------------------------------------------------------
 
-_ID, _TEXT, _NUMBER, _BOOLEAN, _DATE, _LIST = "id", "text", "number", "boolean", "date", "list"
+_ID, _TEXT, _NAME, _NUMBER, _BOOLEAN, _DATE, _LIST = "id", "text", "name", "number", "boolean", "date", "list"
 _ROLE_WORDS = {
     _ID: "the external ID (text or integers)",
     _TEXT: "a text value",
+    _NAME: "an e-mail address, MSISDN, tag or event name (text or integers)",
     _NUMBER: "a number",
     _BOOLEAN: "a boolean",
     _DATE: "a date",
@@ -173,6 +174,9 @@ _FITS: dict[str, frozenset[str]] = {
     _TEXT: frozenset(
         {"text", "integer", "whole decimal", "decimal", "float", "boolean", "date", "timestamp", "null"}
     ),
+    # As a Parquet file's (sync/sources/_column_types.py): a double phone number 905312345601.0 was sent as
+    # 9053123456010 (its dot removed as a separator), a double's NaN as the tag or event name "nan".
+    _NAME: frozenset({"text", "integer", "whole decimal", "null"}),
     _NUMBER: frozenset({"text", "integer", "whole decimal", "decimal", "float", "null"}),
     _BOOLEAN: frozenset({"text", "integer", "boolean", "null"}),
     _DATE: frozenset({"text", "date", "timestamp", "null"}),
@@ -193,7 +197,7 @@ def _roles(source: Source) -> list[tuple[str, str]]:
     out += [(a.column, _ATTRIBUTE_ROLE[a.type]) for a in source.attributes]
     out += [(t.column, _LIST) for t in source.tags]
     out += [(c, _BOOLEAN) for c in source.opt_ins.columns()]
-    out += [(c, _TEXT) for c in (source.email, source.msisdn, source.tag, source.event) if c]
+    out += [(c, _NAME) for c in (source.email, source.msisdn, source.tag, source.event) if c]
     if source.kind is SourceKind.TAGS and source.action:
         out.append((source.action, _BOOLEAN))
     return out
@@ -239,6 +243,8 @@ def _type_problem(column: Column, role: str) -> str | None:
     if found in _FITS[role]:
         return None
     target = {_NUMBER: "DOUBLE PRECISION", _BOOLEAN: "BOOLEAN", _DATE: "TIMESTAMP"}.get(role, "TEXT")
+    if role == _NAME and found in ("float", "decimal"):
+        target = "BIGINT"  # a phone number stored as a double: its digits (DuckDB's text of 1.0 is "1.0")
     return (
         f"column {column.name!r} is {column.type_name} in the query's result, which cannot hold "
         f"{_ROLE_WORDS[role]}; convert it in the query (e.g. CAST({column.name} AS {target}))"
@@ -439,7 +445,11 @@ class SqlReader:
         assert target.path is not None
         if target.kind is DatabaseKind.DUCKDB:
             return DuckdbDriver(target.path, self._fail)
-        return SqliteDriver(target.path, self._fail, id_column=self.source.ext_id)
+        source = self.source
+        named = {source.email: "an e-mail address", source.msisdn: "an MSISDN"}
+        named |= {source.tag: "a tag name", source.event: "an event name"}
+        names = {column: what for column, what in named.items() if column}
+        return SqliteDriver(target.path, self._fail, id_column=source.ext_id, names=names)
 
     def check(self) -> list[Column]:
         """Check that the result has every mapped column, each of a type that fits its mapping, reading no row
