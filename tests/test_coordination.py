@@ -1252,6 +1252,27 @@ def _sandbox_faults(sandbox: NetmeraProcess, faults: dict[str, Any]) -> None:
         assert resp.status == 200
 
 
+def _sql_job(
+    tmp_path: Path, sandbox: NetmeraProcess, postgres_server: PostgresServer, postgres_url: str
+) -> list[list[str]]:
+    """A coordinated job reading 120 users from a PostgreSQL query that sleeps ``crm.knob.pause`` seconds first
+    (0 to begin with); the users' rows."""
+    dispatch = coordinated_job(sandbox.url).split("dispatch:\n", 1)[1]
+    job = netmera_job(
+        sandbox.url, name="scale", sources=_SQL_USERS, tail="coordination: {lease: 2}\n", dispatch=dispatch
+    )
+    (tmp_path / "job.yaml").write_text(job, encoding="utf-8")
+    rows = [user_row(i) for i in range(120)]
+    values = ", ".join("(" + ", ".join("NULL" if v == "" else f"'{v}'" for v in row) + ")" for row in rows)
+    postgres_server.sql(
+        postgres_url,
+        "CREATE SCHEMA crm; CREATE TABLE crm.knob (pause float8); INSERT INTO crm.knob VALUES (0); "
+        "CREATE TABLE crm.users (id text, name text, score int, city text, segments text, mail text, news text); "
+        f"INSERT INTO crm.users VALUES {values}",
+    )
+    return rows
+
+
 @pytest.mark.parametrize("sent", [False, True], ids=["sent-nothing", "sent-some"])
 def test_a_leader_stopped_while_it_reads_the_input_of_a_listed_run_says_what_stays_and_exits_4(
     sent: bool,
@@ -1266,19 +1287,7 @@ def test_a_leader_stopped_while_it_reads_the_input_of_a_listed_run_says_what_sta
     # (exit 4) although the run and its queued batches stay recorded — or, once it had sent a queued batch,
     # "planning failed" with exit 3: a signal is not a failure.
     sandbox = netmera_sandbox_process
-    dispatch = coordinated_job(sandbox.url).split("dispatch:\n", 1)[1]
-    job = netmera_job(
-        sandbox.url, name="scale", sources=_SQL_USERS, tail="coordination: {lease: 2}\n", dispatch=dispatch
-    )
-    (tmp_path / "job.yaml").write_text(job, encoding="utf-8")
-    rows = [user_row(i) for i in range(120)]
-    values = ", ".join("(" + ", ".join("NULL" if v == "" else f"'{v}'" for v in row) + ")" for row in rows)
-    postgres_server.sql(
-        postgres_url,
-        "CREATE SCHEMA crm; CREATE TABLE crm.knob (pause float8); INSERT INTO crm.knob VALUES (0); "
-        "CREATE TABLE crm.users (id text, name text, score int, city text, segments text, mail text, news text); "
-        f"INSERT INTO crm.users VALUES {values}",
-    )
+    rows = _sql_job(tmp_path, sandbox, postgres_server, postgres_url)
     env = {_CRM_ENV: postgres_url, "PUSHSYNC_DATABASE_URL": postgres_url}
     first = subprocess.Popen(
         [sys.executable, "-c", _STOP_ONCE_QUEUED, "run", "job.yaml", "--progress", "none"],
@@ -1339,6 +1348,49 @@ def test_a_leader_stopped_while_it_reads_the_input_of_a_listed_run_says_what_sta
     # The next `pushsync run` joins the run, plans it again and finishes it.
     postgres_server.sql(postgres_url, "UPDATE crm.knob SET pause = 0")
     _sandbox_faults(sandbox, {"slow": 0.0})
+    code, out, err = finish(
+        worker(tmp_path, sandbox, postgres_url, "run", "job.yaml", "--progress", "none", env=env)
+    )
+    assert code == 0, (out, err[-3000:])
+    assert query(postgres_server, postgres_url, state) == [["t", "t", "done"]]
+    assert sandbox_users(sandbox) == expected_users(rows)
+
+
+def test_a_first_leader_stopped_while_it_reads_the_input_says_the_run_stays_and_exits_4(
+    tmp_path: Path,
+    netmera_sandbox_process: NetmeraProcess,
+    postgres_server: PostgresServer,
+    postgres_url: str,
+) -> None:
+    # The run's first worker leads, and a SIGTERM comes while it reads the input (a query that sleeps): it said
+    # "nothing was sent or recorded", though the run stays recorded (running, not planned), and the next
+    # `pushsync run` joins it.
+    sandbox = netmera_sandbox_process
+    rows = _sql_job(tmp_path, sandbox, postgres_server, postgres_url)
+    postgres_server.sql(postgres_url, "UPDATE crm.knob SET pause = 30")
+    env = {_CRM_ENV: postgres_url, "PUSHSYNC_DATABASE_URL": postgres_url}
+    first = worker(tmp_path, sandbox, postgres_url, "run", "job.yaml", "--progress", "none", env=env)
+    reading = (
+        "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'pushsync' AND state = 'active' "
+        "AND query LIKE '%pg_sleep%'"
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while postgres_server.sql(postgres_server.admin_url(), reading).strip() != "1":
+            assert first.poll() is None, first.communicate()
+            assert time.monotonic() < deadline, "the worker never read the input"
+            time.sleep(0.05)
+        first.send_signal(signal.SIGTERM)
+        code, out, err = finish(first, timeout=30)
+    finally:
+        first.kill()
+    assert code == 4, (out, err[-3000:])
+    errors = [line for line in err.splitlines() if line.startswith("pushsync: error:")]
+    assert len(errors) == 1 and "nothing was recorded" not in errors[0], err[-3000:]
+    assert "the run not yet planned; it stays recorded" in errors[0], errors
+    state = "SELECT listed, planned, status FROM pushsync.runs"
+    assert query(postgres_server, postgres_url, state) == [["f", "f", "running"]]
+    postgres_server.sql(postgres_url, "UPDATE crm.knob SET pause = 0")
     code, out, err = finish(
         worker(tmp_path, sandbox, postgres_url, "run", "job.yaml", "--progress", "none", env=env)
     )

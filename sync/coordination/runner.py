@@ -104,9 +104,20 @@ async def run_coordinated(
             # when whoever leads is done; the run's completion waits for that.
             planner = asyncio.create_task(lead(job, options, signals, url, run_id), name="run-planner")
             try:
-                if not await until_listed(ledger, run_id, signals, planner):
+                try:
+                    listed = await until_listed(ledger, run_id, signals, planner)
+                except InterruptedRunError as exc:
+                    listed = False  # this worker led, and its reading of the input was interrupted
+                    interrupted: BaseException | None = exc
+                else:
+                    interrupted = None
+                if not listed:
                     await membership.leave()
-                    raise InterruptedRunError("interrupted before anything was sent; nothing was recorded")
+                    # The run is recorded (running, not yet planned) whoever stopped: the next worker joins it.
+                    raise InterruptedRunError(
+                        f"run {run_id}: interrupted before anything was sent, the run not yet planned; it stays "
+                        "recorded, and `pushsync run` joins it again and plans it"
+                    ) from interrupted
                 report, budgets = await _work(
                     job, options, signals, ledger, run_id, membership, claim_link, budget_link, planner
                 )
