@@ -1053,23 +1053,6 @@ def test_a_plan_of_wide_rows_stays_under_512_mb(tmp_path: Path, fmt: str) -> Non
     assert peak_mb <= 512, f"peak RSS {peak_mb:.0f} MB"
 
 
-def test_a_lazy_plan_of_wide_rows_settles_a_head_of_bytes_not_only_rows(tmp_path: Path) -> None:
-    # A run's head was 16,384 rows however wide: of Parquet rows of 12 KB, 200 MB as read and several times that
-    # validated and settled — `pushsync run` on 40k such rows peaked at 1.39 GB (793 MB with the head cut by
-    # bytes, 16 MiB). The head of narrow rows is as before.
-    import sync.planning.planning as planning
-
-    wide = _wide_job(tmp_path, 8_000, 12_000, "parquet")
-    with build_plan(wide, lazy=True) as lazy:
-        settler = lazy._settling.settlers[0]
-        head_rows = 8_000 * settler.head_end / 4096
-        assert 0 < head_rows <= 1.2 * planning.HEAD_BYTES / 12_000, head_rows
-        batches = sum(1 for phase in Phase for _, lane in lazy.lanes(phase) for _ in lane)
-    assert batches == 8  # 7,840 users (the last 2 % repeat) in batches of 1000
-    assert planning._head_ranges(1_000_000, 150) == planning._head_ranges(1_000_000)  # 16,384 rows of 150 B
-    assert planning._head_ranges(1_000_000, 150) == math.ceil(4096 * planning.HEAD_ROWS / 1_000_000)
-
-
 def _plan_command(job: Path | None) -> list[str]:
     return [sys.executable, "-m", "sync", "plan", str(job), "--output", "json"]
 

@@ -79,7 +79,6 @@ from sync.sources.reading import (
     Chunk,
     RowSelector,
     Spill,
-    estimate_row_bytes,
     estimate_rows,
     expand_paths,
     iter_chunks,
@@ -974,17 +973,13 @@ def _chunk_memory(rows: int | None) -> int:
 
 HEAD_ROWS = 16_384
 """Rows (about) a lazy plan settles first, before the rest of a file source is staged: its first batches."""
-HEAD_BYTES = 16 << 20
-"""...and their bytes (uncompressed), at most about this: 16,384 Parquet rows of 12 KB held 200 MB as read and
-several times that while validated and settled (a run of 40k such rows peaked at 1.3-1.4 GB)."""
 
 
-def _head_ranges(rows: int, row_bytes: int = 128) -> int:
-    """How many fine key ranges (of :data:`FINE_BITS`) make a head of about :data:`HEAD_ROWS` rows and at most
-    about :data:`HEAD_BYTES`, of a source of about ``rows`` rows of ``row_bytes`` each."""
+def _head_ranges(rows: int) -> int:
+    """How many fine key ranges (of :data:`FINE_BITS`) make a head of about :data:`HEAD_ROWS` rows, of a source of
+    about ``rows`` rows."""
     rows = max(1, rows)
-    head = max(1, min(HEAD_ROWS, HEAD_BYTES // max(1, row_bytes)))
-    return max(1, min(1 << FINE_BITS, math.ceil((1 << FINE_BITS) * head / rows)))
+    return max(1, min(1 << FINE_BITS, math.ceil((1 << FINE_BITS) * HEAD_ROWS / rows)))
 
 
 def _head_key(head_end: int) -> int:
@@ -1403,7 +1398,7 @@ def _start_lazy(
             bits = _bucket_bits(st.chunks.rows + st.rejected.rows, rows_per_bucket, st)
             settler.staged(st.chunks.chunks, bits, st.rows_read, st.rejected.chunks)
         elif estimate is not None:
-            head_end = _head_ranges(estimate, estimate_row_bytes(source, files))
+            head_end = _head_ranges(estimate)
             if source.format is FileFormat.CSV:
                 # The head's reading parses every row of a CSV file: the staging reads what it parsed.
                 spill_dir = tmp / f"{source.name}.spill"

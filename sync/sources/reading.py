@@ -1047,22 +1047,6 @@ def estimate_rows(source: Source, files: list[Path]) -> int:
     return total
 
 
-def estimate_row_bytes(source: Source, files: list[Path]) -> int:
-    """A cheap estimate of a source's bytes per row, uncompressed: a Parquet file's row groups' sizes over its
-    rows (every column's, the unmapped too: an upper bound); a CSV file's 128, as :func:`estimate_rows` counts."""
-    if source.format is not FileFormat.PARQUET:
-        return 128
-    size = rows = 0
-    for path in files:
-        try:
-            meta = pq.ParquetFile(path).metadata
-            size += sum(meta.row_group(i).total_byte_size for i in range(meta.num_row_groups))
-            rows += meta.num_rows
-        except (pa.ArrowException, OSError, UnicodeError):
-            continue  # the reader reports the damage, with the file's name
-    return max(1, size // rows) if rows else 128
-
-
 _CODEC_BY_NAME = {".gz": "gzip", ".bz2": "bz2", ".lz4": "lz4", ".zst": "zstd"}
 """The endings pyarrow's CSV reader decompresses a file by (as it matches them: case-sensitive), and the codec."""
 _RATIO_SAMPLE_BYTES = 4 << 20
