@@ -14,7 +14,7 @@ import sys
 import threading
 import time
 import urllib.request
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -1273,6 +1273,27 @@ def _sql_job(
     return rows
 
 
+def _stopped_while_reading(
+    postgres_server: PostgresServer, proc: subprocess.Popen[str], ready: Callable[[], bool] = lambda: True
+) -> tuple[int, str, str]:
+    """SIGTERM to the worker ``proc`` once its query of :data:`_SQL_USERS` sleeps in the server (and ``ready()``);
+    its exit code, stdout and stderr."""
+    reading = (
+        "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'pushsync' AND state = 'active' "
+        "AND query LIKE '%pg_sleep%'"
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while postgres_server.sql(postgres_server.admin_url(), reading).strip() != "1" or not ready():
+            assert proc.poll() is None, proc.communicate()
+            assert time.monotonic() < deadline, "the worker never read the input (or was never ready)"
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGTERM)
+        return finish(proc, timeout=30)
+    finally:
+        proc.kill()
+
+
 @pytest.mark.parametrize("sent", [False, True], ids=["sent-nothing", "sent-some"])
 def test_a_leader_stopped_while_it_reads_the_input_of_a_listed_run_says_what_stays_and_exits_4(
     sent: bool,
@@ -1317,22 +1338,9 @@ def test_a_leader_stopped_while_it_reads_the_input_of_a_listed_run_says_what_sta
     if sent:
         _sandbox_faults(sandbox, {"slow": 1.0, "latency": {"distribution": "fixed", "low": 1.0, "high": 1.0}})
     second = worker(tmp_path, sandbox, postgres_url, "run", "job.yaml", "--progress", "none", env=env)
-    reading = (
-        "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'pushsync' AND state = 'active' "
-        "AND query LIKE '%pg_sleep%'"
+    code, out, err = _stopped_while_reading(
+        postgres_server, second, lambda: not sent or bool(inspect(sandbox, "stats")["faults"].get("slow"))
     )
-    try:
-        deadline = time.monotonic() + 30
-        while postgres_server.sql(postgres_server.admin_url(), reading).strip() != "1" or (
-            sent and not inspect(sandbox, "stats")["faults"].get("slow")
-        ):
-            assert second.poll() is None, second.communicate()
-            assert time.monotonic() < deadline, "the worker never read the input (with a request in flight)"
-            time.sleep(0.05)
-        second.send_signal(signal.SIGTERM)
-        code, out, err = finish(second, timeout=30)
-    finally:
-        second.kill()
     assert code == 4, (out, err[-3000:])
     assert "nothing was sent or recorded" not in out + err and "planning failed" not in out + err, err[-3000:]
     if sent:
@@ -1370,20 +1378,7 @@ def test_a_first_leader_stopped_while_it_reads_the_input_says_the_run_stays_and_
     postgres_server.sql(postgres_url, "UPDATE crm.knob SET pause = 30")
     env = {_CRM_ENV: postgres_url, "PUSHSYNC_DATABASE_URL": postgres_url}
     first = worker(tmp_path, sandbox, postgres_url, "run", "job.yaml", "--progress", "none", env=env)
-    reading = (
-        "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'pushsync' AND state = 'active' "
-        "AND query LIKE '%pg_sleep%'"
-    )
-    try:
-        deadline = time.monotonic() + 30
-        while postgres_server.sql(postgres_server.admin_url(), reading).strip() != "1":
-            assert first.poll() is None, first.communicate()
-            assert time.monotonic() < deadline, "the worker never read the input"
-            time.sleep(0.05)
-        first.send_signal(signal.SIGTERM)
-        code, out, err = finish(first, timeout=30)
-    finally:
-        first.kill()
+    code, out, err = _stopped_while_reading(postgres_server, first)
     assert code == 4, (out, err[-3000:])
     errors = [line for line in err.splitlines() if line.startswith("pushsync: error:")]
     assert len(errors) == 1 and "nothing was recorded" not in errors[0], err[-3000:]

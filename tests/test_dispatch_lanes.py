@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from observers import StopAfter
 from vtime import run_virtual
 
 from sync.config import BudgetGroupSpec, DispatchSettings, RateBudgetSpec, load_job
@@ -583,24 +584,8 @@ async def test_a_resumed_run_is_sent_in_lanes_too(netmera_sandbox: Any, tmp_path
     add_devices(state, LANE_USERS)
     job = load_job(job_path)
     stop = asyncio.Event()
-
-    class StopAfterFive:  # while the opt-outs (20 requests) are sent
-        done = 0
-
-        def on_batch_start(self, batch: Batch) -> None:
-            return None
-
-        def on_attempt(self, attempt: Attempt) -> None:
-            return None
-
-        def on_batch_done(self, batch: Batch, result: BatchResult) -> None:
-            self.done += 1
-            if self.done == 5:
-                stop.set()
-
-    first = await run(
-        job, RunOptions(api_key=netmera_sandbox.api_key, stop=stop, observers=[StopAfterFive()])
-    )
+    stopper = StopAfter(stop, 5)  # while the opt-outs (20 requests) are sent
+    first = await run(job, RunOptions(api_key=netmera_sandbox.api_key, stop=stop, observers=[stopper]))
     resumed = await run(job, RunOptions(api_key=netmera_sandbox.api_key))
 
     assert first.exit_code is ExitCode.INTERRUPTED and first.summary.batches_done > 0

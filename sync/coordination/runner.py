@@ -104,13 +104,11 @@ async def run_coordinated(
             # when whoever leads is done; the run's completion waits for that.
             planner = asyncio.create_task(lead(job, options, signals, url, run_id), name="run-planner")
             try:
+                interrupted: InterruptedRunError | None = None
                 try:
                     listed = await until_listed(ledger, run_id, signals, planner)
                 except InterruptedRunError as exc:
-                    listed = False  # this worker led, and its reading of the input was interrupted
-                    interrupted: BaseException | None = exc
-                else:
-                    interrupted = None
+                    listed, interrupted = False, exc  # this worker led, and its reading of the input stopped
                 if not listed:
                     await membership.leave()
                     # The run is recorded (running, not yet planned) whoever stopped: the next worker joins it.

@@ -265,11 +265,12 @@ def _parse_number(s: pl.Expr) -> _Parser:
         # A decimal past 2**53 (a database's numeric(38, 2) amount, 123456789012345678.90): no float64 that size
         # holds a fraction, nor every integer part. Refused when its integer part or a non-zero fraction would
         # be lost; a zero fraction of an integer a float64 holds (100000000000000000000.00) is sent.
-        whole = s.str.extract(r"^[+-]?([0-9]+)\.[0-9]*$", 1).cast(pl.Int128, strict=False)
-        fraction = s.str.contains(r"^[+-]?[0-9]+\.[0-9]*[1-9]")
+        digits = s.str.extract(r"^[+-]?([0-9]+)\.[0-9]*$", 1)  # null: no decimal literal
+        whole = digits.cast(pl.Int128, strict=False)
+        fraction = s.str.contains(r"\.[0-9]*[1-9]")
         lossy_decimal = (
             (p.abs() >= _EXACT_INTEGERS)
-            & s.str.contains(r"^[+-]?[0-9]+\.[0-9]*$")
+            & digits.is_not_null()
             & (whole.is_null() | p.abs().cast(pl.Int128, strict=False).ne_missing(whole) | fraction)
         )
         return [
