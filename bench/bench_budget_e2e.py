@@ -69,6 +69,8 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
+DATA = Path(os.environ.get("PUSHSYNC_BENCH_DATA") or Path(__file__).resolve().parent / "data")
+"""Where generated inputs are kept between runs (never committed); ``PUSHSYNC_BENCH_DATA`` moves it."""
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
@@ -331,7 +333,7 @@ def _where_lost(
 def run(args: argparse.Namespace) -> dict[str, Any]:
     from gen_data import generate_users
 
-    cache = ROOT / "bench" / "data" / f"budget-users-{args.users}.csv"
+    cache = DATA / f"budget-users-{args.users}.csv"
     if not cache.exists():
         generate_users(cache, args.users, bad_every=0, duplicate_every=0)
     port = _free_port()

@@ -28,6 +28,8 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+DATA = Path(os.environ.get("PUSHSYNC_BENCH_DATA") or Path(__file__).resolve().parent / "data")
+"""Where generated inputs are kept between runs (never committed); ``PUSHSYNC_BENCH_DATA`` moves it."""
 sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE))
 
@@ -54,7 +56,7 @@ def main() -> int:
 
     out = HERE / "out" / "build"
     out.mkdir(parents=True, exist_ok=True)
-    data = HERE / "data" / f"users-clean-{args.users}.csv"
+    data = DATA / f"users-clean-{args.users}.csv"
     if not data.exists():
         data.parent.mkdir(parents=True, exist_ok=True)
         generate_users(data, args.users, bad_every=10**12, duplicate_every=10**12)

@@ -30,6 +30,8 @@ from pathlib import Path
 import polars as pl
 
 HERE = Path(__file__).resolve().parent
+DATA = Path(os.environ.get("PUSHSYNC_BENCH_DATA") or Path(__file__).resolve().parent / "data")
+"""Where generated inputs are kept between runs (never committed); ``PUSHSYNC_BENCH_DATA`` moves it."""
 sys.path.insert(0, str(HERE.parent))
 
 from sync.config import load_job  # noqa: E402
@@ -93,7 +95,7 @@ sources:
 
 
 def _data(users: int) -> tuple[Path, Path, Path]:
-    data = HERE / "data"
+    data = DATA
     data.mkdir(parents=True, exist_ok=True)
     paths = (
         data / f"nv-users-{users}.csv",

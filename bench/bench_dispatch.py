@@ -50,6 +50,8 @@ from pathlib import Path
 from typing import Any
 
 HERE = Path(__file__).resolve().parent
+DATA = Path(os.environ.get("PUSHSYNC_BENCH_DATA") or Path(__file__).resolve().parent / "data")
+"""Where generated inputs are kept between runs (never committed); ``PUSHSYNC_BENCH_DATA`` moves it."""
 
 
 def _code_root() -> Path:
@@ -122,7 +124,7 @@ def planned_batches(users: int) -> list[Batch]:
     from sync.config import load_job
     from sync.planning.planning import build_plan
 
-    data = HERE / "data" / f"users-clean-{users}.csv"
+    data = DATA / f"users-clean-{users}.csv"
     if not data.exists():
         data.parent.mkdir(parents=True, exist_ok=True)
         generate_users(data, users, bad_every=10**12, duplicate_every=10**12)

@@ -48,6 +48,8 @@ from typing import Any
 import psutil
 
 HERE = Path(__file__).resolve().parent
+DATA = Path(os.environ.get("PUSHSYNC_BENCH_DATA") or Path(__file__).resolve().parent / "data")
+"""Where generated inputs are kept between runs (never committed); ``PUSHSYNC_BENCH_DATA`` moves it."""
 sys.path.insert(0, str(HERE))
 
 from _common import cores, pinned, sandbox, start_server, stop_server  # noqa: E402
@@ -178,7 +180,7 @@ def main() -> int:
 
     out = HERE / "out" / "handwritten"
     out.mkdir(parents=True, exist_ok=True)
-    data = HERE / "data" / f"users-clean-{args.users}.csv"
+    data = DATA / f"users-clean-{args.users}.csv"
     if not data.exists():
         t0 = time.perf_counter()
         generate_users(data, args.users, bad_every=10**12, duplicate_every=10**12)

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import subprocess
 import sys
@@ -33,6 +34,8 @@ from pathlib import Path
 import psutil
 
 HERE = Path(__file__).resolve().parent
+DATA = Path(os.environ.get("PUSHSYNC_BENCH_DATA") or Path(__file__).resolve().parent / "data")
+"""Where generated inputs are kept between runs (never committed); ``PUSHSYNC_BENCH_DATA`` moves it."""
 ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
 
@@ -52,7 +55,7 @@ sys.exit(code)
 
 def data_for(rows: int, fmt: str) -> Path:
     """The cached generated file for ``rows`` (generated in a child process when missing)."""
-    data = HERE / "data" / f"users-{rows}.{fmt}"
+    data = DATA / f"users-{rows}.{fmt}"
     if not data.exists():
         t0 = time.monotonic()
         tmp = data.with_suffix(".tmp")

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import subprocess
 import sys
@@ -25,6 +26,8 @@ from pathlib import Path
 import psutil
 
 HERE = Path(__file__).resolve().parent
+DATA = Path(os.environ.get("PUSHSYNC_BENCH_DATA") or Path(__file__).resolve().parent / "data")
+"""Where generated inputs are kept between runs (never committed); ``PUSHSYNC_BENCH_DATA`` moves it."""
 ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
 
@@ -58,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batches", action="store_true", help="also stream every batch (slow)")
     args = parser.parse_args(argv)
 
-    data = HERE / "data" / f"users-{args.rows}.{args.format}"
+    data = DATA / f"users-{args.rows}.{args.format}"
     if not data.exists():
         t0 = time.monotonic()
         tmp = data.with_suffix(".tmp")

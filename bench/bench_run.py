@@ -18,6 +18,7 @@ import argparse
 import asyncio
 import dataclasses
 import json
+import os
 import secrets
 import sys
 import time
@@ -25,6 +26,8 @@ import urllib.request
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+DATA = Path(os.environ.get("PUSHSYNC_BENCH_DATA") or Path(__file__).resolve().parent / "data")
+"""Where generated inputs are kept between runs (never committed); ``PUSHSYNC_BENCH_DATA`` moves it."""
 sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE))
 
@@ -82,7 +85,7 @@ def main() -> int:
 
     out = HERE / "out" / "run"
     out.mkdir(parents=True, exist_ok=True)
-    data = HERE / "data" / f"users-clean-{args.users}.csv"
+    data = DATA / f"users-clean-{args.users}.csv"
     if not data.exists():
         t0 = time.perf_counter()
         generate_users(data, args.users, bad_every=10**12, duplicate_every=10**12)

@@ -52,6 +52,8 @@ import pyarrow as pa
 import pyarrow.ipc
 
 REPO = Path(__file__).resolve().parent.parent
+DATA = Path(os.environ.get("PUSHSYNC_BENCH_DATA") or Path(__file__).resolve().parent / "data")
+"""Where generated inputs are kept between runs (never committed); ``PUSHSYNC_BENCH_DATA`` moves it."""
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 
@@ -117,6 +119,7 @@ def _clean_slice(job: Job, start: int, stop: int, churn: bool) -> pl.DataFrame:
 def _state_of(job: Job, clean: pl.DataFrame) -> pl.DataFrame:
     """What a first full run would have confirmed for these clean rows."""
     from sync.state import TAGS, FieldKind, managed_fields, state_schema
+    from sync.state._store import UNCERTAIN
 
     source = job.sources[0]
     cols = [pl.col(KEY), pl.col(EXT_ID)]
@@ -128,6 +131,7 @@ def _state_of(job: Job, clean: pl.DataFrame) -> pl.DataFrame:
     tag_cols = [t.column for t in source.tags]
     tags = pl.concat_list([pl.col(c).fill_null(pl.lit([], pl.List(pl.String))) for c in tag_cols])
     cols.append(tags.list.unique().list.sort().alias(TAGS))
+    cols.append(pl.lit(False).alias(UNCERTAIN))  # every request of that run was answered
     return clean.select(cols).select(list(state_schema(source)))
 
 
@@ -322,7 +326,7 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(measure(args.dir, args.profile, not args.no_compaction)))
         return 0
 
-    data = args.data or REPO / "bench" / "data" / f"snapshot-{args.users}"
+    data = args.data or DATA / f"snapshot-{args.users}"
     gen_seconds = 0.0
     if not (data / "gen.json").is_file():
         # Generated once (minutes at 10M users) and kept: the measurement works on a copy.

@@ -34,6 +34,8 @@ from pathlib import Path
 import psutil
 
 HERE = Path(__file__).resolve().parent
+DATA = Path(os.environ.get("PUSHSYNC_BENCH_DATA") or Path(__file__).resolve().parent / "data")
+"""Where generated inputs are kept between runs (never committed); ``PUSHSYNC_BENCH_DATA`` moves it."""
 ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(ROOT / "tests"))
@@ -112,7 +114,7 @@ def measured(cmd: list[str], out: Path, env: dict[str, str]) -> tuple[str, float
 
 
 def parquet_users(rows: int) -> Path:
-    data = HERE / "data" / f"users-{rows}.parquet"
+    data = DATA / f"users-{rows}.parquet"
     if not data.exists():
         tmp = data.with_suffix(".tmp")
         gen = [sys.executable, str(HERE / "gen_data.py"), "--rows", str(rows), "--format", "parquet"]
@@ -124,7 +126,7 @@ def parquet_users(rows: int) -> Path:
 def duckdb_users(rows: int, parquet: Path) -> Path:
     import duckdb
 
-    path = HERE / "data" / f"users-{rows}.duckdb"
+    path = DATA / f"users-{rows}.duckdb"
     if not path.exists():
         tmp = path.with_suffix(".tmp")
         tmp.unlink(missing_ok=True)

@@ -39,6 +39,8 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+DATA = Path(os.environ.get("PUSHSYNC_BENCH_DATA") or Path(__file__).resolve().parent / "data")
+"""Where generated inputs are kept between runs (never committed); ``PUSHSYNC_BENCH_DATA`` moves it."""
 sys.path.insert(0, str(HERE))
 
 from _common import cores, pinned, start_server, stop_server  # noqa: E402
@@ -122,7 +124,7 @@ def main() -> int:
 
     out = HERE / "out" / "cpu_map"
     out.mkdir(parents=True, exist_ok=True)
-    data = HERE / "data" / f"users-clean-{args.users}.csv"
+    data = DATA / f"users-clean-{args.users}.csv"
     if not data.exists():
         generate_users(data, args.users, bad_every=10**12, duplicate_every=10**12)
     client_core, server_core = cores()

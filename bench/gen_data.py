@@ -16,11 +16,15 @@ ID, in turn); ``duplicate_every`` repeats an earlier customer with a changed sco
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
 import polars as pl
 import pyarrow.parquet as pq
+
+DATA = Path(os.environ.get("PUSHSYNC_BENCH_DATA") or Path(__file__).resolve().parent / "data")
+"""Where generated inputs are kept between runs (never committed); ``PUSHSYNC_BENCH_DATA`` moves it."""
 
 __all__ = ["USERS_COLUMNS", "generate_users", "users_frame", "write_job"]
 
@@ -225,7 +229,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--job", type=Path, default=None, help="also write a job file mapping the data")
     args = parser.parse_args(argv)
-    out = args.out or Path(__file__).parent / "data" / f"users-{args.rows}.{args.format}"
+    out = args.out or DATA / f"users-{args.rows}.{args.format}"
     generate_users(out, args.rows, fmt=args.format, seed=args.seed)
     print(f"wrote {args.rows} rows to {out} ({out.stat().st_size / 1e6:.1f} MB)")
     if args.job:

@@ -34,6 +34,8 @@ from collections import Counter
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+DATA = Path(os.environ.get("PUSHSYNC_BENCH_DATA") or Path(__file__).resolve().parent / "data")
+"""Where generated inputs are kept between runs (never committed); ``PUSHSYNC_BENCH_DATA`` moves it."""
 ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
 
@@ -123,7 +125,7 @@ def main() -> int:
         raise SystemExit("needs valgrind (Debian: apt-get install valgrind)")
     out = HERE / "out" / "instr_map"
     out.mkdir(parents=True, exist_ok=True)
-    data = HERE / "data" / f"users-clean-{args.users}.csv"
+    data = DATA / f"users-clean-{args.users}.csv"
     if not data.exists():
         generate_users(data, args.users, bad_every=10**12, duplicate_every=10**12)
     job, workdir = out / "job.yaml", out / "work-instr"
