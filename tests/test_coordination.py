@@ -1392,3 +1392,72 @@ def test_a_first_leader_stopped_while_it_reads_the_input_says_the_run_stays_and_
     assert code == 0, (out, err[-3000:])
     assert query(postgres_server, postgres_url, state) == [["t", "t", "done"]]
     assert sandbox_users(sandbox) == expected_users(rows)
+
+
+def test_a_worker_whose_run_ends_while_it_leads_stops_its_planning_at_once_and_cancels_the_query(
+    tmp_path: Path,
+    netmera_sandbox_process: NetmeraProcess,
+    postgres_server: PostgresServer,
+    postgres_url: str,
+) -> None:
+    # The run's only worker leads and reads the input (a query that sleeps 30 s) when the run is ended under it
+    # (an operator marks it aborted): the worker fails at once, but its planning thread was merely abandoned —
+    # cancelling the task does not stop a thread —, so the query ran its 30 s on the server, the process waited
+    # for it at exit, and the thread's connection was closed under it. Now the worker stops its planning (the
+    # run's stop) and the query is cancelled.
+    sandbox = netmera_sandbox_process
+    _sql_job(tmp_path, sandbox, postgres_server, postgres_url)
+    postgres_server.sql(postgres_url, "UPDATE crm.knob SET pause = 30")
+    env = {_CRM_ENV: postgres_url, "PUSHSYNC_DATABASE_URL": postgres_url}
+    proc = worker(tmp_path, sandbox, postgres_url, "run", "job.yaml", "--progress", "none", env=env)
+    reading = (
+        "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'pushsync' AND state = 'active' "
+        "AND query LIKE '%pg_sleep%'"
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while postgres_server.sql(postgres_server.admin_url(), reading).strip() != "1":
+            assert proc.poll() is None, proc.communicate()
+            assert time.monotonic() < deadline, "the worker never read the input"
+            time.sleep(0.05)
+        postgres_server.sql(
+            postgres_url, "UPDATE pushsync.runs SET status = 'aborted', message = 'stopped by hand'"
+        )
+        ended = time.monotonic()
+        code, out, err = finish(proc, timeout=60)
+        took = time.monotonic() - ended
+    finally:
+        proc.kill()
+    assert code == 2, (out, err[-3000:])  # the run's end is a state error, as before
+    assert "ended (aborted) before it was planned: stopped by hand" in err, err[-3000:]
+    assert took < 12, f"the worker took {took:.1f} s to exit: its planning thread read on"
+    assert postgres_server.sql(postgres_server.admin_url(), reading).strip() == "0"
+    assert "Traceback" not in err, err[-3000:]
+
+
+async def test_a_stop_that_comes_as_the_leader_lists_the_lanes_is_not_taken_for_an_unplanned_run(
+    postgres_url: str,
+) -> None:
+    # until_listed looked whether the lanes were listed, then whether a stop had come: a leader that listed the
+    # lanes (other workers then send what it queues) between the two looks, and was stopped, was reported as
+    # "interrupted before anything was sent, the run not yet planned". It looks at the lanes again.
+    from sync.coordination.leader import until_listed
+    from sync.coordination.ledger import PgLedger
+    from sync.run import StopSignals
+
+    class StopAsListed(StopSignals):
+        def interrupted(self) -> bool:
+            # The stop comes just after the leader listed the lanes (the run's row says so).
+            ledger._execute("UPDATE pushsync.runs SET listed = TRUE WHERE run_id = 'r1'")
+            return True
+
+    ledger = PgLedger.open(postgres_url)
+    try:
+        ledger.start_run("r1", job="j")
+        planner: asyncio.Task[dict[str, Any] | None] = asyncio.create_task(asyncio.sleep(60, result=None))
+        try:
+            assert await until_listed(ledger, "r1", StopAsListed(), planner) is True
+        finally:
+            planner.cancel()
+    finally:
+        ledger.close()

@@ -13,11 +13,14 @@ every worker — the leader too — already claims and sends (docs/scaling.md).
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
+import contextvars
 import dataclasses
 import json
 import time
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import psycopg
 
@@ -43,13 +46,16 @@ from sync.planning.resume import ReplayLanes, ReplayMode, ReplayStats, replay_pl
 from sync.platforms.registry import platform_for
 from sync.redact import redact
 
-__all__ = ["lead", "until_listed"]
+__all__ = ["lead", "stop_planner", "until_listed"]
 
 S = SCHEMA
+_T = TypeVar("_T")
 LEADER_POLL = 0.5
 """Seconds between a waiting worker's looks for the leader's lock (or for planning to be done)."""
 LISTED_POLL = 0.1
 """Seconds between looks for the run's lanes while the leader reads the input."""
+PLANNER_STOP_WAIT = 15.0
+"""Seconds a worker going down waits for its planning thread to stop (a slow query is cancelled in about one)."""
 
 
 async def until_listed(
@@ -63,8 +69,24 @@ async def until_listed(
         if _listed(ledger, run_id):
             return True
         if signals.interrupted() or (planner.done() and planner.result() is None):
-            return False
+            # Looked at again: the leader may have listed the lanes (and queued batches others sent) since the
+            # look above, then stopped; that run is not "unplanned, nothing sent".
+            return _listed(ledger, run_id)
         await asyncio.wait([planner], timeout=LISTED_POLL)
+
+
+async def stop_planner(planner: asyncio.Task[dict[str, Any] | None], signals: WorkerSignals) -> None:
+    """End :func:`lead`'s task when the worker goes down before planning is done (an error, its task cancelled):
+    the planning thread is told to stop — the run's stop, which it looks at between chunks and batches and while
+    a query runs — and waited for, at most ``PLANNER_STOP_WAIT`` seconds, then the task is cancelled. Merely
+    cancelling the task let the thread plan on (a slow query ran to its end, and the process waited for it at
+    exit) with its connection closed under it."""
+    signals.requested.set()  # the worker stops: its planning does too
+    await asyncio.wait([planner], timeout=PLANNER_STOP_WAIT)
+    if not planner.done():
+        planner.cancel()
+    with contextlib.suppress(asyncio.CancelledError, Exception):
+        await planner  # its error, if any, is not this worker's (the worker's own is being raised)
 
 
 def _listed(ledger: PgLedger, run_id: str) -> bool:
@@ -113,9 +135,16 @@ async def lead(
                         if _planned_state(conn, run_id) is None:
                             log.info("run.leader", hint="planning and queueing the run's batches")
                         return await _plan(job, options, signals, url, conn, run_id)
+                    except asyncio.CancelledError:
+                        # Cancelled while the planning thread still uses the connection: the thread closes it
+                        # when it returns (_in_thread), the lock going with it. Using or closing a libpq
+                        # connection under another thread's query is undefined behaviour.
+                        conn = None
+                        raise
                     finally:
-                        with contextlib.suppress(psycopg.Error):
-                            conn.execute("SELECT pg_advisory_unlock(hashtext(%s))", (lock,))
+                        if conn is not None:
+                            with contextlib.suppress(psycopg.Error):
+                                conn.execute("SELECT pg_advisory_unlock(hashtext(%s))", (lock,))
             except (psycopg.OperationalError, psycopg.InterfaceError, CoordinationError) as exc:
                 # The connection was lost (or cannot be made again yet): connect again and plan again.
                 now = time.monotonic()
@@ -147,10 +176,10 @@ async def _plan(
         if job.mode is SyncMode.SNAPSHOT:
             # The diff against the shared state (sync.coordination.snapshot); it reads only the URL of the
             # ledger it is given, and the run through ``conn``, this thread's connection.
-            return await asyncio.to_thread(
-                plan_snapshot, job, options, signals, PgLedger(url, conn), conn, run_id
+            return await _in_thread(
+                conn, plan_snapshot, job, options, signals, PgLedger(url, conn), conn, run_id
             )
-        return await asyncio.to_thread(_plan_and_enqueue, job, options, signals, url, conn, run_id)
+        return await _in_thread(conn, _plan_and_enqueue, job, options, signals, url, conn, run_id)
     except PushSyncError as exc:
         if exc.exit_code is ExitCode.BAD_JOB_OR_INPUT:
             with conn.transaction():
@@ -159,6 +188,21 @@ async def _plan(
                     "WHERE run_id = %s AND status = 'running'",
                     (time.time(), int(exc.exit_code), f"not planned: {redact(str(exc))}", run_id),
                 )
+        raise
+
+
+async def _in_thread(conn: Any, fn: Callable[..., _T], *args: Any) -> _T:
+    """``fn(*args)`` in a thread of its own that uses ``conn``, awaited; if the awaiting task is cancelled, the
+    thread keeps the connection and closes it when ``fn`` returns (it stops at the run's stop, which the runner
+    sets before it cancels: :func:`stop_planner`)."""
+    pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="pushsync-leader")
+    done = pool.submit(contextvars.copy_context().run, fn, *args)
+    pool.shutdown(wait=False)  # the thread ends once ``fn`` returns
+    try:
+        return await asyncio.wrap_future(done)  # cancelling it leaves a running ``fn`` running
+    except asyncio.CancelledError:
+        # Runs in the planning thread as it ends (or here, if it has ended already).
+        done.add_done_callback(lambda _: conn.close())
         raise
 
 

@@ -37,7 +37,7 @@ from sync.config import Job, SyncMode
 from sync.coordination._db import SCHEMA, Link, safe_message
 from sync.coordination._seams import WorkerOptions, WorkerOutcome, WorkerSignals
 from sync.coordination.budget import SharedBudgets
-from sync.coordination.leader import lead, until_listed
+from sync.coordination.leader import lead, stop_planner, until_listed
 from sync.coordination.ledger import PgLedger
 from sync.coordination.queue import Membership, QueueLanes, heartbeat, worker_id
 from sync.coordination.snapshot import commit_when_finished, snapshot_counts
@@ -122,9 +122,7 @@ async def run_coordinated(
                 report, planned = await _planning_done(run_id, ledger, report, planner)
             finally:
                 if not planner.done():
-                    planner.cancel()
-                    with contextlib.suppress(asyncio.CancelledError):
-                        await planner
+                    await stop_planner(planner, signals)
             committed = None
             if job.mode is SyncMode.SNAPSHOT and report.outcome is DispatchOutcome.COMPLETED:
                 # Once planning is done and before the run is recorded as ended: a new run of the job must
