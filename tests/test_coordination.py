@@ -1278,20 +1278,30 @@ def _stopped_while_reading(
 ) -> tuple[int, str, str]:
     """SIGTERM to the worker ``proc`` once its query of :data:`_SQL_USERS` sleeps in the server (and ``ready()``);
     its exit code, stdout and stderr."""
-    reading = (
-        "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'pushsync' AND state = 'active' "
-        "AND query LIKE '%pg_sleep%'"
-    )
     try:
-        deadline = time.monotonic() + 30
-        while postgres_server.sql(postgres_server.admin_url(), reading).strip() != "1" or not ready():
-            assert proc.poll() is None, proc.communicate()
-            assert time.monotonic() < deadline, "the worker never read the input (or was never ready)"
-            time.sleep(0.05)
+        _until_reading(postgres_server, proc, ready)
         proc.send_signal(signal.SIGTERM)
         return finish(proc, timeout=30)
     finally:
         proc.kill()
+
+
+_READING = (
+    "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'pushsync' AND state = 'active' "
+    "AND query LIKE '%pg_sleep%'"
+)
+"""How many of pushsync's queries of :data:`_SQL_USERS` sleep in the server."""
+
+
+def _until_reading(
+    postgres_server: PostgresServer, proc: subprocess.Popen[str], ready: Callable[[], bool] = lambda: True
+) -> None:
+    """Wait until the worker ``proc``'s query of :data:`_SQL_USERS` sleeps in the server (and ``ready()``)."""
+    deadline = time.monotonic() + 30
+    while postgres_server.sql(postgres_server.admin_url(), _READING).strip() != "1" or not ready():
+        assert proc.poll() is None, proc.communicate()
+        assert time.monotonic() < deadline, "the worker never read the input (or was never ready)"
+        time.sleep(0.05)
 
 
 @pytest.mark.parametrize("sent", [False, True], ids=["sent-nothing", "sent-some"])
@@ -1410,16 +1420,8 @@ def test_a_worker_whose_run_ends_while_it_leads_stops_its_planning_at_once_and_c
     postgres_server.sql(postgres_url, "UPDATE crm.knob SET pause = 30")
     env = {_CRM_ENV: postgres_url, "PUSHSYNC_DATABASE_URL": postgres_url}
     proc = worker(tmp_path, sandbox, postgres_url, "run", "job.yaml", "--progress", "none", env=env)
-    reading = (
-        "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'pushsync' AND state = 'active' "
-        "AND query LIKE '%pg_sleep%'"
-    )
     try:
-        deadline = time.monotonic() + 30
-        while postgres_server.sql(postgres_server.admin_url(), reading).strip() != "1":
-            assert proc.poll() is None, proc.communicate()
-            assert time.monotonic() < deadline, "the worker never read the input"
-            time.sleep(0.05)
+        _until_reading(postgres_server, proc)
         postgres_server.sql(
             postgres_url, "UPDATE pushsync.runs SET status = 'aborted', message = 'stopped by hand'"
         )
@@ -1431,7 +1433,7 @@ def test_a_worker_whose_run_ends_while_it_leads_stops_its_planning_at_once_and_c
     assert code == 2, (out, err[-3000:])  # the run's end is a state error, as before
     assert "ended (aborted) before it was planned: stopped by hand" in err, err[-3000:]
     assert took < 12, f"the worker took {took:.1f} s to exit: its planning thread read on"
-    assert postgres_server.sql(postgres_server.admin_url(), reading).strip() == "0"
+    assert postgres_server.sql(postgres_server.admin_url(), _READING).strip() == "0"
     assert "Traceback" not in err, err[-3000:]
 
 
