@@ -47,10 +47,12 @@ from tests.test_state import MANY, send, write_input
 USERS = 600
 
 
-def snapshot_job(tmp: Path, sandbox: NetmeraProcess) -> list[list[str]]:
-    """A snapshot-mode job of :data:`USERS` users in ``tmp`` for several workers; returns the users' rows."""
+def snapshot_job(tmp: Path, sandbox: NetmeraProcess, budget: str = "") -> list[list[str]]:
+    """A snapshot-mode job of :data:`USERS` users in ``tmp`` for several workers (``budget``: indented
+    ``dispatch`` lines, as :func:`coordinated_job`'s); returns the users' rows."""
     (tmp / "job.yaml").write_text(
-        coordinated_job(sandbox.url, name="snapscale", head="mode: snapshot\n"), encoding="utf-8"
+        coordinated_job(sandbox.url, name="snapscale", head="mode: snapshot\n", budget=budget),
+        encoding="utf-8",
     )
     return write_users(tmp, range(USERS))
 
@@ -62,7 +64,11 @@ def test_two_workers_converge_a_second_run_sends_nothing_and_a_change_sends_only
     postgres_url: str,
 ) -> None:
     sandbox = netmera_sandbox_process
-    rows = snapshot_job(tmp_path, sandbox)
+    # Paced (about 3 s of sending), so that both workers send whenever the second starts late on a loaded
+    # machine: unpaced, the first could send the whole run before the second had joined.
+    rows = snapshot_job(
+        tmp_path, sandbox, budget='  budget_groups: {account: {requests: 30, per: 1s, endpoints: ["*"]}}\n'
+    )
     procs = run_workers(tmp_path, sandbox, postgres_url, 2)
     results = [finish(p) for p in procs]
     for code, out, err in results:
@@ -266,7 +272,11 @@ def test_a_worker_killed_mid_run_the_other_finishes_and_commits_duplicates_stay_
     postgres_url: str,
 ) -> None:
     sandbox = netmera_sandbox_process
-    rows = snapshot_job(tmp_path, sandbox)
+    # Paced (about 3 s of sending), so that both workers send whenever the second starts late on a loaded
+    # machine: unpaced, the first could send the whole run before the second had joined.
+    rows = snapshot_job(
+        tmp_path, sandbox, budget='  budget_groups: {account: {requests: 30, per: 1s, endpoints: ["*"]}}\n'
+    )
     procs = run_workers(tmp_path, sandbox, postgres_url, 2)
     victim = kill_a_busy_worker(postgres_server, postgres_url, procs, share=5)
     (survivor,) = [p for p in procs if p is not victim]
