@@ -148,3 +148,21 @@ async def test_missing_or_wrong_keys_fail_clearly_and_write_nothing(
     err = capsys.readouterr().err
     assert "HTTP 403" in err and "a-wrong-key-4567" not in err
     assert not out.exists() and _files(tmp_path) == []  # not even a .partial file
+
+
+async def test_a_value_of_another_type_than_documented_is_a_platform_error_naming_it_not_a_crash(
+    netmera_sandbox: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from sync.sandboxes.netmera_records import Segment
+
+    # A platform that answers the id as text ("7") where Netmera documents a number: exit 5 and a traceback
+    # ("a bug in pushsync") before; now exit 3 naming the column and the value, and no file.
+    netmera_sandbox.sandbox.state.segments[7] = Segment("7", "buyers")  # type: ignore[arg-type]
+    monkeypatch.setenv("NETMERA_API_KEY", netmera_sandbox.api_key)
+    out = tmp_path / "segments.parquet"
+    common = ("--base-url", netmera_sandbox.url, "--progress", "none")
+    assert await cli("export", "segments", *common, "-o", str(out)) == 3
+    err = capsys.readouterr().err
+    assert "the platform answered '7' (str) for the column 'id', which holds int64" in err
+    assert "internal error" not in err and "Traceback" not in err
+    assert _files(tmp_path) == []

@@ -14,7 +14,7 @@ import pyarrow.parquet as pq
 import pytest
 from structlog.testing import capture_logs
 
-from sync.errors import BadInputError
+from sync.errors import BadInputError, PlatformError
 from sync.ledger.exporting import (
     ExportFormat,
     LogExportProgress,
@@ -155,3 +155,17 @@ def test_log_progress_lines_are_spaced_and_end_with_a_summary() -> None:
         ("export.done", 2000),
     ]
     assert logs[-1]["rows_per_second"] == 100.0
+
+
+async def test_a_page_whose_values_do_not_fit_the_columns_is_a_platform_error_naming_the_column(
+    tmp_path: Path,
+) -> None:
+    async def odd() -> AsyncIterator[P]:
+        yield P([{"token": "t0", "n": 0, "ok": True}])
+        yield P([{"token": "t1", "n": 1, "ok": True}, {"token": 12345, "n": 2**70, "ok": "yes"}])
+
+    out = tmp_path / "odd.csv"
+    with pytest.raises(PlatformError, match=r"page 2: .* 12345 \(int\) for the column 'token'") as caught:
+        await write_pages(odd(), out, SCHEMA, ExportFormat.CSV)
+    assert caught.value.exit_code == 3
+    assert not out.exists() and not _partials(tmp_path)

@@ -23,7 +23,7 @@ import pyarrow.csv as pa_csv
 import pyarrow.parquet as pq
 
 from sync._output import output_file
-from sync.errors import BadInputError
+from sync.errors import BadInputError, PlatformError, printable
 from sync.logs import get_logger
 
 __all__ = [
@@ -183,7 +183,12 @@ async def write_pages(
     try:
         with RowWriter(path, schema, fmt, row_group_rows=row_group_rows) as writer:
             async for page in pages:
-                writer.write(page.rows)
+                try:
+                    writer.write(page.rows)
+                except (pa.ArrowInvalid, pa.ArrowTypeError, OverflowError) as exc:
+                    # The rows are the platform's answer: a value of another type than documented (a number
+                    # where text is, "7" for an id) is the platform's doing — exit 3 naming it, not a crash.
+                    raise _misfit(page.rows, schema, count + 1) from exc
                 count += 1
                 if page.total is not None:
                     total = page.total
@@ -193,6 +198,23 @@ async def write_pages(
         if progress is not None:
             progress.close()
     return ExportResult(path, fmt, writer.rows, count, clock() - started)
+
+
+def _misfit(rows: Sequence[Mapping[str, Any]], schema: pa.Schema, page: int) -> PlatformError:
+    """The error for a page whose values do not fit the export's columns, naming the first column and value
+    that do not (found again column by column: Arrow's own message names neither)."""
+    for field in schema:
+        for row in rows:
+            value = row.get(field.name)
+            try:
+                pa.array([value], type=field.type)
+            except (pa.ArrowInvalid, pa.ArrowTypeError, OverflowError):
+                shown = printable(repr(value))[:80]
+                return PlatformError(
+                    f"page {page}: the platform answered {shown} ({type(value).__name__}) for the column "
+                    f"{field.name!r}, which holds {field.type}: not the documented shape; nothing was written"
+                )
+    return PlatformError(f"page {page}: the platform's answer does not fit the export's columns")
 
 
 class LogExportProgress:
