@@ -166,3 +166,43 @@ async def test_a_value_of_another_type_than_documented_is_a_platform_error_namin
     assert "the platform answered '7' (str) for the column 'id', which holds int64" in err
     assert "internal error" not in err and "Traceback" not in err
     assert _files(tmp_path) == []
+
+
+@pytest.mark.parametrize(
+    ("url", "reason"),
+    [
+        ("http://audit:pw-s3cr3t-9@{host}/rest/3.0/", "credentials may not be written in the URL"),
+        ("http://{host}/rest/3.0/?access_token=pw-s3cr3t-9", "takes no query string"),
+        ("ftp://{host}/rest/3.0/#pw-s3cr3t-9", "must be an http:// or https:// URL"),
+    ],
+)
+async def test_a_base_url_holding_credentials_or_not_http_is_refused_before_any_request_without_echoing_it(
+    netmera_sandbox: Any,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    url: str,
+    reason: str,
+) -> None:
+    # Before: accepted as given; the password was printed in the 404's message (exit 3), and an ftp:// URL was
+    # retried six times as a "connection failure". A job file's base_url was always held to these rules.
+    monkeypatch.setenv("NETMERA_API_KEY", netmera_sandbox.api_key)
+    host = netmera_sandbox.url.split("/")[2]
+    out = tmp_path / "segments.csv"
+    with pytest.raises(SystemExit) as exited:
+        await cli("export", "segments", "--base-url", url.format(host=host), "-o", str(out))
+    assert exited.value.code == 2
+    err = capsys.readouterr().err
+    assert reason in err and "pw-s3cr3t-9" not in err
+    assert netmera_sandbox.sandbox.stats.snapshot()["requests_total"] == 0 and _files(tmp_path) == []
+
+
+@pytest.mark.parametrize("seconds", ["inf", "nan", "0", "-1"])
+def test_a_timeout_that_is_not_a_positive_number_of_seconds_is_refused(
+    seconds: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # "inf" was an internal error (OverflowError, exit 5); "nan" and "-1" were taken, "0" meant the default.
+    with pytest.raises(SystemExit) as exited:
+        main(["export", "segments", "--base-url", "http://127.0.0.1:1/", "-o", "x.csv", "--timeout", seconds])
+    assert exited.value.code == 2
+    assert "must be a positive number of seconds" in capsys.readouterr().err

@@ -12,7 +12,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import math
 import os
+import urllib.parse
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +41,40 @@ def _positive(text: str) -> int:
     return value
 
 
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive number of seconds: {text!r}")
+    return value
+
+
+def _base_url(text: str) -> str:
+    """``--base-url`` held to a job file's rules for ``destination.base_url``. The value is never repeated in the
+    message: a URL refused for the credentials written in it would print them."""
+    try:
+        parts = urllib.parse.urlsplit(text.strip())
+        host = parts.hostname
+    except ValueError:
+        raise argparse.ArgumentTypeError("not a URL (the value is not shown)") from None
+    if parts.scheme not in ("http", "https") or not host:
+        raise argparse.ArgumentTypeError(
+            "must be an http:// or https:// URL with a host (the value is not shown)"
+        )
+    if "@" in parts.netloc:
+        raise argparse.ArgumentTypeError(
+            f"credentials may not be written in the URL (the value is not shown): the API key comes from "
+            f"${API_KEY_ENV}"
+        )
+    if parts.query or parts.fragment:
+        raise argparse.ArgumentTypeError(
+            "a base URL takes no query string or fragment: endpoints are appended to it (the value is not shown)"
+        )
+    return text.strip()
+
+
 def register(subparsers: Any) -> None:
     """Add ``export`` and its four subcommands."""
     common = argparse.ArgumentParser(add_help=False)
@@ -46,12 +82,14 @@ def register(subparsers: Any) -> None:
     where.add_argument(
         "--job", type=Path, help="a job file: its destination, secret, retry policy and time-out"
     )
-    where.add_argument("--base-url", help=f"the Netmera REST API 3.0 base URL (API key from ${API_KEY_ENV})")
+    where.add_argument(
+        "--base-url", type=_base_url, help=f"the Netmera REST API 3.0 base URL (API key from ${API_KEY_ENV})"
+    )
     common.add_argument("-o", "--out", type=Path, required=True, help="the file to write")
     common.add_argument(
         "--format", choices=["parquet", "csv"], help="default: from the file name (.csv → csv, else parquet)"
     )
-    common.add_argument("--timeout", type=float, help="seconds per request (default: the job's, else 30)")
+    common.add_argument("--timeout", type=_seconds, help="seconds per request (default: the job's, else 30)")
     common.add_argument("--progress", choices=["auto", "bar", "log", "none"], default="auto")
     common.add_argument("--output", choices=["text", "json"], default="text", help="summary format on stdout")
 
