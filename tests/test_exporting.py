@@ -55,8 +55,9 @@ class Seen:
     def on_rows(self, written: int, total: int | None) -> None:
         self.calls.append((written, total))
 
-    def close(self) -> None:
+    def close(self, *, completed: bool = True) -> None:
         self.closed = True
+        self.completed = completed
 
 
 @pytest.mark.parametrize("fmt", list(ExportFormat))
@@ -169,3 +170,23 @@ async def test_a_page_whose_values_do_not_fit_the_columns_is_a_platform_error_na
         await write_pages(odd(), out, SCHEMA, ExportFormat.CSV)
     assert caught.value.exit_code == 3
     assert not out.exists() and not _partials(tmp_path)
+
+
+async def test_a_failed_export_logs_stopped_not_done(tmp_path: Path) -> None:
+    # A failed or interrupted export logged "export.done" (rows so far, info) after its file was removed:
+    # a scheduler's log said done for an export that wrote nothing.
+    with capture_logs() as logs, pytest.raises(RuntimeError):
+        await write_pages(
+            pages(5, 100, fail_at=3),
+            tmp_path / "x.csv",
+            SCHEMA,
+            ExportFormat.CSV,
+            progress=LogExportProgress("t"),
+        )
+    assert [(e["event"], e["log_level"], e["rows"]) for e in logs] == [("export.stopped", "warning", 300)]
+    assert logs[0]["written"] is False
+    with capture_logs() as logs:
+        await write_pages(
+            pages(2, 10), tmp_path / "x.csv", SCHEMA, ExportFormat.CSV, progress=LogExportProgress("t")
+        )
+    assert [(e["event"], e["rows"]) for e in logs] == [("export.done", 20)]

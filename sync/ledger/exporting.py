@@ -63,11 +63,12 @@ class PageLike(Protocol):
 
 
 class ExportProgress(Protocol):
-    """Told after each page is written: rows so far and the expected total (None when unknown)."""
+    """Told after each page is written: rows so far and the expected total (None when unknown); closed with
+    ``completed`` False when the export failed or was interrupted (its file was not written)."""
 
     def on_rows(self, written: int, total: int | None) -> None: ...
 
-    def close(self) -> None: ...
+    def close(self, *, completed: bool = True) -> None: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -180,6 +181,7 @@ async def write_pages(
     started = clock()
     count = 0
     total: int | None = None
+    completed = False
     try:
         with RowWriter(path, schema, fmt, row_group_rows=row_group_rows) as writer:
             async for page in pages:
@@ -194,9 +196,10 @@ async def write_pages(
                     total = page.total
                 if progress is not None:
                     progress.on_rows(writer.rows, total)
+        completed = True  # the file is in place
     finally:
         if progress is not None:
-            progress.close()
+            progress.close(completed=completed)
     return ExportResult(path, fmt, writer.rows, count, clock() - started)
 
 
@@ -218,7 +221,9 @@ def _misfit(rows: Sequence[Mapping[str, Any]], schema: pa.Schema, page: int) -> 
 
 
 class LogExportProgress:
-    """One structlog ``export.progress`` line every ``every`` seconds, and one at the end."""
+    """One structlog ``export.progress`` line every ``every`` seconds, and one at the end: ``export.done`` when
+    the file was written, ``export.stopped`` (a warning) when the export failed or was interrupted — a
+    scheduler's log must not say "done" for an export that left no file."""
 
     def __init__(self, what: str, *, every: float = 5.0, clock: Callable[[], float] = time.monotonic) -> None:
         self._log = get_logger(export=what)
@@ -239,10 +244,12 @@ class LogExportProgress:
     def _rate(self, now: float) -> float:
         return round(self._rows / max(now - self._started, 1e-9), 1)
 
-    def close(self) -> None:
-        self._log.info(
-            "export.done", rows=self._rows, total=self._total, rows_per_second=self._rate(self._clock())
-        )
+    def close(self, *, completed: bool = True) -> None:
+        fields = {"rows": self._rows, "total": self._total, "rows_per_second": self._rate(self._clock())}
+        if completed:
+            self._log.info("export.done", **fields)
+        else:
+            self._log.warning("export.stopped", **fields, written=False)
 
 
 class _BarExportProgress:
@@ -265,7 +272,7 @@ class _BarExportProgress:
     def on_rows(self, written: int, total: int | None) -> None:
         self._progress.update(self._task, completed=written, total=total)
 
-    def close(self) -> None:
+    def close(self, *, completed: bool = True) -> None:
         self._progress.stop()
 
 
