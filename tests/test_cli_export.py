@@ -206,3 +206,21 @@ def test_a_timeout_that_is_not_a_positive_number_of_seconds_is_refused(
         main(["export", "segments", "--base-url", "http://127.0.0.1:1/", "-o", "x.csv", "--timeout", seconds])
     assert exited.value.code == 2
     assert "must be a positive number of seconds" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("out", ["", ".", "/"])
+async def test_an_output_path_naming_a_directory_without_a_file_name_is_exit_2_not_a_crash(
+    netmera_sandbox: Any,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    out: str,
+) -> None:
+    # `-o .` (or '' or /) was an internal error: "ValueError: PosixPath('.') has an empty name", exit 5.
+    monkeypatch.setenv("NETMERA_API_KEY", netmera_sandbox.api_key)
+    monkeypatch.chdir(tmp_path)
+    code = await cli("export", "segments", "--base-url", netmera_sandbox.url, "--progress", "none", "-o", out)
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "is a directory" in err and "internal error" not in err
+    assert _files(tmp_path) == []

@@ -104,8 +104,10 @@ class RowWriter:
         self.schema = schema
         self.format = fmt
         self.rows = 0
-        self._target = path  # the file renamed over at the end (a symlink's file: set on entering)
-        self._partial = path.with_name(path.name + ".partial")
+        # Both set on entering, from the file a symlink names: a path with no name (``.``, ``/``, an empty
+        # ``-o ''``) has no sibling to name here, and is refused there as a directory.
+        self._target = path  # the file renamed over at the end
+        self._partial = path  # where the rows go until then
         self._row_group_rows = row_group_rows
         self._buffer: list[pa.RecordBatch] = []  # batches not yet written, fewer than row_group_rows rows
         self._buffered = 0
