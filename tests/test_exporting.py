@@ -190,3 +190,14 @@ async def test_a_failed_export_logs_stopped_not_done(tmp_path: Path) -> None:
             pages(2, 10), tmp_path / "x.csv", SCHEMA, ExportFormat.CSV, progress=LogExportProgress("t")
         )
     assert [(e["event"], e["rows"]) for e in logs] == [("export.done", 20)]
+
+
+def test_a_name_that_says_compressed_needs_a_declared_format() -> None:
+    # "tokens.csv.gz" got a Parquet file (the summary said "parquet" in passing; zcat failed on it).
+    with pytest.raises(BadInputError, match=r"tokens\.csv\.gz: the name says compressed \(\.gz\)"):
+        format_for(Path("tokens.csv.gz"))
+    with pytest.raises(BadInputError, match="the name says compressed"):
+        format_for(Path("tokens.ZST"))
+    assert format_for(Path("tokens.csv.gz"), "parquet") is ExportFormat.PARQUET
+    assert format_for(Path("crm.csv.parquet")) is ExportFormat.PARQUET  # the last suffix decides
+    assert format_for(Path("v1.2.csv")) is ExportFormat.CSV

@@ -45,11 +45,26 @@ class ExportFormat(StrEnum):
     CSV = "csv"
 
 
+_COMPRESSED = frozenset({".gz", ".gzip", ".bz2", ".xz", ".zst", ".zstd", ".zip", ".lz4", ".br", ".z"})
+
+
 def format_for(path: Path, declared: str | None = None) -> ExportFormat:
-    """The declared format, else the one the file name says (``.csv`` → CSV, anything else → Parquet)."""
+    """The declared format, else the one the file name says (``.csv``/``.txt`` → CSV, anything else → Parquet).
+
+    A name ending in a compression suffix (``tokens.csv.gz``) is refused unless the format is declared: read as
+    "anything else" it got a Parquet file, which ``zcat`` or a CSV reader then fails on."""
     if declared:
         return ExportFormat(declared)
-    return ExportFormat.CSV if path.suffix.lower() in (".csv", ".txt") else ExportFormat.PARQUET
+    suffix = path.suffix.lower()
+    if suffix in (".csv", ".txt"):
+        return ExportFormat.CSV
+    if suffix in _COMPRESSED:
+        raise BadInputError(
+            str(path),
+            f"the name says compressed ({path.suffix}): compressed files are not written — name the file .csv "
+            "or .parquet (Parquet is compressed already, zstd), or give --format csv|parquet",
+        )
+    return ExportFormat.PARQUET
 
 
 class PageLike(Protocol):
