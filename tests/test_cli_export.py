@@ -224,3 +224,24 @@ async def test_an_output_path_naming_a_directory_without_a_file_name_is_exit_2_n
     err = capsys.readouterr().err
     assert "is a directory" in err and "internal error" not in err
     assert _files(tmp_path) == []
+
+
+async def test_each_retry_is_logged_as_it_happens_with_the_status_and_the_wait(
+    netmera_sandbox: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Retries were silent: an export waiting out a long Retry-After or a platform answering 503 said nothing
+    # until it ended (no progress line comes between two pages), and looked hung.
+    netmera_sandbox.sandbox.state.add_synthetic(300, 1)
+    netmera_sandbox.sandbox.configure(faults=FaultSpec(error_503=0.5), seed=3)
+    monkeypatch.setenv("AUDIT_NETMERA_KEY", netmera_sandbox.api_key)
+    job = str(_job(tmp_path, netmera_sandbox.url))
+    out = str(tmp_path / "d.csv")
+    argv = ("--log-level", "warning", "--log-json", "export", "device-tokens", "--job", job, "-o", out)
+    assert await cli(*argv, "--page-size", "100", "--progress", "none") == 0
+    lines = [json.loads(line) for line in capsys.readouterr().err.splitlines() if line.startswith("{")]
+    retries = [line for line in lines if line["event"] == "export.retry"]
+    assert retries and len(retries) == netmera_sandbox.sandbox.stats.faults()
+    first = retries[0]
+    assert first["level"] == "warning" and first["status"] == 503 and first["max_attempts"] == 10
+    assert "getDeviceTokens: HTTP 503" in first["error"] and 0 <= first["retry_in_seconds"] <= 0.05
+    assert netmera_sandbox.api_key not in json.dumps(lines)

@@ -150,6 +150,7 @@ async def _export(args: argparse.Namespace) -> Any:
 
     from sync.config import Destination, RetryPolicy, load_job, resolve_secret
     from sync.ledger.exporting import format_for, iter_id_chunks, make_export_progress, write_pages
+    from sync.logs import get_logger
     from sync.platforms.netmera.client import NetmeraClient
     from sync.platforms.netmera.reads import (
         ReadSettings,
@@ -171,7 +172,20 @@ async def _export(args: argparse.Namespace) -> Any:
             raise SecretError(f"environment variable {API_KEY_ENV} is not set or empty")
         retry, timeout = RetryPolicy(), 30.0
     fmt = format_for(args.out, args.format)
-    settings = ReadSettings(retry=retry)
+    log = get_logger(export=_WHAT[args.what])
+
+    def on_retry(attempt: int, error: Any, delay: float) -> None:
+        # Said as it happens: a Retry-After of minutes, or a platform down, otherwise looks like a hung export.
+        log.warning(
+            "export.retry",
+            attempt=attempt,
+            max_attempts=retry.max_attempts,
+            status=error.status,
+            error=str(error),
+            retry_in_seconds=round(delay, 2),
+        )
+
+    settings = ReadSettings(retry=retry, on_retry=on_retry)
     progress = make_export_progress(_WHAT[args.what], args.progress)
     string, boolean, integer = pa.string(), pa.bool_(), pa.int64()
     async with NetmeraClient(destination, api_key, timeout=args.timeout or timeout) as client:
