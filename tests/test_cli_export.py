@@ -245,3 +245,19 @@ async def test_each_retry_is_logged_as_it_happens_with_the_status_and_the_wait(
     assert first["level"] == "warning" and first["status"] == 503 and first["max_attempts"] == 10
     assert "getDeviceTokens: HTTP 503" in first["error"] and 0 <= first["retry_in_seconds"] <= 0.05
     assert netmera_sandbox.api_key not in json.dumps(lines)
+
+
+async def test_a_job_of_another_platform_is_refused_before_its_key_is_sent(
+    netmera_sandbox: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # A NotifyVisitors job was exported from as if it were Netmera's: its key went out as X-netmera-api-key to
+    # the job's base URL (exit 0 here, where that URL is a Netmera sandbox; a 404 against NotifyVisitors).
+    text = (Path(__file__).parents[1] / "jobs" / "notifyvisitors.yaml").read_text(encoding="utf-8")
+    job = tmp_path / "nv.yaml"
+    job.write_text(text.replace("http://127.0.0.1:8081/api/v1/", netmera_sandbox.url), encoding="utf-8")
+    monkeypatch.setenv("NOTIFYVISITORS_API_KEY", netmera_sandbox.api_key)
+    out = tmp_path / "tokens.csv"
+    assert await cli("export", "device-tokens", "--job", str(job), "-o", str(out), "--progress", "none") == 2
+    err = capsys.readouterr().err
+    assert "destination.platform: is notifyvisitors: pushsync export reads Netmera only" in err
+    assert netmera_sandbox.sandbox.stats.snapshot()["requests_total"] == 0 and not out.exists()

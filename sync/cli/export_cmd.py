@@ -18,7 +18,7 @@ import urllib.parse
 from pathlib import Path
 from typing import Any
 
-from sync.errors import ExitCode, SecretError
+from sync.errors import BadJobError, ExitCode, JobProblem, SecretError
 
 __all__ = ["API_KEY_ENV", "register"]
 
@@ -163,6 +163,19 @@ async def _export(args: argparse.Namespace) -> Any:
     if args.job is not None:
         job = load_job(args.job)
         destination = job.destination
+        if destination.platform != "netmera":
+            # Its key would go out as Netmera's header, to that platform's address, for an answer that is no
+            # Netmera read's.
+            raise BadJobError(
+                str(args.job),
+                [
+                    JobProblem(
+                        "destination.platform",
+                        f"is {destination.platform}: pushsync export reads Netmera only; give a Netmera job, "
+                        f"or --base-url with ${API_KEY_ENV}",
+                    )
+                ],
+            )
         api_key = resolve_secret(destination)
         retry, timeout = job.dispatch.retry, job.dispatch.request_timeout
     else:
