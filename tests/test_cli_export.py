@@ -261,3 +261,25 @@ async def test_a_job_of_another_platform_is_refused_before_its_key_is_sent(
     err = capsys.readouterr().err
     assert "destination.platform: is notifyvisitors: pushsync export reads Netmera only" in err
     assert netmera_sandbox.sandbox.stats.snapshot()["requests_total"] == 0 and not out.exists()
+
+
+@pytest.mark.parametrize("key", ["first-half-1234\nsecond-half-5678", "first-half-1234\x01second-half"])
+async def test_a_key_in_the_environment_with_a_line_break_inside_is_exit_2_not_a_crash(
+    netmera_sandbox: Any,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    key: str,
+) -> None:
+    # With --base-url, $NETMERA_API_KEY went to aiohttp as it was: "internal error: ValueError: Forbidden control
+    # character detected in headers", a traceback, exit 5. A job's key was always refused by resolve_secret.
+    monkeypatch.setenv("NETMERA_API_KEY", key)
+    out = tmp_path / "segments.csv"
+    code = await cli(
+        "export", "segments", "--base-url", netmera_sandbox.url, "-o", str(out), "--progress", "none"
+    )
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "environment variable NETMERA_API_KEY holds" in err and "the value is not shown" in err
+    assert "internal error" not in err and "half" not in err
+    assert netmera_sandbox.sandbox.stats.snapshot()["requests_total"] == 0 and _files(tmp_path) == []

@@ -13,12 +13,11 @@ import argparse
 import asyncio
 import json
 import math
-import os
 import urllib.parse
 from pathlib import Path
 from typing import Any
 
-from sync.errors import BadJobError, ExitCode, JobProblem, SecretError
+from sync.errors import BadJobError, ExitCode, JobProblem
 
 __all__ = ["API_KEY_ENV", "register"]
 
@@ -179,10 +178,10 @@ async def _export(args: argparse.Namespace) -> Any:
         api_key = resolve_secret(destination)
         retry, timeout = job.dispatch.retry, job.dispatch.request_timeout
     else:
-        destination = Destination("netmera", args.base_url)
-        api_key = os.environ.get(API_KEY_ENV, "").strip()
-        if not api_key:
-            raise SecretError(f"environment variable {API_KEY_ENV} is not set or empty")
+        destination = Destination("netmera", args.base_url, secret_env=API_KEY_ENV)
+        # A job's reader: a key with a line break or a control character inside is refused (exit 2), never
+        # handed to aiohttp, which raises on it as a header injection (an internal error, exit 5).
+        api_key = resolve_secret(destination)
         retry, timeout = RetryPolicy(), 30.0
     fmt = format_for(args.out, args.format)
     log = get_logger(export=_WHAT[args.what])
