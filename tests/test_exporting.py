@@ -201,3 +201,20 @@ def test_a_name_that_says_compressed_needs_a_declared_format() -> None:
     assert format_for(Path("tokens.csv.gz"), "parquet") is ExportFormat.PARQUET
     assert format_for(Path("crm.csv.parquet")) is ExportFormat.PARQUET  # the last suffix decides
     assert format_for(Path("v1.2.csv")) is ExportFormat.CSV
+
+
+async def test_an_export_written_again_keeps_the_permissions_of_the_file_it_replaces(tmp_path: Path) -> None:
+    # The file was renamed over with the umask's mode: a private export (chmod 600, e-mails and phone numbers)
+    # came back readable by everyone (644) when written again.
+    out = tmp_path / "users.csv"
+    out.write_text("an older export")
+    out.chmod(0o600)
+    await write_pages(pages(2, 10), out, SCHEMA, ExportFormat.CSV)
+    assert pl.read_csv(out).height == 20 and (out.stat().st_mode & 0o777) == 0o600
+    fresh = tmp_path / "fresh.parquet"
+    old_umask = os.umask(0o027)
+    try:
+        await write_pages(pages(1, 10), fresh, SCHEMA, ExportFormat.PARQUET)
+    finally:
+        os.umask(old_umask)
+    assert (fresh.stat().st_mode & 0o777) == 0o640  # a new file: the umask's

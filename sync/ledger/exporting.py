@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import stat
 import sys
 import time
 from collections.abc import AsyncIterable, Callable, Iterator, Mapping, Sequence
@@ -138,6 +139,7 @@ class RowWriter:
                 self._writer = pq.ParquetWriter(self._partial, self.schema, compression="zstd")
             else:
                 self._writer = pa_csv.CSVWriter(self._partial, self.schema)
+            _keep_mode(target, self._partial)
         except OSError as exc:
             raise BadInputError(str(self.path), f"cannot write the export: {exc.strerror or exc}") from exc
         return self
@@ -182,6 +184,17 @@ class RowWriter:
             self._writer.write_table(table)
         except OSError as exc:
             raise BadInputError(str(self.path), f"cannot write the export: {exc.strerror or exc}") from exc
+
+
+def _keep_mode(target: Path, partial: Path) -> None:
+    """Give ``partial`` the permissions of the file it will replace, as ``>`` or ``cp`` over a file keep them: an
+    export of e-mails and phone numbers made private (``chmod 600``) must not come back readable by everyone
+    (the umask's 644) when it is written again. A new file keeps the umask's."""
+    try:
+        mode = stat.S_IMODE(target.stat().st_mode)
+    except FileNotFoundError:
+        return
+    os.chmod(partial, mode)
 
 
 async def write_pages(
