@@ -218,3 +218,18 @@ async def test_an_export_written_again_keeps_the_permissions_of_the_file_it_repl
     finally:
         os.umask(old_umask)
     assert (fresh.stat().st_mode & 0o777) == 0o640  # a new file: the umask's
+
+
+def test_two_exports_to_one_file_at_once_each_write_a_whole_file_of_their_own(tmp_path: Path) -> None:
+    # Both wrote into one shared "<name>.partial": the first to finish renamed it into place while the other
+    # still wrote into it (seen with two CLI exports: one said "wrote 2 device tokens", exit 0, and the file held
+    # 236,002 rows of both), and the other then failed "No such file or directory".
+    out = tmp_path / "tokens.csv"
+    with RowWriter(out, SCHEMA, ExportFormat.CSV) as slow:
+        slow.write([{"token": "slow-1", "n": 1, "ok": True}])
+        with RowWriter(out, SCHEMA, ExportFormat.CSV, row_group_rows=1) as quick:
+            quick.write([{"token": "quick", "n": 0, "ok": False}])
+        assert pl.read_csv(out)["token"].to_list() == ["quick"]
+        slow.write([{"token": "slow-2", "n": 2, "ok": True}])
+    assert pl.read_csv(out)["token"].to_list() == ["slow-1", "slow-2"]
+    assert not _partials(tmp_path)

@@ -3,13 +3,15 @@
 :func:`write_pages` consumes an async stream of pages (lists of dict rows) and appends them with pyarrow's
 incremental writers (:class:`pyarrow.parquet.ParquetWriter`, :class:`pyarrow.csv.CSVWriter`), so memory holds at
 most one row group (``row_group_rows``) whatever the export's size. The file appears complete or not at all:
-rows go to ``<name>.partial`` which is renamed over the target only when the stream ended without error.
+rows go to ``<name>.<random>.partial`` (one per writer) which is renamed over the target only when the stream ended
+without error.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import secrets
 import stat
 import sys
 import time
@@ -132,15 +134,20 @@ class RowWriter:
     def __enter__(self) -> RowWriter:
         # A symlink's file, not the link, is replaced; a device or a directory is refused (sync._output).
         target = output_file(self.path)
-        self._target, self._partial = target, target.with_name(target.name + ".partial")
+        self._target = target
+        reserved: Path | None = None
         try:
             target.parent.mkdir(parents=True, exist_ok=True)
+            self._partial = reserved = _reserve_partial(target)
             if self.format is ExportFormat.PARQUET:
                 self._writer = pq.ParquetWriter(self._partial, self.schema, compression="zstd")
             else:
                 self._writer = pa_csv.CSVWriter(self._partial, self.schema)
             _keep_mode(target, self._partial)
         except OSError as exc:
+            if reserved is not None:  # __exit__ does not run when __enter__ raises
+                with contextlib.suppress(OSError):
+                    reserved.unlink(missing_ok=True)
             raise BadInputError(str(self.path), f"cannot write the export: {exc.strerror or exc}") from exc
         return self
 
@@ -184,6 +191,22 @@ class RowWriter:
             self._writer.write_table(table)
         except OSError as exc:
             raise BadInputError(str(self.path), f"cannot write the export: {exc.strerror or exc}") from exc
+
+
+def _reserve_partial(target: Path) -> Path:
+    """A new file of this writer's own beside ``target`` (``<name>.<random>.partial``), created empty.
+
+    One shared ``<name>.partial`` let two exports to the same file (an hourly cron whose last run is still
+    going) write into one file: the first to finish renamed it into place while the other still wrote into it,
+    so the file that looked complete mixed both. Created with ``O_EXCL``, not ``mkstemp``: the umask's mode
+    (mkstemp's is 0600), as for any file the user writes."""
+    while True:
+        partial = target.with_name(f"{target.name}.{secrets.token_hex(4)}.partial")
+        try:
+            os.close(os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+        except FileExistsError:
+            continue
+        return partial
 
 
 def _keep_mode(target: Path, partial: Path) -> None:
