@@ -283,3 +283,22 @@ async def test_a_key_in_the_environment_with_a_line_break_inside_is_exit_2_not_a
     assert "environment variable NETMERA_API_KEY holds" in err and "the value is not shown" in err
     assert "internal error" not in err and "half" not in err
     assert netmera_sandbox.sandbox.stats.snapshot()["requests_total"] == 0 and _files(tmp_path) == []
+
+
+async def test_a_text_id_file_with_a_byte_order_mark_finds_its_first_user(
+    netmera_sandbox: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Notepad's "UTF-8 with BOM": the BOM was read as part of the first ID, so that user came out found=false.
+    state = netmera_sandbox.sandbox.state
+    state.load({"users": [{"extId": "c1", "profile": {"city": "Izmir"}}, {"extId": "c2"}]})
+    ids = tmp_path / "ids.txt"
+    ids.write_bytes(b"\xef\xbb\xbfc1\r\nc2\r\n")
+    monkeypatch.setenv("NETMERA_API_KEY", netmera_sandbox.api_key)
+    out = tmp_path / "p.parquet"
+    common = ("--base-url", netmera_sandbox.url, "--progress", "none", "-o", str(out))
+    assert await cli("export", "profiles", "--ids", str(ids), *common) == 0
+    rows = pl.read_parquet(out).select("extId", "found", "profile").to_dicts()
+    assert rows == [
+        {"extId": "c1", "found": True, "profile": '{"city": "Izmir"}'},
+        {"extId": "c2", "found": True, "profile": "{}"},
+    ]

@@ -375,7 +375,8 @@ def iter_id_chunks(path: Path, column: str | None = None, *, chunk: int = 1000) 
                 for batch in reader:
                     yield from take(iter(batch.column(0).to_pylist()))
         else:
-            with path.open(encoding="utf-8") as fh:
+            # utf-8-sig: a BOM (Notepad's "UTF-8 with BOM") is not part of the first ID.
+            with path.open(encoding="utf-8-sig") as fh:
                 yield from take(iter(fh))
     except (OSError, pa.ArrowInvalid, UnicodeDecodeError) as exc:
         raise BadInputError(str(path), f"cannot read the IDs: {exc}") from exc
