@@ -3,8 +3,9 @@ or CSV, so users can audit the platform against their CRM.
 
 The platform is named by ``--job JOB`` (its destination, secret, retry policy and time-out) or by ``--base-url``
 with the API key in ``$NETMERA_API_KEY``. The file is written page by page (memory bounded) and appears only
-when complete. Exit codes: 0 written · 2 bad job, secret or ID file · 3 the platform refused (401/403...) or
-stayed unreachable after the retries.
+when complete. Exit codes: 0 written · 2 bad job (or another platform's), secret, option, output or ID file ·
+3 the platform refused (401/403...), stayed unreachable after the retries, or answered another shape than
+documented.
 """
 
 from __future__ import annotations
