@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import polars as pl
+import pyarrow as pa
 import pytest
 
 from sync.cli import main
@@ -302,3 +303,36 @@ async def test_a_text_id_file_with_a_byte_order_mark_finds_its_first_user(
         {"extId": "c1", "found": True, "profile": '{"city": "Izmir"}'},
         {"extId": "c2", "found": True, "profile": "{}"},
     ]
+
+
+async def test_an_export_during_which_the_platform_changed_says_its_total_changed(
+    netmera_sandbox: Any, tmp_path: Path
+) -> None:
+    # 1,000 users deleted while 300,000 devices were paged by offset: every later page shifted, 1,000 devices
+    # that still existed were never read, the file held 299,000 rows (the new total, so it looked right) and the
+    # export said nothing. Now the result says the total changed (the CLI warns; --output json has it).
+    from sync.config import Destination
+    from sync.ledger.exporting import ExportFormat, write_pages
+    from sync.platforms.netmera.client import NetmeraClient
+    from sync.platforms.netmera.reads import device_token_pages
+
+    state = netmera_sandbox.sandbox.state
+    state.add_synthetic(300, 1)
+    async with NetmeraClient(Destination("netmera", netmera_sandbox.url), netmera_sandbox.api_key) as client:
+
+        async def pages_while_users_leave() -> Any:
+            async for page in device_token_pages(client, page_size=100):
+                yield page
+                if page.offset == 0:
+                    state.delete_users({f"u{i}" for i in range(10)})  # already read: later pages shift by 10
+
+        schema = pa.schema([(c, pa.string()) for c in ("platform", "token", "deviceModel")])
+        schema = schema.append(pa.field("pushPermitted", pa.bool_()))
+        result = await write_pages(pages_while_users_leave(), tmp_path / "d.csv", schema, ExportFormat.CSV)
+    assert result.rows == 290 and result.total_changed == (300, 290)
+    assert result.to_dict()["total_changed"] == {"start": 300, "end": 290}
+    # A platform that did not change: nothing said.
+    async with NetmeraClient(Destination("netmera", netmera_sandbox.url), netmera_sandbox.api_key) as client:
+        pages = device_token_pages(client, page_size=100)
+        again = await write_pages(pages, tmp_path / "e.csv", schema, ExportFormat.CSV)
+    assert again.rows == 290 and again.total_changed is None and "total_changed" not in again.to_dict()

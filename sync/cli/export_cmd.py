@@ -14,6 +14,7 @@ import argparse
 import asyncio
 import json
 import math
+import sys
 import urllib.parse
 from pathlib import Path
 from typing import Any
@@ -135,6 +136,14 @@ def register(subparsers: Any) -> None:
 
 def _run(args: argparse.Namespace) -> int:
     result = asyncio.run(_export(args))
+    if result.total_changed is not None:
+        start, end = result.total_changed
+        print(
+            f"pushsync: warning: the platform's total changed during the export ({start} at the start, {end} at "
+            "the end): paging by offset may have skipped or repeated rows where it changed; export again at a "
+            "quieter time for a consistent file",
+            file=sys.stderr,
+        )
     if args.output == "json":
         print(json.dumps({"what": args.what, **result.to_dict()}, indent=2))
     else:

@@ -71,7 +71,8 @@ def format_for(path: Path, declared: str | None = None) -> ExportFormat:
 
 
 class PageLike(Protocol):
-    """What :func:`write_pages` reads from a page: its rows and, when known, the total to expect."""
+    """What :func:`write_pages` reads from a page: its rows and, when known, the platform's total at that page
+    (the whole export's, the same on every page unless the platform changed meanwhile)."""
 
     @property
     def rows(self) -> list[dict[str, Any]]: ...
@@ -98,15 +99,21 @@ class ExportResult:
     rows: int
     pages: int
     seconds: float
+    total_changed: tuple[int, int] | None = None
+    """The platform's total on the first page and on the last, when they differ: the platform changed during
+    the export, and paging by offset may have skipped or repeated rows where it changed."""
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        out: dict[str, Any] = {
             "path": str(self.path),
             "format": str(self.format),
             "rows": self.rows,
             "pages": self.pages,
             "seconds": round(self.seconds, 3),
         }
+        if self.total_changed is not None:
+            out["total_changed"] = {"start": self.total_changed[0], "end": self.total_changed[1]}
+        return out
 
 
 class RowWriter:
@@ -234,6 +241,7 @@ async def write_pages(
     started = clock()
     count = 0
     total: int | None = None
+    first_total: int | None = None
     completed = False
     try:
         with RowWriter(path, schema, fmt, row_group_rows=row_group_rows) as writer:
@@ -247,13 +255,21 @@ async def write_pages(
                 count += 1
                 if page.total is not None:
                     total = page.total
+                    first_total = total if first_total is None else first_total
                 if progress is not None:
                     progress.on_rows(writer.rows, total)
         completed = True  # the file is in place
     finally:
         if progress is not None:
             progress.close(completed=completed)
-    return ExportResult(path, fmt, writer.rows, count, clock() - started)
+    # Offset paging over a platform that changed meanwhile (users deleted, devices added) shifts every later
+    # page: rows are skipped or repeated while the count can still look right, so say it.
+    changed = (
+        (first_total, total)
+        if first_total is not None and total is not None and first_total != total
+        else None
+    )
+    return ExportResult(path, fmt, writer.rows, count, clock() - started, changed)
 
 
 def _misfit(rows: Sequence[Mapping[str, Any]], schema: pa.Schema, page: int) -> PlatformError:
