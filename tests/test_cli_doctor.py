@@ -3,8 +3,11 @@ platform's own client, against the sandboxes (good key, wrong key, closed port, 
 
 from __future__ import annotations
 
+import contextlib
+import http.server
 import json
 import socket
+import threading
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -162,3 +165,45 @@ def test_doctor_on_forms_on_fire_checks_reachability_and_says_the_key_is_not_che
         assert "fof-doctor-key-0123456789" not in captured.out + captured.err
     finally:
         stop_sandbox_process(process)
+
+
+@pytest.mark.parametrize("body", [b"", b"{}", b'{"status": "ok"}', b"[]"])
+def test_doctor_says_a_base_url_answering_200_without_netmeras_answer_is_not_usable(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], body: bytes
+) -> None:
+    # Another service behind the base URL (a catch-all proxy, a health endpoint) answering 200 to any path:
+    # doctor said "OK — the key and the base URL are accepted", and the run or export then failed on it.
+    with _another_service(body) as url:
+        monkeypatch.chdir(tmp_path)
+        (tmp_path / "job.yaml").write_text(job_text(url, "changes"), encoding="utf-8")
+        write_users(tmp_path, range(5))
+        monkeypatch.setenv("NETMERA_API_KEY", "some-key-0123456789abcdef")
+        assert main(["doctor", "job.yaml"]) == 3
+    captured = capsys.readouterr()
+    assert "not usable" in captured.err and "without a devices list" in captured.err
+    assert "OK" not in captured.out and "some-key-0123456789abcdef" not in captured.err
+
+
+@contextlib.contextmanager
+def _another_service(body: bytes) -> Iterator[str]:
+    """A plain HTTP server (not Netmera) answering 200 with ``body`` to every GET; yields its base URL."""
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *_args: object) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}/rest/3.0/"
+    finally:
+        server.shutdown()
+        server.server_close()

@@ -14,7 +14,7 @@ import pyarrow.parquet as pq
 import pytest
 from structlog.testing import capture_logs
 
-from sync.errors import BadInputError
+from sync.errors import BadInputError, PlatformError
 from sync.ledger.exporting import (
     ExportFormat,
     LogExportProgress,
@@ -55,8 +55,9 @@ class Seen:
     def on_rows(self, written: int, total: int | None) -> None:
         self.calls.append((written, total))
 
-    def close(self) -> None:
+    def close(self, *, completed: bool = True) -> None:
         self.closed = True
+        self.completed = completed
 
 
 @pytest.mark.parametrize("fmt", list(ExportFormat))
@@ -155,3 +156,80 @@ def test_log_progress_lines_are_spaced_and_end_with_a_summary() -> None:
         ("export.done", 2000),
     ]
     assert logs[-1]["rows_per_second"] == 100.0
+
+
+async def test_a_page_whose_values_do_not_fit_the_columns_is_a_platform_error_naming_the_column(
+    tmp_path: Path,
+) -> None:
+    async def odd() -> AsyncIterator[P]:
+        yield P([{"token": "t0", "n": 0, "ok": True}])
+        yield P([{"token": "t1", "n": 1, "ok": True}, {"token": 12345, "n": 2**70, "ok": "yes"}])
+
+    out = tmp_path / "odd.csv"
+    with pytest.raises(PlatformError, match=r"page 2: .* 12345 \(int\) for the column 'token'") as caught:
+        await write_pages(odd(), out, SCHEMA, ExportFormat.CSV)
+    assert caught.value.exit_code == 3
+    assert not out.exists() and not _partials(tmp_path)
+
+
+async def test_a_failed_export_logs_stopped_not_done(tmp_path: Path) -> None:
+    # A failed or interrupted export logged "export.done" (rows so far, info) after its file was removed:
+    # a scheduler's log said done for an export that wrote nothing.
+    with capture_logs() as logs, pytest.raises(RuntimeError):
+        await write_pages(
+            pages(5, 100, fail_at=3),
+            tmp_path / "x.csv",
+            SCHEMA,
+            ExportFormat.CSV,
+            progress=LogExportProgress("t"),
+        )
+    assert [(e["event"], e["log_level"], e["rows"]) for e in logs] == [("export.stopped", "warning", 300)]
+    assert logs[0]["written"] is False
+    with capture_logs() as logs:
+        await write_pages(
+            pages(2, 10), tmp_path / "x.csv", SCHEMA, ExportFormat.CSV, progress=LogExportProgress("t")
+        )
+    assert [(e["event"], e["rows"]) for e in logs] == [("export.done", 20)]
+
+
+def test_a_name_that_says_compressed_needs_a_declared_format() -> None:
+    # "tokens.csv.gz" got a Parquet file (the summary said "parquet" in passing; zcat failed on it).
+    with pytest.raises(BadInputError, match=r"tokens\.csv\.gz: the name says compressed \(\.gz\)"):
+        format_for(Path("tokens.csv.gz"))
+    with pytest.raises(BadInputError, match="the name says compressed"):
+        format_for(Path("tokens.ZST"))
+    assert format_for(Path("tokens.csv.gz"), "parquet") is ExportFormat.PARQUET
+    assert format_for(Path("crm.csv.parquet")) is ExportFormat.PARQUET  # the last suffix decides
+    assert format_for(Path("v1.2.csv")) is ExportFormat.CSV
+
+
+async def test_an_export_written_again_keeps_the_permissions_of_the_file_it_replaces(tmp_path: Path) -> None:
+    # The file was renamed over with the umask's mode: a private export (chmod 600, e-mails and phone numbers)
+    # came back readable by everyone (644) when written again.
+    out = tmp_path / "users.csv"
+    out.write_text("an older export")
+    out.chmod(0o600)
+    await write_pages(pages(2, 10), out, SCHEMA, ExportFormat.CSV)
+    assert pl.read_csv(out).height == 20 and (out.stat().st_mode & 0o777) == 0o600
+    fresh = tmp_path / "fresh.parquet"
+    old_umask = os.umask(0o027)
+    try:
+        await write_pages(pages(1, 10), fresh, SCHEMA, ExportFormat.PARQUET)
+    finally:
+        os.umask(old_umask)
+    assert (fresh.stat().st_mode & 0o777) == 0o640  # a new file: the umask's
+
+
+def test_two_exports_to_one_file_at_once_each_write_a_whole_file_of_their_own(tmp_path: Path) -> None:
+    # Both wrote into one shared "<name>.partial": the first to finish renamed it into place while the other
+    # still wrote into it (seen with two CLI exports: one said "wrote 2 device tokens", exit 0, and the file held
+    # 236,002 rows of both), and the other then failed "No such file or directory".
+    out = tmp_path / "tokens.csv"
+    with RowWriter(out, SCHEMA, ExportFormat.CSV) as slow:
+        slow.write([{"token": "slow-1", "n": 1, "ok": True}])
+        with RowWriter(out, SCHEMA, ExportFormat.CSV, row_group_rows=1) as quick:
+            quick.write([{"token": "quick", "n": 0, "ok": False}])
+        assert pl.read_csv(out)["token"].to_list() == ["quick"]
+        slow.write([{"token": "slow-2", "n": 2, "ok": True}])
+    assert pl.read_csv(out)["token"].to_list() == ["slow-1", "slow-2"]
+    assert not _partials(tmp_path)

@@ -3,8 +3,9 @@ or CSV, so users can audit the platform against their CRM.
 
 The platform is named by ``--job JOB`` (its destination, secret, retry policy and time-out) or by ``--base-url``
 with the API key in ``$NETMERA_API_KEY``. The file is written page by page (memory bounded) and appears only
-when complete. Exit codes: 0 written · 2 bad job, secret or ID file · 3 the platform refused (401/403...) or
-stayed unreachable after the retries.
+when complete. Exit codes: 0 written · 2 bad job (or another platform's), secret, option, output or ID file ·
+3 the platform refused (401/403...), stayed unreachable after the retries, or answered another shape than
+documented.
 """
 
 from __future__ import annotations
@@ -12,11 +13,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
+import math
+import sys
+import urllib.parse
 from pathlib import Path
 from typing import Any
 
-from sync.errors import ExitCode, SecretError
+from sync.errors import BadJobError, ExitCode, JobProblem
 
 __all__ = ["API_KEY_ENV", "register"]
 
@@ -39,6 +42,40 @@ def _positive(text: str) -> int:
     return value
 
 
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive number of seconds: {text!r}")
+    return value
+
+
+def _base_url(text: str) -> str:
+    """``--base-url`` held to a job file's rules for ``destination.base_url``. The value is never repeated in the
+    message: a URL refused for the credentials written in it would print them."""
+    try:
+        parts = urllib.parse.urlsplit(text.strip())
+        host = parts.hostname
+    except ValueError:
+        raise argparse.ArgumentTypeError("not a URL (the value is not shown)") from None
+    if parts.scheme not in ("http", "https") or not host:
+        raise argparse.ArgumentTypeError(
+            "must be an http:// or https:// URL with a host (the value is not shown)"
+        )
+    if "@" in parts.netloc:
+        raise argparse.ArgumentTypeError(
+            f"credentials may not be written in the URL (the value is not shown): the API key comes from "
+            f"${API_KEY_ENV}"
+        )
+    if parts.query or parts.fragment:
+        raise argparse.ArgumentTypeError(
+            "a base URL takes no query string or fragment: endpoints are appended to it (the value is not shown)"
+        )
+    return text.strip()
+
+
 def register(subparsers: Any) -> None:
     """Add ``export`` and its four subcommands."""
     common = argparse.ArgumentParser(add_help=False)
@@ -46,12 +83,14 @@ def register(subparsers: Any) -> None:
     where.add_argument(
         "--job", type=Path, help="a job file: its destination, secret, retry policy and time-out"
     )
-    where.add_argument("--base-url", help=f"the Netmera REST API 3.0 base URL (API key from ${API_KEY_ENV})")
+    where.add_argument(
+        "--base-url", type=_base_url, help=f"the Netmera REST API 3.0 base URL (API key from ${API_KEY_ENV})"
+    )
     common.add_argument("-o", "--out", type=Path, required=True, help="the file to write")
     common.add_argument(
         "--format", choices=["parquet", "csv"], help="default: from the file name (.csv → csv, else parquet)"
     )
-    common.add_argument("--timeout", type=float, help="seconds per request (default: the job's, else 30)")
+    common.add_argument("--timeout", type=_seconds, help="seconds per request (default: the job's, else 30)")
     common.add_argument("--progress", choices=["auto", "bar", "log", "none"], default="auto")
     common.add_argument("--output", choices=["text", "json"], default="text", help="summary format on stdout")
 
@@ -97,6 +136,14 @@ def register(subparsers: Any) -> None:
 
 def _run(args: argparse.Namespace) -> int:
     result = asyncio.run(_export(args))
+    if result.total_changed is not None:
+        start, end = result.total_changed
+        print(
+            f"pushsync: warning: the platform's total changed during the export ({start} at the start, {end} at "
+            "the end): paging by offset may have skipped or repeated rows where it changed; export again at a "
+            "quieter time for a consistent file",
+            file=sys.stderr,
+        )
     if args.output == "json":
         print(json.dumps({"what": args.what, **result.to_dict()}, indent=2))
     else:
@@ -112,6 +159,7 @@ async def _export(args: argparse.Namespace) -> Any:
 
     from sync.config import Destination, RetryPolicy, load_job, resolve_secret
     from sync.ledger.exporting import format_for, iter_id_chunks, make_export_progress, write_pages
+    from sync.logs import get_logger
     from sync.platforms.netmera.client import NetmeraClient
     from sync.platforms.netmera.reads import (
         ReadSettings,
@@ -124,16 +172,42 @@ async def _export(args: argparse.Namespace) -> Any:
     if args.job is not None:
         job = load_job(args.job)
         destination = job.destination
+        if destination.platform != "netmera":
+            # Its key would go out as Netmera's header, to that platform's address, for an answer that is no
+            # Netmera read's.
+            raise BadJobError(
+                str(args.job),
+                [
+                    JobProblem(
+                        "destination.platform",
+                        f"is {destination.platform}: pushsync export reads Netmera only; give a Netmera job, "
+                        f"or --base-url with ${API_KEY_ENV}",
+                    )
+                ],
+            )
         api_key = resolve_secret(destination)
         retry, timeout = job.dispatch.retry, job.dispatch.request_timeout
     else:
-        destination = Destination("netmera", args.base_url)
-        api_key = os.environ.get(API_KEY_ENV, "").strip()
-        if not api_key:
-            raise SecretError(f"environment variable {API_KEY_ENV} is not set or empty")
+        destination = Destination("netmera", args.base_url, secret_env=API_KEY_ENV)
+        # A job's reader: a key with a line break or a control character inside is refused (exit 2), never
+        # handed to aiohttp, which raises on it as a header injection (an internal error, exit 5).
+        api_key = resolve_secret(destination)
         retry, timeout = RetryPolicy(), 30.0
     fmt = format_for(args.out, args.format)
-    settings = ReadSettings(retry=retry)
+    log = get_logger(export=_WHAT[args.what])
+
+    def on_retry(attempt: int, error: Any, delay: float) -> None:
+        # Said as it happens: a Retry-After of minutes, or a platform down, otherwise looks like a hung export.
+        log.warning(
+            "export.retry",
+            attempt=attempt,
+            max_attempts=retry.max_attempts,
+            status=error.status,
+            error=str(error),
+            retry_in_seconds=round(delay, 2),
+        )
+
+    settings = ReadSettings(retry=retry, on_retry=on_retry)
     progress = make_export_progress(_WHAT[args.what], args.progress)
     string, boolean, integer = pa.string(), pa.bool_(), pa.int64()
     async with NetmeraClient(destination, api_key, timeout=args.timeout or timeout) as client:

@@ -3,13 +3,16 @@
 :func:`write_pages` consumes an async stream of pages (lists of dict rows) and appends them with pyarrow's
 incremental writers (:class:`pyarrow.parquet.ParquetWriter`, :class:`pyarrow.csv.CSVWriter`), so memory holds at
 most one row group (``row_group_rows``) whatever the export's size. The file appears complete or not at all:
-rows go to ``<name>.partial`` which is renamed over the target only when the stream ended without error.
+rows go to ``<name>.<random>.partial`` (one per writer) which is renamed over the target only when the stream ended
+without error.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import secrets
+import stat
 import sys
 import time
 from collections.abc import AsyncIterable, Callable, Iterator, Mapping, Sequence
@@ -23,7 +26,7 @@ import pyarrow.csv as pa_csv
 import pyarrow.parquet as pq
 
 from sync._output import output_file
-from sync.errors import BadInputError
+from sync.errors import BadInputError, PlatformError, printable
 from sync.logs import get_logger
 
 __all__ = [
@@ -45,15 +48,31 @@ class ExportFormat(StrEnum):
     CSV = "csv"
 
 
+_COMPRESSED = frozenset({".gz", ".gzip", ".bz2", ".xz", ".zst", ".zstd", ".zip", ".lz4", ".br", ".z"})
+
+
 def format_for(path: Path, declared: str | None = None) -> ExportFormat:
-    """The declared format, else the one the file name says (``.csv`` → CSV, anything else → Parquet)."""
+    """The declared format, else the one the file name says (``.csv``/``.txt`` → CSV, anything else → Parquet).
+
+    A name ending in a compression suffix (``tokens.csv.gz``) is refused unless the format is declared: read as
+    "anything else" it got a Parquet file, which ``zcat`` or a CSV reader then fails on."""
     if declared:
         return ExportFormat(declared)
-    return ExportFormat.CSV if path.suffix.lower() in (".csv", ".txt") else ExportFormat.PARQUET
+    suffix = path.suffix.lower()
+    if suffix in (".csv", ".txt"):
+        return ExportFormat.CSV
+    if suffix in _COMPRESSED:
+        raise BadInputError(
+            str(path),
+            f"the name says compressed ({path.suffix}): compressed files are not written — name the file .csv "
+            "or .parquet (Parquet is compressed already, zstd), or give --format csv|parquet",
+        )
+    return ExportFormat.PARQUET
 
 
 class PageLike(Protocol):
-    """What :func:`write_pages` reads from a page: its rows and, when known, the total to expect."""
+    """What :func:`write_pages` reads from a page: its rows and, when known, the platform's total at that page
+    (the whole export's, the same on every page unless the platform changed meanwhile)."""
 
     @property
     def rows(self) -> list[dict[str, Any]]: ...
@@ -63,11 +82,12 @@ class PageLike(Protocol):
 
 
 class ExportProgress(Protocol):
-    """Told after each page is written: rows so far and the expected total (None when unknown)."""
+    """Told after each page is written: rows so far and the expected total (None when unknown); closed with
+    ``completed`` False when the export failed or was interrupted (its file was not written)."""
 
     def on_rows(self, written: int, total: int | None) -> None: ...
 
-    def close(self) -> None: ...
+    def close(self, *, completed: bool = True) -> None: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,15 +99,21 @@ class ExportResult:
     rows: int
     pages: int
     seconds: float
+    total_changed: tuple[int, int] | None = None
+    """The platform's total on the first page and on the last, when they differ: the platform changed during
+    the export, and paging by offset may have skipped or repeated rows where it changed."""
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        out: dict[str, Any] = {
             "path": str(self.path),
             "format": str(self.format),
             "rows": self.rows,
             "pages": self.pages,
             "seconds": round(self.seconds, 3),
         }
+        if self.total_changed is not None:
+            out["total_changed"] = {"start": self.total_changed[0], "end": self.total_changed[1]}
+        return out
 
 
 class RowWriter:
@@ -103,8 +129,10 @@ class RowWriter:
         self.schema = schema
         self.format = fmt
         self.rows = 0
-        self._target = path  # the file renamed over at the end (a symlink's file: set on entering)
-        self._partial = path.with_name(path.name + ".partial")
+        # Both set on entering, from the file a symlink names: a path with no name (``.``, ``/``, an empty
+        # ``-o ''``) has no sibling to name here, and is refused there as a directory.
+        self._target = path  # the file renamed over at the end
+        self._partial = path  # where the rows go until then
         self._row_group_rows = row_group_rows
         self._buffer: list[pa.RecordBatch] = []  # batches not yet written, fewer than row_group_rows rows
         self._buffered = 0
@@ -113,14 +141,20 @@ class RowWriter:
     def __enter__(self) -> RowWriter:
         # A symlink's file, not the link, is replaced; a device or a directory is refused (sync._output).
         target = output_file(self.path)
-        self._target, self._partial = target, target.with_name(target.name + ".partial")
+        self._target = target
+        reserved: Path | None = None
         try:
             target.parent.mkdir(parents=True, exist_ok=True)
+            self._partial = reserved = _reserve_partial(target)
             if self.format is ExportFormat.PARQUET:
                 self._writer = pq.ParquetWriter(self._partial, self.schema, compression="zstd")
             else:
                 self._writer = pa_csv.CSVWriter(self._partial, self.schema)
+            _keep_mode(target, self._partial)
         except OSError as exc:
+            if reserved is not None:  # __exit__ does not run when __enter__ raises
+                with contextlib.suppress(OSError):
+                    reserved.unlink(missing_ok=True)
             raise BadInputError(str(self.path), f"cannot write the export: {exc.strerror or exc}") from exc
         return self
 
@@ -166,6 +200,33 @@ class RowWriter:
             raise BadInputError(str(self.path), f"cannot write the export: {exc.strerror or exc}") from exc
 
 
+def _reserve_partial(target: Path) -> Path:
+    """A new file of this writer's own beside ``target`` (``<name>.<random>.partial``), created empty.
+
+    One shared ``<name>.partial`` let two exports to the same file (an hourly cron whose last run is still
+    going) write into one file: the first to finish renamed it into place while the other still wrote into it,
+    so the file that looked complete mixed both. Created with ``O_EXCL``, not ``mkstemp``: the umask's mode
+    (mkstemp's is 0600), as for any file the user writes."""
+    while True:
+        partial = target.with_name(f"{target.name}.{secrets.token_hex(4)}.partial")
+        try:
+            os.close(os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+        except FileExistsError:
+            continue
+        return partial
+
+
+def _keep_mode(target: Path, partial: Path) -> None:
+    """Give ``partial`` the permissions of the file it will replace, as ``>`` or ``cp`` over a file keep them: an
+    export of e-mails and phone numbers made private (``chmod 600``) must not come back readable by everyone
+    (the umask's 644) when it is written again. A new file keeps the umask's."""
+    try:
+        mode = stat.S_IMODE(target.stat().st_mode)
+    except FileNotFoundError:
+        return
+    os.chmod(partial, mode)
+
+
 async def write_pages(
     pages: AsyncIterable[PageLike],
     path: Path,
@@ -180,23 +241,58 @@ async def write_pages(
     started = clock()
     count = 0
     total: int | None = None
+    first_total: int | None = None
+    completed = False
     try:
         with RowWriter(path, schema, fmt, row_group_rows=row_group_rows) as writer:
             async for page in pages:
-                writer.write(page.rows)
+                try:
+                    writer.write(page.rows)
+                except (pa.ArrowInvalid, pa.ArrowTypeError, OverflowError) as exc:
+                    # The rows are the platform's answer: a value of another type than documented (a number
+                    # where text is, "7" for an id) is the platform's doing — exit 3 naming it, not a crash.
+                    raise _misfit(page.rows, schema, count + 1) from exc
                 count += 1
                 if page.total is not None:
                     total = page.total
+                    first_total = total if first_total is None else first_total
                 if progress is not None:
                     progress.on_rows(writer.rows, total)
+        completed = True  # the file is in place
     finally:
         if progress is not None:
-            progress.close()
-    return ExportResult(path, fmt, writer.rows, count, clock() - started)
+            progress.close(completed=completed)
+    # Offset paging over a platform that changed meanwhile (users deleted, devices added) shifts every later
+    # page: rows are skipped or repeated while the count can still look right, so say it.
+    changed = (
+        (first_total, total)
+        if first_total is not None and total is not None and first_total != total
+        else None
+    )
+    return ExportResult(path, fmt, writer.rows, count, clock() - started, changed)
+
+
+def _misfit(rows: Sequence[Mapping[str, Any]], schema: pa.Schema, page: int) -> PlatformError:
+    """The error for a page whose values do not fit the export's columns, naming the first column and value
+    that do not (found again column by column: Arrow's own message names neither)."""
+    for field in schema:
+        for row in rows:
+            value = row.get(field.name)
+            try:
+                pa.array([value], type=field.type)
+            except (pa.ArrowInvalid, pa.ArrowTypeError, OverflowError):
+                shown = printable(repr(value))[:80]
+                return PlatformError(
+                    f"page {page}: the platform answered {shown} ({type(value).__name__}) for the column "
+                    f"{field.name!r}, which holds {field.type}: not the documented shape; nothing was written"
+                )
+    return PlatformError(f"page {page}: the platform's answer does not fit the export's columns")
 
 
 class LogExportProgress:
-    """One structlog ``export.progress`` line every ``every`` seconds, and one at the end."""
+    """One structlog ``export.progress`` line every ``every`` seconds, and one at the end: ``export.done`` when
+    the file was written, ``export.stopped`` (a warning) when the export failed or was interrupted — a
+    scheduler's log must not say "done" for an export that left no file."""
 
     def __init__(self, what: str, *, every: float = 5.0, clock: Callable[[], float] = time.monotonic) -> None:
         self._log = get_logger(export=what)
@@ -217,10 +313,12 @@ class LogExportProgress:
     def _rate(self, now: float) -> float:
         return round(self._rows / max(now - self._started, 1e-9), 1)
 
-    def close(self) -> None:
-        self._log.info(
-            "export.done", rows=self._rows, total=self._total, rows_per_second=self._rate(self._clock())
-        )
+    def close(self, *, completed: bool = True) -> None:
+        fields = {"rows": self._rows, "total": self._total, "rows_per_second": self._rate(self._clock())}
+        if completed:
+            self._log.info("export.done", **fields)
+        else:
+            self._log.warning("export.stopped", **fields, written=False)
 
 
 class _BarExportProgress:
@@ -243,7 +341,7 @@ class _BarExportProgress:
     def on_rows(self, written: int, total: int | None) -> None:
         self._progress.update(self._task, completed=written, total=total)
 
-    def close(self) -> None:
+    def close(self, *, completed: bool = True) -> None:
         self._progress.stop()
 
 
@@ -293,7 +391,8 @@ def iter_id_chunks(path: Path, column: str | None = None, *, chunk: int = 1000) 
                 for batch in reader:
                     yield from take(iter(batch.column(0).to_pylist()))
         else:
-            with path.open(encoding="utf-8") as fh:
+            # utf-8-sig: a BOM (Notepad's "UTF-8 with BOM") is not part of the first ID.
+            with path.open(encoding="utf-8-sig") as fh:
                 yield from take(iter(fh))
     except (OSError, pa.ArrowInvalid, UnicodeDecodeError) as exc:
         raise BadInputError(str(path), f"cannot read the IDs: {exc}") from exc

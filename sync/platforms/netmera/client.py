@@ -27,6 +27,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from sync.config import Destination
+from sync.errors import PlatformError
 from sync.platforms._http import (
     AnswerPolicy,
     ErrorBody,
@@ -40,7 +41,7 @@ from sync.platforms.base import SendOutcome
 from sync.platforms.netmera import PLATFORM
 from sync.platforms.netmera.requests import split_batch
 from sync.records import Batch
-from sync.redact import register_secret
+from sync.redact import describe_request, register_secret
 
 # parse_remaining and parse_retry_after live in sync.platforms._http; named here too, where they started.
 __all__ = ["NetmeraClient", "parse_remaining", "parse_retry_after"]
@@ -107,8 +108,19 @@ class NetmeraClient(HttpClient):
 
     async def check(self) -> str:
         """One harmless read (``getDeviceTokens``, one row): the key and the base URL are right when it answers
-        2xx; 401/403/404 and redirects raise :class:`sync.errors.FatalPlatformError` (``pushsync doctor``)."""
-        await self.get("getDeviceTokens", {"max": "1", "offset": "0"})
+        2xx with a devices list; 401/403/404 and redirects raise :class:`sync.errors.FatalPlatformError`, a 2xx
+        that is not getDeviceTokens' answer :class:`sync.errors.PlatformError` (``pushsync doctor``)."""
+        body = await self.get("getDeviceTokens", {"max": "1", "offset": "0"})
+        if not isinstance(body, Mapping) or not isinstance(body.get("devices"), list):
+            # A 2xx that is not getDeviceTokens' answer (empty, {}, a status page's JSON) comes from another
+            # service behind the base URL (a catch-all proxy, a health endpoint): a run would not get through.
+            what = describe_request(
+                "GET", self._session.base_url + "getDeviceTokens", endpoint="getDeviceTokens"
+            )
+            raise PlatformError(
+                f"{what}: answered 2xx without a devices list — not Netmera's answer; the base URL names another "
+                "service (check destination.base_url: Netmera's ends in /rest/3.0/)"
+            )
         return "getDeviceTokens (one row, read only) answered: the key and the base URL are accepted"
 
     async def get(

@@ -150,7 +150,7 @@ async def segment_pages(
             for s in items
             if isinstance(s, Mapping)
         ]
-        yield Page(rows, 0, len(rows))
+        yield Page(rows, 0)  # one OS's count is not the export's total (and would read as a change of it)
 
 
 async def segment_user_pages(
