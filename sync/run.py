@@ -168,6 +168,11 @@ class RunOutcome:
                 f"{r.skipped_refused} refused (see `pushsync retry`), {r.held} held (non-idempotent, outcome "
                 f"unknown: `pushsync retry` sends them), {r.cut_to_refused} cut to their refused rows"
             )
+            if r.ids_deleted or r.rows_deleted:
+                lines.append(
+                    f"deleted users: {r.ids_deleted} IDs and {r.rows_deleted} event/push rows left out (a run "
+                    "deleted these users: sending them now would re-create them)"
+                )
             if r.rows_confirmed or r.rows_held or r.rows_refused:
                 lines.append(
                     f"events and pushes: {r.rows_confirmed} rows already confirmed (not sent again), "

@@ -608,6 +608,7 @@ class RunLedger(Protocol):
     def attempts(self, run_id: str) -> list[AttemptRow]: ...
     def batch_rows(self, run_ids: Sequence[str]) -> Iterator[tuple[str, str, str, str, bytes]]: ...
     def refused_ids(self, run_id: str) -> list[tuple[str, str, str | None, str]]: ...
+    def answered_ids(self, run_id: str, phase: int) -> list[tuple[str, str, list[str]]]: ...
     def rejected_rows(self, run_id: str) -> list[RejectedRow]: ...
     def export_waits(self, run_id: str | None = None) -> list[dict[str, Any]]: ...
 
@@ -655,6 +656,10 @@ _BATCH_ROWS_SQL = (
 )
 _REFUSED_SQL = (
     "SELECT batch_id, ext_id, code, message FROM {t}batch_ids WHERE run_id = {p} ORDER BY {row_order}"
+)
+_ANSWERED_IDS_SQL = (
+    "SELECT batch_id, status, ext_ids FROM {t}batches WHERE run_id = {p} AND phase = {p} "
+    "AND status IN ('ok', 'rejected')"
 )
 _REJECTED_SQL = "SELECT path, row, column_name, reason, ext_id FROM {t}rejected_rows WHERE run_id = {p} ORDER BY {row_order}"
 
@@ -788,6 +793,14 @@ class LedgerBase:
     def refused_ids(self, run_id: str) -> list[tuple[str, str, str | None, str]]:
         """(batch_id, ext_id, code, message) of every ID the platform refused in ``run_id``."""
         return list(self._execute(self._sql(_REFUSED_SQL), (run_id,)))  # both drivers give tuples
+
+    def answered_ids(self, run_id: str, phase: int) -> list[tuple[str, str, list[str]]]:
+        """``(batch_id, status, external IDs)`` of the batches of ``phase`` the platform answered in ``run_id``
+        (``ok`` or ``rejected``; a rejected batch's refused IDs are in :meth:`refused_ids`). Resume and retry
+        read the deletions a run made with it (:func:`sync.planning.resume.replay_plan`)."""
+        rows = self._execute(self._sql(_ANSWERED_IDS_SQL), (run_id, int(phase))).fetchall()
+        # bytes(): psycopg may give a memoryview; PostgreSQL's ledger keeps the IDs as JSON text
+        return [(b, str(s), unpack_ids(i if isinstance(i, str) else bytes(i))) for b, s, i in rows]
 
     def rejected_rows(self, run_id: str) -> list[RejectedRow]:
         """The rows validation refused in ``run_id``, in the order they were recorded."""
