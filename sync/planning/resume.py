@@ -166,6 +166,8 @@ class ReplayPlan:
     """External IDs the runs deleted (a deletions batch answered ``ok``, or ``rejected`` without refusing that
     ID). A run sends deletions last, so that nothing re-creates a deleted user; a replay sends these IDs nothing
     of an earlier phase (a failed update sent after the deletion would bring the user back)."""
+    deleted_column: pl.Series = field(default_factory=lambda: pl.Series(EXT_ID, [], pl.String))
+    """:attr:`deleted` as a column, made once: the keyed frames of a plan are filtered with it chunk by chunk."""
 
     def _restrict(self, batch: Batch, ext_ids: Iterable[str]) -> Batch | None:
         if self.platform is None:
@@ -244,7 +246,7 @@ class ReplayPlan:
         so that the batches keep their rows' keys)."""
         if not self.deleted or frame.is_empty():
             return frame
-        kept = frame.filter(~pl.col(EXT_ID).is_in(list(self.deleted)))
+        kept = frame.filter(~pl.col(EXT_ID).is_in(self.deleted_column.implode()))
         if kept.height < frame.height:
             stats.add(rows_deleted=frame.height - kept.height)
         return kept
@@ -374,6 +376,7 @@ def replay_plan(
         rows=rows,
         refused_rows=refused_rows,
         deleted=frozenset(deleted),
+        deleted_column=pl.Series(EXT_ID, sorted(deleted), pl.String),
     )
 
 
