@@ -251,6 +251,9 @@ class BatchResult:
     rejected: Sequence[RejectedId] = ()
     started_at: float = 0.0
     finished_at: float = 0.0
+    confirmed_rows: bytes = b""
+    """A non-idempotent batch split on a 400 that did not end ``ok``: the row keys (:mod:`sync.planning.row_keys`)
+    of the parts the platform did confirm, so that a retry does not send their events again with the rest."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from urllib.parse import urlsplit
 
 from sync._startup import mark_startup, startup_marks
-from sync.config import Alerts, Job, SyncMode, shared_fields
+from sync.config import Alerts, Job, SyncMode, sample_notes, shared_fields
 from sync.errors import (
     BadJobError,
     ExitCode,
@@ -168,6 +168,11 @@ class RunOutcome:
                 f"{r.skipped_refused} refused (see `pushsync retry`), {r.held} held (non-idempotent, outcome "
                 f"unknown: `pushsync retry` sends them), {r.cut_to_refused} cut to their refused rows"
             )
+            if r.ids_deleted or r.rows_deleted:
+                lines.append(
+                    f"deleted users: {r.ids_deleted} IDs and {r.rows_deleted} event/push rows left out (a run "
+                    "deleted these users: sending them now would re-create them)"
+                )
             if r.rows_confirmed or r.rows_held or r.rows_refused:
                 lines.append(
                     f"events and pushes: {r.rows_confirmed} rows already confirmed (not sent again), "
@@ -573,6 +578,8 @@ async def _dispatch(
         log.info("run.start", run=run_id, requests=total_requests, ids=total_ids)
         for note in shared_fields(job):
             log.warning("job.shared_field", run=run_id, note=note)
+        for note in sample_notes(job) if options.limit is not None else ():
+            log.warning("run.sample", run=run_id, note=note)
         # The progress totals of a lazy plan: counted once its readers had every bucket settled.
         totals = (
             asyncio.create_task(_fill_totals(plan, bar, log, run_id), name="plan-totals")

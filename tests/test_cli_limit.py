@@ -67,3 +67,49 @@ def test_snapshot_mode_refuses_a_limit(
     assert "not available in snapshot mode" in capsys.readouterr().err
     assert main(["plan", "job.yaml", "--limit", "5"]) == 2
     assert not (tmp_path / "work" / "ledger.sqlite").exists()
+
+
+SAMPLE_JOB = """\
+version: 1
+name: sample
+workdir: work
+destination:
+  platform: netmera
+  base_url: {url}
+  secret: {{env: NETMERA_API_KEY}}
+sources:
+  - {{name: users, path: users.csv, ext_id: id, attributes: {{name: string}}}}
+  - {{name: purchases, kind: events, path: events.csv, ext_id: id, event: event}}
+  - {{name: leavers, kind: deletions, path: deleted.csv, ext_id: id}}
+"""
+
+
+def test_a_sample_of_events_and_deletions_says_what_it_cannot_take_back(
+    tmp_path: Path,
+    netmera_sandbox_process: NetmeraProcess,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """`run --limit` sent the sample's events (which the next full run sends again) and deleted the sample's
+    users for good without a word: the warning was in docs/run.md only. `plan` and `run` now say so, per source."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("NETMERA_API_KEY", netmera_sandbox_process.api_key)
+    (tmp_path / "job.yaml").write_text(SAMPLE_JOB.format(url=netmera_sandbox_process.url), encoding="utf-8")
+    (tmp_path / "users.csv").write_text("id,name\na,Ann\nb,Bob\n", encoding="utf-8")
+    (tmp_path / "events.csv").write_text("id,event\na,login\nb,login\n", encoding="utf-8")
+    (tmp_path / "deleted.csv").write_text("id\nx\ny\n", encoding="utf-8")
+    assert main(["plan", "job.yaml", "--limit", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "Note: --limit sends its events (source purchases), which are not idempotent" in out
+    assert "Note: --limit deletes the first users of source leavers for good" in out
+    assert "users)" not in out  # sets are harmless: no note
+    assert (
+        main(["plan", "job.yaml", "--limit", "1", "--exclude", "purchases,leavers", "--output", "json"]) == 0
+    )
+    assert json.loads(capsys.readouterr().out)["notes"] == []
+    assert main(["plan", "job.yaml"]) == 0
+    assert "--limit" not in capsys.readouterr().out
+    assert main(["run", "job.yaml", "--limit", "1", "--progress", "none"]) == 0
+    warnings = [json.loads(line) for line in capsys.readouterr().err.splitlines() if '"run.sample"' in line]
+    assert [w["level"] for w in warnings] == ["warning", "warning"]
+    assert "--exclude purchases" in warnings[0]["note"] and "--exclude leavers" in warnings[1]["note"]

@@ -233,3 +233,40 @@ def test_sigterm_while_staging_stops_the_plan_and_removes_its_staging(tmp_path: 
     assert process.returncode == 4, err
     assert "pushsync: interrupted" in err
     assert not list((job / "work").glob("plan-*"))
+
+
+def test_plan_notes_the_users_a_run_both_changes_and_deletes(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A deletions file that lists users other sources of the run change (here: the wrong export, the active
+    users) showed only as `deleteUsersPermanently … 3 IDs`: those users would get their changes, then be deleted
+    for good. The plan now says how many each source shares with the deletions, in text and JSON."""
+    (tmp_path / "job.yaml").write_text(
+        """\
+version: 1
+name: leavers
+workdir: work
+destination: {platform: netmera, base_url: "http://127.0.0.1:9/rest/3.0/", secret: {env: NETMERA_API_KEY}}
+sources:
+  - {name: users, path: users.csv, ext_id: id, attributes: {name: string}}
+  - {name: purchases, kind: events, path: events.csv, ext_id: id, event: event}
+  - {name: leavers, kind: deletions, path: deleted.csv, ext_id: id}
+""",
+        encoding="utf-8",
+    )
+    (tmp_path / "users.csv").write_text("id,name\na,Ann\nb,Bob\nc,Cy\n", encoding="utf-8")
+    (tmp_path / "events.csv").write_text("id,event\na,login\na,logout\nz,login\n", encoding="utf-8")
+    (tmp_path / "deleted.csv").write_text("id\na\nb\nx\n", encoding="utf-8")
+    assert main(["plan", "job.yaml"]) == 0
+    out = capsys.readouterr().out
+    assert (
+        "Note: source leavers deletes 3 users, some of whom this run also changes or sends events for "
+        "(2 by users, 1 by purchases)"
+    ) in out
+    assert "deleteUsersPermanently" in out and "Requests" in out  # the counts are made as before
+    assert main(["plan", "job.yaml", "--output", "json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert [n for n in doc["notes"] if n.startswith("source leavers")] and doc["ids"] == 3 + 2 + 3
+    (tmp_path / "deleted.csv").write_text("id\nx\n", encoding="utf-8")
+    assert main(["plan", "job.yaml", "--output", "json"]) == 0
+    assert json.loads(capsys.readouterr().out)["notes"] == []

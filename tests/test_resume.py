@@ -113,6 +113,8 @@ def test_resume_sends_what_was_not_confirmed_and_holds_unknown_events(ledger: Le
         "rows_confirmed": 0,
         "rows_held": 0,
         "rows_refused": 0,
+        "ids_deleted": 0,
+        "rows_deleted": 0,
     }
 
 
@@ -405,6 +407,8 @@ def test_replay_counts_add_up_when_lanes_count_at_the_same_time(ledger: Ledger) 
         "rows_confirmed": 64 * calls,
         "rows_held": 0,
         "rows_refused": 0,
+        "ids_deleted": 0,
+        "rows_deleted": 0,
     }
 
 

@@ -15,8 +15,9 @@ from typing import Any, TextIO
 
 import yaml
 
-from sync.config import Job, SyncMode, load_job, shared_fields
+from sync.config import Job, SyncMode, load_job, sample_notes, shared_fields
 from sync.errors import BadJobError, ExitCode, JobProblem
+from sync.planning.deletion_notes import deletes_and_changes, deletion_notes
 from sync.planning.planning import ASSUMED_LATENCY, Plan, PlanSummary, build_plan
 from sync.sources.reading import check_sources
 
@@ -262,8 +263,10 @@ def _plan_interruptible(args: argparse.Namespace) -> int:
         raise BadJobError(
             str(job.path), [JobProblem("--limit", "not available in snapshot mode (docs/run.md)")]
         )
-    # A changes job's summary counts every request: counted while the buckets are settled (not read back).
-    count = job.mode is not SyncMode.SNAPSHOT
+    # A changes job's summary counts every request: counted while the buckets are settled (not read back) —
+    # unless the deletion notes read the frames afterwards.
+    overlaps = deletes_and_changes(job)
+    count = job.mode is not SyncMode.SNAPSHOT and not overlaps
     with build_plan(job, rejects_path=args.rejects, limit=args.limit, count=count) as plan:
         diff = None
         if job.mode is SyncMode.SNAPSHOT:
@@ -294,13 +297,14 @@ def _plan_interruptible(args: argparse.Namespace) -> int:
                     doc["sources"][staged.source.name]["database"] = staged.files[0]
             doc["rejected_sample"] = _rejects_sample(plan)
             doc["budget_groups"] = _group_estimates(job, summary)
-            doc["notes"] = shared_fields(job)
+            doc["notes"] = _notes(job, args.limit) + (deletion_notes(plan.staged) if overlaps else [])
             if diff is not None:
                 doc["mode"] = "snapshot"
                 doc["diff"] = diff.to_json()
             print(json.dumps(doc, indent=2, ensure_ascii=False))
         else:
-            _print_plan(job, plan, summary, sys.stdout)
+            notes = _notes(job, args.limit) + (deletion_notes(plan.staged) if overlaps else [])
+            _print_plan(job, plan, summary, sys.stdout, notes)
             if diff is not None:
                 _print_diff(job, diff, sys.stdout)
     return int(ExitCode.OK)
@@ -391,7 +395,12 @@ def _group_estimates(job: Job, summary: PlanSummary) -> list[dict[str, Any]]:
     return out
 
 
-def _print_plan(job: Job, plan: Plan, summary: PlanSummary, out: TextIO) -> None:
+def _notes(job: Job, limit: int | None) -> list[str]:
+    """The job's notes, and a sample's (``--limit``): what it sends that the next full run cannot take back."""
+    return shared_fields(job) + (sample_notes(job) if limit is not None else [])
+
+
+def _print_plan(job: Job, plan: Plan, summary: PlanSummary, out: TextIO, notes: list[str]) -> None:
     print(f"Plan for job {job.name!r} -> {summary.platform} {summary.base_url} (nothing was sent)", file=out)
     print(
         f"Rows: {summary.rows_read} read, {summary.rows_clean} clean, {summary.rejected_count} rejected, "
@@ -402,7 +411,7 @@ def _print_plan(job: Job, plan: Plan, summary: PlanSummary, out: TextIO) -> None
         if staged.source.sql is not None:  # the database and table, never the password
             print(f"Source {staged.files[0]}: {staged.rows_read} rows read", file=out)
     print(f"Rejects file: {_short(summary.rejects_path)}", file=out)
-    for note in shared_fields(job):
+    for note in notes:
         print(f"Note: {note}", file=out)
     databases = {s.files[0] for s in plan.staged if s.source.sql is not None}
     for r in _rejects_sample(plan):

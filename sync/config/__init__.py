@@ -42,7 +42,7 @@ from sync.config._platforms import (
     installed_platforms,
     use_platforms,
 )
-from sync.config._select import select_sources, split_names
+from sync.config._select import sample_notes, select_sources, split_names
 from sync.config._settings import (
     BudgetGroupSpec,
     Destination,
@@ -94,6 +94,7 @@ __all__ = [
     "looks_like_a_key",
     "read_job_yaml",
     "resolve_secret",
+    "sample_notes",
     "secret_setting",
     "select_sources",
     "shared_fields",

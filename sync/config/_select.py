@@ -5,10 +5,37 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Sequence
 
-from sync.config._job import Job, SyncMode
+from sync.config._job import AttributeMode, Job, SourceKind, SyncMode
 from sync.errors import BadJobError, JobProblem
 
-__all__ = ["select_sources", "split_names"]
+__all__ = ["sample_notes", "select_sources", "split_names"]
+
+
+def sample_notes(job: Job) -> list[str]:
+    """What a sample (``--limit N``) of ``job`` sends that the next full run cannot take back or will send again,
+    one note per source: its events or pushed list values (not idempotent: sent again by the next run, which plans
+    the whole input), its deletions (permanent). Told with ``plan`` and ``run --limit``; before, a sample run sent
+    them without a word, the warning being in docs/run.md only."""
+    notes = []
+    for s in job.sources:
+        pushed = [m.attribute for m in s.attributes if m.mode is AttributeMode.PUSH]
+        if s.kind is SourceKind.EVENTS:
+            what = "its events"
+        elif s.kind is SourceKind.USERS and pushed:
+            what = f"the values it pushes to {', '.join(pushed)}"
+        elif s.kind is SourceKind.DELETIONS:
+            notes.append(
+                f"--limit deletes the first users of source {s.name} for good (deleteUsersPermanently); "
+                f"sample without them: --exclude {s.name}"
+            )
+            continue
+        else:
+            continue
+        notes.append(
+            f"--limit sends {what} (source {s.name}), which are not idempotent: the next run without --limit "
+            f"sends them again; sample without them: --exclude {s.name}"
+        )
+    return notes
 
 
 def split_names(values: Sequence[str] | None) -> tuple[str, ...]:

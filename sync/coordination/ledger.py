@@ -45,6 +45,7 @@ from sync.ledger.ledger import (
     LedgerBase,
     LedgerDialect,
     attempt_row,
+    confirmed_rows_row,
     finish_row,
     refused_rows,
     result_row,
@@ -67,6 +68,10 @@ _UPDATE_RESULT = (
 _INSERT_REFUSED = (
     f"INSERT INTO {S}.batch_ids (run_id, batch_id, ext_id, code, message, origin_path, origin_row) "
     "VALUES (%s, %s, %s, %s, %s, %s, %s)"
+)
+_INSERT_CONFIRMED_ROWS = (
+    f"INSERT INTO {S}.batch_rows (run_id, batch_id, scheme, row_keys) VALUES (%s, %s, %s, %s) "
+    "ON CONFLICT DO NOTHING"
 )
 _INSERT_ATTEMPT = (
     f"INSERT INTO {S}.attempts (run_id, batch_id, endpoint, attempt, n_ids, outcome, http_status, message, "
@@ -329,11 +334,13 @@ class PgLedger(LedgerBase):
         self._queue(_UPDATE_SENT, sent_row(run_id, batch_id))
 
     def record_result(self, run_id: str, result: BatchResult, *, origins: Any = None) -> None:
-        """Record a batch's final outcome and each ID the platform refused."""
+        """Record a batch's final outcome, each ID the platform refused, and the rows of its confirmed parts."""
         self._queue(_UPDATE_RESULT, result_row(run_id, result))
         if result.rejected:
             for params in refused_rows(run_id, result):
                 self._queue(_INSERT_REFUSED, params)
+        if result.confirmed_rows:
+            self._queue(_INSERT_CONFIRMED_ROWS, confirmed_rows_row(run_id, result))
 
     def record_attempt(self, run_id: str, attempt: Attempt, *, started_at: float) -> None:
         """Record one HTTP attempt (``started_at``: Unix time it was sent), with the worker that sent it."""

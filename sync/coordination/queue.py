@@ -71,6 +71,11 @@ _COLUMNS = "batch_id, endpoint, operation, phase, after_id, ext_ids, body_json, 
 _ANALYZE_AT = 500
 """Batches queued before the leader has the batches table analyzed (once per run)."""
 _COLUMNS_OF_T = ", ".join(f"t.{c}" for c in _COLUMNS.split(", "))
+_ROW_KEYS_OF_T = (
+    f"(SELECT r.row_keys FROM {S}.batch_rows r WHERE r.run_id = t.run_id AND r.batch_id = t.batch_id)"
+)
+"""A claimed batch's row keys (non-idempotent batches): the halves of a split keep theirs, and the dispatcher
+records those the platform confirmed (:attr:`sync.records.BatchResult.confirmed_rows`)."""
 
 
 def worker_id() -> str:
@@ -89,8 +94,9 @@ def encode_batch(batch: Batch) -> tuple[str, str | None, bytes | None, str]:
 
 
 def decode_batch(row: Sequence[Any]) -> Batch:
-    """The :class:`Batch` a queue row holds (the columns of ``_COLUMNS``)."""
-    batch_id, endpoint, operation, phase, after, ext_ids, body_json, body_bytes, origins = row
+    """The :class:`Batch` a queue row holds (the columns of ``_COLUMNS``, then optionally its row keys)."""
+    batch_id, endpoint, operation, phase, after, ext_ids, body_json, body_bytes, origins = row[:9]
+    row_keys = row[9] if len(row) > 9 else None
     body = bytes(body_bytes) if body_bytes is not None else json.loads(body_json)
     return Batch(
         batch_id=batch_id,
@@ -101,6 +107,7 @@ def decode_batch(row: Sequence[Any]) -> Batch:
         phase=Phase(phase),
         origins={k: RowRef(p, r) for k, (p, r) in json.loads(origins or "{}").items()},
         after=after,
+        row_keys=bytes(row_keys) if row_keys is not None else b"",
     )
 
 
@@ -406,7 +413,7 @@ class QueueLanes:
             "AND b.seq > %s AND b.status IN ('planned', 'sent') AND NOT b.held AND b.claimed_by IS NULL "
             f"AND (b.after_id IS NULL OR NOT EXISTS (SELECT 1 FROM {S}.batches p WHERE p.run_id = b.run_id "
             "AND p.batch_id = b.after_id AND p.status IN ('planned', 'sent') AND NOT p.held)) "
-            f"ORDER BY b.seq LIMIT %s FOR UPDATE SKIP LOCKED)) RETURNING {_COLUMNS_OF_T}, t.seq"
+            f"ORDER BY b.seq LIMIT %s FOR UPDATE SKIP LOCKED)) RETURNING {_COLUMNS_OF_T}, {_ROW_KEYS_OF_T}, t.seq"
         )
 
         async def claim(conn: psycopg.AsyncConnection[Any]) -> list[Any]:
@@ -417,8 +424,8 @@ class QueueLanes:
             # The connection was lost with the claim's answer: if the claim was made, its batches are this
             # worker's now (nobody else will take them), so take them from the table rather than claim again.
             cur = await conn.execute(
-                f"SELECT {_COLUMNS}, seq FROM {S}.batches WHERE run_id = %s AND claimed_by = %s AND claim_no = %s "
-                "AND status IN ('planned', 'sent')",
+                f"SELECT {_COLUMNS_OF_T}, {_ROW_KEYS_OF_T}, t.seq FROM {S}.batches t WHERE t.run_id = %s "
+                "AND t.claimed_by = %s AND t.claim_no = %s AND t.status IN ('planned', 'sent')",
                 (run_id, worker, number),
             )
             return await cur.fetchall() or await claim(conn)

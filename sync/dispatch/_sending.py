@@ -264,6 +264,7 @@ class BatchSender:
         last_message = ""
         fatal: FatalPlatformError | None = None
         pending = [batch]  # a stack: halves of a refused batch are pushed back
+        confirmed_rows: list[bytes] = []  # row keys of the parts of a split batch the platform confirmed
         while pending:
             part = pending.pop()
             try:
@@ -271,6 +272,8 @@ class BatchSender:
                 attempts += used
                 last_status = status
                 ok_ids += len(part.ext_ids)
+                if part is not batch:
+                    confirmed_rows.append(part.row_keys)
             except _AttemptsError as exc:
                 attempts += exc.attempts
                 err = exc.error
@@ -320,6 +323,9 @@ class BatchSender:
             rejected=tuple(rejected),
             started_at=started,
             finished_at=clock.time(),
+            # A failed batch counts as unknown row by row on resume and retry; its parts that went through are
+            # not (a retry sent their events a second time). A rejected one needs none: its unrefused IDs count.
+            confirmed_rows=b"".join(confirmed_rows) if status_ is BatchStatus.FAILED else b"",
         )
         # Recorded synchronously: no await between knowing the result and writing it.
         stats.ids_ok += ok_ids

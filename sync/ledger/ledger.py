@@ -560,6 +560,16 @@ def row_keys_row(run_id: str, batch: Batch) -> tuple[Any, ...]:
     return (run_id, batch.batch_id, ROW_KEY_SCHEME, batch.row_keys)
 
 
+CONFIRMED_PART = "+ok"
+"""Suffix of the ``batch_rows`` entry holding the rows of a failed batch's parts the platform confirmed
+(:attr:`sync.records.BatchResult.confirmed_rows`): ``<batch_id>+ok``, with no ``batches`` row of its own."""
+
+
+def confirmed_rows_row(run_id: str, result: BatchResult) -> tuple[Any, ...]:
+    """The ``batch_rows`` entry of :attr:`sync.records.BatchResult.confirmed_rows` (read back as confirmed)."""
+    return (run_id, result.batch_id + CONFIRMED_PART, ROW_KEY_SCHEME, result.confirmed_rows)
+
+
 def finish_row(
     run_id: str, *, status: str, exit_code: int, message: str | None, summary: Any
 ) -> tuple[Any, ...]:
@@ -608,6 +618,7 @@ class RunLedger(Protocol):
     def attempts(self, run_id: str) -> list[AttemptRow]: ...
     def batch_rows(self, run_ids: Sequence[str]) -> Iterator[tuple[str, str, str, str, bytes]]: ...
     def refused_ids(self, run_id: str) -> list[tuple[str, str, str | None, str]]: ...
+    def answered_ids(self, run_id: str, phase: int) -> list[tuple[str, str, list[str]]]: ...
     def rejected_rows(self, run_id: str) -> list[RejectedRow]: ...
     def export_waits(self, run_id: str | None = None) -> list[dict[str, Any]]: ...
 
@@ -651,10 +662,14 @@ _ATTEMPTS_SQL = (
 )
 _BATCH_ROWS_SQL = (
     "SELECT r.run_id, r.batch_id, b.status, r.scheme, r.row_keys FROM {t}batch_rows r "
-    "JOIN {t}batches b ON b.run_id = r.run_id AND b.batch_id = r.batch_id WHERE r.run_id = {p}"
+    "LEFT JOIN {t}batches b ON b.run_id = r.run_id AND b.batch_id = r.batch_id WHERE r.run_id = {p}"
 )
 _REFUSED_SQL = (
     "SELECT batch_id, ext_id, code, message FROM {t}batch_ids WHERE run_id = {p} ORDER BY {row_order}"
+)
+_ANSWERED_IDS_SQL = (
+    "SELECT batch_id, status, ext_ids FROM {t}batches WHERE run_id = {p} AND phase = {p} "
+    "AND status IN ('ok', 'rejected')"
 )
 _REJECTED_SQL = "SELECT path, row, column_name, reason, ext_id FROM {t}rejected_rows WHERE run_id = {p} ORDER BY {row_order}"
 
@@ -779,15 +794,28 @@ class LedgerBase:
 
     def batch_rows(self, run_ids: Sequence[str]) -> Iterator[tuple[str, str, str, str, bytes]]:
         """``(run_id, batch_id, status, scheme, row_keys)`` of the keyed batches of ``run_ids``
-        (non-idempotent batches planned from input rows; :mod:`sync.planning.row_keys`)."""
+        (non-idempotent batches planned from input rows; :mod:`sync.planning.row_keys`), and as ``ok`` the rows of
+        the parts of a failed batch the platform confirmed (``<batch_id>+ok``, :data:`CONFIRMED_PART`)."""
         sql = self._sql(_BATCH_ROWS_SQL)
         for run_id in run_ids:
             for run, batch, status, scheme, keys in self._execute(sql, (run_id,)):
+                if status is None:  # no batch of that ID: only a confirmed part's rows stand alone
+                    if not batch.endswith(CONFIRMED_PART):
+                        continue
+                    status = BatchStatus.OK.value
                 yield run, batch, status, scheme, bytes(keys)  # bytes(): psycopg may give a memoryview
 
     def refused_ids(self, run_id: str) -> list[tuple[str, str, str | None, str]]:
         """(batch_id, ext_id, code, message) of every ID the platform refused in ``run_id``."""
         return list(self._execute(self._sql(_REFUSED_SQL), (run_id,)))  # both drivers give tuples
+
+    def answered_ids(self, run_id: str, phase: int) -> list[tuple[str, str, list[str]]]:
+        """``(batch_id, status, external IDs)`` of the batches of ``phase`` the platform answered in ``run_id``
+        (``ok`` or ``rejected``; a rejected batch's refused IDs are in :meth:`refused_ids`). Resume and retry
+        read the deletions a run made with it (:func:`sync.planning.resume.replay_plan`)."""
+        rows = self._execute(self._sql(_ANSWERED_IDS_SQL), (run_id, int(phase))).fetchall()
+        # bytes(): psycopg may give a memoryview; PostgreSQL's ledger keeps the IDs as JSON text
+        return [(b, str(s), unpack_ids(i if isinstance(i, str) else bytes(i))) for b, s, i in rows]
 
     def rejected_rows(self, run_id: str) -> list[RejectedRow]:
         """The rows validation refused in ``run_id``, in the order they were recorded."""
@@ -1010,11 +1038,13 @@ class Ledger(LedgerBase):
         self._queue(_UPDATE_SENT, sent_row(run_id, batch_id))
 
     def record_result(self, run_id: str, result: BatchResult, *, origins: Any = None) -> None:
-        """Record a batch's final outcome and each ID the platform refused."""
+        """Record a batch's final outcome, each ID the platform refused, and the rows of its confirmed parts."""
         self._queue(_UPDATE_RESULT, result_row(run_id, result))
         if result.rejected:
             for params in refused_rows(run_id, result):
                 self._queue(_INSERT_REFUSED, params)
+        if result.confirmed_rows:
+            self._queue(_INSERT_ROW_KEYS, confirmed_rows_row(run_id, result))
 
     def record_attempt(self, run_id: str, attempt: Attempt, *, started_at: float) -> None:
         """Record one HTTP attempt (``started_at``: Unix time it was sent)."""

@@ -85,6 +85,11 @@ class ReplayStats:
     """Non-idempotent rows sent without a known outcome: held by resume (``pushsync retry`` sends them)."""
     rows_refused: int = 0
     """Non-idempotent rows the platform refused: resume leaves them (``pushsync retry`` sends them)."""
+    ids_deleted: int = 0
+    """IDs left out of the batches of earlier phases because a run of the chain deleted the user (each batch
+    counts its own; one naming only such IDs is not sent): sent now, they would re-create the user."""
+    rows_deleted: int = 0
+    """Non-idempotent rows (events, pushes) left out for the same reason."""
 
     def add(self, **counts: int) -> None:
         """Add to the named counts, atomically: one stats object is shared by a run's lanes, whose batches are
@@ -103,6 +108,8 @@ class ReplayStats:
             "rows_confirmed": self.rows_confirmed,
             "rows_held": self.rows_held,
             "rows_refused": self.rows_refused,
+            "ids_deleted": self.ids_deleted,
+            "rows_deleted": self.rows_deleted,
         }
 
 
@@ -155,6 +162,12 @@ class ReplayPlan:
     and the batch's outcome as a row class (confirmed, rejected, unknown, planned)."""
     refused_rows: pl.DataFrame = field(default_factory=_empty_refused)
     """``(__batch, __ext_id)``: the IDs refused in the rejected keyed batches."""
+    deleted: frozenset[str] = frozenset()
+    """External IDs the runs deleted (a deletions batch answered ``ok``, or ``rejected`` without refusing that
+    ID). A run sends deletions last, so that nothing re-creates a deleted user; a replay sends these IDs nothing
+    of an earlier phase (a failed update sent after the deletion would bring the user back)."""
+    deleted_column: pl.Series = field(default_factory=lambda: pl.Series(EXT_ID, [], pl.String))
+    """:attr:`deleted` as a column, made once: the keyed frames of a plan are filtered with it chunk by chunk."""
 
     def _restrict(self, batch: Batch, ext_ids: Iterable[str]) -> Batch | None:
         if self.platform is None:
@@ -189,9 +202,10 @@ class ReplayPlan:
         outcome (held) and rows the platform refused; retry sends those. In a rejected batch, the rows of the
         IDs not refused count as confirmed.
         """
+        stats = stats if stats is not None else ReplayStats()
+        frame = self._without_deleted_rows(frame, stats)
         if self.rows.is_empty() or frame.is_empty():
             return frame
-        stats = stats if stats is not None else ReplayStats()
         indexed = frame.with_row_index("__i")
         refused = self.refused_rows.with_columns(pl.lit(True).alias("__refused"))
         row_class = pl.col("__class")
@@ -227,8 +241,29 @@ class ReplayPlan:
         dropped = hits.filter(pl.col("__class").is_in(list(skip))).select("__i")
         return indexed.join(dropped, on="__i", how="anti").sort("__i").drop("__i")
 
+    def _without_deleted_rows(self, frame: pl.DataFrame, stats: ReplayStats) -> pl.DataFrame:
+        """``frame`` without the rows of users the runs deleted (keyed rows are dropped before batches are cut,
+        so that the batches keep their rows' keys)."""
+        if not self.deleted or frame.is_empty():
+            return frame
+        kept = frame.filter(~pl.col(EXT_ID).is_in(self.deleted_column.implode()))
+        if kept.height < frame.height:
+            stats.add(rows_deleted=frame.height - kept.height)
+        return kept
+
+    def _without_deleted(self, batch: Batch, stats: ReplayStats) -> Batch | None:
+        """``batch`` without the IDs the runs deleted (None when it names nothing else); deletions as they are."""
+        if not self.deleted or batch.phase is Phase.DELETIONS:
+            return batch
+        keep = [x for x in batch.ext_ids if x not in self.deleted]
+        if len(keep) == len(batch.ext_ids):
+            return batch
+        stats.add(ids_deleted=len(batch.ext_ids) - len(keep))
+        return self._restrict(batch, keep) if keep else None
+
     def decide(self, batch: Batch, stats: ReplayStats | None = None) -> Batch | None:
-        """The batch to send in place of ``batch`` (itself, or cut down to its refused IDs), or None to skip it."""
+        """The batch to send in place of ``batch`` (itself, or cut down to its refused IDs, or to the IDs the
+        runs did not delete), or None to skip it."""
         stats = stats if stats is not None else ReplayStats()
         bid = batch.batch_id
         if bid in self.confirmed:
@@ -242,13 +277,18 @@ class ReplayPlan:
             if cut is None or cut.batch_id in self.confirmed:
                 stats.add(skipped_confirmed=1)
                 return None
+            cut = self._without_deleted(cut, stats)
+            if cut is None:
+                return None
             stats.add(cut_to_refused=1, sent=1)
             return cut
         if self.mode is ReplayMode.RESUME and bid in self.unknown and self._non_idempotent(batch):
             stats.add(held=1)
             return None
-        stats.add(sent=1)
-        return batch
+        chosen = self._without_deleted(batch, stats)
+        if chosen is not None:
+            stats.add(sent=1)
+        return chosen
 
 
 def replay_plan(
@@ -316,10 +356,13 @@ def replay_plan(
     retried_refused = rejected_before - rejected
     rejected |= rejected_before
     refused: dict[str, set[str]] = {}
+    deleted: set[str] = set()
     for rid in runs:
-        for batch_id, ext_id, _code, _message in ledger.refused_ids(rid):
+        refused_here = ledger.refused_ids(rid)
+        for batch_id, ext_id, _code, _message in refused_here:
             if batch_id in rejected and batch_id not in confirmed:
                 refused.setdefault(batch_id, set()).add(ext_id)
+        deleted |= _deleted_ids(ledger, rid, refused_here)
     rows, refused_rows = _recorded_rows(ledger, runs, retried)
     return ReplayPlan(
         mode=mode,
@@ -332,7 +375,21 @@ def replay_plan(
         platform=platform if platform is not None else REGISTRY.get(info.platform or ""),
         rows=rows,
         refused_rows=refused_rows,
+        deleted=frozenset(deleted),
+        deleted_column=pl.Series(EXT_ID, sorted(deleted), pl.String),
     )
+
+
+def _deleted_ids(ledger: Any, run_id: str, refused: Iterable[tuple[str, str, Any, Any]]) -> set[str]:
+    """The external IDs ``run_id`` deleted: those of its deletion batches the platform answered, but the IDs it
+    refused in them."""
+    refused_in: dict[str, set[str]] = {}
+    for batch_id, ext_id, _code, _message in refused:
+        refused_in.setdefault(batch_id, set()).add(ext_id)
+    deleted: set[str] = set()
+    for batch_id, _status, ext_ids in ledger.answered_ids(run_id, Phase.DELETIONS):
+        deleted.update(set(ext_ids) - refused_in.get(batch_id, set()))
+    return deleted
 
 
 def _recorded_rows(

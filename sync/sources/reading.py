@@ -893,8 +893,13 @@ def _csv_chunks(
             reason += f"; a quoted value spans {lines} lines (a quote that is never closed?)"
         # A one-line record is one user's row: the value in the ID column's place names the user, so a snapshot
         # run does not take them for a user who left the export. A record over several lines may hide any
-        # number of users: it names none (sync.state holds every removal then).
-        ext_id = None if spans_lines else _id_in_record(row.text, id_position, source.delimiter)
+        # number of users, and so may a record whose ID value is uncertain: it names none (sync.state holds
+        # every removal then).
+        ext_id = None
+        if not spans_lines:
+            ext_id = _id_in_record(row.text, id_position, source.delimiter, row.expected_columns)
+            if ext_id is None and id_position > 0 and row.text:
+                reason += "; which value is the ID is uncertain (a value before it holds the delimiter?)"
         malformed.append(RejectedRow(str(path), number if number is not None else 0, None, reason, ext_id))
         return "skip"
 
@@ -904,13 +909,28 @@ def _csv_chunks(
         )
 
 
-def _id_in_record(text: str | None, position: int, delimiter: str) -> str | None:
-    """The (trimmed) value at the ID column's position in a malformed one-line record, or None."""
+def _id_in_record(text: str | None, position: int, delimiter: str, expected: int) -> str | None:
+    """The (trimmed) value at the ID column's position in a malformed one-line record of ``expected`` fields, or
+    None when the record cannot say which value is the ID.
+
+    A value before the ID column that holds the delimiter (``Ann, Jr`` unquoted) shifts the ID to the right, one
+    that lost one shifts it to the left: with the ID column first nothing can, otherwise every value the shift
+    could have brought into the ID's place must be the same. Before, the value in the ID's place was taken
+    (``Jr``), the real user looked absent from the export and a snapshot run with ``removal: delete`` deleted
+    them; now such a record names nobody, and sync.state holds the source's removals for the run."""
     if not text:
         return None
     fields = next(csv.reader([text], delimiter=delimiter), [])
-    value = fields[position].strip() if position < len(fields) else ""
-    return value or None
+    if position >= len(fields):
+        return None  # too short to reach the ID column
+    shift = len(fields) - expected
+    lo, hi = (position, position + shift) if shift > 0 else (position + shift, position)
+    if position == 0:
+        lo = hi = 0
+    values = {f.strip() for f in fields[max(lo, 0) : min(hi, len(fields) - 1) + 1]}
+    if len(values) != 1:
+        return None
+    return values.pop() or None
 
 
 def _csv_read(

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import replace
 from typing import Any
 
 from sync.platforms.netmera import MAX_IDS_PER_REQUEST
@@ -252,6 +253,21 @@ def split_batch(batch: Batch) -> tuple[Batch, Batch] | None:
     if isinstance(body, list):
         first_body: Any = [item for item in body if str(item["extId"]) in first_ids]
         second_body: Any = [item for item in body if str(item["extId"]) not in first_ids]
+        if batch.row_keys and len(batch.row_keys) == 8 * len(body):
+            # Each half keeps its items' row keys (one per item, in body order): the dispatcher records those of
+            # the halves the platform confirmed, so that a retry of the batch does not send their events again.
+            keys = [batch.row_keys[8 * i : 8 * i + 8] for i in range(len(body))]
+            first = [str(item["extId"]) in first_ids for item in body]
+            return (
+                replace(
+                    derived_batch(batch, first_body),
+                    row_keys=b"".join(k for k, f in zip(keys, first, strict=True) if f),
+                ),
+                replace(
+                    derived_batch(batch, second_body),
+                    row_keys=b"".join(k for k, f in zip(keys, first, strict=True) if not f),
+                ),
+            )
     else:
         first_body = {**body, "extIds": [x for x in ids if x in first_ids]}
         second_body = {**body, "extIds": [x for x in ids if x not in first_ids]}
