@@ -367,3 +367,31 @@ def test_runs_and_show_name_a_run_no_process_runs_any_more_died(tmp_path: Path, 
     assert main(["show", "killed", "--workdir", str(workdir)]) == 0
     shown = capsys.readouterr().out
     assert "killed of job nightly (netmera): died" in shown and "the next run of the job" in shown
+
+
+def test_the_report_of_a_run_no_process_runs_any_more_says_it_died(tmp_path: Path) -> None:
+    # `runs` and `show` said "died" for a run killed without recording its end; its report said "running" and
+    # "still running (or crashed)" for good.
+    from sync.config import Destination
+    from sync.state import StateStore
+
+    workdir = tmp_path / "work"
+    with Ledger.open(workdir / "ledger.sqlite") as ledger:
+        ledger.start_run("done", job="nightly", platform="netmera")
+        ledger.finish_run("done", status="done", exit_code=0)
+        ledger.start_run("killed", job="nightly", platform="netmera")
+    store = StateStore(workdir, Destination(platform="netmera", base_url="http://127.0.0.1:9/rest/3.0/"))
+    out = tmp_path / "report.html"
+
+    def page() -> str:
+        assert main(["report", "latest", "--workdir", str(workdir), "-o", str(out)]) == 0
+        return out.read_text(encoding="utf-8")
+
+    with store.lock():  # the run's process, alive
+        alive = page()
+    assert 'data-field="status">running<' in alive and "still running" in alive
+    dead = page()
+    assert 'data-field="status">died<' in dead and "killed?" in dead
+    assert 'data-field="exit_status">none: the run ended without recording it<' in dead
+    assert '<tr class="this" data-run="killed"><td class="mono">killed</td>' in dead
+    assert "<td>running</td>" not in dead and "<td>died</td>" in dead

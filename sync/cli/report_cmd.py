@@ -8,6 +8,7 @@ and ``*/.pushsync/*/``) is searched.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 from collections.abc import Sequence
 from pathlib import Path
@@ -48,8 +49,9 @@ def _locate(args: argparse.Namespace) -> tuple[Path, str]:
 
 
 def _report(args: argparse.Namespace) -> int:
-    from sync.cli._ledgers import database_url, local_copy
-    from sync.report.report import write_report
+    from sync.cli._ledgers import database_url, local_copy, name_the_dead
+    from sync.report.report import load_report, save_report, write_report
+    from sync.state import job_lock_held
 
     url = database_url(args, args.job)
     if url is not None:
@@ -61,7 +63,16 @@ def _report(args: argparse.Namespace) -> int:
         ledger: Any = describe_url(url)
     else:
         ledger, run_id = _locate(args)
-        out = write_report(ledger, run_id, args.out)
+        # A run recorded running that no process runs any more died, as `runs` and `show` say (the page said
+        # "running" for good). The coordinated runs' workers are elsewhere: their runs are shown as recorded.
+        held = job_lock_held(ledger.parent)
+        (report,) = name_the_dead(ledger, [load_report(ledger, run_id)], held)
+        if report.status == DIED:  # no process holds the job's lock: no earlier run listed runs either
+            history = tuple(
+                dataclasses.replace(h, status=DIED) if h.status == "running" else h for h in report.history
+            )
+            report = dataclasses.replace(report, history=history)
+        out = save_report(report, args.out)
     if args.output == "json":
         print(json.dumps({"run_id": run_id, "ledger": str(ledger), "report": str(out.resolve())}))
     else:

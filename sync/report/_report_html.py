@@ -17,7 +17,13 @@ from sync.report.metrics import LATENCY_BUCKETS
 
 # -- the page ------------------------------------------------------------------------------------------------
 
-_STATUS_COLOURS = {"done": "#15803d", "partial": "#b45309", "aborted": "#b91c1c", "interrupted": "#475569"}
+_STATUS_COLOURS = {
+    "done": "#15803d",
+    "partial": "#b45309",
+    "aborted": "#b91c1c",
+    "interrupted": "#475569",
+    "died": "#86198f",
+}
 _CSS = """
 body{font:14px/1.45 system-ui,-apple-system,'Segoe UI',Roboto,sans-serif;color:#0f172a;margin:0;background:#f8fafc}
 main{max-width:960px;margin:0 auto;padding:24px}
