@@ -342,3 +342,24 @@ def test_ledger_export_reads_back_exactly_in_either_format(
     # No ID was refused: the file still has its columns' types, as a run with refusals gives them.
     empty = pq.read_schema(export("refused-ids", "refused.parquet"))
     assert str(empty.field("ext_id").type) == "string" and str(empty.field("origin_row").type) == "int64"
+
+
+def test_trace_finds_an_id_given_as_the_input_holds_it_with_spaces_around(
+    key_env: Any, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Validation trims IDs (the job's default), so the ledger holds "U7"; `trace "  U7 "`, the ID exactly as in
+    # the input as trace's help asks, said "no record".
+    job = write_job(tmp_path, key_env.url, users=1)
+    users = tmp_path / "data" / "users.csv"
+    frame = pl.read_csv(users)
+    frame.with_columns(pl.lit("  U7 ").alias("user_id")).write_csv(users)
+    assert main(["run", str(job), "--output", "json", "--progress", "none"]) == 0
+    run_id = json.loads(capsys.readouterr().out)["run_id"]
+
+    assert main(["trace", "  U7 ", "--job", str(job), "--output", "json"]) == 0
+    story = json.loads(capsys.readouterr().out)
+    assert story and {(e["run_id"], e["ext_id"], e["status"]) for e in story} == {(run_id, "U7", "ok")}
+    assert main(["trace", "  U7 ", "--job", str(job)]) == 0
+    assert "ID U7 (asked: '  U7 ')" in capsys.readouterr().out
+    assert main(["trace", " U8 ", "--job", str(job)]) == 0
+    assert "no record of ID ' U8 ' or 'U8'" in capsys.readouterr().out

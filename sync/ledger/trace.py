@@ -8,6 +8,7 @@ validation rejected (file, row, column, reason).
 
 from __future__ import annotations
 
+import dataclasses
 import sqlite3
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,13 +33,15 @@ class TraceEntry:
     detail: str
     path: str | None = None
     row: int | None = None
+    ext_id: str | None = None
+    """The ID as the ledger holds it (``trace`` also looks for an ID given with spaces around it trimmed)."""
 
 
 def trace_id(ledger_path: Path, ext_id: str) -> list[TraceEntry]:
     """Every record of ``ext_id`` in the ledger at ``ledger_path``, newest run first (batches before refusals)."""
     conn = connect_read_only(ledger_path)
     try:
-        return _trace(conn, ext_id)
+        return [dataclasses.replace(e, ext_id=ext_id) for e in _trace(conn, ext_id)]
     finally:
         conn.close()
 
