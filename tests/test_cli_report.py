@@ -395,3 +395,49 @@ def test_the_report_of_a_run_no_process_runs_any_more_says_it_died(tmp_path: Pat
     assert 'data-field="exit_status">none: the run ended without recording it<' in dead
     assert '<tr class="this" data-run="killed"><td class="mono">killed</td>' in dead
     assert "<td>running</td>" not in dead and "<td>died</td>" in dead
+
+
+def test_control_characters_in_a_platforms_answer_are_escaped_in_show_trace_and_the_report(
+    tmp_path: Path, capsys: Any
+) -> None:
+    # A platform's refusal (or a proxy's error page) may echo a value holding an ESC or a NUL. `show` and
+    # `trace` wrote it raw to the terminal (ESC[2J cleared the screen) and the report was no longer well-formed
+    # XML (the page is polyglot markup).
+    import xml.etree.ElementTree as ET
+
+    from sync.records import Batch, BatchResult, BatchStatus, Operation, Phase, RejectedId, RowRef
+
+    hostile = "bad value \x1b[2J\x00\x08 <b>"
+    workdir = tmp_path / "work"
+    with Ledger.open(workdir / "ledger.sqlite") as ledger:
+        ledger.start_run("r1", job="nightly", platform="netmera")
+        for i in (0, 1):
+            ids = (f"U{i}", f"V{i}")
+            ledger.record_planned("r1", Batch(f"b{i}", "tagUsers", Operation.TAG, b"{}", ids, Phase.CHANGES))
+        refused = RejectedId("U0", 2009, hostile, RowRef("users.csv", 2))
+        ledger.record_result(
+            "r1",
+            BatchResult(
+                "b0", "tagUsers", Operation.TAG, BatchStatus.REJECTED, 1, 400, 2009, hostile, 1, (refused,)
+            ),
+        )
+        ledger.record_result(
+            "r1",
+            BatchResult(
+                "b1", "tagUsers", Operation.TAG, BatchStatus.FAILED, 3, 502, None, f"HTTP 502: {hostile}"
+            ),
+        )
+        ledger.finish_run("r1", status="partial", exit_code=1, message=f"stopped: {hostile}")
+
+    shown = []
+    for command in (["show", "r1"], ["runs"], ["trace", "U0"], ["trace", "U1"]):
+        assert main([*command, "--workdir", str(workdir)]) == 0
+        shown.append(capsys.readouterr().out)
+    assert not any(c in text for text in shown for c in "\x1b\x00\x08")
+    assert "bad value \\x1b[2J\\x00\\x08 <b>" in shown[0] and "\\x1b[2J" in shown[2] + shown[3]
+
+    out = tmp_path / "report.html"
+    assert main(["report", "r1", "--workdir", str(workdir), "-o", str(out)]) == 0
+    page = out.read_text(encoding="utf-8")
+    ET.fromstring(page)  # well-formed: it raised "not well-formed (invalid token)"
+    assert "bad value \\x1b[2J\\x00\\x08 &lt;b&gt;" in page

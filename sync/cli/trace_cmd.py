@@ -9,7 +9,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from sync.errors import ExitCode
+from sync.errors import ExitCode, printable
 
 __all__ = ["register"]
 
@@ -68,7 +68,12 @@ def _trace(args: argparse.Namespace) -> int:
     import sys
 
     from rich.console import Console
-    from rich.markup import escape
+    from rich.markup import escape as markup
+
+    def escape(text: str) -> str:
+        # Control characters escaped: a platform's answer may hold an ESC, which would rewrite the terminal.
+        return markup(printable(text))
+
     from rich.table import Table
 
     found = sorted({e.ext_id for e in entries if e.ext_id is not None})

@@ -12,6 +12,7 @@ import math
 from collections.abc import Sequence
 from datetime import UTC, datetime
 
+from sync.errors import printable
 from sync.report._report_data import RunReport
 from sync.report.metrics import LATENCY_BUCKETS
 
@@ -49,7 +50,9 @@ footer{color:#64748b;font-size:12px;margin-top:32px}
 
 
 def _esc(value: object) -> str:
-    return html.escape(str(value), quote=True)
+    # Control characters escaped first (sync.errors.printable): a platform's answer may hold an ESC or a NUL,
+    # which XML forbids, so the page was no longer well-formed.
+    return html.escape(printable(str(value)), quote=True)
 
 
 def _when(ts: float | None) -> str:
