@@ -318,6 +318,10 @@ def test_runs_and_show_read_at_a_glance_and_as_json(
     assert main(["runs", str(job), "--output", "json"]) == 0
     (listed,) = json.loads(capsys.readouterr().out)
     assert listed["run_id"] == run_id and listed["exit_code"] == 1
+    # The figures of the table, for scripts ("the same for scripts": the JSON had the batches by status only).
+    assert listed["totals"] == totals and listed["seconds"] == pytest.approx(
+        summary["elapsed_seconds"], abs=1
+    )
 
     assert main(["show", run_id, "--job", str(job)]) == 0
     shown = capsys.readouterr().out

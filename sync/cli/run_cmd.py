@@ -208,7 +208,11 @@ def _run_json(r: Any) -> dict[str, Any]:
         "status": r.status,
         "exit_code": r.exit_code,
         "message": r.message,
+        "seconds": None if r.finished_at is None else round(r.finished_at - r.started_at, 3),
         "batches": r.batches_by_status,
+        # The figures the table shows (requests, IDs ok, refused, failed, rows rejected...): the run summary's
+        # totals, None for a run that recorded none (running, died, or an older pushsync's).
+        "totals": (r.summary or {}).get("totals"),
         "origin": r.origin,
         "origin_mode": r.origin_mode,
         "destination": r.destination,
