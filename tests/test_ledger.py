@@ -600,3 +600,21 @@ def test_exporting_a_run_of_many_batches_holds_a_slice_not_the_run(tmp_path: Pat
     assert peak_mb < 450, f"peak RSS {peak_mb:.0f} MB"
     frame = pl.scan_parquet(out).select(pl.col("ext_ids").list.len().sum(), pl.len()).collect()
     assert frame.row(0) == (n_batches * per_batch, n_batches)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    ids=st.lists(st.text(min_size=1, max_size=12), min_size=0, max_size=80, unique=True),
+    probe=st.text(max_size=12),
+)
+@example(ids=["ab", "b"], probe="b")
+@example(ids=["a", "b"], probe="a\nb")
+@example(ids=[f"customer-{i:07d}" for i in range(200)], probe="customer-0000199")  # LZ4-packed
+@example(ids=[f"customer-{i:07d}" for i in range(200)], probe="customer-000019")
+def test_holds_id_answers_as_the_unpacked_ids_do(ids: list[str], probe: str) -> None:
+    # trace searches every batch of every run with holds_id (bytes) instead of unpacking each batch's IDs
+    packed = pack_ids(ids)
+    assert ledger_module.holds_id(packed, probe) is (probe in ids)
+    for member in ids[:3] + ids[-3:]:
+        assert ledger_module.holds_id(packed, member)
+    assert ledger_module.holds_id(json.dumps(ids), probe) is (probe in ids)  # schema 4's JSON text

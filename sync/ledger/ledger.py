@@ -57,6 +57,7 @@ __all__ = [
     "batch_row_of",
     "connect_read_only",
     "finish_row",
+    "holds_id",
     "new_run_id",
     "pack_ids",
     "refused_rows",
@@ -133,6 +134,22 @@ def unpack_ids(packed: bytes | str | None) -> list[str]:
     if tag == _JSON:
         return [str(x) for x in json.loads(body)]
     raise StateError(f"unknown packed-IDs format {tag!r} in the ledger")
+
+
+def holds_id(packed: bytes | str | None, ext_id: str) -> bool:
+    """Whether the IDs :func:`pack_ids` packed hold ``ext_id`` (a whole ID, not a piece of one): the same answer
+    as ``ext_id in unpack_ids(packed)``, found by a search of the bytes, without making a string of every ID
+    (``pushsync trace`` asks it of every batch of every run: 40,000 batches of 1,000 IDs took 3.3 s split)."""
+    if not isinstance(packed, bytes) or "\n" in ext_id or packed[:1] not in (_LINES, _LZ4_LINES):
+        return ext_id in unpack_ids(packed)  # the JSON forms, and an ID the line form cannot hold
+    body = packed[1:]
+    if packed[:1] == _LZ4_LINES:
+        import pyarrow as pa
+
+        body = pa.decompress(body[4:], int.from_bytes(body[:4], "little"), codec="lz4", asbytes=True)
+    needle = ext_id.encode("utf-8", "surrogatepass")
+    # Each ID is between line breaks or an end of the body: searched framed by line breaks on both sides.
+    return b"\n" + needle + b"\n" in b"\n" + body + b"\n"
 
 
 _SCHEMA = """
