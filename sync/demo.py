@@ -184,7 +184,9 @@ def demo_job(out: Path, base_url: str) -> Job:
         job,
         destination=dataclasses.replace(job.destination, base_url=base_url),
         sources=tuple(dataclasses.replace(s, paths=(data,)) for s in job.sources),
-        workdir=(out / "work").resolve(),
+        # Where `pushsync runs`, `report latest` and `trace` look without --job or --workdir (*/.pushsync/*/):
+        # run from the demo's directory, they find its run.
+        workdir=(out / ".pushsync" / job.name).resolve(),
     )
 
 

@@ -445,3 +445,21 @@ def test_control_characters_in_a_platforms_answer_are_escaped_in_show_trace_and_
     page = out.read_text(encoding="utf-8")
     ET.fromstring(page)  # well-formed: it raised "not well-formed (invalid token)"
     assert "bad value \\x1b[2J\\x00\\x08 &lt;b&gt;" in page
+
+
+def test_after_the_demo_runs_report_and_trace_find_its_run_from_where_it_ran(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: Any
+) -> None:
+    # The demo's workdir was demo-out/work, which the read commands do not search without --job/--workdir:
+    # right after `pushsync demo`, `pushsync runs` said "no runs recorded" and `report latest` "no run recorded".
+    from sync.demo import run_demo
+
+    monkeypatch.chdir(tmp_path)
+    assert run_demo(users=60) == 0
+    run_id = capsys.readouterr().out.split("\nrun ", 1)[1].split()[0]
+    assert main(["runs", "--output", "json"]) == 0
+    assert [r["run_id"] for r in json.loads(capsys.readouterr().out)] == [run_id]
+    assert main(["report", "latest", "-o", "report.html"]) == 0
+    assert f"wrote the report of run {run_id}" in capsys.readouterr().out
+    assert main(["trace", "U0000001", "--output", "json"]) == 0
+    assert {e["run_id"] for e in json.loads(capsys.readouterr().out)} == {run_id}
