@@ -455,8 +455,10 @@ def test_after_the_demo_runs_report_and_trace_find_its_run_from_where_it_ran(
     from sync.demo import run_demo
 
     monkeypatch.chdir(tmp_path)
-    assert run_demo(users=60) == 0
-    run_id = capsys.readouterr().out.split("\nrun ", 1)[1].split()[0]
+    assert run_demo(users=60, output="json") == 0
+    run_id = json.loads(capsys.readouterr().out)[
+        "run_id"
+    ]  # stdout is the summary alone (it had the demo's lines)
     assert main(["runs", "--output", "json"]) == 0
     assert [r["run_id"] for r in json.loads(capsys.readouterr().out)] == [run_id]
     assert main(["report", "latest", "-o", "report.html"]) == 0
