@@ -465,3 +465,25 @@ def test_after_the_demo_runs_report_and_trace_find_its_run_from_where_it_ran(
     assert f"wrote the report of run {run_id}" in capsys.readouterr().out
     assert main(["trace", "U0000001", "--output", "json"]) == 0
     assert {e["run_id"] for e in json.loads(capsys.readouterr().out)} == {run_id}
+
+
+def test_report_and_ledger_export_refuse_to_write_over_the_ledger_they_read(
+    tmp_path: Path, capsys: Any
+) -> None:
+    # `-o` naming the ledger (or its log, or a link to it): the page or the export was renamed over it, exit 0,
+    # and every later command said "file is not a database": the job's record of its runs was gone.
+    ledger = tmp_path / "work" / "ledger.sqlite"
+    make_ledger(ledger)
+    (tmp_path / "link.sqlite").symlink_to(ledger)
+    before = ledger.read_bytes()
+    for out in (ledger, tmp_path / "work" / ".." / "work" / "ledger.sqlite-wal", tmp_path / "link.sqlite"):
+        for command in (["report", "new", "-o", str(out)], ["ledger-export", "new", "-o", str(out)]):
+            assert main([*command, "--workdir", str(tmp_path / "work")]) == 2
+            err = capsys.readouterr().err
+            assert (
+                err
+                == f"pushsync: error: {out}: is the ledger this command reads (or its log): name another file\n"
+            )
+    assert ledger.read_bytes() == before
+    assert main(["runs", "--workdir", str(tmp_path / "work"), "--output", "json"]) == 0
+    assert len(json.loads(capsys.readouterr().out)) == 2

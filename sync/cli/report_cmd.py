@@ -49,7 +49,7 @@ def _locate(args: argparse.Namespace) -> tuple[Path, str]:
 
 
 def _report(args: argparse.Namespace) -> int:
-    from sync.cli._ledgers import database_url, local_copy, name_the_dead
+    from sync.cli._ledgers import database_url, local_copy, name_the_dead, not_the_ledger
     from sync.report.report import load_report, save_report, write_report
     from sync.state import job_lock_held
 
@@ -63,6 +63,7 @@ def _report(args: argparse.Namespace) -> int:
         ledger: Any = describe_url(url)
     else:
         ledger, run_id = _locate(args)
+        not_the_ledger(args.out, ledger)
         # A run recorded running that no process runs any more died, as `runs` and `show` say (the page said
         # "running" for good). The coordinated runs' workers are elsewhere: their runs are shown as recorded.
         held = job_lock_held(ledger.parent)

@@ -286,7 +286,7 @@ def _show(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
-    from sync.cli._ledgers import database_url, local_copy
+    from sync.cli._ledgers import database_url, local_copy, not_the_ledger
     from sync.ledger.exporting import format_for
     from sync.ledger.ledger import Ledger
 
@@ -299,6 +299,7 @@ def _export(args: argparse.Namespace) -> int:
         print(f"wrote {rows} rows to {args.out}")
         return int(ExitCode.OK)
     path, run_id = _find_run(args)
+    not_the_ledger(args.out, path)
     with Ledger.open(path, read_only=True) as ledger:
         rows = ledger.export(run_id, args.out, table=args.table, fmt=fmt)
     print(f"wrote {rows} rows to {args.out}")
