@@ -1091,7 +1091,7 @@ class Ledger(LedgerBase):
 
         if self.run(run_id) is None:
             raise StateError(f"no run {run_id} in {self.path}")
-        return export_table(self._conn, run_id, Path(out), table, fmt)
+        return export_table(self._conn, run_id, Path(out), table, fmt, unpack_ids)
 
 
 def _upgrade(conn: sqlite3.Connection) -> None:

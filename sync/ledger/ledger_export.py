@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import sqlite3
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -20,7 +20,6 @@ import pyarrow.csv as pa_csv
 import pyarrow.parquet as pq
 
 from sync._output import replaced_atomically
-from sync.ledger.ledger import unpack_ids
 
 __all__ = ["BATCH_SLICE_ROWS", "SLICE_ROWS", "TABLES", "export_table"]
 
@@ -106,9 +105,17 @@ TABLES: dict[str, tuple[str, pa.Schema]] = {
 """Each exported table: the ledger table it is read from and the schema it is written with."""
 
 
-def export_table(conn: sqlite3.Connection, run_id: str, out: Path, table: Table, fmt: Format) -> int:
+def export_table(
+    conn: sqlite3.Connection,
+    run_id: str,
+    out: Path,
+    table: Table,
+    fmt: Format,
+    unpack: Callable[[Any], list[str]],
+) -> int:
     """Write ``table`` of ``run_id`` from the ledger ``conn`` to ``out``; returns the rows written. The file is
-    written beside ``out`` and renamed over it at the end: a failed export leaves nothing half-written."""
+    written beside ``out`` and renamed over it at the end: a failed export leaves nothing half-written.
+    ``unpack``: :func:`sync.ledger.ledger.unpack_ids`, given by the ledger (this module does not import it back)."""
     name, schema = TABLES[table]
     columns = ", ".join(schema.names)
     cursor = conn.execute(f"SELECT {columns} FROM {name} WHERE run_id = ? ORDER BY rowid", (run_id,))
@@ -123,7 +130,7 @@ def export_table(conn: sqlite3.Connection, run_id: str, out: Path, table: Table,
         )
         try:
             for rows in _slices(cursor, slice_rows):
-                writer.write_table(_slice(rows, schema, file_schema))
+                writer.write_table(_slice(rows, schema, file_schema, unpack))
                 written += len(rows)
         finally:
             writer.close()  # a Parquet footer: an empty export is still a file with its schema
@@ -139,12 +146,17 @@ def _csv_schema(schema: pa.Schema) -> pa.Schema:
     return pa.schema([(f.name, _S if pa.types.is_list(f.type) else f.type) for f in schema])
 
 
-def _slice(rows: Sequence[Sequence[Any]], schema: pa.Schema, file_schema: pa.Schema) -> pa.Table:
+def _slice(
+    rows: Sequence[Sequence[Any]],
+    schema: pa.Schema,
+    file_schema: pa.Schema,
+    unpack: Callable[[Any], list[str]],
+) -> pa.Table:
     arrays = []
     for i, (f, written_as) in enumerate(zip(schema, file_schema, strict=True)):
         values = [r[i] for r in rows]
         if pa.types.is_list(f.type):  # the packed IDs
-            ids = [unpack_ids(v) for v in values]
+            ids = [unpack(v) for v in values]
             if pa.types.is_list(written_as.type):
                 arrays.append(pa.array(ids, type=written_as.type))
             else:
