@@ -184,7 +184,9 @@ def demo_job(out: Path, base_url: str) -> Job:
         job,
         destination=dataclasses.replace(job.destination, base_url=base_url),
         sources=tuple(dataclasses.replace(s, paths=(data,)) for s in job.sources),
-        workdir=(out / "work").resolve(),
+        # Where `pushsync runs`, `report latest` and `trace` look without --job or --workdir (*/.pushsync/*/):
+        # run from the demo's directory, they find its run.
+        workdir=(out / ".pushsync" / job.name).resolve(),
     )
 
 
@@ -194,11 +196,17 @@ def run_demo(*, users: int = 10000, output: str = "text", directory: Path | None
     out = (directory if directory is not None else Path.cwd()) / OUT_DIR
     data_path = out / "data" / "users.csv"
     frame = generate_users(data_path, users)
-    print(f"generated {users} users -> {data_path}", flush=True)
+    # With --output json, stdout holds the summary alone (for jq, a scheduler); the demo's own lines go to stderr.
+    notes = sys.stderr if output == "json" else sys.stdout
+    print(f"generated {users} users -> {data_path}", file=notes, flush=True)
     api_key = "demo-" + secrets.token_hex(12)
     limits = {"*": {"requests": 40, "window": 1.0}}
     process, url = start_sandbox_process(api_key, {"limits": limits}, out)
-    print(f"Netmera sandbox at {url} (40 requests per clock-aligned second per endpoint)", flush=True)
+    print(
+        f"Netmera sandbox at {url} (40 requests per clock-aligned second per endpoint)",
+        file=notes,
+        flush=True,
+    )
     try:
         job = demo_job(out, url)
         options = RunOptions(api_key=api_key, handle_signals=True, progress="auto", auto_resume=False)
@@ -214,7 +222,7 @@ def run_demo(*, users: int = 10000, output: str = "text", directory: Path | None
         if problems:
             print("end state differs from the input:\n  " + "\n  ".join(problems[:20]), file=sys.stderr)
             return int(ExitCode.ABORTED)
-        print("verified: a sample of 20 users on the platform equals the input", flush=True)
+        print("verified: a sample of 20 users on the platform equals the input", file=notes, flush=True)
         return int(outcome.exit_code)
     finally:
         stop_sandbox_process(process)

@@ -318,6 +318,10 @@ def test_runs_and_show_read_at_a_glance_and_as_json(
     assert main(["runs", str(job), "--output", "json"]) == 0
     (listed,) = json.loads(capsys.readouterr().out)
     assert listed["run_id"] == run_id and listed["exit_code"] == 1
+    # The figures of the table, for scripts ("the same for scripts": the JSON had the batches by status only).
+    assert listed["totals"] == totals and listed["seconds"] == pytest.approx(
+        summary["elapsed_seconds"], abs=1
+    )
 
     assert main(["show", run_id, "--job", str(job)]) == 0
     shown = capsys.readouterr().out
@@ -367,3 +371,119 @@ def test_runs_and_show_name_a_run_no_process_runs_any_more_died(tmp_path: Path, 
     assert main(["show", "killed", "--workdir", str(workdir)]) == 0
     shown = capsys.readouterr().out
     assert "killed of job nightly (netmera): died" in shown and "the next run of the job" in shown
+
+
+def test_the_report_of_a_run_no_process_runs_any_more_says_it_died(tmp_path: Path) -> None:
+    # `runs` and `show` said "died" for a run killed without recording its end; its report said "running" and
+    # "still running (or crashed)" for good.
+    from sync.config import Destination
+    from sync.state import StateStore
+
+    workdir = tmp_path / "work"
+    with Ledger.open(workdir / "ledger.sqlite") as ledger:
+        ledger.start_run("done", job="nightly", platform="netmera")
+        ledger.finish_run("done", status="done", exit_code=0)
+        ledger.start_run("killed", job="nightly", platform="netmera")
+    store = StateStore(workdir, Destination(platform="netmera", base_url="http://127.0.0.1:9/rest/3.0/"))
+    out = tmp_path / "report.html"
+
+    def page() -> str:
+        assert main(["report", "latest", "--workdir", str(workdir), "-o", str(out)]) == 0
+        return out.read_text(encoding="utf-8")
+
+    with store.lock():  # the run's process, alive
+        alive = page()
+    assert 'data-field="status">running<' in alive and "still running" in alive
+    dead = page()
+    assert 'data-field="status">died<' in dead and "killed?" in dead
+    assert 'data-field="exit_status">none: the run ended without recording it<' in dead
+    assert '<tr class="this" data-run="killed"><td class="mono">killed</td>' in dead
+    assert "<td>running</td>" not in dead and "<td>died</td>" in dead
+
+
+def test_control_characters_in_a_platforms_answer_are_escaped_in_show_trace_and_the_report(
+    tmp_path: Path, capsys: Any
+) -> None:
+    # A platform's refusal (or a proxy's error page) may echo a value holding an ESC or a NUL. `show` and
+    # `trace` wrote it raw to the terminal (ESC[2J cleared the screen) and the report was no longer well-formed
+    # XML (the page is polyglot markup).
+    import xml.etree.ElementTree as ET
+
+    from sync.records import Batch, BatchResult, BatchStatus, Operation, Phase, RejectedId, RowRef
+
+    hostile = "bad value \x1b[2J\x00\x08 <b>"
+    workdir = tmp_path / "work"
+    with Ledger.open(workdir / "ledger.sqlite") as ledger:
+        ledger.start_run("r1", job="nightly", platform="netmera")
+        for i in (0, 1):
+            ids = (f"U{i}", f"V{i}")
+            ledger.record_planned("r1", Batch(f"b{i}", "tagUsers", Operation.TAG, b"{}", ids, Phase.CHANGES))
+        refused = RejectedId("U0", 2009, hostile, RowRef("users.csv", 2))
+        ledger.record_result(
+            "r1",
+            BatchResult(
+                "b0", "tagUsers", Operation.TAG, BatchStatus.REJECTED, 1, 400, 2009, hostile, 1, (refused,)
+            ),
+        )
+        ledger.record_result(
+            "r1",
+            BatchResult(
+                "b1", "tagUsers", Operation.TAG, BatchStatus.FAILED, 3, 502, None, f"HTTP 502: {hostile}"
+            ),
+        )
+        ledger.finish_run("r1", status="partial", exit_code=1, message=f"stopped: {hostile}")
+
+    shown = []
+    for command in (["show", "r1"], ["runs"], ["trace", "U0"], ["trace", "U1"]):
+        assert main([*command, "--workdir", str(workdir)]) == 0
+        shown.append(capsys.readouterr().out)
+    assert not any(c in text for text in shown for c in "\x1b\x00\x08")
+    assert "bad value \\x1b[2J\\x00\\x08 <b>" in shown[0] and "\\x1b[2J" in shown[2] + shown[3]
+
+    out = tmp_path / "report.html"
+    assert main(["report", "r1", "--workdir", str(workdir), "-o", str(out)]) == 0
+    page = out.read_text(encoding="utf-8")
+    ET.fromstring(page)  # well-formed: it raised "not well-formed (invalid token)"
+    assert "bad value \\x1b[2J\\x00\\x08 &lt;b&gt;" in page
+
+
+def test_after_the_demo_runs_report_and_trace_find_its_run_from_where_it_ran(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: Any
+) -> None:
+    # The demo's workdir was demo-out/work, which the read commands do not search without --job/--workdir:
+    # right after `pushsync demo`, `pushsync runs` said "no runs recorded" and `report latest` "no run recorded".
+    from sync.demo import run_demo
+
+    monkeypatch.chdir(tmp_path)
+    assert run_demo(users=60, output="json") == 0
+    run_id = json.loads(capsys.readouterr().out)[
+        "run_id"
+    ]  # stdout is the summary alone (it had the demo's lines)
+    assert main(["runs", "--output", "json"]) == 0
+    assert [r["run_id"] for r in json.loads(capsys.readouterr().out)] == [run_id]
+    assert main(["report", "latest", "-o", "report.html"]) == 0
+    assert f"wrote the report of run {run_id}" in capsys.readouterr().out
+    assert main(["trace", "U0000001", "--output", "json"]) == 0
+    assert {e["run_id"] for e in json.loads(capsys.readouterr().out)} == {run_id}
+
+
+def test_report_and_ledger_export_refuse_to_write_over_the_ledger_they_read(
+    tmp_path: Path, capsys: Any
+) -> None:
+    # `-o` naming the ledger (or its log, or a link to it): the page or the export was renamed over it, exit 0,
+    # and every later command said "file is not a database": the job's record of its runs was gone.
+    ledger = tmp_path / "work" / "ledger.sqlite"
+    make_ledger(ledger)
+    (tmp_path / "link.sqlite").symlink_to(ledger)
+    before = ledger.read_bytes()
+    for out in (ledger, tmp_path / "work" / ".." / "work" / "ledger.sqlite-wal", tmp_path / "link.sqlite"):
+        for command in (["report", "new", "-o", str(out)], ["ledger-export", "new", "-o", str(out)]):
+            assert main([*command, "--workdir", str(tmp_path / "work")]) == 2
+            err = capsys.readouterr().err
+            assert (
+                err
+                == f"pushsync: error: {out}: is the ledger this command reads (or its log): name another file\n"
+            )
+    assert ledger.read_bytes() == before
+    assert main(["runs", "--workdir", str(tmp_path / "work"), "--output", "json"]) == 0
+    assert len(json.loads(capsys.readouterr().out)) == 2

@@ -306,3 +306,60 @@ def test_a_debug_run_logs_when_each_start_up_step_was_done(key_env: Any, tmp_pat
     seconds = list(steps.values())
     assert seconds == sorted(seconds) and seconds[0] > 0 and seconds[-1] < 60
     assert startup_lines("info") == []
+
+
+def test_ledger_export_reads_back_exactly_in_either_format(
+    key_env: Any, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # IDs holding a space, a comma, quotes and non-ASCII are sent as they are; the CSV export joined a batch's IDs
+    # with spaces (so "U 1" read back as two IDs), and `-o batches.csv` without --format wrote Parquet bytes.
+    import pyarrow.parquet as pq
+
+    ids = ["U 1", "a,b", 'q"uote', "plain", "Ünï 😀"]
+    bad_id = 'bad, "row"'
+    job = write_job(tmp_path, key_env.url, users=1)
+    users = tmp_path / "data" / "users.csv"
+    header = users.read_text(encoding="utf-8").splitlines()[0]
+    row = pl.read_csv(users).row(0, named=True)
+    frame = pl.DataFrame([{**row, "user_id": x} for x in ids] + [{**row, "user_id": bad_id, "score": "x"}])
+    frame.select(header.split(",")).write_csv(users)
+    assert main(["run", str(job), "--output", "json", "--progress", "none"]) == 1
+    run_id = json.loads(capsys.readouterr().out)["run_id"]
+
+    def export(table: str, name: str) -> Path:
+        out = tmp_path / name
+        assert main(["ledger-export", run_id, "--job", str(job), "--table", table, "-o", str(out)]) == 0
+        return out
+
+    csv_file, parquet_file = export("batches", "batches.csv"), export("batches", "batches.parquet")
+    assert csv_file.read_bytes()[:4] != b"PAR1" and parquet_file.read_bytes()[:4] == b"PAR1"
+    from_csv = [json.loads(cell) for cell in pl.read_csv(csv_file)["ext_ids"].to_list()]
+    from_parquet = pl.read_parquet(parquet_file)["ext_ids"].to_list()
+    assert from_csv == from_parquet and sorted(from_parquet[0]) == sorted(ids)
+    rejected = [export("rejected-rows", "rejected.csv"), export("rejected-rows", "rejected.parquet")]
+    assert pl.read_csv(rejected[0])["ext_id"].to_list() == [bad_id]
+    assert pl.read_parquet(rejected[1])["ext_id"].to_list() == [bad_id]
+    # No ID was refused: the file still has its columns' types, as a run with refusals gives them.
+    empty = pq.read_schema(export("refused-ids", "refused.parquet"))
+    assert str(empty.field("ext_id").type) == "string" and str(empty.field("origin_row").type) == "int64"
+
+
+def test_trace_finds_an_id_given_as_the_input_holds_it_with_spaces_around(
+    key_env: Any, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Validation trims IDs (the job's default), so the ledger holds "U7"; `trace "  U7 "`, the ID exactly as in
+    # the input as trace's help asks, said "no record".
+    job = write_job(tmp_path, key_env.url, users=1)
+    users = tmp_path / "data" / "users.csv"
+    frame = pl.read_csv(users)
+    frame.with_columns(pl.lit("  U7 ").alias("user_id")).write_csv(users)
+    assert main(["run", str(job), "--output", "json", "--progress", "none"]) == 0
+    run_id = json.loads(capsys.readouterr().out)["run_id"]
+
+    assert main(["trace", "  U7 ", "--job", str(job), "--output", "json"]) == 0
+    story = json.loads(capsys.readouterr().out)
+    assert story and {(e["run_id"], e["ext_id"], e["status"]) for e in story} == {(run_id, "U7", "ok")}
+    assert main(["trace", "  U7 ", "--job", str(job)]) == 0
+    assert "ID U7 (asked: '  U7 ')" in capsys.readouterr().out
+    assert main(["trace", " U8 ", "--job", str(job)]) == 0
+    assert "no record of ID ' U8 ' or 'U8'" in capsys.readouterr().out

@@ -43,7 +43,7 @@ def test_version_flag(capsys: pytest.CaptureFixture[str]) -> None:
 
 def test_demo_job_writes_under_the_given_directory_not_the_package(tmp_path: Path) -> None:
     job = demo_job(tmp_path / "demo-out", "http://127.0.0.1:1/rest/3.0/")
-    assert job.workdir == (tmp_path / "demo-out" / "work").resolve()
+    assert job.workdir == (tmp_path / "demo-out" / ".pushsync" / "demo").resolve()
     assert all(Path(p).is_relative_to(tmp_path) for s in job.sources for p in s.paths)
     assert job.destination.base_url == "http://127.0.0.1:1/rest/3.0/"
 

@@ -10,7 +10,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from sync.errors import StateError
+from sync.errors import BadInputError, StateError
 
 __all__ = [
     "DIED",
@@ -20,6 +20,7 @@ __all__ = [
     "ledger_paths",
     "local_copy",
     "name_the_dead",
+    "not_the_ledger",
     "runs_of",
 ]
 
@@ -101,6 +102,18 @@ def find_run(run_id: str, paths: list[Path]) -> tuple[Path, str]:
         return best[1], best[2]
     what = "no run recorded" if run_id == "latest" else f"no run {run_id} found"
     raise StateError(f"{what} (give --job JOB or --workdir DIR)")
+
+
+def not_the_ledger(out: Path, ledger: Path) -> None:
+    """Refuse an output path (``-o``) that is the ledger the command reads, or its write-ahead log or shared
+    memory: the page or the export was renamed over it, and the job's record of every run was gone (a read
+    command had destroyed it; `runs` then said "file is not a database")."""
+    from sync._output import output_file
+
+    target = output_file(out).resolve()
+    for name in (ledger.name, f"{ledger.name}-wal", f"{ledger.name}-shm", f"{ledger.name}-journal"):
+        if target == (ledger.parent / name).resolve():
+            raise BadInputError(str(out), "is the ledger this command reads (or its log): name another file")
 
 
 def add_database_url(parser: Any) -> None:

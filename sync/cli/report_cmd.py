@@ -8,13 +8,14 @@ and ``*/.pushsync/*/``) is searched.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from sync.cli._ledgers import DIED
-from sync.errors import ExitCode
+from sync.errors import ExitCode, printable
 
 if TYPE_CHECKING:
     from sync.records import RejectedRow
@@ -48,8 +49,9 @@ def _locate(args: argparse.Namespace) -> tuple[Path, str]:
 
 
 def _report(args: argparse.Namespace) -> int:
-    from sync.cli._ledgers import database_url, local_copy
-    from sync.report.report import write_report
+    from sync.cli._ledgers import database_url, local_copy, name_the_dead, not_the_ledger
+    from sync.report.report import load_report, save_report, write_report
+    from sync.state import job_lock_held
 
     url = database_url(args, args.job)
     if url is not None:
@@ -61,7 +63,17 @@ def _report(args: argparse.Namespace) -> int:
         ledger: Any = describe_url(url)
     else:
         ledger, run_id = _locate(args)
-        out = write_report(ledger, run_id, args.out)
+        not_the_ledger(args.out, ledger)
+        # A run recorded running that no process runs any more died, as `runs` and `show` say (the page said
+        # "running" for good). The coordinated runs' workers are elsewhere: their runs are shown as recorded.
+        held = job_lock_held(ledger.parent)
+        (report,) = name_the_dead(ledger, [load_report(ledger, run_id)], held)
+        if report.status == DIED:  # no process holds the job's lock: no earlier run listed runs either
+            history = tuple(
+                dataclasses.replace(h, status=DIED) if h.status == "running" else h for h in report.history
+            )
+            report = dataclasses.replace(report, history=history)
+        out = save_report(report, args.out)
     if args.output == "json":
         print(json.dumps({"run_id": run_id, "ledger": str(ledger), "report": str(out.resolve())}))
     else:
@@ -126,7 +138,6 @@ def _lineage(info: Any) -> str:
 
 def print_runs(infos: list[Any]) -> None:
     """The runs (:class:`sync.ledger.ledger.RunInfo`, newest first) as one table."""
-    from rich.markup import escape
     from rich.table import Table
 
     table = Table(title=None, header_style="bold", show_lines=False)
@@ -155,9 +166,9 @@ def print_runs(infos: list[Any]) -> None:
 
         of = [f"{r.origin_mode or 'replay'} {r.origin}" if r.origin else "-"] if origins else []
         table.add_row(
-            escape(r.run_id),
-            *map(escape, of),
-            escape(r.job),
+            _shown(r.run_id),
+            *map(_shown, of),
+            _shown(r.job),
             _when(r.started_at),
             _took(r),
             _status(r),
@@ -179,22 +190,21 @@ def print_show(
 ) -> None:
     """One run: what happened, per endpoint, unfinished batches, refused IDs and the input rows validation
     rejected (the first 20 of each)."""
-    from rich.markup import escape
     from rich.table import Table
 
     console = _console()
     summary = info.summary or {}
     exit_name = summary.get("exit_status") or ("-" if info.exit_code is None else "")
     console.print(
-        f"[bold]run {escape(info.run_id)}[/] of job [bold]{escape(info.job)}[/] ({escape(info.platform or '-')}): "
-        f"{_status(info)}, exit {info.exit_code if info.exit_code is not None else '-'} {escape(exit_name)}"
+        f"[bold]run {_shown(info.run_id)}[/] of job [bold]{_shown(info.job)}[/] ({_shown(info.platform or '-')}): "
+        f"{_status(info)}, exit {info.exit_code if info.exit_code is not None else '-'} {_shown(exit_name)}"
     )
     console.print(f"  started {_when(info.started_at)} UTC, took {_took(info)}")
     lineage = _lineage(info)
     if lineage:
-        console.print(f"  {escape(lineage)}")
+        console.print(f"  {_shown(lineage)}")
     if info.message:
-        console.print(f"  {escape(info.message)}")
+        console.print(f"  {_shown(info.message)}")
     console.print("  batches: " + ", ".join(f"{n:,} {s}" for s, n in sorted(info.batches_by_status.items())))
     endpoints = summary.get("endpoints", [])
     if endpoints:
@@ -217,7 +227,7 @@ def print_show(
             ids = e.get("ids", {})
             lat = e.get("latency_ms", {})
             table.add_row(
-                escape(e["endpoint"]),
+                _shown(e["endpoint"]),
                 f"{e.get('requests', 0):,}",
                 f"{ids.get('ok', 0):,}",
                 f"{ids.get('rejected', 0):,}",
@@ -225,7 +235,7 @@ def print_show(
                 f"{e.get('rate_limited', 0):,}",
                 f"{e.get('retries', 0):,}",
                 _fmt(e.get("achieved_rate")),
-                escape(e.get("budget") or "-"),
+                _shown(e.get("budget") or "-"),
                 _fmt(lat.get("p50")),
                 _fmt(lat.get("p95")),
             )
@@ -236,11 +246,11 @@ def print_show(
             table.add_column(name, justify="right" if name == "IDs" else "left")
         for b in unfinished[:20]:
             table.add_row(
-                escape(b.batch_id),
-                escape(b.endpoint),
+                _shown(b.batch_id),
+                _shown(b.endpoint),
                 str(b.status),
                 str(b.n_ids),
-                escape(b.message or "no answer"),
+                _shown(b.message or "no answer"),
             )
         console.print(table)
     if refused:
@@ -248,7 +258,7 @@ def print_show(
         for name in ("external ID", "code", "message", "batch"):
             table.add_column(name)
         for batch_id, ext_id, code, message in refused[:20]:
-            table.add_row(escape(ext_id), escape(code or "-"), escape(message), escape(batch_id))
+            table.add_row(_shown(ext_id), _shown(code or "-"), _shown(message), _shown(batch_id))
         console.print(table)
     if rejected:
         table = Table(title=f"{len(rejected):,} input rows rejected (first 20)", header_style="bold")
@@ -256,10 +266,19 @@ def print_show(
             table.add_column(name)
         for r in rejected[:20]:
             table.add_row(
-                escape(r.path), str(r.row), escape(r.column or "-"), escape(r.reason), escape(r.ext_id or "-")
+                _shown(r.path), str(r.row), _shown(r.column or "-"), _shown(r.reason), _shown(r.ext_id or "-")
             )
         console.print(table)
-    console.print(f"  the full report: pushsync report {escape(info.run_id)} -o report.html")
+    console.print(f"  the full report: pushsync report {_shown(info.run_id)} -o report.html")
+
+
+def _shown(text: str) -> str:
+    """``text`` for a rich table: its control characters escaped (:func:`sync.errors.printable`) and its markup
+    taken literally. A platform's answer (a refusal, an error page through a proxy) may hold an ESC or a NUL:
+    written raw, it rewrote the operator's terminal (``ESC[2J`` cleared it)."""
+    from rich.markup import escape
+
+    return escape(printable(text))
 
 
 def _fmt(value: float | None) -> str:

@@ -97,7 +97,9 @@ def register(subparsers: Any) -> None:
     export.add_argument(
         "--table", choices=["batches", "attempts", "refused-ids", "rejected-rows"], default="batches"
     )
-    export.add_argument("--format", choices=["parquet", "csv"], default="parquet")
+    export.add_argument(
+        "--format", choices=["parquet", "csv"], help="default: from the file name (.csv → csv, else parquet)"
+    )
     export.add_argument("-o", "--out", type=Path, required=True, help="the file to write")
     export.add_argument("--job", type=Path, help="the job file whose ledger holds the run")
     export.add_argument("--workdir", type=Path, help="a job's workdir (holds ledger.sqlite)")
@@ -206,7 +208,11 @@ def _run_json(r: Any) -> dict[str, Any]:
         "status": r.status,
         "exit_code": r.exit_code,
         "message": r.message,
+        "seconds": None if r.finished_at is None else round(r.finished_at - r.started_at, 3),
         "batches": r.batches_by_status,
+        # The figures the table shows (requests, IDs ok, refused, failed, rows rejected...): the run summary's
+        # totals, None for a run that recorded none (running, died, or an older pushsync's).
+        "totals": (r.summary or {}).get("totals"),
         "origin": r.origin,
         "origin_mode": r.origin_mode,
         "destination": r.destination,
@@ -280,18 +286,22 @@ def _show(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
-    from sync.cli._ledgers import database_url, local_copy
+    from sync.cli._ledgers import database_url, local_copy, not_the_ledger
+    from sync.ledger.exporting import format_for
     from sync.ledger.ledger import Ledger
 
+    # As `pushsync export` does: `-o refused.csv` without --format wrote Parquet bytes into refused.csv.
+    fmt: Any = format_for(args.out, args.format).value  # "parquet" or "csv", as Ledger.export takes it
     url = database_url(args, args.job)
     if url is not None:
         with local_copy(url, args.run_id) as (path, run_id), Ledger.open(path) as ledger:
-            rows = ledger.export(run_id, args.out, table=args.table, fmt=args.format)
+            rows = ledger.export(run_id, args.out, table=args.table, fmt=fmt)
         print(f"wrote {rows} rows to {args.out}")
         return int(ExitCode.OK)
     path, run_id = _find_run(args)
+    not_the_ledger(args.out, path)
     with Ledger.open(path, read_only=True) as ledger:
-        rows = ledger.export(run_id, args.out, table=args.table, fmt=args.format)
+        rows = ledger.export(run_id, args.out, table=args.table, fmt=fmt)
     print(f"wrote {rows} rows to {args.out}")
     return int(ExitCode.OK)
 

@@ -9,7 +9,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from sync.errors import ExitCode
+from sync.errors import ExitCode, printable
 
 __all__ = ["register"]
 
@@ -34,6 +34,10 @@ def _trace(args: argparse.Namespace) -> int:
     from sync.ledger.trace import trace_id
 
     entries = []
+    # Validation trims IDs unless the job says trim: false, so an ID copied from the input with spaces around it
+    # (as the help asks) is in the ledger without them: both forms are looked for.
+    trimmed = args.ext_id.strip()
+    wanted = [args.ext_id, *([trimmed] if trimmed and trimmed != args.ext_id else [])]
     url = database_url(args, args.job)
     if url is not None:
         import tempfile
@@ -45,24 +49,38 @@ def _trace(args: argparse.Namespace) -> int:
         with open_ledger(url) as pg, tempfile.TemporaryDirectory(prefix="pushsync-trace-") as tmp:
             job_name = load_job(args.job).name if args.job is not None else None
             copy = pg.copy_to_sqlite(Path(tmp) / "ledger.sqlite", job=job_name)
-            entries.extend(trace_id(copy, args.ext_id))
+            for ext_id in wanted:
+                entries.extend(trace_id(copy, ext_id))
     for path in ledger_paths(args.job, args.workdir) if url is None else []:
         if path.exists():
-            entries.extend(trace_id(path, args.ext_id))
+            for ext_id in wanted:
+                entries.extend(trace_id(path, ext_id))
     entries.sort(key=lambda e: -e.run_started_at)
     if args.output == "json":
         print(json.dumps([asdict(e) for e in entries], indent=2))
         return int(ExitCode.OK)
     if not entries:
-        print(f"no record of ID {args.ext_id!r} in the ledgers searched (give --job JOB or --workdir DIR)")
+        also = f" or {trimmed!r}" if len(wanted) > 1 else ""
+        print(
+            f"no record of ID {args.ext_id!r}{also} in the ledgers searched (give --job JOB or --workdir DIR)"
+        )
         return int(ExitCode.OK)
     import sys
 
     from rich.console import Console
-    from rich.markup import escape
+    from rich.markup import escape as markup
+
+    def escape(text: str) -> str:
+        # Control characters escaped: a platform's answer may hold an ESC, which would rewrite the terminal.
+        return markup(printable(text))
+
     from rich.table import Table
 
-    table = Table(title=f"ID {escape(args.ext_id)}", header_style="bold")
+    found = sorted({e.ext_id for e in entries if e.ext_id is not None})
+    title = ", ".join(repr(x) if x != x.strip() else x for x in found)
+    if found != [args.ext_id]:
+        title += f" (asked: {args.ext_id!r})"
+    table = Table(title=f"ID {escape(title)}", header_style="bold")
     for name in ("run", "started (UTC)", "what", "endpoint", "status", "detail", "row"):
         table.add_column(name)
     for e in entries:

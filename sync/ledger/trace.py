@@ -8,11 +8,12 @@ validation rejected (file, row, column, reason).
 
 from __future__ import annotations
 
+import dataclasses
 import sqlite3
 from dataclasses import dataclass
 from pathlib import Path
 
-from sync.ledger.ledger import connect_read_only, unpack_ids
+from sync.ledger.ledger import connect_read_only, holds_id
 from sync.redact import redact
 
 __all__ = ["TraceEntry", "trace_id"]
@@ -32,20 +33,22 @@ class TraceEntry:
     detail: str
     path: str | None = None
     row: int | None = None
+    ext_id: str | None = None
+    """The ID as the ledger holds it (``trace`` also looks for an ID given with spaces around it trimmed)."""
 
 
 def trace_id(ledger_path: Path, ext_id: str) -> list[TraceEntry]:
     """Every record of ``ext_id`` in the ledger at ``ledger_path``, newest run first (batches before refusals)."""
     conn = connect_read_only(ledger_path)
     try:
-        return _trace(conn, ext_id)
+        return [dataclasses.replace(e, ext_id=ext_id) for e in _trace(conn, ext_id)]
     finally:
         conn.close()
 
 
 def _trace(conn: sqlite3.Connection, ext_id: str) -> list[TraceEntry]:
     entries: list[TraceEntry] = []
-    # Every batch's packed IDs are read and searched: a full scan, fine for a question asked by a person.
+    # Every batch's packed IDs are read and searched (as bytes): a full scan, fine for a question asked by a person.
     for (
         run_id,
         started,
@@ -63,7 +66,7 @@ def _trace(conn: sqlite3.Connection, ext_id: str) -> list[TraceEntry]:
         "b.code, b.message, b.ext_ids FROM batches b JOIN runs r ON r.run_id = b.run_id "
         "ORDER BY r.started_at DESC, b.rowid",
     ):
-        if ext_id not in unpack_ids(packed):
+        if not holds_id(packed, ext_id):
             continue
         answer = "no answer" if http is None else f"HTTP {http}"
         parts = [f"{attempts} attempt{'s' if attempts != 1 else ''}", answer if attempts else "not sent"]

@@ -220,6 +220,9 @@ class RunReport:
     def exit_status(self) -> str:
         """The exit code as shown: ``1 PARTIAL``, the bare number if pushsync has no name for it."""
         if self.exit_code is None:
+            # "died" is sync.cli._ledgers.DIED: the CLI names a run no process runs any more so.
+            if self.status == "died":
+                return "none: the run ended without recording it"
             return "still running (or crashed)"
         try:
             return f"{self.exit_code} {ExitCode(self.exit_code).name}"

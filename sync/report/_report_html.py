@@ -12,12 +12,19 @@ import math
 from collections.abc import Sequence
 from datetime import UTC, datetime
 
+from sync.errors import printable
 from sync.report._report_data import RunReport
 from sync.report.metrics import LATENCY_BUCKETS
 
 # -- the page ------------------------------------------------------------------------------------------------
 
-_STATUS_COLOURS = {"done": "#15803d", "partial": "#b45309", "aborted": "#b91c1c", "interrupted": "#475569"}
+_STATUS_COLOURS = {
+    "done": "#15803d",
+    "partial": "#b45309",
+    "aborted": "#b91c1c",
+    "interrupted": "#475569",
+    "died": "#86198f",
+}
 _CSS = """
 body{font:14px/1.45 system-ui,-apple-system,'Segoe UI',Roboto,sans-serif;color:#0f172a;margin:0;background:#f8fafc}
 main{max-width:960px;margin:0 auto;padding:24px}
@@ -43,7 +50,9 @@ footer{color:#64748b;font-size:12px;margin-top:32px}
 
 
 def _esc(value: object) -> str:
-    return html.escape(str(value), quote=True)
+    # Control characters escaped first (sync.errors.printable): a platform's answer may hold an ESC or a NUL,
+    # which XML forbids, so the page was no longer well-formed.
+    return html.escape(printable(str(value)), quote=True)
 
 
 def _when(ts: float | None) -> str:

@@ -41,6 +41,7 @@ __all__ = [
     "TimeBin",
     "load_report",
     "render_html",
+    "save_report",
     "write_report",
 ]
 
@@ -62,7 +63,12 @@ def render_html(report: RunReport) -> str:
 
 def write_report(ledger_path: str | Path, run_id: str, out: str | Path) -> Path:
     """Build the report of ``run_id`` and write it to ``out`` (UTF-8); returns the path written."""
-    page = render_html(load_report(ledger_path, run_id))
+    return save_report(load_report(ledger_path, run_id), out)
+
+
+def save_report(report: RunReport, out: str | Path) -> Path:
+    """Write the page of ``report`` to ``out`` (UTF-8); returns the path written."""
+    page = render_html(report)
     out = Path(out)
     with replaced_atomically(out) as tmp:  # a half-written page never sits where a person would open it
         tmp.write_text(page, encoding="utf-8")
