@@ -13,13 +13,14 @@ from __future__ import annotations
 
 import contextlib
 import os
+import secrets
 import stat
 from collections.abc import Iterator
 from pathlib import Path
 
 from sync.errors import BadInputError
 
-__all__ = ["cannot_write", "output_file", "replaced_atomically"]
+__all__ = ["cannot_write", "keep_mode", "output_file", "replaced_atomically", "reserve_beside"]
 
 
 def cannot_write(path: Path, exc: OSError) -> BadInputError:
@@ -51,20 +52,51 @@ def output_file(path: Path) -> Path:
     return target
 
 
+def reserve_beside(target: Path, suffix: str) -> Path:
+    """A new, empty file of the caller's own beside ``target``: ``<name>.<random><suffix>``.
+
+    One shared ``<name><suffix>`` let two commands writing the same file (an hourly cron whose last run is still
+    going) write into one temporary file: the first to finish renamed it into place while the other still wrote
+    into it, so the file that looked complete mixed both. Created with ``O_EXCL``, not ``mkstemp``: the umask's
+    mode (mkstemp's is 0600), as for any file the user writes."""
+    while True:
+        reserved = target.with_name(f"{target.name}.{secrets.token_hex(4)}{suffix}")
+        try:
+            os.close(os.open(reserved, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+        except FileExistsError:
+            continue
+        return reserved
+
+
+def keep_mode(target: Path, written: Path) -> None:
+    """Give ``written`` the permissions of the file ``target`` it will replace, as ``>`` or ``cp`` over a file
+    keep them: a file of e-mails and phone numbers made private (``chmod 600``) must not come back readable by
+    everyone (the umask's 644) when it is written again. A new file keeps the umask's."""
+    try:
+        mode = stat.S_IMODE(target.stat().st_mode)
+    except FileNotFoundError:
+        return
+    os.chmod(written, mode)
+
+
 @contextlib.contextmanager
 def replaced_atomically(path: Path, suffix: str = ".tmp") -> Iterator[Path]:
-    """A temporary path to write, renamed over :func:`output_file` of ``path`` when the block ends without error
-    (removed when it fails). Its folders are made. An :class:`OSError` on the way — from the block too — is
+    """A temporary path of the caller's own (:func:`reserve_beside`) to write, renamed over :func:`output_file`
+    of ``path`` with that file's permissions (:func:`keep_mode`) when the block ends without error (removed when
+    it fails). Its folders are made. An :class:`OSError` on the way — from the block too — is
     :func:`cannot_write` for ``path``."""
     target = output_file(path)
-    tmp = target.with_name(target.name + suffix)
+    tmp: Path | None = None
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = reserve_beside(target, suffix)
         yield tmp
+        keep_mode(target, tmp)
         os.replace(tmp, target)
     except BaseException as exc:
-        with contextlib.suppress(OSError):
-            tmp.unlink(missing_ok=True)
+        if tmp is not None:
+            with contextlib.suppress(OSError):
+                tmp.unlink(missing_ok=True)
         if isinstance(exc, OSError):
             raise cannot_write(path, exc) from exc
         raise

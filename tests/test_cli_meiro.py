@@ -505,3 +505,39 @@ async def test_trash_says_when_nothing_matches_and_shows_every_field(
     assert restored["last_activation_by"] == 5 and set(restored) == set(item)
     assert await cli("meiro", "trash", "--search", "spring") == 0
     assert "no trashed push notification matches 'spring'" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    ("url", "problem"),
+    [
+        ("http://{user}:hunter2-pw@{host}/api/", "credentials may not be written in the URL"),
+        ("http://{host}/api/#token=hunter2-pw", "takes no query string or fragment"),
+        ("ftp://{host}/api/?hunter2-pw", "must be an http:// or https:// URL"),
+    ],
+)
+@pytest.mark.parametrize("given", ["option", "environment", "job"])
+async def test_a_base_url_with_credentials_or_not_http_is_refused_without_echoing_it(
+    meiro: MeiroSandbox,
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    url: str,
+    problem: str,
+    given: str,
+) -> None:
+    # Taken as given, such a URL reached the request: `pushsync: error: POST http://u:hunter2-pw@host/api/users/
+    # login ...` printed the password (exit 3), and ftp:// was tried as a connection. Now it is refused (exit 2)
+    # before any request, naming what is wrong and not the value.
+    host = os.environ["MEIRO_BASE_URL"].split("//", 1)[1].split("/", 1)[0]
+    bad = url.format(user=EMAIL.split("@")[0], host=host)
+    if given == "option":
+        code = await cli("meiro", "login-check", "--base-url", bad)
+    elif given == "environment":
+        monkeypatch.setenv("MEIRO_BASE_URL", bad)
+        code = await cli("meiro", "login-check")
+    else:
+        code = await cli("meiro", "run", str(_example_job(tmp_path, bad)))
+    assert code == 2
+    err = capsys.readouterr().err
+    assert problem in err and "hunter2" not in err, err
+    assert meiro.stats.snapshot()["requests_total"] == 0  # refused before any request

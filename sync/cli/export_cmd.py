@@ -15,7 +15,6 @@ import asyncio
 import json
 import math
 import sys
-import urllib.parse
 from pathlib import Path
 from typing import Any
 
@@ -53,26 +52,13 @@ def _seconds(text: str) -> float:
 
 
 def _base_url(text: str) -> str:
-    """``--base-url`` held to a job file's rules for ``destination.base_url``. The value is never repeated in the
-    message: a URL refused for the credentials written in it would print them."""
-    try:
-        parts = urllib.parse.urlsplit(text.strip())
-        host = parts.hostname
-    except ValueError:
-        raise argparse.ArgumentTypeError("not a URL (the value is not shown)") from None
-    if parts.scheme not in ("http", "https") or not host:
-        raise argparse.ArgumentTypeError(
-            "must be an http:// or https:// URL with a host (the value is not shown)"
-        )
-    if "@" in parts.netloc:
-        raise argparse.ArgumentTypeError(
-            f"credentials may not be written in the URL (the value is not shown): the API key comes from "
-            f"${API_KEY_ENV}"
-        )
-    if parts.query or parts.fragment:
-        raise argparse.ArgumentTypeError(
-            "a base URL takes no query string or fragment: endpoints are appended to it (the value is not shown)"
-        )
+    """``--base-url`` held to a job file's rules for ``destination.base_url`` (the value is never repeated)."""
+    from sync.config import base_url_problem
+
+    problem = base_url_problem(text)
+    if problem is not None:
+        hint = f": the API key comes from ${API_KEY_ENV}" if "credentials" in problem else ""
+        raise argparse.ArgumentTypeError(f"{problem} (the value is not shown){hint}")
     return text.strip()
 
 

@@ -130,12 +130,17 @@ def _sync(handler: Any) -> Any:
 
 
 def _client(args: argparse.Namespace) -> Any:
-    from sync.config import Destination, resolve_secret
+    from sync.config import Destination, base_url_problem, resolve_secret
     from sync.platforms.meiro.client import MeiroClient, MeiroCredentials
 
     base_url = args.base_url or os.environ.get(BASE_URL_ENV, "").strip()
     if not base_url:
         raise SecretError(f"give --base-url or set {BASE_URL_ENV}")
+    problem = base_url_problem(base_url)
+    if problem is not None:
+        # Every error about a request names its URL: one holding a password would print it.
+        where = "--base-url" if args.base_url else f"${BASE_URL_ENV}"
+        raise SecretError(f"{where}: {problem} (the value is not shown)")
     email = args.email or os.environ.get(EMAIL_ENV, "").strip()
     if not email:
         raise SecretError(f"give --email or set {EMAIL_ENV}")

@@ -49,6 +49,7 @@ from sync.config._settings import (
     DispatchSettings,
     RateBudgetSpec,
     RetryPolicy,
+    base_url_problem,
     resolve_secret,
 )
 from sync.config._sql import DatabaseKind, DatabaseRef, SqlInput, database_kind
@@ -87,6 +88,7 @@ __all__ = [
     "Thresholds",
     "ValidationRules",
     "ValueType",
+    "base_url_problem",
     "database_kind",
     "installed_platforms",
     "job_schema",

@@ -6,11 +6,31 @@ import hashlib
 import os
 import stat
 import unicodedata
+import urllib.parse
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from sync.errors import SecretError
+
+
+def base_url_problem(url: str) -> str | None:
+    """What is wrong with ``url`` as a platform's base URL given on the command line or in a Meiro job file, or
+    None: an http(s) URL with a host, no credentials in it, no query string or fragment. The message never
+    repeats the URL — one refused for the credentials written in it would print them — and every error about a
+    request names its URL, so a URL with credentials must not get that far."""
+    try:
+        parts = urllib.parse.urlsplit(url.strip())
+        host = parts.hostname
+    except ValueError:
+        return "not a URL"
+    if parts.scheme not in ("http", "https") or not host:
+        return "must be an http:// or https:// URL with a host"
+    if "@" in parts.netloc:
+        return "credentials may not be written in the URL"
+    if parts.query or parts.fragment:
+        return "a base URL takes no query string or fragment: endpoints are appended to it"
+    return None
 
 
 @dataclass(frozen=True, slots=True)

@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import secrets
-import stat
 import sys
 import time
 from collections.abc import AsyncIterable, Callable, Iterator, Mapping, Sequence
@@ -25,7 +23,7 @@ import pyarrow as pa
 import pyarrow.csv as pa_csv
 import pyarrow.parquet as pq
 
-from sync._output import output_file
+from sync._output import keep_mode, output_file, reserve_beside
 from sync.errors import BadInputError, PlatformError, printable
 from sync.logs import get_logger
 
@@ -145,12 +143,12 @@ class RowWriter:
         reserved: Path | None = None
         try:
             target.parent.mkdir(parents=True, exist_ok=True)
-            self._partial = reserved = _reserve_partial(target)
+            self._partial = reserved = reserve_beside(target, ".partial")
             if self.format is ExportFormat.PARQUET:
                 self._writer = pq.ParquetWriter(self._partial, self.schema, compression="zstd")
             else:
                 self._writer = pa_csv.CSVWriter(self._partial, self.schema)
-            _keep_mode(target, self._partial)
+            keep_mode(target, self._partial)
         except OSError as exc:
             if reserved is not None:  # __exit__ does not run when __enter__ raises
                 with contextlib.suppress(OSError):
@@ -198,33 +196,6 @@ class RowWriter:
             self._writer.write_table(table)
         except OSError as exc:
             raise BadInputError(str(self.path), f"cannot write the export: {exc.strerror or exc}") from exc
-
-
-def _reserve_partial(target: Path) -> Path:
-    """A new file of this writer's own beside ``target`` (``<name>.<random>.partial``), created empty.
-
-    One shared ``<name>.partial`` let two exports to the same file (an hourly cron whose last run is still
-    going) write into one file: the first to finish renamed it into place while the other still wrote into it,
-    so the file that looked complete mixed both. Created with ``O_EXCL``, not ``mkstemp``: the umask's mode
-    (mkstemp's is 0600), as for any file the user writes."""
-    while True:
-        partial = target.with_name(f"{target.name}.{secrets.token_hex(4)}.partial")
-        try:
-            os.close(os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
-        except FileExistsError:
-            continue
-        return partial
-
-
-def _keep_mode(target: Path, partial: Path) -> None:
-    """Give ``partial`` the permissions of the file it will replace, as ``>`` or ``cp`` over a file keep them: an
-    export of e-mails and phone numbers made private (``chmod 600``) must not come back readable by everyone
-    (the umask's 644) when it is written again. A new file keeps the umask's."""
-    try:
-        mode = stat.S_IMODE(target.stat().st_mode)
-    except FileNotFoundError:
-        return
-    os.chmod(partial, mode)
 
 
 async def write_pages(

@@ -31,7 +31,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sync.config import Destination, RetryPolicy, looks_like_a_key, read_job_yaml, resolve_secret
+from sync.config import (
+    Destination,
+    RetryPolicy,
+    base_url_problem,
+    looks_like_a_key,
+    read_job_yaml,
+    resolve_secret,
+)
 from sync.errors import BadJobError, JobProblem, SecretError
 from sync.platforms.meiro.client import MeiroCredentials
 from sync.platforms.meiro.poller import ExportRef
@@ -108,8 +115,10 @@ def load_meiro_job(path: str | Path) -> MeiroJob:
     if not isinstance(name, str) or not _NAME.match(name):
         problems.append(JobProblem("name", "letters, digits, '_', '.', '-' (at most 64)"))
     base_url = raw.get("base_url")
-    if not isinstance(base_url, str) or not re.match(r"^https?://\S+$", base_url):
-        problems.append(JobProblem("base_url", "an http(s) URL ending in /api/ is required"))
+    problem = base_url_problem(base_url) if isinstance(base_url, str) else "is required"
+    if problem is not None or not isinstance(base_url, str):
+        # Not repeated: every error about a request names its URL, and one holding a password would print it.
+        problems.append(JobProblem("base_url", f"an http(s) URL ending in /api/: {problem}"))
         base_url = ""
     verify_tls = raw.get("verify_tls", True)
     if not isinstance(verify_tls, bool):
