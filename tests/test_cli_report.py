@@ -48,6 +48,24 @@ def test_report_writes_the_page_of_the_run_named(tmp_path: Path, capsys: Any) ->
     assert "wrote the report of run old" in capsys.readouterr().out
 
 
+def test_the_report_of_a_retry_names_the_run_it_continued(tmp_path: Path) -> None:
+    # `pushsync show` said which run a resume or retry replayed; its report did not, so a page read alone showed
+    # a run of a few requests with no hint that it finished another.
+    ledger = tmp_path / "work" / "ledger.sqlite"
+    make_ledger(ledger)
+    with Ledger.open(ledger) as writing:
+        writing.start_run("again", job="nightly", platform="netmera", origin="new", origin_mode="retry")
+        writing.finish_run("again", status="done", exit_code=0)
+    for run_id, shown in (("again", "run new (retry)"), ("old", None)):
+        out = tmp_path / f"{run_id}.html"
+        assert main(["report", run_id, "--ledger", str(ledger), "-o", str(out)]) == 0
+        page = out.read_text(encoding="utf-8")
+        if shown is None:
+            assert 'data-field="origin"' not in page
+        else:
+            assert f'data-field="origin">{shown}<' in page
+
+
 def test_report_latest_from_a_workdir_with_json_output(tmp_path: Path, capsys: Any) -> None:
     make_ledger(tmp_path / "work" / "ledger.sqlite")
     out = tmp_path / "latest.html"

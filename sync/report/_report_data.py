@@ -210,6 +210,10 @@ class RunReport:
     """This run and the job's runs before it in the same ledger, newest first (at most ``_MAX_HISTORY``)."""
     input: InputLine | None = None
     """What the run read and where it sent; None for runs whose summary holds none."""
+    origin: str | None = None
+    """The run this one resumed or retried (``pushsync resume`` / ``retry``); None for a fresh plan."""
+    origin_mode: str | None = None
+    """``resume`` or ``retry`` (with :attr:`origin`)."""
 
     @property
     def duration(self) -> float | None:
@@ -275,6 +279,12 @@ def read_run(conn: sqlite3.Connection, run_id: str, path: Path) -> RunReport:
     if run is None:
         raise StateError(f"no run {run_id} in {path}")
     job, platform, started_at, finished_at, status, exit_code, message, summary_json = run
+    # A ledger of an older pushsync, read without upgrading it, has no origin columns (its runs have none).
+    origin, origin_mode = (
+        conn.execute("SELECT origin, origin_mode FROM runs WHERE run_id = ?", (run_id,)).fetchone()
+        if any(col[1] == "origin" for col in conn.execute("PRAGMA table_info(runs)"))
+        else (None, None)
+    )
     budgets, longest_period = _budgets(summary_json)
 
     per_endpoint: dict[str, _Tally] = {}
@@ -363,6 +373,8 @@ def read_run(conn: sqlite3.Connection, run_id: str, path: Path) -> RunReport:
         bins=tuple(bins),
         latency_counts=tuple(latency_counts),
         input=_input(summary_json),
+        origin=origin,
+        origin_mode=origin_mode,
     )
 
 

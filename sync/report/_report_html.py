@@ -132,20 +132,19 @@ def _now() -> float:
 
 def _header(r: RunReport) -> str:
     rows = [
-        ("Job", r.job),
-        ("Destination", r.platform or "-"),
-        ("Started", _when(r.started_at)),
-        ("Finished", _when(r.finished_at)),
-        ("Duration", _duration(r.duration)),
-        ("Exit status", r.exit_status),
+        ("Job", r.job, "job"),
+        ("Destination", r.platform or "-", "destination"),
+        ("Started", _when(r.started_at), "started"),
+        ("Finished", _when(r.finished_at), "finished"),
+        ("Duration", _duration(r.duration), "duration"),
+        ("Exit status", r.exit_status, "exit_status"),
     ]
+    if r.origin:
+        # As `pushsync show` says: a resume or a retry sends only what the run it replays left.
+        rows.append(("Continues", f"run {r.origin} ({r.origin_mode or 'resume'})", "origin"))
     if r.message:
-        rows.append(("Message", r.message))
-    fields = ("job", "destination", "started", "finished", "duration", "exit_status", "message")
-    items = "".join(
-        f'<dt>{_esc(k)}</dt><dd data-field="{f}">{_esc(v)}</dd>'
-        for (k, v), f in zip(rows, fields, strict=False)
-    )
+        rows.append(("Message", r.message, "message"))
+    items = "".join(f'<dt>{_esc(k)}</dt><dd data-field="{f}">{_esc(v)}</dd>' for k, v, f in rows)
     return f"<dl>{items}</dl>"
 
 
