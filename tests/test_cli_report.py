@@ -362,6 +362,14 @@ def test_runs_and_show_read_at_a_glance_and_as_json(
     assert f'data-field="run_id">{run_id}<' in out.read_text(encoding="utf-8")
 
 
+def test_show_of_a_run_without_batches_says_none_were_recorded(tmp_path: Path, capsys: Any) -> None:
+    # It printed "batches: " and nothing after it.
+    ledger = tmp_path / "work" / "ledger.sqlite"
+    make_ledger(ledger)
+    assert main(["show", "old", "--workdir", str(ledger.parent)]) == 0
+    assert "  batches: none recorded" in capsys.readouterr().out
+
+
 def test_runs_and_show_name_a_run_no_process_runs_any_more_died(tmp_path: Path, capsys: Any) -> None:
     # A run killed with SIGKILL (or by the OOM killer) records no end: `runs` listed it "running" until the
     # job's next run (audit). While a process holds the job's lock it is running; once none does, it died.

@@ -205,7 +205,9 @@ def print_show(
         console.print(f"  {_shown(lineage)}")
     if info.message:
         console.print(f"  {_shown(info.message)}")
-    console.print("  batches: " + ", ".join(f"{n:,} {s}" for s, n in sorted(info.batches_by_status.items())))
+    batches = ", ".join(f"{n:,} {s}" for s, n in sorted(info.batches_by_status.items()))
+    # A run that recorded no batch (stopped while planning, nothing to send) says so, not "batches: ".
+    console.print(f"  batches: {batches or 'none recorded'}")
     endpoints = summary.get("endpoints", [])
     if endpoints:
         table = Table(header_style="bold")
