@@ -324,14 +324,14 @@ def _print_diff(job: Job, d: Any, out: TextIO) -> None:
         f"{d.contact_updates} e-mail/MSISDN updates",
         file=out,
     )
-    share = d.users_removed / max(d.users_state, 1)
+    share = d.removal_share
     verdict = (
         "refused without --force"
         if d.users_removed and share > settings.max_removal_share
         else "within the threshold"
     )
     print(
-        f"  removal ({settings.removal.value}): {d.users_removed} users ({share:.1%} of the state; limit "
+        f"  removal ({settings.removal.value}): {d.users_removed} users ({share:.1%} of the state's users not removed before; limit "
         f"{settings.max_removal_share:.1%}: {verdict})",
         file=out,
     )

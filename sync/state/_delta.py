@@ -369,11 +369,12 @@ def compute_diff(
                 refuse
                 and not force
                 and counts.users_removed
-                and counts.users_removed > settings.max_removal_share * max(counts.users_state, 1)
+                and counts.removal_share > settings.max_removal_share
             ):
                 raise RemovalThresholdError(
-                    f"source {source.name!r}: {counts.users_removed} of {counts.users_state} users in the state "
-                    f"({counts.users_removed / max(counts.users_state, 1):.1%}) left the export and would be "
+                    f"source {source.name!r}: {counts.users_removed} of "
+                    f"{counts.users_state - counts.users_left + counts.users_removed} users in the state (not "
+                    f"counting those removed before: {counts.removal_share:.1%}) left the export and would be "
                     f"{'deleted' if settings.removal is RemovalAction.DELETE else 'untagged'}; the job allows "
                     f"{settings.max_removal_share:.1%}. Nothing was sent. Check the export, or run with --force."
                 )
