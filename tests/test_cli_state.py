@@ -356,3 +356,21 @@ def test_the_state_line_says_what_its_unconfirmed_batches_are(
     assert " batches not confirmed (0 unfinished, " in line and "will be sent again" not in line
     n = int(line.split("; ")[1].split(" ")[0])
     assert n > 0 and f"(0 unfinished, {n} failed or refused)" in line
+
+
+def test_state_show_escapes_control_characters_of_the_tags(
+    workspace: tuple[Path, NetmeraProcess], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A tag is written as the export holds it: one holding ESC[2J (or a CR) printed raw by ``state show``
+    cleared (rewrote) the operator's terminal. The text shows it escaped; the JSON keeps the exact value."""
+    tmp, sandbox = workspace
+    (tmp / "job.yaml").write_text(job_text(sandbox.url, "snapshot"), encoding="utf-8")
+    lines = ["id,name,score,city,segments,mail,news", 'user1,Ann,1,Paris,"x\x1b[2Jred|new\rline",yes,true']
+    (tmp / "users.csv").write_text("\n".join(lines) + "\n", encoding="utf-8", newline="")
+    assert run_cli(capsys, "run", "job.yaml", "--progress", "none")[0] == 0
+    code, text, _ = run_cli(capsys, "state", "show", "job.yaml")
+    assert code == 0
+    assert "\x1b" not in text and "\r" not in text
+    assert "x\\x1b[2Jred (1)" in text and "new\\rline (1)" in text
+    code, out, _ = run_cli(capsys, "state", "show", "job.yaml", "--output", "json")
+    assert json.loads(out)["sources"]["users"]["tags"] == {"new\rline": 1, "x\x1b[2Jred": 1}
