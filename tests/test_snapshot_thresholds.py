@@ -61,3 +61,30 @@ async def test_users_untagged_by_earlier_runs_do_not_dilute_the_removal_threshol
     assert refused.value.exit_code is ExitCode.BAD_JOB_OR_INPUT
     assert sandbox.sandbox.core.stats.requests("untagUsers") == untags  # nothing untagged
     assert all(f"U{i}" in state.tags["vip"] for i in range(21))
+
+
+@pytest.mark.parametrize(
+    ("share", "leaving", "refused"), [(0.29, 29, False), (0.29, 30, True), (0.05, 5, False)]
+)
+async def test_removals_exactly_at_the_threshold_pass(
+    tmp_path: Path, netmera_sandbox_factory: Any, share: float, leaving: int, refused: bool
+) -> None:
+    """ "More than max_removal_share" is exact at the boundary: 29 of 100 users at 0.29 pass. The run compared
+    29 with 0.29 * 100 = 28.999999999999996 and refused them (exit 2), while pushsync plan said "within"."""
+    from sync.config import load_job
+    from sync.run import RunOptions, run
+    from sync.state import RemovalThresholdError
+
+    sandbox = await netmera_sandbox_factory()
+    text = JOB.format(url=sandbox.url).replace("max_removal_share: 0.05", f"max_removal_share: {share}")
+    (tmp_path / "job.yaml").write_text(text, encoding="utf-8")
+    job = load_job(tmp_path / "job.yaml")
+    _export(tmp_path, range(100))
+    assert int((await run(job, RunOptions(api_key=sandbox.api_key))).exit_code) == 0
+    _export(tmp_path, range(100 - leaving))
+    if refused:
+        with pytest.raises(RemovalThresholdError):
+            await run(job, RunOptions(api_key=sandbox.api_key))
+    else:
+        result = await run(job, RunOptions(api_key=sandbox.api_key))
+        assert int(result.exit_code) == 0 and result.diff is not None and result.diff.users_removed == leaving
