@@ -29,9 +29,9 @@ def preview(
     assumed_latency: float | None = None,
 ) -> Preview:
     """What a snapshot run of ``plan`` (a :class:`sync.planning.planning.Plan`) would send, for ``pushsync plan``:
-    the diff counts, a :class:`sync.planning.planning.PlanSummary` of the delta's requests and the sources refused. Writes nothing lasting
-    (the delta goes into the plan's staging directory, removed before returning); never refuses on the removal
-    threshold (the counts show it). Users whose rows were rejected are held as a run would hold them
+    the diff counts, a :class:`sync.planning.planning.PlanSummary` of the delta's requests and the sources whose
+    removals a run would refuse. Writes nothing lasting (the delta goes into the plan's staging directory, removed
+    before returning); never refuses on the removal threshold (the counts and ``refused`` show it). Users whose rows were rejected are held as a run would hold them
     (``force``: as ``run --force`` would)."""
     import secrets
 

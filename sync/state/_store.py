@@ -201,6 +201,10 @@ def state_schema(source: Source, settings: SnapshotSettings | None = None) -> di
     return schema
 
 
+_OWN_COLUMNS = frozenset({KEY, EXT_ID, TAGS, UNCERTAIN, DELETED})
+"""State columns that are not a job's field: their type never follows the job's mapping."""
+
+
 def _column(name: str, stored: Any, wanted: Any) -> pl.Expr:
     """State column ``name`` as ``wanted``: null (unknown) when it was stored with another type.
 
@@ -210,7 +214,8 @@ def _column(name: str, stored: Any, wanted: Any) -> pl.Expr:
     an internal error). Unknown, every value is sent again in the new type."""
     if stored is None:
         return pl.lit(None, wanted).alias(name)
-    if stored == wanted or stored == pl.Null:
+    if stored == wanted or stored == pl.Null or name in _OWN_COLUMNS:
+        # pushsync's own columns are cast as before: a key or an ID read as null would lose the user.
         return pl.col(name).cast(wanted, strict=False)
     return pl.lit(None, wanted).alias(name)
 
