@@ -15,6 +15,7 @@ import structlog
 
 from sync.cli import main
 from tests.conftest import NetmeraProcess, stop_sandbox_process
+from tests.netmera_e2e import netmera_job
 from tests.test_crash_resume import expected_users, job_text, sandbox_users, write_users
 
 
@@ -356,3 +357,53 @@ def test_the_state_line_says_what_its_unconfirmed_batches_are(
     assert " batches not confirmed (0 unfinished, " in line and "will be sent again" not in line
     n = int(line.split("; ")[1].split(" ")[0])
     assert n > 0 and f"(0 unfinished, {n} failed or refused)" in line
+
+
+def test_state_show_escapes_control_characters_of_the_tags(
+    workspace: tuple[Path, NetmeraProcess], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A tag is written as the export holds it: one holding ESC[2J (or a CR) printed raw by ``state show``
+    cleared (rewrote) the operator's terminal. The text shows it escaped; the JSON keeps the exact value."""
+    tmp, sandbox = workspace
+    (tmp / "job.yaml").write_text(job_text(sandbox.url, "snapshot"), encoding="utf-8")
+    lines = ["id,name,score,city,segments,mail,news", 'user1,Ann,1,Paris,"x\x1b[2Jred|new\rline",yes,true']
+    (tmp / "users.csv").write_text("\n".join(lines) + "\n", encoding="utf-8", newline="")
+    assert run_cli(capsys, "run", "job.yaml", "--progress", "none")[0] == 0
+    code, text, _ = run_cli(capsys, "state", "show", "job.yaml")
+    assert code == 0
+    assert "\x1b" not in text and "\r" not in text
+    assert "x\\x1b[2Jred (1)" in text and "new\\rline (1)" in text
+    code, out, _ = run_cli(capsys, "state", "show", "job.yaml", "--output", "json")
+    assert json.loads(out)["sources"]["users"]["tags"] == {"new\rline": 1, "x\x1b[2Jred": 1}
+
+
+def test_plan_refuses_removals_per_source_as_the_run_does(
+    workspace: tuple[Path, NetmeraProcess], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The run checks ``max_removal_share`` per source; the plan checked the sum over sources, so 10 of a small
+    source's 100 users leaving (10 %) hid among a big source's 1,000 (0.9 %): the plan said "within the
+    threshold" and the run was refused. Now the plan names the source the run refuses."""
+    tmp, sandbox = workspace
+    sources = (
+        "  - {name: small, path: small.csv, ext_id: id, tags: {column: segs}}\n"
+        "  - {name: big, path: big.csv, ext_id: id, attributes: {name: string}}\n"
+    )
+    job = netmera_job(
+        sandbox.url,
+        name="two-sources",
+        head="mode: snapshot\nsnapshot: {removal: untag, max_removal_share: 0.05}\n",
+        sources=sources,
+        dispatch="  batch_size: 500\n",
+    )
+    (tmp / "job.yaml").write_text(job, encoding="utf-8")
+    (tmp / "big.csv").write_text("id,name\n" + "".join(f"B{i},n\n" for i in range(1000)), encoding="utf-8")
+    (tmp / "small.csv").write_text("id,segs\n" + "".join(f"S{i},t\n" for i in range(100)), encoding="utf-8")
+    assert run_cli(capsys, "run", "job.yaml", "--progress", "none")[0] == 0
+    (tmp / "small.csv").write_text("id,segs\n" + "".join(f"S{i},t\n" for i in range(90)), encoding="utf-8")
+
+    code, text, _ = run_cli(capsys, "plan", "job.yaml")
+    assert code == 0 and "refused without --force: source 'small'" in text
+    code, out, _ = run_cli(capsys, "plan", "job.yaml", "--output", "json")
+    assert json.loads(out)["diff"]["removals_refused_sources"] == ["small"]
+    code, _, err = run_cli(capsys, "run", "job.yaml", "--progress", "none")
+    assert code == 2 and "source 'small': 10 of 100 users" in err

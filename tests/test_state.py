@@ -455,8 +455,10 @@ def test_preview_shows_the_diff_and_writes_nothing(tmp_path: Path) -> None:
     store = StateStore(job.workdir, job.destination)
     state_before = store.read(job.sources[0])
     with build_plan(job) as plan:
-        counts, summary = preview(store, plan)
-    assert counts.users_changed == 1 and counts.values_set == 1 and counts.users_unchanged == 2
+        counts, summary, refused = preview(store, plan)
+    assert (
+        counts.users_changed == 1 and counts.values_set == 1 and counts.users_unchanged == 2 and refused == ()
+    )
     assert [(e.endpoint, e.requests, e.ids) for e in summary.endpoints] == [("setProfileAttributes", 1, 1)]
     assert summary.samples == {"setProfileAttributes": [{"extId": "u1", "profile": {"score": 11}}]}
     assert store.pending() == [] and store.read(job.sources[0]).equals(state_before)

@@ -285,7 +285,7 @@ def _plan_interruptible(args: argparse.Namespace) -> int:
 
                     ledger = stack.enter_context(PgLedger.open(url))
                     store = pg_state_store(job, ledger._conn, url)
-                diff, summary = preview(
+                diff, summary, refused = preview(
                     store, plan, job.snapshot, full_refresh=args.full_refresh, assumed_latency=args.latency
                 )
         else:
@@ -300,17 +300,17 @@ def _plan_interruptible(args: argparse.Namespace) -> int:
             doc["notes"] = _notes(job, args.limit) + (deletion_notes(plan.staged) if overlaps else [])
             if diff is not None:
                 doc["mode"] = "snapshot"
-                doc["diff"] = diff.to_json()
+                doc["diff"] = {**diff.to_json(), "removals_refused_sources": list(refused)}
             print(json.dumps(doc, indent=2, ensure_ascii=False))
         else:
             notes = _notes(job, args.limit) + (deletion_notes(plan.staged) if overlaps else [])
             _print_plan(job, plan, summary, sys.stdout, notes)
             if diff is not None:
-                _print_diff(job, diff, sys.stdout)
+                _print_diff(job, diff, refused, sys.stdout)
     return int(ExitCode.OK)
 
 
-def _print_diff(job: Job, d: Any, out: TextIO) -> None:
+def _print_diff(job: Job, d: Any, refused: tuple[str, ...], out: TextIO) -> None:
     settings = job.snapshot
     print("\nSnapshot diff against the confirmed state:", file=out)
     print(
@@ -324,15 +324,16 @@ def _print_diff(job: Job, d: Any, out: TextIO) -> None:
         f"{d.contact_updates} e-mail/MSISDN updates",
         file=out,
     )
-    share = d.users_removed / max(d.users_state, 1)
+    # The run checks the threshold per source: summed over sources, a small source's mass removal hid in a big
+    # one's users and the plan said "within the threshold" of a run then refused.
     verdict = (
-        "refused without --force"
-        if d.users_removed and share > settings.max_removal_share
+        f"refused without --force: source {', '.join(repr(n) for n in refused)}"
+        if refused
         else "within the threshold"
     )
     print(
-        f"  removal ({settings.removal.value}): {d.users_removed} users ({share:.1%} of the state; limit "
-        f"{settings.max_removal_share:.1%}: {verdict})",
+        f"  removal ({settings.removal.value}): {d.users_removed} users ({d.removal_share:.1%} of the state's users "
+        f"not removed before; limit {settings.max_removal_share:.1%} per source: {verdict})",
         file=out,
     )
     if d.users_held:

@@ -22,7 +22,7 @@ import sqlite3
 from pathlib import Path
 from typing import Any
 
-from sync.errors import ExitCode, StateError
+from sync.errors import ExitCode, StateError, printable
 
 __all__ = ["register"]
 
@@ -311,13 +311,15 @@ def _print_state(args: argparse.Namespace, job: Any, store: Any, where: str, pen
     if args.output == "json":
         print(json.dumps(doc, indent=2))
         return int(ExitCode.OK)
-    print(f"state of job {doc['job']} ({doc['mode']} mode) in {doc['state_dir']}")
+    # Tags come from the export as written: an ESC or a CR in one, printed raw, rewrote the operator's terminal
+    # (ESC[2J cleared it). The JSON output escapes them itself.
+    print(f"state of job {printable(doc['job'])} ({doc['mode']} mode) in {printable(doc['state_dir'])}")
     if doc["pending_runs"]:
         print(f"  pending (not yet merged; the next run merges them): {', '.join(doc['pending_runs'])}")
     for name, info in doc["sources"].items():
         print(f"  source {name}: {info['users']} users")
         for field, n in info["fields"].items():
-            print(f"    {field:<32} {n:>10} users hold a value")
+            print(f"    {printable(field):<32} {n:>10} users hold a value")
         if info["tags"]:
-            print("    tags: " + ", ".join(f"{t} ({n})" for t, n in info["tags"].items()))
+            print("    tags: " + ", ".join(f"{printable(t)} ({n})" for t, n in info["tags"].items()))
     return int(ExitCode.OK)

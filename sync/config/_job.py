@@ -178,7 +178,8 @@ class SnapshotSettings:
 
     removal: RemovalAction = RemovalAction.NONE
     max_removal_share: float = 0.05
-    """Refuse the run when more than this share of the state's users would be untagged or deleted."""
+    """Refuse the run when more than this share of a source's state users (not counting those removed by earlier
+    runs) would be untagged or deleted."""
     unset_on_empty: bool = False
     """Every ``set`` attribute whose cell became empty is unset (an attribute's own ``on_null: unset`` also)."""
 

@@ -197,6 +197,11 @@ class SnapshotDiff:
     """The job's :class:`sync.platforms.base.SnapshotBuilder`: the streams and batches of the delta."""
 
     @property
+    def refused_sources(self) -> tuple[str, ...]:
+        """The sources whose removals a run refuses without ``--force`` (the threshold is per source)."""
+        return tuple(s.source.name for s in self.sources if removals_refused(s.counts, self.settings))
+
+    @property
     def counts(self) -> DiffCounts:
         total = DiffCounts()
         for s in self.sources:
@@ -270,6 +275,11 @@ class SnapshotDiff:
 
     def discard(self) -> None:
         shutil.rmtree(self.directory, ignore_errors=True)
+
+
+def removals_refused(counts: DiffCounts, settings: SnapshotSettings) -> bool:
+    """Whether one source's removals pass ``max_removal_share`` (the run refuses them without ``--force``)."""
+    return bool(counts.users_removed) and counts.removal_share > settings.max_removal_share
 
 
 def compute_diff(
@@ -365,15 +375,11 @@ def compute_diff(
                             before.write_parquet(part_dir / f"{r:05d}.state.parquet", compression="zstd")
                         else:
                             captured = False
-            if (
-                refuse
-                and not force
-                and counts.users_removed
-                and counts.users_removed > settings.max_removal_share * max(counts.users_state, 1)
-            ):
+            if refuse and not force and removals_refused(counts, settings):
                 raise RemovalThresholdError(
-                    f"source {source.name!r}: {counts.users_removed} of {counts.users_state} users in the state "
-                    f"({counts.users_removed / max(counts.users_state, 1):.1%}) left the export and would be "
+                    f"source {source.name!r}: {counts.users_removed} of "
+                    f"{counts.users_state - counts.users_left + counts.users_removed} users in the state (not "
+                    f"counting those removed before: {counts.removal_share:.1%}) left the export and would be "
                     f"{'deleted' if settings.removal is RemovalAction.DELETE else 'untagged'}; the job allows "
                     f"{settings.max_removal_share:.1%}. Nothing was sent. Check the export, or run with --force."
                 )

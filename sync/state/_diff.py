@@ -60,6 +60,16 @@ class DiffCounts:
     def users_unchanged(self) -> int:
         return self.users_current - self.users_changed
 
+    @property
+    def removal_share(self) -> float:
+        """:attr:`users_removed` as a share of the users a removal could still change: the state's users but
+        those who left earlier and hold nothing left to remove (untagged by an earlier run, or ``removal: none``).
+
+        ``max_removal_share`` is checked against it. Of the whole state, years of users untagged and kept there
+        outgrew the live ones, and a truncated export untagging every live user passed the threshold."""
+        live = self.users_state - self.users_left + self.users_removed
+        return self.users_removed / max(live, 1)
+
     def to_json(self) -> dict[str, int]:
         out = dataclasses.asdict(self)
         out["users_unchanged"] = self.users_unchanged

@@ -2,12 +2,21 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NamedTuple
 
 from sync.config import SnapshotSettings
 from sync.state._delta import compute_diff, rejected_users, snapshot_builder_for, snapshot_streams
 from sync.state._diff import DiffCounts
 from sync.state._store import StateStore
+
+
+class Preview(NamedTuple):
+    """What :func:`preview` found: the diff's counts over every source, the requests, and the sources whose
+    removals a run would refuse (the threshold is per source: summed counts cannot say)."""
+
+    counts: DiffCounts
+    summary: Any
+    refused: tuple[str, ...]
 
 
 def preview(
@@ -18,11 +27,11 @@ def preview(
     full_refresh: bool = False,
     force: bool = False,
     assumed_latency: float | None = None,
-) -> tuple[DiffCounts, Any]:
+) -> Preview:
     """What a snapshot run of ``plan`` (a :class:`sync.planning.planning.Plan`) would send, for ``pushsync plan``:
-    the diff counts and a :class:`sync.planning.planning.PlanSummary` of the delta's requests. Writes nothing lasting
-    (the delta goes into the plan's staging directory, removed before returning); never refuses on the removal
-    threshold (the counts show it). Users whose rows were rejected are held as a run would hold them
+    the diff counts, a :class:`sync.planning.planning.PlanSummary` of the delta's requests and the sources whose
+    removals a run would refuse. Writes nothing lasting (the delta goes into the plan's staging directory, removed
+    before returning); never refuses on the removal threshold (the counts and ``refused`` show it). Users whose rows were rejected are held as a run would hold them
     (``force``: as ``run --force`` would)."""
     import secrets
 
@@ -77,6 +86,6 @@ def preview(
                 for s in plan.staged
             },
         )
-        return diff.counts, summary
+        return Preview(diff.counts, summary, diff.refused_sources)
     finally:
         diff.discard()

@@ -201,19 +201,32 @@ def state_schema(source: Source, settings: SnapshotSettings | None = None) -> di
     return schema
 
 
+_OWN_COLUMNS = frozenset({KEY, EXT_ID, TAGS, UNCERTAIN, DELETED})
+"""State columns that are not a job's field: their type never follows the job's mapping."""
+
+
+def _column(name: str, stored: Any, wanted: Any) -> pl.Expr:
+    """State column ``name`` as ``wanted``: null (unknown) when it was stored with another type.
+
+    The job changed the field's type: what the state holds is a value of the old type, which the platform still
+    holds too, so it is not the new value even when it reads as one (the string "007" is not the number 7; casting
+    made them equal and nothing was sent), and a string cannot even be cast to a boolean (every run failed with
+    an internal error). Unknown, every value is sent again in the new type."""
+    if stored is None:
+        return pl.lit(None, wanted).alias(name)
+    if stored == wanted or stored == pl.Null or name in _OWN_COLUMNS:
+        # pushsync's own columns are cast as before: a key or an ID read as null would lose the user.
+        return pl.col(name).cast(wanted, strict=False)
+    return pl.lit(None, wanted).alias(name)
+
+
 def conform(frame: pl.DataFrame | None, schema: Mapping[str, Any]) -> pl.DataFrame:
-    """A state frame with exactly ``schema``: unknown columns dropped (no longer managed), new ones null, types cast
-    leniently (a value that cannot be cast reads as unknown, so it is sent again)."""
+    """A state frame with exactly ``schema``: unknown columns dropped (no longer managed), new ones null, and a
+    column stored with another type than ``schema``'s null (a type changed in the job: sent again)."""
     if frame is None:
         return pl.DataFrame(schema=dict(schema))
-    return frame.select(
-        [
-            pl.col(name).cast(dtype, strict=False)
-            if name in frame.columns
-            else pl.lit(None, dtype).alias(name)
-            for name, dtype in schema.items()
-        ]
-    )
+    stored = frame.schema
+    return frame.select([_column(name, stored.get(name), dtype) for name, dtype in schema.items()])
 
 
 def range_bits(rows: int) -> int:
@@ -608,22 +621,26 @@ class StateStore:
         """The whole state as a lazy query, in no particular order (for counts over a large state: nothing is
         read until it is collected, and then only the columns asked for)."""
         schema = state_schema(source, settings)
-        types = pl.Schema(schema)
         stored, segments = self.backend.scan(source.name)
         if stored is not None:
-            found = set(stored.collect_schema().names())
-            base = stored.select([pl.col(n) if n in found else pl.lit(None).alias(n) for n in schema])
+            found = stored.collect_schema()
+            base = stored.select([_column(n, found.get(n), dtype) for n, dtype in schema.items()])
         else:
             base = pl.LazyFrame(schema=schema)
-        base = base.cast(types, strict=False)
         if not segments:
             return base
+        with_flag = {**schema, DELETED: pl.Boolean}
+
+        def conformed(segment: pl.LazyFrame) -> pl.LazyFrame:
+            found = segment.collect_schema()
+            return segment.select([_column(n, found.get(n), dtype) for n, dtype in with_flag.items()])
+
         latest = (
-            pl.concat([s.with_columns(pl.lit(i).alias("__seg")) for i, s in enumerate(segments)])
+            pl.concat([conformed(s).with_columns(pl.lit(i).alias("__seg")) for i, s in enumerate(segments)])
             .sort("__seg", maintain_order=True)
             .unique(EXT_ID, keep="last", maintain_order=True)
         )
-        live = latest.filter(~pl.col(DELETED).fill_null(False)).select(list(schema)).cast(types, strict=False)
+        live = latest.filter(~pl.col(DELETED).fill_null(False)).select(list(schema))
         return pl.concat([base.join(latest.select(EXT_ID), on=EXT_ID, how="anti"), live])
 
     def users(
