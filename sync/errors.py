@@ -184,7 +184,8 @@ class RetryableError(PlatformError):
 
     ``remaining`` is the server's ``X-RateLimit-Remaining`` when it sent one; ``rate_limited`` is True for 429s;
     ``no_connection`` is True when the server could not be reached at all (counted towards
-    ``dispatch.abort_after_connection_failures``).
+    ``dispatch.abort_after_connection_failures``); ``retry_after_estimated`` is True when ``retry_after`` is the
+    connector's estimate (NotifyVisitors' window), not a wait the server stated in ``Retry-After``.
     """
 
     def __init__(
@@ -196,12 +197,16 @@ class RetryableError(PlatformError):
         retry_after: float | None = None,
         remaining: int | None = None,
         no_connection: bool = False,
+        retry_after_estimated: bool = False,
     ) -> None:
         super().__init__(message, status=status, code=code)
         self.retry_after = retry_after
         self.remaining = remaining
         self.no_connection = no_connection
         """No answer at all (refused, DNS, reset before an answer): a run of these aborts the run."""
+        self.retry_after_estimated = retry_after_estimated
+        """``retry_after`` was estimated by the connector: only a wait the server stated can stop a run when it
+        is longer than ``retry.max_retry_after`` (:mod:`sync.dispatch._sending`)."""
 
     @property
     def rate_limited(self) -> bool:

@@ -95,7 +95,7 @@ class RetryPolicy:
     base_delay: float = 0.5
     max_delay: float = 30.0
     max_retry_after: float = 300.0
-    """A server's Retry-After above this is treated as absurd and capped."""
+    """The longest wait a server may ask for (Retry-After) that a run waits out; a longer one stops the run."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -476,6 +476,9 @@ class BatchSender:
             if isinstance(error, RetryableError):
                 if error.rate_limited:
                     stats.rate_limited += 1
+                if _waits_too_long(error, policy.max_retry_after):
+                    raise _AttemptsError(attempt, _too_long_to_wait(error, policy.max_retry_after))
+                if error.rate_limited:
                     # The pause applies to the whole endpoint: every task's next acquire() waits for it.
                     ep.budget.on_rate_limited(error.retry_after, error.remaining)
                 if attempt >= policy.max_attempts:
@@ -496,6 +499,27 @@ class BatchSender:
 
     def _sample_latency(self, stats: EndpointStats, latency: float) -> None:
         sample_latency(stats, latency, self._rng, self._latency_sample)
+
+
+def _waits_too_long(error: RetryableError, limit: float) -> bool:
+    """The server stated (``Retry-After``) a wait longer than the job's ``retry.max_retry_after``."""
+    wait = error.retry_after
+    return wait is not None and wait > limit and not error.retry_after_estimated
+
+
+def _too_long_to_wait(error: RetryableError, limit: float) -> FatalPlatformError:
+    """The run's stop for a stated wait over ``limit``. Waiting ``limit`` and asking again, as before, met the
+    same answer every time: a quota reset a day away kept a run knocking every 5 minutes for hours, every batch
+    failing in the end, with no line saying why."""
+    wait = error.retry_after or 0.0
+    said = f"{wait:,.0f} s" + (f" ({wait / 3600:.1f} h)" if wait >= 3600 else "")
+    return FatalPlatformError(
+        f"{error.message}: the platform asks to wait {said} (Retry-After), longer than retry.max_retry_after "
+        f"({limit:g} s): the run stops — resume it (pushsync resume RUN) after that time, or raise "
+        "retry.max_retry_after to wait it out",
+        status=error.status,
+        code=error.code,
+    )
 
 
 def _outcome_of(error: RetryableError | RejectedBatchError | FatalPlatformError) -> AttemptOutcome:

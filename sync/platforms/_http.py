@@ -40,6 +40,7 @@ it is cut to :data:`MAX_MESSAGE` characters, so an echoed key leaves no piece be
 from __future__ import annotations
 
 import asyncio
+import datetime
 import json
 import math
 import ssl
@@ -101,6 +102,10 @@ def parse_retry_after(value: str | None, *, now: float | None = None) -> float |
             when = parsedate_to_datetime(value)
         except (TypeError, ValueError, IndexError):
             return None
+        if when.tzinfo is None:
+            # "-0000" (what Python's email.utils.formatdate writes by default) or no zone comes back naive, and a
+            # naive datetime's timestamp() is local time: 30 s read as 5 h in New York. HTTP dates are UTC.
+            when = when.replace(tzinfo=datetime.UTC)
         seconds = when.timestamp() - (time.time() if now is None else now)
     if not math.isfinite(seconds) or seconds <= 0:
         return None

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import socket
+import time
+from email.utils import formatdate
 from typing import Any
 
 import pytest
@@ -18,6 +20,7 @@ from sync.platforms._http import (
     HttpAnswer,
     HttpSession,
     json_error,
+    parse_retry_after,
 )
 from sync.redact import register_secret
 from sync.sandboxes._core import FaultSpec, start_app
@@ -230,3 +233,25 @@ def test_expect_json_reads_a_bare_empty_object_as_json_does(raw: bytes) -> None:
     if isinstance(first, dict):
         first["changed"] = True  # each call hands out its own object, as the decoder does
         assert second == expected
+
+
+@pytest.mark.parametrize("zone", ["America/New_York", "Asia/Tokyo", "UTC"])
+def test_a_retry_after_date_in_minus_0000_or_no_zone_is_utc_whatever_the_local_zone(
+    zone: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # email.utils.formatdate writes "-0000" by default; parsed naive, it was read as local time: a 60 s wait
+    # became 5 h in New York (a stopped run, since a wait over retry.max_retry_after stops it) and a past date,
+    # so no wait at all, in Tokyo.
+    now = 1_800_000_000.0
+    monkeypatch.setenv("TZ", zone)
+    time.tzset()
+    try:
+        for value in (
+            formatdate(now + 60),
+            formatdate(now + 60).removesuffix(" -0000"),
+            formatdate(now + 60, usegmt=True),
+        ):
+            assert parse_retry_after(value, now=now) == pytest.approx(60.0), value
+    finally:
+        monkeypatch.undo()
+        time.tzset()

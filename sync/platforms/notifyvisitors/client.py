@@ -176,6 +176,7 @@ class NotifyVisitorsClient(HttpClient):
             error = _ANSWERS.error(answer)
             if isinstance(error, RetryableError) and error.rate_limited and error.retry_after is None:
                 error.retry_after = self.until_window_reset()
+                error.retry_after_estimated = True  # the window's end, not a wait the server stated
             raise error
         body = answer.json()
         envelope = envelope_of(body)
