@@ -274,8 +274,21 @@ async def run(job: Job, options: RunOptions) -> RunOutcome:
 
     Raises :class:`sync.errors.BadInputError`/:class:`BadJobError` before anything is sent when the input or the
     job is unusable, :class:`sync.errors.StateError` when the state or the named run cannot be used; platform
-    errors never escape — they end up in the outcome.
+    errors never escape — they end up in the outcome. A job with ``alerts`` is alerted of those errors too.
     """
+    try:
+        return await _run(job, options)
+    except Exception as exc:
+        # The nightly export that did not land (exit 2), a full disk after sending began (3), a crash (5): a run
+        # that ends without a summary needs a person as much as one that aborted (docs/operations.md "Alerts").
+        if options.alert_url is not None and job.alerts is not None:
+            from sync.report.alerts import post_failure_alert
+
+            await post_failure_alert(options.alert_url, job.name, exc, within=job.alerts.timeout)
+        raise
+
+
+async def _run(job: Job, options: RunOptions) -> RunOutcome:
     register_secret(options.api_key)
     if options.limit is not None and job.mode is SyncMode.SNAPSHOT:
         raise BadJobError(

@@ -174,3 +174,23 @@ def test_the_webhook_url_is_a_secret_whole_and_its_key_in_pieces_not_its_scheme_
     assert redact_pieces(answer) == answer
     assert redact(f"POST {url}: refused") == "POST ***: refused"
     assert redact_pieces("it echoed hookKeyKept01234") == "it echoed ***"
+
+
+def test_a_run_that_ends_with_an_error_alerts_too(
+    tmp_path: Path, webhook: tuple[str, list[dict[str, Any]]]
+) -> None:
+    """The nightly export that did not land is exit 2 before any summary: it alerted nobody (docs: exit 2 and
+    above always alert). Now one post names the job, the exit code and what to fix, never the webhook's key."""
+    url, received = webhook
+    job = _unreachable_job(tmp_path)
+    (tmp_path / "data" / "users.csv").unlink()
+    done = _cli(
+        "run", str(job), "--progress", "none",
+        cwd=tmp_path, env={KEY_ENV: "alert-test-key-0123456789", HOOK_ENV: url},
+    )  # fmt: skip
+    assert done.returncode == ExitCode.BAD_JOB_OR_INPUT, done.stderr
+    assert len(received) == 1, done.stderr
+    text = received[0]["body"]["text"]
+    assert text.startswith("pushsync job cli: exit 2 (BAD_JOB_OR_INPUT): ") and "file not found" in text
+    assert "users.csv" in text
+    assert "hookSecret0123456789" not in done.stderr + done.stdout + text
