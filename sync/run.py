@@ -527,10 +527,21 @@ async def _dispatch(
     stop = signals.event
     sending = False  # True once the dispatcher may have sent a request: from then on, never exit 2
     ledger_path = ledger_path_for(job)
+    served = None  # the metrics exporter, bound before the run is recorded
     try:
         if signals.interrupted():
             # Stopped after planning but before the run was recorded: leave no trace but the exit code.
             raise InterruptedRunError("interrupted before anything was sent; nothing was recorded")
+        wants_metrics = (
+            options.metrics_port is not None
+            or options.metrics_textfile is not None
+            or options.metrics_pushgateway is not None
+        )
+        metrics = _metrics_for(job, run_id) if wants_metrics else None
+        if metrics is not None and options.metrics_port is not None:
+            # Bound before the run is recorded: a taken port (exit 2) left a run "died" in the ledger, which the
+            # next run then "resumed" although nothing had been sent.
+            served = metrics.serve(options.metrics_port)
         ledger.start_run(
             run_id,
             job=job.name,
@@ -562,12 +573,6 @@ async def _dispatch(
             if options.progress != "none"
             else None
         )
-        wants_metrics = (
-            options.metrics_port is not None
-            or options.metrics_textfile is not None
-            or options.metrics_pushgateway is not None
-        )
-        metrics = _metrics_for(job, run_id) if wants_metrics else None
         watchers: list[DispatchObserver] = [*options.observers]
         if not _StartupLog.logged:
             watchers.append(_StartupLog(log))
@@ -602,7 +607,7 @@ async def _dispatch(
         try:
             async with (
                 metrics.exporting(
-                    port=options.metrics_port,
+                    server=served,
                     textfile=options.metrics_textfile,
                     pushgateway=options.metrics_pushgateway,
                 )
@@ -677,6 +682,8 @@ async def _dispatch(
         raise
     finally:
         signals.dispatcher = None
+        if served is not None:
+            served.close()
         plan.close()
     return RunOutcome(run_id=run_id, exit_code=summary.exit_code, summary=summary, ledger_path=ledger_path)
 

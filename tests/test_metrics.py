@@ -429,3 +429,37 @@ def test_last_update_and_ids_series_follow_attempts_and_results() -> None:
         assert got[("pushsync_ids_total", (*ep, ("outcome", "failed")))] == 0
     finally:
         server.close()
+
+
+async def test_a_taken_metrics_port_leaves_no_run_for_the_next_to_resume(
+    netmera_sandbox: Any, tmp_path: Path
+) -> None:
+    """The port was bound after the run was recorded: exit 2 left a run "died" in the ledger, which the next run
+    then "resumed" although nothing had been sent. Now the port is taken before the run is recorded."""
+    from sync.errors import StateError
+    from sync.ledger.ledger import Ledger
+
+    generate_users(tmp_path / "users.csv", 40, seed=3)
+    (tmp_path / "job.yaml").write_text(
+        f"""
+version: 1
+name: metered
+workdir: work
+destination: {{platform: netmera, base_url: "{netmera_sandbox.url}", secret: {{env: UNUSED_KEY}}}}
+defaults: {{ext_id: user_id}}
+sources:
+  - {{name: users, path: users.csv, attributes: {{city: string}}}}
+""",
+        encoding="utf-8",
+    )
+    job = load_job(tmp_path / "job.yaml")
+    taken = RunMetrics().serve(0, host="127.0.0.1")
+    try:
+        with pytest.raises(StateError, match="cannot serve metrics on"):
+            await run(job, RunOptions(api_key=netmera_sandbox.api_key, metrics_port=taken.port))
+    finally:
+        taken.close()
+    with Ledger.open(tmp_path / "work" / "ledger.sqlite", read_only=True) as ledger:
+        assert ledger.runs("metered") == []
+    again = await run(job, RunOptions(api_key=netmera_sandbox.api_key))
+    assert again.exit_code == 0 and again.resumed_from is None

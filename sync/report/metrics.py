@@ -352,12 +352,16 @@ class RunMetrics:
         pushgateway: str | None = None,
         host: str = "0.0.0.0",
         every: float = 10.0,
+        server: MetricsServer | None = None,
     ) -> AsyncIterator[MetricsServer | None]:
         """Serve ``/metrics`` on ``port``, and/or rewrite ``textfile`` and push to ``pushgateway`` every ``every``
         seconds while the block runs; both are written once more on the way out, so they end with the run's
         final figures (and :meth:`finish` writes them again with the exit code). Yields the server (None
-        without ``port``). A port already in use raises :class:`StateError` before anything runs."""
-        server = self.serve(port, host) if port is not None else None
+        without ``port``). A port already in use raises :class:`StateError` before anything runs. ``server``: an
+        exporter :meth:`serve` started already (instead of ``port``); its caller closes it."""
+        own = server is None and port is not None
+        if own and port is not None:
+            server = self.serve(port, host)
         self._targets = (None if textfile is None else Path(textfile), pushgateway)
         # Read before the first write replaces the file: a failed run carries the last success over.
         self._carried_success = _previous_success(self._targets[0])
@@ -373,7 +377,7 @@ class RunMetrics:
                 await asyncio.wait([writer])  # waits for the writer without swallowing our own cancellation
             # A thread: a slow Pushgateway must not hold the event loop (in-flight work may still be draining).
             await asyncio.shield(asyncio.to_thread(self.publish))
-            if server is not None:
+            if own and server is not None:
                 server.close()
 
     async def _republish(self, every: float) -> None:
