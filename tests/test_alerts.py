@@ -194,3 +194,48 @@ def test_a_run_that_ends_with_an_error_alerts_too(
     assert text.startswith("pushsync job cli: exit 2 (BAD_JOB_OR_INPUT): ") and "file not found" in text
     assert "users.csv" in text
     assert "hookSecret0123456789" not in done.stderr + done.stdout + text
+
+
+class _Redirecting(BaseHTTPRequestHandler):
+    """Answers every POST with ``302 Found`` to ``/landing`` and every GET with 200 (a login or landing page)."""
+
+    def do_POST(self) -> None:
+        self.rfile.read(int(self.headers.get("Content-Length", "0")))
+        self.send_response(302)
+        self.send_header("Location", "/landing")
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    def do_GET(self) -> None:
+        self.server.received.append(self.path)  # type: ignore[attr-defined]
+        self.send_response(200)
+        self.send_header("Content-Length", "2")
+        self.end_headers()
+        self.wfile.write(b"ok")
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+
+def test_a_redirecting_webhook_is_a_failed_alert_not_a_sent_one(tmp_path: Path) -> None:
+    """urllib followed a 302 to a POST as a GET without the body: the alert was lost while the log said
+    ``alert.sent`` (status 200). A redirect is not followed now: ``alert.failed`` names the 3xx."""
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _Redirecting)
+    server.received = []  # type: ignore[attr-defined]
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}/services/T0/B0/movedSecret0123456789"
+        done = _cli(
+            "run", str(_unreachable_job(tmp_path)), "--progress", "none",
+            cwd=tmp_path, env={KEY_ENV: "alert-test-key-0123456789", HOOK_ENV: url},
+        )  # fmt: skip
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=5)
+    assert done.returncode == ExitCode.ABORTED, done.stderr
+    assert server.received == []  # type: ignore[attr-defined]
+    assert "alert.sent" not in done.stderr
+    assert "alert.failed" in done.stderr and "HTTP Error 302" in done.stderr
+    assert "movedSecret0123456789" not in done.stderr

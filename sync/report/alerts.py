@@ -76,11 +76,22 @@ def alert_reasons(alerts: Alerts, summary: RunSummary, usual_durations: Sequence
     return reasons
 
 
+class _NoRedirect(urllib.request.HTTPRedirectHandler):
+    """Refuses every redirect: urllib turns a POST answered 301/302/303 into a GET without the body, so the alert
+    was lost while the log said ``alert.sent``; the 3xx is now an ``alert.failed`` (set the webhook's final URL)."""
+
+    def redirect_request(self, req: Any, fp: Any, code: int, msg: str, headers: Any, newurl: str) -> None:
+        return None  # urllib then raises HTTPError for the 3xx itself
+
+
+_OPENER = urllib.request.build_opener(_NoRedirect)
+
+
 def _post(url: str, body: bytes, timeout: float) -> int:
     request = urllib.request.Request(
         url, data=body, headers={"Content-Type": "application/json"}, method="POST"
     )
-    with urllib.request.urlopen(request, timeout=timeout) as resp:
+    with _OPENER.open(request, timeout=timeout) as resp:
         return int(resp.status)
 
 
