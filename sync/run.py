@@ -542,6 +542,9 @@ async def _dispatch(
             # Bound before the run is recorded: a taken port (exit 2) left a run "died" in the ledger, which the
             # next run then "resumed" although nothing had been sent.
             served = metrics.serve(options.metrics_port)
+        if metrics is not None and options.metrics_textfile is not None:
+            # Likewise a textfile that cannot be written: exit 2 with nothing recorded, not a crash (exit 5).
+            metrics.check_textfile(options.metrics_textfile)
         ledger.start_run(
             run_id,
             job=job.name,

@@ -463,3 +463,66 @@ sources:
         assert ledger.runs("metered") == []
     again = await run(job, RunOptions(api_key=netmera_sandbox.api_key))
     assert again.exit_code == 0 and again.resumed_from is None
+
+
+class TextfileTaken:
+    """A dispatch observer that puts a directory where the textfile is when the first batch finishes (the file
+    cannot be replaced any more: a full disk or a removed mount behaves alike)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def on_batch_start(self, batch: Batch) -> None:
+        return None
+
+    def on_attempt(self, attempt: Attempt) -> None:
+        return None
+
+    def on_batch_done(self, batch: Batch, result: BatchResult) -> None:
+        if not self.path.is_dir():
+            self.path.unlink(missing_ok=True)
+            self.path.mkdir()
+
+
+async def test_a_textfile_that_cannot_be_written_is_exit_2_before_the_run_or_a_warning_during_it(
+    netmera_sandbox: Any, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """--metrics-textfile under a file (or any unwritable place) was an "internal error ... a bug in pushsync"
+    (exit 5) that left the run "died" for the next one to resume; a write failing mid-run failed the whole sync.
+    Now: exit 2 before the run is recorded, and a ``metrics.write_failed`` warning during it."""
+    from sync.errors import StateError
+    from sync.ledger.ledger import Ledger
+
+    generate_users(tmp_path / "users.csv", 40, seed=3)
+    (tmp_path / "job.yaml").write_text(
+        f"""
+version: 1
+name: metered
+workdir: work
+destination: {{platform: netmera, base_url: "{netmera_sandbox.url}", secret: {{env: UNUSED_KEY}}}}
+defaults: {{ext_id: user_id}}
+sources:
+  - {{name: users, path: users.csv, attributes: {{city: string}}}}
+dispatch: {{batch_size: 10}}
+""",
+        encoding="utf-8",
+    )
+    job = load_job(tmp_path / "job.yaml")
+    (tmp_path / "a-file").write_text("", encoding="utf-8")
+    bad = tmp_path / "a-file" / "pushsync.prom"
+    with pytest.raises(
+        StateError, match=f"cannot write the metrics textfile {bad}: .*a-file is not a directory"
+    ):
+        await run(job, RunOptions(api_key=netmera_sandbox.api_key, metrics_textfile=bad))
+    with Ledger.open(tmp_path / "work" / "ledger.sqlite", read_only=True) as ledger:
+        assert ledger.runs("metered") == []
+
+    textfile = tmp_path / "prom" / "pushsync.prom"
+    outcome = await run(
+        job,
+        RunOptions(
+            api_key=netmera_sandbox.api_key, metrics_textfile=textfile, observers=[TextfileTaken(textfile)]
+        ),
+    )
+    assert outcome.exit_code == 0 and outcome.summary.ids_ok == 40
+    assert "metrics.write_failed" in capsys.readouterr().err

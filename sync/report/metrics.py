@@ -37,6 +37,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
+import tempfile
 import threading
 import time
 from collections import deque
@@ -392,7 +394,14 @@ class RunMetrics:
         A Pushgateway that cannot be reached is logged, never fatal: metrics must not fail a sync."""
         textfile, gateway = self._targets
         if textfile is not None:
-            self.write_textfile(textfile)
+            try:
+                self.write_textfile(textfile)
+            except OSError as exc:  # a full disk, a directory removed meanwhile: the sync goes on
+                from sync.logs import get_logger
+
+                get_logger(job=self._job).warning(
+                    "metrics.write_failed", path=str(textfile), error=f"{type(exc).__name__}: {exc}"
+                )
         if gateway is not None:
             self.push(gateway)
 
@@ -440,6 +449,22 @@ class RunMetrics:
         except OSError as exc:  # e.g. the port is taken: say so before anything is sent
             raise StateError(f"cannot serve metrics on {host}:{port}: {exc.strerror or exc}") from exc
         return MetricsServer(host=host, port=server.server_port, server=server, thread=thread)
+
+    @staticmethod
+    def check_textfile(path: str | Path) -> None:
+        """Raise :class:`StateError` (exit 2) when the textfile cannot be written — its directory cannot be made
+        or written — without touching the file itself (it holds the last success time :meth:`exporting` keeps)."""
+        path = Path(path)
+        try:
+            if path.is_dir():
+                raise IsADirectoryError(errno.EISDIR, "is a directory")
+            if any(p.exists() and not p.is_dir() for p in path.parents):
+                raise NotADirectoryError(errno.ENOTDIR, f"{path.parent} is not a directory")
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.", suffix=".check"):
+                pass
+        except OSError as exc:
+            raise StateError(f"cannot write the metrics textfile {path}: {exc.strerror or exc}") from None
 
     def write_textfile(self, path: str | Path) -> None:
         """Write the node_exporter textfile atomically (a temporary file renamed over ``path``)."""
