@@ -528,6 +528,7 @@ async def _dispatch(
     sending = False  # True once the dispatcher may have sent a request: from then on, never exit 2
     ledger_path = ledger_path_for(job)
     served = None  # the metrics exporter, bound before the run is recorded
+    metrics: RunMetrics | None = None
     try:
         if signals.interrupted():
             # Stopped after planning but before the run was recorded: leave no trace but the exit code.
@@ -675,13 +676,21 @@ async def _dispatch(
         )
     except Exception as exc:
         cause = _local_failure(exc) if sending else None
+        failure: Exception = exc
         if cause is not None:
             # A full disk or an unwritable ledger after requests went out: exit 2 would tell the scheduler that
             # nothing was sent. The ledger holds what was confirmed; the run reads "running" and is resumed.
-            raise RunStoppedError(
+            failure = RunStoppedError(
                 f"run {run_id} stopped after it began sending: {cause}. What the platform confirmed is in the "
                 f"ledger: fix the cause, then `pushsync resume {run_id}` (or run the job again)"
-            ) from exc
+            )
+        if metrics is not None and sending:
+            # The exit code the process ends with: without it `pushsync_exit_code != 0` stays silent (a
+            # Pushgateway even keeps the last run's 0), and the textfile loses the last success time.
+            code = failure.exit_code if isinstance(failure, PushSyncError) else ExitCode.CRASHED
+            await metrics.finish(int(code))
+        if failure is not exc:
+            raise failure from exc
         raise
     finally:
         signals.dispatcher = None

@@ -526,3 +526,48 @@ dispatch: {{batch_size: 10}}
     )
     assert outcome.exit_code == 0 and outcome.summary.ids_ok == 40
     assert "metrics.write_failed" in capsys.readouterr().err
+
+
+async def test_a_run_stopped_after_sending_began_records_its_exit_code(
+    netmera_sandbox: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A run that ended with an error once sending began (a full disk: exit 3) published its metrics without
+    ``pushsync_exit_code`` and without the last success time: ``pushsync_exit_code != 0`` and "no success for a
+    day" both went silent (the Pushgateway even kept the previous run's exit code 0). It records its exit code now,
+    and carries the last success over, as a run that ended with a summary does."""
+    import errno
+
+    from reliability.workload import job_yaml
+
+    from sync.errors import ExitCode, RunStoppedError
+    from sync.planning._staging import Settler
+
+    generate_users(tmp_path / "data" / "users.csv", 300, seed=5)
+    dispatch = "  concurrency: 2\n  queue_size: 2\n"
+    (tmp_path / "job.yaml").write_text(
+        job_yaml(netmera_sandbox.url, name="t", key_env="UNUSED_KEY", batch_size=10, dispatch=dispatch),
+        encoding="utf-8",
+    )
+    job = load_job(tmp_path / "job.yaml")
+    textfile = tmp_path / "prom" / "pushsync.prom"
+    ok = await run(job, RunOptions(api_key=netmera_sandbox.api_key, metrics_textfile=textfile))
+    assert ok.exit_code == 0
+    success = samples(textfile.read_text())[("pushsync_last_success_time_seconds", ())]
+
+    monkeypatch.setattr("sync.planning.planning.ROWS_PER_BUCKET", 10)
+    monkeypatch.setattr("sync.planning.planning.HEAD_ROWS", 10)
+    real = Settler.settle_next
+
+    def disk_full(self: Settler) -> None:
+        if self.next >= 20:
+            raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path))
+        real(self)
+
+    monkeypatch.setattr(Settler, "settle_next", disk_full)
+    with pytest.raises(RunStoppedError):
+        await run(
+            job, RunOptions(api_key=netmera_sandbox.api_key, metrics_textfile=textfile, full_refresh=True)
+        )
+    final = samples(textfile.read_text())
+    assert final[("pushsync_exit_code", ())] == ExitCode.ABORTED
+    assert final[("pushsync_last_success_time_seconds", ())] == success
