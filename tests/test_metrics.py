@@ -230,6 +230,16 @@ def test_a_taken_port_is_a_clear_error_before_anything_runs() -> None:
         first.close()
 
 
+@pytest.mark.parametrize("port", [65536, 70000])
+def test_a_port_out_of_range_is_a_clear_error_not_a_crash(port: int) -> None:
+    """``--metrics-port 70000`` was "internal error: OverflowError ... a bug in pushsync" (exit 5)."""
+    from sync.errors import ExitCode, StateError
+
+    with pytest.raises(StateError, match=f"cannot serve metrics on 127.0.0.1:{port}: .*0-65535") as info:
+        RunMetrics().serve(port, host="127.0.0.1")
+    assert info.value.exit_code is ExitCode.BAD_JOB_OR_INPUT
+
+
 class MidRunScraper:
     """A dispatch observer that scrapes the exporter once, when the first batch finishes: mid-run."""
 

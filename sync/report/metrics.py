@@ -448,6 +448,8 @@ class RunMetrics:
             server, thread = start_http_server(port, addr=host, registry=self.registry)
         except OSError as exc:  # e.g. the port is taken: say so before anything is sent
             raise StateError(f"cannot serve metrics on {host}:{port}: {exc.strerror or exc}") from exc
+        except OverflowError as exc:  # --metrics-port 70000: a typo in a cron line, not a crash (exit 5)
+            raise StateError(f"cannot serve metrics on {host}:{port}: {exc}") from exc
         return MetricsServer(host=host, port=server.server_port, server=server, thread=thread)
 
     @staticmethod
