@@ -546,6 +546,8 @@ async def _dispatch(
         if metrics is not None and options.metrics_textfile is not None:
             # Likewise a textfile that cannot be written: exit 2 with nothing recorded, not a crash (exit 5).
             metrics.check_textfile(options.metrics_textfile)
+        if metrics is not None and options.metrics_pushgateway is not None:
+            metrics.check_pushgateway(options.metrics_pushgateway)  # a malformed URL crashed the run (exit 5)
         ledger.start_run(
             run_id,
             job=job.name,

@@ -581,3 +581,43 @@ async def test_a_run_stopped_after_sending_began_records_its_exit_code(
     final = samples(textfile.read_text())
     assert final[("pushsync_exit_code", ())] == ExitCode.ABORTED
     assert final[("pushsync_last_success_time_seconds", ())] == success
+
+
+@pytest.mark.parametrize(
+    ("gateway", "said"),
+    [
+        ("http://pushgateway:notaport", "is not a usable URL"),
+        ("http://[::1", "is not a usable URL: Invalid IPv6 URL"),
+        ("http://pushgateway:99999", "is not a usable URL: Port out of range"),
+        ("ftp://pushgateway:9091", "must be an http:// or https:// URL"),
+    ],
+)
+async def test_a_malformed_pushgateway_url_is_exit_2_before_the_run(
+    netmera_sandbox: Any, tmp_path: Path, gateway: str, said: str
+) -> None:
+    """``--metrics-pushgateway http://gw:notaport`` crashed the run ("internal error: InvalidURL ... a bug in
+    pushsync", exit 5) and left it "died" in the ledger. Now: exit 2 before the run is recorded."""
+    from sync.errors import ExitCode, StateError
+    from sync.ledger.ledger import Ledger
+
+    generate_users(tmp_path / "users.csv", 20, seed=3)
+    (tmp_path / "job.yaml").write_text(
+        f"""
+version: 1
+name: metered
+workdir: work
+destination: {{platform: netmera, base_url: "{netmera_sandbox.url}", secret: {{env: UNUSED_KEY}}}}
+defaults: {{ext_id: user_id}}
+sources:
+  - {{name: users, path: users.csv, attributes: {{city: string}}}}
+""",
+        encoding="utf-8",
+    )
+    with pytest.raises(StateError, match=f"--metrics-pushgateway {said}") as info:
+        await run(
+            load_job(tmp_path / "job.yaml"),
+            RunOptions(api_key=netmera_sandbox.api_key, metrics_pushgateway=gateway),
+        )
+    assert info.value.exit_code is ExitCode.BAD_JOB_OR_INPUT
+    with Ledger.open(tmp_path / "work" / "ledger.sqlite", read_only=True) as ledger:
+        assert ledger.runs("metered") == []

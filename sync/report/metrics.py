@@ -38,9 +38,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import http.client
 import tempfile
 import threading
 import time
+import urllib.parse
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
@@ -419,8 +421,26 @@ class RunMetrics:
                 timeout=10,
                 grouping_key={"instance": self.instance} if self.instance else None,
             )
-        except OSError as exc:
+        except (
+            OSError,
+            ValueError,
+            http.client.HTTPException,
+        ) as exc:  # URL errors are ValueError/HTTPException
             get_logger(job=self._job).warning("metrics.push_failed", error=redact(str(exc)))
+
+    @staticmethod
+    def check_pushgateway(url: str) -> None:
+        """Raise :class:`StateError` (exit 2) when ``url`` cannot be a Pushgateway's address (a port that is no
+        number, a broken IPv6 host, a scheme other than http/https), never repeating the URL (it may hold a
+        credential). As prometheus_client, a URL without a scheme is ``http://``."""
+        full = url.strip() if "://" in url else f"http://{url.strip()}"
+        try:
+            parts = urllib.parse.urlsplit(full)
+            host, _ = parts.hostname, parts.port
+        except ValueError as exc:
+            raise StateError(f"--metrics-pushgateway is not a usable URL: {exc}") from None
+        if parts.scheme not in ("http", "https") or not host:
+            raise StateError("--metrics-pushgateway must be an http:// or https:// URL with a host")
 
     async def finish(self, exit_code: int) -> None:
         """Record how the run ended (``pushsync_exit_code``; on exit 0 also ``pushsync_last_success_time_seconds``)
