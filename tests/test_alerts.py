@@ -239,3 +239,24 @@ def test_a_redirecting_webhook_is_a_failed_alert_not_a_sent_one(tmp_path: Path) 
     assert "alert.sent" not in done.stderr
     assert "alert.failed" in done.stderr and "HTTP Error 302" in done.stderr
     assert "movedSecret0123456789" not in done.stderr
+
+
+@pytest.mark.parametrize(
+    ("hook", "said"),
+    [
+        ("http://127.0.0.1:notaport/services/T0/B0/badSecret0123456789", "not a usable URL"),
+        ("http://[::1/services/T0/B0/badSecret0123456789", "not a usable URL: Invalid IPv6 URL"),
+        ("hooks.example/services/T0/B0/badSecret0123456789", "must be an http:// or https:// URL"),
+    ],
+)
+def test_a_malformed_webhook_url_is_exit_2_before_sending(tmp_path: Path, hook: str, said: str) -> None:
+    """A webhook URL whose port is no number made the post raise http.client.InvalidURL: the run that needed the
+    alert ended as "internal error ... a bug in pushsync" (exit 5) instead of its own exit code. The URL is now
+    checked with the rest of the job, before anything is sent, and never repeated."""
+    done = _cli(
+        "run", str(_unreachable_job(tmp_path)), "--progress", "none",
+        cwd=tmp_path, env={KEY_ENV: "alert-test-key-0123456789", HOOK_ENV: hook},
+    )  # fmt: skip
+    assert done.returncode == ExitCode.BAD_JOB_OR_INPUT, done.stderr
+    assert f"alerts.webhook: {said}" in done.stderr
+    assert "run.start" not in done.stderr and "badSecret0123456789" not in done.stderr

@@ -12,8 +12,10 @@ Posting never fails or slows the run beyond ``timeout``: any error is a ``alert.
 from __future__ import annotations
 
 import asyncio
+import http.client
 import json
 import statistics
+import urllib.parse
 import urllib.request
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -42,6 +44,15 @@ def resolve_webhook(alerts: Alerts, environ: Mapping[str, str] | None = None) ->
         )
     except SecretError as exc:
         raise SecretError(f"alerts.webhook: {exc}") from None
+    # Checked here, before anything is sent: a port that is no number made the post raise http.client.InvalidURL,
+    # a crash (exit 5) at the end of a run that had gone through. The message never repeats the URL.
+    try:
+        parts = urllib.parse.urlsplit(url.strip())
+        host, _ = parts.hostname, parts.port
+    except ValueError as exc:
+        raise SecretError(f"alerts.webhook: not a usable URL: {exc}") from None
+    if parts.scheme not in ("http", "https") or not host:
+        raise SecretError("alerts.webhook: must be an http:// or https:// URL with a host")
     # The whole URL where it appears whole; in pieces only its key (the long path segments, credential
     # parameters): registered in pieces, every platform answer saying "https://" or the webhook's host lost it.
     register_url(url, secret_path=True)
@@ -125,7 +136,7 @@ async def _deliver(url: str, text: str, within: float, log: Any, *, reasons: int
         # The thread's socket honours ``within``; the outer guard keeps a stuck DNS lookup from holding the run.
         async with asyncio.timeout(within + 1):
             status = await asyncio.to_thread(_post, url, body, within)
-    except (OSError, TimeoutError, ValueError) as exc:
+    except (OSError, TimeoutError, ValueError, http.client.HTTPException) as exc:
         # The message may quote the URL (a credential): masked, as every registered secret.
         log.warning("alert.failed", error=redact(f"{type(exc).__name__}: {exc}"))
         return False
