@@ -274,8 +274,21 @@ async def run(job: Job, options: RunOptions) -> RunOutcome:
 
     Raises :class:`sync.errors.BadInputError`/:class:`BadJobError` before anything is sent when the input or the
     job is unusable, :class:`sync.errors.StateError` when the state or the named run cannot be used; platform
-    errors never escape — they end up in the outcome.
+    errors never escape — they end up in the outcome. A job with ``alerts`` is alerted of those errors too.
     """
+    try:
+        return await _run(job, options)
+    except Exception as exc:
+        # The nightly export that did not land (exit 2), a full disk after sending began (3), a crash (5): a run
+        # that ends without a summary needs a person as much as one that aborted (docs/operations.md "Alerts").
+        if options.alert_url is not None and job.alerts is not None:
+            from sync.report.alerts import post_failure_alert
+
+            await post_failure_alert(options.alert_url, job.name, exc, within=job.alerts.timeout)
+        raise
+
+
+async def _run(job: Job, options: RunOptions) -> RunOutcome:
     register_secret(options.api_key)
     if options.limit is not None and job.mode is SyncMode.SNAPSHOT:
         raise BadJobError(
@@ -514,10 +527,27 @@ async def _dispatch(
     stop = signals.event
     sending = False  # True once the dispatcher may have sent a request: from then on, never exit 2
     ledger_path = ledger_path_for(job)
+    served = None  # the metrics exporter, bound before the run is recorded
+    metrics: RunMetrics | None = None
     try:
         if signals.interrupted():
             # Stopped after planning but before the run was recorded: leave no trace but the exit code.
             raise InterruptedRunError("interrupted before anything was sent; nothing was recorded")
+        wants_metrics = (
+            options.metrics_port is not None
+            or options.metrics_textfile is not None
+            or options.metrics_pushgateway is not None
+        )
+        metrics = _metrics_for(job, run_id) if wants_metrics else None
+        if metrics is not None and options.metrics_port is not None:
+            # Bound before the run is recorded: a taken port (exit 2) left a run "died" in the ledger, which the
+            # next run then "resumed" although nothing had been sent.
+            served = metrics.serve(options.metrics_port)
+        if metrics is not None and options.metrics_textfile is not None:
+            # Likewise a textfile that cannot be written: exit 2 with nothing recorded, not a crash (exit 5).
+            metrics.check_textfile(options.metrics_textfile)
+        if metrics is not None and options.metrics_pushgateway is not None:
+            metrics.check_pushgateway(options.metrics_pushgateway)  # a malformed URL crashed the run (exit 5)
         ledger.start_run(
             run_id,
             job=job.name,
@@ -549,12 +579,6 @@ async def _dispatch(
             if options.progress != "none"
             else None
         )
-        wants_metrics = (
-            options.metrics_port is not None
-            or options.metrics_textfile is not None
-            or options.metrics_pushgateway is not None
-        )
-        metrics = _metrics_for(job, run_id) if wants_metrics else None
         watchers: list[DispatchObserver] = [*options.observers]
         if not _StartupLog.logged:
             watchers.append(_StartupLog(log))
@@ -589,7 +613,7 @@ async def _dispatch(
         try:
             async with (
                 metrics.exporting(
-                    port=options.metrics_port,
+                    server=served,
                     textfile=options.metrics_textfile,
                     pushgateway=options.metrics_pushgateway,
                 )
@@ -654,16 +678,26 @@ async def _dispatch(
         )
     except Exception as exc:
         cause = _local_failure(exc) if sending else None
+        failure: Exception = exc
         if cause is not None:
             # A full disk or an unwritable ledger after requests went out: exit 2 would tell the scheduler that
             # nothing was sent. The ledger holds what was confirmed; the run reads "running" and is resumed.
-            raise RunStoppedError(
+            failure = RunStoppedError(
                 f"run {run_id} stopped after it began sending: {cause}. What the platform confirmed is in the "
                 f"ledger: fix the cause, then `pushsync resume {run_id}` (or run the job again)"
-            ) from exc
+            )
+        if metrics is not None and sending:
+            # The exit code the process ends with: without it `pushsync_exit_code != 0` stays silent (a
+            # Pushgateway even keeps the last run's 0), and the textfile loses the last success time.
+            code = failure.exit_code if isinstance(failure, PushSyncError) else ExitCode.CRASHED
+            await metrics.finish(int(code))
+        if failure is not exc:
+            raise failure from exc
         raise
     finally:
         signals.dispatcher = None
+        if served is not None:
+            served.close()
         plan.close()
     return RunOutcome(run_id=run_id, exit_code=summary.exit_code, summary=summary, ledger_path=ledger_path)
 

@@ -174,3 +174,89 @@ def test_the_webhook_url_is_a_secret_whole_and_its_key_in_pieces_not_its_scheme_
     assert redact_pieces(answer) == answer
     assert redact(f"POST {url}: refused") == "POST ***: refused"
     assert redact_pieces("it echoed hookKeyKept01234") == "it echoed ***"
+
+
+def test_a_run_that_ends_with_an_error_alerts_too(
+    tmp_path: Path, webhook: tuple[str, list[dict[str, Any]]]
+) -> None:
+    """The nightly export that did not land is exit 2 before any summary: it alerted nobody (docs: exit 2 and
+    above always alert). Now one post names the job, the exit code and what to fix, never the webhook's key."""
+    url, received = webhook
+    job = _unreachable_job(tmp_path)
+    (tmp_path / "data" / "users.csv").unlink()
+    done = _cli(
+        "run", str(job), "--progress", "none",
+        cwd=tmp_path, env={KEY_ENV: "alert-test-key-0123456789", HOOK_ENV: url},
+    )  # fmt: skip
+    assert done.returncode == ExitCode.BAD_JOB_OR_INPUT, done.stderr
+    assert len(received) == 1, done.stderr
+    text = received[0]["body"]["text"]
+    assert text.startswith("pushsync job cli: exit 2 (BAD_JOB_OR_INPUT): ") and "file not found" in text
+    assert "users.csv" in text
+    assert "hookSecret0123456789" not in done.stderr + done.stdout + text
+
+
+class _Redirecting(BaseHTTPRequestHandler):
+    """Answers every POST with ``302 Found`` to ``/landing`` and every GET with 200 (a login or landing page)."""
+
+    def do_POST(self) -> None:
+        self.rfile.read(int(self.headers.get("Content-Length", "0")))
+        self.send_response(302)
+        self.send_header("Location", "/landing")
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    def do_GET(self) -> None:
+        self.server.received.append(self.path)  # type: ignore[attr-defined]
+        self.send_response(200)
+        self.send_header("Content-Length", "2")
+        self.end_headers()
+        self.wfile.write(b"ok")
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+
+def test_a_redirecting_webhook_is_a_failed_alert_not_a_sent_one(tmp_path: Path) -> None:
+    """urllib followed a 302 to a POST as a GET without the body: the alert was lost while the log said
+    ``alert.sent`` (status 200). A redirect is not followed now: ``alert.failed`` names the 3xx."""
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _Redirecting)
+    server.received = []  # type: ignore[attr-defined]
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}/services/T0/B0/movedSecret0123456789"
+        done = _cli(
+            "run", str(_unreachable_job(tmp_path)), "--progress", "none",
+            cwd=tmp_path, env={KEY_ENV: "alert-test-key-0123456789", HOOK_ENV: url},
+        )  # fmt: skip
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=5)
+    assert done.returncode == ExitCode.ABORTED, done.stderr
+    assert server.received == []  # type: ignore[attr-defined]
+    assert "alert.sent" not in done.stderr
+    assert "alert.failed" in done.stderr and "HTTP Error 302" in done.stderr
+    assert "movedSecret0123456789" not in done.stderr
+
+
+@pytest.mark.parametrize(
+    ("hook", "said"),
+    [
+        ("http://127.0.0.1:notaport/services/T0/B0/badSecret0123456789", "not a usable URL"),
+        ("http://[::1/services/T0/B0/badSecret0123456789", "not a usable URL: Invalid IPv6 URL"),
+        ("hooks.example/services/T0/B0/badSecret0123456789", "must be an http:// or https:// URL"),
+    ],
+)
+def test_a_malformed_webhook_url_is_exit_2_before_sending(tmp_path: Path, hook: str, said: str) -> None:
+    """A webhook URL whose port is no number made the post raise http.client.InvalidURL: the run that needed the
+    alert ended as "internal error ... a bug in pushsync" (exit 5) instead of its own exit code. The URL is now
+    checked with the rest of the job, before anything is sent, and never repeated."""
+    done = _cli(
+        "run", str(_unreachable_job(tmp_path)), "--progress", "none",
+        cwd=tmp_path, env={KEY_ENV: "alert-test-key-0123456789", HOOK_ENV: hook},
+    )  # fmt: skip
+    assert done.returncode == ExitCode.BAD_JOB_OR_INPUT, done.stderr
+    assert f"alerts.webhook: {said}" in done.stderr
+    assert "run.start" not in done.stderr and "badSecret0123456789" not in done.stderr

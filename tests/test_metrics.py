@@ -230,6 +230,16 @@ def test_a_taken_port_is_a_clear_error_before_anything_runs() -> None:
         first.close()
 
 
+@pytest.mark.parametrize("port", [65536, 70000])
+def test_a_port_out_of_range_is_a_clear_error_not_a_crash(port: int) -> None:
+    """``--metrics-port 70000`` was "internal error: OverflowError ... a bug in pushsync" (exit 5)."""
+    from sync.errors import ExitCode, StateError
+
+    with pytest.raises(StateError, match=f"cannot serve metrics on 127.0.0.1:{port}: .*0-65535") as info:
+        RunMetrics().serve(port, host="127.0.0.1")
+    assert info.value.exit_code is ExitCode.BAD_JOB_OR_INPUT
+
+
 class MidRunScraper:
     """A dispatch observer that scrapes the exporter once, when the first batch finishes: mid-run."""
 
@@ -429,3 +439,185 @@ def test_last_update_and_ids_series_follow_attempts_and_results() -> None:
         assert got[("pushsync_ids_total", (*ep, ("outcome", "failed")))] == 0
     finally:
         server.close()
+
+
+async def test_a_taken_metrics_port_leaves_no_run_for_the_next_to_resume(
+    netmera_sandbox: Any, tmp_path: Path
+) -> None:
+    """The port was bound after the run was recorded: exit 2 left a run "died" in the ledger, which the next run
+    then "resumed" although nothing had been sent. Now the port is taken before the run is recorded."""
+    from sync.errors import StateError
+    from sync.ledger.ledger import Ledger
+
+    generate_users(tmp_path / "users.csv", 40, seed=3)
+    (tmp_path / "job.yaml").write_text(
+        f"""
+version: 1
+name: metered
+workdir: work
+destination: {{platform: netmera, base_url: "{netmera_sandbox.url}", secret: {{env: UNUSED_KEY}}}}
+defaults: {{ext_id: user_id}}
+sources:
+  - {{name: users, path: users.csv, attributes: {{city: string}}}}
+""",
+        encoding="utf-8",
+    )
+    job = load_job(tmp_path / "job.yaml")
+    taken = RunMetrics().serve(0, host="127.0.0.1")
+    try:
+        with pytest.raises(StateError, match="cannot serve metrics on"):
+            await run(job, RunOptions(api_key=netmera_sandbox.api_key, metrics_port=taken.port))
+    finally:
+        taken.close()
+    with Ledger.open(tmp_path / "work" / "ledger.sqlite", read_only=True) as ledger:
+        assert ledger.runs("metered") == []
+    again = await run(job, RunOptions(api_key=netmera_sandbox.api_key))
+    assert again.exit_code == 0 and again.resumed_from is None
+
+
+class TextfileTaken:
+    """A dispatch observer that puts a directory where the textfile is when the first batch finishes (the file
+    cannot be replaced any more: a full disk or a removed mount behaves alike)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def on_batch_start(self, batch: Batch) -> None:
+        return None
+
+    def on_attempt(self, attempt: Attempt) -> None:
+        return None
+
+    def on_batch_done(self, batch: Batch, result: BatchResult) -> None:
+        if not self.path.is_dir():
+            self.path.unlink(missing_ok=True)
+            self.path.mkdir()
+
+
+async def test_a_textfile_that_cannot_be_written_is_exit_2_before_the_run_or_a_warning_during_it(
+    netmera_sandbox: Any, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """--metrics-textfile under a file (or any unwritable place) was an "internal error ... a bug in pushsync"
+    (exit 5) that left the run "died" for the next one to resume; a write failing mid-run failed the whole sync.
+    Now: exit 2 before the run is recorded, and a ``metrics.write_failed`` warning during it."""
+    from sync.errors import StateError
+    from sync.ledger.ledger import Ledger
+
+    generate_users(tmp_path / "users.csv", 40, seed=3)
+    (tmp_path / "job.yaml").write_text(
+        f"""
+version: 1
+name: metered
+workdir: work
+destination: {{platform: netmera, base_url: "{netmera_sandbox.url}", secret: {{env: UNUSED_KEY}}}}
+defaults: {{ext_id: user_id}}
+sources:
+  - {{name: users, path: users.csv, attributes: {{city: string}}}}
+dispatch: {{batch_size: 10}}
+""",
+        encoding="utf-8",
+    )
+    job = load_job(tmp_path / "job.yaml")
+    (tmp_path / "a-file").write_text("", encoding="utf-8")
+    bad = tmp_path / "a-file" / "pushsync.prom"
+    with pytest.raises(
+        StateError, match=f"cannot write the metrics textfile {bad}: .*a-file is not a directory"
+    ):
+        await run(job, RunOptions(api_key=netmera_sandbox.api_key, metrics_textfile=bad))
+    with Ledger.open(tmp_path / "work" / "ledger.sqlite", read_only=True) as ledger:
+        assert ledger.runs("metered") == []
+
+    textfile = tmp_path / "prom" / "pushsync.prom"
+    outcome = await run(
+        job,
+        RunOptions(
+            api_key=netmera_sandbox.api_key, metrics_textfile=textfile, observers=[TextfileTaken(textfile)]
+        ),
+    )
+    assert outcome.exit_code == 0 and outcome.summary.ids_ok == 40
+    assert "metrics.write_failed" in capsys.readouterr().err
+
+
+async def test_a_run_stopped_after_sending_began_records_its_exit_code(
+    netmera_sandbox: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A run that ended with an error once sending began (a full disk: exit 3) published its metrics without
+    ``pushsync_exit_code`` and without the last success time: ``pushsync_exit_code != 0`` and "no success for a
+    day" both went silent (the Pushgateway even kept the previous run's exit code 0). It records its exit code now,
+    and carries the last success over, as a run that ended with a summary does."""
+    import errno
+
+    from reliability.workload import job_yaml
+
+    from sync.errors import ExitCode, RunStoppedError
+    from sync.planning._staging import Settler
+
+    generate_users(tmp_path / "data" / "users.csv", 300, seed=5)
+    dispatch = "  concurrency: 2\n  queue_size: 2\n"
+    (tmp_path / "job.yaml").write_text(
+        job_yaml(netmera_sandbox.url, name="t", key_env="UNUSED_KEY", batch_size=10, dispatch=dispatch),
+        encoding="utf-8",
+    )
+    job = load_job(tmp_path / "job.yaml")
+    textfile = tmp_path / "prom" / "pushsync.prom"
+    ok = await run(job, RunOptions(api_key=netmera_sandbox.api_key, metrics_textfile=textfile))
+    assert ok.exit_code == 0
+    success = samples(textfile.read_text())[("pushsync_last_success_time_seconds", ())]
+
+    monkeypatch.setattr("sync.planning.planning.ROWS_PER_BUCKET", 10)
+    monkeypatch.setattr("sync.planning.planning.HEAD_ROWS", 10)
+    real = Settler.settle_next
+
+    def disk_full(self: Settler) -> None:
+        if self.next >= 20:
+            raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path))
+        real(self)
+
+    monkeypatch.setattr(Settler, "settle_next", disk_full)
+    with pytest.raises(RunStoppedError):
+        await run(
+            job, RunOptions(api_key=netmera_sandbox.api_key, metrics_textfile=textfile, full_refresh=True)
+        )
+    final = samples(textfile.read_text())
+    assert final[("pushsync_exit_code", ())] == ExitCode.ABORTED
+    assert final[("pushsync_last_success_time_seconds", ())] == success
+
+
+@pytest.mark.parametrize(
+    ("gateway", "said"),
+    [
+        ("http://pushgateway:notaport", "is not a usable URL"),
+        ("http://[::1", "is not a usable URL: Invalid IPv6 URL"),
+        ("http://pushgateway:99999", "is not a usable URL: Port out of range"),
+        ("ftp://pushgateway:9091", "must be an http:// or https:// URL"),
+    ],
+)
+async def test_a_malformed_pushgateway_url_is_exit_2_before_the_run(
+    netmera_sandbox: Any, tmp_path: Path, gateway: str, said: str
+) -> None:
+    """``--metrics-pushgateway http://gw:notaport`` crashed the run ("internal error: InvalidURL ... a bug in
+    pushsync", exit 5) and left it "died" in the ledger. Now: exit 2 before the run is recorded."""
+    from sync.errors import ExitCode, StateError
+    from sync.ledger.ledger import Ledger
+
+    generate_users(tmp_path / "users.csv", 20, seed=3)
+    (tmp_path / "job.yaml").write_text(
+        f"""
+version: 1
+name: metered
+workdir: work
+destination: {{platform: netmera, base_url: "{netmera_sandbox.url}", secret: {{env: UNUSED_KEY}}}}
+defaults: {{ext_id: user_id}}
+sources:
+  - {{name: users, path: users.csv, attributes: {{city: string}}}}
+""",
+        encoding="utf-8",
+    )
+    with pytest.raises(StateError, match=f"--metrics-pushgateway {said}") as info:
+        await run(
+            load_job(tmp_path / "job.yaml"),
+            RunOptions(api_key=netmera_sandbox.api_key, metrics_pushgateway=gateway),
+        )
+    assert info.value.exit_code is ExitCode.BAD_JOB_OR_INPUT
+    with Ledger.open(tmp_path / "work" / "ledger.sqlite", read_only=True) as ledger:
+        assert ledger.runs("metered") == []

@@ -123,3 +123,35 @@ def test_a_share_outside_0_1_is_refused(tmp_path: Path) -> None:
         load_job(job)
     where = {p.location for p in caught.value.problems}
     assert {"thresholds.max_rejected_share", "thresholds.max_refused_ids"} <= where
+
+
+@pytest.mark.parametrize(("share", "bad"), [(0.29, 29), (0.58, 58)])
+async def test_rejected_rows_exactly_at_the_share_are_within_it(
+    netmera_sandbox: Any, tmp_path: Path, share: float, bad: int
+) -> None:
+    """A share is "at most": exactly that share of the rows read rejected still exits 0 (0.29 * 100 is
+    28.999999999999996 in floating point, which made 29 of 100 rows "over" 0.29)."""
+    job = load_job(
+        _job(
+            tmp_path,
+            netmera_sandbox.url,
+            users=100,
+            thresholds=f"{{max_rejected_share: {share}}}",
+            bad_ids=bad,
+        )
+    )
+    outcome = await run(job, RunOptions(api_key=netmera_sandbox.api_key))
+    summary = outcome.summary
+    assert summary.rows_rejected == bad and summary.rows_read == 100
+    assert outcome.exit_code is ExitCode.OK, summary.render_text()
+    assert (
+        summary.threshold == f"exit 0: {bad} rejected rows within thresholds.max_rejected_share ({share:.2%})"
+    )
+    ok, said = threshold_decision(
+        Thresholds(max_refused_share=share), rows_rejected=0, rows_read=0, ids_refused=bad, ids_sent=100
+    )
+    assert ok, said
+    ok, said = threshold_decision(
+        Thresholds(max_refused_share=share), rows_rejected=0, rows_read=0, ids_refused=bad + 1, ids_sent=100
+    )
+    assert not ok, said

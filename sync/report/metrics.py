@@ -37,8 +37,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
+import http.client
+import tempfile
 import threading
 import time
+import urllib.parse
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
@@ -352,12 +356,16 @@ class RunMetrics:
         pushgateway: str | None = None,
         host: str = "0.0.0.0",
         every: float = 10.0,
+        server: MetricsServer | None = None,
     ) -> AsyncIterator[MetricsServer | None]:
         """Serve ``/metrics`` on ``port``, and/or rewrite ``textfile`` and push to ``pushgateway`` every ``every``
         seconds while the block runs; both are written once more on the way out, so they end with the run's
         final figures (and :meth:`finish` writes them again with the exit code). Yields the server (None
-        without ``port``). A port already in use raises :class:`StateError` before anything runs."""
-        server = self.serve(port, host) if port is not None else None
+        without ``port``). A port already in use raises :class:`StateError` before anything runs. ``server``: an
+        exporter :meth:`serve` started already (instead of ``port``); its caller closes it."""
+        own = server is None and port is not None
+        if own and port is not None:
+            server = self.serve(port, host)
         self._targets = (None if textfile is None else Path(textfile), pushgateway)
         # Read before the first write replaces the file: a failed run carries the last success over.
         self._carried_success = _previous_success(self._targets[0])
@@ -373,7 +381,7 @@ class RunMetrics:
                 await asyncio.wait([writer])  # waits for the writer without swallowing our own cancellation
             # A thread: a slow Pushgateway must not hold the event loop (in-flight work may still be draining).
             await asyncio.shield(asyncio.to_thread(self.publish))
-            if server is not None:
+            if own and server is not None:
                 server.close()
 
     async def _republish(self, every: float) -> None:
@@ -388,7 +396,14 @@ class RunMetrics:
         A Pushgateway that cannot be reached is logged, never fatal: metrics must not fail a sync."""
         textfile, gateway = self._targets
         if textfile is not None:
-            self.write_textfile(textfile)
+            try:
+                self.write_textfile(textfile)
+            except OSError as exc:  # a full disk, a directory removed meanwhile: the sync goes on
+                from sync.logs import get_logger
+
+                get_logger(job=self._job).warning(
+                    "metrics.write_failed", path=str(textfile), error=f"{type(exc).__name__}: {exc}"
+                )
         if gateway is not None:
             self.push(gateway)
 
@@ -406,8 +421,26 @@ class RunMetrics:
                 timeout=10,
                 grouping_key={"instance": self.instance} if self.instance else None,
             )
-        except OSError as exc:
+        except (
+            OSError,
+            ValueError,
+            http.client.HTTPException,
+        ) as exc:  # URL errors are ValueError/HTTPException
             get_logger(job=self._job).warning("metrics.push_failed", error=redact(str(exc)))
+
+    @staticmethod
+    def check_pushgateway(url: str) -> None:
+        """Raise :class:`StateError` (exit 2) when ``url`` cannot be a Pushgateway's address (a port that is no
+        number, a broken IPv6 host, a scheme other than http/https), never repeating the URL (it may hold a
+        credential). As prometheus_client, a URL without a scheme is ``http://``."""
+        full = url.strip() if "://" in url else f"http://{url.strip()}"
+        try:
+            parts = urllib.parse.urlsplit(full)
+            host, _ = parts.hostname, parts.port
+        except ValueError as exc:
+            raise StateError(f"--metrics-pushgateway is not a usable URL: {exc}") from None
+        if parts.scheme not in ("http", "https") or not host:
+            raise StateError("--metrics-pushgateway must be an http:// or https:// URL with a host")
 
     async def finish(self, exit_code: int) -> None:
         """Record how the run ended (``pushsync_exit_code``; on exit 0 also ``pushsync_last_success_time_seconds``)
@@ -435,7 +468,25 @@ class RunMetrics:
             server, thread = start_http_server(port, addr=host, registry=self.registry)
         except OSError as exc:  # e.g. the port is taken: say so before anything is sent
             raise StateError(f"cannot serve metrics on {host}:{port}: {exc.strerror or exc}") from exc
+        except OverflowError as exc:  # --metrics-port 70000: a typo in a cron line, not a crash (exit 5)
+            raise StateError(f"cannot serve metrics on {host}:{port}: {exc}") from exc
         return MetricsServer(host=host, port=server.server_port, server=server, thread=thread)
+
+    @staticmethod
+    def check_textfile(path: str | Path) -> None:
+        """Raise :class:`StateError` (exit 2) when the textfile cannot be written — its directory cannot be made
+        or written — without touching the file itself (it holds the last success time :meth:`exporting` keeps)."""
+        path = Path(path)
+        try:
+            if path.is_dir():
+                raise IsADirectoryError(errno.EISDIR, "is a directory")
+            if any(p.exists() and not p.is_dir() for p in path.parents):
+                raise NotADirectoryError(errno.ENOTDIR, f"{path.parent} is not a directory")
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.", suffix=".check"):
+                pass
+        except OSError as exc:
+            raise StateError(f"cannot write the metrics textfile {path}: {exc.strerror or exc}") from None
 
     def write_textfile(self, path: str | Path) -> None:
         """Write the node_exporter textfile atomically (a temporary file renamed over ``path``)."""

@@ -378,7 +378,9 @@ def _within(
     """Why ``count`` (out of ``of``) is over the limit or share set (None: within every one set)."""
     if limit is not None and count > limit:
         return f"{count} over thresholds.{names[0]} ({limit})"
-    if share is not None and count > share * of:
+    # Compared as a share (a correctly rounded division), not ``count > share * of``: 0.29 * 100 is
+    # 28.999999999999996 in floating point, so 29 rows of 100 were "over" a max_rejected_share of 0.29.
+    if share is not None and (count / of > share if of else count > 0):
         return f"{count} of {of} ({count / of if of else 1:.2%}) over thresholds.{names[1]} ({share:.2%})"
     return None
 
