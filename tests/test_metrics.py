@@ -449,19 +449,7 @@ async def test_a_taken_metrics_port_leaves_no_run_for_the_next_to_resume(
     from sync.errors import StateError
     from sync.ledger.ledger import Ledger
 
-    generate_users(tmp_path / "users.csv", 40, seed=3)
-    (tmp_path / "job.yaml").write_text(
-        f"""
-version: 1
-name: metered
-workdir: work
-destination: {{platform: netmera, base_url: "{netmera_sandbox.url}", secret: {{env: UNUSED_KEY}}}}
-defaults: {{ext_id: user_id}}
-sources:
-  - {{name: users, path: users.csv, attributes: {{city: string}}}}
-""",
-        encoding="utf-8",
-    )
+    _metered_job(tmp_path, netmera_sandbox.url, 40)
     job = load_job(tmp_path / "job.yaml")
     taken = RunMetrics().serve(0, host="127.0.0.1")
     try:
@@ -503,20 +491,7 @@ async def test_a_textfile_that_cannot_be_written_is_exit_2_before_the_run_or_a_w
     from sync.errors import StateError
     from sync.ledger.ledger import Ledger
 
-    generate_users(tmp_path / "users.csv", 40, seed=3)
-    (tmp_path / "job.yaml").write_text(
-        f"""
-version: 1
-name: metered
-workdir: work
-destination: {{platform: netmera, base_url: "{netmera_sandbox.url}", secret: {{env: UNUSED_KEY}}}}
-defaults: {{ext_id: user_id}}
-sources:
-  - {{name: users, path: users.csv, attributes: {{city: string}}}}
-dispatch: {{batch_size: 10}}
-""",
-        encoding="utf-8",
-    )
+    _metered_job(tmp_path, netmera_sandbox.url, 40, "dispatch: {batch_size: 10}\n")
     job = load_job(tmp_path / "job.yaml")
     (tmp_path / "a-file").write_text("", encoding="utf-8")
     bad = tmp_path / "a-file" / "pushsync.prom"
@@ -600,19 +575,7 @@ async def test_a_malformed_pushgateway_url_is_exit_2_before_the_run(
     from sync.errors import ExitCode, StateError
     from sync.ledger.ledger import Ledger
 
-    generate_users(tmp_path / "users.csv", 20, seed=3)
-    (tmp_path / "job.yaml").write_text(
-        f"""
-version: 1
-name: metered
-workdir: work
-destination: {{platform: netmera, base_url: "{netmera_sandbox.url}", secret: {{env: UNUSED_KEY}}}}
-defaults: {{ext_id: user_id}}
-sources:
-  - {{name: users, path: users.csv, attributes: {{city: string}}}}
-""",
-        encoding="utf-8",
-    )
+    _metered_job(tmp_path, netmera_sandbox.url, 20)
     with pytest.raises(StateError, match=f"--metrics-pushgateway {said}") as info:
         await run(
             load_job(tmp_path / "job.yaml"),
@@ -621,3 +584,21 @@ sources:
     assert info.value.exit_code is ExitCode.BAD_JOB_OR_INPUT
     with Ledger.open(tmp_path / "work" / "ledger.sqlite", read_only=True) as ledger:
         assert ledger.runs("metered") == []
+
+
+def _metered_job(tmp_path: Path, url: str, users: int, extra: str = "") -> None:
+    """``tmp_path/job.yaml``: ``users`` generated users' cities to the sandbox at ``url`` (``extra``: more
+    top-level lines, e.g. ``dispatch:``)."""
+    generate_users(tmp_path / "users.csv", users, seed=3)
+    (tmp_path / "job.yaml").write_text(
+        f"""
+version: 1
+name: metered
+workdir: work
+destination: {{platform: netmera, base_url: "{url}", secret: {{env: UNUSED_KEY}}}}
+defaults: {{ext_id: user_id}}
+sources:
+  - {{name: users, path: users.csv, attributes: {{city: string}}}}
+{extra}""",
+        encoding="utf-8",
+    )
