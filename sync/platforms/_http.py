@@ -14,6 +14,11 @@ aiohttp stops here. Its exceptions become :mod:`sync.errors` types exactly once,
     any other ClientError                      RetryableError           dropped connection, truncated
                                                                         answer: transient from where we stand
 
+Proxies are the environment's, as curl and pip read them: ``HTTPS_PROXY`` / ``HTTP_PROXY`` by the base URL's scheme
+(else ``ALL_PROXY``), none for a host ``NO_PROXY`` lists or a loopback address (a local sandbox); a proxy's
+credentials (``http://user:password@proxy:3128``) are masked wherever a message could show them. aiohttp's own
+``trust_env`` is not used: it also sends ``~/.netrc`` credentials to the platform.
+
 Redirects are never followed, for every connector: a 3xx raises :class:`FatalPlatformError` naming where it
 points. Following one would send the credentials (headers, or Forms On Fire's key and Meiro's password in the
 body) to whatever address the server names, and would turn a POST into a bodiless GET that applies nothing yet
@@ -40,6 +45,7 @@ it is cut to :data:`MAX_MESSAGE` characters, so an echoed key leaves no piece be
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime
 import json
 import math
@@ -56,7 +62,7 @@ import aiohttp
 from sync.config import Destination
 from sync.errors import FatalPlatformError, PlatformError, RejectedBatchError, RetryableError
 from sync.platforms import _tls
-from sync.redact import describe_request, redact, redact_pieces
+from sync.redact import describe_request, redact, redact_pieces, register_secret
 
 __all__ = [
     "FATAL_STATUSES",
@@ -215,6 +221,35 @@ class HttpAnswer:
         return parse_retry_after(self.headers.get("Retry-After"))
 
 
+def proxy_for(base_url: str) -> str | None:
+    """The proxy the environment names for requests to ``base_url`` (see the module docstring), or None.
+
+    Without it pushsync went straight to the platform from behind a company's proxy, and every request failed to
+    connect (exit 3 after ``abort_after_connection_failures``). Its password, if the URL holds one, is registered
+    with the redactor."""
+    import ipaddress
+    import urllib.request
+
+    proxies = urllib.request.getproxies_environment()
+    parts = urllib.parse.urlsplit(base_url)
+    host = parts.hostname or ""
+    try:
+        loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        loopback = False
+    proxy = proxies.get(parts.scheme) or proxies.get("all")
+    bypass = urllib.request.proxy_bypass_environment  # type: ignore[attr-defined]  # not in typeshed; stdlib's
+    if not proxy or loopback or bypass(host, proxies):
+        return None
+    if "://" not in proxy:
+        proxy = "http://" + proxy  # HTTP_PROXY=proxy:3128, as curl reads it
+    with contextlib.suppress(ValueError):
+        password = urllib.parse.urlsplit(proxy).password
+        if password:
+            register_secret(password)
+    return proxy
+
+
 class HttpSession:
     """One connector's HTTP boundary: a base URL and one :class:`aiohttp.ClientSession` for the client's life.
 
@@ -224,7 +259,7 @@ class HttpSession:
     sandbox). ``headers`` go with every request (credentials included: they never reach a message).
     """
 
-    __slots__ = ("_base_url", "_headers", "_max_connections", "_session", "_timeout", "_verify_tls")
+    __slots__ = ("_base_url", "_headers", "_max_connections", "_proxy", "_session", "_timeout", "_verify_tls")
 
     def __init__(
         self,
@@ -241,6 +276,9 @@ class HttpSession:
         self._verify_tls: bool = verify_tls  # False only for a local sandbox with a self-signed certificate
         self._max_connections: int = max_connections  # pool size: the dispatcher's concurrency
         self._session: aiohttp.ClientSession | None = None  # opened lazily, inside the running loop
+        self._proxy: str | None = proxy_for(
+            self._base_url
+        )  # the environment's proxy for the base URL, if any
 
     @classmethod
     def for_destination(
@@ -330,6 +368,7 @@ class HttpSession:
                 params=params,
                 headers=headers,
                 allow_redirects=False,  # see the module docstring: credentials never follow a redirect
+                proxy=self._proxy,
             ) as resp:
                 if 300 <= resp.status < 400:
                     raise _redirect_error(what, url, resp.status, resp.headers.get("Location"))

@@ -22,7 +22,7 @@ from sync.platforms._http import (
     json_error,
     parse_retry_after,
 )
-from sync.redact import register_secret
+from sync.redact import redact, register_secret
 from sync.sandboxes._core import FaultSpec, start_app
 
 
@@ -255,3 +255,75 @@ def test_a_retry_after_date_in_minus_0000_or_no_zone_is_utc_whatever_the_local_z
     finally:
         monkeypatch.undo()
         time.tzset()
+
+
+async def test_requests_go_through_the_environments_proxy_with_its_credentials_unless_no_proxy_says(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Behind a company's proxy every request went straight to the platform and failed to connect (exit 3 after
+    # abort_after_connection_failures): HTTP(S)_PROXY was ignored. A forward proxy gets the absolute URL.
+    seen: list[tuple[str, str, str]] = []
+
+    async def proxy(request: web.Request) -> web.Response:
+        seen.append((request.host, request.path, request.headers.get("Proxy-Authorization", "")))
+        return web.Response(body=b"{}", content_type="application/json")
+
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", proxy)
+    server = await start_app(app)
+    try:
+        await _through_the_proxy_and_past_it(monkeypatch, server.root_url.rsplit(":", 1)[1], seen)
+    finally:
+        await server.stop()
+
+
+async def _through_the_proxy_and_past_it(
+    monkeypatch: pytest.MonkeyPatch, port: str, seen: list[tuple[str, str, str]]
+) -> None:
+    for name in (
+        "HTTPS_PROXY",
+        "https_proxy",
+        "ALL_PROXY",
+        "all_proxy",
+        "NO_PROXY",
+        "no_proxy",
+        "http_proxy",
+    ):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HTTP_PROXY", f"http://ops:proxy-pw-51@127.0.0.1:{port}")
+    http = HttpSession(
+        "http://netmera.invalid/rest/3.0/"
+    )  # a name that resolves nowhere: only a proxy reaches it
+    try:
+        answer = await http.request("POST", "tagUsers", json_body={"tag": "t", "extIds": ["a"]})
+    finally:
+        await http.aclose()
+    assert answer.status == 200
+    ((host, path, auth),) = seen
+    assert (host, path) == ("netmera.invalid", "/rest/3.0/tagUsers") and auth.startswith("Basic ")
+    assert "proxy-pw-51" not in redact("proxy at http://ops:proxy-pw-51@127.0.0.1")  # masked in any message
+
+    # NO_PROXY names the host (or a domain of it): straight there, which fails to connect here.
+    monkeypatch.setenv("NO_PROXY", ".invalid")
+    http = HttpSession("http://netmera.invalid/rest/3.0/")
+    try:
+        with pytest.raises(RetryableError, match="connection failed"):
+            await http.request("POST", "tagUsers", json_body={"tag": "t", "extIds": ["a"]})
+    finally:
+        await http.aclose()
+    assert len(seen) == 1
+
+
+def test_a_loopback_base_url_never_goes_through_a_proxy(monkeypatch: pytest.MonkeyPatch) -> None:
+    # A local sandbox behind an HTTP_PROXY that NO_PROXY does not cover would be asked through the proxy.
+    from sync.platforms._http import proxy_for
+
+    for name in ("NO_PROXY", "no_proxy", "http_proxy", "https_proxy", "all_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HTTP_PROXY", "proxy.example:3128")
+    monkeypatch.setenv("HTTPS_PROXY", "http://proxy.example:3129")
+    assert proxy_for("http://127.0.0.1:8080/rest/3.0/") is None
+    assert proxy_for("http://localhost:8080/rest/3.0/") is None
+    assert proxy_for("http://[::1]:8080/rest/3.0/") is None
+    assert proxy_for("http://api.example/rest/3.0/") == "http://proxy.example:3128"
+    assert proxy_for("https://api.example/rest/3.0/") == "http://proxy.example:3129"
