@@ -196,6 +196,29 @@ def test_a_run_that_ends_with_an_error_alerts_too(
     assert "hookSecret0123456789" not in done.stderr + done.stdout + text
 
 
+def test_slack_markup_quoted_in_an_alert_is_escaped(
+    tmp_path: Path, webhook: tuple[str, list[dict[str, Any]]]
+) -> None:
+    """An alert quotes what went wrong — here a missing file's path — and Slack reads ``<!channel>`` in a
+    message's text as a mention of the whole channel, ``<!here>`` likewise: quoted text is escaped (``&``,
+    ``<``, ``>``), as Slack's formatting guide asks."""
+    url, received = webhook
+    job = _unreachable_job(tmp_path)
+    weird = tmp_path / "<!channel> & <!here|everyone>"
+    (tmp_path / "data").rename(weird)
+    text = job.read_text(encoding="utf-8").replace("path: data/users.csv", f'path: "{weird.name}/users.csv"')
+    job.write_text(text, encoding="utf-8")
+    (weird / "users.csv").unlink()
+    done = _cli(
+        "run", str(job), "--progress", "none",
+        cwd=tmp_path, env={KEY_ENV: "alert-test-key-0123456789", HOOK_ENV: url},
+    )  # fmt: skip
+    assert done.returncode == ExitCode.BAD_JOB_OR_INPUT, done.stderr
+    (posted,) = received
+    text = posted["body"]["text"]
+    assert "&lt;!channel&gt; &amp; &lt;!here|everyone&gt;" in text and "<" not in text, text
+
+
 class _Redirecting(BaseHTTPRequestHandler):
     """Answers every POST with ``302 Found`` to ``/landing`` and every GET with 200 (a login or landing page)."""
 

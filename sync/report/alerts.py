@@ -130,8 +130,16 @@ async def post_failure_alert(url: str, job: str, error: BaseException, *, within
     return await _deliver(url, text, within, get_logger(job=job), reasons=1)
 
 
+def _slack_text(text: str) -> str:
+    """``text`` with Slack's three control characters escaped (``&``, ``<``, ``>``, as Slack's formatting guide
+    asks of text that is not markup): what an alert quotes — a platform's error message, a file path, an ID —
+    read as markup otherwise, so ``<!channel>`` in it notified the whole channel and ``<http://x|y>`` showed
+    a link it did not say."""
+    return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+
+
 async def _deliver(url: str, text: str, within: float, log: Any, *, reasons: int) -> bool:
-    body = json.dumps({"text": redact(text)}).encode("utf-8")
+    body = json.dumps({"text": _slack_text(redact(text))}).encode("utf-8")
     try:
         # The thread's socket honours ``within``; the outer guard keeps a stuck DNS lookup from holding the run.
         async with asyncio.timeout(within + 1):
