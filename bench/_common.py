@@ -20,6 +20,8 @@ from pathlib import Path
 from typing import Literal
 
 HERE = Path(__file__).resolve().parent
+DATA = Path(os.environ.get("PUSHSYNC_BENCH_DATA") or HERE / "data")
+"""Where generated inputs are kept between runs (never committed); ``PUSHSYNC_BENCH_DATA`` moves it."""
 
 Server = Literal["stateless", "bare"]
 

@@ -28,11 +28,9 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-DATA = Path(os.environ.get("PUSHSYNC_BENCH_DATA") or Path(__file__).resolve().parent / "data")
-"""Where generated inputs are kept between runs (never committed); ``PUSHSYNC_BENCH_DATA`` moves it."""
 sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE))
-
+from _common import DATA  # noqa: E402
 from bench_run import write_job  # noqa: E402
 from gen_data import generate_users  # noqa: E402
 

@@ -30,9 +30,9 @@ from pathlib import Path
 import polars as pl
 
 HERE = Path(__file__).resolve().parent
-DATA = Path(os.environ.get("PUSHSYNC_BENCH_DATA") or Path(__file__).resolve().parent / "data")
-"""Where generated inputs are kept between runs (never committed); ``PUSHSYNC_BENCH_DATA`` moves it."""
 sys.path.insert(0, str(HERE.parent))
+
+from _common import DATA  # noqa: E402  (this script's own directory is on sys.path)
 
 from sync.config import load_job  # noqa: E402
 from sync.planning.planning import build_plan  # noqa: E402

@@ -50,8 +50,6 @@ from pathlib import Path
 from typing import Any
 
 HERE = Path(__file__).resolve().parent
-DATA = Path(os.environ.get("PUSHSYNC_BENCH_DATA") or Path(__file__).resolve().parent / "data")
-"""Where generated inputs are kept between runs (never committed); ``PUSHSYNC_BENCH_DATA`` moves it."""
 
 
 def _code_root() -> Path:
@@ -66,8 +64,15 @@ def _code_root() -> Path:
 
 sys.path.insert(0, str(_code_root()))
 sys.path.insert(0, str(HERE))
-
-from _common import cores, pin_self, process_cpu, sandbox, start_server, stop_server  # noqa: E402
+from _common import (  # noqa: E402
+    DATA,
+    cores,
+    pin_self,
+    process_cpu,
+    sandbox,
+    start_server,
+    stop_server,
+)
 
 from sync.config import Destination, DispatchSettings, RateBudgetSpec  # noqa: E402
 from sync.dispatch.dispatch import Dispatcher  # noqa: E402

@@ -48,11 +48,15 @@ from typing import Any
 import psutil
 
 HERE = Path(__file__).resolve().parent
-DATA = Path(os.environ.get("PUSHSYNC_BENCH_DATA") or Path(__file__).resolve().parent / "data")
-"""Where generated inputs are kept between runs (never committed); ``PUSHSYNC_BENCH_DATA`` moves it."""
 sys.path.insert(0, str(HERE))
-
-from _common import cores, pinned, sandbox, start_server, stop_server  # noqa: E402
+from _common import (  # noqa: E402
+    DATA,
+    cores,
+    pinned,
+    sandbox,
+    start_server,
+    stop_server,
+)
 from bare_server import read_recorded  # noqa: E402
 from gen_data import generate_users  # noqa: E402
 

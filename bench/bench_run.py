@@ -18,7 +18,6 @@ import argparse
 import asyncio
 import dataclasses
 import json
-import os
 import secrets
 import sys
 import time
@@ -26,11 +25,9 @@ import urllib.request
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-DATA = Path(os.environ.get("PUSHSYNC_BENCH_DATA") or Path(__file__).resolve().parent / "data")
-"""Where generated inputs are kept between runs (never committed); ``PUSHSYNC_BENCH_DATA`` moves it."""
 sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE))
-
+from _common import DATA  # noqa: E402
 from gen_data import generate_users  # noqa: E402
 
 from sync.config import load_job  # noqa: E402

@@ -52,11 +52,9 @@ import pyarrow as pa
 import pyarrow.ipc
 
 REPO = Path(__file__).resolve().parent.parent
-DATA = Path(os.environ.get("PUSHSYNC_BENCH_DATA") or Path(__file__).resolve().parent / "data")
-"""Where generated inputs are kept between runs (never committed); ``PUSHSYNC_BENCH_DATA`` moves it."""
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
-
+from _common import DATA  # noqa: E402
 from gen_data import users_frame, write_job  # noqa: E402
 
 from sync.config import Job, load_job  # noqa: E402

@@ -34,10 +34,10 @@ from pathlib import Path
 import psutil
 
 HERE = Path(__file__).resolve().parent
-DATA = Path(os.environ.get("PUSHSYNC_BENCH_DATA") or Path(__file__).resolve().parent / "data")
-"""Where generated inputs are kept between runs (never committed); ``PUSHSYNC_BENCH_DATA`` moves it."""
 ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
+from _common import DATA  # noqa: E402
+
 sys.path.insert(0, str(ROOT / "tests"))
 
 from gen_data import write_job  # noqa: E402

@@ -39,11 +39,14 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-DATA = Path(os.environ.get("PUSHSYNC_BENCH_DATA") or Path(__file__).resolve().parent / "data")
-"""Where generated inputs are kept between runs (never committed); ``PUSHSYNC_BENCH_DATA`` moves it."""
 sys.path.insert(0, str(HERE))
-
-from _common import cores, pinned, start_server, stop_server  # noqa: E402
+from _common import (  # noqa: E402
+    DATA,
+    cores,
+    pinned,
+    start_server,
+    stop_server,
+)
 
 PHASES = ("imports", "head", "staging", "batches", "ledger")
 

@@ -16,15 +16,12 @@ ID, in turn); ``duplicate_every`` repeats an earlier customer with a changed sco
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 
 import polars as pl
 import pyarrow.parquet as pq
-
-DATA = Path(os.environ.get("PUSHSYNC_BENCH_DATA") or Path(__file__).resolve().parent / "data")
-"""Where generated inputs are kept between runs (never committed); ``PUSHSYNC_BENCH_DATA`` moves it."""
+from _common import DATA
 
 __all__ = ["USERS_COLUMNS", "generate_users", "users_frame", "write_job"]
 

@@ -1286,6 +1286,40 @@ def _stopped_while_reading(
         proc.kill()
 
 
+def _first_worker_reading_slowly(
+    tmp_path: Path, sandbox: NetmeraProcess, postgres_server: PostgresServer, postgres_url: str
+) -> tuple[list[list[str]], dict[str, str], subprocess.Popen[str]]:
+    """:func:`_sql_job` with its query sleeping 30 s, and the run's first worker started on it: (the users' rows,
+    the workers' environment, the worker)."""
+    rows = _sql_job(tmp_path, sandbox, postgres_server, postgres_url)
+    postgres_server.sql(postgres_url, "UPDATE crm.knob SET pause = 30")
+    env = {_CRM_ENV: postgres_url, "PUSHSYNC_DATABASE_URL": postgres_url}
+    return (
+        rows,
+        env,
+        worker(tmp_path, sandbox, postgres_url, "run", "job.yaml", "--progress", "none", env=env),
+    )
+
+
+def _the_next_run_finishes_it(
+    tmp_path: Path,
+    sandbox: NetmeraProcess,
+    postgres_server: PostgresServer,
+    postgres_url: str,
+    env: dict[str, str],
+    rows: list[list[str]],
+) -> None:
+    """With the query quick again, the next `pushsync run` joins the run, plans it and finishes it."""
+    postgres_server.sql(postgres_url, "UPDATE crm.knob SET pause = 0")
+    code, out, err = finish(
+        worker(tmp_path, sandbox, postgres_url, "run", "job.yaml", "--progress", "none", env=env)
+    )
+    assert code == 0, (out, err[-3000:])
+    state = "SELECT listed, planned, status FROM pushsync.runs"
+    assert query(postgres_server, postgres_url, state) == [["t", "t", "done"]]
+    assert sandbox_users(sandbox) == expected_users(rows)
+
+
 _READING = (
     "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'pushsync' AND state = 'active' "
     "AND query LIKE '%pg_sleep%'"
@@ -1364,14 +1398,8 @@ def test_a_leader_stopped_while_it_reads_the_input_of_a_listed_run_says_what_sta
     assert query(postgres_server, postgres_url, state) == [["t", "f", "running"]]
 
     # The next `pushsync run` joins the run, plans it again and finishes it.
-    postgres_server.sql(postgres_url, "UPDATE crm.knob SET pause = 0")
     _sandbox_faults(sandbox, {"slow": 0.0})
-    code, out, err = finish(
-        worker(tmp_path, sandbox, postgres_url, "run", "job.yaml", "--progress", "none", env=env)
-    )
-    assert code == 0, (out, err[-3000:])
-    assert query(postgres_server, postgres_url, state) == [["t", "t", "done"]]
-    assert sandbox_users(sandbox) == expected_users(rows)
+    _the_next_run_finishes_it(tmp_path, sandbox, postgres_server, postgres_url, env, rows)
 
 
 def test_a_first_leader_stopped_while_it_reads_the_input_says_the_run_stays_and_exits_4(
@@ -1384,10 +1412,7 @@ def test_a_first_leader_stopped_while_it_reads_the_input_says_the_run_stays_and_
     # "nothing was sent or recorded", though the run stays recorded (running, not planned), and the next
     # `pushsync run` joins it.
     sandbox = netmera_sandbox_process
-    rows = _sql_job(tmp_path, sandbox, postgres_server, postgres_url)
-    postgres_server.sql(postgres_url, "UPDATE crm.knob SET pause = 30")
-    env = {_CRM_ENV: postgres_url, "PUSHSYNC_DATABASE_URL": postgres_url}
-    first = worker(tmp_path, sandbox, postgres_url, "run", "job.yaml", "--progress", "none", env=env)
+    rows, env, first = _first_worker_reading_slowly(tmp_path, sandbox, postgres_server, postgres_url)
     code, out, err = _stopped_while_reading(postgres_server, first)
     assert code == 4, (out, err[-3000:])
     errors = [line for line in err.splitlines() if line.startswith("pushsync: error:")]
@@ -1395,13 +1420,7 @@ def test_a_first_leader_stopped_while_it_reads_the_input_says_the_run_stays_and_
     assert "the run not yet planned; it stays recorded" in errors[0], errors
     state = "SELECT listed, planned, status FROM pushsync.runs"
     assert query(postgres_server, postgres_url, state) == [["f", "f", "running"]]
-    postgres_server.sql(postgres_url, "UPDATE crm.knob SET pause = 0")
-    code, out, err = finish(
-        worker(tmp_path, sandbox, postgres_url, "run", "job.yaml", "--progress", "none", env=env)
-    )
-    assert code == 0, (out, err[-3000:])
-    assert query(postgres_server, postgres_url, state) == [["t", "t", "done"]]
-    assert sandbox_users(sandbox) == expected_users(rows)
+    _the_next_run_finishes_it(tmp_path, sandbox, postgres_server, postgres_url, env, rows)
 
 
 def test_a_worker_whose_run_ends_while_it_leads_stops_its_planning_at_once_and_cancels_the_query(
@@ -1415,11 +1434,9 @@ def test_a_worker_whose_run_ends_while_it_leads_stops_its_planning_at_once_and_c
     # cancelling the task does not stop a thread —, so the query ran its 30 s on the server, the process waited
     # for it at exit, and the thread's connection was closed under it. Now the worker stops its planning (the
     # run's stop) and the query is cancelled.
-    sandbox = netmera_sandbox_process
-    _sql_job(tmp_path, sandbox, postgres_server, postgres_url)
-    postgres_server.sql(postgres_url, "UPDATE crm.knob SET pause = 30")
-    env = {_CRM_ENV: postgres_url, "PUSHSYNC_DATABASE_URL": postgres_url}
-    proc = worker(tmp_path, sandbox, postgres_url, "run", "job.yaml", "--progress", "none", env=env)
+    _, _, proc = _first_worker_reading_slowly(
+        tmp_path, netmera_sandbox_process, postgres_server, postgres_url
+    )
     try:
         _until_reading(postgres_server, proc)
         postgres_server.sql(

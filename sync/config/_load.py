@@ -8,7 +8,6 @@ import json
 import math
 import os
 import re
-import urllib.parse
 import zoneinfo
 from collections.abc import Mapping
 from importlib import resources
@@ -31,7 +30,7 @@ from sync.config._job import (
     ValidationRules,
 )
 from sync.config._platforms import PlatformCatalog, PlatformRules, installed_platforms
-from sync.config._settings import Destination
+from sync.config._settings import Destination, base_url_problem
 from sync.config._sources import parse_source
 from sync.config._sql import database_secret_problems
 from sync.config._yaml import looks_like_a_key, read_job_yaml
@@ -258,24 +257,10 @@ def _secret_problems(raw: Mapping[str, Any], base: Path) -> list[JobProblem]:
                     )
                 )
     base_url = dest.get("base_url")
-    if isinstance(base_url, str):
-        try:
-            parts = urllib.parse.urlsplit(base_url)
-            userinfo = "@" in parts.netloc
-        except ValueError:
-            parts, userinfo = None, False
-        # The URL is printed in plans, summaries and logs: credentials in it would leak from there.
-        if userinfo:
-            problems.append(
-                JobProblem("destination.base_url", f"credentials may not be written in the URL: {hint}")
-            )
-        elif parts is not None and (parts.query or parts.fragment):
-            problems.append(
-                JobProblem(
-                    "destination.base_url",
-                    f"a base URL takes no query string (endpoints are appended to it): {hint}",
-                )
-            )
+    # The URL is printed in plans, summaries and logs: credentials in it would leak from there.
+    problem = base_url_problem(base_url, scheme=False) if isinstance(base_url, str) else None
+    if problem is not None:
+        problems.append(JobProblem("destination.base_url", f"{problem}: {hint}"))
     return problems
 
 

@@ -14,22 +14,23 @@ from pathlib import Path
 from sync.errors import SecretError
 
 
-def base_url_problem(url: str) -> str | None:
-    """What is wrong with ``url`` as a platform's base URL given on the command line or in a Meiro job file, or
-    None: an http(s) URL with a host, no credentials in it, no query string or fragment. The message never
-    repeats the URL — one refused for the credentials written in it would print them — and every error about a
-    request names its URL, so a URL with credentials must not get that far."""
+def base_url_problem(url: str, *, scheme: bool = True) -> str | None:
+    """What is wrong with ``url`` as a platform's base URL (a job file's, a command line's, a Meiro job's), or
+    None: an http(s) URL with a host (``scheme=False``: left to the job schema's pattern), no credentials in it,
+    no query string or fragment. The message never repeats the URL — one refused for the credentials written in
+    it would print them — and every error about a request names its URL, so a URL with credentials must not get
+    that far."""
     try:
         parts = urllib.parse.urlsplit(url.strip())
         host = parts.hostname
     except ValueError:
         return "not a URL"
-    if parts.scheme not in ("http", "https") or not host:
+    if scheme and (parts.scheme not in ("http", "https") or not host):
         return "must be an http:// or https:// URL with a host"
     if "@" in parts.netloc:
         return "credentials may not be written in the URL"
     if parts.query or parts.fragment:
-        return "a base URL takes no query string or fragment: endpoints are appended to it"
+        return "a base URL takes no query string or fragment (endpoints are appended to it)"
     return None
 
 
