@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from urllib.parse import urlsplit
 
 from sync._startup import mark_startup, startup_marks
-from sync.config import Alerts, Job, SyncMode, sample_notes, shared_fields
+from sync.config import Alerts, Job, SyncMode, same_destination, sample_notes, shared_fields
 from sync.errors import (
     BadJobError,
     ExitCode,
@@ -305,6 +305,9 @@ async def _run(job: Job, options: RunOptions) -> RunOutcome:
         raise BadJobError(str(job.path), [JobProblem("--limit", "must be at least 1")])
     if options.workdir is not None:
         job = dataclasses.replace(job, workdir=Path(options.workdir))
+    # The account the key names is part of the destination: a live app's run must not take what the test app
+    # (same base URL, another key) confirmed as sent, nor resume its run (Destination.key).
+    job = dataclasses.replace(job, destination=job.destination.for_account(options.api_key))
     platform_for(job)  # an unknown platform fails before the workdir is touched
     if options.client is None:
         # The connector's imports (aiohttp, ~0.1 s of CPU that holds the interpreter) load in a thread from here:
@@ -396,7 +399,7 @@ def _refuse_another_destination(job: Job, origin: RunInfo, ledger: Ledger) -> No
     """``pushsync resume/retry RUN`` of a run that sent to another destination: refused before anything is sent.
     One job file serving staging and production (``base_url`` from the environment) shares a name and a ledger;
     replaying staging's run on production would skip what staging confirmed (production never got it)."""
-    if origin.destination is not None and origin.destination != job.destination.key:
+    if not same_destination(origin.destination, job.destination.key):
         raise StateError(
             f"run {origin.run_id} of job {job.name} sent to another destination ({origin.destination}; this "
             f"job's {redact(job.destination.base_url)} is {job.destination.key}): resume or retry it with the job "
@@ -413,7 +416,7 @@ def _unfinished_run_here(job: Job, ledger: Ledger) -> str | None:
     elsewhere = unfinished_run(ledger, job.name)
     if elsewhere is not None and elsewhere != origin:
         info = ledger.run(elsewhere)
-        if info is not None and info.destination not in (None, here):
+        if info is not None and not same_destination(info.destination, here):
             get_logger(job=job.name).warning(
                 "run.not_resumed",
                 unfinished=elsewhere,

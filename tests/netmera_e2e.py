@@ -315,3 +315,15 @@ def kill_a_busy_worker(
                 victim.communicate(timeout=30)
                 return victim
     raise AssertionError(("no worker held batches to kill", seen, [p.pid for p in procs]))
+
+
+def sandbox_faults(sandbox: NetmeraProcess, faults: dict[str, Any]) -> None:
+    """Merge ``faults`` into a sandbox process's fault spec (``POST /_sandbox/config``), e.g. ``{"drop": 1.0}``."""
+    request = urllib.request.Request(
+        f"{sandbox.root_url}/_sandbox/config",
+        data=json.dumps({"faults": faults}).encode(),
+        headers={"Content-Type": "application/json"},
+        method="POST",
+    )
+    with urllib.request.urlopen(request, timeout=5) as resp:
+        assert resp.status == 200

@@ -13,7 +13,6 @@ import subprocess
 import sys
 import threading
 import time
-import urllib.request
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -36,6 +35,7 @@ from tests.netmera_e2e import (
     query,
     run_json,
     run_workers,
+    sandbox_faults,
     sandbox_users,
     user_row,
     worker,
@@ -1241,17 +1241,6 @@ sys.exit(main(sys.argv[1:]))
 """``pushsync ARGS`` whose leader is stopped by SIGTERM after it listed the run, at ``STOP_WHEN``."""
 
 
-def _sandbox_faults(sandbox: NetmeraProcess, faults: dict[str, Any]) -> None:
-    request = urllib.request.Request(
-        f"{sandbox.root_url}/_sandbox/config",
-        data=json.dumps({"faults": faults}).encode(),
-        headers={"Content-Type": "application/json"},
-        method="POST",
-    )
-    with urllib.request.urlopen(request, timeout=5) as resp:
-        assert resp.status == 200
-
-
 def _sql_job(
     tmp_path: Path, sandbox: NetmeraProcess, postgres_server: PostgresServer, postgres_url: str
 ) -> list[list[str]]:
@@ -1380,7 +1369,7 @@ def test_a_leader_stopped_while_it_reads_the_input_of_a_listed_run_says_what_sta
     # request answered after 1 s, so that one is in flight when the signal comes and planning stops first.
     postgres_server.sql(postgres_url, "UPDATE crm.knob SET pause = 30")
     if sent:
-        _sandbox_faults(sandbox, {"slow": 1.0, "latency": {"distribution": "fixed", "low": 1.0, "high": 1.0}})
+        sandbox_faults(sandbox, {"slow": 1.0, "latency": {"distribution": "fixed", "low": 1.0, "high": 1.0}})
     second = worker(tmp_path, sandbox, postgres_url, "run", "job.yaml", "--progress", "none", env=env)
     code, out, err = _stopped_while_reading(
         postgres_server, second, lambda: not sent or bool(inspect(sandbox, "stats")["faults"].get("slow"))
@@ -1398,7 +1387,7 @@ def test_a_leader_stopped_while_it_reads_the_input_of_a_listed_run_says_what_sta
     assert query(postgres_server, postgres_url, state) == [["t", "f", "running"]]
 
     # The next `pushsync run` joins the run, plans it again and finishes it.
-    _sandbox_faults(sandbox, {"slow": 0.0})
+    sandbox_faults(sandbox, {"slow": 0.0})
     _the_next_run_finishes_it(tmp_path, sandbox, postgres_server, postgres_url, env, rows)
 
 

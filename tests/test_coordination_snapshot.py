@@ -4,6 +4,7 @@ against a Netmera sandbox process."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import signal
@@ -37,6 +38,7 @@ from tests.netmera_e2e import (
     requests_total,
     run_json,
     run_workers,
+    sandbox_faults,
     sandbox_users,
     worker,
     write_users,
@@ -145,7 +147,8 @@ def test_a_worker_killed_between_sending_and_committing_the_next_run_commits_and
 ) -> None:
     sandbox = netmera_sandbox_process
     rows = snapshot_job(tmp_path, sandbox)
-    scope = state_scope(load_job(tmp_path / "job.yaml"))
+    job = load_job(tmp_path / "job.yaml")
+    scope = state_scope(dataclasses.replace(job, destination=job.destination.for_account(sandbox.api_key)))
     proc = worker(tmp_path, sandbox, postgres_url, "run", "job.yaml", "--progress", "none")
 
     def planned() -> bool:
@@ -247,9 +250,12 @@ def test_the_pending_delta_of_a_run_that_ended_aborted_is_merged_by_the_next_run
 ) -> None:
     sandbox = netmera_sandbox_process
     rows = snapshot_job(tmp_path, sandbox)
-    # A wrong key: the platform answers 401, the run is aborted (ended) with its delta still pending.
-    code, doc, err = run_json(tmp_path, "wrong-key-0123456789", postgres_url)
+    # The platform cannot be reached (every connection dropped before an answer): the run is aborted (ended)
+    # with its delta still pending. (Not a wrong key: that is another account, whose state is its own.)
+    sandbox_faults(sandbox, {"drop": 1.0})
+    code, doc, err = run_json(tmp_path, sandbox, postgres_url)
     assert code == 3, err
+    sandbox_faults(sandbox, {"drop": 0.0})
     (aborted,) = query(postgres_server, postgres_url, "SELECT run_id, status FROM pushsync.runs")
     assert aborted[1] == "aborted"
     pending = "SELECT DISTINCT run_id FROM pushsync.snapshot_pending"
@@ -321,6 +327,37 @@ def test_a_job_moving_onto_postgresql_imports_its_workdir_state_and_resends_noth
     # A second import would overwrite what coordinated runs confirmed since: refused.
     code, out, err = finish(worker(tmp_path, sandbox, postgres_url, "state", "import", "job.yaml"))
     assert code == 2 and "already holds a state for job snapscale" in err, err
+
+
+def test_a_state_kept_by_the_base_url_alone_is_taken_over_by_the_accounts_run_and_resends_nothing(
+    tmp_path: Path,
+    netmera_sandbox_process: NetmeraProcess,
+    postgres_server: PostgresServer,
+    postgres_url: str,
+) -> None:
+    """A database of an older pushsync keeps the state under ``job/<platform>-<url hash>``: the first run that
+    knows its account moves it under the account's scope (Destination.key), so the upgrade sends nothing again;
+    a run with another key (another app behind the same URL) is another account, with a state of its own."""
+    sandbox = netmera_sandbox_process
+    snapshot_job(tmp_path, sandbox)
+    code, doc, err = run_json(tmp_path, sandbox, postgres_url)
+    assert code == 0, err
+    job = load_job(tmp_path / "job.yaml")
+    mine = state_scope(dataclasses.replace(job, destination=job.destination.for_account(sandbox.api_key)))
+    legacy = state_scope(job)
+    assert mine.startswith(legacy + "-")
+    for table in ("state_heads", "state_chunks"):
+        query(postgres_server, postgres_url, f"UPDATE pushsync.{table} SET scope = '{legacy}'")
+    before = requests_total(sandbox)
+    code, doc, err = run_json(tmp_path, sandbox, postgres_url)
+    assert code == 0, err
+    assert requests_total(sandbox) == before and doc["diff"]["users_state"] == USERS
+    scopes = "SELECT DISTINCT scope FROM pushsync.state_heads"
+    assert query(postgres_server, postgres_url, scopes) == [[mine]]
+    # Another key: another account (here refused by the platform: nothing confirmed, the state left alone).
+    code, doc, err = run_json(tmp_path, "another-app-key-0123456789", postgres_url)
+    assert code == 3, err
+    assert query(postgres_server, postgres_url, scopes) == [[mine]]
 
 
 # --- the PostgreSQL backend of the state store, in process ---------------------------------------------------------

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import os
 import signal
@@ -275,6 +276,8 @@ def _plan_interruptible(args: argparse.Namespace) -> int:
             from sync.state import StateStore, preview
 
             url = database_url(args, job)
+            # The state is per account: the one the job's secret names, when it can be read (plan needs none).
+            job = dataclasses.replace(job, destination=job.destination.for_readable_account())
             with contextlib.ExitStack() as stack:
                 if url is None:
                     store = StateStore(job.workdir, job.destination)

@@ -180,6 +180,7 @@ def _nothing_to_resume(job: Any, args: argparse.Namespace, url: str | None = Non
     qualify; a ``partial`` run whose failed batches are unconfirmed is still worth resuming."""
     import dataclasses
 
+    from sync.config import same_destination
     from sync.ledger.ledger import Ledger
     from sync.planning.resume import UNFINISHED_STATUSES, replay_plan
     from sync.run import ledger_path_for
@@ -199,7 +200,7 @@ def _nothing_to_resume(job: Any, args: argparse.Namespace, url: str | None = Non
         info = ledger.run(args.run_id)
         if info is None or info.status in UNFINISHED_STATUSES:
             return None
-        if info.destination not in (None, job.destination.key):
+        if not same_destination(info.destination, job.destination.for_readable_account().key):
             return None  # another destination's run: run() refuses it, in one line
         decisions = replay_plan(ledger, args.run_id)
         if decisions.unknown:
@@ -222,6 +223,8 @@ def _show(args: argparse.Namespace) -> int:
     job = load_job(args.job)
     if args.workdir is not None:
         job = dataclasses.replace(job, workdir=args.workdir)
+    # The state is per account: the one the job's secret names, when it can be read (Destination.key).
+    job = dataclasses.replace(job, destination=job.destination.for_readable_account())
     url = database_url(args, job)
     if url is None:
         store = StateStore(job.workdir, job.destination)
@@ -229,11 +232,12 @@ def _show(args: argparse.Namespace) -> int:
     # A coordinated job's state is in the coordination database (sync.coordination.snapshot).
     from sync.coordination._db import describe_url
     from sync.coordination.ledger import PgLedger
-    from sync.coordination.snapshot import pending_runs, pg_state_store, state_scope
+    from sync.coordination.snapshot import account_job, pending_runs, pg_state_store, state_scope
 
     with PgLedger.open(url) as ledger:  # checks (or creates) the schema, as every command does
         conn = ledger._conn
         store = pg_state_store(job, conn, url)
+        job = account_job(job, conn)
         where = f"coordination database {describe_url(url)}, job state {state_scope(job)}"
         return _print_state(args, job, store, where, pending_runs(conn, state_scope(job)))
 
@@ -247,6 +251,7 @@ def _import(args: argparse.Namespace) -> int:
     job = load_job(args.job)
     if args.workdir is not None:
         job = dataclasses.replace(job, workdir=args.workdir)
+    job = dataclasses.replace(job, destination=job.destination.for_readable_account())
     url = database_url(args, job)
     if url is None:
         raise StateError(

@@ -49,8 +49,10 @@ from sync.config._settings import (
     DispatchSettings,
     RateBudgetSpec,
     RetryPolicy,
+    account_fingerprint,
     base_url_problem,
     resolve_secret,
+    same_destination,
 )
 from sync.config._sql import DatabaseKind, DatabaseRef, SqlInput, database_kind
 from sync.config._yaml import looks_like_a_key, read_job_yaml
@@ -88,6 +90,7 @@ __all__ = [
     "Thresholds",
     "ValidationRules",
     "ValueType",
+    "account_fingerprint",
     "base_url_problem",
     "database_kind",
     "installed_platforms",
@@ -96,6 +99,7 @@ __all__ = [
     "looks_like_a_key",
     "read_job_yaml",
     "resolve_secret",
+    "same_destination",
     "sample_notes",
     "secret_setting",
     "select_sources",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import os
 import stat
@@ -46,15 +47,62 @@ class Destination:
     """TLS certificate checks; only a job aimed at a local sandbox may turn them off."""
     extra: Mapping[str, str] = field(default_factory=dict)
     """Platform-specific, non-secret settings (e.g. a brand ID, a company ID)."""
+    account: str | None = None
+    """Which account at the base URL: a fingerprint of the secret and of ``extra`` (:meth:`for_account`), set
+    once a command has read the secret; None when it has not (then :attr:`key` is :attr:`url_key`)."""
+
+    @property
+    def url_key(self) -> str:
+        """``<platform>-<hash of the base URL>``: the destination without its account (what pushsync recorded
+        before session 37, and what a command that has not read the secret knows)."""
+        digest = hashlib.sha256(self.base_url.encode("utf-8")).hexdigest()[:10]
+        return f"{self.platform}-{digest}"
 
     @property
     def key(self) -> str:
-        """``<platform>-<hash of the base URL>``: which destination this is, without its address. The snapshot
-        state's directory is named by it, and the ledgers (SQLite and PostgreSQL) record it with each run, so that
-        one job file serving staging and production (``base_url`` from the environment) never resumes, or joins,
-        the other's run."""
-        digest = hashlib.sha256(self.base_url.encode("utf-8")).hexdigest()[:10]
-        return f"{self.platform}-{digest}"
+        """``<platform>-<hash of the base URL>-<account fingerprint>``: which destination this is, without its
+        address or its secret. The snapshot state's directory is named by it, and the ledgers (SQLite and
+        PostgreSQL) record it with each run, so that one job file serving staging and production (``base_url``
+        from the environment), or a test app and a live app behind one base URL (Netmera's: the API key names
+        the app), never resumes, or joins, the other's run, nor takes what one confirmed as sent to the other.
+        Without :attr:`account`, :attr:`url_key`."""
+        return self.url_key if self.account is None else f"{self.url_key}-{self.account}"
+
+    def for_account(self, secret: str) -> Destination:
+        """This destination with its :attr:`account` set from ``secret`` (:func:`account_fingerprint`)."""
+        return dataclasses.replace(self, account=account_fingerprint(secret, self.extra))
+
+    def for_readable_account(self, environ: Mapping[str, str] | None = None) -> Destination:
+        """:meth:`for_account` with the secret the job names, when it can be read; else this destination as it
+        is (``plan`` and ``state show`` need no secret: the state's directory is then found by its base URL,
+        :func:`sync.state.StateStore`)."""
+        if self.account is not None:
+            return self
+        try:
+            return self.for_account(resolve_secret(self, environ))
+        except SecretError:
+            return self
+
+
+def account_fingerprint(secret: str, extra: Mapping[str, str] | None = None) -> str:
+    """Eight hex digits that tell accounts at one base URL apart: PBKDF2-SHA256 of the secret with the
+    non-secret account settings (``extra``: a brand ID, a company ID) as salt, cut to 32 bits. The secret cannot
+    be read back from it — a platform's key is far longer than 32 bits, and the work factor makes trying a
+    list of guessed passwords against a recorded fingerprint slow — so it may be recorded (directory names,
+    the ledger) where the secret never is. ~1 ms."""
+    salt = "pushsync-account\0" + "\0".join(f"{k}={v}" for k, v in sorted((extra or {}).items()))
+    digest = hashlib.pbkdf2_hmac("sha256", secret.encode("utf-8"), salt.encode("utf-8"), 5000, dklen=4)
+    return digest.hex()
+
+
+def same_destination(recorded: str | None, ours: str | None) -> bool:
+    """Whether a run (or a state) recorded for destination ``recorded`` is of destination ``ours``
+    (:attr:`Destination.key` values). An unknown one (None: recorded by a pushsync that did not record
+    destinations) is taken as the same, and so is one that names no account (recorded before accounts were
+    told apart, or known by a command that has not read the secret) at the same platform and base URL."""
+    if recorded is None or ours is None or recorded == ours:
+        return True
+    return ours.startswith(recorded + "-") or recorded.startswith(ours + "-")
 
 
 @dataclass(frozen=True, slots=True)

@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Any
 
 import psycopg
 
-from sync.config import Job, SyncMode
+from sync.config import Job, SyncMode, same_destination
 from sync.coordination._db import SCHEMA, Link, safe_message
 from sync.coordination._seams import WorkerOptions, WorkerOutcome, WorkerSignals
 from sync.coordination.budget import SharedBudgets
@@ -189,7 +189,7 @@ def _join_or_start(ledger: PgLedger, job: Job, options: WorkerOptions) -> tuple[
         info = ledger.run(origin) if origin is not None else None
         if origin is not None and info is None:
             raise StateError(f"no run {origin} in {ledger.path}")
-        if info is not None and info.destination not in (None, destination):
+        if info is not None and not same_destination(info.destination, destination):
             raise StateError(
                 f"run {origin} of job {job.name} sent to another destination ({info.destination}; this worker's "
                 f"{job.destination.base_url} is {destination}): resume or retry it with the job pointed there; "
@@ -228,7 +228,7 @@ def _same_destination(job: Job, run_id: str, theirs: str | None, ours: str) -> N
     """Refuse to join ``run_id`` when it sends elsewhere. One job file serving staging and production (its
     ``base_url`` from the environment) has one name: a worker of the one joined the other's live run, sent its
     batches to its own platform and confirmed them, so the other platform never got them — both exited 0."""
-    if theirs is not None and theirs != ours:
+    if not same_destination(theirs, ours):
         raise StateError(
             f"run {run_id} of job {job.name} sends to another destination ({theirs}; this worker's "
             f"{job.destination.base_url} is {ours}): a job name is one run at a time in a coordination database — "

@@ -75,6 +75,7 @@ from sync.state._store import READ_ERRORS, Bounds, Manifest, filtered
 __all__ = [
     "STATE_LOCK_WAIT",
     "PgStateBackend",
+    "account_job",
     "commit_when_finished",
     "ensure_snapshot_tables",
     "import_workdir_state",
@@ -392,11 +393,56 @@ class PgStateBackend:
 
 
 def pg_state_store(job: Job, conn: psycopg.Connection[Any], url: str) -> StateStore:
-    """The job's :class:`sync.state.StateStore` kept in the coordination database (tables created if missing)."""
+    """The job's :class:`sync.state.StateStore` kept in the coordination database (tables created if missing).
+    ``job``'s destination should name its account (:func:`account_job`): this takes a state recorded by the
+    base URL alone over as the account's, as the workdir's does (:func:`sync.state.state_directory`)."""
     ensure_snapshot_tables(conn, url)
+    job = account_job(job, conn)
     return StateStore(
         job.workdir, job.destination, backend=PgStateBackend(conn, state_scope(job), describe_url(url))
     )
+
+
+def account_job(job: Job, conn: psycopg.Connection[Any]) -> Job:
+    """``job`` with a destination whose :func:`state_scope` is the one its state is kept under in the database.
+
+    With the account known (the secret read), a state kept under the base URL alone (by a pushsync that did
+    not tell accounts apart) is moved under the account's scope, and ``job`` is returned as it is. Without it,
+    the base URL's one scope is found (several accounts' are refused, naming the secret to set)."""
+    destination = job.destination
+    legacy = f"{job.name}/{destination.url_key}"
+    tables = ("state_heads", "state_chunks", "snapshot_pending")
+    try:
+        if destination.account is not None:
+            scope = state_scope(job)
+            with conn.transaction():
+                found = conn.execute(
+                    f"SELECT scope FROM {S}.state_heads WHERE scope IN (%s, %s) UNION "
+                    f"SELECT scope FROM {S}.snapshot_pending WHERE scope IN (%s, %s)",
+                    (scope, legacy, scope, legacy),
+                ).fetchall()
+                if {r[0] for r in found} == {legacy}:
+                    for table in tables:
+                        conn.execute(f"UPDATE {S}.{table} SET scope = %s WHERE scope = %s", (scope, legacy))
+            return job
+        # Only scopes holding a state: a run with a mistyped key leaves its account's pending delta.
+        rows = conn.execute(
+            f"SELECT DISTINCT scope FROM {S}.state_heads WHERE scope = %s OR starts_with(scope, %s)",
+            (legacy, legacy + "-"),
+        ).fetchall()
+    except psycopg.Error as exc:
+        raise StateError(f"the snapshot state of job {job.name}: {safe_message(exc)}") from None
+    scopes = sorted({str(r[0]) for r in rows})
+    if legacy in scopes or not scopes:
+        return job
+    if len(scopes) > 1:
+        raise StateError(
+            f"the coordination database holds the snapshot states of {len(scopes)} accounts of "
+            f"{destination.platform} at {destination.url_key} for job {job.name}: make the job's secret "
+            f"({destination.secret_env or destination.secret_file}) readable so that pushsync knows which"
+        )
+    account = scopes[0].removeprefix(legacy + "-")
+    return dataclasses.replace(job, destination=dataclasses.replace(destination, account=account))
 
 
 # -- pending deltas --------------------------------------------------------------------------------------------

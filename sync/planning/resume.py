@@ -501,6 +501,7 @@ def unfinished_run(ledger: Any, job: str, destination: str | None = None) -> str
 
 
 def _same_destination(theirs: str | None, ours: str | None) -> bool:
-    """Whether a run recorded for ``theirs`` sent where ``ours`` sends; an unknown one (None: recorded by a
-    pushsync that did not record destinations) is taken as the same, as before."""
-    return theirs is None or ours is None or theirs == ours
+    """Whether a run recorded for ``theirs`` sent where ``ours`` sends (:func:`sync.config.same_destination`)."""
+    from sync.config import same_destination
+
+    return same_destination(theirs, ours)

@@ -15,6 +15,7 @@ harmless.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import os
@@ -529,10 +530,40 @@ class FileBackend:
 
 
 def state_directory(workdir: Path, destination: Destination) -> Path:
-    """``<workdir>/state/<platform>-<hash of the base URL>``: the state's directory (and its runs' pending
-    deltas) for one destination."""
-    # Per destination: a job pointed at a sandbox must never believe what it sent there is in production.
-    return Path(workdir) / "state" / destination.key
+    """``<workdir>/state/<platform>-<hash of the base URL>-<account>`` (:attr:`Destination.key`): the state's
+    directory (and its runs' pending deltas) for one destination.
+
+    Per destination and account: a job pointed at a sandbox must never believe what it sent there is in
+    production, nor a job sent to a live app with the key of its test app (Netmera's apps share one base URL)
+    believe what the test app confirmed is live. With the account known, a directory of the base URL alone —
+    written by a pushsync that did not tell accounts apart — is taken as this account's (renamed to it: the
+    account the job was run with then, as before). Without it (a command that has not read the secret), the
+    base URL's one directory holding a state is found; several accounts' are refused, naming the secret."""
+    root = Path(workdir) / "state"
+    here = root / destination.key
+    if destination.account is None:
+        if here.is_dir():
+            return here
+        # Only directories holding a state: a run with a mistyped key leaves its account's lock and delta.
+        found = (
+            sorted(
+                p for p in root.glob(f"{destination.url_key}-*") if p.is_dir() and any(p.glob("*.parquet"))
+            )
+            if root.is_dir()
+            else []
+        )
+        if len(found) > 1:
+            raise StateError(
+                f"{root} holds the snapshot states of {len(found)} accounts of {destination.platform} at "
+                f"{destination.url_key} ({', '.join(p.name for p in found)}): make the job's secret "
+                f"({destination.secret_env or destination.secret_file}) readable so that pushsync knows which"
+            )
+        return found[0] if found else here
+    legacy = root / destination.url_key
+    if not here.exists() and legacy.is_dir():
+        with contextlib.suppress(FileNotFoundError):  # another run took it over first: ``here`` is there now
+            legacy.rename(here)
+    return here
 
 
 class StateStore:
