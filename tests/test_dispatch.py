@@ -213,6 +213,47 @@ def test_a_refused_record_is_isolated_by_splitting(tmp_path: Path) -> None:
     ledger.close()
 
 
+def test_a_refusal_of_every_id_alike_is_not_split_down_to_each_id(tmp_path: Path) -> None:
+    """A 400 that does not depend on the rows (an attribute the platform does not know, a quota) refuses every
+    ID alone as it refused the batch: splitting took 2n - 1 requests per batch of n IDs (127 for 64; 1,999 per
+    batch of 1,000), every one refused, at the rate budget. Now, once 16 IDs sent alone got the batch's own
+    answer and nothing of the batch went through, the rest is failed (retry it once fixed), and the endpoint's
+    next batches given that answer are failed whole, in one request each."""
+
+    def refuse_all(batch: Batch, attempt: int) -> Exception | None:
+        return RejectedBatchError("profile attribute 'tier' is not defined", status=400, code=2020)
+
+    client = MemoryPlatform(behaviour=refuse_all)
+    ledger = Ledger.open(tmp_path / "l.sqlite")
+    ledger.start_run("r", job="j")
+    plan = _plan(4, per_batch=64)
+    report = run_virtual(_dispatch(client, plan, _settings(concurrency=1), ledger=ledger, run_id="r"))
+    stats = report.endpoints["tagUsers"]
+    assert (stats.ids_ok, stats.ids_rejected, stats.ids_failed) == (0, 16, 4 * 64 - 16)
+    # 64 -> 32 -> 16 (its 31 requests give the 16 single IDs) -> one more refused part; then 1 per batch.
+    assert stats.requests == 1 + 1 + 31 + 1 + 3 < 4 * 127
+    batches = {b.batch_id: b for b in ledger.batches("r")}
+    assert {b.status for b in batches.values()} == {BatchStatus.FAILED}
+    first = batches[plan[0].batch_id]
+    assert "each of 16 IDs sent alone got this same answer" in first.message
+    assert "not split further" in batches[plan[3].batch_id].message
+    assert len(ledger.refused_ids("r")) == 16
+    ledger.close()
+
+
+def test_refusals_that_name_their_row_are_still_split_down_to_each_id() -> None:
+    """Only a refusal repeated word for word is taken as the request's: one naming its record is split as
+    before, every ID isolated (2n - 1 requests for n IDs every one of which is refused)."""
+
+    def refuse_each(batch: Batch, attempt: int) -> Exception | None:
+        return RejectedBatchError(f"invalid user {batch.ext_ids[0]}", status=400, code=2020)
+
+    client = MemoryPlatform(behaviour=refuse_each)
+    report = run_virtual(_dispatch(client, _plan(1, per_batch=64), _settings(concurrency=1)))
+    stats = report.endpoints["tagUsers"]
+    assert (stats.ids_rejected, stats.ids_failed, stats.requests) == (64, 0, 127)
+
+
 def test_a_bad_key_aborts_at_once_and_in_flight_work_is_recorded(tmp_path: Path) -> None:
     def unauthorised(batch: Batch, attempt: int) -> Exception | None:
         return FatalPlatformError("HTTP 403: API key invalid", status=403, code=2010)

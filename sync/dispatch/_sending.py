@@ -49,6 +49,13 @@ from sync.records import (
 
 _NOT_IDEMPOTENT = NON_IDEMPOTENT  # their ``sent`` record is committed before the request goes out
 
+WHOLE_REFUSAL_IDS = 16
+"""IDs of one batch, each sent alone and each refused word for word as the whole batch was, with no part of the
+batch accepted, after which the refusal is taken as the request's (a job or account problem: an attribute the
+platform does not know, a quota) rather than its rows'. Splitting a batch of n IDs every one of which is refused
+takes 2n - 1 requests (1,999 for 1,000 IDs, at the rate budget: a 1M-user run would take days to learn what its
+first batch said); the rule stops after about 16 x 2 + log2(n) of them."""
+
 
 class _Deadlines:
     """The dispatcher's guard against a client that never answers: each attempt is cut off ``limit`` seconds
@@ -130,6 +137,19 @@ class _Watch:
             raise TimeoutError from exc
 
 
+def _refused_whole(message: str, alone: int) -> str:
+    """The failed part's message when a refusal was taken as the request's (:data:`WHOLE_REFUSAL_IDS`)."""
+    how = (
+        f"the whole batch and each of {alone} IDs sent alone got this same answer"
+        if alone
+        else "this endpoint gave whole batches and IDs sent alone this same answer"
+    )
+    return (
+        f"{message} ({how}: taken as a refusal of the request, not of its rows, and not split further; fix the "
+        "job or the account, then `pushsync retry RUN`)"
+    )
+
+
 class _Aborted(Exception):
     """Internal: the run was aborted while this batch waited; it is recorded as failed."""
 
@@ -145,6 +165,10 @@ class Endpoint:
     budget: Budget
     cap: asyncio.Semaphore
     stats: EndpointStats
+    refusal: tuple[int | None, int | str | None, str] | None = None
+    """A refusal (status, code, message) the endpoint gave every ID sent alone (:data:`WHOLE_REFUSAL_IDS` of
+    them, none accepted): the request's, not its rows'. Until a batch goes through, a batch refused with it is
+    recorded failed instead of being split down to single IDs (2n - 1 requests for n IDs, every one refused)."""
 
 
 class BatchSender:
@@ -265,6 +289,8 @@ class BatchSender:
         fatal: FatalPlatformError | None = None
         pending = [batch]  # a stack: halves of a refused batch are pushed back
         confirmed_rows: list[bytes] = []  # row keys of the parts of a split batch the platform confirmed
+        refusal: tuple[int | None, int | str | None, str] | None = None  # the whole batch's, when refused
+        alone = 0  # IDs sent alone and refused exactly as the whole batch was
         while pending:
             part = pending.pop()
             try:
@@ -274,16 +300,32 @@ class BatchSender:
                 ok_ids += len(part.ext_ids)
                 if part is not batch:
                     confirmed_rows.append(part.row_keys)
+                else:
+                    ep.refusal = None  # the endpoint takes a whole batch again
             except _AttemptsError as exc:
                 attempts += exc.attempts
                 err = exc.error
                 last_status, last_code, last_message = err.status, err.code, err.message
                 if isinstance(err, RejectedBatchError):
+                    said = (err.status, err.code, err.message)
+                    if part is batch:
+                        refusal = said
+                    if said == refusal and not ok_ids and (ep.refusal == said or alone >= WHOLE_REFUSAL_IDS):
+                        # The request is refused, not its rows: the rest is failed (retry it once the job or
+                        # the account is fixed), not split down to single IDs, and so are this endpoint's
+                        # next batches that get the same answer.
+                        ep.refusal = said
+                        failed_ids += len(part.ext_ids) + sum(len(p.ext_ids) for p in pending)
+                        pending.clear()
+                        last_message = _refused_whole(err.message, alone)
+                        continue
                     halves = self._client.split(part)
                     if halves is not None:
                         stats.splits += 1
                         pending.extend(reversed(halves))
                         continue
+                    if said == refusal:
+                        alone += len(part.ext_ids)
                     rejected.extend(
                         RejectedId(ext_id, err.code, err.message, part.origins.get(ext_id))
                         for ext_id in part.ext_ids
