@@ -1162,6 +1162,42 @@ async def test_each_worker_pushes_its_metrics_under_its_own_instance(
     assert path.startswith("/metrics/job/scale/instance/"), path
 
 
+@pytest.mark.parametrize("problem", ["port", "textfile", "pushgateway"])
+async def test_metrics_that_cannot_be_exported_stop_a_worker_before_it_joins_or_records_a_run(
+    netmera_sandbox: Any, tmp_path: Path, postgres_server: PostgresServer, postgres_url: str, problem: str
+) -> None:
+    """As a one-process run does: a taken ``--metrics-port``, a textfile that cannot be written or a malformed
+    Pushgateway URL is exit 2 before anything is recorded. A worker found out only after it had started the run
+    (recorded running, its leader planning it), which the next `pushsync run` then joined."""
+    import socket
+
+    from sync.config import load_job
+    from sync.errors import StateError
+    from sync.run import RunOptions, run
+
+    write_users(tmp_path, range(60))
+    (tmp_path / "job.yaml").write_text(coordinated_job(netmera_sandbox.url), encoding="utf-8")
+    (tmp_path / "file").write_text("", encoding="utf-8")
+    with socket.socket() as taken:
+        taken.bind(("0.0.0.0", 0))
+        taken.listen()
+        option = {
+            "port": {"metrics_port": taken.getsockname()[1]},
+            "textfile": {"metrics_textfile": str(tmp_path / "file" / "pushsync.prom")},
+            "pushgateway": {"metrics_pushgateway": "http://gateway:port"},
+        }[problem]
+        with pytest.raises(StateError) as refused:
+            await run(
+                load_job(tmp_path / "job.yaml"),
+                RunOptions(api_key=netmera_sandbox.api_key, database_url=postgres_url, **option),  # type: ignore[arg-type]
+            )
+    assert int(refused.value.exit_code) == 2
+    assert netmera_sandbox.sandbox.stats.snapshot()["requests_total"] == 0
+    tables = "SELECT count(*) FROM pg_tables WHERE schemaname = 'pushsync' AND tablename = 'runs'"
+    if query(postgres_server, postgres_url, tables) != [["0"]]:  # the database was not even touched, or:
+        assert query(postgres_server, postgres_url, "SELECT count(*) FROM pushsync.runs") == [["0"]]
+
+
 def test_input_that_cannot_be_planned_ends_the_run_for_every_worker(
     tmp_path: Path, postgres_server: PostgresServer, postgres_url: str
 ) -> None:

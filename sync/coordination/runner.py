@@ -52,7 +52,7 @@ from sync.platforms.registry import platform_for
 from sync.report.summary import RunSummary
 
 if TYPE_CHECKING:
-    from sync.report.metrics import RunMetrics
+    from sync.report.metrics import MetricsServer, RunMetrics
 
 __all__ = ["DEFAULT_LEASE", "run_coordinated", "run_summary_from_ledger"]
 
@@ -70,9 +70,17 @@ async def run_coordinated(
     lease = job.coordination.lease if job.coordination is not None else DEFAULT_LEASE
     log = get_logger(job=job.name)
     check_workdir(job.workdir)
+    # Before the run is joined or recorded, as a one-process run does (exit 2, nothing recorded): a worker that
+    # found a taken port after it had started the run left it running for the next `pushsync run` to join.
+    metrics, served = _checked_metrics(job, options)
     worker = worker_id()
-    ledger = PgLedger.open(url, worker=worker)
-    closers: list[Any] = [ledger]
+    try:
+        ledger = PgLedger.open(url, worker=worker)
+    except BaseException:
+        if served is not None:
+            served.close()
+        raise
+    closers: list[Any] = [ledger] if served is None else [served, ledger]
     try:
         claim_link = await Link.open(url, what="claims")
         closers.append(claim_link)
@@ -117,7 +125,15 @@ async def run_coordinated(
                         "recorded, and `pushsync run` joins it again and plans it"
                     ) from interrupted
                 report, budgets = await _work(
-                    job, options, signals, ledger, run_id, membership, claim_link, budget_link, planner
+                    job,
+                    options,
+                    signals,
+                    ledger,
+                    run_id,
+                    membership,
+                    (claim_link, budget_link),
+                    planner,
+                    (metrics, served),
                 )
                 report, planned = await _planning_done(run_id, ledger, report, planner)
             finally:
@@ -308,13 +324,16 @@ async def _work(
     ledger: PgLedger,
     run_id: str,
     membership: Membership,
-    claim_link: Link,
-    budget_link: Link,
+    links: tuple[Link, Link],
     planner: asyncio.Task[dict[str, Any] | None],
+    exporter: tuple[RunMetrics | None, MetricsServer | None],
 ) -> tuple[DispatchReport, SharedBudgets]:
     """Claim and send until no batch is left (or a stop); the dispatcher's report of this worker's part, and
     the shared budgets it used. Planning may still run: its totals reach the progress display when it is
-    done, and a planning failure drains this worker and stops it."""
+    done, and a planning failure drains this worker and stops it. ``links``: the claims' and the budget
+    slots' connections; ``exporter``: the metrics checked before the run was joined, and their server."""
+    claim_link, budget_link = links
+    metrics, served = exporter
     watchers: list[DispatchObserver] = [*options.observers]
     bar = None
     if options.progress != "none":
@@ -329,13 +348,10 @@ async def _work(
         )
         watchers.append(bar)
         planner.add_done_callback(lambda task: _set_totals(task, bar))
-    wants_metrics = (
-        options.metrics_port is not None
-        or options.metrics_textfile is not None
-        or options.metrics_pushgateway is not None
-    )
-    metrics = _metrics_for(job, run_id) if wants_metrics else None
     if metrics is not None:
+        metrics.bind(
+            run_id=run_id, job=job.name, platform=job.destination.platform, budget_for=job.dispatch.max_rate
+        )
         metrics.instance = membership.worker  # one Pushgateway group per worker
         watchers.append(metrics)
     budgets = SharedBudgets(budget_link, job.dispatch, scope=job.name)
@@ -359,9 +375,7 @@ async def _work(
     try:
         async with (
             metrics.exporting(
-                port=options.metrics_port,
-                textfile=options.metrics_textfile,
-                pushgateway=options.metrics_pushgateway,
+                server=served, textfile=options.metrics_textfile, pushgateway=options.metrics_pushgateway
             )
             if metrics is not None
             else contextlib.nullcontext()
@@ -418,12 +432,23 @@ def _set_totals(task: asyncio.Task[dict[str, Any] | None], progress: Any) -> Non
         progress.set_totals(int(info.get("ids", 0)), int(info.get("requests", 0)))
 
 
-def _metrics_for(job: Job, run_id: str) -> RunMetrics:
+def _checked_metrics(job: Job, options: WorkerOptions) -> tuple[RunMetrics | None, MetricsServer | None]:
+    """The worker's metrics (None when none are asked for), their textfile and Pushgateway URL checked and their
+    port bound: :class:`sync.errors.StateError` (exit 2) for one that cannot be used. The run ID is bound later."""
+    if (
+        options.metrics_port is None
+        and options.metrics_textfile is None
+        and options.metrics_pushgateway is None
+    ):
+        return None, None
     from sync.report.metrics import RunMetrics  # prometheus_client only when metrics are asked for
 
-    return RunMetrics(
-        run_id=run_id, job=job.name, platform=job.destination.platform, budget_for=job.dispatch.max_rate
-    )
+    metrics = RunMetrics(job=job.name, platform=job.destination.platform, budget_for=job.dispatch.max_rate)
+    if options.metrics_textfile is not None:
+        metrics.check_textfile(options.metrics_textfile)
+    if options.metrics_pushgateway is not None:
+        metrics.check_pushgateway(options.metrics_pushgateway)
+    return metrics, None if options.metrics_port is None else metrics.serve(options.metrics_port)
 
 
 async def _alert(job: Job, url: str, ledger: PgLedger, summary: RunSummary) -> None:
