@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from urllib.parse import urlsplit
 
 from sync._startup import mark_startup, startup_marks
-from sync.config import Alerts, Job, SyncMode, same_destination, sample_notes, shared_fields
+from sync.config import Alerts, Job, SourceKind, SyncMode, same_destination, sample_notes, shared_fields
 from sync.errors import (
     BadJobError,
     ExitCode,
@@ -432,7 +432,13 @@ async def _run_snapshot(
     job: Job, options: RunOptions, signals: StopSignals, store: StateStore, ledger: Ledger
 ) -> RunOutcome:
     from sync.state import commit, compute_diff, recover, rejected_users, snapshot_builder_for
+    from sync.state._store import another_accounts_state, other_accounts
 
+    users = [s for s in job.sources if s.kind is SourceKind.USERS]
+    if not options.full_refresh and not any(store.exists(s) for s in users):
+        others = other_accounts(job.workdir, job.destination)
+        if others:
+            raise another_accounts_state(others, job.destination, job.path)
     origin = options.retry or options.resume
     # Snapshot jobs need no replay list: the state holds only confirmed changes, so once the crashed runs'
     # confirmations are merged, a fresh diff *is* the resume (and the retry).

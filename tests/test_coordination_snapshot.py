@@ -354,10 +354,16 @@ def test_a_state_kept_by_the_base_url_alone_is_taken_over_by_the_accounts_run_an
     assert requests_total(sandbox) == before and doc["diff"]["users_state"] == USERS
     scopes = "SELECT DISTINCT scope FROM pushsync.state_heads"
     assert query(postgres_server, postgres_url, scopes) == [[mine]]
-    # Another key: another account (here refused by the platform: nothing confirmed, the state left alone).
-    code, doc, err = run_json(tmp_path, "another-app-key-0123456789", postgres_url)
-    assert code == 3, err
-    assert query(postgres_server, postgres_url, scopes) == [[mine]]
+    # Another key: another account, with no state of its own — a rotated key or another app? The run asks.
+    other = "another-app-key-0123456789"
+    code, doc, err = run_json(tmp_path, other, postgres_url)
+    assert code == 2 and "state rekey" in err and "--full-refresh" in err and other not in err, err
+    assert requests_total(sandbox) == before and query(postgres_server, postgres_url, scopes) == [[mine]]
+    # A rotated key: `state rekey` makes the old key's state the new key's, in the database.
+    code, out, err = finish(worker(tmp_path, other, postgres_url, "state", "rekey", "job.yaml"))
+    assert code == 0 and "nothing was sent" in out, err
+    theirs = state_scope(dataclasses.replace(job, destination=job.destination.for_account(other)))
+    assert query(postgres_server, postgres_url, scopes) == [[theirs]]
 
 
 # --- the PostgreSQL backend of the state store, in process ---------------------------------------------------------

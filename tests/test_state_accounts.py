@@ -15,6 +15,7 @@ import pytest
 from aiohttp import web
 
 from sync.config import account_fingerprint, same_destination
+from sync.errors import StateError
 
 JOB = """\
 version: 1
@@ -99,9 +100,15 @@ async def test_the_live_app_gets_every_user_after_the_test_app_behind_the_same_b
         assert int(first.exit_code) == 0 and profiles(test_app)["U2"] == {"city": "Oslo"}
         assert profiles(live_app)["U1"] == {}  # the live app has not heard of U1
 
-        live = await run(job, RunOptions(api_key=live_key))
+        # A rotated key cannot be told from another app's: the run asks, sending nothing (it sent nothing
+        # and said "nothing changed", exit 0: the live app never got the users).
+        with pytest.raises(StateError, match="state rekey") as asked:
+            await run(job, RunOptions(api_key=live_key))
+        assert int(asked.value.exit_code) == 2 and "--full-refresh" in str(asked.value)
+        assert profiles(live_app)["U1"] == {} and live_key not in str(asked.value)
+        live = await run(job, RunOptions(api_key=live_key, full_refresh=True))  # another app: start it
         assert int(live.exit_code) == 0
-        assert live.diff is not None and live.diff.users_new == 3  # was 0: "nothing changed"
+        assert live.diff is not None and live.diff.users_new == 3
         assert (
             profiles(live_app)
             == profiles(test_app)
@@ -157,6 +164,44 @@ async def test_a_state_recorded_by_the_base_url_alone_is_taken_over_by_the_accou
     assert int(again.exit_code) == 0 and again.summary.requests == 0
     assert again.diff is not None and again.diff.users_changed == again.diff.users_new == 0
     assert sorted(p.name for p in root.iterdir()) == [mine.name]
+
+
+async def test_after_a_key_rotation_state_rekey_keeps_the_state_and_nothing_is_sent_again(
+    tmp_path: Path,
+    netmera_sandbox_factory: Any,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """The same app with a new key (both keys valid for a while): the run asks rather than sending every user
+    again (``push`` attributes would be appended twice); `pushsync state rekey JOB` with the new key in the
+    environment makes the old key's state the new key's, and the next run sends nothing."""
+    from sync.cli import main
+    from sync.config import load_job
+    from sync.run import RunOptions, run
+
+    old_key, new_key = "old-app-key-0123456789", "new-app-key-9876543210"
+    app = await netmera_sandbox_factory(api_key=old_key)
+    (tmp_path / "users.csv").write_text("id,city\nU1,Paris\nU2,Oslo\n", encoding="utf-8")
+    async with one_host({old_key: app, new_key: app}) as url:
+        job_file = tmp_path / "job.yaml"
+        job_file.write_text(JOB.format(url=url), encoding="utf-8")
+        monkeypatch.chdir(tmp_path)
+        job = load_job(job_file)
+        assert int((await run(job, RunOptions(api_key=old_key))).exit_code) == 0
+        with pytest.raises(StateError, match="state rekey"):
+            await run(job, RunOptions(api_key=new_key))
+
+        monkeypatch.setenv("NETMERA_API_KEY", new_key)
+        assert main(["state", "rekey", str(job_file)]) == 0
+        out = capsys.readouterr().out
+        old, new = (job.destination.for_account(k).key for k in (old_key, new_key))
+        assert f"the state of {old} is now {new}'s" in out and "nothing was sent" in out
+        assert main(["state", "rekey", str(job_file)]) == 2  # nothing left to move
+        assert "nothing to rekey" in capsys.readouterr().err
+
+        again = await run(job, RunOptions(api_key=new_key))
+        assert int(again.exit_code) == 0 and again.summary.requests == 0
+        assert again.diff is not None and again.diff.users_state == 2
 
 
 def test_destinations_match_by_account_and_older_records_match_any_account() -> None:

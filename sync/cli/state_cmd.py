@@ -71,6 +71,20 @@ def register(subparsers: Any) -> None:
     imp.add_argument("--workdir", type=Path, help="override the job's workdir")
     add_database_url(imp)
     imp.set_defaults(func=_import)
+    rekey = state_sub.add_parser(
+        "rekey",
+        help="after a key rotation: make the state of the old key's account the new key's (nothing is sent)",
+    )
+    rekey.add_argument("job", type=Path, help="the job file (YAML); its secret must name the new key")
+    rekey.add_argument(
+        "--from",
+        dest="from_key",
+        metavar="DESTINATION",
+        help="the old account's destination (as `state rekey` lists them) when the base URL has several",
+    )
+    rekey.add_argument("--workdir", type=Path, help="override the job's workdir")
+    add_database_url(rekey)
+    rekey.set_defaults(func=_rekey)
 
 
 def _ledger_candidates(args: argparse.Namespace) -> list[Path]:
@@ -267,6 +281,76 @@ def _import(args: argparse.Namespace) -> int:
     for name, users in copied.items():
         print(f"source {name}: {users} users copied into {describe_url(url)}")
     return int(ExitCode.OK)
+
+
+def _rekey(args: argparse.Namespace) -> int:
+    """``pushsync state rekey JOB``: the job's key was rotated (the same app, a new key): the state kept for the
+    old key's account becomes the new key's, so the next snapshot run sends only what changed (a new account
+    starts empty: every user sent again, ``push`` attributes appended twice). Refused when the new key's account
+    has a state already, or when there is no other account's state (or several, without ``--from``)."""
+    import dataclasses
+
+    from sync.cli._ledgers import database_url
+    from sync.config import load_job, resolve_secret
+
+    job = load_job(args.job)
+    if args.workdir is not None:
+        job = dataclasses.replace(job, workdir=args.workdir)
+    job = dataclasses.replace(job, destination=job.destination.for_account(resolve_secret(job.destination)))
+    here = job.destination.key
+    url = database_url(args, job)
+    if url is None:
+        from sync.state import StateStore
+        from sync.state._store import other_accounts
+
+        others = other_accounts(job.workdir, job.destination)
+        old = _rekey_source(job, others, args.from_key)
+        target = StateStore(job.workdir, job.destination).directory
+        if target.exists() and any(p.name != ".lock" for p in target.iterdir()):
+            raise StateError(
+                f"the account this job's key names ({here}) has a state already ({target}): nothing moved"
+            )
+        account = old.removeprefix(job.destination.url_key + "-")
+        with StateStore(job.workdir, dataclasses.replace(job.destination, account=account)).lock():
+            # Under the old account's lock: no run of it is under way (its lock file moves with it).
+            if target.exists():
+                (target / ".lock").unlink(missing_ok=True)
+                target.rmdir()
+            (target.parent / old).rename(target)
+        print(f"the state of {old} is now {here}'s ({target}); nothing was sent")
+        return int(ExitCode.OK)
+    from sync.coordination._db import describe_url
+    from sync.coordination.ledger import PgLedger
+    from sync.coordination.snapshot import ensure_snapshot_tables, move_state_scope, other_account_scopes
+
+    with PgLedger.open(url) as ledger:
+        ensure_snapshot_tables(ledger._conn, url)
+        others = other_account_scopes(job, ledger._conn)
+        old = _rekey_source(job, others, args.from_key)
+        move_state_scope(job, ledger._conn, old)
+    print(f"the state of {old} is now {here}'s (job {job.name} in {describe_url(url)}); nothing was sent")
+    return int(ExitCode.OK)
+
+
+def _rekey_source(job: Any, others: list[str], wanted: str | None) -> str:
+    """The old account's destination key ``state rekey`` moves from: ``wanted``, or the one other account."""
+    if wanted is not None:
+        if wanted not in others:
+            raise StateError(
+                f"no snapshot state of {wanted} for job {job.name} at this base URL"
+                + (f" (there are: {', '.join(others)})" if others else "")
+            )
+        return wanted
+    if not others:
+        raise StateError(
+            f"no snapshot state of another account at this base URL for job {job.name}: nothing to rekey"
+        )
+    if len(others) > 1:
+        raise StateError(
+            f"the states of {len(others)} other accounts are kept for job {job.name} ({', '.join(others)}): "
+            "name the old key's with --from"
+        )
+    return others[0]
 
 
 def _print_state(args: argparse.Namespace, job: Any, store: Any, where: str, pending: list[str]) -> int:

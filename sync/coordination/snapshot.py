@@ -39,7 +39,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from sync.config import Job
+from sync.config import Job, SourceKind
 from sync.coordination._db import (
     SCHEMA,
     CoordinationError,
@@ -70,7 +70,7 @@ from sync.state import (
     snapshot_streams,
 )
 from sync.state._delta import _log_entry
-from sync.state._store import READ_ERRORS, Bounds, Manifest, filtered
+from sync.state._store import READ_ERRORS, Bounds, Manifest, another_accounts_state, filtered
 
 __all__ = [
     "STATE_LOCK_WAIT",
@@ -79,6 +79,8 @@ __all__ = [
     "commit_when_finished",
     "ensure_snapshot_tables",
     "import_workdir_state",
+    "move_state_scope",
+    "other_account_scopes",
     "pending_runs",
     "pg_state_store",
     "plan_snapshot",
@@ -403,6 +405,46 @@ def pg_state_store(job: Job, conn: psycopg.Connection[Any], url: str) -> StateSt
     )
 
 
+def other_account_scopes(job: Job, conn: psycopg.Connection[Any]) -> list[str]:
+    """The destination keys of the other accounts at the job's platform and base URL whose state the database
+    holds for the job, sorted (as :func:`sync.state._store.other_accounts` for a workdir)."""
+    prefix = f"{job.name}/{job.destination.url_key}-"
+    try:
+        rows = conn.execute(
+            f"SELECT DISTINCT scope FROM {S}.state_heads WHERE starts_with(scope, %s) AND scope <> %s",
+            (prefix, state_scope(job)),
+        ).fetchall()
+    except psycopg.Error as exc:
+        raise StateError(f"the snapshot state of job {job.name}: {safe_message(exc)}") from None
+    return sorted(str(r[0]).removeprefix(f"{job.name}/") for r in rows)
+
+
+def move_state_scope(job: Job, conn: psycopg.Connection[Any], old: str) -> None:
+    """Make the state kept for the job under the destination key ``old`` (another account at the same base URL:
+    the key was rotated) the state of the job's own account (``pushsync state rekey``). Refused when the job's
+    account has a state already, or a run of the old account holds its state lock."""
+    scope, source = state_scope(job), f"{job.name}/{old}"
+    where = f"the snapshot state of job {job.name}"
+    try:
+        held = conn.execute("SELECT pg_try_advisory_lock(hashtext(%s))", (f"pushsync.state:{source}",))
+        if not held.fetchone()[0]:  # type: ignore[index]
+            raise StateError(f"{where} for {old} is in use by a run: nothing moved")
+        try:
+            with conn.transaction():
+                taken = conn.execute(f"SELECT 1 FROM {S}.state_heads WHERE scope = %s LIMIT 1", (scope,))
+                if taken.fetchone() is not None:
+                    raise StateError(
+                        f"the account this job's key names ({job.destination.key}) has a state already: "
+                        "nothing moved"
+                    )
+                for table in ("state_heads", "state_chunks", "snapshot_pending"):
+                    conn.execute(f"UPDATE {S}.{table} SET scope = %s WHERE scope = %s", (scope, source))
+        finally:
+            conn.execute("SELECT pg_advisory_unlock(hashtext(%s))", (f"pushsync.state:{source}",))
+    except psycopg.Error as exc:
+        raise StateError(f"{where}: {safe_message(exc)}") from None
+
+
 def account_job(job: Job, conn: psycopg.Connection[Any]) -> Job:
     """``job`` with a destination whose :func:`state_scope` is the one its state is kept under in the database.
 
@@ -621,6 +663,10 @@ def plan_snapshot(
     reader = PgLedger(url, conn)
     row = conn.execute(f"SELECT full_refresh, origin FROM {S}.runs WHERE run_id = %s", (run_id,)).fetchone()
     full_refresh, origin = (bool(row[0]), row[1]) if row else (False, None)
+    if not full_refresh and not any(store.exists(s) for s in job.sources if s.kind is SourceKind.USERS):
+        others = other_account_scopes(job, conn)
+        if others:
+            raise another_accounts_state(others, job.destination, job.path)
     with tempfile.TemporaryDirectory(prefix=".pushsync-delta-", dir=job.workdir) as tmp:
         directory = Path(tmp) / run_id
         with store.lock():

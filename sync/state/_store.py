@@ -566,6 +566,33 @@ def state_directory(workdir: Path, destination: Destination) -> Path:
     return here
 
 
+def other_accounts(workdir: Path, destination: Destination) -> list[str]:
+    """The destination keys of the other accounts at ``destination``'s platform and base URL whose snapshot state
+    the workdir holds (a directory with a base file), sorted."""
+    root = Path(workdir) / "state"
+    if not root.is_dir():
+        return []
+    here = destination.key
+    return sorted(
+        p.name
+        for p in root.glob(f"{destination.url_key}-*")
+        if p.name != here and p.is_dir() and any(p.glob("*.parquet"))
+    )
+
+
+def another_accounts_state(others: Sequence[str], destination: Destination, job_path: object) -> StateError:
+    """The refusal of a snapshot run whose account has no state while another account's at the same base URL
+    has: a rotated key (the same app: the state is to be kept) cannot be told from another app's key (test
+    app, then live app: every user is to be sent), and guessing wrong either sends nothing to an app that has
+    nothing, or sends everything again (``push`` attributes appended twice)."""
+    return StateError(
+        f"no snapshot state of the account this job's key names ({destination.key}), but one of another "
+        f"account at the same base URL ({', '.join(others)}): if the key was rotated (the same app), "
+        f"`pushsync state rekey {job_path}` keeps that state (nothing is sent again); if it is another app, "
+        "`pushsync run --full-refresh` sends it every user and starts its own state; nothing was sent"
+    )
+
+
 class StateStore:
     """The confirmed state of one job for one destination, and the pending deltas of its runs.
 
