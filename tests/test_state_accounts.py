@@ -192,6 +192,9 @@ async def test_after_a_key_rotation_state_rekey_keeps_the_state_and_nothing_is_s
             await run(job, RunOptions(api_key=new_key))
 
         monkeypatch.setenv("NETMERA_API_KEY", new_key)
+        assert main(["plan", str(job_file), "--output", "json"]) == 0  # plan says what run will ask
+        (note,) = [n for n in json.loads(capsys.readouterr().out)["notes"] if "state rekey" in n]
+        assert "`pushsync run` will refuse" in note and new_key not in note
         assert main(["state", "rekey", str(job_file)]) == 0
         out = capsys.readouterr().out
         old, new = (job.destination.for_account(k).key for k in (old_key, new_key))

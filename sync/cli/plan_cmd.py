@@ -270,6 +270,7 @@ def _plan_interruptible(args: argparse.Namespace) -> int:
     count = job.mode is not SyncMode.SNAPSHOT and not overlaps
     with build_plan(job, rejects_path=args.rejects, limit=args.limit, count=count) as plan:
         diff = None
+        account_notes: list[str] = []
         if job.mode is SyncMode.SNAPSHOT:
             # Snapshot jobs send the difference from the confirmed state: show that (docs/sync.md).
             from sync.cli._ledgers import database_url
@@ -279,6 +280,7 @@ def _plan_interruptible(args: argparse.Namespace) -> int:
             # The state is per account: the one the job's secret names, when it can be read (plan needs none).
             job = dataclasses.replace(job, destination=job.destination.for_readable_account())
             with contextlib.ExitStack() as stack:
+                conn = None
                 if url is None:
                     store = StateStore(job.workdir, job.destination)
                 else:
@@ -287,7 +289,9 @@ def _plan_interruptible(args: argparse.Namespace) -> int:
                     from sync.coordination.snapshot import pg_state_store
 
                     ledger = stack.enter_context(PgLedger.open(url))
-                    store = pg_state_store(job, ledger._conn, url)
+                    conn = ledger._conn
+                    store = pg_state_store(job, conn, url)
+                account_notes = _account_notes(job, store, conn, args.full_refresh)
                 diff, summary, refused = preview(
                     store, plan, job.snapshot, full_refresh=args.full_refresh, assumed_latency=args.latency
                 )
@@ -300,17 +304,46 @@ def _plan_interruptible(args: argparse.Namespace) -> int:
                     doc["sources"][staged.source.name]["database"] = staged.files[0]
             doc["rejected_sample"] = _rejects_sample(plan)
             doc["budget_groups"] = _group_estimates(job, summary)
-            doc["notes"] = _notes(job, args.limit) + (deletion_notes(plan.staged) if overlaps else [])
+            doc["notes"] = (
+                _notes(job, args.limit) + (deletion_notes(plan.staged) if overlaps else []) + account_notes
+            )
             if diff is not None:
                 doc["mode"] = "snapshot"
                 doc["diff"] = {**diff.to_json(), "removals_refused_sources": list(refused)}
             print(json.dumps(doc, indent=2, ensure_ascii=False))
         else:
-            notes = _notes(job, args.limit) + (deletion_notes(plan.staged) if overlaps else [])
+            notes = (
+                _notes(job, args.limit) + (deletion_notes(plan.staged) if overlaps else []) + account_notes
+            )
             _print_plan(job, plan, summary, sys.stdout, notes)
             if diff is not None:
                 _print_diff(job, diff, refused, sys.stdout)
     return int(ExitCode.OK)
+
+
+def _account_notes(job: Job, store: Any, conn: Any, full_refresh: bool) -> list[str]:
+    """What ``run`` will ask (sync.state._store.another_accounts_state) when the job's account has no snapshot state
+    but another account's at the same base URL has one; nothing when the key could not be read."""
+    from sync.config import SourceKind
+
+    users = [s for s in job.sources if s.kind is SourceKind.USERS]
+    if job.destination.account is None or full_refresh or any(store.exists(s) for s in users):
+        return []
+    if conn is None:
+        from sync.state._store import other_accounts
+
+        others = other_accounts(job.workdir, job.destination)
+    else:  # a coordinated job's state, in the coordination database
+        from sync.coordination.snapshot import other_account_scopes
+
+        others = other_account_scopes(job, conn)
+    if not others:
+        return []
+    return [
+        f"no snapshot state of the account this job's key names, but one of another account at the same base "
+        f"URL ({', '.join(others)}): `pushsync run` will refuse — after a key rotation `pushsync state rekey "
+        f"{job.path}` keeps that state; for another app `--full-refresh` sends it every user"
+    ]
 
 
 def _print_diff(job: Job, d: Any, refused: tuple[str, ...], out: TextIO) -> None:
