@@ -196,6 +196,66 @@ async def test_wrong_base_url_is_fatal(fof_sandbox: RunningFormsOnFire) -> None:
     assert info.value.status == 404
 
 
+async def test_an_error_in_a_200_is_found_in_camel_case_after_a_bom_or_at_the_xml_root(
+    unused_tcp_port: int,
+) -> None:
+    """A small server answering 200 with an error in shapes the sandbox does not use: ServiceStack on .NET Core
+    writes JSON in camelCase, .NET's UTF-8 writers may put a byte order mark before the XML, and an XML body may
+    carry the error at its root as JSON bodies do. Each was read as no error: the push counted as sent."""
+    from aiohttp import web
+
+    answers = {
+        "camel": (b'{"responseStatus":{"errorCode":"UserNotFound","message":"no such user"}}', "json"),
+        "camel-top": (b'{"errorCode":"UserNotFound","message":"no such user"}', "json"),
+        "camel-success": (b'{"success":false,"message":"no such user"}', "json"),
+        "bom": (
+            b"\xef\xbb\xbf<PushResponse><ResponseStatus><ErrorCode>UserNotFound</ErrorCode>"
+            b"<Message>no such user</Message></ResponseStatus></PushResponse>",
+            "xml",
+        ),
+        "xml-top": (
+            b"<PushResponse><ErrorCode>UserNotFound</ErrorCode><Message>no such user</Message></PushResponse>",
+            "xml",
+        ),
+        "xml-success": (
+            b"<PushResponse><Success>false</Success><Message>no such user</Message></PushResponse>",
+            "xml",
+        ),
+        "camel-key": (b'{"responseStatus":{"errorCode":"Unauthorized","message":"bad key"}}', "json"),
+    }
+
+    async def answer(request: web.Request) -> web.Response:
+        user = json.loads(await request.read())["UserExternalId"]
+        body, fmt = answers[user]
+        return web.Response(body=body, content_type=f"application/{fmt}")
+
+    app = web.Application()
+    app.router.add_post("/api/v2/push", answer)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", unused_tcp_port).start()
+    destination = Destination(
+        "formsonfire", f"http://127.0.0.1:{unused_tcp_port}/api/v2/", extra={"company_id": str(FOF_COMPANY)}
+    )
+    try:
+        for user in ("camel", "camel-top", "bom", "xml-top"):
+            async with FormsOnFireClient(destination, FOF_KEY, timeout=5) as client:
+                with pytest.raises(RejectedBatchError) as refused:
+                    await client.send(push(user))
+            assert (refused.value.code, refused.value.message) == ("UserNotFound", "no such user"), user
+        for user in ("camel-success", "xml-success"):
+            async with FormsOnFireClient(destination, FOF_KEY, timeout=5) as client:
+                with pytest.raises(RejectedBatchError) as refused:
+                    await client.send(push(user))
+            assert (refused.value.code, refused.value.message) == ("Error", "no such user"), user
+        async with FormsOnFireClient(destination, FOF_KEY, timeout=5) as client:
+            with pytest.raises(FatalPlatformError) as fatal:
+                await client.send(push("camel-key"))
+        assert fatal.value.code == "Unauthorized" and FOF_KEY not in str(fatal.value)
+    finally:
+        await runner.cleanup()
+
+
 # --- the example job end to end -----------------------------------------------------------------------------
 
 EXAMPLE_JOB = Path(__file__).resolve().parents[2] / "jobs" / "formsonfire.yaml"

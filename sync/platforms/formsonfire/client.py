@@ -57,18 +57,31 @@ def _local(tag: str) -> str:
     return tag.rsplit("}", 1)[-1]
 
 
+_BOM = b"\xef\xbb\xbf"
+"""A UTF-8 byte order mark: .NET's UTF-8 writers may put one before an answer (before the ``<`` or ``{``)."""
+
+
+def _member(body: dict[str, Any], name: str) -> Any:
+    """``body[name]`` by its PascalCase name or its camelCase one: ServiceStack on .NET Core writes JSON in
+    camelCase (``responseStatus.errorCode``) by default, on .NET Framework in PascalCase."""
+    value = body.get(name)
+    return body.get(name[:1].lower() + name[1:]) if value is None else value
+
+
 def _json_error(body: Any) -> tuple[str, str] | None:
     if not isinstance(body, dict):
         return None
-    status = body.get("ResponseStatus") or body.get("responseStatus")
-    if isinstance(status, dict) and status.get("ErrorCode"):
-        return str(status["ErrorCode"]), str(status.get("Message") or status["ErrorCode"])
-    if body.get("ErrorCode"):
-        return str(body["ErrorCode"]), str(body.get("Message") or body.get("Error") or body["ErrorCode"])
-    if body.get("Error"):
-        return "Error", str(body["Error"])
-    if body.get("Success") is False:
-        return "Error", str(body.get("Message") or "the platform reported a failure")
+    status = _member(body, "ResponseStatus")
+    if isinstance(status, dict) and _member(status, "ErrorCode"):
+        code = str(_member(status, "ErrorCode"))
+        return code, str(_member(status, "Message") or code)
+    if _member(body, "ErrorCode"):
+        code = str(_member(body, "ErrorCode"))
+        return code, str(_member(body, "Message") or _member(body, "Error") or code)
+    if _member(body, "Error"):
+        return "Error", str(_member(body, "Error"))
+    if _member(body, "Success") is False:
+        return "Error", str(_member(body, "Message") or "the platform reported a failure")
     return None
 
 
@@ -78,16 +91,25 @@ def _xml_error(raw: bytes) -> tuple[str, str] | None:
     except ET.ParseError:
         return None
     for element in root.iter():
-        if _local(element.tag) == "ResponseStatus":
-            fields = {_local(child.tag): (child.text or "").strip() for child in element}
-            if fields.get("ErrorCode"):
-                return fields["ErrorCode"], fields.get("Message") or fields["ErrorCode"]
+        if _local(element.tag).lower() == "responsestatus":
+            fields = {_local(child.tag).lower(): (child.text or "").strip() for child in element}
+            if fields.get("errorcode"):
+                return fields["errorcode"], fields.get("message") or fields["errorcode"]
+    # The same top-level members as in JSON: the error body's shape is not documented [I].
+    top = {_local(child.tag).lower(): (child.text or "").strip() for child in root}
+    if top.get("errorcode"):
+        return top["errorcode"], top.get("message") or top.get("error") or top["errorcode"]
+    if top.get("error"):
+        return "Error", top["error"]
+    if top.get("success") == "false":
+        return "Error", top.get("message") or "the platform reported a failure"
     return None
 
 
 def error_in_body(raw: bytes) -> tuple[str, str] | None:
-    """``(code, message)`` of an error reported inside an answer (JSON or XML), or None when there is none."""
-    text = raw.lstrip()
+    """``(code, message)`` of an error reported inside an answer (JSON or XML, PascalCase or camelCase
+    members, a byte order mark or not), or None when there is none."""
+    text = raw.removeprefix(_BOM).lstrip()
     if not text:
         return None
     if text[:1] == b"<":
@@ -99,7 +121,7 @@ def error_in_body(raw: bytes) -> tuple[str, str] | None:
 
 
 def _parsed(raw: bytes) -> Any:
-    text = raw.lstrip()
+    text = raw.removeprefix(_BOM).lstrip()
     if text[:1] in (b"{", b"["):
         try:
             return json.loads(text)
