@@ -425,3 +425,37 @@ sources:
     (problem,) = info.value.problems
     assert problem.location == f"destination.extra.{setting.split(':')[0]}"
     assert message in problem.message
+
+
+@pytest.mark.parametrize(
+    ("setting", "message"),
+    [
+        # str.isdigit() took "²" and int() then raised: validate printed a traceback (exit 5), not the problem
+        ('expiry_secs: "²"', "must be a whole number of seconds"),
+        # passed validation, then the client's int() raised when the run started
+        ('fatal_after: "³"', "must be a whole number"),
+    ],
+)
+def test_a_number_setting_with_a_digit_int_cannot_read_is_a_job_problem_not_a_crash(
+    tmp_path: Path, setting: str, message: str
+) -> None:
+    (tmp_path / "p.csv").write_text("id,t\n1,a\n", encoding="utf-8")
+    (tmp_path / "job.yaml").write_text(
+        f"""
+version: 1
+destination:
+  platform: formsonfire
+  base_url: "http://127.0.0.1:1/api/v2/"
+  secret: {{env: X}}
+  extra: {{company_id: "1", {setting}}}
+defaults: {{ext_id: id}}
+sources:
+  - {{name: p, path: p.csv, attributes: {{t: {{attribute: Title}}}}}}
+""",
+        encoding="utf-8",
+    )
+    with pytest.raises(BadJobError) as info:
+        load_job(tmp_path / "job.yaml")
+    (problem,) = info.value.problems
+    assert problem.location == f"destination.extra.{setting.split(':')[0]}"
+    assert message in problem.message

@@ -604,6 +604,8 @@ SETTINGS = (
 _FALSE = frozenset({"false", "0", "no", "n", "off"})
 _XML_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9._-]*")
 """An XML element name without a prefix (ASCII: what a DataContract's name is)."""
+_DIGITS = re.compile(r"[0-9]+")
+"""A whole number as ``int()`` reads it: ASCII digits (``str.isdigit`` also takes ``²``, which ``int()`` refuses)."""
 
 
 def job_problems(sources: Sequence[Source], extra: Mapping[str, str]) -> list[JobProblem]:
@@ -628,7 +630,7 @@ def job_problems(sources: Sequence[Source], extra: Mapping[str, str]) -> list[Jo
         if key in extra and extra[key] not in allowed:
             problems.append(JobProblem(f"destination.extra.{key}", f"must be one of {', '.join(allowed)}"))
     if "expiry_secs" in extra and not (
-        extra["expiry_secs"].isdigit() and int(extra["expiry_secs"]) <= MAX_EXPIRY_SECS
+        _DIGITS.fullmatch(extra["expiry_secs"]) and int(extra["expiry_secs"]) <= MAX_EXPIRY_SECS
     ):
         problems.append(
             JobProblem(
@@ -640,7 +642,7 @@ def job_problems(sources: Sequence[Source], extra: Mapping[str, str]) -> list[Jo
             if key in extra and xml_unsafe(extra[key]) is not None:
                 problems.append(JobProblem(f"destination.extra.{key}", _XML_REASON))
     for key in ("fatal_after",):
-        if key in extra and not extra[key].isdigit():
+        if key in extra and not _DIGITS.fullmatch(extra[key]):
             problems.append(JobProblem(f"destination.extra.{key}", "must be a whole number (0 turns it off)"))
     for i, source in enumerate(sources):
         loc = f"sources[{i}]"
