@@ -541,3 +541,26 @@ async def test_a_base_url_with_credentials_or_not_http_is_refused_without_echoin
     err = capsys.readouterr().err
     assert problem in err and "hunter2" not in err, err
     assert meiro.stats.snapshot()["requests_total"] == 0  # refused before any request
+
+
+@pytest.mark.parametrize(
+    ("option", "value"),
+    [
+        ("--interval", "0"),  # polled without a pause: ~15,000 requests in the 6 s an export ran
+        ("--interval", "-1"),
+        ("--interval", "nan"),  # slept forever after the first poll
+        ("--timeout", "0"),
+        ("--timeout", "nan"),
+        ("--request-timeout", "0"),  # aiohttp reads a time-out of 0 as none: a request could hang forever
+        ("--request-timeout", "inf"),
+    ],
+)
+async def test_a_wait_interval_or_timeout_that_is_not_a_positive_number_is_refused(
+    meiro: MeiroSandbox, tmp_path: Path, option: str, value: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exited:
+        await cli("meiro", "wait", WELCOME, "101", "--workdir", str(tmp_path), f"{option}={value}")
+    assert exited.value.code == 2
+    captured = capsys.readouterr()
+    assert f"{option}: must be a positive number of seconds" in captured.err and captured.out == ""
+    assert not (tmp_path / "ledger.sqlite").exists()  # refused before any run or request
