@@ -309,6 +309,25 @@ async def test_a_bad_job_file_lists_every_problem(tmp_path: Path, capsys: pytest
     assert "hunter2" not in err
 
 
+async def test_a_job_file_with_nan_or_infinite_seconds_lists_them_as_problems(
+    meiro: MeiroSandbox, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # YAML's .nan passed the "positive" check (NaN <= 0 is false): wait.interval .nan slept forever after the
+    # first poll, retry.base_delay .nan made every back-off a NaN sleep.
+    job = tmp_path / "nan.yaml"
+    job.write_text(
+        "platform: meiro\ncredentials: {email_env: MEIRO_EMAIL, password: {env: MEIRO_PASSWORD}}\n"
+        f"base_url: {os.environ['MEIRO_BASE_URL']}\n"
+        "wait: {interval: .nan, max_wait: .inf}\nrequest_timeout: .nan\nretry: {base_delay: .nan}\n"
+        f"exports: [{{notification: {WELCOME}, export: 101}}]\nworkdir: {tmp_path / 'work'}\n"
+    )
+    assert await cli("meiro", "run", str(job)) == 2
+    err = capsys.readouterr().err
+    for where in ("wait.interval", "wait.max_wait", "request_timeout", "retry.base_delay"):
+        assert f"{where}: must be a positive number" in err
+    assert not (tmp_path / "work").exists()
+
+
 def test_sandbox_meiro_runs_as_a_process_and_prints_its_url(tmp_path: Path) -> None:
     env = {**os.environ, "MEIRO_SANDBOX_PASSWORD": "proc-password-1234", "PYTHONUNBUFFERED": "1"}
     seed = str(REPO / "jobs" / "data" / "meiro_sandbox.json")

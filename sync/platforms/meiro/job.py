@@ -24,6 +24,7 @@ Only the CLI reads the environment: :func:`resolve_credentials` is called from i
 
 from __future__ import annotations
 
+import math
 import os
 import re
 from collections.abc import Mapping
@@ -92,7 +93,13 @@ def _number(
     value = raw.get(key)
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, int | float) or (positive and value <= 0):
+    # NaN passed "<= 0" (a wait.interval of .nan slept forever after the first poll), and .inf never ends.
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, int | float)
+        or not math.isfinite(value)
+        or (positive and value <= 0)
+    ):
         problems.append(JobProblem(f"{where}{key}", "must be a positive number"))
         return None
     return value
