@@ -544,3 +544,29 @@ async def test_an_export_whose_polls_keep_failing_is_failed_and_the_others_go_on
     (late,) = await wait_for_exports(client, [ExportRef(NID, 2)], run_id="r", recorder=MemoryRecorder(), **kw)
     assert late.outcome is WaitOutcome.FAILED and "no successful poll within 1.5 s" in late.message
     assert "HTTP 503" in late.message
+
+
+@pytest.mark.parametrize("max_limit", [None, 7])
+async def test_a_notification_restored_from_the_trash_while_paging_skips_no_other(
+    meiro_sandbox_factory: Any, max_limit: int | None
+) -> None:
+    # Restoring one of the first page's notifications (someone in the Meiro UI, or `pushsync meiro restore`)
+    # moved every later one a place up: the next page, at offset 10, began one item late and the item that
+    # moved into place 9 was never listed. Also when Meiro caps the page (7 here) below the 10 asked for.
+    running = await meiro_sandbox_factory(max_limit=max_limit)
+    state = running.sandbox.state
+    for i in range(25):
+        running.clock.advance(1)
+        state.add_notification(f"Trashed {i}", trashed=True)
+    client = running.client()
+    names: list[str] = []
+    listed: list[str] = []
+    async for item in client.iter_trash(page_size=10):
+        names.append(item.name)
+        listed.append(item.id)
+        if len(names) == 3:  # between the first and the second page
+            state.restore(state.notifications[listed[0]])
+        if len(names) == 12:  # and two at once later on
+            state.restore(state.notifications[listed[1]])
+            state.restore(state.notifications[listed[10]])
+    assert names == [f"Trashed {i}" for i in range(24, -1, -1)]  # each once, none skipped

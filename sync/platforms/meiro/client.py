@@ -25,8 +25,9 @@ The token (valid 8 h [D]) is refreshed with ``PATCH users/login`` once less than
 is left, judged on an injectable clock; a refresh refused with 401 falls back to a new login. Neither the
 password nor any token ever appears in a message (both are registered with :mod:`sync.redact`).
 
-Listings (:meth:`MeiroClient.iter_exports`, :meth:`MeiroClient.iter_trash`) page until an empty page: Meiro names
-no largest ``limit``, so a short page may be a capped one rather than the last.
+Listings (:meth:`MeiroClient.iter_exports`, :meth:`MeiroClient.iter_trash`) page until nothing follows: Meiro names
+no largest ``limit``, so a short page may be a capped one rather than the last; each page overlaps the one before
+by an item, so items removed between two requests skip no other (:func:`_unique`).
 """
 
 from __future__ import annotations
@@ -405,24 +406,55 @@ def _int_setting(settings: Mapping[str, Any], name: str, asked: int | None) -> i
 async def _unique(
     page: Callable[[int], Awaitable[Sequence[_T]]], key: Callable[[_T], Hashable]
 ) -> AsyncIterator[_T]:
-    """Every item of a limit/offset listing, each ``key`` once, page by page until an empty page.
+    """Every item of a limit/offset listing, each ``key`` once, page by page.
 
     A page shorter than the ``limit`` asked for does not mean the end: Meiro names no maximum ``limit``, and
     a server that caps it (echoing the cap in ``selection_settings``, or not at all) serves short pages all
-    along. So the next offset is where the last page ended, and it costs one more request to see the end.
-    An item added while we page pushes the others one place down, and the next page would repeat one: keys
-    already yielded are skipped. A page that brings nothing new ends the listing too (a server that ignores
-    ``offset`` would otherwise be paged forever)."""
+    along. So each page starts where the last one ended — one item early, on the last item already listed (the
+    anchor), which tells whether the listing moved between the two requests:
+
+    * the anchor on the new page: nothing was lost. Items added above it since (an export created, a
+      notification trashed) push it down and bring back items already listed: keys already yielded are
+      skipped;
+    * the anchor not on the new page: items above it were removed meanwhile (a notification restored from the
+      trash), everything after moved up, and the items that moved past the offset would be skipped. The
+      listing steps back a page at a time until it finds the anchor again, or starts over at offset 0 (when the
+      anchor itself went);
+    * only the anchor (nothing after it): the end of the listing, one request after the last page.
+
+    A server that ignores ``offset`` answers every request with the first page again: three such answers in a
+    row, with nothing new, end the listing (a listing gaining items at the top exactly as fast as it is paged
+    would look the same, three requests running). A page of one item cannot overlap: the next offset is right
+    after it, and a page of one that brings nothing new ends the listing."""
     offset = 0
+    step = 0  # how far the last forward move went: a step back goes as far
+    anchor: Hashable | None = None
+    first: list[Hashable] | None = None  # the keys of the first page
+    again = 0  # answers in a row that were the first page again, with nothing new
     seen: set[Hashable] = set()
     while True:
         items = await page(offset)
+        keys = [key(item) for item in items]
+        if anchor is not None and offset > 0 and anchor not in keys:
+            offset = max(0, offset - max(step, 1))  # items above the anchor were removed: look further up
+            continue
         fresh = 0
-        for item in items:
-            if key(item) not in seen:
-                seen.add(key(item))
+        for item, item_key in zip(items, keys, strict=True):
+            if item_key not in seen:
+                seen.add(item_key)
                 fresh += 1
                 yield item
-        if not fresh:
+        if not keys or keys == [anchor]:
             return
-        offset += len(items)
+        if first is None:
+            first = keys
+        again = again + 1 if offset > 0 and not fresh and keys == first else 0
+        if again >= 3:
+            return
+        if len(keys) >= 2:
+            anchor, step = keys[-1], len(keys) - 1
+        elif fresh:
+            anchor, step = None, 1
+        else:
+            return
+        offset += step
