@@ -402,6 +402,23 @@ async def test_all_pages_of_a_server_that_caps_limit(
     )
 
 
+async def test_all_from_an_offset_starts_there(
+    meiro_factory: StartMeiro, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # --all ignored --offset without a word: every export (and the whole trash) was listed from the start.
+    meiro = await meiro_factory(max_limit=4)
+    for i in range(10):
+        meiro.state.add_export(TEASER, total=i, created_at=2_000_000_000 + i)
+    assert await cli("meiro", "exports", TEASER, "--all", "--output", "json") == 0
+    newest_first = [e["id"] for e in json.loads(capsys.readouterr().out)]
+    assert await cli("meiro", "exports", TEASER, "--all", "--offset", "3", "--output", "json") == 0
+    assert [e["id"] for e in json.loads(capsys.readouterr().out)] == newest_first[3:]
+    assert await cli("meiro", "trash", "--all", "--offset", "1", "--output", "json") == 0
+    assert [n["name"] for n in json.loads(capsys.readouterr().out)] == ["Old summer sale"]
+    assert await cli("meiro", "trash", "--all", "--offset", "2") == 0
+    assert capsys.readouterr().out == "no trashed push notification at offset 2\n"
+
+
 async def test_a_run_against_an_unreachable_meiro_exits_3(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -88,7 +88,7 @@ def register(subparsers: Any) -> None:
     exports.add_argument("notification", metavar="NOTIFICATION")
     exports.add_argument("--limit", type=_page_size, help="exports per page (Meiro's default: 20)")
     exports.add_argument("--offset", type=_count, help="skip this many (newest first)")
-    exports.add_argument("--all", action="store_true", help="every export, page by page")
+    exports.add_argument("--all", action="store_true", help="every export (from --offset on), page by page")
     exports.set_defaults(func=_sync(_exports))
 
     wait = commands.add_parser(
@@ -112,7 +112,7 @@ def register(subparsers: Any) -> None:
     trash.add_argument("--search", help="only names containing this text (searched_text)")
     trash.add_argument("--limit", type=_page_size)
     trash.add_argument("--offset", type=_count)
-    trash.add_argument("--all", action="store_true", help="every match, page by page")
+    trash.add_argument("--all", action="store_true", help="every match (from --offset on), page by page")
     trash.set_defaults(func=_sync(_trash))
 
     restore = commands.add_parser(
@@ -210,7 +210,12 @@ def _note_capped(asked: int | None, served: int | None, count: int) -> None:
 async def _exports(args: argparse.Namespace) -> int:
     async with _client(args) as client:
         if args.all:
-            items = [e async for e in client.iter_exports(args.notification, page_size=args.limit or 20)]
+            items = [
+                e
+                async for e in client.iter_exports(
+                    args.notification, page_size=args.limit or 20, offset=args.offset or 0
+                )
+            ]
         else:
             page = await client.list_exports(args.notification, limit=args.limit, offset=args.offset)
             items = list(page.exports)
@@ -334,7 +339,10 @@ async def _trash(args: argparse.Namespace) -> int:
     async with _client(args) as client:
         if args.all:
             items = [
-                n async for n in client.iter_trash(searched_text=args.search, page_size=args.limit or 20)
+                n
+                async for n in client.iter_trash(
+                    searched_text=args.search, page_size=args.limit or 20, offset=args.offset or 0
+                )
             ]
         else:
             page = await client.list_trash(limit=args.limit, offset=args.offset, searched_text=args.search)
@@ -344,7 +352,7 @@ async def _trash(args: argparse.Namespace) -> int:
         text = "\n".join(f"{n.id}  {n.modified or '-':<20}  {n.name}" for n in items)
     elif args.search:
         text = f"no trashed push notification matches {args.search!r}"
-    elif args.offset and not args.all:
+    elif args.offset:
         text = f"no trashed push notification at offset {args.offset}"
     else:
         text = "the trash is empty"

@@ -260,8 +260,10 @@ class MeiroClient(HttpClient):
             offset=_int_setting(settings, "offset", offset),
         )
 
-    async def iter_exports(self, notification_id: str, *, page_size: int = 20) -> AsyncIterator[Export]:
-        """Every export, newest first, page by page (limit/offset) until an empty page.
+    async def iter_exports(
+        self, notification_id: str, *, page_size: int = 20, offset: int = 0
+    ) -> AsyncIterator[Export]:
+        """Every export from ``offset`` on (0: all), newest first, page by page (limit/offset) until the end.
 
         ``page_size`` is the ``limit`` asked for; a server may serve fewer per page (Meiro names no maximum),
         so the next offset is where the last page ended and only an empty page ends the listing. An export
@@ -271,7 +273,7 @@ class MeiroClient(HttpClient):
         async def page(offset: int) -> Sequence[Export]:
             return (await self.list_exports(notification_id, limit=page_size, offset=offset)).exports
 
-        async for export in _unique(page, lambda export: export.id):
+        async for export in _unique(page, lambda export: export.id, start=offset):
             yield export
 
     def _export_path(self, notification_id: str, export_id: int) -> str:
@@ -352,15 +354,15 @@ class MeiroClient(HttpClient):
         )
 
     async def iter_trash(
-        self, *, searched_text: str | None = None, page_size: int = 20
+        self, *, searched_text: str | None = None, page_size: int = 20, offset: int = 0
     ) -> AsyncIterator[TrashedNotification]:
-        """Every trashed push notification (matching ``searched_text``), page by page until an empty page
-        (as :meth:`iter_exports`); repeats (the trash changing while we page) are skipped by ID."""
+        """Every trashed push notification (matching ``searched_text``) from ``offset`` on, page by page until
+        the end (as :meth:`iter_exports`); repeats (the trash changing while we page) are skipped by ID."""
 
         async def page(offset: int) -> Sequence[TrashedNotification]:
             return (await self.list_trash(limit=page_size, offset=offset, searched_text=searched_text)).items
 
-        async for item in _unique(page, lambda item: item.id):
+        async for item in _unique(page, lambda item: item.id, start=offset):
             yield item
 
     async def restore(self, notification_id: str) -> TrashedNotification:
@@ -404,9 +406,9 @@ def _int_setting(settings: Mapping[str, Any], name: str, asked: int | None) -> i
 
 
 async def _unique(
-    page: Callable[[int], Awaitable[Sequence[_T]]], key: Callable[[_T], Hashable]
+    page: Callable[[int], Awaitable[Sequence[_T]]], key: Callable[[_T], Hashable], *, start: int = 0
 ) -> AsyncIterator[_T]:
-    """Every item of a limit/offset listing, each ``key`` once, page by page.
+    """Every item of a limit/offset listing from offset ``start`` on, each ``key`` once, page by page.
 
     A page shorter than the ``limit`` asked for does not mean the end: Meiro names no maximum ``limit``, and
     a server that caps it (echoing the cap in ``selection_settings``, or not at all) serves short pages all
@@ -418,15 +420,15 @@ async def _unique(
       skipped;
     * the anchor not on the new page: items above it were removed meanwhile (a notification restored from the
       trash), everything after moved up, and the items that moved past the offset would be skipped. The
-      listing steps back a page at a time until it finds the anchor again, or starts over at offset 0 (when the
-      anchor itself went);
+      listing steps back a page at a time until it finds the anchor again, or starts over at ``start`` (when
+      the anchor itself went);
     * only the anchor (nothing after it): the end of the listing, one request after the last page.
 
     A server that ignores ``offset`` answers every request with the first page again: three such answers in a
     row, with nothing new, end the listing (a listing gaining items at the top exactly as fast as it is paged
     would look the same, three requests running). A page of one item cannot overlap: the next offset is right
     after it, and a page of one that brings nothing new ends the listing."""
-    offset = 0
+    offset = start
     step = 0  # how far the last forward move went: a step back goes as far
     anchor: Hashable | None = None
     first: list[Hashable] | None = None  # the keys of the first page
@@ -435,8 +437,8 @@ async def _unique(
     while True:
         items = await page(offset)
         keys = [key(item) for item in items]
-        if anchor is not None and offset > 0 and anchor not in keys:
-            offset = max(0, offset - max(step, 1))  # items above the anchor were removed: look further up
+        if anchor is not None and offset > start and anchor not in keys:
+            offset = max(start, offset - max(step, 1))  # items above the anchor were removed: look further up
             continue
         fresh = 0
         for item, item_key in zip(items, keys, strict=True):
@@ -448,7 +450,7 @@ async def _unique(
             return
         if first is None:
             first = keys
-        again = again + 1 if offset > 0 and not fresh and keys == first else 0
+        again = again + 1 if offset > start and not fresh and keys == first else 0
         if again >= 3:
             return
         if len(keys) >= 2:
