@@ -459,3 +459,29 @@ sources:
     (problem,) = info.value.problems
     assert problem.location == f"destination.extra.{setting.split(':')[0]}"
     assert message in problem.message
+
+
+def test_a_company_id_beyond_an_integer_is_refused_at_load(tmp_path: Path) -> None:
+    # A typo (one digit too many) went out with every push: the platform cannot read CompanyId beyond an
+    # Integer (the sandbox: 400 SerializationException), so each push was recorded as refused until fatal_after
+    # stopped the run blaming the IntegrationKey.
+    (tmp_path / "p.csv").write_text("id,t\n1,a\n", encoding="utf-8")
+    (tmp_path / "job.yaml").write_text(
+        """
+version: 1
+destination:
+  platform: formsonfire
+  base_url: "http://127.0.0.1:1/api/v2/"
+  secret: {env: X}
+  extra: {company_id: "21474836470"}
+defaults: {ext_id: id}
+sources:
+  - {name: p, path: p.csv, attributes: {t: {attribute: Title}}}
+""",
+        encoding="utf-8",
+    )
+    with pytest.raises(BadJobError) as info:
+        load_job(tmp_path / "job.yaml")
+    (problem,) = info.value.problems
+    assert problem.location == "destination.extra.company_id"
+    assert "21474836470 is out of its range (up to 2147483647)" in problem.message

@@ -619,9 +619,19 @@ def job_problems(sources: Sequence[Source], extra: Mapping[str, str]) -> list[Jo
             JobProblem("destination.extra.xml_root", "must be an XML element name (e.g. PushRequest)")
         )
     try:
-        int(extra.get("company_id", ""))
+        company = int(extra.get("company_id", ""))
     except ValueError:
         problems.append(JobProblem("destination.extra.company_id", "the CompanyId (an integer) is required"))
+    else:
+        # An Integer like ExpirySecs: the platform cannot read a larger one (400 for every push, each recorded
+        # as refused, until fatal_after blamed the key).
+        if not -MAX_EXPIRY_SECS - 1 <= company <= MAX_EXPIRY_SECS:
+            problems.append(
+                JobProblem(
+                    "destination.extra.company_id",
+                    f"the CompanyId is an Integer: {company} is out of its range (up to {MAX_EXPIRY_SECS})",
+                )
+            )
     for key, allowed in (
         ("body_format", [f.value for f in BodyFormat]),
         ("response_format", [f.value for f in BodyFormat]),
