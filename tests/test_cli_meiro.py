@@ -328,6 +328,25 @@ async def test_a_job_file_with_nan_or_infinite_seconds_lists_them_as_problems(
     assert not (tmp_path / "work").exists()
 
 
+async def test_an_export_listed_twice_in_a_job_is_a_problem(
+    meiro: MeiroSandbox, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # It was waited for twice at once, recorded twice and counted twice: "2 of 2 exports finished".
+    job = tmp_path / "twice.yaml"
+    job.write_text(
+        "platform: meiro\ncredentials: {email_env: MEIRO_EMAIL, password: {env: MEIRO_PASSWORD}}\n"
+        f"base_url: {os.environ['MEIRO_BASE_URL']}\nworkdir: {tmp_path / 'work'}\nexports:\n"
+        f"  - {{notification: {WELCOME}, export: 101}}\n  - {{notification: {TEASER}, latest: true}}\n"
+        f"  - {{notification: {WELCOME}, export: 101}}\n  - {{notification: {TEASER}, latest: true}}\n"
+        f"  - {{notification: {WELCOME}, export: 100}}\n"
+    )
+    assert await cli("meiro", "run", str(job)) == 2
+    err = capsys.readouterr().err
+    assert "exports[2]: the same as exports[0]: list each export once" in err
+    assert "exports[3]: the same as exports[1]" in err and "exports[4]" not in err
+    assert not (tmp_path / "work").exists()
+
+
 def test_sandbox_meiro_runs_as_a_process_and_prints_its_url(tmp_path: Path) -> None:
     env = {**os.environ, "MEIRO_SANDBOX_PASSWORD": "proc-password-1234", "PYTHONUNBUFFERED": "1"}
     seed = str(REPO / "jobs" / "data" / "meiro_sandbox.json")

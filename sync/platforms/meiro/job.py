@@ -204,6 +204,7 @@ def load_meiro_job(path: str | Path) -> MeiroJob:
             retry = RetryPolicy(**kwargs)
 
     refs: list[ExportRef] = []
+    listed: dict[ExportRef, int] = {}  # each export (or notification's newest) → its first entry
     exports = raw.get("exports")
     if not isinstance(exports, list) or not exports:
         problems.append(JobProblem("exports", "list the exports to wait for"))
@@ -226,7 +227,13 @@ def load_meiro_job(path: str | Path) -> MeiroJob:
         if export is not None and (isinstance(export, bool) or not isinstance(export, int) or export < 0):
             problems.append(JobProblem(f"{where}.export", "an export ID (a non-negative integer)"))
             continue
-        refs.append(ExportRef(str(notification), export))
+        ref = ExportRef(str(notification), export)
+        if ref in listed:
+            # Waited for twice at once and counted twice in the summary ("2 of 2 exports finished").
+            problems.append(JobProblem(where, f"the same as exports[{listed[ref]}]: list each export once"))
+            continue
+        listed[ref] = i
+        refs.append(ref)
     if problems:
         raise BadJobError(str(job_path), problems)
     base = job_path.resolve().parent
