@@ -297,6 +297,19 @@ async def test_a_run_refused_by_meiro_is_recorded_as_aborted(
     assert "wrong-password-for-the-job" not in (run.message or "") and _ledger_waits(tmp_path / "work") == []
 
 
+async def test_a_run_whose_login_is_refused_by_a_wrong_base_url_is_aborted(
+    meiro: MeiroSandbox, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # base_url without its /api/: the login answered 404, and each export was recorded as failed ("could not
+    # be waited for"), exit 1, as if Meiro had refused each of them.
+    job = _example_job(tmp_path, (meiro.url or "").removesuffix("api/"), wait={"interval": 0.01})
+    assert await cli("meiro", "run", str(job)) == 3
+    assert "HTTP 404" in capsys.readouterr().err
+    (run,) = _ledger_runs(tmp_path / "work")
+    assert (run.status, run.exit_code) == ("aborted", 3) and "users/login" in (run.message or "")
+    assert _ledger_waits(tmp_path / "work") == []
+
+
 async def test_a_bad_job_file_lists_every_problem(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     job = tmp_path / "bad.yaml"
     job.write_text(
