@@ -304,7 +304,9 @@ async def test_a_run_whose_login_is_refused_by_a_wrong_base_url_is_aborted(
     # be waited for"), exit 1, as if Meiro had refused each of them.
     job = _example_job(tmp_path, (meiro.url or "").removesuffix("api/"), wait={"interval": 0.01})
     assert await cli("meiro", "run", str(job)) == 3
-    assert "HTTP 404" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    # the job file's setting, not the one-off commands' option (it said "check --base-url")
+    assert "HTTP 404" in err and f"(check base_url in {job})" in err and "--base-url" not in err
     (run,) = _ledger_runs(tmp_path / "work")
     assert (run.status, run.exit_code) == ("aborted", 3) and "users/login" in (run.message or "")
     assert _ledger_waits(tmp_path / "work") == []

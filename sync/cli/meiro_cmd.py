@@ -382,7 +382,11 @@ async def _run_job(args: argparse.Namespace) -> int:
 
         async def body() -> tuple[int, dict[str, Any], str]:
             client = MeiroClient(
-                job.base_url, credentials, timeout=job.request_timeout, verify_tls=job.verify_tls
+                job.base_url,
+                credentials,
+                timeout=job.request_timeout,
+                verify_tls=job.verify_tls,
+                base_url_hint=f"check base_url in {args.job}",
             )
             async with client:
                 waits = await wait_for_exports(

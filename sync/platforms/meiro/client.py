@@ -118,6 +118,7 @@ class MeiroClient(HttpClient):
         clock: Callable[[], float] = time.time,
         token_ttl: float = TOKEN_TTL,
         refresh_margin: float = 900.0,
+        base_url_hint: str = "check --base-url",
     ) -> None:
         self._session = HttpSession(
             base_url,
@@ -126,6 +127,10 @@ class MeiroClient(HttpClient):
             verify_tls=verify_tls,
         )
         self._credentials = credentials
+        # What a refusal blaming the base URL (a 404 of the API, a redirect) tells to check: the option of the
+        # one-off commands, or the job file's base_url for `meiro run`.
+        self._answers = replace(_ANSWERS, base_url_hint=base_url_hint)
+        self._login_answers = replace(_LOGIN_ANSWERS, base_url_hint=base_url_hint)
         self._clock = clock
         self._token_ttl = token_ttl
         self._refresh_margin = min(refresh_margin, token_ttl / 2)
@@ -150,7 +155,7 @@ class MeiroClient(HttpClient):
     async def _login(self) -> None:
         body = {"email": self._credentials.email, "password": self._credentials.password}
         answer = await self._session.request("POST", "users/login", endpoint="login", json_body=body)
-        self._accept_token(self._checked(answer, answers=_LOGIN_ANSWERS), answer.what)
+        self._accept_token(self._checked(answer, answers=self._login_answers), answer.what)
         self.logins += 1
 
     async def refresh(self) -> None:
@@ -217,9 +222,8 @@ class MeiroClient(HttpClient):
                     self._token = None
         raise AssertionError("unreachable")
 
-    @staticmethod
     def _checked(
-        answer: HttpAnswer, *, not_found: str | None = None, answers: AnswerPolicy = _ANSWERS
+        self, answer: HttpAnswer, *, not_found: str | None = None, answers: AnswerPolicy | None = None
     ) -> Any:
         """The parsed body of a 2xx; otherwise the error the status calls for (see the module docstring).
 
@@ -229,7 +233,7 @@ class MeiroClient(HttpClient):
             return answer.expect_json()
         if answer.status == 404 and not_found:
             raise FatalPlatformError(f"{not_found}: {_read_error(answer.raw, 404).message}", status=404)
-        raise answers.error(answer)
+        raise (answers or self._answers).error(answer)
 
     async def _page(
         self, path: str, endpoint: str, key: str, params: Mapping[str, str], *, not_found: str | None = None
@@ -298,7 +302,7 @@ class MeiroClient(HttpClient):
         2xx that answers the export ``finished`` or ``error`` (the cancel changed nothing)."""
         answer = await self._call("DELETE", self._export_path(notification_id, export_id), "cancelExport")
         if not answer.ok and answer.status != 404:
-            refusal = _ANSWERS.error(answer)
+            refusal = self._answers.error(answer)
             if isinstance(refusal, RejectedBatchError):
                 raise await self._cancel_refused(notification_id, export_id, refusal, answer)
         body = self._checked(
