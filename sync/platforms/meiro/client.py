@@ -236,16 +236,30 @@ class MeiroClient(HttpClient):
         raise (answers or self._answers).error(answer)
 
     async def _page(
-        self, path: str, endpoint: str, key: str, params: Mapping[str, str], *, not_found: str | None = None
-    ) -> tuple[list[Mapping[str, Any]], Mapping[str, Any]]:
-        """One listing page: the items under ``key`` and Meiro's ``selection_settings``."""
+        self,
+        path: str,
+        endpoint: str,
+        key: str,
+        params: Mapping[str, str],
+        parse: Callable[[Mapping[str, Any]], _T],
+        *,
+        not_found: str | None = None,
+    ) -> tuple[tuple[_T, ...], Mapping[str, Any]]:
+        """One listing page: the items under ``key``, each parsed, and Meiro's ``selection_settings``."""
         answer = await self._call("GET", path, endpoint, params=params)
         body = self._checked(answer, not_found=not_found)
         items = body.get(key) if isinstance(body, Mapping) else None
         if not isinstance(items, list):
             raise RetryableError(f"{answer.what}: the answer holds no {key} list", status=answer.status)
         settings = body.get("selection_settings") or {}
-        return [item for item in items if isinstance(item, Mapping)], settings
+        try:
+            parsed = tuple(parse(item) for item in items if isinstance(item, Mapping))
+        except ValueError as exc:
+            # An item we cannot read (an export status the document does not list...) is an answer we cannot
+            # use, as for a single export: it escaped as a ValueError, a traceback (and `meiro run` crashed,
+            # leaving its run "running").
+            raise RetryableError(f"{answer.what}: {bounded(str(exc))}", status=answer.status) from exc
+        return parsed, settings
 
     async def list_exports(
         self, notification_id: str, *, limit: int | None = None, offset: int | None = None
@@ -256,10 +270,11 @@ class MeiroClient(HttpClient):
             "listExports",
             "push_notification_exports",
             _params(limit=limit, offset=offset),
+            Export.from_api,
             not_found=f"push notification {notification_id} was not found",
         )
         return ExportPage(
-            exports=tuple(Export.from_api(item) for item in items),
+            exports=items,
             limit=_int_setting(settings, "limit", limit),
             offset=_int_setting(settings, "offset", offset),
         )
@@ -349,9 +364,10 @@ class MeiroClient(HttpClient):
             "listTrash",
             "trashed_push_notifications",
             _params(limit=limit, offset=offset, searched_text=searched_text),
+            TrashedNotification.from_api,
         )
         return TrashPage(
-            items=tuple(TrashedNotification.from_api(item) for item in items),
+            items=items,
             limit=_int_setting(settings, "limit", limit),
             offset=_int_setting(settings, "offset", offset),
             searched_text=settings.get("searched_text", searched_text),
