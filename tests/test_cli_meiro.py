@@ -577,6 +577,25 @@ async def test_trash_says_when_nothing_matches_and_shows_every_field(
     assert "no trashed push notification matches 'spring'" in capsys.readouterr().out
 
 
+async def test_names_typed_in_meiro_cannot_rewrite_what_the_listings_show(
+    meiro: MeiroSandbox, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # An export or push notification name is typed by a Meiro user: printed raw, "\r" moved the cursor back
+    # over the row and an escape sequence (ESC[2K: erase the line) wiped it on the terminal.
+    meiro.state.add_export(TEASER, name="weekly\r\x1b[2Kexport 1 finished", created_at=2_000_000_000)
+    trashed = meiro.state.add_notification("Old\nfake-id  Spring sale", trashed=True)
+    assert await cli("meiro", "exports", TEASER) == 0
+    out = capsys.readouterr().out
+    assert "weekly\\r\\x1b[2Kexport 1 finished" in out and "\x1b" not in out and "\r" not in out
+    assert await cli("meiro", "trash") == 0
+    out = capsys.readouterr().out
+    assert "Old\\nfake-id  Spring sale" in out and "\nfake-id" not in out
+    assert await cli("meiro", "restore", trashed.id) == 0
+    assert capsys.readouterr().out == f"restored {trashed.id} (Old\\nfake-id  Spring sale)\n"
+    assert await cli("meiro", "exports", TEASER, "--output", "json") == 0  # JSON escapes them itself
+    assert "weekly\r\x1b[2Kexport 1 finished" in [e["name"] for e in json.loads(capsys.readouterr().out)]
+
+
 @pytest.mark.parametrize(
     ("url", "problem"),
     [

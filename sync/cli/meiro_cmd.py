@@ -23,7 +23,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from sync.errors import ExitCode, RejectedBatchError, SecretError, StateError
+from sync.errors import ExitCode, RejectedBatchError, SecretError, StateError, printable
 
 __all__ = ["BASE_URL_ENV", "EMAIL_ENV", "PASSWORD_ENV", "register"]
 
@@ -193,7 +193,7 @@ def _export_line(e: Any) -> str:
     counts = e.message_counts
     return (
         f"{e.id:>8}  {e.status!s:<9} {counts.sent:>9}/{counts.total:<9} {counts.excluded_invalid:>8} "
-        f"{counts.excluded_by_frequency_cap:>8}  {e.created or '-':<19}  {e.name}"
+        f"{counts.excluded_by_frequency_cap:>8}  {printable(e.created or '-'):<19}  {printable(e.name)}"
     )
 
 
@@ -253,9 +253,9 @@ class _PrintProgress:
 def _wait_text(w: Any) -> str:
     counts = w.message_counts
     if not w.has_export:
-        return f"no export: {w.message}"
+        return f"no export: {printable(w.message)}"
     if w.outcome == "failed":
-        return f"export {w.export_id} of {w.notification_id}: could not be waited for: {w.message}"
+        return f"export {w.export_id} of {w.notification_id}: could not be waited for: {printable(w.message)}"
     return (
         f"export {w.export_id} of {w.notification_id}: {w.outcome} after {w.polls} polls"
         f"{f' and {w.retries} retries' if w.retries else ''}: {counts.sent} of {counts.total} sent, "
@@ -349,7 +349,10 @@ async def _trash(args: argparse.Namespace) -> int:
             items = list(page.items)
             _note_capped(args.limit, page.limit, len(items))
     if items:
-        text = "\n".join(f"{n.id}  {n.modified or '-':<20}  {n.name}" for n in items)
+        # Names are typed by Meiro's users: a line break or an escape sequence in one would rewrite the listing.
+        text = "\n".join(
+            f"{printable(n.id)}  {printable(n.modified or '-'):<20}  {printable(n.name)}" for n in items
+        )
     elif args.search:
         text = f"no trashed push notification matches {args.search!r}"
     elif args.offset:
@@ -363,7 +366,7 @@ async def _trash(args: argparse.Namespace) -> int:
 async def _restore(args: argparse.Namespace) -> int:
     async with _client(args) as client:
         restored = await client.restore(args.notification)
-    _print(args, restored.to_dict(), f"restored {restored.id} ({restored.name})")
+    _print(args, restored.to_dict(), f"restored {printable(restored.id)} ({printable(restored.name)})")
     return int(ExitCode.OK)
 
 
@@ -434,13 +437,13 @@ def _waits(args: argparse.Namespace) -> int:
     for r in rows:
         if r["export_id"] == NO_EXPORT:  # the ledger's column is NOT NULL: the marker stands for "none"
             r["export_id"] = None
-            lines.append(f"{r['run_id']}  no export: {r['message']}")
+            lines.append(f"{r['run_id']}  no export: {printable(r['message'] or '')}")
             continue
         lines.append(
             f"{r['run_id']}  export {r['export_id']} of {r['notification_id']}: {r['outcome']}, "
             f"{r['sent']} of {r['total']} sent, {r['excluded_invalid']} invalid, "
             f"{r['excluded_by_frequency_cap']} over the frequency cap"
-            + (f" ({r['message']})" if r["message"] else "")
+            + (f" ({printable(r['message'])})" if r["message"] else "")
         )
     _print(args, rows, "\n".join(lines) or "no export waits recorded")
     return int(ExitCode.OK)
