@@ -163,6 +163,25 @@ async def test_wrong_credentials_inside_a_200_are_fatal_and_never_leak(
         FormsOnFireClient(Destination("formsonfire", fof_sandbox.url), FOF_KEY)
 
 
+async def test_wrong_credentials_inside_a_400_are_fatal_too(fof_sandbox_factory: FofFactory) -> None:
+    # A server that reports in-body errors with 400 (the sandbox's error_status): Unauthorized was a rejected
+    # push like a bad parameter, so with fatal_after: 0 every push of the run was refused one by one (exit 1)
+    # instead of the run stopping at the first (exit 3).
+    running = await fof_sandbox_factory(error_status=400)
+    destination = running.destination(fatal_after="0")
+    async with FormsOnFireClient(destination, "wrong-integration-key-xyz", timeout=5) as client:
+        with pytest.raises(FatalPlatformError) as info:
+            await client.send(push())
+    assert (info.value.status, info.value.code) == (400, "Unauthorized")
+    assert "wrong-integration-key-xyz" not in str(info.value) and "check the IntegrationKey" in str(
+        info.value
+    )
+    async with FormsOnFireClient(destination, FOF_KEY, timeout=5) as client:
+        with pytest.raises(RejectedBatchError) as refused:  # a user's own refusal under 400 stays a rejection
+            await client.send(push("crm-404"))
+    assert (refused.value.status, refused.value.code) == (400, "UserNotFound")
+
+
 async def test_bad_parameters_are_rejected_and_transient_failures_retryable(
     fof_sandbox_factory: FofFactory,
 ) -> None:

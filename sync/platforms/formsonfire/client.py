@@ -22,7 +22,8 @@ the first ``fatal_after`` answers (default    :class:`FatalPlatformError` — th
 before any push was accepted                  where every push fails alike is stopped, not spent
 200 with any other error                     :class:`RejectedBatchError` (code and message from the body): the
                                              push is recorded as refused (one user: nothing to split)
-400                                          :class:`RejectedBatchError` (bad parameters)
+400                                          :class:`RejectedBatchError` (bad parameters); fatal with a code of
+                                             :data:`FATAL_ERROR_CODES`, as under a 200
 401, 403, 404, 405                           :class:`FatalPlatformError` (credentials, or a wrong base URL)
 3xx (never followed: the key is in a body)   :class:`FatalPlatformError`
 408, 429, 5xx, time-outs, dropped connection  :class:`RetryableError`
@@ -242,6 +243,12 @@ class FormsOnFireClient(HttpClient):
         try:
             _ANSWERS.check(answer)
         except RejectedBatchError as exc:
+            if exc.code in self._fatal_codes:
+                # A credential error under a 400 (which status carries in-body errors is not documented [I]):
+                # every push would be refused alike, as under a 200.
+                raise self._credentials_refused(
+                    answer.what, str(exc.code), exc.message, answer.status
+                ) from None
             self._watch(answer.what, str(exc.code), exc.message, answer.status)
             raise
         found = error_in_body(answer.raw)
@@ -258,13 +265,17 @@ class FormsOnFireClient(HttpClient):
             return SendOutcome(answer.status, answer.latency, _parsed(answer.raw), answer.remaining)
         code, message = found[0], bounded(found[1])
         if code in self._fatal_codes:
-            raise FatalPlatformError(
-                f"{answer.what}: {code}: {message} (check the IntegrationKey and destination.extra.company_id)",
-                status=answer.status,
-                code=code,
-            )
+            raise self._credentials_refused(answer.what, code, message, answer.status)
         self._watch(answer.what, code, message, answer.status)
         raise RejectedBatchError(message, status=answer.status, code=code)
+
+    @staticmethod
+    def _credentials_refused(what: str, code: str, message: str, status: int) -> FatalPlatformError:
+        return FatalPlatformError(
+            f"{what}: {code}: {message} (check the IntegrationKey and destination.extra.company_id)",
+            status=status,
+            code=code,
+        )
 
     def _watch(self, what: str, code: str, message: str, status: int) -> None:
         """Count a refusal before the first accepted push; raise FatalPlatformError once ``fatal_after`` of
