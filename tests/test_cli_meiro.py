@@ -596,6 +596,50 @@ async def test_names_typed_in_meiro_cannot_rewrite_what_the_listings_show(
     assert "weekly\r\x1b[2Kexport 1 finished" in [e["name"] for e in json.loads(capsys.readouterr().out)]
 
 
+async def test_meiros_own_words_in_a_refusal_or_a_retry_cannot_rewrite_the_terminal(
+    unused_tcp_port: int, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A small server whose messages hold an escape sequence: a cancel's refusal quotes Meiro's words, and
+    `wait` prints each retry's error; both reached the terminal raw."""
+    from aiohttp import web
+
+    polls = 0
+
+    async def login(request: web.Request) -> web.Response:
+        return web.json_response({"token": "lenient-token-0003"})
+
+    async def cancel(request: web.Request) -> web.Response:
+        return web.json_response({"message": "Finished\x1b[2K export cannot be canceled"}, status=400)
+
+    async def get(request: web.Request) -> web.Response:
+        nonlocal polls
+        polls += 1
+        if polls == 1:
+            return web.json_response({"message": "busy\x1b[2K\rall good"}, status=503)
+        return web.json_response({"push_notification_export": {"id": 7, "status": "finished"}})
+
+    app = web.Application()
+    app.router.add_post("/api/users/login", login)
+    app.router.add_delete("/api/push_notifications/{nid}/exports/{eid}", cancel)
+    app.router.add_get("/api/push_notifications/{nid}/exports/{eid}", get)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", unused_tcp_port).start()
+    monkeypatch.setenv("MEIRO_BASE_URL", f"http://127.0.0.1:{unused_tcp_port}/api/")
+    monkeypatch.setenv("MEIRO_EMAIL", EMAIL)
+    monkeypatch.setenv("MEIRO_PASSWORD", PASSWORD)
+    try:
+        assert await cli("meiro", "wait", "n1", "7", "--interval", "0.01", "--workdir", str(tmp_path)) == 0
+        err = capsys.readouterr().err
+        assert "busy\\x1b[2K\\rall good" in err and "\x1b" not in err and "\r" not in err
+        polls = 1  # the export reads back finished
+        assert await cli("meiro", "cancel", "n1", "7") == 1
+        err = capsys.readouterr().err
+        assert "(Meiro: Finished\\x1b[2K export cannot be canceled)" in err and "\x1b" not in err
+    finally:
+        await runner.cleanup()
+
+
 @pytest.mark.parametrize(
     ("url", "problem"),
     [

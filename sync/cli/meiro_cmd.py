@@ -247,7 +247,9 @@ class _PrintProgress:
         )
 
     def on_retry(self, error: Any, delay: float) -> None:
-        print(f"{self._label}: {error} — retrying in {delay:.1f} s", file=sys.stderr, flush=True)
+        print(
+            f"{self._label}: {printable(str(error))} — retrying in {delay:.1f} s", file=sys.stderr, flush=True
+        )
 
 
 def _wait_text(w: Any) -> str:
@@ -320,7 +322,7 @@ async def _cancel(args: argparse.Namespace) -> int:
         except RejectedBatchError as exc:
             if exc.code != "export_finished":
                 raise
-            print(f"pushsync: {exc.message}", file=sys.stderr)
+            print(f"pushsync: {printable(exc.message)}", file=sys.stderr)  # it quotes Meiro's words
             return int(ExitCode.PARTIAL)
     what = f"export {export.id} of {args.notification}"
     if export.status is ExportStatus.CANCELED:
