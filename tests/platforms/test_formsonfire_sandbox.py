@@ -319,3 +319,10 @@ async def test_known_users_posted_with_a_number_for_an_identifier_are_400(
         added = await fof_sandbox.inspect("POST", "users", [user])
         assert added.status == 400 and "must be a string" in added.json["error"]
     assert len(fof_sandbox.sandbox.state.users) == 3
+
+
+def test_a_company_id_no_request_can_carry_is_refused_at_start(capsys: pytest.CaptureFixture[str]) -> None:
+    # It started, and refused every push with 400 (CompanyId out of range for an Integer).
+    assert main(["sandbox", "formsonfire", "--port", "0", "--company-id", "21474836470"]) == 2
+    captured = capsys.readouterr()
+    assert "company_id must fit an Integer (32 bits), not 21474836470" in captured.err and captured.out == ""
