@@ -297,6 +297,21 @@ async def test_a_run_refused_by_meiro_is_recorded_as_aborted(
     assert "wrong-password-for-the-job" not in (run.message or "") and _ledger_waits(tmp_path / "work") == []
 
 
+async def test_a_run_whose_login_is_refused_by_a_wrong_base_url_is_aborted(
+    meiro: MeiroSandbox, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # base_url without its /api/: the login answered 404, and each export was recorded as failed ("could not
+    # be waited for"), exit 1, as if Meiro had refused each of them.
+    job = _example_job(tmp_path, (meiro.url or "").removesuffix("api/"), wait={"interval": 0.01})
+    assert await cli("meiro", "run", str(job)) == 3
+    err = capsys.readouterr().err
+    # the job file's setting, not the one-off commands' option (it said "check --base-url")
+    assert "HTTP 404" in err and f"(check base_url in {job})" in err and "--base-url" not in err
+    (run,) = _ledger_runs(tmp_path / "work")
+    assert (run.status, run.exit_code) == ("aborted", 3) and "users/login" in (run.message or "")
+    assert _ledger_waits(tmp_path / "work") == []
+
+
 async def test_a_bad_job_file_lists_every_problem(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     job = tmp_path / "bad.yaml"
     job.write_text(
@@ -307,6 +322,44 @@ async def test_a_bad_job_file_lists_every_problem(tmp_path: Path, capsys: pytest
     for where in ("wat: unknown key", "base_url:", "credentials.password:", "exports[0]: give exactly one"):
         assert where in err
     assert "hunter2" not in err
+
+
+async def test_a_job_file_with_nan_or_infinite_seconds_lists_them_as_problems(
+    meiro: MeiroSandbox, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # YAML's .nan passed the "positive" check (NaN <= 0 is false): wait.interval .nan slept forever after the
+    # first poll, retry.base_delay .nan made every back-off a NaN sleep.
+    job = tmp_path / "nan.yaml"
+    job.write_text(
+        "platform: meiro\ncredentials: {email_env: MEIRO_EMAIL, password: {env: MEIRO_PASSWORD}}\n"
+        f"base_url: {os.environ['MEIRO_BASE_URL']}\n"
+        "wait: {interval: .nan, max_wait: .inf}\nrequest_timeout: .nan\nretry: {base_delay: .nan}\n"
+        f"exports: [{{notification: {WELCOME}, export: 101}}]\nworkdir: {tmp_path / 'work'}\n"
+    )
+    assert await cli("meiro", "run", str(job)) == 2
+    err = capsys.readouterr().err
+    for where in ("wait.interval", "wait.max_wait", "request_timeout", "retry.base_delay"):
+        assert f"{where}: must be a positive number" in err
+    assert not (tmp_path / "work").exists()
+
+
+async def test_an_export_listed_twice_in_a_job_is_a_problem(
+    meiro: MeiroSandbox, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # It was waited for twice at once, recorded twice and counted twice: "2 of 2 exports finished".
+    job = tmp_path / "twice.yaml"
+    job.write_text(
+        "platform: meiro\ncredentials: {email_env: MEIRO_EMAIL, password: {env: MEIRO_PASSWORD}}\n"
+        f"base_url: {os.environ['MEIRO_BASE_URL']}\nworkdir: {tmp_path / 'work'}\nexports:\n"
+        f"  - {{notification: {WELCOME}, export: 101}}\n  - {{notification: {TEASER}, latest: true}}\n"
+        f"  - {{notification: {WELCOME}, export: 101}}\n  - {{notification: {TEASER}, latest: true}}\n"
+        f"  - {{notification: {WELCOME}, export: 100}}\n"
+    )
+    assert await cli("meiro", "run", str(job)) == 2
+    err = capsys.readouterr().err
+    assert "exports[2]: the same as exports[0]: list each export once" in err
+    assert "exports[3]: the same as exports[1]" in err and "exports[4]" not in err
+    assert not (tmp_path / "work").exists()
 
 
 def test_sandbox_meiro_runs_as_a_process_and_prints_its_url(tmp_path: Path) -> None:
@@ -381,6 +434,23 @@ async def test_all_pages_of_a_server_that_caps_limit(
         "Meiro serves at most 10 per page (asked for 50); use --all, or --offset, for the rest"
         in captured.err
     )
+
+
+async def test_all_from_an_offset_starts_there(
+    meiro_factory: StartMeiro, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # --all ignored --offset without a word: every export (and the whole trash) was listed from the start.
+    meiro = await meiro_factory(max_limit=4)
+    for i in range(10):
+        meiro.state.add_export(TEASER, total=i, created_at=2_000_000_000 + i)
+    assert await cli("meiro", "exports", TEASER, "--all", "--output", "json") == 0
+    newest_first = [e["id"] for e in json.loads(capsys.readouterr().out)]
+    assert await cli("meiro", "exports", TEASER, "--all", "--offset", "3", "--output", "json") == 0
+    assert [e["id"] for e in json.loads(capsys.readouterr().out)] == newest_first[3:]
+    assert await cli("meiro", "trash", "--all", "--offset", "1", "--output", "json") == 0
+    assert [n["name"] for n in json.loads(capsys.readouterr().out)] == ["Old summer sale"]
+    assert await cli("meiro", "trash", "--all", "--offset", "2") == 0
+    assert capsys.readouterr().out == "no trashed push notification at offset 2\n"
 
 
 async def test_a_run_against_an_unreachable_meiro_exits_3(
@@ -507,6 +577,69 @@ async def test_trash_says_when_nothing_matches_and_shows_every_field(
     assert "no trashed push notification matches 'spring'" in capsys.readouterr().out
 
 
+async def test_names_typed_in_meiro_cannot_rewrite_what_the_listings_show(
+    meiro: MeiroSandbox, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # An export or push notification name is typed by a Meiro user: printed raw, "\r" moved the cursor back
+    # over the row and an escape sequence (ESC[2K: erase the line) wiped it on the terminal.
+    meiro.state.add_export(TEASER, name="weekly\r\x1b[2Kexport 1 finished", created_at=2_000_000_000)
+    trashed = meiro.state.add_notification("Old\nfake-id  Spring sale", trashed=True)
+    assert await cli("meiro", "exports", TEASER) == 0
+    out = capsys.readouterr().out
+    assert "weekly\\r\\x1b[2Kexport 1 finished" in out and "\x1b" not in out and "\r" not in out
+    assert await cli("meiro", "trash") == 0
+    out = capsys.readouterr().out
+    assert "Old\\nfake-id  Spring sale" in out and "\nfake-id" not in out
+    assert await cli("meiro", "restore", trashed.id) == 0
+    assert capsys.readouterr().out == f"restored {trashed.id} (Old\\nfake-id  Spring sale)\n"
+    assert await cli("meiro", "exports", TEASER, "--output", "json") == 0  # JSON escapes them itself
+    assert "weekly\r\x1b[2Kexport 1 finished" in [e["name"] for e in json.loads(capsys.readouterr().out)]
+
+
+async def test_meiros_own_words_in_a_refusal_or_a_retry_cannot_rewrite_the_terminal(
+    unused_tcp_port: int, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A small server whose messages hold an escape sequence: a cancel's refusal quotes Meiro's words, and
+    `wait` prints each retry's error; both reached the terminal raw."""
+    from aiohttp import web
+
+    polls = 0
+
+    async def login(request: web.Request) -> web.Response:
+        return web.json_response({"token": "lenient-token-0003"})
+
+    async def cancel(request: web.Request) -> web.Response:
+        return web.json_response({"message": "Finished\x1b[2K export cannot be canceled"}, status=400)
+
+    async def get(request: web.Request) -> web.Response:
+        nonlocal polls
+        polls += 1
+        if polls == 1:
+            return web.json_response({"message": "busy\x1b[2K\rall good"}, status=503)
+        return web.json_response({"push_notification_export": {"id": 7, "status": "finished"}})
+
+    app = web.Application()
+    app.router.add_post("/api/users/login", login)
+    app.router.add_delete("/api/push_notifications/{nid}/exports/{eid}", cancel)
+    app.router.add_get("/api/push_notifications/{nid}/exports/{eid}", get)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", unused_tcp_port).start()
+    monkeypatch.setenv("MEIRO_BASE_URL", f"http://127.0.0.1:{unused_tcp_port}/api/")
+    monkeypatch.setenv("MEIRO_EMAIL", EMAIL)
+    monkeypatch.setenv("MEIRO_PASSWORD", PASSWORD)
+    try:
+        assert await cli("meiro", "wait", "n1", "7", "--interval", "0.01", "--workdir", str(tmp_path)) == 0
+        err = capsys.readouterr().err
+        assert "busy\\x1b[2K\\rall good" in err and "\x1b" not in err and "\r" not in err
+        polls = 1  # the export reads back finished
+        assert await cli("meiro", "cancel", "n1", "7") == 1
+        err = capsys.readouterr().err
+        assert "(Meiro: Finished\\x1b[2K export cannot be canceled)" in err and "\x1b" not in err
+    finally:
+        await runner.cleanup()
+
+
 @pytest.mark.parametrize(
     ("url", "problem"),
     [
@@ -541,3 +674,26 @@ async def test_a_base_url_with_credentials_or_not_http_is_refused_without_echoin
     err = capsys.readouterr().err
     assert problem in err and "hunter2" not in err, err
     assert meiro.stats.snapshot()["requests_total"] == 0  # refused before any request
+
+
+@pytest.mark.parametrize(
+    ("option", "value"),
+    [
+        ("--interval", "0"),  # polled without a pause: ~15,000 requests in the 6 s an export ran
+        ("--interval", "-1"),
+        ("--interval", "nan"),  # slept forever after the first poll
+        ("--timeout", "0"),
+        ("--timeout", "nan"),
+        ("--request-timeout", "0"),  # aiohttp reads a time-out of 0 as none: a request could hang forever
+        ("--request-timeout", "inf"),
+    ],
+)
+async def test_a_wait_interval_or_timeout_that_is_not_a_positive_number_is_refused(
+    meiro: MeiroSandbox, tmp_path: Path, option: str, value: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exited:
+        await cli("meiro", "wait", WELCOME, "101", "--workdir", str(tmp_path), f"{option}={value}")
+    assert exited.value.code == 2
+    captured = capsys.readouterr()
+    assert f"{option}: must be a positive number of seconds" in captured.err and captured.out == ""
+    assert not (tmp_path / "ledger.sqlite").exists()  # refused before any run or request

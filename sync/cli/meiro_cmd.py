@@ -16,13 +16,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import math
 import os
 import sys
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from sync.errors import ExitCode, RejectedBatchError, SecretError, StateError
+from sync.errors import ExitCode, RejectedBatchError, SecretError, StateError, printable
 
 __all__ = ["BASE_URL_ENV", "EMAIL_ENV", "PASSWORD_ENV", "register"]
 
@@ -50,6 +51,18 @@ def _page_size(text: str) -> int:
     return value
 
 
+def _seconds(text: str) -> float:
+    # As a job file's wait.interval, max_wait and request_timeout: a pause of 0 (or less) polled Meiro without
+    # a break, thousands of requests a second; NaN slept forever; a request time-out of 0 meant none at all.
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive number of seconds: {text!r}")
+    return value
+
+
 def register(subparsers: Any) -> None:
     """Add ``meiro`` and its subcommands."""
     common = argparse.ArgumentParser(add_help=False)
@@ -59,7 +72,7 @@ def register(subparsers: Any) -> None:
         "--password-file", type=Path, help=f"file holding the password (default ${PASSWORD_ENV})"
     )
     common.add_argument(
-        "--request-timeout", type=float, default=30.0, help="seconds per request (default 30)"
+        "--request-timeout", type=_seconds, default=30.0, help="seconds per request (default 30)"
     )
     common.add_argument("--output", choices=["text", "json"], default="text")
 
@@ -75,7 +88,7 @@ def register(subparsers: Any) -> None:
     exports.add_argument("notification", metavar="NOTIFICATION")
     exports.add_argument("--limit", type=_page_size, help="exports per page (Meiro's default: 20)")
     exports.add_argument("--offset", type=_count, help="skip this many (newest first)")
-    exports.add_argument("--all", action="store_true", help="every export, page by page")
+    exports.add_argument("--all", action="store_true", help="every export (from --offset on), page by page")
     exports.set_defaults(func=_sync(_exports))
 
     wait = commands.add_parser(
@@ -83,8 +96,8 @@ def register(subparsers: Any) -> None:
     )
     wait.add_argument("notification", metavar="NOTIFICATION")
     wait.add_argument("export", type=int, metavar="EXPORT")
-    wait.add_argument("--interval", type=float, default=5.0, help="seconds between polls (default 5)")
-    wait.add_argument("--timeout", dest="max_wait", type=float, help="give up after this many seconds")
+    wait.add_argument("--interval", type=_seconds, default=5.0, help="seconds between polls (default 5)")
+    wait.add_argument("--timeout", dest="max_wait", type=_seconds, help="give up after this many seconds")
     wait.add_argument(
         "--workdir", type=Path, default=Path(".pushsync/meiro"), help="where waits are recorded"
     )
@@ -99,7 +112,7 @@ def register(subparsers: Any) -> None:
     trash.add_argument("--search", help="only names containing this text (searched_text)")
     trash.add_argument("--limit", type=_page_size)
     trash.add_argument("--offset", type=_count)
-    trash.add_argument("--all", action="store_true", help="every match, page by page")
+    trash.add_argument("--all", action="store_true", help="every match (from --offset on), page by page")
     trash.set_defaults(func=_sync(_trash))
 
     restore = commands.add_parser(
@@ -180,7 +193,7 @@ def _export_line(e: Any) -> str:
     counts = e.message_counts
     return (
         f"{e.id:>8}  {e.status!s:<9} {counts.sent:>9}/{counts.total:<9} {counts.excluded_invalid:>8} "
-        f"{counts.excluded_by_frequency_cap:>8}  {e.created or '-':<19}  {e.name}"
+        f"{counts.excluded_by_frequency_cap:>8}  {printable(e.created or '-'):<19}  {printable(e.name)}"
     )
 
 
@@ -197,7 +210,12 @@ def _note_capped(asked: int | None, served: int | None, count: int) -> None:
 async def _exports(args: argparse.Namespace) -> int:
     async with _client(args) as client:
         if args.all:
-            items = [e async for e in client.iter_exports(args.notification, page_size=args.limit or 20)]
+            items = [
+                e
+                async for e in client.iter_exports(
+                    args.notification, page_size=args.limit or 20, offset=args.offset or 0
+                )
+            ]
         else:
             page = await client.list_exports(args.notification, limit=args.limit, offset=args.offset)
             items = list(page.exports)
@@ -229,15 +247,17 @@ class _PrintProgress:
         )
 
     def on_retry(self, error: Any, delay: float) -> None:
-        print(f"{self._label}: {error} — retrying in {delay:.1f} s", file=sys.stderr, flush=True)
+        print(
+            f"{self._label}: {printable(str(error))} — retrying in {delay:.1f} s", file=sys.stderr, flush=True
+        )
 
 
 def _wait_text(w: Any) -> str:
     counts = w.message_counts
     if not w.has_export:
-        return f"no export: {w.message}"
+        return f"no export: {printable(w.message)}"
     if w.outcome == "failed":
-        return f"export {w.export_id} of {w.notification_id}: could not be waited for: {w.message}"
+        return f"export {w.export_id} of {w.notification_id}: could not be waited for: {printable(w.message)}"
     return (
         f"export {w.export_id} of {w.notification_id}: {w.outcome} after {w.polls} polls"
         f"{f' and {w.retries} retries' if w.retries else ''}: {counts.sent} of {counts.total} sent, "
@@ -302,7 +322,7 @@ async def _cancel(args: argparse.Namespace) -> int:
         except RejectedBatchError as exc:
             if exc.code != "export_finished":
                 raise
-            print(f"pushsync: {exc.message}", file=sys.stderr)
+            print(f"pushsync: {printable(exc.message)}", file=sys.stderr)  # it quotes Meiro's words
             return int(ExitCode.PARTIAL)
     what = f"export {export.id} of {args.notification}"
     if export.status is ExportStatus.CANCELED:
@@ -321,17 +341,23 @@ async def _trash(args: argparse.Namespace) -> int:
     async with _client(args) as client:
         if args.all:
             items = [
-                n async for n in client.iter_trash(searched_text=args.search, page_size=args.limit or 20)
+                n
+                async for n in client.iter_trash(
+                    searched_text=args.search, page_size=args.limit or 20, offset=args.offset or 0
+                )
             ]
         else:
             page = await client.list_trash(limit=args.limit, offset=args.offset, searched_text=args.search)
             items = list(page.items)
             _note_capped(args.limit, page.limit, len(items))
     if items:
-        text = "\n".join(f"{n.id}  {n.modified or '-':<20}  {n.name}" for n in items)
+        # Names are typed by Meiro's users: a line break or an escape sequence in one would rewrite the listing.
+        text = "\n".join(
+            f"{printable(n.id)}  {printable(n.modified or '-'):<20}  {printable(n.name)}" for n in items
+        )
     elif args.search:
         text = f"no trashed push notification matches {args.search!r}"
-    elif args.offset and not args.all:
+    elif args.offset:
         text = f"no trashed push notification at offset {args.offset}"
     else:
         text = "the trash is empty"
@@ -342,7 +368,7 @@ async def _trash(args: argparse.Namespace) -> int:
 async def _restore(args: argparse.Namespace) -> int:
     async with _client(args) as client:
         restored = await client.restore(args.notification)
-    _print(args, restored.to_dict(), f"restored {restored.id} ({restored.name})")
+    _print(args, restored.to_dict(), f"restored {printable(restored.id)} ({printable(restored.name)})")
     return int(ExitCode.OK)
 
 
@@ -361,7 +387,11 @@ async def _run_job(args: argparse.Namespace) -> int:
 
         async def body() -> tuple[int, dict[str, Any], str]:
             client = MeiroClient(
-                job.base_url, credentials, timeout=job.request_timeout, verify_tls=job.verify_tls
+                job.base_url,
+                credentials,
+                timeout=job.request_timeout,
+                verify_tls=job.verify_tls,
+                base_url_hint=f"check base_url in {args.job}",
             )
             async with client:
                 waits = await wait_for_exports(
@@ -409,13 +439,13 @@ def _waits(args: argparse.Namespace) -> int:
     for r in rows:
         if r["export_id"] == NO_EXPORT:  # the ledger's column is NOT NULL: the marker stands for "none"
             r["export_id"] = None
-            lines.append(f"{r['run_id']}  no export: {r['message']}")
+            lines.append(f"{r['run_id']}  no export: {printable(r['message'] or '')}")
             continue
         lines.append(
             f"{r['run_id']}  export {r['export_id']} of {r['notification_id']}: {r['outcome']}, "
             f"{r['sent']} of {r['total']} sent, {r['excluded_invalid']} invalid, "
             f"{r['excluded_by_frequency_cap']} over the frequency cap"
-            + (f" ({r['message']})" if r["message"] else "")
+            + (f" ({printable(r['message'])})" if r["message"] else "")
         )
     _print(args, rows, "\n".join(lines) or "no export waits recorded")
     return int(ExitCode.OK)

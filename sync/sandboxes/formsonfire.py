@@ -139,6 +139,9 @@ class FormsOnFireSandboxConfig(SandboxSettings):
             )
         if "company_id" in kwargs:
             kwargs["company_id"] = int(kwargs["company_id"])
+            if kwargs["company_id"] not in _INT32:
+                # A request can never carry it (an Integer): the sandbox would refuse every push with a 400.
+                raise ValueError(f"company_id must fit an Integer (32 bits), not {kwargs['company_id']}")
 
 
 # ------------------------------------------------------------------------------------------- parsing

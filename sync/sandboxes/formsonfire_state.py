@@ -29,6 +29,11 @@ class KnownUser:
         """``{"UserId", "UserEmail", "UserExternalId"}`` (UserId required)."""
         if not data.get("UserId"):
             raise ValueError("a known user needs a UserId")
+        for key in ("UserEmail", "UserExternalId"):
+            # Indexed as text (an e-mail address lower-cased): a number here failed later, as a 500 of
+            # POST /_sandbox/users, or a seed file refused in an AttributeError's words.
+            if data.get(key) is not None and not isinstance(data[key], str):
+                raise ValueError(f"a known user's {key} must be a string, not {data[key]!r}")
         return cls(str(data["UserId"]), data.get("UserEmail"), data.get("UserExternalId"))
 
     def to_dict(self) -> dict[str, Any]:

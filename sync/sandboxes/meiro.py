@@ -24,6 +24,7 @@ import argparse
 import asyncio
 import hmac
 import os
+import re
 import secrets
 import time
 from collections.abc import Callable, Mapping
@@ -61,6 +62,9 @@ DEFAULT_FEATURES: Mapping[str, tuple[str, ...]] = {
 """Endpoint → the features of which a user needs one [D, except listTrash]."""
 
 EXPORT_NOT_FOUND = "Push notification export not found"
+_DIGITS = re.compile(r"[0-9]+")
+"""An ID or a count in a URL: ASCII digits. ``str.isdigit`` and ``int()`` also take ``²`` (which ``int()`` then
+refuses: a 500) or ``١٠٠`` (read as 100), which a strict server does not."""
 FINISHED_NOT_CANCELABLE = "Finished export cannot be canceled"
 
 
@@ -264,13 +268,9 @@ class MeiroSandbox(PlatformSandbox[MeiroSandboxConfig, MeiroState]):
         raw = request.query.get(name)
         if raw is None or raw == "":
             return None
-        try:
-            value = int(raw)
-        except ValueError:
-            raise ApiError(400, None, f"{name} must be a non-negative integer") from None
-        if value < 0:
+        if not _DIGITS.fullmatch(raw):
             raise ApiError(400, None, f"{name} must be a non-negative integer")
-        return value
+        return int(raw)
 
     def _page_size(self, limit: int | None) -> int:
         """The ``limit`` served: the default when none is asked, capped at ``max_limit`` [I]."""
@@ -282,7 +282,7 @@ class MeiroSandbox(PlatformSandbox[MeiroSandboxConfig, MeiroState]):
         notification = self.state.live(request.match_info["notification_id"])
         raw_id = request.match_info["export_id"]
         export = None
-        if notification is not None and raw_id.isdigit():
+        if notification is not None and _DIGITS.fullmatch(raw_id):
             export = notification.exports.get(int(raw_id))
         if notification is None or export is None:
             raise ApiError(404, None, EXPORT_NOT_FOUND)

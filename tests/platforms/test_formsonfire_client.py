@@ -163,6 +163,25 @@ async def test_wrong_credentials_inside_a_200_are_fatal_and_never_leak(
         FormsOnFireClient(Destination("formsonfire", fof_sandbox.url), FOF_KEY)
 
 
+async def test_wrong_credentials_inside_a_400_are_fatal_too(fof_sandbox_factory: FofFactory) -> None:
+    # A server that reports in-body errors with 400 (the sandbox's error_status): Unauthorized was a rejected
+    # push like a bad parameter, so with fatal_after: 0 every push of the run was refused one by one (exit 1)
+    # instead of the run stopping at the first (exit 3).
+    running = await fof_sandbox_factory(error_status=400)
+    destination = running.destination(fatal_after="0")
+    async with FormsOnFireClient(destination, "wrong-integration-key-xyz", timeout=5) as client:
+        with pytest.raises(FatalPlatformError) as info:
+            await client.send(push())
+    assert (info.value.status, info.value.code) == (400, "Unauthorized")
+    assert "wrong-integration-key-xyz" not in str(info.value) and "check the IntegrationKey" in str(
+        info.value
+    )
+    async with FormsOnFireClient(destination, FOF_KEY, timeout=5) as client:
+        with pytest.raises(RejectedBatchError) as refused:  # a user's own refusal under 400 stays a rejection
+            await client.send(push("crm-404"))
+    assert (refused.value.status, refused.value.code) == (400, "UserNotFound")
+
+
 async def test_bad_parameters_are_rejected_and_transient_failures_retryable(
     fof_sandbox_factory: FofFactory,
 ) -> None:
@@ -194,6 +213,66 @@ async def test_wrong_base_url_is_fatal(fof_sandbox: RunningFormsOnFire) -> None:
         with pytest.raises(FatalPlatformError) as info:
             await client.send(push())
     assert info.value.status == 404
+
+
+async def test_an_error_in_a_200_is_found_in_camel_case_after_a_bom_or_at_the_xml_root(
+    unused_tcp_port: int,
+) -> None:
+    """A small server answering 200 with an error in shapes the sandbox does not use: ServiceStack on .NET Core
+    writes JSON in camelCase, .NET's UTF-8 writers may put a byte order mark before the XML, and an XML body may
+    carry the error at its root as JSON bodies do. Each was read as no error: the push counted as sent."""
+    from aiohttp import web
+
+    answers = {
+        "camel": (b'{"responseStatus":{"errorCode":"UserNotFound","message":"no such user"}}', "json"),
+        "camel-top": (b'{"errorCode":"UserNotFound","message":"no such user"}', "json"),
+        "camel-success": (b'{"success":false,"message":"no such user"}', "json"),
+        "bom": (
+            b"\xef\xbb\xbf<PushResponse><ResponseStatus><ErrorCode>UserNotFound</ErrorCode>"
+            b"<Message>no such user</Message></ResponseStatus></PushResponse>",
+            "xml",
+        ),
+        "xml-top": (
+            b"<PushResponse><ErrorCode>UserNotFound</ErrorCode><Message>no such user</Message></PushResponse>",
+            "xml",
+        ),
+        "xml-success": (
+            b"<PushResponse><Success>false</Success><Message>no such user</Message></PushResponse>",
+            "xml",
+        ),
+        "camel-key": (b'{"responseStatus":{"errorCode":"Unauthorized","message":"bad key"}}', "json"),
+    }
+
+    async def answer(request: web.Request) -> web.Response:
+        user = json.loads(await request.read())["UserExternalId"]
+        body, fmt = answers[user]
+        return web.Response(body=body, content_type=f"application/{fmt}")
+
+    app = web.Application()
+    app.router.add_post("/api/v2/push", answer)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", unused_tcp_port).start()
+    destination = Destination(
+        "formsonfire", f"http://127.0.0.1:{unused_tcp_port}/api/v2/", extra={"company_id": str(FOF_COMPANY)}
+    )
+    try:
+        for user in ("camel", "camel-top", "bom", "xml-top"):
+            async with FormsOnFireClient(destination, FOF_KEY, timeout=5) as client:
+                with pytest.raises(RejectedBatchError) as refused:
+                    await client.send(push(user))
+            assert (refused.value.code, refused.value.message) == ("UserNotFound", "no such user"), user
+        for user in ("camel-success", "xml-success"):
+            async with FormsOnFireClient(destination, FOF_KEY, timeout=5) as client:
+                with pytest.raises(RejectedBatchError) as refused:
+                    await client.send(push(user))
+            assert (refused.value.code, refused.value.message) == ("Error", "no such user"), user
+        async with FormsOnFireClient(destination, FOF_KEY, timeout=5) as client:
+            with pytest.raises(FatalPlatformError) as fatal:
+                await client.send(push("camel-key"))
+        assert fatal.value.code == "Unauthorized" and FOF_KEY not in str(fatal.value)
+    finally:
+        await runner.cleanup()
 
 
 # --- the example job end to end -----------------------------------------------------------------------------
@@ -365,3 +444,63 @@ sources:
     (problem,) = info.value.problems
     assert problem.location == f"destination.extra.{setting.split(':')[0]}"
     assert message in problem.message
+
+
+@pytest.mark.parametrize(
+    ("setting", "message"),
+    [
+        # str.isdigit() took "²" and int() then raised: validate printed a traceback (exit 5), not the problem
+        ('expiry_secs: "²"', "must be a whole number of seconds"),
+        # passed validation, then the client's int() raised when the run started
+        ('fatal_after: "³"', "must be a whole number"),
+    ],
+)
+def test_a_number_setting_with_a_digit_int_cannot_read_is_a_job_problem_not_a_crash(
+    tmp_path: Path, setting: str, message: str
+) -> None:
+    (tmp_path / "p.csv").write_text("id,t\n1,a\n", encoding="utf-8")
+    (tmp_path / "job.yaml").write_text(
+        f"""
+version: 1
+destination:
+  platform: formsonfire
+  base_url: "http://127.0.0.1:1/api/v2/"
+  secret: {{env: X}}
+  extra: {{company_id: "1", {setting}}}
+defaults: {{ext_id: id}}
+sources:
+  - {{name: p, path: p.csv, attributes: {{t: {{attribute: Title}}}}}}
+""",
+        encoding="utf-8",
+    )
+    with pytest.raises(BadJobError) as info:
+        load_job(tmp_path / "job.yaml")
+    (problem,) = info.value.problems
+    assert problem.location == f"destination.extra.{setting.split(':')[0]}"
+    assert message in problem.message
+
+
+def test_a_company_id_beyond_an_integer_is_refused_at_load(tmp_path: Path) -> None:
+    # A typo (one digit too many) went out with every push: the platform cannot read CompanyId beyond an
+    # Integer (the sandbox: 400 SerializationException), so each push was recorded as refused until fatal_after
+    # stopped the run blaming the IntegrationKey.
+    (tmp_path / "p.csv").write_text("id,t\n1,a\n", encoding="utf-8")
+    (tmp_path / "job.yaml").write_text(
+        """
+version: 1
+destination:
+  platform: formsonfire
+  base_url: "http://127.0.0.1:1/api/v2/"
+  secret: {env: X}
+  extra: {company_id: "21474836470"}
+defaults: {ext_id: id}
+sources:
+  - {name: p, path: p.csv, attributes: {t: {attribute: Title}}}
+""",
+        encoding="utf-8",
+    )
+    with pytest.raises(BadJobError) as info:
+        load_job(tmp_path / "job.yaml")
+    (problem,) = info.value.problems
+    assert problem.location == "destination.extra.company_id"
+    assert "21474836470 is out of its range (up to 2147483647)" in problem.message

@@ -296,6 +296,8 @@ async def test_cli_runs_the_sandbox_until_sigterm(tmp_path: Any) -> None:
         ({"users": "api-1"}, "not in the shape of GET /_sandbox/state"),  # was a traceback (AttributeError)
         ({"push_notifications": []}, "unknown seed sections ['push_notifications']"),  # was an empty sandbox
         ({"users": [{"UserEmail": "a@example.test"}]}, "a known user needs a UserId"),
+        # was named only as ("'int' object has no attribute 'lower'")
+        ({"users": [{"UserId": "u", "UserEmail": 5}]}, "a known user's UserEmail must be a string, not 5"),
     ],
 )
 def test_a_bad_seed_file_exits_2_naming_it(
@@ -307,3 +309,20 @@ def test_a_bad_seed_file_exits_2_naming_it(
     captured = capsys.readouterr()
     assert captured.err.startswith(f"pushsync: error: {path}: {message}")
     assert "job file" not in captured.err and captured.out == ""
+
+
+async def test_known_users_posted_with_a_number_for_an_identifier_are_400(
+    fof_sandbox: RunningFormsOnFire,
+) -> None:
+    # POST /_sandbox/users answered 500 (the e-mail address is lower-cased when indexed)
+    for user in ({"UserId": "api-8", "UserEmail": 8}, {"UserId": "api-8", "UserExternalId": 8}):
+        added = await fof_sandbox.inspect("POST", "users", [user])
+        assert added.status == 400 and "must be a string" in added.json["error"]
+    assert len(fof_sandbox.sandbox.state.users) == 3
+
+
+def test_a_company_id_no_request_can_carry_is_refused_at_start(capsys: pytest.CaptureFixture[str]) -> None:
+    # It started, and refused every push with 400 (CompanyId out of range for an Integer).
+    assert main(["sandbox", "formsonfire", "--port", "0", "--company-id", "21474836470"]) == 2
+    captured = capsys.readouterr()
+    assert "company_id must fit an Integer (32 bits), not 21474836470" in captured.err and captured.out == ""

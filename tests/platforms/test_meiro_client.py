@@ -544,3 +544,76 @@ async def test_an_export_whose_polls_keep_failing_is_failed_and_the_others_go_on
     (late,) = await wait_for_exports(client, [ExportRef(NID, 2)], run_id="r", recorder=MemoryRecorder(), **kw)
     assert late.outcome is WaitOutcome.FAILED and "no successful poll within 1.5 s" in late.message
     assert "HTTP 503" in late.message
+
+
+@pytest.mark.parametrize("max_limit", [None, 7])
+async def test_a_notification_restored_from_the_trash_while_paging_skips_no_other(
+    meiro_sandbox_factory: Any, max_limit: int | None
+) -> None:
+    # Restoring one of the first page's notifications (someone in the Meiro UI, or `pushsync meiro restore`)
+    # moved every later one a place up: the next page, at offset 10, began one item late and the item that
+    # moved into place 9 was never listed. Also when Meiro caps the page (7 here) below the 10 asked for.
+    running = await meiro_sandbox_factory(max_limit=max_limit)
+    state = running.sandbox.state
+    for i in range(25):
+        running.clock.advance(1)
+        state.add_notification(f"Trashed {i}", trashed=True)
+    client = running.client()
+    names: list[str] = []
+    listed: list[str] = []
+    async for item in client.iter_trash(page_size=10):
+        names.append(item.name)
+        listed.append(item.id)
+        if len(names) == 3:  # between the first and the second page
+            state.restore(state.notifications[listed[0]])
+        if len(names) == 12:  # and two at once later on
+            state.restore(state.notifications[listed[1]])
+            state.restore(state.notifications[listed[10]])
+    assert names == [f"Trashed {i}" for i in range(24, -1, -1)]  # each once, none skipped
+
+
+async def test_a_listing_holding_an_export_it_cannot_read_is_an_error_not_a_crash(
+    unused_tcp_port: int,
+) -> None:
+    """A small server listing an export whose status the document does not name (a newer Meiro's), and a trashed
+    notification without an ID: the ValueError escaped — a traceback for `meiro exports` and `meiro trash`, and
+    `meiro run` with `latest: true` crashed leaving its run "running"."""
+    from aiohttp import web
+
+    async def login(request: web.Request) -> web.Response:
+        return web.json_response({"token": "lenient-token-0002"})
+
+    async def exports(request: web.Request) -> web.Response:
+        return web.json_response({"push_notification_exports": [{"id": 7, "status": "paused"}]})
+
+    async def trash(request: web.Request) -> web.Response:
+        return web.json_response({"trashed_push_notifications": [{"name": "no id"}]})
+
+    app = web.Application()
+    app.router.add_post("/api/users/login", login)
+    app.router.add_get("/api/push_notifications/trash", trash)
+    app.router.add_get("/api/push_notifications/{nid}/exports", exports)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", unused_tcp_port).start()
+    try:
+        async with MeiroClient(
+            f"http://127.0.0.1:{unused_tcp_port}/api/", MeiroCredentials("a@b.test", "lenient-pw-1234")
+        ) as client:
+            with pytest.raises(RetryableError) as unread:
+                await client.list_exports(NID)
+            assert "'paused' is not a valid ExportStatus" in str(unread.value) and unread.value.status == 200
+            with pytest.raises(RetryableError, match="no id"):
+                await client.list_trash()
+            recorder = MemoryRecorder()
+            (wait,) = await wait_for_exports(
+                client,
+                [ExportRef(NID)],
+                run_id="run-1",
+                recorder=recorder,
+                retry=RetryPolicy(max_attempts=2, base_delay=0, max_delay=0),
+            )
+        assert wait.outcome is WaitOutcome.FAILED and wait.export_id == NO_EXPORT
+        assert "'paused' is not a valid ExportStatus" in wait.message and recorder.waits == [("run-1", wait)]
+    finally:
+        await runner.cleanup()

@@ -403,3 +403,18 @@ def test_sandbox_settings_for_the_cap_and_the_cancel_delay_are_checked(bad: dict
         MeiroSandboxConfig.from_mapping(bad)
     config = MeiroSandboxConfig.from_mapping({"max_limit": 10, "cancel_delay": 1.5})
     assert (config.max_limit, config.cancel_delay) == (10, 1.5)
+
+
+async def test_an_export_id_or_a_count_in_other_digits_is_refused_not_a_crash(meiro_sandbox: Any) -> None:
+    # "²" passed str.isdigit() and int() raised: a 500 with a text page, not Meiro's {"message"}; "١٠٠"
+    # (Arabic-Indic digits) was read as export 100, and limit=٣ as 3.
+    _seed(meiro_sandbox, exports=3)
+    token = await meiro_sandbox.login()
+    for raw in ("%C2%B2", "%D9%A1"):
+        reply = await meiro_sandbox.request("GET", f"push_notifications/{NID}/exports/{raw}", token=token)
+        assert (reply.status, reply.body) == (404, {"message": "Push notification export not found"})
+    for params in ({"limit": "٣"}, {"offset": "²"}, {"limit": "+3"}):
+        listed = await meiro_sandbox.request(
+            "GET", f"push_notifications/{NID}/exports", token=token, params=params
+        )
+        assert listed.status == 400 and listed.body["message"].endswith("must be a non-negative integer")

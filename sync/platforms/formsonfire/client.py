@@ -22,7 +22,8 @@ the first ``fatal_after`` answers (default    :class:`FatalPlatformError` — th
 before any push was accepted                  where every push fails alike is stopped, not spent
 200 with any other error                     :class:`RejectedBatchError` (code and message from the body): the
                                              push is recorded as refused (one user: nothing to split)
-400                                          :class:`RejectedBatchError` (bad parameters)
+400                                          :class:`RejectedBatchError` (bad parameters); fatal with a code of
+                                             :data:`FATAL_ERROR_CODES`, as under a 200
 401, 403, 404, 405                           :class:`FatalPlatformError` (credentials, or a wrong base URL)
 3xx (never followed: the key is in a body)   :class:`FatalPlatformError`
 408, 429, 5xx, time-outs, dropped connection  :class:`RetryableError`
@@ -57,18 +58,31 @@ def _local(tag: str) -> str:
     return tag.rsplit("}", 1)[-1]
 
 
+_BOM = b"\xef\xbb\xbf"
+"""A UTF-8 byte order mark: .NET's UTF-8 writers may put one before an answer (before the ``<`` or ``{``)."""
+
+
+def _member(body: dict[str, Any], name: str) -> Any:
+    """``body[name]`` by its PascalCase name or its camelCase one: ServiceStack on .NET Core writes JSON in
+    camelCase (``responseStatus.errorCode``) by default, on .NET Framework in PascalCase."""
+    value = body.get(name)
+    return body.get(name[:1].lower() + name[1:]) if value is None else value
+
+
 def _json_error(body: Any) -> tuple[str, str] | None:
     if not isinstance(body, dict):
         return None
-    status = body.get("ResponseStatus") or body.get("responseStatus")
-    if isinstance(status, dict) and status.get("ErrorCode"):
-        return str(status["ErrorCode"]), str(status.get("Message") or status["ErrorCode"])
-    if body.get("ErrorCode"):
-        return str(body["ErrorCode"]), str(body.get("Message") or body.get("Error") or body["ErrorCode"])
-    if body.get("Error"):
-        return "Error", str(body["Error"])
-    if body.get("Success") is False:
-        return "Error", str(body.get("Message") or "the platform reported a failure")
+    status = _member(body, "ResponseStatus")
+    if isinstance(status, dict) and _member(status, "ErrorCode"):
+        code = str(_member(status, "ErrorCode"))
+        return code, str(_member(status, "Message") or code)
+    if _member(body, "ErrorCode"):
+        code = str(_member(body, "ErrorCode"))
+        return code, str(_member(body, "Message") or _member(body, "Error") or code)
+    if _member(body, "Error"):
+        return "Error", str(_member(body, "Error"))
+    if _member(body, "Success") is False:
+        return "Error", str(_member(body, "Message") or "the platform reported a failure")
     return None
 
 
@@ -78,16 +92,25 @@ def _xml_error(raw: bytes) -> tuple[str, str] | None:
     except ET.ParseError:
         return None
     for element in root.iter():
-        if _local(element.tag) == "ResponseStatus":
-            fields = {_local(child.tag): (child.text or "").strip() for child in element}
-            if fields.get("ErrorCode"):
-                return fields["ErrorCode"], fields.get("Message") or fields["ErrorCode"]
+        if _local(element.tag).lower() == "responsestatus":
+            fields = {_local(child.tag).lower(): (child.text or "").strip() for child in element}
+            if fields.get("errorcode"):
+                return fields["errorcode"], fields.get("message") or fields["errorcode"]
+    # The same top-level members as in JSON: the error body's shape is not documented [I].
+    top = {_local(child.tag).lower(): (child.text or "").strip() for child in root}
+    if top.get("errorcode"):
+        return top["errorcode"], top.get("message") or top.get("error") or top["errorcode"]
+    if top.get("error"):
+        return "Error", top["error"]
+    if top.get("success") == "false":
+        return "Error", top.get("message") or "the platform reported a failure"
     return None
 
 
 def error_in_body(raw: bytes) -> tuple[str, str] | None:
-    """``(code, message)`` of an error reported inside an answer (JSON or XML), or None when there is none."""
-    text = raw.lstrip()
+    """``(code, message)`` of an error reported inside an answer (JSON or XML, PascalCase or camelCase
+    members, a byte order mark or not), or None when there is none."""
+    text = raw.removeprefix(_BOM).lstrip()
     if not text:
         return None
     if text[:1] == b"<":
@@ -99,7 +122,7 @@ def error_in_body(raw: bytes) -> tuple[str, str] | None:
 
 
 def _parsed(raw: bytes) -> Any:
-    text = raw.lstrip()
+    text = raw.removeprefix(_BOM).lstrip()
     if text[:1] in (b"{", b"["):
         try:
             return json.loads(text)
@@ -220,6 +243,12 @@ class FormsOnFireClient(HttpClient):
         try:
             _ANSWERS.check(answer)
         except RejectedBatchError as exc:
+            if exc.code in self._fatal_codes:
+                # A credential error under a 400 (which status carries in-body errors is not documented [I]):
+                # every push would be refused alike, as under a 200.
+                raise self._credentials_refused(
+                    answer.what, str(exc.code), exc.message, answer.status
+                ) from None
             self._watch(answer.what, str(exc.code), exc.message, answer.status)
             raise
         found = error_in_body(answer.raw)
@@ -236,13 +265,17 @@ class FormsOnFireClient(HttpClient):
             return SendOutcome(answer.status, answer.latency, _parsed(answer.raw), answer.remaining)
         code, message = found[0], bounded(found[1])
         if code in self._fatal_codes:
-            raise FatalPlatformError(
-                f"{answer.what}: {code}: {message} (check the IntegrationKey and destination.extra.company_id)",
-                status=answer.status,
-                code=code,
-            )
+            raise self._credentials_refused(answer.what, code, message, answer.status)
         self._watch(answer.what, code, message, answer.status)
         raise RejectedBatchError(message, status=answer.status, code=code)
+
+    @staticmethod
+    def _credentials_refused(what: str, code: str, message: str, status: int) -> FatalPlatformError:
+        return FatalPlatformError(
+            f"{what}: {code}: {message} (check the IntegrationKey and destination.extra.company_id)",
+            status=status,
+            code=code,
+        )
 
     def _watch(self, what: str, code: str, message: str, status: int) -> None:
         """Count a refusal before the first accepted push; raise FatalPlatformError once ``fatal_after`` of

@@ -604,6 +604,8 @@ SETTINGS = (
 _FALSE = frozenset({"false", "0", "no", "n", "off"})
 _XML_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9._-]*")
 """An XML element name without a prefix (ASCII: what a DataContract's name is)."""
+_DIGITS = re.compile(r"[0-9]+")
+"""A whole number as ``int()`` reads it: ASCII digits (``str.isdigit`` also takes ``²``, which ``int()`` refuses)."""
 
 
 def job_problems(sources: Sequence[Source], extra: Mapping[str, str]) -> list[JobProblem]:
@@ -617,9 +619,19 @@ def job_problems(sources: Sequence[Source], extra: Mapping[str, str]) -> list[Jo
             JobProblem("destination.extra.xml_root", "must be an XML element name (e.g. PushRequest)")
         )
     try:
-        int(extra.get("company_id", ""))
+        company = int(extra.get("company_id", ""))
     except ValueError:
         problems.append(JobProblem("destination.extra.company_id", "the CompanyId (an integer) is required"))
+    else:
+        # An Integer like ExpirySecs: the platform cannot read a larger one (400 for every push, each recorded
+        # as refused, until fatal_after blamed the key).
+        if not -MAX_EXPIRY_SECS - 1 <= company <= MAX_EXPIRY_SECS:
+            problems.append(
+                JobProblem(
+                    "destination.extra.company_id",
+                    f"the CompanyId is an Integer: {company} is out of its range (up to {MAX_EXPIRY_SECS})",
+                )
+            )
     for key, allowed in (
         ("body_format", [f.value for f in BodyFormat]),
         ("response_format", [f.value for f in BodyFormat]),
@@ -628,7 +640,7 @@ def job_problems(sources: Sequence[Source], extra: Mapping[str, str]) -> list[Jo
         if key in extra and extra[key] not in allowed:
             problems.append(JobProblem(f"destination.extra.{key}", f"must be one of {', '.join(allowed)}"))
     if "expiry_secs" in extra and not (
-        extra["expiry_secs"].isdigit() and int(extra["expiry_secs"]) <= MAX_EXPIRY_SECS
+        _DIGITS.fullmatch(extra["expiry_secs"]) and int(extra["expiry_secs"]) <= MAX_EXPIRY_SECS
     ):
         problems.append(
             JobProblem(
@@ -640,7 +652,7 @@ def job_problems(sources: Sequence[Source], extra: Mapping[str, str]) -> list[Jo
             if key in extra and xml_unsafe(extra[key]) is not None:
                 problems.append(JobProblem(f"destination.extra.{key}", _XML_REASON))
     for key in ("fatal_after",):
-        if key in extra and not extra[key].isdigit():
+        if key in extra and not _DIGITS.fullmatch(extra[key]):
             problems.append(JobProblem(f"destination.extra.{key}", "must be a whole number (0 turns it off)"))
     for i, source in enumerate(sources):
         loc = f"sources[{i}]"

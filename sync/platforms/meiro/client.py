@@ -25,8 +25,9 @@ The token (valid 8 h [D]) is refreshed with ``PATCH users/login`` once less than
 is left, judged on an injectable clock; a refresh refused with 401 falls back to a new login. Neither the
 password nor any token ever appears in a message (both are registered with :mod:`sync.redact`).
 
-Listings (:meth:`MeiroClient.iter_exports`, :meth:`MeiroClient.iter_trash`) page until an empty page: Meiro names
-no largest ``limit``, so a short page may be a capped one rather than the last.
+Listings (:meth:`MeiroClient.iter_exports`, :meth:`MeiroClient.iter_trash`) page until nothing follows: Meiro names
+no largest ``limit``, so a short page may be a capped one rather than the last; each page overlaps the one before
+by an item, so items removed between two requests skip no other (:func:`_unique`).
 """
 
 from __future__ import annotations
@@ -117,6 +118,7 @@ class MeiroClient(HttpClient):
         clock: Callable[[], float] = time.time,
         token_ttl: float = TOKEN_TTL,
         refresh_margin: float = 900.0,
+        base_url_hint: str = "check --base-url",
     ) -> None:
         self._session = HttpSession(
             base_url,
@@ -125,6 +127,10 @@ class MeiroClient(HttpClient):
             verify_tls=verify_tls,
         )
         self._credentials = credentials
+        # What a refusal blaming the base URL (a 404 of the API, a redirect) tells to check: the option of the
+        # one-off commands, or the job file's base_url for `meiro run`.
+        self._answers = replace(_ANSWERS, base_url_hint=base_url_hint)
+        self._login_answers = replace(_LOGIN_ANSWERS, base_url_hint=base_url_hint)
         self._clock = clock
         self._token_ttl = token_ttl
         self._refresh_margin = min(refresh_margin, token_ttl / 2)
@@ -149,7 +155,7 @@ class MeiroClient(HttpClient):
     async def _login(self) -> None:
         body = {"email": self._credentials.email, "password": self._credentials.password}
         answer = await self._session.request("POST", "users/login", endpoint="login", json_body=body)
-        self._accept_token(self._checked(answer, answers=_LOGIN_ANSWERS), answer.what)
+        self._accept_token(self._checked(answer, answers=self._login_answers), answer.what)
         self.logins += 1
 
     async def refresh(self) -> None:
@@ -216,9 +222,8 @@ class MeiroClient(HttpClient):
                     self._token = None
         raise AssertionError("unreachable")
 
-    @staticmethod
     def _checked(
-        answer: HttpAnswer, *, not_found: str | None = None, answers: AnswerPolicy = _ANSWERS
+        self, answer: HttpAnswer, *, not_found: str | None = None, answers: AnswerPolicy | None = None
     ) -> Any:
         """The parsed body of a 2xx; otherwise the error the status calls for (see the module docstring).
 
@@ -228,19 +233,33 @@ class MeiroClient(HttpClient):
             return answer.expect_json()
         if answer.status == 404 and not_found:
             raise FatalPlatformError(f"{not_found}: {_read_error(answer.raw, 404).message}", status=404)
-        raise answers.error(answer)
+        raise (answers or self._answers).error(answer)
 
     async def _page(
-        self, path: str, endpoint: str, key: str, params: Mapping[str, str], *, not_found: str | None = None
-    ) -> tuple[list[Mapping[str, Any]], Mapping[str, Any]]:
-        """One listing page: the items under ``key`` and Meiro's ``selection_settings``."""
+        self,
+        path: str,
+        endpoint: str,
+        key: str,
+        params: Mapping[str, str],
+        parse: Callable[[Mapping[str, Any]], _T],
+        *,
+        not_found: str | None = None,
+    ) -> tuple[tuple[_T, ...], Mapping[str, Any]]:
+        """One listing page: the items under ``key``, each parsed, and Meiro's ``selection_settings``."""
         answer = await self._call("GET", path, endpoint, params=params)
         body = self._checked(answer, not_found=not_found)
         items = body.get(key) if isinstance(body, Mapping) else None
         if not isinstance(items, list):
             raise RetryableError(f"{answer.what}: the answer holds no {key} list", status=answer.status)
         settings = body.get("selection_settings") or {}
-        return [item for item in items if isinstance(item, Mapping)], settings
+        try:
+            parsed = tuple(parse(item) for item in items if isinstance(item, Mapping))
+        except ValueError as exc:
+            # An item we cannot read (an export status the document does not list...) is an answer we cannot
+            # use, as for a single export: it escaped as a ValueError, a traceback (and `meiro run` crashed,
+            # leaving its run "running").
+            raise RetryableError(f"{answer.what}: {bounded(str(exc))}", status=answer.status) from exc
+        return parsed, settings
 
     async def list_exports(
         self, notification_id: str, *, limit: int | None = None, offset: int | None = None
@@ -251,16 +270,19 @@ class MeiroClient(HttpClient):
             "listExports",
             "push_notification_exports",
             _params(limit=limit, offset=offset),
+            Export.from_api,
             not_found=f"push notification {notification_id} was not found",
         )
         return ExportPage(
-            exports=tuple(Export.from_api(item) for item in items),
+            exports=items,
             limit=_int_setting(settings, "limit", limit),
             offset=_int_setting(settings, "offset", offset),
         )
 
-    async def iter_exports(self, notification_id: str, *, page_size: int = 20) -> AsyncIterator[Export]:
-        """Every export, newest first, page by page (limit/offset) until an empty page.
+    async def iter_exports(
+        self, notification_id: str, *, page_size: int = 20, offset: int = 0
+    ) -> AsyncIterator[Export]:
+        """Every export from ``offset`` on (0: all), newest first, page by page (limit/offset) until the end.
 
         ``page_size`` is the ``limit`` asked for; a server may serve fewer per page (Meiro names no maximum),
         so the next offset is where the last page ended and only an empty page ends the listing. An export
@@ -270,7 +292,7 @@ class MeiroClient(HttpClient):
         async def page(offset: int) -> Sequence[Export]:
             return (await self.list_exports(notification_id, limit=page_size, offset=offset)).exports
 
-        async for export in _unique(page, lambda export: export.id):
+        async for export in _unique(page, lambda export: export.id, start=offset):
             yield export
 
     def _export_path(self, notification_id: str, export_id: int) -> str:
@@ -295,7 +317,7 @@ class MeiroClient(HttpClient):
         2xx that answers the export ``finished`` or ``error`` (the cancel changed nothing)."""
         answer = await self._call("DELETE", self._export_path(notification_id, export_id), "cancelExport")
         if not answer.ok and answer.status != 404:
-            refusal = _ANSWERS.error(answer)
+            refusal = self._answers.error(answer)
             if isinstance(refusal, RejectedBatchError):
                 raise await self._cancel_refused(notification_id, export_id, refusal, answer)
         body = self._checked(
@@ -342,24 +364,25 @@ class MeiroClient(HttpClient):
             "listTrash",
             "trashed_push_notifications",
             _params(limit=limit, offset=offset, searched_text=searched_text),
+            TrashedNotification.from_api,
         )
         return TrashPage(
-            items=tuple(TrashedNotification.from_api(item) for item in items),
+            items=items,
             limit=_int_setting(settings, "limit", limit),
             offset=_int_setting(settings, "offset", offset),
             searched_text=settings.get("searched_text", searched_text),
         )
 
     async def iter_trash(
-        self, *, searched_text: str | None = None, page_size: int = 20
+        self, *, searched_text: str | None = None, page_size: int = 20, offset: int = 0
     ) -> AsyncIterator[TrashedNotification]:
-        """Every trashed push notification (matching ``searched_text``), page by page until an empty page
-        (as :meth:`iter_exports`); repeats (the trash changing while we page) are skipped by ID."""
+        """Every trashed push notification (matching ``searched_text``) from ``offset`` on, page by page until
+        the end (as :meth:`iter_exports`); repeats (the trash changing while we page) are skipped by ID."""
 
         async def page(offset: int) -> Sequence[TrashedNotification]:
             return (await self.list_trash(limit=page_size, offset=offset, searched_text=searched_text)).items
 
-        async for item in _unique(page, lambda item: item.id):
+        async for item in _unique(page, lambda item: item.id, start=offset):
             yield item
 
     async def restore(self, notification_id: str) -> TrashedNotification:
@@ -403,26 +426,57 @@ def _int_setting(settings: Mapping[str, Any], name: str, asked: int | None) -> i
 
 
 async def _unique(
-    page: Callable[[int], Awaitable[Sequence[_T]]], key: Callable[[_T], Hashable]
+    page: Callable[[int], Awaitable[Sequence[_T]]], key: Callable[[_T], Hashable], *, start: int = 0
 ) -> AsyncIterator[_T]:
-    """Every item of a limit/offset listing, each ``key`` once, page by page until an empty page.
+    """Every item of a limit/offset listing from offset ``start`` on, each ``key`` once, page by page.
 
     A page shorter than the ``limit`` asked for does not mean the end: Meiro names no maximum ``limit``, and
     a server that caps it (echoing the cap in ``selection_settings``, or not at all) serves short pages all
-    along. So the next offset is where the last page ended, and it costs one more request to see the end.
-    An item added while we page pushes the others one place down, and the next page would repeat one: keys
-    already yielded are skipped. A page that brings nothing new ends the listing too (a server that ignores
-    ``offset`` would otherwise be paged forever)."""
-    offset = 0
+    along. So each page starts where the last one ended — one item early, on the last item already listed (the
+    anchor), which tells whether the listing moved between the two requests:
+
+    * the anchor on the new page: nothing was lost. Items added above it since (an export created, a
+      notification trashed) push it down and bring back items already listed: keys already yielded are
+      skipped;
+    * the anchor not on the new page: items above it were removed meanwhile (a notification restored from the
+      trash), everything after moved up, and the items that moved past the offset would be skipped. The
+      listing steps back a page at a time until it finds the anchor again, or starts over at ``start`` (when
+      the anchor itself went);
+    * only the anchor (nothing after it): the end of the listing, one request after the last page.
+
+    A server that ignores ``offset`` answers every request with the first page again: three such answers in a
+    row, with nothing new, end the listing (a listing gaining items at the top exactly as fast as it is paged
+    would look the same, three requests running). A page of one item cannot overlap: the next offset is right
+    after it, and a page of one that brings nothing new ends the listing."""
+    offset = start
+    step = 0  # how far the last forward move went: a step back goes as far
+    anchor: Hashable | None = None
+    first: list[Hashable] | None = None  # the keys of the first page
+    again = 0  # answers in a row that were the first page again, with nothing new
     seen: set[Hashable] = set()
     while True:
         items = await page(offset)
+        keys = [key(item) for item in items]
+        if anchor is not None and offset > start and anchor not in keys:
+            offset = max(start, offset - max(step, 1))  # items above the anchor were removed: look further up
+            continue
         fresh = 0
-        for item in items:
-            if key(item) not in seen:
-                seen.add(key(item))
+        for item, item_key in zip(items, keys, strict=True):
+            if item_key not in seen:
+                seen.add(item_key)
                 fresh += 1
                 yield item
-        if not fresh:
+        if not keys or keys == [anchor]:
             return
-        offset += len(items)
+        if first is None:
+            first = keys
+        again = again + 1 if offset > start and not fresh and keys == first else 0
+        if again >= 3:
+            return
+        if len(keys) >= 2:
+            anchor, step = keys[-1], len(keys) - 1
+        elif fresh:
+            anchor, step = None, 1
+        else:
+            return
+        offset += step

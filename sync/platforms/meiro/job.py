@@ -24,6 +24,7 @@ Only the CLI reads the environment: :func:`resolve_credentials` is called from i
 
 from __future__ import annotations
 
+import math
 import os
 import re
 from collections.abc import Mapping
@@ -92,7 +93,13 @@ def _number(
     value = raw.get(key)
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, int | float) or (positive and value <= 0):
+    # NaN passed "<= 0" (a wait.interval of .nan slept forever after the first poll), and .inf never ends.
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, int | float)
+        or not math.isfinite(value)
+        or (positive and value <= 0)
+    ):
         problems.append(JobProblem(f"{where}{key}", "must be a positive number"))
         return None
     return value
@@ -197,6 +204,7 @@ def load_meiro_job(path: str | Path) -> MeiroJob:
             retry = RetryPolicy(**kwargs)
 
     refs: list[ExportRef] = []
+    listed: dict[ExportRef, int] = {}  # each export (or notification's newest) → its first entry
     exports = raw.get("exports")
     if not isinstance(exports, list) or not exports:
         problems.append(JobProblem("exports", "list the exports to wait for"))
@@ -219,7 +227,13 @@ def load_meiro_job(path: str | Path) -> MeiroJob:
         if export is not None and (isinstance(export, bool) or not isinstance(export, int) or export < 0):
             problems.append(JobProblem(f"{where}.export", "an export ID (a non-negative integer)"))
             continue
-        refs.append(ExportRef(str(notification), export))
+        ref = ExportRef(str(notification), export)
+        if ref in listed:
+            # Waited for twice at once and counted twice in the summary ("2 of 2 exports finished").
+            problems.append(JobProblem(where, f"the same as exports[{listed[ref]}]: list each export once"))
+            continue
+        listed[ref] = i
+        refs.append(ref)
     if problems:
         raise BadJobError(str(job_path), problems)
     base = job_path.resolve().parent

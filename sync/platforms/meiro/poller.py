@@ -271,7 +271,13 @@ async def wait_for_exports(
     answered with errors ``max_attempts`` times in a row) ends as a ``failed`` wait and the others go on.
     401/403 abort everything (the credentials or features are wrong for all of them), and so does a Meiro that
     gave no answer at all through the retries (refused connections, time-outs): it is unreachable for every
-    export, not failing for one. Returns the waits in the order of ``refs``."""
+    export, not failing for one; so does a login refused for any reason (before any wait starts). Returns the
+    waits in the order of ``refs``."""
+    # Log in first: a login refused for any reason (a base URL that answers 404 or a redirect, 401) fails every
+    # wait alike, so it stops the run instead of being recorded as each export's failure. A transient failure
+    # (or no answer) is left to each wait, which retries it as a failed poll and tells unreachable apart.
+    with contextlib.suppress(RetryableError):
+        await client.ensure_token()
     gate = asyncio.Semaphore(max(1, concurrency))
     results: list[ExportWait | None] = [None] * len(refs)
     wall_clock: Callable[[], float] = wait_options.get("wall_clock", time.time)
