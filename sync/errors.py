@@ -100,6 +100,12 @@ def printable(text: str) -> str:
     return text.translate(_CONTROL_ESCAPES)
 
 
+def printable_lines(text: str) -> str:
+    """:func:`printable` line by line: the control characters escaped, the text's own line breaks kept (a message
+    listing several problems, one a line)."""
+    return "\n".join(printable(line) for line in text.split("\n"))
+
+
 class BadJobError(PushSyncError):
     """The job file is invalid. Carries every problem found, not just the first."""
 

@@ -184,13 +184,40 @@ def test_doctor_says_a_base_url_answering_200_without_netmeras_answer_is_not_usa
     assert "OK" not in captured.out and "some-key-0123456789abcdef" not in captured.err
 
 
+def test_an_answer_with_control_characters_cannot_rewrite_the_terminal(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Every error a command ends with is printed by the CLI's one handler: a platform's words in it (here a
+    403's) reached the terminal raw, and an escape sequence could clear or rewrite the screen. Now control
+    characters are escaped; the message's own line breaks are kept."""
+    body = json.dumps({"code": 2010, "error": "key revoked\x1b[2J\x1b[31m\rOK"}).encode()
+    with _another_service(body, status=403) as url:
+        monkeypatch.chdir(tmp_path)
+        (tmp_path / "job.yaml").write_text(job_text(url, "changes"), encoding="utf-8")
+        write_users(tmp_path, range(5))
+        monkeypatch.setenv("NETMERA_API_KEY", "some-key-0123456789abcdef")
+        assert main(["doctor", "job.yaml"]) == 3
+    err = capsys.readouterr().err
+    assert "key revoked" in err and "\x1b" not in err and "\r" not in err
+    assert "\\x1b[2J" in err
+    # The same through the CLI's handler, which prints every error a command ends with (here an export's).
+    with _another_service(body, status=403) as url:
+        (tmp_path / "job.yaml").write_text(job_text(url, "changes"), encoding="utf-8")
+        assert (
+            main(["export", "device-tokens", "--job", "job.yaml", "-o", "t.csv", "--progress", "none"]) == 3
+        )
+    err = capsys.readouterr().err
+    assert err.startswith("pushsync: error:") and "key revoked" in err, err
+    assert "\x1b" not in err and "\\x1b[2J" in err
+
+
 @contextlib.contextmanager
-def _another_service(body: bytes) -> Iterator[str]:
-    """A plain HTTP server (not Netmera) answering 200 with ``body`` to every GET; yields its base URL."""
+def _another_service(body: bytes, status: int = 200) -> Iterator[str]:
+    """A plain HTTP server (not Netmera) answering ``status`` with ``body`` to every GET; yields its base URL."""
 
     class Handler(http.server.BaseHTTPRequestHandler):
         def do_GET(self) -> None:
-            self.send_response(200)
+            self.send_response(status)
             self.send_header("Content-Type", "application/json")
             self.send_header("Content-Length", str(len(body)))
             self.end_headers()

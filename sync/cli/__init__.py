@@ -14,7 +14,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any, NoReturn
 
-from sync.errors import ExitCode, PushSyncError
+from sync.errors import ExitCode, PushSyncError, printable_lines
 from sync.redact import redact
 
 __all__ = ["build_parser", "entry", "main"]
@@ -133,7 +133,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(args.func(args))
     except PushSyncError as exc:
-        print(f"pushsync: error: {redact(str(exc))}", file=sys.stderr)
+        # A platform's or a database's words may be in it: no control character reaches the terminal raw.
+        print(f"pushsync: error: {printable_lines(redact(str(exc)))}", file=sys.stderr)
         return int(exc.exit_code)
     except KeyboardInterrupt:
         print("pushsync: interrupted", file=sys.stderr)
@@ -147,7 +148,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         import traceback
 
         print(
-            f"pushsync: internal error: {type(exc).__name__}: {redact(str(exc))}\n"
+            f"pushsync: internal error: {type(exc).__name__}: {printable_lines(redact(str(exc)))}\n"
             "This is a bug in pushsync (or its environment), not in the job: what reached the ledger before it "
             "stays there. Please report it with the traceback below.",
             file=sys.stderr,

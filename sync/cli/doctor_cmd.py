@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 from typing import Any, TextIO
 
-from sync.errors import ExitCode
+from sync.errors import ExitCode, printable_lines
 
 __all__ = ["check_connection", "register"]
 
@@ -65,12 +65,12 @@ def check_connection(job: Any, out: TextIO) -> int:
     try:
         what = asyncio.run(probe())
     except FatalPlatformError as exc:
-        print(f"{job.name}: {where}: refused — {redact(str(exc))}", file=sys.stderr)
+        print(f"{job.name}: {where}: refused — {printable_lines(redact(str(exc)))}", file=sys.stderr)
         return int(ExitCode.ABORTED)
     except PlatformError as exc:
         # No answer (closed port, DNS, time-out), 5xx, or a 4xx to a request that cannot be wrong: the run
         # would not get through either.
-        print(f"{job.name}: {where}: not usable — {redact(str(exc))}", file=sys.stderr)
+        print(f"{job.name}: {where}: not usable — {printable_lines(redact(str(exc)))}", file=sys.stderr)
         return int(ExitCode.ABORTED)
     print(f"{job.name}: {where}: OK — {what}", file=out)
     return int(ExitCode.OK)
