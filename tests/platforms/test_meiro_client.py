@@ -251,7 +251,27 @@ async def test_wait_ends_on_error_and_canceled_and_times_out(meiro_sandbox: Any)
     assert canceled.outcome is WaitOutcome.CANCELED and canceled.polls == 1
     timed_out = await wait_for_export(client, NID, 3, interval=10, max_wait=35, **kw)
     assert timed_out.outcome is WaitOutcome.TIMED_OUT and timed_out.status is ExportStatus.WAITING
-    assert timed_out.polls == 4 and timed_out.finished_at - timed_out.started_at == 35
+    # Polls at 0, 10, 20 and 30 s, and a last one at the deadline.
+    assert timed_out.polls == 5 and timed_out.finished_at - timed_out.started_at == 35
+
+
+async def test_an_export_that_ends_between_the_last_poll_and_the_deadline_is_not_timed_out(
+    meiro_sandbox: Any,
+) -> None:
+    """``--interval 60 --timeout 300``: the wait slept from its poll at 240 s to the deadline and said
+    "timed_out" with the status of 240 s, though the export had finished at 250 s (exit 1). Now it looks once
+    more at the deadline."""
+    _seed(meiro_sandbox, exports=0)
+    # The sandbox moves it on by polls: waiting for 2, running for 1 — finished at the third.
+    meiro_sandbox.sandbox.state.add_export(NID, total=40, waiting=2, running=1)
+    client = meiro_sandbox.client()
+    kw: dict[str, Any] = {
+        "clock": meiro_sandbox.clock,
+        "wall_clock": meiro_sandbox.clock,
+        "sleep": meiro_sandbox.clock.sleep,
+    }
+    wait = await wait_for_export(client, NID, 1, interval=20, max_wait=35, **kw)
+    assert wait.outcome is WaitOutcome.FINISHED and wait.polls == 3  # at 0, 20 and 35 s
 
 
 async def test_wait_gives_up_after_max_attempts_failures_in_a_row(meiro_sandbox: Any) -> None:

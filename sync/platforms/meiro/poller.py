@@ -148,7 +148,8 @@ async def wait_for_export(
     """Poll until the export is finished, error or canceled, or ``max_wait`` seconds have passed.
 
     ``max_wait`` is a deadline on the injectable clock (not ``asyncio.timeout``), so a wait that runs out
-    still ends in an :class:`ExportWait` (outcome ``timed_out``) with the last state seen.
+    still ends in an :class:`ExportWait` (outcome ``timed_out``) with the state seen by a last poll at the
+    deadline (an export that ended since the poll before is reported as it ended).
 
     Returns the :class:`ExportWait`; raises the last :class:`RetryableError` after ``retry.max_attempts``
     failed polls in a row, and fatal errors at once. ``interval`` is the pause between successful polls.
@@ -161,6 +162,7 @@ async def wait_for_export(
     polls = retries = failures = 0
     last: Export | None = None
     last_error: RetryableError | None = None
+    final = False  # the poll at the deadline was made
     while True:
         try:
             export = await client.get_export(notification_id, export_id)
@@ -198,6 +200,11 @@ async def wait_for_export(
         if deadline is not None and clock() + delay > deadline:
             if deadline > clock():
                 await sleep(deadline - clock())
+                if not final:
+                    # One last look at the deadline: an export that ended since the last poll is reported as
+                    # it ended, not as timed out with a status up to an interval old.
+                    final = True
+                    continue
             if last is None:
                 # Only failures so far (the loop polls before it pauses): the last one says what kind.
                 raise RetryableError(
