@@ -749,6 +749,45 @@ def test_postgres_and_duckdb_types_arrive_as_the_values_they_hold(
     assert row == {**expected, "u": "calm"}
 
 
+def query_job(directory: Path, database: str, query: str, attributes: str) -> Path:
+    """A job of one users source reading ``query`` from ``database``, its ID in ``user_id`` (nothing is sent)."""
+    job = directory / "job.yaml"
+    job.write_text(
+        "version: 1\nname: q\nworkdir: work\n"
+        'destination: {platform: netmera, base_url: "http://127.0.0.1:9/rest/3.0/", secret: {env: K}}\n'
+        f"sources:\n  - name: users\n    database: {database}\n    query: {json.dumps(query)}\n"
+        f"    ext_id: user_id\n    attributes: {{{attributes}}}\n",
+        encoding="utf-8",
+    )
+    return job
+
+
+@pytest.mark.parametrize("mapping", ["number", "string"])
+def test_a_money_column_is_refused_not_sent_in_cents(
+    mapping: str, postgres_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: Any
+) -> None:
+    # ADBC gives PostgreSQL's money as its count of cents: 12.50 was sent as 1250 (or "1250"), with exit 0.
+    monkeypatch.setenv(URL_ENV, postgres_url)
+    query = "SELECT 'U1' AS user_id, 12.50::money AS spent"
+    job = query_job(tmp_path, f"{{env: {URL_ENV}}}", query, f"spent: {mapping}")
+    expected = (
+        "column 'spent' is money in the query's result, which arrives as cents (12.50 as 1250); convert it in "
+        "the query (e.g. CAST(spent AS NUMERIC))"
+    )
+    for command in ("validate", "plan"):
+        code = main([command, str(job)])
+        out, err = capsys.readouterr()
+        assert code == ExitCode.BAD_JOB_OR_INPUT, out + err
+        assert expected in out + err
+    job = query_job(
+        tmp_path, f"{{env: {URL_ENV}}}", query.replace("::money", "::money::numeric"), f"spent: {mapping}"
+    )
+    with build_plan(load_job(job)) as plan:
+        assert next(plan.staged[0].frames(["spent"]))["spent"].to_list() == [
+            12.5 if mapping == "number" else "12.50"
+        ]
+
+
 def test_a_database_float_nan_mapped_as_a_string_is_not_sent_as_text(tmp_path: Path) -> None:
     # As a Parquet float column's (test_reading): a NaN or infinity rejects its row, never sent as "nan".
     con = duckdb.connect(str(tmp_path / "x.duckdb"))

@@ -239,6 +239,13 @@ def _type_class(t: pa.DataType) -> str:
 def _type_problem(column: Column, role: str) -> str | None:
     if column.type is None:
         return None  # SQLite: checked value by value while reading
+    if column.type_name in ("money", "_money"):
+        # ADBC gives PostgreSQL's money as its integer count of cents: 12.50 arrived as 1250, sent a hundred
+        # times too large (as a number or as text) without a word.
+        return (
+            f"column {column.name!r} is money in the query's result, which arrives as cents (12.50 as 1250); "
+            f"convert it in the query (e.g. CAST({column.name} AS NUMERIC))"
+        )
     found = _type_class(column.type)
     if found in _FITS[role]:
         return None
