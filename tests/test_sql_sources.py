@@ -687,6 +687,21 @@ def test_a_url_without_password_may_be_written_and_the_url_is_resolved_from_env_
     assert load_job(literal).sources[0].sql is not None
 
 
+def test_the_urls_own_parameters_reach_the_server_as_written(
+    postgres_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A statement timeout for the sync's session, as PostgreSQL's manual writes it in a URL: the reader decoded
+    # the URL's parameters and encoded them again, a space as "+", which libpq reads as a plus sign. The run
+    # stopped at once: 'cannot connect to the database: unrecognized configuration parameter "+statement_timeout"'.
+    monkeypatch.setenv(
+        URL_ENV, postgres_url + "?options=-c%20statement_timeout%3D1500&application_name=crm%20sync"
+    )
+    query = "SELECT 'U1' AS user_id, current_setting('statement_timeout') || ', ' || current_setting('application_name') AS seen"
+    job = query_job(tmp_path, f"{{env: {URL_ENV}}}", query, "seen: string")
+    with build_plan(load_job(job)) as plan:
+        assert next(plan.staged[0].frames(["seen"]))["seen"].to_list() == ["1500ms, crm sync"]
+
+
 def test_postgres_and_duckdb_types_arrive_as_the_values_they_hold(
     postgres_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

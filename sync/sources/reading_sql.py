@@ -127,16 +127,18 @@ def _postgres_target(url: str, label: str, origin: str, secrets: tuple[str, ...]
     user = urllib.parse.unquote(parts.username or "")
     where = f"{host}:{port}" if port else host
     display = f"postgresql://{user + '@' if user else ''}{where}{parts.path}"
-    query = urllib.parse.parse_qsl(parts.query, keep_blank_values=True)
-    names = {k for k, _ in query}
+    names = {k for k, _ in urllib.parse.parse_qsl(parts.query, keep_blank_values=True)}
     # Named in pg_stat_activity for the DBA; and a server that never answers fails instead of hanging.
-    query += [
+    added = [
         (k, v)
         for k, v in (("application_name", "pushsync"), ("connect_timeout", _CONNECT_TIMEOUT))
         if k not in names
     ]
+    # The URL's own parameters are kept as written, only ours appended: decoded and encoded again, a space
+    # (options=-c%20statement_timeout%3D5min) came back as "+", which libpq reads as a plus sign.
+    query = "&".join(q for q in (parts.query, urllib.parse.urlencode(added)) if q)
     scheme = "postgresql"
-    full = urllib.parse.urlunsplit((scheme, parts.netloc, parts.path, urllib.parse.urlencode(query), ""))
+    full = urllib.parse.urlunsplit((scheme, parts.netloc, parts.path, query, ""))
     return _Target(DatabaseKind.POSTGRESQL, full, display, None, origin, (*secrets, full))
 
 
