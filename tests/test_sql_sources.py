@@ -687,6 +687,35 @@ def test_a_url_without_password_may_be_written_and_the_url_is_resolved_from_env_
     assert load_job(literal).sources[0].sql is not None
 
 
+def test_a_password_with_a_hash_or_question_mark_logs_in_as_libpq_reads_it(
+    postgres_url: str,
+    postgres_server: PostgresServer,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: Any,
+) -> None:
+    # libpq reads a URL's password as written up to the "@", so a generated password with "#" or "?" works in
+    # psql; the reader parsed the URL as a web address (the host ending at the "#"): 'the PostgreSQL URL ...
+    # cannot be parsed', or, with digits before the "#", a connection to the host "crm" whose label showed them.
+    database = postgres_url.rsplit("/", 1)[1]
+    role, password = f"hashed_{database}", "1234#Zq9?kL:x1+y"
+    postgres_server.sql(postgres_server.admin_url(), f"CREATE ROLE {role} LOGIN PASSWORD '{password}'")
+    where = f"127.0.0.1:{postgres_server.port}/{database}"
+    monkeypatch.setenv(URL_ENV, f"postgresql://{role}:{password}@{where}")
+    job = query_job(
+        tmp_path, f"{{env: {URL_ENV}}}", "SELECT 'U1' AS user_id, current_user AS who", "who: string"
+    )
+    with build_plan(load_job(job)) as plan:
+        assert next(plan.staged[0].frames(["who"]))["who"].to_list() == [role]
+        assert plan.staged[0].files == (f"users (postgresql://{role}@{where}, query)",)
+    # A wrong one is refused by the server, and no part of it is shown.
+    monkeypatch.setenv(URL_ENV, f"postgresql://{role}:{password.replace('y', 'z')}@{where}")
+    assert main(["plan", str(job)]) == ExitCode.BAD_JOB_OR_INPUT
+    err = capsys.readouterr().err
+    assert f'the database refused the login: password authentication failed for user "{role}"' in err
+    assert "1234" not in err and "Zq9" not in err
+
+
 def test_the_urls_own_parameters_reach_the_server_as_written(
     postgres_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -45,7 +45,7 @@ from sync.config import (
     resolve_secret,
 )
 from sync.errors import BadInputError, InterruptedRunError, JobProblem, SecretError
-from sync.redact import register_url
+from sync.redact import register_secret, register_url
 from sync.sources._sql_drivers import Column, Driver, DuckdbDriver, Failure, PostgresDriver, SqliteDriver
 from sync.sources.reading import CHUNK_BYTES, CHUNK_ROWS, ROW, Chunk, _normalise
 
@@ -96,7 +96,13 @@ def _resolve(source: Source) -> _Target:
     # environment or a file may hold credentials in any form: all of it is masked where it appears whole, its
     # password (and a credential parameter's value) in pieces too — not its host or database, whose
     # 8-character runs would be masked in every platform answer naming them (sync.redact.register_url).
+    written = url
+    if database_kind(url) is DatabaseKind.POSTGRESQL:
+        url = _libpq_userinfo(url)
     secrets = () if ref.url else register_url(url)
+    if written != url and not ref.url:
+        register_secret(written, pieces=False)  # its password is registered (in pieces) from the encoded form
+        secrets = (*secrets, written)
     kind = database_kind(url)
     if kind is None:
         raise BadInputError(
@@ -115,6 +121,23 @@ def _resolve(source: Source) -> _Target:
     if not path.is_absolute():
         path = Path(ref.base) / path
     return _Target(kind, url, f"{kind.value} file {path}", path, origin, secrets)
+
+
+_USERINFO = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*://)([^@/]*)@")
+"""A URL's scheme and its user and password, read as libpq reads them: up to the first "@" before any "/"."""
+
+
+def _libpq_userinfo(url: str) -> str:
+    """``url`` with the "#", "?", "[" and "]" of its user and password percent-encoded (libpq decodes them).
+
+    libpq takes a password as written up to the "@" (``postgresql://crm:Zq#9?kL@db/crm`` logs in), where a URL
+    parser ends the host at the "#" or "?": such a generated password was refused as a URL that "cannot be
+    parsed", or read as the host and port (``crm:1234``), shown in every message naming the source."""
+    found = _USERINFO.match(url)
+    if found is None or not re.search(r"[#?\[\]]", found.group(2)):
+        return url
+    userinfo = re.sub(r"[#?\[\]]", lambda m: f"%{ord(m.group()):02X}", found.group(2))
+    return f"{found.group(1)}{userinfo}@{url[found.end() :]}"
 
 
 def _postgres_target(url: str, label: str, origin: str, secrets: tuple[str, ...]) -> _Target:
