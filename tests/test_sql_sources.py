@@ -832,6 +832,29 @@ def test_a_money_column_is_refused_not_sent_in_cents(
         ]
 
 
+@pytest.mark.parametrize("engine", ["duckdb", "sqlite"])
+def test_a_mapped_column_named_twice_in_the_result_is_refused_not_read_from_the_last(
+    engine: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: Any
+) -> None:
+    # SELECT u.*, p.* over two tables that both have user_id: the columns were checked through a sub-select,
+    # where DuckDB and SQLite rename the second (user_id_1, user_id:1), so the check passed and the reading took
+    # the last column of the name — profile U2's values were sent as user U1's. PostgreSQL refused it already.
+    duckdb.connect(str(tmp_path / "crm.duckdb")).close()
+    sqlite3.connect(tmp_path / "crm.db").close()
+    database = {"duckdb": "duckdb:///crm.duckdb", "sqlite": "sqlite:///crm.db"}[engine]
+    query = "SELECT 'U1' AS user_id, 'Ada' AS name, 'U2' AS user_id"
+    job = query_job(tmp_path, database, query, "name: string")
+    monkeypatch.chdir(tmp_path)
+    assert main(["plan", str(job)]) == ExitCode.BAD_JOB_OR_INPUT
+    err = capsys.readouterr().err
+    assert "column 'user_id': the query's result has several columns named 'user_id'" in err, err
+    if (
+        engine == "duckdb"
+    ):  # SQLite gives the names as the query does only once it runs: plan and run see them
+        assert main(["validate", str(job)]) == ExitCode.BAD_JOB_OR_INPUT
+        assert "several columns named 'user_id'" in capsys.readouterr().out
+
+
 def test_a_database_float_nan_mapped_as_a_string_is_not_sent_as_text(tmp_path: Path) -> None:
     # As a Parquet float column's (test_reading): a NaN or infinity rejects its row, never sent as "nan".
     con = duckdb.connect(str(tmp_path / "x.duckdb"))

@@ -273,9 +273,13 @@ class DuckdbDriver:
             relation = self._conn.sql(f"SELECT * FROM ({statement}) AS q LIMIT 0")
             types = [str(t) for t in relation.types]
             schema = relation.to_arrow_table().schema
+            # The names as the query gives them (a SELECT, as the sub-select has shown: its relation is only
+            # bound, not run): in a sub-select DuckDB renames a name given twice (id, id_1), so a mapped column
+            # named twice was not seen, and the reading took the last of the two.
+            names = self._conn.sql(statement).columns
         except self._errors as exc:
             self._fail(f"the database refused the query: {_duck_detail(exc)}", exc)
-        return [Column(f.name, f.type, t) for f, t in zip(schema, types, strict=True)]
+        return [Column(n, f.type, t) for n, f, t in zip(names, schema, types, strict=True)]
 
     def estimate_rows(self, statement: str) -> int:
         # Counting is cheap in a columnar database, and exact.

@@ -557,6 +557,10 @@ class SqlReader:
             )
             for batch in fetcher:
                 index = {name: i for i, name in enumerate(batch.schema.names)}
+                if len(index) < batch.num_columns:
+                    # A name given twice, which SQLite's LIMIT 0 sub-select renamed (id, id:1): refused as the
+                    # schema's would be, not read from the last column of that name.
+                    self._check_columns([Column(n, None, "") for n in batch.schema.names])
                 # PostgreSQL's batches are sized in bytes: narrow rows make batches of 100k+ rows. Validation
                 # works (and holds memory) per chunk, so cut them to the chunk size (slices copy nothing): of
                 # CHUNK_ROWS rows, fewer when rows are wide (CHUNK_BYTES, at this batch's mean width).
