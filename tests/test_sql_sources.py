@@ -350,6 +350,51 @@ def test_sigterm_during_a_slow_query_stops_at_once_and_cancels_the_query(
             time.sleep(0.05)
 
 
+@pytest.mark.parametrize("command", ["plan", "run"])
+def test_sigterm_while_the_table_is_locked_stops_at_once_and_leaves_no_session_waiting(
+    command: str, postgres_url: str, postgres_server: PostgresServer, tmp_path: Path
+) -> None:
+    # A migration holds the table (ALTER TABLE takes an ACCESS EXCLUSIVE lock): the reader's schema call waits
+    # for it before any row. It ran outside the reading thread, so SIGTERM was seen only when the lock was
+    # released — `pushsync plan` exited 21 s after it, a pod killed after its grace period, its session queued
+    # for the lock ahead of every later query on the table.
+    import adbc_driver_postgresql.dbapi as pg
+
+    pg_load(postgres_url, users(10, seed=7))
+    job = write_job(tmp_path, "http://127.0.0.1:9/rest/3.0/")
+    waiting = "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'pushsync' AND wait_event_type = 'Lock'"
+    sessions = "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'pushsync'"
+    with pg.connect(postgres_url) as migration, migration.cursor() as cur:
+        cur.execute("LOCK TABLE crm.users IN ACCESS EXCLUSIVE MODE")
+        process = subprocess.Popen(
+            [sys.executable, "-m", "sync", command, str(job)],
+            env={**os.environ, URL_ENV: postgres_url, KEY_ENV: "unused-key"},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        try:
+            deadline = time.monotonic() + 60
+            while postgres_server.sql(postgres_server.admin_url(), waiting).strip() != "1":
+                assert process.poll() is None, process.communicate()
+                assert time.monotonic() < deadline, "the reader never waited for the lock"
+                time.sleep(0.05)
+            sent = time.monotonic()
+            process.send_signal(signal.SIGTERM)
+            _out, err = process.communicate(timeout=20)
+            took = time.monotonic() - sent
+        finally:
+            process.kill()
+        assert process.returncode == ExitCode.INTERRUPTED, err
+        assert took < 5, f"exited {took:.1f} s after SIGTERM"
+        # Its session has gone while the lock is still held: nothing waits in the lock's queue.
+        deadline = time.monotonic() + 10
+        while postgres_server.sql(postgres_server.admin_url(), sessions).strip() != "0":
+            assert time.monotonic() < deadline, "the reader's session is still there"
+            time.sleep(0.05)
+        migration.rollback()
+
+
 def test_rejected_rows_name_the_source_its_position_and_id_never_the_password(
     postgres_url: str,
     postgres_server: PostgresServer,

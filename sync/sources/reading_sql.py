@@ -438,6 +438,35 @@ class _Fetcher:
         return True
 
 
+class _Opened:
+    """The driver a read opens in its fetching thread, reachable from the caller's thread to cancel its
+    statement (:class:`_Fetcher`'s ``cancel``)."""
+
+    __slots__ = ("_cancelled", "_driver", "_lock")
+
+    def __init__(self) -> None:
+        self._driver: Driver | None = None  # once opened, until the read ends
+        self._cancelled = False  # cancel was called: a driver opened after it is closed at once
+        self._lock = threading.Lock()  # between the fetching thread's hold and the caller's cancel
+
+    def hold(self, driver: Driver) -> bool:
+        """Keep ``driver`` for :meth:`cancel`; False (``driver`` closed) when the read was cancelled meanwhile."""
+        with self._lock:
+            if not self._cancelled:
+                self._driver = driver
+                return True
+        driver.close()
+        return False
+
+    def cancel(self) -> None:
+        """Cancel the statement running on the driver, if one is open (from the caller's thread)."""
+        with self._lock:
+            self._cancelled = True
+            driver = self._driver
+        if driver is not None:
+            driver.cancel()
+
+
 class SqlReader:
     """Reads one database source. Building it resolves the URL (no connection yet); each method opens its own
     connection and closes it."""
@@ -541,20 +570,18 @@ class SqlReader:
         ``stop`` (set by a signal handler) is looked at while the database works, every :data:`_POLL` seconds: the
         statement is cancelled and :class:`sync.errors.InterruptedRunError` raised. So is an interrupt (Ctrl-C, or
         SIGTERM in ``pushsync plan``): the query does not run on in the server after the process has gone."""
-        driver = self._open()
-        fetcher: _Fetcher | None = None
+        opened = _Opened()
+        fetcher = _Fetcher(
+            self._batches(opened),
+            ahead=READ_AHEAD if self._target.kind is DatabaseKind.POSTGRESQL else 0,
+            stop=stop,
+            cancel=opened.cancel,
+        )
         try:
-            self._check_columns(driver.schema(self.statement))
             wanted = list(self.source.columns())
             pending: list[pa.RecordBatch] = []
             rows = 0
             next_row = 1
-            fetcher = _Fetcher(
-                driver.batches(self.statement, CHUNK_ROWS),
-                ahead=READ_AHEAD if driver.remote else 0,
-                stop=stop,
-                cancel=driver.cancel,
-            )
             for batch in fetcher:
                 index = {name: i for i, name in enumerate(batch.schema.names)}
                 if len(index) < batch.num_columns:
@@ -588,10 +615,22 @@ class SqlReader:
             if pending:
                 yield self._chunk(pending, next_row)
         finally:
-            # The fetching thread must end before the driver closes; one that did not (a cancel the database
-            # ignored) keeps the connection, which the process's exit closes.
-            if fetcher is None or fetcher.close():
-                driver.close()
+            # The fetching thread closes its driver; one that did not end (a cancel the database ignored) keeps
+            # the connection, which the process's exit closes.
+            fetcher.close()
+
+    def _batches(self, opened: _Opened) -> Generator[pa.RecordBatch, None, None]:
+        """The result's record batches, the connection opened and the columns checked first: all of it in the
+        fetching thread, so that a stop is seen while the database works before the first row too — a schema
+        call waiting for a lock (a migration's ALTER TABLE), which kept SIGTERM waiting as long as the lock."""
+        driver = self._open()
+        if not opened.hold(driver):
+            return  # stopped while the connection was made
+        try:
+            self._check_columns(driver.schema(self.statement))
+            yield from driver.batches(self.statement, CHUNK_ROWS)
+        finally:
+            driver.close()
 
     def _refuse_out_of_range(self, array: pa.Array, column: str, first_row: int) -> None:
         """Stop the read at a date outside years 1-9999 (:func:`_first_out_of_range`), naming its position: no
