@@ -302,6 +302,14 @@ def _arrow_ready(array: pa.Array) -> pa.Array:
         return storage
     if pa.types.is_dictionary(t):
         return array.dictionary_decode()
+    if (pa.types.is_list(t) or pa.types.is_large_list(t)) and isinstance(t.value_type, pa.BaseExtensionType):
+        # uuid[], numeric[], jsonb[]: items of an extension type, which polars cannot take (a uuid[] tags column
+        # ended in "internal error: ComputeError: invalid utf8", exit 5). Their text, in the same lists; only
+        # this slice's items are converted (a batch is cut in several slices).
+        start, end = array.offsets[0].as_py(), array.offsets[-1].as_py()
+        items = _arrow_ready(array.values.slice(start, end - start))
+        lists = pa.ListArray if pa.types.is_list(t) else pa.LargeListArray
+        return lists.from_arrays(pc.subtract(array.offsets, start), items, mask=array.is_null())
     return array
 
 
