@@ -395,6 +395,41 @@ def test_sigterm_while_the_table_is_locked_stops_at_once_and_leaves_no_session_w
         migration.rollback()
 
 
+@pytest.mark.parametrize("command", ["plan", "run"])
+def test_sigterm_while_connecting_to_a_server_that_does_not_answer_stops_at_once(
+    command: str, tmp_path: Path
+) -> None:
+    # A server that takes the connection and never answers (a firewall, a hung pooler): libpq waits for its
+    # connect timeout (15 s). SIGTERM then waited for it, then for the reading thread (10 s more).
+    import socket
+
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen(1)
+        server.settimeout(60)
+        url = f"postgresql://crm:not-used-1234@127.0.0.1:{server.getsockname()[1]}/crm"
+        job = write_job(tmp_path, "http://127.0.0.1:9/rest/3.0/")
+        process = subprocess.Popen(
+            [sys.executable, "-m", "sync", command, str(job)],
+            env={**os.environ, URL_ENV: url, KEY_ENV: "unused-key"},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        try:
+            connection, _ = server.accept()  # the reader connects, and waits for an answer
+            with connection:
+                sent = time.monotonic()
+                process.send_signal(signal.SIGTERM)
+                _out, err = process.communicate(timeout=30)
+                took = time.monotonic() - sent
+        finally:
+            process.kill()
+    assert process.returncode == ExitCode.INTERRUPTED, err
+    assert took < 5, f"exited {took:.1f} s after SIGTERM"
+    assert "not-used-1234" not in err
+
+
 def test_rejected_rows_name_the_source_its_position_and_id_never_the_password(
     postgres_url: str,
     postgres_server: PostgresServer,

@@ -375,10 +375,10 @@ class _Fetcher:
         *,
         ahead: int,
         stop: threading.Event | None,
-        cancel: Callable[[], None],
+        cancel: Callable[[], bool],
     ) -> None:
         self._batches = batches  # consumed and closed by the thread only
-        self._cancel = cancel  # the driver's cancel, called from the caller's thread
+        self._cancel = cancel  # cancels the driver's statement from the caller's thread; False: none yet
         self._stop = stop  # set by a signal handler (a run): seen within _POLL seconds
         self._queue: queue.SimpleQueue[object] = queue.SimpleQueue()  # batches, then _END or an exception
         self._wanted = threading.Semaphore(ahead)  # batches the thread may fetch now
@@ -428,12 +428,14 @@ class _Fetcher:
 
     def close(self) -> bool:
         """Stop fetching (cancelling the statement if the thread is still at it) and wait for the thread; False
-        when it did not end within :data:`_CANCEL_WAIT` seconds (its connection must not be closed under it)."""
+        when it did not end within :data:`_CANCEL_WAIT` seconds (its connection must not be closed under it), or
+        was not waited for: still connecting, it has no statement to cancel (a server that does not answer
+        would keep it for the connect timeout), and closes the connection it gets at once."""
         if not self._done:
             self._halt.set()
             self._wanted.release()  # wakes a thread waiting for a credit
-            if self._thread.is_alive():
-                self._cancel()
+            if self._thread.is_alive() and not self._cancel():
+                return False
             deadline = time.monotonic() + _CANCEL_WAIT
             while not self._done:
                 try:
@@ -466,13 +468,15 @@ class _Opened:
         driver.close()
         return False
 
-    def cancel(self) -> None:
-        """Cancel the statement running on the driver, if one is open (from the caller's thread)."""
+    def cancel(self) -> bool:
+        """Cancel the statement running on the driver (from the caller's thread); False when none is open yet."""
         with self._lock:
             self._cancelled = True
             driver = self._driver
-        if driver is not None:
-            driver.cancel()
+        if driver is None:
+            return False
+        driver.cancel()
+        return True
 
 
 class SqlReader:
