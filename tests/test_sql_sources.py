@@ -964,6 +964,41 @@ def test_arrays_of_uuid_numeric_and_jsonb_arrive_as_lists_of_their_text(
     assert frame["docs"][59999].to_list() == ['{"g": 60000}']
 
 
+@pytest.mark.parametrize(
+    ("value", "mapping", "fix"),
+    [
+        ("'NaN'::numeric", "string", "make it NULL in the query (e.g. NULLIF(v, 'NaN'))"),
+        ("'-Infinity'::numeric", "string", "make it NULL in the query (e.g. NULLIF(v, 'NaN'))"),
+        ("ARRAY[1, 'Infinity'::numeric]", "list", "remove it in the query (e.g. array_remove(v, 'NaN'))"),
+    ],
+)
+def test_a_numeric_nan_or_infinity_read_as_text_stops_the_read_naming_row_and_column(
+    value: str,
+    mapping: str,
+    fix: str,
+    postgres_url: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: Any,
+) -> None:
+    # ADBC gives PostgreSQL's numeric as its text: a NaN mapped as a string was sent as the text "nan" (an
+    # infinity as "inf"), where a float's NaN rejects its row. Mapped as a number, the row is rejected as before.
+    monkeypatch.setenv(URL_ENV, postgres_url)
+    first = "ARRAY[2.5::numeric]" if mapping == "list" else "2.5::numeric"
+    query = f"SELECT 'U1' AS user_id, {first} AS v UNION ALL SELECT 'U2', {value} ORDER BY 1"
+    job = query_job(tmp_path, f"{{env: {URL_ENV}}}", query, f"v: {mapping}")
+    assert main(["plan", str(job)]) == ExitCode.BAD_JOB_OR_INPUT
+    err = capsys.readouterr().err
+    assert (
+        f"row 2, column 'v': a numeric NaN or infinity, which would be sent as the text 'nan' or 'inf'; {fix}"
+        in err
+    )
+    if mapping == "string":
+        job = query_job(tmp_path, f"{{env: {URL_ENV}}}", query, "v: number")
+        with build_plan(load_job(job)) as plan:
+            assert [(r.row, r.reason) for r in plan.rejected_rows()] == [(2, "not a number")]
+
+
 def test_a_database_float_nan_mapped_as_a_string_is_not_sent_as_text(tmp_path: Path) -> None:
     # As a Parquet float column's (test_reading): a NaN or infinity rejects its row, never sent as "nan".
     con = duckdb.connect(str(tmp_path / "x.duckdb"))

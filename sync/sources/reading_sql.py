@@ -341,6 +341,27 @@ def _first_out_of_range(array: pa.Array) -> int | None:
     return int(pc.index(outside, True).as_py())
 
 
+_NOT_FINITE = pa.array(["nan", "inf", "-inf"])
+"""How ADBC writes PostgreSQL's numeric NaN, Infinity and -Infinity."""
+
+
+def _first_not_finite(array: pa.Array) -> int | None:
+    """The index of the first PostgreSQL numeric NaN or infinity of ``array`` (or of its first list holding
+    one: numeric[]), or None. A float's is refused by validation, which knows the column is a float; a numeric
+    arrives as text, and its NaN was sent as the text "nan" where it was mapped as a string or a list."""
+    t = array.type
+    lists = pa.types.is_list(t) or pa.types.is_large_list(t)
+    item = t.value_type if lists else t
+    if not (isinstance(item, pa.BaseExtensionType) and "numeric" in str(item)):
+        return None
+    values = array.flatten() if lists else array
+    found = pc.is_in(values.storage, value_set=_NOT_FINITE)
+    if not pc.any(found).as_py():
+        return None
+    first = int(pc.index(found, True).as_py())
+    return int(pc.list_parent_indices(array)[first].as_py()) if lists else first
+
+
 # --- the reader ------------------------------------------------------------------------------------------------
 
 READ_AHEAD = 2
@@ -594,6 +615,7 @@ class SqlReader:
             pending: list[pa.RecordBatch] = []
             rows = 0
             next_row = 1
+            as_text = {c for c, role in _roles(self.source) if role in (_TEXT, _LIST)}
             for batch in fetcher:
                 index = {name: i for i, name in enumerate(batch.schema.names)}
                 if len(index) < batch.num_columns:
@@ -614,6 +636,8 @@ class SqlReader:
                     start += piece.num_rows
                     for c in wanted:
                         self._refuse_out_of_range(piece.column(index[c]), c, next_row + rows)
+                        if c in as_text:
+                            self._refuse_not_finite(piece.column(index[c]), c, next_row + rows)
                     pending.append(
                         pa.RecordBatch.from_arrays(
                             [_arrow_ready(piece.column(index[c])) for c in wanted], names=wanted
@@ -652,6 +676,22 @@ class SqlReader:
             self._fail(
                 "a date outside years 1-9999 (PostgreSQL's 'infinity' or '-infinity'?); make it NULL or a real "
                 f"date in the query (e.g. NULLIF({column}, 'infinity'))",
+                row=first_row + found,
+                column=column,
+            )
+
+    def _refuse_not_finite(self, array: pa.Array, column: str, first_row: int) -> None:
+        """Stop the read at a PostgreSQL numeric NaN or infinity read as text (:func:`_first_not_finite`), naming
+        its position: as a float's, it is no value to send, and nulling it would skip the user's value."""
+        found = _first_not_finite(array)
+        if found is not None:
+            fix = (
+                f"remove it in the query (e.g. array_remove({column}, 'NaN'))"
+                if pa.types.is_list(array.type) or pa.types.is_large_list(array.type)
+                else f"make it NULL in the query (e.g. NULLIF({column}, 'NaN'))"
+            )
+            self._fail(
+                f"a numeric NaN or infinity, which would be sent as the text 'nan' or 'inf'; {fix}",
                 row=first_row + found,
                 column=column,
             )
