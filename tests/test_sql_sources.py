@@ -350,14 +350,14 @@ def test_sigterm_during_a_slow_query_stops_at_once_and_cancels_the_query(
             time.sleep(0.05)
 
 
-@pytest.mark.parametrize("command", ["plan", "run"])
+@pytest.mark.parametrize("command", ["plan", "run", "validate"])
 def test_sigterm_while_the_table_is_locked_stops_at_once_and_leaves_no_session_waiting(
     command: str, postgres_url: str, postgres_server: PostgresServer, tmp_path: Path
 ) -> None:
     # A migration holds the table (ALTER TABLE takes an ACCESS EXCLUSIVE lock): the reader's schema call waits
     # for it before any row. It ran outside the reading thread, so SIGTERM was seen only when the lock was
     # released — `pushsync plan` exited 21 s after it, a pod killed after its grace period, its session queued
-    # for the lock ahead of every later query on the table.
+    # for the lock ahead of every later query on the table. `pushsync validate` read the columns so too.
     import adbc_driver_postgresql.dbapi as pg
 
     pg_load(postgres_url, users(10, seed=7))

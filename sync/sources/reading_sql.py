@@ -471,7 +471,7 @@ class _Fetcher:
 
 class _Opened:
     """The driver a read opens in its fetching thread, reachable from the caller's thread to cancel its
-    statement (:class:`_Fetcher`'s ``cancel``)."""
+    statement (:class:`_Fetcher`'s ``cancel``) and, once the thread has ended, to close it."""
 
     __slots__ = ("_cancelled", "_driver", "_lock")
 
@@ -488,6 +488,13 @@ class _Opened:
                 return True
         driver.close()
         return False
+
+    def close(self) -> None:
+        """Close the driver, if one was opened (once the fetching thread has ended)."""
+        with self._lock:
+            driver, self._driver = self._driver, None
+        if driver is not None:
+            driver.close()
 
     def cancel(self) -> bool:
         """Cancel the statement running on the driver (from the caller's thread); False when none is open yet."""
@@ -547,14 +554,28 @@ class SqlReader:
 
     def check(self) -> list[Column]:
         """Check that the result has every mapped column, each of a type that fits its mapping, reading no row
-        (PostgreSQL's schema call, DuckDB's and SQLite's LIMIT 0). Raises BadInputError; returns the columns."""
-        driver = self._open()
+        (PostgreSQL's schema call, DuckDB's and SQLite's LIMIT 0). Raises BadInputError; returns the columns.
+
+        Read in a thread of its own, as :meth:`chunks` reads: an interrupt (Ctrl-C, SIGTERM) is seen while the
+        schema call waits for a lock, and cancels it (``pushsync validate`` waited as long as the lock)."""
+        opened = _Opened()
+        columns: list[Column] = []
+        fetcher = _Fetcher(self._schema(opened, columns), ahead=0, stop=None, cancel=opened.cancel)
         try:
-            columns = driver.schema(self.statement)
+            for _ in fetcher:
+                pass
         finally:
-            driver.close()
+            if fetcher.close():
+                opened.close()
         self._check_columns(columns)
         return columns
+
+    def _schema(self, opened: _Opened, columns: list[Column]) -> Generator[pa.RecordBatch, None, None]:
+        """Adds the result's columns to ``columns``, in the fetching thread (:meth:`check`); gives no batch."""
+        driver = self._open()
+        if opened.hold(driver):
+            columns += driver.schema(self.statement)
+        yield from ()
 
     def _check_columns(self, columns: list[Column]) -> None:
         names = [c.name for c in columns]
@@ -651,9 +672,10 @@ class SqlReader:
             if pending:
                 yield self._chunk(pending, next_row)
         finally:
-            # The fetching thread closes its driver; one that did not end (a cancel the database ignored) keeps
-            # the connection, which the process's exit closes.
-            fetcher.close()
+            # The fetching thread must end before the driver closes; one that did not (a cancel the database
+            # ignored) keeps the connection, which the process's exit closes (one still connecting closes it).
+            if fetcher.close():
+                opened.close()
 
     def _batches(self, opened: _Opened) -> Generator[pa.RecordBatch, None, None]:
         """The result's record batches, the connection opened and the columns checked first: all of it in the
@@ -662,11 +684,8 @@ class SqlReader:
         driver = self._open()
         if not opened.hold(driver):
             return  # stopped while the connection was made
-        try:
-            self._check_columns(driver.schema(self.statement))
-            yield from driver.batches(self.statement, CHUNK_ROWS)
-        finally:
-            driver.close()
+        self._check_columns(driver.schema(self.statement))
+        yield from driver.batches(self.statement, CHUNK_ROWS)
 
     def _refuse_out_of_range(self, array: pa.Array, column: str, first_row: int) -> None:
         """Stop the read at a date outside years 1-9999 (:func:`_first_out_of_range`), naming its position: no
