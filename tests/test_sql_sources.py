@@ -524,6 +524,9 @@ async def run_cli(job: Path) -> int:
         ("type does not fit", "column 'score' is bytea in the query's result, which cannot hold a number"),
         ("float id", "column 'user_id' is float8 in the query's result, which cannot hold the external ID"),
         ("dropped mid-stream", "the database connection failed after"),
+        # A statement ended by the server mid-stream (a statement timeout, an error at some row) is no lost
+        # connection: "the database connection failed after 114432 rows: division by zero" misled.
+        ("fails mid-stream", "the query failed after"),
         (
             "unparseable url",
             "the PostgreSQL URL from environment variable PUSHSYNC_TEST_CRM_URL cannot be parsed",
@@ -568,6 +571,12 @@ async def test_bad_postgres_input_ends_in_one_clear_error_and_nothing_is_sent(
             "THEN pg_terminate_backend(pg_backend_pid())::text "
             "ELSE 'p' END AS plan, "
             "ARRAY['a'] AS segments, true AS email_opt_in, true AS news_opt_in FROM generate_series(1, 200000) g"
+        )
+    elif case == "fails mid-stream":
+        what = (
+            "query: SELECT 'U' || g AS user_id, repeat('x', 200) AS name, 'c' AS city, 100 / (150000 - g) AS score, "
+            "true AS vip, 'p' AS plan, ARRAY['a'] AS segments, true AS email_opt_in, true AS news_opt_in "
+            "FROM generate_series(1, 200000) g"
         )
     elif case == "unparseable url":
         url = postgres_url.replace("127.0.0.1", "[::1")

@@ -215,7 +215,11 @@ class PostgresDriver:
                     reader.close()
         except self._errors as exc:
             if read:
-                self._fail(f"the database connection failed after {read} rows: {_pg_detail(exc)}", exc)
+                # The server's ERROR ends the statement (a statement timeout, a division by zero at some row); a
+                # FATAL, or no message of the server's, the session: "connection failed" said so of both.
+                lost = not re.search(r"\bERROR:", str(exc))
+                what = "the database connection failed" if lost else "the query failed"
+                self._fail(f"{what} after {read} rows: {_pg_detail(exc)}", exc)
             self._fail(f"the database refused the query: {_pg_detail(exc)}", exc)
 
     def cancel(self) -> None:
