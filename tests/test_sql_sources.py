@@ -1008,6 +1008,44 @@ def test_a_numeric_nan_or_infinity_read_as_text_stops_the_read_naming_row_and_co
             assert [(r.row, r.reason) for r in plan.rejected_rows()] == [(2, "not a number")]
 
 
+def test_a_text_that_is_not_utf8_stops_the_read_naming_row_and_column(
+    postgres_url: str,
+    postgres_server: PostgresServer,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: Any,
+) -> None:
+    # A SQL_ASCII database stores bytes unchecked (Latin-1 names written by an old application), and sends them
+    # as they are: the plan ended in a Rust panic and a traceback (exit 1).
+    name = postgres_url.rsplit("/", 1)[1] + "_ascii"
+    postgres_server.sql(
+        postgres_server.admin_url(),
+        f"CREATE DATABASE {name} ENCODING 'SQL_ASCII' TEMPLATE template0 OWNER pushsync",
+    )
+    url = postgres_server.url(name)
+    postgres_server.sql(
+        url,
+        "CREATE TABLE t AS SELECT * FROM (VALUES ('U1', 'Ada', ARRAY['a']), ('U2', E'Caf\\xe9', ARRAY['b']), "
+        "('U3', 'Bob', ARRAY[E'n\\xe9e'])) AS v(user_id, name, segments); "
+        "CREATE TABLE big AS SELECT 'U' || lpad(g::text, 6, '0') AS user_id, CASE WHEN g = 55000 "
+        "THEN ARRAY[E'n\\xe9e'] ELSE ARRAY['a'] END AS segments FROM generate_series(1, 60000) AS g",
+    )
+    monkeypatch.setenv(URL_ENV, url)
+    # The last: a result of two chunks, the row in the second (a list's slice validates the whole batch's items).
+    for query, attributes, where in (
+        ("SELECT * FROM t ORDER BY user_id", "name: string", "row 2, column 'name'"),
+        ("SELECT * FROM t ORDER BY user_id", "segments: list", "row 3, column 'segments'"),
+        ("SELECT * FROM big ORDER BY user_id", "segments: list", "row 55000, column 'segments'"),
+    ):
+        job = query_job(tmp_path, f"{{env: {URL_ENV}}}", query, attributes)
+        assert main(["plan", str(job)]) == ExitCode.BAD_JOB_OR_INPUT
+        err = capsys.readouterr().err
+        assert f"{where}: a text that is not UTF-8 (a SQL_ASCII database holding another encoding?)" in err, (
+            err
+        )
+        assert err.count("\n") == 1, err
+
+
 def test_a_database_float_nan_mapped_as_a_string_is_not_sent_as_text(tmp_path: Path) -> None:
     # As a Parquet float column's (test_reading): a NaN or infinity rejects its row, never sent as "nan".
     con = duckdb.connect(str(tmp_path / "x.duckdb"))
