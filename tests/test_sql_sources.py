@@ -805,6 +805,23 @@ def test_a_password_with_a_hash_or_question_mark_logs_in_as_libpq_reads_it(
     assert "1234" not in err and "Zq9" not in err
 
 
+def test_a_url_naming_several_hosts_connects_to_the_first_that_answers(
+    postgres_url: str, postgres_server: PostgresServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # libpq's URL for a primary and its standby (host1:5432,host2:5432, with target_session_attrs): urllib could
+    # not read its port, so the source stopped with "the PostgreSQL URL ... cannot be parsed", where psql connects.
+    database = postgres_url.rsplit("/", 1)[1]
+    hosts = f"127.0.0.1:1,127.0.0.1:{postgres_server.port}"  # nothing listens on port 1
+    url = (
+        f"postgresql://pushsync:{postgres_server.password}@{hosts}/{database}?target_session_attrs=read-write"
+    )
+    monkeypatch.setenv(URL_ENV, url)
+    job = query_job(tmp_path, f"{{env: {URL_ENV}}}", "SELECT 'U1' AS user_id, 'Ada' AS name", "name: string")
+    with build_plan(load_job(job)) as plan:
+        assert plan.staged[0].rows_clean == 1
+        assert plan.staged[0].files == (f"users (postgresql://pushsync@{hosts}/{database}, query)",)
+
+
 def test_the_urls_own_parameters_reach_the_server_as_written(
     postgres_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

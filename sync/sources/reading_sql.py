@@ -143,12 +143,12 @@ def _libpq_userinfo(url: str) -> str:
 def _postgres_target(url: str, label: str, origin: str, secrets: tuple[str, ...]) -> _Target:
     try:
         parts = urllib.parse.urlsplit(url)
-        port = parts.port
-        host = parts.hostname or ""
     except ValueError:
         raise BadInputError(label, f"the PostgreSQL URL from {origin} cannot be parsed") from None
     user = urllib.parse.unquote(parts.username or "")
-    where = f"{host}:{port}" if port else host
+    # The hosts and ports as written: libpq takes several (db1:5432,db2:5432?target_session_attrs=read-only, a
+    # standby and its fallback), which urllib's port refused, so such a URL "cannot be parsed"; libpq checks them.
+    where = parts.netloc.rpartition("@")[2]
     display = f"postgresql://{user + '@' if user else ''}{where}{parts.path}"
     names = {k for k, _ in urllib.parse.parse_qsl(parts.query, keep_blank_values=True)}
     # Named in pg_stat_activity for the DBA; and a server that never answers fails instead of hanging.
