@@ -1063,6 +1063,28 @@ def test_a_text_that_is_not_utf8_stops_the_read_naming_row_and_column(
         assert err.count("\n") == 1, err
 
 
+@pytest.mark.parametrize("engine", ["postgresql", "duckdb"])
+def test_an_array_mapped_as_a_string_is_refused_with_a_hint_that_works(
+    engine: str, postgres_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: Any
+) -> None:
+    # The hint was CAST(segments AS TEXT): followed, '{gold,vip}' (PostgreSQL) or '[gold, vip]' (DuckDB) was
+    # sent as the user's value.
+    monkeypatch.setenv(URL_ENV, postgres_url)
+    duckdb.connect(str(tmp_path / "crm.duckdb")).close()
+    database = {"postgresql": f"{{env: {URL_ENV}}}", "duckdb": "duckdb:///crm.duckdb"}[engine]
+    query = "SELECT 'U1' AS user_id, ARRAY['gold', 'vip'] AS segments"
+    job = query_job(tmp_path, database, query, "segments: string")
+    assert main(["validate", str(job)]) == ExitCode.BAD_JOB_OR_INPUT
+    out = capsys.readouterr().out
+    assert (
+        "which cannot hold a text value; convert it in the query (e.g. array_to_string(segments, '|'))" in out
+    )
+    fixed = query.replace("ARRAY['gold', 'vip']", "array_to_string(ARRAY['gold', 'vip'], '|')")
+    job = query_job(tmp_path, database, fixed, "segments: string")
+    with build_plan(load_job(job)) as plan:
+        assert next(plan.staged[0].frames(["segments"]))["segments"].to_list() == ["gold|vip"]
+
+
 def test_a_database_float_nan_mapped_as_a_string_is_not_sent_as_text(tmp_path: Path) -> None:
     # As a Parquet float column's (test_reading): a NaN or infinity rejects its row, never sent as "nan".
     con = duckdb.connect(str(tmp_path / "x.duckdb"))

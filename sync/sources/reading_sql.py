@@ -277,9 +277,13 @@ def _type_problem(column: Column, role: str) -> str | None:
     target = {_NUMBER: "DOUBLE PRECISION", _BOOLEAN: "BOOLEAN", _DATE: "TIMESTAMP"}.get(role, "TEXT")
     if role == _NAME and found in ("float", "decimal"):
         target = "BIGINT"  # a phone number stored as a double: its digits (DuckDB's text of 1.0 is "1.0")
+    convert = f"CAST({column.name} AS {target})"
+    if found == "list" and target == "TEXT":
+        # An array cast to text is '{a,b}' (PostgreSQL) or '[a, b]' (DuckDB), which would be sent as it is.
+        convert = f"array_to_string({column.name}, '|')"
     return (
         f"column {column.name!r} is {column.type_name} in the query's result, which cannot hold "
-        f"{_ROLE_WORDS[role]}; convert it in the query (e.g. CAST({column.name} AS {target}))"
+        f"{_ROLE_WORDS[role]}; convert it in the query (e.g. {convert})"
     )
 
 
