@@ -1085,6 +1085,27 @@ def test_an_array_mapped_as_a_string_is_refused_with_a_hint_that_works(
         assert next(plan.staged[0].frames(["segments"]))["segments"].to_list() == ["gold|vip"]
 
 
+def test_a_duckdb_timestamptz_mapped_as_a_string_is_the_same_text_whatever_the_machines_time_zone(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # DuckDB gives a TIMESTAMPTZ in the machine's time zone: the same instant was sent as
+    # "2024-03-01 05:00:00.000000-05:00" from a host in New York and "2024-03-01 10:00:00.000000+00:00" from one
+    # in UTC (in snapshot mode, every user changed when the job moved). It is the UTC text, as PostgreSQL's is.
+    duckdb.connect(str(tmp_path / "crm.duckdb")).close()
+    query = "SELECT 'U1' AS user_id, TIMESTAMPTZ '2024-03-01 12:00:00+02' AS seen, TIMESTAMPTZ '2024-03-01 12:00:00+02' AS at"
+    job = load_job(query_job(tmp_path, "duckdb:///crm.duckdb", query, "seen: string, at: date"))
+    try:
+        for zone in ("America/New_York", "Asia/Kolkata", "UTC"):
+            monkeypatch.setenv("TZ", zone)
+            time.tzset()  # DuckDB takes the machine's zone when it connects
+            with build_plan(job) as plan:
+                row = next(plan.staged[0].frames(["seen", "at"])).select("seen", "at").row(0)
+            assert row == ("2024-03-01 10:00:00.000000+00:00", 1709287200000), zone
+    finally:
+        monkeypatch.undo()
+        time.tzset()
+
+
 def test_a_database_float_nan_mapped_as_a_string_is_not_sent_as_text(tmp_path: Path) -> None:
     # As a Parquet float column's (test_reading): a NaN or infinity rejects its row, never sent as "nan".
     con = duckdb.connect(str(tmp_path / "x.duckdb"))

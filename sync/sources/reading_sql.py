@@ -306,6 +306,11 @@ def _arrow_ready(array: pa.Array) -> pa.Array:
         return storage
     if pa.types.is_dictionary(t):
         return array.dictionary_decode()
+    if pa.types.is_timestamp(t) and t.tz is not None and t.tz != "UTC":
+        # DuckDB gives a TIMESTAMPTZ in the machine's time zone: mapped as a string, the same instant was sent
+        # as "2024-03-01 05:00:00-05:00" from one host and "10:00:00+00:00" from another (every user changed,
+        # in snapshot mode, when the job moved). In UTC, as PostgreSQL's arrive; the instants are the same.
+        return array.cast(pa.timestamp(t.unit, "UTC"))
     if (pa.types.is_list(t) or pa.types.is_large_list(t)) and isinstance(t.value_type, pa.BaseExtensionType):
         # uuid[], numeric[], jsonb[]: items of an extension type, which polars cannot take (a uuid[] tags column
         # ended in "internal error: ComputeError: invalid utf8", exit 5). Their text, in the same lists; only
