@@ -350,6 +350,86 @@ def test_sigterm_during_a_slow_query_stops_at_once_and_cancels_the_query(
             time.sleep(0.05)
 
 
+@pytest.mark.parametrize("command", ["plan", "run", "validate"])
+def test_sigterm_while_the_table_is_locked_stops_at_once_and_leaves_no_session_waiting(
+    command: str, postgres_url: str, postgres_server: PostgresServer, tmp_path: Path
+) -> None:
+    # A migration holds the table (ALTER TABLE takes an ACCESS EXCLUSIVE lock): the reader's schema call waits
+    # for it before any row. It ran outside the reading thread, so SIGTERM was seen only when the lock was
+    # released — `pushsync plan` exited 21 s after it, a pod killed after its grace period, its session queued
+    # for the lock ahead of every later query on the table. `pushsync validate` read the columns so too.
+    import adbc_driver_postgresql.dbapi as pg
+
+    pg_load(postgres_url, users(10, seed=7))
+    job = write_job(tmp_path, "http://127.0.0.1:9/rest/3.0/")
+    waiting = "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'pushsync' AND wait_event_type = 'Lock'"
+    sessions = "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'pushsync'"
+    with pg.connect(postgres_url) as migration, migration.cursor() as cur:
+        cur.execute("LOCK TABLE crm.users IN ACCESS EXCLUSIVE MODE")
+        process = subprocess.Popen(
+            [sys.executable, "-m", "sync", command, str(job)],
+            env={**os.environ, URL_ENV: postgres_url, KEY_ENV: "unused-key"},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        try:
+            deadline = time.monotonic() + 60
+            while postgres_server.sql(postgres_server.admin_url(), waiting).strip() != "1":
+                assert process.poll() is None, process.communicate()
+                assert time.monotonic() < deadline, "the reader never waited for the lock"
+                time.sleep(0.05)
+            sent = time.monotonic()
+            process.send_signal(signal.SIGTERM)
+            _out, err = process.communicate(timeout=20)
+            took = time.monotonic() - sent
+        finally:
+            process.kill()
+        assert process.returncode == ExitCode.INTERRUPTED, err
+        assert took < 5, f"exited {took:.1f} s after SIGTERM"
+        # Its session has gone while the lock is still held: nothing waits in the lock's queue.
+        deadline = time.monotonic() + 10
+        while postgres_server.sql(postgres_server.admin_url(), sessions).strip() != "0":
+            assert time.monotonic() < deadline, "the reader's session is still there"
+            time.sleep(0.05)
+        migration.rollback()
+
+
+@pytest.mark.parametrize("command", ["plan", "run"])
+def test_sigterm_while_connecting_to_a_server_that_does_not_answer_stops_at_once(
+    command: str, tmp_path: Path
+) -> None:
+    # A server that takes the connection and never answers (a firewall, a hung pooler): libpq waits for its
+    # connect timeout (15 s). SIGTERM then waited for it, then for the reading thread (10 s more).
+    import socket
+
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen(1)
+        server.settimeout(60)
+        url = f"postgresql://crm:not-used-1234@127.0.0.1:{server.getsockname()[1]}/crm"
+        job = write_job(tmp_path, "http://127.0.0.1:9/rest/3.0/")
+        process = subprocess.Popen(
+            [sys.executable, "-m", "sync", command, str(job)],
+            env={**os.environ, URL_ENV: url, KEY_ENV: "unused-key"},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        try:
+            connection, _ = server.accept()  # the reader connects, and waits for an answer
+            with connection:
+                sent = time.monotonic()
+                process.send_signal(signal.SIGTERM)
+                _out, err = process.communicate(timeout=30)
+                took = time.monotonic() - sent
+        finally:
+            process.kill()
+    assert process.returncode == ExitCode.INTERRUPTED, err
+    assert took < 5, f"exited {took:.1f} s after SIGTERM"
+    assert "not-used-1234" not in err
+
+
 def test_rejected_rows_name_the_source_its_position_and_id_never_the_password(
     postgres_url: str,
     postgres_server: PostgresServer,
@@ -444,6 +524,9 @@ async def run_cli(job: Path) -> int:
         ("type does not fit", "column 'score' is bytea in the query's result, which cannot hold a number"),
         ("float id", "column 'user_id' is float8 in the query's result, which cannot hold the external ID"),
         ("dropped mid-stream", "the database connection failed after"),
+        # A statement ended by the server mid-stream (a statement timeout, an error at some row) is no lost
+        # connection: "the database connection failed after 114432 rows: division by zero" misled.
+        ("fails mid-stream", "the query failed after"),
         (
             "unparseable url",
             "the PostgreSQL URL from environment variable PUSHSYNC_TEST_CRM_URL cannot be parsed",
@@ -488,6 +571,12 @@ async def test_bad_postgres_input_ends_in_one_clear_error_and_nothing_is_sent(
             "THEN pg_terminate_backend(pg_backend_pid())::text "
             "ELSE 'p' END AS plan, "
             "ARRAY['a'] AS segments, true AS email_opt_in, true AS news_opt_in FROM generate_series(1, 200000) g"
+        )
+    elif case == "fails mid-stream":
+        what = (
+            "query: SELECT 'U' || g AS user_id, repeat('x', 200) AS name, 'c' AS city, 100 / (150000 - g) AS score, "
+            "true AS vip, 'p' AS plan, ARRAY['a'] AS segments, true AS email_opt_in, true AS news_opt_in "
+            "FROM generate_series(1, 200000) g"
         )
     elif case == "unparseable url":
         url = postgres_url.replace("127.0.0.1", "[::1")
@@ -687,6 +776,67 @@ def test_a_url_without_password_may_be_written_and_the_url_is_resolved_from_env_
     assert load_job(literal).sources[0].sql is not None
 
 
+def test_a_password_with_a_hash_or_question_mark_logs_in_as_libpq_reads_it(
+    postgres_url: str,
+    postgres_server: PostgresServer,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: Any,
+) -> None:
+    # libpq reads a URL's password as written up to the "@", so a generated password with "#" or "?" works in
+    # psql; the reader parsed the URL as a web address (the host ending at the "#"): 'the PostgreSQL URL ...
+    # cannot be parsed', or, with digits before the "#", a connection to the host "crm" whose label showed them.
+    database = postgres_url.rsplit("/", 1)[1]
+    role, password = f"hashed_{database}", "1234#Zq9?kL:x1+y"
+    postgres_server.sql(postgres_server.admin_url(), f"CREATE ROLE {role} LOGIN PASSWORD '{password}'")
+    where = f"127.0.0.1:{postgres_server.port}/{database}"
+    monkeypatch.setenv(URL_ENV, f"postgresql://{role}:{password}@{where}")
+    job = query_job(
+        tmp_path, f"{{env: {URL_ENV}}}", "SELECT 'U1' AS user_id, current_user AS who", "who: string"
+    )
+    with build_plan(load_job(job)) as plan:
+        assert next(plan.staged[0].frames(["who"]))["who"].to_list() == [role]
+        assert plan.staged[0].files == (f"users (postgresql://{role}@{where}, query)",)
+    # A wrong one is refused by the server, and no part of it is shown.
+    monkeypatch.setenv(URL_ENV, f"postgresql://{role}:{password.replace('y', 'z')}@{where}")
+    assert main(["plan", str(job)]) == ExitCode.BAD_JOB_OR_INPUT
+    err = capsys.readouterr().err
+    assert f'the database refused the login: password authentication failed for user "{role}"' in err
+    assert "1234" not in err and "Zq9" not in err
+
+
+def test_a_url_naming_several_hosts_connects_to_the_first_that_answers(
+    postgres_url: str, postgres_server: PostgresServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # libpq's URL for a primary and its standby (host1:5432,host2:5432, with target_session_attrs): urllib could
+    # not read its port, so the source stopped with "the PostgreSQL URL ... cannot be parsed", where psql connects.
+    database = postgres_url.rsplit("/", 1)[1]
+    hosts = f"127.0.0.1:1,127.0.0.1:{postgres_server.port}"  # nothing listens on port 1
+    url = (
+        f"postgresql://pushsync:{postgres_server.password}@{hosts}/{database}?target_session_attrs=read-write"
+    )
+    monkeypatch.setenv(URL_ENV, url)
+    job = query_job(tmp_path, f"{{env: {URL_ENV}}}", "SELECT 'U1' AS user_id, 'Ada' AS name", "name: string")
+    with build_plan(load_job(job)) as plan:
+        assert plan.staged[0].rows_clean == 1
+        assert plan.staged[0].files == (f"users (postgresql://pushsync@{hosts}/{database}, query)",)
+
+
+def test_the_urls_own_parameters_reach_the_server_as_written(
+    postgres_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A statement timeout for the sync's session, as PostgreSQL's manual writes it in a URL: the reader decoded
+    # the URL's parameters and encoded them again, a space as "+", which libpq reads as a plus sign. The run
+    # stopped at once: 'cannot connect to the database: unrecognized configuration parameter "+statement_timeout"'.
+    monkeypatch.setenv(
+        URL_ENV, postgres_url + "?options=-c%20statement_timeout%3D1500&application_name=crm%20sync"
+    )
+    query = "SELECT 'U1' AS user_id, current_setting('statement_timeout') || ', ' || current_setting('application_name') AS seen"
+    job = query_job(tmp_path, f"{{env: {URL_ENV}}}", query, "seen: string")
+    with build_plan(load_job(job)) as plan:
+        assert next(plan.staged[0].frames(["seen"]))["seen"].to_list() == ["1500ms, crm sync"]
+
+
 def test_postgres_and_duckdb_types_arrive_as_the_values_they_hold(
     postgres_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -747,6 +897,213 @@ def test_postgres_and_duckdb_types_arrive_as_the_values_they_hold(
     with build_plan(load_job(path)) as plan:
         row = next(plan.staged[0].frames(list(columns)[1:])).drop("__file", ROW).row(0, named=True)
     assert row == {**expected, "u": "calm"}
+
+
+def query_job(directory: Path, database: str, query: str, attributes: str) -> Path:
+    """A job of one users source reading ``query`` from ``database``, its ID in ``user_id`` (nothing is sent)."""
+    job = directory / "job.yaml"
+    job.write_text(
+        "version: 1\nname: q\nworkdir: work\n"
+        'destination: {platform: netmera, base_url: "http://127.0.0.1:9/rest/3.0/", secret: {env: K}}\n'
+        f"sources:\n  - name: users\n    database: {database}\n    query: {json.dumps(query)}\n"
+        f"    ext_id: user_id\n    attributes: {{{attributes}}}\n",
+        encoding="utf-8",
+    )
+    return job
+
+
+@pytest.mark.parametrize("mapping", ["number", "string"])
+def test_a_money_column_is_refused_not_sent_in_cents(
+    mapping: str, postgres_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: Any
+) -> None:
+    # ADBC gives PostgreSQL's money as its count of cents: 12.50 was sent as 1250 (or "1250"), with exit 0.
+    monkeypatch.setenv(URL_ENV, postgres_url)
+    query = "SELECT 'U1' AS user_id, 12.50::money AS spent"
+    job = query_job(tmp_path, f"{{env: {URL_ENV}}}", query, f"spent: {mapping}")
+    expected = (
+        "column 'spent' is money in the query's result, which arrives as cents (12.50 as 1250); convert it in "
+        "the query (e.g. CAST(spent AS NUMERIC))"
+    )
+    for command in ("validate", "plan"):
+        code = main([command, str(job)])
+        out, err = capsys.readouterr()
+        assert code == ExitCode.BAD_JOB_OR_INPUT, out + err
+        assert expected in out + err
+    job = query_job(
+        tmp_path, f"{{env: {URL_ENV}}}", query.replace("::money", "::money::numeric"), f"spent: {mapping}"
+    )
+    with build_plan(load_job(job)) as plan:
+        assert next(plan.staged[0].frames(["spent"]))["spent"].to_list() == [
+            12.5 if mapping == "number" else "12.50"
+        ]
+
+
+@pytest.mark.parametrize("engine", ["duckdb", "sqlite"])
+def test_a_mapped_column_named_twice_in_the_result_is_refused_not_read_from_the_last(
+    engine: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: Any
+) -> None:
+    # SELECT u.*, p.* over two tables that both have user_id: the columns were checked through a sub-select,
+    # where DuckDB and SQLite rename the second (user_id_1, user_id:1), so the check passed and the reading took
+    # the last column of the name — profile U2's values were sent as user U1's. PostgreSQL refused it already.
+    duckdb.connect(str(tmp_path / "crm.duckdb")).close()
+    sqlite3.connect(tmp_path / "crm.db").close()
+    database = {"duckdb": "duckdb:///crm.duckdb", "sqlite": "sqlite:///crm.db"}[engine]
+    query = "SELECT 'U1' AS user_id, 'Ada' AS name, 'U2' AS user_id"
+    job = query_job(tmp_path, database, query, "name: string")
+    monkeypatch.chdir(tmp_path)
+    assert main(["plan", str(job)]) == ExitCode.BAD_JOB_OR_INPUT
+    err = capsys.readouterr().err
+    assert "column 'user_id': the query's result has several columns named 'user_id'" in err, err
+    if (
+        engine == "duckdb"
+    ):  # SQLite gives the names as the query does only once it runs: plan and run see them
+        assert main(["validate", str(job)]) == ExitCode.BAD_JOB_OR_INPUT
+        assert "several columns named 'user_id'" in capsys.readouterr().out
+
+
+def test_arrays_of_uuid_numeric_and_jsonb_arrive_as_lists_of_their_text(
+    postgres_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Their items are Arrow extension types, which polars cannot take: a uuid[] column mapped as a list (or as
+    # tags) ended the plan in "internal error: ComputeError: invalid utf8", numeric[] and jsonb[] in "cannot
+    # cast extension types to String" (exit 5, a traceback). 60,000 rows: record batches cut into chunks.
+    import hashlib
+    import uuid
+
+    monkeypatch.setenv(URL_ENV, postgres_url)
+    query = (
+        "SELECT 'U' || g AS user_id, CASE WHEN g % 7 = 0 THEN NULL ELSE ARRAY[md5(g::text)::uuid, NULL] END "
+        "AS ids, ARRAY[g / 4.0, 1] AS scores, ARRAY[jsonb_build_object('g', g)] AS docs "
+        "FROM generate_series(1, 60000) g ORDER BY g"
+    )
+    job = query_job(tmp_path, f"{{env: {URL_ENV}}}", query, "ids: list, scores: list, docs: list")
+    chunks = list(SqlReader(load_job(job).sources[0]).chunks())
+    assert len(chunks) == 2
+    frame = pl.concat([c.frame for c in chunks])
+    assert frame[ROW].to_list() == list(range(1, 60001))
+    expected = [
+        None if g % 7 == 0 else [str(uuid.UUID(hashlib.md5(str(g).encode()).hexdigest())), None]
+        for g in range(1, 60001)
+    ]
+    assert frame["ids"].to_list() == expected
+    assert frame["scores"][:2].to_list() == [["0.25000000000000000000", "1"], ["0.50000000000000000000", "1"]]
+    assert frame["docs"][59999].to_list() == ['{"g": 60000}']
+
+
+@pytest.mark.parametrize(
+    ("value", "mapping", "fix"),
+    [
+        ("'NaN'::numeric", "string", "make it NULL in the query (e.g. NULLIF(v, 'NaN'))"),
+        ("'-Infinity'::numeric", "string", "make it NULL in the query (e.g. NULLIF(v, 'NaN'))"),
+        ("ARRAY[1, 'Infinity'::numeric]", "list", "remove it in the query (e.g. array_remove(v, 'NaN'))"),
+    ],
+)
+def test_a_numeric_nan_or_infinity_read_as_text_stops_the_read_naming_row_and_column(
+    value: str,
+    mapping: str,
+    fix: str,
+    postgres_url: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: Any,
+) -> None:
+    # ADBC gives PostgreSQL's numeric as its text: a NaN mapped as a string was sent as the text "nan" (an
+    # infinity as "inf"), where a float's NaN rejects its row. Mapped as a number, the row is rejected as before.
+    monkeypatch.setenv(URL_ENV, postgres_url)
+    first = "ARRAY[2.5::numeric]" if mapping == "list" else "2.5::numeric"
+    query = f"SELECT 'U1' AS user_id, {first} AS v UNION ALL SELECT 'U2', {value} ORDER BY 1"
+    job = query_job(tmp_path, f"{{env: {URL_ENV}}}", query, f"v: {mapping}")
+    assert main(["plan", str(job)]) == ExitCode.BAD_JOB_OR_INPUT
+    err = capsys.readouterr().err
+    assert (
+        f"row 2, column 'v': a numeric NaN or infinity, which would be sent as the text 'nan' or 'inf'; {fix}"
+        in err
+    )
+    if mapping == "string":
+        job = query_job(tmp_path, f"{{env: {URL_ENV}}}", query, "v: number")
+        with build_plan(load_job(job)) as plan:
+            assert [(r.row, r.reason) for r in plan.rejected_rows()] == [(2, "not a number")]
+
+
+def test_a_text_that_is_not_utf8_stops_the_read_naming_row_and_column(
+    postgres_url: str,
+    postgres_server: PostgresServer,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: Any,
+) -> None:
+    # A SQL_ASCII database stores bytes unchecked (Latin-1 names written by an old application), and sends them
+    # as they are: the plan ended in a Rust panic and a traceback (exit 1).
+    name = postgres_url.rsplit("/", 1)[1] + "_ascii"
+    postgres_server.sql(
+        postgres_server.admin_url(),
+        f"CREATE DATABASE {name} ENCODING 'SQL_ASCII' TEMPLATE template0 OWNER pushsync",
+    )
+    url = postgres_server.url(name)
+    postgres_server.sql(
+        url,
+        "CREATE TABLE t AS SELECT * FROM (VALUES ('U1', 'Ada', ARRAY['a']), ('U2', E'Caf\\xe9', ARRAY['b']), "
+        "('U3', 'Bob', ARRAY[E'n\\xe9e'])) AS v(user_id, name, segments); "
+        "CREATE TABLE big AS SELECT 'U' || lpad(g::text, 6, '0') AS user_id, CASE WHEN g = 55000 "
+        "THEN ARRAY[E'n\\xe9e'] ELSE ARRAY['a'] END AS segments FROM generate_series(1, 60000) AS g",
+    )
+    monkeypatch.setenv(URL_ENV, url)
+    # The last: a result of two chunks, the row in the second (a list's slice validates the whole batch's items).
+    for query, attributes, where in (
+        ("SELECT * FROM t ORDER BY user_id", "name: string", "row 2, column 'name'"),
+        ("SELECT * FROM t ORDER BY user_id", "segments: list", "row 3, column 'segments'"),
+        ("SELECT * FROM big ORDER BY user_id", "segments: list", "row 55000, column 'segments'"),
+    ):
+        job = query_job(tmp_path, f"{{env: {URL_ENV}}}", query, attributes)
+        assert main(["plan", str(job)]) == ExitCode.BAD_JOB_OR_INPUT
+        err = capsys.readouterr().err
+        assert f"{where}: a text that is not UTF-8 (a SQL_ASCII database holding another encoding?)" in err, (
+            err
+        )
+        assert err.count("\n") == 1, err
+
+
+@pytest.mark.parametrize("engine", ["postgresql", "duckdb"])
+def test_an_array_mapped_as_a_string_is_refused_with_a_hint_that_works(
+    engine: str, postgres_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: Any
+) -> None:
+    # The hint was CAST(segments AS TEXT): followed, '{gold,vip}' (PostgreSQL) or '[gold, vip]' (DuckDB) was
+    # sent as the user's value.
+    monkeypatch.setenv(URL_ENV, postgres_url)
+    duckdb.connect(str(tmp_path / "crm.duckdb")).close()
+    database = {"postgresql": f"{{env: {URL_ENV}}}", "duckdb": "duckdb:///crm.duckdb"}[engine]
+    query = "SELECT 'U1' AS user_id, ARRAY['gold', 'vip'] AS segments"
+    job = query_job(tmp_path, database, query, "segments: string")
+    assert main(["validate", str(job)]) == ExitCode.BAD_JOB_OR_INPUT
+    out = capsys.readouterr().out
+    assert (
+        "which cannot hold a text value; convert it in the query (e.g. array_to_string(segments, '|'))" in out
+    )
+    fixed = query.replace("ARRAY['gold', 'vip']", "array_to_string(ARRAY['gold', 'vip'], '|')")
+    job = query_job(tmp_path, database, fixed, "segments: string")
+    with build_plan(load_job(job)) as plan:
+        assert next(plan.staged[0].frames(["segments"]))["segments"].to_list() == ["gold|vip"]
+
+
+def test_a_duckdb_timestamptz_mapped_as_a_string_is_the_same_text_whatever_the_machines_time_zone(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # DuckDB gives a TIMESTAMPTZ in the machine's time zone: the same instant was sent as
+    # "2024-03-01 05:00:00.000000-05:00" from a host in New York and "2024-03-01 10:00:00.000000+00:00" from one
+    # in UTC (in snapshot mode, every user changed when the job moved). It is the UTC text, as PostgreSQL's is.
+    duckdb.connect(str(tmp_path / "crm.duckdb")).close()
+    query = "SELECT 'U1' AS user_id, TIMESTAMPTZ '2024-03-01 12:00:00+02' AS seen, TIMESTAMPTZ '2024-03-01 12:00:00+02' AS at"
+    job = load_job(query_job(tmp_path, "duckdb:///crm.duckdb", query, "seen: string, at: date"))
+    try:
+        for zone in ("America/New_York", "Asia/Kolkata", "UTC"):
+            monkeypatch.setenv("TZ", zone)
+            time.tzset()  # DuckDB takes the machine's zone when it connects
+            with build_plan(job) as plan:
+                row = next(plan.staged[0].frames(["seen", "at"])).select("seen", "at").row(0)
+            assert row == ("2024-03-01 10:00:00.000000+00:00", 1709287200000), zone
+    finally:
+        monkeypatch.undo()
+        time.tzset()
 
 
 def test_a_database_float_nan_mapped_as_a_string_is_not_sent_as_text(tmp_path: Path) -> None:

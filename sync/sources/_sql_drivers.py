@@ -215,7 +215,11 @@ class PostgresDriver:
                     reader.close()
         except self._errors as exc:
             if read:
-                self._fail(f"the database connection failed after {read} rows: {_pg_detail(exc)}", exc)
+                # The server's ERROR ends the statement (a statement timeout, a division by zero at some row); a
+                # FATAL, or no message of the server's, the session: "connection failed" said so of both.
+                lost = not re.search(r"\bERROR:", str(exc))
+                what = "the database connection failed" if lost else "the query failed"
+                self._fail(f"{what} after {read} rows: {_pg_detail(exc)}", exc)
             self._fail(f"the database refused the query: {_pg_detail(exc)}", exc)
 
     def cancel(self) -> None:
@@ -273,9 +277,13 @@ class DuckdbDriver:
             relation = self._conn.sql(f"SELECT * FROM ({statement}) AS q LIMIT 0")
             types = [str(t) for t in relation.types]
             schema = relation.to_arrow_table().schema
+            # The names as the query gives them (a SELECT, as the sub-select has shown: its relation is only
+            # bound, not run): in a sub-select DuckDB renames a name given twice (id, id_1), so a mapped column
+            # named twice was not seen, and the reading took the last of the two.
+            names = self._conn.sql(statement).columns
         except self._errors as exc:
             self._fail(f"the database refused the query: {_duck_detail(exc)}", exc)
-        return [Column(f.name, f.type, t) for f, t in zip(schema, types, strict=True)]
+        return [Column(n, f.type, t) for n, f, t in zip(names, schema, types, strict=True)]
 
     def estimate_rows(self, statement: str) -> int:
         # Counting is cheap in a columnar database, and exact.

@@ -45,7 +45,7 @@ from sync.config import (
     resolve_secret,
 )
 from sync.errors import BadInputError, InterruptedRunError, JobProblem, SecretError
-from sync.redact import register_url
+from sync.redact import register_secret, register_url
 from sync.sources._sql_drivers import Column, Driver, DuckdbDriver, Failure, PostgresDriver, SqliteDriver
 from sync.sources.reading import CHUNK_BYTES, CHUNK_ROWS, ROW, Chunk, _normalise
 
@@ -96,7 +96,13 @@ def _resolve(source: Source) -> _Target:
     # environment or a file may hold credentials in any form: all of it is masked where it appears whole, its
     # password (and a credential parameter's value) in pieces too — not its host or database, whose
     # 8-character runs would be masked in every platform answer naming them (sync.redact.register_url).
+    written = url
+    if database_kind(url) is DatabaseKind.POSTGRESQL:
+        url = _libpq_userinfo(url)
     secrets = () if ref.url else register_url(url)
+    if written != url and not ref.url:
+        register_secret(written, pieces=False)  # its password is registered (in pieces) from the encoded form
+        secrets = (*secrets, written)
     kind = database_kind(url)
     if kind is None:
         raise BadInputError(
@@ -117,26 +123,45 @@ def _resolve(source: Source) -> _Target:
     return _Target(kind, url, f"{kind.value} file {path}", path, origin, secrets)
 
 
+_USERINFO = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*://)([^@/]*)@")
+"""A URL's scheme and its user and password, read as libpq reads them: up to the first "@" before any "/"."""
+
+
+def _libpq_userinfo(url: str) -> str:
+    """``url`` with the "#", "?", "[" and "]" of its user and password percent-encoded (libpq decodes them).
+
+    libpq takes a password as written up to the "@" (``postgresql://crm:Zq#9?kL@db/crm`` logs in), where a URL
+    parser ends the host at the "#" or "?": such a generated password was refused as a URL that "cannot be
+    parsed", or read as the host and port (``crm:1234``), shown in every message naming the source."""
+    found = _USERINFO.match(url)
+    if found is None or not re.search(r"[#?\[\]]", found.group(2)):
+        return url
+    userinfo = re.sub(r"[#?\[\]]", lambda m: f"%{ord(m.group()):02X}", found.group(2))
+    return f"{found.group(1)}{userinfo}@{url[found.end() :]}"
+
+
 def _postgres_target(url: str, label: str, origin: str, secrets: tuple[str, ...]) -> _Target:
     try:
         parts = urllib.parse.urlsplit(url)
-        port = parts.port
-        host = parts.hostname or ""
     except ValueError:
         raise BadInputError(label, f"the PostgreSQL URL from {origin} cannot be parsed") from None
     user = urllib.parse.unquote(parts.username or "")
-    where = f"{host}:{port}" if port else host
+    # The hosts and ports as written: libpq takes several (db1:5432,db2:5432?target_session_attrs=read-only, a
+    # standby and its fallback), which urllib's port refused, so such a URL "cannot be parsed"; libpq checks them.
+    where = parts.netloc.rpartition("@")[2]
     display = f"postgresql://{user + '@' if user else ''}{where}{parts.path}"
-    query = urllib.parse.parse_qsl(parts.query, keep_blank_values=True)
-    names = {k for k, _ in query}
+    names = {k for k, _ in urllib.parse.parse_qsl(parts.query, keep_blank_values=True)}
     # Named in pg_stat_activity for the DBA; and a server that never answers fails instead of hanging.
-    query += [
+    added = [
         (k, v)
         for k, v in (("application_name", "pushsync"), ("connect_timeout", _CONNECT_TIMEOUT))
         if k not in names
     ]
+    # The URL's own parameters are kept as written, only ours appended: decoded and encoded again, a space
+    # (options=-c%20statement_timeout%3D5min) came back as "+", which libpq reads as a plus sign.
+    query = "&".join(q for q in (parts.query, urllib.parse.urlencode(added)) if q)
     scheme = "postgresql"
-    full = urllib.parse.urlunsplit((scheme, parts.netloc, parts.path, urllib.parse.urlencode(query), ""))
+    full = urllib.parse.urlunsplit((scheme, parts.netloc, parts.path, query, ""))
     return _Target(DatabaseKind.POSTGRESQL, full, display, None, origin, (*secrets, full))
 
 
@@ -239,15 +264,26 @@ def _type_class(t: pa.DataType) -> str:
 def _type_problem(column: Column, role: str) -> str | None:
     if column.type is None:
         return None  # SQLite: checked value by value while reading
+    if column.type_name in ("money", "_money"):
+        # ADBC gives PostgreSQL's money as its integer count of cents: 12.50 arrived as 1250, sent a hundred
+        # times too large (as a number or as text) without a word.
+        return (
+            f"column {column.name!r} is money in the query's result, which arrives as cents (12.50 as 1250); "
+            f"convert it in the query (e.g. CAST({column.name} AS NUMERIC))"
+        )
     found = _type_class(column.type)
     if found in _FITS[role]:
         return None
     target = {_NUMBER: "DOUBLE PRECISION", _BOOLEAN: "BOOLEAN", _DATE: "TIMESTAMP"}.get(role, "TEXT")
     if role == _NAME and found in ("float", "decimal"):
         target = "BIGINT"  # a phone number stored as a double: its digits (DuckDB's text of 1.0 is "1.0")
+    convert = f"CAST({column.name} AS {target})"
+    if found == "list" and target == "TEXT":
+        # An array cast to text is '{a,b}' (PostgreSQL) or '[a, b]' (DuckDB), which would be sent as it is.
+        convert = f"array_to_string({column.name}, '|')"
     return (
         f"column {column.name!r} is {column.type_name} in the query's result, which cannot hold "
-        f"{_ROLE_WORDS[role]}; convert it in the query (e.g. CAST({column.name} AS {target}))"
+        f"{_ROLE_WORDS[role]}; convert it in the query (e.g. {convert})"
     )
 
 
@@ -270,6 +306,19 @@ def _arrow_ready(array: pa.Array) -> pa.Array:
         return storage
     if pa.types.is_dictionary(t):
         return array.dictionary_decode()
+    if pa.types.is_timestamp(t) and t.tz is not None and t.tz != "UTC":
+        # DuckDB gives a TIMESTAMPTZ in the machine's time zone: mapped as a string, the same instant was sent
+        # as "2024-03-01 05:00:00-05:00" from one host and "10:00:00+00:00" from another (every user changed,
+        # in snapshot mode, when the job moved). In UTC, as PostgreSQL's arrive; the instants are the same.
+        return array.cast(pa.timestamp(t.unit, "UTC"))
+    if (pa.types.is_list(t) or pa.types.is_large_list(t)) and isinstance(t.value_type, pa.BaseExtensionType):
+        # uuid[], numeric[], jsonb[]: items of an extension type, which polars cannot take (a uuid[] tags column
+        # ended in "internal error: ComputeError: invalid utf8", exit 5). Their text, in the same lists; only
+        # this slice's items are converted (a batch is cut in several slices).
+        start, end = array.offsets[0].as_py(), array.offsets[-1].as_py()
+        items = _arrow_ready(array.values.slice(start, end - start))
+        lists = pa.ListArray if pa.types.is_list(t) else pa.LargeListArray
+        return lists.from_arrays(pc.subtract(array.offsets, start), items, mask=array.is_null())
     return array
 
 
@@ -299,6 +348,27 @@ def _first_out_of_range(array: pa.Array) -> int | None:
     if not pc.any(outside).as_py():
         return None
     return int(pc.index(outside, True).as_py())
+
+
+_NOT_FINITE = pa.array(["nan", "inf", "-inf"])
+"""How ADBC writes PostgreSQL's numeric NaN, Infinity and -Infinity."""
+
+
+def _first_not_finite(array: pa.Array) -> int | None:
+    """The index of the first PostgreSQL numeric NaN or infinity of ``array`` (or of its first list holding
+    one: numeric[]), or None. A float's is refused by validation, which knows the column is a float; a numeric
+    arrives as text, and its NaN was sent as the text "nan" where it was mapped as a string or a list."""
+    t = array.type
+    lists = pa.types.is_list(t) or pa.types.is_large_list(t)
+    item = t.value_type if lists else t
+    if not (isinstance(item, pa.BaseExtensionType) and "numeric" in str(item)):
+        return None
+    values = array.flatten() if lists else array
+    found = pc.is_in(values.storage, value_set=_NOT_FINITE)
+    if not pc.any(found).as_py():
+        return None
+    first = int(pc.index(found, True).as_py())
+    return int(pc.list_parent_indices(array)[first].as_py()) if lists else first
 
 
 # --- the reader ------------------------------------------------------------------------------------------------
@@ -335,10 +405,10 @@ class _Fetcher:
         *,
         ahead: int,
         stop: threading.Event | None,
-        cancel: Callable[[], None],
+        cancel: Callable[[], bool],
     ) -> None:
         self._batches = batches  # consumed and closed by the thread only
-        self._cancel = cancel  # the driver's cancel, called from the caller's thread
+        self._cancel = cancel  # cancels the driver's statement from the caller's thread; False: none yet
         self._stop = stop  # set by a signal handler (a run): seen within _POLL seconds
         self._queue: queue.SimpleQueue[object] = queue.SimpleQueue()  # batches, then _END or an exception
         self._wanted = threading.Semaphore(ahead)  # batches the thread may fetch now
@@ -388,12 +458,14 @@ class _Fetcher:
 
     def close(self) -> bool:
         """Stop fetching (cancelling the statement if the thread is still at it) and wait for the thread; False
-        when it did not end within :data:`_CANCEL_WAIT` seconds (its connection must not be closed under it)."""
+        when it did not end within :data:`_CANCEL_WAIT` seconds (its connection must not be closed under it), or
+        was not waited for: still connecting, it has no statement to cancel (a server that does not answer
+        would keep it for the connect timeout), and closes the connection it gets at once."""
         if not self._done:
             self._halt.set()
             self._wanted.release()  # wakes a thread waiting for a credit
-            if self._thread.is_alive():
-                self._cancel()
+            if self._thread.is_alive() and not self._cancel():
+                return False
             deadline = time.monotonic() + _CANCEL_WAIT
             while not self._done:
                 try:
@@ -403,6 +475,44 @@ class _Fetcher:
                 # Batches fetched ahead are dropped; so is the cancelled read's error (the caller has its own).
                 self._done = item is _END or isinstance(item, BaseException)
         self._thread.join()
+        return True
+
+
+class _Opened:
+    """The driver a read opens in its fetching thread, reachable from the caller's thread to cancel its
+    statement (:class:`_Fetcher`'s ``cancel``) and, once the thread has ended, to close it."""
+
+    __slots__ = ("_cancelled", "_driver", "_lock")
+
+    def __init__(self) -> None:
+        self._driver: Driver | None = None  # once opened, until the read ends
+        self._cancelled = False  # cancel was called: a driver opened after it is closed at once
+        self._lock = threading.Lock()  # between the fetching thread's hold and the caller's cancel
+
+    def hold(self, driver: Driver) -> bool:
+        """Keep ``driver`` for :meth:`cancel`; False (``driver`` closed) when the read was cancelled meanwhile."""
+        with self._lock:
+            if not self._cancelled:
+                self._driver = driver
+                return True
+        driver.close()
+        return False
+
+    def close(self) -> None:
+        """Close the driver, if one was opened (once the fetching thread has ended)."""
+        with self._lock:
+            driver, self._driver = self._driver, None
+        if driver is not None:
+            driver.close()
+
+    def cancel(self) -> bool:
+        """Cancel the statement running on the driver (from the caller's thread); False when none is open yet."""
+        with self._lock:
+            self._cancelled = True
+            driver = self._driver
+        if driver is None:
+            return False
+        driver.cancel()
         return True
 
 
@@ -453,14 +563,28 @@ class SqlReader:
 
     def check(self) -> list[Column]:
         """Check that the result has every mapped column, each of a type that fits its mapping, reading no row
-        (PostgreSQL's schema call, DuckDB's and SQLite's LIMIT 0). Raises BadInputError; returns the columns."""
-        driver = self._open()
+        (PostgreSQL's schema call, DuckDB's and SQLite's LIMIT 0). Raises BadInputError; returns the columns.
+
+        Read in a thread of its own, as :meth:`chunks` reads: an interrupt (Ctrl-C, SIGTERM) is seen while the
+        schema call waits for a lock, and cancels it (``pushsync validate`` waited as long as the lock)."""
+        opened = _Opened()
+        columns: list[Column] = []
+        fetcher = _Fetcher(self._schema(opened, columns), ahead=0, stop=None, cancel=opened.cancel)
         try:
-            columns = driver.schema(self.statement)
+            for _ in fetcher:
+                pass
         finally:
-            driver.close()
+            if fetcher.close():
+                opened.close()
         self._check_columns(columns)
         return columns
+
+    def _schema(self, opened: _Opened, columns: list[Column]) -> Generator[pa.RecordBatch, None, None]:
+        """Adds the result's columns to ``columns``, in the fetching thread (:meth:`check`); gives no batch."""
+        driver = self._open()
+        if opened.hold(driver):
+            columns += driver.schema(self.statement)
+        yield from ()
 
     def _check_columns(self, columns: list[Column]) -> None:
         names = [c.name for c in columns]
@@ -509,22 +633,28 @@ class SqlReader:
         ``stop`` (set by a signal handler) is looked at while the database works, every :data:`_POLL` seconds: the
         statement is cancelled and :class:`sync.errors.InterruptedRunError` raised. So is an interrupt (Ctrl-C, or
         SIGTERM in ``pushsync plan``): the query does not run on in the server after the process has gone."""
-        driver = self._open()
-        fetcher: _Fetcher | None = None
+        opened = _Opened()
+        fetcher = _Fetcher(
+            self._batches(opened),
+            ahead=READ_AHEAD if self._target.kind is DatabaseKind.POSTGRESQL else 0,
+            stop=stop,
+            cancel=opened.cancel,
+        )
         try:
-            self._check_columns(driver.schema(self.statement))
             wanted = list(self.source.columns())
             pending: list[pa.RecordBatch] = []
             rows = 0
             next_row = 1
-            fetcher = _Fetcher(
-                driver.batches(self.statement, CHUNK_ROWS),
-                ahead=READ_AHEAD if driver.remote else 0,
-                stop=stop,
-                cancel=driver.cancel,
-            )
+            as_text = {c for c, role in _roles(self.source) if role in (_TEXT, _LIST)}
+            # DuckDB and SQLite give UTF-8 only (SQLite's sqlite3 fails on other bytes); PostgreSQL gives what a
+            # SQL_ASCII database holds, as it is.
+            check_text = self._target.kind is DatabaseKind.POSTGRESQL
             for batch in fetcher:
                 index = {name: i for i, name in enumerate(batch.schema.names)}
+                if len(index) < batch.num_columns:
+                    # A name given twice, which SQLite's LIMIT 0 sub-select renamed (id, id:1): refused as the
+                    # schema's would be, not read from the last column of that name.
+                    self._check_columns([Column(n, None, "") for n in batch.schema.names])
                 # PostgreSQL's batches are sized in bytes: narrow rows make batches of 100k+ rows. Validation
                 # works (and holds memory) per chunk, so cut them to the chunk size (slices copy nothing): of
                 # CHUNK_ROWS rows, fewer when rows are wide (CHUNK_BYTES, at this batch's mean width).
@@ -539,11 +669,13 @@ class SqlReader:
                     start += piece.num_rows
                     for c in wanted:
                         self._refuse_out_of_range(piece.column(index[c]), c, next_row + rows)
-                    pending.append(
-                        pa.RecordBatch.from_arrays(
-                            [_arrow_ready(piece.column(index[c])) for c in wanted], names=wanted
-                        )
-                    )
+                        if c in as_text:
+                            self._refuse_not_finite(piece.column(index[c]), c, next_row + rows)
+                    arrays = [_arrow_ready(piece.column(index[c])) for c in wanted]
+                    if check_text:
+                        for c, array in zip(wanted, arrays, strict=True):
+                            self._refuse_invalid_text(array, c, next_row + rows)
+                    pending.append(pa.RecordBatch.from_arrays(arrays, names=wanted))
                     rows += piece.num_rows
                     if rows >= limit:
                         yield self._chunk(pending, next_row)
@@ -553,9 +685,19 @@ class SqlReader:
                 yield self._chunk(pending, next_row)
         finally:
             # The fetching thread must end before the driver closes; one that did not (a cancel the database
-            # ignored) keeps the connection, which the process's exit closes.
-            if fetcher is None or fetcher.close():
-                driver.close()
+            # ignored) keeps the connection, which the process's exit closes (one still connecting closes it).
+            if fetcher.close():
+                opened.close()
+
+    def _batches(self, opened: _Opened) -> Generator[pa.RecordBatch, None, None]:
+        """The result's record batches, the connection opened and the columns checked first: all of it in the
+        fetching thread, so that a stop is seen while the database works before the first row too — a schema
+        call waiting for a lock (a migration's ALTER TABLE), which kept SIGTERM waiting as long as the lock."""
+        driver = self._open()
+        if not opened.hold(driver):
+            return  # stopped while the connection was made
+        self._check_columns(driver.schema(self.statement))
+        yield from driver.batches(self.statement, CHUNK_ROWS)
 
     def _refuse_out_of_range(self, array: pa.Array, column: str, first_row: int) -> None:
         """Stop the read at a date outside years 1-9999 (:func:`_first_out_of_range`), naming its position: no
@@ -565,6 +707,51 @@ class SqlReader:
             self._fail(
                 "a date outside years 1-9999 (PostgreSQL's 'infinity' or '-infinity'?); make it NULL or a real "
                 f"date in the query (e.g. NULLIF({column}, 'infinity'))",
+                row=first_row + found,
+                column=column,
+            )
+
+    def _refuse_invalid_text(self, array: pa.Array, column: str, first_row: int) -> None:
+        """Stop the read at a text that is not UTF-8, naming its position. A SQL_ASCII database stores bytes
+        unchecked (Latin-1 names from an old application): such a value ended the plan in a Rust panic and a
+        traceback (exit 1)."""
+        lists = pa.types.is_list(array.type) or pa.types.is_large_list(array.type)
+        # A list's own items: validating a slice of a list validates its whole child array (other slices' too).
+        first, last = (array.offsets[0].as_py(), array.offsets[-1].as_py()) if lists else (0, 0)
+        try:
+            # Checks UTF-8 (about 4 ms for 1M short texts).
+            (array.values.slice(first, last - first) if lists else array).validate(full=True)
+            return
+        except pa.ArrowInvalid:
+            pass
+        found = 0  # which row, looked for only when there is one
+        offsets = array.offsets.to_pylist() if lists else []
+        for i in range(len(array)):
+            row = array.values.slice(offsets[i], offsets[i + 1] - offsets[i]) if lists else array.slice(i, 1)
+            try:
+                row.validate(full=True)
+            except pa.ArrowInvalid:
+                found = i
+                break
+        self._fail(
+            "a text that is not UTF-8 (a SQL_ASCII database holding another encoding?); correct it, or leave it "
+            "out in the query",
+            row=first_row + found,
+            column=column,
+        )
+
+    def _refuse_not_finite(self, array: pa.Array, column: str, first_row: int) -> None:
+        """Stop the read at a PostgreSQL numeric NaN or infinity read as text (:func:`_first_not_finite`), naming
+        its position: as a float's, it is no value to send, and nulling it would skip the user's value."""
+        found = _first_not_finite(array)
+        if found is not None:
+            fix = (
+                f"remove it in the query (e.g. array_remove({column}, 'NaN'))"
+                if pa.types.is_list(array.type) or pa.types.is_large_list(array.type)
+                else f"make it NULL in the query (e.g. NULLIF({column}, 'NaN'))"
+            )
+            self._fail(
+                f"a numeric NaN or infinity, which would be sent as the text 'nan' or 'inf'; {fix}",
                 row=first_row + found,
                 column=column,
             )
