@@ -186,6 +186,10 @@ class Validator:
             raise missing(name)
         if set(map(type, value)) != {str}:  # C-speed check of 1000 items (``all(...)`` costs twice as much)
             raise self.wrong(name, "an array of strings")
+        if "" in value:
+            # An empty extId (or address) names nobody: refused as an array body's empty ``[i].extId`` and
+            # enablePush's empty ``extId`` are, instead of creating (tagUsers) or deleting a user named "".
+            raise missing(f"{name}[{value.index('')}]")
         return value
 
     def unique(self, ids: list[str], what: str = "extIds") -> set[str]:
