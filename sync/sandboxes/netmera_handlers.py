@@ -192,6 +192,16 @@ class NetmeraHandlers:
         for i, item in enumerate(items):
             self._check.string(item, "category", f"[{i}].")
             self._check.boolean(item, "enable", f"[{i}].")
+        defined = self.config.categories
+        if defined is not None:
+            # Only the panel's categories hold a preference: a name it does not define is refused, not kept.
+            for i, item in enumerate(items):
+                if item["category"] not in defined:
+                    raise ApiError(
+                        400,
+                        MISSING_PARAMETER,
+                        f"invalid parameter [{i}].category: not a category of the panel",
+                    )
         if self._stateless("setCategoryPreferences", len(items)):
             return
         self._known([item["extId"] for item in items])

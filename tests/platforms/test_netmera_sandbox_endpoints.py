@@ -3,8 +3,12 @@ read calls return the current state."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
+import pytest
+
+from sync.sandboxes.netmera_config import NetmeraSandboxConfig
 from sync.sandboxes.netmera_state import Device
 
 SEED_USERS = {
@@ -107,6 +111,53 @@ async def test_category_preferences(netmera_sandbox: Any) -> None:
         "getCategoryPreferences", {"externalId": "id1", "pushPermitted": "true"}
     )
     assert reply.body["categories"] == [{"category": "Shopping", "enable": True}]
+
+
+async def test_a_category_the_panel_does_not_define_is_refused_when_the_panel_is_configured(
+    netmera_sandbox_factory: Any, tmp_path: Path
+) -> None:
+    """A preference is kept only for a category "defined in Netmera panel" (seed 001). With the panel's categories
+    configured, a request naming another one is refused whole and nothing is kept: a job whose mapping misspells
+    a category (``Promotions`` for the panel's ``Promotion``) ran ok against the sandbox, which kept the
+    preference, while the platform would hold no such opt-out."""
+    from sync.config import load_job
+    from sync.run import RunOptions, run
+
+    with pytest.raises(ValueError, match="categories must be a list"):
+        NetmeraSandboxConfig.from_mapping({"categories": "Promotion"})
+    running = await netmera_sandbox_factory(categories=["Shopping", "Promotion"])
+    assert running.sandbox.config.categories == frozenset({"Shopping", "Promotion"})
+    state = running.sandbox.state
+    good = {"extId": "id1", "category": "Shopping", "enable": True}
+    reply = await running.post(
+        "setCategoryPreferences", [good, {"extId": "id2", "category": "Promotions", "enable": False}]
+    )
+    assert (reply.status, reply.body) == (
+        400,
+        {"code": 2020, "error": "invalid parameter [1].category: not a category of the panel"},
+    )
+    assert state.users == {}  # nothing of the request was applied
+    assert (await running.post("setCategoryPreferences", [good])).status == 200
+    assert state.users["id1"].categories == {"Shopping": True}
+
+    (tmp_path / "users.csv").write_text("id,promo\nu1,false\nu2,no\n", encoding="utf-8")
+    (tmp_path / "job.yaml").write_text(
+        f"""version: 1
+name: categories
+workdir: work
+destination: {{platform: netmera, base_url: "{running.url}", secret: {{env: NETMERA_API_KEY}}}}
+sources:
+  - name: users
+    path: users.csv
+    ext_id: id
+    opt_ins: {{categories: {{Promotions: promo}}}}
+dispatch: {{retry: {{max_attempts: 1}}}}
+""",
+        encoding="utf-8",
+    )
+    result = await run(load_job(tmp_path / "job.yaml"), RunOptions(api_key=running.api_key))
+    assert result.summary.ids_ok == 0 and result.summary.ids_rejected == 2
+    assert state.users["id1"].categories == {"Shopping": True} and "u1" not in state.users
 
 
 async def test_set_profile_keeps_other_keys(netmera_sandbox: Any) -> None:
