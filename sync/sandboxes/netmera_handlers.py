@@ -268,7 +268,9 @@ class NetmeraHandlers:
         items = self._profiles(body, "arrays")
         if self._stateless(operation, len(items)):
             return
-        self._known([item["extId"] for item in items])
+        # Unknown users are refused (``error``) or created by the change below, never before the checks: a
+        # refused request must not leave the users it named behind.
+        self._known([item["extId"] for item in items], create=False)
         for i, item in enumerate(items):  # check every target first: the request applies fully or not at all
             record = self.state.users.get(item["extId"])
             profile = record.profile if record is not None else None

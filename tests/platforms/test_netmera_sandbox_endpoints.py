@@ -216,6 +216,24 @@ async def test_push_onto_a_non_array_attribute_is_refused_and_changes_nothing(ne
     assert reply.status == 400  # values to push must be an array too
 
 
+async def test_a_refused_push_or_pull_leaves_no_user_it_named_behind(netmera_sandbox: Any) -> None:
+    """A push/pull refused because one target attribute is not an array changed nothing, as documented — but
+    the users the request named were created before the check: a user never set afterwards existed, and
+    getProfileAttributes answered 200 ``{}`` for them instead of 5016."""
+    state = netmera_sandbox.sandbox.state
+    await netmera_sandbox.post("setProfileAttributes", [{"extId": "id1", "profile": {"name": "John"}}])
+    body = [{"extId": "new", "profile": {"likes": ["a"]}}, {"extId": "id1", "profile": {"name": ["x"]}}]
+    for endpoint in ("pushProfileAttributes", "pullProfileAttributes"):
+        reply = await netmera_sandbox.post(endpoint, body)
+        assert (reply.status, reply.body["code"]) == (400, 2009)
+        assert not state.exists("new")
+    reply = await netmera_sandbox.get("getProfileAttributes", {"extId": "new"})
+    assert (reply.status, reply.body["code"]) == (400, 5016)
+    # An accepted request still creates the users it names.
+    assert (await netmera_sandbox.post("pushProfileAttributes", body[:1])).status == 200
+    assert state.users["new"].profile == {"likes": ["a"]}  # type: ignore[union-attr]
+
+
 async def test_delete_profile_attributes_for_all_users(netmera_sandbox: Any) -> None:
     body = [
         {"extId": "id1", "profile": {"name": "A", "age": 1, "city": "X"}},
