@@ -336,3 +336,55 @@ async def test_an_export_during_which_the_platform_changed_says_its_total_change
         pages = device_token_pages(client, page_size=100)
         again = await write_pages(pages, tmp_path / "e.csv", schema, ExportFormat.CSV)
     assert again.rows == 290 and again.total_changed is None and "total_changed" not in again.to_dict()
+
+
+@pytest.mark.parametrize(("total", "exit_code"), [(5, 3), (None, 3), (2, 0)])
+async def test_an_empty_device_page_that_links_a_next_page_is_refused_not_taken_for_the_end(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    total: int | None,
+    exit_code: int,
+) -> None:
+    """A platform that answers an empty page at offset 2 of 5 devices with a link to offset 4: the export stopped
+    there and wrote a file of 2 rows, exit 0, without a word — an export that looked complete. Now exit 3 and no
+    file, as for getSegmentUsers; an empty page at or past ``total`` (the count fell meanwhile) still ends it."""
+    from aiohttp import web
+
+    def page(offset: int) -> dict[str, Any]:
+        devices = [
+            {"platform": "IOS", "token": f"t{i}", "deviceModel": "X", "pushPermitted": True}
+            for i in range(offset, 2)
+        ]
+        body: dict[str, Any] = {"nextPage": f"/rest/3.0/getDeviceTokens?offset={offset + 2}&max=2"}
+        if total is not None or offset == 0:
+            body["total"] = total if offset else 5
+        return {**body, "devices": devices}
+
+    async def handle(request: web.Request) -> web.Response:
+        return web.json_response(page(int(request.query["offset"])))
+
+    app = web.Application()
+    app.router.add_get("/rest/3.0/getDeviceTokens", handle)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    monkeypatch.setenv("NETMERA_API_KEY", "k")
+    out = tmp_path / "devices.csv"
+    try:
+        code = await cli(
+            "export", "device-tokens", "--base-url", f"http://127.0.0.1:{port}/rest/3.0/",
+            "--page-size", "2", "--progress", "none", "-o", str(out),
+        )  # fmt: skip
+    finally:
+        await runner.cleanup()
+    err = capsys.readouterr().err
+    assert code == exit_code
+    if exit_code:
+        of_total = " of 5" if total else ""
+        assert f"the page at offset 2{of_total} holds no devices but links a next page" in err
+        assert _files(tmp_path) == []
+    else:
+        assert pl.read_csv(out)["token"].to_list() == ["t0", "t1"]

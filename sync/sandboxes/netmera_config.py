@@ -105,6 +105,12 @@ class NetmeraSandboxConfig(SandboxSettings):
     --stateless``). Reads answer as for an empty platform; checks that need state (unknown extIds, a profile
     attribute that is not an array, a segment that does not exist) are not made. The ``applied`` counters of
     ``/_sandbox/stats`` still count what each accepted write names."""
+    categories: frozenset[str] | None = None
+    """The categories "defined in the Netmera panel" — setCategoryPreferences' ``category`` is "the name of the
+    category which is defined in Netmera panel" [D]. When given, a request naming any other category is refused
+    whole (400, code 2020 [I]: the code is undocumented), so a job's misspelt category fails its dry run here
+    instead of being kept as a preference the platform would not hold. None (default): every name is taken, as
+    the sandbox cannot know a panel's categories."""
     limit_groups: Mapping[str, str] = field(default_factory=dict)
     """Endpoint → the limit bucket it shares with others (``{"*": account}`` with ``limits: {account: ...}``:
     one limit for the whole account, every endpoint counted together). Off by default."""
@@ -114,6 +120,14 @@ class NetmeraSandboxConfig(SandboxSettings):
         "write_response": WriteResponse,
         "last_page": LastPage,
     }
+
+    @classmethod
+    def _convert(cls, kwargs: dict[str, Any]) -> None:
+        categories = kwargs.get("categories")
+        if categories is not None:
+            if isinstance(categories, str) or not all(type(c) is str and c for c in categories):
+                raise ValueError("categories must be a list of category names (non-empty strings)")
+            kwargs["categories"] = frozenset(categories)
 
     def __post_init__(self) -> None:
         if self.stateless and self.seed_file is not None:
@@ -186,6 +200,10 @@ class Validator:
             raise missing(name)
         if set(map(type, value)) != {str}:  # C-speed check of 1000 items (``all(...)`` costs twice as much)
             raise self.wrong(name, "an array of strings")
+        if "" in value:
+            # An empty extId (or address) names nobody: refused as an array body's empty ``[i].extId`` and
+            # enablePush's empty ``extId`` are, instead of creating (tagUsers) or deleting a user named "".
+            raise missing(f"{name}[{value.index('')}]")
         return value
 
     def unique(self, ids: list[str], what: str = "extIds") -> set[str]:

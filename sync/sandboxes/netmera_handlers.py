@@ -192,6 +192,16 @@ class NetmeraHandlers:
         for i, item in enumerate(items):
             self._check.string(item, "category", f"[{i}].")
             self._check.boolean(item, "enable", f"[{i}].")
+        defined = self.config.categories
+        if defined is not None:
+            # Only the panel's categories hold a preference: a name it does not define is refused, not kept.
+            for i, item in enumerate(items):
+                if item["category"] not in defined:
+                    raise ApiError(
+                        400,
+                        MISSING_PARAMETER,
+                        f"invalid parameter [{i}].category: not a category of the panel",
+                    )
         if self._stateless("setCategoryPreferences", len(items)):
             return
         self._known([item["extId"] for item in items])
@@ -258,7 +268,9 @@ class NetmeraHandlers:
         items = self._profiles(body, "arrays")
         if self._stateless(operation, len(items)):
             return
-        self._known([item["extId"] for item in items])
+        # Unknown users are refused (``error``) or created by the change below, never before the checks: a
+        # refused request must not leave the users it named behind.
+        self._known([item["extId"] for item in items], create=False)
         for i, item in enumerate(items):  # check every target first: the request applies fully or not at all
             record = self.state.users.get(item["extId"])
             profile = record.profile if record is not None else None

@@ -3,8 +3,12 @@ read calls return the current state."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
+import pytest
+
+from sync.sandboxes.netmera_config import NetmeraSandboxConfig
 from sync.sandboxes.netmera_state import Device
 
 SEED_USERS = {
@@ -109,6 +113,53 @@ async def test_category_preferences(netmera_sandbox: Any) -> None:
     assert reply.body["categories"] == [{"category": "Shopping", "enable": True}]
 
 
+async def test_a_category_the_panel_does_not_define_is_refused_when_the_panel_is_configured(
+    netmera_sandbox_factory: Any, tmp_path: Path
+) -> None:
+    """A preference is kept only for a category "defined in Netmera panel" (seed 001). With the panel's categories
+    configured, a request naming another one is refused whole and nothing is kept: a job whose mapping misspells
+    a category (``Promotions`` for the panel's ``Promotion``) ran ok against the sandbox, which kept the
+    preference, while the platform would hold no such opt-out."""
+    from sync.config import load_job
+    from sync.run import RunOptions, run
+
+    with pytest.raises(ValueError, match="categories must be a list"):
+        NetmeraSandboxConfig.from_mapping({"categories": "Promotion"})
+    running = await netmera_sandbox_factory(categories=["Shopping", "Promotion"])
+    assert running.sandbox.config.categories == frozenset({"Shopping", "Promotion"})
+    state = running.sandbox.state
+    good = {"extId": "id1", "category": "Shopping", "enable": True}
+    reply = await running.post(
+        "setCategoryPreferences", [good, {"extId": "id2", "category": "Promotions", "enable": False}]
+    )
+    assert (reply.status, reply.body) == (
+        400,
+        {"code": 2020, "error": "invalid parameter [1].category: not a category of the panel"},
+    )
+    assert state.users == {}  # nothing of the request was applied
+    assert (await running.post("setCategoryPreferences", [good])).status == 200
+    assert state.users["id1"].categories == {"Shopping": True}
+
+    (tmp_path / "users.csv").write_text("id,promo\nu1,false\nu2,no\n", encoding="utf-8")
+    (tmp_path / "job.yaml").write_text(
+        f"""version: 1
+name: categories
+workdir: work
+destination: {{platform: netmera, base_url: "{running.url}", secret: {{env: NETMERA_API_KEY}}}}
+sources:
+  - name: users
+    path: users.csv
+    ext_id: id
+    opt_ins: {{categories: {{Promotions: promo}}}}
+dispatch: {{retry: {{max_attempts: 1}}}}
+""",
+        encoding="utf-8",
+    )
+    result = await run(load_job(tmp_path / "job.yaml"), RunOptions(api_key=running.api_key))
+    assert result.summary.ids_ok == 0 and result.summary.ids_rejected == 2
+    assert state.users["id1"].categories == {"Shopping": True} and "u1" not in state.users
+
+
 async def test_set_profile_keeps_other_keys(netmera_sandbox: Any) -> None:
     body = [
         {"extId": "id1", "profile": {"name": "John", "age": 34}},
@@ -163,6 +214,24 @@ async def test_push_onto_a_non_array_attribute_is_refused_and_changes_nothing(ne
     assert netmera_sandbox.sandbox.state.users.get("id2") is None  # nothing applied, not even the valid item
     reply = await netmera_sandbox.post("pushProfileAttributes", [{"extId": "id1", "profile": {"name": "x"}}])
     assert reply.status == 400  # values to push must be an array too
+
+
+async def test_a_refused_push_or_pull_leaves_no_user_it_named_behind(netmera_sandbox: Any) -> None:
+    """A push/pull refused because one target attribute is not an array changed nothing, as documented — but
+    the users the request named were created before the check: a user never set afterwards existed, and
+    getProfileAttributes answered 200 ``{}`` for them instead of 5016."""
+    state = netmera_sandbox.sandbox.state
+    await netmera_sandbox.post("setProfileAttributes", [{"extId": "id1", "profile": {"name": "John"}}])
+    body = [{"extId": "new", "profile": {"likes": ["a"]}}, {"extId": "id1", "profile": {"name": ["x"]}}]
+    for endpoint in ("pushProfileAttributes", "pullProfileAttributes"):
+        reply = await netmera_sandbox.post(endpoint, body)
+        assert (reply.status, reply.body["code"]) == (400, 2009)
+        assert not state.exists("new")
+    reply = await netmera_sandbox.get("getProfileAttributes", {"extId": "new"})
+    assert (reply.status, reply.body["code"]) == (400, 5016)
+    # An accepted request still creates the users it names.
+    assert (await netmera_sandbox.post("pushProfileAttributes", body[:1])).status == 200
+    assert state.users["new"].profile == {"likes": ["a"]}  # type: ignore[union-attr]
 
 
 async def test_delete_profile_attributes_for_all_users(netmera_sandbox: Any) -> None:

@@ -65,6 +65,30 @@ async def test_missing_required_field_is_400_2020_naming_it(
 
 
 @pytest.mark.parametrize(
+    ("endpoint", "body", "field"),
+    [
+        ("tagUsers", {"tag": "T", "extIds": ["a", ""]}, "extIds[1]"),
+        ("untagUsers", {"tag": "T", "extIds": [""]}, "extIds[0]"),
+        ("deleteUsersPermanently", {"extIds": ["a", ""]}, "extIds[1]"),
+        ("enableMail", {"extIds": ["", "a"]}, "extIds[0]"),
+        ("disableSms", {"extIds": ["a", ""]}, "extIds[1]"),
+        ("disableMail", {"emailList": ["a@example.com", ""]}, "emailList[1]"),
+        ("enableSms", {"msisdnList": [""]}, "msisdnList[0]"),
+    ],
+)
+async def test_an_empty_string_in_an_id_or_address_list_is_400_2020_and_changes_nothing(
+    netmera_sandbox: Any, endpoint: str, body: Any, field: str
+) -> None:
+    """An empty extId names nobody: refused in an ``extIds`` list as it is as an array item's ``extId`` and as
+    enablePush's ``extId``. It was accepted, and tagUsers created a user named ""."""
+    reply = await netmera_sandbox.post(endpoint, body)
+    assert (reply.status, reply.body["code"]) == (400, 2020)
+    assert reply.body["error"] == f"missing required parameter: {field}"
+    state = netmera_sandbox.sandbox.state
+    assert state.users == {} and state.tags == {}
+
+
+@pytest.mark.parametrize(
     ("endpoint", "params", "field"),
     [
         ("getProfileAttributes", {}, "extId"),

@@ -110,7 +110,9 @@ def _check_os(os_name: str) -> str:
 async def device_token_pages(
     client: NetmeraClient, *, page_size: int = 1000, settings: ReadSettings | None = None
 ) -> AsyncIterator[Page]:
-    """``getDeviceTokens`` from offset 0, following ``nextPage`` until there is none (or a page is empty)."""
+    """``getDeviceTokens`` from offset 0, following ``nextPage`` until there is none. An empty page ends the
+    export when it has no link or starts at or past ``total``; one that links a next page below ``total`` (or
+    without a total) is a :class:`PlatformError`, as for getSegmentUsers."""
     settings = settings or ReadSettings()
     params: dict[str, str] | None = {"max": str(page_size), "offset": "0"}
     offset = 0
@@ -123,8 +125,18 @@ async def device_token_pages(
         if devices:
             yield Page([{c: d.get(c) for c in DEVICE_COLUMNS} for d in devices], offset, total)
         following = _next_params(body.get("nextPage"), "getDeviceTokens")
-        if following is None or not devices:
+        if following is None:
             return
+        if not devices:
+            if total is not None and offset >= total:
+                return  # a link past the last device (the count changed meanwhile): nothing is left to read
+            # The platform says more devices follow but answered none here: stopping would leave a short file
+            # that looks complete (exit 0), and following the link can only skip or repeat rows.
+            of_total = f" of {total}" if total is not None else ""
+            raise PlatformError(
+                f"getDeviceTokens: the page at offset {offset}{of_total} holds no devices but links a next page: "
+                "the devices after it cannot be read by offset"
+            )
         next_offset = _offset(following, "getDeviceTokens")
         if next_offset != offset + len(devices):
             # A link that skips or repeats rows would silently lose or duplicate devices: refuse it.
