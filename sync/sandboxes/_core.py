@@ -37,6 +37,7 @@ import asyncio
 import contextlib
 import io
 import json
+import math
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
@@ -108,12 +109,20 @@ def _not_json(constant: str) -> Any:
     raise ValueError(f"{constant} is not JSON")
 
 
+def _finite(text: str) -> float:
+    value = float(text)
+    if math.isinf(value):
+        raise ValueError(f"{text} is out of a double's range")
+    return value
+
+
 def loads_json(raw: bytes | str) -> Any:
     """Parse a request body as JSON (RFC 8259) strictly: ``NaN``, ``Infinity`` and ``-Infinity`` raise
     ValueError, as every platform's JSON parser refuses them, whereas Python's ``json.loads`` accepts them (a
-    sandbox would take a body the platform refuses, and its state would no longer dump as JSON). Also
-    ValueError (UnicodeDecodeError) for bytes that are not UTF-8."""
-    return json.loads(raw, parse_constant=_not_json)
+    sandbox would take a body the platform refuses, and its state would no longer dump as JSON). So does a
+    number beyond a double's range (``1e400``), which Python reads as infinity: kept, it came back in an answer
+    as ``Infinity``, which is not JSON. Also ValueError (UnicodeDecodeError) for bytes that are not UTF-8."""
+    return json.loads(raw, parse_constant=_not_json, parse_float=_finite)
 
 
 def json_response(payload: Any, status: int = 200, headers: Mapping[str, str] | None = None) -> web.Response:
