@@ -262,3 +262,27 @@ sources:
         "sources[0].attributes",
         "sources[1].attributes.when",
     }
+
+
+@pytest.mark.parametrize("window", ["inf", "1e400", "-inf"])
+def test_a_rate_window_without_end_is_refused_at_load(tmp_path: Path, window: str) -> None:
+    """``rate_window: inf`` was loaded, and the first answer with nothing left this minute paused the endpoint
+    for ever (the wait until the window's end was infinite)."""
+    (tmp_path / "e.csv").write_text("id,event,when\n1,a,2024-01-01\n", encoding="utf-8")
+    (tmp_path / "job.yaml").write_text(
+        f"""
+version: 1
+destination:
+  platform: notifyvisitors
+  base_url: "http://127.0.0.1:1/api/v1/"
+  secret: {{env: X}}
+  extra: {{brand_id: "1", rate_window: "{window}"}}
+defaults: {{ext_id: id}}
+sources:
+  - {{name: e, kind: events, path: e.csv, event: event, attributes: {{when: {{type: date, attribute: event_time}}}}}}
+""",
+        encoding="utf-8",
+    )
+    with pytest.raises(BadJobError) as info:
+        load_job(tmp_path / "job.yaml")
+    assert [p.location for p in info.value.problems] == ["destination.extra.rate_window"]

@@ -20,6 +20,7 @@ import bisect
 import functools
 import hashlib
 import json
+import math
 import re
 import zoneinfo
 from collections.abc import Iterable, Iterator, Mapping, Sequence
@@ -1188,7 +1189,8 @@ def job_problems(sources: Sequence[Source], extra: Mapping[str, str]) -> list[Jo
         problems.append(JobProblem("destination.extra.events_after_users", "must be true or false"))
     if "rate_window" in extra:
         try:
-            if not float(extra["rate_window"]) > 0:
+            # Finite too: "inf" (or "1e400") made the first "nothing left this minute" a pause without end.
+            if not 0 < float(extra["rate_window"]) < math.inf:
                 raise ValueError
         except ValueError:
             problems.append(
