@@ -291,7 +291,9 @@ sources:
 def test_an_attribute_named_like_a_mapped_field_is_refused_at_load(tmp_path: Path) -> None:
     """An attribute sent as ``email`` (or ``mobile``, an opt-in) from another column than the source's ``email:``
     went into the same ``user_attributes`` key: one address was dropped without a word."""
-    (tmp_path / "u.csv").write_text("id,em,work,tel,news\n1,a@x.io,b@x.io,+14155550100,yes\n", encoding="utf-8")
+    (tmp_path / "u.csv").write_text(
+        "id,em,work,tel,news\n1,a@x.io,b@x.io,+14155550100,yes\n", encoding="utf-8"
+    )
     (tmp_path / "job.yaml").write_text(
         """
 version: 1

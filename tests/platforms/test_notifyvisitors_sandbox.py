@@ -204,7 +204,10 @@ async def test_event_attributes_that_are_not_an_object_are_refused(
     assert reply.envelope["message"] == "invalid resource: nv[0].attributes: must be an object"
     assert nv_sandbox.sandbox.state.events == []
     # Absent or null still means none.
-    for event in ({"userID": "ok", "event_name": "e"}, {"userID": "ok", "event_name": "e", "attributes": None}):
+    for event in (
+        {"userID": "ok", "event_name": "e"},
+        {"userID": "ok", "event_name": "e", "attributes": None},
+    ):
         assert (await nv_sandbox.post("event/create", {"nv": [event]})).status == 200
 
 
