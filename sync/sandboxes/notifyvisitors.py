@@ -386,7 +386,10 @@ class NotifyVisitorsSandbox(PlatformSandbox[NotifyVisitorsSandboxConfig, NotifyV
             where = f"nv[{i}]"
             user_id = _user_id(item, where)
             name = _name(item.get("event_name"), f"{where}.event_name")
-            attrs = _attributes(item.get("attributes") or {}, f"{where}.attributes", user=False)
+            # Absent or null: no attributes. Any other value must be an object: ``or {}`` took [], "", 0 and false
+            # as "no attributes" and accepted a body the platform's object rule refuses.
+            attributes = item.get("attributes")
+            attrs = _attributes({} if attributes is None else attributes, f"{where}.attributes", user=False)
             when = item.get("event_time")
             if when is not None and not _parses(when, self._event_format):
                 raise _invalid(f"{where}.event_time", f"must be {self.config.event_time_format}")

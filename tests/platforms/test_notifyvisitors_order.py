@@ -262,3 +262,70 @@ sources:
         "sources[0].attributes",
         "sources[1].attributes.when",
     }
+
+
+@pytest.mark.parametrize("window", ["inf", "1e400", "-inf"])
+def test_a_rate_window_without_end_is_refused_at_load(tmp_path: Path, window: str) -> None:
+    """``rate_window: inf`` was loaded, and the first answer with nothing left this minute paused the endpoint
+    for ever (the wait until the window's end was infinite)."""
+    (tmp_path / "e.csv").write_text("id,event,when\n1,a,2024-01-01\n", encoding="utf-8")
+    (tmp_path / "job.yaml").write_text(
+        f"""
+version: 1
+destination:
+  platform: notifyvisitors
+  base_url: "http://127.0.0.1:1/api/v1/"
+  secret: {{env: X}}
+  extra: {{brand_id: "1", rate_window: "{window}"}}
+defaults: {{ext_id: id}}
+sources:
+  - {{name: e, kind: events, path: e.csv, event: event, attributes: {{when: {{type: date, attribute: event_time}}}}}}
+""",
+        encoding="utf-8",
+    )
+    with pytest.raises(BadJobError) as info:
+        load_job(tmp_path / "job.yaml")
+    assert [p.location for p in info.value.problems] == ["destination.extra.rate_window"]
+
+
+def test_an_attribute_named_like_a_mapped_field_is_refused_at_load(tmp_path: Path) -> None:
+    """An attribute sent as ``email`` (or ``mobile``, an opt-in) from another column than the source's ``email:``
+    went into the same ``user_attributes`` key: one address was dropped without a word."""
+    (tmp_path / "u.csv").write_text(
+        "id,em,work,tel,news\n1,a@x.io,b@x.io,+14155550100,yes\n", encoding="utf-8"
+    )
+    (tmp_path / "job.yaml").write_text(
+        """
+version: 1
+destination:
+  platform: notifyvisitors
+  base_url: "http://127.0.0.1:1/api/v1/"
+  secret: {env: X}
+  extra: {brand_id: "1"}
+defaults: {ext_id: id}
+sources:
+  - name: u
+    path: u.csv
+    attributes:
+      work: {type: string, attribute: email}
+      tel: {type: string, attribute: mobile}
+      news: {type: boolean, attribute: email_opt_in}
+    email: em
+    msisdn: tel
+    opt_ins: {email: em}
+""",
+        encoding="utf-8",
+    )
+    with pytest.raises(BadJobError) as info:
+        load_job(tmp_path / "job.yaml")
+    # tel is msisdn's own column: the same value, nothing is lost.
+    assert [(p.location, p.message) for p in info.value.problems] == [
+        (
+            "sources[0].attributes.work",
+            "attribute 'email' is already sent from column 'em' (email); map one column to it",
+        ),
+        (
+            "sources[0].attributes.news",
+            "attribute 'email_opt_in' is already sent from column 'em' (opt_ins.email); map one column to it",
+        ),
+    ]

@@ -193,6 +193,24 @@ async def test_documented_rules_refuse_the_whole_request_with_400(
     assert nv_sandbox.sandbox.state.users == {} and nv_sandbox.sandbox.state.events == []
 
 
+@pytest.mark.parametrize("attributes", [[], "", 0, False, ["sku", "A1"]])
+async def test_event_attributes_that_are_not_an_object_are_refused(
+    nv_sandbox: RunningNotifyVisitors, attributes: Any
+) -> None:
+    """A falsy non-object was read as "no attributes" and the event recorded."""
+    item = {"userID": "ok", "event_name": "e", "attributes": attributes}
+    reply = await nv_sandbox.post("event/create", {"nv": [item]})
+    assert reply.status == 400
+    assert reply.envelope["message"] == "invalid resource: nv[0].attributes: must be an object"
+    assert nv_sandbox.sandbox.state.events == []
+    # Absent or null still means none.
+    for event in (
+        {"userID": "ok", "event_name": "e"},
+        {"userID": "ok", "event_name": "e", "attributes": None},
+    ):
+        assert (await nv_sandbox.post("event/create", {"nv": [event]})).status == 200
+
+
 async def test_values_at_the_documented_bounds_are_accepted(nv_sandbox: RunningNotifyVisitors) -> None:
     item = {"userID": "u" * 100, "user_attributes": {"a" * 49: "x" * 999, "mobile": "+14155550123"}}
     assert (await nv_sandbox.post("user/create", {"nv": [item]})).status == 200

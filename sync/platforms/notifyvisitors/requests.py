@@ -20,6 +20,7 @@ import bisect
 import functools
 import hashlib
 import json
+import math
 import re
 import zoneinfo
 from collections.abc import Iterable, Iterator, Mapping, Sequence
@@ -1188,7 +1189,8 @@ def job_problems(sources: Sequence[Source], extra: Mapping[str, str]) -> list[Jo
         problems.append(JobProblem("destination.extra.events_after_users", "must be true or false"))
     if "rate_window" in extra:
         try:
-            if not float(extra["rate_window"]) > 0:
+            # Finite too: "inf" (or "1e400") made the first "nothing left this minute" a pause without end.
+            if not 0 < float(extra["rate_window"]) < math.inf:
                 raise ValueError
         except ValueError:
             problems.append(
@@ -1228,4 +1230,29 @@ def job_problems(sources: Sequence[Source], extra: Mapping[str, str]) -> list[Jo
                 )
             if len(a.attribute) > MAX_NAME_LENGTH:
                 problems.append(JobProblem(where, "attribute names must be fewer than 50 characters"))
+        if source.kind is SourceKind.USERS:
+            problems.extend(_shadowed_attributes(source, loc))
+    return problems
+
+
+def _shadowed_attributes(source: Source, loc: str) -> list[JobProblem]:
+    """Attributes named like a field the source's ``email:``, ``msisdn:`` or ``opt_ins`` already fill from
+    another column: both went into one ``user_attributes`` key and the mapping's value silently won."""
+    special = {
+        "email": ("email", source.email),
+        "mobile": ("msisdn", source.msisdn),
+        "email_opt_in": ("opt_ins.email", source.opt_ins.email),
+        "sms_opt_in": ("opt_ins.sms", source.opt_ins.sms),
+    }
+    problems = []
+    for a in source.attributes:
+        setting, column = special.get(a.attribute, ("", None))
+        if column and column != a.column:
+            problems.append(
+                JobProblem(
+                    f"{loc}.attributes.{a.column}",
+                    f"attribute {a.attribute!r} is already sent from column {column!r} ({setting}); "
+                    "map one column to it",
+                )
+            )
     return problems
