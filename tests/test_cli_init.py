@@ -187,6 +187,30 @@ def test_init_writes_a_job_each_platform_validates_and_plans(
         plan.close()
 
 
+def test_init_leaves_out_a_column_named_like_an_attribute_a_contact_setting_fills(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """NotifyVisitors sends msisdn: as the attribute mobile. A file with a phone column (taken for msisdn:) and
+    a mobile column made a job mapping both: before the load check it lost the mobile column's values without a
+    word; with it, init stopped with that error and wrote nothing. Now the mobile column is left out, said in a
+    comment, and the job validates."""
+    data = tmp_path / "users.csv"
+    data.write_text(
+        "id,phone,mobile,email,city\nC1,+905551112233,+905551112299,a@x.io,Bursa\n", encoding="utf-8"
+    )
+    out = tmp_path / "job.yaml"
+    argv = ["init", str(data), "-o", str(out), "--platform", "notifyvisitors", "--extra", "brand_id=1000"]
+    assert main(argv) == 0, capsys.readouterr().err
+    job = load_job(out)
+    source = job.sources[0]
+    assert source.msisdn == "phone" and {a.column for a in source.attributes} == {"city"}
+    assert "# not sent: mobile (msisdn: phone fills notifyvisitors's mobile)" in out.read_text(
+        encoding="utf-8"
+    )
+    monkeypatch.setenv(job.destination.secret_env or "", "k3y-0123456789")
+    assert main(["validate", str(out)]) == 0, capsys.readouterr().err
+
+
 def test_init_asks_for_what_no_header_names_and_never_writes_a_secret(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

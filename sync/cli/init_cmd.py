@@ -214,8 +214,20 @@ def suggest_job(
             used.add(col)
             break
     q = _quote
+    shadowed: dict[str, str] = {}  # column -> the setting that fills the attribute of its name
+    mapped_settings: dict[str, str | None] = {}
     if starter.fields is None:
-        attributes = [f"      {q(c)}: {_kind(frame.schema[c])}" for c in columns if c not in used]
+        # A column named like an attribute a contact or opt-in setting fills from another column (NotifyVisitors'
+        # mobile, beside a phone column taken for msisdn:) would fill it twice: the platform refuses such a job.
+        mapped_settings = {"email": email, "msisdn": phone, **{f"opt_ins.{c}": v for c, v in opt_ins.items()}}
+        shadowed = {
+            c: starter.filled_by[c]
+            for c in columns
+            if c not in used and mapped_settings.get(starter.filled_by.get(c, ""))
+        }
+        attributes = [
+            f"      {q(c)}: {_kind(frame.schema[c])}" for c in columns if c not in used and c not in shadowed
+        ]
         attributes_note = "column: type (the profile attribute has the column's name)"
         left_out: list[str] = []
     else:
@@ -267,6 +279,18 @@ def suggest_job(
     if attributes:
         lines.append(f"    attributes:                       # {attributes_note}")
         lines += attributes
+    if shadowed:
+        lines += textwrap.wrap(
+            "not sent: "
+            + ", ".join(
+                f"{q(c)} ({setting}: {q(str(mapped_settings[setting]))} fills {platform}'s {c})"
+                for c, setting in shadowed.items()
+            ),
+            width=110,
+            initial_indent="    # ",
+            subsequent_indent="    #   ",
+            break_on_hyphens=False,
+        )
     if left_out:
         fields = ", ".join(f.attribute for f in starter.fields or ())
         lines += textwrap.wrap(

@@ -71,6 +71,10 @@ class StarterJob:
     columns are left out of the job, named in a comment."""
     extra_hints: tuple[str, ...] = ()
     """``destination.extra`` lines written commented out below the settings given (``key: value  # what``)."""
+    filled_by: Mapping[str, str] = field(default_factory=dict)
+    """Attribute names the source's contact and opt-in settings fill (NotifyVisitors' ``mobile`` from
+    ``msisdn``), each with that setting (``msisdn``, ``opt_ins.sms``): a column of that name left over once the
+    setting is mapped from another column is left out (the platform refuses the job otherwise)."""
     reference: str = "docs/jobs.md"
     """The page of the docs that describes the platform's job."""
 

@@ -54,6 +54,12 @@ class NotifyVisitorsPlatform:
             secret_env="NOTIFYVISITORS_API_KEY",
             contact_fields=frozenset({"email", "msisdn"}),
             opt_ins=frozenset({"email", "sms"}),
+            filled_by={
+                "email": "email",
+                "mobile": "msisdn",
+                "email_opt_in": "opt_ins.email",
+                "sms_opt_in": "opt_ins.sms",
+            },
             extra_hints=(
                 "auth: api_key            # api_key: x-api-key + x-brand-id; bearer: Authorization: Bearer",
                 "event_time_zone: UTC     # default: validation.timezone",
