@@ -111,11 +111,12 @@ class BadJobError(PushSyncError):
 
     exit_code = ExitCode.BAD_JOB_OR_INPUT
 
-    def __init__(self, path: str, problems: Sequence[JobProblem]) -> None:
+    def __init__(self, path: str, problems: Sequence[JobProblem], *, what: str = "job file") -> None:
         self.path = path
         self.problems = tuple(problems)
         lines = "\n".join(f"  - {p}" for p in self.problems)
-        super().__init__(f"{path}: {len(self.problems)} problem(s) in job file:\n{lines}")
+        # ``what``: the kind of file, for the files read like a job's (a sandbox's config).
+        super().__init__(f"{path}: {len(self.problems)} problem(s) in {what}:\n{lines}")
 
 
 class BadInputError(PushSyncError):

@@ -136,7 +136,8 @@ def _run(command: SandboxCommand, args: argparse.Namespace) -> int:
     except SeedFileError as exc:
         raise BadInputError(str(exc.path), exc.reason) from exc
     except (ValueError, TypeError, KeyError, OSError) as exc:
-        raise BadJobError(str(args.config or args.seed_file), [JobProblem("", str(exc))]) from exc
+        what = "sandbox config" if args.config else "seed file"
+        raise BadJobError(str(args.config or args.seed_file), [JobProblem("", str(exc))], what=what) from exc
     asyncio.run(_serve(sandbox, args.host, args.port, [*notes, *more]))
     return 0
 
@@ -148,11 +149,15 @@ def _load_config(path: Path | None) -> dict[str, Any]:
         text = path.read_text(encoding="utf-8")
         data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
     except (OSError, ValueError, yaml.YAMLError) as exc:
-        raise BadJobError(str(path), [JobProblem("", f"cannot read sandbox config: {exc}")]) from exc
+        raise BadJobError(
+            str(path), [JobProblem("", f"cannot read sandbox config: {exc}")], what="sandbox config"
+        ) from exc
     if data is None:
         return {}
     if not isinstance(data, Mapping):
-        raise BadJobError(str(path), [JobProblem("", "sandbox config must be a mapping")])
+        raise BadJobError(
+            str(path), [JobProblem("", "sandbox config must be a mapping")], what="sandbox config"
+        )
     return dict(data)
 
 

@@ -116,6 +116,8 @@ def test_bad_config_exits_2(tmp_path: Path) -> None:
     )
     assert result.returncode == 2
     assert "bad.yaml" in result.stderr and result.stdout == ""
+    # A sandbox's config is no job file: the message says which file it is (it said "in job file").
+    assert "problem(s) in sandbox config" in result.stderr and "job file" not in result.stderr
 
 
 def test_a_port_in_use_exits_2_with_one_line() -> None:
