@@ -13,11 +13,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import math
 import sys
 from pathlib import Path
 from typing import Any
 
+from sync.cli._argtypes import seconds
 from sync.errors import BadJobError, ExitCode, JobProblem
 
 __all__ = ["API_KEY_ENV", "register"]
@@ -38,16 +38,6 @@ def _positive(text: str) -> int:
         raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1: {value}")
-    return value
-
-
-def _seconds(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
-    if not math.isfinite(value) or value <= 0:
-        raise argparse.ArgumentTypeError(f"must be a positive number of seconds: {text!r}")
     return value
 
 
@@ -76,7 +66,7 @@ def register(subparsers: Any) -> None:
     common.add_argument(
         "--format", choices=["parquet", "csv"], help="default: from the file name (.csv → csv, else parquet)"
     )
-    common.add_argument("--timeout", type=_seconds, help="seconds per request (default: the job's, else 30)")
+    common.add_argument("--timeout", type=seconds, help="seconds per request (default: the job's, else 30)")
     common.add_argument("--progress", choices=["auto", "bar", "log", "none"], default="auto")
     common.add_argument("--output", choices=["text", "json"], default="text", help="summary format on stdout")
 

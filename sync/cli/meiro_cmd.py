@@ -16,13 +16,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import math
 import os
 import sys
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from sync.cli._argtypes import seconds
 from sync.errors import ExitCode, RejectedBatchError, SecretError, StateError, printable
 
 __all__ = ["BASE_URL_ENV", "EMAIL_ENV", "PASSWORD_ENV", "register"]
@@ -51,18 +51,6 @@ def _page_size(text: str) -> int:
     return value
 
 
-def _seconds(text: str) -> float:
-    # As a job file's wait.interval, max_wait and request_timeout: a pause of 0 (or less) polled Meiro without
-    # a break, thousands of requests a second; NaN slept forever; a request time-out of 0 meant none at all.
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
-    if not math.isfinite(value) or value <= 0:
-        raise argparse.ArgumentTypeError(f"must be a positive number of seconds: {text!r}")
-    return value
-
-
 def register(subparsers: Any) -> None:
     """Add ``meiro`` and its subcommands."""
     common = argparse.ArgumentParser(add_help=False)
@@ -72,7 +60,7 @@ def register(subparsers: Any) -> None:
         "--password-file", type=Path, help=f"file holding the password (default ${PASSWORD_ENV})"
     )
     common.add_argument(
-        "--request-timeout", type=_seconds, default=30.0, help="seconds per request (default 30)"
+        "--request-timeout", type=seconds, default=30.0, help="seconds per request (default 30)"
     )
     common.add_argument("--output", choices=["text", "json"], default="text")
 
@@ -96,8 +84,8 @@ def register(subparsers: Any) -> None:
     )
     wait.add_argument("notification", metavar="NOTIFICATION")
     wait.add_argument("export", type=int, metavar="EXPORT")
-    wait.add_argument("--interval", type=_seconds, default=5.0, help="seconds between polls (default 5)")
-    wait.add_argument("--timeout", dest="max_wait", type=_seconds, help="give up after this many seconds")
+    wait.add_argument("--interval", type=seconds, default=5.0, help="seconds between polls (default 5)")
+    wait.add_argument("--timeout", dest="max_wait", type=seconds, help="give up after this many seconds")
     wait.add_argument(
         "--workdir", type=Path, default=Path(".pushsync/meiro"), help="where waits are recorded"
     )
