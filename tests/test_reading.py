@@ -188,6 +188,23 @@ def test_other_encodings_with_the_encoding_option(tmp_path: Path) -> None:
     assert items == [{"extId": "a", "profile": {"n": 1, "s": "Müller"}}]
 
 
+@pytest.mark.parametrize("encoding", ["latin-1", "cp1254"])
+def test_a_utf8_byte_order_mark_under_another_encoding_is_refused_not_garbled(
+    tmp_path: Path, encoding: str
+) -> None:
+    # Every byte sequence is Latin-1 text: read so, "Müller" was sent as "MÃ¼ller", without a word.
+    utf8 = b"\xef\xbb\xbf" + (HEADER + "a,1,,,,Müller,,,,\n").encode("utf-8")
+    job = _job(tmp_path, utf8, extra=f"    encoding: {encoding}")
+    with pytest.raises(BadInputError) as info:
+        build_plan(job)
+    assert "UTF-8 byte-order mark" in str(info.value) and "'encoding: utf-8'" in str(info.value)
+    assert str(tmp_path / "users.csv") in str(info.value)
+    assert [p.location for p in check_sources(job)] == ["sources[0]"]
+    # Declared as what it is, it is read as it is.
+    _, items = _plan_rejects(_job(tmp_path, utf8, extra="    encoding: utf-8"))
+    assert items == [{"extId": "a", "profile": {"n": 1, "s": "Müller"}}]
+
+
 @pytest.mark.parametrize(
     ("content", "name", "message"),
     [
@@ -217,6 +234,28 @@ def test_missing_column_names_file_and_column(tmp_path: Path) -> None:
     assert info.value.column == "phone"
     assert "'phone'" in str(info.value) and str(tmp_path / "users.csv") in str(info.value)
     assert [p.location for p in check_sources(job)] == ["sources[0]"]
+
+
+def test_a_wide_export_whose_header_passes_64_kib_is_read(tmp_path: Path) -> None:
+    # 6,000 custom fields: a header of ~120 KB, past the 64 KiB the header's reading took, which made it "not a
+    # CSV file: it holds no line of text" for validate, plan and run alike.
+    extra = [f"custom_field_{i:05d}" for i in range(6000)]
+    header = HEADER.strip() + "," + ",".join(extra) + "\n"
+    row = "a,1,true,2020-01-01,x,s,1,a@b.co,+905312345601,zzz" + "," * len(extra) + "\n"
+    job = _job(tmp_path, row, header=header)
+    assert check_sources(job) == []
+    rejects, items = _plan_rejects(job)
+    assert rejects == {}
+    assert [item["extId"] for item in items] == ["a"]
+
+
+def test_a_header_longer_than_a_block_is_named_as_such(tmp_path: Path) -> None:
+    extra = [f"custom_field_{i:05d}" for i in range(60000)]  # ~1.2 MB on one line
+    job = _job(tmp_path, "", header=HEADER.strip() + "," + ",".join(extra) + "\n")
+    with pytest.raises(BadInputError) as info:
+        build_plan(job)
+    assert "the header line is longer than 1 MiB" in str(info.value)
+    assert "not a CSV file" not in str(info.value)
 
 
 def test_truncated_parquet(tmp_path: Path) -> None:

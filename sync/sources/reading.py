@@ -18,6 +18,7 @@ the wrong number of fields is not fatal: it becomes a rejected row and reading g
 from __future__ import annotations
 
 import atexit
+import codecs
 import contextlib
 import csv
 import gc
@@ -236,20 +237,27 @@ def read_columns(source: Source, path: Path) -> list[str]:
         def skip(_row: pa_csv.InvalidRow) -> str:
             return "skip"
 
-        with _undecodable_rows(skip) as undecodable:
-            try:
-                reader = pa_csv.open_csv(
-                    path,
-                    read_options=_csv_read_options(source, block_size=1 << 16),
-                    parse_options=pa_csv.ParseOptions(
-                        delimiter=source.delimiter,
-                        newlines_in_values=True,
-                        invalid_row_handler=_handed_to_arrow(skip),
-                    ),
-                    convert_options=pa_csv.ConvertOptions(column_types={}, include_columns=[]),
-                )
-            except (pa.ArrowException, UnicodeError) as exc:
-                raise _unreadable(source, path, exc, undecodable=bool(undecodable)) from exc
+        # A small block first (the header is all we want), then the reading's own: a wide export's header
+        # (6,000 columns of custom fields: ~120 KB) does not fit in 64 KiB, and pyarrow then finds "no line" —
+        # which was reported as "not a CSV file", although the reading itself takes it.
+        for block_size in (_HEADER_PROBE_BYTES, CSV_BLOCK_BYTES):
+            with _undecodable_rows(skip) as undecodable:
+                try:
+                    reader = pa_csv.open_csv(
+                        path,
+                        read_options=_csv_read_options(source, block_size=block_size),
+                        parse_options=pa_csv.ParseOptions(
+                            delimiter=source.delimiter,
+                            newlines_in_values=True,
+                            invalid_row_handler=_handed_to_arrow(skip),
+                        ),
+                        convert_options=pa_csv.ConvertOptions(column_types={}, include_columns=[]),
+                    )
+                    break
+                except (pa.ArrowException, UnicodeError) as exc:
+                    if block_size < CSV_BLOCK_BYTES and "Empty CSV file" in str(exc):
+                        continue
+                    raise _unreadable(source, path, exc, undecodable=bool(undecodable)) from exc
         try:
             return list(reader.schema.names)
         finally:
@@ -302,6 +310,19 @@ def _header_without_newline(source: Source, path: Path) -> list[str] | None:
     if not text.strip() or "\n" in text or "\r" in text:
         return None
     return next(csv.reader([text], delimiter=source.delimiter))
+
+
+def _long_first_line(source: Source, path: Path) -> bool:
+    """True when the file's first :data:`CSV_BLOCK_BYTES` bytes are text holding no line break: a header line
+    longer than a block (which pyarrow reports as "no line at all"), not binary data."""
+    try:
+        with path.open("rb") as fh:
+            head = fh.read(CSV_BLOCK_BYTES)
+        # Cut at a block's end: a multi-byte character there may be cut too.
+        text = head.decode(source.encoding, errors="ignore")
+    except (OSError, LookupError):
+        return False
+    return len(head) == CSV_BLOCK_BYTES and bool(text.strip()) and not any(c in text for c in "\x00\n\r")
 
 
 def _blank(source: Source, path: Path) -> bool:
@@ -371,6 +392,12 @@ def _unreadable(
             f"cannot decode the file as {source.encoding}; set the source's 'encoding' (e.g. latin-1, utf-16)",
         )
     if "Empty CSV file" in text:
+        if _long_first_line(source, path):
+            return BadInputError(
+                str(path),
+                f"the header line is longer than {CSV_BLOCK_BYTES >> 20} MiB, the most pushsync reads as one line "
+                "(tens of thousands of columns?); export only the columns the job maps",
+            )
         if not _blank(source, path):
             # pyarrow found no line at all in bytes that are not blank text: a gzip or zip file, say.
             return BadInputError(
@@ -384,6 +411,8 @@ def _unreadable(
 
 def _check_header(source: Source, path: Path) -> list[str]:
     names = read_columns(source, path)
+    if source.format is FileFormat.CSV:
+        _check_byte_order_mark(source, path)
     if any("\x00" in n for n in names):
         # A UTF-16 file without a byte-order mark decodes as "UTF-8" with a NUL after every character.
         raise BadInputError(
@@ -411,6 +440,28 @@ def _check_header(source: Source, path: Path) -> list[str]:
             column=missing[0],
         )
     return names
+
+
+def _check_byte_order_mark(source: Source, path: Path) -> None:
+    """Refuse a CSV file that starts with UTF-8's byte-order mark when the source names another encoding.
+
+    The mark says the file is UTF-8, and every byte sequence is valid Latin-1 or cp1254: read so, nothing fails,
+    and each accented letter is sent as two wrong ones (``José`` as ``JosÃ©``) to every user of the file. Only
+    the mark is certain; a UTF-8 file without one is not guessed at.
+    """
+    if codecs.lookup(source.encoding).name in ("utf-8", "utf-8-sig"):
+        return
+    try:
+        with path.open("rb") as fh:
+            head = fh.read(len(codecs.BOM_UTF8))
+    except OSError:
+        return  # the reading says what is wrong
+    if head == codecs.BOM_UTF8:
+        raise BadInputError(
+            str(path),
+            f"the file starts with a UTF-8 byte-order mark but the source's encoding is {source.encoding}: its "
+            "accented letters would be sent garbled (José as JosÃ©); set the source's 'encoding: utf-8'",
+        )
 
 
 def _check_parquet_types(source: Source, path: Path) -> None:
