@@ -236,6 +236,25 @@ def test_missing_column_names_file_and_column(tmp_path: Path) -> None:
     assert [p.location for p in check_sources(job)] == ["sources[0]"]
 
 
+def test_a_missing_column_says_which_name_differs_only_in_case_or_spaces(tmp_path: Path) -> None:
+    # "Id " and " email" looked like the names the job maps in the list of the file's columns.
+    job = _job(tmp_path, "a,1,,,,,,,,\n", header="Id ,n,b,d,l,s,p, email,phone,unused\n")
+    with pytest.raises(BadInputError) as info:
+        build_plan(job)
+    assert info.value.column == "id"
+    assert "the file has 'Id ' for 'id', ' email' for 'email' (names must match exactly" in str(info.value)
+
+
+def test_a_missing_column_error_cuts_a_huge_column_name(tmp_path: Path) -> None:
+    # A file that is not the export: one 300 KB "name" was repeated whole in the message.
+    job = _job(tmp_path, "a,1\n", header="ID," + "x" * 300_000 + "\n")
+    with pytest.raises(BadInputError) as info:
+        build_plan(job)
+    assert len(str(info.value)) < 1000
+    assert "x" * 59 + "… (300000 characters)" in str(info.value)
+    assert "'ID' for 'id'" in str(info.value)
+
+
 def test_a_wide_export_whose_header_passes_64_kib_is_read(tmp_path: Path) -> None:
     # 6,000 custom fields: a header of ~120 KB, past the 64 KiB the header's reading took, which made it "not a
     # CSV file: it holds no line of text" for validate, plan and run alike.

@@ -433,13 +433,36 @@ def _check_header(source: Source, path: Path) -> list[str]:
         hint = ""
         if len(names) == 1 and any(d in names[0] for d in ",;\t|" if d != source.delimiter):
             hint = f"; is the delimiter right? (the source says {source.delimiter!r})"
+        # A name that differs only in case or in spaces around it ("Id ", " email") looks the same in the list
+        # above: say which.
+        near = [
+            f"{_shown(n)!r} for {c!r}"
+            for c in missing
+            for n in names
+            if n != c and n.strip().casefold() == c.strip().casefold()
+        ]
+        if near:
+            hint += f"; the file has {', '.join(near[:3])} (names must match exactly: case and spaces)"
         raise BadInputError(
             str(path),
             f"column(s) {', '.join(map(repr, missing))} named by source {source.name!r} are not in the file "
-            f"(it has {len(names)} column(s): {', '.join(names[:12])}{', ...' if len(names) > 12 else ''}){hint}",
+            f"(it has {len(names)} column(s): {', '.join(map(_shown, names[:12]))}"
+            f"{', ...' if len(names) > 12 else ''}){hint}",
             column=missing[0],
         )
     return names
+
+
+_SHOWN_NAME_CHARS = 60
+"""The most characters of a header's column name a message shows: a name can be as long as the header line (a
+file that is not the export, one value of 300 KB), and the message would repeat it whole."""
+
+
+def _shown(name: str) -> str:
+    """``name`` as a message shows it: cut at :data:`_SHOWN_NAME_CHARS` characters."""
+    if len(name) <= _SHOWN_NAME_CHARS:
+        return name
+    return f"{name[: _SHOWN_NAME_CHARS - 1]}… ({len(name)} characters)"
 
 
 def _check_byte_order_mark(source: Source, path: Path) -> None:
