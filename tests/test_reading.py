@@ -188,6 +188,23 @@ def test_other_encodings_with_the_encoding_option(tmp_path: Path) -> None:
     assert items == [{"extId": "a", "profile": {"n": 1, "s": "Müller"}}]
 
 
+@pytest.mark.parametrize(("declared", "right"), [("latin-1", "cp1252"), ("iso8859-9", "cp1254")])
+def test_a_windows_export_read_as_iso_8859_is_refused_not_sent_with_control_characters(
+    tmp_path: Path, declared: str, right: str
+) -> None:
+    # "Müller’s" from Excel (cp1252: ’ is byte 0x92) under encoding: latin-1 was sent as "Müller\x92s".
+    rows = "a,1,,,,Müller,,,,\nb,2,,,,Müller’s,,,,\n"
+    job = _job(tmp_path, (HEADER + rows).encode(right), extra=f"    encoding: {declared}")
+    with pytest.raises(BadInputError) as info:
+        build_plan(job)
+    assert (info.value.row, info.value.column) == (2, "s")
+    assert "U+0080-U+009F" in str(info.value) and "cp1252" in str(info.value)
+    assert not list((tmp_path / "work").glob("plan-*"))
+    # Declared as what it is, it is read as it is.
+    _, items = _plan_rejects(_job(tmp_path, (HEADER + rows).encode(right), extra=f"    encoding: {right}"))
+    assert sorted(i["profile"]["s"] for i in items) == ["Müller", "Müller’s"]
+
+
 @pytest.mark.parametrize("encoding", ["latin-1", "cp1254"])
 def test_a_utf8_byte_order_mark_under_another_encoding_is_refused_not_garbled(
     tmp_path: Path, encoding: str

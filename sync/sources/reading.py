@@ -1062,6 +1062,7 @@ def _csv_read(
     # parses without the GIL, so the two overlap on two cores (issue 13). Other readings parse in the caller's
     # thread, as they always did (the staging already reads on a thread of its own).
     chunks = ahead(parsed(), thread_name="pushsync-csv") if spill is not None else parsed()
+    c1 = _c1_encoding(source.encoding)
     try:
         # Closed before the reader: a chunk still being parsed on the worker is waited for first.
         with contextlib.closing(chunks):
@@ -1073,11 +1074,46 @@ def _csv_read(
                         pl.DataFrame(schema={**{c: pl.String for c in columns}, ROW: pl.Int64}), found
                     )
                     continue
+                if c1:
+                    _check_c1(batch, row_col, path, source)
                 if spill is not None:
                     spill.add(batch, row_col.to_arrow(), found)
                 yield Chunk(_selected(batch, row_col, source.ext_id, keep), found)
     finally:
         reader.close()
+
+
+_C1 = "[\u0080-\u009f]"
+"""C1 control characters: what bytes 0x80-0x9F become in ISO 8859 encodings."""
+
+
+def _c1_encoding(encoding: str) -> bool:
+    """Whether ``encoding`` reads bytes 0x80-0x9F as C1 control characters (latin-1 and the other ISO 8859
+    encodings), where the Windows code page a file usually is has letters and punctuation (cp1252: € ’ “ ”)."""
+    return bytes(range(0x80, 0xA0)).decode(encoding, errors="replace") == "".join(map(chr, range(0x80, 0xA0)))
+
+
+def _check_c1(batch: pa.Table, rows: pl.Series, path: Path, source: Source) -> None:
+    """Raise BadInputError (file, row, column) for the first mapped value holding a C1 control character, in a
+    file read in an encoding that makes them of bytes 0x80-0x9F (:func:`_c1_encoding`).
+
+    A CRM export said to be latin-1 is nearly always Windows' cp1252: read as latin-1, ``Müller’s €5`` was sent
+    as ``Müller\x92s \x805`` — invisible control characters in every such value, and no error. No text in
+    latin-1 holds them, so the whole file is refused, as for a byte the encoding cannot decode.
+    """
+    frame = pl.from_arrow(batch)
+    assert isinstance(frame, pl.DataFrame)
+    for column in frame.columns:
+        hits = frame[column].str.contains(_C1).fill_null(False)
+        if hits.any():
+            row = int(rows.filter(hits)[0])
+            raise BadInputError(
+                str(path),
+                f"a control character (U+0080-U+009F) read as {source.encoding}: the file is likely a Windows "
+                "code page (cp1252, with € ’ “ ” there; cp1254 for Turkish); set the source's 'encoding'",
+                row=row,
+                column=column,
+            )
 
 
 def _coalesced(
