@@ -285,6 +285,26 @@ def test_a_wide_export_whose_header_passes_64_kib_is_read(tmp_path: Path) -> Non
     assert [item["extId"] for item in items] == ["a"]
 
 
+def test_a_long_value_in_the_first_rows_is_read_not_called_larger_than_a_block(tmp_path: Path) -> None:
+    # A 200 KB note (unmapped) in row 1 did not fit the header's 64 KiB block: "a record is larger than 1 MiB",
+    # the whole file refused, although the reading (1 MiB blocks) takes it.
+    job = _job(tmp_path, "a,1,,,,,,,," + "n" * 200_000 + "\nb,2,,,,,,,,\n")
+    assert check_sources(job) == []
+    rejects, items = _plan_rejects(job)
+    assert rejects == {}
+    assert sorted(item["extId"] for item in items) == ["a", "b"]
+
+
+def test_an_id_too_long_for_a_csv_field_is_rejected_and_cut_in_the_rejects_file(tmp_path: Path) -> None:
+    # Written whole, a 200,000-character ID made the rejects file unreadable to Python's CSV reader (128 KiB a
+    # field): plan.rejected_rows() raised, and pushsync plan ended in an internal error (exit 5).
+    job = _job(tmp_path, "U" * 200_000 + ",1,,,,,,,,\nb,x,,,,,,,,\n")
+    rejects, _ = _plan_rejects(job)
+    assert [(r.row, r.column) for r in rejects.values()] == [(1, "id"), (2, "n")]
+    shown = rejects[1].ext_id
+    assert shown is not None and shown == "U" * 4096 + "… (200000 characters)"
+
+
 def test_a_header_longer_than_a_block_is_named_as_such(tmp_path: Path) -> None:
     extra = [f"custom_field_{i:05d}" for i in range(60000)]  # ~1.2 MB on one line
     job = _job(tmp_path, "", header=HEADER.strip() + "," + ",".join(extra) + "\n")

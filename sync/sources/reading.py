@@ -44,7 +44,7 @@ from sync.config import FileFormat, Job, Source
 from sync.errors import BadInputError, JobProblem
 from sync.records import RejectedRow
 from sync.sources._column_types import type_problems
-from sync.sources._diagnose import compressed, oversized_record
+from sync.sources._diagnose import compressed, has_oversized_record, oversized_record
 from sync.sources._spill import Spill
 
 __all__ = [
@@ -237,9 +237,10 @@ def read_columns(source: Source, path: Path) -> list[str]:
         def skip(_row: pa_csv.InvalidRow) -> str:
             return "skip"
 
-        # A small block first (the header is all we want), then the reading's own: a wide export's header
-        # (6,000 columns of custom fields: ~120 KB) does not fit in 64 KiB, and pyarrow then finds "no line" —
-        # which was reported as "not a CSV file", although the reading itself takes it.
+        # A small block first (the header is all we want), then the reading's own, which decides: pyarrow parses
+        # the first block whole, and a wide export's header (6,000 columns of custom fields: ~120 KB) or a long
+        # value in the first rows (a 200 KB note) does not fit in 64 KiB. That was reported as "not a CSV file"
+        # or "a record is larger than 1 MiB", although the reading itself takes the file.
         for block_size in (_HEADER_PROBE_BYTES, CSV_BLOCK_BYTES):
             with _undecodable_rows(skip) as undecodable:
                 try:
@@ -255,7 +256,12 @@ def read_columns(source: Source, path: Path) -> list[str]:
                     )
                     break
                 except (pa.ArrowException, UnicodeError) as exc:
-                    if block_size < CSV_BLOCK_BYTES and "Empty CSV file" in str(exc):
+                    # A record past two small blocks is read again by the reading's own blocks unless it is
+                    # larger than one of those too (a quote never closed, say: the whole file is refused then).
+                    if block_size < CSV_BLOCK_BYTES and not (
+                        "straddling object" in str(exc)
+                        and has_oversized_record(source, path, CSV_BLOCK_BYTES)
+                    ):
                         continue
                     raise _unreadable(source, path, exc, undecodable=bool(undecodable)) from exc
         try:
