@@ -327,3 +327,53 @@ def test_a_malformed_newest_record_holds_the_id_it_names(
         (4, None, "malformed CSV record"),
         (1, "U1", "held back"),
     ]
+
+
+def test_a_limited_sample_takes_its_users_newest_rows_from_the_rest_of_the_input(tmp_path: Path) -> None:
+    """``--limit 2``: the sample is U1 and U2 (a.csv's first rows), and the newest row still decides for them.
+    Reading used to stop at the sample: U1's push opt-in (a.csv) was sent although b.csv opts them out, and U2's
+    row 1 although b.csv's newest row of U2 was rejected. U3 and U4 are not in the sample: their rows after it
+    are neither sent nor reported."""
+    job = _job(
+        tmp_path,
+        {
+            "a.csv": "U1,5,yes\nU2,6,yes\nU3,7,yes\nU1,5,yes\n",
+            "b.csv": "U4,xx,no\nU1,5,no\nU2,xx,no\nU3,8,no\n",
+        },
+    )
+    planned, rejects = _planned(job, limit=2)
+    assert planned == {
+        "disablePush": [{"extId": "U1"}],
+        "setProfileAttributes": [{"extId": "U1", "profile": {"score": 5}}],
+    }
+    b = str(tmp_path / "b.csv")
+    assert _rejected(rejects)[0] == ("b.csv", 3, "score", "not a number", "U2")
+    assert sorted(_rejected(rejects)[1:]) == [
+        (
+            "a.csv",
+            1,
+            "push",
+            f"duplicate external ID with conflicting values: superseded by row 2 of {b} (last row wins)",
+            "U1",
+        ),
+        ("a.csv", 2, "id", _HELD.format(f"row 3 of {b}"), "U2"),
+        (
+            "a.csv",
+            4,
+            "push",
+            f"duplicate external ID with conflicting values: superseded by row 2 of {b} (last row wins)",
+            "U1",
+        ),
+    ]
+
+
+def test_a_limited_tags_sample_follows_its_id_and_tag_pairs(tmp_path: Path) -> None:
+    """A tags source's sample is of (ID, tag) pairs: U1's vip tag (row 1) is removed again by row 4, so the
+    sample untags it, as a full run would; U1's news rows and U2's are not in the sample of one."""
+    (tmp_path / "tags.csv").write_text(
+        "id,tag,action\nU1,vip,add\nU1,news,add\nU2,vip,add\nU1,vip,remove\nU1,news,remove\n",
+        encoding="utf-8",
+    )
+    (tmp_path / "job.yaml").write_text(_TAGS_JOB, encoding="utf-8")
+    planned, _ = _planned(load_job(tmp_path / "job.yaml"), limit=1)
+    assert planned == {"untagUsers": [{"tag": "vip", "extIds": ["U1"]}]}

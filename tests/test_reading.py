@@ -188,6 +188,40 @@ def test_other_encodings_with_the_encoding_option(tmp_path: Path) -> None:
     assert items == [{"extId": "a", "profile": {"n": 1, "s": "Müller"}}]
 
 
+@pytest.mark.parametrize(("declared", "right"), [("latin-1", "cp1252"), ("iso8859-9", "cp1254")])
+def test_a_windows_export_read_as_iso_8859_is_refused_not_sent_with_control_characters(
+    tmp_path: Path, declared: str, right: str
+) -> None:
+    # "Müller’s" from Excel (cp1252: ’ is byte 0x92) under encoding: latin-1 was sent as "Müller\x92s".
+    rows = "a,1,,,,Müller,,,,\nb,2,,,,Müller’s,,,,\n"
+    job = _job(tmp_path, (HEADER + rows).encode(right), extra=f"    encoding: {declared}")
+    with pytest.raises(BadInputError) as info:
+        build_plan(job)
+    assert (info.value.row, info.value.column) == (2, "s")
+    assert "U+0080-U+009F" in str(info.value) and "cp1252" in str(info.value)
+    assert not list((tmp_path / "work").glob("plan-*"))
+    # Declared as what it is, it is read as it is.
+    _, items = _plan_rejects(_job(tmp_path, (HEADER + rows).encode(right), extra=f"    encoding: {right}"))
+    assert sorted(i["profile"]["s"] for i in items) == ["Müller", "Müller’s"]
+
+
+@pytest.mark.parametrize("encoding", ["latin-1", "cp1254"])
+def test_a_utf8_byte_order_mark_under_another_encoding_is_refused_not_garbled(
+    tmp_path: Path, encoding: str
+) -> None:
+    # Every byte sequence is Latin-1 text: read so, "Müller" was sent as "MÃ¼ller", without a word.
+    utf8 = b"\xef\xbb\xbf" + (HEADER + "a,1,,,,Müller,,,,\n").encode("utf-8")
+    job = _job(tmp_path, utf8, extra=f"    encoding: {encoding}")
+    with pytest.raises(BadInputError) as info:
+        build_plan(job)
+    assert "UTF-8 byte-order mark" in str(info.value) and "'encoding: utf-8'" in str(info.value)
+    assert str(tmp_path / "users.csv") in str(info.value)
+    assert [p.location for p in check_sources(job)] == ["sources[0]"]
+    # Declared as what it is, it is read as it is.
+    _, items = _plan_rejects(_job(tmp_path, utf8, extra="    encoding: utf-8"))
+    assert items == [{"extId": "a", "profile": {"n": 1, "s": "Müller"}}]
+
+
 @pytest.mark.parametrize(
     ("content", "name", "message"),
     [
@@ -217,6 +251,67 @@ def test_missing_column_names_file_and_column(tmp_path: Path) -> None:
     assert info.value.column == "phone"
     assert "'phone'" in str(info.value) and str(tmp_path / "users.csv") in str(info.value)
     assert [p.location for p in check_sources(job)] == ["sources[0]"]
+
+
+def test_a_missing_column_says_which_name_differs_only_in_case_or_spaces(tmp_path: Path) -> None:
+    # "Id " and " email" looked like the names the job maps in the list of the file's columns.
+    job = _job(tmp_path, "a,1,,,,,,,,\n", header="Id ,n,b,d,l,s,p, email,phone,unused\n")
+    with pytest.raises(BadInputError) as info:
+        build_plan(job)
+    assert info.value.column == "id"
+    assert "the file has 'Id ' for 'id', ' email' for 'email' (names must match exactly" in str(info.value)
+
+
+def test_a_missing_column_error_cuts_a_huge_column_name(tmp_path: Path) -> None:
+    # A file that is not the export: one 300 KB "name" was repeated whole in the message.
+    job = _job(tmp_path, "a,1\n", header="ID," + "x" * 300_000 + "\n")
+    with pytest.raises(BadInputError) as info:
+        build_plan(job)
+    assert len(str(info.value)) < 1000
+    assert "x" * 59 + "… (300000 characters)" in str(info.value)
+    assert "'ID' for 'id'" in str(info.value)
+
+
+def test_a_wide_export_whose_header_passes_64_kib_is_read(tmp_path: Path) -> None:
+    # 6,000 custom fields: a header of ~120 KB, past the 64 KiB the header's reading took, which made it "not a
+    # CSV file: it holds no line of text" for validate, plan and run alike.
+    extra = [f"custom_field_{i:05d}" for i in range(6000)]
+    header = HEADER.strip() + "," + ",".join(extra) + "\n"
+    row = "a,1,true,2020-01-01,x,s,1,a@b.co,+905312345601,zzz" + "," * len(extra) + "\n"
+    job = _job(tmp_path, row, header=header)
+    assert check_sources(job) == []
+    rejects, items = _plan_rejects(job)
+    assert rejects == {}
+    assert [item["extId"] for item in items] == ["a"]
+
+
+def test_a_long_value_in_the_first_rows_is_read_not_called_larger_than_a_block(tmp_path: Path) -> None:
+    # A 200 KB note (unmapped) in row 1 did not fit the header's 64 KiB block: "a record is larger than 1 MiB",
+    # the whole file refused, although the reading (1 MiB blocks) takes it.
+    job = _job(tmp_path, "a,1,,,,,,,," + "n" * 200_000 + "\nb,2,,,,,,,,\n")
+    assert check_sources(job) == []
+    rejects, items = _plan_rejects(job)
+    assert rejects == {}
+    assert sorted(item["extId"] for item in items) == ["a", "b"]
+
+
+def test_an_id_too_long_for_a_csv_field_is_rejected_and_cut_in_the_rejects_file(tmp_path: Path) -> None:
+    # Written whole, a 200,000-character ID made the rejects file unreadable to Python's CSV reader (128 KiB a
+    # field): plan.rejected_rows() raised, and pushsync plan ended in an internal error (exit 5).
+    job = _job(tmp_path, "U" * 200_000 + ",1,,,,,,,,\nb,x,,,,,,,,\n")
+    rejects, _ = _plan_rejects(job)
+    assert [(r.row, r.column) for r in rejects.values()] == [(1, "id"), (2, "n")]
+    shown = rejects[1].ext_id
+    assert shown is not None and shown == "U" * 4096 + "… (200000 characters)"
+
+
+def test_a_header_longer_than_a_block_is_named_as_such(tmp_path: Path) -> None:
+    extra = [f"custom_field_{i:05d}" for i in range(60000)]  # ~1.2 MB on one line
+    job = _job(tmp_path, "", header=HEADER.strip() + "," + ",".join(extra) + "\n")
+    with pytest.raises(BadInputError) as info:
+        build_plan(job)
+    assert "the header line is longer than 1 MiB" in str(info.value)
+    assert "not a CSV file" not in str(info.value)
 
 
 def test_truncated_parquet(tmp_path: Path) -> None:

@@ -153,7 +153,7 @@ class RejectsWriter:
             assert self._fh is not None
             writer = csv.writer(self._fh, lineterminator="\n")
             for r in rows:
-                writer.writerow([r.path, r.row, r.column or "", r.reason, printable(r.ext_id or "")])
+                writer.writerow([r.path, r.row, r.column or "", r.reason, _shown_id(r.ext_id or "")])
             self.count += len(rows)
 
     def written(self) -> tuple[int, int]:
@@ -177,17 +177,32 @@ class RejectsWriter:
 
 
 _CONTROL = r"[\x00-\x1f\x7f-\x9f]"
+_SHOWN_ID_CHARS = 4096
+"""The most characters of an ID the rejects file holds: the schema's largest ``max_id_length``, so a longer ID —
+refused — is cut to a text no valid ID can equal. Whole, a 200,000-character ID (a file pasted into the ID
+column) made the rejects file's own reading fail (Python's CSV field limit, 128 KiB): ``pushsync plan`` ended in
+an internal error (exit 5)."""
+
+
+def _shown_id(ext_id: str) -> str:
+    """``ext_id`` as the rejects file holds it: control characters escaped, cut after :data:`_SHOWN_ID_CHARS`."""
+    text = printable(ext_id)
+    if len(text) <= _SHOWN_ID_CHARS:
+        return text
+    return f"{text[:_SHOWN_ID_CHARS]}… ({len(ext_id)} characters)"
 
 
 def _printable_ids(rejects: pl.DataFrame) -> pl.DataFrame:
-    """``rejects`` with the control characters of its IDs escaped (:func:`sync.errors.printable`): the rejects
-    file is read by people (and shown by ``pushsync plan``). Only an ID validation refused holds one, so the
-    escaped form names no user that is sent (a snapshot run holds the users rejected rows name by this column)."""
-    odd = rejects["ext_id"].str.contains(_CONTROL).fill_null(False)
+    """``rejects`` with the control characters of its IDs escaped (:func:`sync.errors.printable`) and IDs past
+    :data:`_SHOWN_ID_CHARS` cut: the rejects file is read by people (and shown by ``pushsync plan``). Only an ID
+    validation refused holds either, so the form written names no user that is sent (a snapshot run holds the
+    users rejected rows name by this column)."""
+    ids = rejects["ext_id"]
+    odd = (ids.str.contains(_CONTROL) | (ids.str.len_chars() > _SHOWN_ID_CHARS)).fill_null(False)
     if not odd.any():
         return rejects
     rows = odd.arg_true()
-    escaped = pl.Series([printable(x) for x in rejects["ext_id"].gather(rows).to_list()], dtype=pl.String)
+    escaped = pl.Series([_shown_id(x) for x in rejects["ext_id"].gather(rows).to_list()], dtype=pl.String)
     return rejects.with_columns(rejects["ext_id"].clone().scatter(rows, escaped))
 
 

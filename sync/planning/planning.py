@@ -50,7 +50,7 @@ import pyarrow as pa
 import pyarrow.ipc
 
 from sync._startup import mark_startup
-from sync.config import DispatchSettings, FileFormat, Job, Source
+from sync.config import DispatchSettings, FileFormat, Job, Source, SourceKind
 from sync.errors import InterruptedRunError
 from sync.planning._staging import (
     FINE_BITS,
@@ -66,6 +66,7 @@ from sync.planning.validation import (
     EXT_ID,
     FILE,
     KEY,
+    TAG,
     canonical_key,
     clean_schema,
     rejected_ids,
@@ -898,21 +899,32 @@ def _stage(
     rows_read = 0
     check_rows = getattr(builder, "check_rows", None)
     kept = 0
+    # A users or tags source's sample follows its users to the end of the input: the newest row of a sampled ID
+    # (ID and tag) decides, as without --limit. Stopping at the sample's last row sent an older row's values —
+    # a push opt-in the user withdrew in a later row, a tag a later row removes.
+    follow = limit is not None and source.kind in (SourceKind.USERS, SourceKind.TAGS)
+    sampled: list[pl.DataFrame] = []  # the sample's IDs (and tags), chunk by chunk, until it is complete
+    sample: _Sample | None = None
     for index, (name, read) in enumerate(inputs):
-        if limit is not None and kept >= limit:
+        if limit is not None and kept >= limit and not follow:
             break
         with _Prefetched(read, ahead=source.sql is None) as chunks:
             for chunk in chunks:
                 _check_stop(stop)
-                if limit is not None and kept >= limit:
+                if limit is not None and kept >= limit and not follow:
                     break  # the sample is complete: leaving the block stops reading this file now
-                rejects.rows(chunk.malformed)
-                if chunk.malformed:
-                    _add(rejected, rejected_ids(source, index, malformed=chunk.malformed))
+                malformed = chunk.malformed if sample is None else sample.malformed(chunk.malformed)
+                rejects.rows(malformed)
+                if malformed:
+                    _add(rejected, rejected_ids(source, index, malformed=malformed))
                 rows_read += chunk.frame.height + len(chunk.malformed)
                 if chunk.frame.is_empty():
                     continue
                 clean, bad = validate_chunk(chunk.frame, source, job.validation, index, name)
+                if sample is not None:
+                    # Past the sample: only its users' rows, and no other row's reject (none is reported past
+                    # the chunk where the sample ends, as when reading stopped there).
+                    clean, bad = sample.rows(clean), sample.rejects(bad)
                 rejects.frame(bad)
                 if bad.height:
                     _add(rejected, rejected_ids(source, index, bad))
@@ -924,15 +936,53 @@ def _stage(
                     if bad.height:
                         _add(rejected, _refused_by_check(source, index, clean, checked))
                     clean = checked
-                if limit is not None:
-                    clean = clean.head(limit - kept)
-                    kept += clean.height
+                if limit is not None and sample is None:
+                    taken = clean.head(limit - kept)
+                    kept += taken.height
+                    if follow:
+                        sampled.append(taken.select(_Sample.columns(source)))
+                        if kept >= limit:
+                            sample = _Sample(source, pl.concat(sampled).unique())
+                            # The rest of this chunk: the sample's users' later rows.
+                            taken = pl.concat([taken, sample.rows(clean.slice(taken.height))])
+                    clean = taken
                 if clean.is_empty():
                     continue
                 writer.add(clean.with_columns(canonical_key(clean[EXT_ID])).select(schema))
     writer.flush()
     rejected.flush()
     return _Staged(source, names, rows_read, writer, rejected, writer.head)
+
+
+@dataclass(frozen=True, slots=True)
+class _Sample:
+    """A complete ``--limit`` sample of a users or tags source: its IDs (a tags source: its ID and tag pairs),
+    which select the rows read after it."""
+
+    source: Source
+    keys: pl.DataFrame
+    """The sample's unique IDs (``__ext_id``; and ``__tag`` for a tags source)."""
+
+    @staticmethod
+    def columns(source: Source) -> list[str]:
+        """The clean columns that name what a row of ``source`` is about: its ID, and its tag."""
+        return [EXT_ID, TAG] if source.kind is SourceKind.TAGS else [EXT_ID]
+
+    def rows(self, clean: pl.DataFrame) -> pl.DataFrame:
+        """The clean rows of the sample's IDs (tags)."""
+        return clean.join(self.keys, on=self.columns(self.source), how="semi", nulls_equal=False)
+
+    def rejects(self, bad: pl.DataFrame) -> pl.DataFrame:
+        """The rejects (:func:`validate_chunk`'s) of rows of the sample's IDs (tags): those hold them."""
+        named = self.keys.rename({EXT_ID: "ext_id"})
+        return bad.join(named, on=list(named.columns), how="semi", nulls_equal=False)
+
+    def malformed(self, records: Sequence[RejectedRow]) -> tuple[RejectedRow, ...]:
+        """The malformed records naming one of the sample's IDs (a tags source's name no tag: none)."""
+        if not records or self.source.kind is SourceKind.TAGS:
+            return ()
+        ids = set(self.keys[EXT_ID].to_list())
+        return tuple(r for r in records if r.ext_id in ids)
 
 
 def _add(writer: ChunkWriter, frame: pl.DataFrame | None) -> None:
@@ -1219,8 +1269,10 @@ def build_plan(
     """Read, validate and deduplicate every source of ``job``, ready to make batches.
 
     ``limit`` (``--limit N``, a sample run): of each source, only the first N rows that pass validation, in
-    file order (files in their sorted order); reading stops there, so rows after them are neither sent nor
-    rejected. Duplicate IDs among those N still collapse to one user.
+    file order (files in their sorted order). Duplicate IDs among those N still collapse to one user. A users or
+    tags source is read to its end for the later rows of those IDs (ID and tag pairs), so that the newest row
+    still decides for them (:class:`_Sample`); other rows after the chunk where the sample ends are neither sent
+    nor rejected. An events or deletions source's reading stops with that chunk.
 
     Unless ``lazy``, when this returns every input row has been read and validated and every bucket is settled:
     the rows refused (by validation, and as conflicting duplicates) are in ``plan.rejects_path`` (default

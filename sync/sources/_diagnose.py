@@ -16,7 +16,7 @@ from pathlib import Path
 from sync.config import Source
 from sync.errors import BadInputError
 
-__all__ = ["compressed", "oversized_record"]
+__all__ = ["compressed", "has_oversized_record", "oversized_record"]
 
 _MAGIC: tuple[tuple[bytes, str, str], ...] = (
     (b"\x1f\x8b", "a gzip-compressed file", "decompress it first (gunzip)"),
@@ -109,6 +109,12 @@ def oversized_record(source: Source, path: Path, names: list[str] | None, block_
             )
     # Row 0 is the header itself.
     return BadInputError(str(path), message, row=row or None, column=column)
+
+
+def has_oversized_record(source: Source, path: Path, block_bytes: int) -> bool:
+    """Whether ``path`` holds a record larger than ``block_bytes`` (read as :func:`oversized_record` reads it: to
+    that record, or to the end of the file when there is none)."""
+    return _find_oversized(source, path, block_bytes) is not None
 
 
 def _find_oversized(

@@ -18,6 +18,7 @@ the wrong number of fields is not fatal: it becomes a rejected row and reading g
 from __future__ import annotations
 
 import atexit
+import codecs
 import contextlib
 import csv
 import gc
@@ -43,7 +44,7 @@ from sync.config import FileFormat, Job, Source
 from sync.errors import BadInputError, JobProblem
 from sync.records import RejectedRow
 from sync.sources._column_types import type_problems
-from sync.sources._diagnose import compressed, oversized_record
+from sync.sources._diagnose import compressed, has_oversized_record, oversized_record
 from sync.sources._spill import Spill
 
 __all__ = [
@@ -236,20 +237,33 @@ def read_columns(source: Source, path: Path) -> list[str]:
         def skip(_row: pa_csv.InvalidRow) -> str:
             return "skip"
 
-        with _undecodable_rows(skip) as undecodable:
-            try:
-                reader = pa_csv.open_csv(
-                    path,
-                    read_options=_csv_read_options(source, block_size=1 << 16),
-                    parse_options=pa_csv.ParseOptions(
-                        delimiter=source.delimiter,
-                        newlines_in_values=True,
-                        invalid_row_handler=_handed_to_arrow(skip),
-                    ),
-                    convert_options=pa_csv.ConvertOptions(column_types={}, include_columns=[]),
-                )
-            except (pa.ArrowException, UnicodeError) as exc:
-                raise _unreadable(source, path, exc, undecodable=bool(undecodable)) from exc
+        # A small block first (the header is all we want), then the reading's own, which decides: pyarrow parses
+        # the first block whole, and a wide export's header (6,000 columns of custom fields: ~120 KB) or a long
+        # value in the first rows (a 200 KB note) does not fit in 64 KiB. That was reported as "not a CSV file"
+        # or "a record is larger than 1 MiB", although the reading itself takes the file.
+        for block_size in (_HEADER_PROBE_BYTES, CSV_BLOCK_BYTES):
+            with _undecodable_rows(skip) as undecodable:
+                try:
+                    reader = pa_csv.open_csv(
+                        path,
+                        read_options=_csv_read_options(source, block_size=block_size),
+                        parse_options=pa_csv.ParseOptions(
+                            delimiter=source.delimiter,
+                            newlines_in_values=True,
+                            invalid_row_handler=_handed_to_arrow(skip),
+                        ),
+                        convert_options=pa_csv.ConvertOptions(column_types={}, include_columns=[]),
+                    )
+                    break
+                except (pa.ArrowException, UnicodeError) as exc:
+                    # A record past two small blocks is read again by the reading's own blocks unless it is
+                    # larger than one of those too (a quote never closed, say: the whole file is refused then).
+                    if block_size < CSV_BLOCK_BYTES and not (
+                        "straddling object" in str(exc)
+                        and has_oversized_record(source, path, CSV_BLOCK_BYTES)
+                    ):
+                        continue
+                    raise _unreadable(source, path, exc, undecodable=bool(undecodable)) from exc
         try:
             return list(reader.schema.names)
         finally:
@@ -302,6 +316,19 @@ def _header_without_newline(source: Source, path: Path) -> list[str] | None:
     if not text.strip() or "\n" in text or "\r" in text:
         return None
     return next(csv.reader([text], delimiter=source.delimiter))
+
+
+def _long_first_line(source: Source, path: Path) -> bool:
+    """True when the file's first :data:`CSV_BLOCK_BYTES` bytes are text holding no line break: a header line
+    longer than a block (which pyarrow reports as "no line at all"), not binary data."""
+    try:
+        with path.open("rb") as fh:
+            head = fh.read(CSV_BLOCK_BYTES)
+        # Cut at a block's end: a multi-byte character there may be cut too.
+        text = head.decode(source.encoding, errors="ignore")
+    except (OSError, LookupError):
+        return False
+    return len(head) == CSV_BLOCK_BYTES and bool(text.strip()) and not any(c in text for c in "\x00\n\r")
 
 
 def _blank(source: Source, path: Path) -> bool:
@@ -371,6 +398,12 @@ def _unreadable(
             f"cannot decode the file as {source.encoding}; set the source's 'encoding' (e.g. latin-1, utf-16)",
         )
     if "Empty CSV file" in text:
+        if _long_first_line(source, path):
+            return BadInputError(
+                str(path),
+                f"the header line is longer than {CSV_BLOCK_BYTES >> 20} MiB, the most pushsync reads as one line "
+                "(tens of thousands of columns?); export only the columns the job maps",
+            )
         if not _blank(source, path):
             # pyarrow found no line at all in bytes that are not blank text: a gzip or zip file, say.
             return BadInputError(
@@ -384,6 +417,8 @@ def _unreadable(
 
 def _check_header(source: Source, path: Path) -> list[str]:
     names = read_columns(source, path)
+    if source.format is FileFormat.CSV:
+        _check_byte_order_mark(source, path)
     if any("\x00" in n for n in names):
         # A UTF-16 file without a byte-order mark decodes as "UTF-8" with a NUL after every character.
         raise BadInputError(
@@ -404,13 +439,58 @@ def _check_header(source: Source, path: Path) -> list[str]:
         hint = ""
         if len(names) == 1 and any(d in names[0] for d in ",;\t|" if d != source.delimiter):
             hint = f"; is the delimiter right? (the source says {source.delimiter!r})"
+        # A name that differs only in case or in spaces around it ("Id ", " email") looks the same in the list
+        # above: say which.
+        near = [
+            f"{_shown(n)!r} for {c!r}"
+            for c in missing
+            for n in names
+            if n != c and n.strip().casefold() == c.strip().casefold()
+        ]
+        if near:
+            hint += f"; the file has {', '.join(near[:3])} (names must match exactly: case and spaces)"
         raise BadInputError(
             str(path),
             f"column(s) {', '.join(map(repr, missing))} named by source {source.name!r} are not in the file "
-            f"(it has {len(names)} column(s): {', '.join(names[:12])}{', ...' if len(names) > 12 else ''}){hint}",
+            f"(it has {len(names)} column(s): {', '.join(map(_shown, names[:12]))}"
+            f"{', ...' if len(names) > 12 else ''}){hint}",
             column=missing[0],
         )
     return names
+
+
+_SHOWN_NAME_CHARS = 60
+"""The most characters of a header's column name a message shows: a name can be as long as the header line (a
+file that is not the export, one value of 300 KB), and the message would repeat it whole."""
+
+
+def _shown(name: str) -> str:
+    """``name`` as a message shows it: cut at :data:`_SHOWN_NAME_CHARS` characters."""
+    if len(name) <= _SHOWN_NAME_CHARS:
+        return name
+    return f"{name[: _SHOWN_NAME_CHARS - 1]}… ({len(name)} characters)"
+
+
+def _check_byte_order_mark(source: Source, path: Path) -> None:
+    """Refuse a CSV file that starts with UTF-8's byte-order mark when the source names another encoding.
+
+    The mark says the file is UTF-8, and every byte sequence is valid Latin-1 or cp1254: read so, nothing fails,
+    and each accented letter is sent as two wrong ones (``José`` as ``JosÃ©``) to every user of the file. Only
+    the mark is certain; a UTF-8 file without one is not guessed at.
+    """
+    if codecs.lookup(source.encoding).name in ("utf-8", "utf-8-sig"):
+        return
+    try:
+        with path.open("rb") as fh:
+            head = fh.read(len(codecs.BOM_UTF8))
+    except OSError:
+        return  # the reading says what is wrong
+    if head == codecs.BOM_UTF8:
+        raise BadInputError(
+            str(path),
+            f"the file starts with a UTF-8 byte-order mark but the source's encoding is {source.encoding}: its "
+            "accented letters would be sent garbled (José as JosÃ©); set the source's 'encoding: utf-8'",
+        )
 
 
 def _check_parquet_types(source: Source, path: Path) -> None:
@@ -988,6 +1068,7 @@ def _csv_read(
     # parses without the GIL, so the two overlap on two cores (issue 13). Other readings parse in the caller's
     # thread, as they always did (the staging already reads on a thread of its own).
     chunks = ahead(parsed(), thread_name="pushsync-csv") if spill is not None else parsed()
+    c1 = _c1_encoding(source.encoding)
     try:
         # Closed before the reader: a chunk still being parsed on the worker is waited for first.
         with contextlib.closing(chunks):
@@ -999,11 +1080,46 @@ def _csv_read(
                         pl.DataFrame(schema={**{c: pl.String for c in columns}, ROW: pl.Int64}), found
                     )
                     continue
+                if c1:
+                    _check_c1(batch, row_col, path, source)
                 if spill is not None:
                     spill.add(batch, row_col.to_arrow(), found)
                 yield Chunk(_selected(batch, row_col, source.ext_id, keep), found)
     finally:
         reader.close()
+
+
+_C1 = "[\u0080-\u009f]"
+"""C1 control characters: what bytes 0x80-0x9F become in ISO 8859 encodings."""
+
+
+def _c1_encoding(encoding: str) -> bool:
+    """Whether ``encoding`` reads bytes 0x80-0x9F as C1 control characters (latin-1 and the other ISO 8859
+    encodings), where the Windows code page a file usually is has letters and punctuation (cp1252: € ’ “ ”)."""
+    return bytes(range(0x80, 0xA0)).decode(encoding, errors="replace") == "".join(map(chr, range(0x80, 0xA0)))
+
+
+def _check_c1(batch: pa.Table, rows: pl.Series, path: Path, source: Source) -> None:
+    """Raise BadInputError (file, row, column) for the first mapped value holding a C1 control character, in a
+    file read in an encoding that makes them of bytes 0x80-0x9F (:func:`_c1_encoding`).
+
+    A CRM export said to be latin-1 is nearly always Windows' cp1252: read as latin-1, ``Müller’s €5`` was sent
+    as ``Müller\x92s \x805`` — invisible control characters in every such value, and no error. No text in
+    latin-1 holds them, so the whole file is refused, as for a byte the encoding cannot decode.
+    """
+    frame = pl.from_arrow(batch)
+    assert isinstance(frame, pl.DataFrame)
+    for column in frame.columns:
+        hits = frame[column].str.contains(_C1).fill_null(False)
+        if hits.any():
+            row = int(rows.filter(hits)[0])
+            raise BadInputError(
+                str(path),
+                f"a control character (U+0080-U+009F) read as {source.encoding}: the file is likely a Windows "
+                "code page (cp1252, with € ’ “ ” there; cp1254 for Turkish); set the source's 'encoding'",
+                row=row,
+                column=column,
+            )
 
 
 def _coalesced(
