@@ -138,6 +138,14 @@ dispatch:
     assert len(problems) >= 5
 
 
+def test_a_misspelt_key_is_refused_with_the_key_it_most_likely_means(tmp_path: Path) -> None:
+    text = MINIMAL + "dispach: {concurrency: 2}\nvalidation: {timezon: UTC, colour: red}\n"
+    problems = _problems(_write(tmp_path, text))
+    assert problems[""] == "unknown key(s) 'dispach' (did you mean 'dispatch'?)"
+    # A key like no known one is named without a guess.
+    assert problems["validation"] == "unknown key(s) 'colour', 'timezon' (did you mean 'timezone'?)"
+
+
 def test_semantic_problems_are_all_reported(tmp_path: Path) -> None:
     text = """
 destination:

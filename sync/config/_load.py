@@ -3,6 +3,7 @@ express; every problem found is reported at once (:class:`BadJobError`)."""
 
 from __future__ import annotations
 
+import difflib
 import functools
 import json
 import math
@@ -159,6 +160,17 @@ def _join(location: str, key: str) -> str:
     return f"{location}.{key}" if location else key
 
 
+def _unknown_keys(extra: list[str], known: Any) -> str:
+    """``unknown key(s) 'colour'``, each key with the known key it most likely misspells: a typo (``dispach``,
+    ``concurency``) names what was meant instead of leaving the reader to search docs/jobs.md."""
+    names = [str(k) for k in known]
+    said = []
+    for key in sorted(extra):
+        close = difflib.get_close_matches(key, names, n=1)
+        said.append(repr(key) + (f" (did you mean {close[0]!r}?)" if close else ""))
+    return f"unknown key(s) {', '.join(said)}"
+
+
 def _kind(value: Any) -> str:
     for name, kind in (("object", Mapping), ("array", list), ("boolean", bool), ("string", str)):
         if isinstance(value, kind):
@@ -178,7 +190,7 @@ def _schema_message(error: jsonschema.ValidationError) -> str:
         schema: Any = error.schema
         instance: Any = error.instance
         extra = sorted(set(instance) - set(schema.get("properties", {})))
-        return f"unknown key(s) {', '.join(map(repr, extra))}"
+        return _unknown_keys(extra, schema.get("properties", {}))
     if error.validator == "oneOf" and error.context:
         # oneOf failures are noisy; the branch that got furthest explains the problem best.
         best = max(error.context, key=lambda e: len(e.absolute_path))
@@ -382,7 +394,7 @@ def load_job(path: str | Path, *, platforms: PlatformCatalog | None = None) -> J
                 k for k in instance if k not in schema.get("properties", {}) and _join(loc, k) not in quiet
             ]
             if extra:
-                problems.append(JobProblem(loc, f"unknown key(s) {', '.join(map(repr, sorted(extra)))}"))
+                problems.append(JobProblem(loc, _unknown_keys(extra, schema.get("properties", {}))))
             continue
         if loc == "destination" and "destination.secret" in quiet and "secret" in error.message:
             continue
