@@ -273,3 +273,28 @@ def test_a_job_file_is_parsed_by_libyaml_and_a_faulty_one_worded_by_pyyaml(
     for job in jobs:
         text = job.read_text(encoding="utf-8")
         assert yaml.load(text, Loader=_FastJobLoader) == yaml.load(text, Loader=_JobLoader), job
+
+
+def test_a_key_is_the_name_written_not_what_yaml_1_1_makes_of_it(tmp_path: Path) -> None:
+    """``on:``, ``NO:`` (Norway), ``010:`` and ``1:30:`` are names in a job file; YAML 1.1 reads them unquoted as
+    true, false, 8 and 90 — a column called ``on`` was looked for as ``True``, and ``on:`` beside ``yes:`` was
+    refused as a duplicate key 'True'. Both parsers read them alike."""
+    import yaml
+
+    from sync.config._yaml import _FastJobLoader, _JobLoader
+
+    text = MINIMAL.replace(
+        "attributes: {name: string}",
+        "attributes: {on: string, yes: boolean, 010: number, 1:30: string, name: string}\n"
+        "    opt_ins: {categories: {NO: no_opt_in, ON: on_opt_in}}",
+    )
+    job = load_job(_write(tmp_path, text))
+    users = job.sources[0]
+    assert [a.column for a in users.attributes] == ["on", "yes", "010", "1:30", "name"]
+    assert users.opt_ins.categories == {"NO": "no_opt_in", "ON": "on_opt_in"}
+    assert yaml.load(text, Loader=_FastJobLoader) == yaml.load(text, Loader=_JobLoader)
+    # Values keep YAML's reading (the schema refuses a misread one), and a merge key still merges.
+    assert yaml.load("a: &x {k: 1}\nb: {<<: *x, on: off}\n", Loader=_JobLoader) == {
+        "a": {"k": 1},
+        "b": {"k": 1, "on": False},
+    }

@@ -2,6 +2,9 @@
 
 * A key given twice in one mapping is refused (PyYAML keeps the last and drops the first without a word), naming
   the key and both lines. Merge keys (``<<: *base``) still override what they merge, as YAML means them to.
+* A key is the text written: every key of a job file is a name (a column, an attribute, an endpoint, a category),
+  and YAML 1.1 would turn ``on:``/``NO:`` into true/false, ``010:`` into 8 and ``1:30:`` into 90, so a column
+  called ``on`` was looked for as ``True`` (and ``on:`` beside ``yes:`` was a duplicate key).
 * Anchors and aliases are allowed, but the document they expand to is bounded: :data:`MAX_VALUES` values, counted
   without expanding anything (a "billion laughs" file of nine levels would otherwise hang validation, and seven
   levels print 34 MB of error messages). A document that refers to itself is refused the same way.
@@ -25,6 +28,7 @@ MAX_VALUES = 100_000
 """Most values (mappings, lists, scalars, keys included) a job file may expand to; a real one holds hundreds."""
 
 _MERGE_TAG = "tag:yaml.org,2002:merge"
+_STR_TAG = "tag:yaml.org,2002:str"
 _ALNUM_RUN = re.compile(r"[A-Za-z0-9]{16,}")
 
 
@@ -42,6 +46,11 @@ class _NoDuplicateKeys(yaml.constructor.SafeConstructor):
     """A safe constructor that refuses a key given twice in one mapping."""
 
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        for key_node, _value in node.value:
+            # A plain (unquoted) key is read as the text written, not as YAML 1.1's bool, number, date or null.
+            # Plain style is None from PyYAML's parser, "" from libyaml's.
+            if isinstance(key_node, yaml.ScalarNode) and not key_node.style and key_node.tag != _MERGE_TAG:
+                key_node.tag = _STR_TAG
         first_line: dict[Hashable, int] = {}
         for key_node, _value in node.value:
             if key_node.tag == _MERGE_TAG or not isinstance(key_node, yaml.ScalarNode):
