@@ -298,3 +298,30 @@ def test_a_key_is_the_name_written_not_what_yaml_1_1_makes_of_it(tmp_path: Path)
         "a": {"k": 1},
         "b": {"k": 1, "on": False},
     }
+
+
+def test_a_value_yaml_reads_other_than_it_looks_is_refused_with_what_to_write(tmp_path: Path) -> None:
+    """A value YAML 1.1 reads as another type than it looks is refused saying how to write it: ``NO`` (a country
+    code) is false, ``0012`` a number, ``1:30`` is 90 (seconds, for a period), ``1e3`` and ``"30"`` are text."""
+    text = MINIMAL.replace(
+        "  secret: {env: NETMERA_API_KEY}\n",
+        "  secret: {env: NETMERA_API_KEY}\n  extra: {country: NO, app: 0012}\n",
+    )
+    text += (
+        "dispatch:\n  request_timeout: 1e3\n  concurrency: '4'\n  budgets: {'*': {requests: 5, per: 1:30}}\n"
+    )
+    problems = _problems(_write(tmp_path, text))
+    assert problems["destination.extra.country"] == (
+        "must be a string, not true or false; YAML reads an unquoted yes, no, on, off, true or false as true or "
+        'false: quote it ("NO")'
+    )
+    assert problems["destination.extra.app"] == (
+        'must be a string, not a number; YAML reads an unquoted 00123 or 1:30 as a number: quote it ("00123")'
+    )
+    assert problems["dispatch.budgets.*.per"] == (
+        "must be a string, not a number; a period has a unit: 500ms, 1s, 1m or 1h (YAML reads 1:30 as 90)"
+    )
+    in_full = '; write the number unquoted and in full (1000, not "1000" or 1e3: YAML reads those as text)'
+    assert problems["dispatch.request_timeout"] == "must be a number, not a string" + in_full
+    assert problems["dispatch.concurrency"] == "must be an integer, not a string" + in_full
+    assert len(problems) == 5

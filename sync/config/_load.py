@@ -185,6 +185,27 @@ def _expected(error: jsonschema.ValidationError) -> str:
     return " or ".join(_TYPE_NAMES.get(str(t), str(t)) for t in types)
 
 
+def _yaml_reading(error: jsonschema.ValidationError) -> str:
+    """What to write instead, when a type problem comes from YAML 1.1 reading a value other than as it looks:
+    ``NO`` (a country) is false, ``00123`` is 83, ``1:30`` is 90, and ``1e3`` is text. Empty otherwise."""
+    types = error.validator_value if isinstance(error.validator_value, list) else [error.validator_value]
+    value = error.instance
+    schema: Any = error.schema
+    if "string" in types and isinstance(value, bool):
+        return '; YAML reads an unquoted yes, no, on, off, true or false as true or false: quote it ("NO")'
+    if "string" in types and isinstance(value, int | float):
+        if "(ms|s|m|h)" in str(schema.get("pattern", "")):
+            return "; a period has a unit: 500ms, 1s, 1m or 1h (YAML reads 1:30 as 90)"
+        return '; YAML reads an unquoted 00123 or 1:30 as a number: quote it ("00123")'
+    if {"number", "integer"} & set(types) and isinstance(value, str):
+        try:
+            float(value)
+        except ValueError:
+            return ""
+        return '; write the number unquoted and in full (1000, not "1000" or 1e3: YAML reads those as text)'
+    return ""
+
+
 def _schema_message(error: jsonschema.ValidationError) -> str:
     if error.validator == "additionalProperties":
         schema: Any = error.schema
@@ -197,7 +218,7 @@ def _schema_message(error: jsonschema.ValidationError) -> str:
         return _schema_message(best)
     if error.validator == "type":
         # Said without quoting the value: it may be large (aliases) or hold what belongs elsewhere.
-        return f"must be {_expected(error)}, not {_kind(error.instance)}"
+        return f"must be {_expected(error)}, not {_kind(error.instance)}{_yaml_reading(error)}"
     if isinstance(error.instance, str) and looks_like_a_key(error.instance):
         # A key pasted into the wrong place (base_url, platform...) is not repeated either.
         allowed: Any = error.validator_value
