@@ -221,3 +221,18 @@ def test_init_asks_for_what_no_header_names_and_never_writes_a_secret(
     assert main([*fof, "--extra", "company_id=1"]) == ExitCode.BAD_JOB_OR_INPUT
     assert "no column is named like a formsonfire field (title, body" in capsys.readouterr().err
     assert not list(tmp_path.glob("*.yaml*"))
+
+
+def test_init_names_a_quoted_header_as_validate_reads_it(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A header cell with a doubled quote (``"nick ""the"" name"``) is ``nick "the" name`` to the reader; polars
+    kept the doubled quote, so init wrote a job that `pushsync validate` refused: a column not in the file."""
+    data = tmp_path / "users.csv"
+    data.write_text('customer_id,"nick ""the"" name",on,NO\nC1,Ann,x,y\n', encoding="utf-8")
+    out = tmp_path / "job.yaml"
+    assert main(["init", str(data), "-o", str(out)]) == 0
+    capsys.readouterr()
+    assert main(["validate", str(out)]) == 0, capsys.readouterr().out
+    job = load_job(out)
+    assert [a.column for a in job.sources[0].attributes] == ['nick "the" name', "on", "NO"]

@@ -105,16 +105,35 @@ def _read_sample(path: Path) -> Any:
         if suffix in (".parquet", ".pq"):
             return pl.scan_parquet(path).head(_SAMPLE_ROWS).collect()
         separator = "\t" if suffix == ".tsv" else ","
-        return pl.read_csv(
+        frame = pl.read_csv(
             path,
             n_rows=_SAMPLE_ROWS,
             separator=separator,
             infer_schema_length=_SAMPLE_ROWS,
             try_parse_dates=True,
         )
+        return _named_as_read(frame, path, separator)
     except (OSError, pl.exceptions.PolarsError) as exc:
         kind = "Parquet" if suffix in (".parquet", ".pq") else "CSV"
         raise BadInputError(str(path), f"cannot read it as {kind}: {str(exc).splitlines()[0]}") from exc
+
+
+def _named_as_read(frame: Any, path: Path, separator: str) -> Any:
+    """``frame`` with the column names a run reads from ``path``'s header: polars keeps a quoted header's doubled
+    quote (``"q""t"`` is ``q""t`` to it, ``q"t`` to the reader), so the job named a column validate then could not
+    find. Left as polars read it when the reader cannot read the header, or sees other or repeated names."""
+    from sync.config import FileFormat, Source, SourceKind
+    from sync.errors import PushSyncError
+    from sync.sources.reading import read_columns
+
+    source = Source("init", SourceKind.USERS, (str(path),), FileFormat.CSV, "", delimiter=separator)
+    try:
+        names = read_columns(source, path)
+    except PushSyncError:
+        return frame
+    if len(names) != frame.width or len(set(names)) != len(names):
+        return frame
+    return frame.rename(dict(zip(frame.columns, names, strict=True)))
 
 
 def _kind(dtype: Any) -> str:
