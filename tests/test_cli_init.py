@@ -236,3 +236,28 @@ def test_init_names_a_quoted_header_as_validate_reads_it(
     assert main(["validate", str(out)]) == 0, capsys.readouterr().out
     job = load_job(out)
     assert [a.column for a in job.sources[0].attributes] == ['nick "the" name', "on", "NO"]
+
+
+@pytest.mark.parametrize(
+    ("name", "text", "written"),
+    [
+        ("users.tsv", "customer_id\tfirst_name\tcity\nC1\tAnn\tIzmir\n", 'delimiter: "\\t"'),
+        ("users.csv", "customer_id;first_name;city\nC1;Ann;Izmir\n", 'delimiter: ";"'),
+    ],
+)
+def test_init_writes_the_delimiter_it_read_the_file_with(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], name: str, text: str, written: str
+) -> None:
+    """A TSV file (read with tabs) got a job without a delimiter, which validate then read with commas: one
+    column 'customer_id\\tfirst_name\\tcity', exit 2. A semicolon CSV (a European spreadsheet's export) made
+    init fail with "maps no column to an operation"."""
+    data = tmp_path / name
+    data.write_text(text, encoding="utf-8")
+    out = tmp_path / "job.yaml"
+    assert main(["init", str(data), "-o", str(out)]) == 0
+    assert written in out.read_text(encoding="utf-8")
+    capsys.readouterr()
+    assert main(["validate", str(out)]) == 0, capsys.readouterr().out
+    (source,) = load_job(out).sources
+    assert source.ext_id == "customer_id"
+    assert [a.column for a in source.attributes] == ["first_name", "city"]

@@ -104,7 +104,7 @@ def _read_sample(path: Path) -> Any:
     try:
         if suffix in (".parquet", ".pq"):
             return pl.scan_parquet(path).head(_SAMPLE_ROWS).collect()
-        separator = "\t" if suffix == ".tsv" else ","
+        separator = _separator(path)
         frame = pl.read_csv(
             path,
             n_rows=_SAMPLE_ROWS,
@@ -116,6 +116,19 @@ def _read_sample(path: Path) -> Any:
     except (OSError, pl.exceptions.PolarsError) as exc:
         kind = "Parquet" if suffix in (".parquet", ".pq") else "CSV"
         raise BadInputError(str(path), f"cannot read it as {kind}: {str(exc).splitlines()[0]}") from exc
+
+
+def _separator(path: Path) -> str:
+    """The CSV file's delimiter: a tab for ``.tsv``; else a comma, unless the header holds none and does hold
+    ``;`` (a European spreadsheet's export), a tab or ``|`` — the one it holds most of."""
+    if path.suffix.lower() == ".tsv":
+        return "\t"
+    with path.open("rb") as fh:
+        header = fh.read(1 << 16).decode("utf-8", errors="replace").splitlines()[:1]
+    line = header[0] if header else ""
+    counts = {sep: line.count(sep) for sep in (";", "\t", "|")}
+    best = max(counts, key=lambda sep: counts[sep])
+    return best if "," not in line and counts[best] else ","
 
 
 def _named_as_read(frame: Any, path: Path, separator: str) -> Any:
@@ -283,6 +296,9 @@ def suggest_job(
         f"    path: {q(data_ref)}",
         f"    ext_id: {q(ext_id)}",
     ]
+    if data.suffix.lower() not in (".parquet", ".pq") and (separator := _separator(data)) != ",":
+        # The job reads the file with the delimiter init read it with (a job's default is a comma).
+        lines.append(f"    delimiter: {q(separator, force=True)}")
     if attributes:
         lines.append(f"    attributes:                       # {attributes_note}")
         lines += attributes
