@@ -261,3 +261,16 @@ def test_init_writes_the_delimiter_it_read_the_file_with(
     (source,) = load_job(out).sources
     assert source.ext_id == "customer_id"
     assert [a.column for a in source.attributes] == ["first_name", "city"]
+
+
+def test_init_refuses_a_header_that_repeats_a_name(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """init wrote a job mapping 'name' and 'name_duplicated_0' (polars' renaming) and said "wrote"; validate then
+    refused the file. It is refused by init, with the reader's words, and no job is written."""
+    data = tmp_path / "users.csv"
+    data.write_text("customer_id,name,city,name\nC1,Ann,Izmir,Bo\n", encoding="utf-8")
+    out = tmp_path / "job.yaml"
+    assert main(["init", str(data), "-o", str(out)]) == ExitCode.BAD_JOB_OR_INPUT
+    assert "duplicate column name(s) in the header: name" in capsys.readouterr().err
+    assert not out.exists()

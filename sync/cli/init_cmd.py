@@ -17,6 +17,7 @@ import argparse
 import os
 import re
 import textwrap
+from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -134,7 +135,8 @@ def _separator(path: Path) -> str:
 def _named_as_read(frame: Any, path: Path, separator: str) -> Any:
     """``frame`` with the column names a run reads from ``path``'s header: polars keeps a quoted header's doubled
     quote (``"q""t"`` is ``q""t`` to it, ``q"t`` to the reader), so the job named a column validate then could not
-    find. Left as polars read it when the reader cannot read the header, or sees other or repeated names."""
+    find. Left as polars read it when the reader cannot read the header or sees another number of columns;
+    :class:`BadInputError` when a name is repeated."""
     from sync.config import FileFormat, Source, SourceKind
     from sync.errors import PushSyncError
     from sync.sources.reading import read_columns
@@ -144,7 +146,11 @@ def _named_as_read(frame: Any, path: Path, separator: str) -> Any:
         names = read_columns(source, path)
     except PushSyncError:
         return frame
-    if len(names) != frame.width or len(set(names)) != len(names):
+    dupes = sorted(n for n, count in Counter(names).items() if count > 1)
+    if dupes:
+        # A run refuses such a file (which column would it send?): said now, not by validating the job written.
+        raise BadInputError(str(path), f"duplicate column name(s) in the header: {', '.join(dupes)}")
+    if len(names) != frame.width:
         return frame
     return frame.rename(dict(zip(frame.columns, names, strict=True)))
 
