@@ -325,3 +325,24 @@ def test_a_value_yaml_reads_other_than_it_looks_is_refused_with_what_to_write(tm
     assert problems["dispatch.request_timeout"] == "must be a number, not a string" + in_full
     assert problems["dispatch.concurrency"] == "must be an integer, not a string" + in_full
     assert len(problems) == 5
+
+
+@pytest.mark.parametrize(("written", "said"), [(".nan", "NaN (.nan)"), (".inf", "infinity (.inf)")])
+def test_nan_and_infinity_are_refused_wherever_a_number_goes(tmp_path: Path, written: str, said: str) -> None:
+    """The schema's minimum and maximum let NaN through (every comparison with it is false): `validate` said OK
+    to a NaN threshold (never tripped) and a NaN or infinite timeout, delay or budget period."""
+    text = MINIMAL + (
+        f"dispatch:\n  request_timeout: {written}\n  retry: {{max_delay: {written}}}\n"
+        f"  budgets: {{'*': {{requests: 5, period: {written}}}}}\n"
+        f"thresholds: {{max_rejected_share: {written}}}\n"
+    )
+    problems = _problems(_write(tmp_path, text))
+    assert problems == {
+        where: f"must be a finite number, not {said}"
+        for where in (
+            "dispatch.budgets.*.period",
+            "dispatch.request_timeout",
+            "dispatch.retry.max_delay",
+            "thresholds.max_rejected_share",
+        )
+    }

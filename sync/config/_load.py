@@ -398,6 +398,7 @@ def load_job(path: str | Path, *, platforms: PlatformCatalog | None = None) -> J
         + _secret_problems(raw, base)
         + database_secret_problems(raw)
         + _coordination_problems(raw)
+        + _non_finite_problems(raw)
     )
     quiet = {p.location for p in problems}
     for error in _schema_errors(raw):
@@ -508,6 +509,29 @@ def load_job(path: str | Path, *, platforms: PlatformCatalog | None = None) -> J
         alerts=_alerts(raw["alerts"], base) if "alerts" in raw else None,
         coordination=_coordination(raw["coordination"], base) if "coordination" in raw else None,
     )
+
+
+def _non_finite_problems(raw: Mapping[str, Any]) -> list[JobProblem]:
+    """Refuse ``.nan`` and ``.inf`` (YAML's not-a-number and infinity) wherever a job holds them: JSON Schema's
+    ``minimum``/``maximum`` pass NaN (every comparison with it is false), so a NaN threshold never tripped and a
+    NaN or infinite timeout, delay or period reached the run."""
+    problems = []
+    stack: list[tuple[str, Any]] = [("", raw)]
+    while stack:
+        location, value = stack.pop()
+        if isinstance(value, float) and not math.isfinite(value):
+            problems.append(
+                JobProblem(
+                    location,
+                    "must be a finite number, not "
+                    + ("NaN (.nan)" if math.isnan(value) else "infinity (.inf)"),
+                )
+            )
+        elif isinstance(value, Mapping):
+            stack.extend((_join(location, str(k)), v) for k, v in value.items())
+        elif isinstance(value, list):
+            stack.extend((f"{location}[{i}]", v) for i, v in enumerate(value))
+    return sorted(problems, key=lambda p: p.location)
 
 
 def _coordination_problems(raw: Mapping[str, Any]) -> list[JobProblem]:
