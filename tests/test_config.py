@@ -346,3 +346,18 @@ def test_nan_and_infinity_are_refused_wherever_a_number_goes(tmp_path: Path, wri
             "thresholds.max_rejected_share",
         )
     }
+
+
+def test_a_job_file_large_as_written_is_not_blamed_on_aliases(tmp_path: Path) -> None:
+    """A file of 60,000 plain keys was refused as expanding "through YAML aliases", which it has none of."""
+    big = MINIMAL + "".join(f"k{i}: {i}\n" for i in range(60_000))
+    (said,) = _problems(_write(tmp_path, big)).values()
+    assert said.startswith("the file holds more than 100,000 values; a job file is small")
+    assert "alias" not in said
+    bomb = (
+        MINIMAL
+        + "a0: &a0 [x, x, x, x, x, x, x, x, x, x]\n"
+        + "".join(f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 10)}]\n" for i in range(1, 7))
+    )
+    (said,) = _problems(_write(tmp_path, bomb, "bomb.yaml")).values()
+    assert "through YAML aliases" in said

@@ -7,7 +7,8 @@
   called ``on`` was looked for as ``True`` (and ``on:`` beside ``yes:`` was a duplicate key).
 * Anchors and aliases are allowed, but the document they expand to is bounded: :data:`MAX_VALUES` values, counted
   without expanding anything (a "billion laughs" file of nine levels would otherwise hang validation, and seven
-  levels print 34 MB of error messages). A document that refers to itself is refused the same way.
+  levels print 34 MB of error messages). A document that refers to itself is refused the same way; one that
+  large as written, without aliases, is refused saying so.
 """
 
 from __future__ import annotations
@@ -105,6 +106,21 @@ def expanded_size(doc: Any, limit: int = MAX_VALUES) -> int:
     return count
 
 
+def _aliased(doc: Any) -> bool:
+    """Whether a mapping or list of ``doc`` is reached twice: an alias (PyYAML builds one object per anchor).
+    Each is visited once, so a document of aliases costs what it holds as written, not as expanded."""
+    seen: set[int] = set()
+    stack = [doc]
+    while stack:
+        value = stack.pop()
+        if isinstance(value, Mapping | list):
+            if id(value) in seen:
+                return True
+            seen.add(id(value))
+            stack.extend(value.values() if isinstance(value, Mapping) else value)
+    return False
+
+
 def _parse(text: str) -> Any:
     """``text`` parsed by libyaml when PyYAML has it, else — and whenever libyaml finds a fault — by PyYAML's
     parser: a faulty file gets the words and the place PyYAML gives (libyaml words faults its own way), and a
@@ -123,6 +139,12 @@ def load_yaml(text: str) -> Any:
     line) and :class:`TooLargeError` when aliases expand it past :data:`MAX_VALUES` values."""
     doc = _parse(text)
     if expanded_size(doc) > MAX_VALUES:
+        if not _aliased(doc):
+            # Large as written: "through YAML aliases" sent the reader looking for aliases the file does not have.
+            raise TooLargeError(
+                f"the file holds more than {MAX_VALUES:,} values; a job file is small (hundreds): is it the "
+                "job file, or is a list or a mapping in it meant for an input file?"
+            )
         raise TooLargeError(
             f"the file expands to more than {MAX_VALUES:,} values through YAML aliases (or an alias that "
             "contains itself); a job file is small: write it without such aliases"
