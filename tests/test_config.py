@@ -361,3 +361,16 @@ def test_a_job_file_large_as_written_is_not_blamed_on_aliases(tmp_path: Path) ->
     )
     (said,) = _problems(_write(tmp_path, bomb, "bomb.yaml")).values()
     assert "through YAML aliases" in said
+
+
+def test_a_workdir_under_home_is_under_home_as_every_path_of_a_job(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``workdir: ~/state/nightly`` made a directory named "~" beside the job file (the secret's file, the
+    sources' paths and the alert and database files all take ``~`` as the home directory)."""
+    home = tmp_path / "home"
+    monkeypatch.setenv("HOME", str(home))
+    jobs = tmp_path / "jobs"
+    jobs.mkdir()
+    job = load_job(_write(jobs, MINIMAL + "workdir: ~/state/nightly\n"))
+    assert job.workdir == home / "state" / "nightly"

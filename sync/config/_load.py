@@ -493,7 +493,8 @@ def load_job(path: str | Path, *, platforms: PlatformCatalog | None = None) -> J
         raise BadJobError(str(job_path), problems)
     # Beside the job file, like its input paths: a cron job started from another directory finds its ledger and
     # snapshot state again (a default under the current directory made it re-send everything).
-    workdir = base / raw["workdir"] if "workdir" in raw else base / ".pushsync" / name
+    # ``~`` is the user's home, as in every other path of a job (a "~" directory beside the job file was made).
+    workdir = base / os.path.expanduser(raw["workdir"]) if "workdir" in raw else base / ".pushsync" / name
     return Job(
         name=name,
         path=job_path.resolve(),
