@@ -374,3 +374,24 @@ def test_a_workdir_under_home_is_under_home_as_every_path_of_a_job(
     jobs.mkdir()
     job = load_job(_write(jobs, MINIMAL + "workdir: ~/state/nightly\n"))
     assert job.workdir == home / "state" / "nightly"
+
+
+def test_a_setting_ending_with_a_line_break_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Python's ``$`` matches before a final line break, so ``^...$`` let ``name: "mini\\n"`` (a YAML ``|``
+    block) and a base URL from a variable read from a file through: the workdir's name held a line break, and
+    the base URL became ``.../rest/3.0/\\n/``."""
+    monkeypatch.setenv("NM_URL", "http://127.0.0.1:8080/rest/3.0/\n")
+    text = MINIMAL.replace("name: mini", 'name: "mini\\n"').replace(
+        "base_url: http://127.0.0.1:8080/rest/3.0", "base_url: ${NM_URL}"
+    )
+    text += "dispatch:\n  budgets:\n    '*':\n      requests: 5\n      per: |\n        1s\n"
+    problems = _problems(_write(tmp_path, text))
+    assert problems == {
+        "name": "ends with a line break (it must match ^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$)",
+        "destination.base_url": "ends with a line break (it must match ^https?://[^\\s]+$)",
+        "dispatch.budgets.*.per": "ends with a line break (it must match ^[0-9]+(\\.[0-9]+)?\\s*(ms|s|m|h)$)",
+    }
+    monkeypatch.setenv("NM_URL", "http://127.0.0.1:8080/rest/3.0/")
+    assert load_job(_write(tmp_path, MINIMAL + "description: |\n  nightly\n  CRM sync\n")).name == "mini"

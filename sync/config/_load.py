@@ -149,6 +149,44 @@ def _schema_errors(raw: Any) -> list[jsonschema.ValidationError]:
     return sorted(validator.iter_errors(raw), key=lambda e: [str(x) for x in e.absolute_path])
 
 
+def _ends_with_a_line_break(document: Any) -> bool:
+    """Whether a string of ``document`` ends with a line break (cheap: no schema is loaded for a job without)."""
+    stack = [document]
+    while stack:
+        value = stack.pop()
+        if isinstance(value, str):
+            if value.endswith("\n"):
+                return True
+        elif isinstance(value, Mapping):
+            stack.extend(value.values())
+        elif isinstance(value, list):
+            stack.extend(value)
+    return False
+
+
+def _line_break_errors(raw: Any) -> list[jsonschema.ValidationError]:
+    """Every patterned setting (``^...$``) whose value matches only by Python's ``$`` matching before a final
+    line break: ``name: "nightly\n"`` (a YAML ``|`` block, a ``${NAME}`` read from a file) passed the schema,
+    and the line break reached the workdir's name, the variable looked up, the base URL requests are sent to.
+    :func:`_schema_errors` judges as jsonschema does; this is the job loader's own rule on top."""
+    if not _ends_with_a_line_break(raw):
+        return []
+    import jsonschema
+    import jsonschema.validators
+
+    def pattern(validator: Any, expected: str, instance: Any, schema: Any) -> Any:
+        if (
+            validator.is_type(instance, "string")
+            and expected.endswith("$")
+            and instance.endswith("\n")
+            and re.search(expected, instance)
+        ):
+            yield jsonschema.ValidationError(f"ends with a line break (it must match {expected})")
+
+    strict = jsonschema.validators.extend(jsonschema.Draft202012Validator, {"pattern": pattern})
+    return [e for e in strict(job_schema()).iter_errors(raw) if e.validator == "pattern"]
+
+
 def _location(parts: Any) -> str:
     out = ""
     for part in parts:
@@ -401,7 +439,7 @@ def load_job(path: str | Path, *, platforms: PlatformCatalog | None = None) -> J
         + _non_finite_problems(raw)
     )
     quiet = {p.location for p in problems}
-    for error in _schema_errors(raw):
+    for error in [*_schema_errors(raw), *_line_break_errors(raw)]:
         loc = _location(error.absolute_path)
         # A problem already explained by the secret check is not repeated in the schema's words.
         if any(loc == q or loc.startswith(q + ".") for q in quiet):
