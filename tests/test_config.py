@@ -395,3 +395,18 @@ def test_a_setting_ending_with_a_line_break_is_refused(
     }
     monkeypatch.setenv("NM_URL", "http://127.0.0.1:8080/rest/3.0/")
     assert load_job(_write(tmp_path, MINIMAL + "description: |\n  nightly\n  CRM sync\n")).name == "mini"
+
+
+def test_a_second_document_or_a_tab_is_refused_saying_what_to_do(tmp_path: Path) -> None:
+    """PyYAML says only "but found another document" of a second '---' document, and "found character '\\t' that
+    cannot start any token" of a tab-indented line: the message now says what to change."""
+    two = _problems(_write(tmp_path, MINIMAL + "---\nname: other\n", "two.yaml"))
+    assert two == {
+        "line 12, column 1": "a job file is one YAML document, and a '---' line here starts another: remove it, "
+        "or write a second job file"
+    }
+    tabbed = _problems(_write(tmp_path, MINIMAL.replace("    ext_id: id", "\text_id: id"), "tab.yaml"))
+    assert tabbed == {
+        "line 10, column 1": "found character '\\t' that cannot start any token: indent with spaces, YAML does "
+        "not allow tabs there"
+    }

@@ -169,5 +169,18 @@ def read_job_yaml(path: Path) -> Any:
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
-        problem = getattr(exc, "problem", None) or "not valid YAML"
-        raise BadJobError(str(path), [JobProblem(where, str(problem))]) from exc
+        problem = str(getattr(exc, "problem", None) or "not valid YAML")
+        raise BadJobError(str(path), [JobProblem(where, _what_to_do(problem))]) from exc
+
+
+def _what_to_do(problem: str) -> str:
+    """PyYAML's ``problem`` with what to do about it, where its words alone leave a newcomer guessing: a second
+    document (``but found another document``) and a tab (``found character '\t' that cannot start any token``)."""
+    if problem == "but found another document":
+        return (
+            "a job file is one YAML document, and a '---' line here starts another: remove it, or write a second "
+            "job file"
+        )
+    if "'\\t'" in problem:
+        return f"{problem}: indent with spaces, YAML does not allow tabs there"
+    return problem
