@@ -410,3 +410,16 @@ def test_a_second_document_or_a_tab_is_refused_saying_what_to_do(tmp_path: Path)
         "line 10, column 1": "found character '\\t' that cannot start any token: indent with spaces, YAML does "
         "not allow tabs there"
     }
+
+
+def test_a_misspelt_endpoint_is_refused_with_the_endpoint_it_most_likely_means(tmp_path: Path) -> None:
+    text = MINIMAL + (
+        "dispatch:\n  batch_size: {tagUser: 500}\n  budgets: {enablePsh: {requests: 5, per: 1s}}\n"
+        "  budget_groups: {account: {requests: 5, per: 1s, endpoints: [zzz]}}\n"
+    )
+    problems = _problems(_write(tmp_path, text))
+    assert problems["dispatch.batch_size.tagUser"].startswith(
+        "netmera has no endpoint 'tagUser'; did you mean 'tagUsers'? its endpoints: tagUsers, "
+    )
+    assert "did you mean 'enablePush'? its endpoints:" in problems["dispatch.budgets.enablePsh"]
+    assert "did you mean" not in problems["dispatch.budget_groups.account.endpoints.zzz"]
