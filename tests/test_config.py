@@ -423,3 +423,12 @@ def test_a_misspelt_endpoint_is_refused_with_the_endpoint_it_most_likely_means(t
     )
     assert "did you mean 'enablePush'? its endpoints:" in problems["dispatch.budgets.enablePsh"]
     assert "did you mean" not in problems["dispatch.budget_groups.account.endpoints.zzz"]
+
+
+@pytest.mark.parametrize("per", ["1d", "1 sec", "1,5s", "s"])
+def test_a_period_without_a_known_unit_is_refused_in_words(tmp_path: Path, per: str) -> None:
+    """`per: 1d` was refused as "'1d' does not match '^[0-9]+(\\\\.[0-9]+)?\\\\s*(ms|s|m|h)$'"."""
+    text = MINIMAL + f"dispatch:\n  budgets: {{'*': {{requests: 5, per: '{per}', margin: '{per}'}}}}\n"
+    problems = _problems(_write(tmp_path, text))
+    said = "not a period: a number and a unit, ms, s, m or h (500ms, 1s, 1.5m, 24h)"
+    assert problems == {"dispatch.budgets.*.per": said, "dispatch.budgets.*.margin": said}

@@ -265,6 +265,13 @@ def _schema_message(error: jsonschema.ValidationError) -> str:
             "enum": f"must be one of {', '.join(map(repr, allowed))}" if isinstance(allowed, list) else "",
         }.get(str(error.validator)) or "invalid"
         return f"{expected} (the value is not shown: it has the shape of a key)"
+    if (
+        error.validator == "pattern"
+        and "(ms|s|m|h)" in str(error.validator_value)
+        and not error.message.startswith("ends with a line break")  # _line_break_errors' own words
+    ):
+        # The regular expression says it to a reader of regular expressions only ('1d', '1 sec', '1,5s').
+        return "not a period: a number and a unit, ms, s, m or h (500ms, 1s, 1.5m, 24h)"
     message = error.message
     return message if len(message) <= _MAX_SCHEMA_MESSAGE else message[: _MAX_SCHEMA_MESSAGE - 1] + "…"
 
