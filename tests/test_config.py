@@ -186,6 +186,15 @@ dispatch:
     [
         ("  secret: sk-live-0123456789abcdef\n", "destination.secret"),
         ("  secret: {env: NETMERA_API_KEY}\n  api_key: sk-live-0123456789abcdef\n", "destination.api_key"),
+        # Named as the header that carries it: were taken as a setting the platform reads (Netmera: OK).
+        (
+            "  secret: {env: NETMERA_API_KEY}\n  extra: {X-Api-Key: sk-live-0123456789abcdef}\n",
+            "destination.extra.X-Api-Key",
+        ),
+        (
+            "  secret: {env: NETMERA_API_KEY}\n  extra: {Authorization: Bearer sk-live-0123456789abcdef}\n",
+            "destination.extra.Authorization",
+        ),
     ],
 )
 def test_a_literal_secret_is_refused_without_echoing_it(

@@ -48,10 +48,12 @@ files as package data, so the schema is found through :mod:`importlib.resources`
 
 _SECRET_LOOKING_KEYS = re.compile(r"(api_?key|apikey|token|password|passwd|secret_?key|key)$", re.IGNORECASE)
 _SECRET_LOOKING_EXTRA = re.compile(
-    r"(api_?key|access_?key|integration_?key|private_?key|secret(_?key)?|token|password|passwd)$",
+    r"(api[_-]?key|access[_-]?key|integration[_-]?key|private[_-]?key|secret([_-]?key)?|token|password|passwd"
+    r"|authorization|bearer|credentials?)$",
     re.IGNORECASE,
 )
-"""Names of ``destination.extra`` settings that would hold a secret (``user_key: UserId`` is not one)."""
+"""Names of ``destination.extra`` settings that would hold a secret (``user_key: UserId`` is not one), written
+with ``_`` or ``-`` (``X-Api-Key``, as the header is named) or as the header that carries one (``Authorization``)."""
 _MAX_SCHEMA_MESSAGE = 200  # characters: a schema message quotes the value it refuses, which may be huge
 _TYPE_NAMES = {
     "object": "a mapping (key: value)",
