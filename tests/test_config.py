@@ -441,3 +441,19 @@ def test_a_period_without_a_known_unit_is_refused_in_words(tmp_path: Path, per: 
     problems = _problems(_write(tmp_path, text))
     said = "not a period: a number and a unit, ms, s, m or h (500ms, 1s, 1.5m, 24h)"
     assert problems == {"dispatch.budgets.*.per": said, "dispatch.budgets.*.margin": said}
+
+
+def test_an_unknown_key_with_the_shape_of_a_secret_is_not_repeated(tmp_path: Path) -> None:
+    """A secret pasted as a mapping's key (``sk_live_...: 1``) was echoed by "unknown key(s) 'sk_live_...'"."""
+    pasted = "sk_live_0123456789abcdefXYZ"
+    text = MINIMAL.replace(
+        "  secret: {env: NETMERA_API_KEY}\n", f"  secret: {{env: NETMERA_API_KEY}}\n  {pasted}: 1\n"
+    )
+    with pytest.raises(BadJobError) as info:
+        load_job(_write(tmp_path, text + "dispach: {}\n"))
+    problems = {p.location: p.message for p in info.value.problems}
+    assert problems == {
+        "": "unknown key(s) 'dispach' (did you mean 'dispatch'?)",
+        "destination": "unknown key(s) one with the shape of a secret (not shown)",
+    }
+    assert pasted not in str(info.value)

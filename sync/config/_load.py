@@ -206,6 +206,10 @@ def _unknown_keys(extra: list[str], known: Any) -> str:
     names = [str(k) for k in known]
     said = []
     for key in sorted(extra):
+        if looks_like_a_key(str(key)):
+            # A secret pasted as a mapping's key is not repeated, as nowhere else (docs/jobs.md "The secret").
+            said.append("one with the shape of a secret (not shown)")
+            continue
         close = difflib.get_close_matches(key, names, n=1)
         said.append(repr(key) + (f" (did you mean {close[0]!r}?)" if close else ""))
     return f"unknown key(s) {', '.join(said)}"
