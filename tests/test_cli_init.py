@@ -245,3 +245,56 @@ def test_init_asks_for_what_no_header_names_and_never_writes_a_secret(
     assert main([*fof, "--extra", "company_id=1"]) == ExitCode.BAD_JOB_OR_INPUT
     assert "no column is named like a formsonfire field (title, body" in capsys.readouterr().err
     assert not list(tmp_path.glob("*.yaml*"))
+
+
+def test_init_names_a_quoted_header_as_validate_reads_it(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A header cell with a doubled quote (``"nick ""the"" name"``) is ``nick "the" name`` to the reader; polars
+    kept the doubled quote, so init wrote a job that `pushsync validate` refused: a column not in the file."""
+    data = tmp_path / "users.csv"
+    data.write_text('customer_id,"nick ""the"" name",on,NO\nC1,Ann,x,y\n', encoding="utf-8")
+    out = tmp_path / "job.yaml"
+    assert main(["init", str(data), "-o", str(out)]) == 0
+    capsys.readouterr()
+    assert main(["validate", str(out)]) == 0, capsys.readouterr().out
+    job = load_job(out)
+    assert [a.column for a in job.sources[0].attributes] == ['nick "the" name', "on", "NO"]
+
+
+@pytest.mark.parametrize(
+    ("name", "text", "written"),
+    [
+        ("users.tsv", "customer_id\tfirst_name\tcity\nC1\tAnn\tIzmir\n", 'delimiter: "\\t"'),
+        ("users.csv", "customer_id;first_name;city\nC1;Ann;Izmir\n", 'delimiter: ";"'),
+    ],
+)
+def test_init_writes_the_delimiter_it_read_the_file_with(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], name: str, text: str, written: str
+) -> None:
+    """A TSV file (read with tabs) got a job without a delimiter, which validate then read with commas: one
+    column 'customer_id\\tfirst_name\\tcity', exit 2. A semicolon CSV (a European spreadsheet's export) made
+    init fail with "maps no column to an operation"."""
+    data = tmp_path / name
+    data.write_text(text, encoding="utf-8")
+    out = tmp_path / "job.yaml"
+    assert main(["init", str(data), "-o", str(out)]) == 0
+    assert written in out.read_text(encoding="utf-8")
+    capsys.readouterr()
+    assert main(["validate", str(out)]) == 0, capsys.readouterr().out
+    (source,) = load_job(out).sources
+    assert source.ext_id == "customer_id"
+    assert [a.column for a in source.attributes] == ["first_name", "city"]
+
+
+def test_init_refuses_a_header_that_repeats_a_name(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """init wrote a job mapping 'name' and 'name_duplicated_0' (polars' renaming) and said "wrote"; validate then
+    refused the file. It is refused by init, with the reader's words, and no job is written."""
+    data = tmp_path / "users.csv"
+    data.write_text("customer_id,name,city,name\nC1,Ann,Izmir,Bo\n", encoding="utf-8")
+    out = tmp_path / "job.yaml"
+    assert main(["init", str(data), "-o", str(out)]) == ExitCode.BAD_JOB_OR_INPUT
+    assert "duplicate column name(s) in the header: name" in capsys.readouterr().err
+    assert not out.exists()

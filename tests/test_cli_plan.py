@@ -100,6 +100,30 @@ def test_validate_notes_a_coordination_database_url_that_is_not_there(
     assert "coordination.database" not in capsys.readouterr().out
 
 
+def test_validate_notes_a_secret_file_run_could_not_read_a_key_from(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # A directory was said not to exist, an empty key file and a variable holding only spaces passed unnoted:
+    # validate said OK, then `pushsync run` stopped on the secret.
+    job = tmp_path / "jobs" / "keyed.yaml"
+    example = (tmp_path / "jobs" / "example.yaml").read_text(encoding="utf-8")
+    job.write_text(example.replace("{env: NETMERA_API_KEY}", "{file: netmera.key}"), encoding="utf-8")
+    key = tmp_path / "jobs" / "netmera.key"
+    key.mkdir()
+    assert main(["validate", str(job), "--no-files"]) == 0
+    assert f"note: secret file {key} is a directory, not a file;" in capsys.readouterr().out
+    key.rmdir()
+    key.write_text("", encoding="utf-8")
+    assert main(["validate", str(job), "--no-files"]) == 0
+    assert f"note: secret file {key} is empty;" in capsys.readouterr().out
+    key.write_text("k" * 8 + "\r\n", encoding="utf-8")
+    assert main(["validate", str(job), "--no-files"]) == 0
+    assert "note:" not in capsys.readouterr().out  # a key and its line break: what a key file holds
+    monkeypatch.setenv("NETMERA_API_KEY", "   ")
+    assert main(["validate", str(EXAMPLE), "--no-files"]) == 0
+    assert "NETMERA_API_KEY is not set or empty;" in capsys.readouterr().out
+
+
 def test_validate_reports_every_problem(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     bad = tmp_path / "bad.yaml"
     bad.write_text(

@@ -125,3 +125,18 @@ def test_whatever_the_fast_validator_accepts_jsonschema_accepts(
 ) -> None:
     document = _with(where, prefix + text)
     assert _messages(document) == _reference(document)
+
+
+def test_the_schema_describes_the_default_workdir_where_the_loader_puts_it(tmp_path: Path) -> None:
+    """An editor shows the schema's descriptions: the workdir's said "under the current directory" while a job's
+    default workdir is beside the job file (a cron job started elsewhere finds its ledger again)."""
+    job = tmp_path / "jobs" / "nightly.yaml"
+    job.parent.mkdir()
+    job.write_text(
+        "destination: {platform: netmera, base_url: 'http://127.0.0.1:8080/', secret: {env: K}}\n"
+        "sources: [{name: u, path: u.csv, ext_id: id, attributes: {a: string}}]\n",
+        encoding="utf-8",
+    )
+    assert load_job(job).workdir == job.parent / ".pushsync" / "nightly"
+    described = job_schema()["properties"]["workdir"]["description"]
+    assert "beside the job file" in described and "current directory" not in described

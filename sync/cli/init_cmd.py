@@ -17,6 +17,7 @@ import argparse
 import os
 import re
 import textwrap
+from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -104,17 +105,54 @@ def _read_sample(path: Path) -> Any:
     try:
         if suffix in (".parquet", ".pq"):
             return pl.scan_parquet(path).head(_SAMPLE_ROWS).collect()
-        separator = "\t" if suffix == ".tsv" else ","
-        return pl.read_csv(
+        separator = _separator(path)
+        frame = pl.read_csv(
             path,
             n_rows=_SAMPLE_ROWS,
             separator=separator,
             infer_schema_length=_SAMPLE_ROWS,
             try_parse_dates=True,
         )
+        return _named_as_read(frame, path, separator)
     except (OSError, pl.exceptions.PolarsError) as exc:
         kind = "Parquet" if suffix in (".parquet", ".pq") else "CSV"
         raise BadInputError(str(path), f"cannot read it as {kind}: {str(exc).splitlines()[0]}") from exc
+
+
+def _separator(path: Path) -> str:
+    """The CSV file's delimiter: a tab for ``.tsv``; else a comma, unless the header holds none and does hold
+    ``;`` (a European spreadsheet's export), a tab or ``|`` — the one it holds most of."""
+    if path.suffix.lower() == ".tsv":
+        return "\t"
+    with path.open("rb") as fh:
+        header = fh.read(1 << 16).decode("utf-8", errors="replace").splitlines()[:1]
+    line = header[0] if header else ""
+    counts = {sep: line.count(sep) for sep in (";", "\t", "|")}
+    best = max(counts, key=lambda sep: counts[sep])
+    return best if "," not in line and counts[best] else ","
+
+
+def _named_as_read(frame: Any, path: Path, separator: str) -> Any:
+    """``frame`` with the column names a run reads from ``path``'s header: polars keeps a quoted header's doubled
+    quote (``"q""t"`` is ``q""t`` to it, ``q"t`` to the reader), so the job named a column validate then could not
+    find. Left as polars read it when the reader cannot read the header or sees another number of columns;
+    :class:`BadInputError` when a name is repeated."""
+    from sync.config import FileFormat, Source, SourceKind
+    from sync.errors import PushSyncError
+    from sync.sources.reading import read_columns
+
+    source = Source("init", SourceKind.USERS, (str(path),), FileFormat.CSV, "", delimiter=separator)
+    try:
+        names = read_columns(source, path)
+    except PushSyncError:
+        return frame
+    dupes = sorted(n for n, count in Counter(names).items() if count > 1)
+    if dupes:
+        # A run refuses such a file (which column would it send?): said now, not by validating the job written.
+        raise BadInputError(str(path), f"duplicate column name(s) in the header: {', '.join(dupes)}")
+    if len(names) != frame.width:
+        return frame
+    return frame.rename(dict(zip(frame.columns, names, strict=True)))
 
 
 def _kind(dtype: Any) -> str:
@@ -276,6 +314,9 @@ def suggest_job(
         f"    path: {q(data_ref)}",
         f"    ext_id: {q(ext_id)}",
     ]
+    if data.suffix.lower() not in (".parquet", ".pq") and (separator := _separator(data)) != ",":
+        # The job reads the file with the delimiter init read it with (a job's default is a comma).
+        lines.append(f"    delimiter: {q(separator, force=True)}")
     if attributes:
         lines.append(f"    attributes:                       # {attributes_note}")
         lines += attributes

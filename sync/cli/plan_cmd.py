@@ -8,6 +8,7 @@ import dataclasses
 import json
 import os
 import signal
+import stat
 import sys
 import threading
 from collections.abc import Iterator
@@ -180,19 +181,36 @@ def _print_problems(path: str, problems: Any, out: TextIO) -> None:
         print(f"  - {p}", file=out)
 
 
+def _secret_file_problem(path: Path) -> str | None:
+    """Why ``pushsync run`` could not read a key from ``path`` — told from the file's metadata, never its content
+    (only run reads the secret) — or None. A directory was said not to exist, and an empty or unreadable file
+    passed unnoted until the run stopped on it."""
+    try:
+        info = path.stat()
+    except OSError:
+        return "does not exist"
+    if stat.S_ISDIR(info.st_mode):
+        return "is a directory, not a file"
+    if not os.access(path, os.R_OK):
+        return "cannot be read by this user"
+    if stat.S_ISREG(info.st_mode) and info.st_size == 0:
+        return "is empty"
+    return None
+
+
 def _secret_note(job: Job, out: TextIO) -> None:
     # Only names are printed, never values: the CLI may look at the environment, the job may not.
     dest = job.destination
-    if dest.secret_env and not os.environ.get(dest.secret_env) and not dest.secret_file:
+    # A variable holding only spaces is empty to the run, as one set to "" (resolve_secret strips the value).
+    env_given = bool(dest.secret_env and os.environ.get(dest.secret_env, "").strip())
+    if dest.secret_env and not env_given and not dest.secret_file:
         print(
-            f"note: environment variable {dest.secret_env} is not set; `pushsync run` will need it", file=out
+            f"note: environment variable {dest.secret_env} is not set or empty; `pushsync run` will need it",
+            file=out,
         )
-    if (
-        dest.secret_file
-        and not Path(dest.secret_file).is_file()
-        and not (dest.secret_env and os.environ.get(dest.secret_env))
-    ):
-        print(f"note: secret file {dest.secret_file} does not exist; `pushsync run` will need it", file=out)
+    problem = _secret_file_problem(Path(dest.secret_file)) if dest.secret_file and not env_given else None
+    if problem is not None:
+        print(f"note: secret file {dest.secret_file} {problem}; `pushsync run` will need it", file=out)
     # The coordination database's URL is named like the key (docs/scaling.md): validate said OK, then run stopped.
     coordination = job.coordination
     env, file = (coordination.database_env, coordination.database_file) if coordination else (None, None)

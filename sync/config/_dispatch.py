@@ -3,6 +3,7 @@ checks the schema cannot express (endpoint names the platform has, periods above
 
 from __future__ import annotations
 
+import difflib
 import re
 from collections.abc import Mapping
 from typing import Any
@@ -64,10 +65,13 @@ def _unknown(
         return
     for name in names:
         if name != "*" and name not in known:
+            # An endpoint misspelt by a letter (tagUser) is named, not left to be found in a list of seventeen.
+            close = difflib.get_close_matches(str(name), list(known), n=1)
+            hint = f"did you mean {close[0]!r}? " if close else ""
             problems.append(
                 JobProblem(
                     f"{where}.{name}",
-                    f"{platform} has no endpoint {name!r}; its endpoints: {', '.join(known)}",
+                    f"{platform} has no endpoint {name!r}; {hint}its endpoints: {', '.join(known)}",
                 )
             )
 

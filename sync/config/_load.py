@@ -3,6 +3,7 @@ express; every problem found is reported at once (:class:`BadJobError`)."""
 
 from __future__ import annotations
 
+import difflib
 import functools
 import json
 import math
@@ -47,10 +48,12 @@ files as package data, so the schema is found through :mod:`importlib.resources`
 
 _SECRET_LOOKING_KEYS = re.compile(r"(api_?key|apikey|token|password|passwd|secret_?key|key)$", re.IGNORECASE)
 _SECRET_LOOKING_EXTRA = re.compile(
-    r"(api_?key|access_?key|integration_?key|private_?key|secret(_?key)?|token|password|passwd)$",
+    r"(api[_-]?key|access[_-]?key|integration[_-]?key|private[_-]?key|secret([_-]?key)?|token|password|passwd"
+    r"|authorization|bearer|credentials?)$",
     re.IGNORECASE,
 )
-"""Names of ``destination.extra`` settings that would hold a secret (``user_key: UserId`` is not one)."""
+"""Names of ``destination.extra`` settings that would hold a secret (``user_key: UserId`` is not one), written
+with ``_`` or ``-`` (``X-Api-Key``, as the header is named) or as the header that carries one (``Authorization``)."""
 _MAX_SCHEMA_MESSAGE = 200  # characters: a schema message quotes the value it refuses, which may be huge
 _TYPE_NAMES = {
     "object": "a mapping (key: value)",
@@ -148,6 +151,44 @@ def _schema_errors(raw: Any) -> list[jsonschema.ValidationError]:
     return sorted(validator.iter_errors(raw), key=lambda e: [str(x) for x in e.absolute_path])
 
 
+def _ends_with_a_line_break(document: Any) -> bool:
+    """Whether a string of ``document`` ends with a line break (cheap: no schema is loaded for a job without)."""
+    stack = [document]
+    while stack:
+        value = stack.pop()
+        if isinstance(value, str):
+            if value.endswith("\n"):
+                return True
+        elif isinstance(value, Mapping):
+            stack.extend(value.values())
+        elif isinstance(value, list):
+            stack.extend(value)
+    return False
+
+
+def _line_break_errors(raw: Any) -> list[jsonschema.ValidationError]:
+    """Every patterned setting (``^...$``) whose value matches only by Python's ``$`` matching before a final
+    line break: ``name: "nightly\n"`` (a YAML ``|`` block, a ``${NAME}`` read from a file) passed the schema,
+    and the line break reached the workdir's name, the variable looked up, the base URL requests are sent to.
+    :func:`_schema_errors` judges as jsonschema does; this is the job loader's own rule on top."""
+    if not _ends_with_a_line_break(raw):
+        return []
+    import jsonschema
+    import jsonschema.validators
+
+    def pattern(validator: Any, expected: str, instance: Any, schema: Any) -> Any:
+        if (
+            validator.is_type(instance, "string")
+            and expected.endswith("$")
+            and instance.endswith("\n")
+            and re.search(expected, instance)
+        ):
+            yield jsonschema.ValidationError(f"ends with a line break (it must match {expected})")
+
+    strict = jsonschema.validators.extend(jsonschema.Draft202012Validator, {"pattern": pattern})
+    return [e for e in strict(job_schema()).iter_errors(raw) if e.validator == "pattern"]
+
+
 def _location(parts: Any) -> str:
     out = ""
     for part in parts:
@@ -157,6 +198,21 @@ def _location(parts: Any) -> str:
 
 def _join(location: str, key: str) -> str:
     return f"{location}.{key}" if location else key
+
+
+def _unknown_keys(extra: list[str], known: Any) -> str:
+    """``unknown key(s) 'colour'``, each key with the known key it most likely misspells: a typo (``dispach``,
+    ``concurency``) names what was meant instead of leaving the reader to search docs/jobs.md."""
+    names = [str(k) for k in known]
+    said = []
+    for key in sorted(extra):
+        if looks_like_a_key(str(key)):
+            # A secret pasted as a mapping's key is not repeated, as nowhere else (docs/jobs.md "The secret").
+            said.append("one with the shape of a secret (not shown)")
+            continue
+        close = difflib.get_close_matches(key, names, n=1)
+        said.append(repr(key) + (f" (did you mean {close[0]!r}?)" if close else ""))
+    return f"unknown key(s) {', '.join(said)}"
 
 
 def _kind(value: Any) -> str:
@@ -173,19 +229,40 @@ def _expected(error: jsonschema.ValidationError) -> str:
     return " or ".join(_TYPE_NAMES.get(str(t), str(t)) for t in types)
 
 
+def _yaml_reading(error: jsonschema.ValidationError) -> str:
+    """What to write instead, when a type problem comes from YAML 1.1 reading a value other than as it looks:
+    ``NO`` (a country) is false, ``00123`` is 83, ``1:30`` is 90, and ``1e3`` is text. Empty otherwise."""
+    types = error.validator_value if isinstance(error.validator_value, list) else [error.validator_value]
+    value = error.instance
+    schema: Any = error.schema
+    if "string" in types and isinstance(value, bool):
+        return '; YAML reads an unquoted yes, no, on, off, true or false as true or false: quote it ("NO")'
+    if "string" in types and isinstance(value, int | float):
+        if "(ms|s|m|h)" in str(schema.get("pattern", "")):
+            return "; a period has a unit: 500ms, 1s, 1m or 1h (YAML reads 1:30 as 90)"
+        return '; YAML reads an unquoted 00123 or 1:30 as a number: quote it ("00123")'
+    if {"number", "integer"} & set(types) and isinstance(value, str):
+        try:
+            float(value)
+        except ValueError:
+            return ""
+        return '; write the number unquoted and in full (1000, not "1000" or 1e3: YAML reads those as text)'
+    return ""
+
+
 def _schema_message(error: jsonschema.ValidationError) -> str:
     if error.validator == "additionalProperties":
         schema: Any = error.schema
         instance: Any = error.instance
         extra = sorted(set(instance) - set(schema.get("properties", {})))
-        return f"unknown key(s) {', '.join(map(repr, extra))}"
+        return _unknown_keys(extra, schema.get("properties", {}))
     if error.validator == "oneOf" and error.context:
         # oneOf failures are noisy; the branch that got furthest explains the problem best.
         best = max(error.context, key=lambda e: len(e.absolute_path))
         return _schema_message(best)
     if error.validator == "type":
         # Said without quoting the value: it may be large (aliases) or hold what belongs elsewhere.
-        return f"must be {_expected(error)}, not {_kind(error.instance)}"
+        return f"must be {_expected(error)}, not {_kind(error.instance)}{_yaml_reading(error)}"
     if isinstance(error.instance, str) and looks_like_a_key(error.instance):
         # A key pasted into the wrong place (base_url, platform...) is not repeated either.
         allowed: Any = error.validator_value
@@ -194,6 +271,13 @@ def _schema_message(error: jsonschema.ValidationError) -> str:
             "enum": f"must be one of {', '.join(map(repr, allowed))}" if isinstance(allowed, list) else "",
         }.get(str(error.validator)) or "invalid"
         return f"{expected} (the value is not shown: it has the shape of a key)"
+    if (
+        error.validator == "pattern"
+        and "(ms|s|m|h)" in str(error.validator_value)
+        and not error.message.startswith("ends with a line break")  # _line_break_errors' own words
+    ):
+        # The regular expression says it to a reader of regular expressions only ('1d', '1 sec', '1,5s').
+        return "not a period: a number and a unit, ms, s, m or h (500ms, 1s, 1.5m, 24h)"
     message = error.message
     return message if len(message) <= _MAX_SCHEMA_MESSAGE else message[: _MAX_SCHEMA_MESSAGE - 1] + "…"
 
@@ -365,9 +449,10 @@ def load_job(path: str | Path, *, platforms: PlatformCatalog | None = None) -> J
         + _secret_problems(raw, base)
         + database_secret_problems(raw)
         + _coordination_problems(raw)
+        + _non_finite_problems(raw)
     )
     quiet = {p.location for p in problems}
-    for error in _schema_errors(raw):
+    for error in [*_schema_errors(raw), *_line_break_errors(raw)]:
         loc = _location(error.absolute_path)
         # A problem already explained by the secret check is not repeated in the schema's words.
         if any(loc == q or loc.startswith(q + ".") for q in quiet):
@@ -382,7 +467,7 @@ def load_job(path: str | Path, *, platforms: PlatformCatalog | None = None) -> J
                 k for k in instance if k not in schema.get("properties", {}) and _join(loc, k) not in quiet
             ]
             if extra:
-                problems.append(JobProblem(loc, f"unknown key(s) {', '.join(map(repr, sorted(extra)))}"))
+                problems.append(JobProblem(loc, _unknown_keys(extra, schema.get("properties", {}))))
             continue
         if loc == "destination" and "destination.secret" in quiet and "secret" in error.message:
             continue
@@ -459,7 +544,8 @@ def load_job(path: str | Path, *, platforms: PlatformCatalog | None = None) -> J
         raise BadJobError(str(job_path), problems)
     # Beside the job file, like its input paths: a cron job started from another directory finds its ledger and
     # snapshot state again (a default under the current directory made it re-send everything).
-    workdir = base / raw["workdir"] if "workdir" in raw else base / ".pushsync" / name
+    # ``~`` is the user's home, as in every other path of a job (a "~" directory beside the job file was made).
+    workdir = base / os.path.expanduser(raw["workdir"]) if "workdir" in raw else base / ".pushsync" / name
     return Job(
         name=name,
         path=job_path.resolve(),
@@ -475,6 +561,29 @@ def load_job(path: str | Path, *, platforms: PlatformCatalog | None = None) -> J
         alerts=_alerts(raw["alerts"], base) if "alerts" in raw else None,
         coordination=_coordination(raw["coordination"], base) if "coordination" in raw else None,
     )
+
+
+def _non_finite_problems(raw: Mapping[str, Any]) -> list[JobProblem]:
+    """Refuse ``.nan`` and ``.inf`` (YAML's not-a-number and infinity) wherever a job holds them: JSON Schema's
+    ``minimum``/``maximum`` pass NaN (every comparison with it is false), so a NaN threshold never tripped and a
+    NaN or infinite timeout, delay or period reached the run."""
+    problems = []
+    stack: list[tuple[str, Any]] = [("", raw)]
+    while stack:
+        location, value = stack.pop()
+        if isinstance(value, float) and not math.isfinite(value):
+            problems.append(
+                JobProblem(
+                    location,
+                    "must be a finite number, not "
+                    + ("NaN (.nan)" if math.isnan(value) else "infinity (.inf)"),
+                )
+            )
+        elif isinstance(value, Mapping):
+            stack.extend((_join(location, str(k)), v) for k, v in value.items())
+        elif isinstance(value, list):
+            stack.extend((f"{location}[{i}]", v) for i, v in enumerate(value))
+    return sorted(problems, key=lambda p: p.location)
 
 
 def _coordination_problems(raw: Mapping[str, Any]) -> list[JobProblem]:

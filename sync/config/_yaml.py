@@ -2,9 +2,13 @@
 
 * A key given twice in one mapping is refused (PyYAML keeps the last and drops the first without a word), naming
   the key and both lines. Merge keys (``<<: *base``) still override what they merge, as YAML means them to.
+* A key is the text written: every key of a job file is a name (a column, an attribute, an endpoint, a category),
+  and YAML 1.1 would turn ``on:``/``NO:`` into true/false, ``010:`` into 8 and ``1:30:`` into 90, so a column
+  called ``on`` was looked for as ``True`` (and ``on:`` beside ``yes:`` was a duplicate key).
 * Anchors and aliases are allowed, but the document they expand to is bounded: :data:`MAX_VALUES` values, counted
   without expanding anything (a "billion laughs" file of nine levels would otherwise hang validation, and seven
-  levels print 34 MB of error messages). A document that refers to itself is refused the same way.
+  levels print 34 MB of error messages). A document that refers to itself is refused the same way; one that
+  large as written, without aliases, is refused saying so.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ MAX_VALUES = 100_000
 """Most values (mappings, lists, scalars, keys included) a job file may expand to; a real one holds hundreds."""
 
 _MERGE_TAG = "tag:yaml.org,2002:merge"
+_STR_TAG = "tag:yaml.org,2002:str"
 _ALNUM_RUN = re.compile(r"[A-Za-z0-9]{16,}")
 
 
@@ -42,6 +47,11 @@ class _NoDuplicateKeys(yaml.constructor.SafeConstructor):
     """A safe constructor that refuses a key given twice in one mapping."""
 
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        for key_node, _value in node.value:
+            # A plain (unquoted) key is read as the text written, not as YAML 1.1's bool, number, date or null.
+            # Plain style is None from PyYAML's parser, "" from libyaml's.
+            if isinstance(key_node, yaml.ScalarNode) and not key_node.style and key_node.tag != _MERGE_TAG:
+                key_node.tag = _STR_TAG
         first_line: dict[Hashable, int] = {}
         for key_node, _value in node.value:
             if key_node.tag == _MERGE_TAG or not isinstance(key_node, yaml.ScalarNode):
@@ -96,6 +106,21 @@ def expanded_size(doc: Any, limit: int = MAX_VALUES) -> int:
     return count
 
 
+def _aliased(doc: Any) -> bool:
+    """Whether a mapping or list of ``doc`` is reached twice: an alias (PyYAML builds one object per anchor).
+    Each is visited once, so a document of aliases costs what it holds as written, not as expanded."""
+    seen: set[int] = set()
+    stack = [doc]
+    while stack:
+        value = stack.pop()
+        if isinstance(value, Mapping | list):
+            if id(value) in seen:
+                return True
+            seen.add(id(value))
+            stack.extend(value.values() if isinstance(value, Mapping) else value)
+    return False
+
+
 def _parse(text: str) -> Any:
     """``text`` parsed by libyaml when PyYAML has it, else — and whenever libyaml finds a fault — by PyYAML's
     parser: a faulty file gets the words and the place PyYAML gives (libyaml words faults its own way), and a
@@ -114,6 +139,12 @@ def load_yaml(text: str) -> Any:
     line) and :class:`TooLargeError` when aliases expand it past :data:`MAX_VALUES` values."""
     doc = _parse(text)
     if expanded_size(doc) > MAX_VALUES:
+        if not _aliased(doc):
+            # Large as written: "through YAML aliases" sent the reader looking for aliases the file does not have.
+            raise TooLargeError(
+                f"the file holds more than {MAX_VALUES:,} values; a job file is small (hundreds): is it the "
+                "job file, or is a list or a mapping in it meant for an input file?"
+            )
         raise TooLargeError(
             f"the file expands to more than {MAX_VALUES:,} values through YAML aliases (or an alias that "
             "contains itself); a job file is small: write it without such aliases"
@@ -138,5 +169,18 @@ def read_job_yaml(path: Path) -> Any:
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
-        problem = getattr(exc, "problem", None) or "not valid YAML"
-        raise BadJobError(str(path), [JobProblem(where, str(problem))]) from exc
+        problem = str(getattr(exc, "problem", None) or "not valid YAML")
+        raise BadJobError(str(path), [JobProblem(where, _what_to_do(problem))]) from exc
+
+
+def _what_to_do(problem: str) -> str:
+    """PyYAML's ``problem`` with what to do about it, where its words alone leave a newcomer guessing: a second
+    document (``but found another document``) and a tab (``found character '\t' that cannot start any token``)."""
+    if problem == "but found another document":
+        return (
+            "a job file is one YAML document, and a '---' line here starts another: remove it, or write a second "
+            "job file"
+        )
+    if "'\\t'" in problem:
+        return f"{problem}: indent with spaces, YAML does not allow tabs there"
+    return problem
