@@ -210,6 +210,17 @@ def test_a_literal_secret_is_refused_without_echoing_it(
     assert len(messages) == 1  # no second, confusing schema message about the same key
 
 
+def test_a_netmera_job_with_platform_settings_is_refused(tmp_path: Path) -> None:
+    """Netmera takes no ``destination.extra`` setting: one written there (a typo, another platform's
+    ``brand_id``) passed `validate` and was ignored in silence, as NotifyVisitors and Forms On Fire refuse theirs."""
+    text = "destination:\n  platform: netmera\n  base_url: http://127.0.0.1:8080/rest/3.0/\n"
+    text += "  secret: {env: NETMERA_API_KEY}\n  extra: {brand_id: '1000', os: IOS}\n"
+    text += "sources:\n  - {name: u, path: u.csv, ext_id: id, attributes: {a: string}}\n"
+    problems = _problems(_write(tmp_path, text))
+    assert set(problems) == {"destination.extra.brand_id", "destination.extra.os"}
+    assert "Netmera takes no destination.extra settings" in problems["destination.extra.os"]
+
+
 def test_unreadable_or_malformed_job_files(tmp_path: Path) -> None:
     assert "cannot read job file" in str(_problems(tmp_path / "missing.yaml"))
     assert any("line 2" in loc for loc in _problems(_write(tmp_path, "a: [1,\nb: {", "bad.yaml")))

@@ -46,8 +46,16 @@ class NetmeraPlatform:
     sandbox = "sync.sandboxes.netmera"
 
     def job_problems(self, sources: Sequence[Source], extra: Mapping[str, str]) -> list[JobProblem]:
-        del sources, extra  # every source kind and mapping the loader accepts has a Netmera endpoint
-        return []
+        del sources  # every source kind and mapping the loader accepts has a Netmera endpoint
+        # Netmera takes no platform setting: one written there (a typo, another platform's) was ignored in silence.
+        return [
+            JobProblem(
+                f"destination.extra.{key}",
+                "Netmera takes no destination.extra settings (the API key is destination.secret; the app is the "
+                "key's): remove it",
+            )
+            for key in extra
+        ]
 
     def builder(self, job: Job) -> BatchBuilder:
         del job  # Netmera's bodies depend on the sources only (dates are epoch milliseconds already)
