@@ -474,3 +474,37 @@ def test_a_resume_after_the_export_changed_never_resends_a_confirmed_event(
     assert held == wanted  # every event exactly once: none lost, none sent twice
     replay = json.loads(out)["replay"]
     assert replay["rows_confirmed"] >= confirmed > 0, replay
+
+
+def test_a_ledger_emptied_after_a_kill_is_refused_rather_than_started_afresh(
+    tmp_path: Path, netmera_sandbox_process: NetmeraProcess
+) -> None:
+    """A ledger truncated to 0 bytes (``: > ledger.sqlite``, a restore that failed) after a run was killed: SQLite
+    would open it as a new ledger, and the next run — knowing of no died run — sent every event again."""
+    sandbox = netmera_sandbox_process
+    (tmp_path / "job.yaml").write_text(events_job(sandbox.url), encoding="utf-8")
+    write_events(tmp_path, event_lines(2000))
+    proc = pushsync(tmp_path, sandbox, "run", "job.yaml", "--progress", "none")
+    deadline = time.monotonic() + 60
+    while proc.poll() is None and ok_batches(tmp_path) < 3 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    proc.kill()
+    finish(proc)
+    ledger = tmp_path / "work" / "ledger.sqlite"
+    ledger.write_bytes(b"")
+    for log in (ledger.with_name("ledger.sqlite-wal"), ledger.with_name("ledger.sqlite-shm")):
+        log.unlink(missing_ok=True)
+    sent = requests_total(sandbox)
+    assert sent > 0
+
+    commands = (
+        ["run", "job.yaml", "--progress", "none"],
+        ["resume", "latest", "--job", "job.yaml", "--progress", "none"],
+        ["runs", "job.yaml"],
+    )
+    for command in commands:
+        code, out, err = finish(pushsync(tmp_path, sandbox, *command))
+        assert code == 2, (command, code, out, err)
+        assert err.count("\n") == 1 and "ledger file is empty (0 bytes)" in err and str(ledger) in err, err
+    assert requests_total(sandbox) == sent  # nothing sent again
+    assert ledger.stat().st_size == 0  # not turned into a new ledger either
