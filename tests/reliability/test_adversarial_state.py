@@ -28,7 +28,15 @@ from sync.config import load_job
 from sync.ledger.ledger import unpack_ids
 from sync.state import StateStore
 from tests.conftest import NetmeraProcess
-from tests.netmera_e2e import PLAIN_USERS, finish, inspect, netmera_job, pushsync, requests_total
+from tests.netmera_e2e import (
+    PLAIN_USERS,
+    finish,
+    inspect,
+    netmera_job,
+    pushsync,
+    requests_total,
+    sandbox_users,
+)
 
 # --- helpers -----------------------------------------------------------------------------------------------------
 
@@ -508,3 +516,40 @@ def test_a_ledger_emptied_after_a_kill_is_refused_rather_than_started_afresh(
         assert err.count("\n") == 1 and "ledger file is empty (0 bytes)" in err and str(ledger) in err, err
     assert requests_total(sandbox) == sent  # nothing sent again
     assert ledger.stat().st_size == 0  # not turned into a new ledger either
+
+
+def test_a_snapshot_diff_left_by_a_killed_run_whose_ledger_was_lost_sends_its_users_again(
+    tmp_path: Path, netmera_sandbox_process: NetmeraProcess
+) -> None:
+    """A snapshot run killed mid-send, then its ledger deleted: the recovery of its pending diff found no run in
+    the ledger and took every batch as never sent. What the platform applied (score 2) was not in the state, so an
+    export back at the state's values (score 1) sent nothing and those users kept score 2 — lost updates."""
+    sandbox = netmera_sandbox_process
+    job = snapshot_job(sandbox.url).replace(
+        "  concurrency: 2\n",
+        "  concurrency: 2\n  batch_size: 20\n  budgets: {'*': {requests: 10, per: 1s}}\n",
+    )
+    (tmp_path / "job.yaml").write_text(job, encoding="utf-8")
+    first = [f"user{i:03d},Name{i},1,gold" for i in range(600)]
+    write_users(tmp_path, first)
+    code, out, err = run(tmp_path, sandbox, "run", "job.yaml")
+    assert code == 0, (out, err)
+
+    write_users(tmp_path, [line.replace(",1,", ",2,") for line in first])
+    confirmed = ok_batches(tmp_path)
+    proc = pushsync(tmp_path, sandbox, "run", "job.yaml", "--progress", "none")
+    deadline = time.monotonic() + 60
+    while proc.poll() is None and ok_batches(tmp_path) < confirmed + 3 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    proc.kill()
+    finish(proc)
+    scores = {ext_id: u["profile"]["score"] for ext_id, u in sandbox_users(sandbox).items()}
+    assert 0 < sum(score == 2 for score in scores.values()) < 600  # part of the run landed
+    for name in ("ledger.sqlite", "ledger.sqlite-wal", "ledger.sqlite-shm"):
+        (tmp_path / "work" / name).unlink(missing_ok=True)
+
+    write_users(tmp_path, first)
+    code, out, err = run(tmp_path, sandbox, "run", "job.yaml")
+    assert code == 0, (out, err)
+    scores = {ext_id: u["profile"]["score"] for ext_id, u in sandbox_users(sandbox).items()}
+    assert scores == {f"user{i:03d}": 1 for i in range(600)}
