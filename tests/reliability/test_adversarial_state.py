@@ -553,3 +553,40 @@ def test_a_snapshot_diff_left_by_a_killed_run_whose_ledger_was_lost_sends_its_us
     assert code == 0, (out, err)
     scores = {ext_id: u["profile"]["score"] for ext_id, u in sandbox_users(sandbox).items()}
     assert scores == {f"user{i:03d}": 1 for i in range(600)}
+
+
+def test_a_run_of_some_sources_or_a_sample_does_not_end_the_resume_of_a_killed_run(
+    tmp_path: Path, netmera_sandbox_process: NetmeraProcess
+) -> None:
+    """After a killed run, ``pushsync run --select users`` (or ``--limit``) resumed only its part and finished:
+    the next full run found no unfinished run, planned afresh and sent every event the killed run had confirmed
+    a second time. Such a run is now refused (exit 2, nothing sent) while a run waits to be resumed."""
+    sandbox = netmera_sandbox_process
+    job = events_job(sandbox.url).replace(
+        "dispatch:\n",
+        "  - name: users\n    path: users.csv\n    ext_id: id\n    attributes:\n      name: string\ndispatch:\n",
+    )
+    (tmp_path / "job.yaml").write_text(job, encoding="utf-8")
+    lines = event_lines(2000)
+    write_events(tmp_path, lines)
+    (tmp_path / "users.csv").write_text("id,name\n" + "".join(f"c{i:05d},N{i}\n" for i in range(50)), "utf-8")
+    proc = pushsync(tmp_path, sandbox, "run", "job.yaml", "--progress", "none")
+    deadline = time.monotonic() + 60
+    while proc.poll() is None and ok_batches(tmp_path) < 3 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    proc.kill()
+    finish(proc)
+    (run_id,) = [r[0] for r in ledger_rows(tmp_path, "SELECT run_id FROM runs")]
+    sent = requests_total(sandbox)
+    assert 0 < sum(events_held(sandbox).values()) < len(lines)
+
+    for cut in (["--select", "users"], ["--exclude", "events"], ["--limit", "5"]):
+        code, out, err = run(tmp_path, sandbox, "run", "job.yaml", *cut)
+        assert code == 2, (cut, out, err)
+        assert err.count("\n") == 1 and f"run {run_id} of job adversarial-events did not finish" in err, err
+        assert f"pushsync resume {run_id}" in err and " ".join(cut) in err, err
+    assert requests_total(sandbox) == sent
+
+    code, out, err = run(tmp_path, sandbox, "run", "job.yaml")
+    assert code == 0, (out, err)
+    assert events_held(sandbox) == expected_events(lines)  # every event exactly once
