@@ -102,6 +102,10 @@ class RunOptions:
     """A sample run (``--limit N``): of each source only the first N rows that pass validation
     (:func:`sync.planning.planning.build_plan`). Changes mode only: a snapshot run of a sample would read every other
     user as gone."""
+    selection: str | None = None
+    """How the caller cut the job down to some of its sources (``--select a``, ``--exclude b``), as the user wrote
+    it; None: every source. Such a run (or a ``limit`` one) does not resume an unfinished run: it would end its
+    chain unfinished (see :func:`_refuse_a_partial_resume`)."""
     progress: Progress = "none"
     handle_signals: bool = False
     metrics_port: int | None = None
@@ -363,6 +367,8 @@ async def _run_changes(
     origin = options.retry or options.resume
     if origin is None and options.auto_resume and not options.full_refresh:
         origin = _unfinished_run_here(job, ledger)
+        if origin is not None:
+            _refuse_a_partial_resume(job, options, origin)
     decisions: ReplayPlan | None = None
     # A resume of a full refresh sends what the full refresh left (its plan is every row anyway); only
     # `retry --full-refresh` asks to send everything again.
@@ -405,6 +411,23 @@ def _refuse_another_destination(job: Job, origin: RunInfo, ledger: Ledger) -> No
             f"job's {redact(job.destination.base_url)} is {job.destination.key}): resume or retry it with the job "
             f"pointed there, or run the job for this destination afresh; nothing was sent (ledger {ledger.path})"
         )
+
+
+def _refuse_a_partial_resume(job: Job, options: RunOptions, origin: str) -> None:
+    """:class:`StateError` (nothing sent) when a run of some sources or a sample would resume ``origin``.
+
+    Such a run resumes only its part, then finishes: the next ``pushsync run`` finds no unfinished run, plans
+    afresh and sends everything ``origin`` had confirmed again — its events and pushes a second time."""
+    cut = [
+        c for c in (options.selection, f"--limit {options.limit}" if options.limit is not None else None) if c
+    ]
+    if not cut:
+        return
+    raise StateError(
+        f"run {origin} of job {job.name} did not finish, and a run with {' '.join(cut)} would end its resume with "
+        f"the rest unsent (the next full run would then send again what {origin} confirmed: events twice). "
+        f"Finish it first: pushsync resume {origin} (or pushsync run without {', '.join(cut)})"
+    )
 
 
 def _unfinished_run_here(job: Job, ledger: Ledger) -> str | None:

@@ -145,6 +145,12 @@ def _run(args: argparse.Namespace) -> int:
         full_refresh=args.full_refresh,
         force=args.force,
         limit=args.limit,
+        selection=" ".join(
+            f"{option} {','.join(value)}"
+            for option, value in (("--select", args.select), ("--exclude", args.exclude))
+            if value
+        )
+        or None,
         handle_signals=True,
         progress=args.progress,
         metrics_port=args.metrics_port,

@@ -874,6 +874,31 @@ def connect_read_only(path: Path) -> sqlite3.Connection:
     return conn
 
 
+def _refuse_an_emptied_ledger(path: Path) -> None:
+    """:class:`StateError` if ``path`` is a ledger file of 0 bytes with no write-ahead log holding its commits.
+
+    SQLite takes an empty file for a new database, so a ledger truncated to nothing (``: > ledger.sqlite``, a
+    copy or restore that failed on a full disk) would open as a fresh one: the next run would not know which
+    runs died or what they confirmed, and would send everything again — events and pushes a second time. A
+    ledger this code creates has its header written when it is opened (the WAL switch), before any run is
+    recorded, so 0 bytes is damage (or, rarely, a first run killed in the instant between creating the file and
+    that switch: nothing was recorded or sent then); removing the file is how a user starts a new ledger on
+    purpose."""
+    try:
+        if not path.is_file() or path.stat().st_size:
+            return
+        log = path.with_name(path.name + "-wal")
+        if log.is_file() and log.stat().st_size:
+            return  # the log holds the pages: SQLite recovers them
+    except OSError:
+        return  # unreadable: the connection below reports it
+    raise StateError(
+        f"{path}: the ledger file is empty (0 bytes): it was truncated or a copy of it failed. A new ledger "
+        "would forget which runs confirmed what and send everything again; restore it from a backup, or delete "
+        "the file to start a new ledger on purpose"
+    )
+
+
 def _read_only_folder_error(exc: sqlite3.DatabaseError) -> bool:
     text = str(exc)
     return "readonly" in text or "unable to open" in text
@@ -910,6 +935,7 @@ class Ledger(LedgerBase):
         ``read_only`` (``runs``, ``show``, ``ledger-export``): an existing ledger, read through
         :func:`connect_read_only` — also from a folder we may not write (a read-only mount)."""
         path = Path(path)
+        _refuse_an_emptied_ledger(path)
         if read_only:
             conn = connect_read_only(path)
             row = conn.execute("SELECT version FROM schema_version").fetchone()

@@ -334,6 +334,13 @@ def commit(
         {"b": ids, "status": labels}, schema={"b": pl.String, "status": pl.String}
     ).unique("b")
     all_batches = _batch_map(directory)
+    if ledger.run(run_id) is None:
+        # The ledger has no record of the run whose diff is pending: it was deleted, emptied or replaced since
+        # the run died (a run is recorded before its first request). Whatever the platform applied is unknown,
+        # so every batch the run put in its map counts as sent without an answer: its users' rows are marked
+        # uncertain and the next diff sends them again. Counted as "planned" (never sent), a change the platform
+        # applied was taken as not made, and a later export back at the state's values sent nothing: lost.
+        statuses = all_batches.select(pl.col("b").unique(), status=pl.lit(BatchStatus.SENT.value))
     refused_rows = ledger.refused_ids(run_id)
     refused = pl.DataFrame(
         {"batch_id": [r[0] for r in refused_rows], "ext_id": [r[1] for r in refused_rows]},

@@ -28,7 +28,15 @@ from sync.config import load_job
 from sync.ledger.ledger import unpack_ids
 from sync.state import StateStore
 from tests.conftest import NetmeraProcess
-from tests.netmera_e2e import PLAIN_USERS, finish, inspect, netmera_job, pushsync, requests_total
+from tests.netmera_e2e import (
+    PLAIN_USERS,
+    finish,
+    inspect,
+    netmera_job,
+    pushsync,
+    requests_total,
+    sandbox_users,
+)
 
 # --- helpers -----------------------------------------------------------------------------------------------------
 
@@ -474,3 +482,111 @@ def test_a_resume_after_the_export_changed_never_resends_a_confirmed_event(
     assert held == wanted  # every event exactly once: none lost, none sent twice
     replay = json.loads(out)["replay"]
     assert replay["rows_confirmed"] >= confirmed > 0, replay
+
+
+def test_a_ledger_emptied_after_a_kill_is_refused_rather_than_started_afresh(
+    tmp_path: Path, netmera_sandbox_process: NetmeraProcess
+) -> None:
+    """A ledger truncated to 0 bytes (``: > ledger.sqlite``, a restore that failed) after a run was killed: SQLite
+    would open it as a new ledger, and the next run — knowing of no died run — sent every event again."""
+    sandbox = netmera_sandbox_process
+    (tmp_path / "job.yaml").write_text(events_job(sandbox.url), encoding="utf-8")
+    write_events(tmp_path, event_lines(2000))
+    proc = pushsync(tmp_path, sandbox, "run", "job.yaml", "--progress", "none")
+    deadline = time.monotonic() + 60
+    while proc.poll() is None and ok_batches(tmp_path) < 3 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    proc.kill()
+    finish(proc)
+    ledger = tmp_path / "work" / "ledger.sqlite"
+    ledger.write_bytes(b"")
+    for log in (ledger.with_name("ledger.sqlite-wal"), ledger.with_name("ledger.sqlite-shm")):
+        log.unlink(missing_ok=True)
+    sent = requests_total(sandbox)
+    assert sent > 0
+
+    commands = (
+        ["run", "job.yaml", "--progress", "none"],
+        ["resume", "latest", "--job", "job.yaml", "--progress", "none"],
+        ["runs", "job.yaml"],
+    )
+    for command in commands:
+        code, out, err = finish(pushsync(tmp_path, sandbox, *command))
+        assert code == 2, (command, code, out, err)
+        assert err.count("\n") == 1 and "ledger file is empty (0 bytes)" in err and str(ledger) in err, err
+    assert requests_total(sandbox) == sent  # nothing sent again
+    assert ledger.stat().st_size == 0  # not turned into a new ledger either
+
+
+def test_a_snapshot_diff_left_by_a_killed_run_whose_ledger_was_lost_sends_its_users_again(
+    tmp_path: Path, netmera_sandbox_process: NetmeraProcess
+) -> None:
+    """A snapshot run killed mid-send, then its ledger deleted: the recovery of its pending diff found no run in
+    the ledger and took every batch as never sent. What the platform applied (score 2) was not in the state, so an
+    export back at the state's values (score 1) sent nothing and those users kept score 2 — lost updates."""
+    sandbox = netmera_sandbox_process
+    job = snapshot_job(sandbox.url).replace(
+        "  concurrency: 2\n",
+        "  concurrency: 2\n  batch_size: 20\n  budgets: {'*': {requests: 10, per: 1s}}\n",
+    )
+    (tmp_path / "job.yaml").write_text(job, encoding="utf-8")
+    first = [f"user{i:03d},Name{i},1,gold" for i in range(600)]
+    write_users(tmp_path, first)
+    code, out, err = run(tmp_path, sandbox, "run", "job.yaml")
+    assert code == 0, (out, err)
+
+    write_users(tmp_path, [line.replace(",1,", ",2,") for line in first])
+    confirmed = ok_batches(tmp_path)
+    proc = pushsync(tmp_path, sandbox, "run", "job.yaml", "--progress", "none")
+    deadline = time.monotonic() + 60
+    while proc.poll() is None and ok_batches(tmp_path) < confirmed + 3 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    proc.kill()
+    finish(proc)
+    scores = {ext_id: u["profile"]["score"] for ext_id, u in sandbox_users(sandbox).items()}
+    assert 0 < sum(score == 2 for score in scores.values()) < 600  # part of the run landed
+    for name in ("ledger.sqlite", "ledger.sqlite-wal", "ledger.sqlite-shm"):
+        (tmp_path / "work" / name).unlink(missing_ok=True)
+
+    write_users(tmp_path, first)
+    code, out, err = run(tmp_path, sandbox, "run", "job.yaml")
+    assert code == 0, (out, err)
+    scores = {ext_id: u["profile"]["score"] for ext_id, u in sandbox_users(sandbox).items()}
+    assert scores == {f"user{i:03d}": 1 for i in range(600)}
+
+
+def test_a_run_of_some_sources_or_a_sample_does_not_end_the_resume_of_a_killed_run(
+    tmp_path: Path, netmera_sandbox_process: NetmeraProcess
+) -> None:
+    """After a killed run, ``pushsync run --select users`` (or ``--limit``) resumed only its part and finished:
+    the next full run found no unfinished run, planned afresh and sent every event the killed run had confirmed
+    a second time. Such a run is now refused (exit 2, nothing sent) while a run waits to be resumed."""
+    sandbox = netmera_sandbox_process
+    job = events_job(sandbox.url).replace(
+        "dispatch:\n",
+        "  - name: users\n    path: users.csv\n    ext_id: id\n    attributes:\n      name: string\ndispatch:\n",
+    )
+    (tmp_path / "job.yaml").write_text(job, encoding="utf-8")
+    lines = event_lines(2000)
+    write_events(tmp_path, lines)
+    (tmp_path / "users.csv").write_text("id,name\n" + "".join(f"c{i:05d},N{i}\n" for i in range(50)), "utf-8")
+    proc = pushsync(tmp_path, sandbox, "run", "job.yaml", "--progress", "none")
+    deadline = time.monotonic() + 60
+    while proc.poll() is None and ok_batches(tmp_path) < 3 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    proc.kill()
+    finish(proc)
+    (run_id,) = [r[0] for r in ledger_rows(tmp_path, "SELECT run_id FROM runs")]
+    sent = requests_total(sandbox)
+    assert 0 < sum(events_held(sandbox).values()) < len(lines)
+
+    for cut in (["--select", "users"], ["--exclude", "events"], ["--limit", "5"]):
+        code, out, err = run(tmp_path, sandbox, "run", "job.yaml", *cut)
+        assert code == 2, (cut, out, err)
+        assert err.count("\n") == 1 and f"run {run_id} of job adversarial-events did not finish" in err, err
+        assert f"pushsync resume {run_id}" in err and " ".join(cut) in err, err
+    assert requests_total(sandbox) == sent
+
+    code, out, err = run(tmp_path, sandbox, "run", "job.yaml")
+    assert code == 0, (out, err)
+    assert events_held(sandbox) == expected_events(lines)  # every event exactly once
