@@ -207,6 +207,30 @@ async def test_after_a_key_rotation_state_rekey_keeps_the_state_and_nothing_is_s
         assert again.diff is not None and again.diff.users_state == 2
 
 
+@pytest.mark.parametrize(
+    ("platform", "extra", "same", "other"),
+    [
+        ("notifyvisitors", {"brand_id": "1000"}, {"event_time_zone": "Europe/Istanbul"}, {"brand_id": "2000"}),
+        ("formsonfire", {"company_id": "7"}, {"expiry_secs": "60"}, {"company_id": "8"}),
+    ],
+)
+def test_only_the_settings_that_name_the_account_are_part_of_the_destination(
+    platform: str, extra: dict[str, str], same: dict[str, str], other: dict[str, str]
+) -> None:
+    """A brand or company ID names the account, with the key; a time zone or a message default does not:
+    changing one made the job "another destination", whose crashed run was not resumed (events and pushes sent
+    again)."""
+    from dataclasses import replace
+
+    from sync.config import Destination
+
+    base = Destination(platform, "https://api.example.com/", secret_env="K", extra=extra)
+    key = base.for_account("k3y").key
+    assert replace(base, extra={**extra, **same}).for_account("k3y").key == key
+    assert replace(base, extra={**extra, **other}).for_account("k3y").key != key
+    assert base.for_account("another-k3y").key != key
+
+
 def test_destinations_match_by_account_and_older_records_match_any_account() -> None:
     base = "netmera-0123456789"
     a, b = f"{base}-{account_fingerprint('key-a')}", f"{base}-{account_fingerprint('key-b')}"

@@ -48,6 +48,10 @@ class PlatformLimits:
     starter: StarterJob | None = None
     """What ``pushsync init`` writes for this platform's destination (None: init does not offer it, e.g. when a
     job needs settings no file header can suggest)."""
+    account_settings: frozenset[str] = frozenset()
+    """The ``destination.extra`` settings that name the account (NotifyVisitors' ``brand_id``, Forms On Fire's
+    ``company_id``): part of :attr:`sync.config.Destination.key` with the key's fingerprint. The others (a time
+    zone, a pace, a message default) are not: changing one is the same account, whose runs are resumed."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -69,8 +69,17 @@ class Destination:
         return self.url_key if self.account is None else f"{self.url_key}-{self.account}"
 
     def for_account(self, secret: str) -> Destination:
-        """This destination with its :attr:`account` set from ``secret`` (:func:`account_fingerprint`)."""
-        return dataclasses.replace(self, account=account_fingerprint(secret, self.extra))
+        """This destination with its :attr:`account` set from ``secret`` and the ``extra`` settings that name the
+        account on this platform (``PlatformLimits.account_settings``; :func:`account_fingerprint`)."""
+        from sync.config._platforms import installed_platforms  # the platforms' layer installs its catalogue
+
+        try:
+            rules = installed_platforms().get(self.platform)
+        except RuntimeError:  # sync.config used without the platforms: the key alone
+            rules = None
+        named = rules.limits.account_settings if rules is not None else frozenset()
+        account = {k: v for k, v in self.extra.items() if k in named}
+        return dataclasses.replace(self, account=account_fingerprint(secret, account))
 
     def for_readable_account(self, environ: Mapping[str, str] | None = None) -> Destination:
         """:meth:`for_account` with the secret the job names, when it can be read; else this destination as it

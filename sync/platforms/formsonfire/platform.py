@@ -26,6 +26,7 @@ class FormsOnFirePlatform:
 
     name = PLATFORM
     limits = PlatformLimits(
+        account_settings=frozenset({"company_id"}),  # the account at the base URL, with the key
         max_batch=1,
         default_batch_size=1,
         endpoints=(ENDPOINT,),

@@ -34,6 +34,7 @@ class NotifyVisitorsPlatform:
 
     name = PLATFORM
     limits = PlatformLimits(
+        account_settings=frozenset({"brand_id"}),  # the account at the base URL, with the key
         max_batch=MAX_EVENTS_PER_REQUEST,  # user/create batches are capped at 100 users by the builder
         default_batch_size=MAX_EVENTS_PER_REQUEST,
         endpoints=(USER_CREATE, EVENT_CREATE),
