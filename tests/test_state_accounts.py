@@ -210,7 +210,12 @@ async def test_after_a_key_rotation_state_rekey_keeps_the_state_and_nothing_is_s
 @pytest.mark.parametrize(
     ("platform", "extra", "same", "other"),
     [
-        ("notifyvisitors", {"brand_id": "1000"}, {"event_time_zone": "Europe/Istanbul"}, {"brand_id": "2000"}),
+        (
+            "notifyvisitors",
+            {"brand_id": "1000"},
+            {"event_time_zone": "Europe/Istanbul"},
+            {"brand_id": "2000"},
+        ),
         ("formsonfire", {"company_id": "7"}, {"expiry_secs": "60"}, {"company_id": "8"}),
     ],
 )

@@ -21,6 +21,7 @@ Only the IDs the platform refused get a row of their own (``batch_ids``, with th
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import itertools
 import json
@@ -895,7 +896,36 @@ def _refuse_an_emptied_ledger(path: Path) -> None:
     raise StateError(
         f"{path}: the ledger file is empty (0 bytes): it was truncated or a copy of it failed. A new ledger "
         "would forget which runs confirmed what and send everything again; restore it from a backup, or delete "
-        "the file to start a new ledger on purpose"
+        f"the file (and {running_marker(path).name}, if there is one) to start a new ledger on purpose"
+    )
+
+
+def running_marker(path: Path) -> Path:
+    """``<ledger>.running``: the ID of the run under way, written beside the ledger when the run is recorded and
+    removed when its end is. Outside the ledger on purpose: it survives what the ledger may lose."""
+    return path.with_name(path.name + ".running")
+
+
+def _refuse_a_ledger_that_lost_its_run(conn: sqlite3.Connection, path: Path) -> None:
+    """:class:`StateError` when the marker names a run this ledger does not hold.
+
+    A run killed with its records still in the write-ahead log (``ledger.sqlite-wal``: SQLite folds it into the
+    file later) lost them when only ``ledger.sqlite`` was kept — a copy or restore of the one file, a clean-up of
+    "temporary" files — or when the ledger was replaced by an older copy: the next run knew of no died run and
+    sent everything again, events and pushes a second time."""
+    marker = running_marker(path)
+    try:
+        run_id = marker.read_text(encoding="utf-8").strip()
+    except (OSError, UnicodeDecodeError):
+        return  # no marker (the usual case), or unreadable: nothing to check against
+    if not run_id or conn.execute("SELECT 1 FROM runs WHERE run_id = ?", (run_id,)).fetchone() is not None:
+        return
+    conn.close()
+    raise StateError(
+        f"{path}: run {run_id} was recorded in this ledger when it began ({marker}), but the ledger does not "
+        f"hold it: it was replaced or restored without its write-ahead log ({path.name}-wal). Restore the ledger's "
+        f"files together; or delete {marker} to go on without that run's records (what it confirmed, its events "
+        "and pushes too, may then be sent again)"
     )
 
 
@@ -965,6 +995,7 @@ class Ledger(LedgerBase):
                 )
             elif row[0] < SCHEMA_VERSION:
                 _upgrade(conn)
+            _refuse_a_ledger_that_lost_its_run(conn, path)
         except sqlite3.DatabaseError as exc:
             raise StateError(f"{path}: cannot open the ledger: {exc}") from exc
         return cls(conn, path, flush_every=flush_every, flush_interval=flush_interval)
@@ -1045,6 +1076,9 @@ class Ledger(LedgerBase):
             ),
         )
         self.flush()
+        # After the commit: a marker names only a run the ledger held. A safety net: the run goes on without it.
+        with contextlib.suppress(OSError):
+            running_marker(self.path).write_text(run_id + "\n", encoding="utf-8")
 
     def finish_run(
         self, run_id: str, *, status: str, exit_code: int, message: str | None = None, summary: Any = None
@@ -1055,6 +1089,12 @@ class Ledger(LedgerBase):
             finish_row(run_id, status=status, exit_code=exit_code, message=message, summary=summary),
         )
         self.flush()
+        marker = running_marker(self.path)
+        try:
+            if marker.read_text(encoding="utf-8").strip() == run_id:
+                marker.unlink()
+        except (OSError, UnicodeDecodeError):
+            pass  # none (an older run's end, another run's marker): nothing to remove
 
     def record_planned(self, run_id: str, batch: Batch) -> None:
         self._queue(

@@ -518,6 +518,42 @@ def test_a_ledger_emptied_after_a_kill_is_refused_rather_than_started_afresh(
     assert ledger.stat().st_size == 0  # not turned into a new ledger either
 
 
+def test_a_ledger_kept_without_its_write_ahead_log_after_a_kill_is_refused(
+    tmp_path: Path, netmera_sandbox_process: NetmeraProcess
+) -> None:
+    """A run killed with its records still in ``ledger.sqlite-wal``, and only ``ledger.sqlite`` kept (a copy or
+    restore of the one file, a clean-up of "temporary" files): the killed run vanished, and the next run sent
+    every event again. The ``ledger.sqlite.running`` marker, written beside the ledger when a run is recorded and
+    removed when its end is, names the run the ledger lost: the run is refused, nothing is sent; deleting the
+    marker is the way on, on purpose."""
+    sandbox = netmera_sandbox_process
+    (tmp_path / "job.yaml").write_text(events_job(sandbox.url), encoding="utf-8")
+    write_events(tmp_path, event_lines(2000))
+    proc = pushsync(tmp_path, sandbox, "run", "job.yaml", "--progress", "none")
+    deadline = time.monotonic() + 60
+    while proc.poll() is None and ok_batches(tmp_path) < 3 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    proc.kill()
+    finish(proc)
+    ledger = tmp_path / "work" / "ledger.sqlite"
+    marker = ledger.with_name("ledger.sqlite.running")
+    killed = marker.read_text(encoding="utf-8").strip()
+    for log in (ledger.with_name("ledger.sqlite-wal"), ledger.with_name("ledger.sqlite-shm")):
+        log.unlink(missing_ok=True)
+    sent = requests_total(sandbox)
+    assert sent > 0 and killed
+
+    code, out, err = finish(pushsync(tmp_path, sandbox, "run", "job.yaml", "--progress", "none"))
+    assert code == 2 and err.count("\n") == 1, (code, out, err)
+    assert f"run {killed} was recorded in this ledger" in err and str(marker) in err and "-wal" in err, err
+    assert requests_total(sandbox) == sent  # nothing sent again
+    # Deleting the marker is going on without the lost run, on purpose: the run goes ahead (and ends, marker gone).
+    marker.unlink()
+    code, out, err = finish(pushsync(tmp_path, sandbox, "run", "job.yaml", "--progress", "none"))
+    assert code == 0, err
+    assert not marker.exists()
+
+
 def test_a_snapshot_diff_left_by_a_killed_run_whose_ledger_was_lost_sends_its_users_again(
     tmp_path: Path, netmera_sandbox_process: NetmeraProcess
 ) -> None:
@@ -545,7 +581,9 @@ def test_a_snapshot_diff_left_by_a_killed_run_whose_ledger_was_lost_sends_its_us
     finish(proc)
     scores = {ext_id: u["profile"]["score"] for ext_id, u in sandbox_users(sandbox).items()}
     assert 0 < sum(score == 2 for score in scores.values()) < 600  # part of the run landed
-    for name in ("ledger.sqlite", "ledger.sqlite-wal", "ledger.sqlite-shm"):
+    # Deleted on purpose, the run marker with it (alone, the marker makes the next run refuse to go on without
+    # the killed run's records: test_a_ledger_kept_without_its_write_ahead_log_after_a_kill_is_refused).
+    for name in ("ledger.sqlite", "ledger.sqlite-wal", "ledger.sqlite-shm", "ledger.sqlite.running"):
         (tmp_path / "work" / name).unlink(missing_ok=True)
 
     write_users(tmp_path, first)
