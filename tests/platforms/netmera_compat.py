@@ -8,7 +8,9 @@ huge numbers. A small batch size and small hash buckets make batches continue fr
 
 ``fingerprints`` is what the recorded file (``tests/fixtures/netmera_batch_ids.json``) holds: per batch, its ID,
 endpoint, phase and IDs. The file was written by the builder *before* the columnar rewrite (issue 13), so the
-test proves that a run planned by the older version keeps its batch IDs.
+test proves that a run planned by the older version keeps its batch IDs. Some users rows add and remove the same
+tag, or push and pull the same list value (17 with the default seed): the builder now rejects them at plan time
+(:func:`sync.platforms.netmera.requests.check_rows`), and the test says how it compares around them.
 """
 
 from __future__ import annotations

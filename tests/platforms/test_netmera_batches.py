@@ -6,6 +6,9 @@ Compatibility: ``tests/fixtures/netmera_batch_ids.json`` holds the batch IDs the
 inputs of ``netmera_compat.py`` (tags in many groups, categories, events with attributes sorting around ``extId``
 and ``name``, one-user endpoints, unset lists, nulls, unicode, row-keyed events; a plan, then three snapshot
 diffs). The builder must give the same IDs in the same order: a run planned by the older version resumes.
+The inputs hold 17 rows that add and remove one tag or push and pull one list value, which the builder now
+rejects at plan time (the older one sent them): the IDs are compared with that check off, and what the check
+changes is pinned by a test of its own (the recorded file is not written again from the new code).
 """
 
 from __future__ import annotations
@@ -31,11 +34,20 @@ from sync.ledger.ledger import Ledger
 from sync.planning.planning import build_plan
 from sync.planning.row_keys import ROW_KEY, pack, unpack
 from sync.platforms._batches import EXT_ID, FILE, GROUP, ITEM, ROW, RowOrigins, _key_bytes, cut
+from sync.platforms.netmera import requests as netmera_requests
 from sync.platforms.netmera.client import NetmeraClient
 from sync.platforms.netmera.requests import canonical_json, split_batch, stream_batches, streams_for
 from sync.platforms.registry import platform_for
 from sync.records import Batch, BatchResult, BatchStatus, RowRef, body_json
-from sync.state import RemovalAction, SnapshotSettings, StateStore, commit, compute_diff, snapshot_builder_for
+from sync.state import (
+    RemovalAction,
+    SnapshotSettings,
+    StateStore,
+    commit,
+    compute_diff,
+    rejected_users,
+    snapshot_builder_for,
+)
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import netmera_compat as compat
@@ -64,7 +76,17 @@ def _confirm_all(job: Any, diff: Any, batches: list[Batch]) -> None:
         )
 
 
-def test_batch_ids_are_those_of_the_row_by_row_builder(tmp_path: Path) -> None:
+def test_batch_ids_are_those_of_the_row_by_row_builder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The recorded IDs, every one of them, from the builder's bodies and cutting alone: the inputs hold 17
+    contradictory rows (a tag added and removed, a list value pushed and pulled), which the builder's plan-time
+    check now rejects; the older builder sent them. The check is switched off here so that the bodies and the
+    cutting are compared on the very rows the recorded file was made from — a rejected user shifts every later
+    batch of its streams, so with the check on most multi-user batches differ for that reason alone. (The file
+    is not written again from the new code: it would then prove nothing.) What the check changes, and that it
+    changes nothing else, is :func:`test_the_row_check_rejects_the_contradictory_rows_and_changes_nothing_else`."""
+    monkeypatch.delattr(netmera_requests, "check_rows")
     job = load_job(compat.write_inputs(tmp_path))
     with build_plan(job, rows_per_bucket=compat.ROWS_PER_BUCKET) as plan:
         assert len(plan.staged[0].parts) > 4  # several frames: runs continue from one frame into the next
@@ -108,6 +130,106 @@ def test_batch_ids_are_those_of_the_row_by_row_builder(tmp_path: Path) -> None:
             builder=snapshot_builder_for(job),
         )
         assert compat.fingerprints(deleting.batches(record=False)) == RECORDED["snapshot_delete"]
+
+
+_ONE_USER = frozenset({"enablePush", "disablePush", "updateEmail", "updateMsisdn"})
+"""Endpoints of one user a request: a rejected user's batches go, no other batch shifts."""
+_OTHER_SOURCES = frozenset({"fireEvents", "deleteUsersPermanently"})
+"""Endpoints only the compat job's events and deletions sources send: the users source's row check leaves them be."""
+
+
+def _contradictory_rows(users_csv: Path, *, untag: bool = True) -> set[tuple[int, str, str]]:
+    """(row, column, ID) of the rows of the compat users file that add and remove a tag or push and pull a list
+    value, found from the file itself (the check's expected rejects, by a second means)."""
+    import csv
+
+    def items(cell: str) -> set[str]:
+        return {x.strip() for x in cell.split(";") if x.strip()}
+
+    found = set()
+    with users_csv.open(encoding="utf-8", newline="") as fh:
+        for row, r in enumerate(csv.DictReader(fh), start=1):
+            if untag and items(r["tags"]) & items(r["drop_tags"]):
+                found.add((row, "drop_tags", r["id"]))
+            elif items(r["likes"]) & items(r["dislikes"]):
+                found.add((row, "dislikes", r["id"]))
+    return found
+
+
+def _check_rejects(plan: Any) -> set[tuple[int, str, str]]:
+    return {(r.row, r.column, r.ext_id) for r in plan.rejected_rows() if "side by side" in (r.reason or "")}
+
+
+def _untouched(prints: list[str], users: set[str], endpoints: frozenset[str]) -> list[str]:
+    """The fingerprints of ``endpoints``' batches that name none of ``users`` — in a one-user batch the digest
+    of its one ID tells (:func:`netmera_compat.fingerprints`)."""
+    digests = {hashlib.sha256(x.encode()).hexdigest()[:12] for x in users}
+    return [
+        f
+        for f in prints
+        if f.split()[1] in endpoints and not (f.split()[3] == "1" and f.split()[4] in digests)
+    ]
+
+
+def test_the_row_check_rejects_the_contradictory_rows_and_changes_nothing_else(tmp_path: Path) -> None:
+    """The compat inputs planned with the row check on (as every run is): exactly the 17 contradictory rows of
+    the users file are rejected (found here from the file itself), their users get no batch of the users
+    source, and the batches no rejected row can shift — one-user requests of the other users, the events and
+    deletions sources' — are the recorded ones, in order; so are the snapshot diffs' one-user requests. (A
+    rejected user shifts the later multi-user batches of its streams: those are compared, check off, by
+    :func:`test_batch_ids_are_those_of_the_row_by_row_builder`.)"""
+    job = load_job(compat.write_inputs(tmp_path))
+    expected = _contradictory_rows(tmp_path / "users.csv")
+    assert len(expected) == 17
+    users = {x for _, _, x in expected}
+    with build_plan(job, rows_per_bucket=compat.ROWS_PER_BUCKET) as plan:
+        batches = list(plan.batches())
+        assert _check_rejects(plan) == expected
+    users_only = {"setProfileAttributes", "pushProfileAttributes", "pullProfileAttributes", *_ONE_USER}
+    assert not any(users & set(b.ext_ids) for b in batches if b.endpoint in users_only)
+    kept = _ONE_USER | _OTHER_SOURCES
+    prints = compat.fingerprints(batches)
+    assert _untouched(prints, users, kept) == _untouched(RECORDED["plan"], users, kept)
+    assert (
+        len(_untouched(prints, users, kept)) > 100
+    )  # most of the plan's one-user and other sources' batches
+
+    snap = tmp_path / "snap"
+    snap.mkdir()
+    job = load_job(compat.write_inputs(snap, snapshot=True))
+    store = StateStore(job.workdir, job.destination)
+    with build_plan(job, rows_per_bucket=compat.ROWS_PER_BUCKET) as plan:
+        first_rows = _contradictory_rows(snap / "users.csv", untag=False)
+        assert _check_rejects(plan) == first_rows
+        diff = compute_diff(
+            store,
+            plan.staged,
+            "r1",
+            batch_size=job.batch_sizes,
+            builder=snapshot_builder_for(job),
+            rejected=rejected_users(plan.rejects_path, plan.staged),
+        )
+        first = list(diff.batches())
+        _confirm_all(job, diff, first)
+    job = load_job(compat.write_inputs(snap, users=140, seed=14, snapshot=True))
+    with build_plan(job, rows_per_bucket=compat.ROWS_PER_BUCKET) as plan:
+        second_rows = _contradictory_rows(snap / "users.csv", untag=False)
+        assert _check_rejects(plan) == second_rows
+        second = compute_diff(
+            store,
+            plan.staged,
+            "r2",
+            batch_size=job.batch_sizes,
+            force=True,
+            builder=snapshot_builder_for(job),
+            rejected=rejected_users(plan.rejects_path, plan.staged),
+        )
+        second_prints = compat.fingerprints(second.batches(record=False))
+    # A user rejected in either run: not in the state after the first, or held in the second.
+    held = {x for _, _, x in first_rows | second_rows}
+    for name, prints in (("snapshot_first", compat.fingerprints(first)), ("snapshot_second", second_prints)):
+        assert _untouched(prints, held, _ONE_USER) == _untouched(RECORDED[name], held, _ONE_USER), name
+        assert _untouched(prints, held, _ONE_USER), name
 
 
 def test_row_keys_origins_and_splits_of_planned_batches(tmp_path: Path) -> None:

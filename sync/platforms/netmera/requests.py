@@ -28,12 +28,14 @@ the streaming from clean frames to batches (:class:`Stream`, :func:`streams_for`
 :func:`stream_batches`, :func:`stream_counts`, :func:`stream_sample`) in :mod:`._streams`, which builds each body
 as columns (:mod:`sync.platforms._encode`) and cuts batches with :mod:`sync.platforms._batches`: a batch's body is
 its canonical JSON ``bytes``, sent as they are. The Python body builders below give the same bytes through
-:func:`make_batch` (a test, a cut-down batch).
+:func:`make_batch` (a test, a cut-down batch). The rows that contradict themselves (a tag added and removed, a
+list value pushed and pulled) are refused at plan time by :func:`check_rows` (:mod:`._checks`).
 """
 
 from __future__ import annotations
 
 from sync.platforms.netmera import MAX_IDS_PER_REQUEST
+from sync.platforms.netmera._checks import check_rows
 from sync.platforms.netmera._shapes import (
     ARRAY_BODY_ENDPOINTS,
     ENDPOINT_FOR,
@@ -93,6 +95,7 @@ __all__ = [
     "batch_id_for",
     "canonical_json",
     "category_preferences_body",
+    "check_rows",
     "derived_batch",
     "events_body",
     "ext_ids_body",
