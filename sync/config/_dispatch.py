@@ -121,6 +121,10 @@ def parse_dispatch(
     }
     per_endpoint = dict(raw.get("per_endpoint_concurrency") or {})
     _unknown(per_endpoint, "dispatch.per_endpoint_concurrency", platform, limits, problems)
+    if "*" in per_endpoint and limits is not None:
+        # "*" caps every endpoint not named, as under budgets and batch_size: spelt out per endpoint, so that
+        # whatever reads the caps (the plan's estimate too) finds each one; "*" stays for names not listed.
+        per_endpoint = {e: per_endpoint["*"] for e in limits.endpoints} | per_endpoint
     settings = DispatchSettings(
         **kwargs,
         per_endpoint_concurrency=per_endpoint,

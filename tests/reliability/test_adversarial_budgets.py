@@ -142,6 +142,12 @@ budget_groups:
     assert [g.name for g in job.dispatch.groups_for("fireEvents")] == ["account"]
 
 
+def test_a_star_under_per_endpoint_concurrency_caps_each_endpoint_not_named(tmp_path: Path) -> None:
+    job = load_job(_job(tmp_path, 'per_endpoint_concurrency: {"*": 1, fireEvents: 3}'))
+    caps = job.dispatch.per_endpoint_concurrency
+    assert caps["tagUsers"] == 1 and caps["untagUsers"] == 1 and caps["fireEvents"] == 3
+
+
 def test_notifyvisitors_limits_are_groups_per_api_family_and_a_job_may_replace_one(tmp_path: Path) -> None:
     path = _job(
         tmp_path,
