@@ -26,6 +26,15 @@ def _duration(value: Any) -> float:
 
 
 def _spec(raw: Mapping[str, Any], where: str, problems: list[JobProblem]) -> RateBudgetSpec | None:
+    if "per" in raw and "period" in raw:
+        # Two periods for one budget: taking either in silence sends at a rate the job did not mean.
+        problems.append(
+            JobProblem(
+                f"{where}.period",
+                f"a budget takes per or period, not both (per: {raw['per']}, period: {raw['period']}): keep one",
+            )
+        )
+        return None
     period = float(raw["period"]) if "period" in raw else _duration(raw.get("per", "1s"))
     margin = _duration(raw["margin"]) if "margin" in raw else None
     if period <= 0:

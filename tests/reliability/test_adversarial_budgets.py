@@ -80,6 +80,14 @@ CASES = {
         "budgets: {tagUsers: {requests: 5, per: 1s, margin: 1s}}",
         {"dispatch.budgets.tagUsers.margin"},
     ),
+    "a budget with both per and period": (
+        "budgets: {tagUsers: {requests: 5, per: 1m, period: 1}}",
+        {"dispatch.budgets.tagUsers.period"},
+    ),
+    "a group with both per and period": (
+        'budget_groups: {account: {requests: 5, per: 1s, period: 60, endpoints: ["*"]}}',
+        {"dispatch.budget_groups.account.period"},
+    ),
     "every problem at once": (
         "budgets: {nope: {requests: 5, per: 0s}}\nbatch_size: {nope2: 10}\n"
         "budget_groups: {g: {requests: 1, per: 1s, endpoints: []}}",
