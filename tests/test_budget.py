@@ -387,6 +387,30 @@ def test_remaining_zero_on_success_waits_for_window_reset() -> None:
     assert run_virtual(scenario()) == pytest.approx(1.01)
 
 
+def test_remaining_zero_in_a_slow_answer_from_the_window_before_does_not_pause_the_next() -> None:
+    # A server answering in 0.7 s put "X-RateLimit-Remaining: 0" (its window's last request) in an answer read
+    # after the edge: the budget paused the whole next window, and a run took twice as long.
+    async def scenario() -> tuple[float, float]:
+        loop = asyncio.get_running_loop()
+        budget = RateBudget(RateBudgetSpec(100, 1.0), tail=0.1, lead=0.01, wall_offset=0.0)
+        await clock_sleep(loop, 0.3)
+        await budget.acquire()
+        await clock_sleep(loop, 0.9)  # answered at 1.2, in the next window
+        budget.observe(0.9)
+        budget.on_success(remaining=0)
+        await budget.acquire()
+        slow = loop.time()
+        await clock_sleep(loop, 0.1)
+        budget.observe(0.1)  # answered in its own window: that window is used up
+        budget.on_success(remaining=0)
+        await budget.acquire()
+        return slow, loop.time()
+
+    slow, same_window = run_virtual(scenario())
+    assert slow == pytest.approx(1.2, abs=0.02)
+    assert same_window == pytest.approx(2.01)
+
+
 def test_one_429_among_many_answers_does_not_lower_the_rate() -> None:
     async def scenario() -> tuple[float | None, float]:
         loop = asyncio.get_running_loop()

@@ -336,6 +336,16 @@ def test_per_endpoint_concurrency_cap_and_rate_budget() -> None:
     assert report.batches_done == 40
 
 
+def test_a_star_under_per_endpoint_concurrency_caps_every_endpoint_not_named() -> None:
+    # "*" is accepted there as under budgets and batch_size; it was ignored (8 in flight instead of 1).
+    client = MemoryPlatform(latency=0.3)
+    report = run_virtual(
+        _dispatch(client, _plan(20), _settings(concurrency=8, per_endpoint_concurrency={"*": 1}))
+    )
+    assert client.max_in_flight["tagUsers"] == 1
+    assert report.batches_done == 20
+
+
 def test_batches_and_attempts_reach_the_observers(tmp_path: Path) -> None:
     started: list[str] = []
     attempts: list[Attempt] = []

@@ -26,6 +26,15 @@ def _duration(value: Any) -> float:
 
 
 def _spec(raw: Mapping[str, Any], where: str, problems: list[JobProblem]) -> RateBudgetSpec | None:
+    if "per" in raw and "period" in raw:
+        # Two periods for one budget: taking either in silence sends at a rate the job did not mean.
+        problems.append(
+            JobProblem(
+                f"{where}.period",
+                f"a budget takes per or period, not both (per: {raw['per']}, period: {raw['period']}): keep one",
+            )
+        )
+        return None
     period = float(raw["period"]) if "period" in raw else _duration(raw.get("per", "1s"))
     margin = _duration(raw["margin"]) if "margin" in raw else None
     if period <= 0:
@@ -121,6 +130,10 @@ def parse_dispatch(
     }
     per_endpoint = dict(raw.get("per_endpoint_concurrency") or {})
     _unknown(per_endpoint, "dispatch.per_endpoint_concurrency", platform, limits, problems)
+    if "*" in per_endpoint and limits is not None:
+        # "*" caps every endpoint not named, as under budgets and batch_size: spelt out per endpoint, so that
+        # whatever reads the caps (the plan's estimate too) finds each one; "*" stays for names not listed.
+        per_endpoint = {e: per_endpoint["*"] for e in limits.endpoints} | per_endpoint
     settings = DispatchSettings(
         **kwargs,
         per_endpoint_concurrency=per_endpoint,

@@ -141,6 +141,7 @@ class RateMeter:
     __slots__ = (
         "_aligned",
         "_anchor",
+        "_answer_released",
         "_answered",
         "_answers",
         "_answers_seen",
@@ -267,6 +268,9 @@ class RateMeter:
         self._edge_from: float = math.inf
         self._prev_edge_from: float = math.inf
         self._answers_seen: bool = False  # answers are reported (answered()): only then is _spill counted
+        # When the request whose answer was reported last (answered()) was released: what its answer says
+        # (X-RateLimit-Remaining: 0) is about the window it was counted in, which may have ended since.
+        self._answer_released: float | None = None
         # The caller reports every answer (a BudgetPool: the dispatcher does): the first window's late releases
         # are then held against the next window even before the first answer came (see _carried()).
         self._expect_answers: bool = expect_answers
@@ -706,6 +710,7 @@ class RateMeter:
         """A 429 came back: pause (``Retry-After`` when usable, capped at ``max_pause``; else until the window
         resets), and count it towards the window's share of 429s. Returns the pause in seconds."""
         now = self._now()
+        self._answer_released = None  # (read by on_success only)
         self._rate_limited += 1
         if retry_after is not None and retry_after > 0 and math.isfinite(retry_after):
             pause = min(retry_after, self._max_pause)
@@ -729,10 +734,17 @@ class RateMeter:
         """A request went through. ``remaining`` is the server's ``X-RateLimit-Remaining``: at 0 the budget
         waits for the window reset instead of collecting a 429 first — ``reset_after`` seconds when the
         connector knows when the *platform's* window resets (capped at ``max_pause``), else (aligned, or
-        discovering) until this budget's own window ends."""
+        discovering) until this budget's own window ends — unless the answer (:meth:`answered`, reported just
+        before) is to a request released in an earlier window: that window is over."""
         now = self._now()
         changed = False
         exhausted = remaining is not None and remaining <= 0
+        released, self._answer_released = self._answer_released, None
+        if exhausted and reset_after is None and released is not None:
+            # The answer to a request released in an earlier window (a slow answer, read after the edge) says
+            # that window was used up: it has ended, and pausing now would cost the next one whole. (A request
+            # the server counted in this window instead is held against it by the late-release rule.)
+            exhausted = self._window_bounds(released + _EPS)[0] == self._window_bounds(now)[0]
         if exhausted and reset_after is not None and reset_after > 0 and math.isfinite(reset_after):
             # The platform's window may be longer than ours (100 per minute against a budget per second):
             # nothing more goes through until it resets, so sending on our own period only collects 429s.
@@ -761,6 +773,7 @@ class RateMeter:
         release answered before its window ends surely arrived in it; the others released late in it may have
         arrived in the next window, where each takes a slot (see :meth:`earliest`) — until its answer turns
         out to have been received before the edge after all (read late by a stalled loop)."""
+        self._answer_released = released_at
         if not self._aligned or self._rate is None:
             return
         self._answers_seen = True  # from now on, a release with no answer is one that may have arrived late

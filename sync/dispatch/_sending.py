@@ -236,8 +236,9 @@ class BatchSender:
         return self._clock
 
     def endpoint_cap(self, name: str) -> int:
-        """The most requests to endpoint ``name`` in flight at once."""
-        return self._settings.per_endpoint_concurrency.get(name, self._settings.concurrency)
+        """The most requests to endpoint ``name`` in flight at once (``"*"``: for endpoints not named)."""
+        caps = self._settings.per_endpoint_concurrency
+        return caps.get(name, caps.get("*", self._settings.concurrency))
 
     def _endpoint(self, name: str) -> Endpoint:
         ep = self._endpoints.get(name)

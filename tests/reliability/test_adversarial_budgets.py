@@ -80,6 +80,14 @@ CASES = {
         "budgets: {tagUsers: {requests: 5, per: 1s, margin: 1s}}",
         {"dispatch.budgets.tagUsers.margin"},
     ),
+    "a budget with both per and period": (
+        "budgets: {tagUsers: {requests: 5, per: 1m, period: 1}}",
+        {"dispatch.budgets.tagUsers.period"},
+    ),
+    "a group with both per and period": (
+        'budget_groups: {account: {requests: 5, per: 1s, period: 60, endpoints: ["*"]}}',
+        {"dispatch.budget_groups.account.period"},
+    ),
     "every problem at once": (
         "budgets: {nope: {requests: 5, per: 0s}}\nbatch_size: {nope2: 10}\n"
         "budget_groups: {g: {requests: 1, per: 1s, endpoints: []}}",
@@ -140,6 +148,12 @@ budget_groups:
     )
     assert [g.name for g in job.dispatch.groups_for("untagUsers")] == ["account", "users"]
     assert [g.name for g in job.dispatch.groups_for("fireEvents")] == ["account"]
+
+
+def test_a_star_under_per_endpoint_concurrency_caps_each_endpoint_not_named(tmp_path: Path) -> None:
+    job = load_job(_job(tmp_path, 'per_endpoint_concurrency: {"*": 1, fireEvents: 3}'))
+    caps = job.dispatch.per_endpoint_concurrency
+    assert caps["tagUsers"] == 1 and caps["untagUsers"] == 1 and caps["fireEvents"] == 3
 
 
 def test_notifyvisitors_limits_are_groups_per_api_family_and_a_job_may_replace_one(tmp_path: Path) -> None:
