@@ -325,6 +325,28 @@ async def test_splitting_isolates_the_refused_users(nv_sandbox_factory: NvFactor
     assert sorted(running.sandbox.state.users) == sorted(f"u{i}" for i in range(8) if i != 5)
 
 
+async def test_nothing_left_in_a_minute_that_ended_before_the_answer_does_not_pause_the_next(
+    nv_sandbox_factory: NvFactory,
+) -> None:
+    """``X-RateLimit-Remaining: 0`` on the answer to a minute's last request, arriving after that minute's end:
+    the client asked to wait for the end of the minute the answer came in — a whole minute of the budget lost.
+    Only an answer within the minute it was sent in asks for a wait now."""
+    from sync.platforms.notifyvisitors.client import NotifyVisitorsClient
+
+    outcomes = []
+    for sent, answered in ((119.9, 120.2), (130.0, 130.1)):  # across a minute's end; within one
+        running = await nv_sandbox_factory(limits={"user": {"requests": 1, "window": 3600}})
+        times = iter([sent, answered, answered])
+        client = NotifyVisitorsClient(
+            running.destination(), NV_API_KEY, timeout=5.0, wall_clock=times.__next__
+        )
+        async with client:
+            outcomes.append(await client.send(good_users(1)))
+    crossed, within = outcomes
+    assert crossed.remaining == 0 and crossed.reset_after is None
+    assert within.remaining == 0 and within.reset_after is not None and 0 < within.reset_after <= 61
+
+
 async def test_429_is_retryable_with_remaining(nv_sandbox_factory: NvFactory) -> None:
     running = await nv_sandbox_factory(limits={"user": {"requests": 1, "window": 3600}})
     async with running.client() as client:

@@ -164,6 +164,7 @@ class NotifyVisitorsClient(HttpClient):
         # The planner's bodies are the request's canonical JSON bytes: sent as they are, never encoded again.
         body = batch.body
         encoded = isinstance(body, bytes | bytearray | memoryview)
+        sent_at = self._wall_clock()
         answer = await self._session.request(
             "POST",
             batch.endpoint,
@@ -190,5 +191,10 @@ class NotifyVisitorsClient(HttpClient):
                 _message(envelope, answer.status), status=answer.status, code=envelope[0]
             )
         remaining = answer.remaining
-        reset_after = self.until_window_reset() if remaining == 0 else None
+        # Nothing left in the minute the request was sent in: a wait for that minute's end — unless the answer came
+        # after it (a slow answer to the minute's last request), when waiting for the *next* minute's end wasted a
+        # whole minute of the budget. (Counted in the new minute instead, the next request meets a 429, which
+        # waits.)
+        same_minute = math.floor(sent_at / self._window) == math.floor(self._wall_clock() / self._window)
+        reset_after = self.until_window_reset() if remaining == 0 and same_minute else None
         return SendOutcome(answer.status, answer.latency, body, remaining, reset_after)
