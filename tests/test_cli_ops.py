@@ -174,3 +174,13 @@ def test_an_unreachable_server_aborts_with_exit_3_naming_the_url(tmp_path: Path)
     assert summary["exit_status"] == "ABORTED" and "cannot be reached" in summary["message"]
     # Stopped after the streak, not after every retry of every batch.
     assert summary["totals"]["requests"] < 40
+
+
+def test_the_help_names_every_kind_of_input(capsys: pytest.CaptureFixture[str]) -> None:
+    # `pushsync --help` said "CRM exports (CSV/Parquet)": a user with the CRM in PostgreSQL read that pushsync
+    # could not read it, while a source's `database:` reads PostgreSQL, DuckDB and SQLite (docs/jobs.md).
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--help"])
+    assert exit_info.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())
+    assert "CSV/Parquet files, or a query on PostgreSQL, DuckDB or SQLite" in text

@@ -202,6 +202,16 @@ def test_plan_json_for_scripts(tmp_path: Path, capsys: pytest.CaptureFixture[str
     }
 
 
+def test_plan_with_a_directory_as_rejects_file_names_the_option(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # `plan --rejects DIR` read the whole input, then said "cannot write the job's working files (DIR): Is a
+    # directory; check the workdir": the workdir was fine, the --rejects path was not.
+    assert main(["plan", str(EXAMPLE), "--rejects", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert f"{tmp_path}: is a directory; name a file to write" in err and "workdir" not in err
+
+
 def test_plan_of_an_unreadable_file_is_one_clear_error(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

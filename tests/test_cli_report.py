@@ -87,6 +87,25 @@ def test_report_of_an_unknown_run_exits_2(tmp_path: Path, capsys: Any) -> None:
     assert not out.exists()
 
 
+def test_a_run_not_found_in_a_named_ledger_says_which_ledger_was_read(tmp_path: Path, capsys: Any) -> None:
+    # `report/show/ledger-export RUN --workdir DIR` (or --job) that found no run said "(give --job JOB or --workdir
+    # DIR)" to a user who had given it, and nothing about a workdir holding no ledger at all (a job not run yet).
+    work = tmp_path / "work"
+    make_ledger(work / "ledger.sqlite")
+    out = tmp_path / "x.html"
+    assert main(["report", "nope", "--workdir", str(work), "-o", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert f"no run nope found in {work / 'ledger.sqlite'}" in err and "give --job" not in err
+    assert main(["show", "latest", "--workdir", str(tmp_path / "empty")]) == 2
+    err = capsys.readouterr().err
+    assert (
+        f"no run recorded: no ledger at {tmp_path / 'empty' / 'ledger.sqlite'}" in err
+        and "give --job" not in err
+    )
+    assert main(["ledger-export", "nope", "--workdir", str(work), "-o", str(tmp_path / "x.csv")]) == 2
+    assert "give --job" not in capsys.readouterr().err
+
+
 def unusable_outputs(folder: Path) -> list[tuple[Path, str]]:
     """Output paths (``-o``) nothing can be written to, made in ``folder``, each with the reason pushsync gives:
     a directory, a FIFO (as a device: a rename over it would replace it) and a path under a regular file."""

@@ -363,3 +363,19 @@ def test_trace_finds_an_id_given_as_the_input_holds_it_with_spaces_around(
     assert "ID U7 (asked: '  U7 ')" in capsys.readouterr().out
     assert main(["trace", " U8 ", "--job", str(job)]) == 0
     assert "no record of ID ' U8 ' or 'U8'" in capsys.readouterr().out
+
+
+def test_trace_of_a_job_that_has_not_run_says_there_is_no_ledger(
+    key_env: Any, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # `trace ID --job JOB` for a job never run (or run with another workdir) said "no record of ID ... (give --job
+    # JOB or --workdir DIR)": a hint to give what was given, and no word that there was nothing to search.
+    job = write_job(tmp_path, key_env.url, users=1)
+    assert main(["trace", "U0", "--job", str(job)]) == 0
+    out = capsys.readouterr().out
+    assert "no ledger at " in out and "has not run there yet" in out and "give --job" not in out
+    assert main(["run", str(job), "--output", "json", "--progress", "none"]) == 0
+    capsys.readouterr()
+    assert main(["trace", "nobody", "--job", str(job)]) == 0
+    out = capsys.readouterr().out
+    assert "no record of ID 'nobody' in " in out and "ledger.sqlite" in out and "give --job" not in out

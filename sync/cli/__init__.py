@@ -94,7 +94,10 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     """The ``pushsync`` parser; with ``command`` (one of :data:`_ALONE`), holding that command's module only."""
     parser = argparse.ArgumentParser(
         prog="pushsync",
-        description="Keep a push-notification platform in step with CRM exports (CSV/Parquet).",
+        description=(
+            "Keep a push-notification platform in step with CRM exports (CSV/Parquet files, or a query on "
+            "PostgreSQL, DuckDB or SQLite)."
+        ),
     )
     parser.add_argument("--version", action=_VersionAction)
     parser.add_argument(

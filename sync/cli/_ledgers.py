@@ -10,7 +10,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from sync.errors import BadInputError, StateError
+from sync.errors import BadInputError, StateError, printable
 
 __all__ = [
     "DIED",
@@ -83,8 +83,10 @@ def name_the_dead(path: Path, infos: list[Any], held_before: bool | None) -> lis
     ]
 
 
-def find_run(run_id: str, paths: list[Path]) -> tuple[Path, str]:
-    """(ledger, run ID) of ``run_id`` among the ledgers ``paths``; ``latest`` is the most recently started run."""
+def find_run(run_id: str, paths: list[Path], *, named: bool = False) -> tuple[Path, str]:
+    """(ledger, run ID) of ``run_id`` among the ledgers ``paths``; ``latest`` is the most recently started run.
+    ``named``: the user named the ledger (``--job``, ``--workdir``, ``--ledger``): a miss then says which ledger was
+    read, or that there is none yet, rather than asking for the option given."""
     from sync.ledger.ledger import Ledger
 
     best: tuple[float, Path, str] | None = None
@@ -101,7 +103,13 @@ def find_run(run_id: str, paths: list[Path]) -> tuple[Path, str]:
     if best is not None:
         return best[1], best[2]
     what = "no run recorded" if run_id == "latest" else f"no run {run_id} found"
-    raise StateError(f"{what} (give --job JOB or --workdir DIR)")
+    if not named:
+        raise StateError(f"{what} (give --job JOB or --workdir DIR)")
+    # "(give --job ...)" to a user who gave it sent them looking at the option; say what was (not) read instead.
+    where = ", ".join(printable(str(p)) for p in paths)
+    if not any(path.exists() for path in paths):
+        raise StateError(f"{what}: no ledger at {where} (the job has not run with this workdir yet)")
+    raise StateError(f"{what} in {where}")
 
 
 def not_the_ledger(out: Path, ledger: Path) -> None:

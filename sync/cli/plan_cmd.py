@@ -286,6 +286,12 @@ def _plan_interruptible(args: argparse.Namespace) -> int:
     # unless the deletion notes read the frames afterwards.
     overlaps = deletes_and_changes(job)
     count = job.mode is not SyncMode.SNAPSHOT and not overlaps
+    if args.rejects is not None:
+        from sync._output import output_file
+
+        # A directory given as --rejects failed after the whole input was read, as "cannot write the job's working
+        # files (...); check the workdir": about the workdir, which was fine. Checked first, as every -o is.
+        output_file(args.rejects)
     with build_plan(job, rejects_path=args.rejects, limit=args.limit, count=count) as plan:
         diff = None
         account_notes: list[str] = []

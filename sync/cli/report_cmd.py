@@ -45,7 +45,8 @@ def _locate(args: argparse.Namespace) -> tuple[Path, str]:
     """(ledger, run ID) for the arguments; ``latest`` is the most recently started run in those ledgers."""
     from sync.cli._ledgers import find_run, ledger_paths
 
-    return find_run(args.run_id, ledger_paths(args.job, args.workdir, args.ledger))
+    named = any(x is not None for x in (args.job, args.workdir, args.ledger))
+    return find_run(args.run_id, ledger_paths(args.job, args.workdir, args.ledger), named=named)
 
 
 def _report(args: argparse.Namespace) -> int:

@@ -229,7 +229,8 @@ def _run_json(r: Any) -> dict[str, Any]:
 def _find_run(args: argparse.Namespace) -> tuple[Path, str]:
     from sync.cli._ledgers import find_run, ledger_paths
 
-    return find_run(args.run_id, ledger_paths(args.job, args.workdir))
+    named = args.job is not None or args.workdir is not None
+    return find_run(args.run_id, ledger_paths(args.job, args.workdir), named=named)
 
 
 def _show(args: argparse.Namespace) -> int:

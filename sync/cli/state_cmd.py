@@ -184,7 +184,8 @@ def _latest_run(args: argparse.Namespace, job: Any, url: str | None) -> str:
             of = f" of job {job.name!r}" if job is not None else ""
             raise StateError(f"no run{of} recorded in the coordination database")
         return str(runs[0].run_id)
-    return find_run("latest", ledger_paths(args.job, args.workdir))[1]
+    named = args.job is not None or args.workdir is not None
+    return find_run("latest", ledger_paths(args.job, args.workdir), named=named)[1]
 
 
 def _nothing_to_resume(job: Any, args: argparse.Namespace, url: str | None = None) -> str | None:

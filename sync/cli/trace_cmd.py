@@ -51,7 +51,8 @@ def _trace(args: argparse.Namespace) -> int:
             copy = pg.copy_to_sqlite(Path(tmp) / "ledger.sqlite", job=job_name)
             for ext_id in wanted:
                 entries.extend(trace_id(copy, ext_id))
-    for path in ledger_paths(args.job, args.workdir) if url is None else []:
+    searched = ledger_paths(args.job, args.workdir) if url is None else []
+    for path in searched:
         if path.exists():
             for ext_id in wanted:
                 entries.extend(trace_id(path, ext_id))
@@ -61,9 +62,17 @@ def _trace(args: argparse.Namespace) -> int:
         return int(ExitCode.OK)
     if not entries:
         also = f" or {trimmed!r}" if len(wanted) > 1 else ""
-        print(
-            f"no record of ID {args.ext_id!r}{also} in the ledgers searched (give --job JOB or --workdir DIR)"
-        )
+        # Say where was looked: "give --job" to a user who gave it, or "no record" where the job has no ledger
+        # yet (never run, or another workdir), sent them looking for a fault in the ID.
+        if url is not None:
+            where = "in the coordination database"
+        elif args.job is None and args.workdir is None:
+            where = "in the ledgers under the current directory (give --job JOB or --workdir DIR)"
+        elif not any(path.exists() for path in searched):
+            where = f"— no ledger at {printable(str(searched[0]))}: the job has not run there yet"
+        else:
+            where = f"in {printable(str(searched[0]))}"
+        print(f"no record of ID {args.ext_id!r}{also} {where}")
         return int(ExitCode.OK)
     import sys
 

@@ -49,6 +49,8 @@ import contextlib
 import datetime
 import json
 import math
+import os
+import socket
 import ssl
 import time
 import urllib.parse
@@ -387,7 +389,7 @@ class HttpSession:
         except (aiohttp.ClientConnectorError, aiohttp.ServerDisconnectedError) as exc:
             # No answer at all (refused, DNS, reset before a status line): counted, a run of them aborts the run.
             raise RetryableError(
-                f"{what}: connection failed: {type(exc).__name__}", no_connection=True
+                f"{what}: connection failed: {type(exc).__name__}{_why(exc)}", no_connection=True
             ) from exc
         except aiohttp.ClientError as exc:
             # Refused, reset or dropped connections, and truncated answers: transient from where we stand.
@@ -398,6 +400,21 @@ class HttpSession:
         if self._session is not None:
             await self._session.close()
             self._session = None
+
+
+def _why(exc: aiohttp.ClientConnectorError | aiohttp.ServerDisconnectedError) -> str:
+    """The system's reason a connection was not made, as ``" (Connection refused)"``, or ``""``.
+
+    The class name alone ("ClientConnectorError") left a user who ran `pushsync doctor` before starting the sandbox
+    to guess between a refused port, an unknown host and a firewall; the reason names none of the request's data."""
+    os_error = getattr(exc, "os_error", None)
+    if isinstance(os_error, socket.gaierror):
+        text = os_error.strerror or ""
+    elif isinstance(os_error, OSError) and os_error.errno:
+        text = os.strerror(os_error.errno)
+    else:
+        return ""
+    return f" ({text})" if text else ""
 
 
 def _redirect_error(what: str, url: str, status: int, location: str | None) -> FatalPlatformError:

@@ -91,6 +91,22 @@ async def test_refused_connections_are_retryable_and_bad_urls_or_tls_fatal(netme
         assert info.value.__cause__ is not None  # translated once, the aiohttp exception kept as the cause
 
 
+async def test_a_refused_connection_says_why() -> None:
+    # "connection failed: ClientConnectorError" was all `pushsync doctor` said with the sandbox not started: the
+    # system's reason (refused, unknown host) is what tells the user which to fix.
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    http = HttpSession(f"http://127.0.0.1:{port}/", timeout=2.0)
+    try:
+        with pytest.raises(
+            RetryableError, match=r"connection failed: ClientConnectorError \(Connection refused\)$"
+        ):
+            await http.request("GET", "getProfileAttributes")
+    finally:
+        await http.aclose()
+
+
 @pytest.mark.parametrize(
     ("status", "error", "hint"),
     [
