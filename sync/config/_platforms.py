@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from sync.config._job import Source
-from sync.config._settings import BudgetGroupSpec, RateBudgetSpec
+from sync.config._settings import BudgetGroupSpec, RateBudgetSpec, account_settings_from
 from sync.errors import JobProblem
 
 __all__ = [
@@ -130,6 +130,12 @@ def use_platforms(catalog: PlatformCatalog) -> None:
     """Make ``catalog`` the platforms :func:`sync.config.load_job` checks jobs against by default (the platform
     registry calls this when it is imported, which ``import sync`` does)."""
     _installed[:] = [catalog]
+
+    def account_settings(platform: str) -> frozenset[str]:
+        rules = catalog.get(platform)
+        return rules.limits.account_settings if rules is not None else frozenset()
+
+    account_settings_from(account_settings)
 
 
 def installed_platforms() -> PlatformCatalog:

@@ -8,7 +8,7 @@ import os
 import stat
 import unicodedata
 import urllib.parse
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -71,13 +71,7 @@ class Destination:
     def for_account(self, secret: str) -> Destination:
         """This destination with its :attr:`account` set from ``secret`` and the ``extra`` settings that name the
         account on this platform (``PlatformLimits.account_settings``; :func:`account_fingerprint`)."""
-        from sync.config._platforms import installed_platforms  # the platforms' layer installs its catalogue
-
-        try:
-            rules = installed_platforms().get(self.platform)
-        except RuntimeError:  # sync.config used without the platforms: the key alone
-            rules = None
-        named = rules.limits.account_settings if rules is not None else frozenset()
+        named = _account_settings[0](self.platform)
         account = {k: v for k, v in self.extra.items() if k in named}
         return dataclasses.replace(self, account=account_fingerprint(secret, account))
 
@@ -91,6 +85,22 @@ class Destination:
             return self.for_account(resolve_secret(self, environ))
         except SecretError:
             return self
+
+
+def _no_account_settings(platform: str) -> frozenset[str]:
+    del platform
+    return frozenset()
+
+
+_account_settings: list[Callable[[str], frozenset[str]]] = [_no_account_settings]
+"""Which ``extra`` settings name the account, per platform: set by :func:`sync.config.use_platforms` from the
+installed catalogue (``PlatformLimits.account_settings``); without one, none (the key alone)."""
+
+
+def account_settings_from(lookup: Callable[[str], frozenset[str]]) -> None:
+    """Where :meth:`Destination.for_account` learns a platform's account settings (called by ``use_platforms``:
+    this module imports nothing of the platforms' layer)."""
+    _account_settings[0] = lookup
 
 
 def account_fingerprint(secret: str, extra: Mapping[str, str] | None = None) -> str:
