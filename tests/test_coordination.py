@@ -471,6 +471,77 @@ async def test_a_dead_workers_non_idempotent_sent_batch_is_held_and_its_other_cl
         ledger.close()
 
 
+async def test_a_worker_stalled_past_its_lease_does_not_send_the_batches_another_worker_took_over(
+    postgres_url: str,
+) -> None:
+    """SIGSTOP for longer than the lease, then SIGCONT: the worker's dispatcher still holds the batches it had
+    claimed (waiting for a budget slot, so still ``planned``) while another worker took them over and sent them.
+    It stops (exit 3 in the CLI) instead of firing those events a second time."""
+    import dataclasses
+
+    from sync.config import DispatchSettings
+    from sync.coordination._db import Link, connect
+    from sync.coordination.ledger import PgLedger
+    from sync.coordination.queue import Membership, QueueLanes, enqueue
+    from sync.dispatch.dispatch import Dispatcher, DispatchOutcome
+    from sync.errors import StateError
+    from sync.records import Operation
+    from tests.fake_platform import FakeClient, FakeServer, make_batch
+
+    bodies = [json.dumps({"users": [{"id": f"u{i}", "e": i}]}).encode() for i in range(2)]
+    batches = [dataclasses.replace(make_batch(b, {}), operation=Operation.FIRE_EVENTS) for b in bodies]
+    links: list[Link] = []
+
+    async def member(name: str) -> Membership:
+        links.append(await Link.open(postgres_url, what="heartbeats"))
+        membership = Membership(links[-1], "r1", name, lease=1)
+        await membership.join()
+        return membership
+
+    with (
+        PgLedger.open(postgres_url, worker="a") as ledger_a,
+        PgLedger.open(postgres_url, worker="b") as ledger_b,
+    ):
+        ledger_a.start_run("r1", job="j")
+        sync_conn = connect(postgres_url)
+        try:
+            assert enqueue(sync_conn, "r1", batches) == 2
+            stalled, other = await member("a"), await member("b")
+            links.append(await Link.open(postgres_url, what="claims"))
+            held = await QueueLanes(links[-1], ledger_a, stalled, claim=10)._take(
+                Phase.CHANGES, batches[0].endpoint
+            )
+            assert len(held) == 2
+            # Stopped longer than the lease: the other worker frees its claims and sends both batches.
+            sync_conn.execute(
+                "UPDATE pushsync.workers SET heartbeat = clock_timestamp() - interval '5 s' WHERE worker_id = 'a'"
+            )
+            assert await other.reap() == 0  # nothing recorded sent: freed, not held
+            links.append(await Link.open(postgres_url, what="claims"))
+            taken_over = QueueLanes(links[-1], ledger_b, other, poll=0.01)
+            server = FakeServer()
+            report = await Dispatcher(
+                FakeClient(server), DispatchSettings(), ledger=ledger_b, run_id="r1"
+            ).run(taken_over)
+            assert report.outcome is DispatchOutcome.COMPLETED and len(server.requests) == 2
+            # Woken up (SIGCONT), the stalled worker's dispatcher goes on with what it held.
+            dispatcher = Dispatcher(FakeClient(server), DispatchSettings(), ledger=ledger_a, run_id="r1")
+            with pytest.raises(
+                StateError, match=r"run r1: this worker's claim on batch .* taken over"
+            ) as caught:
+                await dispatcher.run(held)
+            assert "stops without sending" in str(caught.value)
+            assert len(server.requests) == 2, server.requests  # the events were not fired a second time
+            rows = sync_conn.execute(
+                "SELECT status, confirmations, claimed_by FROM pushsync.batches ORDER BY seq"
+            ).fetchall()
+            assert rows == [("ok", 1, "b"), ("ok", 1, "b")]
+        finally:
+            sync_conn.close()
+            for link in links:
+                await link.close()
+
+
 def _ok_batches(server: PostgresServer, url: str) -> int:
     try:
         return int(query(server, url, "SELECT count(*) FROM pushsync.batches WHERE status = 'ok'")[0][0])
