@@ -589,6 +589,39 @@ def test_postgresql_restarted_mid_run_the_worker_reconnects_records_what_was_in_
     assert "budget group" in out and "account" in out, out
 
 
+def test_a_leader_whose_statement_the_roles_statement_timeout_cancels_stops_instead_of_planning_forever(
+    tmp_path: Path,
+    netmera_sandbox_process: NetmeraProcess,
+    postgres_server: PostgresServer,
+    postgres_url: str,
+) -> None:
+    # A statement_timeout set on pushsync's role (or database) cancels a statement of the leader that waits for
+    # a lock (here: another session holds the lanes table). The leader took that for a lost connection,
+    # connected again and planned again — cancelled again each time, the worker waiting for a plan forever.
+    from sync.coordination._db import connect
+    from sync.coordination.ledger import PgLedger
+
+    sandbox = netmera_sandbox_process
+    _paced_job(tmp_path, sandbox)
+    PgLedger.open(postgres_url).close()  # the schema, so that its table can be locked
+    with connect(postgres_url) as holder:
+        name = holder.execute("SELECT current_database()").fetchone()[0]
+        holder.execute(f"ALTER DATABASE {name} SET statement_timeout = '300ms'")
+        with holder.transaction():
+            holder.execute("LOCK TABLE pushsync.lanes IN EXCLUSIVE MODE")
+            proc = worker(tmp_path, sandbox, postgres_url, "run", "job.yaml", "--progress", "none")
+            try:
+                code, out, err = finish(proc, timeout=60)
+            finally:
+                proc.kill()
+    assert code == 2, (out, err[-3000:])
+    errors = [line for line in err.splitlines() if line.startswith("pushsync: error:")]
+    assert len(errors) == 1, err[-3000:]
+    assert "statement timeout" in errors[0] and "statement_timeout" in errors[0], errors
+    assert sandbox_users(sandbox) == {}  # nothing was sent
+    assert postgres_server.password not in out + err
+
+
 def test_a_database_that_stays_away_stops_the_worker_with_one_clear_error_and_exit_3(
     tmp_path: Path,
     netmera_sandbox_process: NetmeraProcess,
@@ -676,6 +709,32 @@ async def test_a_link_connects_again_and_gives_up_after_its_bound_with_a_clear_e
     assert type(caught.value).__name__ == "CoordinationError", caught.value
     assert "the connection for claims was lost and could not be made again within 5 s" in message, message
     assert postgres_server.password not in message
+
+
+async def test_a_statement_cancelled_by_the_roles_statement_timeout_is_an_error_not_a_lost_connection(
+    postgres_url: str,
+) -> None:
+    """A DBA's ``statement_timeout`` (on the role or the database) cancels a slow statement on a connection that
+    is fine: taken for a lost one, it was connected again and repeated — forever, each time cancelled again, the
+    worker hanging without a word. It is raised as it is (the caller names what failed)."""
+    import psycopg
+
+    from sync.coordination._db import Link, connect
+
+    with connect(postgres_url) as admin:
+        name = admin.execute("SELECT current_database()").fetchone()[0]
+        admin.execute(f"ALTER DATABASE {name} SET statement_timeout = '200ms'")
+    link = await Link.open(postgres_url, what="claims")
+    try:
+
+        async def slow(conn: Any) -> None:
+            await conn.execute("SELECT pg_sleep(1)")
+
+        with pytest.raises(psycopg.errors.QueryCanceled, match="statement timeout"):
+            await asyncio.wait_for(link.run(slow), 20)
+        assert link.generation == 0  # not connected again: the connection was never lost
+    finally:
+        await link.close()
 
 
 async def test_a_claim_whose_answer_was_lost_with_the_connection_is_found_again(
