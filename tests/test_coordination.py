@@ -448,6 +448,15 @@ async def test_a_dead_workers_non_idempotent_sent_batch_is_held_and_its_other_cl
             "UPDATE pushsync.workers SET heartbeat = clock_timestamp() - interval '5 s' WHERE worker_id = 'dead-worker'"
         )
         await live.beat()
+        # Nobody counts as dead within a lease of the server's start (its restart): when this test is the first
+        # of the session the server is younger than that, and the reap found nobody dead (seen run alone).
+        for _ in range(100):
+            young = sync_conn.execute(
+                "SELECT clock_timestamp() - pg_postmaster_start_time() < interval '1.2 s'"
+            ).fetchone()
+            if not young[0]:
+                break
+            await asyncio.sleep(0.05)
         assert await live.reap() == 1
         rows = sync_conn.execute(
             "SELECT batch_id, status, held, claimed_by FROM pushsync.batches ORDER BY batch_id"
@@ -469,6 +478,77 @@ async def test_a_dead_workers_non_idempotent_sent_batch_is_held_and_its_other_cl
         sync_conn.close()
     finally:
         ledger.close()
+
+
+async def test_a_worker_stalled_past_its_lease_does_not_send_the_batches_another_worker_took_over(
+    postgres_url: str,
+) -> None:
+    """SIGSTOP for longer than the lease, then SIGCONT: the worker's dispatcher still holds the batches it had
+    claimed (waiting for a budget slot, so still ``planned``) while another worker took them over and sent them.
+    It stops (exit 3 in the CLI) instead of firing those events a second time."""
+    import dataclasses
+
+    from sync.config import DispatchSettings
+    from sync.coordination._db import Link, connect
+    from sync.coordination.ledger import PgLedger
+    from sync.coordination.queue import Membership, QueueLanes, enqueue
+    from sync.dispatch.dispatch import Dispatcher, DispatchOutcome
+    from sync.errors import StateError
+    from sync.records import Operation
+    from tests.fake_platform import FakeClient, FakeServer, make_batch
+
+    bodies = [json.dumps({"users": [{"id": f"u{i}", "e": i}]}).encode() for i in range(2)]
+    batches = [dataclasses.replace(make_batch(b, {}), operation=Operation.FIRE_EVENTS) for b in bodies]
+    links: list[Link] = []
+
+    async def member(name: str) -> Membership:
+        links.append(await Link.open(postgres_url, what="heartbeats"))
+        membership = Membership(links[-1], "r1", name, lease=1)
+        await membership.join()
+        return membership
+
+    with (
+        PgLedger.open(postgres_url, worker="a") as ledger_a,
+        PgLedger.open(postgres_url, worker="b") as ledger_b,
+    ):
+        ledger_a.start_run("r1", job="j")
+        sync_conn = connect(postgres_url)
+        try:
+            assert enqueue(sync_conn, "r1", batches) == 2
+            stalled, other = await member("a"), await member("b")
+            links.append(await Link.open(postgres_url, what="claims"))
+            held = await QueueLanes(links[-1], ledger_a, stalled, claim=10)._take(
+                Phase.CHANGES, batches[0].endpoint
+            )
+            assert len(held) == 2
+            # Stopped longer than the lease: the other worker frees its claims and sends both batches.
+            sync_conn.execute(
+                "UPDATE pushsync.workers SET heartbeat = clock_timestamp() - interval '5 s' WHERE worker_id = 'a'"
+            )
+            assert await other.reap() == 0  # nothing recorded sent: freed, not held
+            links.append(await Link.open(postgres_url, what="claims"))
+            taken_over = QueueLanes(links[-1], ledger_b, other, poll=0.01)
+            server = FakeServer()
+            report = await Dispatcher(
+                FakeClient(server), DispatchSettings(), ledger=ledger_b, run_id="r1"
+            ).run(taken_over)
+            assert report.outcome is DispatchOutcome.COMPLETED and len(server.requests) == 2
+            # Woken up (SIGCONT), the stalled worker's dispatcher goes on with what it held.
+            dispatcher = Dispatcher(FakeClient(server), DispatchSettings(), ledger=ledger_a, run_id="r1")
+            with pytest.raises(
+                StateError, match=r"run r1: this worker's claim on batch .* taken over"
+            ) as caught:
+                await dispatcher.run(held)
+            assert "stops without sending" in str(caught.value)
+            assert len(server.requests) == 2, server.requests  # the events were not fired a second time
+            rows = sync_conn.execute(
+                "SELECT status, confirmations, claimed_by FROM pushsync.batches ORDER BY seq"
+            ).fetchall()
+            assert rows == [("ok", 1, "b"), ("ok", 1, "b")]
+        finally:
+            sync_conn.close()
+            for link in links:
+                await link.close()
 
 
 def _ok_batches(server: PostgresServer, url: str) -> int:
@@ -516,6 +596,39 @@ def test_postgresql_restarted_mid_run_the_worker_reconnects_records_what_was_in_
     assert postgres_server.password not in out + err
     # The summary has its budget-group line, as a SQLite run's summary does.
     assert "budget group" in out and "account" in out, out
+
+
+def test_a_leader_whose_statement_the_roles_statement_timeout_cancels_stops_instead_of_planning_forever(
+    tmp_path: Path,
+    netmera_sandbox_process: NetmeraProcess,
+    postgres_server: PostgresServer,
+    postgres_url: str,
+) -> None:
+    # A statement_timeout set on pushsync's role (or database) cancels a statement of the leader that waits for
+    # a lock (here: another session holds the lanes table). The leader took that for a lost connection,
+    # connected again and planned again — cancelled again each time, the worker waiting for a plan forever.
+    from sync.coordination._db import connect
+    from sync.coordination.ledger import PgLedger
+
+    sandbox = netmera_sandbox_process
+    _paced_job(tmp_path, sandbox)
+    PgLedger.open(postgres_url).close()  # the schema, so that its table can be locked
+    with connect(postgres_url) as holder:
+        name = holder.execute("SELECT current_database()").fetchone()[0]
+        holder.execute(f"ALTER DATABASE {name} SET statement_timeout = '300ms'")
+        with holder.transaction():
+            holder.execute("LOCK TABLE pushsync.lanes IN EXCLUSIVE MODE")
+            proc = worker(tmp_path, sandbox, postgres_url, "run", "job.yaml", "--progress", "none")
+            try:
+                code, out, err = finish(proc, timeout=60)
+            finally:
+                proc.kill()
+    assert code == 2, (out, err[-3000:])
+    errors = [line for line in err.splitlines() if line.startswith("pushsync: error:")]
+    assert len(errors) == 1, err[-3000:]
+    assert "statement timeout" in errors[0] and "statement_timeout" in errors[0], errors
+    assert sandbox_users(sandbox) == {}  # nothing was sent
+    assert postgres_server.password not in out + err
 
 
 def test_a_database_that_stays_away_stops_the_worker_with_one_clear_error_and_exit_3(
@@ -605,6 +718,32 @@ async def test_a_link_connects_again_and_gives_up_after_its_bound_with_a_clear_e
     assert type(caught.value).__name__ == "CoordinationError", caught.value
     assert "the connection for claims was lost and could not be made again within 5 s" in message, message
     assert postgres_server.password not in message
+
+
+async def test_a_statement_cancelled_by_the_roles_statement_timeout_is_an_error_not_a_lost_connection(
+    postgres_url: str,
+) -> None:
+    """A DBA's ``statement_timeout`` (on the role or the database) cancels a slow statement on a connection that
+    is fine: taken for a lost one, it was connected again and repeated — forever, each time cancelled again, the
+    worker hanging without a word. It is raised as it is (the caller names what failed)."""
+    import psycopg
+
+    from sync.coordination._db import Link, connect
+
+    with connect(postgres_url) as admin:
+        name = admin.execute("SELECT current_database()").fetchone()[0]
+        admin.execute(f"ALTER DATABASE {name} SET statement_timeout = '200ms'")
+    link = await Link.open(postgres_url, what="claims")
+    try:
+
+        async def slow(conn: Any) -> None:
+            await conn.execute("SELECT pg_sleep(1)")
+
+        with pytest.raises(psycopg.errors.QueryCanceled, match="statement timeout"):
+            await asyncio.wait_for(link.run(slow), 20)
+        assert link.generation == 0  # not connected again: the connection was never lost
+    finally:
+        await link.close()
 
 
 async def test_a_claim_whose_answer_was_lost_with_the_connection_is_found_again(

@@ -374,7 +374,12 @@ def lost_connection(where: str, what: str, seconds: float, exc: BaseException) -
 def _is_lost(conn: psycopg.AsyncConnection[Any] | psycopg.Connection[Any], exc: psycopg.Error) -> bool:
     """Whether ``exc`` means the connection is gone (the server restarted, the network dropped), not that
     the statement was wrong."""
-    return isinstance(exc, psycopg.OperationalError) or conn.closed or conn.broken
+    if conn.closed or conn.broken:
+        return True
+    # A statement cancelled (the role's or the database's statement_timeout, a DBA's pg_cancel_backend) on a
+    # connection that is fine is an OperationalError too; taken for a loss, it was repeated on a new connection
+    # and cancelled again, forever.
+    return isinstance(exc, psycopg.OperationalError) and not isinstance(exc, psycopg.errors.QueryCanceled)
 
 
 class Link:

@@ -146,6 +146,16 @@ async def lead(
                             with contextlib.suppress(psycopg.Error):
                                 conn.execute("SELECT pg_advisory_unlock(hashtext(%s))", (lock,))
             except (psycopg.OperationalError, psycopg.InterfaceError, CoordinationError) as exc:
+                if isinstance(exc, psycopg.errors.QueryCanceled) and not (
+                    conn is None or conn.closed or conn.broken
+                ):
+                    # The role's or the database's statement_timeout (or a DBA's pg_cancel_backend) on a connection
+                    # that is fine: taken for a loss, planning started over and was cancelled again, forever.
+                    raise StateError(
+                        f"coordination database {describe_url(url)}: a statement of the run's planning was "
+                        f"cancelled ({safe_message(exc)}); if the role or the database has a statement_timeout, "
+                        "lift it for pushsync's user (ALTER ROLE … SET statement_timeout = 0)"
+                    ) from None
                 # The connection was lost (or cannot be made again yet): connect again and plan again.
                 now = time.monotonic()
                 lost_since = now if lost_since is None else lost_since

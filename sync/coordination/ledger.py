@@ -65,6 +65,10 @@ _UPDATE_RESULT = (
     "rejected_ids = %s, started_at = COALESCE(started_at, %s), finished_at = %s, "
     "confirmations = confirmations + 1 WHERE run_id = %s AND batch_id = %s"
 )
+_LOST_CLAIMS = (
+    f"SELECT batch_id FROM {S}.batches WHERE run_id = %s AND batch_id = ANY(%s) "
+    "AND claimed_by IS DISTINCT FROM %s ORDER BY seq"
+)
 _INSERT_REFUSED = (
     f"INSERT INTO {S}.batch_ids (run_id, batch_id, ext_id, code, message, origin_path, origin_row) "
     "VALUES (%s, %s, %s, %s, %s, %s, %s)"
@@ -120,6 +124,10 @@ class PgLedger(LedgerBase):
         self._lost: float | None = None
         self._reconnecting: asyncio.Future[None] | None = None  # settled by the thread below
         self._reconnect_thread: threading.Thread | None = None
+        self.claimer: str | None = None
+        """The worker whose claims the batches recorded ``sent`` must be (set by the queue that claims them,
+        :class:`sync.coordination.queue.QueueLanes`); None: no check."""
+        self._sent: dict[str, list[str]] = {}  # run → batches recorded sent, their claim not checked yet
 
     @classmethod
     def open(cls, url: str, *, worker: str | None = None, reconnect_for: float | None = None) -> PgLedger:
@@ -202,6 +210,7 @@ class PgLedger(LedgerBase):
                 with self._conn.pipeline(), self._conn.transaction(), self._conn.cursor() as cur:
                     for sql, params in pending:
                         cur.execute(sql, params)
+                    lost = self._lost_claims(cur)
                 break
             except psycopg.OperationalError as exc:
                 if attempt == 2:
@@ -213,8 +222,38 @@ class PgLedger(LedgerBase):
             except psycopg.Error as exc:
                 raise StateError(f"ledger {self.path}: cannot write ({safe_message(exc)})") from None
         self._pending = []
+        self._sent = {}
         self.writes += len(pending)
         self._last_flush = time.monotonic()
+        if lost:
+            raise self._claims_taken(lost)
+
+    def _lost_claims(self, cur: psycopg.Cursor[Any]) -> list[tuple[str, str]]:
+        """(run, batch) of the batches recorded ``sent`` in this flush that are no longer this worker's claim.
+
+        A worker stopped (SIGSTOP, a frozen VM) for longer than the lease counts as dead: another worker frees
+        its claims and sends those batches. Woken up, its dispatcher goes on with the batches it held — those
+        waiting for a budget slot among them, still ``planned`` — and would send them a second time (events
+        fired twice). The flush before a non-idempotent request leaves is where that is caught."""
+        if self.claimer is None or not self._sent:
+            return []
+        lost: list[tuple[str, str]] = []
+        for run_id, batch_ids in self._sent.items():
+            cur.execute(_LOST_CLAIMS, (run_id, batch_ids, self.claimer))
+            lost += [(run_id, str(row[0])) for row in cur.fetchall()]
+        return lost
+
+    def _claims_taken(self, lost: list[tuple[str, str]]) -> StateError:
+        """The error that stops a worker whose claims another worker took over (see :meth:`_lost_claims`)."""
+        run_id = lost[0][0]
+        shown = ", ".join(batch for _, batch in lost[:3]) + (
+            f" and {len(lost) - 3} more" if len(lost) > 3 else ""
+        )
+        return StateError(
+            f"run {run_id}: this worker's claim on batch {shown} was taken over by another worker — its heartbeat "
+            "had stopped for longer than the lease (the process was stopped or stalled); it stops without sending "
+            "what it held, so that nothing is sent twice"
+        )
 
     def _gave_up(self, last: BaseException) -> StateError:
         """The error once the database stayed away for ``reconnect_for`` seconds (``last``: why it did)."""
@@ -331,6 +370,10 @@ class PgLedger(LedgerBase):
         ``planned`` record."""
 
     def record_sent(self, run_id: str, batch_id: str) -> None:
+        """Record a batch's first request as leaving; with :attr:`claimer` set, the flush that writes it checks
+        that the batch is still this worker's claim (:class:`StateError` when another worker took it over)."""
+        if self.claimer is not None:
+            self._sent.setdefault(run_id, []).append(batch_id)
         self._queue(_UPDATE_SENT, sent_row(run_id, batch_id))
 
     def record_result(self, run_id: str, result: BatchResult, *, origins: Any = None) -> None:

@@ -330,6 +330,9 @@ class QueueLanes:
     ) -> None:
         self._link = link
         self._ledger = ledger  # its connection reads the lanes (and is made again if the server restarts)
+        # A batch this worker claimed is recorded sent only while it is still its claim: a worker stalled past
+        # its lease must not send what another worker took over (PgLedger.flush checks it).
+        ledger.claimer = membership.worker
         self._member = membership
         self._claim_n = claim
         self._cursor: dict[tuple[int, str], int] = {}  # lane → the last seq this worker claimed
