@@ -17,8 +17,7 @@ from __future__ import annotations
 import polars as pl
 
 from sync.config import AttributeMode, Source, SourceKind, TagAction
-from sync.planning.validation import REJECTS_SCHEMA
-from sync.platforms._batches import EXT_ID, ROW
+from sync.platforms._row_checks import split_by_checks
 
 __all__ = ["check_rows"]
 
@@ -65,20 +64,4 @@ def check_rows(source: Source, clean: pl.DataFrame, file_name: str) -> tuple[pl.
     the pair's requests. A row's reason is its first contradiction, tags first, in the job's column order.
     Other sources (and a users source without such pairs of columns) are kept whole."""
     checks = _checks(source) if source.kind is SourceKind.USERS else []
-    if not checks or clean.is_empty():
-        return clean, pl.DataFrame(schema=REJECTS_SCHEMA)
-    reasons = clean.select(reason.alias(str(i)) for i, (_, reason) in enumerate(checks))
-    bad = reasons.select(pl.any_horizontal(pl.all().is_not_null())).to_series()
-    if not bad.any():
-        return clean, pl.DataFrame(schema=REJECTS_SCHEMA)
-    found = pl.concat([clean.select(ROW, EXT_ID), reasons], how="horizontal").filter(bad)
-    rejects = found.select(
-        pl.lit(file_name, pl.String).alias("file"),
-        pl.col(ROW).cast(pl.Int64).alias("row"),
-        pl.coalesce(
-            pl.when(pl.col(str(i)).is_not_null()).then(pl.lit(c)) for i, (c, _) in enumerate(checks)
-        ).alias("column"),
-        pl.coalesce(pl.col(str(i)) for i in range(len(checks))).alias("reason"),
-        pl.col(EXT_ID).cast(pl.String).alias("ext_id"),
-    )
-    return clean.filter(~bad), rejects
+    return split_by_checks(clean, checks, file_name)

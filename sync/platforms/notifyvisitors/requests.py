@@ -33,9 +33,9 @@ import polars as pl
 from sync.config import Job, Source, SourceKind, ValueType
 from sync.errors import JobProblem
 from sync.planning.row_keys import ROW_KEY
-from sync.planning.validation import REJECTS_SCHEMA
 from sync.platforms import _encode as enc
 from sync.platforms._batches import _key_bytes
+from sync.platforms._row_checks import split_by_checks
 from sync.platforms.base import unknown_settings
 from sync.platforms.notifyvisitors import (
     DATE_ATTRIBUTES,
@@ -788,22 +788,7 @@ class Builder:
                     ),
                 )
             )
-        # Each reason computed once, as a column; most chunks have no refused row and are kept as they are.
-        reasons = clean.select(reason.cast(pl.String).alias(str(i)) for i, (_, reason) in enumerate(checks))
-        bad = reasons.select(pl.any_horizontal(pl.all().is_not_null())).to_series()
-        if not bad.any():
-            return clean, pl.DataFrame(schema=REJECTS_SCHEMA)
-        found = pl.concat([clean.select(_ROW, _EXT_ID), reasons], how="horizontal").filter(bad)
-        rejects = found.select(
-            pl.lit(file_name, pl.String).alias("file"),
-            pl.col(_ROW).cast(pl.Int64).alias("row"),
-            pl.coalesce(
-                pl.when(pl.col(str(i)).is_not_null()).then(pl.lit(c)) for i, (c, _) in enumerate(checks)
-            ).alias("column"),
-            pl.coalesce(pl.col(str(i)) for i in range(len(checks))).alias("reason"),
-            pl.col(_EXT_ID).alias("ext_id"),
-        )
-        return clean.filter(~bad), rejects
+        return split_by_checks(clean, checks, file_name)
 
     def _value(self, name: str, kind: ValueType, value: Any) -> Any:
         if value is None:
