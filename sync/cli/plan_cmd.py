@@ -18,7 +18,7 @@ from typing import Any, TextIO
 import yaml
 
 from sync.config import Job, SyncMode, load_job, sample_notes, shared_fields
-from sync.errors import BadJobError, ExitCode, JobProblem
+from sync.errors import BadInputError, BadJobError, ExitCode, JobProblem
 from sync.planning.deletion_notes import deletes_and_changes, deletion_notes
 from sync.planning.planning import ASSUMED_LATENCY, Plan, PlanSummary, build_plan
 from sync.sources.reading import check_sources
@@ -286,12 +286,11 @@ def _plan_interruptible(args: argparse.Namespace) -> int:
     # unless the deletion notes read the frames afterwards.
     overlaps = deletes_and_changes(job)
     count = job.mode is not SyncMode.SNAPSHOT and not overlaps
-    if args.rejects is not None:
-        from sync._output import output_file
-
+    if args.rejects is not None and Path(args.rejects).is_dir():
         # A directory given as --rejects failed after the whole input was read, as "cannot write the job's working
-        # files (...); check the workdir": about the workdir, which was fine. Checked first, as every -o is.
-        output_file(args.rejects)
+        # files (...); check the workdir": about the workdir, which was fine. Checked first. (A device is written
+        # to as it is: --rejects /dev/null or /dev/stdout are a user's choice.)
+        raise BadInputError(str(args.rejects), "is a directory; name a file to write (in it, say)")
     with build_plan(job, rejects_path=args.rejects, limit=args.limit, count=count) as plan:
         diff = None
         account_notes: list[str] = []
