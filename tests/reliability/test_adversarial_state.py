@@ -251,6 +251,17 @@ def ok_batches(tmp: Path) -> int:
         return 0
 
 
+def run_killed_once_confirmed(tmp: Path, sandbox: NetmeraProcess, batches: int) -> None:
+    """``pushsync run job.yaml`` in ``tmp``, SIGKILLed once its ledger holds ``batches`` confirmed batches (or
+    after 60 s, or when it ended)."""
+    proc = pushsync(tmp, sandbox, "run", "job.yaml", "--progress", "none")
+    deadline = time.monotonic() + 60
+    while proc.poll() is None and ok_batches(tmp) < batches and time.monotonic() < deadline:
+        time.sleep(0.02)
+    proc.kill()
+    finish(proc)
+
+
 def staging_dirs(tmp: Path) -> list[Path]:
     return sorted((tmp / "work").glob("plan-*"))
 
@@ -492,12 +503,7 @@ def test_a_ledger_emptied_after_a_kill_is_refused_rather_than_started_afresh(
     sandbox = netmera_sandbox_process
     (tmp_path / "job.yaml").write_text(events_job(sandbox.url), encoding="utf-8")
     write_events(tmp_path, event_lines(2000))
-    proc = pushsync(tmp_path, sandbox, "run", "job.yaml", "--progress", "none")
-    deadline = time.monotonic() + 60
-    while proc.poll() is None and ok_batches(tmp_path) < 3 and time.monotonic() < deadline:
-        time.sleep(0.02)
-    proc.kill()
-    finish(proc)
+    run_killed_once_confirmed(tmp_path, sandbox, 3)
     ledger = tmp_path / "work" / "ledger.sqlite"
     ledger.write_bytes(b"")
     for log in (ledger.with_name("ledger.sqlite-wal"), ledger.with_name("ledger.sqlite-shm")):
@@ -529,12 +535,7 @@ def test_a_ledger_kept_without_its_write_ahead_log_after_a_kill_is_refused(
     sandbox = netmera_sandbox_process
     (tmp_path / "job.yaml").write_text(events_job(sandbox.url), encoding="utf-8")
     write_events(tmp_path, event_lines(2000))
-    proc = pushsync(tmp_path, sandbox, "run", "job.yaml", "--progress", "none")
-    deadline = time.monotonic() + 60
-    while proc.poll() is None and ok_batches(tmp_path) < 3 and time.monotonic() < deadline:
-        time.sleep(0.02)
-    proc.kill()
-    finish(proc)
+    run_killed_once_confirmed(tmp_path, sandbox, 3)
     ledger = tmp_path / "work" / "ledger.sqlite"
     marker = ledger.with_name("ledger.sqlite.running")
     killed = marker.read_text(encoding="utf-8").strip()
@@ -573,12 +574,7 @@ def test_a_snapshot_diff_left_by_a_killed_run_whose_ledger_was_lost_sends_its_us
 
     write_users(tmp_path, [line.replace(",1,", ",2,") for line in first])
     confirmed = ok_batches(tmp_path)
-    proc = pushsync(tmp_path, sandbox, "run", "job.yaml", "--progress", "none")
-    deadline = time.monotonic() + 60
-    while proc.poll() is None and ok_batches(tmp_path) < confirmed + 3 and time.monotonic() < deadline:
-        time.sleep(0.02)
-    proc.kill()
-    finish(proc)
+    run_killed_once_confirmed(tmp_path, sandbox, confirmed + 3)
     scores = {ext_id: u["profile"]["score"] for ext_id, u in sandbox_users(sandbox).items()}
     assert 0 < sum(score == 2 for score in scores.values()) < 600  # part of the run landed
     # Deleted on purpose, the run marker with it (alone, the marker makes the next run refuse to go on without
@@ -608,12 +604,7 @@ def test_a_run_of_some_sources_or_a_sample_does_not_end_the_resume_of_a_killed_r
     lines = event_lines(2000)
     write_events(tmp_path, lines)
     (tmp_path / "users.csv").write_text("id,name\n" + "".join(f"c{i:05d},N{i}\n" for i in range(50)), "utf-8")
-    proc = pushsync(tmp_path, sandbox, "run", "job.yaml", "--progress", "none")
-    deadline = time.monotonic() + 60
-    while proc.poll() is None and ok_batches(tmp_path) < 3 and time.monotonic() < deadline:
-        time.sleep(0.02)
-    proc.kill()
-    finish(proc)
+    run_killed_once_confirmed(tmp_path, sandbox, 3)
     (run_id,) = [r[0] for r in ledger_rows(tmp_path, "SELECT run_id FROM runs")]
     sent = requests_total(sandbox)
     assert 0 < sum(events_held(sandbox).values()) < len(lines)
